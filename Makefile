@@ -1,0 +1,74 @@
+# clinic-voice: every set-up step lives here, so a fresh Debian 12 machine (root) needs only
+#   make run    and    make test
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the service and its tests need (checked one by one, installed when missing).
+APT_PACKAGES := redis-server sip-tester espeak-ng libespeak-ng1 sox baresip debootstrap tshark \
+                docker-compose ca-certificates python3-venv python3-dev gcc
+PYTEST_ARGS ?=
+
+.PHONY: help install apt venv run test lint unit integration e2e bench asterisk asterisk-stop asterisk-rootfs clean
+
+help:
+	@echo "make run      start the service (installs what it needs first)"
+	@echo "make test     lint, type-check and run every test tier"
+	@echo "make bench    run the speed measurements (BENCHMARKS.md)"
+	@echo "make asterisk / make asterisk-stop   the local Asterisk 22 rig for softphones"
+
+install: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+run: install
+	$(VENV)/bin/clinic-voice serve
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+e2e: install asterisk-rootfs
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/api.py $(BENCH_ARGS)
+
+asterisk-rootfs: install
+	$(PY) -m tests.e2e.rig rootfs
+
+asterisk: install
+	$(PY) -m tests.e2e.rig up
+
+asterisk-stop:
+	$(PY) -m tests.e2e.rig down
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,508 @@
+"""One frozen, validated settings object built from ``CLINIC_*`` environment variables.
+
+Every variable is listed in :data:`VARIABLES` with its default and meaning; the README's
+configuration table is generated from that list and a test keeps the two in step. Parsing is
+strict: a bad value stops the service at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A ``CLINIC_*`` variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One documented environment variable."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    # -- service ---------------------------------------------------------------------------
+    Variable("CLINIC_HTTP_ADDR", "127.0.0.1:8080", "HTTP listen address (host:port)"),
+    Variable("CLINIC_DATA_DIR", "./var", "where the service keeps its own files"),
+    Variable(
+        "CLINIC_REDIS_URL",
+        "",
+        "a Redis to use (redis://, rediss://, unix://); unset means embedded: the service "
+        "starts and supervises its own redis-server (unix socket in the data dir, "
+        "append-only file with fsync on every write) and stops it on exit",
+    ),
+    Variable(
+        "CLINIC_API_KEYS",
+        "",
+        "comma-separated bearer keys; unset: one is generated on first start into "
+        "$CLINIC_DATA_DIR/api-key (mode 0600)",
+    ),
+    Variable(
+        "CLINIC_SECRET",
+        "",
+        "key for hashing codes and signing webhooks (at least 32 characters); unset: "
+        "generated once into $CLINIC_DATA_DIR/secret",
+    ),
+    Variable("CLINIC_NAME", "the clinic", "the clinic's name, used in SMS and spoken codes"),
+    Variable("CLINIC_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Variable(
+        "CLINIC_TRUSTED_PROXIES",
+        "",
+        "comma-separated proxy addresses whose X-Forwarded-For is believed for per-IP limits",
+    ),
+    # -- verification rules ---------------------------------------------------------------
+    Variable("CLINIC_CODE_TTL_S", "600", "lifetime of a verification in seconds (60..3600)"),
+    Variable(
+        "CLINIC_MAX_CHECKS", "5", "wrong checks that end a verification as failed (1..100)"
+    ),
+    Variable("CLINIC_MAX_SENDS", "5", "sends (all channels) allowed per verification (1..10)"),
+    Variable(
+        "CLINIC_ALLOWED_COUNTRIES",
+        "",
+        "comma-separated ISO country codes (e.g. NL,BE); unset allows every country",
+    ),
+    Variable(
+        "CLINIC_LIMIT_NUMBER_VERIFICATIONS",
+        "5/600",
+        "new verifications per phone number, as COUNT/SECONDS",
+    ),
+    Variable("CLINIC_LIMIT_NUMBER_SENDS", "5/600", "sends per phone number, as COUNT/SECONDS"),
+    Variable(
+        "CLINIC_LIMIT_PREFIX_SENDS",
+        "200/3600",
+        "sends per number prefix (country code plus leading digits), as COUNT/SECONDS: "
+        "a guard against SMS pumping",
+    ),
+    Variable(
+        "CLINIC_LIMIT_PREFIX_DIGITS",
+        "4",
+        "national digits after the country code that make a prefix for the prefix limit (1..8)",
+    ),
+    Variable("CLINIC_LIMIT_KEY_REQUESTS", "100000/60", "API requests per API key, COUNT/SECONDS"),
+    Variable("CLINIC_LIMIT_IP_REQUESTS", "100000/60", "API requests per client IP, COUNT/SECONDS"),
+    Variable(
+        "CLINIC_STEP_TIMEOUT_FLASHCALL_S",
+        "",
+        "seconds a flash-call step may take before falling back (default: ring time plus "
+        "interception window plus 10)",
+    ),
+    Variable("CLINIC_STEP_TIMEOUT_SMS_S", "120", "seconds an SMS step waits before falling back"),
+    Variable(
+        "CLINIC_STEP_TIMEOUT_VOICE_S", "120", "seconds a voice-call step waits before falling back"
+    ),
+    Variable("CLINIC_WEBHOOK_URL", "", "global webhook for every verification event"),
+    Variable("CLINIC_WEBHOOK_TIMEOUT_S", "5", "seconds before a webhook POST counts as failed"),
+    Variable("CLINIC_WEBHOOK_RETRIES", "6", "retries of a failed webhook, with backoff (0..20)"),
+    # -- SMS --------------------------------------------------------------------------------
+    Variable("CLINIC_SMS_GATEWAY", "http", "http (POST to CLINIC_SMS_HTTP_URL) or sip (MESSAGE)"),
+    Variable("CLINIC_SMS_HTTP_URL", "", "the HTTP SMS gateway; unset disables the SMS channel"),
+    Variable("CLINIC_SMS_HTTP_TOKEN", "", "bearer token sent to the HTTP SMS gateway"),
+    Variable("CLINIC_SMS_HTTP_TIMEOUT_S", "5", "seconds per HTTP SMS gateway attempt"),
+    Variable("CLINIC_SMS_HTTP_RETRIES", "2", "retries of a failed HTTP SMS send (0..10)"),
+    # -- SIP ----------------------------------------------------------------------------------
+    Variable(
+        "CLINIC_SIP_ADDR",
+        "127.0.0.1:5060",
+        "where the service listens for SIP (UDP and TCP); workers listen on the next ports",
+    ),
+    Variable(
+        "CLINIC_SIP_WORKERS",
+        "2",
+        "SIP worker processes (each holds at most 4 calls, the pjsua2 wheel's limit) (1..64)",
+    ),
+    Variable(
+        "CLINIC_SIP_ROUTE",
+        "",
+        "URI template for everything the service sends: {e164}, {digits}, {national}; "
+        "e.g. sip:{e164}@127.0.0.1:5080; unset disables the SIP channels",
+    ),
+    Variable("CLINIC_SIP_REGISTRAR", "", "a PBX to register the workers to, e.g. sip:127.0.0.1:5160"),
+    Variable("CLINIC_SIP_USER", "", "user for registration and digest auth at the PBX"),
+    Variable("CLINIC_SIP_PASSWORD", "", "password for digest auth at the PBX"),
+    Variable(
+        "CLINIC_FLASHCALL_PREFIX",
+        "",
+        "caller-ID prefix of flash calls in E.164 (e.g. +447400); the code digits follow it; "
+        "unset disables the flash-call channel",
+    ),
+    Variable("CLINIC_FLASHCALL_RING_S", "3", "seconds a flash call rings before it is cancelled"),
+    Variable(
+        "CLINIC_FLASHCALL_INTERCEPTION_S",
+        "20",
+        "seconds the app should watch for the flash call (told to it in the start response)",
+    ),
+    Variable(
+        "CLINIC_VOICE_OTP_KEYPRESS",
+        "1",
+        "1: a voice-code call asks the callee to press 1 before reading the code; 0: reads at once",
+    ),
+    Variable("CLINIC_VOICE_OTP_FROM", "", "caller-ID of voice-code calls and SMS over SIP (E.164)"),
+    # -- clinic line ---------------------------------------------------------------------------
+    Variable("CLINIC_FLOWS_DIR", "ivr_flows", "folder of the IVR flows and routes.yaml"),
+    Variable("CLINIC_VOSK_MODEL", "", "path of a vosk model; unset: keypad only"),
+    Variable("CLINIC_STAFF_URI", "sip:6200@127.0.0.1:5160", "where 0 (staff) transfers to"),
+    Variable("CLINIC_NURSE_URI", "sip:6100@127.0.0.1:5160", "where urgent triage transfers to"),
+    Variable("CLINIC_EMERGENCY_NUMBER", "112", "the emergency number the bot tells callers"),
+    Variable("CLINIC_SCHEDULING_WEBHOOK", "", "URL the appointment flow posts requests to"),
+    Variable("CLINIC_CALL_RETENTION_DAYS", "30", "days call records are kept (1..3650)"),
+)
+
+_DEFAULTS = {v.name: v.default for v in VARIABLES}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A limit: at most ``count`` events per ``window_s`` seconds."""
+
+    count: int
+    window_s: int
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.window_s}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationSettings:
+    code_ttl_s: int
+    max_checks: int
+    max_sends: int
+    allowed_countries: frozenset[str]
+    limit_number_verifications: Rate
+    limit_number_sends: Rate
+    limit_prefix_sends: Rate
+    limit_prefix_digits: int
+    limit_key_requests: Rate
+    limit_ip_requests: Rate
+    step_timeout_flashcall_s: int
+    step_timeout_sms_s: int
+    step_timeout_voice_s: int
+    webhook_url: str
+    webhook_timeout_s: float
+    webhook_retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class SmsSettings:
+    gateway: str  # "http" or "sip"
+    http_url: str
+    http_token: str
+    http_timeout_s: float
+    http_retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class SipSettings:
+    addr: HostPort
+    workers: int
+    route: str
+    registrar: str
+    user: str
+    password: str
+    flashcall_prefix: str  # E.164 with "+", or "" when the channel is off
+    flashcall_ring_s: float
+    flashcall_interception_s: int
+    voice_otp_keypress: bool
+    voice_otp_from: str
+
+
+@dataclass(frozen=True, slots=True)
+class IvrSettings:
+    flows_dir: Path
+    vosk_model: Path | None
+    staff_uri: str
+    nurse_uri: str
+    emergency_number: str
+    scheduling_webhook: str
+    call_retention_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service is told by its environment, validated once at start."""
+
+    http_addr: HostPort
+    data_dir: Path
+    redis_url: str  # "" means embedded
+    api_keys: tuple[str, ...]  # () means "generate into the data dir"
+    secret: str  # "" means "generate into the data dir"
+    clinic_name: str
+    log_level: str
+    trusted_proxies: frozenset[str]
+    verification: VerificationSettings
+    sms: SmsSettings
+    sip: SipSettings
+    ivr: IvrSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build and validate from ``env`` (default: ``os.environ``)."""
+        return _build(_Reader(os.environ if env is None else env))
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        unknown = sorted(k for k in env if k.startswith("CLINIC_") and k not in _DEFAULTS)
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(unknown)} (see the README)")
+
+    def raw(self, name: str) -> str:
+        value = self._env.get(name)
+        if value is None:
+            return _DEFAULTS[name]
+        return value.strip()
+
+    def parse(self, name: str, conv: Callable[[str], T]) -> T:
+        value = self.raw(name)
+        try:
+            return conv(value)
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(f"{name}={value!r}: {exc}") from None
+
+    def integer(self, name: str, lo: int, hi: int) -> int:
+        def conv(v: str) -> int:
+            if not re.fullmatch(r"[0-9]+", v):
+                raise ValueError("expected a whole number")
+            n = int(v)
+            if not lo <= n <= hi:
+                raise ValueError(f"expected {lo}..{hi}")
+            return n
+
+        return self.parse(name, conv)
+
+    def number(self, name: str, lo: float, hi: float) -> float:
+        def conv(v: str) -> float:
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", v):
+                raise ValueError("expected a number of seconds")
+            n = float(v)
+            if not lo <= n <= hi:
+                raise ValueError(f"expected {lo}..{hi}")
+            return n
+
+        return self.parse(name, conv)
+
+    def boolean(self, name: str) -> bool:
+        def conv(v: str) -> bool:
+            low = v.lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+        return self.parse(name, conv)
+
+    def rate(self, name: str) -> Rate:
+        def conv(v: str) -> Rate:
+            m = re.fullmatch(r"([0-9]+)/([0-9]+)", v)
+            if not m:
+                raise ValueError("expected COUNT/SECONDS, e.g. 5/600")
+            count, window = int(m.group(1)), int(m.group(2))
+            if count < 1 or not 1 <= window <= 86400 * 31:
+                raise ValueError("count must be >= 1 and seconds 1..2678400")
+            return Rate(count, window)
+
+        return self.parse(name, conv)
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+        def conv(v: str) -> str:
+            if v and not any(v.startswith(s) for s in schemes):
+                raise ValueError(f"expected a URL starting with {' or '.join(schemes)}")
+            return v
+
+        return self.parse(name, conv)
+
+
+def parse_host_port(value: str) -> HostPort:
+    """``host:port`` or ``[v6]:port`` with a port 0..65535 (0: any free port, for tests)."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", value)
+    if not m:
+        raise ValueError("expected HOST:PORT")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ValueError("port out of range")
+    if m.group(1):
+        ipaddress.IPv6Address(host)
+    return HostPort(host, port)
+
+
+def _e164_prefix(value: str) -> str:
+    if value and not re.fullmatch(r"\+[1-9][0-9]{0,13}", value):
+        raise ValueError("expected + and digits, e.g. +447400")
+    return value
+
+
+def _countries(value: str) -> frozenset[str]:
+    out = set()
+    for part in value.split(","):
+        code = part.strip().upper()
+        if not code:
+            continue
+        if not re.fullmatch(r"[A-Z]{2}", code):
+            raise ValueError(f"{part!r} is not a two-letter country code")
+        out.add(code)
+    return frozenset(out)
+
+
+def _level(value: str) -> str:
+    up = value.upper()
+    if up not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+    return up
+
+
+def _route(value: str) -> str:
+    if not value:
+        return value
+    if not value.startswith(("sip:", "sips:")):
+        raise ValueError("expected a sip: URI template")
+    fields = set(re.findall(r"\{([^}]*)\}", value))
+    if not fields or not fields <= {"e164", "digits", "national"}:
+        raise ValueError("use {e164}, {digits} or {national} (at least one)")
+    return value
+
+
+def _sip_uri(value: str) -> str:
+    if value and not value.startswith(("sip:", "sips:")):
+        raise ValueError("expected a sip: URI")
+    return value
+
+
+def _api_keys(value: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in value.split(",") if k.strip())
+    for k in keys:
+        if len(k) < 16 or not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", k):
+            raise ValueError("each key needs 16+ characters of A-Z a-z 0-9 . _ ~ + / = -")
+    return keys
+
+
+def _secret(value: str) -> str:
+    if value and len(value) < 32:
+        raise ValueError("needs at least 32 characters")
+    return value
+
+
+def _proxies(value: str) -> frozenset[str]:
+    out = set()
+    for part in value.split(","):
+        if part.strip():
+            out.add(str(ipaddress.ip_address(part.strip())))
+    return frozenset(out)
+
+
+def _build(r: _Reader) -> Settings:
+    ring_s = r.number("CLINIC_FLASHCALL_RING_S", 0.5, 60)
+    interception_s = r.integer("CLINIC_FLASHCALL_INTERCEPTION_S", 1, 300)
+    flash_timeout_raw = r.raw("CLINIC_STEP_TIMEOUT_FLASHCALL_S")
+    flash_timeout = (
+        r.integer("CLINIC_STEP_TIMEOUT_FLASHCALL_S", 5, 900)
+        if flash_timeout_raw
+        else int(ring_s + interception_s + 10)
+    )
+    verification = VerificationSettings(
+        code_ttl_s=r.integer("CLINIC_CODE_TTL_S", 60, 3600),
+        max_checks=r.integer("CLINIC_MAX_CHECKS", 1, 100),
+        max_sends=r.integer("CLINIC_MAX_SENDS", 1, 10),
+        allowed_countries=r.parse("CLINIC_ALLOWED_COUNTRIES", _countries),
+        limit_number_verifications=r.rate("CLINIC_LIMIT_NUMBER_VERIFICATIONS"),
+        limit_number_sends=r.rate("CLINIC_LIMIT_NUMBER_SENDS"),
+        limit_prefix_sends=r.rate("CLINIC_LIMIT_PREFIX_SENDS"),
+        limit_prefix_digits=r.integer("CLINIC_LIMIT_PREFIX_DIGITS", 1, 8),
+        limit_key_requests=r.rate("CLINIC_LIMIT_KEY_REQUESTS"),
+        limit_ip_requests=r.rate("CLINIC_LIMIT_IP_REQUESTS"),
+        step_timeout_flashcall_s=flash_timeout,
+        step_timeout_sms_s=r.integer("CLINIC_STEP_TIMEOUT_SMS_S", 10, 900),
+        step_timeout_voice_s=r.integer("CLINIC_STEP_TIMEOUT_VOICE_S", 10, 900),
+        webhook_url=r.url("CLINIC_WEBHOOK_URL", ("http://", "https://")),
+        webhook_timeout_s=r.number("CLINIC_WEBHOOK_TIMEOUT_S", 0.1, 60),
+        webhook_retries=r.integer("CLINIC_WEBHOOK_RETRIES", 0, 20),
+    )
+    gateway = r.raw("CLINIC_SMS_GATEWAY").lower()
+    if gateway not in {"http", "sip"}:
+        raise SettingsError("CLINIC_SMS_GATEWAY: expected http or sip")
+    sms = SmsSettings(
+        gateway=gateway,
+        http_url=r.url("CLINIC_SMS_HTTP_URL", ("http://", "https://")),
+        http_token=r.raw("CLINIC_SMS_HTTP_TOKEN"),
+        http_timeout_s=r.number("CLINIC_SMS_HTTP_TIMEOUT_S", 0.1, 60),
+        http_retries=r.integer("CLINIC_SMS_HTTP_RETRIES", 0, 10),
+    )
+    prefix = r.parse("CLINIC_FLASHCALL_PREFIX", _e164_prefix)
+    # E.164 allows 15 digits; the longest code is 8 digits (the API's upper bound).
+    if prefix and len(prefix) - 1 + 8 > 15:
+        raise SettingsError(
+            f"CLINIC_FLASHCALL_PREFIX={prefix!r}: prefix digits plus an 8-digit code exceed "
+            "the 15 digits of E.164"
+        )
+    sip = SipSettings(
+        addr=r.parse("CLINIC_SIP_ADDR", parse_host_port),
+        workers=r.integer("CLINIC_SIP_WORKERS", 1, 64),
+        route=r.parse("CLINIC_SIP_ROUTE", _route),
+        registrar=r.parse("CLINIC_SIP_REGISTRAR", _sip_uri),
+        user=r.raw("CLINIC_SIP_USER"),
+        password=r.raw("CLINIC_SIP_PASSWORD"),
+        flashcall_prefix=prefix,
+        flashcall_ring_s=ring_s,
+        flashcall_interception_s=interception_s,
+        voice_otp_keypress=r.boolean("CLINIC_VOICE_OTP_KEYPRESS"),
+        voice_otp_from=r.parse("CLINIC_VOICE_OTP_FROM", _e164_prefix),
+    )
+    if sip.registrar and not sip.user:
+        raise SettingsError("CLINIC_SIP_REGISTRAR is set: CLINIC_SIP_USER is needed too")
+    vosk = r.raw("CLINIC_VOSK_MODEL")
+    ivr = IvrSettings(
+        flows_dir=Path(r.raw("CLINIC_FLOWS_DIR")),
+        vosk_model=Path(vosk) if vosk else None,
+        staff_uri=r.parse("CLINIC_STAFF_URI", _sip_uri),
+        nurse_uri=r.parse("CLINIC_NURSE_URI", _sip_uri),
+        emergency_number=r.parse("CLINIC_EMERGENCY_NUMBER", _digits),
+        scheduling_webhook=r.url("CLINIC_SCHEDULING_WEBHOOK", ("http://", "https://")),
+        call_retention_days=r.integer("CLINIC_CALL_RETENTION_DAYS", 1, 3650),
+    )
+    return Settings(
+        http_addr=r.parse("CLINIC_HTTP_ADDR", parse_host_port),
+        data_dir=Path(r.raw("CLINIC_DATA_DIR") or "./var"),
+        redis_url=r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://")),
+        api_keys=r.parse("CLINIC_API_KEYS", _api_keys),
+        secret=r.parse("CLINIC_SECRET", _secret),
+        clinic_name=r.parse("CLINIC_NAME", _clinic_name),
+        log_level=r.parse("CLINIC_LOG_LEVEL", _level),
+        trusted_proxies=r.parse("CLINIC_TRUSTED_PROXIES", _proxies),
+        verification=verification,
+        sms=sms,
+        sip=sip,
+        ivr=ivr,
+    )
+
+
+def _digits(value: str) -> str:
+    if not re.fullmatch(r"[0-9]{2,15}", value):
+        raise ValueError("expected 2..15 digits")
+    return value
+
+
+def _clinic_name(value: str) -> str:
+    if not value or len(value) > 40 or not value.isprintable():
+        raise ValueError("expected 1..40 printable characters")
+    return value
