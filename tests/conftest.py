@@ -1,0 +1,264 @@
+"""Shared, generic test fixtures: free ports, a real Redis, and a loop-blocking watchdog.
+
+- :func:`free_port` gives a port free for both TCP and UDP on 127.0.0.1.
+- ``redis_server`` is a real ``redis-server`` (AOF, ``appendfsync always``) on a free port in
+  ``tmp_path``, with ``kill9()`` and ``restart()`` for crash tests.
+- ``no_blocking`` (request it by name, or ``@pytest.mark.usefixtures("no_blocking")``) fails an
+  async test if any callback held the event loop for more than 100 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+# The budget the house gives one event-loop step (STYLE.md habit 8).
+LOOP_BLOCK_LIMIT_S = 0.1
+
+
+def free_port() -> int:
+    """A port that is free for both TCP and UDP on 127.0.0.1 right now.
+
+    SIP peers listen on both transports, so a port free for only one of them is no use. The
+    port is released before returning: bind it soon, and retry on ``EADDRINUSE``.
+    """
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1 after 50 tries")
+
+
+def wait_until(predicate: Callable[[], bool], deadline_s: float, what: str) -> None:
+    """Poll ``predicate()`` (sync) every 20 ms until true; fail the test naming ``what``."""
+    end = time.monotonic() + deadline_s
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline_s:.1f} s waiting for {what}")
+        pause.wait(0.02)
+
+
+class RedisServer:
+    """A real ``redis-server`` for one test: TCP on 127.0.0.1, AOF fsynced on every write.
+
+    The methods block for at most a few tens of milliseconds (``restart`` waits for PING);
+    from a test that uses ``no_blocking``, call them through ``asyncio.to_thread``.
+    """
+
+    START_DEADLINE_S = 10.0
+    STOP_DEADLINE_S = 5.0
+
+    def __init__(self, data_dir: Path) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self._exe = exe
+        self.data_dir = data_dir
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = data_dir / "redis.log"
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """The running server's pid, or None."""
+        return None if self._proc is None or self._proc.poll() is not None else self._proc.pid
+
+    def start(self) -> None:
+        """Start on a fresh free port (retried if the port was taken meanwhile)."""
+        last = ""
+        for _ in range(5):
+            self.port = free_port()
+            try:
+                self._spawn()
+                return
+            except _StartFailed as exc:
+                last = str(exc)
+        pytest.fail(f"redis-server would not start after 5 ports: {last}")
+
+    def restart(self) -> None:
+        """Start again on the same data dir and port (after :meth:`kill9` or :meth:`stop`)."""
+        if self.pid is not None:
+            raise AssertionError("restart() of a redis-server that is still running")
+        try:
+            self._spawn()
+        except _StartFailed as exc:
+            pytest.fail(f"redis-server restart on port {self.port} failed: {exc}")
+
+    def kill9(self) -> None:
+        """SIGKILL the server (no chance to flush anything) and reap it."""
+        proc = self._proc
+        assert proc is not None, "kill9() before start()"
+        proc.send_signal(signal.SIGKILL)
+        try:
+            proc.wait(timeout=self.STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"redis-server {proc.pid} survived SIGKILL for {self.STOP_DEADLINE_S} s")
+
+    def stop(self) -> None:
+        """SHUTDOWN, then SIGTERM/SIGKILL after a deadline. Safe to call twice."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        client = _probe_client(self.port, 2.0)
+        try:
+            client.shutdown()
+        except RedisError as exc:
+            # SHUTDOWN drops the connection under the client: the expected answer.
+            log.debug("SHUTDOWN answered %r", exc)
+        finally:
+            client.close()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                proc.wait(timeout=self.STOP_DEADLINE_S)
+                return
+            except subprocess.TimeoutExpired:
+                proc.send_signal(sig)
+        try:
+            proc.wait(timeout=self.STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"redis-server {proc.pid} would not stop")
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log, for failure messages."""
+        try:
+            return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def _spawn(self) -> None:
+        argv = [
+            self._exe,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self._log),
+        ]  # fmt: skip
+        with self._log.open("ab") as out:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        end = time.monotonic() + self.START_DEADLINE_S
+        pause = threading.Event()
+        client = _probe_client(self.port, 1.0)
+        try:
+            while True:
+                if self._proc.poll() is not None:
+                    raise _StartFailed(
+                        f"exited with {self._proc.returncode}; log:\n{self.log_tail()}"
+                    )
+                try:
+                    if client.ping():
+                        return
+                except (RedisError, OSError) as exc:
+                    # Not listening yet, or still loading the AOF: poll again.
+                    log.debug("redis-server not ready: %r", exc)
+                if time.monotonic() > end:
+                    self._proc.kill()
+                    self._proc.wait(timeout=self.STOP_DEADLINE_S)
+                    raise _StartFailed(f"no PING answer in {self.START_DEADLINE_S} s")
+                pause.wait(0.01)
+        finally:
+            client.close()
+
+
+def _probe_client(port: int, timeout_s: float) -> redis.Redis:
+    # No retries: redis-py's default backoff turns a refused connection into seconds.
+    return redis.Redis(
+        host="127.0.0.1", port=port, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
+
+
+class _StartFailed(Exception):
+    pass
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server in ``tmp_path/redis``; stopped (never left running) afterwards."""
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = RedisServer(data)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class _SlowCallbacks(logging.Handler):
+    """Collects asyncio's debug-mode 'Executing <handle> took N seconds' warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "took" in message and "Executing" in message:
+            self.records.append(message)
+
+
+@contextlib.contextmanager
+def watch_loop_blocking(
+    loop: asyncio.AbstractEventLoop, limit_s: float = LOOP_BLOCK_LIMIT_S
+) -> Iterator[list[str]]:
+    """Collect, into the yielded list, every loop step that took longer than ``limit_s``.
+
+    Uses asyncio's debug mode (``slow_callback_duration``), which names the culprit; debug mode
+    also raises on loop calls made from the wrong thread, which is wanted in tests too.
+    """
+    handler = _SlowCallbacks()
+    asyncio_log = logging.getLogger("asyncio")
+    was_debug, was_slow = loop.get_debug(), loop.slow_callback_duration
+    loop.set_debug(True)
+    loop.slow_callback_duration = limit_s
+    asyncio_log.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        asyncio_log.removeHandler(handler)
+        loop.set_debug(was_debug)
+        loop.slow_callback_duration = was_slow
+
+
+@pytest.fixture
+async def no_blocking() -> AsyncIterator[None]:
+    """Fail the test if any event-loop step took longer than 100 ms."""
+    with watch_loop_blocking(asyncio.get_running_loop()) as blocked:
+        yield
+    if blocked:
+        pytest.fail(
+            f"the event loop was blocked > {LOOP_BLOCK_LIMIT_S * 1000:.0f} ms:\n  "
+            + "\n  ".join(blocked)
+        )

@@ -1,0 +1,215 @@
+"""The embedded Redis and the shared Redis fixtures, against a real ``redis-server``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from clinic_voice.redis_server import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    RedisNotReadyError,
+    wait_redis,
+)
+from tests.conftest import RedisServer, free_port, watch_loop_blocking
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 10.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _eventually(predicate: object, what: str, deadline_s: float = DEADLINE_S) -> None:
+    assert callable(predicate)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not predicate():
+        if loop.time() > end:
+            pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "data", backoff_initial_s=0.05)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def test_start_serves_on_a_private_unix_socket_only(
+    embedded: EmbeddedRedis, tmp_path: Path, no_blocking: None
+) -> None:
+    url = await embedded.start()
+    sock = tmp_path / "data" / "redis" / "redis.sock"
+    assert url == f"unix://{sock}"
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o700
+    client = aioredis.Redis.from_url(url)
+    try:
+        assert await client.set("k", "v")
+        assert await client.get("k") == b"v"
+        config = await client.config_get("*")
+        assert config["port"] == "0", "embedded Redis must not listen on TCP"
+        assert config["appendonly"] == "yes"
+        assert config["appendfsync"] == "always"
+        assert config["save"] == ""
+        assert config["protected-mode"] == "yes"
+    finally:
+        await client.aclose()
+
+
+async def test_stop_leaves_no_process_and_no_socket(embedded: EmbeddedRedis) -> None:
+    url = await embedded.start()
+    pid = embedded.pid
+    assert pid is not None
+    await embedded.stop()
+    assert embedded.pid is None
+    assert not _alive(pid), f"redis-server {pid} still runs after stop()"
+    assert not await asyncio.to_thread(Path(url.removeprefix("unix://")).exists)
+    await embedded.stop()  # idempotent
+
+
+async def test_kill9_is_restarted_and_acknowledged_writes_survive(
+    embedded: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await embedded.start()
+    client = aioredis.Redis.from_url(url)
+    try:
+        # Acknowledged writes, then no grace at all: appendfsync always must have them on disk.
+        for i in range(200):
+            await client.set(f"approval:{i}", "approved")
+        first = embedded.pid
+        assert first is not None
+        os.kill(first, 9)
+        await _eventually(
+            lambda: embedded.restarts == 1 and embedded.pid not in (None, first),
+            "the supervisor to restart redis-server after kill -9",
+        )
+        await client.aclose()
+        client = aioredis.Redis.from_url(url)
+        values = await client.mget([f"approval:{i}" for i in range(200)])
+        assert values == [b"approved"] * 200
+    finally:
+        await client.aclose()
+    assert any("exited unexpectedly" in r.getMessage() for r in caplog.records)
+    assert any("restarted" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_server_that_fails_to_start_reports_its_last_lines(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-redis-server"
+    fake.write_text("#!/bin/sh\necho 'FATAL CONFIG FILE ERROR: something is off'\nexit 1\n")
+    fake.chmod(0o755)
+    server = EmbeddedRedis(tmp_path / "data", executable=str(fake), ready_deadline_s=5)
+    with pytest.raises(EmbeddedRedisError, match="exited with code 1") as err:
+        await server.start()
+    assert "FATAL CONFIG FILE ERROR: something is off" in str(err.value)
+    await server.stop()
+
+
+async def test_an_orphan_from_an_earlier_run_is_shut_down_first(
+    embedded: EmbeddedRedis, tmp_path: Path
+) -> None:
+    # A first run writes the config; then a redis-server started by hand on that config
+    # plays the orphan a kill -9 of the service would leave behind.
+    url = await embedded.start()
+    await embedded.stop()
+    conf = tmp_path / "data" / "redis" / "redis.conf"
+    orphan = await asyncio.create_subprocess_exec(
+        "redis-server",
+        str(conf),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_redis(url, DEADLINE_S)
+        client = aioredis.Redis.from_url(url)
+        await client.set("from-orphan", "1")
+        await client.aclose()
+        await embedded.start()
+        await asyncio.wait_for(orphan.wait(), DEADLINE_S)
+        assert embedded.pid != orphan.pid
+        client = aioredis.Redis.from_url(url)
+        assert await client.get("from-orphan") == b"1"
+        await client.aclose()
+    finally:
+        if orphan.returncode is None:
+            orphan.kill()
+            await orphan.wait()
+
+
+async def test_wait_redis_fails_clearly_at_its_deadline(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RedisNotReadyError, match=r"did not answer PING within 0\.3 s"):
+        await wait_redis(f"unix://{tmp_path}/nothing.sock", 0.3)
+    assert loop.time() - started < 2.0
+
+
+# -- the shared fixtures in tests/conftest.py -------------------------------------------------
+
+
+def test_redis_server_fixture_survives_kill9(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.set("acknowledged", "yes")
+        pid = redis_server.pid
+        assert pid is not None
+        redis_server.kill9()
+        assert not _alive(pid)
+        redis_server.restart()
+        assert client.get("acknowledged") == b"yes"
+    finally:
+        client.close()
+    pid = redis_server.pid
+    assert pid is not None
+    redis_server.stop()
+    assert not _alive(pid)
+
+
+def test_free_port_is_free_for_tcp_and_udp() -> None:
+    import socket
+
+    port = free_port()
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+    ):
+        tcp.bind(("127.0.0.1", port))
+        udp.bind(("127.0.0.1", port))
+
+
+async def test_loop_watch_catches_a_blocking_step() -> None:
+    loop = asyncio.get_running_loop()
+    with watch_loop_blocking(loop, limit_s=0.05) as blocked:
+        await asyncio.sleep(0)  # debug timing applies from the next loop step on
+        end = time.monotonic() + 0.08
+        while time.monotonic() < end:  # a deliberate busy wait: blocking is the point
+            pass
+        await asyncio.sleep(0)  # the slow step is reported when it ends
+        await asyncio.sleep(0)
+    assert blocked, "an 80 ms busy wait in the loop was not reported"
+    with watch_loop_blocking(loop, limit_s=0.05) as blocked:
+        await asyncio.sleep(0.08)
+    assert not blocked, f"a non-blocking sleep was reported: {blocked}"
