@@ -1,0 +1,520 @@
+"""The local Asterisk 22 rig: a cached Debian sid chroot, no Docker needed.
+
+Asterisk 22 is not in Debian 12 (it needs glibc 2.38), so the rig runs Debian sid's package in
+a chroot that shares the host's network. ``python -m tests.e2e.rig rootfs|up|down|status``;
+tests use :class:`AsteriskRig` through the session fixture in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO / "sip_config" / "asterisk"
+DEFAULT_ROOTFS = Path("/var/cache/clinic-voice/asterisk-sid")
+DEFAULT_PORT = 5160
+APT_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+FALLBACK_MIRROR = "http://deb.debian.org/debian"
+# Written last into a finished rootfs: a directory without it is never taken as built.
+DONE_MARKER = "etc/clinic-voice-rootfs.done"
+# The sounds package is what Playback(hello-world) and the demo extensions need.
+PACKAGES = ("asterisk", "asterisk-core-sounds-en")
+
+
+class RigError(RuntimeError):
+    """The rig could not do what was asked; the message says what to look at."""
+
+
+def rootfs_path() -> Path:
+    """Where the chroot lives: ``$CLINIC_ASTERISK_ROOTFS`` or the cache default."""
+    return Path(os.environ.get("CLINIC_ASTERISK_ROOTFS") or DEFAULT_ROOTFS)
+
+
+def debian_mirror(sources: Path = APT_SOURCES) -> str:
+    """The first non-security Debian mirror in this machine's deb822 apt sources."""
+    try:
+        text = sources.read_text()
+    except OSError:
+        return FALLBACK_MIRROR
+    for m in re.finditer(r"^URIs:\s*(\S+)", text, re.MULTILINE):
+        uri = m.group(1)
+        if "security" not in uri:
+            return uri
+    return FALLBACK_MIRROR
+
+
+def rootfs_ready(root: Path) -> bool:
+    """True when ``root`` is a completely built rootfs."""
+    return (root / DONE_MARKER).is_file() and (root / "usr/sbin/asterisk").is_file()
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path``, deepest first (the order to unmount them)."""
+    prefix = str(path.resolve())
+    found: list[Path] = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            # /proc/mounts escapes blanks in paths as octal (\040)
+            target = line.split()[1].encode().decode("unicode_escape")
+            if target == prefix or target.startswith(prefix + "/"):
+                found.append(Path(target))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def unmount_all(path: Path) -> None:
+    """Unmount everything below ``path``; raise if something stays mounted."""
+    for target in mounts_under(path):
+        subprocess.run(["umount", str(target)], check=False, capture_output=True)
+    for target in mounts_under(path):
+        # still busy (a process holds it): detach it so the tree can be freed later
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+    left = mounts_under(path)
+    if left:
+        raise RigError(f"still mounted, refusing to continue: {', '.join(map(str, left))}")
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf`` that never descends into a mount (a bound /dev would be the host's)."""
+    if not path.exists():
+        return
+    unmount_all(path)
+    shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``; fail with a message after ``timeout_s``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RigError(
+                        f"{what}: {path} stayed locked for {timeout_s:.0f} s "
+                        "(another rig run is busy)"
+                    ) from None
+                threading.Event().wait(0.5)
+        yield
+    finally:
+        os.close(fd)
+
+
+def build_rootfs(root: Path | None = None, mirror: str | None = None) -> Path:
+    """Build the sid chroot with Asterisk once; later calls return at once.
+
+    Built into a temporary sibling directory and renamed when complete, under a lock, so a
+    failed or concurrent build never leaves a half-built tree that looks done.
+    """
+    root = root or rootfs_path()
+    if rootfs_ready(root):
+        return root
+    if os.geteuid() != 0:
+        raise RigError("building the Asterisk chroot needs root (debootstrap, chroot)")
+    if shutil.which("debootstrap") is None:
+        raise RigError("debootstrap is missing: apt-get install debootstrap (make install)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(root.parent / f".{root.name}.build.lock", 900, "rootfs build"):
+        if rootfs_ready(root):
+            return root
+        # Leftovers of a build that died: unmount first, then delete.
+        for stale in root.parent.glob(f".{root.name}.tmp-*"):
+            log.warning("removing a half-built rootfs %s", stale)
+            remove_tree(stale)
+        if root.exists():
+            log.warning("%s exists but is incomplete: rebuilding it", root)
+            remove_tree(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a root directory is 0755
+        mirror = mirror or debian_mirror()
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(PACKAGES)}",
+            "sid",
+            str(tmp),
+            mirror,
+        ]
+        print(f"building the Asterisk chroot (about a minute): {' '.join(cmd)}", flush=True)
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0 or not (tmp / "usr/sbin/asterisk").is_file():
+                tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+                raise RigError(f"debootstrap failed ({proc.returncode}):\n{tail}")
+            # Keep Debian's stock configs: each instance starts from them (see _instance_etc).
+            shutil.copytree(tmp / "etc/asterisk", tmp / "etc/asterisk.debian")
+            (tmp / DONE_MARKER).write_text(f"built from {mirror}\n")
+            unmount_all(tmp)
+            tmp.rename(root)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        print(f"chroot ready in {time.monotonic() - started:.0f} s: {root}", flush=True)
+    return root
+
+
+def host_path(root: Path, inner: str) -> Path:
+    """The host path of ``inner`` as the chroot sees it (its symlinks are absolute to it).
+
+    ``ROOT/var/run`` is a link to ``/run``: followed from the host it would land in the
+    host's own ``/run``. This resolves each link inside ``root`` instead.
+    """
+    parts = [p for p in inner.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise RigError(f"too many symlinks resolving {inner} in {root}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when both UDP and TCP ``host:port`` can be bound right now."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def pick_port(preferred: int = DEFAULT_PORT) -> int:
+    """``preferred`` when it is free over UDP and TCP, else another free port."""
+    if port_is_free(preferred):
+        return preferred
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port_is_free(port):
+            return port
+    raise RigError("no free UDP+TCP port on 127.0.0.1")
+
+
+def render_config(text: str, port: int) -> str:
+    """A repository config with the rig's SIP port in place of 5160."""
+    return re.sub(r"(?<=:)5160\b", str(port), text)
+
+
+def chrooted_pids(root: Path) -> list[int]:
+    """Processes whose root directory is ``root`` (any Asterisk of this rootfs)."""
+    target = str(root.resolve())
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "root") == target:
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class AsteriskRig:
+    """One Asterisk 22 in the chroot at ``rootfs``, listening on ``127.0.0.1:port``.
+
+    Each port is its own instance (config, run, db, spool and log directories named after
+    it), so the rig of ``make asterisk`` and the e2e tests can run side by side from one
+    rootfs. ``/proc`` and ``/dev`` are mounted while any instance runs and unmounted by the
+    last one to stop.
+    """
+
+    def __init__(self, rootfs: Path, port: int = DEFAULT_PORT, ready_timeout_s: float = 30):
+        self.root = rootfs
+        self.port = port
+        self.ready_timeout_s = ready_timeout_s
+        self.name = f"asterisk-{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._atexit = False
+
+    # -- paths (inside the chroot unless named host_*) --------------------------------
+    @property
+    def etc(self) -> str:
+        return f"/etc/{self.name}"
+
+    @property
+    def conf(self) -> str:
+        return f"{self.etc}/asterisk.conf"
+
+    @property
+    def host_log(self) -> Path:
+        """Asterisk's console output (what it printed while starting and running)."""
+        return host_path(self.root, f"/var/log/{self.name}/console.log")
+
+    @property
+    def host_pidfile(self) -> Path:
+        return host_path(self.root, f"/run/{self.name}/asterisk.pid")
+
+    @property
+    def uri(self) -> str:
+        return f"sip:127.0.0.1:{self.port}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Mount, install the configs and start Asterisk; return when it serves SIP."""
+        if not rootfs_ready(self.root):
+            raise RigError(f"no Asterisk rootfs at {self.root}: run python -m tests.e2e.rig rootfs")
+        if self.running_pid() is not None:
+            raise RigError(f"{self.name} already runs (pid {self.running_pid()}): stop it first")
+        if not port_is_free(self.port):
+            raise RigError(f"127.0.0.1:{self.port} is taken (UDP or TCP): choose another port")
+        if not self._atexit:
+            atexit.register(self.stop)
+            self._atexit = True
+        with self._lock():
+            self._mount()
+        try:
+            self._install_configs()
+            self._spawn()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop Asterisk (gently, then by force) and unmount if no other instance runs."""
+        pid = self.proc.pid if self.proc is not None else self.running_pid()
+        if pid is not None and pid_alive(pid):
+            self._cli_raw("core stop now", timeout_s=10)
+            if not self._wait_exit(pid, 10):
+                log.warning("%s did not stop in 10 s: killing pid %s", self.name, pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self._wait_exit(pid, 5)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=1)
+            self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            self.host_pidfile.unlink()
+        with self._lock():
+            if not any(pid_alive(p) for p in chrooted_pids(self.root)):
+                unmount_all(self.root)
+
+    def restart(self) -> None:
+        """Stop and start again (the service sees Asterisk go away and come back)."""
+        pid = self.proc.pid if self.proc is not None else self.running_pid()
+        if pid is not None:
+            self._cli_raw("core stop now", timeout_s=10)
+            if not self._wait_exit(pid, 15):
+                os.kill(pid, signal.SIGKILL)
+                self._wait_exit(pid, 5)
+        if self.proc is not None:
+            self.proc.wait(timeout=5)
+            self.proc = None
+        deadline = time.monotonic() + 10
+        while not port_is_free(self.port):
+            if time.monotonic() > deadline:
+                raise RigError(f"127.0.0.1:{self.port} still taken after Asterisk stopped")
+            threading.Event().wait(0.1)
+        with self._lock():
+            self._mount()
+        self._spawn()
+        self._wait_ready()
+
+    def running_pid(self) -> int | None:
+        """The pid of this instance's Asterisk, or None when it does not run."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc.pid
+        try:
+            pid = int(self.host_pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid_alive(pid) and pid in chrooted_pids(self.root) else None
+
+    def cli(self, command: str, timeout_s: float = 15) -> str:
+        """Run an Asterisk CLI command (``asterisk -rx``) and return what it printed."""
+        proc = self._cli_raw(command, timeout_s)
+        if proc is None or proc.returncode != 0:
+            detail = "timed out" if proc is None else proc.stdout + proc.stderr
+            raise RigError(f"asterisk -rx {command!r} failed: {detail}")
+        return proc.stdout
+
+    # -- inside ----------------------------------------------------------------------------
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root.parent / f".{self.root.name}.mount.lock", 60, "mounts")
+
+    def _mount(self) -> None:
+        mounted = set(mounts_under(self.root))
+        if self.root / "proc" not in mounted:
+            subprocess.run(["mount", "-t", "proc", "proc", str(self.root / "proc")], check=True)
+        if self.root / "dev" not in mounted:
+            subprocess.run(["mount", "--bind", "/dev", str(self.root / "dev")], check=True)
+
+    def _install_configs(self) -> None:
+        host_etc = host_path(self.root, self.etc)
+        if host_etc.exists():
+            shutil.rmtree(host_etc)
+        # Only the repository's configs (as the Docker image mounts them): Debian's demo
+        # dialplans and sample users would add extensions nobody reviewed.
+        host_etc.mkdir(parents=True)
+        for conf in sorted(CONFIG_DIR.glob("*.conf")):
+            (host_etc / conf.name).write_text(render_config(conf.read_text(), self.port))
+        stock = (self.root / "etc/asterisk.debian/asterisk.conf").read_text()
+        moddir = re.search(r"^astmoddir\s*=>\s*(\S+)", stock, re.MULTILINE)
+        per_instance = {
+            "astetcdir": self.etc,
+            "astdbdir": f"/var/lib/{self.name}",
+            "astspooldir": f"/var/spool/{self.name}",
+            "astrundir": f"/run/{self.name}",
+            "astlogdir": f"/var/log/{self.name}",
+            "astcachedir": f"/var/cache/{self.name}",
+        }
+        shared = {
+            "astmoddir": moddir.group(1)
+            if moddir
+            else "/usr/lib/x86_64-linux-gnu/asterisk/modules",
+            "astvarlibdir": "/var/lib/asterisk",
+            "astkeydir": "/var/lib/asterisk",
+            "astdatadir": "/usr/share/asterisk",
+            "astagidir": "/usr/share/asterisk/agi-bin",
+            "astsbindir": "/usr/sbin",
+        }
+        lines = ["; written by tests/e2e/rig.py: one Asterisk instance per port", "[directories]"]
+        lines += [f"{k} => {v}" for k, v in {**per_instance, **shared}.items()]
+        lines += ["", "[options]", "documentation_language = en_US", ""]
+        (host_etc / "asterisk.conf").write_text("\n".join(lines))
+        for path in per_instance.values():
+            if path != self.etc:
+                host_path(self.root, path).mkdir(parents=True, exist_ok=True)
+        # spool subdirectories Asterisk expects to exist
+        for sub in ("outgoing", "tmp", "voicemail"):
+            (host_path(self.root, per_instance["astspooldir"]) / sub).mkdir(exist_ok=True)
+
+    def _spawn(self) -> None:
+        self.host_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.host_log, "ab") as out:
+            # -f: stay in the foreground so the pid is Asterisk's; no -U: as root in the
+            # chroot (-U root makes astdb fail to open, measured).
+            self.proc = subprocess.Popen(
+                ["chroot", str(self.root), "/usr/sbin/asterisk", "-C", self.conf, "-f", "-q"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RigError(
+                    f"Asterisk exited with {self.proc.returncode} while starting; "
+                    f"see {self.host_log}:\n{self._log_tail()}"
+                )
+            proc = self._cli_raw("core waitfullybooted", timeout_s=5)
+            if proc is not None and proc.returncode == 0:
+                endpoints = self._cli_raw("pjsip show endpoints", timeout_s=5)
+                last = endpoints.stdout if endpoints is not None else ""
+                if endpoints is not None and "6001" in last and not port_is_free(self.port):
+                    return
+            threading.Event().wait(0.2)
+        raise RigError(
+            f"Asterisk on 127.0.0.1:{self.port} not ready in {self.ready_timeout_s:.0f} s "
+            f"(endpoints: {last.strip()[:300]!r}); see {self.host_log}:\n{self._log_tail()}"
+        )
+
+    def _wait_exit(self, pid: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.pid == pid:
+                if self.proc.poll() is not None:
+                    return True
+            elif not pid_alive(pid):
+                return True
+            threading.Event().wait(0.1)
+        return False
+
+    def _cli_raw(self, command: str, timeout_s: float) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(
+                ["chroot", str(self.root), "/usr/sbin/asterisk", "-C", self.conf, "-rx", command],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.host_log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.e2e.rig rootfs|up|down|status``."""
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.rig", description=__doc__)
+    parser.add_argument("command", choices=["rootfs", "start", "stop"])
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "rootfs":
+            print(build_rootfs())
+        elif args.command == "start":
+            rig = AsteriskRig(build_rootfs(), args.port)
+            rig.start()
+            atexit.unregister(rig.stop)
+            print(rig.cli("pjsip show endpoints"))
+        elif args.command == "stop":
+            AsteriskRig(rootfs_path(), args.port).stop()
+    except RigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
