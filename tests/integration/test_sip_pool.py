@@ -1,0 +1,292 @@
+"""The SIP pool against real sipp peers: flash calls, outcomes, MESSAGE, lost workers, load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from sip_config.clock import SystemClock
+from sip_config.settings import HostPort, SipSettings
+from voice.sip import message
+from voice.sip.outcome import CallOutcome
+from voice.sip.pool import OutboundCall, SipPool
+from voice.sip.protocol import CallEvent, CallState
+
+pytestmark = pytest.mark.integration
+
+PEERS = Path(__file__).resolve().parents[1] / "peers"
+CALLER = "+447400123456"
+CALLEE = "+447911123456"
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no free port found")
+
+
+def udp_port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class Wire:
+    """One message sipp saw: when, which way, what."""
+
+    at: float
+    received: bool
+    msg: message.SipMessage
+
+
+@dataclass
+class Sipp:
+    """A sipp process playing one scenario file on a free port."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    trace: Path
+
+    def uri(self, user: str = CALLEE) -> str:
+        return f"sip:{user}@127.0.0.1:{self.port}"
+
+    def wire(self) -> list[Wire]:
+        """The messages of the -trace_msg file, in order."""
+        text = self.trace.read_text(errors="replace") if self.trace.exists() else ""
+        out = []
+        parts = re.split(r"^-{10,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\s*$", text, flags=re.M)
+        for stamp, block in zip(parts[1::2], parts[2::2], strict=True):
+            head, _, raw = block.strip("\n").partition("\n")
+            at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            data = raw.strip("\n").replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
+            out.append(Wire(at, "received" in head, message.parse(data.encode())))
+        return out
+
+    def received(self, method: str) -> list[Wire]:
+        return [w for w in self.wire() if w.received and w.msg.method == method]
+
+    async def finish(self, timeout: float = 10) -> int:  # noqa: ASYNC109
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"sipp on {self.port} did not finish in {timeout} s") from None
+
+
+@contextlib.asynccontextmanager
+async def sipp_uas(scenario: str, tmp_path: Path, *, calls: int = 1) -> AsyncIterator[Sipp]:
+    """Run ``tests/peers/<scenario>`` as a UAS; yields once its port is bound."""
+    port = free_port()
+    trace = tmp_path / f"{scenario}-{port}.log"
+    proc = await asyncio.create_subprocess_exec(
+        "sipp",
+        "-sf",
+        str(PEERS / scenario),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-m",
+        str(calls),
+        "-trace_msg",
+        "-message_file",
+        str(trace),
+        "-nostdin",
+        "-timeout",
+        "60",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    sipp = Sipp(proc, port, trace)
+    try:
+        async with asyncio.timeout(5):
+            while not udp_port_taken(port):
+                if proc.returncode is not None:
+                    raise AssertionError(f"sipp exited early ({proc.returncode})")
+                await asyncio.sleep(0.02)
+        yield sipp
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def sip_settings(workers: int) -> SipSettings:
+    return SipSettings(
+        addr=HostPort("127.0.0.1", 0),
+        workers=workers,
+        route="",
+        registrar="",
+        user="",
+        password="",
+        flashcall_prefix="",
+        flashcall_ring_s=3.0,
+        flashcall_interception_s=20,
+        voice_otp_keypress=True,
+        voice_otp_from="",
+    )
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[SipPool]:
+    p = SipPool(sip_settings(2), clock=SystemClock())
+    await p.start()
+    assert p.ready(), "pool not ready after start()"
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def events_until_end(handle_events: AsyncIterator[object], within: float) -> list[object]:
+    out: list[object] = []
+    async with asyncio.timeout(within):
+        async for ev in handle_events:
+            out.append(ev)
+    return out
+
+
+async def test_flash_call_rings_then_is_cancelled(pool: SipPool, tmp_path: Path) -> None:
+    ring_s = 1.0
+    async with sipp_uas("sipp_uas_ring.xml", tmp_path) as uas:
+        handle = await pool.place_call(
+            OutboundCall(target_uri=uas.uri(), caller_id=CALLER, flash=True, ring_s=ring_s)
+        )
+        events = await events_until_end(handle.events, within=10)
+        assert await uas.finish() == 0, "sipp scenario did not complete"
+    states = [e.state for e in events if isinstance(e, CallEvent)]
+    assert states == [CallState.TRYING, CallState.RINGING, CallState.ENDED]
+    assert handle.outcome is CallOutcome.CANCELLED_AFTER_RING
+
+    (invite,) = uas.received("INVITE")
+    assert message.user_part(invite.msg.get("From") or "") == CALLER
+    assert message.user_part(invite.msg.get("P-Asserted-Identity") or "") == CALLER
+    assert invite.msg.get("Content-Length") == "0" and not invite.msg.body.strip(), "late offer"
+    ringing = [w for w in uas.wire() if not w.received and w.msg.status == 180]
+    (cancel,) = uas.received("CANCEL")
+    delay = cancel.at - ringing[0].at
+    assert ring_s <= delay <= ring_s + 0.2, f"CANCEL {delay:.3f} s after 180"
+    assert uas.received("ACK"), "the 487 was not ACKed"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "outcome"),
+    [
+        ("sipp_uas_busy.xml", CallOutcome.BUSY),
+        ("sipp_uas_notfound.xml", CallOutcome.NOT_FOUND),
+        ("sipp_uas_answer.xml", CallOutcome.ANSWERED),
+    ],
+)
+async def test_flash_call_outcomes(
+    pool: SipPool, tmp_path: Path, scenario: str, outcome: CallOutcome
+) -> None:
+    async with sipp_uas(scenario, tmp_path) as uas:
+        handle = await pool.place_call(
+            OutboundCall(target_uri=uas.uri(), caller_id=CALLER, flash=True, ring_s=2.0)
+        )
+        assert await handle.wait_ended(10) is outcome
+        assert await uas.finish() == 0, f"{scenario} did not complete"
+    if outcome is CallOutcome.ANSWERED:
+        assert uas.received("BYE"), "an answered flash call must be hung up with BYE"
+
+
+async def test_no_reply_ends_as_no_answer(pool: SipPool, tmp_path: Path) -> None:
+    async with sipp_uas("sipp_uas_noreply.xml", tmp_path) as uas:
+        handle = await pool.place_call(
+            OutboundCall(uas.uri(), CALLER, flash=True, ring_s=1.0, answer_timeout_s=1.0)
+        )
+        t0 = asyncio.get_running_loop().time()
+        assert await handle.wait_ended(5) is CallOutcome.NO_ANSWER
+        assert asyncio.get_running_loop().time() - t0 < 1.5
+
+
+async def test_unreachable_target(pool: SipPool) -> None:
+    port = free_port()  # nobody listens there: TCP connect is refused
+    handle = await pool.place_call(
+        OutboundCall(f"sip:{CALLEE}@127.0.0.1:{port};transport=tcp", CALLER, flash=True)
+    )
+    assert await handle.wait_ended(10) is CallOutcome.UNREACHABLE
+
+
+async def test_message_delivered_and_refused(pool: SipPool, tmp_path: Path) -> None:
+    text = "Your clinic code is on its way"
+    async with sipp_uas("sipp_uas_message.xml", tmp_path) as uas:
+        status = await pool.send_message(uas.uri(), CALLER, text, timeout_s=5)
+        assert status == 200
+        assert await uas.finish() == 0
+    (msg,) = uas.received("MESSAGE")
+    assert msg.msg.body.decode().strip() == text
+    assert message.user_part(msg.msg.get("P-Asserted-Identity") or "") == CALLER
+    async with sipp_uas("sipp_uas_message_reject.xml", tmp_path) as uas:
+        assert await pool.send_message(uas.uri(), CALLER, text, timeout_s=5) == 488
+
+
+async def test_worker_killed_mid_call(tmp_path: Path) -> None:
+    pool = SipPool(sip_settings(2), clock=SystemClock())
+    await pool.start()
+    try:
+        async with sipp_uas("sipp_uas_ring.xml", tmp_path, calls=3) as uas:
+            first = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=3))
+            assert isinstance(await first.next_event(2), CallEvent)  # trying
+            ringing = await first.next_event(2)
+            assert isinstance(ringing, CallEvent) and ringing.state is CallState.RINGING
+            victim = first._worker.process
+            assert victim is not None
+            other = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=1))
+            os.kill(victim.pid, signal.SIGKILL)
+            assert await first.wait_ended(3) is CallOutcome.WORKER_LOST
+            if other._worker.process is not victim:
+                assert await other.wait_ended(5) is CallOutcome.CANCELLED_AFTER_RING
+            async with asyncio.timeout(10):
+                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
+                    await asyncio.sleep(0.05)
+            assert pool.stats()["restarts"] == 1
+            again = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=0.5))
+            assert await again.wait_ended(5) is CallOutcome.CANCELLED_AFTER_RING
+    finally:
+        await pool.stop()
+
+
+async def test_more_calls_than_one_worker_holds(tmp_path: Path) -> None:
+    pool = SipPool(sip_settings(4), clock=SystemClock())
+    await pool.start()
+    try:
+        async with sipp_uas("sipp_uas_ring.xml", tmp_path, calls=12) as uas:
+            handles = await asyncio.gather(
+                *(
+                    pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=1.0))
+                    for _ in range(12)
+                )
+            )
+            assert pool.stats()["calls_in_flight"] == 12
+            outcomes = await asyncio.gather(*(h.wait_ended(10) for h in handles))
+            assert await uas.finish() == 0
+        assert outcomes == [CallOutcome.CANCELLED_AFTER_RING] * 12
+        assert pool.stats()["restarts"] == 0
+    finally:
+        await pool.stop()

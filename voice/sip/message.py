@@ -1,0 +1,165 @@
+"""Parse and serialise SIP messages (RFC 3261 section 7), no I/O.
+
+Just enough of SIP for the redirect front and for reading inbound headers: a start line,
+ordered headers (compact forms expanded, section 7.3.3), and a body.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from voice.sip.outcome import SipStatus
+
+# RFC 3261 section 7.3.3 (and RFC 3515 / 4028 for r, x).
+_COMPACT = {
+    "i": "Call-ID",
+    "m": "Contact",
+    "e": "Content-Encoding",
+    "l": "Content-Length",
+    "c": "Content-Type",
+    "f": "From",
+    "s": "Subject",
+    "k": "Supported",
+    "t": "To",
+    "v": "Via",
+    "r": "Refer-To",
+    "x": "Session-Expires",
+}
+_CANONICAL = {
+    n.lower(): n
+    for n in (
+        "Call-ID",
+        "Contact",
+        "Content-Length",
+        "Content-Type",
+        "From",
+        "To",
+        "Via",
+        "CSeq",
+        "Max-Forwards",
+        "Allow",
+        "Supported",
+        "P-Asserted-Identity",
+        "Record-Route",
+        "Route",
+    )
+}
+
+
+class SipParseError(ValueError):
+    """The bytes are not a SIP message; ``status`` is what to answer (400)."""
+
+    status = SipStatus.BAD_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class SipMessage:
+    """A request (``method`` set) or a response (``status`` set)."""
+
+    method: str  # "" for a response
+    uri: str  # request URI, "" for a response
+    status: int  # 0 for a request
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+    _index: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_request(self) -> bool:
+        """True for a request, False for a response."""
+        return bool(self.method)
+
+    def get(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of header ``name`` in order (comma-joined lists are not split)."""
+        if not self._index:
+            for n, v in self.headers:
+                self._index.setdefault(n.lower(), []).append(v)
+        return self._index.get(_canonical(name).lower(), [])
+
+
+def _canonical(name: str) -> str:
+    low = name.strip().lower()
+    if low in _COMPACT:
+        return _COMPACT[low]
+    return _CANONICAL.get(low, name.strip())
+
+
+def parse(data: bytes) -> SipMessage:
+    """Parse one whole SIP message (as received in a datagram or framed off a stream)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = data.partition(b"\n\n")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SipParseError("header section is not UTF-8") from None
+    lines = text.replace("\r\n", "\n").split("\n")
+    start = lines[0].strip()
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line[0] in " \t" and headers:  # folded continuation (section 7.3.1)
+            name, value = headers[-1]
+            headers[-1] = (name, value + " " + line.strip())
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise SipParseError(f"bad header line {line[:40]!r}")
+        headers.append((_canonical(name), value.strip()))
+    m = re.fullmatch(r"SIP/2\.0 ([1-6][0-9]{2}) ?(.*)", start)
+    if m:
+        return SipMessage("", "", int(m.group(1)), m.group(2), tuple(headers), body)
+    m = re.fullmatch(r"([A-Za-z!%*_+`'~.-]+) (\S+) SIP/2\.0", start)
+    if not m:
+        raise SipParseError(f"bad start line {start[:40]!r}")
+    return SipMessage(m.group(1).upper(), m.group(2), 0, "", tuple(headers), body)
+
+
+def serialise_response(
+    request: SipMessage,
+    status: int,
+    *,
+    reason: str = "",
+    to_tag: str = "",
+    extra: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    """A response to ``request`` (section 8.2.6.2): Via, From, To, Call-ID, CSeq copied."""
+    if not reason:
+        try:
+            reason = SipStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+    lines = [f"SIP/2.0 {status} {reason}"]
+    lines += [f"Via: {v}" for v in request.get_all("Via")]
+    lines.append(f"From: {request.get('From') or ''}")
+    to = request.get("To") or ""
+    if to_tag and ";tag=" not in to:
+        to = f"{to};tag={to_tag}"
+    lines.append(f"To: {to}")
+    lines.append(f"Call-ID: {request.get('Call-ID') or ''}")
+    lines.append(f"CSeq: {request.get('CSeq') or ''}")
+    lines += [f"{n}: {v}" for n, v in extra]
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+_URI_USER = re.compile(r"sips?:([^@;>\s]+)@", re.IGNORECASE)
+
+
+def user_part(value: str) -> str:
+    """The user part of a URI or name-addr (``"A" <sip:+4479@host>;tag=x`` -> ``+4479``)."""
+    m = _URI_USER.search(value)
+    return m.group(1) if m else ""
+
+
+def content_length(head: bytes) -> int | None:
+    """Content-Length from a raw header section (for stream framing), None when absent."""
+    m = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([0-9]+)[ \t]*\r?$", head)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,546 @@
+"""The pjsua2 adapter: the only module that imports pjsua2.
+
+One :class:`Engine` per process, driven from one owner thread: ``threadCnt=0`` and
+``mainThreadOnly=True``, so every SIP callback runs inside :meth:`Engine.pump`. The only
+other thread is pjmedia's clock (null sound device), which runs ``onFrameReceived`` of the
+listening ports; it only copies bytes into a thread-safe queue that the owner drains.
+
+The engine speaks :mod:`voice.sip.protocol`: commands in (``handle``), events out through an
+``emit`` callable, so camelCase never leaves this file. Every ``Call``, player and port is
+held by a strong reference until pjsua reports DISCONNECTED, then dropped on the owner
+thread one pump later (destroying a ``Call`` inside its own callback aborts the process).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pjsua2 as pj
+
+from voice.sip import message
+from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
+from voice.sip.protocol import (
+    Answer,
+    AudioChunk,
+    CallEvent,
+    CallState,
+    Command,
+    Digit,
+    Event,
+    Hangup,
+    IncomingCall,
+    MessageResult,
+    PlaceCall,
+    PlaceFailed,
+    Play,
+    PlayDone,
+    Registered,
+    SendMessage,
+    Shutdown,
+    StartListen,
+    StopPlay,
+    Transfer,
+    WorkerStatus,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_CALLS = 4  # PJSUA_MAX_CALLS of the wheel: the 5th makeCall raises PJ_ETOOMANY
+_KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
+# Inbound headers handed to the call handler (besides every X-* header).
+_KEPT_HEADERS = ("p-asserted-identity", "diversion", "subject")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Where the engine listens and how it registers."""
+
+    host: str
+    port: int
+    user: str = "clinic"
+    registrar: str = ""
+    password: str = ""
+    log_level: int = 0  # pjsua log and console level: 0-1 keeps logging off the hot path
+
+
+class EngineError(RuntimeError):
+    """pjsua refused something; ``status`` is the pj_status_t."""
+
+    def __init__(self, what: str, status: int) -> None:
+        super().__init__(f"{what} (pj status {status})")
+        self.status = status
+
+
+class _Account(pj.Account):  # type: ignore[misc]
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self._engine = engine
+
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
+        self._engine._on_incoming(self, prm)
+
+    def onRegState(self, prm: pj.OnRegStateParam) -> None:
+        info = self.getInfo()
+        self._engine.emit(Registered(ok=bool(info.regIsActive), sip_status=int(prm.code)))
+
+    def onSendRequest(self, prm: pj.OnSendRequestParam) -> None:
+        self._engine._on_request_done(prm)
+
+
+class _Listener(pj.AudioMediaPort):  # type: ignore[misc]
+    """Receives the caller's audio on pjmedia's clock thread: copy and return."""
+
+    def __init__(self, call_id: str, sink: queue.SimpleQueue[Event]) -> None:
+        super().__init__()
+        self._call_id = call_id
+        self._sink = sink
+
+    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
+        if frame.size:
+            self._sink.put(AudioChunk(self._call_id, bytes(frame.buf)))
+
+
+class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
+    def __init__(self, call_id: str, sink: queue.SimpleQueue[Event], loop: bool) -> None:
+        super().__init__()
+        self._call_id = call_id
+        self._sink = sink
+        self._loop = loop
+
+    def onEof2(self) -> None:
+        if not self._loop:
+            self._sink.put(PlayDone(self._call_id))
+
+
+class _Call(pj.Call):  # type: ignore[misc]
+    def __init__(
+        self, engine: Engine, call_id: str, account: _Account, pj_id: int = -1, *, flash: bool
+    ) -> None:
+        if pj_id >= 0:
+            super().__init__(account, pj_id)
+        else:
+            super().__init__(account)
+        self.engine = engine
+        self.call_id = call_id
+        self.outbound = pj_id < 0
+        self.flash = flash
+        self.rang = False
+        self.answered = False
+        self.cancelled_by_us = False
+        self.timed_out = False
+        self.ended = False  # ENDED already emitted
+        self.media_active = False
+        self.ring_deadline: float | None = None
+        self.answer_deadline: float | None = None
+        self.ring_s = 0.0
+        self.player: _Player | None = None
+        self.listener: _Listener | None = None
+        self.pending: list[Command] = []  # Play/StartListen waiting for media
+
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
+        self.engine._on_call_state(self)
+
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
+        self.engine._on_media_state(self)
+
+    def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
+        self.engine.emit(Digit(self.call_id, str(prm.digit)))
+
+    def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:
+        log.debug("call %s transfer status %s", self.call_id, prm.statusCode)
+        if prm.finalNotify and 200 <= prm.statusCode < 300:
+            self.engine._hangup(self, 0)
+        prm.cont = not prm.finalNotify
+
+
+class Engine:
+    """pjsua2 for one process. Use only from the thread that called :meth:`start`."""
+
+    def __init__(self, config: EngineConfig, emit: Callable[[Event], None]) -> None:
+        self._config = config
+        self.emit = emit
+        self._ep: pj.Endpoint | None = None
+        self._account: _Account | None = None
+        self._calls: dict[str, _Call] = {}
+        self._dead: list[object] = []  # dropped one pump after DISCONNECTED
+        self._media_q: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._requests: dict[int, str] = {}
+        self._request_seq = itertools.count(1)
+        self.port = config.port
+        self.stopping = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the endpoint, UDP and TCP transports on host:port, and the account."""
+        cfg = self._config
+        ep = pj.Endpoint()
+        ep.libCreate()
+        ep_cfg = pj.EpConfig()
+        ep_cfg.uaConfig.threadCnt = 0
+        ep_cfg.uaConfig.mainThreadOnly = True
+        ep_cfg.uaConfig.maxCalls = MAX_CALLS
+        ep_cfg.uaConfig.userAgent = "clinic-voice"
+        ep_cfg.logConfig.level = cfg.log_level
+        ep_cfg.logConfig.consoleLevel = cfg.log_level
+        ep_cfg.medConfig.clockRate = 8000
+        ep_cfg.medConfig.sndClockRate = 8000
+        ep_cfg.medConfig.channelCount = 1
+        ep_cfg.medConfig.noVad = True
+        ep_cfg.medConfig.ecTailLen = 0  # no echo canceller: we never play the caller back
+        ep.libInit(ep_cfg)
+        self._ep = ep
+        tcfg = pj.TransportConfig()
+        tcfg.port = cfg.port
+        tcfg.boundAddress = cfg.host
+        tcfg.publicAddress = cfg.host
+        ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+        if cfg.port == 0:
+            # UDP chose a free port; TCP takes the same one so one Contact serves both.
+            info = ep.transportGetInfo(0)
+            self.port = int(str(info.localName).rsplit(":", 1)[1])
+            tcfg.port = self.port
+        ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+        ep.libStart()
+        ep.audDevManager().setNullDev()
+        for codec in ep.codecEnum2():
+            keep = any(codec.codecId.startswith(c) for c in _KEEP_CODECS)
+            ep.codecSetPriority(codec.codecId, 200 if keep else 0)
+
+        acfg = pj.AccountConfig()
+        acfg.idUri = f"sip:{cfg.user}@{cfg.host}:{self.port}"
+        acfg.mediaConfig.transportConfig.boundAddress = cfg.host
+        acfg.mediaConfig.transportConfig.port = 0  # RTP on any free port: workers share a host
+        if cfg.registrar:
+            acfg.regConfig.registrarUri = cfg.registrar
+            acfg.regConfig.timeoutSec = 60  # short: a restarted registrar relearns us soon
+            acfg.regConfig.retryIntervalSec = 2
+            acfg.regConfig.firstRetryIntervalSec = 1
+            acfg.sipConfig.authCreds.append(
+                pj.AuthCredInfo("digest", "*", cfg.user, 0, cfg.password)
+            )
+        else:
+            acfg.regConfig.registerOnAdd = False
+        account = _Account(self)
+        account.create(acfg, True)
+        self._account = account
+        log.info("pjsua up on %s:%s (pid %s)", cfg.host, self.port, os.getpid())
+
+    def stop(self) -> None:
+        """Hang up everything and destroy the endpoint."""
+        ep = self._ep
+        if ep is None:
+            return
+        self.stopping = True
+        try:
+            ep.hangupAllCalls()
+            ep.libHandleEvents(50)
+        except pj.Error as exc:
+            log.warning("hangup at shutdown failed: %s", exc.info())
+        self._calls.clear()
+        self._dead.clear()
+        if self._account is not None:
+            self._account.shutdown()
+            self._account = None
+        ep.libDestroy()
+        self._ep = None
+
+    def free_slots(self) -> int:
+        """Calls this process can still take."""
+        return max(0, MAX_CALLS - len(self._calls))
+
+    def status(self) -> WorkerStatus:
+        """The event that tells the pool where we are and how full."""
+        return WorkerStatus(free_slots=self.free_slots(), port=self.port)
+
+    def pump(self, ms: int) -> None:
+        """Run pjsua for up to ``ms`` milliseconds, then media events, timers and cleanup."""
+        assert self._ep is not None
+        self._dead.clear()
+        self._ep.libHandleEvents(ms)
+        while True:
+            try:
+                ev = self._media_q.get_nowait()
+            except queue.Empty:
+                break
+            call = self._calls.get(ev.call_id) if hasattr(ev, "call_id") else None
+            if call is not None and not call.ended:
+                self.emit(ev)
+        now = time.monotonic()
+        for call in list(self._calls.values()):
+            if call.ring_deadline is not None and now >= call.ring_deadline:
+                call.ring_deadline = None
+                call.cancelled_by_us = True
+                self._hangup(call, SipStatus.REQUEST_TERMINATED)
+            if call.answer_deadline is not None and now >= call.answer_deadline:
+                call.answer_deadline = None
+                call.ring_deadline = None
+                call.timed_out = True
+                self._hangup(call, SipStatus.REQUEST_TERMINATED)
+                # Without a provisional response pjsip must hold the CANCEL back (RFC 3261
+                # section 9.1) until Timer B: report the outcome now, keep the slot until then.
+                self._end(call, 0)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def handle(self, cmd: Command) -> None:
+        """Carry out one command from the pool."""
+        if isinstance(cmd, PlaceCall):
+            self._place(cmd)
+            return
+        if isinstance(cmd, SendMessage):
+            self._send_message(cmd)
+            return
+        if isinstance(cmd, Shutdown):
+            self.stopping = True
+            return
+        call = self._calls.get(cmd.call_id)
+        if call is None or call.ended:
+            log.debug("call %s: %s for a call that is gone", cmd.call_id, type(cmd).__name__)
+            if isinstance(cmd, Play):
+                self.emit(PlayDone(cmd.call_id))
+            return
+        try:
+            if isinstance(cmd, Answer):
+                prm = pj.CallOpParam(True)
+                prm.statusCode = SipStatus.OK
+                call.answer(prm)
+            elif isinstance(cmd, Hangup):
+                self._hangup(call, cmd.sip_status)
+            elif isinstance(cmd, Play | StartListen):
+                if call.media_active:
+                    self._media_command(call, cmd)
+                else:
+                    call.pending.append(cmd)
+            elif isinstance(cmd, StopPlay):
+                self._stop_play(call)
+            elif isinstance(cmd, Transfer):
+                prm = pj.CallOpParam(True)
+                _add_headers(prm.txOption, cmd.headers)
+                call.xfer(cmd.uri, prm)
+        except pj.Error as exc:
+            log.warning("call %s: %s failed: %s", call.call_id, type(cmd).__name__, exc.reason)
+            if isinstance(cmd, Play):
+                self.emit(PlayDone(cmd.call_id))
+
+    def _place(self, cmd: PlaceCall) -> None:
+        assert self._account is not None
+        if self.free_slots() == 0 or self.stopping:
+            self.emit(PlaceFailed(cmd.call_id, "worker full", retryable=True))
+            return
+        call = _Call(self, cmd.call_id, self._account, flash=cmd.flash)
+        call.ring_s = cmd.ring_s
+        call.answer_deadline = time.monotonic() + cmd.answer_timeout_s
+        self._calls[cmd.call_id] = call
+        # Status before the ack, so the pool never counts a slot twice.
+        self.emit(self.status())
+        self.emit(CallEvent(cmd.call_id, CallState.TRYING, 0, None, time.time()))
+        prm = pj.CallOpParam(True)
+        if cmd.flash:
+            # Late offer: no SDP, so no RTP ports and no media for a call never answered.
+            prm.opt.flag = pj.PJSUA_CALL_NO_SDP_OFFER
+        prm.txOption.localUri = f"sip:{cmd.caller_id}@{self._config.host}"
+        headers = list(cmd.headers)
+        if cmd.pai:
+            headers.insert(0, ("P-Asserted-Identity", f"<sip:{cmd.caller_id}@{self._config.host}>"))
+        _add_headers(prm.txOption, tuple(headers))
+        try:
+            call.makeCall(cmd.target_uri, prm)
+        except pj.Error as exc:
+            log.warning("call %s: makeCall failed: %s", cmd.call_id, exc.reason)
+            self._calls.pop(cmd.call_id, None)
+            self._dead.append(call)
+            if not call.ended:
+                call.ended = True
+                self.emit(
+                    CallEvent(cmd.call_id, CallState.ENDED, 0, CallOutcome.FAILED, time.time())
+                )
+            self.emit(self.status())
+
+    def _hangup(self, call: _Call, status: int) -> None:
+        prm = pj.CallOpParam(True)
+        if status:
+            prm.statusCode = status
+        try:
+            call.hangup(prm)
+        except pj.Error as exc:
+            log.debug("call %s: hangup: %s", call.call_id, exc.reason)
+
+    def _media_command(self, call: _Call, cmd: Command) -> None:
+        aud = call.getAudioMedia(-1)
+        if isinstance(cmd, Play):
+            self._stop_play(call, notify=False)
+            player = _Player(call.call_id, self._media_q, cmd.loop)
+            player.createPlayer(
+                os.path.abspath(cmd.path), 0 if cmd.loop else pj.PJMEDIA_FILE_NO_LOOP
+            )
+            player.startTransmit(aud)
+            call.player = player
+        elif isinstance(cmd, StartListen) and call.listener is None:
+            fmt = pj.MediaFormatAudio()
+            fmt.type = pj.PJMEDIA_TYPE_AUDIO
+            fmt.clockRate = 8000
+            fmt.channelCount = 1
+            fmt.bitsPerSample = 16
+            fmt.frameTimeUsec = 20000
+            listener = _Listener(call.call_id, self._media_q)
+            listener.createPort(f"listen-{call.call_id}", fmt)
+            aud.startTransmit(listener)
+            call.listener = listener
+
+    def _stop_play(self, call: _Call, *, notify: bool = True) -> None:
+        player = call.player
+        if player is None:
+            return
+        call.player = None
+        try:
+            player.stopTransmit(call.getAudioMedia(-1))
+        except pj.Error as exc:
+            log.debug("call %s: stopTransmit: %s", call.call_id, exc.reason)
+        self._dead.append(player)
+        if notify:
+            self.emit(PlayDone(call.call_id))
+
+    def _send_message(self, cmd: SendMessage) -> None:
+        assert self._account is not None
+        token = next(self._request_seq)
+        prm = pj.SendRequestParam()
+        prm.method = "MESSAGE"
+        prm.userData = token
+        prm.txOption.targetUri = cmd.target_uri
+        prm.txOption.localUri = f"sip:{cmd.caller_id}@{self._config.host}"
+        prm.txOption.contentType = "text/plain;charset=UTF-8"
+        prm.txOption.msgBody = cmd.text
+        _add_headers(
+            prm.txOption,
+            (("P-Asserted-Identity", f"<sip:{cmd.caller_id}@{self._config.host}>"),),
+        )
+        self._requests[token] = cmd.request_id
+        try:
+            self._account.sendRequest(prm)
+        except pj.Error as exc:
+            log.warning("MESSAGE %s not sent: %s", cmd.request_id, exc.reason)
+            self._requests.pop(token, None)
+            self.emit(MessageResult(cmd.request_id, SipStatus.SERVICE_UNAVAILABLE))
+
+    # -- callbacks (owner thread) -----------------------------------------------------------
+
+    def _on_incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
+        call_id = f"in-{os.getpid()}-{next(self._ids)}"
+        call = _Call(self, call_id, account, prm.callId, flash=False)
+        self._calls[call_id] = call
+        caller = called = ""
+        headers: list[tuple[str, str]] = []
+        try:
+            msg = message.parse(str(prm.rdata.wholeMsg).encode())
+            caller = message.user_part(msg.get("From") or "")
+            called = message.user_part(msg.uri) or message.user_part(msg.get("To") or "")
+            headers = [
+                (n, v)
+                for n, v in msg.headers
+                if n.lower().startswith("x-") or n.lower() in _KEPT_HEADERS
+            ]
+        except message.SipParseError as exc:
+            log.warning("call %s: cannot read the INVITE: %s", call_id, exc)
+        self.emit(self.status())
+        self.emit(IncomingCall(call_id, caller, called, tuple(headers)))
+        ring = pj.CallOpParam(True)
+        ring.statusCode = SipStatus.RINGING
+        try:
+            call.answer(ring)
+        except pj.Error as exc:
+            log.warning("call %s: 180 failed: %s", call_id, exc.reason)
+
+    def _on_call_state(self, call: _Call) -> None:
+        info = call.getInfo()
+        state = info.state
+        status = int(info.lastStatusCode)
+        if state == pj.PJSIP_INV_STATE_EARLY and status in (180, 183) and not call.rang:
+            call.rang = True
+            if call.outbound and not call.ended:
+                self.emit(CallEvent(call.call_id, CallState.RINGING, status, None, time.time()))
+                if call.flash:
+                    call.ring_deadline = time.monotonic() + call.ring_s
+        elif state == pj.PJSIP_INV_STATE_CONFIRMED and not call.answered:
+            call.answered = True
+            call.answer_deadline = call.ring_deadline = None
+            if not call.ended:
+                self.emit(CallEvent(call.call_id, CallState.ANSWERED, status, None, time.time()))
+            if call.flash:
+                self._hangup(call, 0)
+        elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self._end(call, status)
+            self._calls.pop(call.call_id, None)
+            # Drop players/ports and the Call itself on the next pump, not inside the callback.
+            self._dead.extend(x for x in (call.player, call.listener) if x is not None)
+            call.player = call.listener = None
+            self._dead.append(call)
+            if not self.stopping:
+                self.emit(self.status())
+
+    def _end(self, call: _Call, status: int) -> None:
+        if call.ended:
+            return
+        call.ended = True
+        outcome = outcome_for_status(
+            status,
+            answered=call.answered,
+            cancelled_by_us=call.cancelled_by_us,
+            flash=call.flash,
+            timed_out=call.timed_out,
+        )
+        log.debug("call %s ended: %s %s", call.call_id, status, outcome)
+        self.emit(CallEvent(call.call_id, CallState.ENDED, status, outcome, time.time()))
+
+    def _on_media_state(self, call: _Call) -> None:
+        info = call.getInfo()
+        active = any(
+            m.type == pj.PJMEDIA_TYPE_AUDIO and m.status == pj.PJSUA_CALL_MEDIA_ACTIVE
+            for m in info.media
+        )
+        call.media_active = active
+        if active:
+            pending, call.pending = call.pending, []
+            for cmd in pending:
+                try:
+                    self._media_command(call, cmd)
+                except pj.Error as exc:
+                    log.warning("call %s: media: %s", call.call_id, exc.reason)
+                    if isinstance(cmd, Play):
+                        self.emit(PlayDone(call.call_id))
+
+    def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
+        token = int(prm.userData)
+        request_id = self._requests.pop(token, None)
+        if request_id is None:
+            return
+        status: int = SipStatus.REQUEST_TIMEOUT
+        body = prm.e.body
+        if body.tsxState.type == pj.PJSIP_EVENT_RX_MSG:
+            status = _status_of(str(body.tsxState.src.rdata.wholeMsg))
+        elif body.tsxState.tsx.statusCode:
+            status = int(body.tsxState.tsx.statusCode)
+        self.emit(MessageResult(request_id, int(status)))
+
+
+def _status_of(raw: str) -> int:
+    try:
+        msg = message.parse(raw.encode())
+    except message.SipParseError:
+        return SipStatus.SERVER_INTERNAL_ERROR
+    return msg.status or SipStatus.SERVER_INTERNAL_ERROR
+
+
+def _add_headers(tx: pj.SipTxOption, headers: tuple[tuple[str, str], ...]) -> None:
+    for name, value in headers:
+        h = pj.SipHeader()
+        h.hName = name
+        h.hValue = value
+        tx.headers.append(h)

@@ -1,0 +1,578 @@
+"""The asyncio supervisor of the SIP worker processes.
+
+pjsua2 allows one Endpoint per process and 4 calls per Endpoint in this wheel, so calls are
+spread over ``CLINIC_SIP_WORKERS`` processes (:mod:`voice.sip.worker`), each talking JSON lines
+over its stdin/stdout (:mod:`voice.sip.protocol`). The pool hands each outbound call to a
+worker with a free slot, routes every event to the :class:`CallHandle` of its call, gives each
+inbound call to the registered handler in its own task, and restarts a worker that dies
+(backoff 0.2 s doubling to 5 s): the calls it held end with ``worker_lost``, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from sip_config.clock import Clock
+from sip_config.settings import HostPort, SipSettings
+from voice.sip.outcome import CallOutcome, SipStatus
+from voice.sip.protocol import (
+    Answer,
+    AudioChunk,
+    CallEvent,
+    CallState,
+    Command,
+    Digit,
+    Hangup,
+    IncomingCall,
+    MessageResult,
+    PlaceCall,
+    PlaceFailed,
+    Play,
+    PlayDone,
+    ProtocolError,
+    Registered,
+    SendMessage,
+    Shutdown,
+    StartListen,
+    StopPlay,
+    Transfer,
+    WorkerStatus,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+HandleEvent = CallEvent | Digit | PlayDone
+IncomingHandler = Callable[["CallHandle"], Awaitable[None]]
+
+_BACKOFF_FIRST_S = 0.2
+_BACKOFF_MAX_S = 5.0
+_HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backoff
+_START_TIMEOUT_S = 15.0
+_ACK_TIMEOUT_S = 5.0
+
+
+class SipError(Exception):
+    """Base of the SIP pool's errors; ``status`` is the SIP status that fits."""
+
+    status: int = SipStatus.SERVER_INTERNAL_ERROR
+
+
+class PoolBusyError(SipError):
+    """Every worker is full (and stayed full for the queueing time)."""
+
+    status = SipStatus.SERVICE_UNAVAILABLE
+
+
+class PoolClosedError(SipError):
+    """The pool is not running."""
+
+    status = SipStatus.SERVICE_UNAVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundCall:
+    """An outbound call to place; see the module docs of :mod:`voice.sip.pjsua` for flash."""
+
+    target_uri: str  # "sip:+447911123456@127.0.0.1:5080"
+    caller_id: str  # user part of From (and of P-Asserted-Identity)
+    flash: bool  # late offer, CANCEL after ring_s of ringing; answered anyway: BYE at once
+    ring_s: float = 3.0
+    answer_timeout_s: float = 30.0
+    pai: bool = True
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class CallHandle:
+    """One live call (outbound or inbound), owned by one worker.
+
+    Events (:class:`CallEvent`, :class:`Digit`, :class:`PlayDone`) arrive in order through
+    :meth:`next_event` or :attr:`events`; the last one is a ``CallEvent`` with state ``ended``
+    and then :attr:`outcome` is set. Commands after the end are ignored.
+    """
+
+    def __init__(
+        self,
+        pool: SipPool,
+        worker: _Worker,
+        call_id: str,
+        *,
+        caller: str = "",
+        called: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.id = call_id
+        self.caller = caller
+        self.called = called
+        self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
+        self.outcome: CallOutcome | None = None
+        self.sip_status = 0
+        self._pool = pool
+        self._worker = worker
+        self._events: asyncio.Queue[HandleEvent] = asyncio.Queue()
+        self._audio: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._ended = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<CallHandle {self.id} outcome={self.outcome}>"
+
+    @property
+    def ended(self) -> bool:
+        """True once the ``ended`` event has been delivered."""
+        return self._ended.is_set()
+
+    async def wait_ended(self, timeout: float | None = None) -> CallOutcome:  # noqa: ASYNC109
+        """Wait for the end of the call (events stay queued); raises TimeoutError."""
+        async with asyncio.timeout(timeout):
+            await self._ended.wait()
+        assert self.outcome is not None
+        return self.outcome
+
+    async def next_event(self, timeout: float | None = None) -> HandleEvent:  # noqa: ASYNC109
+        """The next event; raises :class:`TimeoutError` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            return await self._events.get()
+
+    @property
+    def events(self) -> AsyncIterator[HandleEvent]:
+        """The events as an async iterator that stops after ``ended``."""
+        return self._iter_events()
+
+    async def _iter_events(self) -> AsyncIterator[HandleEvent]:
+        while True:
+            ev = await self._events.get()
+            yield ev
+            if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
+                return
+
+    async def answer(self) -> None:
+        """Inbound: 200 OK with SDP (PCMU/PCMA and telephone-event)."""
+        await self._send(Answer(self.id))
+
+    async def play(self, wav: Path, *, loop: bool = False) -> None:
+        """Start playing a WAV file; returns at once, :class:`PlayDone` follows at its end."""
+        await self._send(Play(self.id, str(wav), loop))
+
+    async def stop_play(self) -> None:
+        """Stop playing (barge-in)."""
+        await self._send(StopPlay(self.id))
+
+    async def start_listen(self) -> None:
+        """Start streaming the caller's audio to :meth:`audio`."""
+        await self._send(StartListen(self.id))
+
+    async def audio(self) -> AsyncIterator[bytes]:
+        """The caller's audio, 20 ms PCM16 8 kHz mono chunks, until the call ends."""
+        while True:
+            chunk = await self._audio.get()
+            if chunk is None:
+                return
+            yield chunk
+
+    async def transfer(self, uri: str, headers: Mapping[str, str] | None = None) -> None:
+        """Blind transfer (REFER); the call ends when the transfer succeeds."""
+        await self._send(Transfer(self.id, uri, tuple((headers or {}).items())))
+
+    async def hangup(self, sip_status: int = 0) -> None:
+        """BYE (answered), CANCEL (outbound, early) or a final response (inbound, early)."""
+        await self._send(Hangup(self.id, sip_status))
+
+    async def _send(self, cmd: Command) -> None:
+        if self.ended:
+            log.debug("call %s: %s after the end ignored", self.id, type(cmd).__name__)
+            return
+        self._worker.send(cmd)
+
+    def _deliver(self, ev: HandleEvent) -> None:
+        if self.ended:
+            return
+        if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
+            self.outcome = ev.outcome
+            self.sip_status = ev.sip_status
+            self._ended.set()
+            self._audio.put_nowait(None)
+        self._events.put_nowait(ev)
+
+    def _deliver_audio(self, pcm: bytes) -> None:
+        if not self.ended:
+            self._audio.put_nowait(pcm)
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    index: int
+    port: int = 0
+    process: asyncio.subprocess.Process | None = None
+    reader: asyncio.Task[None] | None = None
+    up: bool = False
+    registered: bool = False
+    free_slots: int = 0
+    pending: int = 0  # PlaceCalls sent, not yet acknowledged
+    started_at: float = 0.0
+    failures: int = 0
+    calls: dict[str, CallHandle] = field(default_factory=dict)
+    acks: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
+    requests: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def available(self) -> int:
+        return self.free_slots - self.pending if self.up else 0
+
+    def send(self, cmd: Command) -> None:
+        proc = self.process
+        if proc is None or proc.stdin is None or not self.up:
+            log.debug("worker %s down: %s dropped", self.index, type(cmd).__name__)
+            return
+        try:
+            proc.stdin.write(encode(cmd))
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            log.warning("worker %s: write failed: %s", self.index, exc)
+
+
+class SipPool:
+    """N pjsua2 worker processes behind one asyncio API."""
+
+    def __init__(
+        self,
+        settings: SipSettings,
+        *,
+        clock: Clock,
+        queue_timeout_s: float = 2.0,
+        log_level: str = "WARNING",
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._queue_timeout_s = queue_timeout_s
+        self._log_level = log_level
+        self._workers = [_Worker(i) for i in range(settings.workers)]
+        self._handler: IncomingHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._running = False
+        self._restarts = 0
+        self._ids = itertools.count(1)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker and wait until each reports its port."""
+        self._running = True
+        for w in self._workers:
+            await self._spawn(w)
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                for w in self._workers:
+                    await w.started.wait()
+        except TimeoutError:
+            await self.stop()
+            raise SipError(f"SIP workers did not start within {_START_TIMEOUT_S} s") from None
+
+    async def stop(self) -> None:
+        """Shut the workers down (hanging up their calls) and cancel handler tasks."""
+        self._running = False
+        for w in self._workers:
+            w.send(Shutdown())
+        for w in self._workers:
+            proc = w.process
+            if proc is None:
+                continue
+            try:
+                async with asyncio.timeout(3.0):
+                    await proc.wait()
+            except TimeoutError:
+                log.warning("worker %s did not stop: killing pid %s", w.index, proc.pid)
+                proc.kill()
+                await proc.wait()
+            if w.reader is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w.reader
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def ready(self) -> bool:
+        """True when every worker is up (and registered, when a registrar is configured)."""
+        need_reg = bool(self._settings.registrar)
+        return self._running and all(w.up and (w.registered or not need_reg) for w in self._workers)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics and the benches."""
+        return {
+            "workers": len(self._workers),
+            "workers_up": sum(w.up for w in self._workers),
+            "calls_in_flight": sum(len(w.calls) for w in self._workers),
+            "free_slots": sum(max(0, w.available) for w in self._workers),
+            "restarts": self._restarts,
+        }
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running workers (for tests and RSS measurement)."""
+        return [w.process.pid for w in self._workers if w.process is not None and w.up]
+
+    def worker_addresses(self) -> list[HostPort]:
+        """Where the workers listen (UDP and TCP), in worker order."""
+        return [HostPort(self._settings.addr.host, w.port) for w in self._workers if w.up]
+
+    def pick_inbound(self) -> HostPort | None:
+        """A worker with a free slot for an inbound call (the one with most room), or None."""
+        best = max(self._workers, key=lambda w: w.available, default=None)
+        if best is None or best.available <= 0:
+            return None
+        return HostPort(self._settings.addr.host, best.port)
+
+    def on_incoming(self, handler: IncomingHandler) -> None:
+        """Give each inbound call to ``handler`` in its own task."""
+        self._handler = handler
+
+    # -- calls ------------------------------------------------------------------------------
+
+    async def place_call(self, call: OutboundCall) -> CallHandle:
+        """Place a call; returns once a worker took it (events follow on the handle).
+
+        Waits up to ``queue_timeout_s`` for a free slot, then raises :class:`PoolBusyError`.
+        """
+        deadline = self._clock.monotonic() + self._queue_timeout_s
+        call_id = uuid.uuid4().hex[:16]
+        cmd = PlaceCall(
+            call_id=call_id,
+            target_uri=call.target_uri,
+            caller_id=call.caller_id,
+            flash=call.flash,
+            ring_s=call.ring_s,
+            answer_timeout_s=call.answer_timeout_s,
+            pai=call.pai,
+            headers=call.headers,
+        )
+        while True:
+            if not self._running:
+                raise PoolClosedError("the SIP pool is not running")
+            worker = max(self._workers, key=lambda w: w.available)
+            if worker.available > 0:
+                handle = CallHandle(self, worker, call_id)
+                accepted = await self._try_place(worker, handle, cmd)
+                if accepted:
+                    return handle
+                continue  # that worker was full after all: try the others
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                raise PoolBusyError(f"all {len(self._workers)} SIP workers are full")
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 0.05)):
+                    await self._slot_freed.wait()
+
+    async def _try_place(self, worker: _Worker, handle: CallHandle, cmd: PlaceCall) -> bool:
+        loop = asyncio.get_running_loop()
+        ack: asyncio.Future[bool] = loop.create_future()
+        worker.acks[cmd.call_id] = ack
+        worker.calls[cmd.call_id] = handle
+        worker.pending += 1
+        worker.send(cmd)
+        try:
+            async with asyncio.timeout(_ACK_TIMEOUT_S):
+                accepted = await ack
+        except TimeoutError:
+            # A worker that does not answer in 5 s is wedged: let it be restarted.
+            log.error("worker %s did not acknowledge call %s", worker.index, cmd.call_id)
+            self._kill(worker)
+            return await ack
+        finally:
+            worker.acks.pop(cmd.call_id, None)
+        if not accepted:
+            worker.calls.pop(cmd.call_id, None)
+        return accepted
+
+    async def send_message(
+        self, target_uri: str, caller_id: str, text: str, *, timeout_s: float = 10
+    ) -> int:
+        """Send a SIP MESSAGE (RFC 3428); the final status, 408 on timeout, 503 if no worker."""
+        up = [w for w in self._workers if w.up]
+        if not up:
+            return SipStatus.SERVICE_UNAVAILABLE
+        # Messages hold no call slot: spread them round-robin.
+        worker = up[next(self._ids) % len(up)]
+        request_id = uuid.uuid4().hex[:16]
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        worker.requests[request_id] = fut
+        worker.send(SendMessage(request_id, target_uri, caller_id, text))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await fut
+        except TimeoutError:
+            return SipStatus.REQUEST_TIMEOUT
+        finally:
+            worker.requests.pop(request_id, None)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def _spawn(self, w: _Worker) -> None:
+        s = self._settings
+        port = s.addr.port + 1 + w.index if s.addr.port else 0
+        argv = [
+            sys.executable,
+            "-m",
+            "voice.sip.worker",
+            "--host",
+            s.addr.host,
+            "--port",
+            str(port),
+            "--user",
+            s.user or "clinic",
+            "--log-level",
+            self._log_level,
+        ]
+        if s.registrar:
+            argv += ["--registrar", s.registrar]
+        env = dict(os.environ)
+        env["CLINIC_SIP_PASSWORD"] = s.password
+        w.started = asyncio.Event()
+        w.up = w.registered = False
+        w.free_slots = w.pending = 0
+        w.process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+        )
+        w.started_at = self._clock.monotonic()
+        w.reader = asyncio.create_task(self._read(w, w.process), name=f"sip-worker-{w.index}")
+        log.info("SIP worker %s started (pid %s)", w.index, w.process.pid)
+
+    def _kill(self, w: _Worker) -> None:
+        if w.process is not None and w.process.returncode is None:
+            w.process.kill()
+
+    async def _read(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                try:
+                    ev = decode(line)
+                except ProtocolError as exc:
+                    log.error("worker %s sent a bad line: %s", w.index, exc)
+                    continue
+                self._dispatch(w, ev)
+        finally:
+            code = await proc.wait()
+            self._on_exit(w, code)
+
+    def _dispatch(self, w: _Worker, ev: object) -> None:
+        if isinstance(ev, WorkerStatus):
+            w.port = ev.port
+            w.free_slots = ev.free_slots
+            if not w.up:
+                w.up = True
+                w.started.set()
+            self._slot_freed.set()
+        elif isinstance(ev, CallEvent):
+            ack = w.acks.get(ev.call_id)
+            if ack is not None and not ack.done():
+                w.pending -= 1
+                ack.set_result(True)
+            handle = w.calls.get(ev.call_id)
+            if handle is None:
+                return
+            if ev.state is CallState.ENDED:
+                del w.calls[ev.call_id]
+            handle._deliver(ev)
+        elif isinstance(ev, AudioChunk):
+            handle = w.calls.get(ev.call_id)
+            if handle is not None:
+                handle._deliver_audio(ev.pcm)
+        elif isinstance(ev, Digit | PlayDone):
+            handle = w.calls.get(ev.call_id)
+            if handle is not None:
+                handle._deliver(ev)
+        elif isinstance(ev, PlaceFailed):
+            ack = w.acks.get(ev.call_id)
+            if ack is not None and not ack.done():
+                w.pending -= 1
+                ack.set_result(False)
+            log.info("worker %s refused call %s: %s", w.index, ev.call_id, ev.reason)
+        elif isinstance(ev, IncomingCall):
+            self._incoming(w, ev)
+        elif isinstance(ev, MessageResult):
+            fut = w.requests.get(ev.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(ev.sip_status)
+        elif isinstance(ev, Registered):
+            if ev.ok != w.registered:
+                log.info("worker %s registration: %s (%s)", w.index, ev.ok, ev.sip_status)
+            w.registered = ev.ok
+        else:
+            log.error("worker %s sent an unexpected %s", w.index, type(ev).__name__)
+
+    def _incoming(self, w: _Worker, ev: IncomingCall) -> None:
+        handle = CallHandle(
+            self, w, ev.call_id, caller=ev.caller, called=ev.called, headers=dict(ev.headers)
+        )
+        w.calls[ev.call_id] = handle
+        handler = self._handler
+        if handler is None:
+            log.warning("call %s: no inbound handler: 480", ev.call_id)
+            w.send(Hangup(ev.call_id, SipStatus.TEMPORARILY_UNAVAILABLE))
+            return
+        task = asyncio.create_task(self._run_handler(handler, handle), name=f"call-{ev.call_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, handler: IncomingHandler, handle: CallHandle) -> None:
+        try:
+            await handler(handle)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("call %s: the inbound handler failed", handle.id)
+            await handle.hangup(SipStatus.SERVER_INTERNAL_ERROR)
+
+    def _on_exit(self, w: _Worker, code: int) -> None:
+        was_up = w.up
+        w.up = w.registered = False
+        w.free_slots = w.pending = 0
+        lost = list(w.calls.values())
+        w.calls.clear()
+        now = self._clock.now()
+        for handle in lost:
+            handle._deliver(CallEvent(handle.id, CallState.ENDED, 0, CallOutcome.WORKER_LOST, now))
+        for ack in w.acks.values():
+            if not ack.done():
+                ack.set_result(True)  # the handle already holds its worker_lost end
+        for fut in w.requests.values():
+            if not fut.done():
+                fut.set_result(SipStatus.SERVICE_UNAVAILABLE)
+        if not self._running:
+            log.info("SIP worker %s exited (%s)", w.index, code)
+            return
+        log.error(
+            "SIP worker %s died (exit %s, up=%s): %s call(s) lost", w.index, code, was_up, len(lost)
+        )
+        lived = self._clock.monotonic() - w.started_at
+        w.failures = 0 if lived > _HEALTHY_AFTER_S else w.failures + 1
+        delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** max(0, w.failures - 1))
+        task = asyncio.create_task(self._restart(w, delay), name=f"sip-restart-{w.index}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(self, w: _Worker, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._running:
+            return
+        self._restarts += 1
+        try:
+            await self._spawn(w)
+        except OSError:
+            log.exception("SIP worker %s could not be restarted", w.index)
+            self._on_exit(w, -1)

@@ -1,0 +1,276 @@
+"""The typed messages between the SIP pool (asyncio, main process) and its workers.
+
+Pure: no I/O. Each message is a frozen dataclass; on the wire it is one JSON object per
+line, ``{"t": "<ClassName>", ...fields}``, with ``bytes`` as base64 (an :class:`AudioChunk`
+of 20 ms at 8 kHz, 16-bit mono is 320 bytes, 428 characters). Commands go pool -> worker on
+the worker's stdin, events worker -> pool on its stdout.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Union
+
+from voice.sip.outcome import CallOutcome
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class ProtocolError(ValueError):
+    """A line from the other side could not be decoded."""
+
+
+class CallState(enum.StrEnum):
+    """The states of a call the pool reports (pjsua's finer states are folded into these)."""
+
+    TRYING = "trying"
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    ENDED = "ended"
+
+
+# -- commands (pool -> worker) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceCall:
+    """Start an outbound call; ``flash`` means late offer and CANCEL after ``ring_s``."""
+
+    call_id: str
+    target_uri: str
+    caller_id: str
+    flash: bool
+    ring_s: float
+    answer_timeout_s: float
+    pai: bool
+    headers: Headers = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Answer an inbound call with 200 OK and SDP."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Play:
+    """Play a WAV file into the call; a :class:`PlayDone` follows when it ends."""
+
+    call_id: str
+    path: str
+    loop: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StopPlay:
+    """Stop what is playing (barge-in)."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartListen:
+    """Stream the caller's audio back as :class:`AudioChunk` events."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hangup:
+    """End the call: BYE, CANCEL, or a final response (``sip_status``, 0: pjsua's default)."""
+
+    call_id: str
+    sip_status: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Blind transfer by REFER (RFC 3515)."""
+
+    call_id: str
+    uri: str
+    headers: Headers = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Send a SIP MESSAGE (RFC 3428); a :class:`MessageResult` follows."""
+
+    request_id: str
+    target_uri: str
+    caller_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Hang up everything and exit."""
+
+
+# -- events (worker -> pool) --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """A call changed state; ``outcome`` is set on ``ended``; ``at`` is wall time."""
+
+    call_id: str
+    state: CallState
+    sip_status: int
+    outcome: CallOutcome | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceFailed:
+    """A :class:`PlaceCall` was refused by the worker before anything went on the wire."""
+
+    call_id: str
+    reason: str
+    retryable: bool  # True: the worker was full, another one may take it
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCall:
+    """A new inbound call (already ringing: the worker sent 180)."""
+
+    call_id: str
+    caller: str
+    called: str
+    headers: Headers = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Digit:
+    """An RFC 4733 telephone-event from the caller."""
+
+    call_id: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlayDone:
+    """A :class:`Play` reached its end (or was stopped)."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """20 ms of the caller's audio: PCM16 little-endian, 8 kHz, mono."""
+
+    call_id: str
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageResult:
+    """The final status of a :class:`SendMessage`."""
+
+    request_id: str
+    sip_status: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """The worker is up on ``port`` and has ``free_slots`` calls left."""
+
+    free_slots: int
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The registration state at the registrar changed."""
+
+    ok: bool
+    sip_status: int
+
+
+Command = (
+    PlaceCall | Answer | Play | StopPlay | StartListen | Hangup | Transfer | SendMessage | Shutdown
+)
+Event = (
+    CallEvent
+    | PlaceFailed
+    | IncomingCall
+    | Digit
+    | PlayDone
+    | AudioChunk
+    | MessageResult
+    | WorkerStatus
+    | Registered
+)
+Message = Command | Event
+
+_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (*typing.get_args(Command), *typing.get_args(Event))
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One message as one JSON line (ending in ``\\n``)."""
+    out: dict[str, Any] = {"t": type(msg).__name__}
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode("ascii")
+        out[f.name] = value
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode(line: bytes | str) -> Message:
+    """The message in one JSON line; raises :class:`ProtocolError` when it is not one."""
+    try:
+        raw = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("t"), str):
+        raise ProtocolError("expected an object with a 't' member")
+    cls = _TYPES.get(raw.pop("t"))
+    if cls is None:
+        raise ProtocolError("unknown message type")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    try:
+        for f in dataclasses.fields(cls):
+            if f.name in raw:
+                kwargs[f.name] = _convert(hints[f.name], raw[f.name])
+        msg: Message = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad {cls.__name__}: {exc}") from None
+    return msg
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(inner, value)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TypeError("expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in value)
+        return tuple(_convert(a, v) for a, v in zip(args, value, strict=True))
+    if hint is bytes:
+        if not isinstance(value, str):
+            raise TypeError("expected base64 text")
+        return base64.b64decode(value, validate=True)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise TypeError(f"expected {hint.__name__}")
+    return value
