@@ -1,0 +1,412 @@
+"""The verification API's speed next to a trivial aiohttp JSON echo server, in one invocation.
+
+Both get the same wrk load (same paths, bodies and Authorization header, 50 connections):
+
+- creates: ``POST /v1/verifications`` with a distinct valid Dutch mobile number per request;
+- checks: ``POST /v1/verifications/{id}/check`` with a wrong code, spread over verifications
+  created beforehand (the service runs with ``CLINIC_MAX_CHECKS=100`` so none of them fails).
+
+The service is the real thing: ``clinic-voice serve`` with its embedded Redis (fsync on every
+write) and a local HTTP SMS gateway. Goals on the 2-core machine: creates >= 0.30 x echo,
+checks >= 0.40 x echo, p99 <= 10 ms. Prints a table, then one JSON line.
+
+Run: ``.venv/bin/python bench/api.py [--quick]``. Needs ``wrk`` (Debian package ``wrk``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import secrets
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in {None, ""}:
+    # Run as a file (``python bench/api.py``): make the repo importable for ``bench.common``.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+from bench.common import (
+    VENV_BIN,
+    WRK_REPORT_LUA,
+    BenchError,
+    Child,
+    WrkResult,
+    emit_json,
+    environ,
+    free_port,
+    lua_string,
+    parser,
+    print_table,
+    python_child,
+    run_wrk,
+    wait_http,
+    wrk_path,
+)
+
+CONNECTIONS = 50
+WRK_THREADS = 1  # one wrk thread drives 50 connections faster than one Python server answers
+GOAL_CREATE_RATIO = 0.30
+GOAL_CHECK_RATIO = 0.40
+GOAL_P99_MS = 10.0
+WRONG_CODE = "000000"
+MAX_CHECKS = 100  # per verification in the service under test; 5 would end them mid-run
+# Limits far above what one bench can reach: this measures speed, not the limiter's refusals.
+NO_LIMIT = "1000000000/60"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How long and how much: the full run, or ``--quick``."""
+
+    warmup_s: int
+    measure_s: int
+    verifications: int
+
+
+FULL = Plan(warmup_s=3, measure_s=15, verifications=5000)
+QUICK = Plan(warmup_s=1, measure_s=5, verifications=1500)
+
+
+# -- the two helper servers (run as child processes: ``python -m bench.api echo-server``) -------
+
+
+async def _echo(request: web.Request) -> web.Response:
+    # Parse and re-serialise, as the service must at least do with every body.
+    return web.json_response(await request.json())
+
+
+async def _sms(request: web.Request) -> web.Response:
+    await request.read()
+    counter: itertools.count[int] = request.app[SMS_COUNTER]
+    return web.json_response({"id": f"sms-{next(counter)}"})
+
+
+SMS_COUNTER = web.AppKey("sms_counter", itertools.count)
+
+
+def serve_echo(port: int) -> None:
+    """A trivial aiohttp JSON echo server: every POST answers its body as JSON."""
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", _echo)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def serve_sms_gateway(port: int) -> None:
+    """A local HTTP SMS gateway: any POST answers 200 ``{"id": "sms-N"}``."""
+    app = web.Application()
+    app[SMS_COUNTER] = itertools.count(1)
+    app.router.add_post("/{tail:.*}", _sms)
+    app.router.add_get("/health", lambda _request: _ok())
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+async def _ok() -> web.Response:
+    return web.Response(text="ok")
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+def _headers_lua(api_key: str) -> str:
+    return (
+        'local headers = {["Content-Type"] = "application/json", '
+        f'["Authorization"] = {lua_string("Bearer " + api_key)}}}\n'
+    )
+
+
+def create_script(path: Path, api_key: str) -> Path:
+    """wrk script: POST /v1/verifications, a new +3161xxxxxxx number on every request.
+
+    Script args: ``BASE THREADS``; request n of thread t uses number BASE + n*THREADS + t, so
+    numbers never repeat within a run, nor across runs given distinct bases.
+    """
+    path.write_text(
+        _headers_lua(api_key)
+        + """
+local base, nthreads, counter = 0, 1, 0
+function init(args)
+  base = tonumber(args[1]) or 0
+  nthreads = tonumber(args[2]) or 1
+end
+function request()
+  counter = counter + 1
+  local n = (base + counter * nthreads + (tid or 0)) % 10000000
+  local body = string.format('{"phone": "+3161%07d", "method": "sms"}', n)
+  return wrk.format("POST", "/v1/verifications", headers, body)
+end
+"""
+        + WRK_REPORT_LUA
+    )
+    return path
+
+
+def check_script(path: Path, api_key: str, ids: list[str]) -> Path:
+    """wrk script: POST a wrong code to /v1/verifications/{id}/check, round-robin over ``ids``."""
+    table = ",\n".join(lua_string(i) for i in ids)
+    path.write_text(
+        _headers_lua(api_key)
+        + f"local ids = {{\n{table}\n}}\n"
+        + f"local body = {lua_string(json.dumps({'code': WRONG_CODE}))}\n"
+        + """
+local nthreads, counter = 1, 0
+function init(args)
+  nthreads = tonumber(args[2]) or 1
+end
+function request()
+  counter = counter + 1
+  local id = ids[((counter * nthreads + (tid or 0)) % #ids) + 1]
+  return wrk.format("POST", "/v1/verifications/" .. id .. "/check", headers, body)
+end
+"""
+        + WRK_REPORT_LUA
+    )
+    return path
+
+
+async def _precreate(base_url: str, api_key: str, count: int) -> list[str]:
+    """Create ``count`` verifications (numbers +3165xxxxxxx, apart from wrk's) and return ids."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+    ids: list[str] = []
+    failures: list[str] = []
+    numbers = iter(range(count))
+
+    async def worker(session: ClientSession) -> None:
+        for n in numbers:
+            body = {"phone": f"+3165{n:07d}", "method": "sms"}
+            async with session.post(f"{base_url}/v1/verifications", json=body) as resp:
+                if resp.status != 201:
+                    failures.append(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+                    return
+                ids.append(str((await resp.json())["id"]))
+
+    async with ClientSession(
+        headers=headers,
+        timeout=ClientTimeout(total=30),
+        connector=TCPConnector(limit=CONNECTIONS),
+    ) as session:
+        await asyncio.gather(*(worker(session) for _ in range(CONNECTIONS)))
+    if failures:
+        raise BenchError(f"creating verifications failed ({len(failures)}x): {failures[0]}")
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One server under load."""
+
+    name: str
+    base_url: str
+
+
+def measure(target: Target, script: Path, plan: Plan, base: int) -> WrkResult:
+    """A warm-up run, then the measured run, with the same script."""
+    common = {"connections": CONNECTIONS, "threads": WRK_THREADS}
+    run_wrk(
+        target.base_url,
+        script,
+        duration_s=plan.warmup_s,
+        script_args=[str(base), str(WRK_THREADS)],
+        **common,
+    )
+    return run_wrk(
+        target.base_url,
+        script,
+        duration_s=plan.measure_s,
+        script_args=[str(base + 3_000_000), str(WRK_THREADS)],
+        **common,
+    )
+
+
+def service_env(
+    work: Path, http_port: int, sip_port: int, sms_port: int, api_key: str
+) -> dict[str, str]:
+    """The service's environment: embedded Redis, local SMS gateway, limits out of the way."""
+    return environ(
+        CLINIC_DATA_DIR=str(work / "data"),
+        CLINIC_HTTP_ADDR=f"127.0.0.1:{http_port}",
+        CLINIC_API_KEYS=api_key,
+        CLINIC_SECRET=secrets.token_urlsafe(36),
+        CLINIC_LOG_LEVEL="WARNING",
+        CLINIC_SMS_HTTP_URL=f"http://127.0.0.1:{sms_port}/sms",
+        CLINIC_SIP_ADDR=f"127.0.0.1:{sip_port}",
+        CLINIC_SIP_WORKERS="1",
+        CLINIC_MAX_CHECKS=str(MAX_CHECKS),
+        CLINIC_CODE_TTL_S="3600",
+        CLINIC_STEP_TIMEOUT_SMS_S="900",
+        CLINIC_LIMIT_NUMBER_VERIFICATIONS=NO_LIMIT,
+        CLINIC_LIMIT_NUMBER_SENDS=NO_LIMIT,
+        CLINIC_LIMIT_PREFIX_SENDS=NO_LIMIT,
+        CLINIC_LIMIT_KEY_REQUESTS=NO_LIMIT,
+        CLINIC_LIMIT_IP_REQUESTS=NO_LIMIT,
+    )
+
+
+def run(plan: Plan, quick: bool, echo_only: bool = False) -> dict[str, object]:
+    """Start everything, measure, stop everything; return the figures."""
+    wrk_path()
+    api_key = secrets.token_hex(16)  # 32 characters
+    children: list[Child] = []
+    results: dict[tuple[str, str], WrkResult] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        work = Path(tmp)
+        try:
+            echo_port = free_port()
+            echo = python_child(
+                "echo server", ["bench.api", "echo-server", str(echo_port)], work / "echo.log"
+            )
+            children.append(echo)
+            wait_http(f"http://127.0.0.1:{echo_port}/", 20, echo, status=405)
+            echo_t = Target("echo", f"http://127.0.0.1:{echo_port}")
+            service_t: Target | None = None
+            if echo_only:
+                ids = [secrets.token_urlsafe(16) for _ in range(plan.verifications)]
+            else:
+                service_t, ids = start_service(work, plan, api_key, children)
+            creates = create_script(work / "create.lua", api_key)
+            checks = check_script(work / "check.lua", api_key, ids)
+            for kind, script in (("create", creates), ("check", checks)):
+                results[("echo", kind)] = measure(echo_t, script, plan, base=0)
+                if service_t is not None:
+                    results[("service", kind)] = measure(service_t, script, plan, base=0)
+                    if children[-1].returncode is not None:
+                        raise BenchError(f"the service died during the run:\n{children[-1].tail()}")
+        finally:
+            for child in reversed(children):
+                child.stop()
+    return report(results, plan, quick, len(ids))
+
+
+def start_service(
+    work: Path, plan: Plan, api_key: str, children: list[Child]
+) -> tuple[Target, list[str]]:
+    """Start the SMS gateway and ``clinic-voice serve``; create the verifications to check."""
+    sms_port, http_port = free_port(), free_port()
+    sip_port = free_port(count=3)  # the service's SIP port plus its worker's ports
+    sms = python_child("SMS gateway", ["bench.api", "sms-gateway", str(sms_port)], work / "sms.log")
+    children.append(sms)
+    cli = VENV_BIN / "clinic-voice"
+    if not cli.exists():
+        raise BenchError(f"{cli} is missing: run make venv")
+    wait_http(f"http://127.0.0.1:{sms_port}/health", 20, sms)
+    service = Child(
+        "clinic-voice serve",
+        [str(cli), "serve"],
+        work / "service.log",
+        env=service_env(work, http_port, sip_port, sms_port, api_key),
+    )
+    children.append(service)
+    wait_http(f"http://127.0.0.1:{http_port}/readyz", 60, service)
+    url = f"http://127.0.0.1:{http_port}"
+    ids = asyncio.run(_precreate(url, api_key, plan.verifications))
+    return Target("service", url), ids
+
+
+def report(
+    results: dict[tuple[str, str], WrkResult], plan: Plan, quick: bool, verifications: int
+) -> dict[str, object]:
+    """Print the table and build the JSON figures."""
+    rows = []
+    for (target, kind), r in results.items():
+        rows.append(
+            [
+                f"{target} {kind}s",
+                r.requests,
+                r.good_rps,
+                r.p50_ms,
+                r.p90_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.errors,
+            ]
+        )
+    print(
+        f"\nAPI bench: {CONNECTIONS} connections, {plan.measure_s} s per run, wrk -t{WRK_THREADS}"
+    )
+    print_table(
+        ["run", "requests", "2xx/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"], rows
+    )
+    ec, ek = results[("echo", "create")], results[("echo", "check")]
+    if ("service", "create") not in results:
+        return {
+            "bench": "api",
+            "quick": quick,
+            "echo_only": True,
+            "connections": CONNECTIONS,
+            "measure_s": plan.measure_s,
+            "echo_creates_per_s": round(ec.good_rps, 1),
+            "echo_checks_per_s": round(ek.good_rps, 1),
+            "echo_p99_ms": round(max(ec.p99_ms, ek.p99_ms), 3),
+        }
+    sc, sk = results[("service", "create")], results[("service", "check")]
+    create_ratio = sc.good_rps / ec.good_rps if ec.good_rps else 0.0
+    check_ratio = sk.good_rps / ek.good_rps if ek.good_rps else 0.0
+    p99 = max(sc.p99_ms, sk.p99_ms)
+    goals = {
+        "create_ratio": create_ratio >= GOAL_CREATE_RATIO,
+        "check_ratio": check_ratio >= GOAL_CHECK_RATIO,
+        "p99_ms": p99 <= GOAL_P99_MS,
+        "no_errors": sc.errors == 0 and sk.errors == 0,
+    }
+    print(
+        f"\ncreates {sc.good_rps:.0f}/s = {create_ratio:.2f} x echo (goal {GOAL_CREATE_RATIO}); "
+        f"checks {sk.good_rps:.0f}/s = {check_ratio:.2f} x echo (goal {GOAL_CHECK_RATIO}); "
+        f"p99 {p99:.2f} ms (goal {GOAL_P99_MS}); service errors {sc.errors + sk.errors}"
+    )
+    return {
+        "bench": "api",
+        "quick": quick,
+        "connections": CONNECTIONS,
+        "measure_s": plan.measure_s,
+        "verifications": verifications,
+        "echo_creates_per_s": round(ec.good_rps, 1),
+        "echo_checks_per_s": round(ek.good_rps, 1),
+        "creates_per_s": round(sc.good_rps, 1),
+        "checks_per_s": round(sk.good_rps, 1),
+        "create_ratio": round(create_ratio, 3),
+        "check_ratio": round(check_ratio, 3),
+        "p50_ms": round(max(sc.p50_ms, sk.p50_ms), 3),
+        "p99_ms": round(p99, 3),
+        "create_p99_ms": round(sc.p99_ms, 3),
+        "check_p99_ms": round(sk.p99_ms, 3),
+        "echo_p99_ms": round(max(ec.p99_ms, ek.p99_ms), 3),
+        "create_errors": sc.errors,
+        "check_errors": sk.errors,
+        "goals_met": all(goals.values()),
+        "goals": goals,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bench/api.py [--quick] [--strict]``, or the helper servers' entry points."""
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["echo-server"]:
+        serve_echo(int(args_in[1]))
+        return 0
+    if args_in[:1] == ["sms-gateway"]:
+        serve_sms_gateway(int(args_in[1]))
+        return 0
+    p = parser(__doc__.splitlines()[0] if __doc__ else "API bench")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument(
+        "--echo-only", action="store_true", help="measure the echo server alone (no ratios)"
+    )
+    args = p.parse_args(args_in)
+    try:
+        figures = run(QUICK if args.quick else FULL, args.quick, args.echo_only)
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        emit_json({"bench": "api", "quick": args.quick, "error": str(exc).splitlines()[0]})
+        return 1
+    emit_json(figures)
+    if args.strict and not figures.get("goals_met", False):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

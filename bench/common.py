@@ -1,0 +1,315 @@
+"""What every bench script shares: arguments, free ports, child processes, wrk, and output.
+
+Every bench script takes ``--quick`` (the whole run under a minute), prints a human table and
+ends with exactly one JSON line holding its figures, so ``make bench`` output can be collected
+with ``tail -n 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+class BenchError(RuntimeError):
+    """A bench could not run (a tool is missing, a server did not come up, ...)."""
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every bench script has."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    return p
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive ports free for TCP and UDP on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            base: int = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise BenchError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def pause(seconds: float) -> None:
+    """Wait without ``time.sleep`` (house rule); the benches' orchestration is not asyncio."""
+    threading.Event().wait(seconds)
+
+
+def wait_http(url: str, deadline_s: float, proc: Child | None = None, status: int = 200) -> None:
+    """Poll ``url`` until it answers ``status``; fail with ``proc``'s last output otherwise."""
+    end = time.monotonic() + deadline_s
+    last = "no answer"
+    while time.monotonic() < end:
+        if proc is not None and proc.returncode is not None:
+            raise BenchError(
+                f"{proc.name} exited with {proc.returncode} before {url} answered; "
+                f"last output:\n{proc.tail()}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (our own URL)
+                if resp.status == status:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code == status:
+                return
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = repr(exc)
+        pause(0.1)
+    tail = f"; last output:\n{proc.tail()}" if proc is not None else ""
+    raise BenchError(f"{url} did not answer {status} within {deadline_s:.0f} s ({last}){tail}")
+
+
+class Child:
+    """A child process whose output goes to a log file; stopped by SIGTERM, then SIGKILL."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self._proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
+
+    @property
+    def pid(self) -> int:
+        """The child's pid."""
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running."""
+        return self._proc.poll()
+
+    def tail(self, lines: int = 25) -> str:
+        """The last lines the child wrote."""
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+    def stop(self, deadline_s: float = 15.0) -> int:
+        """SIGTERM, wait up to ``deadline_s``, then SIGKILL. Returns the exit code."""
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=deadline_s)
+            except subprocess.TimeoutExpired:
+                print(f"warning: {self.name} ignored SIGTERM for {deadline_s:.0f} s; killing it")
+                self._proc.kill()
+                self._proc.wait(timeout=deadline_s)
+        self._log.close()
+        return self._proc.returncode
+
+
+def python_child(name: str, module_args: Sequence[str], log_path: Path) -> Child:
+    """Run ``python -m <module_args>`` from the repo with the project's venv."""
+    python = VENV_BIN / "python"
+    return Child(
+        name, [str(python if python.exists() else sys.executable), "-m", *module_args], log_path
+    )
+
+
+# -- wrk ----------------------------------------------------------------------------------------
+
+# Appended to every generated wrk script: counts non-2xx answers per thread and prints the
+# figures as one JSON line from done(). wrk itself only counts status > 399 as an error.
+WRK_REPORT_LUA = r"""
+local __threads = {}
+non2xx = 0
+function setup(thread)
+  thread:set("tid", #__threads)
+  table.insert(__threads, thread)
+end
+function response(status, headers, body)
+  if status < 200 or status > 299 then
+    non2xx = non2xx + 1
+  end
+end
+function done(summary, latency, requests)
+  local bad = 0
+  for _, t in ipairs(__threads) do bad = bad + (t:get("non2xx") or 0) end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "duration_us": %d, "non2xx": %d, "connect_errors": %d, ' ..
+    '"read_errors": %d, "write_errors": %d, "timeouts": %d, "p50_us": %d, "p90_us": %d, ' ..
+    '"p99_us": %d, "max_us": %d}\n',
+    summary.requests, summary.duration, bad, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    """The figures of one wrk run."""
+
+    requests: int
+    duration_s: float
+    non2xx: int
+    socket_errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rps(self) -> float:
+        """Requests per second (all answers, good or bad)."""
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def good_rps(self) -> float:
+        """2xx answers per second."""
+        good = self.requests - self.non2xx
+        return good / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def errors(self) -> int:
+        """Non-2xx answers plus socket errors."""
+        return self.non2xx + self.socket_errors
+
+
+def wrk_path() -> str:
+    """The wrk binary, or a clear error naming the Debian package."""
+    path = shutil.which("wrk")
+    if path is None:
+        raise BenchError("wrk is not installed: apt-get install wrk")
+    return path
+
+
+def run_wrk(
+    url: str,
+    script: Path,
+    *,
+    connections: int,
+    threads: int,
+    duration_s: int,
+    script_args: Sequence[str] = (),
+    timeout_s: int = 5,
+) -> WrkResult:
+    """Run wrk with ``script`` (which must end with :data:`WRK_REPORT_LUA`) and parse its JSON."""
+    argv = [
+        wrk_path(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        f"--timeout={timeout_s}s",
+        "-s",
+        str(script),
+        url,
+    ]
+    if script_args:
+        argv += ["--", *script_args]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=duration_s + timeout_s + 30, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"wrk against {url} did not finish") from exc
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK_JSON "):
+            raw = json.loads(line.removeprefix("WRK_JSON "))
+            return WrkResult(
+                requests=raw["requests"],
+                duration_s=raw["duration_us"] / 1e6,
+                non2xx=raw["non2xx"],
+                socket_errors=raw["connect_errors"]
+                + raw["read_errors"]
+                + raw["write_errors"]
+                + raw["timeouts"],
+                p50_ms=raw["p50_us"] / 1000,
+                p90_ms=raw["p90_us"] / 1000,
+                p99_ms=raw["p99_us"] / 1000,
+                max_ms=raw["max_us"] / 1000,
+            )
+    raise BenchError(
+        f"wrk against {url} printed no figures (exit {done.returncode}):\n"
+        f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    )
+
+
+def lua_string(value: str) -> str:
+    """``value`` as a Lua string literal."""
+    return json.dumps(value)  # JSON string escapes are valid Lua for the ASCII we produce
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain aligned table for humans."""
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def emit_json(figures: Mapping[str, object]) -> None:
+    """Print the one JSON line a bench ends with (always the last line of its output)."""
+    sys.stdout.flush()
+    print(json.dumps(dict(figures), sort_keys=False), flush=True)
+
+
+def environ(**overrides: str) -> dict[str, str]:
+    """The current environment without any ``CLINIC_*`` variables, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env.update(overrides)
+    return env
