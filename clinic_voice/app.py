@@ -1,0 +1,277 @@
+"""Builds the service: one aiohttp app owning Redis, the dispatcher, webhooks and (when
+configured) the SIP pool and the clinic line, each as a ``cleanup_ctx`` so start and stop run
+in order and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from clinic_voice.http import MAX_BODY, build_middlewares, problem
+from clinic_voice.metrics import Metrics
+from clinic_voice.openapi import openapi_document
+from clinic_voice.redis_server import EmbeddedRedis
+from sip_config.clock import Clock, SystemClock
+from sip_config.settings import Settings
+from verification.api import VerificationApi
+from verification.channels.base import ChannelAdapter
+from verification.channels.sms_http import HttpSmsChannel
+from verification.dispatcher import Dispatcher
+from verification.model import Channel, Policy, Verification
+from verification.rules import DeliveryKind
+from verification.store import VerificationStore
+from verification.webhooks import WebhookSender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What the app owns while it runs (filled by the cleanup contexts)."""
+
+    settings: Settings
+    clock: Clock
+    metrics: Metrics
+    secret: bytes = b""
+    api_keys: tuple[str, ...] = ()
+    redis: aioredis.Redis | None = None
+    store: VerificationStore | None = None
+    dispatcher: Dispatcher | None = None
+    session: aiohttp.ClientSession | None = None
+    extra_ready: list[Callable[[], bool]] = field(default_factory=list)
+
+    def need_store(self) -> VerificationStore:
+        assert self.store is not None, "store used before start"
+        return self.store
+
+    def need_dispatcher(self) -> Dispatcher:
+        assert self.dispatcher is not None, "dispatcher used before start"
+        return self.dispatcher
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def policy_from(settings: Settings) -> Policy:
+    v = settings.verification
+    return Policy(
+        ttl_s=v.code_ttl_s,
+        max_checks=v.max_checks,
+        max_sends=v.max_sends,
+        step_timeout_s={
+            Channel.FLASHCALL: v.step_timeout_flashcall_s,
+            Channel.SMS: v.step_timeout_sms_s,
+            Channel.VOICE: v.step_timeout_voice_s,
+        },
+    )
+
+
+def _private_file(path: Path, make: Callable[[], str]) -> str:
+    """Read a secret file, creating it (mode 0600) on first start."""
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return value
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def prepare_data_dir(settings: Settings) -> tuple[tuple[str, ...], bytes]:
+    """Create the data dir and the generated API key and secret when not configured."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keys = settings.api_keys
+    if not keys:
+        key_file = settings.data_dir / "api-key"
+        keys = (_private_file(key_file, lambda: secrets.token_urlsafe(32)),)
+        log.info("API key: see %s", key_file.resolve())
+    secret = settings.secret or _private_file(
+        settings.data_dir / "secret", lambda: secrets.token_urlsafe(48)
+    )
+    return keys, secret.encode()
+
+
+class _DeliveryMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def count(self, channel: Channel, kind: DeliveryKind) -> None:
+        self._m.deliveries.inc(channel=channel.value, outcome=kind.value)
+
+
+def build_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    extra_contexts: list[Callable[[web.Application], AsyncIterator[None]]] | None = None,
+    channel_factories: dict[Channel, Callable[[Runtime], ChannelAdapter | None]] | None = None,
+) -> web.Application:
+    """The whole service as an aiohttp application."""
+    clock = clock or SystemClock()
+    metrics = Metrics()
+    rt = Runtime(settings=settings, clock=clock, metrics=metrics)
+    rt.api_keys, rt.secret = prepare_data_dir(settings)
+    policy = policy_from(settings)
+
+    def on_change(v: Verification) -> None:
+        metrics.verifications.inc(
+            status=v.status.value, channel=v.channel.value if v.channel else "none"
+        )
+
+    app = web.Application(
+        client_max_size=MAX_BODY,
+        middlewares=build_middlewares(
+            metrics=metrics,
+            api_keys=rt.api_keys,
+            store_getter=rt.need_store,
+            settings=settings.verification,
+            trusted_proxies=settings.trusted_proxies,
+            clock_now=clock.now,
+        ),
+    )
+    app[RUNTIME] = rt
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        embedded: EmbeddedRedis | None = None
+        url = settings.redis_url
+        if not url:
+            embedded = EmbeddedRedis(settings.data_dir)
+            url = await embedded.start()
+            log.info("embedded Redis started (unix socket in %s)", settings.data_dir)
+        rt.redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            max_connections=256,
+        )
+        rt.store = VerificationStore(
+            rt.redis, global_webhook=bool(settings.verification.webhook_url)
+        )
+        try:
+            yield
+        finally:
+            await rt.redis.aclose()
+            if embedded is not None:
+                await embedded.stop()
+
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        rt.session = aiohttp.ClientSession()
+        try:
+            yield
+        finally:
+            await rt.session.close()
+
+    async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
+        assert rt.session is not None
+        channels: dict[Channel, ChannelAdapter] = {}
+        if settings.sms.gateway == "http" and settings.sms.http_url:
+            channels[Channel.SMS] = HttpSmsChannel(settings.sms, rt.session)
+        for channel, factory in (channel_factories or {}).items():
+            adapter = factory(rt)
+            if adapter is not None:
+                channels[channel] = adapter
+        if not channels:
+            log.warning("no delivery channel configured: verifications will be refused")
+        rt.dispatcher = Dispatcher(
+            store=rt.need_store(),
+            channels=channels,
+            settings=settings.verification,
+            policy=policy,
+            secret=rt.secret,
+            clinic_name=settings.clinic_name,
+            clock=clock,
+            deliveries=_DeliveryMetrics(metrics),
+        )
+        sender = WebhookSender(
+            store=rt.need_store(),
+            session=rt.session,
+            settings=settings.verification,
+            secret=rt.secret,
+            clock=clock,
+        )
+        rt.dispatcher.start()
+        sender.start()
+        try:
+            yield
+        finally:
+            await sender.stop()
+            await rt.dispatcher.stop()
+
+    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(session_ctx)
+    for ctx in extra_contexts or []:
+        app.cleanup_ctx.append(ctx)
+    app.cleanup_ctx.append(dispatcher_ctx)
+
+    api = VerificationApi(
+        settings=settings,
+        policy=policy,
+        store=rt.need_store,
+        dispatcher=rt.need_dispatcher,
+        secret=lambda: rt.secret,
+        clock=clock,
+        on_change=on_change,
+    )
+    app.add_routes(api.routes())
+    app.add_routes(
+        [
+            web.get("/healthz", _healthz),
+            web.get("/readyz", _readyz),
+            web.get("/metrics", _metrics),
+            web.get("/openapi.json", _openapi),
+        ]
+    )
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    checks: dict[str, bool] = {
+        "redis": rt.store is not None and await rt.store.ping(),
+        "channels": rt.dispatcher is not None and rt.dispatcher.ready(),
+    }
+    for i, extra in enumerate(rt.extra_ready):
+        checks[getattr(extra, "__name__", f"check{i}")] = extra()
+    if all(checks.values()):
+        return web.json_response({"status": "ready", "checks": checks})
+    failing = ", ".join(k for k, ok in checks.items() if not ok)
+    resp = problem(503, "not-ready", "Not ready", f"waiting for: {failing}", checks=checks)
+    return resp
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    return web.Response(
+        text=rt.metrics.render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.Response(text=json.dumps(openapi_document()), content_type="application/json")
+
+
+def describe(app: web.Application) -> dict[str, Any]:
+    """Facts for the start-up banner."""
+    rt = app[RUNTIME]
+    return {"http": str(rt.settings.http_addr), "data_dir": str(rt.settings.data_dir.resolve())}

@@ -1,0 +1,97 @@
+"""``clinic-voice``: ``serve``, ``flow check``, ``flow simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from sip_config.settings import Settings, SettingsError
+
+log = logging.getLogger("clinic_voice")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the service until SIGINT or SIGTERM."""
+    from clinic_voice.app import build_app
+    from clinic_voice.wiring import channel_factories, extra_contexts
+
+    app = build_app(
+        settings,
+        extra_contexts=extra_contexts(settings),
+        channel_factories=channel_factories(settings),
+    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
+    )
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("clinic-voice listening on http://%s", settings.http_addr)
+    print(
+        f"clinic-voice: http://{settings.http_addr}  (API key: {_key_hint(settings)})", flush=True
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def _key_hint(settings: Settings) -> str:
+    if settings.api_keys:
+        return "from CLINIC_API_KEYS"
+    return str((settings.data_dir / "api-key").resolve())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clinic-voice", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the service (settings from CLINIC_* variables)")
+    flow = sub.add_parser("flow", help="IVR flow tools")
+    flow_sub = flow.add_subparsers(dest="flow_command", required=True)
+    check = flow_sub.add_parser("check", help="check flows: schema, targets, safety rules")
+    check.add_argument("files", nargs="*")
+    sim = flow_sub.add_parser("simulate", help="run a flow in the terminal")
+    sim.add_argument("flow")
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command == "serve":
+        if rest:
+            parser.error(f"unexpected arguments: {' '.join(rest)}")
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            print(f"clinic-voice: configuration error: {exc}", file=sys.stderr)
+            return 2
+        _setup_logging(settings.log_level)
+        asyncio.run(serve(settings))
+        return 0
+    if args.flow_command == "check":
+        from voice.ivr import check as flow_check
+
+        return flow_check.main([*args.files, *rest])
+    from voice.ivr import simulate
+
+    return simulate.main([args.flow, *rest])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

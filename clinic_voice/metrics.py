@@ -1,0 +1,104 @@
+"""A small Prometheus registry: counters and histograms, rendered as text format 0.0.4.
+
+Per process: with several service processes, scrape each (or sum in Prometheus).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+Labels = tuple[tuple[str, str], ...]
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+def _fmt_labels(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    items = labels + extra
+    if not items:
+        return ""
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in items)
+    return "{" + inner + "}"
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self._values: dict[Labels, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[key] += amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        for labels, v in sorted(self._values.items()):
+            lines.append(f"{self.name}{_fmt_labels(labels)} {v:g}")
+        return lines
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.name = name
+        self.help = help_text
+        self.buckets = buckets
+        self._counts: dict[Labels, list[int]] = {}
+        self._sums: dict[Labels, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+            counts[bisect.bisect_left(self.buckets, value)] += 1
+            self._sums[key] += value
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for labels, counts in sorted(self._counts.items()):
+            total = 0
+            for bound, c in zip(self.buckets, counts, strict=False):
+                total += c
+                lines.append(
+                    f"{self.name}_bucket{_fmt_labels(labels, (('le', f'{bound:g}'),))} {total}"
+                )
+            total += counts[-1]
+            lines.append(f"{self.name}_bucket{_fmt_labels(labels, (('le', '+Inf'),))} {total}")
+            lines.append(f"{self.name}_sum{_fmt_labels(labels)} {self._sums[labels]:g}")
+            lines.append(f"{self.name}_count{_fmt_labels(labels)} {total}")
+        return lines
+
+
+class Metrics:
+    """The service's metrics."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("clinic_http_requests_total", "HTTP requests by route and status")
+        self.latency = Histogram(
+            "clinic_http_request_duration_seconds", "HTTP request latency by route"
+        )
+        self.verifications = Counter(
+            "clinic_verifications_total",
+            "verification state changes made by this process, by new status and channel",
+        )
+        self.deliveries = Counter(
+            "clinic_deliveries_total", "channel delivery reports by channel and outcome"
+        )
+        self.calls = Counter("clinic_calls_total", "clinic-line calls by outcome")
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in (self.requests, self.latency, self.verifications, self.deliveries, self.calls):
+            lines += m.render()
+        return "\n".join(lines) + "\n"

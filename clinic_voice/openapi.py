@@ -1,0 +1,288 @@
+"""The OpenAPI 3.1 description of every route (``GET /openapi.json``).
+
+Kept true by a test that validates every response the test suite sees against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ISO = {"type": "string", "format": "date-time"}
+_CHANNEL = {"type": "string", "enum": ["flashcall", "sms", "voice"]}
+_STATUS = {"type": "string", "enum": ["pending", "approved", "failed", "expired", "canceled"]}
+_EVENT_TYPES = [
+    "requested",
+    "skipped",
+    "dispatched",
+    "ringing",
+    "answered",
+    "delivered",
+    "undeliverable",
+    "send_refused",
+    "fallback",
+    "check_failed",
+    "approved",
+    "failed",
+    "expired",
+    "canceled",
+]
+
+
+def _problem_ref() -> dict[str, Any]:
+    return {
+        "description": "An error (RFC 9457)",
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): _problem_ref() for c in codes}
+
+
+_ID_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{20,64}$"},
+}
+
+_COMMON = (401, 404, 405, 413, 415, 422, 429, 500, 503)
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "required": ["type", "title", "status"],
+        "properties": {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+        },
+    },
+    "Event": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["type", "at", "channel", "detail"],
+        "properties": {
+            "type": {"type": "string", "enum": _EVENT_TYPES},
+            "at": _ISO,
+            "channel": {"anyOf": [_CHANNEL, {"type": "null"}]},
+            "detail": {"type": "string"},
+        },
+    },
+    "FlashCall": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["cli_prefix", "code_length", "cli_filter", "interception_timeout_s"],
+        "properties": {
+            "cli_prefix": {"type": "string", "pattern": "^\\+[1-9][0-9]{0,13}$"},
+            "code_length": {"type": "integer", "minimum": 4, "maximum": 8},
+            "cli_filter": {"type": "string", "format": "regex"},
+            "interception_timeout_s": {"type": "integer", "minimum": 1},
+        },
+    },
+    "Verification": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "id",
+            "phone",
+            "status",
+            "channel",
+            "channels",
+            "attempts_left",
+            "created_at",
+            "expires_at",
+            "events",
+        ],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{20,64}$"},
+            "phone": {"type": "string", "pattern": "^\\+[1-9][0-9]{1,14}$"},
+            "status": _STATUS,
+            "channel": {"anyOf": [_CHANNEL, {"type": "null"}]},
+            "channels": {"type": "array", "items": _CHANNEL, "minItems": 1},
+            "attempts_left": {"type": "integer", "minimum": 0},
+            "created_at": _ISO,
+            "expires_at": _ISO,
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+            "flashcall": {"$ref": "#/components/schemas/FlashCall"},
+        },
+    },
+    "CreateVerification": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["phone"],
+        "properties": {
+            "phone": {
+                "type": "string",
+                "maxLength": 32,
+                "description": "E.164, or national with region",
+            },
+            "region": {"type": "string", "pattern": "^[A-Z]{2}$"},
+            "method": _CHANNEL,
+            "fallback": {"type": "array", "items": _CHANNEL, "maxItems": 3},
+            "code_length": {"type": "integer", "minimum": 4, "maximum": 8, "default": 6},
+            "locale": {"type": "string", "maxLength": 35},
+            "callback_url": {"type": "string", "format": "uri", "maxLength": 2048},
+        },
+    },
+    "Check": {
+        "type": "object",
+        "additionalProperties": False,
+        "oneOf": [{"required": ["code"]}, {"required": ["cli"]}],
+        "properties": {
+            "code": {"type": "string", "pattern": "^[0-9]{4,8}$"},
+            "cli": {"type": "string", "maxLength": 64},
+        },
+    },
+    "CheckResult": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "status", "attempts_left"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": _STATUS,
+            "attempts_left": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}, "checks": {"type": "object"}},
+    },
+    "CallList": {
+        "type": "object",
+        "required": ["calls"],
+        "properties": {
+            "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
+            "next": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+    },
+    "Call": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+}
+
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def _paths() -> dict[str, Any]:
+    vid = [_ID_PARAM]
+    return {
+        "/v1/verifications": {
+            "post": {
+                "summary": "Start a verification",
+                "security": _BEARER,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "schema": {"type": "string", "maxLength": 255},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/CreateVerification"}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json("Verification", "Created (or replayed)"),
+                    **_errors(403, *_COMMON),
+                },
+            }
+        },
+        "/v1/verifications/{id}": {
+            "get": {
+                "summary": "Read a verification",
+                "security": _BEARER,
+                "parameters": vid,
+                "responses": {
+                    "200": _json("Verification", "The verification"),
+                    **_errors(*_COMMON),
+                },
+            },
+            "delete": {
+                "summary": "Cancel a verification",
+                "security": _BEARER,
+                "parameters": vid,
+                "responses": {"200": _json("Verification", "Canceled"), **_errors(409, *_COMMON)},
+            },
+        },
+        "/v1/verifications/{id}/check": {
+            "post": {
+                "summary": "Check a code or a flash call's caller-ID",
+                "security": _BEARER,
+                "parameters": vid,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Check"}}
+                    },
+                },
+                "responses": {"200": _json("CheckResult", "The result"), **_errors(409, *_COMMON)},
+            }
+        },
+        "/v1/verifications/{id}/fallback": {
+            "post": {
+                "summary": "Move to the next channel now",
+                "security": _BEARER,
+                "parameters": vid,
+                "responses": {"200": _json("Verification", "Moved on"), **_errors(409, *_COMMON)},
+            }
+        },
+        "/healthz": {
+            "get": {"summary": "Liveness", "responses": {"200": _json("Health", "Alive")}}
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness (Redis, channels, SIP workers)",
+                "responses": {"200": _json("Health", "Ready"), "503": _problem_ref()},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {"description": "text format 0.0.4", "content": {"text/plain": {}}}
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}
+                },
+            }
+        },
+    }
+
+
+def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole document."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "clinic-voice",
+            "version": "0.1.0",
+            "description": (
+                "Phone verification (flash call, SMS, voice) and the clinic line's call records."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {**_paths(), **(extra_paths or {})},
+    }

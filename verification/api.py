@@ -1,0 +1,326 @@
+"""The verification HTTP API (``/v1/verifications``): parse, apply a rule, answer.
+
+Handlers validate strictly (unknown fields, wrong types, non-ASCII digits: 422), count limits
+before any send, and hand sends to the dispatcher in the background: a 201 never waits for a
+call or an SMS.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from sip_config.clock import Clock
+from sip_config.settings import Settings
+from verification import codes, limits, numbers, rules
+from verification.dispatcher import Dispatcher
+from verification.errors import (
+    ChannelUnavailable,
+    InvalidRequest,
+    NoChannelConfigured,
+    NotFound,
+    RateLimited,
+)
+from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Verification
+from verification.store import VerificationStore, body_hash
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"[A-Za-z0-9_-]{20,64}")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_CREATE_FIELDS = {"phone", "region", "method", "fallback", "code_length", "locale", "callback_url"}
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def render(v: Verification, policy: Policy) -> dict[str, Any]:
+    """The public JSON of a verification. Never holds a code or a code hash."""
+    out: dict[str, Any] = {
+        "id": v.id,
+        "phone": v.phone.e164,
+        "status": v.status.value,
+        "channel": v.channel.value if v.channel else None,
+        "channels": [c.value for c in v.channels],
+        "attempts_left": rules.attempts_left(v, policy),
+        "created_at": iso(v.created_at),
+        "expires_at": iso(v.expires_at),
+        "events": [
+            {
+                "type": e.kind.value,
+                "at": iso(e.at),
+                "channel": e.channel.value if e.channel else None,
+                "detail": e.detail,
+            }
+            for e in v.events
+        ],
+    }
+    if v.flashcall:
+        out["flashcall"] = v.flashcall.to_json()
+    return out
+
+
+def _string(body: dict[str, Any], name: str, *, max_len: int, required: bool = False) -> str | None:
+    if name not in body:
+        if required:
+            raise InvalidRequest(f"'{name}' is required", field=name)
+        return None
+    value = body[name]
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string", field=name)
+    if not value or len(value) > max_len:
+        raise InvalidRequest(f"'{name}' must be 1..{max_len} characters", field=name)
+    return value
+
+
+def _channel(value: object, name: str) -> Channel:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be one of flashcall, sms, voice", field=name)
+    try:
+        return Channel(value)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be one of flashcall, sms, voice", field=name) from None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    phone: str
+    region: str | None
+    plan: tuple[Channel, ...]
+    code_length: int
+    locale: str
+    callback_url: str
+
+
+def parse_create(body: dict[str, Any], available: tuple[Channel, ...]) -> CreateRequest:
+    unknown = sorted(set(body) - _CREATE_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
+    phone = _string(body, "phone", max_len=numbers.MAX_INPUT_LENGTH, required=True)
+    assert phone is not None
+    region = _string(body, "region", max_len=2)
+    method = _channel(body["method"], "method") if "method" in body else None
+    fallback: tuple[Channel, ...] | None = None
+    if "fallback" in body:
+        raw = body["fallback"]
+        if not isinstance(raw, list) or len(raw) > len(Channel):
+            raise InvalidRequest("'fallback' must be a list of channels", field="fallback")
+        fallback = tuple(_channel(c, "fallback") for c in raw)
+    if method is None:
+        if not available:
+            raise NoChannelConfigured(
+                "configure an SMS gateway, a SIP route or a flash-call prefix"
+            )
+        method = available[0]
+    if fallback is None:
+        fallback = tuple(c for c in CHANNEL_ORDER if c != method and c in available)
+    plan = (method, *fallback)
+    if len(set(plan)) != len(plan):
+        raise InvalidRequest("a channel appears twice in method and fallback", field="fallback")
+    missing = [c.value for c in plan if c not in available]
+    if missing:
+        raise ChannelUnavailable(
+            f"not configured here: {', '.join(missing)}", available=[c.value for c in available]
+        )
+    code_length = body.get("code_length", 6)
+    if type(code_length) is not int or not codes.MIN_LENGTH <= code_length <= codes.MAX_LENGTH:
+        raise InvalidRequest("'code_length' must be a whole number 4..8", field="code_length")
+    locale = _string(body, "locale", max_len=35) or "en"
+    if not _LOCALE.fullmatch(locale):
+        raise InvalidRequest("'locale' must be a language tag such as en or nl-NL", field="locale")
+    callback = _string(body, "callback_url", max_len=2048) or ""
+    if callback and not callback.startswith(("https://", "http://")):
+        raise InvalidRequest("'callback_url' must be an http(s) URL", field="callback_url")
+    return CreateRequest(phone, region, plan, code_length, locale, callback)
+
+
+class VerificationApi:
+    """Handlers for ``/v1/verifications``."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        policy: Policy,
+        store: Callable[[], VerificationStore],
+        dispatcher: Callable[[], Dispatcher],
+        secret: Callable[[], bytes],
+        clock: Clock,
+        on_change: Callable[[Verification], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._vs = settings.verification
+        self._policy = policy
+        self._store = store
+        self._dispatcher = dispatcher
+        self._secret = secret
+        self._clock = clock
+        self._on_change = on_change or (lambda _v: None)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/verifications", self.create),
+            web.get("/v1/verifications/{id}", self.get),
+            web.post("/v1/verifications/{id}/check", self.check),
+            web.post("/v1/verifications/{id}/fallback", self.fallback),
+            web.delete("/v1/verifications/{id}", self.cancel),
+        ]
+
+    def _available(self) -> tuple[Channel, ...]:
+        chans = self._dispatcher().channels
+        return tuple(c for c in CHANNEL_ORDER if c in chans)
+
+    @staticmethod
+    def _vid(request: web.Request) -> str:
+        vid = request.match_info["id"]
+        if not _ID.fullmatch(vid):
+            raise NotFound("no such verification")
+        return vid
+
+    async def _count(self, checks: list[limits.LimitCheck]) -> None:
+        decision = await self._store().hit_limits(checks, self._clock.now())
+        if not decision.allowed and decision.blocked_by is not None:
+            raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+
+    async def create(self, request: web.Request) -> web.Response:
+        from clinic_voice.http import KEY_ID, read_json_object
+
+        body, raw = await read_json_object(request)
+        req = parse_create(body, self._available())
+        phone = numbers.parse_phone(req.phone, req.region)
+        numbers.enforce_policy(phone, self._vs.allowed_countries)
+        idem_header = request.headers.get("Idempotency-Key")
+        idempotency: tuple[str, str] | None = None
+        client = request.get(KEY_ID, "")
+        if idem_header is not None:
+            if not _IDEMPOTENCY_KEY.fullmatch(idem_header):
+                raise InvalidRequest("Idempotency-Key must be 1..255 visible ASCII characters")
+            idempotency = (f"{client}:{body_hash(idem_header.encode())}", body_hash(raw))
+            try:
+                replay = await self._store().get_idempotent(idempotency)
+            except NotFound:
+                replay = None
+            if replay is not None:
+                return self._json(replay, 201, replayed=True)
+        # The first send is counted now, so an over-limit number is refused with 429 before a
+        # verification exists; later sends are counted by the dispatcher.
+        await self._count(
+            limits.creation_checks(self._vs, phone) + limits.send_checks(self._vs, phone)
+        )
+        vid = secrets.token_urlsafe(24)  # 192 bits
+        sip = self._settings.sip
+        flash = None
+        if Channel.FLASHCALL in req.plan and sip.flashcall_prefix:
+            flash = FlashCallInfo(
+                cli_prefix=sip.flashcall_prefix,
+                code_length=req.code_length,
+                cli_filter=numbers.cli_filter(sip.flashcall_prefix, req.code_length, phone),
+                interception_timeout_s=sip.flashcall_interception_s,
+            )
+        transition = rules.create(
+            verification_id=vid,
+            phone=phone,
+            plan=req.plan,
+            code_length=req.code_length,
+            now=self._clock.now(),
+            policy=self._policy,
+            flashcall=flash,
+            locale=req.locale,
+            callback_url=req.callback_url,
+            client=client,
+        )
+        v = await self._store().create(transition, idempotency)
+        if v.id != vid:  # a concurrent request with the same key won
+            return self._json(v, 201, replayed=True)
+        log.info("verification %s: created (%s)", vid, ",".join(req.plan))
+        self._on_change(v)
+        self._dispatcher().follow(transition, counted=True)
+        return self._json(v, 201)
+
+    async def get(self, request: web.Request) -> web.Response:
+        stored = await self._store().get(self._vid(request))
+        return self._json(stored.verification)
+
+    async def check(self, request: web.Request) -> web.Response:
+        from clinic_voice.http import read_json_object
+
+        vid = self._vid(request)
+        body, _ = await read_json_object(request)
+        unknown = sorted(set(body) - {"code", "cli"})
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
+        if ("code" in body) == ("cli" in body):
+            raise InvalidRequest("give exactly one of 'code' or 'cli'")
+        stored = await self._store().get(vid)
+        v0 = stored.verification
+        secret = self._secret()
+        candidate: str | None
+        if "code" in body:
+            code = _string(body, "code", max_len=16)
+            assert code is not None
+            if not codes.is_code_syntax(code, v0.code_length):
+                raise InvalidRequest(f"'code' must be {v0.code_length} ASCII digits", field="code")
+            candidate = code
+        else:
+            cli = _string(body, "cli", max_len=64)
+            assert cli is not None
+            if v0.flashcall is None:
+                raise InvalidRequest("this verification has no flash call", field="cli")
+            if not cli.isascii() or not re.fullmatch(r"[+0-9 ()./-]+", cli):
+                raise InvalidRequest("'cli' must be a phone number as shown", field="cli")
+            # A caller-ID that is not ours counts as a wrong check (None never matches).
+            candidate = numbers.code_from_cli(
+                cli, v0.flashcall.cli_prefix, v0.flashcall.code_length, v0.phone
+            )
+        now = self._clock.now()
+
+        def change(v: Verification) -> tuple[rules.Transition, rules.CheckAnswer]:
+            matched = candidate is not None and codes.matches(secret, vid, candidate, v.code_hashes)
+            return rules.check(v, matched, now, self._policy)
+
+        transition, answer = await self._store().update(vid, change)
+        if transition.verification != v0:
+            self._on_change(transition.verification)
+        log.info("verification %s: check -> %s", vid, answer.status)
+        return web.json_response(
+            {"id": vid, "status": answer.status.value, "attempts_left": answer.attempts_left}
+        )
+
+    async def fallback(self, request: web.Request) -> web.Response:
+        vid = self._vid(request)
+        stored = await self._store().get(vid)
+        now = self._clock.now()
+        rules.request_fallback(stored.verification, now, self._policy)  # 409s before counting
+        await self._count(limits.send_checks(self._vs, stored.verification.phone))
+        transition, _ = await self._store().update(
+            vid, lambda v: (rules.request_fallback(v, self._clock.now(), self._policy), None)
+        )
+        self._on_change(transition.verification)
+        self._dispatcher().follow(transition, counted=True)
+        return self._json(transition.verification)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        vid = self._vid(request)
+        transition, _ = await self._store().update(
+            vid, lambda v: (rules.cancel(v, self._clock.now()), None)
+        )
+        self._on_change(transition.verification)
+        log.info("verification %s: canceled", vid)
+        return self._json(transition.verification)
+
+    def _json(self, v: Verification, status: int = 200, *, replayed: bool = False) -> web.Response:
+        resp = web.json_response(render(v, self._policy), status=status)
+        if status == 201:
+            resp.headers["Location"] = f"/v1/verifications/{v.id}"
+        if replayed:
+            resp.headers["Idempotent-Replayed"] = "true"
+        return resp

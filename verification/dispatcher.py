@@ -1,0 +1,195 @@
+"""Carries out what the rules decide: sends on channels, step timers, fallbacks.
+
+A send is: count it against the per-number and per-prefix limits (refused: recorded, nothing
+leaves), make a fresh code, store its HMAC (before anything leaves), hand the code to the
+channel adapter, and turn every report of the adapter into a rule transition, which may start
+the next channel at once. Timers live in Redis (:mod:`verification.store`) and are leased by
+whichever service process polls first, so a process that dies loses no fallback or expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
+
+from sip_config.clock import Clock
+from sip_config.settings import VerificationSettings
+from verification import codes, limits, rules
+from verification.channels.base import ChannelAdapter, Delivery, DeliveryReport
+from verification.errors import NotFound, NotPending, StoreUnavailable
+from verification.model import Channel, Policy, Verification
+from verification.rules import DeliveryKind, Transition
+from verification.store import VerificationStore
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often due timers are looked for (fallback precision)
+LEASE_S = 30.0  # a leased timer returns to the pool if its process dies
+
+
+class DeliveryCounter(Protocol):
+    """Where delivery outcomes are counted (the metrics adapter)."""
+
+    def count(self, channel: Channel, kind: DeliveryKind) -> None: ...
+
+
+Rule = Callable[[Verification], Transition]
+
+
+class Dispatcher:
+    """Runs sends and timers for every process sharing the store."""
+
+    def __init__(
+        self,
+        *,
+        store: VerificationStore,
+        channels: Mapping[Channel, ChannelAdapter],
+        settings: VerificationSettings,
+        policy: Policy,
+        secret: bytes,
+        clinic_name: str,
+        clock: Clock,
+        deliveries: DeliveryCounter | None = None,
+    ) -> None:
+        self._store = store
+        self._channels = dict(channels)
+        self._settings = settings
+        self._policy = policy
+        self._secret = secret
+        self._clinic = clinic_name
+        self._clock = clock
+        self._deliveries = deliveries
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer_task: asyncio.Task[None] | None = None
+
+    @property
+    def channels(self) -> Mapping[Channel, ChannelAdapter]:
+        return self._channels
+
+    def ready(self) -> bool:
+        return all(c.ready() for c in self._channels.values())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._timer_task = asyncio.create_task(self._timer_loop(), name="verification-timers")
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        if self._timer_task:
+            tasks.append(self._timer_task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    # -- transitions ---------------------------------------------------------------------------
+    def follow(self, transition: Transition, *, counted: bool = False) -> None:
+        """Start whatever send a transition asks for (returns at once).
+
+        ``counted``: the API already counted this send against the per-number limits.
+        """
+        v = transition.verification
+        if transition.send is not None:
+            self._spawn(self._send(v.id, v.step, transition.send, counted), f"send {v.id} {v.step}")
+
+    async def _send(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
+        try:
+            stored = await self._store.get(vid)
+        except NotFound:
+            return
+        v = stored.verification
+        decision = (
+            limits.LimitDecision(allowed=True)
+            if counted
+            else await self._store.hit_limits(
+                limits.send_checks(self._settings, v.phone), self._clock.now()
+            )
+        )
+        if not decision.allowed and decision.blocked_by is not None:
+            reason = decision.blocked_by.describe()
+            log.warning("verification %s: send refused: %s", vid, reason)
+            await self._apply(vid, lambda x: rules.send_refused(x, step, reason, self._clock.now()))
+            return
+        code = codes.new_code(v.code_length)
+        digest = codes.code_hash(self._secret, vid, code)
+        try:
+            await self._store.update(
+                vid, lambda x: (rules.code_sent(x, step, digest, self._clock.now()), None)
+            )
+        except NotPending:
+            log.info("verification %s: moved on before the send of step %d", vid, step)
+            return
+        adapter = self._channels.get(channel)
+
+        async def report(r: DeliveryReport) -> None:
+            if self._deliveries is not None:
+                self._deliveries.count(channel, r.kind)
+            await self._apply(
+                vid,
+                lambda x: rules.delivery(
+                    x, step, r.kind, r.detail, now=self._clock.now(), policy=self._policy
+                ),
+            )
+
+        if adapter is None or not adapter.ready():
+            await report(
+                DeliveryReport(DeliveryKind.UNDELIVERABLE, f"{channel} channel not available")
+            )
+            return
+        log.info("verification %s: sending by %s (step %d)", vid, channel, step)
+        delivery = Delivery(vid, v.phone, code, v.locale, self._clinic)
+        try:
+            await adapter.send(delivery, report)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an adapter bug must still move the verification on
+            log.exception("verification %s: %s channel failed", vid, channel)
+            await report(
+                DeliveryReport(DeliveryKind.UNDELIVERABLE, f"internal error: {type(exc).__name__}")
+            )
+
+    async def _apply(self, vid: str, rule: Rule) -> Transition | None:
+        def change(v: Verification) -> tuple[Transition, None]:
+            return rule(v), None
+
+        try:
+            transition, _ = await self._store.update(vid, change)
+        except NotFound:
+            return None
+        self.follow(transition)
+        return transition
+
+    # -- timers ---------------------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        while True:
+            try:
+                await self.run_due()
+            except StoreUnavailable as exc:
+                log.warning("timers: store unavailable: %s", exc)
+            await asyncio.sleep(POLL_S)
+
+    async def run_due(self) -> int:
+        """Apply :func:`rules.tick` to every verification whose timer is due. Returns how many."""
+        ids = await self._store.lease_due(self._clock.now(), LEASE_S)
+        for vid in ids:
+            transition = await self._apply(
+                vid, lambda x: rules.tick(x, self._clock.now(), self._policy)
+            )
+            if transition is None:
+                await self._store.forget_due(vid)
+            else:
+                # Nothing changed (another process's clock ran ahead): restore the real due time
+                # in place of the lease.
+                await self._store.reschedule(transition.verification)
+        return len(ids)

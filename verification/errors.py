@@ -1,0 +1,102 @@
+"""The verification package's exceptions. Each carries the HTTP status and the stable
+problem ``type`` it is answered with (RFC 9457); :mod:`clinic_voice.http` maps them in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_BASE = "https://clinic-voice.example/problems/"
+
+
+class VerificationError(Exception):
+    """Base class: something the API answers with a problem document."""
+
+    status: int = 400
+    slug: str = "bad-request"
+    title: str = "Bad request"
+
+    def __init__(self, detail: str = "", **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_BASE + self.slug
+
+
+class InvalidRequest(VerificationError):
+    status = 422
+    slug = "invalid-request"
+    title = "The request body is not valid"
+
+
+class InvalidNumber(VerificationError):
+    status = 422
+    slug = "invalid-number"
+    title = "The phone number is not valid"
+
+
+class NumberRefused(VerificationError):
+    status = 403
+    slug = "number-refused"
+    title = "The service does not send to this number"
+
+
+class ChannelUnavailable(VerificationError):
+    status = 422
+    slug = "channel-unavailable"
+    title = "A requested channel is not configured on this service"
+
+
+class NoChannelConfigured(VerificationError):
+    status = 503
+    slug = "no-channel"
+    title = "No delivery channel is configured"
+
+
+class NotFound(VerificationError):
+    status = 404
+    slug = "not-found"
+    title = "No such verification"
+
+
+class NotPending(VerificationError):
+    status = 409
+    slug = "not-pending"
+    title = "The verification is no longer pending"
+
+
+class NoChannelLeft(VerificationError):
+    status = 409
+    slug = "no-channel-left"
+    title = "Every channel of the plan has been used"
+
+
+class IdempotencyConflict(VerificationError):
+    status = 422
+    slug = "idempotency-key-reused"
+    title = "The Idempotency-Key was used with another request body"
+
+
+class RateLimited(VerificationError):
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail, retry_after=max(1, retry_after_s))
+        self.retry_after_s = max(1, retry_after_s)
+
+
+class StoreUnavailable(VerificationError):
+    """Redis cannot be reached: fail closed (never approve, never send)."""
+
+    status = 503
+    slug = "store-unavailable"
+    title = "The service's store is unavailable"
+
+
+class Conflict(Exception):
+    """A concurrent writer changed the record first (internal: the store retries)."""

@@ -1,0 +1,81 @@
+"""Rate-limit decisions (pure): which counters a request touches, and what a refusal says.
+
+Fixed windows aligned to the clock: a counter per (limit, subject, window). Subjects are hashed
+so phone numbers and keys never appear as Redis key names. The store counts all of a request's
+counters in one atomic step, all or nothing, and fails closed: without Redis nothing is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sip_config.settings import Rate, VerificationSettings
+from verification.model import Phone
+from verification.numbers import prefix_key
+
+
+class LimitName(StrEnum):
+    KEY_REQUESTS = "key"
+    IP_REQUESTS = "ip"
+    NUMBER_VERIFICATIONS = "number-verifications"
+    NUMBER_SENDS = "number-sends"
+    PREFIX_SENDS = "prefix-sends"
+
+
+_DESCRIPTIONS = {
+    LimitName.KEY_REQUESTS: "requests for this API key",
+    LimitName.IP_REQUESTS: "requests from this address",
+    LimitName.NUMBER_VERIFICATIONS: "verifications for this number",
+    LimitName.NUMBER_SENDS: "sends to this number",
+    LimitName.PREFIX_SENDS: "sends to numbers with this prefix",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCheck:
+    """One counter a request is counted against."""
+
+    name: LimitName
+    subject: str
+    rate: Rate
+
+    def key(self, now: float) -> str:
+        window = int(now // self.rate.window_s)
+        digest = hashlib.sha256(self.subject.encode()).hexdigest()[:24]
+        return f"{self.name.value}:{self.rate.window_s}:{digest}:{window}"
+
+    def describe(self) -> str:
+        rate = f"limit {self.rate.count} per {self.rate.window_s} s"
+        return f"too many {_DESCRIPTIONS[self.name]} ({rate})"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitDecision:
+    allowed: bool
+    blocked_by: LimitCheck | None = None
+    retry_after_s: int = 0
+
+
+def request_checks(s: VerificationSettings, key_id: str, client_ip: str) -> list[LimitCheck]:
+    """Counted on every API request."""
+    return [
+        LimitCheck(LimitName.KEY_REQUESTS, key_id, s.limit_key_requests),
+        LimitCheck(LimitName.IP_REQUESTS, client_ip, s.limit_ip_requests),
+    ]
+
+
+def creation_checks(s: VerificationSettings, phone: Phone) -> list[LimitCheck]:
+    """Counted when a verification is created."""
+    return [LimitCheck(LimitName.NUMBER_VERIFICATIONS, phone.e164, s.limit_number_verifications)]
+
+
+def send_checks(s: VerificationSettings, phone: Phone) -> list[LimitCheck]:
+    """Counted for every send (SMS, call) on any channel: the anti-pumping guard."""
+    return [
+        LimitCheck(LimitName.NUMBER_SENDS, phone.e164, s.limit_number_sends),
+        LimitCheck(
+            LimitName.PREFIX_SENDS, prefix_key(phone, s.limit_prefix_digits), s.limit_prefix_sends
+        ),
+    ]

@@ -1,0 +1,142 @@
+"""Phone-number policy (phonenumbers) and caller-ID matching for flash calls.
+
+Pure: parsing, the types the service refuses (premium-rate and friends are where SMS pumping
+fraud makes its money), the prefix used by the anti-pumping limit, and the regular expression
+that matches a flash call's caller-ID in every form a handset may show it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+from phonenumbers import PhoneNumberType
+
+from verification.errors import InvalidNumber, NumberRefused
+from verification.model import NumberKind, Phone
+
+MAX_INPUT_LENGTH = 32
+# What a person may type around the digits. Letters (vanity numbers) and non-ASCII digits are
+# refused rather than guessed at: phonenumbers would quietly map both to digits.
+_ALLOWED = re.compile(r"\+?[0-9 ()./-]+")
+_SEPARATORS = re.compile(r"[ ()./-]")
+
+_KINDS = {
+    PhoneNumberType.MOBILE: NumberKind.MOBILE,
+    PhoneNumberType.FIXED_LINE: NumberKind.FIXED_LINE,
+    PhoneNumberType.FIXED_LINE_OR_MOBILE: NumberKind.FIXED_LINE_OR_MOBILE,
+    PhoneNumberType.TOLL_FREE: NumberKind.TOLL_FREE,
+    PhoneNumberType.PREMIUM_RATE: NumberKind.PREMIUM_RATE,
+    PhoneNumberType.SHARED_COST: NumberKind.SHARED_COST,
+    PhoneNumberType.VOIP: NumberKind.VOIP,
+    PhoneNumberType.PERSONAL_NUMBER: NumberKind.PERSONAL_NUMBER,
+    PhoneNumberType.PAGER: NumberKind.PAGER,
+    PhoneNumberType.UAN: NumberKind.UAN,
+    PhoneNumberType.VOICEMAIL: NumberKind.VOICEMAIL,
+    PhoneNumberType.UNKNOWN: NumberKind.UNKNOWN,
+}
+
+#: Types the service never sends to, with the reason given to the client.
+REFUSED_KINDS: dict[NumberKind, str] = {
+    NumberKind.PREMIUM_RATE: "premium-rate numbers are refused (toll fraud risk)",
+    NumberKind.SHARED_COST: "shared-cost numbers are refused (toll fraud risk)",
+    NumberKind.UAN: "universal access numbers are refused",
+    NumberKind.VOICEMAIL: "voicemail-access numbers are refused",
+    NumberKind.UNKNOWN: "numbers of unknown type are refused (unassigned range?)",
+    NumberKind.PAGER: "pager numbers cannot receive codes",
+}
+
+
+def parse_phone(raw: str, region: str | None = None) -> Phone:
+    """Parse and validate: E.164, or national digits with a two-letter ``region``.
+
+    Raises :class:`InvalidNumber` (422) for anything that is not a valid, assigned-looking
+    number.
+    """
+    if not raw or len(raw) > MAX_INPUT_LENGTH:
+        raise InvalidNumber(f"phone must be 1..{MAX_INPUT_LENGTH} characters")
+    if not raw.isascii() or not _ALLOWED.fullmatch(raw):
+        raise InvalidNumber("phone may hold only ASCII digits, a leading + and separators")
+    if region is not None and not re.fullmatch(r"[A-Z]{2}", region):
+        raise InvalidNumber("region must be a two-letter country code such as NL")
+    if not raw.startswith("+") and region is None:
+        raise InvalidNumber("give the number in E.164 (+31612345678) or add a region")
+    try:
+        num = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidNumber(f"not a phone number: {exc._msg}") from None
+    if not phonenumbers.is_valid_number(num):
+        raise InvalidNumber("not a valid phone number for its country")
+    num_region = phonenumbers.region_code_for_number(num) or ""
+    return Phone(
+        e164=phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164),
+        region=num_region,
+        country_code=int(num.country_code or 0),
+        national_number=phonenumbers.national_significant_number(num),
+        kind=_KINDS.get(phonenumbers.number_type(num), NumberKind.UNKNOWN),
+    )
+
+
+def enforce_policy(phone: Phone, allowed_countries: frozenset[str]) -> None:
+    """Raise :class:`NumberRefused` (403) for numbers the service will not send to."""
+    reason = REFUSED_KINDS.get(phone.kind)
+    if reason:
+        raise NumberRefused(reason, reason=phone.kind.value)
+    if allowed_countries and phone.region not in allowed_countries:
+        raise NumberRefused(
+            f"numbers in {phone.region or 'this country'} are not served here",
+            reason="country",
+        )
+
+
+def prefix_key(phone: Phone, national_digits: int) -> str:
+    """Country code plus the leading national digits: the unit of the anti-pumping limit."""
+    return f"+{phone.country_code}{phone.national_number[:national_digits]}"
+
+
+def split_country_code(e164_prefix: str) -> tuple[int, str]:
+    """``+447400`` -> ``(44, "7400")``: the country code and the national part of a prefix."""
+    digits = e164_prefix.lstrip("+")
+    for n in (1, 2, 3):
+        cc = int(digits[:n])
+        if cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            return cc, digits[n:]
+    raise ValueError(f"{e164_prefix} does not start with a country code")
+
+
+def trunk_prefix(region: str) -> str:
+    """The national (trunk) prefix dialled before national numbers, e.g. ``0`` in NL."""
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    return (meta.national_prefix or "") if meta else ""
+
+
+def _spaced(digits: str) -> str:
+    # A handset or a person may show separators between any two digits.
+    return "[ -]?".join(digits)
+
+
+def cli_filter(cli_prefix: str, code_length: int, destination: Phone) -> str:
+    """A regex matching the flash call's caller-ID as the destination's handset may show it.
+
+    Forms (Sinch calls this the CLI filter): international with ``+``, ``00`` or nothing in
+    front; national with the destination country's trunk prefix when the caller-ID is in the
+    same country; spaces and dashes between digits.
+    """
+    cc, national = split_country_code(cli_prefix)
+    intl = _spaced(f"{cc}{national}")
+    code = f"(?:[ -]?[0-9]){{{code_length}}}"
+    forms = [rf"(?:\+|00)?[ -]?{intl}{code}"]
+    trunk = trunk_prefix(destination.region)
+    if cc == destination.country_code and trunk and national:
+        forms.append(rf"{_spaced(trunk + national)}{code}")
+    return "^(?:" + "|".join(forms) + ")$"
+
+
+def code_from_cli(cli: str, cli_prefix: str, code_length: int, destination: Phone) -> str | None:
+    """The code digits carried by a reported caller-ID, or None if it is not ours."""
+    if len(cli) > MAX_INPUT_LENGTH * 2 or not cli.isascii():
+        return None
+    if not re.fullmatch(cli_filter(cli_prefix, code_length, destination), cli.strip()):
+        return None
+    digits = _SEPARATORS.sub("", cli).lstrip("+")
+    return digits[-code_length:]

@@ -1,0 +1,282 @@
+"""The verification state machine: events in, new state and the next send out.
+
+Pure and synchronous: no I/O, no clock (``now`` is an argument), no randomness (codes arrive
+already hashed). The store applies each transition atomically; the dispatcher carries out the
+``send`` a transition asks for.
+
+Rules (NIST SP 800-63B, Twilio/Vonage practice):
+- one lifetime and one wrong-check counter for the whole verification, whatever the channel;
+  a fallback or a resend never resets them;
+- a code is single use: the first right check approves, every later check finds it not pending;
+- each channel step has a timeout after which the next channel is tried by itself;
+- a channel that reports "undeliverable" moves on at once, without waiting for the timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from verification.errors import NoChannelLeft, NotPending
+from verification.model import (
+    Channel,
+    Event,
+    EventKind,
+    FlashCallInfo,
+    Phone,
+    Policy,
+    Status,
+    Verification,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryKind(StrEnum):
+    """What a channel adapter reports about a send."""
+
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    DELIVERED = "delivered"
+    UNDELIVERABLE = "undeliverable"
+
+
+_DELIVERY_EVENT = {
+    DeliveryKind.RINGING: EventKind.RINGING,
+    DeliveryKind.ANSWERED: EventKind.ANSWERED,
+    DeliveryKind.DELIVERED: EventKind.DELIVERED,
+    DeliveryKind.UNDELIVERABLE: EventKind.UNDELIVERABLE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """The new state, and the channel to send on now (if any)."""
+
+    verification: Verification
+    send: Channel | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckAnswer:
+    """What ``POST /check`` answers."""
+
+    status: Status
+    attempts_left: int
+
+
+def _set_status(v: Verification, status: Status, event: Event) -> Verification:
+    log.debug("verification %s: %s -> %s", v.id, v.status, status)
+    return v.with_events(event, status=status, step_deadline=None, sending=False)
+
+
+def create(
+    *,
+    verification_id: str,
+    phone: Phone,
+    plan: tuple[Channel, ...],
+    code_length: int,
+    now: float,
+    policy: Policy,
+    flashcall: FlashCallInfo | None = None,
+    locale: str = "en",
+    callback_url: str = "",
+    client: str = "",
+) -> Transition:
+    """A new verification, entering the first channel of ``plan`` that can serve the number."""
+    if not plan or len(set(plan)) != len(plan):
+        raise ValueError("the plan needs distinct channels")
+    v = Verification(
+        id=verification_id,
+        phone=phone,
+        status=Status.PENDING,
+        channels=plan,
+        step=0,
+        attempts_used=0,
+        sends=0,
+        code_length=code_length,
+        created_at=now,
+        expires_at=now + policy.ttl_s,
+        step_deadline=None,
+        events=(Event(EventKind.REQUESTED, now, plan[0], "via " + ", ".join(plan)),),
+        locale=locale,
+        callback_url=callback_url,
+        client=client,
+        flashcall=flashcall if Channel.FLASHCALL in plan else None,
+    )
+    return _enter_step(v, 0, now, policy, exhausted_fails=True)
+
+
+def _enter_step(
+    v: Verification, step: int, now: float, policy: Policy, *, exhausted_fails: bool
+) -> Transition:
+    while step < len(v.channels) and not _can_serve(v.channels[step], v.phone):
+        v = v.with_events(
+            Event(
+                EventKind.SKIPPED,
+                now,
+                v.channels[step],
+                "the number cannot be a mobile: no handset would show a missed call",
+            )
+        )
+        step += 1
+    if step >= len(v.channels):
+        v = replace(v, step=len(v.channels), step_deadline=None, sending=False)
+        if exhausted_fails:
+            return Transition(
+                _set_status(
+                    v, Status.FAILED, Event(EventKind.FAILED, now, None, "no channel could deliver")
+                )
+            )
+        return Transition(v)  # wait for a check until the verification expires
+    channel = v.channels[step]
+    if v.sends >= policy.max_sends:
+        v = v.with_events(
+            Event(EventKind.SEND_REFUSED, now, channel, "send limit of this verification reached"),
+            step=step,
+            step_deadline=None,
+            sending=False,
+        )
+        return Transition(v)
+    v = replace(v, step=step, step_deadline=now + policy.step_timeout_s[channel], sending=True)
+    return Transition(v, send=channel)
+
+
+def _can_serve(channel: Channel, phone: Phone) -> bool:
+    # A flash call is read from a handset's call log; a landline has none.
+    return channel is not Channel.FLASHCALL or phone.kind.can_be_mobile
+
+
+def _fallback(
+    v: Verification, now: float, policy: Policy, reason: str, *, fails: bool
+) -> Transition:
+    nxt = v.step + 1
+    target = v.channels[nxt] if nxt < len(v.channels) else None
+    v = v.with_events(Event(EventKind.FALLBACK, now, target, reason), sending=False)
+    return _enter_step(v, nxt, now, policy, exhausted_fails=fails)
+
+
+def code_sent(v: Verification, step: int, code_hash: str, now: float) -> Transition:
+    """A send on ``step`` is about to leave with the code whose HMAC is ``code_hash``.
+
+    Applied *before* the message leaves, so a user who is quick never checks a code the
+    store does not know yet.
+    """
+    if v.status is not Status.PENDING or v.step != step or not v.sending:
+        raise NotPending("the verification moved on before the send", status=v.status.value)
+    channel = v.channels[step]
+    return Transition(
+        v.with_events(
+            Event(EventKind.DISPATCHED, now, channel, f"send {v.sends + 1}"),
+            sends=v.sends + 1,
+            code_hashes=(*v.code_hashes, code_hash),
+        )
+    )
+
+
+def send_refused(v: Verification, step: int, reason: str, now: float) -> Transition:
+    """A rate limit (per number or prefix) stopped the send of ``step``."""
+    if v.status is not Status.PENDING or v.step != step:
+        return Transition(v)
+    return Transition(
+        v.with_events(
+            Event(EventKind.SEND_REFUSED, now, v.channels[step], reason),
+            sending=False,
+            step_deadline=None,
+        )
+    )
+
+
+def delivery(
+    v: Verification, step: int, kind: DeliveryKind, detail: str, *, now: float, policy: Policy
+) -> Transition:
+    """A channel's report on the send of ``step``.
+
+    Reports of an earlier step are recorded but move nothing; "undeliverable" on the current
+    step falls back at once.
+    """
+    if step >= len(v.channels):
+        return Transition(v)
+    channel = v.channels[step]
+    event = Event(_DELIVERY_EVENT[kind], now, channel, detail)
+    current = v.status is Status.PENDING and v.step == step
+    if not current:
+        return Transition(v.with_events(event))
+    if kind is DeliveryKind.UNDELIVERABLE:
+        return _fallback(v.with_events(event), now, policy, f"{channel}: {detail}", fails=True)
+    if kind is DeliveryKind.DELIVERED:
+        return Transition(v.with_events(event, sending=False))
+    return Transition(v.with_events(event))
+
+
+def tick(v: Verification, now: float, policy: Policy) -> Transition:
+    """Time passed: expire, or fall back when the step's timeout is over."""
+    if v.status is not Status.PENDING:
+        return Transition(v)
+    if now >= v.expires_at:
+        return Transition(_set_status(v, Status.EXPIRED, Event(EventKind.EXPIRED, now)))
+    if v.step_deadline is not None and now >= v.step_deadline:
+        return _fallback(v, now, policy, "step timed out without approval", fails=False)
+    return Transition(v)
+
+
+def check(
+    v: Verification, matched: bool, now: float, policy: Policy
+) -> tuple[Transition, CheckAnswer]:
+    """A check of a code or caller-ID; ``matched`` says whether it was one of the codes sent."""
+    if v.status is Status.PENDING and now >= v.expires_at:
+        v = _set_status(v, Status.EXPIRED, Event(EventKind.EXPIRED, now))
+    if v.status in (Status.EXPIRED, Status.FAILED):
+        return Transition(v), CheckAnswer(v.status, _attempts_left(v, policy))
+    if v.status is not Status.PENDING:
+        raise NotPending(f"the verification is {v.status}", status=v.status.value)
+    if matched:
+        v = _set_status(v, Status.APPROVED, Event(EventKind.APPROVED, now, v.channel))
+        return Transition(v), CheckAnswer(v.status, _attempts_left(v, policy))
+    used = v.attempts_used + 1
+    v = v.with_events(
+        Event(EventKind.CHECK_FAILED, now, v.channel, f"attempt {used} of {policy.max_checks}"),
+        attempts_used=used,
+    )
+    if used >= policy.max_checks:
+        v = _set_status(
+            v, Status.FAILED, Event(EventKind.FAILED, now, None, "too many wrong checks")
+        )
+    return Transition(v), CheckAnswer(v.status, _attempts_left(v, policy))
+
+
+def _attempts_left(v: Verification, policy: Policy) -> int:
+    return max(0, policy.max_checks - v.attempts_used)
+
+
+def attempts_left(v: Verification, policy: Policy) -> int:
+    """Wrong checks still allowed."""
+    return _attempts_left(v, policy)
+
+
+def request_fallback(v: Verification, now: float, policy: Policy) -> Transition:
+    """The user did not get it: move to the next channel now."""
+    if v.status is Status.PENDING and now >= v.expires_at:
+        raise NotPending("the verification has expired", status=Status.EXPIRED.value)
+    if v.status is not Status.PENDING:
+        raise NotPending(f"the verification is {v.status}", status=v.status.value)
+    if v.step + 1 >= len(v.channels):
+        raise NoChannelLeft("no channel is left in the plan")
+    return _fallback(v, now, policy, "requested by the client", fails=False)
+
+
+def cancel(v: Verification, now: float) -> Transition:
+    """Cancel a pending verification."""
+    if v.status is not Status.PENDING:
+        raise NotPending(f"the verification is {v.status}", status=v.status.value)
+    return Transition(_set_status(v, Status.CANCELED, Event(EventKind.CANCELED, now)))
+
+
+def due_at(v: Verification) -> float | None:
+    """When :func:`tick` next has something to do, or None for a final state."""
+    if v.status is not Status.PENDING:
+        return None
+    if v.step_deadline is None:
+        return v.expires_at
+    return min(v.expires_at, v.step_deadline)

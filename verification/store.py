@@ -1,0 +1,334 @@
+"""Verifications, timers, limits and webhook jobs in Redis.
+
+Every state change is an optimistic compare-and-set: read the record and its version, apply a
+pure rule from :mod:`verification.rules`, then one Lua script writes the new record only if
+the version is unchanged, and in the same atomic step sets the record's next timer and queues
+its new events for the webhooks. Of N concurrent checks with the right code exactly one write
+wins; the others retry, find the record approved, and answer "not pending".
+
+State lives only here, so any number of service processes (and hosts) sharing the Redis behave
+as one service: timers and webhook jobs are leased by whichever process polls first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from verification.errors import Conflict, IdempotencyConflict, NotFound, StoreUnavailable
+from verification.limits import LimitCheck, LimitDecision
+from verification.model import Verification
+from verification.rules import Transition, due_at
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PREFIX = "cv:"
+DUE = PREFIX + "due"  # zset: verification id -> when its timer is due
+WEBHOOK_DUE = PREFIX + "wh:due"  # zset: webhook job id -> next attempt
+WEBHOOK_JOBS = PREFIX + "wh:jobs"  # hash: webhook job id -> payload
+KEEP_AFTER_EXPIRY_S = 86_400  # records stay readable a day after they expire
+MAX_CAS_TRIES = 200
+
+# KEYS: record, due, webhook due, webhook jobs, [idempotency key]
+# ARGV: expected version ("" = must not exist), new version, doc, pexpireat ms,
+#       due score ("" = no timer), id, now, n webhook jobs, (job id, payload)*, [idem value, ttl s]
+_CAS = """
+local cur = redis.call('HGET', KEYS[1], 'ver')
+if ARGV[1] == '' then
+  if cur then return 0 end
+else
+  if cur ~= ARGV[1] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'ver', ARGV[2], 'doc', ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+if ARGV[5] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[6])
+else
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+end
+local n = tonumber(ARGV[8])
+for i = 0, n - 1 do
+  local jid = ARGV[9 + 2 * i]
+  redis.call('HSET', KEYS[4], jid, ARGV[10 + 2 * i])
+  redis.call('ZADD', KEYS[3], ARGV[7], jid)
+end
+if KEYS[5] then
+  redis.call('SET', KEYS[5], ARGV[9 + 2 * n], 'EX', ARGV[10 + 2 * n])
+end
+return 1
+"""
+
+# Lease due items: move every member with score <= now to now + lease, return them.
+# KEYS: zset; ARGV: now, lease seconds, limit
+_LEASE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local until_ = tonumber(ARGV[1]) + tonumber(ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], until_, id)
+end
+return ids
+"""
+
+# Fixed-window limits, all-or-nothing: if any is over, nothing is counted.
+# KEYS: counters; ARGV: (limit, window ms)* ; returns {0} or {1, index, pttl}
+_LIMITS = """
+for i, key in ipairs(KEYS) do
+  local n = tonumber(redis.call('GET', key) or '0')
+  if n >= tonumber(ARGV[2 * i - 1]) then
+    local ttl = redis.call('PTTL', key)
+    if ttl < 0 then ttl = tonumber(ARGV[2 * i]) end
+    return {1, i, ttl}
+  end
+end
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCR', key)
+  if n == 1 then redis.call('PEXPIRE', key, ARGV[2 * i]) end
+end
+return {0}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A verification as read, with the version a write must match."""
+
+    verification: Verification
+    version: str
+
+
+def _record_key(vid: str) -> str:
+    return f"{PREFIX}v:{vid}"
+
+
+def _webhook_payloads(
+    old: Verification | None, new: Verification, global_webhook: bool
+) -> list[tuple[str, str]]:
+    if not (new.callback_url or global_webhook):
+        return []
+    start = len(old.events) if old else 0
+    jobs = []
+    for event in new.events[start:]:
+        payload = {
+            "verification_id": new.id,
+            "status": new.status.value,
+            "channel": new.channel.value if new.channel else None,
+            "callback_url": new.callback_url,
+            "event": event.to_json(),
+        }
+        jobs.append((secrets.token_hex(12), json.dumps(payload, separators=(",", ":"))))
+    return jobs
+
+
+class VerificationStore:
+    """The Redis adapter. Every Redis failure becomes :class:`StoreUnavailable` (fail closed)."""
+
+    def __init__(self, redis: aioredis.Redis, *, global_webhook: bool = False) -> None:
+        self._r = redis
+        self._global_webhook = global_webhook
+        self._cas = redis.register_script(_CAS)
+        self._lease = redis.register_script(_LEASE)
+        self._limits = redis.register_script(_LIMITS)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._r
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._r.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def get(self, vid: str) -> Stored:
+        """The record, or :class:`NotFound`."""
+        try:
+            ver, doc = await self._r.hmget(_record_key(vid), ["ver", "doc"])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if ver is None or doc is None:
+            raise NotFound(f"no verification {vid}")
+        return Stored(Verification.from_json(json.loads(doc)), str(ver))
+
+    async def _write(
+        self,
+        old: Stored | None,
+        new: Verification,
+        *,
+        idempotency: tuple[str, str, int] | None = None,
+    ) -> bool:
+        due = due_at(new)
+        jobs = _webhook_payloads(old.verification if old else None, new, self._global_webhook)
+        keys = [_record_key(new.id), DUE, WEBHOOK_DUE, WEBHOOK_JOBS]
+        args: list[Any] = [
+            old.version if old else "",
+            secrets.token_hex(8),
+            json.dumps(new.to_json(), separators=(",", ":")),
+            int((new.expires_at + KEEP_AFTER_EXPIRY_S) * 1000),
+            repr(due) if due is not None else "",
+            new.id,
+            repr(new.events[-1].at if new.events else new.created_at),
+            len(jobs),
+        ]
+        for jid, payload in jobs:
+            args += [jid, payload]
+        if idempotency:
+            key, value, ttl = idempotency
+            keys.append(key)
+            args += [value, ttl]
+        try:
+            return bool(await self._cas(keys=keys, args=args))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def get_idempotent(self, idempotency: tuple[str, str]) -> Verification | None:
+        """The verification an earlier request with this (key id, body hash) made, if any."""
+        try:
+            existing = await self._r.get(f"{PREFIX}idem:{idempotency[0]}")
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if existing is None:
+            return None
+        return await self._replay(str(existing), idempotency[1])
+
+    async def create(
+        self, transition: Transition, idempotency: tuple[str, str] | None = None
+    ) -> Verification:
+        """Store a new verification. ``idempotency`` is (key id, body hash): a repeat with the
+        same key and body returns the first verification; another body is a conflict."""
+        v = transition.verification
+        idem: tuple[str, str, int] | None = None
+        if idempotency:
+            key = f"{PREFIX}idem:{idempotency[0]}"
+            # Reserve the key first (NX): of two racing first requests only one creates.
+            placeholder = json.dumps({"body": idempotency[1], "id": ""})
+            try:
+                won = await self._r.set(key, placeholder, nx=True, ex=60)
+                existing = None if won else await self._r.get(key)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(str(exc)) from exc
+            if existing is not None:
+                return await self._replay(str(existing), idempotency[1])
+            idem = (key, json.dumps({"body": idempotency[1], "id": v.id}), KEEP_AFTER_EXPIRY_S)
+        if not await self._write(None, v, idempotency=idem):
+            raise Conflict(f"verification {v.id} exists")
+        return v
+
+    async def _replay(self, existing: str, body_hash: str) -> Verification:
+        record = json.loads(existing)
+        if record["body"] != body_hash:
+            raise IdempotencyConflict("this Idempotency-Key was used with another body")
+        if not record["id"]:
+            raise IdempotencyConflict("a request with this Idempotency-Key is in progress")
+        return (await self.get(record["id"])).verification
+
+    async def update(
+        self, vid: str, change: Callable[[Verification], tuple[Transition, T]]
+    ) -> tuple[Transition, T]:
+        """Apply ``change`` (a pure rule) atomically, retrying when another writer won."""
+        for _ in range(MAX_CAS_TRIES):
+            stored = await self.get(vid)
+            transition, extra = change(stored.verification)
+            if transition.verification == stored.verification:
+                return transition, extra
+            if await self._write(stored, transition.verification):
+                return transition, extra
+        raise StoreUnavailable(f"verification {vid}: too much contention")
+
+    async def lease_due(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
+        """Verification ids whose timer is due, leased for ``lease_s`` to this caller."""
+        try:
+            ids = await self._lease(keys=[DUE], args=[repr(now), repr(lease_s), limit])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [str(i) for i in ids]
+
+    async def reschedule(self, v: Verification) -> None:
+        """Set the timer of ``v`` to what the rules say (after a lease)."""
+        due = due_at(v)
+        try:
+            if due is None:
+                await self._r.zrem(DUE, v.id)
+            else:
+                await self._r.zadd(DUE, {v.id: due}, xx=True)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def forget_due(self, vid: str) -> None:
+        """Drop the timer of a record that no longer exists."""
+        try:
+            await self._r.zrem(DUE, vid)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    # -- webhook jobs ------------------------------------------------------------------------
+    async def lease_webhooks(
+        self, now: float, lease_s: float, limit: int = 50
+    ) -> list[tuple[str, str]]:
+        """(job id, payload) of webhook jobs due now, leased to this caller."""
+        try:
+            ids = await self._lease(keys=[WEBHOOK_DUE], args=[repr(now), repr(lease_s), limit])
+            if not ids:
+                return []
+            payloads = await self._r.hmget(WEBHOOK_JOBS, ids)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        out = []
+        for jid, payload in zip(ids, payloads, strict=True):
+            if payload is None:
+                await self._r.zrem(WEBHOOK_DUE, jid)
+                continue
+            out.append((str(jid), str(payload)))
+        return out
+
+    async def retry_webhook(self, job_id: str, payload: str, at: float) -> None:
+        try:
+            async with self._r.pipeline(transaction=True) as p:
+                p.hset(WEBHOOK_JOBS, job_id, payload)
+                p.zadd(WEBHOOK_DUE, {job_id: at})
+                await p.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def finish_webhook(self, job_id: str) -> None:
+        try:
+            async with self._r.pipeline(transaction=True) as p:
+                p.zrem(WEBHOOK_DUE, job_id)
+                p.hdel(WEBHOOK_JOBS, job_id)
+                await p.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    # -- limits ------------------------------------------------------------------------------
+    async def hit_limits(self, checks: list[LimitCheck], now: float) -> LimitDecision:
+        """Count one event against every check, all or nothing."""
+        if not checks:
+            return LimitDecision(allowed=True)
+        keys = [f"{PREFIX}l:{c.key(now)}" for c in checks]
+        args: list[Any] = []
+        for c in checks:
+            args += [c.rate.count, c.rate.window_s * 1000]
+        try:
+            res = await self._limits(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if int(res[0]) == 0:
+            return LimitDecision(allowed=True)
+        check = checks[int(res[1]) - 1]
+        return LimitDecision(
+            allowed=False, blocked_by=check, retry_after_s=max(1, -(-int(res[2]) // 1000))
+        )
+
+
+def body_hash(body: bytes) -> str:
+    """The fingerprint of a request body, for Idempotency-Key replays."""
+    return hashlib.sha256(body).hexdigest()

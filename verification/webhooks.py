@@ -1,0 +1,145 @@
+"""Webhooks: one signed POST per verification event, retried with backoff, never a code.
+
+Jobs are queued in Redis in the same atomic step as the state change that made the event
+(:mod:`verification.store`), so an event is never lost between "changed" and "told".
+
+Signature (like Stripe's): header ``X-Clinic-Signature: t=<unix time>,v1=<hex>`` where ``hex``
+is HMAC-SHA256 with the service secret over ``"<t>." + body``. Receivers should reject a ``t``
+older than five minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import random
+
+import aiohttp
+
+from sip_config.clock import Clock
+from sip_config.settings import VerificationSettings
+from verification.errors import StoreUnavailable
+from verification.store import VerificationStore
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Clinic-Signature"
+POLL_S = 0.25
+LEASE_S = 60.0
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    """The value of the signature header for ``body`` sent at ``timestamp``."""
+    mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify(secret: bytes, header: str, body: bytes) -> bool:
+    """Check a signature header (for receivers, and the tests)."""
+    try:
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        expected = sign(secret, int(parts["t"]), body)
+    except (ValueError, KeyError):
+        return False
+    return hmac.compare_digest(expected, header)
+
+
+def backoff_s(attempt: int) -> float:
+    """1 s, 2 s, 4 s ... capped at 5 minutes, with 20 % jitter."""
+    return float(min(300.0, 2.0 ** (attempt - 1)) * random.uniform(0.8, 1.2))
+
+
+class WebhookSender:
+    """Polls the job queue and POSTs each event to its URL."""
+
+    def __init__(
+        self,
+        *,
+        store: VerificationStore,
+        session: aiohttp.ClientSession,
+        settings: VerificationSettings,
+        secret: bytes,
+        clock: Clock,
+    ) -> None:
+        self._store = store
+        self._session = session
+        self._s = settings
+        self._secret = secret
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="webhooks")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_due()
+            except StoreUnavailable as exc:
+                log.warning("webhooks: store unavailable: %s", exc)
+            await asyncio.sleep(POLL_S)
+
+    async def run_due(self) -> int:
+        jobs = await self._store.lease_webhooks(self._clock.now(), LEASE_S)
+        await asyncio.gather(*(self._deliver(jid, payload) for jid, payload in jobs))
+        return len(jobs)
+
+    async def _deliver(self, job_id: str, payload: str) -> None:
+        job = json.loads(payload)
+        url = job.get("callback_url") or self._s.webhook_url
+        attempt = int(job.get("attempt", 0)) + 1
+        if not url:
+            await self._store.finish_webhook(job_id)
+            return
+        body = json.dumps(
+            {
+                "verification_id": job["verification_id"],
+                "status": job["status"],
+                "channel": job["channel"],
+                "event": job["event"],
+            },
+            separators=(",", ":"),
+        ).encode()
+        ts = int(self._clock.now())
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self._secret, ts, body),
+        }
+        error = ""
+        try:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self._s.webhook_timeout_s),
+                allow_redirects=False,
+            ) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    await self._store.finish_webhook(job_id)
+                    return
+                error = f"answered {resp.status}"
+        except TimeoutError:
+            error = "timed out"
+        except aiohttp.ClientError as exc:
+            error = type(exc).__name__
+        vid = job["verification_id"]
+        if attempt > self._s.webhook_retries:
+            log.error(
+                "verification %s: webhook given up after %d attempts: %s", vid, attempt, error
+            )
+            await self._store.finish_webhook(job_id)
+            return
+        log.warning("verification %s: webhook attempt %d failed: %s", vid, attempt, error)
+        job["attempt"] = attempt
+        await self._store.retry_webhook(
+            job_id, json.dumps(job, separators=(",", ":")), self._clock.now() + backoff_s(attempt)
+        )
