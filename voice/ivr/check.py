@@ -1,0 +1,404 @@
+"""``clinic-voice flow check``: find what would go wrong in a flow before a caller does.
+
+Checks, each reported as ``file:line: message``:
+
+* the schema (kinds, keys, types, reserved keys, digit entries), from :mod:`voice.ivr.flow`;
+* unknown targets and routes, unreachable nodes, dead ends (a branch that can find no case),
+  loops that never wait for the caller, and paths that never end (nodes from which no
+  transfer or hang-up can be reached by answering);
+* the safety rules, replayed over every path with the same triage rules the engine runs:
+  urgency never goes down (no outcome less urgent than the urgency reached, no hang-up
+  without a human at U2 or above), every danger-sign question has an answer that makes the
+  call U1 or U0 and its give-up path ends with a human, never a plain hang-up.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from voice.ivr.flow import (
+    PARAM_NAMES,
+    Ask,
+    Assess,
+    Branch,
+    Effect,
+    Finding,
+    Flow,
+    FlowSet,
+    Goto,
+    Hangup,
+    Node,
+    Record,
+    Say,
+    SetValues,
+    Transfer,
+    Webhook,
+    node_outcome,
+    parse_flow,
+    parse_flowset,
+    placeholders,
+    successors,
+)
+from voice.ivr.triage import RiskGroup, TriageState, Urgency, action_allows, with_risk
+
+DEFAULT_DIR = Path("ivr_flows")
+
+NodeRef = tuple[str, str]  # (flow id, node id)
+
+
+def check_files(paths: Iterable[str | Path]) -> list[Finding]:
+    """Every finding for ``paths`` (files or folders).
+
+    A file is checked together with the other flows in its folder, so targets such as
+    ``@triage`` resolve; only findings in the named files are returned.
+    """
+    findings: list[Finding] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            flowset, found = parse_flowset(p)
+            findings += found + check_flowset(flowset)
+            continue
+        flowset, found = parse_flowset(p.parent) if p.parent.is_dir() else (FlowSet({}), [])
+        flow, own = parse_flow(p)
+        if flow is not None and flow.id not in flowset.flows:
+            flowset = FlowSet({**flowset.flows, flow.id: flow}, flowset.routes, flowset.default)
+        wanted = {str(p)}
+        findings += own
+        findings += [f for f in found + check_flowset(flowset) if f.file in wanted]
+    return sorted(set(findings), key=lambda f: (f.file, f.line, f.message))
+
+
+def check_flowset(flowset: FlowSet) -> list[Finding]:
+    """Graph and safety findings for loaded flows (the schema is checked while loading)."""
+    out: list[Finding] = []
+    for flow in flowset.flows.values():
+        out += _Checker(flowset, flow).run()
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Abstract:
+    """What the safety replay tracks along a path: the triage state without its reasons."""
+
+    urgency: Urgency | None
+    risks: frozenset[RiskGroup]
+
+    def apply(self, effect: Effect | None) -> _Abstract:
+        if effect is None:
+            return self
+        tri = TriageState(self.urgency or Urgency.U5, (), self.risks)
+        if effect.risk is not None:
+            tri = tri.add_risk(effect.risk)
+        if effect.urgency is not None:
+            tri = tri.raise_to(effect.urgency, effect.reason)
+        return _Abstract(tri.urgency, tri.risk_groups)
+
+    def unclear(self) -> _Abstract:
+        # The engine raises an unclear danger-sign answer to U2 (risk groups do not step U2).
+        base = self.urgency or Urgency.U5
+        return _Abstract(base.at_least(with_risk(Urgency.U2, self.risks)), self.risks)
+
+
+class _Checker:
+    def __init__(self, flowset: FlowSet, flow: Flow) -> None:
+        self.flowset = flowset
+        self.flow = flow
+        self.file = str(flow.path)
+        self.findings: list[Finding] = []
+
+    def add(self, line: int, message: str) -> None:
+        self.findings.append(Finding(self.file, line, message))
+
+    def run(self) -> list[Finding]:
+        if not self.flow.start or self.flow.start not in self.flow.nodes:
+            return self.findings  # the schema finding says why; nothing to walk
+        self.targets()
+        if any(f.message.startswith("unknown target") for f in self.findings):
+            return self.findings
+        self.reachable()
+        self.dead_ends()
+        self.endless()
+        self.danger_signs()
+        self.safety_paths()
+        self.placeholders()
+        return self.findings
+
+    # -- structure
+
+    def resolve(self, target: str) -> NodeRef | None:
+        try:
+            flow, node_id = self.flowset.resolve(self.flow, target)
+        except KeyError:
+            return None
+        return (flow.id, node_id) if node_id in flow.nodes else None
+
+    def targets(self) -> None:
+        for node in self.flow.nodes.values():
+            lines = {c.goto: c.line for c in node.choices} if isinstance(node, Ask) else {}
+            for target, _, _ in successors(node):
+                if self.resolve(target) is None:
+                    self.add(lines.get(target, node.line), f"unknown target {target!r}")
+
+    def edges(self, ref: NodeRef) -> list[NodeRef]:
+        flow = self.flowset.get(ref[0])
+        out = []
+        for target, _, _ in successors(flow.nodes[ref[1]]):
+            try:
+                other, node_id = self.flowset.resolve(flow, target)
+            except KeyError:
+                continue
+            if node_id in other.nodes:
+                out.append((other.id, node_id))
+        return out
+
+    def reachable(self) -> None:
+        entries = {(self.flow.id, self.flow.start)}
+        # Nodes other flows jump into (``@flow:node``) are entries too.
+        for other in self.flowset.flows.values():
+            for node in other.nodes.values():
+                for target, _, _ in successors(node):
+                    if target.startswith(f"@{self.flow.id}:"):
+                        entries.add((self.flow.id, target.partition(":")[2]))
+        seen = set(entries)
+        queue = deque(entries)
+        while queue:
+            ref = queue.popleft()
+            for nxt in self.edges(ref):
+                if nxt[0] == self.flow.id and nxt not in seen:
+                    seen.add(nxt)
+                    queue.append(nxt)
+        for node_id, node in self.flow.nodes.items():
+            if (self.flow.id, node_id) not in seen:
+                self.add(node.line, f"unreachable node {node_id!r}")
+
+    def dead_ends(self) -> None:
+        for node in self.flow.nodes.values():
+            if isinstance(node, Branch) and node.default is None:
+                if node.on == "urgency":
+                    missing = [u.name for u in Urgency if u.name not in dict(node.cases)]
+                    if missing:
+                        self.add(
+                            node.line,
+                            f"dead end: branch {node.id!r} has no case for "
+                            f"{', '.join(missing)} and no default",
+                        )
+                else:
+                    self.add(
+                        node.line,
+                        f"dead end: branch {node.id!r} on {node.on!r} has no default",
+                    )
+
+    def endless(self) -> None:
+        """Loops that never wait, and nodes from which no answer leads to an end."""
+        flowset = self.flowset
+        all_refs = [(f.id, n) for f in flowset.flows.values() for n in f.nodes]
+        can_end: set[NodeRef] = {
+            r for r in all_refs if isinstance(flowset.get(r[0]).nodes[r[1]], Transfer | Hangup)
+        }
+        changed = True
+        while changed:
+            changed = False
+            for ref in all_refs:
+                if ref not in can_end and any(n in can_end for n in self.edges(ref)):
+                    can_end.add(ref)
+                    changed = True
+        for node_id, node in self.flow.nodes.items():
+            if (self.flow.id, node_id) not in can_end:
+                self.add(node.line, f"path never ends: no hang-up or transfer after {node_id!r}")
+        # A cycle of nodes that never wait for the caller spins for ever.
+        instant = (SetValues, Assess, Goto, Branch)
+        state: dict[NodeRef, int] = {}
+
+        def visit(ref: NodeRef) -> NodeRef | None:
+            state[ref] = 1
+            for nxt in self.edges(ref):
+                if not isinstance(flowset.get(nxt[0]).nodes[nxt[1]], instant):
+                    continue
+                if state.get(nxt) == 1:
+                    return nxt
+                if nxt not in state:
+                    found = visit(nxt)
+                    if found is not None:
+                        return found
+            state[ref] = 2
+            return None
+
+        for node_id, node in self.flow.nodes.items():
+            ref = (self.flow.id, node_id)
+            if isinstance(node, instant) and ref not in state:
+                looped = visit(ref)
+                if looped is not None and looped[0] == self.flow.id:
+                    line = self.flow.nodes[looped[1]].line
+                    self.add(line, f"loop without waiting for the caller at {looped[1]!r}")
+
+    # -- safety
+
+    def danger_signs(self) -> None:
+        for node in self.flow.nodes.values():
+            if not isinstance(node, Ask) or not node.danger_sign:
+                continue
+            if not any(
+                c.effect is not None and c.effect.urgency is not None and c.effect.urgency <= 1
+                for c in node.choices
+            ):
+                self.add(node.line, f"danger-sign ask {node.id!r} has no answer giving U1 or U0")
+            if node.on_fail is not None:
+                start = self.resolve(node.on_fail)
+                if start is not None:
+                    bad = self.first_hangup(start)
+                    if bad is not None:
+                        self.add(
+                            node.line,
+                            f"danger-sign ask {node.id!r}: no input or no match can end "
+                            f"without a human (hang-up {bad[1]!r})",
+                        )
+
+    def first_hangup(self, start: NodeRef) -> NodeRef | None:
+        seen = {start}
+        queue = deque([start])
+        while queue:
+            ref = queue.popleft()
+            node = self.flowset.get(ref[0]).nodes[ref[1]]
+            if isinstance(node, Hangup):
+                return ref
+            if isinstance(node, Transfer):
+                continue  # a human takes over here
+            for nxt in self.edges(ref):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    queue.append(nxt)
+        return None
+
+    def safety_paths(self) -> None:
+        """Replay triage effects over every path from the start; check every outcome."""
+        start = (self.flow.id, self.flow.start)
+        init = _Abstract(None, frozenset())
+        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None] = {
+            (start, init): None
+        }
+        queue = deque([(start, init)])
+        reported: set[tuple[NodeRef, str]] = set()
+        while queue:
+            ref, ab = item = queue.popleft()
+            flow = self.flowset.get(ref[0])
+            node = flow.nodes[ref[1]]
+            problem = self.outcome_problem(node, ab)
+            if problem and (ref, problem) not in reported and ref[0] == self.flow.id:
+                reported.add((ref, problem))
+                via = self.trail(parent, item)
+                self.add(node.line, f"{problem} (path: {via})")
+            for nxt_ab, target in self.moves(flow, node, ab):
+                try:
+                    other, node_id = self.flowset.resolve(flow, target)
+                except KeyError:
+                    continue
+                if node_id not in other.nodes:
+                    continue
+                key = ((other.id, node_id), nxt_ab)
+                if key not in parent:
+                    parent[key] = item
+                    queue.append(key)
+
+    def moves(self, flow: Flow, node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
+        if isinstance(node, Branch) and node.on == "urgency":
+            level = (ab.urgency or Urgency.U5).name
+            target = dict(node.cases).get(level, node.default)
+            return [] if target is None else [(ab, target)]
+        out = [(ab.apply(effect), target) for target, effect, _ in successors(node)]
+        if isinstance(node, Ask) and node.danger_sign:
+            unclear = ab.unclear()
+            out += [(unclear.apply(c.effect), c.goto) for c in node.choices]
+            if node.on_fail is not None:
+                out.append((unclear, node.on_fail))
+        del flow
+        return out
+
+    def outcome_problem(self, node: Node, ab: _Abstract) -> str:
+        if ab.urgency is None or not isinstance(node, Transfer | Hangup):
+            return ""
+        action = node_outcome(node)
+        if action is not None and not action_allows(action, ab.urgency):
+            return (
+                f"urgency would go down: outcome {action.value} reached at {ab.urgency.name}"
+            )
+        if isinstance(node, Hangup) and action is None and ab.urgency <= Urgency.U2:
+            return f"call can end without a human at {ab.urgency.name}"
+        return ""
+
+    @staticmethod
+    def trail(
+        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None],
+        item: tuple[NodeRef, _Abstract],
+    ) -> str:
+        names: list[str] = []
+        cur: tuple[NodeRef, _Abstract] | None = item
+        while cur is not None and len(names) < 50:
+            names.append(cur[0][1])
+            cur = parent[cur]
+        return " > ".join(reversed(names))
+
+    # -- texts
+
+    def placeholders(self) -> None:
+        known = set(PARAM_NAMES)
+        prefixes: set[str] = set()
+        for flow in self.flowset.flows.values():
+            for n in flow.nodes.values():
+                if isinstance(n, Ask) and n.save:
+                    known.add(n.save)
+                elif isinstance(n, SetValues):
+                    known.update(k for k, _ in n.values)
+                elif isinstance(n, Record):
+                    known.add(n.save)
+                elif isinstance(n, Webhook):
+                    prefixes.add(n.save + ".")
+        for node in self.flow.nodes.values():
+            for text in _texts(node):
+                for name in placeholders(text):
+                    if name not in known and not any(name.startswith(p) for p in prefixes):
+                        self.add(node.line, f"unknown placeholder {{{name}}}")
+            if isinstance(node, Branch) and node.on != "urgency":
+                name = node.on
+                if name not in known and not any(name.startswith(p) for p in prefixes):
+                    self.add(node.line, f"branch on {name!r}, which nothing collects")
+
+
+def _texts(node: Node) -> list[str]:
+    if isinstance(node, Say):
+        return [node.text]
+    if isinstance(node, Ask):
+        return [node.prompt, node.keypad_prompt or "", *node.noinput, *node.nomatch]
+    if isinstance(node, Transfer | Record | Hangup):
+        return [node.prompt]
+    if isinstance(node, SetValues):
+        return [v for _, v in node.values]
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``clinic-voice flow check [FILES]``: print findings; 0 when clean, 1 otherwise."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in {"-h", "--help"}:
+        print("usage: clinic-voice flow check [FILE_OR_DIR ...]  (default: ivr_flows/)")
+        return 0
+    paths = [Path(a) for a in args] or [DEFAULT_DIR]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        for p in missing:
+            print(f"{p}:1: no such file", file=sys.stderr)
+        return 1
+    findings = check_files(paths)
+    for finding in findings:
+        print(finding)
+    if not findings:
+        print(f"ok: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 1 if findings else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

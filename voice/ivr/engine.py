@@ -1,0 +1,804 @@
+"""The flow engine: a pure state machine from call events to call actions.
+
+No I/O: the session (``voice/ivr/session.py``) owns SIP, audio, speech recognition, timers and
+HTTP, feeds :class:`Event` s in and carries :class:`Action` s out::
+
+    engine = Engine(flowset, params)
+    state, actions = engine.start(flowset.route(called_user))
+    while state.phase is not Phase.ENDED:
+        state, actions = engine.handle(state, next_event())
+
+VoiceXML semantics kept here:
+
+* every prompt is a :class:`Play`; the session answers with :class:`PromptDone` when it has
+  finished (or after a :class:`StopPlay`). An ask's :class:`Listen` comes after its prompt;
+  during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
+  at once, the engine then answers :class:`StopPlay` and goes on;
+* keys pressed while a prompt plays are kept (type-ahead) and consumed by the next ask, whose
+  prompt is then skipped;
+* each ask counts its noinputs and nomatches and tapers its reprompts; low confidence is a
+  nomatch; when a counter runs out the caller goes to the ask's ``on_fail`` or a human;
+* anywhere, ``*`` repeats the prompt and ``0`` reaches a human (staff, or the nurse in the
+  triage);
+* safety: a triage's urgency never goes down (checked on every step), any unclear answer to a
+  danger-sign question raises the call to U2 at least, and an outcome less urgent than the
+  call's urgency is replaced by a transfer to a nurse.
+
+Events that do not fit the current phase (a late :class:`PromptDone`, a :class:`NoInput`
+while a prompt plays) are stale races between threads and are ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from urllib.parse import quote
+
+from voice.ivr.flow import (
+    HUMAN_PHRASES,
+    REPEAT_PHRASES,
+    Ask,
+    Assess,
+    Branch,
+    Choice,
+    Effect,
+    Flow,
+    FlowParams,
+    FlowSet,
+    Goto,
+    Hangup,
+    Human,
+    Node,
+    Record,
+    Say,
+    SetValues,
+    Transfer,
+    Webhook,
+    node_outcome,
+    render,
+)
+from voice.ivr.triage import (
+    TriageAction,
+    TriageState,
+    Urgency,
+    action_allows,
+    ensure_not_lowered,
+)
+
+log = logging.getLogger(__name__)
+
+# A flow that runs this many nodes without waiting for the caller loops; flow check finds it,
+# this keeps a broken flow from hanging the session.
+MAX_STEPS = 200
+SUMMARY_HEADER = "X-Clinic-Summary"
+URGENCY_HEADER = "X-Clinic-Urgency"
+
+
+class EngineError(Exception):
+    """The flow cannot go on (a loop or a missing node); the call ends with ``status``."""
+
+    status = 500
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Digit:
+    """A DTMF key (``0``-``9``, ``*``, ``#``)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResult:
+    """What the recogniser heard, with its confidence 0..1."""
+
+    text: str
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class NoInput:
+    """The listen timeout passed with nothing (or, in a digits ask, nothing more) heard."""
+
+
+@dataclass(frozen=True, slots=True)
+class PromptDone:
+    """The last :class:`Play` finished or was stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookResult:
+    """The webhook answered (``ok``, with the reply's fields) or failed or timed out."""
+
+    ok: bool
+    data: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """The REFER was accepted (``ok``) or refused/failed."""
+
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDone:
+    """A recording ended; ``ref`` names it for the call record (a file name, not audio)."""
+
+    ref: str = ""
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """The caller hung up."""
+
+
+Event = (
+    Digit
+    | SpeechResult
+    | NoInput
+    | PromptDone
+    | WebhookResult
+    | TransferResult
+    | RecordDone
+    | HangUp
+)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Play:
+    """Speak ``text`` (or play ``audio``); ``barge_in``: input may cut it short."""
+
+    text: str
+    audio: str | None = None
+    barge_in: bool = True
+    language: str = "en"
+
+
+@dataclass(frozen=True, slots=True)
+class StopPlay:
+    """Stop the prompt now (barge-in); the session still answers :class:`PromptDone`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Collect input: keys and (when ``speech``) one of ``phrases`` within ``timeout_s``."""
+
+    phrases: tuple[str, ...]
+    keys: tuple[str, ...]
+    timeout_s: float
+    speech: bool
+    max_digits: int = 1
+    terminator: str = ""
+    language: str = "en"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferCall:
+    """Blind transfer (REFER) to ``uri`` with the call summary in ``headers``."""
+
+    uri: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAudio:
+    """Record the caller for at most ``max_s`` seconds; answer :class:`RecordDone`."""
+
+    max_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class PostWebhook:
+    """POST ``values`` to the URL configured for ``url_key``; answer :class:`WebhookResult`."""
+
+    url_key: str
+    values: Mapping[str, str]
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class HangupCall:
+    """End the call."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathStep:
+    """One node the call went through and the input that left it."""
+
+    flow: str
+    node: str
+    input: str = ""  # "digit", "speech", "noinput", "nomatch", "webhook", "record", ...
+    value: str = ""
+    confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """The result of a call, for the call store. Holds health data: never log it."""
+
+    flow: str
+    path: tuple[PathStep, ...]
+    values: tuple[tuple[str, str], ...]
+    urgency: Urgency | None
+    reasons: tuple[str, ...]
+    action: TriageAction | None
+    transfer_target: str | None
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Keep ``record`` (emitted once, when the call ends)."""
+
+    record: CallRecord
+
+
+# The names the task brief proposes; ``Transfer``/``Record``/``Hangup`` are also node kinds.
+Action = Play | StopPlay | Listen | TransferCall | RecordAudio | PostWebhook | HangupCall | Store
+
+
+# --------------------------------------------------------------------------- state
+
+
+class Phase(enum.StrEnum):
+    """What the call is waiting for."""
+
+    PLAYING = "playing"  # a prompt: PromptDone
+    LISTENING = "listening"  # input: Digit, SpeechResult, NoInput
+    WEBHOOK = "webhook"
+    TRANSFERRING = "transferring"
+    RECORDING = "recording"
+    ENDED = "ended"
+
+
+class Pending(enum.StrEnum):
+    """What happens when the current prompt is done."""
+
+    NEXT = "next"  # a say node: go on
+    LISTEN = "listen"  # an ask: listen
+    TRANSFER = "transfer"
+    RECORD = "record"
+    HANGUP = "hangup"
+
+
+@dataclass(frozen=True, slots=True)
+class CallState:
+    """Everything the engine knows about one call; a new value on every step."""
+
+    flow: str
+    node: str
+    phase: Phase = Phase.PLAYING
+    pending: Pending = Pending.NEXT
+    barge_in: bool = True
+    values: tuple[tuple[str, str], ...] = ()
+    typeahead: str = ""
+    digits: str = ""
+    noinput: int = 0
+    nomatch: int = 0
+    triage: TriageState | None = None
+    path: tuple[PathStep, ...] = ()
+    transfer_uri: str | None = None
+    transfer_on_fail: str | None = None
+    transfer_target: str | None = None
+    outcome: str = ""
+    triage_action: TriageAction | None = None
+
+    def value(self, name: str) -> str | None:
+        """A collected value, or ``None``."""
+        return dict(self.values).get(name)
+
+    def with_value(self, name: str, value: str) -> CallState:
+        """This state with ``name`` set to ``value``."""
+        values = dict(self.values)
+        values[name] = value
+        return replace(self, values=tuple(values.items()))
+
+
+Result = tuple[CallState, list[Action]]
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation to spaces, single spaces (keeps Hangul and other letters)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def phrase_in(phrase: str, heard: str) -> bool:
+    """Whether the words of ``phrase`` occur in order, as whole words, in ``heard``."""
+    want, got = normalise(phrase).split(), normalise(heard).split()
+    return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got)))
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Runs flows of a :class:`FlowSet`; holds no per-call state (that is :class:`CallState`)."""
+
+    def __init__(self, flowset: FlowSet, params: FlowParams) -> None:
+        self.flowset = flowset
+        self.params = params
+
+    # -- public
+
+    def start(self, flow: Flow) -> Result:
+        """A new call in ``flow``: the state and the first actions."""
+        state = CallState(flow=flow.id, node=flow.start)
+        return self._enter(state, flow, flow.start, [])
+
+    def handle(self, state: CallState, event: Event) -> Result:
+        """Apply ``event`` to ``state``: the new state and the actions to carry out."""
+        if state.phase is Phase.ENDED:
+            return state, []
+        if isinstance(event, HangUp):
+            return self._end(state, state.outcome or "caller_hung_up", [], hangup=False)
+        new, actions = self._dispatch(state, event)
+        ensure_not_lowered(state.triage, new.triage)
+        if new.phase is not state.phase or new.node != state.node:
+            log.debug("ivr %s:%s %s -> %s", new.flow, new.node, state.phase, new.phase)
+        return new, actions
+
+    # -- events by phase
+
+    def _dispatch(self, state: CallState, event: Event) -> Result:
+        flow = self.flowset.get(state.flow)
+        node = flow.nodes.get(state.node)
+        if isinstance(event, PromptDone):
+            return self._prompt_done(state, flow, node) if state.phase is Phase.PLAYING else (
+                state,
+                [],
+            )
+        if isinstance(event, Digit):
+            return self._digit(state, flow, node, event.key)
+        if isinstance(event, SpeechResult):
+            return self._speech(state, flow, node, event)
+        if isinstance(event, NoInput):
+            if state.phase is Phase.LISTENING and isinstance(node, Ask):
+                return self._noinput(state, flow, node)
+            return state, []
+        if isinstance(event, WebhookResult):
+            if state.phase is Phase.WEBHOOK and isinstance(node, Webhook):
+                return self._webhook_done(state, flow, node, event)
+            return state, []
+        if isinstance(event, TransferResult):
+            if state.phase is Phase.TRANSFERRING:
+                return self._transfer_done(state, flow, event.ok)
+            return state, []
+        if isinstance(event, RecordDone):
+            if state.phase is Phase.RECORDING and isinstance(node, Record):
+                state = state.with_value(node.save, event.ref or "recorded")
+                state = self._step(state, "record", f"{event.duration_s:.0f}s")
+                return self._enter(state, flow, node.next, [])
+            return state, []
+        return state, []
+
+    def _prompt_done(self, state: CallState, flow: Flow, node: Node | None) -> Result:
+        if state.pending is Pending.LISTEN and isinstance(node, Ask):
+            return self._listen(state, flow, node, [])
+        if state.pending is Pending.NEXT and isinstance(node, Say):
+            return self._enter(state, flow, node.next, [])
+        if state.pending is Pending.TRANSFER and state.transfer_uri is not None:
+            state = replace(state, phase=Phase.TRANSFERRING)
+            return state, [TransferCall(state.transfer_uri, self._summary(state))]
+        if state.pending is Pending.RECORD and isinstance(node, Record):
+            return replace(state, phase=Phase.RECORDING), [RecordAudio(node.max_s)]
+        if state.pending is Pending.HANGUP:
+            return self._end(state, state.outcome or "completed", [], hangup=True)
+        return state, []
+
+    def _digit(self, state: CallState, flow: Flow, node: Node | None, key: str) -> Result:
+        if state.phase is Phase.LISTENING and isinstance(node, Ask):
+            return self._key(state, flow, node, key)
+        if state.phase is Phase.PLAYING and state.pending in {Pending.NEXT, Pending.LISTEN}:
+            state = replace(state, typeahead=state.typeahead + key)
+            if state.barge_in:
+                new, actions = self._prompt_done(state, flow, node)
+                return new, [StopPlay(), *actions]
+            return state, []
+        if state.phase is Phase.WEBHOOK:
+            return replace(state, typeahead=state.typeahead + key), []
+        return state, []
+
+    def _speech(self, state: CallState, flow: Flow, node: Node | None, ev: SpeechResult) -> Result:
+        if not isinstance(node, Ask):
+            return state, []
+        if state.phase is Phase.LISTENING:
+            return self._heard(state, flow, node, ev)
+        if state.phase is Phase.PLAYING and state.pending is Pending.LISTEN and state.barge_in:
+            new, actions = self._heard(replace(state, phase=Phase.LISTENING), flow, node, ev)
+            return new, [StopPlay(), *actions]
+        return state, []
+
+    # -- running nodes until one waits
+
+    def _enter(self, state: CallState, flow: Flow, target: str, actions: list[Action]) -> Result:
+        flow, node_id = self._resolve(flow, target)
+        for _ in range(MAX_STEPS):
+            node = flow.nodes.get(node_id)
+            if node is None:
+                raise EngineError(f"{flow.id}: no node {node_id!r}")
+            state = replace(
+                state, flow=flow.id, node=node_id, noinput=0, nomatch=0, digits="", pending=Pending.NEXT
+            )
+            if isinstance(node, SetValues):
+                for name, text in node.values:
+                    state = state.with_value(name, self._render(state, text))
+                state = self._step(state)
+                flow, node_id = self._resolve(flow, node.next)
+            elif isinstance(node, Assess):
+                state = self._step(self._apply(state, node.effect))
+                flow, node_id = self._resolve(flow, node.next)
+            elif isinstance(node, Goto):
+                state = self._step(state)
+                flow, node_id = self._resolve(flow, node.target)
+            elif isinstance(node, Branch):
+                chosen = self._branch(state, node)
+                state = self._step(state, "branch", chosen or "")
+                if chosen is None:
+                    raise EngineError(f"{flow.id}:{node.id}: no case and no default")
+                flow, node_id = self._resolve(flow, chosen)
+            else:
+                return self._wait_at(state, flow, node, actions)
+        raise EngineError(f"{flow.id}: more than {MAX_STEPS} steps without waiting")
+
+    def _wait_at(self, state: CallState, flow: Flow, node: Node, actions: list[Action]) -> Result:
+        if isinstance(node, Say):
+            state = replace(state, phase=Phase.PLAYING, pending=Pending.NEXT, barge_in=node.barge_in)
+            state = self._step(state)
+            text = self._render(state, node.text)
+            return state, [*actions, Play(text, node.audio, node.barge_in, flow.language)]
+        if isinstance(node, Ask):
+            state = self._step(state)
+            return self._ask(state, flow, node, actions)
+        if isinstance(node, Webhook):
+            values = {name: state.value(name) or "" for name in node.values}
+            values.update({k: self._render(state, v) for k, v in node.extra})
+            if state.triage is not None:
+                values.setdefault("urgency", state.triage.urgency.name)
+            state = self._step(replace(state, phase=Phase.WEBHOOK))
+            return state, [*actions, PostWebhook(node.url, values, node.timeout_s)]
+        if isinstance(node, Record):
+            state = replace(state, phase=Phase.PLAYING, pending=Pending.RECORD, barge_in=False)
+            state = self._step(state)
+            if not node.prompt:
+                return replace(state, phase=Phase.RECORDING), [*actions, RecordAudio(node.max_s)]
+            return state, [*actions, self._play(state, flow, node.prompt, barge_in=False)]
+        if isinstance(node, Transfer | Hangup):
+            return self._terminal(state, flow, node, actions)
+        raise EngineError(f"{flow.id}:{state.node}: cannot run {type(node).__name__}")
+
+    def _terminal(
+        self, state: CallState, flow: Flow, node: Transfer | Hangup, actions: list[Action]
+    ) -> Result:
+        state = self._step(state)
+        action = node_outcome(node)
+        tri = state.triage
+        unsafe = tri is not None and (
+            (action is not None and not action_allows(action, tri.urgency))
+            or (isinstance(node, Hangup) and action is None and tri.urgency <= Urgency.U2)
+        )
+        if unsafe:
+            # The safety rule in code: never end a call below the urgency it has reached.
+            log.error("ivr %s:%s: outcome below the call's urgency, escalating", flow.id, node.id)
+            return self._to_human(
+                state, flow, "outcome below urgency", actions, text="safety_escalation"
+            )
+        state = replace(state, outcome=node.outcome, triage_action=action)
+        if isinstance(node, Hangup):
+            if not node.prompt:
+                return self._end(state, node.outcome, actions, hangup=True)
+            state = replace(state, phase=Phase.PLAYING, pending=Pending.HANGUP, barge_in=False)
+            return state, [*actions, self._play(state, flow, node.prompt, barge_in=False)]
+        uri = self.params.human_uri(node.to)
+        state = replace(
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.TRANSFER,
+            barge_in=False,
+            transfer_uri=uri,
+            transfer_on_fail=node.on_fail,
+        )
+        if not node.prompt:
+            return replace(state, phase=Phase.TRANSFERRING), [
+                *actions,
+                TransferCall(uri, self._summary(state)),
+            ]
+        return state, [*actions, self._play(state, flow, node.prompt, barge_in=False)]
+
+    # -- asks
+
+    def _ask(self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]) -> Result:
+        if state.typeahead:
+            # Type-ahead: keys pressed during earlier prompts answer this ask, no prompt.
+            return self._consume_typeahead(replace(state, phase=Phase.LISTENING), flow, ask, actions)
+        return self._prompt(state, flow, ask, flow.ask_prompt(ask, self._speech_on(ask)), actions)
+
+    def _prompt(
+        self, state: CallState, flow: Flow, ask: Ask, text: str, actions: list[Action]
+    ) -> Result:
+        state = replace(state, phase=Phase.PLAYING, pending=Pending.LISTEN, barge_in=ask.barge_in)
+        return state, [*actions, self._play(state, flow, text, barge_in=ask.barge_in)]
+
+    def _consume_typeahead(
+        self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]
+    ) -> Result:
+        node_id, flow_id = state.node, state.flow
+        while state.typeahead and state.node == node_id and state.flow == flow_id:
+            if state.phase is not Phase.LISTENING:
+                break
+            key, rest = state.typeahead[0], state.typeahead[1:]
+            state, more = self._key(replace(state, typeahead=rest), flow, ask, key)
+            actions = [*actions, *more]
+        return state, actions
+
+    def _listen(self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]) -> Result:
+        state = replace(state, phase=Phase.LISTENING)
+        if state.typeahead:
+            return self._consume_typeahead(state, flow, ask, actions)
+        speech = self._speech_on(ask) and ask.digits is None
+        lang = flow.language
+        if ask.digits is not None:
+            listen = Listen(
+                phrases=(),
+                keys=tuple("0123456789*#"),
+                timeout_s=ask.timeout_s,
+                speech=False,
+                max_digits=ask.digits.max_digits,
+                terminator=ask.digits.terminator,
+                language=lang,
+            )
+        else:
+            phrases = [p for c in ask.choices for p in c.phrases] if speech else []
+            if speech:
+                phrases += [*HUMAN_PHRASES[lang], *REPEAT_PHRASES[lang]]
+            keys = [c.key for c in ask.choices if c.key] + ["0", "*"]
+            listen = Listen(tuple(phrases), tuple(keys), ask.timeout_s, speech, 1, "", lang)
+        return state, [*actions, listen]
+
+    def _key(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result:
+        if ask.digits is not None:
+            return self._digit_entry(state, flow, ask, key)
+        if key == "*":
+            return self._repeat(state, flow, ask)
+        if key == "0":
+            return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
+        for choice in ask.choices:
+            if choice.key == key:
+                return self._choose(state, flow, ask, choice, "digit", key, None)
+        return self._nomatch(self._step(state, "nomatch", key), flow, ask, low_confidence=False)
+
+    def _digit_entry(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result:
+        spec = ask.digits
+        assert spec is not None  # noqa: S101 - only called for digits asks
+        if key == "*":
+            return self._repeat(replace(state, digits=""), flow, ask)
+        if spec.terminator and key == spec.terminator:
+            return self._finish_digits(state, flow, ask)
+        if key not in "0123456789":
+            return self._nomatch(replace(state, digits=""), flow, ask, low_confidence=False)
+        state = replace(state, digits=state.digits + key)
+        if len(state.digits) >= spec.max_digits:
+            return self._finish_digits(state, flow, ask)
+        return state, []
+
+    def _finish_digits(self, state: CallState, flow: Flow, ask: Ask) -> Result:
+        spec = ask.digits
+        assert spec is not None  # noqa: S101 - only called for digits asks
+        entry = state.digits
+        state = replace(state, digits="")
+        if entry == "0":
+            return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
+        if len(entry) < spec.min_digits:
+            return self._nomatch(self._step(state, "nomatch", entry), flow, ask, False)
+        if ask.save:
+            state = state.with_value(ask.save, entry)
+        state = self._step(state, "digits", entry)
+        assert ask.next is not None  # noqa: S101 - the parser requires it
+        return self._enter(state, flow, ask.next, [])
+
+    def _heard(self, state: CallState, flow: Flow, ask: Ask, ev: SpeechResult) -> Result:
+        if ask.digits is not None or not self._speech_on(ask):
+            return state, []
+        lang = flow.language
+        if ev.confidence < ask.min_confidence:
+            state = self._step(state, "low_confidence", ev.text, ev.confidence)
+            return self._nomatch(state, flow, ask, low_confidence=True)
+        matches = [c for c in ask.choices if any(phrase_in(p, ev.text) for p in c.phrases)]
+        if len(matches) == 1:
+            return self._choose(state, flow, ask, matches[0], "speech", ev.text, ev.confidence)
+        if not matches and any(phrase_in(p, ev.text) for p in HUMAN_PHRASES[lang]):
+            state = self._step(state, "speech", ev.text, ev.confidence)
+            return self._to_human(state, flow, "caller asked", [])
+        if not matches and any(phrase_in(p, ev.text) for p in REPEAT_PHRASES[lang]):
+            return self._repeat(state, flow, ask)
+        state = self._step(state, "nomatch", ev.text, ev.confidence)
+        return self._nomatch(state, flow, ask, low_confidence=False)
+
+    def _choose(
+        self,
+        state: CallState,
+        flow: Flow,
+        ask: Ask,
+        choice: Choice,
+        kind: str,
+        heard: str,
+        confidence: float | None,
+    ) -> Result:
+        if ask.save:
+            state = state.with_value(ask.save, choice.value)
+        state = self._step(state, kind, heard, confidence)
+        if choice.effect is not None:
+            state = self._apply(state, choice.effect)
+        return self._enter(state, flow, choice.goto, [])
+
+    def _repeat(self, state: CallState, flow: Flow, ask: Ask) -> Result:
+        return self._prompt(state, flow, ask, flow.ask_prompt(ask, self._speech_on(ask)), [])
+
+    def _noinput(self, state: CallState, flow: Flow, ask: Ask) -> Result:
+        if ask.digits is not None and state.digits:
+            # The inter-digit timeout ends an entry without a terminator.
+            return self._finish_digits(state, flow, ask)
+        state = self._step(state, "noinput")
+        return self._count(replace(state, noinput=state.noinput + 1), flow, ask, "noinput")
+
+    def _nomatch(self, state: CallState, flow: Flow, ask: Ask, low_confidence: bool) -> Result:
+        del low_confidence  # a low-confidence result is a nomatch (recorded in the path)
+        return self._count(replace(state, nomatch=state.nomatch + 1), flow, ask, "nomatch")
+
+    def _count(self, state: CallState, flow: Flow, ask: Ask, kind: str) -> Result:
+        count, limit = (
+            (state.noinput, ask.max_noinput) if kind == "noinput" else (state.nomatch, ask.max_nomatch)
+        )
+        if ask.danger_sign:
+            # Safety rule: an unclear answer to a danger sign is never read as "no".
+            tri = state.triage or TriageState()
+            state = replace(state, triage=tri.raise_to(Urgency.U2, f"unclear answer: {ask.id}"))
+        if count >= limit:
+            if ask.on_fail is None:
+                return self._to_human(state, flow, f"{kind} limit", [])
+            return self._enter(state, flow, ask.on_fail, [])
+        text = flow.reprompt(ask, kind, count, self._speech_on(ask))
+        return self._prompt(replace(state, typeahead=""), flow, ask, text, [])
+
+    # -- webhooks and transfers
+
+    def _webhook_done(
+        self, state: CallState, flow: Flow, node: Webhook, ev: WebhookResult
+    ) -> Result:
+        for key, value in ev.data.items():
+            state = state.with_value(f"{node.save}.{key}", str(value))
+        state = self._step(state, "webhook", "ok" if ev.ok else "failed")
+        return self._enter(state, flow, node.next if ev.ok else node.on_fail, [])
+
+    def _transfer_done(self, state: CallState, flow: Flow, ok: bool) -> Result:
+        state = self._step(state, "transfer", "ok" if ok else "failed")
+        if ok:
+            state = replace(state, transfer_target=state.transfer_uri)
+            return self._end(state, state.outcome or "transferred", [], hangup=True)
+        if state.transfer_on_fail is not None:
+            target = state.transfer_on_fail
+            state = replace(state, transfer_uri=None, transfer_on_fail=None)
+            return self._enter(state, flow, target, [])
+        state = replace(
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.HANGUP,
+            barge_in=False,
+            outcome="transfer_failed",
+        )
+        return state, [self._play(state, flow, flow.texts("transfer_failed"), barge_in=False)]
+
+    def _to_human(
+        self,
+        state: CallState,
+        flow: Flow,
+        why: str,
+        actions: list[Action],
+        text: str = "",
+    ) -> Result:
+        """Put the caller through to the flow's human (0, failed asks, safety escalation)."""
+        human = flow.human
+        if text == "safety_escalation":
+            human = Human.NURSE  # an outcome that would lower urgency goes to a clinician
+        uri = self.params.human_uri(human)
+        if state.triage is not None:
+            state = replace(state, triage=state.triage.note(why))
+        state = replace(
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.TRANSFER,
+            barge_in=False,
+            transfer_uri=uri,
+            transfer_on_fail=None,
+            outcome=f"transfer_{human.value}",
+        )
+        prompt = flow.texts(text) if text else flow.human_prompt()
+        return state, [*actions, self._play(state, flow, prompt, barge_in=False)]
+
+    # -- helpers
+
+    def _end(self, state: CallState, outcome: str, actions: list[Action], hangup: bool) -> Result:
+        state = replace(state, phase=Phase.ENDED, outcome=outcome)
+        tri = state.triage
+        record = CallRecord(
+            flow=state.flow,
+            path=state.path,
+            values=state.values,
+            urgency=tri.urgency if tri else None,
+            reasons=tri.reasons if tri else (),
+            action=state.triage_action or (tri.action if tri else None),
+            transfer_target=state.transfer_target,
+            outcome=outcome,
+        )
+        out: list[Action] = [*actions, Store(record)]
+        if hangup:
+            out.append(HangupCall())
+        return state, out
+
+    def _apply(self, state: CallState, effect: Effect) -> CallState:
+        tri = state.triage or TriageState()
+        if effect.risk is not None:
+            tri = tri.add_risk(effect.risk)
+        if effect.urgency is not None:
+            tri = tri.raise_to(effect.urgency, effect.reason)
+        return replace(state, triage=tri)
+
+    def _branch(self, state: CallState, node: Branch) -> str | None:
+        if node.on == "urgency":
+            tri = state.triage or TriageState()
+            current = tri.urgency.name
+        else:
+            current = state.value(node.on) or ""
+        for value, target in node.cases:
+            if value == current:
+                return target
+        return node.default
+
+    def _resolve(self, flow: Flow, target: str) -> tuple[Flow, str]:
+        try:
+            return self.flowset.resolve(flow, target)
+        except KeyError:
+            raise EngineError(f"{flow.id}: unknown target {target!r}") from None
+
+    def _speech_on(self, ask: Ask) -> bool:
+        return self.params.speech_enabled and ask.mode.value != "keypad"
+
+    def _render(self, state: CallState, text: str) -> str:
+        values = dict(state.values)
+        values.update(self.params.values())
+        return render(text, values)
+
+    def _play(self, state: CallState, flow: Flow, text: str, barge_in: bool) -> Play:
+        return Play(self._render(state, text), None, barge_in, flow.language)
+
+    def _step(
+        self,
+        state: CallState,
+        kind: str = "",
+        value: str = "",
+        confidence: float | None = None,
+    ) -> CallState:
+        step = PathStep(state.flow, state.node, kind, value, confidence)
+        return replace(state, path=(*state.path, step))
+
+    def _summary(self, state: CallState) -> tuple[tuple[str, str], ...]:
+        """The headers a transfer carries: urgency and the collected values, URL-quoted."""
+        parts = [f"flow={state.flow}"]
+        headers: list[tuple[str, str]] = []
+        if state.triage is not None:
+            tri = state.triage
+            parts += [f"urgency={tri.urgency.name}", f"action={tri.action.value}"]
+            parts.append("reasons=" + ",".join(quote(r, safe=" ") for r in tri.reasons))
+            headers.append((URGENCY_HEADER, tri.urgency.name))
+        parts += [f"{k}={quote(v, safe=' ')}" for k, v in state.values]
+        headers.insert(0, (SUMMARY_HEADER, "; ".join(parts)))
+        return tuple(headers)

@@ -1,0 +1,986 @@
+"""IVR flows as data: YAML files with VoiceXML form semantics, loaded into typed nodes.
+
+A flow file::
+
+    id: triage            # unique; other flows reach it with the target "@triage"
+    language: en          # en or ko: the prompts' language and the speech grammar's
+    human: nurse          # who 0 (and every failed ask) reaches: staff or nurse
+    start: intro
+    nodes:
+      intro: {say: "...", next: for_whom}
+      for_whom:
+        ask:
+          prompt: "Is this call about yourself, a child, or someone else?"
+          choices:
+            - {key: "1", phrases: [myself, me], value: self, label: yourself, goto: danger}
+
+Node kinds: ``say``, ``ask``, ``branch``, ``set``, ``urgency`` (raise triage urgency),
+``transfer``, ``record``, ``webhook``, ``goto`` and ``hangup``. A target is a node id in the
+same flow, ``@flow`` (another flow's start) or ``@flow:node``. Texts may hold
+``{placeholders}``: flow parameters (``emergency_number``, ``clinic_name``) make a text
+static (rendered to audio at start-up), collected values make it dynamic.
+
+Every record keeps the file line it came from so ``flow check`` can say ``file:line: why``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from voice.ivr.triage import RiskGroup, TriageAction, Urgency
+
+ROUTES_FILE = "routes.yaml"
+PARAM_NAMES = frozenset({"emergency_number", "clinic_name"})
+RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
+DTMF_KEYS = frozenset("0123456789*#")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+_NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem in a flow file, printed as ``file:line: message``."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class FlowError(Exception):
+    """A flow or routes file cannot be used; carries every finding with its line."""
+
+    status = 500  # a broken flow is the service's fault, never the caller's
+
+    def __init__(self, findings: Iterable[Finding]) -> None:
+        self.findings = tuple(findings)
+        super().__init__("\n".join(str(f) for f in self.findings))
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True, slots=True)
+class FlowParams:
+    """What a flow needs from the settings and the running service."""
+
+    staff_uri: str = "sip:6200@127.0.0.1:5160"
+    nurse_uri: str = "sip:6100@127.0.0.1:5160"
+    emergency_number: str = "112"
+    speech_enabled: bool = False
+    clinic_name: str = "the clinic"
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, speech_enabled: bool | None = None) -> FlowParams:
+        """Build from :class:`sip_config.settings.Settings` (speech on when a model is set)."""
+        ivr = settings.ivr
+        return cls(
+            staff_uri=ivr.staff_uri,
+            nurse_uri=ivr.nurse_uri,
+            emergency_number=ivr.emergency_number,
+            speech_enabled=(ivr.vosk_model is not None)
+            if speech_enabled is None
+            else speech_enabled,
+            clinic_name=settings.clinic_name,
+        )
+
+    def values(self) -> dict[str, str]:
+        """The parameters a text may name."""
+        return {"emergency_number": self.emergency_number, "clinic_name": self.clinic_name}
+
+    def human_uri(self, human: str) -> str:
+        """SIP URI for ``staff``/``nurse``; anything else is already a URI."""
+        return {"staff": self.staff_uri, "nurse": self.nurse_uri}.get(human, human)
+
+
+def placeholders(text: str) -> set[str]:
+    """Names between braces in ``text``."""
+    return set(_PLACEHOLDER.findall(text))
+
+
+def render(text: str, values: Mapping[str, str]) -> str:
+    """Fill ``{name}`` from ``values``; an unknown name becomes empty (never a crash mid-call)."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), text)
+
+
+# --------------------------------------------------------------------------- system texts
+
+# Texts the engine speaks on its own, per language. Keep them short: they repeat a lot.
+SYSTEM_TEXTS: dict[str, dict[str, str]] = {
+    "en": {
+        "to_staff": "Connecting you to a member of staff.",
+        "to_nurse": "Connecting you to a nurse.",
+        "noinput": "Sorry, I did not hear anything.",
+        "nomatch": "Sorry, I did not understand.",
+        "transfer_failed": "Sorry, I could not connect you. If this is an emergency, "
+        "hang up and call {emergency_number} now. Otherwise please call again later.",
+        "safety_escalation": "To be safe, I will connect you to a nurse.",
+        "key_hint": "Press {key} for {label}.",
+        "speech_hint": "Say {label} or press {key}.",
+        "repeat_hint": "",
+    },
+    "ko": {
+        "to_staff": "직원에게 연결해 드리겠습니다.",
+        "to_nurse": "간호사에게 연결해 드리겠습니다.",
+        "noinput": "죄송합니다. 아무 말씀도 듣지 못했습니다.",
+        "nomatch": "죄송합니다. 이해하지 못했습니다.",
+        "transfer_failed": "죄송합니다. 연결하지 못했습니다. 응급 상황이면 전화를 끊고 "
+        "지금 {emergency_number}번으로 전화하세요.",
+        "safety_escalation": "안전을 위해 간호사에게 연결해 드리겠습니다.",
+        "key_hint": "{label}: {key}번을 누르세요.",
+        "speech_hint": "{label}라고 말하거나 {key}번을 누르세요.",
+        "repeat_hint": "",
+    },
+}
+LANGUAGES = frozenset(SYSTEM_TEXTS)
+# Words that reach a human or repeat the prompt in every ask, per language.
+HUMAN_PHRASES: dict[str, tuple[str, ...]] = {
+    "en": ("operator", "staff", "human", "person", "receptionist", "nurse"),
+    "ko": ("상담원", "직원", "간호사"),
+}
+REPEAT_PHRASES: dict[str, tuple[str, ...]] = {
+    "en": ("repeat", "again", "say that again"),
+    "ko": ("다시", "다시 말해 주세요"),
+}
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class InputMode(enum.StrEnum):
+    """How an ask listens; ``speech`` and ``both`` fall back to keypad without a model."""
+
+    KEYPAD = "keypad"
+    SPEECH = "speech"
+    BOTH = "both"
+
+
+class Human(enum.StrEnum):
+    """Who a caller reaches with 0 or when an ask gives up."""
+
+    STAFF = "staff"
+    NURSE = "nurse"
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """What an answer does to the triage: raise urgency (with a reason) and/or add a risk."""
+
+    urgency: Urgency | None = None
+    reason: str = ""
+    risk: RiskGroup | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One answer of an ask: a key and/or phrases, the value saved, where it goes."""
+
+    key: str | None
+    phrases: tuple[str, ...]
+    value: str
+    label: str
+    goto: str
+    effect: Effect | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class DigitSpec:
+    """A keypad entry of several digits (date of birth, patient number)."""
+
+    min_digits: int
+    max_digits: int
+    terminator: str = "#"
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """Play a text or an audio file, then go on."""
+
+    id: str
+    line: int
+    text: str
+    audio: str | None
+    barge_in: bool
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A VoiceXML field: prompt, listen, match, with noinput/nomatch counters per node."""
+
+    id: str
+    line: int
+    prompt: str
+    keypad_prompt: str | None
+    mode: InputMode
+    choices: tuple[Choice, ...]
+    digits: DigitSpec | None
+    save: str | None
+    next: str | None  # digits asks only: where a complete entry goes
+    timeout_s: float
+    noinput: tuple[str, ...]
+    nomatch: tuple[str, ...]
+    max_noinput: int
+    max_nomatch: int
+    min_confidence: float
+    barge_in: bool
+    on_fail: str | None  # None: the flow's human
+    danger_sign: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """Go on by a collected value (or ``urgency``): ``cases`` value -> target."""
+
+    id: str
+    line: int
+    on: str
+    cases: tuple[tuple[str, str], ...]
+    default: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetValues:
+    """Assign collected values (texts may use placeholders)."""
+
+    id: str
+    line: int
+    values: tuple[tuple[str, str], ...]
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class Assess:
+    """Raise triage urgency (and/or add a risk group) without asking anything."""
+
+    id: str
+    line: int
+    effect: Effect
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Blind transfer (REFER) to staff, nurse or a SIP URI, with the call summary."""
+
+    id: str
+    line: int
+    to: str
+    prompt: str
+    outcome: str
+    on_fail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Voicemail: a prompt, then record at most ``max_s`` seconds."""
+
+    id: str
+    line: int
+    prompt: str
+    max_s: int
+    save: str
+    next: str
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """POST collected values to a configured URL; the reply's fields land under ``save.``."""
+
+    id: str
+    line: int
+    url: str  # a key such as "scheduling", mapped to a URL by the session
+    values: tuple[str, ...]
+    extra: tuple[tuple[str, str], ...]
+    timeout_s: float
+    save: str
+    next: str
+    on_fail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Goto:
+    """Jump to a node or another flow (a sub-flow that does not return)."""
+
+    id: str
+    line: int
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hangup:
+    """Say goodbye (optionally) and end the call with an outcome."""
+
+    id: str
+    line: int
+    prompt: str
+    outcome: str
+
+
+Node = Say | Ask | Branch | SetValues | Assess | Transfer | Record | Webhook | Goto | Hangup
+
+
+def node_outcome(node: Node) -> TriageAction | None:
+    """The triage action a terminal node stands for, if its outcome names one."""
+    outcome = node.outcome if isinstance(node, Transfer | Hangup) else ""
+    try:
+        return TriageAction(outcome)
+    except ValueError:
+        return None
+
+
+def successors(node: Node) -> list[tuple[str, Effect | None, str]]:
+    """Edges out of ``node``: (target, effect, kind), ``kind`` naming the path taken."""
+    if isinstance(node, Say | SetValues | Record):
+        return [(node.next, None, "next")]
+    if isinstance(node, Assess):
+        return [(node.next, node.effect, "next")]
+    if isinstance(node, Goto):
+        return [(node.target, None, "goto")]
+    if isinstance(node, Branch):
+        out = [(t, None, f"case {v}") for v, t in node.cases]
+        if node.default is not None:
+            out.append((node.default, None, "default"))
+        return out
+    if isinstance(node, Webhook):
+        return [(node.next, None, "next"), (node.on_fail, None, "on_fail")]
+    if isinstance(node, Transfer):
+        return [] if node.on_fail is None else [(node.on_fail, None, "on_fail")]
+    if isinstance(node, Ask):
+        out = [(c.goto, c.effect, f"choice {c.key or c.value}") for c in node.choices]
+        if node.next is not None:
+            out.append((node.next, None, "next"))
+        if node.on_fail is not None:
+            out.append((node.on_fail, None, "on_fail"))
+        return out
+    return []
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """One loaded flow file."""
+
+    id: str
+    language: str
+    human: Human
+    start: str
+    nodes: Mapping[str, Node]
+    path: Path
+    line: int = 1
+
+    def node(self, node_id: str) -> Node:
+        """The node ``node_id`` (:class:`KeyError` if absent)."""
+        return self.nodes[node_id]
+
+    def texts(self, name: str) -> str:
+        """A system text in this flow's language."""
+        return SYSTEM_TEXTS[self.language][name]
+
+    def human_prompt(self) -> str:
+        """What the bot says before putting the caller through to a human."""
+        return self.texts("to_nurse" if self.human is Human.NURSE else "to_staff")
+
+    def ask_prompt(self, ask: Ask, speech: bool) -> str:
+        """The full prompt of ``ask``: question plus a generated hint from choice labels.
+
+        Without speech (no model, or a keypad ask) the hint says "press 1 for yes"; with
+        speech it says "say yes or press 1".
+        """
+        speech = speech and ask.mode is not InputMode.KEYPAD
+        if not speech and ask.keypad_prompt is not None:
+            return ask.keypad_prompt
+        template = self.texts("speech_hint" if speech else "key_hint")
+        hints = [
+            template.format(key=c.key, label=c.label) for c in ask.choices if c.label and c.key
+        ]
+        return " ".join([ask.prompt, *hints]).strip()
+
+    def reprompt(self, ask: Ask, kind: str, count: int, speech: bool) -> str:
+        """Tapered reprompt: the ``count``-th noinput/nomatch message, then the prompt."""
+        messages = ask.noinput if kind == "noinput" else ask.nomatch
+        message = messages[min(count, len(messages)) - 1] if messages else self.texts(kind)
+        return f"{message} {self.ask_prompt(ask, speech)}".strip()
+
+    def static_prompts(self, params: FlowParams) -> set[str]:
+        """Every text this flow can speak that depends only on ``params``, rendered.
+
+        The session renders these to audio at start-up; texts naming collected values are
+        rendered during the call.
+        """
+        values = params.values()
+        out: set[str] = set()
+
+        def add(text: str) -> None:
+            if text and placeholders(text) <= PARAM_NAMES:
+                out.add(render(text, values))
+
+        add(self.human_prompt())
+        add(self.texts("transfer_failed"))
+        add(self.texts("safety_escalation"))
+        for node in self.nodes.values():
+            if isinstance(node, Say) and node.audio is None:
+                add(node.text)
+            elif isinstance(node, Ask):
+                add(self.ask_prompt(node, params.speech_enabled))
+                for kind, limit in (("noinput", node.max_noinput), ("nomatch", node.max_nomatch)):
+                    for count in range(1, limit):
+                        add(self.reprompt(node, kind, count, params.speech_enabled))
+            elif isinstance(node, Transfer | Record | Hangup):
+                add(node.prompt)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSet:
+    """All flows of a folder plus ``routes.yaml``: which called user reaches which flow."""
+
+    flows: Mapping[str, Flow]
+    routes: Mapping[str, str] = field(default_factory=dict)
+    default: str = "main_menu"
+
+    def route(self, called_user: str) -> Flow:
+        """The flow for a called user or number; the default flow for anything unknown."""
+        return self.flows[self.routes.get(called_user, self.default)]
+
+    def get(self, flow_id: str) -> Flow:
+        """The flow ``flow_id`` (:class:`KeyError` if absent)."""
+        return self.flows[flow_id]
+
+    def resolve(self, flow: Flow, target: str) -> tuple[Flow, str]:
+        """(flow, node id) that ``target`` names from inside ``flow``."""
+        if target.startswith("@"):
+            flow_id, _, node_id = target[1:].partition(":")
+            other = self.flows[flow_id]
+            return other, node_id or other.start
+        return flow, target
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _Map(dict[str, Any]):
+    """A YAML mapping that remembers its line and each key's line."""
+
+    line: int = 1
+    key_lines: dict[str, int]
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class _Seq(list[Any]):
+    line: int = 1
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings and sequences carry 1-based line numbers.
+
+    Booleans are YAML 1.2's ``true``/``false`` only: YAML 1.1 would read the branch key
+    ``on:`` and the answers ``yes``/``no`` as booleans.
+    """
+
+
+_LineLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_LineLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_Map]:
+    data = _Map()
+    data.line = node.start_mark.line + 1
+    data.key_lines = {}
+    yield data
+    loader.flatten_mapping(node)
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        data[str(key)] = loader.construct_object(value_node, deep=True)
+        data.key_lines[str(key)] = key_node.start_mark.line + 1
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Iterator[_Seq]:
+    data = _Seq()
+    data.line = node.start_mark.line + 1
+    yield data
+    data.extend(loader.construct_sequence(node, deep=True))
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+def _read_yaml(path: Path) -> tuple[Any, list[Finding]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return None, [Finding(str(path), 1, f"cannot read: {exc.strerror}")]
+    try:
+        return yaml.load(text, Loader=_LineLoader), []  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        return None, [Finding(str(path), line, f"YAML: {problem}")]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Parser:
+    """Turns one YAML document into a :class:`Flow`, collecting findings with lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.findings: list[Finding] = []
+
+    def error(self, line: int, message: str) -> None:
+        self.findings.append(Finding(str(self.path), line, message))
+
+    # -- typed getters; each reports a finding and returns a safe default on a bad value
+
+    def text(self, m: _Map, key: str, default: str | None = None) -> str:
+        value = m.get(key, default)
+        if value is None:
+            self.error(m.line, f"missing {key!r}")
+            return ""
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.error(m.line_of(key), f"{key!r} must be text")
+            return ""
+        return str(value)
+
+    def opt_text(self, m: _Map, key: str) -> str | None:
+        return self.text(m, key) if key in m else None
+
+    def number(self, m: _Map, key: str, default: float, lo: float, hi: float) -> float:
+        value = m.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(m.line_of(key), f"{key!r} must be a number")
+            return default
+        if not lo <= value <= hi:
+            self.error(m.line_of(key), f"{key!r} must be between {lo:g} and {hi:g}")
+            return default
+        return float(value)
+
+    def flag(self, m: _Map, key: str, default: bool) -> bool:
+        value = m.get(key, default)
+        if not isinstance(value, bool):
+            self.error(m.line_of(key), f"{key!r} must be true or false")
+            return default
+        return value
+
+    def texts(self, m: _Map, key: str) -> tuple[str, ...]:
+        value = m.get(key, [])
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+            self.error(m.line_of(key), f"{key!r} must be a text or a list of texts")
+            return ()
+        return tuple(str(v) for v in value)
+
+    def mapping(self, value: Any, line: int, what: str) -> _Map | None:
+        if not isinstance(value, _Map):
+            self.error(line, f"{what} must be a mapping")
+            return None
+        return value
+
+    def known(self, m: _Map, allowed: set[str], what: str) -> None:
+        for key in m:
+            if key not in allowed:
+                self.error(m.line_of(key), f"unknown key {key!r} in {what}")
+
+    def effect(self, m: _Map) -> Effect | None:
+        if not {"urgency", "risk"} & set(m):
+            if "reason" in m:
+                self.error(m.line_of("reason"), "'reason' without 'urgency' or 'risk'")
+            return None
+        urgency = risk = None
+        if "urgency" in m:
+            try:
+                urgency = Urgency.parse(self.text(m, "urgency"))
+            except ValueError as exc:
+                self.error(m.line_of("urgency"), str(exc))
+        if "risk" in m:
+            try:
+                risk = RiskGroup(self.text(m, "risk"))
+            except ValueError:
+                names = ", ".join(g.value for g in RiskGroup)
+                self.error(m.line_of("risk"), f"unknown risk group (expected one of {names})")
+        reason = self.text(m, "reason", "")
+        if urgency is not None and not reason:
+            self.error(m.line_of("urgency"), "an urgency needs a 'reason'")
+        return Effect(urgency=urgency, reason=reason, risk=risk)
+
+    # -- the document
+
+    def flow(self, doc: Any) -> Flow | None:
+        top = self.mapping(doc, 1, "a flow file")
+        if top is None:
+            return None
+        self.known(top, {"id", "language", "human", "start", "nodes"}, "the flow")
+        flow_id = self.text(top, "id", self.path.stem)
+        language = self.text(top, "language")
+        if language and language not in LANGUAGES:
+            self.error(top.line_of("language"), f"unknown language {language!r}")
+            language = "en"
+        try:
+            human = Human(self.text(top, "human", "staff"))
+        except ValueError:
+            self.error(top.line_of("human"), "'human' must be staff or nurse")
+            human = Human.STAFF
+        start = self.text(top, "start")
+        raw_nodes = self.mapping(top.get("nodes"), top.line_of("nodes"), "'nodes'")
+        nodes: dict[str, Node] = {}
+        for node_id, raw in (raw_nodes or {}).items():
+            line = raw_nodes.line_of(node_id) if raw_nodes is not None else 1
+            if not _NODE_ID.fullmatch(node_id):
+                self.error(line, f"bad node id {node_id!r} (letters, digits, _)")
+            body = self.mapping(raw, line, f"node {node_id!r}")
+            if body is not None:
+                node = self.node(node_id, body)
+                if node is not None:
+                    nodes[node_id] = node
+        if start and raw_nodes is not None and start not in raw_nodes:
+            self.error(top.line_of("start"), f"start node {start!r} does not exist")
+        return Flow(
+            id=flow_id,
+            language=language or "en",
+            human=human,
+            start=start,
+            nodes=nodes,
+            path=self.path,
+            line=top.line,
+        )
+
+    def node(self, node_id: str, m: _Map) -> Node | None:
+        kinds = [
+            k
+            for k in ("say", "ask", "branch", "set", "urgency", "transfer", "record")
+            + ("webhook", "goto", "hangup")
+            if k in m
+        ]
+        if len(kinds) != 1:
+            what = "no node kind" if not kinds else f"several node kinds ({', '.join(kinds)})"
+            self.error(m.line, f"node {node_id!r} has {what}")
+            return None
+        kind = kinds[0]
+        method = getattr(self, f"node_{kind}")
+        result: Node | None = method(node_id, m)
+        return result
+
+    def node_say(self, node_id: str, m: _Map) -> Say:
+        self.known(m, {"say", "next", "barge_in"}, "a say node")
+        body = m["say"]
+        text, audio, barge_in = "", None, self.flag(m, "barge_in", True)
+        if isinstance(body, _Map):
+            self.known(body, {"text", "audio", "barge_in"}, "say")
+            text = self.text(body, "text", "")
+            audio = self.opt_text(body, "audio")
+            barge_in = self.flag(body, "barge_in", barge_in)
+            if not text and not audio:
+                self.error(body.line, "say needs 'text' or 'audio'")
+        else:
+            text = self.text(m, "say")
+        return Say(node_id, m.line, text, audio, barge_in, self.text(m, "next"))
+
+    def node_ask(self, node_id: str, m: _Map) -> Ask | None:
+        self.known(m, {"ask"}, "an ask node")
+        a = self.mapping(m["ask"], m.line_of("ask"), "ask")
+        if a is None:
+            return None
+        allowed = {"prompt", "keypad_prompt", "mode", "choices", "digits", "save", "next"}
+        allowed |= {"timeout_s", "noinput", "nomatch", "max_noinput", "max_nomatch"}
+        allowed |= {"min_confidence", "barge_in", "on_fail", "danger_sign"}
+        self.known(a, allowed, "ask")
+        try:
+            mode = InputMode(self.text(a, "mode", "both"))
+        except ValueError:
+            self.error(a.line_of("mode"), "'mode' must be keypad, speech or both")
+            mode = InputMode.BOTH
+        choices = tuple(self.choices(a))
+        digits = self.digits(a)
+        if digits is None and not choices:
+            self.error(a.line, "ask needs 'choices' or 'digits'")
+        if digits is not None and choices:
+            self.error(a.line, "ask has both 'choices' and 'digits'")
+        nxt = self.opt_text(a, "next")
+        if digits is not None and nxt is None:
+            self.error(a.line, "a digits ask needs 'next'")
+        if digits is None and nxt is not None:
+            self.error(a.line_of("next"), "'next' is for digits asks; choices have 'goto'")
+        danger = self.flag(a, "danger_sign", False)
+        # A danger-sign question gets one retry before a human takes over (safety rule).
+        tries = 2 if danger else 3
+        return Ask(
+            id=node_id,
+            line=m.line,
+            prompt=self.text(a, "prompt"),
+            keypad_prompt=self.opt_text(a, "keypad_prompt"),
+            mode=mode,
+            choices=choices,
+            digits=digits,
+            save=self.opt_text(a, "save"),
+            next=nxt,
+            timeout_s=self.number(a, "timeout_s", 6.0, 1.0, 60.0),
+            noinput=self.texts(a, "noinput"),
+            nomatch=self.texts(a, "nomatch"),
+            max_noinput=int(self.number(a, "max_noinput", tries, 1, 10)),
+            max_nomatch=int(self.number(a, "max_nomatch", tries, 1, 10)),
+            min_confidence=self.number(a, "min_confidence", 0.6, 0.0, 1.0),
+            barge_in=self.flag(a, "barge_in", True),
+            on_fail=self.opt_text(a, "on_fail"),
+            danger_sign=danger,
+        )
+
+    def choices(self, a: _Map) -> Iterator[Choice]:
+        raw = a.get("choices", [])
+        if not isinstance(raw, list):
+            self.error(a.line_of("choices"), "'choices' must be a list")
+            return
+        seen_keys: set[str] = set()
+        for item in raw:
+            c = self.mapping(item, getattr(raw, "line", a.line), "a choice")
+            if c is None:
+                continue
+            allowed = {"key", "phrases", "value", "label", "goto", "urgency", "reason", "risk"}
+            self.known(c, allowed, "a choice")
+            key = self.opt_text(c, "key")
+            if key is not None:
+                if key in RESERVED_KEYS:
+                    self.error(c.line_of("key"), f"key {key} is reserved (0: a human, *: repeat)")
+                elif len(key) != 1 or key not in DTMF_KEYS:
+                    self.error(c.line_of("key"), f"key {key!r} is not one keypad key")
+                elif key in seen_keys:
+                    self.error(c.line_of("key"), f"key {key} is used twice")
+                seen_keys.add(key)
+            phrases = tuple(p.lower() for p in self.texts(c, "phrases"))
+            if key is None and not phrases:
+                self.error(c.line, "a choice needs a 'key' or 'phrases'")
+            value = self.text(c, "value", key or (phrases[0] if phrases else ""))
+            yield Choice(
+                key=key,
+                phrases=phrases,
+                value=value,
+                label=self.text(c, "label", ""),
+                goto=self.text(c, "goto"),
+                effect=self.effect(c),
+                line=c.line,
+            )
+
+    def digits(self, a: _Map) -> DigitSpec | None:
+        if "digits" not in a:
+            return None
+        d = self.mapping(a["digits"], a.line_of("digits"), "'digits'")
+        if d is None:
+            return None
+        self.known(d, {"min", "max", "terminator"}, "digits")
+        lo = int(self.number(d, "min", 1, 1, 32))
+        hi = int(self.number(d, "max", lo, 1, 32))
+        if hi < lo:
+            self.error(d.line, "digits 'max' is below 'min'")
+        if lo < 2:
+            # "0" alone must stay free to mean "a human", as in every other ask.
+            self.error(d.line_of("min"), "digits 'min' must be at least 2 (0 alone is a human)")
+        term = self.text(d, "terminator", "#")
+        if term not in {"#", ""}:
+            self.error(d.line_of("terminator"), "'terminator' must be '#' or empty")
+        return DigitSpec(lo, hi, term)
+
+    def node_branch(self, node_id: str, m: _Map) -> Branch | None:
+        self.known(m, {"branch"}, "a branch node")
+        b = self.mapping(m["branch"], m.line_of("branch"), "branch")
+        if b is None:
+            return None
+        self.known(b, {"on", "cases", "default"}, "branch")
+        cases_map = self.mapping(b.get("cases"), b.line_of("cases"), "'cases'")
+        cases = tuple((str(k), str(v)) for k, v in (cases_map or {}).items())
+        on = self.text(b, "on")
+        if on == "urgency":
+            for value, _ in cases:
+                try:
+                    Urgency.parse(value)
+                except ValueError as exc:
+                    self.error(cases_map.line_of(value) if cases_map else b.line, str(exc))
+        return Branch(node_id, m.line, on, cases, self.opt_text(b, "default"))
+
+    def node_set(self, node_id: str, m: _Map) -> SetValues | None:
+        self.known(m, {"set", "next"}, "a set node")
+        s = self.mapping(m["set"], m.line_of("set"), "set")
+        if s is None:
+            return None
+        if "urgency" in s:
+            self.error(s.line_of("urgency"), "urgency is not set: use an 'urgency' node")
+        values = tuple((k, self.text(s, k)) for k in s)
+        return SetValues(node_id, m.line, values, self.text(m, "next"))
+
+    def node_urgency(self, node_id: str, m: _Map) -> Assess | None:
+        self.known(m, {"urgency", "reason", "risk", "next"}, "an urgency node")
+        effect = self.effect(m)
+        if effect is None:
+            return None
+        return Assess(node_id, m.line, effect, self.text(m, "next"))
+
+    def node_transfer(self, node_id: str, m: _Map) -> Transfer:
+        self.known(m, {"transfer", "prompt", "outcome", "on_fail"}, "a transfer node")
+        to = self.text(m, "transfer")
+        if to not in {"staff", "nurse"} and not to.startswith(("sip:", "sips:")):
+            self.error(m.line_of("transfer"), "transfer to staff, nurse or a sip: URI")
+        return Transfer(
+            node_id,
+            m.line,
+            to,
+            self.text(m, "prompt", ""),
+            self.text(m, "outcome", f"transfer_{to}" if to in {"staff", "nurse"} else "transfer"),
+            self.opt_text(m, "on_fail"),
+        )
+
+    def node_record(self, node_id: str, m: _Map) -> Record | None:
+        self.known(m, {"record", "next"}, "a record node")
+        r = self.mapping(m["record"], m.line_of("record"), "record")
+        if r is None:
+            return None
+        self.known(r, {"prompt", "max_s", "save"}, "record")
+        return Record(
+            node_id,
+            m.line,
+            self.text(r, "prompt", ""),
+            int(self.number(r, "max_s", 60, 5, 300)),
+            self.text(r, "save", "recording"),
+            self.text(m, "next"),
+        )
+
+    def node_webhook(self, node_id: str, m: _Map) -> Webhook | None:
+        self.known(m, {"webhook", "next", "on_fail"}, "a webhook node")
+        w = self.mapping(m["webhook"], m.line_of("webhook"), "webhook")
+        if w is None:
+            return None
+        self.known(w, {"url", "values", "extra", "timeout_s", "save"}, "webhook")
+        extra_map = w.get("extra", {})
+        if not isinstance(extra_map, dict):
+            self.error(w.line_of("extra"), "'extra' must be a mapping")
+            extra_map = {}
+        return Webhook(
+            node_id,
+            m.line,
+            self.text(w, "url"),
+            self.texts(w, "values"),
+            tuple((str(k), str(v)) for k, v in extra_map.items()),
+            self.number(w, "timeout_s", 5.0, 0.5, 30.0),
+            self.text(w, "save", node_id),
+            self.text(m, "next"),
+            self.text(m, "on_fail"),
+        )
+
+    def node_goto(self, node_id: str, m: _Map) -> Goto:
+        self.known(m, {"goto"}, "a goto node")
+        return Goto(node_id, m.line, self.text(m, "goto"))
+
+    def node_hangup(self, node_id: str, m: _Map) -> Hangup:
+        self.known(m, {"hangup", "outcome"}, "a hangup node")
+        prompt = m.get("hangup")
+        if prompt is True or prompt is None:
+            prompt = ""
+        elif not isinstance(prompt, str):
+            self.error(m.line_of("hangup"), "'hangup' must be true or a goodbye text")
+            prompt = ""
+        return Hangup(node_id, m.line, prompt, self.text(m, "outcome", "completed"))
+
+
+def parse_flow(path: str | Path) -> tuple[Flow | None, list[Finding]]:
+    """Load one flow file, returning it (when readable) and every schema finding."""
+    p = Path(path)
+    doc, findings = _read_yaml(p)
+    if findings:
+        return None, findings
+    parser = _Parser(p)
+    flow = parser.flow(doc)
+    return flow, parser.findings
+
+
+def load_flow(path: str | Path) -> Flow:
+    """Load one flow file; :class:`FlowError` lists every schema finding."""
+    flow, findings = parse_flow(path)
+    if findings or flow is None:
+        raise FlowError(findings)
+    return flow
+
+
+def parse_routes(path: Path) -> tuple[dict[str, str], str, int, list[Finding]]:
+    """``routes.yaml``: (called user -> flow id, default flow id, default's line, findings)."""
+    doc, findings = _read_yaml(path)
+    if findings:
+        return {}, "main_menu", 1, findings
+    parser = _Parser(path)
+    top = parser.mapping(doc, 1, "routes.yaml")
+    if top is None:
+        return {}, "main_menu", 1, parser.findings
+    parser.known(top, {"default", "routes"}, "routes.yaml")
+    default = parser.text(top, "default", "main_menu")
+    routes_map = top.get("routes", {})
+    routes: dict[str, str] = {}
+    if isinstance(routes_map, dict):
+        routes = {str(k): str(v) for k, v in routes_map.items()}
+    else:
+        parser.error(top.line_of("routes"), "'routes' must be a mapping")
+    return routes, default, top.line_of("default"), parser.findings
+
+
+def load_flows(directory: str | Path) -> FlowSet:
+    """Every ``*.yaml`` flow in ``directory`` plus its ``routes.yaml``.
+
+    Raises :class:`FlowError` on a schema problem, a duplicate id, a route to a missing flow
+    or a target that names a missing flow or node (the deeper checks are ``flow check``'s).
+    """
+    from voice.ivr.check import check_flowset
+
+    flowset, findings = parse_flowset(directory)
+    findings += [f for f in check_flowset(flowset) if f.message.startswith("unknown")]
+    if findings:
+        raise FlowError(findings)
+    return flowset
+
+
+def parse_flowset(directory: str | Path) -> tuple[FlowSet, list[Finding]]:
+    """Parse a folder of flows and its routes without raising; findings are returned."""
+    d = Path(directory)
+    findings: list[Finding] = []
+    flows: dict[str, Flow] = {}
+    for path in sorted(d.glob("*.yaml")):
+        if path.name == ROUTES_FILE:
+            continue
+        flow, found = parse_flow(path)
+        findings += found
+        if flow is None:
+            continue
+        if flow.id in flows:
+            findings.append(Finding(str(path), flow.line, f"flow id {flow.id!r} is used twice"))
+        flows[flow.id] = flow
+    routes: dict[str, str] = {}
+    default = "main_menu"
+    routes_path = d / ROUTES_FILE
+    if routes_path.exists():
+        routes, default, default_line, found = parse_routes(routes_path)
+        findings += found
+        for user, flow_id in [("(default)", default), *routes.items()]:
+            if flow_id not in flows:
+                msg = f"unknown flow {flow_id!r} for route {user}"
+                findings.append(Finding(str(routes_path), default_line, msg))
+    return FlowSet(flows=flows, routes=routes, default=default), findings
