@@ -1,16 +1,25 @@
-"""Spoken prompts: pyttsx3 (espeak-ng) on its own thread, WAV files cached on disk.
+"""Spoken prompts: espeak-ng through pyttsx3's driver, on its own thread, cached on disk.
 
-pyttsx3 engines are not thread-safe, espeak-ng can be initialised only once per process and
-``runAndWait`` blocks, so one daemon thread per process owns the engine and every render in
-the process goes through it. The event loop only awaits a future. Output is PCM16 mono at the
-call's rate (resampled in :mod:`voice.media.pcm`), written atomically under a name that hashes
-the text, voice, rate and engine version: a file that exists is complete and current.
+espeak-ng can be initialised only once per process and its state is global, so one daemon
+thread per process owns it and every render goes through that thread; the event loop only
+awaits a future. Output is PCM16 mono at the call's rate (resampled in
+:mod:`voice.media.pcm`), written atomically under a name that hashes the text, voice, rate and
+engine version: a file that exists is complete and current.
+
+Why pyttsx3's espeak-ng *binding* and not its ``Engine``: measured here with pyttsx3 2.99,
+``save_to_file`` + ``runAndWait`` returns before espeak-ng has finished (its espeak driver
+starts asynchronous ``AUDIO_OUTPUT_RETRIEVAL`` synthesis and leaves the loop at once), so
+texts longer than about 2 s produced no file, the next render cancelled the previous one, and
+the files it did write lacked ~13 % of the audio compared with ``espeak-ng -w``. Driving
+``pyttsx3.drivers._espeak`` in ``AUDIO_OUTPUT_SYNCHRONOUS`` mode gives the same samples as
+the espeak-ng command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import hashlib
 import importlib.metadata
 import json
@@ -19,17 +28,21 @@ import os
 import queue
 import tempfile
 import threading
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voice.media.pcm import Pcm, PcmError, read_wav, resample, write_wav
+from voice.media.pcm import Pcm, bytes_to_samples, resample, write_wav
 
 log = logging.getLogger(__name__)
 
-# espeak-ng voice names for the voices the service speaks.
+# espeak-ng voice names for the voices the service speaks; other espeak-ng names pass through.
 VOICES: dict[str, str] = {"en": "en", "ko": "ko"}
+
+# espeak-ng's own output rate for its formant voices (pyttsx3's driver assumes it too).
+_ESPEAK_RATE_HZ = 22050
 
 
 class TtsError(RuntimeError):
@@ -46,15 +59,16 @@ class _Job:
 
 
 class _SpeechThread:
-    """The one thread that owns the pyttsx3 engine in this process."""
+    """The one thread that owns espeak-ng in this process."""
 
     _instance: _SpeechThread | None = None
     _instance_lock = threading.Lock()
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._engine: Any = None
-        self._errors: list[BaseException] = []
+        self._espeak: Any = None
+        self._rate_hz = _ESPEAK_RATE_HZ
+        self._chunks: list[bytes] = []
         self.version: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name="tts", daemon=True)
         self._thread.start()
@@ -71,7 +85,7 @@ class _SpeechThread:
 
     def _run(self) -> None:
         try:
-            self.version.set_result(self._engine_version())
+            self.version.set_result(self._start())
         except Exception as exc:  # reported to every caller through the future
             log.error("text-to-speech unavailable: %s", exc)
             self.version.set_exception(TtsError(f"text-to-speech unavailable: {exc}"))
@@ -83,68 +97,64 @@ class _SpeechThread:
                 self._render(job)
             except TtsError as exc:
                 job.done.set_exception(exc)
-            except Exception as exc:  # pyttsx3 raises bare RuntimeError/ValueError/OSError
+            except Exception as exc:  # ctypes and file errors: still the caller's TtsError
                 log.exception("text-to-speech failed")
                 job.done.set_exception(TtsError(f"text-to-speech failed: {exc}"))
             else:
                 job.done.set_result(job.out)
 
-    def _engine_version(self) -> str:
+    def _start(self) -> str:
+        """Initialise espeak-ng once; return the engine version for the cache key."""
         import pyttsx3.drivers._espeak as espeak
+        from pyttsx3.drivers.espeak import EspeakDriver
 
+        if not EspeakDriver._moduleInitialized:
+            rate = espeak.Initialize(espeak.AUDIO_OUTPUT_SYNCHRONOUS, 1000)
+            if rate == -1:
+                raise TtsError("espeak-ng failed to initialise")
+            self._rate_hz = int(rate)
+            # A pyttsx3 Engine made later in this process must not initialise it again.
+            EspeakDriver._moduleInitialized = True
+        self._espeak = espeak
         info = espeak.Info(None)
         espeak_version = info.decode() if isinstance(info, bytes) else str(info)
         return f"pyttsx3-{importlib.metadata.version('pyttsx3')}/espeak-ng-{espeak_version}"
 
-    def _new_engine(self) -> Any:
-        import pyttsx3
+    def _on_audio(self, wav: Any, numsamples: int, _events: Any) -> int:
+        # Called by espeak-ng on this thread, inside Synth: copy the samples and go on.
+        if numsamples > 0 and wav:
+            self._chunks.append(ctypes.string_at(wav, numsamples * 2))
+        return 0
 
-        # pyttsx3.init() would hand back a shared, possibly wedged engine; build our own.
-        engine = pyttsx3.Engine("espeak")
-        engine.connect("error", self._on_error)
-        return engine
-
-    def _on_error(self, exception: BaseException | None = None, **_: object) -> None:
-        # pyttsx3 reports failed queued commands (e.g. an unknown voice) here, not by raising.
-        self._errors.append(exception or TtsError("unknown pyttsx3 error"))
+    def _synth(self, text: str, voice: str) -> array[int]:
+        espeak = self._espeak
+        status = espeak.SetVoiceByName(VOICES.get(voice, voice).encode())
+        if status != espeak.EE_OK:
+            raise TtsError(f"espeak-ng has no voice {voice!r} (status {status})")
+        self._chunks = []
+        # Set on every render: a pyttsx3 Engine elsewhere in the process would replace it.
+        espeak.SetSynthCallback(self._on_audio)
+        status = espeak.Synth(text, flags=espeak.CHARS_UTF8 | espeak.ENDPAUSE)
+        if status != espeak.EE_OK:
+            raise TtsError(f"espeak-ng failed to synthesise (status {status})")
+        # Returns at once in synchronous mode; waits out a RETRIEVAL-mode init by pyttsx3.
+        espeak.Synchronize()
+        return bytes_to_samples(b"".join(self._chunks))
 
     def _render(self, job: _Job) -> None:
         self.version.result()  # raises TtsError when espeak-ng could not start
-        if self._engine is None:
-            self._engine = self._new_engine()
-        engine = self._engine
-        self._errors.clear()
-        fd, raw_name = tempfile.mkstemp(suffix=".raw.wav", dir=job.out.parent)
+        spoken = self._synth(job.text, job.voice)
+        if not spoken:
+            raise TtsError("espeak-ng produced no audio")
+        pcm = Pcm(resample(spoken, self._rate_hz, job.rate_hz), job.rate_hz)
+        fd, tmp_name = tempfile.mkstemp(suffix=".wav.tmp", dir=job.out.parent)
         os.close(fd)
-        raw = Path(raw_name)
         try:
-            try:
-                engine.setProperty("voice", VOICES.get(job.voice, job.voice))
-                engine.save_to_file(job.text, raw_name)
-                engine.runAndWait()
-            except Exception:
-                # A failed runAndWait leaves the engine "in loop" for ever: start afresh.
-                self._engine = None
-                raise
-            if self._errors:
-                raise TtsError(f"espeak-ng refused voice {job.voice!r}: {self._errors[0]}")
-            try:
-                spoken = read_wav(raw)
-            except PcmError as exc:
-                raise TtsError(f"espeak-ng wrote no usable audio: {exc}") from exc
-            if not spoken.samples:
-                raise TtsError("espeak-ng produced no audio")
-            pcm = Pcm(resample(spoken.samples, spoken.rate_hz, job.rate_hz), job.rate_hz)
-            fd, tmp_name = tempfile.mkstemp(suffix=".wav.tmp", dir=job.out.parent)
-            os.close(fd)
-            try:
-                write_wav(Path(tmp_name), pcm)
-                os.replace(tmp_name, job.out)  # readers never see half a file
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
-        finally:
-            raw.unlink(missing_ok=True)
+            write_wav(Path(tmp_name), pcm)
+            os.replace(tmp_name, job.out)  # readers never see half a file
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
 
 
 class PromptRenderer:

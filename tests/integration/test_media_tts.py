@@ -1,0 +1,140 @@
+"""PromptRenderer with the real pyttsx3 + espeak-ng."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import wave
+from pathlib import Path
+
+import pytest
+
+from voice.media.pcm import read_wav, rms_dbfs
+from voice.media.tts import PromptRenderer, TtsError
+
+pytestmark = pytest.mark.integration
+
+
+def wav_format(path: Path) -> tuple[int, int, int]:
+    with wave.open(str(path), "rb") as w:
+        return w.getframerate(), w.getnchannels(), w.getsampwidth()
+
+
+@pytest.mark.parametrize(
+    ("text", "voice", "rate_hz", "min_s"),
+    [
+        ("Welcome to the clinic. Press 1 for appointments.", "en", 8000, 2.0),
+        ("예", "ko", 8000, 0.2),
+        ("증상이 있습니까?", "ko", 16000, 0.8),
+    ],
+)
+async def test_renders_speech_at_the_call_rate(
+    tmp_path: Path, text: str, voice: str, rate_hz: int, min_s: float
+) -> None:
+    path = await PromptRenderer(tmp_path).render(text, voice=voice, rate_hz=rate_hz)
+    assert wav_format(path) == (rate_hz, 1, 2)
+    pcm = read_wav(path)
+    assert min_s < pcm.duration_s < 10
+    assert rms_dbfs(pcm.samples) > -35, "the prompt is (nearly) silent"
+
+
+async def test_cache_hit_does_not_render_again(tmp_path: Path) -> None:
+    renderer = PromptRenderer(tmp_path)
+    first = await renderer.render("Your appointment is confirmed.")
+    mtime = first.stat().st_mtime_ns
+    again = await renderer.render("Your appointment is confirmed.")
+    assert again == first
+    assert renderer.renders == 1
+    assert first.stat().st_mtime_ns == mtime
+    # A new process (a new renderer on the same directory) reuses the file on disk.
+    restarted = PromptRenderer(tmp_path)
+    assert await restarted.render("Your appointment is confirmed.") == first
+    assert restarted.renders == 0
+    # Voice and rate are part of the key.
+    other = await renderer.render("Your appointment is confirmed.", rate_hz=16000)
+    assert other != first
+    assert renderer.renders == 2
+
+
+async def test_concurrent_requests_render_once(tmp_path: Path) -> None:
+    renderer = PromptRenderer(tmp_path)
+    paths = await asyncio.gather(*(renderer.render("Please hold the line.") for _ in range(8)))
+    assert len(set(paths)) == 1
+    assert renderer.renders == 1
+    left = await asyncio.to_thread(lambda: [p.name for p in tmp_path.iterdir()])
+    assert left == [paths[0].name], "temp files left behind"
+
+
+async def test_rendering_does_not_block_the_loop(tmp_path: Path) -> None:
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    # ~25 s of speech: synthesis plus resampling take a few hundred ms of CPU.
+    text = " ".join(f"Option {n}: please listen carefully to the menu." for n in range(1, 11))
+    await PromptRenderer(tmp_path).render(text, rate_hz=16000)
+    elapsed = time.monotonic() - started
+    stop.set()
+    await asyncio.wait_for(tick, timeout=5)
+    print(f"render {elapsed:.3f} s, longest loop gap {max(gaps) * 1000:.1f} ms")
+    assert elapsed > 0.1, f"render took only {elapsed:.3f} s: nothing to measure"
+    assert max(gaps) < 0.1, f"the loop stalled for {max(gaps):.3f} s during a render"
+
+
+async def test_prerender_then_every_prompt_is_cached(tmp_path: Path) -> None:
+    renderer = PromptRenderer(tmp_path)
+    texts = ["Press 1 for yes.", "Press 2 for no.", "Goodbye."]
+    paths = await renderer.prerender(texts)
+    assert len(set(paths)) == 3
+    assert all(p.exists() for p in paths)
+    assert [await renderer.render(t) for t in texts] == paths
+    assert renderer.renders == 3
+
+
+async def test_uncached_render_is_a_private_file(tmp_path: Path) -> None:
+    renderer = PromptRenderer(tmp_path)
+    one = await renderer.render("Your code is 1, 2, 3.", cache=False)
+    two = await renderer.render("Your code is 1, 2, 3.", cache=False)
+    assert one != two
+    assert one.stat().st_mode & 0o077 == 0, "a spoken secret must not be world-readable"
+    assert read_wav(one).samples
+
+
+async def test_failures_raise_tts_error_and_the_engine_recovers(tmp_path: Path) -> None:
+    renderer = PromptRenderer(tmp_path)
+    with pytest.raises(TtsError, match="voice"):
+        await renderer.render("hello", voice="zz-no-such-voice")
+    with pytest.raises(TtsError, match="empty"):
+        await renderer.render("   ")
+    with pytest.raises(TtsError, match="rate"):
+        await renderer.render("hello", rate_hz=100)
+    assert read_wav(await renderer.render("Still speaking.")).samples
+    left = await asyncio.to_thread(lambda: [p.name for p in tmp_path.iterdir()])
+    assert len(left) == 1, f"temp files left behind: {left}"
+
+
+def test_render_sync_for_command_line_tools(tmp_path: Path) -> None:
+    path = PromptRenderer(tmp_path).render_sync("Flow check passed.")
+    assert wav_format(path) == (8000, 1, 2)
+
+
+async def test_long_prompt_is_as_long_as_espeak_ng_says_it(tmp_path: Path) -> None:
+    # pyttsx3 2.99's Engine lost ~13 % of long texts and returned before the file existed;
+    # the renderer must give all of what the espeak-ng command line gives.
+    text = " ".join(f"Option {n}: please listen carefully to the menu." for n in range(1, 8))
+    cli = tmp_path / "cli.wav"
+    proc = await asyncio.create_subprocess_exec("espeak-ng", "-v", "en", "-w", str(cli), text)
+    assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+    expected = read_wav(cli).duration_s
+    ours = read_wav(await PromptRenderer(tmp_path / "p").render(text, rate_hz=8000)).duration_s
+    assert abs(ours - expected) < 0.01 * expected, f"ours {ours:.2f} s, espeak-ng {expected:.2f} s"
