@@ -32,6 +32,8 @@ from verification.model import Channel, Policy, Verification
 from verification.rules import DeliveryKind
 from verification.store import VerificationStore
 from verification.webhooks import WebhookSender
+from voice.media.tts import PromptRenderer
+from voice.sip.pool import SipPool
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class Runtime:
     store: VerificationStore | None = None
     dispatcher: Dispatcher | None = None
     session: aiohttp.ClientSession | None = None
+    sip_pool: SipPool | None = None
+    renderer: PromptRenderer | None = None
     extra_ready: list[Callable[[], bool]] = field(default_factory=list)
 
     def need_store(self) -> VerificationStore:

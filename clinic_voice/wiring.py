@@ -1,30 +1,88 @@
-"""Which optional parts run, from the settings: the SIP pool, the SIP channels, the clinic line.
+"""Which telephony parts run, from the settings: the SIP pool, the SIP channels, the clinic line.
 
 The composition point between :mod:`clinic_voice.app` (HTTP, Redis, dispatcher) and the
-telephony packages, so the app itself knows nothing of pjsua2.
+telephony packages. ``clinic-voice serve`` always runs the SIP pool (the clinic line answers
+calls); the verification channels over SIP exist when ``CLINIC_SIP_ROUTE`` is set, the flash
+call when ``CLINIC_FLASHCALL_PREFIX`` is set too, SMS over SIP when ``CLINIC_SMS_GATEWAY=sip``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from clinic_voice.app import Runtime
+from clinic_voice.app import RUNTIME, Runtime
+from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from verification.channels.base import ChannelAdapter
+from verification.channels.flash_call import FlashCallChannel
+from verification.channels.sms_sip import SipSmsChannel
+from verification.channels.voice_call import VoiceCallChannel
 from verification.model import Channel
+from voice.media import spoken_code
+from voice.media.tts import PromptRenderer
+from voice.sip.pool import SipPool
+
+log = logging.getLogger(__name__)
 
 Context = Callable[[web.Application], AsyncIterator[None]]
+Factory = Callable[[Runtime], ChannelAdapter | None]
 
 
 def extra_contexts(settings: Settings) -> list[Context]:
     """Cleanup contexts started after Redis and before the dispatcher."""
-    return []
+
+    async def prompts_ctx(app: web.Application) -> AsyncIterator[None]:
+        rt = app[RUNTIME]
+        rt.renderer = PromptRenderer(settings.data_dir / "prompts")
+        # Static prompts now, so the first caller does not wait for a render.
+        await rt.renderer.prerender(
+            [
+                spoken_code.keypress_text(settings.clinic_name),
+                spoken_code.head_text(settings.clinic_name),
+            ]
+            + [str(d) for d in range(10)]
+        )
+        yield
+
+    async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
+        rt = app[RUNTIME]
+        pool = SipPool(settings.sip, clock=SystemClock(), log_level=settings.log_level)
+        await pool.start()
+        rt.sip_pool = pool
+        rt.extra_ready.append(pool.ready)
+        log.info("SIP pool: %d workers", settings.sip.workers)
+        try:
+            yield
+        finally:
+            await pool.stop()
+
+    return [prompts_ctx, sip_ctx]
 
 
-def channel_factories(
-    settings: Settings,
-) -> dict[Channel, Callable[[Runtime], ChannelAdapter | None]]:
-    """Delivery channels beyond the HTTP SMS gateway."""
-    return {}
+def channel_factories(settings: Settings) -> dict[Channel, Factory]:
+    """Delivery channels over SIP (the HTTP SMS gateway is built by the app itself)."""
+    sip = settings.sip
+    if not sip.route:
+        return {}
+
+    def flash(rt: Runtime) -> ChannelAdapter | None:
+        if rt.sip_pool is None or not sip.flashcall_prefix:
+            return None
+        return FlashCallChannel(sip, rt.sip_pool)
+
+    def voice(rt: Runtime) -> ChannelAdapter | None:
+        if rt.sip_pool is None or rt.renderer is None:
+            return None
+        return VoiceCallChannel(sip, rt.sip_pool, rt.renderer, settings.data_dir / "private")
+
+    factories: dict[Channel, Factory] = {Channel.FLASHCALL: flash, Channel.VOICE: voice}
+    if settings.sms.gateway == "sip":
+
+        def sms(rt: Runtime) -> ChannelAdapter | None:
+            return SipSmsChannel(sip, rt.sip_pool) if rt.sip_pool is not None else None
+
+        factories[Channel.SMS] = sms
+    return factories

@@ -1,0 +1,59 @@
+"""The spoken verification code: "Your <clinic> code is 4, 8, 1, 5, 2, 3", said twice.
+
+Composed from cached pieces (the sentence head and each digit, rendered once per voice and
+rate by :class:`voice.media.tts.PromptRenderer`), so no file named after a code is ever cached.
+The composed file is private to one call: written 0600 and deleted by the caller after use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from array import array
+from pathlib import Path
+
+from voice.media.pcm import Pcm, read_wav, silence, write_wav
+from voice.media.tts import PromptRenderer
+
+DIGIT_GAP_S = 0.25
+REPEAT_GAP_S = 1.0
+
+
+def head_text(clinic_name: str) -> str:
+    return f"Your {clinic_name} code is"
+
+
+def keypress_text(clinic_name: str) -> str:
+    """The question asked before the code (a guard against reading it to a voicemail box)."""
+    return f"This is {clinic_name} with your verification code. Press 1 to hear it."
+
+
+async def compose(
+    renderer: PromptRenderer, clinic_name: str, code: str, out_dir: Path, *, rate_hz: int = 8000
+) -> Path:
+    """A private WAV file saying the code twice; the caller deletes it."""
+    pieces = [head_text(clinic_name), *sorted(set(code))]
+    paths = await renderer.prerender(pieces, rate_hz=rate_hz)
+    by_text = dict(zip(pieces, paths, strict=True))
+    return await asyncio.to_thread(_write, by_text, head_text(clinic_name), code, out_dir, rate_hz)
+
+
+def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_hz: int) -> Path:
+    def load(text: str) -> array[int]:
+        pcm = read_wav(by_text[text])
+        assert pcm.rate_hz == rate_hz
+        return pcm.samples
+
+    once = array("h", load(head))
+    gap = silence(DIGIT_GAP_S, rate_hz)
+    for digit in code:
+        once += gap
+        once += load(digit)
+    samples = once + silence(REPEAT_GAP_S, rate_hz) + once + silence(0.3, rate_hz)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, name = tempfile.mkstemp(prefix="code-", suffix=".wav", dir=out_dir)
+    os.close(fd)
+    os.chmod(name, 0o600)
+    write_wav(Path(name), Pcm(samples, rate_hz))
+    return Path(name)
