@@ -11,7 +11,7 @@ HTTP, feeds :class:`Event` s in and carries :class:`Action` s out::
 VoiceXML semantics kept here:
 
 * every prompt is a :class:`Play`; the session answers with :class:`PromptDone` when it has
-  finished (or after a :class:`StopPlay`). An ask's :class:`Listen` comes after its prompt;
+  finished (not after a :class:`StopPlay`: the engine has already gone on). An ask's :class:`Listen` comes after its prompt;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * keys pressed while a prompt plays are kept (type-ahead) and consumed by the next ask, whose
@@ -166,7 +166,7 @@ class Play:
 
 @dataclass(frozen=True, slots=True)
 class StopPlay:
-    """Stop the prompt now (barge-in); the session still answers :class:`PromptDone`."""
+    """Stop the prompt now (barge-in); the engine has moved on: no :class:`PromptDone` for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,6 +481,8 @@ class Engine:
     ) -> Result:
         state = self._step(state)
         action = node_outcome(node)
+        if action is not None and state.triage is None:
+            state = replace(state, triage=TriageState())  # a triage that raised nothing: U5
         tri = state.triage
         unsafe = tri is not None and (
             (action is not None and not action_allows(action, tri.urgency))

@@ -1,0 +1,235 @@
+"""Triage rules: the never-down state, risk groups, and 50 scripted patients on triage.yaml."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from voice.ivr.engine import CallRecord, Engine, Phase, Store, TransferCall
+from voice.ivr.flow import FlowParams, FlowSet, load_flows
+from voice.ivr.simulate import script_call
+from voice.ivr.triage import (
+    ACTION_FOR,
+    RiskGroup,
+    TriageAction,
+    TriageState,
+    Urgency,
+    UrgencyLoweredError,
+    action_allows,
+    ensure_not_lowered,
+    with_risk,
+)
+
+FLOWS = Path(__file__).resolve().parents[2] / "ivr_flows"
+EMERGENCY = TriageAction.CALL_EMERGENCY
+NURSE = TriageAction.TRANSFER_NURSE
+SAME_DAY = TriageAction.SAME_DAY
+H24 = TriageAction.WITHIN_24H
+SELF = TriageAction.SELF_CARE
+NO_DANGER = "2 2 2 2 2"  # breathing, chest, unconscious, bleeding, stroke: all no
+
+
+@pytest.fixture(scope="module")
+def flowset() -> FlowSet:
+    return load_flows(FLOWS)
+
+
+def record_of(actions: list[object]) -> CallRecord:
+    stores = [a for a in actions if isinstance(a, Store)]
+    assert len(stores) == 1, f"expected one Store action, got {len(stores)}"
+    return stores[0].record
+
+
+# -- the state ------------------------------------------------------------------------------
+
+
+def test_raise_to_keeps_the_most_urgent_level() -> None:
+    state = TriageState().raise_to(Urgency.U3, "severe pain").raise_to(Urgency.U4, "long")
+    assert state.urgency is Urgency.U3
+    assert state.reasons == ("severe pain", "long")
+    assert state.action is SAME_DAY
+
+
+def test_lowering_is_an_error() -> None:
+    with pytest.raises(UrgencyLoweredError, match="U1 to U4"):
+        ensure_not_lowered(TriageState(Urgency.U1), TriageState(Urgency.U4))
+    with pytest.raises(UrgencyLoweredError):
+        ensure_not_lowered(TriageState(Urgency.U2), None)
+    ensure_not_lowered(None, TriageState(Urgency.U5))
+
+
+@pytest.mark.parametrize(
+    ("urgency", "groups", "expected"),
+    [
+        (Urgency.U5, {RiskGroup.ELDERLY}, Urgency.U4),
+        (Urgency.U4, {RiskGroup.PREGNANT}, Urgency.U3),
+        (Urgency.U3, {RiskGroup.CHRONIC_ILLNESS}, Urgency.U2),
+        (Urgency.U2, {RiskGroup.IMMUNOCOMPROMISED}, Urgency.U2),  # risk alone is never U1
+        (Urgency.U1, {RiskGroup.ELDERLY}, Urgency.U1),
+        (Urgency.U5, {RiskGroup.BABY_UNDER_3_MONTHS}, Urgency.U3),
+        (Urgency.U5, set(), Urgency.U5),
+    ],
+)
+def test_risk_groups_raise_urgency(
+    urgency: Urgency, groups: set[RiskGroup], expected: Urgency
+) -> None:
+    assert with_risk(urgency, frozenset(groups)) is expected
+
+
+def test_add_risk_applies_to_the_level_reached() -> None:
+    state = TriageState().raise_to(Urgency.U4, "pain").add_risk(RiskGroup.ELDERLY)
+    assert state.urgency is Urgency.U3
+    assert "risk group: elderly" in state.reasons
+
+
+def test_actions_cover_every_level_and_allow_only_as_urgent() -> None:
+    assert set(ACTION_FOR) == set(Urgency)
+    assert action_allows(NURSE, Urgency.U2)
+    assert not action_allows(SELF, Urgency.U4)
+    assert not action_allows(NURSE, Urgency.U1)
+    assert action_allows(EMERGENCY, Urgency.U0)
+
+
+# -- scripted patients through the shipped triage flow ---------------------------------------
+
+# (name, answers as typed on the keypad, expected urgency, expected action). Keys typed in one
+# line arrive while the next prompt plays: type-ahead answers the following questions.
+CASES: list[tuple[str, list[str], Urgency, TriageAction]] = [
+    ("breathing difficulty", ["1 1"], Urgency.U1, EMERGENCY),
+    ("chest pain", ["1 2 1"], Urgency.U1, EMERGENCY),
+    ("unconscious", ["1 2 2 1"], Urgency.U0, EMERGENCY),
+    ("severe bleeding", ["1 2 2 2 1"], Urgency.U1, EMERGENCY),
+    ("stroke signs", ["1 2 2 2 2 1"], Urgency.U1, EMERGENCY),
+    ("fever, very ill", [f"1 {NO_DANGER} 1 1 5"], Urgency.U2, NURSE),
+    ("fever with stiff neck", [f"1 {NO_DANGER} 1 2 1"], Urgency.U1, EMERGENCY),
+    ("fever over 3 days", [f"1 {NO_DANGER} 1 2 2 1 5"], Urgency.U3, SAME_DAY),
+    ("short fever", [f"1 {NO_DANGER} 1 2 2 2 5"], Urgency.U5, SELF),
+    ("short fever, over 75", [f"1 {NO_DANGER} 1 2 2 2 1"], Urgency.U4, H24),
+    ("long fever, pregnant", [f"1 {NO_DANGER} 1 2 2 1 2"], Urgency.U2, NURSE),
+    ("mild pain", [f"1 {NO_DANGER} 2 1 2 2 5"], Urgency.U5, SELF),
+    ("moderate pain", [f"1 {NO_DANGER} 2 2 2 2 5"], Urgency.U4, H24),
+    ("severe pain", [f"1 {NO_DANGER} 2 3 2 2 5"], Urgency.U3, SAME_DAY),
+    ("sudden severe pain", [f"1 {NO_DANGER} 2 1 1 5"], Urgency.U2, NURSE),
+    ("pain over a week", [f"1 {NO_DANGER} 2 1 2 1 5"], Urgency.U4, H24),
+    ("moderate pain, chronic illness", [f"1 {NO_DANGER} 2 2 2 2 3"], Urgency.U3, SAME_DAY),
+    ("head injury", [f"1 {NO_DANGER} 3 1 5"], Urgency.U2, NURSE),
+    ("minor injury", [f"1 {NO_DANGER} 3 2 1 2 5"], Urgency.U4, H24),
+    ("cannot stand on the leg", [f"1 {NO_DANGER} 3 2 2 2 5"], Urgency.U3, SAME_DAY),
+    ("wound needs stitches", [f"1 {NO_DANGER} 3 2 1 1 5"], Urgency.U3, SAME_DAY),
+    ("short of breath at rest", [f"1 {NO_DANGER} 4 1 5"], Urgency.U2, NURSE),
+    ("coughing blood", [f"1 {NO_DANGER} 4 2 1 5"], Urgency.U2, NURSE),
+    ("cough 3 weeks", [f"1 {NO_DANGER} 4 2 2 1 2 5"], Urgency.U4, H24),
+    ("cough with fever", [f"1 {NO_DANGER} 4 2 2 2 1 5"], Urgency.U4, H24),
+    ("plain cough", [f"1 {NO_DANGER} 4 2 2 2 2 5"], Urgency.U5, SELF),
+    ("plain cough, weak immunity", [f"1 {NO_DANGER} 4 2 2 2 2 4"], Urgency.U4, H24),
+    ("severe belly pain", [f"1 {NO_DANGER} 5 1 5"], Urgency.U2, NURSE),
+    ("blood in stool", [f"1 {NO_DANGER} 5 2 1 5"], Urgency.U2, NURSE),
+    ("cannot keep fluids", [f"1 {NO_DANGER} 5 2 2 1 5"], Urgency.U3, SAME_DAY),
+    ("upset stomach", [f"1 {NO_DANGER} 5 2 2 2 5"], Urgency.U5, SELF),
+    ("swollen lips", [f"1 {NO_DANGER} 6 1"], Urgency.U1, EMERGENCY),
+    ("skin infection", [f"1 {NO_DANGER} 6 2 1 5"], Urgency.U3, SAME_DAY),
+    ("rash with fever", [f"1 {NO_DANGER} 6 2 2 1 5"], Urgency.U3, SAME_DAY),
+    ("mild rash", [f"1 {NO_DANGER} 6 2 2 2 5"], Urgency.U5, SELF),
+    ("thoughts of harm", [f"1 {NO_DANGER} 7 1"], Urgency.U1, EMERGENCY),
+    ("not coping", [f"1 {NO_DANGER} 7 2 1 5"], Urgency.U3, SAME_DAY),
+    ("low mood", [f"1 {NO_DANGER} 7 2 2 5"], Urgency.U4, H24),
+    ("limits daily life", [f"1 {NO_DANGER} 8 1 5"], Urgency.U4, H24),
+    ("minor other", [f"1 {NO_DANGER} 8 2 5"], Urgency.U5, SELF),
+    ("baby under 3 months with fever", [f"2 1 {NO_DANGER} 1 2 2 2 3"], Urgency.U2, NURSE),
+    ("baby under 3 months, minor", [f"2 1 {NO_DANGER} 8 2 3"], Urgency.U3, SAME_DAY),
+    ("child with short fever", [f"2 3 {NO_DANGER} 1 2 2 2 3"], Urgency.U5, SELF),
+    ("child breathing difficulty", ["2 3 1"], Urgency.U1, EMERGENCY),
+    ("child, chronic, cough with fever", [f"2 3 {NO_DANGER} 4 2 2 2 1 1"], Urgency.U3, SAME_DAY),
+    ("teenager with mild pain", [f"2 4 {NO_DANGER} 2 1 2 2 3"], Urgency.U5, SELF),
+    ("someone else, stroke", ["3 2 2 2 2 1"], Urgency.U1, EMERGENCY),
+    ("someone else, mild rash", [f"3 {NO_DANGER} 6 2 2 2 5"], Urgency.U5, SELF),
+    # Unclear answers to danger signs are never read as "no": at least a nurse.
+    ("silence once on breathing", ["1", ":silence", f"{NO_DANGER} 8 2 5"], Urgency.U2, NURSE),
+    ("wrong key on chest pain", ["1 2 9", f"2 2 2 2 8 2 5"], Urgency.U2, NURSE),
+    ("silence twice on breathing", ["1", ":silence", ":silence"], Urgency.U2, NURSE),
+    ("keys one at a time", ["1", "2", "2", "2", "2", "2", "6", "2", "2", "2", "5"], Urgency.U5, SELF),
+]
+
+
+@pytest.mark.parametrize(("answers", "urgency", "action"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_scripted_patient(
+    flowset: FlowSet, answers: list[str], urgency: Urgency, action: TriageAction
+) -> None:
+    engine = Engine(flowset, FlowParams())
+    state, actions = script_call(engine, "triage", answers)
+    assert state.phase is Phase.ENDED, f"call did not end; stuck at {state.node}"
+    rec = record_of(actions)
+    assert (rec.urgency, rec.action) == (urgency, action), rec.reasons
+    if urgency <= Urgency.U2:
+        transfers = [a for a in actions if isinstance(a, TransferCall)]
+        assert transfers and transfers[-1].uri == FlowParams().nurse_uri
+
+
+def test_there_are_at_least_forty_cases() -> None:
+    assert len(CASES) >= 40
+
+
+def test_emergency_tells_the_caller_the_emergency_number(flowset: FlowSet) -> None:
+    engine = Engine(flowset, FlowParams(emergency_number="911"))
+    _, actions = script_call(engine, "triage", ["1 1"])
+    spoken = " ".join(getattr(a, "text", "") for a in actions)
+    assert "call 911 now" in spoken
+
+
+def test_failed_booking_goes_to_staff_keeping_the_outcome(flowset: FlowSet) -> None:
+    engine = Engine(flowset, FlowParams())
+    _, actions = script_call(engine, "triage", [f"1 {NO_DANGER} 2 3 2 2 5"], webhook_ok=False)
+    rec = record_of(actions)
+    assert (rec.urgency, rec.action) == (Urgency.U3, SAME_DAY)
+    assert rec.transfer_target == FlowParams().staff_uri
+
+
+# -- property: urgency never goes down, danger signs never end in self-care -----------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_callers_never_lower_urgency(flowset: FlowSet, seed: int) -> None:
+    rng = random.Random(seed)
+    keys = list("0123456789*#") + ["1", "2", "2", "2"] * 3
+    for speech in (False, True):
+        engine = Engine(flowset, FlowParams(speech_enabled=speech))
+        for _ in range(60):
+            state, actions = engine.start(flowset.get("triage"))
+            levels: list[Urgency] = []
+            danger_yes = False
+            for _ in range(80):
+                if state.phase is Phase.ENDED:
+                    break
+                roll = rng.random()
+                event: object
+                if state.phase is Phase.PLAYING and roll < 0.6:
+                    from voice.ivr.engine import PromptDone
+
+                    event = PromptDone()
+                elif roll < 0.1:
+                    from voice.ivr.engine import NoInput
+
+                    event = NoInput()
+                elif roll < 0.2:
+                    from voice.ivr.engine import SpeechResult
+
+                    event = SpeechResult(rng.choice(["yes", "no", "maybe"]), rng.random())
+                else:
+                    from voice.ivr.engine import Digit, TransferResult, WebhookResult
+
+                    if state.phase is Phase.WEBHOOK:
+                        event = WebhookResult(rng.random() < 0.5)
+                    elif state.phase is Phase.TRANSFERRING:
+                        event = TransferResult(rng.random() < 0.8)
+                    else:
+                        event = Digit(rng.choice(keys))
+                state, actions = engine.handle(state, event)  # type: ignore[arg-type]
+                if state.triage is not None:
+                    levels.append(state.triage.urgency)
+                    danger_yes = danger_yes or state.triage.urgency <= Urgency.U1
+                for act in actions:
+                    if isinstance(act, Store) and act.record.action is SELF:
+                        assert not danger_yes, "a danger sign ended in self-care"
+            assert levels == sorted(levels, reverse=True), f"urgency went down: {levels}"

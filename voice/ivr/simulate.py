@@ -1,0 +1,227 @@
+"""``clinic-voice flow simulate FLOW``: run a flow in the terminal, without a phone.
+
+Type keys (``1``, ``12031985#``: several keys in one line arrive as type-ahead while the next
+prompt plays) or words (a speech result with confidence 1.0; ``~0.3 yes`` gives confidence
+0.3). ``:silence`` is a listen timeout, ``:hangup`` hangs up, ``:values`` shows what was
+collected. Webhooks ask for a reply (``key=value ...`` or ``:fail``); transfers succeed
+unless ``--transfer-fails`` is given. Prompts are printed as the caller would hear them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from voice.ivr.engine import (
+    Action,
+    CallState,
+    Digit,
+    Engine,
+    Event,
+    HangUp,
+    HangupCall,
+    Listen,
+    NoInput,
+    Phase,
+    Play,
+    PostWebhook,
+    PromptDone,
+    RecordAudio,
+    RecordDone,
+    SpeechResult,
+    StopPlay,
+    Store,
+    TransferCall,
+    TransferResult,
+    WebhookResult,
+)
+from voice.ivr.flow import FlowError, FlowParams, load_flows
+
+DTMF = set("0123456789*#")
+
+
+def parse_line(line: str) -> list[Event]:
+    """The events a typed line stands for."""
+    text = line.strip()
+    if text == ":silence" or text == "":
+        return [NoInput()]
+    if text == ":hangup":
+        return [HangUp()]
+    if all(ch in DTMF or ch.isspace() for ch in text):
+        return [Digit(ch) for ch in text if not ch.isspace()]
+    confidence = 1.0
+    if text.startswith("~"):
+        head, _, rest = text[1:].partition(" ")
+        try:
+            confidence = float(head)
+        except ValueError:
+            confidence = 1.0
+        else:
+            text = rest
+    return [SpeechResult(text, confidence)]
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    input_fn: Callable[[str], str] = input,
+    output_fn: Callable[[str], None] = print,
+) -> int:
+    """Run the simulator; 0 when the call ended normally, 1 on a flow error, 2 on bad usage."""
+    parser = argparse.ArgumentParser(prog="clinic-voice flow simulate", add_help=True)
+    parser.add_argument("flow", help="a flow id, a flow file, or a called user to route")
+    parser.add_argument("--flows-dir", default=None, help="folder of flows (default: ivr_flows)")
+    parser.add_argument("--speech", action="store_true", help="prompts as with a speech model")
+    parser.add_argument("--emergency-number", default="112")
+    parser.add_argument("--transfer-fails", action="store_true")
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:
+        return int(exc.code or 0) and 2
+    target = Path(args.flow)
+    flows_dir = Path(args.flows_dir) if args.flows_dir else None
+    if flows_dir is None:
+        flows_dir = target.parent if target.suffix == ".yaml" else Path("ivr_flows")
+    try:
+        flowset = load_flows(flows_dir)
+    except FlowError as exc:
+        output_fn(str(exc))
+        return 1
+    flow_id = target.stem if target.suffix == ".yaml" else args.flow
+    flow = flowset.flows.get(flow_id) or flowset.route(flow_id)
+    params = FlowParams(emergency_number=args.emergency_number, speech_enabled=args.speech)
+    engine = Engine(flowset, params)
+    output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
+    state, actions = engine.start(flow)
+    queue: deque[Event] = deque()
+    while True:
+        for action in actions:
+            queue_reply = _show(action, output_fn, input_fn, args.transfer_fails)
+            if queue_reply is not None:
+                queue.append(queue_reply)
+        if state.phase is Phase.ENDED:
+            output_fn("-- call ended")
+            return 0
+        event = _next_event(state, queue, input_fn, output_fn)
+        if event is None:
+            return 0
+        state, actions = engine.handle(state, event)
+
+
+def _next_event(
+    state: CallState,
+    queue: deque[Event],
+    input_fn: Callable[[str], str],
+    output_fn: Callable[[str], None],
+) -> Event | None:
+    # Typed events first (type-ahead), then the prompt's end, then ask the tester.
+    if queue:
+        return queue.popleft()
+    if state.phase is Phase.PLAYING:
+        return PromptDone()
+    while True:
+        try:
+            line = input_fn("> ")
+        except EOFError:
+            output_fn("-- end of input")
+            return None
+        if line.strip() == ":values":
+            output_fn(f"   values: {dict(state.values)}")
+            if state.triage is not None:
+                output_fn(f"   urgency: {state.triage.urgency.name} {list(state.triage.reasons)}")
+            continue
+        events = parse_line(line)
+        queue.extend(events[1:])
+        return events[0]
+
+
+def _show(
+    action: Action,
+    output_fn: Callable[[str], None],
+    input_fn: Callable[[str], str],
+    transfer_fails: bool,
+) -> Event | None:
+    if isinstance(action, Play):
+        output_fn(f"BOT: {action.text}" if action.audio is None else f"BOT: [audio {action.audio}]")
+    elif isinstance(action, StopPlay):
+        output_fn("   (prompt cut short)")
+    elif isinstance(action, Listen):
+        what = "keys" + (" or speech" if action.speech else "")
+        output_fn(f"   (listening for {what}, {action.timeout_s:g} s)")
+    elif isinstance(action, PostWebhook):
+        output_fn(f"   webhook {action.url_key}: {dict(action.values)}")
+        try:
+            reply = input_fn("webhook reply (key=value ..., or :fail)> ")
+        except EOFError:
+            reply = ":fail"
+        if reply.strip() == ":fail":
+            return WebhookResult(ok=False)
+        data = dict(p.split("=", 1) for p in reply.split() if "=" in p)
+        return WebhookResult(ok=True, data=data)
+    elif isinstance(action, TransferCall):
+        output_fn(f"   transfer to {action.uri}")
+        for name, value in action.headers:
+            output_fn(f"   {name}: {value}")
+        return TransferResult(ok=not transfer_fails)
+    elif isinstance(action, RecordAudio):
+        output_fn(f"   (recording up to {action.max_s} s)")
+        return RecordDone(ref="simulated.wav", duration_s=5)
+    elif isinstance(action, Store):
+        rec = action.record
+        output_fn(f"   outcome: {rec.outcome}")
+        if rec.urgency is not None:
+            action_name = rec.action.value if rec.action else "-"
+            output_fn(f"   urgency: {rec.urgency.name}, action: {action_name}")
+            output_fn(f"   reasons: {', '.join(rec.reasons) or '-'}")
+        output_fn(f"   values: {dict(rec.values)}")
+    elif isinstance(action, HangupCall):
+        output_fn("   (hang up)")
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def script_call(
+    engine: Engine,
+    flow_id: str,
+    answers: Sequence[str],
+    *,
+    webhook_ok: bool = True,
+    webhook_data: dict[str, str] | None = None,
+    transfer_ok: bool = True,
+) -> tuple[CallState, list[Action]]:
+    """Drive a call with typed ``answers`` (as in the simulator); return the state and actions.
+
+    Prompts finish at once, webhooks, transfers and recordings answer by the keyword
+    arguments. Stops when the call ends or the answers run out while the engine listens.
+    """
+    state, actions = engine.start(engine.flowset.get(flow_id))
+    seen: list[Action] = list(actions)
+    queue: deque[Event] = deque()
+    lines = deque(answers)
+    for _ in range(10_000):
+        for action in actions:
+            if isinstance(action, PostWebhook):
+                queue.append(WebhookResult(webhook_ok, webhook_data or {}))
+            elif isinstance(action, TransferCall):
+                queue.append(TransferResult(transfer_ok))
+            elif isinstance(action, RecordAudio):
+                queue.append(RecordDone("test.wav", 3.0))
+        if state.phase is Phase.ENDED:
+            break
+        if queue:
+            event: Event = queue.popleft()
+        elif state.phase is Phase.PLAYING:
+            event = PromptDone()
+        elif lines:
+            events = parse_line(lines.popleft())
+            event = events[0]
+            queue.extend(events[1:])
+        else:
+            break
+        state, actions = engine.handle(state, event)
+        seen += actions
+    return state, seen
