@@ -77,9 +77,8 @@ def test_reset_waits_for_the_next_answer() -> None:
     assert eos.push(b"") is Endpoint.ENDED  # an empty frame reports the state as it is
     eos.reset()
     assert eos.state is Endpoint.WAITING and eos.speech_start_s is None
-    for f in frames("speech", 200):
-        eos.push(f)
-    assert eos.state is Endpoint.SPEECH
+    states = [eos.push(f) for f in frames("speech", 200)]
+    assert states[-1] is Endpoint.SPEECH
     assert eos.speech_start_s == pytest.approx(0.8)  # stream time goes on across answers
 
 
