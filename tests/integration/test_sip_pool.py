@@ -242,6 +242,8 @@ async def test_message_delivered_and_refused(pool: SipPool, tmp_path: Path) -> N
     (msg,) = uas.received("MESSAGE")
     assert msg.msg.body.decode().strip() == text
     assert message.user_part(msg.msg.get("P-Asserted-Identity") or "") == CALLER
+    # pjsua builds out-of-dialog requests From the account, so the caller-ID rides in PAI.
+    assert message.user_part(msg.msg.get("From") or "") == "clinic"
     async with sipp_uas("sipp_uas_message_reject.xml", tmp_path) as uas:
         assert await pool.send_message(uas.uri(), CALLER, text, timeout_s=5) == 488
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 MAX_CALLS = 4  # PJSUA_MAX_CALLS of the wheel: the 5th makeCall raises PJ_ETOOMANY
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 # Inbound headers handed to the call handler (besides every X-* header).
+_REQUEST_ID_HEADER = "X-Clinic-Request"
 _KEPT_HEADERS = ("p-asserted-identity", "diversion", "subject")
 
 
@@ -171,8 +172,7 @@ class Engine:
         self._dead: list[object] = []  # dropped one pump after DISCONNECTED
         self._media_q: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._ids = itertools.count(1)
-        self._requests: dict[int, str] = {}
-        self._request_seq = itertools.count(1)
+        self._requests: set[str] = set()
         self.port = config.port
         self.stopping = False
 
@@ -410,24 +410,27 @@ class Engine:
 
     def _send_message(self, cmd: SendMessage) -> None:
         assert self._account is not None
-        token = next(self._request_seq)
         prm = pj.SendRequestParam()
         prm.method = "MESSAGE"
-        prm.userData = token
         prm.txOption.targetUri = cmd.target_uri
         prm.txOption.localUri = f"sip:{cmd.caller_id}@{self._config.host}"
         prm.txOption.contentType = "text/plain;charset=UTF-8"
         prm.txOption.msgBody = cmd.text
+        # pjsua2's userData is a C pointer Python cannot set, so the final response is
+        # matched to its request by this header, read back from the transaction's request.
         _add_headers(
             prm.txOption,
-            (("P-Asserted-Identity", f"<sip:{cmd.caller_id}@{self._config.host}>"),),
+            (
+                ("P-Asserted-Identity", f"<sip:{cmd.caller_id}@{self._config.host}>"),
+                (_REQUEST_ID_HEADER, cmd.request_id),
+            ),
         )
-        self._requests[token] = cmd.request_id
+        self._requests.add(cmd.request_id)
         try:
             self._account.sendRequest(prm)
         except pj.Error as exc:
             log.warning("MESSAGE %s not sent: %s", cmd.request_id, exc.reason)
-            self._requests.pop(token, None)
+            self._requests.discard(cmd.request_id)
             self.emit(MessageResult(cmd.request_id, SipStatus.SERVICE_UNAVAILABLE))
 
     # -- callbacks (owner thread) -----------------------------------------------------------
@@ -517,25 +520,18 @@ class Engine:
                         self.emit(PlayDone(call.call_id))
 
     def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
-        token = int(prm.userData)
-        request_id = self._requests.pop(token, None)
-        if request_id is None:
+        tsx = prm.e.body.tsxState.tsx
+        try:
+            request = message.parse(str(tsx.lastTx.wholeMsg).encode())
+        except message.SipParseError as exc:
+            log.warning("cannot read back a sent request: %s", exc)
             return
-        status: int = SipStatus.REQUEST_TIMEOUT
-        body = prm.e.body
-        if body.tsxState.type == pj.PJSIP_EVENT_RX_MSG:
-            status = _status_of(str(body.tsxState.src.rdata.wholeMsg))
-        elif body.tsxState.tsx.statusCode:
-            status = int(body.tsxState.tsx.statusCode)
-        self.emit(MessageResult(request_id, int(status)))
-
-
-def _status_of(raw: str) -> int:
-    try:
-        msg = message.parse(raw.encode())
-    except message.SipParseError:
-        return SipStatus.SERVER_INTERNAL_ERROR
-    return msg.status or SipStatus.SERVER_INTERNAL_ERROR
+        request_id = request.get(_REQUEST_ID_HEADER) or ""
+        if request_id not in self._requests:
+            return
+        self._requests.discard(request_id)
+        status = int(tsx.statusCode) or SipStatus.REQUEST_TIMEOUT
+        self.emit(MessageResult(request_id, status))
 
 
 def _add_headers(tx: pj.SipTxOption, headers: tuple[tuple[str, str], ...]) -> None:

@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         password=os.environ.get("CLINIC_SIP_PASSWORD", ""),
         log_level=args.pj_log_level,
     )
-    return run(config, sys.stdin.fileno(), sys.stdout.fileno())
+    # pjlib prints its first log lines to fd 1 before any config applies: keep the protocol
+    # on a private copy of stdout and point fd 1 at stderr, so only events reach the pool.
+    sys.stdout.flush()
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    return run(config, sys.stdin.fileno(), events_fd)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Inbound calls: the redirect front, a pjsua2 softphone in its own process, sipp as a UAC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import sys
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sip_config.clock import SystemClock
+from sip_config.settings import HostPort, SipSettings
+from voice.sip import message
+from voice.sip.front import RedirectFront
+from voice.sip.pool import CallHandle, SipPool
+from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS = ROOT / "tests" / "peers"
+
+
+def sip_settings(workers: int) -> SipSettings:
+    return SipSettings(
+        addr=HostPort("127.0.0.1", 0),
+        workers=workers,
+        route="",
+        registrar="",
+        user="",
+        password="",
+        flashcall_prefix="",
+        flashcall_ring_s=3.0,
+        flashcall_interception_s=20,
+        voice_otp_keypress=True,
+        voice_otp_from="",
+    )
+
+
+@pytest.fixture
+async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
+    pool = SipPool(sip_settings(2), clock=SystemClock())
+    await pool.start()
+    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound)
+    await front.start()
+    try:
+        yield pool, front
+    finally:
+        await front.stop()
+        await pool.stop()
+
+
+async def make_tone(path: Path, seconds: float = 1.0) -> Path:
+    proc = await asyncio.create_subprocess_exec(
+        "sox", "-n", "-r", "8000", "-c", "1", "-b", "16", str(path), "synth", str(seconds),
+        "sine", "440", "vol", "0.5",
+    )  # fmt: skip
+    assert await proc.wait() == 0, "sox could not make the test tone"
+    return path
+
+
+def peak(path: Path) -> int:
+    with wave.open(str(path)) as w:
+        frames = w.readframes(w.getnframes())
+    samples = struct.unpack(f"<{len(frames) // 2}h", frames)
+    return max((abs(s) for s in samples), default=0)
+
+
+async def run_softphone(*args: str, within: float = 20) -> list[dict[str, Any]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.peers.softphone",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(within):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"softphone {args} did not finish in {within} s") from None
+    events = [json.loads(x) for x in out.decode().splitlines() if x.startswith("{")]
+    assert proc.returncode == 0, f"softphone failed ({proc.returncode}): {events}"
+    return events
+
+
+async def test_inbound_call_is_redirected_answered_and_hears_digits(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    pool, front = line
+    tone = await make_tone(tmp_path / "tone.wav")
+    seen: list[object] = []
+    audio_bytes = 0
+    handles: list[CallHandle] = []
+
+    async def handler(call: CallHandle) -> None:
+        nonlocal audio_bytes
+        handles.append(call)
+        await call.answer()
+        await call.play(tone)
+        await call.start_listen()
+
+        async def count_audio() -> None:
+            nonlocal audio_bytes
+            async for chunk in call.audio():
+                audio_bytes += len(chunk)
+
+        counter = asyncio.create_task(count_audio())
+        async for ev in call.events:
+            seen.append(ev)
+            if isinstance(ev, Digit):
+                await call.hangup()
+        await counter
+
+    pool.on_incoming(handler)
+    record = tmp_path / "heard.wav"
+    events = await run_softphone(
+        "--call",
+        f"sip:6000@{front.address}",
+        "--header",
+        "X-Clinic-Test: inbound",
+        "--dtmf",
+        "5@1.5",
+        "--record",
+        str(record),
+        "--play",
+        str(tone),
+    )
+    kinds = [e["event"] for e in events]
+    assert "redirected" in kinds, f"no 302 followed: {events}"
+    redirect = next(e for e in events if e["event"] == "redirected")
+    assert message.user_part(redirect["target"]) == "6000"
+    assert "confirmed" in kinds and kinds[-1] == "ended", events
+
+    (call,) = handles
+    assert call.caller == "softphone" and call.called == "6000"
+    assert call.headers.get("X-Clinic-Test") == "inbound"
+    assert Digit(call.id, "5") in seen
+    assert isinstance(seen[-1], CallEvent) and seen[-1].state is CallState.ENDED
+    assert any(isinstance(e, PlayDone) for e in seen), "the 1 s tone should have ended"
+    assert audio_bytes >= 320 * 25, f"only {audio_bytes} bytes of caller audio"
+    assert audio_bytes % 320 == 0
+    assert peak(record) > 3000, "the softphone did not hear the played tone"
+
+
+async def test_sipp_invite_gets_302_to_a_worker(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    pool, front = line
+    trace = tmp_path / "uac.log"
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", str(front.address), "-sf", str(PEERS / "sipp_uac_redirect.xml"),
+        "-i", "127.0.0.1", "-p", "0", "-s", "6001", "-m", "1", "-nostdin",
+        "-trace_msg", "-message_file", str(trace), "-timeout", "10",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    async with asyncio.timeout(15):
+        assert await proc.wait() == 0, f"sipp UAC failed: {trace.read_text(errors='replace')}"
+    text = trace.read_text(errors="replace")
+    contacts = [ln for ln in text.splitlines() if ln.lower().startswith("contact: <sip:6001@")]
+    assert contacts, text
+    ports = {a.port for a in pool.worker_addresses()}
+    assert any(f"127.0.0.1:{p}>" in contacts[0] for p in ports), (contacts, ports)
+
+
+def _udp_request(addr: HostPort, method: str) -> message.SipMessage:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(3)
+        here = s.getsockname()[1]
+        req = (
+            f"{method} sip:6000@{addr} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{here};branch=z9hG4bK-{method}-1\r\n"
+            f"From: <sip:probe@127.0.0.1>;tag=1\r\nTo: <sip:6000@{addr}>\r\n"
+            f"Call-ID: probe-{method}\r\nCSeq: 1 {method}\r\nMax-Forwards: 70\r\n"
+            "Content-Length: 0\r\n\r\n"
+        )
+        s.sendto(req.encode(), (addr.host, addr.port))
+        data, _ = s.recvfrom(65536)
+    return message.parse(data)
+
+
+async def test_front_answers_other_methods(line: tuple[SipPool, RedirectFront]) -> None:
+    _, front = line
+    loop = asyncio.get_running_loop()
+    for method, status in (("OPTIONS", 200), ("REGISTER", 405), ("BYE", 481), ("FOO", 501)):
+        resp = await loop.run_in_executor(None, _udp_request, front.address, method)
+        assert resp.status == status, (method, resp)
+        assert resp.get("Call-ID") == f"probe-{method}"
+        if status in (200, 405, 501):
+            assert "INVITE" in (resp.get("Allow") or "")

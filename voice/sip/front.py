@@ -1,0 +1,181 @@
+"""Inbound distribution in direct mode: a tiny SIP redirect server on ``CLINIC_SIP_ADDR``.
+
+Why a redirect and not a proxy: a redirect server (RFC 3261 section 8.3) is stateless and
+stays out of the call after one response, so the workers keep their own dialogs and media
+and this process never relays a byte of a call. Each INVITE gets ``302 Moved Temporarily``
+with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_port>``), or
+``486 Busy Here`` when every worker is full. The ACK for that final response is absorbed,
+OPTIONS gets 200 (so peers can probe liveness), CANCEL gets 200 (the INVITE already has its
+final answer), BYE gets 481, other known methods 405 with ``Allow``, unknown ones 501.
+
+Workers listen on the ports after ``CLINIC_SIP_ADDR`` (port+1..port+N); with port 0 (tests)
+everything takes free ports. With a PBX in front, point its trunk at the workers directly
+and let it hunt over them (e.g. Asterisk dial groups): this server is then not needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import cast
+
+from sip_config.settings import HostPort
+from voice.sip import message
+from voice.sip.outcome import SipStatus
+
+log = logging.getLogger(__name__)
+
+ALLOW = "INVITE, ACK, CANCEL, OPTIONS"
+_KNOWN_METHODS = frozenset(
+    {
+        "INVITE",
+        "ACK",
+        "CANCEL",
+        "OPTIONS",
+        "BYE",
+        "REGISTER",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "PUBLISH",
+        "MESSAGE",
+        "INFO",
+        "PRACK",
+        "UPDATE",
+        "REFER",
+    }
+)
+_MAX_MESSAGE = 65536
+
+Picker = Callable[[], HostPort | None]
+
+
+def respond(request: message.SipMessage, target: HostPort | None, *, tcp: bool) -> bytes | None:
+    """The response of the redirect server to ``request`` (None: send nothing).
+
+    ``target`` is a worker with a free slot for an INVITE, None when all are full.
+    """
+    if not request.is_request or request.method == "ACK":
+        return None
+    tag = secrets.token_hex(6)
+    method = request.method
+    if method == "INVITE":
+        if target is None:
+            return message.serialise_response(request, SipStatus.BUSY_HERE, to_tag=tag)
+        user = message.user_part(request.uri)
+        userinfo = f"{user}@" if user else ""
+        params = ";transport=tcp" if tcp else ""
+        contact = f"<sip:{userinfo}{target}{params}>"
+        return message.serialise_response(
+            request, SipStatus.MOVED_TEMPORARILY, to_tag=tag, extra=(("Contact", contact),)
+        )
+    if method == "OPTIONS":
+        return message.serialise_response(
+            request,
+            SipStatus.OK,
+            to_tag=tag,
+            extra=(("Allow", ALLOW), ("Accept", "application/sdp")),
+        )
+    if method == "CANCEL":
+        return message.serialise_response(request, SipStatus.OK, to_tag=tag)
+    if method == "BYE":
+        return message.serialise_response(request, SipStatus.CALL_DOES_NOT_EXIST, to_tag=tag)
+    if method in _KNOWN_METHODS:
+        return message.serialise_response(
+            request, SipStatus.METHOD_NOT_ALLOWED, to_tag=tag, extra=(("Allow", ALLOW),)
+        )
+    return message.serialise_response(
+        request, SipStatus.NOT_IMPLEMENTED, to_tag=tag, extra=(("Allow", ALLOW),)
+    )
+
+
+def _answer(data: bytes, pick: Picker, *, tcp: bool) -> bytes | None:
+    try:
+        request = message.parse(data)
+    except message.SipParseError as exc:
+        # Without a parseable Via there is nowhere to send a 400: drop it (section 18.3).
+        log.info("dropped an unparseable SIP message: %s", exc)
+        return None
+    target = pick() if request.method == "INVITE" else None
+    if request.method == "INVITE":
+        log.debug("INVITE %s -> %s", request.get("Call-ID"), target or "486")
+    return respond(request, target, tcp=tcp)
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, pick: Picker) -> None:
+        self._pick = pick
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, int]) -> None:
+        reply = _answer(data, self._pick, tcp=False)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.info("UDP error on the SIP front: %s", exc)
+
+
+class RedirectFront:
+    """The redirect server on UDP and TCP; ``pick`` chooses a worker (see SipPool)."""
+
+    def __init__(self, addr: HostPort, pick: Picker) -> None:
+        self._addr = addr
+        self._pick = pick
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+        self.address = addr
+
+    async def start(self) -> None:
+        """Bind UDP, then TCP on the same port (the UDP one when the port is 0)."""
+        loop = asyncio.get_running_loop()
+        udp, _ = await loop.create_datagram_endpoint(
+            lambda: _Udp(self._pick), local_addr=(self._addr.host, self._addr.port)
+        )
+        self._udp = udp
+        port = int(udp.get_extra_info("sockname")[1])
+        self.address = HostPort(self._addr.host, port)
+        self._tcp = await asyncio.start_server(self._serve_tcp, self._addr.host, port)
+        log.info("SIP redirect front on %s (UDP and TCP)", self.address)
+
+    async def stop(self) -> None:
+        """Close both listeners and open TCP connections."""
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if len(head) > _MAX_MESSAGE:
+                    break
+                length = message.content_length(head) or 0
+                body = await reader.readexactly(length) if length else b""
+                reply = _answer(head + body, self._pick, tcp=True)
+                if reply is not None:
+                    writer.write(reply)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+            log.debug("SIP TCP connection closed: %s", exc)
+        finally:
+            self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
