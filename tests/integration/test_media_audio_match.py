@@ -58,7 +58,8 @@ async def test_right_code_scores_clearly_higher(renderings: dict[str, bytes]) ->
     right = similarity(recording, renderings[RIGHT], 8000)
     wrong = {code: similarity(recording, renderings[code], 8000) for code in WRONG}
     best_wrong = max(wrong.values())
-    # Measured: right ~0.5, best wrong ~0.36 (a changed last digit); demand a clear gap.
+    # Measured: right 0.61, wrong 0.28-0.41 (a changed last digit is closest); demand a gap.
+    print(f"right {right:.3f}", {k: round(v, 3) for k, v in wrong.items()})
     assert right > 1.2 * best_wrong, f"right {right:.3f}, wrong {wrong}"
 
 

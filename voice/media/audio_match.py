@@ -7,8 +7,9 @@ decorrelated by a DCT, 32 ms windows every 10 ms), aligned by subsequence dynami
 warping: the reference may start anywhere in the recording (leading silence, ringback, a
 greeting) and may be stretched or squeezed a little (jitter buffers, packet loss concealment).
 
-Cost: about 1 s of CPU for a 10 s recording against a 4 s reference; the recording's features
-are cached, so ranking several references pays for the recording once.
+Cost, measured: 0.26 s of CPU for the features of a 7 s recording, then 0.18 s per 4 s
+reference; the recording's features are cached, so ranking several references pays for the
+recording once.
 """
 
 from __future__ import annotations
