@@ -67,6 +67,14 @@ class NotPending(VerificationError):
     slug = "not-pending"
     title = "The verification is no longer pending"
 
+    def __init__(self, detail: str = "", *, status: str = "") -> None:
+        # ``status`` is the verification's; in the problem document ``status`` is the HTTP
+        # code (RFC 9457 3.1.3), so the verification's goes out as ``verification_status``.
+        if status:
+            super().__init__(detail, verification_status=status)
+        else:
+            super().__init__(detail)
+
 
 class NoChannelLeft(VerificationError):
     status = 409
