@@ -1,0 +1,336 @@
+"""Fixtures of the API tier: the real app over real HTTP on 127.0.0.1, a real ``redis-server``,
+a real SMS gateway and webhook receiver, and a session-wide OpenAPI response collector.
+
+- ``sms_gateway`` / ``webhook_receiver``: the peers of ``tests/peers/`` started on free ports.
+- ``start_service(env, clock=...)``: builds the app with ``build_app`` (Redis from the
+  ``redis_server`` fixture, a temp data dir, the gateway peer as SMS gateway), serves it with
+  ``aiohttp.test_utils.TestServer`` and returns an :class:`Api` client. Every response the client
+  sees is validated against the app's own ``/openapi.json``.
+- ``openapi_responses``: the session-wide collector; it fails the test that saw a response the
+  document does not describe, and the session if any was seen at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jsonschema
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDictProxy
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from clinic_voice.app import build_app
+from sip_config.clock import Clock
+from sip_config.settings import Settings
+from tests.conftest import RedisServer
+from tests.peers.sms_gateway import SmsGateway
+from tests.peers.webhook_receiver import WebhookReceiver
+
+API_KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "other-key-0123456789abcdef"
+SECRET = "test-secret-0123456789abcdef0123456789"
+CLINIC_NAME = "Kliniek Zuid"
+MOBILE = "+31612345678"  # a valid NL mobile number (phonenumbers' example range)
+
+#: Small timeouts keep the tier fast; each test overrides what it needs.
+BASE_ENV: dict[str, str] = {
+    "CLINIC_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+    "CLINIC_SECRET": SECRET,
+    "CLINIC_NAME": CLINIC_NAME,
+    "CLINIC_LOG_LEVEL": "DEBUG",
+    "CLINIC_SMS_HTTP_TOKEN": "gw-token-42",
+    "CLINIC_SMS_HTTP_TIMEOUT_S": "1",
+    "CLINIC_SMS_HTTP_RETRIES": "1",
+    "CLINIC_WEBHOOK_TIMEOUT_S": "1",
+    "CLINIC_WEBHOOK_RETRIES": "3",
+}
+
+DEADLINE_S = 10.0
+_DOC_ID = "urn:clinic-voice:openapi"
+
+
+def _pointer(*parts: str) -> str:
+    return "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+@dataclass
+class OpenApiCollector:
+    """Validates every response seen against ``/openapi.json`` and remembers what failed.
+
+    A response is looked up by (path template, method, status, media type). Paths or methods
+    the document does not have (an unknown route, a wrong method) may only be answered 404 or
+    405 with a ``Problem`` body: everything else must be listed under its route.
+    """
+
+    doc: dict[str, Any] | None = None
+    seen: set[tuple[str, str, int]] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    _registry: Registry[Any] | None = None
+    _templates: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
+
+    def load(self, doc: dict[str, Any]) -> None:
+        """Take the document (the first service's; later ones must be the same)."""
+        if self.doc is not None:
+            if doc != self.doc:
+                self.failures.append("/openapi.json differs between two app instances")
+            return
+        self.doc = doc
+        resource = Resource.from_contents(doc, default_specification=DRAFT202012)
+        self._registry = Registry().with_resource(_DOC_ID, resource)
+        for template in doc["paths"]:
+            rx = re.escape(template).replace(r"\{id\}", "[^/]+")
+            self._templates.append((re.compile(rx + "$"), template))
+
+    def _errors(self, pointer: str, body: Any) -> list[str]:
+        assert self._registry is not None
+        validator = jsonschema.Draft202012Validator(
+            {"$ref": f"{_DOC_ID}#/{pointer}"},
+            registry=self._registry,
+            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+        )
+        return [
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(body)
+        ]
+
+    def check(self, method: str, path: str, status: int, ctype: str, body: bytes) -> list[str]:
+        """Validate one response; returns (and records) what is wrong with it."""
+        assert self.doc is not None, "no /openapi.json loaded yet"
+        where = f"{method} {path} -> {status} ({ctype})"
+        problems: list[str] = []
+        template = next((t for rx, t in self._templates if rx.match(path)), None)
+        op = self.doc["paths"].get(template, {}).get(method.lower()) if template else None
+        parsed: Any = None
+        if ctype.endswith("json"):
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                problems.append(f"{where}: body is not JSON: {body[:80]!r}")
+        if op is None:
+            self.seen.add((f"(outside the document) {template or path}", method, status))
+            if status not in (404, 405) or ctype != "application/problem+json":
+                problems.append(f"{where}: route or method not in the document")
+            elif not problems:
+                problems += [
+                    f"{where}: {e}"
+                    for e in self._errors(_pointer("components", "schemas", "Problem"), parsed)
+                ]
+        else:
+            assert template is not None
+            self.seen.add((template, method, status))
+            response = op["responses"].get(str(status))
+            if response is None:
+                problems.append(f"{where}: status {status} not listed for {method} {template}")
+            elif ctype not in response.get("content", {}):
+                listed = sorted(response.get("content", {}))
+                problems.append(f"{where}: media type not listed (document: {listed})")
+            elif "schema" in response["content"][ctype] and not problems:
+                pointer = _pointer(
+                    "paths", template, method.lower(), "responses", str(status), "content", ctype
+                )
+                problems += [f"{where}: {e}" for e in self._errors(pointer + "/schema", parsed)]
+        self.failures += problems
+        return problems
+
+
+@pytest.fixture(scope="session")
+def openapi_responses() -> Iterator[OpenApiCollector]:
+    """The session-wide collector: fails the session if any response did not validate."""
+    collector = OpenApiCollector()
+    yield collector
+    if collector.failures:
+        pytest.fail(
+            f"{len(collector.failures)} response(s) do not match /openapi.json:\n  "
+            + "\n  ".join(collector.failures)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One HTTP response, read in full."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    content_type: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def problem(self, status: int, slug: str) -> dict[str, Any]:
+        """Assert this is the problem ``slug`` with ``status``; return its body."""
+        assert self.status == status, f"expected {status} {slug}, got {self.status}: {self.text}"
+        assert self.content_type == "application/problem+json", self.content_type
+        body = self.json
+        assert body["type"] == f"https://clinic-voice.example/problems/{slug}", body
+        assert body["status"] == status, body
+        assert isinstance(body["title"], str) and body["title"], body
+        return dict(body)
+
+
+class Api:
+    """A client of one running service: bearer key by default, every answer validated."""
+
+    def __init__(self, client: TestClient[Any, Any], collector: OpenApiCollector) -> None:
+        self.client = client
+        self.collector = collector
+        self.app = client.app
+        self.key: str | None = API_KEY
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = "",
+    ) -> Answer:
+        """Send one request. ``key=""``: the default key; ``None``: no Authorization header."""
+        hdrs = dict(headers or {})
+        use_key = self.key if key == "" else key
+        if use_key is not None and "Authorization" not in hdrs:
+            hdrs["Authorization"] = f"Bearer {use_key}"
+        if json_body is not None:
+            data = json.dumps(json_body)
+            hdrs.setdefault("Content-Type", "application/json")
+        async with self.client.request(method, path, data=data, headers=hdrs) as resp:
+            body = await resp.read()
+            answer = Answer(resp.status, resp.headers, body, resp.content_type)
+        errors = self.collector.check(method, path, answer.status, answer.content_type, body)
+        assert not errors, "response does not match /openapi.json:\n  " + "\n  ".join(errors)
+        return answer
+
+    async def create(self, **body: Any) -> Answer:
+        """``POST /v1/verifications`` with ``phone`` defaulting to :data:`MOBILE`."""
+        body.setdefault("phone", MOBILE)
+        return await self.request("POST", "/v1/verifications", json_body=body)
+
+    async def get(self, vid: str) -> dict[str, Any]:
+        answer = await self.request("GET", f"/v1/verifications/{vid}")
+        assert answer.status == 200, answer.text
+        return dict(answer.json)
+
+    async def check(self, vid: str, code: str) -> Answer:
+        return await self.request(
+            "POST", f"/v1/verifications/{vid}/check", json_body={"code": code}
+        )
+
+    async def wait_for_event(
+        self, vid: str, kind: str, deadline_s: float = DEADLINE_S
+    ) -> dict[str, Any]:
+        """Poll GET until an event of ``kind`` shows; returns the verification."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while True:
+            v = await self.get(vid)
+            if any(e["type"] == kind for e in v["events"]):
+                return v
+            if loop.time() > end:
+                kinds = [e["type"] for e in v["events"]]
+                pytest.fail(f"no '{kind}' event on {vid} within {deadline_s} s; events: {kinds}")
+            await asyncio.sleep(0.05)
+
+
+class StartService(Protocol):
+    def __call__(
+        self, env: Mapping[str, str] | None = None, *, clock: Clock | None = None
+    ) -> Awaitable[Api]: ...
+
+
+@pytest.fixture
+async def sms_gateway() -> AsyncIterator[SmsGateway]:
+    """A real HTTP SMS gateway on a free port (mode ``ok``; tests may change ``mode``)."""
+    gateway = SmsGateway()
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+@pytest.fixture
+async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
+    """A real webhook receiver on a free port (answers 204)."""
+    receiver = WebhookReceiver()
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+def service_env(
+    redis_url: str, data_dir: Path, gateway: SmsGateway, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a test service (``BASE_ENV`` plus the peers plus ``env``)."""
+    return {
+        **BASE_ENV,
+        "CLINIC_REDIS_URL": redis_url,
+        "CLINIC_DATA_DIR": str(data_dir),
+        "CLINIC_SMS_HTTP_URL": gateway.url,
+        **(env or {}),
+    }
+
+
+@pytest.fixture
+async def start_service(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    openapi_responses: OpenApiCollector,
+) -> AsyncIterator[StartService]:
+    """Start the real app (``build_app``) on 127.0.0.1; stopped after the test."""
+    clients: list[TestClient[Any, Any]] = []
+    failures_before = len(openapi_responses.failures)
+
+    async def start(env: Mapping[str, str] | None = None, *, clock: Clock | None = None) -> Api:
+        data_dir = tmp_path / f"data{len(clients)}"
+        settings = Settings.from_env(service_env(redis_server.url, data_dir, sms_gateway, env))
+        app: web.Application = build_app(settings, clock=clock)
+        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        async with client.get("/openapi.json") as resp:
+            assert resp.status == 200, await resp.text()
+            openapi_responses.load(await resp.json())
+            body = await resp.read()
+        openapi_responses.check("GET", "/openapi.json", resp.status, resp.content_type, body)
+        return Api(client, openapi_responses)
+
+    try:
+        yield start
+    finally:
+        for client in reversed(clients):
+            await client.close()
+    new = openapi_responses.failures[failures_before:]
+    assert not new, "responses not matching /openapi.json:\n  " + "\n  ".join(new)
+
+
+async def read_code(gateway: SmsGateway, nth: int = 1) -> str:
+    """The code of the ``nth`` SMS the gateway received (waiting for it), read from its text."""
+    received = await gateway.wait_for(nth)
+    text = received[nth - 1].text
+    found = re.findall(r"\b[0-9]{4,8}\b", text)
+    assert len(found) == 1, f"expected one code in SMS {nth}, found {len(found)}"
+    return str(found[0])
+
+
+def wrong_code(code: str) -> str:
+    """A code of the same length that differs in every digit."""
+    return "".join(str((int(d) + 1) % 10) for d in code)

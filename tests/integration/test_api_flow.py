@@ -1,0 +1,168 @@
+"""The verification API end to end over HTTP: a real app, a real redis-server, a real SMS
+gateway peer whose recorded texts are where the tests read their codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from tests.integration.conftest import (
+    MOBILE,
+    StartService,
+    read_code,
+    wrong_code,
+)
+from tests.peers.sms_gateway import SmsGateway
+
+pytestmark = pytest.mark.integration
+
+
+async def test_create_answers_201_with_location_and_fields(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    answer = await api.create(code_length=6, locale="nl-NL")
+    assert answer.status == 201, answer.text
+    v = answer.json
+    assert answer.headers["Location"] == f"/v1/verifications/{v['id']}"
+    assert answer.content_type == "application/json"
+    assert v["phone"] == MOBILE
+    assert v["status"] == "pending"
+    assert v["channel"] == "sms"
+    assert v["channels"] == ["sms"]
+    assert v["attempts_left"] == 5
+    assert v["events"][0]["type"] == "requested"
+    assert "code" not in answer.text.lower().replace("code_length", "")
+    await read_code(sms_gateway)
+    got = await api.wait_for_event(v["id"], "delivered")
+    assert got["id"] == v["id"]
+    assert [e["type"] for e in got["events"]] == ["requested", "dispatched", "delivered"]
+
+
+async def test_wrong_check_counts_down_and_right_check_approves(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    wrong = await api.check(vid, wrong_code(code))
+    assert wrong.status == 200, wrong.text
+    assert wrong.json == {"id": vid, "status": "pending", "attempts_left": 4}
+    wrong = await api.check(vid, wrong_code(wrong_code(code)))
+    assert wrong.json["attempts_left"] == 3
+    right = await api.check(vid, code)
+    assert right.json == {"id": vid, "status": "approved", "attempts_left": 3}
+    v = await api.get(vid)
+    assert v["status"] == "approved"
+    assert [e["type"] for e in v["events"]].count("check_failed") == 2
+    # Single use: the same right code again finds nothing pending.
+    (await api.check(vid, code)).problem(409, "not-pending")
+
+
+async def test_fallback_without_a_channel_left_is_409(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    await read_code(sms_gateway)
+    answer = await api.request("POST", f"/v1/verifications/{vid}/fallback")
+    answer.problem(409, "no-channel-left")
+    assert len(sms_gateway.received) == 1, "a refused fallback must not send"
+
+
+async def test_cancel_then_nothing_is_pending(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    answer = await api.request("DELETE", f"/v1/verifications/{vid}")
+    assert answer.status == 200, answer.text
+    assert answer.json["status"] == "canceled"
+    assert answer.json["events"][-1]["type"] == "canceled"
+    (await api.request("DELETE", f"/v1/verifications/{vid}")).problem(409, "not-pending")
+    (await api.check(vid, code)).problem(409, "not-pending")
+    (await api.request("POST", f"/v1/verifications/{vid}/fallback")).problem(409, "not-pending")
+    assert (await api.get(vid))["status"] == "canceled"
+
+
+async def test_unknown_verification_is_404(start_service: StartService) -> None:
+    api = await start_service()
+    missing = "A" * 32
+    (await api.request("GET", f"/v1/verifications/{missing}")).problem(404, "not-found")
+    (await api.check(missing, "123456")).problem(404, "not-found")
+    (await api.request("DELETE", f"/v1/verifications/{missing}")).problem(404, "not-found")
+    (await api.request("GET", "/v1/verifications/short")).problem(404, "not-found")
+
+
+async def test_idempotency_key_replays_the_same_verification(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    headers = {"Idempotency-Key": "order-4711"}
+    body = {"phone": MOBILE, "code_length": 6}
+    first = await api.request("POST", "/v1/verifications", json_body=body, headers=headers)
+    assert first.status == 201, first.text
+    again = await api.request("POST", "/v1/verifications", json_body=body, headers=headers)
+    assert again.status == 201, again.text
+    assert again.json["id"] == first.json["id"]
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.headers["Location"] == first.headers["Location"]
+    other = await api.request(
+        "POST", "/v1/verifications", json_body={**body, "code_length": 8}, headers=headers
+    )
+    other.problem(422, "idempotency-key-reused")
+    # The same key from another API key is another request.
+    from tests.integration.conftest import OTHER_KEY
+
+    theirs = await api.request(
+        "POST", "/v1/verifications", json_body=body, headers=headers, key=OTHER_KEY
+    )
+    assert theirs.status == 201, theirs.text
+    assert theirs.json["id"] != first.json["id"]
+    await sms_gateway.wait_for(2)
+    await asyncio.sleep(0.3)  # a replay that sent would show up by now
+    assert len(sms_gateway.received) == 2, "a replay must not send again"
+
+
+async def test_100_parallel_right_checks_approve_exactly_once(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    answers = await asyncio.gather(*(api.check(vid, code) for _ in range(100)))
+    statuses = Counter(a.status for a in answers)
+    assert statuses == {200: 1, 409: 99}, statuses
+    for a in answers:
+        if a.status == 200:
+            assert a.json["status"] == "approved"
+        else:
+            a.problem(409, "not-pending")
+    v = await api.get(vid)
+    assert v["status"] == "approved"
+    assert [e["type"] for e in v["events"]].count("approved") == 1
+
+
+async def test_brute_force_stops_at_the_attempt_limit(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    left = []
+    for i in range(5):
+        guess = f"{(int(code) + 1 + i) % 10**6:06d}"
+        answer = await api.check(vid, guess)
+        assert answer.status == 200, answer.text
+        left.append((answer.json["status"], answer.json["attempts_left"]))
+    assert left == [("pending", 4), ("pending", 3), ("pending", 2), ("pending", 1), ("failed", 0)]
+    after = await api.check(vid, code)
+    assert after.status == 200, after.text
+    assert after.json["status"] == "failed", "the right code after the limit must not approve"
+    v = await api.get(vid)
+    assert v["status"] == "failed"
+    assert "approved" not in [e["type"] for e in v["events"]]

@@ -1,0 +1,81 @@
+"""A real webhook receiver for the tests: an aiohttp server on 127.0.0.1 that records every POST
+(raw body and headers) and answers 500 to the first ``fail_first`` of them, 204 afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """One POST as received."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    answered: int
+
+    def json(self) -> dict[str, Any]:
+        data = json.loads(self.body)
+        assert isinstance(data, dict), f"webhook body is not a JSON object: {self.body!r}"
+        return data
+
+
+class WebhookReceiver:
+    """The receiver peer. ``await start()``, read :attr:`url`, ``await stop()``."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.received: list[Hook] = []
+        self._arrived = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def url(self, path: str = "/hook") -> str:
+        """A URL on this receiver (any path is accepted and recorded)."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def accepted(self) -> list[Hook]:
+        """The POSTs answered with success."""
+        return [h for h in self.received if h.answered < 300]
+
+    async def wait_until(self, what: str, predicate: Any, deadline_s: float = 10.0) -> list[Hook]:
+        """Wait until ``predicate(received)`` holds; fail naming ``what``."""
+        try:
+            async with asyncio.timeout(deadline_s):
+                async with self._arrived:
+                    await self._arrived.wait_for(lambda: bool(predicate(self.received)))
+        except TimeoutError:
+            kinds = [h.json().get("event", {}).get("kind") for h in self.received]
+            raise AssertionError(
+                f"webhook receiver: no {what} in {deadline_s} s; got {len(kinds)}: {kinds}"
+            ) from None
+        return list(self.received)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        status = 500 if len(self.received) < self.fail_first else 204
+        async with self._arrived:
+            self.received.append(Hook(request.path, body, dict(request.headers), status))
+            self._arrived.notify_all()
+        return web.Response(status=status)
