@@ -147,3 +147,17 @@ def test_real_time_factor_is_measured(model: SpeechModel, tmp_path: Path) -> Non
     rtf = measure_rtf(model, call_audio(speech * 3), grammar=GRAMMAR)
     # A single stream must leave room for many calls on 2 cores.
     assert 0.0 < rtf < 0.5, f"real-time factor {rtf:.3f}"
+
+
+async def test_two_calls_recognise_at_once_with_one_model(
+    model: SpeechModel, tmp_path: Path
+) -> None:
+    yes = call_audio(korean("예", tmp_path))
+    no = call_audio(korean("아니요", tmp_path))
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            listen(model.recogniser(GRAMMAR), yes), listen(model.recogniser(GRAMMAR), no)
+        ),
+        timeout=30,
+    )
+    assert [r.text for r, _ in results] == ["예", "아니요"]
