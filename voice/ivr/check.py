@@ -22,6 +22,7 @@ from pathlib import Path
 
 from voice.ivr.flow import (
     PARAM_NAMES,
+    ROUTES_FILE,
     Ask,
     Assess,
     Branch,
@@ -64,7 +65,7 @@ def check_files(paths: Iterable[str | Path]) -> list[Finding]:
             findings += found + check_flowset(flowset)
             continue
         flowset, found = parse_flowset(p.parent) if p.parent.is_dir() else (FlowSet({}), [])
-        flow, own = parse_flow(p)
+        flow, own = (None, []) if p.name == ROUTES_FILE else parse_flow(p)
         if flow is not None and flow.id not in flowset.flows:
             flowset = FlowSet({**flowset.flows, flow.id: flow}, flowset.routes, flowset.default)
         wanted = {str(p)}
@@ -118,7 +119,8 @@ class _Checker:
         if not self.flow.start or self.flow.start not in self.flow.nodes:
             return self.findings  # the schema finding says why; nothing to walk
         self.targets()
-        if any(f.message.startswith("unknown target") for f in self.findings):
+        broken = any(not t for n in self.flow.nodes.values() for t, _, _ in successors(n))
+        if broken or any(f.message.startswith("unknown target") for f in self.findings):
             return self.findings
         self.reachable()
         self.dead_ends()
@@ -141,7 +143,7 @@ class _Checker:
         for node in self.flow.nodes.values():
             lines = {c.goto: c.line for c in node.choices} if isinstance(node, Ask) else {}
             for target, _, _ in successors(node):
-                if self.resolve(target) is None:
+                if target and self.resolve(target) is None:
                     self.add(lines.get(target, node.line), f"unknown target {target!r}")
 
     def edges(self, ref: NodeRef) -> list[NodeRef]:
@@ -282,14 +284,14 @@ class _Checker:
             (start, init): None
         }
         queue = deque([(start, init)])
-        reported: set[tuple[NodeRef, str]] = set()
+        reported: set[NodeRef] = set()
         while queue:
             ref, ab = item = queue.popleft()
             flow = self.flowset.get(ref[0])
             node = flow.nodes[ref[1]]
             problem = self.outcome_problem(node, ab)
-            if problem and (ref, problem) not in reported and ref[0] == self.flow.id:
-                reported.add((ref, problem))
+            if problem and ref not in reported and ref[0] == self.flow.id:
+                reported.add(ref)
                 via = self.trail(parent, item)
                 self.add(node.line, f"{problem} (path: {via})")
             for nxt_ab, target in self.moves(flow, node, ab):

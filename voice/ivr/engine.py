@@ -576,6 +576,8 @@ class Engine:
         for choice in ask.choices:
             if choice.key == key:
                 return self._choose(state, flow, ask, choice, "digit", key, None)
+        if key == "#":
+            return state, []  # a stray terminator from an earlier entry is no answer
         return self._nomatch(self._step(state, "nomatch", key), flow, ask, low_confidence=False)
 
     def _digit_entry(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result:
@@ -584,6 +586,9 @@ class Engine:
         if key == "*":
             return self._repeat(replace(state, digits=""), flow, ask)
         if spec.terminator and key == spec.terminator:
+            if not state.digits:
+                # A hash typed after an entry that ended at max_digits: swallow it.
+                return state, []
             return self._finish_digits(state, flow, ask)
         if key not in "0123456789":
             return self._nomatch(replace(state, digits=""), flow, ask, low_confidence=False)

@@ -567,6 +567,12 @@ class _Parser:
             return ""
         return str(value)
 
+    def next(self, m: _Map, node_id: str, key: str = "next") -> str:
+        if key not in m:
+            self.error(m.line, f"dead end: node {node_id!r} has no {key!r}")
+            return ""
+        return self.text(m, key)
+
     def opt_text(self, m: _Map, key: str) -> str | None:
         return self.text(m, key) if key in m else None
 
@@ -699,7 +705,7 @@ class _Parser:
                 self.error(body.line, "say needs 'text' or 'audio'")
         else:
             text = self.text(m, "say")
-        return Say(node_id, m.line, text, audio, barge_in, self.text(m, "next"))
+        return Say(node_id, m.line, text, audio, barge_in, self.next(m, node_id))
 
     def node_ask(self, node_id: str, m: _Map) -> Ask | None:
         self.known(m, {"ask"}, "an ask node")
@@ -829,14 +835,14 @@ class _Parser:
         if "urgency" in s:
             self.error(s.line_of("urgency"), "urgency is not set: use an 'urgency' node")
         values = tuple((k, self.text(s, k)) for k in s)
-        return SetValues(node_id, m.line, values, self.text(m, "next"))
+        return SetValues(node_id, m.line, values, self.next(m, node_id))
 
     def node_urgency(self, node_id: str, m: _Map) -> Assess | None:
         self.known(m, {"urgency", "reason", "risk", "next"}, "an urgency node")
         effect = self.effect(m)
         if effect is None:
             return None
-        return Assess(node_id, m.line, effect, self.text(m, "next"))
+        return Assess(node_id, m.line, effect, self.next(m, node_id))
 
     def node_transfer(self, node_id: str, m: _Map) -> Transfer:
         self.known(m, {"transfer", "prompt", "outcome", "on_fail"}, "a transfer node")
@@ -864,7 +870,7 @@ class _Parser:
             self.text(r, "prompt", ""),
             int(self.number(r, "max_s", 60, 5, 300)),
             self.text(r, "save", "recording"),
-            self.text(m, "next"),
+            self.next(m, node_id),
         )
 
     def node_webhook(self, node_id: str, m: _Map) -> Webhook | None:
@@ -885,8 +891,8 @@ class _Parser:
             tuple((str(k), str(v)) for k, v in extra_map.items()),
             self.number(w, "timeout_s", 5.0, 0.5, 30.0),
             self.text(w, "save", node_id),
-            self.text(m, "next"),
-            self.text(m, "on_fail"),
+            self.next(m, node_id),
+            self.next(m, node_id, "on_fail"),
         )
 
     def node_goto(self, node_id: str, m: _Map) -> Goto:
@@ -923,24 +929,29 @@ def load_flow(path: str | Path) -> Flow:
     return flow
 
 
-def parse_routes(path: Path) -> tuple[dict[str, str], str, int, list[Finding]]:
-    """``routes.yaml``: (called user -> flow id, default flow id, default's line, findings)."""
+def parse_routes(path: Path) -> tuple[dict[str, str], str, dict[str, int], list[Finding]]:
+    """``routes.yaml``: (called user -> flow id, default flow id, lines by user, findings).
+
+    The default's line is under the user ``(default)``.
+    """
     doc, findings = _read_yaml(path)
     if findings:
-        return {}, "main_menu", 1, findings
+        return {}, "main_menu", {}, findings
     parser = _Parser(path)
     top = parser.mapping(doc, 1, "routes.yaml")
     if top is None:
-        return {}, "main_menu", 1, parser.findings
+        return {}, "main_menu", {}, parser.findings
     parser.known(top, {"default", "routes"}, "routes.yaml")
     default = parser.text(top, "default", "main_menu")
     routes_map = top.get("routes", {})
     routes: dict[str, str] = {}
-    if isinstance(routes_map, dict):
+    lines = {"(default)": top.line_of("default")}
+    if isinstance(routes_map, _Map):
         routes = {str(k): str(v) for k, v in routes_map.items()}
+        lines.update({str(k): routes_map.line_of(str(k)) for k in routes_map})
     else:
         parser.error(top.line_of("routes"), "'routes' must be a mapping")
-    return routes, default, top.line_of("default"), parser.findings
+    return routes, default, lines, parser.findings
 
 
 def load_flows(directory: str | Path) -> FlowSet:
@@ -977,10 +988,10 @@ def parse_flowset(directory: str | Path) -> tuple[FlowSet, list[Finding]]:
     default = "main_menu"
     routes_path = d / ROUTES_FILE
     if routes_path.exists():
-        routes, default, default_line, found = parse_routes(routes_path)
+        routes, default, lines, found = parse_routes(routes_path)
         findings += found
         for user, flow_id in [("(default)", default), *routes.items()]:
             if flow_id not in flows:
                 msg = f"unknown flow {flow_id!r} for route {user}"
-                findings.append(Finding(str(routes_path), default_line, msg))
+                findings.append(Finding(str(routes_path), lines.get(user, 1), msg))
     return FlowSet(flows=flows, routes=routes, default=default), findings

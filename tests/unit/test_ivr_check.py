@@ -1,0 +1,92 @@
+"""``flow check``: clean on the shipped flows, exact ``file:line: message`` on broken ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voice.ivr.check import check_files, main
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "ivr_flows"
+BROKEN = ROOT / "tests" / "data" / "flows"
+
+# Each broken flow and the findings it must produce (line: message), no more, no fewer.
+EXPECTED: dict[str, list[str]] = {
+    "unknown_target.yaml": ["10: unknown target 'nowhere'"],
+    "unreachable.yaml": ["9: unreachable node 'orphan'"],
+    "dead_end.yaml": ["14: dead end: branch 'route' on 'answer' has no default"],
+    "never_ends.yaml": [
+        "7: path never ends: no hang-up or transfer after 'first'",
+        "12: path never ends: no hang-up or transfer after 'second'",
+    ],
+    "danger_to_self_care.yaml": [
+        "15: urgency would go down: outcome self_care reached at U1 (path: breathing > advice)",
+    ],
+    "danger_no_human.yaml": [
+        "8: danger-sign ask 'chest': no input or no match can end without a human "
+        "(hang-up 'bye')",
+        "19: call can end without a human at U2 (path: chest > bye)",
+    ],
+    "reserved_key.yaml": ["10: key 0 is reserved (0: a human, *: repeat)"],
+    "schema.yaml": [
+        "7: dead end: node 'intro' has no 'next'",
+        "8: unknown key 'nxt' in a say node",
+        "10: unknown urgency 'U9' (expected U0..U5)",
+    ],
+    "loop.yaml": [
+        "7: loop without waiting for the caller at 'a'",
+        "7: path never ends: no hang-up or transfer after 'a'",
+        "10: path never ends: no hang-up or transfer after 'b'",
+    ],
+    "bad_yaml.yaml": ["5: YAML: expected ',' or ']', but got '<stream end>'"],
+}
+
+
+def test_shipped_flows_are_clean() -> None:
+    assert [str(f) for f in check_files([SHIPPED])] == []
+
+
+def test_each_shipped_file_is_clean_on_its_own() -> None:
+    files = sorted(SHIPPED.glob("*.yaml"))
+    assert len(files) >= 6
+    assert [str(f) for f in check_files(files)] == []
+
+
+def test_every_broken_flow_is_covered() -> None:
+    assert sorted(p.name for p in BROKEN.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_flow_findings(name: str) -> None:
+    path = BROKEN / name
+    got = [str(f) for f in check_files([path])]
+    assert got == [f"{path}:{line}" for line in EXPECTED[name]]
+
+
+def test_main_prints_findings_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    path = BROKEN / "unknown_target.yaml"
+    assert main([str(path)]) == 1
+    assert capsys.readouterr().out == f"{path}:10: unknown target 'nowhere'\n"
+
+
+def test_main_exits_0_on_the_shipped_flows(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(SHIPPED)]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_main_reports_a_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(BROKEN / "absent.yaml")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_a_route_to_a_missing_flow_is_found(tmp_path: Path) -> None:
+    (tmp_path / "only.yaml").write_text(
+        "id: only\nlanguage: en\nstart: bye\nnodes:\n  bye: {hangup: true}\n", encoding="utf-8"
+    )
+    (tmp_path / "routes.yaml").write_text(
+        "default: only\nroutes:\n  '6000': ghost\n", encoding="utf-8"
+    )
+    got = [str(f) for f in check_files([tmp_path])]
+    assert got == [f"{tmp_path / 'routes.yaml'}:3: unknown flow 'ghost' for route 6000"]

@@ -1,0 +1,303 @@
+"""The flow engine, table-driven: VoiceXML counters, type-ahead, barge-in, 0 and *, safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voice.ivr.engine import (
+    SUMMARY_HEADER,
+    Action,
+    CallState,
+    Digit,
+    Engine,
+    Event,
+    HangUp,
+    HangupCall,
+    Listen,
+    NoInput,
+    Phase,
+    Play,
+    PostWebhook,
+    PromptDone,
+    RecordAudio,
+    RecordDone,
+    SpeechResult,
+    StopPlay,
+    Store,
+    TransferCall,
+    TransferResult,
+    WebhookResult,
+)
+from voice.ivr.flow import FlowParams, FlowSet, load_flows
+from voice.ivr.simulate import script_call
+from voice.ivr.triage import Urgency
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+STAFF = FlowParams().staff_uri
+NURSE = FlowParams().nurse_uri
+
+TEST_FLOW = """\
+id: t
+language: en
+human: staff
+start: hello
+nodes:
+  hello:
+    say: "Hello from {clinic_name}."
+    next: menu
+  menu:
+    ask:
+      prompt: "Pick one."
+      save: pick
+      noinput: ["I did not hear you.", "Still nothing."]
+      nomatch: ["That is not an option."]
+      min_confidence: 0.5
+      choices:
+        - {key: "1", phrases: [apples], value: apple, label: apples, goto: number}
+        - {key: "2", phrases: [pears], value: pear, label: pears, goto: vm}
+  number:
+    ask:
+      mode: keypad
+      prompt: "Enter your number then hash."
+      digits: {min: 3, max: 5, terminator: "#"}
+      save: number
+      next: post
+  post:
+    webhook: {url: scheduling, values: [pick, number], save: reply}
+    next: done
+    on_fail: sorry
+  done:
+    say: "Booked {reply.when}."
+    next: bye
+  sorry:
+    transfer: staff
+    prompt: "Connecting you."
+  vm:
+    record: {prompt: "Speak after the tone.", max_s: 30, save: message}
+    next: bye
+  bye:
+    hangup: "Goodbye."
+    outcome: done
+"""
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    (tmp_path / "t.yaml").write_text(TEST_FLOW, encoding="utf-8")
+    return Engine(load_flows(tmp_path), FlowParams(speech_enabled=True, clinic_name="Oak"))
+
+
+@pytest.fixture(scope="module")
+def shipped() -> FlowSet:
+    return load_flows(SHIPPED)
+
+
+def feed(engine: Engine, events: list[Event]) -> tuple[CallState, list[list[Action]]]:
+    state, first = engine.start(engine.flowset.get("t"))
+    steps = [first]
+    for event in events:
+        state, actions = engine.handle(state, event)
+        steps.append(actions)
+    return state, steps
+
+
+def texts(actions: list[Action]) -> list[str]:
+    return [a.text for a in actions if isinstance(a, Play)]
+
+
+DONE = PromptDone()
+
+# (name, events, the last step's actions as (type name, key text) pairs, final phase)
+TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
+    ("greeting then prompt", [DONE], [("Play", "Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
+    ("listen after the prompt", [DONE, DONE], [("Listen", "")], Phase.LISTENING),
+    ("noinput tapers 1", [DONE, DONE, NoInput()], [("Play", "I did not hear you. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
+    ("noinput tapers 2", [DONE, DONE, NoInput(), DONE, NoInput()], [("Play", "Still nothing. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
+    ("noinput limit reaches staff", [DONE, DONE, NoInput(), DONE, NoInput(), DONE, NoInput()], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
+    ("wrong key is a nomatch", [DONE, DONE, Digit("7")], [("Play", "That is not an option. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
+    ("low confidence is a nomatch", [DONE, DONE, SpeechResult("apples", 0.2)], [("Play", "That is not an option. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
+    ("star repeats", [DONE, DONE, Digit("*")], [("Play", "Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
+    ("zero reaches staff", [DONE, DONE, Digit("0")], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
+    ("'operator' reaches staff", [DONE, DONE, SpeechResult("operator please", 0.9)], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
+    ("speech picks a choice", [DONE, DONE, SpeechResult("pears", 0.9)], [("Play", "Speak after the tone.")], Phase.PLAYING),
+    ("barge-in by key stops the prompt", [DONE, Digit("2")], [("StopPlay", ""), ("Play", "Speak after the tone.")], Phase.PLAYING),
+    ("barge-in by speech", [DONE, SpeechResult("apples", 0.9)], [("StopPlay", ""), ("Play", "Enter your number then hash.")], Phase.PLAYING),
+    ("type-ahead skips the prompt", [Digit("1")], [("StopPlay", ""), ("Play", "Enter your number then hash.")], Phase.PLAYING),
+    ("digits collect until hash", [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("3"), Digit("#")], [("PostWebhook", "")], Phase.WEBHOOK),
+    ("digits end at max", [Digit("1"), DONE, DONE] + [Digit(k) for k in "12345"], [("PostWebhook", "")], Phase.WEBHOOK),
+    ("too few digits is a nomatch", [Digit("1"), DONE, DONE, Digit("1"), Digit("#")], [("Play", "Sorry, I did not understand. Enter your number then hash.")], Phase.PLAYING),
+    ("0 alone in a digits ask is staff", [Digit("1"), DONE, DONE, Digit("0"), Digit("#")], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
+    ("interdigit timeout completes", [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("3"), NoInput()], [("PostWebhook", "")], Phase.WEBHOOK),
+    ("webhook reply is spoken", [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(True, {"when": "Monday 9:00"})], [("Play", "Booked Monday 9:00.")], Phase.PLAYING),
+    ("webhook failure goes on_fail", [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False)], [("Play", "Connecting you.")], Phase.PLAYING),
+    ("record after its prompt", [Digit("2"), DONE], [("RecordAudio", "")], Phase.RECORDING),
+    ("recording done goes on", [Digit("2"), DONE, RecordDone("m.wav", 4)], [("Play", "Goodbye.")], Phase.PLAYING),
+    ("goodbye then hang up", [Digit("2"), DONE, RecordDone("m.wav", 4), DONE], [("Store", ""), ("HangupCall", "")], Phase.ENDED),
+    ("caller hangs up", [DONE, HangUp()], [("Store", "")], Phase.ENDED),
+    ("stale events are ignored", [DONE, DONE, DONE, TransferResult(True), WebhookResult(True)], [], Phase.LISTENING),
+    ("transfer failure is told", [DONE, DONE, Digit("0"), DONE, TransferResult(False)], [("Play", "Sorry, I could not connect you. If this is an emergency, hang up and call 112 now. Otherwise please call again later.")], Phase.PLAYING),
+]
+
+
+def describe(actions: list[Action]) -> list[tuple[str, str]]:
+    return [(type(a).__name__, getattr(a, "text", "")) for a in actions]
+
+
+@pytest.mark.parametrize(("events", "expected", "phase"), [t[1:] for t in TABLE], ids=[t[0] for t in TABLE])
+def test_engine_table(
+    engine: Engine, events: list[Event], expected: list[tuple[str, str]], phase: Phase
+) -> None:
+    state, steps = feed(engine, events)
+    assert describe(steps[-1]) == expected
+    assert state.phase is phase
+
+
+def test_first_prompt_renders_parameters(engine: Engine) -> None:
+    _, steps = feed(engine, [])
+    assert texts(steps[0]) == ["Hello from Oak."]
+
+
+def test_listen_offers_choices_and_the_global_words(engine: Engine) -> None:
+    _, steps = feed(engine, [DONE, DONE])
+    listen = steps[-1][0]
+    assert isinstance(listen, Listen)
+    assert listen.keys == ("1", "2", "0", "*")
+    assert {"apples", "pears", "operator", "repeat"} <= set(listen.phrases)
+    assert listen.speech and listen.max_digits == 1
+
+
+def test_webhook_posts_the_collected_values(engine: Engine) -> None:
+    _, steps = feed(engine, [Digit("1"), DONE, DONE, *[Digit(k) for k in "4567#"]])
+    post = steps[-1][0]
+    assert isinstance(post, PostWebhook)
+    assert (post.url_key, dict(post.values)) == ("scheduling", {"pick": "apple", "number": "4567"})
+
+
+def test_the_record_keeps_path_values_and_outcome(engine: Engine) -> None:
+    state, actions = script_call(engine, "t", ["1", "123#"], webhook_data={"when": "today"})
+    assert state.phase is Phase.ENDED
+    store = next(a for a in actions if isinstance(a, Store))
+    rec = store.record
+    assert rec.outcome == "done"
+    assert dict(rec.values) == {"pick": "apple", "number": "123", "reply.when": "today"}
+    assert [(s.node, s.input, s.value) for s in rec.path if s.input] == [
+        ("menu", "digit", "1"),
+        ("number", "digits", "123"),
+        ("post", "webhook", "ok"),
+    ]
+    assert isinstance(actions[-1], HangupCall)
+
+
+def test_a_transfer_carries_the_summary(engine: Engine) -> None:
+    _, steps = feed(engine, [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False), DONE])
+    transfer = steps[-1][0]
+    assert isinstance(transfer, TransferCall)
+    assert transfer.uri == STAFF
+    headers = dict(transfer.headers)
+    assert headers[SUMMARY_HEADER] == "flow=t; pick=apple; number=123"
+
+
+def test_after_the_end_nothing_happens(engine: Engine) -> None:
+    state, _ = feed(engine, [HangUp()])
+    assert engine.handle(state, Digit("1")) == (state, [])
+
+
+# -- shipped flows ----------------------------------------------------------------------------
+
+
+def test_keypad_only_prompts_say_press_1_for_yes(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=False))
+    state, actions = script_call(engine, "triage", ["1"])
+    assert state.node == "breathing"
+    assert texts(actions)[-1].endswith("Press 1 for yes. Press 2 for no.")
+    listen = actions[-1]
+    assert isinstance(listen, Listen) and not listen.speech and listen.phrases == ()
+
+
+def test_speech_prompts_say_say_yes(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    _, actions = script_call(engine, "triage", ["1"])
+    assert texts(actions)[-1].endswith("Say yes or press 1. Say no or press 2.")
+
+
+def test_spoken_yes_to_breathing_is_an_emergency(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, actions = script_call(engine, "triage", ["myself", "yeah"])
+    store = next(a for a in actions if isinstance(a, Store))
+    assert store.record.urgency is Urgency.U1
+    step = next(s for s in store.record.path if s.node == "breathing" and s.input)
+    assert (step.input, step.value, step.confidence) == ("speech", "yeah", 1.0)
+
+
+def test_low_confidence_on_a_danger_sign_escalates(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, actions = script_call(engine, "triage", ["1", "~0.2 no", "~0.3 no"])
+    assert state.phase is Phase.ENDED
+    store = next(a for a in actions if isinstance(a, Store))
+    assert store.record.urgency is Urgency.U2
+    assert store.record.transfer_target == NURSE
+
+
+def test_zero_in_the_triage_reaches_the_nurse(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    _, actions = script_call(engine, "triage", ["1 2 0"])
+    transfers = [a for a in actions if isinstance(a, TransferCall)]
+    assert [t.uri for t in transfers] == [NURSE]
+
+
+def test_korean_flow_yes_transfers_to_the_nurse(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    flow = shipped.route("ko")
+    assert (flow.id, flow.language) == ("triage_ko", "ko")
+    state, actions = script_call(engine, flow.id, ["예"])
+    store = next(a for a in actions if isinstance(a, Store))
+    assert (store.record.urgency, store.record.transfer_target) == (Urgency.U1, NURSE)
+    plays = [a for a in actions if isinstance(a, Play)]
+    assert plays[0].language == "ko" and plays[0].text.startswith("숨쉬기가 힘드세요?")
+
+
+def test_korean_flow_no_says_goodbye(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, actions = script_call(engine, "triage_ko", ["아니요"])
+    assert texts(actions)[-1] == "감사합니다. 안녕히 계세요."
+    assert isinstance(actions[-1], HangupCall)
+    assert state.phase is Phase.ENDED
+
+
+def test_main_menu_4_enters_the_triage(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, _ = script_call(engine, "main_menu", ["4"])
+    assert (state.flow, state.node) == ("triage", "for_whom")
+
+
+def test_appointment_is_posted_and_confirmed(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, actions = script_call(
+        engine, "main_menu", ["1", "1", "01021990#", "123456#"], webhook_data={"message": "See you Monday."}
+    )
+    post = next(a for a in actions if isinstance(a, PostWebhook))
+    assert dict(post.values) == {
+        "appt_action": "book",
+        "dob": "01021990",
+        "patient_number": "123456",
+        "request": "appointment",
+    }
+    assert "Thank you. Your request to book an appointment has been received. See you Monday." in texts(
+        actions
+    )
+    assert state.outcome == "appointment_requested"
+
+
+def test_results_are_never_read_out(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    _, actions = script_call(engine, "results", ["01021990#", "1234#", "2"], webhook_data={"ready": "yes"})
+    assert any("ready in the patient portal" in t for t in texts(actions))
+
+
+def test_prescription_records_a_bounded_message(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, actions = script_call(engine, "prescription", ["01021990#", "1234#"])
+    assert [a.max_s for a in actions if isinstance(a, RecordAudio)] == [60]
+    assert state.outcome == "prescription_requested"

@@ -1,0 +1,55 @@
+"""``GET /v1/calls`` (recent, paginated) and ``GET /v1/calls/{id}``: clinic-line call records."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from aiohttp import web
+
+from verification.errors import InvalidRequest, NotFound, StoreUnavailable
+from voice.ivr.store import CallStore, CallStoreUnavailable
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class CallsApi:
+    """Read-only access to call records (bearer auth like every /v1 route)."""
+
+    def __init__(self, store: Callable[[], CallStore]) -> None:
+        self._store = store
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/calls", self.list), web.get("/v1/calls/{id}", self.get)]
+
+    async def list(self, request: web.Request) -> web.Response:
+        q = request.query
+        unknown = sorted(set(q) - {"limit", "cursor"})
+        if unknown:
+            raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}")
+        limit_raw = q.get("limit", "20")
+        if not re.fullmatch(r"[0-9]{1,3}", limit_raw) or not 1 <= int(limit_raw) <= 100:
+            raise InvalidRequest("'limit' must be 1..100")
+        cursor = q.get("cursor")
+        before: float | None = None
+        if cursor is not None:
+            if not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", cursor):
+                raise InvalidRequest("'cursor' is not one this API gave out")
+            before = float(cursor)
+        try:
+            page = await self._store().recent(int(limit_raw), before)
+        except CallStoreUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return web.json_response({"calls": page.calls, "next": page.next_cursor})
+
+    async def get(self, request: web.Request) -> web.Response:
+        call_id = request.match_info["id"]
+        if not _ID.fullmatch(call_id):
+            raise NotFound("no such call")
+        try:
+            doc = await self._store().get(call_id)
+        except CallStoreUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if doc is None:
+            raise NotFound("no such call")
+        return web.json_response(doc)

@@ -1,0 +1,58 @@
+"""The record of one clinic-line call as the API shows it (health data: never logged)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from voice.ivr.engine import CallRecord
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """One finished call: who, when, and what the engine recorded."""
+
+    id: str
+    caller: str
+    called: str
+    started_at: float
+    ended_at: float
+    record: CallRecord
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "id": self.id,
+            "caller": self.caller,
+            "called": self.called,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at),
+            "flow": r.flow,
+            "path": [
+                {
+                    "flow": p.flow,
+                    "node": p.node,
+                    "input": p.input,
+                    "value": p.value,
+                    "confidence": p.confidence,
+                }
+                for p in r.path
+            ],
+            "values": dict(r.values),
+            "triage": (
+                {
+                    "urgency": r.urgency.name,
+                    "reasons": list(r.reasons),
+                    "action": r.action.value if r.action else None,
+                }
+                if r.urgency is not None
+                else None
+            ),
+            "transfer_target": r.transfer_target,
+            "outcome": r.outcome,
+        }
