@@ -32,6 +32,8 @@ from verification.model import Channel, Policy, Verification
 from verification.rules import DeliveryKind
 from verification.store import VerificationStore
 from verification.webhooks import WebhookSender
+from voice.ivr.api import CallsApi
+from voice.ivr.store import CallStore
 from voice.media.tts import PromptRenderer
 from voice.sip.pool import SipPool
 
@@ -52,12 +54,17 @@ class Runtime:
     dispatcher: Dispatcher | None = None
     session: aiohttp.ClientSession | None = None
     sip_pool: SipPool | None = None
+    call_store: CallStore | None = None
     renderer: PromptRenderer | None = None
     extra_ready: list[Callable[[], bool]] = field(default_factory=list)
 
     def need_store(self) -> VerificationStore:
         assert self.store is not None, "store used before start"
         return self.store
+
+    def need_call_store(self) -> CallStore:
+        assert self.call_store is not None, "call store used before start"
+        return self.call_store
 
     def need_dispatcher(self) -> Dispatcher:
         assert self.dispatcher is not None, "dispatcher used before start"
@@ -162,6 +169,7 @@ def build_app(
             socket_connect_timeout=2.0,
             max_connections=256,
         )
+        rt.call_store = CallStore(rt.redis, rt.secret, settings.ivr.call_retention_days)
         rt.store = VerificationStore(
             rt.redis, global_webhook=bool(settings.verification.webhook_url)
         )
@@ -231,6 +239,7 @@ def build_app(
         on_change=on_change,
     )
     app.add_routes(api.routes())
+    app.add_routes(CallsApi(rt.need_call_store).routes())
     app.add_routes(
         [
             web.get("/healthz", _healthz),

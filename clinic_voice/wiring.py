@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from clinic_voice.app import RUNTIME, Runtime
+from clinic_voice.clinic_line import ClinicLine
 from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from verification.channels.base import ChannelAdapter
@@ -49,7 +50,10 @@ def extra_contexts(settings: Settings) -> list[Context]:
 
     async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
+        line = ClinicLine.load(settings, rt)
+        await line.start()
         pool = SipPool(settings.sip, clock=SystemClock(), log_level=settings.log_level)
+        pool.on_incoming(line.handle)
         await pool.start()
         rt.sip_pool = pool
         rt.extra_ready.append(pool.ready)

@@ -1,0 +1,109 @@
+"""The clinic line as a service part: flows, speech model, prompts, and a session per call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+
+from clinic_voice.app import Runtime
+from sip_config.settings import Settings
+from voice.ivr.call_record import CallResult
+from voice.ivr.engine import Engine
+from voice.ivr.flow import FlowParams, FlowSet, load_flows
+from voice.ivr.session import CallSession, SessionDeps
+from voice.media.asr import SpeechModel
+from voice.sip.pool import CallHandle
+
+log = logging.getLogger(__name__)
+
+
+class ClinicLine:
+    """Builds a :class:`CallSession` for every inbound call."""
+
+    def __init__(self, settings: Settings, rt: Runtime, flowset: FlowSet) -> None:
+        self._settings = settings
+        self._rt = rt
+        self._flowset = flowset
+        self._deps: SessionDeps | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
+        return cls(settings, rt, load_flows(settings.ivr.flows_dir))
+
+    async def start(self) -> None:
+        speech = await SpeechModel.load(self._settings.ivr.vosk_model)
+        params = FlowParams.from_settings(self._settings, speech_enabled=speech is not None)
+        assert self._rt.renderer is not None and self._rt.call_store is not None
+        renderer = self._rt.renderer
+        for flow in self._flowset.flows.values():
+            texts = sorted(flow.static_prompts(params))
+            if texts:
+                await renderer.prerender(texts, voice=flow.language)
+        log.info("clinic line: %d flows, prompts rendered", len(self._flowset.flows))
+        self._deps = SessionDeps(
+            engine=Engine(self._flowset, params),
+            flowset=self._flowset,
+            renderer=renderer,
+            speech=speech,
+            post_webhook=self._post_webhook,
+            save_recording=self._save_recording,
+            save=self._save,
+            clock=self._rt.clock,
+        )
+
+    async def handle(self, call: CallHandle) -> None:
+        """The pool's handler for an inbound call."""
+        assert self._deps is not None, "clinic line not started"
+        await CallSession(call, self._deps).run()
+
+    async def _save(self, result: CallResult) -> None:
+        assert self._rt.call_store is not None
+        await self._rt.call_store.save(result)
+        self._rt.metrics.calls.inc(outcome=result.record.outcome or "ended")
+
+    async def _post_webhook(
+        self, url_key: str, values: Mapping[str, str], timeout_s: float
+    ) -> Mapping[str, str] | None:
+        urls = {"scheduling": self._settings.ivr.scheduling_webhook}
+        url = urls.get(url_key, "")
+        session = self._rt.session
+        if not url or session is None:
+            log.warning("webhook %r is not configured: taking its failure branch", url_key)
+            return None
+        try:
+            async with session.post(
+                url, json=dict(values), timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                if not 200 <= resp.status < 300:
+                    log.warning("webhook %r answered %s", url_key, resp.status)
+                    return None
+                body = await resp.json(content_type=None) if resp.content_length != 0 else {}
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            log.warning("webhook %r failed: %s", url_key, type(exc).__name__)
+            return None
+        if not isinstance(body, dict):
+            return {}
+        return {str(k): str(v) for k, v in body.items() if isinstance(v, str | int | float)}
+
+    async def _save_recording(self, call_id: str, pcm: bytes) -> str:
+        """Voicemail is health data: sealed like call records, in the data dir."""
+        assert self._rt.call_store is not None
+        folder = self._settings.data_dir / "voicemail"
+        name = f"{call_id}-{secrets.token_hex(4)}.sealed"
+        sealed = self._rt.call_store.seal(name, {"pcm16_8k": pcm.hex()})
+        await asyncio.to_thread(_write_private, folder / name, sealed)
+        return name
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
