@@ -1,0 +1,728 @@
+"""The verification state machine (:mod:`verification.rules`), transition by transition.
+
+Pure: every rule takes ``now``; a :class:`FakeClock` moves it. No Redis, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+
+from sip_config.clock import FakeClock
+from verification import rules
+from verification.errors import NoChannelLeft, NotPending
+from verification.model import (
+    Channel,
+    EventKind,
+    FlashCallInfo,
+    NumberKind,
+    Phone,
+    Policy,
+    Status,
+    Verification,
+)
+from verification.rules import CheckAnswer, DeliveryKind, Transition
+
+F, S, V = Channel.FLASHCALL, Channel.SMS, Channel.VOICE
+ALL = (F, S, V)
+POLICY = Policy()  # ttl 600 s, 5 checks, 5 sends, step timeouts 33/120/120 s
+T0 = 1_800_000_000.0
+
+MOBILE = Phone("+31612345678", "NL", 31, "612345678", NumberKind.MOBILE)
+# The issue's example: a Dutch landline, which has no call log to read a flash call from.
+LANDLINE = Phone("+31201234567", "NL", 31, "201234567", NumberKind.FIXED_LINE)
+US_EITHER = Phone("+12015550123", "US", 1, "2015550123", NumberKind.FIXED_LINE_OR_MOBILE)
+TOLL_FREE = Phone("+318001234", "NL", 31, "8001234", NumberKind.TOLL_FREE)
+FLASH_INFO = FlashCallInfo("+447400", 6, "^(?:x)$", 20)
+
+
+def start(
+    plan: tuple[Channel, ...] = ALL,
+    phone: Phone = MOBILE,
+    policy: Policy = POLICY,
+    now: float = T0,
+) -> Transition:
+    return rules.create(
+        verification_id="v" * 32,
+        phone=phone,
+        plan=plan,
+        code_length=6,
+        now=now,
+        policy=policy,
+        flashcall=FLASH_INFO,
+    )
+
+
+def sent(v: Verification, now: float) -> Verification:
+    """The dispatcher's "the code is about to leave" for the current step."""
+    return rules.code_sent(v, v.step, f"hash-{v.sends}", now).verification
+
+
+def started(
+    plan: tuple[Channel, ...] = ALL, phone: Phone = MOBILE, policy: Policy = POLICY
+) -> Verification:
+    """Created, and the first send recorded."""
+    return sent(start(plan, phone, policy).verification, T0)
+
+
+def kinds(v: Verification) -> list[tuple[EventKind, Channel | None]]:
+    return [(e.kind, e.channel) for e in v.events]
+
+
+def wrong(v: Verification, now: float, policy: Policy = POLICY) -> Verification:
+    return rules.check(v, False, now, policy)[0].verification
+
+
+def approved() -> Verification:
+    return rules.check(started(), True, T0 + 5, POLICY)[0].verification
+
+
+def canceled() -> Verification:
+    return rules.cancel(started(), T0 + 5).verification
+
+
+def failed_by_checks() -> Verification:
+    v = started()
+    for i in range(POLICY.max_checks):
+        v = wrong(v, T0 + i)
+    assert v.status is Status.FAILED
+    return v
+
+
+# -- create ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plan", "phone", "step", "send", "events"),
+    [
+        (ALL, MOBILE, 0, F, [(EventKind.REQUESTED, F)]),
+        (ALL, US_EITHER, 0, F, [(EventKind.REQUESTED, F)]),
+        (ALL, LANDLINE, 1, S, [(EventKind.REQUESTED, F), (EventKind.SKIPPED, F)]),
+        (ALL, TOLL_FREE, 1, S, [(EventKind.REQUESTED, F), (EventKind.SKIPPED, F)]),
+        ((F, V), LANDLINE, 1, V, [(EventKind.REQUESTED, F), (EventKind.SKIPPED, F)]),
+        ((S, F, V), LANDLINE, 0, S, [(EventKind.REQUESTED, S)]),
+        ((V,), LANDLINE, 0, V, [(EventKind.REQUESTED, V)]),
+        ((S,), MOBILE, 0, S, [(EventKind.REQUESTED, S)]),
+    ],
+)
+def test_create_enters_first_channel_that_can_serve(
+    plan: tuple[Channel, ...],
+    phone: Phone,
+    step: int,
+    send: Channel,
+    events: list[tuple[EventKind, Channel | None]],
+) -> None:
+    t = start(plan, phone)
+    v = t.verification
+    assert t.send is send
+    assert (v.status, v.step, v.channel, v.sending) == (Status.PENDING, step, send, True)
+    assert kinds(v) == events
+    assert v.expires_at == T0 + POLICY.ttl_s
+    assert v.step_deadline == T0 + POLICY.step_timeout_s[send]
+    assert (v.attempts_used, v.sends, v.code_hashes) == (0, 0, ())
+
+
+def test_skip_of_flash_call_says_why() -> None:
+    v = start(ALL, LANDLINE).verification
+    skipped = [e for e in v.events if e.kind is EventKind.SKIPPED]
+    assert len(skipped) == 1
+    assert "mobile" in skipped[0].detail
+
+
+@pytest.mark.parametrize("phone", [LANDLINE, TOLL_FREE])
+def test_create_with_only_a_flash_call_to_a_landline_fails(phone: Phone) -> None:
+    t = start((F,), phone)
+    v = t.verification
+    assert t.send is None
+    assert (v.status, v.step, v.channel, v.step_deadline) == (Status.FAILED, 1, None, None)
+    assert kinds(v) == [
+        (EventKind.REQUESTED, F),
+        (EventKind.SKIPPED, F),
+        (EventKind.FAILED, None),
+    ]
+    assert rules.due_at(v) is None
+
+
+@pytest.mark.parametrize("plan", [(), (S, S), (F, S, F)])
+def test_create_refuses_a_plan_without_distinct_channels(plan: tuple[Channel, ...]) -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        start(plan)
+
+
+@pytest.mark.parametrize(("plan", "kept"), [(ALL, True), ((S, V), False), ((V, F), True)])
+def test_flash_call_info_only_with_a_flash_call_in_the_plan(
+    plan: tuple[Channel, ...], kept: bool
+) -> None:
+    assert (start(plan).verification.flashcall is not None) is kept
+
+
+# -- code_sent --------------------------------------------------------------------------------
+
+
+def test_code_sent_counts_the_send_and_keeps_only_the_hash() -> None:
+    v = start().verification
+    v1 = rules.code_sent(v, 0, "h1", T0 + 1).verification
+    assert (v1.sends, v1.code_hashes, v1.step, v1.sending) == (1, ("h1",), 0, True)
+    assert kinds(v1)[-1] == (EventKind.DISPATCHED, F)
+    assert v1.events[-1].detail == "send 1"
+    assert "h1" not in repr(v1.events)
+
+
+def test_code_sent_keeps_every_code_of_every_step() -> None:
+    v = started()
+    v = rules.request_fallback(v, T0 + 10, POLICY).verification
+    v = rules.code_sent(v, 1, "second", T0 + 11).verification
+    assert v.code_hashes == ("hash-0", "second")
+    assert v.sends == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "step", "status"),
+    [
+        (lambda: start().verification, 1, "pending"),  # the step moved on meanwhile
+        (lambda: rules.delivery(started(), 0, DeliveryKind.DELIVERED, "", now=T0 + 1,
+                                policy=POLICY).verification, 0, "pending"),  # not sending
+        (approved, 0, "approved"),
+        (canceled, 0, "canceled"),
+    ],
+)  # fmt: skip
+def test_code_sent_refuses_a_send_that_is_no_longer_wanted(
+    make: object, step: int, status: str
+) -> None:
+    assert callable(make)
+    v: Verification = make()
+    with pytest.raises(NotPending) as err:
+        rules.code_sent(v, step, "h", T0 + 2)
+    assert err.value.status == 409
+    assert err.value.extra["verification_status"] == status
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "event", "sending"),
+    [
+        (DeliveryKind.RINGING, EventKind.RINGING, True),
+        (DeliveryKind.ANSWERED, EventKind.ANSWERED, True),
+        (DeliveryKind.DELIVERED, EventKind.DELIVERED, False),
+    ],
+)
+def test_delivery_on_the_current_step_is_recorded_without_moving(
+    kind: DeliveryKind, event: EventKind, sending: bool
+) -> None:
+    v0 = started()
+    t = rules.delivery(v0, 0, kind, "180 Ringing", now=T0 + 1, policy=POLICY)
+    v = t.verification
+    assert t.send is None
+    assert (v.status, v.step, v.step_deadline, v.sending) == (
+        Status.PENDING,
+        0,
+        v0.step_deadline,
+        sending,
+    )
+    assert v.events[-1].kind is event
+    assert v.events[-1].detail == "180 Ringing"
+
+
+@pytest.mark.parametrize(
+    ("plan", "phone", "next_step", "next_channel", "skipped"),
+    [
+        (ALL, MOBILE, 1, S, False),
+        ((S, V), MOBILE, 1, V, False),
+        ((S, F, V), LANDLINE, 2, V, True),  # the flash call is skipped on the way
+    ],
+)
+def test_undeliverable_moves_on_at_once(
+    plan: tuple[Channel, ...],
+    phone: Phone,
+    next_step: int,
+    next_channel: Channel,
+    skipped: bool,
+) -> None:
+    v0 = started(plan, phone)
+    first = v0.channel
+    t = rules.delivery(v0, 0, DeliveryKind.UNDELIVERABLE, "404", now=T0 + 2, policy=POLICY)
+    v = t.verification
+    assert t.send is next_channel
+    assert (v.status, v.step, v.sending) == (Status.PENDING, next_step, True)
+    assert v.step_deadline == T0 + 2 + POLICY.step_timeout_s[next_channel]
+    tail = [(EventKind.UNDELIVERABLE, first), (EventKind.FALLBACK, plan[1])]
+    if skipped:
+        tail.append((EventKind.SKIPPED, F))
+    assert kinds(v)[-len(tail) :] == tail
+    assert v.expires_at == v0.expires_at  # one lifetime for every channel
+
+
+@pytest.mark.parametrize(
+    ("plan", "phone"),
+    [(ALL, MOBILE), ((S,), MOBILE), ((S, V), MOBILE), (ALL, LANDLINE), ((S, F), LANDLINE)],
+)
+def test_every_channel_undeliverable_fails(plan: tuple[Channel, ...], phone: Phone) -> None:
+    v = start(plan, phone).verification
+    now = T0
+    while v.status is Status.PENDING:
+        assert v.channel is not None, "pending with no channel left after undeliverable"
+        v = sent(v, now)
+        t = rules.delivery(v, v.step, DeliveryKind.UNDELIVERABLE, "gone", now=now, policy=POLICY)
+        v = t.verification
+        now += 1
+    assert v.status is Status.FAILED
+    assert (v.step, v.channel, v.step_deadline, v.sending) == (len(plan), None, None, False)
+    assert v.events[-1].kind is EventKind.FAILED
+    assert v.events[-1].detail == "no channel could deliver"
+    assert rules.due_at(v) is None
+
+
+def test_undeliverable_last_step_after_an_earlier_send_waits_for_that_code() -> None:
+    """A code that left on an earlier step may still be typed in: the verification stays
+    pending (until it expires) rather than failing, as after a step timeout."""
+    v = started((S, V))
+    v = rules.delivery(v, 0, DeliveryKind.DELIVERED, "", now=T0 + 1, policy=POLICY).verification
+    v = rules.tick(v, T0 + 120, POLICY).verification  # the SMS step timed out
+    v = sent(v, T0 + 120)
+    v = rules.delivery(
+        v, 1, DeliveryKind.UNDELIVERABLE, "486", now=T0 + 125, policy=POLICY
+    ).verification
+    assert (v.status, v.step, v.step_deadline) == (Status.PENDING, 2, None)
+    assert rules.due_at(v) == v.expires_at
+    _, answer = rules.check(v, True, T0 + 130, POLICY)
+    assert answer == CheckAnswer(Status.APPROVED, POLICY.max_checks)
+
+
+@pytest.mark.parametrize("kind", list(DeliveryKind))
+def test_stale_report_of_an_earlier_step_is_recorded_but_moves_nothing(
+    kind: DeliveryKind,
+) -> None:
+    v = started()
+    v = sent(rules.request_fallback(v, T0 + 10, POLICY).verification, T0 + 10)
+    assert v.step == 1
+    t = rules.delivery(v, 0, kind, "late", now=T0 + 11, policy=POLICY)
+    after = t.verification
+    assert t.send is None
+    assert replace(after, events=v.events) == v
+    assert after.events[-1].kind.value == kind.value
+    assert after.events[-1].channel is F
+
+
+@pytest.mark.parametrize("make", [approved, canceled, failed_by_checks])
+def test_report_after_the_end_is_recorded_but_changes_no_status(make: object) -> None:
+    assert callable(make)
+    v: Verification = make()
+    t = rules.delivery(v, 0, DeliveryKind.UNDELIVERABLE, "late", now=T0 + 20, policy=POLICY)
+    assert t.send is None
+    assert replace(t.verification, events=v.events) == v
+    assert t.verification.events[-1].kind is EventKind.UNDELIVERABLE
+
+
+@pytest.mark.parametrize("step", [3, 4, 99])
+def test_report_for_a_step_outside_the_plan_is_ignored(step: int) -> None:
+    v = started()
+    assert rules.delivery(v, step, DeliveryKind.RINGING, "", now=T0, policy=POLICY) == (
+        Transition(v)
+    )
+
+
+# -- tick: step timeouts and expiry ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plan", "timeout", "next_channel"),
+    [(ALL, 33, S), ((S, V), 120, V), ((V, F), 120, F)],
+)
+def test_step_timeout_falls_back_by_itself(
+    plan: tuple[Channel, ...], timeout: int, next_channel: Channel
+) -> None:
+    clock = FakeClock(T0)
+    v = started(plan)
+    assert rules.due_at(v) == T0 + timeout
+    clock.advance(timeout - 0.5)
+    assert rules.tick(v, clock.now(), POLICY) == Transition(v)
+    clock.advance(0.5)
+    t = rules.tick(v, clock.now(), POLICY)
+    assert t.send is next_channel
+    nv = t.verification
+    assert (nv.step, nv.status, nv.sending) == (1, Status.PENDING, True)
+    assert nv.step_deadline == clock.now() + POLICY.step_timeout_s[next_channel]
+    assert nv.events[-1].kind is EventKind.FALLBACK
+    assert nv.events[-1].channel is next_channel
+    assert "timed out" in nv.events[-1].detail
+
+
+def test_custom_step_timeouts_are_used() -> None:
+    policy = Policy(step_timeout_s={F: 7, S: 9, V: 11})
+    v = started(policy=policy)
+    assert v.step_deadline == T0 + 7
+    v = rules.tick(v, T0 + 7, policy).verification
+    assert v.step_deadline == T0 + 7 + 9
+
+
+def test_no_channel_left_after_a_timeout_stays_pending_until_expiry() -> None:
+    clock = FakeClock(T0)
+    v = started((S,))
+    clock.advance(120)
+    t = rules.tick(v, clock.now(), POLICY)
+    v = t.verification
+    assert t.send is None
+    assert (v.status, v.step, v.channel, v.step_deadline, v.sending) == (
+        Status.PENDING,
+        1,
+        None,
+        None,
+        False,
+    )
+    assert kinds(v)[-1] == (EventKind.FALLBACK, None)
+    assert rules.due_at(v) == v.expires_at
+    clock.advance(100)
+    assert rules.tick(v, clock.now(), POLICY) == Transition(v)  # nothing to do meanwhile
+    # The code that left is still good until the lifetime ends...
+    _, answer = rules.check(v, True, clock.now(), POLICY)
+    assert answer.status is Status.APPROVED
+    # ... and then the verification expires by itself.
+    t = rules.tick(v, v.expires_at, POLICY)
+    assert t.verification.status is Status.EXPIRED
+    assert kinds(t.verification)[-1] == (EventKind.EXPIRED, None)
+
+
+def test_whole_chain_of_timeouts_ends_pending_then_expires() -> None:
+    v = started()
+    now = T0
+    for _ in ALL:
+        deadline = v.step_deadline
+        assert deadline is not None
+        now = deadline
+        t = rules.tick(v, now, POLICY)
+        v = sent(t.verification, now) if t.send else t.verification
+    assert (v.status, v.step, v.sends) == (Status.PENDING, 3, 3)
+    assert now == T0 + 33 + 120 + 120
+    assert rules.tick(v, T0 + POLICY.ttl_s, POLICY).verification.status is Status.EXPIRED
+
+
+@pytest.mark.parametrize("late", [0.0, 0.001, 1.0, 86400.0])
+def test_expiry_wins_over_a_step_timeout(late: float) -> None:
+    policy = Policy(ttl_s=60, step_timeout_s={F: 60, S: 60, V: 60})
+    v = started(policy=policy)
+    assert v.step_deadline == v.expires_at
+    t = rules.tick(v, v.expires_at + late, policy)
+    assert t.send is None
+    assert t.verification.status is Status.EXPIRED
+    assert (t.verification.step_deadline, t.verification.sending) == (None, False)
+
+
+@pytest.mark.parametrize("make", [approved, canceled, failed_by_checks])
+def test_tick_leaves_a_final_verification_alone(make: object) -> None:
+    assert callable(make)
+    v: Verification = make()
+    assert rules.tick(v, T0 + 10_000, POLICY) == Transition(v)
+
+
+# -- max sends --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["timeout", "undeliverable", "request"])
+def test_max_sends_reached_refuses_the_next_send(how: str) -> None:
+    policy = Policy(max_sends=1)
+    v = started(policy=policy)
+    assert v.sends == 1
+    if how == "timeout":
+        t = rules.tick(v, T0 + 33, policy)
+    elif how == "undeliverable":
+        t = rules.delivery(v, 0, DeliveryKind.UNDELIVERABLE, "x", now=T0 + 33, policy=policy)
+    else:
+        t = rules.request_fallback(v, T0 + 33, policy)
+    nv = t.verification
+    assert t.send is None
+    assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (Status.PENDING, 1, None, False)
+    assert kinds(nv)[-1] == (EventKind.SEND_REFUSED, S)
+    assert "limit" in nv.events[-1].detail
+    assert rules.due_at(nv) == nv.expires_at
+
+
+def test_sends_are_counted_across_channels() -> None:
+    policy = Policy(max_sends=2)
+    v = started(policy=policy)
+    v = sent(rules.tick(v, T0 + 33, policy).verification, T0 + 33)
+    assert v.sends == 2
+    t = rules.tick(v, T0 + 33 + 120, policy)
+    assert t.send is None
+    assert kinds(t.verification)[-1] == (EventKind.SEND_REFUSED, V)
+
+
+# -- send_refused (a rate limit) -------------------------------------------------------------
+
+
+def test_send_refused_on_the_current_step_stops_its_timer() -> None:
+    v = start().verification
+    t = rules.send_refused(v, 0, "too many sends to this number", T0 + 1)
+    nv = t.verification
+    assert t.send is None
+    assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (Status.PENDING, 0, None, False)
+    assert nv.events[-1].kind is EventKind.SEND_REFUSED
+    assert nv.events[-1].detail == "too many sends to this number"
+    assert rules.due_at(nv) == nv.expires_at
+
+
+@pytest.mark.parametrize(
+    ("make", "step"),
+    [(lambda: start().verification, 1), (approved, 0), (canceled, 0)],
+)
+def test_send_refused_for_another_step_or_a_final_state_changes_nothing(
+    make: object, step: int
+) -> None:
+    assert callable(make)
+    v: Verification = make()
+    assert rules.send_refused(v, step, "limit", T0 + 1) == Transition(v)
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def test_right_check_approves() -> None:
+    v = started()
+    t, answer = rules.check(v, True, T0 + 5, POLICY)
+    assert answer == CheckAnswer(Status.APPROVED, POLICY.max_checks)
+    nv = t.verification
+    assert (nv.status, nv.step_deadline, nv.sending) == (Status.APPROVED, None, False)
+    assert kinds(nv)[-1] == (EventKind.APPROVED, F)
+    assert t.send is None
+    assert rules.due_at(nv) is None
+
+
+@pytest.mark.parametrize("max_checks", [1, 3, 5, 10])
+def test_wrong_checks_count_down_then_fail(max_checks: int) -> None:
+    policy = Policy(max_checks=max_checks)
+    v = started(policy=policy)
+    for used in range(1, max_checks + 1):
+        t, answer = rules.check(v, False, T0 + used, policy)
+        v = t.verification
+        assert v.attempts_used == used
+        assert answer.attempts_left == max_checks - used
+        expected = Status.FAILED if used == max_checks else Status.PENDING
+        assert answer.status is expected
+        assert v.status is expected
+    failed = [e for e in v.events if e.kind is EventKind.FAILED]
+    assert [e.detail for e in failed] == ["too many wrong checks"]
+    checks = [e.detail for e in v.events if e.kind is EventKind.CHECK_FAILED]
+    assert checks == [f"attempt {i} of {max_checks}" for i in range(1, max_checks + 1)]
+
+
+@pytest.mark.parametrize("matched", [True, False])
+def test_check_after_failure_answers_failed_and_changes_nothing(matched: bool) -> None:
+    v = failed_by_checks()
+    t, answer = rules.check(v, matched, T0 + 50, POLICY)
+    assert answer == CheckAnswer(Status.FAILED, 0)
+    assert t.verification == v
+
+
+@pytest.mark.parametrize(
+    ("offset", "matched", "status"),
+    [
+        (-0.001, True, Status.APPROVED),
+        (-0.001, False, Status.PENDING),
+        (0.0, True, Status.EXPIRED),
+        (0.0, False, Status.EXPIRED),
+        (0.5, True, Status.EXPIRED),
+        (3600.0, True, Status.EXPIRED),
+    ],
+)
+def test_check_at_the_end_of_the_lifetime(offset: float, matched: bool, status: Status) -> None:
+    v = started()
+    t, answer = rules.check(v, matched, v.expires_at + offset, POLICY)
+    assert answer.status is status
+    assert t.verification.status is status
+    if status is Status.EXPIRED:
+        assert kinds(t.verification)[-1] == (EventKind.EXPIRED, None)
+        assert t.verification.attempts_used == 0  # a check after expiry is not an attempt
+        # and a later check still answers expired without adding events
+        t2, again = rules.check(t.verification, True, v.expires_at + offset + 1, POLICY)
+        assert again.status is Status.EXPIRED
+        assert t2.verification == t.verification
+
+
+def test_check_after_a_tick_expired_it_answers_expired() -> None:
+    v = rules.tick(started(), T0 + 600, POLICY).verification
+    _, answer = rules.check(v, True, T0 + 601, POLICY)
+    assert answer == CheckAnswer(Status.EXPIRED, POLICY.max_checks)
+
+
+@pytest.mark.parametrize(("make", "status"), [(approved, "approved"), (canceled, "canceled")])
+@pytest.mark.parametrize("matched", [True, False])
+def test_check_on_a_closed_verification_is_not_pending(
+    make: object, status: str, matched: bool
+) -> None:
+    assert callable(make)
+    v: Verification = make()
+    with pytest.raises(NotPending) as err:
+        rules.check(v, matched, T0 + 6, POLICY)
+    assert err.value.status == 409
+    assert err.value.extra["verification_status"] == status
+
+
+def test_a_code_is_single_use() -> None:
+    v = started()
+    v = rules.check(v, True, T0 + 5, POLICY)[0].verification
+    with pytest.raises(NotPending):
+        rules.check(v, True, T0 + 6, POLICY)
+
+
+@pytest.mark.parametrize(
+    "moves",
+    [
+        ("timeout", "timeout"),
+        ("request", "request"),
+        ("undeliverable", "timeout"),
+        ("timeout", "request"),
+    ],
+)
+def test_attempts_are_never_reset_by_a_fallback(moves: tuple[str, str]) -> None:
+    """Two wrong checks per channel, over three channels: the fifth ends it."""
+    v = started()
+    now = T0
+    expires = v.expires_at
+    for i, move in enumerate(moves):
+        v = wrong(v, now + 1)
+        v = wrong(v, now + 2)
+        now += 40
+        if move == "timeout":
+            deadline = v.step_deadline
+            assert deadline is not None
+            now = max(now, deadline)
+            t = rules.tick(v, now, POLICY)
+        elif move == "request":
+            t = rules.request_fallback(v, now, POLICY)
+        else:
+            t = rules.delivery(v, v.step, DeliveryKind.UNDELIVERABLE, "x", now=now, policy=POLICY)
+        assert t.send is not None, f"{move} did not move to the next channel"
+        v = sent(t.verification, now)
+        assert v.attempts_used == 2 * (i + 1)
+        assert v.expires_at == expires
+    assert v.attempts_used == 4
+    t, answer = rules.check(v, False, now + 1, POLICY)
+    assert answer == CheckAnswer(Status.FAILED, 0)
+
+
+# -- request_fallback -------------------------------------------------------------------------
+
+
+def test_request_fallback_moves_to_the_next_channel() -> None:
+    v = started()
+    t = rules.request_fallback(v, T0 + 3, POLICY)
+    assert t.send is S
+    nv = t.verification
+    assert (nv.step, nv.sending, nv.step_deadline) == (1, True, T0 + 3 + 120)
+    assert kinds(nv)[-1] == (EventKind.FALLBACK, S)
+    assert nv.events[-1].detail == "requested by the client"
+
+
+@pytest.mark.parametrize("plan", [(S,), (F, S)])
+def test_request_fallback_on_the_last_channel_has_no_channel_left(
+    plan: tuple[Channel, ...],
+) -> None:
+    v = started(plan)
+    if len(plan) == 2:
+        v = sent(rules.request_fallback(v, T0 + 1, POLICY).verification, T0 + 1)
+    with pytest.raises(NoChannelLeft) as err:
+        rules.request_fallback(v, T0 + 2, POLICY)
+    assert err.value.status == 409
+
+
+def test_request_fallback_after_exhaustion_has_no_channel_left() -> None:
+    v = rules.tick(started((S,)), T0 + 120, POLICY).verification
+    assert v.step == 1
+    with pytest.raises(NoChannelLeft):
+        rules.request_fallback(v, T0 + 121, POLICY)
+
+
+def test_request_fallback_to_a_skipped_channel_stays_pending() -> None:
+    v = started((S, F), LANDLINE)
+    t = rules.request_fallback(v, T0 + 3, POLICY)
+    nv = t.verification
+    assert t.send is None
+    assert (nv.status, nv.step) == (Status.PENDING, 2)
+    assert kinds(nv)[-2:] == [(EventKind.FALLBACK, F), (EventKind.SKIPPED, F)]
+
+
+@pytest.mark.parametrize(
+    ("make", "at", "status"),
+    [
+        (started, T0 + 600, "expired"),
+        (approved, T0 + 6, "approved"),
+        (canceled, T0 + 6, "canceled"),
+        (failed_by_checks, T0 + 6, "failed"),
+    ],
+)
+def test_request_fallback_when_not_pending(make: object, at: float, status: str) -> None:
+    assert callable(make)
+    v: Verification = make()
+    with pytest.raises(NotPending) as err:
+        rules.request_fallback(v, at, POLICY)
+    assert err.value.extra["verification_status"] == status
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+
+def test_cancel_a_pending_verification() -> None:
+    t = rules.cancel(started(), T0 + 4)
+    v = t.verification
+    assert t.send is None
+    assert (v.status, v.step_deadline, v.sending) == (Status.CANCELED, None, False)
+    assert kinds(v)[-1] == (EventKind.CANCELED, None)
+    assert rules.due_at(v) is None
+
+
+@pytest.mark.parametrize(
+    ("make", "status"),
+    [(approved, "approved"), (canceled, "canceled"), (failed_by_checks, "failed")],
+)
+def test_cancel_when_not_pending(make: object, status: str) -> None:
+    assert callable(make)
+    v: Verification = make()
+    with pytest.raises(NotPending) as err:
+        rules.cancel(v, T0 + 7)
+    assert err.value.extra["verification_status"] == status
+
+
+# -- due_at -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ttl", "timeout", "expected"),
+    [(600, 33, T0 + 33), (60, 120, T0 + 60), (120, 120, T0 + 120)],
+)
+def test_due_at_is_the_earlier_of_step_deadline_and_expiry(
+    ttl: int, timeout: int, expected: float
+) -> None:
+    policy = Policy(ttl_s=ttl, step_timeout_s={F: timeout, S: timeout, V: timeout})
+    assert rules.due_at(started(policy=policy)) == expected
+
+
+@pytest.mark.parametrize("make", [approved, canceled, failed_by_checks])
+def test_due_at_of_a_final_state_is_none(make: object) -> None:
+    assert callable(make)
+    v: Verification = make()
+    assert rules.due_at(v) is None
+
+
+# -- the record ---------------------------------------------------------------------------------
+
+
+def test_verification_survives_the_json_round_trip() -> None:
+    v = started()
+    v = wrong(v, T0 + 1)
+    v = rules.delivery(v, 0, DeliveryKind.RINGING, "180", now=T0 + 2, policy=POLICY).verification
+    v = rules.tick(v, T0 + 33, POLICY).verification
+    assert Verification.from_json(v.to_json()) == v
+    done = rules.check(v, True, T0 + 40, POLICY)[0].verification
+    assert Verification.from_json(done.to_json()) == done
+
+
+def test_state_changes_are_logged_without_codes(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="verification.rules")
+    v = started()
+    rules.check(v, True, T0 + 1, POLICY)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "pending -> approved" in text
+    assert "hash-0" not in text
