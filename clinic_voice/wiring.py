@@ -24,6 +24,7 @@ from verification.channels.voice_call import VoiceCallChannel
 from verification.model import Channel
 from voice.media import spoken_code
 from voice.media.tts import PromptRenderer
+from voice.sip.front import RedirectFront
 from voice.sip.pool import SipPool
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,24 @@ def extra_contexts(settings: Settings) -> list[Context]:
         pool = SipPool(settings.sip, clock=SystemClock(), log_level=settings.log_level)
         pool.on_incoming(line.handle)
         await pool.start()
+        front = RedirectFront(settings.sip.addr, pool.pick_inbound)
+        try:
+            await front.start()
+        except OSError:
+            await pool.stop()
+            raise
         rt.sip_pool = pool
         rt.extra_ready.append(pool.ready)
-        log.info("SIP pool: %d workers", settings.sip.workers)
+        log.info(
+            "SIP: front %s redirects to %d workers at %s",
+            settings.sip.addr,
+            settings.sip.workers,
+            ", ".join(str(a) for a in pool.worker_addresses()),
+        )
         try:
             yield
         finally:
+            await front.stop()
             await pool.stop()
 
     return [prompts_ctx, sip_ctx]
