@@ -1,0 +1,228 @@
+"""Bad input and number policy over HTTP: every refusal is ``application/problem+json`` with a
+stable ``type`` URI, and nothing is sent for a refused request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import API_KEY, MOBILE, StartService, read_code
+from tests.peers.sms_gateway import SmsGateway
+
+pytestmark = pytest.mark.integration
+
+CREATE = "/v1/verifications"
+PREMIUM_NL = "+319061234"  # phonenumbers' premium-rate example for NL (0906)
+LANDLINE_NL = "+31101234567"  # a fixed line in Rotterdam
+MOBILE_BE = "+32450001234"
+
+
+@dataclass(frozen=True, slots=True)
+class Bad:
+    """One bad request to POST /v1/verifications and the problem it must get."""
+
+    name: str
+    status: int
+    slug: str
+    body: Any = None  # JSON-encoded when ``raw`` is None
+    raw: bytes | None = None
+    content_type: str = "application/json"
+
+
+CREATE_CASES = [
+    Bad("malformed JSON", 422, "invalid-request", raw=b'{"phone": "+3161'),
+    Bad("JSON array", 422, "invalid-request", raw=b"[1, 2]"),
+    Bad("empty body", 422, "invalid-request", raw=b""),
+    Bad("not UTF-8", 422, "invalid-request", raw=b'{"phone": "\xff\xfe"}'),
+    Bad("phone as number", 422, "invalid-request", {"phone": 31612345678}),
+    Bad("phone missing", 422, "invalid-request", {"code_length": 6}),
+    Bad("phone empty", 422, "invalid-request", {"phone": ""}),
+    Bad("phone huge", 422, "invalid-request", {"phone": "+31" + "6" * 5000}),
+    Bad("phone Arabic-Indic digits", 422, "invalid-number", {"phone": "+٣١٦١٢٣٤٥٦٧٨"}),
+    Bad("phone with a letter", 422, "invalid-number", {"phone": "+3161234567a"}),
+    Bad("phone national without region", 422, "invalid-number", {"phone": "0612345678"}),
+    Bad("phone too short", 422, "invalid-number", {"phone": "+3161234"}),
+    Bad("region lower case", 422, "invalid-number", {"phone": "0612345678", "region": "nl"}),
+    Bad("code_length string", 422, "invalid-request", {"phone": MOBILE, "code_length": "6"}),
+    Bad("code_length true", 422, "invalid-request", {"phone": MOBILE, "code_length": True}),
+    Bad("code_length 3", 422, "invalid-request", {"phone": MOBILE, "code_length": 3}),
+    Bad("code_length 6.0", 422, "invalid-request", {"phone": MOBILE, "code_length": 6.0}),
+    Bad("unknown field", 422, "invalid-request", {"phone": MOBILE, "admin": True}),
+    Bad("method unknown", 422, "invalid-request", {"phone": MOBILE, "method": "fax"}),
+    Bad("method not configured", 422, "channel-unavailable", {"phone": MOBILE, "method": "voice"}),
+    Bad("fallback not a list", 422, "invalid-request", {"phone": MOBILE, "fallback": "sms"}),
+    Bad("channel twice", 422, "invalid-request", {"phone": MOBILE, "fallback": ["sms"]}),
+    Bad("locale bad", 422, "invalid-request", {"phone": MOBILE, "locale": "en_US!"}),
+    Bad("locale huge", 422, "invalid-request", {"phone": MOBILE, "locale": "x" * 10_000}),
+    Bad("callback not http", 422, "invalid-request", {"phone": MOBILE, "callback_url": "ftp://x"}),
+    Bad("text/plain", 415, "unsupported-media-type", raw=b"{}", content_type="text/plain"),
+    Bad(
+        "form data",
+        415,
+        "unsupported-media-type",
+        raw=b"phone=%2B31612345678",
+        content_type="application/x-www-form-urlencoded",
+    ),
+    Bad("body over 64 KiB", 413, "body-too-large", {"phone": MOBILE, "pad": "x" * 70_000}),
+]
+
+
+@pytest.mark.parametrize("case", CREATE_CASES, ids=[c.name for c in CREATE_CASES])
+async def test_bad_create_requests_are_problems(
+    start_service: StartService, sms_gateway: SmsGateway, case: Bad
+) -> None:
+    api = await start_service()
+    raw = case.raw
+    if raw is None:
+        raw = json.dumps(case.body, ensure_ascii=False).encode()
+    answer = await api.request(
+        "POST", CREATE, data=raw, headers={"Content-Type": case.content_type}
+    )
+    answer.problem(case.status, case.slug)
+    await asyncio.sleep(0.05)
+    assert sms_gateway.received == [], "a refused request must not send"
+
+
+CHECK_CASES = [
+    Bad("code Arabic-Indic digits", 422, "invalid-request", {"code": "١٢٣٤٥٦"}),
+    Bad("code with a letter", 422, "invalid-request", {"code": "12345a"}),
+    Bad("code too long", 422, "invalid-request", {"code": "1234567"}),
+    Bad("code empty", 422, "invalid-request", {"code": ""}),
+    Bad("code huge", 422, "invalid-request", {"code": "1" * 10_000}),
+    Bad("code as number", 422, "invalid-request", {"code": 123456}),
+    Bad("code and cli", 422, "invalid-request", {"code": "123456", "cli": "+3161"}),
+    Bad("neither code nor cli", 422, "invalid-request", {}),
+    Bad("cli without a flash call", 422, "invalid-request", {"cli": "+31612345678"}),
+    Bad("unknown field", 422, "invalid-request", {"code": "123456", "x": 1}),
+    Bad("malformed JSON", 422, "invalid-request", raw=b"{code: 1}"),
+    Bad("text/plain", 415, "unsupported-media-type", raw=b"123456", content_type="text/plain"),
+]
+
+
+@pytest.mark.parametrize("case", CHECK_CASES, ids=[c.name for c in CHECK_CASES])
+async def test_bad_checks_are_problems_and_cost_no_attempt(
+    start_service: StartService, sms_gateway: SmsGateway, case: Bad
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    await read_code(sms_gateway)
+    raw = case.raw
+    if raw is None:
+        raw = json.dumps(case.body, ensure_ascii=False).encode()
+    answer = await api.request(
+        "POST",
+        f"/v1/verifications/{vid}/check",
+        data=raw,
+        headers={"Content-Type": case.content_type},
+    )
+    answer.problem(case.status, case.slug)
+    v = await api.get(vid)
+    assert v["attempts_left"] == 5, "a malformed check must not cost an attempt"
+    assert v["status"] == "pending"
+
+
+async def test_missing_or_wrong_keys_are_401_with_www_authenticate(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-key-0123456789abcdef"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": "Bearer "},
+        {"Authorization": f"Bearer {API_KEY}x"},
+        {"Authorization": f"bearer{API_KEY}"},
+    ):
+        answer = await api.request(
+            "POST", CREATE, json_body={"phone": MOBILE}, headers=headers, key=None
+        )
+        answer.problem(401, "unauthorized")
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer "), headers
+        got = await api.request("GET", f"{CREATE}/{'A' * 32}", headers=headers, key=None)
+        got.problem(401, "unauthorized")
+    # The scheme is case-insensitive (RFC 7235 2.1).
+    ok = await api.request(
+        "POST", CREATE, json_body={"phone": MOBILE}, headers={"Authorization": f"bearer {API_KEY}"}
+    )
+    assert ok.status == 201, ok.text
+    await sms_gateway.wait_for(1)
+    assert len(sms_gateway.received) == 1
+
+
+async def test_unknown_routes_and_wrong_methods_are_problems(
+    start_service: StartService,
+) -> None:
+    api = await start_service()
+    (await api.request("GET", "/v1/nothing-here")).problem(404, "not-found")
+    (await api.request("GET", "/nothing-here", key=None)).problem(404, "not-found")
+    wrong = await api.request("PUT", CREATE, json_body={"phone": MOBILE})
+    wrong.problem(405, "method-not-allowed")
+    assert "POST" in wrong.headers["Allow"]
+    (await api.request("PATCH", f"{CREATE}/{'A' * 32}")).problem(405, "method-not-allowed")
+    (await api.request("POST", "/healthz", key=None)).problem(405, "method-not-allowed")
+
+
+async def test_bad_idempotency_key_is_422(start_service: StartService) -> None:
+    api = await start_service()
+    for key in ("has space", "x" * 256, "ключ"):
+        answer = await api.request(
+            "POST", CREATE, json_body={"phone": MOBILE}, headers={"Idempotency-Key": key}
+        )
+        answer.problem(422, "invalid-request")
+
+
+async def test_premium_rate_number_is_403_with_reason(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    body = (await api.create(phone=PREMIUM_NL)).problem(403, "number-refused")
+    assert body["reason"] == "premium_rate"
+    assert "premium" in body["detail"]
+    await asyncio.sleep(0.05)
+    assert sms_gateway.received == []
+
+
+async def test_allowed_countries_refuse_others_with_403(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service({"CLINIC_ALLOWED_COUNTRIES": "NL"})
+    body = (await api.create(phone=MOBILE_BE)).problem(403, "number-refused")
+    assert body["reason"] == "country"
+    ok = await api.create(phone=MOBILE)
+    assert ok.status == 201, ok.text
+    received = await sms_gateway.wait_for(1)
+    assert [s.to for s in received] == [MOBILE]
+
+
+async def test_invalid_number_is_422(start_service: StartService) -> None:
+    api = await start_service()
+    (await api.create(phone="+3161234")).problem(422, "invalid-number")
+    (await api.create(phone="+999123456789")).problem(422, "invalid-number")
+
+
+async def test_sms_to_a_landline_is_sent(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # Only a flash call needs a mobile (skipped for landlines, covered by the unit tests); an
+    # SMS to a fixed line is the operator's business (text-to-speech gateways exist).
+    api = await start_service()
+    answer = await api.create(phone=LANDLINE_NL, method="sms")
+    assert answer.status == 201, answer.text
+    assert answer.json["channels"] == ["sms"]
+    assert "skipped" not in [e["type"] for e in answer.json["events"]]
+    received = await sms_gateway.wait_for(1)
+    assert received[0].to == LANDLINE_NL
+
+
+async def test_national_number_with_region(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    answer = await api.create(phone="06-1234 5678", region="NL")
+    assert answer.status == 201, answer.text
+    assert answer.json["phone"] == MOBILE

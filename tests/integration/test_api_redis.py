@@ -1,0 +1,94 @@
+"""The API when its Redis dies: fail closed (503, nothing approved, nothing sent), and an
+acknowledged approval survives ``kill -9`` of the Redis (AOF with fsync on every write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import RedisServer
+from tests.integration.conftest import Api, StartService, read_code
+from tests.peers.sms_gateway import SmsGateway
+
+pytestmark = pytest.mark.integration
+
+# A dead Redis must be answered quickly, not after seconds of client retries.
+ANSWER_BUDGET_S = 3.0
+RECONNECT_DEADLINE_S = 5.0
+
+
+async def _get_after_restart(api: Api, vid: str) -> dict[str, Any]:
+    """GET once the service has reconnected to the restarted Redis.
+
+    A pooled connection that saw the old server die fails its next command (redis-py does not
+    notice the close before sending), so the first requests after a restart may still answer
+    503: allowed, but only as ``store-unavailable`` and only until the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + RECONNECT_DEADLINE_S
+    while True:
+        answer = await api.request("GET", f"/v1/verifications/{vid}")
+        if answer.status == 200:
+            return dict(answer.json)
+        answer.problem(503, "store-unavailable")
+        if loop.time() > end:
+            pytest.fail(f"still 503 {RECONNECT_DEADLINE_S} s after the Redis restart")
+        await asyncio.sleep(0.05)
+
+
+async def test_redis_killed_answers_503_and_neither_approves_nor_sends(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    await api.wait_for_event(vid, "delivered")
+    ready = await api.request("GET", "/readyz")
+    assert ready.status == 200, ready.text
+    assert ready.json["checks"] == {"redis": True, "channels": True}
+
+    await asyncio.to_thread(redis_server.kill9)
+
+    started = time.monotonic()
+    (await api.check(vid, code)).problem(503, "store-unavailable")
+    assert time.monotonic() - started < ANSWER_BUDGET_S, "a dead Redis took too long to answer"
+    (await api.create(phone="+31612345679")).problem(503, "store-unavailable")
+    (await api.request("GET", f"/v1/verifications/{vid}")).problem(503, "store-unavailable")
+    (await api.request("POST", f"/v1/verifications/{vid}/fallback")).problem(
+        503, "store-unavailable"
+    )
+    (await api.request("DELETE", f"/v1/verifications/{vid}")).problem(503, "store-unavailable")
+    not_ready = (await api.request("GET", "/readyz")).problem(503, "not-ready")
+    assert not_ready["checks"]["redis"] is False
+    healthy = await api.request("GET", "/healthz")
+    assert healthy.status == 200, "liveness does not depend on Redis"
+    await asyncio.sleep(0.3)  # a send the dead store let through would reach the gateway by now
+    assert len(sms_gateway.received) == 1, "nothing may be sent while the store is down"
+
+    await asyncio.to_thread(redis_server.restart)
+    v = await _get_after_restart(api, vid)
+    assert v["status"] == "pending", "the checks during the outage must not have approved"
+    assert "approved" not in [e["type"] for e in v["events"]]
+    assert len(sms_gateway.received) == 1
+
+
+async def test_an_acknowledged_approval_survives_kill_9_of_redis(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+) -> None:
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    answer = await api.check(vid, code)
+    assert answer.json["status"] == "approved", answer.text
+    # Killed right after the acknowledgement: no chance to flush anything.
+    await asyncio.to_thread(redis_server.kill9)
+    await asyncio.to_thread(redis_server.restart)
+    v = await _get_after_restart(api, vid)
+    assert v["status"] == "approved"
+    assert v["events"][-1]["type"] == "approved"
+    (await api.check(vid, code)).problem(409, "not-pending")
+    assert (await api.request("GET", "/readyz")).status == 200
