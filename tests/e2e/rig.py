@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -493,27 +494,251 @@ class AsteriskRig:
             return "(no log)"
 
 
+# -- the service, registered to the rig's Asterisk -------------------------------------------
+SIP_USER = "clinic"
+SIP_PASSWORD = "clinic-local-secret"  # LOCAL-TEST credential, as in pjsip.conf
+# Flash-call caller-IDs are this prefix plus the code: +447400 and 6 digits is a valid UK
+# mobile number (+4474001 and 6 digits would be one digit too long for phonenumbers).
+FLASHCALL_PREFIX = "+447400"
+CLINIC_LINE = "+14155550700"
+
+
+def service_available() -> bool:
+    """True when the service's HTTP app and SIP pool import (they are being written)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import clinic_voice.app, clinic_voice.cli, voice.sip.pool"],
+        cwd=REPO,
+        capture_output=True,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+def service_env(
+    pbx_port: int,
+    *,
+    http_addr: str = "127.0.0.1:8080",
+    sip_addr: str = "127.0.0.1:5060",
+    data_dir: Path | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment that registers the service to the rig's Asterisk on ``pbx_port``."""
+    from sip_config.settings import VARIABLES
+
+    known = {v.name for v in VARIABLES}
+    # The service refuses unknown CLINIC_* names (CLINIC_ASTERISK_ROOTFS is the rig's own).
+    env = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if not k.startswith("CLINIC_") or k in known
+    }
+    pbx = f"127.0.0.1:{pbx_port}"
+    env.update(
+        CLINIC_HTTP_ADDR=http_addr,
+        CLINIC_SIP_ADDR=sip_addr,
+        CLINIC_SIP_REGISTRAR=f"sip:{pbx}",
+        CLINIC_SIP_USER=SIP_USER,
+        CLINIC_SIP_PASSWORD=SIP_PASSWORD,
+        CLINIC_SIP_ROUTE=f"sip:{{e164}}@{pbx}",
+        CLINIC_FLASHCALL_PREFIX=FLASHCALL_PREFIX,
+        CLINIC_VOICE_OTP_FROM=CLINIC_LINE,
+        CLINIC_SMS_GATEWAY="sip",
+        CLINIC_NURSE_URI=f"sip:6100@{pbx}",
+        CLINIC_STAFF_URI=f"sip:6200@{pbx}",
+    )
+    if data_dir is not None:
+        env["CLINIC_DATA_DIR"] = str(data_dir)
+    return env
+
+
+class ServiceProcess:
+    """``clinic-voice serve`` in the background, with a pid file and a log file."""
+
+    def __init__(self, env: dict[str, str], pidfile: Path, logfile: Path) -> None:
+        self.env = env
+        self.pidfile = pidfile
+        self.logfile = logfile
+        self.http_addr = env.get("CLINIC_HTTP_ADDR", "127.0.0.1:8080")
+
+    def running_pid(self) -> int | None:
+        """The pid from the pid file when that process still lives."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def start(self, timeout_s: float = 60) -> None:
+        """Start the service and wait for ``/readyz``; on failure stop it and raise."""
+        exe = Path(sys.executable).with_name("clinic-voice")
+        argv = (
+            [str(exe), "serve"]
+            if exe.exists()
+            else [sys.executable, "-m", "clinic_voice.cli", "serve"]
+        )
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.logfile, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pidfile.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.http_addr}/readyz"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pidfile.unlink(missing_ok=True)
+                raise RigError(
+                    f"the service exited with {proc.returncode}; "
+                    f"see {self.logfile}:\n{self.log_tail()}"
+                )
+            if http_ok(url):
+                return
+            threading.Event().wait(0.25)
+        self.stop()
+        raise RigError(
+            f"{url} not ready in {timeout_s:.0f} s; see {self.logfile}:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout_s: float = 15) -> bool:
+        """SIGTERM (then SIGKILL); True when a running service was stopped."""
+        pid = self.running_pid()
+        self.pidfile.unlink(missing_ok=True)
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)  # its own session: workers go too
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            threading.Event().wait(0.1)
+        if pid_alive(pid):
+            log.warning("the service did not stop in %.0f s: killing it", timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        return True
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the service's log."""
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def http_ok(url: str, timeout_s: float = 2) -> bool:
+    """True when ``GET url`` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - http://127.0.0.1 only
+            return int(resp.status) == 200
+    except (OSError, ValueError):
+        return False
+
+
+# -- command line ---------------------------------------------------------------------------
+VAR = REPO / "var"
+
+
+def _local_service(port: int) -> ServiceProcess:
+    return ServiceProcess(service_env(port), VAR / "clinic-voice.pid", VAR / "clinic-voice.log")
+
+
+def cmd_up(port: int) -> int:
+    """``make asterisk``: Asterisk, then the service registered to it, then what to dial."""
+    rig = AsteriskRig(build_rootfs(), port)
+    pid = rig.running_pid()
+    if pid is not None:
+        print(f"Asterisk already runs on 127.0.0.1:{port} (pid {pid})")
+    else:
+        rig.start()
+        atexit.unregister(rig.stop)  # it outlives this command; make asterisk-stop ends it
+        print(f"Asterisk 22 runs on 127.0.0.1:{port} (log: {rig.host_log})")
+    service = _local_service(port)
+    status = 0
+    if service.running_pid() is not None:
+        print(f"the service already runs (pid {service.running_pid()})")
+    elif not service_available():
+        print(
+            "the service is NOT started: clinic_voice.app or voice.sip.pool does not import yet.\n"
+            "Asterisk alone is up: softphones can register and call each other."
+        )
+    else:
+        try:
+            service.start()
+            print(f"the service runs: http://{service.http_addr} (log: {service.logfile})")
+        except RigError as exc:
+            print(f"error: the service did not start: {exc}", file=sys.stderr)
+            print("Asterisk stays up; make asterisk-stop stops it.", file=sys.stderr)
+            status = 1
+    print(
+        f"""
+Register a softphone to 127.0.0.1:{port} (UDP), user 6001 password clinic-6001
+(also 6002, 6003; nurse 6100, staff 6200; passwords clinic-<ext>). Then:
+  dial 700 (or {CLINIC_LINE})  the clinic line (the bot)
+  dial 6002                    another softphone
+  a verification to +14155556001 rings or messages 6001; API key in var/api-key
+Stop everything with: make asterisk-stop"""
+    )
+    return status
+
+
+def cmd_down(port: int) -> int:
+    """``make asterisk-stop``: stop the service and Asterisk, unmount; fine when idle."""
+    stopped = []
+    if _local_service(port).stop():
+        stopped.append("the service")
+    rig = AsteriskRig(rootfs_path(), port)
+    if rig.running_pid() is not None:
+        stopped.append("Asterisk")
+    if rig.root.exists():
+        rig.stop()  # also unmounts what a crashed run left mounted
+    print(f"stopped {' and '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_status(port: int) -> int:
+    """Print what runs; exit 0 when Asterisk runs."""
+    root = rootfs_path()
+    print(f"rootfs {root}: {'ready' if rootfs_ready(root) else 'not built'}")
+    rig = AsteriskRig(root, port)
+    pid = rig.running_pid()
+    if pid is None:
+        print(f"Asterisk on 127.0.0.1:{port}: not running")
+    else:
+        print(f"Asterisk on 127.0.0.1:{port}: pid {pid}")
+        print(rig.cli("pjsip show contacts").strip())
+    service = _local_service(port)
+    spid = service.running_pid()
+    ready = spid is not None and http_ok(f"http://{service.http_addr}/readyz")
+    print(f"service: {'pid ' + str(spid) if spid else 'not running'}{' (ready)' if ready else ''}")
+    return 0 if pid is not None else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.e2e.rig rootfs|up|down|status``."""
+    """``python -m tests.e2e.rig rootfs|up|down|status [--port N]``."""
     parser = argparse.ArgumentParser(prog="python -m tests.e2e.rig", description=__doc__)
-    parser.add_argument("command", choices=["rootfs", "start", "stop"])
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("command", choices=["rootfs", "up", "down", "status"])
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="Asterisk's SIP port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "rootfs":
             print(build_rootfs())
-        elif args.command == "start":
-            rig = AsteriskRig(build_rootfs(), args.port)
-            rig.start()
-            atexit.unregister(rig.stop)
-            print(rig.cli("pjsip show endpoints"))
-        elif args.command == "stop":
-            AsteriskRig(rootfs_path(), args.port).stop()
+            return 0
+        if args.command == "up":
+            return cmd_up(args.port)
+        if args.command == "down":
+            return cmd_down(args.port)
+        return cmd_status(args.port)
     except RigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ prints events to stdout, one JSON object a line:
 
 commands  ``{"cmd": "call", "uri": ..., "from_uri": ..., "headers": {...}, "late_offer": true}``,
           ``{"cmd": "answer"}``, ``{"cmd": "dtmf", "digits": "12"}``, ``{"cmd": "hangup"}``,
-          ``{"cmd": "message", "uri": ..., "body": ...}``, ``{"cmd": "quit"}``
+          ``{"cmd": "xfer", "uri": ...}`` (blind REFER), ``{"cmd": "message", "uri": ...,
+          "body": ...}``, ``{"cmd": "quit"}``
 events    ``ready``, ``registered``, ``reg_failed``, ``incoming`` (with the INVITE's From,
           P-Asserted-Identity and whether it had SDP), ``call_state``, ``media_active``,
-          ``dtmf``, ``message``, ``message_status``, ``error``
+          ``dtmf``, ``transfer_status``, ``message``, ``message_status``, ``error``
 
 :class:`Softphone` is the test side: it starts the process and waits for events with
 deadlines. pjsua2 is imported only in the child (one ``Endpoint`` per process).
@@ -47,6 +48,7 @@ class Softphone:
         register: bool = True,
         answer: str = "200",
         answer_delay_s: float = 0.0,
+        capacity: int = 4,
         record_dir: Path | None = None,
     ) -> None:
         argv = [
@@ -63,6 +65,8 @@ class Softphone:
             answer,
             "--answer-delay",
             str(answer_delay_s),
+            "--capacity",
+            str(capacity),
         ]
         if not register:
             argv.append("--no-register")
@@ -157,18 +161,22 @@ class Softphone:
         seen = [{k: v for k, v in e.items() if k != "_used"} for e in self.events[-15:]]
         return f"events: {seen}; stderr tail: {self._stderr[-15:]}"
 
-    def close(self) -> None:
-        """Hang up, unregister and end the process (killed if it does not end in 5 s)."""
+    def begin_close(self) -> None:
+        """Ask the softphone to hang up, unregister and exit (see :meth:`close`)."""
         if self.proc.poll() is None:
             try:
                 self.send("quit")
-            except OSError as exc:  # already gone (broken pipe): the wait below reaps it
+            except OSError as exc:  # already gone (broken pipe): close() reaps it
                 self._stderr.append(f"quit not delivered: {exc!r}")
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+
+    def close(self) -> None:
+        """Hang up, unregister and end the process (killed if it does not end in 5 s)."""
+        self.begin_close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
@@ -178,6 +186,15 @@ class Softphone:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def call_state(name: str, code: int | None = None) -> Callable[[Event], bool]:
+    """A ``where=`` matcher for ``call_state`` events (``CONFIRMED``, ``DISCONNECTED``...)."""
+
+    def match(e: Event) -> bool:
+        return bool(e["state"] == name and (code is None or e["code"] == code))
+
+    return match
 
 
 def header(message: str, name: str) -> str:
@@ -248,6 +265,13 @@ def run(args: argparse.Namespace) -> int:
                         self.getAudioMedia(i).startTransmit(rec)
                         recorders[ci.id] = rec
 
+        def onCallTransferStatus(self, prm: Any) -> None:
+            code = int(prm.statusCode)
+            _emit("transfer_status", call=self.getId(), code=code, final=bool(prm.finalNotify))
+            if prm.finalNotify and 200 <= code < 300:
+                # RFC 5589 section 6: the transferor ends its leg once the transfer worked.
+                to_hang_up.append(self.getId())
+
         def onDtmfDigit(self, prm: Any) -> None:
             _emit("dtmf", call=self.getId(), digit=prm.digit)
 
@@ -278,9 +302,11 @@ def run(args: argparse.Namespace) -> int:
                 has_sdp=has_sdp,
             )
             op = pj.CallOpParam()
-            op.statusCode = 180
+            # Like a service worker: at most --capacity calls, then 486 Busy Here.
+            full = len(calls) > args.capacity
+            op.statusCode = 486 if full or args.answer == "busy" else 180
             call.answer(op)
-            if args.answer == "200":
+            if op.statusCode == 180 and args.answer == "200":
                 pending_answers.append((time.monotonic() + args.answer_delay, prm.callId))
 
         def onInstantMessage(self, prm: Any) -> None:
@@ -296,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
             _emit("message_status", code=int(prm.code), reason=prm.reason)
 
     pending_answers: list[tuple[float, int]] = []
+    to_hang_up: list[int] = []
     buddies: list[Any] = []
 
     ep = pj.Endpoint()
@@ -360,6 +387,10 @@ def run(args: argparse.Namespace) -> int:
                     call.answer(op)
                 except pj.Error as exc:
                     _emit("error", message=f"answer: {exc.info()}")
+        while to_hang_up:
+            call = calls.get(to_hang_up.pop())
+            if call is not None:
+                call.hangup(pj.CallOpParam(True))
         while True:
             try:
                 cmd = commands.get_nowait()
@@ -434,6 +465,9 @@ def _command(
             # 487 while early makes pjsua send CANCEL (RFC 3261 9.1)
             op.statusCode = cmd.get("code", 603)
             call.hangup(op)
+    elif name == "xfer":
+        for call in list(calls.values()):
+            call.xfer(cmd["uri"], pj.CallOpParam(True))
     elif name == "message":
         bcfg = pj.BuddyConfig()
         bcfg.uri = cmd["uri"]
@@ -455,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", required=True)
     parser.add_argument("--password", required=True)
     parser.add_argument("--no-register", action="store_true")
-    parser.add_argument("--answer", choices=["200", "ring"], default="200")
+    parser.add_argument("--answer", choices=["200", "ring", "busy"], default="200")
+    parser.add_argument("--capacity", type=int, default=4, help="calls held before 486")
     parser.add_argument("--answer-delay", type=float, default=0.0)
     parser.add_argument("--record-dir", default="")
     parser.add_argument("--log-level", type=int, default=1)

@@ -1,0 +1,65 @@
+"""Fixtures for the end-to-end tests: one real Asterisk 22 (chroot) per session, softphones."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.rig import AsteriskRig, RigError, build_rootfs, pick_port
+from tests.peers.pbx_softphone import Softphone
+
+PASSWORDS = {ext: f"clinic-{ext}" for ext in ("6001", "6002", "6003", "6100", "6200")}
+
+
+@pytest.fixture(scope="session")
+def asterisk() -> Iterator[AsteriskRig]:
+    """Asterisk on 127.0.0.1:5160, or a free port when 5160 is taken; the rootfs is built
+    on first use (about a minute) and unmounted at the end, whatever happened."""
+    if os.geteuid() != 0:
+        pytest.fail("the Asterisk rig needs root (chroot and mount)")
+    try:
+        root = build_rootfs()
+    except RigError as exc:
+        pytest.fail(f"could not build the Asterisk rootfs: {exc}")
+    rig = AsteriskRig(root, pick_port())
+    try:
+        rig.start()
+    except RigError as exc:
+        pytest.fail(f"Asterisk did not start: {exc}")
+    try:
+        yield rig
+    finally:
+        rig.stop()
+
+
+PhoneFactory = Callable[..., Softphone]
+
+
+@pytest.fixture
+def phone(asterisk: AsteriskRig, tmp_path: Path) -> Iterator[PhoneFactory]:
+    """Make softphones on the rig: ``phone("6001")`` registers 6001 and waits for the 200;
+    ``phone("clinic", register=False)`` is a caller with the service's credentials;
+    ``wait=False`` returns at once (to see a registration fail)."""
+    made: list[Softphone] = []
+
+    def make(
+        user: str, *, register: bool = True, wait: bool = True, **options: object
+    ) -> Softphone:
+        password = "clinic-local-secret" if user == "clinic" else PASSWORDS[user]
+        password = str(options.pop("password", password))
+        sp = Softphone(f"127.0.0.1:{asterisk.port}", user, password, register=register, **options)  # type: ignore[arg-type]
+        made.append(sp)
+        if wait:
+            sp.expect("registered" if register else "ready", timeout_s=10)
+        return sp
+
+    try:
+        yield make
+    finally:
+        for sp in made:  # all at once: each takes a moment to unregister
+            sp.begin_close()
+        for sp in made:
+            sp.close()

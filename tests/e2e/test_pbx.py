@@ -1,0 +1,177 @@
+"""The PBX alone: Asterisk 22 with the repository's configs and pjsua2 softphones.
+
+These need no clinic-voice service: the service's side is played by softphones that use
+its credentials (``clinic``), the way its workers will.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import PhoneFactory
+from tests.e2e.rig import AsteriskRig
+from tests.peers.pbx_softphone import call_state as state
+
+# The first test may wait for the rootfs build (about a minute) in the session fixture.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+FLASH_CLI = "+447400123456"
+
+
+def test_softphone_registers(asterisk: AsteriskRig, phone: PhoneFactory) -> None:
+    phone("6001")
+    contacts = asterisk.cli("pjsip show aor 6001")
+    assert "Contact:  6001/sip:6001@127.0.0.1" in contacts, contacts
+
+
+def test_wrong_password_is_refused(phone: PhoneFactory) -> None:
+    refused = phone("6002", password="not-the-password", wait=False).expect("reg_failed")
+    assert refused["code"] in {401, 403}, refused
+
+
+def test_call_between_softphones_carries_rfc4733_dtmf(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    a = phone("6001")
+    b = phone("6002")
+    a.send("call", uri=f"sip:6002@127.0.0.1:{asterisk.port}")
+    incoming = b.expect("incoming")
+    assert incoming["from_user"] == "6001"
+    a.expect("call_state", where=state("CONFIRMED", 200))
+    a.expect("media_active")
+    b.expect("media_active")
+    a.send("dtmf", digits="4#1")
+    got = [b.expect("dtmf", timeout_s=5)["digit"] for _ in range(3)]
+    assert got == ["4", "#", "1"]
+    b.send("dtmf", digits="9")
+    assert a.expect("dtmf", timeout_s=5)["digit"] == "9"
+    a.send("hangup")
+    b.expect("call_state", where=state("DISCONNECTED"))
+
+
+def test_message_to_e164_reaches_the_softphone(phone: PhoneFactory, asterisk: AsteriskRig) -> None:
+    target = phone("6001")
+    service = phone("clinic", register=False)
+    service.send(
+        "message", uri=f"sip:+14155556001@127.0.0.1:{asterisk.port}", body="Your code: 481516"
+    )
+    assert service.expect("message_status")["code"] == 202
+    got = target.expect("message", timeout_s=5)
+    assert got["body"] == "Your code: 481516"
+    assert got["content_type"] == "text/plain"
+
+
+def test_late_offer_flash_call_shows_the_caller_id_and_cancel_propagates(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    target = phone("6001", answer="ring")
+    service = phone("clinic", register=False)
+    service.send(
+        "call",
+        uri=f"sip:+14155556001@127.0.0.1:{asterisk.port}",
+        late_offer=True,
+        from_uri=f"<sip:{FLASH_CLI}@127.0.0.1>",
+        headers={"P-Asserted-Identity": f"<sip:{FLASH_CLI}@127.0.0.1>"},
+    )
+    incoming = target.expect("incoming", timeout_s=5)
+    # The code is the caller-ID: Asterisk must pass it on unchanged, in From and PAI.
+    assert incoming["from_user"] == FLASH_CLI, incoming
+    assert incoming["pai_user"] == FLASH_CLI, incoming
+    service.expect("call_state", where=state("EARLY", 180), timeout_s=5)
+    service.send("hangup", code=487)  # CANCEL while ringing
+    assert target.expect("call_state", where=state("DISCONNECTED"), timeout_s=5)["code"] == 487
+    assert service.expect("call_state", where=state("DISCONNECTED"), timeout_s=5)["code"] == 487
+
+
+def test_the_service_identity_needs_its_password(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    target = phone("6001", answer="ring")
+    intruder = phone("clinic", register=False, password="guessed")
+    intruder.send(
+        "call",
+        uri=f"sip:+14155556001@127.0.0.1:{asterisk.port}",
+        from_uri=f"<sip:{FLASH_CLI}@127.0.0.1>",
+    )
+    ended = intruder.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+    assert ended["code"] in {401, 403, 407}, ended
+    assert not [e for e in target.drain(0.5) if e["event"] == "incoming"]
+
+
+def test_clinic_line_is_congested_without_the_service(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    caller = phone("6003")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    ended = caller.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+    assert ended["code"] >= 400, ended
+
+
+def test_clinic_line_hunts_past_full_workers(phone: PhoneFactory, asterisk: AsteriskRig) -> None:
+    # Two "workers" registered as the service, each holding at most 4 calls (486 beyond),
+    # like the service's SIP worker processes. Six calls to 700 must all be answered.
+    workers = [phone("clinic", capacity=4) for _ in range(2)]
+    contacts = asterisk.cli("pjsip show aor clinic")
+    assert contacts.count("Contact:  clinic/") == 2, contacts
+    callers = [phone("6001"), phone("6002")]
+    for caller in callers:
+        for number in ("700", "700", "+14155550700"):
+            caller.send("call", uri=f"sip:{number}@127.0.0.1:{asterisk.port}")
+    for caller in callers:
+        for _ in range(3):
+            caller.expect("call_state", where=state("CONFIRMED", 200), timeout_s=15)
+    answered = [
+        sum(1 for e in w.drain(0.2) if e["event"] == "call_state" and e["state"] == "CONFIRMED")
+        for w in workers
+    ]
+    assert sum(answered) == 6 and max(answered) <= 4, answered
+    for caller in callers:
+        caller.send("hangup")
+
+
+def test_transfer_from_the_bot_reaches_the_nurse(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    bot = phone("clinic")
+    nurse = phone("6100", answer_delay_s=0.5)
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    bot.send("xfer", uri=f"sip:6100@127.0.0.1:{asterisk.port}")
+    rung = nurse.expect("incoming", timeout_s=10)
+    assert rung["from_user"] == "6001", rung
+    nurse.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    # Asterisk reports the transfer done (NOTIFY 200) once the nurse answers; the bot
+    # then ends its own leg.
+    bot.expect("transfer_status", where=lambda e: e["final"] and e["code"] == 200)
+    bot.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+    nurse.expect("media_active", timeout_s=5)
+    caller.send("dtmf", digits="5")
+    assert nurse.expect("dtmf", timeout_s=5)["digit"] == "5"
+    caller.send("hangup")
+    nurse.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
+def test_the_bot_cannot_transfer_anywhere(phone: PhoneFactory, asterisk: AsteriskRig) -> None:
+    bot = phone("clinic")
+    other = phone("6002", answer="ring")
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    bot.send("xfer", uri=f"sip:6002@127.0.0.1:{asterisk.port}")
+    assert not [e for e in other.drain(2.0) if e["event"] == "incoming"]
+    caller.send("hangup")
+
+
+def test_restart_keeps_registrations_and_calls_work(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    a = phone("6001")
+    b = phone("6002")
+    asterisk.restart()
+    # Contacts live in astdb, so registered phones stay reachable across a restart.
+    a.send("call", uri=f"sip:6002@127.0.0.1:{asterisk.port}")
+    b.expect("incoming", timeout_s=10)
+    a.expect("call_state", where=state("CONFIRMED", 200), timeout_s=10)
+    a.send("hangup")
+    b.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
