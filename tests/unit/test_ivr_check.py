@@ -25,8 +25,7 @@ EXPECTED: dict[str, list[str]] = {
         "15: urgency would go down: outcome self_care reached at U1 (path: breathing > advice)",
     ],
     "danger_no_human.yaml": [
-        "8: danger-sign ask 'chest': no input or no match can end without a human "
-        "(hang-up 'bye')",
+        "8: danger-sign ask 'chest': no input or no match can end without a human (hang-up 'bye')",
         "19: call can end without a human at U2 (path: chest > bye)",
     ],
     "reserved_key.yaml": ["10: key 0 is reserved (0: a human, *: repeat)"],

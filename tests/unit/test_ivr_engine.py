@@ -24,7 +24,6 @@ from voice.ivr.engine import (
     RecordAudio,
     RecordDone,
     SpeechResult,
-    StopPlay,
     Store,
     TransferCall,
     TransferResult,
@@ -111,33 +110,165 @@ DONE = PromptDone()
 
 # (name, events, the last step's actions as (type name, key text) pairs, final phase)
 TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
-    ("greeting then prompt", [DONE], [("Play", "Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
+    (
+        "greeting then prompt",
+        [DONE],
+        [("Play", "Pick one. Say apples or press 1. Say pears or press 2.")],
+        Phase.PLAYING,
+    ),
     ("listen after the prompt", [DONE, DONE], [("Listen", "")], Phase.LISTENING),
-    ("noinput tapers 1", [DONE, DONE, NoInput()], [("Play", "I did not hear you. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
-    ("noinput tapers 2", [DONE, DONE, NoInput(), DONE, NoInput()], [("Play", "Still nothing. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
-    ("noinput limit reaches staff", [DONE, DONE, NoInput(), DONE, NoInput(), DONE, NoInput()], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
-    ("wrong key is a nomatch", [DONE, DONE, Digit("7")], [("Play", "That is not an option. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
-    ("low confidence is a nomatch", [DONE, DONE, SpeechResult("apples", 0.2)], [("Play", "That is not an option. Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
-    ("star repeats", [DONE, DONE, Digit("*")], [("Play", "Pick one. Say apples or press 1. Say pears or press 2.")], Phase.PLAYING),
-    ("zero reaches staff", [DONE, DONE, Digit("0")], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
-    ("'operator' reaches staff", [DONE, DONE, SpeechResult("operator please", 0.9)], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
-    ("speech picks a choice", [DONE, DONE, SpeechResult("pears", 0.9)], [("Play", "Speak after the tone.")], Phase.PLAYING),
-    ("barge-in by key stops the prompt", [DONE, Digit("2")], [("StopPlay", ""), ("Play", "Speak after the tone.")], Phase.PLAYING),
-    ("barge-in by speech", [DONE, SpeechResult("apples", 0.9)], [("StopPlay", ""), ("Play", "Enter your number then hash.")], Phase.PLAYING),
-    ("type-ahead skips the prompt", [Digit("1")], [("StopPlay", ""), ("Play", "Enter your number then hash.")], Phase.PLAYING),
-    ("digits collect until hash", [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("3"), Digit("#")], [("PostWebhook", "")], Phase.WEBHOOK),
-    ("digits end at max", [Digit("1"), DONE, DONE] + [Digit(k) for k in "12345"], [("PostWebhook", "")], Phase.WEBHOOK),
-    ("too few digits is a nomatch", [Digit("1"), DONE, DONE, Digit("1"), Digit("#")], [("Play", "Sorry, I did not understand. Enter your number then hash.")], Phase.PLAYING),
-    ("0 alone in a digits ask is staff", [Digit("1"), DONE, DONE, Digit("0"), Digit("#")], [("Play", "Connecting you to a member of staff.")], Phase.PLAYING),
-    ("interdigit timeout completes", [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("3"), NoInput()], [("PostWebhook", "")], Phase.WEBHOOK),
-    ("webhook reply is spoken", [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(True, {"when": "Monday 9:00"})], [("Play", "Booked Monday 9:00.")], Phase.PLAYING),
-    ("webhook failure goes on_fail", [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False)], [("Play", "Connecting you.")], Phase.PLAYING),
+    (
+        "noinput tapers 1",
+        [DONE, DONE, NoInput()],
+        [("Play", "I did not hear you. Pick one. Say apples or press 1. Say pears or press 2.")],
+        Phase.PLAYING,
+    ),
+    (
+        "noinput tapers 2",
+        [DONE, DONE, NoInput(), DONE, NoInput()],
+        [("Play", "Still nothing. Pick one. Say apples or press 1. Say pears or press 2.")],
+        Phase.PLAYING,
+    ),
+    (
+        "noinput limit reaches staff",
+        [DONE, DONE, NoInput(), DONE, NoInput(), DONE, NoInput()],
+        [("Play", "Connecting you to a member of staff.")],
+        Phase.PLAYING,
+    ),
+    (
+        "wrong key is a nomatch",
+        [DONE, DONE, Digit("7")],
+        [("Play", "That is not an option. Pick one. Say apples or press 1. Say pears or press 2.")],
+        Phase.PLAYING,
+    ),
+    (
+        "low confidence is a nomatch",
+        [DONE, DONE, SpeechResult("apples", 0.2)],
+        [("Play", "That is not an option. Pick one. Say apples or press 1. Say pears or press 2.")],
+        Phase.PLAYING,
+    ),
+    (
+        "star repeats",
+        [DONE, DONE, Digit("*")],
+        [("Play", "Pick one. Say apples or press 1. Say pears or press 2.")],
+        Phase.PLAYING,
+    ),
+    (
+        "zero reaches staff",
+        [DONE, DONE, Digit("0")],
+        [("Play", "Connecting you to a member of staff.")],
+        Phase.PLAYING,
+    ),
+    (
+        "'operator' reaches staff",
+        [DONE, DONE, SpeechResult("operator please", 0.9)],
+        [("Play", "Connecting you to a member of staff.")],
+        Phase.PLAYING,
+    ),
+    (
+        "speech picks a choice",
+        [DONE, DONE, SpeechResult("pears", 0.9)],
+        [("Play", "Speak after the tone.")],
+        Phase.PLAYING,
+    ),
+    (
+        "barge-in by key stops the prompt",
+        [DONE, Digit("2")],
+        [("StopPlay", ""), ("Play", "Speak after the tone.")],
+        Phase.PLAYING,
+    ),
+    (
+        "barge-in by speech",
+        [DONE, SpeechResult("apples", 0.9)],
+        [("StopPlay", ""), ("Play", "Enter your number then hash.")],
+        Phase.PLAYING,
+    ),
+    (
+        "type-ahead skips the prompt",
+        [Digit("1")],
+        [("StopPlay", ""), ("Play", "Enter your number then hash.")],
+        Phase.PLAYING,
+    ),
+    (
+        "digits collect until hash",
+        [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("3"), Digit("#")],
+        [("PostWebhook", "")],
+        Phase.WEBHOOK,
+    ),
+    (
+        "digits end at max",
+        [Digit("1"), DONE, DONE, *[Digit(k) for k in "12345"]],
+        [("PostWebhook", "")],
+        Phase.WEBHOOK,
+    ),
+    (
+        "too few digits is a nomatch",
+        [Digit("1"), DONE, DONE, Digit("1"), Digit("#")],
+        [("Play", "Sorry, I did not understand. Enter your number then hash.")],
+        Phase.PLAYING,
+    ),
+    (
+        "0 alone in a digits ask is staff",
+        [Digit("1"), DONE, DONE, Digit("0"), Digit("#")],
+        [("Play", "Connecting you to a member of staff.")],
+        Phase.PLAYING,
+    ),
+    (
+        "interdigit timeout completes",
+        [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("3"), NoInput()],
+        [("PostWebhook", "")],
+        Phase.WEBHOOK,
+    ),
+    (
+        "webhook reply is spoken",
+        [
+            Digit("1"),
+            DONE,
+            DONE,
+            *[Digit(k) for k in "123#"],
+            WebhookResult(True, {"when": "Monday 9:00"}),
+        ],
+        [("Play", "Booked Monday 9:00.")],
+        Phase.PLAYING,
+    ),
+    (
+        "webhook failure goes on_fail",
+        [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False)],
+        [("Play", "Connecting you.")],
+        Phase.PLAYING,
+    ),
     ("record after its prompt", [Digit("2"), DONE], [("RecordAudio", "")], Phase.RECORDING),
-    ("recording done goes on", [Digit("2"), DONE, RecordDone("m.wav", 4)], [("Play", "Goodbye.")], Phase.PLAYING),
-    ("goodbye then hang up", [Digit("2"), DONE, RecordDone("m.wav", 4), DONE], [("Store", ""), ("HangupCall", "")], Phase.ENDED),
+    (
+        "recording done goes on",
+        [Digit("2"), DONE, RecordDone("m.wav", 4)],
+        [("Play", "Goodbye.")],
+        Phase.PLAYING,
+    ),
+    (
+        "goodbye then hang up",
+        [Digit("2"), DONE, RecordDone("m.wav", 4), DONE],
+        [("Store", ""), ("HangupCall", "")],
+        Phase.ENDED,
+    ),
     ("caller hangs up", [DONE, HangUp()], [("Store", "")], Phase.ENDED),
-    ("stale events are ignored", [DONE, DONE, DONE, TransferResult(True), WebhookResult(True)], [], Phase.LISTENING),
-    ("transfer failure is told", [DONE, DONE, Digit("0"), DONE, TransferResult(False)], [("Play", "Sorry, I could not connect you. If this is an emergency, hang up and call 112 now. Otherwise please call again later.")], Phase.PLAYING),
+    (
+        "stale events are ignored",
+        [DONE, DONE, DONE, TransferResult(True), WebhookResult(True)],
+        [],
+        Phase.LISTENING,
+    ),
+    (
+        "transfer failure is told",
+        [DONE, DONE, Digit("0"), DONE, TransferResult(False)],
+        [
+            (
+                "Play",
+                "Sorry, I could not connect you. If this is an emergency, hang up and call 112 "
+                "now. Otherwise please call again later.",
+            )
+        ],
+        Phase.PLAYING,
+    ),
 ]
 
 
@@ -145,7 +276,9 @@ def describe(actions: list[Action]) -> list[tuple[str, str]]:
     return [(type(a).__name__, getattr(a, "text", "")) for a in actions]
 
 
-@pytest.mark.parametrize(("events", "expected", "phase"), [t[1:] for t in TABLE], ids=[t[0] for t in TABLE])
+@pytest.mark.parametrize(
+    ("events", "expected", "phase"), [t[1:] for t in TABLE], ids=[t[0] for t in TABLE]
+)
 def test_engine_table(
     engine: Engine, events: list[Event], expected: list[tuple[str, str]], phase: Phase
 ) -> None:
@@ -191,7 +324,9 @@ def test_the_record_keeps_path_values_and_outcome(engine: Engine) -> None:
 
 
 def test_a_transfer_carries_the_summary(engine: Engine) -> None:
-    _, steps = feed(engine, [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False), DONE])
+    _, steps = feed(
+        engine, [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False), DONE]
+    )
     transfer = steps[-1][0]
     assert isinstance(transfer, TransferCall)
     assert transfer.uri == STAFF
@@ -224,7 +359,7 @@ def test_speech_prompts_say_say_yes(shipped: FlowSet) -> None:
 
 def test_spoken_yes_to_breathing_is_an_emergency(shipped: FlowSet) -> None:
     engine = Engine(shipped, FlowParams(speech_enabled=True))
-    state, actions = script_call(engine, "triage", ["myself", "yeah"])
+    _, actions = script_call(engine, "triage", ["myself", "yeah"])
     store = next(a for a in actions if isinstance(a, Store))
     assert store.record.urgency is Urgency.U1
     step = next(s for s in store.record.path if s.node == "breathing" and s.input)
@@ -251,7 +386,7 @@ def test_korean_flow_yes_transfers_to_the_nurse(shipped: FlowSet) -> None:
     engine = Engine(shipped, FlowParams(speech_enabled=True))
     flow = shipped.route("ko")
     assert (flow.id, flow.language) == ("triage_ko", "ko")
-    state, actions = script_call(engine, flow.id, ["예"])
+    _, actions = script_call(engine, flow.id, ["예"])
     store = next(a for a in actions if isinstance(a, Store))
     assert (store.record.urgency, store.record.transfer_target) == (Urgency.U1, NURSE)
     plays = [a for a in actions if isinstance(a, Play)]
@@ -275,7 +410,10 @@ def test_main_menu_4_enters_the_triage(shipped: FlowSet) -> None:
 def test_appointment_is_posted_and_confirmed(shipped: FlowSet) -> None:
     engine = Engine(shipped, FlowParams())
     state, actions = script_call(
-        engine, "main_menu", ["1", "1", "01021990#", "123456#"], webhook_data={"message": "See you Monday."}
+        engine,
+        "main_menu",
+        ["1", "1", "01021990#", "123456#"],
+        webhook_data={"message": "See you Monday."},
     )
     post = next(a for a in actions if isinstance(a, PostWebhook))
     assert dict(post.values) == {
@@ -284,15 +422,18 @@ def test_appointment_is_posted_and_confirmed(shipped: FlowSet) -> None:
         "patient_number": "123456",
         "request": "appointment",
     }
-    assert "Thank you. Your request to book an appointment has been received. See you Monday." in texts(
-        actions
+    assert (
+        "Thank you. Your request to book an appointment has been received. See you Monday."
+        in texts(actions)
     )
     assert state.outcome == "appointment_requested"
 
 
 def test_results_are_never_read_out(shipped: FlowSet) -> None:
     engine = Engine(shipped, FlowParams())
-    _, actions = script_call(engine, "results", ["01021990#", "1234#", "2"], webhook_data={"ready": "yes"})
+    _, actions = script_call(
+        engine, "results", ["01021990#", "1234#", "2"], webhook_data={"ready": "yes"}
+    )
     assert any("ready in the patient portal" in t for t in texts(actions))
 
 

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from voice.ivr.engine import CallRecord, Engine, Phase, Store, TransferCall
+from voice.ivr.engine import (
+    CallRecord,
+    Digit,
+    Engine,
+    Event,
+    NoInput,
+    Phase,
+    PromptDone,
+    SpeechResult,
+    Store,
+    TransferCall,
+    TransferResult,
+    WebhookResult,
+)
 from voice.ivr.flow import FlowParams, FlowSet, load_flows
 from voice.ivr.simulate import script_call
 from voice.ivr.triage import (
@@ -36,7 +50,7 @@ def flowset() -> FlowSet:
     return load_flows(FLOWS)
 
 
-def record_of(actions: list[object]) -> CallRecord:
+def record_of(actions: Sequence[object]) -> CallRecord:
     stores = [a for a in actions if isinstance(a, Store)]
     assert len(stores) == 1, f"expected one Store action, got {len(stores)}"
     return stores[0].record
@@ -147,13 +161,20 @@ CASES: list[tuple[str, list[str], Urgency, TriageAction]] = [
     ("someone else, mild rash", [f"3 {NO_DANGER} 6 2 2 2 5"], Urgency.U5, SELF),
     # Unclear answers to danger signs are never read as "no": at least a nurse.
     ("silence once on breathing", ["1", ":silence", f"{NO_DANGER} 8 2 5"], Urgency.U2, NURSE),
-    ("wrong key on chest pain", ["1 2 9", f"2 2 2 2 8 2 5"], Urgency.U2, NURSE),
+    ("wrong key on chest pain", ["1 2 9", "2 2 2 2 8 2 5"], Urgency.U2, NURSE),
     ("silence twice on breathing", ["1", ":silence", ":silence"], Urgency.U2, NURSE),
-    ("keys one at a time", ["1", "2", "2", "2", "2", "2", "6", "2", "2", "2", "5"], Urgency.U5, SELF),
+    (
+        "keys one at a time",
+        ["1", "2", "2", "2", "2", "2", "6", "2", "2", "2", "5"],
+        Urgency.U5,
+        SELF,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("answers", "urgency", "action"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("answers", "urgency", "action"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_scripted_patient(
     flowset: FlowSet, answers: list[str], urgency: Urgency, action: TriageAction
 ) -> None:
@@ -203,29 +224,20 @@ def test_random_callers_never_lower_urgency(flowset: FlowSet, seed: int) -> None
                 if state.phase is Phase.ENDED:
                     break
                 roll = rng.random()
-                event: object
+                event: Event
                 if state.phase is Phase.PLAYING and roll < 0.6:
-                    from voice.ivr.engine import PromptDone
-
                     event = PromptDone()
                 elif roll < 0.1:
-                    from voice.ivr.engine import NoInput
-
                     event = NoInput()
                 elif roll < 0.2:
-                    from voice.ivr.engine import SpeechResult
-
                     event = SpeechResult(rng.choice(["yes", "no", "maybe"]), rng.random())
+                elif state.phase is Phase.WEBHOOK:
+                    event = WebhookResult(rng.random() < 0.5)
+                elif state.phase is Phase.TRANSFERRING:
+                    event = TransferResult(rng.random() < 0.8)
                 else:
-                    from voice.ivr.engine import Digit, TransferResult, WebhookResult
-
-                    if state.phase is Phase.WEBHOOK:
-                        event = WebhookResult(rng.random() < 0.5)
-                    elif state.phase is Phase.TRANSFERRING:
-                        event = TransferResult(rng.random() < 0.8)
-                    else:
-                        event = Digit(rng.choice(keys))
-                state, actions = engine.handle(state, event)  # type: ignore[arg-type]
+                    event = Digit(rng.choice(keys))
+                state, actions = engine.handle(state, event)
                 if state.triage is not None:
                     levels.append(state.triage.urgency)
                     danger_yes = danger_yes or state.triage.urgency <= Urgency.U1

@@ -325,9 +325,7 @@ class _Checker:
             return ""
         action = node_outcome(node)
         if action is not None and not action_allows(action, ab.urgency):
-            return (
-                f"urgency would go down: outcome {action.value} reached at {ab.urgency.name}"
-            )
+            return f"urgency would go down: outcome {action.value} reached at {ab.urgency.name}"
         if isinstance(node, Hangup) and action is None and ab.urgency <= Urgency.U2:
             return f"call can end without a human at {ab.urgency.name}"
         return ""

@@ -11,7 +11,8 @@ HTTP, feeds :class:`Event` s in and carries :class:`Action` s out::
 VoiceXML semantics kept here:
 
 * every prompt is a :class:`Play`; the session answers with :class:`PromptDone` when it has
-  finished (not after a :class:`StopPlay`: the engine has already gone on). An ask's :class:`Listen` comes after its prompt;
+  finished (not after a :class:`StopPlay`: the engine has already gone on). An ask's
+  :class:`Listen` comes after its prompt;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * keys pressed while a prompt plays are kept (type-ahead) and consumed by the next ask, whose
@@ -353,9 +354,13 @@ class Engine:
         flow = self.flowset.get(state.flow)
         node = flow.nodes.get(state.node)
         if isinstance(event, PromptDone):
-            return self._prompt_done(state, flow, node) if state.phase is Phase.PLAYING else (
-                state,
-                [],
+            return (
+                self._prompt_done(state, flow, node)
+                if state.phase is Phase.PLAYING
+                else (
+                    state,
+                    [],
+                )
             )
         if isinstance(event, Digit):
             return self._digit(state, flow, node, event.key)
@@ -386,9 +391,10 @@ class Engine:
             return self._listen(state, flow, node, [])
         if state.pending is Pending.NEXT and isinstance(node, Say):
             return self._enter(state, flow, node.next, [])
-        if state.pending is Pending.TRANSFER and state.transfer_uri is not None:
+        uri = state.transfer_uri
+        if state.pending is Pending.TRANSFER and uri is not None:
             state = replace(state, phase=Phase.TRANSFERRING)
-            return state, [TransferCall(state.transfer_uri, self._summary(state))]
+            return state, [TransferCall(uri, self._summary(state))]
         if state.pending is Pending.RECORD and isinstance(node, Record):
             return replace(state, phase=Phase.RECORDING), [RecordAudio(node.max_s)]
         if state.pending is Pending.HANGUP:
@@ -427,7 +433,13 @@ class Engine:
             if node is None:
                 raise EngineError(f"{flow.id}: no node {node_id!r}")
             state = replace(
-                state, flow=flow.id, node=node_id, noinput=0, nomatch=0, digits="", pending=Pending.NEXT
+                state,
+                flow=flow.id,
+                node=node_id,
+                noinput=0,
+                nomatch=0,
+                digits="",
+                pending=Pending.NEXT,
             )
             if isinstance(node, SetValues):
                 for name, text in node.values:
@@ -452,7 +464,9 @@ class Engine:
 
     def _wait_at(self, state: CallState, flow: Flow, node: Node, actions: list[Action]) -> Result:
         if isinstance(node, Say):
-            state = replace(state, phase=Phase.PLAYING, pending=Pending.NEXT, barge_in=node.barge_in)
+            state = replace(
+                state, phase=Phase.PLAYING, pending=Pending.NEXT, barge_in=node.barge_in
+            )
             state = self._step(state)
             text = self._render(state, node.text)
             return state, [*actions, Play(text, node.audio, node.barge_in, flow.language)]
@@ -521,7 +535,9 @@ class Engine:
     def _ask(self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]) -> Result:
         if state.typeahead:
             # Type-ahead: keys pressed during earlier prompts answer this ask, no prompt.
-            return self._consume_typeahead(replace(state, phase=Phase.LISTENING), flow, ask, actions)
+            return self._consume_typeahead(
+                replace(state, phase=Phase.LISTENING), flow, ask, actions
+            )
         return self._prompt(state, flow, ask, flow.ask_prompt(ask, self._speech_on(ask)), actions)
 
     def _prompt(
@@ -575,14 +591,22 @@ class Engine:
             return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
         for choice in ask.choices:
             if choice.key == key:
-                return self._choose(state, flow, ask, choice, "digit", key, None)
+                return self._choose(
+                    state,
+                    flow=flow,
+                    ask=ask,
+                    choice=choice,
+                    kind="digit",
+                    heard=key,
+                    confidence=None,
+                )
         if key == "#":
             return state, []  # a stray terminator from an earlier entry is no answer
         return self._nomatch(self._step(state, "nomatch", key), flow, ask, low_confidence=False)
 
     def _digit_entry(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result:
         spec = ask.digits
-        assert spec is not None  # noqa: S101 - only called for digits asks
+        assert spec is not None
         if key == "*":
             return self._repeat(replace(state, digits=""), flow, ask)
         if spec.terminator and key == spec.terminator:
@@ -599,7 +623,7 @@ class Engine:
 
     def _finish_digits(self, state: CallState, flow: Flow, ask: Ask) -> Result:
         spec = ask.digits
-        assert spec is not None  # noqa: S101 - only called for digits asks
+        assert spec is not None
         entry = state.digits
         state = replace(state, digits="")
         if entry == "0":
@@ -609,7 +633,7 @@ class Engine:
         if ask.save:
             state = state.with_value(ask.save, entry)
         state = self._step(state, "digits", entry)
-        assert ask.next is not None  # noqa: S101 - the parser requires it
+        assert ask.next is not None
         return self._enter(state, flow, ask.next, [])
 
     def _heard(self, state: CallState, flow: Flow, ask: Ask, ev: SpeechResult) -> Result:
@@ -621,7 +645,15 @@ class Engine:
             return self._nomatch(state, flow, ask, low_confidence=True)
         matches = [c for c in ask.choices if any(phrase_in(p, ev.text) for p in c.phrases)]
         if len(matches) == 1:
-            return self._choose(state, flow, ask, matches[0], "speech", ev.text, ev.confidence)
+            return self._choose(
+                state,
+                flow=flow,
+                ask=ask,
+                choice=matches[0],
+                kind="speech",
+                heard=ev.text,
+                confidence=ev.confidence,
+            )
         if not matches and any(phrase_in(p, ev.text) for p in HUMAN_PHRASES[lang]):
             state = self._step(state, "speech", ev.text, ev.confidence)
             return self._to_human(state, flow, "caller asked", [])
@@ -633,6 +665,7 @@ class Engine:
     def _choose(
         self,
         state: CallState,
+        *,
         flow: Flow,
         ask: Ask,
         choice: Choice,
@@ -663,7 +696,9 @@ class Engine:
 
     def _count(self, state: CallState, flow: Flow, ask: Ask, kind: str) -> Result:
         count, limit = (
-            (state.noinput, ask.max_noinput) if kind == "noinput" else (state.nomatch, ask.max_nomatch)
+            (state.noinput, ask.max_noinput)
+            if kind == "noinput"
+            else (state.nomatch, ask.max_nomatch)
         )
         if ask.danger_sign:
             # Safety rule: an unclear answer to a danger sign is never read as "no".

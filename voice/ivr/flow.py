@@ -38,6 +38,8 @@ from voice.ivr.triage import RiskGroup, TriageAction, Urgency
 
 ROUTES_FILE = "routes.yaml"
 PARAM_NAMES = frozenset({"emergency_number", "clinic_name"})
+NODE_KINDS: tuple[str, ...] = ("say", "ask", "branch", "set", "urgency", "transfer", "record")
+NODE_KINDS += ("webhook", "goto", "hangup")
 RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
 DTMF_KEYS = frozenset("0123456789*#")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -342,7 +344,10 @@ def node_outcome(node: Node) -> TriageAction | None:
         return None
 
 
-def successors(node: Node) -> list[tuple[str, Effect | None, str]]:
+Edge = tuple[str, Effect | None, str]
+
+
+def successors(node: Node) -> list[Edge]:
     """Edges out of ``node``: (target, effect, kind), ``kind`` naming the path taken."""
     if isinstance(node, Say | SetValues | Record):
         return [(node.next, None, "next")]
@@ -351,7 +356,7 @@ def successors(node: Node) -> list[tuple[str, Effect | None, str]]:
     if isinstance(node, Goto):
         return [(node.target, None, "goto")]
     if isinstance(node, Branch):
-        out = [(t, None, f"case {v}") for v, t in node.cases]
+        out: list[Edge] = [(t, None, f"case {v}") for v, t in node.cases]
         if node.default is not None:
             out.append((node.default, None, "default"))
         return out
@@ -360,12 +365,12 @@ def successors(node: Node) -> list[tuple[str, Effect | None, str]]:
     if isinstance(node, Transfer):
         return [] if node.on_fail is None else [(node.on_fail, None, "on_fail")]
     if isinstance(node, Ask):
-        out = [(c.goto, c.effect, f"choice {c.key or c.value}") for c in node.choices]
+        edges: list[Edge] = [(c.goto, c.effect, f"choice {c.key or c.value}") for c in node.choices]
         if node.next is not None:
-            out.append((node.next, None, "next"))
+            edges.append((node.next, None, "next"))
         if node.on_fail is not None:
-            out.append((node.on_fail, None, "on_fail"))
-        return out
+            edges.append((node.on_fail, None, "on_fail"))
+        return edges
     return []
 
 
@@ -677,12 +682,7 @@ class _Parser:
         )
 
     def node(self, node_id: str, m: _Map) -> Node | None:
-        kinds = [
-            k
-            for k in ("say", "ask", "branch", "set", "urgency", "transfer", "record")
-            + ("webhook", "goto", "hangup")
-            if k in m
-        ]
+        kinds = [k for k in NODE_KINDS if k in m]
         if len(kinds) != 1:
             what = "no node kind" if not kinds else f"several node kinds ({', '.join(kinds)})"
             self.error(m.line, f"node {node_id!r} has {what}")

@@ -45,7 +45,7 @@ DTMF = set("0123456789*#")
 def parse_line(line: str) -> list[Event]:
     """The events a typed line stands for."""
     text = line.strip()
-    if text == ":silence" or text == "":
+    if text in {":silence", ""}:
         return [NoInput()]
     if text == ":hangup":
         return [HangUp()]

@@ -1,0 +1,103 @@
+"""Loading flows: typed nodes, line numbers, routes, static prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voice.ivr.flow import (
+    Ask,
+    Branch,
+    FlowError,
+    FlowParams,
+    Human,
+    InputMode,
+    load_flow,
+    load_flows,
+)
+from voice.ivr.triage import RiskGroup, Urgency
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+
+
+def test_triage_loads_typed_nodes() -> None:
+    flow = load_flow(SHIPPED / "triage.yaml")
+    assert (flow.id, flow.language, flow.human, flow.start) == (
+        "triage",
+        "en",
+        Human.NURSE,
+        "intro",
+    )
+    breathing = flow.node("breathing")
+    assert isinstance(breathing, Ask) and breathing.danger_sign
+    assert (breathing.max_noinput, breathing.max_nomatch, breathing.mode) == (2, 2, InputMode.BOTH)
+    yes = breathing.choices[0]
+    assert (yes.key, yes.value, yes.phrases) == ("1", "yes", ("yes", "yeah", "yep"))
+    assert yes.effect is not None and yes.effect.urgency is Urgency.U1
+    baby = flow.node("child_age")
+    assert isinstance(baby, Ask) and baby.choices[0].effect is not None
+    assert baby.choices[0].effect.risk is RiskGroup.BABY_UNDER_3_MONTHS
+
+
+def test_routes_pick_flows_and_default_to_the_main_menu() -> None:
+    flows = load_flows(SHIPPED)
+    assert flows.route("ko").id == "triage_ko"
+    assert flows.route("7001").id == "triage_ko"
+    assert flows.route("triage").id == "triage"
+    assert flows.route("whatever").id == "main_menu"
+
+
+def test_static_prompts_resolve_parameters_and_follow_the_mode() -> None:
+    flow = load_flow(SHIPPED / "triage.yaml")
+    keypad = flow.static_prompts(FlowParams(emergency_number="999", speech_enabled=False))
+    speech = flow.static_prompts(FlowParams(emergency_number="999", speech_enabled=True))
+    assert not any("{" in t for t in keypad | speech)
+    assert any("hang up and call 999 now" in t for t in keypad)
+    breathing = (
+        "Is there serious difficulty breathing, such as gasping, or being unable to speak "
+        "in full sentences?"
+    )
+    assert f"{breathing} Press 1 for yes. Press 2 for no." in keypad
+    assert f"{breathing} Say yes or press 1. Say no or press 2." in speech
+    assert "Connecting you to a nurse." in keypad
+
+
+def test_dynamic_texts_are_not_static() -> None:
+    flow = load_flow(SHIPPED / "appointments.yaml")
+    prompts = flow.static_prompts(FlowParams())
+    assert not any("received" in t for t in prompts)  # names {appt_action}: rendered per call
+
+
+def test_every_shipped_prompt_is_listed(tmp_path: Path) -> None:
+    flows = load_flows(SHIPPED)
+    total = set().union(*(f.static_prompts(FlowParams()) for f in flows.flows.values()))
+    assert len(total) > 60
+
+
+def test_a_schema_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "id: bad\nlanguage: en\nstart: a\nnodes:\n  a:\n    hangup: true\n    colour: red\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(FlowError) as info:
+        load_flow(path)
+    assert str(info.value) == f"{path}:7: unknown key 'colour' in a hangup node"
+    assert info.value.status == 500
+
+
+def test_on_and_yes_are_text_not_booleans(tmp_path: Path) -> None:
+    flow = load_flow(SHIPPED / "results.yaml")
+    status = flow.node("status")
+    assert isinstance(status, Branch)
+    assert status.on == "results.ready"
+    assert dict(status.cases) == {"yes": "ready", "no": "not_ready"}
+
+
+def test_load_flows_rejects_an_unknown_target(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(
+        "id: a\nlanguage: en\nstart: go\nnodes:\n  go: {goto: '@missing'}\n", encoding="utf-8"
+    )
+    with pytest.raises(FlowError, match=r"a\.yaml:5: unknown target '@missing'"):
+        load_flows(tmp_path)
