@@ -506,3 +506,16 @@ def _clinic_name(value: str) -> str:
     if not value or len(value) > 40 or not value.isprintable():
         raise ValueError("expected 1..40 printable characters")
     return value
+
+
+def markdown_table() -> str:
+    """The README's configuration table (``python -m sip_config.settings``)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for v in VARIABLES:
+        default = f"`{v.default}`" if v.default else "unset"
+        rows.append(f"| `{v.name}` | {default} | {v.meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
