@@ -63,9 +63,7 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     # -- verification rules ---------------------------------------------------------------
     Variable("CLINIC_CODE_TTL_S", "600", "lifetime of a verification in seconds (60..3600)"),
-    Variable(
-        "CLINIC_MAX_CHECKS", "5", "wrong checks that end a verification as failed (1..100)"
-    ),
+    Variable("CLINIC_MAX_CHECKS", "5", "wrong checks that end a verification as failed (1..100)"),
     Variable("CLINIC_MAX_SENDS", "5", "sends (all channels) allowed per verification (1..10)"),
     Variable(
         "CLINIC_ALLOWED_COUNTRIES",
@@ -127,7 +125,9 @@ VARIABLES: tuple[Variable, ...] = (
         "URI template for everything the service sends: {e164}, {digits}, {national}; "
         "e.g. sip:{e164}@127.0.0.1:5080; unset disables the SIP channels",
     ),
-    Variable("CLINIC_SIP_REGISTRAR", "", "a PBX to register the workers to, e.g. sip:127.0.0.1:5160"),
+    Variable(
+        "CLINIC_SIP_REGISTRAR", "", "a PBX to register the workers to, e.g. sip:127.0.0.1:5160"
+    ),
     Variable("CLINIC_SIP_USER", "", "user for registration and digest auth at the PBX"),
     Variable("CLINIC_SIP_PASSWORD", "", "password for digest auth at the PBX"),
     Variable(
