@@ -1,0 +1,121 @@
+"""Limits over HTTP against a real Redis: per number (verifications, sends), per number prefix,
+per API key and per client IP. Each refusal is 429 with an integer ``Retry-After`` >= 1, and
+nothing is sent for it.
+
+The app runs on a FakeClock that stands still at a window boundary, so the fixed windows
+never roll over in the middle of a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sip_config.clock import FakeClock
+from tests.integration.conftest import OTHER_KEY, Answer, StartService
+from tests.peers.sms_gateway import SmsGateway
+
+pytestmark = pytest.mark.integration
+
+WINDOW_START = 1_800_000_000.0  # a multiple of every window used here
+
+
+def assert_limited(answer: Answer, what: str, window_s: int) -> None:
+    body = answer.problem(429, "rate-limited")
+    assert what in body["detail"], body
+    header = answer.headers["Retry-After"]
+    assert header.isdigit(), f"Retry-After must be an integer: {header!r}"
+    assert 1 <= int(header) <= window_s, header
+    assert body["retry_after"] == int(header)
+
+
+async def test_per_number_verifications(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service(
+        {"CLINIC_LIMIT_NUMBER_VERIFICATIONS": "2/600"}, clock=FakeClock(WINDOW_START)
+    )
+    for _ in range(2):
+        assert (await api.create()).status == 201
+    assert_limited(await api.create(), "verifications for this number", 600)
+    other = await api.create(phone="+31687654321")
+    assert other.status == 201, "another number has its own counter"
+    await sms_gateway.wait_for(3)
+    await asyncio.sleep(0.1)
+    assert len(sms_gateway.received) == 3, "a refused verification must not send"
+
+
+async def test_per_number_sends(start_service: StartService, sms_gateway: SmsGateway) -> None:
+    api = await start_service(
+        {"CLINIC_LIMIT_NUMBER_SENDS": "2/600", "CLINIC_LIMIT_NUMBER_VERIFICATIONS": "10/600"},
+        clock=FakeClock(WINDOW_START),
+    )
+    for _ in range(2):
+        assert (await api.create()).status == 201
+    assert_limited(await api.create(), "sends to this number", 600)
+    await sms_gateway.wait_for(2)
+    await asyncio.sleep(0.1)
+    assert len(sms_gateway.received) == 2
+
+
+async def test_per_prefix_sends(start_service: StartService, sms_gateway: SmsGateway) -> None:
+    api = await start_service(
+        {"CLINIC_LIMIT_PREFIX_SENDS": "2/600", "CLINIC_LIMIT_PREFIX_DIGITS": "4"},
+        clock=FakeClock(WINDOW_START),
+    )
+    # +31 6123...: one prefix, three numbers (SMS pumping walks a range like this).
+    assert (await api.create(phone="+31612345678")).status == 201
+    assert (await api.create(phone="+31612340000")).status == 201
+    assert_limited(await api.create(phone="+31612349999"), "sends to numbers with this prefix", 600)
+    assert (await api.create(phone="+31687654321")).status == 201, "another prefix is free"
+    await sms_gateway.wait_for(3)
+    await asyncio.sleep(0.1)
+    assert sorted(s.to for s in sms_gateway.received) == [
+        "+31612340000",
+        "+31612345678",
+        "+31687654321",
+    ]
+
+
+async def test_per_api_key(start_service: StartService) -> None:
+    api = await start_service({"CLINIC_LIMIT_KEY_REQUESTS": "3/60"}, clock=FakeClock(WINDOW_START))
+    missing = f"/v1/verifications/{'A' * 32}"
+    for _ in range(3):
+        assert (await api.request("GET", missing)).status == 404
+    assert_limited(await api.request("GET", missing), "requests for this API key", 60)
+    assert_limited(await api.create(), "requests for this API key", 60)
+    theirs = await api.request("GET", missing, key=OTHER_KEY)
+    assert theirs.status == 404, "another key has its own counter"
+    health = await api.request("GET", "/healthz", key=None)
+    assert health.status == 200, "probes are not API requests"
+
+
+async def test_per_client_ip(start_service: StartService) -> None:
+    api = await start_service({"CLINIC_LIMIT_IP_REQUESTS": "3/60"}, clock=FakeClock(WINDOW_START))
+    missing = f"/v1/verifications/{'A' * 32}"
+    assert (await api.request("GET", missing)).status == 404
+    assert (await api.request("GET", missing, key=OTHER_KEY)).status == 404
+    assert (await api.request("GET", missing)).status == 404
+    # Both keys come from 127.0.0.1: the address's counter is full for either.
+    assert_limited(await api.request("GET", missing, key=OTHER_KEY), "from this address", 60)
+    # X-Forwarded-For is not believed from an untrusted peer.
+    spoofed = await api.request("GET", missing, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert_limited(spoofed, "from this address", 60)
+
+
+async def test_per_client_ip_behind_a_trusted_proxy(start_service: StartService) -> None:
+    api = await start_service(
+        {"CLINIC_LIMIT_IP_REQUESTS": "2/60", "CLINIC_TRUSTED_PROXIES": "127.0.0.1"},
+        clock=FakeClock(WINDOW_START),
+    )
+    missing = f"/v1/verifications/{'A' * 32}"
+    alice = {"X-Forwarded-For": "203.0.113.9"}
+    bob = {"X-Forwarded-For": "198.51.100.7, 127.0.0.1"}
+    for _ in range(2):
+        assert (await api.request("GET", missing, headers=alice)).status == 404
+    assert_limited(await api.request("GET", missing, headers=alice), "from this address", 60)
+    assert (await api.request("GET", missing, headers=bob)).status == 404
+    # A client cannot escape by prepending hops: the last untrusted hop is the client.
+    forged = {"X-Forwarded-For": "192.0.2.1, 203.0.113.9"}
+    assert_limited(await api.request("GET", missing, headers=forged), "from this address", 60)
