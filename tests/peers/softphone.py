@@ -137,6 +137,26 @@ class Account(pj.Account):  # type: ignore[misc]
         self.state.answer_at = time.monotonic() + self.state.args.answer_after
 
 
+def listen(ep: pj.Endpoint, host: str, want: int) -> int:
+    """UDP and TCP on one port; with port 0 retry until a port is free for both."""
+    tcfg = pj.TransportConfig()
+    tcfg.boundAddress = host
+    for _ in range(20 if want == 0 else 1):
+        tcfg.port = want
+        udp = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+        port = int(str(ep.transportGetInfo(udp).localName).rsplit(":", 1)[1])
+        tcfg.port = port
+        try:
+            ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+        except pj.Error:
+            if want:
+                raise
+            ep.transportClose(udp)
+            continue
+        return port
+    raise SystemExit("no port free for both UDP and TCP")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="scriptable pjsua2 softphone for tests")
     parser.add_argument("--bind", default="127.0.0.1")
@@ -170,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.medConfig.channelCount = 1
     cfg.medConfig.ecTailLen = 0
     ep.libInit(cfg)
-    tcfg = pj.TransportConfig()
-    tcfg.boundAddress = args.bind
-    tcfg.port = args.port
-    ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-    port = int(str(ep.transportGetInfo(0).localName).rsplit(":", 1)[1])
-    tcfg.port = port
-    ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+    port = listen(ep, args.bind, args.port)
     ep.libStart()
     ep.audDevManager().setNullDev()
     for codec in ep.codecEnum2():

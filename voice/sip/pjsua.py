@@ -197,17 +197,7 @@ class Engine:
         ep_cfg.medConfig.ecTailLen = 0  # no echo canceller: we never play the caller back
         ep.libInit(ep_cfg)
         self._ep = ep
-        tcfg = pj.TransportConfig()
-        tcfg.port = cfg.port
-        tcfg.boundAddress = cfg.host
-        tcfg.publicAddress = cfg.host
-        ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-        if cfg.port == 0:
-            # UDP chose a free port; TCP takes the same one so one Contact serves both.
-            info = ep.transportGetInfo(0)
-            self.port = int(str(info.localName).rsplit(":", 1)[1])
-            tcfg.port = self.port
-        ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+        self.port = self._listen(ep)
         ep.libStart()
         ep.audDevManager().setNullDev()
         for codec in ep.codecEnum2():
@@ -232,6 +222,29 @@ class Engine:
         account.create(acfg, True)
         self._account = account
         log.info("pjsua up on %s:%s (pid %s)", cfg.host, self.port, os.getpid())
+
+    def _listen(self, ep: pj.Endpoint) -> int:
+        """UDP and TCP transports on one port; with port 0, retry until both get it."""
+        cfg = self._config
+        tcfg = pj.TransportConfig()
+        tcfg.boundAddress = cfg.host
+        tcfg.publicAddress = cfg.host
+        for _ in range(20 if cfg.port == 0 else 1):
+            tcfg.port = cfg.port
+            udp = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+            port = int(str(ep.transportGetInfo(udp).localName).rsplit(":", 1)[1])
+            tcfg.port = port
+            try:
+                ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+            except pj.Error as exc:
+                if cfg.port != 0:
+                    raise
+                # The free UDP port is taken for TCP (another process, TIME_WAIT): next one.
+                log.debug("TCP port %s busy (%s): trying another", port, exc.reason)
+                ep.transportClose(udp)
+                continue
+            return port
+        raise EngineError("no port free for both UDP and TCP", 0)
 
     def stop(self) -> None:
         """Hang up everything and destroy the endpoint."""

@@ -438,7 +438,7 @@ class SipPool:
             argv += ["--registrar", s.registrar]
         env = dict(os.environ)
         env["CLINIC_SIP_PASSWORD"] = s.password
-        w.started = asyncio.Event()
+        w.started.clear()  # start() may be waiting on this very event
         w.up = w.registered = False
         w.free_slots = w.pending = 0
         w.process = await asyncio.create_subprocess_exec(

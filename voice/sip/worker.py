@@ -111,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.pj_log_level,
     )
     # pjlib prints its first log lines to fd 1 before any config applies: keep the protocol
-    # on a private copy of stdout and point fd 1 at stderr, so only events reach the pool.
+    # on a private copy of stdout and point fd 1 at /dev/null, so only events reach the
+    # pool (our own logs and C assertion messages use fd 2).
     sys.stdout.flush()
     events_fd = os.dup(1)
-    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
     return run(config, sys.stdin.fileno(), events_fd)
 
 
