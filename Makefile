@@ -47,6 +47,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: install lint
+	$(VENV)/bin/clinic-voice flow check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: install

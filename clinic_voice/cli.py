@@ -85,10 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(settings))
         return 0
     if args.flow_command == "check":
-        from voice.ivr import check as flow_check
+        import voice.ivr.check as flow_check
 
         return flow_check.main([*args.files, *rest])
-    from voice.ivr import simulate
+    import voice.ivr.simulate as simulate
 
     return simulate.main([args.flow, *rest])
 

@@ -77,6 +77,7 @@ class CallSession:
         self._result_saved = False
         self._language = "en"
         self._listen_timeout = 0.0
+        self._hangup_after_record = False
         self._transfer_waiter: asyncio.Future[bool] | None = None
 
     @property
@@ -257,7 +258,11 @@ class CallSession:
             elif isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
                 if self._transfer_waiter is not None and not self._transfer_waiter.done():
                     self._transfer_waiter.set_result(True)
-                self._events.put_nowait(eng.HangUp())
+                if self._recording is not None:
+                    # The engine wants the voicemail's RecordDone before the HangUp.
+                    self._hangup_after_record = True
+                else:
+                    self._events.put_nowait(eng.HangUp())
 
     async def _transfer(self, action: eng.TransferCall) -> None:
         loop = asyncio.get_running_loop()
@@ -284,6 +289,8 @@ class CallSession:
         pcm = b"".join(chunks or [])
         ref = await self._d.save_recording(self._h.id, pcm) if pcm else ""
         self._events.put_nowait(eng.RecordDone(ref, len(pcm) / 16000))
+        if self._hangup_after_record:
+            self._events.put_nowait(eng.HangUp())
 
     async def _webhook(self, action: eng.PostWebhook) -> None:
         reply = await self._d.post_webhook(action.url_key, action.values, action.timeout_s)
