@@ -125,7 +125,8 @@ def cli_filter(cli_prefix: str, code_length: int, destination: Phone) -> str:
     cc, national = split_country_code(cli_prefix)
     intl = _spaced(f"{cc}{national}")
     code = f"(?:[ -]?[0-9]){{{code_length}}}"
-    forms = [rf"(?:\+|00)?[ -]?{intl}{code}"]
+    # A separator only after a "+" or "00": a caller-ID never starts with a space or a dash.
+    forms = [rf"(?:(?:\+|00)[ -]?)?{intl}{code}"]
     trunk = trunk_prefix(destination.region)
     if cc == destination.country_code and trunk and national:
         forms.append(rf"{_spaced(trunk + national)}{code}")
@@ -136,7 +137,10 @@ def code_from_cli(cli: str, cli_prefix: str, code_length: int, destination: Phon
     """The code digits carried by a reported caller-ID, or None if it is not ours."""
     if len(cli) > MAX_INPUT_LENGTH * 2 or not cli.isascii():
         return None
-    if not re.fullmatch(cli_filter(cli_prefix, code_length, destination), cli.strip()):
+    # The digits are taken from the stripped form too: a trailing newline or tab would
+    # otherwise end up in the "code".
+    cli = cli.strip()
+    if not re.fullmatch(cli_filter(cli_prefix, code_length, destination), cli):
         return None
     digits = _SEPARATORS.sub("", cli).lstrip("+")
     return digits[-code_length:]
