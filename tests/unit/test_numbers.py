@@ -1,0 +1,375 @@
+"""Phone-number policy and caller-ID matching (:mod:`verification.numbers`), as tables.
+
+Example numbers of the refused types come from phonenumbers' own metadata
+(``example_number_for_type``), so the tests follow the library's idea of each range.
+"""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+import pytest
+from phonenumbers import PhoneNumberType
+
+from verification import numbers
+from verification.errors import InvalidNumber, NumberRefused
+from verification.model import NumberKind, Phone
+from verification.numbers import (
+    REFUSED_KINDS,
+    cli_filter,
+    code_from_cli,
+    enforce_policy,
+    parse_phone,
+    prefix_key,
+    split_country_code,
+    trunk_prefix,
+)
+
+
+def _fullwidth(text: str) -> str:
+    """The same characters from the Unicode fullwidth block (U+FF0B for +, U+FF10.. digits)."""
+    return text.translate({ord(c): ord(c) + 0xFEE0 for c in "+0123456789"})
+
+
+# -- parse_phone --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "e164", "country", "kind"),
+    [
+        ("+31612345678", None, "+31612345678", "NL", NumberKind.MOBILE),
+        ("0612345678", "NL", "+31612345678", "NL", NumberKind.MOBILE),
+        ("06-12345678", "NL", "+31612345678", "NL", NumberKind.MOBILE),
+        ("0031612345678", "NL", "+31612345678", "NL", NumberKind.MOBILE),
+        ("+31 6 1234 5678", None, "+31612345678", "NL", NumberKind.MOBILE),
+        ("+31 (0)6 12345678", None, "+31612345678", "NL", NumberKind.MOBILE),
+        ("+31201234567", None, "+31201234567", "NL", NumberKind.FIXED_LINE),
+        ("020 123 4567", "NL", "+31201234567", "NL", NumberKind.FIXED_LINE),
+        ("+447400123456", None, "+447400123456", "GB", NumberKind.MOBILE),
+        ("07400 123456", "GB", "+447400123456", "GB", NumberKind.MOBILE),
+        ("+44 20 7946 0000", None, "+442079460000", "GB", NumberKind.FIXED_LINE),
+        ("+1 201-555-0123", None, "+12015550123", "US", NumberKind.FIXED_LINE_OR_MOBILE),
+        ("(201) 555.0123", "US", "+12015550123", "US", NumberKind.FIXED_LINE_OR_MOBILE),
+        ("+1 416 555 0123", None, "+14165550123", "CA", NumberKind.FIXED_LINE_OR_MOBILE),
+        ("+4915123456789", None, "+4915123456789", "DE", NumberKind.MOBILE),
+        ("+318001234", None, "+318001234", "NL", NumberKind.TOLL_FREE),
+        ("+80012345678", None, "+80012345678", "001", NumberKind.TOLL_FREE),
+    ],
+)
+def test_valid_numbers(
+    raw: str, region: str | None, e164: str, country: str, kind: NumberKind
+) -> None:
+    phone = parse_phone(raw, region)
+    assert (phone.e164, phone.region, phone.kind) == (e164, country, kind)
+    assert phone.e164 == f"+{phone.country_code}{phone.national_number}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "why"),
+    [
+        ("", None, "1..32"),
+        ("+", None, "ASCII digits"),
+        ("()", None, "E.164"),
+        ("+3" + "1" * 31, None, "1..32"),  # 33 characters
+        ("+31 6 CALL NOW", None, "ASCII digits"),  # vanity letters are refused, not mapped
+        ("+3161234567a", None, "ASCII digits"),
+        ("0800-FLOWERS", "US", "ASCII digits"),
+        ("٠١٢", None, "ASCII digits"),  # Arabic-Indic digits
+        ("+٣١٦١٢٣٤٥٦٧٨", None, "ASCII digits"),
+        (_fullwidth("+31612345678"), None, "ASCII digits"),
+        ("+31612345678\n", None, "ASCII digits"),
+        ("+31\t612345678", None, "ASCII digits"),
+        ("++31612345678", None, "ASCII digits"),
+        ("+31612345678 ext. 5", None, "ASCII digits"),
+        ("0612345678", None, "E.164"),  # national without a region
+        ("612345678", None, "E.164"),
+        ("0612345678", "nl", "region"),
+        ("0612345678", "NLD", "region"),
+        ("0612345678", "N1", "region"),
+        ("0612345678", "ZZ", "not a phone number"),
+        ("+9991234567", None, "not a phone number"),  # no such country code
+        ("+3161234", None, "not a valid"),  # too short
+        ("+316123456789012", None, "not a valid"),  # too long for NL
+        ("+3161234567890123456", None, "not a valid"),  # too long for anyone
+        ("+31012345678", None, "not a valid"),  # a trunk prefix inside E.164
+        ("+12005550123", None, "not a valid"),  # area code 200 is not assigned
+    ],
+)
+def test_invalid_numbers_are_422(raw: str, region: str | None, why: str) -> None:
+    with pytest.raises(InvalidNumber) as err:
+        parse_phone(raw, region)
+    assert err.value.status == 422
+    assert err.value.slug == "invalid-number"
+    assert why in err.value.detail
+
+
+# -- policy: refused kinds and countries ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("region", "kind"),
+    [
+        ("GB", PhoneNumberType.PREMIUM_RATE),
+        ("NL", PhoneNumberType.PREMIUM_RATE),
+        ("US", PhoneNumberType.PREMIUM_RATE),
+        ("DE", PhoneNumberType.SHARED_COST),
+        ("FR", PhoneNumberType.SHARED_COST),
+        ("BE", PhoneNumberType.SHARED_COST),
+        ("GB", PhoneNumberType.UAN),
+        ("NL", PhoneNumberType.UAN),
+        ("FR", PhoneNumberType.UAN),
+        ("DE", PhoneNumberType.VOICEMAIL),
+        ("CH", PhoneNumberType.VOICEMAIL),
+        ("IT", PhoneNumberType.VOICEMAIL),
+        ("GB", PhoneNumberType.PAGER),
+    ],
+)
+def test_refused_kinds_are_403_with_the_reason(region: str, kind: int) -> None:
+    example = phonenumbers.example_number_for_type(region, kind)
+    assert example is not None, f"phonenumbers has no example of type {kind} for {region}"
+    e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+    national = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
+    for raw, reg in ((e164, None), (national, region)):
+        phone = parse_phone(raw, reg)
+        assert phone.e164 == e164
+        assert phone.kind in REFUSED_KINDS, f"{raw} parsed as {phone.kind}"
+        with pytest.raises(NumberRefused) as err:
+            enforce_policy(phone, frozenset())
+        assert err.value.status == 403
+        assert err.value.extra == {"reason": phone.kind.value}
+        assert err.value.detail == REFUSED_KINDS[phone.kind]
+
+
+def test_the_issue_s_refused_kinds_are_all_in_the_table() -> None:
+    required = {
+        NumberKind.PREMIUM_RATE,
+        NumberKind.SHARED_COST,
+        NumberKind.UAN,
+        NumberKind.VOICEMAIL,
+        NumberKind.UNKNOWN,
+    }
+    assert required <= REFUSED_KINDS.keys()
+
+
+def test_unknown_kind_is_refused() -> None:
+    # phonenumbers never validates a number of unknown type; a record can still say so.
+    phone = Phone("+31612345678", "NL", 31, "612345678", NumberKind.UNKNOWN)
+    with pytest.raises(NumberRefused) as err:
+        enforce_policy(phone, frozenset())
+    assert err.value.extra == {"reason": "unknown"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "+31612345678",  # mobile
+        "+31201234567",  # fixed line
+        "+12015550123",  # fixed line or mobile
+        "+318001234",  # toll free
+        "+31851234567",  # VoIP
+        "+447012345678",  # personal number
+    ],
+)
+def test_other_kinds_are_served(raw: str) -> None:
+    enforce_policy(parse_phone(raw), frozenset())
+
+
+@pytest.mark.parametrize(
+    ("raw", "allowed", "served"),
+    [
+        ("+31612345678", frozenset(), True),
+        ("+31612345678", frozenset({"NL"}), True),
+        ("+31612345678", frozenset({"NL", "BE"}), True),
+        ("+31612345678", frozenset({"BE"}), False),
+        ("+32470123456", frozenset({"NL", "BE"}), True),
+        ("+12015550123", frozenset({"CA"}), False),  # +1 is shared: the region decides
+        ("+14165550123", frozenset({"CA"}), True),
+        ("+447400123456", frozenset({"GB"}), True),
+        ("+447400123456", frozenset({"NL"}), False),
+        ("+80012345678", frozenset({"NL"}), False),  # non-geographic
+        ("+80012345678", frozenset(), True),
+    ],
+)
+def test_allowed_countries(raw: str, allowed: frozenset[str], served: bool) -> None:
+    phone = parse_phone(raw)
+    if served:
+        enforce_policy(phone, allowed)
+        return
+    with pytest.raises(NumberRefused) as err:
+        enforce_policy(phone, allowed)
+    assert err.value.status == 403
+    assert err.value.extra == {"reason": "country"}
+    assert "not served" in err.value.detail
+
+
+# -- prefixes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "digits", "key"),
+    [
+        ("+31612345678", 4, "+316123"),
+        ("+31612345678", 1, "+316"),
+        ("+447400123456", 4, "+447400"),
+        ("+12015550123", 3, "+1201"),
+        ("+31612345678", 20, "+31612345678"),
+    ],
+)
+def test_prefix_key(raw: str, digits: int, key: str) -> None:
+    assert prefix_key(parse_phone(raw), digits) == key
+
+
+@pytest.mark.parametrize(
+    ("prefix", "split"),
+    [
+        ("+447400", (44, "7400")),
+        ("+1201555", (1, "201555")),
+        ("+31", (31, "")),
+        ("+3197", (31, "97")),
+        ("+3519", (351, "9")),
+        ("+7912", (7, "912")),
+        ("447400", (44, "7400")),
+    ],
+)
+def test_split_country_code(prefix: str, split: tuple[int, str]) -> None:
+    assert split_country_code(prefix) == split
+
+
+@pytest.mark.parametrize("prefix", ["+", "+0", "+999", "+2"])
+def test_split_country_code_refuses_a_prefix_without_one(prefix: str) -> None:
+    with pytest.raises(ValueError):
+        split_country_code(prefix)
+
+
+@pytest.mark.parametrize(
+    ("region", "trunk"),
+    [("GB", "0"), ("NL", "0"), ("DE", "0"), ("US", "1"), ("IT", ""), ("001", "")],
+)
+def test_trunk_prefix(region: str, trunk: str) -> None:
+    assert trunk_prefix(region) == trunk
+
+
+# -- cli_filter and code_from_cli -----------------------------------------------------------------
+
+UK = parse_phone("+447400123456")
+NL = parse_phone("+31612345678")
+US = parse_phone("+12015550123")
+UK_PREFIX, NL_PREFIX, US_PREFIX = "+447400", "+3197010", "+1201555"
+
+# (caller-ID as shown, prefix, code length, destination, expected code)
+MATCHING: list[tuple[str, str, int, Phone, str]] = [
+    # UK prefix to a UK handset: every international form, and the national form with 0
+    ("+447400123456", UK_PREFIX, 6, UK, "123456"),
+    ("00447400123456", UK_PREFIX, 6, UK, "123456"),
+    ("447400123456", UK_PREFIX, 6, UK, "123456"),
+    ("07400123456", UK_PREFIX, 6, UK, "123456"),
+    ("+44 7400 123456", UK_PREFIX, 6, UK, "123456"),
+    ("+44-7400-123-456", UK_PREFIX, 6, UK, "123456"),
+    ("0044 7400 123 456", UK_PREFIX, 6, UK, "123456"),
+    ("00 44 7400 123456", UK_PREFIX, 6, UK, "123456"),
+    ("+ 44 7400 123456", UK_PREFIX, 6, UK, "123456"),
+    ("07400 123 456", UK_PREFIX, 6, UK, "123456"),
+    ("0 7400-123456", UK_PREFIX, 6, UK, "123456"),
+    ("  +447400000000  ", UK_PREFIX, 6, UK, "000000"),  # surrounding blanks are trimmed
+    ("+447400123456\n", UK_PREFIX, 6, UK, "123456"),
+    ("+4474001234", UK_PREFIX, 4, UK, "1234"),
+    ("+44740012345678", UK_PREFIX, 8, UK, "12345678"),
+    # UK prefix to a Dutch or US handset: international forms only
+    ("+447400123456", UK_PREFIX, 6, NL, "123456"),
+    ("00447400123456", UK_PREFIX, 6, NL, "123456"),
+    ("447400123456", UK_PREFIX, 6, NL, "123456"),
+    ("+447400123456", UK_PREFIX, 6, US, "123456"),
+    ("44 7400 123456", UK_PREFIX, 6, US, "123456"),
+    # NL prefix to a Dutch handset
+    ("+31970101234", NL_PREFIX, 4, NL, "1234"),
+    ("0031970101234", NL_PREFIX, 4, NL, "1234"),
+    ("31970101234", NL_PREFIX, 4, NL, "1234"),
+    ("0970101234", NL_PREFIX, 4, NL, "1234"),
+    ("097 010 1234", NL_PREFIX, 4, NL, "1234"),
+    ("+31 97 010 12 34", NL_PREFIX, 4, NL, "1234"),
+    # US prefix to a US handset: the trunk prefix 1 makes the national form
+    ("+12015551234", US_PREFIX, 4, US, "1234"),
+    ("0012015551234", US_PREFIX, 4, US, "1234"),
+    ("12015551234", US_PREFIX, 4, US, "1234"),
+    ("1-201-555-1234", US_PREFIX, 4, US, "1234"),
+    ("+1 201-555-1234", US_PREFIX, 4, US, "1234"),
+    ("+12015550000", US_PREFIX, 4, UK, "0000"),
+]
+
+# (caller-ID, prefix, code length, destination, why it is not ours)
+NOT_MATCHING: list[tuple[str, str, int, Phone, str]] = [
+    ("+447401123456", UK_PREFIX, 6, UK, "wrong prefix"),
+    ("+447400123456", "+447401", 6, UK, "wrong prefix"),
+    ("+317400123456", UK_PREFIX, 6, UK, "wrong country code"),
+    ("+44740012345", UK_PREFIX, 6, UK, "code too short"),
+    ("+4474001234567", UK_PREFIX, 6, UK, "code too long"),
+    ("07400123456", UK_PREFIX, 5, UK, "code length differs"),
+    ("7400123456", UK_PREFIX, 6, UK, "national without the trunk prefix"),
+    ("07400123456", UK_PREFIX, 6, NL, "UK national form on a Dutch handset"),
+    ("07400123456", UK_PREFIX, 6, US, "UK national form on a US handset"),
+    ("0970101234", NL_PREFIX, 4, UK, "Dutch national form on a UK handset"),
+    ("2015551234", US_PREFIX, 4, US, "national without the trunk prefix"),
+    ("+447400l23456", UK_PREFIX, 6, UK, "a letter"),
+    ("+44740012345a", UK_PREFIX, 6, UK, "a letter"),
+    ("+4474OO123456", UK_PREFIX, 6, UK, "letters O for zeros"),
+    ("++447400123456", UK_PREFIX, 6, UK, "two plus signs"),
+    ("+00447400123456", UK_PREFIX, 6, UK, "plus and 00"),
+    ("000447400123456", UK_PREFIX, 6, UK, "three zeros"),
+    ("+07400123456", UK_PREFIX, 6, UK, "plus before a national form"),
+    ("-447400123456", UK_PREFIX, 6, UK, "a leading dash"),
+    ("+44  7400123456", UK_PREFIX, 6, UK, "two separators"),
+    ("+447400123456-", UK_PREFIX, 6, UK, "a trailing dash"),
+    ("+44 (0) 7400 123456", UK_PREFIX, 6, UK, "parentheses"),
+    ("+44.7400.123456", UK_PREFIX, 6, UK, "dots"),
+    ("+44740012345٦", UK_PREFIX, 6, UK, "an Arabic-Indic digit"),
+    (_fullwidth("+44") + "7400123456", UK_PREFIX, 6, UK, "fullwidth digits"),
+    ("", UK_PREFIX, 6, UK, "empty"),
+    ("anonymous", UK_PREFIX, 6, UK, "withheld"),
+    ("+447400123456\n+447400654321", UK_PREFIX, 6, UK, "two lines"),
+]
+
+
+@pytest.mark.parametrize(("cli", "prefix", "length", "dest", "code"), MATCHING)
+def test_code_from_cli_accepts_every_form_a_phone_shows(
+    cli: str, prefix: str, length: int, dest: Phone, code: str
+) -> None:
+    assert code_from_cli(cli, prefix, length, dest) == code
+    assert re.fullmatch(cli_filter(prefix, length, dest), cli.strip()), "cli_filter disagrees"
+
+
+@pytest.mark.parametrize(("cli", "prefix", "length", "dest", "why"), NOT_MATCHING)
+def test_code_from_cli_refuses_what_is_not_ours(
+    cli: str, prefix: str, length: int, dest: Phone, why: str
+) -> None:
+    assert code_from_cli(cli, prefix, length, dest) is None, why
+    assert re.fullmatch(cli_filter(prefix, length, dest), cli.strip()) is None, why
+
+
+def test_code_from_cli_does_not_read_an_overlong_caller_id() -> None:
+    assert code_from_cli("+447400123456" + " " * 60, UK_PREFIX, 6, UK) is None
+
+
+@pytest.mark.parametrize("dest", [UK, NL, US])
+@pytest.mark.parametrize(("prefix", "length"), [(UK_PREFIX, 6), (NL_PREFIX, 4), (US_PREFIX, 8)])
+def test_cli_filter_is_an_anchored_regex_that_every_engine_reads(
+    dest: Phone, prefix: str, length: int
+) -> None:
+    pattern = cli_filter(prefix, length, dest)
+    assert pattern.startswith("^(?:") and pattern.endswith(")$")
+    re.compile(pattern)
+    # Only constructs that Java, ICU (Swift) and ECMAScript read alike: no lookarounds,
+    # named groups, possessives or inline flags.
+    assert not re.search(r"\(\?[^:]", pattern), pattern
+
+
+@pytest.mark.parametrize(
+    ("length", "code"), [(4, "0000"), (5, "00000"), (6, "999999"), (7, "0123456"), (8, "00000001")]
+)
+def test_code_from_cli_keeps_leading_zeros(length: int, code: str) -> None:
+    assert code_from_cli(f"+447400{code}", UK_PREFIX, length, UK) == code
+    assert code_from_cli(f"07400 {code}", UK_PREFIX, length, UK) == code
+
+
+def test_max_input_length_matches_the_api_schema() -> None:
+    assert numbers.MAX_INPUT_LENGTH == 32
