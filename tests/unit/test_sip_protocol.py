@@ -1,0 +1,92 @@
+"""Pool <-> worker messages survive the JSON-lines round trip (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from voice.sip.outcome import CallOutcome
+from voice.sip.protocol import (
+    Answer,
+    AudioChunk,
+    CallEvent,
+    CallState,
+    Digit,
+    Hangup,
+    IncomingCall,
+    Message,
+    MessageResult,
+    PlaceCall,
+    PlaceFailed,
+    Play,
+    PlayDone,
+    ProtocolError,
+    Registered,
+    SendMessage,
+    Shutdown,
+    StartListen,
+    StopPlay,
+    Transfer,
+    WorkerStatus,
+    decode,
+    encode,
+)
+
+MESSAGES: list[Message] = [
+    PlaceCall("c1", "sip:+4479@127.0.0.1:5080", "+4474", True, 3.0, 30.0, True, (("X-A", "1"),)),
+    Answer("c1"),
+    Play("c1", "/tmp/hello.wav", loop=True),
+    StopPlay("c1"),
+    StartListen("c1"),
+    Hangup("c1", 486),
+    Transfer("c1", "sip:6100@pbx", (("X-Reason", "urgent"),)),
+    SendMessage("r1", "sip:+4479@127.0.0.1", "+4474", "Code: émoji ✓\nline 2"),
+    Shutdown(),
+    CallEvent("c1", CallState.ENDED, 487, CallOutcome.CANCELLED_AFTER_RING, 1.8e9),
+    CallEvent("c1", CallState.RINGING, 180, None, 1.8e9),
+    PlaceFailed("c1", "worker full", retryable=True),
+    IncomingCall("in-1", "+4477", "6000", (("X-Clinic", "a"),)),
+    Digit("c1", "#"),
+    PlayDone("c1"),
+    AudioChunk("c1", bytes(range(256)) + b"\x00" * 64),
+    MessageResult("r1", 202),
+    WorkerStatus(3, 5061),
+    Registered(ok=True, sip_status=200),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: Message) -> None:
+    line = encode(msg)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode(line) == msg
+
+
+def test_audio_chunk_is_base64() -> None:
+    line = encode(AudioChunk("c1", b"\x00\x01" * 160))
+    assert b'"pcm":"AAEAAQ' in line
+
+
+def test_integer_seconds_decode_as_float() -> None:
+    msg = decode(
+        b'{"t":"PlaceCall","call_id":"c","target_uri":"sip:x@y","caller_id":"1","flash":true,'
+        b'"ring_s":3,"answer_timeout_s":30,"pai":true,"headers":[]}'
+    )
+    assert isinstance(msg, PlaceCall) and isinstance(msg.ring_s, float)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"t": "Nope"}',
+        b'{"t": "Digit", "call_id": "c"}',
+        b'{"t": "Digit", "call_id": 5, "key": "1"}',
+        b'{"t": "CallEvent", "call_id": "c", "state": "weird", "sip_status": 0, '
+        b'"outcome": null, "at": 0}',
+        b'{"t": "AudioChunk", "call_id": "c", "pcm": "***"}',
+    ],
+)
+def test_bad_lines_raise_protocol_error(line: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(line)
