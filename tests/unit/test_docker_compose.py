@@ -1,0 +1,70 @@
+"""docker/: the compose file is valid and agrees with the Asterisk configs it mounts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker" / "docker-compose.yml"
+PJSIP = REPO / "sip_config" / "asterisk" / "pjsip.conf"
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_file_is_valid() -> None:
+    exe = shutil.which("docker-compose")
+    assert exe is not None, (
+        "docker-compose is missing: make install (Debian package docker-compose)"
+    )
+    proc = subprocess.run(
+        [exe, "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_runs_asterisk_redis_and_the_service() -> None:
+    services = _compose()["services"]
+    assert set(services) == {"asterisk", "redis", "service"}
+    mounts = services["asterisk"]["volumes"]
+    assert "../sip_config/asterisk:/etc/clinic-asterisk:ro" in mounts
+
+
+def test_service_credentials_match_the_clinic_endpoint() -> None:
+    env = _compose()["services"]["service"]["environment"]
+    pjsip = PJSIP.read_text()
+    auth = re.search(
+        r"^\[clinic\]\(phone-auth\)\s*\nusername=(\S+)\s*\npassword=(\S+)", pjsip, re.M
+    )
+    assert auth is not None, "the clinic auth section moved: update this test"
+    assert (env["CLINIC_SIP_USER"], env["CLINIC_SIP_PASSWORD"]) == (auth.group(1), auth.group(2))
+    assert env["CLINIC_SIP_REGISTRAR"] == "sip:127.0.0.1:5160"
+    assert "bind=127.0.0.1:5160" in pjsip
+
+
+def test_service_settings_are_accepted() -> None:
+    from sip_config.settings import Settings
+
+    env = {k: str(v) for k, v in _compose()["services"]["service"]["environment"].items()}
+    settings = Settings.from_env(env)
+    assert settings.sip.flashcall_prefix == "+447400"
+
+
+def test_vosk_model_is_pinned_by_checksum() -> None:
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert "ARG VOSK_MODEL=vosk-model-small-en-us-0.15" in dockerfile
+    assert re.search(r"ARG VOSK_MODEL_SHA256=[0-9a-f]{64}\n", dockerfile)
+    assert "sha256sum -c -" in dockerfile
