@@ -291,6 +291,14 @@ def run(
                     if children[-1].returncode is not None:
                         raise BenchError(f"the service died during the run:\n{children[-1].tail()}")
             sms_sent = _get_json(service_t.sms_count_url)["sent"] if service_t else None
+        except BenchError as exc:
+            dead = [c for c in children if c.returncode is not None]
+            if not dead:
+                raise
+            notes = "\n".join(
+                f"{c.name} exited with {c.returncode}; last output:\n{c.tail()}" for c in dead
+            )
+            raise BenchError(f"{exc}\n{notes}") from exc
         finally:
             for child in reversed(children):
                 child.stop()
