@@ -1,0 +1,309 @@
+"""What leaves the service: SMS through a real HTTP gateway peer (ok, 500, hang, 400), signed
+webhooks to a real receiver (with retries), step timers on an injected clock, logs without
+codes, and the health and metrics endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sip_config.clock import FakeClock
+from tests.integration.conftest import (
+    CLINIC_NAME,
+    MOBILE,
+    SECRET,
+    StartService,
+    read_code,
+    wrong_code,
+)
+from tests.peers.sms_gateway import GatewayMode, SmsGateway
+from tests.peers.webhook_receiver import Hook, WebhookReceiver
+from verification.webhooks import SIGNATURE_HEADER, verify
+
+pytestmark = pytest.mark.integration
+
+HEALTH_WORDS = ("triage", "symptom", "urgent", "nurse", "appointment", "pain", "diagnos")
+
+
+# -- SMS gateway -----------------------------------------------------------------------------
+async def test_sms_ok_is_delivered_with_token_clinic_name_and_code_only(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    vid = (await api.create(code_length=7)).json["id"]
+    v = await api.wait_for_event(vid, "delivered")
+    [sms] = sms_gateway.received
+    assert sms.to == MOBILE
+    assert sms.authorization == "Bearer gw-token-42"
+    assert sms.content_type == "application/json"
+    assert CLINIC_NAME in sms.text
+    assert re.fullmatch(
+        rf"[0-9]{{7}} is your {re.escape(CLINIC_NAME)} verification code\. Do not share it\.",
+        sms.text,
+    ), sms.text
+    assert not any(w in sms.text.lower() for w in HEALTH_WORDS), sms.text
+    delivered = [e for e in v["events"] if e["type"] == "delivered"]
+    assert delivered[0]["channel"] == "sms"
+    assert (await api.check(vid, await read_code(sms_gateway))).json["status"] == "approved"
+
+
+async def test_sms_gateway_500_is_retried_then_undeliverable(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    sms_gateway.mode = GatewayMode.FAIL
+    api = await start_service({"CLINIC_SMS_HTTP_RETRIES": "1"})
+    vid = (await api.create()).json["id"]
+    v = await api.wait_for_event(vid, "undeliverable")
+    assert len(sms_gateway.received) == 2, "one try and one retry"
+    [event] = [e for e in v["events"] if e["type"] == "undeliverable"]
+    assert "500" in event["detail"]
+    # The only channel could not deliver: the verification ends as failed.
+    v = await api.wait_for_event(vid, "failed")
+    assert v["status"] == "failed"
+
+
+async def test_sms_gateway_that_hangs_times_out_then_undeliverable(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    sms_gateway.mode = GatewayMode.HANG
+    api = await start_service({"CLINIC_SMS_HTTP_TIMEOUT_S": "0.3", "CLINIC_SMS_HTTP_RETRIES": "0"})
+    vid = (await api.create()).json["id"]
+    v = await api.wait_for_event(vid, "undeliverable", deadline_s=5.0)
+    [event] = [e for e in v["events"] if e["type"] == "undeliverable"]
+    assert "timed out" in event["detail"]
+    assert len(sms_gateway.received) == 1
+
+
+async def test_sms_gateway_400_is_undeliverable_without_retry(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    sms_gateway.mode = GatewayMode.REJECT
+    api = await start_service({"CLINIC_SMS_HTTP_RETRIES": "2"})
+    vid = (await api.create()).json["id"]
+    v = await api.wait_for_event(vid, "undeliverable")
+    [event] = [e for e in v["events"] if e["type"] == "undeliverable"]
+    assert "400" in event["detail"]
+    await asyncio.sleep(0.7)  # a retry (after >= 0.4 s of backoff) would have come by now
+    assert len(sms_gateway.received) == 1, "a 400 is final: no retry"
+
+
+async def test_no_channel_configured_refuses_with_503(start_service: StartService) -> None:
+    api = await start_service({"CLINIC_SMS_HTTP_URL": ""})
+    (await api.create()).problem(503, "no-channel")
+
+
+# -- webhooks ------------------------------------------------------------------------------------
+@pytest.fixture
+async def flaky_receiver() -> AsyncIterator[WebhookReceiver]:
+    """A receiver whose first two POSTs fail with 500."""
+    receiver = WebhookReceiver(fail_first=2)
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+def _assert_hooks_match(hooks: list[Hook], vid: str, events: list[dict[str, object]]) -> None:
+    for hook in hooks:
+        assert verify(SECRET.encode(), hook.headers[SIGNATURE_HEADER], hook.body), hook.headers
+        assert not verify(b"another secret" * 3, hook.headers[SIGNATURE_HEADER], hook.body)
+        assert hook.json()["verification_id"] == vid
+    kinds = Counter(h.json()["event"]["kind"] for h in hooks)
+    assert kinds == Counter(e["type"] for e in events), (kinds, events)
+
+
+async def _approved_flow(
+    api_start: StartService, gateway: SmsGateway, env: dict[str, str]
+) -> tuple[str, str, list[dict[str, object]]]:
+    api = await api_start(env)
+    vid = (await api.create()).json["id"]
+    code = await read_code(gateway)
+    await api.wait_for_event(vid, "delivered")
+    assert (await api.check(vid, wrong_code(code))).json["status"] == "pending"
+    assert (await api.check(vid, code)).json["status"] == "approved"
+    events = (await api.get(vid))["events"]
+    return vid, code, events
+
+
+async def test_every_event_is_posted_signed_and_without_the_code(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    vid, code, events = await _approved_flow(
+        start_service, sms_gateway, {"CLINIC_WEBHOOK_URL": webhook_receiver.url()}
+    )
+    assert [e["type"] for e in events] == [
+        "requested",
+        "dispatched",
+        "delivered",
+        "check_failed",
+        "approved",
+    ]
+    hooks = await webhook_receiver.wait_until("all events", lambda got: len(got) >= len(events))
+    await asyncio.sleep(0.3)  # a duplicate would arrive within a poll or two
+    hooks = webhook_receiver.received
+    assert len(hooks) == len(events), [h.json()["event"]["kind"] for h in hooks]
+    _assert_hooks_match(hooks, vid, events)
+    for hook in hooks:
+        assert code.encode() not in hook.body, "a webhook body holds the code"
+        assert hook.path == "/hook"
+    final = [h.json() for h in hooks if h.json()["event"]["kind"] == "approved"]
+    assert final[0]["status"] == "approved"
+
+
+async def test_failing_receiver_gets_retries_until_delivered(
+    start_service: StartService, sms_gateway: SmsGateway, flaky_receiver: WebhookReceiver
+) -> None:
+    vid, _, events = await _approved_flow(
+        start_service, sms_gateway, {"CLINIC_WEBHOOK_URL": flaky_receiver.url()}
+    )
+    # Backoff is 1 s (+-20 %) after the first failure.
+    hooks = await flaky_receiver.wait_until(
+        "every event accepted",
+        lambda got: len([h for h in got if h.answered < 300]) >= len(events),
+        deadline_s=8.0,
+    )
+    assert len([h for h in hooks if h.answered >= 500]) == 2
+    _assert_hooks_match(flaky_receiver.accepted(), vid, events)
+
+
+async def test_callback_url_of_the_verification_gets_its_events(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    api = await start_service()  # no global webhook
+    created = await api.create(callback_url=webhook_receiver.url("/cb/one"))
+    vid = created.json["id"]
+    await api.wait_for_event(vid, "delivered")
+    hooks = await webhook_receiver.wait_until("3 events", lambda got: len(got) >= 3)
+    assert {h.path for h in hooks} == {"/cb/one"}
+    _assert_hooks_match(hooks, vid, (await api.get(vid))["events"])
+
+
+# -- timers on an injected clock -----------------------------------------------------------------
+async def test_step_timeout_and_expiry_run_on_the_injected_clock(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    clock = FakeClock()
+    api = await start_service(
+        {"CLINIC_CODE_TTL_S": "60", "CLINIC_STEP_TIMEOUT_SMS_S": "10"}, clock=clock
+    )
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    await api.wait_for_event(vid, "delivered")
+    await asyncio.sleep(0.5)  # the timer loop polls every 0.2 s: nothing is due yet
+    assert "fallback" not in [e["type"] for e in (await api.get(vid))["events"]]
+
+    clock.advance(11)
+    v = await api.wait_for_event(vid, "fallback", deadline_s=3.0)
+    [fallback] = [e for e in v["events"] if e["type"] == "fallback"]
+    assert fallback["channel"] is None, "sms was the last channel: nothing to fall back to"
+    assert "timed out" in fallback["detail"]
+    assert v["status"] == "pending", "a timed-out last step waits for a check until expiry"
+    (await api.request("POST", f"/v1/verifications/{vid}/fallback")).problem(409, "no-channel-left")
+
+    clock.advance(50)
+    v = await api.wait_for_event(vid, "expired", deadline_s=3.0)
+    assert v["status"] == "expired"
+    after = await api.check(vid, code)
+    assert after.status == 200, after.text
+    assert after.json["status"] == "expired", "the right code after expiry must not approve"
+    assert len(sms_gateway.received) == 1
+
+
+async def test_check_after_ttl_expires_even_before_the_timer(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    clock = FakeClock()
+    api = await start_service({"CLINIC_CODE_TTL_S": "60"}, clock=clock)
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    clock.advance(60)
+    answer = await api.check(vid, code)
+    assert answer.json["status"] == "expired", answer.text
+
+
+# -- logs, health, metrics -------------------------------------------------------------------
+async def test_no_log_record_holds_the_code(
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    webhook_receiver: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    api = await start_service(
+        {"CLINIC_WEBHOOK_URL": webhook_receiver.url(), "CLINIC_LOG_LEVEL": "DEBUG"}
+    )
+    vid = (await api.create(code_length=8)).json["id"]
+    code = await read_code(sms_gateway)
+    await api.wait_for_event(vid, "delivered")
+    assert (await api.check(vid, wrong_code(code))).json["status"] == "pending"
+    (await api.request("POST", f"/v1/verifications/{vid}/check", data=code)).problem(
+        415, "unsupported-media-type"
+    )
+    assert (await api.check(vid, code)).json["status"] == "approved"
+    (await api.check(vid, code)).problem(409, "not-pending")
+    await webhook_receiver.wait_until("5 events", lambda got: len(got) >= 5)
+    records = caplog.records
+    loggers = {r.name for r in records}
+    assert any(n.startswith("verification") for n in loggers), loggers
+    for r in records:
+        text = r.getMessage() + (r.exc_text or "") + repr(r.args)
+        assert code not in text, f"log record of {r.name} holds the code"
+
+
+async def test_health_readiness_and_metrics(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    health = await api.request("GET", "/healthz", key=None)
+    assert health.status == 200 and health.json == {"status": "ok"}
+    ready = await api.request("GET", "/readyz", key=None)
+    assert ready.status == 200 and ready.json["status"] == "ready", ready.text
+    vid = (await api.create()).json["id"]
+    code = await read_code(sms_gateway)
+    await api.wait_for_event(vid, "delivered")
+    await api.check(vid, wrong_code(code))
+    await api.check(vid, code)
+    (await api.request("GET", "/v1/verifications/AAAAAAAAAAAAAAAAAAAAAAAAAAA")).problem(
+        404, "not-found"
+    )
+
+    answer = await api.request("GET", "/metrics", key=None)
+    assert answer.status == 200
+    assert answer.content_type == "text/plain"
+    samples = _parse_prometheus(answer.text)
+
+    def sample(name: str, **labels: str) -> float:
+        inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        key = f"{name}{{{inner}}}"
+        assert key in samples, f"{key} not in /metrics:\n{answer.text}"
+        return samples[key]
+
+    requests = "clinic_http_requests_total"
+    assert sample(requests, method="POST", route="/v1/verifications", status="201") == 1
+    check_route = "/v1/verifications/{id}/check"
+    assert sample(requests, method="POST", route=check_route, status="200") == 2
+    assert sample(requests, method="GET", route="/v1/verifications/{id}", status="404") == 1
+    assert sample("clinic_verifications_total", channel="sms", status="pending") >= 1
+    assert sample("clinic_verifications_total", channel="sms", status="approved") == 1
+    assert sample("clinic_deliveries_total", channel="sms", outcome="delivered") == 1
+    latency = "clinic_http_request_duration_seconds_count"
+    assert sample(latency, route="/v1/verifications") == 1
+    assert "# TYPE clinic_http_requests_total counter" in answer.text
+
+
+def _parse_prometheus(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        assert name and value, f"not a sample line: {line!r}"
+        samples[name] = float(value)
+    return samples
