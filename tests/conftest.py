@@ -254,7 +254,7 @@ def watch_loop_blocking(
 
 @pytest.fixture
 async def no_blocking() -> AsyncIterator[None]:
-    """Fail the test if any event-loop step took longer than 100 ms."""
+    """Fail the (async) test if any event-loop step took longer than 100 ms."""
     with watch_loop_blocking(asyncio.get_running_loop()) as blocked:
         yield
     if blocked:
