@@ -1,0 +1,147 @@
+"""Rate-limit decisions (:mod:`verification.limits`): which counters a request touches, their
+window-aligned keys (no phone number or key in a Redis key name), and what a refusal says."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sip_config.settings import Rate, Settings, VerificationSettings
+from verification.limits import (
+    LimitCheck,
+    LimitName,
+    creation_checks,
+    request_checks,
+    send_checks,
+)
+from verification.model import NumberKind, Phone
+
+PHONE = Phone("+31612345678", "NL", 31, "612345678", NumberKind.MOBILE)
+T0 = 1_800_000_000.0
+
+
+def settings(**env: str) -> VerificationSettings:
+    return Settings.from_env(env).verification
+
+
+def test_request_checks_count_the_key_and_the_address() -> None:
+    s = settings(CLINIC_LIMIT_KEY_REQUESTS="10/60", CLINIC_LIMIT_IP_REQUESTS="20/30")
+    checks = request_checks(s, "key-1", "192.0.2.7")
+    assert checks == [
+        LimitCheck(LimitName.KEY_REQUESTS, "key-1", Rate(10, 60)),
+        LimitCheck(LimitName.IP_REQUESTS, "192.0.2.7", Rate(20, 30)),
+    ]
+
+
+def test_creation_checks_count_verifications_per_number() -> None:
+    s = settings(CLINIC_LIMIT_NUMBER_VERIFICATIONS="3/900")
+    assert creation_checks(s, PHONE) == [
+        LimitCheck(LimitName.NUMBER_VERIFICATIONS, "+31612345678", Rate(3, 900))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("digits", "prefix"), [("1", "+316"), ("4", "+316123"), ("8", "+3161234567")]
+)
+def test_send_checks_count_the_number_and_its_prefix(digits: str, prefix: str) -> None:
+    s = settings(
+        CLINIC_LIMIT_NUMBER_SENDS="4/600",
+        CLINIC_LIMIT_PREFIX_SENDS="50/3600",
+        CLINIC_LIMIT_PREFIX_DIGITS=digits,
+    )
+    assert send_checks(s, PHONE) == [
+        LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(4, 600)),
+        LimitCheck(LimitName.PREFIX_SENDS, prefix, Rate(50, 3600)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("window", "a", "b", "same"),
+    [
+        (600, T0, T0 + 1, True),
+        (600, 1_799_999_400.0, 1_799_999_999.999, True),  # both in [..., T0)
+        (600, T0 - 0.001, T0, False),  # T0 is a multiple of 600: a window starts there
+        (60, T0, T0 + 59.999, True),
+        (60, T0, T0 + 60, False),
+        (1, T0, T0 + 0.5, True),
+        (1, T0 + 0.5, T0 + 1, False),
+        (3600, T0, T0 + 3599.999, True),  # T0 is a whole hour too
+        (3600, T0 - 1, T0, False),
+        (7, T0 - 1, T0 + 5.9, True),  # 1_800_000_000 = 7 * 257_142_857 + 1
+        (7, T0 + 5.9, T0 + 6, False),
+    ],
+)
+def test_keys_follow_fixed_windows_aligned_to_the_clock(
+    window: int, a: float, b: float, same: bool
+) -> None:
+    check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, window))
+    assert (check.key(a) == check.key(b)) is same
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        LimitCheck(LimitName.NUMBER_SENDS, "+31612345679", Rate(5, 600)),  # another subject
+        LimitCheck(LimitName.NUMBER_VERIFICATIONS, "+31612345678", Rate(5, 600)),  # limit
+        LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 300)),  # window length
+    ],
+)
+def test_keys_differ_by_limit_subject_and_window(other: LimitCheck) -> None:
+    check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 600))
+    assert check.key(T0) != other.key(T0)
+
+
+def test_same_count_shares_the_counter() -> None:
+    # Changing only the count (a config change) keeps counting in the same window.
+    a = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 600))
+    b = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(9, 600))
+    assert a.key(T0) == b.key(T0)
+
+
+@pytest.mark.parametrize(
+    ("name", "subject"),
+    [
+        (LimitName.NUMBER_SENDS, "+31612345678"),
+        (LimitName.PREFIX_SENDS, "+316123"),
+        (LimitName.KEY_REQUESTS, "sk_live_0123456789abcdef"),
+        (LimitName.IP_REQUESTS, "2001:db8::1"),
+    ],
+)
+def test_keys_never_hold_the_subject(name: LimitName, subject: str) -> None:
+    key = LimitCheck(name, subject, Rate(5, 600)).key(T0)
+    assert re.fullmatch(rf"{re.escape(name.value)}:600:[0-9a-f]{{24}}:3000000", key), key
+    digits = re.sub(r"\D", "", subject)
+    assert subject not in key
+    assert len(digits) < 6 or digits not in key
+
+
+@pytest.mark.parametrize(
+    ("name", "rate", "text"),
+    [
+        (LimitName.KEY_REQUESTS, Rate(100, 60), "requests for this API key (limit 100 per 60 s)"),
+        (LimitName.IP_REQUESTS, Rate(5, 1), "requests from this address (limit 5 per 1 s)"),
+        (
+            LimitName.NUMBER_VERIFICATIONS,
+            Rate(5, 600),
+            "verifications for this number (limit 5 per 600 s)",
+        ),
+        (LimitName.NUMBER_SENDS, Rate(5, 600), "sends to this number (limit 5 per 600 s)"),
+        (
+            LimitName.PREFIX_SENDS,
+            Rate(200, 3600),
+            "sends to numbers with this prefix (limit 200 per 3600 s)",
+        ),
+    ],
+)
+def test_describe_names_the_limit_but_not_the_subject(
+    name: LimitName, rate: Rate, text: str
+) -> None:
+    check = LimitCheck(name, "+31612345678", rate)
+    assert check.describe() == "too many " + text
+    assert "+31612345678" not in check.describe()
+
+
+def test_every_limit_has_a_description() -> None:
+    for name in LimitName:
+        assert LimitCheck(name, "x", Rate(1, 1)).describe().startswith("too many ")
