@@ -254,7 +254,11 @@ class Engine:
         self.stopping = True
         try:
             ep.hangupAllCalls()
-            ep.libHandleEvents(50)
+            # Let the BYEs/CANCELs complete (bounded), then destroy without the network:
+            # a plain libDestroy waits up to a second more for stragglers.
+            deadline = time.monotonic() + 0.5
+            while self._calls and time.monotonic() < deadline:
+                ep.libHandleEvents(10)
         except pj.Error as exc:
             log.warning("hangup at shutdown failed: %s", exc.info())
         self._calls.clear()
@@ -262,7 +266,7 @@ class Engine:
         if self._account is not None:
             self._account.shutdown()
             self._account = None
-        ep.libDestroy()
+        ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
         self._ep = None
 
     def free_slots(self) -> int:
