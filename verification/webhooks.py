@@ -39,6 +39,10 @@ def sign(secret: bytes, timestamp: int, body: bytes) -> str:
 
 def verify(secret: bytes, header: str, body: bytes) -> bool:
     """Check a signature header (for receivers, and the tests)."""
+    # A real header is ASCII; compare_digest raises TypeError on non-ASCII str, and int()
+    # would read Arabic-Indic digits in ``t``.
+    if not header.isascii():
+        return False
     try:
         parts = dict(p.split("=", 1) for p in header.split(","))
         expected = sign(secret, int(parts["t"]), body)
