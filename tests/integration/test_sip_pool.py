@@ -292,3 +292,29 @@ async def test_more_calls_than_one_worker_holds(tmp_path: Path) -> None:
         assert pool.stats()["restarts"] == 0
     finally:
         await pool.stop()
+
+
+async def test_workers_register_with_digest(tmp_path: Path) -> None:
+    async with sipp_uas("sipp_uas_register.xml", tmp_path, calls=2) as registrar:
+        settings = sip_settings(2)
+        settings = SipSettings(
+            **{
+                **{f: getattr(settings, f) for f in settings.__dataclass_fields__},
+                "registrar": f"sip:127.0.0.1:{registrar.port}",
+                "user": "clinic-bot",
+                "password": "s3cret",
+            }
+        )
+        pool = SipPool(settings, clock=SystemClock())
+        await pool.start()
+        try:
+            async with asyncio.timeout(5):
+                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
+                    await asyncio.sleep(0.05)
+            assert await registrar.finish() == 0, "registrar scenario did not complete"
+        finally:
+            await pool.stop()
+    registers = registrar.received("REGISTER")
+    authed = [r for r in registers if 'username="clinic-bot"' in (r.msg.get("Authorization") or "")]
+    contacts = {r.msg.get("Contact") for r in authed}
+    assert len(contacts) == 2, f"each worker registers its own contact: {contacts}"
