@@ -159,6 +159,16 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 _DEFAULTS = {v.name: v.default for v in VARIABLES}
+# Values that are credentials (a Redis URL may carry a password) and so never appear in errors.
+_SECRET_NAMES = frozenset(
+    {
+        "CLINIC_SECRET",
+        "CLINIC_API_KEYS",
+        "CLINIC_REDIS_URL",
+        "CLINIC_SMS_HTTP_TOKEN",
+        "CLINIC_SIP_PASSWORD",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +287,9 @@ class _Reader:
         try:
             return conv(value)
         except (ValueError, TypeError) as exc:
-            raise SettingsError(f"{name}={value!r}: {exc}") from None
+            # The message goes to stderr and the journal: never echo a key or a password.
+            shown = "<hidden>" if name in _SECRET_NAMES else repr(value)
+            raise SettingsError(f"{name}={shown}: {exc}") from None
 
     def integer(self, name: str, lo: int, hi: int) -> int:
         def conv(v: str) -> int:
