@@ -1,0 +1,296 @@
+"""The settings object (:mod:`sip_config.settings`): defaults, strict parsing, refusals that
+name the variable (and never echo a credential), and the flash-call prefix length rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sip_config.settings import (
+    VARIABLES,
+    HostPort,
+    Rate,
+    Settings,
+    SettingsError,
+    parse_host_port,
+)
+from verification.model import Channel, Policy
+
+KEY = "k" * 16
+SECRET = "s" * 32
+
+
+def build(**env: str) -> Settings:
+    return Settings.from_env(env)
+
+
+# -- defaults -----------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    s = build()
+    v = s.verification
+    assert s.http_addr == HostPort("127.0.0.1", 8080)
+    assert (s.redis_url, s.api_keys, s.secret) == ("", (), "")
+    assert (v.code_ttl_s, v.max_checks, v.max_sends) == (600, 5, 5)
+    assert v.allowed_countries == frozenset()
+    assert v.limit_number_sends == Rate(5, 600)
+    assert v.limit_prefix_sends == Rate(200, 3600)
+    assert (v.step_timeout_flashcall_s, v.step_timeout_sms_s, v.step_timeout_voice_s) == (
+        33,
+        120,
+        120,
+    )
+    assert s.sip.flashcall_prefix == ""
+    assert s.sip.voice_otp_keypress is True
+    assert s.ivr.vosk_model is None
+    assert s.log_level == "INFO"
+
+
+def test_rule_defaults_agree_with_the_policy_defaults() -> None:
+    # The issue's numbers: 10 minutes, 5 wrong checks; the rules' own defaults must agree.
+    v = build().verification
+    p = Policy()
+    assert (p.ttl_s, p.max_checks, p.max_sends) == (v.code_ttl_s, v.max_checks, v.max_sends)
+    assert p.step_timeout_s == {
+        Channel.FLASHCALL: v.step_timeout_flashcall_s,
+        Channel.SMS: v.step_timeout_sms_s,
+        Channel.VOICE: v.step_timeout_voice_s,
+    }
+
+
+class _Recording(Mapping[str, str]):
+    """An environment that notes every variable looked up."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return self._env[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+
+def test_every_documented_variable_is_read_and_documented_once() -> None:
+    names = [v.name for v in VARIABLES]
+    assert len(names) == len(set(names))
+    env = _Recording({"PATH": "/usr/bin"})
+    Settings.from_env(env)
+    assert env.read == set(names)
+    for v in VARIABLES:
+        assert v.name.startswith("CLINIC_") and v.meaning, v.name
+
+
+# -- values that are parsed ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "get", "expected"),
+    [
+        ({"CLINIC_HTTP_ADDR": "0.0.0.0:0"}, lambda s: s.http_addr, HostPort("0.0.0.0", 0)),
+        ({"CLINIC_HTTP_ADDR": "[::1]:8443"}, lambda s: s.http_addr, HostPort("::1", 8443)),
+        ({"CLINIC_CODE_TTL_S": " 60 "}, lambda s: s.verification.code_ttl_s, 60),
+        ({"CLINIC_CODE_TTL_S": "3600"}, lambda s: s.verification.code_ttl_s, 3600),
+        ({"CLINIC_MAX_CHECKS": "1"}, lambda s: s.verification.max_checks, 1),
+        ({"CLINIC_MAX_CHECKS": "100"}, lambda s: s.verification.max_checks, 100),
+        ({"CLINIC_MAX_SENDS": "10"}, lambda s: s.verification.max_sends, 10),
+        (
+            {"CLINIC_ALLOWED_COUNTRIES": "nl, BE ,,"},
+            lambda s: s.verification.allowed_countries,
+            frozenset({"NL", "BE"}),
+        ),
+        (
+            {"CLINIC_LIMIT_NUMBER_SENDS": "3/60"},
+            lambda s: s.verification.limit_number_sends,
+            Rate(3, 60),
+        ),
+        ({"CLINIC_LIMIT_PREFIX_DIGITS": "8"}, lambda s: s.verification.limit_prefix_digits, 8),
+        (
+            {"CLINIC_FLASHCALL_RING_S": "0.5", "CLINIC_FLASHCALL_INTERCEPTION_S": "5"},
+            lambda s: s.verification.step_timeout_flashcall_s,
+            15,
+        ),
+        (
+            {"CLINIC_FLASHCALL_RING_S": "60", "CLINIC_FLASHCALL_INTERCEPTION_S": "300"},
+            lambda s: s.verification.step_timeout_flashcall_s,
+            370,
+        ),
+        (
+            {"CLINIC_STEP_TIMEOUT_FLASHCALL_S": "45"},
+            lambda s: s.verification.step_timeout_flashcall_s,
+            45,
+        ),
+        ({"CLINIC_WEBHOOK_TIMEOUT_S": "0.25"}, lambda s: s.verification.webhook_timeout_s, 0.25),
+        ({"CLINIC_FLASHCALL_PREFIX": "+447400"}, lambda s: s.sip.flashcall_prefix, "+447400"),
+        ({"CLINIC_FLASHCALL_PREFIX": "+1234567"}, lambda s: s.sip.flashcall_prefix, "+1234567"),
+        ({"CLINIC_VOICE_OTP_KEYPRESS": "off"}, lambda s: s.sip.voice_otp_keypress, False),
+        ({"CLINIC_VOICE_OTP_KEYPRESS": "YES"}, lambda s: s.sip.voice_otp_keypress, True),
+        ({"CLINIC_VOICE_OTP_KEYPRESS": "0"}, lambda s: s.sip.voice_otp_keypress, False),
+        ({"CLINIC_SMS_GATEWAY": "SIP"}, lambda s: s.sms.gateway, "sip"),
+        ({"CLINIC_LOG_LEVEL": "debug"}, lambda s: s.log_level, "DEBUG"),
+        ({"CLINIC_API_KEYS": f"{KEY}, {KEY}2 ,"}, lambda s: s.api_keys, (KEY, KEY + "2")),
+        ({"CLINIC_SECRET": SECRET}, lambda s: s.secret, SECRET),
+        (
+            {"CLINIC_TRUSTED_PROXIES": "10.0.0.1, ::1"},
+            lambda s: s.trusted_proxies,
+            frozenset({"10.0.0.1", "::1"}),
+        ),
+        (
+            {"CLINIC_SIP_ROUTE": "sip:{e164}@127.0.0.1:5080"},
+            lambda s: s.sip.route,
+            "sip:{e164}@127.0.0.1:5080",
+        ),
+        (
+            {"CLINIC_SIP_REGISTRAR": "sip:127.0.0.1:5160", "CLINIC_SIP_USER": "svc"},
+            lambda s: s.sip.registrar,
+            "sip:127.0.0.1:5160",
+        ),
+        ({"CLINIC_VOSK_MODEL": "/m"}, lambda s: s.ivr.vosk_model, Path("/m")),
+        ({"CLINIC_REDIS_URL": "unix:///r.sock"}, lambda s: s.redis_url, "unix:///r.sock"),
+    ],
+)
+def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expected: Any) -> None:
+    assert get(build(**env)) == expected
+
+
+# -- values that are refused --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("CLINIC_CODE_TTL_S", "59", "60..3600"),
+        ("CLINIC_CODE_TTL_S", "3601", "60..3600"),
+        ("CLINIC_CODE_TTL_S", "-1", "whole number"),
+        ("CLINIC_CODE_TTL_S", "600.0", "whole number"),
+        ("CLINIC_CODE_TTL_S", "1e3", "whole number"),
+        ("CLINIC_CODE_TTL_S", "", "whole number"),
+        ("CLINIC_CODE_TTL_S", "٦٠٠", "whole number"),  # int() would take Arabic-Indic digits
+        ("CLINIC_MAX_CHECKS", "0", "1..100"),
+        ("CLINIC_MAX_CHECKS", "101", "1..100"),
+        ("CLINIC_MAX_SENDS", "11", "1..10"),
+        ("CLINIC_ALLOWED_COUNTRIES", "NL,NLD", "two-letter"),
+        ("CLINIC_ALLOWED_COUNTRIES", "N1", "two-letter"),
+        ("CLINIC_LIMIT_NUMBER_SENDS", "5", "COUNT/SECONDS"),
+        ("CLINIC_LIMIT_NUMBER_SENDS", "0/600", "count must be"),
+        ("CLINIC_LIMIT_NUMBER_SENDS", "5/0", "count must be"),
+        ("CLINIC_LIMIT_NUMBER_SENDS", "5/2678401", "count must be"),
+        ("CLINIC_LIMIT_PREFIX_SENDS", "5 / 60", "COUNT/SECONDS"),
+        ("CLINIC_LIMIT_PREFIX_DIGITS", "9", "1..8"),
+        ("CLINIC_STEP_TIMEOUT_FLASHCALL_S", "4", "5..900"),
+        ("CLINIC_STEP_TIMEOUT_SMS_S", "901", "10..900"),
+        ("CLINIC_STEP_TIMEOUT_VOICE_S", "9", "10..900"),
+        ("CLINIC_WEBHOOK_URL", "ftp://x", "http"),
+        ("CLINIC_WEBHOOK_TIMEOUT_S", "0", "0.1..60"),
+        ("CLINIC_WEBHOOK_TIMEOUT_S", ".5", "number of seconds"),
+        ("CLINIC_WEBHOOK_RETRIES", "21", "0..20"),
+        ("CLINIC_SMS_GATEWAY", "smpp", "http or sip"),
+        ("CLINIC_SMS_HTTP_URL", "gateway.example", "http"),
+        ("CLINIC_SMS_HTTP_RETRIES", "11", "0..10"),
+        ("CLINIC_HTTP_ADDR", "8080", "HOST:PORT"),
+        ("CLINIC_HTTP_ADDR", "127.0.0.1:65536", "port out of range"),
+        ("CLINIC_HTTP_ADDR", "[::g]:80", "HOST:PORT"),
+        ("CLINIC_HTTP_ADDR", "[1::2::3]:80", "'::'"),
+        ("CLINIC_HTTP_ADDR", "::1:80", "HOST:PORT"),
+        ("CLINIC_SIP_ADDR", "127.0.0.1:", "HOST:PORT"),
+        ("CLINIC_SIP_WORKERS", "0", "1..64"),
+        ("CLINIC_SIP_WORKERS", "65", "1..64"),
+        ("CLINIC_SIP_ROUTE", "tel:{e164}", "sip:"),
+        ("CLINIC_SIP_ROUTE", "sip:fixed@127.0.0.1", "{e164}"),
+        ("CLINIC_SIP_ROUTE", "sip:{number}@127.0.0.1", "{e164}"),
+        ("CLINIC_SIP_REGISTRAR", "127.0.0.1:5160", "sip:"),
+        ("CLINIC_FLASHCALL_PREFIX", "447400", "+ and digits"),
+        ("CLINIC_FLASHCALL_PREFIX", "+0447400", "+ and digits"),
+        ("CLINIC_FLASHCALL_PREFIX", "+44 7400", "+ and digits"),
+        ("CLINIC_FLASHCALL_PREFIX", "+44740012", "15 digits"),  # 8 + an 8-digit code = 16
+        ("CLINIC_FLASHCALL_PREFIX", "+447400123456", "15 digits"),
+        ("CLINIC_FLASHCALL_RING_S", "0.4", "0.5..60"),
+        ("CLINIC_FLASHCALL_RING_S", "61", "0.5..60"),
+        ("CLINIC_FLASHCALL_INTERCEPTION_S", "0", "1..300"),
+        ("CLINIC_VOICE_OTP_KEYPRESS", "maybe", "1/0"),
+        ("CLINIC_VOICE_OTP_KEYPRESS", "", "1/0"),
+        ("CLINIC_VOICE_OTP_FROM", "0201234567", "+ and digits"),
+        ("CLINIC_STAFF_URI", "6200", "sip:"),
+        ("CLINIC_NURSE_URI", "http://nurse", "sip:"),
+        ("CLINIC_EMERGENCY_NUMBER", "1", "2..15 digits"),
+        ("CLINIC_EMERGENCY_NUMBER", "11a", "2..15 digits"),
+        ("CLINIC_SCHEDULING_WEBHOOK", "mailto:x", "http"),
+        ("CLINIC_CALL_RETENTION_DAYS", "0", "1..3650"),
+        ("CLINIC_LOG_LEVEL", "TRACE", "DEBUG, INFO"),
+        ("CLINIC_NAME", "", "1..40"),
+        ("CLINIC_NAME", "x" * 41, "1..40"),
+        ("CLINIC_NAME", "tab\there", "1..40"),
+        ("CLINIC_TRUSTED_PROXIES", "10.0.0.1,proxy.local", "does not appear to be"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_variable(name: str, value: str, why: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        build(**{name: value})
+    message = str(err.value)
+    assert message.startswith(name), message
+    assert why in message
+
+
+def test_registrar_needs_a_user() -> None:
+    with pytest.raises(SettingsError, match="CLINIC_SIP_USER"):
+        build(CLINIC_SIP_REGISTRAR="sip:127.0.0.1:5160")
+
+
+@pytest.mark.parametrize("name", ["CLINIC_CODE_TTL", "CLINIC_MAXCHECKS", "CLINIC_"])
+def test_unknown_clinic_variables_are_refused(name: str) -> None:
+    with pytest.raises(SettingsError, match=f"unknown setting.*{name}"):
+        build(**{name: "1"})
+
+
+def test_other_variables_are_ignored() -> None:
+    Settings.from_env({"PATH": "/bin", "HOME": "/root", "clinic_lower": "x"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CLINIC_SECRET", "short-secret-value"),
+        ("CLINIC_API_KEYS", f"{KEY},tiny-key-leak"),
+        ("CLINIC_API_KEYS", "has space in the key!"),
+        ("CLINIC_REDIS_URL", "http://:hunter2password@127.0.0.1:6379"),
+    ],
+)
+def test_refusals_never_echo_a_credential(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        build(**{name: value})
+    message = str(err.value)
+    assert message.startswith(name)
+    for part in value.split(","):
+        if part != KEY:
+            assert part not in message
+    assert KEY not in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("127.0.0.1:5060", HostPort("127.0.0.1", 5060)),
+        ("localhost:0", HostPort("localhost", 0)),
+        ("[2001:db8::1]:5061", HostPort("2001:db8::1", 5061)),
+        ("sip.example.org:65535", HostPort("sip.example.org", 65535)),
+    ],
+)
+def test_parse_host_port(value: str, parsed: HostPort) -> None:
+    assert parse_host_port(value) == parsed
+    assert parse_host_port(str(parsed)) == parsed  # str() gives back a parsable form
+
+
+def test_settings_are_frozen() -> None:
+    s = build()
+    with pytest.raises(AttributeError):
+        s.log_level = "DEBUG"  # type: ignore[misc]
