@@ -6,6 +6,7 @@ Per process: with several service processes, scrape each (or sum in Prometheus).
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections import defaultdict
 
@@ -16,6 +17,18 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+def _fmt_value(value: float) -> str:
+    # Every digit, as Go's ParseFloat reads it: ":g" kept six, so 1234567 requests became
+    # 1.23457e+06 and the counter stood still between scrapes.
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
 
 
 def _fmt_labels(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
@@ -44,7 +57,7 @@ class Counter:
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         for labels, v in sorted(self._values.items()):
-            lines.append(f"{self.name}{_fmt_labels(labels)} {v:g}")
+            lines.append(f"{self.name}{_fmt_labels(labels)} {_fmt_value(v)}")
         return lines
 
 
@@ -75,7 +88,7 @@ class Histogram:
                 )
             total += counts[-1]
             lines.append(f"{self.name}_bucket{_fmt_labels(labels, (('le', '+Inf'),))} {total}")
-            lines.append(f"{self.name}_sum{_fmt_labels(labels)} {self._sums[labels]:g}")
+            lines.append(f"{self.name}_sum{_fmt_labels(labels)} {_fmt_value(self._sums[labels])}")
             lines.append(f"{self.name}_count{_fmt_labels(labels)} {total}")
         return lines
 
