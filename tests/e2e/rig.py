@@ -340,8 +340,12 @@ class AsteriskRig:
             if not any(pid_alive(p) for p in chrooted_pids(self.root)):
                 unmount_all(self.root)
 
-    def restart(self) -> None:
-        """Stop and start again (the service sees Asterisk go away and come back)."""
+    def restart(self, *, clear_registrations: bool = False) -> None:
+        """Stop and start again (the service sees Asterisk go away and come back).
+
+        Registrations survive a restart (Asterisk keeps contacts in astdb); with
+        ``clear_registrations`` they are dropped, so only fresh REGISTERs bring them back.
+        """
         pid = self.proc.pid if self.proc is not None else self.running_pid()
         if pid is not None:
             self._cli_raw("core stop now", timeout_s=10)
@@ -351,6 +355,8 @@ class AsteriskRig:
         if self.proc is not None:
             self.proc.wait(timeout=5)
             self.proc = None
+        if clear_registrations:
+            host_path(self.root, f"/var/lib/{self.name}/astdb.sqlite3").unlink(missing_ok=True)
         deadline = time.monotonic() + 10
         while not port_is_free(self.port):
             if time.monotonic() > deadline:
@@ -559,6 +565,8 @@ class ServiceProcess:
         self.pidfile = pidfile
         self.logfile = logfile
         self.http_addr = env.get("CLINIC_HTTP_ADDR", "127.0.0.1:8080")
+        # Kept so the child is reaped here (no zombie, no "still running" warning).
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def running_pid(self) -> int | None:
         """The pid from the pid file when that process still lives."""
@@ -578,7 +586,7 @@ class ServiceProcess:
         )
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(self.logfile, "ab") as out:
-            proc = subprocess.Popen(
+            self.proc = proc = subprocess.Popen(
                 argv,
                 cwd=REPO,
                 env=self.env,
@@ -622,6 +630,9 @@ class ServiceProcess:
             log.warning("the service did not stop in %.0f s: killing it", timeout_s)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=5)
+            self.proc = None
         return True
 
     def log_tail(self, lines: int = 30) -> str:
