@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the service and its tests need (checked one by one, installed when missing).
 APT_PACKAGES := redis-server sip-tester espeak-ng libespeak-ng1 sox baresip debootstrap tshark \
-                docker-compose ca-certificates python3-venv python3-dev gcc
+                docker-compose wrk ca-certificates python3-venv python3-dev gcc
 PYTEST_ARGS ?=
 
 .PHONY: help install apt venv run test lint unit integration e2e bench asterisk asterisk-stop asterisk-rootfs clean

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import uvloop
 from aiohttp import web
 
 from sip_config.settings import Settings, SettingsError
@@ -82,15 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"clinic-voice: configuration error: {exc}", file=sys.stderr)
             return 2
         _setup_logging(settings.log_level)
-        asyncio.run(serve(settings))
+        # uvloop: the same asyncio API, about twice the request rate of the default loop here
+        # (measured with bench/api.py); the pure-Python loop remains for tests.
+        uvloop.run(serve(settings))
         return 0
     if args.flow_command == "check":
-        import voice.ivr.check as flow_check
+        from voice.ivr.check import main as check_main
 
-        return flow_check.main([*args.files, *rest])
-    import voice.ivr.simulate as simulate
+        return check_main([*args.files, *rest])
+    from voice.ivr.simulate import main as simulate_main
 
-    return simulate.main([args.flow, *rest])
+    return simulate_main([args.flow, *rest])
 
 
 if __name__ == "__main__":
