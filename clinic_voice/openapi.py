@@ -240,6 +240,41 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _json("Verification", "Moved on"), **_errors(409, *_COMMON)},
             }
         },
+        "/v1/calls": {
+            "get": {
+                "summary": "Recent clinic-line calls, newest first",
+                "security": _BEARER,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "the 'next' of the previous page",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,9})?$"},
+                    },
+                ],
+                "responses": {"200": _json("CallList", "A page of calls"), **_errors(*_COMMON)},
+            }
+        },
+        "/v1/calls/{id}": {
+            "get": {
+                "summary": "Read a call record",
+                "security": _BEARER,
+                "parameters": [
+                    {
+                        "name": "id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                    }
+                ],
+                "responses": {"200": _json("Call", "The call"), **_errors(*_COMMON)},
+            }
+        },
         "/healthz": {
             "get": {"summary": "Liveness", "responses": {"200": _json("Health", "Alive")}}
         },
