@@ -117,6 +117,7 @@ async def _wait_healthy(service: Service) -> None:
     assert service.proc is not None and service.session is not None
     loop = asyncio.get_running_loop()
     end = loop.time() + START_DEADLINE_S
+    last = "no answer yet"
     while True:
         if service.proc.returncode is not None:
             pytest.fail(
@@ -126,10 +127,13 @@ async def _wait_healthy(service: Service) -> None:
             async with service.session.get(service.base + "/readyz") as resp:
                 if resp.status == 200:
                     return
-        except aiohttp.ClientError:
-            pass  # not listening yet: poll again
+                last = f"/readyz answered {resp.status}"
+        except aiohttp.ClientError as exc:
+            last = f"not listening yet ({type(exc).__name__})"  # poll again
         if loop.time() > end:
-            pytest.fail(f"{service.name} not ready in {START_DEADLINE_S} s:\n{service.log_tail()}")
+            pytest.fail(
+                f"{service.name} not ready in {START_DEADLINE_S} s ({last}):\n" + service.log_tail()
+            )
         await asyncio.sleep(0.1)
 
 
@@ -169,6 +173,7 @@ async def test_two_processes_sharing_redis_behave_as_one(
         status, created, headers = await a.request("POST", "/v1/verifications", {"phone": MOBILE})
         assert status == 201, created
         vid = created["id"]
+        assert headers["Location"] == f"/v1/verifications/{vid}"
         code = await read_code(sms_gateway)
         status, seen, _ = await b.request("GET", f"/v1/verifications/{vid}")
         assert status == 200 and seen["id"] == vid
