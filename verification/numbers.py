@@ -127,8 +127,10 @@ def cli_filter(cli_prefix: str, code_length: int, destination: Phone) -> str:
     code = f"(?:[ -]?[0-9]){{{code_length}}}"
     # A separator only after a "+" or "00": a caller-ID never starts with a space or a dash.
     forms = [rf"(?:(?:\+|00)[ -]?)?{intl}{code}"]
+    # Where there is no trunk prefix (IT, ES, DK, NO, PT, GR...) the national form is the bare
+    # national number: "06 1234...", not "+39 06 1234...".
     trunk = trunk_prefix(destination.region)
-    if cc == destination.country_code and trunk and national:
+    if cc == destination.country_code and national:
         forms.append(rf"{_spaced(trunk + national)}{code}")
     return "^(?:" + "|".join(forms) + ")$"
 
