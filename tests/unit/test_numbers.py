@@ -255,7 +255,10 @@ def test_trunk_prefix(region: str, trunk: str) -> None:
 UK = parse_phone("+447400123456")
 NL = parse_phone("+31612345678")
 US = parse_phone("+12015550123")
+ES = parse_phone("+34612345678")
+IT = parse_phone("+393123456789")
 UK_PREFIX, NL_PREFIX, US_PREFIX = "+447400", "+3197010", "+1201555"
+ES_PREFIX, IT_PREFIX = "+34910", "+39061"  # countries without a trunk prefix
 
 # (caller-ID as shown, prefix, code length, destination, expected code)
 MATCHING: list[tuple[str, str, int, Phone, str]] = [
@@ -295,6 +298,13 @@ MATCHING: list[tuple[str, str, int, Phone, str]] = [
     ("1-201-555-1234", US_PREFIX, 4, US, "1234"),
     ("+1 201-555-1234", US_PREFIX, 4, US, "1234"),
     ("+12015550000", US_PREFIX, 4, UK, "0000"),
+    # no trunk prefix: the national form is the bare national number
+    ("910123456", ES_PREFIX, 6, ES, "123456"),
+    ("910 12 34 56", ES_PREFIX, 6, ES, "123456"),
+    ("+34910123456", ES_PREFIX, 6, ES, "123456"),
+    ("061123456", IT_PREFIX, 6, IT, "123456"),
+    ("06 1123456", IT_PREFIX, 6, IT, "123456"),
+    ("0039061123456", IT_PREFIX, 6, IT, "123456"),
 ]
 
 # (caller-ID, prefix, code length, destination, why it is not ours)
@@ -309,6 +319,9 @@ NOT_MATCHING: list[tuple[str, str, int, Phone, str]] = [
     ("07400123456", UK_PREFIX, 6, NL, "UK national form on a Dutch handset"),
     ("07400123456", UK_PREFIX, 6, US, "UK national form on a US handset"),
     ("0970101234", NL_PREFIX, 4, UK, "Dutch national form on a UK handset"),
+    ("910123456", ES_PREFIX, 6, UK, "Spanish national form on a UK handset"),
+    ("0910123456", ES_PREFIX, 6, ES, "Spain has no trunk prefix"),
+    ("061123456", IT_PREFIX, 6, NL, "Italian national form on a Dutch handset"),
     ("2015551234", US_PREFIX, 4, US, "national without the trunk prefix"),
     ("+447400l23456", UK_PREFIX, 6, UK, "a letter"),
     ("+44740012345a", UK_PREFIX, 6, UK, "a letter"),
