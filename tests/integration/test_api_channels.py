@@ -26,7 +26,7 @@ from tests.peers.sms_gateway import GatewayMode, SmsGateway
 from tests.peers.webhook_receiver import Hook, WebhookReceiver
 from verification.webhooks import SIGNATURE_HEADER, verify
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
 HEALTH_WORDS = ("triage", "symptom", "urgent", "nurse", "appointment", "pain", "diagnos")
 

@@ -18,8 +18,11 @@ from tests.integration.conftest import (
 from tests.peers.sms_gateway import SmsGateway
 
 pytestmark = pytest.mark.integration
+# Fails a test if the app (it runs in the test's loop) blocks the loop for > 100 ms.
+loop_watched = pytest.mark.usefixtures("no_blocking")
 
 
+@loop_watched
 async def test_create_answers_201_with_location_and_fields(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:
@@ -42,6 +45,7 @@ async def test_create_answers_201_with_location_and_fields(
     assert [e["type"] for e in got["events"]] == ["requested", "dispatched", "delivered"]
 
 
+@loop_watched
 async def test_wrong_check_counts_down_and_right_check_approves(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:
@@ -62,6 +66,7 @@ async def test_wrong_check_counts_down_and_right_check_approves(
     (await api.check(vid, code)).problem(409, "not-pending")
 
 
+@loop_watched
 async def test_fallback_without_a_channel_left_is_409(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:
@@ -73,6 +78,7 @@ async def test_fallback_without_a_channel_left_is_409(
     assert len(sms_gateway.received) == 1, "a refused fallback must not send"
 
 
+@loop_watched
 async def test_cancel_then_nothing_is_pending(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:
@@ -89,6 +95,7 @@ async def test_cancel_then_nothing_is_pending(
     assert (await api.get(vid))["status"] == "canceled"
 
 
+@loop_watched
 async def test_unknown_verification_is_404(start_service: StartService) -> None:
     api = await start_service()
     missing = "A" * 32
@@ -98,6 +105,7 @@ async def test_unknown_verification_is_404(start_service: StartService) -> None:
     (await api.request("GET", "/v1/verifications/short")).problem(404, "not-found")
 
 
+@loop_watched
 async def test_idempotency_key_replays_the_same_verification(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:
@@ -128,6 +136,8 @@ async def test_idempotency_key_replays_the_same_verification(
     assert len(sms_gateway.received) == 2, "a replay must not send again"
 
 
+# Not under no_blocking: 100 concurrent clients in the same loop, with asyncio's debug mode
+# on, make the test's own client steps slow, not the app's.
 async def test_100_parallel_right_checks_approve_exactly_once(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:
@@ -147,6 +157,7 @@ async def test_100_parallel_right_checks_approve_exactly_once(
     assert [e["type"] for e in v["events"]].count("approved") == 1
 
 
+@loop_watched
 async def test_brute_force_stops_at_the_attempt_limit(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 from tests.integration.conftest import API_KEY, MOBILE, StartService, read_code
 from tests.peers.sms_gateway import SmsGateway
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
 CREATE = "/v1/verifications"
 PREMIUM_NL = "+319061234"  # phonenumbers' premium-rate example for NL (0906)

@@ -16,7 +16,7 @@ from sip_config.clock import FakeClock
 from tests.integration.conftest import OTHER_KEY, Answer, StartService
 from tests.peers.sms_gateway import SmsGateway
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
 WINDOW_START = 1_800_000_000.0  # a multiple of every window used here
 

@@ -14,7 +14,7 @@ from tests.conftest import RedisServer
 from tests.integration.conftest import Api, StartService, read_code
 from tests.peers.sms_gateway import SmsGateway
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
 # A dead Redis must be answered quickly, not after seconds of client retries.
 ANSWER_BUDGET_S = 3.0
