@@ -165,6 +165,9 @@ def code_sent(v: Verification, step: int, code_hash: str, now: float) -> Transit
     """
     if v.status is not Status.PENDING or v.step != step or not v.sending:
         raise NotPending("the verification moved on before the send", status=v.status.value)
+    if now >= v.expires_at:
+        # The timer may not have run yet: a code must never leave for an expired verification.
+        raise NotPending("the verification has expired", status=Status.EXPIRED.value)
     channel = v.channels[step]
     return Transition(
         v.with_events(
@@ -280,6 +283,9 @@ def request_fallback(v: Verification, now: float, policy: Policy) -> Transition:
 
 def cancel(v: Verification, now: float) -> Transition:
     """Cancel a pending verification."""
+    if v.status is Status.PENDING and now >= v.expires_at:
+        # Expired already (the timer may not have run yet): it is not canceled after the fact.
+        raise NotPending("the verification has expired", status=Status.EXPIRED.value)
     if v.status is not Status.PENDING:
         raise NotPending(f"the verification is {v.status}", status=v.status.value)
     return Transition(_set_status(v, Status.CANCELED, Event(EventKind.CANCELED, now)))
