@@ -199,6 +199,16 @@ def test_code_sent_refuses_a_send_that_is_no_longer_wanted(
     assert err.value.extra["verification_status"] == status
 
 
+@pytest.mark.parametrize("late", [0.0, 0.5, 3600.0])
+def test_code_sent_refuses_a_send_after_the_lifetime(late: float) -> None:
+    """The timer that expires it may not have run yet: no code leaves after the end."""
+    v = start().verification
+    with pytest.raises(NotPending) as err:
+        rules.code_sent(v, 0, "h", v.expires_at + late)
+    assert err.value.extra["verification_status"] == "expired"
+    assert rules.code_sent(v, 0, "h", v.expires_at - 0.001).verification.sends == 1
+
+
 # -- delivery ---------------------------------------------------------------------------------
 
 
@@ -671,6 +681,14 @@ def test_cancel_a_pending_verification() -> None:
     assert (v.status, v.step_deadline, v.sending) == (Status.CANCELED, None, False)
     assert kinds(v)[-1] == (EventKind.CANCELED, None)
     assert rules.due_at(v) is None
+
+
+@pytest.mark.parametrize("late", [0.0, 1.0])
+def test_cancel_after_the_lifetime_is_not_pending(late: float) -> None:
+    v = started()
+    with pytest.raises(NotPending) as err:
+        rules.cancel(v, v.expires_at + late)
+    assert err.value.extra["verification_status"] == "expired"
 
 
 @pytest.mark.parametrize(
