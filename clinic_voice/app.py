@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import phonenumbers
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -23,7 +24,7 @@ from clinic_voice.metrics import Metrics
 from clinic_voice.openapi import openapi_document
 from clinic_voice.redis_server import EmbeddedRedis
 from sip_config.clock import Clock, SystemClock
-from sip_config.settings import Settings
+from sip_config.settings import Settings, SettingsError
 from verification.api import VerificationApi
 from verification.channels.base import ChannelAdapter
 from verification.channels.sms_http import HttpSmsChannel
@@ -123,6 +124,16 @@ class _DeliveryMetrics:
         self._m.deliveries.inc(channel=channel.value, outcome=kind.value)
 
 
+def check_settings(settings: Settings) -> None:
+    """Checks that need more than the standard library (settings.py stays stdlib-only)."""
+    unknown = sorted(settings.verification.allowed_countries - phonenumbers.SUPPORTED_REGIONS)
+    if unknown:
+        raise SettingsError(
+            "CLINIC_ALLOWED_COUNTRIES: not regions phonenumbers knows: "
+            f"{', '.join(unknown)} (the United Kingdom is GB)"
+        )
+
+
 def build_app(
     settings: Settings,
     *,
@@ -134,6 +145,7 @@ def build_app(
     clock = clock or SystemClock()
     metrics = Metrics()
     rt = Runtime(settings=settings, clock=clock, metrics=metrics)
+    check_settings(settings)
     rt.api_keys, rt.secret = prepare_data_dir(settings)
     policy = policy_from(settings)
 

@@ -83,6 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"clinic-voice: configuration error: {exc}", file=sys.stderr)
             return 2
         _setup_logging(settings.log_level)
+        try:
+            from clinic_voice.app import check_settings
+
+            check_settings(settings)
+        except SettingsError as exc:
+            print(f"clinic-voice: configuration error: {exc}", file=sys.stderr)
+            return 2
         # uvloop: the same asyncio API, about twice the request rate of the default loop here
         # (measured with bench/api.py); the pure-Python loop remains for tests.
         uvloop.run(serve(settings))

@@ -359,6 +359,12 @@ def parse_host_port(value: str) -> HostPort:
     return HostPort(host, port)
 
 
+def _e164_number(value: str) -> str:
+    if value and not re.fullmatch(r"\+[1-9][0-9]{1,14}", value):
+        raise ValueError("expected an E.164 number, e.g. +441632960123")
+    return value
+
+
 def _e164_prefix(value: str) -> str:
     if value and not re.fullmatch(r"\+[1-9][0-9]{0,13}", value):
         raise ValueError("expected + and digits, e.g. +447400")
@@ -478,7 +484,7 @@ def _build(r: _Reader) -> Settings:
         flashcall_ring_s=ring_s,
         flashcall_interception_s=interception_s,
         voice_otp_keypress=r.boolean("CLINIC_VOICE_OTP_KEYPRESS"),
-        voice_otp_from=r.parse("CLINIC_VOICE_OTP_FROM", _e164_prefix),
+        voice_otp_from=r.parse("CLINIC_VOICE_OTP_FROM", _e164_number),
     )
     if sip.registrar and not sip.user:
         raise SettingsError("CLINIC_SIP_REGISTRAR is set: CLINIC_SIP_USER is needed too")
