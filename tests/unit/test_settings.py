@@ -218,7 +218,7 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_FLASHCALL_INTERCEPTION_S", "0", "1..300"),
         ("CLINIC_VOICE_OTP_KEYPRESS", "maybe", "1/0"),
         ("CLINIC_VOICE_OTP_KEYPRESS", "", "1/0"),
-        ("CLINIC_VOICE_OTP_FROM", "0201234567", "+ and digits"),
+        ("CLINIC_VOICE_OTP_FROM", "0201234567", "E.164 number"),
         ("CLINIC_STAFF_URI", "6200", "sip:"),
         ("CLINIC_NURSE_URI", "http://nurse", "sip:"),
         ("CLINIC_EMERGENCY_NUMBER", "1", "2..15 digits"),
