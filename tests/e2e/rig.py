@@ -210,6 +210,9 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True when both UDP and TCP ``host:port`` can be bound right now."""
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
         with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                # as Asterisk binds: TIME_WAIT leftovers of old SIP/TCP connections are fine
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
@@ -403,6 +406,9 @@ class AsteriskRig:
         # Only the repository's configs (as the Docker image mounts them): Debian's demo
         # dialplans and sample users would add extensions nobody reviewed.
         host_etc.mkdir(parents=True)
+        # Every start begins without remembered registrations (contacts live in astdb):
+        # a phone or worker from an earlier run must not look reachable.
+        host_path(self.root, f"/var/lib/{self.name}/astdb.sqlite3").unlink(missing_ok=True)
         for conf in sorted(CONFIG_DIR.glob("*.conf")):
             (host_etc / conf.name).write_text(render_config(conf.read_text(), self.port))
         stock = (self.root / "etc/asterisk.debian/asterisk.conf").read_text()

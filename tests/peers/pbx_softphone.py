@@ -239,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
     class Call(pj.Call):  # type: ignore[misc]
         def onCallState(self, prm: Any) -> None:
             ci = self.getInfo()
+            if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                # Dropping the recorder completes its WAV header: before telling anyone.
+                recorders.pop(ci.id, None)
             _emit(
                 "call_state",
                 call=ci.id,
@@ -248,7 +251,6 @@ def run(args: argparse.Namespace) -> int:
                 remote=ci.remoteUri,
             )
             if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
-                recorders.pop(ci.id, None)
                 gone.append(calls.pop(ci.id, self))
 
         def onCallMediaState(self, prm: Any) -> None:
