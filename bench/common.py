@@ -313,3 +313,157 @@ def environ(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
     env.update(overrides)
     return env
+
+
+# -- wire capture -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UdpPacket:
+    """One captured IPv4 UDP datagram: kernel capture time (epoch seconds) and payload."""
+
+    at: float
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    payload: bytes
+
+
+class Capture:
+    """``dumpcap`` on the loopback interface with a BPF filter, written as classic pcap.
+
+    The timestamps are the kernel's, taken as each packet crosses ``lo``: wire times, not
+    the times a process got round to reading its socket. Needs root (or the capture
+    capabilities) and the Debian package ``tshark`` (which brings ``dumpcap``).
+    """
+
+    def __init__(self, bpf: str, path: Path, log_dir: Path) -> None:
+        exe = shutil.which("dumpcap")
+        if exe is None:
+            raise BenchError("dumpcap is not installed: apt-get install tshark")
+        self.path = path
+        # dumpcap reports "Capturing on" a little before packets really reach the file (the
+        # first ~100 ms were missing here): probe datagrams to a port nobody listens on show
+        # when the capture is live. They stay in the file; readers filter by port anyway.
+        probe_port = free_port()
+        self._child = Child(
+            "dumpcap",
+            [
+                exe,
+                "-i",
+                "lo",
+                "-f",
+                f"({bpf}) or (udp dst port {probe_port})",
+                "-P",
+                "-B",
+                "64",
+                "-w",
+                str(path),
+            ],
+            log_dir / f"{path.stem}-dumpcap.log",
+        )
+        end = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            while not (path.exists() and path.stat().st_size > 24):
+                if self._child.returncode is not None or time.monotonic() > end:
+                    self._child.stop()
+                    raise BenchError(f"dumpcap did not start capturing:\n{self._child.tail()}")
+                probe.sendto(b"capture probe", ("127.0.0.1", probe_port))
+                pause(0.05)
+
+    def stop(self) -> list[UdpPacket]:
+        """Stop capturing (lets the kernel's buffer drain first) and read the packets back."""
+        pause(0.2)
+        self._child.stop()
+        tail = self._child.log_path.read_text(errors="replace")
+        dropped = [line for line in tail.splitlines() if "dropped" in line and " 0 " not in line]
+        if dropped:
+            print(f"warning: dumpcap: {'; '.join(dropped)}")
+        return read_pcap(self.path)
+
+
+def read_pcap(path: Path) -> list[UdpPacket]:
+    """The IPv4 UDP datagrams of a classic pcap file (Ethernet, Linux cooked or raw IP)."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        raise BenchError(f"{path} is not a pcap file (too short)")
+    magic = int.from_bytes(data[:4], "little")
+    if magic == 0xA1B2C3D4:
+        order, ts_div = "little", 1e6
+    elif magic == 0xA1B23C4D:
+        order, ts_div = "little", 1e9
+    elif int.from_bytes(data[:4], "big") == 0xA1B2C3D4:
+        order, ts_div = "big", 1e6
+    else:
+        raise BenchError(f"{path} is not a classic pcap file (pcapng?)")
+    link = int.from_bytes(data[20:24], order)  # type: ignore[arg-type]
+    link_len = {1: 14, 113: 16, 276: 20, 101: 0, 228: 0}.get(link)
+    if link_len is None:
+        raise BenchError(f"{path}: link type {link} not understood")
+    out: list[UdpPacket] = []
+    pos = 24
+    while pos + 16 <= len(data):
+        sec = int.from_bytes(data[pos : pos + 4], order)  # type: ignore[arg-type]
+        frac = int.from_bytes(data[pos + 4 : pos + 8], order)  # type: ignore[arg-type]
+        incl = int.from_bytes(data[pos + 8 : pos + 12], order)  # type: ignore[arg-type]
+        frame = data[pos + 16 : pos + 16 + incl]
+        pos += 16 + incl
+        ip = frame[link_len:]
+        if len(ip) < 28 or ip[0] >> 4 != 4 or ip[9] != 17:
+            continue
+        ihl = (ip[0] & 0x0F) * 4
+        udp = ip[ihl:]
+        if len(udp) < 8:
+            continue
+        src = (socket.inet_ntoa(ip[12:16]), int.from_bytes(udp[0:2], "big"))
+        dst = (socket.inet_ntoa(ip[16:20]), int.from_bytes(udp[2:4], "big"))
+        out.append(UdpPacket(sec + frac / ts_div, src, dst, bytes(udp[8:])))
+    return out
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The ``pct`` percentile (nearest rank) of ``values``; NaN when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))  # ceil without floats drifting
+    return ordered[min(len(ordered), int(rank)) - 1]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+def child_pids(parent: int, cmdline_has: str) -> list[int]:
+    """Pids of the direct children of ``parent`` whose command line contains ``cmdline_has``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        # The parent pid is the 2nd field after the parenthesised command name.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and cmdline_has in cmd:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def sipp_path() -> str:
+    """The sipp binary, or a clear error naming the Debian package."""
+    path = shutil.which("sipp")
+    if path is None:
+        raise BenchError("sipp is not installed: apt-get install sip-tester")
+    return path
