@@ -1,0 +1,400 @@
+"""Verification by flash call and SMS over SIP, through the whole service, against real sipp.
+
+The service runs in-process as ``clinic-voice serve`` builds it (``build_app`` with the SIP
+wiring: real pjsua2 worker processes, real ``redis-server``) behind an aiohttp test server; the
+phone is a sipp UAS whose ``-trace_msg`` file is the wire. A test reads the code from the wire
+(the caller-ID of the flash call, the body of the MESSAGE), as a handset would, and checks it
+over the API.
+
+:func:`sip_service` and the constants here are shared by the other ``test_verify_sip_*``
+modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from clinic_voice.app import RUNTIME, build_app
+from clinic_voice.wiring import channel_factories, extra_contexts
+from sip_config.settings import Settings
+from tests.conftest import RedisServer
+from tests.integration.conftest import API_KEY, SECRET, Api, OpenApiCollector
+from tests.integration.test_sip_pool import Sipp, Wire, sipp_uas
+from voice.sip import message
+from voice.sip.pool import SipPool
+
+pytestmark = pytest.mark.integration
+
+CLINIC = "Riverside Surgery"
+PREFIX = "+447400"  # CLINIC_FLASHCALL_PREFIX: the code digits follow it in the caller-ID
+NATIONAL_PREFIX = "07400"  # the same prefix as a UK handset shows a UK caller-ID
+MOBILE = "+447911123456"  # a valid UK mobile number (phonenumbers agrees)
+RING_S = 1.0
+# Every wait on the service has a deadline; the longest path (no reply) is 20 s of answer
+# timeout in the flash-call channel plus the fallback.
+DEADLINE_S = 10.0
+NO_REPLY_DEADLINE_S = 30.0
+
+
+@dataclass
+class SipService:
+    """One running service: its API client and the SIP pool it owns."""
+
+    api: Api
+    app: web.Application
+
+    @property
+    def pool(self) -> SipPool:
+        pool = self.app[RUNTIME].sip_pool
+        assert pool is not None, "the service runs no SIP pool"
+        return pool
+
+
+def service_settings(
+    redis_url: str, data_dir: Path, route_port: int, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings of a test service whose SIP route leads to 127.0.0.1:``route_port``."""
+    return Settings.from_env(
+        {
+            "CLINIC_API_KEYS": API_KEY,
+            "CLINIC_SECRET": SECRET,
+            "CLINIC_NAME": CLINIC,
+            "CLINIC_LOG_LEVEL": "DEBUG",
+            "CLINIC_REDIS_URL": redis_url,
+            "CLINIC_DATA_DIR": str(data_dir),
+            # Port 0: the pool's workers take free ports (tests run in parallel).
+            "CLINIC_SIP_ADDR": "127.0.0.1:0",
+            "CLINIC_SIP_WORKERS": "2",
+            "CLINIC_SIP_ROUTE": f"sip:{{e164}}@127.0.0.1:{route_port}",
+            "CLINIC_FLASHCALL_PREFIX": PREFIX,
+            "CLINIC_FLASHCALL_RING_S": f"{RING_S:g}",
+            "CLINIC_SMS_GATEWAY": "sip",
+            **(env or {}),
+        }
+    )
+
+
+_prompt_cache: list[Path] = []
+
+
+def shared_prompt_cache(config: pytest.Config, factory: pytest.TempPathFactory) -> Path:
+    """One prompt cache for every service of the session, kept between runs when it can be.
+
+    The clinic line renders every static prompt of its flows when the service starts (about
+    25 s here when nothing is cached), which would dwarf the tests. Cached files are named by
+    a hash of text, voice, rate and the espeak-ng version and written atomically, so the
+    pytest cache (``.pytest_cache``) may hold them across runs; without it
+    (``-p no:cacheprovider``), the session's temp dir does.
+    """
+    if not _prompt_cache:
+        cache = getattr(config, "cache", None)
+        path = (
+            cache.mkdir("clinic-voice-prompts")
+            if cache is not None
+            else factory.mktemp("prompt-cache")
+        )
+        _prompt_cache.append(path)
+    return _prompt_cache[0]
+
+
+@dataclass
+class Rig:
+    """What a service under test needs from pytest: Redis, a temp dir, the OpenAPI check."""
+
+    redis: RedisServer
+    tmp_path: Path
+    prompt_cache: Path
+    collector: OpenApiCollector
+    started: int = 0
+
+    def data_dir(self) -> Path:
+        """A fresh data dir whose prompt cache is the session's."""
+        self.started += 1
+        path = self.tmp_path / f"data{self.started}"
+        path.mkdir(mode=0o700)
+        (path / "prompts").symlink_to(self.prompt_cache, target_is_directory=True)
+        return path
+
+
+@pytest.fixture
+def rig(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    openapi_responses: OpenApiCollector,
+    pytestconfig: pytest.Config,
+) -> Rig:
+    cache = shared_prompt_cache(pytestconfig, tmp_path_factory)
+    return Rig(redis_server, tmp_path, cache, openapi_responses)
+
+
+@contextlib.asynccontextmanager
+async def sip_service(
+    rig: Rig, route_port: int, env: Mapping[str, str] | None = None
+) -> AsyncIterator[SipService]:
+    """The whole service on 127.0.0.1 with its SIP pool; stopped (workers too) on exit."""
+    settings = service_settings(rig.redis.url, rig.data_dir(), route_port, env)
+    app = build_app(
+        settings,
+        extra_contexts=extra_contexts(settings),
+        channel_factories=channel_factories(settings),
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        async with client.get("/openapi.json") as resp:
+            assert resp.status == 200, await resp.text()
+            rig.collector.load(await resp.json())
+        service = SipService(Api(client, rig.collector), app)
+        assert service.pool.ready(), "SIP pool not ready after start"
+        yield service
+    finally:
+        await client.close()
+
+
+def event_types(v: Mapping[str, Any]) -> list[str]:
+    return [e["type"] for e in v["events"]]
+
+
+def event_at(v: Mapping[str, Any], kind: str) -> float:
+    """When the first event of ``kind`` happened (epoch seconds)."""
+    for e in v["events"]:
+        if e["type"] == kind:
+            return datetime.fromisoformat(e["at"].replace("Z", "+00:00")).timestamp()
+    raise AssertionError(f"no {kind} event in {event_types(v)}")
+
+
+async def wait_until_settled(
+    api: Api, vid: str, kinds: set[str], deadline_s: float = DEADLINE_S
+) -> dict[str, Any]:
+    """Poll until one of ``kinds`` is the last event of the verification."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        v = await api.get(vid)
+        if v["events"] and v["events"][-1]["type"] in kinds:
+            return v
+        if loop.time() > end:
+            pytest.fail(f"{vid}: none of {sorted(kinds)} within {deadline_s} s: {event_types(v)}")
+        await asyncio.sleep(0.05)
+
+
+async def create(api: Api, **body: Any) -> str:
+    body.setdefault("phone", MOBILE)
+    answer = await api.create(**body)
+    assert answer.status == 201, answer.text
+    return str(answer.json["id"])
+
+
+def only(wires: list[Wire], what: str) -> Wire:
+    assert len(wires) == 1, f"expected one {what} on the wire, saw {len(wires)}"
+    return wires[0]
+
+
+def code_from_invite(invite: Wire) -> str:
+    """The code as the phone gets it: the caller-ID after the flash-call prefix."""
+    caller = message.user_part(invite.msg.get("From") or "")
+    assert caller.startswith(PREFIX), f"the caller-ID does not start with {PREFIX}"
+    code = caller[len(PREFIX) :]
+    assert re.fullmatch(r"[0-9]{6}", code), "the caller-ID does not end in a 6-digit code"
+    return code
+
+
+def code_from_message(wire: Wire) -> str:
+    """The code in the text of a SIP MESSAGE (the SMS)."""
+    found = re.findall(r"\b[0-9]{4,8}\b", wire.msg.body.decode())
+    assert len(found) == 1, f"expected one code in the MESSAGE, found {len(found)}"
+    return str(found[0])
+
+
+async def wire_request(sipp: Sipp, method: str, deadline_s: float = DEADLINE_S) -> Wire:
+    """Wait until sipp has received one ``method`` request (its trace is written as it goes)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not (seen := sipp.received(method)):
+        if loop.time() > end:
+            pytest.fail(f"sipp on {sipp.port} received no {method} within {deadline_s} s")
+        await asyncio.sleep(0.05)
+    return only(seen, method)
+
+
+def other_code(code: str) -> str:
+    """The same length, every digit different."""
+    return "".join(str((int(d) + 1) % 10) for d in code)
+
+
+# -- ring until cancelled: the success path ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["cli-national", "cli-international", "code"],
+)
+async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
+    rig: Rig,
+    tmp_path: Path,
+    how: str,
+) -> None:
+    async with (
+        sipp_uas("sipp_uas_ring.xml", tmp_path) as uas,
+        sip_service(rig, uas.port) as svc,
+    ):
+        answer = await svc.api.create(phone=MOBILE, method="flashcall", fallback=[])
+        assert answer.status == 201, answer.text
+        created = answer.json
+        vid = created["id"]
+        assert created["flashcall"]["cli_prefix"] == PREFIX
+        v = await wait_until_settled(svc.api, vid, {"delivered", "undeliverable"})
+        assert event_types(v) == ["requested", "dispatched", "ringing", "delivered"], v
+        assert await uas.finish() == 0, "the sipp ring scenario did not complete"
+
+        invite = only(uas.received("INVITE"), "INVITE")
+        code = code_from_invite(invite)
+        pai = message.user_part(invite.msg.get("P-Asserted-Identity") or "")
+        assert pai == PREFIX + code, "P-Asserted-Identity does not carry the same caller-ID"
+        assert re.fullmatch(created["flashcall"]["cli_filter"], NATIONAL_PREFIX + code)
+        # Late offer: a flash call opens no media (TELEPHONY.md: no RTP ports).
+        assert invite.msg.get("Content-Length") == "0", "the INVITE has a body"
+        assert not invite.msg.body.strip(), "the INVITE has a body"
+        assert invite.msg.get("Content-Type") is None, "the INVITE announces a body"
+        ringing = [w for w in uas.wire() if not w.received and w.msg.status == 180]
+        assert ringing, "sipp sent no 180"
+        cancel = only(uas.received("CANCEL"), "CANCEL")
+        rang = cancel.at - ringing[0].at
+        assert RING_S <= rang <= RING_S + 0.2, f"CANCEL {rang:.3f} s after 180, not {RING_S} s"
+        assert uas.received("ACK"), "the 487 was not ACKed"
+        assert not uas.received("BYE"), "a cancelled flash call has no dialog to BYE"
+
+        # A wrong caller-ID counts as a wrong check; the one the phone showed approves.
+        wrong = await svc.api.request(
+            "POST", f"/v1/verifications/{vid}/check", json_body={"cli": PREFIX + other_code(code)}
+        )
+        assert wrong.json == {"id": vid, "status": "pending", "attempts_left": 4}, wrong.text
+        body = {
+            "cli-national": {"cli": NATIONAL_PREFIX + code},
+            "cli-international": {"cli": PREFIX + code},
+            "code": {"code": code},
+        }[how]
+        right = await svc.api.request("POST", f"/v1/verifications/{vid}/check", json_body=body)
+        assert right.json == {"id": vid, "status": "approved", "attempts_left": 4}, right.text
+        assert event_types(await svc.api.get(vid))[-1] == "approved"
+
+
+# -- answered: recorded, hung up at once --------------------------------------------------
+
+
+async def test_answered_flash_call_is_hung_up_with_bye(rig: Rig, tmp_path: Path) -> None:
+    async with (
+        sipp_uas("sipp_uas_answer.xml", tmp_path) as uas,
+        sip_service(rig, uas.port) as svc,
+    ):
+        vid = await create(svc.api, method="flashcall", fallback=["sms"])
+        v = await wait_until_settled(svc.api, vid, {"answered"})
+        assert await uas.finish() == 0, "the sipp answer scenario did not complete"
+        invite = only(uas.received("INVITE"), "INVITE")
+        code = code_from_invite(invite)
+        assert uas.received("ACK"), "the 200 was not ACKed"
+        bye = only(uas.received("BYE"), "BYE")
+        ok = [w for w in uas.wire() if not w.received and w.msg.status == 200]
+        assert bye.at - ok[0].at < 0.5, f"BYE {bye.at - ok[0].at:.3f} s after the answer"
+        v = await svc.api.get(vid)
+        # An answered flash call showed a caller-ID too, but no missed call: no "delivered",
+        # and no fallback until the step times out (the user may still type the number).
+        assert event_types(v) == ["requested", "dispatched", "ringing", "answered"], v
+        assert v["status"] == "pending" and v["channel"] == "flashcall"
+        right = await svc.api.request(
+            "POST", f"/v1/verifications/{vid}/check", json_body={"cli": NATIONAL_PREFIX + code}
+        )
+        assert right.json["status"] == "approved", right.text
+
+
+# -- failures: undeliverable, and the next channel at once ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scenario", "detail", "deadline_s"),
+    [
+        ("sipp_verify_busy.xml", "busy (486)", DEADLINE_S),
+        ("sipp_verify_notfound.xml", "not_found (404)", DEADLINE_S),
+        # The flash-call channel waits 20 s for a provisional answer (ANSWER_TIMEOUT_S).
+        ("sipp_verify_noreply.xml", "no_answer", NO_REPLY_DEADLINE_S),
+    ],
+    ids=["busy", "not-found", "no-reply"],
+)
+async def test_failed_flash_call_falls_back_to_sms_at_once(
+    rig: Rig,
+    tmp_path: Path,
+    scenario: str,
+    detail: str,
+    deadline_s: float,
+) -> None:
+    async with (
+        sipp_uas(scenario, tmp_path, calls=2) as uas,
+        sip_service(rig, uas.port) as svc,
+    ):
+        vid = await create(svc.api, method="flashcall", fallback=["sms"])
+        v = await wait_until_settled(svc.api, vid, {"delivered"}, deadline_s)
+        assert event_types(v) == [
+            "requested",
+            "dispatched",
+            "undeliverable",
+            "fallback",
+            "dispatched",
+            "delivered",
+        ], v
+        failed = next(e for e in v["events"] if e["type"] == "undeliverable")
+        assert failed["channel"] == "flashcall" and failed["detail"].startswith(detail), failed
+        assert v["channel"] == "sms"
+        moved_on = event_at(v, "fallback") - event_at(v, "undeliverable")
+        assert moved_on < 0.5, f"fallback {moved_on:.3f} s after undeliverable"
+
+        invites = uas.received("INVITE")
+        assert invites, "sipp received no INVITE"
+        # Unanswered INVITEs over UDP are retransmitted (RFC 3261 timer A): one transaction.
+        assert len({w.msg.get("Call-ID") for w in invites}) == 1, "more than one flash call"
+        invite = invites[0]
+        flash_code = code_from_invite(invite)
+        sms = await wire_request(uas, "MESSAGE")
+        sms_code = code_from_message(sms)
+        # A fresh code for the new send; the flash call's caller-ID still counts too (every
+        # code sent is accepted), but the user got the SMS one.
+        assert sms.at > invite.at
+        # The sipp wire and the service share this machine's wall clock.
+        sent_after = sms.at - event_at(v, "undeliverable")
+        assert sent_after < 1.0, f"the SMS left {sent_after:.3f} s after the failed call"
+        right = await svc.api.check(vid, sms_code)
+        assert right.json["status"] == "approved", right.text
+        assert flash_code  # read above: the failed call carried a code of its own
+
+
+# -- SMS over SIP MESSAGE ------------------------------------------------------------------
+
+
+async def test_sms_over_sip_message_carries_the_code(rig: Rig, tmp_path: Path) -> None:
+    async with (
+        sipp_uas("sipp_uas_message.xml", tmp_path) as uas,
+        sip_service(rig, uas.port) as svc,
+    ):
+        vid = await create(svc.api, method="sms", fallback=[])
+        v = await wait_until_settled(svc.api, vid, {"delivered", "undeliverable"})
+        assert event_types(v) == ["requested", "dispatched", "delivered"], v
+        assert await uas.finish() == 0, "the sipp MESSAGE scenario did not complete"
+        sms = only(uas.received("MESSAGE"), "MESSAGE")
+        assert (sms.msg.get("Content-Type") or "").startswith("text/plain"), "not a text MESSAGE"
+        assert CLINIC in sms.msg.body.decode(), "the SMS does not name the clinic"
+        code = code_from_message(sms)
+        wrong = await svc.api.check(vid, other_code(code))
+        assert wrong.json["status"] == "pending", wrong.text
+        right = await svc.api.check(vid, code)
+        assert right.json == {"id": vid, "status": "approved", "attempts_left": 4}, right.text
