@@ -17,13 +17,14 @@ import itertools
 import logging
 import os
 import queue
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pjsua2 as pj
 
-from voice.sip import message
+from voice.sip import digest, message
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
 from voice.sip.protocol import (
     Answer,
@@ -172,7 +173,8 @@ class Engine:
         self._dead: list[object] = []  # dropped one pump after DISCONNECTED
         self._media_q: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._ids = itertools.count(1)
-        self._requests: set[str] = set()
+        self._requests: dict[str, SendMessage] = {}
+        self._challenged: set[str] = set()  # MESSAGEs already answered with digest auth
         self.port = config.port
         self.stopping = False
 
@@ -425,7 +427,7 @@ class Engine:
         if notify:
             self.emit(PlayDone(call.call_id))
 
-    def _send_message(self, cmd: SendMessage) -> None:
+    def _send_message(self, cmd: SendMessage, auth: tuple[str, str] | None = None) -> None:
         assert self._account is not None
         prm = pj.SendRequestParam()
         prm.method = "MESSAGE"
@@ -440,14 +442,16 @@ class Engine:
             (
                 ("P-Asserted-Identity", f"<sip:{cmd.caller_id}@{self._config.host}>"),
                 (_REQUEST_ID_HEADER, cmd.request_id),
+                *((auth,) if auth else ()),
             ),
         )
-        self._requests.add(cmd.request_id)
+        self._requests[cmd.request_id] = cmd
         try:
             self._account.sendRequest(prm)
         except pj.Error as exc:
             log.warning("MESSAGE %s not sent: %s", cmd.request_id, exc.reason)
-            self._requests.discard(cmd.request_id)
+            self._requests.pop(cmd.request_id, None)
+            self._challenged.discard(cmd.request_id)
             self.emit(MessageResult(cmd.request_id, SipStatus.SERVICE_UNAVAILABLE))
 
     # -- callbacks (owner thread) -----------------------------------------------------------
@@ -544,11 +548,45 @@ class Engine:
             log.warning("cannot read back a sent request: %s", exc)
             return
         request_id = request.get(_REQUEST_ID_HEADER) or ""
-        if request_id not in self._requests:
+        cmd = self._requests.pop(request_id, None)
+        if cmd is None:
             return
-        self._requests.discard(request_id)
         status = int(tsx.statusCode) or SipStatus.REQUEST_TIMEOUT
+        if status in (401, 407) and request_id not in self._challenged and self._config.password:
+            auth = self._answer_challenge(prm, cmd, status)
+            if auth is not None:
+                self._challenged.add(request_id)
+                self._send_message(cmd, auth)
+                return
+        self._challenged.discard(request_id)
         self.emit(MessageResult(request_id, status))
+
+    def _answer_challenge(
+        self, prm: pj.OnSendRequestParam, cmd: SendMessage, status: int
+    ) -> tuple[str, str] | None:
+        """The (header, value) answering a 401/407 to a MESSAGE, or None if we cannot."""
+        want, answer = (
+            ("WWW-Authenticate", "Authorization")
+            if status == 401
+            else ("Proxy-Authenticate", "Proxy-Authorization")
+        )
+        try:
+            response = message.parse(str(prm.e.body.tsxState.src.rdata.wholeMsg).encode())
+            challenge = digest.parse_challenge(response.get(want) or "")
+        except (message.SipParseError, digest.DigestError) as exc:
+            log.warning(
+                "MESSAGE %s: cannot answer the %s challenge: %s", cmd.request_id, status, exc
+            )
+            return None
+        value = digest.authorization(
+            challenge,
+            method="MESSAGE",
+            uri=cmd.target_uri,
+            user=self._config.user,
+            password=self._config.password,
+            cnonce=secrets.token_hex(8),
+        )
+        return answer, value
 
 
 def _add_headers(tx: pj.SipTxOption, headers: tuple[tuple[str, str], ...]) -> None:
