@@ -45,8 +45,8 @@ class RigError(RuntimeError):
 
 
 def rootfs_path() -> Path:
-    """Where the chroot lives: ``$CLINIC_ASTERISK_ROOTFS`` or the cache default."""
-    return Path(os.environ.get("CLINIC_ASTERISK_ROOTFS") or DEFAULT_ROOTFS)
+    """Where the chroot lives: ``$ASTERISK_ROOTFS`` or the cache default."""
+    return Path(os.environ.get("ASTERISK_ROOTFS") or DEFAULT_ROOTFS)
 
 
 def debian_mirror(sources: Path = APT_SOURCES) -> str:
@@ -538,7 +538,7 @@ def service_env(
     from sip_config.settings import VARIABLES
 
     known = {v.name for v in VARIABLES}
-    # The service refuses unknown CLINIC_* names (CLINIC_ASTERISK_ROOTFS is the rig's own).
+    # The service refuses unknown CLINIC_* names (a user may have set any).
     env = {
         k: v
         for k, v in (os.environ if base is None else base).items()
