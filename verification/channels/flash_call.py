@@ -14,7 +14,7 @@ import logging
 from sip_config.settings import SipSettings
 from verification.channels.base import Delivery, DeliveryReport, Report
 from verification.channels.call_events import describe
-from verification.channels.sip_route import sip_target
+from verification.channels.sip_route import can_send, sip_target
 from verification.model import Channel
 from verification.rules import DeliveryKind
 from voice.sip.outcome import CallOutcome
@@ -39,7 +39,7 @@ class FlashCallChannel:
         return Channel.FLASHCALL
 
     def ready(self) -> bool:
-        return bool(self._s.route and self._s.flashcall_prefix) and self._pool.ready()
+        return bool(self._s.route and self._s.flashcall_prefix) and can_send(self._pool)
 
     async def send(self, delivery: Delivery, report: Report) -> None:
         call = OutboundCall(

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from verification.model import Phone
 from verification.numbers import trunk_prefix
+from voice.sip.pool import SipPool
 
 
 def sip_target(template: str, phone: Phone) -> str:
     """``sip:{e164}@pbx`` -> ``sip:+31612345678@pbx`` (national: trunk prefix + number)."""
     national = trunk_prefix(phone.region) + phone.national_number
     return template.format(e164=phone.e164, digits=phone.e164.lstrip("+"), national=national)
+
+
+def can_send(pool: SipPool) -> bool:
+    """Whether a SIP channel can send now: at least one worker is up.
+
+    Not :meth:`SipPool.ready`, which wants every worker up (right for /readyz): while one
+    worker restarts after a crash the others still place calls, and a channel that said "not
+    available" then would fail the very verifications the crash already hit.
+    """
+    return pool.stats()["workers_up"] > 0

@@ -6,7 +6,7 @@ import logging
 
 from sip_config.settings import SipSettings
 from verification.channels.base import Delivery, DeliveryReport, Report, sms_text
-from verification.channels.sip_route import sip_target
+from verification.channels.sip_route import can_send, sip_target
 from verification.model import Channel
 from verification.rules import DeliveryKind
 from voice.sip.pool import SipPool
@@ -33,7 +33,7 @@ class SipSmsChannel:
         return Channel.SMS
 
     def ready(self) -> bool:
-        return bool(self._s.route) and self._pool.ready()
+        return bool(self._s.route) and can_send(self._pool)
 
     async def send(self, delivery: Delivery, report: Report) -> None:
         status = await self._pool.send_message(

@@ -15,7 +15,7 @@ from pathlib import Path
 from sip_config.settings import SipSettings
 from verification.channels.base import Delivery, DeliveryReport, Report
 from verification.channels.call_events import CallEnded, describe, next_event
-from verification.channels.sip_route import sip_target
+from verification.channels.sip_route import can_send, sip_target
 from verification.channels.sms_sip import sender_id
 from verification.model import Channel
 from verification.rules import DeliveryKind
@@ -48,7 +48,7 @@ class VoiceCallChannel:
         return Channel.VOICE
 
     def ready(self) -> bool:
-        return bool(self._s.route) and self._pool.ready()
+        return bool(self._s.route) and can_send(self._pool)
 
     async def send(self, delivery: Delivery, report: Report) -> None:
         vid = delivery.verification_id
