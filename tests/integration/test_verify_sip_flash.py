@@ -127,16 +127,20 @@ class Rig:
         return path
 
 
+def make_rig(request: pytest.FixtureRequest) -> Rig:
+    """The :class:`Rig` of one test (each ``test_verify_sip_*`` module has a ``rig`` fixture
+    calling this, so the fixtures it pulls in are declared once)."""
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+    collector: OpenApiCollector = request.getfixturevalue("openapi_responses")
+    cache = shared_prompt_cache(request.config, factory)
+    return Rig(redis, tmp_path, cache, collector)
+
+
 @pytest.fixture
-def rig(
-    redis_server: RedisServer,
-    tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    openapi_responses: OpenApiCollector,
-    pytestconfig: pytest.Config,
-) -> Rig:
-    cache = shared_prompt_cache(pytestconfig, tmp_path_factory)
-    return Rig(redis_server, tmp_path, cache, openapi_responses)
+def rig(request: pytest.FixtureRequest) -> Rig:
+    return make_rig(request)
 
 
 @contextlib.asynccontextmanager
