@@ -63,6 +63,9 @@ class Dispatcher:
         self._deliveries = deliveries
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer_task: asyncio.Task[None] | None = None
+        # Checked by the timer loop as well as cancelling it: redis-py can swallow a
+        # CancelledError that lands inside a command, and stop() must not wait forever.
+        self._stopping = False
 
     @property
     def channels(self) -> Mapping[Channel, ChannelAdapter]:
@@ -76,6 +79,7 @@ class Dispatcher:
         self._timer_task = asyncio.create_task(self._timer_loop(), name="verification-timers")
 
     async def stop(self) -> None:
+        self._stopping = True
         tasks = list(self._tasks)
         if self._timer_task:
             tasks.append(self._timer_task)
@@ -172,7 +176,7 @@ class Dispatcher:
 
     # -- timers ---------------------------------------------------------------------------------
     async def _timer_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.run_due()
             except StoreUnavailable as exc:

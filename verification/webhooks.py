@@ -74,17 +74,20 @@ class WebhookSender:
         self._secret = secret
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        # See Dispatcher: a cancel swallowed inside redis-py must not keep the loop alive.
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="webhooks")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.run_due()
             except StoreUnavailable as exc:
