@@ -1,0 +1,84 @@
+"""The OpenAPI document the app serves, and the collector that holds every test's responses to
+it: shown here to catch what it must catch, so its silence elsewhere means something.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tests.integration.conftest import OpenApiCollector, StartService
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+PROBLEM = "application/problem+json"
+
+
+async def _document(start_service: StartService) -> dict[str, Any]:
+    api = await start_service()
+    answer = await api.request("GET", "/openapi.json", key=None)
+    assert answer.status == 200
+    doc = answer.json
+    assert isinstance(doc, dict)
+    return doc
+
+
+async def test_the_document_is_openapi_31_with_valid_schemas(start_service: StartService) -> None:
+    doc = await _document(start_service)
+    assert doc["openapi"].startswith("3.1")
+    for name, schema in doc["components"]["schemas"].items():
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            pytest.fail(f"components/schemas/{name} is not a valid JSON Schema: {exc.message}")
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op["responses"], f"{method} {path} lists no responses"
+
+
+async def test_the_collector_refuses_what_the_document_does_not_say(
+    start_service: StartService,
+) -> None:
+    collector = OpenApiCollector()  # not the session's: these failures are on purpose
+    collector.load(await _document(start_service))
+    good_problem = json.dumps(
+        {"type": "https://clinic-voice.example/problems/not-found", "title": "x", "status": 404}
+    ).encode()
+    vid = "A" * 32
+    assert collector.check("GET", f"/v1/verifications/{vid}", 404, PROBLEM, good_problem) == []
+    assert collector.check("GET", "/nowhere", 404, PROBLEM, good_problem) == []
+
+    bad = {
+        "a status the route does not list": ("GET", "/healthz", 418, PROBLEM, good_problem),
+        "a route the document does not have": ("GET", "/nowhere", 200, "application/json", b"{}"),
+        "a method the document does not have": ("PUT", "/healthz", 200, "application/json", b"{}"),
+        "another media type": ("GET", "/healthz", 200, "text/html", b"<p>ok</p>"),
+        "a body that is not JSON": ("GET", "/healthz", 200, "application/json", b"ok"),
+        "a verification without its fields": (
+            "GET",
+            f"/v1/verifications/{vid}",
+            200,
+            "application/json",
+            json.dumps({"id": vid, "status": "pending"}).encode(),
+        ),
+        "a verification with an unknown status": (
+            "POST",
+            f"/v1/verifications/{vid}/check",
+            200,
+            "application/json",
+            json.dumps({"id": vid, "status": "maybe", "attempts_left": 1}).encode(),
+        ),
+        "a problem with a string status": (
+            "GET",
+            f"/v1/verifications/{vid}",
+            404,
+            PROBLEM,
+            json.dumps({"type": "x", "title": "x", "status": "404"}).encode(),
+        ),
+    }
+    for what, args in bad.items():
+        assert collector.check(*args), f"the collector let through {what}"
+    assert len(collector.failures) >= len(bad)
