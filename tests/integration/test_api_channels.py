@@ -66,6 +66,8 @@ async def test_sms_gateway_500_is_retried_then_undeliverable(
     # The only channel could not deliver: the verification ends as failed.
     v = await api.wait_for_event(vid, "failed")
     assert v["status"] == "failed"
+    metrics = (await api.request("GET", "/metrics", key=None)).text
+    assert 'clinic_deliveries_total{channel="sms",outcome="undeliverable"} 1' in metrics
 
 
 async def test_sms_gateway_that_hangs_times_out_then_undeliverable(
