@@ -18,6 +18,7 @@ from voice.ivr.engine import Engine
 from voice.ivr.flow import FlowParams, FlowSet, load_flows
 from voice.ivr.session import CallSession, SessionDeps
 from voice.media.asr import SpeechModel
+from voice.media.tts import PromptRenderer
 from voice.sip.pool import CallHandle
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class ClinicLine:
         self._rt = rt
         self._flowset = flowset
         self._deps: SessionDeps | None = None
-        self._calls: set[asyncio.Task[None]] = set()
+        self._prerender: asyncio.Task[None] | None = None
 
     @classmethod
     def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
@@ -42,11 +43,10 @@ class ClinicLine:
         params = FlowParams.from_settings(self._settings, speech_enabled=speech is not None)
         assert self._rt.renderer is not None and self._rt.call_store is not None
         renderer = self._rt.renderer
-        for flow in self._flowset.flows.values():
-            texts = sorted(flow.static_prompts(params))
-            if texts:
-                await renderer.prerender(texts, voice=flow.language)
-        log.info("clinic line: %d flows, prompts rendered", len(self._flowset.flows))
+        # Static prompts render in the background (about 150 texts, ~40 s on 2 cores with an
+        # empty cache): calls are answered meanwhile, a prompt not yet cached is rendered on
+        # demand (the renderer de-duplicates), and a later start finds them all cached.
+        self._prerender = asyncio.create_task(self._prerender_all(renderer, params))
         self._deps = SessionDeps(
             engine=Engine(self._flowset, params),
             flowset=self._flowset,
@@ -57,6 +57,22 @@ class ClinicLine:
             save=self._save,
             clock=self._rt.clock,
         )
+
+    async def _prerender_all(self, renderer: PromptRenderer, params: FlowParams) -> None:
+        count = 0
+        for flow in self._flowset.flows.values():
+            texts = sorted(flow.static_prompts(params))
+            await renderer.prerender(texts, voice=flow.language)
+            count += len(texts)
+        log.info(
+            "clinic line: %d static prompts of %d flows cached", count, len(self._flowset.flows)
+        )
+
+    async def stop(self) -> None:
+        """Stop the background prompt rendering (if still going)."""
+        if self._prerender is not None:
+            self._prerender.cancel()
+            await asyncio.gather(self._prerender, return_exceptions=True)
 
     async def handle(self, call: CallHandle) -> None:
         """The pool's handler for an inbound call."""

@@ -8,6 +8,7 @@ call when ``CLINIC_FLASHCALL_PREFIX`` is set too, SMS over SIP when ``CLINIC_SMS
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -52,29 +53,26 @@ def extra_contexts(settings: Settings) -> list[Context]:
     async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
         line = ClinicLine.load(settings, rt)
-        await line.start()
         pool = SipPool(settings.sip, clock=SystemClock(), log_level=settings.log_level)
         pool.on_incoming(line.handle)
-        await pool.start()
         front = RedirectFront(settings.sip.addr, pool.pick_inbound)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Stopped in reverse order, also when a later start fails.
+            await line.start()
+            stack.push_async_callback(line.stop)
+            await pool.start()
+            stack.push_async_callback(pool.stop)
             await front.start()
-        except OSError:
-            await pool.stop()
-            raise
-        rt.sip_pool = pool
-        rt.extra_ready.append(pool.ready)
-        log.info(
-            "SIP: front %s redirects to %d workers at %s",
-            settings.sip.addr,
-            settings.sip.workers,
-            ", ".join(str(a) for a in pool.worker_addresses()),
-        )
-        try:
+            stack.push_async_callback(front.stop)
+            rt.sip_pool = pool
+            rt.extra_ready.append(pool.ready)
+            log.info(
+                "SIP: front %s redirects to %d workers at %s",
+                settings.sip.addr,
+                settings.sip.workers,
+                ", ".join(str(a) for a in pool.worker_addresses()),
+            )
             yield
-        finally:
-            await front.stop()
-            await pool.stop()
 
     return [prompts_ctx, sip_ctx]
 

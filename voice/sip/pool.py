@@ -59,7 +59,7 @@ IncomingHandler = Callable[["CallHandle"], Awaitable[None]]
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 5.0
 _HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backoff
-_START_TIMEOUT_S = 15.0
+_START_TIMEOUT_S = 30.0  # 16 workers on 2 loaded cores took 15 s once
 _ACK_TIMEOUT_S = 5.0
 
 
