@@ -79,6 +79,7 @@ class CallSession:
         self._listen_timeout = 0.0
         self._hangup_after_record = False
         self._transfer_waiter: asyncio.Future[bool] | None = None
+        self._hangup_after_transfer = False
 
     @property
     def call_id(self) -> str:
@@ -257,8 +258,11 @@ class CallSession:
                     self._events.put_nowait(eng.PromptDone())
             elif isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
                 if self._transfer_waiter is not None and not self._transfer_waiter.done():
+                    # The worker ends the call once the REFER succeeded: the engine must see
+                    # the TransferResult before the HangUp, or the record loses its target.
                     self._transfer_waiter.set_result(True)
-                if self._recording is not None:
+                    self._hangup_after_transfer = True
+                elif self._recording is not None:
                     # The engine wants the voicemail's RecordDone before the HangUp.
                     self._hangup_after_record = True
                 else:
@@ -275,6 +279,8 @@ class CallSession:
         except TimeoutError:
             ok = False
         self._events.put_nowait(eng.TransferResult(ok))
+        if self._hangup_after_transfer:
+            self._events.put_nowait(eng.HangUp())
 
     async def _record(self, max_s: int) -> None:
         if not self._audio_on:
