@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from sip_config.clock import Clock
 from voice.ivr import engine as eng
@@ -52,6 +53,20 @@ class SessionDeps:
     save_recording: Recorder  # (call id, pcm) -> a reference for the call record
     save: Saver
     clock: Clock
+
+
+def refer_to(uri: str, headers: Iterable[tuple[str, str]]) -> str:
+    """The Refer-To of a blind transfer: ``uri`` with ``headers`` embedded (RFC 3261 19.1.1).
+
+    Headers on the REFER itself stay between us and the caller's phone; headers embedded in
+    the Refer-To URI go into the INVITE the phone sends to the target (RFC 3515 section 2.1),
+    which is how the nurse sees the call summary (checked against pjsua2's transferee).
+    """
+    embedded = "&".join(f"{name}={quote(value, safe='')}" for name, value in headers)
+    if not embedded:
+        return uri
+    bare = uri[1:-1] if uri.startswith("<") and uri.endswith(">") else uri
+    return f"<{bare}{'&' if '?' in bare else '?'}{embedded}>"
 
 
 class CallSession:
@@ -272,7 +287,7 @@ class CallSession:
         loop = asyncio.get_running_loop()
         self._transfer_waiter = loop.create_future()
         log.info("call %s: transferring", self._h.id)
-        await self._h.transfer(action.uri, dict(action.headers))
+        await self._h.transfer(refer_to(action.uri, action.headers), dict(action.headers))
         try:
             async with asyncio.timeout(TRANSFER_WAIT_S):
                 ok = await self._transfer_waiter
