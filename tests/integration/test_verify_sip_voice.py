@@ -1,0 +1,203 @@
+"""A voice-code verification answered by a real pjsua2 softphone, and proof of what it heard.
+
+The softphone (``tests/peers/softphone.py``, its own process) answers the service's call,
+presses 1 (RFC 4733) when asked, and records the call. The code exists only in that audio, so
+the test makes the service draw a code it knows (``verification.codes.new_code`` is replaced
+for this test: the service's call path is unchanged), then shows that the recording matches the
+service's own rendering of that code (the digits of ``spoken_code.compose``'s file) better, by a
+margin, than the renderings of every code one digit away; then checks the code over the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_verify_sip_flash import (
+    CLINIC,
+    MOBILE,
+    Rig,
+    create,
+    event_types,
+    make_rig,
+    sip_service,
+    wait_until_settled,
+)
+from verification import codes
+from voice.media import spoken_code
+from voice.media.audio_match import rank
+from voice.media.pcm import read_wav, resample, samples_to_bytes, silence
+from voice.media.tts import PromptRenderer
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CODE = "583920"
+# The code read twice after the question takes about 10 s; the call is up well within this.
+CALL_DEADLINE_S = 40.0
+# The best one-digit-off rendering must be this much farther from the recording than the
+# right one. Measured here: mean frame distance 0.95 for the right code, 1.41 for the best
+# wrong one (ratio 1.49).
+MARGIN = 1.25
+
+
+@pytest.fixture
+def rig(request: pytest.FixtureRequest) -> Rig:
+    return make_rig(request)
+
+
+def distance(score: float) -> float:
+    """audio_match's score is ``1 / (1 + d)``: back to ``d``, the mean distance per frame."""
+    return 1.0 / score - 1.0
+
+
+async def code_part(renderer: PromptRenderer, code: str, scratch: Path) -> bytes:
+    """The digits of the service's own spoken-code file for ``code`` (PCM16, 8 kHz).
+
+    ``spoken_code.compose`` says "Your <clinic> code is" and the digits, twice. The sentence
+    head is the same for every code and would drown a one-digit difference (the head is most
+    of the file), so the reference is the file's first run of digits, cut at the lengths of
+    the very pieces it was composed from.
+    """
+    composed = read_wav(await spoken_code.compose(renderer, CLINIC, code, scratch)).samples
+    head = len(read_wav(await renderer.render(spoken_code.head_text(CLINIC))).samples)
+    end = head
+    for digit in code:
+        end += len(silence(spoken_code.DIGIT_GAP_S, 8000))
+        end += len(read_wav(await renderer.render(digit)).samples)
+    return samples_to_bytes(composed[head:end])
+
+
+def one_digit_off(code: str) -> list[str]:
+    """For each position, the code with that digit changed (to the next digit)."""
+    return [code[:i] + str((int(d) + 1) % 10) + code[i + 1 :] for i, d in enumerate(code)]
+
+
+@dataclass
+class Softphone:
+    """A running ``tests/peers/softphone.py`` and the JSON events it printed."""
+
+    proc: asyncio.subprocess.Process
+    port: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    async def next_event(self, deadline_s: float) -> dict[str, Any]:
+        """The next JSON event (pjlib's start-up banner on stdout is skipped)."""
+        assert self.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, end - loop.time())):
+                    line = await self.proc.stdout.readline()
+            except TimeoutError:
+                pytest.fail(f"the softphone said nothing for {deadline_s} s; so far: {self.events}")
+            if not line:
+                status = await self.proc.wait()
+                pytest.fail(f"the softphone exited ({status}); said: {self.events}")
+            if line.startswith(b"{"):
+                event: dict[str, Any] = json.loads(line)
+                self.events.append(event)
+                return event
+
+    async def until(self, kind: str, deadline_s: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while True:
+            event = await self.next_event(max(0.01, end - loop.time()))
+            if event["event"] == kind:
+                return event
+
+    def said(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == kind]
+
+
+@contextlib.asynccontextmanager
+async def softphone(*args: str) -> AsyncIterator[Softphone]:
+    """Start the softphone on a free port; yields once it reported ``ready``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.peers.softphone",
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    phone = Softphone(proc)
+    try:
+        ready = await phone.until("ready", 10.0)
+        phone.port = int(ready["port"])
+        yield phone
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_softphone_hears_the_spoken_code_after_pressing_1(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def known_code(length: int) -> str:
+        assert length == len(CODE), f"the test expects {len(CODE)}-digit codes, not {length}"
+        return CODE
+
+    monkeypatch.setattr(codes, "new_code", known_code)
+    recording = tmp_path / "call.wav"
+    async with (
+        softphone(
+            "--answer",
+            "--dtmf",
+            "1@1.0",  # during the question: a barge-in, as a hurried user would
+            "--record",
+            str(recording),
+            "--timeout",
+            str(CALL_DEADLINE_S),
+        ) as phone,
+        sip_service(rig, phone.port) as svc,
+    ):
+        vid = await create(svc.api, phone=MOBILE, method="voice", fallback=[])
+        incoming = await phone.until("incoming", 10.0)
+        # The number the service dialled, as the route template made it.
+        assert f"sip:{MOBILE}@" in incoming["to"], incoming
+        await phone.until("dtmf_sent", 10.0)
+        await phone.until("ended", CALL_DEADLINE_S)
+        try:
+            async with asyncio.timeout(5.0):
+                status = await phone.proc.wait()
+        except TimeoutError:
+            pytest.fail("the softphone did not exit after the call ended")
+        assert status == 0, f"softphone exit {status}: {phone.events}"
+        v = await wait_until_settled(svc.api, vid, {"delivered", "undeliverable"})
+        kinds = event_types(v)
+        assert kinds[-2:] == ["answered", "delivered"], v
+        assert kinds[:2] == ["requested", "dispatched"], v
+        assert v["events"][-1]["detail"] == "code read twice", v
+
+        # What the phone heard, against the service's own renderings.
+        heard = read_wav(recording)
+        assert heard.duration_s > 5.0, f"only {heard.duration_s:.1f} s recorded"
+        samples = (
+            heard.samples if heard.rate_hz == 8000 else resample(heard.samples, heard.rate_hz, 8000)
+        )
+        renderer = PromptRenderer(rig.prompt_cache)
+        references = {
+            candidate: await code_part(renderer, candidate, tmp_path / "refs")
+            for candidate in [CODE, *one_digit_off(CODE)]
+        }
+        match = await asyncio.to_thread(rank, samples_to_bytes(samples), references, 8000)
+        assert match.key == CODE, f"the recording sounds like {match.key}, not the code"
+        nearest, wrong = distance(match.score), distance(match.runner_up)
+        assert wrong > MARGIN * nearest, (
+            f"right {match.score:.3f} vs best wrong {match.runner_up:.3f}: no clear margin"
+        )
+
+        approved = await svc.api.check(vid, CODE)
+        assert approved.json == {"id": vid, "status": "approved", "attempts_left": 5}, approved.text
