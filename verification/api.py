@@ -29,7 +29,8 @@ from verification.errors import (
     RateLimited,
 )
 from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Verification
-from verification.store import VerificationStore, body_hash
+from verification.request import KEY_ID, REQUEST_CHECKS, read_json_object, self_admitted
+from verification.store import Stored, VerificationStore, body_hash
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,11 @@ def parse_create(body: dict[str, Any], available: tuple[Channel, ...]) -> Create
     return CreateRequest(phone, region, plan, code_length, locale, callback)
 
 
+def _enforce(decision: limits.LimitDecision) -> None:
+    if not decision.allowed and decision.blocked_by is not None:
+        raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+
+
 class VerificationApi:
     """Handlers for ``/v1/verifications``."""
 
@@ -188,12 +194,21 @@ class VerificationApi:
 
     async def _count(self, checks: list[limits.LimitCheck]) -> None:
         decision = await self._store().hit_limits(checks, self._clock.now())
-        if not decision.allowed and decision.blocked_by is not None:
-            raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+        _enforce(decision)
 
+    async def _admit_and_get(self, request: web.Request) -> Stored:
+        """Count the request-level limits and read the verification: one round trip."""
+        vid = self._vid(request)
+        decision, stored = await self._store().admit_and_get(
+            request.get(REQUEST_CHECKS, []), self._clock.now(), vid
+        )
+        _enforce(decision)
+        if stored is None:
+            raise NotFound(f"no verification {vid}")
+        return stored
+
+    @self_admitted
     async def create(self, request: web.Request) -> web.Response:
-        from clinic_voice.http import KEY_ID, read_json_object
-
         body, raw = await read_json_object(request)
         req = parse_create(body, self._available())
         phone = numbers.parse_phone(req.phone, req.region)
@@ -214,7 +229,9 @@ class VerificationApi:
         # The first send is counted now, so an over-limit number is refused with 429 before a
         # verification exists; later sends are counted by the dispatcher.
         await self._count(
-            limits.creation_checks(self._vs, phone) + limits.send_checks(self._vs, phone)
+            request.get(REQUEST_CHECKS, [])
+            + limits.creation_checks(self._vs, phone)
+            + limits.send_checks(self._vs, phone)
         )
         vid = secrets.token_urlsafe(24)  # 192 bits
         sip = self._settings.sip
@@ -238,21 +255,22 @@ class VerificationApi:
             callback_url=req.callback_url,
             client=client,
         )
-        v = await self._store().create(transition, idempotency)
+        stored = await self._store().create(transition, idempotency)
+        v = stored.verification
         if v.id != vid:  # a concurrent request with the same key won
             return self._json(v, 201, replayed=True)
         log.info("verification %s: created (%s)", vid, ",".join(req.plan))
         self._on_change(v)
-        self._dispatcher().follow(transition, counted=True)
+        self._dispatcher().follow(transition, counted=True, known=stored)
         return self._json(v, 201)
 
+    @self_admitted
     async def get(self, request: web.Request) -> web.Response:
-        stored = await self._store().get(self._vid(request))
+        stored = await self._admit_and_get(request)
         return self._json(stored.verification)
 
+    @self_admitted
     async def check(self, request: web.Request) -> web.Response:
-        from clinic_voice.http import read_json_object
-
         vid = self._vid(request)
         body, _ = await read_json_object(request)
         unknown = sorted(set(body) - {"code", "cli"})
@@ -260,7 +278,7 @@ class VerificationApi:
             raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
         if ("code" in body) == ("cli" in body):
             raise InvalidRequest("give exactly one of 'code' or 'cli'")
-        stored = await self._store().get(vid)
+        stored = await self._admit_and_get(request)
         v0 = stored.verification
         secret = self._secret()
         candidate: str | None
@@ -287,7 +305,7 @@ class VerificationApi:
             matched = candidate is not None and codes.matches(secret, vid, candidate, v.code_hashes)
             return rules.check(v, matched, now, self._policy)
 
-        transition, answer = await self._store().update(vid, change)
+        transition, answer = await self._store().update(vid, change, known=stored)
         if transition.verification != v0:
             self._on_change(transition.verification)
         log.info("verification %s: check -> %s", vid, answer.status)
@@ -295,23 +313,28 @@ class VerificationApi:
             {"id": vid, "status": answer.status.value, "attempts_left": answer.attempts_left}
         )
 
+    @self_admitted
     async def fallback(self, request: web.Request) -> web.Response:
-        vid = self._vid(request)
-        stored = await self._store().get(vid)
+        stored = await self._admit_and_get(request)
+        vid = stored.verification.id
         now = self._clock.now()
         rules.request_fallback(stored.verification, now, self._policy)  # 409s before counting
         await self._count(limits.send_checks(self._vs, stored.verification.phone))
-        transition, _ = await self._store().update(
-            vid, lambda v: (rules.request_fallback(v, self._clock.now(), self._policy), None)
+        transition, _, written = await self._store().update_stored(
+            vid,
+            lambda v: (rules.request_fallback(v, self._clock.now(), self._policy), None),
+            known=stored,
         )
         self._on_change(transition.verification)
-        self._dispatcher().follow(transition, counted=True)
+        self._dispatcher().follow(transition, counted=True, known=written)
         return self._json(transition.verification)
 
+    @self_admitted
     async def cancel(self, request: web.Request) -> web.Response:
-        vid = self._vid(request)
+        stored = await self._admit_and_get(request)
+        vid = stored.verification.id
         transition, _ = await self._store().update(
-            vid, lambda v: (rules.cancel(v, self._clock.now()), None)
+            vid, lambda v: (rules.cancel(v, self._clock.now()), None), known=stored
         )
         self._on_change(transition.verification)
         log.info("verification %s: canceled", vid)

@@ -21,7 +21,7 @@ from verification.channels.base import ChannelAdapter, Delivery, DeliveryReport
 from verification.errors import NotFound, NotPending, StoreUnavailable
 from verification.model import Channel, Policy, Verification
 from verification.rules import DeliveryKind, Transition
-from verification.store import VerificationStore
+from verification.store import Stored, VerificationStore
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +98,29 @@ class Dispatcher:
             log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     # -- transitions ---------------------------------------------------------------------------
-    def follow(self, transition: Transition, *, counted: bool = False) -> None:
+    def follow(
+        self, transition: Transition, *, counted: bool = False, known: Stored | None = None
+    ) -> None:
         """Start whatever send a transition asks for (returns at once).
 
         ``counted``: the API already counted this send against the per-number limits.
+        ``known``: the record as just written, so the send need not read it again.
         """
         v = transition.verification
         if transition.send is not None:
-            self._spawn(self._send(v.id, v.step, transition.send, counted), f"send {v.id} {v.step}")
+            self._spawn(
+                self._send(v.id, v.step, transition.send, counted, known), f"send {v.id} {v.step}"
+            )
 
-    async def _send(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
-        try:
-            stored = await self._store.get(vid)
-        except NotFound:
-            return
-        v = stored.verification
+    async def _send(
+        self, vid: str, step: int, channel: Channel, counted: bool, known: Stored | None
+    ) -> None:
+        if known is None:
+            try:
+                known = await self._store.get(vid)
+            except NotFound:
+                return
+        v = known.verification
         decision = (
             limits.LimitDecision(allowed=True)
             if counted
@@ -128,23 +136,36 @@ class Dispatcher:
         code = codes.new_code(v.code_length)
         digest = codes.code_hash(self._secret, vid, code)
         try:
-            await self._store.update(
-                vid, lambda x: (rules.code_sent(x, step, digest, self._clock.now()), None)
+            _, _, written = await self._store.update_stored(
+                vid,
+                lambda x: (rules.code_sent(x, step, digest, self._clock.now()), None),
+                known=known,
             )
         except NotPending:
             log.info("verification %s: moved on before the send of step %d", vid, step)
             return
         adapter = self._channels.get(channel)
 
+        last = written  # the record as this send last wrote it: reports chain on it
+
         async def report(r: DeliveryReport) -> None:
+            nonlocal last
             if self._deliveries is not None:
                 self._deliveries.count(channel, r.kind)
-            await self._apply(
-                vid,
-                lambda x: rules.delivery(
-                    x, step, r.kind, r.detail, now=self._clock.now(), policy=self._policy
-                ),
-            )
+            try:
+                transition, _, last = await self._store.update_stored(
+                    vid,
+                    lambda x: (
+                        rules.delivery(
+                            x, step, r.kind, r.detail, now=self._clock.now(), policy=self._policy
+                        ),
+                        None,
+                    ),
+                    known=last,
+                )
+            except NotFound:
+                return
+            self.follow(transition, known=last)
 
         if adapter is None or not adapter.ready():
             await report(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from verification.errors import Conflict, IdempotencyConflict, NotFound, StoreUnavailable
 from verification.limits import LimitCheck, LimitDecision
@@ -165,13 +165,15 @@ class VerificationStore:
         new: Verification,
         *,
         idempotency: tuple[str, str, int] | None = None,
-    ) -> bool:
+    ) -> str | None:
+        """Write ``new`` if the record is still at ``old``'s version; the new version or None."""
         due = due_at(new)
         jobs = _webhook_payloads(old.verification if old else None, new, self._global_webhook)
         keys = [_record_key(new.id), DUE, WEBHOOK_DUE, WEBHOOK_JOBS]
+        version = secrets.token_hex(8)
         args: list[Any] = [
             old.version if old else "",
-            secrets.token_hex(8),
+            version,
             json.dumps(new.to_json(), separators=(",", ":")),
             int((new.expires_at + KEEP_AFTER_EXPIRY_S) * 1000),
             repr(due) if due is not None else "",
@@ -186,9 +188,10 @@ class VerificationStore:
             keys.append(key)
             args += [value, ttl]
         try:
-            return bool(await self._cas(keys=keys, args=args))
+            written = bool(await self._cas(keys=keys, args=args))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
+        return version if written else None
 
     async def get_idempotent(self, idempotency: tuple[str, str]) -> Verification | None:
         """The verification an earlier request with this (key id, body hash) made, if any."""
@@ -202,7 +205,7 @@ class VerificationStore:
 
     async def create(
         self, transition: Transition, idempotency: tuple[str, str] | None = None
-    ) -> Verification:
+    ) -> Stored:
         """Store a new verification. ``idempotency`` is (key id, body hash): a repeat with the
         same key and body returns the first verification; another body is a conflict."""
         v = transition.verification
@@ -217,32 +220,82 @@ class VerificationStore:
             except (RedisError, OSError) as exc:
                 raise StoreUnavailable(str(exc)) from exc
             if existing is not None:
-                return await self._replay(str(existing), idempotency[1])
+                return await self._replay_stored(str(existing), idempotency[1])
             idem = (key, json.dumps({"body": idempotency[1], "id": v.id}), KEEP_AFTER_EXPIRY_S)
-        if not await self._write(None, v, idempotency=idem):
+        version = await self._write(None, v, idempotency=idem)
+        if version is None:
             raise Conflict(f"verification {v.id} exists")
-        return v
+        return Stored(v, version)
 
     async def _replay(self, existing: str, body_hash: str) -> Verification:
+        return (await self._replay_stored(existing, body_hash)).verification
+
+    async def _replay_stored(self, existing: str, body_hash: str) -> Stored:
         record = json.loads(existing)
         if record["body"] != body_hash:
             raise IdempotencyConflict("this Idempotency-Key was used with another body")
         if not record["id"]:
             raise IdempotencyConflict("a request with this Idempotency-Key is in progress")
-        return (await self.get(record["id"])).verification
+        return await self.get(record["id"])
 
     async def update(
-        self, vid: str, change: Callable[[Verification], tuple[Transition, T]]
+        self,
+        vid: str,
+        change: Callable[[Verification], tuple[Transition, T]],
+        *,
+        known: Stored | None = None,
     ) -> tuple[Transition, T]:
         """Apply ``change`` (a pure rule) atomically, retrying when another writer won."""
+        transition, extra, _ = await self.update_stored(vid, change, known=known)
+        return transition, extra
+
+    async def update_stored(
+        self,
+        vid: str,
+        change: Callable[[Verification], tuple[Transition, T]],
+        *,
+        known: Stored | None = None,
+    ) -> tuple[Transition, T, Stored]:
+        """:meth:`update`, also returning the record as written (to chain the next update).
+
+        ``known``: the record as last read or written by this caller; the first attempt
+        writes against it without reading again (one round trip when nobody else wrote).
+        """
+        stored = known
         for _ in range(MAX_CAS_TRIES):
-            stored = await self.get(vid)
+            if stored is None:
+                stored = await self.get(vid)
             transition, extra = change(stored.verification)
             if transition.verification == stored.verification:
-                return transition, extra
-            if await self._write(stored, transition.verification):
-                return transition, extra
+                return transition, extra, stored
+            version = await self._write(stored, transition.verification)
+            if version is not None:
+                return transition, extra, Stored(transition.verification, version)
+            stored = None
         raise StoreUnavailable(f"verification {vid}: too much contention")
+
+    async def admit_and_get(
+        self, checks: list[LimitCheck], now: float, vid: str
+    ) -> tuple[LimitDecision, Stored | None]:
+        """Count a request against ``checks`` and read ``vid`` (None: no such record), in one
+        round trip."""
+        keys, args = _limit_args(checks, now)
+        try:
+            async with self._r.pipeline(transaction=False) as p:
+                p.evalsha(self._limits.sha, len(keys), *keys, *args)
+                p.hmget(_record_key(vid), ["ver", "doc"])
+                try:
+                    res, (ver, doc) = await p.execute()
+                except NoScriptError:
+                    await self._limits(keys=keys, args=args)  # loads the script, counts once
+                    ver, doc = await self._r.hmget(_record_key(vid), ["ver", "doc"])
+                    res = [0]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        decision = _decision(res, checks)
+        if ver is None or doc is None:
+            return decision, None
+        return decision, Stored(Verification.from_json(json.loads(doc)), str(ver))
 
     async def lease_due(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
         """Verification ids whose timer is due, leased for ``lease_s`` to this caller."""
@@ -313,20 +366,29 @@ class VerificationStore:
         """Count one event against every check, all or nothing."""
         if not checks:
             return LimitDecision(allowed=True)
-        keys = [f"{PREFIX}l:{c.key(now)}" for c in checks]
-        args: list[Any] = []
-        for c in checks:
-            args += [c.rate.count, c.rate.window_s * 1000]
+        keys, args = _limit_args(checks, now)
         try:
             res = await self._limits(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        if int(res[0]) == 0:
-            return LimitDecision(allowed=True)
-        check = checks[int(res[1]) - 1]
-        return LimitDecision(
-            allowed=False, blocked_by=check, retry_after_s=max(1, -(-int(res[2]) // 1000))
-        )
+        return _decision(res, checks)
+
+
+def _limit_args(checks: list[LimitCheck], now: float) -> tuple[list[str], list[Any]]:
+    keys = [f"{PREFIX}l:{c.key(now)}" for c in checks]
+    args: list[Any] = []
+    for c in checks:
+        args += [c.rate.count, c.rate.window_s * 1000]
+    return keys, args
+
+
+def _decision(res: list[Any], checks: list[LimitCheck]) -> LimitDecision:
+    if int(res[0]) == 0:
+        return LimitDecision(allowed=True)
+    check = checks[int(res[1]) - 1]
+    return LimitDecision(
+        allowed=False, blocked_by=check, retry_after_s=max(1, -(-int(res[2]) // 1000))
+    )
 
 
 def body_hash(body: bytes) -> str:

@@ -1,0 +1,48 @@
+"""What the HTTP edge hands a verification handler: the caller's key id, the request-level
+limit checks a handler counts itself (in the same Redis round trip as its own work), and the
+strict JSON body reader.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from verification.errors import InvalidRequest
+from verification.limits import LimitCheck
+
+KEY_ID = web.RequestKey("key_id", str)
+REQUEST_CHECKS = web.RequestKey("request_checks", list[LimitCheck])
+_SELF_ADMITTED = "_counts_request_limits_itself"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def self_admitted(handler: F) -> F:
+    """Mark a handler that counts the per-key and per-IP limits itself (see REQUEST_CHECKS)."""
+    setattr(handler, _SELF_ADMITTED, True)
+    return handler
+
+
+def is_self_admitted(handler: object) -> bool:
+    return bool(getattr(handler, _SELF_ADMITTED, False))
+
+
+async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object (and its raw bytes), or a 4xx problem."""
+    ctype = request.content_type
+    if request.can_read_body and ctype not in ("application/json", "application/merge-patch+json"):
+        raise web.HTTPUnsupportedMediaType()
+    raw = await request.read()  # client_max_size makes this 413 past 64 KiB
+    if not raw:
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body, raw
