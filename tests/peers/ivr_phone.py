@@ -1,0 +1,267 @@
+"""A pjsua2 phone for the clinic-line tests, run in its OWN process (one Endpoint per process).
+
+Two roles, both printing one JSON object a line on stdout (flushed), each with the ``leg`` it
+is about (``main``: the call placed or answered; ``xfer``: the call a REFER made us place):
+
+caller  ``--call URI [--dtmf "4@0.5,1@0.7"] [--play IN.wav] [--play-at S] [--record OUT.wav]``
+        places the call (follows the front's 302), sends RFC 4733 digits at the given seconds
+        after the answer, plays a WAV to the far end ``--play-at`` seconds after the answer.
+        A REFER is accepted (pjsua's default answer, 202) and reported as
+        ``{"event": "transfer_request", "to": URI}``; the new call is the ``xfer`` leg and
+        is hung up ``--xfer-hold`` seconds after it is answered.
+callee  ``--answer [--duration S]`` answers one inbound call and reports
+        ``{"event": "incoming", "from", "to", "headers": {X-*...}}`` (the INVITE's X- headers,
+        so a test can read the summary a transfer carries), then hangs up after ``S``.
+
+The process exits 0 once every leg has ended (2 on ``--timeout``, 1 on a pjsua error).
+pjsua2's camelCase stays in this file; the test reads only the JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pjsua2 as pj
+
+from tests.peers.softphone import listen, parse_dtmf, say
+
+
+@dataclass
+class Leg:
+    """One call of this phone and what is still to be done on it."""
+
+    name: str
+    call: Call | None = None
+    confirmed_at: float | None = None
+    answer_at: float | None = None
+    hangup_at: float | None = None
+    ended: bool = False
+    hung_up: bool = False
+
+
+@dataclass
+class State:
+    """Everything the pump loop needs."""
+
+    args: argparse.Namespace
+    dtmf: list[tuple[float, str]]
+    legs: list[Leg] = field(default_factory=list)
+    played: bool = False
+    keep: list[Any] = field(default_factory=list)  # players, recorders: alive until exit
+
+
+class Call(pj.Call):  # type: ignore[misc]
+    def __init__(self, acc: Account, state: State, leg: Leg, call_id: int = -1) -> None:
+        if call_id >= 0:
+            super().__init__(acc, call_id)
+        else:
+            super().__init__(acc)
+        self.acc = acc
+        self.state = state
+        self.leg = leg
+        leg.call = self
+
+    def onCallState(self, prm: Any) -> None:
+        info = self.getInfo()
+        status = int(info.lastStatusCode)
+        if info.state == pj.PJSIP_INV_STATE_CONFIRMED and self.leg.confirmed_at is None:
+            self.leg.confirmed_at = time.monotonic()
+            say("confirmed", leg=self.leg.name)
+            hold = self.state.args.xfer_hold if self.leg.name == "xfer" else 0.0
+            if hold:
+                self.leg.hangup_at = self.leg.confirmed_at + hold
+        elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.leg.ended:
+            self.leg.ended = True
+            say("ended", leg=self.leg.name, status=status, reason=str(info.lastReason))
+
+    def onCallMediaState(self, prm: Any) -> None:
+        if self.leg.name != "main":
+            return
+        args = self.state.args
+        info = self.getInfo()
+        for i, m in enumerate(info.media):
+            if m.type != pj.PJMEDIA_TYPE_AUDIO or m.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
+                continue
+            if args.record and not any(
+                isinstance(k, pj.AudioMediaRecorder) for k in self.state.keep
+            ):
+                rec = pj.AudioMediaRecorder()
+                rec.createRecorder(args.record)
+                self.getAudioMedia(i).startTransmit(rec)
+                self.state.keep.append(rec)
+            say("media", leg=self.leg.name)
+
+    def onDtmfDigit(self, prm: Any) -> None:
+        say("dtmf", leg=self.leg.name, digit=str(prm.digit))
+
+    def onCallRedirected(self, prm: Any) -> int:
+        say("redirected", leg=self.leg.name, target=str(prm.targetUri))
+        return int(pj.PJSIP_REDIRECT_ACCEPT)
+
+    def onCallTransferRequest(self, prm: Any) -> None:
+        say("transfer_request", leg=self.leg.name, to=str(prm.dstUri), status=int(prm.statusCode))
+        leg = Leg("xfer")
+        self.state.legs.append(leg)
+        # Our own Call object for the new leg, so its states are reported like the first.
+        prm.newCall = Call(self.acc, self.state, leg)
+
+
+class Account(pj.Account):  # type: ignore[misc]
+    def __init__(self, state: State) -> None:
+        super().__init__()
+        self.state = state
+
+    def onIncomingCall(self, prm: Any) -> None:
+        args = self.state.args
+        busy = not args.answer or any(leg.name == "main" for leg in self.state.legs)
+        leg = Leg("main" if not busy else "refused")
+        call = Call(self, self.state, leg, prm.callId)
+        info = call.getInfo()
+        say(
+            "incoming",
+            leg=leg.name,
+            headers=_x_headers(str(prm.rdata.wholeMsg)),
+            **{"from": str(info.remoteUri), "to": str(info.localUri)},
+        )
+        op = pj.CallOpParam(True)
+        if busy:
+            op.statusCode = 486
+            call.hangup(op)
+            self.state.keep.append(call)
+            return
+        self.state.legs.append(leg)
+        op.statusCode = 180
+        call.answer(op)
+        leg.answer_at = time.monotonic() + args.answer_after
+        if args.duration:
+            leg.hangup_at = leg.answer_at + args.duration
+
+
+def _x_headers(raw: str) -> dict[str, str]:
+    """The X- headers of a SIP message (the head only, folded lines not expected)."""
+    head = raw.split("\r\n\r\n", 1)[0]
+    out: dict[str, str] = {}
+    for line in head.split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower().startswith("x-"):
+            out[name.strip()] = value.strip()
+    return out
+
+
+def _pump(ep: pj.Endpoint, state: State, deadline: float) -> int:
+    args = state.args
+    while True:
+        ep.libHandleEvents(10)
+        now = time.monotonic()
+        if state.legs and all(leg.ended for leg in state.legs):
+            return 0
+        if now > deadline:
+            say("timeout")
+            return 2
+        for leg in state.legs:
+            call = leg.call
+            if call is None or leg.ended:
+                continue
+            if leg.answer_at is not None and now >= leg.answer_at:
+                leg.answer_at = None
+                op = pj.CallOpParam(True)
+                op.statusCode = 200
+                call.answer(op)
+            if leg.hangup_at is not None and now >= leg.hangup_at and not leg.hung_up:
+                leg.hung_up = True
+                call.hangup(pj.CallOpParam(True))
+            if leg.name != "main" or leg.confirmed_at is None:
+                continue
+            up_for = now - leg.confirmed_at
+            while state.dtmf and up_for >= state.dtmf[0][0]:
+                _, digit = state.dtmf.pop(0)
+                call.dialDtmf(digit)
+                say("dtmf_sent", leg=leg.name, digit=digit, at=round(up_for, 3))
+            if args.play and not state.played and up_for >= args.play_at:
+                state.played = True
+                player = pj.AudioMediaPlayer()
+                player.createPlayer(args.play, pj.PJMEDIA_FILE_NO_LOOP)
+                player.startTransmit(call.getAudioMedia(-1))
+                state.keep.append(player)
+                say("playing", leg=leg.name, at=round(up_for, 3))
+            if args.duration and up_for >= args.duration and not leg.hung_up:
+                leg.hung_up = True
+                call.hangup(pj.CallOpParam(True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="pjsua2 phone for the clinic-line tests")
+    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--call", default="")
+    parser.add_argument("--from-user", default="patient")
+    parser.add_argument("--answer", action="store_true")
+    parser.add_argument("--answer-after", type=float, default=0.0)
+    parser.add_argument("--dtmf", default="")
+    parser.add_argument("--play", default="")
+    parser.add_argument("--play-at", type=float, default=0.0)
+    parser.add_argument("--record", default="")
+    parser.add_argument("--duration", type=float, default=0.0)
+    parser.add_argument("--xfer-hold", type=float, default=0.5)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    args.record = os.path.abspath(args.record) if args.record else ""
+    args.play = os.path.abspath(args.play) if args.play else ""
+    state = State(args, parse_dtmf(args.dtmf))
+
+    ep = pj.Endpoint()
+    ep.libCreate()
+    cfg = pj.EpConfig()
+    cfg.uaConfig.threadCnt = 0
+    cfg.uaConfig.mainThreadOnly = True
+    cfg.logConfig.level = 0
+    cfg.logConfig.consoleLevel = 0
+    cfg.medConfig.clockRate = 8000
+    cfg.medConfig.sndClockRate = 8000
+    cfg.medConfig.channelCount = 1
+    cfg.medConfig.ecTailLen = 0
+    ep.libInit(cfg)
+    port = listen(ep, args.bind, args.port)
+    ep.libStart()
+    ep.audDevManager().setNullDev()
+    for codec in ep.codecEnum2():
+        keep = codec.codecId.startswith(("PCMU/8000", "PCMA/8000"))
+        ep.codecSetPriority(codec.codecId, 200 if keep else 0)
+    acfg = pj.AccountConfig()
+    acfg.idUri = f"sip:{args.from_user}@{args.bind}:{port}"
+    acfg.regConfig.registerOnAdd = False
+    acfg.mediaConfig.transportConfig.port = 0
+    acfg.mediaConfig.transportConfig.boundAddress = args.bind
+    acc = Account(state)
+    acc.create(acfg, True)
+    say("ready", port=port)
+
+    status = 0
+    try:
+        if args.call:
+            leg = Leg("main")
+            state.legs.append(leg)
+            Call(acc, state, leg).makeCall(args.call, pj.CallOpParam(True))
+        status = _pump(ep, state, time.monotonic() + args.timeout)
+        for leg in state.legs:
+            if leg.call is not None and not leg.ended:
+                leg.call.hangup(pj.CallOpParam(True))
+        ep.libHandleEvents(100)
+    except pj.Error as exc:
+        say("error", reason=str(exc.info()))
+        status = 1
+    # Recorders complete their WAV header when destroyed: drop them before the library.
+    state.keep = [k for k in state.keep if isinstance(k, pj.Call)]
+    ep.libHandleEvents(20)
+    ep.libDestroy()
+    # Destroying a pjsua2 Call after the library can abort (call id assertion): skip the
+    # interpreter's teardown, there is nothing left to flush.
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

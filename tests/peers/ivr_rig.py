@@ -1,0 +1,300 @@
+"""The test side of the clinic-line tests: the whole service in-process, phones as processes.
+
+- :func:`running_clinic_line` starts the real app (``build_app`` with the SIP pool, the
+  redirect front and the clinic line from :func:`clinic_voice.wiring.extra_contexts`) on
+  127.0.0.1 with a real ``redis-server``, and yields a :class:`ClinicLine` with the API client
+  and the SIP URIs to call. The nurse and staff URIs point at free ports where a test starts
+  an answering :class:`Phone` when it expects a transfer.
+- :class:`Phone` runs ``tests/peers/ivr_phone.py`` in its own process (pjsua2 allows one
+  Endpoint per process) and reads its JSON lines; every wait has a deadline and says what it
+  waited for.
+
+pjsua2 is never imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from clinic_voice.app import RUNTIME, build_app
+from clinic_voice.wiring import channel_factories, extra_contexts
+from sip_config.settings import Settings
+from tests.conftest import RedisServer, free_port
+from tests.integration.conftest import API_KEY, BASE_ENV, Answer, Api, OpenApiCollector
+
+ROOT = Path(__file__).resolve().parents[2]
+NURSE_USER = "6100"
+STAFF_USER = "6200"
+SIP_WORKERS = 2
+Event = dict[str, Any]
+
+
+def free_port_run(count: int) -> int:
+    """A port ``p`` with ``p .. p+count-1`` free for TCP and UDP on 127.0.0.1 right now.
+
+    The SIP front listens on ``p`` and its workers on the ports after it; all are released
+    before returning, so bind them soon.
+    """
+    for _ in range(100):
+        first = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    held.append(s)
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no run of {count} free ports on 127.0.0.1 after 100 tries")
+
+
+@dataclass
+class ClinicLine:
+    """A running service taking calls."""
+
+    api: Api
+    settings: Settings
+    sip_host: str
+    sip_port: int
+    nurse_port: int
+    staff_port: int
+    redis: RedisServer
+    app: web.Application
+
+    def uri(self, user: str) -> str:
+        """The URI a caller dials to reach the clinic line as ``user`` (a route)."""
+        return f"sip:{user}@{self.sip_host}:{self.sip_port}"
+
+    async def get(self, path: str, **query: str) -> Answer:
+        """``GET path?query`` with the API key, validated against ``/openapi.json``.
+
+        The collector matches documented paths without their query string, so it is given
+        the path alone (its ``Api.request`` would hand it the query too).
+        """
+        client = self.api.client
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with client.get(path, params=query, headers=headers) as resp:
+            body = await resp.read()
+            answer = Answer(resp.status, resp.headers, body, resp.content_type)
+        errors = self.api.collector.check("GET", path, answer.status, answer.content_type, body)
+        assert not errors, "response does not match /openapi.json:\n  " + "\n  ".join(errors)
+        return answer
+
+    async def calls(self, **query: str) -> Answer:
+        """``GET /v1/calls`` with ``query``."""
+        return await self.get("/v1/calls", **query)
+
+    async def call_ids(self) -> set[str]:
+        """Ids of every stored call (walks the pages)."""
+        ids: set[str] = set()
+        cursor: str | None = None
+        for _ in range(100):
+            page = await self.calls(limit="100", **({"cursor": cursor} if cursor else {}))
+            assert page.status == 200, page.text
+            ids |= {c["id"] for c in page.json["calls"]}
+            cursor = page.json["next"]
+            if cursor is None:
+                return ids
+        raise AssertionError("more than 100 pages of calls")
+
+    async def new_record(self, before: set[str], deadline_s: float = 15.0) -> dict[str, Any]:
+        """The one call record stored since ``before`` (ids), fetched by ``GET /v1/calls/{id}``.
+
+        The record is written when the session ends (after the caller's BYE or ours), so
+        this polls ``/v1/calls`` until the new id shows.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while True:
+            new = await self.call_ids() - before
+            if new:
+                assert len(new) == 1, f"expected one new call record, got {sorted(new)}"
+                (call_id,) = new
+                got = await self.get(f"/v1/calls/{call_id}")
+                assert got.status == 200, got.text
+                record: dict[str, Any] = got.json
+                return record
+            if loop.time() > end:
+                pytest.fail(f"no new call record in GET /v1/calls within {deadline_s} s")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def running_clinic_line(
+    tmp: Path, collector: OpenApiCollector, env: Mapping[str, str] | None = None
+) -> AsyncIterator[ClinicLine]:
+    """The service with its SIP front on a free run of ports; everything stopped after."""
+    redis_dir = tmp / "redis"
+    redis_dir.mkdir()
+    redis = RedisServer(redis_dir)
+    await asyncio.to_thread(redis.start)
+    client: TestClient[Any, Any] | None = None
+    try:
+        sip_port = free_port_run(SIP_WORKERS + 1)
+        nurse_port, staff_port = free_port(), free_port()
+        settings = Settings.from_env(
+            {
+                **BASE_ENV,
+                "CLINIC_REDIS_URL": redis.url,
+                "CLINIC_DATA_DIR": str(tmp / "data"),
+                "CLINIC_SIP_ADDR": f"127.0.0.1:{sip_port}",
+                "CLINIC_SIP_WORKERS": str(SIP_WORKERS),
+                "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{nurse_port}",
+                "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{staff_port}",
+                "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
+                **(env or {}),
+            }
+        )
+        app = build_app(
+            settings,
+            extra_contexts=extra_contexts(settings),
+            channel_factories=channel_factories(settings),
+        )
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        async with client.get("/openapi.json") as resp:
+            assert resp.status == 200, await resp.text()
+            collector.load(await resp.json())
+        pool = app[RUNTIME].sip_pool
+        assert pool is not None and pool.ready(), "the SIP pool is not up after start"
+        yield ClinicLine(
+            api=Api(client, collector),
+            settings=settings,
+            sip_host="127.0.0.1",
+            sip_port=sip_port,
+            nurse_port=nurse_port,
+            staff_port=staff_port,
+            redis=redis,
+            app=app,
+        )
+    finally:
+        if client is not None:
+            await client.close()
+        await asyncio.to_thread(redis.stop)
+
+
+class Phone:
+    """One ``ivr_phone`` process and the events it printed so far."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: list[Event] = []
+        self._changed = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._stderr = b""
+
+    @classmethod
+    async def start(cls, name: str, *args: str, ready_s: float = 10.0) -> Phone:
+        """Start the phone with ``args`` and wait until it listens."""
+        phone = cls(name)
+        phone._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.peers.ivr_phone",
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        phone._reader = asyncio.create_task(phone._read())
+        await phone.wait_for("ready", ready_s)
+        return phone
+
+    @property
+    def port(self) -> int:
+        return int(next(e["port"] for e in self.events if e["event"] == "ready"))
+
+    async def _read(self) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        err = asyncio.create_task(proc.stderr.read())
+        async for line in proc.stdout:
+            if line.startswith(b"{"):
+                self.events.append(json.loads(line))
+                self._changed.set()
+        self._stderr = await err
+        self._changed.set()
+
+    def find(self, event: str, **match: Any) -> Event | None:
+        """The first event named ``event`` whose fields include ``match``."""
+        for e in self.events:
+            if e["event"] == event and all(e.get(k) == v for k, v in match.items()):
+                return e
+        return None
+
+    async def wait_for(self, event: str, deadline_s: float, **match: Any) -> Event:
+        """Wait for an event; fail the test with the events seen so far on the deadline."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while True:
+            found = self.find(event, **match)
+            if found is not None:
+                return found
+            if self._reader is not None and self._reader.done():
+                pytest.fail(f"{self.name} exited before {event} {match}: {self.report()}")
+            self._changed.clear()
+            left = end - loop.time()
+            if left <= 0:
+                pytest.fail(
+                    f"{self.name}: no {event} {match} within {deadline_s} s: {self.report()}"
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
+
+    async def finish(self, deadline_s: float) -> list[Event]:
+        """Wait for the process to exit 0 (every leg ended); returns its events."""
+        proc = self._proc
+        assert proc is not None and self._reader is not None
+        try:
+            async with asyncio.timeout(deadline_s):
+                await self._reader
+                await proc.wait()
+        except TimeoutError:
+            pytest.fail(f"{self.name} did not finish within {deadline_s} s: {self.report()}")
+        assert proc.returncode == 0, f"{self.name} exited {proc.returncode}: {self.report()}"
+        return self.events
+
+    async def stop(self) -> None:
+        """Kill the process if it still runs (cleanup after a failed test)."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    def report(self) -> str:
+        tail = self._stderr.decode(errors="replace")[-800:]
+        return f"events={self.events} stderr={tail!r}"
+
+
+@contextlib.asynccontextmanager
+async def phones() -> AsyncIterator[list[Phone]]:
+    """Collects the phones a test starts and kills any left running at the end."""
+    started: list[Phone] = []
+    try:
+        yield started
+    finally:
+        for phone in started:
+            await phone.stop()
