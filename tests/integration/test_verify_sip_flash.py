@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -232,6 +233,19 @@ async def wire_request(sipp: Sipp, method: str, deadline_s: float = DEADLINE_S) 
     return only(seen, method)
 
 
+def assert_not_logged(
+    secret: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Neither the service's log records nor the workers' stderr may hold ``secret``.
+
+    STYLE.md habit 9: never a code, nor a caller-ID tail that is a code, in a log line. The
+    test must have called ``caplog.set_level(logging.DEBUG)`` first, so every line is seen.
+    """
+    workers = capfd.readouterr().err
+    assert secret not in caplog.text, "a code appears in the service's log records"
+    assert secret not in workers, "a code appears in the SIP workers' log lines"
+
+
 def other_code(code: str) -> str:
     """The same length, every digit different."""
     return "".join(str((int(d) + 1) % 10) for d in code)
@@ -248,7 +262,10 @@ async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
     rig: Rig,
     tmp_path: Path,
     how: str,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     async with (
         sipp_uas("sipp_uas_ring.xml", tmp_path) as uas,
         sip_service(rig, uas.port) as svc,
@@ -292,6 +309,7 @@ async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
         right = await svc.api.request("POST", f"/v1/verifications/{vid}/check", json_body=body)
         assert right.json == {"id": vid, "status": "approved", "attempts_left": 4}, right.text
         assert event_types(await svc.api.get(vid))[-1] == "approved"
+    assert_not_logged(code, caplog, capfd)
 
 
 # -- answered: recorded, hung up at once --------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from typing import Any
 
 import pytest
 
+from clinic_voice.app import RUNTIME
 from tests.integration.test_verify_sip_flash import (
     CLINIC,
     MOBILE,
     Rig,
+    assert_not_logged,
     create,
     event_types,
     make_rig,
@@ -143,8 +146,14 @@ async def softphone(*args: str) -> AsyncIterator[Softphone]:
 
 
 async def test_softphone_hears_the_spoken_code_after_pressing_1(
-    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    rig: Rig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
+    caplog.set_level(logging.DEBUG)
+
     def known_code(length: int) -> str:
         assert length == len(CODE), f"the test expects {len(CODE)}-digit codes, not {length}"
         return CODE
@@ -180,6 +189,10 @@ async def test_softphone_hears_the_spoken_code_after_pressing_1(
         assert kinds[-2:] == ["answered", "delivered"], v
         assert kinds[:2] == ["requested", "dispatched"], v
         assert v["events"][-1]["detail"] == "code read twice", v
+        # The composed file saying the code is private to the call: gone once it ended.
+        private = svc.app[RUNTIME].settings.data_dir / "private"
+        left = sorted(p.name for p in private.glob("*")) if private.exists() else []
+        assert not left, f"spoken-code files left behind: {left}"
 
         # What the phone heard, against the service's own renderings.
         heard = read_wav(recording)
@@ -201,3 +214,4 @@ async def test_softphone_hears_the_spoken_code_after_pressing_1(
 
         approved = await svc.api.check(vid, CODE)
         assert approved.json == {"id": vid, "status": "approved", "attempts_left": 5}, approved.text
+    assert_not_logged(CODE, caplog, capfd)
