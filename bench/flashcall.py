@@ -91,7 +91,7 @@ class Plan:
     step_s: float
 
 
-FULL = Plan(workers=(4, 8, 16, 20), rates=(5, 10, 15, 20, 25, 30, 35, 40), step_s=5.0)
+FULL = Plan(workers=(4, 8, 16, 20), rates=(5, 10, 15, 20, 25, 30, 32, 35, 38, 40), step_s=5.0)
 QUICK = Plan(workers=(20,), rates=(20, 32, 40), step_s=3.0)
 
 
@@ -264,10 +264,14 @@ async def _result(session: ClientSession, url: str, a: Attempt) -> str:
         if resp.status != 200:
             return f"GET HTTP {resp.status}"
         data = await resp.json()
-    kinds = {e["type"] for e in data.get("events", [])}
-    for kind in ("delivered", "undeliverable", "send_refused"):
-        if kind in kinds:
-            return kind
+    events = {e["type"]: e.get("detail") or "" for e in data.get("events", [])}
+    if "delivered" in events:
+        return "delivered"
+    for kind in ("undeliverable", "send_refused"):
+        if kind in events:
+            # The event's detail says why (no SIP capacity, a SIP status): the bench's
+            # error table then tells a full pool from a failing peer.
+            return f"{kind}: {events[kind]}" if events[kind] else kind
     return "pending"
 
 
@@ -463,7 +467,6 @@ def run_step(
         if not kind and wire is None:
             kind = "no INVITE on the wire"
         if kind:
-            print(f"error: {a.phone} (id {a.id or '-'}): {kind}")
             step.error_kinds[kind] = step.error_kinds.get(kind, 0) + 1
             continue
         assert wire is not None
@@ -593,6 +596,8 @@ def report(settings: list[Setting], quick: bool) -> dict[str, object]:
         "workers": head.workers,
         "calls_per_s": rate,
         "inflight_peak": inflight,
+        # Also counting the first step with errors: what the pool held when it overflowed.
+        "inflight_peak_any_step": max((st.inflight_peak for st in head.steps), default=0),
         "invite_p50_ms": _ms(best.invite_p50_ms) if best else None,
         "invite_p99_ms": _ms(invite_p99),
         "cancel_error_p50_ms": _ms(best.cancel_p50_ms) if best else None,
