@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -375,9 +376,11 @@ class Capture:
         pause(0.2)
         self._child.stop()
         tail = self._child.log_path.read_text(errors="replace")
-        dropped = [line for line in tail.splitlines() if "dropped" in line and " 0 " not in line]
-        if dropped:
-            print(f"warning: dumpcap: {'; '.join(dropped)}")
+        # "Packets received/dropped on interface 'Loopback: lo': 308/0 (...)"
+        for line in tail.splitlines():
+            m = re.search(r"received/dropped on interface .*: (\d+)/(\d+)", line)
+            if m and int(m.group(2)) > 0:
+                print(f"warning: dumpcap dropped {m.group(2)} of {m.group(1)} packets")
         return read_pcap(self.path)
 
 
