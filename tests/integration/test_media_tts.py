@@ -80,8 +80,8 @@ async def test_rendering_does_not_block_the_loop(tmp_path: Path) -> None:
     tick = asyncio.create_task(ticker())
     await asyncio.sleep(0.02)
     started = time.monotonic()
-    # ~25 s of speech: synthesis plus resampling take a few hundred ms of CPU.
-    text = " ".join(f"Option {n}: please listen carefully to the menu." for n in range(1, 11))
+    # ~100 s of speech: synthesis and resampling take a few hundred ms.
+    text = " ".join(f"Option {n}: please listen carefully to the menu." for n in range(1, 41))
     await PromptRenderer(tmp_path).render(text, rate_hz=16000)
     elapsed = time.monotonic() - started
     stop.set()

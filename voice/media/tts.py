@@ -26,6 +26,8 @@ import json
 import logging
 import os
 import queue
+import shutil
+import subprocess
 import tempfile
 import threading
 from array import array
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voice.media.pcm import Pcm, bytes_to_samples, resample, write_wav
+from voice.media.pcm import Pcm, bytes_to_samples, resample, samples_to_bytes, write_wav
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,28 @@ VOICES: dict[str, str] = {"en": "en", "ko": "ko"}
 
 # espeak-ng's own output rate for its formant voices (pyttsx3's driver assumes it too).
 _ESPEAK_RATE_HZ = 22050
+
+
+_SOX = shutil.which("sox")
+
+
+def _sox_resample(samples: array[int], src_hz: int, dst_hz: int, out: Path) -> None:
+    """PCM16 mono at ``src_hz`` -> a WAV file at ``dst_hz`` (sox's high-quality resampler)."""
+    argv = [
+        _SOX or "sox",
+        "-q",
+        "-t", "raw", "-r", str(src_hz), "-e", "signed-integer", "-b", "16", "-c", "1",
+        "-L",  # little-endian input, as samples_to_bytes writes
+        "-",
+        "-t", "wav", "-r", str(dst_hz), "-e", "signed-integer", "-b", "16", "-c", "1",
+        str(out),
+        "rate", "-h",
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, input=samples_to_bytes(samples), capture_output=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise TtsError(f"sox could not resample: {done.stderr.decode(errors='replace')[:200]}")
 
 
 class TtsError(RuntimeError):
@@ -146,11 +170,16 @@ class _SpeechThread:
         spoken = self._synth(job.text, job.voice)
         if not spoken:
             raise TtsError("espeak-ng produced no audio")
-        pcm = Pcm(resample(spoken, self._rate_hz, job.rate_hz), job.rate_hz)
         fd, tmp_name = tempfile.mkstemp(suffix=".wav.tmp", dir=job.out.parent)
         os.close(fd)
         try:
-            write_wav(Path(tmp_name), pcm)
+            if _SOX is not None:
+                # sox resamples in C while this thread waits without the GIL; the pure-Python
+                # resampler held the GIL for ~0.1 s per prompt and stalled the event loop.
+                _sox_resample(spoken, self._rate_hz, job.rate_hz, Path(tmp_name))
+            else:
+                pcm = Pcm(resample(spoken, self._rate_hz, job.rate_hz), job.rate_hz)
+                write_wav(Path(tmp_name), pcm)
             os.replace(tmp_name, job.out)  # readers never see half a file
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
