@@ -308,6 +308,10 @@ class SipPool:
         need_reg = bool(self._settings.registrar)
         return self._running and all(w.up and (w.registered or not need_reg) for w in self._workers)
 
+    def workers_up(self) -> int:
+        """How many workers can take a call now (a channel can send while one restarts)."""
+        return sum(w.up for w in self._workers) if self._running else 0
+
     def stats(self) -> dict[str, int]:
         """Counters for /metrics and the benches."""
         return {
