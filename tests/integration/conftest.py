@@ -334,3 +334,12 @@ async def read_code(gateway: SmsGateway, nth: int = 1) -> str:
 def wrong_code(code: str) -> str:
     """A code of the same length that differs in every digit."""
     return "".join(str((int(d) + 1) % 10) for d in code)
+
+
+# -- the clinic line (issue 4) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ivr_prompt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prompt cache for every clinic-line service of the session (see tests/peers/ivr_rig)."""
+    return tmp_path_factory.mktemp("ivr-prompts")

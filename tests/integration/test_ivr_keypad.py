@@ -10,6 +10,7 @@ call ids before its call and finds its own record as the one new id.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +26,13 @@ CALL_S = 60.0  # one call, from dialling to the record, at most
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def line(
-    tmp_path_factory: pytest.TempPathFactory, openapi_responses: OpenApiCollector
+    tmp_path_factory: pytest.TempPathFactory,
+    openapi_responses: OpenApiCollector,
+    ivr_prompt_cache: Path,
 ) -> AsyncIterator[ClinicLine]:
-    async with running_clinic_line(tmp_path_factory.mktemp("clinic"), openapi_responses) as svc:
+    async with running_clinic_line(
+        tmp_path_factory.mktemp("clinic"), openapi_responses, prompt_cache=ivr_prompt_cache
+    ) as svc:
         yield svc
 
 

@@ -27,7 +27,15 @@ from typing import Any
 
 import pjsua2 as pj
 
-from tests.peers.softphone import listen, parse_dtmf, say
+from tests.peers import softphone
+from tests.peers.softphone import listen, parse_dtmf
+
+_STARTED = time.monotonic()
+
+
+def say(event: str, **fields: Any) -> None:
+    """One JSON line on stdout, with ``t``: seconds since the phone started."""
+    softphone.say(event, t=round(time.monotonic() - _STARTED, 3), **fields)
 
 
 @dataclass

