@@ -689,6 +689,8 @@ def report(
         "quick": quick,
         "workers": WORKERS,
         "concurrent_calls": concurrent,
+        # False: every step passed, so the slots (4 per worker) ended the ramp, not a failure.
+        "calls_limit_found": any(not s.ok for s in steps),
         "dtmf_to_prompt_p50_ms": _num(dtmf_p50),
         "dtmf_to_prompt_p95_ms": _num(dtmf_p95),
         "dtmf_samples": len(dtmf_ms),
