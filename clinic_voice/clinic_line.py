@@ -62,7 +62,7 @@ class ClinicLine:
         count = 0
         for flow in self._flowset.flows.values():
             texts = sorted(flow.static_prompts(params))
-            await renderer.prerender(texts, voice=flow.language)
+            await renderer.prerender(texts, voice=flow.language, background=True)
             count += len(texts)
         log.info(
             "clinic line: %d static prompts of %d flows cached", count, len(self._flowset.flows)

@@ -138,3 +138,26 @@ async def test_long_prompt_is_as_long_as_espeak_ng_says_it(tmp_path: Path) -> No
     expected = read_wav(cli).duration_s
     ours = read_wav(await PromptRenderer(tmp_path / "p").render(text, rate_hz=8000)).duration_s
     assert abs(ours - expected) < 0.01 * expected, f"ours {ours:.2f} s, espeak-ng {expected:.2f} s"
+
+
+async def test_a_callers_prompt_goes_before_background_prerendering(tmp_path: Path) -> None:
+    renderer = PromptRenderer(tmp_path)
+    many = [f"Background prompt number {n}, to fill the queue." for n in range(40)]
+    background = asyncio.ensure_future(renderer.prerender(many, background=True))
+    await asyncio.sleep(0.05)  # the queue is full of background jobs now
+    urgent = await renderer.render("Call 112 now.")
+    assert urgent.exists()
+    done_before = await asyncio.to_thread(
+        lambda: len([p for p in tmp_path.glob("*.wav") if p != urgent])
+    )
+    assert done_before < len(many) // 2, (
+        f"{done_before} of {len(many)} background prompts were rendered before the caller's"
+    )
+    await background
+    # The same text asked for while it waits in the background gets its own urgent render.
+    again = [f"Another background prompt {n}." for n in range(30)]
+    queued = asyncio.ensure_future(renderer.prerender(again, background=True))
+    await asyncio.sleep(0.05)
+    path = await renderer.render(again[-1])
+    assert path.exists() and not queued.done()
+    await queued

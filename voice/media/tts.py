@@ -22,6 +22,7 @@ import concurrent.futures
 import ctypes
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -80,6 +81,10 @@ class _Job:
     rate_hz: int
     out: Path
     done: concurrent.futures.Future[Path] = field(default_factory=concurrent.futures.Future)
+    background: bool = False  # start-up prerendering: yields to anything a caller waits for
+
+
+_URGENT, _BACKGROUND = 0, 1
 
 
 class _SpeechThread:
@@ -89,7 +94,11 @@ class _SpeechThread:
     _instance_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        # (priority, sequence, job): a prompt a caller is waiting for goes before the
+        # start-up prerendering of ~150 static prompts (found by bench/ivr.py: a U1 answer
+        # waited behind the whole prerender queue).
+        self._jobs: queue.PriorityQueue[tuple[int, int, _Job]] = queue.PriorityQueue()
+        self._seq = itertools.count()
         self._espeak: Any = None
         self._rate_hz = _ESPEAK_RATE_HZ
         self._chunks: list[bytes] = []
@@ -105,7 +114,7 @@ class _SpeechThread:
             return cls._instance
 
     def submit(self, job: _Job) -> None:
-        self._jobs.put(job)
+        self._jobs.put((_BACKGROUND if job.background else _URGENT, next(self._seq), job))
 
     def _run(self) -> None:
         try:
@@ -114,7 +123,7 @@ class _SpeechThread:
             log.error("text-to-speech unavailable: %s", exc)
             self.version.set_exception(TtsError(f"text-to-speech unavailable: {exc}"))
         while True:
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             if not job.done.set_running_or_notify_cancel():
                 continue
             try:
@@ -197,7 +206,7 @@ class PromptRenderer:
     def __init__(self, cache_dir: Path) -> None:
         self._dir = cache_dir
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._inflight: dict[Path, asyncio.Future[Path]] = {}
+        self._inflight: dict[Path, tuple[asyncio.Future[Path], bool]] = {}
         self._renders = 0
 
     @property
@@ -206,12 +215,19 @@ class PromptRenderer:
         return self._renders
 
     async def render(
-        self, text: str, *, voice: str = "en", rate_hz: int = 8000, cache: bool = True
+        self,
+        text: str,
+        *,
+        voice: str = "en",
+        rate_hz: int = 8000,
+        cache: bool = True,
+        background: bool = False,
     ) -> Path:
         """A WAV file (PCM16 mono at ``rate_hz``) speaking ``text``.
 
         With ``cache=False`` the file gets a random name and belongs to the caller, who
-        deletes it after playing it. Raises :class:`TtsError`.
+        deletes it after playing it. ``background`` renders yield to every other render (for
+        start-up prerendering). Raises :class:`TtsError`.
         """
         if not text.strip():
             raise TtsError("nothing to say: empty prompt text")
@@ -225,31 +241,57 @@ class PromptRenderer:
             return await self._synthesise(speech, text, voice, rate_hz, Path(name))
         path = self._dir / f"{_cache_key(text, voice, rate_hz, version)}.wav"
         pending = self._inflight.get(path)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        if pending is not None and (background or not pending[1]):
+            return await asyncio.shield(pending[0])
         if path.exists():  # one stat of a local file: cheaper than a hop to the thread
             return path
-        task = asyncio.ensure_future(self._synthesise(speech, text, voice, rate_hz, path))
-        self._inflight[path] = task
-        task.add_done_callback(lambda _: self._inflight.pop(path, None))
+        # A caller waiting for a text that is queued in the background gets its own urgent
+        # render of it (the same bytes; the file is replaced atomically).
+        task = asyncio.ensure_future(
+            self._synthesise(speech, text, voice, rate_hz, path, background=background)
+        )
+        self._inflight[path] = (task, background)
+
+        def forget(_: object) -> None:
+            if self._inflight.get(path, (None, False))[0] is task:
+                del self._inflight[path]
+
+        task.add_done_callback(forget)
         # shield: one cancelled waiter must not cancel the render the others wait for.
         return await asyncio.shield(task)
 
     async def _synthesise(
-        self, speech: _SpeechThread, text: str, voice: str, rate_hz: int, out: Path
+        self,
+        speech: _SpeechThread,
+        text: str,
+        voice: str,
+        rate_hz: int,
+        out: Path,
+        *,
+        background: bool = False,
     ) -> Path:
         self._renders += 1
         log.debug("rendering a prompt: voice=%s rate=%s file=%s", voice, rate_hz, out.name)
-        job = _Job(text=text, voice=voice, rate_hz=rate_hz, out=out)
+        job = _Job(text=text, voice=voice, rate_hz=rate_hz, out=out, background=background)
         speech.submit(job)
         return await asyncio.wrap_future(job.done)
 
     async def prerender(
-        self, texts: Iterable[str], *, voice: str = "en", rate_hz: int = 8000
+        self,
+        texts: Iterable[str],
+        *,
+        voice: str = "en",
+        rate_hz: int = 8000,
+        background: bool = False,
     ) -> list[Path]:
-        """Render the static prompts at start-up so the first caller does not wait."""
+        """Render many texts (static prompts at start-up: ``background=True``)."""
         return list(
-            await asyncio.gather(*(self.render(t, voice=voice, rate_hz=rate_hz) for t in texts))
+            await asyncio.gather(
+                *(
+                    self.render(t, voice=voice, rate_hz=rate_hz, background=background)
+                    for t in texts
+                )
+            )
         )
 
     def render_sync(self, text: str, *, voice: str = "en", rate_hz: int = 8000) -> Path:
