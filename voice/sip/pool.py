@@ -61,6 +61,7 @@ _BACKOFF_MAX_S = 5.0
 _HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backoff
 _START_TIMEOUT_S = 30.0  # 16 workers on 2 loaded cores took 15 s once
 _ACK_TIMEOUT_S = 5.0
+_REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
 
 
 class SipError(Exception):
@@ -219,6 +220,9 @@ class _Worker:
     registered: bool = False
     free_slots: int = 0
     pending: int = 0  # PlaceCalls sent, not yet acknowledged
+    # Inbound calls the front redirected here that have not arrived yet (their expiry times):
+    # without them a burst of INVITEs was all redirected to the same worker.
+    reserved: list[float] = field(default_factory=list)
     started_at: float = 0.0
     failures: int = 0
     calls: dict[str, CallHandle] = field(default_factory=dict)
@@ -228,7 +232,10 @@ class _Worker:
 
     @property
     def available(self) -> int:
-        return self.free_slots - self.pending if self.up else 0
+        return self.free_slots - self.pending - len(self.reserved) if self.up else 0
+
+    def expire_reservations(self, now: float) -> None:
+        self.reserved = [t for t in self.reserved if t > now]
 
     def send(self, cmd: Command) -> None:
         proc = self.process
@@ -331,10 +338,17 @@ class SipPool:
         return [HostPort(self._settings.addr.host, w.port) for w in self._workers if w.up]
 
     def pick_inbound(self) -> HostPort | None:
-        """A worker with a free slot for an inbound call (the one with most room), or None."""
+        """A worker with a free slot for an inbound call (the one with most room), or None.
+
+        The slot is reserved for a few seconds, until the redirected INVITE arrives there.
+        """
+        now = self._clock.monotonic()
+        for w in self._workers:
+            w.expire_reservations(now)
         best = max(self._workers, key=lambda w: w.available, default=None)
         if best is None or best.available <= 0:
             return None
+        best.reserved.append(now + _REDIRECT_RESERVE_S)
         return HostPort(self._settings.addr.host, best.port)
 
     def on_incoming(self, handler: IncomingHandler) -> None:
@@ -520,6 +534,8 @@ class SipPool:
             log.error("worker %s sent an unexpected %s", w.index, type(ev).__name__)
 
     def _incoming(self, w: _Worker, ev: IncomingCall) -> None:
+        if w.reserved:
+            w.reserved.pop(0)  # the redirected call arrived: its reservation is now a call
         handle = CallHandle(
             self, w, ev.call_id, caller=ev.caller, called=ev.called, headers=dict(ev.headers)
         )
