@@ -22,7 +22,7 @@ slots), the Korean vosk model and the flows in ``ivr_flows/``. Three measurement
    capture of all UDP on ``lo`` (the RTP ports are read from the SDP of the ``ko`` calls),
    end of speech is the last loud packet the caller sent and the response is the first loud
    packet of the bot after it (none within 5 s: a failure). This includes the end-pointer's
-   trailing silence (``EndpointConfig.silence_ms``, 600 ms): it is what a caller waits.
+   trailing silence (``EndpointConfig.silence_ms``, 350 ms): it is what a caller waits.
    ``--quick`` runs these calls during the keypad calls, on a worker of their own (a mixed
    load); the full run runs them after the keypad ramp.
 3. **vosk.** ``voice.media.asr.measure_rtf`` on a few seconds of espeak-ng Korean speech
