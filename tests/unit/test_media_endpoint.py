@@ -38,7 +38,7 @@ CASES = [
     ([("quiet", 2000)], Endpoint.WAITING, None, None),
     ([("quiet", 300), ("speech", 60), ("quiet", 2000)], Endpoint.WAITING, None, None),  # click
     ([("quiet", 300), ("speech", 500), ("quiet", 300)], Endpoint.SPEECH, 0.3, None),
-    ([("quiet", 300), ("speech", 500), ("quiet", 350)], Endpoint.ENDED, 0.3, 0.8),
+    ([("quiet", 300), ("speech", 500), ("quiet", 360)], Endpoint.ENDED, 0.3, 0.8),
     # a pause shorter than 350 ms inside the answer does not end it
     (
         [("quiet", 200), ("speech", 300), ("quiet", 300), ("speech", 400), ("zero", 700)],
