@@ -10,7 +10,7 @@ APT_PACKAGES := redis-server sip-tester espeak-ng libespeak-ng1 sox baresip debo
                 docker-compose wrk ca-certificates python3-venv python3-dev gcc
 PYTEST_ARGS ?=
 
-.PHONY: help install apt venv run test lint unit integration e2e bench asterisk asterisk-stop asterisk-rootfs clean
+.PHONY: help install apt venv run test lint unit integration e2e bench bench-quick asterisk asterisk-stop asterisk-rootfs clean
 
 help:
 	@echo "make run      start the service (installs what it needs first)"
@@ -59,8 +59,18 @@ integration: install
 e2e: install asterisk-rootfs
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
+# Each script prints a table and ends with one JSON line; BENCHMARKS.md records the figures.
+# The SIP benches capture on the loopback interface (tshark), so run them as root.
+BENCH_ARGS ?=
 bench: install
 	$(PY) bench/api.py $(BENCH_ARGS)
+	$(PY) bench/flashcall.py $(BENCH_ARGS)
+	$(PY) bench/ivr.py $(BENCH_ARGS)
+	$(MAKE) --no-print-directory asterisk-rootfs
+	$(PY) bench/asterisk_compare.py $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) --no-print-directory bench BENCH_ARGS=--quick
 
 asterisk-rootfs: install
 	$(PY) -m tests.e2e.rig rootfs
