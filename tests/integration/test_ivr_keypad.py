@@ -263,3 +263,36 @@ async def test_calls_api_pages_with_limit_and_cursor_and_refuses_bad_input(
     (await line.calls(page="2")).problem(422, "invalid-request")
     no_key = await line.api.request("GET", "/v1/calls", key=None)
     assert no_key.status == 401, no_key.text
+
+
+async def test_a_caller_who_hangs_up_in_the_menu_leaves_a_record(line: ClinicLine) -> None:
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start("caller", "--call", line.uri("6000"), "--duration", "1.5")
+        started.append(caller)
+        await caller.finish(20)
+    record = await line.new_record(before)
+    assert record["flow"] == "main_menu"
+    assert record["outcome"] == "caller_hung_up", record
+    assert record["triage"] is None and record["transfer_target"] is None
+    assert not steps(record, "digit")
+
+
+async def test_a_transfer_nobody_takes_ends_with_the_failure_message(line: ClinicLine) -> None:
+    before = await line.call_ids()
+    async with phones() as started:
+        # 0 during the welcome: staff, whose phone is not running (nothing on its port).
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", "0@0.5", "--timeout", "60"
+        )
+        started.append(caller)
+        # The service gives up after session.TRANSFER_WAIT_S (15 s) and says so; the phone's
+        # own INVITE to the empty port runs into Timer B (32 s): not worth waiting for.
+        await caller.wait_for("ended", 50, leg="main")
+    assert caller.find("transfer_request") is not None, caller.events
+    assert caller.find("confirmed", leg="xfer") is None
+    record = await line.new_record(before)
+    assert record["outcome"] == "transfer_failed", record
+    assert record["transfer_target"] is None
+    assert ("menu", "0") in steps(record, "digit")
+    assert steps(record, "transfer") == [("menu", "failed")], record["path"]
