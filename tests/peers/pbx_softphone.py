@@ -10,7 +10,8 @@ commands  ``{"cmd": "call", "uri": ..., "from_uri": ..., "headers": {...}, "late
           "body": ...}``, ``{"cmd": "quit"}``
 events    ``ready``, ``registered``, ``reg_failed``, ``incoming`` (with the INVITE's From,
           P-Asserted-Identity and whether it had SDP), ``call_state``, ``media_active``,
-          ``dtmf``, ``transfer_status``, ``message``, ``message_status``, ``error``
+          ``dtmf``, ``transfer_status``, ``message``, ``message_status``, ``error``,
+          ``recorded`` (with ``--record-dir``: a call's WAV file once its header is complete)
 
 :class:`Softphone` is the test side: it starts the process and waits for events with
 deadlines. pjsua2 is imported only in the child (one ``Endpoint`` per process).
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
     calls: dict[int, Any] = {}
     gone: list[Any] = []  # disconnected calls, dropped from the owner loop, never in callbacks
-    recorders: dict[int, Any] = {}
+    recorders: dict[int, tuple[Any, Path]] = {}
 
     class StderrLog(pj.LogWriter):  # type: ignore[misc]
         def write(self, entry: Any) -> None:
@@ -239,9 +240,10 @@ def run(args: argparse.Namespace) -> int:
     class Call(pj.Call):  # type: ignore[misc]
         def onCallState(self, prm: Any) -> None:
             ci = self.getInfo()
-            if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
-                # Dropping the recorder completes its WAV header: before telling anyone.
-                recorders.pop(ci.id, None)
+            if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED and ci.id in recorders:
+                # Not destroyed here, inside pjsua's callback: the owner loop does it and
+                # then reports the finished file as ``recorded``.
+                finished.append(ci.id)
             _emit(
                 "call_state",
                 call=ci.id,
@@ -262,10 +264,15 @@ def run(args: argparse.Namespace) -> int:
                 ):
                     _emit("media_active", call=ci.id)
                     if args.record_dir and ci.id not in recorders:
+                        path = Path(args.record_dir) / f"call-{ci.id}-{time.monotonic_ns()}.wav"
                         rec = pj.AudioMediaRecorder()
-                        rec.createRecorder(str(Path(args.record_dir) / f"call-{ci.id}.wav"))
-                        self.getAudioMedia(i).startTransmit(rec)
-                        recorders[ci.id] = rec
+                        try:
+                            rec.createRecorder(str(path))
+                            self.getAudioMedia(i).startTransmit(rec)
+                        except pj.Error as exc:  # told to the test, not lost in a callback
+                            _emit("error", call=ci.id, message=f"record: {exc.info()}")
+                            continue
+                        recorders[ci.id] = (rec, path)
 
         def onCallTransferStatus(self, prm: Any) -> None:
             code = int(prm.statusCode)
@@ -324,9 +331,12 @@ def run(args: argparse.Namespace) -> int:
             _emit("message_status", code=int(prm.code), reason=prm.reason)
 
     pending_answers: list[tuple[float, int]] = []
+    finished: list[int] = []  # calls whose recorder is to be closed by the owner loop
     to_hang_up: list[int] = []
     buddies: list[Any] = []
 
+    if args.record_dir:
+        Path(args.record_dir).mkdir(parents=True, exist_ok=True)
     ep = pj.Endpoint()
     ep.libCreate()
     cfg = pj.EpConfig()
@@ -378,6 +388,16 @@ def run(args: argparse.Namespace) -> int:
     while running:
         ep.libHandleEvents(10)
         gone.clear()
+        while finished:
+            call_id = finished.pop()
+            entry = recorders.pop(call_id, None)
+            if entry is None:
+                continue
+            path = entry[1]
+            # The last reference: its destructor removes the port from the conference
+            # bridge and completes the WAV header (sizes), possibly a few frames later.
+            del entry
+            _emit("recorded", call=call_id, **_finish_wav(ep, path, deadline_s=3.0))
         now = time.monotonic()
         for item in [p for p in pending_answers if p[0] <= now]:
             pending_answers.remove(item)
@@ -412,7 +432,10 @@ def run(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 2
     while calls and time.monotonic() < deadline:
         ep.libHandleEvents(20)
+    left = [path for _, path in recorders.values()]
     recorders.clear()
+    for path in left:
+        _emit("recorded", call=-1, **_finish_wav(ep, path, deadline_s=1.0))
     if not args.no_register:
         try:
             acc.setRegistration(False)
@@ -426,6 +449,30 @@ def run(args: argparse.Namespace) -> int:
     # process has nothing left to flush, so leave without running finalisers.
     ep.libDestroy()
     os._exit(0)
+
+
+def wav_complete(path: Path) -> bool:
+    """True when the RIFF and data sizes in the header of ``path`` match its length."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(44)
+            size = f.seek(0, os.SEEK_END)
+    except OSError:
+        return False
+    if len(head) < 44 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return False
+    riff = int.from_bytes(head[4:8], "little")
+    data = int.from_bytes(head[40:44], "little")
+    return riff == size - 8 and data == size - 44
+
+
+def _finish_wav(ep: Any, path: Path, deadline_s: float) -> dict[str, Any]:
+    """Pump pjsua until the recorder at ``path`` has written its header (or the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while not wav_complete(path) and time.monotonic() < deadline:
+        ep.libHandleEvents(10)
+    size = path.stat().st_size if path.exists() else 0
+    return {"path": str(path), "complete": wav_complete(path), "bytes": size}
 
 
 def _command(
