@@ -566,8 +566,16 @@ def service_env(
 class ServiceProcess:
     """``clinic-voice serve`` in the background, with a pid file and a log file."""
 
-    def __init__(self, env: dict[str, str], pidfile: Path, logfile: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        pidfile: Path,
+        logfile: Path,
+        *,
+        argv: list[str] | None = None,
+    ) -> None:
         self.env = env
+        self.argv = argv  # another launcher than ``clinic-voice serve`` (a test seam)
         self.pidfile = pidfile
         self.logfile = logfile
         self.http_addr = env.get("CLINIC_HTTP_ADDR", "127.0.0.1:8080")
@@ -585,7 +593,7 @@ class ServiceProcess:
     def start(self, timeout_s: float = 60) -> None:
         """Start the service and wait for ``/readyz``; on failure stop it and raise."""
         exe = Path(sys.executable).with_name("clinic-voice")
-        argv = (
+        argv = self.argv or (
             [str(exe), "serve"]
             if exe.exists()
             else [sys.executable, "-m", "clinic_voice.cli", "serve"]
