@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,12 @@ class Api:
         """The service's next code will be ``code`` (see ``tests/peers/pbx_service.py``)."""
         self.pinned_code_file.write_text(code)
 
+    def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
+            self.base + path, headers={"Authorization": f"Bearer {self.key}"}
+        )
+        return self._send(req)
+
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
             self.base + path,
@@ -71,6 +77,26 @@ class Api:
             method="POST",
             headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
         )
+        return self._send(req)
+
+    def wait_call_record(
+        self, match: Callable[[dict[str, Any]], bool], timeout_s: float
+    ) -> dict[str, Any]:
+        """The newest clinic-line call record that ``match``es, once the service stored it."""
+        deadline = time.monotonic() + timeout_s
+        seen: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            status, page = self.get("/v1/calls?limit=10")
+            assert status == 200, page
+            seen = page["calls"]
+            for call in seen:
+                if match(call):
+                    return call
+            threading.Event().wait(0.25)
+        raise AssertionError(f"no matching call record within {timeout_s} s; newest: {seen[:3]}")
+
+    @staticmethod
+    def _send(req: urllib.request.Request) -> tuple[int, dict[str, Any]]:
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
                 return int(resp.status), json.loads(resp.read())
@@ -241,19 +267,34 @@ def test_voice_code_call_speaks_the_code_after_pressing_1(
 def test_triage_breathing_difficulty_transfers_to_the_nurse(
     service: Api, phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:
-    nurse = phone("6100", answer="ring")
+    """6001 dials 700, presses 4 (triage), 1 (for yourself), 1 (yes, difficulty breathing):
+    the bot hands the caller to the nurse (6100) by blind REFER, the nurse's phone rings with
+    the caller's ID, and once the nurse answers, the caller talks to the nurse, not the bot.
+    """
+    nurse = phone("6100", answer_delay_s=1.0)
     caller = phone("6001")
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
     caller.expect("media_active", timeout_s=5)
-    # 4: advice (triage); 1: for yourself; 1: yes, difficulty breathing. Pressed with a
-    # pause so each lands in its own prompt.
+    # Each key after a pause, so it lands while its own question plays: the bot keeps
+    # type-ahead, but a key pressed before the flow reaches a question is not promised to it.
     for digit in "411":
         threading.Event().wait(3.0)
         caller.send("dtmf", digits=digit)
-    rung = nurse.expect("incoming", timeout_s=60)
-    assert rung["from_user"] == "6001", rung
+    # The danger sign is read back with advice before the transfer (about 10 s).
+    rung = nurse.expect("incoming", timeout_s=40)
+    assert rung["from_user"] == "6001", f"the nurse does not see the caller's number: {rung}"
+    nurse.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=10)
+    nurse.expect("media_active", timeout_s=5)
+    caller.send("dtmf", digits="5")
+    assert nurse.expect("dtmf", timeout_s=5)["digit"] == "5", "the caller is not with the nurse"
+    record = service.wait_call_record(
+        lambda c: "6001" in c["caller"] and bool(c["transfer_target"]), timeout_s=20
+    )
+    assert record["transfer_target"].startswith("sip:6100@"), record
+    assert record["triage"]["urgency"] == "U1", record["triage"]
     caller.send("hangup")
+    nurse.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
 
 
 def test_six_calls_at_once_are_all_answered(
