@@ -470,3 +470,22 @@ def sipp_path() -> str:
     if path is None:
         raise BenchError("sipp is not installed: apt-get install sip-tester")
     return path
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system CPU seconds the processes ``pids`` have used so far (all threads).
+
+    Read from ``/proc/<pid>/stat`` (fields 14 and 15, in clock ticks); a process that is
+    gone counts 0, so take the difference of two readings of live processes.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick

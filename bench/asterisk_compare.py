@@ -1,0 +1,989 @@
+"""The service measured against Asterisk 22 itself: inbound calls and flash calls, one machine.
+
+Both systems get the same load from the same tools, one after the other (never at the same
+time: they would share the two cores):
+
+- **Inbound.** One sipp UAC scenario (``bench/sipp/asterisk_uac_hold.xml``): INVITE with
+  PCMU SDP, 200, ACK, hold ``hold_s``, BYE, 200. Against Asterisk it calls extension 800 of a
+  bench-only context (Answer, then ``Playback(hello-world)`` in a loop: Asterisk streams
+  audio for the whole call, as the bot does); against the service it calls the SIP workers'
+  ports round-robin (an injection file with one port a call: sipp does not follow the
+  front's 302), where the clinic line's main menu answers. The offered rate ramps (each step
+  ``step_s`` of new calls at ``-r`` calls/s, then their hold) until the first step with a
+  failed call, then bisects between the last good and the first bad rate. The sustained
+  rate is the highest with zero failed calls; the concurrent calls at that rate are sipp's
+  peak ``CurrentCall``.
+- **Flash calls.** A sipp UAS that rings until cancelled (``bench/sipp/flash_uas_ring.xml``)
+  receives the calls. The service places them through its API (``POST /v1/verifications``,
+  method flashcall, ``CLINIC_FLASHCALL_RING_S=2``); Asterisk originates the same calls from
+  call files dropped into its spool (``Channel: PJSIP/<number>@sipp-uas``, a caller-ID of
+  ``+447400`` and six digits, ``WaitTime: 2``: it rings 2 s, then cancels). ``dumpcap``
+  records the SIP at the handset. A call counts when the wire holds its INVITE, 180, CANCEL
+  and final response and the INVITE left at most 1 s after it was asked for (the POST sent,
+  or the call file renamed into the spool); for the service its verification must also
+  report ``delivered``. The same ramp and bisection find the highest rate with zero errors.
+
+``inbound_ratio`` and ``flashcall_ratio`` are the service's rate over Asterisk's; the goal is
+>= 1.0 on both. Where the time goes: CPU seconds of every process (``/proc/<pid>/stat``) per
+step and per call at the sustained rate: Asterisk; the service's main process, its SIP
+workers and its embedded Redis; sipp; this process (the HTTP client or call-file writer).
+
+Asterisk runs in the e2e rig's Debian sid chroot (``tests/e2e/rig.py``; built once, about a
+minute, cached) with the repository's configuration plus, for this bench only, appended to
+the instance's copy after start: extension 800 in context ``bench-inbound``, endpoints
+``bench-uac`` (the sipp caller, no auth, identified by its From user) and ``sipp-uas`` (the
+handset), and the modules ``codec_gsm`` (hello-world is GSM) and ``pbx_spool`` (call files).
+
+Run as root (chroot, capture): ``.venv/bin/python bench/asterisk_compare.py [--quick]``.
+Prints tables, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import resource
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+if __package__ in {None, ""}:
+    # Run as a file (``python bench/asterisk_compare.py``): make the repo importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import flashcall
+from bench.common import (
+    REPO,
+    VENV_BIN,
+    BenchError,
+    Capture,
+    Child,
+    child_pids,
+    cpu_seconds,
+    emit_json,
+    free_port,
+    parser,
+    pause,
+    percentile,
+    print_table,
+    sipp_path,
+    wait_http,
+)
+from tests.e2e.rig import AsteriskRig, RigError, build_rootfs, host_path, pick_port
+
+UAC_SCENARIO = REPO / "bench" / "sipp" / "asterisk_uac_hold.xml"
+UAS_SCENARIO = flashcall.SCENARIO
+RING_S = flashcall.RING_S  # both ring this long; call files count whole seconds
+LATE_S = 1.0  # a flash call whose INVITE leaves later than this after the request: an error
+BENCH_EXTEN = "800"
+DEFAULT_WORKERS = 16
+SLOTS_PER_WORKER = 4  # PJSUA_MAX_CALLS of the pjsua2 wheel
+SETTLE_S = 30.0  # how long Asterisk gets to work through its spool after a step
+GOAL_RATIO = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Ramp, bisection and step lengths: the full run or ``--quick``."""
+
+    inbound_start: int
+    flash_start: int
+    growth: float
+    max_rate: int
+    bisections: int
+    step_s: float
+    hold_s: float
+
+
+FULL = Plan(
+    inbound_start=4, flash_start=5, growth=1.5, max_rate=80, bisections=3, step_s=5.0, hold_s=3.0
+)
+QUICK = Plan(
+    inbound_start=6, flash_start=8, growth=1.6, max_rate=60, bisections=1, step_s=3.0, hold_s=3.0
+)
+
+
+# -- Asterisk, with the bench-only additions ---------------------------------------------------
+
+
+def bench_pjsip(uas_port: int) -> str:
+    """pjsip.conf lines appended for the bench: the sipp caller and the sipp handset."""
+    return f"""
+; ---- bench only (bench/asterisk_compare.py appends this to the instance's copy) ----
+[bench-uac]
+type=endpoint
+context=bench-inbound
+disallow=all
+allow=ulaw
+direct_media=no
+identify_by=username
+; Without these Asterisk looks up its own address (gethostname, then A.ROOT-SERVERS.NET):
+; the chroot has no /etc/hosts and this machine no DNS, so each lookup stalled a thread
+; for 5 s and the calls queued behind it (measured: INVITEs 5 and 10 s late).
+media_address=127.0.0.1
+bind_rtp_to_media_address=yes
+
+[sipp-uas]
+type=endpoint
+context=bench-nowhere
+aors=sipp-uas
+disallow=all
+allow=ulaw
+direct_media=no
+trust_id_outbound=yes
+media_address=127.0.0.1
+bind_rtp_to_media_address=yes
+
+[sipp-uas]
+type=aor
+contact=sip:127.0.0.1:{uas_port}
+"""
+
+
+BENCH_EXTENSIONS = f"""
+; ---- bench only (bench/asterisk_compare.py): Answer + Playback, for as long as the caller stays
+[bench-inbound]
+exten => {BENCH_EXTEN},1,Answer()
+ same => n(loop),Playback(hello-world)
+ same => n,Goto(loop)
+
+[bench-nowhere]
+"""
+
+BENCH_MODULES = """
+; ---- bench only (bench/asterisk_compare.py): GSM prompts to PCMU, and call files
+load => codec_gsm.so
+load => pbx_spool.so
+"""
+
+
+def start_asterisk(work: Path, uas_port: int) -> AsteriskRig:
+    """The rig's Asterisk on a free port, then the bench additions loaded into it."""
+    try:
+        rig = AsteriskRig(build_rootfs(), pick_port(free_port()))
+        rig.start()
+    except RigError as exc:
+        raise BenchError(f"Asterisk did not start: {exc}") from exc
+    try:
+        etc = host_path(rig.root, rig.etc)
+        for name, text in (
+            ("modules.conf", BENCH_MODULES),
+            ("pjsip.conf", bench_pjsip(uas_port)),
+            ("extensions.conf", BENCH_EXTENSIONS),
+        ):
+            with (etc / name).open("a") as f:
+                f.write(text)
+        for command in (
+            "module load codec_gsm.so",
+            "module load pbx_spool.so",
+            "module reload res_pjsip.so",
+            "dialplan reload",
+        ):
+            said = rig.cli(command)
+            if "No such command" in said or "not found" in said.lower():
+                raise BenchError(f"asterisk -rx {command!r}: {said.strip()}")
+        shown = rig.cli(f"dialplan show {BENCH_EXTEN}@bench-inbound")
+        if "Playback" not in shown:
+            raise BenchError(f"the bench extension did not load:\n{shown}")
+        if "sipp-uas" not in rig.cli("pjsip show endpoints"):
+            raise BenchError("the sipp-uas endpoint did not load")
+        for module in ("pbx_spool.so", "codec_gsm.so"):
+            listed = rig.cli(f"module show like {module}")
+            if module not in listed:
+                raise BenchError(f"{module} did not load:\n{listed}")
+    except (BenchError, RigError, OSError) as exc:
+        rig.stop()
+        if isinstance(exc, BenchError):
+            raise
+        raise BenchError(f"Asterisk's bench configuration failed: {exc}") from exc
+    return rig
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """``clinic-voice serve`` and what the bench needs of it."""
+
+    child: Child
+    url: str
+    api_key: str
+    worker_ports: tuple[int, ...]
+    worker_pids: tuple[int, ...]
+    redis_pids: tuple[int, ...]
+
+
+def start_service(work: Path, workers: int, uas_port: int) -> Service:
+    """The service with ``workers`` SIP workers, flash calls routed to the sipp handset."""
+    api_key = secrets.token_hex(16)
+    http_port = free_port()
+    sip_port = free_port(count=workers + 1)
+    nobody = free_port()  # transfers (none expected) go nowhere, not to a real PBX on 5160
+    cli = VENV_BIN / "clinic-voice"
+    if not cli.exists():
+        raise BenchError(f"{cli} is missing: run make venv")
+    env = flashcall.service_env(
+        work,
+        http_port=http_port,
+        sip_port=sip_port,
+        sipp_port=uas_port,
+        workers=workers,
+        api_key=api_key,
+    )
+    env.update(
+        CLINIC_FLOWS_DIR=str(REPO / "ivr_flows"),
+        CLINIC_NURSE_URI=f"sip:6100@127.0.0.1:{nobody}",
+        CLINIC_STAFF_URI=f"sip:6200@127.0.0.1:{nobody}",
+    )
+    child = Child(
+        f"clinic-voice serve ({workers} workers)",
+        [str(cli), "serve"],
+        work / "service.log",
+        env=env,
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_http(f"{url}/readyz", 120, child)
+        pids = child_pids(child.pid, "voice.sip.worker")
+        if len(pids) != workers:
+            raise BenchError(f"expected {workers} SIP worker processes, found {len(pids)}")
+    except BenchError:
+        child.stop()
+        raise
+    return Service(
+        child,
+        url,
+        api_key,
+        tuple(sip_port + 1 + i for i in range(workers)),
+        tuple(pids),
+        tuple(child_pids(child.pid, "redis-server")),
+    )
+
+
+# -- CPU ------------------------------------------------------------------------------------------
+
+Groups = Mapping[str, Sequence[int]]
+
+
+class CpuMeter:
+    """CPU seconds per process group between ``__init__`` and :meth:`done`.
+
+    ``sipp (reaped)`` is the CPU of child processes this process reaped meanwhile (the
+    inbound sipp, run to completion); ``bench`` is this process (HTTP client, call files).
+    """
+
+    def __init__(self, groups: Groups) -> None:
+        self._groups = groups
+        self._start = {name: cpu_seconds(pids) for name, pids in groups.items()}
+        self._children = _reaped_cpu()
+        self._self = time.process_time()
+        self._wall = time.monotonic()
+
+    def done(self) -> tuple[float, dict[str, float]]:
+        """Wall seconds and CPU seconds by group since the start."""
+        used = {name: cpu_seconds(pids) - self._start[name] for name, pids in self._groups.items()}
+        reaped = _reaped_cpu() - self._children
+        if reaped > 0.005:
+            used["sipp (reaped)"] = reaped
+        used["bench"] = time.process_time() - self._self
+        return time.monotonic() - self._wall, used
+
+
+def _reaped_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+# -- steps and the search -----------------------------------------------------------------------
+
+
+class _Step(Protocol):
+    @property
+    def rate(self) -> int: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
+S = TypeVar("S", bound=_Step)
+
+
+def search(measure: Callable[[int], S], start: int, plan: Plan) -> list[S]:
+    """Ramp the rate by ``plan.growth`` to the first failing step, then bisect below it."""
+    steps: list[S] = []
+    rate = start
+    while rate <= plan.max_rate:
+        step = measure(rate)
+        steps.append(step)
+        if not step.ok:
+            break
+        rate = max(rate + 1, round(rate * plan.growth))
+    for _ in range(plan.bisections):
+        good = max((s.rate for s in steps if s.ok), default=0)
+        bad = min((s.rate for s in steps if not s.ok and s.rate > good), default=0)
+        if not bad or bad - good <= 1:
+            break
+        steps.append(measure((good + bad) // 2))
+    return steps
+
+
+def best(steps: Sequence[S]) -> S | None:
+    """The highest rate with zero errors, below every failed rate (a later fluke aside)."""
+    first_bad = min((s.rate for s in steps if not s.ok), default=math.inf)
+    good = [s for s in steps if s.ok and s.rate < first_bad]
+    return max(good, key=lambda s: s.rate) if good else None
+
+
+# -- inbound ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class InboundStep:
+    """One offered inbound rate against one target."""
+
+    target: str
+    rate: int
+    calls: int
+    successful: int = 0
+    failed: int = 0
+    retransmissions: int = 0
+    peak_concurrent: int = 0
+    wall_s: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.successful == self.calls
+
+
+@dataclass(frozen=True, slots=True)
+class SippStats:
+    """What sipp's ``-trace_stat`` file says about a run."""
+
+    successful: int
+    failed: int
+    retransmissions: int
+    peak_concurrent: int
+
+
+def sipp_stats(stat_file: Path) -> SippStats:
+    """Totals from the last line, the peak of ``CurrentCall`` over all lines."""
+    lines = [ln for ln in stat_file.read_text(errors="replace").splitlines() if ln.strip()]
+    if len(lines) < 2:
+        raise BenchError(f"sipp wrote no statistics to {stat_file}")
+    head = lines[0].rstrip(";").split(";")
+    rows = [ln.rstrip(";").split(";") for ln in lines[1:]]
+
+    def col(row: Sequence[str], name: str) -> int:
+        try:
+            return int(row[head.index(name)])
+        except (ValueError, IndexError) as exc:
+            raise BenchError(f"{stat_file}: no {name} column") from exc
+
+    last = rows[-1]
+    return SippStats(
+        successful=col(last, "SuccessfulCall(C)"),
+        failed=col(last, "FailedCall(C)"),
+        retransmissions=col(last, "Retransmissions(C)"),
+        peak_concurrent=max(col(r, "CurrentCall") for r in rows),
+    )
+
+
+def inbound_step(
+    work: Path, target: str, rate: int, *, ports: Sequence[int], groups: Groups, plan: Plan
+) -> InboundStep:
+    """``rate`` calls/s for ``plan.step_s`` to ``ports`` (round-robin); sipp's counts and CPU."""
+    calls = max(1, round(rate * plan.step_s))
+    step = InboundStep(target, rate, calls)
+    media_port = free_port(count=4)  # sipp binds media_port and media_port + 2
+    sip_port = free_port()
+    tag = f"{target}-in-{rate}-{secrets.token_hex(2)}"
+    inf = work / f"{tag}.csv"
+    inf.write_text("SEQUENTIAL\n" + "".join(f"{ports[i % len(ports)]};\n" for i in range(calls)))
+    stat = work / f"{tag}-stat.csv"
+    limit_s = plan.step_s + plan.hold_s + 60
+    argv = [
+        sipp_path(),
+        f"127.0.0.1:{ports[0]}",  # the scenario's setdest picks each call's port
+        "-sf",
+        str(UAC_SCENARIO),
+        "-inf",
+        str(inf),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(sip_port),
+        "-mi",
+        "127.0.0.1",
+        "-mp",
+        str(media_port),
+        "-r",
+        str(rate),
+        "-rp",
+        "1000",
+        "-m",
+        str(calls),
+        "-l",
+        str(calls),  # no cap: concurrency is what the target makes of the rate
+        "-d",
+        str(round(plan.hold_s * 1000)),
+        "-nostdin",
+        "-timeout",
+        str(round(limit_s)),
+        "-trace_stat",
+        "-stf",
+        str(stat),
+        "-fd",
+        "1",
+        "-trace_err",
+        "-error_file",
+        str(work / f"{tag}-errors.log"),
+    ]
+    meter = CpuMeter(groups)
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=limit_s + 30, check=False, cwd=work
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"sipp at {rate} calls/s to {target} did not finish") from exc
+    step.wall_s, step.cpu = meter.done()
+    if done.returncode not in {0, 1}:  # 1: some calls failed (counted below)
+        raise BenchError(
+            f"sipp failed (exit {done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
+        )
+    stats = sipp_stats(stat)
+    step.successful, step.failed = stats.successful, stats.failed
+    step.retransmissions, step.peak_concurrent = stats.retransmissions, stats.peak_concurrent
+    return step
+
+
+# -- flash calls -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FlashStep:
+    """One offered flash-call rate against one target."""
+
+    target: str
+    rate: int
+    calls: int = 0
+    sent_per_s: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    inflight_peak: int = 0
+    invite_p50_ms: float = float("nan")
+    invite_p99_ms: float = float("nan")
+    cancel_p99_ms: float = float("nan")
+    wall_s: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.calls > 0
+
+
+def judge(
+    step: FlashStep,
+    requested: Mapping[str, float],
+    wire: Mapping[str, flashcall.WireCall],
+    refused: Mapping[str, str],
+) -> None:
+    """Fill ``step``'s errors and timings: the same rules for both targets."""
+    invite_ms: list[float] = []
+    cancel_ms: list[float] = []
+    step.calls = len(requested)
+    for phone, asked in requested.items():
+        w = wire.get(phone)
+        if phone in refused:
+            kind = refused[phone]
+        elif w is None:
+            kind = "no INVITE on the wire"
+        elif not w.ringing:
+            kind = "no 180"
+        elif not w.cancel:
+            kind = "no CANCEL"
+        elif not w.final:
+            kind = "no final response"
+        elif w.invite - asked > LATE_S:
+            kind = f"INVITE over {LATE_S:g} s late"
+        else:
+            kind = ""
+        if w is not None:
+            invite_ms.append((w.invite - asked) * 1000)
+            if w.ringing and w.cancel:
+                cancel_ms.append(abs(w.cancel - (w.ringing + RING_S)) * 1000)
+        if kind:
+            step.errors[kind] = step.errors.get(kind, 0) + 1
+    step.inflight_peak = flashcall.peak_overlap(
+        [(w.invite, w.final or w.cancel or w.invite) for w in wire.values()]
+    )
+    step.invite_p50_ms = percentile(invite_ms, 50)
+    step.invite_p99_ms = percentile(invite_ms, 99)
+    step.cancel_p99_ms = percentile(cancel_ms, 99)
+
+
+def call_file(phone: str, caller_id: str) -> str:
+    """An Asterisk call file: ring ``phone`` at the handset for RING_S, then give up (CANCEL)."""
+    return (
+        f"Channel: PJSIP/{phone}@sipp-uas\n"
+        f'CallerID: "{caller_id}" <{caller_id}>\n'
+        f"WaitTime: {round(RING_S)}\n"
+        "MaxRetries: 0\n"
+        "RetryTime: 60\n"
+        "Application: Hangup\n"
+        "Archive: no\n"
+    )
+
+
+def asterisk_flash_step(
+    work: Path,
+    rig: AsteriskRig,
+    *,
+    uas_port: int,
+    groups: Groups,
+    rate: int,
+    plan: Plan,
+    numbers: flashcall.Numbers,
+) -> FlashStep:
+    """Drop ``rate`` call files a second into Asterisk's spool for ``plan.step_s``."""
+    step = FlashStep("asterisk", rate)
+    spool = host_path(rig.root, f"/var/spool/{rig.name}")
+    outgoing, staging = spool / "outgoing", spool / "tmp"
+    count = max(1, round(rate * plan.step_s))
+    requested: dict[str, float] = {}
+    capture = Capture(f"udp port {uas_port}", work / f"asterisk-flash-{rate}.pcap", log_dir=work)
+    meter = CpuMeter(groups)
+    try:
+        start = time.monotonic() + 0.05
+        for i in range(count):
+            due = start + i / rate
+            wait = due - time.monotonic()
+            if wait > 0:
+                pause(wait)
+            phone = numbers.take()
+            name = f"bench-{phone[1:]}.call"
+            # Written elsewhere and renamed in: Asterisk must never read half a file.
+            (staging / name).write_text(
+                call_file(phone, f"{flashcall.PREFIX}{secrets.randbelow(10**6):06d}")
+            )
+            os.rename(staging / name, outgoing / name)
+            requested[phone] = time.time()
+        span = max(requested.values()) - min(requested.values()) if count > 1 else 0.0
+        step.sent_per_s = (count - 1) / span if span > 0 else float(count)
+        # Asterisk deletes a call file when its attempt is over (rang out here).
+        deadline = time.monotonic() + RING_S + SETTLE_S
+        pause(RING_S)
+        while any(outgoing.iterdir()):
+            if time.monotonic() > deadline:
+                break
+            pause(0.2)
+        pause(0.5)  # the last 487 and ACK
+    finally:
+        packets = capture.stop()
+        step.wall_s, step.cpu = meter.done()
+    left = list(outgoing.iterdir())
+    for stale in left:
+        stale.unlink(missing_ok=True)
+    judge(step, requested, flashcall.wire_calls(packets, uas_port), {})
+    if left:
+        step.errors["call file never processed"] = len(left)
+    return step
+
+
+def service_flash_step(
+    work: Path,
+    service: Service,
+    *,
+    uas_port: int,
+    groups: Groups,
+    rate: int,
+    plan: Plan,
+    numbers: flashcall.Numbers,
+) -> FlashStep:
+    """``rate`` flash-call verifications a second for ``plan.step_s`` through the API."""
+    step = FlashStep("service", rate)
+    capture = Capture(f"udp port {uas_port}", work / f"service-flash-{rate}.pcap", log_dir=work)
+    meter = CpuMeter(groups)
+    try:
+        attempts, step.sent_per_s = asyncio.run(
+            flashcall.offer(
+                service.url,
+                service.api_key,
+                rate,
+                step_s=plan.step_s,
+                numbers=numbers,
+                rss=flashcall.RssSampler([]),
+            )
+        )
+    finally:
+        packets = capture.stop()
+        step.wall_s, step.cpu = meter.done()
+    requested = {a.phone: a.sent_at for a in attempts}
+    refused = {a.phone: a.result for a in attempts if a.result != "delivered"}
+    judge(step, requested, flashcall.wire_calls(packets, uas_port), refused)
+    return step
+
+
+def start_handset(work: Path, name: str) -> tuple[Child, int]:
+    """The sipp UAS that rings until cancelled, on a free port."""
+    port = free_port()
+    child = Child(
+        f"sipp handset ({name})",
+        [
+            sipp_path(),
+            "-sf",
+            str(UAS_SCENARIO),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-mi",
+            "127.0.0.1",
+            "-mp",
+            str(free_port(count=4)),
+            "-nostdin",
+            "-trace_err",
+            "-error_file",
+            str(work / f"handset-{name}-errors.log"),
+        ],
+        work / f"handset-{name}.log",
+    )
+    return child, port
+
+
+# -- the two runs -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TargetResult:
+    """Both measurements of one target."""
+
+    name: str
+    inbound: list[InboundStep] = field(default_factory=list)
+    flash: list[FlashStep] = field(default_factory=list)
+    note: str = ""
+
+
+def warm_up(work: Path, target: str, ports: Sequence[int], groups: Groups, plan: Plan) -> None:
+    """A few slow calls first (prompt caches, first-call costs), not counted."""
+    inbound_step(work, target, 2, ports=ports, groups=groups, plan=Plan(2, 2, 1.0, 2, 0, 2.0, 1.0))
+
+
+def run_asterisk(work: Path, plan: Plan, numbers: flashcall.Numbers) -> TargetResult:
+    """Asterisk: inbound to extension 800, then flash calls from call files."""
+    handset, uas_port = start_handset(work, "asterisk")
+    try:
+        rig = start_asterisk(work, uas_port)
+    except BaseException:
+        handset.stop()
+        raise
+    try:
+        return measure_asterisk(work, rig, handset, uas_port=uas_port, plan=plan, numbers=numbers)
+    finally:
+        rig.stop()
+        handset.stop()
+
+
+def measure_asterisk(
+    work: Path,
+    rig: AsteriskRig,
+    handset: Child,
+    *,
+    uas_port: int,
+    plan: Plan,
+    numbers: flashcall.Numbers,
+) -> TargetResult:
+    """Both ramps against a running Asterisk."""
+    result = TargetResult("asterisk")
+    pid = rig.running_pid()
+    if pid is None:
+        raise BenchError("Asterisk is not running after its start")
+    groups: dict[str, Sequence[int]] = {"asterisk": [pid]}
+    ports = [rig.port]
+    warm_up(work, "asterisk", ports, groups, plan)
+    result.inbound = search(
+        lambda r: inbound_step(work, "asterisk", r, ports=ports, groups=groups, plan=plan),
+        plan.inbound_start,
+        plan,
+    )
+    flash_groups = {**groups, "sipp handset": [handset.pid]}
+    result.flash = search(
+        lambda r: asterisk_flash_step(
+            work, rig, uas_port=uas_port, groups=flash_groups, rate=r, plan=plan, numbers=numbers
+        ),
+        plan.flash_start,
+        plan,
+    )
+    if handset.returncode is not None:
+        raise BenchError(f"the sipp handset died:\n{handset.tail()}")
+    if rig.running_pid() is None:
+        raise BenchError(f"Asterisk died during the run; see {rig.host_log}")
+    return result
+
+
+def run_service(work: Path, plan: Plan, workers: int, numbers: flashcall.Numbers) -> TargetResult:
+    """The service: inbound to its workers, then flash calls through its API."""
+    result = TargetResult("service")
+    handset, uas_port = start_handset(work, "service")
+    service: Service | None = None
+    try:
+        service = start_service(work, workers, uas_port)
+        groups: dict[str, Sequence[int]] = {
+            "service": [service.child.pid],
+            "SIP workers": service.worker_pids,
+            "redis": service.redis_pids,
+        }
+        ports = service.worker_ports
+        warm_up(work, "service", ports, groups, plan)
+        # One slot ceiling: 4 calls a worker, each held hold_s plus its setup.
+        result.note = (
+            f"{workers} workers x {SLOTS_PER_WORKER} calls: at most "
+            f"{workers * SLOTS_PER_WORKER / plan.hold_s:.1f} inbound calls/s held {plan.hold_s:g} s"
+        )
+        svc = service
+        result.inbound = search(
+            lambda r: inbound_step(work, "service", r, ports=ports, groups=groups, plan=plan),
+            plan.inbound_start,
+            plan,
+        )
+        flash_groups = {**groups, "sipp handset": [handset.pid]}
+        result.flash = search(
+            lambda r: service_flash_step(
+                work,
+                svc,
+                uas_port=uas_port,
+                groups=flash_groups,
+                rate=r,
+                plan=plan,
+                numbers=numbers,
+            ),
+            plan.flash_start,
+            plan,
+        )
+        for child in (handset, service.child):
+            if child.returncode is not None:
+                raise BenchError(f"{child.name} died during the run:\n{child.tail()}")
+    finally:
+        if service is not None:
+            service.child.stop()
+        handset.stop()
+    return result
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _num(value: float, digits: int = 1) -> float | None:
+    """A figure for the JSON line (JSON has no NaN)."""
+    return None if math.isnan(value) else round(value, digits)
+
+
+def _cpu_text(cpu: Mapping[str, float]) -> str:
+    return ", ".join(
+        f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.01
+    )
+
+
+def _per_call_ms(cpu: Mapping[str, float], calls: int) -> dict[str, float]:
+    return {k: round(v * 1000 / calls, 2) for k, v in cpu.items() if calls and v >= 0.005}
+
+
+def report(
+    asterisk: TargetResult, service: TargetResult, plan: Plan, workers: int, quick: bool
+) -> dict[str, object]:
+    """Tables, the where-the-time-goes lines and the JSON figures."""
+    print(
+        f"\nInbound: answer, hold {plan.hold_s:g} s, BYE; steps of {plan.step_s:g} s of new calls"
+    )
+    rows: list[list[object]] = []
+    for t in (asterisk, service):
+        for s in t.inbound:
+            total = sum(s.cpu.values())
+            rows.append(
+                [
+                    t.name,
+                    s.rate,
+                    s.calls,
+                    s.successful,
+                    s.failed,
+                    s.retransmissions,
+                    s.peak_concurrent,
+                    total,
+                    100 * total / s.wall_s / (os.cpu_count() or 1) if s.wall_s else 0.0,
+                ]
+            )
+    print_table(
+        ["target", "calls/s", "calls", "ok", "failed", "retrans", "concurrent", "CPU s", "CPU %"],
+        rows,
+    )
+    print(f"\nFlash calls: ring {RING_S:g} s, then CANCEL; steps of {plan.step_s:g} s")
+    rows = []
+    errs: list[str] = []
+    for t in (asterisk, service):
+        for f in t.flash:
+            total = sum(f.cpu.values())
+            rows.append(
+                [
+                    t.name,
+                    f.rate,
+                    f.sent_per_s,
+                    f.calls,
+                    sum(f.errors.values()),
+                    f.inflight_peak,
+                    f.invite_p50_ms,
+                    f.invite_p99_ms,
+                    f.cancel_p99_ms,
+                    total,
+                ]
+            )
+            if f.errors:
+                errs.append(f"{t.name} at {f.rate}/s: {f.errors}")
+    print_table(
+        [
+            "target",
+            "offered/s",
+            "sent/s",
+            "calls",
+            "errors",
+            "in flight",
+            "INVITE p50 ms",
+            "INVITE p99 ms",
+            "CANCEL err p99 ms",
+            "CPU s",
+        ],
+        rows,
+    )
+    if errs:
+        print("errors: " + "; ".join(errs))
+
+    ai, si = best(asterisk.inbound), best(service.inbound)
+    af, sf = best(asterisk.flash), best(service.flash)
+    a_in = float(ai.rate) if ai else 0.0
+    s_in = float(si.rate) if si else 0.0
+    a_fl = float(af.rate) if af else 0.0
+    s_fl = float(sf.rate) if sf else 0.0
+    inbound_ratio = s_in / a_in if a_in else None
+    flash_ratio = s_fl / a_fl if a_fl else None
+
+    print("\nWhere the time goes at the sustained rate (CPU ms per call, by process):")
+    cpu_json: dict[str, dict[str, float]] = {}
+    for label, step_in, step_fl in (("asterisk", ai, af), ("service", si, sf)):
+        if step_in is not None:
+            per = _per_call_ms(step_in.cpu, step_in.calls)
+            cpu_json[f"{label}_inbound"] = per
+            print(
+                f"  {label} inbound at {step_in.rate}/s: {per}  (CPU s: {_cpu_text(step_in.cpu)})"
+            )
+        if step_fl is not None:
+            per = _per_call_ms(step_fl.cpu, step_fl.calls)
+            cpu_json[f"{label}_flashcall"] = per
+            print(
+                f"  {label} flash calls at {step_fl.rate}/s: {per}"
+                f"  (CPU s: {_cpu_text(step_fl.cpu)})"
+            )
+    if service.note:
+        print(f"  note: {service.note}")
+    capped = {
+        f"{t.name}_{kind}": bool(steps) and all(s.ok for s in steps)
+        for t in (asterisk, service)
+        for kind, steps in (("inbound", t.inbound), ("flashcall", t.flash))
+    }
+    for key, hit in capped.items():
+        if hit:
+            print(f"  {key}: never failed up to {plan.max_rate}/s: its figure is a lower bound")
+
+    def ratio_text(r: float | None) -> str:
+        return f"{r:.2f}" if r is not None else "n/a"
+
+    print(
+        f"\ninbound: service {s_in:g} calls/s ({si.peak_concurrent if si else 0} concurrent) vs "
+        f"Asterisk {a_in:g} calls/s ({ai.peak_concurrent if ai else 0} concurrent): "
+        f"ratio {ratio_text(inbound_ratio)} (goal {GOAL_RATIO:g})"
+    )
+    print(
+        f"flash calls: service {s_fl:g}/s vs Asterisk {a_fl:g}/s: "
+        f"ratio {ratio_text(flash_ratio)} (goal {GOAL_RATIO:g})"
+    )
+    if quick:
+        print("(--quick: short steps on a shared machine; preliminary figures)")
+    goals = {
+        "inbound_ratio": inbound_ratio is not None and inbound_ratio >= GOAL_RATIO,
+        "flashcall_ratio": flash_ratio is not None and flash_ratio >= GOAL_RATIO,
+    }
+    return {
+        "bench": "asterisk_compare",
+        "quick": quick,
+        "workers": workers,
+        "hold_s": plan.hold_s,
+        "ring_s": RING_S,
+        "step_s": plan.step_s,
+        "asterisk_inbound_calls_per_s": a_in,
+        "asterisk_inbound_concurrent": ai.peak_concurrent if ai else 0,
+        "service_inbound_calls_per_s": s_in,
+        "service_inbound_concurrent": si.peak_concurrent if si else 0,
+        "inbound_ratio": round(inbound_ratio, 3) if inbound_ratio is not None else None,
+        "asterisk_flashcalls_per_s": a_fl,
+        "service_flashcalls_per_s": s_fl,
+        "flashcall_ratio": round(flash_ratio, 3) if flash_ratio is not None else None,
+        "asterisk_flash_invite_p99_ms": _num(af.invite_p99_ms) if af else None,
+        "service_flash_invite_p99_ms": _num(sf.invite_p99_ms) if sf else None,
+        "asterisk_flash_cancel_error_p99_ms": _num(af.cancel_p99_ms) if af else None,
+        "service_flash_cancel_error_p99_ms": _num(sf.cancel_p99_ms) if sf else None,
+        "cpu_ms_per_call": cpu_json,
+        "lower_bound": capped,
+        "goals_met": all(goals.values()),
+        "goals": goals,
+    }
+
+
+def run(plan: Plan, quick: bool, workers: int, keep: Path | None = None) -> dict[str, object]:
+    """Asterisk, then the service; returns the figures."""
+    sipp_path()
+    if os.geteuid() != 0:
+        raise BenchError("run as root: Asterisk runs in a chroot and dumpcap captures on lo")
+    numbers = flashcall.Numbers()
+    with tempfile.TemporaryDirectory(prefix="bench-asterisk-") as tmp:
+        work = Path(tmp)
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            work = keep
+        asterisk = run_asterisk(work, plan, numbers)
+        service = run_service(work, plan, workers, numbers)
+    return report(asterisk, service, plan, workers, quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bench/asterisk_compare.py [--quick] [--strict] [--workers N] [--keep DIR]``."""
+    p = parser(__doc__.splitlines()[0] if __doc__ else "service vs Asterisk")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"CLINIC_SIP_WORKERS of the service (default {DEFAULT_WORKERS})",
+    )
+    p.add_argument("--keep", type=Path, help="keep captures, sipp files and logs in this folder")
+    args = p.parse_args(argv)
+    try:
+        figures = run(QUICK if args.quick else FULL, args.quick, args.workers, args.keep)
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        emit_json(
+            {"bench": "asterisk_compare", "quick": args.quick, "error": str(exc).splitlines()[0]}
+        )
+        return 1
+    emit_json(figures)
+    if args.strict and not figures.get("goals_met", False):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
