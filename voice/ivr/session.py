@@ -193,9 +193,7 @@ class CallSession:
                 self._listening = False
                 await self._play(action, state)
             elif isinstance(action, eng.StopPlay):
-                if self._playing:
-                    self._stopped += 1
-                    await self._h.stop_play()
+                await self._stop_prompt()
             elif isinstance(action, eng.Listen):
                 await self._listen(action, state)
             elif isinstance(action, eng.TransferCall):
@@ -224,6 +222,17 @@ class CallSession:
         await self._h.play(wav)
         if state.pending is eng.Pending.LISTEN and action.barge_in:
             await self._arm_recogniser(state)
+
+    async def _stop_prompt(self) -> None:
+        """Stop the prompt that plays, once: its PlayDone is swallowed, not a PromptDone.
+
+        Every partial result of a caller talking over a prompt asks for a stop, and the
+        engine's StopPlay follows the speech result; counting each of them would swallow
+        the PlayDone of a later prompt and leave the engine waiting for it.
+        """
+        if self._playing > self._stopped:
+            self._stopped += 1
+            await self._h.stop_play()
 
     async def _listen(self, action: eng.Listen, state: eng.CallState) -> None:
         self._listening = True
@@ -276,10 +285,9 @@ class CallSession:
 
     async def _recognise(self, rec: Recogniser, frame: bytes) -> None:
         result = await rec.feed(frame)
-        if isinstance(result, PartialResult) and self._playing:
+        if isinstance(result, PartialResult):
             # Barge-in by voice: the caller talks over the prompt.
-            self._stopped += 1
-            await self._h.stop_play()
+            await self._stop_prompt()
         if result is None and rec.end_of_speech:
             result = await rec.finish()
         heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
