@@ -51,13 +51,13 @@ async def run(*argv: str) -> None:
     assert proc.returncode == 0, f"{argv} failed: {err.decode(errors='replace')}"
 
 
-async def spoken(folder: Path, text: str, name: str) -> Path:
+async def spoken(folder: Path, text: str, name: str, lead_s: float = LEAD_S) -> Path:
     """``text`` said by espeak-ng's Korean voice, as 8 kHz mono PCM16, padded with silence."""
     raw, out = folder / f"{name}-22k.wav", folder / f"{name}.wav"
     await run("espeak-ng", "-v", "ko", "-w", str(raw), text)
     await run(
         "sox", str(raw), "-r", "8000", "-c", "1", "-b", "16", str(out),
-        "pad", str(LEAD_S), str(TRAIL_S),
+        "pad", str(lead_s), str(TRAIL_S),
     )  # fmt: skip
     return out
 
@@ -125,3 +125,26 @@ async def test_spoken_no_ends_the_call_without_u1(line: ClinicLine, tmp_path: Pa
     assert record["values"]["breathing"] == "no"
     assert record["triage"] is None or record["triage"]["urgency"] not in {"U0", "U1"}
     assert record["outcome"] == "completed"
+
+
+async def test_speaking_over_the_question_stops_it_and_is_heard(
+    line: ClinicLine, tmp_path: Path
+) -> None:
+    # "예" 2 s into the 7 s question: speech barge-in.
+    answer = await spoken(tmp_path, "예", "yes-early", lead_s=2.0)
+    before = await line.call_ids()
+    async with phones() as started:
+        nurse = await Phone.start(
+            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
+        )
+        started.append(nurse)
+        caller = await Phone.start("caller", "--call", line.uri("ko"), "--play", str(answer))
+        started.append(caller)
+        await nurse.wait_for("incoming", CALL_S)
+        await caller.finish(CALL_S)
+        await nurse.finish(10)
+    record = await line.new_record(before)
+    heard = speech_steps(record)
+    assert [(p["node"], p["value"]) for p in heard] == [("breathing", "예")], record["path"]
+    assert record["triage"]["urgency"] == "U1", record["triage"]
+    assert record["transfer_target"] == line.settings.ivr.nurse_uri
