@@ -14,25 +14,59 @@ from tests.peers.pbx_softphone import Softphone
 PASSWORDS = {ext: f"clinic-{ext}" for ext in ("6001", "6002", "6003", "6100", "6200")}
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the test item, so fixtures can tell that a test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)  # type: ignore[attr-defined]
+    return report
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    """True when the requesting test's call phase failed (for teardown diagnostics)."""
+    report = getattr(request.node, "report_call", None)
+    return report is None or bool(report.failed)
+
+
 @pytest.fixture(scope="session")
 def asterisk() -> Iterator[AsteriskRig]:
-    """Asterisk on 127.0.0.1:5160, or a free port when 5160 is taken; the rootfs is built
-    on first use (about a minute) and unmounted at the end, whatever happened."""
+    """Asterisk on a random free 127.0.0.1 port (never 5160: a ``make asterisk`` rig, or a
+    service left running by an earlier session, may expect that one); the rootfs is built on
+    first use (about a minute) and unmounted at the end, whatever happened."""
     if os.geteuid() != 0:
         pytest.fail("the Asterisk rig needs root (chroot and mount)")
     try:
         root = build_rootfs()
     except RigError as exc:
         pytest.fail(f"could not build the Asterisk rootfs: {exc}")
-    rig = AsteriskRig(root, pick_port())
-    try:
-        rig.start()
-    except RigError as exc:
-        pytest.fail(f"Asterisk did not start: {exc}")
+    rig = None
+    for _ in range(3):
+        rig = AsteriskRig(root, pick_port(None))
+        try:
+            rig.start()
+            break
+        except RigError as exc:
+            if "is taken" not in str(exc):  # only a port race is worth another try
+                pytest.fail(f"Asterisk did not start: {exc}")
+    else:
+        pytest.fail("no free port for Asterisk after 3 tries")
     try:
         yield rig
     finally:
         rig.stop()
+        rig.remove_instance()
+
+
+@pytest.fixture(autouse=True)
+def asterisk_log_on_failure(
+    request: pytest.FixtureRequest, asterisk: AsteriskRig
+) -> Iterator[None]:
+    """When a test fails, show what Asterisk logged meanwhile (notices, warnings, errors)."""
+    offset = asterisk.log_size()
+    yield
+    if failed(request):
+        print(f"--- Asterisk console ({asterisk.host_log}) during the test ---")
+        print(asterisk.log_since(offset))
 
 
 PhoneFactory = Callable[..., Softphone]

@@ -220,9 +220,9 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def pick_port(preferred: int = DEFAULT_PORT) -> int:
-    """``preferred`` when it is free over UDP and TCP, else another free port."""
-    if port_is_free(preferred):
+def pick_port(preferred: int | None = DEFAULT_PORT) -> int:
+    """``preferred`` when it is free over UDP and TCP, else (or when None) another free port."""
+    if preferred is not None and port_is_free(preferred):
         return preferred
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -342,6 +342,42 @@ class AsteriskRig:
         with self._lock():
             if not any(pid_alive(p) for p in chrooted_pids(self.root)):
                 unmount_all(self.root)
+
+    def remove_instance(self) -> None:
+        """Delete this instance's config, db, spool, run and cache directories (not its log).
+
+        For throw-away instances on random ports (the tests), so the rootfs does not collect
+        one set of directories per run. Refused while the instance runs.
+        """
+        if self.running_pid() is not None:
+            raise RigError(f"{self.name} still runs: stop it before removing it")
+        for inner in (
+            self.etc,
+            f"/var/lib/{self.name}",
+            f"/var/spool/{self.name}",
+            f"/run/{self.name}",
+            f"/var/cache/{self.name}",
+        ):
+            path = host_path(self.root, inner)
+            if path.is_dir() and not mounts_under(path):
+                shutil.rmtree(path)
+
+    def log_size(self) -> int:
+        """The console log's current length (to show only what a test added to it)."""
+        try:
+            return self.host_log.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int, lines: int = 40) -> str:
+        """The last ``lines`` lines written to the console log after ``offset``."""
+        try:
+            with open(self.host_log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
 
     def restart(self, *, clear_registrations: bool = False) -> None:
         """Stop and start again (the service sees Asterisk go away and come back).

@@ -11,7 +11,8 @@ commands  ``{"cmd": "call", "uri": ..., "from_uri": ..., "headers": {...}, "late
 events    ``ready``, ``registered``, ``reg_failed``, ``incoming`` (with the INVITE's From,
           P-Asserted-Identity and whether it had SDP), ``call_state``, ``media_active``,
           ``dtmf``, ``transfer_status``, ``message``, ``message_status``, ``error``,
-          ``recorded`` (with ``--record-dir``: a call's WAV file once its header is complete)
+          ``recorded`` (with ``--record-dir``: a call's WAV file once its header is complete);
+          each has ``at``, the ``time.monotonic()`` of when it happened
 
 :class:`Softphone` is the test side: it starts the process and waits for events with
 deadlines. pjsua2 is imported only in the child (one ``Endpoint`` per process).
@@ -159,7 +160,7 @@ class Softphone:
             self.events.append(got)
 
     def _story(self) -> str:
-        seen = [{k: v for k, v in e.items() if k != "_used"} for e in self.events[-15:]]
+        seen = [{k: v for k, v in e.items() if k not in {"_used", "at"}} for e in self.events[-15:]]
         return f"events: {seen}; stderr tail: {self._stderr[-15:]}"
 
     def begin_close(self) -> None:
@@ -215,7 +216,8 @@ _events_out = sys.stdout
 
 
 def _emit(event: str, **fields: Any) -> None:
-    _events_out.write(json.dumps({"event": event, **fields}) + "\n")
+    # "at": CLOCK_MONOTONIC, the same clock in every process, so tests can time events.
+    _events_out.write(json.dumps({"event": event, "at": time.monotonic(), **fields}) + "\n")
     _events_out.flush()
 
 
