@@ -340,11 +340,11 @@ def test_service_reregisters_after_asterisk_restarts(
     service: Api, phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:
     # Contacts would survive in astdb: drop them, so only fresh REGISTERs from the
-    # workers (they refresh at least every 60 s, pjsip.conf) bring them back.
+    # workers (pjsip.conf grants 30 s, so they refresh every ~25 s) bring them back.
     asterisk.restart(clear_registrations=True)
     # astdb was deleted before Asterisk started again, so every contact seen from now on
     # is a fresh REGISTER (none is awaited as "gone" first: a refresh may land at once).
-    _wait_contacts(asterisk, WORKERS, 90)
+    _wait_contacts(asterisk, WORKERS, 45)
     caller = phone("6001")
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
