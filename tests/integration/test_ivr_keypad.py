@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from clinic_voice.app import RUNTIME
 from tests.integration.conftest import OpenApiCollector
 from tests.peers.ivr_rig import NURSE_USER, ClinicLine, Phone, phones, running_clinic_line
+from tests.peers.webhook_receiver import WebhookReceiver
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 
@@ -34,13 +35,27 @@ CALL_S = 60.0  # one call, from dialling to the record, at most
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def scheduling() -> AsyncIterator[WebhookReceiver]:
+    """The clinic's scheduling system: a real HTTP receiver answering 204 (or 500, see
+    ``fail_first``) to the triage's appointment requests."""
+    receiver = WebhookReceiver()
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def line(
     tmp_path_factory: pytest.TempPathFactory,
     openapi_responses: OpenApiCollector,
     ivr_prompt_cache: Path,
+    scheduling: WebhookReceiver,
 ) -> AsyncIterator[ClinicLine]:
+    env = {"CLINIC_SCHEDULING_WEBHOOK": scheduling.url("/schedule")}
     async with running_clinic_line(
-        tmp_path_factory.mktemp("clinic"), openapi_responses, prompt_cache=ivr_prompt_cache
+        tmp_path_factory.mktemp("clinic"), openapi_responses, env, prompt_cache=ivr_prompt_cache
     ) as svc:
         yield svc
 
@@ -152,14 +167,45 @@ async def test_type_ahead_keys_during_the_first_prompt_run_a_full_non_urgent_tri
 
 
 # 1 yourself; no to the danger signs; 1 fever; not very ill; no stiff neck or rash; 1 yes,
-# more than three days (U3); 5 no risk group. U3 asks the scheduling webhook, which is not
-# configured here: its failure branch puts the caller through to staff.
+# more than three days (U3); 5 no risk group. U3 asks the scheduling webhook for a same-day
+# appointment.
 FEVER_KEYS = "1", "2", "2", "2", "2", "2", "1", "2", "2", "1", "5"
 
 
-async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_record(
-    line: ClinicLine, caplog: pytest.LogCaptureFixture
+async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
+    line: ClinicLine, scheduling: WebhookReceiver
 ) -> None:
+    scheduling.fail_first = 0
+    posted = len(scheduling.received)
+    before = await line.call_ids()
+    dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(FEVER_KEYS))
+    async with phones() as started:
+        caller = await Phone.start("caller", "--call", line.uri("6001"), "--dtmf", dtmf)
+        started.append(caller)
+        hooks = await scheduling.wait_until(
+            "the same-day request", lambda got: len(got) > posted, deadline_s=CALL_S
+        )
+        await caller.finish(CALL_S)
+    assert caller.find("transfer_request") is None, "a booked call is not transferred"
+    hook = hooks[posted]
+    assert hook.path == "/schedule" and hook.answered == 204
+    assert hook.json() == {
+        "who": "self",
+        "complaint": "fever",
+        "request": "same_day",
+        "urgency": "U3",
+    }
+    record = await line.new_record(before)
+    assert record["triage"]["urgency"] == "U3", record["triage"]
+    assert record["outcome"] == "same_day"
+    assert steps(record, "webhook") == [("same_day", "ok")], record["path"]
+
+
+async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_record(
+    line: ClinicLine, caplog: pytest.LogCaptureFixture, scheduling: WebhookReceiver
+) -> None:
+    # The scheduling system fails this time: the triage puts the caller through to staff.
+    scheduling.fail_first = len(scheduling.received) + 1
     caplog.set_level(logging.DEBUG)
     before = await line.call_ids()
     dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(FEVER_KEYS))
@@ -179,6 +225,7 @@ async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_r
     assert record["triage"]["urgency"] == "U3", record["triage"]
     assert record["values"]["complaint"] == "fever" and record["values"]["fever_days"] == "yes"
     assert record["transfer_target"] == line.settings.ivr.staff_uri
+    assert steps(record, "webhook") == [("same_day", "failed")], record["path"]
     summary = incoming["headers"].get("X-Clinic-Summary", "")
     assert "complaint=fever" in summary, incoming
 
