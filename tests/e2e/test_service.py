@@ -325,6 +325,11 @@ def test_triage_breathing_difficulty_transfers_to_the_nurse(
 def test_six_calls_at_once_are_all_answered(
     service: Api, phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:
+    """Six callers at once: more than one worker holds (4), so Asterisk hunts over both
+    workers, and the bot answers and keeps every call (one record each once they end)."""
+    status, before = service.get("/v1/calls?limit=100")
+    assert status == 200, before
+    known = {c["id"] for c in before["calls"]}
     callers = [phone("6001"), phone("6002")]
     for caller in callers:
         for _ in range(3):
@@ -332,8 +337,23 @@ def test_six_calls_at_once_are_all_answered(
     for caller in callers:
         for _ in range(3):
             caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=20)
+    # All six are up together now, each with its media negotiated.
+    for caller in callers:
+        for _ in range(3):
+            caller.expect("media_active", timeout_s=5)
     for caller in callers:
         caller.send("hangup")
+    deadline = time.monotonic() + 15
+    new: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        status, page = service.get("/v1/calls?limit=100")
+        assert status == 200, page
+        new = [c for c in page["calls"] if c["id"] not in known]
+        if len(new) >= 6:
+            break
+        threading.Event().wait(0.25)
+    assert len(new) == 6, f"{len(new)} call records for the six calls: {new}"
+    assert sorted(c["caller"][-4:] for c in new) == ["6001"] * 3 + ["6002"] * 3, new
 
 
 def test_service_reregisters_after_asterisk_restarts(
