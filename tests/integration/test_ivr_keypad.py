@@ -9,6 +9,7 @@ call ids before its call and finds its own record as the one new id.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -343,3 +344,30 @@ async def test_a_transfer_nobody_takes_ends_with_the_failure_message(line: Clini
     assert record["transfer_target"] is None
     assert ("menu", "0") in steps(record, "digit")
     assert steps(record, "transfer") == [("menu", "failed")], record["path"]
+
+
+async def test_concurrent_calls_keep_their_own_keys_and_records(line: ClinicLine) -> None:
+    before = await line.call_ids()
+    wanted = {"1": "appointments", "2": "prescription", "3": "results"}
+    async with phones() as started:
+        callers: dict[str, Phone] = {}
+        for key in wanted:
+            argv = ["--call", line.uri("6000"), "--from-user", f"patient{key}"]
+            argv += ["--dtmf", f"{key}@0.5", "--duration", "3"]
+            callers[key] = await Phone.start(f"caller-{key}", *argv)
+            started.append(callers[key])
+        await asyncio.gather(*(c.finish(20) for c in callers.values()))
+    records: list[dict[str, Any]] = []
+    for _ in range(50):
+        new = await line.call_ids() - before
+        if len(new) == len(wanted):
+            records = [(await line.get(f"/v1/calls/{i}")).json for i in new]
+            break
+        await asyncio.sleep(0.1)
+    assert len(records) == len(wanted), "not every concurrent call left a record"
+    by_caller = {r["caller"]: r for r in records}
+    assert set(by_caller) == {f"patient{key}" for key in wanted}, by_caller.keys()
+    for key, flow in wanted.items():
+        record = by_caller[f"patient{key}"]
+        assert steps(record, "digit") == [("menu", key)], record["path"]
+        assert record["flow"] == flow, record
