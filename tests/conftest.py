@@ -216,38 +216,47 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-class _SlowCallbacks(logging.Handler):
-    """Collects asyncio's debug-mode 'Executing <handle> took N seconds' warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "took" in message and "Executing" in message:
-            self.records.append(message)
+def _run_delay_s() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 @contextlib.contextmanager
 def watch_loop_blocking(
     loop: asyncio.AbstractEventLoop, limit_s: float = LOOP_BLOCK_LIMIT_S
 ) -> Iterator[list[str]]:
-    """Collect, into the yielded list, every loop step that took longer than ``limit_s``.
+    """Collect, into the yielded list, every loop step that held the loop longer than ``limit_s``.
 
-    Uses asyncio's debug mode (``slow_callback_duration``), which names the culprit; debug mode
-    also raises on loop calls made from the wrong thread, which is wanted in tests too.
+    A step's time is its wall time minus the time the kernel kept the thread waiting for a CPU
+    (``/proc/thread-self/schedstat``): on two cores shared with redis-server, sipp and pjsua
+    workers a step can be descheduled for 100 ms without blocking anything, while a blocking
+    call (``time.sleep``, a synchronous socket read, CPU work) still counts in full. Debug mode
+    stays on: it also raises on loop calls from the wrong thread, which is wanted in tests.
     """
-    handler = _SlowCallbacks()
-    asyncio_log = logging.getLogger("asyncio")
+    records: list[str] = []
     was_debug, was_slow = loop.get_debug(), loop.slow_callback_duration
     loop.set_debug(True)
-    loop.slow_callback_duration = limit_s
-    asyncio_log.addHandler(handler)
+    loop.slow_callback_duration = 3600.0  # measured below instead, without scheduler delay
+    original = asyncio.events.Handle._run
+
+    def timed_run(handle: asyncio.events.Handle) -> None:
+        wall0, delay0 = time.perf_counter(), _run_delay_s()
+        original(handle)
+        wall = time.perf_counter() - wall0
+        if wall > limit_s:
+            held = wall - (_run_delay_s() - delay0)
+            if held > limit_s:
+                records.append(f"{handle!r} held the loop {held:.3f} s (wall {wall:.3f} s)")
+
+    asyncio.events.Handle._run = timed_run  # type: ignore[method-assign,assignment]
     try:
-        yield handler.records
+        yield records
     finally:
-        asyncio_log.removeHandler(handler)
+        asyncio.events.Handle._run = original  # type: ignore[method-assign]
         loop.set_debug(was_debug)
         loop.slow_callback_duration = was_slow
 
