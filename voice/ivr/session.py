@@ -13,7 +13,6 @@ result stops the prompt. Keys pressed during a prompt go to the engine at once (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -37,6 +36,7 @@ log = logging.getLogger(__name__)
 TRANSFER_WAIT_S = 15.0  # a REFER not completed by then counts as failed
 ANSWER_WAIT_S = 5.0
 MAX_CALL_S = 1800.0
+RECORD_TERMINATOR = "#"  # ends a voicemail early
 FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
 
 WebhookPoster = Callable[[str, Mapping[str, str], float], Awaitable[Mapping[str, str] | None]]
@@ -129,6 +129,7 @@ class CallSession:
         self._language = "en"
         self._listen_timeout = 0.0
         self._hangup_after_record = False
+        self._record_stop = asyncio.Event()
         self._transfer_waiter: asyncio.Future[bool] | None = None
         self._hangup_after_transfer = False
 
@@ -315,6 +316,9 @@ class CallSession:
     async def _pump_sip(self) -> None:
         async for ev in self._h.events:
             if isinstance(ev, Digit):
+                if self._recording is not None and ev.key == RECORD_TERMINATOR:
+                    self._record_stop.set()  # ends the message; not an answer to anything
+                    continue
                 self._events.put_nowait(eng.Digit(ev.key))
             elif isinstance(ev, PlayDone):
                 self._playing = max(0, self._playing - 1)
@@ -354,9 +358,17 @@ class CallSession:
             await self._h.start_listen()
             self._spawn(self._pump_audio())
         self._recording = []
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max_s):
-                await self._h.wait_ended()
+        self._record_stop = asyncio.Event()
+        # The recording ends with the call, with "#" (what the record prompts tell the
+        # caller), or after max_s.
+        ended = asyncio.ensure_future(self._h.wait_ended())
+        hashed = asyncio.ensure_future(self._record_stop.wait())
+        try:
+            await asyncio.wait({ended, hashed}, timeout=max_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            hashed.cancel()
+            await asyncio.gather(ended, hashed, return_exceptions=True)
         chunks, self._recording = self._recording, None
         pcm = b"".join(chunks or [])
         ref = await self._d.save_recording(self._h.id, pcm) if pcm else ""
