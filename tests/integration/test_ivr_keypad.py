@@ -371,3 +371,51 @@ async def test_concurrent_calls_keep_their_own_keys_and_records(line: ClinicLine
         record = by_caller[f"patient{key}"]
         assert steps(record, "digit") == [("menu", key)], record["path"]
         assert record["flow"] == flow, record
+
+
+async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
+    line: ClinicLine, tmp_path: Path
+) -> None:
+    # The message: a 2 s tone, 12 s after the answer (the record prompt has ended by then).
+    message = tmp_path / "message.wav"
+    await sox("-n", "-r", "8000", "-c", "1", "-b", "16", str(message), "synth", "2", "sine",
+              "440", "vol", "0.5", "pad", "12", "0")  # fmt: skip
+    # 2 prescription; date of birth and patient number typed ahead; # ends the message.
+    keys = ["2", *"01021980", *"12345#"]
+    dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(keys))
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", f"{dtmf},#@15.0",
+            "--play", str(message),
+        )  # fmt: skip
+        started.append(caller)
+        await caller.finish(CALL_S)
+    record = await line.new_record(before)
+    assert record["flow"] == "prescription"
+    assert record["outcome"] == "prescription_requested", record
+    assert steps(record, "digits") == [("dob", "01021980"), ("patient_no", "12345")]
+    (recorded,) = steps(record, "record")
+    assert recorded[0] == "message"
+    seconds = int(recorded[1].rstrip("s"))
+    assert 1 <= seconds <= 10, f"# did not end the 60 s recording: {recorded}"
+
+    ref = record["values"]["prescription_message"]
+    sealed = line.settings.data_dir / "voicemail" / ref
+    assert sealed.is_file(), f"no voicemail file {sealed}"
+    assert sealed.stat().st_mode & 0o077 == 0, "the voicemail is readable by others"
+    text = sealed.read_text()
+    with pytest.raises(ValueError):
+        json.loads(text)
+    opened = line.app[RUNTIME].need_call_store().open(ref, text)
+    pcm = bytes.fromhex(opened["pcm16_8k"])
+    assert len(pcm) == seconds * 16000 or abs(len(pcm) / 16000 - seconds) < 1.0
+    assert max(abs(int.from_bytes(pcm[i : i + 2], "little", signed=True))
+               for i in range(0, len(pcm), 2)) > 5000, "the tone is not in the message"  # fmt: skip
+
+
+async def sox(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec("sox", *argv, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(20):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, f"sox {argv} failed: {err.decode(errors='replace')}"
