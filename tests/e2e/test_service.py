@@ -222,7 +222,8 @@ def test_flash_call_rings_with_the_code_and_the_caller_id_approves(
     ended = target.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=15)
     assert ended["code"] == 487, ended
     rang_s = ended["at"] - incoming["at"]
-    assert FLASH_RING_S - 0.5 < rang_s < FLASH_RING_S + 2.0, f"rang {rang_s:.1f} s"
+    # Generous bounds (other tests may load the machine): after the ring time, not at once.
+    assert FLASH_RING_S - 1.0 < rang_s < FLASH_RING_S + 3.0, f"rang {rang_s:.2f} s"
     status, checked = service.post(f"/v1/verifications/{started['id']}/check", {"cli": cli})
     assert status == 200 and checked["status"] == "approved", checked
 
