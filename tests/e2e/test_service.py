@@ -194,10 +194,13 @@ def service(asterisk: AsteriskRig, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(autouse=True)
 def service_log_on_failure(request: pytest.FixtureRequest, service: Api) -> Iterator[None]:
-    """When a test fails, show what the service logged meanwhile (prompt renders left out)."""
+    """When a test fails, show what the service logged meanwhile (prompt renders left out);
+    after every test, drop a pinned code the service did not use."""
     log = service.process.logfile
     offset = log.stat().st_size if log.exists() else 0
     yield
+    # A test that failed before the service drew its pinned code must not leave it behind.
+    service.pinned_code_file.unlink(missing_ok=True)
     if failed(request):
         with open(log, "rb") as f:
             f.seek(offset)
