@@ -174,13 +174,17 @@ def build_app(
             embedded = EmbeddedRedis(settings.data_dir)
             url = await embedded.start()
             log.info("embedded Redis started (unix socket in %s)", settings.data_dir)
-        rt.redis = aioredis.Redis.from_url(
+        # A blocking pool: past 256 connections a request waits (up to 2 s) for one to come
+        # free instead of failing with "Too many connections" (seen under bench load).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
             decode_responses=True,
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
             max_connections=256,
+            timeout=2.0,
         )
+        rt.redis = aioredis.Redis(connection_pool=pool)
         rt.call_store = CallStore(rt.redis, rt.secret, settings.ivr.call_retention_days)
         rt.store = VerificationStore(
             rt.redis, global_webhook=bool(settings.verification.webhook_url)
@@ -189,6 +193,7 @@ def build_app(
             yield
         finally:
             await rt.redis.aclose()
+            await pool.aclose()
             if embedded is not None:
                 await embedded.stop()
 
