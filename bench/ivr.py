@@ -582,6 +582,7 @@ def start_service(work: Path, model_dir: Path) -> tuple[Child, list[int]]:
             CLINIC_SIP_WORKERS=str(WORKERS),
             CLINIC_FLOWS_DIR=str(REPO / "ivr_flows"),
             CLINIC_VOSK_MODEL=str(model_dir),
+            CLINIC_VOSK_LANGUAGE="ko",
             CLINIC_NURSE_URI=f"sip:6100@127.0.0.1:{nobody}",
             CLINIC_STAFF_URI=f"sip:6200@127.0.0.1:{nobody}",
         ),

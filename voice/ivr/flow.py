@@ -83,6 +83,10 @@ class FlowParams:
     emergency_number: str = "112"
     speech_enabled: bool = False
     clinic_name: str = "the clinic"
+    # The language of the loaded speech model; flows in other languages run keypad-only
+    # (a Korean model hears English answers as nothing: a danger-sign question would then
+    # escalate every caller). None: the model serves every flow (tests, one-language sites).
+    speech_language: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, *, speech_enabled: bool | None = None) -> FlowParams:
@@ -96,7 +100,12 @@ class FlowParams:
             if speech_enabled is None
             else speech_enabled,
             clinic_name=settings.clinic_name,
+            speech_language=ivr.vosk_language,
         )
+
+    def speech_for(self, language: str) -> bool:
+        """Whether a flow in ``language`` takes speech."""
+        return self.speech_enabled and self.speech_language in (None, language)
 
     def values(self) -> dict[str, str]:
         """The parameters a text may name."""
@@ -442,10 +451,10 @@ class Flow:
             if isinstance(node, Say) and node.audio is None:
                 add(node.text)
             elif isinstance(node, Ask):
-                add(self.ask_prompt(node, params.speech_enabled))
+                add(self.ask_prompt(node, params.speech_for(self.language)))
                 for kind, limit in (("noinput", node.max_noinput), ("nomatch", node.max_nomatch)):
                     for count in range(1, limit):
-                        add(self.reprompt(node, kind, count, params.speech_enabled))
+                        add(self.reprompt(node, kind, count, params.speech_for(self.language)))
             elif isinstance(node, Transfer | Record | Hangup):
                 add(node.prompt)
         return out

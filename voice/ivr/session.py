@@ -247,7 +247,7 @@ class CallSession:
     async def _arm_recogniser(
         self, state: eng.CallState, phrases: tuple[str, ...] | None = None
     ) -> None:
-        if self._d.speech is None or self._d.engine.params.speech_enabled is False:
+        if self._d.speech is None or not self._d.engine.params.speech_for(self._language):
             return
         where = (state.flow, state.node)
         if self._recogniser is not None and self._recogniser_for == where:
