@@ -107,6 +107,7 @@ class OpenApiCollector:
         assert self.doc is not None, "no /openapi.json loaded yet"
         where = f"{method} {path} -> {status} ({ctype})"
         problems: list[str] = []
+        path = path.partition("?")[0]  # query parameters are not part of a path template
         template = next((t for rx, t in self._templates if rx.match(path)), None)
         op = self.doc["paths"].get(template, {}).get(method.lower()) if template else None
         parsed: Any = None
