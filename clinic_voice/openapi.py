@@ -167,7 +167,62 @@ SCHEMAS: dict[str, Any] = {
             "next": {"anyOf": [{"type": "string"}, {"type": "null"}]},
         },
     },
-    "Call": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+    "Call": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "id",
+            "caller",
+            "called",
+            "started_at",
+            "ended_at",
+            "flow",
+            "path",
+            "values",
+            "triage",
+            "transfer_target",
+            "outcome",
+        ],
+        "properties": {
+            "id": {"type": "string"},
+            "caller": {"type": "string"},
+            "called": {"type": "string"},
+            "started_at": _ISO,
+            "ended_at": _ISO,
+            "flow": {"type": "string"},
+            "path": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["flow", "node", "input", "value", "confidence"],
+                    "properties": {
+                        "flow": {"type": "string"},
+                        "node": {"type": "string"},
+                        "input": {"type": "string"},
+                        "value": {"type": "string"},
+                        "confidence": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+                    },
+                },
+            },
+            "values": {"type": "object", "additionalProperties": {"type": "string"}},
+            "triage": {
+                "anyOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["urgency", "reasons", "action"],
+                        "properties": {
+                            "urgency": {"enum": ["U0", "U1", "U2", "U3", "U4", "U5"]},
+                            "reasons": {"type": "array", "items": {"type": "string"}},
+                            "action": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                        },
+                    },
+                ]
+            },
+            "transfer_target": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "outcome": {"type": "string"},
+        },
+    },
 }
 
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]

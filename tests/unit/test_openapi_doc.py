@@ -35,6 +35,21 @@ DOC = openapi_document()
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
+CALL: dict[str, Any] = {
+    "id": "c1",
+    "caller": "6001",
+    "called": "700",
+    "started_at": "2027-01-15T08:00:00.000Z",
+    "ended_at": "2027-01-15T08:01:00.000Z",
+    "flow": "triage",
+    "path": [{"flow": "triage", "node": "who", "input": "digit", "value": "1", "confidence": None}],
+    "values": {"who": "self"},
+    "triage": {"urgency": "U1", "reasons": ["difficulty breathing"], "action": "transfer_nurse"},
+    "transfer_target": "sip:6100@127.0.0.1:5160",
+    "outcome": "call_emergency+transfer_nurse",
+}
+
+
 def walk(node: Any, path: str = "#") -> Iterator[tuple[str, Any]]:
     """Every (JSON pointer, value) below ``node``."""
     yield path, node
@@ -211,6 +226,25 @@ def test_rendered_verifications_validate(v: Verification) -> None:
     assert errs == [], "\n".join(str(e) for e in errs[:3])
 
 
+def test_a_stored_call_record_matches_the_call_schema() -> None:
+    from voice.ivr.call_record import CallResult
+    from voice.ivr.engine import CallRecord, PathStep
+    from voice.ivr.triage import TriageAction, Urgency
+
+    record = CallRecord(
+        flow="triage",
+        path=(PathStep("triage", "breathing", "digit", "1", None),),
+        values=(("who", "self"),),
+        urgency=Urgency.U1,
+        reasons=("difficulty breathing",),
+        action=TriageAction.CALL_EMERGENCY,
+        transfer_target="sip:6100@pbx",
+        outcome="call_emergency+transfer_nurse",
+    )
+    doc = CallResult("c1", "6001", "700", 1.8e9, 1.8e9 + 60, record).to_json()
+    assert validator("Call").is_valid(doc), doc
+
+
 @pytest.mark.parametrize(
     ("schema", "instance", "valid"),
     [
@@ -225,7 +259,9 @@ def test_rendered_verifications_validate(v: Verification) -> None:
         ("CreateVerification", {"phone": "+447400123456", "code_length": 9}, False),
         ("CreateVerification", {"phone": "+447400123456", "method": "fax"}, False),
         ("CreateVerification", {"phone": "+447400123456", "extra": 1}, False),
-        ("CallList", {"calls": [{"id": "c1"}], "next": None}, True),
+        ("CallList", {"calls": [CALL], "next": None}, True),
+        ("CallList", {"calls": [{"id": "c1"}], "next": None}, False),
+        ("Call", {**CALL, "triage": {"urgency": "U7", "reasons": [], "action": None}}, False),
         ("Health", {"status": "ok"}, True),
     ],
 )
