@@ -8,16 +8,30 @@ store the call record. Nothing here decides anything about the caller: the engin
 
 Speech barge-in: while an ask's prompt plays, its recogniser already listens; the first partial
 result stops the prompt. Keys pressed during a prompt go to the engine at once (type-ahead).
+
+Prompt ends: every play has an id and the worker sends exactly one ``PlayDone`` per play, so
+only the end of the prompt the engine waits for becomes a ``PromptDone``; the end of a prompt
+that was stopped, replaced or is a tone is never taken for the end of the next one.
+
+Transfers: the worker reports the REFER's progress (``TransferStatus``). A final 2xx is a
+transfer done, a final error a transfer failed at once (the caller hears the failure message,
+not 15 s of silence); a target that is still ringing (1xx) is waited for up to
+``TRANSFER_DEADLINE_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
+import tempfile
+from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from sip_config.clock import Clock
@@ -27,13 +41,21 @@ from voice.ivr.flow import HUMAN_PHRASES, REPEAT_PHRASES, Ask, FlowSet
 from voice.media.asr import PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig
+from voice.media.pcm import Pcm, write_wav
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
-from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
+from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone, TransferStatus
 
 log = logging.getLogger(__name__)
 
-TRANSFER_WAIT_S = 15.0  # a REFER not completed by then counts as failed
+# Only a final NOTIFY decides a transfer; this bounds a transferee that never sends one.
+# Generous: a nurse may let it ring 25 s or more (1xx NOTIFYs), and that is not a failure.
+TRANSFER_DEADLINE_S = 60.0
+# The "tone" of "leave your message after the tone": 1 kHz for 300 ms, played before the
+# recording starts (so it is never part of the message).
+BEEP_HZ = 1000
+BEEP_MS = 300
+BEEP_WAIT_S = 3.0  # the beep's PlayDone, at most (it is 0.3 s long)
 ANSWER_WAIT_S = 5.0
 MAX_CALL_S = 1800.0
 RECORD_TERMINATOR = "#"  # ends a voicemail early
@@ -56,6 +78,40 @@ class SessionDeps:
     save_recording: Recorder  # (call id, pcm) -> a reference for the call record
     save: Saver
     clock: Clock
+    # Where the beep WAV is rendered once (e.g. $CLINIC_DATA_DIR/prompts); None: a
+    # per-user folder in the system's temporary directory.
+    tone_dir: Path | None = None
+
+
+def beep_samples(rate_hz: int = 8000) -> array[int]:
+    """A ``BEEP_HZ`` sine of ``BEEP_MS`` with 10 ms ramps (no clicks), at -6 dBFS."""
+    n = rate_hz * BEEP_MS // 1000
+    ramp = rate_hz // 100
+    out = array("h")
+    for i in range(n):
+        gain = min(1.0, i / ramp, (n - 1 - i) / ramp)
+        out.append(round(16383 * gain * math.sin(2 * math.pi * BEEP_HZ * i / rate_hz)))
+    return out
+
+
+def beep_wav(folder: Path) -> Path:
+    """The beep as an 8 kHz WAV in ``folder``, written once (atomically: calls share it).
+
+    Blocking file I/O: call it in a thread.
+    """
+    path = folder / f"beep-{BEEP_HZ}hz-{BEEP_MS}ms.wav"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".beep-", suffix=".wav", dir=folder)
+    os.close(fd)
+    try:
+        write_wav(Path(tmp), Pcm(beep_samples(), 8000))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def refer_to(uri: str, headers: Iterable[tuple[str, str]]) -> str:
@@ -117,8 +173,10 @@ class CallSession:
         self._recogniser_for: tuple[str, str] | None = None  # (flow, node) it listens for
         self._onset = SpeechOnset()
         self._audio_on = False
-        self._playing = 0  # plays started and not yet done (stopped plays still send PlayDone)
-        self._stopped = 0  # PlayDone events to swallow (of plays the engine stopped)
+        # The play whose end the engine waits for (0: none); a stopped prompt is cleared,
+        # so its PlayDone, like that of any other play, is not a PromptDone.
+        self._prompt_play = 0
+        self._play_waiters: dict[int, asyncio.Future[None]] = {}  # tones waited for
         self._listening = False
         self._listen_max_digits = 1
         self._recording: list[bytes] | None = None
@@ -131,6 +189,7 @@ class CallSession:
         self._hangup_after_record = False
         self._record_stop = asyncio.Event()
         self._transfer_waiter: asyncio.Future[bool] | None = None
+        self._transfer_accepted = False  # the REFER got a 2xx (the transferee is trying)
         self._hangup_after_transfer = False
 
     @property
@@ -219,20 +278,21 @@ class CallSession:
             log.exception("call %s: prompt could not be rendered", self._h.id)
             self._events.put_nowait(eng.PromptDone())
             return
-        self._playing += 1
-        await self._h.play(wav)
+        # No await between the play going out and the id being kept: its PlayDone is handled
+        # by another task, which cannot run in between.
+        self._prompt_play = await self._h.play(wav)
         if state.pending is eng.Pending.LISTEN and action.barge_in:
             await self._arm_recogniser(state)
 
     async def _stop_prompt(self) -> None:
-        """Stop the prompt that plays, once: its PlayDone is swallowed, not a PromptDone.
+        """Stop the prompt that plays, once: its PlayDone is then not a PromptDone.
 
         Every partial result of a caller talking over a prompt asks for a stop, and the
-        engine's StopPlay follows the speech result; counting each of them would swallow
-        the PlayDone of a later prompt and leave the engine waiting for it.
+        engine's StopPlay follows the speech result: only the first one is sent. A prompt
+        that already ended is not stopped (the worker would have nothing to stop).
         """
-        if self._playing > self._stopped:
-            self._stopped += 1
+        if self._prompt_play:
+            self._prompt_play = 0
             await self._h.stop_play()
 
     async def _listen(self, action: eng.Listen, state: eng.CallState) -> None:
@@ -321,16 +381,24 @@ class CallSession:
                     continue
                 self._events.put_nowait(eng.Digit(ev.key))
             elif isinstance(ev, PlayDone):
-                self._playing = max(0, self._playing - 1)
-                if self._stopped:
-                    self._stopped -= 1
-                else:
+                tone = self._play_waiters.pop(ev.play_id, None)
+                if tone is not None and not tone.done():
+                    tone.set_result(None)
+                elif ev.play_id and ev.play_id == self._prompt_play:
+                    self._prompt_play = 0
                     self._events.put_nowait(eng.PromptDone())
+                else:
+                    log.debug("call %s: end of play %s ignored", self._h.id, ev.play_id)
+            elif isinstance(ev, TransferStatus):
+                self._on_transfer_status(ev)
             elif isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
-                if self._transfer_waiter is not None and not self._transfer_waiter.done():
-                    # The worker ends the call once the REFER succeeded: the engine must see
-                    # the TransferResult before the HangUp, or the record loses its target.
-                    self._transfer_waiter.set_result(True)
+                waiter = self._transfer_waiter
+                if waiter is not None and not waiter.done():
+                    # The engine must see the TransferResult before the HangUp, or the record
+                    # loses its target. A call that ends after the REFER was accepted but
+                    # before the final NOTIFY: the transferee left for the target (a PBX may
+                    # send its BYE first); never accepted: the transfer did not happen.
+                    waiter.set_result(self._transfer_accepted)
                     self._hangup_after_transfer = True
                 elif self._recording is not None:
                     # The engine wants the voicemail's RecordDone before the HangUp.
@@ -338,25 +406,66 @@ class CallSession:
                 else:
                     self._events.put_nowait(eng.HangUp())
 
+    def _on_transfer_status(self, ev: TransferStatus) -> None:
+        waiter = self._transfer_waiter
+        if waiter is None or waiter.done():
+            return
+        ok = 200 <= ev.sip_status < 300
+        if not ev.final:
+            # 202 to the REFER, then 100/180 while the target rings: keep waiting.
+            self._transfer_accepted = self._transfer_accepted or ok
+            log.debug("call %s: transfer in progress (%s)", self._h.id, ev.sip_status)
+            return
+        log.info("call %s: transfer %s (%s)", self._h.id, "done" if ok else "failed", ev.sip_status)
+        waiter.set_result(ok)
+
     async def _transfer(self, action: eng.TransferCall) -> None:
         loop = asyncio.get_running_loop()
         self._transfer_waiter = loop.create_future()
+        self._transfer_accepted = False
         log.info("call %s: transferring", self._h.id)
         await self._h.transfer(refer_to(action.uri, action.headers), dict(action.headers))
         try:
-            async with asyncio.timeout(TRANSFER_WAIT_S):
+            async with asyncio.timeout(TRANSFER_DEADLINE_S):
                 ok = await self._transfer_waiter
         except TimeoutError:
+            log.warning(
+                "call %s: no final transfer status within %d s", self._h.id, TRANSFER_DEADLINE_S
+            )
             ok = False
         self._events.put_nowait(eng.TransferResult(ok))
         if self._hangup_after_transfer:
             self._events.put_nowait(eng.HangUp())
+
+    async def _beep(self) -> None:
+        """Play the tone the record prompt promises and wait for its end (bounded)."""
+        folder = self._d.tone_dir or Path(tempfile.gettempdir()) / f"clinic-voice-{os.getuid()}"
+        try:
+            wav = await asyncio.to_thread(beep_wav, folder)
+        except OSError:
+            log.exception("call %s: the beep could not be written", self._h.id)
+            return
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Registered before the PlayDone can be handled: no await between play and here.
+        play_id = await self._h.play(wav)
+        self._play_waiters[play_id] = done
+        ended: asyncio.Future[Any] = asyncio.ensure_future(self._h.wait_ended())
+        try:
+            await asyncio.wait({done, ended}, timeout=BEEP_WAIT_S)
+        finally:
+            ended.cancel()
+            self._play_waiters.pop(play_id, None)
+            await asyncio.gather(ended, return_exceptions=True)
+        if not done.done() and not self._h.ended:
+            log.warning("call %s: no end of the beep within %s s", self._h.id, BEEP_WAIT_S)
 
     async def _record(self, max_s: int) -> None:
         if not self._audio_on:
             self._audio_on = True
             await self._h.start_listen()
             self._spawn(self._pump_audio())
+        # The tone first; the message starts after it, so the beep is not in it.
+        await self._beep()
         self._recording = []
         self._record_stop = asyncio.Event()
         # The recording ends with the call, with "#" (what the record prompts tell the

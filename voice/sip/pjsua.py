@@ -47,6 +47,7 @@ from voice.sip.protocol import (
     StartListen,
     StopPlay,
     Transfer,
+    TransferStatus,
     WorkerStatus,
 )
 
@@ -109,15 +110,22 @@ class _Listener(pj.AudioMediaPort):  # type: ignore[misc]
 
 
 class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
-    def __init__(self, call_id: str, sink: queue.SimpleQueue[Event], loop: bool) -> None:
+    """One :class:`Play`; its end is queued from the media thread, reported by the owner."""
+
+    def __init__(
+        self, call_id: str, play_id: int, sink: queue.SimpleQueue[Event], loop: bool
+    ) -> None:
         super().__init__()
-        self._call_id = call_id
+        self.call_id = call_id
+        self.play_id = play_id
         self._sink = sink
         self._loop = loop
 
     def onEof2(self) -> None:
+        # Only queued: the owner thread reports it if this player is still the call's
+        # (a StopPlay handled meanwhile has already reported it: see Engine._play_ended).
         if not self._loop:
-            self._sink.put(PlayDone(self._call_id))
+            self._sink.put(PlayDone(self.call_id, self.play_id))
 
 
 class _Call(pj.Call):  # type: ignore[misc]
@@ -155,9 +163,7 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.engine.emit(Digit(self.call_id, str(prm.digit)))
 
     def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:
-        log.debug("call %s transfer status %s", self.call_id, prm.statusCode)
-        if prm.finalNotify and 200 <= prm.statusCode < 300:
-            self.engine._hangup(self, 0)
+        self.engine._on_transfer_status(self, int(prm.statusCode), bool(prm.finalNotify))
         prm.cont = not prm.finalNotify
 
 
@@ -290,7 +296,11 @@ class Engine:
             except queue.Empty:
                 break
             call = self._calls.get(ev.call_id) if hasattr(ev, "call_id") else None
-            if call is not None and not call.ended:
+            if call is None or call.ended:
+                continue
+            if isinstance(ev, PlayDone):
+                self._play_ended(call, ev.play_id)
+            else:
                 self.emit(ev)
         now = time.monotonic()
         for call in list(self._calls.values()):
@@ -324,7 +334,7 @@ class Engine:
         if call is None or call.ended:
             log.debug("call %s: %s for a call that is gone", cmd.call_id, type(cmd).__name__)
             if isinstance(cmd, Play):
-                self.emit(PlayDone(cmd.call_id))
+                self.emit(PlayDone(cmd.call_id, cmd.play_id))
             return
         try:
             if isinstance(cmd, Answer):
@@ -347,7 +357,10 @@ class Engine:
         except pj.Error as exc:
             log.warning("call %s: %s failed: %s", call.call_id, type(cmd).__name__, exc.reason)
             if isinstance(cmd, Play):
-                self.emit(PlayDone(cmd.call_id))
+                self.emit(PlayDone(cmd.call_id, cmd.play_id))
+            elif isinstance(cmd, Transfer):
+                # No REFER left: the session must hear of it now, not at its deadline.
+                self.emit(TransferStatus(cmd.call_id, SipStatus.SERVER_INTERNAL_ERROR, True))
 
     def _place(self, cmd: PlaceCall) -> None:
         assert self._account is not None
@@ -395,8 +408,8 @@ class Engine:
     def _media_command(self, call: _Call, cmd: Command) -> None:
         aud = call.getAudioMedia(-1)
         if isinstance(cmd, Play):
-            self._stop_play(call, notify=False)
-            player = _Player(call.call_id, self._media_q, cmd.loop)
+            self._stop_play(call)  # the play it replaces ends (its one PlayDone) first
+            player = _Player(call.call_id, cmd.play_id, self._media_q, cmd.loop)
             player.createPlayer(
                 os.path.abspath(cmd.path), 0 if cmd.loop else pj.PJMEDIA_FILE_NO_LOOP
             )
@@ -414,7 +427,13 @@ class Engine:
             aud.startTransmit(listener)
             call.listener = listener
 
-    def _stop_play(self, call: _Call, *, notify: bool = True) -> None:
+    def _stop_play(self, call: _Call) -> None:
+        """Stop the call's player and report its end; nothing at all when none plays.
+
+        Clearing ``call.player`` is what makes PlayDone exactly-once: an end-of-file queued
+        by the media thread for this player no longer matches and is dropped by
+        :meth:`_play_ended`; a player that already ended is no longer the call's.
+        """
         player = call.player
         if player is None:
             return
@@ -424,8 +443,24 @@ class Engine:
         except pj.Error as exc:
             log.debug("call %s: stopTransmit: %s", call.call_id, exc.reason)
         self._dead.append(player)
-        if notify:
-            self.emit(PlayDone(call.call_id))
+        self.emit(PlayDone(call.call_id, player.play_id))
+
+    def _play_ended(self, call: _Call, play_id: int) -> None:
+        """A player reached its end (queued by the media thread): report it once."""
+        player = call.player
+        if player is None or player.play_id != play_id:
+            log.debug("call %s: end of play %s already reported", call.call_id, play_id)
+            return
+        call.player = None
+        self._dead.append(player)
+        self.emit(PlayDone(call.call_id, play_id))
+
+    def _on_transfer_status(self, call: _Call, status: int, final: bool) -> None:
+        log.debug("call %s: transfer status %s final=%s", call.call_id, status, final)
+        if not call.ended:
+            self.emit(TransferStatus(call.call_id, status, final))
+        if final and 200 <= status < 300:
+            self._hangup(call, 0)  # the caller is with the target now: our leg is done
 
     def _send_message(self, cmd: SendMessage, auth: tuple[str, str] | None = None) -> None:
         assert self._account is not None
@@ -538,7 +573,7 @@ class Engine:
                 except pj.Error as exc:
                     log.warning("call %s: media: %s", call.call_id, exc.reason)
                     if isinstance(cmd, Play):
-                        self.emit(PlayDone(call.call_id))
+                        self.emit(PlayDone(call.call_id, cmd.play_id))
 
     def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
         tsx = prm.e.body.tsxState.tsx

@@ -46,6 +46,7 @@ from voice.sip.protocol import (
     StartListen,
     StopPlay,
     Transfer,
+    TransferStatus,
     WorkerStatus,
     decode,
     encode,
@@ -53,7 +54,7 @@ from voice.sip.protocol import (
 
 log = logging.getLogger(__name__)
 
-HandleEvent = CallEvent | Digit | PlayDone
+HandleEvent = CallEvent | Digit | PlayDone | TransferStatus
 IncomingHandler = Callable[["CallHandle"], Awaitable[None]]
 
 _BACKOFF_FIRST_S = 0.2
@@ -98,9 +99,10 @@ class OutboundCall:
 class CallHandle:
     """One live call (outbound or inbound), owned by one worker.
 
-    Events (:class:`CallEvent`, :class:`Digit`, :class:`PlayDone`) arrive in order through
-    :meth:`next_event` or :attr:`events`; the last one is a ``CallEvent`` with state ``ended``
-    and then :attr:`outcome` is set. Commands after the end are ignored.
+    Events (:class:`CallEvent`, :class:`Digit`, :class:`PlayDone`, :class:`TransferStatus`)
+    arrive in order through :meth:`next_event` or :attr:`events`; the last one is a
+    ``CallEvent`` with state ``ended`` and then :attr:`outcome` is set. Commands after the end
+    are ignored. Each :meth:`play` returns an id that its one ``PlayDone`` carries.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class CallHandle:
         self._events: asyncio.Queue[HandleEvent] = asyncio.Queue()
         self._audio: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._ended = asyncio.Event()
+        self._play_ids = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"<CallHandle {self.id} outcome={self.outcome}>"
@@ -161,12 +164,18 @@ class CallHandle:
         """Inbound: 200 OK with SDP (PCMU/PCMA and telephone-event)."""
         await self._send(Answer(self.id))
 
-    async def play(self, wav: Path, *, loop: bool = False) -> None:
-        """Start playing a WAV file; returns at once, :class:`PlayDone` follows at its end."""
-        await self._send(Play(self.id, str(wav), loop))
+    async def play(self, wav: Path, *, loop: bool = False) -> int:
+        """Start playing a WAV file; returns its play id at once.
+
+        Exactly one :class:`PlayDone` with that id follows: at the end of the file, or when
+        it is stopped or replaced by the next play. No PlayDone comes after the call ended.
+        """
+        play_id = next(self._play_ids)
+        await self._send(Play(self.id, str(wav), loop, play_id))
+        return play_id
 
     async def stop_play(self) -> None:
-        """Stop playing (barge-in)."""
+        """Stop playing (barge-in); its PlayDone follows, nothing when nothing plays."""
         await self._send(StopPlay(self.id))
 
     async def start_listen(self) -> None:
@@ -182,7 +191,11 @@ class CallHandle:
             yield chunk
 
     async def transfer(self, uri: str, headers: Mapping[str, str] | None = None) -> None:
-        """Blind transfer (REFER); the call ends when the transfer succeeds."""
+        """Blind transfer (REFER); :class:`TransferStatus` events report its progress.
+
+        The last one is ``final``; when its status is 2xx the worker hangs up our leg (the
+        caller is with the target), so the call's ``ended`` follows.
+        """
         await self._send(Transfer(self.id, uri, tuple((headers or {}).items())))
 
     async def hangup(self, sip_status: int = 0) -> None:
@@ -510,7 +523,7 @@ class SipPool:
             handle = w.calls.get(ev.call_id)
             if handle is not None:
                 handle._deliver_audio(ev.pcm)
-        elif isinstance(ev, Digit | PlayDone):
+        elif isinstance(ev, Digit | PlayDone | TransferStatus):
             handle = w.calls.get(ev.call_id)
             if handle is not None:
                 handle._deliver(ev)

@@ -61,16 +61,18 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class Play:
-    """Play a WAV file into the call; a :class:`PlayDone` follows when it ends."""
+    """Play a WAV file into the call; exactly one :class:`PlayDone` with the same ``play_id``
+    follows: when it ends, is stopped, is replaced by the next Play, or could not start."""
 
     call_id: str
     path: str
     loop: bool = False
+    play_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class StopPlay:
-    """Stop what is playing (barge-in)."""
+    """Stop what is playing (barge-in); a no-op, with no event, when nothing plays."""
 
     call_id: str
 
@@ -157,9 +159,29 @@ class Digit:
 
 @dataclass(frozen=True, slots=True)
 class PlayDone:
-    """A :class:`Play` reached its end (or was stopped)."""
+    """The :class:`Play` with ``play_id`` reached its end, or was stopped or replaced.
+
+    Sent once per Play: a prompt that ends on its own just as a :class:`StopPlay` arrives
+    must not end the NEXT prompt too, so a receiver matches the id, never just the event.
+    """
 
     call_id: str
+    play_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStatus:
+    """Progress of a :class:`Transfer`: the REFER's answer, then the NOTIFYs (RFC 3515).
+
+    ``sip_status`` is the status the transferee reports for its call to the target (1xx
+    while it rings, 2xx answered, >= 300 failed) or the REFER's own final response when it
+    was refused; ``final`` marks the last one. A refused REFER, or one that could not be
+    sent, is ``final`` with its error status.
+    """
+
+    call_id: str
+    sip_status: int
+    final: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +225,7 @@ Event = (
     | IncomingCall
     | Digit
     | PlayDone
+    | TransferStatus
     | AudioChunk
     | MessageResult
     | WorkerStatus
