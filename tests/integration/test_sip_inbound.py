@@ -198,3 +198,63 @@ async def test_front_answers_other_methods(line: tuple[SipPool, RedirectFront]) 
         assert resp.get("Call-ID") == f"probe-{method}"
         if status in (200, 405, 501):
             assert "INVITE" in (resp.get("Allow") or "")
+
+
+async def test_each_play_ends_with_exactly_one_play_done_carrying_its_id(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """A prompt that ended on its own is not ended again by a StopPlay, a replaced play ends
+    before the one replacing it, and a StopPlay that races the end of the file still gives
+    one PlayDone: the session takes a PlayDone for the end of its CURRENT prompt by id."""
+    pool, front = line
+    short = await make_tone(tmp_path / "short.wav", 0.2)
+    long = await make_tone(tmp_path / "long.wav", 1.0)
+    done: list[int] = []
+    problems: list[str] = []
+
+    async def play_done(call: CallHandle, within: float) -> int | None:
+        """The next PlayDone's id, or None when none came within ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    ev = await call.next_event()
+                    if isinstance(ev, PlayDone):
+                        done.append(ev.play_id)
+                        return ev.play_id
+                    if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
+                        problems.append("the call ended during the test")
+                        return None
+        except TimeoutError:
+            return None
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        # 1: ends on its own; the StopPlay after that must be a no-op.
+        first = await call.play(short)
+        if await play_done(call, 5) != first:
+            problems.append(f"no end of play {first}: {done}")
+        await call.stop_play()
+        if (extra := await play_done(call, 0.6)) is not None:
+            problems.append(f"a StopPlay after the end sent PlayDone {extra}")
+        # 2: replaced at once by 3: 2 ends (stopped) first, then 3 at its own end.
+        second = await call.play(long)
+        third = await call.play(short)
+        got = [await play_done(call, 5), await play_done(call, 5)]
+        if got != [second, third]:
+            problems.append(f"replaced play: expected {[second, third]}, got {got}")
+        # 4: StopPlay around the end of the file (0.2 s): one PlayDone, whichever won.
+        for delay in (0.15, 0.2, 0.25):
+            racing = await call.play(short)
+            await asyncio.sleep(delay)
+            await call.stop_play()
+            if await play_done(call, 3) != racing:
+                problems.append(f"no end of play {racing} (stop after {delay} s)")
+            if (extra := await play_done(call, 0.6)) is not None:
+                problems.append(f"a second PlayDone {extra} for play {racing} ({delay} s)")
+        await call.hangup()
+
+    pool.on_incoming(handler)
+    events = await run_softphone("--call", f"sip:6000@{front.address}", within=30)
+    assert [e["event"] for e in events][-1] == "ended", events
+    assert not problems, problems
+    assert len(done) == len(set(done)) == 6, f"PlayDone ids: {done}"
