@@ -116,8 +116,8 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "CLINIC_SIP_WORKERS",
-        "2",
-        "SIP worker processes (each holds at most 4 calls, the pjsua2 wheel's limit) (1..64)",
+        "4",
+        "SIP worker processes (each holds at most 4 calls, the pjsua2 wheel's limit) (1..256; about 33 MB each)",
     ),
     Variable(
         "CLINIC_SIP_ROUTE",
@@ -481,7 +481,7 @@ def _build(r: _Reader) -> Settings:
         )
     sip = SipSettings(
         addr=r.parse("CLINIC_SIP_ADDR", parse_host_port),
-        workers=r.integer("CLINIC_SIP_WORKERS", 1, 64),
+        workers=r.integer("CLINIC_SIP_WORKERS", 1, 256),
         route=r.parse("CLINIC_SIP_ROUTE", _route),
         registrar=r.parse("CLINIC_SIP_REGISTRAR", _sip_uri),
         user=r.raw("CLINIC_SIP_USER"),
