@@ -117,7 +117,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_SIP_WORKERS",
         "4",
-        "SIP worker processes (each holds at most 4 calls, the pjsua2 wheel's limit) (1..256; about 33 MB each)",
+        "SIP worker processes, 1..256 (each holds at most 4 calls, the pjsua2 wheel's limit, "
+        "and takes about 33 MB)",
     ),
     Variable(
         "CLINIC_SIP_ROUTE",
