@@ -65,7 +65,7 @@ class VoiceCallChannel:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 code_wav.unlink()
-            log.debug("verification %s: spoken code file removed", vid)
+            log.debug("verification %s: the private voice file is removed", vid)
 
     async def _call(
         self, delivery: Delivery, report: Report, code_wav: Path, question: Path
