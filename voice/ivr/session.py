@@ -190,6 +190,7 @@ class CallSession:
         self._record_stop = asyncio.Event()
         self._transfer_waiter: asyncio.Future[bool] | None = None
         self._transfer_accepted = False  # the REFER got a 2xx (the transferee is trying)
+        self._transferring = False  # from the REFER until its TransferResult is queued
         self._hangup_after_transfer = False
 
     @property
@@ -393,12 +394,15 @@ class CallSession:
                 self._on_transfer_status(ev)
             elif isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
                 waiter = self._transfer_waiter
-                if waiter is not None and not waiter.done():
+                if waiter is not None and self._transferring:
                     # The engine must see the TransferResult before the HangUp, or the record
-                    # loses its target. A call that ends after the REFER was accepted but
-                    # before the final NOTIFY: the transferee left for the target (a PBX may
-                    # send its BYE first); never accepted: the transfer did not happen.
-                    waiter.set_result(self._transfer_accepted)
+                    # loses its target: the transfer task sends both, in that order (the
+                    # worker hangs up right after a final 2xx, before that task has run).
+                    # A call that ends after the REFER was accepted but before the final
+                    # NOTIFY: the transferee left for the target (a PBX may send its BYE
+                    # first); never accepted: the transfer did not happen.
+                    if not waiter.done():
+                        waiter.set_result(self._transfer_accepted)
                     self._hangup_after_transfer = True
                 elif self._recording is not None:
                     # The engine wants the voicemail's RecordDone before the HangUp.
@@ -423,6 +427,7 @@ class CallSession:
         loop = asyncio.get_running_loop()
         self._transfer_waiter = loop.create_future()
         self._transfer_accepted = False
+        self._transferring = True
         log.info("call %s: transferring", self._h.id)
         await self._h.transfer(refer_to(action.uri, action.headers), dict(action.headers))
         try:
@@ -433,6 +438,7 @@ class CallSession:
                 "call %s: no final transfer status within %d s", self._h.id, TRANSFER_DEADLINE_S
             )
             ok = False
+        self._transferring = False
         self._events.put_nowait(eng.TransferResult(ok))
         if self._hangup_after_transfer:
             self._events.put_nowait(eng.HangUp())
