@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,8 @@ from tests.peers.ivr_rig import NURSE_USER, ClinicLine, Phone, phones, running_c
 from tests.peers.webhook_receiver import WebhookReceiver
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
+from voice.ivr.session import BEEP_HZ, BEEP_MS
+from voice.media.pcm import Pcm, bytes_to_samples, read_wav
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -326,24 +329,58 @@ async def test_a_caller_who_hangs_up_in_the_menu_leaves_a_record(line: ClinicLin
     assert not steps(record, "digit")
 
 
-async def test_a_transfer_nobody_takes_ends_with_the_failure_message(line: ClinicLine) -> None:
+async def test_a_busy_transfer_target_ends_with_the_failure_message_at_once(
+    line: ClinicLine,
+) -> None:
     before = await line.call_ids()
     async with phones() as started:
-        # 0 during the welcome: staff, whose phone is not running (nothing on its port).
+        # Staff's phone answers every call 486 Busy Here (no --answer).
+        staff = await Phone.start("staff", "--port", str(line.staff_port))
+        started.append(staff)
+        # 0 during the welcome: staff.
         caller = await Phone.start(
             "caller", "--call", line.uri("6000"), "--dtmf", "0@0.5", "--timeout", "60"
         )
         started.append(caller)
-        # The service gives up after session.TRANSFER_WAIT_S (15 s) and says so; the phone's
-        # own INVITE to the empty port runs into Timer B (32 s): not worth waiting for.
-        await caller.wait_for("ended", 50, leg="main")
-    assert caller.find("transfer_request") is not None, caller.events
+        await staff.wait_for("incoming", 20)
+        ended = await caller.wait_for("ended", 40, leg="main")
+    xfer = caller.find("transfer_request")
+    assert xfer is not None, caller.events
     assert caller.find("confirmed", leg="xfer") is None
+    # The final NOTIFY (486) ends the wait: the failure message follows at once, not after
+    # the old 15 s of silence. The message and the goodbye take about 8 s.
+    waited = ended["t"] - xfer["t"]
+    assert waited < 14.0, f"the caller waited {waited:.1f} s after the REFER"
     record = await line.new_record(before)
     assert record["outcome"] == "transfer_failed", record
     assert record["transfer_target"] is None
     assert ("menu", "0") in steps(record, "digit")
     assert steps(record, "transfer") == [("menu", "failed")], record["path"]
+
+
+async def test_a_nurse_who_rings_long_is_not_a_failed_transfer(line: ClinicLine) -> None:
+    """The nurse answers after 18 s of ringing: longer than the old 15 s transfer wait. The
+    NOTIFYs say 180 meanwhile, so the bot keeps waiting and the transfer is a success."""
+    before = await line.call_ids()
+    async with phones() as started:
+        nurse = await Phone.start(
+            "nurse", "--port", str(line.nurse_port), "--answer", "--answer-after", "18",
+            "--duration", "1",
+        )  # fmt: skip
+        started.append(nurse)
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6,1@2.4", "--timeout", "90"
+        )
+        started.append(caller)
+        await caller.finish(CALL_S + 20)
+        await nurse.finish(10)
+    rang = caller.find("confirmed", leg="xfer")
+    assert rang is not None, f"the nurse never answered: {caller.events}"
+    xfer = caller.find("transfer_request")
+    assert xfer is not None and rang["t"] - xfer["t"] > 15.0, (xfer, rang)
+    record = await line.new_record(before)
+    assert record["transfer_target"] == line.settings.ivr.nurse_uri, record
+    assert [v for _, v in steps(record, "transfer")] == ["ok"], record["path"]
 
 
 async def test_concurrent_calls_keep_their_own_keys_and_records(line: ClinicLine) -> None:
@@ -384,14 +421,20 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     keys = ["2", *"01021980", *"12345#"]
     dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(keys))
     before = await line.call_ids()
+    heard = tmp_path / "heard.wav"
     async with phones() as started:
         caller = await Phone.start(
             "caller", "--call", line.uri("6000"), "--dtmf", f"{dtmf},#@15.0",
-            "--play", str(message),
+            "--play", str(message), "--record", str(heard),
         )  # fmt: skip
         started.append(caller)
         await caller.finish(CALL_S)
     record = await line.new_record(before)
+    # "After the tone": the caller heard a 1 kHz beep (session.BEEP_MS) after the prompt.
+    beeps = tone_runs(read_wav(heard), BEEP_HZ)
+    assert len(beeps) == 1, f"expected one {BEEP_HZ} Hz beep in what the caller heard: {beeps}"
+    beep_start, beep_end = beeps[0]
+    assert abs((beep_end - beep_start) - BEEP_MS / 1000) < 0.1, beeps
     assert record["flow"] == "prescription"
     assert record["outcome"] == "prescription_requested", record
     assert steps(record, "digits") == [("dob", "01021980"), ("patient_no", "12345")]
@@ -399,6 +442,9 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     assert recorded[0] == "message"
     seconds = int(recorded[1].rstrip("s"))
     assert 1 <= seconds <= 10, f"# did not end the 60 s recording: {recorded}"
+    # The beep is over before the caller starts talking (the recording starts after it; its
+    # length is no clock: the phone sends no RTP in its silences, so it cannot be timed).
+    assert beep_end < 12.0, f"the beep ended at {beep_end:.1f} s, after the message began"
 
     ref = record["values"]["prescription_message"]
     sealed = line.settings.data_dir / "voicemail" / ref
@@ -410,8 +456,40 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     opened = line.app[RUNTIME].need_call_store().open(ref, text)
     pcm = bytes.fromhex(opened["pcm16_8k"])
     assert len(pcm) == seconds * 16000 or abs(len(pcm) / 16000 - seconds) < 1.0
+    # Nothing of the beep in the message: no 1 kHz run in the caller's audio.
+    assert not tone_runs(Pcm(bytes_to_samples(pcm), 8000), BEEP_HZ), "the beep was recorded"
     assert max(abs(int.from_bytes(pcm[i : i + 2], "little", signed=True))
                for i in range(0, len(pcm), 2)) > 5000, "the tone is not in the message"  # fmt: skip
+
+
+def tone_runs(pcm: Pcm, hz: int, min_s: float = 0.15) -> list[tuple[float, float]]:
+    """(start, end) seconds of the runs of 20 ms frames that are a pure ``hz`` tone.
+
+    A frame counts when the Goertzel power at ``hz`` holds most of the frame's power (speech
+    and G.711 noise never do) and it is not quiet; runs shorter than ``min_s`` are dropped.
+    """
+    n = pcm.rate_hz // 50
+    coeff = 2 * math.cos(2 * math.pi * hz / pcm.rate_hz)
+    runs: list[tuple[float, float]] = []
+    start: float | None = None
+    for i in range(0, len(pcm.samples) - n + 1, n):
+        frame = pcm.samples[i : i + n]
+        s1 = s2 = 0.0
+        for x in frame:
+            s1, s2 = x + coeff * s1 - s2, s1
+        tone = (s1 * s1 + s2 * s2 - coeff * s1 * s2) * 2 / n
+        total = sum(x * x for x in frame)
+        on = total > n * 1000**2 and tone > 0.8 * total
+        t = i / pcm.rate_hz
+        if on and start is None:
+            start = t
+        elif not on and start is not None:
+            if t - start >= min_s:
+                runs.append((start, t))
+            start = None
+    if start is not None and len(pcm.samples) / pcm.rate_hz - start >= min_s:
+        runs.append((start, len(pcm.samples) / pcm.rate_hz))
+    return runs
 
 
 async def sox(*argv: str) -> None:
