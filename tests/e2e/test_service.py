@@ -326,6 +326,40 @@ def test_triage_breathing_difficulty_transfers_to_the_nurse(
     nurse.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
 
 
+def test_a_transfer_to_a_nurse_who_is_not_registered_reaches_the_staff_desk(
+    service: Api, phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """As the triage test, but 6100 is not registered: Asterisk has already taken the caller
+    from the bot (blind REFER), so its dialplan ([clinic-transfers]) must not drop them; it
+    rings the staff desk (6200) instead, and the caller talks to staff."""
+    aor = asterisk.cli("pjsip show aor 6100")
+    assert "Contact:  6100/" not in aor, f"6100 is still registered: {aor}"
+    status, before = service.get("/v1/calls?limit=100")
+    assert status == 200, before
+    known = {c["id"] for c in before["calls"]}
+    staff = phone("6200", answer_delay_s=1.0)
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
+    caller.expect("media_active", timeout_s=5)
+    for digit in "411":
+        threading.Event().wait(3.0)
+        caller.send("dtmf", digits=digit)
+    rung = staff.expect("incoming", timeout_s=40)
+    assert rung["from_user"] == "6001", f"the staff desk does not see the caller: {rung}"
+    staff.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=10)
+    staff.expect("media_active", timeout_s=5)
+    caller.send("dtmf", digits="7")
+    assert staff.expect("dtmf", timeout_s=5)["digit"] == "7", "the caller is not with staff"
+    # The bot handed the caller to the nurse (its record says so); Asterisk did the rest.
+    record = service.wait_call_record(
+        lambda c: c["id"] not in known and "6001" in c["caller"], timeout_s=20
+    )
+    assert (record["transfer_target"] or "").startswith("sip:6100@"), record
+    caller.send("hangup")
+    staff.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
+
+
 def test_six_calls_at_once_are_all_answered(
     service: Api, phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:
