@@ -56,6 +56,7 @@ class ClinicLine:
             save_recording=self._save_recording,
             save=self._save,
             clock=self._rt.clock,
+            tone_dir=self._settings.data_dir / "prompts",
         )
 
     async def _prerender_all(self, renderer: PromptRenderer, params: FlowParams) -> None:

@@ -587,7 +587,7 @@ class SipPool:
             if not fut.done():
                 fut.set_result(SipStatus.SERVICE_UNAVAILABLE)
         if not self._running:
-            log.info("SIP worker %s exited (%s)", w.index, code)
+            log.info("SIP worker %s exited with status %s", w.index, code)
             return
         log.error(
             "SIP worker %s died (exit %s, up=%s): %s call(s) lost", w.index, code, was_up, len(lost)
