@@ -49,6 +49,7 @@ from bench.common import (
     python_child,
     run_wrk,
     wait_http,
+    wait_warm,
     wrk_path,
 )
 
@@ -334,6 +335,7 @@ def start_service(
     )
     children.append(service)
     wait_http(f"http://127.0.0.1:{http_port}/readyz", 60, service)
+    wait_warm(f"http://127.0.0.1:{http_port}/readyz", 180, service)
     url = f"http://127.0.0.1:{http_port}"
     ids = asyncio.run(_precreate(url, api_key, plan.verifications))
     return Target("service", url, f"http://127.0.0.1:{sms_port}/count"), ids

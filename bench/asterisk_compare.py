@@ -77,6 +77,7 @@ from bench.common import (
     print_table,
     sipp_path,
     wait_http,
+    wait_warm,
 )
 from tests.e2e.rig import AsteriskRig, RigError, build_rootfs, host_path, pick_port
 
@@ -259,6 +260,7 @@ def start_service(work: Path, workers: int, uas_port: int) -> Service:
     url = f"http://127.0.0.1:{http_port}"
     try:
         wait_http(f"{url}/readyz", 120, child)
+        wait_warm(f"{url}/readyz", 180, child)
         pids = child_pids(child.pid, "voice.sip.worker")
         if len(pids) != workers:
             raise BenchError(f"expected {workers} SIP worker processes, found {len(pids)}")

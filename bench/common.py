@@ -94,6 +94,25 @@ def wait_http(url: str, deadline_s: float, proc: Child | None = None, status: in
     raise BenchError(f"{url} did not answer {status} within {deadline_s:.0f} s ({last}){tail}")
 
 
+def wait_warm(url: str, deadline_s: float, proc: Child | None = None) -> None:
+    """Wait until ``/readyz`` at ``url`` lists nothing under ``warming`` (e.g. prompts still
+    rendering in the background), so a measurement does not share the CPU with start-up work."""
+    end = time.monotonic() + deadline_s
+    last: object = "no answer"
+    while time.monotonic() < end:
+        if proc is not None and proc.returncode is not None:
+            raise BenchError(f"{proc.name} exited with {proc.returncode}:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (our own URL)
+                last = json.loads(resp.read()).get("warming")
+                if not last:
+                    return
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            last = exc  # not ready again, or restarting: poll on until the deadline
+        pause(0.2)
+    raise BenchError(f"{url} still warming after {deadline_s:.0f} s ({last!r})")
+
+
 class Child:
     """A child process whose output goes to a log file; stopped by SIGTERM, then SIGKILL."""
 

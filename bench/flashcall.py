@@ -68,6 +68,7 @@ from bench.common import (
     rss_kib,
     sipp_path,
     wait_http,
+    wait_warm,
 )
 
 RING_S = 2.0
@@ -405,6 +406,7 @@ def run_setting(work: Path, workers: int, plan: Plan, numbers: Numbers) -> Setti
         children.append(service)
         url = f"http://127.0.0.1:{http_port}"
         wait_http(f"{url}/readyz", 90, service)
+        wait_warm(f"{url}/readyz", 180, service)
         pids = child_pids(service.pid, "voice.sip.worker")
         if len(pids) != workers:
             raise BenchError(f"expected {workers} SIP worker processes, found {len(pids)}")

@@ -70,6 +70,7 @@ from bench.common import (
     print_table,
     sipp_path,
     wait_http,
+    wait_warm,
 )
 from voice.media.g711 import ulaw_decode
 
@@ -588,6 +589,7 @@ def start_service(work: Path, model_dir: Path) -> tuple[Child, list[int]]:
         ),
     )
     wait_http(f"http://127.0.0.1:{http_port}/readyz", 120, service)
+    wait_warm(f"http://127.0.0.1:{http_port}/readyz", 180, service)
     return service, [sip_port + 1 + i for i in range(WORKERS)]
 
 

@@ -58,6 +58,9 @@ class Runtime:
     call_store: CallStore | None = None
     renderer: PromptRenderer | None = None
     extra_ready: list[Callable[[], bool]] = field(default_factory=list)
+    # Work still going on after start that does not stop the service from serving (shown by
+    # /readyz, e.g. "prompts" while the static prompts render): benches wait for it.
+    warming: set[str] = field(default_factory=set)
 
     def need_store(self) -> VerificationStore:
         assert self.store is not None, "store used before start"
@@ -281,7 +284,9 @@ async def _readyz(request: web.Request) -> web.Response:
     for i, extra in enumerate(rt.extra_ready):
         checks[getattr(extra, "__name__", f"check{i}")] = extra()
     if all(checks.values()):
-        return web.json_response({"status": "ready", "checks": checks})
+        return web.json_response(
+            {"status": "ready", "checks": checks, "warming": sorted(rt.warming)}
+        )
     failing = ", ".join(k for k, ok in checks.items() if not ok)
     resp = problem(503, "not-ready", "Not ready", f"waiting for: {failing}", checks=checks)
     return resp

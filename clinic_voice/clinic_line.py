@@ -46,6 +46,7 @@ class ClinicLine:
         # Static prompts render in the background (about 150 texts, ~40 s on 2 cores with an
         # empty cache): calls are answered meanwhile, a prompt not yet cached is rendered on
         # demand (the renderer de-duplicates), and a later start finds them all cached.
+        self._rt.warming.add("prompts")
         self._prerender = asyncio.create_task(self._prerender_all(renderer, params))
         self._deps = SessionDeps(
             engine=Engine(self._flowset, params),
@@ -61,10 +62,13 @@ class ClinicLine:
 
     async def _prerender_all(self, renderer: PromptRenderer, params: FlowParams) -> None:
         count = 0
-        for flow in self._flowset.flows.values():
-            texts = sorted(flow.static_prompts(params))
-            await renderer.prerender(texts, voice=flow.language, background=True)
-            count += len(texts)
+        try:
+            for flow in self._flowset.flows.values():
+                texts = sorted(flow.static_prompts(params))
+                await renderer.prerender(texts, voice=flow.language, background=True)
+                count += len(texts)
+        finally:
+            self._rt.warming.discard("prompts")
         log.info(
             "clinic line: %d static prompts of %d flows cached", count, len(self._flowset.flows)
         )

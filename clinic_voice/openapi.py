@@ -157,7 +157,11 @@ SCHEMAS: dict[str, Any] = {
     "Health": {
         "type": "object",
         "required": ["status"],
-        "properties": {"status": {"type": "string"}, "checks": {"type": "object"}},
+        "properties": {
+            "status": {"type": "string"},
+            "checks": {"type": "object"},
+            "warming": {"type": "array", "items": {"type": "string"}},
+        },
     },
     "CallList": {
         "type": "object",
