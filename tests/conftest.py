@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import signal
@@ -27,10 +28,30 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from sip_config.settings import HostPort, SipSettings
+
 log = logging.getLogger(__name__)
 
 # The budget the house gives one event-loop step (STYLE.md habit 8).
 LOOP_BLOCK_LIMIT_S = 0.1
+
+
+def sip_settings(workers: int = 2, **changes: object) -> SipSettings:
+    """SIP settings for a pool on loopback with free ports; ``changes`` override fields."""
+    base = SipSettings(
+        addr=HostPort("127.0.0.1", 0),
+        workers=workers,
+        route="",
+        registrar="",
+        user="",
+        password="",
+        flashcall_prefix="",
+        flashcall_ring_s=3.0,
+        flashcall_interception_s=20,
+        voice_otp_keypress=True,
+        voice_otp_from="",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def free_port() -> int:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from sip_config.clock import SystemClock
-from sip_config.settings import HostPort, SipSettings
+from sip_config.settings import HostPort
+from tests.conftest import sip_settings
 from voice.sip import message
 from voice.sip.front import RedirectFront
 from voice.sip.pool import CallHandle, SipPool
@@ -25,22 +26,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = ROOT / "tests" / "peers"
-
-
-def sip_settings(workers: int) -> SipSettings:
-    return SipSettings(
-        addr=HostPort("127.0.0.1", 0),
-        workers=workers,
-        route="",
-        registrar="",
-        user="",
-        password="",
-        flashcall_prefix="",
-        flashcall_ring_s=3.0,
-        flashcall_interception_s=20,
-        voice_otp_keypress=True,
-        voice_otp_from="",
-    )
 
 
 @pytest.fixture

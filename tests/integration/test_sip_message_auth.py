@@ -8,16 +8,15 @@ import pytest
 
 from sip_config.clock import SystemClock
 from sip_config.settings import SipSettings
-from tests.integration.test_sip_pool import sip_settings, sipp_uas
+from tests.conftest import sip_settings
+from tests.integration.test_sip_pool import sipp_uas
 from voice.sip.pool import SipPool
 
 pytestmark = pytest.mark.integration
 
 
 def _with_credentials(user: str, password: str) -> SipSettings:
-    base = sip_settings(1)
-    fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
-    return SipSettings(**{**fields, "user": user, "password": password})
+    return sip_settings(1, user=user, password=password)
 
 
 @pytest.mark.parametrize(("password", "expected"), [("s3cret", 202), ("wrong", 401)])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sip_config.clock import SystemClock
-from sip_config.settings import HostPort, SipSettings
+from tests.conftest import sip_settings
 from voice.sip import message
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import OutboundCall, SipPool
@@ -134,22 +134,6 @@ async def sipp_uas(scenario: str, tmp_path: Path, *, calls: int = 1) -> AsyncIte
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
-
-def sip_settings(workers: int) -> SipSettings:
-    return SipSettings(
-        addr=HostPort("127.0.0.1", 0),
-        workers=workers,
-        route="",
-        registrar="",
-        user="",
-        password="",
-        flashcall_prefix="",
-        flashcall_ring_s=3.0,
-        flashcall_interception_s=20,
-        voice_otp_keypress=True,
-        voice_otp_from="",
-    )
 
 
 @pytest.fixture
@@ -296,14 +280,8 @@ async def test_more_calls_than_one_worker_holds(tmp_path: Path) -> None:
 
 async def test_workers_register_with_digest(tmp_path: Path) -> None:
     async with sipp_uas("sipp_uas_register.xml", tmp_path, calls=2) as registrar:
-        settings = sip_settings(2)
-        settings = SipSettings(
-            **{
-                **{f: getattr(settings, f) for f in settings.__dataclass_fields__},
-                "registrar": f"sip:127.0.0.1:{registrar.port}",
-                "user": "clinic-bot",
-                "password": "s3cret",
-            }
+        settings = sip_settings(
+            2, registrar=f"sip:127.0.0.1:{registrar.port}", user="clinic-bot", password="s3cret"
         )
         pool = SipPool(settings, clock=SystemClock())
         await pool.start()

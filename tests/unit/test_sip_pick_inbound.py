@@ -5,24 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 from sip_config.clock import FakeClock
-from sip_config.settings import HostPort, SipSettings
+from tests.conftest import sip_settings
 from voice.sip.pool import SipPool
 
 
 def _pool(workers: int, clock: FakeClock) -> SipPool:
-    settings = SipSettings(
-        addr=HostPort("127.0.0.1", 0),
-        workers=workers,
-        route="",
-        registrar="",
-        user="",
-        password="",
-        flashcall_prefix="",
-        flashcall_ring_s=3.0,
-        flashcall_interception_s=20,
-        voice_otp_keypress=True,
-        voice_otp_from="",
-    )
+    settings = sip_settings(workers)
     pool = SipPool(settings, clock=clock)
     for i, w in enumerate(pool._workers):  # as if each had started and reported 4 free slots
         w.up, w.free_slots, w.port = True, 4, 6000 + i
