@@ -105,7 +105,7 @@ class EmbeddedRedis:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
     ) -> None:
-        self._dir = Path(data_dir) / "redis"
+        self._dir = Path(data_dir).absolute() / "redis"  # redis-server chdirs into it
         self._socket = self._dir / "redis.sock"
         self._conf = self._dir / "redis.conf"
         self._pidfile = self._dir / "redis.pid"

@@ -508,7 +508,8 @@ def _build(r: _Reader) -> Settings:
     )
     return Settings(
         http_addr=r.parse("CLINIC_HTTP_ADDR", parse_host_port),
-        data_dir=Path(r.raw("CLINIC_DATA_DIR") or "./var"),
+        # Absolute: redis-server changes into its own dir, and a relative socket path broke.
+        data_dir=Path(r.raw("CLINIC_DATA_DIR") or "./var").absolute(),
         redis_url=r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://")),
         api_keys=r.parse("CLINIC_API_KEYS", _api_keys),
         secret=r.parse("CLINIC_SECRET", _secret),

@@ -213,3 +213,16 @@ async def test_loop_watch_catches_a_blocking_step() -> None:
     with watch_loop_blocking(loop, limit_s=0.05) as blocked:
         await asyncio.sleep(0.08)
     assert not blocked, f"a non-blocking sleep was reported: {blocked}"
+
+
+async def test_a_relative_data_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # make run uses CLINIC_DATA_DIR=./var: redis-server changes into its dir before binding
+    # the socket, so a relative socket path pointed nowhere.
+    monkeypatch.chdir(tmp_path)
+    redis = EmbeddedRedis(Path("var"))
+    url = await redis.start()
+    try:
+        await wait_redis(url, 5)
+        assert url.startswith("unix:///"), url
+    finally:
+        await redis.stop()
