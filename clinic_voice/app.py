@@ -57,7 +57,7 @@ class Runtime:
     sip_pool: SipPool | None = None
     call_store: CallStore | None = None
     renderer: PromptRenderer | None = None
-    extra_ready: list[Callable[[], bool]] = field(default_factory=list)
+    extra_ready: dict[str, Callable[[], bool]] = field(default_factory=dict)  # name -> check
     # Work still going on after start that does not stop the service from serving (shown by
     # /readyz, e.g. "prompts" while the static prompts render): benches wait for it.
     warming: set[str] = field(default_factory=set)
@@ -281,8 +281,8 @@ async def _readyz(request: web.Request) -> web.Response:
         "redis": rt.store is not None and await rt.store.ping(),
         "channels": rt.dispatcher is not None and rt.dispatcher.ready(),
     }
-    for i, extra in enumerate(rt.extra_ready):
-        checks[getattr(extra, "__name__", f"check{i}")] = extra()
+    for name, extra in rt.extra_ready.items():
+        checks[name] = extra()
     if all(checks.values()):
         return web.json_response(
             {"status": "ready", "checks": checks, "warming": sorted(rt.warming)}

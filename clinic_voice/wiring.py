@@ -65,7 +65,7 @@ def extra_contexts(settings: Settings) -> list[Context]:
             await front.start()
             stack.push_async_callback(front.stop)
             rt.sip_pool = pool
-            rt.extra_ready.append(pool.ready)
+            rt.extra_ready["sip_workers"] = pool.ready
             log.info(
                 "SIP: front %s redirects to %d workers at %s",
                 settings.sip.addr,
