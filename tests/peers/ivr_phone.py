@@ -28,7 +28,7 @@ from typing import Any
 import pjsua2 as pj
 
 from tests.peers import softphone
-from tests.peers.softphone import listen, parse_dtmf
+from tests.peers.softphone import account_config, parse_dtmf, start_endpoint
 
 _STARTED = time.monotonic()
 
@@ -221,29 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     args.play = os.path.abspath(args.play) if args.play else ""
     state = State(args, parse_dtmf(args.dtmf))
 
-    ep = pj.Endpoint()
-    ep.libCreate()
-    cfg = pj.EpConfig()
-    cfg.uaConfig.threadCnt = 0
-    cfg.uaConfig.mainThreadOnly = True
-    cfg.logConfig.level = 0
-    cfg.logConfig.consoleLevel = 0
-    cfg.medConfig.clockRate = 8000
-    cfg.medConfig.sndClockRate = 8000
-    cfg.medConfig.channelCount = 1
-    cfg.medConfig.ecTailLen = 0
-    ep.libInit(cfg)
-    port = listen(ep, args.bind, args.port)
-    ep.libStart()
-    ep.audDevManager().setNullDev()
-    for codec in ep.codecEnum2():
-        keep = codec.codecId.startswith(("PCMU/8000", "PCMA/8000"))
-        ep.codecSetPriority(codec.codecId, 200 if keep else 0)
-    acfg = pj.AccountConfig()
-    acfg.idUri = f"sip:{args.from_user}@{args.bind}:{port}"
-    acfg.regConfig.registerOnAdd = False
-    acfg.mediaConfig.transportConfig.port = 0
-    acfg.mediaConfig.transportConfig.boundAddress = args.bind
+    ep, port = start_endpoint(args.bind, args.port)
+    acfg = account_config(args.from_user, args.bind, port)
     acc = Account(state)
     acc.create(acfg, True)
     say("ready", port=port)

@@ -137,6 +137,39 @@ class Account(pj.Account):  # type: ignore[misc]
         self.state.answer_at = time.monotonic() + self.state.args.answer_after
 
 
+def start_endpoint(bind: str, want_port: int) -> tuple[pj.Endpoint, int]:
+    """The process's one Endpoint: owner-thread mode, no sound device, G.711 only."""
+    ep = pj.Endpoint()
+    ep.libCreate()
+    cfg = pj.EpConfig()
+    cfg.uaConfig.threadCnt = 0
+    cfg.uaConfig.mainThreadOnly = True
+    cfg.logConfig.level = 0
+    cfg.logConfig.consoleLevel = 0
+    cfg.medConfig.clockRate = 8000
+    cfg.medConfig.sndClockRate = 8000
+    cfg.medConfig.channelCount = 1
+    cfg.medConfig.ecTailLen = 0
+    ep.libInit(cfg)
+    port = listen(ep, bind, want_port)
+    ep.libStart()
+    ep.audDevManager().setNullDev()
+    for codec in ep.codecEnum2():
+        keep = codec.codecId.startswith(("PCMU/8000", "PCMA/8000"))
+        ep.codecSetPriority(codec.codecId, 200 if keep else 0)
+    return ep, port
+
+
+def account_config(user: str, bind: str, port: int) -> pj.AccountConfig:
+    """An account that does not register, with RTP on any free port of ``bind``."""
+    acfg = pj.AccountConfig()
+    acfg.idUri = f"sip:{user}@{bind}:{port}"
+    acfg.regConfig.registerOnAdd = False
+    acfg.mediaConfig.transportConfig.port = 0
+    acfg.mediaConfig.transportConfig.boundAddress = bind
+    return acfg
+
+
 def listen(ep: pj.Endpoint, host: str, want: int) -> int:
     """UDP and TCP on one port; with port 0 retry until a port is free for both."""
     tcfg = pj.TransportConfig()
@@ -178,29 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         args.play = os.path.abspath(args.play)
     state = State(args, parse_dtmf(args.dtmf))
 
-    ep = pj.Endpoint()
-    ep.libCreate()
-    cfg = pj.EpConfig()
-    cfg.uaConfig.threadCnt = 0
-    cfg.uaConfig.mainThreadOnly = True
-    cfg.logConfig.level = 0
-    cfg.logConfig.consoleLevel = 0
-    cfg.medConfig.clockRate = 8000
-    cfg.medConfig.sndClockRate = 8000
-    cfg.medConfig.channelCount = 1
-    cfg.medConfig.ecTailLen = 0
-    ep.libInit(cfg)
-    port = listen(ep, args.bind, args.port)
-    ep.libStart()
-    ep.audDevManager().setNullDev()
-    for codec in ep.codecEnum2():
-        keep = codec.codecId.startswith(("PCMU/8000", "PCMA/8000"))
-        ep.codecSetPriority(codec.codecId, 200 if keep else 0)
-    acfg = pj.AccountConfig()
-    acfg.idUri = f"sip:{args.from_user}@{args.bind}:{port}"
-    acfg.regConfig.registerOnAdd = False
-    acfg.mediaConfig.transportConfig.port = 0
-    acfg.mediaConfig.transportConfig.boundAddress = args.bind
+    ep, port = start_endpoint(args.bind, args.port)
+    acfg = account_config(args.from_user, args.bind, port)
     acc = Account(state)
     acc.create(acfg, True)
     say("ready", port=port)
