@@ -371,6 +371,10 @@ def run(args: argparse.Namespace) -> int:
     acfg.regConfig.timeoutSec = 300
     acfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", args.user, 0, args.password))
     acfg.natConfig.sipOutboundUse = 0
+    # RTP on a free loopback port: the default 4000 collided between softphones started
+    # together (one fell back to another port mid-start and its first RTP went missing).
+    acfg.mediaConfig.transportConfig.port = 0
+    acfg.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
     acc = Account()
     acc.create(acfg)
 
