@@ -571,7 +571,7 @@ class SipPool:
             log.exception("call %s: the inbound handler failed", handle.id)
             await handle.hangup(SipStatus.SERVER_INTERNAL_ERROR)
 
-    def _on_exit(self, w: _Worker, code: int) -> None:
+    def _on_exit(self, w: _Worker, exit_status: int) -> None:
         was_up = w.up
         w.up = w.registered = False
         w.free_slots = w.pending = 0
@@ -587,10 +587,14 @@ class SipPool:
             if not fut.done():
                 fut.set_result(SipStatus.SERVICE_UNAVAILABLE)
         if not self._running:
-            log.info("SIP worker %s exited with status %s", w.index, code)
+            log.info("SIP worker %s exited with status %s", w.index, exit_status)
             return
         log.error(
-            "SIP worker %s died (exit %s, up=%s): %s call(s) lost", w.index, code, was_up, len(lost)
+            "SIP worker %s died (exit %s, up=%s): %s call(s) lost",
+            w.index,
+            exit_status,
+            was_up,
+            len(lost),
         )
         lived = self._clock.monotonic() - w.started_at
         w.failures = 0 if lived > _HEALTHY_AFTER_S else w.failures + 1
