@@ -30,7 +30,7 @@ from tests.e2e.rig import (
     service_env,
 )
 from tests.peers.pbx_service import PINNED_CODE_ENV
-from tests.peers.pbx_softphone import call_state
+from tests.peers.pbx_softphone import Softphone, call_state
 from voice.media import spoken_code
 from voice.media.audio_match import rank
 from voice.media.pcm import read_wav, resample, samples_to_bytes, silence
@@ -293,15 +293,11 @@ def test_voice_code_call_speaks_the_code_after_pressing_1(
     assert status == 200 and checked["status"] == "approved", checked
 
 
-def test_triage_breathing_difficulty_transfers_to_the_nurse(
-    service: Api, phone: PhoneFactory, asterisk: AsteriskRig
+def _breathing_difficulty_reaches(
+    caller: Softphone, human: Softphone, asterisk: AsteriskRig, who: str, *, key: str
 ) -> None:
-    """6001 dials 700, presses 4 (triage), 1 (for yourself), 1 (yes, difficulty breathing):
-    the bot hands the caller to the nurse (6100) by blind REFER, the nurse's phone rings with
-    the caller's ID, and once the nurse answers, the caller talks to the nurse, not the bot.
-    """
-    nurse = phone("6100", answer_delay_s=1.0)
-    caller = phone("6001")
+    """6001 dials 700 and answers 4 (triage), 1 (for yourself), 1 (yes, difficulty breathing);
+    ``human`` rings with the caller's number, answers, and hears the caller's ``key``."""
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
     caller.expect("media_active", timeout_s=5)
@@ -311,12 +307,24 @@ def test_triage_breathing_difficulty_transfers_to_the_nurse(
         threading.Event().wait(3.0)
         caller.send("dtmf", digits=digit)
     # The danger sign is read back with advice before the transfer (about 10 s).
-    rung = nurse.expect("incoming", timeout_s=40)
-    assert rung["from_user"] == "6001", f"the nurse does not see the caller's number: {rung}"
-    nurse.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=10)
-    nurse.expect("media_active", timeout_s=5)
-    caller.send("dtmf", digits="5")
-    assert nurse.expect("dtmf", timeout_s=5)["digit"] == "5", "the caller is not with the nurse"
+    rung = human.expect("incoming", timeout_s=40)
+    assert rung["from_user"] == "6001", f"{who} does not see the caller's number: {rung}"
+    human.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=10)
+    human.expect("media_active", timeout_s=5)
+    caller.send("dtmf", digits=key)
+    assert human.expect("dtmf", timeout_s=5)["digit"] == key, f"the caller is not with {who}"
+
+
+def test_triage_breathing_difficulty_transfers_to_the_nurse(
+    service: Api, phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """6001 dials 700, presses 4 (triage), 1 (for yourself), 1 (yes, difficulty breathing):
+    the bot hands the caller to the nurse (6100) by blind REFER, the nurse's phone rings with
+    the caller's ID, and once the nurse answers, the caller talks to the nurse, not the bot.
+    """
+    nurse = phone("6100", answer_delay_s=1.0)
+    caller = phone("6001")
+    _breathing_difficulty_reaches(caller, nurse, asterisk, "the nurse", key="5")
     record = service.wait_call_record(
         lambda c: "6001" in c["caller"] and bool(c["transfer_target"]), timeout_s=20
     )
@@ -339,18 +347,7 @@ def test_a_transfer_to_a_nurse_who_is_not_registered_reaches_the_staff_desk(
     known = {c["id"] for c in before["calls"]}
     staff = phone("6200", answer_delay_s=1.0)
     caller = phone("6001")
-    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
-    caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
-    caller.expect("media_active", timeout_s=5)
-    for digit in "411":
-        threading.Event().wait(3.0)
-        caller.send("dtmf", digits=digit)
-    rung = staff.expect("incoming", timeout_s=40)
-    assert rung["from_user"] == "6001", f"the staff desk does not see the caller: {rung}"
-    staff.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=10)
-    staff.expect("media_active", timeout_s=5)
-    caller.send("dtmf", digits="7")
-    assert staff.expect("dtmf", timeout_s=5)["digit"] == "7", "the caller is not with staff"
+    _breathing_difficulty_reaches(caller, staff, asterisk, "the staff desk", key="7")
     # The bot handed the caller to the nurse (its record says so); Asterisk did the rest.
     record = service.wait_call_record(
         lambda c: c["id"] not in known and "6001" in c["caller"], timeout_s=20
