@@ -30,6 +30,7 @@ from verification.channels.base import ChannelAdapter
 from verification.channels.sms_http import HttpSmsChannel
 from verification.dispatcher import Dispatcher
 from verification.model import Channel, Policy, Verification
+from verification.redis_mux import RedisMux
 from verification.rules import DeliveryKind
 from verification.store import VerificationStore
 from verification.webhooks import WebhookSender
@@ -189,12 +190,13 @@ def build_app(
         )
         rt.redis = aioredis.Redis(connection_pool=pool)
         rt.call_store = CallStore(rt.redis, rt.secret, settings.ivr.call_retention_days)
-        rt.store = VerificationStore(
-            rt.redis, global_webhook=bool(settings.verification.webhook_url)
-        )
+        # The verification API's hot path: one multiplexed connection (see redis_mux).
+        mux = RedisMux(url, timeout_s=2.0)
+        rt.store = VerificationStore(mux, global_webhook=bool(settings.verification.webhook_url))
         try:
             yield
         finally:
+            await mux.aclose()
             await rt.redis.aclose()
             await pool.aclose()
             if embedded is not None:

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from verification.errors import Conflict, IdempotencyConflict, NotFound, StoreUnavailable
 from verification.limits import LimitCheck, LimitDecision
 from verification.model import Verification
+from verification.redis_mux import RedisMux, Script
 from verification.rules import Transition, due_at
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ MAX_CAS_TRIES = 200
 # KEYS: record, due, webhook due, webhook jobs, [idempotency key]
 # ARGV: expected version ("" = must not exist), new version, doc, pexpireat ms,
 #       due score ("" = no timer), id, now, n webhook jobs, (job id, payload)*, [idem value, ttl s]
-_CAS = """
+_CAS = Script("""
 local cur = redis.call('HGET', KEYS[1], 'ver')
 if ARGV[1] == '' then
   if cur then return 0 end
@@ -66,22 +66,22 @@ if KEYS[5] then
   redis.call('SET', KEYS[5], ARGV[9 + 2 * n], 'EX', ARGV[10 + 2 * n])
 end
 return 1
-"""
+""")
 
 # Lease due items: move every member with score <= now to now + lease, return them.
 # KEYS: zset; ARGV: now, lease seconds, limit
-_LEASE = """
+_LEASE = Script("""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local until_ = tonumber(ARGV[1]) + tonumber(ARGV[2])
 for _, id in ipairs(ids) do
   redis.call('ZADD', KEYS[1], until_, id)
 end
 return ids
-"""
+""")
 
 # Fixed-window limits, all-or-nothing: if any is over, nothing is counted.
 # KEYS: counters; ARGV: (limit, window ms)* ; returns {0} or {1, index, pttl}
-_LIMITS = """
+_LIMITS = Script("""
 for i, key in ipairs(KEYS) do
   local n = tonumber(redis.call('GET', key) or '0')
   if n >= tonumber(ARGV[2 * i - 1]) then
@@ -95,7 +95,7 @@ for i, key in ipairs(KEYS) do
   if n == 1 then redis.call('PEXPIRE', key, ARGV[2 * i]) end
 end
 return {0}
-"""
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,27 +132,20 @@ def _webhook_payloads(
 class VerificationStore:
     """The Redis adapter. Every Redis failure becomes :class:`StoreUnavailable` (fail closed)."""
 
-    def __init__(self, redis: aioredis.Redis, *, global_webhook: bool = False) -> None:
+    def __init__(self, redis: RedisMux, *, global_webhook: bool = False) -> None:
         self._r = redis
         self._global_webhook = global_webhook
-        self._cas = redis.register_script(_CAS)
-        self._lease = redis.register_script(_LEASE)
-        self._limits = redis.register_script(_LIMITS)
-
-    @property
-    def redis(self) -> aioredis.Redis:
-        return self._r
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._r.ping())
+            return bool(await self._r.execute("PING"))
         except (RedisError, OSError):
             return False
 
     async def get(self, vid: str) -> Stored:
         """The record, or :class:`NotFound`."""
         try:
-            ver, doc = await self._r.hmget(_record_key(vid), ["ver", "doc"])
+            ver, doc = await self._r.execute("HMGET", _record_key(vid), "ver", "doc")
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         if ver is None or doc is None:
@@ -188,7 +181,7 @@ class VerificationStore:
             keys.append(key)
             args += [value, ttl]
         try:
-            written = bool(await self._cas(keys=keys, args=args))
+            written = bool(await self._r.evalsha(_CAS, keys, args))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return version if written else None
@@ -196,7 +189,7 @@ class VerificationStore:
     async def get_idempotent(self, idempotency: tuple[str, str]) -> Verification | None:
         """The verification an earlier request with this (key id, body hash) made, if any."""
         try:
-            existing = await self._r.get(f"{PREFIX}idem:{idempotency[0]}")
+            existing = await self._r.execute("GET", f"{PREFIX}idem:{idempotency[0]}")
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         if existing is None:
@@ -215,8 +208,8 @@ class VerificationStore:
             # Reserve the key first (NX): of two racing first requests only one creates.
             placeholder = json.dumps({"body": idempotency[1], "id": ""})
             try:
-                won = await self._r.set(key, placeholder, nx=True, ex=60)
-                existing = None if won else await self._r.get(key)
+                won = await self._r.execute("SET", key, placeholder, "NX", "EX", 60)
+                existing = None if won else await self._r.execute("GET", key)
             except (RedisError, OSError) as exc:
                 raise StoreUnavailable(str(exc)) from exc
             if existing is not None:
@@ -281,17 +274,17 @@ class VerificationStore:
         round trip."""
         keys, args = _limit_args(checks, now)
         try:
-            async with self._r.pipeline(transaction=False) as p:
-                p.evalsha(self._limits.sha, len(keys), *keys, *args)
-                p.hmget(_record_key(vid), ["ver", "doc"])
-                try:
-                    res, (ver, doc) = await p.execute()
-                except NoScriptError:
-                    await self._limits(keys=keys, args=args)  # loads the script, counts once
-                    ver, doc = await self._r.hmget(_record_key(vid), ["ver", "doc"])
-                    res = [0]
+            res, got = await self._r.many(
+                [_LIMITS.call(keys, args), ("HMGET", _record_key(vid), "ver", "doc")]
+            )
+            if isinstance(res, NoScriptError):  # nothing was counted: load it and count
+                res = await self._r.evalsha(_LIMITS, keys, args)
+            for answer in (res, got):
+                if isinstance(answer, Exception):
+                    raise answer
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
+        ver, doc = got
         decision = _decision(res, checks)
         if ver is None or doc is None:
             return decision, None
@@ -300,7 +293,7 @@ class VerificationStore:
     async def lease_due(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
         """Verification ids whose timer is due, leased for ``lease_s`` to this caller."""
         try:
-            ids = await self._lease(keys=[DUE], args=[repr(now), repr(lease_s), limit])
+            ids = await self._r.evalsha(_LEASE, [DUE], [repr(now), repr(lease_s), limit])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [str(i) for i in ids]
@@ -310,16 +303,16 @@ class VerificationStore:
         due = due_at(v)
         try:
             if due is None:
-                await self._r.zrem(DUE, v.id)
+                await self._r.execute("ZREM", DUE, v.id)
             else:
-                await self._r.zadd(DUE, {v.id: due}, xx=True)
+                await self._r.execute("ZADD", DUE, "XX", repr(due), v.id)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def forget_due(self, vid: str) -> None:
         """Drop the timer of a record that no longer exists."""
         try:
-            await self._r.zrem(DUE, vid)
+            await self._r.execute("ZREM", DUE, vid)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -329,35 +322,33 @@ class VerificationStore:
     ) -> list[tuple[str, str]]:
         """(job id, payload) of webhook jobs due now, leased to this caller."""
         try:
-            ids = await self._lease(keys=[WEBHOOK_DUE], args=[repr(now), repr(lease_s), limit])
+            ids = await self._r.evalsha(_LEASE, [WEBHOOK_DUE], [repr(now), repr(lease_s), limit])
             if not ids:
                 return []
-            payloads = await self._r.hmget(WEBHOOK_JOBS, ids)
+            payloads = await self._r.execute("HMGET", WEBHOOK_JOBS, *ids)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         out = []
         for jid, payload in zip(ids, payloads, strict=True):
             if payload is None:
-                await self._r.zrem(WEBHOOK_DUE, jid)
+                await self._r.execute("ZREM", WEBHOOK_DUE, jid)
                 continue
             out.append((str(jid), str(payload)))
         return out
 
     async def retry_webhook(self, job_id: str, payload: str, at: float) -> None:
         try:
-            async with self._r.pipeline(transaction=True) as p:
-                p.hset(WEBHOOK_JOBS, job_id, payload)
-                p.zadd(WEBHOOK_DUE, {job_id: at})
-                await p.execute()
+            await self._r.transaction(
+                [("HSET", WEBHOOK_JOBS, job_id, payload), ("ZADD", WEBHOOK_DUE, repr(at), job_id)]
+            )
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def finish_webhook(self, job_id: str) -> None:
         try:
-            async with self._r.pipeline(transaction=True) as p:
-                p.zrem(WEBHOOK_DUE, job_id)
-                p.hdel(WEBHOOK_JOBS, job_id)
-                await p.execute()
+            await self._r.transaction(
+                [("ZREM", WEBHOOK_DUE, job_id), ("HDEL", WEBHOOK_JOBS, job_id)]
+            )
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -368,7 +359,7 @@ class VerificationStore:
             return LimitDecision(allowed=True)
         keys, args = _limit_args(checks, now)
         try:
-            res = await self._limits(keys=keys, args=args)
+            res = await self._r.evalsha(_LIMITS, keys, args)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return _decision(res, checks)

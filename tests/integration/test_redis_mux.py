@@ -1,0 +1,117 @@
+"""The multiplexed Redis connection against a real redis-server: answers reach the right
+caller under concurrency, error replies stay with their command, scripts load themselves,
+MULTI/EXEC is all or nothing, and a dead or frozen Redis fails the waiting commands quickly
+and the next command reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tests.conftest import RedisServer
+from verification.redis_mux import RedisMux, Script
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+
+@pytest.fixture
+async def mux(redis_server: RedisServer) -> AsyncIterator[RedisMux]:
+    client = RedisMux(redis_server.url, timeout_s=0.5)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_concurrent_commands_each_get_their_own_answer(mux: RedisMux) -> None:
+    async def one(i: int) -> str:
+        await mux.execute("SET", f"k{i}", f"v{i}")
+        got: str = await mux.execute("GET", f"k{i}")
+        return got
+
+    answers = await asyncio.gather(*(one(i) for i in range(500)))
+    assert answers == [f"v{i}" for i in range(500)]
+
+
+async def test_an_error_reply_belongs_to_its_command_only(mux: RedisMux) -> None:
+    await mux.execute("SET", "text", "x")
+    results = await mux.many([("INCR", "text"), ("GET", "text"), ("INCR", "n")])
+    assert isinstance(results[0], ResponseError)
+    assert results[1:] == ["x", 1]
+    with pytest.raises(ResponseError):
+        await mux.execute("INCR", "text")
+    assert await mux.execute("GET", "text") == "x"
+
+
+async def test_a_script_is_loaded_on_first_use_and_after_a_flush(mux: RedisMux) -> None:
+    script = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert await mux.evalsha(script, ["s"], [2]) == 2
+    await mux.execute("SCRIPT", "FLUSH")
+    assert await mux.evalsha(script, ["s"], [3]) == 5
+
+
+async def test_a_transaction_applies_all_or_nothing(mux: RedisMux) -> None:
+    assert await mux.transaction([("SET", "a", "1"), ("INCR", "a")]) == ["OK", 2]
+    with pytest.raises(ResponseError):  # an unknown command: EXEC aborts every command
+        await mux.transaction([("SET", "a", "9"), ("NOSUCHCOMMAND",)])
+    assert await mux.execute("GET", "a") == "2"
+
+
+async def test_a_killed_redis_fails_waiting_commands_then_reconnects(
+    mux: RedisMux, redis_server: RedisServer
+) -> None:
+    await mux.execute("SET", "kept", "yes")
+    await asyncio.to_thread(redis_server.kill9)
+    with pytest.raises(RedisConnectionError):
+        await mux.execute("GET", "kept")
+    with pytest.raises(RedisConnectionError):  # still down: refused, not hung
+        await asyncio.wait_for(mux.execute("GET", "kept"), 2.0)
+    await asyncio.to_thread(redis_server.restart)
+    assert await mux.execute("GET", "kept") == "yes"  # AOF fsynced every write
+
+
+async def test_a_frozen_redis_times_out_instead_of_hanging(
+    mux: RedisMux, redis_server: RedisServer
+) -> None:
+    pid = redis_server.pid
+    assert pid is not None
+    await mux.execute("PING")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(
+            *(mux.execute("GET", "x") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        assert loop.time() - started < 1.5  # timeout 0.5 s, watchdog every 0.125 s
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert await mux.execute("PING") == "PONG"
+
+
+async def test_a_cancelled_caller_does_not_shift_the_answers(mux: RedisMux) -> None:
+    await mux.execute("SET", "a", "A")
+    await mux.execute("SET", "b", "B")
+    first = asyncio.ensure_future(mux.execute("GET", "a"))
+    second = asyncio.ensure_future(mux.execute("GET", "b"))
+    await asyncio.sleep(0)  # both queued
+    first.cancel()
+    assert await second == "B"
+    assert await mux.execute("GET", "a") == "A"
+
+
+async def test_a_closed_client_refuses(redis_server: RedisServer) -> None:
+    client = RedisMux(redis_server.url)
+    await client.execute("PING")
+    await client.aclose()
+    with pytest.raises(RedisConnectionError):
+        await client.execute("PING")

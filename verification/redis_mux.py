@@ -1,0 +1,258 @@
+"""One multiplexed Redis connection: every concurrent command of a process rides one socket.
+
+redis-py's client takes a pooled connection per command, wraps it in retries and timeouts and
+hands it back: about 70 µs of Python per command here, a third of a check's CPU (profile of
+``bench/api.py``). Redis answers a connection's commands in order, so one connection can carry
+every request in flight: the commands queued while the loop runs leave in one write, and the
+answers are matched to their callers first in, first out (about 8 µs per command).
+
+This is built on redis-py's own ``Connection`` (URL parsing, unix sockets, AUTH, HELLO,
+SELECT, the hiredis parser); only the pooling is replaced. A connection that breaks fails every
+command waiting on it with :class:`redis.exceptions.ConnectionError` and the next command opens
+a new one. Nothing is retried here: a write that may have reached Redis must not be applied
+twice (the callers' compare-and-set decides). A Redis that stops answering for ``timeout_s``
+fails the waiting commands with :class:`redis.exceptions.TimeoutError`.
+
+Not for blocking commands (BLPOP, WAIT) or pub/sub: they would hold up every command behind
+them. A MULTI/EXEC block is queued as one piece, so no other command lands inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+Arg = str | bytes | int | float
+Command = Sequence[Arg]
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script, run by its SHA1 and loaded on the first NOSCRIPT."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())  # noqa: S324 (Redis names scripts by SHA1)
+
+    def call(self, keys: Sequence[str], args: Sequence[Arg]) -> list[Arg]:
+        """The EVALSHA command for these keys and arguments."""
+        return ["EVALSHA", self.sha, len(keys), *keys, *args]
+
+
+class _Link:
+    """One open connection with its reader, writer and watchdog tasks."""
+
+    def __init__(self, conn: AbstractConnection, timeout_s: float) -> None:
+        self.conn = conn
+        self.timeout_s = timeout_s
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.out: list[bytes] = []
+        self.wake = asyncio.Event()
+        self.closed: BaseException | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tasks = [
+            loop.create_task(self._read(), name="redis-mux-read"),
+            loop.create_task(self._write(), name="redis-mux-write"),
+            loop.create_task(self._watch(), name="redis-mux-watch"),
+        ]
+
+    def queue(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+        if self.closed is not None:
+            raise RedisConnectionError(f"Redis connection lost: {self.closed}")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures = []
+        for cmd in commands:
+            self.out.extend(self.conn.pack_command(*cmd))
+            fut: asyncio.Future[Any] = loop.create_future()
+            self.pending.append((fut, now))
+            futures.append(fut)
+        self.wake.set()
+        return futures
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                out, self.out = self.out, []
+                if out:
+                    await self.conn.send_packed_command(out, check_health=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure ends this connection
+            self.fail(exc)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    reply: Any = await self.conn.read_response(disconnect_on_error=False)
+                except ResponseError as exc:  # an error reply: that command's answer
+                    reply = exc
+                if not self.pending:
+                    raise RedisConnectionError("Redis sent an answer nobody asked for")
+                fut, _ = self.pending.popleft()
+                if fut.done():  # its caller was cancelled: the answer is dropped
+                    continue
+                if isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure ends this connection
+            self.fail(exc)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.closed is None:
+            await asyncio.sleep(self.timeout_s / 4)
+            if self.pending and loop.time() - self.pending[0][1] > self.timeout_s:
+                self.fail(RedisTimeoutError(f"Redis did not answer within {self.timeout_s} s"))
+
+    def fail(self, exc: BaseException) -> None:
+        """Close this connection; every waiting command gets ``exc`` (as a Redis error)."""
+        if self.closed is not None:
+            return
+        self.closed = exc
+        error = (
+            exc
+            if isinstance(exc, RedisConnectionError | RedisTimeoutError)
+            else RedisConnectionError(f"Redis connection lost: {exc}")
+        )
+        while self.pending:
+            fut, _ = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+        self.out.clear()
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+        # Closing the socket needs no await: the transport closes on the loop.
+        writer = getattr(self.conn, "_writer", None)
+        if writer is not None:
+            writer.close()
+        log.warning("Redis connection closed: %s", error)
+
+    async def close(self) -> None:
+        self.fail(RedisConnectionError("closed"))
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.conn.disconnect(nowait=True)
+
+
+class RedisMux:
+    """Commands over one shared connection, opened on first use and after a failure."""
+
+    def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
+        pool = ConnectionPool.from_url(url, decode_responses=True, socket_connect_timeout=timeout_s)
+        self._connection_class = pool.connection_class
+        self._kwargs = dict(pool.connection_kwargs)
+        # No per-read timeout (it costs a timer per command): the watchdog times out instead.
+        self._kwargs["socket_timeout"] = None
+        self._timeout_s = timeout_s
+        self._link: _Link | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def _ready_link(self) -> _Link:
+        link = self._link
+        if link is not None and link.closed is None:
+            return link
+        if self._closed:
+            raise RedisConnectionError("Redis client closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            link = self._link
+            if link is not None and link.closed is None:
+                return link
+            if link is not None:
+                await link.close()
+            conn = self._connection_class(**self._kwargs)
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+            except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+                    raise
+                raise RedisConnectionError(str(exc)) from exc
+            link = _Link(conn, self._timeout_s)
+            link.start()
+            self._link = link
+            return link
+
+    async def execute(self, *command: Arg) -> Any:
+        """One command's answer; an error reply is raised as redis-py's exception."""
+        link = await self._ready_link()
+        (fut,) = link.queue([command])
+        return await fut
+
+    async def many(self, commands: Sequence[Command]) -> list[Any]:
+        """Several commands sent together; their answers in order, error replies as exception
+        values (a pipeline without a transaction: each command stands alone)."""
+        link = await self._ready_link()
+        futures = link.queue(commands)
+        results: list[Any] = []
+        for fut in futures:
+            try:
+                results.append(await fut)
+            except ResponseError as exc:
+                results.append(exc)
+        return results
+
+    async def transaction(self, commands: Sequence[Command]) -> list[Any]:
+        """MULTI, the commands, EXEC: all or none; the answers of the commands."""
+        link = await self._ready_link()
+        futures = link.queue([("MULTI",), *commands, ("EXEC",)])
+        first: ResponseError | None = None
+        for fut in futures[:-1]:  # "OK", then "QUEUED" for each command
+            try:
+                await fut
+            except ResponseError as exc:  # a rejected command: EXEC aborts them all
+                first = first or exc
+        try:
+            result: list[Any] = await futures[-1]
+        except ResponseError:
+            if first is not None:
+                raise first from None
+            raise
+        return result
+
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run ``script``, loading it first if this Redis does not know it yet."""
+        try:
+            return await self.execute(*script.call(keys, args))
+        except NoScriptError:
+            await self.load(script)
+            return await self.execute(*script.call(keys, args))
+
+    async def load(self, script: Script) -> None:
+        await self.execute("SCRIPT", "LOAD", script.source)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._link is not None:
+            await self._link.close()
+            self._link = None
