@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from redis.exceptions import NoScriptError, RedisError
 
 from verification.errors import Conflict, IdempotencyConflict, NotFound, StoreUnavailable
@@ -150,7 +151,7 @@ class VerificationStore:
             raise StoreUnavailable(str(exc)) from exc
         if ver is None or doc is None:
             raise NotFound(f"no verification {vid}")
-        return Stored(Verification.from_json(json.loads(doc)), str(ver))
+        return Stored(Verification.from_json(orjson.loads(doc)), str(ver))
 
     async def _write(
         self,
@@ -167,7 +168,7 @@ class VerificationStore:
         args: list[Any] = [
             old.version if old else "",
             version,
-            json.dumps(new.to_json(), separators=(",", ":")),
+            orjson.dumps(new.to_json()),
             int((new.expires_at + KEEP_AFTER_EXPIRY_S) * 1000),
             repr(due) if due is not None else "",
             new.id,
@@ -288,7 +289,7 @@ class VerificationStore:
         decision = _decision(res, checks)
         if ver is None or doc is None:
             return decision, None
-        return decision, Stored(Verification.from_json(json.loads(doc)), str(ver))
+        return decision, Stored(Verification.from_json(orjson.loads(doc)), str(ver))
 
     async def lease_due(self, now: float, lease_s: float, limit: int = 100) -> list[str]:
         """Verification ids whose timer is due, leased for ``lease_s`` to this caller."""
