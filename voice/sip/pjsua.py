@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import queue
 import secrets
@@ -54,6 +55,8 @@ from voice.sip.protocol import (
 log = logging.getLogger(__name__)
 
 MAX_CALLS = 4  # PJSUA_MAX_CALLS of the wheel: the 5th makeCall raises PJ_ETOOMANY
+# While a listener streams a call's audio, chunks (20 ms each) are handed on this often.
+LISTEN_PUMP_MS = 20
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 # Inbound headers handed to the call handler (besides every X-* header).
 _REQUEST_ID_HEADER = "X-Clinic-Request"
@@ -113,19 +116,27 @@ class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
     """One :class:`Play`; its end is queued from the media thread, reported by the owner."""
 
     def __init__(
-        self, call_id: str, play_id: int, sink: queue.SimpleQueue[Event], loop: bool
+        self,
+        call_id: str,
+        play_id: int,
+        sink: queue.SimpleQueue[Event],
+        loop: bool,
+        wake: Callable[[], None],
     ) -> None:
         super().__init__()
         self.call_id = call_id
         self.play_id = play_id
         self._sink = sink
         self._loop = loop
+        self._wake = wake
 
     def onEof2(self) -> None:
         # Only queued: the owner thread reports it if this player is still the call's
         # (a StopPlay handled meanwhile has already reported it: see Engine._play_ended).
+        # The owner may be waiting in a long pump: wake it so the end is reported now.
         if not self._loop:
             self._sink.put(PlayDone(self.call_id, self.play_id))
+            self._wake()
 
 
 class _Call(pj.Call):  # type: ignore[misc]
@@ -170,9 +181,17 @@ class _Call(pj.Call):  # type: ignore[misc]
 class Engine:
     """pjsua2 for one process. Use only from the thread that called :meth:`start`."""
 
-    def __init__(self, config: EngineConfig, emit: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        emit: Callable[[Event], None],
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
         self._config = config
         self.emit = emit
+        # Called from the media thread when it queues an event the owner must see soon (a
+        # play's end): the owner's pump then returns at once instead of at its timeout.
+        self._wake = wake
         self._ep: pj.Endpoint | None = None
         self._account: _Account | None = None
         self._calls: dict[str, _Call] = {}
@@ -208,6 +227,7 @@ class Engine:
         self.port = self._listen(ep)
         ep.libStart()
         ep.audDevManager().setNullDev()
+        self._close_idle_clock(ep)
         for codec in ep.codecEnum2():
             keep = any(codec.codecId.startswith(c) for c in _KEEP_CODECS)
             ep.codecSetPriority(codec.codecId, 200 if keep else 0)
@@ -230,6 +250,24 @@ class Engine:
         account.create(acfg, True)
         self._account = account
         log.info("pjsua up on %s:%s (pid %s)", cfg.host, self.port, os.getpid())
+
+    @staticmethod
+    def _close_idle_clock(ep: pj.Endpoint) -> None:
+        """Let pjsua stop the null sound device's 20 ms clock until the first call.
+
+        pjsua closes an idle sound device ``sndAutoCloseTime`` (1 s) after the bridge's last
+        connection goes, and opens it again when a call's media connects; but it only looks
+        after a disconnect, so a worker that never had a call ticked 50 times a second for
+        ever (2.8 ms of CPU a second per idle worker, measured here with 160 workers).
+        One connect and disconnect starts that idle timer.
+        """
+        dev = ep.audDevManager()
+        try:
+            cap, play = dev.getCaptureDevMedia(), dev.getPlaybackDevMedia()
+            cap.startTransmit(play)
+            cap.stopTransmit(play)
+        except pj.Error as exc:  # only costs CPU: the clock keeps ticking
+            log.warning("could not idle the sound clock: %s", exc.reason)
 
     def _listen(self, ep: pj.Endpoint) -> int:
         """UDP and TCP transports on one port; with port 0, retry until both get it."""
@@ -284,6 +322,25 @@ class Engine:
     def status(self) -> WorkerStatus:
         """The event that tells the pool where we are and how full."""
         return WorkerStatus(free_slots=self.free_slots(), port=self.port)
+
+    def pump_ms(self, idle_ms: int) -> int:
+        """How long the next :meth:`pump` may wait: until the nearest ring or answer deadline,
+        ``LISTEN_PUMP_MS`` while a call streams audio to a listener, else ``idle_ms``.
+
+        Nothing else needs a short pump: commands and the end of a play wake it, and pjsip's
+        own timers (retransmissions, session timers) bound ``libHandleEvents`` by themselves.
+        A fixed 5 ms pump while any call was up cost 200 wake-ups a second per worker,
+        about a third of a busy worker's CPU (bench/asterisk_compare.py, 2026-11-29).
+        """
+        wait = float(idle_ms)
+        now = time.monotonic()
+        for call in self._calls.values():
+            if call.listener is not None:
+                wait = min(wait, LISTEN_PUMP_MS)
+            for deadline in (call.ring_deadline, call.answer_deadline):
+                if deadline is not None:
+                    wait = min(wait, (deadline - now) * 1000)
+        return max(0, math.ceil(wait))
 
     def pump(self, ms: int) -> None:
         """Run pjsua for up to ``ms`` milliseconds, then media events, timers and cleanup."""
@@ -409,7 +466,7 @@ class Engine:
         aud = call.getAudioMedia(-1)
         if isinstance(cmd, Play):
             self._stop_play(call)  # the play it replaces ends (its one PlayDone) first
-            player = _Player(call.call_id, cmd.play_id, self._media_q, cmd.loop)
+            player = _Player(call.call_id, cmd.play_id, self._media_q, cmd.loop, self._wake)
             player.createPlayer(
                 os.path.abspath(cmd.path), 0 if cmd.loop else pj.PJMEDIA_FILE_NO_LOOP
             )

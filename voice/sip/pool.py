@@ -61,6 +61,7 @@ _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 5.0
 _HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backoff
 _START_TIMEOUT_S = 30.0  # 16 workers on 2 loaded cores took 15 s once
+_START_TIMEOUT_PER_WORKER_S = 0.5  # more workers start in more time: 256 get 128 s
 _ACK_TIMEOUT_S = 5.0
 _REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
 
@@ -291,13 +292,14 @@ class SipPool:
         self._running = True
         for w in self._workers:
             await self._spawn(w)
+        limit = max(_START_TIMEOUT_S, _START_TIMEOUT_PER_WORKER_S * len(self._workers))
         try:
-            async with asyncio.timeout(_START_TIMEOUT_S):
+            async with asyncio.timeout(limit):
                 for w in self._workers:
                     await w.started.wait()
         except TimeoutError:
             await self.stop()
-            raise SipError(f"SIP workers did not start within {_START_TIMEOUT_S} s") from None
+            raise SipError(f"SIP workers did not start within {limit:g} s") from None
 
     async def stop(self) -> None:
         """Shut the workers down (hanging up their calls) and cancel handler tasks."""

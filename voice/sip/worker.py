@@ -10,9 +10,11 @@ pjsua runs on this process's main thread (its owner): run the queued commands, p
 write the events. A small reader thread (which never touches pjsua) reads stdin, queues each
 command and wakes the owner by sending a SIP keep-alive (CRLF CRLF, RFC 5626 section 4.4.1,
 which pjsip discards) to the worker's own UDP port, so ``libHandleEvents`` returns at once. The
-pump therefore waits long (500 ms) while the worker has no call, and 5 ms while it has one
-(ring timers, media events); a command is on the wire within a millisecond or two either
-way. Before the wake-up, 64 idle workers polling every 5 ms took 0.7 of a core
+media thread wakes it the same way when a play ends. The pump therefore waits until the
+nearest ring or answer deadline, 20 ms while a call streams audio to a listener, else 500 ms
+(:meth:`Engine.pump_ms`); a command is on the wire within a millisecond or two either way.
+Before the wake-up, 64 idle workers polling every 5 ms took 0.7 of a core, and a worker
+with calls polling every 5 ms spent about a third of its CPU doing so
 (bench/asterisk_compare.py). EOF on stdin (the pool is gone) stops the worker.
 """
 
@@ -27,13 +29,13 @@ import sys
 import threading
 from collections.abc import Callable
 
-from voice.sip.pjsua import MAX_CALLS, Engine, EngineConfig
+from voice.sip.pjsua import Engine, EngineConfig
 from voice.sip.protocol import Event, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
-PUMP_MS = 5  # with calls: ring deadlines and media events are looked at this often
-IDLE_PUMP_MS = 500  # without calls: a command wakes the pump, and pjsip timers bound the wait
+IDLE_PUMP_MS = 500  # the longest wait: commands and play ends wake the pump, pjsip timers
+# and our ring deadlines bound it (Engine.pump_ms)
 _KEEPALIVE = b"\r\n\r\n"
 _EOF = object()
 
@@ -86,19 +88,23 @@ def _reader(in_fd: int, commands: queue.SimpleQueue[object], wake: Callable[[], 
 def run(config: EngineConfig, in_fd: int, out_fd: int) -> int:
     """Serve commands from ``in_fd`` until Shutdown or EOF; returns the exit status."""
     out = _Out(out_fd)
-    engine = Engine(config, out.emit)
-    engine.start()
-    out.emit(engine.status())
-    out.flush()
-    commands: queue.SimpleQueue[object] = queue.SimpleQueue()
     waker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    target = (config.host, engine.port)
+    target: tuple[str, int] | None = None
 
     def wake() -> None:
+        if target is None:
+            return
         try:
             waker.sendto(_KEEPALIVE, target)
         except OSError as exc:  # the pump still wakes within IDLE_PUMP_MS
             log.debug("wake-up not sent: %s", exc)
+
+    engine = Engine(config, out.emit, wake)
+    engine.start()
+    target = (config.host, engine.port)
+    out.emit(engine.status())
+    out.flush()
+    commands: queue.SimpleQueue[object] = queue.SimpleQueue()
 
     threading.Thread(
         target=_reader, args=(in_fd, commands, wake), name="commands", daemon=True
@@ -119,7 +125,7 @@ def run(config: EngineConfig, in_fd: int, out_fd: int) -> int:
             out.flush()
             if stop:
                 break
-            engine.pump(PUMP_MS if engine.free_slots() < MAX_CALLS else IDLE_PUMP_MS)
+            engine.pump(engine.pump_ms(IDLE_PUMP_MS))
             out.flush()
     finally:
         engine.stop()

@@ -1,0 +1,49 @@
+"""How long a worker's pump may wait: deadlines and listeners bound it, nothing else does."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from voice.sip.pjsua import LISTEN_PUMP_MS, Engine, EngineConfig
+
+
+@dataclass
+class _FakeCall:
+    listener: object | None = None
+    ring_deadline: float | None = None
+    answer_deadline: float | None = None
+
+
+def _engine(*calls: _FakeCall) -> Engine:
+    engine = Engine(EngineConfig("127.0.0.1", 0), lambda ev: None)
+    engine._calls = {str(i): c for i, c in enumerate(calls)}  # type: ignore[misc]
+    return engine
+
+
+def test_no_call_waits_the_idle_time() -> None:
+    assert _engine().pump_ms(500) == 500
+
+
+def test_a_call_playing_a_prompt_does_not_shorten_the_wait() -> None:
+    # Commands and the end of a play wake the pump: an answered call needs no polling.
+    assert _engine(_FakeCall(), _FakeCall()).pump_ms(500) == 500
+
+
+def test_a_listener_polls_its_audio_chunks() -> None:
+    assert _engine(_FakeCall(), _FakeCall(listener=object())).pump_ms(500) == LISTEN_PUMP_MS
+
+
+@pytest.mark.parametrize("field", ["ring_deadline", "answer_deadline"])
+def test_the_nearest_deadline_bounds_the_wait(field: str) -> None:
+    now = time.monotonic()
+    near = _FakeCall(**{field: now + 0.120})
+    far = _FakeCall(ring_deadline=now + 0.300)
+    wait = _engine(far, near).pump_ms(500)
+    assert 100 <= wait <= 121
+
+
+def test_a_passed_deadline_does_not_wait() -> None:
+    assert _engine(_FakeCall(ring_deadline=time.monotonic() - 1)).pump_ms(500) == 0
