@@ -20,6 +20,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from clinic_voice.http import MAX_BODY, build_middlewares, problem
+from clinic_voice.http_workers import HttpWorkers
+from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
 from clinic_voice.openapi import openapi_document
 from clinic_voice.redis_server import EmbeddedRedis
@@ -42,6 +44,14 @@ from voice.sip.pool import SipPool
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """This process is HTTP worker ``index`` of a ``serve`` reachable at ``control``."""
+
+    index: int
+    control: Path
+
+
 @dataclass
 class Runtime:
     """What the app owns while it runs (filled by the cleanup contexts)."""
@@ -58,6 +68,9 @@ class Runtime:
     sip_pool: SipPool | None = None
     call_store: CallStore | None = None
     renderer: PromptRenderer | None = None
+    redis_url: str = ""  # the Redis in use (the embedded one's socket when embedded)
+    http_workers: HttpWorkers | None = None  # serve: the extra HTTP processes
+    main_link: MainLink | None = None  # an HTTP worker: its control connection to serve
     extra_ready: dict[str, Callable[[], bool]] = field(default_factory=dict)  # name -> check
     # Work still going on after start that does not stop the service from serving (shown by
     # /readyz, e.g. "prompts" while the static prompts render): benches wait for it.
@@ -144,11 +157,16 @@ def build_app(
     clock: Clock | None = None,
     extra_contexts: list[Callable[[web.Application], AsyncIterator[None]]] | None = None,
     channel_factories: dict[Channel, Callable[[Runtime], ChannelAdapter | None]] | None = None,
+    worker: WorkerRole | None = None,
 ) -> web.Application:
-    """The whole service as an aiohttp application."""
+    """The whole service as an aiohttp application (``worker``: one of its HTTP workers)."""
     clock = clock or SystemClock()
     metrics = Metrics()
     rt = Runtime(settings=settings, clock=clock, metrics=metrics)
+    if worker is not None:
+        if not settings.redis_url:
+            raise SettingsError("an HTTP worker needs CLINIC_REDIS_URL (serve passes it on)")
+        rt.main_link = MainLink(worker.control, worker.index, metrics)
     check_settings(settings)
     rt.api_keys, rt.secret = prepare_data_dir(settings)
     policy = policy_from(settings)
@@ -178,6 +196,7 @@ def build_app(
             embedded = EmbeddedRedis(settings.data_dir)
             url = await embedded.start()
             log.info("embedded Redis started (unix socket in %s)", settings.data_dir)
+        rt.redis_url = url
         # A blocking pool: past 256 connections a request waits (up to 2 s) for one to come
         # free instead of failing with "Too many connections" (seen under bench load).
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -229,6 +248,7 @@ def build_app(
             clinic_name=settings.clinic_name,
             clock=clock,
             deliveries=_DeliveryMetrics(metrics),
+            forwarder=rt.main_link,
         )
         sender = WebhookSender(
             store=rt.need_store(),
@@ -245,11 +265,47 @@ def build_app(
             await sender.stop()
             await rt.dispatcher.stop()
 
+    async def main_link_ctx(app: web.Application) -> AsyncIterator[None]:
+        link = rt.main_link
+        assert link is not None
+        await link.start()  # before the dispatcher: it asks which channels serve has
+        rt.extra_ready["serve"] = link.main_ready
+        try:
+            yield
+        finally:
+            await link.stop()
+
+    async def http_workers_ctx(app: web.Application) -> AsyncIterator[None]:
+        dispatcher = rt.need_dispatcher()
+        serve_checks = dict(rt.extra_ready)  # not http_workers itself: a worker needs not wait
+        workers = HttpWorkers(
+            count=settings.http_workers,
+            data_dir=settings.data_dir,
+            env={**os.environ, "CLINIC_REDIS_URL": rt.redis_url},
+            dispatcher=dispatcher,
+            channel_ready=dispatcher.channel_ready,
+            channels=dispatcher.local_channels(),
+            checks=lambda: {name: check() for name, check in serve_checks.items()},
+            metrics=metrics,
+        )
+        await workers.start()
+        rt.http_workers = workers
+        rt.extra_ready["http_workers"] = workers.ready
+        try:
+            yield
+        finally:
+            rt.http_workers = None
+            await workers.stop()
+
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(session_ctx)
+    if rt.main_link is not None:
+        app.cleanup_ctx.append(main_link_ctx)
     for ctx in extra_contexts or []:
         app.cleanup_ctx.append(ctx)
     app.cleanup_ctx.append(dispatcher_ctx)
+    if worker is None and settings.http_workers > 1:
+        app.cleanup_ctx.append(http_workers_ctx)
 
     api = VerificationApi(
         settings=settings,
@@ -296,8 +352,17 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    if rt.http_workers is not None:
+        text = rt.http_workers.render_metrics()
+    elif rt.main_link is not None:
+        try:
+            text = await rt.main_link.render_metrics()
+        except MainLinkError as exc:
+            return problem(503, "not-ready", "Not ready", f"metrics: {exc}")
+    else:
+        text = rt.metrics.render()
     return web.Response(
-        text=rt.metrics.render(),
+        text=text,
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},

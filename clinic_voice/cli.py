@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -17,10 +18,11 @@ from sip_config.settings import Settings, SettingsError
 log = logging.getLogger("clinic_voice")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, process: str = "") -> None:
+    tag = f"{process} " if process else ""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -56,6 +58,35 @@ async def serve(settings: Settings) -> None:
         await runner.cleanup()
 
 
+async def http_worker(settings: Settings, index: int, control: Path) -> None:
+    """One extra HTTP process of a ``serve`` (started by it; see clinic_voice.http_workers)."""
+    from clinic_voice.app import RUNTIME, WorkerRole, build_app
+
+    role = WorkerRole(index, control)
+    app = build_app(settings, worker=role)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    link = app[RUNTIME].main_link
+    assert link is not None
+    site = web.TCPSite(
+        runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
+    )
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("HTTP worker %d listening on http://%s", role.index, settings.http_addr)
+    lost = asyncio.ensure_future(link.lost.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost.cancel()
+        stopped.cancel()
+        await runner.cleanup()
+
+
 def _key_hint(settings: Settings) -> str:
     if settings.api_keys:
         return "from CLINIC_API_KEYS"
@@ -66,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinic-voice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the service (settings from CLINIC_* variables)")
+    worker = sub.add_parser(
+        "http-worker", help="internal: one extra HTTP process, started by serve"
+    )
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--control", type=Path, required=True)
     flow = sub.add_parser("flow", help="IVR flow tools")
     flow_sub = flow.add_subparsers(dest="flow_command", required=True)
     check = flow_sub.add_parser("check", help="check flows: schema, targets, safety rules")
@@ -74,6 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("flow")
     args, rest = parser.parse_known_args(argv)
 
+    if args.command == "http-worker":
+        if rest:
+            parser.error(f"unexpected arguments: {' '.join(rest)}")
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            print(f"clinic-voice http-worker: configuration error: {exc}", file=sys.stderr)
+            return 2
+        _setup_logging(settings.log_level, f"http-worker-{args.index}")
+        uvloop.run(http_worker(settings, args.index, args.control))
+        return 0
     if args.command == "serve":
         if rest:
             parser.error(f"unexpected arguments: {' '.join(rest)}")

@@ -1,6 +1,8 @@
 """A small Prometheus registry: counters and histograms, rendered as text format 0.0.4.
 
-Per process: with several service processes, scrape each (or sum in Prometheus).
+The HTTP worker processes of one service (``CLINIC_HTTP_WORKERS``) send snapshots of theirs to
+the main process, which renders the sum: one scrape of any process shows the whole service.
+Separate services sharing a Redis are scraped each (or summed in Prometheus).
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ import bisect
 import math
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
 
 Labels = tuple[tuple[str, str], ...]
+# A registry's values as plain JSON: {metric name: [[labels as [k, v] pairs, value...], ...]}
+Snapshot = dict[str, list[list[Any]]]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -54,6 +60,16 @@ class Counter:
     def value(self, **labels: str) -> float:
         return self._values.get(tuple(sorted(labels.items())), 0.0)
 
+    def snapshot(self) -> list[list[Any]]:
+        with self._lock:
+            return [[[list(kv) for kv in labels], v] for labels, v in self._values.items()]
+
+    def add(self, rows: list[list[Any]]) -> None:
+        """Add another registry's snapshot of this counter."""
+        with self._lock:
+            for labels, v in rows:
+                self._values[tuple((str(k), str(x)) for k, x in labels)] += float(v)
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         for labels, v in sorted(self._values.items()):
@@ -76,6 +92,25 @@ class Histogram:
             counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
             counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sums[key] += value
+
+    def snapshot(self) -> list[list[Any]]:
+        with self._lock:
+            return [
+                [[list(kv) for kv in labels], list(counts), self._sums[labels]]
+                for labels, counts in self._counts.items()
+            ]
+
+    def add(self, rows: list[list[Any]]) -> None:
+        """Add another registry's snapshot of this histogram (same buckets)."""
+        with self._lock:
+            for labels, counts, total in rows:
+                key = tuple((str(k), str(x)) for k, x in labels)
+                mine = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+                if len(counts) != len(mine):
+                    raise ValueError(f"{self.name}: snapshot has other buckets")
+                for i, c in enumerate(counts):
+                    mine[i] += int(c)
+                self._sums[key] += float(total)
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
@@ -103,15 +138,35 @@ class Metrics:
         )
         self.verifications = Counter(
             "clinic_verifications_total",
-            "verification state changes made by this process, by new status and channel",
+            "verification state changes made through the API, by new status and channel",
         )
         self.deliveries = Counter(
             "clinic_deliveries_total", "channel delivery reports by channel and outcome"
         )
         self.calls = Counter("clinic_calls_total", "clinic-line calls by outcome")
 
-    def render(self) -> str:
+    def _all(self) -> tuple[Counter | Histogram, ...]:
+        return (self.requests, self.latency, self.verifications, self.deliveries, self.calls)
+
+    def snapshot(self) -> Snapshot:
+        """Every value, as JSON (to send to another process)."""
+        return {m.name: m.snapshot() for m in self._all()}
+
+    def add(self, snapshot: Snapshot) -> None:
+        """Add another registry's :meth:`snapshot` (unknown metric names are ignored)."""
+        for m in self._all():
+            m.add(snapshot.get(m.name, []))
+
+    def render(self, others: Iterable[Snapshot] = ()) -> str:
+        """Text format 0.0.4: this registry plus the sum of ``others``."""
+        source = self
+        others = list(others)
+        if others:
+            source = Metrics()
+            source.add(self.snapshot())
+            for snap in others:
+                source.add(snap)
         lines: list[str] = []
-        for m in (self.requests, self.latency, self.verifications, self.deliveries, self.calls):
+        for m in source._all():
             lines += m.render()
         return "\n".join(lines) + "\n"

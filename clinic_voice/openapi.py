@@ -339,15 +339,16 @@ def _paths() -> dict[str, Any]:
         },
         "/readyz": {
             "get": {
-                "summary": "Readiness (Redis, channels, SIP workers)",
+                "summary": "Readiness (Redis, channels, SIP workers, HTTP worker processes)",
                 "responses": {"200": _json("Health", "Ready"), "503": _problem_ref()},
             }
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics",
+                "summary": "Prometheus metrics (the sum over the service's HTTP processes)",
                 "responses": {
-                    "200": {"description": "text format 0.0.4", "content": {"text/plain": {}}}
+                    "200": {"description": "text format 0.0.4", "content": {"text/plain": {}}},
+                    "503": _problem_ref(),
                 },
             }
         },

@@ -34,6 +34,13 @@ class Variable:
 VARIABLES: tuple[Variable, ...] = (
     # -- service ---------------------------------------------------------------------------
     Variable("CLINIC_HTTP_ADDR", "127.0.0.1:8080", "HTTP listen address (host:port)"),
+    Variable(
+        "CLINIC_HTTP_WORKERS",
+        "1",
+        "HTTP API processes sharing CLINIC_HTTP_ADDR, 1..64; the first also runs SIP and the "
+        "clinic line, the others hand their SIP sends to it; set it to the number of cores "
+        "for the API's full speed",
+    ),
     Variable("CLINIC_DATA_DIR", "./var", "where the service keeps its own files"),
     Variable(
         "CLINIC_REDIS_URL",
@@ -258,6 +265,7 @@ class Settings:
     """Everything the service is told by its environment, validated once at start."""
 
     http_addr: HostPort
+    http_workers: int
     data_dir: Path
     redis_url: str  # "" means embedded
     api_keys: tuple[str, ...]  # () means "generate into the data dir"
@@ -508,6 +516,7 @@ def _build(r: _Reader) -> Settings:
     )
     return Settings(
         http_addr=r.parse("CLINIC_HTTP_ADDR", parse_host_port),
+        http_workers=r.integer("CLINIC_HTTP_WORKERS", 1, 64),
         # Absolute: redis-server changes into its own dir, and a relative socket path broke.
         data_dir=Path(r.raw("CLINIC_DATA_DIR") or "./var").absolute(),
         redis_url=r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://")),

@@ -29,6 +29,23 @@ POLL_S = 0.2  # how often due timers are looked for (fallback precision)
 LEASE_S = 30.0  # a leased timer returns to the pool if its process dies
 
 
+class Forwarder(Protocol):
+    """Another process that sends on channels this one does not have (an HTTP worker process
+    hands its SIP sends to the process that owns the SIP workers)."""
+
+    def channels(self) -> frozenset[Channel]:
+        """The channels it sends on."""
+        ...
+
+    def ready(self, channel: Channel) -> bool:
+        """Whether it is reachable and its ``channel`` can send now."""
+        ...
+
+    def forward(self, vid: str, step: int, channel: Channel, counted: bool) -> bool:
+        """Hand over one send (it reads the record itself); False when it is not reachable."""
+        ...
+
+
 class DeliveryCounter(Protocol):
     """Where delivery outcomes are counted (the metrics adapter)."""
 
@@ -52,9 +69,14 @@ class Dispatcher:
         clinic_name: str,
         clock: Clock,
         deliveries: DeliveryCounter | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self._store = store
         self._channels = dict(channels)
+        self._forwarder = forwarder
+        self._forwarded = (
+            forwarder.channels() - self._channels.keys() if forwarder else frozenset[Channel]()
+        )
         self._settings = settings
         self._policy = policy
         self._secret = secret
@@ -68,11 +90,23 @@ class Dispatcher:
         self._stopping = False
 
     @property
-    def channels(self) -> Mapping[Channel, ChannelAdapter]:
-        return self._channels
+    def channels(self) -> frozenset[Channel]:
+        """Every channel a verification can use: sent here or by the forwarder."""
+        return frozenset(self._channels) | self._forwarded
+
+    def local_channels(self) -> frozenset[Channel]:
+        """The channels this process sends on itself."""
+        return frozenset(self._channels)
+
+    def channel_ready(self, channel: Channel) -> bool:
+        """Whether this process's ``channel`` can send now."""
+        adapter = self._channels.get(channel)
+        return adapter is not None and adapter.ready()
 
     def ready(self) -> bool:
-        return all(c.ready() for c in self._channels.values())
+        local = all(c.ready() for c in self._channels.values())
+        fwd = self._forwarder
+        return local and (fwd is None or all(fwd.ready(c) for c in self._forwarded))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,10 +141,20 @@ class Dispatcher:
         ``known``: the record as just written, so the send need not read it again.
         """
         v = transition.verification
-        if transition.send is not None:
-            self._spawn(
-                self._send(v.id, v.step, transition.send, counted, known), f"send {v.id} {v.step}"
-            )
+        channel = transition.send
+        if channel is None:
+            return
+        if channel in self._forwarded:
+            assert self._forwarder is not None
+            if self._forwarder.forward(v.id, v.step, channel, counted):
+                return
+            # Not reachable: sent here, where the missing channel reports undeliverable and
+            # the rules fall back at once instead of waiting for the step timer.
+        self._spawn(self._send(v.id, v.step, channel, counted, known), f"send {v.id} {v.step}")
+
+    def follow_forwarded(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
+        """Run a send another process handed over (see :class:`Forwarder`)."""
+        self._spawn(self._send(vid, step, channel, counted, None), f"send {vid} {step}")
 
     async def _send(
         self, vid: str, step: int, channel: Channel, counted: bool, known: Stored | None

@@ -206,3 +206,159 @@ async def test_two_processes_sharing_redis_behave_as_one(
         await sms_gateway.wait_for(3)
         await asyncio.sleep(0.2)
         assert len(sms_gateway.received) == 3, "one SMS per verification, none for refusals"
+
+
+def _listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:``port`` (SO_REUSEPORT: one per HTTP process)."""
+    wanted = f"0100007F:{port:04X}"
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+            count += 1
+    return count
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}/cmdline").exists()
+
+
+def _worker_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"http-worker" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+async def _fresh_connection_request(
+    service: Service, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    """A request on a new connection: the kernel picks the process anew each time."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with s.request(method, service.base + path, json=body, headers=headers) as resp:
+            raw = await resp.read()
+            errors = service.collector.check(method, path, resp.status, resp.content_type, raw)
+            assert not errors, "\n".join(errors)
+            if resp.content_type.endswith("json"):
+                return resp.status, await resp.json(content_type=None)
+            return resp.status, raw.decode()
+
+
+async def _until(what: str, check: Any, deadline_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not await check():
+        if loop.time() > end:
+            pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def _requests_total(metrics_text: str) -> float:
+    """API requests (/v1/...) counted by /metrics."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("clinic_http_requests_total{") and 'route="/v1/' in line
+    )
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
+    sms_gateway: SmsGateway, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """CLINIC_HTTP_WORKERS=3 with the embedded Redis: three processes listen on one port, a
+    flash call asked through a worker is placed by serve (the only one with SIP), /metrics
+    sums every process and never goes back when a worker is killed and restarted, and the
+    workers stop when serve is killed."""
+    DATA_CACHE.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    (DATA_CACHE / "prompts").mkdir(exist_ok=True)
+    (data / "prompts").symlink_to(DATA_CACHE / "prompts")  # rendered once, shared
+    env = {
+        k: v
+        for k, v in service_env("", data, sms_gateway).items()
+        if k != "CLINIC_REDIS_URL"  # embedded: serve hands its socket to the workers
+    }
+    env |= {
+        "CLINIC_HTTP_WORKERS": "3",
+        # Nothing listens there: the flash calls fail, which is not what this test is about.
+        "CLINIC_SIP_ROUTE": f"sip:{{e164}}@127.0.0.1:{free_port()}",
+        "CLINIC_FLASHCALL_PREFIX": "+447400",
+    }
+    async with serve("S", env, tmp_path, openapi_responses) as s:
+        assert s.proc is not None
+        port = int(s.base.rsplit(":", 1)[1])
+        assert _listeners(port) == 3
+        workers = _worker_pids(s.proc.pid)
+        assert len(workers) == 2, workers
+
+        made = 0
+        for i in range(12):
+            body = {"phone": f"+3161234{i:04d}", "method": "flashcall", "fallback": ["sms"]}
+            status, created = await _fresh_connection_request(s, "POST", "/v1/verifications", body)
+            assert status == 201, created
+            made += 1
+            status, seen = await _fresh_connection_request(
+                s, "GET", f"/v1/verifications/{created['id']}"
+            )
+            assert status == 200 and seen["channel"] in {"flashcall", "sms"}
+            made += 1
+
+        log = s.log_path.read_text(errors="replace")
+        created_by = [line for line in log.splitlines() if ": created (flashcall,sms)" in line]
+        assert len(created_by) == 12
+        assert any("http-worker-" in line for line in created_by), "no create reached a worker"
+        sent_by = [line for line in log.splitlines() if "sending by flashcall" in line]
+
+        async def all_sent() -> bool:
+            nonlocal sent_by
+            text = s.log_path.read_text(errors="replace")
+            sent_by = [line for line in text.splitlines() if "sending by flashcall" in line]
+            return len(sent_by) == 12
+
+        await _until("12 flash calls placed", all_sent)
+        assert not [line for line in sent_by if "http-worker-" in line], "a worker placed a call"
+
+        async def summed() -> bool:
+            _, text = await _fresh_connection_request(s, "GET", "/metrics")
+            return _requests_total(text) == made
+
+        await _until(f"/metrics to count all {made} API requests", summed, 5.0)
+
+        os.kill(workers[0], signal.SIGKILL)
+
+        async def replaced() -> bool:
+            now = _worker_pids(s.proc.pid) if s.proc else []
+            return len(now) == 2 and workers[0] not in now and _listeners(port) == 3
+
+        await _until("the killed worker to be replaced", replaced)
+        status, ready = await _fresh_connection_request(s, "GET", "/readyz")
+        for _ in range(50):  # the new worker connects to serve within a moment
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+            status, ready = await _fresh_connection_request(s, "GET", "/readyz")
+        assert status == 200, ready
+        for _ in range(5):  # whichever process answers: the killed worker's counts stay
+            _, text = await _fresh_connection_request(s, "GET", "/metrics")
+            assert _requests_total(text) == made, text
+
+        live = _worker_pids(s.proc.pid)
+        os.kill(s.proc.pid, signal.SIGKILL)
+        await s.proc.wait()
+
+        async def gone() -> bool:
+            return not [p for p in live if _alive(p)]
+
+        await _until("the workers to stop after serve was killed", gone)

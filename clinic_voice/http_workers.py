@@ -1,0 +1,237 @@
+"""More HTTP API processes on the same port, started, watched and restarted by ``serve``.
+
+One Python process answers the API with one core. ``CLINIC_HTTP_WORKERS=N`` runs N-1
+``clinic-voice http-worker`` processes next to ``serve``; every one binds
+``CLINIC_HTTP_ADDR`` with SO_REUSEPORT, so the kernel spreads the connections over all N.
+They share the Redis (the embedded one's socket is handed to them), which holds all state,
+so a request may land on any of them. What a worker cannot do is SIP: the SIP workers belong
+to ``serve``. A worker hands a send on a SIP channel to ``serve`` over the control socket
+(``<data dir>/run/http-workers.sock``, mode 0600), which runs it as if its own API had asked.
+
+The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the worker's end):
+
+- worker → serve: ``hello`` (its index), ``send`` (verification id, step, channel, whether the
+  limits were counted), ``metrics`` (a snapshot, every second), ``render`` (a /metrics scrape);
+- serve → worker: ``state`` (which channels serve sends on and whether each is ready, and
+  serve's own readiness checks; on connect and every half second), ``rendered``.
+
+A worker whose control connection ends (``serve`` died) stops; ``serve`` restarts a worker
+that exits, with backoff. A worker's counters survive its restart (``serve`` keeps its last
+snapshot), so /metrics never goes backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from clinic_voice.metrics import Metrics, Snapshot
+from verification.dispatcher import Dispatcher
+from verification.model import Channel
+
+log = logging.getLogger(__name__)
+
+STATE_EVERY_S = 0.5
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STOP_DEADLINE_S = 10.0
+MAX_LINE = 1 << 20  # a metrics snapshot is a few KiB
+
+
+def control_path(data_dir: Path) -> Path:
+    return data_dir / "run" / "http-workers.sock"
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(message) + b"\n"
+
+
+class HttpWorkers:
+    """The extra HTTP processes of one ``serve`` and its end of their control socket."""
+
+    def __init__(
+        self,
+        *,
+        count: int,
+        data_dir: Path,
+        env: Mapping[str, str],
+        dispatcher: Dispatcher,
+        channel_ready: Callable[[Channel], bool],
+        channels: frozenset[Channel],
+        checks: Callable[[], dict[str, bool]],
+        metrics: Metrics,
+    ) -> None:
+        self._count = count
+        self._metrics = metrics
+        self._path = control_path(data_dir)
+        self._env = dict(env)
+        self._dispatcher = dispatcher
+        self._channel_ready = channel_ready
+        self._channels = channels
+        self._checks = checks
+        self._server: asyncio.AbstractServer | None = None
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._live: dict[int, Snapshot] = {}  # worker index -> its latest metrics
+        self._connected: set[int] = set()
+        self._retired = Metrics()  # counters of worker runs that ended
+        self._stop = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()  # left by a serve that was killed
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self._path), limit=MAX_LINE
+        )
+        os.chmod(self._path, 0o600)
+        for index in range(1, self._count):
+            self._spawn_task(self._keep_running(index), f"http-worker-{index}")
+        log.info("HTTP: %d worker processes next to this one", self._count - 1)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        procs = list(self._procs.values())
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(p.wait() for p in procs)), timeout=STOP_DEADLINE_S
+            )
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    log.warning("HTTP worker %d did not stop: killed", p.pid)
+                    p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+    def ready(self) -> bool:
+        """Every worker is running and connected."""
+        return len(self._connected) == self._count - 1
+
+    def render_metrics(self) -> str:
+        """/metrics of the whole service: this process, the workers, and ended worker runs."""
+        return self._metrics.render([self._retired.snapshot(), *self._live.values()])
+
+    # -- processes -----------------------------------------------------------------------------
+    def _spawn_task(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_running(self, index: int) -> None:
+        failures = 0
+        argv = [
+            sys.executable,
+            "-m",
+            "clinic_voice.cli",
+            "http-worker",
+            "--index",
+            str(index),
+            "--control",
+            str(self._path),
+        ]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # serve killed -9: the kernel sends the worker SIGTERM (it also stops when the
+            # control connection ends, which covers a missing setpriv).
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        while not self._stop.is_set():
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=self._env,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C at the terminal is serve's to handle
+            )
+            self._procs[index] = proc
+            started = asyncio.get_running_loop().time()
+            code = await proc.wait()
+            if self._stop.is_set():
+                return
+            ran_s = asyncio.get_running_loop().time() - started
+            failures = 0 if ran_s > 60 else failures + 1
+            backoff = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            log.error(
+                "HTTP worker %d (pid %d) exited with %s after %.1f s: restarting in %.1f s",
+                index,
+                proc.pid,
+                code,
+                ran_s,
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+
+    # -- control connections -------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "op": "state",
+            "channels": {c.value: self._channel_ready(c) for c in self._channels},
+            "checks": self._checks(),
+        }
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index: int | None = None
+        pusher: asyncio.Task[None] | None = None
+        try:
+            hello = orjson.loads(await reader.readline() or b"null")
+            if not isinstance(hello, dict) or hello.get("op") != "hello":
+                log.warning("HTTP workers: a control connection without hello: closed")
+                return
+            index = int(hello["index"])
+            self._connected.add(index)
+            pusher = asyncio.create_task(self._push_state(writer), name=f"state-{index}")
+            while line := await reader.readline():
+                self._handle(index, orjson.loads(line), writer)
+        except (ConnectionError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            log.warning("HTTP worker %s: control connection failed: %s", index, exc)
+        finally:
+            if pusher is not None:
+                pusher.cancel()
+                await asyncio.gather(pusher, return_exceptions=True)
+            if index is not None:
+                self._connected.discard(index)
+                last = self._live.pop(index, None)
+                if last is not None:
+                    self._retired.add(last)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _handle(self, index: int, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        op = msg.get("op")
+        if op == "send":
+            self._dispatcher.follow_forwarded(
+                str(msg["vid"]), int(msg["step"]), Channel(msg["channel"]), bool(msg["counted"])
+            )
+        elif op == "metrics":
+            self._live[index] = msg["snapshot"]
+        elif op == "render":
+            # The worker's own latest numbers are in _live: it sent them just before asking.
+            text = self.render_metrics()
+            writer.write(encode({"op": "rendered", "n": msg["n"], "text": text}))
+        else:
+            raise ValueError(f"unknown control message {op!r}")
+
+    async def _push_state(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(encode(self.state()))
+            await writer.drain()
+            await asyncio.sleep(STATE_EVERY_S)

@@ -1,0 +1,151 @@
+"""An HTTP worker process's end of the control socket to ``serve`` (see
+:mod:`clinic_voice.http_workers`): it forwards SIP sends, learns which channels ``serve`` has
+and whether they are ready, reports its metrics, and asks for the service's /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from clinic_voice.http_workers import MAX_LINE, encode
+from clinic_voice.metrics import Metrics
+from verification.model import Channel
+
+log = logging.getLogger(__name__)
+
+METRICS_EVERY_S = 1.0
+FIRST_STATE_DEADLINE_S = 30.0
+RENDER_DEADLINE_S = 2.0
+
+
+class MainLinkError(RuntimeError):
+    """The control connection to ``serve`` is down."""
+
+
+class MainLink:
+    """The :class:`verification.dispatcher.Forwarder` of an HTTP worker, and more."""
+
+    def __init__(self, path: Path, index: int, metrics: Metrics) -> None:
+        self._path = path
+        self._index = index
+        self._metrics = metrics
+        self._writer: asyncio.StreamWriter | None = None
+        self._channels: dict[Channel, bool] = {}
+        self._checks: dict[str, bool] = {}
+        self._renders: dict[int, asyncio.Future[str]] = {}
+        self._numbers = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.lost = asyncio.Event()  # set when serve went away: the worker stops
+
+    async def start(self) -> None:
+        """Connect and wait for ``serve``'s first state (so the channels are known)."""
+        reader, self._writer = await asyncio.open_unix_connection(str(self._path), limit=MAX_LINE)
+        self._writer.write(encode({"op": "hello", "index": self._index}))
+        first = await asyncio.wait_for(reader.readline(), FIRST_STATE_DEADLINE_S)
+        if not first:
+            raise MainLinkError("serve closed the control connection at once")
+        self._handle(orjson.loads(first))
+        self._tasks = [
+            asyncio.create_task(self._read(reader), name="main-link-read"),
+            asyncio.create_task(self._push_metrics(), name="main-link-metrics"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError, MainLinkError):
+                self._send({"op": "metrics", "snapshot": self._metrics.snapshot()})
+                await self._writer.drain()
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+
+    # -- Forwarder -------------------------------------------------------------------------------
+    def channels(self) -> frozenset[Channel]:
+        return frozenset(self._channels)
+
+    def ready(self, channel: Channel) -> bool:
+        return not self.lost.is_set() and self._channels.get(channel, False)
+
+    def forward(self, vid: str, step: int, channel: Channel, counted: bool) -> bool:
+        try:
+            self._send(
+                {
+                    "op": "send",
+                    "vid": vid,
+                    "step": step,
+                    "channel": channel.value,
+                    "counted": counted,
+                }
+            )
+        except MainLinkError:
+            return False
+        return True
+
+    # -- what serve says -------------------------------------------------------------------------
+    def main_ready(self) -> bool:
+        """``serve`` is connected and its own readiness checks pass (for this worker's /readyz)."""
+        return not self.lost.is_set() and all(self._checks.values())
+
+    async def render_metrics(self) -> str:
+        """The whole service's /metrics, summed by ``serve`` (with this worker's latest)."""
+        n = next(self._numbers)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._renders[n] = fut
+        try:
+            self._send({"op": "metrics", "snapshot": self._metrics.snapshot()})
+            self._send({"op": "render", "n": n})
+            return await asyncio.wait_for(fut, RENDER_DEADLINE_S)
+        except TimeoutError:
+            raise MainLinkError("serve did not answer the metrics request") from None
+        finally:
+            self._renders.pop(n, None)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._writer is None or self.lost.is_set() or self._writer.is_closing():
+            raise MainLinkError("no control connection to serve")
+        self._writer.write(encode(message))
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "state":
+            self._channels = {Channel(c): bool(ok) for c, ok in msg["channels"].items()}
+            self._checks = {str(k): bool(v) for k, v in msg["checks"].items()}
+        elif op == "rendered":
+            fut = self._renders.get(int(msg["n"]))
+            if fut is not None and not fut.done():
+                fut.set_result(str(msg["text"]))
+        else:
+            raise ValueError(f"unknown control message {op!r}")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                self._handle(orjson.loads(line))
+        except (ConnectionError, ValueError, KeyError, orjson.JSONDecodeError) as exc:
+            log.error("control connection to serve failed: %s", exc)
+        finally:
+            if not self.lost.is_set():
+                log.warning("serve closed the control connection: this HTTP worker stops")
+            self.lost.set()
+            for fut in self._renders.values():
+                if not fut.done():
+                    fut.set_exception(MainLinkError("serve went away"))
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_EVERY_S)
+            try:
+                self._send({"op": "metrics", "snapshot": self._metrics.snapshot()})
+            except MainLinkError:
+                return
