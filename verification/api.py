@@ -261,13 +261,24 @@ class VerificationApi:
             callback_url=req.callback_url,
             client=client,
         )
+        code: str | None = None
+        if transition.send is not None and self._dispatcher().sends_here(transition.send):
+            # The first send's code is made now, so that one write stores the verification
+            # and the code's HMAC (rules.code_sent: the HMAC is stored before the code leaves)
+            # instead of a second write by the dispatcher. Not for a send another process
+            # makes (an HTTP worker's SIP sends): the code never leaves the process that sends.
+            created = transition.verification
+            code = codes.new_code(created.code_length)
+            digest = codes.code_hash(self._secret(), vid, code)
+            sent = rules.code_sent(created, created.step, digest, created.created_at)
+            transition = rules.Transition(sent.verification, send=transition.send)
         stored = await self._store().create(transition, idempotency)
         v = stored.verification
         if v.id != vid:  # a concurrent request with the same key won
             return self._json(v, 201, replayed=True)
         log.info("verification %s: created (%s)", vid, ",".join(req.plan))
         self._on_change(v)
-        self._dispatcher().follow(transition, counted=True, known=stored)
+        self._dispatcher().follow(transition, counted=True, known=stored, code=code)
         return self._json(v, 201)
 
     @self_admitted

@@ -98,6 +98,10 @@ class Dispatcher:
         """The channels this process sends on itself."""
         return frozenset(self._channels)
 
+    def sends_here(self, channel: Channel) -> bool:
+        """Whether this process sends on ``channel`` itself (not through the forwarder)."""
+        return channel in self._channels
+
     def channel_ready(self, channel: Channel) -> bool:
         """Whether this process's ``channel`` can send now."""
         adapter = self._channels.get(channel)
@@ -133,12 +137,19 @@ class Dispatcher:
 
     # -- transitions ---------------------------------------------------------------------------
     def follow(
-        self, transition: Transition, *, counted: bool = False, known: Stored | None = None
+        self,
+        transition: Transition,
+        *,
+        counted: bool = False,
+        known: Stored | None = None,
+        code: str | None = None,
     ) -> None:
         """Start whatever send a transition asks for (returns at once).
 
         ``counted``: the API already counted this send against the per-number limits.
         ``known``: the record as just written, so the send need not read it again.
+        ``code``: the code whose HMAC ``known`` already holds (:func:`rules.code_sent` was
+        applied in the same write), so the send goes out at once.
         """
         v = transition.verification
         channel = transition.send
@@ -146,11 +157,15 @@ class Dispatcher:
             return
         if channel in self._forwarded:
             assert self._forwarder is not None
-            if self._forwarder.forward(v.id, v.step, channel, counted):
+            if code is None and self._forwarder.forward(v.id, v.step, channel, counted):
                 return
-            # Not reachable: sent here, where the missing channel reports undeliverable and
-            # the rules fall back at once instead of waiting for the step timer.
-        self._spawn(self._send(v.id, v.step, channel, counted, known), f"send {v.id} {v.step}")
+            # Not reachable (or the code is made already: it never leaves this process):
+            # sent here, where the missing channel reports undeliverable and the rules fall
+            # back at once instead of waiting for the step timer.
+        if code is not None and known is not None:
+            self._spawn(self._deliver(v.id, v.step, channel, code, known), f"send {v.id} {v.step}")
+        else:
+            self._spawn(self._send(v.id, v.step, channel, counted, known), f"send {v.id} {v.step}")
 
     def follow_forwarded(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
         """Run a send another process handed over (see :class:`Forwarder`)."""
@@ -188,6 +203,13 @@ class Dispatcher:
         except NotPending:
             log.info("verification %s: moved on before the send of step %d", vid, step)
             return
+        await self._deliver(vid, step, channel, code, written)
+
+    async def _deliver(
+        self, vid: str, step: int, channel: Channel, code: str, written: Stored
+    ) -> None:
+        """Hand ``code`` to the channel (its HMAC is in ``written``) and apply its reports."""
+        v = written.verification
         adapter = self._channels.get(channel)
 
         last = written  # the record as this send last wrote it: reports chain on it
