@@ -236,16 +236,23 @@ Message = Command | Event
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (*typing.get_args(Command), *typing.get_args(Event))
 }
+# Each message type's fields and their resolved type hints, worked out once: resolving the
+# hints per message (typing.get_type_hints) was a quarter of the main process's CPU under
+# inbound load (py-spy, bench/asterisk_compare.py, 2026-11-29).
+_FIELDS: dict[type[Any], tuple[tuple[str, Any], ...]] = {
+    cls: tuple((f.name, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
+    for cls in _TYPES.values()
+}
 
 
 def encode(msg: Message) -> bytes:
     """One message as one JSON line (ending in ``\\n``)."""
     out: dict[str, Any] = {"t": type(msg).__name__}
-    for f in dataclasses.fields(msg):
-        value = getattr(msg, f.name)
+    for name, _ in _FIELDS[type(msg)]:
+        value = getattr(msg, name)
         if isinstance(value, bytes):
             value = base64.b64encode(value).decode("ascii")
-        out[f.name] = value
+        out[name] = value
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
@@ -260,12 +267,11 @@ def decode(line: bytes | str) -> Message:
     cls = _TYPES.get(raw.pop("t"))
     if cls is None:
         raise ProtocolError("unknown message type")
-    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     try:
-        for f in dataclasses.fields(cls):
-            if f.name in raw:
-                kwargs[f.name] = _convert(hints[f.name], raw[f.name])
+        for name, hint in _FIELDS[cls]:
+            if name in raw:
+                kwargs[name] = _convert(hint, raw[name])
         msg: Message = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"bad {cls.__name__}: {exc}") from None
