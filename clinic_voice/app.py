@@ -286,6 +286,7 @@ def build_app(
             channel_ready=dispatcher.channel_ready,
             channels=dispatcher.local_channels(),
             checks=lambda: {name: check() for name, check in serve_checks.items()},
+            warming=lambda: sorted(rt.warming),
             metrics=metrics,
         )
         await workers.start()
@@ -341,10 +342,11 @@ async def _readyz(request: web.Request) -> web.Response:
     }
     for name, extra in rt.extra_ready.items():
         checks[name] = extra()
+    warming = set(rt.warming)
+    if rt.main_link is not None:  # an HTTP worker: serve's start-up work counts too
+        warming.update(rt.main_link.warming())
     if all(checks.values()):
-        return web.json_response(
-            {"status": "ready", "checks": checks, "warming": sorted(rt.warming)}
-        )
+        return web.json_response({"status": "ready", "checks": checks, "warming": sorted(warming)})
     failing = ", ".join(k for k, ok in checks.items() if not ok)
     resp = problem(503, "not-ready", "Not ready", f"waiting for: {failing}", checks=checks)
     return resp

@@ -12,8 +12,9 @@ The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the work
 
 - worker → serve: ``hello`` (its index), ``send`` (verification id, step, channel, whether the
   limits were counted), ``metrics`` (a snapshot, every second), ``render`` (a /metrics scrape);
-- serve → worker: ``state`` (which channels serve sends on and whether each is ready, and
-  serve's own readiness checks; on connect and every half second), ``rendered``.
+- serve → worker: ``state`` (which channels serve sends on and whether each is ready, serve's
+  own readiness checks and what it is still warming up; on connect and every half second),
+  ``rendered``.
 
 A worker whose control connection ends (``serve`` died) stops; ``serve`` restarts a worker
 that exits, with backoff. A worker's counters survive its restart (``serve`` keeps its last
@@ -67,6 +68,7 @@ class HttpWorkers:
         channel_ready: Callable[[Channel], bool],
         channels: frozenset[Channel],
         checks: Callable[[], dict[str, bool]],
+        warming: Callable[[], list[str]],
         metrics: Metrics,
     ) -> None:
         self._count = count
@@ -77,6 +79,7 @@ class HttpWorkers:
         self._channel_ready = channel_ready
         self._channels = channels
         self._checks = checks
+        self._warming = warming
         self._server: asyncio.AbstractServer | None = None
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -185,6 +188,7 @@ class HttpWorkers:
             "op": "state",
             "channels": {c.value: self._channel_ready(c) for c in self._channels},
             "checks": self._checks(),
+            "warming": self._warming(),
         }
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -39,6 +39,7 @@ class MainLink:
         self._writer: asyncio.StreamWriter | None = None
         self._channels: dict[Channel, bool] = {}
         self._checks: dict[str, bool] = {}
+        self._warming: list[str] = []
         self._renders: dict[int, asyncio.Future[str]] = {}
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,6 +97,10 @@ class MainLink:
         """``serve`` is connected and its own readiness checks pass (for this worker's /readyz)."""
         return not self.lost.is_set() and all(self._checks.values())
 
+    def warming(self) -> list[str]:
+        """What ``serve`` is still warming up (its /readyz ``warming``, e.g. prompts)."""
+        return list(self._warming)
+
     async def render_metrics(self) -> str:
         """The whole service's /metrics, summed by ``serve`` (with this worker's latest)."""
         n = next(self._numbers)
@@ -121,6 +126,7 @@ class MainLink:
         if op == "state":
             self._channels = {Channel(c): bool(ok) for c, ok in msg["channels"].items()}
             self._checks = {str(k): bool(v) for k, v in msg["checks"].items()}
+            self._warming = [str(w) for w in msg.get("warming", [])]
         elif op == "rendered":
             fut = self._renders.get(int(msg["n"]))
             if fut is not None and not fut.done():
