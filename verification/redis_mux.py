@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -55,23 +56,14 @@ class Script:
 
 
 def pack(command: Command) -> bytes:
-    """One command in the Redis protocol (RESP), as redis-py packs it, in a third of the time."""
-    parts = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bool):  # a bool is an int: refuse it as redis-py does
-            raise TypeError("a bool is not a Redis argument; send b'0' or b'1'")
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        elif isinstance(arg, float):
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"not a Redis argument: {type(arg).__name__}")
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    """One command in the Redis protocol (RESP), byte for byte as redis-py packs it.
+
+    hiredis (already redis-py's parser here) packs in C, three times faster than Python; a
+    bool or None is refused with TypeError, as redis-py refuses them.
+    """
+    # hiredis types its argument as a 1-tuple by mistake; any length is packed.
+    packed: bytes = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]
+    return packed
 
 
 class _Link:

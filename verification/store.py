@@ -13,6 +13,7 @@ as one service: timers and webhook jobs are leased by whichever process polls fi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import secrets
@@ -99,6 +100,16 @@ return {0}
 """)
 
 
+# A record's version only has to differ from every other version of that record: a random
+# prefix per process and a counter, instead of a getrandom() system call per write.
+_VERSION_PREFIX = secrets.token_hex(6)
+_VERSIONS = itertools.count(1)
+
+
+def _new_version() -> str:
+    return f"{_VERSION_PREFIX}.{next(_VERSIONS):x}"
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     """A verification as read, with the version a write must match."""
@@ -164,7 +175,7 @@ class VerificationStore:
         due = due_at(new)
         jobs = _webhook_payloads(old.verification if old else None, new, self._global_webhook)
         keys = [_record_key(new.id), DUE, WEBHOOK_DUE, WEBHOOK_JOBS]
-        version = secrets.token_hex(8)
+        version = _new_version()
         args: list[Any] = [
             old.version if old else "",
             version,
