@@ -43,6 +43,7 @@ class MainLink:
         self._renders: dict[int, asyncio.Future[str]] = {}
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False  # this worker is stopping: serve's going away is expected
         self.lost = asyncio.Event()  # set when serve went away: the worker stops
 
     async def start(self) -> None:
@@ -59,6 +60,7 @@ class MainLink:
         ]
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -141,7 +143,7 @@ class MainLink:
         except (ConnectionError, ValueError, KeyError, orjson.JSONDecodeError) as exc:
             log.error("control connection to serve failed: %s", exc)
         finally:
-            if not self.lost.is_set():
+            if not self.lost.is_set() and not self._stopping:
                 log.warning("serve closed the control connection: this HTTP worker stops")
             self.lost.set()
             for fut in self._renders.values():

@@ -141,7 +141,7 @@ class _Link:
             if self.pending and loop.time() - self.pending[0][1] > self.timeout_s:
                 self.fail(RedisTimeoutError(f"Redis did not answer within {self.timeout_s} s"))
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, *, quiet: bool = False) -> None:
         """Close this connection; every waiting command gets ``exc`` (as a Redis error)."""
         if self.closed is not None:
             return
@@ -164,10 +164,11 @@ class _Link:
         writer = getattr(self.conn, "_writer", None)
         if writer is not None:
             writer.close()
-        log.warning("Redis connection closed: %s", error)
+        if not quiet:
+            log.warning("Redis connection closed: %s", error)
 
     async def close(self) -> None:
-        self.fail(RedisConnectionError("closed"))
+        self.fail(RedisConnectionError("closed"), quiet=True)
         await asyncio.gather(*self.tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.conn.disconnect(nowait=True)
