@@ -8,7 +8,7 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import uvloop
@@ -38,55 +38,62 @@ async def serve(settings: Settings) -> None:
         extra_contexts=extra_contexts(settings),
         channel_factories=channel_factories(settings),
     )
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(
-        runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
-    )
-    await site.start()
-    _settle_gc()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("clinic-voice listening on http://%s", settings.http_addr)
-    print(
-        f"clinic-voice: http://{settings.http_addr}  (API key: {_key_hint(settings)})", flush=True
-    )
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        await runner.cleanup()
+
+    def started() -> None:
+        log.info("clinic-voice listening on http://%s", settings.http_addr)
+        print(
+            f"clinic-voice: http://{settings.http_addr}  (API key: {_key_hint(settings)})",
+            flush=True,
+        )
+
+    await _run_until_stopped(app, settings, started)
 
 
 async def http_worker(settings: Settings, index: int, control: Path) -> None:
-    """One extra HTTP process of a ``serve`` (started by it; see clinic_voice.http_workers)."""
+    """One extra HTTP process of a ``serve`` (started by it; see clinic_voice.http_workers);
+    it also stops when ``serve`` goes away."""
     from clinic_voice.app import RUNTIME, WorkerRole, build_app
 
-    role = WorkerRole(index, control)
-    app = build_app(settings, worker=role)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
+    app = build_app(settings, worker=WorkerRole(index, control))
     link = app[RUNTIME].main_link
     assert link is not None
-    site = web.TCPSite(
-        runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
-    )
-    await site.start()
-    _settle_gc()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("HTTP worker %d listening on http://%s", role.index, settings.http_addr)
-    lost = asyncio.ensure_future(link.lost.wait())
-    stopped = asyncio.ensure_future(stop.wait())
+
+    def started() -> None:
+        log.info("HTTP worker %d listening on http://%s", index, settings.http_addr)
+
+    await _run_until_stopped(app, settings, started, also=link.lost)
+
+
+async def _run_until_stopped(
+    app: web.Application,
+    settings: Settings,
+    started: Callable[[], None],
+    also: asyncio.Event | None = None,
+) -> None:
+    """Serve ``app`` on CLINIC_HTTP_ADDR (shared by every HTTP process: SO_REUSEPORT) until
+    SIGINT, SIGTERM or ``also``; then stop it in order."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    watcher: asyncio.Task[bool] | None = None
     try:
-        await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
+        site = web.TCPSite(
+            runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
+        )
+        await site.start()
+        _settle_gc()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if also is not None:
+            watcher = asyncio.create_task(also.wait())
+            watcher.add_done_callback(lambda _: stop.set())
+        started()
+        await stop.wait()
     finally:
-        lost.cancel()
-        stopped.cancel()
+        log.info("shutting down")
+        if watcher is not None:
+            watcher.cancel()
         await runner.cleanup()
 
 
