@@ -130,36 +130,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("flow")
     args, rest = parser.parse_known_args(argv)
 
-    if args.command == "http-worker":
+    if args.command in {"serve", "http-worker"}:
         if rest:
             parser.error(f"unexpected arguments: {' '.join(rest)}")
+        worker = args.command == "http-worker"
         try:
             settings = Settings.from_env()
-        except SettingsError as exc:
-            print(f"clinic-voice http-worker: configuration error: {exc}", file=sys.stderr)
-            return 2
-        _setup_logging(settings.log_level, f"http-worker-{args.index}")
-        uvloop.run(http_worker(settings, args.index, args.control))
-        return 0
-    if args.command == "serve":
-        if rest:
-            parser.error(f"unexpected arguments: {' '.join(rest)}")
-        try:
-            settings = Settings.from_env()
-        except SettingsError as exc:
-            print(f"clinic-voice: configuration error: {exc}", file=sys.stderr)
-            return 2
-        _setup_logging(settings.log_level)
-        try:
-            from clinic_voice.app import check_settings
+            if not worker:  # a worker's settings were checked by the serve that started it
+                from clinic_voice.app import check_settings
 
-            check_settings(settings)
+                check_settings(settings)
         except SettingsError as exc:
-            print(f"clinic-voice: configuration error: {exc}", file=sys.stderr)
+            name = "clinic-voice http-worker" if worker else "clinic-voice"
+            print(f"{name}: configuration error: {exc}", file=sys.stderr)
             return 2
+        _setup_logging(settings.log_level, f"http-worker-{args.index}" if worker else "")
         # uvloop: the same asyncio API, about twice the request rate of the default loop here
         # (measured with bench/api.py); the pure-Python loop remains for tests.
-        uvloop.run(serve(settings))
+        uvloop.run(http_worker(settings, args.index, args.control) if worker else serve(settings))
         return 0
     if args.flow_command == "check":
         from voice.ivr.check import main as check_main
