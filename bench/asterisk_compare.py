@@ -145,7 +145,7 @@ class Plan:
 # and originated >= 138 flash calls/s without failing when the cap was 180. A target that
 # never fails is reported as a lower bound. The ramp starts at 20/s: every target held that.
 FULL = Plan(
-    inbound_start=20, flash_start=20, growth=1.5, max_rate=700, bisections=3, step_s=5.0, hold_s=3.0
+    inbound_start=20, flash_start=20, growth=1.5, max_rate=700, bisections=2, step_s=5.0, hold_s=3.0
 )
 QUICK = Plan(
     inbound_start=20, flash_start=20, growth=1.6, max_rate=700, bisections=1, step_s=3.0, hold_s=3.0
