@@ -73,9 +73,11 @@ async def _run_until_stopped(
     """Serve ``app`` on CLINIC_HTTP_ADDR (shared by every HTTP process: SO_REUSEPORT) until
     SIGINT, SIGTERM or ``also``; then stop it in order."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
     watcher: asyncio.Task[bool] | None = None
     try:
+        # Inside the try: a part that fails to start must not leave the parts started before
+        # it running (SIP workers, Redis, tasks); the cleanup stops them in reverse order.
+        await runner.setup()
         site = web.TCPSite(
             runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
         )
@@ -95,6 +97,14 @@ async def _run_until_stopped(
         if watcher is not None:
             watcher.cancel()
         await runner.cleanup()
+
+
+def _start_errors() -> tuple[type[Exception], ...]:
+    from clinic_voice.http_workers import HttpWorkersError
+    from clinic_voice.redis_server import EmbeddedRedisError
+
+    # OSError: an address in use, a data dir that cannot be written, ...
+    return (HttpWorkersError, EmbeddedRedisError, OSError)
 
 
 def _settle_gc() -> None:
@@ -147,7 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(settings.log_level, f"http-worker-{args.index}" if worker else "")
         # uvloop: the same asyncio API, about twice the request rate of the default loop here
         # (measured with bench/api.py); the pure-Python loop remains for tests.
-        uvloop.run(http_worker(settings, args.index, args.control) if worker else serve(settings))
+        try:
+            uvloop.run(
+                http_worker(settings, args.index, args.control) if worker else serve(settings)
+            )
+        except _start_errors() as exc:
+            log.error("cannot start: %s", exc)
+            print(f"clinic-voice {args.command}: cannot start: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.flow_command == "check":
         from voice.ivr.check import main as check_main

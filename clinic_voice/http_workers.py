@@ -45,6 +45,7 @@ STATE_EVERY_S = 0.5
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_DEADLINE_S = 10.0
 MAX_LINE = 1 << 20  # a metrics snapshot is a few KiB
+MAX_SOCKET_PATH = 107  # AF_UNIX sun_path is 108 bytes on Linux, with its NUL
 
 
 def control_path(data_dir: Path) -> Path:
@@ -53,6 +54,10 @@ def control_path(data_dir: Path) -> Path:
 
 def encode(message: Mapping[str, Any]) -> bytes:
     return orjson.dumps(message) + b"\n"
+
+
+class HttpWorkersError(RuntimeError):
+    """The extra HTTP processes cannot be started."""
 
 
 class HttpWorkers:
@@ -90,6 +95,11 @@ class HttpWorkers:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
+        if len(os.fsencode(self._path)) > MAX_SOCKET_PATH:
+            raise HttpWorkersError(
+                f"control socket path {self._path} is longer than {MAX_SOCKET_PATH} bytes: "
+                "use a shorter CLINIC_DATA_DIR"
+            )
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()  # left by a serve that was killed

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -362,3 +363,64 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
             return not [p for p in live if _alive(p)]
 
         await _until("the workers to stop after serve was killed", gone)
+
+
+@pytest.mark.timeout(120)
+async def test_serve_that_cannot_bind_stops_everything_it_started(
+    redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
+) -> None:
+    """The HTTP address is taken: serve exits 1 with a message, after stopping the SIP workers
+    (and the rest) it had started already, instead of hanging with them running."""
+    DATA_CACHE.mkdir(parents=True, exist_ok=True)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env |= service_env(redis_server.url, DATA_CACHE, sms_gateway)
+    sip_port = free_port()
+    env |= {
+        "CLINIC_HTTP_ADDR": f"127.0.0.1:{port}",
+        "CLINIC_SIP_ADDR": f"127.0.0.1:{sip_port}",
+        "CLINIC_SIP_WORKERS": "2",
+    }
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "clinic_voice.cli",
+            "serve",
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), START_DEADLINE_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            pytest.fail("serve hung after failing to bind its HTTP address")
+    finally:
+        taken.close()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 1, text[-3000:]
+    assert "cannot start" in text, text[-3000:]
+    assert "SIP worker 0 started" in text, "the SIP workers started before the bind"
+    assert "SIP worker 0 exited" in text, text[-3000:]
+    assert not _sip_workers_on(sip_port + 1), "a SIP worker outlived serve"
+
+
+def _sip_workers_on(port: int) -> list[int]:
+    """Pids of SIP worker processes started for ``port``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"voice.sip.worker" in argv and str(port).encode() in argv:
+                found.append(int(entry.name))
+    return found
