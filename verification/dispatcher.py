@@ -20,6 +20,7 @@ from verification import codes, limits, rules
 from verification.channels.base import ChannelAdapter, Delivery, DeliveryReport
 from verification.errors import NotFound, NotPending, StoreUnavailable
 from verification.model import Channel, Policy, Verification
+from verification.outage_log import OutageLog
 from verification.rules import DeliveryKind, Transition
 from verification.store import Stored, VerificationStore
 
@@ -82,6 +83,7 @@ class Dispatcher:
         self._secret = secret
         self._clinic = clinic_name
         self._clock = clock
+        self._outage = OutageLog(log, "timers", clock)
         self._deliveries = deliveries
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer_task: asyncio.Task[None] | None = None
@@ -267,7 +269,9 @@ class Dispatcher:
             try:
                 await self.run_due()
             except StoreUnavailable as exc:
-                log.warning("timers: store unavailable: %s", exc)
+                self._outage.failed(exc)
+            else:
+                self._outage.ok()
             await asyncio.sleep(POLL_S)
 
     async def run_due(self) -> int:

@@ -22,6 +22,7 @@ import aiohttp
 from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
 from verification.errors import StoreUnavailable
+from verification.outage_log import OutageLog
 from verification.store import VerificationStore
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class WebhookSender:
         self._s = settings
         self._secret = secret
         self._clock = clock
+        self._outage = OutageLog(log, "webhooks", clock)
         self._task: asyncio.Task[None] | None = None
         # See Dispatcher: a cancel swallowed inside redis-py must not keep the loop alive.
         self._stopping = False
@@ -91,7 +93,9 @@ class WebhookSender:
             try:
                 await self.run_due()
             except StoreUnavailable as exc:
-                log.warning("webhooks: store unavailable: %s", exc)
+                self._outage.failed(exc)
+            else:
+                self._outage.ok()
             await asyncio.sleep(POLL_S)
 
     async def run_due(self) -> int:
