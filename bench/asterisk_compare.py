@@ -5,7 +5,7 @@ time: they would share the two cores):
 
 - **Inbound.** One sipp UAC scenario (``bench/sipp/asterisk_uac_hold.xml``): INVITE with
   PCMU SDP, 200, ACK, hold ``hold_s``, BYE, 200. Against Asterisk it calls extension 800 of a
-  bench-only context (Answer, then ``Playback(hello-world)`` in a loop: Asterisk streams
+  bench-only context (Answer, then ``Playback`` of hello-world in a loop: Asterisk streams
   audio for the whole call, as the bot does); against the service it calls the SIP workers'
   ports round-robin (an injection file with one port a call: sipp does not follow the
   front's 302), where the clinic line's main menu answers. The offered rate ramps (each step
@@ -40,8 +40,9 @@ How each is tuned (both for capacity on this machine, neither for the bench's sh
 - Asterisk: the repository's configuration, plus its RTP range widened from 20000-20999 (500
   calls: it ended Asterisk's inbound search at 139 calls/s) to 20000-31999, and
   ``media_address``/``bind_rtp_to_media_address`` on the bench endpoints (no DNS look-ups of
-  its own name). PCMU only, no transcoding but hello-world's GSM to PCMU. Flash calls by
-  ARI (below), which originates at once.
+  its own name). PCMU only, and hello-world converted once to mu-law (Debian ships it as
+  GSM, which Asterisk decoded for every call): no transcoding, as the service's 8 kHz
+  prompts. Flash calls by ARI (below), which originates at once.
 - The service: ``--workers`` (default 256, the most ``CLINIC_SIP_WORKERS`` allows, 4 calls
   each), log level WARNING, its embedded Redis. pjsua2 as shipped in ``voice/sip/pjsua.py``
   (8 kHz bridge, no VAD, no echo canceller, null sound device idle until the first call, the
@@ -70,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import os
 import re
@@ -189,15 +191,39 @@ contact=sip:127.0.0.1:{uas_port}
 """
 
 
-BENCH_EXTENSIONS = f"""
+def bench_extensions(sound: str) -> str:
+    """extensions.conf lines appended for the bench: Answer, then ``sound`` in a loop."""
+    return f"""
 ; ---- bench only (bench/asterisk_compare.py): Answer + Playback, for as long as the caller stays
 [bench-inbound]
 exten => {BENCH_EXTEN},1,Answer()
- same => n(loop),Playback(hello-world)
+ same => n(loop),Playback({sound})
  same => n,Goto(loop)
 
 [bench-nowhere]
 """
+
+
+def ulaw_prompt(rig: AsteriskRig) -> str:
+    """hello-world as raw mu-law in the instance's spool; its path in the chroot, no extension.
+
+    Debian ships the prompt as GSM only, so Asterisk decoded GSM for every call while the
+    service plays prompts rendered once at 8 kHz. With a ``.ulaw`` file Asterisk streams the
+    PCMU call without transcoding, as a clinic would set it up: the same work for both.
+    """
+    found = sorted(rig.root.glob("usr/share/asterisk/sounds/*/hello-world.gsm"))
+    if not found:
+        raise BenchError(f"no hello-world.gsm under {rig.root}/usr/share/asterisk/sounds")
+    inner = f"/var/spool/{rig.name}/bench-sounds/hello-world"
+    out = host_path(rig.root, inner + ".ulaw")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["sox", str(found[0]), "-t", "ul", str(out)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"sox could not make {out}: {done.stderr.strip()}")
+    return inner
+
 
 # Loaded in this order (each needs the ones before it).
 ARI_MODULES = (
@@ -258,7 +284,7 @@ def start_asterisk(work: Path, uas_port: int) -> tuple[AsteriskRig, Ari]:
         for name, text in (
             ("modules.conf", BENCH_MODULES),
             ("pjsip.conf", bench_pjsip(uas_port)),
-            ("extensions.conf", BENCH_EXTENSIONS),
+            ("extensions.conf", bench_extensions(ulaw_prompt(rig))),
             ("http.conf", bench_http(int(ari.url.rsplit(":", 1)[1].split("/")[0]))),
             ("ari.conf", bench_ari(ari.password)),
         ):
@@ -822,6 +848,8 @@ def run_asterisk(work: Path, plan: Plan, numbers: flashcall.Numbers) -> TargetRe
     finally:
         rig.stop()
         handset.stop()
+        with contextlib.suppress(RigError, OSError):
+            rig.remove_instance()  # its config, spool (the bench prompt) and db; not its log
 
 
 def measure_asterisk(
