@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +21,7 @@ from tests.conftest import sip_settings
 from voice.sip import message
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import OutboundCall, SipPool
-from voice.sip.protocol import CallEvent, CallState
+from voice.sip.protocol import CallEvent, CallState, PlaceCall, WorkerStatus, decode, encode
 
 pytestmark = pytest.mark.integration
 
@@ -276,6 +277,52 @@ async def test_more_calls_than_one_worker_holds(tmp_path: Path) -> None:
         assert pool.stats()["restarts"] == 0
     finally:
         await pool.stop()
+
+
+async def test_a_freed_slot_takes_the_next_call_at_once(tmp_path: Path) -> None:
+    # pjsua frees a call's slot about a millisecond after reporting its end, but the worker
+    # reports the free slot at once: a call sent straight back must be dialled again, not
+    # fail with PJ_ETOOMANY (it did under load). Talk to one worker directly, as fast as
+    # its pipe allows: each call's end is answered with the next call.
+    total = 16
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "voice.sip.worker",
+        "--port",
+        "0",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+    outcomes: list[CallOutcome | None] = []
+    try:
+        async with sipp_uas("sipp_uas_ring.xml", tmp_path, calls=total) as uas:
+            placed = 0
+
+            def place() -> None:
+                nonlocal placed
+                cmd = PlaceCall(f"c{placed}", uas.uri(), CALLER, True, 0.2, 10.0, True, ())
+                assert worker.stdin is not None
+                worker.stdin.write(encode(cmd))
+                placed += 1
+
+            async with asyncio.timeout(20):
+                while len(outcomes) < total:
+                    ev = decode(await worker.stdout.readline())
+                    if isinstance(ev, WorkerStatus) and placed == 0:
+                        for _ in range(4):
+                            place()
+                    elif isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
+                        outcomes.append(ev.outcome)
+                        if placed < total:
+                            place()
+            assert await uas.finish() == 0
+    finally:
+        worker.stdin.close()
+        async with asyncio.timeout(5):
+            await worker.wait()
+    assert outcomes == [CallOutcome.CANCELLED_AFTER_RING] * total
 
 
 async def test_workers_register_with_digest(tmp_path: Path) -> None:

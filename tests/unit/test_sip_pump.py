@@ -15,6 +15,7 @@ class _FakeCall:
     listener: object | None = None
     ring_deadline: float | None = None
     answer_deadline: float | None = None
+    redial: object | None = None
 
 
 def _engine(*calls: _FakeCall) -> Engine:
@@ -47,3 +48,7 @@ def test_the_nearest_deadline_bounds_the_wait(field: str) -> None:
 
 def test_a_passed_deadline_does_not_wait() -> None:
     assert _engine(_FakeCall(ring_deadline=time.monotonic() - 1)).pump_ms(500) == 0
+
+
+def test_a_call_waiting_for_a_pjsua_slot_is_dialled_again_next_millisecond() -> None:
+    assert _engine(_FakeCall(), _FakeCall(redial=object())).pump_ms(500) == 1

@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 MAX_CALLS = 4  # PJSUA_MAX_CALLS of the wheel: the 5th makeCall raises PJ_ETOOMANY
 # While a listener streams a call's audio, chunks (20 ms each) are handed on this often.
 LISTEN_PUMP_MS = 20
+# pjsua frees a call's slot about a millisecond after it reports the call DISCONNECTED, but we
+# report the free slot at once; a call the pool sends into that window got PJ_ETOOMANY and
+# failed (10 flash calls at 431/s, bench/asterisk_compare.py). Such a call is dialled again
+# every pump (1 ms apart) for up to this long before it fails.
+REDIAL_S = 0.5
+_PJ_ETOOMANY = 70010
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 # Inbound headers handed to the call handler (besides every X-* header).
 _REQUEST_ID_HEADER = "X-Clinic-Request"
@@ -163,6 +169,7 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.player: _Player | None = None
         self.listener: _Listener | None = None
         self.pending: list[Command] = []  # Play/StartListen waiting for media
+        self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         self.engine._on_call_state(self)
@@ -335,6 +342,8 @@ class Engine:
         wait = float(idle_ms)
         now = time.monotonic()
         for call in self._calls.values():
+            if call.redial is not None:
+                return 1
             if call.listener is not None:
                 wait = min(wait, LISTEN_PUMP_MS)
             for deadline in (call.ring_deadline, call.answer_deadline):
@@ -361,6 +370,9 @@ class Engine:
                 self.emit(ev)
         now = time.monotonic()
         for call in list(self._calls.values()):
+            if call.redial is not None:
+                self._redial(call)
+                continue
             if call.ring_deadline is not None and now >= call.ring_deadline:
                 call.ring_deadline = None
                 call.cancelled_by_us = True
@@ -392,6 +404,15 @@ class Engine:
             log.debug("call %s: %s for a call that is gone", cmd.call_id, type(cmd).__name__)
             if isinstance(cmd, Play):
                 self.emit(PlayDone(cmd.call_id, cmd.play_id))
+            return
+        if call.redial is not None and isinstance(cmd, Hangup):
+            # Not dialled yet (waiting for a pjsua slot): the hang-up ends it here.
+            call.redial = None
+            call.cancelled_by_us = True
+            self._calls.pop(call.call_id, None)
+            self._dead.append(call)
+            self._end(call, SipStatus.REQUEST_TERMINATED)
+            self.emit(self.status())
             return
         try:
             if isinstance(cmd, Answer):
@@ -431,6 +452,21 @@ class Engine:
         # Status before the ack, so the pool never counts a slot twice.
         self.emit(self.status())
         self.emit(CallEvent(cmd.call_id, CallState.TRYING, 0, None, time.time()))
+        self._dial(call, cmd, time.monotonic() + REDIAL_S)
+
+    def _redial(self, old: _Call) -> None:
+        """Dial a call again that pjsua refused for want of a free slot (see REDIAL_S)."""
+        assert self._account is not None and old.redial is not None
+        cmd, until = old.redial
+        call = _Call(self, old.call_id, self._account, flash=old.flash)
+        call.ring_s = old.ring_s
+        call.answer_deadline = old.answer_deadline
+        call.pending = old.pending  # plays queued until media, as for any call
+        self._calls[call.call_id] = call
+        self._dead.append(old)
+        self._dial(call, cmd, until)
+
+    def _dial(self, call: _Call, cmd: PlaceCall, redial_until: float) -> None:
         prm = pj.CallOpParam(True)
         if cmd.flash:
             # Late offer: no SDP, so no RTP ports and no media for a call never answered.
@@ -443,6 +479,10 @@ class Engine:
         try:
             call.makeCall(cmd.target_uri, prm)
         except pj.Error as exc:
+            if exc.status == _PJ_ETOOMANY and time.monotonic() < redial_until and not self.stopping:
+                log.debug("call %s: no pjsua slot free yet: dialling again", cmd.call_id)
+                call.redial = (cmd, redial_until)
+                return
             log.warning("call %s: makeCall failed: %s", cmd.call_id, exc.reason)
             self._calls.pop(cmd.call_id, None)
             self._dead.append(call)
