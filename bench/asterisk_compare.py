@@ -43,7 +43,7 @@ How each is tuned (both for capacity on this machine, neither for the bench's sh
   its own name). PCMU only, and hello-world converted once to mu-law (Debian ships it as
   GSM, which Asterisk decoded for every call): no transcoding, as the service's 8 kHz
   prompts. Flash calls by ARI (below), which originates at once.
-- The service: ``--workers`` (default 256, the most ``CLINIC_SIP_WORKERS`` allows, 4 calls
+- The service: ``--workers`` (default 320, see ``DEFAULT_WORKERS``, 4 calls
   each), log level WARNING, its embedded Redis. pjsua2 as shipped in ``voice/sip/pjsua.py``
   (8 kHz bridge, no VAD, no echo canceller, null sound device idle until the first call, the
   owner thread's pump woken on demand).
@@ -121,9 +121,11 @@ BENCH_EXTEN = "800"
 BENCH_RTP_END = 31999  # rtpstart 20000 (the repo's rtp.conf): 6000 calls instead of 500
 # The service is bounded by call slots (4 a worker) before CPU: 64 workers held 67 inbound
 # calls/s, 160 held 171, 256 held 336 of the 341 its 1024 slots allow at a 3 s hold (--quick,
-# 2 cores, 2026-11-29). 256 is the most CLINIC_SIP_WORKERS allows (8.5 GiB of the 24): the
-# service at its best, as Asterisk is with its RTP range widened.
-DEFAULT_WORKERS = 256
+# 2 cores, 2026-11-29), but a full run at 256 lost one call at 316/s (a worker at 4 calls
+# when the next arrived). 320 (about 11 GiB of the 24) held 316 in the full run; idle
+# workers cost CPU (0.49 of a core for 320), which flash calls feel: 256 held 388 flash
+# calls/s, 320 held 345. One setting serves both, as it would in a deployment.
+DEFAULT_WORKERS = 320
 SLOTS_PER_WORKER = 4  # PJSUA_MAX_CALLS of the pjsua2 wheel
 SETTLE_S = 30.0  # how long Asterisk's last calls of a step get to end
 GOAL_RATIO = 1.0

@@ -124,7 +124,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_SIP_WORKERS",
         "4",
-        "SIP worker processes, 1..256 (each holds at most 4 calls, the pjsua2 wheel's limit, "
+        "SIP worker processes, 1..512 (each holds at most 4 calls, the pjsua2 wheel's limit, "
         "and takes about 33 MB)",
     ),
     Variable(
@@ -490,7 +490,7 @@ def _build(r: _Reader) -> Settings:
         )
     sip = SipSettings(
         addr=r.parse("CLINIC_SIP_ADDR", parse_host_port),
-        workers=r.integer("CLINIC_SIP_WORKERS", 1, 256),
+        workers=r.integer("CLINIC_SIP_WORKERS", 1, 512),
         route=r.parse("CLINIC_SIP_ROUTE", _route),
         registrar=r.parse("CLINIC_SIP_REGISTRAR", _sip_uri),
         user=r.raw("CLINIC_SIP_USER"),
