@@ -36,6 +36,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
+_REPLIES_PER_STEP = 128  # answers matched in one loop step, at most
+
 Arg = str | bytes | int | float
 Command = Sequence[Arg]
 
@@ -114,8 +116,14 @@ class _Link:
             self.fail(exc)
 
     async def _read(self) -> None:
+        done = 0
         try:
             while True:
+                done += 1
+                if done % _REPLIES_PER_STEP == 0:
+                    # Answers already buffered are read without suspending: let the callers
+                    # (and everything else) run now and then, whatever the backlog.
+                    await asyncio.sleep(0)
                 try:
                     reply: Any = await self.conn.read_response(disconnect_on_error=False)
                 except ResponseError as exc:  # an error reply: that command's answer
