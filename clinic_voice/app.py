@@ -283,8 +283,6 @@ def build_app(
             data_dir=settings.data_dir,
             env={**os.environ, "CLINIC_REDIS_URL": rt.redis_url},
             dispatcher=dispatcher,
-            channel_ready=dispatcher.channel_ready,
-            channels=dispatcher.local_channels(),
             checks=lambda: {name: check() for name, check in serve_checks.items()},
             warming=lambda: sorted(rt.warming),
             metrics=metrics,

@@ -70,8 +70,6 @@ class HttpWorkers:
         data_dir: Path,
         env: Mapping[str, str],
         dispatcher: Dispatcher,
-        channel_ready: Callable[[Channel], bool],
-        channels: frozenset[Channel],
         checks: Callable[[], dict[str, bool]],
         warming: Callable[[], list[str]],
         metrics: Metrics,
@@ -81,8 +79,6 @@ class HttpWorkers:
         self._path = control_path(data_dir)
         self._env = dict(env)
         self._dispatcher = dispatcher
-        self._channel_ready = channel_ready
-        self._channels = channels
         self._checks = checks
         self._warming = warming
         self._server: asyncio.AbstractServer | None = None
@@ -196,7 +192,10 @@ class HttpWorkers:
     def state(self) -> dict[str, Any]:
         return {
             "op": "state",
-            "channels": {c.value: self._channel_ready(c) for c in self._channels},
+            "channels": {
+                c.value: self._dispatcher.channel_ready(c)
+                for c in self._dispatcher.local_channels()
+            },
             "checks": self._checks(),
             "warming": self._warming(),
         }

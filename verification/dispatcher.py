@@ -78,6 +78,8 @@ class Dispatcher:
         self._forwarded = (
             forwarder.channels() - self._channels.keys() if forwarder else frozenset[Channel]()
         )
+        self._local = frozenset(self._channels)
+        self._all = self._local | self._forwarded
         self._settings = settings
         self._policy = policy
         self._secret = secret
@@ -94,11 +96,11 @@ class Dispatcher:
     @property
     def channels(self) -> frozenset[Channel]:
         """Every channel a verification can use: sent here or by the forwarder."""
-        return frozenset(self._channels) | self._forwarded
+        return self._all
 
     def local_channels(self) -> frozenset[Channel]:
         """The channels this process sends on itself."""
-        return frozenset(self._channels)
+        return self._local
 
     def sends_here(self, channel: Channel) -> bool:
         """Whether this process sends on ``channel`` itself (not through the forwarder)."""

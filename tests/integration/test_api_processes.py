@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -224,20 +224,23 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/cmdline").exists()
 
 
-def _worker_pids(parent: int) -> list[int]:
-    pids = []
+def _processes() -> Iterator[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, argv) of every process, read from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # exited meanwhile
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"http-worker" in cmdline:
-            pids.append(int(entry.name))
-    return sorted(pids)
+        yield int(entry.name), int(stat.rsplit(")", 1)[1].split()[1]), argv
+
+
+def _worker_pids(parent: int) -> list[int]:
+    return sorted(
+        pid for pid, ppid, argv in _processes() if ppid == parent and b"http-worker" in argv
+    )
 
 
 async def _fresh_connection_request(
@@ -414,13 +417,8 @@ async def test_serve_that_cannot_bind_stops_everything_it_started(
 
 def _sip_workers_on(port: int) -> list[int]:
     """Pids of SIP worker processes started for ``port``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"voice.sip.worker" in argv and str(port).encode() in argv:
-                found.append(int(entry.name))
-    return found
+    return [
+        pid
+        for pid, _, argv in _processes()
+        if b"voice.sip.worker" in argv and str(port).encode() in argv
+    ]
