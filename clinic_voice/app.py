@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import phonenumbers
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -31,6 +30,7 @@ from verification.api import VerificationApi
 from verification.channels.base import ChannelAdapter
 from verification.channels.sms_http import HttpSmsChannel
 from verification.dispatcher import Dispatcher
+from verification.http_client import HttpClient
 from verification.model import Channel, Policy, Verification
 from verification.redis_mux import RedisMux
 from verification.rules import DeliveryKind
@@ -64,7 +64,7 @@ class Runtime:
     redis: aioredis.Redis | None = None
     store: VerificationStore | None = None
     dispatcher: Dispatcher | None = None
-    session: aiohttp.ClientSession | None = None
+    http_client: HttpClient | None = None  # outbound POSTs: SMS gateway, webhooks
     sip_pool: SipPool | None = None
     call_store: CallStore | None = None
     renderer: PromptRenderer | None = None
@@ -221,18 +221,18 @@ def build_app(
             if embedded is not None:
                 await embedded.stop()
 
-    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-        rt.session = aiohttp.ClientSession()
+    async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
+        rt.http_client = HttpClient()
         try:
             yield
         finally:
-            await rt.session.close()
+            await rt.http_client.close()
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
-        assert rt.session is not None
+        assert rt.http_client is not None
         channels: dict[Channel, ChannelAdapter] = {}
         if settings.sms.gateway == "http" and settings.sms.http_url:
-            channels[Channel.SMS] = HttpSmsChannel(settings.sms, rt.session)
+            channels[Channel.SMS] = HttpSmsChannel(settings.sms, rt.http_client)
         for channel, factory in (channel_factories or {}).items():
             adapter = factory(rt)
             if adapter is not None:
@@ -252,7 +252,7 @@ def build_app(
         )
         sender = WebhookSender(
             store=rt.need_store(),
-            session=rt.session,
+            client=rt.http_client,
             settings=settings.verification,
             secret=rt.secret,
             clock=clock,
@@ -297,7 +297,7 @@ def build_app(
             await workers.stop()
 
     app.cleanup_ctx.append(redis_ctx)
-    app.cleanup_ctx.append(session_ctx)
+    app.cleanup_ctx.append(http_client_ctx)
     if rt.main_link is not None:
         app.cleanup_ctx.append(main_link_ctx)
     for ctx in extra_contexts or []:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-import aiohttp
-
 from clinic_voice.app import Runtime
 from sip_config.settings import Settings
+from verification.http_client import HttpClientError
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import Engine
 from voice.ivr.flow import FlowParams, FlowSet, load_flows
@@ -94,19 +94,22 @@ class ClinicLine:
     ) -> Mapping[str, str] | None:
         urls = {"scheduling": self._settings.ivr.scheduling_webhook}
         url = urls.get(url_key, "")
-        session = self._rt.session
-        if not url or session is None:
+        client = self._rt.http_client
+        if not url or client is None:
             log.warning("webhook %r is not configured: taking its failure branch", url_key)
             return None
         try:
-            async with session.post(
-                url, json=dict(values), timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as resp:
-                if not 200 <= resp.status < 300:
-                    log.warning("webhook %r answered %s", url_key, resp.status)
-                    return None
-                body = await resp.json(content_type=None) if resp.content_length != 0 else {}
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            answer = await client.post(
+                url,
+                json.dumps(dict(values)).encode(),
+                {"Content-Type": "application/json"},
+                timeout_s=timeout_s,
+            )
+            if not 200 <= answer.status < 300:
+                log.warning("webhook %r answered %s", url_key, answer.status)
+                return None
+            body = json.loads(answer.body) if answer.body.strip() else {}
+        except (TimeoutError, HttpClientError, ValueError) as exc:
             log.warning("webhook %r failed: %s", url_key, type(exc).__name__)
             return None
         if not isinstance(body, dict):

@@ -17,11 +17,10 @@ import json
 import logging
 import random
 
-import aiohttp
-
 from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
 from verification.errors import StoreUnavailable
+from verification.http_client import HttpClient, HttpClientError
 from verification.outage_log import OutageLog
 from verification.store import VerificationStore
 
@@ -64,13 +63,13 @@ class WebhookSender:
         self,
         *,
         store: VerificationStore,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         settings: VerificationSettings,
         secret: bytes,
         clock: Clock,
     ) -> None:
         self._store = store
-        self._session = session
+        self._client = client
         self._s = settings
         self._secret = secret
         self._clock = clock
@@ -126,22 +125,18 @@ class WebhookSender:
         }
         error = ""
         try:
-            async with self._session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self._s.webhook_timeout_s),
-                allow_redirects=False,
-            ) as resp:
-                await resp.read()
-                if 200 <= resp.status < 300:
-                    await self._store.finish_webhook(job_id)
-                    return
-                error = f"answered {resp.status}"
+            answer = await self._client.post(
+                url, body, headers, timeout_s=self._s.webhook_timeout_s
+            )
         except TimeoutError:
             error = "timed out"
-        except aiohttp.ClientError as exc:
-            error = type(exc).__name__
+        except HttpClientError as exc:
+            error = str(exc)
+        else:
+            if 200 <= answer.status < 300:
+                await self._store.finish_webhook(job_id)
+                return
+            error = f"answered {answer.status}"
         vid = job["verification_id"]
         if attempt > self._s.webhook_retries:
             log.error(

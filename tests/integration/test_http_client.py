@@ -1,0 +1,429 @@
+"""The outbound HTTP client against real servers on loopback: an aiohttp server for the
+ordinary cases and raw asyncio servers for what aiohttp would never send (close-delimited
+bodies, 1xx answers, garbage, a connection closed while idle), plus TLS with a certificate
+made for the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from verification.http_client import MAX_BODY, HttpClient, HttpClientError
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+JSON = {"Content-Type": "application/json"}
+
+
+class Peer:
+    """An aiohttp server that records what it got and on which connection."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes, object]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.release = asyncio.Event()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        app = web.Application()
+        app.router.add_post("/echo", self._echo)
+        app.router.add_post("/chunked", self._chunked)
+        app.router.add_post("/close", self._close)
+        app.router.add_post("/slow", self._slow)
+        app.router.add_post("/hang", self._hang)
+        app.router.add_post("/big", self._big)
+        app.router.add_post("/empty", self._empty)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    @property
+    def connections(self) -> int:
+        return len({id(transport) for *_, transport in self.requests})
+
+    async def _record(self, request: web.Request) -> bytes:
+        body = await request.read()
+        self.requests.append((request.path, dict(request.headers), body, request.transport))
+        return body
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        return web.Response(body=await self._record(request), content_type="application/json")
+
+    async def _chunked(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for part in (b'{"a":', b' "', b"x" * 5000, b'"}'):
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
+
+    async def _close(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.Response(text="bye", headers={"Connection": "close"})
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.05)
+        self.in_flight -= 1
+        return web.Response(text="slow")
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        await self.release.wait()
+        return web.Response(text="late")
+
+    async def _big(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.Response(body=b"x" * (MAX_BODY + 1))
+
+    async def _empty(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Peer]:
+    server = Peer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpClient]:
+    c = HttpClient(max_per_origin=4)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def raw_server(handler: RawHandler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/raw"
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+# -- the ordinary path --------------------------------------------------------------------------
+
+
+async def test_post_sends_body_and_headers_and_reads_the_answer(
+    peer: Peer, client: HttpClient
+) -> None:
+    answer = await client.post(
+        peer.url("/echo?x=1"), b'{"to":"+31"}', {**JSON, "Authorization": "Bearer t"}, timeout_s=5
+    )
+    assert (answer.status, answer.body) == (200, b'{"to":"+31"}')
+    [(path, headers, body, _)] = peer.requests
+    assert path == "/echo"
+    assert headers["Authorization"] == "Bearer t"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Host"] == f"127.0.0.1:{peer.port}"
+    assert headers["Content-Length"] == "12"
+    assert body == b'{"to":"+31"}'
+
+
+async def test_connections_are_kept_alive_and_reused(peer: Peer, client: HttpClient) -> None:
+    for i in range(20):
+        answer = await client.post(peer.url("/echo"), b"%d" % i, JSON, timeout_s=5)
+        assert answer.body == b"%d" % i
+    assert peer.connections == 1
+
+
+async def test_at_most_max_per_origin_connections_the_rest_wait(
+    peer: Peer, client: HttpClient
+) -> None:
+    answers = await asyncio.gather(
+        *(client.post(peer.url("/slow"), b"", JSON, timeout_s=5) for _ in range(12))
+    )
+    assert [a.body for a in answers] == [b"slow"] * 12
+    assert peer.most_in_flight == 4
+    assert peer.connections == 4
+
+
+async def test_chunked_answer_is_read_whole_and_the_connection_reused(
+    peer: Peer, client: HttpClient
+) -> None:
+    answer = await client.post(peer.url("/chunked"), b"", JSON, timeout_s=5)
+    assert answer.body == b'{"a": "' + b"x" * 5000 + b'"}'
+    await client.post(peer.url("/echo"), b"again", JSON, timeout_s=5)
+    assert peer.connections == 1
+
+
+async def test_connection_close_is_honoured(peer: Peer, client: HttpClient) -> None:
+    assert (await client.post(peer.url("/close"), b"", JSON, timeout_s=5)).body == b"bye"
+    assert (await client.post(peer.url("/echo"), b"1", JSON, timeout_s=5)).body == b"1"
+    assert peer.connections == 2
+
+
+async def test_204_has_no_body(peer: Peer, client: HttpClient) -> None:
+    answer = await client.post(peer.url("/empty"), b"", JSON, timeout_s=5)
+    assert (answer.status, answer.body) == (204, b"")
+    await client.post(peer.url("/echo"), b"", JSON, timeout_s=5)
+    assert peer.connections == 1
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+async def test_a_hanging_server_times_out_and_its_connection_is_not_reused(
+    peer: Peer, client: HttpClient
+) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await client.post(peer.url("/hang"), b"", JSON, timeout_s=0.3)
+    assert loop.time() - started < 2.0
+    assert (await client.post(peer.url("/echo"), b"ok", JSON, timeout_s=5)).body == b"ok"
+    assert peer.connections == 2
+
+
+async def test_a_cancelled_waiter_does_not_leak_its_slot(peer: Peer) -> None:
+    c = HttpClient(max_per_origin=1)
+    try:
+        hanging = asyncio.ensure_future(c.post(peer.url("/hang"), b"", JSON, timeout_s=0.5))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(c.post(peer.url("/echo"), b"w", JSON, timeout_s=5))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        with pytest.raises(TimeoutError):
+            await hanging
+        assert (await c.post(peer.url("/echo"), b"next", JSON, timeout_s=2)).body == b"next"
+    finally:
+        await c.close()
+
+
+async def test_oversized_answer_is_refused(peer: Peer, client: HttpClient) -> None:
+    with pytest.raises(HttpClientError, match="over"):
+        await client.post(peer.url("/big"), b"", JSON, timeout_s=5)
+
+
+async def test_nobody_listening_is_an_error(client: HttpClient) -> None:
+    server, url = await raw_server(lambda r, w: asyncio.sleep(0))
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(HttpClientError, match="cannot connect"):
+        await client.post(url, b"", JSON, timeout_s=5)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 2x0 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # then the close
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ],
+)
+async def test_garbage_answers_are_errors(client: HttpClient, answer: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server, url = await raw_server(handler)
+    async with server:
+        with pytest.raises(HttpClientError):
+            await client.post(url, b"x", JSON, timeout_s=5)
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "match"),
+    [
+        ("ftp://example.org/x", JSON, "scheme"),
+        ("http:///nohost", JSON, "no host"),
+        ("http://user:pw@127.0.0.1/x", JSON, "credentials"),
+        ("http://127.0.0.1:99999/x", JSON, "bad URL"),
+        ("http://127.0.0.1:1/x", {"X-Evil": "a\r\nInjected: 1"}, "bad header"),
+        ("http://127.0.0.1:1/x", {"Bad Name": "v"}, "bad header"),
+    ],
+)
+async def test_bad_urls_and_headers_are_refused_before_connecting(
+    client: HttpClient, url: str, headers: dict[str, str], match: str
+) -> None:
+    with pytest.raises(HttpClientError, match=match):
+        await client.post(url, b"", headers, timeout_s=5)
+
+
+async def test_closed_client_refuses(client: HttpClient, peer: Peer) -> None:
+    await client.close()
+    with pytest.raises(HttpClientError, match="closed"):
+        await client.post(peer.url("/echo"), b"", JSON, timeout_s=5)
+
+
+# -- what raw servers send ----------------------------------------------------------------------
+
+
+async def test_informational_answers_are_skipped_and_close_delimited_bodies_read(
+    client: HttpClient,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n")
+        writer.write(b"HTTP/1.0 201 Created\r\nContent-Type: text/plain\r\n\r\nall of ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"it")
+        writer.close()
+
+    server, url = await raw_server(handler)
+    async with server:
+        answer = await client.post(url, b"x", JSON, timeout_s=5)
+    assert (answer.status, answer.body) == (201, b"all of it")
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(
+    client: HttpClient,
+) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # a keep-alive timeout, very short
+        writer.close()
+
+    server, url = await raw_server(handler)
+    async with server:
+        assert (await client.post(url, b"1", JSON, timeout_s=5)).body == b"ok"
+        await asyncio.sleep(0.2)
+        assert (await client.post(url, b"2", JSON, timeout_s=5)).body == b"ok"
+        await asyncio.sleep(0.1)  # the handler's own close, before the server goes
+    assert connections == 2
+
+
+async def test_unasked_bytes_on_an_idle_connection_retire_it(client: HttpClient) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # as some servers do
+            await writer.drain()
+            await reader.read(1)  # the socket stays open: the client must retire it
+        finally:
+            writer.close()
+
+    server, url = await raw_server(handler)
+    async with server:
+        assert (await client.post(url, b"1", JSON, timeout_s=5)).status == 200
+        await asyncio.sleep(0.1)
+        assert (await client.post(url, b"2", JSON, timeout_s=5)).status == 200
+        await client.close()
+        await asyncio.sleep(0.05)
+    assert connections == 2
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    tls_peer = Peer()
+    await tls_peer.start(ssl_context=server_ctx)
+    trusting = HttpClient(ssl_context=ssl.create_default_context(cafile=str(cert)))
+    default = HttpClient()
+    try:
+        for i in range(3):
+            answer = await trusting.post(
+                tls_peer.url("/echo", "https"), b"s%d" % i, JSON, timeout_s=5
+            )
+            assert answer.body == b"s%d" % i
+        assert tls_peer.connections == 1
+        # The system's CA store does not know the test's certificate: refused, nothing sent.
+        with pytest.raises(HttpClientError, match="cannot connect"):
+            await default.post(tls_peer.url("/echo", "https"), b"x", JSON, timeout_s=5)
+        assert len(tls_peer.requests) == 3
+    finally:
+        await trusting.close()
+        await default.close()
+        await tls_peer.stop()
