@@ -232,13 +232,17 @@ class VerificationApi:
                 replay = None
             if replay is not None:
                 return self._json(replay, 201, replayed=True)
-        # The first send is counted now, so an over-limit number is refused with 429 before a
-        # verification exists; later sends are counted by the dispatcher.
-        await self._count(
+        # The first send is counted with the create, so an over-limit number is refused with
+        # 429 and no verification exists; later sends are counted by the dispatcher. Counted
+        # in the create's own write (one round trip), or before it for an idempotent request.
+        checks = (
             request.get(REQUEST_CHECKS, [])
             + limits.creation_checks(self._vs, phone)
             + limits.send_checks(self._vs, phone)
         )
+        if idempotency is not None:
+            await self._count(checks)
+            checks = []
         vid = secrets.token_urlsafe(24)  # 192 bits
         sip = self._settings.sip
         flash = None
@@ -272,7 +276,9 @@ class VerificationApi:
             digest = codes.code_hash(self._secret(), vid, code)
             sent = rules.code_sent(created, created.step, digest, created.created_at)
             transition = rules.Transition(sent.verification, send=transition.send)
-        stored = await self._store().create(transition, idempotency)
+        stored = await self._store().create(
+            transition, idempotency, checks=checks, now=self._clock.now()
+        )
         v = stored.verification
         if v.id != vid:  # a concurrent request with the same key won
             return self._json(v, 201, replayed=True)

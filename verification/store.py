@@ -17,14 +17,20 @@ import itertools
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
 from redis.exceptions import NoScriptError, RedisError
 
-from verification.errors import Conflict, IdempotencyConflict, NotFound, StoreUnavailable
+from verification.errors import (
+    Conflict,
+    IdempotencyConflict,
+    NotFound,
+    RateLimited,
+    StoreUnavailable,
+)
 from verification.limits import LimitCheck, LimitDecision
 from verification.model import Verification
 from verification.redis_mux import RedisMux, Script
@@ -41,34 +47,93 @@ WEBHOOK_JOBS = PREFIX + "wh:jobs"  # hash: webhook job id -> payload
 KEEP_AFTER_EXPIRY_S = 86_400  # records stay readable a day after they expire
 MAX_CAS_TRIES = 200
 
-# KEYS: record, due, webhook due, webhook jobs, [idempotency key]
-# ARGV: expected version ("" = must not exist), new version, doc, pexpireat ms,
-#       due score ("" = no timer), id, now, n webhook jobs, (job id, payload)*, [idem value, ttl s]
-_CAS = Script("""
-local cur = redis.call('HGET', KEYS[1], 'ver')
-if ARGV[1] == '' then
-  if cur then return 0 end
-else
-  if cur ~= ARGV[1] then return 0 end
+# The compare-and-set write of a record, as a Lua function over its own slices of KEYS/ARGV.
+# k: record, due, webhook due, webhook jobs, [idempotency key]
+# a: expected version ("" = must not exist), new version, doc, pexpireat ms,
+#    due score ("" = no timer), id, now, n webhook jobs, (job id, payload)*, [idem value, ttl s]
+_CAS_FN = """
+local function cas(k, a)
+  local cur = redis.call('HGET', k[1], 'ver')
+  if a[1] == '' then
+    if cur then return 0 end
+  else
+    if cur ~= a[1] then return 0 end
+  end
+  redis.call('HSET', k[1], 'ver', a[2], 'doc', a[3])
+  redis.call('PEXPIREAT', k[1], a[4])
+  if a[5] == '' then
+    redis.call('ZREM', k[2], a[6])
+  else
+    redis.call('ZADD', k[2], a[5], a[6])
+  end
+  local n = tonumber(a[8])
+  for i = 0, n - 1 do
+    local jid = a[9 + 2 * i]
+    redis.call('HSET', k[4], jid, a[10 + 2 * i])
+    redis.call('ZADD', k[3], a[7], jid)
+  end
+  if k[5] then
+    redis.call('SET', k[5], a[9 + 2 * n], 'EX', a[10 + 2 * n])
+  end
+  return 1
 end
-redis.call('HSET', KEYS[1], 'ver', ARGV[2], 'doc', ARGV[3])
-redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-if ARGV[5] == '' then
-  redis.call('ZREM', KEYS[2], ARGV[6])
-else
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+"""
+
+# Fixed-window limits, all-or-nothing: if any is over, nothing is counted.
+# k: counters; a: (limit, window ms)*
+_LIMITS_FN = """
+local function over(k, a)
+  for i, key in ipairs(k) do
+    local n = tonumber(redis.call('GET', key) or '0')
+    if n >= tonumber(a[2 * i - 1]) then
+      local ttl = redis.call('PTTL', key)
+      if ttl < 0 then ttl = tonumber(a[2 * i]) end
+      return {1, i, ttl}
+    end
+  end
+  return nil
 end
-local n = tonumber(ARGV[8])
-for i = 0, n - 1 do
-  local jid = ARGV[9 + 2 * i]
-  redis.call('HSET', KEYS[4], jid, ARGV[10 + 2 * i])
-  redis.call('ZADD', KEYS[3], ARGV[7], jid)
+local function count(k, a)
+  for i, key in ipairs(k) do
+    local n = redis.call('INCR', key)
+    if n == 1 then redis.call('PEXPIRE', key, a[2 * i]) end
+  end
 end
-if KEYS[5] then
-  redis.call('SET', KEYS[5], ARGV[9 + 2 * n], 'EX', ARGV[10 + 2 * n])
-end
-return 1
-""")
+"""
+
+_CAS = Script(_CAS_FN + "return cas(KEYS, ARGV)\n")
+
+# returns {0} or {1, index, pttl}
+_LIMITS = Script(
+    _LIMITS_FN
+    + """
+local refused = over(KEYS, ARGV)
+if refused then return refused end
+count(KEYS, ARGV)
+return {0}
+"""
+)
+
+# Count limits and write a new record in one step (one round trip for a create), and count
+# only what is written. KEYS: n counters, then the CAS keys; ARGV: n, (limit, window ms)*n,
+# then the CAS arguments. Returns {0} written, {1, index, pttl} refused, {2} version conflict.
+_LIMITED_CAS = Script(
+    _CAS_FN
+    + _LIMITS_FN
+    + """
+local n = tonumber(ARGV[1])
+local lk, la, ck, ca = {}, {}, {}, {}
+for i = 1, n do lk[i] = KEYS[i] end
+for i = 1, 2 * n do la[i] = ARGV[1 + i] end
+for i = n + 1, #KEYS do ck[#ck + 1] = KEYS[i] end
+for i = 2 + 2 * n, #ARGV do ca[#ca + 1] = ARGV[i] end
+local refused = over(lk, la)
+if refused then return refused end
+if cas(ck, ca) == 0 then return {2} end
+count(lk, la)
+return {0}
+"""
+)
 
 # Lease due items: move every member with score <= now to now + lease, return them.
 # KEYS: zset; ARGV: now, lease seconds, limit
@@ -80,25 +145,6 @@ for _, id in ipairs(ids) do
 end
 return ids
 """)
-
-# Fixed-window limits, all-or-nothing: if any is over, nothing is counted.
-# KEYS: counters; ARGV: (limit, window ms)* ; returns {0} or {1, index, pttl}
-_LIMITS = Script("""
-for i, key in ipairs(KEYS) do
-  local n = tonumber(redis.call('GET', key) or '0')
-  if n >= tonumber(ARGV[2 * i - 1]) then
-    local ttl = redis.call('PTTL', key)
-    if ttl < 0 then ttl = tonumber(ARGV[2 * i]) end
-    return {1, i, ttl}
-  end
-end
-for i, key in ipairs(KEYS) do
-  local n = redis.call('INCR', key)
-  if n == 1 then redis.call('PEXPIRE', key, ARGV[2 * i]) end
-end
-return {0}
-""")
-
 
 # A record's version only has to differ from every other version of that record: a random
 # prefix per process and a counter, instead of a getrandom() system call per write.
@@ -164,14 +210,13 @@ class VerificationStore:
             raise NotFound(f"no verification {vid}")
         return Stored(Verification.from_json(orjson.loads(doc)), str(ver))
 
-    async def _write(
+    def _write_args(
         self,
         old: Stored | None,
         new: Verification,
-        *,
-        idempotency: tuple[str, str, int] | None = None,
-    ) -> str | None:
-        """Write ``new`` if the record is still at ``old``'s version; the new version or None."""
+        idempotency: tuple[str, str, int] | None,
+    ) -> tuple[list[str], list[Any], str]:
+        """KEYS and ARGV of the CAS write of ``new`` over ``old``, and the new version."""
         due = due_at(new)
         jobs = _webhook_payloads(old.verification if old else None, new, self._global_webhook)
         keys = [_record_key(new.id), DUE, WEBHOOK_DUE, WEBHOOK_JOBS]
@@ -192,6 +237,17 @@ class VerificationStore:
             key, value, ttl = idempotency
             keys.append(key)
             args += [value, ttl]
+        return keys, args, version
+
+    async def _write(
+        self,
+        old: Stored | None,
+        new: Verification,
+        *,
+        idempotency: tuple[str, str, int] | None = None,
+    ) -> str | None:
+        """Write ``new`` if the record is still at ``old``'s version; the new version or None."""
+        keys, args, version = self._write_args(old, new, idempotency)
         try:
             written = bool(await self._r.evalsha(_CAS, keys, args))
         except (RedisError, OSError) as exc:
@@ -209,11 +265,26 @@ class VerificationStore:
         return await self._replay(str(existing), idempotency[1])
 
     async def create(
-        self, transition: Transition, idempotency: tuple[str, str] | None = None
+        self,
+        transition: Transition,
+        idempotency: tuple[str, str] | None = None,
+        *,
+        checks: Sequence[LimitCheck] = (),
+        now: float = 0.0,
     ) -> Stored:
         """Store a new verification. ``idempotency`` is (key id, body hash): a repeat with the
-        same key and body returns the first verification; another body is a conflict."""
+        same key and body returns the first verification; another body is a conflict.
+
+        ``checks``: limits counted in the same atomic step as the write (one round trip), and
+        only if it is written; over a limit, nothing is written and :class:`RateLimited` is
+        raised. Not with ``idempotency``: count those first (:meth:`hit_limits`), so that a
+        refused request leaves no reservation of its key behind.
+        """
         v = transition.verification
+        if checks:
+            if idempotency:
+                raise ValueError("count the limits of an idempotent create before it")
+            return await self._create_limited(v, list(checks), now)
         idem: tuple[str, str, int] | None = None
         if idempotency:
             key = f"{PREFIX}idem:{idempotency[0]}"
@@ -230,6 +301,24 @@ class VerificationStore:
         version = await self._write(None, v, idempotency=idem)
         if version is None:
             raise Conflict(f"verification {v.id} exists")
+        return Stored(v, version)
+
+    async def _create_limited(
+        self, v: Verification, checks: list[LimitCheck], now: float
+    ) -> Stored:
+        limit_keys, limit_args = _limit_args(checks, now)
+        keys, args, version = self._write_args(None, v, None)
+        try:
+            res = await self._r.evalsha(
+                _LIMITED_CAS, limit_keys + keys, [len(checks), *limit_args, *args]
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if int(res[0]) == 2:
+            raise Conflict(f"verification {v.id} exists")
+        decision = _decision(res, checks)
+        if not decision.allowed and decision.blocked_by is not None:
+            raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
         return Stored(v, version)
 
     async def _replay(self, existing: str, body_hash: str) -> Verification:

@@ -119,3 +119,35 @@ async def test_per_client_ip_behind_a_trusted_proxy(start_service: StartService)
     # A client cannot escape by prepending hops: the last untrusted hop is the client.
     forged = {"X-Forwarded-For": "192.0.2.1, 203.0.113.9"}
     assert_limited(await api.request("GET", missing, headers=forged), "from this address", 60)
+
+
+async def test_a_refused_create_counts_nothing_with_or_without_idempotency_key(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # Limits are counted in the create's own write: all or nothing. A refusal by the number's
+    # limit must not use up the key's requests, and an Idempotency-Key refused once is free
+    # for a later request (no reservation left behind).
+    api = await start_service(
+        {"CLINIC_LIMIT_NUMBER_VERIFICATIONS": "1/600", "CLINIC_LIMIT_KEY_REQUESTS": "4/600"},
+        clock=FakeClock(WINDOW_START),
+    )
+    assert (await api.create()).status == 201  # key: 1 of 4
+    for _ in range(5):
+        assert_limited(await api.create(), "verifications for this number", 600)
+    idem = {"Idempotency-Key": "retry-me"}
+    body = {"phone": "+31612345678"}
+    refused = await api.request("POST", "/v1/verifications", json_body=body, headers=idem)
+    assert_limited(refused, "verifications for this number", 600)
+    other = await api.create(phone="+31687654321")  # key: 2 of 4
+    assert other.status == 201, "the refusals counted no request of the key"
+    again = await api.request(
+        "POST", "/v1/verifications", json_body={"phone": "+31655555555"}, headers=idem
+    )
+    assert again.status == 201, again.text  # key: 3 of 4
+    replay = await api.request(
+        "POST", "/v1/verifications", json_body={"phone": "+31655555555"}, headers=idem
+    )
+    assert replay.status == 201 and replay.json["id"] == again.json["id"]
+    await sms_gateway.wait_for(3)
+    await asyncio.sleep(0.1)
+    assert len(sms_gateway.received) == 3
