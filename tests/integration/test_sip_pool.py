@@ -179,6 +179,37 @@ async def test_flash_call_rings_then_is_cancelled(pool: SipPool, tmp_path: Path)
     assert uas.received("ACK"), "the 487 was not ACKed"
 
 
+def thread_names(pid: int) -> list[str]:
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            names.append((task / "comm").read_text().strip())
+    return names
+
+
+async def test_flash_call_leaves_the_sound_clock_off(pool: SipPool, tmp_path: Path) -> None:
+    # A flash call has no audio: pjsua must not open the null sound device for it, whose
+    # clock thread would then tick every 20 ms until a media call closed it again.
+    pids = pool.worker_pids()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while any("clock" in thread_names(pid) for pid in pids):  # idles 1 s after the start
+        assert loop.time() < deadline, "the sound clock of an idle worker kept running"
+        await asyncio.sleep(0.1)
+    async with sipp_uas("sipp_uas_ring.xml", tmp_path) as uas:
+        handle = await pool.place_call(
+            OutboundCall(target_uri=uas.uri(), caller_id=CALLER, flash=True, ring_s=0.5)
+        )
+        while True:
+            ev = await handle.next_event(timeout=5)
+            if isinstance(ev, CallEvent) and ev.state is CallState.RINGING:
+                break
+        for pid in pids:
+            assert "clock" not in thread_names(pid), "a flash call opened the sound device"
+        assert await handle.wait_ended(5) is CallOutcome.CANCELLED_AFTER_RING
+        assert await uas.finish() == 0
+
+
 @pytest.mark.parametrize(
     ("scenario", "outcome"),
     [

@@ -177,6 +177,12 @@ class _Call(pj.Call):  # type: ignore[misc]
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.engine._on_media_state(self)
 
+    def onCallRxOffer(self, prm: pj.OnCallRxOfferParam) -> None:
+        if self.flash:
+            # Placed without audio (see Engine._dial); an answer with an SDP offer needs an
+            # SDP answer, which pjsua cannot build without a media line (it aborts).
+            prm.opt.audioCount = 1
+
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self.engine.emit(Digit(self.call_id, str(prm.digit)))
 
@@ -471,6 +477,13 @@ class Engine:
         if cmd.flash:
             # Late offer: no SDP, so no RTP ports and no media for a call never answered.
             prm.opt.flag = pj.PJSUA_CALL_NO_SDP_OFFER
+            # No audio at all: pjsua_call_make_call opens the sound device for any call with
+            # audio, and the null device's 20 ms clock then ticked in every worker that had
+            # placed a flash call until its next media call ended (nothing else closes it):
+            # a fifth of a core at 300 flash calls/s (perf, bench/asterisk_compare.py flash
+            # load, 2026-11-29). An answered flash call is hung up at once; its SDP answer
+            # refuses the media line (port 0).
+            prm.opt.audioCount = 0
         prm.txOption.localUri = f"sip:{cmd.caller_id}@{self._config.host}"
         headers = list(cmd.headers)
         if cmd.pai:
