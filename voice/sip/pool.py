@@ -63,7 +63,7 @@ _HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backof
 _START_TIMEOUT_S = 30.0  # 16 workers on 2 loaded cores took 15 s once
 _START_TIMEOUT_PER_WORKER_S = 0.5  # more workers start in more time: 256 get 128 s
 _ACK_TIMEOUT_S = 5.0
-_REDIRECT_RESERVE_S = 2.0
+_REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
 # glibc malloc tuning for the workers: pjsua creates and releases its memory pools (dialog,
 # transaction, message) for every call and its pool factory caches none, so glibc trimmed
 # the heap top after a call and faulted fresh zeroed pages in for the next: a tenth of a
@@ -73,7 +73,7 @@ _REDIRECT_RESERVE_S = 2.0
 _MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(4 << 20),
     "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
-}  # a redirected caller re-sends its INVITE within milliseconds
+}
 
 
 class SipError(Exception):
