@@ -8,8 +8,8 @@ call or an SMS.
 from __future__ import annotations
 
 import logging
+import math
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sip_config.clock import Clock
 from sip_config.settings import Settings
-from verification import codes, limits, numbers, rules
+from verification import codes, entropy, limits, numbers, rules
 from verification.dispatcher import Dispatcher
 from verification.errors import (
     ChannelUnavailable,
@@ -46,8 +46,29 @@ def _json_response(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+_SECONDS: dict[int, str] = {}  # whole second -> "YYYY-MM-DDTHH:MM:SS", the last few
+
+
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``ts`` as ISO 8601 UTC with milliseconds, e.g. ``2026-11-29T18:12:28.123Z``.
+
+    As ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` (the same
+    rounding to the microsecond, then truncation), but the date and time of day are formatted
+    once per second: an answer holds several timestamps, most of them in the same second.
+    """
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    second = int(whole)
+    if us >= 1_000_000:
+        second, us = second + 1, us - 1_000_000
+    elif us < 0:
+        second, us = second - 1, us + 1_000_000
+    text = _SECONDS.get(second)
+    if text is None:
+        if len(_SECONDS) >= 64:
+            _SECONDS.clear()
+        text = _SECONDS[second] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{us // 1000:03d}Z"
 
 
 def render(v: Verification, policy: Policy) -> dict[str, Any]:
@@ -243,7 +264,7 @@ class VerificationApi:
         if idempotency is not None:
             await self._count(checks)
             checks = []
-        vid = secrets.token_urlsafe(24)  # 192 bits
+        vid = entropy.token_urlsafe(24)  # 192 bits
         sip = self._settings.sip
         flash = None
         if Channel.FLASHCALL in req.plan and sip.flashcall_prefix:

@@ -1,15 +1,17 @@
 """One-time codes: random digits, kept only as an HMAC bound to their verification.
 
-NIST SP 800-63B asks for >= 20 bits from a CSPRNG (6 digits), OWASP ASVS 2.7 for codes stored
-only as a hash and bound to the request that made them: the HMAC key is the service secret and
-the message is ``id:code``, so a hash leaked from one verification says nothing of another.
+NIST SP 800-63B asks for >= 20 bits from a CSPRNG (6 digits; the kernel's, through
+:mod:`verification.entropy`), OWASP ASVS 2.7 for codes stored only as a hash and bound to
+the request that made them: the HMAC key is the service secret and the message is
+``id:code``, so a hash leaked from one verification says nothing of another.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
+
+from verification import entropy
 
 MIN_LENGTH = 4
 MAX_LENGTH = 8
@@ -19,7 +21,7 @@ def new_code(length: int) -> str:
     """``length`` random decimal digits (leading zeros allowed)."""
     if not MIN_LENGTH <= length <= MAX_LENGTH:
         raise ValueError(f"code length must be {MIN_LENGTH}..{MAX_LENGTH}")
-    return f"{secrets.randbelow(10**length):0{length}d}"
+    return f"{entropy.below(10**length):0{length}d}"
 
 
 def code_hash(secret: bytes, verification_id: str, code: str) -> str:

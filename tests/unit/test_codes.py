@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
+import os
 
 import pytest
 
-from verification import codes
+from verification import codes, entropy
 
 SECRET = b"s" * 32
 VID = "A" * 32
@@ -32,16 +32,16 @@ def test_new_code_refuses_lengths_out_of_range(length: int) -> None:
 
 @pytest.mark.parametrize(("drawn", "length", "code"), [(7, 6, "000007"), (0, 4, "0000"),
                                                       (99_999_999, 8, "99999999")])  # fmt: skip
-def test_new_code_draws_from_secrets_and_keeps_leading_zeros(
+def test_new_code_draws_from_the_csprng_and_keeps_leading_zeros(
     monkeypatch: pytest.MonkeyPatch, drawn: int, length: int, code: str
 ) -> None:
     bounds: list[int] = []
 
-    def randbelow(n: int) -> int:
+    def below(n: int) -> int:
         bounds.append(n)
         return drawn
 
-    monkeypatch.setattr(secrets, "randbelow", randbelow)
+    monkeypatch.setattr(entropy, "below", below)
     assert codes.new_code(length) == code
     assert bounds == [10**length]  # every code of the length is possible, none more likely
 
@@ -134,7 +134,8 @@ def test_is_code_syntax(code: str, length: int, ok: bool) -> None:
     assert codes.is_code_syntax(code, length) is ok
 
 
-def test_codes_come_from_the_secrets_module() -> None:
-    # The module must not fall back to `random`: its state can be recovered from outputs.
-    assert vars(codes)["secrets"] is secrets
-    assert "random" not in vars(codes)
+def test_codes_come_from_the_kernel_csprng() -> None:
+    # Never `random`: its state can be recovered from outputs. entropy reads os.urandom.
+    assert vars(codes)["entropy"] is entropy
+    assert "random" not in vars(codes) and "random" not in vars(entropy)
+    assert vars(entropy)["os"].urandom is os.urandom
