@@ -386,3 +386,45 @@ def test_code_from_cli_keeps_leading_zeros(length: int, code: str) -> None:
 
 def test_max_input_length_matches_the_api_schema() -> None:
     assert numbers.MAX_INPUT_LENGTH == 32
+
+
+def _example_numbers() -> list[str]:
+    """Every example number phonenumbers has (all regions and types, non-geographic ones
+    too), and each with its last digit changed and with a digit added or dropped."""
+    out: set[str] = set()
+    numbers_found = []
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for ptype in PhoneNumberType.values():
+            n = phonenumbers.example_number_for_type(region, ptype)
+            if n is not None:
+                numbers_found.append(n)
+    for cc in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS:
+        n = phonenumbers.example_number_for_non_geo_entity(cc)
+        if n is not None:
+            numbers_found.append(n)
+    for n in numbers_found:
+        e164 = phonenumbers.format_number(n, phonenumbers.PhoneNumberFormat.E164)
+        last = int(e164[-1])
+        out.update({e164, e164[:-1] + str((last + 5) % 10), e164 + "7", e164[:-1]})
+    return sorted(out)
+
+
+def test_validity_is_the_same_as_phonenumbers_is_valid_number() -> None:
+    # parse_phone decides validity by number type (one pass over the patterns); it must
+    # agree with phonenumbers.is_valid_number on every number it can be shown.
+    samples = _example_numbers()
+    assert len(samples) > 3000
+    disagree = []
+    for raw in samples:
+        try:
+            parsed = phonenumbers.parse(raw, None)
+        except phonenumbers.NumberParseException:
+            continue
+        try:
+            parse_phone(raw)
+            ours = True
+        except InvalidNumber:
+            ours = False
+        if ours != phonenumbers.is_valid_number(parsed):
+            disagree.append(raw)
+    assert disagree == []
