@@ -311,6 +311,11 @@ class _Connection(asyncio.Protocol):
         return False
 
 
+def _expire(answer: asyncio.Future[HttpAnswer]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())
+
+
 class _Pool:
     """The connections to one origin."""
 
@@ -377,20 +382,29 @@ class HttpClient:
         pool = self._pools.get(origin)
         if pool is None:
             pool = self._pools[origin] = _Pool(origin, self._max)
-        conn: _Connection | None = None
-        try:
-            async with asyncio.timeout(timeout_s):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        conn = self._take_idle(pool)
+        if conn is None:  # wait for a slot, or connect: both within the deadline
+            async with asyncio.timeout_at(deadline):
                 conn = await self._acquire(pool)
-                answer = await conn.send(request)
+        # The answer's deadline as one timer on the future (cheaper than a timeout context
+        # per request on the hot path): on expiry the future fails with TimeoutError.
+        answer_fut = conn.send(request)
+        timer = loop.call_at(deadline, _expire, answer_fut)
+        try:
+            answer = await answer_fut
         except BaseException:
-            if conn is not None:
-                conn.close()
-                self._release(pool, conn)
+            conn.close()
+            self._release(pool, conn)
             raise
+        finally:
+            timer.cancel()
         self._release(pool, conn)
         return answer
 
-    async def _acquire(self, pool: _Pool) -> _Connection:
+    def _take_idle(self, pool: _Pool) -> _Connection | None:
+        """The most recently used idle connection that is still good, if any."""
         now = time.monotonic()
         while pool.idle:
             conn = pool.idle.pop()
@@ -398,6 +412,10 @@ class HttpClient:
                 return conn
             conn.close()
             pool.count -= 1
+        return None
+
+    async def _acquire(self, pool: _Pool) -> _Connection:
+        """A connection once a slot is free (after :meth:`_take_idle` found none)."""
         if pool.count >= pool.limit:
             waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
             pool.waiters.append(waiter)
