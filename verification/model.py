@@ -6,7 +6,7 @@ turn into new versions, and that the store serialises as JSON.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -176,7 +176,21 @@ class Verification:
         return self.channels[self.step] if self.step < len(self.channels) else None
 
     def with_events(self, *events: Event, **changes: Any) -> Verification:
-        return replace(self, events=self.events + events, **changes)
+        return self.changed(events=self.events + events, **changes)
+
+    def changed(self, **changes: Any) -> Verification:
+        """A copy with ``changes``: ``dataclasses.replace`` without its generic field walk.
+
+        A create or a check makes several of these; replace() cost about 5 us each, this
+        about 3 us. Unknown names are refused as replace() refuses them.
+        """
+        unknown = changes.keys() - _VERIFICATION_FIELDS
+        if unknown:
+            raise TypeError(f"Verification has no field(s) {sorted(unknown)}")
+        new = object.__new__(Verification)
+        for name in _VERIFICATION_FIELDS_ORDER:
+            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        return new
 
     # -- serialisation (store) -----------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -251,3 +265,7 @@ class Policy:
     step_timeout_s: dict[Channel, int] = field(
         default_factory=lambda: {Channel.FLASHCALL: 33, Channel.SMS: 120, Channel.VOICE: 120}
     )
+
+
+_VERIFICATION_FIELDS_ORDER = tuple(f.name for f in fields(Verification))
+_VERIFICATION_FIELDS = frozenset(_VERIFICATION_FIELDS_ORDER)

@@ -15,7 +15,7 @@ Rules (NIST SP 800-63B, Twilio/Vonage practice):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 
 from verification.errors import NoChannelLeft, NotPending
@@ -122,7 +122,7 @@ def _enter_step(
         )
         step += 1
     if step >= len(v.channels):
-        v = replace(v, step=len(v.channels), step_deadline=None, sending=False)
+        v = v.changed(step=len(v.channels), step_deadline=None, sending=False)
         if exhausted_fails:
             return Transition(
                 _set_status(
@@ -139,7 +139,7 @@ def _enter_step(
             sending=False,
         )
         return Transition(v)
-    v = replace(v, step=step, step_deadline=now + policy.step_timeout_s[channel], sending=True)
+    v = v.changed(step=step, step_deadline=now + policy.step_timeout_s[channel], sending=True)
     return Transition(v, send=channel)
 
 

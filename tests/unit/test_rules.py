@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -744,3 +745,28 @@ def test_state_changes_are_logged_without_codes(caplog: pytest.LogCaptureFixture
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "pending -> approved" in text
     assert "hash-0" not in text
+
+
+# -- Verification.changed (the rules' copy-with-changes) --------------------------------------
+
+
+def test_changed_is_dataclasses_replace_for_every_field() -> None:
+    from dataclasses import fields
+
+    v = approved()
+    others: dict[str, Any] = {
+        "id": "other", "phone": LANDLINE, "status": Status.EXPIRED, "channels": (S,), "step": 1,
+        "attempts_used": 3, "sends": 2, "code_length": 8, "created_at": 1.5, "expires_at": 2.5,
+        "step_deadline": 9.0, "code_hashes": ("h",), "events": (), "locale": "nl",
+        "callback_url": "https://x.example/cb", "client": "k2", "flashcall": None, "sending": True,
+    }  # fmt: skip
+    assert set(others) == {f.name for f in fields(v)}, "a new field needs a line here"
+    for name, value in others.items():
+        assert v.changed(**{name: value}) == replace(v, **{name: value}), name
+    assert v.changed() == v and v.changed() is not v
+    assert v.changed(step=2, sending=False) == replace(v, step=2, sending=False)
+
+
+def test_changed_refuses_unknown_fields() -> None:
+    with pytest.raises(TypeError, match="stpe"):
+        approved().changed(stpe=1)
