@@ -355,6 +355,10 @@ class SipPool:
         need_reg = bool(self._settings.registrar)
         return self._running and all(w.up and (w.registered or not need_reg) for w in self._workers)
 
+    def any_worker_up(self) -> bool:
+        """Whether at least one worker can take a call (stops at the first: asked per send)."""
+        return self._running and any(w.up for w in self._workers)
+
     def workers_up(self) -> int:
         """How many workers can take a call now (a channel can send while one restarts)."""
         return sum(w.up for w in self._workers) if self._running else 0
