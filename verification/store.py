@@ -47,69 +47,71 @@ WEBHOOK_JOBS = PREFIX + "wh:jobs"  # hash: webhook job id -> payload
 KEEP_AFTER_EXPIRY_S = 86_400  # records stay readable a day after they expire
 MAX_CAS_TRIES = 200
 
-# The compare-and-set write of a record, as a Lua function over its own slices of KEYS/ARGV.
-# k: record, due, webhook due, webhook jobs, [idempotency key]
-# a: expected version ("" = must not exist), new version, doc, pexpireat ms,
+# The compare-and-set write of a record, as a Lua function reading KEYS/ARGV from offsets
+# (so one script can hold it after other keys and arguments without copying tables).
+# k[ko+]: record, due, webhook due, webhook jobs, [idempotency key]
+# a[ao+]: expected version ("" = must not exist), new version, doc, pexpireat ms,
 #    due score ("" = no timer), id, now, n webhook jobs, (job id, payload)*, [idem value, ttl s]
 _CAS_FN = """
-local function cas(k, a)
-  local cur = redis.call('HGET', k[1], 'ver')
-  if a[1] == '' then
+local function cas(k, a, ko, ao)
+  local rec = k[ko + 1]
+  local cur = redis.call('HGET', rec, 'ver')
+  if a[ao + 1] == '' then
     if cur then return 0 end
   else
-    if cur ~= a[1] then return 0 end
+    if cur ~= a[ao + 1] then return 0 end
   end
-  redis.call('HSET', k[1], 'ver', a[2], 'doc', a[3])
-  redis.call('PEXPIREAT', k[1], a[4])
-  if a[5] == '' then
-    redis.call('ZREM', k[2], a[6])
+  redis.call('HSET', rec, 'ver', a[ao + 2], 'doc', a[ao + 3])
+  redis.call('PEXPIREAT', rec, a[ao + 4])
+  if a[ao + 5] == '' then
+    redis.call('ZREM', k[ko + 2], a[ao + 6])
   else
-    redis.call('ZADD', k[2], a[5], a[6])
+    redis.call('ZADD', k[ko + 2], a[ao + 5], a[ao + 6])
   end
-  local n = tonumber(a[8])
+  local n = tonumber(a[ao + 8])
   for i = 0, n - 1 do
-    local jid = a[9 + 2 * i]
-    redis.call('HSET', k[4], jid, a[10 + 2 * i])
-    redis.call('ZADD', k[3], a[7], jid)
+    local jid = a[ao + 9 + 2 * i]
+    redis.call('HSET', k[ko + 4], jid, a[ao + 10 + 2 * i])
+    redis.call('ZADD', k[ko + 3], a[ao + 7], jid)
   end
-  if k[5] then
-    redis.call('SET', k[5], a[9 + 2 * n], 'EX', a[10 + 2 * n])
+  if k[ko + 5] then
+    redis.call('SET', k[ko + 5], a[ao + 9 + 2 * n], 'EX', a[ao + 10 + 2 * n])
   end
   return 1
 end
 """
 
 # Fixed-window limits, all-or-nothing: if any is over, nothing is counted.
-# k: counters; a: (limit, window ms)*
+# k[1..n]: counters; a[ao+]: (limit, window ms)*n
 _LIMITS_FN = """
-local function over(k, a)
-  for i, key in ipairs(k) do
-    local n = tonumber(redis.call('GET', key) or '0')
-    if n >= tonumber(a[2 * i - 1]) then
+local function over(k, a, n, ao)
+  for i = 1, n do
+    local key = k[i]
+    local used = tonumber(redis.call('GET', key) or '0')
+    if used >= tonumber(a[ao + 2 * i - 1]) then
       local ttl = redis.call('PTTL', key)
-      if ttl < 0 then ttl = tonumber(a[2 * i]) end
+      if ttl < 0 then ttl = tonumber(a[ao + 2 * i]) end
       return {1, i, ttl}
     end
   end
   return nil
 end
-local function count(k, a)
-  for i, key in ipairs(k) do
-    local n = redis.call('INCR', key)
-    if n == 1 then redis.call('PEXPIRE', key, a[2 * i]) end
+local function count(k, a, n, ao)
+  for i = 1, n do
+    if redis.call('INCR', k[i]) == 1 then redis.call('PEXPIRE', k[i], a[ao + 2 * i]) end
   end
 end
 """
 
-_CAS = Script(_CAS_FN + "return cas(KEYS, ARGV)\n")
+_CAS = Script(_CAS_FN + "return cas(KEYS, ARGV, 0, 0)\n")
 
 # returns {0} or {1, index, pttl}
 _LIMITS = Script(
     _LIMITS_FN
     + """
-local refused = over(KEYS, ARGV)
+local refused = over(KEYS, ARGV, #KEYS, 0)
 if refused then return refused end
-count(KEYS, ARGV)
+count(KEYS, ARGV, #KEYS, 0)
 return {0}
 """
 )
@@ -122,15 +124,10 @@ _LIMITED_CAS = Script(
     + _LIMITS_FN
     + """
 local n = tonumber(ARGV[1])
-local lk, la, ck, ca = {}, {}, {}, {}
-for i = 1, n do lk[i] = KEYS[i] end
-for i = 1, 2 * n do la[i] = ARGV[1 + i] end
-for i = n + 1, #KEYS do ck[#ck + 1] = KEYS[i] end
-for i = 2 + 2 * n, #ARGV do ca[#ca + 1] = ARGV[i] end
-local refused = over(lk, la)
+local refused = over(KEYS, ARGV, n, 1)
 if refused then return refused end
-if cas(ck, ca) == 0 then return {2} end
-count(lk, la)
+if cas(KEYS, ARGV, n, 1 + 2 * n) == 0 then return {2} end
+count(KEYS, ARGV, n, 1)
 return {0}
 """
 )
@@ -145,6 +142,7 @@ for _, id in ipairs(ids) do
 end
 return ids
 """)
+
 
 # A record's version only has to differ from every other version of that record: a random
 # prefix per process and a counter, instead of a getrandom() system call per write.
