@@ -187,6 +187,29 @@ def thread_names(pid: int) -> list[str]:
     return names
 
 
+def wakeups(pid: int, thread: str) -> int:
+    """Voluntary context switches so far of the threads of ``pid`` named ``thread``."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "comm").read_text().strip() != thread:
+                continue
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+async def test_idle_media_thread_sleeps_with_timer_slack(pool: SipPool) -> None:
+    # pjmedia's I/O thread polls every 10 ms (100 wake-ups a second in every idle worker);
+    # it is made with 40 ms of timer slack, so an idle one wakes about 20 times a second.
+    pids = pool.worker_pids()
+    before = [wakeups(pid, "media") for pid in pids]
+    await asyncio.sleep(1.0)
+    woke = [wakeups(pid, "media") - b for pid, b in zip(pids, before, strict=True)]
+    assert all(0 < n <= 50 for n in woke), f"media thread wake-ups in 1 s: {woke}"
+
+
 async def test_flash_call_leaves_the_sound_clock_off(pool: SipPool, tmp_path: Path) -> None:
     # A flash call has no audio: pjsua must not open the null sound device for it, whose
     # clock thread would then tick every 20 ms until a media call closed it again.
