@@ -60,6 +60,7 @@ async def http_worker(settings: Settings, index: int, control: Path) -> None:
 
     def started() -> None:
         log.info("HTTP worker %d listening on http://%s", index, settings.http_addr)
+        link.listening()
 
     await _run_until_stopped(app, settings, started, also=link.lost)
 

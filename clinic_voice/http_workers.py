@@ -10,7 +10,8 @@ to ``serve``. A worker hands a send on a SIP channel to ``serve`` over the contr
 
 The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the worker's end):
 
-- worker → serve: ``hello`` (its index), ``send`` (verification id, step, channel, whether the
+- worker → serve: ``hello`` (its index), ``listening`` (its HTTP socket is bound: from then
+  it counts in serve's /readyz), ``send`` (verification id, step, channel, whether the
   limits were counted), ``metrics`` (a snapshot, every second), ``render`` (a /metrics scrape);
 - serve → worker: ``state`` (which channels serve sends on and whether each is ready, serve's
   own readiness checks and what it is still warming up; on connect and every half second),
@@ -86,6 +87,7 @@ class HttpWorkers:
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: dict[int, Snapshot] = {}  # worker index -> its latest metrics
         self._connected: set[int] = set()
+        self._listening: set[int] = set()  # connected and bound to the HTTP port
         self._retired = Metrics()  # counters of worker runs that ended
         self._stop = asyncio.Event()
 
@@ -133,8 +135,9 @@ class HttpWorkers:
             self._path.unlink()
 
     def ready(self) -> bool:
-        """Every worker is running and connected."""
-        return len(self._connected) == self._count - 1
+        """Every worker is running, connected and listening on the HTTP port (it connects
+        before it binds: a worker counted on connect could miss the first requests)."""
+        return len(self._listening) == self._count - 1
 
     def render_metrics(self) -> str:
         """/metrics of the whole service: this process, the workers, and ended worker runs."""
@@ -221,6 +224,7 @@ class HttpWorkers:
                 await asyncio.gather(pusher, return_exceptions=True)
             if index is not None:
                 self._connected.discard(index)
+                self._listening.discard(index)
                 last = self._live.pop(index, None)
                 if last is not None:
                     self._retired.add(last)
@@ -234,6 +238,8 @@ class HttpWorkers:
             self._dispatcher.follow_forwarded(
                 str(msg["vid"]), int(msg["step"]), Channel(msg["channel"]), bool(msg["counted"])
             )
+        elif op == "listening":
+            self._listening.add(index)
         elif op == "metrics":
             self._live[index] = msg["snapshot"]
         elif op == "render":

@@ -94,6 +94,11 @@ class MainLink:
             return False
         return True
 
+    def listening(self) -> None:
+        """Tell ``serve`` this worker's HTTP socket is bound (it counts as ready from then)."""
+        with contextlib.suppress(MainLinkError):
+            self._send({"op": "listening"})
+
     # -- what serve says -------------------------------------------------------------------------
     def main_ready(self) -> bool:
         """``serve`` is connected and its own readiness checks pass (for this worker's /readyz)."""
