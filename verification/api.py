@@ -76,17 +76,17 @@ def render(v: Verification, policy: Policy) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": v.id,
         "phone": v.phone.e164,
-        "status": v.status.value,
-        "channel": v.channel.value if v.channel else None,
-        "channels": [c.value for c in v.channels],
+        "status": v.status,
+        "channel": v.channel,
+        "channels": list(v.channels),
         "attempts_left": rules.attempts_left(v, policy),
         "created_at": iso(v.created_at),
         "expires_at": iso(v.expires_at),
         "events": [
             {
-                "type": e.kind.value,
+                "type": e.kind,
                 "at": iso(e.at),
-                "channel": e.channel.value if e.channel else None,
+                "channel": e.channel,
                 "detail": e.detail,
             }
             for e in v.events

@@ -24,6 +24,8 @@ class LimitName(StrEnum):
     PREFIX_SENDS = "prefix-sends"
 
 
+_PER_REQUEST = frozenset({LimitName.KEY_REQUESTS, LimitName.IP_REQUESTS})
+
 _DESCRIPTIONS = {
     LimitName.KEY_REQUESTS: "requests for this API key",
     LimitName.IP_REQUESTS: "requests from this address",
@@ -31,6 +33,23 @@ _DESCRIPTIONS = {
     LimitName.NUMBER_SENDS: "sends to this number",
     LimitName.PREFIX_SENDS: "sends to numbers with this prefix",
 }
+
+
+# Digests of API key ids and client addresses, which repeat on every request. Not of phone
+# numbers: those are hashed each time rather than kept in memory.
+_DIGESTS: dict[str, str] = {}
+_DIGESTS_MAX = 4096
+
+
+def _digest(subject: str, keep: bool) -> str:
+    digest = _DIGESTS.get(subject) if keep else None
+    if digest is None:
+        digest = hashlib.sha256(subject.encode()).hexdigest()[:24]
+        if keep:
+            if len(_DIGESTS) >= _DIGESTS_MAX:
+                _DIGESTS.clear()
+            _DIGESTS[subject] = digest
+    return digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +62,8 @@ class LimitCheck:
 
     def key(self, now: float) -> str:
         window = int(now // self.rate.window_s)
-        digest = hashlib.sha256(self.subject.encode()).hexdigest()[:24]
-        return f"{self.name.value}:{self.rate.window_s}:{digest}:{window}"
+        digest = _digest(self.subject, self.name in _PER_REQUEST)
+        return f"{self.name}:{self.rate.window_s}:{digest}:{window}"
 
     def describe(self) -> str:
         rate = f"limit {self.rate.count} per {self.rate.window_s} s"

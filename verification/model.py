@@ -102,10 +102,12 @@ class Event:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        # Enum members as they are: every enum here is a StrEnum (a str holding its value),
+        # which json and orjson write as that string, without an Enum.value look-up each.
         return {
-            "kind": self.kind.value,
+            "kind": self.kind,
             "at": self.at,
-            "channel": self.channel.value if self.channel else None,
+            "channel": self.channel,
             "detail": self.detail,
         }
 
@@ -202,10 +204,10 @@ class Verification:
                 "region": p.region,
                 "country_code": p.country_code,
                 "national_number": p.national_number,
-                "kind": p.kind.value,
+                "kind": p.kind,
             },
-            "status": self.status.value,
-            "channels": [c.value for c in self.channels],
+            "status": self.status,
+            "channels": list(self.channels),
             "step": self.step,
             "attempts_used": self.attempts_used,
             "sends": self.sends,

@@ -145,3 +145,15 @@ def test_describe_names_the_limit_but_not_the_subject(
 def test_every_limit_has_a_description() -> None:
     for name in LimitName:
         assert LimitCheck(name, "x", Rate(1, 1)).describe().startswith("too many ")
+
+
+def test_phone_numbers_are_not_kept_in_the_digest_cache() -> None:
+    from verification import limits as limits_module
+
+    check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 600))
+    first = check.key(1_800_000_000.0)
+    assert "+31612345678" not in limits_module._DIGESTS
+    key_check = LimitCheck(LimitName.KEY_REQUESTS, "kid-1", Rate(5, 600))
+    assert key_check.key(1_800_000_000.0) == key_check.key(1_800_000_000.0)
+    assert "kid-1" in limits_module._DIGESTS
+    assert check.key(1_800_000_000.0) == first

@@ -770,3 +770,19 @@ def test_changed_is_dataclasses_replace_for_every_field() -> None:
 def test_changed_refuses_unknown_fields() -> None:
     with pytest.raises(TypeError, match="stpe"):
         approved().changed(stpe=1)
+
+
+def test_stored_json_holds_enum_values_as_plain_strings() -> None:
+    # to_json hands StrEnum members to the encoders as they are: both must write the value.
+    import json
+
+    import orjson
+
+    v = approved()
+    for text in (orjson.dumps(v.to_json()), json.dumps(v.to_json()).encode()):
+        doc = json.loads(text)
+        assert doc["status"] == "approved" and type(doc["status"]) is str
+        assert doc["channels"] == ["flashcall", "sms", "voice"]
+        assert doc["phone"]["kind"] == "mobile"
+        assert [e["kind"] for e in doc["events"]][:2] == ["requested", "dispatched"]
+        assert Verification.from_json(doc) == v
