@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from voice.sip.pjsua import LISTEN_PUMP_MS, Engine, EngineConfig
+from voice.sip.pjsua import LISTEN_PUMP_MS, MEDIA_PUMP_MS, Engine, EngineConfig
 
 
 @dataclass
 class _FakeCall:
     listener: object | None = None
+    media_active: bool = False
     ring_deadline: float | None = None
     answer_deadline: float | None = None
     redial: object | None = None
@@ -28,9 +29,20 @@ def test_no_call_waits_the_idle_time() -> None:
     assert _engine().pump_ms(500) == 500
 
 
-def test_a_call_playing_a_prompt_does_not_shorten_the_wait() -> None:
-    # Commands and the end of a play wake the pump: an answered call needs no polling.
+def test_calls_without_media_do_not_shorten_the_wait() -> None:
+    # Commands and the end of a play wake the pump; a flash call has no media.
     assert _engine(_FakeCall(), _FakeCall()).pump_ms(500) == 500
+
+
+def test_a_call_with_media_bounds_the_wait_for_its_keypad_digits() -> None:
+    # pjsua2 hands a digit over only at the start of the next libHandleEvents.
+    assert _engine(_FakeCall(), _FakeCall(media_active=True)).pump_ms(500) == MEDIA_PUMP_MS
+    assert MEDIA_PUMP_MS <= 50  # the keypad goal is 150 ms from digit to the next prompt
+
+
+def test_a_listener_polls_faster_than_media_alone() -> None:
+    call = _FakeCall(listener=object(), media_active=True)
+    assert _engine(call, _FakeCall(media_active=True)).pump_ms(500) == LISTEN_PUMP_MS
 
 
 def test_a_listener_polls_its_audio_chunks() -> None:
@@ -40,7 +52,8 @@ def test_a_listener_polls_its_audio_chunks() -> None:
 @pytest.mark.parametrize("field", ["ring_deadline", "answer_deadline"])
 def test_the_nearest_deadline_bounds_the_wait(field: str) -> None:
     now = time.monotonic()
-    near = _FakeCall(**{field: now + 0.120})
+    near = _FakeCall()
+    setattr(near, field, now + 0.120)
     far = _FakeCall(ring_deadline=now + 0.300)
     wait = _engine(far, near).pump_ms(500)
     assert 100 <= wait <= 121

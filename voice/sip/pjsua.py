@@ -60,6 +60,13 @@ log = logging.getLogger(__name__)
 MAX_CALLS = 4  # PJSUA_MAX_CALLS of the wheel: the 5th makeCall raises PJ_ETOOMANY
 # While a listener streams a call's audio, chunks (20 ms each) are handed on this often.
 LISTEN_PUMP_MS = 20
+# While a call has media up, a keypad digit can arrive at any time, and pjsua2 hands every
+# digit (RFC 4733, seen by the media thread) to this thread as a "pending job" that runs only
+# at the start of the next libHandleEvents: nothing wakes the current one. A pump that waited
+# the idle 500 ms made digit -> next prompt 480-880 ms (bench/ivr.py, 2026-12-03; goal 150
+# p95). So a call with media bounds the wait to this; flash calls have no media and are not
+# affected. 25 wake-ups a second per worker with a media call up.
+MEDIA_PUMP_MS = 40
 # pjsua frees a call's slot about a millisecond after it reports the call DISCONNECTED, but we
 # report the free slot at once; a call the pool sends into that window got PJ_ETOOMANY and
 # failed (10 flash calls at 431/s, bench/asterisk_compare.py). Such a call is dialled again
@@ -357,7 +364,8 @@ class Engine:
 
     def pump_ms(self, idle_ms: int) -> int:
         """How long the next :meth:`pump` may wait: until the nearest ring or answer deadline,
-        ``LISTEN_PUMP_MS`` while a call streams audio to a listener, else ``idle_ms``.
+        ``LISTEN_PUMP_MS`` while a call streams audio to a listener, ``MEDIA_PUMP_MS`` while a
+        call has media (its keypad digits wait for the next pump), else ``idle_ms``.
 
         Nothing else needs a short pump: commands and the end of a play wake it, and pjsip's
         own timers (retransmissions, session timers) bound ``libHandleEvents`` by themselves.
@@ -371,6 +379,8 @@ class Engine:
                 return 1
             if call.listener is not None:
                 wait = min(wait, LISTEN_PUMP_MS)
+            elif call.media_active:
+                wait = min(wait, MEDIA_PUMP_MS)
             for deadline in (call.ring_deadline, call.answer_deadline):
                 if deadline is not None:
                     wait = min(wait, (deadline - now) * 1000)
