@@ -65,8 +65,12 @@ LISTEN_PUMP_MS = 20
 # at the start of the next libHandleEvents: nothing wakes the current one. A pump that waited
 # the idle 500 ms made digit -> next prompt 480-880 ms (bench/ivr.py, 2026-12-03; goal 150
 # p95). So a call with media bounds the wait to this; flash calls have no media and are not
-# affected. 25 wake-ups a second per worker with a media call up.
-MEDIA_PUMP_MS = 40
+# affected. 40 ms cost the inbound bench a fifth of its capacity (25 wake-ups a second in
+# every worker with a call up; bench/asterisk_compare.py failed 53 of 1435 calls at 287/s,
+# where it had held 345/s); 60 ms keeps digit -> prompt well inside the goal.
+# (Media polled by the owner thread instead, medConfig.hasIoqueue=False and threadCnt=0,
+# would wake it for every RTP packet of every call: in Python, 50 times a second a call.)
+MEDIA_PUMP_MS = 60
 # pjsua frees a call's slot about a millisecond after it reports the call DISCONNECTED, but we
 # report the free slot at once; a call the pool sends into that window got PJ_ETOOMANY and
 # failed (10 flash calls at 431/s, bench/asterisk_compare.py). Such a call is dialled again
@@ -210,6 +214,7 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self.engine.emit(Digit(self.call_id, str(prm.digit)))
+        self.engine.flush()  # run before the pump's wait, not after it (see Engine.flush)
 
     def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:
         self.engine._on_transfer_status(self, int(prm.statusCode), bool(prm.finalNotify))
@@ -224,9 +229,14 @@ class Engine:
         config: EngineConfig,
         emit: Callable[[Event], None],
         wake: Callable[[], None] = lambda: None,
+        flush: Callable[[], None] = lambda: None,
     ) -> None:
         self._config = config
         self.emit = emit
+        # Sends what was emitted now. Events are otherwise sent when the pump returns, but a
+        # keypad digit is emitted by a pending job at the start of the pump (see
+        # MEDIA_PUMP_MS) and would wait out the whole wait: 40 ms more per digit.
+        self.flush = flush
         # Called from the media thread when it queues an event the owner must see soon (a
         # play's end): the owner's pump then returns at once instead of at its timeout.
         self._wake = wake

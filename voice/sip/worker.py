@@ -99,7 +99,7 @@ def run(config: EngineConfig, in_fd: int, out_fd: int) -> int:
         except OSError as exc:  # the pump still wakes within IDLE_PUMP_MS
             log.debug("wake-up not sent: %s", exc)
 
-    engine = Engine(config, out.emit, wake)
+    engine = Engine(config, out.emit, wake, out.flush)
     engine.start()
     target = (config.host, engine.port)
     out.emit(engine.status())
