@@ -235,7 +235,7 @@ class Engine:
         self.emit = emit
         # Sends what was emitted now. Events are otherwise sent when the pump returns, but a
         # keypad digit is emitted by a pending job at the start of the pump (see
-        # MEDIA_PUMP_MS) and would wait out the whole wait: 40 ms more per digit.
+        # MEDIA_PUMP_MS) and would wait out the whole wait: up to MEDIA_PUMP_MS more a digit.
         self.flush = flush
         # Called from the media thread when it queues an event the owner must see soon (a
         # play's end): the owner's pump then returns at once instead of at its timeout.
