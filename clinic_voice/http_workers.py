@@ -86,7 +86,6 @@ class HttpWorkers:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: dict[int, Snapshot] = {}  # worker index -> its latest metrics
-        self._connected: set[int] = set()
         self._listening: set[int] = set()  # connected and bound to the HTTP port
         self._retired = Metrics()  # counters of worker runs that ended
         self._stop = asyncio.Event()
@@ -212,7 +211,6 @@ class HttpWorkers:
                 log.warning("HTTP workers: a control connection without hello: closed")
                 return
             index = int(hello["index"])
-            self._connected.add(index)
             pusher = asyncio.create_task(self._push_state(writer), name=f"state-{index}")
             while line := await reader.readline():
                 self._handle(index, orjson.loads(line), writer)
@@ -223,7 +221,6 @@ class HttpWorkers:
                 pusher.cancel()
                 await asyncio.gather(pusher, return_exceptions=True)
             if index is not None:
-                self._connected.discard(index)
                 self._listening.discard(index)
                 last = self._live.pop(index, None)
                 if last is not None:
