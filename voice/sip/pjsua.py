@@ -13,22 +13,20 @@ thread one pump later (destroying a ``Call`` inside its own callback aborts the 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import itertools
 import logging
 import math
 import os
 import queue
 import secrets
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pjsua2 as pj
 
 from voice.sip import digest, message
+from voice.sip.media_thread import MediaThread
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
 from voice.sip.protocol import (
     Answer,
@@ -78,15 +76,6 @@ MEDIA_PUMP_MS = 60
 REDIAL_S = 0.5
 _PJ_ETOOMANY = 70010
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
-# Timer slack (prctl PR_SET_TIMERSLACK) of pjmedia's I/O thread, inherited from the thread
-# that creates it in libInit. That thread polls the RTP sockets with a fixed 10 ms timeout
-# whether or not a call is up: 100 wake-ups a second in every worker, 0.48 of a core for
-# 320 idle workers. With 40 ms of slack the kernel lets an idle poll sleep up to 50 ms (20
-# wake-ups a second, measured); a packet still wakes it at once. Only that timeout grows: a
-# new call's RTP socket joins the poll within 50 ms instead of 10 (its first packets wait in
-# the socket buffer). The clock thread that paces audio is made later, with the default.
-MEDIA_TIMER_SLACK_NS = 40_000_000
-_PR_SET_TIMERSLACK = 29
 # Inbound headers handed to the call handler (besides every X-* header).
 _REQUEST_ID_HEADER = "X-Clinic-Request"
 _KEPT_HEADERS = ("p-asserted-identity", "diversion", "subject")
@@ -240,6 +229,7 @@ class Engine:
         # Called from the media thread when it queues an event the owner must see soon (a
         # play's end): the owner's pump then returns at once instead of at its timeout.
         self._wake = wake
+        self._media_thread = MediaThread()
         self._ep: pj.Endpoint | None = None
         self._account: _Account | None = None
         self._calls: dict[str, _Call] = {}
@@ -270,7 +260,7 @@ class Engine:
         ep_cfg.medConfig.channelCount = 1
         ep_cfg.medConfig.noVad = True
         ep_cfg.medConfig.ecTailLen = 0  # no echo canceller: we never play the caller back
-        with _timer_slack(MEDIA_TIMER_SLACK_NS):
+        with self._media_thread.created():  # long sleeps while idle (voice/sip/media_thread.py)
             ep.libInit(ep_cfg)
         self._ep = ep
         self.port = self._listen(ep)
@@ -715,6 +705,8 @@ class Engine:
         )
         call.media_active = active
         if active:
+            # Its RTP socket joins the media thread's poll only when the current wait ends.
+            self._media_thread.wake()
             pending, call.pending = call.pending, []
             for cmd in pending:
                 try:
@@ -771,22 +763,6 @@ class Engine:
             cnonce=secrets.token_hex(8),
         )
         return answer, value
-
-
-@contextlib.contextmanager
-def _timer_slack(ns: int) -> Iterator[None]:
-    """This thread's timer slack is ``ns`` inside (threads made meanwhile keep it), then the
-    default again; nothing where prctl is missing."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_TIMERSLACK, ns, 0, 0, 0) != 0:
-        log.warning("timer slack not set: errno %s", ctypes.get_errno())
-    try:
-        yield
-    finally:
-        libc.prctl(_PR_SET_TIMERSLACK, 0, 0, 0, 0)  # 0: back to the default slack
 
 
 def _add_headers(tx: pj.SipTxOption, headers: tuple[tuple[str, str], ...]) -> None:
