@@ -16,9 +16,9 @@ The handler is a no-op installed with SA_RESTART, so any other system call the s
 (a lock, a read) carries on. SIGURG is ignored by default, so one arriving elsewhere is
 harmless.
 
-Where this cannot be set up (not Linux, or not on the main thread, where Python installs
-signal handlers) the thread gets :data:`FALLBACK_SLACK_NS`, short enough that a new call's
-first packets wait at most 50 ms, and nothing is sent.
+Where no wake-up can be sent (off the main thread, the only one where Python installs signal
+handlers, or a libc without tgkill) the thread gets :data:`FALLBACK_SLACK_NS` instead, short
+enough that a new call's first packets wait at most 50 ms. Off Linux nothing is changed.
 """
 
 from __future__ import annotations
