@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import phonenumbers
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from clinic_voice.http import MAX_BODY, build_middlewares, problem
@@ -61,7 +60,6 @@ class Runtime:
     metrics: Metrics
     secret: bytes = b""
     api_keys: tuple[str, ...] = ()
-    redis: aioredis.Redis | None = None
     store: VerificationStore | None = None
     dispatcher: Dispatcher | None = None
     http_client: HttpClient | None = None  # outbound POSTs: SMS gateway, webhooks
@@ -197,27 +195,15 @@ def build_app(
             url = await embedded.start()
             log.info("embedded Redis started (unix socket in %s)", settings.data_dir)
         rt.redis_url = url
-        # A blocking pool: past 256 connections a request waits (up to 2 s) for one to come
-        # free instead of failing with "Too many connections" (seen under bench load).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-            max_connections=256,
-            timeout=2.0,
-        )
-        rt.redis = aioredis.Redis(connection_pool=pool)
-        rt.call_store = CallStore(rt.redis, rt.secret, settings.ivr.call_retention_days)
-        # The verification API's hot path: one multiplexed connection (see redis_mux).
+        # Every Redis command of this process rides one multiplexed connection (see
+        # verification/redis_mux.py): the verification API's hot path and the call records.
         mux = RedisMux(url, timeout_s=2.0)
+        rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days)
         rt.store = VerificationStore(mux, global_webhook=bool(settings.verification.webhook_url))
         try:
             yield
         finally:
             await mux.aclose()
-            await rt.redis.aclose()
-            await pool.aclose()
             if embedded is not None:
                 await embedded.stop()
 

@@ -272,6 +272,11 @@ class RedisMux:
     async def load(self, script: Script) -> None:
         await self.execute("SCRIPT", "LOAD", script.source)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called: every command fails from then on."""
+        return self._closed
+
     async def aclose(self) -> None:
         self._closed = True
         if self._link is not None:

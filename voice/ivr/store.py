@@ -4,17 +4,28 @@ Answers and transcripts are health data. Each record is sealed with AES-256-GCM 
 derived (HKDF-SHA256) from the service secret, with the call id as associated data, so a record
 copied under another id does not open. Redis expires each record after the retention period;
 the time index is trimmed on every write.
+
+Records go over the process's one multiplexed Redis connection
+(:class:`verification.redis_mux.RedisMux`, any object with its ``execute`` and
+``transaction``). They used a pool of 256 connections before: when many calls ended at once
+under load, saves waited more than 2 s for a connection and 360 records of 8,000 calls were
+lost (bench/asterisk_compare.py inbound steps at 287-345 calls/s, 2026-12-03). A save is
+idempotent (the same SET and ZADD again), so a failed one is tried again with backoff for up to
+:data:`SAVE_PATIENCE_S` (not after the client was closed, at shutdown) before the record is
+given up and the failure logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -22,8 +33,26 @@ from redis.exceptions import RedisError
 
 from voice.ivr.call_record import CallResult
 
+log = logging.getLogger(__name__)
+
 INDEX = "cv:calls"
 PAGE_MAX = 100
+SAVE_PATIENCE_S = 30.0  # how long a record's save is tried again before it is given up
+_RETRY_FIRST_S = 0.2
+_RETRY_MAX_S = 2.0
+
+Command = Sequence[str | bytes | int | float]
+
+
+class RedisCommands(Protocol):
+    """What the store needs of a Redis client (``verification.redis_mux.RedisMux`` has it)."""
+
+    async def execute(self, *command: str | bytes | int | float) -> Any: ...
+
+    async def transaction(self, commands: Sequence[Command]) -> list[Any]: ...
+
+    @property
+    def closed(self) -> bool: ...
 
 
 class CallStoreUnavailable(RuntimeError):
@@ -32,6 +61,13 @@ class CallStoreUnavailable(RuntimeError):
 
 def _key(call_id: str) -> str:
     return f"cv:call:{call_id}"
+
+
+def _scored(reply: list[Any]) -> list[tuple[str, float]]:
+    """(member, score) from a WITHSCORES reply: flat in RESP2, pairs in RESP3."""
+    if reply and isinstance(reply[0], list):
+        return [(str(m), float(sc)) for m, sc in reply]
+    return [(str(reply[i]), float(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
 def derive_key(secret: bytes) -> bytes:
@@ -50,8 +86,16 @@ class Page:
 class CallStore:
     """Sealed call records with a time index for paging."""
 
-    def __init__(self, redis: aioredis.Redis, secret: bytes, retention_days: int) -> None:
+    def __init__(
+        self,
+        redis: RedisCommands,
+        secret: bytes,
+        retention_days: int,
+        *,
+        save_patience_s: float = SAVE_PATIENCE_S,
+    ) -> None:
         self._r = redis
+        self._patience_s = save_patience_s
         self._aead = AESGCM(derive_key(secret))
         self._ttl_s = retention_days * 86400
 
@@ -66,19 +110,30 @@ class CallStore:
         return doc
 
     async def save(self, result: CallResult) -> None:
+        """Write the record and index it; tried again while Redis fails, up to the patience."""
         sealed = self.seal(result.id, result.to_json())
-        try:
-            async with self._r.pipeline(transaction=True) as p:
-                p.set(_key(result.id), sealed, ex=self._ttl_s)
-                p.zadd(INDEX, {result.id: result.started_at})
-                p.zremrangebyscore(INDEX, "-inf", result.started_at - self._ttl_s)
-                await p.execute()
-        except (RedisError, OSError) as exc:
-            raise CallStoreUnavailable(str(exc)) from exc
+        commands: list[Command] = [
+            ("SET", _key(result.id), sealed, "EX", self._ttl_s),
+            ("ZADD", INDEX, repr(result.started_at), result.id),
+            ("ZREMRANGEBYSCORE", INDEX, "-inf", repr(result.started_at - self._ttl_s)),
+        ]
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._patience_s
+        pause = _RETRY_FIRST_S
+        while True:
+            try:
+                await self._r.transaction(commands)
+                return
+            except (RedisError, OSError) as exc:
+                if self._r.closed or loop.time() + pause > give_up:
+                    raise CallStoreUnavailable(str(exc)) from exc
+                log.warning("call %s: saving the record failed (%s): trying again", result.id, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
 
     async def get(self, call_id: str) -> dict[str, Any] | None:
         try:
-            sealed = await self._r.get(_key(call_id))
+            sealed = await self._r.execute("GET", _key(call_id))
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
         return None if sealed is None else self.open(call_id, str(sealed))
@@ -88,11 +143,12 @@ class CallStore:
         limit = max(1, min(limit, PAGE_MAX))
         top = f"({before!r}" if before is not None else "+inf"
         try:
-            rows = await self._r.zrevrangebyscore(
-                INDEX, top, "-inf", start=0, num=limit + 1, withscores=True
+            flat = await self._r.execute(
+                "ZREVRANGEBYSCORE", INDEX, top, "-inf", "WITHSCORES", "LIMIT", 0, limit + 1
             )
-            ids = [str(r[0]) for r in rows[:limit]]
-            sealed = await self._r.mget([_key(i) for i in ids]) if ids else []
+            rows = _scored(flat)
+            ids = [r[0] for r in rows[:limit]]
+            sealed = await self._r.execute("MGET", *[_key(i) for i in ids]) if ids else []
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
         calls = [self.open(i, str(s)) for i, s in zip(ids, sealed, strict=True) if s is not None]

@@ -1,0 +1,91 @@
+"""Call records against a real redis-server over the multiplexed connection: sealed round trip,
+paging newest first, and no record lost when Redis is down for a moment at the end of a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import RedisServer
+from verification.redis_mux import RedisMux
+from voice.ivr.call_record import CallResult
+from voice.ivr.engine import CallRecord
+from voice.ivr.store import CallStore, CallStoreUnavailable
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+SECRET = b"s" * 32
+T0 = 1.8e9
+
+
+def _result(call_id: str, started_at: float) -> CallResult:
+    record = CallRecord("triage", (), (("breathing", "yes"),), None, (), None, "6100", "completed")
+    return CallResult(call_id, "6001", "700", started_at, started_at + 30, record)
+
+
+@pytest.fixture
+async def mux(redis_server: RedisServer) -> AsyncIterator[RedisMux]:
+    client = RedisMux(redis_server.url, timeout_s=0.5)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_a_record_is_sealed_at_rest_and_opens_under_its_id(mux: RedisMux) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)
+    await store.save(_result("c-1", T0))
+    raw = await mux.execute("GET", "cv:call:c-1")
+    assert "breathing" not in raw and "6001" not in raw  # AES-GCM, not plain JSON
+    got = await store.get("c-1")
+    assert got is not None and got["id"] == "c-1" and got["caller"] == "6001"
+    assert await store.get("c-2") is None
+    ttl = await mux.execute("TTL", "cv:call:c-1")
+    assert 29 * 86400 < ttl <= 30 * 86400
+
+
+async def test_pages_are_newest_first_and_the_cursor_continues(mux: RedisMux) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)
+    await asyncio.gather(*(store.save(_result(f"c-{i}", T0 + i)) for i in range(5)))
+    first = await store.recent(2, None)
+    assert [c["id"] for c in first.calls] == ["c-4", "c-3"]
+    assert first.next_cursor is not None
+    second = await store.recent(10, float(first.next_cursor))
+    assert [c["id"] for c in second.calls] == ["c-2", "c-1", "c-0"]
+    assert second.next_cursor is None
+
+
+async def test_a_save_while_redis_is_down_lands_when_it_is_back(
+    mux: RedisMux, redis_server: RedisServer
+) -> None:
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=20)
+    await mux.execute("PING")
+    await asyncio.to_thread(redis_server.kill9)
+    saving = asyncio.create_task(store.save(_result("c-late", T0)))
+    await asyncio.sleep(1.0)  # a few failed tries
+    assert not saving.done()
+    await asyncio.to_thread(redis_server.restart)
+    await asyncio.wait_for(saving, 10)
+    got = await store.get("c-late")
+    assert got is not None and got["id"] == "c-late"
+
+
+async def test_a_save_gives_up_after_its_patience(mux: RedisMux, redis_server: RedisServer) -> None:
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=1.0)
+    await asyncio.to_thread(redis_server.kill9)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(CallStoreUnavailable):
+        await store.save(_result("c-lost", T0))
+    assert loop.time() - started < 5
+
+
+async def test_a_save_stops_trying_once_the_client_is_closed(redis_server: RedisServer) -> None:
+    client = RedisMux(redis_server.url, timeout_s=0.5)
+    store = CallStore(client, SECRET, retention_days=30, save_patience_s=60)
+    await client.aclose()  # the service is stopping
+    with pytest.raises(CallStoreUnavailable):
+        await asyncio.wait_for(store.save(_result("c-x", T0)), 5)
