@@ -21,6 +21,7 @@ with calls polling every 5 ms spent about a third of its CPU doing so
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import queue
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pj-log-level", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
+    # A crash in pjsip (SIGSEGV, SIGABRT) then leaves every Python thread's stack in the log
+    # (stderr): without it the pool sees only "exit -11".
+    faulthandler.enable(all_threads=True)
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
