@@ -5,7 +5,6 @@ paging newest first, and no record lost when Redis is down for a moment at the e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -24,15 +23,6 @@ T0 = 1.8e9
 def _result(call_id: str, started_at: float) -> CallResult:
     record = CallRecord("triage", (), (("breathing", "yes"),), None, (), None, "6100", "completed")
     return CallResult(call_id, "6001", "700", started_at, started_at + 30, record)
-
-
-@pytest.fixture
-async def mux(redis_server: RedisServer) -> AsyncIterator[RedisMux]:
-    client = RedisMux(redis_server.url, timeout_s=0.5)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_a_record_is_sealed_at_rest_and_opens_under_its_id(mux: RedisMux) -> None:
@@ -89,3 +79,14 @@ async def test_a_save_stops_trying_once_the_client_is_closed(redis_server: Redis
     await client.aclose()  # the service is stopping
     with pytest.raises(CallStoreUnavailable):
         await asyncio.wait_for(store.save(_result("c-x", T0)), 5)
+
+
+async def test_a_save_redis_refuses_is_not_tried_again(mux: RedisMux) -> None:
+    # An error reply (here WRONGTYPE, inside EXEC) would come back on every try: fail at once.
+    await mux.execute("SET", "cv:calls", "not a sorted set")
+    try:
+        store = CallStore(mux, SECRET, retention_days=30, save_patience_s=60)
+        with pytest.raises(CallStoreUnavailable, match="WRONGTYPE"):
+            await asyncio.wait_for(store.save(_result("c-y", T0)), 5)
+    finally:
+        await mux.execute("DEL", "cv:calls")

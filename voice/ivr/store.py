@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from voice.ivr.call_record import CallResult
 
@@ -122,12 +122,19 @@ class CallStore:
         pause = _RETRY_FIRST_S
         while True:
             try:
-                await self._r.transaction(commands)
-                return
+                answers = await self._r.transaction(commands)
+            except ResponseError as exc:  # Redis refused the commands: trying again won't help
+                raise CallStoreUnavailable(str(exc)) from exc
             except (RedisError, OSError) as exc:
                 if self._r.closed or loop.time() + pause > give_up:
                     raise CallStoreUnavailable(str(exc)) from exc
                 log.warning("call %s: saving the record failed (%s): trying again", result.id, exc)
+            else:
+                # A command that failed inside EXEC (WRONGTYPE...) is an answer, not a raise.
+                refused = [a for a in answers if isinstance(a, Exception)]
+                if refused:
+                    raise CallStoreUnavailable(str(refused[0]))
+                return
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX_S)
 
