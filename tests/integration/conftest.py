@@ -34,6 +34,7 @@ from sip_config.settings import Settings
 from tests.conftest import RedisServer
 from tests.peers.sms_gateway import SmsGateway
 from tests.peers.webhook_receiver import WebhookReceiver
+from verification.redis_mux import RedisMux
 
 API_KEY = "test-key-0123456789abcdef"
 OTHER_KEY = "other-key-0123456789abcdef"
@@ -252,6 +253,16 @@ class StartService(Protocol):
     def __call__(
         self, env: Mapping[str, str] | None = None, *, clock: Clock | None = None
     ) -> Awaitable[Api]: ...
+
+
+@pytest.fixture
+async def mux(redis_server: RedisServer) -> AsyncIterator[RedisMux]:
+    """The multiplexed Redis client on the test's redis-server (0.5 s timeout)."""
+    client = RedisMux(redis_server.url, timeout_s=0.5)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

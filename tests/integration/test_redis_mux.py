@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,15 +19,6 @@ from tests.conftest import RedisServer
 from verification.redis_mux import RedisMux, Script
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
-
-
-@pytest.fixture
-async def mux(redis_server: RedisServer) -> AsyncIterator[RedisMux]:
-    client = RedisMux(redis_server.url, timeout_s=0.5)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_concurrent_commands_each_get_their_own_answer(mux: RedisMux) -> None:
