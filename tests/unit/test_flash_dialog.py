@@ -1,0 +1,310 @@
+"""The flash call's SIP state machine, fed by hand: no sockets, time passed in."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+
+import pytest
+
+from voice.sip import message
+from voice.sip.flash_dialog import (
+    T1_S,
+    TIMER_B_S,
+    FlashDialog,
+    FlashSpec,
+    Local,
+    Phase,
+    Step,
+    target_host_port,
+)
+from voice.sip.outcome import CallOutcome
+from voice.sip.protocol import CallState
+
+TARGET = "sip:+14155556001@127.0.0.1:5160"
+CLI = "+447400123456"
+RING_S = 2.0
+ANSWER_S = 20.0
+
+
+def make(
+    *, user: str = "", password: str = "", answer_s: float = ANSWER_S
+) -> tuple[FlashDialog, Step]:
+    counter = itertools.count(1)
+    dialog = FlashDialog(
+        FlashSpec(
+            call_id="flash-1",
+            target_uri=TARGET,
+            caller_id=CLI,
+            ring_s=RING_S,
+            answer_timeout_s=answer_s,
+            headers=(("X-Verification", "v1"),),
+        ),
+        Local("127.0.0.1", 5999, user, password),
+        token=lambda: f"{next(counter):016x}",
+        wall=lambda: 1_800_000_000.0,
+    )
+    return dialog, dialog.start(100.0)
+
+
+def sent(step: Step) -> list[message.SipMessage]:
+    return [message.parse(d) for d in step.send]
+
+
+def reply(request: message.SipMessage, status: int, *extra: tuple[str, str]) -> message.SipMessage:
+    raw = message.serialise_response(request, status, to_tag="far", extra=tuple(extra))
+    return message.parse(raw)
+
+
+def events(step: Step) -> list[tuple[CallState, int, CallOutcome | None]]:
+    return [(e.state, e.sip_status, e.outcome) for e in step.events]
+
+
+def ringing(dialog: FlashDialog, invite: message.SipMessage, at: float = 100.01) -> None:
+    dialog.on_response(reply(invite, 100), at)
+    step = dialog.on_response(reply(invite, 180), at)
+    assert events(step) == [(CallState.RINGING, 180, None)]
+
+
+def test_the_invite_carries_the_code_in_from_and_pai_and_no_sdp() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    assert invite.method == "INVITE" and invite.uri == TARGET
+    assert message.user_part(invite.get("From") or "") == CLI
+    assert ";tag=" in (invite.get("From") or "")
+    assert invite.get("P-Asserted-Identity") == f"<sip:{CLI}@127.0.0.1>"
+    assert invite.get("To") == f"<{TARGET}>"
+    assert invite.get("CSeq") == "1 INVITE"
+    assert invite.get("X-Verification") == "v1"
+    assert invite.get("Content-Length") == "0" and invite.body == b""
+    assert invite.get("Content-Type") is None
+    via = invite.get("Via") or ""
+    assert via.startswith("SIP/2.0/UDP 127.0.0.1:5999;rport;branch=z9hG4bK"), via
+    assert events(step) == [(CallState.TRYING, 0, None)]
+    assert dialog.deadline == pytest.approx(100.0 + T1_S)
+
+
+def test_rings_then_cancels_after_the_ring_time_and_acks_the_487() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    assert dialog.deadline == pytest.approx(100.01 + RING_S)
+    assert dialog.on_timer(101.0).send == []  # not yet
+    step = dialog.on_timer(100.01 + RING_S)
+    (cancel,) = sent(step)
+    assert cancel.method == "CANCEL" and cancel.uri == TARGET
+    assert cancel.get("CSeq") == "1 CANCEL"
+    assert cancel.get("Via") == invite.get("Via")  # the INVITE's branch (section 9.1)
+    assert cancel.get("Call-ID") == invite.get("Call-ID")
+    assert cancel.get("From") == invite.get("From") and cancel.get("To") == invite.get("To")
+    assert step.events == []
+    dialog.on_response(reply(cancel, 200), 102.02)
+    step = dialog.on_response(reply(invite, 487), 102.03)
+    (ack,) = sent(step)
+    assert ack.method == "ACK" and ack.uri == TARGET and ack.get("CSeq") == "1 ACK"
+    assert ack.get("Via") == invite.get("Via")  # a non-2xx ACK is in the INVITE transaction
+    assert (ack.get("To") or "").endswith(";tag=far")
+    assert events(step) == [(CallState.ENDED, 487, CallOutcome.CANCELLED_AFTER_RING)]
+    assert dialog.done and dialog.ack == step.send[0]
+
+
+def test_an_unanswered_cancel_is_sent_again_and_the_call_ends_without_a_487() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite, at=100.0)
+    (cancel,) = sent(dialog.on_timer(102.0))
+    again = dialog.on_timer(102.0 + T1_S)
+    assert sent(again)[0].method == "CANCEL"
+    assert dialog.deadline == pytest.approx(102.0 + 3 * T1_S)  # timer E doubles
+    dialog.on_response(reply(cancel, 200), 103.0)
+    assert dialog.deadline == pytest.approx(102.0 + TIMER_B_S)  # now only the wait for 487
+    step = dialog.on_timer(102.0 + TIMER_B_S)
+    assert events(step) == [(CallState.ENDED, 0, CallOutcome.CANCELLED_AFTER_RING)]
+    assert dialog.done
+
+
+def test_nothing_back_retransmits_then_gives_up_without_a_cancel() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    times = []
+    now = 100.0
+    while dialog.deadline is not None and dialog.deadline < 100.0 + ANSWER_S:
+        now = dialog.deadline
+        out = dialog.on_timer(now)
+        assert [m.method for m in sent(out)] == ["INVITE"]
+        assert out.send[0] == step.send[0]  # the same request, byte for byte
+        times.append(round(now - 100.0, 3))
+    assert times[:5] == [0.5, 1.5, 3.5, 7.5, 15.5]  # timer A: T1, doubling
+    out = dialog.on_timer(100.0 + ANSWER_S)
+    assert events(out) == [(CallState.ENDED, 0, CallOutcome.NO_ANSWER)]
+    assert not [m for m in sent(out) if m.method == "CANCEL"]  # section 9.1
+    # The INVITE goes on until timer B; a late 180 is then cancelled, no second event.
+    out = dialog.on_response(reply(invite, 180), 125.0)
+    assert [m.method for m in sent(out)] == ["CANCEL"] and out.events == []
+    out = dialog.on_response(reply(invite, 487), 125.1)
+    assert [m.method for m in sent(out)] == ["ACK"] and out.events == []
+    assert dialog.done
+
+
+def test_only_trying_until_the_answer_timeout_is_cancelled_as_no_answer() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    dialog.on_response(reply(invite, 100), 100.01)
+    assert dialog.deadline == pytest.approx(100.0 + ANSWER_S)  # timer A stopped
+    out = dialog.on_timer(100.0 + ANSWER_S)
+    assert [m.method for m in sent(out)] == ["CANCEL"]
+    assert events(out) == [(CallState.ENDED, 0, CallOutcome.NO_ANSWER)]
+
+
+def test_timer_b_without_any_answer_is_unreachable() -> None:
+    dialog, _ = make(answer_s=60.0)
+    now = 100.0
+    while not dialog.done:
+        assert dialog.deadline is not None
+        now = dialog.deadline
+        out = dialog.on_timer(now)
+    assert now == pytest.approx(100.0 + TIMER_B_S)
+    assert events(out) == [(CallState.ENDED, 408, CallOutcome.UNREACHABLE)]
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (486, CallOutcome.BUSY),
+        (404, CallOutcome.NOT_FOUND),
+        (603, CallOutcome.REJECTED),
+        (503, CallOutcome.UNREACHABLE),
+        (500, CallOutcome.SERVER_ERROR),
+        (302, CallOutcome.FAILED),
+        (401, CallOutcome.REJECTED),  # no credentials to answer with
+    ],
+)
+def test_a_final_error_is_acked_and_mapped(status: int, outcome: CallOutcome) -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    out = dialog.on_response(reply(invite, status), 100.5)
+    assert [m.method for m in sent(out)] == ["ACK"]
+    assert events(out) == [(CallState.ENDED, status, outcome)]
+    assert dialog.done and dialog.deadline is None
+
+
+def test_an_answer_is_acked_and_hung_up_with_bye() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    ok = reply(
+        invite,
+        200,
+        ("Contact", "<sip:6001@127.0.0.1:40000;ob>"),
+        ("Record-Route", "<sip:proxy1;lr>"),
+        ("Record-Route", "<sip:proxy2;lr>"),
+    )
+    out = dialog.on_response(ok, 100.6)
+    ack, bye = sent(out)
+    assert ack.method == "ACK" and ack.uri == "sip:6001@127.0.0.1:40000;ob"
+    assert ack.get("Via") != invite.get("Via")  # a 2xx ACK is a transaction of its own
+    assert ack.get("CSeq") == "1 ACK"
+    assert ack.get_all("Route") == ["<sip:proxy2;lr>", "<sip:proxy1;lr>"]
+    assert bye.method == "BYE" and bye.get("CSeq") == "2 BYE"
+    assert (bye.get("To") or "").endswith(";tag=far")
+    assert events(out) == [(CallState.ANSWERED, 200, None)]
+    # The 2xx again (our ACK was lost): the ACK again, nothing else.
+    again = dialog.on_response(ok, 100.7)
+    assert [m.method for m in sent(again)] == ["ACK"] and again.events == []
+    out = dialog.on_response(reply(bye, 200), 100.8)
+    assert events(out) == [(CallState.ENDED, 200, CallOutcome.ANSWERED)]
+    assert dialog.done
+
+
+def test_an_answer_racing_the_cancel_is_still_answered_and_hung_up() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    (cancel,) = sent(dialog.on_timer(102.01))
+    out = dialog.on_response(reply(invite, 200, ("Contact", "<sip:6001@127.0.0.1:40000>")), 102.02)
+    assert [m.method for m in sent(out)] == ["ACK", "BYE"]
+    assert events(out) == [(CallState.ANSWERED, 200, None)]
+    dialog.on_response(reply(cancel, 200), 102.03)  # harmless now
+    bye = sent(out)[1]
+    out = dialog.on_response(reply(bye, 200), 102.04)
+    assert events(out) == [(CallState.ENDED, 200, CallOutcome.ANSWERED)]
+
+
+def test_the_far_end_hanging_up_first_gets_200_and_ends_the_call() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    dialog.on_response(reply(invite, 200, ("Contact", "<sip:6001@127.0.0.1:40000>")), 100.1)
+    bye = message.parse(
+        b"BYE sip:x@127.0.0.1:5999 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:40000;branch=z9hG4bKb\r\n"
+        b"From: <sip:6001@x>;tag=far\r\nTo: " + (invite.get("From") or "").encode() + b"\r\n"
+        b"Call-ID: " + (invite.get("Call-ID") or "").encode() + b"\r\nCSeq: 7 BYE\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    response, out = dialog.on_request(bye, 100.2)
+    assert response is not None and message.parse(response).status == 200
+    assert events(out) == [(CallState.ENDED, 200, CallOutcome.ANSWERED)]
+
+
+def test_a_digest_challenge_is_answered_once() -> None:
+    dialog, step = make(user="clinic", password="clinic-local-secret")
+    (invite,) = sent(step)
+    challenge = ("WWW-Authenticate", 'Digest realm="asterisk", nonce="n1", qop="auth"')
+    out = dialog.on_response(reply(invite, 401, challenge), 100.01)
+    ack, invite2 = sent(out)
+    assert ack.method == "ACK" and ack.get("CSeq") == "1 ACK"
+    assert invite2.method == "INVITE" and invite2.get("CSeq") == "2 INVITE"
+    assert invite2.get("Call-ID") == invite.get("Call-ID")
+    assert invite2.get("From") == invite.get("From")
+    assert invite2.get("Via") != invite.get("Via")
+    assert out.events == []
+    auth = invite2.get("Authorization") or ""
+    params = dict(re.findall(r'(\w+)="?([^",]+)"?', auth))
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+    ha1 = md5("clinic:asterisk:clinic-local-secret")
+    ha2 = md5(f"INVITE:{TARGET}")
+    expected = md5(f"{ha1}:n1:{params['nc']}:{params['cnonce']}:auth:{ha2}")
+    assert params["username"] == "clinic" and params["response"] == expected
+    # The first INVITE's 401 again: its own ACK again; the new INVITE goes on.
+    stray = dialog.on_response(reply(invite, 401, challenge), 100.02)
+    assert stray.send == out.send[:1] and stray.events == []
+    # A second challenge is final.
+    out = dialog.on_response(reply(invite2, 401, challenge), 100.03)
+    assert [m.method for m in sent(out)] == ["ACK"]
+    assert events(out) == [(CallState.ENDED, 401, CallOutcome.REJECTED)]
+
+
+def test_responses_of_another_transaction_are_ignored() -> None:
+    dialog, step = make()
+    other = message.parse(
+        (step.send[0].decode().replace("branch=z9hG4bK", "branch=z9hG4bKother")).encode()
+    )
+    out = dialog.on_response(reply(other, 180), 100.01)
+    assert out.events == [] and out.send == [] and dialog.phase is Phase.CALLING
+
+
+def test_stopping_cancels_a_ringing_call_and_ends_it_failed() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    out = dialog.abort(100.5)
+    assert [m.method for m in sent(out)] == ["CANCEL"]
+    assert events(out) == [(CallState.ENDED, 0, CallOutcome.FAILED)]
+    assert dialog.done
+
+
+@pytest.mark.parametrize(
+    ("uri", "where"),
+    [
+        ("sip:+1415@127.0.0.1:5160", ("127.0.0.1", 5160)),
+        ("sip:+1415@pbx.example.org", ("pbx.example.org", 5060)),
+        ("sip:+1415@[::1]:5062;user=phone", ("::1", 5062)),
+        ("sip:pbx.local:5070", ("pbx.local", 5070)),
+    ],
+)
+def test_where_a_request_uri_sends_to(uri: str, where: tuple[str, int]) -> None:
+    assert target_host_port(uri) == where

@@ -1,0 +1,473 @@
+"""One flash call as a SIP user agent client over UDP: INVITE, ring, CANCEL. Pure: no I/O.
+
+A flash call is signalling only: an INVITE without SDP whose From carries the code, a ring of
+``ring_s`` seconds after the first 180/183, then CANCEL; the handset keeps a missed call. This
+module is the state machine of one such call (RFC 3261: the INVITE client transaction of
+section 17.1.1, CANCEL of section 9, ACK of sections 13.2.2.4 and 17.1.1.3, digest of section
+22), fed with the responses that come back and with the time; it answers with the datagrams to
+send and the :class:`~voice.sip.protocol.CallEvent` s to report, the same events a SIP worker
+reports for a call, so the verification side cannot tell them apart.
+
+Why not pjsua2 (whose workers place every other call): a pjsua2 process holds at most four
+calls (the wheel's PJSUA_MAX_CALLS), and a flash call holds its slot for the whole ring, so 320
+workers ran out of slots at ~640 flash calls/s, with each call crossing two processes and
+costing a worker ~1.3 ms of CPU for four SIP messages (``bench/asterisk_compare.py``,
+2026-12-03). Here a call is a few hundred bytes and no media.
+
+What it does, and what it deliberately does not:
+
+- INVITE retransmitted on timer A (T1 doubling) until a provisional or final response, given up
+  at timer B (64*T1: outcome ``unreachable``, as pjsip's 408);
+- the first 180/183 is ``ringing``; ``ring_s`` later a CANCEL (retransmitted on timer E until
+  answered, timer F); the 487 that ends the INVITE is ACKed and the call ends
+  ``cancelled_after_ring``; no 487 within 64*T1 of the CANCEL ends it the same way;
+- nothing at all by ``answer_timeout_s``: the call ends ``no_answer`` at once; the INVITE is
+  still retransmitted until timer B and a late provisional response is cancelled then (no
+  CANCEL before a provisional response: section 9.1);
+- an answer (2xx, also one racing the CANCEL) is ACKed and hung up with BYE at once
+  (``answered``); a final error is ACKed and mapped by
+  :func:`~voice.sip.outcome.outcome_for_status`;
+- one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
+  auth user, as the repository's Asterisk does); a second challenge is a final error;
+- 3xx is a final error (a flash call is not redirected), no SDP is ever sent (an answer with an
+  offer gets the ACK and the BYE and nothing else), no TCP or TLS (the caller picks the pjsua2
+  path for those).
+
+ACKs of a finished call outlive it in the caller's table of finished calls (see
+:attr:`FlashDialog.ack`) for timer D, so a retransmitted final response is ACKed again.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from voice.sip import digest, message
+from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
+from voice.sip.protocol import CallEvent, CallState
+
+T1_S = 0.5  # RFC 3261 timer T1: the round-trip estimate
+T2_S = 4.0  # the longest retransmission interval of a non-INVITE request
+TIMER_B_S = 64 * T1_S  # INVITE and non-INVITE transaction timeout (timers B and F)
+TIMER_D_S = 32.0  # how long a final response may still be retransmitted to us (UDP)
+USER_AGENT = "clinic-voice"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS"
+
+_URI_HOSTPORT = re.compile(r"sips?:(?:[^@;>]*@)?(\[[^\]]+\]|[^;:>?]+)(?::(\d+))?", re.IGNORECASE)
+_CONTACT_URI = re.compile(r"<([^>]+)>|^\s*([^;,\s]+)")
+
+
+class Phase(enum.Enum):
+    CALLING = "calling"  # INVITE sent, nothing back yet
+    PROCEEDING = "proceeding"  # a provisional response came back
+    CANCELLING = "cancelling"  # CANCEL sent, waiting for the 487
+    HANGING_UP = "hanging_up"  # answered, BYE sent
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class FlashSpec:
+    """What to call and how (the fields of :class:`voice.sip.pool.OutboundCall` it needs)."""
+
+    call_id: str  # the handle's id, also the SIP Call-ID's first part
+    target_uri: str  # Request-URI and To
+    caller_id: str  # user part of From and P-Asserted-Identity: the code is at its end
+    ring_s: float
+    answer_timeout_s: float
+    pai: bool = True
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """This side: the address in Via and Contact, and the credentials for a challenge."""
+
+    host: str  # as it goes in Via and Contact (an IPv6 address in brackets)
+    port: int
+    auth_user: str = ""
+    password: str = ""
+
+
+@dataclass(slots=True)
+class Step:
+    """What one input produced: datagrams to send (to the call's next hop) and events."""
+
+    send: list[bytes] = field(default_factory=list)
+    events: list[CallEvent] = field(default_factory=list)
+
+
+def target_host_port(uri: str) -> tuple[str, int]:
+    """The host and port a Request-URI sends to (no DNS SRV: port 5060 when absent)."""
+    m = _URI_HOSTPORT.match(uri.strip())
+    if not m:
+        raise ValueError(f"not a SIP URI: {uri!r}")
+    host = m.group(1).strip("[]")
+    return host, int(m.group(2) or 5060)
+
+
+def _uri_of(name_addr: str) -> str:
+    m = _CONTACT_URI.search(name_addr)
+    if not m:
+        return ""
+    return (m.group(1) or m.group(2) or "").strip()
+
+
+def _top_branch(msg: message.SipMessage) -> str:
+    via = msg.get("Via") or ""
+    m = re.search(r";\s*branch=([^;,\s]+)", via, re.IGNORECASE)
+    return m.group(1) if m else ""
+
+
+def _cseq(msg: message.SipMessage) -> tuple[int, str]:
+    number, _, method = (msg.get("CSeq") or "").strip().partition(" ")
+    try:
+        return int(number), method.strip().upper()
+    except ValueError:
+        return -1, ""
+
+
+class FlashDialog:
+    """One flash call. Feed it :meth:`start`, :meth:`on_response`, :meth:`on_request` and
+    :meth:`on_timer` (whenever :attr:`deadline` passes); send what each returns."""
+
+    def __init__(
+        self,
+        spec: FlashSpec,
+        local: Local,
+        *,
+        token: Callable[[], str],
+        wall: Callable[[], float],
+    ) -> None:
+        self.spec = spec
+        self.local = local
+        self._token = token  # random hex for tags, branches and Call-ID
+        self._wall = wall  # wall time for the events' ``at``
+        self.sip_call_id = f"{spec.call_id}-{token()}"
+        self.phase = Phase.CALLING
+        self.deadline: float | None = None
+        self.ack: bytes | None = None  # the last ACK sent: re-sent for a retransmitted final
+        self._from_tag = token()
+        self._cseq = 1  # the current INVITE's CSeq number (its ACK and CANCEL share it)
+        self._branch = ""
+        self._invite = b""
+        self._challenged = False
+        self._acks: dict[int, bytes] = {}  # CSeq -> the ACK of that INVITE's final error
+        # Timers, each None when not running.
+        self._retransmit_at: float | None = None
+        self._interval = T1_S
+        self._give_up_at: float | None = None  # timer B (INVITE), F (CANCEL/BYE), or the 487
+        self._ring_end: float | None = None
+        self._answer_by: float | None = None
+        self._pending_out = b""  # the request being retransmitted (INVITE, CANCEL or BYE)
+        # What the outcome mapping needs.
+        self._rang = False
+        self._provisional = False
+        self._answered = False
+        self._cancelled_by_us = False
+        self._timed_out = False
+        self._ended = False
+        self._final_status = 0
+        self._to_header = f"<{spec.target_uri}>"  # with the remote tag once known
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def start(self, now: float) -> Step:
+        """The INVITE, and the ``trying`` event."""
+        step = Step()
+        self._answer_by = now + self.spec.answer_timeout_s
+        self._send_invite(now, step, auth=None)
+        step.events.append(self._event(CallState.TRYING, 0, None))
+        return step
+
+    def on_response(self, msg: message.SipMessage, now: float) -> Step:
+        """A response whose Call-ID is this call's."""
+        step = Step()
+        number, method = _cseq(msg)
+        status = msg.status
+        if method == "INVITE":
+            if number != self._cseq or _top_branch(msg) != self._branch:
+                earlier = self._acks.get(number)
+                if status >= 200 and earlier is not None:
+                    step.send.append(earlier)  # a final of the challenged INVITE, again
+                return step
+            self._on_invite_response(msg, status, now, step)
+        elif method in {"CANCEL", "BYE"} and status >= 200:
+            if method == "BYE" and self.phase is Phase.HANGING_UP:
+                self._finish(step)
+            elif method == "CANCEL" and self.phase is Phase.CANCELLING:
+                # The CANCEL is answered: stop sending it; the INVITE's 487 ends the call.
+                self._retransmit_at = None
+        self._reschedule()
+        return step
+
+    def on_request(self, msg: message.SipMessage, now: float) -> tuple[bytes | None, Step]:
+        """A request inside this call (a BYE after an answer): the response, and what follows."""
+        step = Step()
+        if msg.method == "ACK":
+            return None, step
+        if msg.method == "BYE" and self._answered:
+            if self.phase is Phase.HANGING_UP:
+                self._finish(step)
+                self._reschedule()
+            return message.serialise_response(msg, SipStatus.OK), step
+        return message.serialise_response(msg, SipStatus.CALL_DOES_NOT_EXIST), step
+
+    def on_timer(self, now: float) -> Step:
+        """Whatever timers have passed by ``now``."""
+        step = Step()
+        if self._give_up_at is not None and now >= self._give_up_at:
+            self._give_up(step)
+        if self.phase is not Phase.DONE:
+            if self._ring_end is not None and now >= self._ring_end:
+                self._ring_end = None
+                self._answer_by = None
+                self._cancelled_by_us = True
+                self._cancel(now, step)
+            if self._answer_by is not None and now >= self._answer_by:
+                self._answer_by = None
+                self._ring_end = None
+                self._timed_out = True
+                if self._provisional:
+                    self._cancel(now, step)
+                # Without a provisional response no CANCEL may go (section 9.1): the outcome
+                # is reported now; the INVITE goes on until timer B, and a late provisional
+                # response is cancelled.
+                self._end(0, step)
+            if self._retransmit_at is not None and now >= self._retransmit_at:
+                step.send.append(self._pending_out)
+                cap = T2_S if self.phase in {Phase.CANCELLING, Phase.HANGING_UP} else TIMER_B_S
+                self._interval = min(self._interval * 2, cap)
+                self._retransmit_at = now + self._interval
+        self._reschedule()
+        return step
+
+    def abort(self, now: float) -> Step:
+        """The service stops: cancel a call that rings, end it ``failed`` unless it has ended."""
+        step = Step()
+        if self.phase in {Phase.PROCEEDING} and self._provisional:
+            self._cancel(now, step)
+        self._final_status = self._final_status or SipStatus.REQUEST_TERMINATED
+        if not self._ended:
+            self._ended = True
+            step.events.append(self._event(CallState.ENDED, 0, CallOutcome.FAILED))
+        self.phase = Phase.DONE
+        self._reschedule()
+        return step
+
+    @property
+    def done(self) -> bool:
+        """True once nothing more will be sent or reported for this call."""
+        return self.phase is Phase.DONE
+
+    # -- the INVITE transaction ---------------------------------------------------------------
+
+    def _on_invite_response(
+        self, msg: message.SipMessage, status: int, now: float, step: Step
+    ) -> None:
+        if status < 200:
+            if self.phase is Phase.CALLING:
+                self.phase = Phase.PROCEEDING
+                self._retransmit_at = None  # timer A stops on a provisional response
+                self._give_up_at = None
+            self._provisional = True
+            if self._timed_out and self.phase is Phase.PROCEEDING:
+                self._cancel(now, step)  # the answer timeout passed before this came
+                return
+            if status in (SipStatus.RINGING, SipStatus.SESSION_PROGRESS) and not self._rang:
+                self._rang = True
+                if not self._ended:
+                    step.events.append(self._event(CallState.RINGING, status, None))
+                if self.phase is Phase.PROCEEDING:
+                    self._ring_end = now + self.spec.ring_s
+            return
+        to = msg.get("To") or self._to_header
+        if 200 <= status < 300:
+            self._on_answer(msg, to, status, now, step)
+            return
+        # A final error (or the 487 after our CANCEL): ACK on the INVITE's branch.
+        self.ack = self._request(
+            "ACK", self.spec.target_uri, self._cseq, self._branch, to=to, extra=()
+        )
+        step.send.append(self.ack)
+        self._acks[self._cseq] = self.ack
+        if (
+            status in (401, 407)
+            and not self._challenged
+            and self.local.auth_user
+            and not self._cancelled_by_us
+            and not self._timed_out
+        ):
+            auth = self._authorization(msg, status)
+            if auth is not None:
+                self._challenged = True
+                self._cseq += 1
+                self._send_invite(now, step, auth=auth)
+                return
+        self._final_status = status
+        self._end(status, step)
+        self._done_with_transactions()
+
+    def _on_answer(
+        self, msg: message.SipMessage, to: str, status: int, now: float, step: Step
+    ) -> None:
+        """A 2xx: ACK it (a new transaction, to the remote target) and hang up with BYE."""
+        first = not self._answered
+        self._answered = True
+        self._to_header = to
+        contact = _uri_of(msg.get("Contact") or "") or self.spec.target_uri
+        routes = [v for v in reversed(msg.get_all("Record-Route"))]
+        route_headers = tuple(("Route", r) for r in routes)
+        self.ack = self._request(
+            "ACK", contact, self._cseq, self._new_branch(), to=to, extra=route_headers
+        )
+        step.send.append(self.ack)
+        if not first:
+            return  # a retransmitted 2xx: the ACK again, the BYE is already on its way
+        self._ring_end = self._answer_by = None
+        if not self._ended:
+            step.events.append(self._event(CallState.ANSWERED, status, None))
+        self._final_status = status
+        self.phase = Phase.HANGING_UP
+        self._pending_out = self._request(
+            "BYE", contact, self._cseq + 1, self._new_branch(), to=to, extra=route_headers
+        )
+        step.send.append(self._pending_out)
+        self._interval = T1_S
+        self._retransmit_at = now + T1_S
+        self._give_up_at = now + TIMER_B_S
+
+    def _cancel(self, now: float, step: Step) -> None:
+        """CANCEL the INVITE (same Request-URI, Call-ID, From, CSeq number and branch)."""
+        if self.phase is not Phase.PROCEEDING:
+            return
+        self.phase = Phase.CANCELLING
+        self._pending_out = self._request(
+            "CANCEL", self.spec.target_uri, self._cseq, self._branch, to=f"<{self.spec.target_uri}>"
+        )
+        step.send.append(self._pending_out)
+        self._interval = T1_S
+        self._retransmit_at = now + T1_S
+        self._give_up_at = now + TIMER_B_S  # timer F for the CANCEL, then no 487 either
+
+    def _give_up(self, step: Step) -> None:
+        """Timer B (no answer at all), F (CANCEL or BYE unanswered), or no 487."""
+        self._give_up_at = None
+        if self.phase is Phase.CALLING:
+            self._final_status = SipStatus.REQUEST_TIMEOUT
+            self._end(SipStatus.REQUEST_TIMEOUT, step)
+        else:
+            self._end(0, step)
+        self._done_with_transactions()
+
+    def _finish(self, step: Step) -> None:
+        """The BYE is answered (or the far end hung up first): the answered call is over."""
+        self._end(self._final_status, step)
+        self._done_with_transactions()
+
+    def _end(self, status: int, step: Step) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        outcome = outcome_for_status(
+            status,
+            answered=self._answered,
+            cancelled_by_us=self._cancelled_by_us,
+            flash=True,
+            timed_out=self._timed_out,
+        )
+        step.events.append(self._event(CallState.ENDED, status, outcome))
+
+    def _done_with_transactions(self) -> None:
+        self.phase = Phase.DONE
+        self._retransmit_at = self._give_up_at = self._ring_end = self._answer_by = None
+
+    def _reschedule(self) -> None:
+        times = [
+            t
+            for t in (self._retransmit_at, self._give_up_at, self._ring_end, self._answer_by)
+            if t is not None
+        ]
+        self.deadline = min(times) if times else None
+
+    # -- building requests --------------------------------------------------------------------
+
+    def _send_invite(self, now: float, step: Step, auth: tuple[str, str] | None) -> None:
+        self.phase = Phase.CALLING
+        self._branch = self._new_branch()
+        extra: list[tuple[str, str]] = []
+        if self.spec.pai:
+            extra.append(("P-Asserted-Identity", f"<sip:{self.spec.caller_id}@{self.local.host}>"))
+        if auth is not None:
+            extra.append(auth)
+        extra += [
+            ("Contact", f"<sip:{self.spec.caller_id}@{self.local.host}:{self.local.port}>"),
+            ("Allow", ALLOW),
+            *self.spec.headers,
+        ]
+        self._invite = self._request(
+            "INVITE",
+            self.spec.target_uri,
+            self._cseq,
+            self._branch,
+            to=f"<{self.spec.target_uri}>",
+            extra=tuple(extra),
+        )
+        self._pending_out = self._invite
+        step.send.append(self._invite)
+        self._interval = T1_S
+        self._retransmit_at = now + T1_S
+        self._give_up_at = now + TIMER_B_S
+        self._reschedule()
+
+    def _request(
+        self,
+        method: str,
+        uri: str,
+        cseq: int,
+        branch: str,
+        *,
+        to: str,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> bytes:
+        local = self.local
+        lines = [
+            f"{method} {uri} SIP/2.0",
+            f"Via: SIP/2.0/UDP {local.host}:{local.port};rport;branch={branch}",
+            "Max-Forwards: 70",
+            f"From: <sip:{self.spec.caller_id}@{local.host}>;tag={self._from_tag}",
+            f"To: {to}",
+            f"Call-ID: {self.sip_call_id}",
+            f"CSeq: {cseq} {method}",
+        ]
+        lines += [f"{n}: {v}" for n, v in extra]
+        lines.append(f"User-Agent: {USER_AGENT}")
+        lines.append("Content-Length: 0")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def _new_branch(self) -> str:
+        return "z9hG4bK" + self._token()
+
+    def _authorization(self, msg: message.SipMessage, status: int) -> tuple[str, str] | None:
+        want, answer = (
+            ("WWW-Authenticate", "Authorization")
+            if status == 401
+            else ("Proxy-Authenticate", "Proxy-Authorization")
+        )
+        try:
+            challenge = digest.parse_challenge(msg.get(want) or "")
+            value = digest.authorization(
+                challenge,
+                method="INVITE",
+                uri=self.spec.target_uri,
+                user=self.local.auth_user,
+                password=self.local.password,
+                cnonce=self._token(),
+            )
+        except digest.DigestError:
+            return None
+        return answer, value
+
+    def _event(self, state: CallState, status: int, outcome: CallOutcome | None) -> CallEvent:
+        return CallEvent(self.spec.call_id, state, status, outcome, self._wall())
