@@ -38,6 +38,7 @@ from verification.webhooks import WebhookSender
 from voice.ivr.api import CallsApi
 from voice.ivr.store import CallStore
 from voice.media.tts import PromptRenderer
+from voice.sip.flash_uac import FlashUac
 from voice.sip.pool import SipPool
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Runtime:
     dispatcher: Dispatcher | None = None
     http_client: HttpClient | None = None  # outbound POSTs: SMS gateway, webhooks
     sip_pool: SipPool | None = None
+    flash_uac: FlashUac | None = None  # flash calls over UDP (the pool places them otherwise)
     call_store: CallStore | None = None
     renderer: PromptRenderer | None = None
     redis_url: str = ""  # the Redis in use (the embedded one's socket when embedded)

@@ -20,11 +20,13 @@ from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from verification.channels.base import ChannelAdapter
 from verification.channels.flash_call import FlashCallChannel
+from verification.channels.sip_route import can_send, over_udp
 from verification.channels.sms_sip import SipSmsChannel
 from verification.channels.voice_call import VoiceCallChannel
 from verification.model import Channel
 from voice.media import spoken_code
 from voice.media.tts import PromptRenderer
+from voice.sip.flash_uac import FlashUac
 from voice.sip.front import RedirectFront
 from voice.sip.pool import SipPool
 
@@ -64,6 +66,12 @@ def extra_contexts(settings: Settings) -> list[Context]:
             stack.push_async_callback(pool.stop)
             await front.start()
             stack.push_async_callback(front.stop)
+            sip = settings.sip
+            if sip.route and sip.flashcall_prefix and over_udp(sip.route):
+                uac = FlashUac(sip, SystemClock())
+                await uac.start()
+                stack.push_async_callback(uac.stop)
+                rt.flash_uac = uac
             rt.sip_pool = pool
             rt.extra_ready["sip_workers"] = pool.ready
             log.info(
@@ -84,9 +92,15 @@ def channel_factories(settings: Settings) -> dict[Channel, Factory]:
         return {}
 
     def flash(rt: Runtime) -> ChannelAdapter | None:
-        if rt.sip_pool is None or not sip.flashcall_prefix:
+        if not sip.flashcall_prefix:
             return None
-        return FlashCallChannel(sip, rt.sip_pool)
+        uac = rt.flash_uac
+        if uac is not None:
+            return FlashCallChannel(sip, uac, lambda: uac.ready)
+        pool = rt.sip_pool
+        if pool is None:
+            return None
+        return FlashCallChannel(sip, pool, lambda: can_send(pool))
 
     def voice(rt: Runtime) -> ChannelAdapter | None:
         if rt.sip_pool is None or rt.renderer is None:

@@ -119,7 +119,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_SIP_ADDR",
         "127.0.0.1:5060",
-        "where the service listens for SIP (UDP and TCP); workers listen on the next ports",
+        "where the service listens for SIP (UDP and TCP); workers listen on the next ports, "
+        "and flash calls leave from the port after them",
     ),
     Variable(
         "CLINIC_SIP_WORKERS",

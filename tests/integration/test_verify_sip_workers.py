@@ -2,12 +2,14 @@
 
 The whole service runs as in :mod:`tests.integration.test_verify_sip_flash`; sipp is the
 phone. Which worker placed a call is read from the wire (the INVITE's Via port is a worker's
-port), so the tests need nothing of the pool but its public API.
+port), so the tests need nothing of the pool but its public API. The route is over TCP: over
+UDP ``serve`` places flash calls itself (:mod:`voice.sip.flash_uac`), over TCP the workers do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -36,17 +38,35 @@ def rig(request: pytest.FixtureRequest) -> Rig:
     return make_rig(request)
 
 
+def tcp_route(port: int) -> dict[str, str]:
+    """A route over TCP, so the SIP workers place the flash calls (not ``serve``'s agent)."""
+    return {"CLINIC_SIP_ROUTE": f"sip:{{e164}}@127.0.0.1:{port};transport=tcp"}
+
+
 def mobile(i: int) -> str:
     """Distinct valid UK mobile numbers: the per-number limits (5 per 10 min) stay out of it."""
     return f"+4479111234{i:02d}"
 
 
-def via_port(invite: Wire) -> int:
-    """The port the INVITE was sent from (its top Via): the worker that placed the call."""
+def placed_by(invite: Wire) -> int:
+    """The pid of the worker that placed the call: the owner of the TCP connection the INVITE
+    came on (its Via names the connection's local port), found through /proc."""
     via = invite.msg.get("Via") or ""
-    m = re.search(r"SIP/2\.0/\w+\s+[^:;\s]+:(\d+)", via)
-    assert m, f"no port in the Via header {via!r}"
-    return int(m.group(1))
+    m = re.search(r"SIP/2\.0/TCP\s+[^:;\s]+:(\d+)", via, re.IGNORECASE)
+    assert m, f"not a TCP Via: {via!r}"
+    local = f"0100007F:{int(m.group(1)):04X}"
+    with open("/proc/net/tcp") as f:
+        inodes = {r[9] for r in (line.split() for line in f.readlines()[1:]) if r[1] == local}
+    assert inodes, f"no TCP connection from port {m.group(1)}"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return int(pid)
+    raise AssertionError(f"no process owns the connection from port {m.group(1)}")
 
 
 def invite_to(sipp: Sipp, phone: str) -> Wire:
@@ -84,8 +104,8 @@ async def test_worker_killed_mid_flash_call_falls_back_and_is_restarted(
     # 4 s of ringing leaves time to kill the worker while the phone rings.
     env = {"CLINIC_FLASHCALL_RING_S": "4", "CLINIC_SIP_WORKERS": "2"}
     async with (
-        sipp_uas("sipp_verify_ring.xml", tmp_path, calls=6) as uas,
-        sip_service(rig, uas.port, env) as svc,
+        sipp_uas("sipp_verify_ring.xml", tmp_path, calls=6, tcp=True) as uas,
+        sip_service(rig, uas.port, {**env, **tcp_route(uas.port)}) as svc,
     ):
         pool = svc.pool
         ports = [a.port for a in pool.worker_addresses()]
@@ -96,10 +116,9 @@ async def test_worker_killed_mid_flash_call_falls_back_and_is_restarted(
         await svc.api.wait_for_event(victim_v, "ringing")
         other_v = await create(svc.api, phone=mobile(2), method="flashcall", fallback=["sms"])
         await svc.api.wait_for_event(other_v, "ringing")
-        victim_port = via_port(invite_to(uas, mobile(1)))
-        other_port = via_port(invite_to(uas, mobile(2)))
-        assert {victim_port, other_port} == set(ports), "the two calls share one worker"
-        dead_pid = pids[ports.index(victim_port)]
+        dead_pid = placed_by(invite_to(uas, mobile(1)))
+        other_pid = placed_by(invite_to(uas, mobile(2)))
+        assert {dead_pid, other_pid} == set(pids), "the two calls share one worker"
 
         os.kill(dead_pid, signal.SIGKILL)
 
@@ -123,7 +142,7 @@ async def test_worker_killed_mid_flash_call_falls_back_and_is_restarted(
         assert uas.received("CANCEL"), "the surviving call was not cancelled after ringing"
 
         await wait_restarted(svc, dead_pid)
-        new_ports = [a.port for a in pool.worker_addresses()]
+        new_pids = pool.worker_pids()
         # Two more calls at once: one per worker (the pool picks the emptiest), so the
         # restarted worker carries calls again.
         after = await asyncio.gather(
@@ -132,8 +151,8 @@ async def test_worker_killed_mid_flash_call_falls_back_and_is_restarted(
         for vid in after:
             a = await wait_until_settled(svc.api, vid, {"delivered", "undeliverable"})
             assert event_types(a) == ["requested", "dispatched", "ringing", "delivered"], a
-        used = {via_port(invite_to(uas, mobile(i))) for i in (3, 4)}
-        assert used == set(new_ports), f"calls after the restart used {used}, workers {new_ports}"
+        used = {placed_by(invite_to(uas, mobile(i))) for i in (3, 4)}
+        assert used == set(new_pids), f"calls after the restart used {used}, workers {new_pids}"
         assert pool.stats()["restarts"] == 1
 
 
@@ -143,8 +162,8 @@ async def test_ten_flash_calls_at_once_on_three_workers(rig: Rig, tmp_path: Path
     count = 10
     env = {"CLINIC_SIP_WORKERS": "3"}
     async with (
-        sipp_uas("sipp_uas_ring.xml", tmp_path, calls=count) as uas,
-        sip_service(rig, uas.port, env) as svc,
+        sipp_uas("sipp_uas_ring.xml", tmp_path, calls=count, tcp=True) as uas,
+        sip_service(rig, uas.port, {**env, **tcp_route(uas.port)}) as svc,
     ):
         # The service shares this loop: nothing it does for the calls may hold it > 100 ms
         # (watched from here on: the start-up's one-off work is not the calls' doing).
@@ -155,6 +174,8 @@ async def test_ten_flash_calls_at_once_on_three_workers(rig: Rig, tmp_path: Path
                     for i in range(count)
                 )
             )
+            # Which worker placed each call, while it rings (its connection is up).
+            workers = {placed_by(await wait_for_invite(uas, mobile(i))) for i in range(count)}
             for vid in vids:
                 v = await wait_until_settled(svc.api, vid, {"delivered", "undeliverable"})
                 assert event_types(v) == ["requested", "dispatched", "ringing", "delivered"], v
@@ -174,5 +195,4 @@ async def test_ten_flash_calls_at_once_on_three_workers(rig: Rig, tmp_path: Path
         spans.append((invite.at, cancel[0].at))
     most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert most > 4, f"at most {most} calls were up at once"
-    workers = {via_port(invite_to(uas, mobile(i))) for i in range(count)}
     assert len(workers) == 3, f"the calls used {len(workers)} of 3 workers"

@@ -5,20 +5,26 @@ SDP (late offer: no RTP ports). Ringing for ``CLINIC_FLASHCALL_RING_S`` then CAN
 success case (``delivered``: the handset has a missed call to read). An answer is recorded and
 hung up at once; every other end (busy, not found, unreachable, no answer, server error, a
 worker that died) is ``undeliverable`` and the rules move on at once.
+
+Over UDP the calls are placed by :class:`voice.sip.flash_uac.FlashUac` in this process; a
+route over TCP or TLS (``;transport=tcp``, ``sips:``) places them through the SIP workers
+(pjsua2). Both report the same :class:`CallEvent` s.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from sip_config.settings import SipSettings
 from verification.channels.base import Delivery, DeliveryReport, Report
 from verification.channels.call_events import describe
-from verification.channels.sip_route import can_send, sip_target
+from verification.channels.sip_route import sip_target
 from verification.model import Channel
 from verification.rules import DeliveryKind
 from voice.sip.outcome import CallOutcome
-from voice.sip.pool import OutboundCall, SipError, SipPool
+from voice.sip.pool import OutboundCall, SipError
 from voice.sip.protocol import CallEvent, CallState
 
 log = logging.getLogger(__name__)
@@ -27,19 +33,36 @@ log = logging.getLogger(__name__)
 ANSWER_TIMEOUT_S = 20.0
 
 
-class FlashCallChannel:
-    """Places flash calls through the SIP pool."""
+class PlacedCall(Protocol):
+    """A call on its way: its id and its events, the last an ``ended`` CallEvent."""
 
-    def __init__(self, settings: SipSettings, pool: SipPool) -> None:
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def events(self) -> AsyncIterator[object]: ...
+
+
+class Dialer(Protocol):
+    """Whatever places the calls: the flash-call agent or the SIP pool."""
+
+    async def place_call(self, call: OutboundCall, /) -> PlacedCall: ...
+
+
+class FlashCallChannel:
+    """Places flash calls through ``dialer``; ``can_dial`` says whether it can now."""
+
+    def __init__(self, settings: SipSettings, dialer: Dialer, can_dial: Callable[[], bool]) -> None:
         self._s = settings
-        self._pool = pool
+        self._dialer = dialer
+        self._can_dial = can_dial
 
     @property
     def channel(self) -> Channel:
         return Channel.FLASHCALL
 
     def ready(self) -> bool:
-        return bool(self._s.route and self._s.flashcall_prefix) and can_send(self._pool)
+        return bool(self._s.route and self._s.flashcall_prefix) and self._can_dial()
 
     async def send(self, delivery: Delivery, report: Report) -> None:
         call = OutboundCall(
@@ -50,7 +73,7 @@ class FlashCallChannel:
             answer_timeout_s=ANSWER_TIMEOUT_S,
         )
         try:
-            handle = await self._pool.place_call(call)
+            handle = await self._dialer.place_call(call)
         except SipError as exc:
             await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"no SIP capacity: {exc}"))
             return

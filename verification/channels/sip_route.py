@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from verification.model import Phone
 from verification.numbers import trunk_prefix
 from voice.sip.pool import SipPool
@@ -11,6 +13,15 @@ def sip_target(template: str, phone: Phone) -> str:
     """``sip:{e164}@pbx`` -> ``sip:+31612345678@pbx`` (national: trunk prefix + number)."""
     national = trunk_prefix(phone.region) + phone.national_number
     return template.format(e164=phone.e164, digits=phone.e164.lstrip("+"), national=national)
+
+
+def over_udp(template: str) -> bool:
+    """Whether a route sends over UDP: a ``sip:`` URI without a ``transport`` other than udp."""
+    low = template.lower()
+    if low.startswith("sips:"):
+        return False
+    m = re.search(r";transport=([a-z]+)", low)
+    return m is None or m.group(1) == "udp"
 
 
 def can_send(pool: SipPool) -> bool:

@@ -1,0 +1,169 @@
+"""The flash-call agent on a real UDP socket, against a hand-driven SIP peer on loopback.
+
+sipp plays the phone in :mod:`tests.integration.test_verify_sip_flash` (ring, answer, busy,
+silence) and Asterisk in ``tests/e2e``; here a raw socket does what sipp will not: lose an
+ACK (a final response sent twice after the call ended), and probe the agent's own port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from sip_config.clock import SystemClock
+from sip_config.settings import HostPort, SipSettings
+from voice.sip import message
+from voice.sip.flash_uac import FlashUac
+from voice.sip.outcome import CallOutcome
+from voice.sip.pool import OutboundCall
+from voice.sip.protocol import CallEvent, CallState
+
+pytestmark = pytest.mark.integration
+
+
+def settings() -> SipSettings:
+    return SipSettings(
+        addr=HostPort("127.0.0.1", 0),
+        workers=1,
+        route="sip:{e164}@127.0.0.1:5060",
+        registrar="",
+        user="clinic",
+        password="",
+        flashcall_prefix="+447400",
+        flashcall_ring_s=0.3,
+        flashcall_interception_s=20,
+        voice_otp_keypress=True,
+        voice_otp_from="",
+    )
+
+
+class Peer:
+    """A UDP socket that reads requests and sends whatever responses the test writes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+
+    async def receive(self, timeout: float = 3.0) -> tuple[message.SipMessage, tuple[str, int]]:  # noqa: ASYNC109
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            data, addr = await loop.sock_recvfrom(self.sock, 65535)
+        return message.parse(data), addr
+
+    async def expect(self, method: str) -> tuple[message.SipMessage, tuple[str, int]]:
+        """The next request of ``method`` (retransmissions of others are skipped)."""
+        while True:
+            msg, addr = await self.receive()
+            if msg.method == method:
+                return msg, addr
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sock.sendto(data, addr)
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    p = Peer()
+    try:
+        yield p
+    finally:
+        p.sock.close()
+
+
+@pytest.fixture
+async def uac() -> AsyncIterator[FlashUac]:
+    agent = FlashUac(settings(), SystemClock())
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+
+
+async def test_a_final_response_sent_again_after_the_end_is_acked_again(
+    uac: FlashUac, peer: Peer
+) -> None:
+    handle = await uac.place_call(
+        OutboundCall(
+            target_uri=f"sip:+14155556001@127.0.0.1:{peer.port}",
+            caller_id="+447400123456",
+            flash=True,
+            ring_s=0.3,
+            answer_timeout_s=5,
+        )
+    )
+    invite, addr = await peer.expect("INVITE")
+    assert addr == ("127.0.0.1", uac.address.port)
+    ringing = message.serialise_response(invite, 180, to_tag="phone")
+    peer.send(ringing, addr)
+    cancel, _ = await peer.expect("CANCEL")
+    peer.send(message.serialise_response(cancel, 200, to_tag="phone"), addr)
+    busy = message.serialise_response(invite, 487, to_tag="phone")
+    peer.send(busy, addr)
+    ack, _ = await peer.expect("ACK")
+    events = [ev async for ev in handle.events]
+    assert [e.state for e in events] == [CallState.TRYING, CallState.RINGING, CallState.ENDED]
+    last = events[-1]
+    assert isinstance(last, CallEvent) and last.outcome is CallOutcome.CANCELLED_AFTER_RING
+    assert uac.live_calls == 0
+    # Our ACK was "lost": the phone sends the 487 again, and gets the same ACK.
+    peer.send(busy, addr)
+    again, _ = await peer.expect("ACK")
+    assert again.get("Via") == ack.get("Via") and again.get("CSeq") == "1 ACK"
+
+
+async def test_its_port_answers_options_and_refuses_calls_and_strangers(
+    uac: FlashUac, peer: Peer
+) -> None:
+    there = ("127.0.0.1", uac.address.port)
+
+    def request(method: str, call_id: str) -> bytes:
+        return (
+            f"{method} sip:clinic@127.0.0.1:{uac.address.port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK{call_id}\r\n"
+            "From: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:clinic@127.0.0.1>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+
+    for method, status in (("OPTIONS", 200), ("INVITE", 403), ("BYE", 481), ("INFO", 481)):
+        peer.send(request(method, f"probe-{method}"), there)
+        answer, _ = await peer.receive()
+        assert answer.status == status, (method, answer.status)
+        assert answer.get("Call-ID") == f"probe-{method}"
+    # Garbage is dropped; the socket still answers afterwards.
+    peer.send(b"\x00\xffnot sip", there)
+    peer.send(request("OPTIONS", "after-garbage"), there)
+    answer, _ = await peer.receive()
+    assert answer.status == 200 and answer.get("Call-ID") == "after-garbage"
+
+
+async def test_a_stopped_agent_refuses_calls_and_ends_those_ringing(
+    uac: FlashUac, peer: Peer
+) -> None:
+    call = OutboundCall(
+        target_uri=f"sip:+14155556001@127.0.0.1:{peer.port}",
+        caller_id="+447400123456",
+        flash=True,
+        ring_s=30,
+        answer_timeout_s=30,
+    )
+    handle = await uac.place_call(call)
+    invite, addr = await peer.expect("INVITE")
+    peer.send(message.serialise_response(invite, 180, to_tag="phone"), addr)
+    async with asyncio.timeout(3):
+        async for ev in handle.events:
+            if ev.state is CallState.RINGING:
+                break
+    await uac.stop()
+    cancel, _ = await peer.expect("CANCEL")
+    assert cancel.get("Call-ID") == invite.get("Call-ID")
+    ended = [ev async for ev in handle.events]
+    assert [(e.state, e.outcome) for e in ended] == [(CallState.ENDED, CallOutcome.FAILED)]
+    assert not uac.ready
+    with pytest.raises(Exception, match="not running"):
+        await uac.place_call(call)

@@ -1,0 +1,271 @@
+"""Flash calls placed from the main process over one UDP socket (asyncio around
+:mod:`voice.sip.flash_dialog`).
+
+The socket is bound to the port after the SIP workers' (``CLINIC_SIP_ADDR`` port + workers +
+1; a free port when ``CLINIC_SIP_ADDR`` has port 0) on the same host, so a PBX that knows the
+service's address range knows this one too. Responses are matched to their call by Call-ID;
+a final response retransmitted after its call ended gets its ACK again for 32 s (timer D).
+Requests are answered statelessly: a BYE inside an answered flash call 200, OPTIONS 200,
+anything else for a call that is not here 481, and a new INVITE 403 (calls to the service go
+to ``CLINIC_SIP_ADDR``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import cast
+
+from sip_config.clock import Clock
+from sip_config.settings import HostPort, SipSettings
+from voice.sip import message
+from voice.sip.flash_dialog import TIMER_D_S, FlashDialog, FlashSpec, Local, Step, target_host_port
+from voice.sip.outcome import SipStatus
+from voice.sip.pool import OutboundCall, PoolBusyError, PoolClosedError, SipError
+from voice.sip.protocol import CallEvent, CallState
+
+log = logging.getLogger(__name__)
+
+MAX_LIVE_CALLS = 20_000  # a bound on memory (a live call is a few KB)
+_DNS_TTL_S = 60.0
+
+Address = tuple[str, int]
+
+
+def _token() -> str:
+    return secrets.token_hex(8)
+
+
+class FlashHandle:
+    """One flash call: its id and its events (``trying`` … ``ended``), as a worker's call."""
+
+    def __init__(self, call_id: str) -> None:
+        self.id = call_id
+        self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
+
+    @property
+    def events(self) -> AsyncIterator[CallEvent]:
+        """The events as an async iterator that stops after ``ended``."""
+        return self._iter_events()
+
+    async def _iter_events(self) -> AsyncIterator[CallEvent]:
+        while True:
+            ev = await self._events.get()
+            yield ev
+            if ev.state is CallState.ENDED:
+                return
+
+
+class _Live:
+    __slots__ = ("addr", "dialog", "handle", "timer", "timer_for")
+
+    def __init__(self, dialog: FlashDialog, handle: FlashHandle, addr: Address) -> None:
+        self.dialog = dialog
+        self.handle = handle
+        self.addr = addr
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_for: float | None = None  # the dialog deadline ``timer`` was set for
+
+
+class FlashUac(asyncio.DatagramProtocol):
+    """Places flash calls; see the module docs. Use from one event loop."""
+
+    def __init__(self, settings: SipSettings, clock: Clock) -> None:
+        self._s = settings
+        self._clock = clock
+        port = settings.addr.port + settings.workers + 1 if settings.addr.port else 0
+        self._bind = HostPort(settings.addr.host, port)
+        self.address = self._bind
+        self._transport: asyncio.DatagramTransport | None = None
+        self._local: Local | None = None
+        self._live: dict[str, _Live] = {}  # SIP Call-ID -> live call
+        self._finished: dict[str, tuple[bytes, Address]] = {}  # Call-ID -> (ACK, next hop)
+        self._expiry: deque[tuple[float, str]] = deque()  # (when, Call-ID) of _finished
+        self._dns: dict[str, tuple[str, float]] = {}
+        self._ids = 0
+        self._prefix = f"flash-{secrets.token_hex(3)}-"
+
+    # -- life ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(
+            lambda: self, local_addr=(self._bind.host, self._bind.port)
+        )
+        assert self._transport is not None
+        port = int(self._transport.get_extra_info("sockname")[1])
+        self.address = HostPort(self._bind.host, port)
+        host = f"[{self._bind.host}]" if ":" in self._bind.host else self._bind.host
+        self._local = Local(host, port, self._s.user if self._s.password else "", self._s.password)
+        log.info("flash calls leave from %s (UDP)", self.address)
+
+    async def stop(self) -> None:
+        """CANCEL what rings, end every live call ``failed``, close the socket."""
+        now = self._clock.monotonic()
+        for live in list(self._live.values()):
+            self._apply(live, live.dialog.abort(now))
+        self._live.clear()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    @property
+    def ready(self) -> bool:
+        """True while the socket is open."""
+        return self._transport is not None
+
+    @property
+    def live_calls(self) -> int:
+        return len(self._live)
+
+    # -- placing ---------------------------------------------------------------------------------
+
+    async def place_call(self, call: OutboundCall) -> FlashHandle:
+        """Send the INVITE now; the call's events follow on the handle."""
+        if self._transport is None or self._local is None:
+            raise PoolClosedError("the flash-call agent is not running")
+        if len(self._live) >= MAX_LIVE_CALLS:
+            raise PoolBusyError(f"{MAX_LIVE_CALLS} flash calls already in progress")
+        host, port = target_host_port(call.target_uri)
+        addr = (await self._resolve(host), port)
+        self._ids += 1
+        handle = FlashHandle(f"{self._prefix}{self._ids:08x}")
+        spec = FlashSpec(
+            call_id=handle.id,
+            target_uri=call.target_uri,
+            caller_id=call.caller_id,
+            ring_s=call.ring_s,
+            answer_timeout_s=call.answer_timeout_s,
+            pai=call.pai,
+            headers=call.headers,
+        )
+        dialog = FlashDialog(spec, self._local, token=_token, wall=self._clock.now)
+        live = _Live(dialog, handle, addr)
+        self._live[dialog.sip_call_id] = live
+        self._apply(live, dialog.start(self._clock.monotonic()))
+        return handle
+
+    async def _resolve(self, host: str) -> str:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(host))
+        now = self._clock.monotonic()
+        cached = self._dns.get(host)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.address.host else socket.AF_INET
+        try:
+            infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise SipError(f"cannot resolve {host}: {exc}") from exc
+        address = str(infos[0][4][0])
+        self._dns[host] = (address, now + _DNS_TTL_S)
+        return address
+
+    # -- the state machine's outputs ---------------------------------------------------------------
+
+    def _apply(self, live: _Live, step: Step) -> None:
+        transport = self._transport
+        if transport is not None:
+            for data in step.send:
+                transport.sendto(data, live.addr)
+        for ev in step.events:
+            live.handle._events.put_nowait(ev)
+        dialog = live.dialog
+        if dialog.done:
+            self._retire(live)
+            return
+        deadline = dialog.deadline
+        if live.timer is not None:
+            if deadline == live.timer_for:
+                return  # most responses leave the deadline where it was
+            live.timer.cancel()
+            live.timer = None
+        live.timer_for = deadline
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - self._clock.monotonic())
+            live.timer = loop.call_later(delay, self._on_timer, live)
+
+    def _on_timer(self, live: _Live) -> None:
+        live.timer = None
+        if self._live.get(live.dialog.sip_call_id) is live:
+            self._apply(live, live.dialog.on_timer(self._clock.monotonic()))
+
+    def _retire(self, live: _Live) -> None:
+        if live.timer is not None:
+            live.timer.cancel()
+            live.timer = None
+        call_id = live.dialog.sip_call_id
+        self._live.pop(call_id, None)
+        ack = live.dialog.ack
+        if ack is not None:
+            self._finished[call_id] = (ack, live.addr)
+            self._expiry.append((self._clock.monotonic() + TIMER_D_S, call_id))
+
+    def _expire(self, now: float) -> None:
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, call_id = expiry.popleft()
+            self._finished.pop(call_id, None)
+
+    # -- the socket -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, int]) -> None:
+        now = self._clock.monotonic()
+        self._expire(now)
+        try:
+            msg = message.parse(data)
+        except message.SipParseError as exc:
+            log.info("flash calls: dropped an unparseable datagram from %s: %s", addr, exc)
+            return
+        call_id = msg.get("Call-ID") or ""
+        live = self._live.get(call_id)
+        if not msg.is_request:
+            if live is not None:
+                self._apply(live, live.dialog.on_response(msg, now))
+            elif msg.status >= 200 and call_id in self._finished:
+                ack, hop = self._finished[call_id]
+                self._send(ack, hop)
+            return
+        reply: bytes | None
+        if live is not None:
+            reply, step = live.dialog.on_request(msg, now)
+            self._apply(live, step)
+        else:
+            reply = self._stateless_reply(msg)
+        if reply is not None:
+            self._send(reply, (str(addr[0]), int(addr[1])))
+
+    def _stateless_reply(self, msg: message.SipMessage) -> bytes | None:
+        tag = secrets.token_hex(6)
+        if msg.method == "ACK":
+            return None
+        if msg.method == "OPTIONS":
+            return message.serialise_response(msg, SipStatus.OK, to_tag=tag)
+        if msg.method == "INVITE":
+            return message.serialise_response(
+                msg, SipStatus.FORBIDDEN, reason="Flash Calls Only", to_tag=tag
+            )
+        if msg.method == "BYE" and (msg.get("Call-ID") or "") in self._finished:
+            return message.serialise_response(msg, SipStatus.OK, to_tag=tag)
+        return message.serialise_response(msg, SipStatus.CALL_DOES_NOT_EXIST, to_tag=tag)
+
+    def _send(self, data: bytes, addr: Address) -> None:
+        if self._transport is not None:
+            self._transport.sendto(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.info("flash calls: UDP error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
