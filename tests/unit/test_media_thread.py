@@ -97,6 +97,24 @@ def test_wake_ends_the_sleep_of_the_media_thread() -> None:
     assert sleeper.slept_s < 5.0
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="sleep syscall numbers of x86-64")
+@pytest.mark.usefixtures("sigurg_restored")
+def test_a_media_thread_named_after_the_start_is_found_by_the_first_wake() -> None:
+    # Under load pjlib's thread may not have named itself when libInit returns.
+    media = MediaThread()
+    sleeper = _Sleeper(10.0)
+    with media.created():
+        pass
+    assert not media.wakeable
+    sleeper.thread.start()
+    sleeper.started.wait(5)
+    _wait_until_asleep(sleeper.tid)
+    media.wake()
+    assert media.wakeable
+    sleeper.thread.join(5)
+    assert sleeper.slept_s is not None and sleeper.slept_s < 5.0, "the media thread still sleeps"
+
+
 @pytest.mark.usefixtures("sigurg_restored")
 def test_without_a_media_thread_wake_does_nothing() -> None:
     media = MediaThread()
