@@ -68,6 +68,19 @@ def pack(command: Command) -> bytes:
     return packed
 
 
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _abandon(futures: Sequence[asyncio.Future[Any]]) -> None:
+    """Nobody will await these (a timeout or a lost connection failed the first): mark their
+    errors as seen, or asyncio logs each as "Future exception was never retrieved" (a Redis
+    stall under the inbound bench logged one traceback per queued command of a MULTI)."""
+    for fut in futures:
+        fut.add_done_callback(_retrieved)
+
+
 class _Link:
     """One open connection with its reader, writer and watchdog tasks."""
 
@@ -173,7 +186,9 @@ class _Link:
         if writer is not None:
             writer.close()
         if not quiet:
-            log.warning("Redis connection closed: %s", error)
+            # A string, not the error: a buffered log record would hold the error, its traceback
+            # and every future of the frames it went through.
+            log.warning("Redis connection closed: %s", str(error))
 
     async def close(self) -> None:
         self.fail(RedisConnectionError("closed"), quiet=True)
@@ -236,11 +251,15 @@ class RedisMux:
         link = await self._ready_link()
         futures = link.queue(commands)
         results: list[Any] = []
-        for fut in futures:
-            try:
-                results.append(await fut)
-            except ResponseError as exc:
-                results.append(exc)
+        try:
+            for fut in futures:
+                try:
+                    results.append(await fut)
+                except ResponseError as exc:
+                    results.append(exc)
+        except BaseException:
+            _abandon(futures)
+            raise
         return results
 
     async def transaction(self, commands: Sequence[Command]) -> list[Any]:
@@ -248,16 +267,19 @@ class RedisMux:
         link = await self._ready_link()
         futures = link.queue([("MULTI",), *commands, ("EXEC",)])
         first: ResponseError | None = None
-        for fut in futures[:-1]:  # "OK", then "QUEUED" for each command
-            try:
-                await fut
-            except ResponseError as exc:  # a rejected command: EXEC aborts them all
-                first = first or exc
         try:
+            for fut in futures[:-1]:  # "OK", then "QUEUED" for each command
+                try:
+                    await fut
+                except ResponseError as exc:  # a rejected command: EXEC aborts them all
+                    first = first or exc
             result: list[Any] = await futures[-1]
         except ResponseError:
             if first is not None:
                 raise first from None
+            raise
+        except BaseException:
+            _abandon(futures)
             raise
         return result
 

@@ -7,6 +7,7 @@ and the next command reconnects.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 
@@ -92,6 +93,40 @@ async def test_a_frozen_redis_times_out_instead_of_hanging(
     finally:
         os.kill(pid, signal.SIGCONT)
     assert await mux.execute("PING") == "PONG"
+
+
+async def test_a_frozen_redis_fails_a_transaction_once_without_orphaned_errors(
+    mux: RedisMux, redis_server: RedisServer
+) -> None:
+    # Every command of a MULTI block has a future; the first to fail ends the wait. The
+    # others' errors must not be logged as "Future exception was never retrieved" (one
+    # traceback per command of every save, seen under the inbound bench when Redis stalled).
+    loop = asyncio.get_running_loop()
+    orphaned: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: orphaned.append(context))
+    pid = redis_server.pid
+    assert pid is not None
+    await mux.execute("PING")
+
+    async def attempt() -> str:
+        try:
+            await mux.transaction([("SET", "a", "1"), ("SET", "b", "2"), ("SET", "c", "3")])
+        except RedisTimeoutError as exc:
+            return type(exc).__name__
+        return "applied"
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert await attempt() == "TimeoutError"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The next command replaces the failed connection, which held the last references to
+    # the futures (through its error's traceback): they are collected, and would log, now.
+    assert await mux.execute("PING") == "PONG"
+    gc.collect()
+    await asyncio.sleep(0.05)  # the done callbacks and any late logging run
+    loop.set_exception_handler(None)
+    assert not orphaned, [c.get("message") for c in orphaned]
 
 
 async def test_a_cancelled_caller_does_not_shift_the_answers(mux: RedisMux) -> None:
