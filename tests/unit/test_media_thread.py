@@ -105,12 +105,12 @@ def test_a_media_thread_named_after_the_start_is_found_by_the_first_wake() -> No
     sleeper = _Sleeper(10.0)
     with media.created():
         pass
-    assert not media.wakeable
+    found_at_start = media.wakeable
     sleeper.thread.start()
     sleeper.started.wait(5)
     _wait_until_asleep(sleeper.tid)
     media.wake()
-    assert media.wakeable
+    assert not found_at_start and media.wakeable
     sleeper.thread.join(5)
     assert sleeper.slept_s is not None and sleeper.slept_s < 5.0, "the media thread still sleeps"
 
