@@ -72,6 +72,7 @@ def extra_contexts(settings: Settings) -> list[Context]:
                 await uac.start()
                 stack.push_async_callback(uac.stop)
                 rt.flash_uac = uac
+                rt.extra_ready["flash_calls"] = lambda: uac.ready
             rt.sip_pool = pool
             rt.extra_ready["sip_workers"] = pool.ready
             log.info(

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from sip_config.clock import SystemClock
-from sip_config.settings import HostPort, SipSettings
+from sip_config.settings import SipSettings
+from tests.conftest import sip_settings
 from voice.sip import message
 from voice.sip.flash_uac import FlashUac
 from voice.sip.outcome import CallOutcome
@@ -25,18 +26,8 @@ pytestmark = pytest.mark.integration
 
 
 def settings() -> SipSettings:
-    return SipSettings(
-        addr=HostPort("127.0.0.1", 0),
-        workers=1,
-        route="sip:{e164}@127.0.0.1:5060",
-        registrar="",
-        user="clinic",
-        password="",
-        flashcall_prefix="+447400",
-        flashcall_ring_s=0.3,
-        flashcall_interception_s=20,
-        voice_otp_keypress=True,
-        voice_otp_from="",
+    return sip_settings(
+        1, route="sip:{e164}@127.0.0.1:5060", user="clinic", flashcall_prefix="+447400"
     )
 
 

@@ -49,6 +49,9 @@ class FlashHandle:
         self.id = call_id
         self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
 
+    def deliver(self, ev: CallEvent) -> None:
+        self._events.put_nowait(ev)
+
     @property
     def events(self) -> AsyncIterator[CallEvent]:
         """The events as an async iterator that stops after ``ended``."""
@@ -176,7 +179,7 @@ class FlashUac(asyncio.DatagramProtocol):
             for data in step.send:
                 transport.sendto(data, live.addr)
         for ev in step.events:
-            live.handle._events.put_nowait(ev)
+            live.handle.deliver(ev)
         dialog = live.dialog
         if dialog.done:
             self._retire(live)
