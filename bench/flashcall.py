@@ -1,7 +1,8 @@
 """Flash calls through the API against a sipp handset that rings until cancelled.
 
 The service is the real thing: ``clinic-voice serve`` with its embedded Redis, the SIP pool
-of ``CLINIC_SIP_WORKERS`` pjsua2 processes and ``CLINIC_FLASHCALL_RING_S=2``. Every flash call
+of ``CLINIC_SIP_WORKERS`` pjsua2 processes, its flash-call agent and
+``CLINIC_FLASHCALL_RING_S=2``. Every flash call
 goes to one sipp UAS (``bench/sipp/flash_uas_ring.xml``: 100, 180, then waits for CANCEL).
 
 Method:
@@ -23,9 +24,13 @@ Method:
 - memory: the summed RSS of the worker processes idle (after start) and at the highest
   in-flight sample of the load; per call is the growth divided by the calls in flight then.
 
-The full run repeats the ramp for 4, 8, 16 and 20 workers (capacity against workers); each
-worker holds at most 4 calls (the pjsua2 wheel's limit), so a 2 s ring caps a pool of N
-workers near 2 N calls/s. ``--quick`` runs 20 workers only. Goals on the 2-core machine:
+The full run repeats the ramp for 4, 8, 16 and 20 workers. Until 2026-12-03 the workers
+placed the flash calls, each holding at most 4 (the pjsua2 wheel's limit), so a 2 s ring
+capped a pool of N workers near 2 N calls/s. Flash calls over UDP now leave from ``serve``
+itself (``voice/sip/flash_uac.py``) and no setting is bound by its workers: every setting
+then holds the top rate (40/s), a floor, not a capacity (``bench/asterisk_compare.py`` ramps
+to the machine's limit), and the RSS columns show the idle workers, which flash calls no
+longer grow. ``--quick`` runs 20 workers only. Goals on the 2-core machine:
 >= 64 calls in flight, >= 25 calls/s sustained, INVITE <= 20 ms p99 after the 201, CANCEL
 within 50 ms of the ring time (p99). Prints a table, then one JSON line.
 
