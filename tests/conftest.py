@@ -55,23 +55,36 @@ def sip_settings(workers: int = 2, **changes: object) -> SipSettings:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-def free_port() -> int:
-    """A port that is free for both TCP and UDP on 127.0.0.1 right now.
+def free_port(count: int = 1) -> int:
+    """A port that is free for both TCP and UDP on 127.0.0.1 right now, with the ``count`` - 1
+    ports after it.
 
-    SIP peers listen on both transports, so a port free for only one of them is no use. The
-    port is released before returning: bind it soon, and retry on ``EADDRINUSE``.
+    SIP peers listen on both transports, so a port free for only one of them is no use; a
+    service's SIP workers and flash-call agent take the ports after ``CLINIC_SIP_ADDR``. The
+    ports are released before returning: bind them soon, and retry on ``EADDRINUSE``.
     """
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind(("127.0.0.1", 0))
             port: int = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1 after 50 tries")
+        if port + count > 65536:
+            continue
+        if all(_free_both(p) for p in range(port, port + count)):
+            return port
+    raise RuntimeError(f"no {count} port(s) free for both TCP and UDP after 50 tries")
+
+
+def _free_both(port: int) -> bool:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+    ):
+        try:
+            tcp.bind(("127.0.0.1", port))
+            udp.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_until(predicate: Callable[[], bool], deadline_s: float, what: str) -> None:

@@ -81,7 +81,7 @@ async def serve(
 ) -> AsyncIterator[Service]:
     """Start ``clinic-voice serve`` with ``env`` and wait until /healthz answers."""
     port = free_port()
-    sip_port = free_port()
+    sip_port = free_port(count=3)  # the front, one worker, the flash-call agent
     full = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
     full.update(env)
     full["CLINIC_HTTP_ADDR"] = f"127.0.0.1:{port}"
@@ -381,7 +381,7 @@ async def test_serve_that_cannot_bind_stops_everything_it_started(
     port = taken.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
     env |= service_env(redis_server.url, DATA_CACHE, sms_gateway)
-    sip_port = free_port()
+    sip_port = free_port(count=4)  # the front, two workers, the flash-call agent
     env |= {
         "CLINIC_HTTP_ADDR": f"127.0.0.1:{port}",
         "CLINIC_SIP_ADDR": f"127.0.0.1:{sip_port}",

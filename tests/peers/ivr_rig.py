@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -40,30 +39,6 @@ NURSE_USER = "6100"
 STAFF_USER = "6200"
 SIP_WORKERS = 2
 Event = dict[str, Any]
-
-
-def free_port_run(count: int) -> int:
-    """A port ``p`` with ``p .. p+count-1`` free for TCP and UDP on 127.0.0.1 right now.
-
-    The SIP front listens on ``p`` and its workers on the ports after it; all are released
-    before returning, so bind them soon.
-    """
-    for _ in range(100):
-        first = free_port()
-        held: list[socket.socket] = []
-        try:
-            for port in range(first, first + count):
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    s = socket.socket(socket.AF_INET, kind)
-                    held.append(s)
-                    s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError(f"no run of {count} free ports on 127.0.0.1 after 100 tries")
 
 
 @dataclass
@@ -189,7 +164,7 @@ async def running_clinic_line(
     await asyncio.to_thread(redis.start)
     client: TestClient[Any, Any] | None = None
     try:
-        sip_port = free_port_run(SIP_WORKERS + 1)
+        sip_port = free_port(count=SIP_WORKERS + 2)  # the front, workers, flash-call agent
         nurse_port, staff_port = free_port(), free_port()
         settings = Settings.from_env(
             {
