@@ -31,7 +31,9 @@ What it does, and what it deliberately does not:
   auth user, as the repository's Asterisk does); a second challenge is a final error;
 - 3xx is a final error (a flash call is not redirected), no SDP is ever sent (an answer with an
   offer gets the ACK and the BYE and nothing else), no TCP or TLS (the caller picks the pjsua2
-  path for those).
+  path for those); the ACK and BYE of an answer carry the Contact as Request-URI and the
+  Record-Route set as Route, and the caller sends them to the INVITE's next hop (the PBX or
+  the phone it was sent to), without looking up the Contact's host.
 
 ACKs of a finished call outlive it in the caller's table of finished calls (see
 :attr:`FlashDialog.ack`) for timer D, so a retransmitted final response is ACKed again.

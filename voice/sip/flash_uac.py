@@ -135,7 +135,10 @@ class FlashUac(asyncio.DatagramProtocol):
             raise PoolClosedError("the flash-call agent is not running")
         if len(self._live) >= MAX_LIVE_CALLS:
             raise PoolBusyError(f"{MAX_LIVE_CALLS} flash calls already in progress")
-        host, port = target_host_port(call.target_uri)
+        try:
+            host, port = target_host_port(call.target_uri)
+        except ValueError as exc:
+            raise SipError(str(exc)) from exc
         addr = (await self._resolve(host), port)
         self._ids += 1
         handle = FlashHandle(f"{self._prefix}{self._ids:08x}")
