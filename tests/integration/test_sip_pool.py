@@ -19,6 +19,7 @@ import pytest
 from sip_config.clock import SystemClock
 from tests.conftest import sip_settings
 from voice.sip import message
+from voice.sip.media_thread import IDLE_SLACK_NS
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import OutboundCall, SipPool
 from voice.sip.protocol import CallEvent, CallState, PlaceCall, WorkerStatus, decode, encode
@@ -210,22 +211,34 @@ def wakeups(pid: int, thread: str) -> int:
     return total
 
 
+def timer_slack_ns(pid: int, thread: str) -> list[int]:
+    """The timer slack of each thread of ``pid`` named ``thread`` (a thread id is a pid)."""
+    return [
+        int(Path(f"/proc/{task.name}/timerslack_ns").read_text())
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        if (task / "comm").read_text().strip() == thread
+    ]
+
+
 async def test_idle_media_thread_sleeps_with_timer_slack(pool: SipPool) -> None:
-    # pjmedia's I/O thread polls every 10 ms (100 wake-ups a second in every idle worker);
-    # it is made with 250 ms of timer slack, so an idle one wakes about 4 times a second
-    # (voice/sip/media_thread.py; 20 with the 40 ms it had before, 100 with none).
-    # Measured once the workers are idle: the sound clock runs for 1 s after the start (a
-    # make test run saw 19 wake-ups in a worker measured from its first second).
+    # pjmedia's I/O thread polls every 10 ms (200 wake-ups in 2 s in every idle worker); it is
+    # made with 250 ms of timer slack (voice/sip/media_thread.py). The slack is read back from
+    # the kernel; the wake-ups only bound it loosely: the kernel ends a slack early when
+    # another timer fires on that CPU, so the count depends on the rest of the machine
+    # (8 to 31 in 2 s seen in make test runs, 4 a second on a quiet machine).
     pids = pool.worker_pids()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
-    while any("clock" in thread_names(pid) for pid in pids):
+    while any("clock" in thread_names(pid) for pid in pids):  # idles 1 s after the start
         assert loop.time() < deadline, "the sound clock of an idle worker kept running"
         await asyncio.sleep(0.1)
+    for pid in pids:
+        slack = timer_slack_ns(pid, "media")
+        assert slack == [IDLE_SLACK_NS], f"worker {pid}: media thread slack {slack}"
     before = [wakeups(pid, "media") for pid in pids]
     await asyncio.sleep(2.0)
     woke = [wakeups(pid, "media") - b for pid, b in zip(pids, before, strict=True)]
-    assert all(0 < n <= 16 for n in woke), f"media thread wake-ups in 2 s: {woke}"
+    assert all(0 < n <= 60 for n in woke), f"media thread wake-ups in 2 s: {woke}"
 
 
 async def test_flash_call_leaves_the_sound_clock_off(pool: SipPool, tmp_path: Path) -> None:
