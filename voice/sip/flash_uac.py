@@ -27,8 +27,8 @@ from sip_config.settings import HostPort, SipSettings
 from voice.sip import message
 from voice.sip.flash_dialog import TIMER_D_S, FlashDialog, FlashSpec, Local, Step, target_host_port
 from voice.sip.outcome import SipStatus
-from voice.sip.pool import OutboundCall, PoolBusyError, PoolClosedError, SipError
-from voice.sip.protocol import CallEvent, CallState
+from voice.sip.pool import OutboundCall, PoolBusyError, PoolClosedError, SipError, until_ended
+from voice.sip.protocol import CallEvent
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,7 @@ class FlashHandle:
     @property
     def events(self) -> AsyncIterator[CallEvent]:
         """The events as an async iterator that stops after ``ended``."""
-        return self._iter_events()
-
-    async def _iter_events(self) -> AsyncIterator[CallEvent]:
-        while True:
-            ev = await self._events.get()
-            yield ev
-            if ev.state is CallState.ENDED:
-                return
+        return until_ended(self._events)
 
 
 class _Live:

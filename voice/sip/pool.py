@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeVar
 
 from sip_config.clock import Clock
 from sip_config.settings import HostPort, SipSettings
@@ -107,6 +108,18 @@ class OutboundCall:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+_E = TypeVar("_E")
+
+
+async def until_ended(events: asyncio.Queue[_E]) -> AsyncIterator[_E]:
+    """The events of one call from ``events``, up to and including its ``ended`` CallEvent."""
+    while True:
+        ev = await events.get()
+        yield ev
+        if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
+            return
+
+
 class CallHandle:
     """One live call (outbound or inbound), owned by one worker.
 
@@ -162,14 +175,7 @@ class CallHandle:
     @property
     def events(self) -> AsyncIterator[HandleEvent]:
         """The events as an async iterator that stops after ``ended``."""
-        return self._iter_events()
-
-    async def _iter_events(self) -> AsyncIterator[HandleEvent]:
-        while True:
-            ev = await self._events.get()
-            yield ev
-            if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
-                return
+        return until_ended(self._events)
 
     async def answer(self) -> None:
         """Inbound: 200 OK with SDP (PCMU/PCMA and telephone-event)."""
