@@ -16,7 +16,7 @@ import pytest
 
 from sip_config.clock import SystemClock
 from sip_config.settings import HostPort
-from tests.conftest import sip_settings
+from tests.conftest import free_port, sip_settings
 from voice.sip import message
 from voice.sip.front import RedirectFront
 from voice.sip.pool import CallHandle, SipPool
@@ -243,3 +243,22 @@ async def test_each_play_ends_with_exactly_one_play_done_carrying_its_id(
     assert [e["event"] for e in events][-1] == "ended", events
     assert not problems, problems
     assert len(done) == len(set(done)) == 6, f"PlayDone ids: {done}"
+
+
+async def test_a_front_whose_tcp_port_is_taken_fails_and_frees_its_udp_port() -> None:
+    # A make test run once saw the front's UDP socket left open after its TCP bind failed
+    # (a later test then failed on the ResourceWarning): the start fails, the UDP port is free.
+    port = free_port()
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    try:
+        front = RedirectFront(HostPort("127.0.0.1", port), lambda: None)
+        with pytest.raises(OSError):
+            await front.start()
+        await asyncio.sleep(0.05)  # a transport closes its socket on the next loop step
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", port))  # raises if the front still holds it
+        await front.stop()
+    finally:
+        taken.close()

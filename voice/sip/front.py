@@ -48,6 +48,7 @@ _KNOWN_METHODS = frozenset(
     }
 )
 _MAX_MESSAGE = 65536
+_BIND_TRIES = 20  # free UDP ports tried for one also free for TCP (port 0 only)
 
 Picker = Callable[[], HostPort | None]
 
@@ -133,15 +134,30 @@ class RedirectFront:
         self.address = addr
 
     async def start(self) -> None:
-        """Bind UDP, then TCP on the same port (the UDP one when the port is 0)."""
+        """Bind UDP, then TCP on the same port (the UDP one when the port is 0).
+
+        With port 0 the free UDP port may be taken for TCP (by some connection's local
+        port): then another UDP port is tried, up to ``_BIND_TRIES`` times. A socket of a
+        failed try is closed, not left to the garbage collector.
+        """
         loop = asyncio.get_running_loop()
-        udp, _ = await loop.create_datagram_endpoint(
-            lambda: _Udp(self._pick), local_addr=(self._addr.host, self._addr.port)
-        )
-        self._udp = udp
-        port = int(udp.get_extra_info("sockname")[1])
-        self.address = HostPort(self._addr.host, port)
-        self._tcp = await asyncio.start_server(self._serve_tcp, self._addr.host, port)
+        tries = _BIND_TRIES if self._addr.port == 0 else 1
+        for attempt in range(1, tries + 1):
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: _Udp(self._pick), local_addr=(self._addr.host, self._addr.port)
+            )
+            port = int(udp.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self._addr.host, port)
+            except OSError as exc:
+                udp.close()
+                if attempt == tries:
+                    raise
+                log.debug("SIP front: TCP port %s taken (%s): trying another", port, exc)
+                continue
+            self._udp = udp
+            self.address = HostPort(self._addr.host, port)
+            break
         log.info("SIP redirect front on %s (UDP and TCP)", self.address)
 
     async def stop(self) -> None:
