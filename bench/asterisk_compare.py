@@ -615,7 +615,8 @@ def inbound_step(
             seen = sipp_stats(stat)
             step.successful, step.peak_concurrent = seen.successful, seen.peak_concurrent
             step.retransmissions = seen.retransmissions
-        except (OSError, BenchError):
+        except (OSError, BenchError) as exc:
+            print(f"  no sipp statistics either ({exc}): every call counted failed", flush=True)
             step.successful = 0
         step.failed = calls - step.successful
         return step

@@ -42,6 +42,7 @@ ACKs of a finished call outlive it in the caller's table of finished calls (see
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ from dataclasses import dataclass, field
 from voice.sip import digest, message
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
 from voice.sip.protocol import CallEvent, CallState
+
+log = logging.getLogger(__name__)
 
 T1_S = 0.5  # RFC 3261 timer T1: the round-trip estimate
 T2_S = 4.0  # the longest retransmission interval of a non-INVITE request
@@ -123,11 +126,12 @@ def _top_branch(msg: message.SipMessage) -> str:
 
 
 def _cseq(msg: message.SipMessage) -> tuple[int, str]:
+    """CSeq number and method; (-1, "") when unreadable, so the response matches nothing."""
     number, _, method = (msg.get("CSeq") or "").strip().partition(" ")
-    try:
-        return int(number), method.strip().upper()
-    except ValueError:
+    if not (number.isascii() and number.isdigit()):
+        log.info("ignored a response with an unreadable CSeq %r", msg.get("CSeq"))
         return -1, ""
+    return int(number), method.strip().upper()
 
 
 class FlashDialog:
@@ -467,7 +471,10 @@ class FlashDialog:
                 password=self.local.password,
                 cnonce=self._token(),
             )
-        except digest.DigestError:
+        except digest.DigestError as exc:
+            log.warning(
+                "flash call %s: cannot answer the %s challenge: %s", self.spec.call_id, status, exc
+            )
             return None
         return answer, value
 

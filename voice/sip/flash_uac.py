@@ -102,8 +102,18 @@ class FlashUac(asyncio.DatagramProtocol):
             # calls/s is ~400 datagrams, the kernel's default buffer. A lost 180 is not sent
             # again (provisional responses are not retransmitted), so that call ends
             # "no_answer". The kernel caps this at net.core.rmem_max.
-            with contextlib.suppress(OSError):
+            try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            except OSError as exc:
+                log.warning("flash calls: receive buffer not enlarged: %s", exc)
+            got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux doubles it
+            if got < RECEIVE_BUFFER:
+                log.warning(
+                    "flash calls: receive buffer %d bytes, not %d: raise net.core.rmem_max, "
+                    "or bursts may lose a 180 (that call ends no_answer)",
+                    got,
+                    RECEIVE_BUFFER,
+                )
         port = int(self._transport.get_extra_info("sockname")[1])
         self.address = HostPort(self._bind.host, port)
         host = f"[{self._bind.host}]" if ":" in self._bind.host else self._bind.host
