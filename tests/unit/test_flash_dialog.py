@@ -13,14 +13,13 @@ from voice.sip.flash_dialog import (
     T1_S,
     TIMER_B_S,
     FlashDialog,
-    FlashSpec,
     Local,
     Phase,
     Step,
     target_host_port,
 )
 from voice.sip.outcome import CallOutcome
-from voice.sip.protocol import CallState
+from voice.sip.protocol import CallState, PlaceCall
 
 TARGET = "sip:+14155556001@127.0.0.1:5160"
 CLI = "+447400123456"
@@ -33,12 +32,14 @@ def make(
 ) -> tuple[FlashDialog, Step]:
     counter = itertools.count(1)
     dialog = FlashDialog(
-        FlashSpec(
+        PlaceCall(
             call_id="flash-1",
             target_uri=TARGET,
             caller_id=CLI,
             ring_s=RING_S,
             answer_timeout_s=answer_s,
+            flash=True,
+            pai=True,
             headers=(("X-Verification", "v1"),),
         ),
         Local("127.0.0.1", 5999, user, password),

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from voice.sip import digest, message
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
-from voice.sip.protocol import CallEvent, CallState
+from voice.sip.protocol import CallEvent, CallState, PlaceCall
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +70,6 @@ class Phase(enum.Enum):
     CANCELLING = "cancelling"  # CANCEL sent, waiting for the 487
     HANGING_UP = "hanging_up"  # answered, BYE sent
     DONE = "done"
-
-
-@dataclass(frozen=True, slots=True)
-class FlashSpec:
-    """What to call and how (the fields of :class:`voice.sip.pool.OutboundCall` it needs)."""
-
-    call_id: str  # the handle's id, also the SIP Call-ID's first part
-    target_uri: str  # Request-URI and To
-    caller_id: str  # user part of From and P-Asserted-Identity: the code is at its end
-    ring_s: float
-    answer_timeout_s: float
-    pai: bool = True
-    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +127,7 @@ class FlashDialog:
 
     def __init__(
         self,
-        spec: FlashSpec,
+        spec: PlaceCall,
         local: Local,
         *,
         token: Callable[[], str],
@@ -157,7 +144,6 @@ class FlashDialog:
         self._from_tag = token()
         self._cseq = 1  # the current INVITE's CSeq number (its ACK and CANCEL share it)
         self._branch = ""
-        self._invite = b""
         self._challenged = False
         self._acks: dict[int, bytes] = {}  # CSeq -> the ACK of that INVITE's final error
         # Timers, each None when not running.
@@ -252,9 +238,8 @@ class FlashDialog:
     def abort(self, now: float) -> Step:
         """The service stops: cancel a call that rings, end it ``failed`` unless it has ended."""
         step = Step()
-        if self.phase in {Phase.PROCEEDING} and self._provisional:
+        if self.phase is Phase.PROCEEDING and self._provisional:
             self._cancel(now, step)
-        self._final_status = self._final_status or SipStatus.REQUEST_TERMINATED
         if not self._ended:
             self._ended = True
             step.events.append(self._event(CallState.ENDED, 0, CallOutcome.FAILED))
@@ -412,7 +397,7 @@ class FlashDialog:
             ("Allow", ALLOW),
             *self.spec.headers,
         ]
-        self._invite = self._request(
+        self._pending_out = self._request(
             "INVITE",
             self.spec.target_uri,
             self._cseq,
@@ -420,8 +405,7 @@ class FlashDialog:
             to=f"<{self.spec.target_uri}>",
             extra=tuple(extra),
         )
-        self._pending_out = self._invite
-        step.send.append(self._invite)
+        step.send.append(self._pending_out)
         self._interval = T1_S
         self._retransmit_at = now + T1_S
         self._give_up_at = now + TIMER_B_S

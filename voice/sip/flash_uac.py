@@ -25,7 +25,7 @@ from typing import cast
 from sip_config.clock import Clock
 from sip_config.settings import HostPort, SipSettings
 from voice.sip import message
-from voice.sip.flash_dialog import TIMER_D_S, FlashDialog, FlashSpec, Local, Step, target_host_port
+from voice.sip.flash_dialog import TIMER_D_S, FlashDialog, Local, Step, target_host_port
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import OutboundCall, PoolBusyError, PoolClosedError, SipError, until_ended
 from voice.sip.protocol import CallEvent
@@ -154,16 +154,9 @@ class FlashUac(asyncio.DatagramProtocol):
         addr = (await self._resolve(host), port)
         self._ids += 1
         handle = FlashHandle(f"{self._prefix}{self._ids:08x}")
-        spec = FlashSpec(
-            call_id=handle.id,
-            target_uri=call.target_uri,
-            caller_id=call.caller_id,
-            ring_s=call.ring_s,
-            answer_timeout_s=call.answer_timeout_s,
-            pai=call.pai,
-            headers=call.headers,
+        dialog = FlashDialog(
+            call.command(handle.id), self._local, token=_token, wall=self._clock.now
         )
-        dialog = FlashDialog(spec, self._local, token=_token, wall=self._clock.now)
         live = _Live(dialog, handle, addr)
         self._live[dialog.sip_call_id] = live
         self._apply(live, dialog.start(self._clock.monotonic()))

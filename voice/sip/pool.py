@@ -107,6 +107,19 @@ class OutboundCall:
     pai: bool = True
     headers: tuple[tuple[str, str], ...] = ()
 
+    def command(self, call_id: str) -> PlaceCall:
+        """This call as the command that places it, under ``call_id``."""
+        return PlaceCall(
+            call_id=call_id,
+            target_uri=self.target_uri,
+            caller_id=self.caller_id,
+            flash=self.flash,
+            ring_s=self.ring_s,
+            answer_timeout_s=self.answer_timeout_s,
+            pai=self.pai,
+            headers=self.headers,
+        )
+
 
 _E = TypeVar("_E")
 
@@ -414,16 +427,7 @@ class SipPool:
         """
         deadline = self._clock.monotonic() + self._queue_timeout_s
         call_id = self._new_id()
-        cmd = PlaceCall(
-            call_id=call_id,
-            target_uri=call.target_uri,
-            caller_id=call.caller_id,
-            flash=call.flash,
-            ring_s=call.ring_s,
-            answer_timeout_s=call.answer_timeout_s,
-            pai=call.pai,
-            headers=call.headers,
-        )
+        cmd = call.command(call_id)
         while True:
             if not self._running:
                 raise PoolClosedError("the SIP pool is not running")
