@@ -428,3 +428,37 @@ def test_validity_is_the_same_as_phonenumbers_is_valid_number() -> None:
         if ours != phonenumbers.is_valid_number(parsed):
             disagree.append(raw)
     assert disagree == []
+
+
+def _e164_variants() -> list[str]:
+    """The example numbers and their variants, plus the forms where parse() does more than
+    split off a country code: a national prefix after it (+31 0 6..., +7 8 9...), leading
+    zeros (Italy), unknown and unassigned country codes, the shortest and longest inputs."""
+    out = set(_example_numbers())
+    for raw in list(out):
+        cc, _ = numbers.split_country_code(raw[:4])
+        digits = raw[1 + len(str(cc)) :]
+        prefix = numbers.trunk_prefix(phonenumbers.region_code_for_country_code(cc))
+        out.update({f"+{cc}{prefix or '0'}{digits}", f"+{cc}0{digits}", f"+{cc}00{digits}"})
+    out.update(f"+{d}" for d in ("1", "12", "123", "1234", "999123456", "80012345678", "0123"))
+    out.update({"+" + "4" * 18, "+" + "4" * 21, "+3906" + "0" * 10, "+390000", "+3900"})
+    return sorted(out)
+
+
+def test_the_e164_fast_path_parses_as_phonenumbers_does() -> None:
+    # parse_phone skips phonenumbers.parse() for "+digits"; where it answers, it must give
+    # the very PhoneNumber parse() gives, and it must leave every error to parse().
+    samples = _e164_variants()
+    assert len(samples) > 10000
+    answered = 0
+    for raw in samples:
+        fast = numbers._parse_e164(raw)
+        try:
+            slow = phonenumbers.parse(raw, None)
+        except phonenumbers.NumberParseException:
+            assert fast is None, raw
+            continue
+        if fast is not None:
+            answered += 1
+            assert fast == slow, raw
+    assert answered > 0.95 * len(samples) - 20
