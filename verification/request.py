@@ -5,10 +5,11 @@ strict JSON body reader.
 
 from __future__ import annotations
 
-import json
+import codecs
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp import web
 
 from verification.errors import InvalidRequest
@@ -39,9 +40,12 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
     raw = await request.read()  # client_max_size makes this 413 past 64 KiB
     if not raw:
         raise InvalidRequest("the body must be a JSON object")
+    # orjson takes RFC 8259 JSON only: UTF-8 (a leading byte-order mark is skipped, as the RFC
+    # allows), no NaN or Infinity, no lone surrogates (text that could be neither stored nor
+    # sent on), integers within 64 bits. It is also about five times faster than json.loads.
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = orjson.loads(raw[3:] if raw.startswith(codecs.BOM_UTF8) else raw)
+    except orjson.JSONDecodeError:
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")

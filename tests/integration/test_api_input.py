@@ -69,6 +69,24 @@ CREATE_CASES = [
         content_type="application/x-www-form-urlencoded",
     ),
     Bad("body over 64 KiB", 413, "body-too-large", {"phone": MOBILE, "pad": "x" * 70_000}),
+    # A lone UTF-16 surrogate is valid JSON syntax but no Unicode text: it cannot be stored or
+    # sent on, so it is refused at the door rather than failing later as a 500.
+    Bad(
+        "lone surrogate in callback_url",
+        422,
+        "invalid-request",
+        raw=b'{"phone": "%s", "callback_url": "https://x.test/\\ud800"}' % MOBILE.encode(),
+    ),
+    Bad(
+        "lone surrogate in locale",
+        422,
+        "invalid-request",
+        raw=b'{"phone": "%s", "locale": "\\udfff"}' % MOBILE.encode(),
+    ),
+    Bad(
+        "NaN", 422, "invalid-request", raw=b'{"phone": "%s", "code_length": NaN}' % MOBILE.encode()
+    ),
+    Bad("UTF-16", 422, "invalid-request", raw='{"phone": "+31612345678"}'.encode("utf-16")),
 ]
 
 
@@ -100,6 +118,7 @@ CHECK_CASES = [
     Bad("cli without a flash call", 422, "invalid-request", {"cli": "+31612345678"}),
     Bad("unknown field", 422, "invalid-request", {"code": "123456", "x": 1}),
     Bad("malformed JSON", 422, "invalid-request", raw=b"{code: 1}"),
+    Bad("code a lone surrogate", 422, "invalid-request", raw=b'{"code": "\\ud800"}'),
     Bad("text/plain", 415, "unsupported-media-type", raw=b"123456", content_type="text/plain"),
 ]
 
@@ -226,3 +245,16 @@ async def test_national_number_with_region(
     answer = await api.create(phone="06-1234 5678", region="NL")
     assert answer.status == 201, answer.text
     assert answer.json["phone"] == MOBILE
+
+
+async def test_a_utf8_byte_order_mark_is_skipped(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # RFC 8259 lets a parser ignore a leading BOM; some Windows clients still send one.
+    api = await start_service()
+    raw = b"\xef\xbb\xbf" + json.dumps({"phone": MOBILE, "method": "sms"}).encode()
+    answer = await api.request(
+        "POST", CREATE, data=raw, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status == 201, answer.text
+    assert [s.to for s in await sms_gateway.wait_for(1)] == [MOBILE]
