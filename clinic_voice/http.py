@@ -87,6 +87,7 @@ def build_middlewares(
 ) -> list[Any]:
     """The middleware chain, outermost first."""
     keys = tuple(k.encode() for k in api_keys)
+    key_ids = {k: key_id(k) for k in api_keys}  # a SHA-256 each, not one per request
 
     @web.middleware
     async def metrics_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -140,7 +141,7 @@ def build_middlewares(
             resp = problem(401, "unauthorized", "Missing or wrong API key")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="clinic-voice"'
             return resp
-        kid = key_id(token.strip())
+        kid = key_ids[token.strip()]
         request[KEY_ID] = kid
         checks = limits.request_checks(settings, kid, client_ip(request, trusted_proxies))
         if is_self_admitted(request.match_info.handler):

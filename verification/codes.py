@@ -8,7 +8,6 @@ the request that made them: the HMAC key is the service secret and the message i
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from verification import entropy
@@ -26,8 +25,9 @@ def new_code(length: int) -> str:
 
 def code_hash(secret: bytes, verification_id: str, code: str) -> str:
     """The stored form of a code."""
-    msg = f"{verification_id}:{code}".encode()
-    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+    # hmac.digest: OpenSSL's one-shot HMAC, the same bytes as hmac.new(...).digest() without
+    # building an HMAC object in Python (about a third of the time).
+    return hmac.digest(secret, f"{verification_id}:{code}".encode(), "sha256").hex()
 
 
 def matches(secret: bytes, verification_id: str, code: str, hashes: tuple[str, ...]) -> bool:
