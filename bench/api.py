@@ -33,12 +33,13 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 if __package__ in {None, ""}:
     # Run as a file (``python bench/api.py``): make the repo importable for ``bench.common``.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import redis
 import uvloop
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
@@ -273,7 +274,62 @@ class Target:
     sms_count_url: str = ""  # the service's SMS gateway, to count what it was sent
 
 
-def measure(target: Target, script: Path, plan: Plan, base: int) -> WrkResult:
+@dataclass(frozen=True, slots=True)
+class RedisRun:
+    """What the service's Redis went through during one measured run."""
+
+    forks: int  # AOF rewrites started (each forks Redis and writes the whole data set)
+    slow_fsync_s: int  # wall-clock seconds in which an fsync took SLOW_MS or more
+    worst_ms: int  # the longest stall of any kind Redis's latency monitor saw
+    worst_event: str  # and its kind (aof-fsync-always, fork, aof-write, command...)
+
+
+class RedisWatch:
+    """Slow fsyncs, stalls and AOF rewrites in the service's Redis, run by run.
+
+    With ``appendfsync always`` every acknowledged write waits for its fsync, so one slow
+    fsync (or any other stall of Redis) holds every request in flight: these explain a
+    latency tail that the service's own code does not. Read from Redis's latency monitor
+    (threshold SLOW_MS; per event kind, one sample per second at most) and its fork counter.
+    The monitor only records.
+    """
+
+    SLOW_MS = 5
+
+    def __init__(self, url: str) -> None:
+        self._r = redis.Redis.from_url(url, socket_timeout=10)
+        self._r.config_set("latency-monitor-threshold", self.SLOW_MS)
+        self._forks = 0
+
+    def _fork_count(self) -> int:
+        return int(self._r.info("stats")["total_forks"])
+
+    def start(self) -> None:
+        """Forget what came before: the next :meth:`take` covers from here."""
+        self._r.latency_reset()
+        self._forks = self._fork_count()
+
+    def take(self) -> RedisRun:
+        fsyncs = cast(list[list[int]], self._r.latency_history("aof-fsync-always") or [])
+        worst_ms, worst_event = 0, ""
+        for event, _at, _latest, highest in cast(list[list[Any]], self._r.latency_latest()):
+            if int(highest) > worst_ms:
+                worst_ms = int(highest)
+                worst_event = event.decode() if isinstance(event, bytes) else str(event)
+        return RedisRun(
+            forks=self._fork_count() - self._forks,
+            slow_fsync_s=len(fsyncs),
+            worst_ms=worst_ms,
+            worst_event=worst_event,
+        )
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def measure(
+    target: Target, script: Path, plan: Plan, base: int, watch: RedisWatch | None = None
+) -> WrkResult:
     """A warm-up run, then the measured run, with the same script."""
     common = {"connections": CONNECTIONS, "threads": WRK_THREADS}
     run_wrk(
@@ -283,6 +339,8 @@ def measure(target: Target, script: Path, plan: Plan, base: int) -> WrkResult:
         script_args=[str(base), str(WRK_THREADS)],
         **common,
     )
+    if watch is not None:
+        watch.start()
     return run_wrk(
         target.base_url,
         script,
@@ -301,6 +359,7 @@ def measure_paced(
     kind: str,
     echo: WrkResult,
     plan: Plan,
+    watch: RedisWatch | None = None,
 ) -> WrkResult:
     """Latency at the goal's rate instead of at saturation: every connection waits between
     requests so that the 50 together offer ``GOAL_RATIO[kind]`` x the echo server's rate.
@@ -318,6 +377,8 @@ def measure_paced(
             script = create_script(work / "create-paced.lua", api_key, pace_ms)
         else:
             script = check_script(work / "check-paced.lua", api_key, ids, pace_ms)
+        if watch is not None:
+            watch.start()  # the run reported is the last one
         result = run_wrk(
             target.base_url,
             script,
@@ -359,6 +420,12 @@ def service_env(
     )
 
 
+def service_redis_url(work: Path, extra_env: dict[str, str]) -> str:
+    """The Redis the service uses: the one given, or its embedded one's unix socket."""
+    given = extra_env.get("CLINIC_REDIS_URL", "")
+    return given or f"unix://{work / 'data' / 'redis' / 'redis.sock'}"
+
+
 def run(
     plan: Plan, quick: bool, echo_only: bool = False, extra_env: dict[str, str] | None = None
 ) -> dict[str, object]:
@@ -367,6 +434,8 @@ def run(
     api_key = secrets.token_hex(16)  # 32 characters
     children: list[Child] = []
     results: dict[tuple[str, str], WrkResult] = {}
+    redis_runs: dict[tuple[str, str], RedisRun] = {}
+    watch: RedisWatch | None = None
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         work = Path(tmp)
         try:
@@ -382,12 +451,14 @@ def run(
                 ids = [secrets.token_urlsafe(16) for _ in range(plan.verifications)]
             else:
                 service_t, ids = start_service(work, plan, api_key, children, extra_env or {})
+                watch = RedisWatch(service_redis_url(work, extra_env or {}))
             creates = create_script(work / "create.lua", api_key)
             checks = check_script(work / "check.lua", api_key, ids)
             for kind, script in (("create", creates), ("check", checks)):
                 results[("echo", kind)] = measure(echo_t, script, plan, base=0)
-                if service_t is not None:
-                    results[("service", kind)] = measure(service_t, script, plan, base=0)
+                if service_t is not None and watch is not None:
+                    results[("service", kind)] = measure(service_t, script, plan, 0, watch)
+                    redis_runs[("service", kind)] = watch.take()
                     results[("service paced", kind)] = measure_paced(
                         service_t,
                         work=work,
@@ -396,7 +467,9 @@ def run(
                         kind=kind,
                         echo=results[("echo", kind)],
                         plan=plan,
+                        watch=watch,
                     )
+                    redis_runs[("service paced", kind)] = watch.take()
                     if children[-1].returncode is not None:
                         raise BenchError(f"the service died during the run:\n{children[-1].tail()}")
             sms_sent = _get_json(service_t.sms_count_url)["sent"] if service_t else None
@@ -409,9 +482,11 @@ def run(
             )
             raise BenchError(f"{exc}\n{notes}") from exc
         finally:
+            if watch is not None:
+                watch.close()
             for child in reversed(children):
                 child.stop()
-    figures = report(results, plan, quick, len(ids))
+    figures = report(results, plan, quick, len(ids), redis_runs)
     if not echo_only:
         workers = (extra_env or {}).get("CLINIC_HTTP_WORKERS", str(HTTP_WORKERS))
         print(f"service: CLINIC_HTTP_WORKERS={workers}; echo server: one process")
@@ -454,7 +529,11 @@ def start_service(
 
 
 def report(
-    results: dict[tuple[str, str], WrkResult], plan: Plan, quick: bool, verifications: int
+    results: dict[tuple[str, str], WrkResult],
+    plan: Plan,
+    quick: bool,
+    verifications: int,
+    redis_runs: dict[tuple[str, str], RedisRun] | None = None,
 ) -> dict[str, object]:
     """Print the table and build the JSON figures."""
     rows = []
@@ -501,6 +580,23 @@ def report(
         "p99_ms": p99 <= GOAL_P99_MS,
         "no_errors": sc.errors == 0 and sk.errors == 0 and pc.errors == 0 and pk.errors == 0,
     }
+    redis_json: dict[str, dict[str, object]] = {}
+    if redis_runs:
+        print(
+            "\nthe service's Redis in each run (its latency monitor, stalls >= "
+            f"{RedisWatch.SLOW_MS} ms; a run of N s spans N+1 wall-clock seconds)"
+        )
+        table = []
+        for (target, kind), rr in redis_runs.items():
+            worst = f"{rr.worst_ms} ({rr.worst_event})" if rr.worst_event else "-"
+            table.append([f"{target} {kind}s", rr.forks, rr.slow_fsync_s, worst])
+            redis_json[f"{target} {kind}s"] = {
+                "aof_rewrites": rr.forks,
+                "slow_fsync_s": rr.slow_fsync_s,
+                "worst_stall_ms": rr.worst_ms,
+                "worst_stall": rr.worst_event,
+            }
+        print_table(["run", "AOF rewrites", "s with a slow fsync", "worst stall ms"], table)
     print(
         f"paced to the goals' rates: creates {pc.good_rps:.0f}/s p99 {pc.p99_ms:.2f} ms; "
         f"checks {pk.good_rps:.0f}/s p99 {pk.p99_ms:.2f} ms"
@@ -535,6 +631,7 @@ def report(
         "check_errors": sk.errors,
         "goals_met": all(goals.values()),
         "goals": goals,
+        "redis": redis_json,
     }
 
 
