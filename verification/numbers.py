@@ -12,9 +12,16 @@ import re
 import phonenumbers
 from phonenumbers import PhoneNumber, PhoneNumberType
 from phonenumbers import phonenumberutil as _pnu
+from phonenumbers import re_util as _pn_re
 
 from verification.errors import InvalidNumber, NumberRefused
 from verification.model import NumberKind, Phone
+
+# phonenumbers compiles its metadata's patterns through re.compile() on every use: nine times
+# for one NL mobile, each a look-up in re's cache (about 0.3 us), and re keeps only 512 while
+# the metadata holds thousands, so traffic from many countries would compile them again and
+# again. Its own cache keeps every pattern it has compiled (2 us less per number here).
+_pn_re.enable_pattern_cache()
 
 MAX_INPUT_LENGTH = 32
 # What a person may type around the digits. Letters (vanity numbers) and non-ASCII digits are
