@@ -602,8 +602,8 @@ def report(
         f"checks {pk.good_rps:.0f}/s p99 {pk.p99_ms:.2f} ms"
     )
     print(
-        f"\ncreates {sc.good_rps:.0f}/s = {create_ratio:.2f} x echo (goal {GOAL_CREATE_RATIO}); "
-        f"checks {sk.good_rps:.0f}/s = {check_ratio:.2f} x echo (goal {GOAL_CHECK_RATIO}); "
+        f"\ncreates {sc.good_rps:.0f}/s = {create_ratio:.3f} x echo (goal {GOAL_CREATE_RATIO}); "
+        f"checks {sk.good_rps:.0f}/s = {check_ratio:.3f} x echo (goal {GOAL_CHECK_RATIO}); "
         f"p99 {p99:.2f} ms (goal {GOAL_P99_MS}); service errors {sc.errors + sk.errors}"
     )
     return {
