@@ -5,6 +5,7 @@ in order and nothing is left behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 import phonenumbers
 from aiohttp import web
 
+from clinic_voice import redis_durability
 from clinic_voice.http import MAX_BODY, build_middlewares, problem
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
@@ -202,9 +204,19 @@ def build_app(
         mux = RedisMux(url, timeout_s=2.0)
         rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days)
         rt.store = VerificationStore(mux, global_webhook=bool(settings.verification.webhook_url))
+        # A Redis the operator gave: say in the log if it could lose acknowledged writes
+        # (serve only; its HTTP workers use the same Redis).
+        durability = (
+            asyncio.create_task(redis_durability.report(mux.execute), name="redis-durability")
+            if embedded is None and worker is None
+            else None
+        )
         try:
             yield
         finally:
+            if durability is not None:
+                durability.cancel()
+                await asyncio.gather(durability, return_exceptions=True)
             await mux.aclose()
             if embedded is not None:
                 await embedded.stop()
