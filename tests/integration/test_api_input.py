@@ -87,6 +87,8 @@ CREATE_CASES = [
         "NaN", 422, "invalid-request", raw=b'{"phone": "%s", "code_length": NaN}' % MOBILE.encode()
     ),
     Bad("UTF-16", 422, "invalid-request", raw='{"phone": "+31612345678"}'.encode("utf-16")),
+    # Nested deeper than any parser should recurse, and still under the 64 KiB limit.
+    Bad("nested 30,000 deep", 422, "invalid-request", raw=b"[" * 30_000 + b"]" * 30_000),
 ]
 
 
