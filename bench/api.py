@@ -298,8 +298,20 @@ class RedisWatch:
 
     def __init__(self, url: str) -> None:
         self._r = redis.Redis.from_url(url, socket_timeout=10)
-        self._r.config_set("latency-monitor-threshold", self.SLOW_MS)
         self._forks = 0
+        # Put back when done: a Redis given with --service-env is someone else's.
+        before = self._r.config_get("latency-monitor-threshold")
+        self._threshold_before = str(before.get("latency-monitor-threshold", "0"))
+        self._r.config_set("latency-monitor-threshold", self.SLOW_MS)
+
+    @classmethod
+    def open(cls, url: str) -> RedisWatch | None:
+        """A watch on ``url``, or None (said on stdout) when that Redis does not allow it."""
+        try:
+            return cls(url)
+        except redis.RedisError as exc:
+            print(f"(the service's Redis is not watched: {exc})")
+            return None
 
     def _fork_count(self) -> int:
         return int(self._r.info("stats")["total_forks"])
@@ -324,7 +336,12 @@ class RedisWatch:
         )
 
     def close(self) -> None:
-        self._r.close()
+        try:
+            self._r.config_set("latency-monitor-threshold", self._threshold_before)
+        except redis.RedisError as exc:  # the service (and its Redis) may be gone already
+            print(f"(could not restore the Redis latency-monitor-threshold: {exc})")
+        finally:
+            self._r.close()
 
 
 def measure(
@@ -451,14 +468,15 @@ def run(
                 ids = [secrets.token_urlsafe(16) for _ in range(plan.verifications)]
             else:
                 service_t, ids = start_service(work, plan, api_key, children, extra_env or {})
-                watch = RedisWatch(service_redis_url(work, extra_env or {}))
+                watch = RedisWatch.open(service_redis_url(work, extra_env or {}))
             creates = create_script(work / "create.lua", api_key)
             checks = check_script(work / "check.lua", api_key, ids)
             for kind, script in (("create", creates), ("check", checks)):
                 results[("echo", kind)] = measure(echo_t, script, plan, base=0)
-                if service_t is not None and watch is not None:
+                if service_t is not None:
                     results[("service", kind)] = measure(service_t, script, plan, 0, watch)
-                    redis_runs[("service", kind)] = watch.take()
+                    if watch is not None:
+                        redis_runs[("service", kind)] = watch.take()
                     results[("service paced", kind)] = measure_paced(
                         service_t,
                         work=work,
@@ -469,7 +487,8 @@ def run(
                         plan=plan,
                         watch=watch,
                     )
-                    redis_runs[("service paced", kind)] = watch.take()
+                    if watch is not None:
+                        redis_runs[("service paced", kind)] = watch.take()
                     if children[-1].returncode is not None:
                         raise BenchError(f"the service died during the run:\n{children[-1].tail()}")
             sms_sent = _get_json(service_t.sms_count_url)["sent"] if service_t else None
