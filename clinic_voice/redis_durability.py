@@ -72,7 +72,10 @@ async def report(execute: Callable[..., Awaitable[Any]]) -> None:
                 exc,
             )
             return
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            # Not up yet: /readyz and the store's own errors report an unreachable Redis; this
+            # only waits to ask again.
+            log.debug("Redis persistence settings not read yet (%s); again in %g s", exc, RETRY_S)
             await asyncio.sleep(RETRY_S)
             continue
         risk = assess(appendonly, appendfsync)
