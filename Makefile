@@ -64,6 +64,7 @@ e2e: install asterisk-rootfs
 BENCH_ARGS ?=
 bench: install
 	$(PY) bench/api.py $(BENCH_ARGS)
+	$(PY) bench/api_cpu.py $(BENCH_ARGS)
 	$(PY) bench/flashcall.py $(BENCH_ARGS)
 	$(PY) bench/ivr.py $(BENCH_ARGS)
 	$(MAKE) --no-print-directory asterisk-rootfs
