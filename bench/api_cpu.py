@@ -7,6 +7,11 @@ For each measured run it reads ``/proc`` before and after and prints, per create
 
 - the CPU of the service's processes (``serve`` and its HTTP workers), its Redis and the
   SMS stand-in, from ``/proc/<pid>/stat``;
+- the CPU of Redis's AOF rewrites (forked children, counted when Redis reaps them, so a
+  rewrite still running at the end of a run is left out), from the same file;
+- how long the service's and Redis's threads were runnable but waited for a CPU, from
+  ``/proc/<pid>/task/<tid>/schedstat``: Redis answers every create, so its wait is
+  everybody's;
 - the whole machine's split (user, system, softirq, idle, iowait) from ``/proc/stat``.
 
 This is what BENCHMARKS.md's "CPU per create" figures are read from. The noise between runs
@@ -36,6 +41,7 @@ from bench.common import (
     parser,
     print_table,
     run_wrk,
+    runqueue_wait_seconds,
 )
 
 FULL = Plan(warmup_s=2, measure_s=10, verifications=100, paced_s=0)
@@ -48,11 +54,22 @@ def _machine_ticks() -> list[int]:
         return [int(x) for x in f.readline().split()[1 : 1 + len(_MACHINE)]]
 
 
+def _readings(groups: dict[str, list[int]]) -> dict[str, float]:
+    """Seconds so far: CPU of each group, Redis's reaped AOF rewrites, run-queue waits."""
+    out = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    out["redis rewrites"] = cpu_seconds(groups["redis"], reaped_children=True)
+    for name in ("service", "redis"):
+        wait = runqueue_wait_seconds(groups[name])
+        if wait is not None:  # a kernel without schedstat: the columns say n/a
+            out[f"{name} waiting"] = wait
+    return out
+
+
 def measure(
     base_url: str, script: Path, groups: dict[str, list[int]], seconds: int, base: int
 ) -> dict[str, object]:
     """One wrk run of ``seconds``; CPU per create (us) of each group and of the machine."""
-    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    before = _readings(groups)
     ticks_before = _machine_ticks()
     result = run_wrk(
         base_url,
@@ -67,9 +84,11 @@ def measure(
     if creates <= 0 or result.errors:
         raise BenchError(f"the create run failed: {creates} creates, {result.errors} errors")
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    after = _readings(groups)
     per_create: dict[str, float] = {
-        name: round(1e6 * (cpu_seconds(pids) - before[name]) / creates, 1)
-        for name, pids in groups.items()
+        name: round(1e6 * (after[name] - before[name]) / creates, 1)
+        for name in after
+        if name in before
     }
     machine = {
         name: round(t * tick_us / creates, 1) for name, t in zip(_MACHINE, ticks, strict=True)
@@ -124,6 +143,9 @@ def run(plan: Plan, runs: int) -> dict[str, object]:
                 per["service"],
                 per["redis"],
                 per["sms stand-in"],
+                per["redis rewrites"],
+                per.get("service waiting", "n/a"),
+                per.get("redis waiting", "n/a"),
                 mach["user"],
                 mach["system"],
                 mach["softirq"],
@@ -132,6 +154,7 @@ def run(plan: Plan, runs: int) -> dict[str, object]:
         )
     print(
         f"\nCPU per create (us), wrk {CONNECTIONS} connections, {plan.measure_s} s a run; "
+        "waiting: runnable but without a CPU (us per create); "
         "machine: /proc/stat over the same run"
     )
     print_table(
@@ -141,6 +164,9 @@ def run(plan: Plan, runs: int) -> dict[str, object]:
             "service",
             "redis",
             "sms stand-in",
+            "redis rewrites",
+            "service waiting",
+            "redis waiting",
             "machine user",
             "system",
             "softirq",

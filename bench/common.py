@@ -505,13 +505,16 @@ def sipp_path() -> str:
     return path
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
+def cpu_seconds(pids: Sequence[int], *, reaped_children: bool = False) -> float:
     """User plus system CPU seconds the processes ``pids`` have used so far (all threads).
 
     Read from ``/proc/<pid>/stat`` (fields 14 and 15, in clock ticks); a process that is
-    gone counts 0, so take the difference of two readings of live processes.
+    gone counts 0, so take the difference of two readings of live processes. With
+    ``reaped_children``, the CPU of their children that have ended and been waited for
+    instead (fields 16 and 17): for Redis, its AOF rewrites, which run in a forked child.
     """
     tick = os.sysconf("SC_CLK_TCK")
+    first = 13 if reaped_children else 11  # 0-based, counted from the state field
     total = 0
     for pid in pids:
         try:
@@ -520,5 +523,27 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         # Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
         fields = stat.rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[first]) + int(fields[first + 1])
     return total / tick
+
+
+def runqueue_wait_seconds(pids: Sequence[int]) -> float | None:
+    """Seconds the threads of ``pids`` have spent runnable but waiting for a CPU so far.
+
+    The second field of ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds); None when this
+    kernel does not keep it. Threads that have ended count 0: take differences.
+    """
+    total = 0
+    seen = False
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            seen = True
+    return total / 1e9 if seen else None
