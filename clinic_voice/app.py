@@ -195,9 +195,12 @@ def build_app(
         embedded: EmbeddedRedis | None = None
         url = settings.redis_url
         if not url:
-            embedded = EmbeddedRedis(settings.data_dir)
+            embedded = EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
             url = await embedded.start()
             log.info("embedded Redis started (unix socket in %s)", settings.data_dir)
+            risk = redis_durability.assess("yes", settings.redis_appendfsync)
+            if risk is not None:
+                log.warning("embedded Redis (CLINIC_REDIS_APPENDFSYNC): %s", risk)
         rt.redis_url = url
         # Every Redis command of this process rides one multiplexed connection (see
         # verification/redis_mux.py): the verification API's hot path and the call records.
@@ -281,7 +284,11 @@ def build_app(
         workers = HttpWorkers(
             count=settings.http_workers,
             data_dir=settings.data_dir,
-            env={**os.environ, "CLINIC_REDIS_URL": rt.redis_url},
+            # The workers use this process's Redis; its fsync setting is this process's to make.
+            env={
+                **{k: v for k, v in os.environ.items() if k != "CLINIC_REDIS_APPENDFSYNC"},
+                "CLINIC_REDIS_URL": rt.redis_url,
+            },
             dispatcher=dispatcher,
             checks=lambda: {name: check() for name, check in serve_checks.items()},
             warming=lambda: sorted(rt.warming),

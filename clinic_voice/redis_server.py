@@ -1,9 +1,10 @@
 """The embedded Redis: a ``redis-server`` child the service starts, supervises and stops.
 
 Used when ``CLINIC_REDIS_URL`` is unset. Redis listens only on a unix socket inside the data
-dir (no TCP at all), keeps an append-only file fsynced on every write, and is restarted with
-backoff if it dies. Everything here is asyncio: the child is an ``asyncio`` subprocess and every
-wait has a deadline.
+dir (no TCP at all), keeps an append-only file fsynced on every write (once a second when the
+operator sets ``CLINIC_REDIS_APPENDFSYNC=everysec``), and is restarted with backoff if it
+dies. Everything here is asyncio: the child is an ``asyncio`` subprocess and every wait has a
+deadline.
 
 Why ``appendfsync always``: an approved verification that the API has acknowledged must survive a
 ``kill -9`` of Redis (or a power cut). Measured on this project's machine (Debian 12, 2 cores,
@@ -100,6 +101,7 @@ class EmbeddedRedis:
         data_dir: Path,
         *,
         executable: str = "redis-server",
+        appendfsync: str = "always",
         ready_deadline_s: float = 15.0,
         stop_deadline_s: float = 5.0,
         backoff_initial_s: float = 0.1,
@@ -110,6 +112,9 @@ class EmbeddedRedis:
         self._conf = self._dir / "redis.conf"
         self._pidfile = self._dir / "redis.pid"
         self._executable = executable
+        if appendfsync not in {"always", "everysec"}:
+            raise ValueError(f"appendfsync must be always or everysec, not {appendfsync!r}")
+        self._appendfsync = appendfsync
         self._ready_deadline_s = ready_deadline_s
         self._stop_deadline_s = stop_deadline_s
         self._backoff_initial_s = backoff_initial_s
@@ -217,7 +222,7 @@ class EmbeddedRedis:
             "loglevel": "notice",
             "always-show-logo": "no",
             "appendonly": "yes",
-            "appendfsync": "always",  # see the module docstring for the measured cost
+            "appendfsync": self._appendfsync,  # see the module docstring for the measured cost
             # The AOF is the durable copy; its rewrite already embeds an RDB preamble, so
             # periodic RDB snapshots would only add fork()s.
             "save": '""',

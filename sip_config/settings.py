@@ -50,6 +50,14 @@ VARIABLES: tuple[Variable, ...] = (
         "append-only file with fsync on every write) and stops it on exit",
     ),
     Variable(
+        "CLINIC_REDIS_APPENDFSYNC",
+        "always",
+        "the embedded Redis's fsync: always (an answered write is on disk) or everysec (faster; "
+        "about the last second of answered writes, approvals included, can be lost to a "
+        "power cut; logged as a warning at every start); for a CLINIC_REDIS_URL Redis, set "
+        "appendfsync in that Redis instead",
+    ),
+    Variable(
         "CLINIC_API_KEYS",
         "",
         "comma-separated bearer keys; unset: one is generated on first start into "
@@ -269,6 +277,7 @@ class Settings:
     http_workers: int
     data_dir: Path
     redis_url: str  # "" means embedded
+    redis_appendfsync: str  # the embedded Redis's appendfsync: "always" or "everysec"
     api_keys: tuple[str, ...]  # () means "generate into the data dir"
     secret: str  # "" means "generate into the data dir"
     clinic_name: str
@@ -291,6 +300,10 @@ class _Reader:
         unknown = sorted(k for k in env if k.startswith("CLINIC_") and k not in _DEFAULTS)
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(unknown)} (see the README)")
+
+    def given(self, name: str) -> bool:
+        """Whether the environment sets ``name`` (to anything, even its default)."""
+        return name in self._env
 
     def raw(self, name: str) -> str:
         value = self._env.get(name)
@@ -515,12 +528,19 @@ def _build(r: _Reader) -> Settings:
         scheduling_webhook=r.url("CLINIC_SCHEDULING_WEBHOOK", ("http://", "https://")),
         call_retention_days=r.integer("CLINIC_CALL_RETENTION_DAYS", 1, 3650),
     )
+    redis_url = r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://"))
+    if redis_url and r.given("CLINIC_REDIS_APPENDFSYNC"):
+        raise SettingsError(
+            "CLINIC_REDIS_APPENDFSYNC sets the embedded Redis's fsync; with CLINIC_REDIS_URL, "
+            "set appendfsync in that Redis instead (the service checks it at start)"
+        )
     return Settings(
         http_addr=r.parse("CLINIC_HTTP_ADDR", parse_host_port),
         http_workers=r.integer("CLINIC_HTTP_WORKERS", 1, 64),
         # Absolute: redis-server changes into its own dir, and a relative socket path broke.
         data_dir=Path(r.raw("CLINIC_DATA_DIR") or "./var").absolute(),
-        redis_url=r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://")),
+        redis_url=redis_url,
+        redis_appendfsync=r.parse("CLINIC_REDIS_APPENDFSYNC", _appendfsync),
         api_keys=r.parse("CLINIC_API_KEYS", _api_keys),
         secret=r.parse("CLINIC_SECRET", _secret),
         clinic_name=r.parse("CLINIC_NAME", _clinic_name),
@@ -531,6 +551,12 @@ def _build(r: _Reader) -> Settings:
         sip=sip,
         ivr=ivr,
     )
+
+
+def _appendfsync(value: str) -> str:
+    if value not in {"always", "everysec"}:
+        raise ValueError("expected always or everysec")
+    return value
 
 
 def _language(value: str) -> str:

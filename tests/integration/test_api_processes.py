@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import (
@@ -283,7 +284,9 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
     """CLINIC_HTTP_WORKERS=3 with the embedded Redis: three processes listen on one port, a
     flash call asked through a worker is placed by serve (the only one with SIP), /metrics
     sums every process and never goes back when a worker is killed and restarted, and the
-    workers stop when serve is killed."""
+    workers stop when serve is killed. The embedded Redis runs with
+    CLINIC_REDIS_APPENDFSYNC=everysec: serve applies it and warns, and the workers, which
+    use serve's Redis, start all the same."""
     DATA_CACHE.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "data"
     data.mkdir()
@@ -299,6 +302,7 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
         # Nothing listens there: the flash calls fail, which is not what this test is about.
         "CLINIC_SIP_ROUTE": f"sip:{{e164}}@127.0.0.1:{free_port()}",
         "CLINIC_FLASHCALL_PREFIX": "+447400",
+        "CLINIC_REDIS_APPENDFSYNC": "everysec",
     }
     async with serve("S", env, tmp_path, openapi_responses) as s:
         assert s.proc is not None
@@ -306,6 +310,13 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
         assert _listeners(port) == 3
         workers = _worker_pids(s.proc.pid)
         assert len(workers) == 2, workers
+        redis = aioredis.Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
+        try:
+            assert (await redis.config_get("appendfsync"))["appendfsync"] == "everysec"
+        finally:
+            await redis.aclose()
+        warned = "embedded Redis (CLINIC_REDIS_APPENDFSYNC): appendfsync is everysec"
+        assert warned in s.log_path.read_text(errors="replace")
 
         made = 0
         for i in range(12):

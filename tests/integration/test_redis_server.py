@@ -80,6 +80,24 @@ async def test_start_serves_on_a_private_unix_socket_only(
         await client.aclose()
 
 
+async def test_everysec_is_applied_when_the_operator_asks(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "data", appendfsync="everysec")
+    try:
+        client = aioredis.Redis.from_url(await server.start())
+        try:
+            config = await client.config_get("append*")
+            assert (config["appendonly"], config["appendfsync"]) == ("yes", "everysec")
+        finally:
+            await client.aclose()
+    finally:
+        await server.stop()
+
+
+def test_an_unknown_appendfsync_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="always or everysec"):
+        EmbeddedRedis(tmp_path / "data", appendfsync="no")
+
+
 async def test_stop_leaves_no_process_and_no_socket(embedded: EmbeddedRedis) -> None:
     url = await embedded.start()
     pid = embedded.pid

@@ -35,6 +35,7 @@ def test_defaults() -> None:
     v = s.verification
     assert s.http_addr == HostPort("127.0.0.1", 8080)
     assert (s.redis_url, s.api_keys, s.secret) == ("", (), "")
+    assert s.redis_appendfsync == "always"
     assert (v.code_ttl_s, v.max_checks, v.max_sends) == (600, 5, 5)
     assert v.allowed_countries == frozenset()
     assert v.limit_number_sends == Rate(5, 600)
@@ -156,6 +157,8 @@ def test_every_documented_variable_is_read_and_documented_once() -> None:
         ),
         ({"CLINIC_VOSK_MODEL": "/m"}, lambda s: s.ivr.vosk_model, Path("/m")),
         ({"CLINIC_REDIS_URL": "unix:///r.sock"}, lambda s: s.redis_url, "unix:///r.sock"),
+        ({"CLINIC_REDIS_APPENDFSYNC": "everysec"}, lambda s: s.redis_appendfsync, "everysec"),
+        ({"CLINIC_REDIS_APPENDFSYNC": "always"}, lambda s: s.redis_appendfsync, "always"),
     ],
 )
 def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expected: Any) -> None:
@@ -226,6 +229,9 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_SCHEDULING_WEBHOOK", "mailto:x", "http"),
         ("CLINIC_CALL_RETENTION_DAYS", "0", "1..3650"),
         ("CLINIC_LOG_LEVEL", "TRACE", "DEBUG, INFO"),
+        ("CLINIC_REDIS_APPENDFSYNC", "no", "always or everysec"),
+        ("CLINIC_REDIS_APPENDFSYNC", "", "always or everysec"),
+        ("CLINIC_REDIS_APPENDFSYNC", "EVERYSEC", "always or everysec"),
         ("CLINIC_NAME", "", "1..40"),
         ("CLINIC_NAME", "x" * 41, "1..40"),
         ("CLINIC_NAME", "tab\there", "1..40"),
@@ -238,6 +244,13 @@ def test_bad_values_are_refused_naming_the_variable(name: str, value: str, why: 
     message = str(err.value)
     assert message.startswith(name), message
     assert why in message
+
+
+@pytest.mark.parametrize("value", ["always", "everysec"])
+def test_redis_appendfsync_is_refused_with_a_redis_url(value: str) -> None:
+    # It sets the embedded Redis only: beside CLINIC_REDIS_URL it would be silently ignored.
+    with pytest.raises(SettingsError, match="set appendfsync in that Redis"):
+        build(CLINIC_REDIS_URL="unix:///r.sock", CLINIC_REDIS_APPENDFSYNC=value)
 
 
 def test_registrar_needs_a_user() -> None:
