@@ -65,6 +65,7 @@ BENCH_ARGS ?=
 bench: install
 	$(PY) bench/api.py $(BENCH_ARGS)
 	$(PY) bench/api_cpu.py $(BENCH_ARGS)
+	$(PY) bench/api_latency.py $(BENCH_ARGS)
 	$(PY) bench/flashcall.py $(BENCH_ARGS)
 	$(PY) bench/ivr.py $(BENCH_ARGS)
 	$(MAKE) --no-print-directory asterisk-rootfs
