@@ -170,7 +170,9 @@ class HttpWorkers:
                 *argv,
                 env=self._env,
                 stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C at the terminal is serve's to handle
+                # Its own process group, so a Ctrl-C at the terminal is serve's to handle, but
+                # serve's session: see EmbeddedRedis._spawn for why not a session of its own.
+                preexec_fn=os.setpgrp,  # uvloop has no process_group=0
             )
             self._procs[index] = proc
             started = asyncio.get_running_loop().time()

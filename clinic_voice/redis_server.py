@@ -279,7 +279,13 @@ class EmbeddedRedis:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C at the terminal is the service's to handle
+            # Its own process group, so a Ctrl-C at the terminal is the service's to handle.
+            # Not its own session: with the kernel's autogroup scheduling (on by default)
+            # every session is a group that gets an equal share of the CPU, and Redis (with
+            # its AOF rewrite child) and each HTTP worker in sessions of their own starved
+            # one another: an HTTP worker got 5 % of a core for 200 ms while a rewrite ran,
+            # and the API's latency tail reached 100-450 ms (BENCHMARKS.md).
+            preexec_fn=os.setpgrp,  # uvloop has no process_group=0
         )
         self._reader = asyncio.create_task(self._read_log(self._proc), name="embedded-redis-log")
         proc = self._proc

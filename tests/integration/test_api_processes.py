@@ -310,6 +310,9 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
         assert _listeners(port) == 3
         workers = _worker_pids(s.proc.pid)
         assert len(workers) == 2, workers
+        for pid in workers:  # own process group, serve's session (see test_redis_server.py)
+            assert os.getpgid(pid) == pid
+            assert os.getsid(pid) == os.getsid(s.proc.pid)
         redis = aioredis.Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
         try:
             assert (await redis.config_get("appendfsync"))["appendfsync"] == "everysec"

@@ -80,6 +80,20 @@ async def test_start_serves_on_a_private_unix_socket_only(
         await client.aclose()
 
 
+async def test_redis_has_its_own_process_group_in_the_service_session(
+    embedded: EmbeddedRedis,
+) -> None:
+    # Its own group: a Ctrl-C at the terminal (sent to the foreground group) is the
+    # service's to handle. The service's session: with autogroup scheduling every session
+    # shares the CPU as one, and a session of its own let Redis's AOF rewrites starve the
+    # HTTP workers (a 100-450 ms latency tail, BENCHMARKS.md).
+    await embedded.start()
+    pid = embedded.pid
+    assert pid is not None
+    assert os.getpgid(pid) == pid
+    assert os.getsid(pid) == os.getsid(0)
+
+
 async def test_everysec_is_applied_when_the_operator_asks(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path / "data", appendfsync="everysec")
     try:
