@@ -49,8 +49,8 @@ from bench.common import (
     BenchError,
     Child,
     WrkResult,
-    emit_json,
     environ,
+    finish,
     free_port,
     lua_string,
     parser,
@@ -699,16 +699,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--service-env expects CLINIC_NAME=VALUE, got {item!r}")
         extra[key] = value
     extra.setdefault("CLINIC_HTTP_WORKERS", str(args.http_workers))
-    try:
-        figures = run(QUICK if args.quick else FULL, args.quick, args.echo_only, extra)
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        emit_json({"bench": "api", "quick": args.quick, "error": str(exc).splitlines()[0]})
-        return 1
-    emit_json(figures)
-    if args.strict and not figures.get("goals_met", False):
-        return 1
-    return 0
+    plan = QUICK if args.quick else FULL
+    return finish(
+        "api", args.quick, lambda: run(plan, args.quick, args.echo_only, extra), strict=args.strict
+    )
 
 
 if __name__ == "__main__":

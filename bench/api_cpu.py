@@ -37,7 +37,7 @@ from bench.common import (
     Child,
     child_pids,
     cpu_seconds,
-    emit_json,
+    finish,
     parser,
     print_table,
     run_wrk,
@@ -184,15 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     if runs < 1:
         p.error("--runs must be at least 1")
-    try:
-        figures = run(QUICK if args.quick else FULL, runs)
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        emit_json({"bench": "api_cpu", "quick": args.quick, "error": str(exc).splitlines()[0]})
-        return 1
-    figures["quick"] = args.quick
-    emit_json(figures)
-    return 0
+    return finish("api_cpu", args.quick, lambda: run(QUICK if args.quick else FULL, runs))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from bench.common import (
     BenchError,
     Child,
     WrkResult,
-    emit_json,
+    finish,
     free_port,
     parser,
     print_table,
@@ -220,15 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0] if __doc__ else "API latency against rate")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     plan, ratios = (QUICK, QUICK_RATIOS) if args.quick else (FULL, FULL_RATIOS)
-    try:
-        figures = run(plan, ratios)
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        emit_json({"bench": "api_latency", "quick": args.quick, "error": str(exc).splitlines()[0]})
-        return 1
-    figures["quick"] = args.quick
-    emit_json(figures)
-    return 0
+    return finish("api_latency", args.quick, lambda: run(plan, ratios))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ from bench.common import (
     Child,
     child_pids,
     cpu_seconds,
-    emit_json,
+    finish,
     free_port,
     parser,
     pause,
@@ -1201,18 +1201,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     targets = (args.only,) if args.only else ("asterisk", "service")
-    try:
-        figures = run(QUICK if args.quick else FULL, args.quick, args.workers, args.keep, targets)
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        emit_json(
-            {"bench": "asterisk_compare", "quick": args.quick, "error": str(exc).splitlines()[0]}
-        )
-        return 1
-    emit_json(figures)
-    if args.strict and not figures.get("goals_met", False):
-        return 1
-    return 0
+    plan = QUICK if args.quick else FULL
+    return finish(
+        "asterisk_compare",
+        args.quick,
+        lambda: run(plan, args.quick, args.workers, args.keep, targets),
+        strict=args.strict,
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -340,6 +340,26 @@ def emit_json(figures: Mapping[str, object]) -> None:
     """Print the one JSON line a bench ends with (always the last line of its output)."""
     sys.stdout.flush()
     print(json.dumps(dict(figures), sort_keys=False), flush=True)
+
+
+def finish(
+    name: str, quick: bool, measure: Callable[[], dict[str, object]], *, strict: bool = False
+) -> int:
+    """Run ``measure`` and end as every bench script ends; returns the exit status.
+
+    Its figures go out as the one JSON line (status 0, or 1 with ``strict`` when they say a
+    goal was missed); a :class:`BenchError` goes to stderr and out as a JSON line with its
+    first line under ``error`` (status 1).
+    """
+    try:
+        figures = measure()
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        emit_json({"bench": name, "quick": quick, "error": str(exc).splitlines()[0]})
+        return 1
+    figures.setdefault("quick", quick)
+    emit_json(figures)
+    return 1 if strict and not figures.get("goals_met", False) else 0
 
 
 def environ(**overrides: str) -> dict[str, str]:

@@ -64,8 +64,8 @@ from bench.common import (
     Child,
     UdpPacket,
     child_pids,
-    emit_json,
     environ,
+    finish,
     free_port,
     parser,
     percentile,
@@ -644,16 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.workers:
         plan = Plan(tuple(args.workers), plan.rates, plan.step_s)
-    try:
-        figures = run(plan, args.quick, args.keep)
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        emit_json({"bench": "flashcall", "quick": args.quick, "error": str(exc).splitlines()[0]})
-        return 1
-    emit_json(figures)
-    if args.strict and not figures.get("goals_met", False):
-        return 1
-    return 0
+    return finish(
+        "flashcall", args.quick, lambda: run(plan, args.quick, args.keep), strict=args.strict
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ from bench.common import (
     Capture,
     Child,
     UdpPacket,
-    emit_json,
     environ,
+    finish,
     free_port,
     parser,
     pause,
@@ -770,16 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--keep", type=Path, help="keep captures and logs in this folder")
     args = p.parse_args(argv)
-    try:
-        figures = run(QUICK if args.quick else FULL, args.quick, args.keep)
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        emit_json({"bench": "ivr", "quick": args.quick, "error": str(exc).splitlines()[0]})
-        return 1
-    emit_json(figures)
-    if args.strict and not figures.get("goals_met", False):
-        return 1
-    return 0
+    plan = QUICK if args.quick else FULL
+    return finish("ivr", args.quick, lambda: run(plan, args.quick, args.keep), strict=args.strict)
 
 
 if __name__ == "__main__":
