@@ -145,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             parser.error(f"unexpected arguments: {' '.join(rest)}")
         worker = args.command == "http-worker"
+        if worker:
+            # serve starts each worker in a process group of its own (http_workers.py), which
+            # a terminal treats as a background job: with `stty tostop` its first line to
+            # serve's stderr would stop it (SIGTTOU). Ignored, the write goes through.
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         try:
             settings = Settings.from_env()
             if not worker:  # a worker's settings were checked by the serve that started it
