@@ -562,8 +562,9 @@ def runqueue_wait_seconds(pids: Sequence[int]) -> float | None:
             continue
         for task in tasks:
             try:
-                total += int((task / "schedstat").read_text().split()[1])
-            except (OSError, IndexError, ValueError):
+                text = (task / "schedstat").read_text()
+            except OSError:  # the thread ended between the listing and the read
                 continue
+            total += int(text.split()[1])  # a file of another form is an error, not a zero
             seen = True
     return total / 1e9 if seen else None

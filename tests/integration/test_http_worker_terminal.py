@@ -21,10 +21,10 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Runs as the session leader on the pty: starts the worker in a group of its own, waits, and
-# reports on stderr (a pipe) whether the worker ended and how, or was stopped.
+# Runs as the session leader on the pty: starts the worker in a group of its own, waits for it
+# to end or stop, and reports which on stderr (a pipe).
 LEADER = """
-import fcntl, os, subprocess, sys, termios, time
+import fcntl, os, signal, subprocess, sys, termios
 fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
 worker = subprocess.Popen(
@@ -32,20 +32,13 @@ worker = subprocess.Popen(
      "--control", "/nonexistent/control.sock"],
     preexec_fn=os.setpgrp, env=env, stderr=subprocess.STDOUT,  # stdout: the terminal
 )
-end = time.monotonic() + 20
-while time.monotonic() < end:
-    pid, status = os.waitpid(worker.pid, os.WNOHANG | os.WUNTRACED)
-    if pid:
-        if os.WIFSTOPPED(status):
-            print("stopped", os.WSTOPSIG(status), file=sys.stderr)
-            worker.kill()
-        else:
-            print("exited", os.waitstatus_to_exitcode(status), file=sys.stderr)
-        break
-    time.sleep(0.05)
-else:
-    print("still running", file=sys.stderr)
+signal.alarm(20)  # a worker that neither ends nor stops ends this leader (and fails the test)
+_, status = os.waitpid(worker.pid, os.WUNTRACED)  # returns when it exits or is stopped
+if os.WIFSTOPPED(status):
+    print("stopped", os.WSTOPSIG(status), file=sys.stderr)
     worker.kill()
+else:
+    print("exited", os.waitstatus_to_exitcode(status), file=sys.stderr)
 """
 
 
