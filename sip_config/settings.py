@@ -60,8 +60,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_API_KEYS",
         "",
-        "comma-separated bearer keys; unset: one is generated on first start into "
-        "$CLINIC_DATA_DIR/api-key (mode 0600)",
+        "comma-separated bearer keys, each 16+ characters of A-Z a-z 0-9 . _ ~ + / = -; "
+        "unset: one is generated on first start into $CLINIC_DATA_DIR/api-key (mode 0600)",
     ),
     Variable(
         "CLINIC_SECRET",
@@ -69,7 +69,11 @@ VARIABLES: tuple[Variable, ...] = (
         "key for hashing codes and signing webhooks (at least 32 characters); unset: "
         "generated once into $CLINIC_DATA_DIR/secret",
     ),
-    Variable("CLINIC_NAME", "the clinic", "the clinic's name, used in SMS and spoken codes"),
+    Variable(
+        "CLINIC_NAME",
+        "the clinic",
+        "the clinic's name, used in SMS and spoken codes (1..40 printable characters)",
+    ),
     Variable("CLINIC_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Variable(
         "CLINIC_TRUSTED_PROXIES",
@@ -107,21 +111,33 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_STEP_TIMEOUT_FLASHCALL_S",
         "",
-        "seconds a flash-call step may take before falling back (default: ring time plus "
-        "interception window plus 10)",
+        "seconds a flash-call step may take before falling back, 5..900 (default: ring time "
+        "plus interception window plus 10)",
     ),
-    Variable("CLINIC_STEP_TIMEOUT_SMS_S", "120", "seconds an SMS step waits before falling back"),
     Variable(
-        "CLINIC_STEP_TIMEOUT_VOICE_S", "120", "seconds a voice-call step waits before falling back"
+        "CLINIC_STEP_TIMEOUT_SMS_S",
+        "120",
+        "seconds an SMS step waits before falling back (10..900)",
+    ),
+    Variable(
+        "CLINIC_STEP_TIMEOUT_VOICE_S",
+        "120",
+        "seconds a voice-call step waits before falling back (10..900)",
     ),
     Variable("CLINIC_WEBHOOK_URL", "", "global webhook for every verification event"),
-    Variable("CLINIC_WEBHOOK_TIMEOUT_S", "5", "seconds before a webhook POST counts as failed"),
+    Variable(
+        "CLINIC_WEBHOOK_TIMEOUT_S", "5", "seconds before a webhook POST counts as failed (0.1..60)"
+    ),
     Variable("CLINIC_WEBHOOK_RETRIES", "6", "retries of a failed webhook, with backoff (0..20)"),
     # -- SMS --------------------------------------------------------------------------------
     Variable("CLINIC_SMS_GATEWAY", "http", "http (POST to CLINIC_SMS_HTTP_URL) or sip (MESSAGE)"),
-    Variable("CLINIC_SMS_HTTP_URL", "", "the HTTP SMS gateway; unset disables the SMS channel"),
+    Variable(
+        "CLINIC_SMS_HTTP_URL",
+        "",
+        "the HTTP SMS gateway; unset disables the SMS channel when CLINIC_SMS_GATEWAY is http",
+    ),
     Variable("CLINIC_SMS_HTTP_TOKEN", "", "bearer token sent to the HTTP SMS gateway"),
-    Variable("CLINIC_SMS_HTTP_TIMEOUT_S", "5", "seconds per HTTP SMS gateway attempt"),
+    Variable("CLINIC_SMS_HTTP_TIMEOUT_S", "5", "seconds per HTTP SMS gateway attempt (0.1..60)"),
     Variable("CLINIC_SMS_HTTP_RETRIES", "2", "retries of a failed HTTP SMS send (0..10)"),
     # -- SIP ----------------------------------------------------------------------------------
     Variable(
@@ -145,7 +161,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_SIP_REGISTRAR", "", "a PBX to register the workers to, e.g. sip:127.0.0.1:5160"
     ),
-    Variable("CLINIC_SIP_USER", "", "user for registration and digest auth at the PBX"),
+    Variable(
+        "CLINIC_SIP_USER",
+        "",
+        "user for registration and digest auth at the PBX; unset: the workers present "
+        "themselves as clinic",
+    ),
     Variable("CLINIC_SIP_PASSWORD", "", "password for digest auth at the PBX"),
     Variable(
         "CLINIC_FLASHCALL_PREFIX",
@@ -153,20 +174,34 @@ VARIABLES: tuple[Variable, ...] = (
         "caller-ID prefix of flash calls in E.164 (e.g. +447400); the code digits follow it; "
         "unset disables the flash-call channel",
     ),
-    Variable("CLINIC_FLASHCALL_RING_S", "3", "seconds a flash call rings before it is cancelled"),
+    Variable(
+        "CLINIC_FLASHCALL_RING_S",
+        "3",
+        "seconds a flash call rings before it is cancelled (0.5..60)",
+    ),
     Variable(
         "CLINIC_FLASHCALL_INTERCEPTION_S",
         "20",
-        "seconds the app should watch for the flash call (told to it in the start response)",
+        "seconds the app should watch for the flash call, 1..300 (told to it in the start "
+        "response)",
     ),
     Variable(
         "CLINIC_VOICE_OTP_KEYPRESS",
         "1",
         "1: a voice-code call asks the callee to press 1 before reading the code; 0: reads at once",
     ),
-    Variable("CLINIC_VOICE_OTP_FROM", "", "caller-ID of voice-code calls and SMS over SIP (E.164)"),
+    Variable(
+        "CLINIC_VOICE_OTP_FROM",
+        "",
+        "caller-ID of voice-code calls and SMS over SIP (E.164); unset: CLINIC_SIP_USER, or clinic",
+    ),
     # -- clinic line ---------------------------------------------------------------------------
-    Variable("CLINIC_FLOWS_DIR", "ivr_flows", "folder of the IVR flows and routes.yaml"),
+    Variable(
+        "CLINIC_FLOWS_DIR",
+        "ivr_flows",
+        "folder of the IVR flows and routes.yaml (a relative path is taken from the working "
+        "directory)",
+    ),
     Variable("CLINIC_VOSK_MODEL", "", "path of a vosk model; unset: keypad only"),
     Variable(
         "CLINIC_VOSK_LANGUAGE",
@@ -175,7 +210,11 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("CLINIC_STAFF_URI", "sip:6200@127.0.0.1:5160", "where 0 (staff) transfers to"),
     Variable("CLINIC_NURSE_URI", "sip:6100@127.0.0.1:5160", "where urgent triage transfers to"),
-    Variable("CLINIC_EMERGENCY_NUMBER", "112", "the emergency number the bot tells callers"),
+    Variable(
+        "CLINIC_EMERGENCY_NUMBER",
+        "112",
+        "the emergency number the bot tells callers (2..15 digits)",
+    ),
     Variable("CLINIC_SCHEDULING_WEBHOOK", "", "URL the appointment flow posts requests to"),
     Variable("CLINIC_CALL_RETENTION_DAYS", "30", "days call records are kept (1..3650)"),
 )
