@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the service and its tests need (checked one by one, installed when missing).
 APT_PACKAGES := redis-server sip-tester espeak-ng libespeak-ng1 sox baresip debootstrap tshark \
-                docker-compose wrk ca-certificates python3-venv python3-dev gcc
+                docker-compose wrk ca-certificates curl python3-venv python3-dev gcc
 PYTEST_ARGS ?=
 
 .PHONY: help install apt venv run test lint unit integration e2e bench bench-quick asterisk asterisk-stop asterisk-rootfs clean
@@ -30,7 +30,8 @@ apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.stamp: pyproject.toml
+# after apt: python3-venv must be there first, also under make -j
+$(VENV)/.stamp: pyproject.toml | apt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -81,7 +82,7 @@ asterisk: install
 	$(PY) -m tests.e2e.rig up
 
 asterisk-stop:
-	$(PY) -m tests.e2e.rig down
+	@if [ -x $(PY) ]; then $(PY) -m tests.e2e.rig down; else echo "no .venv here: nothing was started"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
