@@ -370,9 +370,11 @@ async def _metrics(request: web.Request) -> web.Response:
         text = rt.metrics.render()
     return web.Response(
         text=text,
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"X-Content-Type-Options": "nosniff"},
+        # Prometheus's text exposition format names its version in the media type
+        headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 

@@ -45,7 +45,16 @@ def _json(ref: str, description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    return {str(c): _problem_ref() for c in codes}
+    out = {str(c): _problem_ref() for c in codes}
+    if 429 in codes:
+        out["429"]["headers"] = {
+            "Retry-After": {
+                "description": "seconds until the limit lets this request through",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
+    return out
 
 
 _ID_PARAM = {
@@ -66,6 +75,28 @@ SCHEMAS: dict[str, Any] = {
             "title": {"type": "string"},
             "status": {"type": "integer", "minimum": 400, "maximum": 599},
             "detail": {"type": "string"},
+            "field": {"type": "string", "description": "invalid-request: the field at fault"},
+            "fields": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "invalid-request: the unknown fields",
+            },
+            "reason": {"type": "string", "description": "number-refused: why"},
+            "available": {
+                "type": "array",
+                "items": _CHANNEL,
+                "description": "channel-unavailable: the channels configured here",
+            },
+            "verification_status": {
+                **_STATUS,
+                "description": "not-pending: the verification's status",
+            },
+            "retry_after": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "rate-limited: seconds, as in Retry-After",
+            },
+            "checks": {"type": "object", "description": "not-ready: each readiness check"},
         },
     },
     "Event": {
@@ -150,7 +181,8 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "status", "attempts_left"],
         "properties": {
             "id": {"type": "string"},
-            "status": _STATUS,
+            # a check of a canceled or approved verification is a 409 (codes are single use)
+            "status": {"type": "string", "enum": ["pending", "approved", "failed", "expired"]},
             "attempts_left": {"type": "integer", "minimum": 0},
         },
     },
@@ -255,7 +287,20 @@ def _paths() -> dict[str, Any]:
                     },
                 },
                 "responses": {
-                    "201": _json("Verification", "Created (or replayed)"),
+                    "201": {
+                        **_json("Verification", "Created (or replayed)"),
+                        "headers": {
+                            "Location": {
+                                "required": True,
+                                "schema": {"type": "string"},
+                                "description": "the verification's URL",
+                            },
+                            "Idempotent-Replayed": {
+                                "schema": {"type": "string", "enum": ["true"]},
+                                "description": "present when an Idempotency-Key replayed it",
+                            },
+                        },
+                    },
                     **_errors(403, *_COMMON),
                 },
             }
@@ -347,7 +392,10 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics (the sum over the service's HTTP processes)",
                 "responses": {
-                    "200": {"description": "text format 0.0.4", "content": {"text/plain": {}}},
+                    "200": {
+                        "description": "Prometheus text exposition format, version 0.0.4",
+                        "content": {"text/plain": {}},
+                    },
                     "503": _problem_ref(),
                 },
             }

@@ -103,8 +103,21 @@ class OpenApiCollector:
             for e in validator.iter_errors(body)
         ]
 
-    def check(self, method: str, path: str, status: int, ctype: str, body: bytes) -> list[str]:
-        """Validate one response; returns (and records) what is wrong with it."""
+    def check(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        ctype: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """Validate one response; returns (and records) what is wrong with it.
+
+        With ``headers``, the response headers the document lists are checked too: present
+        when required, and of their schema's type.
+        """
         assert self.doc is not None, "no /openapi.json loaded yet"
         where = f"{method} {path} -> {status} ({ctype})"
         problems: list[str] = []
@@ -140,8 +153,28 @@ class OpenApiCollector:
                     "paths", template, method.lower(), "responses", str(status), "content", ctype
                 )
                 problems += [f"{where}: {e}" for e in self._errors(pointer + "/schema", parsed)]
+            if response is not None and headers is not None:
+                problems += [f"{where}: {e}" for e in _header_errors(response, headers)]
         self.failures += problems
         return problems
+
+
+def _header_errors(response: Mapping[str, Any], headers: Mapping[str, str]) -> list[str]:
+    """What is wrong with a response's headers against the ones its document entry lists."""
+    errors = []
+    for name, spec in response.get("headers", {}).items():
+        value = headers.get(name)
+        if value is None:
+            if spec.get("required"):
+                errors.append(f"header {name} is missing")
+            continue
+        schema = spec.get("schema", {})
+        if schema.get("type") == "integer":
+            if not value.isdigit() or int(value) < schema.get("minimum", 0):
+                errors.append(f"header {name}: {value!r} is not an integer per the document")
+        elif "enum" in schema and value not in schema["enum"]:
+            errors.append(f"header {name}: {value!r} is not one of {schema['enum']}")
+    return errors
 
 
 @pytest.fixture(scope="session")
@@ -214,7 +247,9 @@ class Api:
         async with self.client.request(method, path, data=data, headers=hdrs) as resp:
             body = await resp.read()
             answer = Answer(resp.status, resp.headers, body, resp.content_type)
-        errors = self.collector.check(method, path, answer.status, answer.content_type, body)
+        errors = self.collector.check(
+            method, path, answer.status, answer.content_type, body, headers=answer.headers
+        )
         assert not errors, "response does not match /openapi.json:\n  " + "\n  ".join(errors)
         return answer
 

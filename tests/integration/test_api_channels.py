@@ -279,6 +279,7 @@ async def test_health_readiness_and_metrics(
     answer = await api.request("GET", "/metrics", key=None)
     assert answer.status == 200
     assert answer.content_type == "text/plain"
+    assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     samples = _parse_prometheus(answer.text)
 
     def sample(name: str, **labels: str) -> float:

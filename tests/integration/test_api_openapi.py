@@ -82,3 +82,13 @@ async def test_the_collector_refuses_what_the_document_does_not_say(
     for what, args in bad.items():
         assert collector.check(*args), f"the collector let through {what}"
     assert len(collector.failures) >= len(bad)
+
+    limited = json.dumps({"type": "x", "title": "x", "status": 429, "retry_after": 3}).encode()
+    create = ("POST", "/v1/verifications", 429, PROBLEM, limited)
+    assert collector.check(*create, headers={"Retry-After": "3"}) == []
+    assert collector.check(*create, headers={}) == [
+        f"POST /v1/verifications -> 429 ({PROBLEM}): header Retry-After is missing"
+    ]
+    assert collector.check(*create, headers={"Retry-After": "soon"}), (
+        "a Retry-After that is no number"
+    )

@@ -70,7 +70,9 @@ class Service:
             method, self.base + path, json=body, headers=headers
         ) as resp:
             raw = await resp.read()
-            errors = self.collector.check(method, path, resp.status, resp.content_type, raw)
+            errors = self.collector.check(
+                method, path, resp.status, resp.content_type, raw, headers=resp.headers
+            )
             assert not errors, "\n".join(errors)
             data = await resp.json(content_type=None) if raw else None
             return resp.status, data, resp.headers
@@ -252,7 +254,9 @@ async def _fresh_connection_request(
         headers = {"Authorization": f"Bearer {API_KEY}"}
         async with s.request(method, service.base + path, json=body, headers=headers) as resp:
             raw = await resp.read()
-            errors = service.collector.check(method, path, resp.status, resp.content_type, raw)
+            errors = service.collector.check(
+                method, path, resp.status, resp.content_type, raw, headers=resp.headers
+            )
             assert not errors, "\n".join(errors)
             if resp.content_type.endswith("json"):
                 return resp.status, await resp.json(content_type=None)

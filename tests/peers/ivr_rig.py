@@ -69,7 +69,9 @@ class ClinicLine:
         async with client.get(path, params=query, headers=headers) as resp:
             body = await resp.read()
             answer = Answer(resp.status, resp.headers, body, resp.content_type)
-        errors = self.api.collector.check("GET", path, answer.status, answer.content_type, body)
+        errors = self.api.collector.check(
+            "GET", path, answer.status, answer.content_type, body, headers=answer.headers
+        )
         assert not errors, "response does not match /openapi.json:\n  " + "\n  ".join(errors)
         return answer
 
