@@ -29,7 +29,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROBLEM_TYPE = "application/problem+json"
 MAX_BODY = 64 * 1024
 
-_HTTP_SLUGS = {
+# the problem slug and title of each HTTP error aiohttp raises (others: http-error)
+HTTP_SLUGS = {
     400: ("bad-request", "Bad request"),
     401: ("unauthorized", "Missing or wrong API key"),
     404: ("not-found", "Not found"),
@@ -116,7 +117,7 @@ def build_middlewares(
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            slug, title = _HTTP_SLUGS.get(exc.status, ("http-error", exc.reason))
+            slug, title = HTTP_SLUGS.get(exc.status, ("http-error", exc.reason))
             resp = problem(exc.status, slug, title)
             for h in ("Allow", "WWW-Authenticate"):
                 if h in exc.headers:
