@@ -73,7 +73,9 @@ async def _run_until_stopped(
 ) -> None:
     """Serve ``app`` on CLINIC_HTTP_ADDR (shared by every HTTP process: SO_REUSEPORT) until
     SIGINT, SIGTERM or ``also``; then stop it in order."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    from clinic_voice.http import ProblemAppRunner
+
+    runner = ProblemAppRunner(app, access_log=None, handle_signals=False)
     watcher: asyncio.Task[bool] | None = None
     try:
         # Inside the try: a part that fails to start must not leave the parts started before

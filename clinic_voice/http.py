@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from clinic_voice.metrics import Metrics
 from sip_config.settings import VerificationSettings
@@ -37,7 +39,9 @@ HTTP_SLUGS = {
     405: ("method-not-allowed", "Method not allowed"),
     413: ("body-too-large", "The request body is larger than 64 KiB"),
     415: ("unsupported-media-type", "Send JSON (application/json)"),
+    431: ("header-too-large", "The request line or headers are too large"),
     500: ("internal", "Internal error"),
+    501: ("method-not-implemented", "The server does not know this method"),
 }
 
 
@@ -133,7 +137,8 @@ def build_middlewares(
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
+        # aiohttp hands header bytes that are not UTF-8 over as surrogates: no key has them
+        given = token.strip().encode("utf-8", "surrogateescape")
         ok = False
         if scheme.lower() == "bearer" and given:
             for k in keys:  # compare with every key: the time taken says nothing
@@ -155,3 +160,66 @@ def build_middlewares(
         return await handler(request)
 
     return [metrics_mw, problems_mw, auth_mw]
+
+
+# -- requests that are not HTTP -------------------------------------------------------------
+# aiohttp answers a request its parser refuses (a control character in a header, a header over
+# 8190 bytes, an unknown method) before any middleware runs: in plain text that quotes the
+# offending bytes, and with an ERROR traceback that quotes them too. Those bytes may be an API
+# key. This handler answers problem+json instead, quotes nothing, and logs one INFO line.
+
+
+def _parse_problem(exc: HttpProcessingError) -> tuple[int, str]:
+    """The HTTP status of a parser error and a detail that quotes none of the request."""
+    if isinstance(exc, LineTooLong):
+        return 431, "a request line or header is longer than 8190 bytes"
+    if isinstance(exc, BadHttpMethod):
+        first = exc.message.split("\n", 1)[0].rstrip(": ")
+        if first.startswith("Invalid method"):
+            return 501, "the request method is not one HTTP defines"
+        return 400, "this is not HTTP/1.1 (TLS sent to a plain HTTP port?)"
+    # llhttp's messages are a fixed phrase, then a blank line and the quoted bytes
+    if exc.message.startswith("Too many headers"):
+        return 431, "more header fields than the server takes"
+    return 400, "the request is not valid HTTP/1.1: " + exc.message.split("\n", 1)[0].rstrip(": ")
+
+
+class ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors as problem documents."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            status, detail = _parse_problem(exc)
+            log.info("refused a malformed HTTP request from %s: %s", request.remote, detail)
+        else:
+            detail = ""
+            log.error("HTTP %s for %s", status, request.remote, exc_info=exc)
+        if request.writer.output_size > 0:  # some answer went out: the connection is broken
+            raise ConnectionError("an answer was sent already, cannot send the error")
+        slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
+        resp = problem(status, slug, title, detail)
+        resp.force_close()
+        return resp
+
+
+class _ProblemServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemAppRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer malformed HTTP with problem+json."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _ProblemServer(
+            plain.request_handler, request_factory=plain.request_factory, **self._kwargs
+        )

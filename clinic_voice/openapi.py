@@ -64,7 +64,8 @@ _ID_PARAM = {
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{20,64}$"},
 }
 
-_COMMON = (401, 404, 405, 413, 415, 422, 429, 500, 503)
+# 400, 431 and 501: requests that are not HTTP/1.1 (clinic_voice.http.ProblemRequestHandler)
+_COMMON = (400, 401, 404, 405, 413, 415, 422, 429, 431, 500, 501, 503)
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {

@@ -5,6 +5,7 @@ verification made through one is checked through the other, and limits count acr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -212,6 +213,59 @@ async def test_two_processes_sharing_redis_behave_as_one(
         assert len(sms_gateway.received) == 3, "one SMS per verification, none for refusals"
 
 
+# Requests aiohttp's parser refuses before any middleware runs, each carrying the API key; and
+# one it reads, whose key is not UTF-8 (aiohttp hands it over as surrogates). The answer must
+# be a problem document that quotes none of it.
+_MALFORMED = {
+    "control character": (
+        b"GET /v1/verifications HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\x01\r\n\r\n",
+        400,
+        "bad-request",
+    ),
+    "header over 8190 bytes": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s" + b"A" * 9000 + b"\r\n\r\n",
+        431,
+        "header-too-large",
+    ),
+    "unknown method": (
+        b"FOO /v1/verifications HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\r\n\r\n",
+        501,
+        "method-not-implemented",
+    ),
+    "TLS on the plain port": (
+        b"\x16\x03\x01\x02\x00\x01\x00%s\x01\xfc\x03\x03",
+        400,
+        "bad-request",
+    ),
+    "key that is not UTF-8": (
+        b"GET /v1/verifications/" + b"A" * 32 + b" HTTP/1.1\r\nHost: a\r\n"
+        b"Authorization: Bearer %s\xff\r\nConnection: close\r\n\r\n",
+        401,
+        "unauthorized",
+    ),
+}
+
+
+async def _malformed_http_is_a_problem(port: int) -> int:
+    """Send each of :data:`_MALFORMED`; how many reached the app (and its request metrics)."""
+    reached = 0
+    for what, (template, status, slug) in _MALFORMED.items():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(template % API_KEY.encode())
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == str(status).encode(), (what, head)
+        assert b"content-type: application/problem+json" in head.lower(), (what, head)
+        assert json.loads(body)["type"].endswith("/" + slug), (what, body)
+        assert API_KEY.encode() not in raw, (what, raw)
+        reached += status == 401
+    return reached
+
+
 def _listeners(port: int) -> int:
     """How many sockets listen on 127.0.0.1:``port`` (SO_REUSEPORT: one per HTTP process)."""
     wanted = f"0100007F:{port:04X}"
@@ -337,7 +391,10 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
             assert status == 200 and seen["channel"] in {"flashcall", "sms"}
             made += 1
 
+        for _ in range(2):  # fresh connections: each process meets some of them
+            made += await _malformed_http_is_a_problem(port)
         log = s.log_path.read_text(errors="replace")
+        assert API_KEY not in log, "a malformed request's API key reached the log"
         created_by = [line for line in log.splitlines() if ": created (flashcall,sms)" in line]
         assert len(created_by) == 12
         assert any("http-worker-" in line for line in created_by), "no create reached a worker"
