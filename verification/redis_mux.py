@@ -209,6 +209,8 @@ class RedisMux:
         self._timeout_s = timeout_s
         self._link: _Link | None = None
         self._connecting: asyncio.Lock | None = None
+        self._connects = 0  # connection attempts finished
+        self._connect_error: RedisConnectionError | RedisTimeoutError | None = None
         self._closed = False
 
     async def _ready_link(self) -> _Link:
@@ -219,25 +221,49 @@ class RedisMux:
             raise RedisConnectionError("Redis client closed")
         if self._connecting is None:
             self._connecting = asyncio.Lock()
+        seen = self._connects
         async with self._connecting:
             link = self._link
             if link is not None and link.closed is None:
                 return link
+            failed = self._connect_error
+            if self._connects != seen and failed is not None:
+                # A connect failed while this command waited for it: fail with it instead
+                # of queueing for one more, so a burst fails in one timeout, not one each.
+                raise type(failed)(str(failed))
             if link is not None:
                 await link.close()
-            conn = self._connection_class(**self._kwargs)
+            self._connect_error = None
             try:
-                await conn.connect()  # type: ignore[no-untyped-call]
-            except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
-                if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-                    raise
-                raise RedisConnectionError(str(exc)) from exc
-            link = _Link(conn, self._timeout_s)
-            link.start()
+                link = await self._connect()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                self._connect_error = exc
+                raise
+            finally:
+                self._connects += 1
             self._link = link
             return link
+
+    async def _connect(self) -> _Link:
+        """A new connection, handshake included, within the timeout."""
+        conn = self._connection_class(**self._kwargs)
+        try:
+            # socket_connect_timeout bounds the TCP connect only; a frozen Redis accepts the
+            # connection (the kernel does) and then never answers redis-py's HELLO.
+            await asyncio.wait_for(conn.connect(), self._timeout_s)  # type: ignore[no-untyped-call]
+        except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(
+                    f"Redis did not answer a new connection within {self._timeout_s} s"
+                ) from exc
+            if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+                raise
+            raise RedisConnectionError(str(exc)) from exc
+        link = _Link(conn, self._timeout_s)
+        link.start()
+        return link
 
     async def execute(self, *command: Arg) -> Any:
         """One command's answer; an error reply is raised as redis-py's exception."""

@@ -5,6 +5,8 @@ acknowledged approval survives ``kill -9`` of the Redis (AOF with fsync on every
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
@@ -92,3 +94,32 @@ async def test_an_acknowledged_approval_survives_kill_9_of_redis(
     assert v["events"][-1]["type"] == "approved"
     (await api.check(vid, code)).problem(409, "not-pending")
     assert (await api.request("GET", "/readyz")).status == 200
+
+
+async def test_a_frozen_redis_answers_503_in_bounded_time_for_as_long_as_it_stays_frozen(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+) -> None:
+    """``kill -STOP`` of Redis: every request answers 503 within the budget, not only the
+    first. (A probe found the later ones hanging until Redis came back: a new connection's
+    handshake had no time limit.)"""
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    await read_code(sms_gateway)
+    pid = redis_server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for burst in range(3):
+            started = time.monotonic()
+            answers = await asyncio.gather(
+                *(api.request("GET", f"/v1/verifications/{vid}") for _ in range(10)),
+                api.request("GET", "/readyz"),
+            )
+            for answer in answers[:-1]:
+                answer.problem(503, "store-unavailable")
+            answers[-1].problem(503, "not-ready")
+            took = time.monotonic() - started
+            assert took < ANSWER_BUDGET_S, f"burst {burst} took {took:.1f} s"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert (await _get_after_restart(api, vid))["id"] == vid

@@ -95,6 +95,40 @@ async def test_a_frozen_redis_times_out_instead_of_hanging(
     assert await mux.execute("PING") == "PONG"
 
 
+async def test_a_redis_that_stays_frozen_fails_every_later_command_in_bounded_time(
+    mux: RedisMux, redis_server: RedisServer
+) -> None:
+    # After the first timeout every command opens a new connection: the kernel accepts it
+    # for the stopped Redis, and redis-py's handshake (HELLO, CLIENT SETNAME) then waits for
+    # an answer. That wait had no limit: requests hung until Redis came back (probe of the
+    # API with kill -STOP), and one queued create sent its SMS a minute after its client had
+    # given up. Commands that queue behind a failing connect must fail with it, not each
+    # wait for a connect of their own.
+    pid = redis_server.pid
+    assert pid is not None
+    await mux.execute("PING")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(RedisTimeoutError):
+            await mux.execute("GET", "x")  # the watchdog ends the open connection
+        for _ in range(2):
+            started = loop.time()
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(mux.execute("GET", "x") for _ in range(20)), return_exceptions=True
+                ),
+                10.0,
+            )
+            assert all(isinstance(r, RedisTimeoutError | RedisConnectionError) for r in results), (
+                results
+            )
+            assert loop.time() - started < 1.5, "timeout 0.5 s: 20 commands, one connect"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert await mux.execute("PING") == "PONG"
+
+
 async def test_a_frozen_redis_fails_a_transaction_once_without_orphaned_errors(
     mux: RedisMux, redis_server: RedisServer
 ) -> None:
