@@ -162,7 +162,10 @@ def test_path_templates_match_their_parameters() -> None:
     [
         ("#/components/schemas/Event/properties/type/enum", [k.value for k in EventKind]),
         ("#/components/schemas/Verification/properties/status/enum", [s.value for s in Status]),
-        ("#/components/schemas/CheckResult/properties/status/enum", [s.value for s in Status]),
+        (  # a check of a canceled verification is a 409, never a result
+            "#/components/schemas/CheckResult/properties/status/enum",
+            [s.value for s in Status if s is not Status.CANCELED],
+        ),
         ("#/components/schemas/Verification/properties/channels/items/enum", list(Channel)),
         ("#/components/schemas/CreateVerification/properties/method/enum", list(Channel)),
     ],
