@@ -21,7 +21,7 @@ from clinic_voice.metrics import Metrics
 from sip_config.settings import VerificationSettings
 from verification import limits
 from verification.errors import PROBLEM_BASE, RateLimited, VerificationError
-from verification.request import KEY_ID, REQUEST_CHECKS, is_self_admitted
+from verification.request import KEY_ID, REQUEST_CHECKS, is_self_admitted, take_request_checks
 from verification.store import VerificationStore
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def build_middlewares(
             return await handler(request)
         except VerificationError as exc:
             resp = problem(exc.status, exc.slug, exc.title, exc.detail, **exc.extra)
-            if isinstance(exc, RateLimited):
+            if exc.retry_after_s is not None:
                 resp.headers["Retry-After"] = str(exc.retry_after_s)
             if exc.status >= 500:
                 log.error("%s %s: %s", request.method, request.path, exc.detail)
@@ -150,14 +150,32 @@ def build_middlewares(
         kid = key_ids[token.strip()]
         request[KEY_ID] = kid
         checks = limits.request_checks(settings, kid, client_ip(request, trusted_proxies))
-        if is_self_admitted(request.match_info.handler):
-            # The handler counts these with its own Redis work: one round trip, not two.
-            request[REQUEST_CHECKS] = checks
+        if not is_self_admitted(request.match_info.handler):
+            await count(checks)
             return await handler(request)
+        # The handler counts these with its own Redis work: one round trip, not two. What it
+        # did not take (a 4xx before any Redis work) is counted here: a request the API
+        # refuses is still a request, and must not be a way around the limits.
+        request[REQUEST_CHECKS] = checks
+        try:
+            answer = await handler(request)
+        except VerificationError as exc:
+            if exc.status < 500 and exc.retry_after_s is None:
+                await count(take_request_checks(request))
+            raise
+        except web.HTTPException as exc:
+            if 400 <= exc.status < 500:
+                await count(take_request_checks(request))
+            raise
+        await count(take_request_checks(request))
+        return answer
+
+    async def count(checks: list[limits.LimitCheck]) -> None:
+        if not checks:
+            return
         decision = await store_getter().hit_limits(checks, clock_now())
         if not decision.allowed and decision.blocked_by is not None:
             raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
-        return await handler(request)
 
     return [metrics_mw, problems_mw, auth_mw]
 

@@ -303,6 +303,17 @@ def _paths() -> dict[str, Any]:
                         },
                     },
                     **_errors(403, *_COMMON),
+                    "409": {
+                        **_problem_ref(),
+                        "description": "The first request with this Idempotency-Key is still "
+                        "being made",
+                        "headers": {
+                            "Retry-After": {
+                                "required": True,
+                                "schema": {"type": "integer", "minimum": 1},
+                            }
+                        },
+                    },
                 },
             }
         },

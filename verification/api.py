@@ -24,13 +24,14 @@ from verification import codes, entropy, limits, numbers, rules
 from verification.dispatcher import Dispatcher
 from verification.errors import (
     ChannelUnavailable,
+    IdempotencyConflict,
     InvalidRequest,
     NoChannelConfigured,
     NotFound,
     RateLimited,
 )
 from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Verification
-from verification.request import KEY_ID, REQUEST_CHECKS, read_json_object, self_admitted
+from verification.request import KEY_ID, read_json_object, self_admitted, take_request_checks
 from verification.store import Stored, VerificationStore, body_hash
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class VerificationApi:
         """Count the request-level limits and read the verification: one round trip."""
         vid = self._vid(request)
         decision, stored = await self._store().admit_and_get(
-            request.get(REQUEST_CHECKS, []), self._clock.now(), vid
+            take_request_checks(request), self._clock.now(), vid
         )
         _enforce(decision)
         if stored is None:
@@ -236,7 +237,7 @@ class VerificationApi:
 
     @self_admitted
     async def create(self, request: web.Request) -> web.Response:
-        body, raw = await read_json_object(request)
+        body = await read_json_object(request)
         req = parse_create(body, self._available())
         phone = numbers.parse_phone(req.phone, req.region)
         numbers.enforce_policy(phone, self._vs.allowed_countries)
@@ -246,24 +247,21 @@ class VerificationApi:
         if idem_header is not None:
             if not _IDEMPOTENCY_KEY.fullmatch(idem_header):
                 raise InvalidRequest("Idempotency-Key must be 1..255 visible ASCII characters")
-            idempotency = (f"{client}:{body_hash(idem_header.encode())}", body_hash(raw))
+            # The same JSON is the same request, whatever its key order and whitespace.
+            same = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+            idempotency = (f"{client}:{body_hash(idem_header.encode())}", body_hash(same))
             try:
                 replay = await self._store().get_idempotent(idempotency)
             except NotFound:
                 replay = None
-            if replay is not None:
+            if replay is not None:  # a request: the edge counts it (its checks are not taken)
                 return self._json(replay, 201, replayed=True)
-        # The first send is counted with the create, so an over-limit number is refused with
-        # 429 and no verification exists; later sends are counted by the dispatcher. Counted
-        # in the create's own write (one round trip), or before it for an idempotent request.
-        checks = (
-            request.get(REQUEST_CHECKS, [])
-            + limits.creation_checks(self._vs, phone)
-            + limits.send_checks(self._vs, phone)
-        )
-        if idempotency is not None:
-            await self._count(checks)
-            checks = []
+        # The first send is counted with the create, all or nothing, so an over-limit number
+        # is refused with 429 and no verification exists; later sends are counted by the
+        # dispatcher. For an idempotent request, only by the try that makes the verification:
+        # concurrent retries of one request do not use up the number's limit.
+        own = take_request_checks(request)
+        checks = own + limits.creation_checks(self._vs, phone) + limits.send_checks(self._vs, phone)
         vid = entropy.token_urlsafe(24)  # 192 bits
         sip = self._settings.sip
         flash = None
@@ -297,11 +295,16 @@ class VerificationApi:
             digest = codes.code_hash(self._secret(), vid, code)
             sent = rules.code_sent(created, created.step, digest, created.created_at)
             transition = rules.Transition(sent.verification, send=transition.send)
-        stored = await self._store().create(
-            transition, idempotency, checks=checks, now=self._clock.now()
-        )
+        try:
+            stored = await self._store().create(
+                transition, idempotency, checks=checks, now=self._clock.now()
+            )
+        except IdempotencyConflict:
+            await self._count(own)
+            raise
         v = stored.verification
-        if v.id != vid:  # a concurrent request with the same key won
+        if v.id != vid:  # a concurrent request with the same key made it: a replay
+            await self._count(own)
             return self._json(v, 201, replayed=True)
         log.info("verification %s: created (%s)", vid, ",".join(req.plan))
         self._on_change(v)
@@ -316,7 +319,7 @@ class VerificationApi:
     @self_admitted
     async def check(self, request: web.Request) -> web.Response:
         vid = self._vid(request)
-        body, _ = await read_json_object(request)
+        body = await read_json_object(request)
         unknown = sorted(set(body) - {"code", "cli"})
         if unknown:
             raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)

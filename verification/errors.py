@@ -15,6 +15,7 @@ class VerificationError(Exception):
     status: int = 400
     slug: str = "bad-request"
     title: str = "Bad request"
+    retry_after_s: int | None = None  # sent as Retry-After when set
 
     def __init__(self, detail: str = "", **extra: Any) -> None:
         super().__init__(detail or self.title)
@@ -88,14 +89,25 @@ class IdempotencyConflict(VerificationError):
     title = "The Idempotency-Key was used with another request body"
 
 
-class RateLimited(VerificationError):
-    status = 429
-    slug = "rate-limited"
-    title = "Too many requests"
+class RetryLater(VerificationError):
+    """A problem the same request may get past later: ``retry_after`` in the body and the
+    ``Retry-After`` header, in whole seconds."""
 
     def __init__(self, detail: str, retry_after_s: int) -> None:
         super().__init__(detail, retry_after=max(1, retry_after_s))
         self.retry_after_s = max(1, retry_after_s)
+
+
+class IdempotencyInProgress(RetryLater):
+    status = 409
+    slug = "idempotency-key-in-progress"
+    title = "A request with this Idempotency-Key is still being made"
+
+
+class RateLimited(RetryLater):
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests"
 
 
 class StoreUnavailable(VerificationError):

@@ -32,8 +32,19 @@ def is_self_admitted(handler: object) -> bool:
     return bool(getattr(handler, _SELF_ADMITTED, False))
 
 
-async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
-    """The body as a JSON object (and its raw bytes), or a 4xx problem."""
+def take_request_checks(request: web.Request) -> list[LimitCheck]:
+    """The request-level checks, for the handler to count: once taken, the edge no longer
+    counts them itself. A request that ends without its handler taking them (a 4xx before
+    any Redis work, a replay) is counted by the edge afterwards."""
+    if REQUEST_CHECKS not in request:
+        return []
+    checks = request[REQUEST_CHECKS]
+    del request[REQUEST_CHECKS]
+    return checks
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 4xx problem."""
     ctype = request.content_type
     if request.can_read_body and ctype not in ("application/json", "application/merge-patch+json"):
         raise web.HTTPUnsupportedMediaType()
@@ -49,4 +60,4 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
-    return body, raw
+    return body

@@ -12,6 +12,7 @@ as one service: timers and webhook jobs are leased by whichever process polls fi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -27,6 +28,7 @@ from redis.exceptions import NoScriptError, RedisError
 from verification.errors import (
     Conflict,
     IdempotencyConflict,
+    IdempotencyInProgress,
     NotFound,
     RateLimited,
     StoreUnavailable,
@@ -46,6 +48,11 @@ WEBHOOK_DUE = PREFIX + "wh:due"  # zset: webhook job id -> next attempt
 WEBHOOK_JOBS = PREFIX + "wh:jobs"  # hash: webhook job id -> payload
 KEEP_AFTER_EXPIRY_S = 86_400  # records stay readable a day after they expire
 MAX_CAS_TRIES = 200
+# An Idempotency-Key is reserved while its first request makes the verification; a concurrent
+# retry waits for it (polling) up to IDEMPOTENCY_WAIT_S, then answers 409 with Retry-After.
+IDEMPOTENCY_RESERVE_S = 60
+IDEMPOTENCY_WAIT_S = 3.0
+IDEMPOTENCY_POLL_S = 0.02
 
 # The compare-and-set write of a record, as a Lua function reading KEYS/ARGV from offsets
 # (so one script can hold it after other keys and arguments without copying tables).
@@ -253,14 +260,16 @@ class VerificationStore:
         return version if written else None
 
     async def get_idempotent(self, idempotency: tuple[str, str]) -> Verification | None:
-        """The verification an earlier request with this (key id, body hash) made, if any."""
+        """The verification an earlier request with this (key id, body hash) made, if any
+        (None too while that request is still being made: :meth:`create` waits for it)."""
         try:
             existing = await self._r.execute("GET", f"{PREFIX}idem:{idempotency[0]}")
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         if existing is None:
             return None
-        return await self._replay(str(existing), idempotency[1])
+        made = _idempotent_id(str(existing), idempotency[1])
+        return (await self.get(made)).verification if made else None
 
     async def create(
         self,
@@ -273,33 +282,69 @@ class VerificationStore:
         """Store a new verification. ``idempotency`` is (key id, body hash): a repeat with the
         same key and body returns the first verification; another body is a conflict.
 
-        ``checks``: limits counted in the same atomic step as the write (one round trip), and
-        only if it is written; over a limit, nothing is written and :class:`RateLimited` is
-        raised. Not with ``idempotency``: count those first (:meth:`hit_limits`), so that a
-        refused request leaves no reservation of its key behind.
+        ``checks``: limits counted only if this request makes the verification; over a limit,
+        nothing is written and :class:`RateLimited` is raised. Without ``idempotency`` they
+        are counted in the same atomic step as the write (one round trip). With it, the key
+        is reserved first and the limits counted by the request that reserved it only, so
+        concurrent retries of one request count once.
         """
         v = transition.verification
+        if idempotency is None:
+            if checks:
+                return await self._create_limited(v, list(checks), now)
+            version = await self._write(None, v)
+            if version is None:
+                raise Conflict(f"verification {v.id} exists")
+            return Stored(v, version)
+        key = f"{PREFIX}idem:{idempotency[0]}"
+        replay = await self._reserve(key, idempotency[1])
+        if replay is not None:
+            return replay
         if checks:
-            if idempotency:
-                raise ValueError("count the limits of an idempotent create before it")
-            return await self._create_limited(v, list(checks), now)
-        idem: tuple[str, str, int] | None = None
-        if idempotency:
-            key = f"{PREFIX}idem:{idempotency[0]}"
-            # Reserve the key first (NX): of two racing first requests only one creates.
-            placeholder = json.dumps({"body": idempotency[1], "id": ""})
-            try:
-                won = await self._r.execute("SET", key, placeholder, "NX", "EX", 60)
-                existing = None if won else await self._r.execute("GET", key)
-            except (RedisError, OSError) as exc:
-                raise StoreUnavailable(str(exc)) from exc
-            if existing is not None:
-                return await self._replay_stored(str(existing), idempotency[1])
-            idem = (key, json.dumps({"body": idempotency[1], "id": v.id}), KEEP_AFTER_EXPIRY_S)
+            decision = await self.hit_limits(list(checks), now)
+            if not decision.allowed and decision.blocked_by is not None:
+                await self._release(key)  # nothing was made: a later retry may try again
+                raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+        idem = (key, json.dumps({"body": idempotency[1], "id": v.id}), KEEP_AFTER_EXPIRY_S)
+        # A write that fails here may still have reached Redis: the reservation stays (for
+        # IDEMPOTENCY_RESERVE_S) rather than let a retry make a second verification.
         version = await self._write(None, v, idempotency=idem)
         if version is None:
             raise Conflict(f"verification {v.id} exists")
         return Stored(v, version)
+
+    async def _reserve(self, key: str, body_hash: str) -> Stored | None:
+        """Reserve ``key`` for this request (None), or the verification an earlier request
+        with it made. Waits while that request is still being made, up to a bound."""
+        placeholder = json.dumps({"body": body_hash, "id": ""})
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + IDEMPOTENCY_WAIT_S
+        while True:
+            try:
+                won = await self._r.execute(
+                    "SET", key, placeholder, "NX", "EX", IDEMPOTENCY_RESERVE_S
+                )
+                existing = None if won else await self._r.execute("GET", key)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(str(exc)) from exc
+            if won:
+                return None
+            if existing is not None:  # None: released meanwhile, try to reserve it again
+                made = _idempotent_id(str(existing), body_hash)
+                if made:
+                    return await self.get(made)
+                if loop.time() >= give_up:
+                    raise IdempotencyInProgress(
+                        "a request with this Idempotency-Key is still being made",
+                        retry_after_s=1,
+                    )
+            await asyncio.sleep(IDEMPOTENCY_POLL_S)
+
+    async def _release(self, key: str) -> None:
+        try:
+            await self._r.execute("DEL", key)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     async def _create_limited(
         self, v: Verification, checks: list[LimitCheck], now: float
@@ -318,17 +363,6 @@ class VerificationStore:
         if not decision.allowed and decision.blocked_by is not None:
             raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
         return Stored(v, version)
-
-    async def _replay(self, existing: str, body_hash: str) -> Verification:
-        return (await self._replay_stored(existing, body_hash)).verification
-
-    async def _replay_stored(self, existing: str, body_hash: str) -> Stored:
-        record = json.loads(existing)
-        if record["body"] != body_hash:
-            raise IdempotencyConflict("this Idempotency-Key was used with another body")
-        if not record["id"]:
-            raise IdempotencyConflict("a request with this Idempotency-Key is in progress")
-        return await self.get(record["id"])
 
     async def update(
         self,
@@ -462,6 +496,15 @@ class VerificationStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return _decision(res, checks)
+
+
+def _idempotent_id(existing: str, body_hash: str) -> str:
+    """The id an idempotency record names ("" while its request is still being made), or
+    :class:`IdempotencyConflict` when it was made for another body."""
+    record = json.loads(existing)
+    if record["body"] != body_hash:
+        raise IdempotencyConflict("this Idempotency-Key was used with another body")
+    return str(record["id"])
 
 
 def _limit_args(checks: list[LimitCheck], now: float) -> tuple[list[str], list[Any]]:

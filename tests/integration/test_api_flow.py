@@ -5,17 +5,24 @@ gateway peer whose recorded texts are where the tests read their codes.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
+import orjson
 import pytest
+import redis.asyncio as aioredis
 
+from clinic_voice.http import key_id
+from tests.conftest import RedisServer
 from tests.integration.conftest import (
+    API_KEY,
     MOBILE,
     StartService,
     read_code,
     wrong_code,
 )
 from tests.peers.sms_gateway import SmsGateway
+from verification.store import body_hash
 
 pytestmark = pytest.mark.integration
 # Fails a test if the app (it runs in the test's loop) blocks the loop for > 100 ms.
@@ -177,3 +184,48 @@ async def test_brute_force_stops_at_the_attempt_limit(
     v = await api.get(vid)
     assert v["status"] == "failed"
     assert "approved" not in [e["type"] for e in v["events"]]
+
+
+@loop_watched
+async def test_a_retry_waits_for_the_first_request_then_answers_409_with_retry_after(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+) -> None:
+    # The first request with this key reserved it and has not finished (held here by
+    # writing its reservation by hand): a retry waits for it, then gives up with 409 and
+    # Retry-After rather than 422 "used with another body", which it is not.
+    api = await start_service()
+    body = {"phone": MOBILE}
+    key = "still-making-it"
+    reservation = f"cv:idem:{key_id(API_KEY)}:{body_hash(key.encode())}"
+    same = body_hash(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await redis.set(reservation, json.dumps({"body": same, "id": ""}), ex=60)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = await api.request(
+            "POST", "/v1/verifications", json_body=body, headers={"Idempotency-Key": key}
+        )
+        answer.problem(409, "idempotency-key-in-progress")
+        assert answer.headers["Retry-After"] == "1"
+        assert loop.time() - started >= 2.5, "it gave up without waiting"
+        # The first request finishes meanwhile: the retry answers with what it made.
+        made = (await api.create()).json["id"]
+        await sms_gateway.wait_for(1)
+
+        async def finish() -> None:
+            await asyncio.sleep(0.3)
+            await redis.set(reservation, json.dumps({"body": same, "id": made}), ex=60)
+
+        finisher = asyncio.create_task(finish())
+        replay = await api.request(
+            "POST", "/v1/verifications", json_body=body, headers={"Idempotency-Key": key}
+        )
+        await finisher
+        assert replay.status == 201, replay.text
+        assert replay.json["id"] == made
+        assert replay.headers["Idempotent-Replayed"] == "true"
+    finally:
+        await redis.aclose()
+    await asyncio.sleep(0.2)
+    assert len(sms_gateway.received) == 1, "neither retry sent anything"

@@ -151,3 +151,60 @@ async def test_a_refused_create_counts_nothing_with_or_without_idempotency_key(
     await sms_gateway.wait_for(3)
     await asyncio.sleep(0.1)
     assert len(sms_gateway.received) == 3
+
+
+async def test_concurrent_retries_of_one_idempotent_create_count_once(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # A probe sent 20 retries of one request at once: 3 got 422 "in progress", and the
+    # retries used up the number's limit although one verification existed.
+    api = await start_service(
+        {"CLINIC_LIMIT_NUMBER_VERIFICATIONS": "2/600"}, clock=FakeClock(WINDOW_START)
+    )
+    body = {"phone": "+31612345692", "method": "sms"}
+    idem = {"Idempotency-Key": "race-1"}
+    answers = await asyncio.gather(
+        *(api.request("POST", "/v1/verifications", json_body=body, headers=idem) for _ in range(20))
+    )
+    assert [a.status for a in answers] == [201] * 20, [a.text for a in answers if a.status != 201]
+    assert len({a.json["id"] for a in answers}) == 1
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 19
+    # The same JSON in another key order and spacing is the same request.
+    raw = '{ "method" : "sms",  "phone": "+31612345692" }'
+    reordered = await api.request(
+        "POST",
+        "/v1/verifications",
+        data=raw,
+        headers={**idem, "Content-Type": "application/json"},
+    )
+    assert reordered.status == 201 and reordered.json["id"] == answers[0].json["id"]
+    assert (await api.create(phone=body["phone"])).status == 201, "2 of 2: the retries counted 1"
+    assert_limited(await api.create(phone=body["phone"]), "verifications for this number", 600)
+    await sms_gateway.wait_for(2)
+    await asyncio.sleep(0.2)
+    assert len(sms_gateway.received) == 2, "one SMS per verification"
+
+
+async def test_refused_requests_count_against_the_key_and_address(
+    start_service: StartService,
+) -> None:
+    # A probe found that requests refused before any Redis work (422, 403, 404) were never
+    # counted: an API key over its limit could still ask which type a number is.
+    api = await start_service({"CLINIC_LIMIT_KEY_REQUESTS": "4/600"}, clock=FakeClock(WINDOW_START))
+    create = "/v1/verifications"
+    (
+        await api.request("POST", create, data="{", headers={"Content-Type": "application/json"})
+    ).problem(422, "invalid-request")
+    (await api.request("POST", create, json_body={"phone": "+319001234567"})).problem(
+        403, "number-refused"
+    )
+    (await api.request("GET", f"{create}/short")).problem(404, "not-found")
+    (await api.request("POST", f"{create}/{'A' * 32}/check", json_body={"x": 1})).problem(
+        422, "invalid-request"
+    )
+    for refused in (
+        await api.request("POST", create, json_body={"phone": "+319001234567"}),
+        await api.request("GET", f"{create}/short"),
+        await api.create(),
+    ):
+        assert_limited(refused, "requests for this API key", 600)

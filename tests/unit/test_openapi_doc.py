@@ -14,7 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from clinic_voice.app import build_app
-from clinic_voice.http import problem
+from clinic_voice.http import HTTP_SLUGS, problem
 from clinic_voice.openapi import SCHEMAS, openapi_document
 from sip_config.settings import Settings
 from verification import errors, rules
@@ -30,6 +30,8 @@ from verification.model import (
     Verification,
 )
 from verification.numbers import cli_filter
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 DOC = openapi_document()
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -282,7 +284,7 @@ def _error_classes() -> list[type[errors.VerificationError]]:
 
 @pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
 def test_problem_documents_validate(cls: type[errors.VerificationError]) -> None:
-    exc = errors.RateLimited("slow down", 3) if cls is errors.RateLimited else cls("detail")
+    exc = cls("slow down", 3) if issubclass(cls, errors.RetryLater) else cls("detail")
     if cls is errors.NotPending:
         exc = errors.NotPending("it is approved", status="approved")
     resp = problem(exc.status, exc.slug, exc.title, exc.detail, **exc.extra)
@@ -300,3 +302,13 @@ def test_every_error_status_is_documented_somewhere() -> None:
         if cls is errors.VerificationError:
             continue  # the base class is never raised itself
         assert str(cls.status) in documented, f"{cls.__name__} answers {cls.status}"
+
+
+def test_every_problem_type_is_in_the_readme_table() -> None:
+    """The problem ``type`` slugs are a contract: each one the service answers has a row."""
+    slugs = {c.slug for c in _error_classes()} - {errors.VerificationError.slug}
+    slugs |= {slug for slug, _ in HTTP_SLUGS.values()}
+    slugs |= {"not-ready", "http-error"}  # /readyz, and any other HTTP error
+    text = README.read_text()
+    missing = sorted(s for s in slugs if f"| `{s}` |" not in text)
+    assert not missing, f"problem types without a README row: {missing}"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clinic_voice.http import HTTP_SLUGS
 from sip_config.settings import VARIABLES, markdown_table
-from verification.errors import VerificationError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -25,26 +23,6 @@ def test_every_variable_is_named_in_the_readme() -> None:
 def test_readme_starts_with_the_two_commands() -> None:
     head = README.read_text()[:400]
     assert "make run" in head and "make test" in head
-
-
-def _error_classes() -> list[type[VerificationError]]:
-    out: list[type[VerificationError]] = []
-    todo = [VerificationError]
-    while todo:
-        cls = todo.pop()
-        out.append(cls)
-        todo += cls.__subclasses__()
-    return out
-
-
-def test_every_problem_type_is_in_the_readme_table() -> None:
-    """The problem ``type`` slugs are a contract: each one the service answers has a row."""
-    slugs = {c.slug for c in _error_classes()}
-    slugs |= {slug for slug, _ in HTTP_SLUGS.values()}
-    slugs |= {"not-ready", "http-error"}  # /readyz, and any other HTTP error
-    text = README.read_text()
-    missing = sorted(s for s in slugs if f"| `{s}` |" not in text)
-    assert not missing, f"problem types without a README row: {missing}"
 
 
 def test_every_module_is_named_in_the_architecture_table() -> None:
