@@ -28,6 +28,7 @@ from clinic_voice.redis_server import EmbeddedRedis
 from sip_config.clock import Clock, SystemClock
 from sip_config.settings import Settings, SettingsError
 from verification.api import VerificationApi
+from verification.callbacks import reachable
 from verification.channels.base import ChannelAdapter
 from verification.channels.sms_http import HttpSmsChannel
 from verification.dispatcher import Dispatcher
@@ -65,7 +66,9 @@ class Runtime:
     api_keys: tuple[str, ...] = ()
     store: VerificationStore | None = None
     dispatcher: Dispatcher | None = None
-    http_client: HttpClient | None = None  # outbound POSTs: SMS gateway, webhooks
+    http_client: HttpClient | None = None  # outbound POSTs: SMS gateway, the global webhook
+    # a verification's callback_url: public addresses and CLINIC_CALLBACK_NETWORKS only
+    callback_client: HttpClient | None = None
     sip_pool: SipPool | None = None
     flash_uac: FlashUac | None = None  # flash calls over UDP (the pool places them otherwise)
     call_store: CallStore | None = None
@@ -226,13 +229,16 @@ def build_app(
 
     async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
         rt.http_client = HttpClient()
+        networks = settings.verification.callback_networks
+        rt.callback_client = HttpClient(address_filter=lambda address: reachable(address, networks))
         try:
             yield
         finally:
             await rt.http_client.close()
+            await rt.callback_client.close()
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
-        assert rt.http_client is not None
+        assert rt.http_client is not None and rt.callback_client is not None
         channels: dict[Channel, ChannelAdapter] = {}
         if settings.sms.gateway == "http" and settings.sms.http_url:
             channels[Channel.SMS] = HttpSmsChannel(settings.sms, rt.http_client)
@@ -256,6 +262,7 @@ def build_app(
         sender = WebhookSender(
             store=rt.need_store(),
             client=rt.http_client,
+            callback_client=rt.callback_client,
             settings=settings.verification,
             secret=rt.secret,
             clock=clock,

@@ -126,6 +126,13 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("CLINIC_WEBHOOK_URL", "", "global webhook for every verification event"),
     Variable(
+        "CLINIC_CALLBACK_NETWORKS",
+        "",
+        "comma-separated networks (e.g. 10.20.0.0/16) a verification's callback_url may reach "
+        "besides public addresses; unset: public addresses only (the cloud's metadata address, "
+        "loopback and private networks are refused)",
+    ),
+    Variable(
         "CLINIC_WEBHOOK_TIMEOUT_S", "5", "seconds before a webhook POST counts as failed (0.1..60)"
     ),
     Variable("CLINIC_WEBHOOK_RETRIES", "6", "retries of a failed webhook, with backoff (0..20)"),
@@ -270,6 +277,7 @@ class VerificationSettings:
     webhook_url: str
     webhook_timeout_s: float
     webhook_retries: int
+    callback_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +497,14 @@ def _secret(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False)
+        for part in value.split(",")
+        if part.strip()
+    )
+
+
 def _proxies(value: str) -> frozenset[str]:
     out = set()
     for part in value.split(","):
@@ -521,6 +537,7 @@ def _build(r: _Reader) -> Settings:
         step_timeout_sms_s=r.integer("CLINIC_STEP_TIMEOUT_SMS_S", 10, 900),
         step_timeout_voice_s=r.integer("CLINIC_STEP_TIMEOUT_VOICE_S", 10, 900),
         webhook_url=r.url("CLINIC_WEBHOOK_URL", ("http://", "https://")),
+        callback_networks=r.parse("CLINIC_CALLBACK_NETWORKS", _networks),
         webhook_timeout_s=r.number("CLINIC_WEBHOOK_TIMEOUT_S", 0.1, 60),
         webhook_retries=r.integer("CLINIC_WEBHOOK_RETRIES", 0, 20),
     )

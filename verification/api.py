@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sip_config.clock import Clock
 from sip_config.settings import Settings
-from verification import codes, entropy, limits, numbers, rules
+from verification import callbacks, codes, entropy, limits, numbers, rules
 from verification.dispatcher import Dispatcher
 from verification.errors import (
     ChannelUnavailable,
@@ -130,7 +130,11 @@ class CreateRequest:
     callback_url: str
 
 
-def parse_create(body: dict[str, Any], available: tuple[Channel, ...]) -> CreateRequest:
+def parse_create(
+    body: dict[str, Any],
+    available: tuple[Channel, ...],
+    callback_networks: Sequence[callbacks.Network] = (),
+) -> CreateRequest:
     unknown = sorted(set(body) - _CREATE_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
@@ -167,8 +171,11 @@ def parse_create(body: dict[str, Any], available: tuple[Channel, ...]) -> Create
     if not _LOCALE.fullmatch(locale):
         raise InvalidRequest("'locale' must be a language tag such as en or nl-NL", field="locale")
     callback = _string(body, "callback_url", max_len=2048) or ""
-    if callback and not callback.startswith(("https://", "http://")):
-        raise InvalidRequest("'callback_url' must be an http(s) URL", field="callback_url")
+    if callback:
+        try:
+            callbacks.check_callback_url(callback, callback_networks)
+        except callbacks.CallbackRefused as exc:
+            raise InvalidRequest(f"'callback_url' {exc}", field="callback_url") from None
     return CreateRequest(phone, region, plan, code_length, locale, callback)
 
 
@@ -238,7 +245,7 @@ class VerificationApi:
     @self_admitted
     async def create(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
-        req = parse_create(body, self._available())
+        req = parse_create(body, self._available(), self._vs.callback_networks)
         phone = numbers.parse_phone(req.phone, req.region)
         numbers.enforce_policy(phone, self._vs.allowed_countries)
         idem_header = request.headers.get("Idempotency-Key")

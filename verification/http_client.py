@@ -18,6 +18,10 @@ that was a fifth of a core. This client does only what those two callers need:
   answer); a connection whose request timed out, failed or was cancelled is closed, never
   returned to the pool.
 
+With ``address_filter``, the client resolves each host itself and connects only to the
+addresses the filter allows (the webhook sender's guard against a callback URL pointing into
+the clinic's network: :mod:`verification.callbacks`).
+
 Every failure is an :class:`HttpClientError` (or ``TimeoutError`` for the deadline), so a
 caller maps two exceptions, not a framework's hierarchy. Nothing is retried here: whether a
 POST may be sent again is the caller's decision.
@@ -26,10 +30,12 @@ POST may be sent again is the caller's decision.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import quote, urlsplit
@@ -40,6 +46,15 @@ MAX_BODY = 1024 * 1024
 
 class HttpClientError(Exception):
     """The request did not get a complete HTTP answer (or could not be made at all)."""
+
+    permanent = False  # True: the same request would fail again (do not retry it)
+
+
+class UnusableUrl(HttpClientError):
+    """The URL cannot be requested: malformed, or its host resolves only to addresses this
+    client may not connect to (``address_filter``)."""
+
+    permanent = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,22 +86,22 @@ def _parse_url(url: str) -> _Target:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise HttpClientError(f"bad URL: {exc}") from None
+        raise UnusableUrl(f"bad URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in {"http", "https"}:
-        raise HttpClientError(f"bad URL: scheme {scheme or '(none)'!r} is not http or https")
+        raise UnusableUrl(f"bad URL: scheme {scheme or '(none)'!r} is not http or https")
     host = parts.hostname
     if not host:
-        raise HttpClientError("bad URL: no host")
+        raise UnusableUrl("bad URL: no host")
     if parts.username is not None or parts.password is not None:
-        raise HttpClientError("bad URL: credentials in a URL are not sent; use a token setting")
+        raise UnusableUrl("bad URL: credentials in a URL are not sent; use a token setting")
     tls = scheme == "https"
     default = 443 if tls else 80
     port = port or default
     try:
         ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
     except UnicodeError:
-        raise HttpClientError(f"bad URL: host {host!r} is not a valid name") from None
+        raise UnusableUrl(f"bad URL: host {host!r} is not a valid name") from None
     name = f"[{ascii_host}]" if ":" in ascii_host else ascii_host
     authority = name if port == default else f"{name}:{port}"
     path = parts.path or "/"
@@ -95,6 +110,15 @@ def _parse_url(url: str) -> _Target:
     # Non-ASCII, spaces and control characters percent-encoded; what is already encoded stays.
     path = quote(path, safe="!#$%&'()*+,/:;=?@[]~")
     return _Target(_Origin(tls, ascii_host, port, authority), path)
+
+
+def _allowed(
+    allow: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool], address: str
+) -> bool:
+    try:
+        return allow(ipaddress.ip_address(address))
+    except ValueError:  # a scoped IPv6 address (fe80::1%eth0): link-local, never allowed
+        return False
 
 
 def _header_block(headers: Mapping[str, str]) -> bytes:
@@ -337,8 +361,11 @@ class HttpClient:
         idle_s: float = 15.0,
         user_agent: str = "clinic-voice",
         ssl_context: ssl.SSLContext | None = None,
+        address_filter: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
+        | None = None,
     ) -> None:
         self._max = max_per_origin
+        self._allow = address_filter
         self._idle_s = idle_s
         self._ua = user_agent
         self._ssl = ssl_context
@@ -446,18 +473,36 @@ class HttpClient:
             raise
 
     async def _connect(self, origin: _Origin) -> _Connection:
+        hosts = [origin.host] if self._allow is None else await self._allowed_addresses(origin)
+        loop = asyncio.get_running_loop()
+        error: BaseException | None = None
+        for host in hosts:  # resolved here: each allowed address in turn, as the loop would
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(origin),
+                    host,
+                    origin.port,
+                    ssl=self._tls() if origin.tls else None,
+                    server_hostname=origin.host if origin.tls else None,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                error = exc
+            else:
+                return conn
+        raise HttpClientError(f"cannot connect to {origin.name}: {error}")
+
+    async def _allowed_addresses(self, origin: _Origin) -> list[str]:
+        assert self._allow is not None
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(
-                lambda: _Connection(origin),
-                origin.host,
-                origin.port,
-                ssl=self._tls() if origin.tls else None,
-                server_hostname=origin.host if origin.tls else None,
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise HttpClientError(f"cannot connect to {origin.name}: {exc}") from None
-        return conn
+            infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise HttpClientError(f"cannot resolve {origin.host}: {exc}") from None
+        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        allowed = [a for a in found if _allowed(self._allow, a)]
+        if not allowed:
+            raise UnusableUrl(f"{origin.name} resolves to no address allowed here: {found}")
+        return allowed
 
     def _release(self, pool: _Pool, conn: _Connection) -> None:
         """Return a finished connection to the pool (or close it) and wake one waiter."""

@@ -64,12 +64,14 @@ class WebhookSender:
         *,
         store: VerificationStore,
         client: HttpClient,
+        callback_client: HttpClient,
         settings: VerificationSettings,
         secret: bytes,
         clock: Clock,
     ) -> None:
         self._store = store
-        self._client = client
+        self._client = client  # the operator's CLINIC_WEBHOOK_URL
+        self._callback_client = callback_client  # an API client's callback_url (guarded)
         self._s = settings
         self._secret = secret
         self._clock = clock
@@ -104,7 +106,9 @@ class WebhookSender:
 
     async def _deliver(self, job_id: str, payload: str) -> None:
         job = json.loads(payload)
-        url = job.get("callback_url") or self._s.webhook_url
+        callback = job.get("callback_url") or ""
+        url = callback or self._s.webhook_url
+        client = self._callback_client if callback else self._client
         attempt = int(job.get("attempt", 0)) + 1
         if not url:
             await self._store.finish_webhook(job_id)
@@ -125,13 +129,13 @@ class WebhookSender:
         }
         error = ""
         try:
-            answer = await self._client.post(
-                url, body, headers, timeout_s=self._s.webhook_timeout_s
-            )
+            answer = await client.post(url, body, headers, timeout_s=self._s.webhook_timeout_s)
         except TimeoutError:
             error = "timed out"
         except HttpClientError as exc:
             error = str(exc)
+            if exc.permanent:  # the same URL would be refused again: no retries
+                attempt = self._s.webhook_retries + 1
         else:
             if 200 <= answer.status < 300:
                 await self._store.finish_webhook(job_id)

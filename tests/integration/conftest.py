@@ -53,6 +53,8 @@ BASE_ENV: dict[str, str] = {
     "CLINIC_SMS_HTTP_RETRIES": "1",
     "CLINIC_WEBHOOK_TIMEOUT_S": "1",
     "CLINIC_WEBHOOK_RETRIES": "3",
+    # the test peers (webhook receivers) listen on loopback
+    "CLINIC_CALLBACK_NETWORKS": "127.0.0.0/8",
 }
 
 DEADLINE_S = 10.0

@@ -187,6 +187,31 @@ async def test_callback_url_of_the_verification_gets_its_events(
     _assert_hooks_match(hooks, vid, (await api.get(vid))["events"])
 
 
+async def test_a_callback_url_that_resolves_into_the_clinic_network_is_never_called(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    # A host name passes the check at create (only its form can be checked then); it is
+    # resolved when the webhook connects, and "localhost" resolves to loopback, which is not
+    # among CLINIC_CALLBACK_NETWORKS here. The operator's own CLINIC_WEBHOOK_URL on loopback
+    # is not guarded: the operator chose it.
+    api = await start_service(
+        {"CLINIC_CALLBACK_NETWORKS": "", "CLINIC_WEBHOOK_URL": webhook_receiver.url("/global")}
+    )
+    sneaky = f"http://localhost:{webhook_receiver.port}/sneaky"
+    created = await api.create(callback_url=sneaky, method="sms")
+    assert created.status == 201, created.text
+    vid = created.json["id"]
+    await api.wait_for_event(vid, "delivered")
+    other = (await api.create(phone="+31612345670")).json["id"]
+    hooks = await webhook_receiver.wait_until(
+        "the other verification's events",
+        lambda got: {h.json()["verification_id"] for h in got} >= {other},
+    )
+    await asyncio.sleep(0.5)  # a refused attempt would have been retried within this
+    assert {h.path for h in webhook_receiver.received} == {"/global"}, "the callback was called"
+    assert vid not in {h.json()["verification_id"] for h in hooks}
+
+
 # -- timers on an injected clock -----------------------------------------------------------------
 async def test_step_timeout_and_expiry_run_on_the_injected_clock(
     start_service: StartService, sms_gateway: SmsGateway

@@ -60,6 +60,22 @@ CREATE_CASES = [
     Bad("locale bad", 422, "invalid-request", {"phone": MOBILE, "locale": "en_US!"}),
     Bad("locale huge", 422, "invalid-request", {"phone": MOBILE, "locale": "x" * 10_000}),
     Bad("callback not http", 422, "invalid-request", {"phone": MOBILE, "callback_url": "ftp://x"}),
+    Bad("callback no host", 422, "invalid-request", {"phone": MOBILE, "callback_url": "http://"}),
+    Bad(
+        "callback spaces", 422, "invalid-request", {"phone": MOBILE, "callback_url": "http://a b/"}
+    ),
+    Bad(
+        "callback to the metadata address",
+        422,
+        "invalid-request",
+        {"phone": MOBILE, "callback_url": "http://169.254.169.254/latest/meta-data/"},
+    ),
+    Bad(
+        "callback to a private network not named",
+        422,
+        "invalid-request",
+        {"phone": MOBILE, "callback_url": "http://10.0.0.7:6379/"},
+    ),
     Bad("text/plain", 415, "unsupported-media-type", raw=b"{}", content_type="text/plain"),
     Bad(
         "form data",

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from verification.http_client import MAX_BODY, HttpClient, HttpClientError
+from verification.http_client import MAX_BODY, HttpClient, HttpClientError, UnusableUrl
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -427,3 +427,32 @@ async def test_https_verifies_the_certificate(tmp_path: Path) -> None:
         await trusting.close()
         await default.close()
         await tls_peer.stop()
+
+
+async def test_an_address_filter_decides_which_resolved_addresses_are_connected(
+    peer: Peer,
+) -> None:
+    # The webhook sender's guard: the client resolves the host itself and connects only to
+    # allowed addresses, so a name that resolves into the clinic's network is never called.
+    seen: list[str] = []
+
+    def loopback_only(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        seen.append(str(address))
+        return address == ipaddress.ip_address("127.0.0.1")
+
+    guarded = HttpClient(address_filter=loopback_only)
+    refusing = HttpClient(address_filter=lambda _address: False)
+    try:
+        answer = await guarded.post(
+            f"http://localhost:{peer.port}/echo", b"{}", JSON, timeout_s=5.0
+        )
+        assert answer.status == 200
+        assert "127.0.0.1" in seen
+        with pytest.raises(UnusableUrl, match="no address allowed"):
+            await refusing.post(f"http://127.0.0.1:{peer.port}/echo", b"{}", JSON, timeout_s=5.0)
+        with pytest.raises(UnusableUrl):
+            await refusing.post("http://", b"{}", JSON, timeout_s=5.0)
+    finally:
+        await guarded.close()
+        await refusing.close()
+    assert len(peer.requests) == 1, "the refused request reached the server"

@@ -141,6 +141,11 @@ def test_every_documented_variable_is_read_and_documented_once() -> None:
         ({"CLINIC_API_KEYS": f"{KEY}, {KEY}2 ,"}, lambda s: s.api_keys, (KEY, KEY + "2")),
         ({"CLINIC_SECRET": SECRET}, lambda s: s.secret, SECRET),
         (
+            {"CLINIC_CALLBACK_NETWORKS": "10.20.0.0/16, fd00::/8,192.168.1.7"},
+            lambda s: tuple(map(str, s.verification.callback_networks)),
+            ("10.20.0.0/16", "fd00::/8", "192.168.1.7/32"),
+        ),
+        (
             {"CLINIC_TRUSTED_PROXIES": "10.0.0.1, ::1"},
             lambda s: s.trusted_proxies,
             frozenset({"10.0.0.1", "::1"}),
@@ -236,6 +241,8 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_NAME", "x" * 41, "1..40"),
         ("CLINIC_NAME", "tab\there", "1..40"),
         ("CLINIC_TRUSTED_PROXIES", "10.0.0.1,proxy.local", "does not appear to be"),
+        ("CLINIC_CALLBACK_NETWORKS", "10.0.0.0/33", "10.0.0.0/33"),
+        ("CLINIC_CALLBACK_NETWORKS", "lan", "does not appear to be"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(name: str, value: str, why: str) -> None:

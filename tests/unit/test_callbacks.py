@@ -1,0 +1,88 @@
+"""Where a callback URL may point: its form, and the addresses it may reach (table-driven)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from verification.callbacks import CallbackRefused, check_callback_url, reachable
+
+LAN = (ipaddress.ip_network("10.20.0.0/16"),)
+
+
+@pytest.mark.parametrize(
+    ("address", "networks", "allowed"),
+    [
+        ("93.184.216.34", (), True),
+        ("2606:2800:220:1:248:1893:25c8:1946", (), True),
+        ("169.254.169.254", (), False),  # the cloud's metadata service
+        ("127.0.0.1", (), False),
+        ("::1", (), False),
+        ("::ffff:127.0.0.1", (), False),  # loopback, written as IPv6
+        ("::ffff:93.184.216.34", (), True),
+        ("10.20.1.5", (), False),
+        ("10.20.1.5", LAN, True),
+        ("10.21.1.5", LAN, False),
+        ("192.168.1.1", (), False),
+        ("172.16.0.1", (), False),
+        ("100.64.0.1", (), False),  # carrier-grade NAT
+        ("0.0.0.0", (), False),
+        ("224.0.0.1", (), False),
+        ("fe80::1", (), False),
+        ("fc00::1", (), False),
+        ("ff02::1", (), False),
+    ],
+)
+def test_reachable(
+    address: str, networks: tuple[ipaddress.IPv4Network, ...], allowed: bool
+) -> None:
+    assert reachable(ipaddress.ip_address(address), networks) is allowed
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://app.example.com/hooks/verify",
+        "HTTPS://example.com/",
+        "http://example.com:8080/cb?x=1",
+        "https://bücher.example/cb",
+        "http://93.184.216.34/cb",
+        "http://[2606:2800:220:1:248:1893:25c8:1946]/cb",
+    ],
+)
+def test_accepted(url: str) -> None:
+    check_callback_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://", "has no host"),
+        ("https:///path", "has no host"),
+        ("ftp://example.com/", "http(s)"),
+        ("example.com/cb", "http(s)"),
+        ("http://a b c/", "spaces"),
+        ("http://example.com/\n", "spaces"),
+        ("http://example.com/\x00", "control"),
+        ("http://user:pw@example.com/", "credentials"),
+        ("http://example.com:0/", "port 0"),
+        ("http://example.com:99999/", "not a URL"),
+        ("http://169.254.169.254/latest/meta-data/", "not a public address"),
+        ("http://127.0.0.1:6379/", "not a public address"),
+        ("http://[::1]/", "not a public address"),
+        ("http://10.0.0.1/", "not a public address"),
+        ("http://-bad-.example/", "not a valid name"),
+        ("http://" + "a" * 64 + ".example/", "not a valid name"),
+        ("http://exa_mple.com/", "not a valid name"),
+    ],
+)
+def test_refused(url: str, why: str) -> None:
+    with pytest.raises(CallbackRefused, match=why.replace("(", r"\(").replace(")", r"\)")):
+        check_callback_url(url)
+
+
+def test_a_named_private_network_is_allowed() -> None:
+    check_callback_url("http://10.20.3.4:8443/cb", LAN)
+    with pytest.raises(CallbackRefused):
+        check_callback_url("http://10.30.3.4/cb", LAN)
