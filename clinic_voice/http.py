@@ -150,6 +150,14 @@ def build_middlewares(
         kid = key_ids[token.strip()]
         request[KEY_ID] = kid
         checks = limits.request_checks(settings, kid, client_ip(request, trusted_proxies))
+        answer = await admitted(request, handler, checks)
+        # Every /v1 answer may hold a phone number or a call's health data: no cache keeps it.
+        answer.headers["Cache-Control"] = "no-store"
+        return answer
+
+    async def admitted(
+        request: web.Request, handler: Handler, checks: list[limits.LimitCheck]
+    ) -> web.StreamResponse:
         if not is_self_admitted(request.match_info.handler):
             await count(checks)
             return await handler(request)
