@@ -8,11 +8,9 @@ call or an SMS.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -33,6 +31,7 @@ from verification.errors import (
 from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Verification
 from verification.request import KEY_ID, read_json_object, self_admitted, take_request_checks
 from verification.store import Stored, VerificationStore, body_hash
+from verification.wire import iso, render_event
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +46,6 @@ def _json_response(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-_SECONDS: dict[int, str] = {}  # whole second -> "YYYY-MM-DDTHH:MM:SS", the last few
-
-
-def iso(ts: float) -> str:
-    """``ts`` as ISO 8601 UTC with milliseconds, e.g. ``2026-11-29T18:12:28.123Z``.
-
-    As ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` (the same
-    rounding to the microsecond, then truncation), but the date and time of day are formatted
-    once per second: an answer holds several timestamps, most of them in the same second.
-    """
-    frac, whole = math.modf(ts)
-    us = round(frac * 1e6)
-    second = int(whole)
-    if us >= 1_000_000:
-        second, us = second + 1, us - 1_000_000
-    elif us < 0:
-        second, us = second - 1, us + 1_000_000
-    text = _SECONDS.get(second)
-    if text is None:
-        if len(_SECONDS) >= 64:
-            _SECONDS.clear()
-        text = _SECONDS[second] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{text}.{us // 1000:03d}Z"
-
-
 def render(v: Verification, policy: Policy) -> dict[str, Any]:
     """The public JSON of a verification. Never holds a code or a code hash."""
     out: dict[str, Any] = {
@@ -83,15 +57,7 @@ def render(v: Verification, policy: Policy) -> dict[str, Any]:
         "attempts_left": rules.attempts_left(v, policy),
         "created_at": iso(v.created_at),
         "expires_at": iso(v.expires_at),
-        "events": [
-            {
-                "type": e.kind,
-                "at": iso(e.at),
-                "channel": e.channel,
-                "detail": e.detail,
-            }
-            for e in v.events
-        ],
+        "events": [render_event(e) for e in v.events],
     }
     if v.flashcall:
         out["flashcall"] = v.flashcall.to_json()

@@ -21,8 +21,10 @@ from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
 from verification.errors import StoreUnavailable
 from verification.http_client import HttpClient, HttpClientError
+from verification.model import Event
 from verification.outage_log import OutageLog
 from verification.store import VerificationStore
+from verification.wire import render_event
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class WebhookSender:
                 "verification_id": job["verification_id"],
                 "status": job["status"],
                 "channel": job["channel"],
-                "event": job["event"],
+                "event": render_event(Event.from_json(job["event"])),
             },
             separators=(",", ":"),
         ).encode()

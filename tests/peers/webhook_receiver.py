@@ -66,7 +66,7 @@ class WebhookReceiver:
                 async with self._arrived:
                     await self._arrived.wait_for(lambda: bool(predicate(self.received)))
         except TimeoutError:
-            kinds = [h.json().get("event", {}).get("kind") for h in self.received]
+            kinds = [h.json().get("event", {}).get("type") for h in self.received]
             raise AssertionError(
                 f"webhook receiver: no {what} in {deadline_s} s; got {len(kinds)}: {kinds}"
             ) from None

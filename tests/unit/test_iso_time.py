@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from verification.api import iso
+from verification.wire import iso
 
 
 def reference(ts: float) -> str:
