@@ -40,8 +40,8 @@ async def test_create_answers_201_with_location_and_fields(
     assert answer.headers["Location"] == f"/v1/verifications/{v['id']}"
     assert answer.content_type == "application/json"
     assert answer.headers["Cache-Control"] == "no-store", "it holds a phone number"
-    got = await api.request("GET", f"/v1/verifications/{v['id']}")
-    assert got.headers["Cache-Control"] == "no-store"
+    read = await api.request("GET", f"/v1/verifications/{v['id']}")
+    assert read.headers["Cache-Control"] == "no-store"
     assert v["phone"] == MOBILE
     assert v["status"] == "pending"
     assert v["channel"] == "sms"
