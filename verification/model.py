@@ -20,6 +20,11 @@ class Status(StrEnum):
     EXPIRED = "expired"
     CANCELED = "canceled"
 
+    @property
+    def final(self) -> bool:
+        """True for every status but ``pending``: the verification can no longer change."""
+        return self is not Status.PENDING
+
 
 class Channel(StrEnum):
     """How a code reaches the phone."""

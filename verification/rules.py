@@ -197,10 +197,16 @@ def delivery(
     """A channel's report on the send of ``step``.
 
     Reports of an earlier step are recorded but move nothing; "undeliverable" on the current
-    step falls back at once.
+    step falls back at once. Once the verification is final (approved, failed, expired,
+    canceled) a report changes nothing and records nothing: a call still ringing when the
+    user typed the code must not append "undeliverable" after "approved" (its events and
+    webhooks would tell a story that ends twice). A report that finds the lifetime over
+    expires the verification, as a check would, and is dropped with it.
     """
-    if step >= len(v.channels):
+    if v.status.final or step >= len(v.channels):
         return Transition(v)
+    if now >= v.expires_at:
+        return Transition(_set_status(v, Status.EXPIRED, Event(EventKind.EXPIRED, now)))
     channel = v.channels[step]
     event = Event(_DELIVERY_EVENT[kind], now, channel, detail)
     current = v.status is Status.PENDING and v.step == step

@@ -318,14 +318,56 @@ def test_stale_report_of_an_earlier_step_is_recorded_but_moves_nothing(
     assert after.events[-1].channel is F
 
 
-@pytest.mark.parametrize("make", [approved, canceled, failed_by_checks])
-def test_report_after_the_end_is_recorded_but_changes_no_status(make: object) -> None:
+def expired() -> Verification:
+    return rules.tick(started(), T0 + POLICY.ttl_s, POLICY).verification
+
+
+def failed_undeliverable() -> Verification:
+    v = started((S,))
+    return rules.delivery(
+        v, 0, DeliveryKind.UNDELIVERABLE, "gone", now=T0 + 1, policy=POLICY
+    ).verification
+
+
+def approved_on_voice() -> Verification:
+    """The black-box repro: two fallbacks to reach the voice call, then a right check."""
+    v = started()
+    for at in (T0 + 10, T0 + 20):
+        v = sent(rules.request_fallback(v, at, POLICY).verification, at)
+    assert v.channel is V
+    return rules.check(v, True, T0 + 25, POLICY)[0].verification
+
+
+FINAL = [approved, approved_on_voice, canceled, failed_by_checks, failed_undeliverable, expired]
+
+
+@pytest.mark.parametrize("kind", list(DeliveryKind))
+@pytest.mark.parametrize("make", FINAL)
+@pytest.mark.parametrize("which", ["first step", "last step entered"])
+def test_report_after_the_end_changes_nothing_and_records_nothing(
+    make: object, kind: DeliveryKind, which: str
+) -> None:
     assert callable(make)
     v: Verification = make()
-    t = rules.delivery(v, 0, DeliveryKind.UNDELIVERABLE, "late", now=T0 + 20, policy=POLICY)
+    assert v.status.final
+    step = 0 if which == "first step" else min(v.step, len(v.channels) - 1)
+    for now in (T0 + 30, v.expires_at + 1):  # before and after the lifetime
+        assert rules.delivery(v, step, kind, "late", now=now, policy=POLICY) == Transition(v)
+
+
+@pytest.mark.parametrize("kind", list(DeliveryKind))
+@pytest.mark.parametrize("late", [0.0, 0.5, 300.0])
+def test_report_after_the_lifetime_expires_and_is_not_recorded(
+    kind: DeliveryKind, late: float
+) -> None:
+    """The timer may not have run yet: the report finds the verification expired."""
+    v0 = started()
+    t = rules.delivery(v0, 0, kind, "late", now=v0.expires_at + late, policy=POLICY)
+    v = t.verification
     assert t.send is None
-    assert replace(t.verification, events=v.events) == v
-    assert t.verification.events[-1].kind is EventKind.UNDELIVERABLE
+    assert (v.status, v.step_deadline, v.sending) == (Status.EXPIRED, None, False)
+    assert kinds(v) == [*kinds(v0), (EventKind.EXPIRED, None)]
+    assert rules.due_at(v) is None
 
 
 @pytest.mark.parametrize("step", [3, 4, 99])
