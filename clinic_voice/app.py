@@ -27,6 +27,7 @@ from clinic_voice.openapi import openapi_document
 from clinic_voice.redis_server import EmbeddedRedis
 from sip_config.clock import Clock, SystemClock
 from sip_config.settings import Settings, SettingsError
+from verification import rules
 from verification.api import VerificationApi
 from verification.callbacks import reachable
 from verification.channels.base import ChannelAdapter
@@ -176,10 +177,15 @@ def build_app(
     rt.api_keys, rt.secret = prepare_data_dir(settings)
     policy = policy_from(settings)
 
-    def on_change(v: Verification) -> None:
-        metrics.verifications.inc(
-            status=v.status.value, channel=v.channel.value if v.channel else "none"
-        )
+    def on_change(old: Verification | None, new: Verification) -> None:
+        # Every write of this process's store, whoever made it (API, channel reports,
+        # timers): each change of state is counted once, by the process that made it.
+        entered = rules.state_change(old, new)
+        if entered is not None:
+            status, channel = entered
+            metrics.verifications.inc(
+                status=status.value, channel=channel.value if channel else "none"
+            )
 
     app = web.Application(
         client_max_size=MAX_BODY,
@@ -209,7 +215,9 @@ def build_app(
         # verification/redis_mux.py): the verification API's hot path and the call records.
         mux = RedisMux(url, timeout_s=2.0)
         rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days)
-        rt.store = VerificationStore(mux, global_webhook=bool(settings.verification.webhook_url))
+        rt.store = VerificationStore(
+            mux, global_webhook=bool(settings.verification.webhook_url), on_change=on_change
+        )
         # A Redis the operator gave: say in the log if it could lose acknowledged writes
         # (serve only; its HTTP workers use the same Redis).
         durability = (
@@ -327,7 +335,6 @@ def build_app(
         dispatcher=rt.need_dispatcher,
         secret=lambda: rt.secret,
         clock=clock,
-        on_change=on_change,
     )
     app.add_routes(api.routes())
     app.add_routes(CallsApi(rt.need_call_store).routes())

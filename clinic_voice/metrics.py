@@ -138,7 +138,10 @@ class Metrics:
         )
         self.verifications = Counter(
             "clinic_verifications_total",
-            "verification state changes made through the API, by new status and channel",
+            "verification state changes by the status and channel entered (created, moved to "
+            "another channel, approved, failed, expired, canceled), counted once by the process "
+            "that made the change (API, channel report or timer); channel is flashcall, sms or "
+            "voice (the last one entered once the plan is used up), none if all were skipped",
         )
         self.deliveries = Counter(
             "clinic_deliveries_total", "channel delivery reports by channel and outcome"

@@ -162,7 +162,6 @@ class VerificationApi:
         dispatcher: Callable[[], Dispatcher],
         secret: Callable[[], bytes],
         clock: Clock,
-        on_change: Callable[[Verification], None] | None = None,
     ) -> None:
         self._settings = settings
         self._vs = settings.verification
@@ -171,7 +170,6 @@ class VerificationApi:
         self._dispatcher = dispatcher
         self._secret = secret
         self._clock = clock
-        self._on_change = on_change or (lambda _v: None)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -280,7 +278,6 @@ class VerificationApi:
             await self._count(own)
             return self._json(v, 201, replayed=True)
         log.info("verification %s: created (%s)", vid, ",".join(req.plan))
-        self._on_change(v)
         self._dispatcher().follow(transition, counted=True, known=stored, code=code)
         return self._json(v, 201)
 
@@ -325,9 +322,7 @@ class VerificationApi:
             matched = candidate is not None and codes.matches(secret, vid, candidate, v.code_hashes)
             return rules.check(v, matched, now, self._policy)
 
-        transition, answer = await self._store().update(vid, change, known=stored)
-        if transition.verification != v0:
-            self._on_change(transition.verification)
+        _, answer = await self._store().update(vid, change, known=stored)
         log.info("verification %s: check -> %s", vid, answer.status)
         return _json_response(
             {"id": vid, "status": answer.status.value, "attempts_left": answer.attempts_left}
@@ -345,7 +340,6 @@ class VerificationApi:
             lambda v: (rules.request_fallback(v, self._clock.now(), self._policy), None),
             known=stored,
         )
-        self._on_change(transition.verification)
         self._dispatcher().follow(transition, counted=True, known=written)
         return self._json(transition.verification)
 
@@ -356,7 +350,6 @@ class VerificationApi:
         transition, _ = await self._store().update(
             vid, lambda v: (rules.cancel(v, self._clock.now()), None), known=stored
         )
-        self._on_change(transition.verification)
         log.info("verification %s: canceled", vid)
         return self._json(transition.verification)
 

@@ -297,6 +297,34 @@ def cancel(v: Verification, now: float) -> Transition:
     return Transition(_set_status(v, Status.CANCELED, Event(EventKind.CANCELED, now)))
 
 
+State = tuple[Status, Channel | None]
+
+
+def state(v: Verification) -> State:
+    """The status and the channel a verification is on (``clinic_verifications_total``).
+
+    Once the plan is used up the channel is the last one it entered (a skipped channel was
+    never entered), so an approval or expiry after the last step still names a channel;
+    None only when every channel of the plan was skipped.
+    """
+    if v.step < len(v.channels):
+        return v.status, v.channels[v.step]
+    skipped = {e.channel for e in v.events if e.kind is EventKind.SKIPPED}
+    for channel in reversed(v.channels):
+        if channel not in skipped:
+            return v.status, channel
+    return v.status, None
+
+
+def state_change(old: Verification | None, new: Verification) -> State | None:
+    """The state ``new`` entered, when it differs from ``old``'s (``old`` None: created).
+
+    Reports, wrong checks and sends change the record but not its state: None.
+    """
+    entered = state(new)
+    return entered if old is None or state(old) != entered else None
+
+
 def due_at(v: Verification) -> float | None:
     """When :func:`tick` next has something to do, or None for a final state."""
     if v.status is not Status.PENDING:

@@ -169,6 +169,10 @@ class Stored:
     version: str
 
 
+def _ignore(old: Verification | None, new: Verification) -> None:
+    return None
+
+
 def _record_key(vid: str) -> str:
     return f"{PREFIX}v:{vid}"
 
@@ -195,9 +199,19 @@ def _webhook_payloads(
 class VerificationStore:
     """The Redis adapter. Every Redis failure becomes :class:`StoreUnavailable` (fail closed)."""
 
-    def __init__(self, redis: RedisMux, *, global_webhook: bool = False) -> None:
+    def __init__(
+        self,
+        redis: RedisMux,
+        *,
+        global_webhook: bool = False,
+        on_change: Callable[[Verification | None, Verification], None] | None = None,
+    ) -> None:
+        """``on_change(old, new)`` is called after every write this store made (``old`` None
+        for a new record): once per change, whoever asked for it (API, dispatcher, timers),
+        never for a write that lost the compare-and-set."""
         self._r = redis
         self._global_webhook = global_webhook
+        self._on_change = on_change or _ignore
 
     async def ping(self) -> bool:
         try:
@@ -311,6 +325,7 @@ class VerificationStore:
         version = await self._write(None, v, idempotency=idem)
         if version is None:
             raise Conflict(f"verification {v.id} exists")
+        self._on_change(None, v)
         return Stored(v, version)
 
     async def _reserve(self, key: str, body_hash: str) -> Stored | None:
@@ -362,6 +377,7 @@ class VerificationStore:
         decision = _decision(res, checks)
         if not decision.allowed and decision.blocked_by is not None:
             raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+        self._on_change(None, v)
         return Stored(v, version)
 
     async def update(
@@ -396,6 +412,7 @@ class VerificationStore:
                 return transition, extra, stored
             version = await self._write(stored, transition.verification)
             if version is not None:
+                self._on_change(stored.verification, transition.verification)
                 return transition, extra, Stored(transition.verification, version)
             stored = None
         raise StoreUnavailable(f"verification {vid}: too much contention")

@@ -320,12 +320,57 @@ async def test_health_readiness_and_metrics(
     check_route = "/v1/verifications/{id}/check"
     assert sample(requests, method="POST", route=check_route, status="200") == 2
     assert sample(requests, method="GET", route="/v1/verifications/{id}", status="404") == 1
-    assert sample("clinic_verifications_total", channel="sms", status="pending") >= 1
+    # A wrong check changes the record, not its state: still one "pending".
+    assert sample("clinic_verifications_total", channel="sms", status="pending") == 1
     assert sample("clinic_verifications_total", channel="sms", status="approved") == 1
     assert sample("clinic_deliveries_total", channel="sms", outcome="delivered") == 1
     latency = "clinic_http_request_duration_seconds_count"
     assert sample(latency, route="/v1/verifications") == 1
     assert "# TYPE clinic_http_requests_total counter" in answer.text
+
+
+async def test_metrics_count_each_state_change_once_whoever_made_it(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    """API, timers and channel reports each change states; /metrics shows every change once,
+    under the channel the verification was on, also after its plan was used up."""
+    clock = FakeClock()
+    api = await start_service(
+        {"CLINIC_CODE_TTL_S": "60", "CLINIC_STEP_TIMEOUT_SMS_S": "10"}, clock=clock
+    )
+    expiring = (await api.create()).json["id"]
+    approving = (await api.create()).json["id"]
+    canceling = (await api.create()).json["id"]
+    code = await read_code(sms_gateway, 2)
+    for vid in (expiring, approving, canceling):
+        await api.wait_for_event(vid, "delivered")
+    assert (await api.request("DELETE", f"/v1/verifications/{canceling}")).status == 200
+    clock.advance(11)  # the SMS step times out: the timer uses the plan up (no new state)
+    for vid in (expiring, approving):
+        await api.wait_for_event(vid, "fallback", deadline_s=3.0)
+    assert (await api.check(approving, wrong_code(code))).json["status"] == "pending"
+    assert (await api.check(approving, code)).json["status"] == "approved"
+    clock.advance(50)  # the timer expires the one left
+    await api.wait_for_event(expiring, "expired", deadline_s=3.0)
+    sms_gateway.mode = GatewayMode.REJECT  # a channel report fails the next one
+    failing = (await api.create()).json["id"]
+    await api.wait_for_event(failing, "failed")
+
+    answer = await api.request("GET", "/metrics", key=None)
+    counted = {
+        k: v
+        for k, v in _parse_prometheus(answer.text).items()
+        if k.startswith("clinic_verifications_total")
+    }
+    name = "clinic_verifications_total"
+    assert counted == {
+        f'{name}{{channel="sms",status="pending"}}': 4,
+        f'{name}{{channel="sms",status="canceled"}}': 1,
+        f'{name}{{channel="sms",status="approved"}}': 1,
+        f'{name}{{channel="sms",status="expired"}}': 1,
+        f'{name}{{channel="sms",status="failed"}}': 1,
+    }, answer.text
+    assert "# HELP clinic_verifications_total verification state changes" in answer.text
 
 
 def _parse_prometheus(text: str) -> dict[str, float]:

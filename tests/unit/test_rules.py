@@ -767,6 +767,66 @@ def test_due_at_of_a_final_state_is_none(make: object) -> None:
     assert rules.due_at(v) is None
 
 
+# -- state: what clinic_verifications_total counts ----------------------------------------------
+
+
+def _exhausted_then_approved() -> Verification:
+    v = started((S,))
+    v = rules.tick(v, T0 + 120, POLICY).verification  # the last step timed out: plan used up
+    assert (v.status, v.channel) == (Status.PENDING, None)
+    return rules.check(v, True, T0 + 130, POLICY)[0].verification
+
+
+def _all_skipped() -> Verification:
+    return start((F,), LANDLINE).verification
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (started, (Status.PENDING, F)),
+        (approved, (Status.APPROVED, F)),
+        (approved_on_voice, (Status.APPROVED, V)),
+        (canceled, (Status.CANCELED, F)),
+        (failed_by_checks, (Status.FAILED, F)),
+        (failed_undeliverable, (Status.FAILED, S)),
+        (expired, (Status.EXPIRED, F)),
+        (_exhausted_then_approved, (Status.APPROVED, S)),
+        (lambda: start((S, F), LANDLINE).verification, (Status.PENDING, S)),
+        (_all_skipped, (Status.FAILED, None)),
+    ],
+)
+def test_state_names_the_channel_even_when_the_plan_is_used_up(
+    make: object, expected: tuple[Status, Channel | None]
+) -> None:
+    assert callable(make)
+    assert rules.state(make()) == expected
+
+
+def test_state_change_is_reported_once_per_change() -> None:
+    v0 = start().verification
+    assert rules.state_change(None, v0) == (Status.PENDING, F)
+    steps: list[tuple[Verification, tuple[Status, Channel | None] | None]] = []
+    v1 = sent(v0, T0)
+    steps.append((v1, None))  # a send
+    v2 = rules.delivery(v1, 0, DeliveryKind.RINGING, "180", now=T0 + 1, policy=POLICY).verification
+    steps.append((v2, None))  # a report
+    v3 = wrong(v2, T0 + 2)
+    steps.append((v3, None))  # a wrong check
+    v4 = rules.tick(v3, T0 + 33, POLICY).verification
+    steps.append((v4, (Status.PENDING, S)))  # a fallback by the step timer
+    v5 = rules.request_fallback(sent(v4, T0 + 33), T0 + 40, POLICY).verification
+    steps.append((v5, (Status.PENDING, V)))  # a fallback asked for
+    v6 = rules.tick(sent(v5, T0 + 40), T0 + 160, POLICY).verification
+    steps.append((v6, None))  # the last step timed out: still on voice
+    v7 = rules.tick(v6, T0 + POLICY.ttl_s, POLICY).verification
+    steps.append((v7, (Status.EXPIRED, V)))
+    old = v0
+    for new, expected in steps:
+        assert rules.state_change(old, new) == expected, kinds(new)[-1]
+        old = new
+
+
 # -- the record ---------------------------------------------------------------------------------
 
 
