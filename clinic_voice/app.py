@@ -186,6 +186,8 @@ def build_app(
             metrics.verifications.inc(
                 status=status.value, channel=channel.value if channel else "none"
             )
+        if rt.dispatcher is not None:
+            rt.dispatcher.changed(old, new)  # a final state stops the sends still under way
 
     app = web.Application(
         client_max_size=MAX_BODY,

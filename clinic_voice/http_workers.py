@@ -12,7 +12,9 @@ The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the work
 
 - worker → serve: ``hello`` (its index), ``listening`` (its HTTP socket is bound: from then
   it counts in serve's /readyz), ``send`` (verification id, step, channel, whether the
-  limits were counted), ``metrics`` (a snapshot, every second), ``render`` (a /metrics scrape);
+  limits were counted), ``settled`` (a verification became final there: ``serve`` stops its
+  sends under way, e.g. hangs up a voice call still ringing), ``metrics`` (a snapshot, every
+  second), ``render`` (a /metrics scrape);
 - serve → worker: ``state`` (which channels serve sends on and whether each is ready, serve's
   own readiness checks and what it is still warming up; on connect and every half second),
   ``rendered``.
@@ -237,6 +239,8 @@ class HttpWorkers:
             self._dispatcher.follow_forwarded(
                 str(msg["vid"]), int(msg["step"]), Channel(msg["channel"]), bool(msg["counted"])
             )
+        elif op == "settled":
+            self._dispatcher.stop_sends(str(msg["vid"]))
         elif op == "listening":
             self._listening.add(index)
         elif op == "metrics":

@@ -1,5 +1,6 @@
 """An HTTP worker process's end of the control socket to ``serve`` (see
-:mod:`clinic_voice.http_workers`): it forwards SIP sends, learns which channels ``serve`` has
+:mod:`clinic_voice.http_workers`): it forwards SIP sends (and says when their verification
+became final here, so ``serve`` stops them), learns which channels ``serve`` has
 and whether they are ready, reports its metrics, and asks for the service's /metrics.
 """
 
@@ -93,6 +94,12 @@ class MainLink:
         except MainLinkError:
             return False
         return True
+
+    def settled(self, vid: str) -> None:
+        # Best effort: without serve there is no send of this worker's to stop anyway, and
+        # serve's own watch of its sends (Dispatcher.watch_sends) catches a lost message.
+        with contextlib.suppress(MainLinkError):
+            self._send({"op": "settled", "vid": vid})
 
     def listening(self) -> None:
         """Tell ``serve`` this worker's HTTP socket is bound (it counts as ready from then)."""

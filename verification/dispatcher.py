@@ -10,6 +10,7 @@ whichever service process polls first, so a process that dies loses no fallback 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often due timers are looked for (fallback precision)
 LEASE_S = 30.0  # a leased timer returns to the pool if its process dies
+# Sends under way this long re-read their verification this often, and stop when another
+# process (sharing the Redis, not this one's HTTP workers) made it final: a voice call rings
+# up to 45 s, and an approval elsewhere should not leave the phone ringing for that long.
+WATCH_S = 2.0
 
 
 class Forwarder(Protocol):
@@ -44,6 +49,10 @@ class Forwarder(Protocol):
 
     def forward(self, vid: str, step: int, channel: Channel, counted: bool) -> bool:
         """Hand over one send (it reads the record itself); False when it is not reachable."""
+        ...
+
+    def settled(self, vid: str) -> None:
+        """``vid`` became final here: stop its sends under way there (best effort)."""
         ...
 
 
@@ -88,6 +97,9 @@ class Dispatcher:
         self._outage = OutageLog(log, "timers", clock)
         self._deliveries = deliveries
         self._tasks: set[asyncio.Task[None]] = set()
+        # Sends under way per verification (task -> monotonic start), to stop when it is final.
+        self._inflight: dict[str, dict[asyncio.Task[None], float]] = {}
+        self._next_watch = 0.0
         self._timer_task: asyncio.Task[None] | None = None
         # Checked by the timer loop as well as cancelling it: redis-py can swallow a
         # CancelledError that lands inside a command, and stop() must not wait forever.
@@ -129,15 +141,68 @@ class Dispatcher:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        if vid is not None:
+            self._inflight.setdefault(vid, {})[task] = self._clock.monotonic()
+            task.add_done_callback(functools.partial(self._sent, vid))
+
+    def _sent(self, vid: str, task: asyncio.Task[None]) -> None:
+        tasks = self._inflight.get(vid)
+        if tasks is not None:
+            tasks.pop(task, None)
+            if not tasks:
+                del self._inflight[vid]
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    # -- final states ---------------------------------------------------------------------------
+    def changed(self, old: Verification | None, new: Verification) -> None:
+        """Every write of this process's store (its ``on_change``): when ``new`` became final,
+        stop its sends under way here and in the process this one forwards SIP sends to."""
+        if old is None or old.status.final or not new.status.final:
+            return
+        self.stop_sends(new.id, spare=asyncio.current_task())
+        if self._forwarder is not None and self._forwarded.intersection(new.channels):
+            self._forwarder.settled(new.id)
+
+    def stop_sends(self, vid: str, *, spare: asyncio.Task[Any] | None = None) -> int:
+        """Stop every send of ``vid`` under way here (but ``spare``): its verification is final.
+
+        Cancelling a send's task is how it stops: a call that rings or plays is hung up by its
+        channel on the way out (CANCEL or BYE), an SMS gateway is not asked again; an SMS
+        already accepted cannot be recalled. Returns how many were stopped.
+        """
+        tasks = [t for t in self._inflight.get(vid, ()) if t is not spare and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            log.info("verification %s: final: %d send(s) under way stopped", vid, len(tasks))
+        return len(tasks)
+
+    async def watch_sends(self) -> int:
+        """Stop the sends under way for :data:`WATCH_S` or more whose verification another
+        process made final (or that no longer exists): one round trip for all of them."""
+        now = self._clock.monotonic()
+        old = [
+            vid
+            for vid, tasks in self._inflight.items()
+            if any(now - started >= WATCH_S for started in tasks.values())
+        ]
+        if not old:
+            return 0
+        statuses = await self._store.statuses(old)
+        stopped = 0
+        for vid in old:
+            status = statuses.get(vid)
+            if status is None or status.final:
+                stopped += self.stop_sends(vid)
+        return stopped
 
     # -- transitions ---------------------------------------------------------------------------
     def follow(
@@ -166,14 +231,15 @@ class Dispatcher:
             # Not reachable (or the code is made already: it never leaves this process):
             # sent here, where the missing channel reports undeliverable and the rules fall
             # back at once instead of waiting for the step timer.
+        name = f"send {v.id} {v.step}"
         if code is not None and known is not None:
-            self._spawn(self._deliver(v.id, v.step, channel, code, known), f"send {v.id} {v.step}")
+            self._spawn(self._deliver(v.id, v.step, channel, code, known), name, v.id)
         else:
-            self._spawn(self._send(v.id, v.step, channel, counted, known), f"send {v.id} {v.step}")
+            self._spawn(self._send(v.id, v.step, channel, counted, known), name, v.id)
 
     def follow_forwarded(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
         """Run a send another process handed over (see :class:`Forwarder`)."""
-        self._spawn(self._send(vid, step, channel, counted, None), f"send {vid} {step}")
+        self._spawn(self._send(vid, step, channel, counted, None), f"send {vid} {step}", vid)
 
     async def _send(
         self, vid: str, step: int, channel: Channel, counted: bool, known: Stored | None
@@ -215,6 +281,7 @@ class Dispatcher:
         """Hand ``code`` to the channel (its HMAC is in ``written``) and apply its reports."""
         v = written.verification
         adapter = self._channels.get(channel)
+        me = asyncio.current_task()
 
         last = written  # the record as this send last wrote it: reports chain on it
 
@@ -234,6 +301,13 @@ class Dispatcher:
                     known=last,
                 )
             except NotFound:
+                return
+            if last.verification.status.final:
+                # Final, by this report or by anyone else (a check in another process is seen
+                # here when the compare-and-set had to read again): after ringing or answered
+                # the channel would go on calling, so this send stops too.
+                terminal = r.kind in (DeliveryKind.DELIVERED, DeliveryKind.UNDELIVERABLE)
+                self.stop_sends(vid, spare=me if terminal else None)
                 return
             self.follow(transition, known=last)
 
@@ -270,6 +344,9 @@ class Dispatcher:
         while not self._stopping:
             try:
                 await self.run_due()
+                if self._clock.monotonic() >= self._next_watch:
+                    self._next_watch = self._clock.monotonic() + WATCH_S
+                    await self.watch_sends()
             except StoreUnavailable as exc:
                 self._outage.failed(exc)
             else:

@@ -34,7 +34,7 @@ from verification.errors import (
     StoreUnavailable,
 )
 from verification.limits import LimitCheck, LimitDecision
-from verification.model import Verification
+from verification.model import Status, Verification
 from verification.redis_mux import RedisMux, Script
 from verification.rules import Transition, due_at
 
@@ -228,6 +228,20 @@ class VerificationStore:
         if ver is None or doc is None:
             raise NotFound(f"no verification {vid}")
         return Stored(Verification.from_json(orjson.loads(doc)), str(ver))
+
+    async def statuses(self, vids: Sequence[str]) -> dict[str, Status]:
+        """The status of each of ``vids`` that exists, in one round trip."""
+        try:
+            docs = await self._r.many([("HGET", _record_key(vid), "doc") for vid in vids])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        out: dict[str, Status] = {}
+        for vid, doc in zip(vids, docs, strict=True):
+            if isinstance(doc, Exception):
+                raise StoreUnavailable(str(doc))
+            if doc is not None:
+                out[vid] = Status(orjson.loads(doc)["status"])
+        return out
 
     def _write_args(
         self,

@@ -312,6 +312,31 @@ async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
     assert_not_logged(code, caplog, capfd)
 
 
+async def test_approval_cuts_a_long_flash_call_ring_short(rig: Rig, tmp_path: Path) -> None:
+    """The app read the caller-ID while the phone still rang: the flash call is cancelled at
+    once instead of ringing on for CLINIC_FLASHCALL_RING_S, and nothing follows "approved"."""
+    async with (
+        sipp_uas("sipp_uas_ring.xml", tmp_path) as uas,
+        sip_service(rig, uas.port, {"CLINIC_FLASHCALL_RING_S": "30"}) as svc,
+    ):
+        vid = await create(svc.api, method="flashcall", fallback=[])
+        await wait_until_settled(svc.api, vid, {"ringing"})
+        code = code_from_invite(await wire_request(uas, "INVITE"))
+        right = await svc.api.request(
+            "POST", f"/v1/verifications/{vid}/check", json_body={"cli": PREFIX + code}
+        )
+        assert right.json["status"] == "approved", right.text
+        await wire_request(uas, "CANCEL", deadline_s=2.0)  # not after the 30 s ring
+        assert await uas.finish() == 0, "the ring scenario (CANCEL, 487, ACK) did not complete"
+        await asyncio.sleep(0.5)  # a report of the ended call would be written by now
+        assert event_types(await svc.api.get(vid)) == [
+            "requested",
+            "dispatched",
+            "ringing",
+            "approved",
+        ]
+
+
 # -- answered: recorded, hung up at once --------------------------------------------------
 
 

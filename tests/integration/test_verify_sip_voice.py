@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from clinic_voice.app import RUNTIME
+from clinic_voice.app import RUNTIME, build_app
+from sip_config.settings import Settings
+from tests.integration.conftest import API_KEY, SECRET, Api
+from tests.integration.test_sip_pool import sipp_uas
 from tests.integration.test_verify_sip_flash import (
     CLINIC,
     MOBILE,
@@ -33,8 +37,9 @@ from tests.integration.test_verify_sip_flash import (
     make_rig,
     sip_service,
     wait_until_settled,
+    wire_request,
 )
-from verification import codes
+from verification import codes, dispatcher
 from voice.media import spoken_code
 from voice.media.audio_match import rank
 from voice.media.pcm import read_wav, resample, samples_to_bytes, silence
@@ -215,3 +220,73 @@ async def test_softphone_hears_the_spoken_code_after_pressing_1(
         approved = await svc.api.check(vid, CODE)
         assert approved.json == {"id": vid, "status": "approved", "attempts_left": 5}, approved.text
     assert_not_logged(CODE, caplog, capfd)
+
+
+# -- a verification that ends while its call still rings -------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def api_only_service(rig: Rig) -> AsyncIterator[Api]:
+    """Another service process on the same Redis, without SIP (it only answers the API)."""
+    settings = Settings.from_env(
+        {
+            "CLINIC_API_KEYS": API_KEY,
+            "CLINIC_SECRET": SECRET,
+            "CLINIC_NAME": CLINIC,
+            "CLINIC_LOG_LEVEL": "DEBUG",
+            "CLINIC_REDIS_URL": rig.redis.url,
+            "CLINIC_DATA_DIR": str(rig.data_dir()),
+        }
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(build_app(settings), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield Api(client, rig.collector)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("where", "budget_s"),
+    [
+        # The check's write stops the call in the process that places it.
+        ("this process", 2.0),
+        # Another process on the same Redis: serve's watch of its long sends sees it.
+        ("another process", dispatcher.WATCH_S + 2.0),
+    ],
+)
+async def test_approval_hangs_up_the_voice_call_that_still_rings(
+    rig: Rig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    budget_s: float,
+) -> None:
+    """The black-box repro: approved while the voice call rang, the phone rang on for ~50 s
+    and "undeliverable" came after "approved". Now the call is cancelled at once and the
+    verification's last event stays "approved"."""
+    monkeypatch.setattr(codes, "new_code", lambda length: CODE[:length])
+    async with (
+        sipp_uas("sipp_uas_ring.xml", tmp_path) as uas,  # 180, then waits for CANCEL
+        sip_service(rig, uas.port) as svc,
+        api_only_service(rig) as other,
+    ):
+        vid = await create(svc.api, phone=MOBILE, method="voice", fallback=[])
+        await wait_until_settled(svc.api, vid, {"ringing"})
+        checker = svc.api if where == "this process" else other
+        loop = asyncio.get_running_loop()
+        approved_at = loop.time()
+        answer = await checker.check(vid, CODE)
+        assert answer.json["status"] == "approved", answer.text
+        await wire_request(uas, "CANCEL", deadline_s=budget_s)
+        took = loop.time() - approved_at
+        assert took <= budget_s, f"the call was cancelled {took:.1f} s after the approval"
+        assert await uas.finish() == 0, "the ring scenario (CANCEL, 487, ACK) did not complete"
+        await asyncio.sleep(0.5)  # a report of the ended call would be written by now
+        v = await svc.api.get(vid)
+        kinds = event_types(v)
+        assert kinds[-1] == "approved" and "undeliverable" not in kinds, kinds
+        assert v["status"] == "approved"
+        private = svc.app[RUNTIME].settings.data_dir / "private"
+        left = sorted(p.name for p in private.glob("*")) if private.exists() else []
+        assert not left, f"spoken-code files left behind: {left}"

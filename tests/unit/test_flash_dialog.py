@@ -288,6 +288,48 @@ def test_responses_of_another_transaction_are_ignored() -> None:
     assert out.events == [] and out.send == [] and dialog.phase is Phase.CALLING
 
 
+def test_hang_up_while_ringing_cancels_at_once_and_acks_the_487() -> None:
+    """The verification ended while the phone rang: the ring is cut short."""
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    out = dialog.hang_up(100.3)  # well before the ring time is over
+    (cancel,) = sent(out)
+    assert cancel.method == "CANCEL" and cancel.get("Via") == invite.get("Via")
+    assert out.events == []
+    dialog.on_response(reply(cancel, 200), 100.31)
+    assert dialog.on_timer(100.01 + RING_S).send == []  # no second CANCEL at the ring's end
+    out = dialog.on_response(reply(invite, 487), 100.32)
+    assert [m.method for m in sent(out)] == ["ACK"]
+    assert events(out) == [(CallState.ENDED, 487, CallOutcome.CANCELLED_AFTER_RING)]
+    assert dialog.done
+
+
+def test_hang_up_before_any_answer_sends_no_cancel_until_a_provisional_one() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    out = dialog.hang_up(100.2)
+    assert out.send == []  # section 9.1: no CANCEL before a provisional response
+    assert events(out) == [(CallState.ENDED, 0, CallOutcome.NO_ANSWER)]
+    out = dialog.on_response(reply(invite, 180), 100.4)
+    assert [m.method for m in sent(out)] == ["CANCEL"] and out.events == []
+    out = dialog.on_response(reply(invite, 487), 100.5)
+    assert [m.method for m in sent(out)] == ["ACK"] and out.events == []
+    assert dialog.done
+
+
+def test_hang_up_of_an_answered_or_ended_call_changes_nothing() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    dialog.on_response(reply(invite, 200, ("Contact", "<sip:far@127.0.0.1:5160>")), 100.1)
+    phase = dialog.phase
+    assert dialog.hang_up(100.2) == Step() and dialog.phase is phase  # the BYE is on its way
+    dialog, step = make()
+    (invite,) = sent(step)
+    dialog.on_response(reply(invite, 486), 100.1)
+    assert dialog.hang_up(100.2) == Step() and dialog.done
+
+
 def test_stopping_cancels_a_ringing_call_and_ends_it_failed() -> None:
     dialog, step = make()
     (invite,) = sent(step)

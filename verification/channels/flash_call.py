@@ -13,6 +13,7 @@ route over TCP or TLS (``;transport=tcp``, ``sips:``) places them through the SI
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -41,6 +42,10 @@ class PlacedCall(Protocol):
 
     @property
     def events(self) -> AsyncIterator[object]: ...
+
+    async def hangup(self) -> None:
+        """CANCEL the call if it still rings (nothing once it ended)."""
+        ...
 
 
 class Dialer(Protocol):
@@ -78,6 +83,15 @@ class FlashCallChannel:
             await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"no SIP capacity: {exc}"))
             return
         log.info("verification %s: flash call %s placed", delivery.verification_id, handle.id)
+        try:
+            await self._follow(delivery, report, handle)
+        except asyncio.CancelledError:
+            # The verification ended meanwhile (e.g. the code was typed from an earlier SMS):
+            # the missed call is no longer wanted, so the ring is cut short.
+            await handle.hangup()
+            raise
+
+    async def _follow(self, delivery: Delivery, report: Report, handle: PlacedCall) -> None:
         async for ev in handle.events:
             if not isinstance(ev, CallEvent):
                 continue

@@ -235,6 +235,27 @@ class FlashDialog:
         self._reschedule()
         return step
 
+    def hang_up(self, now: float) -> Step:
+        """The call is no longer wanted (its verification ended): cut the ring short.
+
+        After a provisional response: CANCEL now, as at the end of the ring (the 487 is ACKed
+        and ends the call). Before one no CANCEL may go (section 9.1): the call ends now as
+        after the answer timeout, and a provisional response that still comes is cancelled.
+        An answered or ending call goes on as it would.
+        """
+        step = Step()
+        if self._answered or self.phase not in (Phase.CALLING, Phase.PROCEEDING):
+            return step
+        self._ring_end = self._answer_by = None
+        if self.phase is Phase.PROCEEDING:
+            self._cancelled_by_us = True
+            self._cancel(now, step)
+        else:
+            self._timed_out = True
+            self._end(0, step)
+        self._reschedule()
+        return step
+
     def abort(self, now: float) -> Step:
         """The service stops: cancel a call that rings, end it ``failed`` unless it has ended."""
         step = Step()

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import secrets
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 from sip_config.clock import Clock
@@ -46,9 +47,14 @@ def _token() -> str:
 class FlashHandle:
     """One flash call: its id and its events (``trying`` … ``ended``), as a worker's call."""
 
-    def __init__(self, call_id: str) -> None:
+    def __init__(self, call_id: str, hang_up: Callable[[], None]) -> None:
         self.id = call_id
         self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
+        self._hang_up = hang_up
+
+    async def hangup(self) -> None:
+        """Cut the call short: CANCEL it if it rings (see :meth:`FlashDialog.hang_up`)."""
+        self._hang_up()
 
     def deliver(self, ev: CallEvent) -> None:
         self._events.put_nowait(ev)
@@ -153,14 +159,18 @@ class FlashUac(asyncio.DatagramProtocol):
             raise SipError(str(exc)) from exc
         addr = (await self._resolve(host), port)
         self._ids += 1
-        handle = FlashHandle(f"{self._prefix}{self._ids:08x}")
-        dialog = FlashDialog(
-            call.command(handle.id), self._local, token=_token, wall=self._clock.now
-        )
+        call_id = f"{self._prefix}{self._ids:08x}"
+        dialog = FlashDialog(call.command(call_id), self._local, token=_token, wall=self._clock.now)
+        handle = FlashHandle(call_id, functools.partial(self._hang_up, dialog.sip_call_id))
         live = _Live(dialog, handle, addr)
         self._live[dialog.sip_call_id] = live
         self._apply(live, dialog.start(self._clock.monotonic()))
         return handle
+
+    def _hang_up(self, sip_call_id: str) -> None:
+        live = self._live.get(sip_call_id)
+        if live is not None:  # not retired yet
+            self._apply(live, live.dialog.hang_up(self._clock.monotonic()))
 
     async def _resolve(self, host: str) -> str:
         with contextlib.suppress(ValueError):
