@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sip_config.clock import Clock
@@ -33,6 +36,9 @@ LEASE_S = 30.0  # a leased timer returns to the pool if its process dies
 # process (sharing the Redis, not this one's HTTP workers) made it final: a voice call rings
 # up to 45 s, and an approval elsewhere should not leave the phone ringing for that long.
 WATCH_S = 2.0
+# A report the store could not take (Redis down) is written again after these pauses, then
+# every last one, until the verification expires.
+REPORT_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class Forwarder(Protocol):
@@ -63,6 +69,20 @@ class DeliveryCounter(Protocol):
 
 
 Rule = Callable[[Verification], Transition]
+
+
+@dataclass(slots=True, eq=False)
+class _Send:
+    """One send under way: where its reports go, and those the store could not take yet."""
+
+    vid: str
+    step: int
+    channel: Channel
+    last: Stored  # the record as this send last wrote or read it: reports chain on it
+    task: asyncio.Task[Any] | None  # the task that runs the channel
+    kept: deque[tuple[DeliveryReport, float]] = field(default_factory=deque)  # (report, at)
+    retrying: bool = False  # a task writes the kept reports
+    unsure: bool = False  # the last write failed: it may have landed all the same
 
 
 class Dispatcher:
@@ -244,6 +264,16 @@ class Dispatcher:
     async def _send(
         self, vid: str, step: int, channel: Channel, counted: bool, known: Stored | None
     ) -> None:
+        try:
+            await self._count_and_send(vid, step, channel, counted, known)
+        except StoreUnavailable as exc:
+            # Nothing has left (the code's HMAC is stored before it does): the step's timer,
+            # in Redis, moves the verification on once the store is back.
+            log.warning("verification %s: store unavailable, step %d not sent: %s", vid, step, exc)
+
+    async def _count_and_send(
+        self, vid: str, step: int, channel: Channel, counted: bool, known: Stored | None
+    ) -> None:
         if known is None:
             try:
                 known = await self._store.get(vid)
@@ -281,35 +311,10 @@ class Dispatcher:
         """Hand ``code`` to the channel (its HMAC is in ``written``) and apply its reports."""
         v = written.verification
         adapter = self._channels.get(channel)
-        me = asyncio.current_task()
-
-        last = written  # the record as this send last wrote it: reports chain on it
+        send = _Send(vid, step, channel, written, asyncio.current_task())
 
         async def report(r: DeliveryReport) -> None:
-            nonlocal last
-            if self._deliveries is not None:
-                self._deliveries.count(channel, r.kind)
-            try:
-                transition, _, last = await self._store.update_stored(
-                    vid,
-                    lambda x: (
-                        rules.delivery(
-                            x, step, r.kind, r.detail, now=self._clock.now(), policy=self._policy
-                        ),
-                        None,
-                    ),
-                    known=last,
-                )
-            except NotFound:
-                return
-            if last.verification.status.final:
-                # Final, by this report or by anyone else (a check in another process is seen
-                # here when the compare-and-set had to read again): after ringing or answered
-                # the channel would go on calling, so this send stops too.
-                terminal = r.kind in (DeliveryKind.DELIVERED, DeliveryKind.UNDELIVERABLE)
-                self.stop_sends(vid, spare=me if terminal else None)
-                return
-            self.follow(transition, known=last)
+            await self._report(send, r)
 
         if adapter is None or not adapter.ready():
             await report(
@@ -322,11 +327,97 @@ class Dispatcher:
             await adapter.send(delivery, report)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # an adapter bug must still move the verification on
+        except Exception:  # an adapter bug must still move the verification on
+            # The traceback is in the log; the event (API, webhooks) names no internals.
             log.exception("verification %s: %s channel failed", vid, channel)
-            await report(
-                DeliveryReport(DeliveryKind.UNDELIVERABLE, f"internal error: {type(exc).__name__}")
+            await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"{channel} channel failed"))
+
+    # -- reports ---------------------------------------------------------------------------------
+    async def _report(self, send: _Send, r: DeliveryReport) -> None:
+        """One report of a channel. A store outage is not a delivery outcome: a report the
+        store cannot take is kept, with every later one of the send, and written in order
+        once the store is back (:meth:`_retry_kept`); the channel never sees the outage."""
+        if self._deliveries is not None:
+            self._deliveries.count(send.channel, r.kind)
+        send.kept.append((r, self._clock.now()))
+        if send.retrying:
+            return  # written after the one kept before it
+        try:
+            await self._write_kept(send)
+        except StoreUnavailable as exc:
+            log.warning(
+                "verification %s: store unavailable, %s report of %s kept: %s",
+                send.vid,
+                r.kind,
+                send.channel,
+                exc,
             )
+            send.retrying = True
+            self._spawn(self._retry_kept(send), f"reports {send.vid} {send.step}", send.vid)
+
+    async def _write_kept(self, send: _Send) -> None:
+        """Apply the kept reports in order; :class:`StoreUnavailable` leaves the rest kept."""
+        while send.kept:
+            r, at = send.kept[0]
+            going_on = await self._write_report(send, r, at)
+            send.kept.popleft()
+            if not going_on:
+                send.kept.clear()
+
+    async def _write_report(self, send: _Send, r: DeliveryReport, at: float) -> bool:
+        """Apply one report (made at ``at``); False when the send is over (its verification
+        is final or gone)."""
+        unsure = send.unsure  # the last try may have been written, its answer lost
+
+        def apply(x: Verification) -> tuple[Transition, None]:
+            if unsure and rules.delivery_recorded(x, send.step, r.kind, r.detail, at):
+                return Transition(x), None
+            return rules.delivery(x, send.step, r.kind, r.detail, now=at, policy=self._policy), None
+
+        try:
+            transition, _, send.last = await self._store.update_stored(
+                send.vid, apply, known=send.last
+            )
+        except NotFound:
+            return False
+        except StoreUnavailable:
+            send.unsure = True
+            raise
+        send.unsure = False
+        if send.last.verification.status.final:
+            # Final, by this report or by anyone else (a check in another process is seen
+            # here when the compare-and-set had to read again): after ringing or answered
+            # the channel would go on calling, so this send stops too.
+            terminal = r.kind in (DeliveryKind.DELIVERED, DeliveryKind.UNDELIVERABLE)
+            self.stop_sends(send.vid, spare=send.task if terminal else None)
+            return False
+        self.follow(transition, known=send.last)
+        return True
+
+    async def _retry_kept(self, send: _Send) -> None:
+        """Write the kept reports once the store is back, until the verification expires (a
+        report after that changes nothing; the step's timer, in Redis, moves it on meanwhile)."""
+        expires_at = send.last.verification.expires_at
+        try:
+            for attempt in itertools.count():
+                await asyncio.sleep(REPORT_RETRY_S[min(attempt, len(REPORT_RETRY_S) - 1)])
+                if self._clock.now() >= expires_at:
+                    log.warning(
+                        "verification %s: %d kept report(s) of %s dropped: it has expired",
+                        send.vid,
+                        len(send.kept),
+                        send.channel,
+                    )
+                    send.kept.clear()
+                    return
+                try:
+                    await self._write_kept(send)
+                except StoreUnavailable:
+                    continue
+                log.info("verification %s: kept reports of %s written", send.vid, send.channel)
+                return
+        finally:
+            send.retrying = False
 
     async def _apply(self, vid: str, rule: Rule) -> Transition | None:
         def change(v: Verification) -> tuple[Transition, None]:

@@ -224,6 +224,16 @@ def delivery(
     return Transition(v.with_events(event))
 
 
+def delivery_recorded(
+    v: Verification, step: int, kind: DeliveryKind, detail: str, now: float
+) -> bool:
+    """Whether :func:`delivery` with these arguments was applied to ``v`` already (its event
+    is there): a write whose answer was lost with the store's connection may have landed."""
+    if step >= len(v.channels):
+        return False
+    return Event(_DELIVERY_EVENT[kind], now, v.channels[step], detail) in v.events
+
+
 def _code_may_be_out(v: Verification) -> bool:
     # Channels are distinct in a plan, so a channel names its step.
     sent = {e.channel for e in v.events if e.kind is EventKind.DISPATCHED}

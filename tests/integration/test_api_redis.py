@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import RedisServer
 from tests.integration.conftest import Api, StartService, read_code
-from tests.peers.sms_gateway import SmsGateway
+from tests.peers.sms_gateway import GatewayMode, SmsGateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -75,6 +75,45 @@ async def test_redis_killed_answers_503_and_neither_approves_nor_sends(
     v = await _get_after_restart(api, vid)
     assert v["status"] == "pending", "the checks during the outage must not have approved"
     assert "approved" not in [e["type"] for e in v["events"]]
+    assert len(sms_gateway.received) == 1
+
+
+@pytest.mark.parametrize("outage", ["killed", "stalled"])
+async def test_a_report_during_a_redis_outage_is_kept_not_turned_into_a_failure(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer, outage: str
+) -> None:
+    """The black-box finding: during an outage a channel's report failed to be written, the
+    dispatcher took that for a channel failure and recorded "undeliverable ... internal error:
+    StoreUnavailable". Now the gateway's own outcome (it hangs: timed out) is kept and written
+    once Redis is back, once, and no event names an internal error.
+
+    ``killed``: the write is refused. ``stalled`` (SIGSTOP past the client's 2 s timeout): the
+    write fails on the client but reaches Redis when it resumes, so the retry finds it there.
+    """
+    sms_gateway.mode = GatewayMode.HANG
+    api = await start_service({"CLINIC_SMS_HTTP_TIMEOUT_S": "1", "CLINIC_SMS_HTTP_RETRIES": "0"})
+    vid = (await api.create()).json["id"]
+    await sms_gateway.wait_for(1)
+    pid = redis_server.pid
+    assert pid is not None
+    if outage == "killed":
+        await asyncio.to_thread(redis_server.kill9)
+        await asyncio.sleep(2.0)  # the gateway times out (1 s) while the store is down
+        await asyncio.to_thread(redis_server.restart)
+        await _get_after_restart(api, vid)
+    else:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(4.0)  # timed out (1 s), then the write's 2 s client timeout
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    v = await api.wait_for_event(vid, "failed")  # sms was the only channel
+    kinds = [e["type"] for e in v["events"]]
+    assert kinds == ["requested", "dispatched", "undeliverable", "fallback", "failed"], v
+    [undeliverable] = [e for e in v["events"] if e["type"] == "undeliverable"]
+    assert undeliverable["detail"] == "gateway timed out after 1 s", undeliverable
+    for e in v["events"]:
+        assert "internal" not in e["detail"] and "Store" not in e["detail"], e
     assert len(sms_gateway.received) == 1
 
 

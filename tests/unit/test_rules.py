@@ -370,6 +370,29 @@ def test_report_after_the_lifetime_expires_and_is_not_recorded(
     assert rules.due_at(v) is None
 
 
+@pytest.mark.parametrize(
+    ("step", "kind", "detail", "at", "recorded"),
+    [
+        (0, DeliveryKind.UNDELIVERABLE, "gateway timed out", T0 + 1, True),
+        (0, DeliveryKind.UNDELIVERABLE, "gateway timed out", T0 + 2, False),  # another time
+        (0, DeliveryKind.UNDELIVERABLE, "gateway answered 500", T0 + 1, False),
+        (0, DeliveryKind.DELIVERED, "gateway timed out", T0 + 1, False),
+        (1, DeliveryKind.UNDELIVERABLE, "gateway timed out", T0 + 1, False),  # another channel
+        (7, DeliveryKind.UNDELIVERABLE, "gateway timed out", T0 + 1, False),  # outside the plan
+    ],
+)
+def test_delivery_recorded_finds_a_report_applied_before(
+    step: int, kind: DeliveryKind, detail: str, at: float, recorded: bool
+) -> None:
+    """A retried write (the store's answer was lost) must not record the report twice."""
+    v0 = started((S, V))
+    v = rules.delivery(
+        v0, 0, DeliveryKind.UNDELIVERABLE, "gateway timed out", now=T0 + 1, policy=POLICY
+    ).verification
+    assert rules.delivery_recorded(v, step, kind, detail, at) is recorded
+    assert not rules.delivery_recorded(v0, step, kind, detail, at)
+
+
 @pytest.mark.parametrize("step", [3, 4, 99])
 def test_report_for_a_step_outside_the_plan_is_ignored(step: int) -> None:
     v = started()
