@@ -75,27 +75,7 @@ async def test_a_killed_redis_fails_waiting_commands_then_reconnects(
     assert await mux.execute("GET", "kept") == "yes"  # AOF fsynced every write
 
 
-async def test_a_frozen_redis_times_out_instead_of_hanging(
-    mux: RedisMux, redis_server: RedisServer
-) -> None:
-    pid = redis_server.pid
-    assert pid is not None
-    await mux.execute("PING")
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        results = await asyncio.gather(
-            *(mux.execute("GET", "x") for _ in range(3)), return_exceptions=True
-        )
-        assert all(isinstance(r, RedisTimeoutError) for r in results), results
-        assert loop.time() - started < 1.5  # timeout 0.5 s, watchdog every 0.125 s
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    assert await mux.execute("PING") == "PONG"
-
-
-async def test_a_redis_that_stays_frozen_fails_every_later_command_in_bounded_time(
+async def test_a_frozen_redis_times_out_instead_of_hanging_for_as_long_as_it_is_frozen(
     mux: RedisMux, redis_server: RedisServer
 ) -> None:
     # After the first timeout every command opens a new connection: the kernel accepts it
@@ -110,20 +90,16 @@ async def test_a_redis_that_stays_frozen_fails_every_later_command_in_bounded_ti
     os.kill(pid, signal.SIGSTOP)
     try:
         loop = asyncio.get_running_loop()
-        with pytest.raises(RedisTimeoutError):
-            await mux.execute("GET", "x")  # the watchdog ends the open connection
-        for _ in range(2):
+        for burst in (3, 20, 20):  # the open connection times out; then new ones each time
             started = loop.time()
             results = await asyncio.wait_for(
                 asyncio.gather(
-                    *(mux.execute("GET", "x") for _ in range(20)), return_exceptions=True
+                    *(mux.execute("GET", "x") for _ in range(burst)), return_exceptions=True
                 ),
                 10.0,
             )
-            assert all(isinstance(r, RedisTimeoutError | RedisConnectionError) for r in results), (
-                results
-            )
-            assert loop.time() - started < 1.5, "timeout 0.5 s: 20 commands, one connect"
+            assert all(isinstance(r, RedisTimeoutError) for r in results), results
+            assert loop.time() - started < 1.5, "timeout 0.5 s (watchdog every 0.125 s)"
     finally:
         os.kill(pid, signal.SIGCONT)
     assert await mux.execute("PING") == "PONG"
