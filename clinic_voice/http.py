@@ -150,32 +150,28 @@ def build_middlewares(
         kid = key_ids[token.strip()]
         request[KEY_ID] = kid
         checks = limits.request_checks(settings, kid, client_ip(request, trusted_proxies))
-        answer = await admitted(request, handler, checks)
-        # Every /v1 answer may hold a phone number or a call's health data: no cache keeps it.
-        answer.headers["Cache-Control"] = "no-store"
-        return answer
-
-    async def admitted(
-        request: web.Request, handler: Handler, checks: list[limits.LimitCheck]
-    ) -> web.StreamResponse:
         if not is_self_admitted(request.match_info.handler):
             await count(checks)
-            return await handler(request)
-        # The handler counts these with its own Redis work: one round trip, not two. What it
-        # did not take (a 4xx before any Redis work) is counted here: a request the API
-        # refuses is still a request, and must not be a way around the limits.
-        request[REQUEST_CHECKS] = checks
-        try:
             answer = await handler(request)
-        except VerificationError as exc:
-            if exc.status < 500 and exc.retry_after_s is None:
+        else:
+            # The handler counts these with its own Redis work: one round trip, not two. What
+            # it did not take (a 4xx before any Redis work) is counted here: a request the API
+            # refuses is still a request, and must not be a way around the limits.
+            request[REQUEST_CHECKS] = checks
+            try:
+                answer = await handler(request)
+            except VerificationError as exc:
+                if exc.status < 500 and exc.retry_after_s is None:
+                    await count(take_request_checks(request))
+                raise
+            except web.HTTPException as exc:
+                if 400 <= exc.status < 500:
+                    await count(take_request_checks(request))
+                raise
+            if checks:  # not taken (emptied when taken)
                 await count(take_request_checks(request))
-            raise
-        except web.HTTPException as exc:
-            if 400 <= exc.status < 500:
-                await count(take_request_checks(request))
-            raise
-        await count(take_request_checks(request))
+        # Every /v1 answer may hold a phone number or a call's health data: no cache keeps it.
+        answer.headers["Cache-Control"] = "no-store"
         return answer
 
     async def count(checks: list[limits.LimitCheck]) -> None:

@@ -23,7 +23,7 @@ from sip_config.settings import VerificationSettings
 from verification import codes, limits, rules
 from verification.channels.base import ChannelAdapter, Delivery, DeliveryReport
 from verification.errors import NotFound, NotPending, StoreUnavailable
-from verification.model import Channel, Policy, Verification
+from verification.model import Channel, Policy, Status, Verification
 from verification.outage_log import OutageLog
 from verification.rules import DeliveryKind, Transition
 from verification.store import Stored, VerificationStore
@@ -164,8 +164,9 @@ class Dispatcher:
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._done)
-        if vid is not None:
+        if vid is None:
+            task.add_done_callback(self._done)
+        else:
             self._inflight.setdefault(vid, {})[task] = self._clock.monotonic()
             task.add_done_callback(functools.partial(self._sent, vid))
 
@@ -175,6 +176,7 @@ class Dispatcher:
             tasks.pop(task, None)
             if not tasks:
                 del self._inflight[vid]
+        self._done(task)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -185,8 +187,8 @@ class Dispatcher:
     def changed(self, old: Verification | None, new: Verification) -> None:
         """Every write of this process's store (its ``on_change``): when ``new`` became final,
         stop its sends under way here and in the process this one forwards SIP sends to."""
-        if old is None or old.status.final or not new.status.final:
-            return
+        if new.status is Status.PENDING or old is None or old.status is not Status.PENDING:
+            return  # not a change to a final state (every write passes here: keep it cheap)
         self.stop_sends(new.id, spare=asyncio.current_task())
         if self._forwarder is not None and self._forwarded.intersection(new.channels):
             self._forwarder.settled(new.id)
@@ -312,9 +314,7 @@ class Dispatcher:
         v = written.verification
         adapter = self._channels.get(channel)
         send = _Send(vid, step, channel, written, asyncio.current_task())
-
-        async def report(r: DeliveryReport) -> None:
-            await self._report(send, r)
+        report = functools.partial(self._report, send)
 
         if adapter is None or not adapter.ready():
             await report(
@@ -339,11 +339,20 @@ class Dispatcher:
         once the store is back (:meth:`_retry_kept`); the channel never sees the outage."""
         if self._deliveries is not None:
             self._deliveries.count(send.channel, r.kind)
-        send.kept.append((r, self._clock.now()))
+        at = self._clock.now()
         if send.retrying:
+            send.kept.append((r, at))
             return  # written after the one kept before it
         try:
-            await self._write_kept(send)
+            if send.kept:  # left by retries that were stopped: written in order, after them
+                send.kept.append((r, at))
+                await self._write_kept(send)
+            else:  # the usual case: written now, and kept for the retries on an outage
+                try:
+                    await self._write_report(send, r, at)
+                except StoreUnavailable:
+                    send.kept.append((r, at))
+                    raise
         except StoreUnavailable as exc:
             log.warning(
                 "verification %s: store unavailable, %s report of %s kept: %s",

@@ -33,13 +33,16 @@ def is_self_admitted(handler: object) -> bool:
 
 
 def take_request_checks(request: web.Request) -> list[LimitCheck]:
-    """The request-level checks, for the handler to count: once taken, the edge no longer
-    counts them itself. A request that ends without its handler taking them (a 4xx before
-    any Redis work, a replay) is counted by the edge afterwards."""
-    if REQUEST_CHECKS not in request:
+    """The request-level checks, for the handler to count: once taken (the list the edge
+    holds is emptied), the edge no longer counts them itself. A request that ends without its
+    handler taking them (a 4xx before any Redis work, a replay) is counted by the edge
+    afterwards."""
+    try:
+        held = request[REQUEST_CHECKS]
+    except KeyError:
         return []
-    checks = request[REQUEST_CHECKS]
-    del request[REQUEST_CHECKS]
+    checks = held.copy()
+    held.clear()
     return checks
 
 

@@ -331,6 +331,8 @@ def state_change(old: Verification | None, new: Verification) -> State | None:
 
     Reports, wrong checks and sends change the record but not its state: None.
     """
+    if old is not None and old.status is new.status and old.step == new.step:
+        return None  # the usual write (a report, a wrong check): same status, same step
     entered = state(new)
     return entered if old is None or state(old) != entered else None
 
