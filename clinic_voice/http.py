@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestHandler
 from clinic_voice.metrics import Metrics
 from sip_config.settings import VerificationSettings
 from verification import limits
-from verification.errors import PROBLEM_BASE, RateLimited, VerificationError
+from verification.errors import PROBLEM_BASE, VerificationError
 from verification.request import KEY_ID, REQUEST_CHECKS, is_self_admitted, take_request_checks
 from verification.store import VerificationStore
 
@@ -177,9 +177,7 @@ def build_middlewares(
     async def count(checks: list[limits.LimitCheck]) -> None:
         if not checks:
             return
-        decision = await store_getter().hit_limits(checks, clock_now())
-        if not decision.allowed and decision.blocked_by is not None:
-            raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+        (await store_getter().hit_limits(checks, clock_now())).enforce()
 
     return [metrics_mw, problems_mw, auth_mw]
 

@@ -26,7 +26,6 @@ from verification.errors import (
     InvalidRequest,
     NoChannelConfigured,
     NotFound,
-    RateLimited,
 )
 from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Verification
 from verification.request import KEY_ID, read_json_object, self_admitted, take_request_checks
@@ -145,11 +144,6 @@ def parse_create(
     return CreateRequest(phone, region, plan, code_length, locale, callback)
 
 
-def _enforce(decision: limits.LimitDecision) -> None:
-    if not decision.allowed and decision.blocked_by is not None:
-        raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
-
-
 class VerificationApi:
     """Handlers for ``/v1/verifications``."""
 
@@ -193,7 +187,7 @@ class VerificationApi:
 
     async def _count(self, checks: list[limits.LimitCheck]) -> None:
         decision = await self._store().hit_limits(checks, self._clock.now())
-        _enforce(decision)
+        decision.enforce()
 
     async def _admit_and_get(self, request: web.Request) -> Stored:
         """Count the request-level limits and read the verification: one round trip."""
@@ -201,7 +195,7 @@ class VerificationApi:
         decision, stored = await self._store().admit_and_get(
             take_request_checks(request), self._clock.now(), vid
         )
-        _enforce(decision)
+        decision.enforce()
         if stored is None:
             raise NotFound(f"no verification {vid}")
         return stored

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from sip_config.settings import Rate, VerificationSettings
+from verification.errors import RateLimited
 from verification.model import Phone
 from verification.numbers import prefix_key
 
@@ -75,6 +76,11 @@ class LimitDecision:
     allowed: bool
     blocked_by: LimitCheck | None = None
     retry_after_s: int = 0
+
+    def enforce(self) -> None:
+        """Raise :class:`RateLimited` (a 429 with Retry-After) when refused."""
+        if not self.allowed and self.blocked_by is not None:
+            raise RateLimited(self.blocked_by.describe(), self.retry_after_s)
 
 
 def request_checks(s: VerificationSettings, key_id: str, client_ip: str) -> list[LimitCheck]:

@@ -320,23 +320,26 @@ class VerificationStore:
         if idempotency is None:
             if checks:
                 return await self._create_limited(v, list(checks), now)
-            version = await self._write(None, v)
-            if version is None:
-                raise Conflict(f"verification {v.id} exists")
-            return Stored(v, version)
+            return await self._create_written(v, None)
         key = f"{PREFIX}idem:{idempotency[0]}"
         replay = await self._reserve(key, idempotency[1])
         if replay is not None:
             return replay
         if checks:
-            decision = await self.hit_limits(list(checks), now)
-            if not decision.allowed and decision.blocked_by is not None:
+            try:
+                (await self.hit_limits(list(checks), now)).enforce()
+            except RateLimited:
                 await self._release(key)  # nothing was made: a later retry may try again
-                raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+                raise
         idem = (key, json.dumps({"body": idempotency[1], "id": v.id}), KEEP_AFTER_EXPIRY_S)
         # A write that fails here may still have reached Redis: the reservation stays (for
         # IDEMPOTENCY_RESERVE_S) rather than let a retry make a second verification.
-        version = await self._write(None, v, idempotency=idem)
+        return await self._create_written(v, idem)
+
+    async def _create_written(
+        self, v: Verification, idempotency: tuple[str, str, int] | None
+    ) -> Stored:
+        version = await self._write(None, v, idempotency=idempotency)
         if version is None:
             raise Conflict(f"verification {v.id} exists")
         self._on_change(None, v)
@@ -388,9 +391,7 @@ class VerificationStore:
             raise StoreUnavailable(str(exc)) from exc
         if int(res[0]) == 2:
             raise Conflict(f"verification {v.id} exists")
-        decision = _decision(res, checks)
-        if not decision.allowed and decision.blocked_by is not None:
-            raise RateLimited(decision.blocked_by.describe(), decision.retry_after_s)
+        _decision(res, checks).enforce()
         self._on_change(None, v)
         return Stored(v, version)
 
