@@ -1,5 +1,6 @@
-"""HTTP edge: problem+json (RFC 9457) for every error, bearer auth, per-key and per-IP limits,
-and request metrics. The one place where exceptions become HTTP answers.
+"""HTTP edge: problem+json (RFC 9457) for every error, bearer auth (wrong keys counted and
+locked out per address), per-key and per-IP limits, and request metrics. The one place where
+exceptions become HTTP answers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aiohttp.web_protocol import RequestHandler
 from clinic_voice.metrics import Metrics
 from sip_config.settings import VerificationSettings
 from verification import limits
-from verification.errors import PROBLEM_BASE, VerificationError
+from verification.errors import PROBLEM_BASE, RateLimited, VerificationError
 from verification.request import KEY_ID, REQUEST_CHECKS, is_self_admitted, take_request_checks
 from verification.store import VerificationStore
 
@@ -93,6 +94,7 @@ def build_middlewares(
     """The middleware chain, outermost first."""
     keys = tuple(k.encode() for k in api_keys)
     key_ids = {k: key_id(k) for k in api_keys}  # a SHA-256 each, not one per request
+    lockouts = limits.Lockouts()
 
     @web.middleware
     async def metrics_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -135,6 +137,10 @@ def build_middlewares(
     async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
             return await handler(request)
+        ip = client_ip(request, trusted_proxies)
+        locked_s = lockouts.remaining_s(ip, clock_now())
+        if locked_s:
+            raise RateLimited(limits.auth_failure_checks(settings, ip)[0].describe(), locked_s)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         # aiohttp hands header bytes that are not UTF-8 over as surrogates: no key has them
@@ -144,12 +150,21 @@ def build_middlewares(
             for k in keys:  # compare with every key: the time taken says nothing
                 ok |= hmac.compare_digest(given, k)
         if not ok:
+            if given:
+                # A key was tried: count it. Without Redis this is a 503, as a right key's
+                # request would be, so an outage does not tell right keys from wrong ones.
+                now = clock_now()
+                guessing = limits.auth_failure_checks(settings, ip)
+                decision = await store_getter().hit_limits(guessing, now)
+                if not decision.allowed:
+                    lockouts.lock(ip, now + decision.retry_after_s, now)
+                decision.enforce()
             resp = problem(401, "unauthorized", "Missing or wrong API key")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="clinic-voice"'
             return resp
         kid = key_ids[token.strip()]
         request[KEY_ID] = kid
-        checks = limits.request_checks(settings, kid, client_ip(request, trusted_proxies))
+        checks = limits.request_checks(settings, kid, ip)
         if not is_self_admitted(request.match_info.handler):
             await count(checks)
             answer = await handler(request)

@@ -109,6 +109,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CLINIC_LIMIT_KEY_REQUESTS", "100000/60", "API requests per API key, COUNT/SECONDS"),
     Variable("CLINIC_LIMIT_IP_REQUESTS", "100000/60", "API requests per client IP, COUNT/SECONDS"),
     Variable(
+        "CLINIC_LIMIT_AUTH_FAILURES",
+        "20/60",
+        "wrong API keys presented per client IP, as COUNT/SECONDS: over it the address gets 429 "
+        "for every /v1 request, with a right key too, until the window ends",
+    ),
+    Variable(
         "CLINIC_STEP_TIMEOUT_FLASHCALL_S",
         "",
         "seconds a flash-call step may take before falling back, 5..900 (default: ring time "
@@ -271,6 +277,7 @@ class VerificationSettings:
     limit_prefix_digits: int
     limit_key_requests: Rate
     limit_ip_requests: Rate
+    limit_auth_failures: Rate
     step_timeout_flashcall_s: int
     step_timeout_sms_s: int
     step_timeout_voice_s: int
@@ -533,6 +540,7 @@ def _build(r: _Reader) -> Settings:
         limit_prefix_digits=r.integer("CLINIC_LIMIT_PREFIX_DIGITS", 1, 8),
         limit_key_requests=r.rate("CLINIC_LIMIT_KEY_REQUESTS"),
         limit_ip_requests=r.rate("CLINIC_LIMIT_IP_REQUESTS"),
+        limit_auth_failures=r.rate("CLINIC_LIMIT_AUTH_FAILURES"),
         step_timeout_flashcall_s=flash_timeout,
         step_timeout_sms_s=r.integer("CLINIC_STEP_TIMEOUT_SMS_S", 10, 900),
         step_timeout_voice_s=r.integer("CLINIC_STEP_TIMEOUT_VOICE_S", 10, 900),

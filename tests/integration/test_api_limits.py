@@ -121,6 +121,35 @@ async def test_per_client_ip_behind_a_trusted_proxy(start_service: StartService)
     assert_limited(await api.request("GET", missing, headers=forged), "from this address", 60)
 
 
+async def test_wrong_keys_lock_the_address_out_right_key_and_all(
+    start_service: StartService,
+) -> None:
+    clock = FakeClock(WINDOW_START)
+    api = await start_service(
+        {"CLINIC_LIMIT_AUTH_FAILURES": "3/60", "CLINIC_TRUSTED_PROXIES": "127.0.0.1"},
+        clock=clock,
+    )
+    missing = f"/v1/verifications/{'A' * 32}"
+    guesser = {"X-Forwarded-For": "203.0.113.9"}
+    neighbour = {"X-Forwarded-For": "198.51.100.7"}
+    for _ in range(5):  # no key at all is not a guess
+        (await api.request("GET", missing, headers=guesser, key=None)).problem(401, "unauthorized")
+    for n in range(3):
+        guess = await api.request("GET", missing, headers=guesser, key=f"guess-{n}")
+        guess.problem(401, "unauthorized")
+    over = await api.request("GET", missing, headers=guesser, key="guess-3")
+    assert_limited(over, "wrong API keys from this address", 60)
+    # Locked out with the right key too: otherwise a 429 would only mean "wrong guess".
+    assert_limited(
+        await api.request("GET", missing, headers=guesser), "wrong API keys from this address", 60
+    )
+    assert (await api.request("GET", missing, headers=neighbour)).status == 404
+    health = await api.request("GET", "/healthz", headers=guesser, key=None)
+    assert health.status == 200, "probes are not API requests"
+    clock.advance(60)  # the window ends
+    assert (await api.request("GET", missing, headers=guesser)).status == 404
+
+
 async def test_a_refused_create_counts_nothing_with_or_without_idempotency_key(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:

@@ -11,6 +11,8 @@ from sip_config.settings import Rate, Settings, VerificationSettings
 from verification.limits import (
     LimitCheck,
     LimitName,
+    Lockouts,
+    auth_failure_checks,
     creation_checks,
     request_checks,
     send_checks,
@@ -32,6 +34,37 @@ def test_request_checks_count_the_key_and_the_address() -> None:
         LimitCheck(LimitName.KEY_REQUESTS, "key-1", Rate(10, 60)),
         LimitCheck(LimitName.IP_REQUESTS, "192.0.2.7", Rate(20, 30)),
     ]
+
+
+def test_wrong_keys_are_counted_per_address() -> None:
+    s = settings(CLINIC_LIMIT_AUTH_FAILURES="7/120")
+    assert auth_failure_checks(s, "192.0.2.7") == [
+        LimitCheck(LimitName.AUTH_FAILURES, "192.0.2.7", Rate(7, 120))
+    ]
+    assert settings().limit_auth_failures == Rate(20, 60), "the README's default"
+
+
+def test_a_lockout_lasts_until_its_time_in_whole_seconds_rounded_up() -> None:
+    lockouts = Lockouts()
+    assert lockouts.remaining_s("192.0.2.7", T0) == 0
+    lockouts.lock("192.0.2.7", T0 + 30, T0)
+    assert lockouts.remaining_s("192.0.2.7", T0) == 30
+    assert lockouts.remaining_s("192.0.2.7", T0 + 29.2) == 1
+    assert lockouts.remaining_s("192.0.2.8", T0) == 0, "another address is not locked out"
+    assert lockouts.remaining_s("192.0.2.7", T0 + 30) == 0
+    assert lockouts.remaining_s("192.0.2.7", T0 + 1) == 0, "an ended lockout is forgotten"
+
+
+def test_a_full_table_forgets_ended_lockouts_first() -> None:
+    lockouts = Lockouts(max_addresses=3)
+    lockouts.lock("a", T0 + 10, T0)
+    lockouts.lock("b", T0 + 100, T0)
+    lockouts.lock("c", T0 + 10, T0)
+    lockouts.lock("d", T0 + 100, T0 + 50)  # a and c have ended: they make room
+    assert [lockouts.remaining_s(x, T0 + 50) for x in "abcd"] == [0, 50, 0, 50]
+    lockouts.lock("e", T0 + 100, T0 + 50)
+    lockouts.lock("f", T0 + 100, T0 + 50)  # full of live lockouts: start over
+    assert [lockouts.remaining_s(x, T0 + 50) for x in "bdef"] == [0, 0, 0, 50]
 
 
 def test_creation_checks_count_verifications_per_number() -> None:
