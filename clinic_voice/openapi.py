@@ -159,7 +159,12 @@ SCHEMAS: dict[str, Any] = {
                 "maxLength": 32,
                 "description": "E.164, or national with region",
             },
-            "region": {"type": "string", "pattern": "^[A-Z]{2}$"},
+            "region": {
+                "type": "string",
+                "pattern": "^[A-Z]{2}$",
+                "description": "ISO country of a national number; with a + number it must "
+                "share its country code (422 otherwise)",
+            },
             "method": _CHANNEL,
             "fallback": {"type": "array", "items": _CHANNEL, "maxItems": 3},
             "code_length": {"type": "integer", "minimum": 4, "maximum": 8, "default": 6},

@@ -85,6 +85,11 @@ def parse_phone(raw: str, region: str | None = None) -> Phone:
             num = phonenumbers.parse(raw, region)
         except phonenumbers.NumberParseException as exc:
             raise InvalidNumber(f"not a phone number: {exc._msg}") from None
+    if region is not None and num.country_code != phonenumbers.country_code_for_region(region):
+        # "+32..." with region NL: one of the two is a mistake, and which one is not ours to guess
+        if not phonenumbers.country_code_for_region(region):
+            raise InvalidNumber(f"region {region} is not a country code")
+        raise InvalidNumber(f"the number's country code +{num.country_code} is not {region}'s")
     # is_valid_number(num) is number_type(num) != UNKNOWN for the number's own region: one
     # pass over the metadata's patterns instead of two (tests/unit/test_numbers.py holds the
     # two equal over every example number phonenumbers knows, and broken variants of them).

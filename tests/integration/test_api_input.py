@@ -48,6 +48,7 @@ CREATE_CASES = [
     Bad("phone national without region", 422, "invalid-number", {"phone": "0612345678"}),
     Bad("phone too short", 422, "invalid-number", {"phone": "+3161234"}),
     Bad("region lower case", 422, "invalid-number", {"phone": "0612345678", "region": "nl"}),
+    Bad("region not the number's", 422, "invalid-number", {"phone": MOBILE, "region": "BE"}),
     Bad("code_length string", 422, "invalid-request", {"phone": MOBILE, "code_length": "6"}),
     Bad("code_length true", 422, "invalid-request", {"phone": MOBILE, "code_length": True}),
     Bad("code_length 3", 422, "invalid-request", {"phone": MOBILE, "code_length": 3}),

@@ -52,6 +52,9 @@ def _fullwidth(text: str) -> str:
         ("+1 201-555-0123", None, "+12015550123", "US", NumberKind.FIXED_LINE_OR_MOBILE),
         ("(201) 555.0123", "US", "+12015550123", "US", NumberKind.FIXED_LINE_OR_MOBILE),
         ("+1 416 555 0123", None, "+14165550123", "CA", NumberKind.FIXED_LINE_OR_MOBILE),
+        ("+31612345678", "NL", "+31612345678", "NL", NumberKind.MOBILE),  # region agrees
+        # +1 is shared: a region of the same country code agrees; the number decides which
+        ("+1 416 555 0123", "US", "+14165550123", "CA", NumberKind.FIXED_LINE_OR_MOBILE),
         ("+4915123456789", None, "+4915123456789", "DE", NumberKind.MOBILE),
         ("+318001234", None, "+318001234", "NL", NumberKind.TOLL_FREE),
         ("+80012345678", None, "+80012345678", "001", NumberKind.TOLL_FREE),
@@ -88,6 +91,8 @@ def test_valid_numbers(
         ("0612345678", "NLD", "region"),
         ("0612345678", "N1", "region"),
         ("0612345678", "ZZ", "not a phone number"),
+        ("+32470123456", "NL", "+32 is not NL's"),  # a + number and a region disagree
+        ("+31612345678", "XX", "region XX is not a country code"),
         ("+9991234567", None, "not a phone number"),  # no such country code
         ("+3161234", None, "not a valid"),  # too short
         ("+316123456789012", None, "not a valid"),  # too long for NL
