@@ -428,6 +428,25 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _with_head(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every GET route also answers HEAD (aiohttp adds it, as RFC 9110 asks of a server): the
+    same statuses and headers, and no body."""
+    out = {}
+    for template, item in paths.items():
+        get = item.get("get")
+        if get is not None:
+            head = {k: v for k, v in get.items() if k != "responses"}
+            head["summary"] = f"{get['summary']}: the headers of GET, without the body"
+            head["responses"] = {
+                code: {k: v for k, v in response.items() if k != "content"}
+                for code, response in get["responses"].items()
+            }
+            out[template] = {**item, "head": head}
+        else:
+            out[template] = item
+    return out
+
+
 def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole document."""
     return {
@@ -444,5 +463,5 @@ def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": {**_paths(), **(extra_paths or {})},
+        "paths": _with_head({**_paths(), **(extra_paths or {})}),
     }

@@ -205,6 +205,28 @@ async def test_unknown_routes_and_wrong_methods_are_problems(
     (await api.request("POST", "/healthz", key=None)).problem(405, "method-not-allowed")
 
 
+async def test_head_answers_what_get_would_without_a_body(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    """HEAD is in /openapi.json for every GET route: same status and headers, no body (the
+    collector checks each answer against the document, and that it has no body)."""
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    got = await api.request("GET", f"{CREATE}/{vid}")
+    head = await api.request("HEAD", f"{CREATE}/{vid}")
+    assert (head.status, head.body) == (200, b"")
+    for name in ("Content-Type", "Cache-Control"):
+        assert head.headers[name] == got.headers[name], name
+    assert (await api.request("HEAD", f"{CREATE}/{'A' * 32}")).status == 404
+    assert (await api.request("HEAD", f"{CREATE}/{vid}", key=None)).status == 401
+    for path in ("/healthz", "/openapi.json", "/metrics"):
+        assert (await api.request("HEAD", path, key=None)).status == 200, path
+    assert (await api.request("HEAD", "/nothing-here", key=None)).status == 404
+    options = await api.request("OPTIONS", f"{CREATE}/{vid}")
+    options.problem(405, "method-not-allowed")
+    assert set(options.headers["Allow"].split(",")) == {"GET", "HEAD", "DELETE"}
+
+
 async def test_bad_idempotency_key_is_422(start_service: StartService) -> None:
     api = await start_service()
     for key in ("has space", "x" * 256, "ключ"):
