@@ -327,11 +327,12 @@ class VerificationApi:
         stored = await self._admit_and_get(request)
         vid = stored.verification.id
         now = self._clock.now()
+        seen = stored.verification.step
         rules.request_fallback(stored.verification, now, self._policy)  # 409s before counting
         await self._count(limits.send_checks(self._vs, stored.verification.phone))
         transition, _, written = await self._store().update_stored(
             vid,
-            lambda v: (rules.request_fallback(v, self._clock.now(), self._policy), None),
+            lambda v: (rules.request_fallback(v, self._clock.now(), self._policy, seen), None),
             known=stored,
         )
         self._dispatcher().follow(transition, counted=True, known=written)

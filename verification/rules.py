@@ -286,12 +286,21 @@ def attempts_left(v: Verification, policy: Policy) -> int:
     return _attempts_left(v, policy)
 
 
-def request_fallback(v: Verification, now: float, policy: Policy) -> Transition:
-    """The user did not get it: move to the next channel now."""
+def request_fallback(
+    v: Verification, now: float, policy: Policy, seen_step: int | None = None
+) -> Transition:
+    """The user did not get it: move to the next channel now.
+
+    ``seen_step``: the step the client's request found. When the verification has moved on
+    since (its step timer, or another request, won the race), that move was the one asked
+    for: nothing changes, rather than a second move that would drop the send just started.
+    """
     if v.status is Status.PENDING and now >= v.expires_at:
         raise NotPending("the verification has expired", status=Status.EXPIRED.value)
     if v.status is not Status.PENDING:
         raise NotPending(f"the verification is {v.status}", status=v.status.value)
+    if seen_step is not None and v.step != seen_step:
+        return Transition(v)
     if v.step + 1 >= len(v.channels):
         raise NoChannelLeft("no channel is left in the plan")
     return _fallback(v, now, policy, "requested by the client", fails=False)

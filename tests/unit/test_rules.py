@@ -720,6 +720,20 @@ def test_request_fallback_to_a_skipped_channel_stays_pending() -> None:
     assert kinds(nv)[-2:] == [(EventKind.FALLBACK, F), (EventKind.SKIPPED, F)]
 
 
+def test_request_fallback_after_the_timer_moved_on_moves_no_further() -> None:
+    """The client's request found step 0; the step timer moved it to step 1 before the
+    request's write: that was the move asked for, and its SMS must not be dropped for a
+    voice call by a second move."""
+    v = started()
+    seen = v.step
+    timed_out = rules.tick(v, T0 + 33, POLICY).verification
+    assert timed_out.step == seen + 1
+    t = rules.request_fallback(timed_out, T0 + 34, POLICY, seen)
+    assert (t.verification, t.send) == (timed_out, None)
+    moved = rules.request_fallback(timed_out, T0 + 34, POLICY, timed_out.step)
+    assert moved.verification.step == seen + 2, "a request that saw step 1 moves from it"
+
+
 @pytest.mark.parametrize(
     ("make", "at", "status"),
     [
