@@ -115,6 +115,7 @@ class Dispatcher:
         self._clinic = clinic_name
         self._clock = clock
         self._outage = OutageLog(log, "timers", clock)
+        self._faults = OutageLog(log, "timers", clock, faults=True)
         self._deliveries = deliveries
         self._tasks: set[asyncio.Task[None]] = set()
         # Sends under way per verification (task -> monotonic start), to stop when it is final.
@@ -449,17 +450,28 @@ class Dispatcher:
                     await self.watch_sends()
             except StoreUnavailable as exc:
                 self._outage.failed(exc)
+            except Exception as exc:  # a defect must not end every later timer: keep polling
+                self._faults.failed(exc)
             else:
                 self._outage.ok()
+                self._faults.ok()
             await asyncio.sleep(POLL_S)
 
     async def run_due(self) -> int:
         """Apply :func:`rules.tick` to every verification whose timer is due. Returns how many."""
         ids = await self._store.lease_due(self._clock.now(), LEASE_S)
         for vid in ids:
-            transition = await self._apply(
-                vid, lambda x: rules.tick(x, self._clock.now(), self._policy)
-            )
+            try:
+                transition = await self._apply(
+                    vid, lambda x: rules.tick(x, self._clock.now(), self._policy)
+                )
+            except StoreUnavailable:
+                raise
+            except Exception:
+                # One record the rules cannot take (a defect) must not hold up the others' timers
+                # behind it; its lease brings it back in LEASE_S, and this line with it.
+                log.exception("verification %s: its timer failed", vid)
+                continue
             if transition is None:
                 await self._store.forget_due(vid)
             else:

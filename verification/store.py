@@ -491,14 +491,14 @@ class VerificationStore:
             if not ids:
                 return []
             payloads = await self._r.execute("HMGET", WEBHOOK_JOBS, *ids)
+            out = []
+            for jid, payload in zip(ids, payloads, strict=True):
+                if payload is None:  # its job is gone (delivered elsewhere): drop the entry
+                    await self._r.execute("ZREM", WEBHOOK_DUE, jid)
+                    continue
+                out.append((str(jid), str(payload)))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        out = []
-        for jid, payload in zip(ids, payloads, strict=True):
-            if payload is None:
-                await self._r.execute("ZREM", WEBHOOK_DUE, jid)
-                continue
-            out.append((str(jid), str(payload)))
         return out
 
     async def retry_webhook(self, job_id: str, payload: str, at: float) -> None:

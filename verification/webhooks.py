@@ -78,6 +78,7 @@ class WebhookSender:
         self._secret = secret
         self._clock = clock
         self._outage = OutageLog(log, "webhooks", clock)
+        self._faults = OutageLog(log, "webhooks", clock, faults=True)
         self._task: asyncio.Task[None] | None = None
         # See Dispatcher: a cancel swallowed inside redis-py must not keep the loop alive.
         self._stopping = False
@@ -97,17 +98,34 @@ class WebhookSender:
                 await self.run_due()
             except StoreUnavailable as exc:
                 self._outage.failed(exc)
+            except Exception as exc:  # a defect must not end every later delivery: keep polling
+                self._faults.failed(exc)
             else:
                 self._outage.ok()
+                self._faults.ok()
             await asyncio.sleep(POLL_S)
 
     async def run_due(self) -> int:
         jobs = await self._store.lease_webhooks(self._clock.now(), LEASE_S)
-        await asyncio.gather(*(self._deliver(jid, payload) for jid, payload in jobs))
+        results = await asyncio.gather(
+            *(self._deliver(jid, payload) for jid, payload in jobs), return_exceptions=True
+        )
+        # Every delivery runs to its end; then the first error is the loop's to report.
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return len(jobs)
 
     async def _deliver(self, job_id: str, payload: str) -> None:
-        job = json.loads(payload)
+        try:
+            job = json.loads(payload)
+            event = render_event(Event.from_json(job["event"]))
+            vid, status, channel = job["verification_id"], job["status"], job["channel"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Not a job this code wrote: retrying cannot make it readable.
+            log.error("webhook job %s is unreadable (%s): dropped", job_id, type(exc).__name__)
+            await self._store.finish_webhook(job_id)
+            return
         callback = job.get("callback_url") or ""
         url = callback or self._s.webhook_url
         client = self._callback_client if callback else self._client
@@ -116,12 +134,7 @@ class WebhookSender:
             await self._store.finish_webhook(job_id)
             return
         body = json.dumps(
-            {
-                "verification_id": job["verification_id"],
-                "status": job["status"],
-                "channel": job["channel"],
-                "event": render_event(Event.from_json(job["event"])),
-            },
+            {"verification_id": vid, "status": status, "channel": channel, "event": event},
             separators=(",", ":"),
         ).encode()
         ts = int(self._clock.now())
@@ -143,7 +156,6 @@ class WebhookSender:
                 await self._store.finish_webhook(job_id)
                 return
             error = f"answered {answer.status}"
-        vid = job["verification_id"]
         if attempt > self._s.webhook_retries:
             log.error(
                 "verification %s: webhook given up after %d attempts: %s", vid, attempt, error

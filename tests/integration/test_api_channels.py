@@ -13,8 +13,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from sip_config.clock import FakeClock
+from tests.conftest import RedisServer
 from tests.integration.conftest import (
     CLINIC_NAME,
     MOBILE,
@@ -25,6 +27,7 @@ from tests.integration.conftest import (
 )
 from tests.peers.sms_gateway import GatewayMode, SmsGateway
 from tests.peers.webhook_receiver import Hook, WebhookReceiver
+from verification.store import DUE, WEBHOOK_DUE, WEBHOOK_JOBS
 from verification.webhooks import SIGNATURE_HEADER, verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
@@ -212,6 +215,60 @@ async def test_a_callback_url_that_resolves_into_the_clinic_network_is_never_cal
     await asyncio.sleep(0.5)  # a refused attempt would have been retried within this
     assert {h.path for h in webhook_receiver.received} == {"/global"}, "the callback was called"
     assert vid not in {h.json()["verification_id"] for h in hooks}
+
+
+async def test_an_unreadable_webhook_job_is_dropped_and_the_others_still_delivered(
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    webhook_receiver: WebhookReceiver,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A job this code did not write (a defect, or a hand edit) used to end the webhook loop
+    # of the process that leased it for good, silently: no webhook went out after it.
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for jid, junk in (("junk-1", "not json"), ("junk-2", '{"event": "x"}')):
+            await redis.hset(WEBHOOK_JOBS, jid, junk)
+            await redis.zadd(WEBHOOK_DUE, {jid: 0})
+        api = await start_service({"CLINIC_WEBHOOK_URL": webhook_receiver.url()})
+        vid = (await api.create()).json["id"]
+        await api.wait_for_event(vid, "delivered")
+        await webhook_receiver.wait_until("3 events", lambda got: len(got) >= 3)
+        for jid in ("junk-1", "junk-2"):
+            assert not await redis.hexists(WEBHOOK_JOBS, jid), f"{jid} was kept"
+            assert await redis.zscore(WEBHOOK_DUE, jid) is None, f"{jid} is still due"
+    finally:
+        await redis.aclose()
+    dropped = [r for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()[:18]) for r in dropped] == [
+        (logging.ERROR, "webhook job junk-1"),
+        (logging.ERROR, "webhook job junk-2"),
+    ]
+
+
+async def test_a_record_the_timers_cannot_read_does_not_hold_up_the_others(
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    api = await start_service({"CLINIC_STEP_TIMEOUT_SMS_S": "10"}, clock=clock)
+    vid = (await api.create()).json["id"]
+    await api.wait_for_event(vid, "delivered")
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:  # due before the real one, so the timer loop meets it first
+        await redis.hset("cv:v:broken", mapping={"ver": "1", "doc": "{not a record"})
+        await redis.zadd(DUE, {"broken": 0})
+    finally:
+        await redis.aclose()
+    clock.advance(11)
+    v = await api.wait_for_event(vid, "fallback", deadline_s=3.0)
+    assert "timed out" in v["events"][-1]["detail"]
+    failed = [r for r in caplog.records if "its timer failed" in r.getMessage()]
+    assert failed and failed[0].levelno == logging.ERROR and failed[0].exc_info
+    assert failed[0].getMessage() == "verification broken: its timer failed"
 
 
 # -- timers on an injected clock -----------------------------------------------------------------

@@ -45,3 +45,22 @@ def test_a_new_outage_is_reported_from_its_own_start(caplog: pytest.LogCaptureFi
     clock.advance(100)
     outage.failed(StoreUnavailable("b"))
     assert caplog.messages[-1] == "webhooks: store unavailable: b"
+
+
+def test_a_fault_log_is_an_error_with_the_first_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    faults = OutageLog(log, "timers", clock, faults=True)
+    caplog.set_level(logging.WARNING, logger="test.outage")
+    for _ in range(2):
+        try:
+            raise KeyError("doc")
+        except KeyError as exc:
+            faults.failed(exc)
+    faults.ok()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, "timers: unexpected error: 'doc'"),
+        (logging.ERROR, "timers: working again after 0.0 s"),
+    ]
+    assert caplog.records[0].exc_info is not None
