@@ -8,8 +8,10 @@ call when ``CLINIC_FLASHCALL_PREFIX`` is set too, SMS over SIP when ``CLINIC_SMS
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -32,6 +34,10 @@ from voice.sip.pool import SipPool
 
 log = logging.getLogger(__name__)
 
+# Older than any call still playing one (answer 45 s, two keypress questions, play 60 s): another
+# serve sharing this data dir (with an external Redis) may be in a call now.
+STALE_CODE_FILE_S = 300.0
+
 Context = Callable[[web.Application], AsyncIterator[None]]
 Factory = Callable[[Runtime], ChannelAdapter | None]
 
@@ -42,6 +48,12 @@ def extra_contexts(settings: Settings) -> list[Context]:
     async def prompts_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
         rt.renderer = PromptRenderer(settings.data_dir / "prompts")
+        # A process killed during a voice call leaves its code's file behind: remove it.
+        stale = await asyncio.to_thread(
+            spoken_code.remove_stale, settings.data_dir / "private", STALE_CODE_FILE_S, time.time()
+        )
+        if stale:
+            log.warning("removed %d voice file(s) with a code, left by an earlier run", stale)
         # Static prompts now, so the first caller does not wait for a render.
         await rt.renderer.prerender(
             [

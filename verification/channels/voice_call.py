@@ -52,20 +52,22 @@ class VoiceCallChannel:
 
     async def send(self, delivery: Delivery, report: Report) -> None:
         vid = delivery.verification_id
-        try:
-            code_wav = await spoken_code.compose(
-                self._tts, delivery.clinic_name, delivery.code, self._scratch
-            )
-            question = await self._tts.render(spoken_code.keypress_text(delivery.clinic_name))
-        except TtsError as exc:
-            await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"speech failed: {exc}"))
-            return
-        try:
+        code_wav: Path | None = None
+        try:  # the file says the code: it goes however the send ends, a cancel included
+            try:
+                code_wav = await spoken_code.compose(
+                    self._tts, delivery.clinic_name, delivery.code, self._scratch
+                )
+                question = await self._tts.render(spoken_code.keypress_text(delivery.clinic_name))
+            except TtsError as exc:
+                await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"speech failed: {exc}"))
+                return
             await self._call(delivery, report, code_wav, question)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                code_wav.unlink()
-            log.debug("verification %s: the private voice file is removed", vid)
+            if code_wav is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    code_wav.unlink()
+                log.debug("verification %s: the private voice file is removed", vid)
 
     async def _call(
         self, delivery: Delivery, report: Report, code_wav: Path, question: Path

@@ -8,6 +8,7 @@ The composed file is private to one call: written 0600 and deleted by the caller
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from array import array
@@ -32,11 +33,35 @@ def keypress_text(clinic_name: str) -> str:
 async def compose(
     renderer: PromptRenderer, clinic_name: str, code: str, out_dir: Path, *, rate_hz: int = 8000
 ) -> Path:
-    """A private WAV file saying the code twice; the caller deletes it."""
+    """A private WAV file saying the code twice; the caller deletes it.
+
+    Cancelled while the file is being written (the thread writing it cannot be stopped), it
+    waits for the thread and deletes the file before the cancel goes on: no caller is left to.
+    """
     pieces = [head_text(clinic_name), *sorted(set(code))]
     paths = await renderer.prerender(pieces, rate_hz=rate_hz)
     by_text = dict(zip(pieces, paths, strict=True))
-    return await asyncio.to_thread(_write, by_text, head_text(clinic_name), code, out_dir, rate_hz)
+    writing = asyncio.ensure_future(
+        asyncio.to_thread(_write, by_text, head_text(clinic_name), code, out_dir, rate_hz)
+    )
+    try:
+        return await asyncio.shield(writing)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # the write failed: _write deleted its file
+            (await writing).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale(out_dir: Path, older_than_s: float, now: float) -> int:
+    """Delete composed files older than ``older_than_s`` (left by a process that was killed
+    during a call). Returns how many."""
+    removed = 0
+    for path in out_dir.glob("code-*.wav"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_hz: int) -> Path:
@@ -55,5 +80,9 @@ def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_h
     fd, name = tempfile.mkstemp(prefix="code-", suffix=".wav", dir=out_dir)
     os.close(fd)
     os.chmod(name, 0o600)
-    write_wav(Path(name), Pcm(samples, rate_hz))
+    try:
+        write_wav(Path(name), Pcm(samples, rate_hz))
+    except BaseException:
+        Path(name).unlink(missing_ok=True)  # a part of the code is still the code
+        raise
     return Path(name)

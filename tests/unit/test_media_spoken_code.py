@@ -1,0 +1,129 @@
+"""The file that says a code (:mod:`voice.media.spoken_code`) never outlives its send: not when
+the send is cancelled while the file is written, not when the write fails, not when speech
+fails after it, and not across a restart after a kill (stale files are removed at start).
+
+The renderer here hands back silent WAV files: what is under test is the file's lifetime, not
+the speech (tests/integration/test_media_tts.py renders with the real espeak-ng).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from sip_config.settings import Settings
+from verification.channels.base import Delivery, DeliveryReport
+from verification.channels.voice_call import VoiceCallChannel
+from verification.model import NumberKind, Phone
+from verification.rules import DeliveryKind
+from voice.media import spoken_code
+from voice.media.pcm import Pcm, silence, write_wav
+from voice.media.tts import TtsError
+
+PHONE = Phone("+31612345678", "NL", 31, "612345678", NumberKind.MOBILE)
+
+
+class SilentRenderer:
+    """Every text is 0.1 s of silence; ``render`` fails when told to."""
+
+    def __init__(self, folder: Path, fail_render: bool = False) -> None:
+        self._folder = folder
+        self._fail_render = fail_render
+
+    async def prerender(self, texts: Sequence[str], *, rate_hz: int = 8000) -> list[Path]:
+        path = self._folder / "silence.wav"
+        write_wav(path, Pcm(silence(0.1, rate_hz), rate_hz))
+        return [path for _ in texts]
+
+    async def render(self, text: str, *, rate_hz: int = 8000) -> Path:
+        if self._fail_render:
+            raise TtsError("espeak-ng is gone")
+        return (await self.prerender([text], rate_hz=rate_hz))[0]
+
+
+def codes_in(folder: Path) -> list[Path]:
+    return sorted(folder.glob("code-*.wav"))
+
+
+async def test_compose_writes_a_private_file(tmp_path: Path) -> None:
+    out = tmp_path / "private"
+    path = await spoken_code.compose(SilentRenderer(tmp_path), "the clinic", "481523", out)  # type: ignore[arg-type]
+    assert codes_in(out) == [path]
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_cancel_while_the_file_is_written_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "private"
+    started, go_on = threading.Event(), threading.Event()
+    real_write = write_wav
+
+    def slow_write(path: Path, pcm: Pcm) -> None:
+        started.set()
+        go_on.wait(5)
+        real_write(path, pcm)
+
+    monkeypatch.setattr(spoken_code, "write_wav", slow_write)
+    task = asyncio.create_task(
+        spoken_code.compose(SilentRenderer(tmp_path), "the clinic", "481523", out)  # type: ignore[arg-type]
+    )
+    assert await asyncio.to_thread(started.wait, 5)
+    assert len(codes_in(out)) == 1, "the file exists while it is written"
+    task.cancel()
+    await asyncio.sleep(0.05)
+    go_on.set()  # the thread finishes its write after the cancel
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert codes_in(out) == []
+
+
+async def test_a_failed_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "private"
+
+    def failing_write(path: Path, pcm: Pcm) -> None:
+        path.write_bytes(b"RIFF part of a code")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spoken_code, "write_wav", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        await spoken_code.compose(SilentRenderer(tmp_path), "the clinic", "481523", out)  # type: ignore[arg-type]
+    assert codes_in(out) == []
+
+
+async def test_speech_failing_after_the_code_file_removes_it(tmp_path: Path) -> None:
+    out = tmp_path / "private"
+    sip = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path / "var")}).sip
+    renderer = SilentRenderer(tmp_path, fail_render=True)
+    channel = VoiceCallChannel(sip, None, renderer, out)  # type: ignore[arg-type]
+    reports: list[DeliveryReport] = []
+
+    async def report(r: DeliveryReport) -> None:
+        reports.append(r)
+
+    await channel.send(Delivery("A" * 32, PHONE, "481523", "en", "the clinic"), report)
+    assert [(r.kind, r.detail) for r in reports] == [
+        (DeliveryKind.UNDELIVERABLE, "speech failed: espeak-ng is gone")
+    ]
+    assert out.is_dir() and codes_in(out) == [], "the composed code file was left behind"
+
+
+def test_stale_files_are_removed_and_young_ones_kept(tmp_path: Path) -> None:
+    now = time.time()
+    old, young = tmp_path / "code-old.wav", tmp_path / "code-young.wav"
+    other = tmp_path / "notes.txt"
+    for path in (old, young, other):
+        path.write_bytes(b"x")
+        os.utime(path, (now - 1000, now - 1000))
+    os.utime(young, (now - 10, now - 10))
+    assert spoken_code.remove_stale(tmp_path, 300, now) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code-young.wav", "notes.txt"]
+    assert spoken_code.remove_stale(tmp_path / "missing", 300, now) == 0
