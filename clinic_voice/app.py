@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import phonenumbers
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from clinic_voice import redis_durability
+from clinic_voice import redis_durability, shared_secret
 from clinic_voice.http import MAX_BODY, build_middlewares, problem
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
@@ -139,6 +141,12 @@ def prepare_data_dir(settings: Settings) -> tuple[tuple[str, ...], bytes]:
     return keys, secret.encode()
 
 
+def _stop_for_secret(reason: str) -> None:
+    """Another CLINIC_SECRET on this Redis, found after start: stop as SIGTERM would."""
+    log.critical("stopping: %s", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _DeliveryMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
@@ -227,12 +235,24 @@ def build_app(
             if embedded is None and worker is None
             else None
         )
+        claiming: asyncio.Task[None] | None = None
         try:
+            if worker is None:  # a worker has serve's secret: serve claimed it
+                try:
+                    await shared_secret.claim(mux.execute, rt.secret)
+                except (RedisError, OSError, TimeoutError):
+                    claiming = asyncio.create_task(
+                        shared_secret.claim_when_reachable(
+                            mux.execute, rt.secret, _stop_for_secret
+                        ),
+                        name="secret-claim",
+                    )
             yield
         finally:
-            if durability is not None:
-                durability.cancel()
-                await asyncio.gather(durability, return_exceptions=True)
+            for task in (durability, claiming):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await mux.aclose()
             if embedded is not None:
                 await embedded.stop()

@@ -105,9 +105,10 @@ async def _run_until_stopped(
 def _start_errors() -> tuple[type[Exception], ...]:
     from clinic_voice.http_workers import HttpWorkersError
     from clinic_voice.redis_server import EmbeddedRedisError
+    from clinic_voice.shared_secret import SecretMismatch
 
     # OSError: an address in use, a data dir that cannot be written, ...
-    return (HttpWorkersError, EmbeddedRedisError, OSError)
+    return (HttpWorkersError, EmbeddedRedisError, SecretMismatch, OSError)
 
 
 def _settle_gc() -> None:

@@ -358,7 +358,11 @@ async def start_service(
         settings = Settings.from_env(service_env(redis_server.url, data_dir, sms_gateway, env))
         app: web.Application = build_app(settings, clock=clock)
         client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
-        await client.start_server()
+        try:
+            await client.start_server()
+        except BaseException:  # an app that refuses to start: its client is closed all the same
+            await client.close()
+            raise
         clients.append(client)
         async with client.get("/openapi.json") as resp:
             assert resp.status == 200, await resp.text()

@@ -1,5 +1,6 @@
 """The API when its Redis dies: fail closed (503, nothing approved, nothing sent), and an
-acknowledged approval survives ``kill -9`` of the Redis (AOF with fsync on every write).
+acknowledged approval survives ``kill -9`` of the Redis (AOF with fsync on every write). And
+one Redis, one CLINIC_SECRET: a process with another one refuses to start.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import time
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from clinic_voice import shared_secret
+from clinic_voice.shared_secret import SecretMismatch
 from tests.conftest import RedisServer
-from tests.integration.conftest import Api, StartService, read_code
+from tests.integration.conftest import SECRET, Api, StartService, read_code
 from tests.peers.sms_gateway import GatewayMode, SmsGateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
@@ -166,3 +170,39 @@ async def test_a_frozen_redis_answers_503_in_bounded_time_for_as_long_as_it_stay
     finally:
         os.kill(pid, signal.SIGCONT)
     assert (await _get_after_restart(api, vid))["id"] == vid
+
+
+async def test_a_process_with_another_secret_refuses_to_start(
+    start_service: StartService, redis_server: RedisServer
+) -> None:
+    # The black-box probe: two serve processes with data dirs of their own each generated a
+    # secret; a right code checked through the other one counted as a wrong guess.
+    first = await start_service()
+    other = "another-secret-0123456789abcdefghijkl"
+    with pytest.raises(SecretMismatch, match="another CLINIC_SECRET") as err:
+        await start_service({"CLINIC_SECRET": other})
+    assert other not in str(err.value) and SECRET not in str(err.value)
+    second = await start_service()  # the same secret as the first: one service
+    vid = (await first.create()).json["id"]
+    assert (await second.get(vid))["id"] == vid
+
+
+async def test_a_secret_claimed_once_redis_answers(redis_server: RedisServer) -> None:
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await shared_secret.claim(redis.execute_command, b"the first secret")
+        await shared_secret.claim(redis.execute_command, b"the first secret")  # again: fine
+        await asyncio.to_thread(redis_server.kill9)
+        told: list[str] = []
+        waiting = asyncio.create_task(
+            shared_secret.claim_when_reachable(
+                redis.execute_command, b"the second secret", told.append
+            )
+        )
+        await asyncio.sleep(shared_secret.RETRY_S + 0.5)
+        assert not waiting.done() and told == [], "it must wait for Redis, not give up"
+        await asyncio.to_thread(redis_server.restart)
+        await asyncio.wait_for(waiting, 10)
+        assert len(told) == 1 and "another CLINIC_SECRET" in told[0]
+    finally:
+        await redis.aclose()
