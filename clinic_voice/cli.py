@@ -75,7 +75,12 @@ async def _run_until_stopped(
     SIGINT, SIGTERM or ``also``; then stop it in order."""
     from clinic_voice.http import ProblemAppRunner
 
-    runner = ProblemAppRunner(app, access_log=None, handle_signals=False)
+    # In-flight requests get SHUTDOWN_GRACE_S to finish, not aiohttp's 60 s: a request whose
+    # body never completes held serve (timers, sends and all) for a minute after SIGTERM,
+    # past any container's stop grace period.
+    runner = ProblemAppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
     watcher: asyncio.Task[bool] | None = None
     try:
         # Inside the try: a part that fails to start must not leave the parts started before
@@ -100,6 +105,9 @@ async def _run_until_stopped(
         if watcher is not None:
             watcher.cancel()
         await runner.cleanup()
+
+
+SHUTDOWN_GRACE_S = 5.0
 
 
 def _start_errors() -> tuple[type[Exception], ...]:
