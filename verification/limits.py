@@ -69,6 +69,12 @@ class LimitCheck:
         digest = _digest(self.subject, self.name in _PER_REQUEST)
         return f"{self.name}:{self.rate.window_s}:{digest}:{window}"
 
+    def ms_left(self, now: float) -> int:
+        """Milliseconds until this window ends: its counter lives that long, and a refusal's
+        Retry-After says that long (not a whole window from the first request counted)."""
+        end = (int(now // self.rate.window_s) + 1) * self.rate.window_s
+        return max(1, math.ceil(round((end - now) * 1000, 3)))  # no float dust in the ceiling
+
     def describe(self) -> str:
         rate = f"limit {self.rate.count} per {self.rate.window_s} s"
         return f"too many {_DESCRIPTIONS[self.name]} ({rate})"

@@ -89,7 +89,7 @@ end
 """
 
 # Fixed-window limits, all-or-nothing: if any is over, nothing is counted.
-# k[1..n]: counters; a[ao+]: (limit, window ms)*n
+# k[1..n]: counters; a[ao+]: (limit, ms until the window ends)*n
 _LIMITS_FN = """
 local function over(k, a, n, ao)
   for i = 1, n do
@@ -124,8 +124,9 @@ return {0}
 )
 
 # Count limits and write a new record in one step (one round trip for a create), and count
-# only what is written. KEYS: n counters, then the CAS keys; ARGV: n, (limit, window ms)*n,
-# then the CAS arguments. Returns {0} written, {1, index, pttl} refused, {2} version conflict.
+# only what is written. KEYS: n counters, then the CAS keys; ARGV: n, (limit, ms until the
+# window ends)*n, then the CAS arguments. Returns {0} written, {1, index, pttl} refused, {2}
+# version conflict.
 _LIMITED_CAS = Script(
     _CAS_FN
     + _LIMITS_FN
@@ -543,7 +544,7 @@ def _limit_args(checks: list[LimitCheck], now: float) -> tuple[list[str], list[A
     keys = [f"{PREFIX}l:{c.key(now)}" for c in checks]
     args: list[Any] = []
     for c in checks:
-        args += [c.rate.count, c.rate.window_s * 1000]
+        args += [c.rate.count, c.ms_left(now)]
     return keys, args
 
 

@@ -91,6 +91,20 @@ async def test_per_api_key(start_service: StartService) -> None:
     assert health.status == 200, "probes are not API requests"
 
 
+async def test_retry_after_is_the_time_left_in_the_window(start_service: StartService) -> None:
+    # Windows are aligned to the clock: a counter first hit 10 s before its window ends is
+    # free again in 10 s, not a whole window later.
+    clock = FakeClock(WINDOW_START + 50)
+    api = await start_service({"CLINIC_LIMIT_KEY_REQUESTS": "1/60"}, clock=clock)
+    missing = f"/v1/verifications/{'A' * 32}"
+    assert (await api.request("GET", missing)).status == 404
+    refused = await api.request("GET", missing)
+    assert_limited(refused, "requests for this API key", 60)
+    assert refused.headers["Retry-After"] == "10"
+    clock.advance(10)
+    assert (await api.request("GET", missing)).status == 404
+
+
 async def test_per_client_ip(start_service: StartService) -> None:
     api = await start_service({"CLINIC_LIMIT_IP_REQUESTS": "3/60"}, clock=FakeClock(WINDOW_START))
     missing = f"/v1/verifications/{'A' * 32}"

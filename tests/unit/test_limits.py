@@ -67,6 +67,14 @@ def test_a_full_table_forgets_ended_lockouts_first() -> None:
     assert [lockouts.remaining_s(x, T0 + 50) for x in "bdef"] == [0, 0, 0, 50]
 
 
+@pytest.mark.parametrize(
+    ("at", "ms"), [(T0, 60_000), (T0 + 0.001, 59_999), (T0 + 50, 10_000), (T0 + 59.9999, 1)]
+)
+def test_a_counter_lives_until_its_window_ends(at: float, ms: int) -> None:
+    assert T0 % 60 == 0
+    assert LimitCheck(LimitName.KEY_REQUESTS, "k", Rate(5, 60)).ms_left(at) == ms
+
+
 def test_creation_checks_count_verifications_per_number() -> None:
     s = settings(CLINIC_LIMIT_NUMBER_VERIFICATIONS="3/900")
     assert creation_checks(s, PHONE) == [
