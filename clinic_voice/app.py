@@ -29,7 +29,7 @@ from clinic_voice.openapi import openapi_document
 from clinic_voice.redis_server import EmbeddedRedis
 from sip_config.clock import Clock, SystemClock
 from sip_config.settings import Settings, SettingsError
-from verification import rules
+from verification import limits, rules
 from verification.api import VerificationApi
 from verification.callbacks import reachable
 from verification.channels.base import ChannelAdapter
@@ -226,7 +226,10 @@ def build_app(
         mux = RedisMux(url, timeout_s=2.0)
         rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days)
         rt.store = VerificationStore(
-            mux, global_webhook=bool(settings.verification.webhook_url), on_change=on_change
+            mux,
+            global_webhook=bool(settings.verification.webhook_url),
+            on_change=on_change,
+            limit_key=limits.digest_key(rt.secret),
         )
         # A Redis the operator gave: say in the log if it could lose acknowledged writes
         # (serve only; its HTTP workers use the same Redis).

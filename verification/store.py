@@ -33,7 +33,7 @@ from verification.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from verification.limits import LimitCheck, LimitDecision
+from verification.limits import LimitCheck, LimitDecision, SubjectDigest
 from verification.model import Status, Verification
 from verification.redis_mux import RedisMux, Script
 from verification.rules import Transition, due_at
@@ -206,11 +206,14 @@ class VerificationStore:
         *,
         global_webhook: bool = False,
         on_change: Callable[[Verification | None, Verification], None] | None = None,
+        limit_key: bytes = b"",
     ) -> None:
         """``on_change(old, new)`` is called after every write this store made (``old`` None
         for a new record): once per change, whoever asked for it (API, dispatcher, timers),
-        never for a write that lost the compare-and-set."""
+        never for a write that lost the compare-and-set. ``limit_key``: the key of the HMAC
+        that names limit counters (every process on one Redis must use the same)."""
         self._r = redis
+        self._digest = SubjectDigest(limit_key)
         self._global_webhook = global_webhook
         self._on_change = on_change or _ignore
 
@@ -382,7 +385,7 @@ class VerificationStore:
     async def _create_limited(
         self, v: Verification, checks: list[LimitCheck], now: float
     ) -> Stored:
-        limit_keys, limit_args = _limit_args(checks, now)
+        limit_keys, limit_args = _limit_args(checks, now, self._digest)
         keys, args, version = self._write_args(None, v, None)
         try:
             res = await self._r.evalsha(
@@ -438,7 +441,7 @@ class VerificationStore:
     ) -> tuple[LimitDecision, Stored | None]:
         """Count a request against ``checks`` and read ``vid`` (None: no such record), in one
         round trip."""
-        keys, args = _limit_args(checks, now)
+        keys, args = _limit_args(checks, now, self._digest)
         try:
             res, got = await self._r.many(
                 [_LIMITS.call(keys, args), ("HMGET", _record_key(vid), "ver", "doc")]
@@ -523,7 +526,7 @@ class VerificationStore:
         """Count one event against every check, all or nothing."""
         if not checks:
             return LimitDecision(allowed=True)
-        keys, args = _limit_args(checks, now)
+        keys, args = _limit_args(checks, now, self._digest)
         try:
             res = await self._r.evalsha(_LIMITS, keys, args)
         except (RedisError, OSError) as exc:
@@ -540,8 +543,10 @@ def _idempotent_id(existing: str, body_hash: str) -> str:
     return str(record["id"])
 
 
-def _limit_args(checks: list[LimitCheck], now: float) -> tuple[list[str], list[Any]]:
-    keys = [f"{PREFIX}l:{c.key(now)}" for c in checks]
+def _limit_args(
+    checks: list[LimitCheck], now: float, digest: SubjectDigest
+) -> tuple[list[str], list[Any]]:
+    keys = [f"{PREFIX}l:{c.key(now, digest)}" for c in checks]
     args: list[Any] = []
     for c in checks:
         args += [c.rate.count, c.ms_left(now)]

@@ -3,6 +3,7 @@ window-aligned keys (no phone number or key in a Redis key name), and what a ref
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
@@ -12,8 +13,10 @@ from verification.limits import (
     LimitCheck,
     LimitName,
     Lockouts,
+    SubjectDigest,
     auth_failure_checks,
     creation_checks,
+    digest_key,
     request_checks,
     send_checks,
 )
@@ -21,6 +24,7 @@ from verification.model import NumberKind, Phone
 
 PHONE = Phone("+31612345678", "NL", 31, "612345678", NumberKind.MOBILE)
 T0 = 1_800_000_000.0
+DIGEST = SubjectDigest(b"the key of the tests")
 
 
 def settings(**env: str) -> VerificationSettings:
@@ -117,7 +121,7 @@ def test_keys_follow_fixed_windows_aligned_to_the_clock(
     window: int, a: float, b: float, same: bool
 ) -> None:
     check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, window))
-    assert (check.key(a) == check.key(b)) is same
+    assert (check.key(a, DIGEST) == check.key(b, DIGEST)) is same
 
 
 @pytest.mark.parametrize(
@@ -130,14 +134,14 @@ def test_keys_follow_fixed_windows_aligned_to_the_clock(
 )
 def test_keys_differ_by_limit_subject_and_window(other: LimitCheck) -> None:
     check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 600))
-    assert check.key(T0) != other.key(T0)
+    assert check.key(T0, DIGEST) != other.key(T0, DIGEST)
 
 
 def test_same_count_shares_the_counter() -> None:
     # Changing only the count (a config change) keeps counting in the same window.
     a = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 600))
     b = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(9, 600))
-    assert a.key(T0) == b.key(T0)
+    assert a.key(T0, DIGEST) == b.key(T0, DIGEST)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +154,7 @@ def test_same_count_shares_the_counter() -> None:
     ],
 )
 def test_keys_never_hold_the_subject(name: LimitName, subject: str) -> None:
-    key = LimitCheck(name, subject, Rate(5, 600)).key(T0)
+    key = LimitCheck(name, subject, Rate(5, 600)).key(T0, DIGEST)
     assert re.fullmatch(rf"{re.escape(name.value)}:600:[0-9a-f]{{24}}:3000000", key), key
     digits = re.sub(r"\D", "", subject)
     assert subject not in key
@@ -189,12 +193,22 @@ def test_every_limit_has_a_description() -> None:
 
 
 def test_phone_numbers_are_not_kept_in_the_digest_cache() -> None:
-    from verification import limits as limits_module
-
+    digest = SubjectDigest(b"k")
     check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 600))
-    first = check.key(1_800_000_000.0)
-    assert "+31612345678" not in limits_module._DIGESTS
+    first = check.key(T0, digest)
+    assert not digest.kept("+31612345678")
     key_check = LimitCheck(LimitName.KEY_REQUESTS, "kid-1", Rate(5, 600))
-    assert key_check.key(1_800_000_000.0) == key_check.key(1_800_000_000.0)
-    assert "kid-1" in limits_module._DIGESTS
-    assert check.key(1_800_000_000.0) == first
+    assert key_check.key(T0, digest) == key_check.key(T0, digest)
+    assert digest.kept("kid-1")
+    assert check.key(T0, digest) == first
+
+
+def test_names_need_the_key_to_be_guessed() -> None:
+    """The code review recovered a number from its counter's name by hashing candidates: an
+    unkeyed SHA-256. Without the key, the same candidates give other names."""
+    check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, 600))
+    name = check.key(T0, DIGEST)
+    assert hashlib.sha256(b"+31612345678").hexdigest()[:24] not in name
+    assert check.key(T0, SubjectDigest(b"another key")) != name
+    assert check.key(T0, SubjectDigest(b"the key of the tests")) == name
+    assert digest_key(b"secret") != digest_key(b"secret2") and len(digest_key(b"s")) == 32
