@@ -470,6 +470,7 @@ class HttpClient:
         except BaseException:
             pool.count -= 1
             self._wake(pool)
+            self._forget_if_empty(pool)
             raise
 
     async def _connect(self, origin: _Origin) -> _Connection:
@@ -520,6 +521,19 @@ class HttpClient:
         conn.close()
         pool.count -= 1
         self._wake(pool)
+        self._forget_if_empty(pool)
+
+    def _forget_if_empty(self, pool: _Pool) -> None:
+        """Drop a pool with no connection and nobody waiting: an origin that was tried once
+        (a refused or unreachable callback host) must not be kept for the process's life.
+        Safe: a request holds its pool only with a slot counted or as a waiter."""
+        if not pool.count and not pool.waiters and self._pools.get(pool.origin) is pool:
+            del self._pools[pool.origin]
+
+    @property
+    def origins(self) -> int:
+        """How many origins the client keeps a pool for (open, opening or waited for)."""
+        return len(self._pools)
 
     def _wake(self, pool: _Pool) -> None:
         """A slot came free: the first waiter may open a connection."""
@@ -534,7 +548,7 @@ class HttpClient:
         if now - self._swept < self._idle_s:
             return
         self._swept = now
-        for origin, pool in list(self._pools.items()):
+        for pool in list(self._pools.values()):
             keep = []
             for conn in pool.idle:
                 if conn.closed or now - conn.idle_since >= self._idle_s:
@@ -543,8 +557,7 @@ class HttpClient:
                 else:
                     keep.append(conn)
             pool.idle = keep
-            if not pool.count and not pool.waiters:
-                del self._pools[origin]
+            self._forget_if_empty(pool)
 
     async def close(self) -> None:
         """Close every connection; requests in flight fail, new ones are refused."""

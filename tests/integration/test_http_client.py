@@ -456,3 +456,25 @@ async def test_an_address_filter_decides_which_resolved_addresses_are_connected(
         await guarded.close()
         await refusing.close()
     assert len(peer.requests) == 1, "the refused request reached the server"
+
+
+async def test_origins_tried_and_failed_are_not_kept(peer: Peer, client: HttpClient) -> None:
+    # Any API key holder names callback hosts: a pool kept for each host ever tried, even
+    # refused or unreachable, grew the process for good (the code review: 3,000 entries).
+    refusing = HttpClient(address_filter=lambda _address: False)
+    try:
+        for n in range(300):
+            with pytest.raises(UnusableUrl):
+                await refusing.post(f"http://10.9.{n // 250}.{n % 250}/", b"", JSON, timeout_s=5)
+        assert refusing.origins == 0
+    finally:
+        await refusing.close()
+    for _ in range(20):
+        server, url = await raw_server(lambda r, w: asyncio.sleep(0))
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(HttpClientError, match="cannot connect"):
+            await client.post(url, b"", JSON, timeout_s=5)
+    assert client.origins == 0
+    assert (await client.post(peer.url("/echo"), b"{}", JSON, timeout_s=5)).status == 200
+    assert client.origins == 1, "an origin with a kept-alive connection is kept"
