@@ -15,6 +15,7 @@ Rules (NIST SP 800-63B, Twilio/Vonage practice):
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -235,10 +236,11 @@ def delivery_recorded(
 
 
 def _code_may_be_out(v: Verification) -> bool:
-    # Channels are distinct in a plan, so a channel names its step.
-    sent = {e.channel for e in v.events if e.kind is EventKind.DISPATCHED}
-    lost = {e.channel for e in v.events if e.kind is EventKind.UNDELIVERABLE}
-    return bool(sent - lost)
+    # Channels are distinct in a plan, so a channel names its step; a step may send twice
+    # (tick: a send that never reported), so sends and losses are counted, not just seen.
+    sent = Counter(e.channel for e in v.events if e.kind is EventKind.DISPATCHED)
+    lost = Counter(e.channel for e in v.events if e.kind is EventKind.UNDELIVERABLE)
+    return any(n > lost[channel] for channel, n in sent.items())
 
 
 def tick(v: Verification, now: float, policy: Policy) -> Transition:
@@ -248,8 +250,32 @@ def tick(v: Verification, now: float, policy: Policy) -> Transition:
     if now >= v.expires_at:
         return Transition(_set_status(v, Status.EXPIRED, Event(EventKind.EXPIRED, now)))
     if v.step_deadline is not None and now >= v.step_deadline:
+        if v.sending and v.step == len(v.channels) - 1 and _dispatched_on(v, v.step) == 1:
+            # The last channel's send never reported (delivered or not) within the step: its
+            # process stopped mid-send, as a channel reports well inside its step timeout.
+            # Falling back would leave the verification waiting out its lifetime with no code
+            # that surely left: send once more instead (send limits apply as to any send). A
+            # "fallback" to the same channel, not "undeliverable": the first may have arrived,
+            # and an undeliverable retry must not fail the verification for both.
+            again = Event(
+                EventKind.FALLBACK,
+                now,
+                v.channels[v.step],
+                "no outcome reported before the step timed out (the sending process "
+                "stopped?): sent again",
+            )
+            return _enter_step(
+                v.with_events(again, sending=False), v.step, now, policy, exhausted_fails=False
+            )
         return _fallback(v, now, policy, "step timed out without approval", fails=False)
     return Transition(v)
+
+
+def _dispatched_on(v: Verification, step: int) -> int:
+    """How many sends left on ``step`` (channels are distinct in a plan: a channel names its
+    step)."""
+    channel = v.channels[step]
+    return sum(1 for e in v.events if e.kind is EventKind.DISPATCHED and e.channel is channel)
 
 
 def check(

@@ -302,6 +302,37 @@ async def test_step_timeout_and_expiry_run_on_the_injected_clock(
     assert len(sms_gateway.received) == 1
 
 
+async def test_a_last_send_with_no_outcome_by_its_step_timeout_is_sent_again(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # What a killed serve leaves: a send under way that never reports. Here the gateway holds
+    # the request past the step timeout (on the injected clock), which looks the same.
+    sms_gateway.mode = GatewayMode.HANG
+    clock = FakeClock()
+    api = await start_service(
+        {"CLINIC_STEP_TIMEOUT_SMS_S": "10", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}, clock=clock
+    )
+    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    await sms_gateway.wait_for(1)
+    clock.advance(11)
+    await sms_gateway.wait_for(2, deadline_s=3.0)
+    v = await api.get(vid)
+    again = [e for e in v["events"] if e["type"] == "fallback"]
+    assert [(e["channel"], "no outcome reported" in e["detail"]) for e in again] == [("sms", True)]
+    assert [e["type"] for e in v["events"]].count("dispatched") == 2
+    assert v["status"] == "pending" and v["channel"] == "sms"
+    clock.advance(11)  # no outcome again: once is enough
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 3.0
+    while [e["type"] for e in (await api.get(vid))["events"]].count("fallback") < 2:
+        assert loop.time() < end, "the second step timeout did not fall back"
+        await asyncio.sleep(0.1)
+    v = await api.get(vid)
+    assert (v["events"][-1]["channel"], v["status"]) == (None, "pending")
+    await asyncio.sleep(0.5)  # a third send would arrive within this
+    assert len(sms_gateway.received) == 2
+
+
 async def test_check_after_ttl_expires_even_before_the_timer(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:

@@ -61,6 +61,13 @@ def sent(v: Verification, now: float) -> Verification:
     return rules.code_sent(v, v.step, f"hash-{v.sends}", now).verification
 
 
+def delivered(v: Verification, now: float) -> Verification:
+    """The channel's report that the current step's send arrived."""
+    return rules.delivery(
+        v, v.step, DeliveryKind.DELIVERED, "ok", now=now, policy=POLICY
+    ).verification
+
+
 def started(
     plan: tuple[Channel, ...] = ALL, phone: Phone = MOBILE, policy: Policy = POLICY
 ) -> Verification:
@@ -427,6 +434,60 @@ def test_step_timeout_falls_back_by_itself(
     assert "timed out" in nv.events[-1].detail
 
 
+@pytest.mark.parametrize("plan", [(S,), (F, V)])
+def test_a_last_send_that_never_reported_is_sent_once_more(plan: tuple[Channel, ...]) -> None:
+    """The black-box probe killed serve while the gateway held the SMS: no report ever came,
+    and an SMS-only verification then waited out its lifetime with no code that surely left.
+    A channel reports well inside its step timeout, so none by then means its process
+    stopped: the last step is sent once more (a retry, not a fallback)."""
+    v = started(plan)
+    now = T0
+    if len(plan) == 2:
+        v = sent(rules.tick(delivered(v, T0 + 1), T0 + 33, POLICY).verification, T0 + 33)
+        now = T0 + 33
+    last = plan[-1]
+    deadline = now + POLICY.step_timeout_s[last]
+    t = rules.tick(v, deadline, POLICY)
+    assert t.send is last
+    nv = t.verification
+    assert (nv.step, nv.status, nv.sending) == (len(plan) - 1, Status.PENDING, True)
+    assert nv.step_deadline == deadline + POLICY.step_timeout_s[last]
+    assert kinds(nv)[-1] == (EventKind.FALLBACK, last)
+    assert "no outcome reported" in nv.events[-1].detail
+    # The retry undeliverable: the first send may have arrived, so the verification waits
+    # for a check rather than failing.
+    lost = rules.delivery(
+        sent(nv, deadline),
+        nv.step,
+        DeliveryKind.UNDELIVERABLE,
+        "500",
+        now=deadline + 1,
+        policy=POLICY,
+    ).verification
+    assert lost.status is Status.PENDING
+    # Sent again; no report again: once is enough, then it waits for a check until expiry.
+    again = sent(nv, deadline)
+    t = rules.tick(again, deadline + POLICY.step_timeout_s[last], POLICY)
+    assert t.send is None
+    assert (t.verification.step, t.verification.status) == (len(plan), Status.PENDING)
+    assert kinds(t.verification)[-1] == (EventKind.FALLBACK, None)
+
+
+def test_a_send_that_never_reported_on_an_earlier_step_falls_back_as_before() -> None:
+    t = rules.tick(started((S, V)), T0 + 120, POLICY)
+    assert t.send is V
+    assert kinds(t.verification)[-1] == (EventKind.FALLBACK, V)
+
+
+def test_no_resend_past_the_send_limit() -> None:
+    policy = Policy(max_sends=1)
+    v = started((S,), policy=policy)
+    t = rules.tick(v, T0 + 120, policy)
+    assert t.send is None
+    assert kinds(t.verification)[-2:] == [(EventKind.FALLBACK, S), (EventKind.SEND_REFUSED, S)]
+    assert t.verification.status is Status.PENDING, "the code that left may still be typed"
+
+
 def test_custom_step_timeouts_are_used() -> None:
     policy = Policy(step_timeout_s={F: 7, S: 9, V: 11})
     v = started(policy=policy)
@@ -437,7 +498,7 @@ def test_custom_step_timeouts_are_used() -> None:
 
 def test_no_channel_left_after_a_timeout_stays_pending_until_expiry() -> None:
     clock = FakeClock(T0)
-    v = started((S,))
+    v = delivered(started((S,)), T0 + 1)
     clock.advance(120)
     t = rules.tick(v, clock.now(), POLICY)
     v = t.verification
@@ -463,14 +524,14 @@ def test_no_channel_left_after_a_timeout_stays_pending_until_expiry() -> None:
 
 
 def test_whole_chain_of_timeouts_ends_pending_then_expires() -> None:
-    v = started()
+    v = delivered(started(), T0)
     now = T0
     for _ in ALL:
         deadline = v.step_deadline
         assert deadline is not None
         now = deadline
         t = rules.tick(v, now, POLICY)
-        v = sent(t.verification, now) if t.send else t.verification
+        v = delivered(sent(t.verification, now), now) if t.send else t.verification
     assert (v.status, v.step, v.sends) == (Status.PENDING, 3, 3)
     assert now == T0 + 33 + 120 + 120
     assert rules.tick(v, T0 + POLICY.ttl_s, POLICY).verification.status is Status.EXPIRED
@@ -705,7 +766,7 @@ def test_request_fallback_on_the_last_channel_has_no_channel_left(
 
 
 def test_request_fallback_after_exhaustion_has_no_channel_left() -> None:
-    v = rules.tick(started((S,)), T0 + 120, POLICY).verification
+    v = rules.tick(delivered(started((S,)), T0 + 1), T0 + 120, POLICY).verification
     assert v.step == 1
     with pytest.raises(NoChannelLeft):
         rules.request_fallback(v, T0 + 121, POLICY)
@@ -808,7 +869,7 @@ def test_due_at_of_a_final_state_is_none(make: object) -> None:
 
 
 def _exhausted_then_approved() -> Verification:
-    v = started((S,))
+    v = delivered(started((S,)), T0 + 1)
     v = rules.tick(v, T0 + 120, POLICY).verification  # the last step timed out: plan used up
     assert (v.status, v.channel) == (Status.PENDING, None)
     return rules.check(v, True, T0 + 130, POLICY)[0].verification
