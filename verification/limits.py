@@ -86,15 +86,22 @@ class LimitCheck:
     rate: Rate
 
     def key(self, now: float, digest: SubjectDigest) -> str:
-        window = int(now // self.rate.window_s)
-        subject = digest(self.subject, self.name in _PER_REQUEST)
-        return f"{self.name}:{self.rate.window_s}:{subject}:{window}"
+        """The counter's name in its window (Redis adds a prefix)."""
+        return self.counter(round(now * 1000), digest)[0]
 
     def ms_left(self, now: float) -> int:
         """Milliseconds until this window ends: its counter lives that long, and a refusal's
         Retry-After says that long (not a whole window from the first request counted)."""
-        end = (int(now // self.rate.window_s) + 1) * self.rate.window_s
-        return max(1, math.ceil(round((end - now) * 1000, 3)))  # no float dust in the ceiling
+        window_ms = self.rate.window_s * 1000
+        return window_ms - round(now * 1000) % window_ms
+
+    def counter(self, now_ms: int, digest: SubjectDigest) -> tuple[str, int]:
+        """:meth:`key` and :meth:`ms_left` in one, from the clock in whole milliseconds (on
+        every request: integer steps, no float dust)."""
+        w = self.rate.window_s
+        window, into = divmod(now_ms, w * 1000)
+        subject = digest(self.subject, self.name in _PER_REQUEST)
+        return f"{self.name.value}:{w}:{subject}:{window}", w * 1000 - into
 
     def describe(self) -> str:
         rate = f"limit {self.rate.count} per {self.rate.window_s} s"

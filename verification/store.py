@@ -546,10 +546,13 @@ def _idempotent_id(existing: str, body_hash: str) -> str:
 def _limit_args(
     checks: list[LimitCheck], now: float, digest: SubjectDigest
 ) -> tuple[list[str], list[Any]]:
-    keys = [f"{PREFIX}l:{c.key(now, digest)}" for c in checks]
+    keys: list[str] = []
     args: list[Any] = []
+    now_ms = round(now * 1000)
     for c in checks:
-        args += [c.rate.count, c.ms_left(now)]
+        key, ms_left = c.counter(now_ms, digest)
+        keys.append(PREFIX + "l:" + key)
+        args += (c.rate.count, ms_left)
     return keys, args
 
 
