@@ -299,6 +299,7 @@ def build_app(
             settings=settings.verification,
             secret=rt.secret,
             clock=clock,
+            on_outcome=lambda outcome: metrics.webhooks.inc(outcome=outcome),
         )
         rt.dispatcher.start()
         sender.start()

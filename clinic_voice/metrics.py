@@ -147,9 +147,22 @@ class Metrics:
             "clinic_deliveries_total", "channel delivery reports by channel and outcome"
         )
         self.calls = Counter("clinic_calls_total", "clinic-line calls by outcome")
+        self.webhooks = Counter(
+            "clinic_webhooks_total",
+            "webhook POSTs by outcome: delivered, retry (failed, tried again later), given_up "
+            "(failed for the last time: the event is lost to its receiver), dropped (a job "
+            "that cannot be read)",
+        )
 
     def _all(self) -> tuple[Counter | Histogram, ...]:
-        return (self.requests, self.latency, self.verifications, self.deliveries, self.calls)
+        return (
+            self.requests,
+            self.latency,
+            self.verifications,
+            self.deliveries,
+            self.calls,
+            self.webhooks,
+        )
 
     def snapshot(self) -> Snapshot:
         """Every value, as JSON (to send to another process)."""

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import random
+from collections.abc import Callable
 
 from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
@@ -70,8 +71,13 @@ class WebhookSender:
         settings: VerificationSettings,
         secret: bytes,
         clock: Clock,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_outcome`` is told what became of each POST: ``delivered``, ``retry`` (failed,
+        tried again later), ``given_up`` (failed for the last time) or ``dropped`` (a job
+        that cannot be read)."""
         self._store = store
+        self._on_outcome = on_outcome or _ignore
         self._client = client  # the operator's CLINIC_WEBHOOK_URL
         self._callback_client = callback_client  # an API client's callback_url (guarded)
         self._s = settings
@@ -125,6 +131,7 @@ class WebhookSender:
             # Not a job this code wrote: retrying cannot make it readable.
             log.error("webhook job %s is unreadable (%s): dropped", job_id, type(exc).__name__)
             await self._store.finish_webhook(job_id)
+            self._on_outcome("dropped")
             return
         callback = job.get("callback_url") or ""
         url = callback or self._s.webhook_url
@@ -154,16 +161,34 @@ class WebhookSender:
         else:
             if 200 <= answer.status < 300:
                 await self._store.finish_webhook(job_id)
+                self._on_outcome("delivered")
                 return
             error = f"answered {answer.status}"
+        what = event["type"]
         if attempt > self._s.webhook_retries:
             log.error(
-                "verification %s: webhook given up after %d attempts: %s", vid, attempt, error
+                "verification %s: webhook of its %s event given up after %d attempts: %s",
+                vid,
+                what,
+                attempt,
+                error,
             )
             await self._store.finish_webhook(job_id)
+            self._on_outcome("given_up")
             return
-        log.warning("verification %s: webhook attempt %d failed: %s", vid, attempt, error)
+        log.warning(
+            "verification %s: webhook of its %s event, attempt %d failed: %s",
+            vid,
+            what,
+            attempt,
+            error,
+        )
+        self._on_outcome("retry")
         job["attempt"] = attempt
         await self._store.retry_webhook(
             job_id, json.dumps(job, separators=(",", ":")), self._clock.now() + backoff_s(attempt)
         )
+
+
+def _ignore(_outcome: str) -> None:
+    pass

@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     CLINIC_NAME,
     MOBILE,
     SECRET,
+    Api,
     StartService,
     read_code,
     wrong_code,
@@ -126,9 +127,23 @@ def _assert_hooks_match(hooks: list[Hook], vid: str, events: list[dict[str, obje
     assert told == Counter(json.dumps(e, sort_keys=True) for e in events), (told, events)
 
 
+async def _webhook_outcomes(api: Api) -> dict[str, float]:
+    """``clinic_webhooks_total`` by outcome, from /metrics."""
+    text = (await api.request("GET", "/metrics", key=None)).text
+    found = re.findall(r'^clinic_webhooks_total\{outcome="([a-z_]+)"\} (\S+)$', text, re.M)
+    return {outcome: float(value) for outcome, value in found}
+
+
 async def _approved_flow(
     api_start: StartService, gateway: SmsGateway, env: dict[str, str]
 ) -> tuple[str, str, list[dict[str, object]]]:
+    _, vid, code, events = await _approved_flow_api(api_start, gateway, env)
+    return vid, code, events
+
+
+async def _approved_flow_api(
+    api_start: StartService, gateway: SmsGateway, env: dict[str, str]
+) -> tuple[Api, str, str, list[dict[str, object]]]:
     api = await api_start(env)
     vid = (await api.create()).json["id"]
     code = await read_code(gateway)
@@ -136,7 +151,7 @@ async def _approved_flow(
     assert (await api.check(vid, wrong_code(code))).json["status"] == "pending"
     assert (await api.check(vid, code)).json["status"] == "approved"
     events = (await api.get(vid))["events"]
-    return vid, code, events
+    return api, vid, code, events
 
 
 async def test_every_event_is_posted_signed_and_without_the_code(
@@ -167,7 +182,7 @@ async def test_every_event_is_posted_signed_and_without_the_code(
 async def test_failing_receiver_gets_retries_until_delivered(
     start_service: StartService, sms_gateway: SmsGateway, flaky_receiver: WebhookReceiver
 ) -> None:
-    vid, _, events = await _approved_flow(
+    api, vid, _, events = await _approved_flow_api(
         start_service, sms_gateway, {"CLINIC_WEBHOOK_URL": flaky_receiver.url()}
     )
     # Backoff is 1 s (+-20 %) after the first failure.
@@ -178,6 +193,13 @@ async def test_failing_receiver_gets_retries_until_delivered(
     )
     assert len([h for h in hooks if h.answered >= 500]) == 2
     _assert_hooks_match(flaky_receiver.accepted(), vid, events)
+    # The receiver has the last POST a moment before the sender has its answer and counts it.
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 2.0
+    while (counted := await _webhook_outcomes(api)).get("delivered", 0) < len(events):
+        assert loop.time() < end, counted
+        await asyncio.sleep(0.05)
+    assert counted == {"retry": 2, "delivered": len(events)}, counted
 
 
 async def test_callback_url_of_the_verification_gets_its_events(
@@ -215,6 +237,7 @@ async def test_a_callback_url_that_resolves_into_the_clinic_network_is_never_cal
     await asyncio.sleep(0.5)  # a refused attempt would have been retried within this
     assert {h.path for h in webhook_receiver.received} == {"/global"}, "the callback was called"
     assert vid not in {h.json()["verification_id"] for h in hooks}
+    assert (await _webhook_outcomes(api)).get("given_up", 0) >= 3, "refused: given up at once"
 
 
 async def test_an_unreadable_webhook_job_is_dropped_and_the_others_still_delivered(
@@ -240,6 +263,7 @@ async def test_an_unreadable_webhook_job_is_dropped_and_the_others_still_deliver
             assert await redis.zscore(WEBHOOK_DUE, jid) is None, f"{jid} is still due"
     finally:
         await redis.aclose()
+    assert (await _webhook_outcomes(api)).get("dropped") == 2
     dropped = [r for r in caplog.records if "is unreadable" in r.getMessage()]
     assert [(r.levelno, r.getMessage()[:18]) for r in dropped] == [
         (logging.ERROR, "webhook job junk-1"),
