@@ -26,6 +26,7 @@ from verification.errors import (
     InvalidRequest,
     NoChannelConfigured,
     NotFound,
+    StoreUnavailable,
 )
 from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Verification
 from verification.request import KEY_ID, read_json_object, self_admitted, take_request_checks
@@ -266,6 +267,11 @@ class VerificationApi:
             )
         except IdempotencyConflict:
             await self._count(own)
+            raise
+        except StoreUnavailable:
+            # 503, but the write may still land: the dispatcher settles it (cancels it, or
+            # sends for an idempotent retry) once the store answers again.
+            self._dispatcher().settle_unconfirmed(transition, replayable=idempotency is not None)
             raise
         v = stored.verification
         if v.id != vid:  # a concurrent request with the same key made it: a replay

@@ -39,6 +39,11 @@ WATCH_S = 2.0
 # A report the store could not take (Redis down) is written again after these pauses, then
 # every last one, until the verification expires.
 REPORT_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+# A create answered 503 after its write timed out: how often the store is asked whether it
+# answers again, and how long after that a write still stuck on the old connection may land.
+SETTLE_RETRY_S = 0.5
+SETTLE_GRACE_S = 1.0
+UNCONFIRMED = "its create was answered 503 (the store did not confirm the write in time)"
 
 
 class Forwarder(Protocol):
@@ -259,6 +264,45 @@ class Dispatcher:
             self._spawn(self._deliver(v.id, v.step, channel, code, known), name, v.id)
         else:
             self._spawn(self._send(v.id, v.step, channel, counted, known), name, v.id)
+
+    def settle_unconfirmed(self, attempted: Transition, *, replayable: bool) -> None:
+        """A create whose write timed out was answered 503, but a timeout is not a refusal:
+        the write may land when the store answers again. Left alone, such a verification
+        sent nothing until its step timer moved it on and sent on the next channel, for a
+        verification its app had been told was never made. Once the store answers (and a
+        write stuck on the old connection has had time to land): without an Idempotency-Key
+        it is canceled, as the 503 said; with one (``replayable``), the app's retry will be
+        answered with it, so its send goes out now, as the 201 would have had it."""
+        vid = attempted.verification.id
+        self._spawn(self._settle(attempted, replayable), f"settle {vid}")
+
+    async def _settle(self, attempted: Transition, replayable: bool) -> None:
+        vid = attempted.verification.id
+        while True:
+            if not await self._store.ping():  # the store is still down: ask again soon
+                await asyncio.sleep(SETTLE_RETRY_S)
+                continue
+            await asyncio.sleep(SETTLE_GRACE_S)
+            try:
+                if not replayable:
+                    await self._store.update(
+                        vid, lambda v: (rules.cancel(v, self._clock.now(), UNCONFIRMED), None)
+                    )
+                    log.warning("verification %s: %s, but was made: canceled", vid, UNCONFIRMED)
+                    return
+                stored = await self._store.get(vid)
+                if stored.verification == attempted.verification and attempted.send is not None:
+                    log.warning("verification %s: %s, but was made: sent now", vid, UNCONFIRMED)
+                    self.follow(
+                        Transition(stored.verification, send=attempted.send),
+                        counted=True,
+                        known=stored,
+                    )
+                return
+            except (NotFound, NotPending):
+                return  # never written, or ended already: nothing to settle
+            except StoreUnavailable:
+                continue  # down again: wait for it again
 
     def follow_forwarded(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
         """Run a send another process handed over (see :class:`Forwarder`)."""

@@ -332,14 +332,14 @@ def request_fallback(
     return _fallback(v, now, policy, "requested by the client", fails=False)
 
 
-def cancel(v: Verification, now: float) -> Transition:
-    """Cancel a pending verification."""
+def cancel(v: Verification, now: float, detail: str = "") -> Transition:
+    """Cancel a pending verification (``detail``: why, when the client did not ask)."""
     if v.status is Status.PENDING and now >= v.expires_at:
         # Expired already (the timer may not have run yet): it is not canceled after the fact.
         raise NotPending("the verification has expired", status=Status.EXPIRED.value)
     if v.status is not Status.PENDING:
         raise NotPending(f"the verification is {v.status}", status=v.status.value)
-    return Transition(_set_status(v, Status.CANCELED, Event(EventKind.CANCELED, now)))
+    return Transition(_set_status(v, Status.CANCELED, Event(EventKind.CANCELED, now, None, detail)))
 
 
 State = tuple[Status, Channel | None]

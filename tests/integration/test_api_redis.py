@@ -6,9 +6,11 @@ one Redis, one CLINIC_SECRET: a process with another one refuses to start.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,9 +18,15 @@ import redis.asyncio as aioredis
 
 from clinic_voice import shared_secret
 from clinic_voice.shared_secret import SecretMismatch
+from sip_config.clock import FakeClock
 from tests.conftest import RedisServer
-from tests.integration.conftest import SECRET, Api, StartService, read_code
+from tests.integration.conftest import MOBILE, SECRET, Api, StartService, read_code
 from tests.peers.sms_gateway import GatewayMode, SmsGateway
+from verification.errors import StoreUnavailable
+from verification.model import Verification
+from verification.store import Stored, VerificationStore
+
+OTHER_MOBILE = "+31612345670"
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -206,3 +214,97 @@ async def test_a_secret_claimed_once_redis_answers(redis_server: RedisServer) ->
         assert len(told) == 1 and "another CLINIC_SECRET" in told[0]
     finally:
         await redis.aclose()
+
+
+async def _create_while_frozen(
+    api: Api, redis_server: RedisServer, headers: dict[str, str] | None = None
+) -> None:
+    """A create whose write reaches a frozen Redis: 503 when the client's 2 s run out; the
+    write lands when Redis resumes. (A create made before loaded the create's script: a
+    script Redis does not know yet fails with NOSCRIPT, the reply to a connection gone.)"""
+    pid = redis_server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        answer = await api.request(
+            "POST", "/v1/verifications", json_body={"phone": MOBILE}, headers=headers
+        )
+        answer.problem(503, "store-unavailable")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def _record_of(redis_server: RedisServer, phone: str) -> dict[str, Any] | None:
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for key in [k async for k in redis.scan_iter("cv:v:*")]:
+            doc = await redis.hget(key, "doc")
+            record = dict(json.loads(doc)) if doc is not None else {}
+            if record.get("phone", {}).get("e164") == phone:
+                return record
+        return None
+    finally:
+        await redis.aclose()
+
+
+async def _settled(redis_server: RedisServer, until: Callable[[dict[str, Any]], bool]) -> Any:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10.0
+    while (record := await _record_of(redis_server, MOBILE)) is None or not until(record):
+        assert loop.time() < end, record
+        await asyncio.sleep(0.1)
+    return record
+
+
+async def test_a_create_answered_503_that_landed_is_canceled_and_never_sends(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+) -> None:
+    # Both reviews: the 503 said "not made", the write landed later, and the step timer then
+    # sent on the next channel for a verification its app never heard of.
+    clock = FakeClock()
+    api = await start_service({"CLINIC_STEP_TIMEOUT_SMS_S": "10"}, clock=clock)
+    assert (await api.create(phone=OTHER_MOBILE, method="sms", fallback=[])).status == 201
+    await sms_gateway.wait_for(1)
+    await _create_while_frozen(api, redis_server)
+    record = await _settled(redis_server, lambda r: r["status"] != "pending")
+    assert record["status"] == "canceled"
+    assert "answered 503" in record["events"][-1]["detail"]
+    clock.advance(11)  # past the step timeout: a timer would send now
+    await asyncio.sleep(1.0)
+    assert [m.to for m in sms_gateway.received] == [OTHER_MOBILE], "a create answered 503 sent"
+
+
+async def test_a_create_answered_503_with_an_idempotency_key_is_sent_for_its_retry(
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reservation of the key answered, the write landed, its answer was lost: the write
+    # is made for real and its answer replaced by the timeout a frozen Redis gives. (With a
+    # frozen Redis the reservation itself times out first: then nothing is made at all.)
+    real_write = VerificationStore._create_written
+    lost: list[str] = []
+
+    async def answer_lost(
+        self: VerificationStore, v: Verification, idempotency: tuple[str, str, int] | None
+    ) -> Stored:
+        stored = await real_write(self, v, idempotency)
+        if not lost:
+            lost.append(v.id)
+            raise StoreUnavailable("Redis did not answer within 2.0 s")
+        return stored
+
+    monkeypatch.setattr(VerificationStore, "_create_written", answer_lost)
+    api = await start_service()
+    key = {"Idempotency-Key": "retry-me-after-a-503"}
+    first = await api.request("POST", "/v1/verifications", json_body={"phone": MOBILE}, headers=key)
+    first.problem(503, "store-unavailable")
+    code = await read_code(sms_gateway)  # sent once the store answered again
+    retry = await api.request("POST", "/v1/verifications", json_body={"phone": MOBILE}, headers=key)
+    assert retry.status == 201 and retry.headers["Idempotent-Replayed"] == "true", retry.text
+    vid = retry.json["id"]
+    assert [vid] == lost
+    assert (await api.check(vid, code)).json["status"] == "approved"
+    await asyncio.sleep(0.5)  # a second send would arrive within this
+    assert len(sms_gateway.received) == 1
