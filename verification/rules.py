@@ -250,9 +250,10 @@ def tick(v: Verification, now: float, policy: Policy) -> Transition:
     if now >= v.expires_at:
         return Transition(_set_status(v, Status.EXPIRED, Event(EventKind.EXPIRED, now)))
     if v.step_deadline is not None and now >= v.step_deadline:
-        if v.sending and v.step == len(v.channels) - 1 and _dispatched_on(v, v.step) == 1:
-            # The last channel's send never reported (delivered or not) within the step: its
-            # process stopped mid-send, as a channel reports well inside its step timeout.
+        if v.sending and v.step == len(v.channels) - 1 and _dispatched_on(v, v.step) < 2:
+            # The last channel's send never reported (delivered or not) within the step, or
+            # never left (a move whose write was answered 503, a process stopped before the
+            # send): a channel reports well inside its step timeout.
             # Falling back would leave the verification waiting out its lifetime with no code
             # that surely left: send once more instead (send limits apply as to any send). A
             # "fallback" to the same channel, not "undeliverable": the first may have arrived,

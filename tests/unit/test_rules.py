@@ -473,6 +473,15 @@ def test_a_last_send_that_never_reported_is_sent_once_more(plan: tuple[Channel, 
     assert kinds(t.verification)[-1] == (EventKind.FALLBACK, None)
 
 
+def test_a_last_step_whose_send_never_left_is_sent_at_its_timeout() -> None:
+    # A /fallback whose write landed but was answered 503: the step moved, nobody sent.
+    moved = rules.request_fallback(started((S, V)), T0 + 5, POLICY).verification
+    assert (moved.step, moved.sending) == (1, True)
+    t = rules.tick(moved, T0 + 5 + 120, POLICY)
+    assert t.send is V
+    assert kinds(t.verification)[-1] == (EventKind.FALLBACK, V)
+
+
 def test_a_send_that_never_reported_on_an_earlier_step_falls_back_as_before() -> None:
     t = rules.tick(started((S, V)), T0 + 120, POLICY)
     assert t.send is V
