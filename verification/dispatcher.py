@@ -43,6 +43,7 @@ REPORT_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 # answers again, and how long after that a write still stuck on the old connection may land.
 SETTLE_RETRY_S = 0.5
 SETTLE_GRACE_S = 1.0
+SETTLE_MAX = 10_000
 UNCONFIRMED = "its create was answered 503 (the store did not confirm the write in time)"
 
 
@@ -123,6 +124,9 @@ class Dispatcher:
         self._faults = OutageLog(log, "timers", clock, faults=True)
         self._deliveries = deliveries
         self._tasks: set[asyncio.Task[None]] = set()
+        # Creates answered 503 whose write may yet land (settle_unconfirmed), oldest first.
+        self._unconfirmed: dict[str, tuple[Transition, bool]] = {}
+        self._settling: asyncio.Task[None] | None = None
         # Sends under way per verification (task -> monotonic start), to stop when it is final.
         self._inflight: dict[str, dict[asyncio.Task[None], float]] = {}
         self._next_watch = 0.0
@@ -272,37 +276,52 @@ class Dispatcher:
         verification its app had been told was never made. Once the store answers (and a
         write stuck on the old connection has had time to land): without an Idempotency-Key
         it is canceled, as the 503 said; with one (``replayable``), the app's retry will be
-        answered with it, so its send goes out now, as the 201 would have had it."""
-        vid = attempted.verification.id
-        self._spawn(self._settle(attempted, replayable), f"settle {vid}")
+        answered with it, so its send goes out now, as the 201 would have had it.
 
-    async def _settle(self, attempted: Transition, replayable: bool) -> None:
-        vid = attempted.verification.id
-        while True:
+        One task settles them all (an outage may refuse thousands of creates), and at most
+        :data:`SETTLE_MAX` wait: past that the oldest is left to its step timer, and said so.
+        """
+        if len(self._unconfirmed) >= SETTLE_MAX:
+            oldest = next(iter(self._unconfirmed))
+            del self._unconfirmed[oldest]
+            log.warning("verification %s: too many creates to settle; left unsettled", oldest)
+        self._unconfirmed[attempted.verification.id] = (attempted, replayable)
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.create_task(self._settle_all(), name="settle creates")
+            self._tasks.add(self._settling)
+            self._settling.add_done_callback(self._done)
+
+    async def _settle_all(self) -> None:
+        while self._unconfirmed:
             if not await self._store.ping():  # the store is still down: ask again soon
                 await asyncio.sleep(SETTLE_RETRY_S)
                 continue
             await asyncio.sleep(SETTLE_GRACE_S)
-            try:
-                if not replayable:
-                    await self._store.update(
-                        vid, lambda v: (rules.cancel(v, self._clock.now(), UNCONFIRMED), None)
-                    )
-                    log.warning("verification %s: %s, but was made: canceled", vid, UNCONFIRMED)
-                    return
-                stored = await self._store.get(vid)
-                if stored.verification == attempted.verification and attempted.send is not None:
-                    log.warning("verification %s: %s, but was made: sent now", vid, UNCONFIRMED)
-                    self.follow(
-                        Transition(stored.verification, send=attempted.send),
-                        counted=True,
-                        known=stored,
-                    )
+            for vid in list(self._unconfirmed):
+                attempted, replayable = self._unconfirmed[vid]
+                try:
+                    await self._settle(attempted, replayable)
+                except StoreUnavailable:
+                    break  # down again: wait for it again, this one included
+                del self._unconfirmed[vid]
+
+    async def _settle(self, attempted: Transition, replayable: bool) -> None:
+        vid = attempted.verification.id
+        try:
+            if not replayable:
+                await self._store.update(
+                    vid, lambda v: (rules.cancel(v, self._clock.now(), UNCONFIRMED), None)
+                )
+                log.warning("verification %s: %s, but was made: canceled", vid, UNCONFIRMED)
                 return
-            except (NotFound, NotPending):
-                return  # never written, or ended already: nothing to settle
-            except StoreUnavailable:
-                continue  # down again: wait for it again
+            stored = await self._store.get(vid)
+        except (NotFound, NotPending):
+            return  # never written, or ended already: nothing to settle
+        if stored.verification == attempted.verification and attempted.send is not None:
+            log.warning("verification %s: %s, but was made: sent now", vid, UNCONFIRMED)
+            self.follow(
+                Transition(stored.verification, send=attempted.send), counted=True, known=stored
+            )
 
     def follow_forwarded(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
         """Run a send another process handed over (see :class:`Forwarder`)."""

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,12 +19,18 @@ import redis.asyncio as aioredis
 
 from clinic_voice import shared_secret
 from clinic_voice.shared_secret import SecretMismatch
-from sip_config.clock import FakeClock
+from sip_config.clock import FakeClock, SystemClock
+from sip_config.settings import Settings
 from tests.conftest import RedisServer
 from tests.integration.conftest import MOBILE, SECRET, Api, StartService, read_code
 from tests.peers.sms_gateway import GatewayMode, SmsGateway
+from verification import dispatcher as dispatcher_module
+from verification import rules
+from verification.dispatcher import Dispatcher
 from verification.errors import StoreUnavailable
-from verification.model import Verification
+from verification.model import Channel, Policy, Verification
+from verification.numbers import parse_phone
+from verification.redis_mux import RedisMux
 from verification.store import Stored, VerificationStore
 
 OTHER_MOBILE = "+31612345670"
@@ -308,3 +315,43 @@ async def test_a_create_answered_503_with_an_idempotency_key_is_sent_for_its_ret
     assert (await api.check(vid, code)).json["status"] == "approved"
     await asyncio.sleep(0.5)  # a second send would arrive within this
     assert len(sms_gateway.received) == 1
+
+
+async def test_creates_to_settle_wait_in_one_bounded_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage refuses creates by the thousand: one task settles them once the store is
+    back, and at most SETTLE_MAX wait (the oldest past it is left to its step timer)."""
+    monkeypatch.setattr(dispatcher_module, "SETTLE_MAX", 3)
+    mux = RedisMux(f"unix://{tmp_path}/nobody.sock", timeout_s=0.2)  # no Redis there
+    settings = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path)})
+    dispatcher = Dispatcher(
+        store=VerificationStore(mux),
+        channels={},
+        settings=settings.verification,
+        policy=Policy(),
+        secret=b"s" * 32,
+        clinic_name="the clinic",
+        clock=SystemClock(),
+    )
+    phone = parse_phone(MOBILE)
+    try:
+        for n in range(5):
+            made = rules.create(
+                verification_id=f"{n:032d}",
+                phone=phone,
+                plan=(Channel.SMS,),
+                code_length=6,
+                now=time.time(),
+                policy=Policy(),
+            )
+            dispatcher.settle_unconfirmed(made, replayable=False)
+        waiting = [t for t in asyncio.all_tasks() if t.get_name() == "settle creates"]
+        assert len(waiting) == 1
+        left = [r.getMessage() for r in caplog.records if "left unsettled" in r.getMessage()]
+        assert left == [
+            f"verification {n:032d}: too many creates to settle; left unsettled" for n in (0, 1)
+        ]
+    finally:
+        await dispatcher.stop()
+        await mux.aclose()
