@@ -144,7 +144,16 @@ def prepare_data_dir(settings: Settings) -> tuple[tuple[str, ...], bytes]:
 def _stop_for_secret(reason: str) -> None:
     """Another CLINIC_SECRET on this Redis, found after start: stop as SIGTERM would."""
     log.critical("stopping: %s", reason)
-    os.kill(os.getpid(), signal.SIGTERM)
+    _sigterm_once_handled()
+
+
+def _sigterm_once_handled() -> None:
+    # Before serve's handler is in place (start-up still running), a SIGTERM would kill the
+    # process outright, its children and cleanup with it: wait for the handler.
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        asyncio.get_running_loop().call_later(0.2, _sigterm_once_handled)
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _DeliveryMetrics:

@@ -271,7 +271,9 @@ class VerificationApi:
         except StoreUnavailable:
             # 503, but the write may still land: the dispatcher settles it (cancels it, or
             # sends for an idempotent retry) once the store answers again.
-            self._dispatcher().settle_unconfirmed(transition, replayable=idempotency is not None)
+            self._dispatcher().settle_unconfirmed(
+                transition, replayable=idempotency is not None, code=code
+            )
             raise
         v = stored.verification
         if v.id != vid:  # a concurrent request with the same key made it: a replay

@@ -125,7 +125,7 @@ class Dispatcher:
         self._deliveries = deliveries
         self._tasks: set[asyncio.Task[None]] = set()
         # Creates answered 503 whose write may yet land (settle_unconfirmed), oldest first.
-        self._unconfirmed: dict[str, tuple[Transition, bool]] = {}
+        self._unconfirmed: dict[str, tuple[Transition, bool, str | None]] = {}
         self._settling: asyncio.Task[None] | None = None
         # Sends under way per verification (task -> monotonic start), to stop when it is final.
         self._inflight: dict[str, dict[asyncio.Task[None], float]] = {}
@@ -269,14 +269,17 @@ class Dispatcher:
         else:
             self._spawn(self._send(v.id, v.step, channel, counted, known), name, v.id)
 
-    def settle_unconfirmed(self, attempted: Transition, *, replayable: bool) -> None:
+    def settle_unconfirmed(
+        self, attempted: Transition, *, replayable: bool, code: str | None = None
+    ) -> None:
         """A create whose write timed out was answered 503, but a timeout is not a refusal:
         the write may land when the store answers again. Left alone, such a verification
         sent nothing until its step timer moved it on and sent on the next channel, for a
         verification its app had been told was never made. Once the store answers (and a
         write stuck on the old connection has had time to land): without an Idempotency-Key
         it is canceled, as the 503 said; with one (``replayable``), the app's retry will be
-        answered with it, so its send goes out now, as the 201 would have had it.
+        answered with it, so its send goes out now, as the 201 would have had it: with
+        ``code``, the one whose HMAC the write already holds (no second send is recorded).
 
         One task settles them all (an outage may refuse thousands of creates), and at most
         :data:`SETTLE_MAX` wait: past that the oldest is left to its step timer, and said so.
@@ -285,7 +288,7 @@ class Dispatcher:
             oldest = next(iter(self._unconfirmed))
             del self._unconfirmed[oldest]
             log.warning("verification %s: too many creates to settle; left unsettled", oldest)
-        self._unconfirmed[attempted.verification.id] = (attempted, replayable)
+        self._unconfirmed[attempted.verification.id] = (attempted, replayable, code)
         if self._settling is None or self._settling.done():
             self._settling = asyncio.create_task(self._settle_all(), name="settle creates")
             self._tasks.add(self._settling)
@@ -298,14 +301,16 @@ class Dispatcher:
                 continue
             await asyncio.sleep(SETTLE_GRACE_S)
             for vid in list(self._unconfirmed):
-                attempted, replayable = self._unconfirmed[vid]
+                entry = self._unconfirmed.get(vid)  # gone: pushed out by a full queue meanwhile
+                if entry is None:
+                    continue
                 try:
-                    await self._settle(attempted, replayable)
+                    await self._settle(*entry)
                 except StoreUnavailable:
                     break  # down again: wait for it again, this one included
-                del self._unconfirmed[vid]
+                self._unconfirmed.pop(vid, None)
 
-    async def _settle(self, attempted: Transition, replayable: bool) -> None:
+    async def _settle(self, attempted: Transition, replayable: bool, code: str | None) -> None:
         vid = attempted.verification.id
         try:
             if not replayable:
@@ -320,7 +325,10 @@ class Dispatcher:
         if stored.verification == attempted.verification and attempted.send is not None:
             log.warning("verification %s: %s, but was made: sent now", vid, UNCONFIRMED)
             self.follow(
-                Transition(stored.verification, send=attempted.send), counted=True, known=stored
+                Transition(stored.verification, send=attempted.send),
+                counted=True,
+                known=stored,
+                code=code,
             )
 
     def follow_forwarded(self, vid: str, step: int, channel: Channel, counted: bool) -> None:

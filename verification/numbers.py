@@ -85,8 +85,13 @@ def parse_phone(raw: str, region: str | None = None) -> Phone:
             num = phonenumbers.parse(raw, region)
         except phonenumbers.NumberParseException as exc:
             raise InvalidNumber(f"not a phone number: {exc._msg}") from None
-    if region is not None and num.country_code != phonenumbers.country_code_for_region(region):
-        # "+32..." with region NL: one of the two is a mistake, and which one is not ours to guess
+    if (
+        region is not None
+        and raw.startswith("+")
+        and num.country_code != phonenumbers.country_code_for_region(region)
+    ):
+        # "+32..." with region NL: one of the two is a mistake, and which one is not ours to
+        # guess. ("0032..." with region NL is NL's way to dial Belgium: no contradiction.)
         if not phonenumbers.country_code_for_region(region):
             raise InvalidNumber(f"region {region} is not a country code")
         raise InvalidNumber(f"the number's country code +{num.country_code} is not {region}'s")

@@ -250,7 +250,12 @@ def tick(v: Verification, now: float, policy: Policy) -> Transition:
     if now >= v.expires_at:
         return Transition(_set_status(v, Status.EXPIRED, Event(EventKind.EXPIRED, now)))
     if v.step_deadline is not None and now >= v.step_deadline:
-        if v.sending and v.step == len(v.channels) - 1 and _dispatched_on(v, v.step) < 2:
+        if (
+            v.sending
+            and v.step == len(v.channels) - 1
+            and _dispatched_on(v, v.step) < 2
+            and not _under_way(v, v.step)
+        ):
             # The last channel's send never reported (delivered or not) within the step, or
             # never left (a move whose write was answered 503, a process stopped before the
             # send): a channel reports well inside its step timeout.
@@ -270,6 +275,15 @@ def tick(v: Verification, now: float, policy: Policy) -> Transition:
             )
         return _fallback(v, now, policy, "step timed out without approval", fails=False)
     return Transition(v)
+
+
+def _under_way(v: Verification, step: int) -> bool:
+    """Whether the send of ``step`` said it is under way (a call rang or was answered): a
+    voice call may still be reading the code, a flash call answered has no later report."""
+    channel = v.channels[step]
+    return any(
+        e.kind in (EventKind.RINGING, EventKind.ANSWERED) and e.channel is channel for e in v.events
+    )
 
 
 def _dispatched_on(v: Verification, step: int) -> int:

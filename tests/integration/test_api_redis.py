@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from clinic_voice import shared_secret
+from clinic_voice.app import _sigterm_once_handled
 from clinic_voice.shared_secret import SecretMismatch
 from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import Settings
@@ -312,6 +313,9 @@ async def test_a_create_answered_503_with_an_idempotency_key_is_sent_for_its_ret
     assert retry.status == 201 and retry.headers["Idempotent-Replayed"] == "true", retry.text
     vid = retry.json["id"]
     assert [vid] == lost
+    v = await api.get(vid)
+    dispatched = [e for e in v["events"] if e["type"] == "dispatched"]
+    assert len(dispatched) == 1, "the code the write holds is the one sent: one send, not two"
     assert (await api.check(vid, code)).json["status"] == "approved"
     await asyncio.sleep(0.5)  # a second send would arrive within this
     assert len(sms_gateway.received) == 1
@@ -355,3 +359,18 @@ async def test_creates_to_settle_wait_in_one_bounded_queue(
     finally:
         await dispatcher.stop()
         await mux.aclose()
+
+
+async def test_a_late_secret_mismatch_waits_for_serves_sigterm_handler() -> None:
+    """A mismatch found by the retrying claim while start-up still runs: a SIGTERM before
+    serve's handler exists would kill the process outright, children and cleanup with it."""
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _sigterm_once_handled()  # no handler yet: nothing is sent, it looks again shortly
+    await asyncio.sleep(0.5)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)  # serve's, once it is listening
+    try:
+        await asyncio.wait_for(stop.wait(), 2.0)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

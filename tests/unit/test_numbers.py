@@ -53,6 +53,7 @@ def _fullwidth(text: str) -> str:
         ("(201) 555.0123", "US", "+12015550123", "US", NumberKind.FIXED_LINE_OR_MOBILE),
         ("+1 416 555 0123", None, "+14165550123", "CA", NumberKind.FIXED_LINE_OR_MOBILE),
         ("+31612345678", "NL", "+31612345678", "NL", NumberKind.MOBILE),  # region agrees
+        ("0032 470 12 34 56", "NL", "+32470123456", "BE", NumberKind.MOBILE),  # dialled from NL
         # +1 is shared: a region of the same country code agrees; the number decides which
         ("+1 416 555 0123", "US", "+14165550123", "CA", NumberKind.FIXED_LINE_OR_MOBILE),
         ("+4915123456789", None, "+4915123456789", "DE", NumberKind.MOBILE),

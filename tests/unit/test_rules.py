@@ -473,6 +473,20 @@ def test_a_last_send_that_never_reported_is_sent_once_more(plan: tuple[Channel, 
     assert kinds(t.verification)[-1] == (EventKind.FALLBACK, None)
 
 
+@pytest.mark.parametrize("kind", [DeliveryKind.RINGING, DeliveryKind.ANSWERED])
+@pytest.mark.parametrize("plan", [(V,), (F,)])
+def test_a_last_send_that_said_it_is_under_way_is_not_sent_again(
+    plan: tuple[Channel, ...], kind: DeliveryKind
+) -> None:
+    # The final review: a voice call still reading the code at the step timeout, or a flash
+    # call the callee answered (no later report), got a second call with a new code.
+    v = started(plan)
+    v = rules.delivery(v, 0, kind, "", now=T0 + 2, policy=POLICY).verification
+    t = rules.tick(v, T0 + POLICY.step_timeout_s[plan[0]], POLICY)
+    assert t.send is None
+    assert kinds(t.verification)[-1] == (EventKind.FALLBACK, None)
+
+
 def test_a_last_step_whose_send_never_left_is_sent_at_its_timeout() -> None:
     # A /fallback whose write landed but was answered 503: the step moved, nobody sent.
     moved = rules.request_fallback(started((S, V)), T0 + 5, POLICY).verification
