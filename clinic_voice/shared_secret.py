@@ -7,21 +7,19 @@ counts as a wrong guess, silently, until the patient's verification fails. So ``
 its secret's fingerprint in Redis at start (the first process on a Redis sets it) and refuses
 to start when that Redis already holds another one's.
 
-The fingerprint is an HMAC of a fixed text under the secret: it tells nothing of the secret.
+The fingerprint is a key derived from the secret for this use only: it tells nothing of the
+secret.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 
-log = logging.getLogger(__name__)
+from verification import keys
 
 KEY = "cv:secret-fingerprint"
 RETRY_S = 2.0  # a Redis that is not up at start is asked again
@@ -32,7 +30,7 @@ class SecretMismatch(Exception):
 
 
 def fingerprint(secret: bytes) -> str:
-    return hmac.new(secret, b"clinic-voice: which CLINIC_SECRET", hashlib.sha256).hexdigest()[:16]
+    return keys.derive(secret, "secret fingerprint v1", length=8).hex()
 
 
 async def claim(execute: Callable[..., Awaitable[Any]], secret: bytes) -> None:

@@ -171,7 +171,9 @@ class Dispatcher:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None) -> None:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None
+    ) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         if vid is None:
@@ -179,6 +181,7 @@ class Dispatcher:
         else:
             self._inflight.setdefault(vid, {})[task] = self._clock.monotonic()
             task.add_done_callback(functools.partial(self._sent, vid))
+        return task
 
     def _sent(self, vid: str, task: asyncio.Task[None]) -> None:
         tasks = self._inflight.get(vid)
@@ -290,9 +293,7 @@ class Dispatcher:
             log.warning("verification %s: too many creates to settle; left unsettled", oldest)
         self._unconfirmed[attempted.verification.id] = (attempted, replayable, code)
         if self._settling is None or self._settling.done():
-            self._settling = asyncio.create_task(self._settle_all(), name="settle creates")
-            self._tasks.add(self._settling)
-            self._settling.add_done_callback(self._done)
+            self._settling = self._spawn(self._settle_all(), "settle creates")
 
     async def _settle_all(self) -> None:
         while self._unconfirmed:

@@ -9,12 +9,12 @@ counters in one atomic step, all or nothing, and fails closed: without Redis not
 from __future__ import annotations
 
 import hashlib
-import hmac
 import math
 from dataclasses import dataclass
 from enum import StrEnum
 
 from sip_config.settings import Rate, VerificationSettings
+from verification import keys
 from verification.errors import RateLimited
 from verification.model import Phone
 from verification.numbers import prefix_key
@@ -42,9 +42,8 @@ _DESCRIPTIONS = {
 
 
 def digest_key(secret: bytes) -> bytes:
-    """The key of :class:`SubjectDigest`, derived from CLINIC_SECRET (not the secret itself,
-    which also hashes codes)."""
-    return hmac.new(secret, b"clinic-voice: limit counter names", hashlib.sha256).digest()
+    """The key of :class:`SubjectDigest`, derived from CLINIC_SECRET."""
+    return keys.derive(secret, "limit counter names v1")
 
 
 class SubjectDigest:
@@ -89,15 +88,11 @@ class LimitCheck:
         """The counter's name in its window (Redis adds a prefix)."""
         return self.counter(round(now * 1000), digest)[0]
 
-    def ms_left(self, now: float) -> int:
-        """Milliseconds until this window ends: its counter lives that long, and a refusal's
-        Retry-After says that long (not a whole window from the first request counted)."""
-        window_ms = self.rate.window_s * 1000
-        return window_ms - round(now * 1000) % window_ms
-
     def counter(self, now_ms: int, digest: SubjectDigest) -> tuple[str, int]:
-        """:meth:`key` and :meth:`ms_left` in one, from the clock in whole milliseconds (on
-        every request: integer steps, no float dust)."""
+        """The counter's name in its window, and the milliseconds until that window ends: the
+        counter lives that long, and a refusal's Retry-After says that long (not a whole
+        window from the first request counted). From the clock in whole milliseconds (on every
+        request: integer steps, no float dust)."""
         w = self.rate.window_s
         window, into = divmod(now_ms, w * 1000)
         subject = digest(self.subject, self.name in _PER_REQUEST)

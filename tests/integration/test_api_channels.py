@@ -129,9 +129,9 @@ def _assert_hooks_match(hooks: list[Hook], vid: str, events: list[dict[str, obje
 
 async def _webhook_outcomes(api: Api) -> dict[str, float]:
     """``clinic_webhooks_total`` by outcome, from /metrics."""
-    text = (await api.request("GET", "/metrics", key=None)).text
-    found = re.findall(r'^clinic_webhooks_total\{outcome="([a-z_]+)"\} (\S+)$', text, re.M)
-    return {outcome: float(value) for outcome, value in found}
+    samples = _parse_prometheus((await api.request("GET", "/metrics", key=None)).text)
+    found = (re.fullmatch(r'clinic_webhooks_total\{outcome="([a-z_]+)"\}', k) for k in samples)
+    return {m.group(1): samples[m.group(0)] for m in found if m}
 
 
 async def _approved_flow(

@@ -26,11 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.exceptions import RedisError, ResponseError
 
+from verification import keys
 from voice.ivr.call_record import CallResult
 
 log = logging.getLogger(__name__)
@@ -70,13 +69,6 @@ def _scored(reply: list[Any]) -> list[tuple[str, float]]:
     return [(str(reply[i]), float(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
-def derive_key(secret: bytes) -> bytes:
-    """The record key: independent of the code-hashing use of the same secret."""
-    return HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=None, info=b"clinic-voice call records v1"
-    ).derive(secret)
-
-
 @dataclass(frozen=True, slots=True)
 class Page:
     calls: list[dict[str, Any]]
@@ -96,7 +88,7 @@ class CallStore:
     ) -> None:
         self._r = redis
         self._patience_s = save_patience_s
-        self._aead = AESGCM(derive_key(secret))
+        self._aead = AESGCM(keys.derive(secret, "call records v1"))
         self._ttl_s = retention_days * 86400
 
     def seal(self, call_id: str, doc: dict[str, Any]) -> str:
