@@ -137,7 +137,7 @@ def build_middlewares(
     async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
             return await handler(request)
-        ip = client_ip(request, trusted_proxies)
+        ip = limits.address_subject(client_ip(request, trusted_proxies))
         locked_s = lockouts.remaining_s(ip, clock_now())
         if locked_s:
             raise RateLimited(limits.auth_failure_checks(settings, ip)[0].describe(), locked_s)

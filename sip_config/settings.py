@@ -107,12 +107,17 @@ VARIABLES: tuple[Variable, ...] = (
         "national digits after the country code that make a prefix for the prefix limit (1..8)",
     ),
     Variable("CLINIC_LIMIT_KEY_REQUESTS", "100000/60", "API requests per API key, COUNT/SECONDS"),
-    Variable("CLINIC_LIMIT_IP_REQUESTS", "100000/60", "API requests per client IP, COUNT/SECONDS"),
+    Variable(
+        "CLINIC_LIMIT_IP_REQUESTS",
+        "100000/60",
+        "API requests per client IP (an IPv6 client: per /64 network), COUNT/SECONDS",
+    ),
     Variable(
         "CLINIC_LIMIT_AUTH_FAILURES",
         "20/60",
-        "wrong API keys presented per client IP, as COUNT/SECONDS: over it the address gets 429 "
-        "for every /v1 request, with a right key too, until the window ends",
+        "wrong API keys presented per client IP (an IPv6 client: per /64 network), as "
+        "COUNT/SECONDS: over it the address gets 429 for every /v1 request, with a right key "
+        "too, until the window ends",
     ),
     Variable(
         "CLINIC_STEP_TIMEOUT_FLASHCALL_S",

@@ -9,6 +9,7 @@ counters in one atomic step, all or nothing, and fails closed: without Redis not
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -113,6 +114,26 @@ class LimitDecision:
         """Raise :class:`RateLimited` (a 429 with Retry-After) when refused."""
         if not self.allowed and self.blocked_by is not None:
             raise RateLimited(self.blocked_by.describe(), self.retry_after_s)
+
+
+IPV6_CLIENT_PREFIX = 64
+
+
+def address_subject(address: str) -> str:
+    """What a client address is counted as: an IPv4 address is itself; an IPv6 address is its
+    /64 network, since one end site (one home, one phone, one cloud VM) is handed at least a
+    /64 and can use any of its 2^64 addresses: counted one by one, a guesser would rotate
+    through them and never meet a limit. An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) is
+    the IPv4 address. Anything else (a unix-socket peer) is counted as it is."""
+    if ":" not in address:  # IPv4, the common case: no parsing on the hot path
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
 
 
 def request_checks(s: VerificationSettings, key_id: str, client_ip: str) -> list[LimitCheck]:

@@ -164,6 +164,45 @@ async def test_wrong_keys_lock_the_address_out_right_key_and_all(
     assert (await api.request("GET", missing, headers=guesser)).status == 404
 
 
+async def test_an_ipv6_client_is_one_address_across_its_64(start_service: StartService) -> None:
+    # One site holds a whole /64: counted address by address, a guesser would take a new
+    # address for every guess and never meet the limit.
+    clock = FakeClock(WINDOW_START)
+    api = await start_service(
+        {
+            "CLINIC_LIMIT_AUTH_FAILURES": "3/60",
+            "CLINIC_LIMIT_IP_REQUESTS": "8/60",
+            "CLINIC_TRUSTED_PROXIES": "127.0.0.1",
+        },
+        clock=clock,
+    )
+    missing = f"/v1/verifications/{'A' * 32}"
+
+    def site(host: int, net: str = "2001:db8:77:1") -> dict[str, str]:
+        return {"X-Forwarded-For": f"{net}:{host:x}:{host:x}:{host:x}:{host:x}"}
+
+    for n in range(3):
+        guess = await api.request("GET", missing, headers=site(n + 1), key=f"guess-{n}")
+        guess.problem(401, "unauthorized")
+    over = await api.request("GET", missing, headers=site(0xBEEF), key="guess-3")
+    assert_limited(over, "wrong API keys from this address", 60)
+    assert_limited(
+        await api.request("GET", missing, headers=site(0xCAFE)),
+        "wrong API keys from this address",
+        60,
+    )
+    # The next /64 is another site, and an IPv4 client is not touched.
+    assert (await api.request("GET", missing, headers=site(1, "2001:db8:77:2"))).status == 404
+    assert (
+        await api.request("GET", missing, headers={"X-Forwarded-For": "203.0.113.9"})
+    ).status == 404
+    clock.advance(60)
+    # Requests per address are counted per /64 too.
+    for n in range(8):
+        assert (await api.request("GET", missing, headers=site(n + 1))).status == 404
+    assert_limited(await api.request("GET", missing, headers=site(9)), "from this address", 60)
+
+
 async def test_a_refused_create_counts_nothing_with_or_without_idempotency_key(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:

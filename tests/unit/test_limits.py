@@ -14,6 +14,7 @@ from verification.limits import (
     LimitName,
     Lockouts,
     SubjectDigest,
+    address_subject,
     auth_failure_checks,
     creation_checks,
     digest_key,
@@ -46,6 +47,25 @@ def test_wrong_keys_are_counted_per_address() -> None:
         LimitCheck(LimitName.AUTH_FAILURES, "192.0.2.7", Rate(7, 120))
     ]
     assert settings().limit_auth_failures == Rate(20, 60), "the README's default"
+
+
+@pytest.mark.parametrize(
+    ("address", "subject"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same /64
+        ("2001:DB8:1:2:0:0:0:7", "2001:db8:1:2::/64"),  # any spelling
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # the next /64 is another site
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),  # IPv4-mapped: the IPv4 address
+        ("::1", "::/64"),
+        ("unknown", "unknown"),
+        ("not:an:address", "not:an:address"),
+    ],
+)
+def test_an_ipv6_client_is_counted_by_its_64(address: str, subject: str) -> None:
+    assert address_subject(address) == subject
 
 
 def test_a_lockout_lasts_until_its_time_in_whole_seconds_rounded_up() -> None:
