@@ -336,12 +336,14 @@ class VerificationApi:
         vid = stored.verification.id
         now = self._clock.now()
         seen = stored.verification.step
-        rules.request_fallback(stored.verification, now, self._policy)  # 409s before counting
-        await self._count(limits.send_checks(self._vs, stored.verification.phone))
+        # The send is counted with the move, and only if this request moves it: a request
+        # that lost the race to the step timer (or answers 409) counts nothing.
         transition, _, written = await self._store().update_stored(
             vid,
             lambda v: (rules.request_fallback(v, self._clock.now(), self._policy, seen), None),
             known=stored,
+            checks=limits.send_checks(self._vs, stored.verification.phone),
+            now=now,
         )
         self._dispatcher().follow(transition, counted=True, known=written)
         return self._json(transition.verification)

@@ -123,10 +123,10 @@ return {0}
 """
 )
 
-# Count limits and write a new record in one step (one round trip for a create), and count
-# only what is written. KEYS: n counters, then the CAS keys; ARGV: n, (limit, ms until the
-# window ends)*n, then the CAS arguments. Returns {0} written, {1, index, pttl} refused, {2}
-# version conflict.
+# Count limits and write a record in one step (one round trip for a create, or for a move
+# that sends), and count only what is written. KEYS: n counters, then the CAS keys; ARGV: n,
+# (limit, ms until the window ends)*n, then the CAS arguments. Returns {0} written,
+# {1, index, pttl} refused, {2} version conflict.
 _LIMITED_CAS = Script(
     _CAS_FN
     + _LIMITS_FN
@@ -291,6 +291,24 @@ class VerificationStore:
             raise StoreUnavailable(str(exc)) from exc
         return version if written else None
 
+    async def _write_limited(
+        self, old: Stored | None, new: Verification, checks: Sequence[LimitCheck], now: float
+    ) -> str | None:
+        """:meth:`_write`, counting ``checks`` only if it writes (:class:`RateLimited` when
+        one is over: nothing written)."""
+        limit_keys, limit_args = _limit_args(list(checks), now, self._digest)
+        keys, args, version = self._write_args(old, new, None)
+        try:
+            res = await self._r.evalsha(
+                _LIMITED_CAS, limit_keys + keys, [len(checks), *limit_args, *args]
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if int(res[0]) == 2:
+            return None
+        _decision(res, list(checks)).enforce()
+        return version
+
     async def get_idempotent(self, idempotency: tuple[str, str]) -> Verification | None:
         """The verification an earlier request with this (key id, body hash) made, if any
         (None too while that request is still being made: :meth:`create` waits for it)."""
@@ -385,17 +403,9 @@ class VerificationStore:
     async def _create_limited(
         self, v: Verification, checks: list[LimitCheck], now: float
     ) -> Stored:
-        limit_keys, limit_args = _limit_args(checks, now, self._digest)
-        keys, args, version = self._write_args(None, v, None)
-        try:
-            res = await self._r.evalsha(
-                _LIMITED_CAS, limit_keys + keys, [len(checks), *limit_args, *args]
-            )
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        if int(res[0]) == 2:
+        version = await self._write_limited(None, v, checks, now)
+        if version is None:
             raise Conflict(f"verification {v.id} exists")
-        _decision(res, checks).enforce()
         self._on_change(None, v)
         return Stored(v, version)
 
@@ -416,11 +426,16 @@ class VerificationStore:
         change: Callable[[Verification], tuple[Transition, T]],
         *,
         known: Stored | None = None,
+        checks: Sequence[LimitCheck] = (),
+        now: float = 0.0,
     ) -> tuple[Transition, T, Stored]:
         """:meth:`update`, also returning the record as written (to chain the next update).
 
         ``known``: the record as last read or written by this caller; the first attempt
         writes against it without reading again (one round trip when nobody else wrote).
+        ``checks``: limits counted in the same atomic step as the write, and only if the
+        change writes something: a change that comes to nothing (another writer already made
+        it) counts nothing. Over a limit nothing is written and :class:`RateLimited` raised.
         """
         stored = known
         for _ in range(MAX_CAS_TRIES):
@@ -429,7 +444,10 @@ class VerificationStore:
             transition, extra = change(stored.verification)
             if transition.verification == stored.verification:
                 return transition, extra, stored
-            version = await self._write(stored, transition.verification)
+            if checks:
+                version = await self._write_limited(stored, transition.verification, checks, now)
+            else:
+                version = await self._write(stored, transition.verification)
             if version is not None:
                 self._on_change(stored.verification, transition.verification)
                 return transition, extra, Stored(transition.verification, version)

@@ -1,0 +1,99 @@
+"""Limits counted with a write, against a real Redis: a move that sends counts its send in the
+same atomic step as the write, and only if it writes. A client's ``/fallback`` that lost the
+race to the step timer moves nothing and so counts nothing against the number's sends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from sip_config.settings import Rate
+from tests.conftest import RedisServer
+from tests.integration.conftest import MOBILE
+from verification import rules
+from verification.errors import RateLimited
+from verification.limits import LimitCheck, LimitName
+from verification.model import Channel, Policy, Verification
+from verification.numbers import parse_phone
+from verification.redis_mux import RedisMux
+from verification.store import Stored, VerificationStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+POLICY = Policy()
+PHONE = parse_phone(MOBILE)
+ONE_SEND = LimitCheck(LimitName.NUMBER_SENDS, PHONE.e164, Rate(1, 600))
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[VerificationStore]:
+    mux = RedisMux(redis_server.url)
+    try:
+        yield VerificationStore(mux, limit_key=b"k" * 32)
+    finally:
+        await mux.aclose()
+
+
+async def _made(store: VerificationStore, vid: str) -> Stored:
+    made = rules.create(
+        verification_id=vid,
+        phone=PHONE,
+        plan=(Channel.SMS, Channel.VOICE),
+        code_length=6,
+        now=time.time(),
+        policy=POLICY,
+    )
+    return await store.create(made)
+
+
+def _client_fallback(seen: int | None) -> Callable[[Verification], tuple[rules.Transition, None]]:
+    """A client's /fallback that read the record at step ``seen``."""
+    return lambda v: (rules.request_fallback(v, time.time(), POLICY, seen), None)
+
+
+async def test_a_fallback_that_lost_the_race_counts_no_send(store: VerificationStore) -> None:
+    stale = await _made(store, "a" * 32)
+    # Another writer (the step timer, or another request) moves first...
+    await store.update(stale.verification.id, _client_fallback(None))
+    # ...then the client's request, which read the record before that move, writes.
+    transition, _, written = await store.update_stored(
+        stale.verification.id,
+        _client_fallback(stale.verification.step),
+        known=stale,
+        checks=[ONE_SEND],
+        now=time.time(),
+    )
+    assert written.verification.step == 1, "one move, not two"
+    assert transition.verification == written.verification, "the request changed nothing"
+    decision = await store.hit_limits([ONE_SEND], time.time())
+    assert decision.allowed, "the lost request must not have counted the number's one send"
+
+
+async def test_a_fallback_that_moves_counts_its_send_once(store: VerificationStore) -> None:
+    stored = await _made(store, "b" * 32)
+    _, _, written = await store.update_stored(
+        stored.verification.id,
+        _client_fallback(stored.verification.step),
+        known=stored,
+        checks=[ONE_SEND],
+        now=time.time(),
+    )
+    assert written.verification.step == 1
+    assert not (await store.hit_limits([ONE_SEND], time.time())).allowed
+
+
+async def test_a_fallback_over_the_limit_moves_nothing(store: VerificationStore) -> None:
+    assert (await store.hit_limits([ONE_SEND], time.time())).allowed  # the one send, used
+    stored = await _made(store, "c" * 32)
+    with pytest.raises(RateLimited):
+        await store.update_stored(
+            stored.verification.id,
+            _client_fallback(stored.verification.step),
+            known=stored,
+            checks=[ONE_SEND],
+            now=time.time(),
+        )
+    assert (await store.get(stored.verification.id)).verification.step == 0
