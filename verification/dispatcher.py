@@ -14,7 +14,7 @@ import functools
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -164,12 +164,31 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._name_what_is_left()
         tasks = list(self._tasks)
         if self._timer_task:
             tasks.append(self._timer_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _name_what_is_left(self) -> None:
+        """On shutdown, say what stops unfinished and what becomes of it (in Redis, each
+        verification's step timer carries on without this process)."""
+        if self._inflight:
+            log.warning(
+                "stopping with %d send(s) under way, left to their step timers (a lost send on "
+                "a plan's last channel is sent again): %s",
+                len(self._inflight),
+                _some(self._inflight),
+            )
+        if self._unconfirmed:
+            log.warning(
+                "stopping with %d create(s) answered 503 not yet settled, left to their step "
+                "timers: %s",
+                len(self._unconfirmed),
+                _some(self._unconfirmed),
+            )
 
     def _spawn(
         self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None
@@ -551,3 +570,10 @@ class Dispatcher:
                 # in place of the lease.
                 await self._store.reschedule(transition.verification)
         return len(ids)
+
+
+def _some(vids: Collection[str], at_most: int = 20) -> str:
+    """Verification ids for a log line: the first ``at_most``, then how many more."""
+    listed = list(itertools.islice(vids, at_most))
+    more = len(vids) - len(listed)
+    return ", ".join(listed) + (f" and {more} more" if more else "")

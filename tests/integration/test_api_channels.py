@@ -494,3 +494,19 @@ def _parse_prometheus(text: str) -> dict[str, float]:
         assert name and value, f"not a sample line: {line!r}"
         samples[name] = float(value)
     return samples
+
+
+async def test_shutdown_names_the_sends_it_abandons(
+    start_service: StartService, sms_gateway: SmsGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A send still under way when the service stops is left to its step timer: the log says
+    # which, so an operator can tell what a restart cut short.
+    sms_gateway.mode = GatewayMode.HANG
+    api = await start_service({"CLINIC_SMS_HTTP_TIMEOUT_S": "60"})
+    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    await sms_gateway.wait_for(1)
+    caplog.set_level(logging.WARNING, logger="verification.dispatcher")
+    await api.client.close()
+    [line] = [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()]
+    assert line.startswith("stopping with 1 send(s) under way, left to their step timers"), line
+    assert line.endswith(f": {vid}"), line

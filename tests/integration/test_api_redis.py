@@ -359,6 +359,12 @@ async def test_creates_to_settle_wait_in_one_bounded_queue(
     finally:
         await dispatcher.stop()
         await mux.aclose()
+    # Shutdown names the ones it leaves unsettled.
+    [stopping] = [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()]
+    assert stopping == (
+        "stopping with 3 create(s) answered 503 not yet settled, left to their step timers: "
+        + ", ".join(f"{n:032d}" for n in (2, 3, 4))
+    )
 
 
 async def test_a_late_secret_mismatch_waits_for_serves_sigterm_handler() -> None:
