@@ -249,16 +249,16 @@ def build_app(
         )
         claiming: asyncio.Task[None] | None = None
         try:
-            if worker is None:  # a worker has serve's secret: serve claimed it
+            if worker is None:  # a worker has serve's secret: serve claims it
                 try:
-                    await shared_secret.claim(mux.execute, rt.secret)
+                    await shared_secret.claim(mux.execute, rt.secret)  # mismatch: no start
+                    claimed = True
                 except (RedisError, OSError, TimeoutError):
-                    claiming = asyncio.create_task(
-                        shared_secret.claim_when_reachable(
-                            mux.execute, rt.secret, _stop_for_secret
-                        ),
-                        name="secret-claim",
-                    )
+                    claimed = False
+                claiming = asyncio.create_task(
+                    shared_secret.hold(mux.execute, rt.secret, _stop_for_secret, claimed=claimed),
+                    name="secret-claim",
+                )
             yield
         finally:
             for task in (durability, claiming):

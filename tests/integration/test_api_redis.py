@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from clinic_voice import app as app_module
 from clinic_voice import shared_secret
 from clinic_voice.app import _sigterm_once_handled
 from clinic_voice.shared_secret import SecretMismatch
@@ -206,13 +207,13 @@ async def test_a_process_with_another_secret_refuses_to_start(
 async def test_a_secret_claimed_once_redis_answers(redis_server: RedisServer) -> None:
     redis = aioredis.Redis.from_url(redis_server.url)
     try:
-        await shared_secret.claim(redis.execute_command, b"the first secret")
-        await shared_secret.claim(redis.execute_command, b"the first secret")  # again: fine
+        assert await shared_secret.claim(redis.execute_command, b"the first secret")
+        assert not await shared_secret.claim(redis.execute_command, b"the first secret")  # fine
         await asyncio.to_thread(redis_server.kill9)
         told: list[str] = []
         waiting = asyncio.create_task(
-            shared_secret.claim_when_reachable(
-                redis.execute_command, b"the second secret", told.append
+            shared_secret.hold(
+                redis.execute_command, b"the second secret", told.append, claimed=False
             )
         )
         await asyncio.sleep(shared_secret.RETRY_S + 0.5)
@@ -222,6 +223,43 @@ async def test_a_secret_claimed_once_redis_answers(redis_server: RedisServer) ->
         assert len(told) == 1 and "another CLINIC_SECRET" in told[0]
     finally:
         await redis.aclose()
+
+
+async def test_a_running_serve_holds_its_secret_claim(
+    start_service: StartService,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fingerprint was checked only at start: a Redis that lost its data lost it too, and
+    a process with another secret could then claim the Redis under a running service."""
+    monkeypatch.setattr(shared_secret, "HOLD_S", 0.1)
+    told: list[str] = []
+    monkeypatch.setattr(app_module, "_stop_for_secret", told.append)
+    api = await start_service()
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+        mine = await redis.get(shared_secret.KEY)
+        assert mine is not None
+        await redis.flushall()  # Redis loses its data under the running service
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3.0
+        while await redis.get(shared_secret.KEY) != mine:
+            assert loop.time() < end, "the running serve did not claim its secret again"
+            await asyncio.sleep(0.05)
+        gone = [r for r in caplog.records if "fingerprint was gone" in r.getMessage()]
+        assert len(gone) >= 1 and gone[0].levelname == "WARNING"
+        assert told == []
+        # Another process's claim under the running one: it stops rather than take right
+        # codes for wrong ones.
+        await redis.set(shared_secret.KEY, shared_secret.fingerprint(b"another secret"))
+        while not told:
+            assert loop.time() < end + 3.0, "the running serve did not see another's claim"
+            await asyncio.sleep(0.05)
+        assert "another CLINIC_SECRET" in told[0]
+    finally:
+        await redis.aclose()
+    assert (await api.request("GET", "/healthz", key=None)).status == 200
 
 
 async def _create_while_frozen(
