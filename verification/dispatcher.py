@@ -39,6 +39,11 @@ WATCH_S = 2.0
 # A report the store could not take (Redis down) is written again after these pauses, then
 # every last one, until the verification expires.
 REPORT_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+# After a store outage seen here, the step timers hold off this long (real time): a report
+# kept during the outage (in this process, or in another that saw it too) lands within its
+# last retry pause plus one store timeout, and must land before its step's timer sends the
+# code again for want of an outcome.
+TIMERS_QUIET_S = 5.0
 # A create answered 503 after its write timed out: how often the store is asked whether it
 # answers again, and how long after that a write still stuck on the old connection may land.
 SETTLE_RETRY_S = 0.5
@@ -130,6 +135,7 @@ class Dispatcher:
         # Sends under way per verification (task -> monotonic start), to stop when it is final.
         self._inflight: dict[str, dict[asyncio.Task[None], float]] = {}
         self._next_watch = 0.0
+        self._timers_quiet_until = 0.0  # event-loop time; see TIMERS_QUIET_S
         self._timer_task: asyncio.Task[None] | None = None
         # Checked by the timer loop as well as cancelling it: redis-py can swallow a
         # CancelledError that lands inside a command, and stop() must not wait forever.
@@ -446,6 +452,7 @@ class Dispatcher:
                     send.kept.append((r, at))
                     raise
         except StoreUnavailable as exc:
+            self._store_failed()
             log.warning(
                 "verification %s: store unavailable, %s report of %s kept: %s",
                 send.vid,
@@ -514,6 +521,7 @@ class Dispatcher:
                 try:
                     await self._write_kept(send)
                 except StoreUnavailable:
+                    self._store_failed()
                     continue
                 log.info("verification %s: kept reports of %s written", send.vid, send.channel)
                 return
@@ -532,14 +540,23 @@ class Dispatcher:
         return transition
 
     # -- timers ---------------------------------------------------------------------------------
+    def _store_failed(self) -> None:
+        """A store outage was seen: the timers hold off for :data:`TIMERS_QUIET_S`."""
+        self._timers_quiet_until = asyncio.get_running_loop().time() + TIMERS_QUIET_S
+
     async def _timer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            if loop.time() < self._timers_quiet_until:
+                await asyncio.sleep(POLL_S)
+                continue
             try:
                 await self.run_due()
                 if self._clock.monotonic() >= self._next_watch:
                     self._next_watch = self._clock.monotonic() + WATCH_S
                     await self.watch_sends()
             except StoreUnavailable as exc:
+                self._store_failed()
                 self._outage.failed(exc)
             except Exception as exc:  # a defect must not end every later timer: keep polling
                 self._faults.failed(exc)

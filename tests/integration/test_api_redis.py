@@ -142,6 +142,35 @@ async def test_a_report_during_a_redis_outage_is_kept_not_turned_into_a_failure(
     assert len(sms_gateway.received) == 1
 
 
+async def test_a_report_kept_in_an_outage_lands_before_its_step_timer_resends(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+) -> None:
+    """The gateway accepted the SMS while Redis was down, and the step timed out meanwhile.
+    With Redis back, the step timer saw no outcome and sent a second SMS with a second code
+    before the kept report (retried with back-off) landed. The timers now hold off after an
+    outage until kept reports have had time to land."""
+    sms_gateway.mode = GatewayMode.HOLD
+    clock = FakeClock()
+    api = await start_service(
+        {"CLINIC_STEP_TIMEOUT_SMS_S": "10", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}, clock=clock
+    )
+    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    await sms_gateway.wait_for(1)
+    await asyncio.to_thread(redis_server.kill9)
+    sms_gateway.release()  # accepted (202) while the store is down: the report is kept
+    await asyncio.sleep(3.0)  # the kept report's retries back off to their longest pause
+    clock.advance(11)  # the step's timeout passes during the outage
+    await asyncio.to_thread(redis_server.restart)
+    await api.wait_for_event(vid, "delivered", deadline_s=10.0)
+    # The timers run again once their pause is over: the step's timeout finds the outcome.
+    await asyncio.sleep(dispatcher_module.TIMERS_QUIET_S + 1.0)
+    v = await api.get(vid)
+    kinds = [e["type"] for e in v["events"]]
+    assert kinds[:3] == ["requested", "dispatched", "delivered"], v
+    assert kinds.count("dispatched") == 1, v
+    assert len(sms_gateway.received) == 1, "the patient got a second SMS with a second code"
+
+
 async def test_an_acknowledged_approval_survives_kill_9_of_redis(
     start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
 ) -> None:

@@ -22,6 +22,7 @@ class GatewayMode(StrEnum):
     FAIL = "fail"  # 500: the service should retry, then give up
     HANG = "hang"  # never answers: the service's timeout must fire
     REJECT = "reject"  # 400: undeliverable at once, no retry
+    HOLD = "hold"  # holds each request until release(), then 202 Accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class SmsGateway:
         self.received: list[Sms] = []
         self._arrived = asyncio.Condition()
         self._release = asyncio.Event()  # lets hanging handlers end at stop()
+        self._held = asyncio.Event()  # lets held handlers answer (release())
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -65,6 +67,10 @@ class SmsGateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def release(self) -> None:
+        """Answer the requests held in :attr:`GatewayMode.HOLD` (202), and later ones at once."""
+        self._held.set()
 
     async def wait_for(self, count: int, deadline_s: float = 10.0) -> list[Sms]:
         """Wait until ``count`` POSTs arrived; fail with what did arrive."""
@@ -96,6 +102,8 @@ class SmsGateway:
         if self.mode is GatewayMode.HANG:
             await self._release.wait()
             return web.Response(status=503, text="stopped")
+        if self.mode is GatewayMode.HOLD:
+            await self._held.wait()
         if self.mode is GatewayMode.FAIL:
             return web.json_response({"error": "upstream down"}, status=500)
         if self.mode is GatewayMode.REJECT:
