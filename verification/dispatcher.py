@@ -13,7 +13,7 @@ import asyncio
 import functools
 import itertools
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,10 +39,11 @@ WATCH_S = 2.0
 # A report the store could not take (Redis down) is written again after these pauses, then
 # every last one, until the verification expires.
 REPORT_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
-# After a store outage seen here, the step timers hold off this long (real time): a report
-# kept during the outage (in this process, or in another that saw it too) lands within its
-# last retry pause plus one store timeout, and must land before its step's timer sends the
-# code again for want of an outcome.
+# After a store outage, the step timers hold off until it has been over this long (real
+# time). A report kept during the outage must land before its step's timer sends the code
+# again for want of an outcome: this process's own kept reports are waited for exactly (their
+# verifications' timers are skipped until they land), another process's on the same Redis
+# land within their last retry pause plus one store timeout of the outage's end.
 TIMERS_QUIET_S = 5.0
 # A create answered 503 after its write timed out: how often the store is asked whether it
 # answers again, and how long after that a write still stuck on the old connection may land.
@@ -136,6 +137,7 @@ class Dispatcher:
         self._inflight: dict[str, dict[asyncio.Task[None], float]] = {}
         self._next_watch = 0.0
         self._timers_quiet_until = 0.0  # event-loop time; see TIMERS_QUIET_S
+        self._keeping: Counter[str] = Counter()  # per verification: sends with kept reports
         self._timer_task: asyncio.Task[None] | None = None
         # Checked by the timer loop as well as cancelling it: redis-py can swallow a
         # CancelledError that lands inside a command, and stop() must not wait forever.
@@ -452,7 +454,6 @@ class Dispatcher:
                     send.kept.append((r, at))
                     raise
         except StoreUnavailable as exc:
-            self._store_failed()
             log.warning(
                 "verification %s: store unavailable, %s report of %s kept: %s",
                 send.vid,
@@ -461,6 +462,7 @@ class Dispatcher:
                 exc,
             )
             send.retrying = True
+            self._keeping[send.vid] += 1  # its step's timer waits for these (run_due)
             self._spawn(self._retry_kept(send), f"reports {send.vid} {send.step}", send.vid)
 
     async def _write_kept(self, send: _Send) -> None:
@@ -521,12 +523,14 @@ class Dispatcher:
                 try:
                     await self._write_kept(send)
                 except StoreUnavailable:
-                    self._store_failed()
                     continue
                 log.info("verification %s: kept reports of %s written", send.vid, send.channel)
                 return
         finally:
             send.retrying = False
+            self._keeping[send.vid] -= 1
+            if self._keeping[send.vid] <= 0:
+                del self._keeping[send.vid]
 
     async def _apply(self, vid: str, rule: Rule) -> Transition | None:
         def change(v: Verification) -> tuple[Transition, None]:
@@ -540,14 +544,14 @@ class Dispatcher:
         return transition
 
     # -- timers ---------------------------------------------------------------------------------
-    def _store_failed(self) -> None:
-        """A store outage was seen: the timers hold off for :data:`TIMERS_QUIET_S`."""
-        self._timers_quiet_until = asyncio.get_running_loop().time() + TIMERS_QUIET_S
-
     async def _timer_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             if loop.time() < self._timers_quiet_until:
+                # Paused after an outage (TIMERS_QUIET_S): the store is still watched, so the
+                # pause runs from the outage's end, however long it lasted.
+                if not await self._store.ping():
+                    self._timers_quiet_until = loop.time() + TIMERS_QUIET_S
                 await asyncio.sleep(POLL_S)
                 continue
             try:
@@ -556,7 +560,7 @@ class Dispatcher:
                     self._next_watch = self._clock.monotonic() + WATCH_S
                     await self.watch_sends()
             except StoreUnavailable as exc:
-                self._store_failed()
+                self._timers_quiet_until = loop.time() + TIMERS_QUIET_S
                 self._outage.failed(exc)
             except Exception as exc:  # a defect must not end every later timer: keep polling
                 self._faults.failed(exc)
@@ -569,6 +573,11 @@ class Dispatcher:
         """Apply :func:`rules.tick` to every verification whose timer is due. Returns how many."""
         ids = await self._store.lease_due(self._clock.now(), LEASE_S)
         for vid in ids:
+            if self._keeping[vid]:
+                # A report of its send waits here to be written: it, not the step's timeout,
+                # says what comes next. Its write sets the timer again; should it never land,
+                # the lease brings the timer back in LEASE_S.
+                continue
             try:
                 transition = await self._apply(
                     vid, lambda x: rules.tick(x, self._clock.now(), self._policy)

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from clinic_voice import app as app_module
 from clinic_voice import shared_secret
-from clinic_voice.app import _sigterm_once_handled
+from clinic_voice.app import RUNTIME, _sigterm_once_handled
 from clinic_voice.shared_secret import SecretMismatch
 from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import Settings
@@ -142,29 +142,49 @@ async def test_a_report_during_a_redis_outage_is_kept_not_turned_into_a_failure(
     assert len(sms_gateway.received) == 1
 
 
+@pytest.mark.parametrize("timer", ["here", "elsewhere"])
 async def test_a_report_kept_in_an_outage_lands_before_its_step_timer_resends(
-    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    timer: str,
 ) -> None:
     """The gateway accepted the SMS while Redis was down, and the step timed out meanwhile.
     With Redis back, the step timer saw no outcome and sent a second SMS with a second code
-    before the kept report (retried with back-off) landed. The timers now hold off after an
-    outage until kept reports have had time to land."""
+    before the kept report (retried with back-off) landed.
+
+    ``here``: the timer runs in the process that keeps the report, which waits for it (no
+    pause after the outage, to show that alone holds). ``elsewhere``: the timer runs in another
+    process on the same Redis, which cannot see the report: its timers pause after the
+    outage until a kept report has had time to land.
+    """
     sms_gateway.mode = GatewayMode.HOLD
     clock = FakeClock()
-    api = await start_service(
-        {"CLINIC_STEP_TIMEOUT_SMS_S": "10", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}, clock=clock
-    )
-    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    env = {"CLINIC_STEP_TIMEOUT_SMS_S": "10", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}
+    sender = await start_service(env, clock=clock)
+    if timer == "here":
+        monkeypatch.setattr(dispatcher_module, "TIMERS_QUIET_S", 0.0)
+    else:
+        await start_service(env, clock=clock)  # its timers take the lease
+
+        async def no_timers() -> int:
+            return 0
+
+        dispatcher = sender.app[RUNTIME].dispatcher
+        assert dispatcher is not None
+        monkeypatch.setattr(dispatcher, "run_due", no_timers)
+    vid = (await sender.create(method="sms", fallback=[])).json["id"]
     await sms_gateway.wait_for(1)
     await asyncio.to_thread(redis_server.kill9)
     sms_gateway.release()  # accepted (202) while the store is down: the report is kept
     await asyncio.sleep(3.0)  # the kept report's retries back off to their longest pause
     clock.advance(11)  # the step's timeout passes during the outage
     await asyncio.to_thread(redis_server.restart)
-    await api.wait_for_event(vid, "delivered", deadline_s=10.0)
+    await sender.wait_for_event(vid, "delivered", deadline_s=10.0)
     # The timers run again once their pause is over: the step's timeout finds the outcome.
     await asyncio.sleep(dispatcher_module.TIMERS_QUIET_S + 1.0)
-    v = await api.get(vid)
+    v = await sender.get(vid)
     kinds = [e["type"] for e in v["events"]]
     assert kinds[:3] == ["requested", "dispatched", "delivered"], v
     assert kinds.count("dispatched") == 1, v
