@@ -60,14 +60,14 @@ IDEMPOTENCY_POLL_S = 0.02
 # a[ao+]: expected version ("" = must not exist), new version, doc, pexpireat ms,
 #    due score ("" = no timer), id, now, n webhook jobs, (job id, payload)*, [idem value, ttl s]
 _CAS_FN = """
+local function current(k, a, ko, ao)
+  local cur = redis.call('HGET', k[ko + 1], 'ver')
+  if a[ao + 1] == '' then return not cur end
+  return cur == a[ao + 1]
+end
 local function cas(k, a, ko, ao)
+  if not current(k, a, ko, ao) then return 0 end
   local rec = k[ko + 1]
-  local cur = redis.call('HGET', rec, 'ver')
-  if a[ao + 1] == '' then
-    if cur then return 0 end
-  else
-    if cur ~= a[ao + 1] then return 0 end
-  end
   redis.call('HSET', rec, 'ver', a[ao + 2], 'doc', a[ao + 3])
   redis.call('PEXPIREAT', rec, a[ao + 4])
   if a[ao + 5] == '' then
@@ -126,15 +126,18 @@ return {0}
 # Count limits and write a record in one step (one round trip for a create, or for a move
 # that sends), and count only what is written. KEYS: n counters, then the CAS keys; ARGV: n,
 # (limit, ms until the window ends)*n, then the CAS arguments. Returns {0} written,
-# {1, index, pttl} refused, {2} version conflict.
+# {1, index, pttl} refused, {2} version conflict. The version is compared first: a writer
+# that lost the race re-reads and may find nothing left to do, so it must not be refused
+# (429) for a limit it would not use.
 _LIMITED_CAS = Script(
     _CAS_FN
     + _LIMITS_FN
     + """
 local n = tonumber(ARGV[1])
+if not current(KEYS, ARGV, n, 1 + 2 * n) then return {2} end
 local refused = over(KEYS, ARGV, n, 1)
 if refused then return refused end
-if cas(KEYS, ARGV, n, 1 + 2 * n) == 0 then return {2} end
+cas(KEYS, ARGV, n, 1 + 2 * n)
 count(KEYS, ARGV, n, 1)
 return {0}
 """

@@ -72,6 +72,24 @@ async def test_a_fallback_that_lost_the_race_counts_no_send(store: VerificationS
     assert decision.allowed, "the lost request must not have counted the number's one send"
 
 
+async def test_a_fallback_that_lost_the_race_at_the_limit_is_not_refused(
+    store: VerificationStore,
+) -> None:
+    # The step timer's move used the number's last send: the client's request, which asked
+    # for that very move, is answered with the verification as it is, not 429.
+    stale = await _made(store, "d" * 32)
+    await store.update(stale.verification.id, _client_fallback(None))
+    assert (await store.hit_limits([ONE_SEND], time.time())).allowed  # the timer's send
+    _, _, written = await store.update_stored(
+        stale.verification.id,
+        _client_fallback(stale.verification.step),
+        known=stale,
+        checks=[ONE_SEND],
+        now=time.time(),
+    )
+    assert written.verification.step == 1
+
+
 async def test_a_fallback_that_moves_counts_its_send_once(store: VerificationStore) -> None:
     stored = await _made(store, "b" * 32)
     _, _, written = await store.update_stored(
