@@ -30,7 +30,16 @@ log = logging.getLogger(__name__)
 
 KEY = "cv:secret-fingerprint"
 RETRY_S = 2.0  # a Redis that does not answer is asked again after this
-HOLD_S = 10.0  # a running serve looks at the fingerprint this often
+HOLD_S = 2.0  # a running serve looks at the fingerprint this often
+
+# Set the fingerprint unless one is there; answer {1 if set, the one there}. One step: as
+# SET NX then GET, a flush between the two would read as another process's fingerprint.
+_CLAIM = """
+local there = redis.call('GET', KEYS[1])
+if there then return {0, there} end
+redis.call('SET', KEYS[1], ARGV[1])
+return {1, ARGV[1]}
+"""
 
 
 class SecretMismatch(Exception):
@@ -45,8 +54,7 @@ async def claim(execute: Callable[..., Awaitable[Any]], secret: bytes) -> bool:
     """Set this secret's fingerprint (True), or check it against the one set (False); raises
     :class:`SecretMismatch`, or the Redis error when Redis cannot answer."""
     mine = fingerprint(secret)
-    made = await execute("SET", KEY, mine, "NX")
-    theirs = await execute("GET", KEY)
+    made, theirs = await execute("EVAL", _CLAIM, 1, KEY, mine)
     if isinstance(theirs, bytes):
         theirs = theirs.decode()
     if theirs != mine:
@@ -56,7 +64,7 @@ async def claim(execute: Callable[..., Awaitable[Any]], secret: bytes) -> bool:
             f"CLINIC_SECRET. To change it on purpose, stop every process and delete the "
             f"Redis key {KEY} (checks of verifications pending then fail)"
         )
-    return made is not None
+    return int(made) == 1
 
 
 async def hold(

@@ -274,6 +274,26 @@ async def test_a_secret_claimed_once_redis_answers(redis_server: RedisServer) ->
         await redis.aclose()
 
 
+async def test_a_flush_during_a_claim_is_not_taken_for_another_secret(
+    redis_server: RedisServer,
+) -> None:
+    # Redis losing its data in the middle of a claim (here: before each of its commands)
+    # must not read as another process's fingerprint, which would stop a healthy serve.
+    redis = aioredis.Redis.from_url(redis_server.url)
+
+    async def flushing(*command: Any) -> Any:
+        await redis.delete(shared_secret.KEY)
+        return await redis.execute_command(*command)
+
+    try:
+        assert await shared_secret.claim(flushing, b"the secret")
+        assert (
+            await redis.get(shared_secret.KEY) == shared_secret.fingerprint(b"the secret").encode()
+        )
+    finally:
+        await redis.aclose()
+
+
 async def test_a_running_serve_holds_its_secret_claim(
     start_service: StartService,
     redis_server: RedisServer,
