@@ -27,6 +27,7 @@ from verification.model import Channel, Policy, Status, Verification
 from verification.outage_log import OutageLog
 from verification.rules import DeliveryKind, Transition
 from verification.store import Stored, VerificationStore
+from verification.timer_pause import TimerPause
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,8 @@ WATCH_S = 2.0
 # every last one, until the verification expires.
 REPORT_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 # After a store outage, the step timers hold off until it has been over this long (real
-# time). A report kept during the outage must land before its step's timer sends the code
-# again for want of an outcome: this process's own kept reports are waited for exactly (their
-# verifications' timers are skipped until they land), another process's on the same Redis
-# land within their last retry pause plus one store timeout of the outage's end.
+# time; see verification/timer_pause.py): a report another process kept during it lands
+# within its last retry pause plus one store timeout of the outage's end.
 TIMERS_QUIET_S = 5.0
 # A create answered 503 after its write timed out: how often the store is asked whether it
 # answers again, and how long after that a write still stuck on the old connection may land.
@@ -136,7 +135,7 @@ class Dispatcher:
         # Sends under way per verification (task -> monotonic start), to stop when it is final.
         self._inflight: dict[str, dict[asyncio.Task[None], float]] = {}
         self._next_watch = 0.0
-        self._timers_quiet_until = 0.0  # event-loop time; see TIMERS_QUIET_S
+        self._pause = TimerPause(TIMERS_QUIET_S)  # in event-loop time
         self._keeping: Counter[str] = Counter()  # per verification: sends with kept reports
         self._timer_task: asyncio.Task[None] | None = None
         # Checked by the timer loop as well as cancelling it: redis-py can swallow a
@@ -185,10 +184,18 @@ class Dispatcher:
         verification's step timer carries on without this process)."""
         if self._inflight:
             log.warning(
-                "stopping with %d send(s) under way, left to their step timers (a lost send on "
-                "a plan's last channel is sent again): %s",
+                "stopping with sends under way for %d verification(s), left to their step "
+                "timers (a lost send on a plan's last channel is sent again): %s",
                 len(self._inflight),
                 _some(self._inflight),
+            )
+        if self._keeping:
+            log.warning(
+                "stopping with channel reports of %d verification(s) kept while the store was "
+                "down and not yet written: lost, so their step timers decide without them (and "
+                "may send a code again): %s",
+                len(self._keeping),
+                _some(self._keeping),
             )
         if self._unconfirmed:
             log.warning(
@@ -462,8 +469,11 @@ class Dispatcher:
                 exc,
             )
             send.retrying = True
-            self._keeping[send.vid] += 1  # its step's timer waits for these (run_due)
-            self._spawn(self._retry_kept(send), f"reports {send.vid} {send.step}", send.vid)
+            # Its step's timer waits for these (run_due) until the task ends, however it
+            # ends: a done callback runs even for a task cancelled before it started.
+            self._keeping[send.vid] += 1
+            task = self._spawn(self._retry_kept(send), f"reports {send.vid} {send.step}", send.vid)
+            task.add_done_callback(functools.partial(self._kept_written, send.vid))
 
     async def _write_kept(self, send: _Send) -> None:
         """Apply the kept reports in order; :class:`StoreUnavailable` leaves the rest kept."""
@@ -528,9 +538,12 @@ class Dispatcher:
                 return
         finally:
             send.retrying = False
-            self._keeping[send.vid] -= 1
-            if self._keeping[send.vid] <= 0:
-                del self._keeping[send.vid]
+
+    def _kept_written(self, vid: str, _task: asyncio.Task[None]) -> None:
+        """A task writing kept reports of ``vid`` ended (written, dropped or cancelled)."""
+        self._keeping[vid] -= 1
+        if self._keeping[vid] <= 0:
+            del self._keeping[vid]
 
     async def _apply(self, vid: str, rule: Rule) -> Transition | None:
         def change(v: Verification) -> tuple[Transition, None]:
@@ -547,24 +560,22 @@ class Dispatcher:
     async def _timer_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            if loop.time() < self._timers_quiet_until:
-                # Paused after an outage (TIMERS_QUIET_S): the store is still watched, so the
-                # pause runs from the outage's end, however long it lasted.
-                if not await self._store.ping():
-                    self._timers_quiet_until = loop.time() + TIMERS_QUIET_S
-                await asyncio.sleep(POLL_S)
-                continue
             try:
-                await self.run_due()
-                if self._clock.monotonic() >= self._next_watch:
-                    self._next_watch = self._clock.monotonic() + WATCH_S
-                    await self.watch_sends()
+                if self._pause.paused(loop.time()):  # after an outage: only watch the store
+                    if not await self._store.ping():
+                        raise StoreUnavailable("no answer to PING")
+                else:
+                    await self.run_due()
+                    if self._clock.monotonic() >= self._next_watch:
+                        self._next_watch = self._clock.monotonic() + WATCH_S
+                        await self.watch_sends()
             except StoreUnavailable as exc:
-                self._timers_quiet_until = loop.time() + TIMERS_QUIET_S
+                self._pause.failed(loop.time())
                 self._outage.failed(exc)
             except Exception as exc:  # a defect must not end every later timer: keep polling
                 self._faults.failed(exc)
             else:
+                self._pause.answered()
                 self._outage.ok()
                 self._faults.ok()
             await asyncio.sleep(POLL_S)

@@ -508,5 +508,5 @@ async def test_shutdown_names_the_sends_it_abandons(
     caplog.set_level(logging.WARNING, logger="verification.dispatcher")
     await api.client.close()
     [line] = [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()]
-    assert line.startswith("stopping with 1 send(s) under way, left to their step timers"), line
+    assert line.startswith("stopping with sends under way for 1 verification(s), left"), line
     assert line.endswith(f": {vid}"), line

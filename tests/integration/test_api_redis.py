@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ from tests.integration.conftest import MOBILE, SECRET, Api, StartService, read_c
 from tests.peers.sms_gateway import GatewayMode, SmsGateway
 from verification import dispatcher as dispatcher_module
 from verification import rules
-from verification.dispatcher import Dispatcher
+from verification.channels.base import DeliveryReport
+from verification.dispatcher import Dispatcher, _Send
 from verification.errors import StoreUnavailable
 from verification.model import Channel, Policy, Verification
 from verification.numbers import parse_phone
 from verification.redis_mux import RedisMux
+from verification.rules import DeliveryKind
 from verification.store import Stored, VerificationStore
 
 OTHER_MOBILE = "+31612345670"
@@ -280,10 +282,11 @@ async def test_a_flush_during_a_claim_is_not_taken_for_another_secret(
     # Redis losing its data in the middle of a claim (here: before each of its commands)
     # must not read as another process's fingerprint, which would stop a healthy serve.
     redis = aioredis.Redis.from_url(redis_server.url)
+    execute: Callable[..., Awaitable[Any]] = redis.execute_command
 
     async def flushing(*command: Any) -> Any:
         await redis.delete(shared_secret.KEY)
-        return await redis.execute_command(*command)
+        return await execute(*command)
 
     try:
         assert await shared_secret.claim(flushing, b"the secret")
@@ -428,13 +431,9 @@ async def test_a_create_answered_503_with_an_idempotency_key_is_sent_for_its_ret
     assert len(sms_gateway.received) == 1
 
 
-async def test_creates_to_settle_wait_in_one_bounded_queue(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """An outage refuses creates by the thousand: one task settles them once the store is
-    back, and at most SETTLE_MAX wait (the oldest past it is left to its step timer)."""
-    monkeypatch.setattr(dispatcher_module, "SETTLE_MAX", 3)
-    mux = RedisMux(f"unix://{tmp_path}/nobody.sock", timeout_s=0.2)  # no Redis there
+def _dispatcher_without_redis(tmp_path: Path) -> tuple[RedisMux, Dispatcher]:
+    """A dispatcher whose store's Redis is not there (every command fails at once)."""
+    mux = RedisMux(f"unix://{tmp_path}/nobody.sock", timeout_s=0.2)
     settings = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path)})
     dispatcher = Dispatcher(
         store=VerificationStore(mux),
@@ -445,6 +444,16 @@ async def test_creates_to_settle_wait_in_one_bounded_queue(
         clinic_name="the clinic",
         clock=SystemClock(),
     )
+    return mux, dispatcher
+
+
+async def test_creates_to_settle_wait_in_one_bounded_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage refuses creates by the thousand: one task settles them once the store is
+    back, and at most SETTLE_MAX wait (the oldest past it is left to its step timer)."""
+    monkeypatch.setattr(dispatcher_module, "SETTLE_MAX", 3)
+    mux, dispatcher = _dispatcher_without_redis(tmp_path)
     phone = parse_phone(MOBILE)
     try:
         for n in range(5):
@@ -472,6 +481,40 @@ async def test_creates_to_settle_wait_in_one_bounded_queue(
         "stopping with 3 create(s) answered 503 not yet settled, left to their step timers: "
         + ", ".join(f"{n:032d}" for n in (2, 3, 4))
     )
+
+
+@pytest.mark.parametrize("stop_first", [False, True])
+async def test_a_kept_report_cancelled_before_its_retry_starts_frees_its_timer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, stop_first: bool
+) -> None:
+    """Kept reports hold their verification's step timer until their retry task ends: also
+    when it is cancelled before its first step (a check here made it final in the same turn
+    of the loop), or the timer would be skipped for good. ``stop_first``: shutdown names the
+    reports it loses."""
+    mux, dispatcher = _dispatcher_without_redis(tmp_path)
+    made = rules.create(
+        verification_id="e" * 32,
+        phone=parse_phone(MOBILE),
+        plan=(Channel.SMS,),
+        code_length=6,
+        now=time.time(),
+        policy=Policy(),
+    ).verification
+    send = _Send(made.id, 0, Channel.SMS, Stored(made, "1"), None)
+    try:
+        await dispatcher._report(send, DeliveryReport(DeliveryKind.DELIVERED, "accepted"))
+        assert dispatcher._keeping[made.id] == 1, "the report is kept: Redis is down"
+        if stop_first:
+            await dispatcher.stop()
+            [line] = [r.getMessage() for r in caplog.records if "channel reports" in r.getMessage()]
+            assert line.startswith("stopping with channel reports of 1 verification(s) kept")
+            assert line.endswith(f": {made.id}"), line
+        dispatcher.stop_sends(made.id)  # same turn: the retry task has not started
+        await asyncio.sleep(0.05)
+        assert dispatcher._keeping == {}
+    finally:
+        await dispatcher.stop()
+        await mux.aclose()
 
 
 async def test_a_late_secret_mismatch_waits_for_serves_sigterm_handler() -> None:
