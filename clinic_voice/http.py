@@ -73,13 +73,39 @@ def client_ip(request: web.Request, trusted: frozenset[str]) -> str:
         hops = [h.strip() for h in forwarded.split(",") if h.strip()]
         # The last hop not added by a trusted proxy is the client.
         for hop in reversed(hops):
-            try:
-                addr = str(ipaddress.ip_address(hop))
-            except ValueError:
+            addr = forwarded_address(hop)
+            if addr is None:
                 break
             if addr not in trusted:
                 return addr
     return peer
+
+
+def forwarded_address(hop: str) -> str | None:
+    """The address of one X-Forwarded-For hop, or None when it is not one. Some proxies add
+    the client's port (``203.0.113.9:4711``, ``[2001:db8::1]:4711``) or brackets: taken as
+    not an address, every client behind such a proxy was counted as the proxy, and one
+    guesser locked them all out."""
+    if hop.startswith("["):
+        host, closed, rest = hop[1:].partition("]")
+        if not closed or (rest and not _is_port(rest)):
+            return None
+        hop = host
+    elif hop.count(":") == 1:  # IPv4 with a port (an IPv6 address has two colons or more)
+        host, _, port = hop.partition(":")
+        if not _is_port(":" + port):
+            return None
+        hop = host
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
+def _is_port(text: str) -> bool:
+    """``:`` and 1 to 5 ASCII digits."""
+    digits = text[1:]
+    return text[:1] == ":" and 0 < len(digits) <= 5 and digits.isascii() and digits.isdigit()
 
 
 def build_middlewares(
@@ -95,6 +121,7 @@ def build_middlewares(
     keys = tuple(k.encode() for k in api_keys)
     key_ids = {k: key_id(k) for k in api_keys}  # a SHA-256 each, not one per request
     lockouts = limits.Lockouts()
+    ipv6_prefix = settings.limit_ipv6_prefix
 
     @web.middleware
     async def metrics_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -137,7 +164,7 @@ def build_middlewares(
     async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
             return await handler(request)
-        ip = limits.address_subject(client_ip(request, trusted_proxies))
+        ip = limits.address_subject(client_ip(request, trusted_proxies), ipv6_prefix)
         locked_s = lockouts.remaining_s(ip, clock_now())
         if locked_s:
             raise RateLimited(limits.auth_failure_checks(settings, ip)[0].describe(), locked_s)

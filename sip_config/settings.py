@@ -110,14 +110,22 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_LIMIT_IP_REQUESTS",
         "100000/60",
-        "API requests per client IP (an IPv6 client: per /64 network), COUNT/SECONDS",
+        "API requests per client IP (an IPv6 client: per network, see "
+        "CLINIC_LIMIT_IPV6_PREFIX), COUNT/SECONDS",
     ),
     Variable(
         "CLINIC_LIMIT_AUTH_FAILURES",
         "20/60",
-        "wrong API keys presented per client IP (an IPv6 client: per /64 network), as "
-        "COUNT/SECONDS: over it the address gets 429 for every /v1 request, with a right key "
-        "too, until the window ends",
+        "wrong API keys presented per client IP (an IPv6 client: per network, see "
+        "CLINIC_LIMIT_IPV6_PREFIX), as COUNT/SECONDS: over it the address gets 429 for every "
+        "/v1 request, with a right key too, until the window ends",
+    ),
+    Variable(
+        "CLINIC_LIMIT_IPV6_PREFIX",
+        "64",
+        "an IPv6 client is counted by its network of this prefix length in the per-IP limits "
+        "(32..128; a site is handed at least a /64 and could take a new address for every "
+        "request; 128 counts each address, for a host that hands out less than a /64)",
     ),
     Variable(
         "CLINIC_STEP_TIMEOUT_FLASHCALL_S",
@@ -290,6 +298,7 @@ class VerificationSettings:
     webhook_timeout_s: float
     webhook_retries: int
     callback_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    limit_ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,6 +555,7 @@ def _build(r: _Reader) -> Settings:
         limit_key_requests=r.rate("CLINIC_LIMIT_KEY_REQUESTS"),
         limit_ip_requests=r.rate("CLINIC_LIMIT_IP_REQUESTS"),
         limit_auth_failures=r.rate("CLINIC_LIMIT_AUTH_FAILURES"),
+        limit_ipv6_prefix=r.integer("CLINIC_LIMIT_IPV6_PREFIX", 32, 128),
         step_timeout_flashcall_s=flash_timeout,
         step_timeout_sms_s=r.integer("CLINIC_STEP_TIMEOUT_SMS_S", 10, 900),
         step_timeout_voice_s=r.integer("CLINIC_STEP_TIMEOUT_VOICE_S", 10, 900),

@@ -116,15 +116,17 @@ class LimitDecision:
             raise RateLimited(self.blocked_by.describe(), self.retry_after_s)
 
 
-IPV6_CLIENT_PREFIX = 64
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: an IPv4 host behind NAT64
 
 
-def address_subject(address: str) -> str:
+def address_subject(address: str, ipv6_prefix: int = 64) -> str:
     """What a client address is counted as: an IPv4 address is itself; an IPv6 address is its
-    /64 network, since one end site (one home, one phone, one cloud VM) is handed at least a
-    /64 and can use any of its 2^64 addresses: counted one by one, a guesser would rotate
-    through them and never meet a limit. An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) is
-    the IPv4 address. Anything else (a unix-socket peer) is counted as it is."""
+    network of ``ipv6_prefix`` bits (CLINIC_LIMIT_IPV6_PREFIX), since one site (a home, a
+    phone, a cloud VM) is handed at least a /64 and can use any of its 2^64 addresses: counted
+    one by one, a guesser would take a new address for every guess and never meet a limit.
+    An IPv4 host seen through IPv6 (``::ffff:a.b.c.d``, or NAT64's ``64:ff9b::a.b.c.d``) is
+    its IPv4 address: otherwise every IPv4 client of one NAT64 gateway would share one count.
+    Anything else (a unix-socket peer) is counted as it is."""
     if ":" not in address:  # IPv4, the common case: no parsing on the hot path
         return address
     try:
@@ -133,7 +135,9 @@ def address_subject(address: str) -> str:
         return address
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    if ip in _NAT64:
+        return str(ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF))
+    return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 
 def request_checks(s: VerificationSettings, key_id: str, client_ip: str) -> list[LimitCheck]:

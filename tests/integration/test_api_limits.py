@@ -133,6 +133,12 @@ async def test_per_client_ip_behind_a_trusted_proxy(start_service: StartService)
     # A client cannot escape by prepending hops: the last untrusted hop is the client.
     forged = {"X-Forwarded-For": "192.0.2.1, 203.0.113.9"}
     assert_limited(await api.request("GET", missing, headers=forged), "from this address", 60)
+    # A proxy that adds the client's port: still the client, not the proxy.
+    ported = {"X-Forwarded-For": "203.0.113.9:4711"}
+    assert_limited(await api.request("GET", missing, headers=ported), "from this address", 60)
+    assert (
+        await api.request("GET", missing, headers={"X-Forwarded-For": "[2001:db8::9]:443"})
+    ).status == 404
 
 
 async def test_wrong_keys_lock_the_address_out_right_key_and_all(
@@ -201,6 +207,31 @@ async def test_an_ipv6_client_is_one_address_across_its_64(start_service: StartS
     for n in range(8):
         assert (await api.request("GET", missing, headers=site(n + 1))).status == 404
     assert_limited(await api.request("GET", missing, headers=site(9)), "from this address", 60)
+
+
+async def test_the_ipv6_network_counted_is_a_setting(start_service: StartService) -> None:
+    # A host that hands each customer less than a /64 (a /124 of a shared /64, say): each
+    # address is counted on its own, and a neighbour cannot lock the clinic's app out.
+    api = await start_service(
+        {
+            "CLINIC_LIMIT_AUTH_FAILURES": "1/60",
+            "CLINIC_LIMIT_IPV6_PREFIX": "128",
+            "CLINIC_TRUSTED_PROXIES": "127.0.0.1",
+        },
+        clock=FakeClock(WINDOW_START),
+    )
+    missing = f"/v1/verifications/{'A' * 32}"
+    neighbour = {"X-Forwarded-For": "2001:db8:77:1::1"}
+    (await api.request("GET", missing, headers=neighbour, key="guess-0")).problem(
+        401, "unauthorized"
+    )
+    assert_limited(
+        await api.request("GET", missing, headers=neighbour, key="guess-1"),
+        "wrong API keys from this address",
+        60,
+    )
+    clinic = {"X-Forwarded-For": "2001:db8:77:1::2"}
+    assert (await api.request("GET", missing, headers=clinic)).status == 404
 
 
 async def test_a_refused_create_counts_nothing_with_or_without_idempotency_key(

@@ -60,12 +60,27 @@ def test_wrong_keys_are_counted_per_address() -> None:
         ("fe80::1%eth0", "fe80::/64"),
         ("::ffff:203.0.113.9", "203.0.113.9"),  # IPv4-mapped: the IPv4 address
         ("::1", "::/64"),
+        ("64:ff9b::203.0.113.9", "203.0.113.9"),  # NAT64: the IPv4 host behind it
+        ("64:ff9b:1::cb00:7109", "64:ff9b:1::/64"),  # not the well-known /96
         ("unknown", "unknown"),
         ("not:an:address", "not:an:address"),
     ],
 )
 def test_an_ipv6_client_is_counted_by_its_64(address: str, subject: str) -> None:
     assert address_subject(address) == subject
+
+
+@pytest.mark.parametrize(
+    ("prefix", "subject"),
+    [
+        (128, "2001:db8:1:2:3:4:5:6/128"),  # each address: a host that hands out less
+        (56, "2001:db8:1::/56"),
+        (48, "2001:db8:1::/48"),
+    ],
+)
+def test_the_ipv6_network_length_is_a_setting(prefix: int, subject: str) -> None:
+    assert address_subject("2001:db8:1:2:3:4:5:6", prefix) == subject
+    assert address_subject("203.0.113.9", prefix) == "203.0.113.9"
 
 
 def test_a_lockout_lasts_until_its_time_in_whole_seconds_rounded_up() -> None:

@@ -115,6 +115,8 @@ def test_every_documented_variable_is_read_and_documented_once() -> None:
             Rate(3, 60),
         ),
         ({"CLINIC_LIMIT_PREFIX_DIGITS": "8"}, lambda s: s.verification.limit_prefix_digits, 8),
+        ({}, lambda s: s.verification.limit_ipv6_prefix, 64),
+        ({"CLINIC_LIMIT_IPV6_PREFIX": "128"}, lambda s: s.verification.limit_ipv6_prefix, 128),
         (
             {"CLINIC_FLASHCALL_RING_S": "0.5", "CLINIC_FLASHCALL_INTERCEPTION_S": "5"},
             lambda s: s.verification.step_timeout_flashcall_s,
@@ -194,6 +196,8 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_LIMIT_NUMBER_SENDS", "5/2678401", "count must be"),
         ("CLINIC_LIMIT_PREFIX_SENDS", "5 / 60", "COUNT/SECONDS"),
         ("CLINIC_LIMIT_PREFIX_DIGITS", "9", "1..8"),
+        ("CLINIC_LIMIT_IPV6_PREFIX", "31", "32..128"),
+        ("CLINIC_LIMIT_IPV6_PREFIX", "129", "32..128"),
         ("CLINIC_STEP_TIMEOUT_FLASHCALL_S", "4", "5..900"),
         ("CLINIC_STEP_TIMEOUT_SMS_S", "901", "10..900"),
         ("CLINIC_STEP_TIMEOUT_VOICE_S", "9", "10..900"),
