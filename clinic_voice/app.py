@@ -21,7 +21,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from clinic_voice import redis_durability, shared_secret
-from clinic_voice.http import MAX_BODY, build_middlewares, problem
+from clinic_voice.http import build_middlewares, problem, with_expect_handler
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
@@ -38,6 +38,7 @@ from verification.dispatcher import Dispatcher
 from verification.http_client import HttpClient
 from verification.model import Channel, Policy, Verification
 from verification.redis_mux import RedisMux
+from verification.request import MAX_BODY
 from verification.rules import DeliveryKind
 from verification.store import VerificationStore
 from verification.webhooks import WebhookSender
@@ -371,16 +372,15 @@ def build_app(
         secret=lambda: rt.secret,
         clock=clock,
     )
-    app.add_routes(api.routes())
-    app.add_routes(CallsApi(rt.need_call_store).routes())
-    app.add_routes(
-        [
-            web.get("/healthz", _healthz),
-            web.get("/readyz", _readyz),
-            web.get("/metrics", _metrics),
-            web.get("/openapi.json", _openapi),
-        ]
-    )
+    routes = [
+        *api.routes(),
+        *CallsApi(rt.need_call_store).routes(),
+        web.get("/healthz", _healthz),
+        web.get("/readyz", _readyz),
+        web.get("/metrics", _metrics),
+        web.get("/openapi.json", _openapi),
+    ]
+    app.add_routes(with_expect_handler(routes))
     return app
 
 

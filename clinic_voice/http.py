@@ -11,10 +11,10 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -22,7 +22,12 @@ from clinic_voice.metrics import Metrics
 from sip_config.settings import VerificationSettings
 from verification import limits
 from verification.errors import PROBLEM_BASE, RateLimited, VerificationError
-from verification.request import KEY_ID, REQUEST_CHECKS, is_self_admitted, take_request_checks
+from verification.request import (
+    KEY_ID,
+    REQUEST_CHECKS,
+    is_self_admitted,
+    take_request_checks,
+)
 from verification.store import VerificationStore
 
 log = logging.getLogger(__name__)
@@ -30,9 +35,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PROBLEM_TYPE = "application/problem+json"
-MAX_BODY = 64 * 1024
 
 # the problem slug and title of each HTTP error aiohttp raises (others: http-error)
+CLIENT_GONE = 499  # the metrics' status of a request whose client closed the connection
 HTTP_SLUGS = {
     400: ("bad-request", "Bad request"),
     401: ("unauthorized", "Missing or wrong API key"),
@@ -54,6 +59,31 @@ def problem(status: int, slug: str, title: str, detail: str = "", **extra: Any) 
     return web.Response(
         status=status, text=json.dumps(body), content_type=PROBLEM_TYPE, charset=None
     )
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """The answer to an ``Expect`` header: ``100-continue`` as aiohttp answers it, any other
+    expectation 417 as a problem document (aiohttp's own 417 is text/plain, and its expect
+    handler runs before the middlewares)."""
+    if request.version != HttpVersion11:
+        return None
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer itself is still to come
+        return None
+    resp = problem(417, "expectation-failed", "Only Expect: 100-continue is understood")
+    if request.path.startswith("/v1/"):
+        resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def with_expect_handler(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
+    """``routes``, each answering ``Expect`` with :func:`expect_handler`."""
+    return [
+        web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect_handler})
+        for r in routes
+    ]
 
 
 def key_id(key: str) -> str:
@@ -138,6 +168,14 @@ def build_middlewares(
 
     @web.middleware
     async def problems_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resp = await answer_or_problem(request, handler)
+        if request.path.startswith("/v1/"):
+            # Every /v1 answer, an error too, may hold a phone number or a call's health data
+            # (or say whether one exists): no cache keeps it.
+            resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    async def answer_or_problem(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except VerificationError as exc:
@@ -146,6 +184,8 @@ def build_middlewares(
                 resp.headers["Retry-After"] = str(exc.retry_after_s)
             if exc.status >= 500:
                 log.error("%s %s: %s", request.method, request.path, exc.detail)
+            if exc.status in (400, 408):  # the rest of a body that could not be read
+                resp.force_close()
             return resp
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -155,7 +195,16 @@ def build_middlewares(
             for h in ("Allow", "WWW-Authenticate"):
                 if h in exc.headers:
                     resp.headers[h] = exc.headers[h]
+            if exc.status == 413:  # do not read the rest of a body refused for its size
+                resp.force_close()
             return resp
+        except ConnectionResetError:
+            # The client went away mid-request (mid-body): not a fault of the service. The
+            # answer reaches nobody; its status is what the metrics count (nginx's 499).
+            log.info("%s %s: the client closed the connection", request.method, request.path)
+            gone = web.Response(status=CLIENT_GONE)
+            gone.force_close()
+            return gone
         except Exception:
             log.exception("%s %s: unhandled error", request.method, request.path)
             return problem(500, "internal", "Internal error")
@@ -212,8 +261,6 @@ def build_middlewares(
                 raise
             if checks:  # not taken (emptied when taken)
                 await count(take_request_checks(request))
-        # Every /v1 answer may hold a phone number or a call's health data: no cache keeps it.
-        answer.headers["Cache-Control"] = "no-store"
         return answer
 
     async def count(checks: list[limits.LimitCheck]) -> None:
@@ -277,8 +324,19 @@ class _ProblemServer(web.Server):
         return ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+# A connection idle this long is closed: between requests, and before the first one's
+# headers are complete (aiohttp's default, an hour, let a client that sends headers a byte at
+# a time hold a connection, and with it a file descriptor, for that long).
+KEEPALIVE_S = 15.0
+
+
 class ProblemAppRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer malformed HTTP with problem+json."""
+    """``web.AppRunner`` whose connections answer malformed HTTP with problem+json, and close
+    when idle for :data:`KEEPALIVE_S`."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_S)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()

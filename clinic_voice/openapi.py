@@ -65,7 +65,7 @@ _ID_PARAM = {
 }
 
 # 400, 431 and 501: requests that are not HTTP/1.1 (clinic_voice.http.ProblemRequestHandler)
-_COMMON = (400, 401, 404, 405, 413, 415, 422, 429, 431, 500, 501, 503)
+_COMMON = (400, 401, 404, 405, 408, 413, 415, 417, 422, 429, 431, 500, 501, 503)
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {

@@ -27,6 +27,17 @@ class VerificationError(Exception):
         return PROBLEM_BASE + self.slug
 
 
+class BadBody(VerificationError):
+    """A body that cannot be read as sent: its Content-Encoding does not decode, or it is cut
+    short. (The base class's 400 ``bad-request``.)"""
+
+
+class BodyTimeout(VerificationError):
+    status = 408
+    slug = "request-timeout"
+    title = "The request body did not arrive in time"
+
+
 class InvalidRequest(VerificationError):
     status = 422
     slug = "invalid-request"

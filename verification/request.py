@@ -5,6 +5,7 @@ strict JSON body reader.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from verification.errors import InvalidRequest
+from verification.errors import BadBody, BodyTimeout, InvalidRequest
 from verification.limits import LimitCheck
 
 KEY_ID = web.RequestKey("key_id", str)
@@ -46,12 +47,27 @@ def take_request_checks(request: web.Request) -> list[LimitCheck]:
     return checks
 
 
+MAX_BODY = 64 * 1024  # the app's client_max_size: 413 past it
+BODY_READ_S = 10.0  # a body (at most 64 KiB) still arriving after this is a slow client
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx problem."""
     ctype = request.content_type
     if request.can_read_body and ctype not in ("application/json", "application/merge-patch+json"):
         raise web.HTTPUnsupportedMediaType()
-    raw = await request.read()  # client_max_size makes this 413 past 64 KiB
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY:  # at once, not after reading 64 KiB
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=declared)
+    try:
+        async with asyncio.timeout(BODY_READ_S):
+            raw = await request.read()  # client_max_size makes this 413 past 64 KiB
+    except TimeoutError:
+        _read_no_more(request)
+        raise BodyTimeout(f"the body was not complete after {BODY_READ_S:g} s") from None
+    except web.RequestPayloadError:
+        _read_no_more(request)
+        raise BadBody("the body cannot be read as sent (its Content-Encoding?)") from None
     if not raw:
         raise InvalidRequest("the body must be a JSON object")
     # orjson takes RFC 8259 JSON only: UTF-8 (a leading byte-order mark is skipped, as the RFC
@@ -64,3 +80,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
+
+
+def _read_no_more(request: web.Request) -> None:
+    """Give up on the rest of a body: aiohttp would otherwise go on reading it after the
+    answer (up to 10 s for a slow client, and log a body that does not decode as an
+    unhandled error). The answer closes the connection."""
+    request.content.feed_eof()

@@ -6,13 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
-from tests.integration.conftest import API_KEY, MOBILE, StartService, read_code
+from clinic_voice import http as http_module
+from clinic_voice.app import build_app
+from clinic_voice.http import ProblemAppRunner
+from sip_config.settings import Settings
+from tests.conftest import RedisServer
+from tests.integration.conftest import (
+    API_KEY,
+    MOBILE,
+    Api,
+    StartService,
+    read_code,
+    service_env,
+)
 from tests.peers.sms_gateway import SmsGateway
+from verification import request as request_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -299,3 +317,176 @@ async def test_a_utf8_byte_order_mark_is_skipped(
     )
     assert answer.status == 201, answer.text
     assert [s.to for s in await sms_gateway.wait_for(1)] == [MOBILE]
+
+
+# -- requests that are HTTP but not as a client library sends them --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+async def raw_exchange(api: Api, head: str, body: bytes = b"", *, read_s: float = 3.0) -> RawAnswer:
+    """Send ``head`` (request line and headers, with the API key) and ``body`` on a socket of
+    its own, and read the final answer (past any 100 Continue); checked against the OpenAPI
+    document like every other answer."""
+    port = api.client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = head.replace("\n", "\r\n") + f"Authorization: Bearer {API_KEY}\r\n\r\n"
+        writer.write(request.encode() + body)
+        await writer.drain()
+        async with asyncio.timeout(read_s):
+            while True:
+                lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+                status = int(lines[0].split()[1])
+                headers = CIMultiDict(
+                    (k.strip(), v.strip())
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                )
+                if status != 100:
+                    break
+            answer = await reader.readexactly(int(headers.get("content-length", "0")))
+    finally:
+        writer.close()
+    path = head.split()[1]
+    ctype = headers.get("content-type", "").split(";")[0]
+    method = head.split(maxsplit=1)[0]
+    errors = api.collector.check(method, path, status, ctype, answer, headers=headers)
+    assert not errors, errors
+    return RawAnswer(status, headers, answer)
+
+
+def assert_problem(answer: RawAnswer, status: int, slug: str) -> dict[str, Any]:
+    assert answer.status == status, answer
+    assert answer.headers["content-type"].startswith("application/problem+json"), answer
+    body = dict(json.loads(answer.body))
+    assert body["type"].endswith("/" + slug), body
+    assert answer.headers.get("cache-control") == "no-store", answer.headers
+    return body
+
+
+POST_CREATE = f"POST {CREATE} HTTP/1.1\nHost: test\nContent-Type: application/json\n"
+
+
+async def test_a_body_that_does_not_decode_is_400_not_a_fault(
+    start_service: StartService, caplog: pytest.LogCaptureFixture, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    answer = await raw_exchange(
+        api, POST_CREATE + "Content-Encoding: gzip\nContent-Length: 5\n", b"abcde"
+    )
+    assert "Content-Encoding" in assert_problem(answer, 400, "bad-request")["detail"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "not a fault of ours"
+    assert sms_gateway.received == []
+
+
+async def test_an_expectation_other_than_100_continue_is_417(start_service: StartService) -> None:
+    api = await start_service()
+    body = json.dumps({"phone": MOBILE}).encode()
+    length = f"Content-Length: {len(body)}\n"
+    refused = await raw_exchange(api, POST_CREATE + length + "Expect: 200-ok\n", body)
+    assert_problem(refused, 417, "expectation-failed")
+    made = await raw_exchange(api, POST_CREATE + length + "Expect: 100-continue\n", body)
+    assert made.status == 201, made
+
+
+async def test_a_body_declared_too_large_is_413_at_once(start_service: StartService) -> None:
+    api = await start_service()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    answer = await raw_exchange(api, POST_CREATE + "Content-Length: 99999999999\n", b"{")
+    assert_problem(answer, 413, "body-too-large")
+    assert loop.time() - start < 1.0, "it must not wait for a body it will refuse"
+    assert answer.headers.get("connection") == "close"
+
+
+async def test_a_body_that_never_completes_is_408(
+    start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(request_module, "BODY_READ_S", 0.3)
+    api = await start_service()
+    answer = await raw_exchange(api, POST_CREATE + "Content-Length: 100\n", b'{"phone":')
+    assert_problem(answer, 408, "request-timeout")
+    assert answer.headers.get("connection") == "close"
+
+
+async def test_a_client_gone_mid_body_is_not_a_fault(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Served as `serve` serves it (the test client's server cancels a handler whose client
+    # left; serve's lets it run and meet the closed connection).
+    caplog.set_level(logging.INFO, logger="clinic_voice.http")
+    settings = Settings.from_env(service_env(redis_server.url, tmp_path / "data", sms_gateway))
+    runner = ProblemAppRunner(build_app(settings), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = POST_CREATE + f"Content-Length: 100\nAuthorization: Bearer {API_KEY}\n\n"
+        writer.write(head.replace("\n", "\r\n").encode() + b'{"phone":')
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3.0
+        while not [r for r in caplog.records if "closed the connection" in r.getMessage()]:
+            assert loop.time() < end, "the service did not notice the client leave"
+            await asyncio.sleep(0.05)
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], "not a fault of ours"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            metrics = await resp.text()
+        assert 'status="499"' in metrics and 'status="500"' not in metrics
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_connection_whose_headers_never_complete_is_closed(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A client sending headers a byte at a time (slowloris) holds a connection until the
+    # idle timeout, which aiohttp sets to an hour unless told.
+    monkeypatch.setattr(http_module, "KEEPALIVE_S", 0.5)
+    settings = Settings.from_env(service_env(redis_server.url, tmp_path / "data", sms_gateway))
+    runner = ProblemAppRunner(build_app(settings), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"POST /v1/verifications HTTP/1.1\r\nHost: t\r\nX-Slow: a")
+        await writer.drain()
+        async with asyncio.timeout(3.0):
+            assert await reader.read() == b"", "closed without an answer"
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_every_v1_error_is_not_cached(start_service: StartService) -> None:
+    api = await start_service()
+    answers = [
+        await api.request("GET", f"{CREATE}/{'A' * 32}"),  # 404: says whether an id exists
+        await api.request("GET", f"{CREATE}/{'A' * 32}", key="wrong-key-0123456789"),  # 401
+        await api.create(phone=PREMIUM_NL),  # 403: says what a number is
+        await api.create(phone="not a number"),  # 422
+        await api.request("PUT", CREATE),  # 405
+    ]
+    for answer in answers:
+        assert answer.status >= 400
+        assert answer.headers.get("Cache-Control") == "no-store", (answer.status, answer.text)
