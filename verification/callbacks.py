@@ -19,6 +19,8 @@ import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from verification.addresses import embedded_ipv4
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -29,10 +31,22 @@ class CallbackRefused(ValueError):
     """The URL is not one the service will call back; the message says why."""
 
 
+# NAT64 for one network's own use (RFC 8215): it reaches that network's IPv4 hosts, private
+# ones included, and where in the address the IPv4 host sits is the network's choice.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def reachable(address: Address, networks: Sequence[Network] = ()) -> bool:
-    """Whether a callback may connect to ``address``."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Whether a callback may connect to ``address`` (an IPv6 address that carries an IPv4
+    host, :func:`~verification.addresses.embedded_ipv4`, is that host)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if any(address in net for net in networks):
+            return True
+        if address in _LOCAL_NAT64:
+            return False
+        ipv4 = embedded_ipv4(address)
+        if ipv4 is not None:
+            address = ipv4
     if any(address in net for net in networks):
         return True
     return address.is_global and not address.is_multicast

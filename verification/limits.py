@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from sip_config.settings import Rate, VerificationSettings
 from verification import keys
+from verification.addresses import embedded_ipv4
 from verification.errors import RateLimited
 from verification.model import Phone
 from verification.numbers import prefix_key
@@ -116,27 +117,23 @@ class LimitDecision:
             raise RateLimited(self.blocked_by.describe(), self.retry_after_s)
 
 
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: an IPv4 host behind NAT64
-
-
 def address_subject(address: str, ipv6_prefix: int = 64) -> str:
     """What a client address is counted as: an IPv4 address is itself; an IPv6 address is its
     network of ``ipv6_prefix`` bits (CLINIC_LIMIT_IPV6_PREFIX), since one site (a home, a
     phone, a cloud VM) is handed at least a /64 and can use any of its 2^64 addresses: counted
     one by one, a guesser would take a new address for every guess and never meet a limit.
-    An IPv4 host seen through IPv6 (``::ffff:a.b.c.d``, or NAT64's ``64:ff9b::a.b.c.d``) is
-    its IPv4 address: otherwise every IPv4 client of one NAT64 gateway would share one count.
-    Anything else (a unix-socket peer) is counted as it is."""
+    An IPv4 host seen through IPv6 (:func:`~verification.addresses.embedded_ipv4`: mapped,
+    NAT64, 6to4) is its IPv4 address: otherwise every IPv4 client of one NAT64 gateway would
+    share one count. Anything else (a unix-socket peer) is counted as it is."""
     if ":" not in address:  # IPv4, the common case: no parsing on the hot path
         return address
     try:
         ip = ipaddress.IPv6Address(address)
     except ValueError:
         return address
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    if ip in _NAT64:
-        return str(ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF))
+    ipv4 = embedded_ipv4(ip)
+    if ipv4 is not None:
+        return str(ipv4)
     return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 

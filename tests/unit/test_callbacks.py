@@ -21,6 +21,14 @@ LAN = (ipaddress.ip_network("10.20.0.0/16"),)
         ("::1", (), False),
         ("::ffff:127.0.0.1", (), False),  # loopback, written as IPv6
         ("::ffff:93.184.216.34", (), True),
+        ("64:ff9b::7f00:1", (), False),  # NAT64 (RFC 6052): loopback behind the gateway
+        ("64:ff9b::a9fe:a9fe", (), False),  # NAT64: the metadata service
+        ("64:ff9b::5db8:d822", (), True),  # NAT64: a public IPv4 host
+        ("64:ff9b:1::a00:1", (), False),  # local-use NAT64 (RFC 8215): the LAN's hosts
+        ("2002:7f00:1::", (), False),  # 6to4 (RFC 3056) of loopback
+        ("2002:a14:105::1", (), False),  # 6to4 of 10.20.1.5
+        ("2002:a14:105::1", LAN, True),  # ...which the operator allowed
+        ("2002:5db8:d822::1", (), True),  # 6to4 of a public host
         ("10.20.1.5", (), False),
         ("10.20.1.5", LAN, True),
         ("10.21.1.5", LAN, False),
@@ -71,6 +79,8 @@ def test_accepted(url: str) -> None:
         ("http://169.254.169.254/latest/meta-data/", "not a public address"),
         ("http://127.0.0.1:6379/", "not a public address"),
         ("http://[::1]/", "not a public address"),
+        ("http://[64:ff9b::7f00:1]/", "not a public address"),
+        ("http://[2002:7f00:1::]/", "not a public address"),
         ("http://10.0.0.1/", "not a public address"),
         ("http://-bad-.example/", "not a valid name"),
         ("http://" + "a" * 64 + ".example/", "not a valid name"),

@@ -62,6 +62,7 @@ def test_wrong_keys_are_counted_per_address() -> None:
         ("::1", "::/64"),
         ("64:ff9b::203.0.113.9", "203.0.113.9"),  # NAT64: the IPv4 host behind it
         ("64:ff9b:1::cb00:7109", "64:ff9b:1::/64"),  # not the well-known /96
+        ("2002:cb00:7109:5::1", "203.0.113.9"),  # 6to4: the site behind that IPv4 host
         ("unknown", "unknown"),
         ("not:an:address", "not:an:address"),
     ],
