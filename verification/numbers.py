@@ -54,6 +54,10 @@ _KINDS = {
     PhoneNumberType.UNKNOWN: NumberKind.UNKNOWN,
 }
 
+#: phonenumbers' region of country codes that belong to no country (+800, +808, +870, +881,
+#: +882, +883, +888, +979): satellite systems, international networks, UIFN freephone.
+NON_GEOGRAPHIC = "001"
+
 #: Types the service never sends to, with the reason given to the client.
 REFUSED_KINDS: dict[NumberKind, str] = {
     NumberKind.PREMIUM_RATE: "premium-rate numbers are refused (toll fraud risk)",
@@ -154,6 +158,13 @@ def enforce_policy(phone: Phone, allowed_countries: frozenset[str]) -> None:
     reason = REFUSED_KINDS.get(phone.kind)
     if reason:
         raise NumberRefused(reason, reason=phone.kind.value)
+    if phone.region == NON_GEOGRAPHIC:
+        raise NumberRefused(
+            f"numbers of international networks (+{phone.country_code}: satellite phones, "
+            "global services, international freephone) are refused: no clinic's patient "
+            "needs one, and they are a favourite of SMS pumping",
+            reason="non_geographic",
+        )
     if allowed_countries and phone.region not in allowed_countries:
         raise NumberRefused(
             f"numbers in {phone.region or 'this country'} are not served here",

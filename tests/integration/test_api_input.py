@@ -265,6 +265,16 @@ async def test_premium_rate_number_is_403_with_reason(
     assert sms_gateway.received == []
 
 
+async def test_a_satellite_number_is_403_and_gets_nothing(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    body = (await api.create(phone="+870772123456")).problem(403, "number-refused")
+    assert body["reason"] == "non_geographic"
+    await asyncio.sleep(0.05)
+    assert sms_gateway.received == []
+
+
 async def test_allowed_countries_refuse_others_with_403(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:

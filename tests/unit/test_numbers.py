@@ -193,8 +193,6 @@ def test_other_kinds_are_served(raw: str) -> None:
         ("+14165550123", frozenset({"CA"}), True),
         ("+447400123456", frozenset({"GB"}), True),
         ("+447400123456", frozenset({"NL"}), False),
-        ("+80012345678", frozenset({"NL"}), False),  # non-geographic
-        ("+80012345678", frozenset(), True),
     ],
 )
 def test_allowed_countries(raw: str, allowed: frozenset[str], served: bool) -> None:
@@ -207,6 +205,25 @@ def test_allowed_countries(raw: str, allowed: frozenset[str], served: bool) -> N
     assert err.value.status == 403
     assert err.value.extra == {"reason": "country"}
     assert "not served" in err.value.detail
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "+870772123456",  # Inmarsat
+        "+881612345678",  # a global satellite system
+        "+883510012345",  # an international network
+        "+80012345678",  # international freephone
+    ],
+)
+@pytest.mark.parametrize("allowed", [frozenset(), frozenset({"NL"})])
+def test_numbers_of_international_networks_are_refused(raw: str, allowed: frozenset[str]) -> None:
+    phone = parse_phone(raw)
+    assert phone.region == "001"
+    with pytest.raises(NumberRefused) as err:
+        enforce_policy(phone, allowed)
+    assert err.value.extra == {"reason": "non_geographic"}
+    assert f"+{phone.country_code}" in err.value.detail
 
 
 # -- prefixes ----------------------------------------------------------------------------------
