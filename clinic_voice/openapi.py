@@ -156,6 +156,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "phone": {
                 "type": "string",
+                "minLength": 1,
                 "maxLength": 32,
                 "description": "E.164, or national with region",
             },

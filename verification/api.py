@@ -119,7 +119,13 @@ def parse_create(
             raise NoChannelConfigured(
                 "configure an SMS gateway, a SIP route or a flash-call prefix"
             )
-        method = available[0]
+        # The first configured channel the fallback list does not name.
+        free = [c for c in available if fallback is None or c not in fallback]
+        if not free:
+            raise InvalidRequest(
+                "'fallback' names every configured channel: give 'method' too", field="method"
+            )
+        method = free[0]
     if fallback is None:
         fallback = tuple(c for c in CHANNEL_ORDER if c != method and c in available)
     plan = (method, *fallback)

@@ -41,7 +41,7 @@ class BodyTimeout(VerificationError):
 class InvalidRequest(VerificationError):
     status = 422
     slug = "invalid-request"
-    title = "The request body is not valid"
+    title = "The request is not valid"
 
 
 class InvalidNumber(VerificationError):
@@ -71,7 +71,7 @@ class NoChannelConfigured(VerificationError):
 class NotFound(VerificationError):
     status = 404
     slug = "not-found"
-    title = "No such verification"
+    title = "Not found"
 
 
 class NotPending(VerificationError):

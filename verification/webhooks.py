@@ -150,6 +150,7 @@ class WebhookSender:
             SIGNATURE_HEADER: sign(self._secret, ts, body),
         }
         error = ""
+        tried = attempt  # the attempts made, this one included
         try:
             answer = await client.post(url, body, headers, timeout_s=self._s.webhook_timeout_s)
         except TimeoutError:
@@ -167,10 +168,10 @@ class WebhookSender:
         what = event["type"]
         if attempt > self._s.webhook_retries:
             log.error(
-                "verification %s: webhook of its %s event given up after %d attempts: %s",
+                "verification %s: webhook of its %s event given up after %d attempt(s): %s",
                 vid,
                 what,
-                attempt,
+                tried,
                 error,
             )
             await self._store.finish_webhook(job_id)

@@ -215,7 +215,10 @@ async def test_callback_url_of_the_verification_gets_its_events(
 
 
 async def test_a_callback_url_that_resolves_into_the_clinic_network_is_never_called(
-    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    webhook_receiver: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A host name passes the check at create (only its form can be checked then); it is
     # resolved when the webhook connects, and "localhost" resolves to loopback, which is not
@@ -238,6 +241,8 @@ async def test_a_callback_url_that_resolves_into_the_clinic_network_is_never_cal
     assert {h.path for h in webhook_receiver.received} == {"/global"}, "the callback was called"
     assert vid not in {h.json()["verification_id"] for h in hooks}
     assert (await _webhook_outcomes(api)).get("given_up", 0) >= 3, "refused: given up at once"
+    given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
+    assert given_up and all("after 1 attempt(s)" in line for line in given_up), given_up
 
 
 async def test_an_unreadable_webhook_job_is_dropped_and_the_others_still_delivered(

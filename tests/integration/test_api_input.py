@@ -75,7 +75,19 @@ CREATE_CASES = [
     Bad("method unknown", 422, "invalid-request", {"phone": MOBILE, "method": "fax"}),
     Bad("method not configured", 422, "channel-unavailable", {"phone": MOBILE, "method": "voice"}),
     Bad("fallback not a list", 422, "invalid-request", {"phone": MOBILE, "fallback": "sms"}),
-    Bad("channel twice", 422, "invalid-request", {"phone": MOBILE, "fallback": ["sms"]}),
+    Bad(
+        "channel twice",
+        422,
+        "invalid-request",
+        {"phone": MOBILE, "method": "sms", "fallback": ["sms"]},
+    ),
+    # sms is the only channel here: nothing is left for the method to default to
+    Bad(
+        "fallback names every channel",
+        422,
+        "invalid-request",
+        {"phone": MOBILE, "fallback": ["sms"]},
+    ),
     Bad("locale bad", 422, "invalid-request", {"phone": MOBILE, "locale": "en_US!"}),
     Bad("locale huge", 422, "invalid-request", {"phone": MOBILE, "locale": "x" * 10_000}),
     Bad("callback not http", 422, "invalid-request", {"phone": MOBILE, "callback_url": "ftp://x"}),

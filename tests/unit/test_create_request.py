@@ -1,0 +1,44 @@
+"""The plan a create asks for (:func:`verification.api.parse_create`): which channel a
+verification starts on when ``method`` is left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from verification.api import parse_create
+from verification.errors import InvalidRequest
+from verification.model import Channel
+
+PHONE = "+31612345678"
+FLASH, SMS, VOICE = Channel.FLASHCALL, Channel.SMS, Channel.VOICE
+
+
+@pytest.mark.parametrize(
+    ("body", "available", "plan"),
+    [
+        ({}, (FLASH, SMS, VOICE), (FLASH, SMS, VOICE)),
+        ({"fallback": []}, (FLASH, SMS), (FLASH,)),
+        # The method is the first configured channel the fallback list does not name.
+        ({"fallback": ["flashcall"]}, (FLASH, SMS), (SMS, FLASH)),
+        ({"fallback": ["flashcall", "sms"]}, (FLASH, SMS, VOICE), (VOICE, FLASH, SMS)),
+        ({"method": "voice"}, (FLASH, SMS, VOICE), (VOICE, FLASH, SMS)),
+    ],
+)
+def test_the_plan(
+    body: dict[str, object], available: tuple[Channel, ...], plan: tuple[Channel, ...]
+) -> None:
+    assert parse_create({"phone": PHONE, **body}, available).plan == plan
+
+
+@pytest.mark.parametrize(
+    ("body", "available", "says"),
+    [
+        ({"fallback": ["sms"]}, (SMS,), "give 'method' too"),
+        ({"method": "sms", "fallback": ["sms"]}, (SMS,), "appears twice"),
+    ],
+)
+def test_a_plan_that_cannot_be(
+    body: dict[str, object], available: tuple[Channel, ...], says: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=says):
+        parse_create({"phone": PHONE, **body}, available)
