@@ -99,7 +99,9 @@ def route_name(request: web.Request) -> str:
 def client_ip(request: web.Request, trusted: frozenset[str]) -> str:
     peer = request.remote or "unknown"
     if peer in trusted:
-        forwarded = request.headers.get("X-Forwarded-For", "")
+        # Every X-Forwarded-For line, in order: a proxy may add a line of its own rather than
+        # extend the client's, and reading the first line only would believe the client's.
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
         hops = [h.strip() for h in forwarded.split(",") if h.strip()]
         # The last hop not added by a trusted proxy is the client.
         for hop in reversed(hops):

@@ -24,7 +24,7 @@ import jsonschema
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -243,8 +243,9 @@ class Api:
         headers: Mapping[str, str] | None = None,
         key: str | None = "",
     ) -> Answer:
-        """Send one request. ``key=""``: the default key; ``None``: no Authorization header."""
-        hdrs = dict(headers or {})
+        """Send one request. ``key=""``: the default key; ``None``: no Authorization header.
+        ``headers`` may repeat a name (a CIMultiDict): each line is sent."""
+        hdrs: CIMultiDict[str] = CIMultiDict(headers or {})
         use_key = self.key if key == "" else key
         if use_key is not None and "Authorization" not in hdrs:
             hdrs["Authorization"] = f"Bearer {use_key}"

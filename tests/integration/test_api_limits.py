@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from multidict import CIMultiDict
 
 from sip_config.clock import FakeClock
 from tests.integration.conftest import OTHER_KEY, Answer, StartService
@@ -136,6 +137,9 @@ async def test_per_client_ip_behind_a_trusted_proxy(start_service: StartService)
     # A proxy that adds the client's port: still the client, not the proxy.
     ported = {"X-Forwarded-For": "203.0.113.9:4711"}
     assert_limited(await api.request("GET", missing, headers=ported), "from this address", 60)
+    # A forged line of its own before the proxy's: every line counts, the proxy's last.
+    two_lines = CIMultiDict([("X-Forwarded-For", "192.0.2.77"), ("X-Forwarded-For", "203.0.113.9")])
+    assert_limited(await api.request("GET", missing, headers=two_lines), "from this address", 60)
     assert (
         await api.request("GET", missing, headers={"X-Forwarded-For": "[2001:db8::9]:443"})
     ).status == 404
