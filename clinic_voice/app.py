@@ -21,7 +21,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from clinic_voice import redis_durability, shared_secret
-from clinic_voice.http import build_middlewares, problem, with_expect_handler
+from clinic_voice.http import build_middlewares, problem, problem_net, with_expect_handler
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
@@ -218,6 +218,7 @@ def build_app(
             clock_now=clock.now,
         ),
     )
+    app.on_response_prepare.append(problem_net)
     app[RUNTIME] = rt
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

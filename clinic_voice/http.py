@@ -24,6 +24,7 @@ from verification import limits
 from verification.errors import PROBLEM_BASE, RateLimited, VerificationError
 from verification.request import (
     KEY_ID,
+    MAX_BODY,
     REQUEST_CHECKS,
     is_self_admitted,
     take_request_checks,
@@ -45,6 +46,7 @@ HTTP_SLUGS = {
     405: ("method-not-allowed", "Method not allowed"),
     413: ("body-too-large", "The request body is larger than 64 KiB"),
     415: ("unsupported-media-type", "Send JSON (application/json)"),
+    417: ("expectation-failed", "Only Expect: 100-continue is understood"),
     431: ("header-too-large", "The request line or headers are too large"),
     500: ("internal", "Internal error"),
     501: ("method-not-implemented", "The server does not know this method"),
@@ -62,20 +64,25 @@ def problem(status: int, slug: str, title: str, detail: str = "", **extra: Any) 
 
 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
-    """The answer to an ``Expect`` header: ``100-continue`` as aiohttp answers it, any other
-    expectation 417 as a problem document (aiohttp's own 417 is text/plain, and its expect
-    handler runs before the middlewares)."""
+    """The answer to an ``Expect`` header on a route of the service. ``100-continue``: a body
+    ``Content-Length`` says is too large is refused (413) before the client sends it, else
+    100 Continue as aiohttp sends it. Any other expectation: 417, as a problem document by
+    :func:`problem_net` (aiohttp's own 417 is text/plain; it answers it itself for a path or
+    method that has no route)."""
     if request.version != HttpVersion11:
         return None
     expect = request.headers.get(hdrs.EXPECT, "")
-    if expect.lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer itself is still to come
-        return None
-    resp = problem(417, "expectation-failed", "Only Expect: 100-continue is understood")
-    if request.path.startswith("/v1/"):
-        resp.headers["Cache-Control"] = "no-store"
-    return resp
+    if expect.lower() != "100-continue":
+        return problem(417, *HTTP_SLUGS[417])
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY:
+        request.content.feed_eof()  # the client waits for this answer: no body follows
+        refused = problem(413, *HTTP_SLUGS[413])
+        refused.force_close()
+        return refused
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer itself is still to come
+    return None
 
 
 def with_expect_handler(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
@@ -84,6 +91,25 @@ def with_expect_handler(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
         web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect_handler})
         for r in routes
     ]
+
+
+async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
+    """``on_response_prepare``, for every answer: each ``/v1`` answer, errors included, says
+    ``Cache-Control: no-store`` (it may hold a phone number or a call's health data, or say
+    whether one exists), and an error answer that is not yet a problem document becomes one.
+    The middlewares make nearly all of them; this also covers what aiohttp answers before
+    them (an unknown ``Expect``, on a route or not)."""
+    if request.path.startswith("/v1/"):
+        resp.headers["Cache-Control"] = "no-store"
+    if resp.status < 400 or resp.content_type == PROBLEM_TYPE or not isinstance(resp, web.Response):
+        return
+    slug, title = HTTP_SLUGS.get(resp.status, ("http-error", resp.reason))
+    body = json.dumps({"type": PROBLEM_BASE + slug, "title": title, "status": resp.status})
+    resp.body = body.encode()
+    resp.content_type = PROBLEM_TYPE
+    resp.charset = None
+    # aiohttp has counted the old body's length by now: the headers are written after this
+    resp.headers[hdrs.CONTENT_LENGTH] = str(len(resp.body))
 
 
 def key_id(key: str) -> str:
@@ -170,14 +196,6 @@ def build_middlewares(
 
     @web.middleware
     async def problems_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resp = await answer_or_problem(request, handler)
-        if request.path.startswith("/v1/"):
-            # Every /v1 answer, an error too, may hold a phone number or a call's health data
-            # (or say whether one exists): no cache keeps it.
-            resp.headers["Cache-Control"] = "no-store"
-        return resp
-
-    async def answer_or_problem(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except VerificationError as exc:
@@ -197,7 +215,7 @@ def build_middlewares(
             for h in ("Allow", "WWW-Authenticate"):
                 if h in exc.headers:
                     resp.headers[h] = exc.headers[h]
-            if exc.status == 413:  # do not read the rest of a body refused for its size
+            if exc.status == 413:  # no keep-alive after a body refused for its size
                 resp.force_close()
             return resp
         except ConnectionResetError:

@@ -58,6 +58,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise web.HTTPUnsupportedMediaType()
     declared = request.content_length
     if declared is not None and declared > MAX_BODY:  # at once, not after reading 64 KiB
+        _read_no_more(request)
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=declared)
     try:
         if request.content.is_eof():  # all of it has arrived (the usual small body): no wait
@@ -87,6 +88,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 def _read_no_more(request: web.Request) -> None:
     """Give up on the rest of a body: aiohttp would otherwise go on reading it after the
-    answer (up to 10 s for a slow client, and log a body that does not decode as an
-    unhandled error). The answer closes the connection."""
+    answer (up to 10 s, however large, and log a body that does not decode as an unhandled
+    error). The connection closes after the answer; a client still sending may see its send
+    fail before it reads the answer, which HTTP allows for a refused body."""
     request.content.feed_eof()
