@@ -219,8 +219,12 @@ def build_middlewares(
                 resp.force_close()
             return resp
         except ConnectionResetError:
-            # The client went away mid-request (mid-body): not a fault of the service. The
-            # answer reaches nobody; its status is what the metrics count (nginx's 499).
+            if request.transport is not None and not request.transport.is_closing():
+                # The client is still there: a reset of some other connection is ours.
+                log.exception("%s %s: unhandled error", request.method, request.path)
+                return problem(500, "internal", "Internal error")
+            # The client went away while sending its request: not a fault of the service.
+            # The answer reaches nobody; its status is what the metrics count (nginx's 499).
             log.info("%s %s: the client closed the connection", request.method, request.path)
             gone = web.Response(status=CLIENT_GONE)
             gone.force_close()
@@ -347,7 +351,7 @@ class _ProblemServer(web.Server):
 # A connection idle this long is closed: between requests, and before the first one's
 # headers are complete (aiohttp's default, an hour, let a client that sends headers a byte at
 # a time hold a connection, and with it a file descriptor, for that long).
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 20.0  # longer than aiohttp's client pool keeps an idle connection (15 s)
 
 
 class ProblemAppRunner(web.AppRunner):

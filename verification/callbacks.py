@@ -34,6 +34,10 @@ class CallbackRefused(ValueError):
 # NAT64 for one network's own use (RFC 8215): it reaches that network's IPv4 hosts, private
 # ones included, and where in the address the IPv4 host sits is the network's choice.
 _LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+# Global unicast: every public IPv6 address is in it. Outside it (IPv4-compatible ::a.b.c.d,
+# SIIT's ::ffff:0:a.b.c.d, site-local fec0::/10, ...) Python's is_global says yes to forms a
+# host may route to itself or its LAN.
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 
 
 def reachable(address: Address, networks: Sequence[Network] = ()) -> bool:
@@ -47,6 +51,8 @@ def reachable(address: Address, networks: Sequence[Network] = ()) -> bool:
         ipv4 = embedded_ipv4(address)
         if ipv4 is not None:
             address = ipv4
+        elif address not in _GLOBAL_UNICAST:
+            return False
     if any(address in net for net in networks):
         return True
     return address.is_global and not address.is_multicast

@@ -29,6 +29,10 @@ LAN = (ipaddress.ip_network("10.20.0.0/16"),)
         ("2002:a14:105::1", (), False),  # 6to4 of 10.20.1.5
         ("2002:a14:105::1", LAN, True),  # ...which the operator allowed
         ("2002:5db8:d822::1", (), True),  # 6to4 of a public host
+        ("::7f00:1", (), False),  # IPv4-compatible (deprecated) loopback
+        ("::ffff:0:7f00:1", (), False),  # SIIT's IPv4-translated loopback
+        ("fec0::1", (), False),  # site-local (deprecated)
+        ("100::1", (), False),  # discard-only
         ("10.20.1.5", (), False),
         ("10.20.1.5", LAN, True),
         ("10.21.1.5", LAN, False),
