@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -468,22 +470,31 @@ async def test_a_body_that_never_completes_is_408(
     assert answer.headers.get("connection") == "close"
 
 
-async def test_a_client_gone_mid_body_is_not_a_fault(
-    redis_server: RedisServer,
-    sms_gateway: SmsGateway,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # Served as `serve` serves it (the test client's server cancels a handler whose client
-    # left; serve's lets it run and meet the closed connection).
-    caplog.set_level(logging.INFO, logger="clinic_voice.http")
+@asynccontextmanager
+async def served_as_serve_does(
+    redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
+) -> AsyncIterator[int]:
+    """The app on serve's own runner (the test client's server cancels a handler whose client
+    left, where serve's lets it run; and it keeps aiohttp's idle timeout); yields its port."""
     settings = Settings.from_env(service_env(redis_server.url, tmp_path / "data", sms_gateway))
     runner = ProblemAppRunner(build_app(settings), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = runner.addresses[0][1]
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_gone_mid_body_is_not_a_fault(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="clinic_voice.http")
+    async with served_as_serve_does(redis_server, sms_gateway, tmp_path) as port:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         head = POST_CREATE + f"Content-Length: 100\nAuthorization: Bearer {API_KEY}\n\n"
         writer.write(head.replace("\n", "\r\n").encode() + b'{"phone":')
@@ -502,8 +513,6 @@ async def test_a_client_gone_mid_body_is_not_a_fault(
         ):
             metrics = await resp.text()
         assert 'status="499"' in metrics and 'status="500"' not in metrics
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_connection_whose_headers_never_complete_is_closed(
@@ -515,20 +524,13 @@ async def test_a_connection_whose_headers_never_complete_is_closed(
     # A client sending headers a byte at a time (slowloris) holds a connection until the
     # idle timeout, which aiohttp sets to an hour unless told.
     monkeypatch.setattr(http_module, "KEEPALIVE_S", 0.5)
-    settings = Settings.from_env(service_env(redis_server.url, tmp_path / "data", sms_gateway))
-    runner = ProblemAppRunner(build_app(settings), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    async with served_as_serve_does(redis_server, sms_gateway, tmp_path) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /v1/verifications HTTP/1.1\r\nHost: t\r\nX-Slow: a")
         await writer.drain()
         async with asyncio.timeout(3.0):
             assert await reader.read() == b"", "closed without an answer"
         writer.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_every_v1_error_is_not_cached(start_service: StartService) -> None:

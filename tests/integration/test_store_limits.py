@@ -54,18 +54,25 @@ def _client_fallback(seen: int | None) -> Callable[[Verification], tuple[rules.T
     return lambda v: (rules.request_fallback(v, time.time(), POLICY, seen), None)
 
 
+async def _counted_fallback(
+    store: VerificationStore, seen: Stored
+) -> tuple[rules.Transition, None, Stored]:
+    """A client's /fallback that read ``seen``, counting the number's one send with its move."""
+    return await store.update_stored(
+        seen.verification.id,
+        _client_fallback(seen.verification.step),
+        known=seen,
+        checks=[ONE_SEND],
+        now=time.time(),
+    )
+
+
 async def test_a_fallback_that_lost_the_race_counts_no_send(store: VerificationStore) -> None:
     stale = await _made(store, "a" * 32)
     # Another writer (the step timer, or another request) moves first...
     await store.update(stale.verification.id, _client_fallback(None))
     # ...then the client's request, which read the record before that move, writes.
-    transition, _, written = await store.update_stored(
-        stale.verification.id,
-        _client_fallback(stale.verification.step),
-        known=stale,
-        checks=[ONE_SEND],
-        now=time.time(),
-    )
+    transition, _, written = await _counted_fallback(store, stale)
     assert written.verification.step == 1, "one move, not two"
     assert transition.verification == written.verification, "the request changed nothing"
     decision = await store.hit_limits([ONE_SEND], time.time())
@@ -80,25 +87,13 @@ async def test_a_fallback_that_lost_the_race_at_the_limit_is_not_refused(
     stale = await _made(store, "d" * 32)
     await store.update(stale.verification.id, _client_fallback(None))
     assert (await store.hit_limits([ONE_SEND], time.time())).allowed  # the timer's send
-    _, _, written = await store.update_stored(
-        stale.verification.id,
-        _client_fallback(stale.verification.step),
-        known=stale,
-        checks=[ONE_SEND],
-        now=time.time(),
-    )
+    _, _, written = await _counted_fallback(store, stale)
     assert written.verification.step == 1
 
 
 async def test_a_fallback_that_moves_counts_its_send_once(store: VerificationStore) -> None:
     stored = await _made(store, "b" * 32)
-    _, _, written = await store.update_stored(
-        stored.verification.id,
-        _client_fallback(stored.verification.step),
-        known=stored,
-        checks=[ONE_SEND],
-        now=time.time(),
-    )
+    _, _, written = await _counted_fallback(store, stored)
     assert written.verification.step == 1
     assert not (await store.hit_limits([ONE_SEND], time.time())).allowed
 
@@ -107,11 +102,5 @@ async def test_a_fallback_over_the_limit_moves_nothing(store: VerificationStore)
     assert (await store.hit_limits([ONE_SEND], time.time())).allowed  # the one send, used
     stored = await _made(store, "c" * 32)
     with pytest.raises(RateLimited):
-        await store.update_stored(
-            stored.verification.id,
-            _client_fallback(stored.verification.step),
-            known=stored,
-            checks=[ONE_SEND],
-            now=time.time(),
-        )
+        await _counted_fallback(store, stored)
     assert (await store.get(stored.verification.id)).verification.step == 0
