@@ -21,7 +21,13 @@ from aiohttp.web_protocol import RequestHandler
 from clinic_voice.metrics import Metrics
 from sip_config.settings import VerificationSettings
 from verification import limits
-from verification.errors import PROBLEM_BASE, RateLimited, VerificationError
+from verification.errors import (
+    PROBLEM_BASE,
+    BadBody,
+    BodyTimeout,
+    RateLimited,
+    VerificationError,
+)
 from verification.request import (
     KEY_ID,
     MAX_BODY,
@@ -37,8 +43,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PROBLEM_TYPE = "application/problem+json"
 
-# the problem slug and title of each HTTP error aiohttp raises (others: http-error)
 CLIENT_GONE = 499  # the metrics' status of a request whose client closed the connection
+
+# the problem slug and title of each HTTP error aiohttp raises (others: http-error)
 HTTP_SLUGS = {
     400: ("bad-request", "Bad request"),
     401: ("unauthorized", "Missing or wrong API key"),
@@ -66,9 +73,9 @@ def problem(status: int, slug: str, title: str, detail: str = "", **extra: Any) 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
     """The answer to an ``Expect`` header on a route of the service. ``100-continue``: a body
     ``Content-Length`` says is too large is refused (413) before the client sends it, else
-    100 Continue as aiohttp sends it. Any other expectation: 417, as a problem document by
-    :func:`problem_net` (aiohttp's own 417 is text/plain; it answers it itself for a path or
-    method that has no route)."""
+    100 Continue as aiohttp sends it. Any other expectation: 417 as a problem document
+    (aiohttp's own 417 is text/plain; for a path or method with no route aiohttp answers it
+    itself, and :func:`problem_net` makes that one a problem document)."""
     if request.version != HttpVersion11:
         return None
     expect = request.headers.get(hdrs.EXPECT, "")
@@ -204,7 +211,7 @@ def build_middlewares(
                 resp.headers["Retry-After"] = str(exc.retry_after_s)
             if exc.status >= 500:
                 log.error("%s %s: %s", request.method, request.path, exc.detail)
-            if exc.status in (400, 408):  # the rest of a body that could not be read
+            if isinstance(exc, (BadBody, BodyTimeout)):  # its body's rest was not read
                 resp.force_close()
             return resp
         except web.HTTPException as exc:
