@@ -1,8 +1,9 @@
 """Rate-limit decisions (pure): which counters a request touches, and what a refusal says.
 
-Fixed windows aligned to the clock: a counter per (limit, subject, window). Subjects appear in
-Redis key names only as a keyed MAC (:class:`SubjectDigest`), so phone numbers, addresses and
-keys can be neither read nor guessed from them. The store counts all of a request's
+Per-request throttles are fixed windows aligned to the clock (a counter per limit, subject and
+window); the limits per number and prefix are sliding windows (see ``_SLIDING``). Subjects
+appear in Redis key names only as a keyed MAC (:class:`SubjectDigest`), so phone numbers,
+addresses and keys can be neither read nor guessed from them. The store counts all of a request's
 counters in one atomic step, all or nothing, and fails closed: without Redis nothing is sent.
 """
 
@@ -32,6 +33,15 @@ class LimitName(StrEnum):
 
 
 _PER_REQUEST = frozenset({LimitName.KEY_REQUESTS, LimitName.IP_REQUESTS, LimitName.AUTH_FAILURES})
+
+# Limits that protect a patient's phone and the clinic's bill are sliding windows: a log of
+# the events of the last window (a Redis sorted set), so that "5 sends per 10 minutes" holds
+# in every 10 minutes, not per clock-aligned window (which allows 10 in a few seconds across
+# a window's edge). The per-request throttles stay fixed windows: one counter per window,
+# cheaper on every request, and a burst at an edge costs nobody anything.
+_SLIDING = frozenset(
+    {LimitName.NUMBER_VERIFICATIONS, LimitName.NUMBER_SENDS, LimitName.PREFIX_SENDS}
+)
 
 _DESCRIPTIONS = {
     LimitName.KEY_REQUESTS: "requests for this API key",
@@ -90,14 +100,22 @@ class LimitCheck:
         """The counter's name in its window (Redis adds a prefix)."""
         return self.counter(round(now * 1000), digest)[0]
 
+    @property
+    def sliding(self) -> bool:
+        """Counted as a sliding window (a log of the last window's events), not a fixed one."""
+        return self.name in _SLIDING
+
     def counter(self, now_ms: int, digest: SubjectDigest) -> tuple[str, int]:
-        """The counter's name in its window, and the milliseconds until that window ends: the
-        counter lives that long, and a refusal's Retry-After says that long (not a whole
-        window from the first request counted). From the clock in whole milliseconds (on every
-        request: integer steps, no float dust)."""
+        """The counter's name, and a time in milliseconds. A fixed window: the name in its
+        window, and the milliseconds until that window ends (the counter lives that long, and
+        a refusal's Retry-After says that long, not a whole window from the first request
+        counted). A sliding window: one name for all time, and the window's length. From the
+        clock in whole milliseconds (on every request: integer steps, no float dust)."""
         w = self.rate.window_s
-        window, into = divmod(now_ms, w * 1000)
         subject = digest(self.subject, self.name in _PER_REQUEST)
+        if self.name in _SLIDING:
+            return f"{self.name.value}:{w}:{subject}", w * 1000
+        window, into = divmod(now_ms, w * 1000)
         return f"{self.name.value}:{w}:{subject}:{window}", w * 1000 - into
 
     def describe(self) -> str:

@@ -88,24 +88,51 @@ local function cas(k, a, ko, ao)
 end
 """
 
-# Fixed-window limits, all-or-nothing: if any is over, nothing is counted.
-# k[1..n]: counters; a[ao+]: (limit, ms until the window ends)*n
+# Limits, all-or-nothing: if any is over, nothing is counted. k[1..n]: counters;
+# a[ao+]: (limit, spec)*n. A fixed window's spec is the ms until it ends (its counter is an
+# integer that lives that long); a sliding window's is "s:<window ms>:<now ms>:<event id>"
+# (its counter a sorted set of the last window's events, scored by their time in ms).
+# Refused: {1, index, ms until the request would be allowed}.
 _LIMITS_FN = """
+local function sliding(spec)
+  return string.match(spec, '^s:(%d+):(%d+):(.+)$')
+end
 local function over(k, a, n, ao)
   for i = 1, n do
     local key = k[i]
-    local used = tonumber(redis.call('GET', key) or '0')
-    if used >= tonumber(a[ao + 2 * i - 1]) then
-      local ttl = redis.call('PTTL', key)
-      if ttl < 0 then ttl = tonumber(a[ao + 2 * i]) end
-      return {1, i, ttl}
+    local limit = tonumber(a[ao + 2 * i - 1])
+    local spec = a[ao + 2 * i]
+    local w, now = sliding(spec)
+    if w then
+      w = tonumber(w)
+      now = tonumber(now)
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - w)
+      local used = redis.call('ZCARD', key)
+      if used >= limit then
+        local freeing = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
+        return {1, i, math.max(1, tonumber(freeing[2]) + w - now)}
+      end
+    else
+      local used = tonumber(redis.call('GET', key) or '0')
+      if used >= limit then
+        local ttl = redis.call('PTTL', key)
+        if ttl < 0 then ttl = tonumber(spec) end
+        return {1, i, ttl}
+      end
     end
   end
   return nil
 end
 local function count(k, a, n, ao)
   for i = 1, n do
-    if redis.call('INCR', k[i]) == 1 then redis.call('PEXPIRE', k[i], a[ao + 2 * i]) end
+    local spec = a[ao + 2 * i]
+    local w, now, event = sliding(spec)
+    if w then
+      redis.call('ZADD', k[i], now, now .. ':' .. event)
+      redis.call('PEXPIRE', k[i], w)
+    elseif redis.call('INCR', k[i]) == 1 then
+      redis.call('PEXPIRE', k[i], spec)
+    end
   end
 end
 """
@@ -567,13 +594,21 @@ def _idempotent_id(existing: str, body_hash: str) -> str:
 def _limit_args(
     checks: list[LimitCheck], now: float, digest: SubjectDigest
 ) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of ``_LIMITS_FN``'s counters."""
     keys: list[str] = []
     args: list[Any] = []
     now_ms = round(now * 1000)
+    event = ""
     for c in checks:
-        key, ms_left = c.counter(now_ms, digest)
+        key, ms = c.counter(now_ms, digest)
         keys.append(PREFIX + "l:" + key)
-        args += (c.rate.count, ms_left)
+        if c.sliding:
+            # One id for this request's event in each log: unique across processes (a random
+            # prefix per process and a counter, as for record versions).
+            event = event or f"{_VERSION_PREFIX}{next(_VERSIONS)}"
+            args += (c.rate.count, f"s:{ms}:{now_ms}:{event}")
+        else:
+            args += (c.rate.count, ms)
     return keys, args
 
 

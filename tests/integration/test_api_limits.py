@@ -60,6 +60,32 @@ async def test_per_number_sends(start_service: StartService, sms_gateway: SmsGat
     assert len(sms_gateway.received) == 2
 
 
+async def test_sends_per_number_slide_across_a_window_edge(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # Fixed windows aligned to the clock let 2 sends just before an edge and 2 more just
+    # after it: 4 in two seconds under "2 per 600 s". The limit holds in every 600 s.
+    clock = FakeClock(WINDOW_START - 1)
+    api = await start_service(
+        {"CLINIC_LIMIT_NUMBER_SENDS": "2/600", "CLINIC_LIMIT_NUMBER_VERIFICATIONS": "10/600"},
+        clock=clock,
+    )
+    assert (await api.create()).status == 201
+    clock.advance(0.5)
+    assert (await api.create()).status == 201
+    clock.advance(1.5)  # past the clock's 600 s edge
+    refused = await api.create()
+    assert_limited(refused, "sends to this number", 600)
+    assert refused.headers["Retry-After"] == "598", "until the first send is 600 s old"
+    clock.advance(597)
+    assert_limited(await api.create(), "sends to this number", 600)
+    clock.advance(1)
+    assert (await api.create()).status == 201, "the first send has left the window"
+    await sms_gateway.wait_for(3)
+    await asyncio.sleep(0.1)
+    assert len(sms_gateway.received) == 3
+
+
 async def test_per_prefix_sends(start_service: StartService, sms_gateway: SmsGateway) -> None:
     api = await start_service(
         {"CLINIC_LIMIT_PREFIX_SENDS": "2/600", "CLINIC_LIMIT_PREFIX_DIGITS": "4"},

@@ -166,8 +166,33 @@ def test_send_checks_count_the_number_and_its_prefix(digits: str, prefix: str) -
 def test_keys_follow_fixed_windows_aligned_to_the_clock(
     window: int, a: float, b: float, same: bool
 ) -> None:
-    check = LimitCheck(LimitName.NUMBER_SENDS, "+31612345678", Rate(5, window))
+    check = LimitCheck(LimitName.KEY_REQUESTS, "k0123456789ab", Rate(5, window))
     assert (check.key(a, DIGEST) == check.key(b, DIGEST)) is same
+
+
+@pytest.mark.parametrize(
+    ("name", "sliding"),
+    [
+        (LimitName.NUMBER_VERIFICATIONS, True),
+        (LimitName.NUMBER_SENDS, True),
+        (LimitName.PREFIX_SENDS, True),
+        (LimitName.KEY_REQUESTS, False),
+        (LimitName.IP_REQUESTS, False),
+        (LimitName.AUTH_FAILURES, False),
+    ],
+)
+def test_the_limits_of_a_number_slide_the_per_request_ones_are_fixed(
+    name: LimitName, sliding: bool
+) -> None:
+    check = LimitCheck(name, "+31612345678", Rate(5, 600))
+    assert check.sliding is sliding
+    key, ms = check.counter(round(T0 * 1000) + 123_456, DIGEST)
+    if sliding:  # one log for all time; the window's length
+        assert check.key(T0 - 3600, DIGEST) == key == check.key(T0 + 3600, DIGEST)
+        assert ms == 600_000
+    else:  # a counter per window; the time left in it
+        assert check.key(T0 + 600, DIGEST) != key
+        assert ms == 600_000 - 123_456
 
 
 @pytest.mark.parametrize(
@@ -200,8 +225,10 @@ def test_same_count_shares_the_counter() -> None:
     ],
 )
 def test_keys_never_hold_the_subject(name: LimitName, subject: str) -> None:
-    key = LimitCheck(name, subject, Rate(5, 600)).key(T0, DIGEST)
-    assert re.fullmatch(rf"{re.escape(name.value)}:600:[0-9a-f]{{24}}:3000000", key), key
+    check = LimitCheck(name, subject, Rate(5, 600))
+    key = check.key(T0, DIGEST)
+    window = "" if check.sliding else ":3000000"
+    assert re.fullmatch(rf"{re.escape(name.value)}:600:[0-9a-f]{{24}}{window}", key), key
     digits = re.sub(r"\D", "", subject)
     assert subject not in key
     assert len(digits) < 6 or digits not in key
