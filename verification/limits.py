@@ -1,7 +1,7 @@
 """Rate-limit decisions (pure): which counters a request touches, and what a refusal says.
 
-Per-request throttles are fixed windows aligned to the clock (a counter per limit, subject and
-window); the limits per number and prefix are sliding windows (see ``_SLIDING``). Subjects
+Limits are fixed windows aligned to the clock (a counter per limit, subject and window),
+but for sends per number, a sliding window (see ``_SLIDING``). Subjects
 appear in Redis key names only as a keyed MAC (:class:`SubjectDigest`), so phone numbers,
 addresses and keys can be neither read nor guessed from them. The store counts all of a request's
 counters in one atomic step, all or nothing, and fails closed: without Redis nothing is sent.
@@ -34,14 +34,12 @@ class LimitName(StrEnum):
 
 _PER_REQUEST = frozenset({LimitName.KEY_REQUESTS, LimitName.IP_REQUESTS, LimitName.AUTH_FAILURES})
 
-# Limits that protect a patient's phone and the clinic's bill are sliding windows: a log of
-# the events of the last window (a Redis sorted set), so that "5 sends per 10 minutes" holds
-# in every 10 minutes, not per clock-aligned window (which allows 10 in a few seconds across
-# a window's edge). The per-request throttles stay fixed windows: one counter per window,
-# cheaper on every request, and a burst at an edge costs nobody anything.
-_SLIDING = frozenset(
-    {LimitName.NUMBER_VERIFICATIONS, LimitName.NUMBER_SENDS, LimitName.PREFIX_SENDS}
-)
+# The limit that protects a patient's phone is a sliding window: a log of the last window's
+# sends (a Redis sorted set), so that "5 sends per 10 minutes" holds in every 10 minutes,
+# not per clock-aligned window (which allows 10 in a few seconds across a window's edge).
+# The others stay fixed windows, one counter per window: a log costs Redis twice the
+# commands of a counter, and every create counts five limits (BENCHMARKS.md).
+_SLIDING = frozenset({LimitName.NUMBER_SENDS})
 
 _DESCRIPTIONS = {
     LimitName.KEY_REQUESTS: "requests for this API key",

@@ -173,17 +173,15 @@ def test_keys_follow_fixed_windows_aligned_to_the_clock(
 @pytest.mark.parametrize(
     ("name", "sliding"),
     [
-        (LimitName.NUMBER_VERIFICATIONS, True),
+        (LimitName.NUMBER_VERIFICATIONS, False),
         (LimitName.NUMBER_SENDS, True),
-        (LimitName.PREFIX_SENDS, True),
+        (LimitName.PREFIX_SENDS, False),
         (LimitName.KEY_REQUESTS, False),
         (LimitName.IP_REQUESTS, False),
         (LimitName.AUTH_FAILURES, False),
     ],
 )
-def test_the_limits_of_a_number_slide_the_per_request_ones_are_fixed(
-    name: LimitName, sliding: bool
-) -> None:
+def test_sends_per_number_slide_the_other_limits_are_fixed(name: LimitName, sliding: bool) -> None:
     check = LimitCheck(name, "+31612345678", Rate(5, 600))
     assert check.sliding is sliding
     key, ms = check.counter(round(T0 * 1000) + 123_456, DIGEST)
