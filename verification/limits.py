@@ -1,10 +1,10 @@
 """Rate-limit decisions (pure): which counters a request touches, and what a refusal says.
 
 Limits are fixed windows aligned to the clock (a counter per limit, subject and window),
-but for sends per number, a sliding window (see ``_SLIDING``). Subjects
-appear in Redis key names only as a keyed MAC (:class:`SubjectDigest`), so phone numbers,
-addresses and keys can be neither read nor guessed from them. The store counts all of a request's
-counters in one atomic step, all or nothing, and fails closed: without Redis nothing is sent.
+but for sends per number, a sliding window (see ``_SLIDING``). Subjects appear in Redis key
+names only as a keyed MAC (:class:`SubjectDigest`), so phone numbers, addresses and keys can
+be neither read nor guessed from them. The store counts all of a request's counters in one
+atomic step, all or nothing, and fails closed: without Redis nothing is sent.
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ local function over(k, a, n, ao)
       local used = redis.call('ZCARD', key)
       if used >= limit then
         local freeing = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
-        return {1, i, math.max(1, tonumber(freeing[2]) + w - now)}
+        -- (clamped: another process's clock may run a little ahead of this one's)
+        return {1, i, math.min(w, math.max(1, tonumber(freeing[2]) + w - now))}
       end
     else
       local used = tonumber(redis.call('GET', key) or '0')

@@ -86,6 +86,20 @@ async def test_sends_per_number_slide_across_a_window_edge(
     assert len(sms_gateway.received) == 3
 
 
+async def test_a_clock_behind_another_never_waits_longer_than_the_window(
+    start_service: StartService,
+) -> None:
+    # Two processes on one Redis, the second's clock 100 s behind the first's: the first's
+    # send is "from the future" to the second, whose Retry-After must still be at most 600.
+    env = {"CLINIC_LIMIT_NUMBER_SENDS": "1/600"}
+    ahead = await start_service(env, clock=FakeClock(WINDOW_START))
+    behind = await start_service(env, clock=FakeClock(WINDOW_START - 100))
+    assert (await ahead.create()).status == 201
+    refused = await behind.create()
+    assert_limited(refused, "sends to this number", 600)
+    assert refused.headers["Retry-After"] == "600"
+
+
 async def test_per_prefix_sends(start_service: StartService, sms_gateway: SmsGateway) -> None:
     api = await start_service(
         {"CLINIC_LIMIT_PREFIX_SENDS": "2/600", "CLINIC_LIMIT_PREFIX_DIGITS": "4"},
