@@ -30,8 +30,8 @@ from verification.errors import (
 )
 from verification.request import (
     KEY_ID,
-    MAX_BODY,
     REQUEST_CHECKS,
+    declared_too_large,
     is_self_admitted,
     take_request_checks,
 )
@@ -81,8 +81,7 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
     expect = request.headers.get(hdrs.EXPECT, "")
     if expect.lower() != "100-continue":
         return problem(417, *HTTP_SLUGS[417])
-    declared = request.content_length
-    if declared is not None and declared > MAX_BODY:
+    if declared_too_large(request):
         request.content.feed_eof()  # the client waits for this answer: no body follows
         refused = problem(413, *HTTP_SLUGS[413])
         refused.force_close()
@@ -153,12 +152,12 @@ def forwarded_address(hop: str) -> str | None:
     guesser locked them all out."""
     if hop.startswith("["):
         host, closed, rest = hop[1:].partition("]")
-        if not closed or (rest and not _is_port(rest)):
+        if not closed or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
             return None
         hop = host
     elif hop.count(":") == 1:  # IPv4 with a port (an IPv6 address has two colons or more)
         host, _, port = hop.partition(":")
-        if not _is_port(":" + port):
+        if not _is_port(port):
             return None
         hop = host
     try:
@@ -167,10 +166,9 @@ def forwarded_address(hop: str) -> str | None:
         return None
 
 
-def _is_port(text: str) -> bool:
-    """``:`` and 1 to 5 ASCII digits."""
-    digits = text[1:]
-    return text[:1] == ":" and 0 < len(digits) <= 5 and digits.isascii() and digits.isdigit()
+def _is_port(digits: str) -> bool:
+    """1 to 5 ASCII digits."""
+    return 0 < len(digits) <= 5 and digits.isascii() and digits.isdigit()
 
 
 def build_middlewares(

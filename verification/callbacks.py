@@ -43,18 +43,15 @@ _GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 def reachable(address: Address, networks: Sequence[Network] = ()) -> bool:
     """Whether a callback may connect to ``address`` (an IPv6 address that carries an IPv4
     host, :func:`~verification.addresses.embedded_ipv4`, is that host)."""
+    if any(address in net for net in networks):
+        return True
     if isinstance(address, ipaddress.IPv6Address):
-        if any(address in net for net in networks):
-            return True
         if address in _LOCAL_NAT64:
             return False
         ipv4 = embedded_ipv4(address)
-        if ipv4 is not None:
-            address = ipv4
-        elif address not in _GLOBAL_UNICAST:
-            return False
-    if any(address in net for net in networks):
-        return True
+        if ipv4 is None:
+            return address in _GLOBAL_UNICAST and address.is_global and not address.is_multicast
+        return reachable(ipv4, networks)
     return address.is_global and not address.is_multicast
 
 

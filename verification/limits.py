@@ -111,7 +111,7 @@ class LimitCheck:
         clock in whole milliseconds (on every request: integer steps, no float dust)."""
         w = self.rate.window_s
         subject = digest(self.subject, self.name in _PER_REQUEST)
-        if self.name in _SLIDING:
+        if self.sliding:
             return f"{self.name.value}:{w}:{subject}", w * 1000
         window, into = divmod(now_ms, w * 1000)
         return f"{self.name.value}:{w}:{subject}:{window}", w * 1000 - into

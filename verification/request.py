@@ -56,10 +56,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     ctype = request.content_type
     if request.can_read_body and ctype not in ("application/json", "application/merge-patch+json"):
         raise web.HTTPUnsupportedMediaType()
-    declared = request.content_length
-    if declared is not None and declared > MAX_BODY:  # at once, not after reading 64 KiB
+    if declared_too_large(request):  # at once, not after reading 64 KiB
         _read_no_more(request)
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=declared)
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_BODY, actual_size=request.content_length or 0
+        )
     try:
         if request.content.is_eof():  # all of it has arrived (the usual small body): no wait
             raw = await request.read()  # client_max_size makes this 413 past 64 KiB
@@ -84,6 +85,12 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
+
+
+def declared_too_large(request: web.Request) -> bool:
+    """Whether the request's ``Content-Length`` is over :data:`MAX_BODY` (413 unread)."""
+    declared = request.content_length
+    return declared is not None and declared > MAX_BODY
 
 
 def _read_no_more(request: web.Request) -> None:

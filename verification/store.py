@@ -65,8 +65,7 @@ local function current(k, a, ko, ao)
   if a[ao + 1] == '' then return not cur end
   return cur == a[ao + 1]
 end
-local function cas(k, a, ko, ao)
-  if not current(k, a, ko, ao) then return 0 end
+local function write(k, a, ko, ao)
   local rec = k[ko + 1]
   redis.call('HSET', rec, 'ver', a[ao + 2], 'doc', a[ao + 3])
   redis.call('PEXPIREAT', rec, a[ao + 4])
@@ -84,6 +83,10 @@ local function cas(k, a, ko, ao)
   if k[ko + 5] then
     redis.call('SET', k[ko + 5], a[ao + 9 + 2 * n], 'EX', a[ao + 10 + 2 * n])
   end
+end
+local function cas(k, a, ko, ao)
+  if not current(k, a, ko, ao) then return 0 end
+  write(k, a, ko, ao)
   return 1
 end
 """
@@ -153,7 +156,7 @@ return {0}
 
 # Count limits and write a record in one step (one round trip for a create, or for a move
 # that sends), and count only what is written. KEYS: n counters, then the CAS keys; ARGV: n,
-# (limit, ms until the window ends)*n, then the CAS arguments. Returns {0} written,
+# (limit, spec)*n as for _LIMITS_FN, then the CAS arguments. Returns {0} written,
 # {1, index, pttl} refused, {2} version conflict. The version is compared first: a writer
 # that lost the race re-reads and may find nothing left to do, so it must not be refused
 # (429) for a limit it would not use.
@@ -165,7 +168,7 @@ local n = tonumber(ARGV[1])
 if not current(KEYS, ARGV, n, 1 + 2 * n) then return {2} end
 local refused = over(KEYS, ARGV, n, 1)
 if refused then return refused end
-cas(KEYS, ARGV, n, 1 + 2 * n)
+write(KEYS, ARGV, n, 1 + 2 * n)
 count(KEYS, ARGV, n, 1)
 return {0}
 """
@@ -327,17 +330,18 @@ class VerificationStore:
     ) -> str | None:
         """:meth:`_write`, counting ``checks`` only if it writes (:class:`RateLimited` when
         one is over: nothing written)."""
-        limit_keys, limit_args = _limit_args(list(checks), now, self._digest)
+        counted = list(checks)
+        limit_keys, limit_args = _limit_args(counted, now, self._digest)
         keys, args, version = self._write_args(old, new, None)
         try:
             res = await self._r.evalsha(
-                _LIMITED_CAS, limit_keys + keys, [len(checks), *limit_args, *args]
+                _LIMITED_CAS, limit_keys + keys, [len(counted), *limit_args, *args]
             )
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         if int(res[0]) == 2:
             return None
-        _decision(res, list(checks)).enforce()
+        _decision(res, counted).enforce()
         return version
 
     async def get_idempotent(self, idempotency: tuple[str, str]) -> Verification | None:

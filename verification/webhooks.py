@@ -150,15 +150,14 @@ class WebhookSender:
             SIGNATURE_HEADER: sign(self._secret, ts, body),
         }
         error = ""
-        tried = attempt  # the attempts made, this one included
+        final = attempt > self._s.webhook_retries  # no retry left after this attempt
         try:
             answer = await client.post(url, body, headers, timeout_s=self._s.webhook_timeout_s)
         except TimeoutError:
             error = "timed out"
         except HttpClientError as exc:
             error = str(exc)
-            if exc.permanent:  # the same URL would be refused again: no retries
-                attempt = self._s.webhook_retries + 1
+            final = final or exc.permanent  # the same URL would be refused again
         else:
             if 200 <= answer.status < 300:
                 await self._store.finish_webhook(job_id)
@@ -166,12 +165,12 @@ class WebhookSender:
                 return
             error = f"answered {answer.status}"
         what = event["type"]
-        if attempt > self._s.webhook_retries:
+        if final:
             log.error(
                 "verification %s: webhook of its %s event given up after %d attempt(s): %s",
                 vid,
                 what,
-                tried,
+                attempt,
                 error,
             )
             await self._store.finish_webhook(job_id)
