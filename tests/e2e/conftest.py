@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,5 +96,6 @@ def phone(asterisk: AsteriskRig, tmp_path: Path) -> Iterator[PhoneFactory]:
     finally:
         for sp in made:  # all at once: each takes a moment to unregister
             sp.begin_close()
-        for sp in made:
-            sp.close()
+        with contextlib.ExitStack() as closing:  # every one is closed, even after a failure
+            for sp in made:
+                closing.callback(sp.close)

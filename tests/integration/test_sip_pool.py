@@ -225,7 +225,8 @@ async def test_idle_media_thread_sleeps_with_timer_slack(pool: SipPool) -> None:
     # made with 250 ms of timer slack (voice/sip/media_thread.py). The slack is read back from
     # the kernel; the wake-ups only bound it loosely: the kernel ends a slack early when
     # another timer fires on that CPU, so the count depends on the rest of the machine
-    # (8 to 31 in 2 s seen in make test runs, 4 a second on a quiet machine).
+    # (4 a second on a quiet machine; 8 to 31 in 2 s in make test runs, and 68 in one CI run).
+    # The bound sits between that and the 200 of a poll without the slack.
     pids = pool.worker_pids()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
@@ -238,7 +239,7 @@ async def test_idle_media_thread_sleeps_with_timer_slack(pool: SipPool) -> None:
     before = [wakeups(pid, "media") for pid in pids]
     await asyncio.sleep(2.0)
     woke = [wakeups(pid, "media") - b for pid, b in zip(pids, before, strict=True)]
-    assert all(0 < n <= 60 for n in woke), f"media thread wake-ups in 2 s: {woke}"
+    assert all(0 < n <= 140 for n in woke), f"media thread wake-ups in 2 s: {woke}"
 
 
 async def test_flash_call_leaves_the_sound_clock_off(pool: SipPool, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ deadlines. pjsua2 is imported only in the child (one ``Endpoint`` per process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -78,6 +79,7 @@ class Softphone:
         self.events: list[Event] = []
         self._queue: queue.Queue[Event | None] = queue.Queue()
         self._stderr: list[str] = []
+        self._quit_sent = False
         self.proc = subprocess.Popen(
             argv,
             cwd=REPO,
@@ -164,12 +166,17 @@ class Softphone:
         return f"events: {seen}; stderr tail: {self._stderr[-15:]}"
 
     def begin_close(self) -> None:
-        """Ask the softphone to hang up, unregister and exit (see :meth:`close`)."""
-        if self.proc.poll() is None:
-            try:
-                self.send("quit")
-            except OSError as exc:  # already gone (broken pipe): close() reaps it
-                self._stderr.append(f"quit not delivered: {exc!r}")
+        """Ask the softphone to hang up, unregister and exit (see :meth:`close`).
+
+        ``quit`` goes out once: a second one can meet a process that is already exiting,
+        whose pipe is then broken."""
+        if self._quit_sent or self.proc.poll() is not None:
+            return
+        self._quit_sent = True
+        try:
+            self.send("quit")
+        except OSError as exc:  # already gone (broken pipe): close() reaps it
+            self._stderr.append(f"quit not delivered: {exc!r}")
 
     def close(self) -> None:
         """Hang up, unregister and end the process (killed if it does not end in 5 s)."""
@@ -181,7 +188,10 @@ class Softphone:
             self.proc.wait(timeout=5)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
-                stream.close()
+                # A line left in stdin's buffer by a failed write is flushed again on close,
+                # into the pipe of a process that has exited; the file is closed all the same.
+                with contextlib.suppress(BrokenPipeError):
+                    stream.close()
 
     def __enter__(self) -> Softphone:
         return self
