@@ -70,12 +70,18 @@ def problem(status: int, slug: str, title: str, detail: str = "", **extra: Any) 
     )
 
 
+# Set on a request whose client waits for 100 Continue; on /v1, until its key is known right.
+CONTINUE_PENDING = web.RequestKey("continue_pending", bool)
+
+
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
     """The answer to an ``Expect`` header on a route of the service. ``100-continue``: a body
-    ``Content-Length`` says is too large is refused (413) before the client sends it, else
-    100 Continue as aiohttp sends it. Any other expectation: 417 as a problem document
-    (aiohttp's own 417 is text/plain; for a path or method with no route aiohttp answers it
-    itself, and :func:`problem_net` makes that one a problem document)."""
+    ``Content-Length`` says is too large is refused (413) before the client sends it; on
+    ``/v1``, 100 Continue waits for the key check (:func:`send_continue`), so a wrong key or a
+    locked-out address is answered without asking for the body; elsewhere 100 Continue at
+    once, as aiohttp sends it. Any other expectation: 417 as a problem document (aiohttp's own
+    417 is text/plain; for a path or method with no route aiohttp answers it itself, and
+    :func:`problem_net` makes that one a problem document)."""
     if request.version != HttpVersion11:
         return None
     expect = request.headers.get(hdrs.EXPECT, "")
@@ -86,9 +92,18 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
         refused = problem(413, *HTTP_SLUGS[413])
         refused.force_close()
         return refused
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the answer itself is still to come
+    request[CONTINUE_PENDING] = True
+    if not request.path.startswith("/v1/"):
+        await send_continue(request)
     return None
+
+
+async def send_continue(request: web.Request) -> None:
+    """Tell a client that waits for it (:data:`CONTINUE_PENDING`) to send its body."""
+    if request.get(CONTINUE_PENDING):
+        request[CONTINUE_PENDING] = False
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer itself is still to come
 
 
 def with_expect_handler(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
@@ -107,6 +122,13 @@ async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
     them (an unknown ``Expect``, on a route or not)."""
     if request.path.startswith("/v1/"):
         resp.headers["Cache-Control"] = "no-store"
+    if request.get(CONTINUE_PENDING):
+        # Answered before its client was told to send the body (a wrong key): the body will
+        # not come, and waiting for it would hold the connection. It closes after the answer
+        # (the headers are made before this hook and written after it: say so in them too).
+        request.content.feed_eof()
+        resp.force_close()
+        resp.headers[hdrs.CONNECTION] = "close"
     if resp.status < 400 or resp.content_type == PROBLEM_TYPE or not isinstance(resp, web.Response):
         return
     slug, title = HTTP_SLUGS.get(resp.status, ("http-error", resp.reason))
@@ -269,6 +291,7 @@ def build_middlewares(
             return resp
         kid = key_ids[token.strip()]
         request[KEY_ID] = kid
+        await send_continue(request)
         checks = limits.request_checks(settings, kid, ip)
         if not is_self_admitted(request.match_info.handler):
             await count(checks)

@@ -362,16 +362,21 @@ async def raw_exchange(
     read_s: float = 3.0,
     documented: bool = True,
     closed_within_s: float | None = None,
+    key: str | None = API_KEY,
+    body_on_continue: bool = False,
 ) -> RawAnswer:
-    """Send ``head`` (request line and headers, with the API key) and ``body`` on a socket of
-    its own, and read the final answer (past any 100 Continue); checked against the OpenAPI
-    document like every other answer."""
+    """Send ``head`` (request line and headers, with the API key ``key``) and ``body`` on a
+    socket of its own, and read the final answer (past any 100 Continue); checked against the
+    OpenAPI document like every other answer. ``body_on_continue``: send the body only when
+    the server answers 100 Continue, as a client that sent ``Expect: 100-continue`` does."""
     port = api.client.server.port
     assert port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        request = head.replace("\n", "\r\n") + f"Authorization: Bearer {API_KEY}\r\n\r\n"
-        writer.write(request.encode() + body)
+        auth = "" if key is None else f"Authorization: Bearer {key}\r\n"
+        writer.write((head.replace("\n", "\r\n") + auth + "\r\n").encode())
+        if not body_on_continue:
+            writer.write(body)
         await writer.drain()
         interim: list[int] = []
         async with asyncio.timeout(read_s):
@@ -385,6 +390,8 @@ async def raw_exchange(
                 if status != 100:
                     break
                 interim.append(status)
+                if body_on_continue:
+                    writer.write(body)
             answer = await reader.readexactly(int(headers.get("content-length", "0")))
         if closed_within_s is not None:  # the server hangs up, rather than read on
             async with asyncio.timeout(closed_within_s):
@@ -447,6 +454,27 @@ async def test_a_body_too_large_is_refused_before_100_continue(
     answer = await raw_exchange(api, head)  # no body: the client waits for 100 Continue
     assert answer.interim == (), "a client told to go on would send 1 MB for nothing"
     assert_problem(answer, 413, "body-too-large")
+
+
+async def test_100_continue_only_to_a_right_key(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # A client that waits for 100 Continue is told to send its body only once its key is
+    # known to be right: a wrong or missing key is answered at once, and the connection,
+    # whose body will not come, closes rather than wait for it.
+    api = await start_service()
+    body = json.dumps({"phone": MOBILE}).encode()
+    head = POST_CREATE + f"Content-Length: {len(body)}\nExpect: 100-continue\n"
+    for key in ("not-the-key", None):
+        refused = await raw_exchange(
+            api, head, body, key=key, body_on_continue=True, closed_within_s=1.0
+        )
+        assert refused.interim == (), f"key {key!r}: asked for a body it will refuse"
+        assert_problem(refused, 401, "unauthorized")
+        assert refused.headers.get("connection") == "close"
+    made = await raw_exchange(api, head, body, body_on_continue=True)
+    assert made.interim == (100,) and made.status == 201, made
+    assert [s.to for s in await sms_gateway.wait_for(1)] == [MOBILE]
 
 
 async def test_a_body_declared_too_large_is_413_at_once(start_service: StartService) -> None:
