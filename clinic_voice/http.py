@@ -122,10 +122,11 @@ async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
     them (an unknown ``Expect``, on a route or not)."""
     if request.path.startswith("/v1/"):
         resp.headers["Cache-Control"] = "no-store"
-    if request.get(CONTINUE_PENDING):
-        # Answered before its client was told to send the body (a wrong key): the body will
-        # not come, and waiting for it would hold the connection. It closes after the answer
-        # (the headers are made before this hook and written after it: say so in them too).
+    if request.get(CONTINUE_PENDING) and not request.content.is_eof():
+        # Answered before its client was told to send the body (a wrong key), and the body
+        # has not come anyway: it will not, and waiting for it would hold the connection. It
+        # closes after the answer (the headers are made before this hook and written after
+        # it: say so in them too).
         request.content.feed_eof()
         resp.force_close()
         resp.headers[hdrs.CONNECTION] = "close"

@@ -472,6 +472,11 @@ async def test_100_continue_only_to_a_right_key(
         assert refused.interim == (), f"key {key!r}: asked for a body it will refuse"
         assert_problem(refused, 401, "unauthorized")
         assert refused.headers.get("connection") == "close"
+    # A client may send its body without waiting: then there is nothing to wait for, and its
+    # connection stays open.
+    sent_anyway = await raw_exchange(api, head, body, key="not-the-key")
+    assert_problem(sent_anyway, 401, "unauthorized")
+    assert "connection" not in sent_anyway.headers, sent_anyway.headers
     made = await raw_exchange(api, head, body, body_on_continue=True)
     assert made.interim == (100,) and made.status == 201, made
     assert [s.to for s in await sms_gateway.wait_for(1)] == [MOBILE]
