@@ -137,6 +137,9 @@ class Dispatcher:
         self._next_watch = 0.0
         self._pause = TimerPause(TIMERS_QUIET_S)  # in event-loop time
         self._keeping: Counter[str] = Counter()  # per verification: sends with kept reports
+        # Timer moves whose write may have landed with its answer lost: verification id, and
+        # the time the move was made at (see _follow_unsure_ticks).
+        self._unsure_ticks: dict[str, float] = {}
         self._timer_task: asyncio.Task[None] | None = None
         # Checked by the timer loop as well as cancelling it: redis-py can swallow a
         # CancelledError that lands inside a command, and stop() must not wait forever.
@@ -491,7 +494,8 @@ class Dispatcher:
 
         def apply(x: Verification) -> tuple[Transition, None]:
             if unsure and rules.delivery_recorded(x, send.step, r.kind, r.detail, at):
-                return Transition(x), None
+                # It landed, and the send its move asked for was never started.
+                return Transition(x, send=rules.send_owed(x, at)), None
             return rules.delivery(x, send.step, r.kind, r.detail, now=at, policy=self._policy), None
 
         try:
@@ -582,6 +586,7 @@ class Dispatcher:
 
     async def run_due(self) -> int:
         """Apply :func:`rules.tick` to every verification whose timer is due. Returns how many."""
+        await self._follow_unsure_ticks()
         ids = await self._store.lease_due(self._clock.now(), LEASE_S)
         for vid in ids:
             if self._keeping[vid]:
@@ -589,11 +594,13 @@ class Dispatcher:
                 # says what comes next. Its write sets the timer again; should it never land,
                 # the lease brings the timer back in LEASE_S.
                 continue
+            now = self._clock.now()
             try:
-                transition = await self._apply(
-                    vid, lambda x: rules.tick(x, self._clock.now(), self._policy)
-                )
+                transition = await self._apply(vid, functools.partial(self._tick, now=now))
             except StoreUnavailable:
+                # The move may have landed: its timer is then set to the new step's end, and
+                # nothing would start the step's send before that.
+                self._unsure_ticks[vid] = now
                 raise
             except Exception:
                 # One record the rules cannot take (a defect) must not hold up the others' timers
@@ -607,6 +614,24 @@ class Dispatcher:
                 # in place of the lease.
                 await self._store.reschedule(transition.verification)
         return len(ids)
+
+    def _tick(self, v: Verification, *, now: float) -> Transition:
+        return rules.tick(v, now, self._policy)
+
+    async def _follow_unsure_ticks(self) -> None:
+        """Start the sends of timer moves whose write landed but whose answer was lost
+        (:func:`rules.send_owed`), once the store answers again."""
+        for vid, at in list(self._unsure_ticks.items()):
+            try:
+                known = await self._store.get(vid)
+            except NotFound:
+                del self._unsure_ticks[vid]
+                continue
+            del self._unsure_ticks[vid]
+            channel = rules.send_owed(known.verification, at)
+            if channel is not None:
+                log.info("verification %s: its timer's move landed unconfirmed: sending", vid)
+                self.follow(Transition(known.verification, send=channel), known=known)
 
 
 def _some(vids: Collection[str], at_most: int = 20) -> str:

@@ -235,6 +235,23 @@ def delivery_recorded(
     return Event(_DELIVERY_EVENT[kind], now, v.channels[step], detail) in v.events
 
 
+def send_owed(v: Verification, since: float) -> Channel | None:
+    """The send that a transition made at ``since`` asked for, when its write landed but the
+    answer was lost with the store's connection (so no one started the send), and no one has
+    carried the verification on since: its last event, checks aside, is that transition's
+    move (a fallback, or a step skipped) at ``since``, and its step still waits for a send.
+    Any later event (a send that left, a timer, a fallback asked for) means someone else
+    acted, and nothing is owed."""
+    if v.status is not Status.PENDING or not v.sending or v.step >= len(v.channels):
+        return None
+    moves = [e for e in v.events if e.kind is not EventKind.CHECK_FAILED]
+    if not moves or moves[-1].at != since:
+        return None
+    if moves[-1].kind not in (EventKind.FALLBACK, EventKind.SKIPPED):
+        return None
+    return v.channels[v.step]
+
+
 def _code_may_be_out(v: Verification) -> bool:
     # Channels are distinct in a plan, so a channel names its step; a step may send twice
     # (tick: a send that never reported), so sends and losses are counted, not just seen.

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +33,9 @@ from tests.conftest import RedisServer
 from tests.integration.conftest import API_KEY, SECRET, Api, OpenApiCollector
 from tests.integration.test_sip_pool import Sipp, Wire, sipp_uas
 from verification.channels import flash_call
+from verification.errors import StoreUnavailable
+from verification.model import EventKind, Verification
+from verification.store import Stored, VerificationStore
 from voice.sip import message
 from voice.sip.pool import SipPool
 
@@ -429,6 +432,68 @@ async def test_failed_flash_call_falls_back_to_sms_at_once(
         sent_after = sms.at - event_at(v, "undeliverable")
         assert sent_after < 1.0, f"the SMS left {sent_after:.3f} s after the failed call"
         right = await svc.api.check(vid, sms_code)
+        assert right.json["status"] == "approved", right.text
+
+
+def lose_one_answer(
+    monkeypatch: pytest.MonkeyPatch, matches: Callable[[Verification], bool]
+) -> list[str]:
+    """The first write of a record that ``matches`` lands in Redis, but its answer is lost
+    (StoreUnavailable), as when Redis stalls past the store's timeout just after applying
+    it. Returns the ids whose answer was lost."""
+    lost: list[str] = []
+    real = VerificationStore._write
+
+    async def write(
+        store: VerificationStore, old: Stored | None, new: Verification, **kw: Any
+    ) -> str | None:
+        version = await real(store, old, new, **kw)
+        if not lost and version is not None and matches(new):
+            lost.append(new.id)
+            raise StoreUnavailable("the answer was lost (test)")
+        return version
+
+    monkeypatch.setattr(VerificationStore, "_write", write)
+    return lost
+
+
+def _moved(reason: str) -> Callable[[Verification], bool]:
+    return lambda v: any(e.kind is EventKind.FALLBACK and reason in e.detail for e in v.events)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # The report "undeliverable" moves the verification on (the dispatcher's kept report).
+        ("sipp_verify_busy.xml", {}, "busy"),
+        # The flash call rang; its step timed out and the timer moved it on.
+        ("sipp_verify_ring.xml", {"CLINIC_STEP_TIMEOUT_FLASHCALL_S": "5"}, "timed out"),
+    ],
+    ids=["report", "timer"],
+)
+async def test_a_move_that_landed_unconfirmed_still_sends_the_next_channel(
+    rig: Rig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: tuple[str, dict[str, str], str],
+) -> None:
+    """A review found the next channel's send lost when the write that moved a verification
+    on landed but its answer did not come back: the retry found the move made, started
+    nothing, and the SMS waited for its own step timer (120 s) instead of leaving at once."""
+    scenario, env, reason = case
+    lost = lose_one_answer(monkeypatch, _moved(reason))
+    async with (
+        sipp_uas(scenario, tmp_path, calls=2) as uas,
+        sip_service(rig, uas.port, env) as svc,
+    ):
+        vid = await create(svc.api, method="flashcall", fallback=["sms"])
+        sms = await wire_request(uas, "MESSAGE", deadline_s=2 * DEADLINE_S)
+        assert lost == [vid], "the fault was not injected"
+        v = await svc.api.get(vid)
+        assert v["channel"] == "sms" and event_types(v).count("fallback") == 1, v
+        moved = event_at(v, "fallback")
+        assert sms.at - moved < 5.0, f"the SMS left {sms.at - moved:.1f} s after the move"
+        right = await svc.api.check(vid, code_from_message(sms))
         assert right.json["status"] == "approved", right.text
 
 

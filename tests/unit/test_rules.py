@@ -400,6 +400,38 @@ def test_delivery_recorded_finds_a_report_applied_before(
     assert not rules.delivery_recorded(v0, step, kind, detail, at)
 
 
+def test_send_owed_is_the_send_a_landed_move_asked_for_until_someone_acts() -> None:
+    """A write whose answer was lost may have landed; the send its move asked for is then owed
+    by the writer, unless anything but a check has happened to the verification since."""
+    at = T0 + 1
+    moved = rules.delivery(
+        started((F, S, V)), 0, DeliveryKind.UNDELIVERABLE, "busy", now=at, policy=POLICY
+    )
+    assert moved.send is S
+    v = moved.verification
+    assert rules.send_owed(v, at) is S
+    assert rules.send_owed(wrong(v, at + 2), at) is S, "a wrong check carries nothing on"
+    assert rules.send_owed(v, at + 0.001) is None, "a move made at another time"
+    assert rules.send_owed(sent(v, at + 2), at) is None, "its send left"
+    assert rules.send_owed(rules.tick(v, at + 121, POLICY).verification, at) is None
+    assert rules.send_owed(rules.cancel(v, at + 2).verification, at) is None
+    # A report that moved nothing, and a move that asked for no send, owe nothing.
+    assert rules.send_owed(delivered(started(), at), at) is None
+    last = rules.delivery(
+        started((S,)), 0, DeliveryKind.UNDELIVERABLE, "x", now=at, policy=POLICY
+    ).verification
+    assert rules.send_owed(last, at) is None
+    # The last step's timer sends again on the same channel: owed as well.
+    again = rules.tick(started((S,)), T0 + 121, POLICY)
+    assert again.send is S
+    assert rules.send_owed(again.verification, T0 + 121) is S
+    # Steps skipped on the way (a landline cannot take a flash call) end the move too.
+    skipped = rules.delivery(
+        started((S, F, V), LANDLINE), 0, DeliveryKind.UNDELIVERABLE, "x", now=at, policy=POLICY
+    )
+    assert skipped.send is V and rules.send_owed(skipped.verification, at) is V
+
+
 @pytest.mark.parametrize("step", [3, 4, 99])
 def test_report_for_a_step_outside_the_plan_is_ignored(step: int) -> None:
     v = started()
