@@ -179,7 +179,7 @@ SCHEMAS: dict[str, Any] = {
         "oneOf": [{"required": ["code"]}, {"required": ["cli"]}],
         "properties": {
             "code": {"type": "string", "pattern": "^[0-9]{4,8}$"},
-            "cli": {"type": "string", "maxLength": 64},
+            "cli": {"type": "string", "maxLength": 64, "pattern": "^[+0-9 -]+$"},
         },
     },
     "CheckResult": {

@@ -318,8 +318,15 @@ class VerificationApi:
             assert cli is not None
             if v0.flashcall is None:
                 raise InvalidRequest("this verification has no flash call", field="cli")
-            if not cli.isascii() or not re.fullmatch(r"[+0-9 ()./-]+", cli):
-                raise InvalidRequest("'cli' must be a phone number as shown", field="cli")
+            # The characters of the forms cli_filter matches: anything else (brackets, dots)
+            # is the app's to strip, and a 422 tells it so; counted as a wrong check, it
+            # would spend one of the patient's attempts on a right code.
+            if not cli.isascii() or not re.fullmatch(r"[+0-9 -]+", cli):
+                raise InvalidRequest(
+                    "'cli' must be the caller-ID as flashcall.cli_filter matches it: digits,"
+                    " with a leading + and spaces or dashes between them",
+                    field="cli",
+                )
             # A caller-ID that is not ours counts as a wrong check (None never matches).
             candidate = numbers.code_from_cli(
                 cli, v0.flashcall.cli_prefix, v0.flashcall.code_length, v0.phone

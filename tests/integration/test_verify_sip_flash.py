@@ -304,6 +304,13 @@ async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
             "POST", f"/v1/verifications/{vid}/check", json_body={"cli": PREFIX + other_code(code)}
         )
         assert wrong.json == {"id": vid, "status": "pending", "attempts_left": 4}, wrong.text
+        # Brackets and dots are in no form cli_filter matches: 422, and no attempt spent (a
+        # review found the right code in "+44 (0)7400 ..." counted as a wrong check).
+        for shown in (f"+44 (0)7400 {code}", f"(07400) {code}", f"+44 7400.{code}"):
+            bracketed = await svc.api.request(
+                "POST", f"/v1/verifications/{vid}/check", json_body={"cli": shown}
+            )
+            bracketed.problem(422, "invalid-request")
         body = {
             "cli-national": {"cli": NATIONAL_PREFIX + code},
             "cli-international": {"cli": PREFIX + code},
