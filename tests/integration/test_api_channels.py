@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -66,6 +67,10 @@ async def test_sms_gateway_500_is_retried_then_undeliverable(
     vid = (await api.create()).json["id"]
     v = await api.wait_for_event(vid, "undeliverable")
     assert len(sms_gateway.received) == 2, "one try and one retry"
+    # A 500 does not say the SMS was not taken: the retry carries the first try's key, so a
+    # gateway that honours Idempotency-Key sends it once.
+    first, retry = sms_gateway.received
+    assert first.idempotency_key and retry.idempotency_key == first.idempotency_key
     [event] = [e for e in v["events"] if e["type"] == "undeliverable"]
     assert "500" in event["detail"]
     # The only channel could not deliver: the verification ends as failed.
@@ -73,6 +78,33 @@ async def test_sms_gateway_500_is_retried_then_undeliverable(
     assert v["status"] == "failed"
     metrics = (await api.request("GET", "/metrics", key=None)).text
     assert 'clinic_deliveries_total{channel="sms",outcome="undeliverable"} 1' in metrics
+
+
+async def test_each_send_has_its_own_idempotency_key(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    api = await start_service()
+    for _ in range(2):
+        await api.create(method="sms", fallback=[])
+    keys = {sms.idempotency_key for sms in await sms_gateway.wait_for(2)}
+    assert len(keys) == 2 and all(len(k) >= 16 for k in keys), keys
+
+
+async def test_an_unreachable_gateway_is_named_in_the_log_not_in_the_events(
+    start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The events are served by the API and posted to the app's webhooks: a review found the
+    # gateway's address and the connect error in them.
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/sms"
+    api = await start_service({"CLINIC_SMS_HTTP_URL": url, "CLINIC_SMS_HTTP_RETRIES": "0"})
+    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    v = await api.wait_for_event(vid, "undeliverable")
+    [event] = [e for e in v["events"] if e["type"] == "undeliverable"]
+    assert event["detail"] == "gateway unreachable", event
+    logged = [r.getMessage() for r in caplog.records if "SMS attempt 1 failed" in r.getMessage()]
+    assert logged and "cannot connect to http://127.0.0.1:" in logged[0], logged
 
 
 async def test_sms_gateway_that_hangs_times_out_then_undeliverable(

@@ -33,6 +33,7 @@ class Sms:
     text: str
     authorization: str
     content_type: str
+    idempotency_key: str = ""
 
 
 class SmsGateway:
@@ -95,7 +96,13 @@ class SmsGateway:
         if isinstance(body, dict):
             to = str(body.get("to", ""))
             text = str(body.get("text", ""))
-        sms = Sms(to, text, request.headers.get("Authorization", ""), request.content_type)
+        sms = Sms(
+            to,
+            text,
+            request.headers.get("Authorization", ""),
+            request.content_type,
+            request.headers.get("Idempotency-Key", ""),
+        )
         async with self._arrived:
             self.received.append(sms)
             self._arrived.notify_all()

@@ -1,7 +1,12 @@
 """SMS through an HTTP gateway: POST ``{"to", "text"}`` with a bearer token.
 
 2xx is delivered (the gateway accepted it); 4xx other than 408/429 is undeliverable at once;
-timeouts, 408, 429 and 5xx are retried with backoff, then undeliverable.
+timeouts, 408, 429 and 5xx are retried with backoff, then undeliverable. A timeout or a 5xx
+does not say the SMS was not taken: every attempt of one send carries the same
+``Idempotency-Key``, so a gateway that honours it sends a retried SMS once.
+
+The events of a send (served by the API and posted to the app's webhooks) say what failed,
+never where: the gateway's address and the network's errors go to the log only.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 
 import orjson
 
@@ -44,6 +50,8 @@ class HttpSmsChannel:
         body = orjson.dumps(
             {"to": delivery.phone.e164, "text": sms_text(delivery.clinic_name, delivery.code)}
         )
+        # One key per send, the same on each retry of it: no code, nothing about the patient.
+        headers = {**self._headers, "Idempotency-Key": secrets.token_urlsafe(16)}
         last = ""
         for attempt in range(self._s.http_retries + 1):
             if attempt:
@@ -51,24 +59,24 @@ class HttpSmsChannel:
                 await asyncio.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2))
             try:
                 answer = await self._client.post(
-                    self._s.http_url, body, self._headers, timeout_s=self._s.http_timeout_s
+                    self._s.http_url, body, headers, timeout_s=self._s.http_timeout_s
                 )
             except TimeoutError:
-                last = f"gateway timed out after {self._s.http_timeout_s:g} s"
+                last = why = f"gateway timed out after {self._s.http_timeout_s:g} s"
             except HttpClientError as exc:
-                last = f"gateway unreachable: {exc}"
+                last, why = "gateway unreachable", f"gateway unreachable: {exc}"
             else:
                 if 200 <= answer.status < 300:
                     log.info("verification %s: SMS accepted by gateway", delivery.verification_id)
                     await report(DeliveryReport(DeliveryKind.DELIVERED, f"gateway {answer.status}"))
                     return
-                last = f"gateway answered {answer.status}"
+                last = why = f"gateway answered {answer.status}"
                 if answer.status < 500 and answer.status not in _RETRYABLE:
                     break
             log.warning(
                 "verification %s: SMS attempt %d failed: %s",
                 delivery.verification_id,
                 attempt + 1,
-                last,
+                why,
             )
         await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, last))
