@@ -104,11 +104,14 @@ class _Link:
     def queue(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
         if self.closed is not None:
             raise RedisConnectionError(f"Redis connection lost: {self.closed}")
+        # Packed before any is queued: an argument that cannot be packed (TypeError) then
+        # leaves nothing half-queued, such as a MULTI without its EXEC on the shared link.
+        packed = [pack(cmd) for cmd in commands]
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []
-        for cmd in commands:
-            self.out.append(pack(cmd))
+        for raw in packed:
+            self.out.append(raw)
             fut: asyncio.Future[Any] = loop.create_future()
             self.pending.append((fut, now))
             futures.append(fut)

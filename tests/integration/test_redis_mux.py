@@ -62,6 +62,15 @@ async def test_a_transaction_applies_all_or_nothing(mux: RedisMux) -> None:
     assert await mux.execute("GET", "a") == "2"
 
 
+async def test_a_transaction_that_cannot_be_packed_leaves_the_link_usable(mux: RedisMux) -> None:
+    # A review found MULTI queued before a None argument failed to pack, leaving the shared
+    # link inside a transaction: every later command of the process answered "QUEUED".
+    with pytest.raises(TypeError):
+        await mux.transaction([("SET", "a", "1"), ("SET", "b", None)])  # type: ignore[list-item]
+    assert await mux.execute("SET", "c", "3") == "OK"
+    assert await mux.execute("GET", "a") is None
+
+
 async def test_a_killed_redis_fails_waiting_commands_then_reconnects(
     mux: RedisMux, redis_server: RedisServer
 ) -> None:
