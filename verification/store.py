@@ -558,6 +558,13 @@ class VerificationStore:
             raise StoreUnavailable(str(exc)) from exc
         return out
 
+    async def postpone_webhook(self, job_id: str, at: float) -> None:
+        """Put a leased job back in the queue, due at ``at``, as it is."""
+        try:
+            await self._r.execute("ZADD", WEBHOOK_DUE, "XX", repr(at), job_id)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
     async def retry_webhook(self, job_id: str, payload: str, at: float) -> None:
         try:
             await self._r.transaction(

@@ -16,7 +16,9 @@ import hmac
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
@@ -31,7 +33,14 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Clinic-Signature"
 POLL_S = 0.25
-LEASE_S = 60.0
+LEASE_S = 60.0  # at least: a job's lease outlives its POST (CLINIC_WEBHOOK_TIMEOUT_S + 30 s)
+# Deliveries run side by side, each to its end, and new jobs are leased while others are in
+# flight: a receiver that never answers holds up only its own jobs. At most this many POSTs
+# of one process are in flight, and at most PER_ORIGIN to one scheme://host:port; a job due
+# for a busy origin waits ORIGIN_BUSY_S in the queue, where any process may take it.
+MAX_IN_FLIGHT = 64
+PER_ORIGIN = 8
+ORIGIN_BUSY_S = 1.0
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -88,15 +97,21 @@ class WebhookSender:
         self._task: asyncio.Task[None] | None = None
         # See Dispatcher: a cancel swallowed inside redis-py must not keep the loop alive.
         self._stopping = False
+        self._lease_s = max(LEASE_S, settings.webhook_timeout_s + 30.0)
+        self._in_flight: dict[asyncio.Task[None], str] = {}  # delivery -> its origin
+        self._per_origin: Counter[str] = Counter()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="webhooks")
 
     async def stop(self) -> None:
+        """Stop polling and cut the POSTs in flight short: their jobs stay leased, and are
+        sent again (by any process) when the lease ends."""
         self._stopping = True
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [*([self._task] if self._task else []), *self._in_flight]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -112,15 +127,45 @@ class WebhookSender:
             await asyncio.sleep(POLL_S)
 
     async def run_due(self) -> int:
-        jobs = await self._store.lease_webhooks(self._clock.now(), LEASE_S)
-        results = await asyncio.gather(
-            *(self._deliver(jid, payload) for jid, payload in jobs), return_exceptions=True
-        )
-        # Every delivery runs to its end; then the first error is the loop's to report.
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return len(jobs)
+        """Start a delivery for each job due, as far as there is room; returns how many."""
+        room = MAX_IN_FLIGHT - len(self._in_flight)
+        if room <= 0:
+            return 0
+        jobs = await self._store.lease_webhooks(self._clock.now(), self._lease_s, limit=room)
+        started = 0
+        for jid, payload in jobs:
+            origin = self._origin(payload)
+            if self._per_origin[origin] >= PER_ORIGIN:
+                await self._store.postpone_webhook(jid, self._clock.now() + ORIGIN_BUSY_S)
+                continue
+            task = asyncio.create_task(self._deliver(jid, payload), name=f"webhook {jid}")
+            self._in_flight[task] = origin
+            self._per_origin[origin] += 1
+            task.add_done_callback(self._delivered)
+            started += 1
+        return started
+
+    def _origin(self, payload: str) -> str:
+        """Where a job goes (scheme://host:port), to share the room out; "" when unreadable."""
+        try:
+            url = json.loads(payload).get("callback_url") or self._s.webhook_url
+            parts = urlsplit(url)
+            return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
+        except (ValueError, AttributeError, TypeError):
+            return ""
+
+    def _delivered(self, task: asyncio.Task[None]) -> None:
+        origin = self._in_flight.pop(task)
+        self._per_origin[origin] -= 1
+        if self._per_origin[origin] <= 0:
+            del self._per_origin[origin]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, StoreUnavailable):  # its outcome not written: leased, sent again
+            self._outage.failed(exc)
+        elif isinstance(exc, Exception):
+            self._faults.failed(exc)
 
     async def _deliver(self, job_id: str, payload: str) -> None:
         try:

@@ -29,6 +29,7 @@ from tests.integration.conftest import (
 )
 from tests.peers.sms_gateway import GatewayMode, SmsGateway
 from tests.peers.webhook_receiver import Hook, WebhookReceiver
+from verification import webhooks as webhooks_module
 from verification.store import DUE, WEBHOOK_DUE, WEBHOOK_JOBS
 from verification.webhooks import SIGNATURE_HEADER, verify
 
@@ -244,6 +245,48 @@ async def test_callback_url_of_the_verification_gets_its_events(
     hooks = await webhook_receiver.wait_until("3 events", lambda got: len(got) >= 3)
     assert {h.path for h in hooks} == {"/cb/one"}
     _assert_hooks_match(hooks, vid, (await api.get(vid))["events"])
+
+
+async def test_a_receiver_that_never_answers_holds_up_only_its_own_webhooks(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    """A review found each process's webhooks sent in batches, each waiting for its slowest
+    POST: any app could point callback_url at a host that never answers and hold up every
+    other app's events for CLINIC_WEBHOOK_TIMEOUT_S, again at each retry. Now one origin
+    takes at most webhooks.PER_ORIGIN POSTs in flight, and the others go on around it."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answers(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # the connection stays open, its request unanswered
+
+    hole = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    try:
+        api = await start_service(
+            {
+                "CLINIC_WEBHOOK_TIMEOUT_S": "4",
+                "CLINIC_LIMIT_NUMBER_VERIFICATIONS": "100/600",
+                "CLINIC_LIMIT_NUMBER_SENDS": "100/600",
+            }
+        )
+        for i in range(12):  # three events each: more than PER_ORIGIN jobs to one origin
+            made = await api.create(method="sms", callback_url=f"http://127.0.0.1:{port}/h/{i}")
+            assert made.status == 201, made.text
+        await sms_gateway.wait_for(12)
+        await asyncio.sleep(0.5)  # the hole's POSTs are in flight
+        assert len(held) == webhooks_module.PER_ORIGIN, "connections to the unanswering origin"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        vid = (await api.create(method="sms", callback_url=webhook_receiver.url("/ok"))).json["id"]
+        await webhook_receiver.wait_until("the first event", lambda got: len(got) >= 1)
+        took = loop.time() - start
+        assert took < 1.5, f"the other app's first event came {took:.1f} s after the create"
+        assert webhook_receiver.received[0].json()["verification_id"] == vid
+    finally:
+        for writer in held:
+            writer.close()
+        hole.close()
+        await hole.wait_closed()
 
 
 async def test_a_callback_url_that_resolves_into_the_clinic_network_is_never_called(
