@@ -143,7 +143,12 @@ VARIABLES: tuple[Variable, ...] = (
         "120",
         "seconds a voice-call step waits before falling back (10..900)",
     ),
-    Variable("CLINIC_WEBHOOK_URL", "", "global webhook for every verification event"),
+    Variable(
+        "CLINIC_WEBHOOK_URL",
+        "",
+        "global webhook: every event of the verifications created without a `callback_url`"
+        " (one with it goes there instead)",
+    ),
     Variable(
         "CLINIC_CALLBACK_NETWORKS",
         "",
