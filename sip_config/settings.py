@@ -136,7 +136,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_STEP_TIMEOUT_SMS_S",
         "120",
-        "seconds an SMS step waits before falling back (10..900)",
+        "seconds an SMS step waits before falling back (10..900); with the HTTP gateway it must"
+        " be longer than one send can take, every attempt timing out (CLINIC_SMS_HTTP_TIMEOUT_S"
+        " times 1 + CLINIC_SMS_HTTP_RETRIES, plus the pauses between them), or serve refuses"
+        " to start",
     ),
     Variable(
         "CLINIC_STEP_TIMEOUT_VOICE_S",
@@ -306,6 +309,9 @@ class VerificationSettings:
     limit_ipv6_prefix: int = 64
 
 
+SMS_RETRY_JITTER = 0.2  # each pause between HTTP SMS attempts is its nominal length +-20 %
+
+
 @dataclass(frozen=True, slots=True)
 class SmsSettings:
     gateway: str  # "http" or "sip"
@@ -313,6 +319,20 @@ class SmsSettings:
     http_token: str
     http_timeout_s: float
     http_retries: int
+
+    @staticmethod
+    def retry_pause_s(attempt: int) -> float:
+        """The nominal pause before HTTP SMS attempt ``attempt`` (1 for the first retry):
+        0.5 s, 1 s, 2 s ... capped at 8 s."""
+        return min(8.0, 0.5 * 2.0 ** (attempt - 1))
+
+    @property
+    def http_budget_s(self) -> float:
+        """The longest one HTTP SMS send can take: every attempt timing out, every pause at
+        its longest."""
+        pauses = sum(self.retry_pause_s(a) for a in range(1, self.http_retries + 1))
+        attempts = self.http_retries + 1
+        return attempts * self.http_timeout_s + pauses * (1 + SMS_RETRY_JITTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +599,15 @@ def _build(r: _Reader) -> Settings:
         http_timeout_s=r.number("CLINIC_SMS_HTTP_TIMEOUT_S", 0.1, 60),
         http_retries=r.integer("CLINIC_SMS_HTTP_RETRIES", 0, 10),
     )
+    if sms.gateway == "http" and sms.http_budget_s >= verification.step_timeout_sms_s:
+        # The step timer would take the send for lost, and send again, while the gateway is
+        # still being tried: two SMS with two codes.
+        raise SettingsError(
+            f"CLINIC_SMS_HTTP_TIMEOUT_S={sms.http_timeout_s:g} with CLINIC_SMS_HTTP_RETRIES="
+            f"{sms.http_retries} can take {sms.http_budget_s:.1f} s, not less than "
+            f"CLINIC_STEP_TIMEOUT_SMS_S={verification.step_timeout_sms_s}: raise the step "
+            "timeout, or lower the others"
+        )
     prefix = r.parse("CLINIC_FLASHCALL_PREFIX", _e164_prefix)
     # E.164 allows 15 digits; the longest code is 8 digits (the API's upper bound).
     if prefix and len(prefix) - 1 + 8 > 15:

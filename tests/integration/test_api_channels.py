@@ -414,18 +414,18 @@ async def test_a_last_send_with_no_outcome_by_its_step_timeout_is_sent_again(
     sms_gateway.mode = GatewayMode.HANG
     clock = FakeClock()
     api = await start_service(
-        {"CLINIC_STEP_TIMEOUT_SMS_S": "10", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}, clock=clock
+        {"CLINIC_STEP_TIMEOUT_SMS_S": "130", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}, clock=clock
     )
     vid = (await api.create(method="sms", fallback=[])).json["id"]
     await sms_gateway.wait_for(1)
-    clock.advance(11)
+    clock.advance(131)
     await sms_gateway.wait_for(2, deadline_s=3.0)
     v = await api.get(vid)
     again = [e for e in v["events"] if e["type"] == "fallback"]
     assert [(e["channel"], "no outcome reported" in e["detail"]) for e in again] == [("sms", True)]
     assert [e["type"] for e in v["events"]].count("dispatched") == 2
     assert v["status"] == "pending" and v["channel"] == "sms"
-    clock.advance(11)  # no outcome again: once is enough
+    clock.advance(131)  # no outcome again: once is enough
     loop = asyncio.get_running_loop()
     end = loop.time() + 3.0
     while [e["type"] for e in (await api.get(vid))["events"]].count("fallback") < 2:
@@ -582,7 +582,7 @@ async def test_shutdown_names_the_sends_it_abandons(
     # A send still under way when the service stops is left to its step timer: the log says
     # which, so an operator can tell what a restart cut short.
     sms_gateway.mode = GatewayMode.HANG
-    api = await start_service({"CLINIC_SMS_HTTP_TIMEOUT_S": "60"})
+    api = await start_service({"CLINIC_SMS_HTTP_TIMEOUT_S": "60", "CLINIC_SMS_HTTP_RETRIES": "0"})
     vid = (await api.create(method="sms", fallback=[])).json["id"]
     await sms_gateway.wait_for(1)
     caplog.set_level(logging.WARNING, logger="verification.dispatcher")

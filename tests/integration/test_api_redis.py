@@ -163,7 +163,7 @@ async def test_a_report_kept_in_an_outage_lands_before_its_step_timer_resends(
     """
     sms_gateway.mode = GatewayMode.HOLD
     clock = FakeClock()
-    env = {"CLINIC_STEP_TIMEOUT_SMS_S": "10", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}
+    env = {"CLINIC_STEP_TIMEOUT_SMS_S": "130", "CLINIC_SMS_HTTP_TIMEOUT_S": "60"}
     sender = await start_service(env, clock=clock)
     if timer == "here":
         monkeypatch.setattr(dispatcher_module, "TIMERS_QUIET_S", 0.0)
@@ -181,7 +181,7 @@ async def test_a_report_kept_in_an_outage_lands_before_its_step_timer_resends(
     await asyncio.to_thread(redis_server.kill9)
     sms_gateway.release()  # accepted (202) while the store is down: the report is kept
     await asyncio.sleep(3.0)  # the kept report's retries back off to their longest pause
-    clock.advance(11)  # the step's timeout passes during the outage
+    clock.advance(131)  # the step's timeout passes during the outage
     await asyncio.to_thread(redis_server.restart)
     await sender.wait_for_event(vid, "delivered", deadline_s=10.0)
     # The timers run again once their pause is over: the step's timeout finds the outcome.

@@ -264,6 +264,27 @@ def test_redis_appendfsync_is_refused_with_a_redis_url(value: str) -> None:
         build(CLINIC_REDIS_URL="unix:///r.sock", CLINIC_REDIS_APPENDFSYNC=value)
 
 
+def test_an_sms_send_must_fit_in_its_step() -> None:
+    # A review found the step timer sending a second SMS (a second code) while the gateway
+    # was still being retried: every attempt timing out, with the pauses between them at
+    # their longest (+20 %), must end before the step does.
+    defaults = build()
+    assert defaults.sms.http_budget_s == pytest.approx(3 * 5 + 1.2 * (0.5 + 1))  # 16.8 s
+    assert build(CLINIC_STEP_TIMEOUT_SMS_S="17").sms.http_retries == 2
+    with pytest.raises(SettingsError, match=r"can take 16\.8 s, not less than .*_SMS_S=16"):
+        build(CLINIC_STEP_TIMEOUT_SMS_S="16")
+    with pytest.raises(SettingsError, match="CLINIC_SMS_HTTP_TIMEOUT_S=60 with"):
+        build(CLINIC_SMS_HTTP_TIMEOUT_S="60", CLINIC_SMS_HTTP_RETRIES="1")  # 120.6 s > 120
+    build(CLINIC_SMS_HTTP_TIMEOUT_S="60", CLINIC_SMS_HTTP_RETRIES="0")
+    build(CLINIC_SMS_GATEWAY="sip", CLINIC_STEP_TIMEOUT_SMS_S="10")  # no HTTP gateway tried
+    longest = build(
+        CLINIC_SMS_HTTP_TIMEOUT_S="60",
+        CLINIC_SMS_HTTP_RETRIES="10",
+        CLINIC_STEP_TIMEOUT_SMS_S="900",
+    )
+    assert longest.sms.http_budget_s < 900, "the largest values still have a step to fit in"
+
+
 def test_registrar_needs_a_user() -> None:
     with pytest.raises(SettingsError, match="CLINIC_SIP_USER"):
         build(CLINIC_SIP_REGISTRAR="sip:127.0.0.1:5160")

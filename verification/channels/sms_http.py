@@ -18,7 +18,7 @@ import secrets
 
 import orjson
 
-from sip_config.settings import SmsSettings
+from sip_config.settings import SMS_RETRY_JITTER, SmsSettings
 from verification.channels.base import Delivery, DeliveryReport, Report, sms_text
 from verification.http_client import HttpClient, HttpClientError
 from verification.model import Channel
@@ -54,9 +54,9 @@ class HttpSmsChannel:
         headers = {**self._headers, "Idempotency-Key": secrets.token_urlsafe(16)}
         last = ""
         for attempt in range(self._s.http_retries + 1):
-            if attempt:
-                # Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... (capped at 8 s).
-                await asyncio.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2))
+            if attempt:  # exponential backoff with jitter (the settings bound the whole)
+                jitter = random.uniform(1 - SMS_RETRY_JITTER, 1 + SMS_RETRY_JITTER)
+                await asyncio.sleep(self._s.retry_pause_s(attempt) * jitter)
             try:
                 answer = await self._client.post(
                     self._s.http_url, body, headers, timeout_s=self._s.http_timeout_s
