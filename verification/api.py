@@ -233,7 +233,6 @@ class VerificationApi:
         # dispatcher. For an idempotent request, only by the try that makes the verification:
         # concurrent retries of one request do not use up the number's limit.
         own = take_request_checks(request)
-        checks = own + limits.creation_checks(self._vs, phone) + limits.send_checks(self._vs, phone)
         vid = entropy.token_urlsafe(24)  # 192 bits
         sip = self._settings.sip
         flash = None
@@ -256,6 +255,9 @@ class VerificationApi:
             callback_url=req.callback_url,
             client=client,
         )
+        checks = own + limits.creation_checks(self._vs, phone)
+        if transition.send is not None:  # a plan of skipped steps fails at once, sending nothing
+            checks += limits.send_checks(self._vs, phone)
         code: str | None = None
         if transition.send is not None and self._dispatcher().sends_here(transition.send):
             # The first send's code is made now, so that one write stores the verification

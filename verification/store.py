@@ -468,9 +468,11 @@ class VerificationStore:
 
         ``known``: the record as last read or written by this caller; the first attempt
         writes against it without reading again (one round trip when nobody else wrote).
-        ``checks``: limits counted in the same atomic step as the write, and only if the
-        change writes something: a change that comes to nothing (another writer already made
-        it) counts nothing. Over a limit nothing is written and :class:`RateLimited` raised.
+        ``checks``: limits of the send the change asks for, counted in the same atomic step
+        as the write, and only if the change writes something and asks for a send: a change
+        that comes to nothing (another writer already made it), or one that sends nothing
+        (the verification's own send limit reached), counts nothing. Over a limit nothing is
+        written and :class:`RateLimited` raised.
         """
         stored = known
         for _ in range(MAX_CAS_TRIES):
@@ -479,7 +481,7 @@ class VerificationStore:
             transition, extra = change(stored.verification)
             if transition.verification == stored.verification:
                 return transition, extra, stored
-            if checks:
+            if checks and transition.send is not None:
                 version = await self._write_limited(stored, transition.verification, checks, now)
             else:
                 version = await self._write(stored, transition.verification)

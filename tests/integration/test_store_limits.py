@@ -16,7 +16,7 @@ from tests.integration.conftest import MOBILE
 from verification import rules
 from verification.errors import RateLimited
 from verification.limits import LimitCheck, LimitName
-from verification.model import Channel, Policy, Verification
+from verification.model import Channel, EventKind, Policy, Verification
 from verification.numbers import parse_phone
 from verification.redis_mux import RedisMux
 from verification.store import Stored, VerificationStore
@@ -96,6 +96,26 @@ async def test_a_fallback_that_moves_counts_its_send_once(store: VerificationSto
     _, _, written = await _counted_fallback(store, stored)
     assert written.verification.step == 1
     assert not (await store.hit_limits([ONE_SEND], time.time())).allowed
+
+
+async def test_a_fallback_that_sends_nothing_counts_no_send(store: VerificationStore) -> None:
+    # A review found a /fallback refused by the verification's own send limit (it moves, and
+    # records send_refused) counting a send against the number all the same: an app asking
+    # again and again could use up the patient's sends for the next verifications.
+    stored = await _made(store, "e" * 32)
+    one_send = Policy(max_sends=1)  # the first send (its step) has used it
+    sent = rules.code_sent(stored.verification, 0, "hash", time.time()).verification
+    _, _, stored = await store.update_stored(sent.id, lambda _v: (rules.Transition(sent), None))
+    transition, _, written = await store.update_stored(
+        sent.id,
+        lambda v: (rules.request_fallback(v, time.time(), one_send, 0), None),
+        known=stored,
+        checks=[ONE_SEND],
+        now=time.time(),
+    )
+    assert transition.send is None and written.verification.step == 1
+    assert written.verification.events[-1].kind is EventKind.SEND_REFUSED
+    assert (await store.hit_limits([ONE_SEND], time.time())).allowed, "nothing was sent"
 
 
 async def test_a_fallback_over_the_limit_moves_nothing(store: VerificationStore) -> None:

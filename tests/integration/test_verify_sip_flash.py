@@ -507,6 +507,24 @@ async def test_a_move_that_landed_unconfirmed_still_sends_the_next_channel(
 # -- SMS over SIP MESSAGE ------------------------------------------------------------------
 
 
+async def test_a_flash_call_a_landline_cannot_take_counts_no_send(rig: Rig, tmp_path: Path) -> None:
+    # A review found a flash-call-only create to a landline (skipped at once: no handset
+    # shows a missed call, so it fails sending nothing) counting a send against the number.
+    landline = "+442079460000"
+    async with (
+        sipp_uas("sipp_uas_message.xml", tmp_path) as uas,
+        sip_service(rig, uas.port, {"CLINIC_LIMIT_NUMBER_SENDS": "1/600"}) as svc,
+    ):
+        skipped = await svc.api.create(phone=landline, method="flashcall", fallback=[])
+        assert skipped.status == 201, skipped.text
+        assert skipped.json["status"] == "failed", skipped.json
+        assert "dispatched" not in event_types(skipped.json)
+        vid = await create(svc.api, phone=landline, method="sms", fallback=[])
+        sms = await wire_request(uas, "MESSAGE")
+        right = await svc.api.check(vid, code_from_message(sms))
+        assert right.json["status"] == "approved", right.text
+
+
 async def test_sms_over_sip_message_carries_the_code(rig: Rig, tmp_path: Path) -> None:
     async with (
         sipp_uas("sipp_uas_message.xml", tmp_path) as uas,
