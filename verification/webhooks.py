@@ -18,6 +18,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from sip_config.clock import Clock
@@ -134,22 +135,22 @@ class WebhookSender:
         jobs = await self._store.lease_webhooks(self._clock.now(), self._lease_s, limit=room)
         started = 0
         for jid, payload in jobs:
-            origin = self._origin(payload)
+            job = _read(payload)
+            origin = self._origin(job)
             if self._per_origin[origin] >= PER_ORIGIN:
                 await self._store.postpone_webhook(jid, self._clock.now() + ORIGIN_BUSY_S)
                 continue
-            task = asyncio.create_task(self._deliver(jid, payload), name=f"webhook {jid}")
+            task = asyncio.create_task(self._deliver(jid, job), name=f"webhook {jid}")
             self._in_flight[task] = origin
             self._per_origin[origin] += 1
             task.add_done_callback(self._delivered)
             started += 1
         return started
 
-    def _origin(self, payload: str) -> str:
+    def _origin(self, job: dict[str, Any] | None) -> str:
         """Where a job goes (scheme://host:port), to share the room out; "" when unreadable."""
         try:
-            url = json.loads(payload).get("callback_url") or self._s.webhook_url
-            parts = urlsplit(url)
+            parts = urlsplit((job or {}).get("callback_url") or self._s.webhook_url)
             return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
         except (ValueError, AttributeError, TypeError):
             return ""
@@ -167,9 +168,10 @@ class WebhookSender:
         elif isinstance(exc, Exception):
             self._faults.failed(exc)
 
-    async def _deliver(self, job_id: str, payload: str) -> None:
+    async def _deliver(self, job_id: str, job: dict[str, Any] | None) -> None:
         try:
-            job = json.loads(payload)
+            if job is None:
+                raise ValueError("not a JSON object")
             event = render_event(Event.from_json(job["event"]))
             vid, status, channel = job["verification_id"], job["status"], job["channel"]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -233,6 +235,15 @@ class WebhookSender:
         await self._store.retry_webhook(
             job_id, json.dumps(job, separators=(",", ":")), self._clock.now() + backoff_s(attempt)
         )
+
+
+def _read(payload: str) -> dict[str, Any] | None:
+    """A job as queued, or None when it is not a JSON object."""
+    try:
+        job = json.loads(payload)
+    except ValueError:
+        return None
+    return job if isinstance(job, dict) else None
 
 
 def _ignore(_outcome: str) -> None:
