@@ -33,6 +33,7 @@ from verification.request import (
     REQUEST_CHECKS,
     declared_too_large,
     is_self_admitted,
+    read_no_more,
     take_request_checks,
 )
 from verification.store import VerificationStore
@@ -88,7 +89,7 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
     if expect.lower() != "100-continue":
         return problem(417, *HTTP_SLUGS[417])
     if declared_too_large(request):
-        request.content.feed_eof()  # the client waits for this answer: no body follows
+        read_no_more(request)  # the client waits for this answer: no body follows
         refused = problem(413, *HTTP_SLUGS[413])
         refused.force_close()
         return refused
@@ -127,7 +128,7 @@ async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
         # has not come anyway: it will not, and waiting for it would hold the connection. It
         # closes after the answer (the headers are made before this hook and written after
         # it: say so in them too).
-        request.content.feed_eof()
+        read_no_more(request)
         resp.force_close()
         resp.headers[hdrs.CONNECTION] = "close"
     if resp.status < 400 or resp.content_type == PROBLEM_TYPE or not isinstance(resp, web.Response):
@@ -292,7 +293,8 @@ def build_middlewares(
             return resp
         kid = key_ids[token.strip()]
         request[KEY_ID] = kid
-        await send_continue(request)
+        if request.get(CONTINUE_PENDING):  # no coroutine made for the usual request
+            await send_continue(request)
         checks = limits.request_checks(settings, kid, ip)
         if not is_self_admitted(request.match_info.handler):
             await count(checks)

@@ -57,7 +57,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if request.can_read_body and ctype not in ("application/json", "application/merge-patch+json"):
         raise web.HTTPUnsupportedMediaType()
     if declared_too_large(request):  # at once, not after reading 64 KiB
-        _read_no_more(request)
+        read_no_more(request)
         raise web.HTTPRequestEntityTooLarge(
             max_size=MAX_BODY, actual_size=request.content_length or 0
         )
@@ -68,10 +68,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
             async with asyncio.timeout(BODY_READ_S):
                 raw = await request.read()
     except TimeoutError:
-        _read_no_more(request)
+        read_no_more(request)
         raise BodyTimeout(f"the body was not complete after {BODY_READ_S:g} s") from None
     except web.RequestPayloadError:
-        _read_no_more(request)
+        read_no_more(request)
         raise BadBody("the body cannot be read as sent (its Content-Encoding?)") from None
     if not raw:
         raise InvalidRequest("the body must be a JSON object")
@@ -93,7 +93,7 @@ def declared_too_large(request: web.Request) -> bool:
     return declared is not None and declared > MAX_BODY
 
 
-def _read_no_more(request: web.Request) -> None:
+def read_no_more(request: web.Request) -> None:
     """Give up on the rest of a body: aiohttp would otherwise go on reading it after the
     answer (up to 10 s, however large, and log a body that does not decode as an unhandled
     error). The connection closes after the answer; a client still sending may see its send
