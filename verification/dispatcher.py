@@ -549,16 +549,18 @@ class Dispatcher:
         if self._keeping[vid] <= 0:
             del self._keeping[vid]
 
-    async def _apply(self, vid: str, rule: Rule) -> Transition | None:
+    async def _apply(self, vid: str, rule: Rule) -> Stored | None:
+        """Apply ``rule`` and follow its move; the record as it now stands (None: gone)."""
+
         def change(v: Verification) -> tuple[Transition, None]:
             return rule(v), None
 
         try:
-            transition, _ = await self._store.update(vid, change)
+            transition, _, stored = await self._store.update_stored(vid, change)
         except NotFound:
             return None
         self.follow(transition)
-        return transition
+        return stored
 
     # -- timers ---------------------------------------------------------------------------------
     async def _timer_loop(self) -> None:
@@ -596,7 +598,7 @@ class Dispatcher:
                 continue
             now = self._clock.now()
             try:
-                transition = await self._apply(vid, functools.partial(self._tick, now=now))
+                stored = await self._apply(vid, functools.partial(self._tick, now=now))
             except StoreUnavailable:
                 # The move may have landed: its timer is then set to the new step's end, and
                 # nothing would start the step's send before that.
@@ -607,12 +609,12 @@ class Dispatcher:
                 # behind it; its lease brings it back in LEASE_S, and this line with it.
                 log.exception("verification %s: its timer failed", vid)
                 continue
-            if transition is None:
+            if stored is None:
                 await self._store.forget_due(vid)
             else:
-                # Nothing changed (another process's clock ran ahead): restore the real due time
-                # in place of the lease.
-                await self._store.reschedule(transition.verification)
+                # Put the real due time in place of the lease: a move wrote it already, but
+                # nothing changed when another process's clock ran ahead of this one's.
+                await self._store.reschedule(stored)
         return len(ids)
 
     def _tick(self, v: Verification, *, now: float) -> Transition:

@@ -185,6 +185,22 @@ end
 return ids
 """)
 
+# Put back the timer of a record a lease found not due, unless a newer write has set it since.
+# KEYS: record, due zset; ARGV: the version the rules read, due score ("" = no timer), id.
+_RESCHEDULE = Script("""
+local ver = redis.call('HGET', KEYS[1], 'ver')
+if not ver then
+  redis.call('ZREM', KEYS[2], ARGV[3])
+elseif ver == ARGV[1] then
+  if ARGV[2] == '' then
+    redis.call('ZREM', KEYS[2], ARGV[3])
+  else
+    redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[3])
+  end
+end
+return 0
+""")
+
 
 # A record's version only has to differ from every other version of that record: a random
 # prefix per process and a counter, instead of a getrandom() system call per write.
@@ -522,14 +538,19 @@ class VerificationStore:
             raise StoreUnavailable(str(exc)) from exc
         return [str(i) for i in ids]
 
-    async def reschedule(self, v: Verification) -> None:
-        """Set the timer of ``v`` to what the rules say (after a lease)."""
-        due = due_at(v)
+    async def reschedule(self, read: Stored) -> None:
+        """Set the timer of ``read`` to what the rules say (after a lease found it not due).
+
+        Only while the record is still at ``read``'s version: a write since then set the timer
+        of the newer record in its own atomic step, and the time read here is out of date (a
+        ``/fallback`` to a channel with a shorter step would otherwise wait for the old one's
+        end). A record gone meanwhile loses its timer.
+        """
+        due = due_at(read.verification)
+        vid = read.verification.id
+        args = [read.version, repr(due) if due is not None else "", vid]
         try:
-            if due is None:
-                await self._r.execute("ZREM", DUE, v.id)
-            else:
-                await self._r.execute("ZADD", DUE, "XX", repr(due), v.id)
+            await self._r.evalsha(_RESCHEDULE, [_record_key(vid), DUE], args)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 

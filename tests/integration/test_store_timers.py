@@ -1,0 +1,100 @@
+"""Step timers in a real Redis: a lease that found a record not due puts its timer back, but
+never over the timer a newer write of the record has set since.
+
+The race it guards against: a process leases a verification's timer, reads the record and finds
+it not due yet (its clock ran ahead of the writer's), and meanwhile a client's ``/fallback``
+moves the record to a channel with a shorter step, setting the timer to that step's end. Were
+the lease's time written back regardless, the new step's timeout would fire at the old one's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import RedisServer
+from tests.integration.conftest import MOBILE
+from verification import rules
+from verification.model import Channel, Policy
+from verification.numbers import parse_phone
+from verification.redis_mux import RedisMux
+from verification.store import DUE, Stored, VerificationStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+POLICY = Policy()
+VID = "c" * 32
+
+
+@pytest.fixture
+async def mux(redis_server: RedisServer) -> AsyncIterator[RedisMux]:
+    mux = RedisMux(redis_server.url)
+    try:
+        yield mux
+    finally:
+        await mux.aclose()
+
+
+@pytest.fixture
+def store(mux: RedisMux) -> VerificationStore:
+    return VerificationStore(mux, limit_key=b"k" * 32)
+
+
+async def _made(store: VerificationStore) -> Stored:
+    """A verification sending an SMS (120 s step), then a flash call (33 s step)."""
+    made = rules.create(
+        verification_id=VID,
+        phone=parse_phone(MOBILE),
+        plan=(Channel.SMS, Channel.FLASHCALL),
+        code_length=6,
+        now=time.time(),
+        policy=POLICY,
+    )
+    return await store.create(made)
+
+
+async def _due(mux: RedisMux) -> float | None:
+    score = await mux.execute("ZSCORE", DUE, VID)
+    return None if score is None else float(score)
+
+
+async def _lease(store: VerificationStore) -> None:
+    """Lease the timer as a process whose clock runs past the step's end would."""
+    assert await store.lease_due(time.time() + 3600, 30) == [VID]
+
+
+async def test_a_lease_puts_back_the_timer_of_a_record_nobody_wrote(
+    store: VerificationStore, mux: RedisMux
+) -> None:
+    read = await _made(store)
+    await _lease(store)
+    await store.reschedule(read)
+    assert await _due(mux) == rules.due_at(read.verification)
+
+
+async def test_a_lease_does_not_put_back_a_time_a_newer_write_replaced(
+    store: VerificationStore, mux: RedisMux
+) -> None:
+    read = await _made(store)
+    await _lease(store)
+    # A client's /fallback lands between the lease's read and its reschedule.
+    moved, _ = await store.update(
+        VID, lambda v: (rules.request_fallback(v, time.time(), POLICY, None), None)
+    )
+    new_due = rules.due_at(moved.verification)
+    old_due = rules.due_at(read.verification)
+    assert new_due is not None and old_due is not None and new_due < old_due - 60
+    await store.reschedule(read)
+    assert await _due(mux) == new_due, "the flash call's 33 s step must end when it ends"
+
+
+async def test_a_lease_drops_the_timer_of_a_record_gone_meanwhile(
+    store: VerificationStore, mux: RedisMux
+) -> None:
+    read = await _made(store)
+    await _lease(store)
+    await mux.execute("DEL", f"cv:v:{VID}")  # expired from Redis meanwhile
+    await store.reschedule(read)
+    assert await _due(mux) is None
