@@ -106,7 +106,12 @@ def parse_create(
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
     phone = _string(body, "phone", max_len=numbers.MAX_INPUT_LENGTH, required=True)
     assert phone is not None
-    region = _string(body, "region", max_len=2)
+    region = _string(body, "region", max_len=numbers.MAX_INPUT_LENGTH)
+    if region is not None and not numbers.is_region(region):
+        raise InvalidRequest(
+            "'region' must be a country's two capital letters (ISO 3166-1), such as NL",
+            field="region",
+        )
     method = _channel(body["method"], "method") if "method" in body else None
     fallback: tuple[Channel, ...] | None = None
     if "fallback" in body:

@@ -69,6 +69,11 @@ REFUSED_KINDS: dict[NumberKind, str] = {
 }
 
 
+def is_region(region: str) -> bool:
+    """Whether ``region`` is a country phonenumbers knows, as two capital letters (``NL``)."""
+    return len(region) == 2 and region in phonenumbers.SUPPORTED_REGIONS
+
+
 def parse_phone(raw: str, region: str | None = None) -> Phone:
     """Parse and validate: E.164, or national digits with a two-letter ``region``.
 

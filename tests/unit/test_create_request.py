@@ -42,3 +42,16 @@ def test_a_plan_that_cannot_be(
 ) -> None:
     with pytest.raises(InvalidRequest, match=says):
         parse_create({"phone": PHONE, **body}, available)
+
+
+@pytest.mark.parametrize("region", ["NL", "US", "GB"])
+def test_a_region_is_kept(region: str) -> None:
+    assert parse_create({"phone": "0612345678", "region": region}, (SMS,)).region == region
+
+
+@pytest.mark.parametrize("region", ["nl", "Nl", "NLD", "N", "12", "XX", "ZZ", "001", "N\u2060L"])
+def test_a_region_that_is_no_country_names_its_field(region: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_create({"phone": "0612345678", "region": region}, (SMS,))
+    assert err.value.extra.get("field") == "region"
+    assert "such as NL" in err.value.detail
