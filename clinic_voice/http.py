@@ -231,8 +231,8 @@ def build_middlewares(
             resp = problem(exc.status, exc.slug, exc.title, exc.detail, **exc.extra)
             if exc.retry_after_s is not None:
                 resp.headers["Retry-After"] = str(exc.retry_after_s)
-            if exc.status >= 500:
-                log.error("%s %s: %s", request.method, request.path, exc.detail)
+            if exc.status >= 500:  # str(): the cause, which the client's detail may not say
+                log.error("%s %s: %s", request.method, request.path, exc)
             if isinstance(exc, (BadBody, BodyTimeout)):  # its body's rest was not read
                 resp.force_close()
             return resp
