@@ -21,7 +21,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from clinic_voice import redis_durability, shared_secret
-from clinic_voice.http import build_middlewares, problem, problem_net, with_expect_handler
+from clinic_voice.http import build_middlewares, edge_routes, problem, problem_net
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
@@ -381,7 +381,7 @@ def build_app(
         web.get("/metrics", _metrics),
         web.get("/openapi.json", _openapi),
     ]
-    app.add_routes(with_expect_handler(routes))
+    app.add_routes(edge_routes(routes))
     return app
 
 

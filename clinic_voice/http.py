@@ -14,8 +14,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from aiohttp import HttpVersion11, hdrs, web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    ContentEncodingError,
+    HttpProcessingError,
+    LineTooLong,
+)
 from aiohttp.web_protocol import RequestHandler
 
 from clinic_voice.metrics import Metrics
@@ -29,8 +34,11 @@ from verification.errors import (
     VerificationError,
 )
 from verification.request import (
+    ACCEPTED_CODINGS,
+    BODY_ABANDONED,
     KEY_ID,
     REQUEST_CHECKS,
+    bodiless,
     declared_too_large,
     is_self_admitted,
     read_no_more,
@@ -58,7 +66,11 @@ HTTP_SLUGS = {
     431: ("header-too-large", "The request line or headers are too large"),
     500: ("internal", "Internal error"),
     501: ("method-not-implemented", "The server does not know this method"),
+    505: ("http-version-not-supported", "Send HTTP/1.1"),
 }
+# Request-line versions served. llhttp also passes "HTTP/2.0" sent as text, and a request line
+# without a version (read as HTTP/0.9): aiohttp would answer both as if they were HTTP/1.1.
+SERVED_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 
 def problem(status: int, slug: str, title: str, detail: str = "", **extra: Any) -> web.Response:
@@ -107,10 +119,17 @@ async def send_continue(request: web.Request) -> None:
         request.writer.output_size = 0  # the answer itself is still to come
 
 
-def with_expect_handler(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
-    """``routes``, each answering ``Expect`` with :func:`expect_handler`."""
+def edge_routes(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
+    """``routes`` as the edge serves them: each answers ``Expect`` with
+    :func:`expect_handler`, and those that take no body hold one sent anyway to the rules
+    for bodies (:func:`verification.request.bodiless`)."""
     return [
-        web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect_handler})
+        web.RouteDef(
+            r.method,
+            r.path,
+            bodiless(r.handler),
+            {**r.kwargs, "expect_handler": expect_handler},
+        )
         for r in routes
     ]
 
@@ -125,10 +144,12 @@ async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
         resp.headers["Cache-Control"] = "no-store"
     if request.get(CONTINUE_PENDING) and not request.content.is_eof():
         # Answered before its client was told to send the body (a wrong key), and the body
-        # has not come anyway: it will not, and waiting for it would hold the connection. It
-        # closes after the answer (the headers are made before this hook and written after
-        # it: say so in them too).
+        # has not come anyway: it will not, and waiting for it would hold the connection.
         read_no_more(request)
+    if request.get(BODY_ABANDONED):
+        # The rest of the body was given up (read_no_more): the connection closes after the
+        # answer (the headers are made before this hook and written after it: say so in
+        # them too).
         resp.force_close()
         resp.headers[hdrs.CONNECTION] = "close"
     if resp.status < 400 or resp.content_type == PROBLEM_TYPE or not isinstance(resp, web.Response):
@@ -140,6 +161,20 @@ async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
     resp.charset = None
     # aiohttp has counted the old body's length by now: the headers are written after this
     resp.headers[hdrs.CONTENT_LENGTH] = str(len(resp.body))
+
+
+def refuse_request_line(request: web.Request) -> web.Response:
+    """The answer to a request whose line the service does not serve: a version other than
+    HTTP/1.0 and 1.1 (505), or ``CONNECT`` (501: the service is not a proxy, and the target of
+    a CONNECT is a host and port, not one of its routes). The connection closes after it."""
+    if request.method == hdrs.METH_CONNECT:
+        resp = problem(501, *HTTP_SLUGS[501], "this service is not a proxy: CONNECT is not served")
+    else:
+        major, minor = request.version
+        resp = problem(505, *HTTP_SLUGS[505], f"HTTP/{major}.{minor} is not served here")
+    read_no_more(request)
+    resp.force_close()
+    return resp
 
 
 def key_id(key: str) -> str:
@@ -225,12 +260,15 @@ def build_middlewares(
 
     @web.middleware
     async def problems_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.version not in SERVED_VERSIONS or request.method == hdrs.METH_CONNECT:
+            return refuse_request_line(request)
         try:
             return await handler(request)
         except VerificationError as exc:
             resp = problem(exc.status, exc.slug, exc.title, exc.detail, **exc.extra)
             if exc.retry_after_s is not None:
                 resp.headers["Retry-After"] = str(exc.retry_after_s)
+            resp.headers.update(exc.headers)
             if exc.status >= 500:  # str(): the cause, which the client's detail may not say
                 log.error("%s %s: %s", request.method, request.path, exc)
             if isinstance(exc, (BadBody, BodyTimeout)):  # its body's rest was not read
@@ -333,10 +371,18 @@ def build_middlewares(
 # key. This handler answers problem+json instead, quotes nothing, and logs one INFO line.
 
 
+# How aiohttp says a body of an accepted coding does not decode (400, not 415).
+_DECODE_FAILED = tuple(f"Can not decode content-encoding: {c}" for c in ACCEPTED_CODINGS)
+
+
 def _parse_problem(exc: HttpProcessingError) -> tuple[int, str]:
     """The HTTP status of a parser error and a detail that quotes none of the request."""
     if isinstance(exc, LineTooLong):
         return 431, "a request line or header is longer than 8190 bytes"
+    if isinstance(exc, ContentEncodingError) and not exc.message.startswith(_DECODE_FAILED):
+        # A coding aiohttp knows but cannot decode here (br, zstd: their libraries are not
+        # installed). Its message says which library to install: not the client's business.
+        return 415, "send the body as it is, or gzip or deflate it"
     if isinstance(exc, BadHttpMethod):
         first = exc.message.split("\n", 1)[0].rstrip(": ")
         if first.startswith("Invalid method"):
@@ -370,6 +416,8 @@ class ProblemRequestHandler(RequestHandler):
             raise ConnectionError("an answer was sent already, cannot send the error")
         slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
         resp = problem(status, slug, title, detail)
+        if status == 415:
+            resp.headers["Accept-Encoding"] = ", ".join(ACCEPTED_CODINGS)
         resp.force_close()
         return resp
 

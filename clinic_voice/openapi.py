@@ -64,8 +64,9 @@ _ID_PARAM = {
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{20,64}$"},
 }
 
-# 400, 431 and 501: requests that are not HTTP/1.1 (clinic_voice.http.ProblemRequestHandler)
-_COMMON = (400, 401, 404, 405, 408, 413, 415, 417, 422, 429, 431, 500, 501, 503)
+# 400, 431, 501 and 505: requests that are not HTTP/1.1 (clinic_voice.http.ProblemRequestHandler
+# and refuse_request_line)
+_COMMON = (400, 401, 404, 405, 408, 413, 415, 417, 422, 429, 431, 500, 501, 503, 505)
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {
@@ -83,6 +84,11 @@ SCHEMAS: dict[str, Any] = {
                 "description": "invalid-request: the unknown fields",
             },
             "reason": {"type": "string", "description": "number-refused: why"},
+            "accepted": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "unsupported-media-type: the content codings taken",
+            },
             "available": {
                 "type": "array",
                 "items": _CHANNEL,

@@ -29,7 +29,13 @@ from verification.errors import (
     StoreUnavailable,
 )
 from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Verification
-from verification.request import KEY_ID, read_json_object, self_admitted, take_request_checks
+from verification.request import (
+    KEY_ID,
+    read_json_object,
+    self_admitted,
+    take_request_checks,
+    takes_body,
+)
 from verification.store import Stored, VerificationStore, body_hash
 from verification.wire import iso, render_event
 
@@ -213,6 +219,7 @@ class VerificationApi:
         return stored
 
     @self_admitted
+    @takes_body
     async def create(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
         req = parse_create(body, self._available(), self._vs.callback_networks)
@@ -302,6 +309,7 @@ class VerificationApi:
         return self._json(stored.verification)
 
     @self_admitted
+    @takes_body
     async def check(self, request: web.Request) -> web.Response:
         vid = self._vid(request)
         body = await read_json_object(request)

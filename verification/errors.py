@@ -26,10 +26,28 @@ class VerificationError(Exception):
     def type_uri(self) -> str:
         return PROBLEM_BASE + self.slug
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Header fields the answer carries besides ``Retry-After``."""
+        return {}
+
 
 class BadBody(VerificationError):
     """A body that cannot be read as sent: its Content-Encoding does not decode, or it is cut
     short. (The base class's 400 ``bad-request``.)"""
+
+
+class UnsupportedCoding(VerificationError):
+    """A body in a ``Content-Encoding`` the service does not decode (RFC 9110 15.5.16: 415,
+    with ``Accept-Encoding`` naming those it does)."""
+
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Content-Encoding not accepted"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": ", ".join(self.extra.get("accepted", ()))}
 
 
 class BodyTimeout(VerificationError):

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from verification.errors import BadBody, BodyTimeout, InvalidRequest
+from verification.errors import BadBody, BodyTimeout, InvalidRequest, UnsupportedCoding
 from verification.limits import LimitCheck
 
 KEY_ID = web.RequestKey("key_id", str)
 REQUEST_CHECKS = web.RequestKey("request_checks", list[LimitCheck])
+# Set when the rest of a request's body was given up (read_no_more): its connection must close.
+BODY_ABANDONED = web.RequestKey("body_abandoned", bool)
 _SELF_ADMITTED = "_counts_request_limits_itself"
+_TAKES_BODY = "_takes_a_json_body"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +35,33 @@ def self_admitted(handler: F) -> F:
 
 def is_self_admitted(handler: object) -> bool:
     return bool(getattr(handler, _SELF_ADMITTED, False))
+
+
+def takes_body(handler: F) -> F:
+    """Mark a handler that reads a JSON body (:func:`read_json_object`); see :func:`bodiless`."""
+    setattr(handler, _TAKES_BODY, True)
+    return handler
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def bodiless(handler: Handler) -> Handler:
+    """``handler``, unless it :func:`takes_body`, for a route that takes no body: a body sent
+    anyway is held to the API's rules for bodies all the same (JSON, at most 64 KiB, complete
+    in 10 s: 415, 413, 408) and read before the handler acts, then dropped. Without this,
+    aiohttp read such a body after the answer whatever its size (a DELETE cancelled, then took
+    in 100 MB), and nothing refused one that was not JSON."""
+    if getattr(handler, _TAKES_BODY, False):
+        return handler
+
+    @functools.wraps(handler)  # keeps the marks, such as self_admitted
+    async def without_body(request: web.Request) -> web.StreamResponse:
+        if request.can_read_body:
+            await read_body(request)
+        return await handler(request)
+
+    return without_body
 
 
 def take_request_checks(request: web.Request) -> list[LimitCheck]:
@@ -51,11 +82,26 @@ MAX_BODY = 64 * 1024  # the app's client_max_size: 413 past it
 BODY_READ_S = 10.0  # a body (at most 64 KiB) still arriving after this is a slow client
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx problem."""
-    ctype = request.content_type
-    if request.can_read_body and ctype not in ("application/json", "application/merge-patch+json"):
+# Content codings aiohttp decodes (brotli and zstd only with libraries this service lacks).
+ACCEPTED_CODINGS = ("identity", "gzip", "deflate")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body (empty when there is none), or a 4xx problem: 415 when it is not sent as
+    JSON or in a coding of :data:`ACCEPTED_CODINGS`, 413 past :data:`MAX_BODY` (at once when
+    ``Content-Length`` says so), 408 when it is not complete after :data:`BODY_READ_S`, 400
+    when it does not decode. A body refused unread is given up (:func:`read_no_more`)."""
+    if not request.can_read_body:
+        return b""
+    if request.content_type not in ("application/json", "application/merge-patch+json"):
+        read_no_more(request)
         raise web.HTTPUnsupportedMediaType()
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if coding not in ACCEPTED_CODINGS:  # aiohttp would hand it over undecoded, as if plain
+        read_no_more(request)
+        raise UnsupportedCoding(
+            "send the body as it is, or gzip or deflate it", accepted=list(ACCEPTED_CODINGS)
+        )
     if declared_too_large(request):  # at once, not after reading 64 KiB
         read_no_more(request)
         raise web.HTTPRequestEntityTooLarge(
@@ -63,16 +109,20 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         )
     try:
         if request.content.is_eof():  # all of it has arrived (the usual small body): no wait
-            raw = await request.read()  # client_max_size makes this 413 past 64 KiB
-        else:
-            async with asyncio.timeout(BODY_READ_S):
-                raw = await request.read()
+            return await request.read()  # client_max_size makes this 413 past 64 KiB
+        async with asyncio.timeout(BODY_READ_S):
+            return await request.read()
     except TimeoutError:
         read_no_more(request)
         raise BodyTimeout(f"the body was not complete after {BODY_READ_S:g} s") from None
     except web.RequestPayloadError:
         read_no_more(request)
         raise BadBody("the body cannot be read as sent (its Content-Encoding?)") from None
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 4xx problem (:func:`read_body`, then 422)."""
+    raw = await read_body(request)
     if not raw:
         raise InvalidRequest("the body must be a JSON object")
     # orjson takes RFC 8259 JSON only: UTF-8 (a leading byte-order mark is skipped, as the RFC
@@ -98,4 +148,6 @@ def read_no_more(request: web.Request) -> None:
     answer (up to 10 s, however large, and log a body that does not decode as an unhandled
     error). The connection closes after the answer; a client still sending may see its send
     fail before it reads the answer, which HTTP allows for a refused body."""
+    if not request.content.is_eof():
+        request[BODY_ABANDONED] = True
     request.content.feed_eof()

@@ -5,6 +5,7 @@ stable ``type`` URI, and nothing is sent for a refused request.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -507,6 +508,92 @@ async def test_a_body_that_never_completes_is_408(
     assert answer.headers.get("connection") == "close"
 
 
+def _chunked(body: bytes, size: int = 8192) -> bytes:
+    """``body`` in Transfer-Encoding: chunked (no Content-Length says how large it is)."""
+    parts = [
+        b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
+        for i in range(0, len(body), size)
+    ]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+async def test_a_route_that_takes_no_body_holds_one_sent_anyway_to_the_rules(
+    start_service: StartService,
+) -> None:
+    """The probe: a DELETE read a 100 MB body after cancelling, and a /fallback took one in
+    text/plain. A body sent to a route that takes none is read before the route acts: JSON,
+    at most 64 KiB; otherwise the same 415 or 413 as a create, and nothing done."""
+    api = await start_service()
+    vid = (await api.create()).json["id"]
+    path = f"/v1/verifications/{vid}"
+    json_head = "Host: t\nContent-Type: application/json\n"
+    declared = await raw_exchange(
+        api,
+        f"DELETE {path} HTTP/1.1\n{json_head}Content-Length: 99999999\n",
+        b"{",
+        closed_within_s=1.0,
+    )
+    assert_problem(declared, 413, "body-too-large")
+    large = _chunked(b'{"x": "' + b"a" * (70 * 1024) + b'"}')
+    chunked = await raw_exchange(
+        api, f"DELETE {path} HTTP/1.1\n{json_head}Transfer-Encoding: chunked\n", large
+    )
+    assert_problem(chunked, 413, "body-too-large")
+    text = await raw_exchange(
+        api,
+        f"POST {path}/fallback HTTP/1.1\nHost: t\nContent-Type: text/plain\nContent-Length: 2\n",
+        b"hi",
+    )
+    assert_problem(text, 415, "unsupported-media-type")
+    record = (await api.request("GET", path)).json
+    assert record["status"] == "pending", "a refused request must not have cancelled"
+    assert "fallback" not in [e["type"] for e in record["events"]], "nor moved on"
+    # A small JSON body (some clients send {} with every request) is read and dropped.
+    got = await raw_exchange(api, f"GET {path} HTTP/1.1\n{json_head}Content-Length: 2\n", b"{}")
+    assert got.status == 200 and "connection" not in got.headers, got
+    canceled = await raw_exchange(
+        api, f"DELETE {path} HTTP/1.1\n{json_head}Content-Length: 2\n", b"{}"
+    )
+    assert canceled.status == 200 and json.loads(canceled.body)["status"] == "canceled"
+
+
+async def test_a_body_in_a_coding_not_decoded_here_is_415(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    """The probe: ``Content-Encoding: foo`` was ignored (aiohttp hands over what it does not
+    know undecoded) and the body read as plain JSON: a verification made and sent."""
+    api = await start_service()
+    body = json.dumps({"phone": MOBILE, "method": "sms"}).encode()
+    head = POST_CREATE + f"Content-Length: {len(body)}\nContent-Encoding: foo\n"
+    refused = await raw_exchange(api, head, body)
+    assert_problem(refused, 415, "unsupported-media-type")
+    assert refused.headers["accept-encoding"] == "identity, gzip, deflate"
+    packed = gzip.compress(body)
+    head = POST_CREATE + f"Content-Length: {len(packed)}\nContent-Encoding: gzip\n"
+    made = await raw_exchange(api, head, packed)
+    assert made.status == 201, made
+    assert [s.to for s in await sms_gateway.wait_for(1)] == [MOBILE], "one SMS: the gzip one"
+
+
+@pytest.mark.parametrize(
+    ("line", "status", "slug"),
+    [
+        ("GET /healthz HTTP/2.0", 505, "http-version-not-supported"),  # h2 sent as text
+        ("GET /v1/verifications HTTP/0.9", 505, "http-version-not-supported"),
+        ("CONNECT 127.0.0.1:443 HTTP/1.1", 501, "method-not-implemented"),
+    ],
+)
+async def test_a_request_line_not_served_is_refused(
+    start_service: StartService, line: str, status: int, slug: str
+) -> None:
+    """The probe: HTTP/2.0 as text and a request line without a version (HTTP/0.9) were
+    served as HTTP/1.1, and CONNECT got 404."""
+    api = await start_service()
+    answer = await raw_exchange(api, line + "\nHost: t\n", documented=False, closed_within_s=1.0)
+    assert json.loads(answer.body)["type"].endswith("/" + slug), answer
+    assert answer.status == status, answer
+
+
 @asynccontextmanager
 async def served_as_serve_does(
     redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
@@ -550,6 +637,28 @@ async def test_a_client_gone_mid_body_is_not_a_fault(
         ):
             metrics = await resp.text()
         assert 'status="499"' in metrics and 'status="500"' not in metrics
+
+
+async def test_a_coding_aiohttp_cannot_decode_here_is_415_without_its_advice(
+    redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
+) -> None:
+    """brotli and zstd: aiohttp's parser refuses them before the app sees the request, with
+    its advice to install a library. That was a 400 quoting the advice; it is the 415 of any
+    coding the service does not take."""
+    async with served_as_serve_does(redis_server, sms_gateway, tmp_path) as port:
+        for coding in ("br", "zstd"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head = POST_CREATE + f"Content-Encoding: {coding}\nContent-Length: 2\n\n"
+            writer.write(head.replace("\n", "\r\n").encode() + b"{}")
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            head_bytes, _, body = raw.partition(b"\r\n\r\n")
+            assert head_bytes.split(b" ", 2)[1] == b"415", raw
+            assert b"accept-encoding: identity, gzip, deflate" in head_bytes.lower(), raw
+            assert json.loads(body)["type"].endswith("/unsupported-media-type"), body
+            assert b"install" not in body.lower(), body
+    assert sms_gateway.received == []
 
 
 async def test_a_connection_whose_headers_never_complete_is_closed(
