@@ -6,11 +6,13 @@ in order and nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import secrets
 import signal
+import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +86,7 @@ class Runtime:
     # Work still going on after start that does not stop the service from serving (shown by
     # /readyz, e.g. "prompts" while the static prompts render): benches wait for it.
     warming: set[str] = field(default_factory=set)
+    stopping: bool = False  # the stop began: /readyz fails while requests in flight finish
 
     def need_store(self) -> VerificationStore:
         assert self.store is not None, "store used before start"
@@ -120,12 +123,78 @@ def _private_file(path: Path, make: Callable[[], str]) -> str:
     if path.exists():
         value = path.read_text().strip()
         if value:
+            mode = path.stat().st_mode
+            if mode & (stat.S_IRGRP | stat.S_IROTH):
+                # The operator's file, left as it is: only they know who should read it.
+                log.warning(
+                    "%s is readable by other users (mode %03o): chmod 600 it",
+                    path.resolve(),
+                    stat.S_IMODE(mode),
+                )
             return value
     value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    _write_private(path, value + "\n")
     return value
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Put ``text`` at ``path`` by a new 0600 file in the same directory renamed over it.
+
+    Written in place, an existing file (an empty placeholder made by provisioning) kept its
+    mode, 0644 say, and the new key with it. The rename also means a crash leaves the old
+    file or the new one, never half of one.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename itself is durable once the directory is: a secret lost to a power cut
+    # would be made anew, and Redis (its fingerprint) would refuse the next start.
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class DataDirInUse(RuntimeError):
+    """Another ``serve`` holds the data dir's lock."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take ``data_dir/serve.lock`` for this process's lifetime; returns the locked fd.
+
+    Two ``serve`` on one data dir would take each other's embedded Redis for an orphan and
+    shut it down, unlink each other's sockets and run two redis-servers on one append-only
+    file. An exclusive ``flock`` ends with its process, however it ends, so a lock file left
+    by a ``kill -9`` blocks nothing; only a live holder does. The fd is close-on-exec: no
+    child keeps the lock after ``serve`` is gone (the HTTP workers need none).
+    """
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = data_dir / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirInUse(
+            f"data dir {data_dir.resolve()} is in use by another clinic-voice serve "
+            f"(pid {holder}; lock {path.resolve()}): give each serve its own CLINIC_DATA_DIR"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message above, nothing else
+    return fd
 
 
 def prepare_data_dir(settings: Settings) -> tuple[tuple[str, ...], bytes]:
@@ -149,8 +218,9 @@ def _stop_for_secret(reason: str) -> None:
 
 
 def _sigterm_once_handled() -> None:
-    # Before serve's handler is in place (start-up still running), a SIGTERM would kill the
-    # process outright, its children and cleanup with it: wait for the handler.
+    # Without a handler (serve installs its own before anything starts; an app run in-process,
+    # by a test say, may have none) a SIGTERM would kill the process outright, its children
+    # and cleanup with it: wait for one.
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         asyncio.get_running_loop().call_later(0.2, _sigterm_once_handled)
     else:
@@ -220,6 +290,15 @@ def build_app(
     )
     app.on_response_prepare.append(problem_net)
     app[RUNTIME] = rt
+
+    async def begin_stop(app: web.Application) -> None:
+        # aiohttp's on_shutdown: the listener is closed, the grace for requests in flight
+        # is about to begin. The HTTP workers begin theirs now too (see HttpWorkers.stop).
+        rt.stopping = True
+        if rt.http_workers is not None:
+            rt.http_workers.begin_stop()
+
+    app.on_shutdown.append(begin_stop)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         embedded: EmbeddedRedis | None = None
@@ -391,6 +470,8 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    if rt.stopping:  # a balancer must send nothing more here
+        return problem(503, "not-ready", "Not ready", "stopping")
     checks: dict[str, bool] = {
         "redis": rt.store is not None and await rt.store.ping(),
         "channels": rt.dispatcher is not None and rt.dispatcher.ready(),

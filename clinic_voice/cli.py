@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from aiohttp import web
@@ -30,28 +32,36 @@ def _setup_logging(level: str, process: str = "") -> None:
 
 async def serve(settings: Settings) -> None:
     """Run the service until SIGINT or SIGTERM."""
-    from clinic_voice.app import build_app
+    stop = _stop_on_signals()
+    from clinic_voice.app import build_app, lock_data_dir
     from clinic_voice.wiring import channel_factories, extra_contexts
 
-    app = build_app(
-        settings,
-        extra_contexts=extra_contexts(settings),
-        channel_factories=channel_factories(settings),
-    )
-
-    def started() -> None:
-        log.info("clinic-voice listening on http://%s", settings.http_addr)
-        print(
-            f"clinic-voice: http://{settings.http_addr}  (API key: {_key_hint(settings)})",
-            flush=True,
+    # First of all: a second serve on this data dir must not touch the first one's Redis,
+    # sockets or files before it finds out.
+    lock = lock_data_dir(settings.data_dir)
+    try:
+        app = build_app(
+            settings,
+            extra_contexts=extra_contexts(settings),
+            channel_factories=channel_factories(settings),
         )
 
-    await _run_until_stopped(app, settings, started)
+        def started() -> None:
+            log.info("clinic-voice listening on http://%s", settings.http_addr)
+            print(
+                f"clinic-voice: http://{settings.http_addr}  (API key: {_key_hint(settings)})",
+                flush=True,
+            )
+
+        await _run_until_stopped(app, settings, started, stop)
+    finally:
+        os.close(lock)  # everything it guards is stopped by now
 
 
 async def http_worker(settings: Settings, index: int, control: Path) -> None:
     """One extra HTTP process of a ``serve`` (started by it; see clinic_voice.http_workers);
     it also stops when ``serve`` goes away."""
+    stop = _stop_on_signals()
     from clinic_voice.app import RUNTIME, WorkerRole, build_app
 
     app = build_app(settings, worker=WorkerRole(index, control))
@@ -62,17 +72,29 @@ async def http_worker(settings: Settings, index: int, control: Path) -> None:
         log.info("HTTP worker %d listening on http://%s", index, settings.http_addr)
         link.listening()
 
-    await _run_until_stopped(app, settings, started, also=link.lost)
+    await _run_until_stopped(app, settings, started, stop, also=link.lost)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event SIGINT and SIGTERM set, in place before anything starts. Start-up takes
+    seconds (Redis, prompts, SIP workers); a signal's default action then would end the
+    process with none of its children stopped in order (exit 143)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def _run_until_stopped(
     app: web.Application,
     settings: Settings,
     started: Callable[[], None],
+    stop: asyncio.Event,
     also: asyncio.Event | None = None,
 ) -> None:
     """Serve ``app`` on CLINIC_HTTP_ADDR (shared by every HTTP process: SO_REUSEPORT) until
-    SIGINT, SIGTERM or ``also``; then stop it in order."""
+    ``stop`` or ``also``; then stop it in order. A stop during start-up cancels the start."""
     from clinic_voice.http import ProblemAppRunner
 
     # In-flight requests get SHUTDOWN_GRACE_S to finish, not aiohttp's 60 s: a request whose
@@ -82,24 +104,17 @@ async def _run_until_stopped(
         app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
     )
     watcher: asyncio.Task[bool] | None = None
+    if also is not None:
+        watcher = asyncio.create_task(also.wait())
+        watcher.add_done_callback(lambda _: stop.set())
     try:
-        # Inside the try: a part that fails to start must not leave the parts started before
-        # it running (SIP workers, Redis, tasks); the cleanup stops them in reverse order.
-        await runner.setup()
-        site = web.TCPSite(
-            runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
-        )
-        await site.start()
-        _settle_gc()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        if also is not None:
-            watcher = asyncio.create_task(also.wait())
-            watcher.add_done_callback(lambda _: stop.set())
-        started()
-        await stop.wait()
+        # Inside the try: a part that fails to start (or is cancelled by a stop) must not
+        # leave the parts started before it running (SIP workers, Redis, tasks); the cleanup
+        # stops them in reverse order.
+        if await _unless_stopped(_start(runner, settings), stop):
+            _settle_gc()
+            started()
+            await stop.wait()
     finally:
         log.info("shutting down")
         if watcher is not None:
@@ -107,16 +122,44 @@ async def _run_until_stopped(
         await runner.cleanup()
 
 
+async def _start(runner: web.AppRunner, settings: Settings) -> None:
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.http_addr.host, settings.http_addr.port, reuse_port=True, backlog=1024
+    )
+    await site.start()
+
+
+async def _unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``start`` unless ``stop`` comes first, which cancels it. Whether it started and
+    no stop came; a start error is raised all the same."""
+    task = asyncio.create_task(start, name="start-up")
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            log.info("stopped during start-up: cancelling it")
+            task.cancel()
+            await asyncio.wait({task})  # the parts it started are the caller's to clean up
+    if task.cancelled():
+        return False
+    task.result()
+    return not stop.is_set()
+
+
 SHUTDOWN_GRACE_S = 5.0
 
 
 def _start_errors() -> tuple[type[Exception], ...]:
+    from clinic_voice.app import DataDirInUse
     from clinic_voice.http_workers import HttpWorkersError
     from clinic_voice.redis_server import EmbeddedRedisError
     from clinic_voice.shared_secret import SecretMismatch
 
     # OSError: an address in use, a data dir that cannot be written, ...
-    return (HttpWorkersError, EmbeddedRedisError, SecretMismatch, OSError)
+    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, SecretMismatch, OSError)
 
 
 def _settle_gc() -> None:

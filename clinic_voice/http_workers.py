@@ -91,6 +91,7 @@ class HttpWorkers:
         self._listening: set[int] = set()  # connected and bound to the HTTP port
         self._retired = Metrics()  # counters of worker runs that ended
         self._stop = asyncio.Event()
+        self._stop_began = 0.0  # loop time
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,16 +111,24 @@ class HttpWorkers:
             self._spawn_task(self._keep_running(index), f"http-worker-{index}")
         log.info("HTTP: %d worker processes next to this one", self._count - 1)
 
-    async def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """SIGTERM every worker now: they stop taking requests and give theirs in flight
+        their grace while ``serve`` gives its own, not after it (one grace, not two)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        self._stop_began = asyncio.get_running_loop().time()
         for proc in self._procs.values():
-            if proc.returncode is None:
-                proc.terminate()
+            _terminate(proc)
+
+    async def stop(self) -> None:
+        """Stop the workers (SIGKILL past STOP_DEADLINE_S from :meth:`begin_stop`), then close
+        the control socket: a worker still in its grace may hand ``serve`` a send till then."""
+        self.begin_stop()
         procs = list(self._procs.values())
+        left_s = self._stop_began + STOP_DEADLINE_S - asyncio.get_running_loop().time()
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(p.wait() for p in procs)), timeout=STOP_DEADLINE_S
-            )
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), max(0.0, left_s))
         except TimeoutError:
             for p in procs:
                 if p.returncode is None:
@@ -151,7 +160,39 @@ class HttpWorkers:
         task.add_done_callback(self._tasks.discard)
 
     async def _keep_running(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
+        while not self._stop.is_set():
+            started = loop.time()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self._argv(index),
+                    env=self._env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    # Its own process group, so a Ctrl-C at the terminal is serve's to handle,
+                    # but serve's session: see EmbeddedRedis._spawn for why not a session of
+                    # its own.
+                    preexec_fn=os.setpgrp,  # uvloop has no process_group=0
+                )
+            except OSError as exc:
+                # fork or exec failed (EAGAIN, ENOMEM, a missing file): as a crash, not the
+                # end of this worker, which would leave /readyz failing and nothing logged.
+                ran_s, why = 0.0, f"could not be started ({exc})"
+            else:
+                self._procs[index] = proc
+                if self._stop.is_set():  # the stop began while it was being started
+                    _terminate(proc)
+                code = await proc.wait()
+                if self._stop.is_set():
+                    return
+                ran_s = loop.time() - started
+                why = f"(pid {proc.pid}) exited with {code} after {ran_s:.1f} s"
+            failures = 0 if ran_s > 60 else failures + 1
+            backoff = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            log.error("HTTP worker %d %s: restarting in %.1f s", index, why, backoff)
+            await asyncio.sleep(backoff)
+
+    def _argv(self, index: int) -> list[str]:
         argv = [
             sys.executable,
             "-m",
@@ -162,37 +203,12 @@ class HttpWorkers:
             "--control",
             str(self._path),
         ]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # serve killed -9: the kernel sends the worker SIGTERM (it also stops when the
-            # control connection ends, which covers a missing setpriv).
-            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
-        while not self._stop.is_set():
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                env=self._env,
-                stdin=asyncio.subprocess.DEVNULL,
-                # Its own process group, so a Ctrl-C at the terminal is serve's to handle, but
-                # serve's session: see EmbeddedRedis._spawn for why not a session of its own.
-                preexec_fn=os.setpgrp,  # uvloop has no process_group=0
-            )
-            self._procs[index] = proc
-            started = asyncio.get_running_loop().time()
-            code = await proc.wait()
-            if self._stop.is_set():
-                return
-            ran_s = asyncio.get_running_loop().time() - started
-            failures = 0 if ran_s > 60 else failures + 1
-            backoff = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
-            log.error(
-                "HTTP worker %d (pid %d) exited with %s after %.1f s: restarting in %.1f s",
-                index,
-                proc.pid,
-                code,
-                ran_s,
-                backoff,
-            )
-            await asyncio.sleep(backoff)
+        setpriv = shutil.which("setpriv")  # looked up at each start, as EmbeddedRedis does
+        if setpriv is None:
+            return argv
+        # serve killed -9: the kernel sends the worker SIGTERM (it also stops when the control
+        # connection ends, which covers a missing setpriv).
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
     # -- control connections -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -257,3 +273,9 @@ class HttpWorkers:
             writer.write(encode(self.state()))
             await writer.drain()
             await asyncio.sleep(STATE_EVERY_S)
+
+
+def _terminate(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
+            proc.terminate()

@@ -358,7 +358,9 @@ class EmbeddedRedis:
                 delay = min(delay * 2, self._backoff_max_s)
                 try:
                     await self._spawn(exe)
-                except EmbeddedRedisError as exc:
+                except (EmbeddedRedisError, OSError) as exc:
+                    # OSError: fork or exec failed (EAGAIN, ENOMEM, a missing file); raised
+                    # here it would end the supervision, and Redis would stay down unsaid.
                     await self._kill_child()
                     log.error(
                         "embedded redis-server restart failed, retrying in %.1f s: %s", delay, exc

@@ -34,8 +34,8 @@ from voice.sip.pool import SipPool
 
 log = logging.getLogger(__name__)
 
-# Older than any call still playing one (answer 45 s, two keypress questions, play 60 s): another
-# serve sharing this data dir (with an external Redis) may be in a call now.
+# Older than any call still playing one (answer 45 s, two keypress questions, play 60 s): a
+# margin, since serve.lock keeps any other serve off this data dir (app.lock_data_dir).
 STALE_CODE_FILE_S = 300.0
 
 Context = Callable[[web.Application], AsyncIterator[None]]

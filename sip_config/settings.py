@@ -41,7 +41,13 @@ VARIABLES: tuple[Variable, ...] = (
         "clinic line, the others hand their SIP sends to it; set it to the number of cores "
         "for the API's full speed",
     ),
-    Variable("CLINIC_DATA_DIR", "./var", "where the service keeps its own files"),
+    Variable(
+        "CLINIC_DATA_DIR",
+        "./var",
+        "where the service keeps its own files; one serve per data dir (a second one on it "
+        "refuses to start: give each its own, with the same CLINIC_SECRET and keys, to run "
+        "several on one host, or use CLINIC_HTTP_WORKERS)",
+    ),
     Variable(
         "CLINIC_REDIS_URL",
         "",

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     API_KEY,
     MOBILE,
     OpenApiCollector,
+    StartService,
     read_code,
     service_env,
     wrong_code,
@@ -81,17 +82,16 @@ class Service:
 
 @asynccontextmanager
 async def serve(
-    name: str, env: Mapping[str, str], tmp: Path, collector: OpenApiCollector
+    name: str,
+    env: Mapping[str, str],
+    tmp: Path,
+    collector: OpenApiCollector,
+    *,
+    own_group: bool = False,
 ) -> AsyncIterator[Service]:
-    """Start ``clinic-voice serve`` with ``env`` and wait until /healthz answers."""
-    port = free_port()
-    sip_port = free_port(count=3)  # the front, one worker, the flash-call agent
-    full = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
-    full.update(env)
-    full["CLINIC_HTTP_ADDR"] = f"127.0.0.1:{port}"
-    full["CLINIC_SIP_ADDR"] = f"127.0.0.1:{sip_port}"
-    full["CLINIC_SIP_WORKERS"] = "1"
-    full["CLINIC_LOG_LEVEL"] = "INFO"
+    """Start ``clinic-voice serve`` with ``env`` and wait until /healthz answers
+    (``own_group``: as a terminal starts a job, in a process group of its own)."""
+    full, port = _serve_env(env)
     log_path = tmp / f"{name}.log"
     service = Service(name, port, log_path, collector)
     with log_path.open("wb") as out:
@@ -105,6 +105,7 @@ async def serve(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            process_group=0 if own_group else None,
         )
     service.session = aiohttp.ClientSession()
     try:
@@ -116,6 +117,35 @@ async def serve(
     finally:
         await service.session.close()
         await _stop(service)
+
+
+def _serve_env(env: Mapping[str, str]) -> tuple[dict[str, str], int]:
+    """The whole environment of a ``serve`` with ``env`` on free ports, and its HTTP port."""
+    port = free_port()
+    sip_port = free_port(count=3)  # the front, one worker, the flash-call agent
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    full.update(env)
+    full["CLINIC_HTTP_ADDR"] = f"127.0.0.1:{port}"
+    full["CLINIC_SIP_ADDR"] = f"127.0.0.1:{sip_port}"
+    full["CLINIC_SIP_WORKERS"] = "1"
+    full["CLINIC_LOG_LEVEL"] = "INFO"
+    return full, port
+
+
+def _data_dir(tmp_path: Path, name: str) -> Path:
+    """A data dir for one ``serve`` (each holds its own: serve.lock) whose prompts are the
+    cache kept between runs (rendered once; see DATA_CACHE)."""
+    DATA_CACHE.mkdir(parents=True, exist_ok=True)
+    (DATA_CACHE / "prompts").mkdir(exist_ok=True)
+    data = tmp_path / name
+    data.mkdir()
+    (data / "prompts").symlink_to(DATA_CACHE / "prompts")
+    return data
+
+
+def _embedded(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without CLINIC_REDIS_URL: serve runs its own Redis in the data dir."""
+    return {k: v for k, v in env.items() if k != "CLINIC_REDIS_URL"}
 
 
 async def _wait_healthy(service: Service) -> None:
@@ -163,18 +193,14 @@ async def test_two_processes_sharing_redis_behave_as_one(
     tmp_path: Path,
     openapi_responses: OpenApiCollector,
 ) -> None:
-    DATA_CACHE.mkdir(parents=True, exist_ok=True)
-    env = service_env(
-        redis_server.url,
-        DATA_CACHE,
-        sms_gateway,
-        # A day-long window: the count cannot roll over during the test.
-        {"CLINIC_LIMIT_NUMBER_VERIFICATIONS": "3/86400"},
-    )
+    # A day-long window: the count cannot roll over during the test.
+    limit = {"CLINIC_LIMIT_NUMBER_VERIFICATIONS": "3/86400"}
+    env_a = service_env(redis_server.url, _data_dir(tmp_path, "data-a"), sms_gateway, limit)
+    env_b = service_env(redis_server.url, _data_dir(tmp_path, "data-b"), sms_gateway, limit)
     async with AsyncExitStack() as stack:
         # One after the other: B finds the prompts A rendered (nothing to render twice).
-        a = await stack.enter_async_context(serve("A", env, tmp_path, openapi_responses))
-        b = await stack.enter_async_context(serve("B", env, tmp_path, openapi_responses))
+        a = await stack.enter_async_context(serve("A", env_a, tmp_path, openapi_responses))
+        b = await stack.enter_async_context(serve("B", env_b, tmp_path, openapi_responses))
         status, created, headers = await a.request("POST", "/v1/verifications", {"phone": MOBILE})
         assert status == 201, created
         vid = created["id"]
@@ -294,10 +320,9 @@ def _processes() -> Iterator[tuple[int, int, list[bytes]]]:
         yield int(entry.name), int(stat.rsplit(")", 1)[1].split()[1]), argv
 
 
-def _worker_pids(parent: int) -> list[int]:
-    return sorted(
-        pid for pid, ppid, argv in _processes() if ppid == parent and b"http-worker" in argv
-    )
+def _worker_pids(parent: int, what: bytes = b"http-worker") -> list[int]:
+    """Pids of ``parent``'s children with ``what`` in their argv."""
+    return sorted(pid for pid, ppid, argv in _processes() if ppid == parent and what in argv)
 
 
 async def _fresh_connection_request(
@@ -345,16 +370,8 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
     workers stop when serve is killed. The embedded Redis runs with
     CLINIC_REDIS_APPENDFSYNC=everysec: serve applies it and warns, and the workers, which
     use serve's Redis, start all the same."""
-    DATA_CACHE.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "data"
-    data.mkdir()
-    (DATA_CACHE / "prompts").mkdir(exist_ok=True)
-    (data / "prompts").symlink_to(DATA_CACHE / "prompts")  # rendered once, shared
-    env = {
-        k: v
-        for k, v in service_env("", data, sms_gateway).items()
-        if k != "CLINIC_REDIS_URL"  # embedded: serve hands its socket to the workers
-    }
+    data = _data_dir(tmp_path, "data")
+    env = _embedded(service_env("", data, sms_gateway))  # serve hands its socket to the workers
     env |= {
         "CLINIC_HTTP_WORKERS": "3",
         # Nothing listens there: the flash calls fail, which is not what this test is about.
@@ -449,13 +466,12 @@ async def test_serve_that_cannot_bind_stops_everything_it_started(
 ) -> None:
     """The HTTP address is taken: serve exits 1 with a message, after stopping the SIP workers
     (and the rest) it had started already, instead of hanging with them running."""
-    DATA_CACHE.mkdir(parents=True, exist_ok=True)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
-    env |= service_env(redis_server.url, DATA_CACHE, sms_gateway)
+    env |= service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway)
     sip_port = free_port(count=4)  # the front, two workers, the flash-call agent
     env |= {
         "CLINIC_HTTP_ADDR": f"127.0.0.1:{port}",
@@ -497,3 +513,321 @@ def _sip_workers_on(port: int) -> list[int]:
         for pid, _, argv in _processes()
         if b"voice.sip.worker" in argv and str(port).encode() in argv
     ]
+
+
+async def _redis_pid(data: Path) -> int:
+    """The pid of the redis-server answering on the embedded Redis's socket in ``data``."""
+    redis = aioredis.Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
+    try:
+        return int((await redis.info("server"))["process_id"])
+    finally:
+        await redis.aclose()
+
+
+async def _run_to_exit(
+    name: str, env: Mapping[str, str], tmp: Path, deadline_s: float
+) -> tuple[int, str]:
+    """Run a ``serve`` expected to end by itself: its exit code and output."""
+    full, _ = _serve_env(env)
+    log_path = tmp / f"{name}.log"
+    with log_path.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "clinic_voice.cli",
+            "serve",
+            cwd=ROOT,
+            env=full,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        async with asyncio.timeout(deadline_s):
+            code = await proc.wait()
+    except TimeoutError:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+        pytest.fail(f"{name} still ran after {deadline_s} s:\n{log_path.read_text()[-3000:]}")
+    return code, log_path.read_text(errors="replace")
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_a_second_serve_on_the_same_data_dir_refuses_to_start(
+    sms_gateway: SmsGateway, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """B, on A's data dir and ports of its own, exits 1 naming the data dir before it touches
+    anything of A's: not A's embedded Redis (which B took for an orphan and shut down), not
+    A's control socket. The lock is the process's, not the file's: once A is killed -9 (its
+    serve.lock stays behind) the next serve on that data dir starts."""
+    data = _data_dir(tmp_path, "data")
+    env = _embedded(service_env("", data, sms_gateway)) | {"CLINIC_HTTP_WORKERS": "2"}
+    control = data / "run" / "http-workers.sock"
+    async with serve("A", env, tmp_path, openapi_responses) as a:
+        assert a.proc is not None
+        redis_pid = await _redis_pid(data)
+        assert control.is_socket()
+
+        code, out = await _run_to_exit("B", env, tmp_path, deadline_s=60.0)
+        assert code == 1, out[-3000:]
+        assert f"data dir {data.resolve()} is in use by another clinic-voice serve" in out, out
+        assert f"pid {a.proc.pid}" in out, out
+        assert "redis-server" not in out and "SIP worker" not in out, "B started things"
+        assert await _redis_pid(data) == redis_pid, "B stopped A's Redis"
+        assert control.is_socket(), "B removed A's control socket"
+        for _ in range(3):  # fresh connections: serve and its worker answer alike
+            status, ready = await _fresh_connection_request(a, "GET", "/readyz")
+            assert status == 200, ready
+
+        a.proc.kill()
+        await a.proc.wait()
+    assert (data / "serve.lock").exists()
+    async with serve("C", env, tmp_path, openapi_responses) as c:
+        status, ready = await _fresh_connection_request(c, "GET", "/readyz")
+        assert status == 200, ready
+
+
+def _accepted_by(port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` accepted the connection from ``client_port`` to ``port`` (None: not
+    accepted yet): the server end's socket inode in /proc/net/tcp, looked up in their fds."""
+    want = (f"0100007F:{port:04X}", f"0100007F:{client_port:04X}")
+    inodes = [
+        fields[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if ((fields := line.split())[1], fields[2]) == want
+    ]
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue  # closed meanwhile
+            if any(target == f"socket:[{inode}]" for inode in inodes):
+                return pid
+    return None
+
+
+class _StuckRequest:
+    """A POST whose body never completes (1 of 100 bytes): it holds its process's stop grace
+    for the whole SHUTDOWN_GRACE_S (a body gets BODY_READ_S, which is longer)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.client_port: int = writer.get_extra_info("sockname")[1]
+        self.ended = asyncio.create_task(reader.read())  # done when the server ends it
+
+    @classmethod
+    async def open(cls, port: int) -> _StuckRequest:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/verifications HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+            + API_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def close(self) -> None:
+        self.ended.cancel()
+        await asyncio.gather(self.ended, return_exceptions=True)
+        self.writer.close()
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_a_stop_reaches_the_http_workers_at_once(
+    sms_gateway: SmsGateway, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """SIGTERM with CLINIC_HTTP_WORKERS=2 and a stuck request in serve and in its worker: the
+    worker stops listening while serve still gives its own request its grace, not after it,
+    so the graces run side by side and the stop takes one, not two."""
+    data = _data_dir(tmp_path, "data")
+    env = _embedded(service_env("", data, sms_gateway)) | {"CLINIC_HTTP_WORKERS": "2"}
+    stuck: list[_StuckRequest] = []
+    async with serve("S", env, tmp_path, openapi_responses) as s:
+        assert s.proc is not None
+        port = int(s.base.rsplit(":", 1)[1])
+        main = s.proc.pid
+        (worker,) = _worker_pids(main)
+        held: dict[int, _StuckRequest] = {}  # pid -> a request stuck there
+        try:
+            # The kernel picks the process per connection: open them until both hold one.
+            while len(held) < 2:
+                assert len(stuck) < 60, "60 connections and still not one in each process"
+                request = await _StuckRequest.open(port)
+                stuck.append(request)
+                owner: int | None = None
+
+                async def accepted(request: _StuckRequest = request) -> bool:
+                    nonlocal owner
+                    owner = _accepted_by(port, request.client_port, [main, worker])
+                    return owner is not None
+
+                await _until("the connection to be accepted", accepted)
+                assert owner is not None
+                held.setdefault(owner, request)
+            s.proc.send_signal(signal.SIGTERM)
+
+            async def nobody_listens() -> bool:
+                return _listeners(port) == 0
+
+            await _until("serve and its worker to stop listening", nobody_listens, 15.0)
+            assert not held[main].ended.done(), (
+                "the worker stopped listening only after serve's grace had ended"
+            )
+            async with asyncio.timeout(STOP_DEADLINE_S):  # two graces would take more
+                assert await s.proc.wait() == 0
+            assert held[worker].ended.done()
+        finally:
+            for request in stuck:
+                await request.close()
+
+
+async def test_readyz_fails_once_the_stop_began(start_service: StartService) -> None:
+    """From aiohttp's on_shutdown (the listener is closed, the grace for requests in flight
+    begins) /readyz answers 503 in every HTTP process: a balancer sends nothing more there."""
+    api = await start_service()
+    assert (await api.request("GET", "/readyz")).status == 200
+    await api.app.shutdown()
+    stopping = (await api.request("GET", "/readyz")).problem(503, "not-ready")
+    assert stopping["detail"] == "stopping"
+
+
+# A sitecustomize for serve's processes: its SIP worker says so in a file and then hangs
+# before it reports in, so serve's start-up waits (for up to 30 s) with Redis running.
+_HANG_SIP_WORKER = """
+import os, pathlib, time
+mark = os.environ.get("TEST_HANG_SIP_WORKER")
+if mark and b"voice.sip.worker" in pathlib.Path("/proc/self/cmdline").read_bytes():
+    pathlib.Path(mark).touch()
+    time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_a_stop_during_start_up_stops_what_started(
+    sms_gateway: SmsGateway, tmp_path: Path
+) -> None:
+    """SIGTERM while serve waits for its SIP worker at start: the start is cut short and
+    everything started so far is stopped in order (the SIP worker, the embedded Redis and its
+    socket), and serve exits 0 as from any stop, not 143 from the signal's default action."""
+    data = _data_dir(tmp_path, "data")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HANG_SIP_WORKER)
+    mark = tmp_path / "sip-worker-hangs"
+    env = _embedded(service_env("", data, sms_gateway))
+    env["TEST_HANG_SIP_WORKER"] = str(mark)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    full, _ = _serve_env(env)
+    sip_port = int(full["CLINIC_SIP_ADDR"].rsplit(":", 1)[1])
+    log_path = tmp_path / "S.log"
+    with log_path.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "clinic_voice.cli",
+            "serve",
+            cwd=ROOT,
+            env=full,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+
+        async def hanging() -> bool:
+            return mark.exists() or proc.returncode is not None
+
+        await _until("serve's SIP worker to start (and hang)", hanging, START_DEADLINE_S)
+        assert proc.returncode is None, log_path.read_text()[-3000:]
+        redis_pid = await _redis_pid(data)
+        assert _sip_workers_on(sip_port + 1)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30.0):  # the hung SIP worker gets 3 s, then SIGKILL
+                code = await proc.wait()
+        except TimeoutError:
+            pytest.fail(f"serve ignored SIGTERM at start:\n{log_path.read_text()[-3000:]}")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in _sip_workers_on(sip_port + 1):  # left by a serve that did not stop it
+            os.kill(pid, signal.SIGKILL)
+    text = log_path.read_text(errors="replace")
+    assert code == 0, text[-3000:]
+    assert "shutting down" in text and "listening on" not in text, text[-3000:]
+    assert not _sip_workers_on(sip_port + 1), "a SIP worker outlived serve"
+    assert not _alive(redis_pid), "the embedded Redis outlived serve"
+    assert not (data / "redis" / "redis.sock").exists()
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_ctrl_c_at_the_terminal_is_serves_to_handle(
+    sms_gateway: SmsGateway, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """A terminal's Ctrl-C is SIGINT to the job's whole process group. Every child of serve
+    (SIP worker, HTTP worker, Redis) has a group of its own in serve's session, so only serve
+    gets it and stops them in order: the SIP worker ends on its Shutdown, with status 0, not
+    on a KeyboardInterrupt inside pjsua2."""
+    data = _data_dir(tmp_path, "data")
+    env = _embedded(service_env("", data, sms_gateway)) | {"CLINIC_HTTP_WORKERS": "2"}
+    async with serve("S", env, tmp_path, openapi_responses, own_group=True) as s:
+        assert s.proc is not None
+        sip = _worker_pids(s.proc.pid, b"voice.sip.worker")
+        assert len(sip) == 1, sip
+        for pid in [*sip, *_worker_pids(s.proc.pid), await _redis_pid(data)]:
+            assert os.getpgid(pid) == pid, f"pid {pid} is in serve's process group"
+            assert os.getsid(pid) == os.getsid(s.proc.pid)
+        os.killpg(s.proc.pid, signal.SIGINT)
+        async with asyncio.timeout(STOP_DEADLINE_S):
+            assert await s.proc.wait() == 0
+    log = s.log_path.read_text(errors="replace")
+    assert "SIP worker 0 exited with status 0" in log, log[-3000:]
+    assert "KeyboardInterrupt" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_an_http_worker_that_cannot_be_started_is_tried_again(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    openapi_responses: OpenApiCollector,
+) -> None:
+    """A restart of an HTTP worker whose spawn fails with OSError (a fork on EAGAIN or ENOMEM;
+    here a setpriv exec cannot run) is logged at ERROR and tried again with the backoff of a
+    crash, instead of ending that worker's supervision in silence."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway) | {
+        "CLINIC_HTTP_WORKERS": "2",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    async with serve("S", env, tmp_path, openapi_responses) as s:
+        assert s.proc is not None
+        port = int(s.base.rsplit(":", 1)[1])
+        (worker,) = _worker_pids(s.proc.pid)
+        setpriv = bin_dir / "setpriv"  # found by which, but exec cannot run it
+        setpriv.write_text("#!/nonexistent/interpreter\n")
+        setpriv.chmod(0o755)
+        os.kill(worker, signal.SIGKILL)
+
+        async def failed() -> bool:
+            return any(
+                " ERROR " in line and "HTTP worker 1 could not be started" in line
+                for line in s.log_path.read_text(errors="replace").splitlines()
+            )
+
+        await _until("the failed start to be logged at ERROR", failed, 20.0)
+        setpriv.unlink()
+
+        async def back() -> bool:
+            return len(_worker_pids(s.proc.pid) if s.proc else []) == 1 and _listeners(port) == 2
+
+        await _until("the worker to be started again", back, 20.0)
+
+        async def ready() -> bool:
+            status, _ = await _fresh_connection_request(s, "GET", "/readyz")
+            return status == 200
+
+        await _until("/readyz to pass again", ready, 20.0)

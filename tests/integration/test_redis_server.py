@@ -149,6 +149,50 @@ async def test_kill9_is_restarted_and_acknowledged_writes_survive(
     assert any("restarted" in r.getMessage() for r in caplog.records)
 
 
+def _unrunnable_setpriv(folder: Path) -> Path:
+    """A ``setpriv`` that ``which`` finds but exec cannot run (its interpreter is missing):
+    a spawn that fails with OSError, as a fork on EAGAIN or ENOMEM would."""
+    folder.mkdir()
+    setpriv = folder / "setpriv"
+    setpriv.write_text("#!/nonexistent/interpreter\n")
+    setpriv.chmod(0o755)
+    return setpriv
+
+
+async def test_a_restart_that_cannot_spawn_is_logged_and_tried_again(
+    embedded: EmbeddedRedis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = await embedded.start()
+    first = embedded.pid
+    assert first is not None
+    setpriv = _unrunnable_setpriv(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{setpriv.parent}{os.pathsep}{os.environ['PATH']}")
+    os.kill(first, 9)
+
+    def failed() -> bool:
+        return any(
+            r.levelname == "ERROR"
+            and "restart failed" in r.getMessage()
+            and str(setpriv) in r.getMessage()
+            for r in caplog.records
+        )
+
+    await _eventually(failed, "the failed restart to be logged at ERROR")
+    setpriv.unlink()
+    await _eventually(
+        lambda: embedded.restarts == 1 and embedded.pid not in (None, first),
+        "the supervisor to try again and restart redis-server",
+    )
+    client = aioredis.Redis.from_url(url)
+    try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
 async def test_a_server_that_fails_to_start_reports_its_last_lines(tmp_path: Path) -> None:
     fake = tmp_path / "fake-redis-server"
     fake.write_text("#!/bin/sh\necho 'FATAL CONFIG FILE ERROR: something is off'\nexit 1\n")

@@ -63,6 +63,23 @@ def test_service_settings_are_accepted() -> None:
     assert settings.sip.flashcall_prefix == "+447400"
 
 
+def test_the_stop_grace_period_outlasts_the_slowest_stop() -> None:
+    from clinic_voice.cli import SHUTDOWN_GRACE_S
+    from clinic_voice.http_workers import STOP_DEADLINE_S
+    from sip_config.settings import Settings
+    from voice.sip.pool import WORKER_STOP_S
+
+    service = _compose()["services"]["service"]
+    settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
+    # SIGTERM: every HTTP process gets its grace at once (HTTP workers are killed at
+    # STOP_DEADLINE_S), then the SIP workers get WORKER_STOP_S each, one after the other.
+    http_s = STOP_DEADLINE_S if settings.http_workers > 1 else SHUTDOWN_GRACE_S
+    worst_s = http_s + WORKER_STOP_S * settings.sip.workers
+    grace = re.fullmatch(r"([0-9]+)s", str(service["stop_grace_period"]))
+    assert grace is not None, service["stop_grace_period"]
+    assert int(grace.group(1)) >= worst_s + 5, f"the slowest stop takes {worst_s} s and more"
+
+
 def test_vosk_model_is_pinned_by_checksum() -> None:
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert "ARG VOSK_MODEL=vosk-model-small-en-us-0.15" in dockerfile

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import secrets
+import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ _HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backof
 _START_TIMEOUT_S = 30.0  # 16 workers on 2 loaded cores took 15 s once
 _START_TIMEOUT_PER_WORKER_S = 0.5  # more workers start in more time: 256 get 128 s
 _ACK_TIMEOUT_S = 5.0
+# What stop() gives each worker for its Shutdown (calls hung up), one after the other.
+WORKER_STOP_S = 3.0
 _REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
 # glibc malloc tuning for the workers: pjsua creates and releases its memory pools (dialog,
 # transaction, message) for every call and its pool factory caches none, so glibc trimmed
@@ -334,16 +337,20 @@ class SipPool:
     async def start(self) -> None:
         """Start every worker and wait until each reports its port."""
         self._running = True
-        for w in self._workers:
-            await self._spawn(w)
         limit = max(_START_TIMEOUT_S, _START_TIMEOUT_PER_WORKER_S * len(self._workers))
         try:
+            for w in self._workers:
+                await self._spawn(w)
             async with asyncio.timeout(limit):
                 for w in self._workers:
                     await w.started.wait()
-        except TimeoutError:
+        except BaseException as exc:
+            # Also cancelled (a stop during serve's start-up): the workers started so far
+            # are stopped here, since the caller only stops a pool that started.
             await self.stop()
-            raise SipError(f"SIP workers did not start within {limit:g} s") from None
+            if isinstance(exc, TimeoutError):
+                raise SipError(f"SIP workers did not start within {limit:g} s") from None
+            raise
 
     async def stop(self) -> None:
         """Shut the workers down (hanging up their calls) and cancel handler tasks."""
@@ -355,7 +362,7 @@ class SipPool:
             if proc is None:
                 continue
             try:
-                async with asyncio.timeout(3.0):
+                async with asyncio.timeout(WORKER_STOP_S):
                     await proc.wait()
             except TimeoutError:
                 log.warning("worker %s did not stop: killing pid %s", w.index, proc.pid)
@@ -542,8 +549,20 @@ class SipPool:
         w.started.clear()  # start() may be waiting on this very event
         w.up = w.registered = False
         w.free_slots = w.pending = 0
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # serve killed -9: the kernel sends the worker SIGTERM (its stdin's EOF also ends
+            # it, which covers a missing setpriv), as for Redis and the HTTP workers.
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         w.process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            # Its own process group, so a Ctrl-C at the terminal is serve's to handle (an
+            # orderly Shutdown, its calls hung up), not a KeyboardInterrupt inside pjsua2; in
+            # serve's session: see EmbeddedRedis._spawn.
+            preexec_fn=os.setpgrp,  # uvloop has no process_group=0
         )
         w.started_at = self._clock.monotonic()
         w.reader = asyncio.create_task(self._read(w, w.process), name=f"sip-worker-{w.index}")

@@ -26,6 +26,7 @@ import faulthandler
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -145,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pj-log-level", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
+    # The pool starts each worker in a process group of its own, which a terminal treats as
+    # a background job: with `stty tostop` its first log line to serve's stderr would stop it
+    # (SIGTTOU). Ignored, the write goes through.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     # A crash in pjsip (SIGSEGV, SIGABRT) then leaves every Python thread's stack in the log
     # (stderr): without it the pool sees only "exit -11".
     faulthandler.enable(all_threads=True)

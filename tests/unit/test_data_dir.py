@@ -1,0 +1,71 @@
+"""The data dir: its lock (one ``serve`` each) and the API key and secret generated into it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from clinic_voice.app import DataDirInUse, lock_data_dir, prepare_data_dir
+from sip_config.settings import Settings
+
+
+def _settings(data: Path) -> Settings:
+    return Settings.from_env({"CLINIC_DATA_DIR": str(data)})
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_second_lock_is_refused_naming_the_data_dir_and_the_holder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    held = lock_data_dir(data)
+    try:
+        assert not os.get_inheritable(held), "a child would keep the lock after serve"
+        # flock locks an open file, so a second open in this process conflicts as another
+        # process's would.
+        with pytest.raises(DataDirInUse) as refused:
+            lock_data_dir(data)
+        assert f"data dir {data.resolve()} is in use" in str(refused.value)
+        assert f"pid {os.getpid()}" in str(refused.value)
+    finally:
+        os.close(held)
+    os.close(lock_data_dir(data))  # the file stays behind; only a holder blocks
+
+
+def test_generated_key_and_secret_are_private_over_an_empty_0644_placeholder(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("api-key", "secret"):
+        (data / name).touch()
+        (data / name).chmod(0o644)
+    keys, secret = prepare_data_dir(_settings(data))
+    assert (data / "api-key").read_text() == keys[0] + "\n" and len(keys[0]) >= 32
+    assert (data / "secret").read_text() == secret.decode() + "\n" and len(secret) >= 32
+    assert _mode(data / "api-key") == _mode(data / "secret") == 0o600
+    assert sorted(p.name for p in data.iterdir()) == ["api-key", "secret"], "a temp file left"
+
+
+def test_an_existing_key_readable_by_others_is_kept_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "api-key").write_text("the-operators-own-key-0123456789\n")
+    (data / "api-key").chmod(0o640)
+    (data / "secret").write_text("s" * 64 + "\n")
+    (data / "secret").chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="clinic_voice.app"):
+        keys, _ = prepare_data_dir(_settings(data))
+    assert keys == ("the-operators-own-key-0123456789",)
+    assert _mode(data / "api-key") == 0o640, "the operator's file is left as it is"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{(data / 'api-key').resolve()} is readable by other users (mode 640): chmod 600 it"
+    ]
