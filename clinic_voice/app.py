@@ -23,7 +23,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from clinic_voice import redis_durability, shared_secret
-from clinic_voice.http import build_middlewares, edge_routes, problem, problem_net
+from clinic_voice.http import METRICS, build_middlewares, edge_routes, problem, problem_net
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
@@ -290,6 +290,7 @@ def build_app(
     )
     app.on_response_prepare.append(problem_net)
     app[RUNTIME] = rt
+    app[METRICS] = metrics  # for the answers the middlewares never see (http.COUNTED)
 
     async def begin_stop(app: web.Application) -> None:
         # aiohttp's on_shutdown: the listener is closed, the grace for requests in flight

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import (
@@ -85,6 +85,12 @@ def problem(status: int, slug: str, title: str, detail: str = "", **extra: Any) 
 
 # Set on a request whose client waits for 100 Continue; on /v1, until its key is known right.
 CONTINUE_PENDING = web.RequestKey("continue_pending", bool)
+# The app's metrics, for answers made where the middlewares never see them (see COUNTED).
+METRICS = web.AppKey("metrics", Metrics)
+# Set by the metrics middleware on each request it counts. An answer without it was made
+# before the middlewares (to an Expect header) or without them (aiohttp's parser refused the
+# request): problem_net and ProblemRequestHandler count those, so that every answer is.
+COUNTED = web.RequestKey("counted", bool)
 
 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
@@ -142,6 +148,10 @@ async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
     them (an unknown ``Expect``, on a route or not)."""
     if request.path.startswith("/v1/"):
         resp.headers["Cache-Control"] = "no-store"
+    if not request.get(COUNTED) and METRICS in request.app:
+        method = request.method
+        route = route_name(request)
+        request.app[METRICS].requests.inc(route=route, method=method, status=str(resp.status))
     if request.get(CONTINUE_PENDING) and not request.content.is_eof():
         # Answered before its client was told to send the body (a wrong key), and the body
         # has not come anyway: it will not, and waiting for it would hold the connection.
@@ -248,6 +258,7 @@ def build_middlewares(
     @web.middleware
     async def metrics_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
+        request[COUNTED] = True
         status = 500
         try:
             resp = await handler(request)
@@ -414,6 +425,9 @@ class ProblemRequestHandler(RequestHandler):
             log.error("HTTP %s for %s", status, request.remote, exc_info=exc)
         if request.writer.output_size > 0:  # some answer went out: the connection is broken
             raise ConnectionError("an answer was sent already, cannot send the error")
+        metrics = cast(_ProblemServer, self._manager).metrics
+        if metrics is not None:  # the method may be whatever the client sent: not a label
+            metrics.requests.inc(route="unmatched", method="unparsed", status=str(status))
         slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
         resp = problem(status, slug, title, detail)
         if status == 415:
@@ -423,6 +437,8 @@ class ProblemRequestHandler(RequestHandler):
 
 
 class _ProblemServer(web.Server):
+    metrics: Metrics | None = None  # the app's, to count what the parser refused
+
     def __call__(self) -> RequestHandler:
         return ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -443,6 +459,8 @@ class ProblemAppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
-        return _ProblemServer(
+        server = _ProblemServer(
             plain.request_handler, request_factory=plain.request_factory, **self._kwargs
         )
+        server.metrics = self.app.get(METRICS)
+        return server

@@ -691,3 +691,39 @@ async def test_every_v1_error_is_not_cached(start_service: StartService) -> None
     for answer in answers:
         assert answer.status >= 400
         assert answer.headers.get("Cache-Control") == "no-store", (answer.status, answer.text)
+
+
+async def test_answers_made_outside_the_middlewares_are_counted(
+    redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
+) -> None:
+    """The probe: 400, 417, 431 and 501 never reached clinic_http_requests_total. aiohttp's
+    parser answers the first three kinds before the app exists for the request, and an
+    ``Expect`` header is answered before the middlewares."""
+    sent = {
+        b"FOO /healthz HTTP/1.1\r\nHost: t\r\n\r\n": "501",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: \x01\r\n\r\n": "400",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n": "431",
+        b"POST /healthz HTTP/1.1\r\nHost: t\r\nExpect: foo\r\nContent-Length: 2\r\n\r\n{}": "417",
+        b"POST /nowhere HTTP/1.1\r\nHost: t\r\nExpect: foo\r\nContent-Length: 2\r\n\r\n{}": "417",
+    }
+    async with served_as_serve_does(redis_server, sms_gateway, tmp_path) as port:
+        for raw, status in sent.items():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+            writer.close()
+            assert answer.split()[1].decode() == status, (raw[:40], answer)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            metrics = await resp.text()
+    counted: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("clinic_http_requests_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counted[status] = counted.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    for status in ("400", "431", "501"):
+        assert counted.get(status) == 1, (status, metrics)
+    assert counted.get("417") == 2, metrics
