@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import (
@@ -425,7 +425,7 @@ class ProblemRequestHandler(RequestHandler):
             log.error("HTTP %s for %s", status, request.remote, exc_info=exc)
         if request.writer.output_size > 0:  # some answer went out: the connection is broken
             raise ConnectionError("an answer was sent already, cannot send the error")
-        metrics = cast(_ProblemServer, self._manager).metrics
+        metrics: Metrics | None = getattr(self._manager, "metrics", None)  # None: shut down
         if metrics is not None:  # the method may be whatever the client sent: not a label
             metrics.requests.inc(route="unmatched", method="unparsed", status=str(status))
         slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
