@@ -524,24 +524,29 @@ async def _redis_pid(data: Path) -> int:
         await redis.aclose()
 
 
+async def _serve_process(env: Mapping[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    """``clinic-voice serve`` with exactly ``env``, its output to ``log_path``."""
+    with log_path.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "clinic_voice.cli",
+            "serve",
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+
+
 async def _run_to_exit(
     name: str, env: Mapping[str, str], tmp: Path, deadline_s: float
 ) -> tuple[int, str]:
     """Run a ``serve`` expected to end by itself: its exit code and output."""
     full, _ = _serve_env(env)
     log_path = tmp / f"{name}.log"
-    with log_path.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "clinic_voice.cli",
-            "serve",
-            cwd=ROOT,
-            env=full,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    proc = await _serve_process(full, log_path)
     try:
         async with asyncio.timeout(deadline_s):
             code = await proc.wait()
@@ -721,18 +726,7 @@ async def test_a_stop_during_start_up_stops_what_started(
     full, _ = _serve_env(env)
     sip_port = int(full["CLINIC_SIP_ADDR"].rsplit(":", 1)[1])
     log_path = tmp_path / "S.log"
-    with log_path.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "clinic_voice.cli",
-            "serve",
-            cwd=ROOT,
-            env=full,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    proc = await _serve_process(full, log_path)
     try:
 
         async def hanging() -> bool:
