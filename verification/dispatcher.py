@@ -184,29 +184,23 @@ class Dispatcher:
 
     def _name_what_is_left(self) -> None:
         """On shutdown, say what stops unfinished and what becomes of it (in Redis, each
-        verification's step timer carries on without this process)."""
-        if self._inflight:
-            log.warning(
-                "stopping with sends under way for %d verification(s), left to their step "
-                "timers (a lost send on a plan's last channel is sent again): %s",
-                len(self._inflight),
-                _some(self._inflight),
-            )
-        if self._keeping:
-            log.warning(
-                "stopping with channel reports of %d verification(s) kept while the store was "
-                "down and not yet written: lost, so their step timers decide without them (and "
-                "may send a code again): %s",
-                len(self._keeping),
-                _some(self._keeping),
-            )
-        if self._unconfirmed:
-            log.warning(
-                "stopping with %d create(s) answered 503 not yet settled, left to their step "
-                "timers: %s",
-                len(self._unconfirmed),
-                _some(self._unconfirmed),
-            )
+        verification's step timer carries on without this process). Every verification is
+        named, so that an operator can follow each one."""
+        _warn_naming(
+            "stopping with sends under way for %d verification(s), left to their step timers "
+            "(a lost send on a plan's last channel is sent again)",
+            self._inflight,
+        )
+        _warn_naming(
+            "stopping with channel reports of %d verification(s) kept while the store was down "
+            "and not yet written: lost, so their step timers decide without them (and may send "
+            "a code again)",
+            self._keeping,
+        )
+        _warn_naming(
+            "stopping with %d create(s) answered 503 not yet settled, left to their step timers",
+            self._unconfirmed,
+        )
 
     def _spawn(
         self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None
@@ -636,8 +630,19 @@ class Dispatcher:
                 self.follow(Transition(known.verification, send=channel), known=known)
 
 
-def _some(vids: Collection[str], at_most: int = 20) -> str:
-    """Verification ids for a log line: the first ``at_most``, then how many more."""
-    listed = list(itertools.islice(vids, at_most))
-    more = len(vids) - len(listed)
-    return ", ".join(listed) + (f" and {more} more" if more else "")
+IDS_PER_LINE = 50
+
+
+def id_lines(vids: Collection[str], per_line: int = IDS_PER_LINE) -> list[str]:
+    """Every id of ``vids``, ``per_line`` to a log line (none for none)."""
+    listed = list(vids)
+    return [", ".join(listed[i : i + per_line]) for i in range(0, len(listed), per_line)]
+
+
+def _warn_naming(what: str, vids: Collection[str]) -> None:
+    """``what`` (with a %d for how many) at WARNING, naming every one of ``vids``: on one
+    line, or on as many as it takes, each saying which part it is."""
+    lines = id_lines(vids)
+    for n, ids in enumerate(lines, 1):
+        part = f" (part {n} of {len(lines)})" if len(lines) > 1 else ""
+        log.warning("%s%s: %s", what % len(vids), part, ids)
