@@ -23,8 +23,10 @@ addresses the filter allows (the webhook sender's guard against a callback URL p
 the clinic's network: :mod:`verification.callbacks`).
 
 Every failure is an :class:`HttpClientError` (or ``TimeoutError`` for the deadline), so a
-caller maps two exceptions, not a framework's hierarchy. Nothing is retried here: whether a
-POST may be sent again is the caller's decision.
+caller maps two exceptions, not a framework's hierarchy. Nothing is retried here, with one
+exception: a POST with an ``Idempotency-Key`` whose kept-alive connection the server closed
+before answering a byte of it (its idle timeout ending as the request went out) goes once more
+on a new connection. Any other retry is the caller's decision.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class HttpClientError(Exception):
     """The request did not get a complete HTTP answer (or could not be made at all)."""
 
     permanent = False  # True: the same request would fail again (do not retry it)
+
+
+class NoAnswer(HttpClientError):
+    """The connection closed before a byte of the answer came."""
 
 
 class UnusableUrl(HttpClientError):
@@ -148,6 +154,7 @@ class _Connection(asyncio.Protocol):
         self._keep = False
         self._remaining = 0  # body bytes still to come (length) or of this chunk (chunked)
         self._body = bytearray()
+        self._heard = False  # a byte of the answer to the request in flight came
         self.reusable = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -159,6 +166,7 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None or self._waiter.done():
             self.close()  # bytes nobody asked for: the connection is out of step
             return
+        self._heard = True
         self._buf += data
         try:
             self._parse()
@@ -173,10 +181,14 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
+        why = f": {exc}" if exc else ""
         if self._state == "close":
             self._finish()
+        elif not self._heard:
+            waiter.set_exception(
+                NoAnswer(f"{self.origin.name} closed the connection before answering{why}")
+            )
         else:
-            why = f": {exc}" if exc else ""
             waiter.set_exception(
                 HttpClientError(f"{self.origin.name} closed the connection mid-answer{why}")
             )
@@ -187,6 +199,7 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         self._state, self._buf, self._body, self.reusable = "head", bytearray(), bytearray(), False
+        self._heard = False
         self.transport.write(request)
         return self._waiter
 
@@ -335,6 +348,14 @@ class _Connection(asyncio.Protocol):
         return False
 
 
+_IDEMPOTENCY_HEADERS = frozenset({"idempotency-key", "x-idempotency-key"})
+
+
+def _idempotent(headers: Mapping[str, str]) -> bool:
+    """Whether a POST carries a key by which its server can recognise it sent again."""
+    return any(name.lower() in _IDEMPOTENCY_HEADERS for name in headers)
+
+
 def _expire(answer: asyncio.Future[HttpAnswer]) -> None:
     if not answer.done():
         answer.set_exception(TimeoutError())
@@ -406,29 +427,43 @@ class HttpClient:
                 body,
             )
         )
-        pool = self._pools.get(origin)
-        if pool is None:
-            pool = self._pools[origin] = _Pool(origin, self._max)
+        pool = self._pool(origin)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         conn = self._take_idle(pool)
-        if conn is None:  # wait for a slot, or connect: both within the deadline
-            async with asyncio.timeout_at(deadline):
-                conn = await self._acquire(pool)
-        # The answer's deadline as one timer on the future (cheaper than a timeout context
-        # per request on the hot path): on expiry the future fails with TimeoutError.
-        answer_fut = conn.send(request)
-        timer = loop.call_at(deadline, _expire, answer_fut)
-        try:
-            answer = await answer_fut
-        except BaseException:
-            conn.close()
+        reused = conn is not None
+        while True:
+            if conn is None:  # wait for a slot, or connect: both within the deadline
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._acquire(pool)
+            # The answer's deadline as one timer on the future (cheaper than a timeout context
+            # per request on the hot path): on expiry the future fails with TimeoutError.
+            answer_fut = conn.send(request)
+            timer = loop.call_at(deadline, _expire, answer_fut)
+            try:
+                answer = await answer_fut
+            except BaseException as exc:
+                conn.close()
+                self._release(pool, conn)
+                if not (reused and isinstance(exc, NoAnswer) and _idempotent(headers)):
+                    raise
+                # A kept-alive connection the server closed as the request went out (its
+                # idle timeout ended just then): nothing was answered. A request the server
+                # can tell apart from a second one (its Idempotency-Key) goes once more, on a
+                # new connection, within the same deadline, as Go's net/http does.
+                reused, conn = False, None
+                pool = self._pool(origin)  # released with nothing open, it was forgotten
+                continue
+            finally:
+                timer.cancel()
             self._release(pool, conn)
-            raise
-        finally:
-            timer.cancel()
-        self._release(pool, conn)
-        return answer
+            return answer
+
+    def _pool(self, origin: _Origin) -> _Pool:
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = _Pool(origin, self._max)
+        return pool
 
     def _take_idle(self, pool: _Pool) -> _Connection | None:
         """The most recently used idle connection that is still good, if any."""

@@ -7,6 +7,7 @@ made for the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
@@ -341,6 +342,37 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
         assert (await client.post(url, b"2", JSON, timeout_s=5)).body == b"ok"
         await asyncio.sleep(0.1)  # the handler's own close, before the server goes
     assert connections == 2
+
+
+async def test_a_keyed_post_on_a_connection_closed_unanswered_goes_once_more(
+    client: HttpClient,
+) -> None:
+    """A server's idle timeout can end just as the next request on its kept-alive connection
+    goes out: it closes without answering. A POST with an Idempotency-Key (each SMS has one)
+    goes once more, on a new connection; one without fails, since it may have been acted on.
+    (With CLINIC_SMS_HTTP_RETRIES=0 such an SMS was undeliverable.)"""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await read_request(reader)  # the next one on this connection: closed unanswered
+        writer.close()
+
+    server, url = await raw_server(handler)
+    keyed = {**JSON, "Idempotency-Key": "send-1"}
+    async with server:
+        assert (await client.post(url, b"1", keyed, timeout_s=5)).body == b"ok"
+        assert (await client.post(url, b"2", keyed, timeout_s=5)).body == b"ok"
+        assert connections == 2, "sent again on a new connection"
+        with pytest.raises(HttpClientError, match="before answering"):
+            await client.post(url, b"3", JSON, timeout_s=5)
+        assert connections == 2, "a POST without a key is not sent again"
+        await asyncio.sleep(0.1)  # the handlers' own close, before the server goes
 
 
 async def test_unasked_bytes_on_an_idle_connection_retire_it(client: HttpClient) -> None:
