@@ -345,6 +345,28 @@ async def test_worker_killed_mid_call(tmp_path: Path) -> None:
         await pool.stop()
 
 
+async def test_a_start_cut_short_stops_the_workers_not_yet_up_without_killing_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The review: a stop during start-up (serve's SIGTERM cancels SipPool.start) sent no
+    Shutdown, since no worker was up to take commands, so each waited out WORKER_STOP_S in
+    turn and was then killed (12 s for 4). A worker not up is told by the end of its stdin,
+    and they are waited for together."""
+    pool = SipPool(sip_settings(3), clock=SystemClock())
+    start = asyncio.create_task(pool.start())
+    async with asyncio.timeout(30):
+        while not all(w.process is not None for w in pool._workers):  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    procs = [w.process for w in pool._workers]
+    start.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await start
+    assert all(p is not None and p.returncode is not None for p in procs), "all stopped"
+    killed = [r.getMessage() for r in caplog.records if "did not stop" in r.getMessage()]
+    assert not killed, killed
+    assert [p.returncode for p in procs if p is not None] == [0, 0, 0]
+
+
 async def test_more_calls_than_one_worker_holds(tmp_path: Path) -> None:
     pool = SipPool(sip_settings(4), clock=SystemClock())
     await pool.start()

@@ -353,28 +353,38 @@ class SipPool:
             raise
 
     async def stop(self) -> None:
-        """Shut the workers down (hanging up their calls) and cancel handler tasks."""
+        """Shut the workers down (hanging up their calls) and cancel handler tasks. Each
+        worker gets WORKER_STOP_S, all of them at once (one after the other, a stop during
+        start-up took 3 s a worker: none was up to be told)."""
         self._running = False
         for w in self._workers:
-            w.send(Shutdown())
-        for w in self._workers:
-            proc = w.process
-            if proc is None:
-                continue
-            try:
-                async with asyncio.timeout(WORKER_STOP_S):
-                    await proc.wait()
-            except TimeoutError:
-                log.warning("worker %s did not stop: killing pid %s", w.index, proc.pid)
-                proc.kill()
-                await proc.wait()
-            if w.reader is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await w.reader
+            if w.up:
+                w.send(Shutdown())
+            elif w.process is not None and w.process.stdin is not None:
+                # Not up yet (starting, or restarting): it takes no commands, but the end of
+                # its stdin ends it; it has no call to hang up.
+                w.process.stdin.close()
+        await asyncio.gather(*(self._stopped(w) for w in self._workers))
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _stopped(self, w: _Worker) -> None:
+        """Wait for ``w``'s process to end (SIGKILL past WORKER_STOP_S), then for its reader."""
+        proc = w.process
+        if proc is None:
+            return
+        try:
+            async with asyncio.timeout(WORKER_STOP_S):
+                await proc.wait()
+        except TimeoutError:
+            log.warning("worker %s did not stop: killing pid %s", w.index, proc.pid)
+            proc.kill()
+            await proc.wait()
+        if w.reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await w.reader
 
     def ready(self) -> bool:
         """True when every worker is up (and registered, when a registrar is configured)."""
