@@ -31,6 +31,7 @@ from verification.errors import (
     BadBody,
     BodyTimeout,
     RateLimited,
+    UnsupportedCoding,
     VerificationError,
 )
 from verification.request import (
@@ -382,15 +383,20 @@ def build_middlewares(
 # key. This handler answers problem+json instead, quotes nothing, and logs one INFO line.
 
 
-# How aiohttp says a body of an accepted coding does not decode (400, not 415).
-_DECODE_FAILED = tuple(f"Can not decode content-encoding: {c}" for c in ACCEPTED_CODINGS)
+# How aiohttp's parser refuses a coding it knows but cannot decode without a library this
+# service lacks (415). Any other ContentEncodingError is a body that does not decode (400):
+# a gzip or deflate stream that is corrupt or cut short.
+_CODING_NOT_HERE = (
+    "Can not decode content-encoding: brotli",
+    "Can not decode content-encoding: zstandard",
+)
 
 
 def _parse_problem(exc: HttpProcessingError) -> tuple[int, str]:
     """The HTTP status of a parser error and a detail that quotes none of the request."""
     if isinstance(exc, LineTooLong):
         return 431, "a request line or header is longer than 8190 bytes"
-    if isinstance(exc, ContentEncodingError) and not exc.message.startswith(_DECODE_FAILED):
+    if isinstance(exc, ContentEncodingError) and exc.message.startswith(_CODING_NOT_HERE):
         # A coding aiohttp knows but cannot decode here (br, zstd: their libraries are not
         # installed). Its message says which library to install: not the client's business.
         return 415, "send the body as it is, or gzip or deflate it"
@@ -428,10 +434,13 @@ class ProblemRequestHandler(RequestHandler):
         metrics: Metrics | None = getattr(self._manager, "metrics", None)  # None: shut down
         if metrics is not None:  # the method may be whatever the client sent: not a label
             metrics.requests.inc(route="unmatched", method="unparsed", status=str(status))
-        slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
-        resp = problem(status, slug, title, detail)
-        if status == 415:
-            resp.headers["Accept-Encoding"] = ", ".join(ACCEPTED_CODINGS)
+        if status == 415:  # as read_body's own refusal of a coding (UnsupportedCoding)
+            refused = UnsupportedCoding(detail, accepted=list(ACCEPTED_CODINGS))
+            resp = problem(415, refused.slug, refused.title, detail, **refused.extra)
+            resp.headers.update(refused.headers)
+        else:
+            slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
+            resp = problem(status, slug, title, detail)
         resp.force_close()
         return resp
 

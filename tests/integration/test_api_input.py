@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import json
 import logging
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -656,8 +657,20 @@ async def test_a_coding_aiohttp_cannot_decode_here_is_415_without_its_advice(
             head_bytes, _, body = raw.partition(b"\r\n\r\n")
             assert head_bytes.split(b" ", 2)[1] == b"415", raw
             assert b"accept-encoding: identity, gzip, deflate" in head_bytes.lower(), raw
-            assert json.loads(body)["type"].endswith("/unsupported-media-type"), body
+            problem = json.loads(body)
+            assert problem["type"].endswith("/unsupported-media-type"), body
+            assert problem["accepted"] == ["identity", "gzip", "deflate"], body
             assert b"install" not in body.lower(), body
+        # A deflate stream cut short is a body that does not decode (400), not a coding the
+        # service refuses: the review found it answered 415 "send gzip or deflate".
+        cut = zlib.compress(json.dumps({"phone": MOBILE}).encode())[:-6]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = POST_CREATE + f"Content-Encoding: deflate\nContent-Length: {len(cut)}\n\n"
+        writer.write(head.replace("\n", "\r\n").encode() + cut)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert raw.split(b" ", 2)[1] == b"400", raw
     assert sms_gateway.received == []
 
 
