@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import stat
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,8 @@ def _write_private(path: Path, text: str) -> None:
     mode, 0644 say, and the new key with it. The rename also means a crash leaves the old
     file or the new one, never half of one.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)  # mkstemp: created 0600, O_EXCL, close-on-exec
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -94,19 +94,7 @@ async def serve(
     full, port = _serve_env(env)
     log_path = tmp / f"{name}.log"
     service = Service(name, port, log_path, collector)
-    with log_path.open("wb") as out:
-        service.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "clinic_voice.cli",
-            "serve",
-            cwd=ROOT,
-            env=full,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            process_group=0 if own_group else None,
-        )
+    service.proc = await _serve_process(full, log_path, own_group=own_group)
     service.session = aiohttp.ClientSession()
     try:
         await _wait_healthy(service)
@@ -479,27 +467,10 @@ async def test_serve_that_cannot_bind_stops_everything_it_started(
         "CLINIC_SIP_WORKERS": "2",
     }
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "clinic_voice.cli",
-            "serve",
-            cwd=ROOT,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), START_DEADLINE_S)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            pytest.fail("serve hung after failing to bind its HTTP address")
+        code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
     finally:
         taken.close()
-    text = out.decode(errors="replace")
-    assert proc.returncode == 1, text[-3000:]
+    assert code == 1, text[-3000:]
     assert "cannot start" in text, text[-3000:]
     assert "SIP worker 0 started" in text, "the SIP workers started before the bind"
     assert "SIP worker 0 exited" in text, text[-3000:]
@@ -524,8 +495,11 @@ async def _redis_pid(data: Path) -> int:
         await redis.aclose()
 
 
-async def _serve_process(env: Mapping[str, str], log_path: Path) -> asyncio.subprocess.Process:
-    """``clinic-voice serve`` with exactly ``env``, its output to ``log_path``."""
+async def _serve_process(
+    env: Mapping[str, str], log_path: Path, *, own_group: bool = False
+) -> asyncio.subprocess.Process:
+    """``clinic-voice serve`` with exactly ``env``, its output to ``log_path`` (``own_group``:
+    in a process group of its own, as a shell's job is)."""
     with log_path.open("wb") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable,
@@ -537,16 +511,17 @@ async def _serve_process(env: Mapping[str, str], log_path: Path) -> asyncio.subp
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            process_group=0 if own_group else None,
         )
 
 
 async def _run_to_exit(
     name: str, env: Mapping[str, str], tmp: Path, deadline_s: float
 ) -> tuple[int, str]:
-    """Run a ``serve`` expected to end by itself: its exit code and output."""
-    full, _ = _serve_env(env)
+    """Run a ``serve`` (with exactly ``env``) expected to end by itself: its exit code and
+    output."""
     log_path = tmp / f"{name}.log"
-    proc = await _serve_process(full, log_path)
+    proc = await _serve_process(env, log_path)
     try:
         async with asyncio.timeout(deadline_s):
             code = await proc.wait()
@@ -573,7 +548,7 @@ async def test_a_second_serve_on_the_same_data_dir_refuses_to_start(
         redis_pid = await _redis_pid(data)
         assert control.is_socket()
 
-        code, out = await _run_to_exit("B", env, tmp_path, deadline_s=60.0)
+        code, out = await _run_to_exit("B", _serve_env(env)[0], tmp_path, deadline_s=60.0)
         assert code == 1, out[-3000:]
         assert f"data dir {data.resolve()} is in use by another clinic-voice serve" in out, out
         assert f"pid {a.proc.pid}" in out, out
@@ -700,11 +675,11 @@ async def test_readyz_fails_once_the_stop_began(start_service: StartService) -> 
 # A sitecustomize for serve's processes: its SIP worker says so in a file and then hangs
 # before it reports in, so serve's start-up waits (for up to 30 s) with Redis running.
 _HANG_SIP_WORKER = """
-import os, pathlib, time
+import os, pathlib, signal
 mark = os.environ.get("TEST_HANG_SIP_WORKER")
 if mark and b"voice.sip.worker" in pathlib.Path("/proc/self/cmdline").read_bytes():
     pathlib.Path(mark).touch()
-    time.sleep(600)
+    signal.pause()  # until a signal ends it: stuck, as a worker whose pjsua never comes up
 """
 
 

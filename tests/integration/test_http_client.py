@@ -321,27 +321,34 @@ async def test_informational_answers_are_skipped_and_close_delimited_bodies_read
     assert (answer.status, answer.body) == (201, b"all of it")
 
 
-async def test_a_connection_the_server_closed_while_idle_is_not_reused(
-    client: HttpClient,
-) -> None:
-    connections = 0
+class AnswersOnce:
+    """A raw server that answers the first request on each connection 200 "ok", then lets
+    ``then`` do what it will with the connection before closing it; counts connections."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    def __init__(self, then: Callable[[asyncio.StreamReader], Awaitable[object]]) -> None:
+        self.connections = 0
+        self._then = then
+
+    async def handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        await asyncio.sleep(0.05)  # a keep-alive timeout, very short
+        await self._then(reader)
         writer.close()
 
-    server, url = await raw_server(handler)
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(
+    client: HttpClient,
+) -> None:
+    peer = AnswersOnce(lambda _: asyncio.sleep(0.05))  # a keep-alive timeout, very short
+    server, url = await raw_server(peer.handler)
     async with server:
         assert (await client.post(url, b"1", JSON, timeout_s=5)).body == b"ok"
         await asyncio.sleep(0.2)
         assert (await client.post(url, b"2", JSON, timeout_s=5)).body == b"ok"
         await asyncio.sleep(0.1)  # the handler's own close, before the server goes
-    assert connections == 2
+    assert peer.connections == 2
 
 
 async def test_a_keyed_post_on_a_connection_closed_unanswered_goes_once_more(
@@ -351,27 +358,21 @@ async def test_a_keyed_post_on_a_connection_closed_unanswered_goes_once_more(
     goes out: it closes without answering. A POST with an Idempotency-Key (each SMS has one)
     goes once more, on a new connection; one without fails, since it may have been acted on.
     (With CLINIC_SMS_HTTP_RETRIES=0 such an SMS was undeliverable.)"""
-    connections = 0
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+    async def take_the_next_unanswered(reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError):
             await read_request(reader)  # the next one on this connection: closed unanswered
-        writer.close()
 
-    server, url = await raw_server(handler)
+    peer = AnswersOnce(take_the_next_unanswered)
+    server, url = await raw_server(peer.handler)
     keyed = {**JSON, "Idempotency-Key": "send-1"}
     async with server:
         assert (await client.post(url, b"1", keyed, timeout_s=5)).body == b"ok"
         assert (await client.post(url, b"2", keyed, timeout_s=5)).body == b"ok"
-        assert connections == 2, "sent again on a new connection"
+        assert peer.connections == 2, "sent again on a new connection"
         with pytest.raises(HttpClientError, match="before answering"):
             await client.post(url, b"3", JSON, timeout_s=5)
-        assert connections == 2, "a POST without a key is not sent again"
+        assert peer.connections == 2, "a POST without a key is not sent again"
         await asyncio.sleep(0.1)  # the handlers' own close, before the server goes
 
 
