@@ -74,10 +74,13 @@ PhoneFactory = Callable[..., Softphone]
 
 
 @pytest.fixture
-def phone(asterisk: AsteriskRig, tmp_path: Path) -> Iterator[PhoneFactory]:
+def phone(
+    asterisk: AsteriskRig, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[PhoneFactory]:
     """Make softphones on the rig: ``phone("6001")`` registers 6001 and waits for the 200;
     ``phone("clinic", register=False)`` is a caller with the service's credentials;
-    ``wait=False`` returns at once (to see a registration fail)."""
+    ``wait=False`` returns at once (to see a registration fail). When the test fails, what
+    every one of them reported is printed (a failed expect names only its own phone)."""
     made: list[Softphone] = []
 
     def make(
@@ -94,6 +97,9 @@ def phone(asterisk: AsteriskRig, tmp_path: Path) -> Iterator[PhoneFactory]:
     try:
         yield make
     finally:
+        if failed(request):
+            for sp in made:
+                print(sp.story())
         for sp in made:  # all at once: each takes a moment to unregister
             sp.begin_close()
         with contextlib.ExitStack() as closing:  # every one is closed, even after a failure

@@ -417,6 +417,22 @@ class AsteriskRig:
             return None
         return pid if pid_alive(pid) and pid in chrooted_pids(self.root) else None
 
+    def wait_for_bridge(self, channels: int = 2, timeout_s: float = 5) -> None:
+        """Wait until some bridge holds ``channels`` channels (``bridge show all``).
+
+        A channel Dial() has just answered is bridged a moment after its ACK; a REFER in
+        that moment is refused (400: a channel in no bridge cannot be transferred)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            table = self.cli("bridge show all")
+            # Bridge-ID  Name  Chans  Type  Technology  Duration: Chans is 4th from the end.
+            counts = [row.split()[-4] for row in table.splitlines()[1:] if row.strip()]
+            if str(channels) in counts:
+                return
+            if time.monotonic() > deadline:
+                raise RigError(f"no bridge of {channels} channels in {timeout_s} s: {table!r}")
+            threading.Event().wait(0.05)
+
     def cli(self, command: str, timeout_s: float = 15) -> str:
         """Run an Asterisk CLI command (``asterisk -rx``) and return what it printed."""
         proc = self._cli_raw(command, timeout_s)

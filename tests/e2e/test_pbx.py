@@ -148,6 +148,9 @@ def test_transfer_from_the_bot_reaches_the_nurse(
     caller = phone("6001")
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    # The service transfers after the caller has spoken or pressed keys, so long after
+    # Asterisk bridged the call; a REFER right at the ACK could meet no bridge yet (400).
+    asterisk.wait_for_bridge()
     bot.send("xfer", uri=f"sip:6100@127.0.0.1:{asterisk.port}")
     rung = nurse.expect("incoming", timeout_s=10)
     assert rung["from_user"] == "6001", rung
@@ -169,8 +172,11 @@ def test_the_bot_cannot_transfer_anywhere(phone: PhoneFactory, asterisk: Asteris
     caller = phone("6001")
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    asterisk.wait_for_bridge()  # refused for the target, not for a bridge not yet made
     bot.send("xfer", uri=f"sip:6002@127.0.0.1:{asterisk.port}")
-    assert not [e for e in other.drain(2.0) if e["event"] == "incoming"]
+    refused = bot.expect("transfer_status", where=lambda e: e["final"], timeout_s=5)
+    assert refused["code"] == 404, refused  # 6002 is not in [clinic-transfers]
+    assert not [e for e in other.drain(1.0) if e["event"] == "incoming"]
     caller.send("hangup")
 
 

@@ -161,9 +161,16 @@ class Softphone:
                 return self.events
             self.events.append(got)
 
-    def _story(self) -> str:
-        seen = [{k: v for k, v in e.items() if k not in {"_used", "at"}} for e in self.events[-15:]]
+    def _story(self, last: int = 15) -> str:
+        seen = [
+            {k: v for k, v in e.items() if k not in {"_used", "at"}} for e in self.events[-last:]
+        ]
         return f"events: {seen}; stderr tail: {self._stderr[-15:]}"
+
+    def story(self) -> str:
+        """Everything this softphone reported so far, for a failed test's output."""
+        self.drain()
+        return f"softphone {self.user}: {self._story(last=40)}"
 
     def begin_close(self) -> None:
         """Ask the softphone to hang up, unregister and exit (see :meth:`close`).
