@@ -142,6 +142,20 @@ CREATE_CASES = [
         "NaN", 422, "invalid-request", raw=b'{"phone": "%s", "code_length": NaN}' % MOBILE.encode()
     ),
     Bad("UTF-16", 422, "invalid-request", raw='{"phone": "+31612345678"}'.encode("utf-16")),
+    # A name given twice: parsers disagree on which value counts (RFC 8259 4), so a proxy or
+    # a log could read another number than the service would send to.
+    Bad(
+        "phone twice",
+        422,
+        "invalid-request",
+        raw=b'{"phone": "%s", "phone": "+31687654321"}' % MOBILE.encode(),
+    ),
+    Bad(
+        "phone twice, once escaped",
+        422,
+        "invalid-request",
+        raw=b'{"phone": "%s", "ph\\u006fne": "+31687654321"}' % MOBILE.encode(),
+    ),
     # Nested deeper than any parser should recurse, and still under the 64 KiB limit.
     Bad("nested 30,000 deep", 422, "invalid-request", raw=b"[" * 30_000 + b"]" * 30_000),
 ]
@@ -176,6 +190,7 @@ CHECK_CASES = [
     Bad("unknown field", 422, "invalid-request", {"code": "123456", "x": 1}),
     Bad("malformed JSON", 422, "invalid-request", raw=b"{code: 1}"),
     Bad("code a lone surrogate", 422, "invalid-request", raw=b'{"code": "\\ud800"}'),
+    Bad("code twice", 422, "invalid-request", raw=b'{"code": "111111", "code": "222222"}'),
     Bad("text/plain", 415, "unsupported-media-type", raw=b"123456", content_type="text/plain"),
 ]
 
