@@ -76,10 +76,11 @@ async def test_danger_sign_ends_in_u1_and_a_transfer_to_the_nurse(line: ClinicLi
             "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
         )
         started.append(nurse)
-        # 4 (triage) while the welcome plays, 1 (yourself) during the triage intro, 1 (yes,
-        # difficulty breathing) during the question: each key cuts its prompt short.
+        # 4 (triage) while the welcome plays, 1 (yourself) during the triage intro: each key
+        # cuts its prompt short. A danger sign takes no early key: 1 (yes, difficulty
+        # breathing) once the question was heard.
         caller = await Phone.start(
-            "caller", "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6,1@2.4"
+            "caller", "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6", "--answers", "1"
         )
         started.append(caller)
         incoming = await nurse.wait_for("incoming", CALL_S)
@@ -138,19 +139,23 @@ async def test_silence_on_a_danger_sign_question_ends_with_the_nurse(line: Clini
 # 1 yourself; no to the five danger signs; 8 something else; 2 not limiting daily life;
 # 5 no risk group: nothing raises the urgency, so the triage ends in self-care (U5).
 NON_URGENT_KEYS = "1", "2", "2", "2", "2", "2", "8", "2", "5"
+TRIAGE_S = 180.0  # a whole triage answered question by question (each heard in full)
 
 
-async def test_type_ahead_keys_during_the_first_prompt_run_a_full_non_urgent_triage(
-    line: ClinicLine,
-) -> None:
+def answered(keys: tuple[str, ...]) -> list[str]:
+    """The caller's arguments for ``keys``: the first typed ahead during the intro (which
+    takes it), every other one once its question was heard (danger signs take no other)."""
+    return ["--dtmf", f"{keys[0]}@0.5", "--answers", ",".join(keys[1:]), "--timeout", "200"]
+
+
+async def test_a_full_non_urgent_triage_answered_key_by_key(line: ClinicLine) -> None:
     before = await line.call_ids()
-    # Every key is sent within 2.5 s of the answer, while the intro (about 10 s of speech)
-    # would still be playing: each ask must take its answer from the type-ahead buffer.
-    dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(NON_URGENT_KEYS))
     async with phones() as started:
-        caller = await Phone.start("caller", "--call", line.uri("triage"), "--dtmf", dtmf)
+        caller = await Phone.start(
+            "caller", "--call", line.uri("triage"), *answered(NON_URGENT_KEYS)
+        )
         started.append(caller)
-        await caller.finish(CALL_S)
+        await caller.finish(TRIAGE_S)
 
     assert caller.find("transfer_request") is None, "a self-care call is not transferred"
     ended = caller.find("ended", leg="main")
@@ -182,12 +187,11 @@ async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
     scheduling.fail_first = 0
     posted = len(scheduling.received)
     before = await line.call_ids()
-    dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(FEVER_KEYS))
     async with phones() as started:
-        caller = await Phone.start("caller", "--call", line.uri("6001"), "--dtmf", dtmf)
+        caller = await Phone.start("caller", "--call", line.uri("6001"), *answered(FEVER_KEYS))
         started.append(caller)
         hooks = await scheduling.wait_until(
-            "the same-day request", lambda got: len(got) > posted, deadline_s=CALL_S
+            "the same-day request", lambda got: len(got) > posted, deadline_s=TRIAGE_S
         )
         await caller.finish(CALL_S)
     assert caller.find("transfer_request") is None, "a booked call is not transferred"
@@ -212,15 +216,15 @@ async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_r
     scheduling.fail_first = len(scheduling.received) + 1
     caplog.set_level(logging.DEBUG)
     before = await line.call_ids()
-    dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(FEVER_KEYS))
     async with phones() as started:
         staff = await Phone.start(
-            "staff", "--port", str(line.staff_port), "--answer", "--duration", "1"
-        )
+            "staff", "--port", str(line.staff_port), "--answer", "--duration", "1",
+            "--timeout", "200",
+        )  # fmt: skip
         started.append(staff)
-        caller = await Phone.start("caller", "--call", line.uri("6001"), "--dtmf", dtmf)
+        caller = await Phone.start("caller", "--call", line.uri("6001"), *answered(FEVER_KEYS))
         started.append(caller)
-        incoming = await staff.wait_for("incoming", CALL_S)
+        incoming = await staff.wait_for("incoming", TRIAGE_S)
         await caller.finish(CALL_S)
         await staff.finish(10)
     record = await line.new_record(before)
@@ -369,8 +373,9 @@ async def test_a_nurse_who_rings_long_is_not_a_failed_transfer(line: ClinicLine)
         )  # fmt: skip
         started.append(nurse)
         caller = await Phone.start(
-            "caller", "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6,1@2.4", "--timeout", "90"
-        )
+            "caller", "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6", "--answers", "1",
+            "--timeout", "90",
+        )  # fmt: skip
         started.append(caller)
         await caller.finish(CALL_S + 20)
         await nurse.finish(10)

@@ -3,9 +3,12 @@
 Two roles, both printing one JSON object a line on stdout (flushed), each with the ``leg`` it
 is about (``main``: the call placed or answered; ``xfer``: the call a REFER made us place):
 
-caller  ``--call URI [--dtmf "4@0.5,1@0.7"] [--play IN.wav] [--play-at S] [--record OUT.wav]``
-        places the call (follows the front's 302), sends RFC 4733 digits at the given seconds
-        after the answer, plays a WAV to the far end ``--play-at`` seconds after the answer.
+caller  ``--call URI [--dtmf "4@0.5,1@0.7"] [--answers 4,1,2] [--play IN.wav] [--play-at S]
+        [--record OUT.wav]`` places the call (follows the front's 302), sends RFC 4733 digits
+        at the given seconds after the answer, then (``--answers``) each digit once the bot
+        has spoken and then been quiet for ``--answer-gap`` seconds (a caller who listens to
+        each question: the bot takes no early key for a danger sign), plays a WAV to the far end
+        ``--play-at`` seconds after the answer.
         A REFER is accepted (pjsua's default answer, 202) and reported as
         ``{"event": "transfer_request", "to": URI}``; the new call is the ``xfer`` leg and
         is hung up ``--xfer-hold`` seconds after it is answered.
@@ -21,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +66,54 @@ class State:
     legs: list[Leg] = field(default_factory=list)
     played: bool = False
     keep: list[Any] = field(default_factory=list)  # players, recorders: alive until exit
+    answers: list[str] = field(default_factory=list)
+    heard: Heard | None = None
+
+
+class Heard:
+    """Follows the recording of what the bot says, to tell when it has finished a prompt.
+
+    pjmedia's WAV writer flushes in blocks, so the file lags the call by a block or so:
+    the quiet is counted in samples of the file, never by the clock, and is never early."""
+
+    LOUD = 300  # mean |sample| of a 20 ms frame above this is speech (espeak-ng: thousands)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = 0
+        self.rate = 0
+        self.quiet = 0  # samples of quiet since the last speech
+        self.spoke = False  # speech since the last key
+        self._rest = b""
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                if not self.rate:
+                    head = f.read(44)
+                    if len(head) < 44:
+                        return
+                    self.rate = int.from_bytes(head[24:28], "little")
+                    self.offset = 44
+                f.seek(self.offset)
+                data = self._rest + f.read()
+                self.offset = f.tell()
+        except OSError:
+            return
+        frame = self.rate // 50 * 2
+        whole = len(data) - len(data) % frame
+        self._rest = data[whole:]
+        for i in range(0, whole, frame):
+            samples = array("h", data[i : i + frame])
+            if sys.byteorder != "little":
+                samples.byteswap()
+            if sum(abs(x) for x in samples) / len(samples) > self.LOUD:
+                self.quiet, self.spoke = 0, True
+            else:
+                self.quiet += len(samples)
+
+    def done_speaking(self, gap_s: float) -> bool:
+        return self.spoke and self.rate > 0 and self.quiet >= gap_s * self.rate
 
 
 class Call(pj.Call):  # type: ignore[misc]
@@ -189,6 +243,16 @@ def _pump(ep: pj.Endpoint, state: State, deadline: float) -> int:
                 _, digit = state.dtmf.pop(0)
                 call.dialDtmf(digit)
                 say("dtmf_sent", leg=leg.name, digit=digit, at=round(up_for, 3))
+                if not state.dtmf and state.heard is not None:
+                    state.heard.spoke = False  # what was said before the last key is past
+            if state.answers and state.heard is not None and not state.dtmf:
+                # After the timed keys (type-ahead into the menus), the ones that listen.
+                state.heard.poll()
+                if state.heard.done_speaking(args.answer_gap):
+                    digit = state.answers.pop(0)
+                    call.dialDtmf(digit)
+                    state.heard.spoke = False
+                    say("dtmf_sent", leg=leg.name, digit=digit, at=round(up_for, 3))
             if args.play and not state.played and up_for >= args.play_at:
                 state.played = True
                 player = pj.AudioMediaPlayer()
@@ -210,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer", action="store_true")
     parser.add_argument("--answer-after", type=float, default=0.0)
     parser.add_argument("--dtmf", default="")
+    parser.add_argument("--answers", default="")
+    parser.add_argument("--answer-gap", type=float, default=0.8)
     parser.add_argument("--play", default="")
     parser.add_argument("--play-at", type=float, default=0.0)
     parser.add_argument("--record", default="")
@@ -220,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     args.record = os.path.abspath(args.record) if args.record else ""
     args.play = os.path.abspath(args.play) if args.play else ""
     state = State(args, parse_dtmf(args.dtmf))
+    scratch = ""
+    if args.answers:
+        state.answers = [a.strip() for a in args.answers.split(",") if a.strip()]
+        if not args.record:
+            fd, scratch = tempfile.mkstemp(prefix="ivr-phone-", suffix=".wav")
+            os.close(fd)
+            args.record = scratch
+        state.heard = Heard(args.record)
 
     ep, port = start_endpoint(args.bind, args.port)
     acfg = account_config(args.from_user, args.bind, port)
@@ -245,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     state.keep = [k for k in state.keep if isinstance(k, pj.Call)]
     ep.libHandleEvents(20)
     ep.libDestroy()
+    if scratch:
+        os.unlink(scratch)
     # Destroying a pjsua2 Call after the library can abort (call id assertion): skip the
     # interpreter's teardown, there is nothing left to flush.
     os._exit(status)

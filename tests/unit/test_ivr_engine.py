@@ -17,6 +17,7 @@ from voice.ivr.engine import (
     HangupCall,
     Listen,
     NoInput,
+    Pending,
     Phase,
     Play,
     PostWebhook,
@@ -377,7 +378,7 @@ def test_low_confidence_on_a_danger_sign_escalates(shipped: FlowSet) -> None:
 
 def test_zero_in_the_triage_reaches_the_nurse(shipped: FlowSet) -> None:
     engine = Engine(shipped, FlowParams())
-    _, actions = script_call(engine, "triage", ["1 2 0"])
+    _, actions = script_call(engine, "triage", ["1", "2", "0"])
     transfers = [a for a in actions if isinstance(a, TransferCall)]
     assert [t.uri for t in transfers] == [NURSE]
 
@@ -442,3 +443,188 @@ def test_prescription_records_a_bounded_message(shipped: FlowSet) -> None:
     state, actions = script_call(engine, "prescription", ["01021990#", "1234#"])
     assert [a.max_s for a in actions if isinstance(a, RecordAudio)] == [60]
     assert state.outcome == "prescription_requested"
+
+
+# -- safety of the triage (found by a review that drove the shipped flow) ----------------------
+
+
+def record_of(actions: list[Action]) -> Store:
+    return next(a for a in actions if isinstance(a, Store))
+
+
+def test_an_urgent_caller_whose_nurse_transfer_fails_is_put_through_to_staff(
+    shipped: FlowSet,
+) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, actions = script_call(engine, "triage", ["1", "1"], transfer_ok=False)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE, STAFF]
+    said = " ".join(texts(actions))
+    assert "I am trying someone else at the clinic" in said
+    assert "Please hang up now and call 112." in said
+    assert "call again later" not in said  # never to a caller at U1
+    store = record_of(actions)
+    assert (store.record.urgency, store.record.outcome) == (Urgency.U1, "transfer_failed")
+    assert state.transfers_failed == (NURSE, STAFF)
+
+
+def test_a_caller_at_u2_whose_transfer_fails_gets_the_other_human_too(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    # no red flag, then severe sudden pain: U2, "speak to a nurse now"
+    answers = ["1", "2", "2", "2", "2", "2", "2", "3", "1", "5"]
+    _, actions = script_call(engine, "triage", answers, transfer_ok=False)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE, STAFF]
+    assert record_of(actions).record.urgency is Urgency.U2
+
+
+def test_a_failed_transfer_that_is_not_urgent_says_call_again_later(engine: Engine) -> None:
+    # the test flow's webhook fails -> staff transfer; it fails too: no triage, no retry
+    _, actions = script_call(engine, "t", ["1", "123#"], webhook_ok=False, transfer_ok=False)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]
+    assert texts(actions)[-1].endswith("Otherwise please call again later.")
+
+
+@pytest.mark.parametrize(
+    "heard",
+    [
+        "no, he is not breathing at all",  # a negation around the answer
+        "I have no idea",  # unsure, and holds "no"
+        "not sure",
+    ],
+)
+def test_only_a_plain_no_answers_a_danger_sign(shipped: FlowSet, heard: str) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = script_call(engine, "triage", ["myself", heard])
+    assert state.node == "breathing" and state.value("breathing") is None
+    assert state.triage is not None and state.triage.urgency is Urgency.U2
+
+
+def test_a_no_with_unknown_words_around_it_is_unclear(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = script_call(engine, "triage", ["myself"])
+    state, _ = engine.handle(state, PromptDone())
+    state, _ = engine.handle(state, SpeechResult("no", 0.9, unknown_words=3))
+    assert state.node == "breathing" and state.value("breathing") is None
+    state, _ = engine.handle(state, PromptDone())
+    state, _ = engine.handle(state, SpeechResult("no", 0.9))
+    assert (state.node, state.value("breathing")) == ("chest", "no")
+
+
+def test_a_yes_with_more_words_still_escalates(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    _, actions = script_call(engine, "triage", ["myself", "yes he is gasping"])
+    assert record_of(actions).record.urgency is Urgency.U1
+
+
+def test_unsure_on_an_ordinary_question_is_asked_again_without_escalation(
+    shipped: FlowSet,
+) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = script_call(engine, "triage", ["1", "2", "2", "2", "2", "2", "1", "no idea"])
+    assert state.node == "fever_ill" and state.value("fever_very_ill") is None
+    assert state.triage is None or state.triage.urgency is Urgency.U5
+
+
+@pytest.mark.parametrize("line", ["0", "the person is unconscious", "nurse"])
+def test_asking_for_a_human_at_a_danger_sign_makes_the_call_urgent(
+    shipped: FlowSet, line: str
+) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    _, actions = script_call(engine, "triage", ["1", "2", "2", line])
+    transfer = next(a for a in actions if isinstance(a, TransferCall))
+    assert transfer.uri == NURSE
+    assert ("X-Clinic-Urgency", "U2") in transfer.headers
+    assert "unanswered: conscious" in record_of(actions).record.reasons
+
+
+def test_a_double_press_does_not_answer_the_next_danger_sign(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, actions = script_call(engine, "triage", ["1", "2", "22"])
+    # The second 2 came while "unconscious?" was being asked: dropped, not a "no".
+    assert (state.node, state.phase) == ("conscious", Phase.LISTENING)
+    assert state.value("unconscious") is None
+    assert not any(type(a).__name__ == "StopPlay" for a in actions)
+
+
+DANGER_FLOW = """\
+id: d
+language: en
+human: nurse
+start: hello
+nodes:
+  hello:
+    say: {text: "Listen carefully.", barge_in: false}
+    next: breathing
+  breathing:
+    ask:
+      prompt: "Trouble breathing?"
+      danger_sign: true
+      save: breathing
+      choices:
+        - {key: "1", phrases: [yes], label: "yes", urgency: U1, reason: b, goto: help}
+        - {key: "2", phrases: ["no"], value: "no", label: "no", goto: help}
+  help:
+    transfer: nurse
+    outcome: call_emergency+transfer_nurse
+"""
+
+
+def test_keys_typed_before_a_danger_sign_do_not_answer_it(tmp_path: Path) -> None:
+    (tmp_path / "d.yaml").write_text(DANGER_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    state, _ = engine.start(engine.flowset.get("d"))
+    state, _ = engine.handle(state, Digit("2"))  # during "Listen carefully."
+    assert state.typeahead == "2"
+    state, actions = engine.handle(state, PromptDone())
+    assert (state.node, state.phase, state.typeahead) == ("breathing", Phase.PLAYING, "")
+    assert texts(actions) == ["Trouble breathing? Press 1 for yes. Press 2 for no."]
+    assert any(s.input == "typeahead_dropped" and s.value == "2" for s in state.path)
+
+
+def test_zero_during_a_danger_sign_prompt_still_reaches_a_human(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, _ = script_call(engine, "triage", ["1"])  # the breathing question is asked
+    state, _ = engine.handle(state, Digit("0"))  # pressed while it plays
+    state, actions = engine.handle(state, PromptDone())
+    while state.phase is Phase.PLAYING:
+        state, actions = engine.handle(state, PromptDone())
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE]
+
+
+def _at_the_emergency_transfer(engine: Engine) -> CallState:
+    state, _ = script_call(engine, "triage", ["1"])
+    state, _ = engine.handle(state, PromptDone())
+    state, _ = engine.handle(state, Digit("1"))  # breathing: yes -> "This may be an emergency"
+    state, _ = engine.handle(state, PromptDone())  # -> "Connecting you to a nurse now."
+    assert (state.node, state.pending) == ("emergency_transfer", Pending.TRANSFER)
+    return state
+
+
+@pytest.mark.parametrize("refer_out", [False, True])
+def test_hanging_up_before_the_transfer_is_not_recorded_as_one(
+    shipped: FlowSet, refer_out: bool
+) -> None:
+    engine = Engine(shipped, FlowParams())
+    state = _at_the_emergency_transfer(engine)
+    if refer_out:
+        state, actions = engine.handle(state, PromptDone())
+        assert state.phase is Phase.TRANSFERRING and isinstance(actions[-1], TransferCall)
+    state, actions = engine.handle(state, HangUp())
+    store = record_of(actions)
+    assert store.record.outcome == "hung_up_before_transfer"
+    assert (store.record.urgency, store.record.transfer_target) == (Urgency.U1, None)
+
+
+def test_a_transfer_that_went_through_is_recorded_as_one(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state = _at_the_emergency_transfer(engine)
+    state, _ = engine.handle(state, PromptDone())
+    state, actions = engine.handle(state, TransferResult(True))
+    assert record_of(actions).record.outcome == "call_emergency+transfer_nurse"
+    state, actions = engine.handle(state, HangUp())  # the worker's BYE after the REFER
+    assert actions == []
+
+
+def test_a_very_ill_fever_caller_is_still_asked_about_meningitis(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, _ = script_call(engine, "triage", ["1", "2", "2", "2", "2", "2", "1", "1"])
+    assert state.node == "fever_rash"

@@ -36,7 +36,7 @@ def test_parse_line() -> None:
 def test_simulate_a_triage_to_self_care() -> None:
     code, out = run(
         ["triage", "--flows-dir", str(SHIPPED)],
-        ["1", "2 2 2 2 2", "8", ":values", "2", "5", ""],
+        ["1", "2", "2", "2", "2", "2", "8", ":values", "2", "5", ""],
     )
     assert code == 0
     text = "\n".join(out)

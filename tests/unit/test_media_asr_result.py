@@ -23,7 +23,7 @@ from voice.media.asr import SpeechResult, _speech_result
         ({"result": [{"word": "[unk]", "conf": 1.0}], "text": "[unk]"}, SpeechResult("", 0.0)),
         (
             {"result": [{"word": "[unk]", "conf": 0.3}, {"word": "yes", "conf": 0.7}]},
-            SpeechResult("yes", 0.7),
+            SpeechResult("yes", 0.7, unknown_words=1),
         ),
     ],
 )

@@ -23,7 +23,15 @@ VoiceXML semantics kept here:
   triage);
 * safety: a triage's urgency never goes down (checked on every step), any unclear answer to a
   danger-sign question raises the call to U2 at least, and an outcome less urgent than the
-  call's urgency is replaced by a transfer to a nurse.
+  call's urgency is replaced by a transfer to a nurse. On a danger-sign question only a plain
+  "no" is a no (words around it, or "no idea", make it unclear), asking for a human raises
+  the call to U2, and keys do not answer it before it was heard (keys typed earlier and keys
+  pressed while it plays are dropped, but for ``0``: a double press must not answer the next
+  question; talking over it is deliberate and still heard). An urgent caller (U2 or more)
+  whose transfer fails is put through to the other human, and is never told to call again
+  later;
+* a caller who hangs up before a transfer went through is recorded so
+  (``hung_up_before_transfer``), not as transferred.
 
 Events that do not fit the current phase (a late :class:`PromptDone`, a :class:`NoInput`
 while a prompt plays) are stale races between threads and are ignored.
@@ -41,6 +49,7 @@ from urllib.parse import quote
 from voice.ivr.flow import (
     HUMAN_PHRASES,
     REPEAT_PHRASES,
+    UNSURE_PHRASES,
     Ask,
     Assess,
     Branch,
@@ -58,6 +67,7 @@ from voice.ivr.flow import (
     SetValues,
     Transfer,
     Webhook,
+    grammar,
     node_outcome,
     render,
 )
@@ -96,10 +106,12 @@ class Digit:
 
 @dataclass(frozen=True, slots=True)
 class SpeechResult:
-    """What the recogniser heard, with its confidence 0..1."""
+    """What the recogniser heard, with its confidence 0..1 and how many words it heard
+    outside the ask's phrases (said around the answer: "no, he is not breathing")."""
 
     text: str
     confidence: float
+    unknown_words: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +303,7 @@ class CallState:
     transfer_uri: str | None = None
     transfer_on_fail: str | None = None
     transfer_target: str | None = None
+    transfers_failed: tuple[str, ...] = ()  # URIs a transfer of this call failed to reach
     outcome: str = ""
     triage_action: TriageAction | None = None
 
@@ -319,6 +332,17 @@ def phrase_in(phrase: str, heard: str) -> bool:
     return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got)))
 
 
+def _escalates(choice: Choice) -> bool:
+    """Whether taking ``choice`` makes the call more urgent (a danger sign's "yes")."""
+    return choice.effect is not None and choice.effect.urgency is not None
+
+
+def _plainly(choice: Choice, ev: SpeechResult) -> bool:
+    """Whether ``ev`` is one of ``choice``'s phrases and nothing else."""
+    heard = normalise(ev.text)
+    return ev.unknown_words == 0 and any(normalise(p) == heard for p in choice.phrases)
+
+
 # --------------------------------------------------------------------------- the engine
 
 
@@ -341,7 +365,12 @@ class Engine:
         if state.phase is Phase.ENDED:
             return state, []
         if isinstance(event, HangUp):
-            return self._end(state, state.outcome or "caller_hung_up", [], hangup=False)
+            outcome = state.outcome or "caller_hung_up"
+            if state.phase is Phase.TRANSFERRING or state.pending is Pending.TRANSFER:
+                # Before the REFER went through (or during "connecting you"): nobody took
+                # the call, which an urgent caller's record must show.
+                outcome = "hung_up_before_transfer"
+            return self._end(state, outcome, [], hangup=False)
         new, actions = self._dispatch(state, event)
         ensure_not_lowered(state.triage, new.triage)
         if new.phase is not state.phase or new.node != state.node:
@@ -406,6 +435,11 @@ class Engine:
         if state.phase is Phase.LISTENING and isinstance(node, Ask):
             return self._key(state, flow, node, key)
         if state.phase is Phase.PLAYING and state.pending in {Pending.NEXT, Pending.LISTEN}:
+            if state.pending is Pending.LISTEN and isinstance(node, Ask) and node.danger_sign:
+                if key != "0":
+                    return state, []  # a danger sign is answered after it was heard in full
+                new, actions = self._asked_for_human(self._step(state, "digit", "0"), flow, node)
+                return new, [StopPlay(), *actions]
             state = replace(state, typeahead=state.typeahead + key)
             if state.barge_in:
                 new, actions = self._prompt_done(state, flow, node)
@@ -534,6 +568,10 @@ class Engine:
     # -- asks
 
     def _ask(self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]) -> Result:
+        if state.typeahead and ask.danger_sign:
+            # Keys pressed before this question was asked (a double press, a "2" meant for
+            # the last one) must not answer a danger sign the caller has not heard.
+            state = replace(self._step(state, "typeahead_dropped", state.typeahead), typeahead="")
         if state.typeahead:
             # Type-ahead: keys pressed during earlier prompts answer this ask, no prompt.
             return self._consume_typeahead(
@@ -578,11 +616,9 @@ class Engine:
                 language=lang,
             )
         else:
-            phrases = [p for c in ask.choices for p in c.phrases] if speech else []
-            if speech:
-                phrases += [*HUMAN_PHRASES[lang], *REPEAT_PHRASES[lang]]
+            phrases = grammar(ask, lang) if speech else ()
             keys = [c.key for c in ask.choices if c.key] + ["0", "*"]
-            listen = Listen(tuple(phrases), tuple(keys), ask.timeout_s, speech, 1, "", lang)
+            listen = Listen(phrases, tuple(keys), ask.timeout_s, speech, 1, "", lang)
         return state, [*actions, listen]
 
     def _key(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result:
@@ -591,7 +627,7 @@ class Engine:
         if key == "*":
             return self._repeat(state, flow, ask)
         if key == "0":
-            return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
+            return self._asked_for_human(self._step(state, "digit", "0"), flow, ask)
         for choice in ask.choices:
             if choice.key == key:
                 return self._choose(
@@ -646,24 +682,41 @@ class Engine:
         if ev.confidence < ask.min_confidence:
             state = self._step(state, "low_confidence", ev.text, ev.confidence)
             return self._nomatch(state, flow, ask, low_confidence=True)
+        if any(phrase_in(p, ev.text) for p in UNSURE_PHRASES[lang]):
+            state = self._step(state, "unsure", ev.text, ev.confidence)
+            return self._nomatch(state, flow, ask, low_confidence=False)
         matches = [c for c in ask.choices if any(phrase_in(p, ev.text) for p in c.phrases)]
         if len(matches) == 1:
+            choice = matches[0]
+            if ask.danger_sign and not _escalates(choice) and not _plainly(choice, ev):
+                # "No, he is not breathing" holds "no": on a danger sign that is unclear.
+                state = self._step(state, "unclear", ev.text, ev.confidence)
+                return self._nomatch(state, flow, ask, low_confidence=False)
             return self._choose(
                 state,
                 flow=flow,
                 ask=ask,
-                choice=matches[0],
+                choice=choice,
                 kind="speech",
                 heard=ev.text,
                 confidence=ev.confidence,
             )
         if not matches and any(phrase_in(p, ev.text) for p in HUMAN_PHRASES[lang]):
             state = self._step(state, "speech", ev.text, ev.confidence)
-            return self._to_human(state, flow, "caller asked", [])
+            return self._asked_for_human(state, flow, ask)
         if not matches and any(phrase_in(p, ev.text) for p in REPEAT_PHRASES[lang]):
             return self._repeat(state, flow, ask)
         state = self._step(state, "nomatch", ev.text, ev.confidence)
         return self._nomatch(state, flow, ask, low_confidence=False)
+
+    def _asked_for_human(self, state: CallState, flow: Flow, ask: Ask) -> Result:
+        """0 or "nurse": the flow's human. A danger sign left unanswered makes the call U2:
+        the nurse must not read an empty triage as "nothing urgent" (and "the person is
+        unconscious" holds "person")."""
+        if ask.danger_sign:
+            tri = state.triage or TriageState()
+            state = replace(state, triage=tri.raise_to(Urgency.U2, f"unanswered: {ask.id}"))
+        return self._to_human(state, flow, "caller asked", [])
 
     def _choose(
         self,
@@ -729,10 +782,32 @@ class Engine:
         if ok:
             state = replace(state, transfer_target=state.transfer_uri)
             return self._end(state, state.outcome or "transferred", [], hangup=True)
+        if state.transfer_uri is not None:
+            state = replace(state, transfers_failed=(*state.transfers_failed, state.transfer_uri))
         if state.transfer_on_fail is not None:
             target = state.transfer_on_fail
             state = replace(state, transfer_uri=None, transfer_on_fail=None)
             return self._enter(state, flow, target, [])
+        urgent = state.triage is not None and state.triage.urgency <= Urgency.U2
+        if urgent:
+            # Often just told "this may be an emergency, stay on the line": never hang up on
+            # such a caller while a human is left to try.
+            left = [
+                uri
+                for uri in (self.params.nurse_uri, self.params.staff_uri)
+                if uri and uri not in state.transfers_failed
+            ]
+            if left:
+                state = replace(
+                    state,
+                    phase=Phase.PLAYING,
+                    pending=Pending.TRANSFER,
+                    barge_in=False,
+                    transfer_uri=left[0],
+                    transfer_on_fail=None,
+                )
+                text = flow.texts("transfer_retry")
+                return state, [self._play(state, flow, text, barge_in=False)]
         state = replace(
             state,
             phase=Phase.PLAYING,
@@ -740,7 +815,8 @@ class Engine:
             barge_in=False,
             outcome="transfer_failed",
         )
-        return state, [self._play(state, flow, flow.texts("transfer_failed"), barge_in=False)]
+        text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
+        return state, [self._play(state, flow, text, barge_in=False)]
 
     def _to_human(
         self,

