@@ -17,6 +17,7 @@ import pytest
 from sip_config.clock import SystemClock
 from sip_config.settings import HostPort
 from tests.conftest import free_port, sip_settings
+from voice.sip import front as front_module
 from voice.sip import message
 from voice.sip.front import RedirectFront
 from voice.sip.pool import CallHandle, SipPool
@@ -253,7 +254,7 @@ async def test_a_front_whose_tcp_port_is_taken_fails_and_frees_its_udp_port() ->
     taken.bind(("127.0.0.1", port))
     taken.listen()
     try:
-        front = RedirectFront(HostPort("127.0.0.1", port), lambda: None)
+        front = RedirectFront(HostPort("127.0.0.1", port), lambda _call_id: None)
         with pytest.raises(OSError):
             await front.start()
         await asyncio.sleep(0.05)  # a transport closes its socket on the next loop step
@@ -262,3 +263,72 @@ async def test_a_front_whose_tcp_port_is_taken_fails_and_frees_its_udp_port() ->
         await front.stop()
     finally:
         taken.close()
+
+
+async def _tcp_front() -> RedirectFront:
+    front = RedirectFront(HostPort("127.0.0.1", 0), lambda _call_id: HostPort("127.0.0.1", 5062))
+    await front.start()
+    return front
+
+
+_INVITE_HEAD = (
+    "INVITE sip:6000@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5070;branch=z9hG4bK-1\r\n"
+    "From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:6000@127.0.0.1>\r\nCall-ID: big-1\r\n"
+    "CSeq: 1 INVITE\r\nContent-Length: {length}\r\n\r\n"
+)
+
+
+async def test_a_tcp_message_over_64_kib_gets_513_and_its_body_is_not_read() -> None:
+    front = await _tcp_front()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.address.port)
+        # 4 GB announced: the front must not try to buffer it.
+        writer.write(_INVITE_HEAD.format(length=4_000_000_000).encode() + b"v=0\r\n" * 100)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # then the front closes the connection
+        assert answer.startswith(b"SIP/2.0 513 Message Too Large\r\n"), answer[:80]
+        writer.close()
+    finally:
+        await front.stop()
+
+
+async def test_a_tcp_connection_that_sends_nothing_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(front_module, "TCP_IDLE_S", 0.3)
+    front = await _tcp_front()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.address.port)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b"", "closed without an answer"
+        writer.close()
+        # A working connection still gets its 302.
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.address.port)
+        writer.write(_INVITE_HEAD.format(length=0).encode())
+        async with asyncio.timeout(5):
+            line = await reader.readline()
+        assert line == b"SIP/2.0 302 Moved Temporarily\r\n", line
+        writer.close()
+    finally:
+        await front.stop()
+
+
+async def test_connections_past_the_cap_are_closed_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(front_module, "MAX_TCP_CONNECTIONS", 3)
+    front = await _tcp_front()
+    held = []
+    try:
+        for _ in range(3):
+            held.append(await asyncio.open_connection("127.0.0.1", front.address.port))
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.address.port)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+    finally:
+        for _, w in held:
+            w.close()
+        await front.stop()

@@ -97,3 +97,29 @@ def test_content_length_framing() -> None:
     assert message.content_length(b"INVITE x SIP/2.0\r\nl: 12\r\n\r\n") == 12
     assert message.content_length(b"INVITE x SIP/2.0\r\nContent-Length:  0\r\n\r\n") == 0
     assert message.content_length(b"INVITE x SIP/2.0\r\n\r\n") is None
+
+
+@pytest.mark.parametrize("header", ["From", "To", "Call-ID", "CSeq"])
+def test_an_invite_without_a_required_header_is_400(header: str) -> None:
+    lines = [
+        line
+        for line in (
+            "INVITE sip:6000@127.0.0.1 SIP/2.0",
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1",
+            "From: <sip:a@127.0.0.1>;tag=1",
+            "To: <sip:6000@127.0.0.1>",
+            "Call-ID: c-1",
+            "CSeq: 1 INVITE",
+            "Content-Length: 0",
+        )
+        if not line.startswith(f"{header}:")
+    ]
+    req = message.parse(("\r\n".join(lines) + "\r\n\r\n").encode())
+    out = respond(req, HostPort("127.0.0.1", 5062), tcp=False)
+    assert out is not None and out.startswith(f"SIP/2.0 400 Missing {header}\r\n".encode())
+
+
+def test_a_request_without_via_gets_nothing() -> None:
+    raw = b"INVITE sip:6000@127.0.0.1 SIP/2.0\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\n"
+    raw += b"Call-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    assert respond(message.parse(raw), HostPort("127.0.0.1", 5062), tcp=False) is None

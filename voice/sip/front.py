@@ -6,7 +6,14 @@ and this process never relays a byte of a call. Each INVITE gets ``302 Moved Tem
 with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_port>``), or
 ``486 Busy Here`` when every worker is full. The ACK for that final response is absorbed,
 OPTIONS gets 200 (so peers can probe liveness), CANCEL gets 200 (the INVITE already has its
-final answer), BYE gets 481, other known methods 405 with ``Allow``, unknown ones 501.
+final answer), BYE gets 481, other known methods 405 with ``Allow``, unknown ones 501. An
+INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and no slot; a
+retransmitted INVITE (the same Call-ID) is sent to the same worker without a second slot.
+
+Over TCP a message larger than 64 KiB gets 513 and the connection closes (the body is not
+read), a connection that sends no whole message for ``TCP_IDLE_S`` is closed, and at most
+``MAX_TCP_CONNECTIONS`` are open at once (the others are closed at once): a redirect needs
+one short exchange per caller, and this process also serves the HTTP API.
 
 Workers listen on the ports after ``CLINIC_SIP_ADDR`` (port+1..port+N); with port 0 (tests)
 everything takes free ports. With a PBX in front, point its trunk at the workers directly
@@ -19,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -49,8 +57,13 @@ _KNOWN_METHODS = frozenset(
 )
 _MAX_MESSAGE = 65536
 _BIND_TRIES = 20  # free UDP ports tried for one also free for TCP (port 0 only)
+TCP_IDLE_S = 30.0  # the longest wait for one whole message on a TCP connection
+MAX_TCP_CONNECTIONS = 1024
+_REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")  # RFC 3261 8.1.1, in every request
+_DROPPED_LOG_S = 60.0  # at most one line a minute about unparseable messages
 
-Picker = Callable[[], HostPort | None]
+# The worker for an INVITE with this Call-ID (None: all are full).
+Picker = Callable[[str], HostPort | None]
 
 
 def respond(request: message.SipMessage, target: HostPort | None, *, tcp: bool) -> bytes | None:
@@ -62,6 +75,13 @@ def respond(request: message.SipMessage, target: HostPort | None, *, tcp: bool) 
         return None
     tag = secrets.token_hex(6)
     method = request.method
+    missing = [name for name in _REQUIRED if not request.get(name)]
+    if missing:
+        if "Via" in missing:
+            return None  # nowhere to send a response (section 18.2.2)
+        return message.serialise_response(
+            request, SipStatus.BAD_REQUEST, to_tag=tag, reason=f"Missing {missing[0]}"
+        )
     if method == "INVITE":
         if target is None:
             return message.serialise_response(request, SipStatus.BUSY_HERE, to_tag=tag)
@@ -92,17 +112,53 @@ def respond(request: message.SipMessage, target: HostPort | None, *, tcp: bool) 
     )
 
 
+class _DroppedLog:
+    """One log line a minute about dropped messages, with how many: a flood of garbage
+    must not flood the log (20,000 datagrams were 1.5 MB of log in half a second)."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._count = 0
+
+    def dropped(self, why: object) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now >= self._next:
+            log.info("dropped %d unparseable SIP message(s), the last: %s", self._count, why)
+            self._count = 0
+            self._next = now + _DROPPED_LOG_S
+
+
+_dropped = _DroppedLog()
+
+
 def _answer(data: bytes, pick: Picker, *, tcp: bool) -> bytes | None:
     try:
         request = message.parse(data)
     except message.SipParseError as exc:
         # Without a parseable Via there is nowhere to send a 400: drop it (section 18.3).
-        log.info("dropped an unparseable SIP message: %s", exc)
+        _dropped.dropped(exc)
         return None
-    target = pick() if request.method == "INVITE" else None
-    if request.method == "INVITE":
-        log.debug("INVITE %s -> %s", request.get("Call-ID"), target or "486")
+    call_id = request.get("Call-ID")
+    invite = request.method == "INVITE" and request.is_request
+    target = pick(call_id) if invite and call_id and request.get("Via") else None
+    if invite:
+        log.debug("INVITE %s -> %s", call_id, target or "486")
     return respond(request, target, tcp=tcp)
+
+
+def _too_large(head: bytes) -> bytes | None:
+    """513 for a message whose head is readable, else nothing (section 18.3)."""
+    try:
+        request = message.parse(head)
+    except message.SipParseError as exc:
+        _dropped.dropped(exc)
+        return None
+    if not request.is_request or request.method == "ACK" or not request.get("Via"):
+        return None
+    return message.serialise_response(
+        request, SipStatus.MESSAGE_TOO_LARGE, to_tag=secrets.token_hex(6)
+    )
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -176,18 +232,29 @@ class RedirectFront:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._conns) >= MAX_TCP_CONNECTIONS:
+            log.warning("SIP front: %d TCP connections open: one more closed", len(self._conns))
+            writer.close()
+            return
         self._conns.add(task)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if len(head) > _MAX_MESSAGE:
-                    break
-                length = message.content_length(head) or 0
-                body = await reader.readexactly(length) if length else b""
+                async with asyncio.timeout(TCP_IDLE_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = message.content_length(head) or 0
+                    if len(head) + length > _MAX_MESSAGE:
+                        reply = _too_large(head)
+                        if reply is not None:
+                            writer.write(reply)
+                            await writer.drain()
+                        break  # its body is not read: the stream cannot be followed
+                    body = await reader.readexactly(length) if length else b""
                 reply = _answer(head + body, self._pick, tcp=True)
                 if reply is not None:
                     writer.write(reply)
                     await writer.drain()
+        except TimeoutError:
+            log.debug("SIP TCP connection closed: no whole message in %s s", TCP_IDLE_S)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
             log.debug("SIP TCP connection closed: %s", exc)
         finally:

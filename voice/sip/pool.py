@@ -276,9 +276,9 @@ class _Worker:
     registered: bool = False
     free_slots: int = 0
     pending: int = 0  # PlaceCalls sent, not yet acknowledged
-    # Inbound calls the front redirected here that have not arrived yet (their expiry times):
-    # without them a burst of INVITEs was all redirected to the same worker.
-    reserved: list[float] = field(default_factory=list)
+    # Inbound calls the front redirected here that have not arrived yet (Call-ID: expiry
+    # time): without them a burst of INVITEs was all redirected to the same worker.
+    reserved: dict[str, float] = field(default_factory=dict)
     started_at: float = 0.0
     failures: int = 0
     calls: dict[str, CallHandle] = field(default_factory=dict)
@@ -291,7 +291,8 @@ class _Worker:
         return self.free_slots - self.pending - len(self.reserved) if self.up else 0
 
     def expire_reservations(self, now: float) -> None:
-        self.reserved = [t for t in self.reserved if t > now]
+        if any(t <= now for t in self.reserved.values()):
+            self.reserved = {c: t for c, t in self.reserved.items() if t > now}
 
     def send(self, cmd: Command) -> None:
         proc = self.process
@@ -417,18 +418,22 @@ class SipPool:
         """Where the workers listen (UDP and TCP), in worker order."""
         return [HostPort(self._settings.addr.host, w.port) for w in self._workers if w.up]
 
-    def pick_inbound(self) -> HostPort | None:
-        """A worker with a free slot for an inbound call (the one with most room), or None.
+    def pick_inbound(self, call_id: str) -> HostPort | None:
+        """A worker with a free slot for the inbound call ``call_id`` (the one with most
+        room), or None.
 
-        The slot is reserved for a few seconds, until the redirected INVITE arrives there.
+        The slot is reserved for a few seconds, until the redirected INVITE arrives there;
+        a retransmitted INVITE (the same Call-ID) goes to the same worker on the same slot.
         """
         now = self._clock.monotonic()
         for w in self._workers:
             w.expire_reservations(now)
+            if call_id in w.reserved and w.up:
+                return HostPort(self._settings.addr.host, w.port)
         best = max(self._workers, key=lambda w: w.available, default=None)
         if best is None or best.available <= 0:
             return None
-        best.reserved.append(now + _REDIRECT_RESERVE_S)
+        best.reserved[call_id] = now + _REDIRECT_RESERVE_S
         return HostPort(self._settings.addr.host, best.port)
 
     def on_incoming(self, handler: IncomingHandler) -> None:
@@ -479,10 +484,14 @@ class SipPool:
         best: _Worker | None = None
         best_room = 0
         start = self._cursor
+        now = self._clock.monotonic()
         for i in range(n):
             w = workers[(start + i) % n]
             if not w.up:
                 continue
+            if w.reserved:
+                # A redirected caller who never came must not hold the slot for good.
+                w.expire_reservations(now)
             room = w.free_slots - w.pending - len(w.reserved)
             if room > best_room:
                 best, best_room = w, room
@@ -648,7 +657,9 @@ class SipPool:
 
     def _incoming(self, w: _Worker, ev: IncomingCall) -> None:
         if w.reserved:
-            w.reserved.pop(0)  # the redirected call arrived: its reservation is now a call
+            # A redirected call arrived: its reservation is now a call (the worker's Call-ID
+            # is its own, so the oldest one goes).
+            del w.reserved[next(iter(w.reserved))]
         handle = CallHandle(
             self, w, ev.call_id, caller=ev.caller, called=ev.called, headers=dict(ev.headers)
         )
