@@ -333,6 +333,31 @@ async def test_a_caller_who_hangs_up_in_the_menu_leaves_a_record(line: ClinicLin
     assert not steps(record, "digit")
 
 
+async def test_a_transfer_accepted_then_hung_up_before_its_final_notify_is_a_transfer(
+    line: ClinicLine,
+) -> None:
+    """A PBX may send its BYE right after the 202, before any final NOTIFY: the caller is
+    with the target then, and the record must say transferred, not failed."""
+    before = await line.call_ids()
+    async with phones() as started:
+        staff = await Phone.start(
+            "staff", "--port", str(line.staff_port), "--answer", "--duration", "1"
+        )
+        started.append(staff)
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", "0@0.5", "--hangup-on-refer",
+            "--timeout", "60",
+        )  # fmt: skip
+        started.append(caller)
+        await caller.finish(CALL_S)
+        await staff.finish(20)
+    assert caller.find("transfer_request") is not None, caller.events
+    record = await line.new_record(before)
+    assert record["outcome"] == "transfer_staff", record
+    assert record["transfer_target"] == line.settings.ivr.staff_uri, record
+    assert steps(record, "transfer") == [("menu", "ok")], record["path"]
+
+
 async def test_a_busy_transfer_target_ends_with_the_failure_message_at_once(
     line: ClinicLine,
 ) -> None:

@@ -11,7 +11,9 @@ caller  ``--call URI [--dtmf "4@0.5,1@0.7"] [--answers 4,1,2] [--play IN.wav] [-
         ``--play-at`` seconds after the answer.
         A REFER is accepted (pjsua's default answer, 202) and reported as
         ``{"event": "transfer_request", "to": URI}``; the new call is the ``xfer`` leg and
-        is hung up ``--xfer-hold`` seconds after it is answered.
+        is hung up ``--xfer-hold`` seconds after it is answered. ``--hangup-on-refer``: the
+        first call is hung up as soon as the REFER is accepted (a PBX that sends its BYE
+        before the final NOTIFY).
 callee  ``--answer [--duration S]`` answers one inbound call and reports
         ``{"event": "incoming", "from", "to", "headers": {X-*...}}`` (the INVITE's X- headers,
         so a test can read the summary a transfer carries), then hangs up after ``S``.
@@ -168,6 +170,8 @@ class Call(pj.Call):  # type: ignore[misc]
         say("transfer_request", leg=self.leg.name, to=str(prm.dstUri), status=int(prm.statusCode))
         leg = Leg("xfer")
         self.state.legs.append(leg)
+        if self.state.args.hangup_on_refer:
+            self.leg.hangup_at = time.monotonic()
         # Our own Call object for the new leg, so its states are reported like the first.
         prm.newCall = Call(self.acc, self.state, leg)
 
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", default="")
     parser.add_argument("--duration", type=float, default=0.0)
     parser.add_argument("--xfer-hold", type=float, default=0.5)
+    parser.add_argument("--hangup-on-refer", action="store_true")
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     args.record = os.path.abspath(args.record) if args.record else ""

@@ -413,8 +413,9 @@ class CallSession:
             return
         ok = 200 <= ev.sip_status < 300
         if not ev.final:
-            # 202 to the REFER, then 100/180 while the target rings: keep waiting.
-            self._transfer_accepted = self._transfer_accepted or ok
+            # The REFER was accepted (pjsua reports its 202 as a non-final 100; a refused
+            # REFER is reported final), then 100/180 while the target rings: keep waiting.
+            self._transfer_accepted = True
             log.debug("call %s: transfer in progress (%s)", self._h.id, ev.sip_status)
             return
         log.info("call %s: transfer %s (%s)", self._h.id, "done" if ok else "failed", ev.sip_status)
