@@ -20,6 +20,7 @@ from tests.conftest import free_port, sip_settings
 from voice.sip import front as front_module
 from voice.sip import message
 from voice.sip.front import RedirectFront
+from voice.sip.pjsua import NO_MEDIA_S
 from voice.sip.pool import CallHandle, SipPool
 from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
 
@@ -332,3 +333,37 @@ async def test_connections_past_the_cap_are_closed_at_once(
         for _, w in held:
             w.close()
         await front.stop()
+
+
+async def test_an_answered_call_that_never_gets_audio_is_hung_up(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """a=inactive from the start: the prompt would wait for audio (and hold its slot) until
+    the session's 30-minute limit; the worker hangs up after NO_MEDIA_S instead."""
+    pool, _ = line
+    tone = await make_tone(tmp_path / "tone.wav")
+    ended = asyncio.Event()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        await call.play(tone)
+        async for ev in call.events:
+            if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
+                ended.set()
+
+    pool.on_incoming(handler)
+    worker = pool.worker_addresses()[0]
+    trace = tmp_path / "uac.log"
+    started = asyncio.get_running_loop().time()
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", str(worker), "-sf", str(PEERS / "sipp_uac_no_audio.xml"),
+        "-i", "127.0.0.1", "-p", "0", "-s", "6000", "-m", "1", "-nostdin",
+        "-trace_msg", "-message_file", str(trace), "-timeout", "40",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    async with asyncio.timeout(45):
+        assert await proc.wait() == 0, f"no BYE came: {trace.read_text(errors='replace')}"
+    took = asyncio.get_running_loop().time() - started
+    assert NO_MEDIA_S <= took < NO_MEDIA_S + 10, took
+    async with asyncio.timeout(5):
+        await ended.wait()  # the handler saw its call end

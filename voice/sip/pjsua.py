@@ -74,6 +74,11 @@ MEDIA_PUMP_MS = 60
 # failed (10 flash calls at 431/s, bench/asterisk_compare.py). Such a call is dialled again
 # every pump (1 ms apart) for up to this long before it fails.
 REDIAL_S = 0.5
+# An answered inbound call whose audio never became active (an SDP answer of a=inactive, a
+# late offer whose ACK brought none) is hung up after this long: its prompts would wait for
+# media, and its slot with them, until the session's 30-minute limit. Audio that stops later
+# (the caller's hold) is not this: the prompts then wait for it to come back.
+NO_MEDIA_S = 10.0
 _PJ_ETOOMANY = 70010
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 # Inbound headers handed to the call handler (besides every X-* header).
@@ -181,6 +186,8 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.player: _Player | None = None
         self.listener: _Listener | None = None
         self.pending: list[Command] = []  # Play/StartListen waiting for media
+        self.media_seen = False  # audio was active at least once
+        self.media_deadline: float | None = None  # NO_MEDIA_S after the answer
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
@@ -381,7 +388,7 @@ class Engine:
                 wait = min(wait, LISTEN_PUMP_MS)
             elif call.media_active:
                 wait = min(wait, MEDIA_PUMP_MS)
-            for deadline in (call.ring_deadline, call.answer_deadline):
+            for deadline in (call.ring_deadline, call.answer_deadline, call.media_deadline):
                 if deadline is not None:
                     wait = min(wait, (deadline - now) * 1000)
         return max(0, math.ceil(wait))
@@ -420,6 +427,15 @@ class Engine:
                 # Without a provisional response pjsip must hold the CANCEL back (RFC 3261
                 # section 9.1) until Timer B: report the outcome now, keep the slot until then.
                 self._end(call, 0)
+            if call.media_deadline is not None and now >= call.media_deadline:
+                call.media_deadline = None
+                if not call.media_seen and not call.ended:
+                    log.warning(
+                        "call %s: no audio %g s after the answer: hanging up",
+                        call.call_id,
+                        NO_MEDIA_S,
+                    )
+                    self._hangup(call, 0)
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -669,6 +685,8 @@ class Engine:
         elif state == pj.PJSIP_INV_STATE_CONFIRMED and not call.answered:
             call.answered = True
             call.answer_deadline = call.ring_deadline = None
+            if not call.outbound and not call.media_seen:
+                call.media_deadline = time.monotonic() + NO_MEDIA_S
             if not call.ended:
                 self.emit(CallEvent(call.call_id, CallState.ANSWERED, status, None, time.time()))
             if call.flash:
@@ -705,6 +723,8 @@ class Engine:
         )
         call.media_active = active
         if active:
+            call.media_seen = True
+            call.media_deadline = None
             # Its RTP socket joins the media thread's poll only when the current wait ends.
             self._media_thread.wake()
             pending, call.pending = call.pending, []
