@@ -16,6 +16,7 @@ class _FakeCall:
     media_active: bool = False
     ring_deadline: float | None = None
     answer_deadline: float | None = None
+    media_deadline: float | None = None
     redial: object | None = None
 
 
@@ -49,7 +50,7 @@ def test_a_listener_polls_its_audio_chunks() -> None:
     assert _engine(_FakeCall(), _FakeCall(listener=object())).pump_ms(500) == LISTEN_PUMP_MS
 
 
-@pytest.mark.parametrize("field", ["ring_deadline", "answer_deadline"])
+@pytest.mark.parametrize("field", ["ring_deadline", "answer_deadline", "media_deadline"])
 def test_the_nearest_deadline_bounds_the_wait(field: str) -> None:
     now = time.monotonic()
     near = _FakeCall()
