@@ -54,6 +54,9 @@ def extra_contexts(settings: Settings) -> list[Context]:
         )
         if stale:
             log.warning("removed %d voice file(s) with a code, left by an earlier run", stale)
+        once = await asyncio.to_thread(rt.renderer.remove_leftovers)
+        if once:
+            log.warning("removed %d prompt file(s) of a caller, left by an earlier run", once)
         # Static prompts now, so the first caller does not wait for a render.
         await rt.renderer.prerender(
             [

@@ -32,6 +32,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.ivr.session import BEEP_HZ, BEEP_MS
 from voice.media.pcm import Pcm, bytes_to_samples, read_wav
+from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -331,6 +332,39 @@ async def test_a_caller_who_hangs_up_in_the_menu_leaves_a_record(line: ClinicLin
     assert record["outcome"] == "caller_hung_up", record
     assert record["triage"] is None and record["transfer_target"] is None
     assert not steps(record, "digit")
+
+
+async def test_a_prompt_with_the_callers_booking_is_never_kept_on_disk(
+    line: ClinicLine, scheduling: WebhookReceiver, tmp_path: Path
+) -> None:
+    """The appointment confirmation speaks what the scheduling system answered: health data
+    (a doctor, a reason). It is rendered for the call and deleted, never cached by its text."""
+    scheduling.fail_first = 0
+    scheduling.reply = {"message": "See you Monday with Doctor Jansen for your diabetes check."}
+    said = (
+        "Thank you. Your request to book an appointment has been received. "
+        + scheduling.reply["message"]
+    )
+    prompts = line.settings.data_dir / "prompts"
+    before = await line.call_ids()
+    keys = ["1", "1", *"01021980", *"12345#"]  # appointments, book, date of birth, number
+    dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(keys))
+    try:
+        async with phones() as started:
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--dtmf", dtmf, "--duration", "25"
+            )
+            started.append(caller)
+            await caller.finish(CALL_S)
+    finally:
+        scheduling.reply = None
+    record = await line.new_record(before)
+    message = "See you Monday with Doctor Jansen for your diabetes check."
+    assert record["values"].get("booking.message") == message, record  # it was said
+    assert list(prompts.glob("once-*.wav")) == [], "the call's own prompt was not deleted"
+    # The name the prompt cache would give that text (same espeak-ng, same key).
+    cached = await PromptRenderer(tmp_path).render(said, voice="en")
+    assert not (prompts / cached.name).exists(), "the booking was cached by its text"
 
 
 async def test_a_transfer_accepted_then_hung_up_before_its_final_notify_is_a_transfer(

@@ -32,6 +32,7 @@ class WebhookReceiver:
 
     def __init__(self, fail_first: int = 0) -> None:
         self.fail_first = fail_first
+        self.reply: dict[str, str] | None = None  # set: 200 with this JSON instead of 204
         self.received: list[Hook] = []
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -75,7 +76,12 @@ class WebhookReceiver:
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         status = 500 if len(self.received) < self.fail_first else 204
+        reply = self.reply if status == 204 else None
+        if reply is not None:
+            status = 200
         async with self._arrived:
             self.received.append(Hook(request.path, body, dict(request.headers), status))
             self._arrived.notify_all()
+        if reply is not None:
+            return web.json_response(reply)
         return web.Response(status=status)

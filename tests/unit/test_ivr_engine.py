@@ -628,3 +628,13 @@ def test_a_very_ill_fever_caller_is_still_asked_about_meningitis(shipped: FlowSe
     engine = Engine(shipped, FlowParams())
     state, _ = script_call(engine, "triage", ["1", "2", "2", "2", "2", "2", "1", "1"])
     assert state.node == "fever_rash"
+
+
+def test_a_prompt_with_the_calls_values_is_private(engine: Engine) -> None:
+    _, steps = feed(
+        engine, [DONE, DONE, Digit("1"), DONE, *map(Digit, "123#"), WebhookResult(True, {})]
+    )
+    plays = [a for step in steps for a in step if isinstance(a, Play)]
+    assert [(p.text, p.private) for p in plays if "Booked" in p.text] == [("Booked .", True)]
+    # the greeting names only the clinic (a setting): cached like every static prompt
+    assert (plays[0].text, plays[0].private) == ("Hello from Oak.", False)

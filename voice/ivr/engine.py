@@ -48,6 +48,7 @@ from urllib.parse import quote
 
 from voice.ivr.flow import (
     HUMAN_PHRASES,
+    PARAM_NAMES,
     REPEAT_PHRASES,
     UNSURE_PHRASES,
     Ask,
@@ -69,6 +70,7 @@ from voice.ivr.flow import (
     Webhook,
     grammar,
     node_outcome,
+    placeholders,
     render,
 )
 from voice.ivr.triage import (
@@ -169,12 +171,16 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class Play:
-    """Speak ``text`` (or play ``audio``); ``barge_in``: input may cut it short."""
+    """Speak ``text`` (or play ``audio``); ``barge_in``: input may cut it short.
+
+    ``private``: the text holds what this call collected or was told (a booking, a name):
+    it is rendered for this play only, never into the prompt cache on disk."""
 
     text: str
     audio: str | None = None
     barge_in: bool = True
     language: str = "en"
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,8 +509,8 @@ class Engine:
                 state, phase=Phase.PLAYING, pending=Pending.NEXT, barge_in=node.barge_in
             )
             state = self._step(state)
-            text = self._render(state, node.text)
-            return state, [*actions, Play(text, node.audio, node.barge_in, flow.language)]
+            play = self._play(state, flow, node.text, barge_in=node.barge_in)
+            return state, [*actions, replace(play, audio=node.audio)]
         if isinstance(node, Ask):
             state = self._step(state)
             return self._ask(state, flow, node, actions)
@@ -899,7 +905,8 @@ class Engine:
         return render(text, values)
 
     def _play(self, state: CallState, flow: Flow, text: str, barge_in: bool) -> Play:
-        return Play(self._render(state, text), None, barge_in, flow.language)
+        private = not placeholders(text) <= PARAM_NAMES
+        return Play(self._render(state, text), None, barge_in, flow.language, private)
 
     def _step(
         self,

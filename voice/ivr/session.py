@@ -177,6 +177,7 @@ class CallSession:
         # so its PlayDone, like that of any other play, is not a PromptDone.
         self._prompt_play = 0
         self._play_waiters: dict[int, asyncio.Future[None]] = {}  # tones waited for
+        self._private_wavs: dict[int, Path] = {}  # play id: a render of this call's data
         self._listening = False
         self._listen_max_digits = 1
         self._recording: list[bytes] | None = None
@@ -223,6 +224,9 @@ class CallSession:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._private_wavs:
+                left, self._private_wavs = list(self._private_wavs.values()), {}
+                await asyncio.to_thread(_unlink_all, left)
 
     async def _loop(self, state: eng.CallState, actions: list[eng.Action]) -> None:
         while True:
@@ -274,14 +278,24 @@ class CallSession:
             if action.audio:
                 wav = Path(action.audio)
             else:
-                wav = await self._d.renderer.render(action.text, voice=action.language)
+                wav = await self._d.renderer.render(
+                    action.text, voice=action.language, cache=not action.private
+                )
         except TtsError:
             log.exception("call %s: prompt could not be rendered", self._h.id)
             self._events.put_nowait(eng.PromptDone())
             return
         # No await between the play going out and the id being kept: its PlayDone is handled
         # by another task, which cannot run in between.
-        self._prompt_play = await self._h.play(wav)
+        private = action.private and not action.audio
+        try:
+            self._prompt_play = await self._h.play(wav)
+        except BaseException:
+            if private:
+                await asyncio.to_thread(_unlink_all, [wav])
+            raise
+        if private:
+            self._private_wavs[self._prompt_play] = wav  # deleted once it has been played
         if state.pending is eng.Pending.LISTEN and action.barge_in:
             await self._arm_recogniser(state)
 
@@ -379,6 +393,9 @@ class CallSession:
                     continue
                 self._events.put_nowait(eng.Digit(ev.key))
             elif isinstance(ev, PlayDone):
+                private = self._private_wavs.pop(ev.play_id, None)
+                if private is not None:
+                    self._spawn(asyncio.to_thread(_unlink_all, [private]))
                 tone = self._play_waiters.pop(ev.play_id, None)
                 if tone is not None and not tone.done():
                     tone.set_result(None)
@@ -522,3 +539,8 @@ class CallSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

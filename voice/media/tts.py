@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -213,6 +214,16 @@ class PromptRenderer:
     def renders(self) -> int:
         """How many times this renderer actually synthesised (cache misses)."""
         return self._renders
+
+    def remove_leftovers(self) -> int:
+        """Delete the ``cache=False`` files a killed process left (blocking: call it from a
+        thread, before any call). Returns how many."""
+        removed = 0
+        for path in self._dir.glob("once-*.wav"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        return removed
 
     async def render(
         self,
