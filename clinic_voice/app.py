@@ -47,6 +47,7 @@ from verification.store import VerificationStore
 from verification.webhooks import WebhookSender
 from voice.ivr.api import CallsApi
 from voice.ivr.store import CallStore
+from voice.ivr.voicemail import Voicemails
 from voice.media.tts import PromptRenderer
 from voice.sip.flash_uac import FlashUac
 from voice.sip.pool import SipPool
@@ -79,6 +80,7 @@ class Runtime:
     sip_pool: SipPool | None = None
     flash_uac: FlashUac | None = None  # flash calls over UDP (the pool places them otherwise)
     call_store: CallStore | None = None
+    voicemails: Voicemails | None = None
     renderer: PromptRenderer | None = None
     redis_url: str = ""  # the Redis in use (the embedded one's socket when embedded)
     http_workers: HttpWorkers | None = None  # serve: the extra HTTP processes
@@ -96,6 +98,10 @@ class Runtime:
     def need_call_store(self) -> CallStore:
         assert self.call_store is not None, "call store used before start"
         return self.call_store
+
+    def need_voicemails(self) -> Voicemails:
+        assert self.voicemails is not None, "voicemail used before start"
+        return self.voicemails
 
     def need_dispatcher(self) -> Dispatcher:
         assert self.dispatcher is not None, "dispatcher used before start"
@@ -317,6 +323,7 @@ def build_app(
         # verification/redis_mux.py): the verification API's hot path and the call records.
         mux = RedisMux(url, timeout_s=2.0)
         rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days)
+        rt.voicemails = Voicemails(settings.data_dir / "voicemail", rt.call_store)
         rt.store = VerificationStore(
             mux,
             global_webhook=bool(settings.verification.webhook_url),
@@ -456,7 +463,7 @@ def build_app(
     )
     routes = [
         *api.routes(),
-        *CallsApi(rt.need_call_store).routes(),
+        *CallsApi(rt.need_call_store, rt.need_voicemails).routes(),
         web.get("/healthz", _healthz),
         web.get("/readyz", _readyz),
         web.get("/metrics", _metrics),

@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import secrets
 from collections.abc import Mapping
-from pathlib import Path
 
 from clinic_voice.app import Runtime
 from sip_config.settings import Settings
@@ -23,6 +20,8 @@ from voice.sip.pool import CallHandle
 
 log = logging.getLogger(__name__)
 
+VOICEMAIL_SWEEP_S = 3600.0
+
 
 class ClinicLine:
     """Builds a :class:`CallSession` for every inbound call."""
@@ -33,6 +32,7 @@ class ClinicLine:
         self._flowset = flowset
         self._deps: SessionDeps | None = None
         self._prerender: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
 
     @classmethod
     def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
@@ -48,6 +48,7 @@ class ClinicLine:
         # demand (the renderer de-duplicates), and a later start finds them all cached.
         self._rt.warming.add("prompts")
         self._prerender = asyncio.create_task(self._prerender_all(renderer, params))
+        self._sweep = asyncio.create_task(self._sweep_voicemail())
         self._deps = SessionDeps(
             engine=Engine(self._flowset, params),
             flowset=self._flowset,
@@ -74,10 +75,11 @@ class ClinicLine:
         )
 
     async def stop(self) -> None:
-        """Stop the background prompt rendering (if still going)."""
-        if self._prerender is not None:
-            self._prerender.cancel()
-            await asyncio.gather(self._prerender, return_exceptions=True)
+        """Stop the background prompt rendering (if still going) and the voicemail sweep."""
+        tasks = [t for t in (self._prerender, self._sweep) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle(self, call: CallHandle) -> None:
         """The pool's handler for an inbound call."""
@@ -118,16 +120,18 @@ class ClinicLine:
 
     async def _save_recording(self, call_id: str, pcm: bytes) -> str:
         """Voicemail is health data: sealed like call records, in the data dir."""
-        assert self._rt.call_store is not None
-        folder = self._settings.data_dir / "voicemail"
-        name = f"{call_id}-{secrets.token_hex(4)}.sealed"
-        sealed = self._rt.call_store.seal(name, {"pcm16_8k": pcm.hex()})
-        await asyncio.to_thread(_write_private, folder / name, sealed)
-        return name
+        return await self._rt.need_voicemails().save(call_id, pcm)
 
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    async def _sweep_voicemail(self) -> None:
+        """Delete messages past the call records' retention: at start, then every hour."""
+        keep_s = self._settings.ivr.call_retention_days * 86400
+        voicemails = self._rt.need_voicemails()
+        while True:
+            try:
+                removed = await asyncio.to_thread(voicemails.sweep, keep_s, self._rt.clock.now())
+            except OSError as exc:
+                log.warning("voicemail sweep failed: %s", exc)
+            else:
+                if removed:
+                    log.info("deleted %d voicemail message(s) past their retention", removed)
+            await asyncio.sleep(VOICEMAIL_SWEEP_S)

@@ -403,6 +403,27 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _json("Call", "The call"), **_errors(*_COMMON)},
             }
         },
+        "/v1/calls/{id}/voicemail": {
+            "get": {
+                "summary": "The message the caller left (404 when none, or past retention)",
+                "security": _BEARER,
+                "parameters": [
+                    {
+                        "name": "id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "WAV, 8 kHz 16-bit mono (health data: not cached)",
+                        "content": {"audio/wav": {}},
+                    },
+                    **_errors(*_COMMON),
+                },
+            }
+        },
         "/healthz": {
             "get": {"summary": "Liveness", "responses": {"200": _json("Health", "Alive")}}
         },

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import logging
 import math
 import re
 import time
+import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -524,6 +526,19 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     assert not tone_runs(Pcm(bytes_to_samples(pcm), 8000), BEEP_HZ), "the beep was recorded"
     assert max(abs(int.from_bytes(pcm[i : i + 2], "little", signed=True))
                for i in range(0, len(pcm), 2)) > 5000, "the tone is not in the message"  # fmt: skip
+    # Staff listen to it through the API: the same audio, as WAV.
+    answer = await line.get(f"/v1/calls/{record['id']}/voicemail")
+    assert answer.status == 200 and answer.headers["Content-Type"] == "audio/wav", answer
+    assert answer.headers["Cache-Control"] == "no-store"
+    with wave.open(io.BytesIO(answer.body)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (8000, 1, 2)
+        assert w.readframes(w.getnframes()) == pcm
+    # No such call, and a message past retention (its file swept): 404.
+    assert (await line.get("/v1/calls/in-0-0/voicemail")).status == 404
+    voicemails = line.app[RUNTIME].need_voicemails()
+    swept = await asyncio.to_thread(voicemails.sweep, 0.0, time.time() + 1)
+    assert swept >= 1 and not sealed.exists()
+    assert (await line.get(f"/v1/calls/{record['id']}/voicemail")).status == 404
 
 
 def tone_runs(pcm: Pcm, hz: int, min_s: float = 0.15) -> list[tuple[float, float]]:

@@ -1,14 +1,17 @@
-"""``GET /v1/calls`` (recent, paginated) and ``GET /v1/calls/{id}``: clinic-line call records."""
+"""``GET /v1/calls`` (recent, paginated), ``GET /v1/calls/{id}`` and
+``GET /v1/calls/{id}/voicemail``: clinic-line call records and their voicemail."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from verification.errors import InvalidRequest, NotFound, StoreUnavailable
 from voice.ivr.store import CallStore, CallStoreUnavailable
+from voice.ivr.voicemail import NAME, Voicemails
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -16,11 +19,18 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 class CallsApi:
     """Read-only access to call records (bearer auth like every /v1 route)."""
 
-    def __init__(self, store: Callable[[], CallStore]) -> None:
+    def __init__(
+        self, store: Callable[[], CallStore], voicemails: Callable[[], Voicemails]
+    ) -> None:
         self._store = store
+        self._voicemails = voicemails
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/v1/calls", self.list), web.get("/v1/calls/{id}", self.get)]
+        return [
+            web.get("/v1/calls", self.list),
+            web.get("/v1/calls/{id}", self.get),
+            web.get("/v1/calls/{id}/voicemail", self.voicemail),
+        ]
 
     async def list(self, request: web.Request) -> web.Response:
         q = request.query
@@ -43,6 +53,22 @@ class CallsApi:
         return web.json_response({"calls": page.calls, "next": page.next_cursor})
 
     async def get(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._record(request))
+
+    async def voicemail(self, request: web.Request) -> web.Response:
+        """The call's recorded message as WAV (8 kHz, 16-bit mono)."""
+        doc = await self._record(request)
+        values = doc.get("values") or {}
+        names = [v for v in values.values() if isinstance(v, str) and NAME.fullmatch(v)]
+        for name in names:
+            wav = await self._voicemails().wav(doc["id"], name)
+            if wav is not None:
+                return web.Response(
+                    body=wav, content_type="audio/wav", headers={"Cache-Control": "no-store"}
+                )
+        raise NotFound("this call left no voicemail (or it is past its retention)")
+
+    async def _record(self, request: web.Request) -> dict[str, Any]:
         call_id = request.match_info["id"]
         if not _ID.fullmatch(call_id):
             raise NotFound("no such call")
@@ -52,4 +78,4 @@ class CallsApi:
             raise StoreUnavailable(str(exc)) from exc
         if doc is None:
             raise NotFound("no such call")
-        return web.json_response(doc)
+        return doc

@@ -1,0 +1,58 @@
+"""Voicemail files (voice/ivr/voicemail.py): sealed, private, read back only for their own
+call, swept after the retention period. Real files in a temporary folder; no Redis."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+from voice.ivr.store import CallStore
+from voice.ivr.voicemail import Voicemails
+
+PCM = bytes(range(256)) * 16  # 2,048 samples
+
+
+def _voicemails(folder: Path, secret: bytes = b"s" * 32) -> Voicemails:
+    redis: Any = None  # sealing needs no Redis
+    return Voicemails(folder, CallStore(redis, secret, retention_days=30))
+
+
+async def test_a_message_is_sealed_private_and_read_back_as_wav(tmp_path: Path) -> None:
+    vm = _voicemails(tmp_path / "voicemail")
+    name = await vm.save("in-1-2", PCM)
+    path = tmp_path / "voicemail" / name
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "voicemail").stat().st_mode & 0o777 == 0o700
+    assert PCM.hex() not in path.read_text()
+    wav = await vm.wav("in-1-2", name)
+    assert wav is not None
+    with wave.open(io.BytesIO(wav)) as w:
+        assert (w.getframerate(), w.readframes(w.getnframes())) == (8000, PCM)
+
+
+async def test_a_message_is_read_only_for_its_own_call_and_key(tmp_path: Path) -> None:
+    vm = _voicemails(tmp_path)
+    name = await vm.save("in-1-2", PCM)
+    assert await vm.wav("in-1-3", name) is None  # another call's record naming it
+    assert await vm.wav("in-1-2", "../../secret") is None
+    assert await _voicemails(tmp_path, b"t" * 32).wav("in-1-2", name) is None  # other key
+    (tmp_path / name).unlink()
+    assert await vm.wav("in-1-2", name) is None  # swept
+
+
+async def test_the_sweep_deletes_only_messages_past_retention(tmp_path: Path) -> None:
+    vm = _voicemails(tmp_path)
+    old, new = await vm.save("in-1-1", PCM), await vm.save("in-1-2", PCM)
+    _sweep_checks(vm, tmp_path, old, new)
+
+
+def _sweep_checks(vm: Voicemails, tmp_path: Path, old: str, new: str) -> None:
+    now = time.time()
+    os.utime(tmp_path / old, (now - 31 * 86400, now - 31 * 86400))
+    assert vm.sweep(30 * 86400, now) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [new]
+    assert vm.sweep(30 * 86400, now) == 0

@@ -1,0 +1,78 @@
+"""Voicemail: a caller's recorded message. Health data, kept sealed in the data dir.
+
+Each message is one file ``<call id>-<8 hex>.sealed`` in ``$CLINIC_DATA_DIR/voicemail``
+(0600, in a 0700 folder), sealed with the call records' key and bound to its own name, and
+named in its call record's values. It lives as long as call records do
+(``CLINIC_CALL_RETENTION_DAYS``): :meth:`Voicemails.sweep` deletes older files, and
+``GET /v1/calls/{id}/voicemail`` plays one back as WAV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import re
+import secrets
+import wave
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+
+from voice.ivr.store import CallStore
+
+RATE_HZ = 8000
+# A message's file name; the call id part is that of the call records (voice/ivr/api.py).
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
+
+
+class Voicemails:
+    """The voicemail folder of one data dir."""
+
+    def __init__(self, folder: Path, store: CallStore) -> None:
+        self._folder = folder
+        self._store = store
+
+    async def save(self, call_id: str, pcm16: bytes) -> str:
+        """Seal and write ``pcm16`` (8 kHz mono) for ``call_id``; return its name."""
+        name = f"{call_id}-{secrets.token_hex(4)}.sealed"
+        sealed = self._store.seal(name, {"pcm16_8k": pcm16.hex()})
+        await asyncio.to_thread(_write_private, self._folder / name, sealed)
+        return name
+
+    async def wav(self, call_id: str, name: str) -> bytes | None:
+        """The message ``name`` of ``call_id`` as a WAV file, or None when it is gone (or
+        is not that call's, or does not open with this service's key)."""
+        if not NAME.fullmatch(name) or not name.startswith(f"{call_id}-"):
+            return None
+        try:
+            sealed = await asyncio.to_thread((self._folder / name).read_text)
+            pcm = bytes.fromhex(self._store.open(name, sealed)["pcm16_8k"])
+        except (OSError, ValueError, KeyError, InvalidTag):
+            return None
+        out = io.BytesIO()
+        with wave.open(out, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(RATE_HZ)
+            w.writeframes(pcm)
+        return out.getvalue()
+
+    def sweep(self, older_than_s: float, now: float) -> int:
+        """Delete messages older than ``older_than_s`` (blocking: run it in a thread).
+        Returns how many."""
+        removed = 0
+        for path in self._folder.glob("*.sealed"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
