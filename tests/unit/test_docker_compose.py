@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,25 +16,49 @@ COMPOSE = REPO / "docker" / "docker-compose.yml"
 PJSIP = REPO / "sip_config" / "asterisk" / "pjsip.conf"
 
 
+PASSWORD = "test0password0only"
+
+
 def _compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE.read_text())
+    """The compose file as docker-compose reads it with ``CLINIC_REDIS_PASSWORD`` set."""
+    text = re.sub(r"\$\{CLINIC_REDIS_PASSWORD:\?[^}]*\}", PASSWORD, COMPOSE.read_text())
+    data = yaml.safe_load(text)
     assert isinstance(data, dict)
     return data
 
 
-def test_compose_file_is_valid() -> None:
+def _config(tmp: Path, **env: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("docker-compose")
     assert exe is not None, (
         "docker-compose is missing: make install (Debian package docker-compose)"
     )
-    proc = subprocess.run(
-        [exe, "-f", str(COMPOSE), "config", "-q"],
+    clean = {k: v for k, v in os.environ.items() if k != "CLINIC_REDIS_PASSWORD"}
+    # An empty env file: a user's own docker/.env must not answer for the test.
+    empty = tmp / "empty.env"
+    empty.write_text("")
+    return subprocess.run(
+        [exe, "-f", str(COMPOSE), "--env-file", str(empty), "config"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=clean | env,
     )
+
+
+def test_compose_file_is_valid(tmp_path: Path) -> None:
+    proc = _config(tmp_path, CLINIC_REDIS_PASSWORD=PASSWORD)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_redis_needs_a_password_and_the_service_has_it(tmp_path: Path) -> None:
+    refused = _config(tmp_path)
+    assert refused.returncode != 0 and "CLINIC_REDIS_PASSWORD" in refused.stderr
+    services = _compose()["services"]
+    command = services["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == PASSWORD
+    url = services["service"]["environment"]["CLINIC_REDIS_URL"]
+    assert url == f"redis://:{PASSWORD}@127.0.0.1:6379/0"
 
 
 def test_compose_runs_asterisk_redis_and_the_service() -> None:
