@@ -151,6 +151,7 @@ def answered(keys: tuple[str, ...]) -> list[str]:
     return ["--dtmf", f"{keys[0]}@0.5", "--answers", ",".join(keys[1:]), "--timeout", "200"]
 
 
+@pytest.mark.timeout(TRIAGE_S + 60)
 async def test_a_full_non_urgent_triage_answered_key_by_key(line: ClinicLine) -> None:
     before = await line.call_ids()
     async with phones() as started:
@@ -184,6 +185,7 @@ async def test_a_full_non_urgent_triage_answered_key_by_key(line: ClinicLine) ->
 FEVER_KEYS = "1", "2", "2", "2", "2", "2", "1", "2", "2", "1", "5"
 
 
+@pytest.mark.timeout(TRIAGE_S + 60)
 async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
     line: ClinicLine, scheduling: WebhookReceiver
 ) -> None:
@@ -212,6 +214,7 @@ async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
     assert steps(record, "webhook") == [("same_day", "ok")], record["path"]
 
 
+@pytest.mark.timeout(TRIAGE_S + 60)
 async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_record(
     line: ClinicLine, caplog: pytest.LogCaptureFixture, scheduling: WebhookReceiver
 ) -> None:
