@@ -29,7 +29,7 @@ from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
 from clinic_voice.openapi import openapi_document
-from clinic_voice.redis_server import EmbeddedRedis
+from clinic_voice.redis_server import AOF_COMPACT_S, EmbeddedRedis, compact_aof_every
 from sip_config.clock import Clock, SystemClock
 from sip_config.settings import Settings, SettingsError
 from verification import limits, rules
@@ -337,6 +337,13 @@ def build_app(
             if embedded is None and worker is None
             else None
         )
+        compacting = (
+            asyncio.create_task(
+                compact_aof_every(mux.execute, AOF_COMPACT_S), name="redis-aof-compaction"
+            )
+            if embedded is not None
+            else None
+        )
         claiming: asyncio.Task[None] | None = None
         try:
             if worker is None:  # a worker has serve's secret: serve claims it
@@ -351,7 +358,7 @@ def build_app(
                 )
             yield
         finally:
-            for task in (durability, claiming):
+            for task in (durability, claiming, compacting):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

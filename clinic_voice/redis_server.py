@@ -28,7 +28,9 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -434,3 +436,29 @@ def _redact(url: str) -> str:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+# How often serve compacts the embedded Redis's append-only file (BGREWRITEAOF). The AOF keeps
+# every write until it is rewritten, also of keys that have expired since: phone numbers and
+# sealed call records past their retention would otherwise stay on disk, and Redis's own
+# trigger (the file doubling past 64 MB) may not come for months on a quiet clinic.
+AOF_COMPACT_S = 86400.0
+
+
+async def compact_aof(execute: Callable[..., Awaitable[Any]]) -> bool:
+    """Ask Redis to rewrite its append-only file now; False (and a log line) if it could not
+    (unreachable, or a rewrite already under way)."""
+    try:
+        await execute("BGREWRITEAOF")
+    except (RedisError, OSError) as exc:
+        log.warning("could not compact the embedded Redis's append-only file: %s", exc)
+        return False
+    log.info("embedded Redis: append-only file compaction started (expired data leaves disk)")
+    return True
+
+
+async def compact_aof_every(execute: Callable[..., Awaitable[Any]], every_s: float) -> None:
+    """:func:`compact_aof` every ``every_s`` seconds, the first one ``every_s`` after start."""
+    while True:
+        await asyncio.sleep(every_s)
+        await compact_aof(execute)

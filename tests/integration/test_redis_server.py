@@ -17,6 +17,7 @@ from clinic_voice.redis_server import (
     EmbeddedRedis,
     EmbeddedRedisError,
     RedisNotReadyError,
+    compact_aof,
     wait_redis,
 )
 from tests.conftest import RedisServer, free_port, watch_loop_blocking
@@ -302,3 +303,37 @@ async def test_a_relative_data_dir_works(tmp_path: Path, monkeypatch: pytest.Mon
         assert url.startswith("unix:///"), url
     finally:
         await redis.stop()
+
+
+async def test_compaction_takes_expired_data_off_the_disk(embedded: EmbeddedRedis) -> None:
+    url = await embedded.start()
+    client = aioredis.from_url(url)
+    try:
+        await client.set("cv:v:gone", "+31611111111", px=50)
+        await client.set("cv:v:kept", "+31622222222")
+        await asyncio.sleep(0.2)
+        assert await client.exists("cv:v:gone") == 0
+        folder = embedded.url.removeprefix("unix://").rsplit("/", 1)[0]
+
+        def on_disk() -> bytes:
+            return b"".join(p.read_bytes() for p in Path(folder).rglob("*.aof*") if p.is_file())
+
+        assert b"+31611111111" in await asyncio.to_thread(on_disk)  # expired, still written
+        assert await compact_aof(client.execute_command)
+        await _eventually(
+            lambda: b"+31611111111" not in on_disk(), "the rewrite to drop the expired key"
+        )
+        assert b"+31622222222" in await asyncio.to_thread(on_disk)
+        assert await client.get("cv:v:kept") == b"+31622222222"
+    finally:
+        await client.aclose()
+
+
+async def test_a_compaction_that_cannot_run_says_so(embedded: EmbeddedRedis) -> None:
+    url = await embedded.start()
+    await embedded.stop()  # Redis is gone
+    client = aioredis.from_url(url)
+    try:
+        assert not await compact_aof(client.execute_command)
+    finally:
+        await client.aclose()
