@@ -40,6 +40,11 @@ EXPECTED: dict[str, list[str]] = {
         "10: path never ends: no hang-up or transfer after 'b'",
     ],
     "bad_yaml.yaml": ["5: YAML: expected ',' or ']', but got '<stream end>'"],
+    "unsafe_outcomes.yaml": [
+        "9: ask 'bleeding' has an answer giving U1 or U0: mark it danger_sign: true",
+        "18: hang-up 'bye' with outcome 'transfer_nurse': an outcome that promises a human"
+        " needs a transfer",
+    ],
 }
 
 

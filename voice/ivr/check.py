@@ -44,7 +44,14 @@ from voice.ivr.flow import (
     placeholders,
     successors,
 )
-from voice.ivr.triage import RiskGroup, TriageState, Urgency, action_allows, with_risk
+from voice.ivr.triage import (
+    RiskGroup,
+    TriageAction,
+    TriageState,
+    Urgency,
+    action_allows,
+    with_risk,
+)
 
 DEFAULT_DIR = Path("ivr_flows")
 
@@ -103,6 +110,9 @@ class _Abstract:
         # The engine raises an unclear danger-sign answer to U2 (risk groups do not step U2).
         base = self.urgency or Urgency.U5
         return _Abstract(base.at_least(with_risk(Urgency.U2, self.risks)), self.risks)
+
+
+_HUMAN_ACTIONS = frozenset({TriageAction.CALL_EMERGENCY, TriageAction.TRANSFER_NURSE})
 
 
 class _Checker:
@@ -242,7 +252,26 @@ class _Checker:
 
     def danger_signs(self) -> None:
         for node in self.flow.nodes.values():
-            if not isinstance(node, Ask) or not node.danger_sign:
+            if isinstance(node, Hangup) and node_outcome(node) in _HUMAN_ACTIONS:
+                # The record would say "put through" of a caller who was hung up on.
+                self.add(
+                    node.line,
+                    f"hang-up {node.id!r} with outcome {node.outcome!r}: "
+                    "an outcome that promises a human needs a transfer",
+                )
+            if not isinstance(node, Ask):
+                continue
+            escalates = any(
+                c.effect is not None and c.effect.urgency is not None and c.effect.urgency <= 1
+                for c in node.choices
+            )
+            if escalates and not node.danger_sign:
+                # The safety rules (no unclear "no", no type-ahead) apply to danger signs only.
+                self.add(
+                    node.line,
+                    f"ask {node.id!r} has an answer giving U1 or U0: mark it danger_sign: true",
+                )
+            if not node.danger_sign:
                 continue
             if not any(
                 c.effect is not None and c.effect.urgency is not None and c.effect.urgency <= 1
