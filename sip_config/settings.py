@@ -257,6 +257,15 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("CLINIC_SCHEDULING_WEBHOOK", "", "URL the appointment flow posts requests to"),
     Variable("CLINIC_CALL_RETENTION_DAYS", "30", "days call records are kept (1..3650)"),
+    Variable(
+        "CLINIC_TRANSFER_SUMMARY",
+        "urgency",
+        "what a transfer tells the target's phone, in clear SIP headers that also pass the "
+        "caller's side of the call (its phone, or the PBX): `urgency` (X-Clinic-Urgency, and "
+        "X-Clinic-Call, the call record's id), `full` (also X-Clinic-Summary: the triage's "
+        "reasons and every answer collected, which is health data) or `none` (X-Clinic-Call "
+        "only)",
+    ),
 )
 
 _DEFAULTS = {v.name: v.default for v in VARIABLES}
@@ -366,6 +375,7 @@ class IvrSettings:
     emergency_number: str
     scheduling_webhook: str
     call_retention_days: int
+    transfer_summary: str  # "none", "urgency" or "full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,6 +656,7 @@ def _build(r: _Reader) -> Settings:
         emergency_number=r.parse("CLINIC_EMERGENCY_NUMBER", _digits),
         scheduling_webhook=r.url("CLINIC_SCHEDULING_WEBHOOK", ("http://", "https://")),
         call_retention_days=r.integer("CLINIC_CALL_RETENTION_DAYS", 1, 3650),
+        transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
     )
     redis_url = r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://"))
     if redis_url and r.given("CLINIC_REDIS_APPENDFSYNC"):
@@ -675,6 +686,12 @@ def _build(r: _Reader) -> Settings:
 def _appendfsync(value: str) -> str:
     if value not in {"always", "everysec"}:
         raise ValueError("expected always or everysec")
+    return value
+
+
+def _transfer_summary(value: str) -> str:
+    if value not in {"none", "urgency", "full"}:
+        raise ValueError("expected none, urgency or full")
     return value
 
 

@@ -60,7 +60,11 @@ async def line(
     ivr_prompt_cache: Path,
     scheduling: WebhookReceiver,
 ) -> AsyncIterator[ClinicLine]:
-    env = {"CLINIC_SCHEDULING_WEBHOOK": scheduling.url("/schedule")}
+    # The full summary on transfers (the default tells the urgency only): tests read it.
+    env = {
+        "CLINIC_SCHEDULING_WEBHOOK": scheduling.url("/schedule"),
+        "CLINIC_TRANSFER_SUMMARY": "full",
+    }
     async with running_clinic_line(
         tmp_path_factory.mktemp("clinic"), openapi_responses, env, prompt_cache=ivr_prompt_cache
     ) as svc:
@@ -102,6 +106,7 @@ async def test_danger_sign_ends_in_u1_and_a_transfer_to_the_nurse(line: ClinicLi
     assert incoming["headers"].get("X-Clinic-Urgency") == "U1", incoming
 
     record = await line.new_record(before)
+    assert incoming["headers"].get("X-Clinic-Call") == record["id"], incoming
     assert record["triage"]["urgency"] == "U1", record["triage"]
     assert "difficulty breathing" in record["triage"]["reasons"]
     assert record["transfer_target"] == f"sip:{NURSE_USER}@127.0.0.1:{line.nurse_port}"

@@ -97,7 +97,10 @@ async def test_spoken_yes_to_breathing_difficulty_is_u1_and_a_nurse(
 
     assert caller.find("confirmed", leg="xfer") is not None, f"no transfer: {caller.events}"
     assert incoming["headers"].get("X-Clinic-Urgency") == "U1", incoming
+    # The default CLINIC_TRANSFER_SUMMARY: no answers in clear SIP, the record's id instead.
+    assert "X-Clinic-Summary" not in incoming["headers"], incoming
     record = await line.new_record(before)
+    assert incoming["headers"].get("X-Clinic-Call") == record["id"], incoming
     heard = speech_steps(record)
     assert len(heard) == 1, f"expected one speech input: {record['path']}"
     assert heard[0]["node"] == "breathing" and heard[0]["value"] == "예", heard

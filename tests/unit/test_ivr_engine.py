@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -324,15 +325,36 @@ def test_the_record_keeps_path_values_and_outcome(engine: Engine) -> None:
     assert isinstance(actions[-1], HangupCall)
 
 
-def test_a_transfer_carries_the_summary(engine: Engine) -> None:
-    _, steps = feed(
-        engine, [Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False), DONE]
-    )
-    transfer = steps[-1][0]
-    assert isinstance(transfer, TransferCall)
-    assert transfer.uri == STAFF
-    headers = dict(transfer.headers)
-    assert headers[SUMMARY_HEADER] == "flow=t; pick=apple; number=123"
+def test_a_transfer_carries_the_summary_only_when_asked(engine: Engine) -> None:
+    events: list[Event] = [
+        Digit("1"), DONE, DONE, *[Digit(k) for k in "123#"], WebhookResult(False), DONE
+    ]  # fmt: skip
+    full = Engine(engine.flowset, replace(engine.params, transfer_summary="full"))
+    transfer = feed(full, events)[1][-1][0]
+    assert isinstance(transfer, TransferCall) and transfer.uri == STAFF
+    assert dict(transfer.headers) == {SUMMARY_HEADER: "flow=t; pick=apple; number=123"}
+    # The default ("urgency"): no answers in the SIP headers; this flow has no triage.
+    transfer = feed(engine, events)[1][-1][0]
+    assert isinstance(transfer, TransferCall) and transfer.headers == ()
+
+
+@pytest.mark.parametrize(
+    ("mode", "headers"),
+    [
+        ("none", set()),
+        ("urgency", {"X-Clinic-Urgency"}),
+        ("full", {"X-Clinic-Urgency", SUMMARY_HEADER}),
+    ],
+)
+def test_a_triage_transfer_tells_the_urgency_unless_told_not_to(
+    shipped: FlowSet, mode: str, headers: set[str]
+) -> None:
+    engine = Engine(shipped, FlowParams(transfer_summary=mode))
+    _, actions = script_call(engine, "triage", ["1", "1"])
+    transfer = next(a for a in actions if isinstance(a, TransferCall))
+    assert {name for name, _ in transfer.headers} == headers
+    if mode == "full":
+        assert "difficulty breathing" in dict(transfer.headers)[SUMMARY_HEADER]
 
 
 def test_after_the_end_nothing_happens(engine: Engine) -> None:

@@ -919,14 +919,19 @@ class Engine:
         return replace(state, path=(*state.path, step))
 
     def _summary(self, state: CallState) -> tuple[tuple[str, str], ...]:
-        """The headers a transfer carries: urgency and the collected values, URL-quoted."""
-        parts = [f"flow={state.flow}"]
+        """The headers a transfer carries (``FlowParams.transfer_summary``): the urgency, and
+        with "full" the triage and the collected values, URL-quoted. They travel in clear
+        SIP, past the caller's side of the call: health data only when asked for."""
+        mode = self.params.transfer_summary
         headers: list[tuple[str, str]] = []
-        if state.triage is not None:
-            tri = state.triage
-            parts += [f"urgency={tri.urgency.name}", f"action={tri.action.value}"]
-            parts.append("reasons=" + ",".join(quote(r, safe=" ") for r in tri.reasons))
+        tri = state.triage
+        if tri is not None and mode != "none":
             headers.append((URGENCY_HEADER, tri.urgency.name))
-        parts += [f"{k}={quote(v, safe=' ')}" for k, v in state.values]
-        headers.insert(0, (SUMMARY_HEADER, "; ".join(parts)))
+        if mode == "full":
+            parts = [f"flow={state.flow}"]
+            if tri is not None:
+                parts += [f"urgency={tri.urgency.name}", f"action={tri.action.value}"]
+                parts.append("reasons=" + ",".join(quote(r, safe=" ") for r in tri.reasons))
+            parts += [f"{k}={quote(v, safe=' ')}" for k, v in state.values]
+            headers.insert(0, (SUMMARY_HEADER, "; ".join(parts)))
         return tuple(headers)

@@ -87,6 +87,9 @@ class FlowParams:
     # (a Korean model hears English answers as nothing: a danger-sign question would then
     # escalate every caller). None: the model serves every flow (tests, one-language sites).
     speech_language: str | None = None
+    # What a transfer's SIP headers tell the target (CLINIC_TRANSFER_SUMMARY): "none",
+    # "urgency" or "full" (the answers too: health data, in clear SIP).
+    transfer_summary: str = "urgency"
 
     @classmethod
     def from_settings(cls, settings: Any, *, speech_enabled: bool | None = None) -> FlowParams:
@@ -101,6 +104,7 @@ class FlowParams:
             else speech_enabled,
             clinic_name=settings.clinic_name,
             speech_language=ivr.vosk_language,
+            transfer_summary=ivr.transfer_summary,
         )
 
     def speech_for(self, language: str) -> bool:

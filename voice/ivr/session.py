@@ -57,6 +57,7 @@ BEEP_HZ = 1000
 BEEP_MS = 300
 BEEP_WAIT_S = 3.0  # the beep's PlayDone, at most (it is 0.3 s long)
 ANSWER_WAIT_S = 5.0
+CALL_HEADER = "X-Clinic-Call"
 MAX_CALL_S = 1800.0
 RECORD_TERMINATOR = "#"  # ends a voicemail early
 FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
@@ -444,7 +445,9 @@ class CallSession:
         self._transfer_accepted = False
         self._transferring = True
         log.info("call %s: transferring", self._h.id)
-        await self._h.transfer(refer_to(action.uri, action.headers), dict(action.headers))
+        # The call record's id, so the target's desk can look the call up (GET /v1/calls/{id}).
+        headers = ((CALL_HEADER, self._h.id), *action.headers)
+        await self._h.transfer(refer_to(action.uri, headers), dict(headers))
         try:
             async with asyncio.timeout(TRANSFER_DEADLINE_S):
                 ok = await self._transfer_waiter
