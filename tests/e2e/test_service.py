@@ -303,11 +303,17 @@ def _breathing_difficulty_reaches(
     caller.expect("media_active", timeout_s=5)
     # Each key after a pause, so it lands while its own question plays: the bot keeps
     # type-ahead, but a key pressed before the flow reaches a question is not promised to it.
-    for digit in "411":
+    for digit in "41":
         threading.Event().wait(3.0)
         caller.send("dtmf", digits=digit)
-    # The danger sign is read back with advice before the transfer (about 10 s).
-    rung = human.expect("incoming", timeout_s=40)
+    # A danger sign takes no key while it is asked (a double press must not answer it): 1
+    # every 2 s, as a caller would press again, until one lands after the question (its
+    # listen lasts 6 s). The danger sign is then read back with advice before the transfer.
+    deadline = time.monotonic() + 60
+    while not [e for e in human.drain(2.0) if e["event"] == "incoming"]:
+        assert time.monotonic() < deadline, f"{who} never rang"
+        caller.send("dtmf", digits="1")
+    rung = human.expect("incoming", timeout_s=1)
     assert rung["from_user"] == "6001", f"{who} does not see the caller's number: {rung}"
     human.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=10)
     human.expect("media_active", timeout_s=5)
