@@ -204,18 +204,35 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def prepare_data_dir(settings: Settings) -> tuple[tuple[str, ...], bytes]:
-    """Create the data dir and the generated API key and secret when not configured."""
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The keys a request may bear and the service's secret, configured or generated."""
+
+    api_keys: tuple[str, ...]  # the verification API
+    calls_api_keys: tuple[str, ...]  # /v1/calls: call records and voicemail
+    secret: bytes
+
+
+def prepare_data_dir(settings: Settings) -> Credentials:
+    """Create the data dir and the generated API keys and secret when not configured."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keys = settings.api_keys
-    if not keys:
-        key_file = settings.data_dir / "api-key"
-        keys = (_private_file(key_file, lambda: secrets.token_urlsafe(32)),)
-        log.info("API key: see %s", key_file.resolve())
+
+    def keys(configured: tuple[str, ...], name: str, what: str) -> tuple[str, ...]:
+        if configured:
+            return configured
+        key_file = settings.data_dir / name
+        generated = _private_file(key_file, lambda: secrets.token_urlsafe(32))
+        log.info("%s: see %s", what, key_file.resolve())
+        return (generated,)
+
+    api_keys = keys(settings.api_keys, "api-key", "API key")
+    calls_keys = keys(settings.calls_api_keys, "calls-api-key", "call records API key")
+    if set(api_keys) & set(calls_keys):  # a generated file copied over the other, say
+        raise SettingsError("the API key and the call records API key must differ")
     secret = settings.secret or _private_file(
         settings.data_dir / "secret", lambda: secrets.token_urlsafe(48)
     )
-    return keys, secret.encode()
+    return Credentials(api_keys, calls_keys, secret.encode())
 
 
 def _stop_for_secret(reason: str) -> None:
@@ -269,7 +286,8 @@ def build_app(
             raise SettingsError("an HTTP worker needs CLINIC_REDIS_URL (serve passes it on)")
         rt.main_link = MainLink(worker.control, worker.index, metrics)
     check_settings(settings)
-    rt.api_keys, rt.secret = prepare_data_dir(settings)
+    credentials = prepare_data_dir(settings)
+    rt.api_keys, rt.secret = credentials.api_keys, credentials.secret
     policy = policy_from(settings)
 
     def on_change(old: Verification | None, new: Verification) -> None:
@@ -289,6 +307,7 @@ def build_app(
         middlewares=build_middlewares(
             metrics=metrics,
             api_keys=rt.api_keys,
+            calls_api_keys=credentials.calls_api_keys,
             store_getter=rt.need_store,
             settings=settings.verification,
             trusted_proxies=settings.trusted_proxies,

@@ -49,7 +49,8 @@ async def serve(settings: Settings) -> None:
         def started() -> None:
             log.info("clinic-voice listening on http://%s", settings.http_addr)
             print(
-                f"clinic-voice: http://{settings.http_addr}  (API key: {_key_hint(settings)})",
+                f"clinic-voice: http://{settings.http_addr}  (API key: {_key_hint(settings)}; "
+                f"call records key: {_calls_key_hint(settings)})",
                 flush=True,
             )
 
@@ -176,6 +177,12 @@ def _key_hint(settings: Settings) -> str:
     if settings.api_keys:
         return "from CLINIC_API_KEYS"
     return str((settings.data_dir / "api-key").resolve())
+
+
+def _calls_key_hint(settings: Settings) -> str:
+    if settings.calls_api_keys:
+        return "from CLINIC_CALLS_API_KEYS"
+    return str((settings.data_dir / "calls-api-key").resolve())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from verification.errors import (
     PROBLEM_BASE,
     BadBody,
     BodyTimeout,
+    KeyNotAllowed,
     RateLimited,
     UnsupportedCoding,
     VerificationError,
@@ -245,14 +246,16 @@ def build_middlewares(
     *,
     metrics: Metrics,
     api_keys: tuple[str, ...],
+    calls_api_keys: tuple[str, ...] = (),
     store_getter: Callable[[], VerificationStore],
     settings: VerificationSettings,
     trusted_proxies: frozenset[str],
     clock_now: Callable[[], float],
 ) -> list[Any]:
     """The middleware chain, outermost first."""
-    keys = tuple(k.encode() for k in api_keys)
-    key_ids = {k: key_id(k) for k in api_keys}  # a SHA-256 each, not one per request
+    keys = tuple(k.encode() for k in (*api_keys, *calls_api_keys))
+    key_ids = {k: key_id(k) for k in (*api_keys, *calls_api_keys)}  # hashed once, not per request
+    calls_keys = frozenset(calls_api_keys)
     lockouts = limits.Lockouts()
     ipv6_prefix = settings.limit_ipv6_prefix
 
@@ -342,6 +345,13 @@ def build_middlewares(
             resp.headers["WWW-Authenticate"] = 'Bearer realm="clinic-voice"'
             return resp
         kid = key_ids[token.strip()]
+        calls_route = request.path == "/v1/calls" or request.path.startswith("/v1/calls/")
+        if calls_route != (token.strip() in calls_keys):
+            raise KeyNotAllowed(
+                "call records need a key of CLINIC_CALLS_API_KEYS"
+                if calls_route
+                else "a call records key (CLINIC_CALLS_API_KEYS) serves /v1/calls only"
+            )
         request[KEY_ID] = kid
         if request.get(CONTINUE_PENDING):  # no coroutine made for the usual request
             await send_continue(request)

@@ -66,7 +66,8 @@ _ID_PARAM = {
 
 # 400, 431, 501 and 505: requests that are not HTTP/1.1 (clinic_voice.http.ProblemRequestHandler
 # and refuse_request_line)
-_COMMON = (400, 401, 404, 405, 408, 413, 415, 417, 422, 429, 431, 500, 501, 503, 505)
+# Every /v1 route; 403: a right key of the other kind (call records or verification API).
+_COMMON = (400, 401, 403, 404, 405, 408, 413, 415, 417, 422, 429, 431, 500, 501, 503, 505)
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {
@@ -314,7 +315,7 @@ def _paths() -> dict[str, Any]:
                             },
                         },
                     },
-                    **_errors(403, *_COMMON),
+                    **_errors(*_COMMON),
                     "409": {
                         **_problem_ref(),
                         "description": "The first request with this Idempotency-Key is still "

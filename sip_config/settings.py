@@ -70,6 +70,13 @@ VARIABLES: tuple[Variable, ...] = (
         "unset: one is generated on first start into $CLINIC_DATA_DIR/api-key (mode 0600)",
     ),
     Variable(
+        "CLINIC_CALLS_API_KEYS",
+        "",
+        "bearer keys (as CLINIC_API_KEYS) for the clinic's own staff: only these read call "
+        "records and voicemail (/v1/calls, health data), and they serve nothing else; unset: "
+        "one is generated on first start into $CLINIC_DATA_DIR/calls-api-key (mode 0600)",
+    ),
+    Variable(
         "CLINIC_SECRET",
         "",
         "key for hashing codes and signing webhooks (at least 32 characters); unset: "
@@ -274,6 +281,7 @@ _SECRET_NAMES = frozenset(
     {
         "CLINIC_SECRET",
         "CLINIC_API_KEYS",
+        "CLINIC_CALLS_API_KEYS",
         "CLINIC_REDIS_URL",
         "CLINIC_SMS_HTTP_TOKEN",
         "CLINIC_SIP_PASSWORD",
@@ -388,6 +396,7 @@ class Settings:
     redis_url: str  # "" means embedded
     redis_appendfsync: str  # the embedded Redis's appendfsync: "always" or "everysec"
     api_keys: tuple[str, ...]  # () means "generate into the data dir"
+    calls_api_keys: tuple[str, ...]  # the same; only these read /v1/calls
     secret: str  # "" means "generate into the data dir"
     clinic_name: str
     log_level: str
@@ -664,6 +673,13 @@ def _build(r: _Reader) -> Settings:
             "CLINIC_REDIS_APPENDFSYNC sets the embedded Redis's fsync; with CLINIC_REDIS_URL, "
             "set appendfsync in that Redis instead (the service checks it at start)"
         )
+    api_keys = r.parse("CLINIC_API_KEYS", _api_keys)
+    calls_api_keys = r.parse("CLINIC_CALLS_API_KEYS", _api_keys)
+    if set(api_keys) & set(calls_api_keys):
+        raise SettingsError(
+            "a key is in both CLINIC_API_KEYS and CLINIC_CALLS_API_KEYS: the call records "
+            "(health data) need keys of their own"
+        )
     return Settings(
         http_addr=r.parse("CLINIC_HTTP_ADDR", parse_host_port),
         http_workers=r.integer("CLINIC_HTTP_WORKERS", 1, 64),
@@ -671,7 +687,8 @@ def _build(r: _Reader) -> Settings:
         data_dir=Path(r.raw("CLINIC_DATA_DIR") or "./var").absolute(),
         redis_url=redis_url,
         redis_appendfsync=r.parse("CLINIC_REDIS_APPENDFSYNC", _appendfsync),
-        api_keys=r.parse("CLINIC_API_KEYS", _api_keys),
+        api_keys=api_keys,
+        calls_api_keys=calls_api_keys,
         secret=r.parse("CLINIC_SECRET", _secret),
         clinic_name=r.parse("CLINIC_NAME", _clinic_name),
         log_level=r.parse("CLINIC_LOG_LEVEL", _level),

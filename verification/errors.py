@@ -74,6 +74,15 @@ class NumberRefused(VerificationError):
     title = "The service does not send to this number"
 
 
+class KeyNotAllowed(VerificationError):
+    """A right key on a route it does not serve: verification keys never read the clinic's
+    call records, and call-record keys serve nothing else."""
+
+    status = 403
+    slug = "key-not-allowed"
+    title = "This API key may not use this route"
+
+
 class ChannelUnavailable(VerificationError):
     status = 422
     slug = "channel-unavailable"

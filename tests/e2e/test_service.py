@@ -61,6 +61,7 @@ class Api:
     ) -> None:
         self.base = base
         self.key = key
+        self.calls_key = key + "-calls"
         self.pinned_code_file = pinned_code_file
         self.process = process
 
@@ -69,8 +70,10 @@ class Api:
         self.pinned_code_file.write_text(code)
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        # Call records answer only the call records' key (CLINIC_CALLS_API_KEYS).
+        key = self.calls_key if path.startswith("/v1/calls") else self.key
         req = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
-            self.base + path, headers={"Authorization": f"Bearer {self.key}"}
+            self.base + path, headers={"Authorization": f"Bearer {key}"}
         )
         return self._send(req)
 
@@ -171,6 +174,7 @@ def service(asterisk: AsteriskRig, tmp_path_factory: pytest.TempPathFactory) -> 
     env = service_env(asterisk.port, http_addr=http, sip_addr="127.0.0.1:0", data_dir=data)
     env.update(
         CLINIC_API_KEYS=key,
+        CLINIC_CALLS_API_KEYS=key + "-calls",
         CLINIC_SIP_WORKERS=str(WORKERS),
         CLINIC_LOG_LEVEL="DEBUG",
         CLINIC_FLASHCALL_RING_S=str(FLASH_RING_S),

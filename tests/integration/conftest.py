@@ -38,6 +38,7 @@ from verification.redis_mux import RedisMux
 
 API_KEY = "test-key-0123456789abcdef"
 OTHER_KEY = "other-key-0123456789abcdef"
+CALLS_KEY = "calls-key-0123456789abcdef"  # the clinic staff's: /v1/calls only
 SECRET = "test-secret-0123456789abcdef0123456789"
 CLINIC_NAME = "Kliniek Zuid"
 MOBILE = "+31612345678"  # a valid NL mobile number (phonenumbers' example range)
@@ -45,6 +46,7 @@ MOBILE = "+31612345678"  # a valid NL mobile number (phonenumbers' example range
 #: Small timeouts keep the tier fast; each test overrides what it needs.
 BASE_ENV: dict[str, str] = {
     "CLINIC_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+    "CLINIC_CALLS_API_KEYS": CALLS_KEY,
     "CLINIC_SECRET": SECRET,
     "CLINIC_NAME": CLINIC_NAME,
     "CLINIC_LOG_LEVEL": "DEBUG",

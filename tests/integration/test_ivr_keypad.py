@@ -27,7 +27,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from clinic_voice.app import RUNTIME
-from tests.integration.conftest import OpenApiCollector
+from tests.integration.conftest import API_KEY, CALLS_KEY, MOBILE, OpenApiCollector
 from tests.peers.ivr_rig import NURSE_USER, ClinicLine, Phone, phones, running_clinic_line
 from tests.peers.webhook_receiver import WebhookReceiver
 from voice.ivr.call_record import CallResult
@@ -329,6 +329,14 @@ async def test_calls_api_pages_with_limit_and_cursor_and_refuses_bad_input(
     (await line.calls(page="2")).problem(422, "invalid-request")
     no_key = await line.api.request("GET", "/v1/calls", key=None)
     assert no_key.status == 401, no_key.text
+    # Health data: the verification API's keys cannot read it, and the call records' key
+    # serves nothing else.
+    for path in ("/v1/calls", "/v1/calls/page-test-1", "/v1/calls/page-test-1/voicemail"):
+        (await line.get(path, key=API_KEY)).problem(403, "key-not-allowed")
+    create = await line.api.request(
+        "POST", "/v1/verifications", json_body={"phone": MOBILE}, key=CALLS_KEY
+    )
+    create.problem(403, "key-not-allowed")
 
 
 async def test_a_caller_who_hangs_up_in_the_menu_leaves_a_record(line: ClinicLine) -> None:

@@ -31,7 +31,7 @@ from clinic_voice.app import RUNTIME, build_app
 from clinic_voice.wiring import channel_factories, extra_contexts
 from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
-from tests.integration.conftest import API_KEY, BASE_ENV, Answer, Api, OpenApiCollector
+from tests.integration.conftest import BASE_ENV, CALLS_KEY, Answer, Api, OpenApiCollector
 from voice.ivr.flow import FlowParams, load_flows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,14 +58,15 @@ class ClinicLine:
         """The URI a caller dials to reach the clinic line as ``user`` (a route)."""
         return f"sip:{user}@{self.sip_host}:{self.sip_port}"
 
-    async def get(self, path: str, **query: str) -> Answer:
-        """``GET path?query`` with the API key, validated against ``/openapi.json``.
+    async def get(self, path: str, *, key: str = CALLS_KEY, **query: str) -> Answer:
+        """``GET path?query`` with ``key`` (the call records key), validated against
+        ``/openapi.json``.
 
         The collector matches documented paths without their query string, so it is given
         the path alone (its ``Api.request`` would hand it the query too).
         """
         client = self.api.client
-        headers = {"Authorization": f"Bearer {API_KEY}"}
+        headers = {"Authorization": f"Bearer {key}"}
         async with client.get(path, params=query, headers=headers) as resp:
             body = await resp.read()
             answer = Answer(resp.status, resp.headers, body, resp.content_type)

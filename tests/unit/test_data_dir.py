@@ -42,14 +42,19 @@ def test_generated_key_and_secret_are_private_over_an_empty_0644_placeholder(
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("api-key", "secret"):
+    for name in ("api-key", "calls-api-key", "secret"):
         (data / name).touch()
         (data / name).chmod(0o644)
-    keys, secret = prepare_data_dir(_settings(data))
+    got = prepare_data_dir(_settings(data))
+    keys, calls_keys, secret = got.api_keys, got.calls_api_keys, got.secret
     assert (data / "api-key").read_text() == keys[0] + "\n" and len(keys[0]) >= 32
+    assert (data / "calls-api-key").read_text() == calls_keys[0] + "\n"
+    assert len(calls_keys[0]) >= 32 and calls_keys != keys
     assert (data / "secret").read_text() == secret.decode() + "\n" and len(secret) >= 32
     assert _mode(data / "api-key") == _mode(data / "secret") == 0o600
-    assert sorted(p.name for p in data.iterdir()) == ["api-key", "secret"], "a temp file left"
+    assert _mode(data / "calls-api-key") == 0o600
+    names = sorted(p.name for p in data.iterdir())
+    assert names == ["api-key", "calls-api-key", "secret"], "a temp file left"
 
 
 def test_an_existing_key_readable_by_others_is_kept_with_a_warning(
@@ -62,7 +67,7 @@ def test_an_existing_key_readable_by_others_is_kept_with_a_warning(
     (data / "secret").write_text("s" * 64 + "\n")
     (data / "secret").chmod(0o600)
     with caplog.at_level(logging.WARNING, logger="clinic_voice.app"):
-        keys, _ = prepare_data_dir(_settings(data))
+        keys = prepare_data_dir(_settings(data)).api_keys
     assert keys == ("the-operators-own-key-0123456789",)
     assert _mode(data / "api-key") == 0o640, "the operator's file is left as it is"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
