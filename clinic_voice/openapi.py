@@ -280,6 +280,14 @@ _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 def _paths() -> dict[str, Any]:
     vid = [_ID_PARAM]
+    call_id = [
+        {
+            "name": "id",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        }
+    ]
     return {
         "/v1/verifications": {
             "post": {
@@ -393,14 +401,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Read a call record",
                 "security": _BEARER,
-                "parameters": [
-                    {
-                        "name": "id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                    }
-                ],
+                "parameters": call_id,
                 "responses": {"200": _json("Call", "The call"), **_errors(*_COMMON)},
             }
         },
@@ -408,14 +409,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "The message the caller left (404 when none, or past retention)",
                 "security": _BEARER,
-                "parameters": [
-                    {
-                        "name": "id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                    }
-                ],
+                "parameters": call_id,
                 "responses": {
                     "200": {
                         "description": "WAV, 8 kHz 16-bit mono (health data: not cached)",
