@@ -135,33 +135,21 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
-    name = repeated_name(raw, body)
+    name = repeated_name(raw)
     if name is not None:
         raise InvalidRequest(f"the body gives '{name}' more than once", field=name)
     return body
 
 
-def repeated_name(raw: bytes, body: Any) -> str | None:
-    """A member name given twice in one object of ``body`` (parsed from ``raw``), else None.
+def repeated_name(raw: bytes) -> str | None:
+    """A member name given twice in one object of the JSON text ``raw``, else None.
 
     RFC 8259 leaves what such a body means to each parser (most keep the last value, some
     the first), so a proxy, a log or an audit that read the other value would disagree with
-    the service about what was asked: refused, as I-JSON (RFC 7493) requires. The usual body
-    is decided without a second parse: with no backslash in it every name is written as it
-    is, and a name whose quoted form occurs once in the text cannot have been given twice.
+    the service about what was asked: refused, as I-JSON (RFC 7493) requires. orjson cannot
+    tell, so ``json`` parses the body once more with a hook: about 2 µs for a create's body,
+    and linear in its size (a scan per name of the text was quadratic: 0.3 s for 64 KiB).
     """
-    if b"\\" not in raw:
-        names: list[str] = []
-        todo = [body]
-        while todo:
-            item = todo.pop()
-            if isinstance(item, dict):
-                names.extend(item)
-                todo.extend(item.values())
-            elif isinstance(item, list):
-                todo.extend(item)
-        if all(raw.count(b'"%s"' % n.encode()) == 1 for n in names):
-            return None
     repeated: list[str] = []
 
     def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:

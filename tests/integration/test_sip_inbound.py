@@ -315,10 +315,11 @@ async def test_a_tcp_connection_that_sends_nothing_is_closed(
         await front.stop()
 
 
+@pytest.mark.parametrize("cap", ["MAX_TCP_CONNECTIONS", "MAX_TCP_PER_ADDRESS"])
 async def test_connections_past_the_cap_are_closed_at_once(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, cap: str
 ) -> None:
-    monkeypatch.setattr(front_module, "MAX_TCP_CONNECTIONS", 3)
+    monkeypatch.setattr(front_module, cap, 3)
     front = await _tcp_front()
     held = []
     try:

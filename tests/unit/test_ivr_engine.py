@@ -26,6 +26,7 @@ from voice.ivr.engine import (
     RecordAudio,
     RecordDone,
     SpeechResult,
+    StopPlay,
     Store,
     TransferCall,
     TransferResult,
@@ -505,6 +506,13 @@ def test_a_failed_transfer_that_is_not_urgent_says_call_again_later(engine: Engi
     assert texts(actions)[-1].endswith("Otherwise please call again later.")
 
 
+@pytest.mark.parametrize("heard", ["yes he is gasping", "yes I don't know what to do", "yes maybe"])
+def test_a_yes_with_more_words_still_escalates(shipped: FlowSet, heard: str) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    _, actions = script_call(engine, "triage", ["myself", heard])
+    assert record_of(actions).record.urgency is Urgency.U1
+
+
 @pytest.mark.parametrize(
     "heard",
     [
@@ -529,12 +537,6 @@ def test_a_no_with_unknown_words_around_it_is_unclear(shipped: FlowSet) -> None:
     state, _ = engine.handle(state, PromptDone())
     state, _ = engine.handle(state, SpeechResult("no", 0.9))
     assert (state.node, state.value("breathing")) == ("chest", "no")
-
-
-def test_a_yes_with_more_words_still_escalates(shipped: FlowSet) -> None:
-    engine = Engine(shipped, FlowParams(speech_enabled=True))
-    _, actions = script_call(engine, "triage", ["myself", "yes he is gasping"])
-    assert record_of(actions).record.urgency is Urgency.U1
 
 
 def test_unsure_on_an_ordinary_question_is_asked_again_without_escalation(
@@ -602,14 +604,45 @@ def test_keys_typed_before_a_danger_sign_do_not_answer_it(tmp_path: Path) -> Non
     assert any(s.input == "typeahead_dropped" and s.value == "2" for s in state.path)
 
 
+def _breathing_asked_again(engine: Engine) -> CallState:
+    """The breathing question's reprompt playing (after one silence)."""
+    state, _ = script_call(engine, "triage", ["1"])
+    assert (state.node, state.phase) == ("breathing", Phase.LISTENING)
+    state, _ = engine.handle(state, NoInput())
+    assert (state.node, state.phase) == ("breathing", Phase.PLAYING)
+    return state
+
+
 def test_zero_during_a_danger_sign_prompt_still_reaches_a_human(shipped: FlowSet) -> None:
     engine = Engine(shipped, FlowParams())
-    state, _ = script_call(engine, "triage", ["1"])  # the breathing question is asked
-    state, _ = engine.handle(state, Digit("0"))  # pressed while it plays
-    state, actions = engine.handle(state, PromptDone())
-    while state.phase is Phase.PLAYING:
-        state, actions = engine.handle(state, PromptDone())
+    state, actions = engine.handle(_breathing_asked_again(engine), Digit("0"))
+    assert isinstance(actions[0], StopPlay)
+    state, actions = engine.handle(state, PromptDone())  # "Connecting you to a nurse."
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE]
+
+
+def test_a_yes_pressed_while_a_danger_sign_plays_is_taken(shipped: FlowSet) -> None:
+    # "... Press 1 for yes." and the caller presses 1 before the prompt has ended.
+    engine = Engine(shipped, FlowParams())
+    state, actions = engine.handle(_breathing_asked_again(engine), Digit("1"))
+    assert isinstance(actions[0], StopPlay) and state.node == "emergency"
+    assert state.triage is not None and state.triage.urgency is Urgency.U1
+
+
+def test_a_no_pressed_while_a_danger_sign_plays_is_dropped(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, actions = engine.handle(_breathing_asked_again(engine), Digit("2"))
+    assert actions == [] and (state.node, state.phase) == ("breathing", Phase.PLAYING)
+
+
+def test_a_zero_typed_before_a_danger_sign_reaches_a_human(tmp_path: Path) -> None:
+    (tmp_path / "d.yaml").write_text(DANGER_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    state, _ = engine.start(engine.flowset.get("d"))
+    state, _ = engine.handle(state, Digit("0"))  # during the greeting, which takes no barge-in
+    state, _ = engine.handle(state, PromptDone())
+    assert state.pending is Pending.TRANSFER
+    assert state.triage is not None and state.triage.urgency is Urgency.U2
 
 
 def _at_the_emergency_transfer(engine: Engine) -> CallState:

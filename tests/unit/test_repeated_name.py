@@ -1,5 +1,5 @@
-"""A JSON member name given twice in one object (:func:`verification.request.repeated_name`):
-the fast answer (no second parse) must agree with the exact one in every case."""
+"""A JSON member name given twice in one object (:func:`verification.request.repeated_name`),
+in every place and spelling one can hide."""
 
 from __future__ import annotations
 
@@ -28,13 +28,12 @@ CASES = [
 
 @pytest.mark.parametrize(("raw", "expected"), CASES)
 def test_a_name_given_twice_is_found(raw: bytes, expected: str | None) -> None:
-    body = orjson.loads(raw.removeprefix(codecs.BOM_UTF8))
-    assert repeated_name(raw, body) == expected
+    orjson.loads(raw.removeprefix(codecs.BOM_UTF8))  # valid JSON, as the API has checked
+    assert repeated_name(raw) == expected
 
 
 def test_too_deep_for_the_exact_parse_is_refused_not_a_crash() -> None:
-    # orjson reads up to 1024 levels; json's recursion may stop before that. The escape sends
-    # the check to the exact parse.
-    raw = b'{"a": ' * 1000 + b'"\\u0041"' + b"}" * 1000
+    # orjson reads up to 1024 levels; json's recursion may stop before that.
+    raw = b'{"a": ' * 1000 + b"1" + b"}" * 1000
     with pytest.raises(InvalidRequest):
-        repeated_name(raw, {"a": {}})
+        repeated_name(raw)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sip_config.settings import HostPort
+from voice.sip import front as front_module
 from voice.sip import message
 from voice.sip.front import respond
 
@@ -123,3 +124,22 @@ def test_a_request_without_via_gets_nothing() -> None:
     raw = b"INVITE sip:6000@127.0.0.1 SIP/2.0\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\n"
     raw += b"Call-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
     assert respond(message.parse(raw), HostPort("127.0.0.1", 5062), tcp=False) is None
+
+
+def test_an_incomplete_invite_reserves_no_slot() -> None:
+    picked: list[str] = []
+
+    def pick(call_id: str) -> HostPort:
+        picked.append(call_id)
+        return HostPort("127.0.0.1", 5062)
+
+    raw = (
+        "INVITE sip:6000@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1\r\n"
+    )
+    raw += "To: <sip:6000@127.0.0.1>\r\nCall-ID: c-1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    out = front_module._answer(raw.encode(), pick, tcp=False)
+    assert out is not None and out.startswith(b"SIP/2.0 400 Missing From\r\n")
+    assert picked == []
+    whole = raw.replace("To:", "From: <sip:a@127.0.0.1>;tag=1\r\nTo:")
+    out = front_module._answer(whole.encode(), pick, tcp=False)
+    assert out is not None and out.startswith(b"SIP/2.0 302 ") and picked == ["c-1"]

@@ -25,9 +25,10 @@ VoiceXML semantics kept here:
   danger-sign question raises the call to U2 at least, and an outcome less urgent than the
   call's urgency is replaced by a transfer to a nurse. On a danger-sign question only a plain
   "no" is a no (words around it, or "no idea", make it unclear), asking for a human raises
-  the call to U2, and keys do not answer it before it was heard (keys typed earlier and keys
-  pressed while it plays are dropped, but for ``0``: a double press must not answer the next
-  question; talking over it is deliberate and still heard). An urgent caller (U2 or more)
+  the call to U2, and only a "yes" answers it before it was heard (keys typed earlier are
+  dropped, and keys pressed while it plays but for its "yes" and ``0``: a double press must
+  not say "no" to the next question; talking over it is deliberate and still heard). An
+  urgent caller (U2 or more)
   whose transfer fails is put through to the other human, and is never told to call again
   later;
 * a caller who hangs up before a transfer went through is recorded so
@@ -442,10 +443,15 @@ class Engine:
             return self._key(state, flow, node, key)
         if state.phase is Phase.PLAYING and state.pending in {Pending.NEXT, Pending.LISTEN}:
             if state.pending is Pending.LISTEN and isinstance(node, Ask) and node.danger_sign:
-                if key != "0":
-                    return state, []  # a danger sign is answered after it was heard in full
-                new, actions = self._asked_for_human(self._step(state, "digit", "0"), flow, node)
-                return new, [StopPlay(), *actions]
+                if key == "0":
+                    new, actions = self._asked_for_human(
+                        self._step(state, "digit", "0"), flow, node
+                    )
+                    return new, [StopPlay(), *actions]
+                if not any(c.key == key and _escalates(c) for c in node.choices):
+                    # Only a "yes" counts before the question was heard in full: a double
+                    # press must not say "no" to it, and an early "yes" errs the safe way.
+                    return state, []
             state = replace(state, typeahead=state.typeahead + key)
             if state.barge_in:
                 new, actions = self._prompt_done(state, flow, node)
@@ -576,8 +582,12 @@ class Engine:
     def _ask(self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]) -> Result:
         if state.typeahead and ask.danger_sign:
             # Keys pressed before this question was asked (a double press, a "2" meant for
-            # the last one) must not answer a danger sign the caller has not heard.
-            state = replace(self._step(state, "typeahead_dropped", state.typeahead), typeahead="")
+            # the last one) must not answer a danger sign the caller has not heard; a 0 among
+            # them still asks for a human.
+            typed = state.typeahead
+            state = replace(self._step(state, "typeahead_dropped", typed), typeahead="")
+            if "0" in typed:
+                return self._asked_for_human(self._step(state, "digit", "0"), flow, ask)
         if state.typeahead:
             # Type-ahead: keys pressed during earlier prompts answer this ask, no prompt.
             return self._consume_typeahead(
@@ -688,10 +698,13 @@ class Engine:
         if ev.confidence < ask.min_confidence:
             state = self._step(state, "low_confidence", ev.text, ev.confidence)
             return self._nomatch(state, flow, ask, low_confidence=True)
-        if any(phrase_in(p, ev.text) for p in UNSURE_PHRASES[lang]):
+        matches = [c for c in ask.choices if any(phrase_in(p, ev.text) for p in c.phrases)]
+        danger_yes = ask.danger_sign and len(matches) == 1 and _escalates(matches[0])
+        if not danger_yes and any(phrase_in(p, ev.text) for p in UNSURE_PHRASES[lang]):
+            # "No idea" holds "no"; but "yes, I don't know what to do" is a yes to a danger
+            # sign, which errs the safe way.
             state = self._step(state, "unsure", ev.text, ev.confidence)
             return self._nomatch(state, flow, ask, low_confidence=False)
-        matches = [c for c in ask.choices if any(phrase_in(p, ev.text) for p in c.phrases)]
         if len(matches) == 1:
             choice = matches[0]
             if ask.danger_sign and not _escalates(choice) and not _plainly(choice, ev):

@@ -10,10 +10,12 @@ final answer), BYE gets 481, other known methods 405 with ``Allow``, unknown one
 INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and no slot; a
 retransmitted INVITE (the same Call-ID) is sent to the same worker without a second slot.
 
-Over TCP a message larger than 64 KiB gets 513 and the connection closes (the body is not
-read), a connection that sends no whole message for ``TCP_IDLE_S`` is closed, and at most
-``MAX_TCP_CONNECTIONS`` are open at once (the others are closed at once): a redirect needs
-one short exchange per caller, and this process also serves the HTTP API.
+Over TCP a message whose body would take it over 64 KiB gets 513 and the connection closes
+(the body is not read; a header section over 64 KiB just closes it), a connection that
+sends no whole message, or does not take its answer, for ``TCP_IDLE_S`` is closed, and at
+most ``MAX_TCP_CONNECTIONS`` are open at once, ``MAX_TCP_PER_ADDRESS`` from one address
+(the others are closed at once): a redirect needs one short exchange per caller, and this
+process also serves the HTTP API.
 
 Workers listen on the ports after ``CLINIC_SIP_ADDR`` (port+1..port+N); with port 0 (tests)
 everything takes free ports. With a PBX in front, point its trunk at the workers directly
@@ -59,6 +61,7 @@ _MAX_MESSAGE = 65536
 _BIND_TRIES = 20  # free UDP ports tried for one also free for TCP (port 0 only)
 TCP_IDLE_S = 30.0  # the longest wait for one whole message on a TCP connection
 MAX_TCP_CONNECTIONS = 1024
+MAX_TCP_PER_ADDRESS = 16  # one host cannot fill the connections above by itself
 _REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")  # RFC 3261 8.1.1, in every request
 _DROPPED_LOG_S = 60.0  # at most one line a minute about unparseable messages
 
@@ -141,7 +144,8 @@ def _answer(data: bytes, pick: Picker, *, tcp: bool) -> bytes | None:
         return None
     call_id = request.get("Call-ID")
     invite = request.method == "INVITE" and request.is_request
-    target = pick(call_id) if invite and call_id and request.get("Via") else None
+    complete = all(request.get(name) for name in _REQUIRED)  # else 400 (or nothing): no slot
+    target = pick(call_id) if invite and complete and call_id else None
     if invite:
         log.debug("INVITE %s -> %s", call_id, target or "486")
     return respond(request, target, tcp=tcp)
@@ -187,6 +191,7 @@ class RedirectFront:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._per_address: dict[str, int] = {}
         self.address = addr
 
     async def start(self) -> None:
@@ -232,11 +237,20 @@ class RedirectFront:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._conns) >= MAX_TCP_CONNECTIONS:
-            log.warning("SIP front: %d TCP connections open: one more closed", len(self._conns))
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        from_there = self._per_address.get(address, 0)
+        if len(self._conns) >= MAX_TCP_CONNECTIONS or from_there >= MAX_TCP_PER_ADDRESS:
+            log.warning(
+                "SIP front: %d TCP connections open (%d from %s): one more closed",
+                len(self._conns),
+                from_there,
+                address,
+            )
             writer.close()
             return
         self._conns.add(task)
+        self._per_address[address] = from_there + 1
         try:
             while True:
                 async with asyncio.timeout(TCP_IDLE_S):
@@ -249,16 +263,19 @@ class RedirectFront:
                             await writer.drain()
                         break  # its body is not read: the stream cannot be followed
                     body = await reader.readexactly(length) if length else b""
-                reply = _answer(head + body, self._pick, tcp=True)
-                if reply is not None:
-                    writer.write(reply)
-                    await writer.drain()
+                    reply = _answer(head + body, self._pick, tcp=True)
+                    if reply is not None:
+                        writer.write(reply)
+                        await writer.drain()  # a peer that never reads is timed out too
         except TimeoutError:
             log.debug("SIP TCP connection closed: no whole message in %s s", TCP_IDLE_S)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
             log.debug("SIP TCP connection closed: %s", exc)
         finally:
             self._conns.discard(task)
+            left = self._per_address.pop(address, 1) - 1
+            if left:
+                self._per_address[address] = left
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
