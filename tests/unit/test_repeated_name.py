@@ -1,5 +1,5 @@
 """A JSON member name given twice in one object (:func:`verification.request.repeated_name`),
-in every place and spelling one can hide."""
+in every place and spelling one can hide: the quick scan and the second parse must agree."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ CASES = [
 
 @pytest.mark.parametrize(("raw", "expected"), CASES)
 def test_a_name_given_twice_is_found(raw: bytes, expected: str | None) -> None:
-    orjson.loads(raw.removeprefix(codecs.BOM_UTF8))  # valid JSON, as the API has checked
-    assert repeated_name(raw) == expected
+    body = orjson.loads(raw.removeprefix(codecs.BOM_UTF8))  # valid JSON, as the API checks
+    assert repeated_name(raw, body) == expected
 
 
 def test_too_deep_for_the_exact_parse_is_refused_not_a_crash() -> None:
     # orjson reads up to 1024 levels; json's recursion may stop before that.
     raw = b'{"a": ' * 1000 + b"1" + b"}" * 1000
     with pytest.raises(InvalidRequest):
-        repeated_name(raw)
+        repeated_name(raw, {"a": {}})
