@@ -273,10 +273,7 @@ class _Checker:
                 )
             if not node.danger_sign:
                 continue
-            if not any(
-                c.effect is not None and c.effect.urgency is not None and c.effect.urgency <= 1
-                for c in node.choices
-            ):
+            if not escalates:
                 self.add(node.line, f"danger-sign ask {node.id!r} has no answer giving U1 or U0")
             if node.on_fail is not None:
                 start = self.resolve(node.on_fail)

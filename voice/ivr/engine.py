@@ -516,7 +516,9 @@ class Engine:
             )
             state = self._step(state)
             play = self._play(state, flow, node.text, barge_in=node.barge_in)
-            return state, [*actions, replace(play, audio=node.audio)]
+            if node.audio is not None:  # a recording: nothing is rendered from the text
+                play = replace(play, audio=node.audio, private=False)
+            return state, [*actions, play]
         if isinstance(node, Ask):
             state = self._step(state)
             return self._ask(state, flow, node, actions)

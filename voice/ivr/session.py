@@ -288,14 +288,13 @@ class CallSession:
             return
         # No await between the play going out and the id being kept: its PlayDone is handled
         # by another task, which cannot run in between.
-        private = action.private and not action.audio
         try:
             self._prompt_play = await self._h.play(wav)
         except BaseException:
-            if private:
+            if action.private:
                 await asyncio.to_thread(_unlink_all, [wav])
             raise
-        if private:
+        if action.private:
             self._private_wavs[self._prompt_play] = wav  # deleted once it has been played
         if state.pending is eng.Pending.LISTEN and action.barge_in:
             await self._arm_recogniser(state)

@@ -10,17 +10,16 @@ named in its call record's values. It lives as long as call records do
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import os
 import re
 import secrets
-import wave
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 
 from voice.ivr.store import CallStore
+from voice.media.leftovers import remove_files
+from voice.media.pcm import Pcm, bytes_to_samples, wav_bytes
 
 RATE_HZ = 8000
 # A message's file name; the call id part is that of the call records (voice/ivr/api.py).
@@ -55,24 +54,12 @@ class Voicemails:
             pcm = bytes.fromhex(self._store.open(name, sealed)["pcm16_8k"])
         except (OSError, ValueError, KeyError, InvalidTag):
             return None
-        out = io.BytesIO()
-        with wave.open(out, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(RATE_HZ)
-            w.writeframes(pcm)
-        return out.getvalue()
+        return wav_bytes(Pcm(bytes_to_samples(pcm), RATE_HZ))
 
     def sweep(self, older_than_s: float, now: float) -> int:
         """Delete messages older than ``older_than_s`` (blocking: run it in a thread).
         Returns how many."""
-        removed = 0
-        for path in self._folder.glob("*.sealed"):
-            with contextlib.suppress(FileNotFoundError):
-                if now - path.stat().st_mtime > older_than_s:
-                    path.unlink()
-                    removed += 1
-        return removed
+        return remove_files(self._folder, "*.sealed", older_than_s, now)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -8,6 +8,7 @@ dependency, so the resampler is a polyphase windowed-sinc filter written with ``
 
 from __future__ import annotations
 
+import io
 import math
 import operator
 import sys
@@ -88,11 +89,18 @@ def read_wav(path: Path) -> Pcm:
 
 def write_wav(path: Path, pcm: Pcm) -> None:
     """Write a PCM16 mono WAV file (the caller makes it atomic if it needs to)."""
-    with wave.open(str(path), "wb") as w:
+    path.write_bytes(wav_bytes(pcm))
+
+
+def wav_bytes(pcm: Pcm) -> bytes:
+    """``pcm`` as the bytes of a PCM16 mono WAV file."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(SAMPLE_WIDTH)
         w.setframerate(pcm.rate_hz)
         w.writeframes(pcm.to_bytes())
+    return out.getvalue()
 
 
 def resample(samples: array[int], src_hz: int, dst_hz: int) -> array[int]:

@@ -14,6 +14,7 @@ import tempfile
 from array import array
 from pathlib import Path
 
+from voice.media.leftovers import remove_files
 from voice.media.pcm import Pcm, read_wav, silence, write_wav
 from voice.media.tts import PromptRenderer
 
@@ -55,13 +56,7 @@ async def compose(
 def remove_stale(out_dir: Path, older_than_s: float, now: float) -> int:
     """Delete composed files older than ``older_than_s`` (left by a process that was killed
     during a call). Returns how many."""
-    removed = 0
-    for path in out_dir.glob("code-*.wav"):
-        with contextlib.suppress(FileNotFoundError):
-            if now - path.stat().st_mtime > older_than_s:
-                path.unlink()
-                removed += 1
-    return removed
+    return remove_files(out_dir, "code-*.wav", older_than_s, now)
 
 
 def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_hz: int) -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voice.media.leftovers import remove_files
 from voice.media.pcm import Pcm, bytes_to_samples, resample, samples_to_bytes, write_wav
 
 log = logging.getLogger(__name__)
@@ -218,12 +218,7 @@ class PromptRenderer:
     def remove_leftovers(self) -> int:
         """Delete the ``cache=False`` files a killed process left (blocking: call it from a
         thread, before any call). Returns how many."""
-        removed = 0
-        for path in self._dir.glob("once-*.wav"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-        return removed
+        return remove_files(self._dir, "once-*.wav", None, 0.0)
 
     async def render(
         self,
