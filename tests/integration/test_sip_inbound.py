@@ -143,20 +143,29 @@ async def test_sipp_invite_gets_302_to_a_worker(
     line: tuple[SipPool, RedirectFront], tmp_path: Path
 ) -> None:
     pool, front = line
-    trace = tmp_path / "uac.log"
-    proc = await asyncio.create_subprocess_exec(
-        "sipp", str(front.address), "-sf", str(PEERS / "sipp_uac_redirect.xml"),
-        "-i", "127.0.0.1", "-p", "0", "-s", "6001", "-m", "1", "-nostdin",
-        "-trace_msg", "-message_file", str(trace), "-timeout", "10",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    async with asyncio.timeout(15):
-        assert await proc.wait() == 0, f"sipp UAC failed: {trace.read_text(errors='replace')}"
-    text = trace.read_text(errors="replace")
+    code, text = await sipp_uac(front.address, "sipp_uac_redirect.xml", "6001", tmp_path, 10)
+    assert code == 0, f"sipp UAC failed: {text}"
     contacts = [ln for ln in text.splitlines() if ln.lower().startswith("contact: <sip:6001@")]
     assert contacts, text
     ports = {a.port for a in pool.worker_addresses()}
     assert any(f"127.0.0.1:{p}>" in contacts[0] for p in ports), (contacts, ports)
+
+
+async def sipp_uac(
+    target: HostPort, scenario: str, user: str, tmp_path: Path, timeout_s: int
+) -> tuple[int, str]:
+    """Play ``tests/peers/<scenario>`` once as a UAC calling ``user`` at ``target``; its exit
+    code and the messages it traced."""
+    trace = tmp_path / f"{scenario}.log"
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", str(target), "-sf", str(PEERS / scenario),
+        "-i", "127.0.0.1", "-p", "0", "-s", user, "-m", "1", "-nostdin",
+        "-trace_msg", "-message_file", str(trace), "-timeout", str(timeout_s),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    async with asyncio.timeout(timeout_s + 5):
+        code = await proc.wait()
+    return code, trace.read_text(errors="replace") if trace.exists() else "(no trace)"
 
 
 def _udp_request(addr: HostPort, method: str) -> message.SipMessage:
@@ -354,16 +363,9 @@ async def test_an_answered_call_that_never_gets_audio_is_hung_up(
 
     pool.on_incoming(handler)
     worker = pool.worker_addresses()[0]
-    trace = tmp_path / "uac.log"
     started = asyncio.get_running_loop().time()
-    proc = await asyncio.create_subprocess_exec(
-        "sipp", str(worker), "-sf", str(PEERS / "sipp_uac_no_audio.xml"),
-        "-i", "127.0.0.1", "-p", "0", "-s", "6000", "-m", "1", "-nostdin",
-        "-trace_msg", "-message_file", str(trace), "-timeout", "40",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    async with asyncio.timeout(45):
-        assert await proc.wait() == 0, f"no BYE came: {trace.read_text(errors='replace')}"
+    code, text = await sipp_uac(worker, "sipp_uac_no_audio.xml", "6000", tmp_path, 40)
+    assert code == 0, f"no BYE came: {text}"
     took = asyncio.get_running_loop().time() - started
     assert NO_MEDIA_S <= took < NO_MEDIA_S + 10, took
     async with asyncio.timeout(5):
