@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from clinic_voice.app import Runtime
 from sip_config.settings import Settings
 from verification.http_client import HttpClientError
+from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import Engine
 from voice.ivr.flow import FlowParams, FlowSet, load_flows
@@ -100,13 +101,15 @@ class ClinicLine:
         if not url or client is None:
             log.warning("webhook %r is not configured: taking its failure branch", url_key)
             return None
+        # Signed as the verification webhooks are (one recipe for receivers): the body holds
+        # what a caller entered, and the scheduling system should act only on this service's.
+        body = json.dumps(dict(values)).encode()
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self._rt.secret, int(self._rt.clock.now()), body),
+        }
         try:
-            answer = await client.post(
-                url,
-                json.dumps(dict(values)).encode(),
-                {"Content-Type": "application/json"},
-                timeout_s=timeout_s,
-            )
+            answer = await client.post(url, body, headers, timeout_s=timeout_s)
             if not 200 <= answer.status < 300:
                 log.warning("webhook %r answered %s", url_key, answer.status)
                 return None

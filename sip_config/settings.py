@@ -262,7 +262,11 @@ VARIABLES: tuple[Variable, ...] = (
         "112",
         "the emergency number the bot tells callers (2..15 digits)",
     ),
-    Variable("CLINIC_SCHEDULING_WEBHOOK", "", "URL the appointment flow posts requests to"),
+    Variable(
+        "CLINIC_SCHEDULING_WEBHOOK",
+        "",
+        "URL the flows' `webhook` steps (appointment requests) post to, signed as webhooks are",
+    ),
     Variable("CLINIC_CALL_RETENTION_DAYS", "30", "days call records are kept (1..3650)"),
     Variable(
         "CLINIC_TRANSFER_SUMMARY",

@@ -27,9 +27,10 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from clinic_voice.app import RUNTIME
-from tests.integration.conftest import API_KEY, CALLS_KEY, MOBILE, OpenApiCollector
+from tests.integration.conftest import API_KEY, CALLS_KEY, MOBILE, SECRET, OpenApiCollector
 from tests.peers.ivr_rig import NURSE_USER, ClinicLine, Phone, phones, running_clinic_line
 from tests.peers.webhook_receiver import WebhookReceiver
+from verification.webhooks import SIGNATURE_HEADER, verify
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.ivr.session import BEEP_HZ, BEEP_MS
@@ -207,13 +208,21 @@ async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
     assert caller.find("transfer_request") is None, "a booked call is not transferred"
     hook = hooks[posted]
     assert hook.path == "/schedule" and hook.answered == 204
+    # Signed as the verification webhooks are, so the scheduling system can refuse forgeries.
+    signature = hook.headers.get(SIGNATURE_HEADER, "")
+    assert verify(SECRET.encode(), signature, hook.body), hook.headers
+    assert not verify(SECRET.encode(), signature, hook.body + b" "), "verify() must be able to fail"
+    record = await line.new_record(before)
+    # The clinic promised to call back: the request says whom, and which record to read.
+    assert record["caller"], record
     assert hook.json() == {
         "who": "self",
         "complaint": "fever",
         "request": "same_day",
         "urgency": "U3",
+        "call_id": record["id"],
+        "caller": record["caller"],
     }
-    record = await line.new_record(before)
     assert record["triage"]["urgency"] == "U3", record["triage"]
     assert record["outcome"] == "same_day"
     assert steps(record, "webhook") == [("same_day", "ok")], record["path"]

@@ -509,7 +509,10 @@ class CallSession:
             self._events.put_nowait(eng.HangUp())
 
     async def _webhook(self, action: eng.PostWebhook) -> None:
-        reply = await self._d.post_webhook(action.url_key, action.values, action.timeout_s)
+        # The receiver is told who called and which record to read: "the clinic will call you
+        # back" needs a number to call, and staff the answers behind the request.
+        values = {**action.values, "call_id": self._h.id, "caller": self._h.caller}
+        reply = await self._d.post_webhook(action.url_key, values, action.timeout_s)
         self._events.put_nowait(eng.WebhookResult(reply is not None, dict(reply or {})))
 
     # -- the record ------------------------------------------------------------------------------
