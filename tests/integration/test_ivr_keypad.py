@@ -501,6 +501,23 @@ async def test_concurrent_calls_keep_their_own_keys_and_records(line: ClinicLine
         assert record["flow"] == flow, record
 
 
+async def test_part_of_an_entry_typed_over_its_prompt_still_times_out(line: ClinicLine) -> None:
+    # 2 (prescription) during the welcome, then 7 of the date of birth's 8 digits while its
+    # prompt plays, then nothing: the entry must time out and be asked again, not leave the
+    # caller in silence with nobody listening.
+    keys = ",".join(f"{key}@{3.0 + 0.25 * i:.2f}" for i, key in enumerate("0102198"))
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", f"2@0.5,{keys}", "--duration", "20"
+        )
+        started.append(caller)
+        await caller.finish(CALL_S)
+    record = await line.new_record(before)
+    assert record["flow"] == "prescription", record
+    assert ("dob", "0102198") in steps(record, "nomatch"), record["path"]
+
+
 async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     line: ClinicLine, tmp_path: Path
 ) -> None:

@@ -193,6 +193,24 @@ TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
         Phase.PLAYING,
     ),
     (
+        "part of an entry typed over its prompt: listen for the rest",
+        [Digit("1"), Digit("1")],
+        [("StopPlay", ""), ("Listen", "")],
+        Phase.LISTENING,
+    ),
+    (
+        "the rest of an entry typed over its prompt completes it",
+        [Digit("1"), Digit("1"), Digit("2"), Digit("3"), Digit("#")],
+        [("PostWebhook", "")],
+        Phase.WEBHOOK,
+    ),
+    (
+        "a stray hash over a prompt: listen",
+        [DONE, Digit("#")],
+        [("StopPlay", ""), ("Listen", "")],
+        Phase.LISTENING,
+    ),
+    (
         "digits collect until hash",
         [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("3"), Digit("#")],
         [("PostWebhook", "")],

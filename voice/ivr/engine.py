@@ -592,9 +592,7 @@ class Engine:
                 return self._asked_for_human(self._step(state, "digit", "0"), flow, ask)
         if state.typeahead:
             # Type-ahead: keys pressed during earlier prompts answer this ask, no prompt.
-            return self._consume_typeahead(
-                replace(state, phase=Phase.LISTENING), flow, ask, actions
-            )
+            return self._listen(state, flow, ask, actions)
         return self._prompt(
             state, flow, ask, flow.ask_prompt(ask, self._speech_on(flow, ask)), actions
         )
@@ -620,7 +618,12 @@ class Engine:
     def _listen(self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]) -> Result:
         state = replace(state, phase=Phase.LISTENING)
         if state.typeahead:
-            return self._consume_typeahead(state, flow, ask, actions)
+            where = state.flow, state.node
+            state, actions = self._consume_typeahead(state, flow, ask, actions)
+            if state.phase is not Phase.LISTENING or (state.flow, state.node) != where:
+                return state, actions
+            # Still at this question (part of an entry, a stray #): listen for the rest, with
+            # its timeouts, or the caller would wait in silence for no one.
         speech = self._speech_on(flow, ask) and ask.digits is None
         lang = flow.language
         if ask.digits is not None:
