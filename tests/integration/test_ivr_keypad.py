@@ -583,6 +583,63 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     assert (await line.get(f"/v1/calls/{record['id']}/voicemail")).status == 404
 
 
+# 2 prescription; date of birth and patient number typed ahead (the message's prompt follows).
+PRESCRIPTION_KEYS = ",".join(
+    f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(["2", *"01021980", *"12345#"])
+)
+
+
+async def test_a_silent_message_is_not_a_request(line: ClinicLine) -> None:
+    # The caller says nothing and presses # (12 s, the prompt and beep are over): nothing
+    # is kept, and the bot asks again instead of "your request has been recorded".
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", f"{PRESCRIPTION_KEYS},#@12.0",
+            "--duration", "16",
+        )  # fmt: skip
+        started.append(caller)
+        await caller.finish(CALL_S)
+    record = await line.new_record(before)
+    assert record["flow"] == "prescription", record
+    assert steps(record, "record") == [("message", "silent")], record["path"]
+    assert "prescription_message" not in record["values"], record["values"]
+    assert record["outcome"] == "caller_hung_up", record
+    assert (await line.get(f"/v1/calls/{record['id']}/voicemail")).status == 404
+
+
+async def test_a_message_that_cannot_be_saved_goes_to_staff(
+    line: ClinicLine, tmp_path: Path
+) -> None:
+    message = tmp_path / "message.wav"
+    await sox("-n", "-r", "8000", "-c", "1", "-b", "16", str(message), "synth", "2", "sine",
+              "440", "vol", "0.5", "pad", "12", "0")  # fmt: skip
+    folder = line.settings.data_dir / "voicemail"
+    aside = line.settings.data_dir / "voicemail.aside"
+    if folder.exists():
+        folder.rename(aside)
+    folder.write_text("a file where the folder should be: every save fails")
+    before = await line.call_ids()
+    try:
+        async with phones() as started:
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--dtmf", f"{PRESCRIPTION_KEYS},#@15.0",
+                "--play", str(message), "--duration", "22",
+            )  # fmt: skip
+            started.append(caller)
+            await caller.finish(CALL_S)
+        record = await line.new_record(before)
+    finally:
+        folder.unlink()
+        if aside.exists():
+            aside.rename(folder)
+    # Not "your renewal request has been recorded": staff are asked to take the request.
+    assert steps(record, "record") == [("message", "not_saved")], record["path"]
+    assert "prescription_message" not in record["values"], record["values"]
+    assert record["outcome"] in {"transfer_staff", "transfer_failed"}, record
+    assert record["transfer_target"] == line.settings.ivr.staff_uri, record
+
+
 def tone_runs(pcm: Pcm, hz: int, min_s: float = 0.15) -> list[tuple[float, float]]:
     """(start, end) seconds of the runs of 20 ms frames that are a pure ``hz`` tone.
 

@@ -266,6 +266,30 @@ TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
         Phase.PLAYING,
     ),
     (
+        "a silent message is asked for once more",
+        [Digit("2"), DONE, RecordDone(duration_s=12, silent=True)],
+        [("Play", "Sorry, I did not hear a message. Speak after the tone.")],
+        Phase.PLAYING,
+    ),
+    (
+        "and recorded again after its prompt",
+        [Digit("2"), DONE, RecordDone(silent=True), DONE],
+        [("RecordAudio", "")],
+        Phase.RECORDING,
+    ),
+    (
+        "silent twice: a human takes the request",
+        [Digit("2"), DONE, RecordDone(silent=True), DONE, RecordDone(silent=True)],
+        [("Play", "Sorry, I did not hear a message. Connecting you to a member of staff.")],
+        Phase.PLAYING,
+    ),
+    (
+        "a message that could not be saved: a human takes the request",
+        [Digit("2"), DONE, RecordDone(duration_s=9)],
+        [("Play", "Sorry, your message could not be saved. Connecting you to a member of staff.")],
+        Phase.PLAYING,
+    ),
+    (
         "goodbye then hang up",
         [Digit("2"), DONE, RecordDone("m.wav", 4), DONE],
         [("Store", ""), ("HangupCall", "")],
@@ -711,3 +735,15 @@ def test_a_prompt_with_the_calls_values_is_private(engine: Engine) -> None:
     assert [(p.text, p.private) for p in plays if "Booked" in p.text] == [("Booked .", True)]
     # the greeting names only the clinic (a setting): cached like every static prompt
     assert (plays[0].text, plays[0].private) == ("Hello from Oak.", False)
+
+
+@pytest.mark.parametrize("silent", [True, False])
+def test_a_message_not_kept_is_never_recorded_as_one(engine: Engine, silent: bool) -> None:
+    events: list[Event] = [Digit("2"), DONE, RecordDone(silent=silent)]
+    if silent:
+        events += [DONE, RecordDone(silent=True)]
+    state, _ = feed(engine, [*events, DONE, TransferResult(True)])
+    assert state.value("message") is None, "a message nobody can hear was recorded as one"
+    kept = [s.value for s in state.path if s.input == "record"]
+    assert kept == (["silent", "silent"] if silent else ["not_saved"])
+    assert state.outcome == "transfer_staff"

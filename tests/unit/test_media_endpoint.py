@@ -7,7 +7,7 @@ from array import array
 
 import pytest
 
-from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig
+from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
 from voice.media.pcm import samples_to_bytes
 
 RATE = 8000
@@ -87,3 +87,22 @@ def test_empty_frame_changes_nothing_and_config_is_checked() -> None:
     assert eos.push(b"") is Endpoint.WAITING
     with pytest.raises(ValueError):
         EndpointConfig(silence_ms=0)
+
+
+@pytest.mark.parametrize(
+    ("audio", "speech"),
+    [
+        ([], False),
+        ([("zero", 12000)], False),  # a phone that sent silence for a whole message
+        ([("quiet", 12000)], False),  # line noise
+        ([("quiet", 3000), ("speech", 160), ("quiet", 3000)], False),  # a cough, a click
+        ([("quiet", 3000), ("speech", 200), ("quiet", 3000)], True),
+        ([("zero", 500), ("speech", 2000), ("zero", 500)], True),
+    ],
+)
+def test_a_recording_holds_speech_only_with_a_word_in_it(
+    audio: list[tuple[str, int]], speech: bool
+) -> None:
+    pcm = b"".join(f for kind, ms in audio for f in frames(kind, ms))
+    assert holds_speech(pcm) is speech
+    assert holds_speech(pcm + b"\x00") is speech, "a partial frame at the end is no matter"

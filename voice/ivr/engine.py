@@ -144,10 +144,15 @@ class TransferResult:
 
 @dataclass(frozen=True, slots=True)
 class RecordDone:
-    """A recording ended; ``ref`` names it for the call record (a file name, not audio)."""
+    """A recording ended; ``ref`` names it for the call record (a file name, not audio).
+
+    No ``ref``: nothing was kept, because the caller said nothing (``silent``: asked once
+    more, then a human) or because it could not be saved (a human takes the request).
+    """
 
     ref: str = ""
     duration_s: float = 0.0
+    silent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,11 +422,25 @@ class Engine:
             return state, []
         if isinstance(event, RecordDone):
             if state.phase is Phase.RECORDING and isinstance(node, Record):
-                state = state.with_value(node.save, event.ref or "recorded")
-                state = self._step(state, "record", f"{event.duration_s:.0f}s")
-                return self._enter(state, flow, node.next, [])
+                return self._recorded(state, flow, node, event)
             return state, []
         return state, []
+
+    def _recorded(self, state: CallState, flow: Flow, node: Record, ev: RecordDone) -> Result:
+        if ev.ref:
+            state = state.with_value(node.save, ev.ref)
+            state = self._step(state, "record", f"{ev.duration_s:.0f}s")
+            return self._enter(state, flow, node.next, [])
+        # Nothing kept: never "your request has been recorded" for a message nobody can hear.
+        state = self._step(state, "record", "silent" if ev.silent else "not_saved")
+        if ev.silent and state.noinput == 0:
+            state = replace(
+                state, noinput=1, phase=Phase.PLAYING, pending=Pending.RECORD, barge_in=False
+            )
+            text = f"{flow.texts('record_silent')} {node.prompt}".strip()
+            return state, [self._play(state, flow, text, barge_in=False)]
+        why, said = ("no message", "record_silent") if ev.silent else ("not saved", "record_failed")
+        return self._to_human(state, flow, why, [], before=flow.texts(said))
 
     def _prompt_done(self, state: CallState, flow: Flow, node: Node | None) -> Result:
         if state.pending is Pending.LISTEN and isinstance(node, Ask):
@@ -849,8 +868,13 @@ class Engine:
         why: str,
         actions: list[Action],
         text: str = "",
+        *,
+        before: str = "",
     ) -> Result:
-        """Put the caller through to the flow's human (0, failed asks, safety escalation)."""
+        """Put the caller through to the flow's human (0, failed asks, safety escalation).
+
+        ``before``: said first (what went wrong), then the usual "connecting you".
+        """
         human = flow.human
         if text == "safety_escalation":
             human = Human.NURSE  # an outcome that would lower urgency goes to a clinician
@@ -867,6 +891,7 @@ class Engine:
             outcome=f"transfer_{human.value}",
         )
         prompt = flow.texts(text) if text else flow.human_prompt()
+        prompt = f"{before} {prompt}".strip()
         return state, [*actions, self._play(state, flow, prompt, barge_in=False)]
 
     # -- helpers

@@ -149,6 +149,8 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "transfer_failed_urgent": "Sorry, I could not reach anyone at the clinic. Please hang "
         "up now and call {emergency_number}.",
         "safety_escalation": "To be safe, I will connect you to a nurse.",
+        "record_silent": "Sorry, I did not hear a message.",
+        "record_failed": "Sorry, your message could not be saved.",
         "key_hint": "Press {key} for {label}.",
         "speech_hint": "Say {label} or press {key}.",
         "repeat_hint": "",
@@ -166,6 +168,8 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "transfer_failed_urgent": "죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 "
         "끊고 {emergency_number}번으로 전화하세요.",
         "safety_escalation": "안전을 위해 간호사에게 연결해 드리겠습니다.",
+        "record_silent": "죄송합니다. 메시지를 듣지 못했습니다.",
+        "record_failed": "죄송합니다. 메시지를 저장하지 못했습니다.",
         "key_hint": "{label}: {key}번을 누르세요.",
         "speech_hint": "{label}라고 말하거나 {key}번을 누르세요.",
         "repeat_hint": "",
@@ -483,12 +487,17 @@ class Flow:
         for node in self.nodes.values():
             if isinstance(node, Say) and node.audio is None:
                 add(node.text)
+            elif isinstance(node, Record):
+                add(node.prompt)
+                add(f"{self.texts('record_silent')} {node.prompt}".strip())
+                for name in ("record_silent", "record_failed"):
+                    add(f"{self.texts(name)} {self.human_prompt()}")
             elif isinstance(node, Ask):
                 add(self.ask_prompt(node, params.speech_for(self.language)))
                 for kind, limit in (("noinput", node.max_noinput), ("nomatch", node.max_nomatch)):
                     for count in range(1, limit):
                         add(self.reprompt(node, kind, count, params.speech_for(self.language)))
-            elif isinstance(node, Transfer | Record | Hangup):
+            elif isinstance(node, Transfer | Hangup):
                 add(node.prompt)
         return out
 

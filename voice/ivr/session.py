@@ -40,7 +40,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.flow import Ask, FlowSet, grammar
 from voice.media.asr import PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
-from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig
+from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
 from voice.media.pcm import Pcm, write_wav
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
@@ -503,10 +503,22 @@ class CallSession:
             await asyncio.gather(ended, hashed, return_exceptions=True)
         chunks, self._recording = self._recording, None
         pcm = b"".join(chunks or [])
-        ref = await self._d.save_recording(self._h.id, pcm) if pcm else ""
-        self._events.put_nowait(eng.RecordDone(ref, len(pcm) / 16000))
+        self._events.put_nowait(await self._keep(pcm))
         if self._hangup_after_record:
             self._events.put_nowait(eng.HangUp())
+
+    async def _keep(self, pcm: bytes) -> eng.RecordDone:
+        """Save a message that holds speech; say why nothing was kept otherwise."""
+        duration_s = len(pcm) / 16000
+        if not await asyncio.to_thread(holds_speech, pcm):
+            return eng.RecordDone(duration_s=duration_s, silent=True)
+        try:
+            ref = await self._d.save_recording(self._h.id, pcm)
+        except Exception:
+            # The engine puts the caller through to a human, who takes the request.
+            log.exception("call %s: the voicemail could not be saved", self._h.id)
+            return eng.RecordDone(duration_s=duration_s)
+        return eng.RecordDone(ref, duration_s)
 
     async def _webhook(self, action: eng.PostWebhook) -> None:
         # The receiver is told who called and which record to read: "the clinic will call you

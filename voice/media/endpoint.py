@@ -97,3 +97,18 @@ class EndOfSpeech:
         if new is not self._state:
             log.debug("end-of-speech: %s -> %s", self._state, new)
             self._state = new
+
+
+# A message holds speech when it is loud for this long in a row somewhere: a cough or a
+# click is shorter, a spoken word longer.
+MESSAGE_ONSET = EndpointConfig(speech_ms=200)
+
+
+def holds_speech(pcm: bytes, rate_hz: int = 8000, config: EndpointConfig = MESSAGE_ONSET) -> bool:
+    """Whether a recording (PCM16) holds speech, not only silence or line noise."""
+    detector = EndOfSpeech(rate_hz, config)
+    frame = rate_hz // 50 * 2  # 20 ms
+    for start in range(0, len(pcm) - frame + 1, frame):
+        if detector.push(pcm[start : start + frame]) is not Endpoint.WAITING:
+            return True
+    return False
