@@ -355,6 +355,8 @@ async def test_a_caller_who_hangs_up_in_the_menu_leaves_a_record(line: ClinicLin
         started.append(caller)
         await caller.finish(20)
     record = await line.new_record(before)
+    # 128 random bits: a pid and a counter repeat after a restart and overwrote records.
+    assert re.fullmatch(r"in-[A-Za-z0-9_-]{22}", record["id"]), record["id"]
     assert record["flow"] == "main_menu"
     assert record["outcome"] == "caller_hung_up", record
     assert record["triage"] is None and record["transfer_target"] is None

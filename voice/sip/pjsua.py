@@ -647,7 +647,9 @@ class Engine:
     # -- callbacks (owner thread) -----------------------------------------------------------
 
     def _on_incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
-        call_id = f"in-{os.getpid()}-{next(self._ids)}"
+        # The call record's id (and the nurse's X-Clinic-Call): unique across restarts, workers
+        # and hosts on one Redis, where a pid and a counter repeat and would overwrite a record.
+        call_id = f"in-{secrets.token_urlsafe(16)}"
         call = _Call(self, call_id, account, prm.callId, flash=False)
         self._calls[call_id] = call
         caller = called = ""
