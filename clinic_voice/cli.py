@@ -158,9 +158,11 @@ def _start_errors() -> tuple[type[Exception], ...]:
     from clinic_voice.http_workers import HttpWorkersError
     from clinic_voice.redis_server import EmbeddedRedisError
     from clinic_voice.shared_secret import SecretMismatch
+    from voice.media.asr import AsrError
 
-    # OSError: an address in use, a data dir that cannot be written, ...
-    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, SecretMismatch, OSError)
+    # OSError: an address in use, a data dir that cannot be written, ...; AsrError: a
+    # CLINIC_VOSK_MODEL folder that is not a vosk model.
+    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, SecretMismatch, AsrError, OSError)
 
 
 def _settle_gc() -> None:
@@ -215,8 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.from_env()
             if not worker:  # a worker's settings were checked by the serve that started it
                 from clinic_voice.app import check_settings
+                from clinic_voice.clinic_line import check_clinic_line
 
                 check_settings(settings)
+                check_clinic_line(settings)
         except SettingsError as exc:
             name = "clinic-voice http-worker" if worker else "clinic-voice"
             print(f"{name}: configuration error: {exc}", file=sys.stderr)

@@ -8,12 +8,12 @@ import logging
 from collections.abc import Mapping
 
 from clinic_voice.app import Runtime
-from sip_config.settings import Settings
+from sip_config.settings import Settings, SettingsError
 from verification.http_client import HttpClientError
 from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import Engine
-from voice.ivr.flow import FlowParams, FlowSet, load_flows
+from voice.ivr.flow import FlowError, FlowParams, FlowSet, load_flows
 from voice.ivr.session import CallSession, SessionDeps
 from voice.media.asr import SpeechModel
 from voice.media.tts import PromptRenderer
@@ -22,6 +22,27 @@ from voice.sip.pool import CallHandle
 log = logging.getLogger(__name__)
 
 VOICEMAIL_SWEEP_S = 3600.0
+
+
+def check_clinic_line(settings: Settings) -> None:
+    """Refuse a start whose calls would all fail: no flows, or a speech model not there.
+
+    Raises :class:`SettingsError` naming the variable, as a bad value of any other does.
+    """
+    ivr = settings.ivr
+    if not ivr.flows_dir.is_dir():
+        raise SettingsError(f"CLINIC_FLOWS_DIR={str(ivr.flows_dir)!r}: no such directory")
+    try:
+        flowset = load_flows(ivr.flows_dir)
+    except FlowError as exc:
+        raise SettingsError(f"CLINIC_FLOWS_DIR={str(ivr.flows_dir)!r}: {exc}") from exc
+    if flowset.default not in flowset.flows:
+        raise SettingsError(
+            f"CLINIC_FLOWS_DIR={str(ivr.flows_dir)!r}: no flow {flowset.default!r}, which "
+            "answers every number routes.yaml does not name"
+        )
+    if ivr.vosk_model is not None and not ivr.vosk_model.is_dir():
+        raise SettingsError(f"CLINIC_VOSK_MODEL={str(ivr.vosk_model)!r}: no such directory")
 
 
 class ClinicLine:

@@ -477,6 +477,33 @@ async def test_serve_that_cannot_bind_stops_everything_it_started(
     assert not _sip_workers_on(sip_port + 1), "a SIP worker outlived serve"
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("CLINIC_FLOWS_DIR", "{tmp}/no-such-folder", "no such directory"),
+        ("CLINIC_FLOWS_DIR", "{tmp}", "no flow 'main_menu'"),  # a folder without flows
+        ("CLINIC_VOSK_MODEL", "{tmp}/no-such-model", "no such directory"),
+    ],
+)
+async def test_serve_refuses_a_clinic_line_whose_calls_would_all_fail(
+    redis_server: RedisServer, tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    """Before, serve started: every call then failed with 500 (no flows), or a traceback
+    ended it (no model). Now exit 2 with a line naming the variable, like any bad value."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env |= {
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
+        "CLINIC_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        "CLINIC_SIP_ADDR": f"127.0.0.1:{free_port(count=3)}",
+        "CLINIC_SIP_WORKERS": "1",
+        variable: value.format(tmp=tmp_path),
+    }
+    code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
+    assert code == 2, text[-3000:]
+    assert f"configuration error: {variable}=" in text and says in text, text[-3000:]
+
+
 def _sip_workers_on(port: int) -> list[int]:
     """Pids of SIP worker processes started for ``port``."""
     return [
