@@ -15,7 +15,9 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import signal
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -518,6 +520,35 @@ async def test_part_of_an_entry_typed_over_its_prompt_still_times_out(line: Clin
     record = await line.new_record(before)
     assert record["flow"] == "prescription", record
     assert ("dob", "0102198") in steps(record, "nomatch"), record["path"]
+
+
+async def test_the_goodbye_hangs_up_without_waiting_for_the_record_save(
+    line: ClinicLine, scheduling: WebhookReceiver
+) -> None:
+    # Redis frozen while the call runs: the record's save waits for it (up to 30 s), and the
+    # caller, told "goodbye", must not be held on a silent line all that time.
+    scheduling.fail_first = 0
+    before = await line.call_ids()
+    pid = line.redis.pid
+    assert pid is not None
+    # 1 appointments, 1 book, date of birth and patient number typed ahead.
+    keys = ",".join(
+        f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(["1", "1", *"01021980", *"12345#"])
+    )
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with phones() as started:
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--dtmf", keys, "--duration", "60"
+            )
+            started.append(caller)
+            ended = await caller.wait_for("ended", CALL_S)
+            await caller.finish(CALL_S)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert ended["t"] < 30, f"the BYE waited for the save: {caller.events}"
+    record = await line.new_record(before)  # and the save still landed once Redis was back
+    assert record["outcome"] == "appointment_requested", record
 
 
 async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(

@@ -909,10 +909,10 @@ class Engine:
             transfer_target=state.transfer_target,
             outcome=outcome,
         )
-        out: list[Action] = [*actions, Store(record)]
-        if hangup:
-            out.append(HangupCall())
-        return state, out
+        # The BYE first: the caller is not held on a silent line while the record is saved
+        # (up to its patience with Redis down).
+        ends = [HangupCall()] if hangup else []
+        return state, [*actions, *ends, Store(record)]
 
     def _apply(self, state: CallState, effect: Effect) -> CallState:
         tri = state.triage or TriageState()
