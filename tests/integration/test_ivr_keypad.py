@@ -551,6 +551,29 @@ async def test_the_goodbye_hangs_up_without_waiting_for_the_record_save(
     assert record["outcome"] == "appointment_requested", record
 
 
+async def test_a_call_cut_by_a_dying_worker_is_not_recorded_as_the_callers_hang_up(
+    line: ClinicLine,
+) -> None:
+    # Staff read "caller_hung_up" as the patient's choice; a patient cut off mid-menu by a
+    # crash should be called back, so the record says what happened.
+    pool = line.app[RUNTIME].sip_pool
+    assert pool is not None
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start("caller", "--call", line.uri("6000"), "--duration", "8")
+        started.append(caller)
+        await caller.wait_for("media", CALL_S)
+        holding = [w.process for w in pool._workers if w.calls]
+        assert len(holding) == 1 and holding[0] is not None, "no worker holds the call"
+        os.kill(holding[0].pid, signal.SIGKILL)
+        record = await line.new_record(before)
+        await caller.finish(CALL_S)
+    assert record["outcome"] == "cut_worker_lost", record
+    async with asyncio.timeout(20):
+        while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
+            await asyncio.sleep(0.05)
+
+
 async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     line: ClinicLine, tmp_path: Path
 ) -> None:

@@ -747,3 +747,23 @@ def test_a_message_not_kept_is_never_recorded_as_one(engine: Engine, silent: boo
     kept = [s.value for s in state.path if s.input == "record"]
     assert kept == (["silent", "silent"] if silent else ["not_saved"])
     assert state.outcome == "transfer_staff"
+
+
+@pytest.mark.parametrize(
+    ("events", "cut", "outcome"),
+    [
+        ([DONE], "", "caller_hung_up"),
+        ([DONE], "worker_lost", "cut_worker_lost"),  # mid-menu: someone should call back
+        ([DONE, DONE, Digit("0")], "shutdown", "cut_shutdown"),  # during "connecting you"
+        ([DONE, DONE, Digit("0")], "", "hung_up_before_transfer"),
+        # The goodbye was under way: the call had reached its end, whatever cut it.
+        ([Digit("2"), DONE, RecordDone("m.wav", 4)], "shutdown", "done"),
+    ],
+)
+def test_a_call_cut_by_the_service_says_so(
+    engine: Engine, events: list[Event], cut: str, outcome: str
+) -> None:
+    state, steps = feed(engine, [*events, HangUp(cut)])
+    assert state.phase is Phase.ENDED
+    (store,) = [a for a in steps[-1] if isinstance(a, Store)]
+    assert store.record.outcome == outcome

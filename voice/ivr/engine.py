@@ -157,7 +157,10 @@ class RecordDone:
 
 @dataclass(frozen=True, slots=True)
 class HangUp:
-    """The caller hung up."""
+    """The call ended: the caller hung up, or ``cut`` says why the service ended it
+    (``"worker_lost"``, ``"shutdown"``), so the record does not blame the caller."""
+
+    cut: str = ""
 
 
 Event = (
@@ -378,10 +381,14 @@ class Engine:
             return state, []
         if isinstance(event, HangUp):
             outcome = state.outcome or "caller_hung_up"
-            if state.phase is Phase.TRANSFERRING or state.pending is Pending.TRANSFER:
+            transferring = state.phase is Phase.TRANSFERRING or state.pending is Pending.TRANSFER
+            if transferring:
                 # Before the REFER went through (or during "connecting you"): nobody took
                 # the call, which an urgent caller's record must show.
                 outcome = "hung_up_before_transfer"
+            if event.cut and (transferring or not state.outcome):
+                # Cut mid-call by the service: someone should call this patient back.
+                outcome = f"cut_{event.cut}"
             return self._end(state, outcome, [], hangup=False)
         new, actions = self._dispatch(state, event)
         ensure_not_lowered(state.triage, new.triage)

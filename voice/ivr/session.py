@@ -206,6 +206,7 @@ class CallSession:
         self._language = flow.language
         log.info("call %s: answered, flow %s", self._h.id, flow.id)
         pump = self._spawn(self._pump_sip())
+        cut = ""
         try:
             await self._h.answer()
             state, actions = self._d.engine.start(flow)
@@ -213,13 +214,17 @@ class CallSession:
                 await self._loop(state, actions)
         except TimeoutError:
             log.warning("call %s: longer than %d s: hanging up", self._h.id, MAX_CALL_S)
+            cut = "too_long"
         except Exception:
             log.exception("call %s: session failed", self._h.id)
+            cut = "error"
         finally:
             if not self._h.ended:
                 await self._h.hangup()
             if not self._result_saved and self._state is not None:
-                state, actions = self._d.engine.handle(self._state, eng.HangUp())
+                # Not the caller's doing unless the call's end says so.
+                hangup = eng.HangUp(self._h.cut or cut)
+                state, actions = self._d.engine.handle(self._state, hangup)
                 await self._store_from(actions, state)
             pump.cancel()
             for t in list(self._tasks):
@@ -422,7 +427,7 @@ class CallSession:
                     # The engine wants the voicemail's RecordDone before the HangUp.
                     self._hangup_after_record = True
                 else:
-                    self._events.put_nowait(eng.HangUp())
+                    self._events.put_nowait(eng.HangUp(self._h.cut))
 
     def _on_transfer_status(self, ev: TransferStatus) -> None:
         waiter = self._transfer_waiter
@@ -458,7 +463,7 @@ class CallSession:
         self._transferring = False
         self._events.put_nowait(eng.TransferResult(ok))
         if self._hangup_after_transfer:
-            self._events.put_nowait(eng.HangUp())
+            self._events.put_nowait(eng.HangUp(self._h.cut))
 
     async def _beep(self) -> None:
         """Play the tone the record prompt promises and wait for its end (bounded)."""
@@ -505,7 +510,7 @@ class CallSession:
         pcm = b"".join(chunks or [])
         self._events.put_nowait(await self._keep(pcm))
         if self._hangup_after_record:
-            self._events.put_nowait(eng.HangUp())
+            self._events.put_nowait(eng.HangUp(self._h.cut))
 
     async def _keep(self, pcm: bytes) -> eng.RecordDone:
         """Save a message that holds speech; say why nothing was kept otherwise."""

@@ -161,6 +161,9 @@ class CallHandle:
         self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
         self.outcome: CallOutcome | None = None
         self.sip_status = 0
+        # Why the service, not a person, ended the call: "worker_lost" (its SIP worker died),
+        # "shutdown" (the service stopped), or "".
+        self.cut = ""
         self._pool = pool
         self._worker = worker
         self._events: asyncio.Queue[HandleEvent] = asyncio.Queue()
@@ -256,6 +259,10 @@ class CallHandle:
         if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
             self.outcome = ev.outcome
             self.sip_status = ev.sip_status
+            if ev.outcome is CallOutcome.WORKER_LOST:
+                self.cut = "worker_lost"
+            elif not self._pool.running:
+                self.cut = "shutdown"
             self._ended.set()
             if self._audio is not None:
                 self._audio.put_nowait(None)
@@ -386,6 +393,11 @@ class SipPool:
         if w.reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await w.reader
+
+    @property
+    def running(self) -> bool:
+        """Between :meth:`start` and :meth:`stop`."""
+        return self._running
 
     def ready(self) -> bool:
         """True when every worker is up (and registered, when a registrar is configured)."""
