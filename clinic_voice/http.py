@@ -184,6 +184,9 @@ def refuse_request_line(request: web.Request) -> web.Response:
     else:
         major, minor = request.version
         resp = problem(505, *HTTP_SLUGS[505], f"HTTP/{major}.{minor} is not served here")
+        # aiohttp writes the status line in the request's version ("HTTP/2.0 505"); a server
+        # answers in its own (RFC 9110 6.2). ``version`` is cached on the request (reify).
+        request._cache["version"] = HttpVersion11
     read_no_more(request)
     resp.force_close()
     return resp
@@ -451,6 +454,7 @@ class ProblemRequestHandler(RequestHandler):
         else:
             slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
             resp = problem(status, slug, title, detail)
+        resp.headers[hdrs.CACHE_CONTROL] = "no-store"  # as every /v1 answer; the path is unread
         resp.force_close()
         return resp
 

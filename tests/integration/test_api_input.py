@@ -373,6 +373,7 @@ class RawAnswer:
     headers: CIMultiDict[str]
     body: bytes
     interim: tuple[int, ...] = ()  # 1xx answers before it (100 Continue)
+    version: str = ""  # of the status line
 
 
 async def raw_exchange(
@@ -403,7 +404,7 @@ async def raw_exchange(
         async with asyncio.timeout(read_s):
             while True:
                 lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-                status = int(lines[0].split()[1])
+                version, status = lines[0].split()[0], int(lines[0].split()[1])
                 headers = CIMultiDict(
                     (k.strip(), v.strip())
                     for k, _, v in (line.partition(":") for line in lines[1:] if line)
@@ -425,7 +426,7 @@ async def raw_exchange(
     if documented:  # a route the OpenAPI document has
         errors = api.collector.check(method, path, status, ctype, answer, headers=headers)
         assert not errors, errors
-    return RawAnswer(status, headers, answer, tuple(interim))
+    return RawAnswer(status, headers, answer, tuple(interim), version)
 
 
 def assert_problem(answer: RawAnswer, status: int, slug: str) -> dict[str, Any]:
@@ -608,6 +609,7 @@ async def test_a_request_line_not_served_is_refused(
     answer = await raw_exchange(api, line + "\nHost: t\n", documented=False, closed_within_s=1.0)
     assert json.loads(answer.body)["type"].endswith("/" + slug), answer
     assert answer.status == status, answer
+    assert answer.version == "HTTP/1.1", "the server's own version, not the request's"
 
 
 @asynccontextmanager
@@ -672,6 +674,7 @@ async def test_a_coding_aiohttp_cannot_decode_here_is_415_without_its_advice(
             head_bytes, _, body = raw.partition(b"\r\n\r\n")
             assert head_bytes.split(b" ", 2)[1] == b"415", raw
             assert b"accept-encoding: identity, gzip, deflate" in head_bytes.lower(), raw
+            assert b"cache-control: no-store" in head_bytes.lower(), raw
             problem = json.loads(body)
             assert problem["type"].endswith("/unsupported-media-type"), body
             assert problem["accepted"] == ["identity", "gzip", "deflate"], body
