@@ -628,7 +628,11 @@ def _build(r: _Reader) -> Settings:
         http_timeout_s=r.number("CLINIC_SMS_HTTP_TIMEOUT_S", 0.1, 60),
         http_retries=r.integer("CLINIC_SMS_HTTP_RETRIES", 0, 10),
     )
-    if sms.gateway == "http" and sms.http_budget_s >= verification.step_timeout_sms_s:
+    if (
+        sms.gateway == "http"
+        and sms.http_url
+        and sms.http_budget_s >= verification.step_timeout_sms_s
+    ):
         # The step timer would take the send for lost, and send again, while the gateway is
         # still being tried: two SMS with two codes.
         raise SettingsError(
@@ -659,6 +663,13 @@ def _build(r: _Reader) -> Settings:
     )
     if sip.registrar and not sip.user:
         raise SettingsError("CLINIC_SIP_REGISTRAR is set: CLINIC_SIP_USER is needed too")
+    # The workers listen on the ports after the front's, and the flash-call agent on the next.
+    if sip.addr.port and sip.addr.port + sip.workers + 1 > 65535:
+        raise SettingsError(
+            f"CLINIC_SIP_ADDR={str(sip.addr)!r} with CLINIC_SIP_WORKERS={sip.workers}: the "
+            f"workers and the flash-call agent need ports {sip.addr.port + 1}.."
+            f"{sip.addr.port + sip.workers + 1}, past 65535"
+        )
     vosk = r.raw("CLINIC_VOSK_MODEL")
     ivr = IvrSettings(
         flows_dir=Path(r.raw("CLINIC_FLOWS_DIR")),

@@ -128,7 +128,8 @@ def parse_create(
     if method is None:
         if not available:
             raise NoChannelConfigured(
-                "configure an SMS gateway, a SIP route or a flash-call prefix"
+                "configure an SMS gateway (CLINIC_SMS_HTTP_URL) or a SIP route "
+                "(CLINIC_SIP_ROUTE; flash calls need CLINIC_FLASHCALL_PREFIX too)"
             )
         # The first configured channel the fallback list does not name.
         free = [c for c in available if fallback is None or c not in fallback]

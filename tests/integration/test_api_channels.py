@@ -51,7 +51,7 @@ async def test_sms_ok_is_delivered_with_token_clinic_name_and_code_only(
     assert sms.content_type == "application/json"
     assert CLINIC_NAME in sms.text
     assert re.fullmatch(
-        rf"[0-9]{{7}} is your {re.escape(CLINIC_NAME)} verification code\. Do not share it\.",
+        rf"[0-9]{{7}} is your verification code for {re.escape(CLINIC_NAME)}\. Do not share it\.",
         sms.text,
     ), sms.text
     assert not any(w in sms.text.lower() for w in HEALTH_WORDS), sms.text

@@ -268,21 +268,34 @@ def test_an_sms_send_must_fit_in_its_step() -> None:
     # A review found the step timer sending a second SMS (a second code) while the gateway
     # was still being retried: every attempt timing out, with the pauses between them at
     # their longest (+20 %), must end before the step does.
-    defaults = build()
+    url = {"CLINIC_SMS_HTTP_URL": "https://sms.example/send"}
+    defaults = build(**url)
     assert defaults.sms.http_budget_s == pytest.approx(3 * 5 + 1.2 * (0.5 + 1))  # 16.8 s
-    assert build(CLINIC_STEP_TIMEOUT_SMS_S="17").sms.http_retries == 2
+    assert build(**url, CLINIC_STEP_TIMEOUT_SMS_S="17").sms.http_retries == 2
     with pytest.raises(SettingsError, match=r"can take 16\.8 s, not less than .*_SMS_S=16"):
-        build(CLINIC_STEP_TIMEOUT_SMS_S="16")
+        build(**url, CLINIC_STEP_TIMEOUT_SMS_S="16")
     with pytest.raises(SettingsError, match="CLINIC_SMS_HTTP_TIMEOUT_S=60 with"):
-        build(CLINIC_SMS_HTTP_TIMEOUT_S="60", CLINIC_SMS_HTTP_RETRIES="1")  # 120.6 s > 120
-    build(CLINIC_SMS_HTTP_TIMEOUT_S="60", CLINIC_SMS_HTTP_RETRIES="0")
+        build(**url, CLINIC_SMS_HTTP_TIMEOUT_S="60", CLINIC_SMS_HTTP_RETRIES="1")  # 120.6 > 120
+    build(**url, CLINIC_SMS_HTTP_TIMEOUT_S="60", CLINIC_SMS_HTTP_RETRIES="0")
     build(CLINIC_SMS_GATEWAY="sip", CLINIC_STEP_TIMEOUT_SMS_S="10")  # no HTTP gateway tried
+    build(CLINIC_STEP_TIMEOUT_SMS_S="10")  # no gateway URL: no SMS is sent at all
     longest = build(
+        **url,
         CLINIC_SMS_HTTP_TIMEOUT_S="60",
         CLINIC_SMS_HTTP_RETRIES="10",
         CLINIC_STEP_TIMEOUT_SMS_S="900",
     )
     assert longest.sms.http_budget_s < 900, "the largest values still have a step to fit in"
+
+
+def test_the_sip_workers_ports_must_exist() -> None:
+    # The review: 127.0.0.1:65535 started with a front on 0 and workers on 0.
+    with pytest.raises(SettingsError, match=r"CLINIC_SIP_ADDR='127\.0\.0\.1:65535'.*past 65535"):
+        build(CLINIC_SIP_ADDR="127.0.0.1:65535")
+    with pytest.raises(SettingsError, match=r"65534\.\.65536"):
+        build(CLINIC_SIP_ADDR="127.0.0.1:65533", CLINIC_SIP_WORKERS="2")
+    assert build(CLINIC_SIP_ADDR="127.0.0.1:65532", CLINIC_SIP_WORKERS="2").sip.workers == 2
+    assert build(CLINIC_SIP_ADDR="127.0.0.1:0", CLINIC_SIP_WORKERS="512").sip.addr.port == 0
 
 
 def test_registrar_needs_a_user() -> None:

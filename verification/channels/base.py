@@ -57,4 +57,5 @@ class ChannelAdapter(Protocol):
 
 def sms_text(clinic_name: str, code: str) -> str:
     """The SMS body: names the clinic, holds the code, holds no health data."""
-    return f"{code} is your {clinic_name} verification code. Do not share it."
+    # "for <name>" reads well with any name, the default "the clinic" too.
+    return f"{code} is your verification code for {clinic_name}. Do not share it."
