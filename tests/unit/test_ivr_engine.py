@@ -767,3 +767,27 @@ def test_a_call_cut_by_the_service_says_so(
     assert state.phase is Phase.ENDED
     (store,) = [a for a in steps[-1] if isinstance(a, Store)]
     assert store.record.outcome == outcome
+
+
+# -- keys typed while a webhook runs (review of the non-triage menus) -------------------------
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "12345678902",  # one key too many: the entry ends at max, the "2" is typed over the post
+        "1234567890#2",  # the hash after an entry that ended at max, and more
+    ],
+)
+def test_keys_typed_during_a_lookup_do_not_answer_the_next_question(
+    shipped: FlowSet, entry: str
+) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, actions = script_call(
+        engine, "results", ["01021990#", entry], webhook_data={"ready": "yes"}
+    )
+    post = next(a for a in actions if isinstance(a, PostWebhook))
+    assert post.values["patient_number"] == "1234567890"
+    # "2" would have said "no" to "discuss your results with staff?" before it was asked.
+    assert (state.flow, state.node, state.phase) == ("results", "more", Phase.LISTENING)
+    assert any(t.startswith("Would you like to discuss") for t in texts(actions))

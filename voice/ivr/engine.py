@@ -16,7 +16,8 @@ VoiceXML semantics kept here:
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * keys pressed while a prompt plays are kept (type-ahead) and consumed by the next ask, whose
-  prompt is then skipped;
+  prompt is then skipped; keys pressed while a webhook runs are dropped when it answers (they
+  were typed before the caller heard the question after it);
 * each ask counts its noinputs and nomatches and tapers its reprompts; low confidence is a
   nomatch; when a counter runs out the caller goes to the ask's ``on_fail`` or a human;
 * anywhere, ``*`` repeats the prompt and ``0`` reaches a human (staff, or the nurse in the
@@ -822,6 +823,9 @@ class Engine:
     def _webhook_done(
         self, state: CallState, flow: Flow, node: Webhook, ev: WebhookResult
     ) -> Result:
+        # Keys typed during the lookup (the rest of an over-long entry, a double press) were
+        # typed before the caller heard what comes next: they must not answer it.
+        state = replace(state, typeahead="")
         for key, value in ev.data.items():
             state = state.with_value(f"{node.save}.{key}", str(value))
         state = self._step(state, "webhook", "ok" if ev.ok else "failed")
