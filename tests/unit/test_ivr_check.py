@@ -40,6 +40,12 @@ EXPECTED: dict[str, list[str]] = {
         "10: path never ends: no hang-up or transfer after 'b'",
     ],
     "bad_yaml.yaml": ["5: YAML: expected ',' or ']', but got '<stream end>'"],
+    "unspoken_label.yaml": [
+        "12: label 'moving an appointment' is spoken as an answer but none of its phrases"
+        " matches it",
+        "14: label 'something else' is spoken as an answer but none of its phrases matches it",
+        "15: label 'other than book' is spoken as an answer but also matches 'book'",
+    ],
     "unsafe_outcomes.yaml": [
         "9: ask 'bleeding' has an answer giving U1 or U0: mark it danger_sign: true",
         "18: hang-up 'bye' with outcome 'transfer_nurse': an outcome that promises a human"

@@ -791,3 +791,25 @@ def test_keys_typed_during_a_lookup_do_not_answer_the_next_question(
     # "2" would have said "no" to "discuss your results with staff?" before it was asked.
     assert (state.flow, state.node, state.phase) == ("results", "more", Phase.LISTENING)
     assert any(t.startswith("Would you like to discuss") for t in texts(actions))
+
+
+@pytest.mark.parametrize(
+    ("said", "value"), [("book", "book"), ("move", "move"), ("cancel", "cancel")]
+)
+def test_saying_an_appointment_hint_picks_its_choice(
+    shipped: FlowSet, said: str, value: str
+) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, actions = engine.start(shipped.get("appointments"))
+    assert f"Say {said} or press" in texts(actions)[0]
+    state, _ = engine.handle(state, PromptDone())
+    state, _ = engine.handle(state, SpeechResult(said, 0.9))
+    assert (state.node, state.value("appt_action")) == ("dob", value)
+
+
+def test_the_appointment_menu_on_the_keypad_reads_naturally(shipped: FlowSet) -> None:
+    _, actions = Engine(shipped, FlowParams()).start(shipped.get("appointments"))
+    assert texts(actions) == [
+        "To book an appointment, press 1. To move an appointment, press 2. To cancel an "
+        "appointment, press 3."
+    ]

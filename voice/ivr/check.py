@@ -9,7 +9,10 @@ Checks, each reported as ``file:line: message``:
 * the safety rules, replayed over every path with the same triage rules the engine runs:
   urgency never goes down (no outcome less urgent than the urgency reached, no hang-up
   without a human at U2 or above), every danger-sign question has an answer that makes the
-  call U1 or U0 and its give-up path ends with a human, never a plain hang-up.
+  call U1 or U0 and its give-up path ends with a human, never a plain hang-up;
+* spoken hints: in an ask that takes speech the prompt says "Say {label} or press {key}", so
+  each such label must be heard as its own choice (one of its phrases, by the engine's own
+  matching) and as no other.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from voice.ivr.engine import phrase_in
 from voice.ivr.flow import (
     PARAM_NAMES,
     ROUTES_FILE,
@@ -32,6 +36,7 @@ from voice.ivr.flow import (
     FlowSet,
     Goto,
     Hangup,
+    InputMode,
     Node,
     Record,
     Say,
@@ -138,6 +143,7 @@ class _Checker:
         self.danger_signs()
         self.safety_paths()
         self.placeholders()
+        self.spoken_labels()
         return self.findings
 
     # -- structure
@@ -392,6 +398,30 @@ class _Checker:
                 name = node.on
                 if name not in known and not any(name.startswith(p) for p in prefixes):
                     self.add(node.line, f"branch on {name!r}, which nothing collects")
+
+    def spoken_labels(self) -> None:
+        """A caller who says what the hint told them to say must get that choice."""
+        for node in self.flow.nodes.values():
+            if not isinstance(node, Ask) or node.mode is InputMode.KEYPAD:
+                continue
+            for choice in node.choices:
+                if not (choice.label and choice.key):
+                    continue  # no "Say ... or press ..." hint for it
+                heard = [
+                    c for c in node.choices if any(phrase_in(p, choice.label) for p in c.phrases)
+                ]
+                if choice not in heard:
+                    self.add(
+                        choice.line,
+                        f"label {choice.label!r} is spoken as an answer but none of its "
+                        "phrases matches it",
+                    )
+                elif len(heard) > 1:
+                    others = ", ".join(repr(c.label or c.value) for c in heard if c is not choice)
+                    self.add(
+                        choice.line,
+                        f"label {choice.label!r} is spoken as an answer but also matches {others}",
+                    )
 
 
 def _texts(node: Node) -> list[str]:
