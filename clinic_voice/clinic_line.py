@@ -15,6 +15,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.engine import Engine
 from voice.ivr.flow import FlowError, FlowParams, FlowSet, load_flows
 from voice.ivr.session import CallSession, SessionDeps
+from voice.ivr.webhook import reply_values
 from voice.media.asr import SpeechModel
 from voice.media.tts import PromptRenderer
 from voice.sip.pool import CallHandle
@@ -131,16 +132,14 @@ class ClinicLine:
         }
         try:
             answer = await client.post(url, body, headers, timeout_s=timeout_s)
-            if not 200 <= answer.status < 300:
-                log.warning("webhook %r answered %s", url_key, answer.status)
-                return None
-            body = json.loads(answer.body) if answer.body.strip() else {}
         except (TimeoutError, HttpClientError, ValueError) as exc:
             log.warning("webhook %r failed: %s", url_key, type(exc).__name__)
             return None
-        if not isinstance(body, dict):
-            return {}
-        return {str(k): str(v) for k, v in body.items() if isinstance(v, str | int | float)}
+        if not 200 <= answer.status < 300:
+            log.warning("webhook %r answered %s", url_key, answer.status)
+            return None
+        # A 2xx is success whatever its body (the request arrived); JSON members are values.
+        return reply_values(answer.body)
 
     async def _save_recording(self, call_id: str, pcm: bytes) -> str:
         """Voicemail is health data: sealed like call records, in the data dir."""

@@ -1,0 +1,54 @@
+"""A webhook reply's body as the flow sees it: the contract README documents, table-driven."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voice.ivr.engine import Engine, Play
+from voice.ivr.flow import FlowParams, load_flows
+from voice.ivr.simulate import script_call
+from voice.ivr.webhook import reply_values
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+
+# (name, reply body, values the flow gets)
+TABLE: list[tuple[str, bytes, dict[str, str]]] = [
+    ("true is yes", b'{"ready": true}', {"ready": "yes"}),
+    ("false is no", b'{"ready": false}', {"ready": "no"}),
+    ("text stays text", b'{"message": "See you Monday."}', {"message": "See you Monday."}),
+    ("numbers become text", b'{"slot": 3, "price": 12.5}', {"slot": "3", "price": "12.5"}),
+    (
+        "null, lists and objects are left out",
+        b'{"a": null, "b": [1], "c": {}, "d": "x"}',
+        {"d": "x"},
+    ),
+    ("an empty body: no values", b"", {}),
+    ("only white space: no values", b" \r\n", {}),
+    ("not JSON: no values", b"OK", {}),
+    ("not UTF-8: no values", b"\xff\xfe", {}),
+    ("JSON that is not an object: no values", b'["ready"]', {}),
+]
+
+
+@pytest.mark.parametrize(("body", "values"), [t[1:] for t in TABLE], ids=[t[0] for t in TABLE])
+def test_reply_values(body: bytes, values: dict[str, str]) -> None:
+    assert reply_values(body) == values
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"ready": true}', "Your results are ready in the patient portal."),
+        (b'{"ready": false}', "Your results are not ready yet."),
+    ],
+)
+def test_a_boolean_ready_reaches_the_results_branch(body: bytes, said: str) -> None:
+    engine = Engine(load_flows(SHIPPED), FlowParams())
+    state, actions = script_call(
+        engine, "results", ["01021990#", "1234#"], webhook_data=reply_values(body)
+    )
+    # "True" matched no case of the branch: every caller went to staff.
+    assert (state.flow, state.node) == ("results", "more")
+    assert any(isinstance(a, Play) and a.text.startswith(said) for a in actions)

@@ -1,0 +1,34 @@
+"""What a flow's webhook reply means to the flow: pure, so the contract is tested without HTTP.
+
+The session POSTs a ``webhook`` step's values and, on a 2xx answer, hands the reply body to
+:func:`reply_values`; each value lands in the call as ``<save>.<name>`` (``booking.message``,
+``results.ready``), where flows speak it or branch on it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def reply_values(body: bytes) -> dict[str, str]:
+    """The values a 2xx reply ``body`` gives the flow.
+
+    A JSON object's text, number and boolean members become texts; a boolean is ``yes`` or
+    ``no`` (what flows branch on: ``{"ready": true}`` must not read ``True``). Other members
+    (null, lists, objects) are left out. An empty body, one that is not JSON, or JSON that is
+    not an object gives no values: the request arrived, which is the step's success.
+    """
+    try:
+        data: Any = json.loads(body) if body.strip() else {}
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, str] = {}
+    for name, value in data.items():
+        if isinstance(value, bool):
+            out[str(name)] = "yes" if value else "no"
+        elif isinstance(value, str | int | float):
+            out[str(name)] = str(value)
+    return out
