@@ -15,7 +15,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.engine import Engine
 from voice.ivr.flow import FlowError, FlowParams, FlowSet, load_flows
 from voice.ivr.session import CallSession, SessionDeps
-from voice.ivr.webhook import reply_values
+from voice.ivr.webhook import reply_values, unconfigured
 from voice.media.asr import SpeechModel
 from voice.media.tts import PromptRenderer
 from voice.sip.pool import CallHandle
@@ -23,6 +23,8 @@ from voice.sip.pool import CallHandle
 log = logging.getLogger(__name__)
 
 VOICEMAIL_SWEEP_S = 3600.0
+# A flow's webhook step names a URL key; the setting that gives its URL.
+WEBHOOK_SETTINGS = {"scheduling": "CLINIC_SCHEDULING_WEBHOOK"}
 
 
 def check_clinic_line(settings: Settings) -> None:
@@ -59,7 +61,23 @@ class ClinicLine:
 
     @classmethod
     def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
-        return cls(settings, rt, load_flows(settings.ivr.flows_dir))
+        line = cls(settings, rt, load_flows(settings.ivr.flows_dir))
+        line.warn_unconfigured_webhooks()
+        return line
+
+    def webhook_urls(self) -> dict[str, str]:
+        """URL key of a flow's webhook step -> its URL ("" when not set)."""
+        return {"scheduling": self._settings.ivr.scheduling_webhook}
+
+    def warn_unconfigured_webhooks(self) -> None:
+        """Once at start, not once per call: callers of these flows type their details and
+        are then told the system cannot be reached."""
+        for key, flows in unconfigured(self._flowset, self.webhook_urls()).items():
+            log.warning(
+                "%s is not set: the webhook steps of flows %s take their failure branch",
+                WEBHOOK_SETTINGS.get(key, f"webhook {key!r}"),
+                ", ".join(flows),
+            )
 
     async def start(self) -> None:
         speech = await SpeechModel.load(self._settings.ivr.vosk_model)
@@ -117,11 +135,14 @@ class ClinicLine:
     async def _post_webhook(
         self, url_key: str, values: Mapping[str, str], timeout_s: float
     ) -> Mapping[str, str] | None:
-        urls = {"scheduling": self._settings.ivr.scheduling_webhook}
-        url = urls.get(url_key, "")
+        url = self.webhook_urls().get(url_key, "")
+        if not url:
+            # Warned once at start (warn_unconfigured_webhooks): not once per call.
+            log.debug("webhook %r is not configured: taking its failure branch", url_key)
+            return None
         client = self._rt.http_client
-        if not url or client is None:
-            log.warning("webhook %r is not configured: taking its failure branch", url_key)
+        if client is None:
+            log.warning("webhook %r: no HTTP client: taking its failure branch", url_key)
             return None
         # Signed as the verification webhooks are (one recipe for receivers): the body holds
         # what a caller entered, and the scheduling system should act only on this service's.

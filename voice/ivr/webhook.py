@@ -8,7 +8,10 @@ The session POSTs a ``webhook`` step's values and, on a 2xx answer, hands the re
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
+
+from voice.ivr.flow import FlowSet, Webhook
 
 
 def reply_values(body: bytes) -> dict[str, str]:
@@ -32,3 +35,16 @@ def reply_values(body: bytes) -> dict[str, str]:
         elif isinstance(value, str | int | float):
             out[str(name)] = str(value)
     return out
+
+
+def unconfigured(flowset: FlowSet, urls: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """URL keys a flow's ``webhook`` step names but ``urls`` leaves empty, with those flows.
+
+    Every call through such a step takes its ``on_fail`` branch: worth one warning at start.
+    """
+    out: dict[str, set[str]] = {}
+    for flow in flowset.flows.values():
+        for node in flow.nodes.values():
+            if isinstance(node, Webhook) and not urls.get(node.url):
+                out.setdefault(node.url, set()).add(flow.id)
+    return {key: tuple(sorted(ids)) for key, ids in sorted(out.items())}

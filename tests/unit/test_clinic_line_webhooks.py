@@ -1,0 +1,59 @@
+"""An unset scheduling webhook: one warning at start naming the setting, not one per call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from clinic_voice.app import Runtime
+from clinic_voice.clinic_line import ClinicLine
+from sip_config.settings import Settings
+from voice.ivr.flow import load_flows
+from voice.ivr.webhook import unconfigured
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+
+
+def test_the_flows_with_a_scheduling_step_are_named() -> None:
+    flows = load_flows(SHIPPED)
+    assert unconfigured(flows, {"scheduling": ""}) == {
+        "scheduling": ("appointments", "results", "triage")
+    }
+    assert unconfigured(flows, {"scheduling": "https://scheduling.example/hook"}) == {}
+
+
+def _line(tmp_path: Path, url: str) -> ClinicLine:
+    env = {
+        "CLINIC_DATA_DIR": str(tmp_path),
+        "CLINIC_FLOWS_DIR": str(SHIPPED),
+        "CLINIC_SCHEDULING_WEBHOOK": url,
+    }
+    rt = cast(Runtime, SimpleNamespace(http_client=None))
+    return ClinicLine.load(Settings.from_env(env), rt)
+
+
+def test_an_unset_webhook_is_warned_once_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="clinic_voice.clinic_line")
+    line = _line(tmp_path, "")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "CLINIC_SCHEDULING_WEBHOOK is not set: the webhook steps of flows appointments, "
+        "results, triage take their failure branch"
+    ]
+    caplog.clear()
+    for _ in range(3):  # three callers
+        assert asyncio.run(line._post_webhook("scheduling", {}, 1.0)) is None
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG] * 3
+
+
+def test_a_set_webhook_is_not_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="clinic_voice.clinic_line")
+    _line(tmp_path, "https://scheduling.example/hook")
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
