@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 from collections.abc import Mapping
@@ -81,7 +82,9 @@ class ClinicLine:
 
     async def start(self) -> None:
         speech = await SpeechModel.load(self._settings.ivr.vosk_model)
-        params = FlowParams.from_settings(self._settings, speech_enabled=speech is not None)
+        params = FlowParams.from_settings(
+            self._settings, speech_enabled=speech is not None, today=self._today
+        )
         assert self._rt.renderer is not None and self._rt.call_store is not None
         renderer = self._rt.renderer
         # Static prompts render in the background (about 150 texts, ~40 s on 2 cores with an
@@ -101,6 +104,10 @@ class ClinicLine:
             clock=self._rt.clock,
             tone_dir=self._settings.data_dir / "prompts",
         )
+
+    def _today(self) -> datetime.date:
+        """The clinic's date (the host's local time zone) by the service's clock."""
+        return datetime.datetime.fromtimestamp(self._rt.clock.now()).date()
 
     async def _prerender_all(self, renderer: PromptRenderer, params: FlowParams) -> None:
         count = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -813,3 +814,49 @@ def test_the_appointment_menu_on_the_keypad_reads_naturally(shipped: FlowSet) ->
         "To book an appointment, press 1. To move an appointment, press 2. To cancel an "
         "appointment, press 3."
     ]
+
+
+# -- a date of birth must be a date (review of the non-triage menus) --------------------------
+
+TODAY = date(2026, 3, 1)
+
+# (entry, whether it is taken) with today 1 March 2026
+DATES_OF_BIRTH: list[tuple[str, bool]] = [
+    ("01021990", True),
+    ("29022000", True),  # a leap day
+    ("01032026", True),  # born today
+    ("01031896", True),  # 130 years ago to the day
+    ("99999999", False),
+    ("00000000", False),
+    ("00011990", False),  # day 0
+    ("01131990", False),  # month 13
+    ("31041990", False),  # 31 April
+    ("29021999", False),  # not a leap year
+    ("02032026", False),  # tomorrow
+    ("01012030", False),  # in the future
+    ("28021896", False),  # more than 130 years ago
+]
+
+
+@pytest.mark.parametrize("flow_id", ["appointments", "results", "prescription"])
+@pytest.mark.parametrize(("entry", "taken"), DATES_OF_BIRTH)
+def test_a_date_of_birth_must_be_a_real_past_date(
+    shipped: FlowSet, flow_id: str, entry: str, taken: bool
+) -> None:
+    engine = Engine(shipped, FlowParams(today=lambda: TODAY))
+    answers = ["1"] if flow_id == "appointments" else []
+    state, actions = script_call(engine, flow_id, [*answers, entry])
+    if taken:
+        assert (state.node, state.value("dob")) == ("patient_no", entry)
+    else:
+        # A nomatch like a short entry: asked again, nothing saved.
+        assert (state.node, state.nomatch, state.value("dob")) == ("dob", 1, None)
+        assert texts(actions)[-1].startswith("Sorry, I did not understand.")
+
+
+def test_three_impossible_dates_of_birth_reach_staff(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(today=lambda: TODAY))
+    state, actions = script_call(engine, "results", ["99999999", "00000000", "31022000"])
+    assert not any(isinstance(a, PostWebhook) for a in actions)
+    assert state.outcome == "transfer_staff"
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]

@@ -9,6 +9,7 @@ import pytest
 from voice.ivr.flow import (
     Ask,
     Branch,
+    DigitFormat,
     FlowError,
     FlowParams,
     Human,
@@ -101,3 +102,45 @@ def test_load_flows_rejects_an_unknown_target(tmp_path: Path) -> None:
     )
     with pytest.raises(FlowError, match=r"a\.yaml:5: unknown target '@missing'"):
         load_flows(tmp_path)
+
+
+DIGITS_FLOW = """\
+id: d
+language: en
+start: dob
+nodes:
+  dob:
+    ask:
+      prompt: "Date of birth?"
+      digits: {DIGITS}
+      next: bye
+  bye: {hangup: true}
+"""
+
+# (digits spec, the findings of loading it)
+DIGIT_SPECS: list[tuple[str, list[str]]] = [
+    ("{min: 8, max: 8, format: date_ddmmyyyy}", []),
+    ("{min: 8, max: 8, format: date}", ["8: unknown digits format 'date' (date_ddmmyyyy)"]),
+    ("{min: 6, max: 8, format: date_ddmmyyyy}", ["8: format date_ddmmyyyy needs min and max 8"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "findings"), DIGIT_SPECS)
+def test_a_digits_format_is_checked(tmp_path: Path, spec: str, findings: list[str]) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text(DIGITS_FLOW.replace("{DIGITS}", spec), encoding="utf-8")
+    if not findings:
+        ask = load_flow(path).node("dob")
+        assert isinstance(ask, Ask) and ask.digits is not None
+        assert ask.digits.format is DigitFormat.DATE_DDMMYYYY
+        return
+    with pytest.raises(FlowError) as info:
+        load_flow(path)
+    assert [str(f) for f in info.value.findings] == [f"{path}:{line}" for line in findings]
+
+
+@pytest.mark.parametrize("name", ["appointments", "results", "prescription"])
+def test_the_shipped_dates_of_birth_are_checked_as_dates(name: str) -> None:
+    ask = load_flow(SHIPPED / f"{name}.yaml").node("dob")
+    assert isinstance(ask, Ask) and ask.digits is not None
+    assert ask.digits.format is DigitFormat.DATE_DDMMYYYY

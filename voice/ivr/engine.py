@@ -715,7 +715,7 @@ class Engine:
         state = replace(state, digits="")
         if entry == "0":
             return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
-        if len(entry) < spec.min_digits:
+        if len(entry) < spec.min_digits or not spec.accepts(entry, self.params.today()):
             return self._nomatch(self._step(state, "nomatch", entry), flow, ask, False)
         if ask.save:
             state = state.with_value(ask.save, entry)

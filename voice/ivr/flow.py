@@ -20,14 +20,19 @@ same flow, ``@flow`` (another flow's start) or ``@flow:node``. Texts may hold
 ``{placeholders}``: flow parameters (``emergency_number``, ``clinic_name``) make a text
 static (rendered to audio at start-up), collected values make it dynamic.
 
+A digits ask may check what was typed: ``digits: {min: 8, max: 8, format: date_ddmmyyyy}``
+takes only a real date, not in the future and at most 130 years ago (``FlowParams.today``
+says which day it is); any other entry is a nomatch, like one too short.
+
 Every record keeps the file line it came from so ``flow check`` can say ``file:line: why``.
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,12 +95,22 @@ class FlowParams:
     # What a transfer's SIP headers tell the target (CLINIC_TRANSFER_SUMMARY): "none",
     # "urgency" or "full" (the answers too: health data, in clear SIP).
     transfer_summary: str = "urgency"
+    # Today's date, for digit entries checked as dates (a date of birth): injected so the
+    # engine reads no clock itself; the service derives it from its clock, tests fix it.
+    today: Callable[[], datetime.date] = datetime.date.today
 
     @classmethod
-    def from_settings(cls, settings: Any, *, speech_enabled: bool | None = None) -> FlowParams:
+    def from_settings(
+        cls,
+        settings: Any,
+        *,
+        speech_enabled: bool | None = None,
+        today: Callable[[], datetime.date] | None = None,
+    ) -> FlowParams:
         """Build from :class:`sip_config.settings.Settings` (speech on when a model is set)."""
         ivr = settings.ivr
         return cls(
+            today=today or datetime.date.today,
             staff_uri=ivr.staff_uri,
             nurse_uri=ivr.nurse_uri,
             emergency_number=ivr.emergency_number,
@@ -243,6 +258,16 @@ class Choice:
     line: int
 
 
+class DigitFormat(enum.StrEnum):
+    """What a digits entry must be beyond its length."""
+
+    DATE_DDMMYYYY = "date_ddmmyyyy"  # a real date, not in the future, at most 130 years ago
+
+
+MAX_AGE_YEARS = 130
+_FORMAT_DIGITS = {DigitFormat.DATE_DDMMYYYY: 8}
+
+
 @dataclass(frozen=True, slots=True)
 class DigitSpec:
     """A keypad entry of several digits (date of birth, patient number)."""
@@ -250,6 +275,26 @@ class DigitSpec:
     min_digits: int
     max_digits: int
     terminator: str = "#"
+    format: DigitFormat | None = None
+
+    def accepts(self, entry: str, today: datetime.date) -> bool:
+        """Whether ``entry`` (digits, of a length within min..max) is valid for the format."""
+        if self.format is DigitFormat.DATE_DDMMYYYY:
+            return valid_date_ddmmyyyy(entry, today)
+        return True
+
+
+def valid_date_ddmmyyyy(entry: str, today: datetime.date) -> bool:
+    """``entry`` is DDMMYYYY: a calendar date from ``MAX_AGE_YEARS`` years ago up to ``today``."""
+    if len(entry) != 8 or not entry.isdigit():
+        return False
+    day, month, year = int(entry[:2]), int(entry[2:4]), int(entry[4:])
+    try:
+        datetime.date(year, month, day)
+    except ValueError:  # 00000000, 31022000, 99999999
+        return False
+    oldest = (today.year - MAX_AGE_YEARS, today.month, today.day)  # no 29 February trouble
+    return oldest <= (year, month, day) <= (today.year, today.month, today.day)
 
 
 @dataclass(frozen=True, slots=True)
@@ -848,7 +893,7 @@ class _Parser:
         d = self.mapping(a["digits"], a.line_of("digits"), "'digits'")
         if d is None:
             return None
-        self.known(d, {"min", "max", "terminator"}, "digits")
+        self.known(d, {"min", "max", "terminator", "format"}, "digits")
         lo = int(self.number(d, "min", 1, 1, 32))
         hi = int(self.number(d, "max", lo, 1, 32))
         if hi < lo:
@@ -859,7 +904,19 @@ class _Parser:
         term = self.text(d, "terminator", "#")
         if term not in {"#", ""}:
             self.error(d.line_of("terminator"), "'terminator' must be '#' or empty")
-        return DigitSpec(lo, hi, term)
+        fmt = None
+        if "format" in d:
+            name = self.text(d, "format")
+            try:
+                fmt = DigitFormat(name)
+            except ValueError:
+                known = ", ".join(f.value for f in DigitFormat)
+                self.error(d.line_of("format"), f"unknown digits format {name!r} ({known})")
+            else:
+                size = _FORMAT_DIGITS[fmt]
+                if (lo, hi) != (size, size):
+                    self.error(d.line_of("format"), f"format {name} needs min and max {size}")
+        return DigitSpec(lo, hi, term, fmt)
 
     def node_branch(self, node_id: str, m: _Map) -> Branch | None:
         self.known(m, {"branch"}, "a branch node")
