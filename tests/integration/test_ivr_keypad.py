@@ -574,21 +574,30 @@ async def test_a_call_cut_by_a_dying_worker_is_not_recorded_as_the_callers_hang_
             await asyncio.sleep(0.05)
 
 
-async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
-    line: ClinicLine, tmp_path: Path
-) -> None:
-    # The message: a 2 s tone, 12 s after the answer (the record prompt has ended by then).
+# 2 prescription; date of birth and patient number typed ahead (the message's prompt follows).
+PRESCRIPTION_KEYS = ",".join(
+    f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(["2", *"01021980", *"12345#"])
+)
+
+
+async def tone_message(tmp_path: Path) -> Path:
+    """The caller's message: a 2 s tone, 12 s after the answer (the record prompt has ended
+    by then), as a WAV for the phone's ``--play``."""
     message = tmp_path / "message.wav"
     await sox("-n", "-r", "8000", "-c", "1", "-b", "16", str(message), "synth", "2", "sine",
               "440", "vol", "0.5", "pad", "12", "0")  # fmt: skip
-    # 2 prescription; date of birth and patient number typed ahead; # ends the message.
-    keys = ["2", *"01021980", *"12345#"]
-    dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(keys))
+    return message
+
+
+async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
+    line: ClinicLine, tmp_path: Path
+) -> None:
+    message = await tone_message(tmp_path)
     before = await line.call_ids()
     heard = tmp_path / "heard.wav"
     async with phones() as started:
         caller = await Phone.start(
-            "caller", "--call", line.uri("6000"), "--dtmf", f"{dtmf},#@15.0",
+            "caller", "--call", line.uri("6000"), "--dtmf", f"{PRESCRIPTION_KEYS},#@15.0",
             "--play", str(message), "--record", str(heard),
         )  # fmt: skip
         started.append(caller)
@@ -639,12 +648,6 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     assert (await line.get(f"/v1/calls/{record['id']}/voicemail")).status == 404
 
 
-# 2 prescription; date of birth and patient number typed ahead (the message's prompt follows).
-PRESCRIPTION_KEYS = ",".join(
-    f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(["2", *"01021980", *"12345#"])
-)
-
-
 async def test_a_silent_message_is_not_a_request(line: ClinicLine) -> None:
     # The caller says nothing and presses # (12 s, the prompt and beep are over): nothing
     # is kept, and the bot asks again instead of "your request has been recorded".
@@ -667,9 +670,7 @@ async def test_a_silent_message_is_not_a_request(line: ClinicLine) -> None:
 async def test_a_message_that_cannot_be_saved_goes_to_staff(
     line: ClinicLine, tmp_path: Path
 ) -> None:
-    message = tmp_path / "message.wav"
-    await sox("-n", "-r", "8000", "-c", "1", "-b", "16", str(message), "synth", "2", "sine",
-              "440", "vol", "0.5", "pad", "12", "0")  # fmt: skip
+    message = await tone_message(tmp_path)
     folder = line.settings.data_dir / "voicemail"
     aside = line.settings.data_dir / "voicemail.aside"
     if folder.exists():
