@@ -26,6 +26,7 @@ from verification.channels.sip_route import can_send, over_udp
 from verification.channels.sms_sip import SipSmsChannel
 from verification.channels.voice_call import VoiceCallChannel
 from verification.model import Channel
+from verification.wording import DEFAULT
 from voice.media import spoken_code
 from voice.media.tts import PromptRenderer
 from voice.sip.flash_uac import FlashUac
@@ -60,8 +61,9 @@ def extra_contexts(settings: Settings) -> list[Context]:
         # Static prompts now, so the first caller does not wait for a render.
         await rt.renderer.prerender(
             [
-                spoken_code.keypress_text(settings.clinic_name),
-                spoken_code.head_text(settings.clinic_name),
+                # English, the default; another language's are rendered on first use.
+                DEFAULT.keypress_text(settings.clinic_name),
+                DEFAULT.head_text(settings.clinic_name),
             ]
             + [str(d) for d in range(10)]
         )

@@ -31,6 +31,7 @@ from tests.e2e.rig import (
 )
 from tests.peers.pbx_service import PINNED_CODE_ENV
 from tests.peers.pbx_softphone import Softphone, call_state
+from verification.wording import DEFAULT
 from voice.media import spoken_code
 from voice.media.audio_match import rank
 from voice.media.pcm import read_wav, resample, samples_to_bytes, silence
@@ -152,10 +153,11 @@ async def code_references(cache: Path, scratch: Path) -> dict[str, bytes]:
     the file's first run of digits, cut at the lengths of the pieces it was composed from.
     """
     renderer = PromptRenderer(cache)
-    head = len(read_wav(await renderer.render(spoken_code.head_text(CLINIC_NAME))).samples)
+    text = DEFAULT.head_text(CLINIC_NAME)
+    head = len(read_wav(await renderer.render(text)).samples)
     refs = {}
     for code in [VOICE_CODE, *one_digit_off(VOICE_CODE)]:
-        composed = await spoken_code.compose(renderer, CLINIC_NAME, code, scratch)
+        composed = await spoken_code.compose(renderer, text, code, scratch)
         samples = read_wav(composed).samples
         end = head
         for digit in code:

@@ -60,6 +60,26 @@ async def test_sms_ok_is_delivered_with_token_clinic_name_and_code_only(
     assert (await api.check(vid, await read_code(sms_gateway))).json["status"] == "approved"
 
 
+@pytest.mark.parametrize(
+    ("locale", "text"),
+    [
+        ("nl", r"[0-9]{6} is uw verificatiecode voor {name}\. Deel deze code met niemand\."),
+        ("NL-be", r"[0-9]{6} is uw verificatiecode voor {name}\. Deel deze code met niemand\."),
+        ("fr-FR", r"[0-9]{6} is your verification code for {name}\. Do not share it\."),
+    ],
+)
+async def test_the_sms_speaks_the_verifications_language(
+    start_service: StartService, sms_gateway: SmsGateway, locale: str, text: str
+) -> None:
+    # Dutch where asked (the language subtag, case-blind); a language without wording here
+    # gets English rather than nothing.
+    api = await start_service()
+    vid = (await api.create(locale=locale)).json["id"]
+    await api.wait_for_event(vid, "delivered")
+    [sms] = sms_gateway.received
+    assert re.fullmatch(text.replace("{name}", re.escape(CLINIC_NAME)), sms.text), sms.text
+
+
 async def test_sms_gateway_500_is_retried_then_undeliverable(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:

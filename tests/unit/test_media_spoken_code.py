@@ -36,12 +36,14 @@ class SilentRenderer:
         self._folder = folder
         self._fail_render = fail_render
 
-    async def prerender(self, texts: Sequence[str], *, rate_hz: int = 8000) -> list[Path]:
+    async def prerender(
+        self, texts: Sequence[str], *, voice: str = "en", rate_hz: int = 8000
+    ) -> list[Path]:
         path = self._folder / "silence.wav"
         write_wav(path, Pcm(silence(0.1, rate_hz), rate_hz))
         return [path for _ in texts]
 
-    async def render(self, text: str, *, rate_hz: int = 8000) -> Path:
+    async def render(self, text: str, *, voice: str = "en", rate_hz: int = 8000) -> Path:
         if self._fail_render:
             raise TtsError("espeak-ng is gone")
         return (await self.prerender([text], rate_hz=rate_hz))[0]
@@ -53,7 +55,7 @@ def codes_in(folder: Path) -> list[Path]:
 
 async def test_compose_writes_a_private_file(tmp_path: Path) -> None:
     out = tmp_path / "private"
-    path = await spoken_code.compose(SilentRenderer(tmp_path), "the clinic", "481523", out)  # type: ignore[arg-type]
+    path = await spoken_code.compose(SilentRenderer(tmp_path), "Your code is", "481523", out)  # type: ignore[arg-type]
     assert codes_in(out) == [path]
     assert path.stat().st_mode & 0o777 == 0o600
 
@@ -72,7 +74,7 @@ async def test_a_cancel_while_the_file_is_written_leaves_no_file(
 
     monkeypatch.setattr(spoken_code, "write_wav", slow_write)
     task = asyncio.create_task(
-        spoken_code.compose(SilentRenderer(tmp_path), "the clinic", "481523", out)  # type: ignore[arg-type]
+        spoken_code.compose(SilentRenderer(tmp_path), "Your code is", "481523", out)  # type: ignore[arg-type]
     )
     assert await asyncio.to_thread(started.wait, 5)
     assert len(codes_in(out)) == 1, "the file exists while it is written"
@@ -95,7 +97,7 @@ async def test_a_failed_write_leaves_no_file(
 
     monkeypatch.setattr(spoken_code, "write_wav", failing_write)
     with pytest.raises(OSError, match="No space"):
-        await spoken_code.compose(SilentRenderer(tmp_path), "the clinic", "481523", out)  # type: ignore[arg-type]
+        await spoken_code.compose(SilentRenderer(tmp_path), "Your code is", "481523", out)  # type: ignore[arg-type]
     assert codes_in(out) == []
 
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from verification.model import Channel, Phone
 from verification.rules import DeliveryKind
+from verification.wording import wording
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,7 @@ class ChannelAdapter(Protocol):
         ...
 
 
-def sms_text(clinic_name: str, code: str) -> str:
-    """The SMS body: names the clinic, holds the code, holds no health data."""
-    # "for <name>" reads well with any name, the default "the clinic" too.
-    return f"{code} is your verification code for {clinic_name}. Do not share it."
+def sms_text(delivery: Delivery) -> str:
+    """The SMS body, in the verification's language: names the clinic, holds the code, holds
+    no health data."""
+    return wording(delivery.locale).sms_text(delivery.clinic_name, delivery.code)

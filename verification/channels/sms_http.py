@@ -47,9 +47,7 @@ class HttpSmsChannel:
         return bool(self._s.http_url) and not self._client.closed
 
     async def send(self, delivery: Delivery, report: Report) -> None:
-        body = orjson.dumps(
-            {"to": delivery.phone.e164, "text": sms_text(delivery.clinic_name, delivery.code)}
-        )
+        body = orjson.dumps({"to": delivery.phone.e164, "text": sms_text(delivery)})
         # One key per send, the same on each retry of it: no code, nothing about the patient.
         headers = {**self._headers, "Idempotency-Key": secrets.token_urlsafe(16)}
         last = ""

@@ -39,7 +39,7 @@ class SipSmsChannel:
         status = await self._pool.send_message(
             sip_target(self._s.route, delivery.phone),
             sender_id(self._s),
-            sms_text(delivery.clinic_name, delivery.code),
+            sms_text(delivery),
             timeout_s=MESSAGE_TIMEOUT_S,
         )
         if 200 <= status < 300:

@@ -19,6 +19,7 @@ from verification.channels.sip_route import can_send, sip_target
 from verification.channels.sms_sip import sender_id
 from verification.model import Channel
 from verification.rules import DeliveryKind
+from verification.wording import wording
 from voice.media import spoken_code
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle, OutboundCall, SipError, SipPool
@@ -55,10 +56,17 @@ class VoiceCallChannel:
         code_wav: Path | None = None
         try:  # the file says the code: it goes however the send ends, a cancel included
             try:
+                words = wording(delivery.locale)
                 code_wav = await spoken_code.compose(
-                    self._tts, delivery.clinic_name, delivery.code, self._scratch
+                    self._tts,
+                    words.head_text(delivery.clinic_name),
+                    delivery.code,
+                    self._scratch,
+                    voice=words.language,
                 )
-                question = await self._tts.render(spoken_code.keypress_text(delivery.clinic_name))
+                question = await self._tts.render(
+                    words.keypress_text(delivery.clinic_name), voice=words.language
+                )
             except TtsError as exc:
                 await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"speech failed: {exc}"))
                 return

@@ -1,5 +1,6 @@
 """The spoken verification code: "Your <clinic> code is 4, 8, 1, 5, 2, 3", said twice.
 
+The words are the caller's (:mod:`verification.wording`, in the verification's language).
 Composed from cached pieces (the sentence head and each digit, rendered once per voice and
 rate by :class:`voice.media.tts.PromptRenderer`), so no file named after a code is ever cached.
 The composed file is private to one call: written 0600 and deleted by the caller after use.
@@ -22,28 +23,26 @@ DIGIT_GAP_S = 0.25
 REPEAT_GAP_S = 1.0
 
 
-def head_text(clinic_name: str) -> str:
-    return f"Your {clinic_name} code is"
-
-
-def keypress_text(clinic_name: str) -> str:
-    """The question asked before the code (a guard against reading it to a voicemail box)."""
-    return f"This is {clinic_name} with your verification code. Press 1 to hear it."
-
-
 async def compose(
-    renderer: PromptRenderer, clinic_name: str, code: str, out_dir: Path, *, rate_hz: int = 8000
+    renderer: PromptRenderer,
+    head: str,
+    code: str,
+    out_dir: Path,
+    *,
+    voice: str = "en",
+    rate_hz: int = 8000,
 ) -> Path:
-    """A private WAV file saying the code twice; the caller deletes it.
+    """A private WAV file saying ``head`` and the code's digits, twice, in ``voice``; the
+    caller deletes it.
 
     Cancelled while the file is being written (the thread writing it cannot be stopped), it
     waits for the thread and deletes the file before the cancel goes on: no caller is left to.
     """
-    pieces = [head_text(clinic_name), *sorted(set(code))]
-    paths = await renderer.prerender(pieces, rate_hz=rate_hz)
+    pieces = [head, *sorted(set(code))]
+    paths = await renderer.prerender(pieces, voice=voice, rate_hz=rate_hz)
     by_text = dict(zip(pieces, paths, strict=True))
     writing = asyncio.ensure_future(
-        asyncio.to_thread(_write, by_text, head_text(clinic_name), code, out_dir, rate_hz)
+        asyncio.to_thread(_write, by_text, head, code, out_dir, rate_hz)
     )
     try:
         return await asyncio.shield(writing)
