@@ -589,6 +589,31 @@ async def tone_message(tmp_path: Path) -> Path:
     return message
 
 
+async def test_a_request_under_way_when_the_caller_hangs_up_lands_in_the_record(
+    line: ClinicLine, scheduling: WebhookReceiver
+) -> None:
+    # The scheduling system takes 3 s; the caller hangs up 1 s into it. The request still
+    # arrives, and the record must say so: staff otherwise book it a second time.
+    scheduling.fail_first, scheduling.delay_s = 0, 3.0
+    posted = len(scheduling.received)
+    before = await line.call_ids()
+    keys = ["1", "1", *"01021980", *"12345#"]  # appointments, book, typed ahead
+    dtmf = ",".join(f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(keys))
+    try:
+        async with phones() as started:
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--dtmf", dtmf, "--duration", "6"
+            )
+            started.append(caller)
+            await caller.finish(CALL_S)
+        record = await line.new_record(before)
+    finally:
+        scheduling.delay_s = 0.0
+    assert len(scheduling.received) == posted + 1, "the request did not reach the scheduler"
+    assert steps(record, "webhook") == [("post", "ok")], record["path"]
+    assert record["outcome"] == "caller_hung_up", record
+
+
 async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     line: ClinicLine, tmp_path: Path
 ) -> None:

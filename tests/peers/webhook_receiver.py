@@ -33,6 +33,7 @@ class WebhookReceiver:
     def __init__(self, fail_first: int = 0) -> None:
         self.fail_first = fail_first
         self.reply: dict[str, str] | None = None  # set: 200 with this JSON instead of 204
+        self.delay_s = 0.0  # how long each answer waits (a slow receiver)
         self.received: list[Hook] = []
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -82,6 +83,7 @@ class WebhookReceiver:
         async with self._arrived:
             self.received.append(Hook(request.path, body, dict(request.headers), status))
             self._arrived.notify_all()
+        await asyncio.sleep(self.delay_s)
         if reply is not None:
             return web.json_response(reply)
         return web.Response(status=status)

@@ -194,6 +194,8 @@ class CallSession:
         self._transfer_accepted = False  # the REFER got a 2xx (the transferee is trying)
         self._transferring = False  # from the REFER until its TransferResult is queued
         self._hangup_after_transfer = False
+        self._posting = 0  # webhook POSTs under way
+        self._hangup_after_webhook = False
 
     @property
     def call_id(self) -> str:
@@ -426,6 +428,10 @@ class CallSession:
                 elif self._recording is not None:
                     # The engine wants the voicemail's RecordDone before the HangUp.
                     self._hangup_after_record = True
+                elif self._posting:
+                    # A request under way (an appointment) still lands, and its result goes
+                    # in the record: the HangUp follows the WebhookResult.
+                    self._hangup_after_webhook = True
                 else:
                     self._events.put_nowait(eng.HangUp(self._h.cut))
 
@@ -529,8 +535,14 @@ class CallSession:
         # The receiver is told who called and which record to read: "the clinic will call you
         # back" needs a number to call, and staff the answers behind the request.
         values = {**action.values, "call_id": self._h.id, "caller": self._h.caller}
-        reply = await self._d.post_webhook(action.url_key, values, action.timeout_s)
+        self._posting += 1
+        try:
+            reply = await self._d.post_webhook(action.url_key, values, action.timeout_s)
+        finally:
+            self._posting -= 1
         self._events.put_nowait(eng.WebhookResult(reply is not None, dict(reply or {})))
+        if self._hangup_after_webhook and not self._posting:
+            self._events.put_nowait(eng.HangUp(self._h.cut))
 
     # -- the record ------------------------------------------------------------------------------
     async def _store_from(self, actions: list[eng.Action], state: eng.CallState) -> None:
