@@ -15,6 +15,8 @@ from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import Engine
 from voice.ivr.flow import FlowError, FlowParams, FlowSet, load_flows
+from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
+from voice.ivr.journal import REPLAY_EVERY_S, CallJournal
 from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.webhook import reply_values, unconfigured
 from voice.media.asr import SpeechModel
@@ -59,6 +61,8 @@ class ClinicLine:
         self._deps: SessionDeps | None = None
         self._prerender: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
+        self._journal: CallJournal | None = None
+        self._replay: asyncio.Task[None] | None = None
 
     @classmethod
     def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
@@ -93,6 +97,10 @@ class ClinicLine:
         self._rt.warming.add("prompts")
         self._prerender = asyncio.create_task(self._prerender_all(renderer, params))
         self._sweep = asyncio.create_task(self._sweep_voicemail())
+        # Records Redis did not take (a long outage, a stop): saved now and every 30 s.
+        journal = CallJournal(self._settings.data_dir / JOURNAL_FOLDER, self._rt.call_store)
+        self._journal = journal
+        self._replay = asyncio.create_task(self._replay_journal(journal))
         self._deps = SessionDeps(
             engine=Engine(self._flowset, params),
             flowset=self._flowset,
@@ -101,6 +109,7 @@ class ClinicLine:
             post_webhook=self._post_webhook,
             save_recording=self._save_recording,
             save=self._save,
+            keep=self._keep,
             clock=self._rt.clock,
             tone_dir=self._settings.data_dir / "prompts",
         )
@@ -123,8 +132,9 @@ class ClinicLine:
         )
 
     async def stop(self) -> None:
-        """Stop the background prompt rendering (if still going) and the voicemail sweep."""
-        tasks = [t for t in (self._prerender, self._sweep) if t is not None]
+        """Stop the background prompt rendering (if still going), the voicemail sweep and
+        the journal's replay."""
+        tasks = [t for t in (self._prerender, self._sweep, self._replay) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -137,6 +147,11 @@ class ClinicLine:
     async def _save(self, result: CallResult) -> None:
         assert self._rt.call_store is not None
         await self._rt.call_store.save(result)
+        self._rt.metrics.calls.inc(outcome=result.record.outcome or "ended")
+
+    async def _keep(self, result: CallResult) -> None:
+        assert self._journal is not None
+        await self._journal.keep(result)
         self._rt.metrics.calls.inc(outcome=result.record.outcome or "ended")
 
     async def _post_webhook(
@@ -186,3 +201,12 @@ class ClinicLine:
                 if removed:
                     log.info("deleted %d voicemail message(s) past their retention", removed)
             await asyncio.sleep(VOICEMAIL_SWEEP_S)
+
+    async def _replay_journal(self, journal: CallJournal) -> None:
+        """Save the records kept on disk to Redis: at start, then every 30 s."""
+        while True:
+            try:
+                await journal.replay(self._rt.clock.now())
+            except Exception:  # the next round tries again: the records stay on disk
+                log.exception("replaying the call records kept on disk failed")
+            await asyncio.sleep(REPLAY_EVERY_S)

@@ -59,6 +59,9 @@ BEEP_WAIT_S = 3.0  # the beep's PlayDone, at most (it is 0.3 s long)
 ANSWER_WAIT_S = 5.0
 CALL_HEADER = "X-Clinic-Call"
 MAX_CALL_S = 1800.0
+# A record stored while the call's task is being cancelled (pool.stop at SIGTERM) waits this
+# long for Redis, then is kept on disk: the stop is not held for the store's 30 s patience.
+STOP_SAVE_S = 2.0
 RECORD_TERMINATOR = "#"  # ends a voicemail early
 FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
 
@@ -77,7 +80,10 @@ class SessionDeps:
     speech: SpeechModel | None
     post_webhook: WebhookPoster  # (url key, values, timeout) -> reply fields or None on failure
     save_recording: Recorder  # (call id, pcm) -> a reference for the call record
-    save: Saver
+    save: Saver  # to Redis, trying again for the store's patience; raises when it could not
+    # Writes the record to the journal on disk (voice/ivr/journal.py) when ``save`` did not
+    # finish: Redis down past the patience, or the service stopping.
+    keep: Saver
     clock: Clock
     # Where the beep WAV is rendered once (e.g. $CLINIC_DATA_DIR/prompts); None: a
     # per-user folder in the system's temporary directory.
@@ -551,9 +557,10 @@ class CallSession:
                 await self._store(action.record)
 
     async def _store(self, record: eng.CallRecord) -> None:
+        """Save the record, or keep it on disk: never lost to a Redis outage or a stop."""
         if self._result_saved:
             return
-        self._result_saved = True
+        self._result_saved = True  # once: a save that fails is kept, not tried again here
         result = CallResult(
             id=self._h.id,
             caller=self._h.caller,
@@ -562,11 +569,38 @@ class CallSession:
             ended_at=self._d.clock.now(),
             record=record,
         )
+        # The save runs in its own task, shielded: the call's task can be cancelled (pool.stop
+        # cancels call tasks at SIGTERM) while it waits for Redis. A cancelled or failed save
+        # is kept on disk instead, before the cancellation goes on.
+        saving = asyncio.ensure_future(self._d.save(result))
+        task = asyncio.current_task()
+        stopping = task is not None and task.cancelling() > 0  # in run()'s finally, cancelled
         try:
-            await self._d.save(result)
-        except Exception:
+            async with asyncio.timeout(STOP_SAVE_S if stopping else None):
+                await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            saving.cancel()
+            await self._keep_on_disk(result)
+            raise
+        except Exception as exc:
+            saving.cancel()  # after STOP_SAVE_S: no use waiting on (done otherwise)
             # The record holds health data: never log its content, only that it failed.
-            log.exception("call %s: the call record could not be saved", self._h.id)
+            log.warning(
+                "call %s: the call record could not be saved to Redis",
+                self._h.id,
+                exc_info=not isinstance(exc, TimeoutError),
+            )
+            await self._keep_on_disk(result)
+
+    async def _keep_on_disk(self, result: CallResult) -> None:
+        # Shielded: a second cancellation does not cut the write short (it finishes in its
+        # thread), it only stops waiting for it.
+        try:
+            await asyncio.shield(self._d.keep(result))
+        except Exception:
+            log.exception("call %s: the call record could not be kept on disk: lost", self._h.id)
+        else:
+            log.warning("call %s: the call record is kept on disk until Redis takes it", self._h.id)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -11,8 +11,8 @@ Records go over the process's one multiplexed Redis connection
 under load, saves waited more than 2 s for a connection and 360 records of 8,000 calls were
 lost (bench/asterisk_compare.py inbound steps at 287-345 calls/s, 2026-12-03). A save is
 idempotent (the same SET and ZADD again), so a failed one is tried again with backoff for up to
-:data:`SAVE_PATIENCE_S` (not after the client was closed, at shutdown) before the record is
-given up and the failure logged.
+:data:`SAVE_PATIENCE_S` (not after the client was closed, at shutdown) before it fails; the
+clinic line then keeps the sealed record on disk until Redis takes it (voice/ivr/journal.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -70,6 +71,16 @@ def _scored(reply: list[Any]) -> list[tuple[str, float]]:
 
 
 @dataclass(frozen=True, slots=True)
+class SealedRecord:
+    """A call record as Redis holds it (``sealed``), with the times its key and index need."""
+
+    call_id: str
+    sealed: str
+    started_at: float
+    ended_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     calls: list[dict[str, Any]]
     next_cursor: str | None
@@ -101,16 +112,41 @@ class CallStore:
         doc: dict[str, Any] = json.loads(self._aead.decrypt(raw[:12], raw[12:], call_id.encode()))
         return doc
 
+    @property
+    def ttl_s(self) -> int:
+        """How long Redis keeps a record (``CLINIC_CALL_RETENTION_DAYS``), in seconds."""
+        return self._ttl_s
+
+    def seal_result(self, result: CallResult) -> SealedRecord:
+        return SealedRecord(
+            result.id, self.seal(result.id, result.to_json()), result.started_at, result.ended_at
+        )
+
+    def reopen(self, call_id: str, sealed: str) -> SealedRecord:
+        """A sealed record kept elsewhere, checked under ``call_id`` (raises ``InvalidTag``
+        for another id or key, ``ValueError``/``KeyError`` for one that is not a record)."""
+        doc = self.open(call_id, sealed)
+        started = datetime.fromisoformat(doc["started_at"]).timestamp()
+        ended = datetime.fromisoformat(doc["ended_at"]).timestamp()
+        return SealedRecord(call_id, sealed, started, ended)
+
     async def save(self, result: CallResult) -> None:
         """Write the record and index it; tried again while Redis fails, up to the patience."""
-        sealed = self.seal(result.id, result.to_json())
+        await self.save_sealed(self.seal_result(result))
+
+    async def save_sealed(
+        self, record: SealedRecord, *, ttl_s: int | None = None, patience_s: float | None = None
+    ) -> None:
+        """Write a sealed record, to expire in ``ttl_s`` (default: the retention), trying
+        again while Redis fails for ``patience_s`` (default: the store's save patience)."""
+        ttl = self._ttl_s if ttl_s is None else ttl_s
         commands: list[Command] = [
-            ("SET", _key(result.id), sealed, "EX", self._ttl_s),
-            ("ZADD", INDEX, repr(result.started_at), result.id),
-            ("ZREMRANGEBYSCORE", INDEX, "-inf", repr(result.started_at - self._ttl_s)),
+            ("SET", _key(record.call_id), record.sealed, "EX", ttl),
+            ("ZADD", INDEX, repr(record.started_at), record.call_id),
+            ("ZREMRANGEBYSCORE", INDEX, "-inf", repr(record.started_at - self._ttl_s)),
         ]
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._patience_s
+        give_up = loop.time() + (self._patience_s if patience_s is None else patience_s)
         pause = _RETRY_FIRST_S
         while True:
             try:
@@ -120,7 +156,9 @@ class CallStore:
             except (RedisError, OSError) as exc:
                 if self._r.closed or loop.time() + pause > give_up:
                     raise CallStoreUnavailable(str(exc)) from exc
-                log.warning("call %s: saving the record failed (%s): trying again", result.id, exc)
+                log.warning(
+                    "call %s: saving the record failed (%s): trying again", record.call_id, exc
+                )
             else:
                 # A command that failed inside EXEC (WRONGTYPE...) is an answer, not a raise.
                 refused = [a for a in answers if isinstance(a, Exception)]

@@ -1,0 +1,218 @@
+"""The journal of unsaved calls (voice/ivr/journal.py) against a real redis-server: a record
+Redis does not take within the save's patience, or whose save is cut short by the call's task
+being cancelled (a stop), is kept on disk sealed and private, and replayed into Redis once it
+is back; the replay deletes what it saved and what is past its retention.
+
+The session's ``_store`` is driven directly, with a stand-in for the SIP call (it only needs
+the call's id and numbers); the patience is shortened instead of waiting 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from clinic_voice.app import Runtime
+from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.metrics import Metrics
+from sip_config.clock import SystemClock
+from sip_config.settings import Settings
+from tests.conftest import RedisServer
+from verification.redis_mux import RedisMux
+from voice.ivr import session as session_module
+from voice.ivr.call_record import CallResult
+from voice.ivr.engine import CallRecord
+from voice.ivr.flow import FlowSet
+from voice.ivr.journal import FOLDER, CallJournal, Replayed
+from voice.ivr.session import CallSession, SessionDeps
+from voice.ivr.store import CallStore
+from voice.ivr.voicemail import Voicemails
+from voice.media.tts import PromptRenderer
+from voice.sip.pool import CallHandle
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+SECRET = b"s" * 32
+DAY_S = 86400
+CALLER = "+31612345678"
+# What the patient said: none of it may reach the disk in clear.
+VALUES = (("complaint", "chest-pain-radiating"), ("breathing", "laboured"))
+RECORD = CallRecord("triage", (), VALUES, None, (), None, "6100", "transferred")
+
+
+class _Call:
+    """What ``CallSession._store`` reads of a SIP call."""
+
+    def __init__(self, call_id: str) -> None:
+        self.id = call_id
+        self.caller = CALLER
+        self.called = "700"
+
+
+def _session(call_id: str, store: CallStore, journal: CallJournal) -> CallSession:
+    unused: Any = None  # the store step needs no flows, prompts or speech
+    deps = SessionDeps(
+        engine=unused,
+        flowset=unused,
+        renderer=unused,
+        speech=None,
+        post_webhook=unused,
+        save_recording=unused,
+        save=store.save,
+        keep=journal.keep,
+        clock=SystemClock(),
+    )
+    return CallSession(cast(CallHandle, _Call(call_id)), deps)
+
+
+def _result(call_id: str, ended_at: float) -> CallResult:
+    return CallResult(call_id, CALLER, "700", ended_at - 60, ended_at, RECORD)
+
+
+def _assert_kept_private(folder: Path, call_id: str, store: CallStore) -> None:
+    path = folder / f"{call_id}.sealed"
+    assert path.exists(), f"nothing kept on disk: {sorted(p.name for p in folder.glob('*'))}"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert folder.stat().st_mode & 0o777 == 0o700
+    raw = path.read_bytes()
+    for secret in (CALLER, "chest-pain-radiating", "laboured", "complaint", "triage"):
+        assert secret.encode() not in raw and secret.encode() not in base64.b64decode(raw)
+    assert store.open(call_id, raw.decode())["values"] == dict(VALUES)  # what Redis would hold
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "a temporary file left"
+
+
+async def test_a_record_redis_does_not_take_in_time_is_kept_then_replayed(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=0.5)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    await mux.execute("PING")
+    await asyncio.to_thread(redis_server.stop)
+    async with asyncio.timeout(5):
+        await _session("in-kept", store, journal)._store(RECORD)
+    _assert_kept_private(tmp_path / FOLDER, "in-kept", store)
+
+    assert await journal.replay(time.time()) == Replayed(left=1)  # Redis still down: kept
+    assert (tmp_path / FOLDER / "in-kept.sealed").exists()
+
+    await asyncio.to_thread(redis_server.restart)
+    assert await journal.replay(time.time()) == Replayed(saved=1)
+    assert not (tmp_path / FOLDER / "in-kept.sealed").exists()
+    got = await store.get("in-kept")
+    assert got is not None and got["values"] == dict(VALUES) and got["caller"] == CALLER
+    assert [c["id"] for c in (await store.recent(10, None)).calls] == ["in-kept"]
+    ttl = await mux.execute("TTL", "cv:call:in-kept")
+    assert 30 * DAY_S - 60 < ttl <= 30 * DAY_S
+
+
+async def test_a_save_cut_short_by_cancelling_the_call_is_kept(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # pool.stop cancels the call tasks at SIGTERM; Redis is down and the save waits for it.
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=60)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    await mux.execute("PING")
+    await asyncio.to_thread(redis_server.kill9)
+    storing = asyncio.create_task(_session("in-stopped", store, journal)._store(RECORD))
+    await asyncio.sleep(0.5)  # a few failed tries
+    assert not storing.done()
+    storing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await storing
+    _assert_kept_private(tmp_path / FOLDER, "in-stopped", store)
+
+    await asyncio.to_thread(redis_server.restart)
+    assert await journal.replay(time.time()) == Replayed(saved=1)
+    got = await store.get("in-stopped")
+    assert got is not None and got["values"] == dict(VALUES)
+    assert not list((tmp_path / FOLDER).iterdir())
+
+
+async def test_a_record_stored_after_the_call_was_cancelled_does_not_hold_the_stop(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A call cancelled before its record was stored stores it in run()'s finally: with Redis
+    # down, that waits STOP_SAVE_S for it, not the store's patience, and keeps the record.
+    monkeypatch.setattr(session_module, "STOP_SAVE_S", 0.3)
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=60)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    await asyncio.to_thread(redis_server.kill9)
+    session = _session("in-finally", store, journal)
+    started = asyncio.Event()
+
+    async def call() -> None:
+        try:
+            started.set()
+            await asyncio.sleep(60)  # the call goes on
+        finally:
+            await session._store(RECORD)
+
+    task = asyncio.create_task(call())
+    await started.wait()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done, "the stop waited for the save's whole patience"
+    assert task.cancelled()
+    _assert_kept_private(tmp_path / FOLDER, "in-finally", store)
+
+
+async def test_the_replay_drops_a_record_past_its_retention_and_keeps_its_expiry(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    now = time.time()
+    await journal.keep(_result("in-old", now - 31 * DAY_S))
+    await journal.keep(_result("in-week", now - 7 * DAY_S))
+    assert await journal.replay(now) == Replayed(saved=1, expired=1)
+    assert not list((tmp_path / FOLDER).iterdir())
+    assert await store.get("in-old") is None
+    assert await mux.execute("EXISTS", "cv:call:in-old") == 0
+    ttl = await mux.execute("TTL", "cv:call:in-week")
+    assert 23 * DAY_S - 60 < ttl <= 23 * DAY_S  # expires when a normal save would have
+
+
+async def test_a_record_that_does_not_open_is_left_on_disk(mux: RedisMux, tmp_path: Path) -> None:
+    # Sealed under another CLINIC_SECRET, or renamed to another call's id: never saved.
+    other = CallJournal(tmp_path / FOLDER, CallStore(mux, b"t" * 32, retention_days=30))
+    await other.keep(_result("in-foreign", time.time()))
+    store = CallStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    await journal.keep(_result("in-ours", time.time()))
+    (tmp_path / FOLDER / "in-ours.sealed").rename(tmp_path / FOLDER / "in-moved.sealed")
+    assert await journal.replay(time.time()) == Replayed(left=2)
+    assert await journal.replay(time.time()) == Replayed(left=2)  # warned about once
+    assert sorted(p.name for p in (tmp_path / FOLDER).iterdir()) == [
+        "in-foreign.sealed",
+        "in-moved.sealed",
+    ]
+    assert await mux.execute("DBSIZE") == 0
+
+
+async def test_the_clinic_line_replays_the_journal_when_it_starts(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = Settings.from_env(
+        {"CLINIC_DATA_DIR": str(tmp_path / "data"), "CLINIC_REDIS_URL": redis_server.url}
+    )
+    rt = Runtime(settings=settings, clock=SystemClock(), metrics=Metrics(), secret=SECRET)
+    rt.call_store = CallStore(mux, SECRET, settings.ivr.call_retention_days)
+    rt.renderer = PromptRenderer(tmp_path / "prompts")
+    rt.voicemails = Voicemails(settings.data_dir / "voicemail", rt.call_store)
+    left = CallJournal(settings.data_dir / FOLDER, rt.call_store)
+    await left.keep(_result("in-left", time.time() - 60))  # by an earlier run
+    line = ClinicLine(settings, rt, FlowSet(flows={}))
+    await line.start()
+    try:
+        async with asyncio.timeout(5):
+            while await rt.call_store.get("in-left") is None:  # noqa: ASYNC110 (a deadline)
+                await asyncio.sleep(0.05)
+    finally:
+        await line.stop()
+    assert not (settings.data_dir / FOLDER / "in-left.sealed").exists()

@@ -1,0 +1,170 @@
+"""The journal of unsaved calls: sealed call records that Redis did not take, kept on disk.
+
+"Nothing lost" is a promise of the clinic line, and a record lived only in memory until Redis
+took it. A record whose save fails for the store's whole patience (Redis stopped or frozen for
+30 s at the end of a call), or is cut short because the service stops, is kept here exactly as
+Redis would have held it: sealed (AES-256-GCM under the call records' key, bound to its call
+id; never clear text), one file ``<call id>.sealed`` in ``$CLINIC_DATA_DIR/unsaved-calls``
+(0600, in a 0700 folder). Each file is written under a temporary name, fsynced, renamed and
+its folder fsynced, so a crash or power cut leaves the whole record or none of it.
+
+``serve`` replays the journal into Redis at start and every :data:`REPLAY_EVERY_S`
+(:meth:`CallJournal.replay`): each record with the expiry a normal save gives it (its call's
+end plus ``CLINIC_CALL_RETENTION_DAYS``), its file deleted once Redis took it; a record already
+past that is deleted, not saved. Replaying a record twice is harmless (the same SET and ZADD),
+so a file whose delete was lost to a crash is simply replayed again.
+
+The file operations block (fsync): the async methods run them in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+
+from voice.ivr.call_record import CallResult
+from voice.ivr.store import CallStore, CallStoreUnavailable
+from voice.media.leftovers import remove_files
+
+log = logging.getLogger(__name__)
+
+FOLDER = "unsaved-calls"  # in the data dir
+REPLAY_EVERY_S = 30.0
+SUFFIX = ".sealed"
+# A temporary file older than this was left by a process that died while writing it (a
+# write takes milliseconds, and serve.lock keeps any other serve off the data dir).
+STALE_TEMP_S = 3600.0
+# The call ids of the call records (voice/ivr/api.py): safe as a file name.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def remaining_ttl_s(ended_at: float, now: float, retention_s: int) -> int | None:
+    """Whole seconds a record of a call that ended at ``ended_at`` has left to live at ``now``,
+    or None when it is past its retention (a normal save starts the retention at the end)."""
+    left = math.floor(ended_at + retention_s - now)
+    return left if left >= 1 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """What one replay did: records saved to Redis, deleted as expired, and left on disk
+    (Redis still down, or a file that does not open with this service's key)."""
+
+    saved: int = 0
+    expired: int = 0
+    left: int = 0
+
+
+class CallJournal:
+    """The journal folder of one data dir, sealed with ``store``'s key and replayed into it."""
+
+    def __init__(self, folder: Path, store: CallStore) -> None:
+        self._folder = folder
+        self._store = store
+        self._unreadable: set[str] = set()  # warned about once
+
+    @property
+    def folder(self) -> Path:
+        return self._folder
+
+    async def keep(self, result: CallResult) -> None:
+        """Seal ``result`` and write it to the journal (durable when this returns)."""
+        record = self._store.seal_result(result)
+        await asyncio.to_thread(self._write, record.call_id, record.sealed)
+
+    async def replay(self, now: float) -> Replayed:
+        """Save every record of the journal to Redis (one try each); stops at Redis's first
+        failure, and the next replay tries again."""
+        names = await asyncio.to_thread(self._pending, now)
+        saved = expired = 0
+        for i, call_id in enumerate(names):
+            sealed = await asyncio.to_thread(self._read, call_id)
+            if sealed is None:
+                continue  # deleted meanwhile
+            try:
+                record = self._store.reopen(call_id, sealed)
+            except (InvalidTag, ValueError, KeyError, TypeError):
+                # Another CLINIC_SECRET, or a damaged file: kept for the operator to look at.
+                if call_id not in self._unreadable:
+                    self._unreadable.add(call_id)
+                    log.error(
+                        "call %s: the record kept in %s does not open with this service's "
+                        "key: left there",
+                        call_id,
+                        self._folder,
+                    )
+                continue
+            ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
+            if ttl_s is None:
+                await asyncio.to_thread(self._remove, call_id)
+                log.info("call %s: the record kept on disk is past its retention: deleted", call_id)
+                expired += 1
+                continue
+            try:
+                # One try: the next replay is the retry.
+                await self._store.save_sealed(record, ttl_s=ttl_s, patience_s=0.0)
+            except CallStoreUnavailable as exc:
+                left = len(names) - i
+                log.warning(
+                    "%d call record(s) kept on disk wait for Redis (%s): trying again in %d s",
+                    left,
+                    exc,
+                    REPLAY_EVERY_S,
+                )
+                return Replayed(saved, expired, left + len(self._unreadable))
+            await asyncio.to_thread(self._remove, call_id)
+            log.info("call %s: the record kept on disk is now saved", call_id)
+            saved += 1
+        return Replayed(saved, expired, len(self._unreadable))
+
+    # -- blocking file operations (in a thread) --------------------------------------------------
+    def _path(self, call_id: str) -> Path:
+        if not _ID.fullmatch(call_id):
+            raise ValueError("not a call id")
+        return self._folder / f"{call_id}{SUFFIX}"
+
+    def _write(self, call_id: str, sealed: str) -> None:
+        path = self._path(call_id)
+        self._folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # mkstemp makes the file 0600; the leading dot keeps it out of _pending until renamed.
+        fd, tmp = tempfile.mkstemp(prefix=f".{call_id}-", suffix=".tmp", dir=self._folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(sealed)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename is durable only once the folder is.
+        dir_fd = os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _pending(self, now: float) -> list[str]:
+        """The call ids in the journal (and away with stale temporary files)."""
+        if not self._folder.is_dir():
+            return []
+        remove_files(self._folder, ".*.tmp", STALE_TEMP_S, now)
+        ids = (p.name.removesuffix(SUFFIX) for p in self._folder.glob(f"*{SUFFIX}"))
+        return sorted(i for i in ids if _ID.fullmatch(i) and i not in self._unreadable)
+
+    def _read(self, call_id: str) -> str | None:
+        try:
+            return self._path(call_id).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _remove(self, call_id: str) -> None:
+        self._path(call_id).unlink(missing_ok=True)
