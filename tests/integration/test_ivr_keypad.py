@@ -551,6 +551,25 @@ async def test_the_goodbye_hangs_up_without_waiting_for_the_record_save(
     assert record["outcome"] == "appointment_requested", record
 
 
+async def test_a_stray_hash_while_the_menu_listens_does_not_stop_its_timeout(
+    line: ClinicLine,
+) -> None:
+    # A # is no answer to the menu; before, it cancelled the question's no-input timer and
+    # nothing started it again: the caller sat in silence until the 30-minute cap.
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--answers", "#", "--duration", "32"
+        )
+        started.append(caller)
+        await caller.finish(CALL_S)
+    record = await line.new_record(before)
+    assert record["flow"] == "main_menu", record
+    assert [p["node"] for p in record["path"] if p["input"] == "noinput"][:1] == ["menu"], record[
+        "path"
+    ]
+
+
 async def test_a_call_cut_by_a_dying_worker_is_not_recorded_as_the_callers_hang_up(
     line: ClinicLine,
 ) -> None:

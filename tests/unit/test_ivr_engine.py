@@ -860,3 +860,15 @@ def test_three_impossible_dates_of_birth_reach_staff(shipped: FlowSet) -> None:
     assert not any(isinstance(a, PostWebhook) for a in actions)
     assert state.outcome == "transfer_staff"
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]
+
+
+def test_a_zero_typed_during_a_lookup_still_reaches_a_human(shipped: FlowSet) -> None:
+    # The other keys typed during the lookup are dropped; a 0 asks for a human anywhere.
+    engine = Engine(shipped, FlowParams())
+    state, actions = script_call(
+        engine, "results", ["01021990#", "12345678900"], webhook_data={"ready": "yes"}
+    )
+    post = next(a for a in actions if isinstance(a, PostWebhook))
+    assert post.values["patient_number"] == "1234567890"
+    assert any(s.node == "more" and (s.input, s.value) == ("digit", "0") for s in state.path)
+    assert state.transfer_uri == STAFF, state

@@ -824,8 +824,9 @@ class Engine:
         self, state: CallState, flow: Flow, node: Webhook, ev: WebhookResult
     ) -> Result:
         # Keys typed during the lookup (the rest of an over-long entry, a double press) were
-        # typed before the caller heard what comes next: they must not answer it.
-        state = replace(state, typeahead="")
+        # typed before the caller heard what comes next: they must not answer it. A 0 still
+        # asks for a human, as it does anywhere.
+        state = replace(state, typeahead="0" if "0" in state.typeahead else "")
         for key, value in ev.data.items():
             state = state.with_value(f"{node.save}.{key}", str(value))
         state = self._step(state, "webhook", "ok" if ev.ok else "failed")

@@ -200,8 +200,9 @@ class CallSession:
         self._transfer_accepted = False  # the REFER got a 2xx (the transferee is trying)
         self._transferring = False  # from the REFER until its TransferResult is queued
         self._hangup_after_transfer = False
-        self._posting = 0  # webhook POSTs under way
-        self._hangup_after_webhook = False
+        self._posting = 0  # webhook POSTs asked for and not yet answered
+        self._deferred_hangup: eng.HangUp | None = None  # held until the POST's result
+        self._record_open = False  # from RecordAudio until its RecordDone is queued
 
     @property
     def call_id(self) -> str:
@@ -223,6 +224,9 @@ class CallSession:
         except TimeoutError:
             log.warning("call %s: longer than %d s: hanging up", self._h.id, MAX_CALL_S)
             cut = "too_long"
+        except asyncio.CancelledError:
+            cut = "shutdown"  # pool.stop cancels the calls it could not end (the call's own
+            raise  # end, when delivered first, says more: see the finally)
         except Exception:
             log.exception("call %s: session failed", self._h.id)
             cut = "error"
@@ -249,25 +253,44 @@ class CallSession:
             if state.phase is eng.Phase.ENDED:
                 return
             event = await self._events.get()
-            if isinstance(event, eng.Digit | eng.SpeechResult | eng.NoInput):
+            if isinstance(event, eng.HangUp) and state.phase is eng.Phase.WEBHOOK:
+                # A request under way (an appointment) still lands, and its result goes in
+                # the record: the HangUp follows the WebhookResult. Decided here, where the
+                # engine's phase is known, not when the call's end arrives (a last key and
+                # the end can both be queued before the POST is asked for).
+                if self._posting:
+                    self._deferred_hangup = event  # _webhook queues it after the result
+                else:
+                    self._events.put_nowait(event)  # the result is queued already: after it
+                continue
+            heard = isinstance(event, eng.Digit | eng.SpeechResult | eng.NoInput)
+            if heard:
                 self._cancel_listen_timer()
+            where = state.flow, state.node
             state, actions = self._d.engine.handle(state, event)
             if isinstance(event, eng.HangUp):
                 self._state = state
                 await self._carry_out(state, actions)
                 return
             if (
-                isinstance(event, eng.Digit)
+                heard
                 and self._listening
                 and state.phase is eng.Phase.LISTENING
-                and self._listen_max_digits > 1
+                and (state.flow, state.node) == where
+                and not any(isinstance(a, eng.Listen) for a in actions)
             ):
-                # Inter-digit timeout of a multi-digit entry restarts with each key.
+                # Still at the same question with no new Listen (a key of a multi-digit
+                # entry, a stray #, speech the question does not take): its timeout runs
+                # again, or the caller would wait in silence for no one.
                 self._start_listen_timer(self._listen_timeout)
 
     # -- actions -------------------------------------------------------------------------------
     async def _carry_out(self, state: eng.CallState, actions: list[eng.Action]) -> None:
         for action in actions:
+            if self._h.ended and isinstance(action, _NEEDS_THE_CALLER):
+                # A result that came after the caller left (a deferred HangUp follows it):
+                # nobody hears a prompt, and a render would only delay the record.
+                continue
             if isinstance(action, eng.Play):
                 self._listening = False
                 await self._play(action, state)
@@ -278,8 +301,10 @@ class CallSession:
             elif isinstance(action, eng.TransferCall):
                 self._spawn(self._transfer(action))
             elif isinstance(action, eng.RecordAudio):
+                self._record_open = True
                 self._spawn(self._record(action.max_s))
             elif isinstance(action, eng.PostWebhook):
+                self._posting += 1  # before the task runs: a HangUp may be dequeued first
                 self._spawn(self._webhook(action))
             elif isinstance(action, eng.HangupCall):
                 self._ended = True
@@ -431,13 +456,10 @@ class CallSession:
                     if not waiter.done():
                         waiter.set_result(self._transfer_accepted)
                     self._hangup_after_transfer = True
-                elif self._recording is not None:
-                    # The engine wants the voicemail's RecordDone before the HangUp.
+                elif self._record_open:
+                    # The engine wants the voicemail's RecordDone before the HangUp (also
+                    # while the message is checked and saved, after the recording ended).
                     self._hangup_after_record = True
-                elif self._posting:
-                    # A request under way (an appointment) still lands, and its result goes
-                    # in the record: the HangUp follows the WebhookResult.
-                    self._hangup_after_webhook = True
                 else:
                     self._events.put_nowait(eng.HangUp(self._h.cut))
 
@@ -491,7 +513,9 @@ class CallSession:
         self._play_waiters[play_id] = done
         ended: asyncio.Future[Any] = asyncio.ensure_future(self._h.wait_ended())
         try:
-            await asyncio.wait({done, ended}, timeout=BEEP_WAIT_S)
+            await asyncio.wait(
+                {done, ended}, timeout=BEEP_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             ended.cancel()
             self._play_waiters.pop(play_id, None)
@@ -521,6 +545,7 @@ class CallSession:
         chunks, self._recording = self._recording, None
         pcm = b"".join(chunks or [])
         self._events.put_nowait(await self._keep(pcm))
+        self._record_open = False
         if self._hangup_after_record:
             self._events.put_nowait(eng.HangUp(self._h.cut))
 
@@ -541,14 +566,14 @@ class CallSession:
         # The receiver is told who called and which record to read: "the clinic will call you
         # back" needs a number to call, and staff the answers behind the request.
         values = {**action.values, "call_id": self._h.id, "caller": self._h.caller}
-        self._posting += 1
         try:
             reply = await self._d.post_webhook(action.url_key, values, action.timeout_s)
         finally:
             self._posting -= 1
         self._events.put_nowait(eng.WebhookResult(reply is not None, dict(reply or {})))
-        if self._hangup_after_webhook and not self._posting:
-            self._events.put_nowait(eng.HangUp(self._h.cut))
+        if self._deferred_hangup is not None and not self._posting:
+            self._events.put_nowait(self._deferred_hangup)
+            self._deferred_hangup = None
 
     # -- the record ------------------------------------------------------------------------------
     async def _store_from(self, actions: list[eng.Action], state: eng.CallState) -> None:
@@ -607,6 +632,9 @@ class CallSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+_NEEDS_THE_CALLER = (eng.Play, eng.Listen, eng.TransferCall, eng.RecordAudio)
 
 
 def _unlink_all(paths: list[Path]) -> None:

@@ -36,9 +36,12 @@ class Voicemails:
     async def save(self, call_id: str, pcm16: bytes) -> str:
         """Seal and write ``pcm16`` (8 kHz mono) for ``call_id``; return its name."""
         name = f"{call_id}-{secrets.token_hex(4)}.sealed"
-        sealed = self._store.seal(name, {"pcm16_8k": pcm16.hex()})
-        await asyncio.to_thread(_write_private, self._folder / name, sealed)
+        # Sealing a minute of message (hex, JSON, AES-GCM, base64) takes ~15 ms: off the loop.
+        await asyncio.to_thread(self._seal_and_write, name, pcm16)
         return name
+
+    def _seal_and_write(self, name: str, pcm16: bytes) -> None:
+        _write_private(self._folder / name, self._store.seal(name, {"pcm16_8k": pcm16.hex()}))
 
     async def wav(self, call_id: str, name: str) -> bytes | None:
         """The message ``name`` of ``call_id`` as a WAV file, or None when it is gone (or
