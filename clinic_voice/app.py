@@ -13,7 +13,6 @@ import os
 import secrets
 import signal
 import stat
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from clinic_voice.metrics import Metrics
 from clinic_voice.openapi import openapi_document
 from clinic_voice.redis_server import AOF_COMPACT_S, EmbeddedRedis, compact_aof_every
 from sip_config.clock import Clock, SystemClock
+from sip_config.private_file import write_private
 from sip_config.settings import Settings, SettingsError
 from verification import limits, rules
 from verification.api import VerificationApi
@@ -140,35 +140,10 @@ def _private_file(path: Path, make: Callable[[], str]) -> str:
                 )
             return value
     value = make()
-    _write_private(path, value + "\n")
+    # A secret lost to a power cut would be made anew, and Redis (its fingerprint) would
+    # refuse the next start: written durably.
+    write_private(path, value + "\n")
     return value
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Put ``text`` at ``path`` by a new 0600 file in the same directory renamed over it.
-
-    Written in place, an existing file (an empty placeholder made by provisioning) kept its
-    mode, 0644 say, and the new key with it. The rename also means a crash leaves the old
-    file or the new one, never half of one.
-    """
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)  # mkstemp: created 0600, O_EXCL, close-on-exec
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself is durable once the directory is: a secret lost to a power cut
-    # would be made anew, and Redis (its fingerprint) would refuse the next start.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class DataDirInUse(RuntimeError):

@@ -22,14 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 
+from sip_config.private_file import write_private
 from voice.ivr.call_record import CallResult
 from voice.ivr.store import CallStore, CallStoreUnavailable
 from voice.media.leftovers import remove_files
@@ -132,25 +131,7 @@ class CallJournal:
         return self._folder / f"{call_id}{SUFFIX}"
 
     def _write(self, call_id: str, sealed: str) -> None:
-        path = self._path(call_id)
-        self._folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # mkstemp makes the file 0600; the leading dot keeps it out of _pending until renamed.
-        fd, tmp = tempfile.mkstemp(prefix=f".{call_id}-", suffix=".tmp", dir=self._folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(sealed)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # The rename is durable only once the folder is.
-        dir_fd = os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private(self._path(call_id), sealed)  # hidden until renamed: not _pending's
 
     def _pending(self, now: float) -> list[str]:
         """The call ids in the journal (and away with stale temporary files)."""

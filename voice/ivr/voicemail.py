@@ -10,13 +10,13 @@ named in its call record's values. It lives as long as call records do
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 
+from sip_config.private_file import write_private
 from voice.ivr.store import CallStore
 from voice.media.leftovers import remove_files
 from voice.media.pcm import Pcm, bytes_to_samples, wav_bytes
@@ -41,7 +41,7 @@ class Voicemails:
         return name
 
     def _seal_and_write(self, name: str, pcm16: bytes) -> None:
-        _write_private(self._folder / name, self._store.seal(name, {"pcm16_8k": pcm16.hex()}))
+        write_private(self._folder / name, self._store.seal(name, {"pcm16_8k": pcm16.hex()}))
 
     async def wav(self, call_id: str, name: str) -> bytes | None:
         """The message ``name`` of ``call_id`` as a WAV file, or None when it is gone (or
@@ -61,12 +61,7 @@ class Voicemails:
 
     def sweep(self, older_than_s: float, now: float) -> int:
         """Delete messages older than ``older_than_s`` (blocking: run it in a thread).
-        Returns how many."""
+        Returns how many (a write cut short by a crash leaves its hidden temp file: an hour
+        on, it goes too, uncounted)."""
+        remove_files(self._folder, ".*.tmp", 3600.0, now)
         return remove_files(self._folder, "*.sealed", older_than_s, now)
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
