@@ -262,6 +262,7 @@ class CallSession:
                     self._deferred_hangup = event  # _webhook queues it after the result
                 else:
                     self._events.put_nowait(event)  # the result is queued already: after it
+                actions = []  # carried out already: the loop's top must not repeat them
                 continue
             heard = isinstance(event, eng.Digit | eng.SpeechResult | eng.NoInput)
             if heard:
