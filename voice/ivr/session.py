@@ -569,6 +569,11 @@ class CallSession:
         values = {**action.values, "call_id": self._h.id, "caller": self._h.caller}
         try:
             reply = await self._d.post_webhook(action.url_key, values, action.timeout_s)
+        except Exception:
+            # A fault, not a failed POST (those are None): still a result, or a hang-up held
+            # for it would wait forever. The values are the caller's: never logged.
+            log.exception("call %s: webhook %r failed", self._h.id, action.url_key)
+            reply = None
         finally:
             self._posting -= 1
         self._events.put_nowait(eng.WebhookResult(reply is not None, dict(reply or {})))
