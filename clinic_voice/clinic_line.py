@@ -26,8 +26,6 @@ from voice.sip.pool import CallHandle
 log = logging.getLogger(__name__)
 
 VOICEMAIL_SWEEP_S = 3600.0
-# A flow's webhook step names a URL key; the setting that gives its URL.
-WEBHOOK_SETTINGS = {"scheduling": "CLINIC_SCHEDULING_WEBHOOK"}
 
 
 def check_clinic_line(settings: Settings) -> None:
@@ -63,6 +61,11 @@ class ClinicLine:
         self._sweep: asyncio.Task[None] | None = None
         self._journal: CallJournal | None = None
         self._replay: asyncio.Task[None] | None = None
+        # A flow's webhook step names a URL key: the setting that gives its URL, and the URL
+        # ("" when not set).
+        self._webhooks = {
+            "scheduling": ("CLINIC_SCHEDULING_WEBHOOK", settings.ivr.scheduling_webhook),
+        }
 
     @classmethod
     def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
@@ -70,17 +73,15 @@ class ClinicLine:
         line.warn_unconfigured_webhooks()
         return line
 
-    def webhook_urls(self) -> dict[str, str]:
-        """URL key of a flow's webhook step -> its URL ("" when not set)."""
-        return {"scheduling": self._settings.ivr.scheduling_webhook}
-
     def warn_unconfigured_webhooks(self) -> None:
         """Once at start, not once per call: callers of these flows type their details and
         are then told the system cannot be reached."""
-        for key, flows in unconfigured(self._flowset, self.webhook_urls()).items():
+        urls = {key: url for key, (_, url) in self._webhooks.items()}
+        for key, flows in unconfigured(self._flowset, urls).items():
+            setting = self._webhooks[key][0] if key in self._webhooks else f"webhook {key!r}"
             log.warning(
                 "%s is not set: the webhook steps of flows %s take their failure branch",
-                WEBHOOK_SETTINGS.get(key, f"webhook {key!r}"),
+                setting,
                 ", ".join(flows),
             )
 
@@ -157,7 +158,7 @@ class ClinicLine:
     async def _post_webhook(
         self, url_key: str, values: Mapping[str, str], timeout_s: float
     ) -> Mapping[str, str] | None:
-        url = self.webhook_urls().get(url_key, "")
+        url = self._webhooks.get(url_key, ("", ""))[1]
         if not url:
             # Warned once at start (warn_unconfigured_webhooks): not once per call.
             log.debug("webhook %r is not configured: taking its failure branch", url_key)
