@@ -151,3 +151,33 @@ async def test_speaking_over_the_question_stops_it_and_is_heard(
     assert [(p["node"], p["value"]) for p in heard] == [("breathing", "예")], record["path"]
     assert record["triage"]["urgency"] == "U1", record["triage"]
     assert record["transfer_target"] == line.settings.ivr.nurse_uri
+
+
+async def test_speech_after_a_key_answer_does_not_stop_the_prompt_that_follows(
+    line: ClinicLine, tmp_path: Path
+) -> None:
+    # "1" by key once the question has been asked, then "예" while the emergency prompt plays
+    # (a prompt nobody may talk over): the answered question's recogniser must not stop it,
+    # or its end never comes and the caller waits in silence instead of reaching the nurse.
+    answer = await spoken(tmp_path, "예", "yes-late", lead_s=0.0)
+    before = await line.call_ids()
+    async with phones() as started:
+        nurse = await Phone.start(
+            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
+        )
+        started.append(nurse)
+        caller = await Phone.start(
+            "caller", "--call", line.uri("ko"), "--dtmf", f"1@{LEAD_S}",
+            "--play", str(answer), "--play-at", str(LEAD_S + 1.5),
+        )  # fmt: skip
+        started.append(caller)
+        await nurse.wait_for("incoming", CALL_S)
+        await caller.finish(CALL_S)
+        await nurse.finish(10)
+    record = await line.new_record(before)
+    assert ("breathing", "digit", "1") in [
+        (p["node"], p["input"], p["value"]) for p in record["path"]
+    ]
+    assert speech_steps(record) == [], record["path"]
+    assert record["transfer_target"] == line.settings.ivr.nurse_uri
+    assert record["outcome"] == "call_emergency+transfer_nurse"

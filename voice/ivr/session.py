@@ -337,6 +337,8 @@ class CallSession:
             self._private_wavs[self._prompt_play] = wav  # deleted once it has been played
         if state.pending is eng.Pending.LISTEN and action.barge_in:
             await self._arm_recogniser(state)
+        else:
+            self._disarm()  # a prompt nobody may talk over
 
     async def _stop_prompt(self) -> None:
         """Stop the prompt that plays, once: its PlayDone is then not a PromptDone.
@@ -355,6 +357,8 @@ class CallSession:
         self._listen_timeout = action.timeout_s
         if action.speech and self._d.speech is not None and action.phrases:
             await self._arm_recogniser(state, action.phrases)
+        else:
+            self._disarm()  # keys only: another question's words are no answer here
         self._start_listen_timer(action.timeout_s)
 
     # -- speech ----------------------------------------------------------------------------------
@@ -368,10 +372,10 @@ class CallSession:
             return
         if phrases is None:
             node = self._d.flowset.get(state.flow).nodes.get(state.node)
-            if not isinstance(node, Ask) or node.digits is not None:
-                return
-            phrases = grammar(node, self._language)
+            ask = node if isinstance(node, Ask) and node.digits is None else None
+            phrases = grammar(ask, self._language) if ask is not None else ()
         if not phrases:
+            self._disarm()  # the last question's, if the caller answered it by key
             return
         self._recogniser = self._d.speech.recogniser(phrases)
         self._recogniser_for = where
@@ -380,6 +384,14 @@ class CallSession:
             self._audio_on = True
             await self._h.start_listen()
             self._spawn(self._pump_audio())
+
+    def _disarm(self) -> None:
+        """Drop the recogniser of a question left behind. One still armed (its question was
+        answered by key) would stop the next prompt when the caller speaks, and the end of
+        a stopped prompt is never a PromptDone: the caller would wait in silence. An ask's
+        own recogniser is armed again by its prompt or its Listen."""
+        self._recogniser = None
+        self._recogniser_for = None
 
     async def _pump_audio(self) -> None:
         async for chunk in self._h.audio():
@@ -402,8 +414,7 @@ class CallSession:
             result = await rec.finish()
         heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
         if heard and isinstance(result, HeardSpeech) and rec is self._recogniser:
-            self._recogniser = None
-            self._recogniser_for = None
+            self._disarm()
             self._events.put_nowait(
                 eng.SpeechResult(result.text, result.confidence, result.unknown_words)
             )
