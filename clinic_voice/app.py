@@ -90,6 +90,9 @@ class Runtime:
     # /readyz, e.g. "prompts" while the static prompts render): benches wait for it.
     warming: set[str] = field(default_factory=set)
     stopping: bool = False  # the stop began: /readyz fails while requests in flight finish
+    # Run at the stop's first moment, before the grace for requests in flight (the clinic
+    # line refuses new calls and lets those in progress go on: clinic_voice/clinic_line.py).
+    stop_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     def need_store(self) -> VerificationStore:
         assert self.store is not None, "store used before start"
@@ -299,6 +302,8 @@ def build_app(
         rt.stopping = True
         if rt.http_workers is not None:
             rt.http_workers.begin_stop()
+        for hook in rt.stop_hooks:
+            hook()
 
     app.on_shutdown.append(begin_stop)
 

@@ -26,6 +26,9 @@ from voice.sip.pool import CallHandle
 log = logging.getLogger(__name__)
 
 VOICEMAIL_SWEEP_S = 3600.0
+# At a stop, after CLINIC_CALL_DRAIN_S: the closing notice (about 8 s in English) and the
+# call's end, at most; the SIP workers then hang up whatever is left.
+CLOSE_NOTICE_S = 15.0
 
 
 def check_clinic_line(settings: Settings) -> None:
@@ -61,6 +64,10 @@ class ClinicLine:
         self._sweep: asyncio.Task[None] | None = None
         self._journal: CallJournal | None = None
         self._replay: asyncio.Task[None] | None = None
+        self._sessions: set[CallSession] = set()  # the calls in progress
+        self._no_calls = asyncio.Event()
+        self._no_calls.set()
+        self._closing: asyncio.Task[None] | None = None  # the stop's drain (begin_close)
         # A flow's webhook step names a URL key: the setting that gives its URL, and the URL
         # ("" when not set).
         self._webhooks = {
@@ -133,9 +140,11 @@ class ClinicLine:
         )
 
     async def stop(self) -> None:
-        """Stop the background prompt rendering (if still going), the voicemail sweep and
-        the journal's replay."""
-        tasks = [t for t in (self._prerender, self._sweep, self._replay) if t is not None]
+        """Stop the background prompt rendering (if still going), the voicemail sweep, the
+        journal's replay and a drain still going on."""
+        tasks = [
+            t for t in (self._prerender, self._sweep, self._replay, self._closing) if t is not None
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -143,7 +152,52 @@ class ClinicLine:
     async def handle(self, call: CallHandle) -> None:
         """The pool's handler for an inbound call."""
         assert self._deps is not None, "clinic line not started"
-        await CallSession(call, self._deps).run()
+        session = CallSession(call, self._deps)
+        self._sessions.add(session)
+        self._no_calls.clear()
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            if not self._sessions:
+                self._no_calls.set()
+
+    def begin_close(self, drain_s: float) -> None:
+        """The service is stopping (new calls are refused by the SIP pool): let the calls in
+        progress go on for ``drain_s``, then tell each caller still on the line that the line
+        closes (with the emergency number) and end the call. Once; :meth:`closed` waits."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close_calls(drain_s), name="close-calls")
+
+    async def closed(self) -> None:
+        """Wait for the drain :meth:`begin_close` began (at once when it did not)."""
+        if self._closing is not None:
+            await self._closing
+
+    async def _close_calls(self, drain_s: float) -> None:
+        if not self._sessions:
+            return
+        log.info(
+            "stopping: %d call(s) in progress may go on for up to %g s (new calls get 503)",
+            len(self._sessions),
+            drain_s,
+        )
+        if await self._all_ended(drain_s):
+            log.info("stopping: every call in progress has ended")
+            return
+        log.warning("stopping: telling %d caller(s) that the line closes", len(self._sessions))
+        for session in list(self._sessions):
+            session.close()
+        if not await self._all_ended(CLOSE_NOTICE_S):
+            log.warning("stopping: %d call(s) still up after the notice", len(self._sessions))
+
+    async def _all_ended(self, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._no_calls.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _save(self, result: CallResult) -> None:
         assert self._rt.call_store is not None

@@ -92,6 +92,12 @@ def extra_contexts(settings: Settings) -> list[Context]:
                 rt.extra_ready["flash_calls"] = lambda: uac.ready
             rt.sip_pool = pool
             rt.extra_ready["sip_workers"] = pool.ready
+
+            def begin_close() -> None:
+                pool.refuse_new_calls()
+                line.begin_close(settings.ivr.call_drain_s)
+
+            rt.stop_hooks.append(begin_close)
             log.info(
                 "SIP: front %s redirects to %d workers at %s",
                 settings.sip.addr,
@@ -99,6 +105,8 @@ def extra_contexts(settings: Settings) -> list[Context]:
                 ", ".join(str(a) for a in pool.worker_addresses()),
             )
             yield
+            begin_close()  # begun at the stop's first moment already, unless start-up failed
+            await line.closed()
 
     return [prompts_ctx, sip_ctx]
 

@@ -269,6 +269,13 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("CLINIC_CALL_RETENTION_DAYS", "30", "days call records are kept (1..3650)"),
     Variable(
+        "CLINIC_CALL_DRAIN_S",
+        "20",
+        "on a stop (SIGTERM), how long calls in progress may go on (0..3600 s; new calls get "
+        "503 from the stop's start); then each caller still on the line is told the line "
+        "closes, with the emergency number, and the call ends (outcome `cut_shutdown`)",
+    ),
+    Variable(
         "CLINIC_TRANSFER_SUMMARY",
         "urgency",
         "what a transfer tells the target's phone, in clear SIP headers that also pass the "
@@ -387,6 +394,7 @@ class IvrSettings:
     emergency_number: str
     scheduling_webhook: str
     call_retention_days: int
+    call_drain_s: float
     transfer_summary: str  # "none", "urgency" or "full"
 
 
@@ -680,6 +688,7 @@ def _build(r: _Reader) -> Settings:
         emergency_number=r.parse("CLINIC_EMERGENCY_NUMBER", _digits),
         scheduling_webhook=r.url("CLINIC_SCHEDULING_WEBHOOK", ("http://", "https://")),
         call_retention_days=r.integer("CLINIC_CALL_RETENTION_DAYS", 1, 3650),
+        call_drain_s=r.number("CLINIC_CALL_DRAIN_S", 0, 3600),
         transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
     )
     redis_url = r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://"))

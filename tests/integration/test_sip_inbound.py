@@ -264,7 +264,7 @@ async def test_a_front_whose_tcp_port_is_taken_fails_and_frees_its_udp_port() ->
     taken.bind(("127.0.0.1", port))
     taken.listen()
     try:
-        front = RedirectFront(HostPort("127.0.0.1", port), lambda _call_id: None)
+        front = RedirectFront(HostPort("127.0.0.1", port), lambda _call_id: 486)
         with pytest.raises(OSError):
             await front.start()
         await asyncio.sleep(0.05)  # a transport closes its socket on the next loop step

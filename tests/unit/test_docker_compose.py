@@ -90,6 +90,7 @@ def test_service_settings_are_accepted() -> None:
 
 def test_the_stop_grace_period_outlasts_the_slowest_stop() -> None:
     from clinic_voice.cli import SHUTDOWN_GRACE_S
+    from clinic_voice.clinic_line import CLOSE_NOTICE_S
     from clinic_voice.http_workers import STOP_DEADLINE_S
     from sip_config.settings import Settings
     from voice.sip.pool import WORKER_STOP_S
@@ -97,9 +98,11 @@ def test_the_stop_grace_period_outlasts_the_slowest_stop() -> None:
     service = _compose()["services"]["service"]
     settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
     # SIGTERM: every HTTP process gets its grace at once (HTTP workers are killed at
-    # STOP_DEADLINE_S), then the SIP workers get WORKER_STOP_S, all at once.
+    # STOP_DEADLINE_S) while calls in progress drain and then hear the closing notice; then
+    # the SIP workers get WORKER_STOP_S, all at once.
     http_s = STOP_DEADLINE_S if settings.http_workers > 1 else SHUTDOWN_GRACE_S
-    worst_s = http_s + WORKER_STOP_S
+    calls_s = settings.ivr.call_drain_s + CLOSE_NOTICE_S
+    worst_s = max(http_s, calls_s) + WORKER_STOP_S
     grace = re.fullmatch(r"([0-9]+)s", str(service["stop_grace_period"]))
     assert grace is not None, service["stop_grace_period"]
     assert int(grace.group(1)) >= worst_s + 5, f"the slowest stop takes {worst_s} s and more"

@@ -12,11 +12,13 @@ from voice.ivr.engine import (
     SUMMARY_HEADER,
     Action,
     CallState,
+    Close,
     Digit,
     Engine,
     Event,
     HangUp,
     HangupCall,
+    LineClosing,
     Listen,
     NoInput,
     Pending,
@@ -872,3 +874,94 @@ def test_a_zero_typed_during_a_lookup_still_reaches_a_human(shipped: FlowSet) ->
     assert post.values["patient_number"] == "1234567890"
     assert any(s.node == "more" and (s.input, s.value) == ("digit", "0") for s in state.path)
     assert state.transfer_uri == STAFF, state
+
+
+# --------------------------------------------------------------------------- the service stops
+
+CLOSING = (
+    "Sorry, this line has to close for a few minutes. If this is an emergency, hang up and "
+    "call 112 now. Otherwise please call again later."
+)
+NOTICE = [("StopPlay", ""), ("Play", CLOSING)]
+
+
+@pytest.mark.parametrize(
+    "before",
+    [[], [DONE], [DONE, DONE]],
+    ids=["a prompt plays", "the question plays", "the engine listens"],
+)
+def test_a_stop_tells_the_caller_then_ends_the_call(engine: Engine, before: list[Event]) -> None:
+    state, steps = feed(engine, [*before, LineClosing()])
+    assert describe(steps[-1]) == NOTICE
+    assert state.phase is Phase.PLAYING and state.close is Close.TOLD
+    assert not steps[-1][-1].barge_in  # type: ignore[union-attr]
+    # Keys and a second stop change nothing; the end of the notice ends the call.
+    for event in (Digit("1"), Digit("0"), LineClosing(), NoInput()):
+        state, actions = engine.handle(state, event)
+        assert actions == [], event
+    state, actions = engine.handle(state, DONE)
+    assert [type(a).__name__ for a in actions] == ["HangupCall", "Store"]
+    assert record_of(actions).record.outcome == "cut_shutdown"
+    assert state.phase is Phase.ENDED
+
+
+def test_a_caller_who_hangs_up_on_the_notice_is_still_a_cut_call(engine: Engine) -> None:
+    state, _ = feed(engine, [DONE, LineClosing()])
+    state, actions = engine.handle(state, HangUp())
+    assert record_of(actions).record.outcome == "cut_shutdown"
+
+
+def test_a_stop_during_a_webhook_waits_for_its_result(engine: Engine) -> None:
+    keys = [Digit(k) for k in "1123#"]
+    state, steps = feed(engine, [DONE, DONE, *keys, LineClosing()])
+    assert steps[-1] == [] and state.phase is Phase.WEBHOOK
+    state, actions = engine.handle(state, WebhookResult(True, {"when": "Monday"}))
+    assert describe(actions) == NOTICE  # not "Booked Monday.": the call cannot go on
+    assert state.value("reply.when") == "Monday"  # the result is in the record
+    state, actions = engine.handle(state, DONE)
+    record = record_of(actions).record
+    assert record.outcome == "cut_shutdown"
+    assert ("post", "webhook") in [(p.node, p.input) for p in record.path]
+
+
+def test_a_stop_during_a_message_keeps_it_then_lets_the_goodbye_finish(engine: Engine) -> None:
+    state, _ = feed(engine, [DONE, DONE, Digit("2"), DONE, LineClosing()])
+    assert state.phase is Phase.RECORDING
+    state, actions = engine.handle(state, RecordDone("vm-1", 4.0))
+    # The goodbye ends the call anyway: it plays, not the notice.
+    assert texts(actions) == ["Goodbye."]
+    state, actions = engine.handle(state, DONE)
+    record = record_of(actions).record
+    assert record.outcome == "done" and dict(record.values)["message"] == "vm-1"
+
+
+def test_a_stop_before_the_tone_tells_the_caller(engine: Engine) -> None:
+    _, steps = feed(engine, [DONE, DONE, Digit("2"), LineClosing()])
+    assert describe(steps[-1]) == NOTICE
+
+
+def test_a_stop_lets_a_transfer_to_a_human_go_on(engine: Engine) -> None:
+    state, steps = feed(engine, [DONE, Digit("0"), LineClosing()])
+    assert steps[-1] == [] and state.pending is Pending.TRANSFER
+    state, actions = engine.handle(state, DONE)
+    assert [type(a).__name__ for a in actions] == ["TransferCall"]
+    state, actions = engine.handle(state, TransferResult(True))
+    assert record_of(actions).record.outcome == "transfer_staff"
+
+
+def test_a_stop_then_a_failed_transfer_says_why_it_ends(engine: Engine) -> None:
+    state, _ = feed(engine, [DONE, Digit("0"), LineClosing(), DONE])
+    state, actions = engine.handle(state, TransferResult(False))
+    assert texts(actions) == [
+        "Sorry, I could not connect you. If this is an emergency, hang up and call 112 now. "
+        "Otherwise please call again later."
+    ]
+    state, actions = engine.handle(state, DONE)
+    assert record_of(actions).record.outcome == "transfer_failed"
+
+
+def test_the_closing_notice_is_rendered_at_start(shipped: FlowSet) -> None:
+    params = FlowParams(emergency_number="911")
+    for flow in shipped.flows.values():
+        notice = flow.texts("closing").replace("{emergency_number}", "911")
+        assert notice in flow.static_prompts(params), flow.id

@@ -73,9 +73,12 @@ def test_invite_over_tcp_keeps_tcp() -> None:
     assert message.parse(out).get("Contact") == "<sip:6000@127.0.0.1:5062;transport=tcp>"
 
 
-def test_invite_when_full_is_busy() -> None:
-    out = respond(request("INVITE"), None, tcp=False)
-    assert out is not None and message.parse(out).status == 486
+@pytest.mark.parametrize("status", [486, 503], ids=["all workers full", "stopping"])
+def test_a_refused_invite_gets_the_status_the_pool_gave(status: int) -> None:
+    out = respond(request("INVITE"), status, tcp=False)
+    assert out is not None
+    answer = message.parse(out)
+    assert answer.status == status and answer.get("Contact") is None
 
 
 @pytest.mark.parametrize(

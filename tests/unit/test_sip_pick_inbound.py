@@ -6,10 +6,13 @@ import itertools
 from collections import Counter
 
 from sip_config.clock import FakeClock
+from sip_config.settings import HostPort
 from tests.conftest import sip_settings
+from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
 
 _ids = (f"call-{n}@peer" for n in itertools.count())
+BUSY = SipStatus.BUSY_HERE
 
 
 def _pool(workers: int, clock: FakeClock) -> SipPool:
@@ -24,22 +27,22 @@ def test_a_burst_is_spread_and_capped_by_free_slots() -> None:
     clock = FakeClock()
     pool = _pool(3, clock)
     picks = [pool.pick_inbound(next(_ids)) for _ in range(6)]
-    assert all(p is not None for p in picks)
-    per_port = Counter(p.port for p in picks if p is not None)
+    assert all(isinstance(p, HostPort) for p in picks)
+    per_port = Counter(p.port for p in picks if isinstance(p, HostPort))
     assert sorted(per_port.values()) == [2, 2, 2], per_port
     picks += [pool.pick_inbound(next(_ids)) for _ in range(6)]
-    assert None not in picks, "12 slots for 12 callers"
-    assert pool.pick_inbound(next(_ids)) is None, "a 13th caller gets 486 from the front"
+    assert all(isinstance(p, HostPort) for p in picks), "12 slots for 12 callers"
+    assert pool.pick_inbound(next(_ids)) == BUSY, "a 13th caller gets 486 from the front"
 
 
 def test_a_reservation_lapses_when_the_caller_never_comes() -> None:
     clock = FakeClock()
     pool = _pool(1, clock)
     for _ in range(4):
-        assert pool.pick_inbound(next(_ids)) is not None
-    assert pool.pick_inbound(next(_ids)) is None
+        assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
+    assert pool.pick_inbound(next(_ids)) == BUSY
     clock.advance(2.5)
-    assert pool.pick_inbound(next(_ids)) is not None
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
 
 
 def test_a_retransmitted_invite_takes_no_second_slot() -> None:
@@ -48,8 +51,8 @@ def test_a_retransmitted_invite_takes_no_second_slot() -> None:
     first = pool.pick_inbound("same@peer")
     assert all(pool.pick_inbound("same@peer") == first for _ in range(9))
     # 7 slots left for 7 other callers
-    assert None not in [pool.pick_inbound(next(_ids)) for _ in range(7)]
-    assert pool.pick_inbound(next(_ids)) is None
+    assert all(isinstance(pool.pick_inbound(next(_ids)), HostPort) for _ in range(7))
+    assert pool.pick_inbound(next(_ids)) == BUSY
 
 
 def test_lapsed_reservations_do_not_block_outbound_calls() -> None:
@@ -60,3 +63,15 @@ def test_lapsed_reservations_do_not_block_outbound_calls() -> None:
     assert pool._pick_outbound() is None
     clock.advance(2.5)
     assert pool._pick_outbound() is not None
+
+
+def test_a_stopping_service_refuses_new_callers_with_503() -> None:
+    clock = FakeClock()
+    pool = _pool(2, clock)
+    first = pool.pick_inbound("before@peer")
+    assert isinstance(first, HostPort)
+    pool.refuse_new_calls()
+    # A proxy tries another instance on 503 (486 would tell the caller the clinic is busy),
+    # also for a retransmission of an INVITE redirected before.
+    assert pool.pick_inbound(next(_ids)) == SipStatus.SERVICE_UNAVAILABLE
+    assert pool.pick_inbound("before@peer") == SipStatus.SERVICE_UNAVAILABLE

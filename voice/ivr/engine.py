@@ -33,7 +33,11 @@ VoiceXML semantics kept here:
   whose transfer fails is put through to the other human, and is never told to call again
   later;
 * a caller who hangs up before a transfer went through is recorded so
-  (``hung_up_before_transfer``), not as transferred.
+  (``hung_up_before_transfer``), not as transferred;
+* when the service stops (:class:`LineClosing`), the caller is told so, with the emergency
+  number, and the call ends (``cut_shutdown``): at once while a prompt plays or the engine
+  listens, or once a webhook, a transfer or a message under way has its result. A prompt
+  that ends the call anyway, or puts the caller through to a human, is left to finish.
 
 Events that do not fit the current phase (a late :class:`PromptDone`, a :class:`NoInput`
 while a prompt plays) are stale races between threads and are ignored.
@@ -164,6 +168,11 @@ class HangUp:
     cut: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class LineClosing:
+    """The service is stopping and the call cannot go on: tell the caller, then end it."""
+
+
 Event = (
     Digit
     | SpeechResult
@@ -173,6 +182,7 @@ Event = (
     | TransferResult
     | RecordDone
     | HangUp
+    | LineClosing
 )
 
 
@@ -300,6 +310,17 @@ class Pending(enum.StrEnum):
     HANGUP = "hangup"
 
 
+class Close(enum.StrEnum):
+    """Where the call is in the service's stop (:class:`LineClosing`)."""
+
+    OPEN = "open"  # no stop
+    ASKED = "asked"  # the caller is told at the next prompt or question
+    TOLD = "told"  # the closing notice plays; the call ends after it
+
+
+CLOSED_OUTCOME = "cut_shutdown"
+
+
 @dataclass(frozen=True, slots=True)
 class CallState:
     """Everything the engine knows about one call; a new value on every step."""
@@ -322,6 +343,7 @@ class CallState:
     transfers_failed: tuple[str, ...] = ()  # URIs a transfer of this call failed to reach
     outcome: str = ""
     triage_action: TriageAction | None = None
+    close: Close = Close.OPEN
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -346,6 +368,18 @@ def phrase_in(phrase: str, heard: str) -> bool:
     """Whether the words of ``phrase`` occur in order, as whole words, in ``heard``."""
     want, got = normalise(phrase).split(), normalise(heard).split()
     return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got)))
+
+
+def _tellable(state: CallState) -> bool:
+    """Whether the closing notice can be played now: the engine listens, or plays a prompt
+    that neither ends the call nor puts the caller through to a human (both are left to
+    finish: the caller is told goodbye, or reaches someone, either way)."""
+    if state.phase is Phase.LISTENING:
+        return True
+    return state.phase is Phase.PLAYING and state.pending not in {
+        Pending.HANGUP,
+        Pending.TRANSFER,
+    }
 
 
 def _escalates(choice: Choice) -> bool:
@@ -391,8 +425,15 @@ class Engine:
                 # Cut mid-call by the service: someone should call this patient back.
                 outcome = f"cut_{event.cut}"
             return self._end(state, outcome, [], hangup=False)
+        if isinstance(event, LineClosing):
+            if state.close is not Close.OPEN:
+                return state, []
+            state = replace(state, close=Close.ASKED)
+            return self._close(state, []) if _tellable(state) else (state, [])
         new, actions = self._dispatch(state, event)
         ensure_not_lowered(state.triage, new.triage)
+        if new.close is Close.ASKED and _tellable(new):
+            new, actions = self._close(new, actions)
         if new.phase is not state.phase or new.node != state.node:
             # Node ids name answers (e.g. "fever_ill"): only the flow and the phase are logged.
             log.debug("ivr %s: %s -> %s", new.flow, state.phase, new.phase)
@@ -872,6 +913,22 @@ class Engine:
         )
         text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
         return state, [self._play(state, flow, text, barge_in=False)]
+
+    def _close(self, state: CallState, actions: list[Action]) -> Result:
+        """The closing notice instead of the prompt or question in ``actions``; the call
+        ends after it (``cut_shutdown``: someone should call this patient back)."""
+        flow = self.flowset.get(state.flow)
+        state = replace(
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.HANGUP,
+            barge_in=False,
+            close=Close.TOLD,
+            outcome=CLOSED_OUTCOME,
+        )
+        kept = [a for a in actions if not isinstance(a, Play | StopPlay | Listen)]
+        notice = self._play(state, flow, flow.texts("closing"), barge_in=False)
+        return state, [*kept, StopPlay(), notice]
 
     def _to_human(
         self,

@@ -164,6 +164,10 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "transfer_failed_urgent": "Sorry, I could not reach anyone at the clinic. Please hang "
         "up now and call {emergency_number}.",
         "safety_escalation": "To be safe, I will connect you to a nurse.",
+        # The service is stopping (a restart) and this call cannot go on.
+        "closing": "Sorry, this line has to close for a few minutes. If this is an "
+        "emergency, hang up and call {emergency_number} now. Otherwise please call again "
+        "later.",
         "record_silent": "Sorry, I did not hear a message.",
         "record_failed": "Sorry, your message could not be saved.",
         "key_hint": "Press {key} for {label}.",
@@ -183,6 +187,8 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "transfer_failed_urgent": "죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 "
         "끊고 {emergency_number}번으로 전화하세요.",
         "safety_escalation": "안전을 위해 간호사에게 연결해 드리겠습니다.",
+        "closing": "죄송합니다. 이 전화는 몇 분 동안 닫힙니다. 응급 상황이면 전화를 끊고 "
+        "지금 {emergency_number}번으로 전화하세요. 아니면 나중에 다시 전화해 주세요.",
         "record_silent": "죄송합니다. 메시지를 듣지 못했습니다.",
         "record_failed": "죄송합니다. 메시지를 저장하지 못했습니다.",
         "key_hint": "{label}: {key}번을 누르세요.",
@@ -529,6 +535,7 @@ class Flow:
         for name in ("transfer_failed", "transfer_retry", "transfer_failed_urgent"):
             add(self.texts(name))
         add(self.texts("safety_escalation"))
+        add(self.texts("closing"))
         for node in self.nodes.values():
             if isinstance(node, Say) and node.audio is None:
                 add(node.text)

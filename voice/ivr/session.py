@@ -208,6 +208,12 @@ class CallSession:
     def call_id(self) -> str:
         return self._h.id
 
+    def close(self) -> None:
+        """The service is stopping: the caller is told, and the call ends (the engine decides
+        when: see :class:`voice.ivr.engine.LineClosing`)."""
+        if not self._h.ended:
+            self._events.put_nowait(eng.LineClosing())
+
     async def run(self) -> None:
         """Answer, run the flow, store the result. Never raises for call problems."""
         self._started_at = self._d.clock.now()

@@ -3,8 +3,9 @@
 Why a redirect and not a proxy: a redirect server (RFC 3261 section 8.3) is stateless and
 stays out of the call after one response, so the workers keep their own dialogs and media
 and this process never relays a byte of a call. Each INVITE gets ``302 Moved Temporarily``
-with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_port>``), or
-``486 Busy Here`` when every worker is full. The ACK for that final response is absorbed,
+with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_port>``),
+``486 Busy Here`` when every worker is full, or ``503 Service Unavailable`` once the service
+is stopping (a proxy then tries another instance). The ACK for that final response is absorbed,
 OPTIONS gets 200 (so peers can probe liveness), CANCEL gets 200 (the INVITE already has its
 final answer), BYE gets 481, other known methods 405 with ``Allow``, unknown ones 501. An
 INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and no slot; a
@@ -65,14 +66,17 @@ MAX_TCP_PER_ADDRESS = 16  # one host cannot fill the connections above by itself
 _REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")  # RFC 3261 8.1.1, in every request
 _DROPPED_LOG_S = 60.0  # at most one line a minute about unparseable messages
 
-# The worker for an INVITE with this Call-ID (None: all are full).
-Picker = Callable[[str], HostPort | None]
+# The worker for an INVITE with this Call-ID, or the status that refuses it (486, 503).
+Picker = Callable[[str], HostPort | int]
 
 
-def respond(request: message.SipMessage, target: HostPort | None, *, tcp: bool) -> bytes | None:
+def respond(
+    request: message.SipMessage, target: HostPort | int | None, *, tcp: bool
+) -> bytes | None:
     """The response of the redirect server to ``request`` (None: send nothing).
 
-    ``target`` is a worker with a free slot for an INVITE, None when all are full.
+    ``target`` is, for an INVITE, a worker with a free slot or the status that refuses the
+    call (486 when all are full, 503 when the service is stopping); None for other requests.
     """
     if not request.is_request or request.method == "ACK":
         return None
@@ -86,8 +90,10 @@ def respond(request: message.SipMessage, target: HostPort | None, *, tcp: bool) 
             request, SipStatus.BAD_REQUEST, to_tag=tag, reason=f"Missing {missing[0]}"
         )
     if method == "INVITE":
-        if target is None:
-            return message.serialise_response(request, SipStatus.BUSY_HERE, to_tag=tag)
+        if target is None:  # not picked: no slot for it
+            target = SipStatus.BUSY_HERE
+        if isinstance(target, int):
+            return message.serialise_response(request, target, to_tag=tag)
         user = message.user_part(request.uri)
         userinfo = f"{user}@" if user else ""
         params = ";transport=tcp" if tcp else ""
@@ -147,7 +153,7 @@ def _answer(data: bytes, pick: Picker, *, tcp: bool) -> bytes | None:
     complete = all(request.get(name) for name in _REQUIRED)  # else 400 (or nothing): no slot
     target = pick(call_id) if invite and complete and call_id else None
     if invite:
-        log.debug("INVITE %s -> %s", call_id, target or "486")
+        log.debug("INVITE %s -> %s", call_id, target)
     return respond(request, target, tcp=tcp)
 
 

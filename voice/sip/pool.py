@@ -259,10 +259,12 @@ class CallHandle:
         if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
             self.outcome = ev.outcome
             self.sip_status = ev.sip_status
-            if ev.outcome is CallOutcome.WORKER_LOST:
-                self.cut = "worker_lost"
-            elif not self._pool.running:
+            if not self._pool.running:
+                # Also a worker's exit at the stop (it may end before reporting its calls'
+                # ends): the service stopped, no worker died.
                 self.cut = "shutdown"
+            elif ev.outcome is CallOutcome.WORKER_LOST:
+                self.cut = "worker_lost"
             self._ended.set()
             if self._audio is not None:
                 self._audio.put_nowait(None)
@@ -332,6 +334,7 @@ class SipPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._running = False
+        self._refusing = False  # the service is stopping: no new inbound call
         self._restarts = 0
         self._ids = itertools.count(1)
         # Call and request ids: unique per pool (a random prefix and a counter), without a
@@ -394,6 +397,13 @@ class SipPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await w.reader
 
+    def refuse_new_calls(self) -> None:
+        """From now on every new inbound call gets 503 (the service is stopping); the calls
+        in progress go on. Outbound calls are not affected."""
+        if not self._refusing:
+            self._refusing = True
+            log.info("SIP: new inbound calls are refused (503) from now on")
+
     @property
     def running(self) -> bool:
         """Between :meth:`start` and :meth:`stop`."""
@@ -430,13 +440,16 @@ class SipPool:
         """Where the workers listen (UDP and TCP), in worker order."""
         return [HostPort(self._settings.addr.host, w.port) for w in self._workers if w.up]
 
-    def pick_inbound(self, call_id: str) -> HostPort | None:
+    def pick_inbound(self, call_id: str) -> HostPort | SipStatus:
         """A worker with a free slot for the inbound call ``call_id`` (the one with most
-        room), or None.
+        room), or the status that refuses it: 486 when every worker is full, 503 once the
+        service is stopping.
 
         The slot is reserved for a few seconds, until the redirected INVITE arrives there;
         a retransmitted INVITE (the same Call-ID) goes to the same worker on the same slot.
         """
+        if self._refusing:
+            return SipStatus.SERVICE_UNAVAILABLE
         now = self._clock.monotonic()
         for w in self._workers:
             w.expire_reservations(now)
@@ -444,7 +457,7 @@ class SipPool:
                 return HostPort(self._settings.addr.host, w.port)
         best = max(self._workers, key=lambda w: w.available, default=None)
         if best is None or best.available <= 0:
-            return None
+            return SipStatus.BUSY_HERE
         best.reserved[call_id] = now + _REDIRECT_RESERVE_S
         return HostPort(self._settings.addr.host, best.port)
 
@@ -677,6 +690,11 @@ class SipPool:
         )
         w.calls[ev.call_id] = handle
         handler = self._handler
+        if self._refusing:
+            # Sent here by a PBX (a registrar), or redirected by the front just before.
+            log.info("call %s: the service is stopping: 503", ev.call_id)
+            w.send(Hangup(ev.call_id, SipStatus.SERVICE_UNAVAILABLE))
+            return
         if handler is None:
             log.warning("call %s: no inbound handler: 480", ev.call_id)
             w.send(Hangup(ev.call_id, SipStatus.TEMPORARILY_UNAVAILABLE))

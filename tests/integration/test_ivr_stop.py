@@ -1,0 +1,134 @@
+"""A stop with calls in progress, against real calls (pjsua2 phones in their own processes).
+
+``serve`` stops on SIGTERM by cleaning up its app runner: the app's ``on_shutdown`` at once,
+then its cleanup contexts. These tests stop the service the same way while a call is up:
+
+- from the stop's first moment a new call gets 503 (a proxy tries another instance; 486 would
+  tell the caller the clinic is busy);
+- a call in progress goes on for ``CLINIC_CALL_DRAIN_S`` and, when it ends in that time, is
+  recorded as it ended (not cut);
+- a caller still on the line after it hears the closing notice, with the emergency number,
+  and then the service hangs up; the record says ``cut_shutdown`` (someone calls back).
+
+The HTTP API is gone once the stop began, so the records are read from the service's Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clinic_voice.app import RUNTIME
+from tests.integration.conftest import OpenApiCollector
+from tests.peers.ivr_rig import ClinicLine, Phone, phones, running_clinic_line
+from verification.redis_mux import RedisMux
+from voice.ivr.flow import SYSTEM_TEXTS
+from voice.ivr.store import CallStore
+from voice.media.audio_match import rank
+from voice.media.pcm import read_wav, resample, samples_to_bytes
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+CALL_S = 60.0
+
+
+@asynccontextmanager
+async def line_with(
+    tmp: Path, collector: OpenApiCollector, prompts: Path, drain_s: float
+) -> AsyncIterator[ClinicLine]:
+    env = {"CLINIC_CALL_DRAIN_S": str(drain_s)}
+    async with running_clinic_line(tmp, collector, env, prompt_cache=prompts) as line:
+        yield line
+
+
+async def stop(line: ClinicLine) -> None:
+    """What serve does at SIGTERM: its runner cleaned up (here the test server's)."""
+    await line.api.client.close()
+
+
+async def records(line: ClinicLine) -> list[dict[str, Any]]:
+    """The call records, newest first, straight from the service's Redis."""
+    mux = RedisMux(line.redis.url, timeout_s=2.0)
+    try:
+        store = CallStore(mux, line.app[RUNTIME].secret, 30)
+        return (await store.recent(10, None)).calls
+    finally:
+        await mux.aclose()
+
+
+def wav_pcm(path: Path) -> bytes:
+    pcm = read_wav(path)
+    samples = pcm.samples if pcm.rate_hz == 8000 else resample(pcm.samples, pcm.rate_hz, 8000)
+    return samples_to_bytes(samples)
+
+
+async def test_a_call_in_progress_may_finish_and_a_new_one_gets_503(
+    tmp_path: Path, openapi_responses: OpenApiCollector, ivr_prompt_cache: Path
+) -> None:
+    async with line_with(tmp_path, openapi_responses, ivr_prompt_cache, drain_s=30) as line:
+        async with phones() as started:
+            # The Korean danger-sign question (about 7 s), answered "no" by key once asked:
+            # then goodbye, and the service hangs up ("completed").
+            caller = await Phone.start("caller", "--call", line.uri("7001"), "--answers", "2")
+            started.append(caller)
+            await caller.wait_for("media", CALL_S)
+            stopping = asyncio.create_task(stop(line))
+            await asyncio.sleep(0.5)
+            late = await Phone.start("late", "--call", line.uri("7001"), "--timeout", "10")
+            started.append(late)
+            refused = await late.wait_for("ended", 10, leg="main")
+            await caller.finish(CALL_S)
+            async with asyncio.timeout(CALL_S):
+                await stopping
+        assert refused["status"] == 503, late.events
+        assert late.find("media") is None and late.find("confirmed") is None, late.events
+        assert caller.find("dtmf_sent", digit="2") is not None, caller.events
+        (record,) = await records(line)
+        assert record["outcome"] == "completed", record
+        assert record["values"]["breathing"] == "no", record
+
+
+async def test_a_caller_still_on_the_line_when_the_drain_ends_hears_why_it_ends(
+    tmp_path: Path, openapi_responses: OpenApiCollector, ivr_prompt_cache: Path
+) -> None:
+    heard = tmp_path / "heard.wav"
+    async with line_with(tmp_path, openapi_responses, ivr_prompt_cache, drain_s=2) as line:
+        renderer = line.app[RUNTIME].renderer
+        assert renderer is not None
+        params = line.settings.ivr
+        closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=params.emergency_number)
+        failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(
+            emergency_number=params.emergency_number
+        )
+        references = {
+            "closing": wav_pcm(await renderer.render(closing, voice="en")),
+            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
+        }
+        async with phones() as started:
+            # The main menu, and a caller who says and presses nothing (it repeats itself).
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--record", str(heard), "--timeout", "50"
+            )
+            started.append(caller)
+            await caller.wait_for("media", CALL_S)
+            await asyncio.sleep(1.0)
+            stopping = asyncio.create_task(stop(line))
+            ended = await caller.wait_for("ended", 40, leg="main")
+            await caller.finish(10)
+            async with asyncio.timeout(CALL_S):
+                await stopping
+        (record,) = await records(line)
+    assert record["outcome"] == "cut_shutdown", record
+    # The service hung up after the notice: not at the stop's start, not the SIP workers'
+    # shutdown after it (which ends the call without a word).
+    media_at = caller.find("media", leg="main")
+    assert media_at is not None
+    assert ended["t"] - media_at["t"] > 1.0 + 2.0 + 5.0, caller.events
+    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
+    match = rank(tail, references, 8000)
+    assert match.key == "closing" and match.score > match.runner_up, match
