@@ -413,6 +413,11 @@ class CallSession:
 
     async def _recognise(self, rec: Recogniser, frame: bytes) -> None:
         result = await rec.feed(frame)
+        if rec is not self._recogniser:
+            # Dropped while the feed ran in vosk's executor (a key answered its question and
+            # a prompt nobody may talk over began): its words answer nothing now, and its
+            # partial result must not stop that prompt, whose end would never come.
+            return
         if isinstance(result, PartialResult):
             # Barge-in by voice: the caller talks over the prompt.
             await self._stop_prompt()
