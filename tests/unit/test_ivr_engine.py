@@ -965,3 +965,23 @@ def test_the_closing_notice_is_rendered_at_start(shipped: FlowSet) -> None:
     for flow in shipped.flows.values():
         notice = flow.texts("closing").replace("{emergency_number}", "911")
         assert notice in flow.static_prompts(params), flow.id
+
+
+def test_a_stop_puts_an_urgent_caller_through_to_the_nurse(shipped: FlowSet) -> None:
+    # An unclear answer to the breathing question makes the call U2; it is asked again. The
+    # safety rules hold in a stop too: no "call again later" and no hang-up for this caller.
+    engine = Engine(shipped, FlowParams(speech_enabled=False))
+    state, _ = engine.start(shipped.get("triage"))
+    for event in (DONE, DONE, Digit("1"), DONE, NoInput()):
+        state, _ = engine.handle(state, event)
+    assert state.triage is not None and state.triage.urgency is Urgency.U2
+    state, actions = engine.handle(state, LineClosing())
+    assert [type(a).__name__ for a in actions] == ["StopPlay", "Play"]
+    assert "call again later" not in texts(actions)[0]
+    assert state.pending is Pending.TRANSFER and state.transfer_uri == NURSE
+    assert engine.handle(state, LineClosing()) == (state, [])
+    state, actions = engine.handle(state, DONE)
+    assert [type(a).__name__ for a in actions] == ["TransferCall"]
+    state, actions = engine.handle(state, TransferResult(True))
+    record = record_of(actions).record
+    assert record.outcome == "transfer_nurse" and record.transfer_target == NURSE

@@ -37,7 +37,8 @@ VoiceXML semantics kept here:
 * when the service stops (:class:`LineClosing`), the caller is told so, with the emergency
   number, and the call ends (``cut_shutdown``): at once while a prompt plays or the engine
   listens, or once a webhook, a transfer or a message under way has its result. A prompt
-  that ends the call anyway, or puts the caller through to a human, is left to finish.
+  that ends the call anyway, or puts the caller through to a human, is left to finish. A
+  caller at U2 or more is put through to the nurse instead (never "call again later").
 
 Events that do not fit the current phase (a late :class:`PromptDone`, a :class:`NoInput`
 while a prompt plays) are stale races between threads and are ignored.
@@ -916,8 +917,18 @@ class Engine:
 
     def _close(self, state: CallState, actions: list[Action]) -> Result:
         """The closing notice instead of the prompt or question in ``actions``; the call
-        ends after it (``cut_shutdown``: someone should call this patient back)."""
+        ends after it (``cut_shutdown``: someone should call this patient back). A caller at
+        U2 or more is put through to the nurse instead."""
         flow = self.flowset.get(state.flow)
+        kept = [a for a in actions if not isinstance(a, Play | StopPlay | Listen)]
+        if state.triage is not None and state.triage.urgency <= Urgency.U2:
+            # The safety rules hold in a stop too: an urgent caller is never hung up on and
+            # told to call again later, but put through to the nurse (a transfer to a person,
+            # which the stop lets finish; a failed one goes on as any urgent transfer).
+            state = replace(state, close=Close.TOLD)
+            return self._to_human(
+                state, flow, "line closing", [*kept, StopPlay()], text="safety_escalation"
+            )
         state = replace(
             state,
             phase=Phase.PLAYING,
@@ -926,7 +937,6 @@ class Engine:
             close=Close.TOLD,
             outcome=CLOSED_OUTCOME,
         )
-        kept = [a for a in actions if not isinstance(a, Play | StopPlay | Listen)]
         notice = self._play(state, flow, flow.texts("closing"), barge_in=False)
         return state, [*kept, StopPlay(), notice]
 
