@@ -26,9 +26,10 @@ from voice.sip.pool import CallHandle
 log = logging.getLogger(__name__)
 
 VOICEMAIL_SWEEP_S = 3600.0
-# At a stop, after CLINIC_CALL_DRAIN_S: the closing notice (about 8 s in English) and the
-# call's end, at most; the SIP workers then hang up whatever is left.
-CLOSE_NOTICE_S = 15.0
+# At a stop, after CLINIC_CALL_DRAIN_S: a step under way (a booking request, a message's
+# save), the closing notice (9 s in English, 13 s in Korean) and the call's end, at most; the
+# SIP workers then hang up whatever is left.
+CLOSE_NOTICE_S = 20.0
 
 
 def check_clinic_line(settings: Settings) -> None:

@@ -25,6 +25,7 @@ import pytest
 
 from clinic_voice.app import RUNTIME
 from tests.integration.conftest import OpenApiCollector
+from tests.integration.test_ivr_keypad import PRESCRIPTION_KEYS, tone_message
 from tests.peers.ivr_rig import ClinicLine, Phone, phones, running_clinic_line
 from verification.redis_mux import RedisMux
 from voice.ivr.flow import SYSTEM_TEXTS
@@ -132,3 +133,33 @@ async def test_a_caller_still_on_the_line_when_the_drain_ends_hears_why_it_ends(
     tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
     match = rank(tail, references, 8000)
     assert match.key == "closing" and match.score > match.runner_up, match
+
+
+async def test_a_message_being_recorded_ends_at_the_close_and_is_kept(
+    tmp_path: Path, openapi_responses: OpenApiCollector, ivr_prompt_cache: Path
+) -> None:
+    # A prescription request: date of birth and patient number typed ahead, a 2 s tone as
+    # the message 12 s after the answer, then silence (the recording runs up to 60 s).
+    message = await tone_message(tmp_path)
+    async with line_with(tmp_path, openapi_responses, ivr_prompt_cache, drain_s=1) as line:
+        async with phones() as started:
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--dtmf", PRESCRIPTION_KEYS,
+                "--play", str(message), "--timeout", "50",
+            )  # fmt: skip
+            started.append(caller)
+            media = await caller.wait_for("media", CALL_S)
+            await asyncio.sleep(15.0)  # the tone has been recorded; the recording goes on
+            stopping = asyncio.create_task(stop(line))
+            ended = await caller.wait_for("ended", 40, leg="main")
+            await caller.finish(10)
+            async with asyncio.timeout(CALL_S):
+                await stopping
+        (record,) = await records(line)
+    assert record["flow"] == "prescription" and record["outcome"] == "prescription_requested"
+    (recorded,) = [p for p in record["path"] if p["input"] == "record"]
+    assert recorded["node"] == "message" and record["values"]["prescription_message"]
+    # Ended at the close (1 s after the stop), not at the workers' cut 20 s later: the
+    # caller heard the thank-you (about 7 s) and the service hung up.
+    assert int(recorded["value"].rstrip("s")) <= 8, recorded
+    assert ended["t"] - media["t"] < 15.0 + 1.0 + 12.0, caller.events

@@ -203,6 +203,7 @@ class CallSession:
         self._posting = 0  # webhook POSTs asked for and not yet answered
         self._deferred_hangup: eng.HangUp | None = None  # held until the POST's result
         self._record_open = False  # from RecordAudio until its RecordDone is queued
+        self._closing = False  # the service is stopping (close)
 
     @property
     def call_id(self) -> str:
@@ -210,8 +211,12 @@ class CallSession:
 
     def close(self) -> None:
         """The service is stopping: the caller is told, and the call ends (the engine decides
-        when: see :class:`voice.ivr.engine.LineClosing`)."""
+        when: see :class:`voice.ivr.engine.LineClosing`). A message being recorded ends now,
+        as with ``#``: it is kept, and the caller hears what follows it rather than being cut
+        off mid-sentence when the recording would have run to its end."""
         if not self._h.ended:
+            self._closing = True
+            self._record_stop.set()
             self._events.put_nowait(eng.LineClosing())
 
     async def run(self) -> None:
@@ -555,6 +560,8 @@ class CallSession:
         await self._beep()
         self._recording = []
         self._record_stop = asyncio.Event()
+        if self._closing:  # during the beep: no message now (the engine tells the caller)
+            self._record_stop.set()
         # The recording ends with the call, with "#" (what the record prompts tell the
         # caller), or after max_s.
         ended = asyncio.ensure_future(self._h.wait_ended())
