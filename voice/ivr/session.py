@@ -7,11 +7,17 @@ through a vosk recogniser fed from the call's audio), transfer, record, post a w
 store the call record. Nothing here decides anything about the caller: the engine does.
 
 Speech barge-in: while an ask's prompt plays, its recogniser already listens; the first partial
-result stops the prompt. Keys pressed during a prompt go to the engine at once (type-ahead).
+result stops the prompt. Its result normally follows within seconds; when none has come after
+``BARGE_IN_RESULT_S`` (noise that never falls silent, a recogniser that failed), the stopped
+prompt counts as ended and the engine listens, with the question's timeout. Keys pressed
+during a prompt go to the engine at once (type-ahead).
 
 Prompt ends: every play has an id and the worker sends exactly one ``PlayDone`` per play, so
 only the end of the prompt the engine waits for becomes a ``PromptDone``; the end of a prompt
-that was stopped, replaced or is a tone is never taken for the end of the next one.
+that was stopped, replaced or is a tone is never taken for the end of the next one. That also
+holds for an end queued just before the engine went on (a key pressed as the prompt ended):
+each end carries the number of the engine's prompt it belongs to, and is dropped on dequeue
+when the engine has played or stopped a prompt since.
 
 Transfers: the worker reports the REFER's progress (``TransferStatus``). A final 2xx is a
 transfer done, a final error a transfer failed at once (the caller hears the failure message,
@@ -59,6 +65,9 @@ BEEP_WAIT_S = 3.0  # the beep's PlayDone, at most (it is 0.3 s long)
 ANSWER_WAIT_S = 5.0
 CALL_HEADER = "X-Clinic-Call"
 MAX_CALL_S = 1800.0
+# A barge-in (a partial result stopped the prompt) that no result follows in this time ends
+# the prompt for the engine, which then listens with the question's timeout.
+BARGE_IN_RESULT_S = 10.0
 # A record stored while the call's task is being cancelled (pool.stop at SIGTERM) waits this
 # long for Redis, then is kept on disk: the stop is not held for the store's 30 s patience.
 STOP_SAVE_S = 2.0
@@ -173,7 +182,7 @@ class CallSession:
     def __init__(self, handle: CallHandle, deps: SessionDeps) -> None:
         self._h = handle
         self._d = deps
-        self._events: asyncio.Queue[eng.Event] = asyncio.Queue()
+        self._events: asyncio.Queue[eng.Event | _PromptEnd] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_timer: asyncio.Task[None] | None = None
         self._recogniser: Recogniser | None = None
@@ -183,6 +192,9 @@ class CallSession:
         # The play whose end the engine waits for (0: none); a stopped prompt is cleared,
         # so its PlayDone, like that of any other play, is not a PromptDone.
         self._prompt_play = 0
+        # Counts the engine's Play and StopPlay actions: a prompt's end is queued with the
+        # count of its Play, and is stale (dropped) when the engine has gone on since.
+        self._prompt_seq = 0
         self._play_waiters: dict[int, asyncio.Future[None]] = {}  # tones waited for
         self._private_wavs: dict[int, Path] = {}  # play id: a render of this call's data
         self._listening = False
@@ -264,6 +276,13 @@ class CallSession:
             if state.phase is eng.Phase.ENDED:
                 return
             event = await self._events.get()
+            if isinstance(event, _PromptEnd):
+                if event.seq != self._prompt_seq:
+                    # The end of a prompt the engine has stopped or replaced since it was
+                    # queued (a key pressed as it ended): not the end of the one that plays.
+                    actions = []  # carried out already: the loop's top must not repeat them
+                    continue
+                event = eng.PromptDone()
             if isinstance(event, eng.HangUp) and state.phase is eng.Phase.WEBHOOK:
                 # A request under way (an appointment) still lands, and its result goes in
                 # the record: the HangUp follows the WebhookResult. Decided here, where the
@@ -305,8 +324,10 @@ class CallSession:
                 continue
             if isinstance(action, eng.Play):
                 self._listening = False
+                self._prompt_seq += 1
                 await self._play(action, state)
             elif isinstance(action, eng.StopPlay):
+                self._prompt_seq += 1
                 await self._stop_prompt()
             elif isinstance(action, eng.Listen):
                 await self._listen(action, state)
@@ -334,7 +355,7 @@ class CallSession:
                 )
         except TtsError:
             log.exception("call %s: prompt could not be rendered", self._h.id)
-            self._events.put_nowait(eng.PromptDone())
+            self._events.put_nowait(_PromptEnd(self._prompt_seq))
             return
         # No await between the play going out and the id being kept: its PlayDone is handled
         # by another task, which cannot run in between.
@@ -396,6 +417,15 @@ class CallSession:
             await self._h.start_listen()
             self._spawn(self._pump_audio())
 
+    async def _barge_in_watch(self, seq: int) -> None:
+        """End prompt ``seq`` for the engine if it still waits for it ``BARGE_IN_RESULT_S``
+        after a partial result stopped it: a partial need not be followed by a result, and
+        the caller would wait in silence."""
+        await asyncio.sleep(BARGE_IN_RESULT_S)
+        if seq == self._prompt_seq and not self._h.ended:
+            log.info("call %s: no speech result after a barge-in: listening", self._h.id)
+            self._events.put_nowait(_PromptEnd(seq))
+
     def _disarm(self) -> None:
         """Drop the recogniser of a question left behind. One still armed (its question was
         answered by key) would stop the next prompt when the caller speaks, and the end of
@@ -414,7 +444,15 @@ class CallSession:
             for frame in self._onset.push(chunk):
                 if rec is not self._recogniser:
                     break  # this one has given its result
-                await self._recognise(rec, frame)
+                try:
+                    await self._recognise(rec, frame)
+                except Exception:
+                    # vosk failed to decode: this question goes on by key (and its timeout);
+                    # the audio goes on too, to a recording and the next question's recogniser.
+                    log.exception("call %s: speech recognition failed", self._h.id)
+                    if rec is self._recogniser:
+                        self._disarm()
+                    break
 
     async def _recognise(self, rec: Recogniser, frame: bytes) -> None:
         result = await rec.feed(frame)
@@ -423,9 +461,11 @@ class CallSession:
             # a prompt nobody may talk over began): its words answer nothing now, and its
             # partial result must not stop that prompt, whose end would never come.
             return
-        if isinstance(result, PartialResult):
-            # Barge-in by voice: the caller talks over the prompt.
+        if isinstance(result, PartialResult) and self._prompt_play:
+            # Barge-in by voice: the caller talks over the prompt. Its result ends the prompt
+            # for the engine; should none come, the watch does.
             await self._stop_prompt()
+            self._spawn(self._barge_in_watch(self._prompt_seq))
         if result is None and rec.end_of_speech:
             result = await rec.finish()
         heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
@@ -467,7 +507,7 @@ class CallSession:
                     tone.set_result(None)
                 elif ev.play_id and ev.play_id == self._prompt_play:
                     self._prompt_play = 0
-                    self._events.put_nowait(eng.PromptDone())
+                    self._events.put_nowait(_PromptEnd(self._prompt_seq))
                 else:
                     log.debug("call %s: end of play %s ignored", self._h.id, ev.play_id)
             elif isinstance(ev, TransferStatus):
@@ -667,6 +707,13 @@ class CallSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+@dataclass(frozen=True, slots=True)
+class _PromptEnd:
+    """The end of the engine's prompt ``seq`` (see ``CallSession._prompt_seq``)."""
+
+    seq: int
 
 
 _NEEDS_THE_CALLER = (eng.Play, eng.Listen, eng.TransferCall, eng.RecordAudio)
