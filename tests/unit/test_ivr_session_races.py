@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -166,13 +167,13 @@ class ScriptedModel:
 
 
 class Rig:
-    def __init__(self, called: str = "triage", speech: bool = True) -> None:
+    def __init__(self, called: str = "triage", speech: bool = True, flows: Path = FLOWS) -> None:
         self.call = ScriptedCall(called)
         self.renderer = ScriptedRenderer()
         self.call.renderer = self.renderer
         self.model = ScriptedModel()
         self.saved: list[CallResult] = []
-        flowset = load_flows(FLOWS)
+        flowset = load_flows(flows)
         params = FlowParams(speech_enabled=speech)
 
         async def post(key: str, values: Mapping[str, str], timeout_s: float) -> Any:
@@ -313,4 +314,32 @@ async def test_a_barge_in_with_no_final_result_still_ends_in_a_timeout(
     await rig.until(lambda: ("stop", None) in rig.call.commands)
     rig.call.send(_done(breathing))
     await rig.until(lambda: len(rig.call.plays()) > 3, within_s=15)
+    await rig.finish()
+
+
+async def test_talking_over_a_keypad_menu_is_not_taken_for_an_answer(tmp_path: Path) -> None:
+    # A clinic's own flow may make a menu keys only (``mode: keypad``, choices, no digits).
+    # Its prompt armed a recogniser all the same: the caller's words stopped the prompt, and
+    # their result took the engine out of it with no Listen (speech is off there), so no
+    # timeout ever ran. Here the words are nobody's answer and the menu listens for keys.
+    flows = tmp_path / "flows"
+    shutil.copytree(FLOWS, flows)
+    menu_flow = flows / "main_menu.yaml"
+    text = menu_flow.read_text()
+    keypad = text.replace("  menu:\n    ask:\n", "  menu:\n    ask:\n      mode: keypad\n", 1)
+    assert keypad != text
+    menu_flow.write_text(keypad)
+    rig = Rig(called="6000", flows=flows)
+    rig.start()
+    welcome = await rig.until_prompt("Welcome")
+    rig.call.send(_done(welcome))
+    menu = await rig.until_prompt("How can I help")
+    rig.model.script = [PartialResult("appoint"), SpeechResult("appointment", 1.0)]
+    rig.call.speak(*[LOUD] * 8)
+    await rig.settle()
+    assert ("stop", None) not in rig.call.commands, "the words stopped a keys-only prompt"
+    rig.call.send(_done(menu))
+    await rig.until(lambda: rig.session._listening)
+    rig.call.send(_digit("1"))  # appointments, by key
+    await rig.until_prompt("appointment")
     await rig.finish()

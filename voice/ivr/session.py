@@ -43,7 +43,7 @@ from urllib.parse import quote
 from sip_config.clock import Clock
 from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
-from voice.ivr.flow import Ask, FlowSet, grammar
+from voice.ivr.flow import Ask, FlowSet, InputMode, grammar
 from voice.media.asr import PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
@@ -404,7 +404,11 @@ class CallSession:
             return
         if phrases is None:
             node = self._d.flowset.get(state.flow).nodes.get(state.node)
-            ask = node if isinstance(node, Ask) and node.digits is None else None
+            # Neither a digits entry nor a keypad ask takes speech: a result there leaves the
+            # engine listening with no Listen (no timeout), and a partial stops the prompt.
+            ask = node if isinstance(node, Ask) else None
+            if ask is not None and (ask.digits is not None or ask.mode is InputMode.KEYPAD):
+                ask = None
             phrases = grammar(ask, self._language) if ask is not None else ()
         if not phrases:
             self._disarm()  # the last question's, if the caller answered it by key
@@ -464,8 +468,9 @@ class CallSession:
         if isinstance(result, PartialResult) and self._prompt_play:
             # Barge-in by voice: the caller talks over the prompt. Its result ends the prompt
             # for the engine; should none come, the watch does.
+            seq = self._prompt_seq  # the stopped prompt's, whatever runs during the stop
             await self._stop_prompt()
-            self._spawn(self._barge_in_watch(self._prompt_seq))
+            self._spawn(self._barge_in_watch(seq))
         if result is None and rec.end_of_speech:
             result = await rec.finish()
         heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
