@@ -52,6 +52,16 @@ async def stop(line: ClinicLine) -> None:
     await line.api.client.close()
 
 
+async def stopped_during(line: ClinicLine, caller: Phone) -> dict[str, Any]:
+    """Stop the service during ``caller``'s call; the event of the call's end."""
+    stopping = asyncio.create_task(stop(line))
+    ended = await caller.wait_for("ended", 40, leg="main")
+    await caller.finish(10)
+    async with asyncio.timeout(CALL_S):
+        await stopping
+    return ended
+
+
 async def records(line: ClinicLine) -> list[dict[str, Any]]:
     """The call records, newest first, straight from the service's Redis."""
     mux = RedisMux(line.redis.url, timeout_s=2.0)
@@ -118,11 +128,7 @@ async def test_a_caller_still_on_the_line_when_the_drain_ends_hears_why_it_ends(
             started.append(caller)
             await caller.wait_for("media", CALL_S)
             await asyncio.sleep(1.0)
-            stopping = asyncio.create_task(stop(line))
-            ended = await caller.wait_for("ended", 40, leg="main")
-            await caller.finish(10)
-            async with asyncio.timeout(CALL_S):
-                await stopping
+            ended = await stopped_during(line, caller)
         (record,) = await records(line)
     assert record["outcome"] == "cut_shutdown", record
     # The service hung up after the notice: not at the stop's start, not the SIP workers'
@@ -150,11 +156,7 @@ async def test_a_message_being_recorded_ends_at_the_close_and_is_kept(
             started.append(caller)
             media = await caller.wait_for("media", CALL_S)
             await asyncio.sleep(15.0)  # the tone has been recorded; the recording goes on
-            stopping = asyncio.create_task(stop(line))
-            ended = await caller.wait_for("ended", 40, leg="main")
-            await caller.finish(10)
-            async with asyncio.timeout(CALL_S):
-                await stopping
+            ended = await stopped_during(line, caller)
         (record,) = await records(line)
     assert record["flow"] == "prescription" and record["outcome"] == "prescription_requested"
     (recorded,) = [p for p in record["path"] if p["input"] == "record"]

@@ -663,7 +663,7 @@ class Engine:
             # Type-ahead: keys pressed during earlier prompts answer this ask, no prompt.
             return self._listen(state, flow, ask, actions)
         return self._prompt(
-            state, flow, ask, flow.ask_prompt(ask, self._speech_on(flow, ask)), actions
+            state, flow, ask, flow.ask_prompt(ask, self.speech_on(flow, ask)), actions
         )
 
     def _prompt(
@@ -693,7 +693,7 @@ class Engine:
                 return state, actions
             # Still at this question (part of an entry, a stray #): listen for the rest, with
             # its timeouts, or the caller would wait in silence for no one.
-        speech = self._speech_on(flow, ask) and ask.digits is None
+        speech = self.speech_on(flow, ask) and ask.digits is None
         lang = flow.language
         if ask.digits is not None:
             listen = Listen(
@@ -766,7 +766,7 @@ class Engine:
         return self._enter(state, flow, ask.next, [])
 
     def _heard(self, state: CallState, flow: Flow, ask: Ask, ev: SpeechResult) -> Result:
-        if ask.digits is not None or not self._speech_on(flow, ask):
+        if ask.digits is not None or not self.speech_on(flow, ask):
             return state, []
         lang = flow.language
         if ev.confidence < ask.min_confidence:
@@ -830,7 +830,7 @@ class Engine:
         return self._enter(state, flow, choice.goto, [])
 
     def _repeat(self, state: CallState, flow: Flow, ask: Ask) -> Result:
-        return self._prompt(state, flow, ask, flow.ask_prompt(ask, self._speech_on(flow, ask)), [])
+        return self._prompt(state, flow, ask, flow.ask_prompt(ask, self.speech_on(flow, ask)), [])
 
     def _noinput(self, state: CallState, flow: Flow, ask: Ask) -> Result:
         if ask.digits is not None and state.digits:
@@ -857,7 +857,7 @@ class Engine:
             if ask.on_fail is None:
                 return self._to_human(state, flow, f"{kind} limit", [])
             return self._enter(state, flow, ask.on_fail, [])
-        text = flow.reprompt(ask, kind, count, self._speech_on(flow, ask))
+        text = flow.reprompt(ask, kind, count, self.speech_on(flow, ask))
         return self._prompt(replace(state, typeahead=""), flow, ask, text, [])
 
     # -- webhooks and transfers
@@ -1018,7 +1018,8 @@ class Engine:
         except KeyError:
             raise EngineError(f"{flow.id}: unknown target {target!r}") from None
 
-    def _speech_on(self, flow: Flow, ask: Ask) -> bool:
+    def speech_on(self, flow: Flow, ask: Ask) -> bool:
+        """Whether ``ask`` takes speech in ``flow`` (speech on for its language, not keypad)."""
         return self.params.speech_for(flow.language) and ask.mode.value != "keypad"
 
     def _render(self, state: CallState, text: str) -> str:

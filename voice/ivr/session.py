@@ -43,7 +43,7 @@ from urllib.parse import quote
 from sip_config.clock import Clock
 from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
-from voice.ivr.flow import Ask, FlowSet, InputMode, grammar
+from voice.ivr.flow import Ask, FlowSet, grammar
 from voice.media.asr import PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
@@ -403,13 +403,15 @@ class CallSession:
         if self._recogniser is not None and self._recogniser_for == where:
             return
         if phrases is None:
-            node = self._d.flowset.get(state.flow).nodes.get(state.node)
+            flow = self._d.flowset.get(state.flow)
+            node = flow.nodes.get(state.node)
             # Neither a digits entry nor a keypad ask takes speech: a result there leaves the
             # engine listening with no Listen (no timeout), and a partial stops the prompt.
-            ask = node if isinstance(node, Ask) else None
-            if ask is not None and (ask.digits is not None or ask.mode is InputMode.KEYPAD):
-                ask = None
-            phrases = grammar(ask, self._language) if ask is not None else ()
+            ask = node if isinstance(node, Ask) and node.digits is None else None
+            if ask is None or not self._d.engine.speech_on(flow, ask):
+                phrases = ()
+            else:
+                phrases = grammar(ask, self._language)
         if not phrases:
             self._disarm()  # the last question's, if the caller answered it by key
             return
