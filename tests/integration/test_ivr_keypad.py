@@ -423,9 +423,15 @@ async def test_a_transfer_accepted_then_hung_up_before_its_final_notify_is_a_tra
     assert steps(record, "transfer") == [("menu", "ok")], record["path"]
 
 
-async def test_a_busy_transfer_target_ends_with_the_failure_message_at_once(
-    line: ClinicLine,
+async def test_when_staff_are_busy_the_caller_leaves_a_message_for_a_call_back(
+    line: ClinicLine, tmp_path: Path
 ) -> None:
+    # The caller's message: a 2 s tone from 25 s into the call, after the offer (~16 s of
+    # speech from about 4 s) and its beep; then # at 32 s.
+    message = tmp_path / "message.wav"
+    await sox("-n", "-r", "8000", "-c", "1", "-b", "16", str(message), "synth", "2", "sine",
+              "440", "vol", "0.5")  # fmt: skip
+    heard = tmp_path / "heard.wav"
     before = await line.call_ids()
     async with phones() as started:
         # Staff's phone answers every call 486 Busy Here (no --answer).
@@ -433,23 +439,35 @@ async def test_a_busy_transfer_target_ends_with_the_failure_message_at_once(
         started.append(staff)
         # 0 during the welcome: staff.
         caller = await Phone.start(
-            "caller", "--call", line.uri("6000"), "--dtmf", "0@0.5", "--timeout", "60"
-        )
+            "caller", "--call", line.uri("6000"), "--dtmf", "0@0.5,#@32.0",
+            "--play", str(message), "--play-at", "25", "--record", str(heard),
+            "--timeout", "60",
+        )  # fmt: skip
         started.append(caller)
         await staff.wait_for("incoming", 20)
-        ended = await caller.wait_for("ended", 40, leg="main")
-    xfer = caller.find("transfer_request")
-    assert xfer is not None, caller.events
+        await caller.wait_for("ended", 50, leg="main")  # the service hangs up after "thank you"
+        await caller.finish(CALL_S)
+    assert caller.find("transfer_request") is not None, caller.events
     assert caller.find("confirmed", leg="xfer") is None
-    # The final NOTIFY (486) ends the wait: the failure message follows at once, not after
-    # the old 15 s of silence. The message and the goodbye take about 8 s.
-    waited = ended["t"] - xfer["t"]
-    assert waited < 14.0, f"the caller waited {waited:.1f} s after the REFER"
+    # The final NOTIFY (486) ends the wait: the offer follows at once (not after the REFER's
+    # 60 s deadline), so its beep comes before the caller speaks.
+    beeps = tone_runs(read_wav(heard), BEEP_HZ)
+    assert len(beeps) == 1 and beeps[0][1] < 24.0, f"the beep came late: {beeps}"
     record = await line.new_record(before)
-    assert record["outcome"] == "transfer_failed", record
+    assert record["outcome"] == "message_left", record
     assert record["transfer_target"] is None
     assert ("menu", "0") in steps(record, "digit")
     assert steps(record, "transfer") == [("menu", "failed")], record["path"]
+    ((_, took),) = steps(record, "record")
+    assert 3 <= int(took.rstrip("s")) <= 25, f"# did not end the message: {took}"
+    # Staff hear it through the API, as any voicemail.
+    answer = await line.get(f"/v1/calls/{record['id']}/voicemail")
+    assert answer.status == 200 and answer.headers["Content-Type"] == "audio/wav", answer
+    with wave.open(io.BytesIO(answer.body)) as w:
+        pcm = w.readframes(w.getnframes())
+    assert max(abs(int.from_bytes(pcm[i : i + 2], "little", signed=True))
+               for i in range(0, len(pcm), 2)) > 5000, "the tone is not in the message"  # fmt: skip
+    assert record["values"]["callback_message"].startswith(record["id"]), record["values"]
 
 
 async def test_a_nurse_who_rings_long_is_not_a_failed_transfer(line: ClinicLine) -> None:

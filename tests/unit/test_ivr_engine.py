@@ -113,6 +113,14 @@ def texts(actions: list[Action]) -> list[str]:
 
 
 DONE = PromptDone()
+OFFER = (
+    "Sorry, nobody can take your call right now. If this is an emergency, hang up and call 112 "
+    "now. Otherwise, after the tone, please say your name, your date of birth and why you are "
+    "calling, and the clinic will call you back. Press hash when you are done."
+)
+MESSAGE_KEPT = (
+    "Thank you. Your message has been recorded, and the clinic will call you back. Goodbye."
+)
 
 # (name, events, the last step's actions as (type name, key text) pairs, final phase)
 TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
@@ -306,16 +314,16 @@ TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
         Phase.LISTENING,
     ),
     (
-        "transfer failure is told",
+        "transfer failure: the caller may leave a message",
         [DONE, DONE, Digit("0"), DONE, TransferResult(False)],
-        [
-            (
-                "Play",
-                "Sorry, I could not connect you. If this is an emergency, hang up and call 112 "
-                "now. Otherwise please call again later.",
-            )
-        ],
+        [("Play", OFFER)],
         Phase.PLAYING,
+    ),
+    (
+        "which is recorded after its prompt",
+        [DONE, DONE, Digit("0"), DONE, TransferResult(False), DONE],
+        [("RecordAudio", "")],
+        Phase.RECORDING,
     ),
 ]
 
@@ -544,11 +552,26 @@ def test_a_caller_at_u2_whose_transfer_fails_gets_the_other_human_too(shipped: F
     assert record_of(actions).record.urgency is Urgency.U2
 
 
-def test_a_failed_transfer_that_is_not_urgent_says_call_again_later(engine: Engine) -> None:
+def test_a_failed_transfer_that_is_not_urgent_takes_a_message(engine: Engine) -> None:
     # the test flow's webhook fails -> staff transfer; it fails too: no triage, no retry
     _, actions = script_call(engine, "t", ["1", "123#"], webhook_ok=False, transfer_ok=False)
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]
-    assert texts(actions)[-1].endswith("Otherwise please call again later.")
+    assert texts(actions)[-2:] == [OFFER, MESSAGE_KEPT]
+    record = record_of(actions).record
+    assert record.outcome == "message_left" and record.urgency is None
+
+
+def test_an_urgent_caller_nobody_reached_is_never_asked_for_a_message(
+    shipped: FlowSet,
+) -> None:
+    engine = Engine(shipped, FlowParams())
+    answers = ["1", "2", "2", "2", "2", "2", "2", "3", "1", "5"]  # U2, as above
+    _, actions = script_call(engine, "triage", answers, transfer_ok=False)
+    assert not any(isinstance(a, RecordAudio) for a in actions)
+    assert texts(actions)[-1] == (
+        "Sorry, I could not reach anyone at the clinic. Please hang up now and call 112."
+    )
+    assert record_of(actions).record.outcome == "transfer_failed"
 
 
 @pytest.mark.parametrize("heard", ["yes he is gasping", "yes I don't know what to do", "yes maybe"])
@@ -985,3 +1008,93 @@ def test_a_stop_puts_an_urgent_caller_through_to_the_nurse(shipped: FlowSet) -> 
     state, actions = engine.handle(state, TransferResult(True))
     record = record_of(actions).record
     assert record.outcome == "transfer_nurse" and record.transfer_target == NURSE
+
+
+# -- nobody to take the call: a message for a call back
+
+STAFF_FAILED: list[Event] = [DONE, DONE, Digit("0"), DONE, TransferResult(False)]
+
+
+def test_a_message_left_when_nobody_answers_is_kept_for_a_call_back(engine: Engine) -> None:
+    state, steps = feed(engine, [*STAFF_FAILED, DONE])
+    assert steps[-1] == [RecordAudio(60)]
+    state, actions = engine.handle(state, RecordDone("vm-2", 7.0))
+    assert texts(actions) == [
+        "Thank you. Your message has been recorded, and the clinic will call you back. Goodbye."
+    ]
+    # A hang-up during the thanks: the message is what the call left.
+    state, actions = engine.handle(state, HangUp())
+    record = record_of(actions).record
+    assert record.outcome == "message_left"
+    assert dict(record.values)["callback_message"] == "vm-2"
+    assert [(s.input, s.value) for s in record.path][-2:] == [
+        ("transfer", "failed"),
+        ("record", "7s"),
+    ]
+    assert record.transfer_target is None
+
+
+@pytest.mark.parametrize(
+    ("done", "said", "kept"),
+    [
+        (RecordDone(duration_s=20, silent=True), "Sorry, I did not hear a message.", "silent"),
+        (RecordDone(duration_s=9), "Sorry, your message could not be saved.", "not_saved"),
+    ],
+)
+def test_no_message_kept_after_a_failed_transfer_ends_as_before(
+    engine: Engine, done: RecordDone, said: str, kept: str
+) -> None:
+    state, _ = feed(engine, [*STAFF_FAILED, DONE])
+    state, actions = engine.handle(state, done)
+    assert texts(actions) == [
+        f"{said} If this is an emergency, hang up and call 112 now. Otherwise please call "
+        "again later."
+    ]
+    state, actions = engine.handle(state, DONE)
+    record = record_of(actions).record
+    assert record.outcome == "transfer_failed" and "callback_message" not in dict(record.values)
+    assert [(s.input, s.value) for s in record.path][-1] == ("record", kept)
+    assert isinstance(actions[0], HangupCall)
+
+
+def test_a_hang_up_before_the_tone_is_a_failed_transfer(engine: Engine) -> None:
+    state, _ = feed(engine, STAFF_FAILED)
+    _, actions = engine.handle(state, HangUp())
+    assert record_of(actions).record.outcome == "transfer_failed"
+
+
+def test_a_call_that_recorded_already_is_not_asked_for_a_message_again(engine: Engine) -> None:
+    # The voicemail could not be saved, staff took no call: "call again later" as before,
+    # not a second message that may fail the same way.
+    state, steps = feed(engine, [Digit("2"), DONE, RecordDone(duration_s=9), DONE])
+    assert [type(a).__name__ for a in steps[-1]] == ["TransferCall"]
+    state, actions = engine.handle(state, TransferResult(False))
+    assert texts(actions) == [
+        "Sorry, I could not connect you. If this is an emergency, hang up and call 112 now. "
+        "Otherwise please call again later."
+    ]
+
+
+def test_a_stop_during_the_offer_tells_the_caller_and_ends(engine: Engine) -> None:
+    state, _ = feed(engine, STAFF_FAILED)
+    state, actions = engine.handle(state, LineClosing())
+    assert describe(actions) == NOTICE
+    state, actions = engine.handle(state, DONE)
+    assert record_of(actions).record.outcome == "cut_shutdown"
+
+
+def test_a_stop_during_the_message_keeps_it_and_thanks_the_caller(engine: Engine) -> None:
+    # The session ends the recording at the stop as with "#"; the thanks ends the call.
+    state, _ = feed(engine, [*STAFF_FAILED, DONE])
+    state, actions = engine.handle(state, LineClosing())
+    assert actions == []
+    state, actions = engine.handle(state, RecordDone("vm-3", 4.0))
+    assert texts(actions)[0].startswith("Thank you. Your message has been recorded")
+    state, actions = engine.handle(state, DONE)
+    assert record_of(actions).record.outcome == "message_left"
+
+
+def test_keys_and_words_during_the_offer_change_nothing(engine: Engine) -> None:
+    state, _ = feed(engine, STAFF_FAILED)
+    for event in (Digit("0"), Digit("1"), SpeechResult("staff", 0.9)):
+        assert engine.handle(state, event) == (state, [])

@@ -32,6 +32,9 @@ VoiceXML semantics kept here:
   urgent caller (U2 or more)
   whose transfer fails is put through to the other human, and is never told to call again
   later;
+* a caller below U2 whose transfer fails (and whose flow names no ``on_fail`` for it) may
+  leave a message for a call back instead of being told to call again later
+  (``message_left``); not during a stop, and not twice in one call;
 * a caller who hangs up before a transfer went through is recorded so
   (``hung_up_before_transfer``), not as transferred;
 * when the service stops (:class:`LineClosing`), the caller is told so, with the emergency
@@ -308,6 +311,7 @@ class Pending(enum.StrEnum):
     LISTEN = "listen"  # an ask: listen
     TRANSFER = "transfer"
     RECORD = "record"
+    MESSAGE = "message"  # a message for a call back, after a transfer failed
     HANGUP = "hangup"
 
 
@@ -320,6 +324,9 @@ class Close(enum.StrEnum):
 
 
 CLOSED_OUTCOME = "cut_shutdown"
+MESSAGE_OUTCOME = "message_left"
+MESSAGE_VALUE = "callback_message"  # the value naming that message
+MESSAGE_MAX_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +388,11 @@ def _tellable(state: CallState) -> bool:
         Pending.HANGUP,
         Pending.TRANSFER,
     }
+
+
+def _recorded_before(state: CallState) -> bool:
+    """Whether the call has recorded, or tried to record, a message already."""
+    return any(step.input == "record" for step in state.path)
 
 
 def _escalates(choice: Choice) -> bool:
@@ -471,6 +483,8 @@ class Engine:
                 return self._transfer_done(state, flow, event.ok)
             return state, []
         if isinstance(event, RecordDone):
+            if state.phase is Phase.RECORDING and state.pending is Pending.MESSAGE:
+                return self._message_done(state, flow, event)
             if state.phase is Phase.RECORDING and isinstance(node, Record):
                 return self._recorded(state, flow, node, event)
             return state, []
@@ -503,6 +517,8 @@ class Engine:
             return state, [TransferCall(uri, self._summary(state))]
         if state.pending is Pending.RECORD and isinstance(node, Record):
             return replace(state, phase=Phase.RECORDING), [RecordAudio(node.max_s)]
+        if state.pending is Pending.MESSAGE:
+            return replace(state, phase=Phase.RECORDING), [RecordAudio(MESSAGE_MAX_S)]
         if state.pending is Pending.HANGUP:
             return self._end(state, state.outcome or "completed", [], hangup=True)
         return state, []
@@ -912,7 +928,26 @@ class Engine:
             barge_in=False,
             outcome="transfer_failed",
         )
+        if not urgent and state.close is Close.OPEN and not _recorded_before(state):
+            # Nobody to take the call: rather than "call again later", which loses what the
+            # caller rang about, take a message for a call back (the record says who called).
+            state = replace(state, pending=Pending.MESSAGE)
+            return state, [self._play(state, flow, flow.texts("message_offer"), barge_in=False)]
         text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
+        return state, [self._play(state, flow, text, barge_in=False)]
+
+    def _message_done(self, state: CallState, flow: Flow, ev: RecordDone) -> Result:
+        """The message after a failed transfer: kept, the caller is thanked; none (silence,
+        or it could not be saved), the caller is told to call again later."""
+        state = replace(state, phase=Phase.PLAYING, pending=Pending.HANGUP, barge_in=False)
+        if ev.ref:
+            state = state.with_value(MESSAGE_VALUE, ev.ref)
+            state = self._step(state, "record", f"{ev.duration_s:.0f}s")
+            state = replace(state, outcome=MESSAGE_OUTCOME)
+            return state, [self._play(state, flow, flow.texts("message_kept"), barge_in=False)]
+        state = self._step(state, "record", "silent" if ev.silent else "not_saved")
+        said = flow.texts("record_silent" if ev.silent else "record_failed")
+        text = f"{said} {flow.texts('call_later')}"
         return state, [self._play(state, flow, text, barge_in=False)]
 
     def _close(self, state: CallState, actions: list[Action]) -> Result:

@@ -163,6 +163,15 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         # ... and when nobody could be reached: no "call again later" for an urgent caller.
         "transfer_failed_urgent": "Sorry, I could not reach anyone at the clinic. Please hang "
         "up now and call {emergency_number}.",
+        # A caller below U2 whose transfer failed may leave a message for a call back.
+        "message_offer": "Sorry, nobody can take your call right now. If this is an emergency, "
+        "hang up and call {emergency_number} now. Otherwise, after the tone, please say your "
+        "name, your date of birth and why you are calling, and the clinic will call you back. "
+        "Press hash when you are done.",
+        "message_kept": "Thank you. Your message has been recorded, and the clinic will call "
+        "you back. Goodbye.",
+        "call_later": "If this is an emergency, hang up and call {emergency_number} now. "
+        "Otherwise please call again later.",
         "safety_escalation": "To be safe, I will connect you to a nurse.",
         # The service is stopping (a restart) and this call cannot go on.
         "closing": "Sorry, this line has to close for a few minutes. If this is an "
@@ -186,6 +195,14 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "연결해 보겠습니다.",
         "transfer_failed_urgent": "죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 "
         "끊고 {emergency_number}번으로 전화하세요.",
+        "message_offer": "죄송합니다. 지금은 전화를 받을 수 있는 사람이 없습니다. 응급 "
+        "상황이면 전화를 끊고 지금 {emergency_number}번으로 전화하세요. 아니면 신호음이 울린 "
+        "후 이름과 생년월일, 전화하신 이유를 말씀해 주세요. 병원에서 다시 전화드리겠습니다. "
+        "다 말씀하시면 우물 정자를 누르세요.",
+        "message_kept": "감사합니다. 메시지가 녹음되었습니다. 병원에서 다시 전화드리겠습니다. "
+        "안녕히 계세요.",
+        "call_later": "응급 상황이면 전화를 끊고 지금 {emergency_number}번으로 전화하세요. "
+        "아니면 나중에 다시 전화해 주세요.",
         "safety_escalation": "안전을 위해 간호사에게 연결해 드리겠습니다.",
         "closing": "죄송합니다. 이 전화는 몇 분 동안 닫힙니다. 응급 상황이면 전화를 끊고 "
         "지금 {emergency_number}번으로 전화하세요. 아니면 나중에 다시 전화해 주세요.",
@@ -532,8 +549,16 @@ class Flow:
                 out.add(render(text, values))
 
         add(self.human_prompt())
-        for name in ("transfer_failed", "transfer_retry", "transfer_failed_urgent"):
+        for name in (
+            "transfer_failed",
+            "transfer_retry",
+            "transfer_failed_urgent",
+            "message_offer",
+            "message_kept",
+        ):
             add(self.texts(name))
+        for name in ("record_silent", "record_failed"):
+            add(f"{self.texts(name)} {self.texts('call_later')}")
         add(self.texts("safety_escalation"))
         add(self.texts("closing"))
         for node in self.nodes.values():
