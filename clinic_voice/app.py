@@ -93,6 +93,16 @@ class Runtime:
     # Run at the stop's first moment, before the grace for requests in flight (the clinic
     # line refuses new calls and lets those in progress go on: clinic_voice/clinic_line.py).
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)
+    # Run at a second SIGTERM or SIGINT (see hurry).
+    hurry_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    def hurry(self) -> None:
+        """The stop was asked for again (serve: a second SIGTERM or SIGINT): what it waits
+        for by choice is cut short. The clinic line's drain is the one such wait (its hook
+        also holds when the drain has yet to begin); a part already past its wait is left as
+        it is (the closing notice still gets its time: only SIGKILL cuts that)."""
+        for hook in self.hurry_hooks:
+            hook()
 
     def need_store(self) -> VerificationStore:
         assert self.store is not None, "store used before start"

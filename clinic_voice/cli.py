@@ -31,9 +31,10 @@ def _setup_logging(level: str, process: str = "") -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the service until SIGINT or SIGTERM."""
-    stop = _stop_on_signals()
-    from clinic_voice.app import build_app, lock_data_dir
+    """Run the service until SIGINT or SIGTERM (a second one during the stop cuts the clinic
+    line's drain short: see Runtime.hurry)."""
+    signals = _StopSignals()
+    from clinic_voice.app import RUNTIME, build_app, lock_data_dir
     from clinic_voice.wiring import channel_factories, extra_contexts
 
     # First of all: a second serve on this data dir must not touch the first one's Redis,
@@ -45,6 +46,7 @@ async def serve(settings: Settings) -> None:
             extra_contexts=extra_contexts(settings),
             channel_factories=channel_factories(settings),
         )
+        signals.again = app[RUNTIME].hurry
 
         def started() -> None:
             log.info("clinic-voice listening on http://%s", settings.http_addr)
@@ -54,7 +56,7 @@ async def serve(settings: Settings) -> None:
                 flush=True,
             )
 
-        await _run_until_stopped(app, settings, started, stop)
+        await _run_until_stopped(app, settings, started, signals.stop)
     finally:
         os.close(lock)  # everything it guards is stopped by now
 
@@ -62,7 +64,7 @@ async def serve(settings: Settings) -> None:
 async def http_worker(settings: Settings, index: int, control: Path) -> None:
     """One extra HTTP process of a ``serve`` (started by it; see clinic_voice.http_workers);
     it also stops when ``serve`` goes away."""
-    stop = _stop_on_signals()
+    stop = _StopSignals().stop  # a second signal: nothing to cut short (no calls here)
     from clinic_voice.app import RUNTIME, WorkerRole, build_app
 
     app = build_app(settings, worker=WorkerRole(index, control))
@@ -76,15 +78,28 @@ async def http_worker(settings: Settings, index: int, control: Path) -> None:
     await _run_until_stopped(app, settings, started, stop, also=link.lost)
 
 
-def _stop_on_signals() -> asyncio.Event:
-    """An event SIGINT and SIGTERM set, in place before anything starts. Start-up takes
-    seconds (Redis, prompts, SIP workers); a signal's default action then would end the
-    process with none of its children stopped in order (exit 143)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
+class _StopSignals:
+    """SIGINT and SIGTERM, in place before anything starts. Start-up takes seconds (Redis,
+    prompts, SIP workers); a signal's default action then would end the process with none of
+    its children stopped in order (exit 143).
+
+    The first sets :attr:`stop`. Each later one calls :attr:`again`: an operator who presses
+    Ctrl-C twice, or a supervisor that signals again, wants the stop sooner."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.again: Callable[[], None] = lambda: None
+        self._received = False
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self._received:
+            self.again()
+            return
+        self._received = True
+        self.stop.set()
 
 
 async def _run_until_stopped(

@@ -69,6 +69,7 @@ class ClinicLine:
         self._no_calls = asyncio.Event()
         self._no_calls.set()
         self._closing: asyncio.Task[None] | None = None  # the stop's drain (begin_close)
+        self._drain_cut = asyncio.Event()  # the stop was asked for again (end_drain)
         # A flow's webhook step names a URL key: the setting that gives its URL, and the URL
         # ("" when not set).
         self._webhooks = {
@@ -170,6 +171,14 @@ class ClinicLine:
         if self._closing is None:
             self._closing = asyncio.create_task(self._close_calls(drain_s), name="close-calls")
 
+    def end_drain(self) -> None:
+        """The stop was asked for again (a second SIGTERM or SIGINT: Runtime.hurry): the
+        calls in progress go on no longer. Each caller still on the line is told now, as at
+        the drain's end (so an urgent caller is still put through to the nurse, a message
+        being recorded is kept). Before the drain began it ends as soon as it begins; once it
+        is over, nothing changes: the closing notice gets its time."""
+        self._drain_cut.set()
+
     async def closed(self) -> None:
         """Wait for the drain :meth:`begin_close` began (at once when it did not)."""
         if self._closing is not None:
@@ -183,22 +192,34 @@ class ClinicLine:
             len(self._sessions),
             drain_s,
         )
-        if await self._all_ended(drain_s):
+        if await self._all_ended(drain_s, cut=self._drain_cut):
             log.info("stopping: every call in progress has ended")
             return
-        log.warning("stopping: telling %d caller(s) that the line closes", len(self._sessions))
+        if self._drain_cut.is_set():
+            log.warning(
+                "stopping: drain cut short by a second signal: telling %d caller(s) now "
+                "that the line closes",
+                len(self._sessions),
+            )
+        else:
+            log.warning("stopping: telling %d caller(s) that the line closes", len(self._sessions))
         for session in list(self._sessions):
             session.close()
         if not await self._all_ended(CLOSE_NOTICE_S):
             log.warning("stopping: %d call(s) still up after the notice", len(self._sessions))
 
-    async def _all_ended(self, timeout_s: float) -> bool:
+    async def _all_ended(self, timeout_s: float, *, cut: asyncio.Event | None = None) -> bool:
+        """Whether every call ended within ``timeout_s``; the wait ends sooner when ``cut``
+        is set."""
+        waits = [asyncio.ensure_future(self._no_calls.wait())]
+        if cut is not None:
+            waits.append(asyncio.ensure_future(cut.wait()))
         try:
-            async with asyncio.timeout(timeout_s):
-                await self._no_calls.wait()
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self._no_calls.is_set()
 
     async def _save(self, result: CallResult) -> None:
         assert self._rt.call_store is not None

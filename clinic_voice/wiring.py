@@ -98,6 +98,7 @@ def extra_contexts(settings: Settings) -> list[Context]:
                 line.begin_close(settings.ivr.call_drain_s)
 
             rt.stop_hooks.append(begin_close)
+            rt.hurry_hooks.append(line.end_drain)
             log.info(
                 "SIP: front %s redirects to %d workers at %s",
                 settings.sip.addr,

@@ -273,7 +273,8 @@ VARIABLES: tuple[Variable, ...] = (
         "20",
         "on a stop (SIGTERM), how long calls in progress may go on (0..3600 s; new calls get "
         "503 from the stop's start); then each caller still on the line is told the line "
-        "closes, with the emergency number, and the call ends (outcome `cut_shutdown`)",
+        "closes, with the emergency number, and the call ends (outcome `cut_shutdown`); a "
+        "second SIGTERM or SIGINT ends this wait at once",
     ),
     Variable(
         "CLINIC_TRANSFER_SUMMARY",

@@ -53,6 +53,7 @@ class Service:
         self.base = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.collector = collector
+        self.sip_addr = ""  # host:port of the SIP front (serve sets CLINIC_SIP_ADDR)
         self.proc: asyncio.subprocess.Process | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -94,6 +95,7 @@ async def serve(
     full, port = _serve_env(env)
     log_path = tmp / f"{name}.log"
     service = Service(name, port, log_path, collector)
+    service.sip_addr = full["CLINIC_SIP_ADDR"]
     service.proc = await _serve_process(full, log_path, own_group=own_group)
     service.session = aiohttp.ClientSession()
     try:

@@ -8,7 +8,9 @@ then its cleanup contexts. These tests stop the service the same way while a cal
 - a call in progress goes on for ``CLINIC_CALL_DRAIN_S`` and, when it ends in that time, is
   recorded as it ended (not cut);
 - a caller still on the line after it hears the closing notice, with the emergency number,
-  and then the service hangs up; the record says ``cut_shutdown`` (someone calls back).
+  and then the service hangs up; the record says ``cut_shutdown`` (someone calls back);
+- a second SIGTERM during the drain ends it at once (a real ``serve``, signalled as an
+  operator or a supervisor would).
 
 The HTTP API is gone once the stop began, so the records are read from the service's Redis.
 """
@@ -16,6 +18,7 @@ The HTTP API is gone once the stop began, so the records are read from the servi
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,14 +27,27 @@ from typing import Any
 import pytest
 
 from clinic_voice.app import RUNTIME
-from tests.integration.conftest import OpenApiCollector
+from sip_config.settings import Settings
+from tests.conftest import RedisServer, free_port
+from tests.integration.conftest import BASE_ENV, OpenApiCollector
+from tests.integration.test_api_processes import Service, _data_dir, serve
 from tests.integration.test_ivr_keypad import PRESCRIPTION_KEYS, tone_message
-from tests.peers.ivr_rig import ClinicLine, Phone, phones, running_clinic_line
+from tests.peers.ivr_rig import (
+    NURSE_USER,
+    PROMPTS_WARM_S,
+    ROOT,
+    STAFF_USER,
+    ClinicLine,
+    Phone,
+    phones,
+    running_clinic_line,
+)
 from verification.redis_mux import RedisMux
 from voice.ivr.flow import SYSTEM_TEXTS
 from voice.ivr.store import CallStore
 from voice.media.audio_match import rank
 from voice.media.pcm import read_wav, resample, samples_to_bytes
+from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -64,9 +80,14 @@ async def stopped_during(line: ClinicLine, caller: Phone) -> dict[str, Any]:
 
 async def records(line: ClinicLine) -> list[dict[str, Any]]:
     """The call records, newest first, straight from the service's Redis."""
-    mux = RedisMux(line.redis.url, timeout_s=2.0)
+    return await stored_calls(line.redis.url, line.app[RUNTIME].secret)
+
+
+async def stored_calls(redis_url: str, secret: bytes) -> list[dict[str, Any]]:
+    """The call records, newest first, in the Redis at ``redis_url``."""
+    mux = RedisMux(redis_url, timeout_s=2.0)
     try:
-        store = CallStore(mux, line.app[RUNTIME].secret, 30)
+        store = CallStore(mux, secret, 30)
         return (await store.recent(10, None)).calls
     finally:
         await mux.aclose()
@@ -165,3 +186,102 @@ async def test_a_message_being_recorded_ends_at_the_close_and_is_kept(
     # caller heard the thank-you (about 7 s) and the service hung up.
     assert int(recorded["value"].rstrip("s")) <= 8, recorded
     assert ended["t"] - media["t"] < 15.0 + 1.0 + 12.0, caller.events
+
+
+async def prompts_warm(service: Service) -> None:
+    """Wait until ``serve`` has every static prompt cached (``/readyz`` warms nothing): a
+    prompt not yet cached would be rendered on demand, behind that queue."""
+    assert service.session is not None
+    loop = asyncio.get_running_loop()
+    end = loop.time() + PROMPTS_WARM_S
+    while True:
+        async with service.session.get(service.base + "/readyz") as resp:
+            ready = await resp.json()
+        if resp.status == 200 and not ready["warming"]:
+            return
+        if loop.time() > end:
+            pytest.fail(f"prompts not cached in {PROMPTS_WARM_S} s: {ready}\n{service.log_tail()}")
+        await asyncio.sleep(0.5)
+
+
+async def logged(service: Service, text: str, deadline_s: float) -> None:
+    """Wait until ``serve`` has logged ``text``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while text not in service.log_path.read_text(errors="replace"):
+        if loop.time() > end:
+            pytest.fail(f"serve did not log {text!r} in {deadline_s} s:\n{service.log_tail()}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take a minute
+async def test_a_second_sigterm_ends_the_drain_at_once(
+    redis_server: RedisServer, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """An operator who presses Ctrl-C twice, or a supervisor that signals again, does not wait
+    out CLINIC_CALL_DRAIN_S (here 600 s): the caller is told now, by the same path as at
+    the drain's end, and the stop goes on from there (serve exits 0)."""
+    heard = tmp_path / "heard.wav"
+    data = _data_dir(tmp_path, "data")
+    env = {
+        **BASE_ENV,
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(data),
+        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
+        "CLINIC_CALL_DRAIN_S": "600",
+    }
+    emergency = Settings.from_env(env).ivr.emergency_number
+    closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=emergency)
+    failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(emergency_number=emergency)
+    loop = asyncio.get_running_loop()
+    async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
+        proc = service.proc
+        assert proc is not None
+        await prompts_warm(service)
+        renderer = PromptRenderer(data / "prompts")  # serve's cache: no render here
+        references = {
+            "closing": wav_pcm(await renderer.render(closing, voice="en")),
+            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
+        }
+        # The main menu, and a caller who says and presses nothing (it repeats itself).
+        caller = await Phone.start(
+            "caller", "--call", f"sip:6000@{service.sip_addr}", "--record", str(heard),
+            "--timeout", "120",
+        )  # fmt: skip
+        started.append(caller)
+        await caller.wait_for("media", CALL_S)
+        await asyncio.sleep(1.0)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            await logged(service, "may go on for up to 600 s", 10.0)
+            await asyncio.sleep(2.0)
+            assert caller.find("ended") is None, caller.events  # the drain holds the call up
+            proc.send_signal(signal.SIGTERM)
+            again = loop.time()
+            await caller.wait_for("ended", 40, leg="main")
+            told_s = loop.time() - again
+            await caller.finish(10)
+            try:
+                async with asyncio.timeout(30):
+                    code = await proc.wait()
+            except TimeoutError:
+                pytest.fail(f"serve still ran 30 s after the call ended:\n{service.log_tail()}")
+        except BaseException:
+            # A serve still draining would fail the cleanup too ("ignored SIGTERM") and hide
+            # the failure above.
+            proc.kill()
+            await proc.wait()
+            raise
+        log_text = service.log_path.read_text(errors="replace")
+    assert code == 0, log_text[-3000:]
+    assert log_text.count("drain cut short by a second signal") == 1, log_text[-3000:]
+    # Told now, with the notice (about 9 s) played through: not hung up on at the signal,
+    # and not after the 600 s drain.
+    assert 5.0 < told_s < 30.0, (told_s, caller.events)
+    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
+    match = rank(tail, references, 8000)
+    assert match.key == "closing" and match.score > match.runner_up, match
+    (record,) = await stored_calls(redis_server.url, env["CLINIC_SECRET"].encode())
+    assert record["outcome"] == "cut_shutdown", record

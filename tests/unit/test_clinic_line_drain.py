@@ -1,0 +1,123 @@
+"""The stop's drain of the clinic line, and a second signal that ends it (``end_drain``).
+
+The sessions are stand-ins: when a caller is told is the engine's decision (LineClosing, in
+test_ivr_engine.py); here only when the line asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from clinic_voice import clinic_line
+from clinic_voice.app import Runtime
+from clinic_voice.clinic_line import ClinicLine
+from sip_config.settings import Settings
+from voice.ivr.session import SessionDeps
+from voice.sip.pool import CallHandle
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+CUT = "drain cut short by a second signal"
+DEADLINE_S = 5.0
+
+
+class Caller:
+    """One call in progress: told (the line asked its session to close), hung up by the test."""
+
+    def __init__(self) -> None:
+        self.told = asyncio.Event()
+        self.hung_up = asyncio.Event()
+
+
+class FakeSession:
+    def __init__(self, call: Caller, deps: SessionDeps) -> None:
+        self._call = call
+
+    async def run(self) -> None:
+        await self._call.hung_up.wait()
+
+    def close(self) -> None:
+        self._call.told.set()
+
+
+@pytest.fixture
+def line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClinicLine:
+    monkeypatch.setattr(clinic_line, "CallSession", FakeSession)
+    env = {"CLINIC_DATA_DIR": str(tmp_path), "CLINIC_FLOWS_DIR": str(SHIPPED)}
+    line = ClinicLine.load(Settings.from_env(env), cast(Runtime, SimpleNamespace()))
+    line._deps = cast(SessionDeps, object())  # started, as far as handle() is concerned
+    return line
+
+
+async def call_in_progress(line: ClinicLine) -> tuple[Caller, asyncio.Task[None]]:
+    caller = Caller()
+    task = asyncio.create_task(line.handle(cast(CallHandle, caller)))
+    await asyncio.sleep(0)  # the session is in progress
+    return caller, task
+
+
+async def test_a_second_signal_during_the_drain_tells_the_caller_now(
+    line: ClinicLine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="clinic_voice.clinic_line")
+    caller, call = await call_in_progress(line)
+    line.begin_close(600)
+    await asyncio.sleep(0.05)
+    assert not caller.told.is_set()  # the drain lets the call go on
+    line.end_drain()
+    async with asyncio.timeout(DEADLINE_S):
+        await caller.told.wait()
+        caller.hung_up.set()
+        await call
+        await line.closed()
+    assert [r.getMessage() for r in caplog.records].count(
+        f"stopping: {CUT}: telling 1 caller(s) now that the line closes"
+    ) == 1
+
+
+async def test_a_second_signal_before_the_drain_began_leaves_no_drain(
+    line: ClinicLine,
+) -> None:
+    caller, call = await call_in_progress(line)
+    line.end_drain()  # both signals came before the stop's hooks ran
+    line.begin_close(600)
+    async with asyncio.timeout(DEADLINE_S):
+        await caller.told.wait()
+        caller.hung_up.set()
+        await call
+        await line.closed()
+
+
+async def test_a_signal_after_the_drain_leaves_the_notice_its_time(
+    line: ClinicLine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="clinic_voice.clinic_line")
+    caller, call = await call_in_progress(line)
+    line.begin_close(0)
+    async with asyncio.timeout(DEADLINE_S):
+        await caller.told.wait()
+    line.end_drain()
+    closed = asyncio.create_task(line.closed())
+    await asyncio.sleep(0.05)
+    assert not closed.done()  # the line still waits for the call's end (CLOSE_NOTICE_S)
+    caller.hung_up.set()
+    async with asyncio.timeout(DEADLINE_S):
+        await call
+        await closed
+    assert not [r for r in caplog.records if CUT in r.getMessage()]
+
+
+async def test_calls_that_end_during_the_drain_are_not_told(line: ClinicLine) -> None:
+    caller, call = await call_in_progress(line)
+    line.begin_close(600)
+    caller.hung_up.set()
+    async with asyncio.timeout(DEADLINE_S):
+        await call
+        await line.closed()
+    line.end_drain()  # after the stop: nothing to cut
+    assert not caller.told.is_set()
