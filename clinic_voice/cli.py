@@ -96,6 +96,10 @@ class _StopSignals:
 
     def _on_signal(self) -> None:
         if self._received:
+            # Said every time: an operator pressing Ctrl-C again sees it was heard.
+            log.info(
+                "stopping already: a signal again ends the clinic line's call drain, if one runs"
+            )
             self.again()
             return
         self._received = True
