@@ -61,6 +61,15 @@ async def call_in_progress(line: ClinicLine) -> tuple[Caller, asyncio.Task[None]
     return caller, task
 
 
+async def told_then_hung_up(line: ClinicLine, caller: Caller, call: asyncio.Task[None]) -> None:
+    """The caller is told (soon: not after the 600 s drain) and hangs up; the stop ends."""
+    async with asyncio.timeout(DEADLINE_S):
+        await caller.told.wait()
+        caller.hung_up.set()
+        await call
+        await line.closed()
+
+
 async def test_a_second_signal_during_the_drain_tells_the_caller_now(
     line: ClinicLine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -70,11 +79,7 @@ async def test_a_second_signal_during_the_drain_tells_the_caller_now(
     await asyncio.sleep(0.05)
     assert not caller.told.is_set()  # the drain lets the call go on
     line.end_drain()
-    async with asyncio.timeout(DEADLINE_S):
-        await caller.told.wait()
-        caller.hung_up.set()
-        await call
-        await line.closed()
+    await told_then_hung_up(line, caller, call)
     assert [r.getMessage() for r in caplog.records].count(
         f"stopping: {CUT}: telling 1 caller(s) now that the line closes"
     ) == 1
@@ -86,11 +91,7 @@ async def test_a_second_signal_before_the_drain_began_leaves_no_drain(
     caller, call = await call_in_progress(line)
     line.end_drain()  # both signals came before the stop's hooks ran
     line.begin_close(600)
-    async with asyncio.timeout(DEADLINE_S):
-        await caller.told.wait()
-        caller.hung_up.set()
-        await call
-        await line.closed()
+    await told_then_hung_up(line, caller, call)
 
 
 async def test_a_signal_after_the_drain_leaves_the_notice_its_time(
