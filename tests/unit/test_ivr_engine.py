@@ -1098,3 +1098,62 @@ def test_keys_and_words_during_the_offer_change_nothing(engine: Engine) -> None:
     state, _ = feed(engine, STAFF_FAILED)
     for event in (Digit("0"), Digit("1"), SpeechResult("staff", 0.9)):
         assert engine.handle(state, event) == (state, [])
+
+
+# -- urgent transfers: who took the call, and a stop during the emergency advice
+
+
+def _triage_at_the_advice(engine: Engine) -> tuple[CallState, list[Action]]:
+    """The triage, "yourself", then "yes" to the breathing question: U1, the emergency
+    advice playing."""
+    state, _ = engine.start(engine.flowset.get("triage"))
+    actions: list[Action] = []
+    for event in (DONE, DONE, Digit("1"), DONE, Digit("1")):
+        state, actions = engine.handle(state, event)
+    assert state.triage is not None and state.triage.urgency is Urgency.U1
+    assert "call 112 now" in texts(actions)[0]
+    return state, actions
+
+
+def test_staff_who_take_an_urgent_call_the_nurse_missed_are_named_in_the_outcome(
+    shipped: FlowSet,
+) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=False))
+    state, _ = _triage_at_the_advice(engine)
+    for event in (DONE, DONE):  # the advice, then "connecting you to a nurse now"
+        state, actions = engine.handle(state, event)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE]
+    state, _ = engine.handle(state, TransferResult(False))
+    state, actions = engine.handle(state, DONE)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]
+    _, actions = engine.handle(state, TransferResult(True))
+    record = record_of(actions).record
+    # Not "call_emergency+transfer_nurse": nobody reading it may think a nurse spoke to them.
+    assert (record.outcome, record.transfer_target) == ("transfer_staff", STAFF)
+    assert record.action is not None and record.action.value == "call_emergency+transfer_nurse"
+
+
+def test_a_stop_lets_the_emergency_advice_finish_and_the_nurse_be_tried(
+    shipped: FlowSet,
+) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=False))
+    state, _ = _triage_at_the_advice(engine)
+    state, actions = engine.handle(state, LineClosing())
+    assert actions == [], "the emergency advice was cut mid-sentence"
+    state, actions = engine.handle(state, DONE)
+    assert texts(actions) == ["Connecting you to a nurse now."]
+    state, actions = engine.handle(state, DONE)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE]
+
+
+def test_a_stop_at_an_urgent_question_gives_the_emergency_number(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=False))
+    state, _ = engine.start(shipped.get("triage"))
+    for event in (DONE, DONE, Digit("1"), DONE, NoInput()):  # unclear: U2, asked again
+        state, _ = engine.handle(state, event)
+    state, actions = engine.handle(state, LineClosing())
+    assert texts(actions) == [
+        "If this is an emergency, hang up and call 112 now. Otherwise stay on the line: to be "
+        "safe, I will connect you to a nurse."
+    ]
+    assert state.transfer_uri == NURSE

@@ -384,6 +384,11 @@ def _tellable(state: CallState) -> bool:
     finish: the caller is told goodbye, or reaches someone, either way)."""
     if state.phase is Phase.LISTENING:
         return True
+    urgent = state.triage is not None and state.triage.urgency <= Urgency.U2
+    if urgent and not state.barge_in:
+        # A prompt nobody may talk over, to an urgent caller (the emergency advice): cut
+        # mid-sentence, "call 112 now" would be lost. The notice waits for its end.
+        return False
     return state.phase is Phase.PLAYING and state.pending not in {
         Pending.HANGUP,
         Pending.TRANSFER,
@@ -919,6 +924,9 @@ class Engine:
                     transfer_uri=left[0],
                     transfer_on_fail=None,
                 )
+                # The record names who was reached: not the nurse when staff took it.
+                human = Human.NURSE if left[0] == self.params.nurse_uri else Human.STAFF
+                state = replace(state, outcome=f"transfer_{human.value}")
                 text = flow.texts("transfer_retry")
                 return state, [self._play(state, flow, text, barge_in=False)]
         state = replace(
@@ -962,7 +970,7 @@ class Engine:
             # which the stop lets finish; a failed one goes on as any urgent transfer).
             state = replace(state, close=Close.TOLD)
             return self._to_human(
-                state, flow, "line closing", [*kept, StopPlay()], text="safety_escalation"
+                state, flow, "line closing", [*kept, StopPlay()], text="closing_urgent"
             )
         state = replace(
             state,
@@ -990,8 +998,8 @@ class Engine:
         ``before``: said first (what went wrong), then the usual "connecting you".
         """
         human = flow.human
-        if text == "safety_escalation":
-            human = Human.NURSE  # an outcome that would lower urgency goes to a clinician
+        if text in {"safety_escalation", "closing_urgent"}:
+            human = Human.NURSE  # an urgent caller, or one about to be lowered: a clinician
         uri = self.params.human_uri(human)
         if state.triage is not None:
             state = replace(state, triage=state.triage.note(why))

@@ -173,6 +173,9 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "call_later": "If this is an emergency, hang up and call {emergency_number} now. "
         "Otherwise please call again later.",
         "safety_escalation": "To be safe, I will connect you to a nurse.",
+        # The service stops during an urgent (U2 or more) call: put through, never cut off.
+        "closing_urgent": "If this is an emergency, hang up and call {emergency_number} now. "
+        "Otherwise stay on the line: to be safe, I will connect you to a nurse.",
         # The service is stopping (a restart) and this call cannot go on.
         "closing": "Sorry, this line has to close for a few minutes. If this is an "
         "emergency, hang up and call {emergency_number} now. Otherwise please call again "
@@ -204,6 +207,9 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "call_later": "응급 상황이면 전화를 끊고 지금 {emergency_number}번으로 전화하세요. "
         "아니면 나중에 다시 전화해 주세요.",
         "safety_escalation": "안전을 위해 간호사에게 연결해 드리겠습니다.",
+        "closing_urgent": "응급 상황이면 전화를 끊고 지금 {emergency_number}번으로 "
+        "전화하세요. 아니면 끊지 말고 기다려 주세요. 안전을 위해 간호사에게 연결해 "
+        "드리겠습니다.",
         "closing": "죄송합니다. 이 전화는 몇 분 동안 닫힙니다. 응급 상황이면 전화를 끊고 "
         "지금 {emergency_number}번으로 전화하세요. 아니면 나중에 다시 전화해 주세요.",
         "record_silent": "죄송합니다. 메시지를 듣지 못했습니다.",
@@ -560,6 +566,7 @@ class Flow:
         for name in ("record_silent", "record_failed"):
             add(f"{self.texts(name)} {self.texts('call_later')}")
         add(self.texts("safety_escalation"))
+        add(self.texts("closing_urgent"))
         add(self.texts("closing"))
         for node in self.nodes.values():
             if isinstance(node, Say) and node.audio is None:

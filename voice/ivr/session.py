@@ -208,7 +208,9 @@ class CallSession:
         self._listen_timeout = 0.0
         self._hangup_after_record = False
         self._record_stop = asyncio.Event()
-        self._transfer_waiter: asyncio.Future[bool] | None = None
+        # The transfer's result: True done, False failed, None: the call ended before the
+        # caller's side took the transfer on (no failure of the target's).
+        self._transfer_waiter: asyncio.Future[bool | None] | None = None
         self._transfer_accepted = False  # the REFER got a 2xx (the transferee is trying)
         self._transferring = False  # from the REFER until its TransferResult is queued
         self._hangup_after_transfer = False
@@ -527,9 +529,10 @@ class CallSession:
                     # worker hangs up right after a final 2xx, before that task has run).
                     # A call that ends after the REFER was accepted but before the final
                     # NOTIFY: the transferee left for the target (a PBX may send its BYE
-                    # first); never accepted: the transfer did not happen.
+                    # first); never accepted: the caller hung up before the transfer, which
+                    # is no failure of the target's (the record must not blame staff).
                     if not waiter.done():
-                        waiter.set_result(self._transfer_accepted)
+                        waiter.set_result(True if self._transfer_accepted else None)
                     self._hangup_after_transfer = True
                 elif self._record_open:
                     # The engine wants the voicemail's RecordDone before the HangUp (also
@@ -543,12 +546,14 @@ class CallSession:
         if waiter is None or waiter.done():
             return
         ok = 200 <= ev.sip_status < 300
-        if not ev.final:
+        if not ev.final and ev.sip_status < 200:
             # The REFER was accepted (pjsua reports its 202 as a non-final 100; a refused
             # REFER is reported final), then 100/180 while the target rings: keep waiting.
             self._transfer_accepted = True
             log.debug("call %s: transfer in progress (%s)", self._h.id, ev.sip_status)
             return
+        # A final status in the NOTIFY's body is the transfer's answer even when the
+        # subscription stays active (some transferees end it in a later NOTIFY, or never).
         log.info("call %s: transfer %s (%s)", self._h.id, "done" if ok else "failed", ev.sip_status)
         waiter.set_result(ok)
 
@@ -561,15 +566,26 @@ class CallSession:
         # The call record's id, so the target's desk can look the call up (GET /v1/calls/{id}).
         headers = ((CALL_HEADER, self._h.id), *action.headers)
         await self._h.transfer(refer_to(action.uri, headers), dict(headers))
+        ok: bool | None
         try:
             async with asyncio.timeout(TRANSFER_DEADLINE_S):
                 ok = await self._transfer_waiter
         except TimeoutError:
+            # Accepted: the caller's side is calling the target and nothing here can stop
+            # that, so it is the caller's now (as the README promises): a "failed" would
+            # retry another human while the first still rings, or say "call again later"
+            # to a caller about to be answered. Never accepted: it did not happen.
+            ok = self._transfer_accepted
             log.warning(
-                "call %s: no final transfer status within %d s", self._h.id, TRANSFER_DEADLINE_S
+                "call %s: no final transfer status within %d s: %s",
+                self._h.id,
+                TRANSFER_DEADLINE_S,
+                "left to the caller's side, which took it on" if ok else "failed",
             )
-            ok = False
         self._transferring = False
+        if ok is None:
+            self._events.put_nowait(eng.HangUp(self._h.cut))
+            return
         self._events.put_nowait(eng.TransferResult(ok))
         if self._hangup_after_transfer:
             self._events.put_nowait(eng.HangUp(self._h.cut))

@@ -1,0 +1,69 @@
+"""``CallSession`` and a transfer's reports (RFC 3515 NOTIFYs, as the worker passes them on),
+with a scripted SIP call: what reaches the engine decides what the caller hears and what
+the call record says."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.test_ivr_session_races import Rig, _digit, _done
+from voice.ivr import session as session_module
+from voice.sip.protocol import TransferStatus
+
+
+async def _transferring(rig: Rig) -> None:
+    """The main menu; 0 during the welcome; "connecting you" played; the REFER sent."""
+    rig.start()
+    await rig.until_prompt("Welcome to")
+    rig.call.send(_digit("0"))
+    connecting = await rig.until_prompt("Connecting you to a member of staff")
+    rig.call.send(_done(connecting))
+    await rig.until(lambda: any(kind == "transfer" for kind, _ in rig.call.commands))
+
+
+def _status(sip_status: int, final: bool) -> TransferStatus:
+    return TransferStatus("call-1", sip_status, final)
+
+
+async def test_a_failure_in_a_notify_that_keeps_the_subscription_is_the_answer() -> None:
+    # 202, then "SIP/2.0 486 Busy Here" with Subscription-State: active. It was taken for
+    # progress: 40 s of silence, and a record saying staff took the call.
+    rig = Rig(called="6000", speech=False)
+    await _transferring(rig)
+    rig.call.send(_status(100, False), _status(486, False))
+    await rig.until_prompt("nobody can take your call")
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == "transfer_failed", saved.record
+    assert saved.record.transfer_target is None
+
+
+async def test_a_transfer_taken_on_but_unanswered_at_the_deadline_is_left_to_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The caller's side accepted the REFER and the target rings on past the deadline. Nothing
+    # here can stop that ringing: "call again later" (or, for an urgent caller, a second
+    # transfer ringing alongside) would be wrong. The bot's leg ends; staff may still answer.
+    monkeypatch.setattr(session_module, "TRANSFER_DEADLINE_S", 0.3)
+    rig = Rig(called="6000", speech=False)
+    await _transferring(rig)
+    rig.call.send(_status(100, False), _status(180, False))
+    await rig.until(lambda: rig.call.ended, within_s=3)
+    assert ("hangup", None) in rig.call.commands
+    assert not any("nobody can take" in text for _, text in rig.call.plays())
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == "transfer_staff", saved.record
+    assert saved.record.transfer_target is not None
+
+
+async def test_a_caller_who_hangs_up_before_the_refer_was_taken_on_is_not_a_failed_transfer() -> (
+    None
+):
+    # The caller presses 0 and hangs up as the REFER arrives: staff's phones did not fail,
+    # and the record must not say they did.
+    rig = Rig(called="6000", speech=False)
+    await _transferring(rig)
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == "hung_up_before_transfer", saved.record
