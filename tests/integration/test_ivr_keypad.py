@@ -35,8 +35,8 @@ from tests.peers.webhook_receiver import WebhookReceiver
 from verification.webhooks import SIGNATURE_HEADER, verify
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
-from voice.ivr.session import BEEP_HZ, BEEP_MS
 from voice.media.pcm import Pcm, bytes_to_samples, read_wav
+from voice.media.tones import BEEP, RINGBACK
 from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -451,7 +451,7 @@ async def test_when_staff_are_busy_the_caller_leaves_a_message_for_a_call_back(
     assert caller.find("confirmed", leg="xfer") is None
     # The final NOTIFY (486) ends the wait: the offer follows at once (not after the REFER's
     # 60 s deadline), so its beep comes before the caller speaks.
-    beeps = tone_runs(read_wav(heard), BEEP_HZ)
+    beeps = tone_runs(read_wav(heard), BEEP.hz)
     assert len(beeps) == 1 and beeps[0][1] < 24.0, f"the beep came late: {beeps}"
     record = await line.new_record(before)
     assert record["outcome"] == "message_left", record
@@ -470,9 +470,13 @@ async def test_when_staff_are_busy_the_caller_leaves_a_message_for_a_call_back(
     assert record["values"]["callback_message"].startswith(record["id"]), record["values"]
 
 
-async def test_a_nurse_who_rings_long_is_not_a_failed_transfer(line: ClinicLine) -> None:
+async def test_a_nurse_who_rings_long_is_not_a_failed_transfer(
+    line: ClinicLine, tmp_path: Path
+) -> None:
     """The nurse answers after 18 s of ringing: longer than the old 15 s transfer wait. The
-    NOTIFYs say 180 meanwhile, so the bot keeps waiting and the transfer is a success."""
+    NOTIFYs say 180 meanwhile, so the bot keeps waiting and the transfer is a success; the
+    caller hears the ring tone meanwhile, not silence."""
+    heard = tmp_path / "heard.wav"
     before = await line.call_ids()
     async with phones() as started:
         nurse = await Phone.start(
@@ -482,11 +486,15 @@ async def test_a_nurse_who_rings_long_is_not_a_failed_transfer(line: ClinicLine)
         started.append(nurse)
         caller = await Phone.start(
             "caller", "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6", "--answers", "1",
-            "--timeout", "90",
+            "--timeout", "90", "--record", str(heard),
         )  # fmt: skip
         started.append(caller)
         await caller.finish(CALL_S + 20)
         await nurse.finish(10)
+    # 425 Hz, 1 s on and 4 s off, from the REFER to the answer: three or four bursts.
+    rings = tone_runs(read_wav(heard), RINGBACK.hz)
+    assert len(rings) >= 3, f"no ring tone while the nurse's phone rang: {rings}"
+    assert all(0.8 < end - start < 1.2 for start, end in rings), rings
     rang = caller.find("confirmed", leg="xfer")
     assert rang is not None, f"the nurse never answered: {caller.events}"
     xfer = caller.find("transfer_request")
@@ -666,11 +674,11 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
         started.append(caller)
         await caller.finish(CALL_S)
     record = await line.new_record(before)
-    # "After the tone": the caller heard a 1 kHz beep (session.BEEP_MS) after the prompt.
-    beeps = tone_runs(read_wav(heard), BEEP_HZ)
-    assert len(beeps) == 1, f"expected one {BEEP_HZ} Hz beep in what the caller heard: {beeps}"
+    # "After the tone": the caller heard a 1 kHz beep (tones.BEEP) after the prompt.
+    beeps = tone_runs(read_wav(heard), BEEP.hz)
+    assert len(beeps) == 1, f"expected one {BEEP.hz} Hz beep in what the caller heard: {beeps}"
     beep_start, beep_end = beeps[0]
-    assert abs((beep_end - beep_start) - BEEP_MS / 1000) < 0.1, beeps
+    assert abs((beep_end - beep_start) - BEEP.on_ms / 1000) < 0.1, beeps
     assert record["flow"] == "prescription"
     assert record["outcome"] == "prescription_requested", record
     assert steps(record, "digits") == [("dob", "01021980"), ("patient_no", "12345")]
@@ -693,7 +701,7 @@ async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(
     pcm = bytes.fromhex(opened["pcm16_8k"])
     assert len(pcm) == seconds * 16000 or abs(len(pcm) / 16000 - seconds) < 1.0
     # Nothing of the beep in the message: no 1 kHz run in the caller's audio.
-    assert not tone_runs(Pcm(bytes_to_samples(pcm), 8000), BEEP_HZ), "the beep was recorded"
+    assert not tone_runs(Pcm(bytes_to_samples(pcm), 8000), BEEP.hz), "the beep was recorded"
     assert max(abs(int.from_bytes(pcm[i : i + 2], "little", signed=True))
                for i in range(0, len(pcm), 2)) > 5000, "the tone is not in the message"  # fmt: skip
     # Staff listen to it through the API: the same audio, as WAV.

@@ -40,6 +40,7 @@ class ScriptedCall:
         self.cut = ""
         self.commands: list[tuple[str, Any]] = []
         self.texts: dict[int, str] = {}  # play id: the prompt's text
+        self.loops: set[int] = set()  # play ids played in a loop
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._audio: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._ended = asyncio.Event()
@@ -72,6 +73,8 @@ class ScriptedCall:
         play_id = next(self._ids)
         text = self.renderer.texts.get(wav, str(wav)) if self.renderer else str(wav)
         self.texts[play_id] = text
+        if loop:
+            self.loops.add(play_id)
         self.commands.append(("play", play_id))
         return play_id
 

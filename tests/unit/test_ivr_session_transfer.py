@@ -67,3 +67,24 @@ async def test_a_caller_who_hangs_up_before_the_refer_was_taken_on_is_not_a_fail
     await rig.finish()
     (saved,) = rig.saved
     assert saved.record.outcome == "hung_up_before_transfer", saved.record
+
+
+async def test_the_caller_hears_a_ring_tone_until_the_transfer_has_its_answer() -> None:
+    rig = Rig(called="6000", speech=False)
+    await _transferring(rig)
+    await rig.until(lambda: any("ringback" in text for _, text in rig.call.plays()))
+    ring, _ = rig.call.last_play()
+    assert ring in rig.call.loops
+    rig.call.send(_status(100, False), _status(180, False))
+    await rig.settle()
+    since = rig.call.commands[rig.call.commands.index(("play", ring)) :]
+    assert ("stop", None) not in since  # rings on while the target rings
+    rig.call.send(_status(486, True))
+    offer = await rig.until_prompt("nobody can take your call")
+    since = rig.call.commands[rig.call.commands.index(("play", ring)) :]
+    # Stopped before the engine's next prompt, whose end is the one the engine waits for.
+    assert since[1:] == [("stop", None), ("play", offer)], since
+    rig.call.send(_done(ring))  # the stopped ring tone's end: nobody's prompt
+    await rig.settle()
+    assert rig.call.last_play()[0] == offer
+    await rig.finish()

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import tempfile
-from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ from voice.ivr.flow import Ask, FlowSet, grammar
 from voice.media.asr import PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
-from voice.media.pcm import Pcm, write_wav
+from voice.media.tones import BEEP, RINGBACK, Tone, tone_wav
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone, TransferStatus
@@ -57,10 +55,6 @@ log = logging.getLogger(__name__)
 # Only a final NOTIFY decides a transfer; this bounds a transferee that never sends one.
 # Generous: a nurse may let it ring 25 s or more (1xx NOTIFYs), and that is not a failure.
 TRANSFER_DEADLINE_S = 60.0
-# The "tone" of "leave your message after the tone": 1 kHz for 300 ms, played before the
-# recording starts (so it is never part of the message).
-BEEP_HZ = 1000
-BEEP_MS = 300
 BEEP_WAIT_S = 3.0  # the beep's PlayDone, at most (it is 0.3 s long)
 ANSWER_WAIT_S = 5.0
 CALL_HEADER = "X-Clinic-Call"
@@ -97,37 +91,6 @@ class SessionDeps:
     # Where the beep WAV is rendered once (e.g. $CLINIC_DATA_DIR/prompts); None: a
     # per-user folder in the system's temporary directory.
     tone_dir: Path | None = None
-
-
-def beep_samples(rate_hz: int = 8000) -> array[int]:
-    """A ``BEEP_HZ`` sine of ``BEEP_MS`` with 10 ms ramps (no clicks), at -6 dBFS."""
-    n = rate_hz * BEEP_MS // 1000
-    ramp = rate_hz // 100
-    out = array("h")
-    for i in range(n):
-        gain = min(1.0, i / ramp, (n - 1 - i) / ramp)
-        out.append(round(16383 * gain * math.sin(2 * math.pi * BEEP_HZ * i / rate_hz)))
-    return out
-
-
-def beep_wav(folder: Path) -> Path:
-    """The beep as an 8 kHz WAV in ``folder``, written once (atomically: calls share it).
-
-    Blocking file I/O: call it in a thread.
-    """
-    path = folder / f"beep-{BEEP_HZ}hz-{BEEP_MS}ms.wav"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".beep-", suffix=".wav", dir=folder)
-    os.close(fd)
-    try:
-        write_wav(Path(tmp), Pcm(beep_samples(), 8000))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def refer_to(uri: str, headers: Iterable[tuple[str, str]]) -> str:
@@ -566,6 +529,12 @@ class CallSession:
         # The call record's id, so the target's desk can look the call up (GET /v1/calls/{id}).
         headers = ((CALL_HEADER, self._h.id), *action.headers)
         await self._h.transfer(refer_to(action.uri, headers), dict(headers))
+        # The ring tone until the transfer's answer: a target that rings long, or a phone
+        # that is off, is up to half a minute of silence otherwise (the caller would think
+        # the line dead). Its end is nobody's prompt end: the session ignores it.
+        ringback = await self._tone(RINGBACK)
+        if ringback is not None and not self._h.ended:
+            await self._h.play(ringback, loop=True)
         ok: bool | None
         try:
             async with asyncio.timeout(TRANSFER_DEADLINE_S):
@@ -583,6 +552,8 @@ class CallSession:
                 "left to the caller's side, which took it on" if ok else "failed",
             )
         self._transferring = False
+        if ringback is not None and not self._h.ended:
+            await self._h.stop_play()
         if ok is None:
             self._events.put_nowait(eng.HangUp(self._h.cut))
             return
@@ -590,13 +561,19 @@ class CallSession:
         if self._hangup_after_transfer:
             self._events.put_nowait(eng.HangUp(self._h.cut))
 
-    async def _beep(self) -> None:
-        """Play the tone the record prompt promises and wait for its end (bounded)."""
+    async def _tone(self, tone: Tone) -> Path | None:
+        """``tone``'s WAV (written once, off the loop); None, logged, when it cannot be."""
         folder = self._d.tone_dir or Path(tempfile.gettempdir()) / f"clinic-voice-{os.getuid()}"
         try:
-            wav = await asyncio.to_thread(beep_wav, folder)
+            return await asyncio.to_thread(tone_wav, folder, tone)
         except OSError:
-            log.exception("call %s: the beep could not be written", self._h.id)
+            log.exception("call %s: the %s could not be written", self._h.id, tone.name)
+            return None
+
+    async def _beep(self) -> None:
+        """Play the tone the record prompt promises and wait for its end (bounded)."""
+        wav = await self._tone(BEEP)
+        if wav is None:
             return
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Registered before the PlayDone can be handled: no await between play and here.
