@@ -29,6 +29,10 @@ EXPECTED: dict[str, list[str]] = {
         "19: call can end without a human at U2 (path: chest > bye)",
     ],
     "reserved_key.yaml": ["10: key 0 is reserved (0: a human, *: repeat)"],
+    "reserved_value.yaml": [
+        "11: 'callback_message' is the engine's own value",
+        "14: 'callback_message' is the engine's own value",
+    ],
     "schema.yaml": [
         "7: dead end: node 'intro' has no 'next'",
         "8: unknown key 'nxt' in a say node",

@@ -1157,3 +1157,16 @@ def test_a_stop_at_an_urgent_question_gives_the_emergency_number(shipped: FlowSe
         "safe, I will connect you to a nurse."
     ]
     assert state.transfer_uri == NURSE
+
+
+def test_a_stop_that_ends_the_message_before_a_word_tells_the_caller_why(
+    engine: Engine,
+) -> None:
+    # The session ends the recording at the stop: during the beep it is empty. That is no
+    # silence of the caller's ("I did not hear a message"): the closing notice, cut_shutdown.
+    state, _ = feed(engine, [*STAFF_FAILED, DONE])
+    state, _ = engine.handle(state, LineClosing())
+    state, actions = engine.handle(state, RecordDone(duration_s=0.0, silent=True))
+    assert describe(actions) == NOTICE
+    state, actions = engine.handle(state, DONE)
+    assert record_of(actions).record.outcome == "cut_shutdown"

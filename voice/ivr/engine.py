@@ -58,6 +58,7 @@ from urllib.parse import quote
 
 from voice.ivr.flow import (
     HUMAN_PHRASES,
+    MESSAGE_VALUE,
     PARAM_NAMES,
     REPEAT_PHRASES,
     UNSURE_PHRASES,
@@ -325,7 +326,6 @@ class Close(enum.StrEnum):
 
 CLOSED_OUTCOME = "cut_shutdown"
 MESSAGE_OUTCOME = "message_left"
-MESSAGE_VALUE = "callback_message"  # the value naming that message
 MESSAGE_MAX_S = 60
 
 
@@ -954,6 +954,10 @@ class Engine:
             state = replace(state, outcome=MESSAGE_OUTCOME)
             return state, [self._play(state, flow, flow.texts("message_kept"), barge_in=False)]
         state = self._step(state, "record", "silent" if ev.silent else "not_saved")
+        if state.close is not Close.OPEN:
+            # The stop ended the recording (during the beep, or before a word): not the
+            # caller's silence. The closing notice, and a call back (cut_shutdown).
+            return self._close(state, [])
         said = flow.texts("record_silent" if ev.silent else "record_failed")
         text = f"{said} {flow.texts('call_later')}"
         return state, [self._play(state, flow, text, barge_in=False)]

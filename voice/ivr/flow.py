@@ -46,6 +46,8 @@ PARAM_NAMES = frozenset({"emergency_number", "clinic_name"})
 NODE_KINDS: tuple[str, ...] = ("say", "ask", "branch", "set", "urgency", "transfer", "record")
 NODE_KINDS += ("webhook", "goto", "hangup")
 RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
+# The value the engine saves itself: the message for a call back after a failed transfer.
+MESSAGE_VALUE = "callback_message"
 DTMF_KEYS = frozenset("0123456789*#")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 _NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -716,6 +718,13 @@ class _Parser:
     def opt_text(self, m: _Map, key: str) -> str | None:
         return self.text(m, key) if key in m else None
 
+    def save_name(self, m: _Map, default: str | None) -> str | None:
+        """A step's ``save``: the name its value is kept under (not the engine's own)."""
+        name = self.text(m, "save") if "save" in m else default
+        if name == MESSAGE_VALUE:
+            self.error(m.line_of("save"), f"{MESSAGE_VALUE!r} is the engine's own value")
+        return name
+
     def number(self, m: _Map, key: str, default: float, lo: float, hi: float) -> float:
         value = m.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -878,7 +887,7 @@ class _Parser:
             mode=mode,
             choices=choices,
             digits=digits,
-            save=self.opt_text(a, "save"),
+            save=self.save_name(a, None),
             next=nxt,
             timeout_s=self.number(a, "timeout_s", 6.0, 1.0, 60.0),
             noinput=self.texts(a, "noinput"),
@@ -981,6 +990,8 @@ class _Parser:
             return None
         if "urgency" in s:
             self.error(s.line_of("urgency"), "urgency is not set: use an 'urgency' node")
+        if MESSAGE_VALUE in s:
+            self.error(s.line_of(MESSAGE_VALUE), f"{MESSAGE_VALUE!r} is the engine's own value")
         values = tuple((k, self.text(s, k)) for k in s)
         return SetValues(node_id, m.line, values, self.next(m, node_id))
 
@@ -1016,7 +1027,7 @@ class _Parser:
             m.line,
             self.text(r, "prompt", ""),
             int(self.number(r, "max_s", 60, 5, 300)),
-            self.text(r, "save", "recording"),
+            self.save_name(r, "recording") or "recording",
             self.next(m, node_id),
         )
 
@@ -1037,7 +1048,7 @@ class _Parser:
             self.texts(w, "values"),
             tuple((str(k), str(v)) for k, v in extra_map.items()),
             self.number(w, "timeout_s", 5.0, 0.5, 30.0),
-            self.text(w, "save", node_id),
+            self.save_name(w, node_id) or node_id,
             self.next(m, node_id),
             self.next(m, node_id, "on_fail"),
         )
