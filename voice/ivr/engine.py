@@ -378,14 +378,18 @@ def phrase_in(phrase: str, heard: str) -> bool:
     return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got)))
 
 
+def _urgent(state: CallState) -> bool:
+    """Whether the triage has made the call urgent (U2 or more): the safety rules' line."""
+    return state.triage is not None and state.triage.urgency <= Urgency.U2
+
+
 def _tellable(state: CallState) -> bool:
     """Whether the closing notice can be played now: the engine listens, or plays a prompt
     that neither ends the call nor puts the caller through to a human (both are left to
     finish: the caller is told goodbye, or reaches someone, either way)."""
     if state.phase is Phase.LISTENING:
         return True
-    urgent = state.triage is not None and state.triage.urgency <= Urgency.U2
-    if urgent and not state.barge_in:
+    if _urgent(state) and not state.barge_in:
         # A prompt nobody may talk over, to an urgent caller (the emergency advice): cut
         # mid-sentence, "call 112 now" would be lost. The notice waits for its end.
         return False
@@ -906,7 +910,7 @@ class Engine:
             target = state.transfer_on_fail
             state = replace(state, transfer_uri=None, transfer_on_fail=None)
             return self._enter(state, flow, target, [])
-        urgent = state.triage is not None and state.triage.urgency <= Urgency.U2
+        urgent = _urgent(state)
         if urgent:
             # Often just told "this may be an emergency, stay on the line": never hang up on
             # such a caller while a human is left to try.
@@ -968,7 +972,7 @@ class Engine:
         U2 or more is put through to the nurse instead."""
         flow = self.flowset.get(state.flow)
         kept = [a for a in actions if not isinstance(a, Play | StopPlay | Listen)]
-        if state.triage is not None and state.triage.urgency <= Urgency.U2:
+        if _urgent(state):
             # The safety rules hold in a stop too: an urgent caller is never hung up on and
             # told to call again later, but put through to the nurse (a transfer to a person,
             # which the stop lets finish; a failed one goes on as any urgent transfer).
