@@ -52,7 +52,8 @@ def tone_wav(folder: Path, tone: Tone) -> Path:
 
     Blocking file I/O: call it in a thread.
     """
-    path = folder / f"{tone.name}-{tone.hz}hz-{tone.on_ms}ms-{tone.off_ms}ms.wav"
+    gap = f"-{tone.off_ms}ms" if tone.off_ms else ""  # the beep keeps its older name
+    path = folder / f"{tone.name}-{tone.hz}hz-{tone.on_ms}ms{gap}.wav"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
