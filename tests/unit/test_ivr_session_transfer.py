@@ -4,6 +4,8 @@ the call record says."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.unit.test_ivr_session_races import Rig, _digit, _done
@@ -38,23 +40,53 @@ async def test_a_failure_in_a_notify_that_keeps_the_subscription_is_the_answer()
     assert saved.record.transfer_target is None
 
 
-async def test_a_transfer_taken_on_but_unanswered_at_the_deadline_is_left_to_the_caller(
+async def test_a_transfer_taken_on_and_ringing_long_still_has_its_failure_told(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The caller's side accepted the REFER and the target rings on past the deadline. Nothing
-    # here can stop that ringing: "call again later" (or, for an urgent caller, a second
-    # transfer ringing alongside) would be wrong. The bot's leg ends; staff may still answer.
-    monkeypatch.setattr(session_module, "TRANSFER_DEADLINE_S", 0.3)
+    # The caller's side took the REFER on; the target rings past the first deadline and then
+    # refuses (480). The call is still up: the failure goes on as any (here the message).
+    monkeypatch.setattr(session_module, "TRANSFER_DEADLINE_S", 0.2)
+    rig = Rig(called="6000", speech=False)
+    await _transferring(rig)
+    rig.call.send(_status(100, False), _status(180, False))
+    await asyncio.sleep(0.5)
+    assert not rig.call.ended and ("hangup", None) not in rig.call.commands
+    rig.call.send(_status(480, True))
+    await rig.until_prompt("nobody can take your call")
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == "transfer_failed", saved.record
+
+
+async def test_a_transfer_taken_on_but_never_answered_asks_for_a_call_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No answer at all (the transferee never sends a final NOTIFY): not "transferred", which
+    # would tell the clinic someone took the call.
+    monkeypatch.setattr(session_module, "TRANSFER_DEADLINE_S", 0.1)
+    monkeypatch.setattr(session_module, "TRANSFER_ANSWER_S", 0.3)
     rig = Rig(called="6000", speech=False)
     await _transferring(rig)
     rig.call.send(_status(100, False), _status(180, False))
     await rig.until(lambda: rig.call.ended, within_s=3)
-    assert ("hangup", None) in rig.call.commands
-    assert not any("nobody can take" in text for _, text in rig.call.plays())
     await rig.finish()
     (saved,) = rig.saved
-    assert saved.record.outcome == "transfer_staff", saved.record
+    assert saved.record.outcome == "transfer_unconfirmed", saved.record
     assert saved.record.transfer_target is not None
+    assert [(s.input, s.value) for s in saved.record.path][-1] == ("transfer", "unconfirmed")
+
+
+async def test_a_stop_that_cuts_a_ringing_transfer_is_no_transfer() -> None:
+    # The SIP workers hang up at the stop while the target rings: whether anyone answered is
+    # unknown, so the record says the service cut the call (a call back), not "transferred".
+    rig = Rig(called="6000", speech=False)
+    await _transferring(rig)
+    rig.call.send(_status(100, False), _status(180, False))
+    await rig.settle()
+    rig.call.cut = "shutdown"
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == "cut_shutdown", saved.record
 
 
 async def test_a_caller_who_hangs_up_before_the_refer_was_taken_on_is_not_a_failed_transfer() -> (

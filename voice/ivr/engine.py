@@ -36,7 +36,8 @@ VoiceXML semantics kept here:
   leave a message for a call back instead of being told to call again later
   (``message_left``); not during a stop, and not twice in one call;
 * a caller who hangs up before a transfer went through is recorded so
-  (``hung_up_before_transfer``), not as transferred;
+  (``hung_up_before_transfer``), not as transferred; a transfer the caller's side took on
+  but never answered for is ``transfer_unconfirmed`` (someone calls back);
 * when the service stops (:class:`LineClosing`), the caller is told so, with the emergency
   number, and the call ends (``cut_shutdown``): at once while a prompt plays or the engine
   listens, or once a webhook, a transfer or a message under way has its result. A prompt
@@ -147,9 +148,12 @@ class WebhookResult:
 
 @dataclass(frozen=True, slots=True)
 class TransferResult:
-    """The REFER was accepted (``ok``) or refused/failed."""
+    """The transfer went through (``ok``) or failed. ``unconfirmed``: the caller's side took
+    it on but gave no answer in time (the target may still ring); the call ends, and its
+    record asks for a call back."""
 
     ok: bool
+    unconfirmed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +330,7 @@ class Close(enum.StrEnum):
 
 CLOSED_OUTCOME = "cut_shutdown"
 MESSAGE_OUTCOME = "message_left"
+UNCONFIRMED_OUTCOME = "transfer_unconfirmed"
 MESSAGE_MAX_S = 60
 
 
@@ -489,6 +494,10 @@ class Engine:
             return state, []
         if isinstance(event, TransferResult):
             if state.phase is Phase.TRANSFERRING:
+                if event.unconfirmed:
+                    state = self._step(state, "transfer", "unconfirmed")
+                    state = replace(state, transfer_target=state.transfer_uri)
+                    return self._end(state, UNCONFIRMED_OUTCOME, [], hangup=True)
                 return self._transfer_done(state, flow, event.ok)
             return state, []
         if isinstance(event, RecordDone):

@@ -52,9 +52,13 @@ from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone, TransferSt
 
 log = logging.getLogger(__name__)
 
-# Only a final NOTIFY decides a transfer; this bounds a transferee that never sends one.
-# Generous: a nurse may let it ring 25 s or more (1xx NOTIFYs), and that is not a failure.
+# Only a final NOTIFY decides a transfer. A REFER the caller's side has not taken on in this
+# time failed (pjsip itself gives up on an unanswered REFER after 32 s).
 TRANSFER_DEADLINE_S = 60.0
+# One it took on may ring long (a nurse busy with another patient): that is no failure, and
+# nothing here could stop that ringing, so another human is not tried alongside it. Past
+# this, with still no answer, the call ends as transfer_unconfirmed: someone calls back.
+TRANSFER_ANSWER_S = 180.0
 BEEP_WAIT_S = 3.0  # the beep's PlayDone, at most (it is 0.3 s long)
 ANSWER_WAIT_S = 5.0
 CALL_HEADER = "X-Clinic-Call"
@@ -495,7 +499,10 @@ class CallSession:
                     # first); never accepted: the caller hung up before the transfer, which
                     # is no failure of the target's (the record must not blame staff).
                     if not waiter.done():
-                        waiter.set_result(True if self._transfer_accepted else None)
+                        # Cut by the service (a stop): nobody knows whether the target
+                        # answered, so not "transferred" (the record asks for a call back).
+                        accepted = self._transfer_accepted and not self._h.cut
+                        waiter.set_result(True if accepted else None)
                     self._hangup_after_transfer = True
                 elif self._record_open:
                     # The engine wants the voicemail's RecordDone before the HangUp (also
@@ -535,29 +542,38 @@ class CallSession:
         ringback = await self._tone(RINGBACK)
         if ringback is not None and not self._h.ended:
             await self._h.play(ringback, loop=True)
-        ok: bool | None
+        ok: bool | None = False
+        unconfirmed = False
+        waiter = self._transfer_waiter
         try:
             async with asyncio.timeout(TRANSFER_DEADLINE_S):
-                ok = await self._transfer_waiter
+                ok = await asyncio.shield(waiter)
         except TimeoutError:
-            # Accepted: the caller's side is calling the target and nothing here can stop
-            # that, so it is the caller's now (as the README promises): a "failed" would
-            # retry another human while the first still rings, or say "call again later"
-            # to a caller about to be answered. Never accepted: it did not happen.
-            ok = self._transfer_accepted
-            log.warning(
-                "call %s: no final transfer status within %d s: %s",
-                self._h.id,
-                TRANSFER_DEADLINE_S,
-                "left to the caller's side, which took it on" if ok else "failed",
-            )
+            if not self._transfer_accepted:
+                log.warning(
+                    "call %s: transfer not taken on in %d s", self._h.id, TRANSFER_DEADLINE_S
+                )
+            else:
+                # Taken on and ringing: a late failure still reaches this live call and goes
+                # on as any failure (the other human, the emergency number, a message).
+                try:
+                    async with asyncio.timeout(TRANSFER_ANSWER_S - TRANSFER_DEADLINE_S):
+                        ok = await waiter
+                except TimeoutError:
+                    log.warning(
+                        "call %s: transfer taken on, no answer in %d s",
+                        self._h.id,
+                        TRANSFER_ANSWER_S,
+                    )
+                    ok, unconfirmed = True, True
+        waiter.cancel()  # a status after this is nobody's answer (done already: no-op)
         self._transferring = False
         if ringback is not None and not self._h.ended:
             await self._h.stop_play()
         if ok is None:
             self._events.put_nowait(eng.HangUp(self._h.cut))
             return
-        self._events.put_nowait(eng.TransferResult(ok))
+        self._events.put_nowait(eng.TransferResult(ok, unconfirmed))
         if self._hangup_after_transfer:
             self._events.put_nowait(eng.HangUp(self._h.cut))
 
