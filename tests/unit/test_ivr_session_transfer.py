@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from tests.unit.test_ivr_session_races import Rig, _digit, _done
+from tests.unit.test_ivr_session_races import LOUD, Rig, _digit, _done
 from voice.ivr import session as session_module
 from voice.sip.protocol import TransferStatus
 
@@ -120,3 +120,41 @@ async def test_the_caller_hears_a_ring_tone_until_the_transfer_has_its_answer() 
     await rig.settle()
     assert rig.call.last_play()[0] == offer
     await rig.finish()
+
+
+async def _recording_a_message(rig: Rig) -> None:
+    """Staff busy, the offer played, the beep played: the message is being recorded."""
+    await _transferring(rig)
+    rig.call.send(_status(486, True))
+    offer = await rig.until_prompt("nobody can take your call")
+    rig.call.send(_done(offer))
+    beep = await rig.until_prompt("beep")
+    rig.call.send(_done(beep))
+    await rig.settle()
+
+
+async def test_a_caller_who_says_nothing_after_the_beep_is_not_kept_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(session_module, "RECORD_NO_SPEECH_S", 0.3)
+    rig = Rig(called="6000", speech=False)
+    await _recording_a_message(rig)
+    # Not a minute of dead air: the silence ends the message well before its 60 s.
+    await rig.until_prompt("I did not hear a message", within_s=3)
+    await rig.finish()
+    assert rig.saved[0].record.outcome == "transfer_failed"
+
+
+async def test_a_caller_who_speaks_is_not_cut_off_by_the_silence_guard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(session_module, "RECORD_NO_SPEECH_S", 0.3)
+    rig = Rig(called="6000", speech=False)
+    await _recording_a_message(rig)
+    rig.call.speak(*[LOUD] * 20)  # 400 ms of speech
+    await asyncio.sleep(0.6)  # past the guard: still recording
+    assert not any("I did not hear" in text for _, text in rig.call.plays())
+    rig.call.send(_digit("#"))
+    await rig.until_prompt("Your message has been recorded")
+    await rig.finish()
+    assert rig.saved[0].record.outcome == "message_left"

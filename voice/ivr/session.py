@@ -70,6 +70,9 @@ BARGE_IN_RESULT_S = 10.0
 # long for Redis, then is kept on disk: the stop is not held for the store's 30 s patience.
 STOP_SAVE_S = 2.0
 RECORD_TERMINATOR = "#"  # ends a voicemail early
+# A message in which the caller has not begun to speak this long after the beep ends: it is
+# silent (the engine asks once more, or says so).
+RECORD_NO_SPEECH_S = 12.0
 FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
 
 WebhookPoster = Callable[[str, Mapping[str, str], float], Awaitable[Mapping[str, str] | None]]
@@ -619,21 +622,34 @@ class CallSession:
         if self._closing:  # during the beep: no message now (the engine tells the caller)
             self._record_stop.set()
         # The recording ends with the call, with "#" (what the record prompts tell the
-        # caller), or after max_s.
+        # caller), after max_s, or when the caller has not begun to speak in
+        # RECORD_NO_SPEECH_S (not a minute of dead air for a caller who says nothing).
         ended = asyncio.ensure_future(self._h.wait_ended())
         hashed = asyncio.ensure_future(self._record_stop.wait())
+        mute = asyncio.ensure_future(self._no_speech_yet(RECORD_NO_SPEECH_S))
+        waits = {ended, hashed, mute}
         try:
-            await asyncio.wait({ended, hashed}, timeout=max_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=max_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            ended.cancel()
-            hashed.cancel()
-            await asyncio.gather(ended, hashed, return_exceptions=True)
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
         chunks, self._recording = self._recording, None
         pcm = b"".join(chunks or [])
         self._events.put_nowait(await self._keep(pcm))
         self._record_open = False
         if self._hangup_after_record:
             self._events.put_nowait(eng.HangUp(self._h.cut))
+
+    async def _no_speech_yet(self, after_s: float) -> None:
+        """Return when, ``after_s`` into the recording, it holds no speech (else never).
+
+        Timed by the clock, not by the audio: a phone may send no RTP while the caller is
+        quiet."""
+        await asyncio.sleep(after_s)
+        heard = b"".join(self._recording or [])
+        if await asyncio.to_thread(holds_speech, heard):
+            await asyncio.Event().wait()  # speech began: the message runs its course
 
     async def _keep(self, pcm: bytes) -> eng.RecordDone:
         """Save a message that holds speech; say why nothing was kept otherwise."""
