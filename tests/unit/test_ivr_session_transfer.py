@@ -10,6 +10,7 @@ import pytest
 
 from tests.unit.test_ivr_session_races import LOUD, Rig, _digit, _done
 from voice.ivr import session as session_module
+from voice.ivr.engine import CallRecord
 from voice.sip.protocol import TransferStatus
 
 
@@ -27,6 +28,13 @@ def _status(sip_status: int, final: bool) -> TransferStatus:
     return TransferStatus("call-1", sip_status, final)
 
 
+async def _ended(rig: Rig) -> CallRecord:
+    """The caller hangs up (if still on the line); the call's one record."""
+    await rig.finish()
+    (saved,) = rig.saved
+    return saved.record
+
+
 async def test_a_failure_in_a_notify_that_keeps_the_subscription_is_the_answer() -> None:
     # 202, then "SIP/2.0 486 Busy Here" with Subscription-State: active. It was taken for
     # progress: 40 s of silence, and a record saying staff took the call.
@@ -34,10 +42,9 @@ async def test_a_failure_in_a_notify_that_keeps_the_subscription_is_the_answer()
     await _transferring(rig)
     rig.call.send(_status(100, False), _status(486, False))
     await rig.until_prompt("nobody can take your call")
-    await rig.finish()
-    (saved,) = rig.saved
-    assert saved.record.outcome == "transfer_failed", saved.record
-    assert saved.record.transfer_target is None
+    record = await _ended(rig)
+    assert record.outcome == "transfer_failed", record
+    assert record.transfer_target is None
 
 
 async def test_a_transfer_taken_on_and_ringing_long_still_has_its_failure_told(
@@ -53,9 +60,8 @@ async def test_a_transfer_taken_on_and_ringing_long_still_has_its_failure_told(
     assert not rig.call.ended and ("hangup", None) not in rig.call.commands
     rig.call.send(_status(480, True))
     await rig.until_prompt("nobody can take your call")
-    await rig.finish()
-    (saved,) = rig.saved
-    assert saved.record.outcome == "transfer_failed", saved.record
+    record = await _ended(rig)
+    assert record.outcome == "transfer_failed", record
 
 
 async def test_a_transfer_taken_on_but_never_answered_asks_for_a_call_back(
@@ -69,11 +75,10 @@ async def test_a_transfer_taken_on_but_never_answered_asks_for_a_call_back(
     await _transferring(rig)
     rig.call.send(_status(100, False), _status(180, False))
     await rig.until(lambda: rig.call.ended, within_s=3)
-    await rig.finish()
-    (saved,) = rig.saved
-    assert saved.record.outcome == "transfer_unconfirmed", saved.record
-    assert saved.record.transfer_target is not None
-    assert [(s.input, s.value) for s in saved.record.path][-1] == ("transfer", "unconfirmed")
+    record = await _ended(rig)
+    assert record.outcome == "transfer_unconfirmed", record
+    assert record.transfer_target is not None
+    assert [(s.input, s.value) for s in record.path][-1] == ("transfer", "unconfirmed")
 
 
 async def test_a_stop_that_cuts_a_ringing_transfer_is_no_transfer() -> None:
@@ -84,9 +89,8 @@ async def test_a_stop_that_cuts_a_ringing_transfer_is_no_transfer() -> None:
     rig.call.send(_status(100, False), _status(180, False))
     await rig.settle()
     rig.call.cut = "shutdown"
-    await rig.finish()
-    (saved,) = rig.saved
-    assert saved.record.outcome == "cut_shutdown", saved.record
+    record = await _ended(rig)
+    assert record.outcome == "cut_shutdown", record
 
 
 async def test_a_caller_who_hangs_up_before_the_refer_was_taken_on_is_not_a_failed_transfer() -> (
@@ -96,9 +100,8 @@ async def test_a_caller_who_hangs_up_before_the_refer_was_taken_on_is_not_a_fail
     # and the record must not say they did.
     rig = Rig(called="6000", speech=False)
     await _transferring(rig)
-    await rig.finish()
-    (saved,) = rig.saved
-    assert saved.record.outcome == "hung_up_before_transfer", saved.record
+    record = await _ended(rig)
+    assert record.outcome == "hung_up_before_transfer", record
 
 
 async def test_the_caller_hears_a_ring_tone_until_the_transfer_has_its_answer() -> None:
@@ -141,8 +144,7 @@ async def test_a_caller_who_says_nothing_after_the_beep_is_not_kept_waiting(
     await _recording_a_message(rig)
     # Not a minute of dead air: the silence ends the message well before its 60 s.
     await rig.until_prompt("I did not hear a message", within_s=3)
-    await rig.finish()
-    assert rig.saved[0].record.outcome == "transfer_failed"
+    assert (await _ended(rig)).outcome == "transfer_failed"
 
 
 async def test_a_caller_who_speaks_is_not_cut_off_by_the_silence_guard(
@@ -156,5 +158,4 @@ async def test_a_caller_who_speaks_is_not_cut_off_by_the_silence_guard(
     assert not any("I did not hear" in text for _, text in rig.call.plays())
     rig.call.send(_digit("#"))
     await rig.until_prompt("Your message has been recorded")
-    await rig.finish()
-    assert rig.saved[0].record.outcome == "message_left"
+    assert (await _ended(rig)).outcome == "message_left"
