@@ -1170,3 +1170,32 @@ def test_a_stop_that_ends_the_message_before_a_word_tells_the_caller_why(
     assert describe(actions) == NOTICE
     state, actions = engine.handle(state, DONE)
     assert record_of(actions).record.outcome == "cut_shutdown"
+
+
+def test_a_transfer_never_answered_ends_with_a_word_and_a_call_back(engine: Engine) -> None:
+    state, _ = feed(engine, [DONE, DONE, Digit("0"), DONE])
+    state, actions = engine.handle(state, TransferResult(True, unconfirmed=True))
+    assert texts(actions) == [
+        "Sorry, nobody has answered. The clinic will call you back. If this is an emergency, "
+        "hang up and call 112 now. Goodbye."
+    ]
+    state, actions = engine.handle(state, HangUp())  # the caller hangs up during it
+    record = record_of(actions).record
+    assert (record.outcome, record.transfer_target) == ("transfer_unconfirmed", STAFF)
+    assert [(s.input, s.value) for s in record.path][-1] == ("transfer", "unconfirmed")
+
+
+def test_an_urgent_transfer_never_answered_ends_with_the_emergency_number(
+    shipped: FlowSet,
+) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=False))
+    state, _ = _triage_at_the_advice(engine)
+    for event in (DONE, DONE):
+        state, _ = engine.handle(state, event)
+    state, actions = engine.handle(state, TransferResult(True, unconfirmed=True))
+    assert texts(actions) == [
+        "Sorry, I could not reach anyone at the clinic. Please hang up now and call 112."
+    ]
+    _, actions = engine.handle(state, DONE)
+    assert isinstance(actions[0], HangupCall)
+    assert record_of(actions).record.outcome == "transfer_unconfirmed"

@@ -74,7 +74,9 @@ async def test_a_transfer_taken_on_but_never_answered_asks_for_a_call_back(
     rig = Rig(called="6000", speech=False)
     await _transferring(rig)
     rig.call.send(_status(100, False), _status(180, False))
-    await rig.until(lambda: rig.call.ended, within_s=3)
+    said = await rig.until_prompt("The clinic will call you back", within_s=3)
+    rig.call.send(_done(said))
+    await rig.until(lambda: rig.call.ended)
     record = await _ended(rig)
     assert record.outcome == "transfer_unconfirmed", record
     assert record.transfer_target is not None

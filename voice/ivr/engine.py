@@ -495,9 +495,7 @@ class Engine:
         if isinstance(event, TransferResult):
             if state.phase is Phase.TRANSFERRING:
                 if event.unconfirmed:
-                    state = self._step(state, "transfer", "unconfirmed")
-                    state = replace(state, transfer_target=state.transfer_uri)
-                    return self._end(state, UNCONFIRMED_OUTCOME, [], hangup=True)
+                    return self._unconfirmed(state, flow)
                 return self._transfer_done(state, flow, event.ok)
             return state, []
         if isinstance(event, RecordDone):
@@ -955,6 +953,21 @@ class Engine:
             state = replace(state, pending=Pending.MESSAGE)
             return state, [self._play(state, flow, flow.texts("message_offer"), barge_in=False)]
         text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
+        return state, [self._play(state, flow, text, barge_in=False)]
+
+    def _unconfirmed(self, state: CallState, flow: Flow) -> Result:
+        """A transfer the caller's side took on and never answered for: the call ends, with
+        the emergency number (an urgent caller: only that), and a call back is promised."""
+        state = self._step(state, "transfer", "unconfirmed")
+        state = replace(
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.HANGUP,
+            barge_in=False,
+            transfer_target=state.transfer_uri,
+            outcome=UNCONFIRMED_OUTCOME,
+        )
+        text = flow.texts("transfer_failed_urgent" if _urgent(state) else "transfer_unconfirmed")
         return state, [self._play(state, flow, text, barge_in=False)]
 
     def _message_done(self, state: CallState, flow: Flow, ev: RecordDone) -> Result:

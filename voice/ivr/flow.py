@@ -165,6 +165,9 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         # ... and when nobody could be reached: no "call again later" for an urgent caller.
         "transfer_failed_urgent": "Sorry, I could not reach anyone at the clinic. Please hang "
         "up now and call {emergency_number}.",
+        # A transfer that rang and rang with no answer: the call ends; someone calls back.
+        "transfer_unconfirmed": "Sorry, nobody has answered. The clinic will call you back. "
+        "If this is an emergency, hang up and call {emergency_number} now. Goodbye.",
         # A caller below U2 whose transfer failed may leave a message for a call back.
         "message_offer": "Sorry, nobody can take your call right now. If this is an emergency, "
         "hang up and call {emergency_number} now. Otherwise, after the tone, please say your "
@@ -200,6 +203,9 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "연결해 보겠습니다.",
         "transfer_failed_urgent": "죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 "
         "끊고 {emergency_number}번으로 전화하세요.",
+        "transfer_unconfirmed": "죄송합니다. 아무도 받지 않았습니다. 병원에서 다시 "
+        "전화드리겠습니다. 응급 상황이면 전화를 끊고 지금 {emergency_number}번으로 "
+        "전화하세요. 안녕히 계세요.",
         "message_offer": "죄송합니다. 지금은 전화를 받을 수 있는 사람이 없습니다. 응급 "
         "상황이면 전화를 끊고 지금 {emergency_number}번으로 전화하세요. 아니면 신호음이 울린 "
         "후 이름과 생년월일, 전화하신 이유를 말씀해 주세요. 병원에서 다시 전화드리겠습니다. "
@@ -561,6 +567,7 @@ class Flow:
             "transfer_failed",
             "transfer_retry",
             "transfer_failed_urgent",
+            "transfer_unconfirmed",
             "message_offer",
             "message_kept",
         ):
