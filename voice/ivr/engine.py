@@ -53,8 +53,9 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import quote
 
 from voice.ivr.flow import (
@@ -662,8 +663,7 @@ class Engine:
         if isinstance(node, Hangup):
             if not node.prompt:
                 return self._end(state, node.outcome, actions, hangup=True)
-            state = replace(state, phase=Phase.PLAYING, pending=Pending.HANGUP, barge_in=False)
-            return state, [*actions, self._play(state, flow, node.prompt, barge_in=False)]
+            return self._last_words(state, flow, node.prompt, actions)
         uri = self.params.human_uri(node.to)
         state = replace(
             state,
@@ -940,53 +940,55 @@ class Engine:
                 state = replace(state, outcome=f"transfer_{human.value}")
                 text = flow.texts("transfer_retry")
                 return state, [self._play(state, flow, text, barge_in=False)]
-        state = replace(
-            state,
-            phase=Phase.PLAYING,
-            pending=Pending.HANGUP,
-            barge_in=False,
-            outcome="transfer_failed",
-        )
         if not urgent and state.close is Close.OPEN and not _recorded_before(state):
             # Nobody to take the call: rather than "call again later", which loses what the
             # caller rang about, take a message for a call back (the record says who called).
-            state = replace(state, pending=Pending.MESSAGE)
+            state = replace(
+                state,
+                phase=Phase.PLAYING,
+                pending=Pending.MESSAGE,
+                barge_in=False,
+                outcome="transfer_failed",
+            )
             return state, [self._play(state, flow, flow.texts("message_offer"), barge_in=False)]
         text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
-        return state, [self._play(state, flow, text, barge_in=False)]
+        return self._last_words(state, flow, text, outcome="transfer_failed")
 
     def _unconfirmed(self, state: CallState, flow: Flow) -> Result:
         """A transfer the caller's side took on and never answered for: the call ends, with
         the emergency number (an urgent caller: only that), and a call back is promised."""
         state = self._step(state, "transfer", "unconfirmed")
-        state = replace(
-            state,
-            phase=Phase.PLAYING,
-            pending=Pending.HANGUP,
-            barge_in=False,
-            transfer_target=state.transfer_uri,
-            outcome=UNCONFIRMED_OUTCOME,
-        )
         text = flow.texts("transfer_failed_urgent" if _urgent(state) else "transfer_unconfirmed")
-        return state, [self._play(state, flow, text, barge_in=False)]
+        return self._last_words(
+            state, flow, text, transfer_target=state.transfer_uri, outcome=UNCONFIRMED_OUTCOME
+        )
 
     def _message_done(self, state: CallState, flow: Flow, ev: RecordDone) -> Result:
         """The message after a failed transfer: kept, the caller is thanked; none (silence,
         or it could not be saved), the caller is told to call again later."""
-        state = replace(state, phase=Phase.PLAYING, pending=Pending.HANGUP, barge_in=False)
         if ev.ref:
             state = state.with_value(MESSAGE_VALUE, ev.ref)
             state = self._step(state, "record", f"{ev.duration_s:.0f}s")
-            state = replace(state, outcome=MESSAGE_OUTCOME)
-            return state, [self._play(state, flow, flow.texts("message_kept"), barge_in=False)]
+            return self._last_words(
+                state, flow, flow.texts("message_kept"), outcome=MESSAGE_OUTCOME
+            )
         state = self._step(state, "record", "silent" if ev.silent else "not_saved")
         if state.close is not Close.OPEN:
             # The stop ended the recording (during the beep, or before a word): not the
             # caller's silence. The closing notice, and a call back (cut_shutdown).
             return self._close(state, [])
         said = flow.texts("record_silent" if ev.silent else "record_failed")
-        text = f"{said} {flow.texts('call_later')}"
-        return state, [self._play(state, flow, text, barge_in=False)]
+        return self._last_words(state, flow, f"{said} {flow.texts('call_later')}")
+
+    def _last_words(
+        self, state: CallState, flow: Flow, text: str, before: Sequence[Action] = (), **changes: Any
+    ) -> Result:
+        """Play ``text`` (after ``before``), nobody talking over it; the call ends after it.
+        ``changes``: other fields of the state to set with it (the outcome, ...)."""
+        state = replace(
+            state, phase=Phase.PLAYING, pending=Pending.HANGUP, barge_in=False, **changes
+        )
+        return state, [*before, self._play(state, flow, text, barge_in=False)]
 
     def _close(self, state: CallState, actions: list[Action]) -> Result:
         """The closing notice instead of the prompt or question in ``actions``; the call
@@ -1002,16 +1004,14 @@ class Engine:
             return self._to_human(
                 state, flow, "line closing", [*kept, StopPlay()], text="closing_urgent"
             )
-        state = replace(
+        return self._last_words(
             state,
-            phase=Phase.PLAYING,
-            pending=Pending.HANGUP,
-            barge_in=False,
+            flow,
+            flow.texts("closing"),
+            [*kept, StopPlay()],
             close=Close.TOLD,
             outcome=CLOSED_OUTCOME,
         )
-        notice = self._play(state, flow, flow.texts("closing"), barge_in=False)
-        return state, [*kept, StopPlay(), notice]
 
     def _to_human(
         self,
