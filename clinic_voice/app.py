@@ -498,7 +498,7 @@ async def _readyz(request: web.Request) -> web.Response:
     if rt.stopping:  # a balancer must send nothing more here
         return problem(503, "not-ready", "Not ready", "stopping")
     checks: dict[str, bool] = {
-        "redis": rt.store is not None and await rt.store.ping(),
+        "redis": rt.store is not None and await rt.store.writable(),
         "channels": rt.dispatcher is not None and rt.dispatcher.ready(),
     }
     for name, extra in rt.extra_ready.items():

@@ -25,6 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from verification import keys
+from verification.redis_mux import SHEBANG
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,15 @@ HOLD_S = 2.0  # a running serve looks at the fingerprint this often
 
 # Set the fingerprint unless one is there; answer {1 if set, the one there}. One step: as
 # SET NX then GET, a flush between the two would read as another process's fingerprint.
-_CLAIM = """
+_CLAIM = (
+    SHEBANG
+    + """
 local there = redis.call('GET', KEYS[1])
 if there then return {0, there} end
 redis.call('SET', KEYS[1], ARGV[1])
 return {1, ARGV[1]}
 """
+)
 
 
 class SecretMismatch(Exception):

@@ -51,8 +51,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_REDIS_URL",
         "",
-        "a Redis to use (redis://, rediss://, unix://); unset means embedded: the service "
-        "starts and supervises its own redis-server (unix socket in the data dir, "
+        "a Redis 7.0 or later to use (redis://, rediss://, unix://); unset means embedded: "
+        "the service starts and supervises its own redis-server (unix socket in the data dir, "
         "append-only file with fsync on every write) and stops it on exit",
     ),
     Variable(

@@ -158,6 +158,35 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             pytest.fail(f"redis-server {proc.pid} survived SIGKILL for {self.STOP_DEADLINE_S} s")
 
+    def fill(self) -> None:
+        """Make the server full under ``noeviction``, as an operator's memory limit would:
+        filled up to a limit, which is then held below what it holds (its use moves a little
+        as clients come and go). Writes are refused until :meth:`unfill`."""
+        client = _probe_client(self.port, 2.0)
+        try:
+            client.config_set("maxmemory-policy", "noeviction")
+            used = int(client.info("memory")["used_memory"])
+            client.config_set("maxmemory", str(used + 64 * 1024))
+            filler = "x" * 8192
+            try:
+                for i in range(1000):  # 8 MiB at most: the limit is reached long before
+                    client.set(f"test:filler:{i}", filler)
+            except redis.exceptions.ResponseError as exc:
+                assert "maxmemory" in str(exc), exc
+            else:
+                raise AssertionError("1000 writes of 8 KiB fitted in 64 KiB")
+            client.config_set("maxmemory", str(used // 2))
+        finally:
+            client.close()
+
+    def unfill(self) -> None:
+        """Lift the memory limit :meth:`fill` set: writes are taken again."""
+        client = _probe_client(self.port, 2.0)
+        try:
+            client.config_set("maxmemory", "0")
+        finally:
+            client.close()
+
     def stop(self) -> None:
         """SHUTDOWN, then SIGTERM/SIGKILL after a deadline. Safe to call twice."""
         proc = self._proc

@@ -149,7 +149,8 @@ class RateLimited(RetryLater):
 
 
 class StoreUnavailable(VerificationError):
-    """Redis cannot be reached: fail closed (never approve, never send).
+    """Redis cannot be reached, or refuses the write (full, read-only): fail closed (never
+    approve, never send).
 
     ``cause`` (redis-py's text: a socket path, a host and port) is for the log only. The
     client, who may not even hold a right key (a wrong key is counted in Redis), gets the
@@ -161,7 +162,7 @@ class StoreUnavailable(VerificationError):
     title = "The service's store is unavailable"
 
     def __init__(self, cause: str = "") -> None:
-        super().__init__("the service's store did not answer in time; try again shortly")
+        super().__init__("the service's store cannot be used just now; try again shortly")
         self.cause = cause or self.detail
 
     def __str__(self) -> str:

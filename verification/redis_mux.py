@@ -39,17 +39,30 @@ log = logging.getLogger(__name__)
 _REPLIES_PER_STEP = 128  # answers matched in one loop step, at most
 
 Arg = str | bytes | int | float
+# A Lua script's first line from Redis 7.0 on: its flags (none: it may write, and is refused
+# whole when Redis takes no writes). Redis 6 does not read it: the service needs Redis 7.0+.
+SHEBANG = "#!lua\n"
 Command = Sequence[Arg]
 
 
 @dataclass(frozen=True, slots=True)
 class Script:
-    """A Lua script, run by its SHA1 and loaded on the first NOSCRIPT."""
+    """A Lua script, run by its SHA1 and loaded on the first NOSCRIPT.
+
+    Its source starts with :data:`SHEBANG` (prepended when missing): a script that may write,
+    as every script here does, is then refused whole before it runs when Redis is out of
+    memory under ``noeviction``, a read-only replica, or cannot persist. Without it Redis
+    (kept compatible with its scripts of before 7.0) judges only the script's first write
+    command: a script that first trims a sorted set (a write that frees memory) may then grow
+    a full Redis, and a create went through while every check was refused.
+    """
 
     source: str
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
+        if not self.source.startswith("#!"):
+            object.__setattr__(self, "source", SHEBANG + self.source)
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())  # noqa: S324 (Redis names scripts by SHA1)
 
     def call(self, keys: Sequence[str], args: Sequence[Arg]) -> list[Arg]:

@@ -46,6 +46,7 @@ PREFIX = "cv:"
 DUE = PREFIX + "due"  # zset: verification id -> when its timer is due
 WEBHOOK_DUE = PREFIX + "wh:due"  # zset: webhook job id -> next attempt
 WEBHOOK_JOBS = PREFIX + "wh:jobs"  # hash: webhook job id -> payload
+PROBE = PREFIX + "ready"  # written by readiness probes (see VerificationStore.writable)
 KEEP_AFTER_EXPIRY_S = 86_400  # records stay readable a day after they expire
 MAX_CAS_TRIES = 200
 # An Idempotency-Key is reserved while its first request makes the verification; a concurrent
@@ -266,12 +267,33 @@ class VerificationStore:
         self._digest = SubjectDigest(limit_key)
         self._global_webhook = global_webhook
         self._on_change = on_change or _ignore
+        self._refusing: str | None = None  # why the last readiness write failed
 
     async def ping(self) -> bool:
         try:
             return bool(await self._r.execute("PING"))
         except (RedisError, OSError):
             return False
+
+    async def writable(self) -> bool:
+        """Whether Redis takes a write now (for readiness), not only whether it answers.
+
+        A Redis that answers PING may still refuse every write: full under ``noeviction``, a
+        read-only replica after a fail-over, or a failed snapshot with
+        ``stop-writes-on-bgsave-error``. Every create and check writes, so such a Redis is not
+        ready. The log says so when this changes, with Redis's reason.
+        """
+        try:
+            await self._r.execute("SET", PROBE, "1", "PX", "60000")
+        except (RedisError, OSError) as exc:
+            if self._refusing != str(exc):
+                log.warning("Redis does not take writes: %s", exc)
+            self._refusing = str(exc)
+            return False
+        if self._refusing is not None:
+            log.info("Redis takes writes again")
+            self._refusing = None
+        return True
 
     async def get(self, vid: str) -> Stored:
         """The record, or :class:`NotFound`."""

@@ -110,6 +110,23 @@ async def test_a_record_redis_does_not_take_in_time_is_kept_then_replayed(
     assert 30 * DAY_S - 60 < ttl <= 30 * DAY_S
 
 
+async def test_a_record_a_full_redis_refuses_is_kept_then_replayed(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)  # refused writes are not tried again
+    journal = CallJournal(tmp_path / FOLDER, store)
+    await asyncio.to_thread(redis_server.fill)
+    async with asyncio.timeout(5):
+        await _session("in-full", store, journal)._store(RECORD)
+    _assert_kept_private(tmp_path / FOLDER, "in-full", store)
+    assert await journal.replay(time.time()) == Replayed(left=1)  # still full: kept
+
+    await asyncio.to_thread(redis_server.unfill)
+    assert await journal.replay(time.time()) == Replayed(saved=1)
+    got = await store.get("in-full")
+    assert got is not None and got["values"] == dict(VALUES)
+
+
 async def test_a_save_cut_short_by_cancelling_the_call_is_kept(
     mux: RedisMux, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -1,4 +1,5 @@
-"""The rule for a given Redis's persistence settings, and how ``report`` asks and logs."""
+"""The rules for a given Redis's persistence and memory-limit settings, and how ``report``
+asks and logs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
 from clinic_voice import redis_durability
-from clinic_voice.redis_durability import assess
+from clinic_voice.redis_durability import assess, assess_eviction, assess_version
 
 
 @pytest.mark.parametrize(
@@ -32,8 +33,61 @@ def test_assess(appendonly: str, appendfsync: str, risk: str | None) -> None:
         assert said is not None and said.startswith(risk)
 
 
+@pytest.mark.parametrize(
+    ("maxmemory", "policy", "risk"),
+    [
+        ("0", "noeviction", None),
+        ("0", "allkeys-lru", None),  # no limit: Redis never evicts
+        ("1073741824", "noeviction", None),  # full: writes refused, the API answers 503
+        ("1073741824", "allkeys-lru", "maxmemory-policy is allkeys-lru with maxmemory 1073741824"),
+        ("1073741824", "volatile-ttl", "maxmemory-policy is volatile-ttl"),
+        ("1073741824", "allkeys-random", "maxmemory-policy is allkeys-random"),
+        ("1073741824", "", "maxmemory-policy is unknown"),
+    ],
+)
+def test_assess_eviction(maxmemory: str, policy: str, risk: str | None) -> None:
+    said = assess_eviction(maxmemory, policy)
+    if risk is None:
+        assert said is None
+    else:
+        assert said is not None and said.startswith(risk)
+        assert "let sends through" in said
+
+
+INFO_7 = b"# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n"
+
+
+@pytest.mark.parametrize(
+    ("info", "unfit"),
+    [
+        ("# Server\r\nredis_version:7.0.15\r\n", None),
+        ("# Server\r\nredis_version:7.2.4\r\nvalkey_version:8.0.1\r\n", None),
+        ("# Server\r\nredis_version:10.1.0\r\n", None),
+        ("", None),  # INFO refused: the scripts' own errors will tell
+        (
+            "# Server\r\nredis_version:6.2.14\r\n",
+            "it is Redis 6.2, and the service needs Redis 7.0",
+        ),
+        ("redis_version:5.0.7\n", "it is Redis 5.0"),
+    ],
+)
+def test_assess_version(info: str, unfit: str | None) -> None:
+    said = assess_version(info)
+    if unfit is None:
+        assert said is None
+    else:
+        assert said is not None and said.startswith(unfit)
+
+
+SAFE_MEMORY = {"maxmemory": "0", "maxmemory-policy": "noeviction"}
+
+
 def _answers(**config: str) -> Any:
+    config = {**SAFE_MEMORY, **{k.replace("_", "-"): v for k, v in config.items()}}
+
     async def execute(*command: str) -> Any:
+        if command == ("INFO", "server"):
+            return INFO_7
         assert command[:2] == ("CONFIG", "GET")
         name = command[2]
         return [name, config[name]]
@@ -49,9 +103,29 @@ async def test_report_logs_one_warning_for_a_risky_redis(caplog: pytest.LogCaptu
     assert "appendfsync is everysec" in record.getMessage()
 
 
+async def test_report_warns_of_a_redis_that_may_evict(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=redis_durability.__name__)
+    await redis_durability.report(
+        _answers(
+            appendonly="yes",
+            appendfsync="always",
+            maxmemory="100mb",
+            maxmemory_policy="volatile-lru",
+        )
+    )
+    fsync, eviction = caplog.records
+    assert fsync.levelno == logging.INFO
+    assert eviction.levelno == logging.WARNING
+    assert "maxmemory-policy is volatile-lru" in eviction.getMessage()
+    assert "maxmemory-policy noeviction" in eviction.getMessage()  # what to do about it
+
+
 async def test_report_reads_resp3_maps(caplog: pytest.LogCaptureFixture) -> None:
     async def execute(*command: str) -> Any:
-        return {command[2]: {"appendonly": "yes", "appendfsync": "always"}[command[2]]}
+        if command == ("INFO", "server"):
+            return INFO_7.decode()
+        config = {"appendonly": "yes", "appendfsync": "always", **SAFE_MEMORY}
+        return {command[2]: config[command[2]]}
 
     caplog.set_level(logging.INFO, logger=redis_durability.__name__)
     await redis_durability.report(execute)
@@ -90,3 +164,19 @@ async def test_report_gives_up_quietly_when_config_is_refused(
     [record] = caplog.records
     assert record.levelno == logging.INFO
     assert "NOPERM" in record.getMessage()
+
+
+async def test_report_says_an_old_redis_cannot_run_the_service(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def execute(*command: str) -> Any:
+        if command == ("INFO", "server"):
+            return b"# Server\r\nredis_version:6.2.14\r\n"
+        raise NoPermissionError("NOPERM this user has no permissions to run the 'config' command")
+
+    caplog.set_level(logging.INFO, logger=redis_durability.__name__)
+    await redis_durability.report(execute)
+    unfit, refused = caplog.records
+    assert unfit.levelno == logging.ERROR
+    assert "needs Redis 7.0 or later" in unfit.getMessage()
+    assert refused.levelno == logging.INFO and "NOPERM" in refused.getMessage()
