@@ -299,7 +299,7 @@ def build_app(
             store_getter=rt.need_store,
             settings=settings.verification,
             trusted_proxies=settings.trusted_proxies,
-            clock_now=clock.now,
+            clock=clock,
         ),
     )
     app.on_response_prepare.append(problem_net)

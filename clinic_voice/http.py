@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from clinic_voice.metrics import Metrics
+from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
 from verification import limits
 from verification.errors import (
@@ -32,9 +33,11 @@ from verification.errors import (
     BodyTimeout,
     KeyNotAllowed,
     RateLimited,
+    StoreUnavailable,
     UnsupportedCoding,
     VerificationError,
 )
+from verification.outage_log import OutageLog
 from verification.request import (
     ACCEPTED_CODINGS,
     BODY_ABANDONED,
@@ -253,13 +256,14 @@ def build_middlewares(
     store_getter: Callable[[], VerificationStore],
     settings: VerificationSettings,
     trusted_proxies: frozenset[str],
-    clock_now: Callable[[], float],
+    clock: Clock,
 ) -> list[Any]:
     """The middleware chain, outermost first."""
     keys = tuple(k.encode() for k in (*api_keys, *calls_api_keys))
     key_ids = {k: key_id(k) for k in (*api_keys, *calls_api_keys)}  # hashed once, not per request
     calls_keys = frozenset(calls_api_keys)
     lockouts = limits.Lockouts()
+    store_outage = OutageLog(log, "API requests", clock)
     ipv6_prefix = settings.limit_ipv6_prefix
 
     @web.middleware
@@ -281,13 +285,22 @@ def build_middlewares(
         if request.version not in SERVED_VERSIONS or request.method == hdrs.METH_CONNECT:
             return refuse_request_line(request)
         try:
-            return await handler(request)
+            answer = await handler(request)
+            # A request that passed its key's limits was answered by Redis.
+            if store_outage.down and answer.status < 500 and KEY_ID in request:
+                store_outage.ok()
+            return answer
         except VerificationError as exc:
             resp = problem(exc.status, exc.slug, exc.title, exc.detail, **exc.extra)
             if exc.retry_after_s is not None:
                 resp.headers["Retry-After"] = str(exc.retry_after_s)
             resp.headers.update(exc.headers)
-            if exc.status >= 500:  # str(): the cause, which the client's detail may not say
+            if isinstance(exc, StoreUnavailable):
+                # Every request fails alike while Redis is away: one line when it starts,
+                # then one every 30 s with a count, not a line a request.
+                store_outage.failed(exc)
+                log.debug("%s %s: %s", request.method, request.path, exc)
+            elif exc.status >= 500:  # str(): the cause, which the client's detail may not say
                 log.error("%s %s: %s", request.method, request.path, exc)
             if isinstance(exc, (BadBody, BodyTimeout)):  # its body's rest was not read
                 resp.force_close()
@@ -323,7 +336,7 @@ def build_middlewares(
         if not request.path.startswith("/v1/"):
             return await handler(request)
         ip = limits.address_subject(client_ip(request, trusted_proxies), ipv6_prefix)
-        locked_s = lockouts.remaining_s(ip, clock_now())
+        locked_s = lockouts.remaining_s(ip, clock.now())
         if locked_s:
             raise RateLimited(limits.auth_failure_checks(settings, ip)[0].describe(), locked_s)
         header = request.headers.get("Authorization", "")
@@ -338,7 +351,7 @@ def build_middlewares(
             if given:
                 # A key was tried: count it. Without Redis this is a 503, as a right key's
                 # request would be, so an outage does not tell right keys from wrong ones.
-                now = clock_now()
+                now = clock.now()
                 guessing = limits.auth_failure_checks(settings, ip)
                 decision = await store_getter().hit_limits(guessing, now)
                 if not decision.allowed:
@@ -384,7 +397,7 @@ def build_middlewares(
     async def count(checks: list[limits.LimitCheck]) -> None:
         if not checks:
             return
-        (await store_getter().hit_limits(checks, clock_now())).enforce()
+        (await store_getter().hit_limits(checks, clock.now())).enforce()
 
     return [metrics_mw, problems_mw, auth_mw]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import time
@@ -66,8 +67,12 @@ async def _get_after_restart(api: Api, vid: str) -> dict[str, Any]:
 
 
 async def test_redis_killed_answers_503_and_neither_approves_nor_sends(
-    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="clinic_voice.http")
     api = await start_service()
     vid = (await api.create()).json["id"]
     code = await read_code(sms_gateway)
@@ -106,6 +111,14 @@ async def test_redis_killed_answers_503_and_neither_approves_nor_sends(
     assert v["status"] == "pending", "the checks during the outage must not have approved"
     assert "approved" not in [e["type"] for e in v["events"]]
     assert len(sms_gateway.received) == 1
+    # Seven requests failed alike: the log says so once, and once when Redis is back (each
+    # failed request only at DEBUG, with its path).
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "clinic_voice.http"]
+    warned = [m for level, m in said if level >= logging.WARNING]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("API requests: store unavailable: ")
+    assert warned[1].startswith("API requests: store available again after ")
+    assert sum(f"/v1/verifications/{vid}" in m for level, m in said if level == logging.DEBUG) >= 5
 
 
 @pytest.mark.parametrize("outage", ["killed", "stalled"])
