@@ -234,6 +234,8 @@ class ClinicLine:
     async def _post_webhook(
         self, url_key: str, values: Mapping[str, str], timeout_s: float
     ) -> Mapping[str, str] | None:
+        """The reply's fields; None when it surely failed; ``TimeoutError`` when no answer
+        came in ``timeout_s`` (it may have arrived)."""
         url = self._webhooks.get(url_key, ("", ""))[1]
         if not url:
             # Warned once at start (warn_unconfigured_webhooks): not once per call.
@@ -252,7 +254,12 @@ class ClinicLine:
         }
         try:
             answer = await client.post(url, body, headers, timeout_s=timeout_s)
-        except (TimeoutError, HttpClientError, ValueError) as exc:
+        except TimeoutError:
+            # Not a failure: the receiver may have acted on it (a booking) and been slow to
+            # say so. The session records it as such.
+            log.warning("webhook %r: no answer within %g s", url_key, timeout_s)
+            raise
+        except (HttpClientError, ValueError) as exc:
             log.warning("webhook %r failed: %s", url_key, type(exc).__name__)
             return None
         if not 200 <= answer.status < 300:

@@ -657,7 +657,33 @@ async def test_a_request_under_way_when_the_caller_hangs_up_lands_in_the_record(
     mine = [h for h in scheduling.received[posted:] if h.json().get("call_id") == record["id"]]
     assert len(mine) == 1, f"the request reached the scheduler {len(mine)} times, not once"
     assert steps(record, "webhook") == [("post", "ok")], record["path"]
-    assert record["outcome"] == "caller_hung_up", record
+    # The request arrived: that is what the call achieved, hang-up or not.
+    assert record["outcome"] == "appointment_requested", record
+
+
+async def test_a_request_the_scheduler_answers_too_late_is_recorded_as_unknown(
+    line: ClinicLine, scheduling: WebhookReceiver
+) -> None:
+    # The scheduling system takes 6 s, past the step's 5 s: the request did arrive (it may be
+    # booked), so the record must not say it failed, or staff book it a second time.
+    scheduling.fail_first, scheduling.delay_s = 0, 6.0
+    posted = len(scheduling.received)
+    before = await line.call_ids()
+    keys = ["1", "1", *"01021980", *"12345#"]
+    dtmf = ",".join(f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(keys))
+    try:
+        async with phones() as started:
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--dtmf", dtmf, "--duration", "12"
+            )
+            started.append(caller)
+            await caller.finish(CALL_S)
+        record = await line.new_record(before)
+    finally:
+        scheduling.delay_s = 0.0
+    mine = [h for h in scheduling.received[posted:] if h.json().get("call_id") == record["id"]]
+    assert len(mine) == 1, f"the request reached the scheduler {len(mine)} times, not once"
+    assert steps(record, "webhook") == [("post", "timeout")], record["path"]
 
 
 async def test_a_voicemail_ends_with_hash_and_is_stored_sealed(

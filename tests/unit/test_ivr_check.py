@@ -50,6 +50,11 @@ EXPECTED: dict[str, list[str]] = {
         "14: label 'something else' is spoken as an answer but none of its phrases matches it",
         "15: label 'other than book' is spoken as an answer but also matches 'book'",
     ],
+    "webhook_steps.yaml": [
+        "14: unknown placeholder {patient_name}",
+        "14: webhook posts 'date_of_birth', which nothing collects",
+        "20: a webhook's outcome cannot be the triage action 'self_care'",
+    ],
     "unsafe_outcomes.yaml": [
         "9: ask 'bleeding' has an answer giving U1 or U0: mark it danger_sign: true",
         "18: hang-up 'bye' with outcome 'transfer_nurse': an outcome that promises a human"

@@ -11,6 +11,7 @@ import pytest
 from voice.ivr.engine import (
     SUMMARY_HEADER,
     Action,
+    CallRecord,
     CallState,
     Close,
     Digit,
@@ -216,9 +217,15 @@ TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
         Phase.WEBHOOK,
     ),
     (
-        "a stray hash over a prompt: listen",
+        "a stray hash over a prompt answers nothing: the prompt plays on",
         [DONE, Digit("#")],
-        [("StopPlay", ""), ("Listen", "")],
+        [],
+        Phase.PLAYING,
+    ),
+    (
+        "and its question is heard and listened for",
+        [DONE, Digit("#"), DONE],
+        [("Listen", "")],
         Phase.LISTENING,
     ),
     (
@@ -228,10 +235,34 @@ TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
         Phase.WEBHOOK,
     ),
     (
-        "digits end at max",
+        "an entry at its max waits for the hash: it may be a longer one typed on",
         [Digit("1"), DONE, DONE, *[Digit(k) for k in "12345"]],
+        [],
+        Phase.LISTENING,
+    ),
+    (
+        "and the hash ends it",
+        [Digit("1"), DONE, DONE, *[Digit(k) for k in "12345#"]],
         [("PostWebhook", "")],
         Phase.WEBHOOK,
+    ),
+    (
+        "or the inter-digit timeout",
+        [Digit("1"), DONE, DONE, *[Digit(k) for k in "12345"], NoInput()],
+        [("PostWebhook", "")],
+        Phase.WEBHOOK,
+    ),
+    (
+        "a digit more is refused, not cut off",
+        [Digit("1"), DONE, DONE, *[Digit(k) for k in "1234567#"]],
+        [("Play", "Sorry, I did not understand. Enter your number then hash.")],
+        Phase.PLAYING,
+    ),
+    (
+        "also when the timeout ends it",
+        [Digit("1"), DONE, DONE, *[Digit(k) for k in "123456"], NoInput()],
+        [("Play", "Sorry, I did not understand. Enter your number then hash.")],
+        Phase.PLAYING,
     ),
     (
         "too few digits is a nomatch",
@@ -801,8 +832,8 @@ def test_a_call_cut_by_the_service_says_so(
 @pytest.mark.parametrize(
     "entry",
     [
-        "12345678902",  # one key too many: the entry ends at max, the "2" is typed over the post
-        "1234567890#2",  # the hash after an entry that ended at max, and more
+        "1234567890#2",  # a key typed over the post
+        "1234567890#2#",  # and a stray hash
     ],
 )
 def test_keys_typed_during_a_lookup_do_not_answer_the_next_question(
@@ -887,16 +918,81 @@ def test_three_impossible_dates_of_birth_reach_staff(shipped: FlowSet) -> None:
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]
 
 
+@pytest.mark.parametrize("entry", ["12345678902#", "123456789012345#"])
+def test_an_over_long_patient_number_is_refused_not_cut_off(shipped: FlowSet, entry: str) -> None:
+    # 11 digits taken as their first 10 would book, or look up, another patient's number.
+    engine = Engine(shipped, FlowParams())
+    state, actions = script_call(engine, "results", ["01021990#", entry])
+    assert not [a for a in actions if isinstance(a, PostWebhook)]
+    assert ("patient_no", "nomatch") in [(s.node, s.input) for s in state.path]
+    assert (state.node, state.phase) == ("patient_no", Phase.LISTENING)
+    assert texts(actions)[-1].startswith("Sorry")
+
+
 def test_a_zero_typed_during_a_lookup_still_reaches_a_human(shipped: FlowSet) -> None:
     # The other keys typed during the lookup are dropped; a 0 asks for a human anywhere.
     engine = Engine(shipped, FlowParams())
     state, actions = script_call(
-        engine, "results", ["01021990#", "12345678900"], webhook_data={"ready": "yes"}
+        engine, "results", ["01021990#", "1234567890#0"], webhook_data={"ready": "yes"}
     )
     post = next(a for a in actions if isinstance(a, PostWebhook))
     assert post.values["patient_number"] == "1234567890"
     assert any(s.node == "more" and (s.input, s.value) == ("digit", "0") for s in state.path)
     assert state.transfer_uri == STAFF, state
+
+
+def _booking(shipped: FlowSet, *events: Event) -> tuple[CallState, list[Action]]:
+    """An appointments call up to its request (book, a date of birth, a patient number), the
+    request answered by ``events[0]``, then the rest of ``events``."""
+    engine = Engine(shipped, FlowParams())
+    state, first = engine.start(shipped.get("appointments"))
+    seen = list(first)
+    keys: list[Event] = [DONE, Digit("1"), *map(Digit, "01021990"), *map(Digit, "1234567890#")]
+    for event in [*keys, *events]:
+        if state.phase is Phase.PLAYING and not isinstance(event, PromptDone | HangUp):
+            state, actions = engine.handle(state, DONE)  # the prompt ends before the key
+            seen += actions
+        state, actions = engine.handle(state, event)
+        seen += actions
+    return state, seen
+
+
+def _stored(actions: list[Action]) -> CallRecord:
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    return store.record
+
+
+def test_a_booking_made_stays_the_outcome_when_the_caller_hangs_up_on_its_confirmation(
+    shipped: FlowSet,
+) -> None:
+    # The request arrived: staff filtering by outcome must not read it as nothing done.
+    _, actions = _booking(shipped, WebhookResult(True, {"message": "Monday at nine."}), HangUp())
+    record = _stored(actions)
+    assert record.outcome == "appointment_requested", record
+    assert ("post", "webhook", "ok") in [(s.node, s.input, s.value) for s in record.path]
+
+
+def test_the_confirmation_plays_to_its_end_and_a_zero_typed_over_it_reaches_staff(
+    shipped: FlowSet,
+) -> None:
+    # The scheduler's message (the appointment's time) is not cut by a key; a 0 typed
+    # during the request or the confirmation still reaches a human before the goodbye.
+    state, actions = _booking(shipped, Digit("0"), WebhookResult(True, {"message": "Monday."}))
+    assert state.phase is Phase.PLAYING and texts(actions)[-1].endswith("Monday.")
+    state, more = Engine(shipped, FlowParams()).handle(state, Digit("5"))
+    assert more == [] and state.phase is Phase.PLAYING  # no barge-in: plays on
+    state, more = Engine(shipped, FlowParams()).handle(state, DONE)
+    assert state.transfer_uri == STAFF and state.outcome == "transfer_staff", state
+    assert texts(more) == ["Connecting you to a member of staff."]
+
+
+def test_a_request_with_no_answer_in_time_is_recorded_as_such_not_as_failed(
+    shipped: FlowSet,
+) -> None:
+    # A slow scheduler may have booked it: "failed" would have staff book it twice.
+    state, actions = _booking(shipped, WebhookResult(False, unknown=True))
+    assert ("post", "webhook", "timeout") in [(s.node, s.input, s.value) for s in state.path]
+    assert texts(actions)[-1] == "Sorry, the appointment system cannot be reached right now."
 
 
 # --------------------------------------------------------------------------- the service stops

@@ -389,15 +389,23 @@ class _Checker:
                     known.add(n.save)
                 elif isinstance(n, Webhook):
                     prefixes.add(n.save + ".")
+
+        def unknown(name: str) -> bool:
+            return name not in known and not any(name.startswith(p) for p in prefixes)
+
         for node in self.flow.nodes.values():
-            for text in _texts(node):
+            texts = list(_texts(node))
+            if isinstance(node, Webhook):
+                texts += [text for _, text in node.extra]
+                for name in node.values:
+                    if unknown(name):  # it would be posted empty, every call
+                        self.add(node.line, f"webhook posts {name!r}, which nothing collects")
+            for text in texts:
                 for name in placeholders(text):
-                    if name not in known and not any(name.startswith(p) for p in prefixes):
+                    if unknown(name):
                         self.add(node.line, f"unknown placeholder {{{name}}}")
-            if isinstance(node, Branch) and node.on != "urgency":
-                name = node.on
-                if name not in known and not any(name.startswith(p) for p in prefixes):
-                    self.add(node.line, f"branch on {name!r}, which nothing collects")
+            if isinstance(node, Branch) and node.on != "urgency" and unknown(node.on):
+                self.add(node.line, f"branch on {node.on!r}, which nothing collects")
 
     def spoken_labels(self) -> None:
         """A caller who says what the hint told them to say must get that choice."""

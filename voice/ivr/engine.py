@@ -141,10 +141,15 @@ class PromptDone:
 
 @dataclass(frozen=True, slots=True)
 class WebhookResult:
-    """The webhook answered (``ok``, with the reply's fields) or failed or timed out."""
+    """The webhook answered (``ok``, with the reply's fields) or failed or timed out.
+
+    ``unknown``: no answer within its time (not ``ok``). The request may well have arrived
+    and been acted on (a booking made), so the record says ``timeout``, not ``failed``.
+    """
 
     ok: bool
     data: Mapping[str, str] = field(default_factory=dict)
+    unknown: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +420,11 @@ def _escalates(choice: Choice) -> bool:
     return choice.effect is not None and choice.effect.urgency is not None
 
 
+def _takes_hash(node: Node | None) -> bool:
+    """Whether ``node`` is a question with a choice on the # key."""
+    return isinstance(node, Ask) and any(c.key == "#" for c in node.choices)
+
+
 def _plainly(choice: Choice, ev: SpeechResult) -> bool:
     """Whether ``ev`` is one of ``choice``'s phrases and nothing else."""
     heard = normalise(ev.text)
@@ -544,6 +554,11 @@ class Engine:
         if state.phase is Phase.LISTENING and isinstance(node, Ask):
             return self._key(state, flow, node, key)
         if state.phase is Phase.PLAYING and state.pending in {Pending.NEXT, Pending.LISTEN}:
+            if key == "#" and not state.typeahead and not _takes_hash(node):
+                # A hash ends an entry. With none under way (pressed after an entry that
+                # ended by itself, or out of habit) it answers nothing: the prompt plays on,
+                # or its question would be cut to silence.
+                return state, []
             if state.pending is Pending.LISTEN and isinstance(node, Ask) and node.danger_sign:
                 if key == "0":
                     new, actions = self._asked_for_human(
@@ -645,6 +660,11 @@ class Engine:
         self, state: CallState, flow: Flow, node: Transfer | Hangup, actions: list[Action]
     ) -> Result:
         state = self._step(state)
+        if isinstance(node, Hangup) and "0" in state.typeahead:
+            # A 0 pressed while the bot talked or waited on a lookup, with no question left
+            # to take it: a human, before the call would end without one.
+            state = replace(self._step(state, "digit", "0"), typeahead="")
+            return self._to_human(state, flow, "caller asked", actions)
         action = node_outcome(node)
         if action is not None and state.triage is None:
             state = replace(state, triage=TriageState())  # a triage that raised nothing: U5
@@ -777,8 +797,10 @@ class Engine:
             return self._finish_digits(state, flow, ask)
         if key not in "0123456789":
             return self._nomatch(replace(state, digits=""), flow, ask, low_confidence=False)
+        if len(state.digits) > spec.max_digits:
+            return state, []  # over-long already: the rest is heard out, then refused
         state = replace(state, digits=state.digits + key)
-        if len(state.digits) >= spec.max_digits:
+        if len(state.digits) == spec.max_digits and not spec.open_ended:
             return self._finish_digits(state, flow, ask)
         return state, []
 
@@ -789,7 +811,9 @@ class Engine:
         state = replace(state, digits="")
         if entry == "0":
             return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
-        if len(entry) < spec.min_digits or not spec.accepts(entry, self.params.today()):
+        if not spec.min_digits <= len(entry) <= spec.max_digits or not spec.accepts(
+            entry, self.params.today()
+        ):
             return self._nomatch(self._step(state, "nomatch", entry), flow, ask, False)
         if ask.save:
             state = state.with_value(ask.save, entry)
@@ -903,7 +927,13 @@ class Engine:
         state = replace(state, typeahead="0" if "0" in state.typeahead else "")
         for key, value in ev.data.items():
             state = state.with_value(f"{node.save}.{key}", str(value))
-        state = self._step(state, "webhook", "ok" if ev.ok else "failed")
+        state = self._step(
+            state, "webhook", "ok" if ev.ok else "timeout" if ev.unknown else "failed"
+        )
+        if ev.ok and node.outcome:
+            # What the call achieved once the request arrived (an appointment requested):
+            # a caller hanging up during the confirmation does not undo it.
+            state = replace(state, outcome=node.outcome)
         return self._enter(state, flow, node.next if ev.ok else node.on_fail, [])
 
     def _transfer_done(self, state: CallState, flow: Flow, ok: bool) -> Result:

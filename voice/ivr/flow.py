@@ -314,6 +314,14 @@ class DigitSpec:
     terminator: str = "#"
     format: DigitFormat | None = None
 
+    @property
+    def open_ended(self) -> bool:
+        """Whether an entry of ``max_digits`` may still be a longer one typed on: a length
+        that varies and a terminator to end it. Such an entry waits for the terminator (or
+        the inter-digit timeout) at its maximum too, so a digit more is heard and refused,
+        not cut off in silence (a patient number of 11 digits taken as its first 10)."""
+        return bool(self.terminator) and self.min_digits < self.max_digits
+
     def accepts(self, entry: str, today: datetime.date) -> bool:
         """Whether ``entry`` (digits, of a length within min..max) is valid for the format."""
         if self.format is DigitFormat.DATE_DDMMYYYY:
@@ -438,6 +446,7 @@ class Webhook:
     save: str
     next: str
     on_fail: str
+    outcome: str = ""  # the call's outcome once the request arrived ("" none yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1039,11 +1048,18 @@ class _Parser:
         )
 
     def node_webhook(self, node_id: str, m: _Map) -> Webhook | None:
-        self.known(m, {"webhook", "next", "on_fail"}, "a webhook node")
+        self.known(m, {"webhook", "next", "on_fail", "outcome"}, "a webhook node")
         w = self.mapping(m["webhook"], m.line_of("webhook"), "webhook")
         if w is None:
             return None
         self.known(w, {"url", "values", "extra", "timeout_s", "save"}, "webhook")
+        outcome = self.text(m, "outcome", "")
+        if outcome in {a.value for a in TriageAction}:
+            # A triage's verdict is a terminal node's, under the safety rule; a caller who
+            # hangs up after the step must not leave it as the record's.
+            self.error(
+                m.line_of("outcome"), f"a webhook's outcome cannot be the triage action {outcome!r}"
+            )
         extra_map = w.get("extra", {})
         if not isinstance(extra_map, dict):
             self.error(w.line_of("extra"), "'extra' must be a mapping")
@@ -1058,6 +1074,7 @@ class _Parser:
             self.save_name(w, node_id) or node_id,
             self.next(m, node_id),
             self.next(m, node_id, "on_fail"),
+            outcome,
         )
 
     def node_goto(self, node_id: str, m: _Map) -> Goto:

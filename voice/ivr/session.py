@@ -88,7 +88,8 @@ class SessionDeps:
     flowset: FlowSet
     renderer: PromptRenderer
     speech: SpeechModel | None
-    post_webhook: WebhookPoster  # (url key, values, timeout) -> reply fields or None on failure
+    # (url key, values, timeout) -> reply fields, None on failure, TimeoutError on no answer
+    post_webhook: WebhookPoster
     save_recording: Recorder  # (call id, pcm) -> a reference for the call record
     save: Saver  # to Redis, trying again for the store's patience; raises when it could not
     # Writes the record to the journal on disk (voice/ivr/journal.py) when ``save`` did not
@@ -668,8 +669,11 @@ class CallSession:
         # The receiver is told who called and which record to read: "the clinic will call you
         # back" needs a number to call, and staff the answers behind the request.
         values = {**action.values, "call_id": self._h.id, "caller": self._h.caller}
+        unknown = False
         try:
             reply = await self._d.post_webhook(action.url_key, values, action.timeout_s)
+        except TimeoutError:  # no answer in time: it may have arrived all the same
+            reply, unknown = None, True
         except Exception:
             # A fault, not a failed POST (those are None): still a result, or a hang-up held
             # for it would wait forever. The values are the caller's: never logged.
@@ -677,7 +681,7 @@ class CallSession:
             reply = None
         finally:
             self._posting -= 1
-        self._events.put_nowait(eng.WebhookResult(reply is not None, dict(reply or {})))
+        self._events.put_nowait(eng.WebhookResult(reply is not None, dict(reply or {}), unknown))
         if self._deferred_hangup is not None and not self._posting:
             self._events.put_nowait(self._deferred_hangup)
             self._deferred_hangup = None
