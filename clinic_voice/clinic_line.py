@@ -14,7 +14,7 @@ from verification.http_client import HttpClientError
 from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import Engine
-from voice.ivr.flow import FlowError, FlowParams, FlowSet, load_flows
+from voice.ivr.flow import WEBHOOK_URLS, FlowError, FlowParams, FlowSet, load_flows
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
 from voice.ivr.journal import REPLAY_EVERY_S, CallJournal
 from voice.ivr.session import CallSession, SessionDeps
@@ -75,6 +75,7 @@ class ClinicLine:
         self._webhooks = {
             "scheduling": ("CLINIC_SCHEDULING_WEBHOOK", settings.ivr.scheduling_webhook),
         }
+        assert tuple(self._webhooks) == WEBHOOK_URLS, "a flow's url has no setting"
 
     @classmethod
     def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:

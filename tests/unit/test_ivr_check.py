@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import wave
 from pathlib import Path
 
 import pytest
 
 from voice.ivr.check import check_files, main
+from voice.ivr.flow import Say, load_flows
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "ivr_flows"
@@ -50,9 +52,14 @@ EXPECTED: dict[str, list[str]] = {
         "14: label 'something else' is spoken as an answer but none of its phrases matches it",
         "15: label 'other than book' is spoken as an answer but also matches 'book'",
     ],
+    "audio_files.yaml": [
+        "8: audio 'welcome-missing.wav': no such file (next to the flow file)",
+        "12: audio 'audio_files.yaml' is not a WAV file (file does not start with RIFF id)",
+    ],
     "webhook_steps.yaml": [
         "14: unknown placeholder {patient_name}",
         "14: webhook posts 'date_of_birth', which nothing collects",
+        "15: unknown webhook url 'schedulng' (the service has: scheduling)",
         "20: a webhook's outcome cannot be the triage action 'self_care'",
     ],
     "unsafe_outcomes.yaml": [
@@ -109,3 +116,20 @@ def test_a_route_to_a_missing_flow_is_found(tmp_path: Path) -> None:
     )
     got = [str(f) for f in check_files([tmp_path])]
     assert got == [f"{tmp_path / 'routes.yaml'}:3: unknown flow 'ghost' for route 6000"]
+
+
+def test_a_recording_is_found_next_to_its_flow_file(tmp_path: Path) -> None:
+    with wave.open(str(tmp_path / "welcome.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes(b"\0\0" * 800)
+    (tmp_path / "hello.yaml").write_text(
+        "id: hello\nlanguage: en\nstart: welcome\nnodes:\n"
+        "  welcome:\n    say: {audio: welcome.wav}\n    next: bye\n"
+        "  bye:\n    hangup: Goodbye.\n",
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([tmp_path / "hello.yaml"])] == []
+    say = load_flows(tmp_path).get("hello").nodes["welcome"]
+    assert isinstance(say, Say) and say.audio == str(tmp_path / "welcome.wav")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import enum
 import re
+import wave
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ NODE_KINDS += ("webhook", "goto", "hangup")
 RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
 # The value the engine saves itself: the message for a call back after a failed transfer.
 MESSAGE_VALUE = "callback_message"
+# The webhook URLs a flow may name: the service maps each to a setting (clinic_line.py).
+WEBHOOK_URLS = ("scheduling",)
 DTMF_KEYS = frozenset("0123456789*#")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 _NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -734,6 +737,20 @@ class _Parser:
     def opt_text(self, m: _Map, key: str) -> str | None:
         return self.text(m, key) if key in m else None
 
+    def audio_file(self, name: str, line: int) -> str:
+        """A ``say``'s recording: relative to the flow file's folder, a 16-bit PCM WAV (what
+        the SIP worker plays). A missing one was skipped in silence at every call."""
+        path = Path(name) if Path(name).is_absolute() else self.path.parent / name
+        try:
+            with wave.open(str(path), "rb") as wav:
+                if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
+                    self.error(line, f"audio {name!r} is not 16-bit mono PCM")
+        except FileNotFoundError:
+            self.error(line, f"audio {name!r}: no such file (next to the flow file)")
+        except (OSError, EOFError, wave.Error) as exc:
+            self.error(line, f"audio {name!r} is not a WAV file ({exc})")
+        return str(path)
+
     def save_name(self, m: _Map, default: str | None) -> str | None:
         """A step's ``save``: the name its value is kept under (not the engine's own)."""
         name = self.text(m, "save") if "save" in m else default
@@ -860,6 +877,8 @@ class _Parser:
             self.known(body, {"text", "audio", "barge_in"}, "say")
             text = self.text(body, "text", "")
             audio = self.opt_text(body, "audio")
+            if audio:
+                audio = self.audio_file(audio, body.line_of("audio"))
             barge_in = self.flag(body, "barge_in", barge_in)
             if not text and not audio:
                 self.error(body.line, "say needs 'text' or 'audio'")
@@ -1053,6 +1072,10 @@ class _Parser:
         if w is None:
             return None
         self.known(w, {"url", "values", "extra", "timeout_s", "save"}, "webhook")
+        url = self.text(w, "url")
+        if url not in WEBHOOK_URLS:  # every call would take on_fail
+            known = ", ".join(WEBHOOK_URLS)
+            self.error(w.line_of("url"), f"unknown webhook url {url!r} (the service has: {known})")
         outcome = self.text(m, "outcome", "")
         if outcome in {a.value for a in TriageAction}:
             # A triage's verdict is a terminal node's, under the safety rule; a caller who
@@ -1067,7 +1090,7 @@ class _Parser:
         return Webhook(
             node_id,
             m.line,
-            self.text(w, "url"),
+            url,
             self.texts(w, "values"),
             tuple((str(k), str(v)) for k, v in extra_map.items()),
             self.number(w, "timeout_s", 5.0, 0.5, 30.0),
