@@ -34,7 +34,8 @@ WORDINGS: dict[str, Wording] = {
         language="en",
         # "for <clinic>" reads well with any name, the default "the clinic" too.
         sms="{code} is your verification code for {clinic}. Do not share it.",
-        spoken_head="Your {clinic} code is",
+        # "Your {clinic} code is" read "Your the clinic code is" with the default name.
+        spoken_head="Your verification code for {clinic} is",
         keypress="This is {clinic} with your verification code. Press 1 to hear it.",
     ),
     "nl": Wording(

@@ -40,6 +40,7 @@ from tests.integration.test_verify_sip_flash import (
     wire_request,
 )
 from verification import codes, dispatcher
+from verification.channels import voice_call
 from verification.wording import DEFAULT, Wording, wording
 from voice.media import spoken_code
 from voice.media.audio_match import rank
@@ -50,7 +51,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CODE = "583920"
-# The code read twice after the question takes about 10 s; the call is up well within this.
+# The code read twice after the question takes about 20 s; the call is up well within this.
 CALL_DEADLINE_S = 40.0
 # The best one-digit-off rendering must be this much farther from the recording than the
 # right one. Measured here: mean frame distance 0.95 for the right code, 1.41 for the best
@@ -74,14 +75,16 @@ async def code_part(
     """The digits of the service's own spoken-code file for ``code`` (PCM16, 8 kHz), in the
     language of ``words``.
 
-    ``spoken_code.compose`` says "Your <clinic> code is" and the digits, twice. The sentence
+    ``spoken_code.compose`` says "Your verification code for <clinic> is" and the digits
+    (the channel plays it twice). The sentence
     head is the same for every code and would drown a one-digit difference (the head is most
     of the file), so the reference is the file's first run of digits, cut at the lengths of
     the very pieces it was composed from.
     """
     text, voice = words.head_text(CLINIC), words.language
     composed = read_wav(await spoken_code.compose(renderer, text, code, scratch, voice=voice))
-    head = len(read_wav(await renderer.render(text, voice=voice)).samples)
+    head = len(silence(spoken_code.REPEAT_GAP_S, 8000))  # the pause before the reading
+    head += len(read_wav(await renderer.render(text, voice=voice)).samples)
     end = head
     for digit in code:
         end += len(silence(spoken_code.DIGIT_GAP_S, 8000))
@@ -313,3 +316,90 @@ async def test_approval_hangs_up_the_voice_call_that_still_rings(
         private = svc.app[RUNTIME].settings.data_dir / "private"
         left = sorted(p.name for p in private.glob("*")) if private.exists() else []
         assert not left, f"spoken-code files left behind: {left}"
+
+
+# -- a callee who hears the code once, answers on hold, or presses the wrong keys -------------
+
+
+def report(v: dict[str, Any]) -> tuple[str, str]:
+    """The voice call's outcome: its last delivered or undeliverable event (a voice-only plan
+    then fails)."""
+    last = [e for e in v["events"] if e["type"] in {"delivered", "undeliverable"}][-1]
+    return last["type"], last["detail"]
+
+
+async def one_reading_s(rig: Rig, tmp_path: Path) -> float:
+    """Seconds of one reading of the code (the head and the digits), from the service's file."""
+    renderer = PromptRenderer(rig.prompt_cache)
+    words = wording("en")
+    path = await spoken_code.compose(
+        renderer, words.head_text(CLINIC), CODE, tmp_path, voice=words.language
+    )
+    try:
+        return read_wav(path).duration_s  # its pause, then the reading
+    finally:
+        path.unlink()
+
+
+async def test_a_callee_who_hangs_up_during_the_repeat_has_heard_the_code(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Common: the code heard once, the phone put down during its repeat. It was delivered:
+    # "undeliverable" failed a voice-only verification the patient could complete.
+    monkeypatch.setattr(codes, "new_code", lambda length: CODE[:length])
+    # 1 pressed at 1.0 s; the phone put down 0.5 s after the last digit (the repeat's pause)
+    hang_up_at = 1.0 + 0.3 + await one_reading_s(rig, tmp_path) + 0.5
+    async with (
+        softphone(
+            "--answer", "--dtmf", "1@1.0", "--duration", f"{hang_up_at:.2f}", "--timeout", "40"
+        ) as phone,
+        sip_service(rig, phone.port) as svc,
+    ):
+        vid = await create(svc.api, phone=MOBILE, method="voice", fallback=[])
+        await phone.until("ended", CALL_DEADLINE_S)
+        v = await wait_until_settled(svc.api, vid, {"delivered", "failed"})
+        assert report(v) == ("delivered", "code read once, then the call ended: completed (200)")
+        assert v["status"] == "pending"
+        answer = await svc.api.check(vid, CODE)
+        assert answer.json["status"] == "approved", answer.text
+
+
+@pytest.mark.parametrize("keypress", ["1", "0"], ids=["asks for 1", "reads at once"])
+async def test_a_call_answered_with_no_audio_is_hung_up_as_undeliverable(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keypress: str
+) -> None:
+    # Answered on hold (a=inactive): no prompt ever plays. The call stayed up in silence until
+    # the verification expired (1 pressed first) or was reported "code read twice" (not).
+    monkeypatch.setattr(voice_call, "PLAY_TIMEOUT_S", 3.0)
+    async with (
+        sipp_uas("sipp_uas_answer_inactive.xml", tmp_path) as uas,
+        sip_service(rig, uas.port, {"CLINIC_VOICE_OTP_KEYPRESS": keypress}) as svc,
+    ):
+        vid = await create(svc.api, phone=MOBILE, method="voice", fallback=[])
+        v = await wait_until_settled(svc.api, vid, {"delivered", "failed"})
+        assert report(v) == (
+            "undeliverable",
+            "answered, but nothing could be played in 3 s (on hold?)",
+        )
+        await wire_request(uas, "BYE", deadline_s=5.0)
+        assert await uas.finish() == 0
+
+
+async def test_wrong_keys_do_not_hold_the_call_open(rig: Rig, tmp_path: Path) -> None:
+    # A callee pressing 2 over and over was kept on the line: each key restarted nothing but
+    # stopped the wait from counting. The question is asked twice, then the call ends.
+    keys = ",".join(f"2@{0.7 * i:.1f}" for i in range(1, 80))
+    async with (
+        softphone("--answer", "--dtmf", keys, "--timeout", "70") as phone,
+        sip_service(rig, phone.port) as svc,
+    ):
+        vid = await create(svc.api, phone=MOBILE, method="voice", fallback=[])
+        await phone.until("confirmed", 20.0)
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
+        await phone.until("ended", 50.0)
+        took = loop.time() - answered
+        # Two questions of about 5 s, each followed by 8 s: well under 40 s.
+        assert took < 40.0, f"the call ended {took:.0f} s after the answer"
+        v = await wait_until_settled(svc.api, vid, {"delivered", "failed"})
+        assert report(v) == ("undeliverable", "answered, but 1 was not pressed (voicemail?)")

@@ -2,12 +2,14 @@
 
 With ``CLINIC_VOICE_OTP_KEYPRESS`` on (the default) the callee must first press 1 (RFC 4733):
 a voicemail box that answers never hears the code. Outcomes: ringing, answered, delivered (the
-code was read to the end), undeliverable (busy, no answer, failed, no key pressed, hung up
-before the end).
+code was read to the end at least once: a callee who hangs up during the repeat has it),
+undeliverable (busy, no answer, failed, no key pressed, hung up before the code's end, or
+answered with no audio: a call taken on hold, whose prompts never play).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -28,9 +30,17 @@ from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
 log = logging.getLogger(__name__)
 
 ANSWER_TIMEOUT_S = 45.0
-KEYPRESS_WAIT_S = 8.0  # after the question has been said
+KEYPRESS_WAIT_S = 8.0  # after the question has been said, whatever other keys are pressed
 KEYPRESS_TRIES = 2
-PLAY_TIMEOUT_S = 60.0
+# A prompt (the question, one reading of the code: a few seconds each) that has not ended in
+# this time never will: the call has no audio (answered on hold, a=inactive).
+PLAY_TIMEOUT_S = 30.0
+READINGS = 2
+STOPPED_PLAY_S = 2.0  # for the end of a prompt the callee cut short
+
+
+class _NoAudio(Exception):
+    """A prompt did not end within :data:`PLAY_TIMEOUT_S`."""
 
 
 class VoiceCallChannel:
@@ -92,6 +102,7 @@ class VoiceCallChannel:
         except SipError as exc:
             await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"no SIP capacity: {exc}"))
             return
+        read = 0  # readings of the code that ended
         try:
             if not await self._until_answered(handle, report):
                 return
@@ -103,16 +114,34 @@ class VoiceCallChannel:
                     )
                 )
                 return
-            await handle.play(code_wav)
-            while not isinstance(await next_event(handle, PLAY_TIMEOUT_S), PlayDone | None):
-                pass
+            for _ in range(READINGS):  # one file, played twice: each end is known
+                await handle.play(code_wav)
+                await _played(handle)
+                read += 1
             await handle.hangup()
             await report(DeliveryReport(DeliveryKind.DELIVERED, "code read twice"))
         except CallEnded as ended:
+            if read:
+                # Heard in full once: hanging up during the repeat is the usual end.
+                await report(
+                    DeliveryReport(
+                        DeliveryKind.DELIVERED,
+                        f"code read once, then the call ended: {describe(ended.event)}",
+                    )
+                )
+            else:
+                await report(
+                    DeliveryReport(
+                        DeliveryKind.UNDELIVERABLE,
+                        f"call ended before the code: {describe(ended.event)}",
+                    )
+                )
+        except _NoAudio:
+            await handle.hangup()
             await report(
                 DeliveryReport(
                     DeliveryKind.UNDELIVERABLE,
-                    f"call ended before the code: {describe(ended.event)}",
+                    f"answered, but nothing could be played in {PLAY_TIMEOUT_S:g} s (on hold?)",
                 )
             )
         finally:
@@ -136,24 +165,35 @@ class VoiceCallChannel:
                 return True
 
     async def _keypress(self, handle: CallHandle, question: Path) -> bool:
+        """Whether 1 was pressed: during the question or :data:`KEYPRESS_WAIT_S` after it,
+        asked :data:`KEYPRESS_TRIES` times. Other keys do not hold the wait open."""
+        loop = asyncio.get_running_loop()
         for _ in range(KEYPRESS_TRIES):
             await handle.play(question)
             played = False
-            waited = 0.0
-            while True:
-                ev = await next_event(handle, 1.0)
-                if isinstance(ev, Digit):
-                    if ev.key == "1":
-                        if not played:  # barge-in: stop the question, let its PlayDone pass
-                            await handle.stop_play()
-                            while not isinstance(await next_event(handle, 1.0), PlayDone | None):
-                                pass
-                        return True
-                    continue
-                if isinstance(ev, PlayDone):
+            deadline = loop.time() + PLAY_TIMEOUT_S
+            while (left := deadline - loop.time()) > 0:
+                ev = await next_event(handle, left)
+                if isinstance(ev, Digit) and ev.key == "1":
+                    if not played:  # barge-in: stop the question, let its PlayDone pass
+                        await handle.stop_play()
+                        with contextlib.suppress(_NoAudio):
+                            await _played(handle, STOPPED_PLAY_S)
+                    return True
+                if isinstance(ev, PlayDone) and not played:
                     played = True
-                if ev is None and played:
-                    waited += 1.0
-                    if waited >= KEYPRESS_WAIT_S:
-                        break
+                    deadline = loop.time() + KEYPRESS_WAIT_S
+            if not played:
+                raise _NoAudio
         return False
+
+
+async def _played(handle: CallHandle, timeout_s: float | None = None) -> None:
+    """Wait for the end of the prompt playing (keys pressed meanwhile are no answer), at most
+    ``timeout_s`` (default :data:`PLAY_TIMEOUT_S`)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (PLAY_TIMEOUT_S if timeout_s is None else timeout_s)
+    while (left := deadline - loop.time()) > 0:
+        if isinstance(await next_event(handle, left), PlayDone):
+            return
+    raise _NoAudio

@@ -1,4 +1,8 @@
-"""The spoken verification code: "Your <clinic> code is 4, 8, 1, 5, 2, 3", said twice.
+"""The spoken verification code: "Your verification code for <clinic> is 4, 8, 1, 5, 2, 3".
+
+The file is the pause before a reading, then the code said once: the voice-call channel
+plays it twice, and so knows when the callee has heard it in full once (a callee who hangs up
+as the last digit ends has heard it).
 
 The words are the caller's (:mod:`verification.wording`, in the verification's language).
 Composed from cached pieces (the sentence head and each digit, rendered once per voice and
@@ -32,8 +36,8 @@ async def compose(
     voice: str = "en",
     rate_hz: int = 8000,
 ) -> Path:
-    """A private WAV file saying ``head`` and the code's digits, twice, in ``voice``; the
-    caller deletes it.
+    """A private WAV file: :data:`REPEAT_GAP_S` of silence, then ``head`` and the code's
+    digits in ``voice``; the caller plays it twice, then deletes it.
 
     Cancelled while the file is being written (the thread writing it cannot be stopped), it
     waits for the thread and deletes the file before the cancel goes on: no caller is left to.
@@ -69,7 +73,7 @@ def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_h
     for digit in code:
         once += gap
         once += load(digit)
-    samples = once + silence(REPEAT_GAP_S, rate_hz) + once + silence(0.3, rate_hz)
+    samples = silence(REPEAT_GAP_S, rate_hz) + once
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, name = tempfile.mkstemp(prefix="code-", suffix=".wav", dir=out_dir)
     os.close(fd)
