@@ -378,7 +378,7 @@ async def test_a_prompt_with_the_callers_booking_is_never_kept_on_disk(
     )
     prompts = line.settings.data_dir / "prompts"
     before = await line.call_ids()
-    keys = ["1", "1", *"01021980", *"12345#"]  # appointments, book, date of birth, number
+    keys = ["1", "1", *"01021980#", *"12345#"]  # appointments, book, date of birth, number
     dtmf = ",".join(f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(keys))
     try:
         async with phones() as started:
@@ -559,7 +559,7 @@ async def test_the_goodbye_hangs_up_without_waiting_for_the_record_save(
     assert pid is not None
     # 1 appointments, 1 book, date of birth and patient number typed ahead.
     keys = ",".join(
-        f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(["1", "1", *"01021980", *"12345#"])
+        f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(["1", "1", *"01021980#", *"12345#"])
     )
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -621,7 +621,7 @@ async def test_a_call_cut_by_a_dying_worker_is_not_recorded_as_the_callers_hang_
 
 # 2 prescription; date of birth and patient number typed ahead (the message's prompt follows).
 PRESCRIPTION_KEYS = ",".join(
-    f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(["2", *"01021980", *"12345#"])
+    f"{key}@{0.5 + 0.25 * i:.2f}" for i, key in enumerate(["2", *"01021980#", *"12345#"])
 )
 
 
@@ -642,7 +642,7 @@ async def test_a_request_under_way_when_the_caller_hangs_up_lands_in_the_record(
     scheduling.fail_first, scheduling.delay_s = 0, 3.0
     posted = len(scheduling.received)
     before = await line.call_ids()
-    keys = ["1", "1", *"01021980", *"12345#"]  # appointments, book, typed ahead
+    keys = ["1", "1", *"01021980#", *"12345#"]  # appointments, book, typed ahead
     dtmf = ",".join(f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(keys))
     try:
         async with phones() as started:
@@ -669,7 +669,7 @@ async def test_a_request_the_scheduler_answers_too_late_is_recorded_as_unknown(
     scheduling.fail_first, scheduling.delay_s = 0, 6.0
     posted = len(scheduling.received)
     before = await line.call_ids()
-    keys = ["1", "1", *"01021980", *"12345#"]
+    keys = ["1", "1", *"01021980#", *"12345#"]
     dtmf = ",".join(f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(keys))
     try:
         async with phones() as started:

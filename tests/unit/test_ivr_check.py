@@ -58,6 +58,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "webhook_steps.yaml": [
         "14: unknown placeholder {patient_name}",
+        "14: webhook posts 'clinic_name', which nothing collects",
         "14: webhook posts 'date_of_birth', which nothing collects",
         "15: unknown webhook url 'schedulng' (the service has: scheduling)",
         "20: a webhook's outcome cannot be the triage action 'self_care'",

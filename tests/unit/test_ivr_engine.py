@@ -901,7 +901,7 @@ def test_a_date_of_birth_must_be_a_real_past_date(
 ) -> None:
     engine = Engine(shipped, FlowParams(today=lambda: TODAY))
     answers = ["1"] if flow_id == "appointments" else []
-    state, actions = script_call(engine, flow_id, [*answers, entry])
+    state, actions = script_call(engine, flow_id, [*answers, f"{entry}#"])
     if taken:
         assert (state.node, state.value("dob")) == ("patient_no", entry)
     else:
@@ -912,10 +912,31 @@ def test_a_date_of_birth_must_be_a_real_past_date(
 
 def test_three_impossible_dates_of_birth_reach_staff(shipped: FlowSet) -> None:
     engine = Engine(shipped, FlowParams(today=lambda: TODAY))
-    state, actions = script_call(engine, "results", ["99999999", "00000000", "31022000"])
+    state, actions = script_call(engine, "results", ["99999999#", "00000000#", "31022000#"])
     assert not any(isinstance(a, PostWebhook) for a in actions)
     assert state.outcome == "transfer_staff"
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]
+
+
+def test_a_date_ends_at_its_hash_or_after_the_inter_digit_wait(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams(today=lambda: TODAY))
+    state, actions = script_call(engine, "results", ["01021990"])
+    assert (state.node, state.digits) == ("dob", "01021990")  # waits: a digit more may come
+    listens = [a for a in actions if isinstance(a, Listen)]
+    assert listens[-1].timeout_s == 4.0, listens  # after the first digit: the inter-digit wait
+    state, _ = engine.handle(state, NoInput())
+    assert (state.node, state.value("dob")) == ("patient_no", "01021990")
+
+
+def test_a_ninth_digit_of_a_date_is_refused_not_typed_into_the_patient_number(
+    shipped: FlowSet,
+) -> None:
+    # The last 5 pressed twice: "5" became the first digit of the patient number, posted.
+    engine = Engine(shipped, FlowParams(today=lambda: TODAY))
+    state, actions = script_call(engine, "results", ["010219905", "12345#"])
+    assert state.value("dob") is None and state.value("patient_number") is None
+    assert ("dob", "nomatch") in [(s.node, s.input) for s in state.path]
+    assert not [a for a in actions if isinstance(a, PostWebhook)]
 
 
 @pytest.mark.parametrize("entry", ["12345678902#", "123456789012345#"])
@@ -947,7 +968,7 @@ def _booking(shipped: FlowSet, *events: Event) -> tuple[CallState, list[Action]]
     engine = Engine(shipped, FlowParams())
     state, first = engine.start(shipped.get("appointments"))
     seen = list(first)
-    keys: list[Event] = [DONE, Digit("1"), *map(Digit, "01021990"), *map(Digit, "1234567890#")]
+    keys: list[Event] = [DONE, Digit("1"), *map(Digit, "01021990#"), *map(Digit, "1234567890#")]
     for event in [*keys, *events]:
         if state.phase is Phase.PLAYING and not isinstance(event, PromptDone | HangUp):
             state, actions = engine.handle(state, DONE)  # the prompt ends before the key
@@ -993,6 +1014,44 @@ def test_a_request_with_no_answer_in_time_is_recorded_as_such_not_as_failed(
     state, actions = _booking(shipped, WebhookResult(False, unknown=True))
     assert ("post", "webhook", "timeout") in [(s.node, s.input, s.value) for s in state.path]
     assert texts(actions)[-1] == "Sorry, the appointment system cannot be reached right now."
+
+
+def _triage_to_same_day(shipped: FlowSet) -> tuple[Engine, CallState]:
+    """A triage call up to its same-day request (the webhook under way)."""
+    engine = Engine(shipped, FlowParams())
+    state, _ = engine.start(shipped.get("triage"))
+    for event in [DONE, DONE, *[e for k in "122222811" for e in (Digit(k), DONE)]]:
+        state, _ = engine.handle(state, event)
+    assert state.phase is Phase.WEBHOOK and state.node == "same_day", state
+    return engine, state
+
+
+def test_a_zero_during_a_triage_request_hears_the_advice_before_the_nurse(
+    shipped: FlowSet,
+) -> None:
+    # The advice ("see a doctor today; if it gets worse, call 112") is the triage's last
+    # word: a 0 must not skip it, and the record keeps what was advised.
+    engine, state = _triage_to_same_day(shipped)
+    state, _ = engine.handle(state, Digit("0"))
+    state, actions = engine.handle(state, WebhookResult(True, {}))
+    while state.pending is not Pending.TRANSFER:
+        state, actions = engine.handle(state, DONE)
+    (said,) = texts(actions)
+    assert "112" in said and said.endswith("Connecting you to a nurse."), said
+    assert state.triage_action is not None and state.outcome == "transfer_nurse"
+
+
+def test_a_stop_does_not_cut_a_booking_s_confirmation_nor_undo_its_outcome(
+    shipped: FlowSet,
+) -> None:
+    state, actions = _booking(shipped, WebhookResult(True, {"message": "Monday at nine."}))
+    engine = Engine(shipped, FlowParams())
+    state, actions = engine.handle(state, LineClosing())
+    assert actions == [], "the confirmation plays to its end"
+    state, actions = engine.handle(state, DONE)
+    while not any(isinstance(a, Store) for a in actions):
+        state, actions = engine.handle(state, DONE)
+    assert _stored(actions).outcome == "appointment_requested"
 
 
 # --------------------------------------------------------------------------- the service stops

@@ -67,6 +67,12 @@ def test_simulate_webhook_reply_and_end_of_input() -> None:
     assert out[-1] == "-- end of input"
 
 
+def test_simulate_a_webhook_that_times_out() -> None:
+    code, out = run([str(SHIPPED / "appointments.yaml")], ["1", "01021990#", "1234#", ":timeout"])
+    assert code == 0
+    assert "BOT: Sorry, the appointment system cannot be reached right now." in out
+
+
 def test_simulate_reports_a_broken_folder(tmp_path: Path) -> None:
     (tmp_path / "x.yaml").write_text("id: x\nnodes: 3\n", encoding="utf-8")
     code, out = run(["x", "--flows-dir", str(tmp_path)], [])

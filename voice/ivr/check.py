@@ -398,7 +398,9 @@ class _Checker:
             if isinstance(node, Webhook):
                 texts += [text for _, text in node.extra]
                 for name in node.values:
-                    if unknown(name):  # it would be posted empty, every call
+                    # A setting ({clinic_name}) is spoken, not posted: only what the call
+                    # collected is. Anything else would be posted empty, every call.
+                    if name in PARAM_NAMES or unknown(name):
                         self.add(node.line, f"webhook posts {name!r}, which nothing collects")
             for text in texts:
                 for name in placeholders(text):

@@ -361,6 +361,7 @@ class CallState:
     transfer_target: str | None = None
     transfers_failed: tuple[str, ...] = ()  # URIs a transfer of this call failed to reach
     outcome: str = ""
+    achieved: str = ""  # a webhook step's outcome once its request arrived (kept by a stop)
     triage_action: TriageAction | None = None
     close: Close = Close.OPEN
 
@@ -400,9 +401,10 @@ def _tellable(state: CallState) -> bool:
     finish: the caller is told goodbye, or reaches someone, either way)."""
     if state.phase is Phase.LISTENING:
         return True
-    if _urgent(state) and not state.barge_in:
-        # A prompt nobody may talk over, to an urgent caller (the emergency advice): cut
-        # mid-sentence, "call 112 now" would be lost. The notice waits for its end.
+    if not state.barge_in and (_urgent(state) or state.achieved):
+        # A prompt nobody may talk over, to an urgent caller (the emergency advice) or after
+        # a request arrived (its confirmation): cut mid-sentence, "call 112 now" or the
+        # appointment's time would be lost. The notice waits for its end.
         return False
     return state.phase is Phase.PLAYING and state.pending not in {
         Pending.HANGUP,
@@ -660,11 +662,6 @@ class Engine:
         self, state: CallState, flow: Flow, node: Transfer | Hangup, actions: list[Action]
     ) -> Result:
         state = self._step(state)
-        if isinstance(node, Hangup) and "0" in state.typeahead:
-            # A 0 pressed while the bot talked or waited on a lookup, with no question left
-            # to take it: a human, before the call would end without one.
-            state = replace(self._step(state, "digit", "0"), typeahead="")
-            return self._to_human(state, flow, "caller asked", actions)
         action = node_outcome(node)
         if action is not None and state.triage is None:
             state = replace(state, triage=TriageState())  # a triage that raised nothing: U5
@@ -679,6 +676,14 @@ class Engine:
             return self._to_human(
                 state, flow, "outcome below urgency", actions, text="safety_escalation"
             )
+        if isinstance(node, Hangup) and "0" in state.typeahead:
+            # A 0 pressed while the bot talked or waited on a lookup, with no question left
+            # to take it: a human, before the call would end without one. A triage's last
+            # words are its advice ("see a doctor today; if it gets worse, call 112"): said
+            # first, and kept in the record; a goodbye is not.
+            state = replace(self._step(state, "digit", "0"), typeahead="", triage_action=action)
+            advice = node.prompt if action is not None else ""
+            return self._to_human(state, flow, "caller asked", actions, before=advice)
         state = replace(state, outcome=node.outcome, triage_action=action)
         if isinstance(node, Hangup):
             if not node.prompt:
@@ -743,25 +748,33 @@ class Engine:
             state, actions = self._consume_typeahead(state, flow, ask, actions)
             if state.phase is not Phase.LISTENING or (state.flow, state.node) != where:
                 return state, actions
+            actions = [a for a in actions if not isinstance(a, Listen)]  # one, below
             # Still at this question (part of an entry, a stray #): listen for the rest, with
             # its timeouts, or the caller would wait in silence for no one.
         speech = self.speech_on(flow, ask) and ask.digits is None
         lang = flow.language
         if ask.digits is not None:
-            listen = Listen(
-                phrases=(),
-                keys=tuple("0123456789*#"),
-                timeout_s=ask.timeout_s,
-                speech=False,
-                max_digits=ask.digits.max_digits,
-                terminator=ask.digits.terminator,
-                language=lang,
-            )
+            # An entry begun by keys typed ahead waits only the inter-digit time for more.
+            wait_s = ask.digits.inter_digit_s if state.digits else ask.timeout_s
+            listen = self._digits_listen(flow, ask, wait_s)
         else:
             phrases = grammar(ask, lang) if speech else ()
             keys = [c.key for c in ask.choices if c.key] + ["0", "*"]
             listen = Listen(phrases, tuple(keys), ask.timeout_s, speech, 1, "", lang)
         return state, [*actions, listen]
+
+    @staticmethod
+    def _digits_listen(flow: Flow, ask: Ask, timeout_s: float) -> Listen:
+        assert ask.digits is not None
+        return Listen(
+            phrases=(),
+            keys=tuple("0123456789*#"),
+            timeout_s=timeout_s,
+            speech=False,
+            max_digits=ask.digits.max_digits,
+            terminator=ask.digits.terminator,
+            language=flow.language,
+        )
 
     def _key(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result:
         if ask.digits is not None:
@@ -799,9 +812,12 @@ class Engine:
             return self._nomatch(replace(state, digits=""), flow, ask, low_confidence=False)
         if len(state.digits) > spec.max_digits:
             return state, []  # over-long already: the rest is heard out, then refused
+        first = not state.digits
         state = replace(state, digits=state.digits + key)
-        if len(state.digits) == spec.max_digits and not spec.open_ended:
+        if len(state.digits) == spec.max_digits and spec.ends_at_max:
             return self._finish_digits(state, flow, ask)
+        if first:  # from now on the entry ends after inter_digit_s without a key
+            return state, [self._digits_listen(flow, ask, spec.inter_digit_s)]
         return state, []
 
     def _finish_digits(self, state: CallState, flow: Flow, ask: Ask) -> Result:
@@ -933,7 +949,7 @@ class Engine:
         if ev.ok and node.outcome:
             # What the call achieved once the request arrived (an appointment requested):
             # a caller hanging up during the confirmation does not undo it.
-            state = replace(state, outcome=node.outcome)
+            state = replace(state, outcome=node.outcome, achieved=node.outcome)
         return self._enter(state, flow, node.next if ev.ok else node.on_fail, [])
 
     def _transfer_done(self, state: CallState, flow: Flow, ok: bool) -> Result:
@@ -1040,7 +1056,9 @@ class Engine:
             flow.texts("closing"),
             [*kept, StopPlay()],
             close=Close.TOLD,
-            outcome=CLOSED_OUTCOME,
+            # What the call achieved before the stop (a request that arrived) stays its
+            # outcome; otherwise someone should call this patient back.
+            outcome=state.achieved or CLOSED_OUTCOME,
         )
 
     def _to_human(

@@ -49,6 +49,9 @@ NODE_KINDS += ("webhook", "goto", "hangup")
 RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
 # The value the engine saves itself: the message for a call back after a failed transfer.
 MESSAGE_VALUE = "callback_message"
+# A keypad entry under way ends this long after its last digit (the first waits the ask's
+# timeout_s): a caller who typed the whole number and no # is not held in silence for long.
+INTER_DIGIT_S = 4.0
 # The webhook URLs a flow may name: the service maps each to a setting (clinic_line.py).
 WEBHOOK_URLS = ("scheduling",)
 DTMF_KEYS = frozenset("0123456789*#")
@@ -316,14 +319,16 @@ class DigitSpec:
     max_digits: int
     terminator: str = "#"
     format: DigitFormat | None = None
+    inter_digit_s: float = INTER_DIGIT_S  # after a digit, the entry ends without a key
 
     @property
-    def open_ended(self) -> bool:
-        """Whether an entry of ``max_digits`` may still be a longer one typed on: a length
-        that varies and a terminator to end it. Such an entry waits for the terminator (or
-        the inter-digit timeout) at its maximum too, so a digit more is heard and refused,
-        not cut off in silence (a patient number of 11 digits taken as its first 10)."""
-        return bool(self.terminator) and self.min_digits < self.max_digits
+    def ends_at_max(self) -> bool:
+        """Whether the entry ends by itself at ``max_digits``: only without a terminator. One
+        with a terminator waits for it (or :attr:`inter_digit_s`) at its maximum too, so a
+        digit more is heard and refused, not cut off in silence or typed into the next
+        question (an 11-digit patient number taken as its first 10; a date's ninth digit
+        taken as a patient number's first)."""
+        return not self.terminator
 
     def accepts(self, entry: str, today: datetime.date) -> bool:
         """Whether ``entry`` (digits, of a length within min..max) is valid for the format."""
@@ -976,7 +981,8 @@ class _Parser:
         d = self.mapping(a["digits"], a.line_of("digits"), "'digits'")
         if d is None:
             return None
-        self.known(d, {"min", "max", "terminator", "format"}, "digits")
+        self.known(d, {"min", "max", "terminator", "format", "inter_digit_s"}, "digits")
+        inter_digit_s = self.number(d, "inter_digit_s", INTER_DIGIT_S, 1.0, 30.0)
         lo = int(self.number(d, "min", 1, 1, 32))
         hi = int(self.number(d, "max", lo, 1, 32))
         if hi < lo:
@@ -999,7 +1005,7 @@ class _Parser:
                 size = _FORMAT_DIGITS[fmt]
                 if (lo, hi) != (size, size):
                     self.error(d.line_of("format"), f"format {name} needs min and max {size}")
-        return DigitSpec(lo, hi, term, fmt)
+        return DigitSpec(lo, hi, term, fmt, inter_digit_s)
 
     def node_branch(self, node_id: str, m: _Map) -> Branch | None:
         self.known(m, {"branch"}, "a branch node")

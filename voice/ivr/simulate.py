@@ -3,8 +3,9 @@
 Type keys (``1``, ``12031985#``: several keys in one line arrive as type-ahead while the next
 prompt plays) or words (a speech result with confidence 1.0; ``~0.3 yes`` gives confidence
 0.3). ``:silence`` is a listen timeout, ``:hangup`` hangs up, ``:values`` shows what was
-collected. Webhooks ask for a reply (``key=value ...`` or ``:fail``); transfers succeed
-unless ``--transfer-fails`` is given. Prompts are printed as the caller would hear them.
+collected. Webhooks ask for a reply (``key=value ...``, ``:fail`` or ``:timeout``);
+transfers succeed unless ``--transfer-fails`` is given. Prompts are printed as the caller
+would hear them.
 """
 
 from __future__ import annotations
@@ -152,11 +153,13 @@ def _show(
     elif isinstance(action, PostWebhook):
         output_fn(f"   webhook {action.url_key}: {dict(action.values)}")
         try:
-            reply = input_fn("webhook reply (key=value ..., or :fail)> ")
+            reply = input_fn("webhook reply (key=value ..., :fail or :timeout)> ")
         except EOFError:
             reply = ":fail"
         if reply.strip() == ":fail":
             return WebhookResult(ok=False)
+        if reply.strip() == ":timeout":  # no answer in time: it may have arrived
+            return WebhookResult(ok=False, unknown=True)
         data = dict(p.split("=", 1) for p in reply.split() if "=" in p)
         return WebhookResult(ok=True, data=data)
     elif isinstance(action, TransferCall):
