@@ -13,7 +13,8 @@ The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the work
 - worker → serve: ``hello`` (its index), ``listening`` (its HTTP socket is bound: from then
   it counts in serve's /readyz), ``send`` (verification id, step, channel, whether the
   limits were counted), ``settled`` (a verification became final there: ``serve`` stops its
-  sends under way, e.g. hangs up a voice call still ringing), ``metrics`` (a snapshot, every
+  sends under way, e.g. hangs up a voice call still ringing), ``moved`` (a verification
+  moved on from a step there: ``serve`` stops that step's send), ``metrics`` (a snapshot, every
   second), ``render`` (a /metrics scrape);
 - serve → worker: ``state`` (which channels serve sends on and whether each is ready, serve's
   own readiness checks and what it is still warming up; on connect and every half second),
@@ -257,6 +258,8 @@ class HttpWorkers:
             )
         elif op == "settled":
             self._dispatcher.stop_sends(str(msg["vid"]))
+        elif op == "moved":
+            self._dispatcher.stop_sends(str(msg["vid"]), step=int(msg["step"]))
         elif op == "listening":
             self._listening.add(index)
         elif op == "metrics":

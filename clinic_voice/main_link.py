@@ -101,6 +101,11 @@ class MainLink:
         with contextlib.suppress(MainLinkError):
             self._send({"op": "settled", "vid": vid})
 
+    def moved(self, vid: str, step: int) -> None:
+        # Best effort, as settled(): serve's own step timer and reports end that send anyway.
+        with contextlib.suppress(MainLinkError):
+            self._send({"op": "moved", "vid": vid, "step": step})
+
     def listening(self) -> None:
         """Tell ``serve`` this worker's HTTP socket is bound (it counts as ready from then)."""
         with contextlib.suppress(MainLinkError):

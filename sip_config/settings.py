@@ -151,8 +151,8 @@ VARIABLES: tuple[Variable, ...] = (
         "120",
         "seconds an SMS step waits before falling back (10..900); with the HTTP gateway it must"
         " be longer than one send can take, every attempt timing out (CLINIC_SMS_HTTP_TIMEOUT_S"
-        " times 1 + CLINIC_SMS_HTTP_RETRIES, plus the pauses between them), or serve refuses"
-        " to start",
+        " times 1 + CLINIC_SMS_HTTP_RETRIES, plus the pauses between them), with the SIP"
+        " gateway longer than 35 s (a MESSAGE's wait for its answer), or serve refuses to start",
     ),
     Variable(
         "CLINIC_STEP_TIMEOUT_VOICE_S",
@@ -344,6 +344,9 @@ class VerificationSettings:
     limit_ipv6_prefix: int = 64
 
 
+# How long an SMS over SIP waits for its MESSAGE's final answer: past pjsip's own 32 s
+# (RFC 3261 Timer F), which answers 408 itself (verification/channels/sms_sip.py).
+SIP_MESSAGE_WAIT_S = 35.0
 SMS_RETRY_JITTER = 0.2  # each pause between HTTP SMS attempts is its nominal length +-20 %
 
 
@@ -649,6 +652,14 @@ def _build(r: _Reader) -> Settings:
             f"{sms.http_retries} can take {sms.http_budget_s:.1f} s, not less than "
             f"CLINIC_STEP_TIMEOUT_SMS_S={verification.step_timeout_sms_s}: raise the step "
             "timeout, or lower the others"
+        )
+    if sms.gateway == "sip" and verification.step_timeout_sms_s <= SIP_MESSAGE_WAIT_S:
+        # The step would move on (another code by another channel) while pjsip still waits
+        # for the MESSAGE's answer, which may yet be "delivered".
+        raise SettingsError(
+            f"CLINIC_STEP_TIMEOUT_SMS_S={verification.step_timeout_sms_s}: with "
+            f"CLINIC_SMS_GATEWAY=sip it must be over {SIP_MESSAGE_WAIT_S:g} s (a MESSAGE "
+            "waits that long for its answer)"
         )
     prefix = r.parse("CLINIC_FLASHCALL_PREFIX", _e164_prefix)
     # E.164 allows 15 digits; the longest code is 8 digits (the API's upper bound).

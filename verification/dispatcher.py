@@ -72,6 +72,10 @@ class Forwarder(Protocol):
         """``vid`` became final here: stop its sends under way there (best effort)."""
         ...
 
+    def moved(self, vid: str, step: int) -> None:
+        """``vid`` moved on from ``step`` here: stop that step's send there (best effort)."""
+        ...
+
 
 class DeliveryCounter(Protocol):
     """Where delivery outcomes are counted (the metrics adapter)."""
@@ -132,8 +136,9 @@ class Dispatcher:
         # Creates answered 503 whose write may yet land (settle_unconfirmed), oldest first.
         self._unconfirmed: dict[str, tuple[Transition, bool, str | None]] = {}
         self._settling: asyncio.Task[None] | None = None
-        # Sends under way per verification (task -> monotonic start), to stop when it is final.
-        self._inflight: dict[str, dict[asyncio.Task[None], float]] = {}
+        # Sends under way per verification (task -> monotonic start, step), to stop when it is
+        # final, or when it moves on from the step.
+        self._inflight: dict[str, dict[asyncio.Task[None], tuple[float, int]]] = {}
         self._next_watch = 0.0
         self._pause = TimerPause(TIMERS_QUIET_S)  # in event-loop time
         self._keeping: Counter[str] = Counter()  # per verification: sends with kept reports
@@ -203,14 +208,14 @@ class Dispatcher:
         )
 
     def _spawn(
-        self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None
+        self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None, step: int = 0
     ) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         if vid is None:
             task.add_done_callback(self._done)
         else:
-            self._inflight.setdefault(vid, {})[task] = self._clock.monotonic()
+            self._inflight.setdefault(vid, {})[task] = (self._clock.monotonic(), step)
             task.add_done_callback(functools.partial(self._sent, vid))
         return task
 
@@ -231,24 +236,41 @@ class Dispatcher:
     def changed(self, old: Verification | None, new: Verification) -> None:
         """Every write of this process's store (its ``on_change``): when ``new`` became final,
         stop its sends under way here and in the process this one forwards SIP sends to."""
-        if new.status is Status.PENDING or old is None or old.status is not Status.PENDING:
-            return  # not a change to a final state (every write passes here: keep it cheap)
+        if old is None or old.status is not Status.PENDING:
+            return  # every write passes here: keep it cheap
+        if new.status is Status.PENDING:
+            if new.step != old.step:
+                # Moved on (a /fallback, the step timer, a report): the send of the step left
+                # must not go on beside the next one (a voice call ringing with a flash call).
+                self.stop_sends(new.id, spare=asyncio.current_task(), step=old.step)
+                old_channel = old.channels[old.step] if old.step < len(old.channels) else None
+                if self._forwarder is not None and old_channel in self._forwarded:
+                    self._forwarder.moved(new.id, old.step)
+            return
         self.stop_sends(new.id, spare=asyncio.current_task())
         if self._forwarder is not None and self._forwarded.intersection(new.channels):
             self._forwarder.settled(new.id)
 
-    def stop_sends(self, vid: str, *, spare: asyncio.Task[Any] | None = None) -> int:
-        """Stop every send of ``vid`` under way here (but ``spare``): its verification is final.
+    def stop_sends(
+        self, vid: str, *, spare: asyncio.Task[Any] | None = None, step: int | None = None
+    ) -> int:
+        """Stop every send of ``vid`` under way here (but ``spare``): its verification is
+        final; or only the send of ``step``, which it moved on from.
 
         Cancelling a send's task is how it stops: a call that rings or plays is hung up by its
         channel on the way out (CANCEL or BYE), an SMS gateway is not asked again; an SMS
         already accepted cannot be recalled. Returns how many were stopped.
         """
-        tasks = [t for t in self._inflight.get(vid, ()) if t is not spare and not t.done()]
+        tasks = [
+            t
+            for t, (_, of_step) in self._inflight.get(vid, {}).items()
+            if t is not spare and not t.done() and (step is None or of_step == step)
+        ]
         for task in tasks:
             task.cancel()
         if tasks:
-            log.info("verification %s: final: %d send(s) under way stopped", vid, len(tasks))
+            why = "final" if step is None else f"moved on from step {step}"
+            log.info("verification %s: %s: %d send(s) under way stopped", vid, why, len(tasks))
         return len(tasks)
 
     async def watch_sends(self) -> int:
@@ -258,7 +280,7 @@ class Dispatcher:
         old = [
             vid
             for vid, tasks in self._inflight.items()
-            if any(now - started >= WATCH_S for started in tasks.values())
+            if any(now - started >= WATCH_S for started, _ in tasks.values())
         ]
         if not old:
             return 0
@@ -299,9 +321,9 @@ class Dispatcher:
             # back at once instead of waiting for the step timer.
         name = f"send {v.id} {v.step}"
         if code is not None and known is not None:
-            self._spawn(self._deliver(v.id, v.step, channel, code, known), name, v.id)
+            self._spawn(self._deliver(v.id, v.step, channel, code, known), name, v.id, v.step)
         else:
-            self._spawn(self._send(v.id, v.step, channel, counted, known), name, v.id)
+            self._spawn(self._send(v.id, v.step, channel, counted, known), name, v.id, v.step)
 
     def settle_unconfirmed(
         self, attempted: Transition, *, replayable: bool, code: str | None = None
@@ -365,7 +387,7 @@ class Dispatcher:
 
     def follow_forwarded(self, vid: str, step: int, channel: Channel, counted: bool) -> None:
         """Run a send another process handed over (see :class:`Forwarder`)."""
-        self._spawn(self._send(vid, step, channel, counted, None), f"send {vid} {step}", vid)
+        self._spawn(self._send(vid, step, channel, counted, None), f"send {vid} {step}", vid, step)
 
     async def _send(
         self, vid: str, step: int, channel: Channel, counted: bool, known: Stored | None

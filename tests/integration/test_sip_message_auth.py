@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,21 @@ async def test_message_answers_a_digest_challenge(
     assert "Authorization" not in {n for n, _ in sent[0].msg.headers}
     assert 'username="clinic"' in (sent[1].msg.get("Authorization") or "")
     assert sent[1].msg.body == sent[0].msg.body
+
+
+async def test_a_challenge_it_cannot_answer_is_a_401_at_once(tmp_path: Path) -> None:
+    # qop="auth-int" only: the answer raised inside pjsua's callback, was swallowed, and the
+    # send waited for its timeout, then said 408 (nobody had answered 408).
+    pool = SipPool(_with_credentials("clinic", "s3cret"), clock=SystemClock())
+    await pool.start()
+    try:
+        async with sipp_uas("sipp_uas_message_authint.xml", tmp_path) as uas:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            status = await pool.send_message(uas.uri(), "+447400000001", "hello", timeout_s=10)
+            took = loop.time() - started
+    finally:
+        await pool.stop()
+    assert status == 401
+    assert took < 3.0, f"the refused challenge took {took:.1f} s to answer"
+    assert len(uas.received("MESSAGE")) == 1, "a challenge it cannot answer is not retried"

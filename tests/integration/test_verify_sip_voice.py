@@ -403,3 +403,28 @@ async def test_wrong_keys_do_not_hold_the_call_open(rig: Rig, tmp_path: Path) ->
         assert took < 40.0, f"the call ended {took:.0f} s after the answer"
         v = await wait_until_settled(svc.api, vid, {"delivered", "failed"})
         assert report(v) == ("undeliverable", "answered, but 1 was not pressed (voicemail?)")
+
+
+async def test_a_fallback_hangs_up_the_voice_call_it_moves_on_from(
+    rig: Rig, tmp_path: Path
+) -> None:
+    # voice, then flashcall: "I did not get it" while the voice call rang left it ringing
+    # beside the flash call, two calls at once to one phone.
+    async with (
+        sipp_uas("sipp_uas_ring.xml", tmp_path, calls=2) as uas,
+        sip_service(rig, uas.port) as svc,
+    ):
+        vid = await create(svc.api, phone=MOBILE, method="voice", fallback=["flashcall"])
+        await wait_until_settled(svc.api, vid, {"ringing"})
+        (voice_invite,) = uas.received("INVITE")
+        moved = await svc.api.request("POST", f"/v1/verifications/{vid}/fallback")
+        assert moved.status == 200 and moved.json["channel"] == "flashcall", moved.text
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        call_id = voice_invite.msg.get("Call-ID")
+        while not [c for c in uas.received("CANCEL") if c.msg.get("Call-ID") == call_id]:
+            assert loop.time() - asked < 3.0, "the voice call still rings 3 s after the fallback"
+            await asyncio.sleep(0.05)
+        v = await svc.api.get(vid)
+        assert v["status"] == "pending" and v["channel"] == "flashcall", v
+        assert "undeliverable" not in event_types(v)[event_types(v).index("fallback") :], v

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sip_config.settings import SipSettings
+from sip_config.settings import SIP_MESSAGE_WAIT_S, SipSettings
 from verification.channels.base import Delivery, DeliveryReport, Report, sms_text
 from verification.channels.sip_route import can_send, sip_target
 from verification.model import Channel
@@ -13,7 +13,10 @@ from voice.sip.pool import SipPool
 
 log = logging.getLogger(__name__)
 
-MESSAGE_TIMEOUT_S = 10.0
+# pjsip gives up on a MESSAGE without a final answer after 32 s (RFC 3261 Timer F, 64 x T1)
+# and answers it 408 itself; this only bounds a worker that never says. A gateway may be slow
+# to answer and still deliver: giving up sooner (10 s) sent the next channel's code as well.
+MESSAGE_TIMEOUT_S = SIP_MESSAGE_WAIT_S
 
 
 def sender_id(settings: SipSettings) -> str:
@@ -44,6 +47,12 @@ class SipSmsChannel:
         )
         if 200 <= status < 300:
             await report(DeliveryReport(DeliveryKind.DELIVERED, f"MESSAGE answered {status}"))
-        else:
-            log.warning("verification %s: MESSAGE answered %s", delivery.verification_id, status)
-            await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, f"MESSAGE answered {status}"))
+            return
+        # 408: nobody answered (pjsip's own timeout, or this channel's), not a gateway's word.
+        said = (
+            "no final answer to the MESSAGE (408)"
+            if status == 408
+            else f"MESSAGE answered {status}"
+        )
+        log.warning("verification %s: %s", delivery.verification_id, said)
+        await report(DeliveryReport(DeliveryKind.UNDELIVERABLE, said))

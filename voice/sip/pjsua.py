@@ -771,19 +771,21 @@ class Engine:
         try:
             response = message.parse(str(prm.e.body.tsxState.src.rdata.wholeMsg).encode())
             challenge = digest.parse_challenge(response.get(want) or "")
+            # Also refused here: a challenge this client cannot answer (qop="auth-int" only).
+            # Raised inside pjsua's callback it was swallowed, and the send waited for nothing.
+            value = digest.authorization(
+                challenge,
+                method="MESSAGE",
+                uri=cmd.target_uri,
+                user=self._config.user,
+                password=self._config.password,
+                cnonce=secrets.token_hex(8),
+            )
         except (message.SipParseError, digest.DigestError) as exc:
             log.warning(
                 "MESSAGE %s: cannot answer the %s challenge: %s", cmd.request_id, status, exc
             )
             return None
-        value = digest.authorization(
-            challenge,
-            method="MESSAGE",
-            uri=cmd.target_uri,
-            user=self._config.user,
-            password=self._config.password,
-            cnonce=secrets.token_hex(8),
-        )
         return answer, value
 
 
