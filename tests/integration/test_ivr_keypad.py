@@ -634,20 +634,21 @@ async def tone_message(tmp_path: Path) -> Path:
     return message
 
 
-async def test_a_request_under_way_when_the_caller_hangs_up_lands_in_the_record(
-    line: ClinicLine, scheduling: WebhookReceiver
-) -> None:
-    # The scheduling system takes 3 s; the caller hangs up 1 s into it. The request still
-    # arrives, and the record must say so: staff otherwise book it a second time.
-    scheduling.fail_first, scheduling.delay_s = 0, 3.0
+async def slow_booking(
+    line: ClinicLine, scheduling: WebhookReceiver, delay_s: float, call_s: float
+) -> dict[str, Any]:
+    """An appointments call (book, a date of birth, a patient number, typed ahead) that lasts
+    ``call_s``, to a scheduling system answering after ``delay_s``; its record, once the
+    request reached the scheduler exactly once."""
+    scheduling.fail_first, scheduling.delay_s = 0, delay_s
     posted = len(scheduling.received)
     before = await line.call_ids()
-    keys = ["1", "1", *"01021980#", *"12345#"]  # appointments, book, typed ahead
+    keys = ["1", "1", *"01021980#", *"12345#"]
     dtmf = ",".join(f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(keys))
     try:
         async with phones() as started:
             caller = await Phone.start(
-                "caller", "--call", line.uri("6000"), "--dtmf", dtmf, "--duration", "6"
+                "caller", "--call", line.uri("6000"), "--dtmf", dtmf, "--duration", str(call_s)
             )
             started.append(caller)
             await caller.finish(CALL_S)
@@ -656,6 +657,15 @@ async def test_a_request_under_way_when_the_caller_hangs_up_lands_in_the_record(
         scheduling.delay_s = 0.0
     mine = [h for h in scheduling.received[posted:] if h.json().get("call_id") == record["id"]]
     assert len(mine) == 1, f"the request reached the scheduler {len(mine)} times, not once"
+    return record
+
+
+async def test_a_request_under_way_when_the_caller_hangs_up_lands_in_the_record(
+    line: ClinicLine, scheduling: WebhookReceiver
+) -> None:
+    # The scheduling system takes 3 s; the caller hangs up 1 s into it. The request still
+    # arrives, and the record must say so: staff otherwise book it a second time.
+    record = await slow_booking(line, scheduling, delay_s=3.0, call_s=6.0)
     assert steps(record, "webhook") == [("post", "ok")], record["path"]
     # The request arrived: that is what the call achieved, hang-up or not.
     assert record["outcome"] == "appointment_requested", record
@@ -666,23 +676,7 @@ async def test_a_request_the_scheduler_answers_too_late_is_recorded_as_unknown(
 ) -> None:
     # The scheduling system takes 6 s, past the step's 5 s: the request did arrive (it may be
     # booked), so the record must not say it failed, or staff book it a second time.
-    scheduling.fail_first, scheduling.delay_s = 0, 6.0
-    posted = len(scheduling.received)
-    before = await line.call_ids()
-    keys = ["1", "1", *"01021980#", *"12345#"]
-    dtmf = ",".join(f"{k}@{0.5 + 0.25 * i:.2f}" for i, k in enumerate(keys))
-    try:
-        async with phones() as started:
-            caller = await Phone.start(
-                "caller", "--call", line.uri("6000"), "--dtmf", dtmf, "--duration", "12"
-            )
-            started.append(caller)
-            await caller.finish(CALL_S)
-        record = await line.new_record(before)
-    finally:
-        scheduling.delay_s = 0.0
-    mine = [h for h in scheduling.received[posted:] if h.json().get("call_id") == record["id"]]
-    assert len(mine) == 1, f"the request reached the scheduler {len(mine)} times, not once"
+    record = await slow_booking(line, scheduling, delay_s=6.0, call_s=12.0)
     assert steps(record, "webhook") == [("post", "timeout")], record["path"]
 
 
