@@ -157,7 +157,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_STEP_TIMEOUT_VOICE_S",
         "120",
-        "seconds a voice-call step waits before falling back (10..900)",
+        "seconds a voice-call step waits before falling back (100..900: a call may ring 45 s,"
+        " ask for 1 twice with 8 s waits and read the code twice, about 95 s; a shorter step"
+        " would move on, and hang up, while the code is read)",
     ),
     Variable(
         "CLINIC_WEBHOOK_URL",
@@ -344,6 +346,10 @@ class VerificationSettings:
     limit_ipv6_prefix: int = 64
 
 
+# The shortest voice-call step: a call may ring 45 s, ask for 1 twice (a question of about
+# 6 s, then 8 s) and read the code twice (about 10 s each): about 95 s. A move to the next
+# step hangs the call up (verification/dispatcher.py), so the step must outlast it.
+VOICE_CALL_S = 100
 # How long an SMS over SIP waits for its MESSAGE's final answer: past pjsip's own 32 s
 # (RFC 3261 Timer F), which answers 408 itself (verification/channels/sms_sip.py).
 SIP_MESSAGE_WAIT_S = 35.0
@@ -624,7 +630,7 @@ def _build(r: _Reader) -> Settings:
         limit_ipv6_prefix=r.integer("CLINIC_LIMIT_IPV6_PREFIX", 32, 128),
         step_timeout_flashcall_s=flash_timeout,
         step_timeout_sms_s=r.integer("CLINIC_STEP_TIMEOUT_SMS_S", 10, 900),
-        step_timeout_voice_s=r.integer("CLINIC_STEP_TIMEOUT_VOICE_S", 10, 900),
+        step_timeout_voice_s=r.integer("CLINIC_STEP_TIMEOUT_VOICE_S", VOICE_CALL_S, 900),
         webhook_url=r.url("CLINIC_WEBHOOK_URL", ("http://", "https://")),
         callback_networks=r.parse("CLINIC_CALLBACK_NETWORKS", _networks),
         webhook_timeout_s=r.number("CLINIC_WEBHOOK_TIMEOUT_S", 0.1, 60),

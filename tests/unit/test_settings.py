@@ -200,7 +200,7 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_LIMIT_IPV6_PREFIX", "129", "32..128"),
         ("CLINIC_STEP_TIMEOUT_FLASHCALL_S", "4", "5..900"),
         ("CLINIC_STEP_TIMEOUT_SMS_S", "901", "10..900"),
-        ("CLINIC_STEP_TIMEOUT_VOICE_S", "9", "10..900"),
+        ("CLINIC_STEP_TIMEOUT_VOICE_S", "99", "100..900"),
         ("CLINIC_WEBHOOK_URL", "ftp://x", "http"),
         ("CLINIC_WEBHOOK_TIMEOUT_S", "0", "0.1..60"),
         ("CLINIC_WEBHOOK_TIMEOUT_S", ".5", "number of seconds"),
