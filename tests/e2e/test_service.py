@@ -31,10 +31,10 @@ from tests.e2e.rig import (
 )
 from tests.peers.pbx_service import PINNED_CODE_ENV
 from tests.peers.pbx_softphone import Softphone, call_state
+from tests.peers.spoken_code_refs import code_digits
 from verification.wording import DEFAULT
-from voice.media import spoken_code
 from voice.media.audio_match import rank
-from voice.media.pcm import read_wav, resample, samples_to_bytes, silence
+from voice.media.pcm import read_wav, resample, samples_to_bytes
 from voice.media.tts import PromptRenderer
 
 pytestmark = [
@@ -146,25 +146,13 @@ def one_digit_off(code: str) -> list[str]:
 
 
 async def code_references(cache: Path, scratch: Path) -> dict[str, bytes]:
-    """The digits of the service's own spoken-code file for the code and its neighbours.
-
-    ``spoken_code.compose`` says "Your <clinic> code is" and the digits, twice. The head is
-    the same for every code and would drown a one-digit difference, so each reference is
-    the file's first run of digits, cut at the lengths of the pieces it was composed from.
-    """
+    """The digits of the service's own spoken-code file for the code and its neighbours."""
     renderer = PromptRenderer(cache)
     text = DEFAULT.head_text(CLINIC_NAME)
-    head = len(read_wav(await renderer.render(text)).samples)
-    refs = {}
-    for code in [VOICE_CODE, *one_digit_off(VOICE_CODE)]:
-        composed = await spoken_code.compose(renderer, text, code, scratch)
-        samples = read_wav(composed).samples
-        end = head
-        for digit in code:
-            end += len(silence(spoken_code.DIGIT_GAP_S, 8000))
-            end += len(read_wav(await renderer.render(digit)).samples)
-        refs[code] = samples_to_bytes(samples[head:end])
-    return refs
+    return {
+        code: await code_digits(renderer, text, code, scratch)
+        for code in [VOICE_CODE, *one_digit_off(VOICE_CODE)]
+    }
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,13 @@ from tests.integration.test_verify_sip_flash import (
     wait_until_settled,
     wire_request,
 )
+from tests.peers.spoken_code_refs import code_digits
 from verification import codes, dispatcher
 from verification.channels import voice_call
 from verification.wording import DEFAULT, Wording, wording
 from voice.media import spoken_code
 from voice.media.audio_match import rank
-from voice.media.pcm import read_wav, resample, samples_to_bytes, silence
+from voice.media.pcm import read_wav, resample, samples_to_bytes
 from voice.media.tts import PromptRenderer
 
 pytestmark = pytest.mark.integration
@@ -72,24 +73,9 @@ def distance(score: float) -> float:
 async def code_part(
     renderer: PromptRenderer, code: str, scratch: Path, words: Wording = DEFAULT
 ) -> bytes:
-    """The digits of the service's own spoken-code file for ``code`` (PCM16, 8 kHz), in the
-    language of ``words``.
-
-    ``spoken_code.compose`` says "Your verification code for <clinic> is" and the digits
-    (the channel plays it twice). The sentence
-    head is the same for every code and would drown a one-digit difference (the head is most
-    of the file), so the reference is the file's first run of digits, cut at the lengths of
-    the very pieces it was composed from.
-    """
-    text, voice = words.head_text(CLINIC), words.language
-    composed = read_wav(await spoken_code.compose(renderer, text, code, scratch, voice=voice))
-    head = len(silence(spoken_code.REPEAT_GAP_S, 8000))  # the pause before the reading
-    head += len(read_wav(await renderer.render(text, voice=voice)).samples)
-    end = head
-    for digit in code:
-        end += len(silence(spoken_code.DIGIT_GAP_S, 8000))
-        end += len(read_wav(await renderer.render(digit, voice=voice)).samples)
-    return samples_to_bytes(composed.samples[head:end])
+    """The digits of the service's own spoken-code file for ``code``, in the language of
+    ``words``."""
+    return await code_digits(renderer, words.head_text(CLINIC), code, scratch, words.language)
 
 
 def one_digit_off(code: str) -> list[str]:
