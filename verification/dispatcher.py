@@ -137,8 +137,8 @@ class Dispatcher:
         self._unconfirmed: dict[str, tuple[Transition, bool, str | None]] = {}
         self._settling: asyncio.Task[None] | None = None
         # Sends under way per verification (task -> monotonic start, step), to stop when it is
-        # final, or when it moves on from the step.
-        self._inflight: dict[str, dict[asyncio.Task[None], tuple[float, int]]] = {}
+        # final, or when it moves on from the step (None: no step's send, e.g. kept reports).
+        self._inflight: dict[str, dict[asyncio.Task[None], tuple[float, int | None]]] = {}
         self._next_watch = 0.0
         self._pause = TimerPause(TIMERS_QUIET_S)  # in event-loop time
         self._keeping: Counter[str] = Counter()  # per verification: sends with kept reports
@@ -208,7 +208,11 @@ class Dispatcher:
         )
 
     def _spawn(
-        self, coro: Coroutine[Any, Any, None], name: str, vid: str | None = None, step: int = 0
+        self,
+        coro: Coroutine[Any, Any, None],
+        name: str,
+        vid: str | None = None,
+        step: int | None = None,
     ) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
@@ -239,9 +243,10 @@ class Dispatcher:
         if old is None or old.status is not Status.PENDING:
             return  # every write passes here: keep it cheap
         if new.status is Status.PENDING:
-            if new.step != old.step:
+            if new.step != old.step and new.step < len(new.channels):
                 # Moved on (a /fallback, the step timer, a report): the send of the step left
                 # must not go on beside the next one (a voice call ringing with a flash call).
+                # Past the plan's last step nothing follows: its send may yet deliver.
                 self.stop_sends(new.id, spare=asyncio.current_task(), step=old.step)
                 old_channel = old.channels[old.step] if old.step < len(old.channels) else None
                 if self._forwarder is not None and old_channel in self._forwarded:

@@ -322,7 +322,7 @@ async def one_reading_s(rig: Rig, tmp_path: Path) -> float:
         renderer, words.head_text(CLINIC), CODE, tmp_path, voice=words.language
     )
     try:
-        return read_wav(path).duration_s  # its pause, then the reading
+        return read_wav(path).duration_s  # its pause, the reading, its short tail
     finally:
         path.unlink()
 

@@ -115,8 +115,7 @@ class VoiceCallChannel:
                 )
                 return
             for _ in range(READINGS):  # one file, played twice: each end is known
-                await handle.play(code_wav)
-                await _played(handle)
+                await _played(handle, await handle.play(code_wav))
                 read += 1
             await handle.hangup()
             await report(DeliveryReport(DeliveryKind.DELIVERED, "code read twice"))
@@ -169,7 +168,7 @@ class VoiceCallChannel:
         asked :data:`KEYPRESS_TRIES` times. Other keys do not hold the wait open."""
         loop = asyncio.get_running_loop()
         for _ in range(KEYPRESS_TRIES):
-            await handle.play(question)
+            asked = await handle.play(question)
             played = False
             deadline = loop.time() + PLAY_TIMEOUT_S
             while (left := deadline - loop.time()) > 0:
@@ -178,9 +177,9 @@ class VoiceCallChannel:
                     if not played:  # barge-in: stop the question, let its PlayDone pass
                         await handle.stop_play()
                         with contextlib.suppress(_NoAudio):
-                            await _played(handle, STOPPED_PLAY_S)
+                            await _played(handle, asked, STOPPED_PLAY_S)
                     return True
-                if isinstance(ev, PlayDone) and not played:
+                if isinstance(ev, PlayDone) and ev.play_id == asked and not played:
                     played = True
                     deadline = loop.time() + KEYPRESS_WAIT_S
             if not played:
@@ -188,12 +187,14 @@ class VoiceCallChannel:
         return False
 
 
-async def _played(handle: CallHandle, timeout_s: float | None = None) -> None:
-    """Wait for the end of the prompt playing (keys pressed meanwhile are no answer), at most
-    ``timeout_s`` (default :data:`PLAY_TIMEOUT_S`)."""
+async def _played(handle: CallHandle, play_id: int, timeout_s: float | None = None) -> None:
+    """Wait for the end of the play ``play_id`` (keys pressed meanwhile are no answer; the
+    late end of an earlier play is not this one's), at most ``timeout_s`` (default
+    :data:`PLAY_TIMEOUT_S`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (PLAY_TIMEOUT_S if timeout_s is None else timeout_s)
     while (left := deadline - loop.time()) > 0:
-        if isinstance(await next_event(handle, left), PlayDone):
+        ev = await next_event(handle, left)
+        if isinstance(ev, PlayDone) and ev.play_id == play_id:
             return
     raise _NoAudio

@@ -25,6 +25,7 @@ from voice.media.tts import PromptRenderer
 
 DIGIT_GAP_S = 0.25
 REPEAT_GAP_S = 1.0
+TAIL_S = 0.3
 
 
 async def compose(
@@ -37,7 +38,7 @@ async def compose(
     rate_hz: int = 8000,
 ) -> Path:
     """A private WAV file: :data:`REPEAT_GAP_S` of silence, then ``head`` and the code's
-    digits in ``voice``; the caller plays it twice, then deletes it.
+    digits in ``voice``, then :data:`TAIL_S`; the caller plays it twice, then deletes it.
 
     Cancelled while the file is being written (the thread writing it cannot be stopped), it
     waits for the thread and deletes the file before the cancel goes on: no caller is left to.
@@ -73,7 +74,9 @@ def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_h
     for digit in code:
         once += gap
         once += load(digit)
-    samples = silence(REPEAT_GAP_S, rate_hz) + once
+    # The tail: the end of a play is its last sample leaving, and the BYE follows the
+    # second at once; without it the last digit could be clipped.
+    samples = silence(REPEAT_GAP_S, rate_hz) + once + silence(TAIL_S, rate_hz)
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, name = tempfile.mkstemp(prefix="code-", suffix=".wav", dir=out_dir)
     os.close(fd)
