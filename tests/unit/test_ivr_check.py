@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import pytest
 
 from voice.ivr.check import check_files, main
 from voice.ivr.flow import Say, load_flows
+from voice.media.pcm import Pcm, silence, write_wav
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "ivr_flows"
@@ -120,11 +120,7 @@ def test_a_route_to_a_missing_flow_is_found(tmp_path: Path) -> None:
 
 
 def test_a_recording_is_found_next_to_its_flow_file(tmp_path: Path) -> None:
-    with wave.open(str(tmp_path / "welcome.wav"), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(8000)
-        wav.writeframes(b"\0\0" * 800)
+    write_wav(tmp_path / "welcome.wav", Pcm(silence(0.1, 8000), 8000))
     (tmp_path / "hello.yaml").write_text(
         "id: hello\nlanguage: en\nstart: welcome\nnodes:\n"
         "  welcome:\n    say: {audio: welcome.wav}\n    next: bye\n"

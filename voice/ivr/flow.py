@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime
 import enum
 import re
-import wave
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import yaml
 
 from voice.ivr.triage import RiskGroup, TriageAction, Urgency
+from voice.media.pcm import PcmError, check_wav
 
 ROUTES_FILE = "routes.yaml"
 PARAM_NAMES = frozenset({"emergency_number", "clinic_name"})
@@ -747,12 +747,15 @@ class _Parser:
         the SIP worker plays). A missing one was skipped in silence at every call."""
         path = Path(name) if Path(name).is_absolute() else self.path.parent / name
         try:
-            with wave.open(str(path), "rb") as wav:
-                if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
-                    self.error(line, f"audio {name!r} is not 16-bit mono PCM")
+            check_wav(path)
         except FileNotFoundError:
             self.error(line, f"audio {name!r}: no such file (next to the flow file)")
-        except (OSError, EOFError, wave.Error) as exc:
+        except PcmError as exc:
+            if exc.__cause__ is None:  # a WAV, of another format
+                self.error(line, f"audio {name!r} is not 16-bit mono PCM")
+            else:
+                self.error(line, f"audio {name!r} is not a WAV file ({exc.__cause__})")
+        except OSError as exc:
             self.error(line, f"audio {name!r} is not a WAV file ({exc})")
         return str(path)
 

@@ -75,16 +75,29 @@ def read_wav(path: Path) -> Pcm:
     """Read a PCM16 mono WAV file."""
     try:
         with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != SAMPLE_WIDTH or w.getnchannels() != 1:
-                raise PcmError(
-                    f"{path}: need PCM16 mono, got {w.getsampwidth() * 8}-bit "
-                    f"{w.getnchannels()}-channel"
-                )
+            _need_pcm16_mono(path, w)
             rate = w.getframerate()
             data = w.readframes(w.getnframes())
     except wave.Error as exc:
         raise PcmError(f"{path}: not a PCM WAV file ({exc})") from exc
     return Pcm(bytes_to_samples(data), rate)
+
+
+def check_wav(path: Path) -> None:
+    """Raise :class:`PcmError` unless ``path`` is a PCM16 mono WAV file (its header only:
+    what :func:`read_wav` and the SIP worker's player take); ``OSError`` when unreadable."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            _need_pcm16_mono(path, w)
+    except (wave.Error, EOFError) as exc:
+        raise PcmError(f"{path}: not a PCM WAV file ({exc})") from exc
+
+
+def _need_pcm16_mono(path: Path, w: wave.Wave_read) -> None:
+    if w.getsampwidth() != SAMPLE_WIDTH or w.getnchannels() != 1:
+        raise PcmError(
+            f"{path}: need PCM16 mono, got {w.getsampwidth() * 8}-bit {w.getnchannels()}-channel"
+        )
 
 
 def write_wav(path: Path, pcm: Pcm) -> None:
