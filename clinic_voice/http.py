@@ -32,7 +32,6 @@ from verification.errors import (
     BadBody,
     BodyTimeout,
     KeyNotAllowed,
-    RateLimited,
     StoreUnavailable,
     UnsupportedCoding,
     VerificationError,
@@ -262,7 +261,6 @@ def build_middlewares(
     keys = tuple(k.encode() for k in (*api_keys, *calls_api_keys))
     key_ids = {k: key_id(k) for k in (*api_keys, *calls_api_keys)}  # hashed once, not per request
     calls_keys = frozenset(calls_api_keys)
-    lockouts = limits.Lockouts()
     store_outage = OutageLog(log, "API requests", clock)
     ipv6_prefix = settings.limit_ipv6_prefix
 
@@ -336,9 +334,6 @@ def build_middlewares(
         if not request.path.startswith("/v1/"):
             return await handler(request)
         ip = limits.address_subject(client_ip(request, trusted_proxies), ipv6_prefix)
-        locked_s = lockouts.remaining_s(ip, clock.now())
-        if locked_s:
-            raise RateLimited(limits.auth_failure_checks(settings, ip)[0].describe(), locked_s)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         # aiohttp hands header bytes that are not UTF-8 over as surrogates: no key has them
@@ -351,12 +346,8 @@ def build_middlewares(
             if given:
                 # A key was tried: count it. Without Redis this is a 503, as a right key's
                 # request would be, so an outage does not tell right keys from wrong ones.
-                now = clock.now()
-                guessing = limits.auth_failure_checks(settings, ip)
-                decision = await store_getter().hit_limits(guessing, now)
-                if not decision.allowed:
-                    lockouts.lock(ip, now + decision.retry_after_s, now)
-                decision.enforce()
+                # Its limit used up, a right key is refused as well (limits.request_checks).
+                await count(limits.auth_failure_checks(settings, ip))
             resp = problem(401, "unauthorized", "Missing or wrong API key")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="clinic-voice"'
             return resp

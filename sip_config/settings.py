@@ -130,8 +130,9 @@ VARIABLES: tuple[Variable, ...] = (
         "CLINIC_LIMIT_AUTH_FAILURES",
         "20/60",
         "wrong API keys presented per client IP (an IPv6 client: per network, see "
-        "CLINIC_LIMIT_IPV6_PREFIX), as COUNT/SECONDS: over it the address gets 429 for every "
-        "/v1 request, with a right key too, until the window ends",
+        "CLINIC_LIMIT_IPV6_PREFIX), as COUNT/SECONDS: once COUNT were presented, the address "
+        "gets 429 for every /v1 request, with a right key too, from every process, until the "
+        "window ends",
     ),
     Variable(
         "CLINIC_LIMIT_IPV6_PREFIX",

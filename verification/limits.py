@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -88,11 +87,13 @@ class SubjectDigest:
 
 @dataclass(frozen=True, slots=True)
 class LimitCheck:
-    """One counter a request is counted against."""
+    """One counter a request is counted against; or, not ``counted``, only compared with its
+    limit (a gate: refused while the counter is at its limit, and left as it is)."""
 
     name: LimitName
     subject: str
     rate: Rate
+    counted: bool = True
 
     def key(self, now: float, digest: SubjectDigest) -> str:
         """The counter's name in its window (Redis adds a prefix)."""
@@ -154,52 +155,20 @@ def address_subject(address: str, ipv6_prefix: int = 64) -> str:
 
 
 def request_checks(s: VerificationSettings, key_id: str, client_ip: str) -> list[LimitCheck]:
-    """Counted on every API request."""
+    """Counted on every API request with a right key; and the address's wrong keys, not
+    counted but compared: an address that has used up its wrong keys is refused with a right
+    key too, by every process (the counter is in Redis), or a 429 would only tell a wrong
+    guess from a right one. In the same round trip as the rest: one more key read."""
     return [
         LimitCheck(LimitName.KEY_REQUESTS, key_id, s.limit_key_requests),
         LimitCheck(LimitName.IP_REQUESTS, client_ip, s.limit_ip_requests),
+        LimitCheck(LimitName.AUTH_FAILURES, client_ip, s.limit_auth_failures, counted=False),
     ]
 
 
 def auth_failure_checks(s: VerificationSettings, client_ip: str) -> list[LimitCheck]:
     """Counted when a request presents a key that is not one of the API keys."""
     return [LimitCheck(LimitName.AUTH_FAILURES, client_ip, s.limit_auth_failures)]
-
-
-class Lockouts:
-    """The addresses this process refused for guessing keys, and until when.
-
-    Redis counts the wrong keys of every process; over the limit, each one is refused. An
-    address past the limit must be refused with a *right* key as well, or the 429s would only
-    tell a wrong guess from a right one. Reading the Redis counter on every request would cost
-    a round trip, so each process remembers the addresses it refused instead. A process that
-    has not yet refused an address lets it try once more: past the limit an address gets at
-    most one guess per process in each window.
-    """
-
-    def __init__(self, max_addresses: int = 10_000) -> None:
-        self._until: dict[str, float] = {}
-        self._max = max_addresses
-
-    def lock(self, address: str, until: float, now: float) -> None:
-        if len(self._until) >= self._max:
-            # Forgetting is safe: the address's next wrong key is refused by Redis again.
-            self._until = {a: t for a, t in self._until.items() if t > now}
-            if len(self._until) >= self._max:
-                self._until.clear()
-        self._until[address] = until
-
-    def remaining_s(self, address: str, now: float) -> int:
-        """Whole seconds until ``address`` may try again; 0 when it is not locked out."""
-        if not self._until:
-            return 0
-        until = self._until.get(address)
-        if until is None:
-            return 0
-        if until <= now:
-            del self._until[address]
-            return 0
-        return max(1, math.ceil(until - now))
 
 
 def creation_checks(s: VerificationSettings, phone: Phone) -> list[LimitCheck]:

@@ -95,7 +95,8 @@ end
 # Limits, all-or-nothing: if any is over, nothing is counted. k[1..n]: counters;
 # a[ao+]: (limit, spec)*n. A fixed window's spec is the ms until it ends (its counter is an
 # integer that lives that long); a sliding window's is "s:<window ms>:<now ms>:<event id>"
-# (its counter a sorted set of the last window's events, scored by their time in ms).
+# (its counter a sorted set of the last window's events, scored by their time in ms); a
+# gate's is "g:<ms until its window ends>" (a fixed window's counter, compared, not counted).
 # Refused: {1, index, ms until the request would be allowed}.
 _LIMITS_FN = """
 local function sliding(spec)
@@ -121,7 +122,7 @@ local function over(k, a, n, ao)
       local used = tonumber(redis.call('GET', key) or '0')
       if used >= limit then
         local ttl = redis.call('PTTL', key)
-        if ttl < 0 then ttl = tonumber(spec) end
+        if ttl < 0 then ttl = tonumber(string.match(spec, '(%d+)$')) end
         return {1, i, ttl}
       end
     end
@@ -135,6 +136,8 @@ local function count(k, a, n, ao)
     if w then
       redis.call('ZADD', k[i], now, now .. ':' .. event)
       redis.call('PEXPIRE', k[i], w)
+    elseif string.sub(spec, 1, 2) == 'g:' then
+      -- a gate: compared by over(), never counted
     elseif redis.call('INCR', k[i]) == 1 then
       redis.call('PEXPIRE', k[i], spec)
     end
@@ -659,7 +662,11 @@ def _limit_args(
     for c in checks:
         key, ms = c.counter(now_ms, digest)
         keys.append(PREFIX + "l:" + key)
-        if c.sliding:
+        if not c.counted:
+            if c.sliding:
+                raise ValueError(f"a gate on a sliding window ({c.name}) is not supported")
+            args += (c.rate.count, f"g:{ms}")
+        elif c.sliding:
             # One id for this request's event in each log: unique across processes (a random
             # prefix per process and a counter, as for record versions).
             event = event or f"{_VERSION_PREFIX}{next(_VERSIONS)}"

@@ -214,6 +214,34 @@ async def test_wrong_keys_lock_the_address_out_right_key_and_all(
     assert (await api.request("GET", missing, headers=guesser)).status == 404
 
 
+async def test_an_address_that_used_up_its_wrong_keys_is_refused_by_every_process(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    # Two processes on one Redis (as HTTP workers are): the second never saw a wrong key, and
+    # must still refuse the right one, or it would answer the guess the first one refuses.
+    env = {"CLINIC_LIMIT_AUTH_FAILURES": "3/60", "CLINIC_TRUSTED_PROXIES": "127.0.0.1"}
+    clock = FakeClock(WINDOW_START)
+    first = await start_service(env, clock=clock)
+    second = await start_service(env, clock=clock)
+    missing = f"/v1/verifications/{'A' * 32}"
+    guesser = {"X-Forwarded-For": "203.0.113.9"}
+    assert (await second.request("GET", missing, headers=guesser)).status == 404
+    for n in range(3):
+        guess = await first.request("GET", missing, headers=guesser, key=f"guess-{n}")
+        guess.problem(401, "unauthorized")
+    for api in (second, first):  # used up: no process serves the address, right key and all
+        locked = await api.request("GET", missing, headers=guesser)
+        assert_limited(locked, "wrong API keys from this address", 60)
+        body = {"phone": "+31612345678"}
+        made = await api.request("POST", "/v1/verifications", json_body=body, headers=guesser)
+        assert_limited(made, "wrong API keys from this address", 60)
+    assert (await second.request("GET", missing)).status == 404, "another address is served"
+    await asyncio.sleep(0.2)
+    assert sms_gateway.received == [], "a refused create sends nothing"
+    clock.advance(60)  # the window ends
+    assert (await second.request("GET", missing, headers=guesser)).status == 404
+
+
 async def test_an_ipv6_client_is_one_address_across_its_64(start_service: StartService) -> None:
     # One site holds a whole /64: counted address by address, a guesser would take a new
     # address for every guess and never meet the limit.

@@ -124,3 +124,28 @@ async def test_a_fallback_over_the_limit_moves_nothing(store: VerificationStore)
     with pytest.raises(RateLimited):
         await _counted_fallback(store, stored)
     assert (await store.get(stored.verification.id)).verification.step == 0
+
+
+async def test_a_gate_refuses_at_its_counters_limit_and_never_counts(
+    store: VerificationStore,
+) -> None:
+    # An address's wrong API keys: counted by the wrong keys, compared by every request.
+    t0 = 1_800_000_000.0  # a multiple of the window: 60 s left in it
+    wrong = LimitCheck(LimitName.AUTH_FAILURES, "203.0.113.9", Rate(2, 60))
+    gate = LimitCheck(LimitName.AUTH_FAILURES, "203.0.113.9", Rate(2, 60), counted=False)
+    requests = LimitCheck(LimitName.KEY_REQUESTS, "key-1", Rate(100, 60))
+    for _ in range(5):
+        assert (await store.hit_limits([requests, gate], t0)).allowed, "a gate counts nothing"
+    # First counted 15 s into its window: the counter lives the 45 s left (Redis's time).
+    assert (await store.hit_limits([wrong], t0 + 15)).allowed
+    assert (await store.hit_limits([requests, gate], t0 + 15)).allowed, "1 of 2 used"
+    assert (await store.hit_limits([wrong], t0 + 15)).allowed
+    refused = await store.hit_limits([requests, gate], t0 + 15)
+    assert not refused.allowed and refused.blocked_by == gate
+    assert refused.retry_after_s == 45, "until the counter's window ends"
+    assert not (await store.hit_limits([wrong], t0 + 15)).allowed
+    # All or nothing: the refused requests counted no request of the key.
+    seventh = [LimitCheck(LimitName.KEY_REQUESTS, "key-1", Rate(7, 60))]
+    assert (await store.hit_limits(seventh, t0)).allowed, "6 requests were counted, not 7"
+    assert not (await store.hit_limits(seventh, t0)).allowed, "the 7th is counted"
+    assert (await store.hit_limits([requests, gate], t0 + 60)).allowed, "the next window"

@@ -12,7 +12,6 @@ from sip_config.settings import Rate, Settings, VerificationSettings
 from verification.limits import (
     LimitCheck,
     LimitName,
-    Lockouts,
     SubjectDigest,
     address_subject,
     auth_failure_checks,
@@ -38,7 +37,10 @@ def test_request_checks_count_the_key_and_the_address() -> None:
     assert checks == [
         LimitCheck(LimitName.KEY_REQUESTS, "key-1", Rate(10, 60)),
         LimitCheck(LimitName.IP_REQUESTS, "192.0.2.7", Rate(20, 30)),
+        # The address's wrong keys, compared and not counted: used up, a right key is refused.
+        LimitCheck(LimitName.AUTH_FAILURES, "192.0.2.7", Rate(20, 60), counted=False),
     ]
+    assert checks[2].key(T0, DIGEST) == auth_failure_checks(s, "192.0.2.7")[0].key(T0, DIGEST)
 
 
 def test_wrong_keys_are_counted_per_address() -> None:
@@ -82,29 +84,6 @@ def test_an_ipv6_client_is_counted_by_its_64(address: str, subject: str) -> None
 def test_the_ipv6_network_length_is_a_setting(prefix: int, subject: str) -> None:
     assert address_subject("2001:db8:1:2:3:4:5:6", prefix) == subject
     assert address_subject("203.0.113.9", prefix) == "203.0.113.9"
-
-
-def test_a_lockout_lasts_until_its_time_in_whole_seconds_rounded_up() -> None:
-    lockouts = Lockouts()
-    assert lockouts.remaining_s("192.0.2.7", T0) == 0
-    lockouts.lock("192.0.2.7", T0 + 30, T0)
-    assert lockouts.remaining_s("192.0.2.7", T0) == 30
-    assert lockouts.remaining_s("192.0.2.7", T0 + 29.2) == 1
-    assert lockouts.remaining_s("192.0.2.8", T0) == 0, "another address is not locked out"
-    assert lockouts.remaining_s("192.0.2.7", T0 + 30) == 0
-    assert lockouts.remaining_s("192.0.2.7", T0 + 1) == 0, "an ended lockout is forgotten"
-
-
-def test_a_full_table_forgets_ended_lockouts_first() -> None:
-    lockouts = Lockouts(max_addresses=3)
-    lockouts.lock("a", T0 + 10, T0)
-    lockouts.lock("b", T0 + 100, T0)
-    lockouts.lock("c", T0 + 10, T0)
-    lockouts.lock("d", T0 + 100, T0 + 50)  # a and c have ended: they make room
-    assert [lockouts.remaining_s(x, T0 + 50) for x in "abcd"] == [0, 50, 0, 50]
-    lockouts.lock("e", T0 + 100, T0 + 50)
-    lockouts.lock("f", T0 + 100, T0 + 50)  # full of live lockouts: start over
-    assert [lockouts.remaining_s(x, T0 + 50) for x in "bdef"] == [0, 0, 0, 50]
 
 
 @pytest.mark.parametrize(
