@@ -516,7 +516,7 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if rt.http_workers is not None:
-        text = rt.http_workers.render_metrics()
+        text = await rt.http_workers.render_metrics()
     elif rt.main_link is not None:
         try:
             text = await rt.main_link.render_metrics()

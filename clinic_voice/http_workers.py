@@ -15,10 +15,11 @@ The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the work
   limits were counted), ``settled`` (a verification became final there: ``serve`` stops its
   sends under way, e.g. hangs up a voice call still ringing), ``moved`` (a verification
   moved on from a step there: ``serve`` stops that step's send), ``metrics`` (a snapshot, every
-  second), ``render`` (a /metrics scrape);
+  second, and at once when asked), ``render`` (a /metrics scrape);
 - serve → worker: ``state`` (which channels serve sends on and whether each is ready, serve's
   own readiness checks and what it is still warming up; on connect and every half second),
-  ``rendered``.
+  ``snapshot`` (send your metrics now: every scrape asks every worker, whichever process it
+  reached, so that it counts every request answered before it), ``rendered``.
 
 A worker whose control connection ends (``serve`` died) stops; ``serve`` restarts a worker
 that exits, with backoff. A worker's counters survive its restart (``serve`` keeps its last
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -46,6 +48,7 @@ from verification.model import Channel
 log = logging.getLogger(__name__)
 
 STATE_EVERY_S = 0.5
+SNAPSHOT_DEADLINE_S = 0.5  # a worker this slow to answer counts with its last snapshot
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_DEADLINE_S = 10.0
 MAX_LINE = 1 << 20  # a metrics snapshot is a few KiB
@@ -89,6 +92,9 @@ class HttpWorkers:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: dict[int, Snapshot] = {}  # worker index -> its latest metrics
+        self._links: dict[int, asyncio.StreamWriter] = {}  # worker index -> its connection
+        self._asked: dict[tuple[int, int], asyncio.Future[None]] = {}  # (index, n): snapshot
+        self._numbers = itertools.count(1)
         self._listening: set[int] = set()  # connected and bound to the HTTP port
         self._retired = Metrics()  # counters of worker runs that ended
         self._stop = asyncio.Event()
@@ -150,8 +156,28 @@ class HttpWorkers:
         before it binds: a worker counted on connect could miss the first requests)."""
         return len(self._listening) == self._count - 1
 
-    def render_metrics(self) -> str:
-        """/metrics of the whole service: this process, the workers, and ended worker runs."""
+    async def render_metrics(self) -> str:
+        """/metrics of the whole service: this process, the workers, and ended worker runs.
+
+        Every worker is asked for its numbers now: the snapshots they push every second would
+        leave out the requests of the last second, and a scrape reached by another process a
+        moment later could then show a counter lower than the one before (which Prometheus
+        takes for a restart). A worker that does not answer within SNAPSHOT_DEADLINE_S counts
+        with its last snapshot."""
+        n = next(self._numbers)
+        loop = asyncio.get_running_loop()
+        asked: dict[tuple[int, int], asyncio.Future[None]] = {}
+        for index, writer in list(self._links.items()):
+            if not writer.is_closing():
+                asked[(index, n)] = loop.create_future()
+                writer.write(encode({"op": "snapshot", "n": n}))
+        self._asked.update(asked)
+        try:
+            if asked:
+                await asyncio.wait(asked.values(), timeout=SNAPSHOT_DEADLINE_S)
+        finally:
+            for key in asked:
+                del self._asked[key]
         return self._metrics.render([self._retired.snapshot(), *self._live.values()])
 
     # -- processes -----------------------------------------------------------------------------
@@ -232,6 +258,7 @@ class HttpWorkers:
                 log.warning("HTTP workers: a control connection without hello: closed")
                 return
             index = int(hello["index"])
+            self._links[index] = writer
             pusher = asyncio.create_task(self._push_state(writer), name=f"state-{index}")
             while line := await reader.readline():
                 self._handle(index, orjson.loads(line), writer)
@@ -242,6 +269,11 @@ class HttpWorkers:
                 pusher.cancel()
                 await asyncio.gather(pusher, return_exceptions=True)
             if index is not None:
+                if self._links.get(index) is writer:
+                    del self._links[index]
+                for (asked, _), fut in self._asked.items():
+                    if asked == index and not fut.done():
+                        fut.set_result(None)  # gone: its last snapshot counts
                 self._listening.discard(index)
                 last = self._live.pop(index, None)
                 if last is not None:
@@ -264,12 +296,18 @@ class HttpWorkers:
             self._listening.add(index)
         elif op == "metrics":
             self._live[index] = msg["snapshot"]
+            asked = self._asked.get((index, msg["n"])) if "n" in msg else None
+            if asked is not None and not asked.done():
+                asked.set_result(None)
         elif op == "render":
-            # The worker's own latest numbers are in _live: it sent them just before asking.
-            text = self.render_metrics()
-            writer.write(encode({"op": "rendered", "n": msg["n"], "text": text}))
+            self._spawn_task(self._render_for(writer, msg["n"]), f"render-{index}")
         else:
             raise ValueError(f"unknown control message {op!r}")
+
+    async def _render_for(self, writer: asyncio.StreamWriter, n: object) -> None:
+        text = await self.render_metrics()
+        if not writer.is_closing():
+            writer.write(encode({"op": "rendered", "n": n, "text": text}))
 
     async def _push_state(self, writer: asyncio.StreamWriter) -> None:
         while True:

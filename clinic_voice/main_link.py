@@ -126,8 +126,7 @@ class MainLink:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._renders[n] = fut
         try:
-            self._send({"op": "metrics", "snapshot": self._metrics.snapshot()})
-            self._send({"op": "render", "n": n})
+            self._send({"op": "render", "n": n})  # serve asks every worker for its numbers
             return await asyncio.wait_for(fut, RENDER_DEADLINE_S)
         except TimeoutError:
             raise MainLinkError("serve did not answer the metrics request") from None
@@ -146,6 +145,10 @@ class MainLink:
             self._channels = {Channel(c): bool(ok) for c, ok in msg["channels"].items()}
             self._checks = {str(k): bool(v) for k, v in msg["checks"].items()}
             self._warming = [str(w) for w in msg.get("warming", [])]
+        elif op == "snapshot":
+            snapshot = self._metrics.snapshot()
+            with contextlib.suppress(MainLinkError):  # serve gone: _read ends, the worker stops
+                self._send({"op": "metrics", "snapshot": snapshot, "n": msg["n"]})
         elif op == "rendered":
             fut = self._renders.get(int(msg["n"]))
             if fut is not None and not fut.done():
