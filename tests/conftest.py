@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import random
 import shutil
 import signal
 import socket
@@ -62,16 +63,36 @@ def free_port(count: int = 1) -> int:
     SIP peers listen on both transports, so a port free for only one of them is no use; a
     service's SIP workers and flash-call agent take the ports after ``CLINIC_SIP_ADDR``. The
     ports are released before returning: bind them soon, and retry on ``EADDRINUSE``.
+
+    Drawn below the kernel's ephemeral range: there, every outgoing connection takes a port
+    (and holds it in TIME_WAIT for a minute after), so a busy machine can fill the range and
+    take a port between this check and its bind.
     """
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port: int = tcp.getsockname()[1]
-        if port + count > 65536:
-            continue
+    low = _ephemeral_low()
+    for _ in range(200):
+        if low - count > _FIRST_PORT:
+            port = random.randrange(_FIRST_PORT, low - count + 1)
+        else:  # no room below it: a port the kernel picks
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                tcp.bind(("127.0.0.1", 0))
+                port = tcp.getsockname()[1]
+            if port + count > 65536:
+                continue
         if all(_free_both(p) for p in range(port, port + count)):
             return port
-    raise RuntimeError(f"no {count} port(s) free for both TCP and UDP after 50 tries")
+    raise RuntimeError(f"no {count} port(s) free for both TCP and UDP after 200 tries")
+
+
+_FIRST_PORT = 10_000  # above the well-known and most registered services' ports
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux's 32768 if unread)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _free_both(port: int) -> bool:
