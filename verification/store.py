@@ -13,6 +13,7 @@ as one service: timers and webhook jobs are leased by whichever process polls fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -428,6 +429,13 @@ class VerificationStore:
                 (await self.hit_limits(list(checks), now)).enforce()
             except RateLimited:
                 await self._release(key)  # nothing was made: a later retry may try again
+                raise
+            except StoreUnavailable:
+                # Nothing was made either (the limits may have been counted). Released if
+                # Redis still answers, a retry goes ahead at once instead of meeting 409s
+                # until the reservation ends; if not, it ends by itself.
+                with contextlib.suppress(StoreUnavailable):
+                    await self._release(key)
                 raise
         idem = (key, json.dumps({"body": idempotency[1], "id": v.id}), KEEP_AFTER_EXPIRY_S)
         # A write that fails here may still have reached Redis: the reservation stays (for

@@ -32,6 +32,7 @@ from verification import rules
 from verification.channels.base import DeliveryReport
 from verification.dispatcher import Dispatcher, _Send
 from verification.errors import StoreUnavailable
+from verification.limits import LimitCheck, LimitDecision, LimitName
 from verification.model import Channel, Policy, Verification
 from verification.numbers import parse_phone
 from verification.redis_mux import RedisMux
@@ -444,6 +445,35 @@ async def test_a_create_answered_503_with_an_idempotency_key_is_sent_for_its_ret
     assert len(dispatched) == 1, "the code the write holds is the one sent: one send, not two"
     assert (await api.check(vid, code)).json["status"] == "approved"
     await asyncio.sleep(0.5)  # a second send would arrive within this
+    assert len(sms_gateway.received) == 1
+
+
+async def test_a_create_whose_limits_went_unanswered_frees_its_idempotency_key(
+    start_service: StartService, sms_gateway: SmsGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key was reserved, then the limits' count went unanswered (a Redis blip): nothing was
+    # made, so the retry must go ahead at once, not meet 409 "in progress" for a minute.
+    real_hit = VerificationStore.hit_limits
+    failed: list[int] = []
+
+    async def unanswered_once(
+        self: VerificationStore, checks: list[LimitCheck], now: float
+    ) -> LimitDecision:
+        if not failed and any(c.name is LimitName.NUMBER_VERIFICATIONS for c in checks):
+            failed.append(1)
+            raise StoreUnavailable("Redis did not answer within 2.0 s")
+        return await real_hit(self, checks, now)
+
+    monkeypatch.setattr(VerificationStore, "hit_limits", unanswered_once)
+    api = await start_service()
+    key = {"Idempotency-Key": "retry-me-after-a-blip"}
+    first = await api.request("POST", "/v1/verifications", json_body={"phone": MOBILE}, headers=key)
+    first.problem(503, "store-unavailable")
+    retry = await api.request("POST", "/v1/verifications", json_body={"phone": MOBILE}, headers=key)
+    assert retry.status == 201, retry.text
+    assert "Idempotent-Replayed" not in retry.headers, "nothing was made by the first try"
+    await read_code(sms_gateway)
+    await asyncio.sleep(0.3)
     assert len(sms_gateway.received) == 1
 
 
