@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 METRICS_EVERY_S = 1.0
 FIRST_STATE_DEADLINE_S = 30.0
 RENDER_DEADLINE_S = 2.0
+# serve sends its state every STATE_EVERY_S (0.5 s): none for this long, and serve is stuck
+# (stopped, swapping, a loop that blocks), though its connection stays open.
+STATE_STALE_S = 2.0
 
 
 class MainLinkError(RuntimeError):
@@ -41,6 +45,7 @@ class MainLink:
         self._channels: dict[Channel, bool] = {}
         self._checks: dict[str, bool] = {}
         self._warming: list[str] = []
+        self._state_at = 0.0  # time.monotonic() of serve's last state
         self._renders: dict[int, asyncio.Future[str]] = {}
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -113,8 +118,11 @@ class MainLink:
 
     # -- what serve says -------------------------------------------------------------------------
     def main_ready(self) -> bool:
-        """``serve`` is connected and its own readiness checks pass (for this worker's /readyz)."""
-        return not self.lost.is_set() and all(self._checks.values())
+        """``serve`` is connected, has said its state within STATE_STALE_S, and its own
+        readiness checks pass (for this worker's /readyz)."""
+        if self.lost.is_set() or time.monotonic() - self._state_at > STATE_STALE_S:
+            return False
+        return all(self._checks.values())
 
     def warming(self) -> list[str]:
         """What ``serve`` is still warming up (its /readyz ``warming``, e.g. prompts)."""
@@ -145,6 +153,7 @@ class MainLink:
             self._channels = {Channel(c): bool(ok) for c, ok in msg["channels"].items()}
             self._checks = {str(k): bool(v) for k, v in msg["checks"].items()}
             self._warming = [str(w) for w in msg.get("warming", [])]
+            self._state_at = time.monotonic()
         elif op == "snapshot":
             snapshot = self._metrics.snapshot()
             with contextlib.suppress(MainLinkError):  # serve gone: _read ends, the worker stops
