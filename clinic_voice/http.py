@@ -32,6 +32,7 @@ from verification.errors import (
     BadBody,
     BodyTimeout,
     KeyNotAllowed,
+    NoChannelConfigured,
     StoreUnavailable,
     UnsupportedCoding,
     VerificationError,
@@ -297,6 +298,8 @@ def build_middlewares(
                 # Every request fails alike while Redis is away: one line when it starts,
                 # then one every 30 s with a count, not a line a request.
                 store_outage.failed(exc)
+                log.debug("%s %s: %s", request.method, request.path, exc)
+            elif isinstance(exc, NoChannelConfigured):  # said once at start, as a warning
                 log.debug("%s %s: %s", request.method, request.path, exc)
             elif exc.status >= 500:  # str(): the cause, which the client's detail may not say
                 log.error("%s %s: %s", request.method, request.path, exc)

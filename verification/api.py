@@ -102,6 +102,14 @@ class CreateRequest:
     callback_url: str
 
 
+# What makes a channel available (the README's Configuration), for a 422's detail.
+_CONFIGURED_BY = {
+    Channel.FLASHCALL: "CLINIC_SIP_ROUTE and CLINIC_FLASHCALL_PREFIX",
+    Channel.SMS: "CLINIC_SMS_HTTP_URL, or CLINIC_SMS_GATEWAY=sip and CLINIC_SIP_ROUTE",
+    Channel.VOICE: "CLINIC_SIP_ROUTE",
+}
+
+
 def parse_create(
     body: dict[str, Any],
     available: tuple[Channel, ...],
@@ -143,10 +151,12 @@ def parse_create(
     plan = (method, *fallback)
     if len(set(plan)) != len(plan):
         raise InvalidRequest("a channel appears twice in method and fallback", field="fallback")
-    missing = [c.value for c in plan if c not in available]
+    missing = [c for c in plan if c not in available]
     if missing:
         raise ChannelUnavailable(
-            f"not configured here: {', '.join(missing)}", available=[c.value for c in available]
+            "not configured here: "
+            + ", ".join(f"{c.value} ({_CONFIGURED_BY[c]})" for c in missing),
+            available=[c.value for c in available],
         )
     code_length = body.get("code_length", 6)
     if type(code_length) is not int or not codes.MIN_LENGTH <= code_length <= codes.MAX_LENGTH:

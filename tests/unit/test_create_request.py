@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from verification.api import parse_create
-from verification.errors import InvalidRequest
+from verification.errors import ChannelUnavailable, InvalidRequest
 from verification.model import Channel
 
 PHONE = "+31612345678"
@@ -42,6 +42,17 @@ def test_a_plan_that_cannot_be(
 ) -> None:
     with pytest.raises(InvalidRequest, match=says):
         parse_create({"phone": PHONE, **body}, available)
+
+
+def test_a_channel_not_configured_names_what_would_configure_it() -> None:
+    body = {"phone": PHONE, "method": "flashcall", "fallback": ["sms", "voice"]}
+    with pytest.raises(ChannelUnavailable) as err:
+        parse_create(body, (SMS,))
+    assert err.value.detail == (
+        "not configured here: flashcall (CLINIC_SIP_ROUTE and CLINIC_FLASHCALL_PREFIX),"
+        " voice (CLINIC_SIP_ROUTE)"
+    )
+    assert err.value.extra == {"available": ["sms"]}
 
 
 @pytest.mark.parametrize("region", ["NL", "US", "GB"])
