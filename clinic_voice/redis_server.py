@@ -44,6 +44,26 @@ _MAX_SOCKET_PATH = 107
 _LOG_LINES_KEPT = 30
 
 
+# Lines Redis 7.0 marks as warnings ('#') at every start and stop: routine, logged as INFO.
+_ROUTINE = (
+    "oO0OoO0OoO0Oo Redis is starting",
+    "Redis version=",
+    "Configuration loaded",
+    "Server initialized",
+    "User requested shutdown",
+    "Redis is now ready to exit",
+)
+
+
+def log_level(line: str) -> int | None:
+    """The level at which to pass a redis-server log line on: its warnings ('#') as
+    WARNING, but for the routine lines of every start and stop (INFO); None for the rest."""
+    _, mark, message = line.partition(" # ")
+    if not mark:
+        return None
+    return logging.INFO if message.startswith(_ROUTINE) else logging.WARNING
+
+
 class EmbeddedRedisError(RuntimeError):
     """The embedded ``redis-server`` could not be started or did not become ready."""
 
@@ -319,9 +339,9 @@ class EmbeddedRedis:
         while line := await proc.stdout.readline():
             text = line.decode("utf-8", "replace").rstrip()
             self._lines.append(text)
-            # Redis marks warnings with '#'; its lines never hold keys or values.
-            if " # " in text:
-                log.warning("redis-server: %s", text)
+            level = log_level(text)
+            if level is not None:  # its lines never hold keys or values
+                log.log(level, "redis-server: %s", text)
 
     async def _reap_reader(self) -> None:
         if self._reader is None:
