@@ -5,12 +5,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the service and its tests need (checked one by one, installed when missing).
-APT_PACKAGES := redis-server sip-tester espeak-ng libespeak-ng1 sox baresip debootstrap tshark \
-                docker-compose wrk ca-certificates curl python3-venv python3-dev gcc
+# Debian packages (checked one by one, installed when missing): what the service needs to run,
+# and what only its tests and benches need (SIP peers, the Asterisk chroot, captures, load).
+APT_RUN := redis-server espeak-ng libespeak-ng1 sox ca-certificates curl python3-venv python3-dev gcc
+APT_TEST := sip-tester baresip debootstrap tshark docker-compose wrk
 PYTEST_ARGS ?=
 
-.PHONY: help install apt venv run test lint unit integration e2e bench bench-quick asterisk asterisk-stop asterisk-rootfs clean
+.PHONY: help install install-test apt apt-test venv run test lint unit integration e2e bench bench-quick asterisk asterisk-stop asterisk-rootfs clean
 
 help:
 	@echo "make run      start the service (installs what it needs first)"
@@ -19,16 +20,33 @@ help:
 	@echo "make asterisk / make asterisk-stop   the local Asterisk 22 rig for softphones"
 
 install: apt venv
+install-test: apt-test venv
 
-apt:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# $(1): the packages. Debian's redis-server package starts (and enables) a system Redis on
+# port 6379; the service runs its own (or CLINIC_REDIS_URL's), so one this step installed is
+# stopped and disabled again. A redis-server installed before is left as it was.
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+	  case " $$missing " in *" redis-server "*) \
+	    echo "stopping and disabling the system redis-server the package started (clinic-voice runs its own)"; \
+	    if command -v systemctl >/dev/null; then systemctl disable -q redis-server.service || true; fi; \
+	    if [ -d /run/systemd/system ]; then systemctl stop redis-server.service || true; \
+	    else service redis-server stop >/dev/null 2>&1 || true; update-rc.d redis-server disable >/dev/null 2>&1 || true; fi;; \
+	  esac; \
 	fi
+endef
+
+apt:
+	$(call apt_install,$(APT_RUN))
+
+apt-test: apt
+	$(call apt_install,$(APT_TEST))
 
 # after apt: python3-venv must be there first, also under make -j
 $(VENV)/.stamp: pyproject.toml | apt
@@ -42,28 +60,28 @@ venv: $(VENV)/.stamp
 run: install
 	$(VENV)/bin/clinic-voice serve
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: install lint
+test: install-test lint
 	$(VENV)/bin/clinic-voice flow check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-unit: install
+unit: install-test
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: install
+integration: install-test
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-e2e: install asterisk-rootfs
+e2e: install-test asterisk-rootfs
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 # Each script prints a table and ends with one JSON line; BENCHMARKS.md records the figures.
 # The SIP benches capture on the loopback interface (tshark), so run them as root.
 BENCH_ARGS ?=
-bench: install
+bench: install-test
 	$(PY) bench/api.py $(BENCH_ARGS)
 	$(PY) bench/api_cpu.py $(BENCH_ARGS)
 	$(PY) bench/api_latency.py $(BENCH_ARGS)
@@ -75,10 +93,10 @@ bench: install
 bench-quick:
 	$(MAKE) --no-print-directory bench BENCH_ARGS=--quick
 
-asterisk-rootfs: install
+asterisk-rootfs: install-test
 	$(PY) -m tests.e2e.rig rootfs
 
-asterisk: install
+asterisk: install-test
 	$(PY) -m tests.e2e.rig up
 
 asterisk-stop:

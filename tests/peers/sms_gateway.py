@@ -3,11 +3,17 @@
 
 The recorded texts are how a test learns a code, exactly as a phone would: by reading the SMS.
 The peer never logs a text (it holds a code).
+
+Run by hand it is a phone's screen for trying the API without an SMS provider:
+``.venv/bin/python -m tests.peers.sms_gateway --port 9090`` prints every SMS it is sent (to
+its terminal, not to a log), for ``CLINIC_SMS_HTTP_URL=http://127.0.0.1:9090/sms``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from enum import StrEnum
@@ -39,14 +45,14 @@ class Sms:
 class SmsGateway:
     """The gateway peer. ``await start()``, read :attr:`url`, ``await stop()``."""
 
-    def __init__(self, mode: GatewayMode = GatewayMode.OK) -> None:
+    def __init__(self, mode: GatewayMode = GatewayMode.OK, port: int = 0) -> None:
         self.mode = mode
         self.received: list[Sms] = []
         self._arrived = asyncio.Condition()
         self._release = asyncio.Event()  # lets hanging handlers end at stop()
         self._held = asyncio.Event()  # lets held handlers answer (release())
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port  # 0: any free port, read once started
 
     @property
     def url(self) -> str:
@@ -59,7 +65,7 @@ class SmsGateway:
         # shutdown_timeout: a hanging request must not hold the test's teardown.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
@@ -116,3 +122,31 @@ class SmsGateway:
         if self.mode is GatewayMode.REJECT:
             return web.json_response({"error": "bad destination"}, status=400)
         return web.json_response({"id": f"msg-{len(self.received)}"}, status=202)
+
+
+async def _show(port: int) -> None:
+    gateway = SmsGateway(port=port)
+    await gateway.start()
+    print(f"SMS gateway stand-in: set CLINIC_SMS_HTTP_URL={gateway.url} (Ctrl-C stops it)")
+    shown = 0
+    try:
+        while True:
+            with contextlib.suppress(AssertionError):  # an hour without one
+                await gateway.wait_for(shown + 1, 3600)
+            for sms in gateway.received[shown:]:
+                print(f"to {sms.to}: {sms.text}", flush=True)
+            shown = len(gateway.received)
+    finally:
+        await gateway.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="a local SMS gateway that prints what it gets")
+    parser.add_argument("--port", type=int, default=9090)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_show(args.port))
+
+
+if __name__ == "__main__":
+    main()
