@@ -135,7 +135,7 @@ def build_rootfs(root: Path | None = None, mirror: str | None = None) -> Path:
     if os.geteuid() != 0:
         raise RigError("building the Asterisk chroot needs root (debootstrap, chroot)")
     if shutil.which("debootstrap") is None:
-        raise RigError("debootstrap is missing: apt-get install debootstrap (make install)")
+        raise RigError("debootstrap is missing: apt-get install debootstrap (make install-test)")
     root.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(root.parent / f".{root.name}.build.lock", 900, "rootfs build"):
         if rootfs_ready(root):

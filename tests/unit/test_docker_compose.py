@@ -30,7 +30,7 @@ def _compose() -> dict[str, Any]:
 def _config(tmp: Path, **env: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("docker-compose")
     assert exe is not None, (
-        "docker-compose is missing: make install (Debian package docker-compose)"
+        "docker-compose is missing: make install-test (Debian package docker-compose)"
     )
     clean = {k: v for k, v in os.environ.items() if k != "CLINIC_REDIS_PASSWORD"}
     # An empty env file: a user's own docker/.env must not answer for the test.
