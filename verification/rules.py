@@ -295,9 +295,14 @@ def tick(v: Verification, now: float, policy: Policy) -> Transition:
 
 
 def _under_way(v: Verification, step: int) -> bool:
-    """Whether the send of ``step`` said it is under way (a call rang or was answered): a
-    voice call may still be reading the code, a flash call answered has no later report."""
+    """Whether the send of ``step``, with no outcome at the step's timeout, still did its
+    work: a flash call that rang showed its caller-ID (and one answered has no later report).
+    A voice call is never under way then: the voice step outlasts any voice call (the
+    settings refuse one shorter than VOICE_CALL_S), so one that rang and has no outcome at
+    the timeout ended with the process that placed it, maybe before reading the code."""
     channel = v.channels[step]
+    if channel is Channel.VOICE:
+        return False
     return any(
         e.kind in (EventKind.RINGING, EventKind.ANSWERED) and e.channel is channel for e in v.events
     )

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from sip_config.clock import FakeClock
+from sip_config.settings import VOICE_CALL_S
 from verification import rules
 from verification.errors import NoChannelLeft, NotPending
 from verification.model import (
@@ -506,17 +507,31 @@ def test_a_last_send_that_never_reported_is_sent_once_more(plan: tuple[Channel, 
 
 
 @pytest.mark.parametrize("kind", [DeliveryKind.RINGING, DeliveryKind.ANSWERED])
-@pytest.mark.parametrize("plan", [(V,), (F,)])
-def test_a_last_send_that_said_it_is_under_way_is_not_sent_again(
-    plan: tuple[Channel, ...], kind: DeliveryKind
-) -> None:
-    # The final review: a voice call still reading the code at the step timeout, or a flash
-    # call the callee answered (no later report), got a second call with a new code.
-    v = started(plan)
+def test_a_last_flash_call_that_rang_is_not_sent_again(kind: DeliveryKind) -> None:
+    # A flash call that rang showed its caller-ID, and one the callee answered has no later
+    # report: a second call would show a second code for nothing.
+    v = started((F,))
     v = rules.delivery(v, 0, kind, "", now=T0 + 2, policy=POLICY).verification
-    t = rules.tick(v, T0 + POLICY.step_timeout_s[plan[0]], POLICY)
+    t = rules.tick(v, T0 + POLICY.step_timeout_s[F], POLICY)
     assert t.send is None
     assert kinds(t.verification)[-1] == (EventKind.FALLBACK, None)
+
+
+@pytest.mark.parametrize("kind", [DeliveryKind.RINGING, DeliveryKind.ANSWERED])
+def test_a_last_voice_call_with_no_outcome_at_its_timeout_is_placed_again(
+    kind: DeliveryKind,
+) -> None:
+    # A review killed serve while voice calls rang: after the restart each verification fell
+    # back at the step's timeout with nothing after it, and waited out its lifetime with no
+    # code ever read. The voice step outlasts any voice call (VOICE_CALL_S), so a call with
+    # no outcome by then ended with its process: it is placed once more.
+    assert POLICY.step_timeout_s[V] >= VOICE_CALL_S
+    v = started((V,))
+    v = rules.delivery(v, 0, kind, "", now=T0 + 2, policy=POLICY).verification
+    t = rules.tick(v, T0 + POLICY.step_timeout_s[V], POLICY)
+    assert t.send is V
+    assert kinds(t.verification)[-1] == (EventKind.FALLBACK, V)
+    assert "no outcome reported" in t.verification.events[-1].detail
 
 
 def test_a_last_step_whose_send_never_left_is_sent_at_its_timeout() -> None:
