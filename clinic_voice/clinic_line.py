@@ -123,6 +123,8 @@ class ClinicLine:
             keep=self._keep,
             clock=self._rt.clock,
             tone_dir=self._settings.data_dir / "prompts",
+            write_ahead=journal.keep,
+            forget=journal.forget,
         )
 
     def _today(self) -> datetime.date:

@@ -66,6 +66,8 @@ def _session(call_id: str, store: CallStore, journal: CallJournal) -> CallSessio
         save=store.save,
         keep=journal.keep,
         clock=SystemClock(),
+        write_ahead=journal.keep,
+        forget=journal.forget,
     )
     return CallSession(cast(CallHandle, _Call(call_id)), deps)
 
@@ -108,6 +110,31 @@ async def test_a_record_redis_does_not_take_in_time_is_kept_then_replayed(
     assert [c["id"] for c in (await store.recent(10, None)).calls] == ["in-kept"]
     ttl = await mux.execute("TTL", "cv:call:in-kept")
     assert 30 * DAY_S - 60 < ttl <= 30 * DAY_S
+
+
+async def test_a_record_is_on_disk_while_its_save_waits_for_redis(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A review killed serve (kill -9) 10 s into a save's 30 s of retries against a Redis that
+    # was down: the record lived only in memory then, and was lost. It is written ahead now:
+    # whatever kills the process meanwhile, the next start replays it.
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=30.0)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    await mux.execute("PING")
+    await asyncio.to_thread(redis_server.stop)
+    saving = asyncio.create_task(_session("in-ahead", store, journal)._store(RECORD))
+    path = tmp_path / FOLDER / "in-ahead.sealed"
+    async with asyncio.timeout(5):
+        while not path.exists():  # noqa: ASYNC110 (a deadline)
+            await asyncio.sleep(0.05)
+    assert not saving.done(), "still trying Redis"
+    _assert_kept_private(tmp_path / FOLDER, "in-ahead", store)
+    await asyncio.to_thread(redis_server.restart)
+    async with asyncio.timeout(10):
+        await saving
+    assert not path.exists(), "Redis took it: the copy on disk is gone"
+    got = await store.get("in-ahead")
+    assert got is not None and got["values"] == dict(VALUES)
 
 
 async def test_a_record_a_full_redis_refuses_is_kept_then_replayed(

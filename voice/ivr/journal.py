@@ -1,8 +1,10 @@
 """The journal of unsaved calls: sealed call records that Redis did not take, kept on disk.
 
 "Nothing lost" is a promise of the clinic line, and a record lived only in memory until Redis
-took it. A record whose save fails for the store's whole patience (Redis stopped or frozen for
-30 s at the end of a call), or is cut short because the service stops, is kept here exactly as
+took it. Every record is written here before its save asks Redis, and deleted once Redis took
+it, so a process killed while the save waits (up to the store's patience) leaves it here. A
+record whose save fails for the store's whole patience (Redis stopped or frozen for 30 s at
+the end of a call), or is cut short because the service stops, is kept here exactly as
 Redis would have held it: sealed (AES-256-GCM under the call records' key, bound to its call
 id; never clear text), one file ``<call id>.sealed`` in ``$CLINIC_DATA_DIR/unsaved-calls``
 (0600, in a 0700 folder). Each file is written under a temporary name, fsynced, renamed and
@@ -78,6 +80,10 @@ class CallJournal:
         """Seal ``result`` and write it to the journal (durable when this returns)."""
         record = self._store.seal_result(result)
         await asyncio.to_thread(self._write, record.call_id, record.sealed)
+
+    async def forget(self, call_id: str) -> None:
+        """Delete the kept copy of a record Redis has taken (none kept: nothing to do)."""
+        await asyncio.to_thread(self._remove, call_id)
 
     async def replay(self, now: float) -> Replayed:
         """Save every record of the journal to Redis (one try each); stops at Redis's first

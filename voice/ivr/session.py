@@ -78,6 +78,7 @@ FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
 WebhookPoster = Callable[[str, Mapping[str, str], float], Awaitable[Mapping[str, str] | None]]
 Recorder = Callable[[str, bytes], Awaitable[str]]
 Saver = Callable[[CallResult], Awaitable[None]]
+Forgetter = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,11 @@ class SessionDeps:
     # Where the beep WAV is rendered once (e.g. $CLINIC_DATA_DIR/prompts); None: a
     # per-user folder in the system's temporary directory.
     tone_dir: Path | None = None
+    # Writes the record to the journal before ``save`` asks Redis (not counted as kept), and
+    # deletes that copy once Redis took it: a process killed while ``save`` waits for Redis
+    # (up to the store's patience) leaves the record for the next start to replay.
+    write_ahead: Saver | None = None
+    forget: Forgetter | None = None
 
 
 def refer_to(uri: str, headers: Iterable[tuple[str, str]]) -> str:
@@ -708,7 +714,7 @@ class CallSession:
         # The save runs in its own task, shielded: the call's task can be cancelled (pool.stop
         # cancels call tasks at SIGTERM) while it waits for Redis. A cancelled or failed save
         # is kept on disk instead, before the cancellation goes on.
-        saving = asyncio.ensure_future(self._d.save(result))
+        saving = asyncio.ensure_future(self._saved(result))
         task = asyncio.current_task()
         stopping = task is not None and task.cancelling() > 0  # in run()'s finally, cancelled
         try:
@@ -727,6 +733,24 @@ class CallSession:
                 exc_info=not isinstance(exc, TimeoutError),
             )
             await self._keep_on_disk(result)
+
+    async def _saved(self, result: CallResult) -> None:
+        """Save ``result`` to Redis, with a copy on disk while Redis is asked (write_ahead)."""
+        ahead = False
+        if self._d.write_ahead is not None:
+            try:
+                await self._d.write_ahead(result)
+                ahead = True
+            except Exception as exc:  # an OSError: a path and a reason, never the record
+                log.warning(
+                    "call %s: the record could not be written ahead to disk: %s", self._h.id, exc
+                )
+        await self._d.save(result)
+        if ahead and self._d.forget is not None:
+            try:
+                await self._d.forget(self._h.id)
+            except Exception:  # the replay saves it again (harmless) and deletes it
+                log.warning("call %s: the saved record's copy on disk stays for now", self._h.id)
 
     async def _keep_on_disk(self, result: CallResult) -> None:
         # Shielded: a second cancellation does not cut the write short (it finishes in its
