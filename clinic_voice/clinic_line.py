@@ -111,7 +111,9 @@ class ClinicLine:
         # Records Redis did not take (a long outage, a stop): saved now and every 30 s.
         journal = CallJournal(self._settings.data_dir / JOURNAL_FOLDER, self._rt.call_store)
         self._journal = journal
-        self._replay = asyncio.create_task(self._replay_journal(journal))
+        # Read before any call can begin (no session runs without the deps made below).
+        lost = await journal.leftovers(self._rt.clock.now())
+        self._replay = asyncio.create_task(self._replay_journal(journal, lost))
         self._deps = SessionDeps(
             engine=Engine(self._flowset, params),
             flowset=self._flowset,
@@ -125,6 +127,8 @@ class ClinicLine:
             tone_dir=self._settings.data_dir / "prompts",
             write_ahead=journal.keep,
             forget=journal.forget,
+            begin=journal.begin,
+            end=journal.end,
         )
 
     def _today(self) -> datetime.date:
@@ -289,10 +293,13 @@ class ClinicLine:
                     log.info("deleted %d voicemail message(s) past their retention", removed)
             await asyncio.sleep(VOICEMAIL_SWEEP_S)
 
-    async def _replay_journal(self, journal: CallJournal) -> None:
-        """Save the records kept on disk to Redis: at start, then every 30 s."""
+    async def _replay_journal(self, journal: CallJournal, lost: list[str]) -> None:
+        """Save the records kept on disk to Redis: at start, then every 30 s; and those of
+        the calls an earlier serve was running when it died (``lost``, read at start)."""
         while True:
             try:
+                if lost:
+                    lost = await journal.replay_lost(lost, self._rt.clock.now())
                 await journal.replay(self._rt.clock.now())
             except Exception:  # the next round tries again: the records stay on disk
                 log.exception("replaying the call records kept on disk failed")

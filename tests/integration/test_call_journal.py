@@ -26,9 +26,9 @@ from tests.conftest import RedisServer
 from verification.redis_mux import RedisMux
 from voice.ivr import session as session_module
 from voice.ivr.call_record import CallResult
-from voice.ivr.engine import CallRecord
+from voice.ivr.engine import LOST_OUTCOME, CallRecord
 from voice.ivr.flow import FlowSet
-from voice.ivr.journal import FOLDER, CallJournal, Replayed
+from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, Replayed
 from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStore
 from voice.ivr.voicemail import Voicemails
@@ -68,6 +68,8 @@ def _session(call_id: str, store: CallStore, journal: CallJournal) -> CallSessio
         clock=SystemClock(),
         write_ahead=journal.keep,
         forget=journal.forget,
+        begin=journal.begin,
+        end=journal.end,
     )
     return CallSession(cast(CallHandle, _Call(call_id)), deps)
 
@@ -135,6 +137,68 @@ async def test_a_record_is_on_disk_while_its_save_waits_for_redis(
     assert not path.exists(), "Redis took it: the copy on disk is gone"
     got = await store.get("in-ahead")
     assert got is not None and got["values"] == dict(VALUES)
+
+
+async def test_a_call_under_way_when_serve_dies_is_recorded_as_cut_at_the_next_start(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A review killed serve (kill -9) 4 s into an answered call: the call left no record,
+    # so no cut_* outcome told staff to call the patient back. A call has a record on disk
+    # while it runs; the next start saves what a dead serve left.
+    store = CallStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    session = _session("in-running", store, journal)
+    session._started_at = time.time() - 4
+    session._begin("triage")
+    assert session._begun is not None
+    await session._begun
+    live = tmp_path / LIVE_FOLDER / "in-running.sealed"
+    assert live.exists() and live.stat().st_mode & 0o777 == 0o600
+    assert CALLER.encode() not in live.read_bytes(), "sealed, as the journal's records"
+    # serve dies here: nothing else runs. The next start:
+    again = CallJournal(tmp_path / FOLDER, store)
+    lost = await again.leftovers(time.time())
+    assert lost == ["in-running"]
+    assert await again.replay_lost(lost, time.time()) == []
+    got = await store.get("in-running")
+    assert got is not None
+    assert (got["outcome"], got["flow"], got["caller"]) == (LOST_OUTCOME, "triage", CALLER)
+    assert got["values"] == {}, "nothing the caller said is in it"
+    assert not live.exists()
+    assert [c["id"] for c in (await store.recent(10, None)).calls] == ["in-running"]
+
+
+async def test_a_live_record_never_replaces_the_calls_own(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # serve died after the call's own record was saved, before its live record was deleted:
+    # the live one must not overwrite the answers and the outcome.
+    store = CallStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    now = time.time()
+    lost = CallRecord("triage", (), (), None, (), None, None, LOST_OUTCOME)
+    await journal.begin(CallResult("in-both", CALLER, "700", now - 60, now - 60, lost))
+    await store.save(_result("in-both", now))
+    assert await journal.replay_lost(await journal.leftovers(now), now) == []
+    got = await store.get("in-both")
+    assert got is not None and got["outcome"] == "transferred"
+    assert got["values"] == dict(VALUES)
+    assert not (tmp_path / LIVE_FOLDER / "in-both.sealed").exists()
+
+
+async def test_a_call_that_ends_deletes_its_live_record(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    session = _session("in-ended", store, journal)
+    session._started_at = time.time()
+    session._begin("triage")
+    await session._store(RECORD)
+    await session._end_live()
+    assert await journal.leftovers(time.time()) == []
+    got = await store.get("in-ended")
+    assert got is not None and got["outcome"] == "transferred"
 
 
 async def test_a_record_a_full_redis_refuses_is_kept_then_replayed(
@@ -251,12 +315,19 @@ async def test_the_clinic_line_replays_the_journal_when_it_starts(
     rt.voicemails = Voicemails(settings.data_dir / "voicemail", rt.call_store)
     left = CallJournal(settings.data_dir / FOLDER, rt.call_store)
     await left.keep(_result("in-left", time.time() - 60))  # by an earlier run
+    cut = CallRecord("appointments", (), (), None, (), None, None, LOST_OUTCOME)
+    await left.begin(CallResult("in-cut", CALLER, "700", time.time() - 9, time.time() - 9, cut))
     line = ClinicLine(settings, rt, FlowSet(flows={}))
     await line.start()
     try:
         async with asyncio.timeout(5):
             while await rt.call_store.get("in-left") is None:  # noqa: ASYNC110 (a deadline)
                 await asyncio.sleep(0.05)
+            while await rt.call_store.get("in-cut") is None:  # noqa: ASYNC110 (a deadline)
+                await asyncio.sleep(0.05)
     finally:
         await line.stop()
     assert not (settings.data_dir / FOLDER / "in-left.sealed").exists()
+    got = await rt.call_store.get("in-cut")
+    assert got is not None and got["outcome"] == LOST_OUTCOME
+    assert not (settings.data_dir / LIVE_FOLDER / "in-cut.sealed").exists()

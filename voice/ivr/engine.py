@@ -335,6 +335,8 @@ class Close(enum.StrEnum):
 
 
 CLOSED_OUTCOME = "cut_shutdown"
+# The record a call has on disk while it runs: what stays of it when serve dies mid-call.
+LOST_OUTCOME = "cut_service_lost"
 MESSAGE_OUTCOME = "message_left"
 UNCONFIRMED_OUTCOME = "transfer_unconfirmed"
 MESSAGE_MAX_S = 60

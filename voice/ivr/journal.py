@@ -38,6 +38,8 @@ from voice.media.leftovers import remove_files
 log = logging.getLogger(__name__)
 
 FOLDER = "unsaved-calls"  # in the data dir
+# The records of the calls under way (their outcome: the service lost them), next to FOLDER.
+LIVE_FOLDER = "live-calls"
 REPLAY_EVERY_S = 30.0
 SUFFIX = ".sealed"
 # A temporary file older than this was left by a process that died while writing it (a
@@ -67,8 +69,9 @@ class Replayed:
 class CallJournal:
     """The journal folder of one data dir, sealed with ``store``'s key and replayed into it."""
 
-    def __init__(self, folder: Path, store: CallStore) -> None:
+    def __init__(self, folder: Path, store: CallStore, live_folder: Path | None = None) -> None:
         self._folder = folder
+        self._live = folder.parent / LIVE_FOLDER if live_folder is None else live_folder
         self._store = store
         self._unreadable: set[str] = set()  # warned about once
 
@@ -80,6 +83,54 @@ class CallJournal:
         """Seal ``result`` and write it to the journal (durable when this returns)."""
         record = self._store.seal_result(result)
         await asyncio.to_thread(self._write, record.call_id, record.sealed)
+
+    # -- calls under way ---------------------------------------------------------------------
+    async def begin(self, result: CallResult) -> None:
+        """Write the record a call has while it runs (outcome ``cut_service_lost``) among the
+        live calls: if ``serve`` dies during the call (``kill -9``, a power cut), the next
+        start saves it (:meth:`replay_lost`), so staff see a call that was cut."""
+        record = self._store.seal_result(result)
+        await asyncio.to_thread(write_private, self._live_path(result.id), record.sealed)
+
+    async def end(self, call_id: str) -> None:
+        """The call ended and its own record is saved or kept: its live record goes."""
+        await asyncio.to_thread(self._live_path(call_id).unlink, missing_ok=True)
+
+    async def leftovers(self, now: float) -> list[str]:
+        """The live calls an earlier ``serve`` left: read at start, before any call."""
+        return await asyncio.to_thread(_ids_of, self._live, now)
+
+    async def replay_lost(self, call_ids: list[str], now: float) -> list[str]:
+        """Save the records of ``call_ids`` (from :meth:`leftovers`) that Redis does not hold
+        yet, never over one it holds (that call's own record got there first), and delete
+        their files; the ids left for the next try (Redis down)."""
+        for i, call_id in enumerate(call_ids):
+            path = self._live_path(call_id)
+            sealed = await asyncio.to_thread(_read, path)
+            if sealed is None:
+                continue
+            try:
+                record = self._store.reopen(call_id, sealed)
+            except (InvalidTag, ValueError, KeyError, TypeError):
+                log.error("call %s: the live record in %s does not open: left there", call_id, path)
+                continue
+            ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
+            if ttl_s is not None:
+                try:
+                    await self._store.save_sealed(
+                        record, ttl_s=ttl_s, patience_s=0.0, only_new=True
+                    )
+                except CallStoreUnavailable as exc:
+                    log.warning(
+                        "%d live call record(s) wait for Redis (%s)", len(call_ids) - i, exc
+                    )
+                    return call_ids[i:]
+                log.warning(
+                    "call %s: the service stopped during this call (killed?): recorded as cut",
+                    call_id,
+                )
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        return []
 
     async def forget(self, call_id: str) -> None:
         """Delete the kept copy of a record Redis has taken (none kept: nothing to do)."""
@@ -136,22 +187,36 @@ class CallJournal:
             raise ValueError("not a call id")
         return self._folder / f"{call_id}{SUFFIX}"
 
+    def _live_path(self, call_id: str) -> Path:
+        if not _ID.fullmatch(call_id):
+            raise ValueError("not a call id")
+        return self._live / f"{call_id}{SUFFIX}"
+
     def _write(self, call_id: str, sealed: str) -> None:
         write_private(self._path(call_id), sealed)  # hidden until renamed: not _pending's
 
     def _pending(self, now: float) -> list[str]:
         """The call ids in the journal (and away with stale temporary files)."""
-        if not self._folder.is_dir():
-            return []
-        remove_files(self._folder, ".*.tmp", STALE_TEMP_S, now)
-        ids = (p.name.removesuffix(SUFFIX) for p in self._folder.glob(f"*{SUFFIX}"))
-        return sorted(i for i in ids if _ID.fullmatch(i) and i not in self._unreadable)
+        return [i for i in _ids_of(self._folder, now) if i not in self._unreadable]
 
     def _read(self, call_id: str) -> str | None:
-        try:
-            return self._path(call_id).read_text()
-        except FileNotFoundError:
-            return None
+        return _read(self._path(call_id))
 
     def _remove(self, call_id: str) -> None:
         self._path(call_id).unlink(missing_ok=True)
+
+
+def _ids_of(folder: Path, now: float) -> list[str]:
+    """The call ids of the records in ``folder`` (and away with stale temporary files)."""
+    if not folder.is_dir():
+        return []
+    remove_files(folder, ".*.tmp", STALE_TEMP_S, now)
+    ids = (p.name.removesuffix(SUFFIX) for p in folder.glob(f"*{SUFFIX}"))
+    return sorted(i for i in ids if _ID.fullmatch(i))
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None

@@ -105,6 +105,11 @@ class SessionDeps:
     # (up to the store's patience) leaves the record for the next start to replay.
     write_ahead: Saver | None = None
     forget: Forgetter | None = None
+    # Writes the record a call has while it runs (outcome cut_service_lost) when it is
+    # answered, and deletes it once the call's own record is saved or kept: what stays of a
+    # call when serve dies during it (voice/ivr/journal.py).
+    begin: Saver | None = None
+    end: Forgetter | None = None
 
 
 def refer_to(uri: str, headers: Iterable[tuple[str, str]]) -> str:
@@ -195,6 +200,7 @@ class CallSession:
         self._deferred_hangup: eng.HangUp | None = None  # held until the POST's result
         self._record_open = False  # from RecordAudio until its RecordDone is queued
         self._closing = False  # the service is stopping (close)
+        self._begun: asyncio.Future[None] | None = None  # the live record's write
 
     @property
     def call_id(self) -> str:
@@ -216,6 +222,7 @@ class CallSession:
         flow = self._d.flowset.route(self._h.called)
         self._language = flow.language
         log.info("call %s: answered, flow %s", self._h.id, flow.id)
+        self._begin(flow.id)
         pump = self._spawn(self._pump_sip())
         cut = ""
         try:
@@ -247,6 +254,32 @@ class CallSession:
             if self._private_wavs:
                 left, self._private_wavs = list(self._private_wavs.values()), {}
                 await asyncio.to_thread(_unlink_all, left)
+            await self._end_live()
+
+    def _begin(self, flow_id: str) -> None:
+        """Write the call's live record in the background (not delaying the answer)."""
+        if self._d.begin is None:
+            return
+        lost = eng.CallRecord(flow_id, (), (), None, (), None, None, eng.LOST_OUTCOME)
+        at = self._started_at  # the end is unknown: the record says when the call began
+        result = CallResult(self._h.id, self._h.caller, self._h.called, at, at, lost)
+        self._begun = asyncio.ensure_future(self._d.begin(result))
+
+    async def _end_live(self) -> None:
+        """Delete the live record, once its write is done (or it could come back after)."""
+        if self._begun is None:
+            return
+        try:
+            await asyncio.shield(self._begun)
+        except Exception as exc:  # not written: nothing to delete
+            log.warning("call %s: its live record could not be written: %s", self._h.id, exc)
+            return
+        if self._d.end is None:
+            return
+        try:
+            await asyncio.shield(self._d.end(self._h.id))
+        except Exception as exc:
+            log.warning("call %s: its live record could not be deleted: %s", self._h.id, exc)
 
     async def _loop(self, state: eng.CallState, actions: list[eng.Action]) -> None:
         while True:

@@ -135,13 +135,19 @@ class CallStore:
         await self.save_sealed(self.seal_result(result))
 
     async def save_sealed(
-        self, record: SealedRecord, *, ttl_s: int | None = None, patience_s: float | None = None
+        self,
+        record: SealedRecord,
+        *,
+        ttl_s: int | None = None,
+        patience_s: float | None = None,
+        only_new: bool = False,
     ) -> None:
         """Write a sealed record, to expire in ``ttl_s`` (default: the retention), trying
-        again while Redis fails for ``patience_s`` (default: the store's save patience)."""
+        again while Redis fails for ``patience_s`` (default: the store's save patience);
+        ``only_new``: not over a record of the same call already there."""
         ttl = self._ttl_s if ttl_s is None else ttl_s
         commands: list[Command] = [
-            ("SET", _key(record.call_id), record.sealed, "EX", ttl),
+            ("SET", _key(record.call_id), record.sealed, "EX", ttl, *(("NX",) if only_new else ())),
             ("ZADD", INDEX, repr(record.started_at), record.call_id),
             ("ZREMRANGEBYSCORE", INDEX, "-inf", repr(record.started_at - self._ttl_s)),
         ]
