@@ -49,6 +49,10 @@ TIMERS_QUIET_S = 5.0
 SETTLE_RETRY_S = 0.5
 SETTLE_GRACE_S = 1.0
 SETTLE_MAX = 10_000
+# A stop waits this long for the creates answered 503 to be settled (the store back for
+# SETTLE_GRACE_S, then each canceled or sent as its answer said): left, they are their step
+# timers' to send on, for verifications their apps were told were never made.
+STOP_SETTLE_S = 3.0
 UNCONFIRMED = "its create was answered 503 (the store did not confirm the write in time)"
 
 
@@ -178,6 +182,9 @@ class Dispatcher:
         self._timer_task = asyncio.create_task(self._timer_loop(), name="verification-timers")
 
     async def stop(self) -> None:
+        settling = self._settling
+        if self._unconfirmed and settling is not None and not settling.done():
+            await asyncio.wait({settling}, timeout=STOP_SETTLE_S)
         self._stopping = True
         self._name_what_is_left()
         tasks = list(self._tasks)

@@ -409,6 +409,34 @@ async def test_a_create_answered_503_that_landed_is_canceled_and_never_sends(
     assert [m.to for m in sms_gateway.received] == [OTHER_MOBILE], "a create answered 503 sent"
 
 
+async def test_a_stop_waits_for_a_create_answered_503_to_be_settled(
+    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer
+) -> None:
+    # The crash review stopped serve (SIGTERM) while Redis was busy: the create answered 503
+    # was "left to its step timer", which sent its code after the next start.
+    api = await start_service({"CLINIC_STEP_TIMEOUT_SMS_S": "10"}, clock=FakeClock())
+    assert (await api.create(phone=OTHER_MOBILE, method="sms", fallback=[])).status == 201
+    await sms_gateway.wait_for(1)
+    dispatcher = api.app[RUNTIME].dispatcher
+    assert dispatcher is not None
+    pid = redis_server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        made = await api.request("POST", "/v1/verifications", json_body={"phone": MOBILE})
+        made.problem(503, "store-unavailable")
+        stopping = asyncio.create_task(dispatcher.stop())
+        await asyncio.sleep(0.5)
+        assert not stopping.done(), "the stop waits for the store to settle the create"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    async with asyncio.timeout(dispatcher_module.STOP_SETTLE_S + 1):
+        await stopping
+    record = await _record_of(redis_server, MOBILE)
+    assert record is not None and record["status"] == "canceled", record
+    assert "answered 503" in record["events"][-1]["detail"]
+
+
 async def test_a_create_answered_503_with_an_idempotency_key_is_sent_for_its_retry(
     start_service: StartService,
     sms_gateway: SmsGateway,
