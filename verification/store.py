@@ -13,7 +13,6 @@ as one service: timers and webhook jobs are leased by whichever process polls fi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import json
@@ -434,8 +433,10 @@ class VerificationStore:
                 # Nothing was made either (the limits may have been counted). Released if
                 # Redis still answers, a retry goes ahead at once instead of meeting 409s
                 # until the reservation ends; if not, it ends by itself.
-                with contextlib.suppress(StoreUnavailable):
+                try:
                     await self._release(key)
+                except StoreUnavailable:
+                    log.debug("Idempotency-Key reservation kept until it ends: Redis is away")
                 raise
         idem = (key, json.dumps({"body": idempotency[1], "id": v.id}), KEEP_AFTER_EXPIRY_S)
         # A write that fails here may still have reached Redis: the reservation stays (for

@@ -26,6 +26,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -106,30 +107,18 @@ class CallJournal:
         their files; the ids left for the next try (Redis down)."""
         for i, call_id in enumerate(call_ids):
             path = self._live_path(call_id)
-            sealed = await asyncio.to_thread(_read, path)
-            if sealed is None:
-                continue
             try:
-                record = self._store.reopen(call_id, sealed)
-            except (InvalidTag, ValueError, KeyError, TypeError):
+                done = await self._save_file(path, call_id, now, only_new=True)
+            except CallStoreUnavailable as exc:
+                log.warning("%d live call record(s) wait for Redis (%s)", len(call_ids) - i, exc)
+                return call_ids[i:]
+            if done is _Done.UNREADABLE:
                 log.error("call %s: the live record in %s does not open: left there", call_id, path)
-                continue
-            ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
-            if ttl_s is not None:
-                try:
-                    await self._store.save_sealed(
-                        record, ttl_s=ttl_s, patience_s=0.0, only_new=True
-                    )
-                except CallStoreUnavailable as exc:
-                    log.warning(
-                        "%d live call record(s) wait for Redis (%s)", len(call_ids) - i, exc
-                    )
-                    return call_ids[i:]
+            elif done is _Done.SAVED:
                 log.warning(
                     "call %s: the service stopped during this call (killed?): recorded as cut",
                     call_id,
                 )
-            await asyncio.to_thread(path.unlink, missing_ok=True)
         return []
 
     async def forget(self, call_id: str) -> None:
@@ -142,31 +131,8 @@ class CallJournal:
         names = await asyncio.to_thread(self._pending, now)
         saved = expired = 0
         for i, call_id in enumerate(names):
-            sealed = await asyncio.to_thread(self._read, call_id)
-            if sealed is None:
-                continue  # deleted meanwhile
             try:
-                record = self._store.reopen(call_id, sealed)
-            except (InvalidTag, ValueError, KeyError, TypeError):
-                # Another CLINIC_SECRET, or a damaged file: kept for the operator to look at.
-                if call_id not in self._unreadable:
-                    self._unreadable.add(call_id)
-                    log.error(
-                        "call %s: the record kept in %s does not open with this service's "
-                        "key: left there",
-                        call_id,
-                        self._folder,
-                    )
-                continue
-            ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
-            if ttl_s is None:
-                await asyncio.to_thread(self._remove, call_id)
-                log.info("call %s: the record kept on disk is past its retention: deleted", call_id)
-                expired += 1
-                continue
-            try:
-                # One try: the next replay is the retry.
-                await self._store.save_sealed(record, ttl_s=ttl_s, patience_s=0.0)
+                done = await self._save_file(self._path(call_id), call_id, now)
             except CallStoreUnavailable as exc:
                 left = len(names) - i
                 log.warning(
@@ -176,21 +142,50 @@ class CallJournal:
                     REPLAY_EVERY_S,
                 )
                 return Replayed(saved, expired, left + len(self._unreadable))
-            await asyncio.to_thread(self._remove, call_id)
-            log.info("call %s: the record kept on disk is now saved", call_id)
-            saved += 1
+            if done is _Done.UNREADABLE:
+                # Another CLINIC_SECRET, or a damaged file: kept for the operator to look at.
+                self._unreadable.add(call_id)
+                log.error(
+                    "call %s: the record kept in %s does not open with this service's "
+                    "key: left there",
+                    call_id,
+                    self._folder,
+                )
+            elif done is _Done.EXPIRED:
+                log.info("call %s: the record kept on disk is past its retention: deleted", call_id)
+                expired += 1
+            elif done is _Done.SAVED:
+                log.info("call %s: the record kept on disk is now saved", call_id)
+                saved += 1
         return Replayed(saved, expired, len(self._unreadable))
+
+    async def _save_file(
+        self, path: Path, call_id: str, now: float, *, only_new: bool = False
+    ) -> _Done:
+        """Save the record in ``path`` to Redis (one try: the next replay is the retry) with
+        the expiry a normal save gives it, and delete the file; one past that is deleted,
+        not saved. Raises :class:`CallStoreUnavailable`, the file left as it is."""
+        sealed = await asyncio.to_thread(_read, path)
+        if sealed is None:
+            return _Done.GONE  # deleted meanwhile
+        try:
+            record = self._store.reopen(call_id, sealed)
+        except (InvalidTag, ValueError, KeyError, TypeError):
+            return _Done.UNREADABLE
+        ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
+        done = _Done.EXPIRED
+        if ttl_s is not None:
+            await self._store.save_sealed(record, ttl_s=ttl_s, patience_s=0.0, only_new=only_new)
+            done = _Done.SAVED
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        return done
 
     # -- blocking file operations (in a thread) --------------------------------------------------
     def _path(self, call_id: str) -> Path:
-        if not _ID.fullmatch(call_id):
-            raise ValueError("not a call id")
-        return self._folder / f"{call_id}{SUFFIX}"
+        return _file(self._folder, call_id)
 
     def _live_path(self, call_id: str) -> Path:
-        if not _ID.fullmatch(call_id):
-            raise ValueError("not a call id")
-        return self._live / f"{call_id}{SUFFIX}"
+        return _file(self._live, call_id)
 
     def _write(self, call_id: str, sealed: str) -> None:
         write_private(self._path(call_id), sealed)  # hidden until renamed: not _pending's
@@ -199,11 +194,23 @@ class CallJournal:
         """The call ids in the journal (and away with stale temporary files)."""
         return [i for i in _ids_of(self._folder, now) if i not in self._unreadable]
 
-    def _read(self, call_id: str) -> str | None:
-        return _read(self._path(call_id))
-
     def _remove(self, call_id: str) -> None:
         self._path(call_id).unlink(missing_ok=True)
+
+
+class _Done(Enum):
+    """What :meth:`CallJournal._save_file` did with a file."""
+
+    GONE = "gone"  # deleted meanwhile
+    UNREADABLE = "unreadable"  # does not open with this service's key: left there
+    EXPIRED = "expired"  # past its retention: deleted
+    SAVED = "saved"  # in Redis: deleted
+
+
+def _file(folder: Path, call_id: str) -> Path:
+    if not _ID.fullmatch(call_id):
+        raise ValueError("not a call id")
+    return folder / f"{call_id}{SUFFIX}"
 
 
 def _ids_of(folder: Path, now: float) -> list[str]:
