@@ -20,7 +20,12 @@ that was a fifth of a core. This client does only what those two callers need:
 
 With ``address_filter``, the client resolves each host itself and connects only to the
 addresses the filter allows (the webhook sender's guard against a callback URL pointing into
-the clinic's network: :mod:`verification.callbacks`).
+the clinic's network: :mod:`verification.callbacks`). It resolves on threads of its own
+(:class:`_Resolver`), never on the event loop's shared resolver: a lookup cannot be cancelled
+once it runs, and callback hosts are chosen by API clients, so a name whose DNS never answers
+would otherwise hold every thread of that resolver for the system's full resolver timeout
+after each POST gave up, and every other lookup of the process (the SMS gateway's host, the
+operator's webhook, the SIP route) would wait behind them.
 
 Every failure is an :class:`HttpClientError` (or ``TimeoutError`` for the deadline), so a
 caller maps two exceptions, not a framework's hierarchy. Nothing is retried here, with one
@@ -32,9 +37,11 @@ on a new connection. Any other retry is the caller's decision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -361,6 +368,75 @@ def _expire(answer: asyncio.Future[HttpAnswer]) -> None:
         answer.set_exception(TimeoutError())
 
 
+_Lookup = tuple[str, int, "asyncio.Future[list[str]]", asyncio.AbstractEventLoop]
+
+
+class _Resolver:
+    """``getaddrinfo`` on a few daemon threads of its own (see the module's docstring).
+
+    A lookup whose caller gave up (its future is done: cancelled by a deadline) before a
+    thread took it is skipped, so a hung name does not keep the threads busy for lookups
+    nobody waits for. Daemon threads: one stuck in a lookup does not hold up the process's
+    exit."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self._threads = threads
+        self._queue: deque[_Lookup] = deque()
+        self._ready = threading.Condition()
+        self._started = 0
+        self._closed = False
+
+    async def lookup(self, host: str, port: int) -> list[str]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[str]] = loop.create_future()
+        with self._ready:
+            if self._closed:
+                raise OSError("the resolver is closed")
+            self._queue.append((host, port, fut, loop))
+            if self._started < self._threads:
+                self._started += 1
+                threading.Thread(target=self._work, name="callback-dns", daemon=True).start()
+            self._ready.notify()
+        return await fut
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._ready.notify_all()
+        for _host, _port, fut, _loop in queued:  # called on the loop: settle them here
+            if not fut.done():
+                fut.set_exception(OSError("the resolver is closed"))
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                host, port, fut, loop = self._queue.popleft()
+            if fut.done():  # its caller gave up while it queued (read only: a bool)
+                continue
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                found: list[str] | OSError = [str(info[4][0]) for info in infos]
+            except OSError as exc:
+                found = exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                loop.call_soon_threadsafe(_settle, fut, found)
+
+
+def _settle(fut: asyncio.Future[list[str]], found: list[str] | OSError) -> None:
+    if fut.done():
+        return
+    if isinstance(found, OSError):
+        fut.set_exception(found)
+    else:
+        fut.set_result(found)
+
+
 class _Pool:
     """The connections to one origin."""
 
@@ -387,6 +463,7 @@ class HttpClient:
     ) -> None:
         self._max = max_per_origin
         self._allow = address_filter
+        self._resolver = _Resolver() if address_filter is not None else None
         self._idle_s = idle_s
         self._ua = user_agent
         self._ssl = ssl_context
@@ -528,13 +605,12 @@ class HttpClient:
         raise HttpClientError(f"cannot connect to {origin.name}: {error}")
 
     async def _allowed_addresses(self, origin: _Origin) -> list[str]:
-        assert self._allow is not None
-        loop = asyncio.get_running_loop()
+        assert self._allow is not None and self._resolver is not None
         try:
-            infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+            resolved = await self._resolver.lookup(origin.host, origin.port)
         except OSError as exc:
             raise HttpClientError(f"cannot resolve {origin.host}: {exc}") from None
-        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        found = list(dict.fromkeys(resolved))
         allowed = [a for a in found if _allowed(self._allow, a)]
         if not allowed:
             raise UnusableUrl(f"{origin.name} resolves to no address allowed here: {found}")
@@ -597,6 +673,8 @@ class HttpClient:
     async def close(self) -> None:
         """Close every connection; requests in flight fail, new ones are refused."""
         self._closed = True
+        if self._resolver is not None:
+            self._resolver.close()
         for pool in self._pools.values():
             for conn in pool.idle:
                 conn.close()

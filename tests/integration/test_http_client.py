@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -511,3 +513,44 @@ async def test_origins_tried_and_failed_are_not_kept(peer: Peer, client: HttpCli
     assert client.origins == 0
     assert (await client.post(peer.url("/echo"), b"{}", JSON, timeout_s=5)).status == 200
     assert client.origins == 1, "an origin with a kept-alive connection is kept"
+
+
+async def test_hung_callback_lookups_leave_the_loops_resolver_free(
+    peer: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A callback host whose DNS never answers: each lookup holds its thread for the system
+    # resolver's whole timeout, long after the POST's deadline cut its wait short. Those
+    # lookups must not take the threads every other lookup of the process needs (the SMS
+    # gateway's host, the operator's webhook): here, the loop's own getaddrinfo.
+    real = socket.getaddrinfo
+    hung = threading.Event()
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if isinstance(host, str) and host.endswith(".hung.test"):
+            hung.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    guarded = HttpClient(address_filter=lambda _address: True)
+    try:
+        posts = [
+            guarded.post(f"http://h{i}.hung.test/x", b"{}", JSON, timeout_s=0.2) for i in range(40)
+        ]
+        results = await asyncio.gather(*posts, return_exceptions=True)
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        # The loop's resolver still answers at once, and so does a POST by host name.
+        async with asyncio.timeout(2.0):
+            await asyncio.get_running_loop().getaddrinfo("localhost", peer.port)
+        plain = HttpClient()
+        try:
+            async with asyncio.timeout(2.0):
+                answer = await plain.post(
+                    f"http://localhost:{peer.port}/echo", b"{}", JSON, timeout_s=2.0
+                )
+            assert answer.status == 200
+        finally:
+            await plain.close()
+    finally:
+        hung.set()
+        await guarded.close()
