@@ -12,7 +12,7 @@ from tests.conftest import RedisServer
 from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
-from voice.ivr.store import CallStore, CallStoreUnavailable
+from voice.ivr.store import CallRecordUnreadable, CallStore, CallStoreUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -90,3 +90,25 @@ async def test_a_save_redis_refuses_is_not_tried_again(mux: RedisMux) -> None:
             await asyncio.wait_for(store.save(_result("c-y", T0)), 5)
     finally:
         await mux.execute("DEL", "cv:calls")
+
+
+async def test_a_record_sealed_with_another_secret_does_not_break_the_list(
+    mux: RedisMux,
+) -> None:
+    # README's way to change CLINIC_SECRET (delete cv:secret-fingerprint, restart) leaves the
+    # records of the retention period sealed under the old key: the list of calls must still
+    # show the new ones, and the old one must fail as itself, not as a traceback.
+    old = CallStore(mux, b"o" * 32, retention_days=30)
+    await old.save(_result("c-old", T0))
+    store = CallStore(mux, SECRET, retention_days=30)
+    await store.save(_result("c-new", T0 + 1))
+    await mux.execute("SET", "cv:call:c-junk", "not base64 !")
+    await mux.execute("ZADD", "cv:calls", repr(T0 + 2), "c-junk")
+    page = await store.recent(10, None)
+    assert [c["id"] for c in page.calls] == ["c-new"]
+    with pytest.raises(CallRecordUnreadable):
+        await store.get("c-old")
+    with pytest.raises(CallRecordUnreadable):
+        await store.get("c-junk")
+    got = await store.get("c-new")
+    assert got is not None and got["id"] == "c-new"

@@ -9,11 +9,20 @@ from typing import Any
 
 from aiohttp import web
 
-from verification.errors import InvalidRequest, NotFound, StoreUnavailable
-from voice.ivr.store import CallStore, CallStoreUnavailable
+from verification.errors import InvalidRequest, NotFound, StoreUnavailable, VerificationError
+from voice.ivr.store import CallRecordUnreadable, CallStore, CallStoreUnavailable
 from voice.ivr.voicemail import NAME, Voicemails
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class RecordUnreadable(VerificationError):
+    """A call record that does not open with this service's key (a fault of the data, not a
+    bug: no traceback)."""
+
+    status = 500
+    slug = "internal"
+    title = "Internal error"
 
 
 class CallsApi:
@@ -76,6 +85,11 @@ class CallsApi:
             doc = await self._store().get(call_id)
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
+        except CallRecordUnreadable as exc:
+            raise RecordUnreadable(
+                "this call record does not open with the service's key (sealed under another "
+                "CLINIC_SECRET?)"
+            ) from exc
         if doc is None:
             raise NotFound("no such call")
         return doc

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.exceptions import RedisError, ResponseError
 
@@ -57,6 +58,11 @@ class RedisCommands(Protocol):
 
 class CallStoreUnavailable(RuntimeError):
     """Redis could not be reached."""
+
+
+class CallRecordUnreadable(RuntimeError):
+    """A record in Redis that does not open with this service's key: sealed under another
+    ``CLINIC_SECRET`` (changed as README says, within the retention), or damaged."""
 
 
 def _key(call_id: str) -> str:
@@ -101,6 +107,7 @@ class CallStore:
         self._patience_s = save_patience_s
         self._aead = AESGCM(keys.derive(secret, "call records v1"))
         self._ttl_s = retention_days * 86400
+        self._unreadable: set[str] = set()  # logged once each
 
     def seal(self, call_id: str, doc: dict[str, Any]) -> str:
         nonce = os.urandom(12)
@@ -179,7 +186,23 @@ class CallStore:
             sealed = await self._r.execute("GET", _key(call_id))
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
-        return None if sealed is None else self.open(call_id, str(sealed))
+        return None if sealed is None else self._open_stored(call_id, str(sealed))
+
+    def _open_stored(self, call_id: str, sealed: str) -> dict[str, Any]:
+        """A record as Redis holds it, opened; :class:`CallRecordUnreadable` (logged once per
+        call) when it does not open with this service's key."""
+        try:
+            return self.open(call_id, sealed)
+        except (InvalidTag, ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+            if call_id not in self._unreadable:
+                self._unreadable.add(call_id)
+                log.error(
+                    "call %s: the record in Redis does not open with this service's key "
+                    "(sealed under another CLINIC_SECRET, or damaged): %s",
+                    call_id,
+                    type(exc).__name__,
+                )
+            raise CallRecordUnreadable(call_id) from exc
 
     async def recent(self, limit: int, before: float | None) -> Page:
         """Newest first; ``before`` is the cursor (a start time) of the previous page."""
@@ -194,6 +217,13 @@ class CallStore:
             sealed = await self._r.execute("MGET", *[_key(i) for i in ids]) if ids else []
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
-        calls = [self.open(i, str(s)) for i, s in zip(ids, sealed, strict=True) if s is not None]
+        calls = []
+        for i, s in zip(ids, sealed, strict=True):
+            if s is None:
+                continue
+            try:
+                calls.append(self._open_stored(i, str(s)))
+            except CallRecordUnreadable:
+                continue  # one unreadable record must not hide every other call
         more = len(rows) > limit
         return Page(calls, repr(float(rows[limit - 1][1])) if more and rows else None)
