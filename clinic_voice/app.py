@@ -28,7 +28,12 @@ from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
 from clinic_voice.openapi import openapi_document
-from clinic_voice.redis_server import AOF_COMPACT_S, EmbeddedRedis, compact_aof_every
+from clinic_voice.redis_server import (
+    AOF_COMPACT_S,
+    EmbeddedRedis,
+    compact_aof_every,
+    first_compaction_in,
+)
 from sip_config.clock import Clock, SystemClock
 from sip_config.private_file import write_private
 from sip_config.settings import Settings, SettingsError
@@ -348,7 +353,14 @@ def build_app(
         )
         compacting = (
             asyncio.create_task(
-                compact_aof_every(mux.execute, AOF_COMPACT_S), name="redis-aof-compaction"
+                compact_aof_every(
+                    mux.execute,
+                    AOF_COMPACT_S,
+                    first_s=first_compaction_in(
+                        embedded.last_compacted(), rt.clock.now(), AOF_COMPACT_S
+                    ),
+                ),
+                name="redis-aof-compaction",
             )
             if embedded is not None
             else None

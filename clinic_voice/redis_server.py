@@ -222,6 +222,15 @@ class EmbeddedRedis:
 
     # -- internals ----------------------------------------------------------------------
 
+    def last_compacted(self) -> float | None:
+        """When the append-only file was last rewritten (its newest base file's time), or
+        None when there is none yet."""
+        times = []
+        for path in (self._dir / "appendonlydir").glob("*.base.*"):
+            with contextlib.suppress(FileNotFoundError):
+                times.append(path.stat().st_mtime)
+        return max(times, default=None)
+
     def _set_state(self, new: _State) -> None:
         log.debug("embedded redis: %s -> %s", self._state, new)
         self._state = new
@@ -307,7 +316,7 @@ class EmbeddedRedis:
             # its AOF rewrite child) and each HTTP worker in sessions of their own starved
             # one another: an HTTP worker got 5 % of a core for 200 ms while a rewrite ran,
             # and the API's latency tail reached 100-450 ms (BENCHMARKS.md).
-            preexec_fn=os.setpgrp,  # uvloop has no process_group=0
+            preexec_fn=_redis_child_setup,  # uvloop has no process_group=0
         )
         self._reader = asyncio.create_task(self._read_log(self._proc), name="embedded-redis-log")
         proc = self._proc
@@ -450,6 +459,15 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _redis_child_setup() -> None:
+    """In the redis-server child before exec: its own process group (see ``_spawn``), and a
+    umask that keeps the files it writes (the append-only file's parts, an RDB) 0600. Redis
+    makes them 0644, and the 0700 folder protects them only where they are: a backup or a
+    copy of the folder keeps the mode, and the files hold phone numbers in clear."""
+    os.setpgrp()
+    os.umask(0o077)
+
+
 def _redact(url: str) -> str:
     """Drop a password from a Redis URL before it goes into a message."""
     if "@" not in url:
@@ -477,8 +495,24 @@ async def compact_aof(execute: Callable[..., Awaitable[Any]]) -> bool:
     return True
 
 
-async def compact_aof_every(execute: Callable[..., Awaitable[Any]], every_s: float) -> None:
-    """:func:`compact_aof` every ``every_s`` seconds, the first one ``every_s`` after start."""
+def first_compaction_in(last_compacted_at: float | None, now: float, every_s: float) -> float:
+    """Seconds until the first compaction of this run: ``every_s`` after the last one (the
+    append-only file's base, which every rewrite makes anew), at once when that is past.
+    Counted from the start instead, a serve restarted more often than ``every_s`` (a nightly
+    restart, a deploy, a crash loop) never compacted, and expired phone numbers and call
+    records stayed on disk for good."""
+    if last_compacted_at is None:
+        return 0.0
+    return max(0.0, min(every_s, last_compacted_at + every_s - now))
+
+
+async def compact_aof_every(
+    execute: Callable[..., Awaitable[Any]], every_s: float, *, first_s: float | None = None
+) -> None:
+    """:func:`compact_aof` every ``every_s`` seconds, the first one ``first_s`` after start
+    (default ``every_s``; see :func:`first_compaction_in`)."""
+    wait = every_s if first_s is None else first_s
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(wait)
         await compact_aof(execute)
+        wait = every_s

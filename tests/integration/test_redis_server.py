@@ -18,6 +18,8 @@ from clinic_voice.redis_server import (
     EmbeddedRedisError,
     RedisNotReadyError,
     compact_aof,
+    compact_aof_every,
+    first_compaction_in,
     wait_redis,
 )
 from tests.conftest import RedisServer, free_port, watch_loop_blocking
@@ -337,3 +339,51 @@ async def test_a_compaction_that_cannot_run_says_so(embedded: EmbeddedRedis) -> 
         assert not await compact_aof(client.execute_command)
     finally:
         await client.aclose()
+
+
+def test_the_first_compaction_counts_from_the_last_one_not_from_the_start() -> None:
+    day = 86400.0
+    now = 1.8e9
+    assert first_compaction_in(None, now, day) == 0.0  # no file yet: at once
+    assert first_compaction_in(now - 3 * day, now, day) == 0.0  # overdue: at once
+    assert first_compaction_in(now - 0.25 * day, now, day) == pytest.approx(0.75 * day)
+    assert first_compaction_in(now + day, now, day) == day  # a clock set back: not later
+
+
+async def test_a_serve_restarted_daily_still_compacts(embedded: EmbeddedRedis) -> None:
+    # serve restarts (nightly, deploys) used to restart the 24 h wait: the base file of the
+    # append-only file says when it was last rewritten, and a restart keeps that.
+    url = await embedded.start()
+    await embedded.stop()
+    base = embedded.last_compacted()
+    assert base is not None and abs(base - time.time()) < 60
+    folder = Path(url.removeprefix("unix://")).parent / "appendonlydir"
+    two_days_ago = time.time() - 2 * 86400
+    for path in folder.glob("*.base.*"):
+        os.utime(path, (two_days_ago, two_days_ago))
+    url = await embedded.start()
+    assert embedded.last_compacted() == pytest.approx(two_days_ago)
+    assert first_compaction_in(embedded.last_compacted(), time.time(), 86400.0) == 0.0
+    client = aioredis.from_url(url)
+    try:
+        task = asyncio.create_task(compact_aof_every(client.execute_command, 86400.0, first_s=0.0))
+        await _eventually(
+            lambda: (embedded.last_compacted() or 0) > time.time() - 60, "a compaction at start"
+        )
+        task.cancel()
+    finally:
+        await client.aclose()
+
+
+async def test_the_append_only_files_are_private_to_the_service(embedded: EmbeddedRedis) -> None:
+    url = await embedded.start()
+    client = aioredis.from_url(url)
+    try:
+        await client.set("cv:v:x", "+31611111111")
+        assert await compact_aof(client.execute_command)
+        await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+    folder = Path(url.removeprefix("unix://")).parent / "appendonlydir"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes and all(m == 0o600 for m in modes.values()), modes
