@@ -80,6 +80,17 @@ _MALLOC_ENV = {
 }
 
 
+def worker_env(environ: Mapping[str, str], sip_password: str) -> dict[str, str]:
+    """A SIP worker's environment: serve's without its ``CLINIC_*`` settings but the SIP
+    password, the one it reads. A worker parses what any caller sends (SIP, RTP, in pjsua2's
+    C): the service secret (the call records' key), the API keys, the SMS gateway's token and
+    a Redis URL's password have no business in its memory."""
+    env = {k: v for k, v in environ.items() if not k.startswith("CLINIC_")}
+    env["CLINIC_SIP_PASSWORD"] = sip_password
+    env.update(_MALLOC_ENV)
+    return env
+
+
 class SipError(Exception):
     """Base of the SIP pool's errors; ``status`` is the SIP status that fits."""
 
@@ -587,9 +598,7 @@ class SipPool:
         ]
         if s.registrar:
             argv += ["--registrar", s.registrar]
-        env = dict(os.environ)
-        env["CLINIC_SIP_PASSWORD"] = s.password
-        env.update(_MALLOC_ENV)
+        env = worker_env(os.environ, s.password)
         w.started.clear()  # start() may be waiting on this very event
         w.up = w.registered = False
         w.free_slots = w.pending = 0
