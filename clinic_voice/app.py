@@ -424,7 +424,8 @@ def build_app(
             client=rt.http_client,
             callback_client=rt.callback_client,
             settings=settings.verification,
-            secret=rt.secret,
+            secret=settings.verification.webhook_secret.encode() or rt.secret,
+            secret_is_service_secret=not settings.verification.webhook_secret,
             clock=clock,
             on_outcome=lambda outcome: metrics.webhooks.inc(outcome=outcome),
         )

@@ -87,6 +87,16 @@ class ClinicLine:
         """Once at start, not once per call: callers of these flows type their details and
         are then told the system cannot be reached."""
         urls = {key: url for key, (_, url) in self._webhooks.items()}
+        ivr, verification = self._settings.ivr, self._settings.verification
+        if ivr.scheduling_webhook and ivr.scheduling_webhook_secret in (
+            "",
+            verification.webhook_secret,
+        ):
+            log.warning(
+                "CLINIC_SCHEDULING_WEBHOOK's posts are signed with the key of the "
+                "verification webhooks: a receiver of those could sign an appointment "
+                "request; set CLINIC_SCHEDULING_WEBHOOK_SECRET to a key of its own"
+            )
         for key, flows in unconfigured(self._flowset, urls).items():
             setting = self._webhooks[key][0] if key in self._webhooks else f"webhook {key!r}"
             log.warning(
@@ -255,9 +265,12 @@ class ClinicLine:
         # Signed as the verification webhooks are (one recipe for receivers): the body holds
         # what a caller entered, and the scheduling system should act only on this service's.
         body = json.dumps(dict(values)).encode()
+        # Its own key when set: the scheduling system then cannot sign verification webhooks,
+        # nor can an app that checks those sign appointment requests.
+        key = self._settings.ivr.scheduling_webhook_secret.encode() or self._rt.secret
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(self._rt.secret, int(self._rt.clock.now()), body),
+            SIGNATURE_HEADER: sign(key, int(self._rt.clock.now()), body),
         }
         try:
             answer = await client.post(url, body, headers, timeout_s=timeout_s)

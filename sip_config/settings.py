@@ -169,6 +169,13 @@ VARIABLES: tuple[Variable, ...] = (
         " (one with it goes there instead)",
     ),
     Variable(
+        "CLINIC_WEBHOOK_SECRET",
+        "",
+        "key (at least 32 characters) that signs the verification webhooks, so that their "
+        "receivers need not hold CLINIC_SECRET, which also opens the call records; unset: "
+        "CLINIC_SECRET signs them",
+    ),
+    Variable(
         "CLINIC_CALLBACK_NETWORKS",
         "",
         "comma-separated networks (e.g. 10.20.0.0/16) a verification's callback_url may reach "
@@ -270,6 +277,12 @@ VARIABLES: tuple[Variable, ...] = (
         "",
         "URL the flows' `webhook` steps (appointment requests) post to, signed as webhooks are",
     ),
+    Variable(
+        "CLINIC_SCHEDULING_WEBHOOK_SECRET",
+        "",
+        "key (at least 32 characters) that signs the posts to CLINIC_SCHEDULING_WEBHOOK; "
+        "unset: CLINIC_SECRET signs them",
+    ),
     Variable("CLINIC_CALL_RETENTION_DAYS", "30", "days call records are kept (1..3650)"),
     Variable(
         "CLINIC_CALL_DRAIN_S",
@@ -300,6 +313,8 @@ _SECRET_NAMES = frozenset(
         "CLINIC_REDIS_URL",
         "CLINIC_SMS_HTTP_TOKEN",
         "CLINIC_SIP_PASSWORD",
+        "CLINIC_WEBHOOK_SECRET",
+        "CLINIC_SCHEDULING_WEBHOOK_SECRET",
     }
 )
 
@@ -345,6 +360,7 @@ class VerificationSettings:
     webhook_retries: int
     callback_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limit_ipv6_prefix: int = 64
+    webhook_secret: str = ""  # "" means CLINIC_SECRET signs the webhooks
 
 
 # The shortest voice-call step: a call may ring 45 s, ask for 1 twice (a question of about
@@ -407,6 +423,7 @@ class IvrSettings:
     call_retention_days: int
     call_drain_s: float
     transfer_summary: str  # "none", "urgency" or "full"
+    scheduling_webhook_secret: str = ""  # "" means CLINIC_SECRET signs its posts
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,6 +653,7 @@ def _build(r: _Reader) -> Settings:
         callback_networks=r.parse("CLINIC_CALLBACK_NETWORKS", _networks),
         webhook_timeout_s=r.number("CLINIC_WEBHOOK_TIMEOUT_S", 0.1, 60),
         webhook_retries=r.integer("CLINIC_WEBHOOK_RETRIES", 0, 20),
+        webhook_secret=r.parse("CLINIC_WEBHOOK_SECRET", _secret),
     )
     gateway = r.raw("CLINIC_SMS_GATEWAY").lower()
     if gateway not in {"http", "sip"}:
@@ -709,6 +727,7 @@ def _build(r: _Reader) -> Settings:
         call_retention_days=r.integer("CLINIC_CALL_RETENTION_DAYS", 1, 3650),
         call_drain_s=r.number("CLINIC_CALL_DRAIN_S", 0, 3600),
         transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
+        scheduling_webhook_secret=r.parse("CLINIC_SCHEDULING_WEBHOOK_SECRET", _secret),
     )
     redis_url = r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://"))
     if redis_url and r.given("CLINIC_REDIS_APPENDFSYNC"):

@@ -4,8 +4,8 @@ Jobs are queued in Redis in the same atomic step as the state change that made t
 (:mod:`verification.store`), so an event is never lost between "changed" and "told".
 
 Signature (like Stripe's): header ``X-Clinic-Signature: t=<unix time>,v1=<hex>`` where ``hex``
-is HMAC-SHA256 with the service secret over ``"<t>." + body``. Receivers should reject a ``t``
-older than five minutes.
+is HMAC-SHA256 with the webhook key (``CLINIC_WEBHOOK_SECRET``, else the service secret) over
+``"<t>." + body``. Receivers should reject a ``t`` older than five minutes.
 """
 
 from __future__ import annotations
@@ -82,16 +82,21 @@ class WebhookSender:
         secret: bytes,
         clock: Clock,
         on_outcome: Callable[[str], None] | None = None,
+        secret_is_service_secret: bool = False,
     ) -> None:
         """``on_outcome`` is told what became of each POST: ``delivered``, ``retry`` (failed,
         tried again later), ``given_up`` (failed for the last time) or ``dropped`` (a job
-        that cannot be read)."""
+        that cannot be read). ``secret`` signs the POSTs; ``secret_is_service_secret`` says it
+        is ``CLINIC_SECRET`` itself, which is warned about once, at the first POST."""
         self._store = store
         self._on_outcome = on_outcome or _ignore
         self._client = client  # the operator's CLINIC_WEBHOOK_URL
         self._callback_client = callback_client  # an API client's callback_url (guarded)
         self._s = settings
         self._secret = secret
+        # The service secret also keys the codes' hashes and the call records' encryption:
+        # every receiver that checks a signature then holds it.
+        self._warn_shared_key = secret_is_service_secret
         self._clock = clock
         self._outage = OutageLog(log, "webhooks", clock)
         self._faults = OutageLog(log, "webhooks", clock, faults=True)
@@ -192,6 +197,12 @@ class WebhookSender:
             separators=(",", ":"),
         ).encode()
         ts = int(self._clock.now())
+        if self._warn_shared_key:
+            self._warn_shared_key = False
+            log.warning(
+                "webhooks are signed with CLINIC_SECRET, so each receiver that checks them "
+                "holds the key that also opens the call records: set CLINIC_WEBHOOK_SECRET"
+            )
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(self._secret, ts, body),

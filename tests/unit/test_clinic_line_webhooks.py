@@ -32,6 +32,8 @@ def _line(tmp_path: Path, url: str) -> ClinicLine:
         "CLINIC_DATA_DIR": str(tmp_path),
         "CLINIC_FLOWS_DIR": str(SHIPPED),
         "CLINIC_SCHEDULING_WEBHOOK": url,
+        # A key of its own (else a warning at start: tests/integration/test_webhook_keys.py).
+        "CLINIC_SCHEDULING_WEBHOOK_SECRET": "s" * 40,
     }
     rt = cast(Runtime, SimpleNamespace(http_client=None))
     return ClinicLine.load(Settings.from_env(env), rt)
