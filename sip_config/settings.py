@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import phonenumbers
+
+from verification.numbers import cli_code_lengths
+
 T = TypeVar("T")
 
 
@@ -566,6 +570,9 @@ def _countries(value: str) -> frozenset[str]:
             continue
         if not re.fullmatch(r"[A-Z]{2}", code):
             raise ValueError(f"{part!r} is not a two-letter country code")
+        if code not in phonenumbers.SUPPORTED_REGIONS:
+            # "UK" for GB, "EU": accepted, it would refuse every number of the country meant.
+            raise ValueError(f"{part!r} is not a two-letter country code with phone numbers")
         out.add(code)
     return frozenset(out)
 
@@ -692,6 +699,14 @@ def _build(r: _Reader) -> Settings:
         raise SettingsError(
             f"CLINIC_FLASHCALL_PREFIX={prefix!r}: prefix digits plus an 8-digit code exceed "
             "the 15 digits of E.164"
+        )
+    if prefix and not cli_code_lengths(prefix):
+        # "+999" (no country code) made every create with a flash call a 500; "+31" or a
+        # range's prefix cut too short, a caller-ID networks block or blank.
+        raise SettingsError(
+            f"CLINIC_FLASHCALL_PREFIX={prefix!r}: no code of 4..8 digits after it makes a "
+            "valid phone number, and networks block or blank a caller-ID that is not one: "
+            "give the E.164 prefix of your caller-ID range, e.g. +447400"
         )
     sip = SipSettings(
         addr=r.parse("CLINIC_SIP_ADDR", parse_host_port),

@@ -114,10 +114,16 @@ def parse_create(
     body: dict[str, Any],
     available: tuple[Channel, ...],
     callback_networks: Sequence[callbacks.Network] = (),
+    flash_code_lengths: tuple[int, ...] | None = None,
 ) -> CreateRequest:
+    """``flash_code_lengths``: the code lengths that make CLINIC_FLASHCALL_PREFIX + code a
+    valid number (None: any); a flash call with another length is not offered."""
     unknown = sorted(set(body) - _CREATE_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
+    code_length = body.get("code_length", 6)
+    if type(code_length) is not int or not codes.MIN_LENGTH <= code_length <= codes.MAX_LENGTH:
+        raise InvalidRequest("'code_length' must be a whole number 4..8", field="code_length")
     phone = _string(body, "phone", max_len=numbers.MAX_INPUT_LENGTH, required=True)
     assert phone is not None
     region = _string(body, "region", max_len=numbers.MAX_INPUT_LENGTH)
@@ -133,6 +139,20 @@ def parse_create(
         if not isinstance(raw, list) or len(raw) > len(Channel):
             raise InvalidRequest("'fallback' must be a list of channels", field="fallback")
         fallback = tuple(_channel(c, "fallback") for c in raw)
+    unfit = flash_code_lengths is not None and code_length not in flash_code_lengths
+    named = Channel.FLASHCALL in (method, *(fallback or ()))
+    if unfit and (named or available == (Channel.FLASHCALL,)):
+        # The caller-ID would be no valid number: blocked or shown as "unknown" by many
+        # networks, while the call still rings and counts as delivered.
+        fits = " or ".join(str(n) for n in flash_code_lengths or ())
+        raise InvalidRequest(
+            f"a flash call's caller-ID is a valid number only with a {fits}-digit code here"
+            f" (CLINIC_FLASHCALL_PREFIX): 'code_length' {code_length} cannot be sent by"
+            " flash call",
+            field="code_length",
+        )
+    if unfit:  # not asked for by name: the default plan goes without it
+        available = tuple(c for c in available if c is not Channel.FLASHCALL)
     if method is None:
         if not available:
             raise NoChannelConfigured(
@@ -158,9 +178,6 @@ def parse_create(
             + ", ".join(f"{c.value} ({_CONFIGURED_BY[c]})" for c in missing),
             available=[c.value for c in available],
         )
-    code_length = body.get("code_length", 6)
-    if type(code_length) is not int or not codes.MIN_LENGTH <= code_length <= codes.MAX_LENGTH:
-        raise InvalidRequest("'code_length' must be a whole number 4..8", field="code_length")
     locale = _string(body, "locale", max_len=35) or "en"
     if not _LOCALE.fullmatch(locale):
         raise InvalidRequest("'locale' must be a language tag such as en or nl-NL", field="locale")
@@ -233,7 +250,13 @@ class VerificationApi:
     @takes_body
     async def create(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
-        req = parse_create(body, self._available(), self._vs.callback_networks)
+        flash_prefix = self._settings.sip.flashcall_prefix
+        req = parse_create(
+            body,
+            self._available(),
+            self._vs.callback_networks,
+            numbers.cli_code_lengths(flash_prefix) if flash_prefix else None,
+        )
         phone = numbers.parse_phone(req.phone, req.region)
         numbers.enforce_policy(phone, self._vs.allowed_countries)
         idem_header = request.headers.get("Idempotency-Key")

@@ -7,6 +7,7 @@ that matches a flash call's caller-ID in every form a handset may show it.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -14,6 +15,7 @@ from phonenumbers import PhoneNumber, PhoneNumberType
 from phonenumbers import phonenumberutil as _pnu
 from phonenumbers import re_util as _pn_re
 
+from verification import codes
 from verification.errors import InvalidNumber, NumberRefused
 from verification.model import NumberKind, Phone
 
@@ -203,24 +205,79 @@ def _spaced(digits: str) -> str:
     return "[ -]?".join(digits)
 
 
+def exit_code(region: str) -> str:
+    """The digits dialled before a country code from ``region`` when they are not ``00``:
+    ``011`` in the NANP, ``0011`` in AU, ``010`` in JP, ``810`` in RU; "" otherwise.
+
+    Some networks and handsets show an international caller-ID with them (``011 44 ...`` on
+    a US phone) instead of ``+``.
+    """
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region) if region else None
+    if meta is None:
+        return ""
+    for idd in (meta.preferred_international_prefix, meta.international_prefix):
+        digits = (idd or "").replace("~", "")  # "8~10": dial 8, wait for a tone, dial 10
+        if digits.isdigit():
+            return "" if digits == "00" else digits
+    return ""
+
+
 def cli_filter(cli_prefix: str, code_length: int, destination: Phone) -> str:
     """A regex matching the flash call's caller-ID as the destination's handset may show it.
 
-    Forms (Sinch calls this the CLI filter): international with ``+``, ``00`` or nothing in
-    front; national with the destination country's trunk prefix when the caller-ID is in the
-    same country; spaces and dashes between digits.
+    Forms (Sinch calls this the CLI filter): international with ``+``, ``00``, the
+    destination country's own exit code (``011`` in the NANP) or nothing in front; when the
+    caller-ID is in the destination's country, national with its trunk prefix and without it
+    (a NANP phone shows ``201 555 1234``, not ``1 201 555 1234``; so do Chinese, Colombian,
+    Peruvian... mobiles); spaces and dashes between digits.
     """
     cc, national = split_country_code(cli_prefix)
     intl = _spaced(f"{cc}{national}")
     code = f"(?:[ -]?[0-9]){{{code_length}}}"
-    # A separator only after a "+" or "00": a caller-ID never starts with a space or a dash.
-    forms = [rf"(?:(?:\+|00)[ -]?)?{intl}{code}"]
+    exits = [r"\+", "00"]
+    idd = exit_code(destination.region)
+    if idd:
+        exits.append(idd)
+    # A separator only after a "+" or an exit code: a caller-ID never starts with a space or
+    # a dash.
+    forms = [rf"(?:(?:{'|'.join(exits)})[ -]?)?{intl}{code}"]
     # Where there is no trunk prefix (IT, ES, DK, NO, PT, GR...) the national form is the bare
     # national number: "06 1234...", not "+39 06 1234...".
     trunk = trunk_prefix(destination.region)
     if cc == destination.country_code and national:
-        forms.append(rf"{_spaced(trunk + national)}{code}")
+        for digits in dict.fromkeys((trunk + national, national)):
+            forms.append(rf"{_spaced(digits)}{code}")
     return "^(?:" + "|".join(forms) + ")$"
+
+
+@functools.lru_cache(maxsize=8)
+def cli_code_lengths(cli_prefix: str) -> tuple[int, ...]:
+    """The code lengths for which ``cli_prefix`` + code is a valid number of its country.
+
+    A caller-ID that is no valid number is blocked, or replaced by "unknown", by many
+    networks (Ofcom's CLI guidance, the FCC's STIR/SHAKEN rules, BNetzA): the phone would
+    ring with no code to read. A length fits when prefix + code has a length the country's
+    numbers have, whatever the code (0..0, 5..5, 9..9 are tried), and makes a valid number
+    for one of those codes at least (validity may depend on the code's digits when the
+    prefix is short).
+    """
+    try:
+        split_country_code(cli_prefix)
+    except ValueError:
+        return ()
+    fits = []
+    for length in range(codes.MIN_LENGTH, codes.MAX_LENGTH + 1):
+        try:
+            samples = [phonenumbers.parse(cli_prefix + d * length) for d in "059"]
+        except phonenumbers.NumberParseException:
+            continue
+        possible = all(
+            phonenumbers.is_possible_number_with_reason(n) == _pnu.ValidationResult.IS_POSSIBLE
+            for n in samples
+        )
+        if possible and any(phonenumbers.is_valid_number(n) for n in samples):
+            fits.append(length)
+    return tuple(fits)
 
 
 def code_from_cli(cli: str, cli_prefix: str, code_length: int, destination: Phone) -> str | None:

@@ -104,7 +104,13 @@ def create(
         locale=locale,
         callback_url=callback_url,
         client=client,
-        flashcall=flashcall if Channel.FLASHCALL in plan else None,
+        # Only with a flash call that may be placed: an app told to watch for a missed call
+        # to a landline (its step skipped at once) would wait out interception_timeout_s.
+        flashcall=(
+            flashcall
+            if Channel.FLASHCALL in plan and _can_serve(Channel.FLASHCALL, phone)
+            else None
+        ),
     )
     return _enter_step(v, 0, now, policy, exhausted_fails=True)
 

@@ -66,3 +66,43 @@ def test_a_region_that_is_no_country_names_its_field(region: str) -> None:
         parse_create({"phone": "0612345678", "region": region}, (SMS,))
     assert err.value.extra.get("field") == "region"
     assert "such as NL" in err.value.detail
+
+
+# A flash call's caller-ID is CLINIC_FLASHCALL_PREFIX + code: with "+447400" only a 6-digit
+# code makes a valid UK number. A review found "+4474001234" (code_length 4) and
+# "+44740012345678" (8) placed as caller-IDs that networks block or show as "unknown".
+UK_FLASH_LENGTHS = (6,)
+
+
+@pytest.mark.parametrize(
+    ("body", "available", "plan"),
+    [
+        ({"code_length": 6}, (FLASH, SMS, VOICE), (FLASH, SMS, VOICE)),
+        # not named: the default plan goes without the flash call
+        ({"code_length": 8}, (FLASH, SMS, VOICE), (SMS, VOICE)),
+        ({"code_length": 4, "method": "sms"}, (FLASH, SMS), (SMS,)),
+    ],
+)
+def test_a_flash_call_needs_a_code_length_that_makes_a_valid_caller_id(
+    body: dict[str, object], available: tuple[Channel, ...], plan: tuple[Channel, ...]
+) -> None:
+    req = parse_create({"phone": PHONE, **body}, available, (), UK_FLASH_LENGTHS)
+    assert req.plan == plan
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code_length": 4, "method": "flashcall"},
+        {"code_length": 8, "method": "sms", "fallback": ["flashcall"]},
+    ],
+)
+def test_a_flash_call_asked_for_with_an_unfit_code_length_is_422(body: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequest, match="6-digit code") as err:
+        parse_create({"phone": PHONE, **body}, (FLASH, SMS), (), UK_FLASH_LENGTHS)
+    assert err.value.extra == {"field": "code_length"}
+
+
+def test_only_a_flash_call_configured_and_an_unfit_code_length_is_422() -> None:
+    with pytest.raises(InvalidRequest, match="6-digit code"):
+        parse_create({"phone": PHONE, "code_length": 8}, (FLASH,), (), UK_FLASH_LENGTHS)

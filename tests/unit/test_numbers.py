@@ -321,6 +321,19 @@ MATCHING: list[tuple[str, str, int, Phone, str]] = [
     ("1-201-555-1234", US_PREFIX, 4, US, "1234"),
     ("+1 201-555-1234", US_PREFIX, 4, US, "1234"),
     ("+12015550000", US_PREFIX, 4, UK, "0000"),
+    # a NANP phone shows a NANP caller-ID with ten digits, without the trunk prefix 1
+    ("2015551234", US_PREFIX, 4, US, "1234"),
+    ("201-555-1234", US_PREFIX, 4, US, "1234"),
+    ("201 555 1234", US_PREFIX, 4, US, "1234"),
+    # and an international one with its exit code 011 (AU 0011, JP 010, RU 810)
+    ("011447400123456", UK_PREFIX, 6, US, "123456"),
+    ("011 44 7400 123456", UK_PREFIX, 6, US, "123456"),
+    ("0011447400123456", UK_PREFIX, 6, parse_phone("+61412345678"), "123456"),
+    ("010447400123456", UK_PREFIX, 6, parse_phone("+819012345678"), "123456"),
+    ("810447400123456", UK_PREFIX, 6, parse_phone("+79123456789"), "123456"),
+    # national without the trunk prefix, as some networks present it
+    ("7400123456", UK_PREFIX, 6, UK, "123456"),
+    ("970101234", NL_PREFIX, 4, NL, "1234"),
     # no trunk prefix: the national form is the bare national number
     ("910123456", ES_PREFIX, 6, ES, "123456"),
     ("910 12 34 56", ES_PREFIX, 6, ES, "123456"),
@@ -338,14 +351,14 @@ NOT_MATCHING: list[tuple[str, str, int, Phone, str]] = [
     ("+44740012345", UK_PREFIX, 6, UK, "code too short"),
     ("+4474001234567", UK_PREFIX, 6, UK, "code too long"),
     ("07400123456", UK_PREFIX, 5, UK, "code length differs"),
-    ("7400123456", UK_PREFIX, 6, UK, "national without the trunk prefix"),
     ("07400123456", UK_PREFIX, 6, NL, "UK national form on a Dutch handset"),
     ("07400123456", UK_PREFIX, 6, US, "UK national form on a US handset"),
     ("0970101234", NL_PREFIX, 4, UK, "Dutch national form on a UK handset"),
     ("910123456", ES_PREFIX, 6, UK, "Spanish national form on a UK handset"),
     ("0910123456", ES_PREFIX, 6, ES, "Spain has no trunk prefix"),
+    ("011447400123456", UK_PREFIX, 6, NL, "the NANP's exit code on a Dutch handset"),
+    ("7400123456", UK_PREFIX, 6, US, "a UK national number on a US handset"),
     ("061123456", IT_PREFIX, 6, NL, "Italian national form on a Dutch handset"),
-    ("2015551234", US_PREFIX, 4, US, "national without the trunk prefix"),
     ("+447400l23456", UK_PREFIX, 6, UK, "a letter"),
     ("+44740012345a", UK_PREFIX, 6, UK, "a letter"),
     ("+4474OO123456", UK_PREFIX, 6, UK, "letters O for zeros"),
@@ -485,3 +498,24 @@ def test_the_e164_fast_path_parses_as_phonenumbers_does() -> None:
             answered += 1
             assert fast == slow, raw
     assert answered > 0.95 * len(samples) - 20
+
+
+# -- which code lengths make a valid caller-ID -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefix", "lengths"),
+    [
+        ("+447400", (6,)),  # UK mobile: 10 national digits
+        ("+4915112", (6,)),
+        ("+1201555", (4,)),  # NANP: 10 digits
+        ("+316", (8,)),  # a short prefix: valid for some codes of that length
+        ("+39061", (4, 5, 6, 7, 8)),  # Italian fixed lines vary in length
+        ("+31", ()),  # no country's number is its country code and 4..8 digits
+        ("+999", ()),  # no country code at all
+    ],
+)
+def test_cli_code_lengths(prefix: str, lengths: tuple[int, ...]) -> None:
+    from verification.numbers import cli_code_lengths
+
+    assert cli_code_lengths(prefix) == lengths

@@ -133,6 +133,14 @@ def test_create_enters_first_channel_that_can_serve(
     assert (v.attempts_used, v.sends, v.code_hashes) == (0, 0, ())
 
 
+@pytest.mark.parametrize("phone", [LANDLINE, TOLL_FREE])
+def test_no_flash_call_info_when_the_flash_call_is_skipped(phone: Phone) -> None:
+    # A review found "flashcall": {cli_filter, interception_timeout_s...} shown for a
+    # landline: the app would watch its call log for a flash call that never comes.
+    assert start(ALL, phone).verification.flashcall is None
+    assert start(ALL, US_EITHER).verification.flashcall == FLASH_INFO
+
+
 def test_skip_of_flash_call_says_why() -> None:
     v = start(ALL, LANDLINE).verification
     skipped = [e for e in v.events if e.kind is EventKind.SKIPPED]

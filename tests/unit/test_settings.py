@@ -190,6 +190,8 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_MAX_SENDS", "11", "1..10"),
         ("CLINIC_ALLOWED_COUNTRIES", "NL,NLD", "two-letter"),
         ("CLINIC_ALLOWED_COUNTRIES", "N1", "two-letter"),
+        ("CLINIC_ALLOWED_COUNTRIES", "NL,UK", "with phone numbers"),  # GB's code is GB
+        ("CLINIC_ALLOWED_COUNTRIES", "EU", "with phone numbers"),
         ("CLINIC_LIMIT_NUMBER_SENDS", "5", "COUNT/SECONDS"),
         ("CLINIC_LIMIT_NUMBER_SENDS", "0/600", "count must be"),
         ("CLINIC_LIMIT_NUMBER_SENDS", "5/0", "count must be"),
@@ -225,6 +227,8 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_FLASHCALL_PREFIX", "+44 7400", "+ and digits"),
         ("CLINIC_FLASHCALL_PREFIX", "+44740012", "15 digits"),  # 8 + an 8-digit code = 16
         ("CLINIC_FLASHCALL_PREFIX", "+447400123456", "15 digits"),
+        ("CLINIC_FLASHCALL_PREFIX", "+999", "valid phone number"),  # no country code: 500s
+        ("CLINIC_FLASHCALL_PREFIX", "+31", "valid phone number"),
         ("CLINIC_FLASHCALL_RING_S", "0.4", "0.5..60"),
         ("CLINIC_FLASHCALL_RING_S", "61", "0.5..60"),
         ("CLINIC_FLASHCALL_INTERCEPTION_S", "0", "1..300"),
