@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -41,6 +43,9 @@ async def serve(settings: Settings) -> None:
     # sockets or files before it finds out.
     lock = lock_data_dir(settings.data_dir)
     try:
+        # SO_REUSEPORT (below) lets any process of this user bind the same address: another
+        # serve (another data dir, an old one) would silently take half the connections.
+        _refuse_taken_http_addr(settings)
         app = build_app(
             settings,
             extra_contexts=extra_contexts(settings),
@@ -59,6 +64,27 @@ async def serve(settings: Settings) -> None:
         await _run_until_stopped(app, settings, started, signals.stop)
     finally:
         os.close(lock)  # everything it guards is stopped by now
+
+
+def _refuse_taken_http_addr(settings: Settings) -> None:
+    """Raise OSError when something already listens on CLINIC_HTTP_ADDR (with or without
+    SO_REUSEPORT): a bind without SO_REUSEPORT fails then. Only ``serve`` asks, before it
+    starts anything: its HTTP workers join its own socket on purpose. Any other bind error
+    (an address not on this host) is left to the real bind, which names it."""
+    host, port = settings.http_addr.host, settings.http_addr.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return
+            raise OSError(
+                exc.errno,
+                f"CLINIC_HTTP_ADDR {settings.http_addr} is already in use by another process "
+                "(another clinic-voice serve?)",
+            ) from None
 
 
 async def http_worker(settings: Settings, index: int, control: Path) -> None:

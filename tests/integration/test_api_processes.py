@@ -455,15 +455,42 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
 async def test_serve_that_cannot_bind_stops_everything_it_started(
     redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
 ) -> None:
-    """The HTTP address is taken: serve exits 1 with a message, after stopping the SIP workers
-    (and the rest) it had started already, instead of hanging with them running."""
+    """The HTTP address cannot be bound (not on this host): serve exits 1 with a message,
+    after stopping the SIP workers (and the rest) it had started already, instead of hanging
+    with them running. (An address in use is refused before anything starts: below.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env |= service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway)
+    sip_port = free_port(count=4)  # the front, two workers, the flash-call agent
+    env |= {
+        "CLINIC_HTTP_ADDR": f"192.0.2.1:{free_port()}",  # TEST-NET-1: on no host
+        "CLINIC_SIP_ADDR": f"127.0.0.1:{sip_port}",
+        "CLINIC_SIP_WORKERS": "2",
+    }
+    code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
+    assert code == 1, text[-3000:]
+    assert "cannot start" in text, text[-3000:]
+    assert "SIP worker 0 started" in text, "the SIP workers started before the bind"
+    assert "SIP worker 0 exited" in text, text[-3000:]
+    assert not _sip_workers_on(sip_port + 1), "a SIP worker outlived serve"
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+async def test_serve_refuses_an_http_address_another_process_listens_on(
+    redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path, reuse_port: bool
+) -> None:
+    """Before, a second serve (another data dir) on a port an earlier one listened on with
+    SO_REUSEPORT started, and the kernel split the connections between the two: one
+    service's key got 401 from every other request. Now it exits 1 naming the address,
+    before it starts anything (no SIP worker)."""
     taken = socket.socket()
+    if reuse_port:  # as serve's own socket is
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
     env |= service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway)
-    sip_port = free_port(count=4)  # the front, two workers, the flash-call agent
+    sip_port = free_port(count=4)
     env |= {
         "CLINIC_HTTP_ADDR": f"127.0.0.1:{port}",
         "CLINIC_SIP_ADDR": f"127.0.0.1:{sip_port}",
@@ -474,10 +501,8 @@ async def test_serve_that_cannot_bind_stops_everything_it_started(
     finally:
         taken.close()
     assert code == 1, text[-3000:]
-    assert "cannot start" in text, text[-3000:]
-    assert "SIP worker 0 started" in text, "the SIP workers started before the bind"
-    assert "SIP worker 0 exited" in text, text[-3000:]
-    assert not _sip_workers_on(sip_port + 1), "a SIP worker outlived serve"
+    assert f"127.0.0.1:{port} is already in use by another process" in text, text[-3000:]
+    assert "SIP worker 0 started" not in text, text[-3000:]
 
 
 @pytest.mark.parametrize(
