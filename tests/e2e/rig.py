@@ -309,7 +309,10 @@ class AsteriskRig:
         if self.running_pid() is not None:
             raise RigError(f"{self.name} already runs (pid {self.running_pid()}): stop it first")
         if not port_is_free(self.port):
-            raise RigError(f"127.0.0.1:{self.port} is taken (UDP or TCP): choose another port")
+            raise RigError(
+                f"127.0.0.1:{self.port} is taken (UDP or TCP): stop what holds it, or choose "
+                "another port: python -m tests.e2e.rig up --port N (and register to N)"
+            )
         if not self._atexit:
             atexit.register(self.stop)
             self._atexit = True
@@ -668,6 +671,13 @@ class ServiceProcess:
             if exe.exists()
             else [sys.executable, "-m", "clinic_voice.cli", "serve"]
         )
+        host, _, port = self.http_addr.rpartition(":")
+        if not port_is_free(int(port), host):
+            # Another service (make run?) would answer /readyz for this one, which then
+            # exits at once: refuse instead of reporting a service that is not there.
+            raise RigError(
+                f"{self.http_addr} is taken: another service runs there (make run?); stop it first"
+            )
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(self.logfile, "ab") as out:
             self.proc = proc = subprocess.Popen(
@@ -689,7 +699,7 @@ class ServiceProcess:
                     f"the service exited with {proc.returncode}; "
                     f"see {self.logfile}:\n{self.log_tail()}"
                 )
-            if http_ok(url):
+            if http_ok(url) and proc.poll() is None:
                 return
             threading.Event().wait(0.25)
         self.stop()
