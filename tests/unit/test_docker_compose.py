@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +117,34 @@ def test_vosk_model_is_pinned_by_checksum() -> None:
     assert "ARG VOSK_MODEL=vosk-model-small-en-us-0.15" in dockerfile
     assert re.search(r"ARG VOSK_MODEL_SHA256=[0-9a-f]{64}\n", dockerfile)
     assert "sha256sum -c -" in dockerfile
+
+
+def test_the_images_healthcheck_runs_on_its_python() -> None:
+    # It nested quotes in an f-string, Python 3.12 syntax: on the image's 3.11 a SyntaxError,
+    # and the container was always unhealthy. This runs the command's code against a real
+    # listener answering /readyz, on this 3.11.
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11" in dockerfile
+    cmd = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", dockerfile)
+    assert cmd is not None, "no exec-form HEALTHCHECK"
+    argv = json.loads(cmd.group(1))
+    assert argv[:2] == ["python", "-c"]
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**os.environ, "CLINIC_HTTP_ADDR": f"0.0.0.0:{server.server_address[1]}"}
+        done = subprocess.run([sys.executable, *argv[1:]], env=env, timeout=20, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0
