@@ -796,7 +796,10 @@ Stop everything with: make asterisk-stop"""
 def cmd_down(port: int) -> int:
     """``make asterisk-stop``: stop the service and Asterisk, unmount; fine when idle."""
     stopped = []
-    if _local_service(port).stop():
+    # A stop with a tester still on a call drains it (CLINIC_CALL_DRAIN_S, 20 s), tells the
+    # caller the line closes and waits for the last transfers: up to about 45 s. Killed at
+    # 15 s, the tester was cut off without the closing notice.
+    if _local_service(port).stop(timeout_s=60):
         stopped.append("the service")
     rig = AsteriskRig(rootfs_path(), port)
     if rig.running_pid() is not None:
