@@ -115,6 +115,12 @@ CREATE_CASES = [
         "invalid-request",
         {"phone": MOBILE, "callback_url": "http://10.0.0.7:6379/"},
     ),
+    Bad(
+        "callback to a private address written as one number",  # 10.0.0.7, as inet_aton reads
+        422,
+        "invalid-request",
+        {"phone": MOBILE, "callback_url": "http://167772167:6379/"},
+    ),
     Bad("text/plain", 415, "unsupported-media-type", raw=b"{}", content_type="text/plain"),
     Bad(
         "form data",

@@ -61,6 +61,10 @@ def test_reachable(
         "https://bücher.example/cb",
         "http://93.184.216.34/cb",
         "http://[2606:2800:220:1:248:1893:25c8:1946]/cb",
+        "http://0x5db8d822/cb",  # 93.184.216.34, a public address in another form
+        "http://1572395042/cb",  # the same, as one decimal number
+        "https://1.example/cb",  # a number, but not the last label: a name
+        "https://app.example./cb",  # a name with the root's trailing dot
     ],
 )
 def test_accepted(url: str) -> None:
@@ -89,6 +93,28 @@ def test_accepted(url: str) -> None:
         ("http://-bad-.example/", "not a valid name"),
         ("http://" + "a" * 64 + ".example/", "not a valid name"),
         ("http://exa_mple.com/", "not a valid name"),
+        # An address written as inet_aton reads it (getaddrinfo does, before any DNS lookup,
+        # where the webhook connects) is judged as that address here too: a review found
+        # these taken as names (201), and refused only when the webhook connected.
+        ("http://127.1/", "'127.1' stands for 127.0.0.1, which is not a public address"),
+        ("http://0/", "'0' stands for 0.0.0.0, which is not a public address"),
+        ("http://2130706433/", "stands for 127.0.0.1, which is not a public"),
+        ("http://0177.0.0.1/", "stands for 127.0.0.1, which is not a public"),
+        ("http://0x7f000001/", "stands for 127.0.0.1, which is not a public"),
+        ("http://0X7F.1/", "stands for 127.0.0.1, which is not a public"),
+        ("http://0xa9.254.43518/", "stands for 169.254.169.254, which is not a public"),
+        ("http://167772167:6379/", "stands for 10.0.0.7, which is not a public"),
+        ("http://127.0.0.1./", "stands for 127.0.0.1, which is not a public"),
+        ("http://\uff11\uff12\uff17.\uff10.\uff10.\uff11/", "stands for 127.0.0.1"),  # full-width
+        ("http://127\u30020\u30020\u30021/", "stands for 127.0.0.1"),  # ideographic full stops
+        # Ends in a number, as no real name does, but is no address inet_aton reads: refused
+        # rather than handed to DNS.
+        ("http://999.1/", "ends in a number but is not an IPv4 address"),
+        ("http://1.2.3.4.5/", "ends in a number but is not an IPv4 address"),
+        ("http://08.1/", "ends in a number but is not an IPv4 address"),
+        ("http://4294967296/", "ends in a number but is not an IPv4 address"),
+        ("http://1.16777216/", "ends in a number but is not an IPv4 address"),
+        ("http://app.example.1/", "ends in a number but is not an IPv4 address"),
     ],
 )
 def test_refused(url: str, why: str) -> None:
@@ -98,5 +124,8 @@ def test_refused(url: str, why: str) -> None:
 
 def test_a_named_private_network_is_allowed() -> None:
     check_callback_url("http://10.20.3.4:8443/cb", LAN)
+    check_callback_url("http://10.20.259:8443/cb", LAN)  # 10.20.1.3, in another form
     with pytest.raises(CallbackRefused):
         check_callback_url("http://10.30.3.4/cb", LAN)
+    with pytest.raises(CallbackRefused):
+        check_callback_url("http://10.30.259/cb", LAN)
