@@ -18,7 +18,7 @@ from voice.ivr.flow import WEBHOOK_URLS, FlowError, FlowParams, FlowSet, load_fl
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
 from voice.ivr.journal import REPLAY_EVERY_S, CallJournal
 from voice.ivr.session import CallSession, SessionDeps
-from voice.ivr.webhook import reply_values, unconfigured
+from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import SpeechModel
 from voice.media.tts import PromptRenderer
 from voice.sip.pool import CallHandle
@@ -81,6 +81,7 @@ class ClinicLine:
     def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
         line = cls(settings, rt, load_flows(settings.ivr.flows_dir))
         line.warn_unconfigured_webhooks()
+        line.warn_cleartext_webhooks()
         return line
 
     def warn_unconfigured_webhooks(self) -> None:
@@ -104,6 +105,22 @@ class ClinicLine:
                 setting,
                 ", ".join(flows),
             )
+
+    def warn_cleartext_webhooks(self) -> None:
+        """Once at start: a webhook step posts what the caller entered (date of birth, patient
+        number, complaint) and the caller's number, which plain HTTP shows to every network
+        on the way. Allowed (a scheduling system on the clinic's LAN may have no TLS), but
+        said; the host only, as the URL may hold a token."""
+        for setting, url in self._webhooks.values():
+            host = in_clear(url)
+            if host is not None:
+                log.warning(
+                    "%s is an http:// URL to %s: the callers' details and numbers the flows "
+                    "post there cross the network unencrypted; use https:// (or a loopback "
+                    "proxy that adds TLS)",
+                    setting,
+                    host,
+                )
 
     async def start(self) -> None:
         speech = await SpeechModel.load(self._settings.ivr.vosk_model)

@@ -279,7 +279,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_SCHEDULING_WEBHOOK",
         "",
-        "URL the flows' `webhook` steps (appointment requests) post to, signed as webhooks are",
+        "URL the flows' `webhook` steps (appointment requests) post to, signed as webhooks "
+        "are; `http://` to a host other than loopback is warned at start (the body holds what "
+        "callers entered)",
     ),
     Variable(
         "CLINIC_SCHEDULING_WEBHOOK_SECRET",

@@ -7,9 +7,11 @@ The session POSTs a ``webhook`` step's values and, on a 2xx answer, hands the re
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from voice.ivr.flow import FlowSet, Webhook
 
@@ -48,3 +50,24 @@ def unconfigured(flowset: FlowSet, urls: Mapping[str, str]) -> dict[str, tuple[s
             if isinstance(node, Webhook) and not urls.get(node.url):
                 out.setdefault(node.url, set()).add(flow.id)
     return {key: tuple(sorted(ids)) for key, ids in sorted(out.items())}
+
+
+def in_clear(url: str) -> str | None:
+    """The host a POST to ``url`` would reach unencrypted, over a network: an ``http://``
+    URL whose host is not loopback (``localhost``, 127.0.0.0/8, ``::1``: a proxy on the same
+    host that adds TLS). None for ``https://``, loopback, or no URL."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return None  # not a URL: the settings refused it already
+    if parts.scheme.lower() != "http" or not host:
+        return None
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 6.3: always loopback
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a name
+    return host
