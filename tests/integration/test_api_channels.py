@@ -314,6 +314,65 @@ async def test_a_receiver_that_never_answers_holds_up_only_its_own_webhooks(
         await hole.wait_closed()
 
 
+async def test_many_receivers_that_never_answer_do_not_hold_up_one_that_does(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    """A review found PER_ORIGIN no help against many origins: 70 callback origins that
+    accept and never answer filled all MAX_IN_FLIGHT slots for CLINIC_WEBHOOK_TIMEOUT_S, and
+    as jobs are leased in due order, a healthy receiver's events waited until every one of
+    theirs queued before had been tried (13 s). Now origins not known to answer get only a
+    share of the slots, and the sender leases on past the jobs it puts back."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answers(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # the connection stays open, its request unanswered
+
+    holes = [await asyncio.start_server(never_answers, "127.0.0.1", 0) for _ in range(70)]
+    try:
+        api = await start_service(
+            {
+                # Long enough that none of the holes' first POSTs ends during the test
+                # (their retries would only add to the count below).
+                "CLINIC_WEBHOOK_TIMEOUT_S": "5",
+                "CLINIC_LIMIT_NUMBER_VERIFICATIONS": "200/600",
+                "CLINIC_LIMIT_NUMBER_SENDS": "200/600",
+            }
+        )
+        # The app's receiver has had events before: the sender knows it answers.
+        first = (await api.create(method="sms", callback_url=webhook_receiver.url("/ok"))).json
+        await webhook_receiver.wait_until("3 events", lambda got: len(got) >= 3)
+        for i, hole in enumerate(holes):
+            port = hole.sockets[0].getsockname()[1]
+            made = await api.create(method="sms", callback_url=f"http://127.0.0.1:{port}/h/{i}")
+            assert made.status == 201, made.text
+        await sms_gateway.wait_for(1 + len(holes))  # and so the holes' jobs are queued
+        hole_jobs = 3 * len(holes)  # three events each, as the receiver's verification had
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 5.0
+        while len(held) < 32:  # the holes' first POSTs are in flight
+            assert loop.time() < end, f"{len(held)} connections to the holes"
+            await asyncio.sleep(0.05)
+        vid = (await api.create(method="sms", callback_url=webhook_receiver.url("/ok"))).json["id"]
+        # Before, this waited for every hole job queued before it to be tried: about four
+        # rounds of 64, each CLINIC_WEBHOOK_TIMEOUT_S long.
+        hooks = await webhook_receiver.wait_until(
+            "the second verification's 3 events",
+            lambda got: sum(h.json()["verification_id"] == vid for h in got) >= 3,
+            deadline_s=40.0,
+        )
+        tried = len(held)
+        assert tried < hole_jobs // 2, (
+            f"the receiver's events came after {tried} POSTs to the holes ({hole_jobs} jobs)"
+        )
+        assert {h.json()["verification_id"] for h in hooks} == {first["id"], vid}
+    finally:
+        for writer in held:
+            writer.close()
+        for hole in holes:
+            hole.close()
+            await hole.wait_closed()
+
+
 async def test_a_callback_url_that_resolves_into_the_clinic_network_is_never_called(
     start_service: StartService,
     sms_gateway: SmsGateway,
