@@ -29,6 +29,7 @@ from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
 from clinic_voice.openapi import openapi_document
 from clinic_voice.redis_server import (
+    AOF_ASKED_POLL_S,
     AOF_COMPACT_S,
     EmbeddedRedis,
     compact_aof_every,
@@ -51,7 +52,10 @@ from verification.rules import DeliveryKind
 from verification.store import VerificationStore
 from verification.webhooks import WebhookSender
 from voice.ivr.api import CallsApi
-from voice.ivr.store import CallStore
+from voice.ivr.erasure import CallErasure
+from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
+from voice.ivr.journal import CallJournal
+from voice.ivr.store import COMPACT_ASKED, CallStore
 from voice.ivr.voicemail import Voicemails
 from voice.media.tts import PromptRenderer
 from voice.sip.flash_uac import FlashUac
@@ -86,6 +90,7 @@ class Runtime:
     flash_uac: FlashUac | None = None  # flash calls over UDP (the pool places them otherwise)
     call_store: CallStore | None = None
     voicemails: Voicemails | None = None
+    call_erasure: CallErasure | None = None
     renderer: PromptRenderer | None = None
     redis_url: str = ""  # the Redis in use (the embedded one's socket when embedded)
     http_workers: HttpWorkers | None = None  # serve: the extra HTTP processes
@@ -120,6 +125,10 @@ class Runtime:
     def need_voicemails(self) -> Voicemails:
         assert self.voicemails is not None, "voicemail used before start"
         return self.voicemails
+
+    def need_call_erasure(self) -> CallErasure:
+        assert self.call_erasure is not None, "call erasure used before start"
+        return self.call_erasure
 
     def need_dispatcher(self) -> Dispatcher:
         assert self.dispatcher is not None, "dispatcher used before start"
@@ -336,8 +345,12 @@ def build_app(
         # Every Redis command of this process rides one multiplexed connection (see
         # verification/redis_mux.py): the verification API's hot path and the call records.
         mux = RedisMux(url, timeout_s=2.0)
-        rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days)
+        rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days, clock=rt.clock)
         rt.voicemails = Voicemails(settings.data_dir / "voicemail", rt.call_store)
+        # Its own view of the journal's folders (the clinic line replays them): an HTTP
+        # worker erases too, and shares the data dir.
+        journal = CallJournal(settings.data_dir / JOURNAL_FOLDER, rt.call_store)
+        rt.call_erasure = CallErasure(rt.call_store, journal, rt.voicemails, rt.clock)
         rt.store = VerificationStore(
             mux,
             global_webhook=bool(settings.verification.webhook_url),
@@ -359,6 +372,7 @@ def build_app(
                     first_s=first_compaction_in(
                         embedded.last_compacted(), rt.clock.now(), AOF_COMPACT_S
                     ),
+                    asked=(COMPACT_ASKED, AOF_ASKED_POLL_S),
                 ),
                 name="redis-aof-compaction",
             )
@@ -492,7 +506,7 @@ def build_app(
     )
     routes = [
         *api.routes(),
-        *CallsApi(rt.need_call_store, rt.need_voicemails).routes(),
+        *CallsApi(rt.need_call_store, rt.need_voicemails, rt.need_call_erasure).routes(),
         web.get("/healthz", _healthz),
         web.get("/readyz", _readyz),
         web.get("/metrics", _metrics),

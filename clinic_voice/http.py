@@ -299,7 +299,7 @@ def build_middlewares(
                 # then one every 30 s with a count, not a line a request.
                 store_outage.failed(exc)
                 log.debug("%s %s: %s", request.method, request.path, exc)
-            elif isinstance(exc, NoChannelConfigured):  # said once at start, as a warning
+            elif isinstance(exc, NoChannelConfigured) or exc.logged_at_source:  # said once
                 log.debug("%s %s: %s", request.method, request.path, exc)
             elif exc.status >= 500:  # str(): the cause, which the client's detail may not say
                 log.error("%s %s: %s", request.method, request.path, exc)

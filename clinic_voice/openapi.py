@@ -102,7 +102,8 @@ SCHEMAS: dict[str, Any] = {
             "retry_after": {
                 "type": "integer",
                 "minimum": 1,
-                "description": "rate-limited: seconds, as in Retry-After",
+                "description": "rate-limited, idempotency-key-in-progress, "
+                "call-in-progress: seconds, as in Retry-After",
             },
             "checks": {"type": "object", "description": "not-ready: each readiness check"},
         },
@@ -403,11 +404,37 @@ def _paths() -> dict[str, Any]:
                 "security": _BEARER,
                 "parameters": call_id,
                 "responses": {"200": _json("Call", "The call"), **_errors(*_COMMON)},
-            }
+            },
+            "delete": {
+                "summary": "Erase a call: its record, voicemail and copies on disk (GDPR)",
+                "description": "Gone from the API at once, and not brought back by a record "
+                "kept on disk; from the embedded Redis's append-only file at its next rewrite "
+                "(asked for within minutes, at most a day). 404: nothing of the call is known "
+                "(never was, or past its retention). Repeating an erasure answers 204 again "
+                "for the retention period and finishes what a 500 erasure-incomplete left.",
+                "security": _BEARER,
+                "parameters": call_id,
+                "responses": {
+                    "204": {"description": "Erased"},
+                    **_errors(*_COMMON),
+                    "409": {
+                        **_problem_ref(),
+                        "description": "call-in-progress: the call is still under way; "
+                        "erase it once it has ended",
+                        "headers": {
+                            "Retry-After": {
+                                "required": True,
+                                "schema": {"type": "integer", "minimum": 1},
+                            }
+                        },
+                    },
+                },
+            },
         },
         "/v1/calls/{id}/voicemail": {
             "get": {
-                "summary": "The message the caller left (404 when none, or past retention)",
+                "summary": "The message the caller left (404 when none, past retention or erased; "
+                "500 voicemail-unreadable when it is there but does not open)",
                 "security": _BEARER,
                 "parameters": call_id,
                 "responses": {

@@ -481,6 +481,10 @@ def _redact(url: str) -> str:
 # sealed call records past their retention would otherwise stay on disk, and Redis's own
 # trigger (the file doubling past 64 MB) may not come for months on a quiet clinic.
 AOF_COMPACT_S = 86400.0
+# How often serve looks whether an erasure (DELETE /v1/calls/{id}) asked for a compaction: the
+# erased record leaves the disk within about this, not within a day. Every erasure of the
+# period makes one rewrite, and a quiet period costs one GETDEL.
+AOF_ASKED_POLL_S = 300.0
 
 
 async def compact_aof(execute: Callable[..., Awaitable[Any]]) -> bool:
@@ -507,12 +511,45 @@ def first_compaction_in(last_compacted_at: float | None, now: float, every_s: fl
 
 
 async def compact_aof_every(
-    execute: Callable[..., Awaitable[Any]], every_s: float, *, first_s: float | None = None
+    execute: Callable[..., Awaitable[Any]],
+    every_s: float,
+    *,
+    first_s: float | None = None,
+    asked: tuple[str, float] | None = None,
 ) -> None:
     """:func:`compact_aof` every ``every_s`` seconds, the first one ``first_s`` after start
-    (default ``every_s``; see :func:`first_compaction_in`)."""
-    wait = every_s if first_s is None else first_s
+    (default ``every_s``; see :func:`first_compaction_in`). With ``asked`` (a key and a
+    period): also within that period of the key being set (an erasure sets it, see
+    :data:`AOF_ASKED_POLL_S`), the requests of the period coalesced into one rewrite."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + (every_s if first_s is None else first_s)
     while True:
-        await asyncio.sleep(wait)
-        await compact_aof(execute)
-        wait = every_s
+        wait = due - loop.time()
+        if asked is not None:
+            wait = min(wait, asked[1])
+        await asyncio.sleep(max(0.0, wait))
+        if loop.time() >= due:
+            await compact_aof(execute)
+            due = loop.time() + every_s
+        elif asked is not None and await _take_ask(execute, asked[0]):
+            if await compact_aof(execute):
+                due = loop.time() + every_s  # the daily one counts from this one
+            else:
+                # A rewrite under way may have forked before the erasure: ask again, for
+                # the next period.
+                await _ask_again(execute, asked[0])
+
+
+async def _take_ask(execute: Callable[..., Awaitable[Any]], key: str) -> bool:
+    try:
+        return await execute("GETDEL", key) is not None
+    except (RedisError, OSError) as exc:  # Redis away: the daily compaction logs its own
+        log.debug("could not read %s: %s", key, exc)
+        return False
+
+
+async def _ask_again(execute: Callable[..., Awaitable[Any]], key: str) -> None:
+    try:
+        await execute("SET", key, "1", "EX", int(AOF_COMPACT_S))
+    except (RedisError, OSError) as exc:  # the daily compaction comes all the same
+        log.warning("could not ask again for a compaction (%s): the daily one will do", exc)

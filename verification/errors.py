@@ -16,6 +16,10 @@ class VerificationError(Exception):
     slug: str = "bad-request"
     title: str = "Bad request"
     retry_after_s: int | None = None  # sent as Retry-After when set
+    # A fault of the data whose cause was logged once where it was found (a record or a
+    # message that does not open, a file that would not go): the boundary logs each answer
+    # at DEBUG only, not one error line a request.
+    logged_at_source: bool = False
 
     def __init__(self, detail: str = "", **extra: Any) -> None:
         super().__init__(detail or self.title)

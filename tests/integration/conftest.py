@@ -154,7 +154,10 @@ class OpenApiCollector:
                 problems.append(f"{where}: status {status} not listed for {method} {template}")
             elif head:
                 pass  # no body, so no media type to look up: the status and headers count
-            elif ctype not in response.get("content", {}):
+            elif "content" not in response:  # 204: no body, so no media type either
+                if body:
+                    problems.append(f"{where}: a body where the document lists none")
+            elif ctype not in response["content"]:
                 listed = sorted(response.get("content", {}))
                 problems.append(f"{where}: media type not listed (document: {listed})")
             elif "schema" in response["content"][ctype] and not problems:

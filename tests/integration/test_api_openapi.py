@@ -50,6 +50,7 @@ async def test_the_collector_refuses_what_the_document_does_not_say(
     vid = "A" * 32
     assert collector.check("GET", f"/v1/verifications/{vid}", 404, PROBLEM, good_problem) == []
     assert collector.check("GET", "/nowhere", 404, PROBLEM, good_problem) == []
+    assert collector.check("DELETE", "/v1/calls/c-1", 204, "application/octet-stream", b"") == []
 
     bad = {
         "a status the route does not list": ("GET", "/healthz", 418, PROBLEM, good_problem),
@@ -70,6 +71,13 @@ async def test_the_collector_refuses_what_the_document_does_not_say(
             200,
             "application/json",
             json.dumps({"id": vid, "status": "maybe", "attempts_left": 1}).encode(),
+        ),
+        "a body on an answer without one": (
+            "DELETE",
+            "/v1/calls/c-1",
+            204,
+            "application/json",
+            b"{}",
         ),
         "a problem with a string status": (
             "GET",

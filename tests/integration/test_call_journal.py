@@ -1,7 +1,8 @@
 """The journal of unsaved calls (voice/ivr/journal.py) against a real redis-server: a record
 Redis does not take within the save's patience, or whose save is cut short by the call's task
 being cancelled (a stop), is kept on disk sealed and private, and replayed into Redis once it
-is back; the replay deletes what it saved and what is past its retention.
+is back; the replay deletes what it saved and what is past its retention, and never saves a
+call erased meanwhile.
 
 The session's ``_store`` is driven directly, with a stand-in for the SIP call (it only needs
 the call's id and numbers); the patience is shortened instead of waiting 30 s.
@@ -27,10 +28,11 @@ from verification.redis_mux import RedisMux
 from voice.ivr import session as session_module
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, CallRecord
+from voice.ivr.erasure import CallErasure, Erasure
 from voice.ivr.flow import FlowSet
 from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, Replayed
 from voice.ivr.session import CallSession, SessionDeps
-from voice.ivr.store import CallStore
+from voice.ivr.store import CallStore, CallStoreUnavailable
 from voice.ivr.voicemail import Voicemails
 from voice.media.tts import PromptRenderer
 from voice.sip.pool import CallHandle
@@ -71,7 +73,11 @@ def _session(call_id: str, store: CallStore, journal: CallJournal) -> CallSessio
         begin=journal.begin,
         end=journal.end,
     )
-    return CallSession(cast(CallHandle, _Call(call_id)), deps)
+    session = CallSession(cast(CallHandle, _Call(call_id)), deps)
+    # run() sets it when the call is answered: a call of 1970 would be past its retention,
+    # and the list of calls trims the index of those.
+    session._started_at = time.time()
+    return session
 
 
 def _result(call_id: str, ended_at: float) -> CallResult:
@@ -331,3 +337,55 @@ async def test_the_clinic_line_replays_the_journal_when_it_starts(
     got = await rt.call_store.get("in-cut")
     assert got is not None and got["outcome"] == LOST_OUTCOME
     assert not (settings.data_dir / LIVE_FOLDER / "in-cut.sealed").exists()
+
+
+async def test_an_erased_call_does_not_come_back_when_the_journal_is_replayed(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The call ended while Redis was down: its record is kept on disk. Staff erase it before
+    # the replay, and a copy of it is on disk again after the erasure (a replay that had read
+    # the file, a file the erasure could not delete, a power cut undoing an unlink): no
+    # replay may bring the call back.
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=0.3)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    erasure = CallErasure(store, journal, Voicemails(tmp_path / "voicemail", store), SystemClock())
+    await mux.execute("PING")
+    await asyncio.to_thread(redis_server.kill9)
+    async with asyncio.timeout(5):
+        await _session("in-erased", store, journal)._store(RECORD)
+    _assert_kept_private(tmp_path / FOLDER, "in-erased", store)
+    with pytest.raises(CallStoreUnavailable):  # Redis down: nothing erased, nothing lost
+        await erasure.erase("in-erased")
+    assert (tmp_path / FOLDER / "in-erased.sealed").exists()
+    await asyncio.to_thread(redis_server.restart)
+
+    assert await erasure.erase("in-erased") == Erasure(record=False, files=1)
+    assert not list((tmp_path / FOLDER).iterdir())
+    await journal.keep(_result("in-erased", time.time()))  # the copy is back on disk
+    await journal.begin(_result("in-erased", time.time()))  # and a dead serve's live record
+    assert await journal.replay(time.time()) == Replayed(erased=1)
+    assert await journal.replay_lost(["in-erased"], time.time()) == []
+    assert await store.get("in-erased") is None
+    assert await mux.execute("EXISTS", "cv:call:in-erased") == 0
+    assert (await store.recent(10, None)).calls == []
+    assert await journal.leftovers(time.time()) == []
+    assert not list((tmp_path / FOLDER).iterdir()), "the refused copy is deleted, not kept"
+
+
+async def test_an_erasure_removes_the_copy_a_saved_record_left_on_disk(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    # Redis took the record but the copy written ahead stayed (its delete failed): the
+    # erasure deletes both, and so the call's voicemail.
+    store = CallStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    voicemails = Voicemails(tmp_path / "voicemail", store)
+    erasure = CallErasure(store, journal, voicemails, SystemClock())
+    name = await voicemails.save("in-both-copies", b"\x01\x02" * 800)
+    await journal.keep(_result("in-both-copies", time.time()))
+    await store.save(_result("in-both-copies", time.time()))
+    assert await erasure.erase("in-both-copies") == Erasure(record=True, files=2)
+    assert not (tmp_path / "voicemail" / name).exists()
+    assert await journal.replay(time.time()) == Replayed()
+    assert await store.get("in-both-copies") is None
+    assert await erasure.erase("in-never-was") is None

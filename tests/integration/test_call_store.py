@@ -1,5 +1,6 @@
 """Call records against a real redis-server over the multiplexed connection: sealed round trip,
-paging newest first, and no record lost when Redis is down for a moment at the end of a call.
+paging newest first, no record lost when Redis is down for a moment at the end of a call, and
+an erasure that no later save undoes.
 """
 
 from __future__ import annotations
@@ -8,11 +9,20 @@ import asyncio
 
 import pytest
 
+from sip_config.clock import FakeClock
 from tests.conftest import RedisServer
 from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
-from voice.ivr.store import CallRecordUnreadable, CallStore, CallStoreUnavailable
+from voice.ivr.store import (
+    COMPACT_ASKED,
+    ERASED_PREFIX,
+    INDEX,
+    CallRecordUnreadable,
+    CallStore,
+    CallStoreUnavailable,
+    Erased,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -112,3 +122,66 @@ async def test_a_record_sealed_with_another_secret_does_not_break_the_list(
         await store.get("c-junk")
     got = await store.get("c-new")
     assert got is not None and got["id"] == "c-new"
+
+
+async def test_an_erased_call_is_gone_and_no_save_writes_it_back(mux: RedisMux) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)
+    await store.save(_result("c-gone", T0))
+    await store.save(_result("c-kept", T0 + 1))
+    assert await store.erase("c-gone", on_disk=False) is Erased.RECORD
+    assert await store.get("c-gone") is None
+    assert [c["id"] for c in (await store.recent(10, None)).calls] == ["c-kept"]
+    assert await mux.execute("ZSCORE", INDEX, "c-gone") is None
+    # The mark outlives any copy of the record on disk: those are of calls ended by now,
+    # and a replay drops them once past their retention.
+    ttl = await mux.execute("TTL", f"{ERASED_PREFIX}c-gone")
+    assert 30 * 86400 - 60 < ttl <= 30 * 86400
+    assert 0 < await mux.execute("TTL", COMPACT_ASKED) <= 86400
+    # A save after the erasure (a replay, the end of a call racing it) writes nothing.
+    sealed = store.seal_result(_result("c-gone", T0))
+    assert not await store.save_sealed(sealed)
+    assert not await store.save_sealed(sealed, only_new=True)
+    await store.save(_result("c-gone", T0))
+    assert await mux.execute("EXISTS", "cv:call:c-gone") == 0
+    assert await mux.execute("ZSCORE", INDEX, "c-gone") is None
+    # Again (a retry finishing the files): still known, the mark renewed.
+    assert await store.erase("c-gone", on_disk=False) is Erased.MARKED
+
+
+async def test_erasing_an_unknown_call_writes_nothing(mux: RedisMux) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)
+    assert await store.erase("c-typo", on_disk=False) is Erased.UNKNOWN
+    assert await mux.execute("DBSIZE") == 0, "a mistyped id must not mark a future call"
+    # Known on disk only (kept while Redis was away): marked, so its replay saves nothing.
+    assert await store.erase("c-on-disk", on_disk=True) is Erased.MARKED
+    assert await mux.execute("EXISTS", f"{ERASED_PREFIX}c-on-disk") == 1
+
+
+async def test_an_erasure_with_redis_down_changes_nothing(
+    mux: RedisMux, redis_server: RedisServer
+) -> None:
+    store = CallStore(mux, SECRET, retention_days=30)
+    await store.save(_result("c-1", T0))
+    await asyncio.to_thread(redis_server.kill9)
+    with pytest.raises(CallStoreUnavailable):
+        await store.erase("c-1", on_disk=False)
+    await asyncio.to_thread(redis_server.restart)
+    got = await store.get("c-1")
+    assert got is not None and got["id"] == "c-1"
+
+
+async def test_the_index_is_trimmed_when_read_and_expires_on_a_quiet_line(
+    mux: RedisMux,
+) -> None:
+    # The index held call ids and start times for good on a line with no new calls: a save
+    # was the only trim, and the key had no expiry.
+    clock = FakeClock(T0)
+    store = CallStore(mux, SECRET, retention_days=30, clock=clock)
+    await store.save(_result("c-old", T0 - 29 * 86400))
+    await store.save(_result("c-new", T0))
+    assert 29 * 86400 < await mux.execute("TTL", INDEX) <= 30 * 86400
+    await mux.execute("DEL", "cv:call:c-old")  # as Redis expires it
+    clock.advance(2 * 86400)  # c-old's start is now past the retention; c-new's is not
+    assert [c["id"] for c in (await store.recent(10, None)).calls] == ["c-new"]
+    assert await mux.execute("ZSCORE", INDEX, "c-old") is None
+    assert await mux.execute("ZSCORE", INDEX, "c-new") is not None

@@ -23,6 +23,10 @@ from clinic_voice.redis_server import (
     wait_redis,
 )
 from tests.conftest import RedisServer, free_port, watch_loop_blocking
+from verification.redis_mux import RedisMux
+from voice.ivr.call_record import CallResult
+from voice.ivr.engine import CallRecord
+from voice.ivr.store import COMPACT_ASKED, CallStore, Erased
 
 pytestmark = pytest.mark.integration
 
@@ -373,6 +377,72 @@ async def test_a_serve_restarted_daily_still_compacts(embedded: EmbeddedRedis) -
         task.cancel()
     finally:
         await client.aclose()
+
+
+async def test_an_erasure_leaves_the_disk_at_the_compaction_it_asks_for(
+    embedded: EmbeddedRedis,
+) -> None:
+    # DELETE /v1/calls/{id} removes the record from Redis at once, but the append-only file
+    # holds its SET until rewritten: the erasure asks for a rewrite, which serve's compaction
+    # loop runs within its poll (here 0.1 s), not a day later.
+    url = await embedded.start()
+    mux = RedisMux(url, timeout_s=2.0)
+    compacting: asyncio.Task[None] | None = None
+    try:
+        store = CallStore(mux, b"s" * 32, retention_days=30)
+        record = CallRecord("triage", (), (("complaint", "rash"),), None, (), None, None, "ended")
+        now = time.time()
+        result = CallResult("er-aof", "+31611111111", "700", now - 60, now, record)
+        sealed = store.seal_result(result)
+        await store.save_sealed(sealed)
+        folder = Path(url.removeprefix("unix://")).parent
+
+        def on_disk() -> bytes:
+            return b"".join(p.read_bytes() for p in folder.rglob("*.aof*") if p.is_file())
+
+        compacting = asyncio.create_task(
+            compact_aof_every(mux.execute, 86400.0, first_s=86400.0, asked=(COMPACT_ASKED, 0.1))
+        )
+        await asyncio.sleep(0.3)  # nothing asked: no rewrite
+        assert sealed.sealed.encode() in await asyncio.to_thread(on_disk)
+        assert await store.erase("er-aof", on_disk=False) is Erased.RECORD
+        await _eventually(lambda: sealed.sealed.encode() not in on_disk(), "the asked-for rewrite")
+        assert await mux.execute("EXISTS", COMPACT_ASKED) == 0, "the request was taken"
+        assert await mux.execute("EXISTS", "cv:erased:er-aof") == 1, "the mark stays"
+    finally:
+        if compacting is not None:
+            compacting.cancel()
+            await asyncio.gather(compacting, return_exceptions=True)
+        await mux.aclose()
+
+
+async def test_an_asked_compaction_that_cannot_run_is_asked_again() -> None:
+    # A rewrite already under way may have forked before the erasure: the request stays.
+    commands: list[tuple[object, ...]] = []
+    asked_again = asyncio.Event()
+
+    async def execute(*command: object) -> object:
+        commands.append(command)
+        if command[0] == "GETDEL":
+            return "1" if len(commands) == 1 else None
+        if command[0] == "BGREWRITEAOF":
+            raise redis.exceptions.ResponseError("Background AOF rewriting already in progress")
+        asked_again.set()
+        return "OK"
+
+    task = asyncio.create_task(
+        compact_aof_every(execute, 86400.0, first_s=86400.0, asked=("cv:ask", 0.01))
+    )
+    try:
+        await asyncio.wait_for(asked_again.wait(), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert commands[:3] == [
+        ("GETDEL", "cv:ask"),
+        ("BGREWRITEAOF",),
+        ("SET", "cv:ask", "1", "EX", 86400),
+    ]
 
 
 async def test_the_append_only_files_are_private_to_the_service(embedded: EmbeddedRedis) -> None:

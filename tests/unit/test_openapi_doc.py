@@ -30,6 +30,7 @@ from verification.model import (
     Verification,
 )
 from verification.numbers import cli_filter
+from voice.ivr import api as calls_api
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -273,11 +274,15 @@ def test_examples_against_the_schemas(schema: str, instance: Any, valid: bool) -
 
 
 def _error_classes() -> list[type[errors.VerificationError]]:
-    return [
+    """The problems the service answers with: the verification package's, and the call
+    records API's own (voice/ivr/api.py)."""
+    found = {
         c
-        for c in vars(errors).values()
+        for module in (errors, calls_api)
+        for c in vars(module).values()
         if isinstance(c, type) and issubclass(c, errors.VerificationError)
-    ]
+    }
+    return sorted(found, key=lambda c: c.__name__)
 
 
 @pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)

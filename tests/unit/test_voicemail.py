@@ -4,14 +4,17 @@ call, swept after the retention period. Real files in a temporary folder; no Red
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 import wave
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from voice.ivr.store import CallStore
-from voice.ivr.voicemail import Voicemails
+from voice.ivr.voicemail import Voicemails, VoicemailUnreadable
 
 PCM = bytes(range(256)) * 16  # 2,048 samples
 
@@ -38,10 +41,45 @@ async def test_a_message_is_read_only_for_its_own_call_and_key(tmp_path: Path) -
     vm = _voicemails(tmp_path)
     name = await vm.save("in-1-2", PCM)
     assert await vm.wav("in-1-3", name) is None  # another call's record naming it
+    assert await vm.wav("in-1", name) is None  # call "in-1" is not call "in-1-2"
     assert await vm.wav("in-1-2", "../../secret") is None
-    assert await _voicemails(tmp_path, b"t" * 32).wav("in-1-2", name) is None  # other key
     (tmp_path / name).unlink()
     assert await vm.wav("in-1-2", name) is None  # swept
+
+
+async def test_a_message_that_does_not_open_is_an_error_logged_once_not_absence(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A review found "this call left no voicemail" answered, and nothing logged, for a
+    # message sealed under another CLINIC_SECRET: staff would not call the patient back.
+    name = await _voicemails(tmp_path).save("in-1-2", PCM)
+    other_key = _voicemails(tmp_path, b"t" * 32)
+    caplog.set_level(logging.ERROR, "voice.ivr.voicemail")
+    for _ in range(2):
+        with pytest.raises(VoicemailUnreadable):
+            await other_key.wav("in-1-2", name)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and name in lines[0] and "InvalidTag" in lines[0], lines
+    assert PCM.hex()[:32] not in lines[0]
+    (tmp_path / name).write_text("damaged")
+    with pytest.raises(VoicemailUnreadable):
+        await _voicemails(tmp_path).wav("in-1-2", name)
+
+
+async def test_erasing_a_call_deletes_its_messages_only(tmp_path: Path) -> None:
+    vm = _voicemails(tmp_path)
+    await vm.save("in-1", PCM)
+    second = await vm.save("in-1", PCM)
+    other = await vm.save("in-1-2", PCM)  # call "in-1-2": its name starts with "in-1-"
+    cut = tmp_path / ".in-1-0badcafe.sealed.x1y2.tmp"  # a write of "in-1" cut short
+    cut.write_text("sealed but never renamed")
+    assert await vm.holds("in-1") and not await vm.holds("in-2")
+    assert await vm.erase("in-1") == 3
+    assert sorted(os.listdir(tmp_path)) == [other]
+    assert not await vm.holds("in-1") and await vm.holds("in-1-2")
+    assert await vm.erase("in-1") == 0
+    assert await vm.wav("in-1", second) is None
+    assert await vm.erase("in-9") == 0
 
 
 async def test_the_sweep_deletes_only_messages_past_retention(tmp_path: Path) -> None:

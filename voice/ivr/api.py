@@ -1,5 +1,6 @@
-"""``GET /v1/calls`` (recent, paginated), ``GET /v1/calls/{id}`` and
-``GET /v1/calls/{id}/voicemail``: clinic-line call records and their voicemail."""
+"""``GET /v1/calls`` (recent, paginated), ``GET /v1/calls/{id}``,
+``GET /v1/calls/{id}/voicemail`` and ``DELETE /v1/calls/{id}`` (erasure): clinic-line call
+records and their voicemail."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ from typing import Any
 
 from aiohttp import web
 
-from verification.errors import InvalidRequest, NotFound, StoreUnavailable, VerificationError
+from verification.errors import (
+    InvalidRequest,
+    NotFound,
+    RetryLater,
+    StoreUnavailable,
+    VerificationError,
+)
+from voice.ivr.erasure import CallErasure, CallUnderWay, ErasureIncomplete
 from voice.ivr.store import CallRecordUnreadable, CallStore, CallStoreUnavailable
-from voice.ivr.voicemail import NAME, Voicemails
+from voice.ivr.voicemail import NAME, Voicemails, VoicemailUnreadable
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# How long staff are asked to wait before erasing a call still under way: most calls take a
+# few minutes, and a retry costs nothing.
+CALL_UNDER_WAY_RETRY_S = 60
 
 
 class RecordUnreadable(VerificationError):
@@ -23,21 +34,55 @@ class RecordUnreadable(VerificationError):
     status = 500
     slug = "internal"
     title = "Internal error"
+    logged_at_source = True
+
+
+class MessageUnreadable(VerificationError):
+    """A voicemail file that is there but does not open (logged once by
+    :class:`~voice.ivr.voicemail.Voicemails`): not "no voicemail"."""
+
+    status = 500
+    slug = "voicemail-unreadable"
+    title = "The voicemail cannot be read"
+    logged_at_source = True
+
+
+class CallInProgress(RetryLater):
+    """An erasure of a call still under way: tried again once it ended."""
+
+    status = 409
+    slug = "call-in-progress"
+    title = "The call is still under way"
+
+
+class ErasureNotFinished(VerificationError):
+    """The call is gone from Redis and marked erased, but a file of it could not be deleted
+    (logged): the same DELETE again finishes it."""
+
+    status = 500
+    slug = "erasure-incomplete"
+    title = "The erasure is not finished"
+    logged_at_source = True
 
 
 class CallsApi:
-    """Read-only access to call records (bearer auth like every /v1 route)."""
+    """Call records for clinic staff: read, and erase (bearer auth like every /v1 route)."""
 
     def __init__(
-        self, store: Callable[[], CallStore], voicemails: Callable[[], Voicemails]
+        self,
+        store: Callable[[], CallStore],
+        voicemails: Callable[[], Voicemails],
+        erasure: Callable[[], CallErasure],
     ) -> None:
         self._store = store
         self._voicemails = voicemails
+        self._erasure = erasure
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/v1/calls", self.list),
             web.get("/v1/calls/{id}", self.get),
+            web.delete("/v1/calls/{id}", self.erase),
             web.get("/v1/calls/{id}/voicemail", self.voicemail),
         ]
 
@@ -69,13 +114,46 @@ class CallsApi:
         doc = await self._record(request)
         values = doc.get("values") or {}
         names = [v for v in values.values() if isinstance(v, str) and NAME.fullmatch(v)]
+        unreadable: VoicemailUnreadable | None = None
         for name in names:
-            wav = await self._voicemails().wav(doc["id"], name)
+            try:
+                wav = await self._voicemails().wav(doc["id"], name)
+            except VoicemailUnreadable as exc:
+                unreadable = unreadable or exc
+                continue  # another message of the call may open
             if wav is not None:
                 return web.Response(
                     body=wav, content_type="audio/wav", headers={"Cache-Control": "no-store"}
                 )
+        if unreadable is not None:
+            raise MessageUnreadable(
+                "this call's voicemail is there but does not open (sealed under another "
+                "CLINIC_SECRET, damaged, or not readable by the service): see the log"
+            ) from unreadable
         raise NotFound("this call left no voicemail (or it is past its retention)")
+
+    async def erase(self, request: web.Request) -> web.Response:
+        """Erase the call: its record, index entry, voicemail and copies on disk (204)."""
+        call_id = request.match_info["id"]
+        if not _ID.fullmatch(call_id):
+            raise NotFound("no such call")
+        try:
+            erased = await self._erasure().erase(call_id)
+        except CallUnderWay as exc:
+            raise CallInProgress(
+                "the call is still under way: erase it once it has ended",
+                CALL_UNDER_WAY_RETRY_S,
+            ) from exc
+        except CallStoreUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        except ErasureIncomplete as exc:
+            raise ErasureNotFinished(
+                "the call record is erased, but a file of the call could not be deleted "
+                "(see the log): send the same request again"
+            ) from exc
+        if erased is None:
+            raise NotFound("no such call")
+        return web.Response(status=204)
 
     async def _record(self, request: web.Request) -> dict[str, Any]:
         call_id = request.match_info["id"]

@@ -14,7 +14,9 @@ its folder fsynced, so a crash or power cut leaves the whole record or none of i
 (:meth:`CallJournal.replay`): each record with the expiry a normal save gives it (its call's
 end plus ``CLINIC_CALL_RETENTION_DAYS``), its file deleted once Redis took it; a record already
 past that is deleted, not saved. Replaying a record twice is harmless (the same SET and ZADD),
-so a file whose delete was lost to a crash is simply replayed again.
+so a file whose delete was lost to a crash is simply replayed again. A record of a call that
+was erased meanwhile (``DELETE /v1/calls/{id}``) is deleted, not saved: the store refuses it
+(voice/ivr/store.py), so an erasure holds whatever the order of the two.
 
 The file operations block (fsync): the async methods run them in a thread.
 """
@@ -34,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from sip_config.private_file import write_private
 from voice.ivr.call_record import CallResult
 from voice.ivr.store import CallStore, CallStoreUnavailable
-from voice.media.leftovers import remove_files
+from voice.media.leftovers import remove_file, remove_files
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +61,14 @@ def remaining_ttl_s(ended_at: float, now: float, retention_s: int) -> int | None
 
 @dataclass(frozen=True, slots=True)
 class Replayed:
-    """What one replay did: records saved to Redis, deleted as expired, and left on disk
-    (Redis still down, or a file that does not open with this service's key)."""
+    """What one replay did: records saved to Redis, deleted as expired, left on disk (Redis
+    still down, or a file that does not open with this service's key), and deleted because
+    their call was erased."""
 
     saved: int = 0
     expired: int = 0
     left: int = 0
+    erased: int = 0
 
 
 class CallJournal:
@@ -119,6 +123,8 @@ class CallJournal:
                     "call %s: the service stopped during this call (killed?): recorded as cut",
                     call_id,
                 )
+            elif done is _Done.ERASED:
+                log.info("call %s: erased: its live record is deleted, not saved", call_id)
         return []
 
     async def forget(self, call_id: str) -> None:
@@ -129,7 +135,7 @@ class CallJournal:
         """Save every record of the journal to Redis (one try each); stops at Redis's first
         failure, and the next replay tries again."""
         names = await asyncio.to_thread(self._pending, now)
-        saved = expired = 0
+        saved = expired = erased = 0
         for i, call_id in enumerate(names):
             try:
                 done = await self._save_file(self._path(call_id), call_id, now)
@@ -141,7 +147,7 @@ class CallJournal:
                     exc,
                     REPLAY_EVERY_S,
                 )
-                return Replayed(saved, expired, left + len(self._unreadable))
+                return Replayed(saved, expired, left + len(self._unreadable), erased)
             if done is _Done.UNREADABLE:
                 # Another CLINIC_SECRET, or a damaged file: kept for the operator to look at.
                 self._unreadable.add(call_id)
@@ -157,7 +163,10 @@ class CallJournal:
             elif done is _Done.SAVED:
                 log.info("call %s: the record kept on disk is now saved", call_id)
                 saved += 1
-        return Replayed(saved, expired, len(self._unreadable))
+            elif done is _Done.ERASED:
+                log.info("call %s: erased: the record kept on disk is deleted, not saved", call_id)
+                erased += 1
+        return Replayed(saved, expired, len(self._unreadable), erased)
 
     async def _save_file(
         self, path: Path, call_id: str, now: float, *, only_new: bool = False
@@ -175,10 +184,29 @@ class CallJournal:
         ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
         done = _Done.EXPIRED
         if ttl_s is not None:
-            await self._store.save_sealed(record, ttl_s=ttl_s, patience_s=0.0, only_new=only_new)
-            done = _Done.SAVED
+            written = await self._store.save_sealed(
+                record, ttl_s=ttl_s, patience_s=0.0, only_new=only_new
+            )
+            done = _Done.SAVED if written else _Done.ERASED
         await asyncio.to_thread(path.unlink, missing_ok=True)
         return done
+
+    # -- erasure (voice/ivr/erasure.py) ----------------------------------------------------------
+    async def live_since(self, call_id: str) -> float | None:
+        """When the live record of ``call_id`` was written (its call's start), or None when
+        there is none."""
+        return await asyncio.to_thread(_mtime, self._live_path(call_id))
+
+    async def holds(self, call_id: str) -> bool:
+        """Whether a record of ``call_id`` is on disk: kept, or live."""
+        paths = (self._path(call_id), self._live_path(call_id))
+        return await asyncio.to_thread(lambda: any(p.exists() for p in paths))
+
+    async def drop(self, call_id: str) -> int:
+        """Delete every copy of ``call_id`` on disk, kept or live, with a temporary file a
+        write cut short left; durable when this returns (the folders fsynced). Returns how
+        many files went. Raises ``OSError`` when one could not be deleted."""
+        return await asyncio.to_thread(self._drop, call_id)
 
     # -- blocking file operations (in a thread) --------------------------------------------------
     def _path(self, call_id: str) -> Path:
@@ -192,7 +220,15 @@ class CallJournal:
 
     def _pending(self, now: float) -> list[str]:
         """The call ids in the journal (and away with stale temporary files)."""
-        return [i for i in _ids_of(self._folder, now) if i not in self._unreadable]
+        ids = _ids_of(self._folder, now)
+        self._unreadable.intersection_update(ids)  # one erased (or removed by hand) is gone
+        return [i for i in ids if i not in self._unreadable]
+
+    def _drop(self, call_id: str) -> int:
+        removed = 0
+        for path in (self._path(call_id), self._live_path(call_id)):
+            removed += remove_file(path)
+        return removed
 
     def _remove(self, call_id: str) -> None:
         self._path(call_id).unlink(missing_ok=True)
@@ -205,6 +241,7 @@ class _Done(Enum):
     UNREADABLE = "unreadable"  # does not open with this service's key: left there
     EXPIRED = "expired"  # past its retention: deleted
     SAVED = "saved"  # in Redis: deleted
+    ERASED = "erased"  # its call was erased: deleted, not saved
 
 
 def _file(folder: Path, call_id: str) -> Path:
@@ -225,5 +262,12 @@ def _ids_of(folder: Path, now: float) -> list[str]:
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
     except FileNotFoundError:
         return None

@@ -3,10 +3,17 @@
 Answers and transcripts are health data. Each record is sealed with AES-256-GCM under a key
 derived (HKDF-SHA256) from the service secret, with the call id as associated data, so a record
 copied under another id does not open. Redis expires each record after the retention period;
-the time index is trimmed on every write.
+the time index is trimmed on every write and every read, and expires a retention after the
+last save (a quiet line keeps no call ids and start times past their records).
+
+A call can be erased (:meth:`CallStore.erase`, ``DELETE /v1/calls/{id}``): its record and index
+entry go, and a mark ``cv:erased:<id>`` stays for the retention period. Every save checks the
+mark in the same script that writes, so no copy of the record kept on disk (the journal, a live
+call's record) brings an erased call back: each such copy is of a call that ended before the
+erasure, and a replay drops it once past its retention, which the mark outlives.
 
 Records go over the process's one multiplexed Redis connection
-(:class:`verification.redis_mux.RedisMux`, any object with its ``execute`` and
+(:class:`verification.redis_mux.RedisMux`, any object with its ``execute``, ``evalsha`` and
 ``transaction``). They used a pool of 256 connections before: when many calls ended at once
 under load, saves waited more than 2 s for a connection and 360 records of 8,000 calls were
 lost (bench/asterisk_compare.py inbound steps at 287-345 calls/s, 2026-12-03). A save is
@@ -25,18 +32,27 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.exceptions import RedisError, ResponseError
 
+from sip_config.clock import Clock, SystemClock
 from verification import keys
+from verification.redis_mux import Script
 from voice.ivr.call_record import CallResult
 
 log = logging.getLogger(__name__)
 
 INDEX = "cv:calls"
+ERASED_PREFIX = "cv:erased:"  # + call id: the call was erased (kept the retention period)
+# Set by an erasure: the embedded Redis's append-only file is rewritten soon after (serve's
+# compaction, clinic_voice/redis_server.py), not only at the daily one. It expires after a
+# day, by which the daily rewrite has run: a Redis nobody compacts keeps no flag for good.
+COMPACT_ASKED = "cv:aof-compact-asked"
+COMPACT_ASKED_TTL_S = 86400
 PAGE_MAX = 100
 SAVE_PATIENCE_S = 30.0  # how long a record's save is tried again before it is given up
 _RETRY_FIRST_S = 0.2
@@ -51,6 +67,10 @@ class RedisCommands(Protocol):
     async def execute(self, *command: str | bytes | int | float) -> Any: ...
 
     async def transaction(self, commands: Sequence[Command]) -> list[Any]: ...
+
+    async def evalsha(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int | float]
+    ) -> Any: ...
 
     @property
     def closed(self) -> bool: ...
@@ -67,6 +87,43 @@ class CallRecordUnreadable(RuntimeError):
 
 def _key(call_id: str) -> str:
     return f"cv:call:{call_id}"
+
+
+def _erased_key(call_id: str) -> str:
+    return f"{ERASED_PREFIX}{call_id}"
+
+
+# A save: the record (NX: only when none is there), its index entry, the index trimmed and
+# given the retention as expiry (every entry's time is at most now, so none outlives its own
+# trim by it) -- unless the call was erased. One script, so no save slips in between the check
+# and an erasure: MULTI cannot read a key before it writes.
+_SAVE = Script("""
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if ARGV[6] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX')
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+return 1
+""")
+
+# An erasure: the record and its index entry go, the mark is set (or its time renewed, a retry
+# finishing the files), and a compaction is asked for. Nothing is written for a call nothing
+# is known of (ARGV[3] '0': no copy on disk either), so a mistyped id marks nothing.
+# 0: unknown; 1: marked, no record in Redis (erased before, expired, or only on disk); 2: the
+# record was deleted.
+_ERASE = Script("""
+local had = redis.call('DEL', KEYS[1])
+local listed = redis.call('ZREM', KEYS[2], ARGV[1])
+local marked = redis.call('EXISTS', KEYS[3])
+if had == 0 and listed == 0 and marked == 0 and ARGV[3] == '0' then return 0 end
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+redis.call('SET', KEYS[4], '1', 'EX', ARGV[4])
+return 1 + had
+""")
 
 
 def _scored(reply: list[Any]) -> list[tuple[str, float]]:
@@ -92,6 +149,14 @@ class Page:
     next_cursor: str | None
 
 
+class Erased(Enum):
+    """What :meth:`CallStore.erase` found in Redis."""
+
+    UNKNOWN = 0  # nothing of the call (and none on disk, said the caller): nothing written
+    MARKED = 1  # no record (erased before, past its retention, or only on disk): marked
+    RECORD = 2  # its record was there: deleted, and the call marked
+
+
 class CallStore:
     """Sealed call records with a time index for paging."""
 
@@ -102,8 +167,10 @@ class CallStore:
         retention_days: int,
         *,
         save_patience_s: float = SAVE_PATIENCE_S,
+        clock: Clock | None = None,
     ) -> None:
         self._r = redis
+        self._clock = clock or SystemClock()  # for the index's trim on read
         self._patience_s = save_patience_s
         self._aead = AESGCM(keys.derive(secret, "call records v1"))
         self._ttl_s = retention_days * 86400
@@ -138,7 +205,8 @@ class CallStore:
         return SealedRecord(call_id, sealed, started, ended)
 
     async def save(self, result: CallResult) -> None:
-        """Write the record and index it; tried again while Redis fails, up to the patience."""
+        """Write the record and index it; tried again while Redis fails, up to the patience
+        (nothing is written for a call erased meanwhile)."""
         await self.save_sealed(self.seal_result(result))
 
     async def save_sealed(
@@ -148,23 +216,29 @@ class CallStore:
         ttl_s: int | None = None,
         patience_s: float | None = None,
         only_new: bool = False,
-    ) -> None:
+    ) -> bool:
         """Write a sealed record, to expire in ``ttl_s`` (default: the retention), trying
         again while Redis fails for ``patience_s`` (default: the store's save patience);
-        ``only_new``: not over a record of the same call already there."""
+        ``only_new``: not over a record of the same call already there. False when the call
+        was erased (nothing written: the caller drops its copy)."""
         ttl = self._ttl_s if ttl_s is None else ttl_s
-        commands: list[Command] = [
-            ("SET", _key(record.call_id), record.sealed, "EX", ttl, *(("NX",) if only_new else ())),
-            ("ZADD", INDEX, repr(record.started_at), record.call_id),
-            ("ZREMRANGEBYSCORE", INDEX, "-inf", repr(record.started_at - self._ttl_s)),
-        ]
+        keys = (_key(record.call_id), INDEX, _erased_key(record.call_id))
+        args = (
+            record.sealed,
+            ttl,
+            repr(record.started_at),
+            record.call_id,
+            repr(record.started_at - self._ttl_s),
+            "1" if only_new else "0",
+            self._ttl_s,
+        )
         loop = asyncio.get_running_loop()
         give_up = loop.time() + (self._patience_s if patience_s is None else patience_s)
         pause = _RETRY_FIRST_S
         while True:
             try:
-                answers = await self._r.transaction(commands)
-            except ResponseError as exc:  # Redis refused the commands: trying again won't help
+                written = await self._r.evalsha(_SAVE, keys, args)
+            except ResponseError as exc:  # refused (full, WRONGTYPE): trying again won't help
                 raise CallStoreUnavailable(str(exc)) from exc
             except (RedisError, OSError) as exc:
                 if self._r.closed or loop.time() + pause > give_up:
@@ -173,11 +247,9 @@ class CallStore:
                     "call %s: saving the record failed (%s): trying again", record.call_id, exc
                 )
             else:
-                # A command that failed inside EXEC (WRONGTYPE...) is an answer, not a raise.
-                refused = [a for a in answers if isinstance(a, Exception)]
-                if refused:
-                    raise CallStoreUnavailable(str(refused[0]))
-                return
+                if not written:
+                    log.info("call %s: erased: its record is not saved", record.call_id)
+                return bool(written)
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX_S)
 
@@ -204,15 +276,36 @@ class CallStore:
                 )
             raise CallRecordUnreadable(call_id) from exc
 
+    async def erase(self, call_id: str, *, on_disk: bool) -> Erased:
+        """Delete the call's record and index entry, and mark the call erased for the
+        retention period (no save writes it back meanwhile). ``on_disk``: a copy of the call
+        is on disk (the journal, voicemail), so it is marked even with nothing in Redis. One
+        try: raises :class:`CallStoreUnavailable`, nothing changed, when Redis fails."""
+        keys = (_key(call_id), INDEX, _erased_key(call_id), COMPACT_ASKED)
+        args = (call_id, self._ttl_s, "1" if on_disk else "0", COMPACT_ASKED_TTL_S)
+        try:
+            done = await self._r.evalsha(_ERASE, keys, args)
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
+        return Erased(int(done))
+
     async def recent(self, limit: int, before: float | None) -> Page:
-        """Newest first; ``before`` is the cursor (a start time) of the previous page."""
+        """Newest first; ``before`` is the cursor (a start time) of the previous page. The
+        index is trimmed first: on a quiet line, no save trims it."""
         limit = max(1, min(limit, PAGE_MAX))
         top = f"({before!r}" if before is not None else "+inf"
+        oldest = repr(self._clock.now() - self._ttl_s)
         try:
-            flat = await self._r.execute(
-                "ZREVRANGEBYSCORE", INDEX, top, "-inf", "WITHSCORES", "LIMIT", 0, limit + 1
+            answers = await self._r.transaction(
+                [
+                    ("ZREMRANGEBYSCORE", INDEX, "-inf", oldest),
+                    ("ZREVRANGEBYSCORE", INDEX, top, "-inf", "WITHSCORES", "LIMIT", 0, limit + 1),
+                ]
             )
-            rows = _scored(flat)
+            refused = [a for a in answers if isinstance(a, Exception)]
+            if refused:
+                raise CallStoreUnavailable(str(refused[0]))
+            rows = _scored(answers[1])
             ids = [r[0] for r in rows[:limit]]
             sealed = await self._r.execute("MGET", *[_key(i) for i in ids]) if ids else []
         except (RedisError, OSError) as exc:

@@ -3,13 +3,15 @@
 Each message is one file ``<call id>-<8 hex>.sealed`` in ``$CLINIC_DATA_DIR/voicemail``
 (0600, in a 0700 folder), sealed with the call records' key and bound to its own name, and
 named in its call record's values. It lives as long as call records do
-(``CLINIC_CALL_RETENTION_DAYS``): :meth:`Voicemails.sweep` deletes older files, and
-``GET /v1/calls/{id}/voicemail`` plays one back as WAV.
+(``CLINIC_CALL_RETENTION_DAYS``): :meth:`Voicemails.sweep` deletes older files,
+:meth:`Voicemails.erase` those of an erased call, and ``GET /v1/calls/{id}/voicemail`` plays
+one back as WAV.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 from pathlib import Path
@@ -18,12 +20,19 @@ from cryptography.exceptions import InvalidTag
 
 from sip_config.private_file import write_private
 from voice.ivr.store import CallStore
-from voice.media.leftovers import remove_files
+from voice.media.leftovers import remove_file, remove_files
 from voice.media.pcm import Pcm, bytes_to_samples, wav_bytes
+
+log = logging.getLogger(__name__)
 
 RATE_HZ = 8000
 # A message's file name; the call id part is that of the call records (voice/ivr/api.py).
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
+
+
+class VoicemailUnreadable(RuntimeError):
+    """A message that is there but does not open: sealed under another ``CLINIC_SECRET``,
+    damaged, or not readable by the service (its mode, a disk error)."""
 
 
 class Voicemails:
@@ -32,6 +41,7 @@ class Voicemails:
     def __init__(self, folder: Path, store: CallStore) -> None:
         self._folder = folder
         self._store = store
+        self._unreadable: set[str] = set()  # logged once each
 
     async def save(self, call_id: str, pcm16: bytes) -> str:
         """Seal and write ``pcm16`` (8 kHz mono) for ``call_id``; return its name."""
@@ -44,20 +54,58 @@ class Voicemails:
         write_private(self._folder / name, self._store.seal(name, {"pcm16_8k": pcm16.hex()}))
 
     async def wav(self, call_id: str, name: str) -> bytes | None:
-        """The message ``name`` of ``call_id`` as a WAV file, or None when it is gone (or
-        is not that call's, or does not open with this service's key)."""
-        if not NAME.fullmatch(name) or not name.startswith(f"{call_id}-"):
+        """The message ``name`` of ``call_id`` as a WAV file, or None when it is gone (past
+        its retention, erased) or is not that call's. Raises :class:`VoicemailUnreadable`
+        (logged once per message) when it is there but does not open: staff must not be
+        told a caller left no message when one is there."""
+        if not _of_call(call_id, name):
             return None
         # Reading, opening and the WAV: about 10 ms for a minute of message, off the loop.
-        return await asyncio.to_thread(self._read_wav, name)
+        try:
+            return await asyncio.to_thread(self._read_wav, name)
+        except (OSError, ValueError, KeyError, TypeError, InvalidTag) as exc:
+            if name not in self._unreadable:
+                self._unreadable.add(name)
+                # The file's name and the error's kind: never its content (health data).
+                log.error(
+                    "call %s: voicemail %s does not open (sealed under another CLINIC_SECRET, "
+                    "damaged, or not readable): %s",
+                    call_id,
+                    name,
+                    type(exc).__name__,
+                )
+            raise VoicemailUnreadable(name) from exc
 
     def _read_wav(self, name: str) -> bytes | None:
         try:
             sealed = (self._folder / name).read_text()
-            pcm = bytes.fromhex(self._store.open(name, sealed)["pcm16_8k"])
-        except (OSError, ValueError, KeyError, InvalidTag):
-            return None
+        except FileNotFoundError:
+            return None  # swept, or erased
+        pcm = bytes.fromhex(self._store.open(name, sealed)["pcm16_8k"])
         return wav_bytes(Pcm(bytes_to_samples(pcm), RATE_HZ))
+
+    async def holds(self, call_id: str) -> bool:
+        """Whether a message of ``call_id`` is in the folder."""
+        return bool(await asyncio.to_thread(self._names_of, call_id))
+
+    async def erase(self, call_id: str) -> int:
+        """Delete every message of ``call_id`` (durably: the folder fsynced), named in its
+        record or not; how many files went. Raises ``OSError`` when one could not be."""
+        return await asyncio.to_thread(self._erase, call_id)
+
+    def _names_of(self, call_id: str) -> list[str]:
+        if not self._folder.is_dir():
+            return []
+        # "<id>-*" alone would take call "<id>-x"'s messages too: the whole name must match.
+        names = {p.name for p in self._folder.glob(f"{call_id}-*.sealed")}
+        # A write cut short (a crash) leaves only its hidden ".<name>.<random>.tmp".
+        names |= {
+            p.name[1:].rsplit(".", 2)[0] for p in self._folder.glob(f".{call_id}-*.sealed.*.tmp")
+        }
+        return sorted(n for n in names if _of_call(call_id, n))
+
+    def _erase(self, call_id: str) -> int:
+        return sum(remove_file(self._folder / name) for name in self._names_of(call_id))
 
     def sweep(self, older_than_s: float, now: float) -> int:
         """Delete messages older than ``older_than_s`` (blocking: run it in a thread).
@@ -65,3 +113,11 @@ class Voicemails:
         on, it goes too, uncounted)."""
         remove_files(self._folder, ".*.tmp", 3600.0, now)
         return remove_files(self._folder, "*.sealed", older_than_s, now)
+
+
+def _of_call(call_id: str, name: str) -> bool:
+    """Whether ``name`` is a message of ``call_id`` (exactly: not of call ``<call_id>-x``)."""
+    return (
+        NAME.fullmatch(name) is not None
+        and re.fullmatch(re.escape(call_id) + r"-[0-9a-f]{8}\.sealed", name) is not None
+    )

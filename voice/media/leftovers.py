@@ -2,12 +2,14 @@
 
 Three kinds: composed spoken codes (``private/code-*.wav``, left by a process killed during a
 voice call), prompts rendered for one call (``prompts/once-*.wav``, likewise), and voicemail
-past its retention (``voicemail/*.sealed``). Blocking: run it in a thread.
+past its retention (``voicemail/*.sealed``). And one file by name, durably: an erased call's
+(voice/ivr/erasure.py). Blocking: run it in a thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 
@@ -20,4 +22,25 @@ def remove_files(folder: Path, pattern: str, older_than_s: float | None, now: fl
             if older_than_s is None or now - path.stat().st_mtime > older_than_s:
                 path.unlink()
                 removed += 1
+    return removed
+
+
+def remove_file(path: Path) -> int:
+    """Delete ``path`` and what a write of it cut short left (``write_private``'s hidden
+    ``.<name>.<random>.tmp``), then fsync the folder, so that a power cut does not bring the
+    file back. Returns how many files went. ``path``'s name must hold no glob character
+    (call ids and voicemail names hold none)."""
+    if not path.parent.is_dir():
+        return 0
+    removed = 0
+    for p in (path, *path.parent.glob(f".{path.name}.*.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed += 1
+    if removed:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return removed

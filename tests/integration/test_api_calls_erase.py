@@ -1,0 +1,212 @@
+"""``DELETE /v1/calls/{id}`` (a GDPR erasure) and the voicemail that does not open, over real
+HTTP against a real redis-server: the record, its index entry, its voicemail and its copies
+on disk go; a call still under way is refused; Redis down changes nothing; a failed file is
+finished by the same request again; and a record kept on disk never brings the call back.
+
+Records are saved through the service's own store (no SIP call is needed for them); the data
+dir is the service's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from clinic_voice.app import RUNTIME, Runtime
+from tests.conftest import RedisServer
+from tests.integration.conftest import API_KEY, CALLS_KEY, Api, StartService
+from voice.ivr.call_record import CallResult
+from voice.ivr.engine import CallRecord
+from voice.ivr.erasure import LIVE_AT_MOST_S
+from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, Replayed
+from voice.ivr.store import CallStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+PCM = b"\x10\x00\xf0\xff" * 4000  # a quarter second of message
+
+
+def _result(call_id: str, message: str | None = None) -> CallResult:
+    values = (("complaint", "rash"),) + ((("callback_message", message),) if message else ())
+    record = CallRecord("triage", (), values, None, (), None, None, "message_left")
+    now = time.time()
+    return CallResult(call_id, "+31612345678", "700", now - 90, now - 30, record)
+
+
+async def _calls_api(start_service: StartService) -> Api:
+    api = await start_service()
+    api.key = CALLS_KEY
+    return api
+
+
+def _rt(api: Api) -> Runtime:
+    rt: Runtime = api.app[RUNTIME]
+    return rt
+
+
+def _store(api: Api) -> CallStore:
+    return _rt(api).need_call_store()
+
+
+def _data(api: Api) -> Path:
+    return _rt(api).settings.data_dir
+
+
+async def _saved_with_message(api: Api, call_id: str) -> Path:
+    """A call record in Redis naming a voicemail; the voicemail's path."""
+    name = await _rt(api).need_voicemails().save(call_id, PCM)
+    await _store(api).save(_result(call_id, name))
+    return _data(api) / "voicemail" / name
+
+
+async def test_an_erased_call_is_gone_with_its_voicemail_and_copies_on_disk(
+    start_service: StartService,
+) -> None:
+    api = await _calls_api(start_service)
+    message = await _saved_with_message(api, "er-1")
+    other = await _saved_with_message(api, "er-1-2")  # its id starts with "er-1-"
+    journal = CallJournal(_data(api) / FOLDER, _store(api))
+    await journal.keep(_result("er-1"))  # a copy written ahead whose delete was lost
+    assert (await api.request("GET", "/v1/calls/er-1/voicemail")).status == 200
+
+    erased = await api.request("DELETE", "/v1/calls/er-1")
+    assert erased.status == 204 and erased.body == b"", erased.text
+    assert erased.headers["Cache-Control"] == "no-store"
+    (await api.request("GET", "/v1/calls/er-1")).problem(404, "not-found")
+    (await api.request("GET", "/v1/calls/er-1/voicemail")).problem(404, "not-found")
+    listed = await api.request("GET", "/v1/calls?limit=100")
+    assert [c["id"] for c in listed.json["calls"]] == ["er-1-2"]
+    assert not message.exists() and other.exists()
+    assert not (_data(api) / FOLDER / "er-1.sealed").exists()
+    assert (await api.request("GET", "/v1/calls/er-1-2")).status == 200
+    # Again (a client that lost the first answer): the same, for the retention period.
+    assert (await api.request("DELETE", "/v1/calls/er-1")).status == 204
+
+
+async def test_erasing_an_unknown_call_is_404_and_other_keys_get_what_they_get_elsewhere(
+    start_service: StartService,
+) -> None:
+    api = await _calls_api(start_service)
+    await _store(api).save(_result("er-2"))
+    (await api.request("DELETE", "/v1/calls/er-never-was")).problem(404, "not-found")
+    (await api.request("DELETE", "/v1/calls/bad%20id")).problem(404, "not-found")
+    (await api.request("DELETE", "/v1/calls/er-2", key=API_KEY)).problem(403, "key-not-allowed")
+    assert (await api.request("DELETE", "/v1/calls/er-2", key=None)).status == 401
+    assert (await api.request("DELETE", "/v1/calls/er-2", key="wrong-key-0123456789")).status == 401
+    (await api.request("DELETE", "/v1/calls")).problem(405, "method-not-allowed")
+    assert (await api.request("GET", "/v1/calls/er-2")).status == 200, "nothing was erased"
+
+
+async def test_a_call_under_way_is_not_erased_until_it_ended(
+    start_service: StartService,
+) -> None:
+    api = await _calls_api(start_service)
+    journal = CallJournal(_data(api) / FOLDER, _store(api))
+    await journal.begin(_result("er-live"))  # the call is answered: its live record
+    refused = await api.request("DELETE", "/v1/calls/er-live")
+    refused.problem(409, "call-in-progress")
+    assert int(refused.headers["Retry-After"]) >= 1
+    live = _data(api) / LIVE_FOLDER / "er-live.sealed"
+    assert live.exists(), "the call's own live record is the call's to delete"
+    # The call ends: its record is saved, its live record deleted. Now it can go.
+    await _store(api).save(_result("er-live"))
+    await journal.end("er-live")
+    assert (await api.request("DELETE", "/v1/calls/er-live")).status == 204
+    (await api.request("GET", "/v1/calls/er-live")).problem(404, "not-found")
+
+
+async def test_a_live_record_a_dead_serve_left_is_erased_and_not_replayed(
+    start_service: StartService,
+) -> None:
+    # No call lasts longer than LIVE_AT_MOST_S: an older live record was left by a serve that
+    # died during its call (and the next start has not saved it yet).
+    api = await _calls_api(start_service)
+    journal = CallJournal(_data(api) / FOLDER, _store(api))
+    await journal.begin(_result("er-dead"))
+    live = _data(api) / LIVE_FOLDER / "er-dead.sealed"
+    then = time.time() - LIVE_AT_MOST_S - 60
+    os.utime(live, (then, then))
+    assert (await api.request("DELETE", "/v1/calls/er-dead")).status == 204
+    assert not live.exists()
+    await journal.begin(_result("er-dead"))  # as if the delete had been lost to a crash
+    assert await journal.replay_lost(await journal.leftovers(time.time()), time.time()) == []
+    (await api.request("GET", "/v1/calls/er-dead")).problem(404, "not-found")
+
+
+async def test_an_erased_call_does_not_come_back_after_a_journal_replay(
+    start_service: StartService, redis_server: RedisServer
+) -> None:
+    # The call ended while Redis was down: only its copy on disk knows it. Redis is back,
+    # staff erase it before the 30 s replay; a copy the erasure did not see (the replay had
+    # read it just before) is then replayed: the call stays erased.
+    api = await _calls_api(start_service)
+    journal = CallJournal(_data(api) / FOLDER, _store(api))
+    await journal.keep(_result("er-kept"))
+    assert (await api.request("DELETE", "/v1/calls/er-kept")).status == 204
+    assert not (_data(api) / FOLDER / "er-kept.sealed").exists()
+    await journal.keep(_result("er-kept"))
+    assert await journal.replay(time.time()) == Replayed(erased=1)
+    (await api.request("GET", "/v1/calls/er-kept")).problem(404, "not-found")
+    listed = await api.request("GET", "/v1/calls")
+    assert "er-kept" not in [c["id"] for c in listed.json["calls"]]
+    assert not list((_data(api) / FOLDER).iterdir())
+
+
+async def test_with_redis_down_an_erasure_is_503_and_deletes_nothing(
+    start_service: StartService, redis_server: RedisServer
+) -> None:
+    api = await _calls_api(start_service)
+    message = await _saved_with_message(api, "er-down")
+    await asyncio.to_thread(redis_server.kill9)
+    (await api.request("DELETE", "/v1/calls/er-down")).problem(503, "store-unavailable")
+    assert message.exists(), "a file deleted while the record stays: half an erasure"
+    await asyncio.to_thread(redis_server.restart)
+    async with asyncio.timeout(10):
+        while (answer := await api.request("DELETE", "/v1/calls/er-down")).status == 503:  # noqa: ASYNC110 (a deadline)
+            await asyncio.sleep(0.1)
+    assert answer.status == 204, answer.text
+    assert not message.exists()
+
+
+async def test_a_file_that_will_not_go_is_500_and_the_same_request_finishes_it(
+    start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = await _calls_api(start_service)
+    message = await _saved_with_message(api, "er-stuck")
+    # A file the service cannot delete (tests run as root, so not by its mode): a folder in
+    # the copy's place.
+    stuck = _data(api) / FOLDER / "er-stuck.sealed"
+    (stuck / "x").mkdir(parents=True)
+    answer = await api.request("DELETE", "/v1/calls/er-stuck")
+    answer.problem(500, "erasure-incomplete")
+    # The record is gone at once, and marked: nothing brings it back meanwhile.
+    (await api.request("GET", "/v1/calls/er-stuck")).problem(404, "not-found")
+    assert any("er-stuck" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    (stuck / "x").rmdir()
+    stuck.rmdir()
+    assert (await api.request("DELETE", "/v1/calls/er-stuck")).status == 204
+    assert not message.exists()
+
+
+async def test_a_voicemail_that_does_not_open_is_a_500_logged_once(
+    start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It used to answer 404 "no voicemail", with nothing logged: staff took the patient for
+    # one who left no message.
+    api = await _calls_api(start_service)
+    message = await _saved_with_message(api, "er-damaged")
+    message.write_text("damaged")
+    caplog.set_level(logging.DEBUG)
+    for _ in range(2):
+        answer = await api.request("GET", "/v1/calls/er-damaged/voicemail")
+        answer.problem(500, "voicemail-unreadable")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and message.name in errors[0], errors
+    assert "rash" not in errors[0] and "+31612345678" not in errors[0]
+    message.unlink()
+    (await api.request("GET", "/v1/calls/er-damaged/voicemail")).problem(404, "not-found")
