@@ -82,7 +82,12 @@ def parse_phone(raw: str, region: str | None = None) -> Phone:
     Raises :class:`InvalidNumber` (422) for anything that is not a valid, assigned-looking
     number.
     """
-    if not raw or len(raw) > MAX_INPUT_LENGTH:
+    if len(raw) > MAX_INPUT_LENGTH:
+        raise InvalidNumber(f"phone must be 1..{MAX_INPUT_LENGTH} characters")
+    # Spaces around it (pasted from a form): " +3161..." was refused as not E.164 while
+    # "+3161... " passed, as separators do. Both pass now.
+    raw = raw.strip(" \t")
+    if not raw:
         raise InvalidNumber(f"phone must be 1..{MAX_INPUT_LENGTH} characters")
     if not raw.isascii() or not _ALLOWED.fullmatch(raw):
         raise InvalidNumber("phone may hold only ASCII digits, a leading + and separators")

@@ -519,3 +519,19 @@ def test_cli_code_lengths(prefix: str, lengths: tuple[int, ...]) -> None:
     from verification.numbers import cli_code_lengths
 
     assert cli_code_lengths(prefix) == lengths
+
+
+@pytest.mark.parametrize(
+    ("raw", "region"),
+    [(" +31612345678", None), ("+31612345678 ", None), ("  0612345678\t", "NL")],
+)
+def test_spaces_around_a_number_are_not_part_of_it(raw: str, region: str | None) -> None:
+    # " +3161..." was 422 "give the number in E.164" while "+3161... " passed.
+    assert parse_phone(raw, region).e164 == "+31612345678"
+
+
+@pytest.mark.parametrize("raw", ["", " ", "\t \t"])
+def test_a_phone_of_only_spaces_is_empty(raw: str) -> None:
+    with pytest.raises(InvalidNumber, match=r"1\.\.") as err:
+        parse_phone(raw)
+    assert err.value.status == 422
