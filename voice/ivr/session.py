@@ -7,7 +7,8 @@ through a vosk recogniser fed from the call's audio), transfer, record, post a w
 store the call record. Nothing here decides anything about the caller: the engine does.
 
 Speech barge-in: while an ask's prompt plays, its recogniser already listens; the first partial
-result stops the prompt. Its result normally follows within seconds; when none has come after
+result stops the prompt (one of filler words only, noise in a model without ``[unk]``, is no
+partial: see ``FILLER_WORDS``). Its result normally follows within seconds; when none has come after
 ``BARGE_IN_RESULT_S`` (noise that never falls silent, a recogniser that failed), the stopped
 prompt counts as ended and the engine listens, with the question's timeout. Keys pressed
 during a prompt go to the engine at once (type-ahead).
@@ -42,7 +43,7 @@ from sip_config.clock import Clock
 from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
 from voice.ivr.flow import Ask, FlowSet, grammar
-from voice.media.asr import PartialResult, Recogniser, SpeechModel
+from voice.media.asr import FILLER_WORDS, PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
 from voice.media.tones import BEEP, RINGBACK, Tone, tone_wav
@@ -427,7 +428,8 @@ class CallSession:
         if not phrases:
             self._disarm()  # the last question's, if the caller answered it by key
             return
-        self._recogniser = self._d.speech.recogniser(phrases)
+        fillers = FILLER_WORDS.get(self._language, ())
+        self._recogniser = self._d.speech.recogniser(phrases, fillers=fillers)
         self._recogniser_for = where
         self._onset = SpeechOnset()
         if not self._audio_on:

