@@ -243,15 +243,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker.add_argument("--control", type=Path, required=True)
     flow = sub.add_parser("flow", help="IVR flow tools")
     flow_sub = flow.add_subparsers(dest="flow_command", required=True)
-    check = flow_sub.add_parser("check", help="check flows: schema, targets, safety rules")
-    check.add_argument("files", nargs="*")
-    sim = flow_sub.add_parser("simulate", help="run a flow in the terminal")
-    sim.add_argument("flow")
-    args, rest = parser.parse_known_args(argv)
+    # The tools' own argument lists, so that --help shows them all and a bad option fails
+    # here. Importing them costs serve nothing: the app imports the flow engine anyway.
+    from voice.ivr import check as flow_check
+    from voice.ivr import simulate as flow_simulate
+
+    check = flow_sub.add_parser(
+        "check",
+        help="check flows: schema, targets, safety rules",
+        description=flow_check.DESCRIPTION,
+    )
+    flow_check.add_arguments(check)
+    sim = flow_sub.add_parser(
+        "simulate",
+        help="run a flow in the terminal",
+        description=flow_simulate.HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    flow_simulate.add_arguments(sim)
+    args = parser.parse_args(argv)
 
     if args.command in {"serve", "http-worker"}:
-        if rest:
-            parser.error(f"unexpected arguments: {' '.join(rest)}")
         worker = args.command == "http-worker"
         if worker:
             # serve starts each worker in a process group of its own (http_workers.py), which
@@ -283,12 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     if args.flow_command == "check":
-        from voice.ivr.check import main as check_main
-
-        return check_main([*args.files, *rest])
-    from voice.ivr.simulate import main as simulate_main
-
-    return simulate_main([args.flow, *rest])
+        return flow_check.run(args)
+    return flow_simulate.run(args)
 
 
 if __name__ == "__main__":

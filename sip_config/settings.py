@@ -260,8 +260,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_FLOWS_DIR",
         "ivr_flows",
-        "folder of the IVR flows and routes.yaml (a relative path is taken from the working "
-        "directory)",
+        "folder of the IVR flows and routes.yaml, for `serve` and as the default of `flow "
+        "check` and `flow simulate` (a relative path is taken from the working directory)",
     ),
     Variable("CLINIC_VOSK_MODEL", "", "path of a vosk model; unset: keypad only"),
     Variable(
@@ -456,6 +456,20 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build and validate from ``env`` (default: ``os.environ``)."""
         return _build(_Reader(os.environ if env is None else env))
+
+
+def flows_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    """CLINIC_FLOWS_DIR as ``serve`` reads it, without the other settings.
+
+    ``flow check`` and ``flow simulate`` use it: they need no valid service configuration (no
+    SIP or SMS settings), but must look where ``serve`` would. A misspelt ``CLINIC_*`` name is
+    still a :class:`SettingsError`: a ``CLINIC_FLOW_DIR`` would otherwise be ignored silently.
+    """
+    return _flows_dir(_Reader(os.environ if env is None else env))
+
+
+def _flows_dir(r: _Reader) -> Path:
+    return Path(r.raw("CLINIC_FLOWS_DIR"))
 
 
 class _Reader:
@@ -734,7 +748,7 @@ def _build(r: _Reader) -> Settings:
         )
     vosk = r.raw("CLINIC_VOSK_MODEL")
     ivr = IvrSettings(
-        flows_dir=Path(r.raw("CLINIC_FLOWS_DIR")),
+        flows_dir=_flows_dir(r),
         vosk_model=Path(vosk) if vosk else None,
         vosk_language=r.parse("CLINIC_VOSK_LANGUAGE", _language),
         staff_uri=r.parse("CLINIC_STAFF_URI", _sip_uri),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,55 @@ def test_main_exits_0_on_the_shipped_flows(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().out == ""
 
 
-def test_main_reports_a_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(BROKEN / "absent.yaml")]) == 1
-    assert "no such file" in capsys.readouterr().err
+@pytest.fixture
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run from outside the repository, with no ``CLINIC_*`` variable set."""
+    for name in [n for n in os.environ if n.startswith("CLINIC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # Exit 2, not 1 (findings): nothing was checked.
+        (["{broken}/absent.yaml"], "{broken}/absent.yaml: no such file or directory"),
+        (["{tmp}/empty"], "{tmp}/empty: no flows in it"),
+        (["{tmp}/routes_only"], "{tmp}/routes_only: no flows in it"),
+        ([], "CLINIC_FLOWS_DIR='ivr_flows' ({tmp}/ivr_flows): no such directory"),
+    ],
+)
+def test_main_refuses_to_check_nothing(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    # An empty folder, or none (run outside the repository), printed "ok" and exited 0.
+    (elsewhere / "empty").mkdir()
+    (elsewhere / "routes_only").mkdir()
+    (elsewhere / "routes_only" / "routes.yaml").write_text("default: x\n", encoding="utf-8")
+    assert main([a.format(broken=BROKEN, tmp=elsewhere) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("clinic-voice flow check: ")
+    assert message.format(broken=BROKEN, tmp=elsewhere) in err
+    assert err.count("\n") == 1
+
+
+def test_main_defaults_to_clinic_flows_dir(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLINIC_FLOWS_DIR", str(SHIPPED))
+    assert main([]) == 0
+    assert capsys.readouterr().err == f"ok: {SHIPPED}\n"
+
+
+def test_main_refuses_a_misspelt_setting(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # CLINIC_FLOW_DIR would otherwise be ignored: the check would look in ./ivr_flows.
+    monkeypatch.setenv("CLINIC_FLOW_DIR", str(SHIPPED))
+    assert main([]) == 2
+    assert "unknown setting(s): CLINIC_FLOW_DIR" in capsys.readouterr().err
 
 
 def test_a_route_to_a_missing_flow_is_found(tmp_path: Path) -> None:

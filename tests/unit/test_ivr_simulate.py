@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from voice.ivr.engine import Digit, HangUp, NoInput, SpeechResult
 from voice.ivr.simulate import main, parse_line
@@ -78,3 +81,86 @@ def test_simulate_reports_a_broken_folder(tmp_path: Path) -> None:
     code, out = run(["x", "--flows-dir", str(tmp_path)], [])
     assert code == 1
     assert any(line.startswith(f"{tmp_path / 'x.yaml'}:") for line in out[0].splitlines())
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run from outside the repository, with no ``CLINIC_*`` variable set."""
+    for name in [n for n in os.environ if n.startswith("CLINIC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_an_unknown_flow_id_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # It used to fall through to the default route: main_menu ran and the exit was 0.
+    code, out = run(["nonexist", "--flows-dir", str(SHIPPED)], [":hangup"])
+    assert (code, out) == (2, [])
+    err = capsys.readouterr().err
+    assert "no flow 'nonexist' (flows here: appointments, main_menu, prescription," in err
+    assert "called users in routes.yaml: 6000, 6001, 7001, ko, triage" in err
+
+
+def test_a_called_user_routes_yaml_names_picks_its_flow() -> None:
+    code, out = run(["6001", "--flows-dir", str(SHIPPED)], [":hangup"])
+    assert code == 0
+    assert out[0].startswith("-- triage (en)")
+
+
+def test_the_default_folder_is_clinic_flows_dir(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLINIC_FLOWS_DIR", str(SHIPPED))
+    code, out = run(["triage"], [":hangup"])
+    assert code == 0
+    assert out[0].startswith("-- triage (en)")
+
+
+def test_a_flow_file_is_found_by_its_path_not_its_stem(tmp_path: Path) -> None:
+    flow = tmp_path / "hello.yaml"
+    flow.write_text(
+        "id: greeting\nlanguage: en\nstart: bye\nnodes:\n  bye: {hangup: Goodbye.}\n",
+        encoding="utf-8",
+    )
+    code, out = run([str(flow)], [])
+    assert code == 0
+    assert out[0].startswith("-- greeting (en)")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["main_menu"], "CLINIC_FLOWS_DIR='ivr_flows' ({tmp}/ivr_flows): no such directory"),
+        (["nofile.yaml"], "nofile.yaml: no such flow file"),
+        (["x", "--flows-dir", "{tmp}/absent"], "--flows-dir '{tmp}/absent': no such directory"),
+        (["x", "--flows-dir", "{tmp}/empty"], "--flows-dir '{tmp}/empty': no flows in it"),
+        (["x", "--flows-dir", "{tmp}/routes_only"], "'{tmp}/routes_only': no flows in it"),
+        (["x", "--flows-dir", "{tmp}/file"], "--flows-dir '{tmp}/file': not a directory"),
+        (
+            ["{tmp}/routes_only/routes.yaml", "--flows-dir", str(SHIPPED)],
+            "{tmp}/routes_only/routes.yaml is not a flow of",
+        ),
+    ],
+)
+def test_what_is_not_there_is_a_clear_error(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    # These ended in a KeyError traceback, or ran a flow nobody asked for.
+    (elsewhere / "empty").mkdir()
+    (elsewhere / "routes_only").mkdir()
+    (elsewhere / "routes_only" / "routes.yaml").write_text("default: x\n", encoding="utf-8")
+    (elsewhere / "file").write_text("", encoding="utf-8")
+    code, out = run([a.format(tmp=elsewhere) for a in argv], [])
+    assert (code, out) == (2, [])
+    err = capsys.readouterr().err
+    assert err.startswith("clinic-voice flow simulate: ")
+    assert message.format(tmp=elsewhere) in err
+    assert err.count("\n") == 1
+
+
+def test_a_misspelt_setting_is_an_error(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLINIC_FLOW_DIR", str(SHIPPED))
+    assert run(["triage"], []) == (2, [])
+    assert "unknown setting(s): CLINIC_FLOW_DIR" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from sip_config.settings import (
     Rate,
     Settings,
     SettingsError,
+    flows_dir_from_env,
     parse_host_port,
 )
 from verification.model import Channel, Policy
@@ -315,6 +316,23 @@ def test_registrar_needs_a_user() -> None:
 def test_unknown_clinic_variables_are_refused(name: str) -> None:
     with pytest.raises(SettingsError, match=f"unknown setting.*{name}"):
         build(**{name: "1"})
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({}, Path("ivr_flows")), ({"CLINIC_FLOWS_DIR": " /srv/flows "}, Path("/srv/flows"))],
+)
+def test_the_flow_tools_read_the_flows_dir_as_serve_does(
+    env: dict[str, str], expected: Path
+) -> None:
+    assert flows_dir_from_env(env) == expected == build(**env).ivr.flows_dir
+
+
+def test_the_flow_tools_need_no_other_valid_setting() -> None:
+    # A bad SMS gateway stops serve, not ``flow check``; a misspelt name stops both.
+    assert flows_dir_from_env({"CLINIC_SMS_GATEWAY": "?"}) == Path("ivr_flows")
+    with pytest.raises(SettingsError, match=r"unknown setting.*CLINIC_FLOW_DIR"):
+        flows_dir_from_env({"CLINIC_FLOW_DIR": "flows"})
 
 
 def test_other_variables_are_ignored() -> None:

@@ -17,12 +17,14 @@ Checks, each reported as ``file:line: message``:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sip_config.settings import SettingsError, flows_dir_from_env
 from voice.ivr.engine import phrase_in, urgent_question
 from voice.ivr.flow import (
     PARAM_NAMES,
@@ -43,6 +45,7 @@ from voice.ivr.flow import (
     SetValues,
     Transfer,
     Webhook,
+    flows_folder_problem,
     node_outcome,
     parse_flow,
     parse_flowset,
@@ -57,8 +60,6 @@ from voice.ivr.triage import (
     action_allows,
     with_risk,
 )
-
-DEFAULT_DIR = Path("ivr_flows")
 
 NodeRef = tuple[str, str]  # (flow id, node id)
 
@@ -489,18 +490,68 @@ def _texts(node: Node) -> list[str]:
     return []
 
 
+DESCRIPTION = (
+    "Check IVR flows before a caller meets them: schema, targets, reachability, endless "
+    "paths, the triage safety rules and spoken hints. Prints file:line: message per finding."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The checker's arguments: on its own parser and on ``clinic-voice flow check``'s."""
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        metavar="FILE_OR_DIR",
+        help="flow files or folders of flows (default: CLINIC_FLOWS_DIR, as serve reads it: "
+        "ivr_flows when unset)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``clinic-voice flow check [FILES]``: print findings; 0 when clean, 1 otherwise."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in {"-h", "--help"}:
-        print("usage: clinic-voice flow check [FILE_OR_DIR ...]  (default: ivr_flows/)")
-        return 0
-    paths = [Path(a) for a in args] or [DEFAULT_DIR]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        for p in missing:
-            print(f"{p}:1: no such file", file=sys.stderr)
-        return 1
+    """``clinic-voice flow check [FILE_OR_DIR ...]``: print findings; 0 when clean, 1 with
+    findings, 2 when there is nothing to check (a path that is not there, no flows)."""
+    parser = argparse.ArgumentParser(prog="clinic-voice flow check", description=DESCRIPTION)
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:
+        return int(exc.code or 0) and 2
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the parsed :func:`add_arguments` (exit codes as :func:`main`)."""
+    given: list[Path] = args.paths
+    problems: list[str] = []
+    if given:
+        paths = given
+        for p in paths:
+            if not p.exists():
+                problems.append(f"{p}: no such file or directory")
+            elif p.is_dir() and (problem := flows_folder_problem(p)):
+                problems.append(f"{p}: {problem}")
+    else:
+        try:
+            folder = flows_dir_from_env()
+        except SettingsError as exc:
+            print(f"clinic-voice flow check: configuration error: {exc}", file=sys.stderr)
+            return 2
+        paths = [folder]
+        problem = flows_folder_problem(folder)
+        if problem:
+            # Named, with the folder it means here: run outside the repository, the default
+            # (relative) folder is not the one meant.
+            problems.append(
+                f"CLINIC_FLOWS_DIR={str(folder)!r} ({folder.absolute()}): {problem}; "
+                "set CLINIC_FLOWS_DIR or name flow files or folders"
+            )
+    if problems:
+        # Exit 2 as for bad usage, not 1 as for findings: nothing was checked (an empty
+        # folder used to print "ok" and exit 0).
+        for problem in problems:
+            print(f"clinic-voice flow check: {problem}", file=sys.stderr)
+        return 2
     findings = check_files(paths)
     for finding in findings:
         print(finding)

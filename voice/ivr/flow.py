@@ -1199,9 +1199,7 @@ def parse_flowset(directory: str | Path) -> tuple[FlowSet, list[Finding]]:
     d = Path(directory)
     findings: list[Finding] = []
     flows: dict[str, Flow] = {}
-    for path in sorted(d.glob("*.yaml")):
-        if path.name == ROUTES_FILE:
-            continue
+    for path in flow_files(d):
         flow, found = parse_flow(path)
         findings += found
         if flow is None:
@@ -1220,3 +1218,24 @@ def parse_flowset(directory: str | Path) -> tuple[FlowSet, list[Finding]]:
                 msg = f"unknown flow {flow_id!r} for route {user}"
                 findings.append(Finding(str(routes_path), lines.get(user, 1), msg))
     return FlowSet(flows=flows, routes=routes, default=default), findings
+
+
+def flow_files(directory: str | Path) -> list[Path]:
+    """The flow files of a folder, sorted: every ``*.yaml`` but ``routes.yaml``."""
+    return [p for p in sorted(Path(directory).glob("*.yaml")) if p.name != ROUTES_FILE]
+
+
+def flows_folder_problem(directory: Path) -> str:
+    """Why ``directory`` cannot be a folder of flows, or "" when it can.
+
+    The tools ask first: :func:`parse_flowset` reads a missing or empty folder as a folder
+    without flows, and a tool run from the wrong directory then checked nothing ("ok") or
+    failed on the default flow with a ``KeyError``.
+    """
+    if not directory.exists():
+        return "no such directory"
+    if not directory.is_dir():
+        return "not a directory"
+    if not flow_files(directory):
+        return f"no flows in it (*.yaml files other than {ROUTES_FILE})"
+    return ""

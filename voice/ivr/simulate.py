@@ -1,20 +1,19 @@
 """``clinic-voice flow simulate FLOW``: run a flow in the terminal, without a phone.
 
-Type keys (``1``, ``12031985#``: several keys in one line arrive as type-ahead while the next
-prompt plays) or words (a speech result with confidence 1.0; ``~0.3 yes`` gives confidence
-0.3). ``:silence`` is a listen timeout, ``:hangup`` hangs up, ``:values`` shows what was
-collected. Webhooks ask for a reply (``key=value ...``, ``:fail`` or ``:timeout``);
-transfers succeed unless ``--transfer-fails`` is given. Prompts are printed as the caller
-would hear them.
+What the tester types is :data:`HELP` (also ``--help``'s text). Usage errors (no such flow,
+folder or file) exit 2 with one line on stderr, a flow that does not load exits 1 with its
+findings, a call that ends or runs out of input exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sip_config.settings import SettingsError, flows_dir_from_env
 from voice.ivr.engine import (
     Action,
     CallState,
@@ -38,9 +37,19 @@ from voice.ivr.engine import (
     TransferResult,
     WebhookResult,
 )
-from voice.ivr.flow import FlowError, FlowParams, load_flows
+from voice.ivr.flow import Flow, FlowError, FlowParams, FlowSet, flows_folder_problem, load_flows
 
 DTMF = set("0123456789*#")
+
+HELP = """\
+Run a flow in the terminal, without a phone.
+
+Type keys (1, or 12031985#: several keys in one line arrive as type-ahead while the next
+prompt plays) or words (a speech result with confidence 1.0; "~0.3 yes" gives confidence
+0.3). ":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
+collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"); transfers
+succeed unless --transfer-fails is given. Prompts are printed as the caller would hear them.
+"""
 
 
 def parse_line(line: str) -> list[Event]:
@@ -64,41 +73,81 @@ def parse_line(line: str) -> list[Event]:
     return [SpeechResult(text, confidence)]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulator's arguments: on its own parser and on ``clinic-voice flow simulate``'s,
+    so that ``--help`` shows every one either way."""
+    parser.add_argument(
+        "flow",
+        help="a flow id, a called user that routes.yaml names (6000, ko), or a flow file",
+    )
+    parser.add_argument(
+        "--flows-dir",
+        type=Path,
+        default=None,
+        help="folder of the flows and routes.yaml (default: a flow file's own folder, "
+        "else CLINIC_FLOWS_DIR, as serve reads it: ivr_flows when unset)",
+    )
+    parser.add_argument(
+        "--speech", action="store_true", help="prompts and listening as with a speech model"
+    )
+    parser.add_argument(
+        "--emergency-number",
+        default="112",
+        help="the number the prompts tell an urgent caller to call (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--transfer-fails",
+        action="store_true",
+        help="every transfer fails, to walk the paths that follow one",
+    )
+
+
 def main(
     argv: Sequence[str] | None = None,
     input_fn: Callable[[str], str] = input,
     output_fn: Callable[[str], None] = print,
 ) -> int:
     """Run the simulator; 0 when the call ended normally, 1 on a flow error, 2 on bad usage."""
-    parser = argparse.ArgumentParser(prog="clinic-voice flow simulate", add_help=True)
-    parser.add_argument("flow", help="a flow id, a flow file, or a called user to route")
-    parser.add_argument("--flows-dir", default=None, help="folder of flows (default: ivr_flows)")
-    parser.add_argument("--speech", action="store_true", help="prompts as with a speech model")
-    parser.add_argument("--emergency-number", default="112")
-    parser.add_argument("--transfer-fails", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="clinic-voice flow simulate",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:
         return int(exc.code or 0) and 2
-    target = Path(args.flow)
-    flows_dir = Path(args.flows_dir) if args.flows_dir else None
-    if flows_dir is None:
-        flows_dir = target.parent if target.suffix == ".yaml" else Path("ivr_flows")
+    return run(args, input_fn, output_fn)
+
+
+class _UsageError(Exception):
+    """What was asked for is not there: exit 2, one line on stderr, no traceback."""
+
+
+def run(
+    args: argparse.Namespace,
+    input_fn: Callable[[str], str] = input,
+    output_fn: Callable[[str], None] = print,
+) -> int:
+    """Run the simulator with parsed :func:`add_arguments` (exit codes as :func:`main`)."""
     try:
-        flowset = load_flows(flows_dir)
+        flowset, flow = _load(args.flow, args.flows_dir)
+    except _UsageError as exc:
+        print(f"clinic-voice flow simulate: {exc}", file=sys.stderr)
+        return 2
     except FlowError as exc:
         output_fn(str(exc))
         return 1
-    flow_id = target.stem if target.suffix == ".yaml" else args.flow
-    flow = flowset.flows.get(flow_id) or flowset.route(flow_id)
     params = FlowParams(emergency_number=args.emergency_number, speech_enabled=args.speech)
     engine = Engine(flowset, params)
+    transfer_fails: bool = args.transfer_fails
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
     state, actions = engine.start(flow)
     queue: deque[Event] = deque()
     while True:
         for action in actions:
-            queue_reply = _show(action, output_fn, input_fn, args.transfer_fails)
+            queue_reply = _show(action, output_fn, input_fn, transfer_fails)
             if queue_reply is not None:
                 queue.append(queue_reply)
         if state.phase is Phase.ENDED:
@@ -108,6 +157,52 @@ def main(
         if event is None:
             return 0
         state, actions = engine.handle(state, event)
+
+
+def _load(name: str, flows_dir: Path | None) -> tuple[FlowSet, Flow]:
+    """The flows and the one ``name`` picks; :class:`_UsageError` when either is not there."""
+    target = Path(name)
+    is_file = target.suffix == ".yaml"
+    if is_file and not target.is_file():
+        raise _UsageError(f"{name}: no such flow file")
+    hint = ""
+    if flows_dir is not None:
+        folder, source = flows_dir, f"--flows-dir {str(flows_dir)!r}"
+    elif is_file:
+        folder, source = target.parent, f"{str(target.parent)!r} (the flow file's folder)"
+    else:
+        try:
+            folder = flows_dir_from_env()
+        except SettingsError as exc:
+            raise _UsageError(f"configuration error: {exc}") from None
+        # Named, with the folder it means here: run outside the repository, the default
+        # (relative) folder is not the one meant.
+        source = f"CLINIC_FLOWS_DIR={str(folder)!r} ({folder.absolute()})"
+        hint = "; set CLINIC_FLOWS_DIR or give --flows-dir"
+    problem = flows_folder_problem(folder)
+    if problem:
+        raise _UsageError(f"{source}: {problem}{hint}")
+    flowset = load_flows(folder)
+    if is_file:
+        # By file, not by name: a flow's id is its ``id:``, which need not be the file's stem.
+        for flow in flowset.flows.values():
+            if flow.path.resolve() == target.resolve():
+                return flowset, flow
+        raise _UsageError(f"{name} is not a flow of {folder} ({_known(flowset)})")
+    if name in flowset.flows:
+        return flowset, flowset.flows[name]
+    if name in flowset.routes:
+        return flowset, flowset.route(name)
+    # Not flowset.route(name): that answers anything unknown with the default flow, right for
+    # a call to an unrouted number, wrong for a typo, which then ran main_menu and exited 0.
+    raise _UsageError(f"no flow {name!r} ({_known(flowset)}; folder {folder})")
+
+
+def _known(flowset: FlowSet) -> str:
+    text = f"flows here: {', '.join(sorted(flowset.flows))}"
+    if flowset.routes:
+        text += f"; called users in routes.yaml: {', '.join(sorted(flowset.routes))}"
+    return text
 
 
 def _next_event(
