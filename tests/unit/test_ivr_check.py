@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -118,15 +117,6 @@ def test_main_prints_findings_and_exits_1(capsys: pytest.CaptureFixture[str]) ->
 def test_main_exits_0_on_the_shipped_flows(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(SHIPPED)]) == 0
     assert capsys.readouterr().out == ""
-
-
-@pytest.fixture
-def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A run from outside the repository, with no ``CLINIC_*`` variable set."""
-    for name in [n for n in os.environ if n.startswith("CLINIC_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.mark.parametrize(

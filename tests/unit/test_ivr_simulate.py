@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,15 +80,6 @@ def test_simulate_reports_a_broken_folder(tmp_path: Path) -> None:
     code, out = run(["x", "--flows-dir", str(tmp_path)], [])
     assert code == 1
     assert any(line.startswith(f"{tmp_path / 'x.yaml'}:") for line in out[0].splitlines())
-
-
-@pytest.fixture
-def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A run from outside the repository, with no ``CLINIC_*`` variable set."""
-    for name in [n for n in os.environ if n.startswith("CLINIC_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_an_unknown_flow_id_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:

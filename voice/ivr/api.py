@@ -134,9 +134,7 @@ class CallsApi:
 
     async def erase(self, request: web.Request) -> web.Response:
         """Erase the call: its record, index entry, voicemail and copies on disk (204)."""
-        call_id = request.match_info["id"]
-        if not _ID.fullmatch(call_id):
-            raise NotFound("no such call")
+        call_id = _call_id(request)
         try:
             erased = await self._erasure().erase(call_id)
         except CallUnderWay as exc:
@@ -156,9 +154,7 @@ class CallsApi:
         return web.Response(status=204)
 
     async def _record(self, request: web.Request) -> dict[str, Any]:
-        call_id = request.match_info["id"]
-        if not _ID.fullmatch(call_id):
-            raise NotFound("no such call")
+        call_id = _call_id(request)
         try:
             doc = await self._store().get(call_id)
         except CallStoreUnavailable as exc:
@@ -171,3 +167,11 @@ class CallsApi:
         if doc is None:
             raise NotFound("no such call")
         return doc
+
+
+def _call_id(request: web.Request) -> str:
+    """The call id of the path; 404 for one no call can have."""
+    call_id = request.match_info["id"]
+    if not _ID.fullmatch(call_id):
+        raise NotFound("no such call")
+    return call_id
