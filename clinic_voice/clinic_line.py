@@ -156,6 +156,9 @@ class ClinicLine:
             forget=journal.forget,
             begin=journal.begin,
             end=journal.end,
+            # Behind a PBX (the workers register to it) the PBX takes the caller when it
+            # accepts a transfer: see voice/sip/refer.py.
+            behind_pbx=bool(self._settings.sip.registrar),
         )
 
     def _today(self) -> datetime.date:

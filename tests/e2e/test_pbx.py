@@ -166,6 +166,29 @@ def test_transfer_from_the_bot_reaches_the_nurse(
     nurse.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
 
 
+def test_a_transfer_nobody_takes_is_reported_busy_before_the_message(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """Neither the nurse (6100) nor the staff desk (6200) is registered: [transfer-failed]
+    must tell the bot so (a final NOTIFY 486) before it plays its message. Without that,
+    res_pjsip_refer takes the message's first audio frame for an answer and reports 200,
+    and the bot records that a nurse took the call. The caller still hears the message
+    (about 10 s) before Asterisk hangs up."""
+    for ext in ("6100", "6200"):
+        aor = asterisk.cli(f"pjsip show aor {ext}")
+        assert f"Contact:  {ext}/" not in aor, f"{ext} is registered: {aor}"
+    bot = phone("clinic")
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    asterisk.wait_for_bridge()
+    bot.send("xfer", uri=f"sip:6100@127.0.0.1:{asterisk.port}")
+    told = bot.expect("transfer_status", where=lambda e: e["final"], timeout_s=10)
+    assert told["code"] == 486, told
+    ended = caller.expect("call_state", where=state("DISCONNECTED"), timeout_s=30)
+    assert ended["at"] - told["at"] > 5.0, "the caller did not hear the message after it"
+
+
 def test_the_bot_cannot_transfer_anywhere(phone: PhoneFactory, asterisk: AsteriskRig) -> None:
     bot = phone("clinic")
     other = phone("6002", answer="ring")

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -287,11 +288,8 @@ def test_voice_code_call_speaks_the_code_after_pressing_1(
     assert status == 200 and checked["status"] == "approved", checked
 
 
-def _breathing_difficulty_reaches(
-    caller: Softphone, human: Softphone, asterisk: AsteriskRig, who: str, *, key: str
-) -> None:
-    """6001 dials 700 and answers 4 (triage), 1 (for yourself), 1 (yes, difficulty breathing);
-    ``human`` rings with the caller's number, answers, and hears the caller's ``key``."""
+def _into_the_triage(caller: Softphone, asterisk: AsteriskRig) -> None:
+    """6001 dials 700 and answers 4 (triage), 1 (for yourself); the breathing question next."""
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
     caller.expect("media_active", timeout_s=5)
@@ -300,6 +298,14 @@ def _breathing_difficulty_reaches(
     for digit in "41":
         threading.Event().wait(3.0)
         caller.send("dtmf", digits=digit)
+
+
+def _breathing_difficulty_reaches(
+    caller: Softphone, human: Softphone, asterisk: AsteriskRig, who: str, *, key: str
+) -> None:
+    """6001 dials 700 and answers 4 (triage), 1 (for yourself), 1 (yes, difficulty breathing);
+    ``human`` rings with the caller's number, answers, and hears the caller's ``key``."""
+    _into_the_triage(caller, asterisk)
     # A danger sign takes no key while it is asked (a double press must not answer it): 1
     # every 2 s, as a caller would press again, until one lands after the question (its
     # listen lasts 6 s). The danger sign is then read back with advice before the transfer.
@@ -355,6 +361,66 @@ def test_a_transfer_to_a_nurse_who_is_not_registered_reaches_the_staff_desk(
     assert (record["transfer_target"] or "").startswith("sip:6100@"), record
     caller.send("hangup")
     staff.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
+
+
+def test_a_transfer_nobody_takes_is_recorded_so_and_the_bot_leaves_at_once(
+    service: Api, phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """As the triage test, but neither the nurse (6100) nor the staff desk (6200) is
+    registered: Asterisk takes the caller (blind REFER), reaches nobody, and its
+    [transfer-failed] tells the caller so, with the emergency number, and hangs up.
+
+    The bot must learn that nobody took the call (Asterisk's NOTIFY said 200 as soon as the
+    message played: the record said a nurse took it), record it so, and end its own leg at
+    once, with one REFER only: the caller is the PBX's, not the bot's, to talk to."""
+    for ext in ("6100", "6200"):
+        aor = asterisk.cli(f"pjsip show aor {ext}")
+        assert f"Contact:  {ext}/" not in aor, f"{ext} is registered: {aor}"
+    status, before = service.get("/v1/calls?limit=100")
+    assert status == 200, before
+    known = {c["id"] for c in before["calls"]}
+    log = service.process.logfile
+    offset = log.stat().st_size
+    caller = phone("6001")
+    _into_the_triage(caller, asterisk)
+
+    def new_record() -> dict[str, Any] | None:
+        status, page = service.get("/v1/calls?limit=10")
+        assert status == 200, page
+        mine = [c for c in page["calls"] if c["id"] not in known and "6001" in c["caller"]]
+        return mine[0] if mine else None
+
+    # "Yes" to the breathing question, as in _breathing_difficulty_reaches, until the bot's
+    # call has its record (it ends once its transfer has an answer).
+    deadline = time.monotonic() + 60
+    record = None
+    while record is None:
+        assert time.monotonic() < deadline, "the bot's call never ended"
+        if not [
+            e
+            for e in caller.drain(2.0)
+            if e["event"] == "call_state" and e["state"] == "DISCONNECTED"
+        ]:
+            caller.send("dtmf", digits="1")
+        record = new_record()
+    # The caller hears Asterisk's message to its end, then Asterisk hangs up.
+    ended = caller.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=30)
+    caller_ended_at = time.time() - (time.monotonic() - ended["at"])
+
+    assert record["outcome"] == "transfer_unanswered", record
+    assert record["transfer_target"] is None, record
+    assert record["triage"]["urgency"] == "U1", record["triage"]
+    assert [(p["input"], p["value"]) for p in record["path"]][-1] == ("transfer", "unanswered")
+    # One REFER, and the bot's leg ended while Asterisk still told the caller (its message
+    # lasts about 10 s): not a second transfer into a leg nobody is on, nor a lingering call.
+    with open(log, "rb") as f:
+        f.seek(offset)
+        logged = f.read().decode(errors="replace")
+    assert logged.count(f"call {record['id']}: transferring") == 1, logged[-3000:]
+    bot_ended_at = datetime.fromisoformat(record["ended_at"].replace("Z", "+00:00")).timestamp()
+    assert bot_ended_at < caller_ended_at - 3.0, (
+        f"the bot's leg ended {bot_ended_at - caller_ended_at:+.1f} s from the caller's"
+    )
 
 
 def test_six_calls_at_once_are_all_answered(

@@ -1425,3 +1425,23 @@ def test_an_urgent_transfer_never_answered_ends_with_the_emergency_number(
     _, actions = engine.handle(state, DONE)
     assert isinstance(actions[0], HangupCall)
     assert record_of(actions).record.outcome == "transfer_unconfirmed"
+
+
+def test_an_urgent_caller_the_pbx_took_and_nobody_answered_is_recorded_as_such(
+    shipped: FlowSet,
+) -> None:
+    # Behind a PBX that reported its transfer chain reached nobody (486 after the 202): the
+    # caller hears the PBX's message, not ours, and no other human is tried from here (the
+    # PBX tried them). The record must not say a nurse took the call.
+    engine = Engine(shipped, FlowParams(speech_enabled=False))
+    state, _ = _triage_at_the_advice(engine)
+    for event in (DONE, DONE):  # the advice, then "connecting you to a nurse now"
+        state, actions = engine.handle(state, event)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE]
+    state, actions = engine.handle(state, TransferResult(False, unanswered=True))
+    assert state.phase is Phase.ENDED
+    assert [type(a) for a in actions] == [HangupCall, Store]
+    record = record_of(actions).record
+    assert (record.outcome, record.transfer_target) == ("transfer_unanswered", None)
+    assert record.urgency is Urgency.U1
+    assert [(s.input, s.value) for s in record.path][-1] == ("transfer", "unanswered")

@@ -5,12 +5,16 @@ the call record says."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from typing import cast
 
 import pytest
 
 from tests.unit.test_ivr_session_races import LOUD, Rig, _digit, _done
 from voice.ivr import session as session_module
 from voice.ivr.engine import CallRecord
+from voice.ivr.session import CallSession
+from voice.sip.pool import CallHandle
 from voice.sip.protocol import TransferStatus
 
 
@@ -22,6 +26,13 @@ async def _transferring(rig: Rig) -> None:
     connecting = await rig.until_prompt("Connecting you to a member of staff")
     rig.call.send(_done(connecting))
     await rig.until(lambda: any(kind == "transfer" for kind, _ in rig.call.commands))
+
+
+def _behind_a_pbx(rig: Rig) -> Rig:
+    """``rig``'s call as it comes through a PBX (the workers register to one)."""
+    rig.deps = replace(rig.deps, behind_pbx=True)
+    rig.session = CallSession(cast(CallHandle, rig.call), rig.deps)
+    return rig
 
 
 def _status(sip_status: int, final: bool) -> TransferStatus:
@@ -161,3 +172,43 @@ async def test_a_caller_who_speaks_is_not_cut_off_by_the_silence_guard(
     rig.call.send(_digit("#"))
     await rig.until_prompt("Your message has been recorded")
     assert (await _ended(rig)).outcome == "message_left"
+
+
+@pytest.mark.parametrize("sip_status", [486, 503])
+async def test_behind_a_pbx_a_transfer_that_reached_nobody_ends_the_call_at_once(
+    sip_status: int,
+) -> None:
+    # Asterisk accepted the REFER (the caller left our leg), its chain reached nobody and it
+    # says so before its own message (486), or the caller left it while it rang (503). Our
+    # line holds nobody: no "nobody can take your call", no message offer, no second REFER,
+    # and the call ends now, not after prompts to nobody.
+    rig = _behind_a_pbx(Rig(called="6000", speech=False))
+    await _transferring(rig)
+    rig.call.send(_status(100, False), _status(sip_status, True))
+    await rig.until(lambda: rig.call.ended)
+    assert [kind for kind, _ in rig.call.commands].count("transfer") == 1
+    assert not any("nobody can take your call" in text for _, text in rig.call.plays())
+    record = await _ended(rig)
+    assert (record.outcome, record.transfer_target) == ("transfer_unanswered", None)
+    assert [(s.input, s.value) for s in record.path][-1] == ("transfer", "unanswered")
+
+
+async def test_behind_a_pbx_a_transfer_it_could_not_perform_still_fails_on_our_line() -> None:
+    # 202, then 404: the extension is not in the transfer context, so the PBX never took
+    # the caller, who is still on our line and is told so (here: the message offer).
+    rig = _behind_a_pbx(Rig(called="6000", speech=False))
+    await _transferring(rig)
+    rig.call.send(_status(100, False), _status(404, True))
+    await rig.until_prompt("nobody can take your call")
+    record = await _ended(rig)
+    assert record.outcome == "transfer_failed", record
+
+
+async def test_behind_a_pbx_a_refused_refer_still_fails_on_our_line() -> None:
+    # The REFER itself refused (never accepted): whatever its status, nobody took the caller.
+    rig = _behind_a_pbx(Rig(called="6000", speech=False))
+    await _transferring(rig)
+    rig.call.send(_status(503, True))
+    await rig.until_prompt("nobody can take your call")
+    record = await _ended(rig)
+    assert record.outcome == "transfer_failed", record

@@ -39,7 +39,9 @@ VoiceXML semantics kept here:
   (``message_left``); not during a stop, and not twice in one call;
 * a caller who hangs up before a transfer went through is recorded so
   (``hung_up_before_transfer``), not as transferred; a transfer the caller's side took on
-  but never answered for is ``transfer_unconfirmed`` (someone calls back);
+  but never answered for is ``transfer_unconfirmed`` (someone calls back); one a PBX took
+  the caller for and reached nobody with is ``transfer_unanswered``: the call ends at once,
+  since the caller is no longer on its line (someone calls back);
 * when the service stops (:class:`LineClosing`), the caller is told so, with the emergency
   number, and the call ends (``cut_shutdown``): at once while a prompt plays or the engine
   listens, or once a webhook, a transfer or a message under way has its result. A prompt
@@ -158,10 +160,13 @@ class WebhookResult:
 class TransferResult:
     """The transfer went through (``ok``) or failed. ``unconfirmed``: the caller's side took
     it on but gave no answer in time (the target may still ring); the call ends, and its
-    record asks for a call back."""
+    record asks for a call back. ``unanswered`` (not ``ok``): a PBX took the caller from
+    the call and then reached nobody (voice/sip/refer.py); the call ends at once, since
+    nothing can reach the caller through it any more, and its record asks for a call back."""
 
     ok: bool
     unconfirmed: bool = False
+    unanswered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +346,7 @@ CLOSED_OUTCOME = "cut_shutdown"
 LOST_OUTCOME = "cut_service_lost"
 MESSAGE_OUTCOME = "message_left"
 UNCONFIRMED_OUTCOME = "transfer_unconfirmed"
+UNANSWERED_OUTCOME = "transfer_unanswered"
 MESSAGE_MAX_S = 60
 
 
@@ -534,6 +540,8 @@ class Engine:
             return state, []
         if isinstance(event, TransferResult):
             if state.phase is Phase.TRANSFERRING:
+                if event.unanswered:
+                    return self._transfer_unanswered(state)
                 if event.unconfirmed:
                     return self._unconfirmed(state, flow)
                 return self._transfer_done(state, flow, event.ok)
@@ -1052,6 +1060,16 @@ class Engine:
         return self._last_words(
             state, flow, text, transfer_target=state.transfer_uri, outcome=UNCONFIRMED_OUTCOME
         )
+
+    def _transfer_unanswered(self, state: CallState) -> Result:
+        """A PBX took the caller for the transfer and nobody took the call (its chain of
+        humans reached nobody and it told the caller so, or the caller's channel ended
+        before it sent anything). The caller is no longer on this call: nothing to say, no
+        other human to try (the PBX tried them), so the call ends now. The outcome is not
+        the flow's (a U1 caller's ``call_emergency+transfer_nurse``), which would tell the
+        clinic a nurse took the call: nobody did, and nobody is named as the target."""
+        state = self._step(state, "transfer", "unanswered")
+        return self._end(state, UNANSWERED_OUTCOME, [], hangup=True)
 
     def _message_done(self, state: CallState, flow: Flow, ev: RecordDone) -> Result:
         """The message after a failed transfer: kept, the caller is thanked; none (silence,

@@ -20,10 +20,13 @@ holds for an end queued just before the engine went on (a key pressed as the pro
 each end carries the number of the engine's prompt it belongs to, and is dropped on dequeue
 when the engine has played or stopped a prompt since.
 
-Transfers: the worker reports the REFER's progress (``TransferStatus``). A final 2xx is a
-transfer done, a final error a transfer failed at once (the caller hears the failure message,
-not 15 s of silence); a target that is still ringing (1xx) is waited for up to
-``TRANSFER_DEADLINE_S``.
+Transfers: the worker reports the REFER's progress (``TransferStatus``), read by
+:func:`voice.sip.refer.verdict`. A final 2xx is a transfer done, a final error a transfer
+failed at once (the caller hears the failure message, not 15 s of silence); a target that is
+still ringing (1xx) is waited for up to ``TRANSFER_DEADLINE_S``. Behind a PBX, a 486 or 503
+after the REFER was accepted means the PBX took the caller and nobody took the call: our
+line holds nobody any more, so the call ends at once (``transfer_unanswered``), with no
+other transfer tried.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from voice.media.tones import BEEP, RINGBACK, Tone, tone_wav
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone, TransferStatus
+from voice.sip.refer import TransferVerdict, verdict
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,11 @@ class SessionDeps:
     # call when serve dies during it (voice/ivr/journal.py).
     begin: Saver | None = None
     end: Forgetter | None = None
+    # The calls come through a PBX (CLINIC_SIP_REGISTRAR set), which takes the caller from
+    # our line when it accepts a REFER: a failure it reports after that reached nobody, and
+    # nothing here can reach the caller again (voice/sip/refer.py). False: the caller's own
+    # phone takes the REFER, and stays on our line when the transfer fails.
+    behind_pbx: bool = False
 
 
 def refer_to(uri: str, headers: Iterable[tuple[str, str]]) -> str:
@@ -191,9 +200,9 @@ class CallSession:
         self._listen_timeout = 0.0
         self._hangup_after_record = False
         self._record_stop = asyncio.Event()
-        # The transfer's result: True done, False failed, None: the call ended before the
-        # caller's side took the transfer on (no failure of the target's).
-        self._transfer_waiter: asyncio.Future[bool | None] | None = None
+        # The transfer's result (never PROGRESS); None: the call ended before the caller's
+        # side took the transfer on (no failure of the target's).
+        self._transfer_waiter: asyncio.Future[TransferVerdict | None] | None = None
         self._transfer_accepted = False  # the REFER got a 2xx (the transferee is trying)
         self._transferring = False  # from the REFER until its TransferResult is queued
         self._hangup_after_transfer = False
@@ -547,7 +556,7 @@ class CallSession:
                         # Cut by the service (a stop): nobody knows whether the target
                         # answered, so not "transferred" (the record asks for a call back).
                         accepted = self._transfer_accepted and not self._h.cut
-                        waiter.set_result(True if accepted else None)
+                        waiter.set_result(TransferVerdict.ANSWERED if accepted else None)
                     self._hangup_after_transfer = True
                 elif self._record_open:
                     # The engine wants the voicemail's RecordDone before the HangUp (also
@@ -560,8 +569,13 @@ class CallSession:
         waiter = self._transfer_waiter
         if waiter is None or waiter.done():
             return
-        ok = 200 <= ev.sip_status < 300
-        if not ev.final and ev.sip_status < 200:
+        said = verdict(
+            ev.sip_status,
+            final=ev.final,
+            accepted=self._transfer_accepted,
+            behind_pbx=self._d.behind_pbx,
+        )
+        if said is TransferVerdict.PROGRESS:
             # The REFER was accepted (pjsua reports its 202 as a non-final 100; a refused
             # REFER is reported final), then 100/180 while the target rings: keep waiting.
             self._transfer_accepted = True
@@ -569,8 +583,8 @@ class CallSession:
             return
         # A final status in the NOTIFY's body is the transfer's answer even when the
         # subscription stays active (some transferees end it in a later NOTIFY, or never).
-        log.info("call %s: transfer %s (%s)", self._h.id, "done" if ok else "failed", ev.sip_status)
-        waiter.set_result(ok)
+        log.info("call %s: transfer %s (%s)", self._h.id, said, ev.sip_status)
+        waiter.set_result(said)
 
     async def _transfer(self, action: eng.TransferCall) -> None:
         loop = asyncio.get_running_loop()
@@ -587,12 +601,12 @@ class CallSession:
         ringback = await self._tone(RINGBACK)
         if ringback is not None and not self._h.ended:
             await self._h.play(ringback, loop=True)
-        ok: bool | None = False
+        said: TransferVerdict | None = TransferVerdict.FAILED
         unconfirmed = False
         waiter = self._transfer_waiter
         try:
             async with asyncio.timeout(TRANSFER_DEADLINE_S):
-                ok = await asyncio.shield(waiter)
+                said = await asyncio.shield(waiter)
         except TimeoutError:
             if not self._transfer_accepted:
                 log.warning(
@@ -600,25 +614,28 @@ class CallSession:
                 )
             else:
                 # Taken on and ringing: a late failure still reaches this live call and goes
-                # on as any failure (the other human, the emergency number, a message).
+                # on as any failure (the other human, the emergency number, a message), but
+                # for one a PBX reports once it holds the caller (transfer_unanswered).
                 try:
                     async with asyncio.timeout(TRANSFER_ANSWER_S - TRANSFER_DEADLINE_S):
-                        ok = await waiter
+                        said = await waiter
                 except TimeoutError:
                     log.warning(
                         "call %s: transfer taken on, no answer in %d s",
                         self._h.id,
                         TRANSFER_ANSWER_S,
                     )
-                    ok, unconfirmed = True, True
+                    said, unconfirmed = TransferVerdict.ANSWERED, True
         waiter.cancel()  # a status after this is nobody's answer (done already: no-op)
         self._transferring = False
         if ringback is not None and not self._h.ended:
             await self._h.stop_play()
-        if ok is None:
+        if said is None:
             self._events.put_nowait(eng.HangUp(self._h.cut))
             return
-        self._events.put_nowait(eng.TransferResult(ok, unconfirmed))
+        ok = said is TransferVerdict.ANSWERED
+        unanswered = said is TransferVerdict.UNANSWERED
+        self._events.put_nowait(eng.TransferResult(ok, unconfirmed, unanswered))
         if self._hangup_after_transfer:
             self._events.put_nowait(eng.HangUp(self._h.cut))
 

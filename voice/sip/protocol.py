@@ -178,7 +178,8 @@ class TransferStatus:
     ``sip_status`` is the status the transferee reports for its call to the target (1xx
     while it rings, 2xx answered, >= 300 failed) or the REFER's own final response when it
     was refused; ``final`` marks the last one. A refused REFER, or one that could not be
-    sent, is ``final`` with its error status.
+    sent, is ``final`` with its error status. What a failure means for who holds the caller
+    (behind a PBX it may have taken the caller already) is :mod:`voice.sip.refer`'s.
     """
 
     call_id: str
