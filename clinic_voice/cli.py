@@ -294,9 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"clinic-voice {args.command}: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
-    if args.flow_command == "check":
-        return flow_check.run(args)
-    return flow_simulate.run(args)
+    try:
+        if args.flow_command == "check":
+            return flow_check.run(args)
+        return flow_simulate.run(args)
+    except BrokenPipeError:
+        # Piped into head (or a pager quit early): the reader left. Not a traceback; and
+        # stdout to /dev/null, or Python's flush at exit fails on the same pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -472,6 +472,31 @@ def _flows_dir(r: _Reader) -> Path:
     return Path(r.raw("CLINIC_FLOWS_DIR"))
 
 
+@dataclass(frozen=True, slots=True)
+class FlowPreview:
+    """What ``flow simulate`` reads of the environment, each as ``serve`` reads it: the
+    transfers' targets and the emergency number it shows are then the ones callers get."""
+
+    staff_uri: str
+    nurse_uri: str
+    emergency_number: str
+    clinic_name: str
+    transfer_summary: str
+
+
+def flow_preview_from_env(env: Mapping[str, str] | None = None) -> FlowPreview:
+    """:class:`FlowPreview` from the environment (:class:`SettingsError` naming a bad value,
+    or a misspelt ``CLINIC_*`` name); no other setting needs to be valid."""
+    r = _Reader(os.environ if env is None else env)
+    return FlowPreview(
+        staff_uri=r.parse("CLINIC_STAFF_URI", _sip_uri),
+        nurse_uri=r.parse("CLINIC_NURSE_URI", _sip_uri),
+        emergency_number=r.parse("CLINIC_EMERGENCY_NUMBER", _digits),
+        clinic_name=r.parse("CLINIC_NAME", _clinic_name),
+        transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
+    )
+
+
 class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env

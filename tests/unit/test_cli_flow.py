@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from clinic_voice.cli import main
 from voice.ivr import check, simulate
 
 SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+_CLI = (sys.executable, "-m", "clinic_voice.cli")
 
 
 @pytest.mark.parametrize(
@@ -70,3 +74,23 @@ def test_flow_check_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["flow", "check", str(SHIPPED)]) == 0
     assert main(["flow", "check", str(SHIPPED / "absent.yaml")]) == 2
     assert "absent.yaml: no such file or directory" in capsys.readouterr().err
+
+
+def test_a_reader_that_left_is_no_traceback() -> None:
+    # "flow simulate ... | head -1": the pipe closed under the simulator's prints, and it
+    # ended in a BrokenPipeError traceback (and another at Python's exit).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [*_CLI, "flow", "simulate", "--flows-dir", str(SHIPPED), "triage"],
+            input=b"1\n",
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert b"Traceback" not in done.stderr, done.stderr.decode()[-2000:]

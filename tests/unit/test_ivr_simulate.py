@@ -154,3 +154,30 @@ def test_a_misspelt_setting_is_an_error(
     monkeypatch.setenv("CLINIC_FLOW_DIR", str(SHIPPED))
     assert run(["triage"], []) == (2, [])
     assert "unknown setting(s): CLINIC_FLOW_DIR" in capsys.readouterr().err
+
+
+def test_the_nurse_and_the_emergency_number_are_the_services(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the simulator showed its own 112 and 6100@127.0.0.1:5160 whatever the clinic
+    # had set: a flow author checking what callers hear saw another number.
+    monkeypatch.setenv("CLINIC_EMERGENCY_NUMBER", "911")
+    monkeypatch.setenv("CLINIC_NURSE_URI", "sip:nurse@pbx.example")
+    code, out = run(["ko", "--flows-dir", str(SHIPPED), "--speech"], ["예"])
+    assert code == 0
+    text = "\n".join(out)
+    assert "   transfer to sip:nurse@pbx.example" in text
+    assert "911" in text and "112" not in text
+    # The option still wins.
+    code, out = run(
+        ["ko", "--flows-dir", str(SHIPPED), "--speech", "--emergency-number", "999"], ["예"]
+    )
+    assert code == 0 and "999" in "\n".join(out)
+
+
+def test_a_bad_service_setting_is_named(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLINIC_EMERGENCY_NUMBER", "one-one-two")
+    assert run(["triage", "--flows-dir", str(SHIPPED)], [":hangup"])[0] == 2
+    assert "CLINIC_EMERGENCY_NUMBER" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sip_config.settings import SettingsError, flows_dir_from_env
+from sip_config.settings import SettingsError, flow_preview_from_env, flows_dir_from_env
 from voice.ivr.engine import (
     Action,
     CallState,
@@ -92,8 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--emergency-number",
-        default="112",
-        help="the number the prompts tell an urgent caller to call (default: %(default)s)",
+        default=None,
+        help="the number the prompts tell an urgent caller to call (default: "
+        "CLINIC_EMERGENCY_NUMBER, as serve reads it: 112 when unset)",
     )
     parser.add_argument(
         "--transfer-fails",
@@ -139,7 +140,22 @@ def run(
     except FlowError as exc:
         output_fn(str(exc))
         return 1
-    params = FlowParams(emergency_number=args.emergency_number, speech_enabled=args.speech)
+    try:
+        # The staff and nurse addresses, the emergency number, the clinic's name and what a
+        # transfer tells its target, as serve has them: before, the simulator showed its own
+        # (112 where the clinic has set another number).
+        preview = flow_preview_from_env()
+    except SettingsError as exc:
+        print(f"clinic-voice flow simulate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    params = FlowParams(
+        staff_uri=preview.staff_uri,
+        nurse_uri=preview.nurse_uri,
+        emergency_number=args.emergency_number or preview.emergency_number,
+        clinic_name=preview.clinic_name,
+        transfer_summary=preview.transfer_summary,
+        speech_enabled=args.speech,
+    )
     engine = Engine(flowset, params)
     transfer_fails: bool = args.transfer_fails
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
