@@ -708,6 +708,29 @@ def test_an_urgent_question_left_unanswered_reaches_the_nurse_at_u2(
     assert f"unanswered: {node}" in record.reasons
 
 
+@pytest.mark.parametrize("node", sorted(TO_URGENT_QUESTION))
+def test_keys_typed_before_an_urgent_question_do_not_answer_it(shipped: FlowSet, node: str) -> None:
+    # "42" in one go (a double press, or typing ahead): the "2" must not say "no" to
+    # "short of breath at rest?" before the caller heard it, as for a danger sign.
+    engine = Engine(shipped, FlowParams())
+    keys = TO_URGENT_QUESTION[node]
+    state, _ = script_call(engine, "triage", [*keys[:-1], keys[-1] + "2"])
+    assert (state.node, state.value(node), state.typeahead) == (node, None, ""), state.path[-3:]
+    assert state.triage is None or state.triage.urgency is Urgency.U5
+
+
+def test_a_no_pressed_while_an_urgent_question_plays_is_dropped(shipped: FlowSet) -> None:
+    engine = Engine(shipped, FlowParams())
+    state, _ = script_call(engine, "triage", TO_URGENT_QUESTION["cough_rest"])
+    assert (state.node, state.phase) == ("cough_rest", Phase.LISTENING)
+    state, _ = engine.handle(state, NoInput())  # asked again: its prompt plays
+    assert state.phase is Phase.PLAYING
+    state, _ = engine.handle(state, Digit("2"))
+    assert (state.node, state.typeahead) == ("cough_rest", "")
+    state, _ = engine.handle(state, Digit("1"))  # its "yes" errs the safe way: taken
+    assert state.triage is not None and state.triage.urgency is Urgency.U2
+
+
 def test_an_unclear_answer_to_an_urgent_question_then_a_no_does_not_escalate(
     shipped: FlowSet,
 ) -> None:

@@ -27,8 +27,8 @@ VoiceXML semantics kept here:
   call's urgency is replaced by a transfer to a nurse. On an urgent question (a danger sign,
   or any question with an answer that makes the call U2 or more, read off its effects) only a
   plain "no" is a no (words around it, or "no idea", make it unclear), and asking for a
-  human or giving it up unanswered raises the call to U2. Only its "yes" answers a danger
-  sign before it was heard (keys typed earlier are
+  human or giving it up unanswered raises the call to U2. Only its "yes" answers an urgent
+  question before it was heard (keys typed earlier are
   dropped, and keys pressed while it plays but for its "yes" and ``0``: a double press must
   not say "no" to the next question; talking over it is deliberate and still heard). An
   urgent caller (U2 or more)
@@ -596,15 +596,17 @@ class Engine:
                 # ended by itself, or out of habit) it answers nothing: the prompt plays on,
                 # or its question would be cut to silence.
                 return state, []
-            if state.pending is Pending.LISTEN and isinstance(node, Ask) and node.danger_sign:
+            if state.pending is Pending.LISTEN and isinstance(node, Ask) and urgent_question(node):
                 if key == "0":
                     new, actions = self._asked_for_human(
                         self._step(state, "digit", "0"), flow, node
                     )
                     return new, [StopPlay(), *actions]
-                if not any(c.key == key and _escalates(c) for c in node.choices):
+                if not any(c.key == key and _safe_answer(node, c) for c in node.choices):
                     # Only a "yes" counts before the question was heard in full: a double
                     # press must not say "no" to it, and an early "yes" errs the safe way.
+                    # As for a danger sign, so for any question whose answer can make the
+                    # call U2 or more.
                     return state, []
             state = replace(state, typeahead=state.typeahead + key)
             if state.barge_in:
@@ -745,10 +747,10 @@ class Engine:
     # -- asks
 
     def _ask(self, state: CallState, flow: Flow, ask: Ask, actions: list[Action]) -> Result:
-        if state.typeahead and ask.danger_sign:
+        if state.typeahead and urgent_question(ask):
             # Keys pressed before this question was asked (a double press, a "2" meant for
-            # the last one) must not answer a danger sign the caller has not heard; a 0 among
-            # them still asks for a human.
+            # the last one) must not answer an urgent question the caller has not heard; a 0
+            # among them still asks for a human.
             typed = state.typeahead
             state = replace(self._step(state, "typeahead_dropped", typed), typeahead="")
             if "0" in typed:
