@@ -139,9 +139,14 @@ def parse_create(
         if not isinstance(raw, list) or len(raw) > len(Channel):
             raise InvalidRequest("'fallback' must be a list of channels", field="fallback")
         fallback = tuple(_channel(c, "fallback") for c in raw)
-    unfit = flash_code_lengths is not None and code_length not in flash_code_lengths
+    # Only where a flash call could be sent at all: one not configured is channel-unavailable.
+    unfit = (
+        flash_code_lengths is not None
+        and code_length not in flash_code_lengths
+        and Channel.FLASHCALL in available
+    )
     named = Channel.FLASHCALL in (method, *(fallback or ()))
-    if unfit and (named or available == (Channel.FLASHCALL,)):
+    if unfit and (named or (method is None and available == (Channel.FLASHCALL,))):
         # The caller-ID would be no valid number: blocked or shown as "unknown" by many
         # networks, while the call still rings and counts as delivered.
         fits = " or ".join(str(n) for n in flash_code_lengths or ())

@@ -185,3 +185,19 @@ async def test_the_index_is_trimmed_when_read_and_expires_on_a_quiet_line(
     assert [c["id"] for c in (await store.recent(10, None)).calls] == ["c-new"]
     assert await mux.execute("ZSCORE", INDEX, "c-old") is None
     assert await mux.execute("ZSCORE", INDEX, "c-new") is not None
+
+
+async def test_the_list_is_read_while_redis_refuses_writes(mux: RedisMux) -> None:
+    # The list's trim is a write: sent in one MULTI with the read, a Redis refusing writes
+    # (a failed append-only write on a full disk, a read-only replica) made GET /v1/calls a
+    # 503 while GET /v1/calls/{id} still answered.
+    clock = FakeClock(T0)
+    store = CallStore(mux, SECRET, retention_days=30, clock=clock)
+    await store.save(_result("c-old", T0 - 31 * 86400))
+    await store.save(_result("c-new", T0))
+    await mux.execute("CONFIG", "SET", "min-replicas-to-write", "1")  # writes refused
+    try:
+        page = await store.recent(10, None)
+    finally:
+        await mux.execute("CONFIG", "SET", "min-replicas-to-write", "0")
+    assert [c["id"] for c in page.calls] == ["c-new"], "nor a call past its retention"

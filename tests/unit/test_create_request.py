@@ -106,3 +106,20 @@ def test_a_flash_call_asked_for_with_an_unfit_code_length_is_422(body: dict[str,
 def test_only_a_flash_call_configured_and_an_unfit_code_length_is_422() -> None:
     with pytest.raises(InvalidRequest, match="6-digit code"):
         parse_create({"phone": PHONE, "code_length": 8}, (FLASH,), (), UK_FLASH_LENGTHS)
+
+
+@pytest.mark.parametrize(
+    ("body", "available"),
+    [
+        # CLINIC_FLASHCALL_PREFIX set, CLINIC_SIP_ROUTE not: no flash call to fit a code to.
+        ({"code_length": 4, "method": "flashcall"}, (SMS,)),
+        ({"code_length": 8, "method": "sms", "fallback": ["flashcall"]}, (SMS,)),
+        # only the flash call configured, another channel asked for
+        ({"code_length": 8, "method": "voice"}, (FLASH,)),
+    ],
+)
+def test_a_channel_not_configured_is_channel_unavailable_whatever_the_code_length(
+    body: dict[str, object], available: tuple[Channel, ...]
+) -> None:
+    with pytest.raises(ChannelUnavailable):
+        parse_create({"phone": PHONE, **body}, available, (), UK_FLASH_LENGTHS)

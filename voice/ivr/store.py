@@ -290,22 +290,22 @@ class CallStore:
         return Erased(int(done))
 
     async def recent(self, limit: int, before: float | None) -> Page:
-        """Newest first; ``before`` is the cursor (a start time) of the previous page. The
-        index is trimmed first: on a quiet line, no save trims it."""
+        """Newest first; ``before`` is the cursor (a start time) of the previous page. Calls
+        past the retention are not listed, and the index is trimmed of them (on a quiet line,
+        no save trims it): best effort, so that a Redis refusing writes (a full disk, a
+        read-only replica) still lets staff read the list."""
         limit = max(1, min(limit, PAGE_MAX))
         top = f"({before!r}" if before is not None else "+inf"
         oldest = repr(self._clock.now() - self._ttl_s)
         try:
-            answers = await self._r.transaction(
-                [
-                    ("ZREMRANGEBYSCORE", INDEX, "-inf", oldest),
-                    ("ZREVRANGEBYSCORE", INDEX, top, "-inf", "WITHSCORES", "LIMIT", 0, limit + 1),
-                ]
+            try:
+                await self._r.execute("ZREMRANGEBYSCORE", INDEX, "-inf", oldest)
+            except ResponseError as exc:  # writes refused: the read below still answers
+                log.debug("the calls index could not be trimmed: %s", exc)
+            flat = await self._r.execute(
+                "ZREVRANGEBYSCORE", INDEX, top, f"({oldest}", "WITHSCORES", "LIMIT", 0, limit + 1
             )
-            refused = [a for a in answers if isinstance(a, Exception)]
-            if refused:
-                raise CallStoreUnavailable(str(refused[0]))
-            rows = _scored(answers[1])
+            rows = _scored(flat)
             ids = [r[0] for r in rows[:limit]]
             sealed = await self._r.execute("MGET", *[_key(i) for i in ids]) if ids else []
         except (RedisError, OSError) as exc:
