@@ -89,9 +89,17 @@ class ClinicLine:
         are then told the system cannot be reached."""
         urls = {key: url for key, (_, url) in self._webhooks.items()}
         ivr, verification = self._settings.ivr, self._settings.verification
-        if ivr.scheduling_webhook and ivr.scheduling_webhook_secret in (
-            "",
-            verification.webhook_secret,
+        if ivr.scheduling_webhook and not ivr.scheduling_webhook_secret:
+            # Signed with CLINIC_SECRET: whether or not CLINIC_WEBHOOK_SECRET is set, the
+            # scheduling system that checks them holds the call records' key.
+            log.warning(
+                "CLINIC_SCHEDULING_WEBHOOK's posts are signed with CLINIC_SECRET, so the "
+                "scheduling system that checks them holds the key that also opens the call "
+                "records%s; set CLINIC_SCHEDULING_WEBHOOK_SECRET to a key of its own",
+                "" if verification.webhook_secret else " and signs the verification webhooks",
+            )
+        elif (
+            ivr.scheduling_webhook and ivr.scheduling_webhook_secret == verification.webhook_secret
         ):
             log.warning(
                 "CLINIC_SCHEDULING_WEBHOOK's posts are signed with the key of the "

@@ -424,6 +424,8 @@ class _Resolver:
                 found: list[str] | OSError = [str(info[4][0]) for info in infos]
             except OSError as exc:
                 found = exc
+            except Exception as exc:  # any: a thread that died would strand its callers
+                found = OSError(f"lookup failed: {exc!r}")
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
                 loop.call_soon_threadsafe(_settle, fut, found)
 

@@ -119,3 +119,22 @@ async def test_a_scheduling_webhook_sharing_the_verification_key_is_warned_at_st
     finally:
         await client.close()
     assert len(_warnings(caplog, "CLINIC_SCHEDULING_WEBHOOK_SECRET")) == 1, caplog.text
+
+
+async def test_a_scheduling_webhook_signed_with_the_service_secret_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only CLINIC_WEBHOOK_SECRET set: the appointment requests are signed with CLINIC_SECRET,
+    # not with the verification webhooks' key, as the warning used to say.
+    client = HttpClient()
+    try:
+        env = {
+            "CLINIC_SCHEDULING_WEBHOOK": "https://book.example/x",
+            "CLINIC_WEBHOOK_SECRET": HOOK_KEY,
+        }
+        _line(tmp_path, env, client)
+    finally:
+        await client.close()
+    (warning,) = _warnings(caplog, "CLINIC_SCHEDULING_WEBHOOK_SECRET")
+    assert "signed with CLINIC_SECRET" in warning and "opens the call records" in warning
+    assert "verification webhooks" not in warning
