@@ -80,6 +80,8 @@ class Runtime:
     clock: Clock
     metrics: Metrics
     secret: bytes = b""
+    # CLINIC_PREVIOUS_SECRETS: what was hashed or sealed under them still checks and opens
+    previous_secrets: tuple[bytes, ...] = ()
     api_keys: tuple[str, ...] = ()
     store: VerificationStore | None = None
     dispatcher: Dispatcher | None = None
@@ -213,6 +215,7 @@ class Credentials:
     api_keys: tuple[str, ...]  # the verification API
     calls_api_keys: tuple[str, ...]  # /v1/calls: call records and voicemail
     secret: bytes
+    previous_secrets: tuple[bytes, ...] = ()  # CLINIC_PREVIOUS_SECRETS
 
 
 def prepare_data_dir(settings: Settings) -> Credentials:
@@ -234,7 +237,16 @@ def prepare_data_dir(settings: Settings) -> Credentials:
     secret = settings.secret or _private_file(
         settings.data_dir / "secret", lambda: secrets.token_urlsafe(48)
     )
-    return Credentials(api_keys, calls_keys, secret.encode())
+    if secret in settings.previous_secrets:
+        # The new secret was not set (the generated one is the old one, say): nothing would
+        # change, and the operator would believe it had.
+        where = "CLINIC_SECRET" if settings.secret else str(settings.data_dir / "secret")
+        raise SettingsError(
+            f"CLINIC_PREVIOUS_SECRETS lists the current secret ({where}): set the new one "
+            "there, and list only the ones it replaced"
+        )
+    previous = tuple(p.encode() for p in settings.previous_secrets)
+    return Credentials(api_keys, calls_keys, secret.encode(), previous)
 
 
 def _stop_for_secret(reason: str) -> None:
@@ -290,6 +302,7 @@ def build_app(
     check_settings(settings)
     credentials = prepare_data_dir(settings)
     rt.api_keys, rt.secret = credentials.api_keys, credentials.secret
+    rt.previous_secrets = credentials.previous_secrets
     policy = policy_from(settings)
 
     def on_change(old: Verification | None, new: Verification) -> None:
@@ -345,7 +358,13 @@ def build_app(
         # Every Redis command of this process rides one multiplexed connection (see
         # verification/redis_mux.py): the verification API's hot path and the call records.
         mux = RedisMux(url, timeout_s=2.0)
-        rt.call_store = CallStore(mux, rt.secret, settings.ivr.call_retention_days, clock=rt.clock)
+        rt.call_store = CallStore(
+            mux,
+            rt.secret,
+            settings.ivr.call_retention_days,
+            previous_secrets=rt.previous_secrets,
+            clock=rt.clock,
+        )
         rt.voicemails = Voicemails(settings.data_dir / "voicemail", rt.call_store)
         # Its own view of the journal's folders (the clinic line replays them): an HTTP
         # worker erases too, and shares the data dir.
@@ -355,6 +374,8 @@ def build_app(
             mux,
             global_webhook=bool(settings.verification.webhook_url),
             on_change=on_change,
+            # The current secret's only: a change of secret starts the limits' counters afresh
+            # (README, "Changing the secret"); counting under two names would double the cost.
             limit_key=limits.digest_key(rt.secret),
         )
         # A Redis the operator gave: say in the log if it could lose acknowledged writes
@@ -382,13 +403,21 @@ def build_app(
         claiming: asyncio.Task[None] | None = None
         try:
             if worker is None:  # a worker has serve's secret: serve claims it
+                previous = rt.previous_secrets
                 try:
-                    await shared_secret.claim(mux.execute, rt.secret)  # mismatch: no start
+                    # mismatch: no start; a previous secret's fingerprint: rotated
+                    await shared_secret.claim(mux.execute, rt.secret, previous)
                     claimed = True
                 except (RedisError, OSError, TimeoutError):
                     claimed = False
                 claiming = asyncio.create_task(
-                    shared_secret.hold(mux.execute, rt.secret, _stop_for_secret, claimed=claimed),
+                    shared_secret.hold(
+                        mux.execute,
+                        rt.secret,
+                        _stop_for_secret,
+                        claimed=claimed,
+                        previous=previous,
+                    ),
                     name="secret-claim",
                 )
             yield
@@ -503,6 +532,7 @@ def build_app(
         dispatcher=rt.need_dispatcher,
         secret=lambda: rt.secret,
         clock=clock,
+        previous_secrets=rt.previous_secrets,
     )
     routes = [
         *api.routes(),

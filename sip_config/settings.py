@@ -21,6 +21,12 @@ from verification.numbers import cli_code_lengths
 
 T = TypeVar("T")
 
+# CLINIC_PREVIOUS_SECRETS: a record sealed under none of the secrets (damaged) costs one
+# failed AES-GCM tag check per secret: ~2.4 us for a call record, ~0.24 ms for a minute of
+# voicemail (1.9 MB), so 17 keys bound it at ~40 us and ~4 ms (in a thread). Ten yearly
+# rotations within the longest retention (3650 days) fit.
+MAX_PREVIOUS_SECRETS = 16
+
 
 class SettingsError(ValueError):
     """A ``CLINIC_*`` variable has a value the service cannot use."""
@@ -83,8 +89,18 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_SECRET",
         "",
-        "key for hashing codes and signing webhooks (at least 32 characters); unset: "
-        "generated once into $CLINIC_DATA_DIR/secret",
+        "key for hashing codes, sealing call records and voicemail, and signing webhooks (at "
+        "least 32 characters); unset: generated once into $CLINIC_DATA_DIR/secret",
+    ),
+    Variable(
+        "CLINIC_PREVIOUS_SECRETS",
+        "",
+        f"comma-separated secrets that CLINIC_SECRET replaced, newest first (each as "
+        f"CLINIC_SECRET; at most {MAX_PREVIOUS_SECRETS}; one with a comma cannot be listed): "
+        "pending verifications' codes still check, and call records, voicemail and records "
+        "kept on disk sealed under one still open; nothing new is hashed or sealed with them. "
+        'Keep them CLINIC_CALL_RETENTION_DAYS after the change (README: "Changing the '
+        'secret")',
     ),
     Variable(
         "CLINIC_NAME",
@@ -314,6 +330,7 @@ _DEFAULTS = {v.name: v.default for v in VARIABLES}
 _SECRET_NAMES = frozenset(
     {
         "CLINIC_SECRET",
+        "CLINIC_PREVIOUS_SECRETS",
         "CLINIC_API_KEYS",
         "CLINIC_CALLS_API_KEYS",
         "CLINIC_REDIS_URL",
@@ -451,6 +468,8 @@ class Settings:
     sms: SmsSettings
     sip: SipSettings
     ivr: IvrSettings
+    # CLINIC_PREVIOUS_SECRETS, in the order given: tried after the secret, never used to make
+    previous_secrets: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -656,6 +675,19 @@ def _secret(value: str) -> str:
     return value
 
 
+def _previous_secrets(value: str) -> tuple[str, ...]:
+    # Split as the API keys are; each is then what CLINIC_SECRET would be (stripped, 32+).
+    found = tuple(part.strip() for part in value.split(",") if part.strip())
+    if len(found) > MAX_PREVIOUS_SECRETS:
+        raise ValueError(f"at most {MAX_PREVIOUS_SECRETS} secrets")
+    for i, part in enumerate(found, 1):
+        try:
+            _secret(part)
+        except ValueError as exc:
+            raise ValueError(f"secret {i} of {len(found)} {exc}") from None
+    return found
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(
         ipaddress.ip_network(part.strip(), strict=False)
@@ -808,6 +840,7 @@ def _build(r: _Reader) -> Settings:
         api_keys=api_keys,
         calls_api_keys=calls_api_keys,
         secret=r.parse("CLINIC_SECRET", _secret),
+        previous_secrets=r.parse("CLINIC_PREVIOUS_SECRETS", _previous_secrets),
         clinic_name=r.parse("CLINIC_NAME", _clinic_name),
         log_level=r.parse("CLINIC_LOG_LEVEL", _level),
         trusted_proxies=r.parse("CLINIC_TRUSTED_PROXIES", _proxies),

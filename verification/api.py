@@ -207,6 +207,7 @@ class VerificationApi:
         dispatcher: Callable[[], Dispatcher],
         secret: Callable[[], bytes],
         clock: Clock,
+        previous_secrets: tuple[bytes, ...] = (),
     ) -> None:
         self._settings = settings
         self._vs = settings.verification
@@ -214,6 +215,7 @@ class VerificationApi:
         self._store = store
         self._dispatcher = dispatcher
         self._secret = secret
+        self._previous = previous_secrets  # codes sent before the secret changed still check
         self._clock = clock
 
     def routes(self) -> list[web.RouteDef]:
@@ -388,8 +390,10 @@ class VerificationApi:
         now = self._clock.now()
 
         def change(v: Verification) -> tuple[rules.Transition, rules.CheckAnswer]:
-            matched = candidate is not None and codes.matches(secret, vid, candidate, v.code_hashes)
-            return rules.check(v, matched, now, self._policy)
+            matched = candidate is not None and codes.matches(
+                secret, vid, candidate, v.code_hashes, self._previous
+            )
+            return rules.check(v, matched, now, self._policy)  # one attempt, whatever was tried
 
         _, answer = await self._store().update(vid, change, known=stored)
         log.info("verification %s: check -> %s", vid, answer.status)

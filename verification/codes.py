@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from verification import entropy
 
@@ -32,23 +33,35 @@ def code_hash(secret: bytes, verification_id: str, code: str) -> str:
     return mac.hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
+# Room for the secret and every previous one (a check tries them all: at most 1 + 16,
+# sip_config/settings.py's MAX_PREVIOUS_SECRETS, which it cannot import), and a few more.
+@functools.lru_cache(maxsize=24)
 def _keyed(secret: bytes) -> hmac.HMAC:
     # Keyed once, copied per code: keying is most of a short HMAC's cost (OpenSSL 3 looks the
     # digest up by name each time); 0.9 us a code against 1.3 us keying anew.
     return hmac.new(secret, digestmod=hashlib.sha256)
 
 
-def matches(secret: bytes, verification_id: str, code: str, hashes: tuple[str, ...]) -> bool:
+def matches(
+    secret: bytes,
+    verification_id: str,
+    code: str,
+    hashes: tuple[str, ...],
+    previous: Sequence[bytes] = (),
+) -> bool:
     """Whether ``code`` is one of the codes sent, compared in constant time.
 
-    Every stored hash is compared (no early exit), so the time taken does not say which
-    send, if any, matched.
+    A code sent before the secret was changed was hashed with a ``previous`` one
+    (``CLINIC_PREVIOUS_SECRETS``): the code is hashed with each secret and every stored hash
+    compared with every one (no early exit), so the time taken depends on the number of
+    secrets and sends only, never on which secret or send, if any, matched. One answer for
+    the check: its caller counts one attempt, however many secrets were tried.
     """
-    candidate = code_hash(secret, verification_id, code)
     found = False
-    for h in hashes:
-        found |= hmac.compare_digest(candidate, h)
+    for key in (secret, *previous):
+        candidate = code_hash(key, verification_id, code)
+        for h in hashes:
+            found |= hmac.compare_digest(candidate, h)
     return found
 
 

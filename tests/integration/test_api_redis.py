@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from clinic_voice import app as app_module
 from clinic_voice import shared_secret
 from clinic_voice.app import RUNTIME, _sigterm_once_handled
-from clinic_voice.shared_secret import SecretMismatch
+from clinic_voice.shared_secret import Claim, SecretMismatch
 from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import Settings
 from tests.conftest import RedisServer
@@ -275,8 +275,10 @@ async def test_a_process_with_another_secret_refuses_to_start(
 async def test_a_secret_claimed_once_redis_answers(redis_server: RedisServer) -> None:
     redis = aioredis.Redis.from_url(redis_server.url)
     try:
-        assert await shared_secret.claim(redis.execute_command, b"the first secret")
-        assert not await shared_secret.claim(redis.execute_command, b"the first secret")  # fine
+        made = await shared_secret.claim(redis.execute_command, b"the first secret")
+        assert made is Claim.SET
+        again = await shared_secret.claim(redis.execute_command, b"the first secret")
+        assert again is Claim.HELD  # fine
         await asyncio.to_thread(redis_server.kill9)
         told: list[str] = []
         waiting = asyncio.create_task(
@@ -306,7 +308,7 @@ async def test_a_flush_during_a_claim_is_not_taken_for_another_secret(
         return await execute(*command)
 
     try:
-        assert await shared_secret.claim(flushing, b"the secret")
+        assert await shared_secret.claim(flushing, b"the secret") is Claim.SET
         assert (
             await redis.get(shared_secret.KEY) == shared_secret.fingerprint(b"the secret").encode()
         )

@@ -28,7 +28,7 @@ CALL_UNDER_WAY_RETRY_S = 60
 
 
 class RecordUnreadable(VerificationError):
-    """A call record that does not open with this service's key (a fault of the data, not a
+    """A call record that does not open with this service's keys (a fault of the data, not a
     bug: no traceback)."""
 
     status = 500
@@ -127,8 +127,9 @@ class CallsApi:
                 )
         if unreadable is not None:
             raise MessageUnreadable(
-                "this call's voicemail is there but does not open (sealed under another "
-                "CLINIC_SECRET, damaged, or not readable by the service): see the log"
+                "this call's voicemail is there but does not open (sealed under a "
+                "CLINIC_SECRET not in CLINIC_PREVIOUS_SECRETS, damaged, or not readable by the "
+                "service): see the log"
             ) from unreadable
         raise NotFound("this call left no voicemail (or it is past its retention)")
 
@@ -161,8 +162,8 @@ class CallsApi:
             raise StoreUnavailable(str(exc)) from exc
         except CallRecordUnreadable as exc:
             raise RecordUnreadable(
-                "this call record does not open with the service's key (sealed under another "
-                "CLINIC_SECRET?)"
+                "this call record does not open with the service's keys (sealed under a "
+                "CLINIC_SECRET not in CLINIC_PREVIOUS_SECRETS?)"
             ) from exc
         if doc is None:
             raise NotFound("no such call")

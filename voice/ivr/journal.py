@@ -149,11 +149,12 @@ class CallJournal:
                 )
                 return Replayed(saved, expired, left + len(self._unreadable), erased)
             if done is _Done.UNREADABLE:
-                # Another CLINIC_SECRET, or a damaged file: kept for the operator to look at.
+                # A CLINIC_SECRET not in CLINIC_PREVIOUS_SECRETS, or a damaged file: kept for
+                # the operator to look at.
                 self._unreadable.add(call_id)
                 log.error(
                     "call %s: the record kept in %s does not open with this service's "
-                    "key: left there",
+                    "keys: left there",
                     call_id,
                     self._folder,
                 )

@@ -2,7 +2,9 @@
 
 Answers and transcripts are health data. Each record is sealed with AES-256-GCM under a key
 derived (HKDF-SHA256) from the service secret, with the call id as associated data, so a record
-copied under another id does not open. Redis expires each record after the retention period;
+copied under another id does not open. A record sealed before the secret was changed opens
+with the key of a previous secret (``CLINIC_PREVIOUS_SECRETS``, :meth:`CallStore.open`); every
+record is sealed under the current secret's. Redis expires each record after the retention period;
 the time index is trimmed on every write and every read, and expires a retention after the
 last save (a quiet line keeps no call ids and start times past their records).
 
@@ -81,12 +83,17 @@ class CallStoreUnavailable(RuntimeError):
 
 
 class CallRecordUnreadable(RuntimeError):
-    """A record in Redis that does not open with this service's key: sealed under another
-    ``CLINIC_SECRET`` (changed as README says, within the retention), or damaged."""
+    """A record in Redis that does not open with this service's keys: sealed under another
+    ``CLINIC_SECRET`` not in ``CLINIC_PREVIOUS_SECRETS`` (changed within the retention), or
+    damaged."""
 
 
 def _key(call_id: str) -> str:
     return f"cv:call:{call_id}"
+
+
+def _records_key(secret: bytes) -> bytes:
+    return keys.derive(secret, "call records v1")
 
 
 def _erased_key(call_id: str) -> str:
@@ -166,13 +173,19 @@ class CallStore:
         secret: bytes,
         retention_days: int,
         *,
+        previous_secrets: Sequence[bytes] = (),
         save_patience_s: float = SAVE_PATIENCE_S,
         clock: Clock | None = None,
     ) -> None:
         self._r = redis
         self._clock = clock or SystemClock()  # for the index's trim on read
         self._patience_s = save_patience_s
-        self._aead = AESGCM(keys.derive(secret, "call records v1"))
+        self._aead = AESGCM(_records_key(secret))
+        # Opening tries the current key, then each previous one in the order given. No key id
+        # in the sealed form: GCM's tag tells a wrong key (2^-128 to pass by chance) for ~2.4
+        # us a record (sip_config/settings.py: MAX_PREVIOUS_SECRETS), records sealed before
+        # this change open unchanged, and an older build still reads what this one seals.
+        self._openers = (self._aead, *(AESGCM(_records_key(s)) for s in previous_secrets))
         self._ttl_s = retention_days * 86400
         self._unreadable: set[str] = set()  # logged once each
 
@@ -182,9 +195,19 @@ class CallStore:
         return base64.b64encode(nonce + blob).decode()
 
     def open(self, call_id: str, sealed: str) -> dict[str, Any]:
+        """What :meth:`seal` sealed under ``call_id``, with the current secret's key or a
+        previous one's; ``InvalidTag`` when none opens it (another secret, another id, or
+        damaged)."""
         raw = base64.b64decode(sealed)
-        doc: dict[str, Any] = json.loads(self._aead.decrypt(raw[:12], raw[12:], call_id.encode()))
-        return doc
+        nonce, blob, bound = raw[:12], raw[12:], call_id.encode()
+        for aead in self._openers:
+            try:
+                plain = aead.decrypt(nonce, blob, bound)
+            except InvalidTag:
+                continue
+            doc: dict[str, Any] = json.loads(plain)
+            return doc
+        raise InvalidTag
 
     @property
     def ttl_s(self) -> int:
@@ -262,15 +285,16 @@ class CallStore:
 
     def _open_stored(self, call_id: str, sealed: str) -> dict[str, Any]:
         """A record as Redis holds it, opened; :class:`CallRecordUnreadable` (logged once per
-        call) when it does not open with this service's key."""
+        call) when it does not open with this service's keys."""
         try:
             return self.open(call_id, sealed)
         except (InvalidTag, ValueError, TypeError) as exc:  # binascii.Error is a ValueError
             if call_id not in self._unreadable:
                 self._unreadable.add(call_id)
                 log.error(
-                    "call %s: the record in Redis does not open with this service's key "
-                    "(sealed under another CLINIC_SECRET, or damaged): %s",
+                    "call %s: the record in Redis does not open with this service's keys "
+                    "(sealed under a CLINIC_SECRET not in CLINIC_PREVIOUS_SECRETS, or "
+                    "damaged): %s",
                     call_id,
                     type(exc).__name__,
                 )

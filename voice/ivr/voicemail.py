@@ -1,8 +1,9 @@
 """Voicemail: a caller's recorded message. Health data, kept sealed in the data dir.
 
 Each message is one file ``<call id>-<8 hex>.sealed`` in ``$CLINIC_DATA_DIR/voicemail``
-(0600, in a 0700 folder), sealed with the call records' key and bound to its own name, and
-named in its call record's values. It lives as long as call records do
+(0600, in a 0700 folder), sealed with the call records' key (one sealed before the secret was
+changed opens with a previous secret's, as records do) and bound to its own name, and named
+in its call record's values. It lives as long as call records do
 (``CLINIC_CALL_RETENTION_DAYS``): :meth:`Voicemails.sweep` deletes older files,
 :meth:`Voicemails.erase` those of an erased call, and ``GET /v1/calls/{id}/voicemail`` plays
 one back as WAV.
@@ -31,8 +32,9 @@ NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
 
 
 class VoicemailUnreadable(RuntimeError):
-    """A message that is there but does not open: sealed under another ``CLINIC_SECRET``,
-    damaged, or not readable by the service (its mode, a disk error)."""
+    """A message that is there but does not open: sealed under a ``CLINIC_SECRET`` not in
+    ``CLINIC_PREVIOUS_SECRETS``, damaged, or not readable by the service (its mode, a disk
+    error)."""
 
 
 class Voicemails:
@@ -68,8 +70,8 @@ class Voicemails:
                 self._unreadable.add(name)
                 # The file's name and the error's kind: never its content (health data).
                 log.error(
-                    "call %s: voicemail %s does not open (sealed under another CLINIC_SECRET, "
-                    "damaged, or not readable): %s",
+                    "call %s: voicemail %s does not open (sealed under a CLINIC_SECRET not in "
+                    "CLINIC_PREVIOUS_SECRETS, damaged, or not readable): %s",
                     call_id,
                     name,
                     type(exc).__name__,
