@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from verification.errors import (
     Conflict,
@@ -54,6 +54,9 @@ MAX_CAS_TRIES = 200
 IDEMPOTENCY_RESERVE_S = 60
 IDEMPOTENCY_WAIT_S = 3.0
 IDEMPOTENCY_POLL_S = 0.02
+# Writes whose answer was lost, remembered so that one found landed is still counted (see
+# VerificationStore._lost_answer): an outage may lose thousands; the oldest go first.
+UNSURE_MAX = 4096
 
 # The compare-and-set write of a record, as a Lua function reading KEYS/ARGV from offsets
 # (so one script can hold it after other keys and arguments without copying tables).
@@ -264,13 +267,17 @@ class VerificationStore:
     ) -> None:
         """``on_change(old, new)`` is called after every write this store made (``old`` None
         for a new record): once per change, whoever asked for it (API, dispatcher, timers),
-        never for a write that lost the compare-and-set. ``limit_key``: the key of the HMAC
-        that names limit counters (every process on one Redis must use the same)."""
+        never for a write that lost the compare-and-set; for a write whose answer was lost,
+        when a later read here finds it landed (see :meth:`_lost_answer`). ``limit_key``: the
+        key of the HMAC that names limit counters (every process on one Redis must use the
+        same)."""
         self._r = redis
         self._digest = SubjectDigest(limit_key)
         self._global_webhook = global_webhook
         self._on_change = on_change or _ignore
         self._refusing: str | None = None  # why the last readiness write failed
+        # id -> (version written, version written over ("" for a create), old, new)
+        self._unsure: dict[str, tuple[str, str, Verification | None, Verification]] = {}
 
     async def ping(self) -> bool:
         try:
@@ -306,6 +313,8 @@ class VerificationStore:
             raise StoreUnavailable(str(exc)) from exc
         if ver is None or doc is None:
             raise NotFound(f"no verification {vid}")
+        if self._unsure:
+            self._found(vid, str(ver))
         return Stored(Verification.from_json(orjson.loads(doc)), str(ver))
 
     async def statuses(self, vids: Sequence[str]) -> dict[str, Status]:
@@ -363,6 +372,7 @@ class VerificationStore:
         try:
             written = bool(await self._r.evalsha(_CAS, keys, args))
         except (RedisError, OSError) as exc:
+            self._lost_answer(old, new, version, exc)
             raise StoreUnavailable(str(exc)) from exc
         return version if written else None
 
@@ -379,11 +389,43 @@ class VerificationStore:
                 _LIMITED_CAS, limit_keys + keys, [len(counted), *limit_args, *args]
             )
         except (RedisError, OSError) as exc:
+            self._lost_answer(old, new, version, exc)
             raise StoreUnavailable(str(exc)) from exc
         if int(res[0]) == 2:
             return None
         _decision(res, counted).enforce()
         return version
+
+    def _lost_answer(
+        self, old: Stored | None, new: Verification, version: str, exc: BaseException
+    ) -> None:
+        """A write failed without an answer (a timeout, a dropped connection): it may have
+        landed all the same, and then whoever tries the change again finds it made and
+        changes nothing, so ``on_change`` (the metrics of state changes) never heard of it.
+        Remembered: a later read here that finds this version calls ``on_change`` then. A
+        retry in another process cannot know, and the change stays uncounted."""
+        if isinstance(exc, ResponseError):
+            return  # Redis refused it (full, read-only): nothing was written
+        self._unsure.pop(new.id, None)  # (the newest last)
+        if len(self._unsure) >= UNSURE_MAX:
+            del self._unsure[next(iter(self._unsure))]
+        if old is None:
+            self._unsure[new.id] = (version, "", None, new)
+        else:
+            self._unsure[new.id] = (version, old.version, old.verification, new)
+
+    def _found(self, vid: str, version: str) -> None:
+        """``vid`` read at ``version``: the change of its write whose answer was lost is
+        counted if that write landed; forgotten once the record moved on without it."""
+        unsure = self._unsure.get(vid)
+        if unsure is None:
+            return
+        written, over, old, new = unsure
+        if version == over:
+            return  # not landed yet: a write stuck on a stalled connection may land still
+        del self._unsure[vid]
+        if version == written:
+            self._on_change(old, new)
 
     async def get_idempotent(self, idempotency: tuple[str, str]) -> Verification | None:
         """The verification an earlier request with this (key id, body hash) made, if any
@@ -562,6 +604,8 @@ class VerificationStore:
         decision = _decision(res, checks)
         if ver is None or doc is None:
             return decision, None
+        if self._unsure:
+            self._found(vid, str(ver))
         return decision, Stored(Verification.from_json(orjson.loads(doc)), str(ver))
 
     async def lease_due(self, now: float, lease_s: float, limit: int = 100) -> list[str]:

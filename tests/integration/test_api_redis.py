@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from clinic_voice import app as app_module
 from clinic_voice import shared_secret
@@ -29,13 +30,14 @@ from tests.integration.conftest import MOBILE, SECRET, Api, StartService, read_c
 from tests.peers.sms_gateway import GatewayMode, SmsGateway
 from verification import dispatcher as dispatcher_module
 from verification import rules
+from verification import store as store_module
 from verification.channels.base import DeliveryReport
 from verification.dispatcher import Dispatcher, _Send
 from verification.errors import StoreUnavailable
 from verification.limits import LimitCheck, LimitDecision, LimitName
 from verification.model import Channel, Policy, Verification
 from verification.numbers import parse_phone
-from verification.redis_mux import RedisMux
+from verification.redis_mux import RedisMux, Script
 from verification.rules import DeliveryKind
 from verification.store import Stored, VerificationStore
 
@@ -122,9 +124,13 @@ async def test_redis_killed_answers_503_and_neither_approves_nor_sends(
     assert sum(f"/v1/verifications/{vid}" in m for level, m in said if level == logging.DEBUG) >= 5
 
 
-@pytest.mark.parametrize("outage", ["killed", "stalled"])
+@pytest.mark.parametrize("outage", ["killed", "stalled", "answer_lost"])
 async def test_a_report_during_a_redis_outage_is_kept_not_turned_into_a_failure(
-    start_service: StartService, sms_gateway: SmsGateway, redis_server: RedisServer, outage: str
+    start_service: StartService,
+    sms_gateway: SmsGateway,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    outage: str,
 ) -> None:
     """The black-box finding: during an outage a channel's report failed to be written, the
     dispatcher took that for a channel failure and recorded "undeliverable ... internal error:
@@ -132,7 +138,10 @@ async def test_a_report_during_a_redis_outage_is_kept_not_turned_into_a_failure(
     once Redis is back, once, and no event names an internal error.
 
     ``killed``: the write is refused. ``stalled`` (SIGSTOP past the client's 2 s timeout): the
-    write fails on the client but reaches Redis when it resumes, so the retry finds it there.
+    write fails on the client (and was not applied: the client closed its connection).
+    ``answer_lost``: the write is applied, its answer lost (as a Redis stalled just after
+    applying it), so the retry finds it there. Each way the verification counts once in
+    clinic_verifications_total as failed (answer_lost: it was not counted).
     """
     sms_gateway.mode = GatewayMode.HANG
     api = await start_service({"CLINIC_SMS_HTTP_TIMEOUT_S": "1", "CLINIC_SMS_HTTP_RETRIES": "0"})
@@ -140,7 +149,26 @@ async def test_a_report_during_a_redis_outage_is_kept_not_turned_into_a_failure(
     await sms_gateway.wait_for(1)
     pid = redis_server.pid
     assert pid is not None
-    if outage == "killed":
+    if outage == "answer_lost":
+        real = RedisMux.evalsha
+        lost: list[str] = []
+
+        async def evalsha(mux: RedisMux, script: Script, keys: Any, args: Any) -> Any:
+            answer = await real(mux, script, keys, args)
+            if script is store_module._CAS and not lost:
+                lost.append(keys[0])  # the report's write (the send's was made already)
+                raise RedisTimeoutError("Redis did not answer within 2.0 s (test)")
+            return answer
+
+        monkeypatch.setattr(RedisMux, "evalsha", evalsha)
+        await api.wait_for_event(vid, "failed")
+        assert lost == [f"cv:v:{vid}"], "the fault was not injected"
+        dispatcher = api.app[RUNTIME].dispatcher
+        assert dispatcher is not None
+        async with asyncio.timeout(5):
+            while dispatcher._keeping:  # noqa: ASYNC110 (a deadline): the kept report's retry
+                await asyncio.sleep(0.05)
+    elif outage == "killed":
         await asyncio.to_thread(redis_server.kill9)
         await asyncio.sleep(2.0)  # the gateway times out (1 s) while the store is down
         await asyncio.to_thread(redis_server.restart)
@@ -159,6 +187,11 @@ async def test_a_report_during_a_redis_outage_is_kept_not_turned_into_a_failure(
     for e in v["events"]:
         assert "internal" not in e["detail"] and "Store" not in e["detail"], e
     assert len(sms_gateway.received) == 1
+    # Counted once, as entered: a write whose answer was lost but that landed (stalled) is
+    # counted when its retry finds it there (it was not counted at all).
+    counted = api.app[RUNTIME].metrics.verifications
+    assert counted.value(status="failed", channel="sms") == 1
+    assert counted.value(status="pending", channel="sms") == 1
 
 
 @pytest.mark.parametrize("timer", ["here", "elsewhere"])

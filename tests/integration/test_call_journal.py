@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -389,3 +390,64 @@ async def test_an_erasure_removes_the_copy_a_saved_record_left_on_disk(
     assert await journal.replay(time.time()) == Replayed()
     assert await store.get("in-both-copies") is None
     assert await erasure.erase("in-never-was") is None
+
+
+@pytest.mark.parametrize("cut", ["cancelled", "stop_save_s"])
+async def test_a_call_redis_took_as_its_save_was_cut_short_counts_once(
+    cut: str,
+    mux: RedisMux,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis took the record and the copy written ahead is being deleted when the call's
+    # task is cancelled (a stop), or when the STOP_SAVE_S a call cancelled before its record
+    # was stored waits runs out: the record is saved, so it is not kept on disk as well, and
+    # the call counts once in clinic_calls_total (it counted twice: saved, then kept).
+    monkeypatch.setattr(session_module, "STOP_SAVE_S", 0.3)
+    settings = Settings.from_env(
+        {"CLINIC_DATA_DIR": str(tmp_path / "data"), "CLINIC_REDIS_URL": redis_server.url}
+    )
+    rt = Runtime(settings=settings, clock=SystemClock(), metrics=Metrics(), secret=SECRET)
+    store = CallStore(mux, SECRET, settings.ivr.call_retention_days)
+    rt.call_store = store
+    line = ClinicLine(settings, rt, FlowSet(flows={}))
+    journal = CallJournal(tmp_path / FOLDER, store)
+    line._journal = journal  # what start() sets, without its speech model and prompts
+    forgetting, release = asyncio.Event(), asyncio.Event()
+
+    async def forget(call_id: str) -> None:
+        forgetting.set()  # Redis has taken the record
+        await release.wait()
+        await journal.forget(call_id)
+
+    session = _session("in-raced", store, journal)
+    session._d = replace(session._d, save=line._save, keep=line._keep, forget=forget)
+    started = asyncio.Event()
+
+    async def call() -> None:
+        if cut == "cancelled":
+            await session._store(RECORD)
+            return
+        try:
+            started.set()
+            await asyncio.sleep(60)  # the call goes on till the stop cancels it
+        finally:
+            await session._store(RECORD)  # as run()'s finally, with STOP_SAVE_S
+
+    storing = asyncio.create_task(call())
+    if cut == "cancelled":
+        async with asyncio.timeout(5):
+            await forgetting.wait()
+        storing.cancel()
+    else:
+        await started.wait()
+        storing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await storing
+    assert forgetting.is_set()
+    release.set()
+    assert rt.metrics.calls.value(outcome="transferred") == 1
+    got = await store.get("in-raced")
+    assert got is not None and got["outcome"] == "transferred"

@@ -196,6 +196,7 @@ class CallSession:
         self._state: eng.CallState | None = None
         self._started_at = 0.0
         self._result_saved = False
+        self._result_in_redis = False  # Redis took the record (kept on disk no more)
         self._language = "en"
         self._listen_timeout = 0.0
         self._hangup_after_record = False
@@ -774,10 +775,13 @@ class CallSession:
                 await asyncio.shield(saving)
         except asyncio.CancelledError:
             saving.cancel()
-            await self._keep_on_disk(result)
+            if not self._result_in_redis:  # taken already, deleting its copy: not kept twice
+                await self._keep_on_disk(result)
             raise
         except Exception as exc:
             saving.cancel()  # after STOP_SAVE_S: no use waiting on (done otherwise)
+            if self._result_in_redis:  # cut short while deleting the copy written ahead
+                return
             # The record holds health data: never log its content, only that it failed.
             log.warning(
                 "call %s: the call record could not be saved to Redis",
@@ -798,6 +802,9 @@ class CallSession:
                     "call %s: the record could not be written ahead to disk: %s", self._h.id, exc
                 )
         await self._d.save(result)
+        # Set in the step the save returns: a cancel that comes later (while the copy is
+        # deleted) must not keep, and so count, the call a second time.
+        self._result_in_redis = True
         if ahead and self._d.forget is not None:
             try:
                 await self._d.forget(self._h.id)
