@@ -237,6 +237,29 @@ def prepare_data_dir(settings: Settings) -> Credentials:
     secret = settings.secret or _private_file(
         settings.data_dir / "secret", lambda: secrets.token_urlsafe(48)
     )
+    previous = _previous_secrets(settings, secret)
+    return Credentials(api_keys, calls_keys, secret.encode(), previous)
+
+
+def current_secrets(settings: Settings) -> tuple[bytes, tuple[bytes, ...]]:
+    """The secret and ``CLINIC_PREVIOUS_SECRETS`` as ``serve`` has them, without making one:
+    raises :class:`SettingsError` when ``CLINIC_SECRET`` is unset and the generated file is
+    not there (``clinic-voice secret reseal``: a new secret would open nothing)."""
+    secret = settings.secret
+    if not secret:
+        path = settings.data_dir / "secret"
+        try:
+            secret = path.read_text().strip()
+        except FileNotFoundError:
+            secret = ""
+        if not secret:
+            raise SettingsError(
+                f"CLINIC_SECRET is unset and {path.resolve()} holds none: no secret to seal with"
+            )
+    return secret.encode(), _previous_secrets(settings, secret)
+
+
+def _previous_secrets(settings: Settings, secret: str) -> tuple[bytes, ...]:
     if secret in settings.previous_secrets:
         # The new secret was not set (the generated one is the old one, say): nothing would
         # change, and the operator would believe it had.
@@ -245,8 +268,7 @@ def prepare_data_dir(settings: Settings) -> Credentials:
             f"CLINIC_PREVIOUS_SECRETS lists the current secret ({where}): set the new one "
             "there, and list only the ones it replaced"
         )
-    previous = tuple(p.encode() for p in settings.previous_secrets)
-    return Credentials(api_keys, calls_keys, secret.encode(), previous)
+    return tuple(p.encode() for p in settings.previous_secrets)
 
 
 def _stop_for_secret(reason: str) -> None:

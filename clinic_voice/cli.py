@@ -1,4 +1,4 @@
-"""``clinic-voice``: ``serve``, ``flow check``, ``flow simulate``."""
+"""``clinic-voice``: ``serve``, ``flow check``, ``flow simulate``, ``secret reseal``."""
 
 from __future__ import annotations
 
@@ -261,7 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     flow_simulate.add_arguments(sim)
+    secret = sub.add_parser("secret", help="CLINIC_SECRET tools")
+    secret_sub = secret.add_subparsers(dest="secret_command", required=True)
+    from clinic_voice import secret_reseal
+
+    secret_sub.add_parser(
+        "reseal",
+        help="seal what a previous secret sealed anew under CLINIC_SECRET",
+        description=secret_reseal.DESCRIPTION,
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "secret":
+        return _secret_reseal()
 
     if args.command in {"serve", "http-worker"}:
         worker = args.command == "http-worker"
@@ -303,6 +315,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout to /dev/null, or Python's flush at exit fails on the same pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _secret_reseal() -> int:
+    """``clinic-voice secret reseal``, with the settings as ``serve`` reads them."""
+    from clinic_voice.app import current_secrets
+    from clinic_voice.secret_reseal import reseal
+
+    try:
+        settings = Settings.from_env()
+        secret, previous = current_secrets(settings)
+    except SettingsError as exc:
+        print(f"clinic-voice secret reseal: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    return uvloop.run(reseal(settings, secret, previous, sys.stdout))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +497,39 @@ async def compact_aof(execute: Callable[..., Awaitable[Any]]) -> bool:
         return False
     log.info("embedded Redis: append-only file compaction started (expired data leaves disk)")
     return True
+
+
+REWRITE_POLL_S = 0.1
+
+
+async def rewrite_aof(execute: Callable[..., Awaitable[Any]], deadline_s: float) -> str:
+    """Rewrite the append-only file and wait until that rewrite ended: one of this call's
+    own, since one under way may have forked before the writes it must drop (a rewrite
+    already under way is waited out first). An empty string when it went well, else why not
+    (a Redis error is raised as it is)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        try:
+            await execute("BGREWRITEAOF")  # "scheduled" while a snapshot is being made: fine
+            break
+        except ResponseError as exc:
+            if "already in progress" not in str(exc):
+                raise
+        if loop.time() > end:
+            return f"a rewrite under way did not end within {deadline_s:g} s"
+        await asyncio.sleep(REWRITE_POLL_S)
+    while True:
+        info = str(await execute("INFO", "persistence"))
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        if fields.get("aof_rewrite_in_progress") == "0" and (
+            fields.get("aof_rewrite_scheduled") == "0"
+        ):
+            status = fields.get("aof_last_bgrewrite_status", "").strip()
+            return "" if status == "ok" else f"the rewrite failed ({status}): see Redis's log"
+        if loop.time() > end:
+            return f"the rewrite did not end within {deadline_s:g} s"
+        await asyncio.sleep(REWRITE_POLL_S)
 
 
 def first_compaction_in(last_compacted_at: float | None, now: float, every_s: float) -> float:

@@ -29,7 +29,50 @@ def write_private(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _fsync_folder(path.parent)
+
+
+def replace_private(path: Path, text: str) -> bool:
+    """Put ``text`` in place of the file at ``path`` as :func:`write_private` does, keeping
+    its modification time (what sweeps judge a file's age by), but only if it is there: False,
+    nothing written, when it is not, or when it went while this wrote (a deletion by
+    ``voice.media.leftovers.remove_file`` takes the temporary file too).
+
+    The check and the rename are two steps: a file deleted between them comes back. A caller
+    racing a deletion that must hold (an erasure) looks again once this returned True."""
+    try:
+        before = path.stat()
+    except FileNotFoundError:
+        return False
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            if not path.exists():
+                tmp.unlink(missing_ok=True)
+                return False
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:  # the temporary file went with the file
+                return False
+            # Through the descriptor, after the rename: set on the temporary file, its old
+            # time would make it "stale" to a sweep of temporary files (voice/ivr/journal.py)
+            # that could delete it before the rename. Fsynced: a power cut must not leave the
+            # rename's time, which would extend the file's retention.
+            os.utime(f.fileno(), ns=(before.st_atime_ns, before.st_mtime_ns))
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
     finally:

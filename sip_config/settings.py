@@ -99,8 +99,9 @@ VARIABLES: tuple[Variable, ...] = (
         f"CLINIC_SECRET; at most {MAX_PREVIOUS_SECRETS}; one with a comma cannot be listed): "
         "pending verifications' codes still check, and call records, voicemail and records "
         "kept on disk sealed under one still open; nothing new is hashed or sealed with them. "
-        'Keep them CLINIC_CALL_RETENTION_DAYS after the change (README: "Changing the '
-        'secret")',
+        "Keep them until clinic-voice secret reseal has run and the verifications pending "
+        "at the change have ended (CLINIC_CODE_TTL_S), else CLINIC_CALL_RETENTION_DAYS after "
+        'the change (README: "Changing the secret")',
     ),
     Variable(
         "CLINIC_NAME",

@@ -94,6 +94,22 @@ def test_new_records_are_sealed_under_the_current_secret_only() -> None:
         _store(NEW).reopen("in-2", kept)
 
 
+def test_reseal_puts_a_previous_secrets_record_under_the_current_one() -> None:
+    old = _store(OLD).seal("in-1", DOC)
+    rotated = _store(NEW, OTHER, OLD)
+    new = rotated.reseal("in-1", old)
+    assert new is not None and _store(NEW).open("in-1", new) == DOC
+    with pytest.raises(InvalidTag):
+        _store(OLD).open("in-1", new)
+    assert rotated.reseal("in-1", new) is None  # under the current key: nothing to do
+    with pytest.raises(InvalidTag):
+        rotated.reseal("in-2", old)  # still bound to its call id
+    with pytest.raises(InvalidTag):
+        _store(NEW, OTHER).reseal("in-1", old)  # its secret not listed: does not open
+    with pytest.raises(ValueError):
+        rotated.reseal("in-1", "not base64!")
+
+
 async def test_a_voicemail_sealed_under_a_previous_secret_plays_with_it_listed(
     tmp_path: Path,
 ) -> None:

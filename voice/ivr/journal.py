@@ -245,6 +245,13 @@ class _Done(Enum):
     ERASED = "erased"  # its call was erased: deleted, not saved
 
 
+def call_id_of(name: str) -> str | None:
+    """The call id of the record file ``name`` (kept or live); None for another name (a
+    temporary file's, say)."""
+    call_id = name.removesuffix(SUFFIX)
+    return call_id if name.endswith(SUFFIX) and _ID.fullmatch(call_id) else None
+
+
 def _file(folder: Path, call_id: str) -> Path:
     if not _ID.fullmatch(call_id):
         raise ValueError("not a call id")

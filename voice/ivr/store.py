@@ -31,7 +31,7 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -133,6 +133,19 @@ return 1 + had
 """)
 
 
+# A record sealed anew under the current key (``clinic-voice secret reseal``, voice/ivr/
+# reseal.py) takes the place of the one read only if that is still there, unchanged (not saved
+# over, expired or deleted meanwhile), and its call is not marked erased; it keeps the time it
+# had left (KEEPTTL). One script, as _SAVE: a GET then a SET could write an erased call back.
+# 0: changed or gone meanwhile, nothing written; 1: replaced; 2: erased, nothing written.
+_RESEAL = Script("""
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+""")
+
+
 def _scored(reply: list[Any]) -> list[tuple[str, float]]:
     """(member, score) from a WITHSCORES reply: flat in RESP2, pairs in RESP3."""
     if reply and isinstance(reply[0], list):
@@ -164,6 +177,14 @@ class Erased(Enum):
     RECORD = 2  # its record was there: deleted, and the call marked
 
 
+class Replaced(Enum):
+    """What :meth:`CallStore.replace_sealed` found in Redis."""
+
+    GONE = 0  # the record changed, expired or was deleted meanwhile: nothing written
+    REPLACED = 1  # the record sealed anew took its place, with the time it had left
+    ERASED = 2  # the call was erased meanwhile: nothing written
+
+
 class CallStore:
     """Sealed call records with a time index for paging."""
 
@@ -190,9 +211,34 @@ class CallStore:
         self._unreadable: set[str] = set()  # logged once each
 
     def seal(self, call_id: str, doc: dict[str, Any]) -> str:
+        return self._seal_plain(call_id, json.dumps(doc).encode())
+
+    def _seal_plain(self, bound: str, plain: bytes) -> str:
         nonce = os.urandom(12)
-        blob = self._aead.encrypt(nonce, json.dumps(doc).encode(), call_id.encode())
+        blob = self._aead.encrypt(nonce, plain, bound.encode())
         return base64.b64encode(nonce + blob).decode()
+
+    def reseal(self, bound: str, sealed: str) -> str | None:
+        """``sealed`` (a record, a record kept on disk, or a voicemail, bound to ``bound``: its
+        call id or file name) sealed anew under the current secret's key when only a previous
+        one's opens it; None when the current key opens it already. Raises ``InvalidTag``
+        (or ``ValueError``, ``TypeError`` for what is no sealed text) when no key opens it. The
+        content is carried over byte for byte, never parsed."""
+        raw = base64.b64decode(sealed)
+        nonce, blob, ad = raw[:12], raw[12:], bound.encode()
+        try:
+            self._aead.decrypt(nonce, blob, ad)
+        except InvalidTag:
+            pass
+        else:
+            return None
+        for aead in self._openers[1:]:
+            try:
+                plain = aead.decrypt(nonce, blob, ad)
+            except InvalidTag:
+                continue
+            return self._seal_plain(bound, plain)
+        raise InvalidTag
 
     def open(self, call_id: str, sealed: str) -> dict[str, Any]:
         """What :meth:`seal` sealed under ``call_id``, with the current secret's key or a
@@ -312,6 +358,51 @@ class CallStore:
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
         return Erased(int(done))
+
+    async def replace_sealed(self, call_id: str, read: str, resealed: str) -> Replaced:
+        """Put ``resealed`` (:meth:`reseal` of ``read``) in place of the record of ``call_id``
+        if Redis still holds exactly ``read`` and the call is not marked erased, keeping the
+        time the record has left. One try: raises :class:`CallStoreUnavailable` when Redis
+        fails or refuses (full, read-only), nothing changed then."""
+        keys = (_key(call_id), _erased_key(call_id))
+        try:
+            done = await self._r.evalsha(_RESEAL, keys, (read, resealed))
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
+        return Replaced(int(done))
+
+    async def is_erased(self, call_id: str) -> bool:
+        """Whether ``call_id`` is marked erased (raises :class:`CallStoreUnavailable`)."""
+        try:
+            return bool(await self._r.execute("EXISTS", _erased_key(call_id)))
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
+
+    async def sealed_records(self, batch: int = 500) -> AsyncIterator[list[tuple[str, str]]]:
+        """Every record in Redis as it is sealed there, ``(call id, sealed)``, a batch at a
+        time (SCAN: Redis is not held up, and a record saved meanwhile may or may not be
+        seen; one deleted or expired between the scan and the read is left out). Raises
+        :class:`CallStoreUnavailable`."""
+        prefix = _key("")
+        cursor = "0"
+        try:
+            while True:
+                cursor, found = await self._r.execute(
+                    "SCAN", cursor, "MATCH", f"{prefix}*", "COUNT", batch, "TYPE", "string"
+                )
+                names = [str(n) for n in found]
+                values = await self._r.execute("MGET", *names) if names else []
+                got = [
+                    (n.removeprefix(prefix), str(v))
+                    for n, v in zip(names, values, strict=True)
+                    if v is not None
+                ]
+                if got:
+                    yield got
+                if str(cursor) == "0":
+                    return
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
 
     async def recent(self, limit: int, before: float | None) -> Page:
         """Newest first; ``before`` is the cursor (a start time) of the previous page. Calls

@@ -26,6 +26,7 @@ from voice.media.pcm import Pcm, bytes_to_samples, wav_bytes
 
 log = logging.getLogger(__name__)
 
+FOLDER = "voicemail"  # in the data dir
 RATE_HZ = 8000
 # A message's file name; the call id part is that of the call records (voice/ivr/api.py).
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
@@ -115,6 +116,13 @@ class Voicemails:
         on, it goes too, uncounted)."""
         remove_files(self._folder, ".*.tmp", 3600.0, now)
         return remove_files(self._folder, "*.sealed", older_than_s, now)
+
+
+def call_id_of(name: str) -> str | None:
+    """The call id of the message file ``name``; None for a name no message has."""
+    if NAME.fullmatch(name) is None:
+        return None
+    return name[: -len("-01234567.sealed")]
 
 
 def _of_call(call_id: str, name: str) -> bool:
