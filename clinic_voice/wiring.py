@@ -72,7 +72,13 @@ def extra_contexts(settings: Settings) -> list[Context]:
     async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
         line = ClinicLine.load(settings, rt)
-        pool = SipPool(settings.sip, clock=SystemClock(), log_level=settings.log_level)
+        pool = SipPool(
+            settings.sip,
+            clock=SystemClock(),
+            log_level=settings.log_level,
+            # A caller turned away (every slot taken) is a clinic-line call too.
+            on_busy=lambda: rt.metrics.calls.inc(outcome="refused_busy"),
+        )
         pool.on_incoming(line.handle)
         front = RedirectFront(settings.sip.addr, pool.pick_inbound)
         async with contextlib.AsyncExitStack() as stack:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import struct
 import sys
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = ROOT / "tests" / "peers"
+CALLER_NUMBER = "+447700900123"
 
 
 @pytest.fixture
@@ -370,3 +372,64 @@ async def test_an_answered_call_that_never_gets_audio_is_hung_up(
     assert NO_MEDIA_S <= took < NO_MEDIA_S + 10, took
     async with asyncio.timeout(5):
         await ended.wait()  # the handler saw its call end
+
+
+async def test_a_caller_past_the_last_free_slot_gets_486_at_once_and_is_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every slot of the one worker held by an answered call: the next callers get 486 Busy
+    Here from the front at once (never a ring or an answer), and once the calls end their
+    slots take a call again. Each refusal reaches the pool's hook (serve counts it in
+    clinic_calls_total) and the log says so, once a minute at most and without a caller's
+    number. It was a DEBUG line only: an operator could not see callers being turned away."""
+    caplog.set_level(logging.DEBUG)
+    refused: list[str] = []
+    pool = SipPool(sip_settings(1), clock=SystemClock(), on_busy=lambda: refused.append("486"))
+    await pool.start()
+    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound)
+    await front.start()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        await call.wait_ended()
+
+    pool.on_incoming(handler)
+    caller = ("--call", f"sip:6000@{front.address}", "--from-user", CALLER_NUMBER)
+    loop = asyncio.get_running_loop()
+    holders = [asyncio.create_task(run_softphone(*caller, "--duration", "5")) for _ in range(4)]
+    try:
+        async with asyncio.timeout(20):
+            while pool.stats()["calls_in_flight"] < 4:  # noqa: ASYNC110 (under a deadline)
+                await asyncio.sleep(0.05)
+
+        started = loop.time()
+        probe = await loop.run_in_executor(None, _udp_request, front.address, "INVITE")
+        assert probe.status == 486, probe
+        assert loop.time() - started < 0.5, "the refusal was not prompt"
+        late = await run_softphone(*caller, "--timeout", "10")
+        assert [e["status"] for e in late if e["event"] == "ended"] == [486], late
+        assert not [e for e in late if e["event"] in ("confirmed", "media")], late
+        assert not [e for e in late if e.get("status") in (180, 183, 200)], late
+
+        assert refused == ["486", "486"]
+        assert pool.stats()["refused_busy"] == 2
+        said = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "voice.sip.pool" and r.levelno >= logging.WARNING
+        ]
+        assert len(said) == 1 and "486" in said[0], said
+        assert not [r for r in caplog.records if CALLER_NUMBER[1:] in r.getMessage()]
+
+        for events in await asyncio.gather(*holders):
+            assert "confirmed" in [e["event"] for e in events], events
+        async with asyncio.timeout(10):
+            while pool.stats()["calls_in_flight"]:  # noqa: ASYNC110 (under a deadline)
+                await asyncio.sleep(0.05)
+        again = await run_softphone(*caller, "--duration", "0.5")
+        assert "confirmed" in [e["event"] for e in again], again
+        assert refused == ["486", "486"], "a call answered was counted as refused"
+    finally:
+        await front.stop()
+        await pool.stop()  # hangs up the holders' calls, if a failure left them up
+        await asyncio.gather(*holders, return_exceptions=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
+
+import pytest
 
 from sip_config.clock import FakeClock
 from sip_config.settings import HostPort
@@ -75,3 +78,30 @@ def test_a_stopping_service_refuses_new_callers_with_503() -> None:
     # also for a retransmission of an INVITE redirected before.
     assert pool.pick_inbound(next(_ids)) == SipStatus.SERVICE_UNAVAILABLE
     assert pool.pick_inbound("before@peer") == SipStatus.SERVICE_UNAVAILABLE
+
+
+def test_callers_refused_for_want_of_a_slot_are_counted_and_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full line refuses every caller: each is counted (serve's clinic_calls_total), and
+    the log says so at once, then at most once a minute with the count since."""
+    caplog.set_level(logging.WARNING, logger="voice.sip.pool")
+    clock = FakeClock()
+    busy: list[None] = []
+    pool = SipPool(sip_settings(1), clock=clock, on_busy=lambda: busy.append(None))
+    w = pool._workers[0]
+    w.up, w.free_slots, w.port = True, 0, 6000  # as if 4 calls were up
+    for _ in range(5):
+        assert pool.pick_inbound(next(_ids)) == BUSY
+    clock.advance(59.9)
+    assert pool.pick_inbound(next(_ids)) == BUSY
+    clock.advance(0.1)
+    assert pool.pick_inbound(next(_ids)) == BUSY
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "1 inbound call(s) refused with 486" in lines[0], lines
+    assert "6 inbound call(s) refused with 486" in lines[1], lines
+    assert len(busy) == pool.stats()["refused_busy"] == 7
+    w.free_slots = 1
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
+    assert len(busy) == 7, "a caller given a slot is not refused"

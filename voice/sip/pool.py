@@ -6,6 +6,8 @@ over its stdin/stdout (:mod:`voice.sip.protocol`). The pool hands each outbound 
 worker with a free slot, routes every event to the :class:`CallHandle` of its call, gives each
 inbound call to the registered handler in its own task, and restarts a worker that dies
 (backoff 0.2 s doubling to 5 s): the calls it held end with ``worker_lost``, never a hang.
+An inbound call refused for want of a slot (486) is handed to the ``on_busy`` hook and logged,
+at most once a minute.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ _ACK_TIMEOUT_S = 5.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
 _REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
+# Callers refused for want of a slot: the first is logged at once, then at most one line this
+# often with the count since (a full line refuses every caller: one line each would flood).
+_BUSY_LOG_S = 60.0
 # glibc malloc tuning for the workers: pjsua creates and releases its memory pools (dialog,
 # transaction, message) for every call and its pool factory caches none, so glibc trimmed
 # the heap top after a call and faulted fresh zeroed pages in for the next: a tenth of a
@@ -335,6 +340,7 @@ class SipPool:
         clock: Clock,
         queue_timeout_s: float = 2.0,
         log_level: str = "WARNING",
+        on_busy: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
@@ -353,6 +359,10 @@ class SipPool:
         self._id_prefix = secrets.token_hex(4)
         self._slots_max = 0  # the most free slots a worker ever reported (its capacity)
         self._cursor = 0
+        self._on_busy = on_busy  # called for each inbound call refused with 486
+        self._refused_busy = 0
+        self._busy_unlogged = 0  # refused for want of a slot since the last log line
+        self._busy_log_at = 0.0  # monotonic time from which the next such line may go
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -441,6 +451,7 @@ class SipPool:
             "calls_in_flight": sum(len(w.calls) for w in self._workers),
             "free_slots": sum(max(0, w.available) for w in self._workers),
             "restarts": self._restarts,
+            "refused_busy": self._refused_busy,
         }
 
     def worker_pids(self) -> list[int]:
@@ -468,9 +479,32 @@ class SipPool:
                 return HostPort(self._settings.addr.host, w.port)
         best = max(self._workers, key=lambda w: w.available, default=None)
         if best is None or best.available <= 0:
+            self._refused_for_want_of_a_slot()
             return SipStatus.BUSY_HERE
         best.reserved[call_id] = now + _REDIRECT_RESERVE_S
         return HostPort(self._settings.addr.host, best.port)
+
+    def _refused_for_want_of_a_slot(self) -> None:
+        """Count a caller turned away with 486 and say so (never the caller's number)."""
+        self._refused_busy += 1
+        if self._on_busy is not None:
+            self._on_busy()
+        self._busy_unlogged += 1
+        now = self._clock.monotonic()
+        if now < self._busy_log_at:
+            return
+        log.warning(
+            "SIP: every call slot is taken (%d call(s) up, %d redirected on their way, "
+            "%d worker(s) up): %d inbound call(s) refused with 486 Busy Here since the "
+            "previous line of this kind (one a minute at most); more slots: raise "
+            "CLINIC_SIP_WORKERS",
+            sum(len(w.calls) for w in self._workers),
+            sum(len(w.reserved) for w in self._workers),
+            sum(w.up for w in self._workers),
+            self._busy_unlogged,
+        )
+        self._busy_unlogged = 0
+        self._busy_log_at = now + _BUSY_LOG_S
 
     def on_incoming(self, handler: IncomingHandler) -> None:
         """Give each inbound call to ``handler`` in its own task."""
