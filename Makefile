@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages (checked one by one, installed when missing): what the service needs to run,
 # and what only its tests and benches need (SIP peers, the Asterisk chroot, captures, load).
-APT_RUN := redis-server espeak-ng libespeak-ng1 sox ca-certificates curl python3-venv python3-dev gcc
+APT_RUN := redis-server espeak-ng libespeak-ng1 sox ca-certificates curl python3-venv python3-dev gcc tzdata
 APT_TEST := sip-tester baresip debootstrap tshark docker-compose wrk
 PYTEST_ARGS ?=
 

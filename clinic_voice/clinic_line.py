@@ -82,7 +82,20 @@ class ClinicLine:
         line = cls(settings, rt, load_flows(settings.ivr.flows_dir))
         line.warn_unconfigured_webhooks()
         line.warn_cleartext_webhooks()
+        line.warn_no_out_of_hours_number()
         return line
+
+    def warn_no_out_of_hours_number(self) -> None:
+        """Once at start: with opening hours and no out-of-hours number, callers out of hours
+        are told the practice is closed and the emergency number, but no number for what
+        cannot wait until it opens."""
+        ivr = self._settings.ivr
+        if ivr.hours_set and not ivr.out_of_hours_number:
+            log.warning(
+                "CLINIC_OPENING_HOURS or CLINIC_CLOSED_DATES is set but "
+                "CLINIC_OUT_OF_HOURS_NUMBER is not: callers out of hours are told no number "
+                "for what cannot wait until the practice opens"
+            )
 
     def warn_unconfigured_webhooks(self) -> None:
         """Once at start, not once per call: callers of these flows type their details and
@@ -133,7 +146,10 @@ class ClinicLine:
     async def start(self) -> None:
         speech = await SpeechModel.load(self._settings.ivr.vosk_model)
         params = FlowParams.from_settings(
-            self._settings, speech_enabled=speech is not None, today=self._today
+            self._settings,
+            speech_enabled=speech is not None,
+            today=self._today,
+            open_now=self._open_now,
         )
         assert self._rt.renderer is not None and self._rt.call_store is not None
         renderer = self._rt.renderer
@@ -170,8 +186,13 @@ class ClinicLine:
         )
 
     def _today(self) -> datetime.date:
-        """The clinic's date (the host's local time zone) by the service's clock."""
-        return datetime.datetime.fromtimestamp(self._rt.clock.now()).date()
+        """The clinic's date (CLINIC_TIMEZONE, else the host's) by the service's clock."""
+        zone = self._settings.ivr.hours.zone
+        return datetime.datetime.fromtimestamp(self._rt.clock.now(), zone).date()
+
+    def _open_now(self) -> bool:
+        """Whether the staff desk is open (CLINIC_OPENING_HOURS) by the service's clock."""
+        return self._settings.ivr.hours.is_open(self._rt.clock.now())
 
     async def _prerender_all(self, renderer: PromptRenderer, params: FlowParams) -> None:
         count = 0

@@ -7,17 +7,20 @@ strict: a bad value stops the service at start with a message naming the variabl
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import re
+import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import phonenumbers
 
 from verification.numbers import cli_code_lengths
+from voice.ivr.opening_hours import OpeningHours, always_open, parse_closed_dates, parse_week
 
 T = TypeVar("T")
 
@@ -294,6 +297,36 @@ VARIABLES: tuple[Variable, ...] = (
         "the emergency number the bot tells callers (2..15 digits)",
     ),
     Variable(
+        "CLINIC_OPENING_HOURS",
+        "",
+        "when the staff desk is open, e.g. `mon-fri 08:00-12:30,13:30-17:00; sat 09:00-12:00` "
+        "(groups split by ;, days mon..sun as mon, mon-fri or mon,wed, ranges HH:MM-HH:MM "
+        "split by , and ending before their last minute, 24:00 ends a day; a day in no group "
+        "is closed); unset: always open. Closed, nobody is put through to staff: callers are "
+        "told the practice is closed, its hours, CLINIC_OUT_OF_HOURS_NUMBER and the emergency "
+        'number (README: "Opening hours")',
+    ),
+    Variable(
+        "CLINIC_CLOSED_DATES",
+        "",
+        "comma-separated dates (YYYY-MM-DD, e.g. 2026-12-25,2026-12-26) on which the desk is "
+        "closed all day, whatever CLINIC_OPENING_HOURS says",
+    ),
+    Variable(
+        "CLINIC_TIMEZONE",
+        "",
+        "IANA time zone (e.g. Europe/Amsterdam) of the opening hours, the closed dates and "
+        "the date a date of birth is checked against; unset: the host's local zone (TZ, else "
+        "/etc/localtime, else UTC)",
+    ),
+    Variable(
+        "CLINIC_OUT_OF_HOURS_NUMBER",
+        "",
+        "the number callers are told to ring when the practice is closed, for what cannot "
+        "wait until it opens (the out-of-hours GP service; 2..15 digits, a + first if need be, "
+        "groups split by a space or -, read out digit by digit); unset: no number is told",
+    ),
+    Variable(
         "CLINIC_SCHEDULING_WEBHOOK",
         "",
         "URL the flows' `webhook` steps (appointment requests) post to, signed as webhooks "
@@ -448,6 +481,10 @@ class IvrSettings:
     call_drain_s: float
     transfer_summary: str  # "none", "urgency" or "full"
     scheduling_webhook_secret: str = ""  # "" means CLINIC_SECRET signs its posts
+    # CLINIC_OPENING_HOURS, CLINIC_CLOSED_DATES and CLINIC_TIMEZONE: when staff can be reached.
+    hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
+    hours_set: bool = False  # CLINIC_OPENING_HOURS or CLINIC_CLOSED_DATES given
+    out_of_hours_number: str = ""  # as given ("088 123 45 67"), "" none
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +539,8 @@ class FlowPreview:
     emergency_number: str
     clinic_name: str
     transfer_summary: str
+    hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
+    out_of_hours_number: str = ""
 
 
 def flow_preview_from_env(env: Mapping[str, str] | None = None) -> FlowPreview:
@@ -514,7 +553,43 @@ def flow_preview_from_env(env: Mapping[str, str] | None = None) -> FlowPreview:
         emergency_number=r.parse("CLINIC_EMERGENCY_NUMBER", _digits),
         clinic_name=r.parse("CLINIC_NAME", _clinic_name),
         transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
+        hours=_hours(r),
+        out_of_hours_number=r.parse("CLINIC_OUT_OF_HOURS_NUMBER", _phone_digits),
     )
+
+
+def _hours(r: _Reader) -> OpeningHours:
+    zone = r.parse("CLINIC_TIMEZONE", _zone)
+    closed = r.parse("CLINIC_CLOSED_DATES", parse_closed_dates)
+    if not r.raw("CLINIC_OPENING_HOURS"):
+        return always_open(zone, closed)
+    return OpeningHours(r.parse("CLINIC_OPENING_HOURS", parse_week), zone, closed)
+
+
+def _zone(value: str) -> datetime.tzinfo:
+    if not value:
+        return host_zone()
+    try:
+        return zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        # Also a Debian without tzdata: every name is unknown there (make install adds it).
+        raise ValueError("expected an IANA time zone such as Europe/Amsterdam") from None
+
+
+def host_zone() -> datetime.tzinfo:
+    """The host's local zone with its DST rules (not today's fixed offset): ``TZ``, else
+    ``/etc/localtime``, else UTC."""
+    name = os.environ.get("TZ", "").lstrip(":")
+    if name:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass  # a POSIX TZ string ("CET-1CEST"): read the system's file instead
+    try:
+        with open("/etc/localtime", "rb") as f:
+            return zoneinfo.ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        return datetime.UTC
 
 
 class _Reader:
@@ -817,6 +892,9 @@ def _build(r: _Reader) -> Settings:
         call_drain_s=r.number("CLINIC_CALL_DRAIN_S", 0, 3600),
         transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
         scheduling_webhook_secret=r.parse("CLINIC_SCHEDULING_WEBHOOK_SECRET", _secret),
+        hours=_hours(r),
+        hours_set=bool(r.raw("CLINIC_OPENING_HOURS") or r.raw("CLINIC_CLOSED_DATES")),
+        out_of_hours_number=r.parse("CLINIC_OUT_OF_HOURS_NUMBER", _phone_digits),
     )
     redis_url = r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://"))
     if redis_url and r.given("CLINIC_REDIS_APPENDFSYNC"):
@@ -872,6 +950,15 @@ def _language(value: str) -> str:
 
 def _digits(value: str) -> str:
     if not re.fullmatch(r"[0-9]{2,15}", value):
+        raise ValueError("expected 2..15 digits")
+    return value
+
+
+def _phone_digits(value: str) -> str:
+    """A number to read out: digits (a + first), groups split by a space or -, 2..15 digits."""
+    if value and not re.fullmatch(r"\+?[0-9]+([ -][0-9]+)*", value):
+        raise ValueError("expected digits, groups split by spaces or -, e.g. 088 123 45 67")
+    if value and not 2 <= sum(c.isdigit() for c in value) <= 15:
         raise ValueError("expected 2..15 digits")
     return value
 

@@ -3,6 +3,8 @@ name the variable (and never echo a credential), and the flash-call prefix lengt
 
 from __future__ import annotations
 
+import datetime
+import zoneinfo
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from sip_config.settings import (
     parse_host_port,
 )
 from verification.model import Channel, Policy
+from voice.ivr.opening_hours import ALWAYS, Range
 
 KEY = "k" * 16
 SECRET = "s" * 32
@@ -167,6 +170,29 @@ def test_every_documented_variable_is_read_and_documented_once() -> None:
         ({"CLINIC_REDIS_URL": "unix:///r.sock"}, lambda s: s.redis_url, "unix:///r.sock"),
         ({"CLINIC_REDIS_APPENDFSYNC": "everysec"}, lambda s: s.redis_appendfsync, "everysec"),
         ({"CLINIC_REDIS_APPENDFSYNC": "always"}, lambda s: s.redis_appendfsync, "always"),
+        (
+            {"CLINIC_OPENING_HOURS": "mon-fri 08:00-17:00; sat 09:00-12:00"},
+            lambda s: (s.ivr.hours.week[4], s.ivr.hours.week[6], s.ivr.hours_set),
+            ((Range(480, 1020),), (), True),
+        ),
+        ({}, lambda s: (s.ivr.hours.week, s.ivr.hours_set), (ALWAYS, False)),
+        (
+            {"CLINIC_CLOSED_DATES": "2026-12-25"},
+            lambda s: (s.ivr.hours.week, s.ivr.hours.closed_dates, s.ivr.hours_set),
+            (ALWAYS, {datetime.date(2026, 12, 25)}, True),
+        ),
+        (
+            {"CLINIC_TIMEZONE": "Europe/Amsterdam"},
+            lambda s: s.ivr.hours.zone,
+            zoneinfo.ZoneInfo("Europe/Amsterdam"),
+        ),
+        (
+            {"CLINIC_OUT_OF_HOURS_NUMBER": "088-123 45 67"},
+            lambda s: s.ivr.out_of_hours_number,
+            "088-123 45 67",
+        ),
+        ({"CLINIC_OUT_OF_HOURS_NUMBER": "+31 88"}, lambda s: s.ivr.out_of_hours_number, "+31 88"),
+        ({}, lambda s: s.ivr.out_of_hours_number, ""),
     ],
 )
 def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expected: Any) -> None:
@@ -240,6 +266,17 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_NURSE_URI", "http://nurse", "sip:"),
         ("CLINIC_EMERGENCY_NUMBER", "1", "2..15 digits"),
         ("CLINIC_EMERGENCY_NUMBER", "11a", "2..15 digits"),
+        ("CLINIC_OPENING_HOURS", "mon-fri 8-17", "is not a time HH:MM"),
+        ("CLINIC_OPENING_HOURS", "weekdays 08:00-17:00", "is not a day"),
+        ("CLINIC_OPENING_HOURS", "mon 22:00-02:00", "ends before it starts"),
+        ("CLINIC_OPENING_HOURS", "mon-fri 08:00-17:00; mon 18:00-19:00", "mon is named twice"),
+        ("CLINIC_CLOSED_DATES", "25-12-2026", "not a date YYYY-MM-DD"),
+        ("CLINIC_TIMEZONE", "Mars/Olympus", "IANA time zone"),
+        ("CLINIC_TIMEZONE", "../etc/passwd", "IANA time zone"),
+        ("CLINIC_OUT_OF_HOURS_NUMBER", "0900 HELP", "digits"),
+        ("CLINIC_OUT_OF_HOURS_NUMBER", "1", "2..15 digits"),
+        ("CLINIC_OUT_OF_HOURS_NUMBER", "(088) 123", "digits"),
+        ("CLINIC_OUT_OF_HOURS_NUMBER", "088  123", "digits"),
         ("CLINIC_SCHEDULING_WEBHOOK", "mailto:x", "http"),
         ("CLINIC_CALL_RETENTION_DAYS", "0", "1..3650"),
         ("CLINIC_LOG_LEVEL", "TRACE", "DEBUG, INFO"),

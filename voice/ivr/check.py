@@ -10,6 +10,9 @@ Checks, each reported as ``file:line: message``:
   urgency never goes down (no outcome less urgent than the urgency reached, no hang-up
   without a human at U2 or above), every danger-sign question has an answer that makes the
   call U1 or U0 and its give-up path ends with a human, never a plain hang-up;
+* opening hours: a ``branch`` on ``hours`` has both cases (or a default), and no path the
+  flow takes while the practice is closed ends in a ``transfer: staff`` (the engine would
+  say "closed" instead of the transfer the flow promised); both cases are explored;
 * spoken hints: in an ask that takes speech the prompt says "Say {label} or press {key}", so
   each such label must be heard as its own choice (one of its phrases, by the engine's own
   matching) and as no other.
@@ -27,6 +30,8 @@ from pathlib import Path
 from sip_config.settings import SettingsError, flows_dir_from_env
 from voice.ivr.engine import phrase_in, urgent_question
 from voice.ivr.flow import (
+    HOURS,
+    HOURS_CASES,
     PARAM_NAMES,
     ROUTES_FILE,
     Ask,
@@ -103,6 +108,8 @@ class _Abstract:
     risks: frozenset[RiskGroup]
     # Whether the path has asked a danger-sign question yet (MINDD: danger signs first).
     asked_danger: bool = False
+    # Whether the path went through the "closed" case of a branch on hours.
+    closed: bool = False
 
     def apply(self, effect: Effect | None) -> _Abstract:
         if effect is None:
@@ -112,14 +119,17 @@ class _Abstract:
             tri = tri.add_risk(effect.risk)
         if effect.urgency is not None:
             tri = tri.raise_to(effect.urgency, effect.reason)
-        return _Abstract(tri.urgency, tri.risk_groups, self.asked_danger)
+        return _Abstract(tri.urgency, tri.risk_groups, self.asked_danger, self.closed)
 
     def unclear(self) -> _Abstract:
         # The engine raises an unclear danger-sign answer, and an urgent question given up
         # unanswered, to U2 (risk groups do not step U2).
         base = self.urgency or Urgency.U5
         return _Abstract(
-            base.at_least(with_risk(Urgency.U2, self.risks)), self.risks, self.asked_danger
+            base.at_least(with_risk(Urgency.U2, self.risks)),
+            self.risks,
+            self.asked_danger,
+            self.closed,
         )
 
 
@@ -222,8 +232,9 @@ class _Checker:
     def dead_ends(self) -> None:
         for node in self.flow.nodes.values():
             if isinstance(node, Branch) and node.default is None:
-                if node.on == "urgency":
-                    missing = [u.name for u in Urgency if u.name not in dict(node.cases)]
+                if node.on in {"urgency", HOURS}:
+                    names = [u.name for u in Urgency] if node.on == "urgency" else HOURS_CASES
+                    missing = [n for n in names if n not in dict(node.cases)]
                     if missing:
                         self.add(
                             node.line,
@@ -368,6 +379,14 @@ class _Checker:
             level = (ab.urgency or Urgency.U5).name
             target = dict(node.cases).get(level, node.default)
             return [] if target is None else [(ab, target)]
+        if isinstance(node, Branch) and node.on == HOURS:
+            # Both: a call may come at any hour.
+            cases = dict(node.cases)
+            return [
+                (replace(ab, closed=value == "closed"), target)
+                for value in HOURS_CASES
+                if (target := cases.get(value, node.default)) is not None
+            ]
         if isinstance(node, Ask) and node.danger_sign:
             ab = replace(ab, asked_danger=True)
         out = [(ab.apply(effect), target) for target, effect, _ in successors(node)]
@@ -385,6 +404,11 @@ class _Checker:
     def outcome_problem(self, node: Node, ab: _Abstract) -> str:
         if not ab.asked_danger and _grades(node):
             return f"{node.id!r} grades the call before any danger-sign question was asked"
+        urgent = ab.urgency is not None and ab.urgency <= Urgency.U2
+        if ab.closed and isinstance(node, Transfer) and node.to == "staff" and not urgent:
+            # The engine would not ring the empty desk: the caller hears the closed notice
+            # instead of what this step's prompt promised.
+            return f"{node.id!r} transfers to staff on a path taken while the practice is closed"
         if ab.urgency is None or not isinstance(node, Transfer | Hangup):
             return ""
         action = node_outcome(node)
@@ -450,7 +474,7 @@ class _Checker:
                 for name in placeholders(text):
                     if unknown(name):
                         self.add(node.line, f"unknown placeholder {{{name}}}")
-            if isinstance(node, Branch) and node.on != "urgency" and unknown(node.on):
+            if isinstance(node, Branch) and node.on not in {"urgency", HOURS} and unknown(node.on):
                 self.add(node.line, f"branch on {node.on!r}, which nothing collects")
 
     def spoken_labels(self) -> None:

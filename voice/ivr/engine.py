@@ -21,7 +21,13 @@ VoiceXML semantics kept here:
 * each ask counts its noinputs and nomatches and tapers its reprompts; low confidence is a
   nomatch; when a counter runs out the caller goes to the ask's ``on_fail`` or a human;
 * anywhere, ``*`` repeats the prompt and ``0`` reaches a human (staff, or the nurse in the
-  triage);
+  triage). Staff only while the desk is open (``FlowParams.open_now``, the opening hours):
+  out of hours a ``0`` at a question hears the closed notice (hours, out-of-hours number,
+  emergency number) and the question again, and any other way to staff (a question given
+  up, a message not kept, a ``transfer: staff`` step) ends the call after the notice
+  (``out_of_hours``). Never for a caller at U2 or more, whom the safety rules put through,
+  open or closed; the nurse has no hours here (an unstaffed nurse line fails its transfer,
+  which the rules below already handle);
 * safety: a triage's urgency never goes down (checked on every step), any unclear answer to a
   danger-sign question raises the call to U2 at least, and an outcome less urgent than the
   call's urgency is replaced by a transfer to a nurse. On an urgent question (a danger sign,
@@ -63,6 +69,7 @@ from typing import Any
 from urllib.parse import quote
 
 from voice.ivr.flow import (
+    HOURS,
     HUMAN_PHRASES,
     MESSAGE_VALUE,
     PARAM_NAMES,
@@ -347,6 +354,8 @@ LOST_OUTCOME = "cut_service_lost"
 MESSAGE_OUTCOME = "message_left"
 UNCONFIRMED_OUTCOME = "transfer_unconfirmed"
 UNANSWERED_OUTCOME = "transfer_unanswered"
+# The desk was closed: the caller was told so, with the out-of-hours and emergency numbers.
+OUT_OF_HOURS_OUTCOME = "out_of_hours"
 MESSAGE_MAX_S = 60
 
 
@@ -715,6 +724,17 @@ class Engine:
             return self._to_human(
                 state, flow, "outcome below urgency", actions, text="safety_escalation"
             )
+        if isinstance(node, Hangup) and "0" in state.typeahead and self._desk_closed(state, flow):
+            # A 0 with no question left, and nobody at the desk: the notice, then the goodbye.
+            state = replace(
+                self._step(state, "closed"),
+                typeahead="",
+                outcome=node.outcome,
+                triage_action=action,
+            )
+            return self._last_words(
+                state, flow, f"{{closed_notice}} {node.prompt}".strip(), actions
+            )
         if isinstance(node, Hangup) and "0" in state.typeahead:
             # A 0 pressed while the bot talked or waited on a lookup, with no question left
             # to take it: a human, before the call would end without one. A triage's last
@@ -728,6 +748,15 @@ class Engine:
             if not node.prompt:
                 return self._end(state, node.outcome, actions, hangup=True)
             return self._last_words(state, flow, node.prompt, actions)
+        if node.to == Human.STAFF.value and self._desk_closed(state, flow, Human.STAFF):
+            # Out of hours the desk would ring out: the notice instead, and the call ends (a
+            # triage verdict stays its outcome; "transfer_staff" would claim a transfer).
+            outcome = node.outcome if action is not None else state.achieved
+            state = self._step(state, "closed")
+            text = "{closed_notice}"
+            return self._last_words(
+                state, flow, text, actions, outcome=outcome or OUT_OF_HOURS_OUTCOME
+            )
         uri = self.params.human_uri(node.to)
         state = replace(
             state,
@@ -1142,6 +1171,8 @@ class Engine:
         human = flow.human
         if text in {"safety_escalation", "closing_urgent"}:
             human = Human.NURSE  # an urgent caller, or one about to be lowered: a clinician
+        if self._desk_closed(state, flow, human):
+            return self._closed_desk(state, flow, why, actions, before)
         uri = self.params.human_uri(human)
         if state.triage is not None:
             state = replace(state, triage=state.triage.note(why))
@@ -1157,6 +1188,28 @@ class Engine:
         prompt = flow.texts(text) if text else flow.human_prompt()
         prompt = f"{before} {prompt}".strip()
         return state, [*actions, self._play(state, flow, prompt, barge_in=False)]
+
+    def _desk_closed(self, state: CallState, flow: Flow, human: Human | None = None) -> bool:
+        """Whether ``human`` (default: the flow's) is staff and the desk is out of hours. Never
+        for a caller at U2 or more: the safety rules put them through, open or closed."""
+        human = flow.human if human is None else human
+        return human is Human.STAFF and not _urgent(state) and not self.params.open_now()
+
+    def _closed_desk(
+        self, state: CallState, flow: Flow, why: str, actions: list[Action], before: str
+    ) -> Result:
+        """Staff asked for, or due, while the desk is closed: the closed notice. After a 0 (or
+        "operator") at a question, the question again (the menus that work unattended stay
+        open to the caller); otherwise the call ends after it."""
+        state = self._step(state, "closed")
+        node = flow.nodes.get(state.node)
+        if why == "caller asked" and isinstance(node, Ask):
+            ask_text = flow.ask_prompt(node, self.speech_on(flow, node))
+            text = f"{before} {{closed_notice}} {ask_text}".strip()
+            return self._prompt(replace(state, typeahead="", digits=""), flow, node, text, actions)
+        text = f"{before} {{closed_notice}}".strip()
+        outcome = state.achieved or OUT_OF_HOURS_OUTCOME
+        return self._last_words(state, flow, text, actions, outcome=outcome)
 
     # -- helpers
 
@@ -1190,6 +1243,8 @@ class Engine:
         if node.on == "urgency":
             tri = state.triage or TriageState()
             current = tri.urgency.name
+        elif node.on == HOURS:
+            current = "open" if self.params.open_now() else "closed"
         else:
             current = state.value(node.on) or ""
         for value, target in node.cases:
@@ -1209,7 +1264,7 @@ class Engine:
 
     def _render(self, state: CallState, text: str) -> str:
         values = dict(state.values)
-        values.update(self.params.values())
+        values.update(self.params.values(self.flowset.get(state.flow).language))
         return render(text, values)
 
     def _play(self, state: CallState, flow: Flow, text: str, barge_in: bool) -> Play:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import enum
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +40,27 @@ from typing import Any
 
 import yaml
 
+from voice.ivr.opening_hours import OpeningHours
 from voice.ivr.triage import RiskGroup, TriageAction, Urgency
 from voice.media.pcm import PcmError, check_wav
 
 ROUTES_FILE = "routes.yaml"
-PARAM_NAMES = frozenset({"emergency_number", "clinic_name"})
+PARAM_NAMES = frozenset(
+    {
+        "emergency_number",
+        "clinic_name",
+        # CLINIC_OPENING_HOURS read out, CLINIC_OUT_OF_HOURS_NUMBER read out, and the two
+        # sentences made of them in the flow's language (FlowParams.values).
+        "opening_hours",
+        "out_of_hours_number",
+        "closed_notice",
+        "out_of_hours_service",
+    }
+)
+# ``branch: {on: hours, cases: {open: ..., closed: ...}}`` reads the opening hours (the
+# injected FlowParams.open_now), not a collected value.
+HOURS = "hours"
+HOURS_CASES = ("open", "closed")
 NODE_KINDS: tuple[str, ...] = ("say", "ask", "branch", "set", "urgency", "transfer", "record")
 NODE_KINDS += ("webhook", "goto", "hangup")
 RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
@@ -106,6 +123,13 @@ class FlowParams:
     # Today's date, for digit entries checked as dates (a date of birth): injected so the
     # engine reads no clock itself; the service derives it from its clock, tests fix it.
     today: Callable[[], datetime.date] = datetime.date.today
+    # Whether the staff desk is open now (CLINIC_OPENING_HOURS by the service's clock),
+    # injected as ``today`` is; asked at each decision, so a call that runs past closing
+    # time meets a closed desk. Default: always open (no opening hours).
+    open_now: Callable[[], bool] = lambda: True
+    # The weekly hours read out in the closed notice (None: none to tell).
+    opening_hours: OpeningHours | None = None
+    out_of_hours_number: str = ""  # CLINIC_OUT_OF_HOURS_NUMBER as given, "" none
 
     @classmethod
     def from_settings(
@@ -114,11 +138,18 @@ class FlowParams:
         *,
         speech_enabled: bool | None = None,
         today: Callable[[], datetime.date] | None = None,
+        open_now: Callable[[], bool] | None = None,
     ) -> FlowParams:
-        """Build from :class:`sip_config.settings.Settings` (speech on when a model is set)."""
+        """Build from :class:`sip_config.settings.Settings` (speech on when a model is set).
+
+        ``open_now`` defaults to the opening hours at the host's clock."""
         ivr = settings.ivr
+        hours: OpeningHours = ivr.hours
         return cls(
             today=today or datetime.date.today,
+            open_now=open_now or (lambda: hours.is_open(time.time())),
+            opening_hours=hours,
+            out_of_hours_number=ivr.out_of_hours_number,
             staff_uri=ivr.staff_uri,
             nurse_uri=ivr.nurse_uri,
             emergency_number=ivr.emergency_number,
@@ -134,13 +165,37 @@ class FlowParams:
         """Whether a flow in ``language`` takes speech."""
         return self.speech_enabled and self.speech_language in (None, language)
 
-    def values(self) -> dict[str, str]:
-        """The parameters a text may name."""
-        return {"emergency_number": self.emergency_number, "clinic_name": self.clinic_name}
+    def values(self, language: str = "en") -> dict[str, str]:
+        """The parameters a text may name, the sentences among them in ``language``."""
+        hours = self.opening_hours.describe(language) if self.opening_hours else ""
+        out = {
+            "emergency_number": self.emergency_number,
+            "clinic_name": self.clinic_name,
+            "opening_hours": hours,
+            "out_of_hours_number": spoken_number(self.out_of_hours_number),
+        }
+        texts = SYSTEM_TEXTS.get(language, SYSTEM_TEXTS["en"])
+        notice = [texts["practice_closed"]]
+        if hours:
+            notice.append(texts["practice_hours"])
+        if self.out_of_hours_number:
+            notice.append(texts["practice_out_of_hours"])
+        notice.append(texts["practice_emergency"])
+        out["closed_notice"] = render(" ".join(notice), out)
+        service = "out_of_hours_service" if self.out_of_hours_number else "out_of_hours_unset"
+        out["out_of_hours_service"] = render(texts[service], out)
+        return out
 
     def human_uri(self, human: str) -> str:
         """SIP URI for ``staff``/``nurse``; anything else is already a URI."""
         return {"staff": self.staff_uri, "nurse": self.nurse_uri}.get(human, human)
+
+
+def spoken_number(number: str) -> str:
+    """A phone number as TTS should read it: digit by digit, a pause between its groups
+    ("088 123" -> "0 8 8, 1 2 3"), not "eighty-eight thousand ..."."""
+    groups = [g for g in re.split(r"[ -]+", number) if g]
+    return ", ".join(" ".join(g) for g in groups)
 
 
 def placeholders(text: str) -> set[str]:
@@ -196,6 +251,15 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "key_hint": "Press {key} for {label}.",
         "speech_hint": "Say {label} or press {key}.",
         "repeat_hint": "",
+        # Out of opening hours: {closed_notice} is made of these (FlowParams.values), the
+        # hours and out-of-hours sentences only when there is something to tell.
+        "practice_closed": "The practice is closed.",
+        "practice_hours": "Our opening hours are {opening_hours}.",
+        "practice_out_of_hours": "If it cannot wait until then, call the out-of-hours GP "
+        "service on {out_of_hours_number}.",
+        "practice_emergency": "In an emergency, call {emergency_number}.",
+        "out_of_hours_service": "the out-of-hours GP service on {out_of_hours_number}",
+        "out_of_hours_unset": "the out-of-hours GP service",
     },
     "ko": {
         "to_staff": "직원에게 연결해 드리겠습니다.",
@@ -231,6 +295,13 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "key_hint": "{label}: {key}번을 누르세요.",
         "speech_hint": "{label}라고 말하거나 {key}번을 누르세요.",
         "repeat_hint": "",
+        "practice_closed": "지금은 진료 시간이 아닙니다.",
+        "practice_hours": "진료 시간은 {opening_hours}입니다.",
+        "practice_out_of_hours": "그때까지 기다릴 수 없으면 야간 진료소 "
+        "{out_of_hours_number}번으로 전화하세요.",
+        "practice_emergency": "응급 상황이면 {emergency_number}번으로 전화하세요.",
+        "out_of_hours_service": "야간 진료소 {out_of_hours_number}번",
+        "out_of_hours_unset": "야간 진료소",
     },
 }
 LANGUAGES = frozenset(SYSTEM_TEXTS)
@@ -583,7 +654,7 @@ class Flow:
         The session renders these to audio at start-up; texts naming collected values are
         rendered during the call.
         """
-        values = params.values()
+        values = params.values(self.language)
         out: set[str] = set()
 
         def add(text: str) -> None:
@@ -605,6 +676,7 @@ class Flow:
         add(self.texts("safety_escalation"))
         add(self.texts("closing_urgent"))
         add(self.texts("closing"))
+        add("{closed_notice}")  # a 0, or a question given up, while the desk is closed
         for node in self.nodes.values():
             if isinstance(node, Say) and node.audio is None:
                 add(node.text)
@@ -1030,6 +1102,13 @@ class _Parser:
         cases_map = self.mapping(b.get("cases"), b.line_of("cases"), "'cases'")
         cases = tuple((str(k), str(v)) for k, v in (cases_map or {}).items())
         on = self.text(b, "on")
+        if on == HOURS:
+            for value, _ in cases:
+                if value not in HOURS_CASES:
+                    line = cases_map.line_of(value) if cases_map else b.line
+                    self.error(
+                        line, f"a branch on hours has the cases open and closed, not {value!r}"
+                    )
         if on == "urgency":
             for value, _ in cases:
                 try:

@@ -8,7 +8,9 @@ findings, a call that ends or runs out of input exits 0.
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +51,8 @@ prompt plays) or words (a speech result with confidence 1.0; "~0.3 yes" gives co
 0.3). ":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
 collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"); transfers
 succeed unless --transfer-fails is given. Prompts are printed as the caller would hear them.
+The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
+--closed say.
 """
 
 
@@ -101,6 +105,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="every transfer fails, to walk the paths that follow one",
     )
+    hours = parser.add_mutually_exclusive_group()
+    hours.add_argument(
+        "--at",
+        type=_local_time,
+        default=None,
+        metavar="YYYY-MM-DDTHH:MM",
+        help="call at this time, in CLINIC_TIMEZONE unless it names an offset: open or closed "
+        "by CLINIC_OPENING_HOURS and CLINIC_CLOSED_DATES then (default: now)",
+    )
+    hours.add_argument(
+        "--closed",
+        dest="open_as",
+        action="store_const",
+        const=False,
+        default=None,
+        help="the practice is closed (as out of CLINIC_OPENING_HOURS)",
+    )
+    hours.add_argument(
+        "--open",
+        dest="open_as",
+        action="store_const",
+        const=True,
+        help="the practice is open",
+    )
+
+
+def _local_time(text: str) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time YYYY-MM-DDTHH:MM") from None
 
 
 def main(
@@ -148,7 +183,19 @@ def run(
     except SettingsError as exc:
         print(f"clinic-voice flow simulate: configuration error: {exc}", file=sys.stderr)
         return 2
+    hours = preview.hours
+    at: datetime.datetime | None = args.at
+    open_as: bool | None = args.open_as
+    if open_as is not None:
+        is_open = open_as
+    elif at is not None:
+        is_open = hours.is_open(at if at.tzinfo else at.replace(tzinfo=hours.zone))
+    else:
+        is_open = hours.is_open(time.time())
     params = FlowParams(
+        open_now=lambda: is_open,
+        opening_hours=hours,
+        out_of_hours_number=preview.out_of_hours_number,
         staff_uri=preview.staff_uri,
         nurse_uri=preview.nurse_uri,
         emergency_number=args.emergency_number or preview.emergency_number,
@@ -159,6 +206,8 @@ def run(
     engine = Engine(flowset, params)
     transfer_fails: bool = args.transfer_fails
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
+    if not is_open:
+        output_fn("-- the practice is closed (opening hours)")
     state, actions = engine.start(flow)
     queue: deque[Event] = deque()
     while True:

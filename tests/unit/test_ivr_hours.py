@@ -1,0 +1,426 @@
+"""Opening hours in the flows: the ``hours`` branch, what ``0`` means while the desk is closed,
+the shipped flows open and closed, ``flow check`` over both cases, and ``flow simulate``."""
+
+from __future__ import annotations
+
+import zoneinfo
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from voice.ivr.check import check_files
+from voice.ivr.engine import (
+    Action,
+    Digit,
+    Engine,
+    Listen,
+    NoInput,
+    Pending,
+    Phase,
+    Play,
+    PostWebhook,
+    PromptDone,
+    Store,
+    TransferCall,
+)
+from voice.ivr.flow import FlowError, FlowParams, load_flows
+from voice.ivr.opening_hours import OpeningHours, parse_week
+from voice.ivr.simulate import main as simulate
+from voice.ivr.simulate import script_call
+from voice.ivr.triage import Urgency
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+STAFF = FlowParams().staff_uri
+NURSE = FlowParams().nurse_uri
+HOURS = OpeningHours(
+    parse_week("mon-fri 08:00-17:00; sat 09:00-12:00"), zoneinfo.ZoneInfo("Europe/Amsterdam")
+)
+NOTICE = (
+    "The practice is closed. Our opening hours are Monday to Friday, 8 a.m. to 5 p.m.; "
+    "Saturday, 9 a.m. to noon. If it cannot wait until then, call the out-of-hours GP service "
+    "on 0 8 8, 1 2 3, 4 5, 6 7. In an emergency, call 112."
+)
+
+
+def params(is_open: bool, **kw: object) -> FlowParams:
+    return FlowParams(
+        open_now=lambda: is_open,
+        opening_hours=HOURS,
+        out_of_hours_number="088 123 45 67",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+FLOW = """\
+id: t
+language: en
+human: staff
+start: hours
+nodes:
+  hours:
+    branch:
+      on: hours
+      cases: {open: menu, closed: shut}
+  shut:
+    say: "Closed."
+    next: menu
+  menu:
+    ask:
+      prompt: "Pick one."
+      choices:
+        - {key: "1", phrases: [desk], label: the desk, goto: desk}
+        - {key: "2", phrases: [triage], label: triage, goto: same_day}
+        - {key: "3", phrases: [bye], label: goodbye, goto: bye}
+  desk:
+    transfer: staff
+    prompt: "Putting you through."
+  same_day:
+    urgency: U3
+    reason: test
+    next: same_day_staff
+  same_day_staff:
+    transfer: staff
+    outcome: same_day
+  bye:
+    hangup: "Goodbye."
+    outcome: done
+"""
+
+
+@pytest.fixture
+def flows(tmp_path: Path) -> Path:
+    (tmp_path / "t.yaml").write_text(FLOW, encoding="utf-8")
+    return tmp_path
+
+
+def run(engine: Engine, flow: str, answers: list[str]) -> tuple[list[Action], Store]:
+    _, actions = script_call(engine, flow, answers)
+    stores = [a for a in actions if isinstance(a, Store)]
+    assert stores, "the call did not end"
+    return actions, stores[-1]
+
+
+def plays(actions: list[Action]) -> list[str]:
+    return [a.text for a in actions if isinstance(a, Play)]
+
+
+def transfers(actions: list[Action]) -> list[str]:
+    return [a.uri for a in actions if isinstance(a, TransferCall)]
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("is_open", "said"), [(True, "Pick one."), (False, "Closed.")])
+def test_a_branch_on_hours_reads_the_injected_open_now(
+    flows: Path, is_open: bool, said: str
+) -> None:
+    engine = Engine(load_flows(flows), params(is_open))
+    state, actions = engine.start(engine.flowset.get("t"))
+    assert plays(actions)[0].startswith(said)
+    assert state.path[0].input == "branch"
+    assert state.path[0].value == ("menu" if is_open else "shut")
+
+
+def test_a_0_while_closed_tells_the_notice_and_asks_again(flows: Path) -> None:
+    engine = Engine(load_flows(flows), params(False))
+    state, _ = engine.start(engine.flowset.get("t"))
+    state, _ = engine.handle(state, PromptDone())  # "Closed."
+    state, _ = engine.handle(state, PromptDone())  # the question
+    state, actions = engine.handle(state, Digit("0"))
+    assert not transfers(actions)
+    assert plays(actions) == [
+        f"{NOTICE} Pick one. Press 1 for the desk. Press 2 for triage. Press 3 for goodbye."
+    ]
+    assert (state.phase, state.pending, state.node) == (Phase.PLAYING, Pending.LISTEN, "menu")
+    assert [s.input for s in state.path[-2:]] == ["digit", "closed"]
+    # ... and the menu still works.
+    state, actions = engine.handle(state, PromptDone())
+    assert any(isinstance(a, Listen) for a in actions)
+    state, actions = engine.handle(state, Digit("3"))
+    assert plays(actions) == ["Goodbye."]
+
+
+def test_a_0_while_open_reaches_the_desk(flows: Path) -> None:
+    actions, store = run(Engine(load_flows(flows), params(True)), "t", ["0"])
+    assert transfers(actions) == [STAFF]
+    assert store.record.outcome == "transfer_staff"
+
+
+def test_the_desk_closing_during_a_call_is_met_at_the_0(flows: Path) -> None:
+    is_open = [True]
+    engine = Engine(load_flows(flows), FlowParams(open_now=lambda: is_open[0]))
+    state, _ = engine.start(engine.flowset.get("t"))
+    state, _ = engine.handle(state, PromptDone())
+    is_open[0] = False  # 17:00 strikes while the caller listens
+    state, actions = engine.handle(state, Digit("0"))
+    assert not transfers(actions)
+    assert plays(actions)[0].startswith("The practice is closed. In an emergency, call 112.")
+
+
+def test_a_question_given_up_while_closed_ends_with_the_notice(flows: Path) -> None:
+    actions, store = run(
+        Engine(load_flows(flows), params(False)), "t", [":silence", ":silence", ":silence"]
+    )
+    assert not transfers(actions)
+    assert plays(actions)[-1] == NOTICE
+    assert store.record.outcome == "out_of_hours"
+
+
+def test_a_staff_transfer_step_while_closed_is_the_notice(flows: Path) -> None:
+    actions, store = run(Engine(load_flows(flows), params(False)), "t", ["1"])
+    assert not transfers(actions)
+    assert "Putting you through." not in plays(actions)
+    assert plays(actions)[-1] == NOTICE
+    assert store.record.outcome == "out_of_hours"
+    # A triage verdict stays the call's outcome.
+    actions, store = run(Engine(load_flows(flows), params(False)), "t", ["2"])
+    assert not transfers(actions)
+    assert (store.record.outcome, store.record.urgency) == ("same_day", Urgency.U3)
+
+
+def test_a_0_with_no_question_left_while_closed_hears_the_notice_then_goodbye(
+    flows: Path,
+) -> None:
+    (flows / "t.yaml").write_text(
+        FLOW.replace("goto: bye}", "goto: bye_say}")
+        + '  bye_say:\n    say: "One moment."\n    next: bye\n',
+        encoding="utf-8",
+    )
+    engine = Engine(load_flows(flows), params(False))
+    state, _ = engine.start(engine.flowset.get("t"))
+    for event in (PromptDone(), PromptDone(), Digit("3")):
+        state, actions = engine.handle(state, event)
+    assert plays(actions) == ["One moment."]
+    state, actions = engine.handle(state, Digit("0"))  # typed while it plays: no question left
+    assert not transfers(actions)
+    assert plays(actions) == [f"{NOTICE} Goodbye."]
+    state, actions = engine.handle(state, PromptDone())
+    store = next(a for a in actions if isinstance(a, Store))
+    assert store.record.outcome == "done"
+
+
+def test_the_nurse_has_no_hours(tmp_path: Path) -> None:
+    # The triage's human: 0 still reaches the nurse while the desk is closed.
+    engine = Engine(load_flows(SHIPPED), params(False))
+    actions, store = run(engine, "triage", ["0"])
+    assert transfers(actions) == [NURSE]
+    assert store.record.outcome == "transfer_nurse"
+
+
+def test_an_urgent_caller_is_put_through_to_staff_while_closed(tmp_path: Path) -> None:
+    # The safety rules are not weakened by the hours: U2 or more reaches a human.
+    (tmp_path / "u.yaml").write_text(
+        FLOW.replace("id: t", "id: u")
+        .replace("urgency: U3", "urgency: U2")
+        .replace("outcome: same_day", "outcome: transfer_staff"),
+        encoding="utf-8",
+    )
+    engine = Engine(load_flows(tmp_path), params(False))
+    actions, _ = run(engine, "u", ["2"])
+    assert transfers(actions) == [STAFF]
+
+
+# -- the shipped flows ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_closed() -> Engine:
+    return Engine(load_flows(SHIPPED), params(False))
+
+
+def test_the_main_menu_out_of_hours(shipped_closed: Engine) -> None:
+    actions, store = run(shipped_closed, "main_menu", ["0", ":hangup"])
+    said = plays(actions)
+    assert said[0] == f"Welcome to the clinic. {NOTICE}"
+    assert "press 0" not in " ".join(said).lower()
+    assert said[2].startswith(NOTICE)  # after the 0: the notice and the menu again
+    assert not transfers(actions)
+    assert store.record.outcome == "caller_hung_up"
+
+
+def test_the_main_menu_out_of_hours_without_an_out_of_hours_number() -> None:
+    engine = Engine(load_flows(SHIPPED), FlowParams(open_now=lambda: False))
+    actions, _ = run(engine, "main_menu", [":hangup"])
+    assert plays(actions)[0] == (
+        "Welcome to the clinic. The practice is closed. In an emergency, call 112."
+    )
+
+
+def test_the_main_menu_open_is_as_before() -> None:
+    engine = Engine(load_flows(SHIPPED), params(True))
+    actions, _ = run(engine, "main_menu", ["0"])
+    assert plays(actions)[0] == (
+        "Welcome to the clinic. If this is an emergency, hang up and call 112."
+    )
+    assert transfers(actions) == [STAFF]
+
+
+@pytest.mark.parametrize(
+    ("answers", "webhook_ok"),
+    [
+        (["1", "1", "01021990#", "1234#"], False),  # appointments, the system down
+        (["3", "01021990#", "1234#"], False),  # results, the lookup failed
+        (["3", "01021990#", "1234#"], True),  # results, "more?" is not offered
+        (["2", "01021990#", "1234#"], True),  # a prescription renewal is a message
+    ],
+)
+def test_the_sub_flows_never_ring_the_closed_desk(
+    shipped_closed: Engine, answers: list[str], webhook_ok: bool
+) -> None:
+    state, actions = script_call(
+        shipped_closed, "main_menu", answers, webhook_ok=webhook_ok, webhook_data={"ready": "no"}
+    )
+    assert state.phase is Phase.ENDED
+    assert not transfers(actions)
+    assert "member of staff" not in " ".join(plays(actions)).replace("with a member of staff", "")
+
+
+DANGER_NO = ["1", "2", "2", "2", "2", "2"]  # yourself, five danger signs: no
+
+
+def test_triage_u2_out_of_hours_hears_the_out_of_hours_service_before_the_nurse(
+    shipped_closed: Engine,
+) -> None:
+    actions, store = run(shipped_closed, "triage", [*DANGER_NO, "4", "1", "5"])
+    assert store.record.urgency is Urgency.U2
+    i = next(i for i, a in enumerate(actions) if isinstance(a, TransferCall))
+    assert transfers(actions) == [NURSE]
+    before = plays(actions[:i])[-1]
+    assert "call the out-of-hours GP service on 0 8 8, 1 2 3, 4 5, 6 7 now" in before
+    assert "call 112" in before
+    assert store.record.outcome == "transfer_nurse"
+
+
+def test_triage_u3_out_of_hours_is_sent_to_the_out_of_hours_service(
+    shipped_closed: Engine,
+) -> None:
+    actions, store = run(shipped_closed, "triage", [*DANGER_NO, "5", "2", "2", "1", "5"])
+    assert (store.record.urgency, store.record.outcome) == (Urgency.U3, "same_day")
+    assert not transfers(actions)
+    assert not any(isinstance(a, PostWebhook) for a in actions)  # nobody acts on it today
+    assert "call the out-of-hours GP service on 0 8 8, 1 2 3, 4 5, 6 7 now" in plays(actions)[-1]
+
+
+def test_triage_u4_out_of_hours(shipped_closed: Engine) -> None:
+    actions, store = run(shipped_closed, "triage", [*DANGER_NO, "4", "2", "2", "1", "2", "5"])
+    assert (store.record.urgency, store.record.outcome) == (Urgency.U4, "within_24h")
+    assert (
+        "If it cannot wait until then, or it gets worse, call the out-of-hours"
+        in (plays(actions)[-1])
+    )
+
+
+def test_triage_u1_out_of_hours_is_unchanged(shipped_closed: Engine) -> None:
+    actions, store = run(shipped_closed, "triage", ["1", "1"])
+    assert store.record.outcome == "call_emergency+transfer_nurse"
+    assert transfers(actions) == [NURSE]
+    assert plays(actions)[-2].startswith("This may be an emergency. Hang up and call 112 now.")
+
+
+def test_the_closed_notice_is_a_static_prompt() -> None:
+    flows = load_flows(SHIPPED)
+    prompts = flows.get("main_menu").static_prompts(params(False))
+    assert f"Welcome to the clinic. {NOTICE}" in prompts
+    assert NOTICE in prompts
+
+
+# -- the schema and flow check ------------------------------------------------------------------
+
+
+def test_a_branch_on_hours_takes_only_open_and_closed(flows: Path) -> None:
+    (flows / "t.yaml").write_text(FLOW.replace("closed: shut", "shut: shut"), encoding="utf-8")
+    with pytest.raises(FlowError, match="the cases open and closed, not 'shut'"):
+        load_flows(flows)
+
+
+def test_check_needs_both_cases(flows: Path) -> None:
+    (flows / "t.yaml").write_text(FLOW.replace(", closed: shut}", "}"), encoding="utf-8")
+    messages = [f.message for f in check_files([flows])]
+    assert "dead end: branch 'hours' has no case for closed and no default" in messages
+    assert "unreachable node 'shut'" in messages
+
+
+def test_check_explores_both_cases(flows: Path) -> None:
+    # The closed path rings the desk: found. The open path is clean (the same node, open).
+    messages = [f.message for f in check_files([flows])]
+    assert "'desk' transfers to staff on a path taken while the practice is closed" in " ".join(
+        messages
+    )
+    # An open-only path with a problem is found too: each case is walked.
+    broken = FLOW.replace("cases: {open: menu, closed: shut}", "cases: {open: bad, closed: shut}")
+    broken += "  bad:\n    urgency: U2\n    reason: x\n    next: bye\n"
+    (flows / "t.yaml").write_text(broken, encoding="utf-8")
+    messages = [f.message for f in check_files([flows])]
+    assert any(m.startswith("call can end without a human at U2") for m in messages)
+
+
+def test_the_shipped_flows_check_clean() -> None:
+    assert check_files([SHIPPED]) == []
+
+
+# -- flow simulate ------------------------------------------------------------------------------
+
+
+def simulate_lines(argv: list[str], lines: list[str]) -> tuple[int, list[str]]:
+    feed: Iterator[str] = iter(lines)
+    out: list[str] = []
+
+    def read(prompt: str) -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    return simulate(argv, input_fn=read, output_fn=out.append), out
+
+
+@pytest.mark.parametrize(
+    ("option", "closed"),
+    [
+        (["--closed"], True),
+        (["--open"], False),
+        (["--at", "2026-12-06T03:00"], True),  # a Sunday night
+        (["--at", "2026-12-07T10:00"], False),  # a Monday morning
+        (["--at", "2026-12-07T07:30:00+00:00"], False),  # 08:30 in Amsterdam
+        (["--at", "2026-12-07T06:30:00+00:00"], True),  # 07:30 in Amsterdam
+    ],
+)
+def test_simulate_open_or_closed(
+    monkeypatch: pytest.MonkeyPatch, option: list[str], closed: bool
+) -> None:
+    monkeypatch.setenv("CLINIC_OPENING_HOURS", "mon-fri 08:00-17:00; sat 09:00-12:00")
+    monkeypatch.setenv("CLINIC_TIMEZONE", "Europe/Amsterdam")
+    monkeypatch.setenv("CLINIC_OUT_OF_HOURS_NUMBER", "088 123 45 67")
+    code, out = simulate_lines(["6000", "--flows-dir", str(SHIPPED), *option], ["0"])
+    assert code == 0
+    text = "\n".join(out)
+    assert ("-- the practice is closed (opening hours)" in out) is closed
+    assert (f"BOT: Welcome to the clinic. {NOTICE}" in out) is closed
+    assert ("transfer to sip:6200@127.0.0.1:5160" in text) is not closed
+
+
+def test_simulate_refuses_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = simulate_lines(["6000", "--flows-dir", str(SHIPPED), "--at", "sunday"], [])
+    assert code == 2
+    assert "'sunday' is not a time YYYY-MM-DDTHH:MM" in capsys.readouterr().err
+
+
+def test_simulate_names_a_bad_hours_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLINIC_OPENING_HOURS", "weekdays 08:00-17:00")
+    code, _ = simulate_lines(["6000", "--flows-dir", str(SHIPPED)], [])
+    assert code == 2
+    assert "CLINIC_OPENING_HOURS='weekdays 08:00-17:00'" in capsys.readouterr().err
+
+
+def test_listen_after_the_closed_reprompt_takes_keys(shipped_closed: Engine) -> None:
+    state, _ = shipped_closed.start(shipped_closed.flowset.get("main_menu"))
+    for event in (PromptDone(), PromptDone(), Digit("0"), PromptDone()):
+        state, actions = shipped_closed.handle(state, event)
+    listen = [a for a in actions if isinstance(a, Listen)]
+    assert listen and "0" in listen[0].keys
+    state, actions = shipped_closed.handle(state, NoInput())
+    assert state.phase is Phase.PLAYING
