@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import logging
+import shutil
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,14 +28,17 @@ import pytest
 from clinic_voice.app import Runtime
 from clinic_voice.clinic_line import ClinicLine
 from clinic_voice.metrics import Metrics
-from sip_config.clock import SystemClock
+from sip_config.clock import FakeClock, SystemClock
+from sip_config.private_file import write_private as real_write_private
 from sip_config.settings import Settings
 from tests.conftest import RedisServer
+from tests.unit.test_ivr_session_races import Rig, _digit, _done, _to_breathing
 from verification.redis_mux import RedisMux
+from voice.ivr import journal as journal_module
 from voice.ivr import session as session_module
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, CallRecord
-from voice.ivr.erasure import CallErasure, Erasure
+from voice.ivr.erasure import CallErasure, CallUnderWay, Erasure
 from voice.ivr.flow import FlowSet
 from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, Replayed
 from voice.ivr.session import CallSession, SessionDeps
@@ -79,6 +88,13 @@ def _session(call_id: str, store: CallStore, journal: CallJournal) -> CallSessio
     # and the list of calls trims the index of those.
     session._started_at = time.time()
     return session
+
+
+async def _stop_refresh(session: CallSession) -> None:
+    """Cancel what ``run()``'s end cancels: here, the live record's refresh."""
+    for task in list(session._tasks):
+        task.cancel()
+    await asyncio.gather(*session._tasks, return_exceptions=True)
 
 
 def _result(call_id: str, ended_at: float) -> CallResult:
@@ -157,8 +173,9 @@ async def test_a_call_under_way_when_serve_dies_is_recorded_as_cut_at_the_next_s
     session = _session("in-running", store, journal)
     session._started_at = time.time() - 4
     session._begin("triage")
-    assert session._begun is not None
-    await session._begun
+    assert session._live_task is not None
+    await session._live_task
+    await _stop_refresh(session)
     live = tmp_path / LIVE_FOLDER / "in-running.sealed"
     assert live.exists() and live.stat().st_mode & 0o777 == 0o600
     assert CALLER.encode() not in live.read_bytes(), "sealed, as the journal's records"
@@ -170,7 +187,7 @@ async def test_a_call_under_way_when_serve_dies_is_recorded_as_cut_at_the_next_s
     got = await store.get("in-running")
     assert got is not None
     assert (got["outcome"], got["flow"], got["caller"]) == (LOST_OUTCOME, "triage", CALLER)
-    assert got["values"] == {}, "nothing the caller said is in it"
+    assert got["values"] == {}, "nothing said yet: the call was answered, no more"
     assert not live.exists()
     assert [c["id"] for c in (await store.recent(10, None)).calls] == ["in-running"]
 
@@ -202,6 +219,7 @@ async def test_a_call_that_ends_deletes_its_live_record(
     session._started_at = time.time()
     session._begin("triage")
     await session._store(RECORD)
+    await _stop_refresh(session)
     await session._end_live()
     assert await journal.leftovers(time.time()) == []
     got = await store.get("in-ended")
@@ -390,6 +408,235 @@ async def test_an_erasure_removes_the_copy_a_saved_record_left_on_disk(
     assert await journal.replay(time.time()) == Replayed()
     assert await store.get("in-both-copies") is None
     assert await erasure.erase("in-never-was") is None
+
+
+# -- the live record as the call goes on (voice/ivr/live_record.py) -----------------------------
+# A session on the shipped triage flow, its SIP call scripted (tests/unit/test_ivr_session_races
+# .py), its live record written by the real journal; the call's id is "call-1".
+
+
+async def _live_rig(journal: CallJournal, clock: FakeClock, store: CallStore | None = None) -> Rig:
+    """A triage call whose live record the journal writes; its own record goes to Redis
+    through ``store``, or nowhere (a serve that dies never saves it)."""
+    rig = await asyncio.to_thread(Rig, speech=False)  # parsing the flows takes 50-130 ms
+    extra: dict[str, Any] = {} if store is None else {"save": store.save}
+    rig.deps = dataclasses.replace(
+        rig.deps, clock=clock, begin=journal.begin, end=journal.end, **extra
+    )
+    rig.session = CallSession(cast(CallHandle, rig.call), rig.deps)
+    return rig
+
+
+async def _live_doc(
+    store: CallStore, path: Path, ok: Callable[[dict[str, Any]], bool], within_s: float = 3.0
+) -> dict[str, Any]:
+    """The live record at ``path``, opened, once ``ok`` holds for it."""
+    doc: dict[str, Any] | None = None
+    async with asyncio.timeout(within_s):
+        while True:
+            text = await asyncio.to_thread(_text, path)
+            doc = None if text is None else store.open("call-1", text)
+            if doc is not None and ok(doc):
+                return doc
+            await asyncio.sleep(0.02)
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _at(doc: dict[str, Any], key: str) -> float:
+    return datetime.fromisoformat(doc[key]).timestamp()
+
+
+def _urgent(doc: dict[str, Any]) -> bool:
+    return doc["triage"] is not None and doc["triage"]["urgency"] == "U1"
+
+
+async def test_a_call_cut_mid_flow_is_replayed_with_how_far_it_went_and_how_urgent(
+    mux: RedisMux,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The live record held the numbers, the flow and the start, with the start as the end:
+    # staff could not see that the triage had found this caller urgent (U1, to be called
+    # back first), nor how far the call went. serve dies while the nurse's phone rings.
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(session_module, "LIVE_REFRESH_S", 0.1)
+    store = CallStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / "run" / FOLDER, store)
+    clock = FakeClock(float(int(time.time()) - 600))  # whole seconds: as records hold them
+    started = clock.now()
+    rig = await _live_rig(journal, clock)
+    live = tmp_path / "run" / LIVE_FOLDER / "call-1.sealed"
+    try:
+        await _to_breathing(rig)
+        clock.advance(20)
+        rig.call.send(_digit("1"))  # yes: serious difficulty breathing
+        emergency = await rig.until_prompt("This may be an emergency")
+        doc = await _live_doc(store, live, _urgent)
+        assert doc["values"] == {"who": "self", "breathing": "yes"}, doc
+        rig.call.send(_done(emergency))
+        connecting = await rig.until_prompt("Connecting you to a nurse")
+        rig.call.send(_done(connecting))
+        await rig.until(lambda: any(kind == "transfer" for kind, _ in rig.call.commands))
+        clock.advance(60)  # the nurse's phone rings: the call stays in one node
+        await _live_doc(store, live, lambda d: _at(d, "ended_at") == started + 80)
+        # serve dies (kill -9): the disk stays as it is now.
+        await asyncio.to_thread(
+            shutil.copytree, live.parent, tmp_path / "next" / LIVE_FOLDER, dirs_exist_ok=False
+        )
+    finally:
+        await rig.finish()
+    assert not live.exists(), "the call ended: its live record is gone"
+
+    again = CallJournal(tmp_path / "next" / FOLDER, store)  # the next start
+    lost = await again.leftovers(time.time())
+    assert lost == ["call-1"]
+    assert await again.replay_lost(lost, time.time()) == []
+    got = await store.get("call-1")
+    assert got is not None
+    assert got["outcome"] == LOST_OUTCOME
+    assert got["triage"] == {
+        "urgency": "U1",
+        "reasons": ["difficulty breathing"],
+        "action": "call_emergency+transfer_nurse",
+    }, got["triage"]
+    assert got["values"] == {"who": "self", "breathing": "yes"}
+    steps = [(p["node"], p["input"], p["value"]) for p in got["path"]]
+    assert ("for_whom", "digit", "1") in steps and ("breathing", "digit", "1") in steps, steps
+    assert [p["node"] for p in got["path"]][-2:] == ["emergency", "emergency_transfer"], steps
+    assert got["transfer_target"] is None, "nobody took the call: no target reached"
+    assert (_at(got, "started_at"), _at(got, "ended_at")) == (started, started + 80)
+    assert got["caller"] == CALLER and got["flow"] == "triage"
+    for secret in (CALLER, "difficulty breathing", "emergency_transfer"):
+        assert secret not in caplog.text, f"{secret!r} reached a log line"
+
+
+class _HeldWrites:
+    """The journal's file writes, each live one noted (opened) and held in its thread
+    while ``hold`` is clear: a disk that stalls."""
+
+    def __init__(self, store: CallStore) -> None:
+        self.store = store
+        self.go = threading.Event()
+        self.go.set()
+        self.live: list[dict[str, Any]] = []  # the live records written, in order
+
+    def write(self, path: Path, text: str) -> None:
+        if path.parent.name == LIVE_FOLDER:
+            self.live.append(self.store.open("call-1", text))
+            self.go.wait(10)
+        real_write_private(path, text)
+
+
+async def test_live_writes_land_in_order_and_none_after_the_end(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The live record is rewritten at each change, each write fsynced in a thread: a slow
+    # write must not land after a newer one, and a write under way when the call ends must
+    # not bring the live record back after its delete (the call would be replayed as cut).
+    monkeypatch.setattr(session_module, "LIVE_REFRESH_S", 0.1)
+    store = CallStore(mux, SECRET, retention_days=30)
+    writes = _HeldWrites(store)
+    monkeypatch.setattr(journal_module, "write_private", writes.write)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    clock = FakeClock(float(int(time.time()) - 600))  # whole seconds: as records hold them
+    rig = await _live_rig(journal, clock)
+    live = tmp_path / LIVE_FOLDER / "call-1.sealed"
+    try:
+        await _to_breathing(rig)
+        await _live_doc(store, live, lambda d: d["values"] == {"who": "self"})
+        writes.go.clear()  # the disk stalls
+        held = len(writes.live)
+        clock.advance(1)
+        rig.call.send(_digit("1"))  # the triage finds the caller urgent: written, held
+        await rig.until(lambda: len(writes.live) > held)
+        emergency = await rig.until_prompt("This may be an emergency")
+        clock.advance(1)
+        rig.call.send(_done(emergency))  # two changes more: only the newer waits
+        connecting = await rig.until_prompt("Connecting you to a nurse")
+        clock.advance(1)
+        rig.call.send(_done(connecting))
+        await rig.until(lambda: any(kind == "transfer" for kind, _ in rig.call.commands))
+        await asyncio.sleep(0.3)  # refreshes due meanwhile wait too
+        assert len(writes.live) == held + 1, "a second write while one is in flight"
+        writes.go.set()
+        newest = await _live_doc(store, live, lambda d: _at(d, "ended_at") >= clock.now())
+        ends = [_at(d, "ended_at") for d in writes.live]
+        assert ends == sorted(ends), "an older record was written after a newer one"
+        assert _urgent(newest) and newest["path"][-1]["node"] == "emergency_transfer"
+
+        writes.go.clear()  # a write under way when the call ends
+        clock.advance(30)
+        count = len(writes.live)
+        await rig.until(lambda: len(writes.live) > count)  # the refresh, held
+        rig.call.end()
+        await asyncio.sleep(0.3)
+        assert rig.task is not None and not rig.task.done(), "the delete waits for the write"
+        writes.go.set()
+    finally:
+        writes.go.set()
+        await rig.finish()
+    count = len(writes.live)
+    rig.session._write_live(RECORD)  # a change after the end (a late task): not written
+    await asyncio.sleep(0.2)
+    assert len(writes.live) == count, "a live record written after the call ended"
+    assert await journal.leftovers(time.time()) == []
+    assert not list(live.parent.iterdir()), "a file (or a temporary one) left"
+
+
+async def test_an_erasure_holds_against_a_call_with_live_writes(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refused while the call is under way (409 in the API), however often its live record is
+    # rewritten; once the call ended, the erasure is whole: no live write comes after it, and
+    # the next start replays nothing of the call.
+    monkeypatch.setattr(session_module, "LIVE_REFRESH_S", 0.1)
+    store = CallStore(mux, SECRET, retention_days=30)
+    writes = _HeldWrites(store)
+    monkeypatch.setattr(journal_module, "write_private", writes.write)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    erasure = CallErasure(store, journal, Voicemails(tmp_path / "voicemail", store), SystemClock())
+    clock = FakeClock(float(int(time.time()) - 600))  # whole seconds: as records hold them
+    rig = await _live_rig(journal, clock, store)
+    live = tmp_path / LIVE_FOLDER / "call-1.sealed"
+    try:
+        await _to_breathing(rig)
+        rig.call.send(_digit("1"))
+        await _live_doc(store, live, _urgent)
+        with pytest.raises(CallUnderWay):
+            await erasure.erase("call-1")
+        count = len(writes.live)
+        await rig.until(lambda: len(writes.live) > count + 2)  # refreshed, again and again
+        with pytest.raises(CallUnderWay):
+            await erasure.erase("call-1")
+        writes.go.clear()  # a write under way as the call ends
+        count = len(writes.live)
+        await rig.until(lambda: len(writes.live) > count)
+        rig.call.end()
+        async with asyncio.timeout(3):
+            while await store.get("call-1") is None:  # noqa: ASYNC110 (a deadline)
+                await asyncio.sleep(0.02)
+        with pytest.raises(CallUnderWay):  # its record is saved; its live one still there
+            await erasure.erase("call-1")
+        writes.go.set()
+    finally:
+        writes.go.set()
+        await rig.finish()
+    assert await erasure.erase("call-1") == Erasure(record=True, files=0)
+    rig.session._write_live(RECORD)  # a late change: never written after the end
+    await asyncio.sleep(0.2)
+    assert not live.exists()
+    again = CallJournal(tmp_path / FOLDER, store)  # the next start
+    assert await again.leftovers(time.time()) == []
+    assert await store.get("call-1") is None
+    assert (await store.recent(10, None)).calls == []
 
 
 @pytest.mark.parametrize("cut", ["cancelled", "stop_save_s"])

@@ -10,7 +10,9 @@ then its cleanup contexts. These tests stop the service the same way while a cal
 - a caller still on the line after it hears the closing notice, with the emergency number,
   and then the service hangs up; the record says ``cut_shutdown`` (someone calls back);
 - a second SIGTERM during the drain ends it at once (a real ``serve``, signalled as an
-  operator or a supervisor would).
+  operator or a supervisor would);
+- a ``serve`` killed outright (``kill -9``) during a call leaves the call's live record, which
+  the next start saves as ``cut_service_lost`` with how far the call went and its triage.
 
 The HTTP API is gone once the stop began, so the records are read from the service's Redis.
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,9 @@ from tests.peers.ivr_rig import (
     running_clinic_line,
 )
 from verification.redis_mux import RedisMux
+from voice.ivr.engine import LOST_OUTCOME
 from voice.ivr.flow import SYSTEM_TEXTS
+from voice.ivr.journal import LIVE_FOLDER
 from voice.ivr.store import CallStore
 from voice.media.audio_match import rank
 from voice.media.pcm import read_wav, resample, samples_to_bytes
@@ -285,3 +291,84 @@ async def test_a_second_sigterm_ends_the_drain_at_once(
     assert match.key == "closing" and match.score > match.runner_up, match
     (record,) = await stored_calls(redis_server.url, env["CLINIC_SECRET"].encode())
     assert record["outcome"] == "cut_shutdown", record
+
+
+async def live_urgency(secret: bytes, live: Path) -> str | None:
+    """The urgency the live record at ``live`` holds (None: none yet, or no file)."""
+    try:
+        text = await asyncio.to_thread(live.read_text)
+    except FileNotFoundError:
+        return None
+    unused: Any = None  # opening a sealed record needs no Redis
+    call_id = live.name.removesuffix(".sealed")
+    triage = CallStore(unused, secret, 30).open(call_id, text)["triage"]
+    return None if triage is None else str(triage["urgency"])
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take a minute
+async def test_a_call_cut_by_a_killed_serve_is_saved_with_its_triage_at_the_next_start(
+    redis_server: RedisServer, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """serve killed (kill -9) once the triage found the caller urgent: the next start saves
+    the call as cut_service_lost with its path, values and urgency, and an end later than its
+    start, so staff call this patient back first. (The live record held the numbers, the
+    flow and the start, with the start as the end.)"""
+    data = _data_dir(tmp_path, "data")
+    env = {
+        **BASE_ENV,
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(data),
+        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
+    }
+    secret = env["CLINIC_SECRET"].encode()
+    loop = asyncio.get_running_loop()
+    async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
+        proc = service.proc
+        assert proc is not None
+        await prompts_warm(service)
+        # The English triage: "yourself" (1), then "yes" (1) to serious difficulty breathing.
+        caller = await Phone.start(
+            "caller", "--call", f"sip:6001@{service.sip_addr}", "--answers", "1,1",
+            "--timeout", "90",
+        )  # fmt: skip
+        started.append(caller)
+        await caller.wait_for("media", CALL_S)
+        live = data / LIVE_FOLDER
+        end = loop.time() + CALL_S
+        try:
+            while True:
+                files = list(live.glob("*.sealed"))
+                urgency = None if len(files) != 1 else await live_urgency(secret, files[0])
+                if urgency == "U1":
+                    break
+                if loop.time() > end:
+                    pytest.fail(f"no urgent live record in {CALL_S} s: {caller.events}")
+                await asyncio.sleep(0.1)
+        finally:
+            killed_at = time.time()
+            proc.kill()  # kill -9: no drain, no record saved, no live record deleted
+            await proc.wait()
+        first_log = service.log_path.read_text(errors="replace")
+    async with serve("again", env, tmp_path, openapi_responses) as service:
+        end = loop.time() + 30.0
+        while not (calls := await stored_calls(redis_server.url, secret)):
+            if loop.time() > end:
+                pytest.fail(f"the cut call was not saved at start:\n{service.log_tail()}")
+            await asyncio.sleep(0.2)
+        second_log = service.log_path.read_text(errors="replace")
+    (record,) = calls
+    assert record["outcome"] == LOST_OUTCOME, record
+    assert record["flow"] == "triage" and record["triage"]["urgency"] == "U1", record
+    assert "difficulty breathing" in record["triage"]["reasons"], record
+    assert record["values"]["breathing"] == "yes", record
+    steps = [(p["node"], p["input"], p["value"]) for p in record["path"]]
+    assert ("breathing", "digit", "1") in steps, steps
+    started_at = datetime.fromisoformat(record["started_at"]).timestamp()
+    ended_at = datetime.fromisoformat(record["ended_at"]).timestamp()
+    # The intro and two questions took well over 10 s; the end is the last live write.
+    assert started_at + 10 < ended_at <= killed_at + 0.01, (started_at, ended_at, killed_at)
+    assert not list((data / LIVE_FOLDER).glob("*.sealed"))
+    for log_text in (first_log, second_log):
+        assert "difficulty breathing" not in log_text, "a triage reason reached a log line"

@@ -398,6 +398,22 @@ class CallState:
 Result = tuple[CallState, list[Action]]
 
 
+def record_of(state: CallState, outcome: str) -> CallRecord:
+    """The record of a call at ``state`` that ends with ``outcome``: at its end, and while it
+    runs, what stays of it should the service die now (``LOST_OUTCOME``)."""
+    tri = state.triage
+    return CallRecord(
+        flow=state.flow,
+        path=state.path,
+        values=state.values,
+        urgency=tri.urgency if tri else None,
+        reasons=tri.reasons if tri else (),
+        action=state.triage_action or (tri.action if tri else None),
+        transfer_target=state.transfer_target,
+        outcome=outcome,
+    )
+
+
 def normalise(text: str) -> str:
     """Lower case, punctuation to spaces, single spaces (keeps Hangul and other letters)."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
@@ -1215,17 +1231,7 @@ class Engine:
 
     def _end(self, state: CallState, outcome: str, actions: list[Action], hangup: bool) -> Result:
         state = replace(state, phase=Phase.ENDED, outcome=outcome)
-        tri = state.triage
-        record = CallRecord(
-            flow=state.flow,
-            path=state.path,
-            values=state.values,
-            urgency=tri.urgency if tri else None,
-            reasons=tri.reasons if tri else (),
-            action=state.triage_action or (tri.action if tri else None),
-            transfer_target=state.transfer_target,
-            outcome=outcome,
-        )
+        record = record_of(state, outcome)
         # The BYE first: the caller is not held on a silent line while the record is saved
         # (up to its patience with Redis down).
         ends = [HangupCall()] if hangup else []

@@ -34,8 +34,9 @@ from voice.ivr.voicemail import Voicemails
 log = logging.getLogger(__name__)
 
 # A call ends by MAX_CALL_S; its record's save, the closing notice at a stop and the live
-# record's delete take well under 5 minutes more. A live record older than this was left by a
-# serve that died during its call.
+# record's delete take well under 5 minutes more, and a call under way rewrites its live
+# record at least every LIVE_REFRESH_S. A live record older than this was left by a serve
+# that died during its call.
 LIVE_AT_MOST_S = MAX_CALL_S + 300.0
 
 

@@ -92,8 +92,10 @@ class CallJournal:
     # -- calls under way ---------------------------------------------------------------------
     async def begin(self, result: CallResult) -> None:
         """Write the record a call has while it runs (outcome ``cut_service_lost``) among the
-        live calls: if ``serve`` dies during the call (``kill -9``, a power cut), the next
-        start saves it (:meth:`replay_lost`), so staff see a call that was cut."""
+        live calls, over the one there: if ``serve`` dies during the call (``kill -9``, a
+        power cut), the next start saves it (:meth:`replay_lost`), so staff see a call that
+        was cut, how far it went and how urgent it was. The session rewrites it as the call
+        goes on, one write at a time (voice/ivr/live_record.py)."""
         record = self._store.seal_result(result)
         await asyncio.to_thread(write_private, self._live_path(result.id), record.sealed)
 
@@ -194,8 +196,8 @@ class CallJournal:
 
     # -- erasure (voice/ivr/erasure.py) ----------------------------------------------------------
     async def live_since(self, call_id: str) -> float | None:
-        """When the live record of ``call_id`` was written (its call's start), or None when
-        there is none."""
+        """When the live record of ``call_id`` was last written (a call under way rewrites it
+        at least every ``LIVE_REFRESH_S``), or None when there is none."""
         return await asyncio.to_thread(_mtime, self._live_path(call_id))
 
     async def holds(self, call_id: str) -> bool:

@@ -46,6 +46,7 @@ from sip_config.clock import Clock
 from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
 from voice.ivr.flow import Ask, FlowSet, grammar
+from voice.ivr.live_record import LIVE_REFRESH_S, Delete, LiveWrites, Write
 from voice.media.asr import FILLER_WORDS, PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
@@ -111,8 +112,9 @@ class SessionDeps:
     write_ahead: Saver | None = None
     forget: Forgetter | None = None
     # Writes the record a call has while it runs (outcome cut_service_lost) when it is
-    # answered, and deletes it once the call's own record is saved or kept: what stays of a
-    # call when serve dies during it (voice/ivr/journal.py).
+    # answered, again at each change of the call and every LIVE_REFRESH_S, and deletes it
+    # once the call's own record is saved or kept: what stays of a call when serve dies
+    # during it (voice/ivr/journal.py, voice/ivr/live_record.py).
     begin: Saver | None = None
     end: Forgetter | None = None
     # The calls come through a PBX (CLINIC_SIP_REGISTRAR set), which takes the caller from
@@ -211,7 +213,14 @@ class CallSession:
         self._deferred_hangup: eng.HangUp | None = None  # held until the POST's result
         self._record_open = False  # from RecordAudio until its RecordDone is queued
         self._closing = False  # the service is stopping (close)
-        self._begun: asyncio.Future[None] | None = None  # the live record's write
+        # The live record (voice/ivr/live_record.py): its writes and delete, the task that
+        # carries them out (never cancelled: a write cut short in its thread would land
+        # after the delete), and what was last asked to be written.
+        self._live = LiveWrites[CallResult]()
+        self._live_task: asyncio.Task[None] | None = None
+        self._live_record: eng.CallRecord | None = None
+        self._live_phase: eng.Phase | None = None
+        self._live_failed = False  # a write failed: logged once
 
     @property
     def call_id(self) -> str:
@@ -267,34 +276,84 @@ class CallSession:
                 await asyncio.to_thread(_unlink_all, left)
             await self._end_live()
 
+    # -- the live record (voice/ivr/live_record.py) ----------------------------------------------
     def _begin(self, flow_id: str) -> None:
-        """Write the call's live record in the background (not delaying the answer)."""
+        """Write the call's live record in the background (not delaying the answer), and
+        refresh its end every LIVE_REFRESH_S until the call ends."""
         if self._d.begin is None:
             return
-        lost = eng.CallRecord(flow_id, (), (), None, (), None, None, eng.LOST_OUTCOME)
-        at = self._started_at  # the end is unknown: the record says when the call began
-        result = CallResult(self._h.id, self._h.caller, self._h.called, at, at, lost)
-        self._begun = asyncio.ensure_future(self._d.begin(result))
+        self._write_live(eng.CallRecord(flow_id, (), (), None, (), None, None, eng.LOST_OUTCOME))
+        self._spawn(self._refresh_live())
+
+    def _track_live(self, state: eng.CallState) -> None:
+        """Rewrite the live record when the call changed: a node entered, an answer or a
+        value saved, the triage raised, or a new phase (a transfer or a recording begun)."""
+        if self._d.begin is None or state.phase is eng.Phase.ENDED:
+            return  # an ended call's own record follows
+        record = eng.record_of(state, eng.LOST_OUTCOME)
+        if record == self._live_record and state.phase is self._live_phase:
+            return
+        self._live_phase = state.phase
+        self._write_live(record)
+
+    def _write_live(self, record: eng.CallRecord) -> None:
+        """Ask for ``record`` to be written, with now as the call's end (should serve die
+        now, the call was cut about now)."""
+        self._live_record = record
+        now = self._d.clock.now()
+        h = self._h
+        self._carry_out_live(
+            self._live.write(CallResult(h.id, h.caller, h.called, self._started_at, now, record))
+        )
+
+    async def _refresh_live(self) -> None:
+        """A call that stays in one node (a message, a ringing transfer) moves its recorded
+        end on every LIVE_REFRESH_S."""
+        while True:
+            await asyncio.sleep(LIVE_REFRESH_S)
+            if self._live_record is not None:
+                self._write_live(self._live_record)
+
+    def _carry_out_live(self, step: Write[CallResult] | Delete | None) -> None:
+        if step is not None:  # nothing in flight: a new run of steps
+            self._live_task = asyncio.ensure_future(self._live_steps(step))
+
+    async def _live_steps(self, step: Write[CallResult] | Delete | None) -> None:
+        """Carry out the live record's steps one at a time, until none is left."""
+        while step is not None:
+            try:
+                if isinstance(step, Write):
+                    assert self._d.begin is not None
+                    await self._d.begin(step.record)
+                elif self._d.end is not None:
+                    await self._d.end(self._h.id)
+            except Exception as exc:  # an OSError: a path and a reason, never the record
+                if isinstance(step, Delete):
+                    log.warning(
+                        "call %s: its live record could not be deleted: %s", self._h.id, exc
+                    )
+                elif not self._live_failed:
+                    self._live_failed = True  # a full disk fails every write: said once
+                    log.warning(
+                        "call %s: its live record could not be written: %s", self._h.id, exc
+                    )
+            step = self._live.done()
 
     async def _end_live(self) -> None:
-        """Delete the live record, once its write is done (or it could come back after)."""
-        if self._begun is None:
+        """Delete the live record after the write in flight (or that write would bring it
+        back), and write none after."""
+        if self._d.begin is None:
             return
-        try:
-            await asyncio.shield(self._begun)
-        except Exception as exc:  # not written: nothing to delete
-            log.warning("call %s: its live record could not be written: %s", self._h.id, exc)
-            return
-        if self._d.end is None:
-            return
-        try:
-            await asyncio.shield(self._d.end(self._h.id))
-        except Exception as exc:
-            log.warning("call %s: its live record could not be deleted: %s", self._h.id, exc)
+        self._carry_out_live(self._live.end())
+        if self._live_task is not None:
+            # Shielded: a second cancellation of the call's task stops this wait, not the
+            # steps left (the write in flight, then the delete).
+            await asyncio.shield(self._live_task)
 
     async def _loop(self, state: eng.CallState, actions: list[eng.Action]) -> None:
         while True:
             self._state = state
+            self._track_live(state)
             await self._carry_out(state, actions)
             if state.phase is eng.Phase.ENDED:
                 return
