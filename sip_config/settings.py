@@ -234,6 +234,15 @@ VARIABLES: tuple[Variable, ...] = (
         "and takes about 33 MB)",
     ),
     Variable(
+        "CLINIC_SIP_CALLER_SLOTS",
+        "",
+        "call slots kept for people phoning the clinic line: a verification call on the "
+        "workers (voice code; flash call over TCP or TLS) takes a slot only when this many "
+        "stay free after it, counted on the workers that are up; callers may take every "
+        "slot. 0..4 x CLINIC_SIP_WORKERS; 0: first come, first served; unset: "
+        "CLINIC_SIP_WORKERS (a quarter of the slots)",
+    ),
+    Variable(
         "CLINIC_SIP_ROUTE",
         "",
         "URI template for everything the service sends: {e164}, {digits}, {national}; "
@@ -424,6 +433,9 @@ class VerificationSettings:
 # 6 s, then 8 s) and read the code twice (about 10 s each): about 95 s. A move to the next
 # step hangs the call up (verification/dispatcher.py), so the step must outlast it.
 VOICE_CALL_S = 100
+# Calls one SIP worker holds: PJSUA_MAX_CALLS of the pjsua2 wheel, voice.sip.pjsua.MAX_CALLS
+# (a test keeps the two equal: a worker does not import this module, which loads phonenumbers).
+SIP_CALLS_PER_WORKER = 4
 # How long an SMS over SIP waits for its MESSAGE's final answer: past pjsip's own 32 s
 # (RFC 3261 Timer F), which answers 408 itself (verification/channels/sms_sip.py).
 SIP_MESSAGE_WAIT_S = 35.0
@@ -466,6 +478,8 @@ class SipSettings:
     flashcall_interception_s: int
     voice_otp_keypress: bool
     voice_otp_from: str
+    # Slots a verification call may not take (CLINIC_SIP_CALLER_SLOTS): kept for callers.
+    caller_slots: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -857,9 +871,10 @@ def _build(r: _Reader) -> Settings:
             "valid phone number, and networks block or blank a caller-ID that is not one: "
             "give the E.164 prefix of your caller-ID range, e.g. +447400"
         )
+    workers = r.integer("CLINIC_SIP_WORKERS", 1, 512)
     sip = SipSettings(
         addr=r.parse("CLINIC_SIP_ADDR", parse_host_port),
-        workers=r.integer("CLINIC_SIP_WORKERS", 1, 512),
+        workers=workers,
         route=r.parse("CLINIC_SIP_ROUTE", _route),
         registrar=r.parse("CLINIC_SIP_REGISTRAR", _sip_uri),
         user=r.raw("CLINIC_SIP_USER"),
@@ -869,6 +884,7 @@ def _build(r: _Reader) -> Settings:
         flashcall_interception_s=interception_s,
         voice_otp_keypress=r.boolean("CLINIC_VOICE_OTP_KEYPRESS"),
         voice_otp_from=r.parse("CLINIC_VOICE_OTP_FROM", _e164_number),
+        caller_slots=_caller_slots(r, workers),
     )
     if sip.registrar and not sip.user:
         raise SettingsError("CLINIC_SIP_REGISTRAR is set: CLINIC_SIP_USER is needed too")
@@ -928,6 +944,24 @@ def _build(r: _Reader) -> Settings:
         sip=sip,
         ivr=ivr,
     )
+
+
+def _caller_slots(r: _Reader, workers: int) -> int:
+    """CLINIC_SIP_CALLER_SLOTS; unset: a quarter of the slots, rounded up (one per worker).
+    More than the workers hold is refused: a typo, since every slot (verification calls never
+    take one) is the most it can mean."""
+    name = "CLINIC_SIP_CALLER_SLOTS"
+    slots = workers * SIP_CALLS_PER_WORKER
+    if not r.raw(name):
+        return (slots + 3) // 4
+    n = r.integer(name, 0, 512 * SIP_CALLS_PER_WORKER)
+    if n > slots:
+        raise SettingsError(
+            f"{name}={n}: more than the {slots} call slots of CLINIC_SIP_WORKERS={workers} "
+            f"({SIP_CALLS_PER_WORKER} each): at most {slots} (every slot: verification calls "
+            "never take one)"
+        )
+    return n
 
 
 def _appendfsync(value: str) -> str:

@@ -52,6 +52,7 @@ def sip_settings(workers: int = 2, **changes: object) -> SipSettings:
         flashcall_interception_s=20,
         voice_otp_keypress=True,
         voice_otp_from="",
+        caller_slots=0,  # first come, first served, unless a test keeps slots for callers
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 

@@ -245,6 +245,8 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_SIP_ADDR", "127.0.0.1:", "HOST:PORT"),
         ("CLINIC_SIP_WORKERS", "0", "1..512"),
         ("CLINIC_SIP_WORKERS", "513", "1..512"),
+        ("CLINIC_SIP_CALLER_SLOTS", "-1", "whole number"),
+        ("CLINIC_SIP_CALLER_SLOTS", "17", "more than the 16 call slots of CLINIC_SIP_WORKERS=4"),
         ("CLINIC_SIP_ROUTE", "tel:{e164}", "sip:"),
         ("CLINIC_SIP_ROUTE", "sip:fixed@127.0.0.1", "{e164}"),
         ("CLINIC_SIP_ROUTE", "sip:{number}@127.0.0.1", "{e164}"),
@@ -342,6 +344,19 @@ def test_the_sip_workers_ports_must_exist() -> None:
         build(CLINIC_SIP_ADDR="127.0.0.1:65533", CLINIC_SIP_WORKERS="2")
     assert build(CLINIC_SIP_ADDR="127.0.0.1:65532", CLINIC_SIP_WORKERS="2").sip.workers == 2
     assert build(CLINIC_SIP_ADDR="127.0.0.1:0", CLINIC_SIP_WORKERS="512").sip.addr.port == 0
+
+
+def test_caller_slots_default_to_a_quarter_of_the_slots() -> None:
+    # One slot per worker (each holds 4): the default 4 workers keep 4 of their 16 slots
+    # from verification calls; 1 worker keeps 1.
+    assert build().sip.caller_slots == 4
+    assert build(CLINIC_SIP_WORKERS="1").sip.caller_slots == 1
+    assert build(CLINIC_SIP_WORKERS="7", CLINIC_SIP_CALLER_SLOTS="").sip.caller_slots == 7
+    assert build(CLINIC_SIP_CALLER_SLOTS="0").sip.caller_slots == 0  # first come, first served
+    # Every slot: allowed (verification calls never take one); one more is a typo.
+    assert build(CLINIC_SIP_WORKERS="2", CLINIC_SIP_CALLER_SLOTS="8").sip.caller_slots == 8
+    with pytest.raises(SettingsError, match=r"CLINIC_SIP_CALLER_SLOTS=9: .* at most 8"):
+        build(CLINIC_SIP_WORKERS="2", CLINIC_SIP_CALLER_SLOTS="9")
 
 
 def test_registrar_needs_a_user() -> None:

@@ -8,6 +8,11 @@ inbound call to the registered handler in its own task, and restarts a worker th
 (backoff 0.2 s doubling to 5 s): the calls it held end with ``worker_lost``, never a hang.
 An inbound call refused for want of a slot (486) is handed to the ``on_busy`` hook and logged,
 at most once a minute.
+
+Callers come first: an outbound call (each is a verification's: a voice code, a flash call over
+TCP or TLS) takes a slot only when ``caller_slots`` (``CLINIC_SIP_CALLER_SLOTS``) stay free
+after it, counted on the workers that are up; an inbound call may take any free slot. A
+verification has SMS to fall back to, a patient with chest pain has no other line.
 """
 
 from __future__ import annotations
@@ -363,6 +368,7 @@ class SipPool:
         self._refused_busy = 0
         self._busy_unlogged = 0  # refused for want of a slot since the last log line
         self._busy_log_at = 0.0  # monotonic time from which the next such line may go
+        self._kept_for_callers = 0  # outbound calls given up: the free slots were the callers'
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -449,10 +455,15 @@ class SipPool:
             "workers": len(self._workers),
             "workers_up": sum(w.up for w in self._workers),
             "calls_in_flight": sum(len(w.calls) for w in self._workers),
-            "free_slots": sum(max(0, w.available) for w in self._workers),
+            "free_slots": self._free_slots(),
+            "caller_slots": self._settings.caller_slots,
             "restarts": self._restarts,
             "refused_busy": self._refused_busy,
+            "kept_for_callers": self._kept_for_callers,
         }
+
+    def _free_slots(self) -> int:
+        return sum(max(0, w.available) for w in self._workers)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (for tests and RSS measurement)."""
@@ -497,7 +508,8 @@ class SipPool:
             "SIP: every call slot is taken (%d call(s) up, %d redirected on their way, "
             "%d worker(s) up): %d inbound call(s) refused with 486 Busy Here since the "
             "previous line of this kind (one a minute at most); more slots: raise "
-            "CLINIC_SIP_WORKERS",
+            "CLINIC_SIP_WORKERS (more of them kept from verification calls: raise "
+            "CLINIC_SIP_CALLER_SLOTS)",
             sum(len(w.calls) for w in self._workers),
             sum(len(w.reserved) for w in self._workers),
             sum(w.up for w in self._workers),
@@ -515,7 +527,8 @@ class SipPool:
     async def place_call(self, call: OutboundCall) -> CallHandle:
         """Place a call; returns once a worker took it (events follow on the handle).
 
-        Waits up to ``queue_timeout_s`` for a free slot, then raises :class:`PoolBusyError`.
+        Waits up to ``queue_timeout_s`` for a free slot that callers can spare (see
+        :meth:`_pick_outbound`), then raises :class:`PoolBusyError`.
         """
         deadline = self._clock.monotonic() + self._queue_timeout_s
         call_id = self._new_id()
@@ -532,7 +545,7 @@ class SipPool:
                 continue  # that worker was full after all: try the others
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
-                raise PoolBusyError(f"all {len(self._workers)} SIP workers are full")
+                raise self._no_slot(call_id)
             self._slot_freed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, 0.05)):
@@ -541,18 +554,40 @@ class SipPool:
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):08x}"
 
+    def _no_slot(self, call_id: str) -> PoolBusyError:
+        """Why the outbound call ``call_id`` found no slot in its queueing time."""
+        free = self._free_slots()
+        if free <= 0:
+            return PoolBusyError(f"all {len(self._workers)} SIP workers are full")
+        self._kept_for_callers += 1
+        log.info(
+            "call %s: not placed: the %d free call slot(s) are kept for callers "
+            "(CLINIC_SIP_CALLER_SLOTS=%d)",
+            call_id,
+            free,
+            self._settings.caller_slots,
+        )
+        return PoolBusyError("the free call slots are kept for callers (CLINIC_SIP_CALLER_SLOTS)")
+
     def _pick_outbound(self) -> _Worker | None:
-        """The worker with the most room, or None when all are full.
+        """The worker with the most room, or None when none can be spared: every slot is
+        taken, or taking one would leave fewer than ``caller_slots`` free for callers.
+
+        Free slots are counted on the workers that are up (a restarting worker's are
+        nobody's), less the PlaceCalls not yet acknowledged and the slots the front holds
+        for redirected callers on their way (those are callers' already).
 
         Looks from a cursor that moves on each time and stops at the first worker with all
-        its slots free: a max() over 320 workers per call (a property and a lambda each) was
-        a few percent of the main process at 400 flash calls/s.
+        its slots free once the slots seen so far leave the callers theirs: a max() over 320
+        workers per call (a property and a lambda each) was a few percent of the main
+        process at 400 flash calls/s.
         """
         workers = self._workers
         n = len(workers)
         full = self._slots_max
+        need = 1 + self._settings.caller_slots  # this call's slot and the callers'
         best: _Worker | None = None
-        best_room = 0
+        best_room = total = 0
         start = self._cursor
         now = self._clock.monotonic()
         for i in range(n):
@@ -563,12 +598,16 @@ class SipPool:
                 # A redirected caller who never came must not hold the slot for good.
                 w.expire_reservations(now)
             room = w.free_slots - w.pending - len(w.reserved)
+            if room <= 0:
+                continue
+            total += room
             if room > best_room:
                 best, best_room = w, room
                 if room >= full:
                     self._cursor = (start + i + 1) % n
-                    break
-        return best
+            if best_room >= full and total >= need:
+                break
+        return best if total >= need else None
 
     async def _try_place(self, worker: _Worker, handle: CallHandle, cmd: PlaceCall) -> bool:
         loop = asyncio.get_running_loop()
