@@ -302,6 +302,57 @@ async def test_a_file_deleted_while_it_is_resealed_stays_deleted(
         assert _files(data) == []
 
 
+@pytest.mark.parametrize(
+    "when", ["before the pass over Redis", "before the files", "while its file is resealed"]
+)
+async def test_a_record_a_replay_moves_into_redis_meanwhile_ends_under_the_new_secret(
+    mux: RedisMux, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    # serve replays the records kept on disk every 30 s (and a dead serve's live records at
+    # start) into Redis as they are sealed: one moved there while the reseal runs must not be
+    # left under the old secret behind a "complete" pass (exit 0, and the old secret removed).
+    data = tmp_path / "data"
+    old = _store(mux, OLD)
+    await CallJournal(data / FOLDER, old).keep(_result("kept-1"))
+    store = _store(mux, NEW, OLD)  # serve's, and the command's
+    journal = CallJournal(data / FOLDER, store)
+    resealer = Resealer(store, data)
+    loop = asyncio.get_running_loop()
+    armed = [True]  # one replay
+
+    async def replay() -> None:
+        assert (await journal.replay(time.time())).saved == 1
+
+    if when == "while its file is resealed":  # read by the reseal, then moved to Redis
+        real_reseal = store.reseal
+
+        def reseal(bound: str, sealed: str) -> str | None:
+            resealed = real_reseal(bound, sealed)
+            if armed[0]:  # the file's, in a thread (Redis's records are resealed on the loop)
+                armed[0] = False
+                asyncio.run_coroutine_threadsafe(replay(), loop).result(5)
+            return resealed
+
+        monkeypatch.setattr(store, "reseal", reseal)
+    else:
+        name = "records" if when == "before the pass over Redis" else "files"
+        real = getattr(resealer, name)
+
+        async def first_a_replay(*args: Any) -> Tally:
+            if armed[0]:
+                armed[0] = False
+                await replay()
+            result: Tally = await real(*args)
+            return result
+
+        monkeypatch.setattr(resealer, name, first_a_replay)
+    tallies = await resealer.run()
+    assert all(t.complete for t in tallies), tallies
+    assert list((data / FOLDER).iterdir()) == []
+    sealed = str(await mux.execute("GET", "cv:call:kept-1"))
+    assert _store(mux, NEW).open("kept-1", sealed)["values"]["complaint"] == COMPLAINT
+
+
 # -- the command, and the embedded Redis ---------------------------------------------------------
 
 

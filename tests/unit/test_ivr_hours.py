@@ -25,7 +25,7 @@ from voice.ivr.engine import (
     TransferCall,
 )
 from voice.ivr.flow import FlowError, FlowParams, load_flows
-from voice.ivr.opening_hours import OpeningHours, parse_week
+from voice.ivr.opening_hours import OpeningHours, always_open, parse_week
 from voice.ivr.simulate import main as simulate
 from voice.ivr.simulate import script_call
 from voice.ivr.triage import Urgency
@@ -424,3 +424,17 @@ def test_listen_after_the_closed_reprompt_takes_keys(shipped_closed: Engine) -> 
     assert listen and "0" in listen[0].keys
     state, actions = shipped_closed.handle(state, NoInput())
     assert state.phase is Phase.PLAYING
+
+
+def test_a_notice_with_closed_dates_only_names_no_then() -> None:
+    # Only CLINIC_CLOSED_DATES set: no weekly hours are told, so "until then" would point at
+    # nothing; the sentence says "until the practice opens again" instead.
+    hours = always_open(zoneinfo.ZoneInfo("Europe/Amsterdam"), frozenset())
+    with_dates = FlowParams(opening_hours=hours, out_of_hours_number="088 123")
+    notice = with_dates.values("en")["closed_notice"]
+    assert "until then" not in notice
+    assert "If it cannot wait until the practice opens again, call the out-of-hours GP " in notice
+    week = OpeningHours(parse_week("mon-fri 08:00-17:00"), zoneinfo.ZoneInfo("UTC"))
+    told = FlowParams(opening_hours=week, out_of_hours_number="088 123").values("en")
+    assert "If it cannot wait until then, call" in told["closed_notice"]
+    assert "다시 진료를 시작할" in with_dates.values("ko")["closed_notice"]

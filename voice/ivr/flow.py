@@ -179,7 +179,9 @@ class FlowParams:
         if hours:
             notice.append(texts["practice_hours"])
         if self.out_of_hours_number:
-            notice.append(texts["practice_out_of_hours"])
+            notice.append(
+                texts["practice_out_of_hours" if hours else "practice_out_of_hours_no_hours"]
+            )
         notice.append(texts["practice_emergency"])
         out["closed_notice"] = render(" ".join(notice), out)
         service = "out_of_hours_service" if self.out_of_hours_number else "out_of_hours_unset"
@@ -257,6 +259,9 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "practice_hours": "Our opening hours are {opening_hours}.",
         "practice_out_of_hours": "If it cannot wait until then, call the out-of-hours GP "
         "service on {out_of_hours_number}.",
+        # The same with no hours told (only CLINIC_CLOSED_DATES set): no "then" to wait for.
+        "practice_out_of_hours_no_hours": "If it cannot wait until the practice opens again, "
+        "call the out-of-hours GP service on {out_of_hours_number}.",
         "practice_emergency": "In an emergency, call {emergency_number}.",
         "out_of_hours_service": "the out-of-hours GP service on {out_of_hours_number}",
         "out_of_hours_unset": "the out-of-hours GP service",
@@ -299,6 +304,8 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "practice_hours": "진료 시간은 {opening_hours}입니다.",
         "practice_out_of_hours": "그때까지 기다릴 수 없으면 야간 진료소 "
         "{out_of_hours_number}번으로 전화하세요.",
+        "practice_out_of_hours_no_hours": "다시 진료를 시작할 때까지 기다릴 수 없으면 야간 "
+        "진료소 {out_of_hours_number}번으로 전화하세요.",
         "practice_emergency": "응급 상황이면 {emergency_number}번으로 전화하세요.",
         "out_of_hours_service": "야간 진료소 {out_of_hours_number}번",
         "out_of_hours_unset": "야간 진료소",

@@ -16,11 +16,15 @@ It runs while ``serve`` runs, saves, erases, sweeps and replays, and Redis expir
   to what changed it, and counted as gone.
 - A file is written anew under a temporary name and renamed over the old one, only if that is
   still there (:func:`~sip_config.private_file.replace_private`), keeping its modification
-  time: the voicemail sweep judges a message's age by it, and an erasure takes a live
-  record's for its call's start. An erasure marks the call in Redis before it deletes the
-  files (voice/ivr/erasure.py), so after each rename the mark is read and the file deleted
-  if it is set: an erasure that deleted the file between the check and the rename finds it
-  gone all the same. One that comes later deletes the new file as any other.
+  time: the voicemail sweep judges a message's age by it, and an erasure a live record's
+  (a call under way rewrites it: an old one was left by a dead serve). An erasure marks the
+  call in Redis before it deletes the files (voice/ivr/erasure.py), so after each rename the
+  mark is read and the file deleted if it is set: an erasure that deleted the file between
+  the check and the rename finds it gone all the same. One that comes later deletes the new
+  file as any other.
+- The files go first, Redis after: a replay of the journal moves a file's record into Redis
+  as it is sealed (voice/ivr/journal.py), so one it moved under a previous secret while the
+  files were re-sealed is still met by the pass over Redis.
 
 What opens under no key (another secret, damaged) is left as it is and named by its call id
 or file name, never its content; nothing here logs or returns content.
@@ -135,8 +139,12 @@ class Resealer:
         }
 
     async def run(self) -> list[Tally]:
-        """Every kind, Redis first."""
-        return [await self.records(), *[await self.files(kind) for kind in self._files]]
+        """Every kind: the files first, then Redis (reported Redis first). serve's replay of
+        the journal moves a record from a file into Redis as it is sealed, never the other
+        way: one it moves meanwhile, sealed under a previous secret (read before its file
+        was re-sealed, or the file "gone meanwhile"), is still met by the pass over Redis."""
+        files = [await self.files(kind) for kind in self._files]
+        return [await self.records(), *files]
 
     async def records(self) -> Tally:
         """The call records in Redis. Stops at Redis's first failure or refusal (a record
