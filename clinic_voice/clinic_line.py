@@ -82,14 +82,23 @@ class ClinicLine:
         line = cls(settings, rt, load_flows(settings.ivr.flows_dir))
         line.warn_unconfigured_webhooks()
         line.warn_cleartext_webhooks()
-        line.warn_no_out_of_hours_number()
+        line.warn_hours_settings()
         return line
 
-    def warn_no_out_of_hours_number(self) -> None:
+    def warn_hours_settings(self) -> None:
         """Once at start: with opening hours and no out-of-hours number, callers out of hours
         are told the practice is closed and the emergency number, but no number for what
         cannot wait until it opens."""
         ivr = self._settings.ivr
+        if ivr.hours_set and ivr.hours.zone is datetime.UTC:
+            # Only sip_config.settings.host_zone's last resort is this object (CLINIC_TIMEZONE
+            # =UTC is a ZoneInfo): no zone of the host could be read (TZ unknown or a POSIX
+            # string, no /etc/localtime), so the hours are read in UTC, an hour or two off.
+            log.warning(
+                "CLINIC_TIMEZONE is not set and the host has no time zone this service can "
+                "read (TZ, /etc/localtime): the opening hours are read in UTC; set "
+                "CLINIC_TIMEZONE (e.g. Europe/Amsterdam)"
+            )
         if ivr.hours_set and not ivr.out_of_hours_number:
             log.warning(
                 "CLINIC_OPENING_HOURS or CLINIC_CLOSED_DATES is set but "

@@ -592,13 +592,14 @@ def _zone(value: str) -> datetime.tzinfo:
 
 def host_zone() -> datetime.tzinfo:
     """The host's local zone with its DST rules (not today's fixed offset): ``TZ``, else
-    ``/etc/localtime``, else UTC."""
+    ``/etc/localtime``, else ``datetime.UTC`` itself (that object only here: ``serve`` warns
+    that the opening hours are then read in UTC)."""
     name = os.environ.get("TZ", "").lstrip(":")
     if name:
         try:
             return zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            pass  # a POSIX TZ string ("CET-1CEST"): read the system's file instead
+            pass  # a POSIX TZ string ("CET-1CEST"), not lost: /etc/localtime is read next
     try:
         with open("/etc/localtime", "rb") as f:
             return zoneinfo.ZoneInfo.from_file(f, key="localtime")

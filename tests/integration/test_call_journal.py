@@ -535,17 +535,25 @@ class _HeldWrites:
         real_write_private(path, text)
 
 
+def _held_live_writes(
+    mux: RedisMux, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[CallStore, _HeldWrites, CallJournal]:
+    """A store, and a journal whose live writes ``_HeldWrites`` can hold in their thread; the
+    live record refreshed every 0.1 s."""
+    monkeypatch.setattr(session_module, "LIVE_REFRESH_S", 0.1)
+    store = CallStore(mux, SECRET, retention_days=30)
+    writes = _HeldWrites(store)
+    monkeypatch.setattr(journal_module, "write_private", writes.write)
+    return store, writes, CallJournal(tmp_path / FOLDER, store)
+
+
 async def test_live_writes_land_in_order_and_none_after_the_end(
     mux: RedisMux, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The live record is rewritten at each change, each write fsynced in a thread: a slow
     # write must not land after a newer one, and a write under way when the call ends must
     # not bring the live record back after its delete (the call would be replayed as cut).
-    monkeypatch.setattr(session_module, "LIVE_REFRESH_S", 0.1)
-    store = CallStore(mux, SECRET, retention_days=30)
-    writes = _HeldWrites(store)
-    monkeypatch.setattr(journal_module, "write_private", writes.write)
-    journal = CallJournal(tmp_path / FOLDER, store)
+    store, writes, journal = _held_live_writes(mux, tmp_path, monkeypatch)
     clock = FakeClock(float(int(time.time()) - 600))  # whole seconds: as records hold them
     rig = await _live_rig(journal, clock)
     live = tmp_path / LIVE_FOLDER / "call-1.sealed"
@@ -597,11 +605,7 @@ async def test_an_erasure_holds_against_a_call_with_live_writes(
     # Refused while the call is under way (409 in the API), however often its live record is
     # rewritten; once the call ended, the erasure is whole: no live write comes after it, and
     # the next start replays nothing of the call.
-    monkeypatch.setattr(session_module, "LIVE_REFRESH_S", 0.1)
-    store = CallStore(mux, SECRET, retention_days=30)
-    writes = _HeldWrites(store)
-    monkeypatch.setattr(journal_module, "write_private", writes.write)
-    journal = CallJournal(tmp_path / FOLDER, store)
+    store, writes, journal = _held_live_writes(mux, tmp_path, monkeypatch)
     erasure = CallErasure(store, journal, Voicemails(tmp_path / "voicemail", store), SystemClock())
     clock = FakeClock(float(int(time.time()) - 600))  # whole seconds: as records hold them
     rig = await _live_rig(journal, clock, store)

@@ -3,12 +3,20 @@ the shipped flows open and closed, ``flow check`` over both cases, and ``flow si
 
 from __future__ import annotations
 
+import datetime
+import logging
 import zoneinfo
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
+from clinic_voice.app import Runtime
+from clinic_voice.clinic_line import ClinicLine
+from sip_config import settings as settings_module
+from sip_config.settings import Settings
 from voice.ivr.check import check_files
 from voice.ivr.engine import (
     Action,
@@ -438,3 +446,26 @@ def test_a_notice_with_closed_dates_only_names_no_then() -> None:
     told = FlowParams(opening_hours=week, out_of_hours_number="088 123").values("en")
     assert "If it cannot wait until then, call" in told["closed_notice"]
     assert "다시 진료를 시작할" in with_dates.values("ko")["closed_notice"]
+
+
+@pytest.mark.parametrize("zone", ["unreadable", "Europe/Amsterdam"])
+def test_hours_read_in_utc_for_want_of_a_host_zone_are_warned_at_start(
+    zone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No CLINIC_TIMEZONE and no zone of the host to read (a POSIX TZ string, no
+    # /etc/localtime): host_zone's last resort is UTC, and the clinic must hear of it, since
+    # its hours would be an hour or two off.
+    found = datetime.UTC if zone == "unreadable" else zoneinfo.ZoneInfo(zone)
+    monkeypatch.setattr(settings_module, "host_zone", lambda: found)
+    env = {
+        "CLINIC_DATA_DIR": str(tmp_path),
+        "CLINIC_FLOWS_DIR": str(SHIPPED),
+        "CLINIC_OPENING_HOURS": "mon-fri 08:00-17:00",
+        "CLINIC_OUT_OF_HOURS_NUMBER": "088 123",
+        "CLINIC_SCHEDULING_WEBHOOK": "https://scheduling.example/hook",
+        "CLINIC_SCHEDULING_WEBHOOK_SECRET": "s" * 40,
+    }
+    caplog.set_level(logging.WARNING, logger="clinic_voice.clinic_line")
+    ClinicLine.load(Settings.from_env(env), cast(Runtime, SimpleNamespace(http_client=None)))
+    warned = [r.getMessage() for r in caplog.records if "read in UTC" in r.getMessage()]
+    assert len(warned) == (1 if zone == "unreadable" else 0)

@@ -224,35 +224,27 @@ class CallStore:
         one's opens it; None when the current key opens it already. Raises ``InvalidTag``
         (or ``ValueError``, ``TypeError`` for what is no sealed text) when no key opens it. The
         content is carried over byte for byte, never parsed."""
-        raw = base64.b64decode(sealed)
-        nonce, blob, ad = raw[:12], raw[12:], bound.encode()
-        try:
-            self._aead.decrypt(nonce, blob, ad)
-        except InvalidTag:
-            pass
-        else:
-            return None
-        for aead in self._openers[1:]:
-            try:
-                plain = aead.decrypt(nonce, blob, ad)
-            except InvalidTag:
-                continue
-            return self._seal_plain(bound, plain)
-        raise InvalidTag
+        which, plain = self._decrypt(bound, sealed)
+        return None if which == 0 else self._seal_plain(bound, plain)
 
     def open(self, call_id: str, sealed: str) -> dict[str, Any]:
         """What :meth:`seal` sealed under ``call_id``, with the current secret's key or a
         previous one's; ``InvalidTag`` when none opens it (another secret, another id, or
         damaged)."""
+        doc: dict[str, Any] = json.loads(self._decrypt(call_id, sealed)[1])
+        return doc
+
+    def _decrypt(self, bound: str, sealed: str) -> tuple[int, bytes]:
+        """``sealed`` opened under the first key that opens it: (its index, 0 the current
+        secret's, and the plain text). Raises ``InvalidTag`` when none does (``ValueError``,
+        ``TypeError`` for what is no sealed text)."""
         raw = base64.b64decode(sealed)
-        nonce, blob, bound = raw[:12], raw[12:], call_id.encode()
-        for aead in self._openers:
+        nonce, blob, ad = raw[:12], raw[12:], bound.encode()
+        for which, aead in enumerate(self._openers):
             try:
-                plain = aead.decrypt(nonce, blob, bound)
+                return which, aead.decrypt(nonce, blob, ad)
             except InvalidTag:
-                continue
-            doc: dict[str, Any] = json.loads(plain)
-            return doc
+                continue  # a wrong key's tag: the next key
         raise InvalidTag
 
     @property
