@@ -13,7 +13,7 @@ from sip_config.settings import Settings, SettingsError
 from verification.http_client import HttpClientError
 from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
-from voice.ivr.engine import Engine
+from voice.ivr.engine import LOST_OUTCOME, Engine
 from voice.ivr.flow import WEBHOOK_URLS, FlowError, FlowParams, FlowSet, load_flows
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
 from voice.ivr.journal import REPLAY_EVERY_S, CallJournal
@@ -169,7 +169,7 @@ class ClinicLine:
         self._prerender = asyncio.create_task(self._prerender_all(renderer, params))
         self._sweep = asyncio.create_task(self._sweep_voicemail())
         # Records Redis did not take (a long outage, a stop): saved now and every 30 s.
-        journal = CallJournal(self._settings.data_dir / JOURNAL_FOLDER, self._rt.call_store)
+        journal = self._new_journal()
         self._journal = journal
         # Read before any call can begin (no session runs without the deps made below).
         lost = await journal.leftovers(self._rt.clock.now())
@@ -193,6 +193,19 @@ class ClinicLine:
             # accepts a transfer: see voice/sip/refer.py.
             behind_pbx=bool(self._settings.sip.registrar),
         )
+
+    def _new_journal(self) -> CallJournal:
+        assert self._rt.call_store is not None
+        return CallJournal(
+            self._settings.data_dir / JOURNAL_FOLDER,
+            self._rt.call_store,
+            on_cut_recorded=self._count_cut,
+        )
+
+    def _count_cut(self) -> None:
+        """A call a dead serve cut, recorded at this start: counted as _save counts a call
+        (in this process's registry, which every /metrics scrape sums, as serve's)."""
+        self._rt.metrics.calls.inc(outcome=LOST_OUTCOME)
 
     def _today(self) -> datetime.date:
         """The clinic's date (CLINIC_TIMEZONE, else the host's) by the service's clock."""
@@ -366,12 +379,17 @@ class ClinicLine:
 
     async def _replay_journal(self, journal: CallJournal, lost: list[str]) -> None:
         """Save the records kept on disk to Redis: at start, then every 30 s; and those of
-        the calls an earlier serve was running when it died (``lost``, read at start)."""
+        the calls an earlier serve was running when it died (``lost``, read at start).
+
+        The kept records first: serve killed while a call's own record was being saved
+        leaves that record kept (written ahead) and the call's live record both, and the
+        live one (saved only where Redis holds no record of the call) must then not be
+        recorded, nor counted, as a cut call before the call's own record lands over it."""
         while True:
             try:
+                await journal.replay(self._rt.clock.now())
                 if lost:
                     lost = await journal.replay_lost(lost, self._rt.clock.now())
-                await journal.replay(self._rt.clock.now())
             except Exception:  # the next round tries again: the records stay on disk
                 log.exception("replaying the call records kept on disk failed")
             await asyncio.sleep(REPLAY_EVERY_S)

@@ -1,8 +1,10 @@
-"""A small Prometheus registry: counters and histograms, rendered as text format 0.0.4.
+"""A small Prometheus registry: counters, histograms and gauges, rendered as text format 0.0.4.
 
-The HTTP worker processes of one service (``CLINIC_HTTP_WORKERS``) send snapshots of theirs to
-the main process, which renders the sum: one scrape of any process shows the whole service.
-Separate services sharing a Redis are scraped each (or summed in Prometheus).
+The HTTP worker processes of one service (``CLINIC_HTTP_WORKERS``) send snapshots of their
+counters and histograms to the main process, which renders the sum: one scrape of any process
+shows the whole service. Gauges are the main process's own (the SIP pool lives there): read
+when it renders, never summed. Separate services sharing a Redis are scraped each (or summed
+in Prometheus).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import bisect
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 Labels = tuple[tuple[str, str], ...]
@@ -128,6 +130,37 @@ class Histogram:
         return lines
 
 
+class Gauge:
+    """A value as it is now, set by the process that knows it (see :meth:`Metrics.on_render`).
+    Not in snapshots: one process's state, which a sum over processes would not mean."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self._values: dict[Labels, float] = {}
+        self._lock = threading.Lock()
+
+    def set(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[key] = float(value)
+
+    def clear(self) -> None:
+        """No value any more (what it measured is gone): rendered with no sample."""
+        with self._lock:
+            self._values.clear()
+
+    def value(self, **labels: str) -> float | None:
+        return self._values.get(tuple(sorted(labels.items())))
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
+        with self._lock:
+            for labels, v in sorted(self._values.items()):
+                lines.append(f"{self.name}{_fmt_labels(labels)} {_fmt_value(v)}")
+        return lines
+
+
 class Metrics:
     """The service's metrics."""
 
@@ -153,6 +186,34 @@ class Metrics:
             "(failed for the last time: the event is lost to its receiver), dropped (a job "
             "that cannot be read)",
         )
+        # The SIP pool of serve (clinic_voice/wiring.py sets them before each render there).
+        self.sip_workers = Gauge(
+            "clinic_sip_workers",
+            "SIP worker processes by state: up (takes calls), unregistered (up, but its "
+            "registration with CLINIC_SIP_REGISTRAR failed), starting (started or restarted, "
+            "not up yet), down (died, restarted after a backoff)",
+        )
+        self.sip_slots = Gauge(
+            "clinic_sip_slots",
+            "call slots of the SIP workers that are up, by state: in_use (a call up or being "
+            "placed), reserved (held for a caller the SIP front redirected, on the way), free "
+            "(a new call may take it)",
+        )
+        self.sip_slots_kept_for_callers = Gauge(
+            "clinic_sip_slots_kept_for_callers",
+            "free call slots an outbound (verification) call may not take "
+            "(CLINIC_SIP_CALLER_SLOTS): one is placed only while more slots than this are free",
+        )
+        self._on_render: list[Callable[[], None]] = []
+
+    def on_render(self, refresh: Callable[[], None]) -> Callable[[], None]:
+        """Call ``refresh`` (which sets gauges) before each render of this registry; returns
+        the function that stops that."""
+        self._on_render.append(refresh)
+        return lambda: self._on_render.remove(refresh)
+
+    def _gauges(self) -> tuple[Gauge, ...]:
+        return (self.sip_workers, self.sip_slots, self.sip_slots_kept_for_callers)
 
     def _all(self) -> tuple[Counter | Histogram, ...]:
         return (
@@ -165,7 +226,7 @@ class Metrics:
         )
 
     def snapshot(self) -> Snapshot:
-        """Every value, as JSON (to send to another process)."""
+        """Every counter's and histogram's value, as JSON (to send to another process)."""
         return {m.name: m.snapshot() for m in self._all()}
 
     def add(self, snapshot: Snapshot) -> None:
@@ -174,7 +235,10 @@ class Metrics:
             m.add(snapshot.get(m.name, []))
 
     def render(self, others: Iterable[Snapshot] = ()) -> str:
-        """Text format 0.0.4: this registry plus the sum of ``others``."""
+        """Text format 0.0.4: this registry plus the sum of ``others`` (their counters and
+        histograms; the gauges are this registry's, refreshed first)."""
+        for refresh in list(self._on_render):
+            refresh()
         source = self
         others = list(others)
         if others:
@@ -185,4 +249,6 @@ class Metrics:
         lines: list[str] = []
         for m in source._all():
             lines += m.render()
+        for g in self._gauges():
+            lines += g.render()
         return "\n".join(lines) + "\n"

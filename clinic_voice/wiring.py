@@ -18,6 +18,7 @@ from aiohttp import web
 
 from clinic_voice.app import RUNTIME, Runtime
 from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.metrics import Metrics
 from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from verification.channels.base import ChannelAdapter
@@ -87,6 +88,9 @@ def extra_contexts(settings: Settings) -> list[Context]:
             stack.push_async_callback(line.stop)
             await pool.start()
             stack.push_async_callback(pool.stop)
+            # /metrics shows the pool as it is at each scrape: every scrape is rendered here,
+            # in serve, whichever process it reached (clinic_voice/http_workers.py).
+            stack.callback(watch_sip_pool(rt.metrics, pool))
             await front.start()
             stack.push_async_callback(front.stop)
             sip = settings.sip
@@ -116,6 +120,31 @@ def extra_contexts(settings: Settings) -> list[Context]:
             await line.closed()
 
     return [prompts_ctx, sip_ctx]
+
+
+def show_sip_pool(metrics: Metrics, pool: SipPool) -> None:
+    """Set the SIP gauges of ``metrics`` to ``pool``'s workers and slots now."""
+    now = pool.occupancy()
+    for state, count in now.workers.items():
+        metrics.sip_workers.set(count, state=state.value)
+    metrics.sip_slots.set(now.in_use, state="in_use")
+    metrics.sip_slots.set(now.reserved, state="reserved")
+    metrics.sip_slots.set(now.free, state="free")
+    metrics.sip_slots_kept_for_callers.set(now.kept_for_callers)
+
+
+def watch_sip_pool(metrics: Metrics, pool: SipPool) -> Callable[[], None]:
+    """Show ``pool`` in each render of ``metrics`` (:func:`show_sip_pool`) until the function
+    returned is called: the pool is stopping, and its gauges go (no sample that would read
+    as the state of a pool that is gone)."""
+    stop_showing = metrics.on_render(lambda: show_sip_pool(metrics, pool))
+
+    def stop() -> None:
+        stop_showing()
+        for gauge in (metrics.sip_workers, metrics.sip_slots, metrics.sip_slots_kept_for_callers):
+            gauge.clear()
+
+    return stop
 
 
 def channel_factories(settings: Settings) -> dict[Channel, Factory]:

@@ -356,7 +356,8 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
 ) -> None:
     """CLINIC_HTTP_WORKERS=3 with the embedded Redis: three processes listen on one port, a
     flash call asked through a worker is placed by serve (the only one with SIP), /metrics
-    sums every process and never goes back when a worker is killed and restarted, and the
+    sums every process and never goes back when a worker is killed and restarted (and
+    shows serve's SIP pool whichever process answers it), and the
     workers stop when serve is killed. The embedded Redis runs with
     CLINIC_REDIS_APPENDFSYNC=everysec: serve applies it and warns, and the workers, which
     use serve's Redis, start all the same."""
@@ -422,6 +423,9 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
         for _ in range(8):
             _, text = await _fresh_connection_request(s, "GET", "/metrics")
             assert _requests_total(text) == made, "a scrape missed requests already answered"
+            # The SIP pool is serve's alone: rendered there for every scrape.
+            assert 'clinic_sip_workers{state="up"} 1\n' in text, text
+            assert 'clinic_sip_slots{state="free"} ' in text, text
 
         os.kill(workers[0], signal.SIGKILL)
 

@@ -210,6 +210,64 @@ async def test_a_live_record_never_replaces_the_calls_own(
     assert not (tmp_path / LIVE_FOLDER / "in-both.sealed").exists()
 
 
+async def test_a_call_a_dead_serve_cut_counts_once_when_recorded_as_cut(
+    mux: RedisMux, redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # serve killed during three calls: one had no record yet, one's own record was saved
+    # (its live record not yet deleted), one's own record was being saved (written ahead
+    # to the journal). The next start records the first as cut and counts it in
+    # clinic_calls_total as _save counts a call; the other two keep their own records, are
+    # not said to be recorded as cut, and are not counted as cut (the record was never
+    # counted at all; _SAVE said "saved" for a record it kept, and the live record of the
+    # one being saved was written, and said cut, before the journal's replay put the call's
+    # own over it).
+    caplog.set_level(logging.INFO)
+    settings = Settings.from_env(
+        {"CLINIC_DATA_DIR": str(tmp_path / "data"), "CLINIC_REDIS_URL": redis_server.url}
+    )
+    rt = Runtime(settings=settings, clock=SystemClock(), metrics=Metrics(), secret=SECRET)
+    store = CallStore(mux, SECRET, settings.ivr.call_retention_days)
+    rt.call_store = store
+    line = ClinicLine(settings, rt, FlowSet(flows={}))
+    journal = line._new_journal()  # as start() makes it
+    now = time.time()
+    lost = CallRecord("triage", (), (), None, (), None, None, LOST_OUTCOME)
+    for call_id in ("in-cut", "in-saved", "in-saving"):
+        await journal.begin(CallResult(call_id, CALLER, "700", now - 60, now - 60, lost))
+    await store.save(_result("in-saved", now))
+    await journal.keep(_result("in-saving", now))
+    # The next start (leftovers read before any call; the replay's first round at once):
+    ids = await journal.leftovers(now)
+    assert ids == ["in-cut", "in-saved", "in-saving"]
+
+    async def on_disk() -> bool:
+        return bool(await journal.leftovers(time.time())) or await journal.holds("in-saving")
+
+    replaying = asyncio.create_task(line._replay_journal(journal, ids))
+    try:
+        async with asyncio.timeout(10):
+            while await on_disk():  # noqa: ASYNC110 (a deadline)
+                await asyncio.sleep(0.05)
+    finally:
+        replaying.cancel()
+        await asyncio.gather(replaying, return_exceptions=True)
+    outcomes = {}
+    for call_id in ids:
+        got = await store.get(call_id)
+        assert got is not None, call_id
+        outcomes[call_id] = got["outcome"]
+    assert outcomes == {
+        "in-cut": LOST_OUTCOME,
+        "in-saved": "transferred",
+        "in-saving": "transferred",
+    }
+    said_cut = [r.getMessage() for r in caplog.records if "recorded as cut" in r.getMessage()]
+    assert [m.split(":")[0] for m in said_cut] == ["call in-cut"], said_cut
+    assert rt.metrics.calls.value(outcome=LOST_OUTCOME) == 1
+    assert 'clinic_calls_total{outcome="cut_service_lost"} 1\n' in rt.metrics.render()
+    assert CALLER not in caplog.text
+
+
 async def test_a_call_that_ends_deletes_its_live_record(
     mux: RedisMux, redis_server: RedisServer, tmp_path: Path
 ) -> None:

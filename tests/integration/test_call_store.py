@@ -22,6 +22,7 @@ from voice.ivr.store import (
     CallStore,
     CallStoreUnavailable,
     Erased,
+    Saved,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
@@ -139,8 +140,8 @@ async def test_an_erased_call_is_gone_and_no_save_writes_it_back(mux: RedisMux) 
     assert 0 < await mux.execute("TTL", COMPACT_ASKED) <= 86400
     # A save after the erasure (a replay, the end of a call racing it) writes nothing.
     sealed = store.seal_result(_result("c-gone", T0))
-    assert not await store.save_sealed(sealed)
-    assert not await store.save_sealed(sealed, only_new=True)
+    assert await store.save_sealed(sealed) is Saved.ERASED
+    assert await store.save_sealed(sealed, only_new=True) is Saved.ERASED
     await store.save(_result("c-gone", T0))
     assert await mux.execute("EXISTS", "cv:call:c-gone") == 0
     assert await mux.execute("ZSCORE", INDEX, "c-gone") is None
@@ -201,3 +202,27 @@ async def test_the_list_is_read_while_redis_refuses_writes(mux: RedisMux) -> Non
     finally:
         await mux.execute("CONFIG", "SET", "min-replicas-to-write", "0")
     assert [c["id"] for c in page.calls] == ["c-new"], "nor a call past its retention"
+
+
+async def test_a_save_of_a_new_record_only_says_whether_it_wrote_or_kept_the_one_there(
+    mux: RedisMux,
+) -> None:
+    # The next start saves the live record of each call a dead serve cut only where Redis
+    # holds no record of the call (only_new). _SAVE answered "saved" also when it kept the
+    # call's own record, so the journal logged that call as cut, and counting the answer
+    # would have counted a call twice.
+    store = CallStore(mux, SECRET, retention_days=30)
+    own = store.seal_result(_result("c-own", T0))
+    assert await store.save_sealed(own, ttl_s=1000) is Saved.WRITTEN
+    record = CallRecord("triage", (), (), None, (), None, None, "cut_service_lost")
+    cut = store.seal_result(CallResult("c-own", "6001", "700", T0, T0, record))
+    assert await store.save_sealed(cut, ttl_s=5000, only_new=True) is Saved.KEPT
+    assert await mux.execute("GET", "cv:call:c-own") == own.sealed, "the own record is kept"
+    assert 990 < await mux.execute("TTL", "cv:call:c-own") <= 1000, "with its own expiry"
+    assert await mux.execute("ZSCORE", INDEX, "c-own") is not None
+    # None there: written and indexed, with the expiry asked for.
+    new = store.seal_result(_result("c-new", T0 + 1))
+    assert await store.save_sealed(new, ttl_s=5000, only_new=True) is Saved.WRITTEN
+    assert await mux.execute("GET", "cv:call:c-new") == new.sealed
+    assert 4990 < await mux.execute("TTL", "cv:call:c-new") <= 5000
+    assert [c["id"] for c in (await store.recent(10, None)).calls] == ["c-new", "c-own"]

@@ -1,8 +1,10 @@
 """The clinic line at capacity: the whole service with one SIP worker (4 call slots), real
 pjsua2 phones in their own processes. A caller past the last free slot is turned away at once
 with 486 Busy Here (never a ring or an answer) and counted in ``/metrics``, so an operator
-sees callers being refused and can raise ``CLINIC_SIP_WORKERS``. Verification calls on the
-same worker leave ``CLINIC_SIP_CALLER_SLOTS`` slots to callers (sipp is the verified phones).
+sees callers being refused and can raise ``CLINIC_SIP_WORKERS``; ``/metrics`` also shows the
+slots in use and free, rising with the calls and back when they end, so the line filling up
+is seen before the first caller is refused. Verification calls on the same worker leave
+``CLINIC_SIP_CALLER_SLOTS`` slots to callers (sipp is the verified phones).
 """
 
 from __future__ import annotations
@@ -13,17 +15,31 @@ from pathlib import Path
 import pytest
 
 from clinic_voice.app import RUNTIME
-from tests.integration.conftest import OpenApiCollector
+from tests.integration.conftest import Api, OpenApiCollector
 from tests.integration.test_sip_pool import sipp_uas
 from tests.integration.test_verify_sip_flash import create, event_types, wait_until_settled
 from tests.peers.ivr_rig import Phone, phones, running_clinic_line
 from tests.peers.sms_gateway import SmsGateway
+from tests.unit.test_metrics import parse
 
 pytestmark = pytest.mark.integration
 
 CALL_S = 20.0
 # The verification kept from the callers' slot waits the pool's 2 s for one, then falls back.
 SETTLE_S = 15.0
+# A call's slot is free again once its worker reports the hang-up: well under a second.
+SLOTS_BACK_S = 10.0
+
+
+async def sip_gauges(api: Api) -> dict[tuple[str, str], float]:
+    """The SIP pool's gauges in ``/metrics``: (name, state label) -> value."""
+    metrics = await api.request("GET", "/metrics", key=None)
+    assert metrics.status == 200, metrics.text
+    return {
+        (name, labels.get("state", "")): value
+        for name, labels, value in parse(metrics.text)
+        if name.startswith("clinic_sip_")
+    }
 
 
 async def test_a_caller_past_the_last_slot_gets_486_and_is_counted(
@@ -36,17 +52,37 @@ async def test_a_caller_past_the_last_slot_gets_486_and_is_counted(
         ) as line,
         phones() as started,
     ):
+        kept = float(line.settings.sip.caller_slots)
+        idle = {
+            ("clinic_sip_workers", "up"): 1,
+            ("clinic_sip_workers", "unregistered"): 0,
+            ("clinic_sip_workers", "starting"): 0,
+            ("clinic_sip_workers", "down"): 0,
+            ("clinic_sip_slots", "in_use"): 0,
+            ("clinic_sip_slots", "reserved"): 0,
+            ("clinic_sip_slots", "free"): 4,
+            ("clinic_sip_slots_kept_for_callers", ""): kept,
+        }
+        assert await sip_gauges(line.api) == idle
         for i in range(4):
             caller = await Phone.start(f"caller{i}", "--call", line.uri("6000"), "--duration", "6")
             started.append(caller)
         for caller in started:
             await caller.wait_for("media", CALL_S)
+        full = await sip_gauges(line.api)
         late = await Phone.start("late", "--call", line.uri("6000"), "--timeout", "10")
         started.append(late)
         refused = await late.wait_for("ended", 10, leg="main")
         metrics = await line.api.request("GET", "/metrics", key=None)
         for phone in started:
             await phone.finish(CALL_S)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + SLOTS_BACK_S
+        while (after := await sip_gauges(line.api)) != idle:
+            if loop.time() > end:
+                pytest.fail(f"the slots did not come back within {SLOTS_BACK_S} s: {after}")
+            await asyncio.sleep(0.1)
+    assert full == idle | {("clinic_sip_slots", "in_use"): 4, ("clinic_sip_slots", "free"): 0}
     assert refused["status"] == 486, late.events
     assert late.find("media") is None and late.find("confirmed") is None, late.events
     assert metrics.status == 200, metrics.text

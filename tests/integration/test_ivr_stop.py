@@ -34,7 +34,14 @@ from clinic_voice.app import RUNTIME
 from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import BASE_ENV, OpenApiCollector
-from tests.integration.test_api_processes import Service, _data_dir, serve
+from tests.integration.test_api_processes import (
+    Service,
+    _data_dir,
+    _fresh_connection_request,
+    _until,
+    _worker_pids,
+    serve,
+)
 from tests.integration.test_ivr_keypad import PRESCRIPTION_KEYS, tone_message
 from tests.peers.ivr_rig import (
     NURSE_USER,
@@ -312,7 +319,9 @@ async def test_a_call_cut_by_a_killed_serve_is_saved_with_its_triage_at_the_next
     """serve killed (kill -9) once the triage found the caller urgent: the next start saves
     the call as cut_service_lost with its path, values and urgency, and an end later than its
     start, so staff call this patient back first. (The live record held the numbers, the
-    flow and the start, with the start as the end.)"""
+    flow and the start, with the start as the end.) The call counts in
+    clinic_calls_total{outcome="cut_service_lost"}, in every scrape whichever HTTP process
+    answers it (it was not counted at all)."""
     data = _data_dir(tmp_path, "data")
     env = {
         **BASE_ENV,
@@ -351,12 +360,23 @@ async def test_a_call_cut_by_a_killed_serve_is_saved_with_its_triage_at_the_next
             proc.kill()  # kill -9: no drain, no record saved, no live record deleted
             await proc.wait()
         first_log = service.log_path.read_text(errors="replace")
-    async with serve("again", env, tmp_path, openapi_responses) as service:
+    again = {**env, "CLINIC_HTTP_WORKERS": "2"}
+    async with serve("again", again, tmp_path, openapi_responses) as service:
         end = loop.time() + 30.0
         while not (calls := await stored_calls(redis_server.url, secret)):
             if loop.time() > end:
                 pytest.fail(f"the cut call was not saved at start:\n{service.log_tail()}")
             await asyncio.sleep(0.2)
+        counted = 'clinic_calls_total{outcome="cut_service_lost"} 1\n'
+
+        async def scraped() -> bool:
+            return counted in (await _fresh_connection_request(service, "GET", "/metrics"))[1]
+
+        await _until("the cut call in /metrics", scraped)
+        assert service.proc is not None and len(_worker_pids(service.proc.pid)) == 1
+        for _ in range(6):  # fresh connections: serve and its HTTP worker each answer some
+            _, text = await _fresh_connection_request(service, "GET", "/metrics")
+            assert counted in text, text
         second_log = service.log_path.read_text(errors="replace")
     (record,) = calls
     assert record["outcome"] == LOST_OUTCOME, record

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from clinic_voice.metrics import LATENCY_BUCKETS, Counter, Histogram, Metrics
+from clinic_voice.metrics import LATENCY_BUCKETS, Counter, Gauge, Histogram, Metrics
 
 # One sample line: name, optional {labels}, a value Go's ParseFloat reads (no timestamps).
 _SAMPLE = re.compile(
@@ -172,6 +172,9 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
     m.verifications.inc(status="approved", channel="sms")
     m.deliveries.inc(channel="flashcall", outcome="ringing")
     m.calls.inc(outcome="transferred")
+    m.sip_workers.set(2, state="up")
+    m.sip_slots.set(3, state="in_use")
+    m.sip_slots_kept_for_callers.set(1)
     text = m.render()
     samples = parse(text)
     names = {s[0] for s in samples}
@@ -182,18 +185,55 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
         "clinic_verifications_total",
         "clinic_deliveries_total",
         "clinic_calls_total",
+        "clinic_sip_workers",
+        "clinic_sip_slots",
+        "clinic_sip_slots_kept_for_callers",
     } <= names
-    for metric in (
-        "clinic_http_requests_total",
-        "clinic_http_request_duration_seconds",
-        "clinic_verifications_total",
-        "clinic_deliveries_total",
-        "clinic_calls_total",
+    for metric, kind in (
+        ("clinic_http_requests_total", "counter"),
+        ("clinic_http_request_duration_seconds", "histogram"),
+        ("clinic_verifications_total", "counter"),
+        ("clinic_deliveries_total", "counter"),
+        ("clinic_calls_total", "counter"),
+        ("clinic_sip_workers", "gauge"),
+        ("clinic_sip_slots", "gauge"),
+        ("clinic_sip_slots_kept_for_callers", "gauge"),
     ):
         assert f"# HELP {metric} " in text
-        kind = "histogram" if metric.endswith("_seconds") else "counter"
         assert f"# TYPE {metric} {kind}\n" in text
 
 
 def test_empty_registry_still_renders_valid_text() -> None:
     assert parse(Metrics().render()) == []
+
+
+def test_gauges_are_the_rendering_registry_s_own_refreshed_at_each_render() -> None:
+    # serve renders every scrape, with the HTTP workers' snapshots: its SIP pool's gauges
+    # are read then, and never summed with a worker's (which has no pool).
+    serve, worker = Metrics(), Metrics()
+    worker.calls.inc(outcome="transferred")
+    worker.sip_slots.set(9, state="in_use")  # never sent: a snapshot has no gauges
+    assert "clinic_sip_slots" not in worker.snapshot()
+    in_use = iter(range(1, 100))
+    stop = serve.on_render(lambda: serve.sip_slots.set(next(in_use), state="in_use"))
+    for expected in (1, 2):
+        samples = parse(serve.render([worker.snapshot()]))
+        assert ("clinic_sip_slots", {"state": "in_use"}, expected) in samples
+        assert ("clinic_calls_total", {"outcome": "transferred"}, 1) in samples
+    stop()
+    assert serve.sip_slots.value(state="in_use") == 2, "not refreshed once stopped"
+
+
+def test_gauge_renders_its_values_as_they_are_now() -> None:
+    g = Gauge("g_things", "things")
+    g.set(3, state="b")
+    g.set(1.5, state="a")
+    g.set(0, state="b")
+    assert g.render() == [
+        "# HELP g_things things",
+        "# TYPE g_things gauge",
+        'g_things{state="a"} 1.5',
+        'g_things{state="b"} 0',
+    ]
+    g.clear()
+    assert g.render() == ["# HELP g_things things", "# TYPE g_things gauge"]

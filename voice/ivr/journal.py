@@ -27,6 +27,7 @@ import asyncio
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -35,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 
 from sip_config.private_file import write_private
 from voice.ivr.call_record import CallResult
-from voice.ivr.store import CallStore, CallStoreUnavailable
+from voice.ivr.store import CallStore, CallStoreUnavailable, Saved
 from voice.media.leftovers import remove_file, remove_files
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,25 @@ class Replayed:
 
 
 class CallJournal:
-    """The journal folder of one data dir, sealed with ``store``'s key and replayed into it."""
+    """The journal folder of one data dir, sealed with ``store``'s key and replayed into it.
 
-    def __init__(self, folder: Path, store: CallStore, live_folder: Path | None = None) -> None:
+    ``on_cut_recorded`` is called once for each call a dead ``serve`` cut that
+    :meth:`replay_lost` recorded (its live record written to Redis: not when the call's own
+    record was there already, nor for an erased call), so it is counted as any ended call is.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        store: CallStore,
+        live_folder: Path | None = None,
+        *,
+        on_cut_recorded: Callable[[], None] | None = None,
+    ) -> None:
         self._folder = folder
         self._live = folder.parent / LIVE_FOLDER if live_folder is None else live_folder
         self._store = store
+        self._on_cut_recorded = on_cut_recorded
         self._unreadable: set[str] = set()  # warned about once
 
     @property
@@ -123,6 +137,15 @@ class CallJournal:
             elif done is _Done.SAVED:
                 log.warning(
                     "call %s: the service stopped during this call (killed?): recorded as cut",
+                    call_id,
+                )
+                if self._on_cut_recorded is not None:
+                    self._on_cut_recorded()
+            elif done is _Done.KEPT:
+                # serve died after the call's own record was saved, before the live one went.
+                log.info(
+                    "call %s: its own record was saved already: its live record is deleted, "
+                    "not saved",
                     call_id,
                 )
             elif done is _Done.ERASED:
@@ -187,10 +210,10 @@ class CallJournal:
         ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
         done = _Done.EXPIRED
         if ttl_s is not None:
-            written = await self._store.save_sealed(
+            saved = await self._store.save_sealed(
                 record, ttl_s=ttl_s, patience_s=0.0, only_new=only_new
             )
-            done = _Done.SAVED if written else _Done.ERASED
+            done = _SAVED_AS[saved]
         await asyncio.to_thread(path.unlink, missing_ok=True)
         return done
 
@@ -244,7 +267,11 @@ class _Done(Enum):
     UNREADABLE = "unreadable"  # does not open with this service's key: left there
     EXPIRED = "expired"  # past its retention: deleted
     SAVED = "saved"  # in Redis: deleted
+    KEPT = "kept"  # only_new: a record of its call was in Redis already: deleted, not saved
     ERASED = "erased"  # its call was erased: deleted, not saved
+
+
+_SAVED_AS = {Saved.WRITTEN: _Done.SAVED, Saved.KEPT: _Done.KEPT, Saved.ERASED: _Done.ERASED}
 
 
 def call_id_of(name: str) -> str | None:

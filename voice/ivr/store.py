@@ -100,21 +100,25 @@ def _erased_key(call_id: str) -> str:
     return f"{ERASED_PREFIX}{call_id}"
 
 
-# A save: the record (NX: only when none is there), its index entry, the index trimmed and
-# given the retention as expiry (every entry's time is at most now, so none outlives its own
-# trim by it) -- unless the call was erased. One script, so no save slips in between the check
-# and an erasure: MULTI cannot read a key before it writes.
+# A save: the record (ARGV[6] '1', only_new: NX, only when none is there), its index entry,
+# the index trimmed and given the retention as expiry (every entry's time is at most now, so
+# none outlives its own trim by it) -- unless the call was erased. One script, so no save slips
+# in between the check and an erasure: MULTI cannot read a key before it writes.
+# 0: erased, nothing written; 1: the record written; 2: only_new and a record of the call was
+# there: it is kept as it is (its value and expiry; the index entry is written as for 1).
+# A SET NX that sets nothing answers nil, which a script reads as false.
 _SAVE = Script("""
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local done = 1
 if ARGV[6] == '1' then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX')
+  if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then done = 2 end
 else
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
-return 1
+return done
 """)
 
 # An erasure: the record and its index entry go, the mark is set (or its time renewed, a retry
@@ -167,6 +171,14 @@ class SealedRecord:
 class Page:
     calls: list[dict[str, Any]]
     next_cursor: str | None
+
+
+class Saved(Enum):
+    """What :meth:`CallStore.save_sealed` did in Redis (``_SAVE``'s answer)."""
+
+    ERASED = 0  # the call was erased: nothing written (the caller drops its copy)
+    WRITTEN = 1  # the record was written and indexed
+    KEPT = 2  # only_new, and a record of the call was there already: that one kept
 
 
 class Erased(Enum):
@@ -277,11 +289,12 @@ class CallStore:
         ttl_s: int | None = None,
         patience_s: float | None = None,
         only_new: bool = False,
-    ) -> bool:
+    ) -> Saved:
         """Write a sealed record, to expire in ``ttl_s`` (default: the retention), trying
         again while Redis fails for ``patience_s`` (default: the store's save patience);
-        ``only_new``: not over a record of the same call already there. False when the call
-        was erased (nothing written: the caller drops its copy)."""
+        ``only_new``: not over a record of the same call already there (:attr:`Saved.KEPT`:
+        nothing of it written). :attr:`Saved.ERASED` when the call was erased (nothing
+        written: the caller drops its copy)."""
         ttl = self._ttl_s if ttl_s is None else ttl_s
         keys = (_key(record.call_id), INDEX, _erased_key(record.call_id))
         args = (
@@ -298,7 +311,7 @@ class CallStore:
         pause = _RETRY_FIRST_S
         while True:
             try:
-                written = await self._r.evalsha(_SAVE, keys, args)
+                answer = await self._r.evalsha(_SAVE, keys, args)
             except ResponseError as exc:  # refused (full, WRONGTYPE): trying again won't help
                 raise CallStoreUnavailable(str(exc)) from exc
             except (RedisError, OSError) as exc:
@@ -308,9 +321,10 @@ class CallStore:
                     "call %s: saving the record failed (%s): trying again", record.call_id, exc
                 )
             else:
-                if not written:
+                saved = Saved(int(answer))
+                if saved is Saved.ERASED:
                     log.info("call %s: erased: its record is not saved", record.call_id)
-                return bool(written)
+                return saved
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX_S)
 

@@ -27,6 +27,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
@@ -143,6 +144,34 @@ class OutboundCall:
             pai=self.pai,
             headers=self.headers,
         )
+
+
+class WorkerState(StrEnum):
+    """Where one SIP worker is (:meth:`SipPool.occupancy`)."""
+
+    UP = "up"  # takes calls
+    UNREGISTERED = "unregistered"  # up, but not registered with CLINIC_SIP_REGISTRAR
+    STARTING = "starting"  # its process runs, and has not said it is up yet
+    DOWN = "down"  # not running: died (restarted after its backoff), or stopped
+
+
+@dataclass(frozen=True, slots=True)
+class Occupancy:
+    """The pool's workers and call slots at one moment (for /metrics).
+
+    The slots are those of the workers that are up: ``in_use`` holds the calls up or being
+    placed, ``reserved`` the slots held for callers the front redirected (on their way),
+    ``free`` what a new call may take. They add up to the slots of those workers, except
+    for a moment after a call's start or end, until its worker has said how full it is.
+    An outbound call takes a free slot only when ``kept_for_callers`` (CLINIC_SIP_CALLER_SLOTS)
+    stay free after it.
+    """
+
+    workers: Mapping[WorkerState, int]  # every state, 0 included
+    in_use: int
+    reserved: int
+    free: int
+    kept_for_callers: int
 
 
 _E = TypeVar("_E")
@@ -464,6 +493,33 @@ class SipPool:
 
     def _free_slots(self) -> int:
         return sum(max(0, w.available) for w in self._workers)
+
+    def occupancy(self) -> Occupancy:
+        """The workers by state and the call slots by use, now (never a caller's number)."""
+        need_reg = bool(self._settings.registrar)
+        now = self._clock.monotonic()
+        workers = dict.fromkeys(WorkerState, 0)
+        in_use = reserved = 0
+        for w in self._workers:
+            if w.up:
+                w.expire_reservations(now)  # as a pick would: a caller who never came
+                reserved += len(w.reserved)
+                state = (
+                    WorkerState.UNREGISTERED if need_reg and not w.registered else WorkerState.UP
+                )
+            elif w.process is not None and w.process.returncode is None:
+                state = WorkerState.STARTING
+            else:
+                state = WorkerState.DOWN
+            workers[state] += 1
+            in_use += len(w.calls)  # none on a worker that is not up: its exit ended them
+        return Occupancy(
+            workers=MappingProxyType(workers),
+            in_use=in_use,
+            reserved=reserved,
+            free=self._free_slots(),
+            kept_for_callers=self._settings.caller_slots,
+        )
 
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (for tests and RSS measurement)."""

@@ -1,0 +1,126 @@
+"""What ``/metrics`` shows of the SIP pool (``SipPool.occupancy``, rendered by
+``clinic_voice.wiring.show_sip_pool``): the workers by state and the call slots by use.
+
+An operator had only the count of callers already refused (``refused_busy``) to go by: no
+view of how full the line is before that, nor of a worker down. The pool's pure parts are
+driven with workers set up as if started; ``tests/integration/test_ivr_capacity.py`` shows
+the gauges move on real SIP.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, cast
+
+from clinic_voice.metrics import Metrics
+from clinic_voice.wiring import show_sip_pool, watch_sip_pool
+from sip_config.clock import FakeClock
+from sip_config.settings import HostPort
+from tests.conftest import sip_settings
+from tests.unit.test_metrics import parse
+from voice.sip.pool import CallHandle, SipPool, WorkerState
+
+_ids = (f"call-{n}@peer" for n in itertools.count())
+
+
+class _Running:
+    """A worker's process that has not exited."""
+
+    returncode = None
+
+
+def _pool(workers: int, *, caller_slots: int = 0, registrar: str = "") -> SipPool:
+    settings = sip_settings(workers, caller_slots=caller_slots, registrar=registrar)
+    pool = SipPool(settings, clock=FakeClock(), queue_timeout_s=0)
+    pool._slots_max = 4
+    for i, w in enumerate(pool._workers):  # as if each had started and reported 4 free slots
+        w.up, w.registered, w.free_slots, w.port = True, True, 4, 6000 + i
+    return pool
+
+
+def _calls(pool: SipPool, index: int, n: int) -> None:
+    """``n`` calls up on worker ``index``, as the worker then reports them."""
+    w = pool._workers[index]
+    for _ in range(n):
+        call_id = next(_ids)
+        w.calls[call_id] = CallHandle(pool, w, call_id)
+    w.free_slots -= n
+
+
+def _gauges(pool: SipPool) -> dict[tuple[str, str], float]:
+    metrics = Metrics()
+    metrics.on_render(lambda: show_sip_pool(metrics, pool))
+    return {
+        (name, labels.get("state", "")): value
+        for name, labels, value in parse(metrics.render())
+        if name.startswith("clinic_sip_")
+    }
+
+
+def test_slots_in_use_reserved_and_free_add_up_to_the_workers_up() -> None:
+    pool = _pool(2, caller_slots=1)
+    assert _gauges(pool) == {
+        ("clinic_sip_workers", "up"): 2,
+        ("clinic_sip_workers", "unregistered"): 0,
+        ("clinic_sip_workers", "starting"): 0,
+        ("clinic_sip_workers", "down"): 0,
+        ("clinic_sip_slots", "in_use"): 0,
+        ("clinic_sip_slots", "reserved"): 0,
+        ("clinic_sip_slots", "free"): 8,
+        ("clinic_sip_slots_kept_for_callers", ""): 1,
+    }
+    _calls(pool, 0, 3)
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort)  # a caller on the way
+    now = _gauges(pool)
+    assert (now["clinic_sip_slots", "in_use"], now["clinic_sip_slots", "reserved"]) == (3, 1)
+    assert now["clinic_sip_slots", "free"] == 4
+    # The calls end: the worker says so, and the gauges drop back.
+    for call_id in list(pool._workers[0].calls):
+        del pool._workers[0].calls[call_id]
+    pool._workers[0].free_slots = 4
+    assert _gauges(pool)["clinic_sip_slots", "in_use"] == 0
+
+
+def test_a_caller_who_never_came_holds_no_slot_in_the_gauges() -> None:
+    pool = _pool(1)
+    clock = cast(FakeClock, pool._clock)
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
+    assert _gauges(pool)["clinic_sip_slots", "reserved"] == 1
+    clock.advance(3.0)  # the redirected INVITE never arrived (reserved for 2 s)
+    now = _gauges(pool)
+    assert (now["clinic_sip_slots", "reserved"], now["clinic_sip_slots", "free"]) == (0, 4)
+
+
+def test_workers_by_state() -> None:
+    pool = _pool(4, registrar="sip:pbx.example:5060")
+    w_unregistered, w_starting, w_down = pool._workers[1:]
+    w_unregistered.registered = False  # its REGISTER failed: a PBX sends it no calls
+    running: Any = _Running()
+    w_starting.up, w_starting.free_slots, w_starting.process = False, 0, running
+    w_down.up, w_down.free_slots = False, 0  # died: its restart waits out the backoff
+    occupancy = pool.occupancy()
+    assert dict(occupancy.workers) == {
+        WorkerState.UP: 1,
+        WorkerState.UNREGISTERED: 1,
+        WorkerState.STARTING: 1,
+        WorkerState.DOWN: 1,
+    }
+    assert occupancy.free == 8, "the slots of the workers that are up"
+    now = _gauges(pool)
+    assert [now["clinic_sip_workers", s] for s in ("up", "unregistered", "starting", "down")] == [
+        1,
+        1,
+        1,
+        1,
+    ]
+
+
+def test_the_gauges_go_with_the_pool() -> None:
+    pool = _pool(1)
+    metrics = Metrics()
+    stop = watch_sip_pool(metrics, pool)
+    assert 'clinic_sip_slots{state="free"} 4\n' in metrics.render()
+    stop()  # the pool stops
+    text = metrics.render()
+    assert "# TYPE clinic_sip_slots gauge\n" in text
+    assert "clinic_sip_slots{" not in text
