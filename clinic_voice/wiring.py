@@ -81,7 +81,7 @@ def extra_contexts(settings: Settings) -> list[Context]:
             on_busy=lambda: rt.metrics.calls.inc(outcome="refused_busy"),
         )
         pool.on_incoming(line.handle)
-        front = RedirectFront(settings.sip.addr, pool.pick_inbound)
+        front = RedirectFront(settings.sip.addr, pool.pick_inbound, clock=SystemClock())
         async with contextlib.AsyncExitStack() as stack:
             # Stopped in reverse order, also when a later start fails.
             await line.start()

@@ -21,6 +21,7 @@ from tests.conftest import free_port, sip_settings
 from voice.sip import front as front_module
 from voice.sip import message
 from voice.sip.front import RedirectFront
+from voice.sip.outcome import CallOutcome
 from voice.sip.pjsua import NO_MEDIA_S
 from voice.sip.pool import CallHandle, SipPool
 from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
@@ -36,7 +37,7 @@ CALLER_NUMBER = "+447700900123"
 async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
     pool = SipPool(sip_settings(2), clock=SystemClock())
     await pool.start()
-    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound)
+    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound, clock=SystemClock())
     await front.start()
     try:
         yield pool, front
@@ -266,7 +267,9 @@ async def test_a_front_whose_tcp_port_is_taken_fails_and_frees_its_udp_port() ->
     taken.bind(("127.0.0.1", port))
     taken.listen()
     try:
-        front = RedirectFront(HostPort("127.0.0.1", port), lambda _call_id: 486)
+        front = RedirectFront(
+            HostPort("127.0.0.1", port), lambda _call_id: 486, clock=SystemClock()
+        )
         with pytest.raises(OSError):
             await front.start()
         await asyncio.sleep(0.05)  # a transport closes its socket on the next loop step
@@ -278,7 +281,9 @@ async def test_a_front_whose_tcp_port_is_taken_fails_and_frees_its_udp_port() ->
 
 
 async def _tcp_front() -> RedirectFront:
-    front = RedirectFront(HostPort("127.0.0.1", 0), lambda _call_id: HostPort("127.0.0.1", 5062))
+    front = RedirectFront(
+        HostPort("127.0.0.1", 0), lambda _call_id: HostPort("127.0.0.1", 5062), clock=SystemClock()
+    )
     await front.start()
     return front
 
@@ -386,7 +391,7 @@ async def test_a_caller_past_the_last_free_slot_gets_486_at_once_and_is_counted_
     refused: list[str] = []
     pool = SipPool(sip_settings(1), clock=SystemClock(), on_busy=lambda: refused.append("486"))
     await pool.start()
-    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound)
+    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound, clock=SystemClock())
     await front.start()
 
     async def handler(call: CallHandle) -> None:
@@ -433,3 +438,138 @@ async def test_a_caller_past_the_last_free_slot_gets_486_at_once_and_is_counted_
         await front.stop()
         await pool.stop()  # hangs up the holders' calls, if a failure left them up
         await asyncio.gather(*holders, return_exceptions=True)
+
+
+class _UdpPeer:
+    """A bare UDP SIP peer on one port, so a retransmission comes from the same sent-by."""
+
+    def __init__(self, front: HostPort) -> None:
+        self.front = front
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def request(self, method: str, branch: str, call_id: str, to_tag: str = "") -> bytes:
+        to = f"<sip:6000@{self.front}>" + (f";tag={to_tag}" if to_tag else "")
+        return (
+            f"{method} sip:6000@{self.front} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK-{branch}\r\n"
+            f"From: <sip:{CALLER_NUMBER}@127.0.0.1>;tag=1\r\nTo: {to}\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nMax-Forwards: 70\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode()
+
+    def exchange(self, data: bytes, wait_s: float = 3) -> message.SipMessage | None:
+        """Send ``data``; the answer, or None when none came within ``wait_s``."""
+        self.sock.settimeout(wait_s)
+        self.sock.sendto(data, (self.front.host, self.front.port))
+        try:
+            answer, _ = self.sock.recvfrom(65536)
+        except TimeoutError:
+            return None
+        return message.parse(answer)
+
+
+async def test_a_retransmitted_invite_gets_the_answer_it_got_and_is_counted_once(
+    tmp_path: Path,
+) -> None:
+    """RFC 3261 17.2.1: when the front's 486 is lost, the caller's UA sends the same INVITE
+    (the same Call-ID, top Via branch and CSeq) again. It was counted as a second caller
+    refused (clinic_calls_total{outcome="refused_busy"}), and once a slot had freed it was
+    sent there with a 302: a second answer to a transaction already answered. Now each
+    copy gets the first answer, To tag included; the ACK gets nothing; a 302's copy names
+    the same worker and takes no second slot."""
+    refused: list[str] = []
+    pool = SipPool(sip_settings(1), clock=SystemClock(), on_busy=lambda: refused.append("486"))
+    await pool.start()
+    picked: list[str] = []
+
+    def pick(call_id: str) -> HostPort | int:
+        picked.append(call_id)
+        return pool.pick_inbound(call_id)
+
+    front = RedirectFront(HostPort("127.0.0.1", 0), pick, clock=SystemClock())
+    await front.start()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        await call.wait_ended()
+
+    pool.on_incoming(handler)
+    loop = asyncio.get_running_loop()
+    peer = _UdpPeer(front.address)
+    caller = ("--call", f"sip:6000@{front.address}", "--duration", "2")
+    holders = [asyncio.create_task(run_softphone(*caller)) for _ in range(4)]
+    try:
+        async with asyncio.timeout(20):
+            while pool.stats()["calls_in_flight"] < 4:  # noqa: ASYNC110 (under a deadline)
+                await asyncio.sleep(0.05)
+        picked.clear()  # the holders' own INVITEs
+        busy = peer.request("INVITE", "busy", "busy@probe")
+        first = await loop.run_in_executor(None, peer.exchange, busy)
+        again = await loop.run_in_executor(None, peer.exchange, busy)
+        assert first is not None and again is not None
+        assert first.status == again.status == 486, (first, again)
+        assert first.get("To") == again.get("To"), "a retransmission gets the same To tag"
+        assert refused == ["486"] and pool.stats()["refused_busy"] == 1, refused
+
+        for events in await asyncio.gather(*holders):
+            assert "confirmed" in [e["event"] for e in events], events
+        async with asyncio.timeout(10):
+            while pool.stats()["calls_in_flight"]:  # noqa: ASYNC110 (under a deadline)
+                await asyncio.sleep(0.05)
+        late = await loop.run_in_executor(None, peer.exchange, busy)
+        assert late is not None and late.status == 486, f"answered anew once free: {late}"
+        assert late.get("To") == first.get("To")
+        to_tag = (first.get("To") or "").rpartition("tag=")[2]
+        ack = peer.request("ACK", "busy", "busy@probe", to_tag)
+        assert await loop.run_in_executor(None, peer.exchange, ack, 0.3) is None
+        assert picked == ["busy@probe"] and refused == ["486"], (picked, refused)
+
+        moved = peer.request("INVITE", "moved", "moved@probe")
+        first = await loop.run_in_executor(None, peer.exchange, moved)
+        again = await loop.run_in_executor(None, peer.exchange, moved)
+        assert first is not None and again is not None
+        assert first.status == again.status == 302, (first, again)
+        assert first.get("Contact") == again.get("Contact")
+        assert first.get("To") == again.get("To"), "a retransmission gets the same To tag"
+        assert picked == ["busy@probe", "moved@probe"], picked
+        assert pool.stats()["free_slots"] == 3, "one slot held for the redirected caller"
+    finally:
+        peer.sock.close()
+        await front.stop()
+        await pool.stop()
+        await asyncio.gather(*holders, return_exceptions=True)
+
+
+async def test_a_reinvite_without_a_common_codec_gets_488_and_the_call_goes_on(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """A mid-call re-INVITE offering only G.729 (we have PCMU and PCMA): pjsua answered
+    "500 SDP negotiation failed". RFC 3264 section 6 / RFC 3261 14.2: 488 Not Acceptable
+    Here, and the call goes on with its media: a keypad digit sent after it still arrives,
+    and the call ends when the handler hangs up on it."""
+    pool, _ = line
+    seen: list[object] = []
+    ended = asyncio.Event()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        async for ev in call.events:
+            seen.append(ev)
+            if isinstance(ev, Digit):
+                await call.hangup()
+        ended.set()
+
+    pool.on_incoming(handler)
+    worker = pool.worker_addresses()[0]
+    code, text = await sipp_uac(worker, "sipp_uac_reinvite_no_codec.xml", "6000", tmp_path, 20)
+    answers = [ln for ln in text.splitlines() if ln.startswith("SIP/2.0 ")]
+    assert code == 0, f"no 488, or no BYE after the digit: {answers}\n{text[-3000:]}"
+    assert "SIP/2.0 488 Not Acceptable Here" in answers, answers
+    async with asyncio.timeout(5):
+        await ended.wait()
+    assert [e.key for e in seen if isinstance(e, Digit)] == ["1"], seen
+    last = seen[-1]
+    assert isinstance(last, CallEvent) and last.state is CallState.ENDED, seen
+    assert last.outcome is CallOutcome.COMPLETED, last

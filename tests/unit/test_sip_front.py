@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from sip_config.clock import FakeClock
 from sip_config.settings import HostPort
 from voice.sip import front as front_module
-from voice.sip import message
+from voice.sip import message, transaction
 from voice.sip.front import respond
+from voice.sip.outcome import SipStatus
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "sip"
 
@@ -140,9 +142,115 @@ def test_an_incomplete_invite_reserves_no_slot() -> None:
         "INVITE sip:6000@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1\r\n"
     )
     raw += "To: <sip:6000@127.0.0.1>\r\nCall-ID: c-1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
-    out = front_module._answer(raw.encode(), pick, tcp=False)
+    answered = transaction.AnsweredInvites(FakeClock())
+    out = front_module._answer(raw.encode(), pick, answered, tcp=False)
     assert out is not None and out.startswith(b"SIP/2.0 400 Missing From\r\n")
     assert picked == []
     whole = raw.replace("To:", "From: <sip:a@127.0.0.1>;tag=1\r\nTo:")
-    out = front_module._answer(whole.encode(), pick, tcp=False)
+    out = front_module._answer(whole.encode(), pick, answered, tcp=False)
     assert out is not None and out.startswith(b"SIP/2.0 302 ") and picked == ["c-1"]
+
+
+def invite(branch: str = "z9hG4bK-1", cseq: int = 1, method: str = "INVITE") -> bytes:
+    return (
+        f"{method} sip:6000@127.0.0.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5070;branch={branch};rport\r\n"
+        "From: <sip:+447700900123@127.0.0.1>;tag=abc\r\nTo: <sip:6000@127.0.0.1:5060>\r\n"
+        f"Call-ID: call-1\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+class Picks:
+    """A pool's pick_inbound that answers from a list and records each call."""
+
+    def __init__(self, *answers: HostPort | int) -> None:
+        self.answers = list(answers)
+        self.calls: list[str] = []
+
+    def __call__(self, call_id: str) -> HostPort | int:
+        self.calls.append(call_id)
+        return self.answers.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [(SipStatus.BUSY_HERE, HostPort("127.0.0.1", 5062)), (HostPort("127.0.0.1", 5062), 486)],
+    ids=["486, then a slot freed", "302, then every slot taken"],
+)
+def test_a_retransmitted_invite_gets_the_same_answer_without_a_second_pick(
+    first: HostPort | int, then: HostPort | int
+) -> None:
+    """RFC 3261 17.2.1: a lost 486 or 302 makes the UAC send the same INVITE again. It gets
+    the same response, To tag included (section 8.2.7), and the pool is not asked again:
+    a 486 was counted twice (clinic_calls_total), and a slot freed meanwhile turned a
+    refused transaction into a redirected one."""
+    clock = FakeClock()
+    answered = transaction.AnsweredInvites(clock)
+    pick = Picks(first, then)
+    out = front_module._answer(invite(), pick, answered, tcp=False)
+    assert out is not None
+    for delay in (0.5, 1, 2, 4, 8, 16):  # Timer A doubling: 31.5 s in all, under Timer H
+        clock.advance(delay)
+        assert front_module._answer(invite(), pick, answered, tcp=False) == out
+    assert pick.calls == ["call-1"]
+    # The ACK of that answer is absorbed (no response, no pick), the answer kept.
+    assert front_module._answer(invite(method="ACK"), pick, answered, tcp=False) is None
+    assert front_module._answer(invite(), pick, answered, tcp=False) == out
+    assert pick.calls == ["call-1"]
+
+
+def test_an_answer_is_forgotten_after_timer_h_and_a_new_transaction_is_picked_anew() -> None:
+    clock = FakeClock()
+    answered = transaction.AnsweredInvites(clock)
+    pick = Picks(486, 486, 486, HostPort("127.0.0.1", 5062))
+    out = front_module._answer(invite(), pick, answered, tcp=False)
+    # Another transaction of the same call (a new CSeq and branch) is a new request.
+    assert front_module._answer(invite("z9hG4bK-2", 2), pick, answered, tcp=False) != out
+    # So is the same branch from another sent-by (section 17.2.3).
+    other = invite().replace(b"127.0.0.1:5070", b"127.0.0.2:5070")
+    assert front_module._answer(other, pick, answered, tcp=False) is not None
+    assert len(pick.calls) == 3
+    clock.advance(transaction.TIMER_H_S)
+    late = front_module._answer(invite(), pick, answered, tcp=False)
+    assert late is not None and late.startswith(b"SIP/2.0 302 "), "past Timer H: picked anew"
+    assert len(pick.calls) == 4
+    assert len(answered) == 1, "the expired answers are dropped"
+
+
+def test_the_memory_of_answers_is_bounded() -> None:
+    clock = FakeClock()
+    answered = transaction.AnsweredInvites(clock, limit=3)
+    keys = [transaction.TransactionKey(f"z9hG4bK-{i} h:1", "c", "1") for i in range(4)]
+    for key in keys:
+        answered.remember(key, transaction.FinalAnswer(486, "t"))
+        clock.advance(1)
+    assert len(answered) == 3
+    assert answered.get(keys[0]) is None, "the oldest went first"
+    assert answered.get(keys[3]) == transaction.FinalAnswer(486, "t")
+
+
+V = "Via: SIP/2.0/UDP "
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        (V + "10.0.0.1:5060;branch=z9hG4bK-x", "v: SIP/2.0/UDP 10.0.0.1:5060 ;branch=z9hG4bK-x;a",
+         True),
+        (V + "Host.Example:5060;branch=z9hG4bK-x", V + "host.example:5060;branch=z9hG4bK-x", True),
+        (V + "a:1;branch=z9hG4bK-x, SIP/2.0/UDP b:2;branch=z9hG4bK-y", V + "a:1;branch=z9hG4bK-x",
+         True),
+        (V + "a:1;branch=z9hG4bK-x", V + "a:1;branch=z9hG4bK-X", False),
+        (V + "a:1;branch=old-1", V + "a:1;branch=old-1", True),
+        (V + "a:1", V + "a:2", False),
+    ],
+    ids=["compact, params", "host case", "top Via only", "branch case", "RFC 2543", "2543 port"],
+)  # fmt: skip
+def test_transaction_keys(a: str, b: str, same: bool) -> None:
+    def key(via: str) -> transaction.TransactionKey | None:
+        raw = f"INVITE sip:6000@x SIP/2.0\r\n{via}\r\nFrom: <sip:a@x>;tag=1\r\n"
+        raw += "To: <sip:6000@x>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
+        return transaction.key_of(message.parse(raw.encode()))
+
+    assert key(a) is not None
+    assert (key(a) == key(b)) is same

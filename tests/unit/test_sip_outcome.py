@@ -59,6 +59,7 @@ def test_outcome_table(  # noqa: PLR0917 (one row of the table)
         (SipStatus.CALL_DOES_NOT_EXIST, 481),
         (SipStatus.BUSY_HERE, 486),
         (SipStatus.REQUEST_TERMINATED, 487),
+        (SipStatus.NOT_ACCEPTABLE_HERE, 488),
         (SipStatus.NOT_IMPLEMENTED, 501),
         (SipStatus.SERVICE_UNAVAILABLE, 503),
         (SipStatus.BUSY_EVERYWHERE, 600),
@@ -75,3 +76,4 @@ def test_phrases() -> None:
     assert SipStatus.MOVED_TEMPORARILY.phrase == "Moved Temporarily"
     assert SipStatus.NOT_FOUND.phrase == "Not Found"
     assert SipStatus.CALL_DOES_NOT_EXIST.phrase == "Call/Transaction Does Not Exist"
+    assert SipStatus.NOT_ACCEPTABLE_HERE.phrase == "Not Acceptable Here"

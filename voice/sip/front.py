@@ -8,8 +8,13 @@ with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_p
 is stopping (a proxy then tries another instance). The ACK for that final response is absorbed,
 OPTIONS gets 200 (so peers can probe liveness), CANCEL gets 200 (the INVITE already has its
 final answer), BYE gets 481, other known methods 405 with ``Allow``, unknown ones 501. An
-INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and no slot; a
-retransmitted INVITE (the same Call-ID) is sent to the same worker without a second slot.
+INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and no slot.
+
+A retransmitted INVITE (the same transaction: top Via branch and sent-by, Call-ID, CSeq;
+see :mod:`voice.sip.transaction`) gets the very answer the first copy got, To tag included,
+for ``transaction.TIMER_H_S`` (32 s): its 486 is not counted again, and it is not sent to a worker
+that freed a slot meanwhile, nor to another one than its 302 named (RFC 3261 17.2.1).
+Without that memory a lost 302 or 486 made the UAC's retransmission a new caller.
 
 Over TCP a message whose body would take it over 64 KiB gets 513 and the connection closes
 (the body is not read; a header section over 64 KiB just closes it), a connection that
@@ -33,8 +38,9 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from sip_config.clock import Clock
 from sip_config.settings import HostPort
-from voice.sip import message
+from voice.sip import message, transaction
 from voice.sip.outcome import SipStatus
 
 log = logging.getLogger(__name__)
@@ -71,16 +77,21 @@ Picker = Callable[[str], HostPort | int]
 
 
 def respond(
-    request: message.SipMessage, target: HostPort | int | None, *, tcp: bool
+    request: message.SipMessage,
+    target: HostPort | int | None,
+    *,
+    tcp: bool,
+    to_tag: str = "",
 ) -> bytes | None:
     """The response of the redirect server to ``request`` (None: send nothing).
 
     ``target`` is, for an INVITE, a worker with a free slot or the status that refuses the
     call (486 when all are full, 503 when the service is stopping); None for other requests.
+    ``to_tag`` is the To tag to answer with (a new one when empty).
     """
     if not request.is_request or request.method == "ACK":
         return None
-    tag = secrets.token_hex(6)
+    tag = to_tag or new_tag()
     method = request.method
     missing = [name for name in _REQUIRED if not request.get(name)]
     if missing:
@@ -121,6 +132,11 @@ def respond(
     )
 
 
+def new_tag() -> str:
+    """A To tag for a response of the front (section 19.3: at least 32 bits of randomness)."""
+    return secrets.token_hex(6)
+
+
 class _DroppedLog:
     """One log line a minute about dropped messages, with how many: a flood of garbage
     must not flood the log (20,000 datagrams were 1.5 MB of log in half a second)."""
@@ -141,7 +157,9 @@ class _DroppedLog:
 _dropped = _DroppedLog()
 
 
-def _answer(data: bytes, pick: Picker, *, tcp: bool) -> bytes | None:
+def _answer(
+    data: bytes, pick: Picker, answered: transaction.AnsweredInvites, *, tcp: bool
+) -> bytes | None:
     try:
         request = message.parse(data)
     except message.SipParseError as exc:
@@ -151,10 +169,22 @@ def _answer(data: bytes, pick: Picker, *, tcp: bool) -> bytes | None:
     call_id = request.get("Call-ID")
     invite = request.method == "INVITE" and request.is_request
     complete = all(request.get(name) for name in _REQUIRED)  # else 400 (or nothing): no slot
-    target = pick(call_id) if invite and complete and call_id else None
-    if invite:
-        log.debug("INVITE %s -> %s", call_id, target)
-    return respond(request, target, tcp=tcp)
+    if not (invite and complete and call_id):
+        # The ACK of a 302/486/503 lands here too: absorbed (section 17.2.1), the answer
+        # stays remembered for a late copy of its INVITE.
+        return respond(request, None, tcp=tcp)
+    key = transaction.key_of(request)
+    before = answered.get(key) if key is not None else None
+    if before is not None:
+        # A retransmission (its answer was lost): the same answer, not a second caller.
+        log.debug("INVITE %s retransmitted -> %s again", call_id, before.target)
+        return respond(request, before.target, tcp=tcp, to_tag=before.to_tag)
+    target = pick(call_id)
+    log.debug("INVITE %s -> %s", call_id, target)
+    tag = new_tag()
+    if key is not None:
+        answered.remember(key, transaction.FinalAnswer(target, tag))
+    return respond(request, target, tcp=tcp, to_tag=tag)
 
 
 def _too_large(head: bytes) -> bytes | None:
@@ -166,21 +196,19 @@ def _too_large(head: bytes) -> bytes | None:
         return None
     if not request.is_request or request.method == "ACK" or not request.get("Via"):
         return None
-    return message.serialise_response(
-        request, SipStatus.MESSAGE_TOO_LARGE, to_tag=secrets.token_hex(6)
-    )
+    return message.serialise_response(request, SipStatus.MESSAGE_TOO_LARGE, to_tag=new_tag())
 
 
 class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, pick: Picker) -> None:
-        self._pick = pick
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self._answer = answer
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, int]) -> None:
-        reply = _answer(data, self._pick, tcp=False)
+        reply = self._answer(data)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -189,11 +217,13 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class RedirectFront:
-    """The redirect server on UDP and TCP; ``pick`` chooses a worker (see SipPool)."""
+    """The redirect server on UDP and TCP; ``pick`` chooses a worker (see SipPool), at most
+    once per INVITE transaction (``clock`` times how long its answer is remembered)."""
 
-    def __init__(self, addr: HostPort, pick: Picker) -> None:
+    def __init__(self, addr: HostPort, pick: Picker, *, clock: Clock) -> None:
         self._addr = addr
         self._pick = pick
+        self._answered = transaction.AnsweredInvites(clock)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
@@ -211,7 +241,7 @@ class RedirectFront:
         tries = _BIND_TRIES if self._addr.port == 0 else 1
         for attempt in range(1, tries + 1):
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: _Udp(self._pick), local_addr=(self._addr.host, self._addr.port)
+                lambda: _Udp(self._answer_udp), local_addr=(self._addr.host, self._addr.port)
             )
             port = int(udp.get_extra_info("sockname")[1])
             try:
@@ -226,6 +256,9 @@ class RedirectFront:
             self.address = HostPort(self._addr.host, port)
             break
         log.info("SIP redirect front on %s (UDP and TCP)", self.address)
+
+    def _answer_udp(self, data: bytes) -> bytes | None:
+        return _answer(data, self._pick, self._answered, tcp=False)
 
     async def stop(self) -> None:
         """Close both listeners and open TCP connections."""
@@ -269,7 +302,7 @@ class RedirectFront:
                             await writer.drain()
                         break  # its body is not read: the stream cannot be followed
                     body = await reader.readexactly(length) if length else b""
-                    reply = _answer(head + body, self._pick, tcp=True)
+                    reply = _answer(head + body, self._pick, self._answered, tcp=True)
                     if reply is not None:
                         writer.write(reply)
                         await writer.drain()  # a peer that never reads is timed out too

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pjsua2 as pj
 
-from voice.sip import digest, message
+from voice.sip import digest, message, sdp
 from voice.sip.media_thread import MediaThread
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
 from voice.sip.protocol import (
@@ -207,6 +207,15 @@ class _Call(pj.Call):  # type: ignore[misc]
             # Placed without audio (see Engine._dial); an answer with an SDP offer needs an
             # SDP answer, which pjsua cannot build without a media line (it aborts).
             prm.opt.audioCount = 1
+        elif sdp.has_common_audio_codec(str(prm.offer.wholeSdp), _KEEP_CODECS) is False:
+            # A new offer mid-call (re-INVITE, UPDATE) with no codec of ours: pjsua would
+            # answer "500 SDP negotiation failed"; rejected here it answers 488 Not
+            # Acceptable Here (RFC 3264 section 6) and the call keeps its media.
+            log.info(
+                "call %s: a new SDP offer has no codec of ours: 488, the call keeps its media",
+                self.call_id,
+            )
+            prm.statusCode = SipStatus.NOT_ACCEPTABLE_HERE
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self.engine.emit(Digit(self.call_id, str(prm.digit)))
