@@ -19,6 +19,7 @@ import uvloop
 from aiohttp import web
 
 from sip_config.settings import Settings, SettingsError
+from voice.ivr.flow import FlowSet
 
 log = logging.getLogger("clinic_voice")
 
@@ -32,9 +33,10 @@ def _setup_logging(level: str, process: str = "") -> None:
     )
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, flowset: FlowSet) -> None:
     """Run the service until SIGINT or SIGTERM (a second one during the stop cuts the clinic
-    line's drain short: see Runtime.hurry)."""
+    line's drain short: see Runtime.hurry). The clinic line runs ``flowset``, the flows
+    ``check_clinic_line`` checked: the folder is not read again."""
     signals = _StopSignals()
     from clinic_voice.app import RUNTIME, build_app, lock_data_dir
     from clinic_voice.wiring import channel_factories, extra_contexts
@@ -48,7 +50,7 @@ async def serve(settings: Settings) -> None:
         _refuse_taken_http_addr(settings)
         app = build_app(
             settings,
-            extra_contexts=extra_contexts(settings),
+            extra_contexts=extra_contexts(settings, flowset),
             channel_factories=channel_factories(settings),
         )
         signals.again = app[RUNTIME].hurry
@@ -282,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # a terminal treats as a background job: with `stty tostop` its first line to
             # serve's stderr would stop it (SIGTTOU). Ignored, the write goes through.
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        flowset = FlowSet({})  # a worker runs no clinic line
         try:
             settings = Settings.from_env()
             if not worker:  # a worker's settings were checked by the serve that started it
@@ -289,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from clinic_voice.clinic_line import check_clinic_line
 
                 check_settings(settings)
-                check_clinic_line(settings)
+                flowset = check_clinic_line(settings)
         except SettingsError as exc:
             name = "clinic-voice http-worker" if worker else "clinic-voice"
             print(f"{name}: configuration error: {exc}", file=sys.stderr)
@@ -299,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (measured with bench/api.py); the pure-Python loop remains for tests.
         try:
             uvloop.run(
-                http_worker(settings, args.index, args.control) if worker else serve(settings)
+                http_worker(settings, args.index, args.control)
+                if worker
+                else serve(settings, flowset)
             )
         except _start_errors() as exc:
             log.error("cannot start: %s", exc)
@@ -320,16 +325,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _secret_reseal() -> int:
     """``clinic-voice secret reseal``, with the settings as ``serve`` reads them."""
     from clinic_voice.app import current_secrets
-    from clinic_voice.secret_reseal import reseal
+    from clinic_voice.secret_reseal import DataDirRefused, data_dir_owner, reseal
 
     try:
         settings = Settings.from_env()
+        # First: a user who must not write in the data dir reads nothing there either.
+        owner = data_dir_owner(settings, os.geteuid())
         secret, previous = current_secrets(settings)
     except SettingsError as exc:
         print(f"clinic-voice secret reseal: configuration error: {exc}", file=sys.stderr)
         return 2
+    except DataDirRefused as exc:
+        print(f"clinic-voice secret reseal: {exc}", file=sys.stderr)
+        return 2
     _setup_logging(settings.log_level)
-    return uvloop.run(reseal(settings, secret, previous, sys.stdout))
+    return uvloop.run(reseal(settings, secret, previous, sys.stdout, owner=owner))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ VOICEMAIL_SWEEP_S = 3600.0
 CLOSE_NOTICE_S = 20.0
 
 
-def check_clinic_line(settings: Settings) -> None:
+def check_clinic_line(settings: Settings) -> FlowSet:
     """Refuse a start whose calls would all fail: no flows, or a speech model not there.
+    The flows as loaded and checked here, for :meth:`ClinicLine.load`: the folder is read
+    once, so what was checked is what runs (a file edited after this is not read).
 
     Raises :class:`SettingsError` naming the variable, as a bad value of any other does.
     """
@@ -51,6 +53,7 @@ def check_clinic_line(settings: Settings) -> None:
         )
     if ivr.vosk_model is not None and not ivr.vosk_model.is_dir():
         raise SettingsError(f"CLINIC_VOSK_MODEL={str(ivr.vosk_model)!r}: no such directory")
+    return flowset
 
 
 class ClinicLine:
@@ -78,8 +81,10 @@ class ClinicLine:
         assert tuple(self._webhooks) == WEBHOOK_URLS, "a flow's url has no setting"
 
     @classmethod
-    def load(cls, settings: Settings, rt: Runtime) -> ClinicLine:
-        line = cls(settings, rt, load_flows(settings.ivr.flows_dir))
+    def load(cls, settings: Settings, rt: Runtime, flowset: FlowSet) -> ClinicLine:
+        """The line for ``flowset`` (what :func:`check_clinic_line` returned), with the
+        start's warnings logged."""
+        line = cls(settings, rt, flowset)
         line.warn_unconfigured_webhooks()
         line.warn_cleartext_webhooks()
         line.warn_hours_settings()

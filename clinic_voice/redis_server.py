@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import os
 import shutil
@@ -128,8 +129,13 @@ class EmbeddedRedis:
         stop_deadline_s: float = 5.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         self._dir = Path(data_dir).absolute() / "redis"  # redis-server chdirs into it
+        # (uid, gid) that redis-server runs as and its folder and config belong to; None: this
+        # process's. Root's ``clinic-voice secret reseal`` starts it for serve's user, or the
+        # files it rewrote would be root's and serve's own Redis could not open them.
+        self._owner = owner
         self._socket = self._dir / "redis.sock"
         self._conf = self._dir / "redis.conf"
         self._pidfile = self._dir / "redis.pid"
@@ -263,6 +269,9 @@ class EmbeddedRedis:
         tmp = self._conf.with_suffix(".tmp")
         tmp.write_text("# written by clinic-voice at every start; edits are lost\n" + text)
         tmp.chmod(0o600)
+        if self._owner is not None:
+            os.chown(self._dir, *self._owner)
+            os.chown(tmp, *self._owner)
         tmp.replace(self._conf)
 
     async def _shutdown_orphan(self) -> None:
@@ -315,8 +324,9 @@ class EmbeddedRedis:
             # every session is a group that gets an equal share of the CPU, and Redis (with
             # its AOF rewrite child) and each HTTP worker in sessions of their own starved
             # one another: an HTTP worker got 5 % of a core for 200 ms while a rewrite ran,
-            # and the API's latency tail reached 100-450 ms (BENCHMARKS.md).
-            preexec_fn=_redis_child_setup,  # uvloop has no process_group=0
+            # and the API's latency tail reached 100-450 ms (BENCHMARKS.md). uvloop has no
+            # process_group=0.
+            preexec_fn=functools.partial(_redis_child_setup, self._owner),
         )
         self._reader = asyncio.create_task(self._read_log(self._proc), name="embedded-redis-log")
         proc = self._proc
@@ -459,13 +469,18 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _redis_child_setup() -> None:
+def _redis_child_setup(owner: tuple[int, int] | None) -> None:
     """In the redis-server child before exec: its own process group (see ``_spawn``), and a
     umask that keeps the files it writes (the append-only file's parts, an RDB) 0600. Redis
     makes them 0644, and the 0700 folder protects them only where they are: a backup or a
-    copy of the folder keeps the mode, and the files hold phone numbers in clear."""
+    copy of the folder keeps the mode, and the files hold phone numbers in clear. With an
+    ``owner`` (uid, gid), it runs as that user, its group alone."""
     os.setpgrp()
     os.umask(0o077)
+    if owner is not None:
+        os.setgroups([owner[1]])
+        os.setgid(owner[1])
+        os.setuid(owner[0])
 
 
 def _redact(url: str) -> str:

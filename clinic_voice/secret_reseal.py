@@ -7,12 +7,19 @@ Which Redis: ``CLINIC_REDIS_URL``'s; else the embedded one. With ``serve`` runni
 the data dir's lock) that answers on its unix socket in the data dir; with ``serve`` stopped,
 this starts it, holding the lock meanwhile (a ``serve`` started then refuses to start), and
 stops it at the end.
+
+Whose files: ``serve``'s. Run by another user, a file written in the data dir would be that
+user's, 0600, and ``serve`` could not read it (voicemail-unreadable, records kept on disk
+stuck). So as root every file it writes keeps the owner and group of the one it replaces,
+and the embedded Redis it starts runs as the data dir's owner; any other user who does not
+own the data dir is refused before anything is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,9 +36,11 @@ CLINIC_DATA_DIR, that opens only with a secret of CLINIC_PREVIOUS_SECRETS anew u
 CLINIC_SECRET, so the previous secret can be removed at once. Reads the environment as serve
 does; safe while serve runs (a record or file erased, saved or expired meanwhile is left to
 that). Run it once every process runs on the new secret, on every host with a data dir.
-Prints counts and call ids, never content. Exit 0: everything that opens is under
-CLINIC_SECRET now; 1: some did not open, or Redis or the disk failed (run it again); 2: bad
-settings, or a Redis that another secret (or still the previous one) claims."""
+Prints counts and call ids, never content. Run it as serve's user or as root (each file
+keeps its owner; an embedded Redis it starts runs as the data dir's owner). Exit 0:
+everything that opens is under CLINIC_SECRET now; 1: some did not open, or Redis or the disk
+failed (run it again); 2: bad settings, a Redis that another secret (or still the previous
+one) claims, or a user other than root who does not own CLINIC_DATA_DIR."""
 
 # Lines of unreadable names printed per kind, at most (all are counted).
 NAMES_SHOWN = 50
@@ -52,9 +61,20 @@ class _Refused(Exception):
     """Resealing would be wrong on this Redis (exit 2)."""
 
 
-async def reseal(settings: Settings, secret: bytes, previous: Sequence[bytes], out: TextIO) -> int:
+class DataDirRefused(Exception):
+    """This user must not write in the data dir (exit 2): see :func:`data_dir_owner`."""
+
+
+async def reseal(
+    settings: Settings,
+    secret: bytes,
+    previous: Sequence[bytes],
+    out: TextIO,
+    *,
+    owner: tuple[int, int] | None,
+) -> int:
     """Re-seal everything of ``settings``' Redis and data dir under ``secret``; print what
-    was done to ``out``; the exit status."""
+    was done to ``out``; the exit status. ``owner``: :func:`data_dir_owner`'s answer."""
     from redis.exceptions import RedisError
 
     from clinic_voice.redis_server import EmbeddedRedisError
@@ -66,7 +86,7 @@ async def reseal(settings: Settings, secret: bytes, previous: Sequence[bytes], o
         print(line, file=out, flush=True)
 
     try:
-        async with _redis(settings) as redis:
+        async with _redis(settings, owner) as redis:
             say(f"Redis: {redis.where}")
             mux = RedisMux(redis.url, timeout_s=REDIS_TIMEOUT_S)
             try:
@@ -148,15 +168,58 @@ async def _rewrite(execute: _Execute, embedded: bool, say: Callable[[str], None]
     return True
 
 
+def data_dir_owner(settings: Settings, euid: int) -> tuple[int, int] | None:
+    """(uid, gid) of the data dir when this runs as root (``euid`` 0), for what it makes
+    there; None otherwise (also when there is no data dir). Raises :class:`DataDirRefused`
+    for a user other than root who does not own the data dir. Asked before anything is read
+    or written there, the generated secret included."""
+    data_dir = settings.data_dir
+    try:
+        st = data_dir.stat()
+    except FileNotFoundError:
+        return None
+    except PermissionError:  # a folder on its way this user may not enter
+        raise DataDirRefused(
+            f"CLINIC_DATA_DIR {data_dir.absolute()} cannot be reached by this user "
+            f"({_user(euid)}): run this as the data dir's owner (serve's user), or as root"
+        ) from None
+    if euid == 0:
+        return st.st_uid, st.st_gid
+    if st.st_uid != euid:
+        raise DataDirRefused(
+            f"CLINIC_DATA_DIR {data_dir.absolute()} belongs to {_user(st.st_uid)}, not to "
+            f"this user ({_user(euid)}): what this wrote there would be this user's, and "
+            "serve could not read it. Run it as the data dir's owner (serve's user), or as "
+            "root, which keeps each file's owner"
+        )
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 @contextlib.asynccontextmanager
-async def _redis(settings: Settings) -> AsyncIterator[_Redis]:
+async def _redis(settings: Settings, owner: tuple[int, int] | None) -> AsyncIterator[_Redis]:
+    """The Redis to reseal in. ``owner``: (uid, gid) the embedded Redis it starts runs as,
+    and its files and the data dir's lock file belong to (run as root)."""
     from clinic_voice.app import DataDirInUse, lock_data_dir
     from clinic_voice.redis_server import EmbeddedRedis
 
     if settings.redis_url:
         yield _Redis(settings.redis_url, "CLINIC_REDIS_URL", embedded=False)
         return
-    embedded = EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
+    if os.geteuid() == 0 and owner is None:
+        # No data dir, so no embedded Redis either: made now, both would be root's.
+        raise _Refused(
+            f"CLINIC_DATA_DIR {settings.data_dir.absolute()} is not there, nor the embedded "
+            "Redis in it: check CLINIC_DATA_DIR (run as root, this makes nothing there, as it "
+            "would be root's and not serve's)"
+        )
+    embedded = EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync, owner=owner)
     try:
         lock = lock_data_dir(settings.data_dir)
     except DataDirInUse:
@@ -165,6 +228,8 @@ async def _redis(settings: Settings) -> AsyncIterator[_Redis]:
         yield _Redis(embedded.url, f"serve's embedded Redis ({embedded.url})", embedded=True)
         return
     try:
+        if owner is not None:  # made now if serve never ran: serve must open it too
+            os.fchown(lock, *owner)
         url = await embedded.start()
         try:
             yield _Redis(url, "the embedded Redis, started for this (serve is stopped)", True)

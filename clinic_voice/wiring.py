@@ -28,6 +28,7 @@ from verification.channels.sms_sip import SipSmsChannel
 from verification.channels.voice_call import VoiceCallChannel
 from verification.model import Channel
 from verification.wording import DEFAULT
+from voice.ivr.flow import FlowSet
 from voice.media import spoken_code
 from voice.media.tts import PromptRenderer
 from voice.sip.flash_uac import FlashUac
@@ -44,8 +45,9 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 Factory = Callable[[Runtime], ChannelAdapter | None]
 
 
-def extra_contexts(settings: Settings) -> list[Context]:
-    """Cleanup contexts started after Redis and before the dispatcher."""
+def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
+    """Cleanup contexts started after Redis and before the dispatcher; the clinic line runs
+    ``flowset``, the flows :func:`~clinic_voice.clinic_line.check_clinic_line` checked."""
 
     async def prompts_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
@@ -72,7 +74,7 @@ def extra_contexts(settings: Settings) -> list[Context]:
 
     async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
-        line = ClinicLine.load(settings, rt)
+        line = ClinicLine.load(settings, rt, flowset)
         pool = SipPool(
             settings.sip,
             clock=SystemClock(),

@@ -39,7 +39,11 @@ def replace_private(path: Path, text: str) -> bool:
     ``voice.media.leftovers.remove_file`` takes the temporary file too).
 
     The check and the rename are two steps: a file deleted between them comes back. A caller
-    racing a deletion that must hold (an erasure) looks again once this returned True."""
+    racing a deletion that must hold (an erasure) looks again once this returned True.
+
+    Run as root (``clinic-voice secret reseal`` by an operator, while ``serve`` runs as a user
+    of its own), the new file gets the old one's owner and group before it takes its place:
+    a root-owned 0600 file is one ``serve`` can no longer read."""
     try:
         before = path.stat()
     except FileNotFoundError:
@@ -48,6 +52,8 @@ def replace_private(path: Path, text: str) -> bool:
     tmp = Path(name)
     try:
         with os.fdopen(fd, "w") as f:
+            if os.geteuid() == 0:
+                os.fchown(f.fileno(), before.st_uid, before.st_gid)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 
 from clinic_voice import shared_secret
 from clinic_voice.app import lock_data_dir
+from clinic_voice.cli import main
 from clinic_voice.redis_server import EmbeddedRedis
 from clinic_voice.secret_reseal import reseal
 from sip_config.settings import Settings
@@ -65,7 +68,7 @@ def _settings(data: Path, redis_url: str = "") -> Settings:
 
 async def _reseal(data: Path, redis_url: str) -> tuple[int, str]:
     out = io.StringIO()
-    code = await reseal(_settings(data, redis_url), NEW.encode(), (OLD.encode(),), out)
+    code = await reseal(_settings(data, redis_url), NEW.encode(), (OLD.encode(),), out, owner=None)
     return code, out.getvalue()
 
 
@@ -356,8 +359,13 @@ async def test_a_record_a_replay_moves_into_redis_meanwhile_ends_under_the_new_s
 # -- the command, and the embedded Redis ---------------------------------------------------------
 
 
-async def _command(env: Mapping[str, str]) -> tuple[int, str, str]:
+async def _command(env: Mapping[str, str], *, uid: int | None = None) -> tuple[int, str, str]:
+    """The command, as this test's user, or as ``uid`` (its group alone; needs root)."""
+    as_user: list[str] = []
+    if uid is not None:
+        as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
     proc = await asyncio.create_subprocess_exec(
+        *as_user,
         sys.executable,
         "-m",
         "clinic_voice.cli",
@@ -460,3 +468,136 @@ async def test_the_embedded_redis_with_serve_stopped_or_running(
         await embedded.stop()
         if lock is not None:
             os.close(lock)
+
+
+# -- whose files: run as root, or as another user ------------------------------------------------
+
+NOBODY = 65534  # serve's user here: a data dir root does not own
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A folder in /tmp that every user may pass through (tmp_path's parents are root's,
+    0700), with a short path for the embedded Redis's unix socket."""
+    path = Path(tempfile.mkdtemp(prefix="cv-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _owners(data: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(data)): (p.lstat().st_uid, p.lstat().st_gid)
+        for p in [data, *data.rglob("*")]
+    }
+
+
+def _give(data: Path, uid: int) -> None:
+    for path in [data, *data.rglob("*")]:
+        os.lchown(path, uid, uid)
+
+
+@needs_root
+@pytest.mark.parametrize("serving", [False, True])
+async def test_run_as_root_every_file_stays_serves_users(open_tmp: Path, serving: bool) -> None:
+    # serve runs as a user of its own; an operator runs the reseal as root. Every file it
+    # replaced, and with serve stopped every file of the Redis it started (the append-only
+    # file it had rewritten, the lock), must stay that user's, or serve can no longer read
+    # its voicemail, records kept on disk, or start its Redis.
+    data = open_tmp / "d"
+    data.mkdir(mode=0o700)
+    os.chown(data, NOBODY, NOBODY)
+    embedded = EmbeddedRedis(data, owner=(NOBODY, NOBODY))  # serve's Redis, as its user
+    mux = RedisMux(await embedded.start())
+    try:
+        await _made_under(mux, data, OLD, "old-1")
+    finally:
+        await mux.aclose()
+    lock: int | None = None
+    if serving:
+        lock = await asyncio.to_thread(lock_data_dir, data)
+    else:
+        await embedded.stop()
+    _give(data, NOBODY)  # what serve made is its user's
+    try:
+        code, out, err = await _command(_env(data))
+        assert code == 0, out + err
+        for kind in (Kind.RECORDS, Kind.KEPT, Kind.LIVE, Kind.VOICEMAIL):
+            assert _counts(out, kind).startswith("1 resealed"), out
+        owners = _owners(data)
+        assert {k: v for k, v in owners.items() if v != (NOBODY, NOBODY)} == {}
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in _files(data))
+        if not serving:  # serve's start: its Redis, as its user, on what the reseal left
+            await embedded.start()
+        mux = RedisMux(embedded.url)
+        try:
+            sealed = str(await mux.execute("GET", "cv:call:old-1"))
+            assert _store(mux, NEW).open("old-1", sealed)["values"]["complaint"] == COMPLAINT
+        finally:
+            await mux.aclose()
+    finally:
+        await embedded.stop()
+        if lock is not None:
+            os.close(lock)
+
+
+def _command_as(uid: int, env: Mapping[str, str]) -> int:
+    """The command in this process, with ``uid`` as its effective user and group (the
+    interpreter of this venv may be one that user cannot start: a subprocess would not
+    do). Blocking: in a thread."""
+    os.environ.update(env)
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        return main(["secret", "reseal"])
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        for name in env:
+            del os.environ[name]
+
+
+@needs_root
+async def test_a_user_who_does_not_own_the_data_dir_is_refused_before_anything(
+    open_tmp: Path,
+    redis_server: RedisServer,
+    mux: RedisMux,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Root's data dir, open to all: only the refusal keeps that user from writing files
+    # there that would be its own (and from reading the generated secret first).
+    for name in [n for n in os.environ if n.startswith("CLINIC_")]:
+        monkeypatch.delenv(name)
+    data = open_tmp / "d"
+    await _made_under(mux, data, OLD, "old-1")
+    for path in [data, *data.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    (data / "secret").write_text(NEW + "\n")
+    (data / "secret").chmod(0o600)
+    before = {p: (p.stat(), p.read_bytes()) for p in data.rglob("*") if p.is_file()}
+    sealed = await mux.execute("GET", "cv:call:old-1")
+    env = _env(data, CLINIC_REDIS_URL=redis_server.url)
+    for given in (env, {k: v for k, v in env.items() if k != "CLINIC_SECRET"}):
+        code = await asyncio.to_thread(_command_as, NOBODY, given)
+        out, err = capsys.readouterr()
+        assert (code, out) == (2, ""), err
+        assert (
+            f"clinic-voice secret reseal: CLINIC_DATA_DIR {data} belongs to root (uid 0), not "
+            "to this user (nobody (uid 65534))"
+        ) in err, err
+        assert {p: (p.stat(), p.read_bytes()) for p in data.rglob("*") if p.is_file()} == before
+        assert await mux.execute("GET", "cv:call:old-1") == sealed
+
+
+@needs_root
+async def test_root_makes_no_data_dir(tmp_path: Path) -> None:
+    code, out, err = await _command(_env(tmp_path / "none"))
+    assert (code, out) == (2, ""), err
+    assert "is not there, nor the embedded Redis in it" in err
+    assert not (tmp_path / "none").exists()

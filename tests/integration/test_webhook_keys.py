@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 
 from clinic_voice.app import Runtime
-from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from tests.integration.conftest import SECRET, StartService, read_code
@@ -75,7 +75,7 @@ def _line(tmp_path: Path, env: dict[str, str], client: HttpClient) -> ClinicLine
         {"CLINIC_DATA_DIR": str(tmp_path), "CLINIC_FLOWS_DIR": str(FLOWS), **env}
     )
     rt = SimpleNamespace(http_client=client, clock=SystemClock(), secret=SECRET.encode())
-    return ClinicLine.load(settings, cast(Runtime, rt))
+    return ClinicLine.load(settings, cast(Runtime, rt), check_clinic_line(settings))
 
 
 async def test_the_scheduling_webhook_is_signed_with_its_own_key(

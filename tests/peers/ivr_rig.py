@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from clinic_voice.app import RUNTIME, build_app
+from clinic_voice.clinic_line import check_clinic_line
 from clinic_voice.wiring import channel_factories, extra_contexts
 from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
@@ -184,7 +185,7 @@ async def running_clinic_line(
         )
         app = build_app(
             settings,
-            extra_contexts=extra_contexts(settings),
+            extra_contexts=extra_contexts(settings, check_clinic_line(settings)),
             channel_factories=channel_factories(settings),
         )
         client = TestClient(TestServer(app, host="127.0.0.1"))

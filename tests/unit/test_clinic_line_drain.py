@@ -16,7 +16,7 @@ import pytest
 
 from clinic_voice import clinic_line
 from clinic_voice.app import Runtime
-from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from sip_config.settings import Settings
 from voice.ivr.session import SessionDeps
 from voice.sip.pool import CallHandle
@@ -49,7 +49,8 @@ class FakeSession:
 def line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClinicLine:
     monkeypatch.setattr(clinic_line, "CallSession", FakeSession)
     env = {"CLINIC_DATA_DIR": str(tmp_path), "CLINIC_FLOWS_DIR": str(SHIPPED)}
-    line = ClinicLine.load(Settings.from_env(env), cast(Runtime, SimpleNamespace()))
+    settings = Settings.from_env(env)
+    line = ClinicLine.load(settings, cast(Runtime, SimpleNamespace()), check_clinic_line(settings))
     line._deps = cast(SessionDeps, object())  # started, as far as handle() is concerned
     return line
 

@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 
 from clinic_voice.app import Runtime
-from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from sip_config.settings import Settings
 from voice.ivr.flow import load_flows
 from voice.ivr.webhook import in_clear, unconfigured
@@ -37,7 +37,8 @@ def _line(tmp_path: Path, url: str) -> ClinicLine:
         "CLINIC_SCHEDULING_WEBHOOK_SECRET": "s" * 40,
     }
     rt = cast(Runtime, SimpleNamespace(http_client=None))
-    return ClinicLine.load(Settings.from_env(env), rt)
+    settings = Settings.from_env(env)
+    return ClinicLine.load(settings, rt, check_clinic_line(settings))
 
 
 def test_an_unset_webhook_is_warned_once_at_start(

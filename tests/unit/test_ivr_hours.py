@@ -14,7 +14,7 @@ from typing import cast
 import pytest
 
 from clinic_voice.app import Runtime
-from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from sip_config import settings as settings_module
 from sip_config.settings import Settings
 from voice.ivr.check import check_files
@@ -364,6 +364,62 @@ def test_check_explores_both_cases(flows: Path) -> None:
     assert any(m.startswith("call can end without a human at U2") for m in messages)
 
 
+SUB = """\
+id: sub
+language: en
+human: staff
+start: more
+nodes:
+  more:
+    ask:
+      prompt: "Anything else?"
+      choices:
+        - {key: "1", phrases: ["yes"], label: "yes", goto: desk}
+        - {key: "2", phrases: ["no"], label: "no", goto: bye}
+  desk:
+    transfer: staff
+    prompt: "Putting you through."
+  bye:
+    hangup: "Goodbye."
+    outcome: done
+"""
+
+
+def test_check_carries_closed_into_a_sub_flow(flows: Path) -> None:
+    # The closed path leaves for @sub, which rings the desk: the engine would play the notice
+    # instead. sub.yaml checked on its own starts open and is clean; t.yaml's check, which
+    # reached it while closed, names the path and the chain of flows.
+    (flows / "t.yaml").write_text(
+        FLOW.replace("next: menu\n", "next: sub_menu\n", 1) + "  sub_menu:\n"
+        "    ask:\n"
+        '      prompt: "Closed. Press 1 for more."\n'
+        "      choices:\n"
+        '        - {key: "1", phrases: [more], label: more, goto: "@sub"}\n',
+        encoding="utf-8",
+    )
+    (flows / "sub.yaml").write_text(SUB, encoding="utf-8")
+    findings = check_files([flows])
+    assert [f for f in findings if f.file.endswith("sub.yaml")] == []
+    closed = [f for f in findings if "closed" in f.message]
+    assert [(Path(f.file).name, f.line, f.message) for f in closed] == [
+        (
+            "t.yaml",
+            FLOW.count("\n") + 2,  # sub_menu's ask: where the closed path leaves t
+            "'desk' in flow 'sub' transfers to staff on a path taken while the practice is "
+            "closed (flows: t > sub; path: hours > shut > sub_menu > @sub:more > desk)",
+        )
+    ]
+    # Reached only while open, or urgent (U2: put through open or closed), it is no finding.
+    open_only = FLOW.replace("closed: shut", "closed: bye").replace("goto: bye}", 'goto: "@sub"}')
+    (flows / "t.yaml").write_text(open_only, encoding="utf-8")
+    assert [f for f in check_files([flows]) if "closed" in f.message] == []
+    urgent = FLOW.replace("goto: bye}", "goto: urgent}") + (
+        '  urgent:\n    urgency: U2\n    reason: x\n    next: "@sub:desk"\n'
+    )
+    (flows / "t.yaml").write_text(urgent, encoding="utf-8")
+    assert [f for f in check_files([flows]) if "in flow 'sub'" in f.message] == []
+
+
 def test_the_shipped_flows_check_clean() -> None:
     assert check_files([SHIPPED]) == []
 
@@ -466,6 +522,8 @@ def test_hours_read_in_utc_for_want_of_a_host_zone_are_warned_at_start(
         "CLINIC_SCHEDULING_WEBHOOK_SECRET": "s" * 40,
     }
     caplog.set_level(logging.WARNING, logger="clinic_voice.clinic_line")
-    ClinicLine.load(Settings.from_env(env), cast(Runtime, SimpleNamespace(http_client=None)))
+    settings = Settings.from_env(env)
+    rt = cast(Runtime, SimpleNamespace(http_client=None))
+    ClinicLine.load(settings, rt, check_clinic_line(settings))
     warned = [r.getMessage() for r in caplog.records if "read in UTC" in r.getMessage()]
     assert len(warned) == (1 if zone == "unreadable" else 0)

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from sip_config.private_file import replace_private, write_private
 
 
@@ -28,3 +30,16 @@ def test_nothing_is_written_where_no_file_is(tmp_path: Path) -> None:
     path = tmp_path / "call-1.sealed"
     assert not replace_private(path, "new")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_run_as_root_a_file_replaced_keeps_its_owner_and_group(tmp_path: Path) -> None:
+    # clinic-voice secret reseal run by root, with serve running as a user of its own: a
+    # root-owned 0600 file in its place is one serve cannot read.
+    path = tmp_path / "voicemail" / "call-1-0a1b2c3d.sealed"
+    write_private(path, "old")
+    os.chown(path, 65534, 65533)
+    assert replace_private(path, "new")
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65533, 0o600)
+    assert path.read_text() == "new"

@@ -12,7 +12,8 @@ Checks, each reported as ``file:line: message``:
   call U1 or U0 and its give-up path ends with a human, never a plain hang-up;
 * opening hours: a ``branch`` on ``hours`` has both cases (or a default), and no path the
   flow takes while the practice is closed ends in a ``transfer: staff`` (the engine would
-  say "closed" instead of the transfer the flow promised); both cases are explored;
+  say "closed" instead of the transfer the flow promised), also in a sub-flow it goes on to
+  (``@name``) while closed, which inherits the closed state; both cases are explored;
 * spoken hints: in an ask that takes speech the prompt says "Say {label} or press {key}", so
   each such label must be heard as its own choice (one of its phrases, by the engine's own
   matching) and as no other.
@@ -357,11 +358,17 @@ class _Checker:
             ref, ab = item = queue.popleft()
             flow = self.flowset.get(ref[0])
             node = flow.nodes[ref[1]]
-            problem = self.outcome_problem(node, ab)
-            if problem and ref not in reported and ref[0] == self.flow.id:
+            if ref[0] == self.flow.id:
+                problem = self.outcome_problem(node, ab)
+                if problem and ref not in reported:
+                    reported.add(ref)
+                    via = self.trail(parent, item)
+                    self.add(node.line, f"{problem} (path: {via})")
+            elif self.closed_staff(node, ab) and ref not in reported:
+                # A sub-flow reached while closed (``@name``) is closed too: its own check
+                # walks it from its start as if open, so this flow's check says it.
                 reported.add(ref)
-                via = self.trail(parent, item)
-                self.add(node.line, f"{problem} (path: {via})")
+                self.add_closed_in_subflow(parent, item)
             for nxt_ab, target in self.moves(flow, node, ab):
                 try:
                     other, node_id = self.flowset.resolve(flow, target)
@@ -404,8 +411,7 @@ class _Checker:
     def outcome_problem(self, node: Node, ab: _Abstract) -> str:
         if not ab.asked_danger and _grades(node):
             return f"{node.id!r} grades the call before any danger-sign question was asked"
-        urgent = ab.urgency is not None and ab.urgency <= Urgency.U2
-        if ab.closed and isinstance(node, Transfer) and node.to == "staff" and not urgent:
+        if self.closed_staff(node, ab):
             # The engine would not ring the empty desk: the caller hears the closed notice
             # instead of what this step's prompt promised.
             return f"{node.id!r} transfers to staff on a path taken while the practice is closed"
@@ -431,16 +437,61 @@ class _Checker:
         return ""
 
     @staticmethod
+    def closed_staff(node: Node, ab: _Abstract) -> bool:
+        """Whether ``node`` rings the staff desk on a path taken while closed, below U2 (a
+        caller at U2 or more is put through open or closed: the safety rules)."""
+        urgent = ab.urgency is not None and ab.urgency <= Urgency.U2
+        return ab.closed and isinstance(node, Transfer) and node.to == "staff" and not urgent
+
+    def add_closed_in_subflow(
+        self,
+        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None],
+        item: tuple[NodeRef, _Abstract],
+    ) -> None:
+        """Report a staff transfer in another flow on a path this flow took while closed:
+        at the line where that path last left this flow, naming the chain of flows."""
+        refs = self.refs(parent, item)
+        left = max(i for i, r in enumerate(refs) if r[0] == self.flow.id)
+        line = self.flow.nodes[refs[left][1]].line
+        chain = [refs[0][0]]
+        for ref in refs[1:]:
+            if ref[0] != chain[-1]:
+                chain.append(ref[0])
+        ref = item[0]
+        via = self.trail(parent, item)
+        self.add(
+            line,
+            f"{ref[1]!r} in flow {ref[0]!r} transfers to staff on a path taken while the "
+            f"practice is closed (flows: {' > '.join(chain)}; path: {via})",
+        )
+
+    @staticmethod
+    def refs(
+        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None],
+        item: tuple[NodeRef, _Abstract],
+    ) -> list[NodeRef]:
+        """The nodes of the path to ``item``, from the start."""
+        out: list[NodeRef] = []
+        cur: tuple[NodeRef, _Abstract] | None = item
+        while cur is not None:
+            out.append(cur[0])
+            cur = parent[cur]
+        return out[::-1]
+
+    @classmethod
     def trail(
+        cls,
         parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None],
         item: tuple[NodeRef, _Abstract],
     ) -> str:
-        names: list[str] = []
-        cur: tuple[NodeRef, _Abstract] | None = item
-        while cur is not None and len(names) < 50:
-            names.append(cur[0][1])
-            cur = parent[cur]
-        return " > ".join(reversed(names))
+        """The path's node ids (its last 50); a node of another flow than the one before it
+        as ``@flow:node``."""
+        refs = cls.refs(parent, item)
+        names = [
+            ref[1] if i == 0 or ref[0] == refs[i - 1][0] else f"@{ref[0]}:{ref[1]}"
+            for i, ref in enumerate(refs)
+        ]
+        return " > ".join(names[-50:])
 
     # -- texts
 

@@ -1,0 +1,95 @@
+"""``serve`` reads the flow folder once: the flows ``check_clinic_line`` loaded and checked at
+start are the ones the clinic line runs, whatever happens to the files after
+(clinic_voice/cli.py, clinic_voice/wiring.py). No Redis, no SIP: the start is cut short
+where the clinic line would begin to take calls."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Coroutine
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import uvloop
+from aiohttp import web
+
+from clinic_voice import app as app_module
+from clinic_voice import cli
+from clinic_voice import clinic_line as clinic_line_module
+from clinic_voice.app import RUNTIME, Runtime
+from clinic_voice.clinic_line import ClinicLine
+from sip_config.settings import Settings
+from voice.ivr.flow import FlowSet, Say
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+EDITED = "Edited after the check, never checked."
+
+
+class _Built(Exception):
+    """serve built its app (it would start it now): the contexts are taken from there."""
+
+
+class _Started(Exception):
+    """The clinic line was about to start: enough of serve's start for this test."""
+
+    def __init__(self, flowset: FlowSet) -> None:
+        self.flowset = flowset
+
+
+def test_the_flows_serve_checked_are_the_flows_it_runs(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flows = elsewhere / "flows"
+    shutil.copytree(SHIPPED, flows)
+    monkeypatch.setenv("CLINIC_FLOWS_DIR", str(flows))
+    monkeypatch.setenv("CLINIC_DATA_DIR", str(elsewhere / "data"))
+    monkeypatch.setenv("CLINIC_HTTP_ADDR", "127.0.0.1:0")
+
+    checked: list[FlowSet] = []
+    real_check = clinic_line_module.check_clinic_line
+
+    def check(settings: Settings) -> FlowSet:
+        flowset = real_check(settings)
+        checked.append(flowset)
+        return flowset
+
+    def run(main: Coroutine[Any, Any, None]) -> None:
+        # Between the check and the start: a flow file is edited (an operator's editor, a
+        # deploy) into one the check never saw; it still loads.
+        menu = flows / "main_menu.yaml"
+        text = menu.read_text(encoding="utf-8")
+        menu.write_text(text.replace("Welcome to {clinic_name}.", EDITED), encoding="utf-8")
+        asyncio.run(main)
+
+    contexts: list[Any] = []
+
+    def build_app(settings: Settings, **kw: Any) -> web.Application:
+        contexts.extend(kw["extra_contexts"])
+        raise _Built
+
+    async def start(line: ClinicLine) -> None:
+        raise _Started(line._flowset)
+
+    monkeypatch.setattr(clinic_line_module, "check_clinic_line", check)
+    monkeypatch.setattr(uvloop, "run", run)  # as cli.main calls it
+    monkeypatch.setattr(app_module, "build_app", build_app)
+    monkeypatch.setattr(ClinicLine, "start", start)
+    with pytest.raises(_Built):
+        cli.main(["serve"])
+    assert EDITED in (flows / "main_menu.yaml").read_text(encoding="utf-8")
+
+    async def clinic_line_starts() -> FlowSet:
+        fake = web.Application()
+        fake[RUNTIME] = cast(Runtime, SimpleNamespace())
+        sip = contexts[-1](fake)  # wiring.extra_contexts: prompts, then the SIP part
+        with pytest.raises(_Started) as started:
+            await sip.__anext__()
+        return started.value.flowset
+
+    ran = asyncio.run(clinic_line_starts())
+    texts = [n.text for f in ran.flows.values() for n in f.nodes.values() if isinstance(n, Say)]
+    assert not any(EDITED in t for t in texts), "a flow edited after the check runs"
+    assert len(checked) == 1 and ran is checked[0]
