@@ -35,7 +35,9 @@ from tests.peers.webhook_receiver import WebhookReceiver
 from verification.webhooks import SIGNATURE_HEADER, verify
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
-from voice.media.pcm import Pcm, bytes_to_samples, read_wav
+from voice.ivr.flow import Ask, load_flows
+from voice.media.audio_match import rank
+from voice.media.pcm import Pcm, bytes_to_samples, read_wav, resample, samples_to_bytes
 from voice.media.tones import BEEP, RINGBACK
 from voice.media.tts import PromptRenderer
 
@@ -529,6 +531,60 @@ async def test_concurrent_calls_keep_their_own_keys_and_records(line: ClinicLine
         record = by_caller[f"patient{key}"]
         assert steps(record, "digit") == [("menu", key)], record["path"]
         assert record["flow"] == flow, record
+
+
+async def test_9_in_the_appointments_menu_brings_the_main_menu_back(
+    line: ClinicLine, tmp_path: Path
+) -> None:
+    """A caller who picked appointments by mistake presses 9 once its question was heard,
+    and hears the main menu again (the same call, nothing saved for the appointment)."""
+    renderer = line.app[RUNTIME].renderer
+    assert renderer is not None
+    flows = load_flows(line.settings.ivr.flows_dir)
+    menu, which = flows.get("main_menu").nodes["menu"], flows.get("appointments").nodes["which"]
+    assert isinstance(menu, Ask) and isinstance(which, Ask)
+    references = {
+        key: pcm_8k(read_wav(await renderer.render(text, voice="en")))
+        for key, text in {
+            "main_menu": flows.get("main_menu").ask_prompt(menu, speech=False),
+            "appointments": flows.get("appointments").ask_prompt(which, speech=False),
+        }.items()
+    }
+    heard = tmp_path / "heard.wav"
+    before = await line.call_ids()
+    async with phones() as started:
+        # 1 (appointments) cuts the welcome short; 9 once the appointments question was
+        # heard in full; then the welcome and the main menu play, and the caller hangs up.
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", "1@0.5", "--answers", "9",
+            "--record", str(heard), "--duration", "40", "--timeout", "70",
+        )  # fmt: skip
+        started.append(caller)
+        await caller.finish(CALL_S + 10)
+    nine = caller.find("dtmf_sent", digit="9")
+    assert nine is not None, caller.events
+
+    record = await line.new_record(before)
+    assert steps(record, "digit") == [("menu", "1"), ("which", "9")], record["path"]
+    after = [(p["flow"], p["node"]) for p in record["path"]]
+    after = after[after.index(("appointments", "which")) :]
+    assert ("main_menu", "welcome") in after and ("main_menu", "menu") in after, record["path"]
+    assert record["flow"] == "main_menu", record
+    assert record["values"] == {}, "the way back is no appointment action"
+    assert record["outcome"] == "caller_hung_up", record
+
+    # What the caller heard after the 9 is the main menu, not the appointments question.
+    pcm = read_wav(heard)
+    start = int(float(nine["at"]) * pcm.rate_hz)
+    tail = pcm_8k(Pcm(pcm.samples[start:], pcm.rate_hz))
+    match = rank(tail, references, 8000)
+    assert match.key == "main_menu" and match.score > match.runner_up, match
+
+
+def pcm_8k(pcm: Pcm) -> bytes:
+    """``pcm`` as 8 kHz PCM16 bytes, for :func:`rank`."""
+    samples = pcm.samples if pcm.rate_hz == 8000 else resample(pcm.samples, pcm.rate_hz, 8000)
+    return samples_to_bytes(samples)
 
 
 async def test_part_of_an_entry_typed_over_its_prompt_still_times_out(line: ClinicLine) -> None:

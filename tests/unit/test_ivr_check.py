@@ -183,3 +183,111 @@ def test_a_recording_is_found_next_to_its_flow_file(tmp_path: Path) -> None:
     assert [str(f) for f in check_files([tmp_path / "hello.yaml"])] == []
     say = load_flows(tmp_path).get("hello").nodes["welcome"]
     assert isinstance(say, Say) and say.audio == str(tmp_path / "welcome.wav")
+
+
+def write_flows(folder: Path, flows: dict[str, str], default: str) -> Path:
+    for name, text in flows.items():
+        (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
+    (folder / "routes.yaml").write_text(f"default: {default}\nroutes: {{}}\n", encoding="utf-8")
+    return folder
+
+
+FRONT_DOOR = """\
+id: front
+language: en
+start: pick
+nodes:
+  pick:
+    ask:
+      prompt: "Pick."
+      choices:
+        - {key: "1", phrases: [forms], label: forms, goto: "@forms"}
+        - {key: "2", phrases: [goodbye], label: goodbye, goto: bye}
+  bye: {hangup: "Goodbye."}
+"""
+FORMS = """\
+id: forms
+language: en
+start: which
+nodes:
+  which:
+    ask:
+      prompt: "Which form?"
+      choices:
+        - {key: "1", phrases: [sick note], label: sick note, goto: noted}
+        - {key: "9", phrases: [main menu], label: the main menu, goto: "@menu"}
+  noted: {hangup: "Noted."}
+"""
+
+
+def test_a_way_back_to_the_menu_is_no_endless_path(tmp_path: Path) -> None:
+    # front -> forms -> @menu -> front is a cycle the caller leaves by answering.
+    folder = write_flows(tmp_path, {"front": FRONT_DOOR, "forms": FORMS}, "front")
+    assert [str(f) for f in check_files([folder])] == []
+
+
+def test_a_menu_and_sub_flow_with_no_way_out_still_never_end(tmp_path: Path) -> None:
+    # Nothing but the way back: the engine's cap on returns (a human) is no way out.
+    front = FRONT_DOOR.replace(
+        '        - {key: "2", phrases: [goodbye], label: goodbye, goto: bye}\n', ""
+    )
+    front = front.replace('  bye: {hangup: "Goodbye."}\n', "")
+    forms = FORMS.replace("goto: noted}", 'goto: "@menu"}').replace(
+        '  noted: {hangup: "Noted."}\n', ""
+    )
+    forms = forms.replace("[main menu], label: the main menu", "[back], label: back")
+    folder = write_flows(tmp_path, {"front": front, "forms": forms}, "front")
+    assert [str(f) for f in check_files([folder])] == [
+        f"{folder / 'forms.yaml'}:6: path never ends: no hang-up or transfer after 'which'",
+        f"{folder / 'front.yaml'}:6: path never ends: no hang-up or transfer after 'pick'",
+    ]
+
+
+def test_the_way_back_needs_the_routes_default_flow(tmp_path: Path) -> None:
+    folder = write_flows(tmp_path, {"forms": FORMS}, "front")
+    got = [str(f) for f in check_files([folder])]
+    assert got == [
+        f"{folder / 'forms.yaml'}:10: unknown target '@menu': the routes' default flow 'front'"
+        " is missing",
+        f"{folder / 'routes.yaml'}:1: unknown flow 'front' for route (default)",
+    ]
+
+
+def test_the_way_back_after_a_danger_sign_question_is_refused(tmp_path: Path) -> None:
+    triage = """\
+id: tri
+language: en
+human: nurse
+start: breathing
+nodes:
+  breathing:
+    ask:
+      prompt: "Any difficulty breathing?"
+      danger_sign: true
+      choices:
+        - {key: "1", phrases: ["yes"], label: "yes", urgency: U1, reason: breathing, goto: nurse}
+        - {key: "2", phrases: ["no"], label: "no", goto: more}
+  more:
+    ask:
+      prompt: "Anything else?"
+      choices:
+        - {key: "1", phrases: [done], label: done, goto: nurse}
+        - {key: "9", phrases: [main menu], label: the main menu, goto: "@menu"}
+  nurse:
+    transfer: nurse
+    outcome: call_emergency+transfer_nurse
+"""
+    folder = write_flows(tmp_path, {"front": FRONT_DOOR, "forms": FORMS, "tri": triage}, "front")
+    assert [str(f) for f in check_files([folder / "tri.yaml"])] == [
+        f"{folder / 'tri.yaml'}:18: 'more' goes back to the menu after a danger-sign question"
+        " or a triage answer (path: breathing > more)",
+    ]
+    # The same way back before the first danger sign is a caller's wrong turn: allowed.
+    before = triage.replace("start: breathing", "start: more").replace(
+        "goto: more}", "goto: nurse}"
+    )
+    before = before.replace(
+        'goto: nurse}\n        - {key: "9"', 'goto: breathing}\n        - {key: "9"'
+    )
+    write_flows(tmp_path, {"tri": before}, "front")
+    assert [str(f) for f in check_files([folder / "tri.yaml"])] == []

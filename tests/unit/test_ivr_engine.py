@@ -962,7 +962,7 @@ def test_the_appointment_menu_on_the_keypad_reads_naturally(shipped: FlowSet) ->
     _, actions = Engine(shipped, FlowParams()).start(shipped.get("appointments"))
     assert texts(actions) == [
         "To book an appointment, press 1. To move an appointment, press 2. To cancel an "
-        "appointment, press 3."
+        "appointment, press 3. For the main menu, press 9."
     ]
 
 

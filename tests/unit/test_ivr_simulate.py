@@ -181,3 +181,12 @@ def test_a_bad_service_setting_is_named(
     monkeypatch.setenv("CLINIC_EMERGENCY_NUMBER", "one-one-two")
     assert run(["triage", "--flows-dir", str(SHIPPED)], [":hangup"])[0] == 2
     assert "CLINIC_EMERGENCY_NUMBER" in capsys.readouterr().err
+
+
+def test_simulate_shows_the_way_back_to_the_main_menu_and_its_cap() -> None:
+    code, out = run(["6000", "--flows-dir", str(SHIPPED), "--open"], ["1", "9"] * 4)
+    assert code == 0
+    returns = [line for line in out if line.startswith("-- back to the main menu")]
+    assert returns == [f"-- back to the main menu (main_menu), return {n} of 3" for n in (1, 2, 3)]
+    assert "-- no more returns to the main menu (3 made): a human" in out
+    assert "   transfer to sip:6200@127.0.0.1:5160" in out

@@ -10,6 +10,11 @@ Checks, each reported as ``file:line: message``:
   urgency never goes down (no outcome less urgent than the urgency reached, no hang-up
   without a human at U2 or above), every danger-sign question has an answer that makes the
   call U1 or U0 and its give-up path ends with a human, never a plain hang-up;
+* the way back to the main menu (``@menu``): never after a danger-sign question or an
+  answer the triage weighed (an urgency or a risk group): red flags come first, and a
+  caller half-way through a triage is not sent round the menu. A return is an edge like any
+  other, so a menu and its sub-flows that only lead to one another still "never end" (the
+  engine's cap on returns, a human, is a last resort, not a way out a flow may count on);
 * opening hours: a ``branch`` on ``hours`` has both cases (or a default), and no path the
   flow takes while the practice is closed ends in a ``transfer: staff`` (the engine would
   say "closed" instead of the transfer the flow promised), also in a sub-flow it goes on to
@@ -33,6 +38,7 @@ from voice.ivr.engine import phrase_in, urgent_question
 from voice.ivr.flow import (
     HOURS,
     HOURS_CASES,
+    MENU_TARGET,
     PARAM_NAMES,
     ROUTES_FILE,
     Ask,
@@ -196,7 +202,10 @@ class _Checker:
             lines = {c.goto: c.line for c in node.choices} if isinstance(node, Ask) else {}
             for target, _, _ in successors(node):
                 if target and self.resolve(target) is None:
-                    self.add(lines.get(target, node.line), f"unknown target {target!r}")
+                    why = ""
+                    if target == MENU_TARGET:
+                        why = f": the routes' default flow {self.flowset.default!r} is missing"
+                    self.add(lines.get(target, node.line), f"unknown target {target!r}{why}")
 
     def edges(self, ref: NodeRef) -> list[NodeRef]:
         flow = self.flowset.get(ref[0])
@@ -354,6 +363,7 @@ class _Checker:
         }
         queue = deque([(start, init)])
         reported: set[NodeRef] = set()
+        returns_reported: set[NodeRef] = set()
         while queue:
             ref, ab = item = queue.popleft()
             flow = self.flowset.get(ref[0])
@@ -370,6 +380,18 @@ class _Checker:
                 reported.add(ref)
                 self.add_closed_in_subflow(parent, item)
             for nxt_ab, target in self.moves(flow, node, ab):
+                if (
+                    target == MENU_TARGET
+                    and (nxt_ab.asked_danger or nxt_ab.urgency is not None)
+                    and ref[0] == self.flow.id
+                    and ref not in returns_reported
+                ):
+                    returns_reported.add(ref)
+                    self.add(
+                        _menu_line(node),
+                        f"{node.id!r} goes back to the menu after a danger-sign question or "
+                        f"a triage answer (path: {self.trail(parent, item)})",
+                    )
                 try:
                     other, node_id = self.flowset.resolve(flow, target)
                 except KeyError:
@@ -551,6 +573,15 @@ class _Checker:
                         choice.line,
                         f"label {choice.label!r} is spoken as an answer but also matches {others}",
                     )
+
+
+def _menu_line(node: Node) -> int:
+    """The line of the way back to the menu in ``node``: its choice's, else the node's."""
+    if isinstance(node, Ask):
+        for choice in node.choices:
+            if choice.goto == MENU_TARGET:
+                return choice.line
+    return node.line
 
 
 def _texts(node: Node) -> list[str]:

@@ -20,6 +20,11 @@ VoiceXML semantics kept here:
   were typed before the caller heard the question after it);
 * each ask counts its noinputs and nomatches and tapers its reprompts; low confidence is a
   nomatch; when a counter runs out the caller goes to the ask's ``on_fail`` or a human;
+* a choice that goes to ``@menu`` takes the caller back to the main menu (the routes'
+  default flow, at its start): a jump, like any ``@flow`` target, with everything the call
+  has reached kept (a triage's urgency too: the safety rules below hold to the end of the
+  call); it saves no value. After :data:`MAX_MENU_RETURNS` returns the next one reaches the
+  flow's human instead, so a call going round cannot grow its record without bound;
 * anywhere, ``*`` repeats the prompt and ``0`` reaches a human (staff, or the nurse in the
   triage). Staff only while the desk is open (``FlowParams.open_now``, the opening hours):
   out of hours a ``0`` at a question hears the closed notice (hours, out-of-hours number,
@@ -71,6 +76,7 @@ from urllib.parse import quote
 from voice.ivr.flow import (
     HOURS,
     HUMAN_PHRASES,
+    MENU_TARGET,
     MESSAGE_VALUE,
     PARAM_NAMES,
     REPEAT_PHRASES,
@@ -110,6 +116,11 @@ log = logging.getLogger(__name__)
 # A flow that runs this many nodes without waiting for the caller loops; flow check finds it,
 # this keeps a broken flow from hanging the session.
 MAX_STEPS = 200
+# A caller sent back to the main menu (``@menu``) more than this often in one call reaches
+# the flow's human instead: three wrong turns is someone the menu does not serve, and a call
+# going round menu -> sub-flow -> menu would otherwise grow its path, its record and its
+# live record on disk without bound (a path step for every node it passes).
+MAX_MENU_RETURNS = 3
 SUMMARY_HEADER = "X-Clinic-Summary"
 URGENCY_HEADER = "X-Clinic-Urgency"
 
@@ -383,6 +394,7 @@ class CallState:
     achieved: str = ""  # a webhook step's outcome once its request arrived (kept by a stop)
     triage_action: TriageAction | None = None
     close: Close = Close.OPEN
+    menu_returns: int = 0  # times sent back to the main menu (``@menu``)
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -655,8 +667,15 @@ class Engine:
     # -- running nodes until one waits
 
     def _enter(self, state: CallState, flow: Flow, target: str, actions: list[Action]) -> Result:
-        flow, node_id = self._resolve(flow, target)
         for _ in range(MAX_STEPS):
+            if target == MENU_TARGET:
+                if state.menu_returns >= MAX_MENU_RETURNS:
+                    # Round and round: a person, not the menu once more (and the call's
+                    # path, record and live record stop growing with it).
+                    state = self._step(state, "menu", "limit")
+                    return self._to_human(state, flow, "menu returns limit", actions)
+                state = replace(state, menu_returns=state.menu_returns + 1)
+            flow, node_id = self._resolve(flow, target)
             node = flow.nodes.get(node_id)
             if node is None:
                 raise EngineError(f"{flow.id}: no node {node_id!r}")
@@ -673,19 +692,19 @@ class Engine:
                 for name, text in node.values:
                     state = state.with_value(name, self._render(state, text))
                 state = self._step(state)
-                flow, node_id = self._resolve(flow, node.next)
+                target = node.next
             elif isinstance(node, Assess):
                 state = self._step(self._apply(state, node.effect))
-                flow, node_id = self._resolve(flow, node.next)
+                target = node.next
             elif isinstance(node, Goto):
                 state = self._step(state)
-                flow, node_id = self._resolve(flow, node.target)
+                target = node.target
             elif isinstance(node, Branch):
                 chosen = self._branch(state, node)
                 state = self._step(state, "branch", chosen or "")
                 if chosen is None:
                     raise EngineError(f"{flow.id}:{node.id}: no case and no default")
-                flow, node_id = self._resolve(flow, chosen)
+                target = chosen
             else:
                 return self._wait_at(state, flow, node, actions)
         raise EngineError(f"{flow.id}: more than {MAX_STEPS} steps without waiting")
@@ -911,6 +930,17 @@ class Engine:
         state = replace(state, digits="")
         if entry == "0":
             return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
+        for choice in ask.choices:
+            if choice.key == entry:  # one key as the whole entry: never a real one (min >= 2)
+                return self._choose(
+                    state,
+                    flow=flow,
+                    ask=ask,
+                    choice=choice,
+                    kind="digit",
+                    heard=entry,
+                    confidence=None,
+                )
         if not spec.min_digits <= len(entry) <= spec.max_digits or not spec.accepts(
             entry, self.params.today()
         ):
@@ -988,7 +1018,9 @@ class Engine:
         heard: str,
         confidence: float | None,
     ) -> Result:
-        if ask.save:
+        if ask.save and ask.digits is None and choice.goto != MENU_TARGET:
+            # The way back to the menu answers nothing (no "9" as the appointment's action),
+            # nor does an entry's choice (the entry's name holds entries only).
             state = state.with_value(ask.save, choice.value)
         state = self._step(state, kind, heard, confidence)
         if choice.effect is not None:

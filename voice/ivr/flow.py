@@ -16,13 +16,19 @@ A flow file::
 
 Node kinds: ``say``, ``ask``, ``branch``, ``set``, ``urgency`` (raise triage urgency),
 ``transfer``, ``record``, ``webhook``, ``goto`` and ``hangup``. A target is a node id in the
-same flow, ``@flow`` (another flow's start) or ``@flow:node``. Texts may hold
+same flow, ``@flow`` (another flow's start) or ``@flow:node``: a jump, never a call that
+returns. ``@menu`` is the way back to the main menu: the start of the flow ``routes.yaml``
+names as its default (the engine caps these returns per call:
+``voice.ivr.engine.MAX_MENU_RETURNS``). Texts may hold
 ``{placeholders}``: flow parameters (``emergency_number``, ``clinic_name``) make a text
 static (rendered to audio at start-up), collected values make it dynamic.
 
 A digits ask may check what was typed: ``digits: {min: 8, max: 8, format: date_ddmmyyyy}``
 takes only a real date, not in the future and at most 130 years ago (``FlowParams.today``
-says which day it is); any other entry is a nomatch, like one too short.
+says which day it is); any other entry is a nomatch, like one too short. A digits ask may
+also have ``choices``: a choice's key typed as the whole entry (the key then ``#``, or the
+key then a pause) takes it, as ``0`` alone reaches a human; ``min`` is at least 2, so no
+real entry is one key.
 
 Every record keeps the file line it came from so ``flow check`` can say ``file:line: why``.
 """
@@ -64,6 +70,9 @@ HOURS_CASES = ("open", "closed")
 NODE_KINDS: tuple[str, ...] = ("say", "ask", "branch", "set", "urgency", "transfer", "record")
 NODE_KINDS += ("webhook", "goto", "hangup")
 RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
+# The target back to the main menu (the routes' default flow, at its start, so the menu
+# branches on the opening hours again); the flow id "menu" is kept free for it.
+MENU_TARGET = "@menu"
 # The value the engine saves itself: the message for a call back after a failed transfer.
 MESSAGE_VALUE = "callback_message"
 # A keypad entry under way ends this long after its last digit (the first waits the ask's
@@ -72,6 +81,8 @@ INTER_DIGIT_S = 4.0
 # The webhook URLs a flow may name: the service maps each to a setting (clinic_line.py).
 WEBHOOK_URLS = ("scheduling",)
 DTMF_KEYS = frozenset("0123456789*#")
+# The keys a digits ask's choice may have: 0 alone is a human there too, * repeats, # ends.
+_ENTRY_CHOICE_KEYS = frozenset("123456789")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 _NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -252,6 +263,8 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "record_failed": "Sorry, your message could not be saved.",
         "key_hint": "Press {key} for {label}.",
         "speech_hint": "Say {label} or press {key}.",
+        # A choice of a keypad entry (its key is the whole entry, ended by the hash).
+        "entry_key_hint": "For {label}, press {key} then hash.",
         "repeat_hint": "",
         # Out of opening hours: {closed_notice} is made of these (FlowParams.values), the
         # hours and out-of-hours sentences only when there is something to tell.
@@ -299,6 +312,7 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "record_failed": "죄송합니다. 메시지를 저장하지 못했습니다.",
         "key_hint": "{label}: {key}번을 누르세요.",
         "speech_hint": "{label}라고 말하거나 {key}번을 누르세요.",
+        "entry_key_hint": "{label}: {key}번을 누르고 우물 정자를 누르세요.",
         "repeat_hint": "",
         "practice_closed": "지금은 진료 시간이 아닙니다.",
         "practice_hours": "진료 시간은 {opening_hours}입니다.",
@@ -643,7 +657,11 @@ class Flow:
         speech = speech and ask.mode is not InputMode.KEYPAD
         if not speech and ask.keypad_prompt is not None:
             return ask.keypad_prompt
-        template = self.texts("speech_hint" if speech else "key_hint")
+        if ask.digits is not None:
+            # An entry hears keys only; its choice is a key typed as the whole entry.
+            template = self.texts("entry_key_hint" if ask.digits.terminator else "key_hint")
+        else:
+            template = self.texts("speech_hint" if speech else "key_hint")
         hints = [
             template.format(key=c.key, label=c.label) for c in ask.choices if c.label and c.key
         ]
@@ -719,7 +737,12 @@ class FlowSet:
         return self.flows[flow_id]
 
     def resolve(self, flow: Flow, target: str) -> tuple[Flow, str]:
-        """(flow, node id) that ``target`` names from inside ``flow``."""
+        """(flow, node id) that ``target`` names from inside ``flow``.
+
+        ``@menu`` (:data:`MENU_TARGET`) is the default flow's start, from any flow."""
+        if target == MENU_TARGET:
+            menu = self.flows[self.default]
+            return menu, menu.start
         if target.startswith("@"):
             flow_id, _, node_id = target[1:].partition(":")
             other = self.flows[flow_id]
@@ -923,6 +946,8 @@ class _Parser:
             return None
         self.known(top, {"id", "language", "human", "start", "nodes"}, "the flow")
         flow_id = self.text(top, "id", self.path.stem)
+        if f"@{flow_id}" == MENU_TARGET:
+            self.error(top.line_of("id"), f"flow id {flow_id!r} is kept for {MENU_TARGET}")
         language = self.text(top, "language")
         if language and language not in LANGUAGES:
             self.error(top.line_of("language"), f"unknown language {language!r}")
@@ -1002,8 +1027,8 @@ class _Parser:
         digits = self.digits(a)
         if digits is None and not choices:
             self.error(a.line, "ask needs 'choices' or 'digits'")
-        if digits is not None and choices:
-            self.error(a.line, "ask has both 'choices' and 'digits'")
+        if digits is not None:
+            self.entry_choices(choices)
         nxt = self.opt_text(a, "next")
         if digits is not None and nxt is None:
             self.error(a.line, "a digits ask needs 'next'")
@@ -1067,6 +1092,18 @@ class _Parser:
                 effect=self.effect(c),
                 line=c.line,
             )
+
+    def entry_choices(self, choices: tuple[Choice, ...]) -> None:
+        """A digits ask's choices: a digit key each, typed as the whole entry; no speech
+        (an entry hears none) and no triage effect (an entry is no answer to weigh)."""
+        for choice in choices:
+            # (0 and * are reported as reserved already.)
+            if choice.key not in _ENTRY_CHOICE_KEYS | RESERVED_KEYS:
+                self.error(choice.line, "a choice in a digits ask needs a 'key' from 1 to 9")
+            if choice.phrases:
+                self.error(choice.line, "a digits ask hears no speech: no 'phrases'")
+            if choice.effect is not None:
+                self.error(choice.line, "a choice in a digits ask raises no urgency or risk")
 
     def digits(self, a: _Map) -> DigitSpec | None:
         if "digits" not in a:

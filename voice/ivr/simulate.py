@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sip_config.settings import SettingsError, flow_preview_from_env, flows_dir_from_env
 from voice.ivr.engine import (
+    MAX_MENU_RETURNS,
     Action,
     CallState,
     Digit,
@@ -221,7 +222,9 @@ def run(
         event = _next_event(state, queue, input_fn, output_fn)
         if event is None:
             return 0
+        before = state
         state, actions = engine.handle(state, event)
+        _show_menu_return(before, state, output_fn)
 
 
 def _load(name: str, flows_dir: Path | None) -> tuple[FlowSet, Flow]:
@@ -295,6 +298,19 @@ def _next_event(
         events = parse_line(line)
         queue.extend(events[1:])
         return events[0]
+
+
+def _show_menu_return(
+    before: CallState, after: CallState, output_fn: Callable[[str], None]
+) -> None:
+    """A line for a return to the main menu (``@menu``), or for the one the cap refused."""
+    if after.menu_returns > before.menu_returns:
+        output_fn(
+            f"-- back to the main menu ({after.flow}), return {after.menu_returns} of "
+            f"{MAX_MENU_RETURNS}"
+        )
+    elif any(p.input == "menu" for p in after.path[len(before.path) :]):
+        output_fn(f"-- no more returns to the main menu ({MAX_MENU_RETURNS} made): a human")
 
 
 def _show(
