@@ -54,7 +54,7 @@ from verification.webhooks import WebhookSender
 from voice.ivr.api import CallsApi
 from voice.ivr.erasure import CallErasure
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
-from voice.ivr.journal import CallJournal
+from voice.ivr.journal import CallJournal, RecordsOnDisk
 from voice.ivr.store import COMPACT_ASKED, CallStore
 from voice.ivr.voicemail import Voicemails
 from voice.media.tts import PromptRenderer
@@ -93,6 +93,9 @@ class Runtime:
     call_store: CallStore | None = None
     voicemails: Voicemails | None = None
     call_erasure: CallErasure | None = None
+    # The call records waiting on disk, counted by this process's journals (serve's clinic
+    # line keeps it current; an HTTP worker learns serve's count: MainLink.calls_on_disk).
+    records_on_disk: RecordsOnDisk = field(default_factory=RecordsOnDisk)
     renderer: PromptRenderer | None = None
     redis_url: str = ""  # the Redis in use (the embedded one's socket when embedded)
     http_workers: HttpWorkers | None = None  # serve: the extra HTTP processes
@@ -131,6 +134,14 @@ class Runtime:
     def need_call_erasure(self) -> CallErasure:
         assert self.call_erasure is not None, "call erasure used before start"
         return self.call_erasure
+
+    def calls_on_disk(self) -> int | None:
+        """How many call records wait on disk (not in ``GET /v1/calls``): serve's count, also
+        in an HTTP worker; None while not counted (no clinic line)."""
+        if self.main_link is not None:
+            return self.main_link.calls_on_disk()
+        now = self.records_on_disk.now()
+        return None if now is None else now.total
 
     def need_dispatcher(self) -> Dispatcher:
         assert self.dispatcher is not None, "dispatcher used before start"
@@ -390,7 +401,9 @@ def build_app(
         rt.voicemails = Voicemails(settings.data_dir / "voicemail", rt.call_store)
         # Its own view of the journal's folders (the clinic line replays them): an HTTP
         # worker erases too, and shares the data dir.
-        journal = CallJournal(settings.data_dir / JOURNAL_FOLDER, rt.call_store)
+        journal = CallJournal(
+            settings.data_dir / JOURNAL_FOLDER, rt.call_store, on_disk=rt.records_on_disk
+        )
         rt.call_erasure = CallErasure(rt.call_store, journal, rt.voicemails, rt.clock)
         rt.store = VerificationStore(
             mux,
@@ -527,6 +540,7 @@ def build_app(
             checks=lambda: {name: check() for name, check in serve_checks.items()},
             warming=lambda: sorted(rt.warming),
             metrics=metrics,
+            calls_on_disk=rt.calls_on_disk,
         )
         await workers.start()
         rt.http_workers = workers
@@ -558,7 +572,9 @@ def build_app(
     )
     routes = [
         *api.routes(),
-        *CallsApi(rt.need_call_store, rt.need_voicemails, rt.need_call_erasure).routes(),
+        *CallsApi(
+            rt.need_call_store, rt.need_voicemails, rt.need_call_erasure, rt.calls_on_disk
+        ).routes(),
         web.get("/healthz", _healthz),
         web.get("/readyz", _readyz),
         web.get("/metrics", _metrics),

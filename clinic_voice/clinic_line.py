@@ -6,9 +6,10 @@ import asyncio
 import datetime
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from clinic_voice.app import Runtime
+from clinic_voice.metrics import Metrics
 from sip_config.settings import Settings, SettingsError
 from verification.http_client import HttpClientError
 from verification.webhooks import SIGNATURE_HEADER, sign
@@ -16,7 +17,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, Engine
 from voice.ivr.flow import WEBHOOK_URLS, FlowError, FlowParams, FlowSet, load_flows
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
-from voice.ivr.journal import REPLAY_EVERY_S, CallJournal
+from voice.ivr.journal import REPLAY_EVERY_S, CallJournal, RecordsOnDisk
 from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import SpeechModel
@@ -56,6 +57,29 @@ def check_clinic_line(settings: Settings) -> FlowSet:
     return flowset
 
 
+def show_records_on_disk(metrics: Metrics, on_disk: RecordsOnDisk) -> None:
+    """Set ``clinic_call_records_on_disk`` to ``on_disk``'s count now."""
+    now = on_disk.now()
+    if now is None:  # not counted yet: no sample rather than a 0 that may be wrong
+        metrics.call_records_on_disk.clear()
+        return
+    metrics.call_records_on_disk.set(now.kept, state="kept")
+    metrics.call_records_on_disk.set(now.cut, state="cut")
+    metrics.call_records_on_disk.set(now.unreadable, state="unreadable")
+
+
+def watch_records_on_disk(metrics: Metrics, on_disk: RecordsOnDisk) -> Callable[[], None]:
+    """Show ``on_disk`` in each render of ``metrics`` until the function returned is called
+    (the clinic line stops: no sample then, as for the SIP pool's gauges)."""
+    stop_showing = metrics.on_render(lambda: show_records_on_disk(metrics, on_disk))
+
+    def stop() -> None:
+        stop_showing()
+        metrics.call_records_on_disk.clear()
+
+    return stop
+
+
 class ClinicLine:
     """Builds a :class:`CallSession` for every inbound call."""
 
@@ -68,6 +92,7 @@ class ClinicLine:
         self._sweep: asyncio.Task[None] | None = None
         self._journal: CallJournal | None = None
         self._replay: asyncio.Task[None] | None = None
+        self._stop_showing: Callable[[], None] | None = None  # the journal's gauges
         self._sessions: set[CallSession] = set()  # the calls in progress
         self._no_calls = asyncio.Event()
         self._no_calls.set()
@@ -178,6 +203,8 @@ class ClinicLine:
         self._journal = journal
         # Read before any call can begin (no session runs without the deps made below).
         lost = await journal.leftovers(self._rt.clock.now())
+        # /metrics shows what waits on disk as it is at each scrape (counted, never listed).
+        self._stop_showing = watch_records_on_disk(self._rt.metrics, journal.on_disk)
         self._replay = asyncio.create_task(self._replay_journal(journal, lost))
         self._deps = SessionDeps(
             engine=Engine(self._flowset, params),
@@ -190,7 +217,7 @@ class ClinicLine:
             keep=self._keep,
             clock=self._rt.clock,
             tone_dir=self._settings.data_dir / "prompts",
-            write_ahead=journal.keep,
+            write_ahead=journal.write_ahead,
             forget=journal.forget,
             begin=journal.begin,
             end=journal.end,
@@ -205,6 +232,7 @@ class ClinicLine:
             self._settings.data_dir / JOURNAL_FOLDER,
             self._rt.call_store,
             on_cut_recorded=self._count_cut,
+            on_disk=self._rt.records_on_disk,
         )
 
     def _count_cut(self) -> None:
@@ -243,6 +271,9 @@ class ClinicLine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._stop_showing is not None:
+            self._stop_showing()
+            self._stop_showing = None
 
     async def handle(self, call: CallHandle) -> None:
         """The pool's handler for an inbound call."""

@@ -17,7 +17,8 @@ The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the work
   moved on from a step there: ``serve`` stops that step's send), ``metrics`` (a snapshot, every
   second, and at once when asked), ``render`` (a /metrics scrape);
 - serve → worker: ``state`` (which channels serve sends on and whether each is ready, serve's
-  own readiness checks and what it is still warming up; on connect and every half second),
+  own readiness checks, what it is still warming up and how many call records wait on disk
+  for Redis, for ``GET /v1/calls``; on connect and every half second),
   ``snapshot`` (send your metrics now: every scrape asks every worker, whichever process it
   reached, so that it counts every request answered before it), ``rendered``.
 
@@ -80,8 +81,10 @@ class HttpWorkers:
         checks: Callable[[], dict[str, bool]],
         warming: Callable[[], list[str]],
         metrics: Metrics,
+        calls_on_disk: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._count = count
+        self._calls_on_disk = calls_on_disk
         self._metrics = metrics
         self._path = control_path(data_dir)
         self._env = dict(env)
@@ -247,6 +250,7 @@ class HttpWorkers:
             },
             "checks": self._checks(),
             "warming": self._warming(),
+            "calls_on_disk": self._calls_on_disk(),
         }
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

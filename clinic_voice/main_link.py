@@ -45,6 +45,7 @@ class MainLink:
         self._channels: dict[Channel, bool] = {}
         self._checks: dict[str, bool] = {}
         self._warming: list[str] = []
+        self._calls_on_disk: int | None = None
         self._state_at = 0.0  # time.monotonic() of serve's last state
         self._renders: dict[int, asyncio.Future[str]] = {}
         self._numbers = itertools.count(1)
@@ -128,6 +129,11 @@ class MainLink:
         """What ``serve`` is still warming up (its /readyz ``warming``, e.g. prompts)."""
         return list(self._warming)
 
+    def calls_on_disk(self) -> int | None:
+        """How many call records wait on disk by ``serve``'s count (its ``GET /v1/calls``
+        says the same), as of its last state; None when it counts none."""
+        return self._calls_on_disk
+
     async def render_metrics(self) -> str:
         """The whole service's /metrics, summed by ``serve`` (with this worker's latest)."""
         n = next(self._numbers)
@@ -153,6 +159,8 @@ class MainLink:
             self._channels = {Channel(c): bool(ok) for c, ok in msg["channels"].items()}
             self._checks = {str(k): bool(v) for k, v in msg["checks"].items()}
             self._warming = [str(w) for w in msg.get("warming", [])]
+            on_disk = msg.get("calls_on_disk")
+            self._calls_on_disk = None if on_disk is None else int(on_disk)
             self._state_at = time.monotonic()
         elif op == "snapshot":
             snapshot = self._metrics.snapshot()

@@ -204,6 +204,14 @@ class Metrics:
             "free call slots an outbound (verification) call may not take "
             "(CLINIC_SIP_CALLER_SLOTS): one is placed only while more slots than this are free",
         )
+        # The clinic line's journal (clinic_voice/clinic_line.py sets it before each render).
+        self.call_records_on_disk = Gauge(
+            "clinic_call_records_on_disk",
+            "clinic-line call records on disk that Redis does not hold (not in GET /v1/calls), "
+            "by state: kept (a save Redis did not take; replayed every 30 s), cut (calls a "
+            "serve that died was running; saved once Redis takes them), unreadable (do not "
+            "open with this service's keys: left for the operator)",
+        )
         self._on_render: list[Callable[[], None]] = []
 
     def on_render(self, refresh: Callable[[], None]) -> Callable[[], None]:
@@ -213,7 +221,12 @@ class Metrics:
         return lambda: self._on_render.remove(refresh)
 
     def _gauges(self) -> tuple[Gauge, ...]:
-        return (self.sip_workers, self.sip_slots, self.sip_slots_kept_for_callers)
+        return (
+            self.sip_workers,
+            self.sip_slots,
+            self.sip_slots_kept_for_callers,
+            self.call_records_on_disk,
+        )
 
     def _all(self) -> tuple[Counter | Histogram, ...]:
         return (

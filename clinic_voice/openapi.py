@@ -216,6 +216,15 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
             "next": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "waiting_on_disk": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "call records kept on disk because Redis did not take them "
+                "(an outage), or left by a serve that died during their calls: not in this "
+                "list until Redis takes them (tried every 30 s); above 0, the list is "
+                "incomplete. Includes records that do not open with the service's keys, "
+                "which wait for the operator. Absent when the service runs no clinic line.",
+            },
         },
     },
     "Call": {

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import (
     API_KEY,
+    CALLS_KEY,
     MOBILE,
     OpenApiCollector,
     StartService,
@@ -316,11 +317,11 @@ def _worker_pids(parent: int, what: bytes = b"http-worker") -> list[int]:
 
 
 async def _fresh_connection_request(
-    service: Service, method: str, path: str, body: Any = None
+    service: Service, method: str, path: str, body: Any = None, *, key: str = API_KEY
 ) -> tuple[int, Any]:
     """A request on a new connection: the kernel picks the process anew each time."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
+        headers = {"Authorization": f"Bearer {key}"}
         async with s.request(method, service.base + path, json=body, headers=headers) as resp:
             raw = await resp.read()
             errors = service.collector.check(
@@ -453,6 +454,35 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
             return not [p for p in live if _alive(p)]
 
         await _until("the workers to stop after serve was killed", gone)
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_every_process_says_how_many_call_records_wait_on_disk(
+    sms_gateway: SmsGateway, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """A record kept on disk that does not open (sealed under another secret) waits for the
+    operator: GET /v1/calls says so in serve and in its HTTP worker alike (the worker has
+    serve's count), and /metrics shows it, whichever process answers."""
+    data = _data_dir(tmp_path, "data")
+    kept = data / "unsaved-calls"
+    kept.mkdir(mode=0o700)
+    (kept / "od-foreign.sealed").write_text("sealed under a secret this service lacks")
+    env = _embedded(service_env("", data, sms_gateway)) | {"CLINIC_HTTP_WORKERS": "2"}
+    async with serve("S", env, tmp_path, openapi_responses) as s:
+        line = 'clinic_call_records_on_disk{state="unreadable"} 1\n'
+
+        async def tried() -> bool:
+            _, text = await _fresh_connection_request(s, "GET", "/metrics")
+            return line in text
+
+        await _until("the kept record tried at start", tried)
+        # Fresh connections: the kernel spreads them over both processes.
+        for _ in range(16):
+            status, page = await _fresh_connection_request(s, "GET", "/v1/calls", key=CALLS_KEY)
+            assert status == 200, page
+            assert page["calls"] == [] and page["waiting_on_disk"] == 1, page
+            _, text = await _fresh_connection_request(s, "GET", "/metrics")
+            assert line in text and 'clinic_call_records_on_disk{state="kept"} 0\n' in text
 
 
 @pytest.mark.timeout(120)

@@ -1,5 +1,6 @@
-"""The journal of unsaved calls without Redis: how long a replayed record has left, and the
-files (private, written whole, stale temporary files swept)."""
+"""The journal of unsaved calls without Redis: how long a replayed record has left, the
+files (private, written whole, stale temporary files swept), and the count of what waits on
+disk (kept current by writes and deletes, not by listing the folder when it is read)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import pytest
 
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
-from voice.ivr.journal import STALE_TEMP_S, CallJournal, Replayed, remaining_ttl_s
+from voice.ivr.journal import (
+    LIVE_FOLDER,
+    STALE_TEMP_S,
+    CallJournal,
+    OnDisk,
+    RecordsOnDisk,
+    Replayed,
+    remaining_ttl_s,
+)
 from voice.ivr.store import CallStore
 
 DAY_S = 86400
@@ -67,3 +76,50 @@ async def test_the_replay_sweeps_stale_temporary_files_only(tmp_path: Path) -> N
 async def test_an_empty_or_missing_journal_replays_nothing(tmp_path: Path) -> None:
     assert await _journal(tmp_path / "absent").replay(T0) == Replayed()
     assert not (tmp_path / "absent").exists()
+
+
+def _result(call_id: str) -> CallResult:
+    record = CallRecord("main_menu", (), (), None, (), None, None, "ended")
+    return CallResult(call_id, "+31612345678", "700", T0, T0 + 9, record)
+
+
+async def test_the_records_waiting_on_disk_are_counted_as_they_are_written_and_deleted(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "unsaved-calls"
+    journal = _journal(folder)
+    await journal.keep(_result("in-early"))  # an earlier run's, found at start
+    await journal.begin(_result("in-cut"))  # a live record a dead serve left
+    on_disk = RecordsOnDisk()  # this start's count
+    journal = CallJournal(folder, journal._store, on_disk=on_disk)
+    assert on_disk.now() is None, "not counted before the folders were read"
+    assert await journal.leftovers(T0) == ["in-cut"]
+    assert on_disk.now() == OnDisk(kept=1, cut=1)
+
+    await journal.write_ahead(_result("in-saving"))  # a save asks Redis: not waiting yet
+    assert on_disk.now() == OnDisk(kept=1, cut=1)
+    await journal.keep(_result("in-saving"))  # Redis did not take it: kept
+    assert on_disk.now() == OnDisk(kept=2, cut=1)
+    await journal.forget("in-saving")  # a later save of it, taken
+    assert on_disk.now() == OnDisk(kept=1, cut=1)
+    await journal.begin(_result("in-call"))  # a call under way: not waiting
+    assert on_disk.now() == OnDisk(kept=1, cut=1)
+    assert await journal.drop("in-cut") == 1  # erased
+    assert await journal.drop("in-early") == 1
+    assert on_disk.now() == OnDisk()
+    assert (tmp_path / LIVE_FOLDER / "in-call.sealed").exists()
+
+
+def test_a_replay_counts_what_it_listed_and_what_was_kept_while_it_listed() -> None:
+    on_disk = RecordsOnDisk()
+    on_disk.found_at_start(["in-a", "in-b"], [])
+    before = on_disk.kept_ids()
+    on_disk.kept("in-c")  # kept while the folder was being read: not in the listing
+    on_disk.kept_unreadable("in-b")
+    # in-b was erased by another process (an HTTP worker); in-d was written ahead meanwhile.
+    on_disk.listed(before, ["in-a", "in-d"], set())
+    assert on_disk.kept_ids() == {"in-a", "in-c", "in-d"}
+    assert on_disk.now() == OnDisk(kept=3)
+    on_disk.kept_unreadable("in-a")
+    assert on_disk.now() == OnDisk(kept=2, unreadable=1)
+    assert OnDisk(2, 1, 1).total == 4

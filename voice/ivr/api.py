@@ -73,10 +73,14 @@ class CallsApi:
         store: Callable[[], CallStore],
         voicemails: Callable[[], Voicemails],
         erasure: Callable[[], CallErasure],
+        on_disk: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._store = store
         self._voicemails = voicemails
         self._erasure = erasure
+        # How many call records wait on disk, not in the list (voice/ivr/journal.py's
+        # RecordsOnDisk); None while unknown (no clinic line counts them): not said.
+        self._on_disk = on_disk
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -104,7 +108,11 @@ class CallsApi:
             page = await self._store().recent(int(limit_raw), before)
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return web.json_response({"calls": page.calls, "next": page.next_cursor})
+        answer: dict[str, Any] = {"calls": page.calls, "next": page.next_cursor}
+        waiting = self._on_disk()
+        if waiting is not None:  # staff must know the list is incomplete
+            answer["waiting_on_disk"] = waiting
+        return web.json_response(answer)
 
     async def get(self, request: web.Request) -> web.Response:
         return web.json_response(await self._record(request))

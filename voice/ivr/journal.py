@@ -19,6 +19,10 @@ was erased meanwhile (``DELETE /v1/calls/{id}``) is deleted, not saved: the stor
 (voice/ivr/store.py), so an erasure holds whatever the order of the two.
 
 The file operations block (fsync): the async methods run them in a thread.
+
+What waits on disk is counted as it changes (:class:`RecordsOnDisk`: on each keep, replay and
+delete; the folders are listed at start and at each replay, in a thread), for ``/metrics`` and
+``GET /v1/calls``: never by listing a folder when it is read.
 """
 
 from __future__ import annotations
@@ -72,12 +76,103 @@ class Replayed:
     erased: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class OnDisk:
+    """The call records on disk that Redis does not hold, so not in ``GET /v1/calls``."""
+
+    kept: int = 0  # in FOLDER: a save Redis did not take; replayed every REPLAY_EVERY_S
+    cut: int = 0  # in LIVE_FOLDER, left by a serve that died: saved once Redis takes them
+    unreadable: int = 0  # either folder: does not open with this service's keys; left there
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.cut + self.unreadable
+
+
+class RecordsOnDisk:
+    """The count of one data dir's records on disk that Redis does not hold, shared by the
+    journals of one process (the clinic line's, which replays, and the erasure's) and kept
+    current by them; on the event loop only. Not counted: the copy written ahead while a save
+    asks Redis (milliseconds, unless Redis is down: then it is kept at the save's end), and
+    the live records of the calls under way.
+
+    ``None`` from :meth:`now` until the folders were read (``serve``: at the clinic line's
+    start, before any request); a file another process deleted (an erasure answered by an
+    HTTP worker) is seen at the next replay.
+    """
+
+    def __init__(self) -> None:
+        self._counted = False
+        self._kept: set[str] = set()  # FOLDER's call ids
+        self._unreadable: set[str] = set()  # of _kept: do not open (warned about once)
+        self._cut: set[str] = set()  # LIVE_FOLDER's, of calls a dead serve cut
+        self._cut_unreadable: set[str] = set()  # of those: do not open
+
+    def now(self) -> OnDisk | None:
+        if not self._counted:
+            return None
+        unreadable = len(self._unreadable) + len(self._cut_unreadable)
+        return OnDisk(len(self._kept) - len(self._unreadable), len(self._cut), unreadable)
+
+    # -- kept current by CallJournal -------------------------------------------------------------
+    def found_at_start(self, kept: list[str], cut: list[str]) -> None:
+        self._kept.update(kept)
+        self._cut, self._cut_unreadable = set(cut), set()
+        self._counted = True
+
+    def kept(self, call_id: str) -> None:
+        self._kept.add(call_id)
+        self._unreadable.discard(call_id)  # written anew: it opens
+
+    def deleted(self, call_id: str) -> None:
+        """Its kept record went (saved, past its retention, erased, or gone)."""
+        self._kept.discard(call_id)
+        self._unreadable.discard(call_id)
+
+    def kept_unreadable(self, call_id: str) -> None:
+        self._unreadable.add(call_id)
+
+    def is_unreadable(self, call_id: str) -> bool:
+        return call_id in self._unreadable
+
+    def unreadable_kept(self) -> int:
+        return len(self._unreadable)
+
+    def cut_done(self, call_id: str, *, unreadable: bool) -> None:
+        """The live record a dead serve left is saved or deleted, or (``unreadable``) left."""
+        self._cut.discard(call_id)
+        if unreadable:
+            self._cut_unreadable.add(call_id)
+
+    def erased(self, call_id: str) -> None:
+        """Every file of the call went."""
+        self.deleted(call_id)
+        self._cut.discard(call_id)
+        self._cut_unreadable.discard(call_id)
+
+    def kept_ids(self) -> set[str]:
+        return set(self._kept)
+
+    def cut_unreadable_ids(self) -> set[str]:
+        return set(self._cut_unreadable)
+
+    def listed(self, before: set[str], kept: list[str], cut_unreadable: set[str]) -> None:
+        """A replay read FOLDER (``kept``; the count was ``before`` as it began) and found
+        ``cut_unreadable`` of the unreadable live records still there: a record another
+        process deleted (an erasure) is gone; one kept while the folder was read stays."""
+        listed = set(kept)
+        self._kept = (self._kept - (before - listed)) | listed
+        self._unreadable &= self._kept
+        self._cut_unreadable &= cut_unreadable
+
+
 class CallJournal:
     """The journal folder of one data dir, sealed with ``store``'s key and replayed into it.
 
     ``on_cut_recorded`` is called once for each call a dead ``serve`` cut that
     :meth:`replay_lost` recorded (its live record written to Redis: not when the call's own
     record was there already, nor for an erased call), so it is counted as any ended call is.
+    ``on_disk`` is the process's count of what waits on disk (one of its own by default).
     """
 
     def __init__(
@@ -87,19 +182,31 @@ class CallJournal:
         live_folder: Path | None = None,
         *,
         on_cut_recorded: Callable[[], None] | None = None,
+        on_disk: RecordsOnDisk | None = None,
     ) -> None:
         self._folder = folder
         self._live = folder.parent / LIVE_FOLDER if live_folder is None else live_folder
         self._store = store
         self._on_cut_recorded = on_cut_recorded
-        self._unreadable: set[str] = set()  # warned about once
+        self._on_disk = RecordsOnDisk() if on_disk is None else on_disk
 
     @property
     def folder(self) -> Path:
         return self._folder
 
+    @property
+    def on_disk(self) -> RecordsOnDisk:
+        return self._on_disk
+
     async def keep(self, result: CallResult) -> None:
-        """Seal ``result`` and write it to the journal (durable when this returns)."""
+        """Seal ``result`` and write it to the journal (durable when this returns): kept until
+        Redis takes it, and counted."""
+        await self.write_ahead(result)
+        self._on_disk.kept(result.id)
+
+    async def write_ahead(self, result: CallResult) -> None:
+        """As :meth:`keep`, for the copy written while a save asks Redis: not counted (the
+        save's end deletes it, or keeps it and counts it then)."""
         record = self._store.seal_result(result)
         await asyncio.to_thread(self._write, record.call_id, record.sealed)
 
@@ -118,8 +225,13 @@ class CallJournal:
         await asyncio.to_thread(self._live_path(call_id).unlink, missing_ok=True)
 
     async def leftovers(self, now: float) -> list[str]:
-        """The live calls an earlier ``serve`` left: read at start, before any call."""
-        return await asyncio.to_thread(_ids_of, self._live, now)
+        """The live calls an earlier ``serve`` left: read at start, before any call. Counts
+        them, and the records kept on disk, in :attr:`on_disk` (from then on kept current)."""
+        cut, kept = await asyncio.to_thread(
+            lambda: (_ids_of(self._live, now), _ids_of(self._folder, now))
+        )
+        self._on_disk.found_at_start(kept, cut)
+        return cut
 
     async def replay_lost(self, call_ids: list[str], now: float) -> list[str]:
         """Save the records of ``call_ids`` (from :meth:`leftovers`) that Redis does not hold
@@ -132,6 +244,7 @@ class CallJournal:
             except CallStoreUnavailable as exc:
                 log.warning("%d live call record(s) wait for Redis (%s)", len(call_ids) - i, exc)
                 return call_ids[i:]
+            self._on_disk.cut_done(call_id, unreadable=done is _Done.UNREADABLE)
             if done is _Done.UNREADABLE:
                 log.error("call %s: the live record in %s does not open: left there", call_id, path)
             elif done is _Done.SAVED:
@@ -155,11 +268,18 @@ class CallJournal:
     async def forget(self, call_id: str) -> None:
         """Delete the kept copy of a record Redis has taken (none kept: nothing to do)."""
         await asyncio.to_thread(self._remove, call_id)
+        self._on_disk.deleted(call_id)
 
     async def replay(self, now: float) -> Replayed:
         """Save every record of the journal to Redis (one try each); stops at Redis's first
         failure, and the next replay tries again."""
-        names = await asyncio.to_thread(self._pending, now)
+        tally = self._on_disk
+        before, cut_unreadable = tally.kept_ids(), tally.cut_unreadable_ids()
+        listed, still_there = await asyncio.to_thread(
+            lambda: (_ids_of(self._folder, now), self._present(cut_unreadable))
+        )
+        tally.listed(before, listed, still_there)
+        names = [i for i in listed if not tally.is_unreadable(i)]
         saved = expired = erased = 0
         for i, call_id in enumerate(names):
             try:
@@ -172,11 +292,13 @@ class CallJournal:
                     exc,
                     REPLAY_EVERY_S,
                 )
-                return Replayed(saved, expired, left + len(self._unreadable), erased)
+                return Replayed(saved, expired, left + tally.unreadable_kept(), erased)
+            if done is not _Done.UNREADABLE:
+                tally.deleted(call_id)  # its file went (or had gone meanwhile)
             if done is _Done.UNREADABLE:
                 # A CLINIC_SECRET not in CLINIC_PREVIOUS_SECRETS, or a damaged file: kept for
                 # the operator to look at.
-                self._unreadable.add(call_id)
+                tally.kept_unreadable(call_id)
                 log.error(
                     "call %s: the record kept in %s does not open with this service's "
                     "keys: left there",
@@ -192,7 +314,7 @@ class CallJournal:
             elif done is _Done.ERASED:
                 log.info("call %s: erased: the record kept on disk is deleted, not saved", call_id)
                 erased += 1
-        return Replayed(saved, expired, len(self._unreadable), erased)
+        return Replayed(saved, expired, tally.unreadable_kept(), erased)
 
     async def _save_file(
         self, path: Path, call_id: str, now: float, *, only_new: bool = False
@@ -232,7 +354,9 @@ class CallJournal:
         """Delete every copy of ``call_id`` on disk, kept or live, with a temporary file a
         write cut short left; durable when this returns (the folders fsynced). Returns how
         many files went. Raises ``OSError`` when one could not be deleted."""
-        return await asyncio.to_thread(self._drop, call_id)
+        removed = await asyncio.to_thread(self._drop, call_id)
+        self._on_disk.erased(call_id)
+        return removed
 
     # -- blocking file operations (in a thread) --------------------------------------------------
     def _path(self, call_id: str) -> Path:
@@ -244,11 +368,9 @@ class CallJournal:
     def _write(self, call_id: str, sealed: str) -> None:
         write_private(self._path(call_id), sealed)  # hidden until renamed: not _pending's
 
-    def _pending(self, now: float) -> list[str]:
-        """The call ids in the journal (and away with stale temporary files)."""
-        ids = _ids_of(self._folder, now)
-        self._unreadable.intersection_update(ids)  # one erased (or removed by hand) is gone
-        return [i for i in ids if i not in self._unreadable]
+    def _present(self, call_ids: set[str]) -> set[str]:
+        """Those of ``call_ids`` whose live record is still there."""
+        return {i for i in call_ids if self._live_path(i).exists()}
 
     def _drop(self, call_id: str) -> int:
         removed = 0
