@@ -291,3 +291,95 @@ nodes:
     )
     write_flows(tmp_path, {"tri": before}, "front")
     assert [str(f) for f in check_files([folder / "tri.yaml"])] == []
+
+
+# -- paths across flows (``@name``): a sub-flow reached with the state the path has ----------
+
+ASKS_U2 = """\
+id: tri
+language: en
+human: nurse
+start: breathing
+nodes:
+  breathing:
+    ask:
+      prompt: "Any difficulty breathing?"
+      danger_sign: true
+      choices:
+        - {key: "1", phrases: ["yes"], label: "yes", urgency: U1, reason: breathing, goto: nurse}
+        - {key: "2", phrases: ["no"], label: "no", goto: rest}
+  rest:
+    ask:
+      prompt: "Short of breath at rest?"
+      choices:
+        - {key: "1", phrases: ["yes"], label: "yes", urgency: U2, reason: breath, goto: "@forms"}
+        - {key: "2", phrases: ["no"], label: "no", goto: nurse}
+  nurse:
+    transfer: nurse
+    outcome: call_emergency+transfer_nurse
+"""
+
+
+def test_a_sub_flow_that_ends_without_a_human_at_the_urgency_reached_is_found(
+    tmp_path: Path,
+) -> None:
+    # tri makes the call U2, then jumps to forms, whose goodbye is fine for a call that starts
+    # there (U5) but ends this one without a clinician: the engine would turn it into a
+    # transfer to the nurse ("outcome below urgency", logged as an error), so it is the
+    # flow's fault, as within one flow. Found in tri (its state is the cause), with the chain.
+    forms = FORMS.replace(
+        '\n        - {key: "9", phrases: [main menu], label: the main menu, goto: "@menu"}', ""
+    )
+    folder = write_flows(tmp_path, {"front": FRONT_DOOR, "forms": forms, "tri": ASKS_U2}, "front")
+    assert [str(f) for f in check_files([folder])] == [
+        f"{folder / 'tri.yaml'}:14: 'noted' in flow 'forms': call can end without a human at"
+        " U2 (flows: tri > forms; path: breathing > rest > @forms:which > noted)",
+    ]
+    assert [str(f) for f in check_files([folder / "forms.yaml"])] == []
+
+
+def test_a_way_back_to_the_menu_in_a_sub_flow_after_a_triage_answer_is_found(
+    tmp_path: Path,
+) -> None:
+    # forms offers the way back (fine from the menu); reached from tri at U2 it is the way
+    # back "after a triage answer" the README refuses, also in a flow such a path reaches.
+    folder = write_flows(tmp_path, {"front": FRONT_DOOR, "forms": FORMS, "tri": ASKS_U2}, "front")
+    got = [str(f) for f in check_files([folder / "tri.yaml"])]
+    assert (
+        f"{folder / 'tri.yaml'}:14: 'which' in flow 'forms' goes back to the menu after a"
+        " danger-sign question or a triage answer (flows: tri > forms; path: breathing > rest"
+        " > @forms:which)"
+    ) in got, got
+    assert [str(f) for f in check_files([folder / "forms.yaml"])] == []
+
+
+def test_a_jump_past_the_danger_signs_that_grades_is_found(tmp_path: Path) -> None:
+    # front jumps into tri at its breath question, past the danger sign tri asks first: the
+    # path grades the call before any danger-sign question. tri's own walk never meets it.
+    tri = ASKS_U2.replace('goto: "@forms"}', "goto: nurse}")
+    front = FRONT_DOOR.replace('goto: "@forms"}', 'goto: "@tri:rest"}')
+    folder = write_flows(tmp_path, {"front": front, "tri": tri}, "front")
+    assert [str(f) for f in check_files([folder])] == [
+        f"{folder / 'front.yaml'}:6: 'rest' in flow 'tri' grades the call before any"
+        " danger-sign question was asked (flows: front > tri; path: pick > @tri:rest)",
+    ]
+
+
+def test_a_menu_to_triage_to_nurse_path_across_flows_is_clean(tmp_path: Path) -> None:
+    # The legitimate crossing: the menu sends the caller to the triage, whose urgent answer
+    # goes on to a flow of its own that puts them through to the nurse.
+    tri = ASKS_U2.replace('goto: "@forms"}', 'goto: "@nurse_line"}')
+    nurse_line = """\
+id: nurse_line
+language: en
+human: nurse
+start: connect
+nodes:
+  connect:
+    transfer: nurse
+    prompt: "Connecting you to a nurse."
+    outcome: transfer_nurse
+"""
+    front = FRONT_DOOR.replace('goto: "@forms"}', 'goto: "@tri"}')
+    folder = write_flows(tmp_path, {"front": front, "tri": tri, "nurse_line": nurse_line}, "front")
+    assert [str(f) for f in check_files([folder])] == []

@@ -420,6 +420,28 @@ def test_check_carries_closed_into_a_sub_flow(flows: Path) -> None:
     assert [f for f in check_files([flows]) if "in flow 'sub'" in f.message] == []
 
 
+def test_a_flow_that_only_passes_a_call_on_is_not_blamed_for_its_closed_path(
+    flows: Path,
+) -> None:
+    # front goes on to t as a call starts there: t's own check finds t's closed path into
+    # @sub. front did not make the path closed, so the finding is t's alone, not front's too.
+    (flows / "t.yaml").write_text(
+        FLOW.replace("next: menu\n", "next: sub_menu\n", 1) + "  sub_menu:\n"
+        "    ask:\n"
+        '      prompt: "Closed. Press 1 for more."\n'
+        "      choices:\n"
+        '        - {key: "1", phrases: [more], label: more, goto: "@sub"}\n',
+        encoding="utf-8",
+    )
+    (flows / "sub.yaml").write_text(SUB, encoding="utf-8")
+    (flows / "front.yaml").write_text(
+        'id: front\nlanguage: en\nhuman: staff\nstart: go\nnodes:\n  go: {goto: "@t"}\n',
+        encoding="utf-8",
+    )
+    closed = [f for f in check_files([flows]) if "closed" in f.message]
+    assert [(Path(f.file).name, f.line) for f in closed] == [("t.yaml", FLOW.count("\n") + 2)]
+
+
 def test_the_shipped_flows_check_clean() -> None:
     assert check_files([SHIPPED]) == []
 

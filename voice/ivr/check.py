@@ -9,7 +9,11 @@ Checks, each reported as ``file:line: message``:
 * the safety rules, replayed over every path with the same triage rules the engine runs:
   urgency never goes down (no outcome less urgent than the urgency reached, no hang-up
   without a human at U2 or above), every danger-sign question has an answer that makes the
-  call U1 or U0 and its give-up path ends with a human, never a plain hang-up;
+  call U1 or U0 and its give-up path ends with a human, never a plain hang-up; a path goes
+  on across ``@`` jumps with the state it reached (urgency, risks, danger signs asked,
+  closed), as the call does, and what it meets in another flow is this flow's finding when
+  that flow, from its own start, would not meet it so (at the line where the path last left
+  this flow, naming the chain of flows);
 * the way back to the main menu (``@menu``): never after a danger-sign question or an
   answer the triage weighed (an urgency or a risk group): red flags come first, and a
   caller half-way through a triage is not sent round the menu. A return is an edge like any
@@ -102,8 +106,9 @@ def check_files(paths: Iterable[str | Path]) -> list[Finding]:
 def check_flowset(flowset: FlowSet) -> list[Finding]:
     """Graph and safety findings for loaded flows (the schema is checked while loading)."""
     out: list[Finding] = []
+    walks: dict[str, _Walk] = {}
     for flow in flowset.flows.values():
-        out += _Checker(flowset, flow).run()
+        out += _Checker(flowset, flow, walks).run()
     return out
 
 
@@ -140,6 +145,10 @@ class _Abstract:
         )
 
 
+_Item = tuple[NodeRef, _Abstract]
+# Each step of a walk and the step before it (None: the start).
+_Walk = dict[_Item, _Item | None]
+
 _HUMAN_ACTIONS = frozenset({TriageAction.CALL_EMERGENCY, TriageAction.TRANSFER_NURSE})
 
 
@@ -163,8 +172,9 @@ def _grades(node: Node) -> bool:
 
 
 class _Checker:
-    def __init__(self, flowset: FlowSet, flow: Flow) -> None:
+    def __init__(self, flowset: FlowSet, flow: Flow, walks: dict[str, _Walk]) -> None:
         self.flowset = flowset
+        self.walks = walks  # shared by the checks of one flow set
         self.flow = flow
         self.file = str(flow.path)
         self.findings: list[Finding] = []
@@ -355,80 +365,41 @@ class _Checker:
         return None
 
     def safety_paths(self) -> None:
-        """Replay triage effects over every path from the start; check every outcome."""
-        start = (self.flow.id, self.flow.start)
-        init = _Abstract(None, frozenset())
-        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None] = {
-            (start, init): None
-        }
-        queue = deque([(start, init)])
+        """Replay triage effects over every path from the start; check every outcome.
+
+        A path goes on across ``@`` jumps with the state it reached (as the engine's call
+        does), so a step of another flow is checked too, as that path reaches it: see
+        :meth:`add_in_other_flow` for when that is this flow's finding."""
+        parent = self.walk_of(self.flow.id)
         reported: set[NodeRef] = set()
         returns_reported: set[NodeRef] = set()
-        while queue:
-            ref, ab = item = queue.popleft()
-            flow = self.flowset.get(ref[0])
-            node = flow.nodes[ref[1]]
-            if ref[0] == self.flow.id:
-                problem = self.outcome_problem(node, ab)
-                if problem and ref not in reported:
+        for item in parent:  # breadth-first order: the shortest path to each finding
+            ref, ab = item
+            node = self.flowset.get(ref[0]).nodes[ref[1]]
+            own = ref[0] == self.flow.id
+            problem = self.outcome_problem(node, ab)
+            if problem and ref not in reported:
+                if own:
                     reported.add(ref)
-                    via = self.trail(parent, item)
-                    self.add(node.line, f"{problem} (path: {via})")
-            elif self.closed_staff(node, ab) and ref not in reported:
-                # A sub-flow reached while closed (``@name``) is closed too: its own check
-                # walks it from its start as if open, so this flow's check says it.
-                reported.add(ref)
-                self.add_closed_in_subflow(parent, item)
-            for nxt_ab, target in self.moves(flow, node, ab):
-                if (
-                    target == MENU_TARGET
-                    and (nxt_ab.asked_danger or nxt_ab.urgency is not None)
-                    and ref[0] == self.flow.id
-                    and ref not in returns_reported
-                ):
+                    self.add(node.line, f"{problem} (path: {self.trail(parent, item)})")
+                elif self.add_in_other_flow(parent, item, problem):
+                    reported.add(ref)
+            if ref not in returns_reported and _refused_return(node, ab):
+                problem = (
+                    f"{node.id!r} goes back to the menu after a danger-sign question or "
+                    "a triage answer"
+                )
+                if own:
                     returns_reported.add(ref)
-                    self.add(
-                        _menu_line(node),
-                        f"{node.id!r} goes back to the menu after a danger-sign question or "
-                        f"a triage answer (path: {self.trail(parent, item)})",
-                    )
-                try:
-                    other, node_id = self.flowset.resolve(flow, target)
-                except KeyError:
-                    continue
-                if node_id not in other.nodes:
-                    continue
-                key = ((other.id, node_id), nxt_ab)
-                if key not in parent:
-                    parent[key] = item
-                    queue.append(key)
+                    self.add(_menu_line(node), f"{problem} (path: {self.trail(parent, item)})")
+                elif self.add_in_other_flow(parent, item, problem):
+                    returns_reported.add(ref)
 
-    def moves(self, flow: Flow, node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
-        if isinstance(node, Branch) and node.on == "urgency":
-            level = (ab.urgency or Urgency.U5).name
-            target = dict(node.cases).get(level, node.default)
-            return [] if target is None else [(ab, target)]
-        if isinstance(node, Branch) and node.on == HOURS:
-            # Both: a call may come at any hour.
-            cases = dict(node.cases)
-            return [
-                (replace(ab, closed=value == "closed"), target)
-                for value in HOURS_CASES
-                if (target := cases.get(value, node.default)) is not None
-            ]
-        if isinstance(node, Ask) and node.danger_sign:
-            ab = replace(ab, asked_danger=True)
-        out = [(ab.apply(effect), target) for target, effect, _ in successors(node)]
-        if isinstance(node, Ask) and node.danger_sign:
-            unclear = ab.unclear()
-            out += [(unclear.apply(c.effect), c.goto) for c in node.choices]
-            if node.on_fail is not None:
-                out.append((unclear, node.on_fail))
-        elif isinstance(node, Ask) and urgent_question(node) and node.on_fail is not None:
-            # An urgent question given up unanswered goes on at U2 at least, as in the engine.
-            out.append((ab.unclear(), node.on_fail))
-        del flow
-        return out
+    def walk_of(self, flow_id: str) -> _Walk:
+        """The walk from ``flow_id``'s start, made once per flow set."""
+        if flow_id not in self.walks:
+            self.walks[flow_id] = _walk(self.flowset, self.flowset.get(flow_id))
+        return self.walks[flow_id]
 
     def outcome_problem(self, node: Node, ab: _Abstract) -> str:
         if not ab.asked_danger and _grades(node):
@@ -465,47 +436,52 @@ class _Checker:
         urgent = ab.urgency is not None and ab.urgency <= Urgency.U2
         return ab.closed and isinstance(node, Transfer) and node.to == "staff" and not urgent
 
-    def add_closed_in_subflow(
-        self,
-        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None],
-        item: tuple[NodeRef, _Abstract],
-    ) -> None:
-        """Report a staff transfer in another flow on a path this flow took while closed:
-        at the line where that path last left this flow, naming the chain of flows."""
-        refs = self.refs(parent, item)
-        left = max(i for i, r in enumerate(refs) if r[0] == self.flow.id)
-        line = self.flow.nodes[refs[left][1]].line
-        chain = [refs[0][0]]
-        for ref in refs[1:]:
+    def add_in_other_flow(self, parent: _Walk, item: _Item, problem: str) -> bool:
+        """Report ``problem`` of a step in another flow, on a path from this flow's start,
+        at the line where that path last left this flow, naming the chain of flows; whether
+        it was reported.
+
+        It is this flow's finding when the state it left with is the cause: not when the
+        flow it went on to reaches that step in that state from its own start (that flow's
+        check says it), and not past a way back to the menu this flow is refused already
+        (one finding for the cause, not one per step after it)."""
+        items = self.items(parent, item)
+        left = max(i for i, (ref, _) in enumerate(items) if ref[0] == self.flow.id)
+        (out_ref, out_ab), entered = items[left], items[left + 1]
+        out_node = self.flow.nodes[out_ref[1]]
+        if entered in self.walk_of(entered[0][0]) or _refused_return(out_node, out_ab):
+            return False
+        chain = [items[0][0][0]]
+        for ref, _ in items[1:]:
             if ref[0] != chain[-1]:
                 chain.append(ref[0])
-        ref = item[0]
+        flow_id, node_id = item[0]
+        name = repr(node_id)
+        if problem.startswith(f"{name} "):
+            text = f"{name} in flow {flow_id!r} {problem.removeprefix(name + ' ')}"
+        else:
+            text = f"{name} in flow {flow_id!r}: {problem}"
         via = self.trail(parent, item)
-        self.add(
-            line,
-            f"{ref[1]!r} in flow {ref[0]!r} transfers to staff on a path taken while the "
-            f"practice is closed (flows: {' > '.join(chain)}; path: {via})",
-        )
+        self.add(out_node.line, f"{text} (flows: {' > '.join(chain)}; path: {via})")
+        return True
 
     @staticmethod
-    def refs(
-        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None],
-        item: tuple[NodeRef, _Abstract],
-    ) -> list[NodeRef]:
-        """The nodes of the path to ``item``, from the start."""
-        out: list[NodeRef] = []
-        cur: tuple[NodeRef, _Abstract] | None = item
+    def items(parent: _Walk, item: _Item) -> list[_Item]:
+        """The steps of the path to ``item``, from the start."""
+        out: list[_Item] = []
+        cur: _Item | None = item
         while cur is not None:
-            out.append(cur[0])
+            out.append(cur)
             cur = parent[cur]
         return out[::-1]
 
+    @staticmethod
+    def refs(parent: _Walk, item: _Item) -> list[NodeRef]:
+        """The nodes of the path to ``item``, from the start."""
+        return [ref for ref, _ in _Checker.items(parent, item)]
+
     @classmethod
-    def trail(
-        cls,
-        parent: dict[tuple[NodeRef, _Abstract], tuple[NodeRef, _Abstract] | None],
-        item: tuple[NodeRef, _Abstract],
-    ) -> str:
+    def trail(cls, parent: _Walk, item: _Item) -> str:
         """The path's node ids (its last 50); a node of another flow than the one before it
         as ``@flow:node``."""
         refs = cls.refs(parent, item)
@@ -573,6 +549,69 @@ class _Checker:
                         choice.line,
                         f"label {choice.label!r} is spoken as an answer but also matches {others}",
                     )
+
+
+def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
+    """The states and targets a step at ``node`` in state ``ab`` goes on to."""
+    if isinstance(node, Branch) and node.on == "urgency":
+        level = (ab.urgency or Urgency.U5).name
+        target = dict(node.cases).get(level, node.default)
+        return [] if target is None else [(ab, target)]
+    if isinstance(node, Branch) and node.on == HOURS:
+        # Both: a call may come at any hour.
+        cases = dict(node.cases)
+        return [
+            (replace(ab, closed=value == "closed"), target)
+            for value in HOURS_CASES
+            if (target := cases.get(value, node.default)) is not None
+        ]
+    if isinstance(node, Ask) and node.danger_sign:
+        ab = replace(ab, asked_danger=True)
+    out = [(ab.apply(effect), target) for target, effect, _ in successors(node)]
+    if isinstance(node, Ask) and node.danger_sign:
+        unclear = ab.unclear()
+        out += [(unclear.apply(c.effect), c.goto) for c in node.choices]
+        if node.on_fail is not None:
+            out.append((unclear, node.on_fail))
+    elif isinstance(node, Ask) and urgent_question(node) and node.on_fail is not None:
+        # An urgent question given up unanswered goes on at U2 at least, as in the engine.
+        out.append((ab.unclear(), node.on_fail))
+    return out
+
+
+def _walk(flowset: FlowSet, flow: Flow) -> _Walk:
+    """Every (node, state) a path from ``flow``'s start reaches, across ``@`` jumps, with the
+    step before it. Breadth first, one visit per (node, state): bounded by nodes x states,
+    however many paths lead there (flows that jump to one another do not multiply)."""
+    if flow.start not in flow.nodes:
+        return {}
+    start: _Item = ((flow.id, flow.start), _Abstract(None, frozenset()))
+    parent: _Walk = {start: None}
+    queue = deque([start])
+    while queue:
+        item = queue.popleft()
+        here = flowset.get(item[0][0])
+        for ab, target in _moves(here.nodes[item[0][1]], item[1]):
+            try:
+                other, node_id = flowset.resolve(here, target)
+            except KeyError:
+                continue  # an unknown target: its own finding
+            key = ((other.id, node_id), ab)
+            if node_id in other.nodes and key not in parent:
+                parent[key] = item
+                queue.append(key)
+    return parent
+
+
+def _refused_return(node: Node, ab: _Abstract) -> bool:
+    """Whether ``node`` in state ``ab`` can go back to the menu after a danger-sign question
+    or an answer the triage weighed."""
+    if all(target != MENU_TARGET for target, _, _ in successors(node)):
+        return False  # most steps: no need to replay their moves
+    return any(
+        target == MENU_TARGET and (nxt.asked_danger or nxt.urgency is not None)
+        for nxt, target in _moves(node, ab)
+    )
 
 
 def _menu_line(node: Node) -> int:
