@@ -212,6 +212,16 @@ class Metrics:
             "serve that died was running; saved once Redis takes them), unreadable (do not "
             "open with this service's keys: left for the operator)",
         )
+        # Fed by serve's SIP pool (clinic_voice/wiring.py), as refused_busy in calls above.
+        self.sip_worker_restarts = Counter(
+            "clinic_sip_worker_restarts_total",
+            "SIP worker processes restarted after they died (each after its backoff)",
+        )
+        self.sip_kept_for_callers = Counter(
+            "clinic_sip_outbound_kept_for_callers_total",
+            "outbound (verification) calls not placed because the free call slots were kept "
+            "for callers (CLINIC_SIP_CALLER_SLOTS); the verification fell back to its next channel",
+        )
         self._on_render: list[Callable[[], None]] = []
 
     def on_render(self, refresh: Callable[[], None]) -> Callable[[], None]:
@@ -236,6 +246,8 @@ class Metrics:
             self.deliveries,
             self.calls,
             self.webhooks,
+            self.sip_worker_restarts,
+            self.sip_kept_for_callers,
         )
 
     def snapshot(self) -> Snapshot:

@@ -19,8 +19,8 @@ from aiohttp import web
 from clinic_voice.app import RUNTIME, Runtime
 from clinic_voice.clinic_line import ClinicLine
 from clinic_voice.metrics import Metrics
-from sip_config.clock import SystemClock
-from sip_config.settings import Settings
+from sip_config.clock import Clock, SystemClock
+from sip_config.settings import Settings, SipSettings
 from verification.channels.base import ChannelAdapter
 from verification.channels.flash_call import FlashCallChannel
 from verification.channels.sip_route import can_send, over_udp
@@ -75,13 +75,7 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
     async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
         line = ClinicLine.load(settings, rt, flowset)
-        pool = SipPool(
-            settings.sip,
-            clock=SystemClock(),
-            log_level=settings.log_level,
-            # A caller turned away (every slot taken) is a clinic-line call too.
-            on_busy=lambda: rt.metrics.calls.inc(outcome="refused_busy"),
-        )
+        pool = new_sip_pool(settings.sip, rt.metrics, SystemClock(), log_level=settings.log_level)
         pool.on_incoming(line.handle)
         front = RedirectFront(settings.sip.addr, pool.pick_inbound, clock=SystemClock())
         async with contextlib.AsyncExitStack() as stack:
@@ -122,6 +116,25 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
             await line.closed()
 
     return [prompts_ctx, sip_ctx]
+
+
+def new_sip_pool(
+    settings: SipSettings, metrics: Metrics, clock: Clock, *, log_level: str = "WARNING"
+) -> SipPool:
+    """serve's SIP pool, its events counted in ``metrics``: callers refused with 486
+    (``clinic_calls_total{outcome="refused_busy"}``), worker restarts, and outbound calls
+    not placed to keep slots for callers (both from 0, so a rate has a start)."""
+    metrics.sip_worker_restarts.inc(0)
+    metrics.sip_kept_for_callers.inc(0)
+    return SipPool(
+        settings,
+        clock=clock,
+        log_level=log_level,
+        # A caller turned away (every slot taken) is a clinic-line call too.
+        on_busy=lambda: metrics.calls.inc(outcome="refused_busy"),
+        on_restart=metrics.sip_worker_restarts.inc,
+        on_kept_for_callers=metrics.sip_kept_for_callers.inc,
+    )
 
 
 def show_sip_pool(metrics: Metrics, pool: SipPool) -> None:

@@ -38,7 +38,7 @@ async def sip_gauges(api: Api) -> dict[tuple[str, str], float]:
     return {
         (name, labels.get("state", "")): value
         for name, labels, value in parse(metrics.text)
-        if name.startswith("clinic_sip_")
+        if name.startswith("clinic_sip_") and not name.endswith("_total")  # not the counters
     }
 
 

@@ -154,15 +154,32 @@ async def test_sipp_invite_gets_302_to_a_worker(
     assert any(f"127.0.0.1:{p}>" in contacts[0] for p in ports), (contacts, ports)
 
 
+async def test_sipp_uac_keeps_off_the_default_sip_ports(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """sipp takes ``-p 0`` for "no port given" and binds the first free one from 5060 up:
+    the ports of a serve on the default CLINIC_SIP_ADDR (127.0.0.1:5060, its workers and
+    flash-call agent on the ports after it), as the e2e rig runs it alongside."""
+    _, front = line
+    code, text = await sipp_uac(front.address, "sipp_uac_redirect.xml", "6001", tmp_path, 10)
+    assert code == 0, f"sipp UAC failed: {text}"
+    invite = message.parse(text[text.index("INVITE sip:") :].split("\n\n", 1)[0].encode())
+    sent_by = (invite.get("Via") or "").split(";", 1)[0].rsplit(":", 1)[1]
+    assert not 5060 <= int(sent_by) < 5060 + 200, f"sipp bound {sent_by}: {invite}"
+
+
 async def sipp_uac(
     target: HostPort, scenario: str, user: str, tmp_path: Path, timeout_s: int
 ) -> tuple[int, str]:
     """Play ``tests/peers/<scenario>`` once as a UAC calling ``user`` at ``target``; its exit
-    code and the messages it traced."""
+    code and the messages it traced.
+
+    From a free port of its own: sipp takes ``-p 0`` for its default, 5060, so two runs at
+    once (or anything else on 5060) made it fail to bind."""
     trace = tmp_path / f"{scenario}.log"
     proc = await asyncio.create_subprocess_exec(
         "sipp", str(target), "-sf", str(PEERS / scenario),
-        "-i", "127.0.0.1", "-p", "0", "-s", user, "-m", "1", "-nostdin",
+        "-i", "127.0.0.1", "-p", str(free_port()), "-s", user, "-m", "1", "-nostdin",
         "-trace_msg", "-message_file", str(trace), "-timeout", str(timeout_s),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -540,6 +557,85 @@ async def test_a_retransmitted_invite_gets_the_answer_it_got_and_is_counted_once
         await front.stop()
         await pool.stop()
         await asyncio.gather(*holders, return_exceptions=True)
+
+
+async def test_a_redirected_call_takes_its_own_reserved_slot() -> None:
+    """Callers A then B are redirected; B's INVITE reaches the worker first. The worker
+    tells the pool the INVITE's Call-ID, and B's reservation is the one that becomes a call:
+    A's stays for A (the pool took the oldest one, A's, when it could not tell them apart)."""
+    pool = SipPool(sip_settings(1), clock=SystemClock())  # one worker: both go there
+    await pool.start()
+    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound, clock=SystemClock())
+    await front.start()
+    arrived = asyncio.Event()
+
+    async def handler(call: CallHandle) -> None:
+        arrived.set()
+        await call.wait_ended()
+
+    pool.on_incoming(handler)
+    loop = asyncio.get_running_loop()
+    peer = _UdpPeer(front.address)
+    try:
+        for name in ("a", "b"):
+            moved = await loop.run_in_executor(
+                None, peer.exchange, peer.request("INVITE", name, f"{name}@probe")
+            )
+            assert moved is not None and moved.status == 302, moved
+        (w,) = pool._workers
+        (target,) = pool.worker_addresses()
+        assert list(w.reserved) == ["a@probe", "b@probe"]
+        to_worker = _UdpPeer(target)
+        try:
+            invite = to_worker.request("INVITE", "b2", "b@probe").replace(
+                b"Max-Forwards:",
+                f"Contact: <sip:a@127.0.0.1:{to_worker.port}>\r\nMax-Forwards:".encode(),
+            )
+            answer = await loop.run_in_executor(None, to_worker.exchange, invite)
+            assert answer is not None, "the worker did not answer B's INVITE"
+            async with asyncio.timeout(5):
+                await arrived.wait()
+            assert list(w.reserved) == ["a@probe"], "B's reservation is the one B took"
+        finally:
+            to_worker.sock.close()
+    finally:
+        peer.sock.close()
+        await front.stop()
+        await pool.stop()
+
+
+async def test_a_cancel_gets_481_unless_it_matches_an_invite_and_copies_get_one_answer(
+    line: tuple[SipPool, RedirectFront],
+) -> None:
+    """RFC 3261 9.2: a CANCEL that matches no INVITE transaction gets 481 (the front said 200
+    to any); one that matches an INVITE answered here gets 200 with that answer's To tag.
+    Sections 8.2.7 and 17.2.2: a retransmitted OPTIONS, CANCEL or BYE gets the same response,
+    To tag included (each copy got a fresh tag)."""
+    _, front = line
+    loop = asyncio.get_running_loop()
+    peer = _UdpPeer(front.address)
+
+    async def ask(method: str, branch: str, call_id: str) -> message.SipMessage:
+        answer = await loop.run_in_executor(
+            None, peer.exchange, peer.request(method, branch, call_id)
+        )
+        assert answer is not None, f"no answer to {method}"
+        return answer
+
+    try:
+        stray = await ask("CANCEL", "stray", "stray@probe")
+        assert stray.status == 481, stray
+        moved = await ask("INVITE", "moved", "moved@probe")
+        assert moved.status == 302, moved
+        cancel = await ask("CANCEL", "moved", "moved@probe")
+        assert cancel.status == 200 and cancel.get("To") == moved.get("To"), (cancel, moved)
+        for method in ("OPTIONS", "CANCEL", "BYE"):
+            first = await ask(method, f"{method}-1", "again@probe")
+            again = await ask(method, f"{method}-1", "again@probe")
+            assert first.get("To") == again.get("To"), f"{method}: {first} then {again}"
+            assert ";tag=" in (first.get("To") or "")
+    finally:
+        peer.sock.close()
 
 
 async def test_a_reinvite_without_a_common_codec_gets_488_and_the_call_goes_on(

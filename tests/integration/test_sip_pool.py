@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from clinic_voice.metrics import Metrics
+from clinic_voice.wiring import new_sip_pool
 from sip_config.clock import SystemClock
 from tests.conftest import sip_settings
 from voice.sip import message
 from voice.sip.media_thread import IDLE_SLACK_NS
 from voice.sip.outcome import CallOutcome
-from voice.sip.pool import OutboundCall, SipPool
+from voice.sip.pool import OutboundCall, PoolBusyError, SipPool
 from voice.sip.protocol import CallEvent, CallState, PlaceCall, WorkerStatus, decode, encode
 
 pytestmark = pytest.mark.integration
@@ -320,7 +322,8 @@ async def test_message_delivered_and_refused(pool: SipPool, tmp_path: Path) -> N
 
 
 async def test_worker_killed_mid_call(tmp_path: Path) -> None:
-    pool = SipPool(sip_settings(2), clock=SystemClock())
+    metrics = Metrics()
+    pool = new_sip_pool(sip_settings(2), metrics, SystemClock())  # as serve makes it
     await pool.start()
     try:
         async with sipp_uas("sipp_uas_ring.xml", tmp_path, calls=3) as uas:
@@ -339,10 +342,27 @@ async def test_worker_killed_mid_call(tmp_path: Path) -> None:
                 while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
                     await asyncio.sleep(0.05)
             assert pool.stats()["restarts"] == 1
+            assert "\nclinic_sip_worker_restarts_total 1\n" in metrics.render()
             again = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=0.5))
             assert await again.wait_ended(5) is CallOutcome.CANCELLED_AFTER_RING
     finally:
         await pool.stop()
+
+
+async def test_an_outbound_call_kept_out_for_callers_is_counted(tmp_path: Path) -> None:
+    """Every slot kept for callers (CLINIC_SIP_CALLER_SLOTS=4, one worker): a verification
+    call is not placed, and /metrics counts it (from 0: the pool made as serve makes it)."""
+    metrics = Metrics()
+    pool = new_sip_pool(sip_settings(1, caller_slots=4), metrics, SystemClock())
+    assert "\nclinic_sip_outbound_kept_for_callers_total 0\n" in metrics.render()
+    await pool.start()
+    try:
+        with pytest.raises(PoolBusyError, match="kept for callers"):
+            await pool.place_call(OutboundCall("sip:1@127.0.0.1:9", CALLER, flash=True))
+    finally:
+        await pool.stop()
+    assert "\nclinic_sip_outbound_kept_for_callers_total 1\n" in metrics.render()
+    assert "\nclinic_sip_worker_restarts_total 0\n" in metrics.render()
 
 
 async def test_a_start_cut_short_stops_the_workers_not_yet_up_without_killing_them(

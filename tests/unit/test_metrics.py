@@ -175,6 +175,8 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
     m.sip_workers.set(2, state="up")
     m.sip_slots.set(3, state="in_use")
     m.sip_slots_kept_for_callers.set(1)
+    m.sip_worker_restarts.inc()
+    m.sip_kept_for_callers.inc()
     text = m.render()
     samples = parse(text)
     names = {s[0] for s in samples}
@@ -188,6 +190,8 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
         "clinic_sip_workers",
         "clinic_sip_slots",
         "clinic_sip_slots_kept_for_callers",
+        "clinic_sip_worker_restarts_total",
+        "clinic_sip_outbound_kept_for_callers_total",
     } <= names
     for metric, kind in (
         ("clinic_http_requests_total", "counter"),
@@ -198,6 +202,8 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
         ("clinic_sip_workers", "gauge"),
         ("clinic_sip_slots", "gauge"),
         ("clinic_sip_slots_kept_for_callers", "gauge"),
+        ("clinic_sip_worker_restarts_total", "counter"),
+        ("clinic_sip_outbound_kept_for_callers_total", "counter"),
     ):
         assert f"# HELP {metric} " in text
         assert f"# TYPE {metric} {kind}\n" in text

@@ -85,7 +85,7 @@ def test_a_refused_invite_gets_the_status_the_pool_gave(status: int) -> None:
 
 @pytest.mark.parametrize(
     ("method", "status"),
-    [("OPTIONS", 200), ("CANCEL", 200), ("BYE", 481), ("REGISTER", 405), ("MESSAGE", 405),
+    [("OPTIONS", 200), ("CANCEL", 481), ("BYE", 481), ("REGISTER", 405), ("MESSAGE", 405),
      ("FOO", 501)],
 )  # fmt: skip
 def test_other_methods(method: str, status: int) -> None:
@@ -142,12 +142,13 @@ def test_an_incomplete_invite_reserves_no_slot() -> None:
         "INVITE sip:6000@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1\r\n"
     )
     raw += "To: <sip:6000@127.0.0.1>\r\nCall-ID: c-1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
-    answered = transaction.AnsweredInvites(FakeClock())
-    out = front_module._answer(raw.encode(), pick, answered, tcp=False)
+    answered = transaction.AnsweredRequests(FakeClock())
+    others = transaction.AnsweredRequests(FakeClock())
+    out = front_module._answer(raw.encode(), pick, answered, tcp=False, others=others)
     assert out is not None and out.startswith(b"SIP/2.0 400 Missing From\r\n")
     assert picked == []
     whole = raw.replace("To:", "From: <sip:a@127.0.0.1>;tag=1\r\nTo:")
-    out = front_module._answer(whole.encode(), pick, answered, tcp=False)
+    out = front_module._answer(whole.encode(), pick, answered, tcp=False, others=others)
     assert out is not None and out.startswith(b"SIP/2.0 302 ") and picked == ["c-1"]
 
 
@@ -185,33 +186,40 @@ def test_a_retransmitted_invite_gets_the_same_answer_without_a_second_pick(
     a 486 was counted twice (clinic_calls_total), and a slot freed meanwhile turned a
     refused transaction into a redirected one."""
     clock = FakeClock()
-    answered = transaction.AnsweredInvites(clock)
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock)
     pick = Picks(first, then)
-    out = front_module._answer(invite(), pick, answered, tcp=False)
+    out = front_module._answer(invite(), pick, answered, tcp=False, others=others)
     assert out is not None
     for delay in (0.5, 1, 2, 4, 8, 16):  # Timer A doubling: 31.5 s in all, under Timer H
         clock.advance(delay)
-        assert front_module._answer(invite(), pick, answered, tcp=False) == out
+        assert front_module._answer(invite(), pick, answered, tcp=False, others=others) == out
     assert pick.calls == ["call-1"]
     # The ACK of that answer is absorbed (no response, no pick), the answer kept.
-    assert front_module._answer(invite(method="ACK"), pick, answered, tcp=False) is None
-    assert front_module._answer(invite(), pick, answered, tcp=False) == out
+    assert (
+        front_module._answer(invite(method="ACK"), pick, answered, tcp=False, others=others) is None
+    )
+    assert front_module._answer(invite(), pick, answered, tcp=False, others=others) == out
     assert pick.calls == ["call-1"]
 
 
 def test_an_answer_is_forgotten_after_timer_h_and_a_new_transaction_is_picked_anew() -> None:
     clock = FakeClock()
-    answered = transaction.AnsweredInvites(clock)
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock)
     pick = Picks(486, 486, 486, HostPort("127.0.0.1", 5062))
-    out = front_module._answer(invite(), pick, answered, tcp=False)
+    out = front_module._answer(invite(), pick, answered, tcp=False, others=others)
     # Another transaction of the same call (a new CSeq and branch) is a new request.
-    assert front_module._answer(invite("z9hG4bK-2", 2), pick, answered, tcp=False) != out
+    assert (
+        front_module._answer(invite("z9hG4bK-2", 2), pick, answered, tcp=False, others=others)
+        != out
+    )
     # So is the same branch from another sent-by (section 17.2.3).
     other = invite().replace(b"127.0.0.1:5070", b"127.0.0.2:5070")
-    assert front_module._answer(other, pick, answered, tcp=False) is not None
+    assert front_module._answer(other, pick, answered, tcp=False, others=others) is not None
     assert len(pick.calls) == 3
     clock.advance(transaction.TIMER_H_S)
-    late = front_module._answer(invite(), pick, answered, tcp=False)
+    late = front_module._answer(invite(), pick, answered, tcp=False, others=others)
     assert late is not None and late.startswith(b"SIP/2.0 302 "), "past Timer H: picked anew"
     assert len(pick.calls) == 4
     assert len(answered) == 1, "the expired answers are dropped"
@@ -219,7 +227,7 @@ def test_an_answer_is_forgotten_after_timer_h_and_a_new_transaction_is_picked_an
 
 def test_the_memory_of_answers_is_bounded() -> None:
     clock = FakeClock()
-    answered = transaction.AnsweredInvites(clock, limit=3)
+    answered = transaction.AnsweredRequests(clock, limit=3)
     keys = [transaction.TransactionKey(f"z9hG4bK-{i} h:1", "c", "1") for i in range(4)]
     for key in keys:
         answered.remember(key, transaction.FinalAnswer(486, "t"))
@@ -254,3 +262,60 @@ def test_transaction_keys(a: str, b: str, same: bool) -> None:
 
     assert key(a) is not None
     assert (key(a) == key(b)) is same
+
+
+def _other(method: str, branch: str = "z9hG4bK-1", cseq: int = 1, call_id: str = "call-1") -> bytes:
+    return invite(branch, cseq, method).replace(b"call-1", call_id.encode())
+
+
+def _to_tag(out: bytes | None) -> str:
+    assert out is not None
+    return (message.parse(out).get("To") or "").rpartition(";tag=")[2]
+
+
+def test_a_cancel_matching_no_invite_gets_481() -> None:
+    """RFC 3261 9.2 / 16.10: no INVITE transaction matches (not the same top Via branch and
+    sent-by, Call-ID and CSeq number as an INVITE answered here): 481, where the front
+    answered 200 to any CANCEL."""
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock)
+    pick = Picks(HostPort("127.0.0.1", 5062))
+    moved = front_module._answer(invite(), pick, answered, tcp=False, others=others)
+    for stray in (
+        _other("CANCEL", branch="z9hG4bK-9"),  # another branch
+        _other("CANCEL", cseq=2),  # another CSeq number
+        _other("CANCEL", call_id="call-2"),  # another call
+        _other("CANCEL").replace(b"127.0.0.1:5070", b"127.0.0.2:5070"),  # another sent-by
+    ):
+        out = front_module._answer(stray, pick, answered, tcp=False, others=others)
+        assert out is not None and out.startswith(b"SIP/2.0 481 Call/Transaction Does Not Exist")
+    out = front_module._answer(_other("CANCEL"), pick, answered, tcp=False, others=others)
+    assert out is not None and out.startswith(b"SIP/2.0 200 OK\r\n"), out
+    assert message.parse(out).get("CSeq") == "1 CANCEL"
+    assert _to_tag(out) == _to_tag(moved), "the To tag of the INVITE's answer (9.2)"
+    assert pick.calls == ["call-1"], "a CANCEL picks no worker"
+    clock.advance(transaction.TIMER_H_S)  # the INVITE forgotten: so is the CANCEL's answer
+    late = front_module._answer(_other("CANCEL", cseq=1), pick, answered, tcp=False, others=others)
+    assert late is not None and late.startswith(b"SIP/2.0 481 "), late
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "CANCEL", "BYE", "REGISTER", "FOO"])
+def test_a_retransmitted_request_gets_the_same_response(method: str) -> None:
+    """RFC 3261 8.2.7 and 17.2.2: a retransmission gets the response the request got, To
+    tag included, where each copy got a fresh tag. A new transaction gets a new one."""
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S, limit=4)
+    first = front_module._answer(_other(method), Picks(), answered, tcp=False, others=others)
+    for delay in (0.5, 1, 2, 4, 4, 4, 4, 4, 4):  # Timer E: 31.5 s in all, under Timer J
+        clock.advance(delay)
+        again = front_module._answer(_other(method), Picks(), answered, tcp=False, others=others)
+        assert again == first
+    new = front_module._answer(_other(method, cseq=2), Picks(), answered, tcp=False, others=others)
+    assert _to_tag(new) != _to_tag(first)
+    for n in range(3, 7):  # the memory is bounded: the oldest answer goes first
+        front_module._answer(_other(method, cseq=n), Picks(), answered, tcp=False, others=others)
+    assert len(others) == 4 and len(answered) == 0, "non-INVITE answers in a memory of their own"
+    forgotten = front_module._answer(_other(method), Picks(), answered, tcp=False, others=others)
+    assert _to_tag(forgotten) != _to_tag(first)

@@ -13,6 +13,7 @@ from sip_config.settings import HostPort
 from tests.conftest import sip_settings
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
+from voice.sip.protocol import IncomingCall, WorkerStatus
 
 _ids = (f"call-{n}@peer" for n in itertools.count())
 BUSY = SipStatus.BUSY_HERE
@@ -36,6 +37,59 @@ def test_a_burst_is_spread_and_capped_by_free_slots() -> None:
     picks += [pool.pick_inbound(next(_ids)) for _ in range(6)]
     assert all(isinstance(p, HostPort) for p in picks), "12 slots for 12 callers"
     assert pool.pick_inbound(next(_ids)) == BUSY, "a 13th caller gets 486 from the front"
+
+
+def _arrives(pool: SipPool, sip_call_id: str, free: int) -> None:
+    """A redirected INVITE reaches worker 0, as the worker tells it: its free slots (this
+    call counted), then the call with its INVITE's Call-ID."""
+    w = pool._workers[0]
+    pool._dispatch(w, WorkerStatus(free_slots=free, port=w.port))
+    pool._dispatch(w, IncomingCall(f"in-{sip_call_id}", "", "6000", (), sip_call_id))
+
+
+def test_an_arriving_call_takes_its_own_reservation_not_the_oldest() -> None:
+    """Caller A is redirected first, B a second later; B's INVITE reaches the worker first.
+    B's reservation became a call and A's stays until A comes or lapses. Taking the oldest
+    dropped A's and left B's (a call already) held a second longer."""
+    clock = FakeClock()
+    pool = _pool(1, clock)
+    pool._workers[0].free_slots = 2
+    assert isinstance(pool.pick_inbound("a@peer"), HostPort)
+    clock.advance(1.0)
+    assert isinstance(pool.pick_inbound("b@peer"), HostPort)
+    clock.advance(0.1)
+    _arrives(pool, "b@peer", free=1)
+    assert list(pool._workers[0].reserved) == ["a@peer"]
+    assert pool.pick_inbound(next(_ids)) == BUSY, "the last slot is A's"
+    clock.advance(1.0)  # A never came: its slot is free again, B's was never a slot
+    assert pool.occupancy().reserved == 0
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
+
+
+def test_a_call_without_a_reservation_leaves_a_redirected_caller_its_slot() -> None:
+    """A call the front did not redirect (a PBX's, or a caller slower than its reservation)
+    reaches a worker while caller A is on the way there: A's slot must not go to a third
+    caller, who would then reach a worker with one slot for two calls."""
+    clock = FakeClock()
+    pool = _pool(1, clock)
+    pool._workers[0].free_slots = 2
+    assert isinstance(pool.pick_inbound("a@peer"), HostPort)
+    _arrives(pool, "direct@pbx", free=1)
+    assert pool.pick_inbound(next(_ids)) == BUSY, "the one free slot is A's"
+    _arrives(pool, "a@peer", free=0)
+    assert pool.occupancy().reserved == 0
+
+
+def test_a_call_under_a_new_call_id_frees_a_reservation_its_worker_cannot_hold() -> None:
+    """A UA that re-sends the redirected INVITE under a new Call-ID: once the worker's free
+    slots cannot hold every reservation, the oldest was that call's and goes."""
+    clock = FakeClock()
+    pool = _pool(1, clock)
+    pool._workers[0].free_slots = 1
+    assert isinstance(pool.pick_inbound("a@peer"), HostPort)
+    _arrives(pool, "a-again@peer", free=0)
+    assert pool.occupancy().reserved == 0
+    assert pool.occupancy().free == 0
 
 
 def test_a_reservation_lapses_when_the_caller_never_comes() -> None:

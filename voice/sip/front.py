@@ -6,15 +6,20 @@ and this process never relays a byte of a call. Each INVITE gets ``302 Moved Tem
 with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_port>``),
 ``486 Busy Here`` when every worker is full, or ``503 Service Unavailable`` once the service
 is stopping (a proxy then tries another instance). The ACK for that final response is absorbed,
-OPTIONS gets 200 (so peers can probe liveness), CANCEL gets 200 (the INVITE already has its
-final answer), BYE gets 481, other known methods 405 with ``Allow``, unknown ones 501. An
-INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and no slot.
+OPTIONS gets 200 (so peers can probe liveness), a CANCEL gets 200 when it matches an INVITE
+answered here (that INVITE already has its final answer; the 200 carries its To tag) and
+481 Call/Transaction Does Not Exist when it matches none (RFC 3261 9.2), BYE gets 481, other
+known methods 405 with ``Allow``, unknown ones 501. An INVITE without the headers every
+request needs gets 400 (RFC 3261 8.1.1) and no slot.
 
 A retransmitted INVITE (the same transaction: top Via branch and sent-by, Call-ID, CSeq;
 see :mod:`voice.sip.transaction`) gets the very answer the first copy got, To tag included,
 for ``transaction.TIMER_H_S`` (32 s): its 486 is not counted again, and it is not sent to a worker
 that freed a slot meanwhile, nor to another one than its 302 named (RFC 3261 17.2.1).
-Without that memory a lost 302 or 486 made the UAC's retransmission a new caller.
+Without that memory a lost 302 or 486 made the UAC's retransmission a new caller. A
+retransmitted OPTIONS, CANCEL or BYE likewise gets its first response again, To tag included,
+for ``transaction.TIMER_J_S`` (32 s; sections 8.2.7 and 17.2.2), from a memory of its own
+(at most ``transaction.MAX_REMEMBERED`` answers each).
 
 Over TCP a message whose body would take it over 64 KiB gets 513 and the connection closes
 (the body is not read; a header section over 64 KiB just closes it), a connection that
@@ -86,8 +91,10 @@ def respond(
     """The response of the redirect server to ``request`` (None: send nothing).
 
     ``target`` is, for an INVITE, a worker with a free slot or the status that refuses the
-    call (486 when all are full, 503 when the service is stopping); None for other requests.
-    ``to_tag`` is the To tag to answer with (a new one when empty).
+    call (486 when all are full, 503 when the service is stopping). For another request it
+    is the status to answer with, or None for the method's own (:func:`status_for`; a
+    CANCEL's is 481, 200 only when it matched an INVITE). ``to_tag`` is the To tag to answer
+    with (a new one when empty).
     """
     if not request.is_request or request.method == "ACK":
         return None
@@ -112,24 +119,25 @@ def respond(
         return message.serialise_response(
             request, SipStatus.MOVED_TEMPORARILY, to_tag=tag, extra=(("Contact", contact),)
         )
+    status = target if isinstance(target, int) else status_for(method)
+    extra: tuple[tuple[str, str], ...] = ()
+    if method == "OPTIONS" and status == SipStatus.OK:
+        extra = (("Allow", ALLOW), ("Accept", "application/sdp"))
+    elif status in (SipStatus.METHOD_NOT_ALLOWED, SipStatus.NOT_IMPLEMENTED):
+        extra = (("Allow", ALLOW),)
+    return message.serialise_response(request, status, to_tag=tag, extra=extra)
+
+
+def status_for(method: str) -> SipStatus:
+    """The front's status for a request other than INVITE and ACK (a CANCEL that matched
+    an INVITE transaction gets 200 instead)."""
     if method == "OPTIONS":
-        return message.serialise_response(
-            request,
-            SipStatus.OK,
-            to_tag=tag,
-            extra=(("Allow", ALLOW), ("Accept", "application/sdp")),
-        )
-    if method == "CANCEL":
-        return message.serialise_response(request, SipStatus.OK, to_tag=tag)
-    if method == "BYE":
-        return message.serialise_response(request, SipStatus.CALL_DOES_NOT_EXIST, to_tag=tag)
+        return SipStatus.OK
+    if method in ("CANCEL", "BYE"):  # no transaction (CANCEL) or dialog (BYE) of ours
+        return SipStatus.CALL_DOES_NOT_EXIST
     if method in _KNOWN_METHODS:
-        return message.serialise_response(
-            request, SipStatus.METHOD_NOT_ALLOWED, to_tag=tag, extra=(("Allow", ALLOW),)
-        )
-    return message.serialise_response(
-        request, SipStatus.NOT_IMPLEMENTED, to_tag=tag, extra=(("Allow", ALLOW),)
-    )
+        return SipStatus.METHOD_NOT_ALLOWED
+    return SipStatus.NOT_IMPLEMENTED
 
 
 def new_tag() -> str:
@@ -158,8 +166,15 @@ _dropped = _DroppedLog()
 
 
 def _answer(
-    data: bytes, pick: Picker, answered: transaction.AnsweredInvites, *, tcp: bool
+    data: bytes,
+    pick: Picker,
+    answered: transaction.AnsweredRequests,
+    *,
+    tcp: bool,
+    others: transaction.AnsweredRequests,
 ) -> bytes | None:
+    """The answer to ``data``; ``answered`` holds the INVITE answers, ``others`` those of
+    the other requests."""
     try:
         request = message.parse(data)
     except message.SipParseError as exc:
@@ -169,11 +184,13 @@ def _answer(
     call_id = request.get("Call-ID")
     invite = request.method == "INVITE" and request.is_request
     complete = all(request.get(name) for name in _REQUIRED)  # else 400 (or nothing): no slot
+    key = transaction.key_of(request)
     if not (invite and complete and call_id):
         # The ACK of a 302/486/503 lands here too: absorbed (section 17.2.1), the answer
         # stays remembered for a late copy of its INVITE.
-        return respond(request, None, tcp=tcp)
-    key = transaction.key_of(request)
+        if key is None or not complete or not request.is_request or request.method == "ACK":
+            return respond(request, None, tcp=tcp)
+        return _answer_other(request, key, answered, others, tcp=tcp)
     before = answered.get(key) if key is not None else None
     if before is not None:
         # A retransmission (its answer was lost): the same answer, not a second caller.
@@ -185,6 +202,30 @@ def _answer(
     if key is not None:
         answered.remember(key, transaction.FinalAnswer(target, tag))
     return respond(request, target, tcp=tcp, to_tag=tag)
+
+
+def _answer_other(
+    request: message.SipMessage,
+    key: transaction.TransactionKey,
+    answered: transaction.AnsweredRequests,
+    others: transaction.AnsweredRequests,
+    *,
+    tcp: bool,
+) -> bytes | None:
+    """A request other than INVITE and ACK: its first answer again when retransmitted."""
+    before = others.get(key)
+    if before is not None:
+        return respond(request, before.target, tcp=tcp, to_tag=before.to_tag)
+    status = status_for(request.method)
+    tag = new_tag()
+    if request.method == "CANCEL":
+        invite = answered.get(transaction.invite_key(key))
+        if invite is not None:
+            # Section 9.2: the INVITE has its final answer already, so the CANCEL has
+            # nothing left to do: 200, with the To tag of that answer.
+            status, tag = SipStatus.OK, invite.to_tag
+    others.remember(key, transaction.FinalAnswer(status, tag))
+    return respond(request, status, tcp=tcp, to_tag=tag)
 
 
 def _too_large(head: bytes) -> bytes | None:
@@ -223,7 +264,8 @@ class RedirectFront:
     def __init__(self, addr: HostPort, pick: Picker, *, clock: Clock) -> None:
         self._addr = addr
         self._pick = pick
-        self._answered = transaction.AnsweredInvites(clock)
+        self._answered = transaction.AnsweredRequests(clock)  # INVITEs, for Timer H
+        self._others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
@@ -258,7 +300,7 @@ class RedirectFront:
         log.info("SIP redirect front on %s (UDP and TCP)", self.address)
 
     def _answer_udp(self, data: bytes) -> bytes | None:
-        return _answer(data, self._pick, self._answered, tcp=False)
+        return _answer(data, self._pick, self._answered, tcp=False, others=self._others)
 
     async def stop(self) -> None:
         """Close both listeners and open TCP connections."""
@@ -302,7 +344,9 @@ class RedirectFront:
                             await writer.drain()
                         break  # its body is not read: the stream cannot be followed
                     body = await reader.readexactly(length) if length else b""
-                    reply = _answer(head + body, self._pick, self._answered, tcp=True)
+                    reply = _answer(
+                        head + body, self._pick, self._answered, tcp=True, others=self._others
+                    )
                     if reply is not None:
                         writer.write(reply)
                         await writer.drain()  # a peer that never reads is timed out too

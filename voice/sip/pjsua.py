@@ -661,10 +661,11 @@ class Engine:
         call_id = f"in-{secrets.token_urlsafe(16)}"
         call = _Call(self, call_id, account, prm.callId, flash=False)
         self._calls[call_id] = call
-        caller = called = ""
+        caller = called = sip_call_id = ""
         headers: list[tuple[str, str]] = []
         try:
             msg = message.parse(str(prm.rdata.wholeMsg).encode())
+            sip_call_id = msg.get("Call-ID") or ""
             caller = message.user_part(msg.get("From") or "")
             called = message.user_part(msg.uri) or message.user_part(msg.get("To") or "")
             headers = [
@@ -675,7 +676,7 @@ class Engine:
         except message.SipParseError as exc:
             log.warning("call %s: cannot read the INVITE: %s", call_id, exc)
         self.emit(self.status())
-        self.emit(IncomingCall(call_id, caller, called, tuple(headers)))
+        self.emit(IncomingCall(call_id, caller, called, tuple(headers), sip_call_id))
         ring = pj.CallOpParam(True)
         ring.statusCode = SipStatus.RINGING
         try:

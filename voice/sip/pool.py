@@ -7,7 +7,9 @@ worker with a free slot, routes every event to the :class:`CallHandle` of its ca
 inbound call to the registered handler in its own task, and restarts a worker that dies
 (backoff 0.2 s doubling to 5 s): the calls it held end with ``worker_lost``, never a hang.
 An inbound call refused for want of a slot (486) is handed to the ``on_busy`` hook and logged,
-at most once a minute.
+at most once a minute; each worker restart to ``on_restart``, and each outbound call not placed
+because the free slots were the callers' (below) to ``on_kept_for_callers`` (serve counts them
+in /metrics).
 
 Callers come first: an outbound call (each is a verification's: a voice code, a flash call over
 TCP or TLS) takes a slot only when ``caller_slots`` (``CLINIC_SIP_CALLER_SLOTS``) stay free
@@ -375,6 +377,8 @@ class SipPool:
         queue_timeout_s: float = 2.0,
         log_level: str = "WARNING",
         on_busy: Callable[[], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+        on_kept_for_callers: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
@@ -394,6 +398,8 @@ class SipPool:
         self._slots_max = 0  # the most free slots a worker ever reported (its capacity)
         self._cursor = 0
         self._on_busy = on_busy  # called for each inbound call refused with 486
+        self._on_restart = on_restart  # called for each worker restarted after it died
+        self._on_kept_for_callers = on_kept_for_callers  # each outbound call given up for them
         self._refused_busy = 0
         self._busy_unlogged = 0  # refused for want of a slot since the last log line
         self._busy_log_at = 0.0  # monotonic time from which the next such line may go
@@ -616,6 +622,8 @@ class SipPool:
         if free <= 0:
             return PoolBusyError(f"all {len(self._workers)} SIP workers are full")
         self._kept_for_callers += 1
+        if self._on_kept_for_callers is not None:
+            self._on_kept_for_callers()
         log.info(
             "call %s: not placed: the %d free call slot(s) are kept for callers "
             "(CLINIC_SIP_CALLER_SLOTS=%d)",
@@ -820,9 +828,7 @@ class SipPool:
 
     def _incoming(self, w: _Worker, ev: IncomingCall) -> None:
         if w.reserved:
-            # A redirected call arrived: its reservation is now a call (the worker's Call-ID
-            # is its own, so the oldest one goes).
-            del w.reserved[next(iter(w.reserved))]
+            self._arrived(w, ev.sip_call_id)
         handle = CallHandle(
             self, w, ev.call_id, caller=ev.caller, called=ev.called, headers=dict(ev.headers)
         )
@@ -840,6 +846,22 @@ class SipPool:
         task = asyncio.create_task(self._run_handler(handler, handle), name=f"call-{ev.call_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _arrived(self, w: _Worker, sip_call_id: str) -> None:
+        """A call arrived on ``w``: the slot reserved for it (by its INVITE's Call-ID, as the
+        front picked it) is now a call, and the other callers keep theirs.
+
+        A call with no reservation there (sent by a PBX, a caller slower than the
+        reservation, or a UA that re-sent the redirected INVITE under a new Call-ID) takes
+        none, unless the worker's free slots (reported just before, this call counted) can
+        no longer hold every reservation: then one of them was surely this call's, and the
+        oldest goes (the nearest to lapsing). Taking the oldest always let a third caller
+        have the slot of a redirected caller still on the way: two callers, one slot.
+        """
+        if w.reserved.pop(sip_call_id, None) is not None:
+            return
+        if len(w.reserved) > max(0, w.free_slots - w.pending):
+            del w.reserved[next(iter(w.reserved))]
 
     async def _run_handler(self, handler: IncomingHandler, handle: CallHandle) -> None:
         try:
@@ -887,6 +909,8 @@ class SipPool:
         if not self._running:
             return
         self._restarts += 1
+        if self._on_restart is not None:
+            self._on_restart()
         try:
             await self._spawn(w)
         except OSError:

@@ -143,12 +143,18 @@ class PlaceFailed:
 
 @dataclass(frozen=True, slots=True)
 class IncomingCall:
-    """A new inbound call (already ringing: the worker sent 180)."""
+    """A new inbound call (already ringing: the worker sent 180).
+
+    ``call_id`` is the worker's id of the call; ``sip_call_id`` the Call-ID header of its
+    INVITE, by which the pool finds the slot it reserved for the caller the front redirected
+    ("" when the INVITE could not be read).
+    """
 
     call_id: str
     caller: str
     called: str
     headers: Headers = ()
+    sip_call_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

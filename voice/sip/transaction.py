@@ -1,5 +1,6 @@
-"""The final answers the redirect front gave to INVITE server transactions (RFC 3261
-section 17.2.1), remembered for Timer H so a retransmission gets the same answer. No I/O.
+"""The final answers the redirect front gave to server transactions (RFC 3261 section
+17.2), remembered for Timer H (INVITE) or Timer J (others) so a retransmission gets the
+same answer. No I/O.
 
 The front keeps no call, but its answers are not free of state: a 302 reserves a worker's
 slot and a 486 counts a caller turned away. A UAC whose answer was lost retransmits the
@@ -12,7 +13,12 @@ A retransmission is recognised as section 17.2.3 matches requests to a server tr
 the top Via's branch (with the RFC 3261 magic cookie) and sent-by, plus the Call-ID and
 CSeq number (a UA that reuses a branch in another call is not taken for a retransmission).
 Without the magic cookie (RFC 2543), by the top Via, Request-URI, From tag, To tag, Call-ID
-and CSeq number, as section 17.2.3 says for such peers.
+and CSeq number, as section 17.2.3 says for such peers. A request other than INVITE and ACK
+has a transaction of its own (its method is part of the key): a CANCEL carries the branch of
+the INVITE it cancels, and is matched to that INVITE's transaction by :func:`invite_key`
+(section 9.2). Non-INVITE answers are remembered too (sections 8.2.7 and 17.2.2: a
+retransmitted OPTIONS, CANCEL or BYE gets the same response, To tag included), in a memory of
+their own, so a flood of OPTIONS cannot push the INVITE answers out.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from voice.sip.message import SipMessage
 
 T1_S = 0.5  # RFC 3261 section 17.1.1.1: the RTT estimate
 TIMER_H_S = 64 * T1_S  # 32 s: a UAC retransmits an INVITE for Timer B = 64*T1 at most
+TIMER_J_S = 64 * T1_S  # 32 s: and any other request for Timer F = 64*T1 (over UDP)
 # The most answers remembered: 400 INVITEs a second (above what the workers take) for 32 s
 # is 12,800. Past this the oldest go first: a retransmission of one of them is answered
 # anew, as before this memory existed. About 300 bytes each.
@@ -35,18 +42,20 @@ _MAGIC_COOKIE = "z9hG4bK"
 
 @dataclass(frozen=True, slots=True)
 class TransactionKey:
-    """What identifies an INVITE server transaction (section 17.2.3)."""
+    """What identifies a server transaction (section 17.2.3)."""
 
     via: str  # branch and sent-by of the top Via, or the whole top Via (RFC 2543)
     call_id: str
     cseq: str  # the CSeq number (the ACK of a non-2xx has the INVITE's)
     rfc2543: str = ""  # Request-URI, From tag, To tag (RFC 2543 peers only)
+    method: str = ""  # "" for an INVITE and its ACK, else the request's method
 
 
 @dataclass(frozen=True, slots=True)
 class FinalAnswer:
-    """The front's answer to an INVITE: the worker it was sent to, or the status that
-    refused it (486, 503), and the To tag of that response."""
+    """The front's answer to a request: for an INVITE the worker it was sent to, or the
+    status that refused it (486, 503); for another request its status; and the To tag of
+    that response."""
 
     target: HostPort | int
     to_tag: str
@@ -69,19 +78,27 @@ def key_of(request: SipMessage) -> TransactionKey | None:
         return None
     top = via.split(",", 1)[0].strip()  # "Via: a, b" holds two (section 7.3.1)
     number = cseq.split()[0] if cseq.split() else ""
+    method = "" if request.method in ("INVITE", "ACK") else request.method
     branch = _params(top).get("branch", "")
     if branch.startswith(_MAGIC_COOKIE):
         # sent-by: what follows "SIP/2.0/UDP " up to the parameters; host names are
         # case-insensitive (section 19.1.4), the branch is not.
         sent_by = top.split(";", 1)[0].split(None, 1)[-1].strip().lower()
-        return TransactionKey(f"{branch} {sent_by}", call_id, number)
+        return TransactionKey(f"{branch} {sent_by}", call_id, number, method=method)
     from_tag = _params(request.get("From") or "").get("tag", "")
     to_tag = _params(request.get("To") or "").get("tag", "")
-    return TransactionKey(top, call_id, number, f"{request.uri} {from_tag} {to_tag}")
+    return TransactionKey(top, call_id, number, f"{request.uri} {from_tag} {to_tag}", method)
 
 
-class AnsweredInvites:
-    """The final answers of the last :data:`TIMER_H_S` seconds, at most ``limit`` of them.
+def invite_key(cancel: TransactionKey) -> TransactionKey:
+    """The INVITE transaction a CANCEL with key ``cancel`` cancels (section 9.2: the same
+    top Via branch and sent-by, Call-ID and CSeq number; for RFC 2543 peers also the same
+    Request-URI, From and To)."""
+    return TransactionKey(cancel.via, cancel.call_id, cancel.cseq, cancel.rfc2543)
+
+
+class AnsweredRequests:
+    """The final answers of the last ``keep_s`` seconds (Timer H or J), at most ``limit``.
 
     Kept in the order given; with one lifetime for all, that is also the order they expire
     in, so each look-up drops the expired ones from the front (amortised O(1); an
