@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from voice.ivr.engine import (
+    MAX_REPLY_VALUE_CHARS,
     SUMMARY_HEADER,
     Action,
     CallRecord,
@@ -408,6 +410,33 @@ def test_the_record_keeps_path_values_and_outcome(engine: Engine) -> None:
         ("post", "webhook", "ok"),
     ]
     assert [type(a) for a in actions[-2:]] == [HangupCall, Store]
+
+
+def test_a_webhook_reply_keeps_only_the_fields_a_flow_reads(engine: Engine) -> None:
+    # A server answering with many (or new) field names must not grow the call's values and
+    # its records: only {reply.when} is read anywhere in this flow set.
+    many = {f"field{i}": "x" * 40 for i in range(5000)}
+    _, actions = script_call(engine, "t", ["1", "123#"], webhook_data={**many, "when": "today"})
+    store = next(a for a in actions if isinstance(a, Store))
+    assert dict(store.record.values) == {"pick": "apple", "number": "123", "reply.when": "today"}
+
+
+def test_an_over_long_webhook_field_is_left_out_and_counted(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "Monday at nine with Dr Oak. " * 40
+    assert len(secret) > MAX_REPLY_VALUE_CHARS
+    with caplog.at_level(logging.DEBUG, logger="voice.ivr.engine"):
+        _, actions = script_call(
+            engine, "t", ["1", "123#"], webhook_data={"when": secret, "other": "x"}
+        )
+    assert "Booked ." in [a.text for a in actions if isinstance(a, Play)]
+    store = next(a for a in actions if isinstance(a, Store))
+    assert "reply.when" not in dict(store.record.values)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("1 field(s) the flows read are over 500 characters" in m for m in logged)
+    assert any("1 field(s) no flow reads" in m for m in logged)
+    assert not any("Monday" in m or "other" in m for m in logged)  # counts, never content
 
 
 def test_a_transfer_carries_the_summary_only_when_asked(engine: Engine) -> None:

@@ -19,6 +19,7 @@ from sip_config import settings as settings_module
 from sip_config.settings import Settings
 from voice.ivr.check import check_files
 from voice.ivr.engine import (
+    MAX_CLOSED_ASKS,
     Action,
     Digit,
     Engine,
@@ -148,6 +149,53 @@ def test_a_0_while_closed_tells_the_notice_and_asks_again(flows: Path) -> None:
     assert any(isinstance(a, Listen) for a in actions)
     state, actions = engine.handle(state, Digit("3"))
     assert plays(actions) == ["Goodbye."]
+
+
+def test_0s_while_closed_end_the_call_after_the_cap(flows: Path) -> None:
+    # A caller pressing 0 again and again, or a key stuck on 0: the notice and the question
+    # MAX_CLOSED_ASKS times, then the notice and goodbye; the path stops growing.
+    engine = Engine(load_flows(flows), params(False))
+    state, _ = engine.start(engine.flowset.get("t"))
+    state, _ = engine.handle(state, PromptDone())  # "Closed."
+    for _ in range(MAX_CLOSED_ASKS):
+        state, _ = engine.handle(state, PromptDone())  # the question
+        state, actions = engine.handle(state, Digit("0"))
+        assert plays(actions)[0].startswith(f"{NOTICE} Pick one.")
+        assert (state.phase, state.pending) == (Phase.PLAYING, Pending.LISTEN)
+    state, _ = engine.handle(state, PromptDone())
+    state, actions = engine.handle(state, Digit("0"))
+    assert plays(actions) == [NOTICE]
+    assert not transfers(actions)
+    assert (state.pending, state.path[-1].input, state.path[-1].value) == (
+        Pending.HANGUP,
+        "closed",
+        "limit",
+    )
+    state, actions = engine.handle(state, Digit("0"))  # the notice is not cut short
+    assert actions == []
+    state, actions = engine.handle(state, PromptDone())
+    store = next(a for a in actions if isinstance(a, Store))
+    assert store.record.outcome == "out_of_hours"
+    assert len(store.record.path) == 3 + 2 * (MAX_CLOSED_ASKS + 1)  # branch, say, ask
+
+
+def test_the_closed_cap_never_holds_an_urgent_caller_back(tmp_path: Path) -> None:
+    # The cap counts the call's 0s at the closed desk, but a caller the triage made U2 is put
+    # through whatever was pressed before.
+    (tmp_path / "u.yaml").write_text(
+        FLOW.replace("id: t", "id: u")
+        .replace("urgency: U3", "urgency: U2")
+        .replace("next: same_day_staff", "next: more")
+        + '  more:\n    ask:\n      prompt: "Anything else?"\n      choices:\n'
+        + '        - {key: "1", phrases: [no], label: no, goto: bye}\n',
+        encoding="utf-8",
+    )
+    engine = Engine(load_flows(tmp_path), params(False))
+    actions, store = run(engine, "u", ["0"] * (MAX_CLOSED_ASKS + 2))
+    assert store.record.outcome == "out_of_hours"  # below U2: the cap holds
+    actions, store = run(engine, "u", ["0"] * MAX_CLOSED_ASKS + ["2", "0"])
+    assert transfers(actions) == [STAFF]
+    assert store.record.urgency is Urgency.U2
 
 
 def test_a_0_while_open_reaches_the_desk(flows: Path) -> None:

@@ -57,12 +57,12 @@ from voice.ivr.flow import (
     InputMode,
     Node,
     Record,
-    Say,
     SetValues,
     Transfer,
     Webhook,
     flows_folder_problem,
     node_outcome,
+    node_texts,
     parse_flow,
     parse_flowset,
     placeholders,
@@ -511,7 +511,7 @@ class _Checker:
             return name not in known and not any(name.startswith(p) for p in prefixes)
 
         for node in self.flow.nodes.values():
-            texts = list(_texts(node))
+            texts = node_texts(node)
             if isinstance(node, Webhook):
                 texts += [text for _, text in node.extra]
                 for name in node.values:
@@ -621,18 +621,6 @@ def _menu_line(node: Node) -> int:
             if choice.goto == MENU_TARGET:
                 return choice.line
     return node.line
-
-
-def _texts(node: Node) -> list[str]:
-    if isinstance(node, Say):
-        return [node.text]
-    if isinstance(node, Ask):
-        return [node.prompt, node.keypad_prompt or "", *node.noinput, *node.nomatch]
-    if isinstance(node, Transfer | Record | Hangup):
-        return [node.prompt]
-    if isinstance(node, SetValues):
-        return [v for _, v in node.values]
-    return []
 
 
 DESCRIPTION = (

@@ -15,6 +15,9 @@ VoiceXML semantics kept here:
   :class:`Listen` comes after its prompt;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
+* a webhook reply's fields become values ``<save>.<name>`` only when a flow reads them
+  (:func:`voice.ivr.flow.read_values`) and they are at most :data:`MAX_REPLY_VALUE_CHARS`
+  long;
 * keys pressed while a prompt plays are kept (type-ahead) and consumed by the next ask, whose
   prompt is then skipped; keys pressed while a webhook runs are dropped when it answers (they
   were typed before the caller heard the question after it);
@@ -28,7 +31,8 @@ VoiceXML semantics kept here:
 * anywhere, ``*`` repeats the prompt and ``0`` reaches a human (staff, or the nurse in the
   triage). Staff only while the desk is open (``FlowParams.open_now``, the opening hours):
   out of hours a ``0`` at a question hears the closed notice (hours, out-of-hours number,
-  emergency number) and the question again, and any other way to staff (a question given
+  emergency number) and the question again (:data:`MAX_CLOSED_ASKS` times a call; the next
+  ``0`` hears the notice and the call ends), and any other way to staff (a question given
   up, a message not kept, a ``transfer: staff`` step) ends the call after the notice
   (``out_of_hours``). Never for a caller at U2 or more, whom the safety rules put through,
   open or closed; the nurse has no hours here (an unstaffed nurse line fails its transfer,
@@ -101,6 +105,7 @@ from voice.ivr.flow import (
     grammar,
     node_outcome,
     placeholders,
+    read_values,
     render,
 )
 from voice.ivr.triage import (
@@ -121,6 +126,18 @@ MAX_STEPS = 200
 # going round menu -> sub-flow -> menu would otherwise grow its path, its record and its
 # live record on disk without bound (a path step for every node it passes).
 MAX_MENU_RETURNS = 3
+# Out of hours a 0 (or "operator") at a question hears the closed notice and the question
+# again, this often in one call; the next one hears the notice and the call ends
+# (``out_of_hours``). A caller who asked three times has heard the hours and the numbers to
+# call three times; a stuck key, a fax tone or a PBX's DTMF loop would otherwise replay the
+# notice for the whole call (MAX_CALL_S), holding a call slot and adding two path steps a
+# press to the call's record and live record.
+MAX_CLOSED_ASKS = 3
+# A webhook reply's field becomes a value only when a flow reads it (a text's placeholder, a
+# branch, a webhook's values) and it is at most this long: a sentence to speak (the
+# appointments' "message" is one). A reply of a megabyte of fields would otherwise grow the
+# call's values, its record, its live record and a full transfer summary (a SIP header).
+MAX_REPLY_VALUE_CHARS = 500
 SUMMARY_HEADER = "X-Clinic-Summary"
 URGENCY_HEADER = "X-Clinic-Urgency"
 
@@ -395,6 +412,7 @@ class CallState:
     triage_action: TriageAction | None = None
     close: Close = Close.OPEN
     menu_returns: int = 0  # times sent back to the main menu (``@menu``)
+    closed_asks: int = 0  # questions asked again after a 0 while the desk was closed
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -512,6 +530,8 @@ class Engine:
     def __init__(self, flowset: FlowSet, params: FlowParams) -> None:
         self.flowset = flowset
         self.params = params
+        # The values a flow can use: a webhook reply's other fields are not kept.
+        self.read_values = read_values(flowset)
 
     # -- public
 
@@ -1072,8 +1092,25 @@ class Engine:
         # typed before the caller heard what comes next: they must not answer it. A 0 still
         # asks for a human, as it does anywhere.
         state = replace(state, typeahead="0" if "0" in state.typeahead else "")
-        for key, value in ev.data.items():
-            state = state.with_value(f"{node.save}.{key}", str(value))
+        read = {k: str(v) for k, v in ev.data.items() if f"{node.save}.{k}" in self.read_values}
+        kept = {k: v for k, v in read.items() if len(v) <= MAX_REPLY_VALUE_CHARS}
+        if len(kept) < len(read):
+            # Counts only: a reply holds what the caller booked or was told.
+            log.warning(
+                "ivr %s: webhook reply: %d field(s) the flows read are over %d characters: "
+                "left out",
+                flow.id,
+                len(read) - len(kept),
+                MAX_REPLY_VALUE_CHARS,
+            )
+        if len(read) < len(ev.data):
+            log.debug(
+                "ivr %s: webhook reply: %d field(s) no flow reads: left out",
+                flow.id,
+                len(ev.data) - len(read),
+            )
+        for key, value in kept.items():
+            state = state.with_value(f"{node.save}.{key}", value)
         state = self._step(
             state, "webhook", "ok" if ev.ok else "timeout" if ev.unknown else "failed"
         )
@@ -1248,13 +1285,24 @@ class Engine:
     ) -> Result:
         """Staff asked for, or due, while the desk is closed: the closed notice. After a 0 (or
         "operator") at a question, the question again (the menus that work unattended stay
-        open to the caller); otherwise the call ends after it."""
-        state = self._step(state, "closed")
+        open to the caller), at most :data:`MAX_CLOSED_ASKS` times a call; otherwise the call
+        ends after it."""
         node = flow.nodes.get(state.node)
         if why == "caller asked" and isinstance(node, Ask):
-            ask_text = flow.ask_prompt(node, self.speech_on(flow, node))
-            text = f"{before} {{closed_notice}} {ask_text}".strip()
-            return self._prompt(replace(state, typeahead="", digits=""), flow, node, text, actions)
+            if state.closed_asks < MAX_CLOSED_ASKS:
+                state = replace(
+                    self._step(state, "closed"),
+                    closed_asks=state.closed_asks + 1,
+                    typeahead="",
+                    digits="",
+                )
+                ask_text = flow.ask_prompt(node, self.speech_on(flow, node))
+                text = f"{before} {{closed_notice}} {ask_text}".strip()
+                return self._prompt(state, flow, node, text, actions)
+            # Asked again and again (or a key stuck on 0): the notice once more, then goodbye.
+            state = self._step(state, "closed", "limit")
+        else:
+            state = self._step(state, "closed")
         text = f"{before} {{closed_notice}}".strip()
         outcome = state.achieved or OUT_OF_HOURS_OUTCOME
         return self._last_words(state, flow, text, actions, outcome=outcome)

@@ -621,6 +621,37 @@ def successors(node: Node) -> list[Edge]:
     return []
 
 
+def node_texts(node: Node) -> list[str]:
+    """The texts ``node`` holds that may name ``{placeholders}`` (a webhook's ``extra`` aside)."""
+    if isinstance(node, Say):
+        return [node.text]
+    if isinstance(node, Ask):
+        return [node.prompt, node.keypad_prompt or "", *node.noinput, *node.nomatch]
+    if isinstance(node, Transfer | Record | Hangup):
+        return [node.prompt]
+    if isinstance(node, SetValues):
+        return [v for _, v in node.values]
+    return []
+
+
+def read_values(flowset: FlowSet) -> frozenset[str]:
+    """The value names the flows of ``flowset`` read: a text's placeholder, a branch's ``on``,
+    a webhook's ``values``. A call's values travel across flows (``@flow`` jumps), so any
+    flow's use counts."""
+    out: set[str] = set()
+    for flow in flowset.flows.values():
+        for node in flow.nodes.values():
+            texts = node_texts(node)
+            if isinstance(node, Webhook):
+                out.update(node.values)
+                texts += [text for _, text in node.extra]
+            elif isinstance(node, Branch):
+                out.add(node.on)
+            for text in texts:
+                out.update(placeholders(text))
+    return frozenset(out)
+
+
 # --------------------------------------------------------------------------- flows
 
 
