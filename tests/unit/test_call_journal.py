@@ -4,12 +4,15 @@ disk (kept current by writes and deletes, not by listing the folder when it is r
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import voice.ivr.journal as journal_module
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.ivr.journal import (
@@ -123,3 +126,40 @@ def test_a_replay_counts_what_it_listed_and_what_was_kept_while_it_listed() -> N
     on_disk.kept_unreadable("in-a")
     assert on_disk.now() == OnDisk(kept=2, unreadable=1)
     assert OnDisk(2, 1, 1).total == 4
+
+
+@pytest.mark.parametrize("kind", ["kept", "cut"])
+async def test_an_unreadable_record_erased_while_a_replay_reads_it_is_not_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    folder = tmp_path / "unsaved-calls"
+    redis: Any = None  # sealing and the files need no Redis
+    sealed_elsewhere = CallJournal(folder, CallStore(redis, b"o" * 32, retention_days=30))
+    if kind == "kept":
+        await sealed_elsewhere.keep(_result("in-x"))  # another key: does not open here
+    else:
+        await sealed_elsewhere.begin(_result("in-x"))
+    on_disk = RecordsOnDisk()
+    journal = CallJournal(folder, _journal(folder)._store, on_disk=on_disk)
+    lost = await journal.leftovers(T0)
+    assert on_disk.now() == (OnDisk(kept=1) if kind == "kept" else OnDisk(cut=1))
+
+    # The replay has read the file when an erasure (DELETE /v1/calls/in-x) deletes it.
+    read, go_on = threading.Event(), threading.Event()
+    real_read = journal_module._read
+
+    def read_then_wait(path: Path) -> str | None:
+        text = real_read(path)
+        read.set()
+        go_on.wait(5)
+        return text
+
+    monkeypatch.setattr(journal_module, "_read", read_then_wait)
+    replaying = asyncio.ensure_future(
+        journal.replay(T0) if kind == "kept" else journal.replay_lost(lost, T0)
+    )
+    assert await asyncio.to_thread(read.wait, 5)
+    assert await journal.drop("in-x") == 1
+    go_on.set()
+    await replaying
+    assert on_disk.now() == OnDisk(), "an erased record is not counted as waiting"

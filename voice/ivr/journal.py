@@ -130,7 +130,8 @@ class RecordsOnDisk:
         self._unreadable.discard(call_id)
 
     def kept_unreadable(self, call_id: str) -> None:
-        self._unreadable.add(call_id)
+        if call_id in self._kept:  # not one erased while the replay read it (its file went)
+            self._unreadable.add(call_id)
 
     def is_unreadable(self, call_id: str) -> bool:
         return call_id in self._unreadable
@@ -139,10 +140,11 @@ class RecordsOnDisk:
         return len(self._unreadable)
 
     def cut_done(self, call_id: str, *, unreadable: bool) -> None:
-        """The live record a dead serve left is saved or deleted, or (``unreadable``) left."""
-        self._cut.discard(call_id)
-        if unreadable:
+        """The live record a dead serve left is saved or deleted, or (``unreadable``) left
+        (unless it was erased while it was read: its file went)."""
+        if unreadable and call_id in self._cut:
             self._cut_unreadable.add(call_id)
+        self._cut.discard(call_id)
 
     def erased(self, call_id: str) -> None:
         """Every file of the call went."""
