@@ -190,3 +190,31 @@ def test_simulate_shows_the_way_back_to_the_main_menu_and_its_cap() -> None:
     assert returns == [f"-- back to the main menu (main_menu), return {n} of 3" for n in (1, 2, 3)]
     assert "-- no more returns to the main menu (3 made): a human" in out
     assert "   transfer to sip:6200@127.0.0.1:5160" in out
+
+
+@pytest.mark.parametrize(
+    ("recorded", "said", "outcome"),
+    [
+        ("", "BOT: Thank you. Your message has been recorded", "message_left"),
+        (
+            ":silence",
+            "BOT: Sorry, I did not hear a message. If this is an emergency",
+            "transfer_failed",
+        ),
+        (":fail", "BOT: Sorry, your message could not be saved. If this is", "transfer_failed"),
+    ],
+)
+def test_a_failed_transfer_shows_each_end_of_the_message(
+    recorded: str, said: str, outcome: str
+) -> None:
+    # A message was always kept: "please call again later" (nothing heard, or not saved)
+    # could not be shown with --transfer-fails.
+    code, out = run(
+        ["main_menu", "--flows-dir", str(SHIPPED), "--open", "--transfer-fails"],
+        ["0", recorded],
+    )
+    assert code == 0
+    assert [line for line in out if line.startswith(said)], out
+    later = [line for line in out if line.endswith("Otherwise please call again later.")]
+    assert bool(later) is (outcome != "message_left")
+    assert f"   outcome: {outcome}" in out

@@ -28,6 +28,10 @@ VoiceXML semantics kept here:
   has reached kept (a triage's urgency too: the safety rules below hold to the end of the
   call); it saves no value. After :data:`MAX_MENU_RETURNS` returns the next one reaches the
   flow's human instead, so a call going round cannot grow its record without bound;
+* a call's path keeps at most :data:`MAX_PATH_STEPS` steps, for a flow that routes a choice
+  back to an earlier question and a caller (or a stuck key) going round it: past that, a
+  :data:`PATH_CUT` step counts the steps cut between the call's first steps and its latest;
+  the triage, the values and the outcome are not in the path and are never cut;
 * anywhere, ``*`` repeats the prompt and ``0`` reaches a human (staff, or the nurse in the
   triage). Staff only while the desk is open (``FlowParams.open_now``, the opening hours):
   out of hours a ``0`` at a question hears the closed notice (hours, out-of-hours number,
@@ -133,6 +137,21 @@ MAX_MENU_RETURNS = 3
 # notice for the whole call (MAX_CALL_S), holding a call slot and adding two path steps a
 # press to the call's record and live record.
 MAX_CLOSED_ASKS = 3
+# A call's path keeps at most this many steps. A flow may route a choice back to an earlier
+# question ("press 1 to hear this again", a confirmation whose "no" goes back to the entry):
+# flow check accepts such a loop, since it waits for the caller each lap, but a caller going
+# round (or a key stuck) would add steps for the whole call (MAX_CALL_S) to its record and
+# its live record, each rewritten whole at every step. The longest path through the shipped
+# flows is 96 steps (the main menu then the triage, every question taken to its noinput and
+# nomatch limits), about 230 with the 3 returns to the menu and 3 closed-desk 0s on top; a
+# real call takes 20 to 40. Past the cap the first PATH_HEAD steps stay, a PATH_CUT step
+# counts those cut after them, and the latest steps follow (how the call ended): the record
+# says it was cut and stays bounded (34 kB for a keypad loop, ~84 bytes a step, measured in
+# tests/unit/test_ivr_path_cap.py; a transcript makes a step longer). Urgency, reasons,
+# values and the outcome are not path steps: the cut never touches them.
+MAX_PATH_STEPS = 400
+PATH_HEAD = MAX_PATH_STEPS // 2
+PATH_CUT = "steps_cut"  # a PathStep's input: its value is how many steps were cut there
 # A webhook reply's field becomes a value only when a flow reads it (a text's placeholder, a
 # branch, a webhook's values) and it is at most this long: a sentence to speak (the
 # appointments' "message" is one). A reply of a megabyte of fields would otherwise grow the
@@ -413,6 +432,8 @@ class CallState:
     close: Close = Close.OPEN
     menu_returns: int = 0  # times sent back to the main menu (``@menu``)
     closed_asks: int = 0  # questions asked again after a 0 while the desk was closed
+    steps: int = 0  # path steps taken, those the cap (MAX_PATH_STEPS) cut included
+    recorded: bool = False  # a message recorded, or tried: kept past the path's cut
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -442,6 +463,21 @@ def record_of(state: CallState, outcome: str) -> CallRecord:
         transfer_target=state.transfer_target,
         outcome=outcome,
     )
+
+
+def add_step(path: tuple[PathStep, ...], step: PathStep) -> tuple[PathStep, ...]:
+    """``path`` with ``step`` at its end, at most :data:`MAX_PATH_STEPS` long: once full, the
+    oldest step after the first :data:`PATH_HEAD` is cut, and a :data:`PATH_CUT` step in its
+    place counts the steps cut so far (where the cut began, and the latest steps, stay)."""
+    if len(path) < MAX_PATH_STEPS:
+        return (*path, step)
+    mark = path[PATH_HEAD]
+    if mark.input == PATH_CUT:
+        cut = replace(mark, value=str(int(mark.value) + 1))
+        return (*path[:PATH_HEAD], cut, *path[PATH_HEAD + 2 :], step)
+    # The first cut: the marker takes the place of the first step cut, and one more goes.
+    cut = PathStep(mark.flow, mark.node, PATH_CUT, "2")
+    return (*path[:PATH_HEAD], cut, *path[PATH_HEAD + 2 :], step)
 
 
 def normalise(text: str) -> str:
@@ -479,7 +515,7 @@ def _tellable(state: CallState) -> bool:
 
 def _recorded_before(state: CallState) -> bool:
     """Whether the call has recorded, or tried to record, a message already."""
-    return any(step.input == "record" for step in state.path)
+    return state.recorded
 
 
 def _escalates(choice: Choice) -> bool:
@@ -1365,7 +1401,12 @@ class Engine:
         confidence: float | None = None,
     ) -> CallState:
         step = PathStep(state.flow, state.node, kind, value, confidence)
-        return replace(state, path=(*state.path, step))
+        return replace(
+            state,
+            path=add_step(state.path, step),
+            steps=state.steps + 1,
+            recorded=state.recorded or kind == "record",
+        )
 
     def _summary(self, state: CallState) -> tuple[tuple[str, str], ...]:
         """The headers a transfer carries (``FlowParams.transfer_summary``): the urgency, and

@@ -27,6 +27,7 @@ from voice.ivr.engine import (
     HangupCall,
     Listen,
     NoInput,
+    PathStep,
     Phase,
     Play,
     PostWebhook,
@@ -50,7 +51,8 @@ Run a flow in the terminal, without a phone.
 Type keys (1, or 12031985#: several keys in one line arrive as type-ahead while the next
 prompt plays) or words (a speech result with confidence 1.0; "~0.3 yes" gives confidence
 0.3). ":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
-collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"); transfers
+collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"), recordings
+for what was recorded (Enter: a message, ":silence" or ":fail": not saved); transfers
 succeed unless --transfer-fails is given. Prompts are printed as the caller would hear them.
 The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
 --closed say.
@@ -309,8 +311,15 @@ def _show_menu_return(
             f"-- back to the main menu ({after.flow}), return {after.menu_returns} of "
             f"{MAX_MENU_RETURNS}"
         )
-    elif any(p.input == "menu" for p in after.path[len(before.path) :]):
+    elif any(p.input == "menu" for p in _new_steps(before, after)):
         output_fn(f"-- no more returns to the main menu ({MAX_MENU_RETURNS} made): a human")
+
+
+def _new_steps(before: CallState, after: CallState) -> tuple[PathStep, ...]:
+    """The path steps ``after`` took since ``before`` (counted, not by the path's length,
+    which stops growing at the cap)."""
+    added = min(after.steps - before.steps, len(after.path))
+    return after.path[len(after.path) - added :] if added > 0 else ()
 
 
 def _show(
@@ -345,6 +354,17 @@ def _show(
         return TransferResult(ok=not transfer_fails)
     elif isinstance(action, RecordAudio):
         output_fn(f"   (recording up to {action.max_s} s)")
+        # Asked, as a webhook's reply is: a message that was always kept hid what a caller
+        # hears when it is not (silence, a full disk), e.g. "please call again later" after
+        # a failed transfer's message for a call back (--transfer-fails).
+        try:
+            reply = input_fn("recording (Enter: a message, :silence or :fail)> ").strip()
+        except EOFError:
+            reply = ""
+        if reply == ":silence":  # nothing said after the beep (or only noise)
+            return RecordDone(silent=True)
+        if reply == ":fail":  # spoken, but it could not be saved
+            return RecordDone(duration_s=5)
         return RecordDone(ref="simulated.wav", duration_s=5)
     elif isinstance(action, Store):
         rec = action.record
