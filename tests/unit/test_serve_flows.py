@@ -94,3 +94,70 @@ def test_the_flows_serve_checked_are_the_flows_it_runs(
     texts = [n.text for f in ran.flows.values() for n in f.nodes.values() if isinstance(n, Say)]
     assert not any(EDITED in t for t in texts), "a flow edited after the check runs"
     assert len(checked) == 1 and ran is checked[0]
+
+
+def _unsafe_triage(flows: Path, reasons: list[str]) -> None:
+    """The shipped flows, with the U2 answers of ``reasons`` edited to end in a goodbye each
+    (a caller short of breath at rest told goodbye, no human); schema and targets fine."""
+    shutil.copytree(SHIPPED, flows)
+    triage = flows / "triage.yaml"
+    text = triage.read_text(encoding="utf-8").rstrip("\n") + "\n"
+    for n, reason in enumerate(reasons):
+        edited = text.replace(f"{reason}, goto: risk}}", f"{reason}, goto: goodbye_{n}}}")
+        assert edited != text, reason
+        text = edited + (
+            f"  goodbye_{n}:\n"
+            '    hangup: "Thank you for calling. Goodbye."\n'
+            "    outcome: completed\n"
+        )
+    triage.write_text(text, encoding="utf-8")
+
+
+def _serve_refused(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[str, list[str]]:
+    """``serve`` on ``elsewhere/flows``: it must exit 2 before it starts anything. Its
+    stderr, and what ``clinic-voice flow check`` prints for the same folder."""
+    flows = elsewhere / "flows"
+    monkeypatch.setenv("CLINIC_FLOWS_DIR", str(flows))
+    monkeypatch.setenv("CLINIC_DATA_DIR", str(elsewhere / "data"))
+    monkeypatch.setenv("CLINIC_HTTP_ADDR", "127.0.0.1:0")
+
+    def run(main: Coroutine[Any, Any, None]) -> None:
+        main.close()
+        pytest.fail("serve started (data dir lock, Redis, SIP) with flows that fail flow check")
+
+    monkeypatch.setattr(uvloop, "run", run)  # as cli.main calls it
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert not (elsewhere / "data").exists(), "the data dir was touched (serve.lock, keys)"
+    assert cli.main(["flow", "check", str(flows)]) == 1
+    return err, capsys.readouterr().out.splitlines()
+
+
+def test_serve_refuses_flows_that_fail_flow_check(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, serve ran load_flows' schema and targets only: a triage edited so that a U2
+    caller is told goodbye started and took calls. Now exit 2, as for a bad setting, with
+    flow check's own lines."""
+    _unsafe_triage(elsewhere / "flows", ["short of breath at rest"])
+    err, checked = _serve_refused(elsewhere, monkeypatch, capsys)
+    assert len(checked) == 1 and "call can end without a human at U2" in checked[0], checked
+    assert checked[0].startswith(f"{elsewhere / 'flows' / 'triage.yaml'}:"), checked
+    assert err.startswith("clinic-voice: configuration error: CLINIC_FLOWS_DIR="), err
+    assert "`clinic-voice flow check`" in err, err
+    assert err.splitlines()[1:] == checked, err
+
+
+def test_a_refused_start_prints_the_first_findings_and_a_count(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(clinic_line_module, "FINDINGS_SHOWN", 1, raising=False)
+    _unsafe_triage(elsewhere / "flows", ["short of breath at rest", "coughing up blood"])
+    err, checked = _serve_refused(elsewhere, monkeypatch, capsys)
+    assert len(checked) == 2, checked
+    assert err.splitlines()[1:] == [
+        checked[0],
+        "... and 1 more (`clinic-voice flow check` lists them all)",
+    ], err
