@@ -24,7 +24,14 @@ _CLI = (sys.executable, "-m", "clinic_voice.cli")
         (
             "simulate",
             simulate.main,
-            ["flow", "--flows-dir", "--speech", "--emergency-number", "--transfer-fails"],
+            [
+                "flow",
+                "--flows-dir",
+                "--speech",
+                "--emergency-number",
+                "--transfer-fails",
+                "--transfer {ok,fails,unconfirmed,unanswered,ask}",
+            ],
         ),
         ("check", check.main, ["FILE_OR_DIR", "CLINIC_FLOWS_DIR"]),
     ],

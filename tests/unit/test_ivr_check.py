@@ -383,3 +383,27 @@ nodes:
     front = FRONT_DOOR.replace('goto: "@forms"}', 'goto: "@tri"}')
     folder = write_flows(tmp_path, {"front": front, "tri": tri, "nurse_line": nurse_line}, "front")
     assert [str(f) for f in check_files([folder])] == []
+
+
+def test_a_refused_way_back_in_the_shipped_triage_is_one_finding(tmp_path: Path) -> None:
+    # The way back offered at the complaint, after the danger signs. Before, the replay went
+    # on round the menu in that state, so the one refused return was also found in
+    # appointments, prescription and results (their own ways back and goodbyes, at U2) and
+    # in the triage's first question again: 11 findings for one fault, printed by serve too.
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    for source in SHIPPED.glob("*.yaml"):
+        (folder / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    triage = (folder / "triage.yaml").read_text(encoding="utf-8")
+    last = "goto: other_daily}\n"
+    assert triage.count(last) == 1
+    back = '        - {key: "9", phrases: [main menu], label: the main menu, goto: "@menu"}\n'
+    (folder / "triage.yaml").write_text(triage.replace(last, last + back), encoding="utf-8")
+    line = 1 + triage[: triage.index(last)].count("\n") + 1
+    expected = [
+        f"{folder / 'triage.yaml'}:{line}: 'complaint' goes back to the menu after a"
+        " danger-sign question or a triage answer (path: intro > for_whom > breathing > chest"
+        " > conscious > bleeding > stroke > complaint)",
+    ]
+    assert [str(f) for f in check_files([folder])] == expected
+    assert [str(f) for f in check_files(sorted(folder.glob("*.yaml")))] == expected

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from voice.ivr.engine import Digit, HangUp, NoInput, SpeechResult
+from voice.ivr.session import TRANSFER_ANSWER_S
 from voice.ivr.simulate import main, parse_line
 
 SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
@@ -218,3 +219,108 @@ def test_a_failed_transfer_shows_each_end_of_the_message(
     later = [line for line in out if line.endswith("Otherwise please call again later.")]
     assert bool(later) is (outcome != "message_left")
     assert f"   outcome: {outcome}" in out
+
+
+# Each ending a transfer can have, as the caller (0: staff, open) meets it: the line that
+# says which, then what the bot says (None: nothing, the PBX has the caller), the outcome.
+TRANSFER_ENDINGS = [
+    ("ok", "   (transfer answered)", None, "transfer_staff"),
+    ("fails", "   (transfer failed)", "BOT: Sorry, nobody can take your call", "message_left"),
+    (
+        "unconfirmed",
+        f"   (transfer unconfirmed: no answer {TRANSFER_ANSWER_S:g} s after the REFER)",
+        "BOT: Sorry, nobody has answered. The clinic will call you back. If this is an"
+        " emergency, hang up and call 112 now. Goodbye.",
+        "transfer_unconfirmed",
+    ),
+    (
+        "unanswered",
+        "   (transfer unanswered: the PBX took the caller and reached nobody; the caller heard"
+        " the PBX, not the bot)",
+        None,
+        "transfer_unanswered",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ending", "line", "said", "outcome"), TRANSFER_ENDINGS)
+def test_the_tester_picks_how_a_transfer_ends(
+    ending: str, line: str, said: str | None, outcome: str
+) -> None:
+    # Only answered or failed could be shown: not the call back promised when nobody
+    # answers in time, nor the call a PBX took and lost.
+    code, out = run(
+        ["main_menu", "--flows-dir", str(SHIPPED), "--open", f"--transfer={ending}"], ["0", ""]
+    )
+    assert code == 0
+    after = out[out.index("   transfer to sip:6200@127.0.0.1:5160") + 1 :]
+    assert after[0] == line, out
+    bot = [text for text in after if text.startswith("BOT: ")]
+    if said is None:
+        assert bot == [], out
+    else:
+        assert bot[0].startswith(said), out
+    assert f"   outcome: {outcome}" in after
+    assert out[-1] == "-- call ended"
+
+
+def test_an_urgent_caller_whose_transfer_is_unconfirmed_is_told_to_call_the_number() -> None:
+    code, out = run(
+        ["ko", "--flows-dir", str(SHIPPED), "--speech", "--transfer", "unconfirmed"], ["예"]
+    )
+    assert code == 0
+    assert (
+        "BOT: 죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 끊고 112번으로 전화하세요."
+        in out
+    )
+    assert "   outcome: transfer_unconfirmed" in out
+    assert "   urgency: U1, action: call_emergency+transfer_nurse" in out
+
+
+def test_a_transfer_ending_can_be_typed_for_each_transfer() -> None:
+    # --transfer ask: a line per transfer, as webhooks and recordings have. A caller who asks
+    # for the nurse at a danger-sign question is U2; when that transfer fails, staff is tried:
+    # two transfers, two lines (and a reply that is no ending is asked again).
+    prompts: list[str] = []
+    feed = iter(["4", "1", "0", ":nope", ":fail", ":unconfirmed"])
+
+    def read(prompt: str) -> str:
+        prompts.append(prompt)
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    out: list[str] = []
+    code = main(
+        ["main_menu", "--flows-dir", str(SHIPPED), "--open", "--transfer", "ask"],
+        input_fn=read,
+        output_fn=out.append,
+    )
+    assert code == 0, out
+    asked = "transfer (Enter: answered, :fail, :unconfirmed or :unanswered)> "
+    assert prompts.count(asked) == 3, prompts
+    assert "   not a transfer ending: ':nope'" in out
+    ends = [line for line in out if line.startswith("   (transfer ")]
+    assert ends[0] == "   (transfer failed)"
+    assert ends[1].startswith("   (transfer unconfirmed")
+    assert "   transfer to sip:6200@127.0.0.1:5160" in out  # staff, after the nurse
+    # An urgent caller is told to call the emergency number, not promised a call back.
+    assert (
+        "BOT: Sorry, I could not reach anyone at the clinic. Please hang up now and call 112."
+        in out
+    )
+    assert "   outcome: transfer_unconfirmed" in out
+
+
+def test_transfer_fails_is_still_transfer_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(
+        ["main_menu", "--flows-dir", str(SHIPPED), "--open", "--transfer-fails"], ["0", ""]
+    )
+    assert code == 0 and "   (transfer failed)" in out and "   outcome: message_left" in out
+    # Both at once is a usage error, not one silently winning.
+    code, out = run(
+        ["main_menu", "--flows-dir", str(SHIPPED), "--transfer-fails", "--transfer", "ok"], []
+    )
+    assert (code, out) == (2, [])
+    assert "not allowed with argument" in capsys.readouterr().err

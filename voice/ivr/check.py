@@ -16,7 +16,9 @@ Checks, each reported as ``file:line: message``:
   this flow, naming the chain of flows);
 * the way back to the main menu (``@menu``): never after a danger-sign question or an
   answer the triage weighed (an urgency or a risk group): red flags come first, and a
-  caller half-way through a triage is not sent round the menu. A return is an edge like any
+  caller half-way through a triage is not sent round the menu. Such a return is one finding,
+  where it is offered: the replay does not follow it (round the menu into the other flows,
+  whose steps it would report again in that state). A return is otherwise an edge like any
   other, so a menu and its sub-flows that only lead to one another still "never end" (the
   engine's cap on returns, a human, is a last resort, not a way out a flow may count on);
 * opening hours: a ``branch`` on ``hours`` has both cases (or a default), and no path the
@@ -443,13 +445,13 @@ class _Checker:
 
         It is this flow's finding when the state it left with is the cause: not when the
         flow it went on to reaches that step in that state from its own start (that flow's
-        check says it), and not past a way back to the menu this flow is refused already
-        (one finding for the cause, not one per step after it)."""
+        check says it). No path goes past a refused way back to the menu (:func:`_walk`):
+        one finding for the cause, not one per step after it."""
         items = self.items(parent, item)
         left = max(i for i, (ref, _) in enumerate(items) if ref[0] == self.flow.id)
-        (out_ref, out_ab), entered = items[left], items[left + 1]
+        (out_ref, _), entered = items[left], items[left + 1]
         out_node = self.flow.nodes[out_ref[1]]
-        if entered in self.walk_of(entered[0][0]) or _refused_return(out_node, out_ab):
+        if entered in self.walk_of(entered[0][0]):
             return False
         chain = [items[0][0][0]]
         for ref, _ in items[1:]:
@@ -582,7 +584,12 @@ def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
 def _walk(flowset: FlowSet, flow: Flow) -> _Walk:
     """Every (node, state) a path from ``flow``'s start reaches, across ``@`` jumps, with the
     step before it. Breadth first, one visit per (node, state): bounded by nodes x states,
-    however many paths lead there (flows that jump to one another do not multiply)."""
+    however many paths lead there (flows that jump to one another do not multiply).
+
+    A refused way back to the menu is not followed: the step that offers it is the finding,
+    and what the path would meet past it (the menu and every sub-flow again, in that state)
+    is no fault of its own. Followed, one refused return was reported again in each flow the
+    menu leads to, and as each of their goodbyes ending the call without a human."""
     if flow.start not in flow.nodes:
         return {}
     start: _Item = ((flow.id, flow.start), _Abstract(None, frozenset()))
@@ -592,6 +599,8 @@ def _walk(flowset: FlowSet, flow: Flow) -> _Walk:
         item = queue.popleft()
         here = flowset.get(item[0][0])
         for ab, target in _moves(here.nodes[item[0][1]], item[1]):
+            if _refused(ab, target):
+                continue  # its own finding, at the step that offers it
             try:
                 other, node_id = flowset.resolve(here, target)
             except KeyError:
@@ -608,10 +617,13 @@ def _refused_return(node: Node, ab: _Abstract) -> bool:
     or an answer the triage weighed."""
     if all(target != MENU_TARGET for target, _, _ in successors(node)):
         return False  # most steps: no need to replay their moves
-    return any(
-        target == MENU_TARGET and (nxt.asked_danger or nxt.urgency is not None)
-        for nxt, target in _moves(node, ab)
-    )
+    return any(_refused(nxt, target) for nxt, target in _moves(node, ab))
+
+
+def _refused(nxt: _Abstract, target: str) -> bool:
+    """Whether a move to ``target`` in state ``nxt`` is a way back to the menu that the
+    safety rules refuse: after a danger-sign question or an answer the triage weighed."""
+    return target == MENU_TARGET and (nxt.asked_danger or nxt.urgency is not None)
 
 
 def _menu_line(node: Node) -> int:

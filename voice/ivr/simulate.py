@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import enum
 import sys
 import time
 from collections import deque
@@ -52,11 +53,49 @@ Type keys (1, or 12031985#: several keys in one line arrive as type-ahead while 
 prompt plays) or words (a speech result with confidence 1.0; "~0.3 yes" gives confidence
 0.3). ":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
 collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"), recordings
-for what was recorded (Enter: a message, ":silence" or ":fail": not saved); transfers
-succeed unless --transfer-fails is given. Prompts are printed as the caller would hear them.
+for what was recorded (Enter: a message, ":silence" or ":fail": not saved). Transfers end
+as --transfer says: answered (ok, the default), fails (as --transfer-fails), unconfirmed
+(no answer in time: the clinic will call back), unanswered (a PBX took the caller and
+reached nobody), or ask (a line per transfer: Enter, ":fail", ":unconfirmed" or
+":unanswered"). Prompts are printed as the caller would hear them.
 The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
 --closed say.
 """
+
+
+class TransferEnding(enum.StrEnum):
+    """How a simulated transfer ends (``--transfer``), as the SIP side reports it."""
+
+    OK = "ok"  # a human answered: the caller is put through
+    FAILS = "fails"  # refused, busy, not taken on: the flow goes on
+    UNCONFIRMED = "unconfirmed"  # taken on, no answer in time: a call back is promised
+    UNANSWERED = "unanswered"  # a PBX took the caller and reached nobody: the call ends
+    ASK = "ask"  # a line per transfer
+
+
+# What each ending is for the engine, and the line that says it (what the caller then hears
+# is the engine's own prompts). 180 s: TRANSFER_ANSWER_S in voice/ivr/session.py, not
+# imported here (it brings asyncio and the media stack); a test holds them equal.
+_TRANSFER_ENDINGS: dict[TransferEnding, tuple[TransferResult, str]] = {
+    TransferEnding.OK: (TransferResult(ok=True), "   (transfer answered)"),
+    TransferEnding.FAILS: (TransferResult(ok=False), "   (transfer failed)"),
+    TransferEnding.UNCONFIRMED: (
+        TransferResult(ok=True, unconfirmed=True),
+        "   (transfer unconfirmed: no answer 180 s after the REFER)",
+    ),
+    TransferEnding.UNANSWERED: (
+        TransferResult(ok=False, unanswered=True),
+        "   (transfer unanswered: the PBX took the caller and reached nobody; the caller "
+        "heard the PBX, not the bot)",
+    ),
+}
+# The interactive line's replies (--transfer ask).
+_TRANSFER_REPLIES = {
+    "": TransferEnding.OK,
+    ":fail": TransferEnding.FAILS,
+    ":unconfirmed": TransferEnding.UNCONFIRMED,
+    ":unanswered": TransferEnding.UNANSWERED,
+}
 
 
 def parse_line(line: str) -> list[Event]:
@@ -103,10 +142,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the number the prompts tell an urgent caller to call (default: "
         "CLINIC_EMERGENCY_NUMBER, as serve reads it: 112 when unset)",
     )
-    parser.add_argument(
+    transfer = parser.add_mutually_exclusive_group()
+    transfer.add_argument(
+        "--transfer",
+        choices=[e.value for e in TransferEnding],
+        # None, not "ok": argparse takes a value equal to the default as not given, so
+        # "--transfer-fails --transfer ok" would pass as one of them.
+        default=None,
+        help="how every transfer ends: answered (ok, the default), fails, unconfirmed (no "
+        "answer in time: the clinic will call back), unanswered (a PBX took the caller and "
+        "reached nobody), or ask: a line per transfer",
+    )
+    transfer.add_argument(
         "--transfer-fails",
-        action="store_true",
-        help="every transfer fails, to walk the paths that follow one",
+        dest="transfer",
+        action="store_const",
+        const=TransferEnding.FAILS.value,
+        help="every transfer fails, to walk the paths that follow one (--transfer fails)",
     )
     hours = parser.add_mutually_exclusive_group()
     hours.add_argument(
@@ -207,7 +259,7 @@ def run(
         speech_enabled=args.speech,
     )
     engine = Engine(flowset, params)
-    transfer_fails: bool = args.transfer_fails
+    transfer = TransferEnding(args.transfer or TransferEnding.OK)
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
     if not is_open:
         output_fn("-- the practice is closed (opening hours)")
@@ -215,7 +267,7 @@ def run(
     queue: deque[Event] = deque()
     while True:
         for action in actions:
-            queue_reply = _show(action, output_fn, input_fn, transfer_fails)
+            queue_reply = _show(action, output_fn, input_fn, transfer)
             if queue_reply is not None:
                 queue.append(queue_reply)
         if state.phase is Phase.ENDED:
@@ -326,7 +378,7 @@ def _show(
     action: Action,
     output_fn: Callable[[str], None],
     input_fn: Callable[[str], str],
-    transfer_fails: bool,
+    transfer: TransferEnding,
 ) -> Event | None:
     if isinstance(action, Play):
         output_fn(f"BOT: {action.text}" if action.audio is None else f"BOT: [audio {action.audio}]")
@@ -351,7 +403,10 @@ def _show(
         output_fn(f"   transfer to {action.uri}")
         for name, value in action.headers:
             output_fn(f"   {name}: {value}")
-        return TransferResult(ok=not transfer_fails)
+        ending = _ask_transfer(input_fn, output_fn) if transfer is TransferEnding.ASK else transfer
+        result, line = _TRANSFER_ENDINGS[ending]
+        output_fn(line)
+        return result
     elif isinstance(action, RecordAudio):
         output_fn(f"   (recording up to {action.max_s} s)")
         # Asked, as a webhook's reply is: a message that was always kept hid what a caller
@@ -379,8 +434,20 @@ def _show(
     return None
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _ask_transfer(
+    input_fn: Callable[[str], str], output_fn: Callable[[str], None]
+) -> TransferEnding:
+    """The tester's ending for one transfer (``--transfer ask``); answered at end of input,
+    as transfers are by default."""
+    while True:
+        try:
+            reply = input_fn("transfer (Enter: answered, :fail, :unconfirmed or :unanswered)> ")
+        except EOFError:
+            return TransferEnding.OK
+        ending = _TRANSFER_REPLIES.get(reply.strip())
+        if ending is not None:
+            return ending
+        output_fn(f"   not a transfer ending: {reply.strip()!r}")
 
 
 def script_call(
@@ -424,3 +491,7 @@ def script_call(
         state, actions = engine.handle(state, event)
         seen += actions
     return state, seen
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
