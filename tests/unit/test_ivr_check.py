@@ -185,6 +185,20 @@ def test_a_recording_is_found_next_to_its_flow_file(tmp_path: Path) -> None:
     assert isinstance(say, Say) and say.audio == str(tmp_path / "welcome.wav")
 
 
+def test_an_unknown_placeholder_in_a_choice_label_is_found(tmp_path: Path) -> None:
+    # A label is spoken in the hint ("Press 1 for {offer.first}"): checked as a prompt is.
+    (tmp_path / "t.yaml").write_text(
+        "id: t\nlanguage: en\nhuman: staff\nstart: post\nnodes:\n"
+        "  post:\n    webhook: {url: scheduling, values: [], save: offer}\n"
+        "    next: pick\n    on_fail: bye\n"
+        "  pick:\n    ask:\n      mode: keypad\n      prompt: 'The first free time is:'\n"
+        "      choices:\n        - {key: '1', label: '{ofer.first}', goto: bye}\n"
+        "  bye:\n    hangup: Goodbye.\n    outcome: done\n"
+    )
+    got = [str(f) for f in check_files([tmp_path])]
+    assert got == [f"{tmp_path / 't.yaml'}:11: unknown placeholder {{ofer.first}}"]
+
+
 def write_flows(folder: Path, flows: dict[str, str], default: str) -> Path:
     for name, text in flows.items():
         (folder / f"{name}.yaml").write_text(text, encoding="utf-8")

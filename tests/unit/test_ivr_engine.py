@@ -421,6 +421,39 @@ def test_a_webhook_reply_keeps_only_the_fields_a_flow_reads(engine: Engine) -> N
     assert dict(store.record.values) == {"pick": "apple", "number": "123", "reply.when": "today"}
 
 
+OFFER_FLOW = """\
+id: t
+language: en
+human: staff
+start: post
+nodes:
+  post:
+    webhook: {url: scheduling, values: [], save: offer}
+    next: pick
+    on_fail: bye
+  pick:
+    ask:
+      mode: keypad
+      prompt: "The first free time is:"
+      save: slot
+      choices:
+        - {key: "1", label: "{offer.first}", value: first, goto: bye}
+  bye:
+    hangup: "Goodbye."
+    outcome: done
+"""
+
+
+def test_a_webhook_field_spoken_in_a_choice_label_is_kept(tmp_path: Path) -> None:
+    # The hint "Press 1 for {offer.first}" is spoken (Flow.ask_prompt): a read, as a prompt's
+    # placeholder is. Left out, the caller heard "Press 1 for ." with a clean flow check.
+    (tmp_path / "t.yaml").write_text(OFFER_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    _, actions = script_call(engine, "t", ["1"], webhook_data={"first": "Monday at nine"})
+    said = [a.text for a in actions if isinstance(a, Play)]
+    assert said[0] == "The first free time is: Press 1 for Monday at nine."
+
+
 def test_an_over_long_webhook_field_is_left_out_and_counted(
     engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:

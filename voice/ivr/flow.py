@@ -622,11 +622,16 @@ def successors(node: Node) -> list[Edge]:
 
 
 def node_texts(node: Node) -> list[str]:
-    """The texts ``node`` holds that may name ``{placeholders}`` (a webhook's ``extra`` aside)."""
+    """The texts ``node`` holds that may name ``{placeholders}`` (a webhook's ``extra`` aside).
+
+    An ask's choice labels are among them: :meth:`Flow.ask_prompt` speaks each in its hint
+    ("press 1 for {offer.first}"), and the prompt is rendered whole.
+    """
     if isinstance(node, Say):
         return [node.text]
     if isinstance(node, Ask):
-        return [node.prompt, node.keypad_prompt or "", *node.noinput, *node.nomatch]
+        labels = [c.label for c in node.choices]
+        return [node.prompt, node.keypad_prompt or "", *node.noinput, *node.nomatch, *labels]
     if isinstance(node, Transfer | Record | Hangup):
         return [node.prompt]
     if isinstance(node, SetValues):
