@@ -942,6 +942,15 @@ class Engine:
             return self._repeat(state, flow, ask)
         if key == "0":
             return self._asked_for_human(self._step(state, "digit", "0"), flow, ask)
+        chosen = self._keyed(state, flow, ask, key)
+        if chosen is not None:
+            return chosen
+        if key == "#":
+            return state, []  # a stray terminator from an earlier entry is no answer
+        return self._nomatch(self._step(state, "nomatch", key), flow, ask, low_confidence=False)
+
+    def _keyed(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result | None:
+        """The choice of ``ask`` whose key is ``key``, taken; None when no choice has it."""
         for choice in ask.choices:
             if choice.key == key:
                 return self._choose(
@@ -953,9 +962,7 @@ class Engine:
                     heard=key,
                     confidence=None,
                 )
-        if key == "#":
-            return state, []  # a stray terminator from an earlier entry is no answer
-        return self._nomatch(self._step(state, "nomatch", key), flow, ask, low_confidence=False)
+        return None
 
     def _digit_entry(self, state: CallState, flow: Flow, ask: Ask, key: str) -> Result:
         spec = ask.digits
@@ -986,17 +993,10 @@ class Engine:
         state = replace(state, digits="")
         if entry == "0":
             return self._to_human(self._step(state, "digit", "0"), flow, "caller asked", [])
-        for choice in ask.choices:
-            if choice.key == entry:  # one key as the whole entry: never a real one (min >= 2)
-                return self._choose(
-                    state,
-                    flow=flow,
-                    ask=ask,
-                    choice=choice,
-                    kind="digit",
-                    heard=entry,
-                    confidence=None,
-                )
+        # One key as the whole entry: never a real one (min >= 2).
+        chosen = self._keyed(state, flow, ask, entry)
+        if chosen is not None:
+            return chosen
         if not spec.min_digits <= len(entry) <= spec.max_digits or not spec.accepts(
             entry, self.params.today()
         ):
