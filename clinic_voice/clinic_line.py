@@ -89,13 +89,9 @@ def show_records_on_disk(metrics: Metrics, on_disk: RecordsOnDisk) -> None:
 def watch_records_on_disk(metrics: Metrics, on_disk: RecordsOnDisk) -> Callable[[], None]:
     """Show ``on_disk`` in each render of ``metrics`` until the function returned is called
     (the clinic line stops: no sample then, as for the SIP pool's gauges)."""
-    stop_showing = metrics.on_render(lambda: show_records_on_disk(metrics, on_disk))
-
-    def stop() -> None:
-        stop_showing()
-        metrics.call_records_on_disk.clear()
-
-    return stop
+    return metrics.on_render(
+        lambda: show_records_on_disk(metrics, on_disk), metrics.call_records_on_disk
+    )
 
 
 class ClinicLine:

@@ -224,11 +224,18 @@ class Metrics:
         )
         self._on_render: list[Callable[[], None]] = []
 
-    def on_render(self, refresh: Callable[[], None]) -> Callable[[], None]:
+    def on_render(self, refresh: Callable[[], None], *gauges: Gauge) -> Callable[[], None]:
         """Call ``refresh`` (which sets gauges) before each render of this registry; returns
-        the function that stops that."""
+        the function that stops that and clears ``gauges`` (what they measured is gone: no
+        sample that would read as its state)."""
         self._on_render.append(refresh)
-        return lambda: self._on_render.remove(refresh)
+
+        def stop() -> None:
+            self._on_render.remove(refresh)
+            for gauge in gauges:
+                gauge.clear()
+
+        return stop
 
     def _gauges(self) -> tuple[Gauge, ...]:
         return (

@@ -152,14 +152,12 @@ def watch_sip_pool(metrics: Metrics, pool: SipPool) -> Callable[[], None]:
     """Show ``pool`` in each render of ``metrics`` (:func:`show_sip_pool`) until the function
     returned is called: the pool is stopping, and its gauges go (no sample that would read
     as the state of a pool that is gone)."""
-    stop_showing = metrics.on_render(lambda: show_sip_pool(metrics, pool))
-
-    def stop() -> None:
-        stop_showing()
-        for gauge in (metrics.sip_workers, metrics.sip_slots, metrics.sip_slots_kept_for_callers):
-            gauge.clear()
-
-    return stop
+    return metrics.on_render(
+        lambda: show_sip_pool(metrics, pool),
+        metrics.sip_workers,
+        metrics.sip_slots,
+        metrics.sip_slots_kept_for_callers,
+    )
 
 
 def channel_factories(settings: Settings) -> dict[Channel, Factory]:
