@@ -39,7 +39,7 @@ from voice.ivr.engine import (
     WebhookResult,
 )
 from voice.ivr.flow import FlowParams, FlowSet, load_flows
-from voice.ivr.simulate import script_call
+from voice.ivr.simulate import TransferEnding, script_call
 from voice.ivr.triage import Urgency
 
 SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
@@ -625,7 +625,7 @@ def test_an_urgent_caller_whose_nurse_transfer_fails_is_put_through_to_staff(
     shipped: FlowSet,
 ) -> None:
     engine = Engine(shipped, FlowParams())
-    state, actions = script_call(engine, "triage", ["1", "1"], transfer_ok=False)
+    state, actions = script_call(engine, "triage", ["1", "1"], transfer=TransferEnding.FAILS)
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE, STAFF]
     said = " ".join(texts(actions))
     assert "I am trying someone else at the clinic" in said
@@ -640,14 +640,16 @@ def test_a_caller_at_u2_whose_transfer_fails_gets_the_other_human_too(shipped: F
     engine = Engine(shipped, FlowParams())
     # no red flag, then severe sudden pain: U2, "speak to a nurse now"
     answers = ["1", "2", "2", "2", "2", "2", "2", "3", "1", "5"]
-    _, actions = script_call(engine, "triage", answers, transfer_ok=False)
+    _, actions = script_call(engine, "triage", answers, transfer=TransferEnding.FAILS)
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE, STAFF]
     assert record_of(actions).record.urgency is Urgency.U2
 
 
 def test_a_failed_transfer_that_is_not_urgent_takes_a_message(engine: Engine) -> None:
     # the test flow's webhook fails -> staff transfer; it fails too: no triage, no retry
-    _, actions = script_call(engine, "t", ["1", "123#"], webhook_ok=False, transfer_ok=False)
+    _, actions = script_call(
+        engine, "t", ["1", "123#"], webhook_ok=False, transfer=TransferEnding.FAILS
+    )
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [STAFF]
     assert texts(actions)[-2:] == [OFFER, MESSAGE_KEPT]
     record = record_of(actions).record
@@ -659,7 +661,7 @@ def test_an_urgent_caller_nobody_reached_is_never_asked_for_a_message(
 ) -> None:
     engine = Engine(shipped, FlowParams())
     answers = ["1", "2", "2", "2", "2", "2", "2", "3", "1", "5"]  # U2, as above
-    _, actions = script_call(engine, "triage", answers, transfer_ok=False)
+    _, actions = script_call(engine, "triage", answers, transfer=TransferEnding.FAILS)
     assert not any(isinstance(a, RecordAudio) for a in actions)
     assert texts(actions)[-1] == (
         "Sorry, I could not reach anyone at the clinic. Please hang up now and call 112."

@@ -32,7 +32,7 @@ from voice.ivr.engine import (
 )
 from voice.ivr.flow import FlowParams, load_flows
 from voice.ivr.opening_hours import OpeningHours, parse_week
-from voice.ivr.simulate import script_call
+from voice.ivr.simulate import TransferEnding, script_call
 from voice.ivr.triage import Urgency
 
 ZONE = zoneinfo.ZoneInfo("Europe/Amsterdam")
@@ -173,7 +173,7 @@ def test_a_caller_going_round_a_question_keeps_a_bounded_record(
     # A message recorded among the steps the cut took still counts: a transfer that fails
     # does not ask for a second one, as without the cut.
     keys = ["1"] * 150 + ["3"] + ["1"] * LAPS + ["2"]
-    state, actions = script_call(engine, "again", keys, transfer_ok=False)
+    state, actions = script_call(engine, "again", keys, transfer=TransferEnding.FAILS)
     assert ("name", "record") not in [(p.node, p.input) for p in state.path]
     assert not [a for a in actions if isinstance(a, RecordAudio)][1:]
     record = stored(actions).record
@@ -194,7 +194,7 @@ def test_the_cap_never_loses_the_urgency_its_reasons_or_the_outcome(
     # No to the danger sign; yes, short of breath at rest (U2); the advice again and again
     # (a stuck key), then the nurse, whose line fails: staff, as for any urgent caller.
     keys = ["2", "1", *["1"] * LAPS, "2"]
-    _, actions = script_call(engine, "tri", keys, transfer_ok=False)
+    _, actions = script_call(engine, "tri", keys, transfer=TransferEnding.FAILS)
     record = stored(actions).record
     assert len(record.path) == MAX_PATH_STEPS
     assert record.path[PATH_HEAD].input == PATH_CUT

@@ -13,6 +13,7 @@ import pytest
 from tests.unit.test_ivr_session_races import LOUD, Rig, _digit, _done
 from voice.ivr import session as session_module
 from voice.ivr.engine import CallRecord
+from voice.ivr.flow import MESSAGE_VALUE
 from voice.ivr.session import CallSession
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import TransferStatus
@@ -212,3 +213,23 @@ async def test_behind_a_pbx_a_refused_refer_still_fails_on_our_line() -> None:
     await rig.until_prompt("nobody can take your call")
     record = await _ended(rig)
     assert record.outcome == "transfer_failed", record
+
+
+async def test_a_caller_who_hangs_up_at_the_beep_of_the_message_leaves_none() -> None:
+    # What flow simulate shows for ":hangup" at the message's recording
+    # (tests/unit/test_ivr_simulate.py): the recording ends with the call, holds no speech,
+    # and the engine hears that (a silent message) before the hang-up: no message_left.
+    rig = Rig(called="6000", speech=False)
+    await _transferring(rig)
+    rig.call.send(_status(486, True))
+    offer = await rig.until_prompt("nobody can take your call")
+    rig.call.send(_done(offer))
+    await rig.until(lambda: any("beep" in text for _, text in rig.call.plays()))
+    beep, _ = rig.call.last_play()
+    rig.call.send(_done(beep))
+    await rig.settle()
+    record = await _ended(rig)
+    assert record.outcome == "transfer_failed", record
+    assert [(s.input, s.value) for s in record.path][-1] == ("record", "silent")
+    assert MESSAGE_VALUE not in dict(record.values)
+    assert not any("call again later" in text for _, text in rig.call.plays())

@@ -7,9 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from voice.ivr.engine import Digit, HangUp, NoInput, SpeechResult
+from voice.ivr.engine import (
+    Digit,
+    Engine,
+    HangUp,
+    HangupCall,
+    NoInput,
+    Play,
+    SpeechResult,
+    Store,
+    TransferCall,
+)
+from voice.ivr.flow import FlowParams, load_flows
 from voice.ivr.session import TRANSFER_ANSWER_S
-from voice.ivr.simulate import main, parse_line
+from voice.ivr.simulate import TransferEnding, main, parse_line, script_call
 
 SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
 
@@ -298,7 +309,7 @@ def test_a_transfer_ending_can_be_typed_for_each_transfer() -> None:
         output_fn=out.append,
     )
     assert code == 0, out
-    asked = "transfer (Enter: answered, :fail, :unconfirmed or :unanswered)> "
+    asked = "transfer (Enter: answered, :fail, :unconfirmed, :unanswered or :hangup)> "
     assert prompts.count(asked) == 3, prompts
     assert "   not a transfer ending: ':nope'" in out
     ends = [line for line in out if line.startswith("   (transfer ")]
@@ -324,3 +335,130 @@ def test_transfer_fails_is_still_transfer_fails(capsys: pytest.CaptureFixture[st
     )
     assert (code, out) == (2, [])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def _after(out: list[str], line: str) -> list[str]:
+    return out[out.index(line) + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("argv", "lines", "outcome", "kept"),
+    [
+        # The message for a call back after a failed transfer: the transfer failed (as
+        # test_ivr_session_transfer.py's test_a_caller_who_hangs_up_at_the_beep_...).
+        (["main_menu", "--open", "--transfer-fails"], ["0"], "transfer_failed", "callback_message"),
+        # A flow's own recording: no request (tests/integration/test_ivr_keypad.py's
+        # test_a_silent_message_is_not_a_request: caller_hung_up).
+        (["prescription"], ["01021990#", "1234#"], "caller_hung_up", "prescription_message"),
+    ],
+)
+def test_a_caller_who_hangs_up_at_the_beep_leaves_no_message(
+    argv: list[str], lines: list[str], outcome: str, kept: str
+) -> None:
+    # ":hangup" at a recording was taken for a message: "thank you, your message has been
+    # recorded", message_left or prescription_requested, for a call that left nothing.
+    code, out = run([*argv, "--flows-dir", str(SHIPPED)], [*lines, ":hangup"])
+    assert code == 0
+    assert f"   outcome: {outcome}" in out, out
+    assert not [line for line in out if kept in line], out
+    after = _after(out, "   (the caller hung up at the beep: no message)")
+    # Nobody is on the line to hear what the engine says to a silent message.
+    assert not [line for line in after if line.startswith(("BOT: ", "   (hang up)"))], out
+    assert out[-1] == "-- call ended"
+
+
+def test_a_caller_who_hangs_up_during_a_webhook_has_its_reply_recorded() -> None:
+    # ":hangup" at the reply was a reply: ok, empty, and the call went on. The session waits
+    # for the request (an appointment still lands) and tells the engine of the hang-up after.
+    code, out = run(
+        [str(SHIPPED / "appointments.yaml")], ["1", "01021990#", "1234#", ":hangup", ":fail"]
+    )
+    assert code == 0
+    assert "   outcome: caller_hung_up" in out, out
+    after = _after(out, "   (the caller hung up: the request still runs, its reply is recorded)")
+    assert not [line for line in after if line.startswith("BOT: ")], out
+    code, out = run(
+        [str(SHIPPED / "appointments.yaml")], ["1", "01021990#", "1234#", ":hangup", ""]
+    )
+    assert code == 0 and "   outcome: appointment_requested" in out, out
+
+
+def test_a_caller_who_hangs_up_before_the_transfer_is_taken_on() -> None:
+    code, out = run(
+        ["main_menu", "--flows-dir", str(SHIPPED), "--open", "--transfer", "ask"], ["0", ":hangup"]
+    )
+    assert code == 0
+    assert "   outcome: hung_up_before_transfer" in out, out
+    assert "   (the caller hung up before the transfer was taken on)" in out
+
+
+def _scripted(ending: TransferEnding, answers: list[str]) -> tuple[list[str], str]:
+    """What script_call's caller hears on main_menu (0: staff) and the call's outcome."""
+    engine = Engine(load_flows(SHIPPED), FlowParams())
+    _, actions = script_call(engine, "main_menu", answers, transfer=ending)
+    assert [a.uri for a in actions if isinstance(a, TransferCall)] == ["sip:6200@127.0.0.1:5160"]
+    heard = [f"BOT: {a.text}" for a in actions if isinstance(a, Play)]
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    return heard, store.record.outcome
+
+
+@pytest.mark.parametrize("ending", [e for e in TransferEnding if e is not TransferEnding.ASK])
+def test_script_call_ends_a_transfer_as_the_simulator_does(
+    elsewhere: Path, ending: TransferEnding
+) -> None:
+    # script_call knew answered or failed only (transfer_ok): the same endings, the same
+    # prompts and outcome as flow simulate --transfer for the same call.
+    code, out = run(
+        ["main_menu", "--flows-dir", str(SHIPPED), "--open", f"--transfer={ending}"], ["0", ""]
+    )
+    assert code == 0
+    shown = [line for line in out if line.startswith("BOT: ")]
+    (outcome,) = [line.removeprefix("   outcome: ") for line in out if "outcome:" in line]
+    assert _scripted(ending, ["0"]) == (shown, outcome)
+    # --transfer ask's replies, as the next answer
+    reply = {"ok": "", "fails": ":fail"}.get(ending, f":{ending}")
+    assert _scripted(TransferEnding.ASK, ["0", reply]) == (shown, outcome)
+
+
+def test_script_call_unconfirmed_and_unanswered_transfers() -> None:
+    engine = Engine(load_flows(SHIPPED), FlowParams())
+    _, actions = script_call(engine, "main_menu", ["0"], transfer=TransferEnding.UNCONFIRMED)
+    after = actions[next(i for i, a in enumerate(actions) if isinstance(a, TransferCall)) :]
+    said = [a.text for a in after if isinstance(a, Play)]
+    assert said == [
+        "Sorry, nobody has answered. The clinic will call you back. If this is an emergency,"
+        " hang up and call 112 now. Goodbye."
+    ]
+    assert [type(a) for a in after[-2:]] == [HangupCall, Store]
+    assert isinstance(after[-1], Store) and after[-1].record.outcome == "transfer_unconfirmed"
+    assert after[-1].record.transfer_target == "sip:6200@127.0.0.1:5160"
+    # A PBX took the caller and reached nobody: the bot says nothing more, the call ends.
+    _, actions = script_call(engine, "main_menu", ["0"], transfer=TransferEnding.UNANSWERED)
+    after = actions[next(i for i, a in enumerate(actions) if isinstance(a, TransferCall)) + 1 :]
+    assert [type(a) for a in after] == [HangupCall, Store]
+    assert isinstance(after[-1], Store) and after[-1].record.outcome == "transfer_unanswered"
+    assert after[-1].record.transfer_target is None
+    # The caller hangs up before the transfer is taken on (--transfer ask's ":hangup").
+    _, actions = script_call(engine, "main_menu", ["0", ":hangup"], transfer=TransferEnding.ASK)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "hung_up_before_transfer"
+
+
+def test_a_webhook_after_a_webhook_the_caller_hung_up_during_still_runs(tmp_path: Path) -> None:
+    # The session holds the hang-up for every request under way, not only the first: the
+    # second lookup's reply is the record's too (its outcome), then the hang-up.
+    (tmp_path / "two.yaml").write_text(
+        "id: two\nlanguage: en\nstart: first\nnodes:\n"
+        "  first: {webhook: {url: scheduling, save: a}, next: second, on_fail: bye}\n"
+        "  second: {webhook: {url: scheduling, save: b}, outcome: booked, next: bye,"
+        " on_fail: bye}\n"
+        "  bye: {say: Goodbye., next: end}\n  end: {hangup: ''}\n",
+        encoding="utf-8",
+    )
+    code, out = run([str(tmp_path / "two.yaml")], [":hangup", "", ""])
+    assert code == 0, out
+    assert [line for line in out if line.startswith("   webhook scheduling")] == [
+        "   webhook scheduling: {}"
+    ] * 2
+    assert "   outcome: booked" in out, out
+    assert not [line for line in out if line.startswith("BOT: ")], out

@@ -52,12 +52,15 @@ Run a flow in the terminal, without a phone.
 Type keys (1, or 12031985#: several keys in one line arrive as type-ahead while the next
 prompt plays) or words (a speech result with confidence 1.0; "~0.3 yes" gives confidence
 0.3). ":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
-collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"), recordings
-for what was recorded (Enter: a message, ":silence" or ":fail": not saved). Transfers end
-as --transfer says: answered (ok, the default), fails (as --transfer-fails), unconfirmed
-(no answer in time: the clinic will call back), unanswered (a PBX took the caller and
-reached nobody), or ask (a line per transfer: Enter, ":fail", ":unconfirmed" or
-":unanswered"). Prompts are printed as the caller would hear them.
+collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"; ":hangup":
+the caller hangs up while it runs, and the reply is asked for next), recordings for what
+was recorded (Enter: a message, ":silence" or ":fail": not saved, ":hangup": the caller
+hangs up at the beep and leaves none). Transfers end as --transfer says: answered (ok, the
+default), fails (as --transfer-fails), unconfirmed (no answer in time: the clinic will call
+back), unanswered (a PBX took the caller and reached nobody), or ask (a line per transfer:
+Enter, ":fail", ":unconfirmed", ":unanswered", or ":hangup": the caller hangs up before
+the transfer is taken on). Prompts are printed as the caller would hear them; none once the
+caller has hung up.
 The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
 --closed say.
 """
@@ -74,8 +77,9 @@ class TransferEnding(enum.StrEnum):
 
 
 # What each ending is for the engine, and the line that says it (what the caller then hears
-# is the engine's own prompts). 180 s: TRANSFER_ANSWER_S in voice/ivr/session.py, not
-# imported here (it brings asyncio and the media stack); a test holds them equal.
+# is the engine's own prompts): for the simulator and script_call alike. 180 s:
+# TRANSFER_ANSWER_S in voice/ivr/session.py, not imported here (it brings asyncio and the
+# media stack); a test holds them equal.
 _TRANSFER_ENDINGS: dict[TransferEnding, tuple[TransferResult, str]] = {
     TransferEnding.OK: (TransferResult(ok=True), "   (transfer answered)"),
     TransferEnding.FAILS: (TransferResult(ok=False), "   (transfer failed)"),
@@ -89,13 +93,44 @@ _TRANSFER_ENDINGS: dict[TransferEnding, tuple[TransferResult, str]] = {
         "heard the PBX, not the bot)",
     ),
 }
-# The interactive line's replies (--transfer ask).
-_TRANSFER_REPLIES = {
+# The interactive line's replies (--transfer ask, and script_call's answers for it). None:
+# the caller hangs up before the transfer is taken on (the session then sends the engine its
+# HangUp alone, no TransferResult: hung_up_before_transfer).
+_TRANSFER_REPLIES: dict[str, TransferEnding | None] = {
     "": TransferEnding.OK,
     ":fail": TransferEnding.FAILS,
     ":unconfirmed": TransferEnding.UNCONFIRMED,
     ":unanswered": TransferEnding.UNANSWERED,
+    ":hangup": None,
 }
+# The actions the session does not carry out once the caller has hung up (_NEEDS_THE_CALLER
+# in voice/ivr/session.py, and StopPlay: no prompt plays to cut short): nobody hears a
+# prompt, nothing is listened for, transferred or recorded. The engine has them from a
+# result that came before it was told of the hang-up.
+_NEEDS_THE_CALLER = (Play, StopPlay, Listen, TransferCall, RecordAudio)
+
+
+def transfer_events(ending: TransferEnding | None) -> list[Event]:
+    """What the session tells the engine when a transfer ends so (None: the caller hung up
+    before it was taken on)."""
+    if ending is None:
+        return [HangUp()]
+    return [_TRANSFER_ENDINGS[ending][0]]
+
+
+def recording_events(reply: str) -> list[Event]:
+    """What the session tells the engine for a recording the tester describes by ``reply``
+    (Enter: a message, ``:silence``, ``:fail`` or ``:hangup``; anything else is a message)."""
+    if reply == ":silence":  # nothing said after the beep (or only noise)
+        return [RecordDone(silent=True)]
+    if reply == ":fail":  # spoken, but it could not be saved
+        return [RecordDone(duration_s=5)]
+    if reply == ":hangup":
+        # voice/ivr/session.py: the recording ends with the call, the audio is checked as any
+        # message (none at the beep: silent, nothing saved), and the HangUp follows its
+        # RecordDone: the record says so (a "silent" record step, the call's outcome).
+        return [RecordDone(silent=True), HangUp()]
+    return [RecordDone(ref="simulated.wav", duration_s=5)]
 
 
 def parse_line(line: str) -> list[Event]:
@@ -267,9 +302,12 @@ def run(
     queue: deque[Event] = deque()
     while True:
         for action in actions:
-            queue_reply = _show(action, output_fn, input_fn, transfer)
-            if queue_reply is not None:
-                queue.append(queue_reply)
+            if not _hung_up(queue):
+                queue.extend(_show(action, output_fn, input_fn, transfer))
+            elif not isinstance(action, _NEEDS_THE_CALLER):
+                # The caller has gone and the engine is told next: a webhook still runs (the
+                # session holds the hang-up for its result), nothing else is carried out.
+                queue.extendleft(reversed(_show(action, output_fn, input_fn, transfer)))
         if state.phase is Phase.ENDED:
             output_fn("-- call ended")
             return 0
@@ -279,6 +317,11 @@ def run(
         before = state
         state, actions = engine.handle(state, event)
         _show_menu_return(before, state, output_fn)
+
+
+def _hung_up(queue: deque[Event]) -> bool:
+    """Whether the caller has hung up and the engine is still to be told."""
+    return any(isinstance(event, HangUp) for event in queue)
 
 
 def _load(name: str, flows_dir: Path | None) -> tuple[FlowSet, Flow]:
@@ -379,7 +422,8 @@ def _show(
     output_fn: Callable[[str], None],
     input_fn: Callable[[str], str],
     transfer: TransferEnding,
-) -> Event | None:
+) -> list[Event]:
+    """Print ``action``; the events that answer it (asking the tester when one does)."""
     if isinstance(action, Play):
         output_fn(f"BOT: {action.text}" if action.audio is None else f"BOT: [audio {action.audio}]")
     elif isinstance(action, StopPlay):
@@ -389,38 +433,31 @@ def _show(
         output_fn(f"   (listening for {what}, {action.timeout_s:g} s)")
     elif isinstance(action, PostWebhook):
         output_fn(f"   webhook {action.url_key}: {dict(action.values)}")
-        try:
-            reply = input_fn("webhook reply (key=value ..., :fail or :timeout)> ")
-        except EOFError:
-            reply = ":fail"
-        if reply.strip() == ":fail":
-            return WebhookResult(ok=False)
-        if reply.strip() == ":timeout":  # no answer in time: it may have arrived
-            return WebhookResult(ok=False, unknown=True)
-        data = dict(p.split("=", 1) for p in reply.split() if "=" in p)
-        return WebhookResult(ok=True, data=data)
+        return _ask_webhook(input_fn, output_fn)
     elif isinstance(action, TransferCall):
         output_fn(f"   transfer to {action.uri}")
         for name, value in action.headers:
             output_fn(f"   {name}: {value}")
         ending = _ask_transfer(input_fn, output_fn) if transfer is TransferEnding.ASK else transfer
-        result, line = _TRANSFER_ENDINGS[ending]
-        output_fn(line)
-        return result
+        if ending is None:
+            output_fn("   (the caller hung up before the transfer was taken on)")
+        else:
+            output_fn(_TRANSFER_ENDINGS[ending][1])
+        return transfer_events(ending)
     elif isinstance(action, RecordAudio):
         output_fn(f"   (recording up to {action.max_s} s)")
         # Asked, as a webhook's reply is: a message that was always kept hid what a caller
         # hears when it is not (silence, a full disk), e.g. "please call again later" after
         # a failed transfer's message for a call back (--transfer-fails).
         try:
-            reply = input_fn("recording (Enter: a message, :silence or :fail)> ").strip()
+            reply = input_fn(
+                "recording (Enter: a message, :silence, :fail or :hangup at the beep)> "
+            ).strip()
         except EOFError:
             reply = ""
-        if reply == ":silence":  # nothing said after the beep (or only noise)
-            return RecordDone(silent=True)
-        if reply == ":fail":  # spoken, but it could not be saved
-            return RecordDone(duration_s=5)
-        return RecordDone(ref="simulated.wav", duration_s=5)
+        if reply == ":hangup":
+            output_fn("   (the caller hung up at the beep: no message)")
+        return recording_events(reply)
     elif isinstance(action, Store):
         rec = action.record
         output_fn(f"   outcome: {rec.outcome}")
@@ -431,22 +468,50 @@ def _show(
         output_fn(f"   values: {dict(rec.values)}")
     elif isinstance(action, HangupCall):
         output_fn("   (hang up)")
-    return None
+    return []
+
+
+def _ask_webhook(input_fn: Callable[[str], str], output_fn: Callable[[str], None]) -> list[Event]:
+    """The tester's reply to one webhook; ``:hangup`` first: the caller hangs up while it
+    runs. The session then waits for the request (an appointment still lands, and its
+    result goes in the record) and tells the engine of the hang-up after it."""
+    hung_up = False
+    while True:
+        try:
+            reply = input_fn("webhook reply (key=value ..., :fail, :timeout or :hangup)> ")
+        except EOFError:
+            reply = ":fail"
+        reply = reply.strip()
+        if reply != ":hangup":
+            break
+        if not hung_up:
+            output_fn("   (the caller hung up: the request still runs, its reply is recorded)")
+        hung_up = True
+    if reply == ":fail":
+        result = WebhookResult(ok=False)
+    elif reply == ":timeout":  # no answer in time: it may have arrived
+        result = WebhookResult(ok=False, unknown=True)
+    else:
+        result = WebhookResult(
+            ok=True, data=dict(p.split("=", 1) for p in reply.split() if "=" in p)
+        )
+    return [result, HangUp()] if hung_up else [result]
 
 
 def _ask_transfer(
     input_fn: Callable[[str], str], output_fn: Callable[[str], None]
-) -> TransferEnding:
-    """The tester's ending for one transfer (``--transfer ask``); answered at end of input,
-    as transfers are by default."""
+) -> TransferEnding | None:
+    """The tester's ending for one transfer (``--transfer ask``; None: the caller hung up
+    before it was taken on); answered at end of input, as transfers are by default."""
     while True:
         try:
-            reply = input_fn("transfer (Enter: answered, :fail, :unconfirmed or :unanswered)> ")
+            reply = input_fn(
+                "transfer (Enter: answered, :fail, :unconfirmed, :unanswered or :hangup)> "
+            )
         except EOFError:
             return TransferEnding.OK
-        ending = _TRANSFER_REPLIES.get(reply.strip())
-        if ending is not None:
-            return ending
+        if reply.strip() in _TRANSFER_REPLIES:
+            return _TRANSFER_REPLIES[reply.strip()]
         output_fn(f"   not a transfer ending: {reply.strip()!r}")
 
 
@@ -457,12 +522,15 @@ def script_call(
     *,
     webhook_ok: bool = True,
     webhook_data: dict[str, str] | None = None,
-    transfer_ok: bool = True,
+    transfer: TransferEnding = TransferEnding.OK,
 ) -> tuple[CallState, list[Action]]:
     """Drive a call with typed ``answers`` (as in the simulator); return the state and actions.
 
-    Prompts finish at once, webhooks, transfers and recordings answer by the keyword
-    arguments. Stops when the call ends or the answers run out while the engine listens.
+    Prompts finish at once, webhooks and recordings answer by the keyword arguments, and
+    transfers end as ``transfer`` says, as with ``flow simulate --transfer``: with
+    :attr:`TransferEnding.ASK` each transfer takes the next answer as its ending (``""``,
+    ``:fail``, ``:unconfirmed``, ``:unanswered`` or ``:hangup``). Stops when the call ends or
+    the answers run out while the engine listens (or a transfer waits for its answer).
     """
     state, actions = engine.start(engine.flowset.get(flow_id))
     seen: list[Action] = list(actions)
@@ -473,7 +541,13 @@ def script_call(
             if isinstance(action, PostWebhook):
                 queue.append(WebhookResult(webhook_ok, webhook_data or {}))
             elif isinstance(action, TransferCall):
-                queue.append(TransferResult(transfer_ok))
+                if transfer is not TransferEnding.ASK:
+                    queue.extend(transfer_events(transfer))
+                elif lines:
+                    reply = lines.popleft().strip()
+                    if reply not in _TRANSFER_REPLIES:
+                        raise ValueError(f"not a transfer ending: {reply!r}")
+                    queue.extend(transfer_events(_TRANSFER_REPLIES[reply]))
             elif isinstance(action, RecordAudio):
                 queue.append(RecordDone("test.wav", 3.0))
         if state.phase is Phase.ENDED:
