@@ -30,7 +30,7 @@ class W:
     """One worker as the pool sees it."""
 
     free: int = 4  # what its last WorkerStatus said
-    pending: int = 0  # PlaceCalls not yet acknowledged
+    pending: int = 0  # PlaceCalls its last status does not count yet
     reserved: int = 0  # slots the front holds for redirected callers on their way
     up: bool = True
 
@@ -48,7 +48,7 @@ def _pool(workers: list[W], caller_slots: int, clock: FakeClock | None = None) -
 
 def _take_outbound(pool: SipPool) -> int:
     """How many outbound calls the pool gives a slot, each taking it as place_call does
-    (pending until the worker acknowledges it)."""
+    (pending until the worker's status counts it)."""
     taken = 0
     while (w := pool._pick_outbound()) is not None:
         w.pending += 1

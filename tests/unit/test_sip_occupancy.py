@@ -9,6 +9,7 @@ the gauges move on real SIP.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any, cast
 
@@ -18,7 +19,17 @@ from sip_config.clock import FakeClock
 from sip_config.settings import HostPort
 from tests.conftest import sip_settings
 from tests.unit.test_metrics import parse
-from voice.sip.pool import CallHandle, SipPool, WorkerState
+from voice.sip.pool import CallHandle, OutboundCall, SipPool, WorkerState
+from voice.sip.protocol import (
+    CallEvent,
+    CallState,
+    Command,
+    Event,
+    PlaceCall,
+    PlaceFailed,
+    WorkerStatus,
+    decode,
+)
 
 _ids = (f"call-{n}@peer" for n in itertools.count())
 
@@ -124,3 +135,73 @@ def test_the_gauges_go_with_the_pool() -> None:
     text = metrics.render()
     assert "# TYPE clinic_sip_slots gauge\n" in text
     assert "clinic_sip_slots{" not in text
+
+
+async def _sent(commands: list[Command], n: int) -> str:
+    """The Call-ID of the ``n``-th PlaceCall the pool sent, once it is sent."""
+    async with asyncio.timeout(1):
+        while len(commands) < n:  # noqa: ASYNC110 (no I/O: a few turns of the loop)
+            await asyncio.sleep(0)
+    cmd = commands[n - 1]
+    assert isinstance(cmd, PlaceCall), cmd
+    return cmd.call_id
+
+
+class _Stdin:
+    """A worker's stdin: the commands the pool wrote to it, decoded."""
+
+    def __init__(self) -> None:
+        self.commands: list[Command] = []
+
+    def write(self, line: bytes) -> None:
+        cmd = decode(line)
+        assert not isinstance(cmd, Event)
+        self.commands.append(cmd)
+
+
+class _Worker(_Running):
+    def __init__(self) -> None:
+        self.stdin = _Stdin()
+
+
+async def test_a_call_being_placed_takes_one_slot_at_every_step() -> None:
+    """The worker reports its free slots, the new call taken, just before it acknowledges
+    the call. The pool's count of calls being placed dropped only at that ack, so between
+    the two lines (read apart when the worker's write reached the pool in two pieces) the
+    call was counted twice: clinic_sip_slots{state="free"} and the choice of worker were
+    one short. The status now says how many PlaceCalls it counts, so both move at once."""
+    pool = _pool(1)
+    pool._running = True  # as if started
+    w = pool._workers[0]
+    process: Any = _Worker()
+    w.process = process
+    commands = process.stdin.commands
+    call = OutboundCall("sip:+447911123456@127.0.0.1", "clinic", flash=False)
+
+    def free() -> tuple[int, int]:
+        occupancy = pool.occupancy()
+        return occupancy.in_use, occupancy.free
+
+    placing = asyncio.create_task(pool.place_call(call))
+    call_id = await _sent(commands, 1)
+    assert free() == (1, 3), "sent: counted as being placed"
+    pool._dispatch(w, WorkerStatus(free_slots=3, port=w.port, placed=1))
+    assert free() == (1, 3), "in the worker's free slots: no longer as being placed too"
+    assert _gauges(pool)["clinic_sip_slots", "free"] == 3
+    pool._dispatch(w, CallEvent(call_id, CallState.TRYING, 0, None, 0.0))
+    handle = await placing
+    assert handle.id == call_id and free() == (1, 3)
+
+    # A PlaceCall the worker refuses (full after all): its status, then PlaceFailed. The
+    # pool sends the call again, and that time it is taken.
+    placing = asyncio.create_task(pool.place_call(call))
+    refused = await _sent(commands, 2)
+    assert free() == (2, 2)
+    pool._dispatch(w, WorkerStatus(free_slots=3, port=w.port, placed=2))
+    assert free() == (2, 3), "refused: it takes nothing"
+    pool._dispatch(w, PlaceFailed(refused, "worker full", retryable=True))
+    assert await _sent(commands, 3) == refused and free() == (2, 2), "sent again"
+    pool._dispatch(w, WorkerStatus(free_slots=2, port=w.port, placed=3))
+    assert free() == (2, 2) and w.pending == 0
+    pool._dispatch(w, CallEvent(refused, CallState.TRYING, 0, None, 0.0))
+    assert (await placing).id == refused and free() == (2, 2)

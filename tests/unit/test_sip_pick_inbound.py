@@ -43,7 +43,7 @@ def _arrives(pool: SipPool, sip_call_id: str, free: int) -> None:
     """A redirected INVITE reaches worker 0, as the worker tells it: its free slots (this
     call counted), then the call with its INVITE's Call-ID."""
     w = pool._workers[0]
-    pool._dispatch(w, WorkerStatus(free_slots=free, port=w.port))
+    pool._dispatch(w, WorkerStatus(free_slots=free, port=w.port, placed=0))
     pool._dispatch(w, IncomingCall(f"in-{sip_call_id}", "", "6000", (), sip_call_id))
 
 

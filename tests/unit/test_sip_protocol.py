@@ -54,7 +54,7 @@ MESSAGES: list[Message] = [
     TransferStatus("c1", 486, final=True),
     AudioChunk("c1", bytes(range(256)) + b"\x00" * 64),
     MessageResult("r1", 202),
-    WorkerStatus(3, 5061),
+    WorkerStatus(3, 5061, 2),
     Registered(ok=True, sip_status=200),
 ]
 

@@ -256,6 +256,7 @@ class Engine:
         self._challenged: set[str] = set()  # MESSAGEs already answered with digest auth
         self.port = config.port
         self.stopping = False
+        self._placed = 0  # PlaceCalls taken in, accepted or refused (WorkerStatus.placed)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -376,7 +377,7 @@ class Engine:
 
     def status(self) -> WorkerStatus:
         """The event that tells the pool where we are and how full."""
-        return WorkerStatus(free_slots=self.free_slots(), port=self.port)
+        return WorkerStatus(free_slots=self.free_slots(), port=self.port, placed=self._placed)
 
     def pump_ms(self, idle_ms: int) -> int:
         """How long the next :meth:`pump` may wait: until the nearest ring or answer deadline,
@@ -502,14 +503,17 @@ class Engine:
 
     def _place(self, cmd: PlaceCall) -> None:
         assert self._account is not None
+        self._placed += 1
         if self.free_slots() == 0 or self.stopping:
+            self.emit(self.status())  # this one counted as taken in: not pending any more
             self.emit(PlaceFailed(cmd.call_id, "worker full", retryable=True))
             return
         call = _Call(self, cmd.call_id, self._account, flash=cmd.flash)
         call.ring_s = cmd.ring_s
         call.answer_deadline = time.monotonic() + cmd.answer_timeout_s
         self._calls[cmd.call_id] = call
-        # Status before the ack, so the pool never counts a slot twice.
+        # The status counts this call in its free slots and in ``placed`` at once: the
+        # pool's pending count drops as the free slots do, not later at the ack.
         self.emit(self.status())
         self.emit(CallEvent(cmd.call_id, CallState.TRYING, 0, None, time.time()))
         self._dial(call, cmd, time.monotonic() + REDIAL_S)

@@ -336,7 +336,11 @@ class _Worker:
     up: bool = False
     registered: bool = False
     free_slots: int = 0
-    pending: int = 0  # PlaceCalls sent, not yet acknowledged
+    # PlaceCalls sent that the worker's last WorkerStatus does not count yet: they drop
+    # with the status that takes them out of free_slots (its ``placed``), not at their ack,
+    # else each was counted twice in between (the gauges and the choice of worker).
+    pending: int = 0
+    placed: int = 0  # the WorkerStatus.placed of the last status
     # Inbound calls the front redirected here that have not arrived yet (Call-ID: expiry
     # time): without them a burst of INVITEs was all redirected to the same worker.
     reserved: dict[str, float] = field(default_factory=dict)
@@ -638,8 +642,8 @@ class SipPool:
         taken, or taking one would leave fewer than ``caller_slots`` free for callers.
 
         Free slots are counted on the workers that are up (a restarting worker's are
-        nobody's), less the PlaceCalls not yet acknowledged and the slots the front holds
-        for redirected callers on their way (those are callers' already).
+        nobody's), less the PlaceCalls their last status does not count yet and the slots
+        the front holds for redirected callers on their way (those are callers' already).
 
         Looks from a cursor that moves on each time and stops at the first worker with all
         its slots free once the slots seen so far leave the callers theirs: a max() over 320
@@ -738,7 +742,7 @@ class SipPool:
         env = worker_env(os.environ, s.password)
         w.started.clear()  # start() may be waiting on this very event
         w.up = w.registered = False
-        w.free_slots = w.pending = 0
+        w.free_slots = w.pending = w.placed = 0
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
             # serve killed -9: the kernel sends the worker SIGTERM (its stdin's EOF also ends
@@ -783,6 +787,8 @@ class SipPool:
         if isinstance(ev, WorkerStatus):
             w.port = ev.port
             w.free_slots = ev.free_slots
+            w.pending -= ev.placed - w.placed  # now in free_slots (or refused)
+            w.placed = ev.placed
             self._slots_max = max(self._slots_max, ev.free_slots)
             if not w.up:
                 w.up = True
@@ -791,7 +797,6 @@ class SipPool:
         elif isinstance(ev, CallEvent):
             ack = w.acks.get(ev.call_id)
             if ack is not None and not ack.done():
-                w.pending -= 1
                 ack.set_result(True)
             handle = w.calls.get(ev.call_id)
             if handle is None:
@@ -810,7 +815,6 @@ class SipPool:
         elif isinstance(ev, PlaceFailed):
             ack = w.acks.get(ev.call_id)
             if ack is not None and not ack.done():
-                w.pending -= 1
                 ack.set_result(False)
             log.info("worker %s refused call %s: %s", w.index, ev.call_id, ev.reason)
         elif isinstance(ev, IncomingCall):
@@ -875,7 +879,7 @@ class SipPool:
     def _on_exit(self, w: _Worker, exit_status: int) -> None:
         was_up = w.up
         w.up = w.registered = False
-        w.free_slots = w.pending = 0
+        w.free_slots = w.pending = w.placed = 0
         lost = list(w.calls.values())
         w.calls.clear()
         now = self._clock.now()

@@ -211,10 +211,17 @@ class MessageResult:
 
 @dataclass(frozen=True, slots=True)
 class WorkerStatus:
-    """The worker is up on ``port`` and has ``free_slots`` calls left."""
+    """The worker is up on ``port`` and has ``free_slots`` calls left, having taken in
+    ``placed`` :class:`PlaceCall` commands (accepted or refused) since it started.
+
+    The count lets the pool tell which of the calls it sent are in ``free_slots`` already:
+    one message carries both, so no moment counts a call being placed twice (once as taken
+    from the free slots, once as not yet acknowledged).
+    """
 
     free_slots: int
     port: int
+    placed: int
 
 
 @dataclass(frozen=True, slots=True)
