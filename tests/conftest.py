@@ -86,6 +86,15 @@ def free_port(count: int = 1) -> int:
 
 _FIRST_PORT = 10_000  # above the well-known and most registered services' ports
 
+# sipp's options for its other sockets, besides its SIP port (-p, from free_port). Its
+# media (RTP echo: a port and the one two above, from 6000) and control socket (UDP, from
+# 8888) are left to sipp: while one is taken it moves up (sipp 3.6.1: twelve started at
+# once bound 6000-6046 and 8888-8899), whereas a port given with -mp or -cp gets one try
+# and a taken one ends the run (exit 254, "Unable to bind ..."), so a free_port() there
+# would trade no collision for a race. -ci keeps the control socket, which takes commands
+# ("q" quits), on loopback: by default it listens on every address of the host.
+SIPP_OTHER_SOCKETS = ("-ci", "127.0.0.1")
+
 
 def _ephemeral_low() -> int:
     """The first port of the kernel's range for outgoing connections (Linux's 32768 if unread)."""

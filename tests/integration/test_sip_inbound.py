@@ -17,7 +17,7 @@ import pytest
 
 from sip_config.clock import SystemClock
 from sip_config.settings import HostPort
-from tests.conftest import free_port, sip_settings
+from tests.conftest import SIPP_OTHER_SOCKETS, free_port, sip_settings
 from voice.sip import front as front_module
 from voice.sip import message
 from voice.sip.front import RedirectFront
@@ -175,11 +175,13 @@ async def sipp_uac(
     code and the messages it traced.
 
     From a free port of its own: sipp takes ``-p 0`` for its default, 5060, so two runs at
-    once (or anything else on 5060) made it fail to bind."""
+    once (or anything else on 5060) made it fail to bind. Its media and control ports: see
+    ``SIPP_OTHER_SOCKETS``."""
     trace = tmp_path / f"{scenario}.log"
     proc = await asyncio.create_subprocess_exec(
         "sipp", str(target), "-sf", str(PEERS / scenario),
-        "-i", "127.0.0.1", "-p", str(free_port()), "-s", user, "-m", "1", "-nostdin",
+        "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
+        "-s", user, "-m", "1", "-nostdin",
         "-trace_msg", "-message_file", str(trace), "-timeout", str(timeout_s),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -634,6 +636,38 @@ async def test_a_cancel_gets_481_unless_it_matches_an_invite_and_copies_get_one_
             again = await ask(method, f"{method}-1", "again@probe")
             assert first.get("To") == again.get("To"), f"{method}: {first} then {again}"
             assert ";tag=" in (first.get("To") or "")
+    finally:
+        peer.sock.close()
+
+
+@pytest.mark.parametrize("missing", ["Call-ID", "CSeq", "From"])
+async def test_a_retransmitted_incomplete_invite_gets_the_same_400(
+    line: tuple[SipPool, RedirectFront], missing: str
+) -> None:
+    """RFC 3261 8.1.1 and 17.2.1: an INVITE without a header every request needs gets 400,
+    and its retransmission (the same datagram from the same port) the same 400, To tag
+    included, where each copy got a fresh tag. It takes no slot. Without a Call-ID or CSeq
+    the transaction is still told by its top Via branch and sent-by (17.2.3)."""
+    pool, front = line
+    loop = asyncio.get_running_loop()
+    free = pool.stats()["free_slots"]
+    peer = _UdpPeer(front.address)
+    try:
+        invite = peer.request("INVITE", f"no-{missing}", "incomplete@probe")
+        lines = invite.split(b"\r\n")
+        broken = b"\r\n".join(ln for ln in lines if not ln.startswith(f"{missing}:".encode()))
+        first = await loop.run_in_executor(None, peer.exchange, broken)
+        again = await loop.run_in_executor(None, peer.exchange, broken)
+        assert first is not None and again is not None
+        assert first.status == again.status == 400, (first, again)
+        assert first.reason == f"Missing {missing}", first
+        assert ";tag=" in (first.get("To") or ""), first
+        assert first.get("To") == again.get("To"), "a retransmission gets the same To tag"
+        other = broken.replace(f"branch=z9hG4bK-no-{missing}".encode(), b"branch=z9hG4bK-new")
+        new = await loop.run_in_executor(None, peer.exchange, other)
+        assert new is not None and new.status == 400, new
+        assert new.get("To") != first.get("To"), "another transaction gets a tag of its own"
+        assert pool.stats()["free_slots"] == free, "an incomplete INVITE takes no slot"
     finally:
         peer.sock.close()
 

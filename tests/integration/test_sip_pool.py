@@ -19,7 +19,7 @@ import pytest
 from clinic_voice.metrics import Metrics
 from clinic_voice.wiring import new_sip_pool
 from sip_config.clock import SystemClock
-from tests.conftest import sip_settings
+from tests.conftest import SIPP_OTHER_SOCKETS, sip_settings
 from voice.sip import message
 from voice.sip.media_thread import IDLE_SLACK_NS
 from voice.sip.outcome import CallOutcome
@@ -124,6 +124,7 @@ async def sipp_uas(
         "127.0.0.1",
         "-p",
         str(port),
+        *SIPP_OTHER_SOCKETS,
         "-m",
         str(calls),
         "-trace_msg",
@@ -159,6 +160,31 @@ async def pool() -> AsyncIterator[SipPool]:
         yield p
     finally:
         await p.stop()
+
+
+def _udp_addresses(pid: int) -> list[str]:
+    """The local addresses (/proc/net/udp's hex) of the UDP sockets process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    with open("/proc/net/udp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [r[1] for r in rows if r[9] in inodes]
+
+
+async def test_a_tests_sipp_keeps_its_sockets_on_loopback(tmp_path: Path) -> None:
+    """sipp's control socket takes commands ("q" ends the run) and by default listened on
+    every address of the host (0.0.0.0:8888): now, like its SIP and media sockets, on
+    127.0.0.1 only (see ``SIPP_OTHER_SOCKETS``)."""
+    async with sipp_uas("sipp_uas_ring.xml", tmp_path) as uas:
+        async with asyncio.timeout(5):
+            # SIP, two media and the control socket
+            while len(addresses := _udp_addresses(uas.proc.pid)) < 4:  # noqa: ASYNC110 (/proc)
+                await asyncio.sleep(0.02)
+    assert all(a.startswith("0100007F:") for a in addresses), addresses
 
 
 async def events_until_end(handle_events: AsyncIterator[object], within: float) -> list[object]:

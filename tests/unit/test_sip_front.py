@@ -319,3 +319,59 @@ def test_a_retransmitted_request_gets_the_same_response(method: str) -> None:
     assert len(others) == 4 and len(answered) == 0, "non-INVITE answers in a memory of their own"
     forgotten = front_module._answer(_other(method), Picks(), answered, tcp=False, others=others)
     assert _to_tag(forgotten) != _to_tag(first)
+
+
+def _without(header: str, raw: bytes) -> bytes:
+    return b"\r\n".join(ln for ln in raw.split(b"\r\n") if not ln.startswith(f"{header}:".encode()))
+
+
+@pytest.mark.parametrize("header", ["Call-ID", "CSeq", "From", "To"])
+def test_a_retransmitted_incomplete_invite_gets_the_same_400(header: str) -> None:
+    """RFC 3261 8.1.1 and 17.2.1: an INVITE lacking a header every request needs gets 400,
+    and each retransmission that 400 again, To tag included (each copy got a fresh tag).
+    The transaction is told by the top Via branch and sent-by (17.2.3) and what else the
+    request has; the answer goes to the bounded non-INVITE memory, not the INVITEs'."""
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S, limit=4)
+    pick = Picks()
+    broken = _without(header, invite())
+
+    def answer(raw: bytes) -> bytes | None:
+        return front_module._answer(raw, pick, answered, tcp=False, others=others)
+
+    first = answer(broken)
+    assert first is not None and first.startswith(f"SIP/2.0 400 Missing {header}\r\n".encode())
+    for delay in (0.5, 1, 2, 4, 8, 16):  # Timer A doubling: 31.5 s, under Timer H
+        clock.advance(delay)
+        assert answer(broken) == first
+    assert answer(_without(header, invite(method="ACK"))) is None, "its ACK is absorbed"
+    assert answer(broken) == first
+    other = broken.replace(b"z9hG4bK-1", b"z9hG4bK-2")
+    assert _to_tag(answer(other)) != _to_tag(first), "another branch: another transaction"
+    elsewhere = broken.replace(b"127.0.0.1:5070", b"127.0.0.2:5070")
+    assert _to_tag(answer(elsewhere)) != _to_tag(first), "another sent-by: another one"
+    assert pick.calls == [] and len(answered) == 0, "no slot, and the INVITE memory untouched"
+    for n in range(3, 7):  # bounded: the oldest answer goes first
+        answer(broken.replace(b"z9hG4bK-1", f"z9hG4bK-{n}".encode()))
+    assert len(others) == 4
+    assert _to_tag(answer(broken)) != _to_tag(first), "pushed out: answered anew"
+
+
+def test_an_incomplete_invite_does_not_share_a_complete_ones_transaction() -> None:
+    """A broken copy of an INVITE answered 302 (the same branch, Call-ID and CSeq, no From)
+    gets 400, not the 302; the complete one's retransmission still gets its 302."""
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S)
+    pick = Picks(HostPort("127.0.0.1", 5062))
+
+    def answer(raw: bytes) -> bytes | None:
+        return front_module._answer(raw, pick, answered, tcp=False, others=others)
+
+    moved = answer(invite())
+    assert moved is not None and moved.startswith(b"SIP/2.0 302 ")
+    broken = answer(_without("From", invite()))
+    assert broken is not None and broken.startswith(b"SIP/2.0 400 Missing From\r\n")
+    assert answer(invite()) == moved
+    assert pick.calls == ["call-1"]

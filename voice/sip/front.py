@@ -10,7 +10,8 @@ OPTIONS gets 200 (so peers can probe liveness), a CANCEL gets 200 when it matche
 answered here (that INVITE already has its final answer; the 200 carries its To tag) and
 481 Call/Transaction Does Not Exist when it matches none (RFC 3261 9.2), BYE gets 481, other
 known methods 405 with ``Allow``, unknown ones 501. An INVITE without the headers every
-request needs gets 400 (RFC 3261 8.1.1) and no slot.
+request needs gets 400 (RFC 3261 8.1.1) and no slot; its retransmissions get that 400 again,
+To tag included, from the memory of the non-INVITE answers (see below).
 
 A retransmitted INVITE (the same transaction: top Via branch and sent-by, Call-ID, CSeq;
 see :mod:`voice.sip.transaction`) gets the very answer the first copy got, To tag included,
@@ -181,17 +182,17 @@ def _answer(
         # Without a parseable Via there is nowhere to send a 400: drop it (section 18.3).
         _dropped.dropped(exc)
         return None
+    if not request.is_request or request.method == "ACK":
+        # The ACK of a 302/486/503/400 is absorbed (section 17.2.1), the answer stays
+        # remembered for a late copy of its INVITE.
+        return None
     call_id = request.get("Call-ID")
-    invite = request.method == "INVITE" and request.is_request
-    complete = all(request.get(name) for name in _REQUIRED)  # else 400 (or nothing): no slot
     key = transaction.key_of(request)
-    if not (invite and complete and call_id):
-        # The ACK of a 302/486/503 lands here too: absorbed (section 17.2.1), the answer
-        # stays remembered for a late copy of its INVITE.
-        if key is None or not complete or not request.is_request or request.method == "ACK":
-            return respond(request, None, tcp=tcp)
+    if key is None or not call_id or not all(request.get(name) for name in _REQUIRED):
+        return _answer_incomplete(request, others, tcp=tcp)  # 400 (or nothing): no slot
+    if request.method != "INVITE":
         return _answer_other(request, key, answered, others, tcp=tcp)
-    before = answered.get(key) if key is not None else None
+    before = answered.get(key)
     if before is not None:
         # A retransmission (its answer was lost): the same answer, not a second caller.
         log.debug("INVITE %s retransmitted -> %s again", call_id, before.target)
@@ -199,9 +200,27 @@ def _answer(
     target = pick(call_id)
     log.debug("INVITE %s -> %s", call_id, target)
     tag = new_tag()
-    if key is not None:
-        answered.remember(key, transaction.FinalAnswer(target, tag))
+    answered.remember(key, transaction.FinalAnswer(target, tag))
     return respond(request, target, tcp=tcp, to_tag=tag)
+
+
+def _answer_incomplete(
+    request: message.SipMessage, others: transaction.AnsweredRequests, *, tcp: bool
+) -> bytes | None:
+    """400 to a request without a header every request needs (nothing without a Via), the
+    same one, To tag included, to each retransmission (sections 8.1.1 and 17.2.1).
+
+    Kept with the non-INVITE answers, for Timer J (as long as Timer H): a flood of broken
+    INVITEs must not push the answers of real ones out of their memory.
+    """
+    key = transaction.incomplete_key(request)
+    if key is None:
+        return respond(request, None, tcp=tcp)  # no Via: nowhere to answer (section 18.2.2)
+    before = others.get(key)
+    tag = before.to_tag if before is not None else new_tag()
+    if before is None:
+        others.remember(key, transaction.FinalAnswer(SipStatus.BAD_REQUEST, tag))
+    return respond(request, None, tcp=tcp, to_tag=tag)
 
 
 def _answer_other(

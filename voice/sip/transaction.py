@@ -18,7 +18,10 @@ has a transaction of its own (its method is part of the key): a CANCEL carries t
 the INVITE it cancels, and is matched to that INVITE's transaction by :func:`invite_key`
 (section 9.2). Non-INVITE answers are remembered too (sections 8.2.7 and 17.2.2: a
 retransmitted OPTIONS, CANCEL or BYE gets the same response, To tag included), in a memory of
-their own, so a flood of OPTIONS cannot push the INVITE answers out.
+their own, so a flood of OPTIONS cannot push the INVITE answers out. So are the 400s to
+requests that lack a header every request needs (section 8.1.1), INVITEs included: such a
+request may have no Call-ID or CSeq, so its key (:func:`incomplete_key`) holds what it has,
+and it goes to that memory so a flood of broken INVITEs cannot push the real ones out either.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class TransactionKey:
     cseq: str  # the CSeq number (the ACK of a non-2xx has the INVITE's)
     rfc2543: str = ""  # Request-URI, From tag, To tag (RFC 2543 peers only)
     method: str = ""  # "" for an INVITE and its ACK, else the request's method
+    incomplete: bool = False  # answered 400 for a missing header (:func:`incomplete_key`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,23 +75,43 @@ def _params(value: str) -> dict[str, str]:
 
 def key_of(request: SipMessage) -> TransactionKey | None:
     """The transaction ``request`` belongs to; None without a Via, Call-ID or CSeq."""
-    via = request.get("Via")
-    call_id = request.get("Call-ID")
-    cseq = request.get("CSeq")
-    if not via or not call_id or not cseq:
+    if not request.get("Via") or not request.get("Call-ID") or not request.get("CSeq"):
         return None
-    top = via.split(",", 1)[0].strip()  # "Via: a, b" holds two (section 7.3.1)
-    number = cseq.split()[0] if cseq.split() else ""
+    return _key(request, incomplete=False)
+
+
+def incomplete_key(request: SipMessage) -> TransactionKey | None:
+    """The transaction of ``request``, which lacks a header every request needs (section
+    8.1.1) and is answered 400; None without a Via (no response can be sent).
+
+    Section 17.2.3 matches a request to its transaction by the top Via's branch and
+    sent-by (and method) alone, so a Call-ID or CSeq that is missing is just left out of
+    the key. The key is marked ``incomplete``: a complete request with the same branch is
+    a different message, and neither gets the other's answer.
+    """
+    if not request.get("Via"):
+        return None
+    return _key(request, incomplete=True)
+
+
+def _key(request: SipMessage, *, incomplete: bool) -> TransactionKey:
+    top = (request.get("Via") or "").split(",", 1)[0].strip()  # "a, b" is two (7.3.1)
+    call_id = request.get("Call-ID") or ""
+    cseq = (request.get("CSeq") or "").split()
+    number = cseq[0] if cseq else ""
     method = "" if request.method in ("INVITE", "ACK") else request.method
     branch = _params(top).get("branch", "")
     if branch.startswith(_MAGIC_COOKIE):
         # sent-by: what follows "SIP/2.0/UDP " up to the parameters; host names are
         # case-insensitive (section 19.1.4), the branch is not.
         sent_by = top.split(";", 1)[0].split(None, 1)[-1].strip().lower()
-        return TransactionKey(f"{branch} {sent_by}", call_id, number, method=method)
+        return TransactionKey(
+            f"{branch} {sent_by}", call_id, number, method=method, incomplete=incomplete
+        )
     from_tag = _params(request.get("From") or "").get("tag", "")
     to_tag = _params(request.get("To") or "").get("tag", "")
-    return TransactionKey(top, call_id, number, f"{request.uri} {from_tag} {to_tag}", method)
+    rfc2543 = f"{request.uri} {from_tag} {to_tag}"
+    return TransactionKey(top, call_id, number, rfc2543, method, incomplete)
 
 
 def invite_key(cancel: TransactionKey) -> TransactionKey:
