@@ -354,3 +354,14 @@ def test_stopping_cancels_a_ringing_call_and_ends_it_failed() -> None:
 )
 def test_where_a_request_uri_sends_to(uri: str, where: tuple[str, int]) -> None:
     assert target_host_port(uri) == where
+
+
+def test_a_cseq_of_thousands_of_digits_is_ignored_not_a_value_error() -> None:
+    # Found by tests/unit/test_prop_sip.py: int() refuses over 4,300 digits.
+    dialog, step = make()
+    (invite,) = sent(step)
+    raw = message.serialise_response(invite, 180, to_tag="far").replace(
+        b"CSeq: 1 INVITE", b"CSeq: " + b"7" * 5000 + b" INVITE"
+    )
+    assert events(dialog.on_response(message.parse(raw), 100.1)) == []
+    assert dialog.phase is Phase.CALLING

@@ -421,3 +421,34 @@ def test_a_refused_way_back_in_the_shipped_triage_is_one_finding(tmp_path: Path)
     ]
     assert [str(f) for f in check_files([folder])] == expected
     assert [str(f) for f in check_files(sorted(folder.glob("*.yaml")))] == expected
+
+
+# Files that crashed `flow check` (and serve) with a traceback, found by
+# tests/unit/test_prop_flows.py: each is now a finding on its line, and exit 1.
+CRASHERS: list[tuple[bytes, str]] = [
+    (b"id: f\n# caf\xe9\nstart: a\n", "2: not UTF-8 text (byte 0xe9): save it as UTF-8"),
+    (b"id: f\nstart: a\nlanguage: 2026-13-45\n", "3: YAML: cannot read '2026-13-45' as timestamp"),
+    (b"id: f\nhuman: !!timestamp x\n", "2: YAML: cannot read 'x' as timestamp"),
+    (b"id: f\nstart: !!int x\n", "2: YAML: cannot read 'x' as int"),
+    (b"id: f\nstart: !!float x\n", "2: YAML: cannot read 'x' as float"),
+    (
+        b"id: f\n\nstart: " + b"1" * 5000 + b"\n",
+        "3: YAML: cannot read '11111111111111111111...' as int",
+    ),
+    (b"id: f\nlanguage: 0x" + b"f" * 4000, "2: YAML: cannot read '0xffffffffffffffffff...' as int"),
+    (b"[" * 3000, "1: YAML: nested too deeply"),
+    (
+        b'id: f\nstart: a\nnodes:\n  a:\n    say: {text: hi, audio: "a\\0.wav"}\n    next: a\n',
+        "5: audio 'a\\x00.wav' is not a file name (a NUL character)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "finding"), CRASHERS)
+def test_what_yaml_cannot_read_is_a_finding_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data: bytes, finding: str
+) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_bytes(data)
+    assert main([str(tmp_path)]) == 1
+    assert f"{path}:{finding}\n" in capsys.readouterr().out

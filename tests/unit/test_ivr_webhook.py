@@ -29,6 +29,9 @@ TABLE: list[tuple[str, bytes, dict[str, str]]] = [
     ("not JSON: no values", b"OK", {}),
     ("not UTF-8: no values", b"\xff\xfe", {}),
     ("JSON that is not an object: no values", b'["ready"]', {}),
+    # json's decoder raised RecursionError past ~1,000 levels (found by test_prop_parsers.py)
+    ("nested too deep for json: no values", b'{"a": ' * 1990, {}),
+    ("closed, and as deep", b"[" * 5000 + b"]" * 5000, {}),
 ]
 
 

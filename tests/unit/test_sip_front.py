@@ -375,3 +375,32 @@ def test_an_incomplete_invite_does_not_share_a_complete_ones_transaction() -> No
     assert broken is not None and broken.startswith(b"SIP/2.0 400 Missing From\r\n")
     assert answer(invite()) == moved
     assert pick.calls == ["call-1"]
+
+
+def test_a_via_without_sent_by_is_answered_not_an_index_error() -> None:
+    # Found by tests/unit/test_prop_sip.py: "Via: ;branch=z9hG4bK" raised IndexError in
+    # transaction.key_of, out of the front's datagram handler (a response was enough).
+    raw = b"INVITE sip:6000@h SIP/2.0\r\nVia: ;branch=z9hG4bK1\r\nFrom: <sip:a@x>;tag=1\r\n"
+    raw += b"To: <sip:b@x>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
+    key = transaction.key_of(message.parse(raw))
+    assert key is not None and key.via == "z9hG4bK1 "
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock)
+    out = front_module._answer(raw, lambda _: 486, answered, tcp=False, others=others)
+    assert out is not None and out.startswith(b"SIP/2.0 486 ")
+    response = b"SIP/2.0 100\nVia:;branch=z9hG4bK\ni:c\nCSeq:1\n\n"
+    assert front_module._answer(response, lambda _: 486, answered, tcp=False, others=others) is None
+
+
+def test_a_content_length_of_thousands_of_digits_is_huge_not_a_value_error() -> None:
+    # int() refuses over 4,300 digits: a ValueError out of the TCP reader.
+    head = b"INVITE x SIP/2.0\r\nContent-Length: " + b"7" * 5000 + b"\r\n\r\n"
+    assert message.content_length(head) == 10**18
+    assert message.content_length(b"l: " + b"0" * 5000 + b"12\r\n") == 12
+
+
+def test_a_header_folded_onto_a_blank_line_is_empty() -> None:
+    # "v:\n " read as Via " ": present, but "" once re-serialised in the response.
+    msg = message.parse(b"OPTIONS sip:h SIP/2.0\nv:\n \nTo: a\n\t b\n\n")
+    assert msg.get("Via") == "" and msg.get("To") == "a b"

@@ -48,3 +48,18 @@ def test_audio_streams_keep_the_offer_order_and_port() -> None:
             6000, (sdp.Codec("PCMA", 8000), sdp.Codec("PCMU", 8000), sdp.Codec("CN", 8000))
         )
     ]
+
+
+@pytest.mark.parametrize(
+    "media",
+    [
+        "m=audio \u00b2 RTP/AVP 0",  # str.isdigit() passes "²", int() refuses it
+        "m=audio 6000 RTP/AVP 96\na=rtpmap:96 PCMU/\u0663",
+        "m=audio " + "7" * 5000 + " RTP/AVP 0",  # int() refuses over 4,300 digits
+    ],
+)
+def test_numbers_that_are_no_ascii_port_or_rate_are_zero_not_a_value_error(media: str) -> None:
+    # Found by tests/unit/test_prop_sip.py: a ValueError out of pjsua's offer callback.
+    streams = sdp.audio_streams(offer(media))
+    assert len(streams) == 1
+    assert streams[0].port == 0 or streams[0].codecs[0].clock_rate == 0

@@ -843,13 +843,49 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
+def _scalar_checked(tag: str) -> None:
+    """PyYAML's own constructor for ``tag``, raising a YAMLError with the line for a scalar
+    it cannot read: it raises ValueError for ``2026-13-45``, ``!!int x`` or 5,000 digits and
+    AttributeError for ``!!timestamp x``, which crashed ``flow check`` and ``serve``."""
+    construct = yaml.SafeLoader.yaml_constructors[tag]
+
+    def checked(loader: _LineLoader, node: yaml.Node) -> Any:
+        try:
+            value = construct(loader, node)
+            if isinstance(value, int):
+                # The parser reads numbers as text (str()), which refuses over 4,300 digits:
+                # a hex 0xfff... of 4,000 digits is read, then raised ValueError there.
+                str(value)
+            return value
+        except (ValueError, TypeError, AttributeError) as exc:
+            shown = str(node.value)
+            shown = shown if len(shown) <= 20 else shown[:20] + "..."
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown!r} as {tag.rsplit(':', 1)[-1]}", node.start_mark
+            ) from exc
+
+    _LineLoader.add_constructor(tag, checked)
+
+
+for _tag in ("int", "float", "timestamp"):
+    _scalar_checked(f"tag:yaml.org,2002:{_tag}")
+
+
 def _read_yaml(path: Path) -> tuple[Any, list[Finding]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         return None, [Finding(str(path), 1, f"cannot read: {exc.strerror}")]
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a file saved as Latin-1 or Windows-1252
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad = data[exc.start : exc.start + 1].hex()
+        return None, [Finding(str(path), line, f"not UTF-8 text (byte 0x{bad}): save it as UTF-8")]
+    try:
         return yaml.load(text, Loader=_LineLoader), []  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # PyYAML recurses once per level: "[[[[..." a thousand deep
+        return None, [Finding(str(path), 1, "YAML: nested too deeply")]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
@@ -895,6 +931,9 @@ class _Parser:
         """A ``say``'s recording: relative to the flow file's folder, a 16-bit PCM WAV (what
         the SIP worker plays). A missing one was skipped in silence at every call."""
         path = Path(name) if Path(name).is_absolute() else self.path.parent / name
+        if "\0" in name:  # open() raises ValueError for it, which no caller expects
+            self.error(line, f"audio {name!r} is not a file name (a NUL character)")
+            return str(path)
         try:
             check_wav(path)
         except FileNotFoundError:

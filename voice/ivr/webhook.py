@@ -28,6 +28,8 @@ def reply_values(body: bytes) -> dict[str, str]:
         data: Any = json.loads(body) if body.strip() else {}
     except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
         return {}
+    except RecursionError:  # nested deeper than json's C decoder goes ('{"a": ' * 2000)
+        return {}
     if not isinstance(data, dict):
         return {}
     out: dict[str, str] = {}

@@ -113,9 +113,12 @@ def _top_branch(msg: message.SipMessage) -> str:
 
 
 def _cseq(msg: message.SipMessage) -> tuple[int, str]:
-    """CSeq number and method; (-1, "") when unreadable, so the response matches nothing."""
+    """CSeq number and method; (-1, "") when unreadable, so the response matches nothing.
+
+    RFC 3261 section 8.1.1.5: the number is below 2**31, 10 digits at most; more is no
+    CSeq of ours (and int() refuses over 4,300 digits)."""
     number, _, method = (msg.get("CSeq") or "").strip().partition(" ")
-    if not (number.isascii() and number.isdigit()):
+    if not (number.isascii() and number.isdigit() and len(number) <= 10):
         log.info("ignored a response with an unreadable CSeq %r", msg.get("CSeq"))
         return -1, ""
     return int(number), method.strip().upper()

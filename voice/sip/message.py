@@ -107,7 +107,9 @@ def parse(data: bytes) -> SipMessage:
             continue
         if line[0] in " \t" and headers:  # folded continuation (section 7.3.1)
             name, value = headers[-1]
-            headers[-1] = (name, value + " " + line.strip())
+            # The fold is one space; a blank continuation adds nothing (a header folded
+            # onto an empty line was " ", present but empty, and "" once re-serialised).
+            headers[-1] = (name, f"{value} {line.strip()}".strip())
             continue
         name, colon, value = line.partition(":")
         if not colon or not name.strip():
@@ -159,7 +161,16 @@ def user_part(value: str) -> str:
     return m.group(1) if m else ""
 
 
+# More digits than any message has bytes: read as this, not by int() (which refuses over
+# 4,300 digits, a ValueError out of the TCP reader).
+_HUGE_LENGTH = 10**18
+
+
 def content_length(head: bytes) -> int | None:
-    """Content-Length from a raw header section (for stream framing), None when absent."""
+    """Content-Length from a raw header section (for stream framing), None when absent; a
+    number of more than 18 digits is ``10**18``, too large for any message."""
     m = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*([0-9]+)[ \t]*\r?$", head)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    digits = m.group(1).lstrip(b"0") or b"0"
+    return int(digits) if len(digits) <= 18 else _HUGE_LENGTH

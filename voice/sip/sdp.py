@@ -24,8 +24,18 @@ class Codec:
     def parse(cls, text: str) -> Codec:
         """``"PCMU/8000"`` (also ``"opus/48000/2"``: channels are ignored) -> Codec."""
         name, _, rest = text.strip().partition("/")
-        rate = rest.partition("/")[0]
-        return cls(name.upper(), int(rate) if rate.isdigit() else 0)
+        return cls(name.upper(), _number(rest.partition("/")[0]))
+
+
+def _number(text: str) -> int:
+    """A port or clock rate: ASCII digits, at most 9 of them; anything else is 0.
+
+    ``str.isdigit`` alone also passes "²" and "٣", which ``int`` refuses (ValueError out of
+    pjsua's offer callback), and ``int`` refuses over 4,300 digits.
+    """
+    if text.isascii() and text.isdigit() and len(text) <= 9:
+        return int(text)
+    return 0
 
 
 # RFC 3551 section 6, table 4: the static audio payload types (an offer may omit their rtpmap).
@@ -82,8 +92,7 @@ def audio_streams(sdp: str) -> list[AudioStream]:
             fields = rest.split()
             port, formats, rtpmap = -1, [], {}
             if media == "audio" and len(fields) >= 2:
-                number = fields[0].partition("/")[0]  # "<port>/<count>" (section 5.14)
-                port = int(number) if number.isdigit() else 0
+                port = _number(fields[0].partition("/")[0])  # "<port>/<count>" (section 5.14)
                 formats = fields[2:]
         elif line.startswith("a=rtpmap:") and port >= 0:
             pt, _, encoding = line[len("a=rtpmap:") :].partition(" ")

@@ -104,7 +104,8 @@ def _key(request: SipMessage, *, incomplete: bool) -> TransactionKey:
     if branch.startswith(_MAGIC_COOKIE):
         # sent-by: what follows "SIP/2.0/UDP " up to the parameters; host names are
         # case-insensitive (section 19.1.4), the branch is not.
-        sent_by = top.split(";", 1)[0].split(None, 1)[-1].strip().lower()
+        # ("Via: ;branch=z9hG4bK..." has none: "", not an IndexError out of the front.)
+        sent_by = (top.split(";", 1)[0].split(None, 1) or [""])[-1].strip().lower()
         return TransactionKey(
             f"{branch} {sent_by}", call_id, number, method=method, incomplete=incomplete
         )
