@@ -404,3 +404,20 @@ def test_a_header_folded_onto_a_blank_line_is_empty() -> None:
     # "v:\n " read as Via " ": present, but "" once re-serialised in the response.
     msg = message.parse(b"OPTIONS sip:h SIP/2.0\nv:\n \nTo: a\n\t b\n\n")
     assert msg.get("Via") == "" and msg.get("To") == "a b"
+
+
+@pytest.mark.parametrize("bad", [b"\r", b"\x00", b"\x1b", b"\x7f"])
+def test_a_control_character_in_a_header_is_dropped_not_copied_into_the_answer(
+    bad: bytes,
+) -> None:
+    # RFC 3261 25.1 allows no control character but HTAB in the head. A lone CR in a From
+    # was copied into the 486's From: a line break for a peer that ends lines at a CR.
+    raw = invite().replace(b"From: ", b"From: x" + bad + b"Evil: 1 ")
+    with pytest.raises(message.SipParseError):
+        message.parse(raw)
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock)
+    assert front_module._answer(raw, Picks(), answered, tcp=False, others=others) is None
+    tab = invite().replace(b"From: ", b"From:\t")
+    assert message.parse(tab).get("From") is not None, "HTAB is whitespace, not a control"

@@ -90,6 +90,10 @@ def _canonical(name: str) -> str:
     return _CANONICAL.get(low, name.strip())
 
 
+# Control characters but HTAB and the LF that ends a line (a CRLF is one by then).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def parse(data: bytes) -> SipMessage:
     """Parse one whole SIP message (as received in a datagram or framed off a stream)."""
     head, sep, body = data.partition(b"\r\n\r\n")
@@ -99,7 +103,13 @@ def parse(data: bytes) -> SipMessage:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise SipParseError("header section is not UTF-8") from None
-    lines = text.replace("\r\n", "\n").split("\n")
+    text = text.replace("\r\n", "\n")
+    if _CONTROL.search(text):
+        # RFC 3261 25.1: no control character but HTAB in a message's head. A lone CR or a
+        # NUL kept in a value was copied into the answer (Via, From, To...): a line break
+        # for a peer that ends lines at a CR.
+        raise SipParseError("control character in the header section")
+    lines = text.split("\n")
     start = lines[0].strip()
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
