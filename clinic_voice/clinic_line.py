@@ -232,7 +232,7 @@ class ClinicLine:
             clock=self._rt.clock,
             tone_dir=self._settings.data_dir / "prompts",
             write_ahead=journal.write_ahead,
-            forget=journal.forget,
+            taken=journal.taken,
             begin=journal.begin,
             end=journal.end,
             # Behind a PBX (the workers register to it) the PBX takes the caller when it
@@ -247,7 +247,14 @@ class ClinicLine:
             self._rt.call_store,
             on_cut_recorded=self._count_cut,
             on_disk=self._rt.records_on_disk,
+            on_counted=self._count_call,
         )
+
+    def _count_call(self, outcome: str | None) -> None:
+        """A call whose record Redis took or the journal kept, counted by the journal right
+        after the file step that ends its copy written ahead, in that step's thread (the
+        counter is thread-safe): voice/ivr/journal.py says why there."""
+        self._rt.metrics.calls.inc(outcome=outcome or "ended")
 
     def _count_cut(self) -> None:
         """A call a dead serve cut, recorded at this start: counted as _save counts a call
@@ -360,14 +367,14 @@ class ClinicLine:
         return self._no_calls.is_set()
 
     async def _save(self, result: CallResult) -> None:
+        """To Redis; the call counts once its copy written ahead went (journal.taken)."""
         assert self._rt.call_store is not None
         await self._rt.call_store.save(result)
-        self._rt.metrics.calls.inc(outcome=result.record.outcome or "ended")
 
     async def _keep(self, result: CallResult) -> None:
+        """To disk; the journal counts the call (_count_call) as it keeps the record."""
         assert self._journal is not None
         await self._journal.keep(result)
-        self._rt.metrics.calls.inc(outcome=result.record.outcome or "ended")
 
     async def _post_webhook(
         self, url_key: str, values: Mapping[str, str], timeout_s: float
@@ -432,7 +439,8 @@ class ClinicLine:
         the calls an earlier serve was running when it died (``lost``, read at start).
 
         The kept records first: serve killed while a call's own record was being saved
-        leaves that record kept (written ahead) and the call's live record both, and the
+        leaves that record written ahead (kept, and the call counted, by ``leftovers`` at
+        this start) and the call's live record both, and the
         live one (saved only where Redis holds no record of the call) must then not be
         recorded, nor counted, as a cut call before the call's own record lands over it."""
         while True:

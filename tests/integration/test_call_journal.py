@@ -78,8 +78,8 @@ def _session(call_id: str, store: CallStore, journal: CallJournal) -> CallSessio
         save=store.save,
         keep=journal.keep,
         clock=SystemClock(),
-        write_ahead=journal.keep,
-        forget=journal.forget,
+        write_ahead=journal.write_ahead,
+        taken=journal.taken,
         begin=journal.begin,
         end=journal.end,
     )
@@ -101,8 +101,10 @@ def _result(call_id: str, ended_at: float) -> CallResult:
     return CallResult(call_id, CALLER, "700", ended_at - 60, ended_at, RECORD)
 
 
-def _assert_kept_private(folder: Path, call_id: str, store: CallStore) -> None:
-    path = folder / f"{call_id}.sealed"
+def _assert_kept_private(
+    folder: Path, call_id: str, store: CallStore, suffix: str = ".sealed"
+) -> None:
+    path = folder / f"{call_id}{suffix}"
     assert path.exists(), f"nothing kept on disk: {sorted(p.name for p in folder.glob('*'))}"
     assert path.stat().st_mode & 0o777 == 0o600
     assert folder.stat().st_mode & 0o777 == 0o700
@@ -148,12 +150,12 @@ async def test_a_record_is_on_disk_while_its_save_waits_for_redis(
     await mux.execute("PING")
     await asyncio.to_thread(redis_server.stop)
     saving = asyncio.create_task(_session("in-ahead", store, journal)._store(RECORD))
-    path = tmp_path / FOLDER / "in-ahead.sealed"
+    path = tmp_path / FOLDER / "in-ahead.ahead"  # written ahead: not kept (yet)
     async with asyncio.timeout(5):
         while not path.exists():  # noqa: ASYNC110 (a deadline)
             await asyncio.sleep(0.05)
     assert not saving.done(), "still trying Redis"
-    _assert_kept_private(tmp_path / FOLDER, "in-ahead", store)
+    _assert_kept_private(tmp_path / FOLDER, "in-ahead", store, ".ahead")
     await asyncio.to_thread(redis_server.restart)
     async with asyncio.timeout(10):
         await saving
@@ -216,11 +218,11 @@ async def test_a_call_a_dead_serve_cut_counts_once_when_recorded_as_cut(
     # serve killed during three calls: one had no record yet, one's own record was saved
     # (its live record not yet deleted), one's own record was being saved (written ahead
     # to the journal). The next start records the first as cut and counts it in
-    # clinic_calls_total as _save counts a call; the other two keep their own records, are
-    # not said to be recorded as cut, and are not counted as cut (the record was never
-    # counted at all; _SAVE said "saved" for a record it kept, and the live record of the
-    # one being saved was written, and said cut, before the journal's replay put the call's
-    # own over it).
+    # clinic_calls_total as a call is counted; the other two keep their own records, are
+    # not said to be recorded as cut, and are not counted as cut (_SAVE said "saved" for a
+    # record it kept, and the live record of the one being saved was written, and said
+    # cut, before the journal's replay put the call's own over it). The one being saved
+    # counts once with its own outcome (tests/integration/test_calls_counted_once.py).
     caplog.set_level(logging.INFO)
     settings = Settings.from_env(
         {"CLINIC_DATA_DIR": str(tmp_path / "data"), "CLINIC_REDIS_URL": redis_server.url}
@@ -235,7 +237,7 @@ async def test_a_call_a_dead_serve_cut_counts_once_when_recorded_as_cut(
     for call_id in ("in-cut", "in-saved", "in-saving"):
         await journal.begin(CallResult(call_id, CALLER, "700", now - 60, now - 60, lost))
     await store.save(_result("in-saved", now))
-    await journal.keep(_result("in-saving", now))
+    await journal.write_ahead(_result("in-saving", now))
     # The next start (leftovers read before any call; the replay's first round at once):
     ids = await journal.leftovers(now)
     assert ids == ["in-cut", "in-saved", "in-saving"]
@@ -265,6 +267,7 @@ async def test_a_call_a_dead_serve_cut_counts_once_when_recorded_as_cut(
     assert [m.split(":")[0] for m in said_cut] == ["call in-cut"], said_cut
     assert rt.metrics.calls.value(outcome=LOST_OUTCOME) == 1
     assert 'clinic_calls_total{outcome="cut_service_lost"} 1\n' in rt.metrics.render()
+    assert rt.metrics.calls.value(outcome="transferred") == 1  # in-saving; in-saved: by its serve
     assert CALLER not in caplog.text
 
 
@@ -712,7 +715,8 @@ async def test_a_call_redis_took_as_its_save_was_cut_short_counts_once(
     # Redis took the record and the copy written ahead is being deleted when the call's
     # task is cancelled (a stop), or when the STOP_SAVE_S a call cancelled before its record
     # was stored waits runs out: the record is saved, so it is not kept on disk as well, and
-    # the call counts once in clinic_calls_total (it counted twice: saved, then kept).
+    # the call counts once in clinic_calls_total (it counted twice: saved, then kept), as
+    # the delete finishes in its thread.
     monkeypatch.setattr(session_module, "STOP_SAVE_S", 0.3)
     settings = Settings.from_env(
         {"CLINIC_DATA_DIR": str(tmp_path / "data"), "CLINIC_REDIS_URL": redis_server.url}
@@ -721,17 +725,19 @@ async def test_a_call_redis_took_as_its_save_was_cut_short_counts_once(
     store = CallStore(mux, SECRET, settings.ivr.call_retention_days)
     rt.call_store = store
     line = ClinicLine(settings, rt, FlowSet(flows={}))
-    journal = CallJournal(tmp_path / FOLDER, store)
+    journal = line._new_journal()
     line._journal = journal  # what start() sets, without its speech model and prompts
-    forgetting, release = asyncio.Event(), asyncio.Event()
+    forgetting, release = threading.Event(), threading.Event()
+    deleting = journal._taken
 
-    async def forget(call_id: str) -> None:
+    def held(call_id: str, outcome: str | None) -> None:  # in the delete's thread
         forgetting.set()  # Redis has taken the record
-        await release.wait()
-        await journal.forget(call_id)
+        release.wait(10)
+        deleting(call_id, outcome)
 
+    monkeypatch.setattr(journal, "_taken", held)
     session = _session("in-raced", store, journal)
-    session._d = replace(session._d, save=line._save, keep=line._keep, forget=forget)
+    session._d = replace(session._d, save=line._save, keep=line._keep)
     started = asyncio.Event()
 
     async def call() -> None:
@@ -746,8 +752,7 @@ async def test_a_call_redis_took_as_its_save_was_cut_short_counts_once(
 
     storing = asyncio.create_task(call())
     if cut == "cancelled":
-        async with asyncio.timeout(5):
-            await forgetting.wait()
+        assert await asyncio.to_thread(forgetting.wait, 5)
         storing.cancel()
     else:
         await started.wait()
@@ -756,7 +761,11 @@ async def test_a_call_redis_took_as_its_save_was_cut_short_counts_once(
         async with asyncio.timeout(5):
             await storing
     assert forgetting.is_set()
+    assert rt.metrics.calls.value(outcome="transferred") == 0, "counted before the copy went"
     release.set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(*journal._steps)
     assert rt.metrics.calls.value(outcome="transferred") == 1
+    assert not (settings.data_dir / FOLDER / "in-raced.ahead").exists()
     got = await store.get("in-raced")
     assert got is not None and got["outcome"] == "transferred"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import voice.ivr.journal as journal_module
+from sip_config import private_file
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.ivr.journal import (
@@ -101,9 +102,13 @@ async def test_the_records_waiting_on_disk_are_counted_as_they_are_written_and_d
 
     await journal.write_ahead(_result("in-saving"))  # a save asks Redis: not waiting yet
     assert on_disk.now() == OnDisk(kept=1, cut=1)
-    await journal.keep(_result("in-saving"))  # Redis did not take it: kept
+    await journal.taken(_result("in-saving"))  # Redis took it: its copy goes
+    assert on_disk.now() == OnDisk(kept=1, cut=1)
+    await journal.write_ahead(_result("in-unsaved"))
+    await journal.keep(_result("in-unsaved"))  # Redis did not take it: kept
     assert on_disk.now() == OnDisk(kept=2, cut=1)
-    await journal.forget("in-saving")  # a later save of it, taken
+    assert sorted(p.name for p in folder.iterdir()) == ["in-early.sealed", "in-unsaved.sealed"]
+    assert await journal.drop("in-unsaved") == 1  # erased
     assert on_disk.now() == OnDisk(kept=1, cut=1)
     await journal.begin(_result("in-call"))  # a call under way: not waiting
     assert on_disk.now() == OnDisk(kept=1, cut=1)
@@ -163,3 +168,58 @@ async def test_an_unreadable_record_erased_while_a_replay_reads_it_is_not_counte
     go_on.set()
     await replaying
     assert on_disk.now() == OnDisk(), "an erased record is not counted as waiting"
+
+
+async def test_each_call_is_counted_once_as_its_copy_written_ahead_ends(tmp_path: Path) -> None:
+    # The count follows the file step (voice/ivr/journal.py): taken, kept, or found at the
+    # next start; never for a kept record found at start, nor for the copy alone.
+    folder = tmp_path / "unsaved-calls"
+    counted: list[str | None] = []
+    journal = CallJournal(folder, _journal(folder)._store, on_counted=counted.append)
+    await journal.write_ahead(_result("in-taken"))
+    await journal.write_ahead(_result("in-kept"))
+    await journal.write_ahead(_result("in-left"))  # its serve dies now
+    assert counted == []
+    await journal.taken(_result("in-taken"))
+    await journal.keep(_result("in-kept"))
+    assert counted == ["ended", "ended"]
+    assert sorted(p.name for p in folder.iterdir()) == ["in-kept.sealed", "in-left.ahead"]
+
+    counted.clear()
+    again = CallJournal(folder, journal._store, on_counted=counted.append)  # the next start
+    assert await again.leftovers(T0) == []
+    assert counted == ["ended"], "in-left counted; in-kept was, as it was kept"
+    assert sorted(p.name for p in folder.iterdir()) == ["in-kept.sealed", "in-left.sealed"]
+    assert again.on_disk.now() == OnDisk(kept=2)
+    await CallJournal(folder, journal._store, on_counted=counted.append).leftovers(T0)
+    assert counted == ["ended"]
+
+
+async def test_a_keep_waits_for_its_calls_write_ahead_still_in_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The call's save is cancelled (a stop) while its copy is written ahead in a thread: the
+    # keep that follows must not finish before that write, or the copy would land after it
+    # and the next start would count the call a second time.
+    folder = tmp_path / "unsaved-calls"
+    journal = _journal(folder)
+    writing, go_on = threading.Event(), threading.Event()
+    real_write = private_file.write_private
+
+    def held(path: Path, text: str) -> None:
+        if path.suffix == ".ahead":
+            writing.set()
+            go_on.wait(5)
+        real_write(path, text)
+
+    monkeypatch.setattr(journal_module, "write_private", held)
+    ahead = asyncio.ensure_future(journal.write_ahead(_result("in-stopped")))
+    assert await asyncio.to_thread(writing.wait, 5)
+    ahead.cancel()
+    keeping = asyncio.ensure_future(journal.keep(_result("in-stopped")))
+    await asyncio.sleep(0.1)
+    assert not keeping.done(), "kept before the write ahead landed"
+    go_on.set()
+    async with asyncio.timeout(5):
+        await keeping
+    assert [p.name for p in folder.iterdir()] == ["in-stopped.sealed"]

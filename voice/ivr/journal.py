@@ -1,14 +1,31 @@
 """The journal of unsaved calls: sealed call records that Redis did not take, kept on disk.
 
 "Nothing lost" is a promise of the clinic line, and a record lived only in memory until Redis
-took it. Every record is written here before its save asks Redis, and deleted once Redis took
-it, so a process killed while the save waits (up to the store's patience) leaves it here. A
-record whose save fails for the store's whole patience (Redis stopped or frozen for 30 s at
-the end of a call), or is cut short because the service stops, is kept here exactly as
-Redis would have held it: sealed (AES-256-GCM under the call records' key, bound to its call
-id; never clear text), one file ``<call id>.sealed`` in ``$CLINIC_DATA_DIR/unsaved-calls``
-(0600, in a 0700 folder). Each file is written under a temporary name, fsynced, renamed and
-its folder fsynced, so a crash or power cut leaves the whole record or none of it.
+took it. Every record is written here before its save asks Redis (``<call id>.ahead``, the
+copy written ahead), and deleted once Redis took it, so a process killed while the save
+waits (up to the store's patience) leaves it here. A record whose save fails for the store's
+whole patience (Redis stopped or frozen for 30 s at the end of a call), or is cut short
+because the service stops, is kept here exactly as Redis would have held it: sealed
+(AES-256-GCM under the call records' key, bound to its call id; never clear text), one file
+``<call id>.sealed`` in ``$CLINIC_DATA_DIR/unsaved-calls`` (0600, in a 0700 folder). Each
+file is written under a temporary name, fsynced, renamed and its folder fsynced, so a crash
+or power cut leaves the whole record or none of it.
+
+Each call counts once in ``clinic_calls_total`` (``on_counted``), when its copy written ahead
+goes: deleted because Redis took the record (:meth:`CallJournal.taken`), replaced by the kept
+record (:meth:`CallJournal.keep`), or, left by a ``serve`` that died, renamed to the kept
+record's name at the next start (:meth:`CallJournal.leftovers`). The count follows that file
+step in the same thread, never comes before it: a ``serve`` killed before it (during the
+save, or after Redis took the record) leaves the copy, and the next start counts the call;
+one killed after it has counted the call, and left no copy to count again (killed between
+the two, microseconds with no I/O, the call is not counted). A kept record is never counted
+again (it was counted as it was kept), nor is a dead ``serve``'s live record of a call whose
+own record is in Redis. A copy whose delete failed stays, and is counted at the next start,
+not now. The counter is the process's own: what a ``serve`` counted and no scrape read
+before it died is lost with it (a counter reset to Prometheus), as for every call it
+counted; no call is counted by two processes. (The delete is not fsynced, as the live
+record's is not: a power cut may bring back the copy of a call saved in its last seconds,
+counted again at the next start; a kill cannot.)
 
 ``serve`` replays the journal into Redis at start and every :data:`REPLAY_EVERY_S`
 (:meth:`CallJournal.replay`): each record with the expiry a normal save gives it (its call's
@@ -30,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +56,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 
-from sip_config.private_file import write_private
+from sip_config.private_file import fsync_folder, write_private
 from voice.ivr.call_record import CallResult
 from voice.ivr.store import CallStore, CallStoreUnavailable, Saved
 from voice.media.leftovers import remove_file, remove_files
@@ -50,6 +68,7 @@ FOLDER = "unsaved-calls"  # in the data dir
 LIVE_FOLDER = "live-calls"
 REPLAY_EVERY_S = 30.0
 SUFFIX = ".sealed"
+AHEAD_SUFFIX = ".ahead"  # a copy written ahead: its call not yet counted
 # A temporary file older than this was left by a process that died while writing it (a
 # write takes milliseconds, and serve.lock keeps any other serve off the data dir).
 STALE_TEMP_S = 3600.0
@@ -175,6 +194,9 @@ class CallJournal:
     :meth:`replay_lost` recorded (its live record written to Redis: not when the call's own
     record was there already, nor for an erased call), so it is counted as any ended call is.
     ``on_disk`` is the process's count of what waits on disk (one of its own by default).
+    ``on_counted`` is called once for each call whose record this journal takes from the
+    written-ahead state (its outcome, None for a record with none), right after the file
+    step, in the thread that made it: it must be thread-safe (a metrics counter's ``inc``).
     """
 
     def __init__(
@@ -185,12 +207,18 @@ class CallJournal:
         *,
         on_cut_recorded: Callable[[], None] | None = None,
         on_disk: RecordsOnDisk | None = None,
+        on_counted: Callable[[str | None], None] | None = None,
     ) -> None:
         self._folder = folder
         self._live = folder.parent / LIVE_FOLDER if live_folder is None else live_folder
         self._store = store
         self._on_cut_recorded = on_cut_recorded
         self._on_disk = RecordsOnDisk() if on_disk is None else on_disk
+        self._on_counted = on_counted
+        # The writes ahead in their threads, by call id: a keep waits for its call's.
+        self._ahead: dict[str, asyncio.Task[None]] = {}
+        # File steps that count a call: run to their end even when their caller is cancelled.
+        self._steps: set[asyncio.Task[None]] = set()
 
     @property
     def folder(self) -> Path:
@@ -202,15 +230,37 @@ class CallJournal:
 
     async def keep(self, result: CallResult) -> None:
         """Seal ``result`` and write it to the journal (durable when this returns): kept until
-        Redis takes it, and counted."""
-        await self.write_ahead(result)
+        Redis takes it, and counted (waiting on disk, and the call: :attr:`on_counted`) once
+        its copy written ahead, if any, is gone. Waits for a write ahead of the call still
+        in its thread (its save was cancelled meanwhile): one landing after this would be
+        counted again at the next start."""
+        writing = self._ahead.get(result.id)
+        if writing is not None:
+            await asyncio.wait([writing])  # its failure is the write ahead's, logged there
+        record = self._store.seal_result(result)
+        outcome = result.record.outcome
+        await self._step(lambda: self._keep(record.call_id, record.sealed, outcome))
         self._on_disk.kept(result.id)
 
     async def write_ahead(self, result: CallResult) -> None:
-        """As :meth:`keep`, for the copy written while a save asks Redis: not counted (the
-        save's end deletes it, or keeps it and counts it then)."""
+        """Write the copy of ``result`` kept while its save asks Redis (``<id>.ahead``): not
+        counted, neither waiting on disk nor as a call; :meth:`taken` or :meth:`keep` ends
+        it, or the next start (:meth:`leftovers`) when the process dies first."""
         record = self._store.seal_result(result)
-        await asyncio.to_thread(self._write, record.call_id, record.sealed)
+        writing = asyncio.ensure_future(
+            asyncio.to_thread(write_private, self._ahead_path(record.call_id), record.sealed)
+        )
+        self._ahead[record.call_id] = writing
+        writing.add_done_callback(lambda _: self._ahead.pop(record.call_id, None))
+        await asyncio.shield(writing)
+
+    async def taken(self, result: CallResult) -> None:
+        """Redis took ``result``'s record: its copy written ahead (if any) goes, and then the
+        call is counted (:attr:`on_counted`). Run to its end when the caller is cancelled;
+        raises ``OSError``, nothing counted, when the copy could not be deleted (the next
+        start counts the call then)."""
+        outcome = result.record.outcome
+        await self._step(lambda: self._taken(result.id, outcome))
 
     # -- calls under way ---------------------------------------------------------------------
     async def begin(self, result: CallResult) -> None:
@@ -227,8 +277,11 @@ class CallJournal:
         await asyncio.to_thread(self._live_path(call_id).unlink, missing_ok=True)
 
     async def leftovers(self, now: float) -> list[str]:
-        """The live calls an earlier ``serve`` left: read at start, before any call. Counts
-        them, and the records kept on disk, in :attr:`on_disk` (from then on kept current)."""
+        """The live calls an earlier ``serve`` left: read at start, before any call. The
+        copies it wrote ahead become kept records, each call counted then (:attr:`on_counted`:
+        it died before it counted them). Counts the live calls, and the records kept on disk,
+        in :attr:`on_disk` (from then on kept current)."""
+        await self._step(lambda: self._adopt(now))
         cut, kept = await asyncio.to_thread(
             lambda: (_ids_of(self._live, now), _ids_of(self._folder, now))
         )
@@ -266,11 +319,6 @@ class CallJournal:
             elif done is _Done.ERASED:
                 log.info("call %s: erased: its live record is deleted, not saved", call_id)
         return []
-
-    async def forget(self, call_id: str) -> None:
-        """Delete the kept copy of a record Redis has taken (none kept: nothing to do)."""
-        await asyncio.to_thread(self._remove, call_id)
-        self._on_disk.deleted(call_id)
 
     async def replay(self, now: float) -> Replayed:
         """Save every record of the journal to Redis (one try each); stops at Redis's first
@@ -348,12 +396,13 @@ class CallJournal:
         return await asyncio.to_thread(_mtime, self._live_path(call_id))
 
     async def holds(self, call_id: str) -> bool:
-        """Whether a record of ``call_id`` is on disk: kept, or live."""
-        paths = (self._path(call_id), self._live_path(call_id))
+        """Whether a record of ``call_id`` is on disk: kept, written ahead, or live."""
+        paths = (self._path(call_id), self._ahead_path(call_id), self._live_path(call_id))
         return await asyncio.to_thread(lambda: any(p.exists() for p in paths))
 
     async def drop(self, call_id: str) -> int:
-        """Delete every copy of ``call_id`` on disk, kept or live, with a temporary file a
+        """Delete every copy of ``call_id`` on disk, kept, written ahead or live (one a dead
+        ``serve`` left: no erasure meets a call's under way), with a temporary file a
         write cut short left; durable when this returns (the folders fsynced). Returns how
         many files went. Raises ``OSError`` when one could not be deleted."""
         removed = await asyncio.to_thread(self._drop, call_id)
@@ -367,8 +416,55 @@ class CallJournal:
     def _live_path(self, call_id: str) -> Path:
         return _file(self._live, call_id)
 
-    def _write(self, call_id: str, sealed: str) -> None:
-        write_private(self._path(call_id), sealed)  # hidden until renamed: not _pending's
+    def _ahead_path(self, call_id: str) -> Path:
+        return _file(self._folder, call_id, AHEAD_SUFFIX)
+
+    async def _step(self, step: Callable[[], None]) -> None:
+        """Run ``step`` in a thread, to its end even when the caller is cancelled (a call's
+        task, at a stop): a file step that counts a call must not be cut from its count."""
+        task = asyncio.ensure_future(asyncio.to_thread(step))
+        self._steps.add(task)
+        task.add_done_callback(self._steps.discard)
+        await asyncio.shield(task)
+
+    def _count(self, outcome: str | None) -> None:
+        if self._on_counted is not None:
+            self._on_counted(outcome)
+
+    def _taken(self, call_id: str, outcome: str | None) -> None:
+        self._ahead_path(call_id).unlink(missing_ok=True)  # none when the write ahead failed
+        self._count(outcome)
+
+    def _keep(self, call_id: str, sealed: str, outcome: str | None) -> None:
+        write_private(self._path(call_id), sealed)
+        # Killed here, both copies are there: the next start puts the one written ahead in
+        # the kept one's place (the same record) and counts the call, not counted here yet.
+        self._ahead_path(call_id).unlink(missing_ok=True)
+        self._count(outcome)
+
+    def _adopt(self, now: float) -> None:
+        """The copies written ahead by a ``serve`` that died, made kept records and counted."""
+        if not self._folder.is_dir():
+            return
+        for call_id in _ids_of(self._folder, now, AHEAD_SUFFIX):
+            path = self._ahead_path(call_id)
+            sealed = _read(path)
+            if sealed is None:
+                continue
+            try:
+                outcome: str | None = self._store.open(call_id, sealed)["outcome"]
+            except (InvalidTag, ValueError, KeyError, TypeError):
+                # Kept as any record that does not open (the replay says so, and leaves it);
+                # not counted: its outcome is not known.
+                log.error("call %s: the copy written ahead does not open: not counted", call_id)
+                outcome, counts = None, False
+            else:
+                counts = True
+            os.replace(path, self._path(call_id))
+            if counts:
+                self._count(outcome)
+            log.info("call %s: its save was cut short by the service's end: kept", call_id)
+        fsync_folder(self._folder)  # the renames, through a power cut
 
     def _present(self, call_ids: set[str]) -> set[str]:
         """Those of ``call_ids`` whose live record is still there."""
@@ -376,12 +472,9 @@ class CallJournal:
 
     def _drop(self, call_id: str) -> int:
         removed = 0
-        for path in (self._path(call_id), self._live_path(call_id)):
+        for path in (self._path(call_id), self._ahead_path(call_id), self._live_path(call_id)):
             removed += remove_file(path)
         return removed
-
-    def _remove(self, call_id: str) -> None:
-        self._path(call_id).unlink(missing_ok=True)
 
 
 class _Done(Enum):
@@ -399,24 +492,27 @@ _SAVED_AS = {Saved.WRITTEN: _Done.SAVED, Saved.KEPT: _Done.KEPT, Saved.ERASED: _
 
 
 def call_id_of(name: str) -> str | None:
-    """The call id of the record file ``name`` (kept or live); None for another name (a
-    temporary file's, say)."""
-    call_id = name.removesuffix(SUFFIX)
-    return call_id if name.endswith(SUFFIX) and _ID.fullmatch(call_id) else None
+    """The call id of the record file ``name`` (kept, written ahead or live); None for
+    another name (a temporary file's, say)."""
+    for suffix in (SUFFIX, AHEAD_SUFFIX):
+        call_id = name.removesuffix(suffix)
+        if name.endswith(suffix) and _ID.fullmatch(call_id):
+            return call_id
+    return None
 
 
-def _file(folder: Path, call_id: str) -> Path:
+def _file(folder: Path, call_id: str, suffix: str = SUFFIX) -> Path:
     if not _ID.fullmatch(call_id):
         raise ValueError("not a call id")
-    return folder / f"{call_id}{SUFFIX}"
+    return folder / f"{call_id}{suffix}"
 
 
-def _ids_of(folder: Path, now: float) -> list[str]:
+def _ids_of(folder: Path, now: float, suffix: str = SUFFIX) -> list[str]:
     """The call ids of the records in ``folder`` (and away with stale temporary files)."""
     if not folder.is_dir():
         return []
     remove_files(folder, ".*.tmp", STALE_TEMP_S, now)
-    ids = (p.name.removesuffix(SUFFIX) for p in folder.glob(f"*{SUFFIX}"))
+    ids = (p.name.removesuffix(suffix) for p in folder.glob(f"*{suffix}"))
     return sorted(i for i in ids if _ID.fullmatch(i))
 
 

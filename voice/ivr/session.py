@@ -107,10 +107,11 @@ class SessionDeps:
     # per-user folder in the system's temporary directory.
     tone_dir: Path | None = None
     # Writes the record to the journal before ``save`` asks Redis (not counted as kept), and
-    # deletes that copy once Redis took it: a process killed while ``save`` waits for Redis
-    # (up to the store's patience) leaves the record for the next start to replay.
+    # (``taken``, after every save Redis took) deletes that copy, then counts the call: a
+    # process killed while ``save`` waits for Redis (up to the store's patience), or before
+    # the copy went, leaves the record for the next start to replay, and to count.
     write_ahead: Saver | None = None
-    forget: Forgetter | None = None
+    taken: Saver | None = None
     # Writes the record a call has while it runs (outcome cut_service_lost) when it is
     # answered, again at each change of the call and every LIVE_REFRESH_S, and deletes it
     # once the call's own record is saved or kept: what stays of a call when serve dies
@@ -851,11 +852,9 @@ class CallSession:
 
     async def _saved(self, result: CallResult) -> None:
         """Save ``result`` to Redis, with a copy on disk while Redis is asked (write_ahead)."""
-        ahead = False
         if self._d.write_ahead is not None:
             try:
                 await self._d.write_ahead(result)
-                ahead = True
             except Exception as exc:  # an OSError: a path and a reason, never the record
                 log.warning(
                     "call %s: the record could not be written ahead to disk: %s", self._h.id, exc
@@ -864,11 +863,14 @@ class CallSession:
         # Set in the step the save returns: a cancel that comes later (while the copy is
         # deleted) must not keep, and so count, the call a second time.
         self._result_in_redis = True
-        if ahead and self._d.forget is not None:
+        if self._d.taken is not None:
             try:
-                await self._d.forget(self._h.id)
-            except Exception:  # the replay saves it again (harmless) and deletes it
-                log.warning("call %s: the saved record's copy on disk stays for now", self._h.id)
+                await self._d.taken(result)  # runs to its end (and counts) when cancelled
+            except Exception:  # an OSError: the next start keeps, counts and replays it
+                log.warning(
+                    "call %s: the saved record's copy on disk stays till the next start",
+                    self._h.id,
+                )
 
     async def _keep_on_disk(self, result: CallResult) -> None:
         # Shielded: a second cancellation does not cut the write short (it finishes in its
