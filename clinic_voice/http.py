@@ -334,7 +334,10 @@ def build_middlewares(
 
     @web.middleware
     async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith("/v1/") or request.match_info.http_exception is not None:
+            # No route (404) or not this method (405): the same answer whatever the key, as
+            # /openapi.json says of paths and methods it does not have. A 401 or a key-kind 403
+            # there broke the document, and tells nothing a client could use.
             return await handler(request)
         ip = limits.address_subject(client_ip(request, trusted_proxies), ipv6_prefix)
         header = request.headers.get("Authorization", "")

@@ -27,6 +27,7 @@ from sip_config.settings import Settings
 from tests.conftest import RedisServer
 from tests.integration.conftest import (
     API_KEY,
+    CALLS_KEY,
     MOBILE,
     Api,
     StartService,
@@ -262,6 +263,25 @@ async def test_unknown_routes_and_wrong_methods_are_problems(
     assert "POST" in wrong.headers["Allow"]
     (await api.request("PATCH", f"{CREATE}/{'A' * 32}")).problem(405, "method-not-allowed")
     (await api.request("POST", "/healthz", key=None)).problem(405, "method-not-allowed")
+
+
+async def test_no_route_or_method_is_404_or_405_whatever_the_key(
+    start_service: StartService,
+) -> None:
+    """The fuzzer (test_api_fuzz): ``PUT /v1/verifications/`` with a call-records key was
+    403 key-not-allowed, and without a key 401: answers /openapi.json does not allow for a
+    path or method it does not have (404 or 405 only)."""
+    api = await start_service()
+    for key in (None, "wrong-key-0123456789abcdef", CALLS_KEY, API_KEY):
+        (await api.request("PUT", f"{CREATE}/", key=key)).problem(404, "not-found")
+        (await api.request("GET", "/v1/nothing-here", key=key)).problem(404, "not-found")
+        (await api.request("PUT", CREATE, key=key)).problem(405, "method-not-allowed")
+        (await api.request("PATCH", "/v1/calls/c-1", key=key)).problem(405, "method-not-allowed")
+    # The routes there are still ask for the right key of the right kind.
+    (await api.request("GET", f"{CREATE}/{'A' * 32}", key=None)).problem(401, "unauthorized")
+    (await api.request("GET", f"{CREATE}/{'A' * 32}", key=CALLS_KEY)).problem(
+        403, "key-not-allowed"
+    )
 
 
 async def test_head_answers_what_get_would_without_a_body(
