@@ -107,7 +107,7 @@ def test_a_slot_freed_goes_to_a_waiting_verification_only_past_the_reserve() -> 
 
 def test_behind_a_pbx_the_rule_holds_on_the_workers_own_counts() -> None:
     # A PBX hunts over the workers itself (no front, no reservation), but each worker tells
-    # the pool its free slots before each IncomingCall and after each call's end: the calls
+    # the pool its free slots with each IncomingCall and after each call's end: the calls
     # the PBX sent are taken slots, and the reserve is kept from what is left.
     pool = _pool([W(), W()], 2)
     pool._workers[0].free_slots = 1  # three PBX calls up on worker 0

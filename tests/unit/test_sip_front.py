@@ -300,6 +300,32 @@ def test_a_cancel_matching_no_invite_gets_481() -> None:
     assert late is not None and late.startswith(b"SIP/2.0 481 "), late
 
 
+@pytest.mark.parametrize(
+    "final",
+    [HostPort("127.0.0.1", 5062), SipStatus.BUSY_HERE, SipStatus.SERVICE_UNAVAILABLE],
+    ids=["302", "486", "503"],
+)
+def test_a_cancel_after_any_final_answer_gets_200_and_leaves_the_invite_alone(
+    final: HostPort | int,
+) -> None:
+    """RFC 3261 9.2: a CANCEL that matches an INVITE transaction which sent its final
+    response already (a 302, or a 486 or 503 refusing the call) gets 200, with the To tag
+    of that response, and has no effect on the INVITE: a late copy of the INVITE gets its
+    answer again, and no worker is picked (nor a caller counted) for either."""
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S)
+    pick = Picks(final)
+    first = front_module._answer(invite(), pick, answered, tcp=False, others=others)
+    cancel = front_module._answer(_other("CANCEL"), pick, answered, tcp=False, others=others)
+    assert cancel is not None and cancel.startswith(b"SIP/2.0 200 OK\r\n"), cancel
+    assert message.parse(cancel).get("CSeq") == "1 CANCEL"
+    assert _to_tag(cancel) == _to_tag(first)
+    again = front_module._answer(invite(), pick, answered, tcp=False, others=others)
+    assert again == first, "the INVITE keeps its answer"
+    assert pick.calls == ["call-1"]
+
+
 @pytest.mark.parametrize("method", ["OPTIONS", "CANCEL", "BYE", "REGISTER", "FOO"])
 def test_a_retransmitted_request_gets_the_same_response(method: str) -> None:
     """RFC 3261 8.2.7 and 17.2.2: a retransmission gets the response the request got, To

@@ -13,18 +13,22 @@ import asyncio
 import itertools
 from typing import Any, cast
 
+import pytest
+
 from clinic_voice.metrics import Metrics
 from clinic_voice.wiring import show_sip_pool, watch_sip_pool
 from sip_config.clock import FakeClock
 from sip_config.settings import HostPort
 from tests.conftest import sip_settings
 from tests.unit.test_metrics import parse
+from voice.sip.outcome import SipStatus
 from voice.sip.pool import CallHandle, OutboundCall, SipPool, WorkerState
 from voice.sip.protocol import (
     CallEvent,
     CallState,
     Command,
     Event,
+    IncomingCall,
     PlaceCall,
     PlaceFailed,
     WorkerStatus,
@@ -205,3 +209,47 @@ async def test_a_call_being_placed_takes_one_slot_at_every_step() -> None:
     assert free() == (2, 2) and w.pending == 0
     pool._dispatch(w, CallEvent(refused, CallState.TRYING, 0, None, 0.0))
     assert (await placing).id == refused and free() == (2, 2)
+
+
+def _slots(pool: SipPool) -> tuple[int, int, int]:
+    occupancy = pool.occupancy()
+    return occupancy.in_use, occupancy.reserved, occupancy.free
+
+
+@pytest.mark.parametrize(
+    ("redirected", "sip_call_id", "late_s", "then"),
+    [
+        (("a@peer",), "a@peer", 0.0, (1, 0, 3)),
+        (("a@peer",), "direct@pbx", 0.0, (1, 1, 2)),
+        (("a@peer",), "a@peer", 2.5, (1, 0, 3)),
+        ((), "direct@pbx", 0.0, (1, 0, 3)),
+    ],
+    ids=["redirected", "from a PBX, a caller on the way", "reservation lapsed", "from a PBX"],
+)
+def test_an_inbound_call_takes_one_slot_at_every_step(
+    redirected: tuple[str, ...], sip_call_id: str, late_s: float, then: tuple[int, int, int]
+) -> None:
+    """A call reaching a worker moves from reserved (if the front redirected it) to in use.
+
+    The worker reported its free slots, the call counted, in a WorkerStatus just before the
+    IncomingCall, and the reservation went only with the IncomingCall: between the two lines
+    the slot was counted as taken and as reserved, clinic_sip_slots{state="free"} and the
+    choice of worker one short. The IncomingCall now carries the free slots: one step. A
+    call with no reservation (a PBX's, a caller slower than its reservation) takes none,
+    and never frees a slot that a caller on the way holds."""
+    pool = _pool(1)
+    clock = cast(FakeClock, pool._clock)
+    w = pool._workers[0]
+    for caller in redirected:
+        assert isinstance(pool.pick_inbound(caller), HostPort)
+    clock.advance(late_s)
+    assert sum(_slots(pool)) == 4
+    # Every line the worker sends for the call, with what the pool must show after each.
+    pool._dispatch(w, IncomingCall("in-1", "+447700900123", "6000", 3, (), sip_call_id))
+    assert _slots(pool) == then and sum(then) == 4
+    gauges = _gauges(pool)
+    assert [gauges["clinic_sip_slots", s] for s in ("in_use", "reserved", "free")] == list(then)
+    free = then[2]
+    takers = [pool.pick_inbound(next(_ids)) for _ in range(free + 1)]
+    assert all(isinstance(t, HostPort) for t in takers[:free]), "every free slot is given"
+    assert takers[free] == SipStatus.BUSY_HERE, "and not one more"

@@ -13,7 +13,7 @@ from sip_config.settings import HostPort
 from tests.conftest import sip_settings
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
-from voice.sip.protocol import IncomingCall, WorkerStatus
+from voice.sip.protocol import IncomingCall
 
 _ids = (f"call-{n}@peer" for n in itertools.count())
 BUSY = SipStatus.BUSY_HERE
@@ -40,11 +40,10 @@ def test_a_burst_is_spread_and_capped_by_free_slots() -> None:
 
 
 def _arrives(pool: SipPool, sip_call_id: str, free: int) -> None:
-    """A redirected INVITE reaches worker 0, as the worker tells it: its free slots (this
-    call counted), then the call with its INVITE's Call-ID."""
+    """A redirected INVITE reaches worker 0, as the worker tells it: the call with its
+    INVITE's Call-ID and the worker's free slots, this call counted."""
     w = pool._workers[0]
-    pool._dispatch(w, WorkerStatus(free_slots=free, port=w.port, placed=0))
-    pool._dispatch(w, IncomingCall(f"in-{sip_call_id}", "", "6000", (), sip_call_id))
+    pool._dispatch(w, IncomingCall(f"in-{sip_call_id}", "", "6000", free, (), sip_call_id))
 
 
 def test_an_arriving_call_takes_its_own_reservation_not_the_oldest() -> None:

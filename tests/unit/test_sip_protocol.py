@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
+import orjson
 import pytest
 
 from voice.sip.outcome import CallOutcome
@@ -46,7 +50,7 @@ MESSAGES: list[Message] = [
     CallEvent("c1", CallState.ENDED, 487, CallOutcome.CANCELLED_AFTER_RING, 1.8e9),
     CallEvent("c1", CallState.RINGING, 180, None, 1.8e9),
     PlaceFailed("c1", "worker full", retryable=True),
-    IncomingCall("in-1", "+4477", "6000", (("X-Clinic", "a"),)),
+    IncomingCall("in-1", "+4477", "6000", 3, (("X-Clinic", "a"),), "abc@peer"),
     Digit("c1", "#"),
     PlayDone("c1"),
     PlayDone("c1", play_id=7),
@@ -95,3 +99,29 @@ def test_integer_seconds_decode_as_float() -> None:
 def test_bad_lines_raise_protocol_error(line: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode(line)
+
+
+_NUMBERS = {
+    (type(msg), f.name): (msg, hint)
+    for msg in MESSAGES
+    for f in dataclasses.fields(msg)
+    if (hint := typing.get_type_hints(type(msg))[f.name]) in (int, float, bool)
+}
+
+
+@pytest.mark.parametrize(
+    ("msg", "name", "hint"),
+    [(msg, name, hint) for (_, name), (msg, hint) in _NUMBERS.items()],
+    ids=[f"{cls.__name__}.{name}" for cls, name in _NUMBERS],
+)
+def test_numbers_and_booleans_are_not_taken_for_each_other(
+    msg: Message, name: str, hint: type
+) -> None:
+    """JSON true is a Python bool and bool is an int: ``"free_slots": true`` decoded as a
+    WorkerStatus with True free slots. An int or float field takes no boolean, and a
+    boolean field no number."""
+    raw = orjson.loads(encode(msg))
+    for wrong in (1, 0) if hint is bool else (True, False):
+        raw[name] = wrong
+        with pytest.raises(ProtocolError, match=f"bad {type(msg).__name__}"):
+            decode(orjson.dumps(raw))

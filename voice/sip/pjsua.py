@@ -679,8 +679,11 @@ class Engine:
             ]
         except message.SipParseError as exc:
             log.warning("call %s: cannot read the INVITE: %s", call_id, exc)
-        self.emit(self.status())
-        self.emit(IncomingCall(call_id, caller, called, tuple(headers), sip_call_id))
+        # No WorkerStatus before it: the IncomingCall carries the free slots, so the pool
+        # moves the slot from reserved to in use in one step (see IncomingCall).
+        self.emit(
+            IncomingCall(call_id, caller, called, self.free_slots(), tuple(headers), sip_call_id)
+        )
         ring = pj.CallOpParam(True)
         ring.statusCode = SipStatus.RINGING
         try:

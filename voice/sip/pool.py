@@ -831,6 +831,10 @@ class SipPool:
             log.error("worker %s sent an unexpected %s", w.index, type(ev).__name__)
 
     def _incoming(self, w: _Worker, ev: IncomingCall) -> None:
+        # The free slots, the reservation and the call move together: the worker sends no
+        # WorkerStatus for this call (else the slot counted as taken and as reserved between
+        # the two messages: the gauges and the choice of worker one short).
+        w.free_slots = ev.free_slots
         if w.reserved:
             self._arrived(w, ev.sip_call_id)
         handle = CallHandle(
@@ -857,7 +861,7 @@ class SipPool:
 
         A call with no reservation there (sent by a PBX, a caller slower than the
         reservation, or a UA that re-sent the redirected INVITE under a new Call-ID) takes
-        none, unless the worker's free slots (reported just before, this call counted) can
+        none, unless the worker's free slots (reported with the call, this call counted) can
         no longer hold every reservation: then one of them was surely this call's, and the
         oldest goes (the nearest to lapsing). Taking the oldest always let a third caller
         have the slot of a redirected caller still on the way: two callers, one slot.

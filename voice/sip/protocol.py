@@ -147,12 +147,18 @@ class IncomingCall:
 
     ``call_id`` is the worker's id of the call; ``sip_call_id`` the Call-ID header of its
     INVITE, by which the pool finds the slot it reserved for the caller the front redirected
-    ("" when the INVITE could not be read).
+    ("" when the INVITE could not be read). ``free_slots`` is what a :class:`WorkerStatus`
+    would say now, this call counted: the call takes its slot from the free ones and from
+    the reserved ones in this one message. A status sent before it took the slot from the
+    free ones while the reservation still held it: counted twice until the IncomingCall
+    came. Sent the other way round, the slot would have been free for a moment (two calls
+    for one slot).
     """
 
     call_id: str
     caller: str
     called: str
+    free_slots: int
     headers: Headers = ()
     sip_call_id: str = ""
 
@@ -216,7 +222,8 @@ class WorkerStatus:
 
     The count lets the pool tell which of the calls it sent are in ``free_slots`` already:
     one message carries both, so no moment counts a call being placed twice (once as taken
-    from the free slots, once as not yet acknowledged).
+    from the free slots, once as not yet acknowledged). An inbound call's slot is counted
+    by its :class:`IncomingCall`, which carries the free slots itself.
     """
 
     free_slots: int
@@ -308,6 +315,15 @@ def _converter(hint: Any) -> Converter:
             raise TypeError("expected float")
 
         return real
+    if hint is int:
+
+        def integer(value: Any) -> int:
+            # JSON true is a Python bool, and bool is an int: isinstance alone let it in.
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise TypeError("expected int")
+
+        return integer
     if isinstance(hint, type):
         name = hint.__name__
 
