@@ -96,6 +96,7 @@ if __package__ in {None, ""}:
 from bench import flashcall
 from bench.common import (
     REPO,
+    SIPP_OTHER_SOCKETS,
     VENV_BIN,
     BenchError,
     Capture,
@@ -556,7 +557,6 @@ def inbound_step(
     """``rate`` calls/s for ``plan.step_s`` to ``ports`` (round-robin); sipp's counts and CPU."""
     calls = max(1, round(rate * plan.step_s))
     step = InboundStep(target, rate, calls)
-    media_port = free_port(count=4)  # sipp binds media_port and media_port + 2
     sip_port = free_port()
     tag = f"{target}-in-{rate}-{secrets.token_hex(2)}"
     inf = work / f"{tag}.csv"
@@ -576,8 +576,7 @@ def inbound_step(
         str(sip_port),
         "-mi",
         "127.0.0.1",
-        "-mp",
-        str(media_port),
+        *SIPP_OTHER_SOCKETS,
         "-r",
         str(rate),
         "-rp",
@@ -831,8 +830,7 @@ def start_handset(work: Path, name: str) -> tuple[Child, int]:
             str(port),
             "-mi",
             "127.0.0.1",
-            "-mp",
-            str(free_port(count=4)),
+            *SIPP_OTHER_SOCKETS,
             "-nostdin",
             "-trace_err",
             "-error_file",

@@ -517,6 +517,15 @@ def child_pids(parent: int, cmdline_has: str) -> list[int]:
     return sorted(found)
 
 
+# sipp's options for its other sockets, besides its SIP port (-p), as tests/conftest.py's:
+# its media ports (from 6000) and control socket (UDP, from 8888) are left to sipp, which
+# moves up while one is taken, whereas a port given with -mp or -cp gets one try and a taken
+# one ends the run (sipp 3.6.1: exit 254, "Unable to bind ..."). -ci keeps the control
+# socket, which takes commands ("q" quits), on loopback: by default it listens on every
+# address of the host.
+SIPP_OTHER_SOCKETS = ("-ci", "127.0.0.1")
+
+
 def sipp_path() -> str:
     """The sipp binary, or a clear error naming the Debian package."""
     path = shutil.which("sipp")

@@ -58,6 +58,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 
 from bench.common import (
     REPO,
+    SIPP_OTHER_SOCKETS,
     VENV_BIN,
     BenchError,
     Capture,
@@ -382,6 +383,7 @@ def run_setting(work: Path, workers: int, plan: Plan, numbers: Numbers) -> Setti
                     "127.0.0.1",
                     "-p",
                     str(sipp_port),
+                    *SIPP_OTHER_SOCKETS,
                     "-nostdin",
                     "-trace_err",
                     "-error_file",

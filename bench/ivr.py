@@ -8,8 +8,9 @@ slots), the Korean vosk model and the flows in ``ivr_flows/``. Three measurement
    302; at most 4 calls per worker, as the front would hand them out). Each caller offers
    PCMU + telephone-event, waits until the welcome and menu prompts are over, sends RFC 4733
    digit 4 (``/usr/share/sip-tester/dtmf_2833_4.pcap``), listens 4 s and hangs up. N ramps
-   (8, 16, ... 48) until the first step with a failed call. ``dumpcap`` records the RTP on
-   sipp's media port; the kernel's capture times give, per call, the first DTMF packet and
+   (8, 16, ... 48) until the first step with a failed call. ``dumpcap`` records the UDP on
+   ``lo``; the RTP on sipp's media port (sipp's choice, read from the SDP of its INVITEs)
+   and the kernel's capture times give, per call, the first DTMF packet and
    the first *loud* packet of the bot's stream after it (the next prompt: the workers send
    RTP continuously, digital silence between prompts, so the prompt's start is where the
    PCMU samples become loud). A call fails when sipp counts it failed, the bot never spoke
@@ -56,6 +57,7 @@ if __package__ in {None, ""}:
 
 from bench.common import (
     REPO,
+    SIPP_OTHER_SOCKETS,
     VENV_BIN,
     BenchError,
     Capture,
@@ -239,6 +241,17 @@ def keypad_delays(packets: Sequence[UdpPacket], media_port: int) -> KeypadStep:
     return step
 
 
+def sipp_media_port(packets: Sequence[UdpPacket], sip_port: int) -> int:
+    """sipp's media port (its choice: see ``SIPP_OTHER_SOCKETS``), from the SDP of the
+    INVITEs it sent from ``sip_port``."""
+    for p in packets:
+        if p.src[1] == sip_port and p.payload.startswith(b"INVITE "):
+            port = _sdp_port(p.payload.decode("utf-8", errors="replace"))
+            if port is not None:
+                return port
+    raise BenchError("no INVITE with SDP from sipp was captured: its media port is unknown")
+
+
 def sipp_counts(stat_file: Path) -> tuple[int, int]:
     """(successful, failed) calls from the last line of sipp's ``-trace_stat`` file."""
     lines = [ln for ln in stat_file.read_text(errors="replace").splitlines() if ln.strip()]
@@ -253,7 +266,6 @@ def keypad_step(
     work: Path, calls: int, worker_ports: Sequence[int], *, digit_after_s: float
 ) -> KeypadStep:
     """``calls`` concurrent main-menu callers with digit 4; figures from the capture."""
-    media_port = free_port(count=4)  # sipp binds media_port and media_port + 2
     sip_port = free_port()
     inf = work / f"callers-{calls}.csv"
     # Round-robin over the workers: at most 4 calls each, as the redirect front would do.
@@ -261,7 +273,8 @@ def keypad_step(
         "SEQUENTIAL\n" + "".join(f"{worker_ports[i % len(worker_ports)]};\n" for i in range(calls))
     )
     stat = work / f"sipp-{calls}-stat.csv"
-    capture = Capture(f"udp port {media_port}", work / f"keypad-{calls}.pcap", log_dir=work)
+    # All UDP: sipp picks its media port (SIPP_OTHER_SOCKETS), read from its SDP afterwards.
+    capture = Capture("udp", work / f"keypad-{calls}.pcap", log_dir=work)
     argv = [
         sipp_path(),
         f"127.0.0.1:{worker_ports[0]}",  # the scenario's setdest picks each call's worker
@@ -275,8 +288,7 @@ def keypad_step(
         str(sip_port),
         "-mi",
         "127.0.0.1",
-        "-mp",
-        str(media_port),
+        *SIPP_OTHER_SOCKETS,
         "-m",
         str(calls),
         "-l",
@@ -308,7 +320,7 @@ def keypad_step(
         packets = capture.stop()
     if done.returncode not in {0, 1}:  # 1: some calls failed (counted below)
         raise BenchError(f"sipp failed (exit {done.returncode}):\n{done.stdout[-1500:]}")
-    step = keypad_delays(packets, media_port)
+    step = keypad_delays(packets, sipp_media_port(packets, sip_port))
     step.calls = calls
     step.sipp_ok, step.sipp_failed = sipp_counts(stat)
     return step
