@@ -68,6 +68,10 @@ _ID_PARAM = {
 # and refuse_request_line)
 # Every /v1 route; 403: a right key of the other kind (call records or verification API).
 _COMMON = (400, 401, 403, 404, 405, 408, 413, 415, 417, 422, 429, 431, 500, 501, 503, 505)
+# Every route without a key (/healthz, /readyz, /metrics, /openapi.json): what the HTTP edge
+# answers on any path (a body sent anyway is read to the same rules; an Expect other than
+# 100-continue; not HTTP/1.1), a method the route does not take, and a bug.
+_EDGE = (400, 405, 408, 413, 415, 417, 431, 500, 501, 505)
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {
@@ -456,12 +460,19 @@ def _paths() -> dict[str, Any]:
             }
         },
         "/healthz": {
-            "get": {"summary": "Liveness", "responses": {"200": _json("Health", "Alive")}}
+            "get": {
+                "summary": "Liveness",
+                "responses": {"200": _json("Health", "Alive"), **_errors(*_EDGE)},
+            }
         },
         "/readyz": {
             "get": {
                 "summary": "Readiness (Redis, channels, SIP workers, HTTP worker processes)",
-                "responses": {"200": _json("Health", "Ready"), "503": _problem_ref()},
+                "responses": {
+                    "200": _json("Health", "Ready"),
+                    **_errors(*_EDGE),
+                    "503": _problem_ref(),
+                },
             }
         },
         "/metrics": {
@@ -472,6 +483,7 @@ def _paths() -> dict[str, Any]:
                         "description": "Prometheus text exposition format, version 0.0.4",
                         "content": {"text/plain": {}},
                     },
+                    **_errors(*_EDGE),
                     "503": _problem_ref(),
                 },
             }
@@ -480,7 +492,8 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "This document",
                 "responses": {
-                    "200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}
+                    "200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}},
+                    **_errors(*_EDGE),
                 },
             }
         },
