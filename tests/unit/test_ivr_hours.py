@@ -597,3 +597,17 @@ def test_hours_read_in_utc_for_want_of_a_host_zone_are_warned_at_start(
     ClinicLine.load(settings, rt, check_clinic_line(settings))
     warned = [r.getMessage() for r in caplog.records if "read in UTC" in r.getMessage()]
     assert len(warned) == (1 if zone == "unreadable" else 0)
+
+
+def test_hours_that_end_in_p_m_have_one_full_stop_in_the_notice() -> None:
+    # "Monday to Friday, 8 a.m. to 5 p.m." then the template's "." read "5 p.m.." on the
+    # screen of flow simulate and in the transfer summary.
+    weekdays = OpeningHours(
+        parse_week("mon-fri 08:00-17:00"), zoneinfo.ZoneInfo("Europe/Amsterdam")
+    )
+    notice = FlowParams(open_now=lambda: False, opening_hours=weekdays).values("en")[
+        "closed_notice"
+    ]
+    assert "Our opening hours are Monday to Friday, 8 a.m. to 5 p.m. In an emergency" in notice
+    assert ".." not in notice
+    assert NOTICE in params(False).values("en")["closed_notice"], "no stop there: kept"

@@ -216,9 +216,20 @@ def placeholders(text: str) -> set[str]:
     return set(_PLACEHOLDER.findall(text))
 
 
+# A placeholder and the full stop after it, if any: a value ending in one (the opening hours'
+# "... to 5 p.m.") keeps its own, or the sentence read "5 p.m.." on the screen of `flow
+# simulate` and in the transfer summary.
+_PLACEHOLDER_STOP = re.compile(_PLACEHOLDER.pattern + r"(\.?)")
+
+
 def render(text: str, values: Mapping[str, str]) -> str:
     """Fill ``{name}`` from ``values``; an unknown name becomes empty (never a crash mid-call)."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), text)
+
+    def fill(m: re.Match[str]) -> str:
+        value = values.get(m.group(1), "")
+        return value if m.group(2) and value.endswith(".") else value + m.group(2)
+
+    return _PLACEHOLDER_STOP.sub(fill, text)
 
 
 # --------------------------------------------------------------------------- system texts
