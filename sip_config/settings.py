@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import os
 import re
+import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -680,8 +681,22 @@ class _Reader:
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str:
         def conv(v: str) -> str:
-            if v and not any(v.startswith(s) for s in schemes):
+            if not v:
+                return v
+            if not any(v.startswith(s) for s in schemes):
                 raise ValueError(f"expected a URL starting with {' or '.join(schemes)}")
+            try:
+                parts = urllib.parse.urlsplit(v)
+                parts.port  # noqa: B018 - raises ValueError for a port out of range
+            except ValueError as exc:
+                raise ValueError(f"not a URL: {exc}") from None
+            if parts.scheme in ("http", "https") and not parts.hostname:
+                # "http://" or "https://:8080/x" passed, and every POST then failed at
+                # the first request instead of at start. (redis:// with no host is
+                # redis-py's localhost.)
+                raise ValueError("expected a URL with a host")
+            if any(c.isspace() or ord(c) < 32 for c in v):
+                raise ValueError("a URL with a space or a control character")
             return v
 
         return self.parse(name, conv)

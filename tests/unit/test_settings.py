@@ -231,6 +231,12 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_STEP_TIMEOUT_SMS_S", "901", "10..900"),
         ("CLINIC_STEP_TIMEOUT_VOICE_S", "99", "100..900"),
         ("CLINIC_WEBHOOK_URL", "ftp://x", "http"),
+        ("CLINIC_WEBHOOK_URL", "http://", "with a host"),  # every POST failed, none at start
+        ("CLINIC_WEBHOOK_URL", "https://:8443/hook", "with a host"),
+        ("CLINIC_WEBHOOK_URL", "http://h:99999/", "not a URL"),
+        ("CLINIC_WEBHOOK_URL", "http://h/a b", "a space"),
+        ("CLINIC_SCHEDULING_WEBHOOK", "https://", "with a host"),
+        ("CLINIC_SMS_HTTP_URL", "http:///send", "with a host"),
         ("CLINIC_WEBHOOK_TIMEOUT_S", "0", "0.1..60"),
         ("CLINIC_WEBHOOK_TIMEOUT_S", ".5", "number of seconds"),
         ("CLINIC_WEBHOOK_RETRIES", "21", "0..20"),
