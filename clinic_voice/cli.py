@@ -23,6 +23,12 @@ from voice.ivr.flow import FlowSet
 
 log = logging.getLogger("clinic_voice")
 
+# What `clinic-voice --help` says (the docstring's reStructuredText markup showed there).
+DESCRIPTION = (
+    "The clinic line and phone verification service. Commands: serve, flow check, "
+    "flow simulate, secret reseal; `clinic-voice COMMAND --help` for each."
+)
+
 
 def _setup_logging(level: str, process: str = "") -> None:
     tag = f"{process} " if process else ""
@@ -235,7 +241,7 @@ def _calls_key_hint(settings: Settings) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clinic-voice", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clinic-voice", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the service (settings from CLINIC_* variables)")
     worker = sub.add_parser(

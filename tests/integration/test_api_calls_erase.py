@@ -210,3 +210,21 @@ async def test_a_voicemail_that_does_not_open_is_a_500_logged_once(
     assert "rash" not in errors[0] and "+31612345678" not in errors[0]
     message.unlink()
     (await api.request("GET", "/v1/calls/er-damaged/voicemail")).problem(404, "not-found")
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("limit=0", {"field": "limit"}),
+        ("limit=101", {"field": "limit"}),
+        ("cursor=yesterday", {"field": "cursor"}),
+        ("page=2&limit=5", {"fields": ["page"]}),
+    ],
+)
+async def test_a_bad_query_on_the_call_list_names_its_parameter(
+    start_service: StartService, query: str, named: dict[str, object]
+) -> None:
+    # As a bad body field is named (README, errors): the 422 said only "invalid-request".
+    api = await _calls_api(start_service)
+    body = (await api.request("GET", f"/v1/calls?{query}")).problem(422, "invalid-request")
+    assert {k: body.get(k) for k in named} == named, body

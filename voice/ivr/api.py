@@ -94,15 +94,15 @@ class CallsApi:
         q = request.query
         unknown = sorted(set(q) - {"limit", "cursor"})
         if unknown:
-            raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}")
+            raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}", fields=unknown)
         limit_raw = q.get("limit", "20")
         if not re.fullmatch(r"[0-9]{1,3}", limit_raw) or not 1 <= int(limit_raw) <= 100:
-            raise InvalidRequest("'limit' must be 1..100")
+            raise InvalidRequest("'limit' must be 1..100", field="limit")
         cursor = q.get("cursor")
         before: float | None = None
         if cursor is not None:
             if not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", cursor):
-                raise InvalidRequest("'cursor' is not one this API gave out")
+                raise InvalidRequest("'cursor' is not one this API gave out", field="cursor")
             before = float(cursor)
         try:
             page = await self._store().recent(int(limit_raw), before)
