@@ -431,6 +431,9 @@ CRASHERS: list[tuple[bytes, str]] = [
     (b"id: f\nhuman: !!timestamp x\n", "2: YAML: cannot read 'x' as timestamp"),
     (b"id: f\nstart: !!int x\n", "2: YAML: cannot read 'x' as int"),
     (b"id: f\nstart: !!float x\n", "2: YAML: cannot read 'x' as float"),
+    (b"id: f\nstart: !!bool x\n", "2: YAML: cannot read 'x' as bool"),
+    (b"id: f\nstart: !!map [1]\n", "2: YAML: expected a mapping node, but found sequence"),
+    (b"id: f\nstart: !!map x\n", "2: YAML: expected a mapping node, but found scalar"),
     (
         b"id: f\n\nstart: " + b"1" * 5000 + b"\n",
         "3: YAML: cannot read '11111111111111111111...' as int",

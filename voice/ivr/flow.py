@@ -832,6 +832,11 @@ _LineLoader.add_implicit_resolver(
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_Map]:
+    if not isinstance(node, yaml.MappingNode):
+        # "!!map x" or "!!map [1]": flatten_mapping raised TypeError on it, a traceback.
+        raise yaml.constructor.ConstructorError(
+            None, None, f"expected a mapping node, but found {node.id}", node.start_mark
+        )
     data = _Map()
     data.line = node.start_mark.line + 1
     data.key_lines = {}
@@ -856,8 +861,9 @@ _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 def _scalar_checked(tag: str) -> None:
     """PyYAML's own constructor for ``tag``, raising a YAMLError with the line for a scalar
-    it cannot read: it raises ValueError for ``2026-13-45``, ``!!int x`` or 5,000 digits and
-    AttributeError for ``!!timestamp x``, which crashed ``flow check`` and ``serve``."""
+    it cannot read: it raises ValueError for ``2026-13-45``, ``!!int x`` or 5,000 digits,
+    AttributeError for ``!!timestamp x`` and KeyError for ``!!bool x``, which crashed
+    ``flow check`` and ``serve``."""
     construct = yaml.SafeLoader.yaml_constructors[tag]
 
     def checked(loader: _LineLoader, node: yaml.Node) -> Any:
@@ -868,7 +874,7 @@ def _scalar_checked(tag: str) -> None:
                 # a hex 0xfff... of 4,000 digits is read, then raised ValueError there.
                 str(value)
             return value
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
             shown = str(node.value)
             shown = shown if len(shown) <= 20 else shown[:20] + "..."
             raise yaml.constructor.ConstructorError(
@@ -878,7 +884,7 @@ def _scalar_checked(tag: str) -> None:
     _LineLoader.add_constructor(tag, checked)
 
 
-for _tag in ("int", "float", "timestamp"):
+for _tag in ("bool", "int", "float", "timestamp"):
     _scalar_checked(f"tag:yaml.org,2002:{_tag}")
 
 

@@ -177,7 +177,7 @@ def _answer(
     """The answer to ``data``; ``answered`` holds the INVITE answers, ``others`` those of
     the other requests."""
     try:
-        request = message.parse(data)
+        request = message.parse(data, strict=True)
     except message.SipParseError as exc:
         # Without a parseable Via there is nowhere to send a 400: drop it (section 18.3).
         _dropped.dropped(exc)
@@ -250,7 +250,7 @@ def _answer_other(
 def _too_large(head: bytes) -> bytes | None:
     """513 for a message whose head is readable, else nothing (section 18.3)."""
     try:
-        request = message.parse(head)
+        request = message.parse(head, strict=True)
     except message.SipParseError as exc:
         _dropped.dropped(exc)
         return None

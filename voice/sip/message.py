@@ -94,8 +94,14 @@ def _canonical(name: str) -> str:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def parse(data: bytes) -> SipMessage:
-    """Parse one whole SIP message (as received in a datagram or framed off a stream)."""
+def parse(data: bytes, *, strict: bool = False) -> SipMessage:
+    """Parse one whole SIP message (as received in a datagram or framed off a stream).
+
+    ``strict`` (the front, which copies a request's headers into its answer): a control
+    character in the head is a :class:`SipParseError`. Without it (what pjsip accepted
+    already, a peer's answers to our own requests) one is kept: RFC 3261 25.1 allows an
+    escaped one in a quoted string ("A\\<0x01>B" <sip:...>), and the worker must not lose a
+    caller's Call-ID over a display name."""
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = data.partition(b"\n\n")
@@ -104,7 +110,7 @@ def parse(data: bytes) -> SipMessage:
     except UnicodeDecodeError:
         raise SipParseError("header section is not UTF-8") from None
     text = text.replace("\r\n", "\n")
-    if _CONTROL.search(text):
+    if strict and _CONTROL.search(text):
         # RFC 3261 25.1: no control character but HTAB in a message's head. A lone CR or a
         # NUL kept in a value was copied into the answer (Via, From, To...): a line break
         # for a peer that ends lines at a CR.
