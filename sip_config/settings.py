@@ -297,7 +297,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_VOSK_LANGUAGE",
         "en",
-        "language of that model (en, ko, ...): flows in other languages run keypad-only",
+        "language of that model (en, ko, ...): flows in other languages run keypad-only, in "
+        "`serve` and in `flow simulate --speech`",
     ),
     Variable("CLINIC_STAFF_URI", "sip:6200@127.0.0.1:5160", "where 0 (staff) transfers to"),
     Variable("CLINIC_NURSE_URI", "sip:6100@127.0.0.1:5160", "where urgent triage transfers to"),
@@ -556,6 +557,9 @@ class FlowPreview:
     transfer_summary: str
     hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
     out_of_hours_number: str = ""
+    # The speech model's language (CLINIC_VOSK_LANGUAGE): with --speech, flows in another
+    # language run keypad-only, as in serve.
+    speech_language: str = "en"
 
 
 def flow_preview_from_env(env: Mapping[str, str] | None = None) -> FlowPreview:
@@ -570,6 +574,7 @@ def flow_preview_from_env(env: Mapping[str, str] | None = None) -> FlowPreview:
         transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
         hours=_hours(r),
         out_of_hours_number=r.parse("CLINIC_OUT_OF_HOURS_NUMBER", _phone_digits),
+        speech_language=r.parse("CLINIC_VOSK_LANGUAGE", _language),
     )
 
 

@@ -60,7 +60,8 @@ def test_simulate_a_triage_to_self_care() -> None:
     assert out[-1] == "-- call ended"
 
 
-def test_simulate_an_emergency_by_route_and_speech() -> None:
+def test_simulate_an_emergency_by_route_and_speech(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLINIC_VOSK_LANGUAGE", "ko")  # a Korean model, for the Korean line
     code, out = run(["ko", "--flows-dir", str(SHIPPED), "--speech"], ["예"])
     assert code == 0
     text = "\n".join(out)
@@ -175,6 +176,7 @@ def test_the_nurse_and_the_emergency_number_are_the_services(
     # had set: a flow author checking what callers hear saw another number.
     monkeypatch.setenv("CLINIC_EMERGENCY_NUMBER", "911")
     monkeypatch.setenv("CLINIC_NURSE_URI", "sip:nurse@pbx.example")
+    monkeypatch.setenv("CLINIC_VOSK_LANGUAGE", "ko")
     code, out = run(["ko", "--flows-dir", str(SHIPPED), "--speech"], ["예"])
     assert code == 0
     text = "\n".join(out)
@@ -275,7 +277,10 @@ def test_the_tester_picks_how_a_transfer_ends(
     assert out[-1] == "-- call ended"
 
 
-def test_an_urgent_caller_whose_transfer_is_unconfirmed_is_told_to_call_the_number() -> None:
+def test_an_urgent_caller_whose_transfer_is_unconfirmed_is_told_to_call_the_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CLINIC_VOSK_LANGUAGE", "ko")
     code, out = run(
         ["ko", "--flows-dir", str(SHIPPED), "--speech", "--transfer", "unconfirmed"], ["예"]
     )
@@ -462,3 +467,111 @@ def test_a_webhook_after_a_webhook_the_caller_hung_up_during_still_runs(tmp_path
     ] * 2
     assert "   outcome: booked" in out, out
     assert not [line for line in out if line.startswith("BOT: ")], out
+
+
+UNHEARD = "   (speech is not listened for here: the caller hears nothing until the {} s timeout)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "before", "words", "timeout"),
+    [
+        # No speech model: every question is keys-only.
+        (["triage"], [], "yes please", "6"),
+        # A digits entry takes no speech, with a model or without.
+        (["results", "--speech"], [], "the first of february", "8"),
+        # Part of an entry typed: the inter-digit time runs.
+        (["results", "--speech"], ["0102"], "nineteen ninety", "4"),
+    ],
+)
+def test_words_at_a_question_that_takes_no_speech_are_its_timeout(
+    argv: list[str], before: list[str], words: str, timeout: str
+) -> None:
+    # Words there were dropped and the tester asked again, in silence: on a call nothing
+    # listens for them, and the caller meets the question's timeout (its noinput reprompt,
+    # then where its limit leads). The simulator now shows that, as :silence would.
+    base = [*argv, "--flows-dir", str(SHIPPED), "--open"]
+    code, said = run(base, [*before, *[words] * 4])
+    assert code == 0
+    notice = UNHEARD.format(timeout)
+    assert notice in said, said
+    code, silent = run(base, [*before, *[":silence"] * 4])
+    assert code == 0
+    assert [line for line in said if not line.startswith("   (speech is not")] == silent
+    assert "BOT: Sorry, I did not hear anything." in "\n".join(silent)
+
+
+def test_words_at_a_speech_question_are_heard() -> None:
+    code, out = run(["main_menu", "--flows-dir", str(SHIPPED), "--speech", "--open"], ["nurse"])
+    assert code == 0
+    assert not [line for line in out if line.startswith("   (speech is not")], out
+    assert "   transfer to sip:6200@127.0.0.1:5160" in out, out  # "nurse": a human, staff here
+
+
+def test_script_call_words_at_a_keys_only_question_are_its_timeout() -> None:
+    engine = Engine(load_flows(SHIPPED), FlowParams())
+    said = script_call(engine, "triage", ["yes please"] * 3)
+    assert said == script_call(engine, "triage", [":silence"] * 3)
+    assert [p.input for p in said[0].path].count("noinput") == 3
+
+
+PRESCRIPTION = ["01021990#", "1234#"]
+
+
+@pytest.mark.parametrize(
+    ("endings", "outcome", "message"),
+    [
+        ((), "prescription_requested", "test.wav"),
+        (("",), "prescription_requested", "test.wav"),
+        ((":silence",), "prescription_requested", "test.wav"),  # asked again, then a message
+        ((":silence", ":silence"), "transfer_staff", None),
+        ((":fail",), "transfer_staff", None),
+        ((":hangup",), "caller_hung_up", None),
+    ],
+)
+def test_script_call_ends_a_recording_as_the_simulator_does(
+    endings: tuple[str, ...], outcome: str, message: str | None
+) -> None:
+    # script_call kept every recording (test.wav): a silent, unsaved or hung-up message,
+    # and what the caller hears then, could not be scripted.
+    engine = Engine(load_flows(SHIPPED), FlowParams())
+    _, actions = script_call(engine, "prescription", PRESCRIPTION, recordings=endings)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == outcome
+    assert dict(store.record.values).get("prescription_message") == message
+    # The same prompts as flow simulate, given the same endings at its recording lines.
+    replies = [*endings, ""] if endings and endings[-1] == ":silence" else [*endings] or [""]
+    code, out = run(
+        ["prescription", "--flows-dir", str(SHIPPED), "--open"], [*PRESCRIPTION, *replies, ""]
+    )
+    assert code == 0
+    assert [f"BOT: {a.text}" for a in actions if isinstance(a, Play)] == [
+        line for line in out if line.startswith("BOT: ")
+    ]
+    assert f"   outcome: {outcome}" in out, out
+
+
+def test_script_call_refuses_an_unknown_recording_ending() -> None:
+    engine = Engine(load_flows(SHIPPED), FlowParams())
+    with pytest.raises(ValueError, match="not a recording ending"):
+        script_call(engine, "prescription", PRESCRIPTION, recordings=[":silent"])
+
+
+def test_speech_is_for_the_flows_in_the_models_language(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # serve hears speech in CLINIC_VOSK_LANGUAGE's flows only (en unless set): the Korean
+    # line runs keypad-only with an English model. --speech listened on every flow, so the
+    # simulator put a "예" through that a call would never hear.
+    argv = ["ko", "--flows-dir", str(SHIPPED), "--speech", "--open"]
+    code, out = run(argv, ["예"])
+    assert code == 0
+    assert "-- keypad only: the speech model is en (CLINIC_VOSK_LANGUAGE), this flow ko" in out
+    assert "   (listening for keys, 6 s)" in out, out
+    assert UNHEARD.format("6") in out, out
+    assert not [line for line in out if line.startswith("   transfer to")], out
+    monkeypatch.setenv("CLINIC_VOSK_LANGUAGE", "ko")
+    code, out = run(argv, ["예"])
+    assert code == 0
+    assert not [line for line in out if line.startswith("-- keypad only")], out
+    assert "   (listening for keys or speech, 6 s)" in out, out
+    assert "   transfer to sip:6100@127.0.0.1:5160" in out, out

@@ -42,7 +42,16 @@ from voice.ivr.engine import (
     TransferResult,
     WebhookResult,
 )
-from voice.ivr.flow import Flow, FlowError, FlowParams, FlowSet, flows_folder_problem, load_flows
+from voice.ivr.flow import (
+    Ask,
+    Flow,
+    FlowError,
+    FlowParams,
+    FlowSet,
+    flows_folder_problem,
+    grammar,
+    load_flows,
+)
 
 DTMF = set("0123456789*#")
 
@@ -51,7 +60,9 @@ Run a flow in the terminal, without a phone.
 
 Type keys (1, or 12031985#: several keys in one line arrive as type-ahead while the next
 prompt plays) or words (a speech result with confidence 1.0; "~0.3 yes" gives confidence
-0.3). ":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
+0.3; at a question that takes no speech, a keypad one, a digits entry, or any without
+--speech, nothing listens for words on a call: the question times out, as ":silence").
+":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
 collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"; ":hangup":
 the caller hangs up while it runs, and the reply is asked for next), recordings for what
 was recorded (Enter: a message, ":silence" or ":fail": not saved, ":hangup": the caller
@@ -118,19 +129,48 @@ def transfer_events(ending: TransferEnding | None) -> list[Event]:
     return [_TRANSFER_ENDINGS[ending][0]]
 
 
-def recording_events(reply: str) -> list[Event]:
+# The endings of a recording (recording_events), as script_call takes them: a message (""),
+# none said, one not saved, a hang-up at the beep.
+_RECORDING_REPLIES = frozenset({"", ":silence", ":fail", ":hangup"})
+
+
+def recording_events(
+    reply: str, *, ref: str = "simulated.wav", duration_s: float = 5
+) -> list[Event]:
     """What the session tells the engine for a recording the tester describes by ``reply``
-    (Enter: a message, ``:silence``, ``:fail`` or ``:hangup``; anything else is a message)."""
+    (Enter: a message, ``:silence``, ``:fail`` or ``:hangup``; anything else is a message,
+    kept as ``ref``, ``duration_s`` long)."""
     if reply == ":silence":  # nothing said after the beep (or only noise)
         return [RecordDone(silent=True)]
     if reply == ":fail":  # spoken, but it could not be saved
-        return [RecordDone(duration_s=5)]
+        return [RecordDone(duration_s=duration_s)]
     if reply == ":hangup":
         # voice/ivr/session.py: the recording ends with the call, the audio is checked as any
         # message (none at the beep: silent, nothing saved), and the HangUp follows its
         # RecordDone: the record says so (a "silent" record step, the call's outcome).
         return [RecordDone(silent=True), HangUp()]
-    return [RecordDone(ref="simulated.wav", duration_s=5)]
+    return [RecordDone(ref=ref, duration_s=duration_s)]
+
+
+def unheard_speech_timeout(engine: Engine, state: CallState) -> float | None:
+    """The timeout a caller who speaks now meets, when the session does not listen for
+    speech where the engine waits; None when it does (or the engine does not listen).
+
+    voice/ivr/session.py arms a recogniser only for a Listen with speech and phrases: not at
+    a keypad question, a digits entry, or in a flow whose language has no speech model. There
+    the words are never heard: no event reaches the engine, and the listen timer runs out
+    (NoInput: the noinput reprompt, then the question's on_fail or a human)."""
+    if state.phase is not Phase.LISTENING:
+        return None
+    flow = engine.flowset.get(state.flow)
+    ask = flow.nodes.get(state.node)
+    if not isinstance(ask, Ask):
+        return None
+    if ask.digits is None and engine.speech_on(flow, ask) and grammar(ask, flow.language):
+        return None
+    if ask.digits is not None and state.digits:
+        return ask.digits.inter_digit_s  # an entry under way: the inter-digit time
+    return ask.timeout_s
 
 
 def parse_line(line: str) -> list[Event]:
@@ -169,7 +209,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "else CLINIC_FLOWS_DIR, as serve reads it: ivr_flows when unset)",
     )
     parser.add_argument(
-        "--speech", action="store_true", help="prompts and listening as with a speech model"
+        "--speech",
+        action="store_true",
+        help="prompts and listening as with a speech model, for flows in its language "
+        "(CLINIC_VOSK_LANGUAGE, as serve reads it: en when unset); others run keypad-only",
     )
     parser.add_argument(
         "--emergency-number",
@@ -292,12 +335,20 @@ def run(
         clinic_name=preview.clinic_name,
         transfer_summary=preview.transfer_summary,
         speech_enabled=args.speech,
+        # As serve has it: the model hears its own language only (a Korean model hears
+        # English answers as nothing), and flows in others run keypad-only.
+        speech_language=preview.speech_language,
     )
     engine = Engine(flowset, params)
     transfer = TransferEnding(args.transfer or TransferEnding.OK)
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
     if not is_open:
         output_fn("-- the practice is closed (opening hours)")
+    if args.speech and not params.speech_for(flow.language):
+        output_fn(
+            f"-- keypad only: the speech model is {preview.speech_language} "
+            f"(CLINIC_VOSK_LANGUAGE), this flow {flow.language}"
+        )
     state, actions = engine.start(flow)
     queue: deque[Event] = deque()
     while True:
@@ -311,7 +362,7 @@ def run(
         if state.phase is Phase.ENDED:
             output_fn("-- call ended")
             return 0
-        event = _next_event(state, queue, input_fn, output_fn)
+        event = _next_event(engine, state, queue, input_fn, output_fn)
         if event is None:
             return 0
         before = state
@@ -371,6 +422,7 @@ def _known(flowset: FlowSet) -> str:
 
 
 def _next_event(
+    engine: Engine,
     state: CallState,
     queue: deque[Event],
     input_fn: Callable[[str], str],
@@ -394,6 +446,15 @@ def _next_event(
             continue
         events = parse_line(line)
         queue.extend(events[1:])
+        timeout_s = unheard_speech_timeout(engine, state)
+        if isinstance(events[0], SpeechResult) and timeout_s is not None:
+            # Not asked again in silence: the caller's words go unheard and the question
+            # times out, as on a call (the noinput reprompt, or where its limit leads).
+            output_fn(
+                f"   (speech is not listened for here: the caller hears nothing until the "
+                f"{timeout_s:g} s timeout)"
+            )
+            return NoInput()
         return events[0]
 
 
@@ -523,15 +584,25 @@ def script_call(
     webhook_ok: bool = True,
     webhook_data: dict[str, str] | None = None,
     transfer: TransferEnding = TransferEnding.OK,
+    recordings: Sequence[str] = (),
 ) -> tuple[CallState, list[Action]]:
     """Drive a call with typed ``answers`` (as in the simulator); return the state and actions.
 
-    Prompts finish at once, webhooks and recordings answer by the keyword arguments, and
-    transfers end as ``transfer`` says, as with ``flow simulate --transfer``: with
-    :attr:`TransferEnding.ASK` each transfer takes the next answer as its ending (``""``,
-    ``:fail``, ``:unconfirmed``, ``:unanswered`` or ``:hangup``). Stops when the call ends or
-    the answers run out while the engine listens (or a transfer waits for its answer).
+    Prompts finish at once, webhooks answer by the keyword arguments, and transfers end as
+    ``transfer`` says, as with ``flow simulate --transfer``: with :attr:`TransferEnding.ASK`
+    each transfer takes the next answer as its ending (``""``, ``:fail``, ``:unconfirmed``,
+    ``:unanswered`` or ``:hangup``). The call's recordings end as ``recordings`` say, in
+    turn, as the simulator's recording line does (``""``: a message, kept as ``test.wav``;
+    ``:silence``, ``:fail`` or ``:hangup`` at the beep); those past them keep a message.
+    Words at a question that takes no speech go unheard: its timeout, as in the simulator.
+    Once the caller has hung up, the actions that need the caller are not carried out (nor
+    listed). Stops when the call ends or the answers run out while the engine listens (or a
+    transfer waits for its answer).
     """
+    endings = deque(recordings)
+    for ending in endings:
+        if ending not in _RECORDING_REPLIES:
+            raise ValueError(f"not a recording ending: {ending!r}")
     state, actions = engine.start(engine.flowset.get(flow_id))
     seen: list[Action] = list(actions)
     queue: deque[Event] = deque()
@@ -539,7 +610,12 @@ def script_call(
     for _ in range(10_000):
         for action in actions:
             if isinstance(action, PostWebhook):
-                queue.append(WebhookResult(webhook_ok, webhook_data or {}))
+                result = WebhookResult(webhook_ok, webhook_data or {})
+                # After a hang-up the request still runs, and the HangUp follows its result.
+                if _hung_up(queue):
+                    queue.appendleft(result)
+                else:
+                    queue.append(result)
             elif isinstance(action, TransferCall):
                 if transfer is not TransferEnding.ASK:
                     queue.extend(transfer_events(transfer))
@@ -549,7 +625,8 @@ def script_call(
                         raise ValueError(f"not a transfer ending: {reply!r}")
                     queue.extend(transfer_events(_TRANSFER_REPLIES[reply]))
             elif isinstance(action, RecordAudio):
-                queue.append(RecordDone("test.wav", 3.0))
+                ending = endings.popleft() if endings else ""
+                queue.extend(recording_events(ending, ref="test.wav", duration_s=3.0))
         if state.phase is Phase.ENDED:
             break
         if queue:
@@ -560,9 +637,14 @@ def script_call(
             events = parse_line(lines.popleft())
             event = events[0]
             queue.extend(events[1:])
+            unheard = unheard_speech_timeout(engine, state) is not None
+            if isinstance(event, SpeechResult) and unheard:
+                event = NoInput()  # words nothing listens for: the question's timeout
         else:
             break
         state, actions = engine.handle(state, event)
+        if _hung_up(queue):
+            actions = [a for a in actions if not isinstance(a, _NEEDS_THE_CALLER)]
         seen += actions
     return state, seen
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,8 +22,11 @@ def reply_values(body: bytes) -> dict[str, str]:
 
     A JSON object's text, number and boolean members become texts; a boolean is ``yes`` or
     ``no`` (what flows branch on: ``{"ready": true}`` must not read ``True``). Other members
-    (null, lists, objects) are left out. An empty body, one that is not JSON, or JSON that is
-    not an object gives no values: the request arrived, which is the step's success.
+    (null, lists, objects) are left out, and so are numbers that are no number: Python's
+    json reads ``NaN`` and ``Infinity`` (not JSON: RFC 8259 section 6) and a number past a
+    double's range (``1e999``) as such, which would be "nan" or "inf" for a flow to speak or
+    branch on. An empty body, one that is not JSON, or JSON that is not an object gives no
+    values: the request arrived, which is the step's success.
     """
     try:
         data: Any = json.loads(body) if body.strip() else {}
@@ -36,6 +40,8 @@ def reply_values(body: bytes) -> dict[str, str]:
     for name, value in data.items():
         if isinstance(value, bool):
             out[str(name)] = "yes" if value else "no"
+        elif isinstance(value, float) and not math.isfinite(value):
+            continue
         elif isinstance(value, str | int | float):
             out[str(name)] = str(value)
     return out
