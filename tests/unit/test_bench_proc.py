@@ -63,5 +63,7 @@ def test_runqueue_wait_counts_waiting_not_running() -> None:
     assert alone is not None
     # Two on one CPU: while one runs the other waits, about 0.6 s in all. One alone ran the
     # whole time and hardly waited (running time, read by mistake, would be 0.6 s in both).
+    # Compared with each other, not with a fixed bound for the one alone: other work on the
+    # CPU (a loaded CI machine, tests beside) makes it wait too, and the pair a pair's more.
     assert shared > 0.3
-    assert alone < 0.2
+    assert shared > alone + 0.3, (shared, alone)
