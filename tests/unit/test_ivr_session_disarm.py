@@ -78,3 +78,66 @@ async def test_a_partial_result_of_a_dropped_recogniser_does_not_stop_the_next_p
     await feeding
     assert call.stops == 0, "the prompt nobody may talk over was stopped"
     assert session._prompt_play == 1
+
+
+class _ListeningCall(_Call):
+    listening = False
+
+    async def start_listen(self) -> None:
+        self.listening = True
+
+    async def audio(self) -> Any:
+        await asyncio.Event().wait()  # no audio in this test
+        yield b""
+
+
+class _Speech:
+    """Records the grammars it is asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+
+    def recogniser(self, phrases: tuple[str, ...], *, fillers: tuple[str, ...] = ()) -> Any:
+        self.asked.append((tuple(phrases), tuple(fillers)))
+        return object()
+
+
+def _armed(session: CallSession) -> bool:
+    return session._recogniser is not None
+
+
+async def test_speech_follows_the_language_of_the_flow_the_call_is_in_now() -> None:
+    # The session took the language of the flow a call was routed to: a call that began on
+    # the Korean line (keypad-only with an English model) and went on in an English flow was
+    # never listened to there; one the other way round asked an English grammar in Korean
+    # words' stead. The engine's Listen has always had the current flow's language.
+    from voice.ivr.flow import FlowParams, load_flows
+
+    flowset = load_flows(Path(__file__).parents[2] / "ivr_flows")
+    params = FlowParams(speech_enabled=True, speech_language="en")
+    speech = _Speech()
+    call = _ListeningCall()
+    unused: Any = None
+    deps = SessionDeps(
+        engine=eng.Engine(flowset, params),
+        flowset=flowset,
+        renderer=unused,
+        speech=cast(Any, speech),
+        post_webhook=unused,
+        save_recording=unused,
+        save=unused,
+        keep=unused,
+        clock=unused,
+    )
+    session = CallSession(cast(CallHandle, call), deps)
+    # What run() set for a call routed to the Korean line, where the session read it (no
+    # longer: set here so that a session reading it again fails this test).
+    session.__dict__["_language"] = "ko"
+    await session._arm_recogniser(eng.CallState(flow="main_menu", node="menu"))
+    assert speech.asked and "appointment" in speech.asked[-1][0], speech.asked
+    assert _armed(session) and call.listening
+    # On into the Korean triage: the English model hears no Korean; the recogniser goes.
+    await session._arm_recogniser(eng.CallState(flow="triage_ko", node="breathing"))
+    assert not _armed(session) and len(speech.asked) == 1
+    for task in list(session._tasks):
+        task.cancel()

@@ -200,7 +200,6 @@ class CallSession:
         self._started_at = 0.0
         self._result_saved = False
         self._result_in_redis = False  # Redis took the record (kept on disk no more)
-        self._language = "en"
         self._listen_timeout = 0.0
         self._hangup_after_record = False
         self._record_stop = asyncio.Event()
@@ -241,7 +240,6 @@ class CallSession:
         """Answer, run the flow, store the result. Never raises for call problems."""
         self._started_at = self._d.clock.now()
         flow = self._d.flowset.route(self._h.called)
-        self._language = flow.language
         log.info("call %s: answered, flow %s", self._h.id, flow.id)
         self._begin(flow.id)
         pump = self._spawn(self._pump_sip())
@@ -480,13 +478,17 @@ class CallSession:
     async def _arm_recogniser(
         self, state: eng.CallState, phrases: tuple[str, ...] | None = None
     ) -> None:
-        if self._d.speech is None or not self._d.engine.params.speech_for(self._language):
+        # The language of the flow the call is in now (an @ jump may cross languages), as the
+        # engine's Listen has it: the speech model hears one language, the others keypad-only.
+        flow = self._d.flowset.get(state.flow)
+        language = flow.language
+        if self._d.speech is None or not self._d.engine.params.speech_for(language):
+            self._disarm()  # a recogniser armed in a flow of the model's language
             return
         where = (state.flow, state.node)
         if self._recogniser is not None and self._recogniser_for == where:
             return
         if phrases is None:
-            flow = self._d.flowset.get(state.flow)
             node = flow.nodes.get(state.node)
             # Neither a digits entry nor a keypad ask takes speech: a result there leaves the
             # engine listening with no Listen (no timeout), and a partial stops the prompt.
@@ -494,11 +496,11 @@ class CallSession:
             if ask is None or not self._d.engine.speech_on(flow, ask):
                 phrases = ()
             else:
-                phrases = grammar(ask, self._language)
+                phrases = grammar(ask, language)
         if not phrases:
             self._disarm()  # the last question's, if the caller answered it by key
             return
-        fillers = FILLER_WORDS.get(self._language, ())
+        fillers = FILLER_WORDS.get(language, ())
         self._recogniser = self._d.speech.recogniser(phrases, fillers=fillers)
         self._recogniser_for = where
         self._onset = SpeechOnset()
