@@ -175,6 +175,11 @@ def code_sent(v: Verification, step: int, code_hash: str, now: float) -> Transit
     if now >= v.expires_at:
         # The timer may not have run yet: a code must never leave for an expired verification.
         raise NotPending("the verification has expired", status=Status.EXPIRED.value)
+    if _sent_since_entered(v):
+        # One send per entry of a step: a send asked for before the step timed out and sent
+        # again, that only gets here after the resend's (a stalled process), would be a third
+        # send on the last channel and pass CLINIC_MAX_SENDS, checked when the step is entered.
+        raise NotPending("the send of this step has left already", status=v.status.value)
     channel = v.channels[step]
     return Transition(
         v.with_events(
@@ -312,6 +317,20 @@ def _under_way(v: Verification, step: int) -> bool:
     return any(
         e.kind in (EventKind.RINGING, EventKind.ANSWERED) and e.channel is channel for e in v.events
     )
+
+
+_MOVES = (EventKind.REQUESTED, EventKind.FALLBACK, EventKind.SKIPPED)
+
+
+def _sent_since_entered(v: Verification) -> bool:
+    """Whether a send left since the verification entered its current step (the create, a
+    fallback, the last channel's "sent again", or a skip made the last move to it)."""
+    for e in reversed(v.events):
+        if e.kind is EventKind.DISPATCHED:
+            return True
+        if e.kind in _MOVES:
+            return False
+    return False
 
 
 def _dispatched_on(v: Verification, step: int) -> int:

@@ -226,6 +226,32 @@ def test_code_sent_refuses_a_send_after_the_lifetime(late: float) -> None:
     assert rules.code_sent(v, 0, "h", v.expires_at - 0.001).verification.sends == 1
 
 
+def test_a_stale_send_after_the_resend_is_refused() -> None:
+    """tests/unit/test_prop_rules.py found: a send asked for that only reached code_sent
+    after its step timed out and was sent again (a stalled process) went out as well; a
+    second stale one made three sends on the last channel (the README says up to two)."""
+    v = start((S,)).verification  # send A asked for, stalled
+    v = rules.tick(v, T0 + 120, POLICY).verification  # no outcome: sent again (B asked)
+    v = rules.code_sent(v, 0, "a", T0 + 121).verification  # A arrives at last
+    v = rules.tick(v, T0 + 241, POLICY).verification  # still no outcome: C asked
+    v = rules.code_sent(v, 0, "b", T0 + 242).verification
+    with pytest.raises(NotPending, match="left already"):
+        rules.code_sent(v, 0, "c", T0 + 243)
+    assert v.sends == 2
+
+
+def test_a_stale_send_does_not_pass_the_send_limit() -> None:
+    """tests/unit/test_prop_rules.py found: with CLINIC_MAX_SENDS=1, the create's send and
+    the step timer's resend both went out (the limit is checked as a step is entered)."""
+    one = replace(POLICY, max_sends=1)
+    v = start((S,), policy=one).verification  # send A asked for, stalled
+    v = rules.tick(v, T0 + 120, one).verification  # sends 0 < 1: sent again (B asked)
+    v = rules.code_sent(v, 0, "a", T0 + 121).verification
+    with pytest.raises(NotPending):
+        rules.code_sent(v, 0, "b", T0 + 122)
+    assert v.sends == 1
+
+
 # -- delivery ---------------------------------------------------------------------------------
 
 
