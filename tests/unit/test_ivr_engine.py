@@ -1532,3 +1532,18 @@ def test_an_urgent_caller_the_pbx_took_and_nobody_answered_is_recorded_as_such(
     assert (record.outcome, record.transfer_target) == ("transfer_unanswered", None)
     assert record.urgency is Urgency.U1
     assert [(s.input, s.value) for s in record.path][-1] == ("transfer", "unanswered")
+
+
+def test_words_over_a_keypad_entry_prompt_do_not_cut_it(shipped: FlowSet) -> None:
+    """Found by tests/unit/test_prop_engine.py: "1" typed over the appointments' first
+    question, then a speech result (the session delivers one queued behind the key) while the
+    date-of-birth prompt plays. The entry takes no speech: the prompt was stopped and the
+    engine listened with no Listen sent, so the caller waited in silence for no one."""
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    state, _ = engine.start(shipped.get("appointments"))
+    state, actions = engine.handle(state, Digit("1"))
+    assert state.node == "dob" and state.phase is Phase.PLAYING
+    state, actions = engine.handle(state, SpeechResult("operator", 1.0))
+    assert actions == [] and state.phase is Phase.PLAYING and state.node == "dob"
+    state, actions = engine.handle(state, PromptDone())
+    assert state.phase is Phase.LISTENING and any(isinstance(a, Listen) for a in actions)

@@ -716,6 +716,12 @@ class Engine:
         if state.phase is Phase.LISTENING:
             return self._heard(state, flow, node, ev)
         if state.phase is Phase.PLAYING and state.pending is Pending.LISTEN and state.barge_in:
+            if node.digits is not None or not self.speech_on(flow, node):
+                # Words this question does not take (a keypad entry's prompt: the result of
+                # the question before, queued behind the key that answered it) answer
+                # nothing and must not cut its prompt: no Listen would follow, and the
+                # caller would wait in silence for no one.
+                return state, []
             new, actions = self._heard(replace(state, phase=Phase.LISTENING), flow, node, ev)
             return new, [StopPlay(), *actions]
         return state, []
