@@ -346,3 +346,46 @@ async def test_talking_over_a_keypad_menu_is_not_taken_for_an_answer(tmp_path: P
     rig.call.send(_digit("1"))  # appointments, by key
     await rig.until_prompt("appointment")
     await rig.finish()
+
+
+async def test_words_for_a_question_a_key_answered_do_not_answer_the_next_danger_sign() -> None:
+    # "No" said and 2 pressed at once at the breathing question: the key answers it, and
+    # while the next prompt is made (text to speech takes a while) the words' result reaches
+    # the queue, from the recogniser still armed. Given to the engine, it answered the next
+    # danger sign (chest pain) "no" as its prompt began: a question the caller never heard,
+    # answered the unsafe way.
+    rig = Rig()
+    breathing = await _to_breathing(rig)
+    rig.call.send(_done(breathing))  # heard in full: its "no" key counts
+    await rig.until(lambda: rig.session._listening)
+    rig.model.gate = asyncio.Event()  # the feed in vosk's thread while the key comes
+    rig.model.script = [SpeechResult("no", 1.0)]
+    rendering = asyncio.Event()
+    rendered = asyncio.Event()
+    render = rig.renderer.render
+
+    async def slow_render(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+        if "chest pain" in text:
+            rendering.set()
+            await rendered.wait()
+        return await render(text, voice=voice, cache=cache)
+
+    rig.renderer.render = slow_render  # type: ignore[method-assign]
+    rig.call.speak(*[LOUD] * 8)
+    await rig.until(lambda: any(r.fed for r in rig.model.made))
+    rig.call.send(_digit("2"))
+    await rig.until(rendering.is_set)  # the key taken, the next prompt being made
+    rig.model.gate.set()
+    await rig.settle()  # the words' result queued
+    rendered.set()
+    await rig.until_prompt("chest pain")
+    await rig.settle()
+    assert not any("conscious" in text.lower() for _, text in rig.call.plays()), (
+        "the chest-pain question was answered by words said before it"
+    )
+    state = rig.session._state
+    assert state is not None and state.node == "chest"
+    assert ("breathing", "no") in state.values and not any(
+        k == "chest_pain" for k, _ in state.values
+    )
+    await rig.finish()

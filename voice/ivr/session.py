@@ -177,7 +177,7 @@ class CallSession:
     def __init__(self, handle: CallHandle, deps: SessionDeps) -> None:
         self._h = handle
         self._d = deps
-        self._events: asyncio.Queue[eng.Event | _PromptEnd] = asyncio.Queue()
+        self._events: asyncio.Queue[eng.Event | _PromptEnd | _Heard] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_timer: asyncio.Task[None] | None = None
         self._recogniser: Recogniser | None = None
@@ -364,6 +364,16 @@ class CallSession:
                     actions = []  # carried out already: the loop's top must not repeat them
                     continue
                 event = eng.PromptDone()
+            if isinstance(event, _Heard):
+                if event.where != (state.flow, state.node):
+                    # Words for a question the call has left: a key answered it as they were
+                    # spoken ("no" and 2 at once), and they reached the queue behind the key.
+                    # Given to the engine, they would answer the next question as its
+                    # prompt begins, a danger sign's "no" the caller never heard included.
+                    log.info("call %s: speech for an earlier question dropped", self._h.id)
+                    actions = []  # carried out already: the loop's top must not repeat them
+                    continue
+                event = event.result
             if isinstance(event, eng.HangUp) and state.phase is eng.Phase.WEBHOOK:
                 # A request under way (an appointment) still lands, and its result goes in
                 # the record: the HangUp follows the WebhookResult. Decided here, where the
@@ -563,10 +573,10 @@ class CallSession:
             result = await rec.finish()
         heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
         if heard and isinstance(result, HeardSpeech) and rec is self._recogniser:
+            where = self._recogniser_for
             self._disarm()
-            self._events.put_nowait(
-                eng.SpeechResult(result.text, result.confidence, result.unknown_words)
-            )
+            speech = eng.SpeechResult(result.text, result.confidence, result.unknown_words)
+            self._events.put_nowait(speech if where is None else _Heard(speech, where))
 
     # -- timers and SIP events -----------------------------------------------------------------
     def _start_listen_timer(self, timeout_s: float) -> None:
@@ -896,6 +906,14 @@ class _PromptEnd:
     """The end of the engine's prompt ``seq`` (see ``CallSession._prompt_seq``)."""
 
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Heard:
+    """A speech result, with the question (flow, node) its recogniser was armed for."""
+
+    result: eng.SpeechResult
+    where: tuple[str, str]
 
 
 _NEEDS_THE_CALLER = (eng.Play, eng.Listen, eng.TransferCall, eng.RecordAudio)
