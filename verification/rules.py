@@ -208,8 +208,10 @@ def delivery(
 ) -> Transition:
     """A channel's report on the send of ``step``.
 
-    Reports of an earlier step are recorded but move nothing; "undeliverable" on the current
-    step falls back at once. Once the verification is final (approved, failed, expired,
+    Reports of an earlier step are recorded but move nothing, but for the "undeliverable"
+    that brings back the last code that may have arrived once the plan is used up: that
+    fails the verification, as on the last step itself. "Undeliverable" on the current step
+    falls back at once. Once the verification is final (approved, failed, expired,
     canceled) a report changes nothing and records nothing: a call still ringing when the
     user typed the code must not append "undeliverable" after "approved" (its events and
     webhooks would tell a story that ends twice). A report that finds the lifetime over
@@ -223,7 +225,22 @@ def delivery(
     event = Event(_DELIVERY_EVENT[kind], now, channel, detail)
     current = v.status is Status.PENDING and v.step == step
     if not current:
-        return Transition(v.with_events(event))
+        v = v.with_events(event)
+        if (
+            kind is DeliveryKind.UNDELIVERABLE
+            and v.status is Status.PENDING
+            and v.step >= len(v.channels)
+            and not _code_may_be_out(v)
+        ):
+            # The plan was used up while this earlier code might still arrive: it has come
+            # back now, so every code that left did, and nothing is left to send or type in.
+            # Failed now, as when the last report comes on time, not pending till expiry.
+            return Transition(
+                _set_status(
+                    v, Status.FAILED, Event(EventKind.FAILED, now, None, "no channel could deliver")
+                )
+            )
+        return Transition(v)
     if kind is DeliveryKind.UNDELIVERABLE:
         v = v.with_events(event)
         # Exhaustion fails only when every code that left came back undeliverable: one sent

@@ -345,6 +345,30 @@ def test_undeliverable_last_step_after_an_earlier_send_waits_for_that_code() -> 
     assert answer == CheckAnswer(Status.APPROVED, POLICY.max_checks)
 
 
+def test_the_earlier_code_coming_back_after_the_plan_is_used_up_fails_it() -> None:
+    """tests/unit/test_prop_rules.py's author: once the last step's code came back and an
+    earlier one might still arrive, the verification waits; when that one comes back too,
+    nothing can be typed in any more. It stayed pending, with no code out and no channel
+    left, until it expired."""
+    v = started((S, V))
+    v = rules.tick(v, T0 + 120, POLICY).verification  # the SMS step timed out
+    v = sent(v, T0 + 120)
+    v = rules.delivery(
+        v, 1, DeliveryKind.UNDELIVERABLE, "486", now=T0 + 125, policy=POLICY
+    ).verification
+    assert (v.status, v.step) == (Status.PENDING, 2), "the SMS may still arrive: waits"
+    late = rules.delivery(v, 0, DeliveryKind.UNDELIVERABLE, "gone", now=T0 + 130, policy=POLICY)
+    assert late.verification.status is Status.FAILED
+    assert late.send is None
+    assert [e.kind for e in late.verification.events[-2:]] == [
+        EventKind.UNDELIVERABLE,
+        EventKind.FAILED,
+    ]
+    # A late "delivered" of that SMS keeps it waiting for the code, as before.
+    kept = rules.delivery(v, 0, DeliveryKind.DELIVERED, "ok", now=T0 + 130, policy=POLICY)
+    assert kept.verification.status is Status.PENDING
+
+
 @pytest.mark.parametrize("kind", list(DeliveryKind))
 def test_stale_report_of_an_earlier_step_is_recorded_but_moves_nothing(
     kind: DeliveryKind,
