@@ -5,6 +5,7 @@ disk (kept current by writes and deletes, not by listing the folder when it is r
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 from pathlib import Path
@@ -223,3 +224,37 @@ async def test_a_keep_waits_for_its_calls_write_ahead_still_in_its_thread(
     async with asyncio.timeout(5):
         await keeping
     assert [p.name for p in folder.iterdir()] == ["in-stopped.sealed"]
+
+
+async def test_a_failed_write_ahead_whose_save_was_cancelled_is_not_left_unretrieved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The save is cancelled (a stop) while its copy is written ahead, and the write fails (a
+    # full disk): nobody awaited the shielded task's failure, and asyncio logged its
+    # traceback as "Task exception was never retrieved" whenever the task was collected.
+    journal = _journal(tmp_path / "unsaved-calls")
+    writing, go_on = threading.Event(), threading.Event()
+
+    def failing(path: Path, text: str) -> None:
+        writing.set()
+        go_on.wait(5)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module, "write_private", failing)
+    ahead = asyncio.ensure_future(journal.write_ahead(_result("in-full")))
+    assert await asyncio.to_thread(writing.wait, 5)
+    ahead.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ahead
+    del ahead  # nothing of the test holds the write's task
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        go_on.set()
+        await asyncio.sleep(0.2)  # the thread ends, its task fails
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert not unretrieved, unretrieved

@@ -252,6 +252,7 @@ class CallJournal:
         )
         self._ahead[record.call_id] = writing
         writing.add_done_callback(lambda _: self._ahead.pop(record.call_id, None))
+        writing.add_done_callback(_seen)
         await asyncio.shield(writing)
 
     async def taken(self, result: CallResult) -> None:
@@ -425,6 +426,7 @@ class CallJournal:
         task = asyncio.ensure_future(asyncio.to_thread(step))
         self._steps.add(task)
         task.add_done_callback(self._steps.discard)
+        task.add_done_callback(_seen)
         await asyncio.shield(task)
 
     def _count(self, outcome: str | None) -> None:
@@ -489,6 +491,14 @@ class _Done(Enum):
 
 
 _SAVED_AS = {Saved.WRITTEN: _Done.SAVED, Saved.KEPT: _Done.KEPT, Saved.ERASED: _Done.ERASED}
+
+
+def _seen(task: asyncio.Task[None]) -> None:
+    """Mark a shielded file step's failure as retrieved: its caller, when still waiting,
+    gets and logs it; one cancelled meanwhile (a stop) does not, and asyncio would log the
+    task's traceback as "never retrieved" at its collection, long after."""
+    if not task.cancelled():
+        task.exception()
 
 
 def call_id_of(name: str) -> str | None:
