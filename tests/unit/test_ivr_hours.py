@@ -535,6 +535,20 @@ def test_simulate_open_or_closed(
     assert ("transfer to sip:6200@127.0.0.1:5160" in text) is not closed
 
 
+@pytest.mark.parametrize(("at", "taken"), [("2020-06-01T10:00", False), ("2026-06-01T10:00", True)])
+def test_simulate_at_checks_dates_of_birth_against_that_day(
+    monkeypatch: pytest.MonkeyPatch, at: str, taken: bool
+) -> None:
+    # --at moved the opening hours only: a date of birth after the --at day (1 Feb 2021 on
+    # 1 June 2020) was taken, where a call on that day would have refused it as future.
+    monkeypatch.setenv("CLINIC_OPENING_HOURS", "mon-sun 00:00-24:00")
+    argv = [str(SHIPPED / "prescription.yaml"), "--at", at]
+    code, out = simulate_lines(argv, ["01022021#", ":hangup"])
+    assert code == 0
+    assert ("   values: {'dob': '01022021'}" in out) is taken, out
+    assert any(line.startswith("BOT: Sorry, I did not understand.") for line in out) is not taken
+
+
 def test_simulate_refuses_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:
     code, _ = simulate_lines(["6000", "--flows-dir", str(SHIPPED), "--at", "sunday"], [])
     assert code == 2

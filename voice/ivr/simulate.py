@@ -73,7 +73,7 @@ Enter, ":fail", ":unconfirmed", ":unanswered", or ":hangup": the caller hangs up
 the transfer is taken on). Prompts are printed as the caller would hear them; none once the
 caller has hung up.
 The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
---closed say.
+--closed say; --at is also the day a date of birth is checked against.
 """
 
 
@@ -318,14 +318,20 @@ def run(
         return 2
     hours = preview.hours
     at: datetime.datetime | None = args.at
+    if at is not None and at.tzinfo is None:
+        at = at.replace(tzinfo=hours.zone)
     open_as: bool | None = args.open_as
     if open_as is not None:
         is_open = open_as
     elif at is not None:
-        is_open = hours.is_open(at if at.tzinfo else at.replace(tzinfo=hours.zone))
+        is_open = hours.is_open(at)
     else:
         is_open = hours.is_open(time.time())
+    # --at is the call's moment for the dates too: a date of birth is checked against that
+    # day (not in the future), as a call then would check it.
+    day = at.astimezone(hours.zone).date() if at is not None else None
     params = FlowParams(
+        today=(lambda: day) if day is not None else datetime.date.today,
         open_now=lambda: is_open,
         opening_hours=hours,
         out_of_hours_number=preview.out_of_hours_number,
