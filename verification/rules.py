@@ -131,11 +131,7 @@ def _enter_step(
     if step >= len(v.channels):
         v = v.changed(step=len(v.channels), step_deadline=None, sending=False)
         if exhausted_fails:
-            return Transition(
-                _set_status(
-                    v, Status.FAILED, Event(EventKind.FAILED, now, None, "no channel could deliver")
-                )
-            )
+            return Transition(_failed_undelivered(v, now))
         return Transition(v)  # wait for a check until the verification expires
     channel = v.channels[step]
     if v.sends >= policy.max_sends:
@@ -145,6 +141,10 @@ def _enter_step(
             step_deadline=None,
             sending=False,
         )
+        if not _code_may_be_out(v):
+            # No send may leave any more (every step refuses one), and every code that left
+            # came back undeliverable: nothing can be typed in, as when the plan is used up.
+            return Transition(_failed_undelivered(v, now))
         return Transition(v)
     v = v.changed(step=step, step_deadline=now + policy.step_timeout_s[channel], sending=True)
     return Transition(v, send=channel)
@@ -229,17 +229,14 @@ def delivery(
         if (
             kind is DeliveryKind.UNDELIVERABLE
             and v.status is Status.PENDING
-            and v.step >= len(v.channels)
+            and (v.step >= len(v.channels) or v.sends >= policy.max_sends)
             and not _code_may_be_out(v)
         ):
-            # The plan was used up while this earlier code might still arrive: it has come
-            # back now, so every code that left did, and nothing is left to send or type in.
-            # Failed now, as when the last report comes on time, not pending till expiry.
-            return Transition(
-                _set_status(
-                    v, Status.FAILED, Event(EventKind.FAILED, now, None, "no channel could deliver")
-                )
-            )
+            # The plan was used up (or the send limit reached: no step may send again) while
+            # this earlier code might still arrive: it has come back now, so every code that
+            # left did, and nothing is left to send or type in. Failed now, as when the last
+            # report comes on time, not pending till expiry.
+            return Transition(_failed_undelivered(v, now))
         return Transition(v)
     if kind is DeliveryKind.UNDELIVERABLE:
         v = v.with_events(event)
@@ -278,6 +275,12 @@ def send_owed(v: Verification, since: float) -> Channel | None:
     if moves[-1].kind not in (EventKind.FALLBACK, EventKind.SKIPPED):
         return None
     return v.channels[v.step]
+
+
+def _failed_undelivered(v: Verification, now: float) -> Verification:
+    return _set_status(
+        v, Status.FAILED, Event(EventKind.FAILED, now, None, "no channel could deliver")
+    )
 
 
 def _code_may_be_out(v: Verification) -> bool:

@@ -699,10 +699,44 @@ def test_max_sends_reached_refuses_the_next_send(how: str) -> None:
         t = rules.request_fallback(v, T0 + 33, policy)
     nv = t.verification
     assert t.send is None
+    if how == "undeliverable":
+        # The one code that left came back, and no send may leave: nothing to wait for.
+        assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (
+            Status.FAILED,
+            1,
+            None,
+            False,
+        )
+        assert kinds(nv)[-2:] == [(EventKind.SEND_REFUSED, S), (EventKind.FAILED, None)]
+        assert "limit" in nv.events[-2].detail
+        return
     assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (Status.PENDING, 1, None, False)
     assert kinds(nv)[-1] == (EventKind.SEND_REFUSED, S)
     assert "limit" in nv.events[-1].detail
     assert rules.due_at(nv) == nv.expires_at
+
+
+def test_the_last_code_coming_back_once_the_send_limit_is_reached_fails_it() -> None:
+    """With CLINIC_MAX_SENDS reached no step may send again (a /fallback is refused too):
+    once every code that left came back undeliverable, late or on time, nothing can be
+    typed in. It stayed pending, no code out and no send possible, until it expired."""
+    one = Policy(max_sends=1)
+    v = started((S, V), policy=one)
+    v = rules.tick(v, T0 + 120, one).verification  # the SMS step timed out; voice refused
+    assert (v.status, kinds(v)[-1]) == (Status.PENDING, (EventKind.SEND_REFUSED, V))
+    late = rules.delivery(v, 0, DeliveryKind.UNDELIVERABLE, "gone", now=T0 + 130, policy=one)
+    assert late.verification.status is Status.FAILED
+    assert kinds(late.verification)[-2:] == [(EventKind.UNDELIVERABLE, S), (EventKind.FAILED, None)]
+    # A late "delivered" keeps it waiting for that code, as before.
+    kept = rules.delivery(v, 0, DeliveryKind.DELIVERED, "ok", now=T0 + 130, policy=one)
+    assert kept.verification.status is Status.PENDING
+    # Under the limit a send may still leave (a /fallback): a late report moves nothing.
+    three = Policy(max_sends=3)
+    w = started((S, V, F), policy=three)
+    w = rules.tick(w, T0 + 120, three).verification
+    w = rules.send_refused(w, 1, "too many sends to this number", T0 + 121).verification
+    still = rules.delivery(w, 0, DeliveryKind.UNDELIVERABLE, "gone", now=T0 + 130, policy=three)
+    assert still.verification.status is Status.PENDING
 
 
 def test_sends_are_counted_across_channels() -> None:

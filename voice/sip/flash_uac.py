@@ -245,7 +245,9 @@ class FlashUac(asyncio.DatagramProtocol):
         now = self._clock.monotonic()
         self._expire(now)
         try:
-            msg = message.parse(data)
+            # Strict, as at the front: a request from anyone on this socket is answered with
+            # its Via, From, To and Call-ID copied, a lone CR in them a line break there.
+            msg = message.parse(data, strict=True)
         except message.SipParseError as exc:
             log.info("flash calls: dropped an unparseable datagram from %s: %s", addr, exc)
             return

@@ -97,9 +97,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 def parse(data: bytes, *, strict: bool = False) -> SipMessage:
     """Parse one whole SIP message (as received in a datagram or framed off a stream).
 
-    ``strict`` (the front, which copies a request's headers into its answer): a control
-    character in the head is a :class:`SipParseError`. Without it (what pjsip accepted
-    already, a peer's answers to our own requests) one is kept: RFC 3261 25.1 allows an
+    ``strict`` (the front and the flash-call agent, which copy a request's headers into
+    their answers): a control character in the head is a :class:`SipParseError`. Without
+    it (what pjsip accepted already) one is kept: RFC 3261 25.1 allows an
     escaped one in a quoted string ("A\\<0x01>B" <sip:...>), and the worker must not lose a
     caller's Call-ID over a display name."""
     head, sep, body = data.partition(b"\r\n\r\n")
