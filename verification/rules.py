@@ -286,6 +286,13 @@ def _failed_undelivered(v: Verification, now: float) -> Verification:
 def _code_may_be_out(v: Verification) -> bool:
     # Channels are distinct in a plan, so a channel names its step; a step may send twice
     # (tick: a send that never reported), so sends and losses are counted, not just seen.
+    # A flash call that rang showed its caller-ID, the code, whatever it ended with after
+    # (a 603 when the user declined it, a 486): as for _under_way, it did its work.
+    if any(
+        e.kind in (EventKind.RINGING, EventKind.ANSWERED) and e.channel is Channel.FLASHCALL
+        for e in v.events
+    ):
+        return True
     sent = Counter(e.channel for e in v.events if e.kind is EventKind.DISPATCHED)
     lost = Counter(e.channel for e in v.events if e.kind is EventKind.UNDELIVERABLE)
     return any(n > lost[channel] for channel, n in sent.items())

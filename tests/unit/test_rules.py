@@ -345,6 +345,35 @@ def test_undeliverable_last_step_after_an_earlier_send_waits_for_that_code() -> 
     assert answer == CheckAnswer(Status.APPROVED, POLICY.max_checks)
 
 
+def test_a_flash_call_that_rang_then_was_declined_still_counts_as_shown() -> None:
+    """The second review: a flash call that rang showed its caller-ID, the code, even if the
+    user then declined it (603, reported undeliverable). When the SMS after it failed too,
+    the verification failed, and a check with the flash call's right code got "failed"."""
+    v = started((F, S))
+    v = rules.delivery(v, 0, DeliveryKind.RINGING, "180", now=T0 + 1, policy=POLICY).verification
+    v = rules.delivery(
+        v, 0, DeliveryKind.UNDELIVERABLE, "603", now=T0 + 3, policy=POLICY
+    ).verification
+    assert (v.status, v.step) == (Status.PENDING, 1), "on to the SMS"
+    v = sent(v, T0 + 3)
+    v = rules.delivery(
+        v, 1, DeliveryKind.UNDELIVERABLE, "gateway 500", now=T0 + 5, policy=POLICY
+    ).verification
+    assert v.status is Status.PENDING, "the flash call's code was shown: it waits for it"
+    _, answer = rules.check(v, True, T0 + 20, POLICY)
+    assert answer == CheckAnswer(Status.APPROVED, POLICY.max_checks)
+    # One that never rang (refused at once, 404) showed nothing: exhaustion fails as before.
+    w = started((F, S))
+    w = rules.delivery(
+        w, 0, DeliveryKind.UNDELIVERABLE, "404", now=T0 + 1, policy=POLICY
+    ).verification
+    w = sent(w, T0 + 1)
+    w = rules.delivery(
+        w, 1, DeliveryKind.UNDELIVERABLE, "gateway 500", now=T0 + 5, policy=POLICY
+    ).verification
+    assert w.status is Status.FAILED
+
+
 def test_the_earlier_code_coming_back_after_the_plan_is_used_up_fails_it() -> None:
     """tests/unit/test_prop_rules.py's author: once the last step's code came back and an
     earlier one might still arrive, the verification waits; when that one comes back too,
