@@ -14,7 +14,7 @@ import itertools
 import json
 import string
 
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sip_config.clock import FakeClock
@@ -167,8 +167,10 @@ def test_the_front_answers_any_datagram_with_a_response_or_nothing(
 @given(WIRE, st.sampled_from([None, 486, 503, 481, 200, 404]))
 def test_respond_gives_a_sip_status_for_any_request(data: bytes, target: int | None) -> None:
     msg = _parsed(data)
-    assume(msg is not None)
-    assert msg is not None
+    if msg is None:
+        # Nothing to answer. Not assume(): most random bytes do not parse, and the deep
+        # profile's random search then failed the filter_too_much health check.
+        return
     reply = front.respond(msg, target, tcp=False)
     if reply is not None:
         assert 100 <= message.parse(reply).status <= 999
