@@ -67,6 +67,17 @@ def _pointer(*parts: str) -> str:
     return "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
+class StoredCall:
+    """What ``CallSession._store`` reads of a SIP call: its id, caller and called number
+    (the tests of the store step need no SIP)."""
+
+    caller = "+31612345678"
+    called = "700"
+
+    def __init__(self, call_id: str) -> None:
+        self.id = call_id
+
+
 @dataclass
 class OpenApiCollector:
     """Validates every response seen against ``/openapi.json`` and remembers what failed.

@@ -27,6 +27,7 @@ from clinic_voice.metrics import Metrics
 from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from tests.conftest import RedisServer
+from tests.integration.conftest import StoredCall
 from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, CallRecord
@@ -39,18 +40,9 @@ from voice.sip.pool import CallHandle
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
 SECRET = b"s" * 32
-CALLER = "+31612345678"
+CALLER = StoredCall.caller
 RECORD = CallRecord("triage", (), (("complaint", "rash"),), None, (), None, "6100", "transferred")
 DEADLINE_S = 10.0
-
-
-class _Call:
-    """What ``CallSession._store`` reads of a SIP call."""
-
-    def __init__(self, call_id: str) -> None:
-        self.id = call_id
-        self.caller = CALLER
-        self.called = "700"
 
 
 class _Serve:
@@ -92,7 +84,7 @@ class _Serve:
             end=journal.end,
             taken=journal.taken,
         )
-        session = CallSession(cast(CallHandle, _Call(call_id)), replace(base, **deps))
+        session = CallSession(cast(CallHandle, StoredCall(call_id)), replace(base, **deps))
         session._started_at = time.time() - 60
         return session
 

@@ -21,7 +21,7 @@ from clinic_voice import clinic_line as clinic_line_module
 from clinic_voice.app import RUNTIME, Runtime
 from clinic_voice.clinic_line import ClinicLine
 from tests.conftest import RedisServer
-from tests.integration.conftest import CALLS_KEY, Api, StartService
+from tests.integration.conftest import CALLS_KEY, Api, StartService, StoredCall
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, CallRecord
 from voice.ivr.flow import FlowSet
@@ -33,18 +33,9 @@ from voice.sip.pool import CallHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
-CALLER = "+31612345678"
+CALLER = StoredCall.caller
 RECORD = CallRecord("triage", (), (("complaint", "rash"),), None, (), None, None, "ended")
 DEADLINE_S = 10.0
-
-
-class _Call:
-    """What ``CallSession._store`` reads of a SIP call."""
-
-    def __init__(self, call_id: str) -> None:
-        self.id = call_id
-        self.caller = CALLER
-        self.called = "700"
 
 
 async def _line(api: Api) -> ClinicLine:
@@ -58,7 +49,7 @@ async def _line(api: Api) -> ClinicLine:
 async def _call_ends(line: ClinicLine, call_id: str) -> None:
     """The call's record is stored as at its end (saved, or kept on disk)."""
     assert line._deps is not None
-    session = CallSession(cast(CallHandle, _Call(call_id)), line._deps)
+    session = CallSession(cast(CallHandle, StoredCall(call_id)), line._deps)
     session._started_at = time.time() - 60
     async with asyncio.timeout(DEADLINE_S):
         await session._store(RECORD)
