@@ -51,21 +51,17 @@ class _SlowRecogniser:
         return PartialResult("예")
 
 
+def _deps(**given: Any) -> SessionDeps:
+    """Deps of a session whose tests reach only ``given`` (the rest unused)."""
+    unused: Any = None
+    names = ("engine", "flowset", "renderer", "speech", "post_webhook", "save_recording")
+    base = dict.fromkeys((*names, "save", "keep", "clock"), unused)
+    return SessionDeps(**{**base, **given})
+
+
 async def test_a_partial_result_of_a_dropped_recogniser_does_not_stop_the_next_prompt() -> None:
     call = _Call()
-    unused: Any = None
-    deps = SessionDeps(
-        engine=unused,
-        flowset=unused,
-        renderer=unused,
-        speech=unused,
-        post_webhook=unused,
-        save_recording=unused,
-        save=unused,
-        keep=unused,
-        clock=unused,
-    )
-    session = CallSession(cast(CallHandle, call), deps)
+    session = CallSession(cast(CallHandle, call), _deps())
     rec = _SlowRecogniser()
     session._recogniser = cast(Recogniser, rec)
     session._recogniser_for = ("triage_ko", "breathing")
@@ -117,18 +113,7 @@ async def test_speech_follows_the_language_of_the_flow_the_call_is_in_now() -> N
     params = FlowParams(speech_enabled=True, speech_language="en")
     speech = _Speech()
     call = _ListeningCall()
-    unused: Any = None
-    deps = SessionDeps(
-        engine=eng.Engine(flowset, params),
-        flowset=flowset,
-        renderer=unused,
-        speech=cast(Any, speech),
-        post_webhook=unused,
-        save_recording=unused,
-        save=unused,
-        keep=unused,
-        clock=unused,
-    )
+    deps = _deps(engine=eng.Engine(flowset, params), flowset=flowset, speech=speech)
     session = CallSession(cast(CallHandle, call), deps)
     # What run() set for a call routed to the Korean line, where the session read it (no
     # longer: set here so that a session reading it again fails this test).
