@@ -196,6 +196,41 @@ async def test_each_call_is_counted_once_as_its_copy_written_ahead_ends(tmp_path
     assert counted == ["ended"]
 
 
+async def test_the_copy_written_ahead_is_gone_for_good_before_its_call_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its delete unfsynced, a power cut after the count could bring the copy back, and the
+    # next start would count the call again: the folder is fsynced after the unlink, in the
+    # step's thread, before on_counted. So is a replayed record's, not to be replayed again.
+    folder = tmp_path / "unsaved-calls"
+    seen: list[tuple[str, list[str]]] = []
+
+    def files() -> list[str]:
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def fsync(path: Path) -> None:
+        assert path == folder
+        seen.append(("fsync", files()))
+
+    journal = CallJournal(
+        folder, _journal(folder)._store, on_counted=lambda _: seen.append(("counted", files()))
+    )
+    await journal.write_ahead(_result("in-taken"))
+    await journal.write_ahead(_result("in-kept"))
+    monkeypatch.setattr(journal_module, "fsync_folder", fsync)
+    await journal.taken(_result("in-taken"))
+    assert seen == [("fsync", ["in-kept.ahead"]), ("counted", ["in-kept.ahead"])]
+    seen.clear()
+    await journal.keep(_result("in-kept"))  # write_private fsyncs the kept record's rename
+    assert seen == [("fsync", ["in-kept.sealed"]), ("counted", ["in-kept.sealed"])]
+    seen.clear()
+    await journal.taken(_result("in-never-written"))  # its write ahead failed: nothing to do
+    assert seen == [("counted", ["in-kept.sealed"])]
+    seen.clear()
+    assert await journal.replay(T0 + 400 * DAY_S) == Replayed(expired=1)  # no Redis asked
+    assert seen == [("fsync", [])]
+
+
 async def test_a_keep_waits_for_its_calls_write_ahead_still_in_its_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
