@@ -25,11 +25,13 @@ def reply_values(body: bytes) -> dict[str, str]:
     (null, lists, objects) are left out, and so are numbers that are no number: Python's
     json reads ``NaN`` and ``Infinity`` (not JSON: RFC 8259 section 6) and a number past a
     double's range (``1e999``) as such, which would be "nan" or "inf" for a flow to speak or
-    branch on. An empty body, one that is not JSON, or JSON that is not an object gives no
-    values: the request arrived, which is the step's success.
+    branch on; and so is an integer longer than Python reads from text (4,300 digits by
+    default, ``sys.set_int_max_str_digits``), which failed the whole reply. An empty body, one
+    that is not JSON, or JSON that is not an object gives no values: the request arrived,
+    which is the step's success.
     """
     try:
-        data: Any = json.loads(body) if body.strip() else {}
+        data: Any = json.loads(body, parse_int=_int_or_none) if body.strip() else {}
     except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
         return {}
     except RecursionError:  # nested deeper than json's C decoder goes ('{"a": ' * 2000)
@@ -45,6 +47,14 @@ def reply_values(body: bytes) -> dict[str, str]:
         elif isinstance(value, str | int | float):
             out[str(name)] = str(value)
     return out
+
+
+def _int_or_none(digits: str) -> int | None:
+    """A JSON integer, or None (left out, as null is) past Python's int-from-text limit."""
+    try:
+        return int(digits)
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        return None
 
 
 def unconfigured(flowset: FlowSet, urls: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
