@@ -267,7 +267,7 @@ def test_the_tester_picks_how_a_transfer_ends(
     )
     assert code == 0
     after = out[out.index("   transfer to sip:6200@127.0.0.1:5160") + 1 :]
-    assert after[0] == line, out
+    assert after[:2] == ["   (ringing)", line], out  # the ring tone until the answer
     bot = [text for text in after if text.startswith("BOT: ")]
     if said is None:
         assert bot == [], out
@@ -463,7 +463,7 @@ def test_a_webhook_after_a_webhook_the_caller_hung_up_during_still_runs(tmp_path
     code, out = run([str(tmp_path / "two.yaml")], [":hangup", "", ""])
     assert code == 0, out
     assert [line for line in out if line.startswith("   webhook scheduling")] == [
-        "   webhook scheduling: {}"
+        "   webhook scheduling: {'call_id': 'simulated', 'caller': 'simulated'}"
     ] * 2
     assert "   outcome: booked" in out, out
     assert not [line for line in out if line.startswith("BOT: ")], out
@@ -526,6 +526,9 @@ PRESCRIPTION = ["01021990#", "1234#"]
         ((":silence", ":silence"), "transfer_staff", None),
         ((":fail",), "transfer_staff", None),
         ((":hangup",), "caller_hung_up", None),
+        # "#" after the beep ends the recording, nothing said (was: a message kept)
+        (("#",), "prescription_requested", "test.wav"),  # asked again, then a message
+        (("#", "12 #"), "transfer_staff", None),
     ],
 )
 def test_script_call_ends_a_recording_as_the_simulator_does(
@@ -550,10 +553,42 @@ def test_script_call_ends_a_recording_as_the_simulator_does(
     assert f"   outcome: {outcome}" in out, out
 
 
+def test_a_recording_follows_its_beep_and_a_hash_after_it_ends_it() -> None:
+    # voice/ivr/session.py plays a beep, then records; a "#" then ends the recording (and
+    # reaches nobody), other keys change nothing. The simulator showed no beep and took a
+    # "#" typed at the recording line for a kept message.
+    prompts: list[str] = []
+    feed = iter([*PRESCRIPTION, "12", "#", ""])
+    out: list[str] = []
+
+    def read(prompt: str) -> str:
+        prompts.append(prompt)
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    code = main(["prescription", "--flows-dir", str(SHIPPED)], read, out.append)
+    assert code == 0, out
+    recording = out.index("   (recording up to 60 s)")
+    assert out[recording - 1] == "   (beep)", out
+    assert out[recording + 1 : recording + 4] == [
+        "   (keys do nothing during a recording, but # ends it)",
+        "   (# ends the recording: nothing said before it, no message)",
+        "BOT: Sorry, I did not hear a message. After the tone, say the name and strength of"
+        " each medicine you need. Press hash when you are done.",
+    ], out
+    assert out.count("   (beep)") == 2, out  # and before the second try
+    assert sum(p.startswith("recording (") for p in prompts) == 3, prompts
+    assert "   outcome: prescription_requested" in out, out
+
+
 def test_script_call_refuses_an_unknown_recording_ending() -> None:
     engine = Engine(load_flows(SHIPPED), FlowParams())
     with pytest.raises(ValueError, match="not a recording ending"):
         script_call(engine, "prescription", PRESCRIPTION, recordings=[":silent"])
+    with pytest.raises(ValueError, match="not a recording ending"):
+        script_call(engine, "prescription", PRESCRIPTION, recordings=["12"])  # no "#"
 
 
 def test_speech_is_for_the_flows_in_the_models_language(

@@ -63,15 +63,18 @@ prompt plays) or words (a speech result with confidence 1.0; "~0.3 yes" gives co
 0.3; at a question that takes no speech, a keypad one, a digits entry, or any without
 --speech, nothing listens for words on a call: the question times out, as ":silence").
 ":silence" is a listen timeout, ":hangup" hangs up, ":values" shows what was
-collected. Webhooks ask for a reply ("key=value ...", ":fail" or ":timeout"; ":hangup":
-the caller hangs up while it runs, and the reply is asked for next), recordings for what
-was recorded (Enter: a message, ":silence" or ":fail": not saved, ":hangup": the caller
-hangs up at the beep and leaves none). Transfers end as --transfer says: answered (ok, the
-default), fails (as --transfer-fails), unconfirmed (no answer in time: the clinic will call
-back), unanswered (a PBX took the caller and reached nobody), or ask (a line per transfer:
-Enter, ":fail", ":unconfirmed", ":unanswered", or ":hangup": the caller hangs up before
-the transfer is taken on). Prompts are printed as the caller would hear them; none once the
-caller has hung up.
+collected. Webhooks show their values (with the call_id and caller a call adds, both
+"simulated" here) and ask for a reply ("key=value ...", ":fail" or ":timeout"; ":hangup":
+the caller hangs up while it runs, and the reply is asked for next), recordings, after the
+beep, for what was recorded (Enter: a message, ":silence" or ":fail": not saved,
+":hangup": the caller hangs up at the beep and leaves none; keys: a "#" ends the recording
+there, nothing said, other keys do nothing; keys typed ahead arrive before the beep ends,
+when "#" ends nothing). Transfers ring, and end as --transfer says: answered (ok, the default),
+fails (as --transfer-fails), unconfirmed (no answer in time: the clinic will call back),
+unanswered (a PBX took the caller and reached nobody), or ask (a line per transfer: Enter,
+":fail", ":unconfirmed", ":unanswered", or ":hangup": the caller hangs up before the
+transfer is taken on). Prompts and tones are printed as the caller would hear them; none
+once the caller has hung up.
 The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
 --closed say; --at is also the day a date of birth is checked against.
 """
@@ -130,16 +133,36 @@ def transfer_events(ending: TransferEnding | None) -> list[Event]:
 
 
 # The endings of a recording (recording_events), as script_call takes them: a message (""),
-# none said, one not saved, a hang-up at the beep.
+# none said, one not saved, a hang-up at the beep; and keys that hold a "#" (_ended_by_hash).
 _RECORDING_REPLIES = frozenset({"", ":silence", ":fail", ":hangup"})
+# What a real call adds to a webhook's values (voice/ivr/session.py), as the simulator shows.
+SIMULATED_CALL_VALUES = {"call_id": "simulated", "caller": "simulated"}
+
+
+def _keys(text: str) -> bool:
+    """Whether ``text`` is keys only (some, and white space)."""
+    return bool(text.strip()) and all(ch in DTMF or ch.isspace() for ch in text)
+
+
+def _ended_by_hash(reply: str) -> bool:
+    """Whether a recording reply is keys that end the recording (``#``, RECORD_TERMINATOR in
+    voice/ivr/session.py)."""
+    return _keys(reply) and "#" in reply
 
 
 def recording_events(
     reply: str, *, ref: str = "simulated.wav", duration_s: float = 5
 ) -> list[Event]:
     """What the session tells the engine for a recording the tester describes by ``reply``
-    (Enter: a message, ``:silence``, ``:fail`` or ``:hangup``; anything else is a message,
-    kept as ``ref``, ``duration_s`` long)."""
+    (Enter: a message, ``:silence``, ``:fail`` or ``:hangup``; keys that hold a ``#``: the
+    caller ends the recording there, having said nothing; anything else is a message, kept
+    as ``ref``, ``duration_s`` long)."""
+    if _ended_by_hash(reply):
+        # voice/ivr/session.py: after the beep, "#" ends the recording and reaches nobody;
+        # other keys reach the engine, which takes none while it records. Pressed at once,
+        # the recording holds no speech: silent, as a call's would be.
+        keys: list[Event] = [Digit(ch) for ch in reply if ch in DTMF and ch != "#"]
+        return [*keys, RecordDone(silent=True)]
     if reply == ":silence":  # nothing said after the beep (or only noise)
         return [RecordDone(silent=True)]
     if reply == ":fail":  # spoken, but it could not be saved
@@ -499,12 +522,15 @@ def _show(
         what = "keys" + (" or speech" if action.speech else "")
         output_fn(f"   (listening for {what}, {action.timeout_s:g} s)")
     elif isinstance(action, PostWebhook):
-        output_fn(f"   webhook {action.url_key}: {dict(action.values)}")
+        # As voice/ivr/session.py posts them: the call's id and caller over the flow's own.
+        output_fn(f"   webhook {action.url_key}: {dict(action.values) | SIMULATED_CALL_VALUES}")
         return _ask_webhook(input_fn, output_fn)
     elif isinstance(action, TransferCall):
         output_fn(f"   transfer to {action.uri}")
         for name, value in action.headers:
             output_fn(f"   {name}: {value}")
+        # voice/ivr/session.py plays a ring tone from the REFER until the transfer's answer.
+        output_fn("   (ringing)")
         ending = _ask_transfer(input_fn, output_fn) if transfer is TransferEnding.ASK else transfer
         if ending is None:
             output_fn("   (the caller hung up before the transfer was taken on)")
@@ -512,18 +538,27 @@ def _show(
             output_fn(_TRANSFER_ENDINGS[ending][1])
         return transfer_events(ending)
     elif isinstance(action, RecordAudio):
+        # The session's beep (voice/ivr/session.py), and the recording after it.
+        output_fn("   (beep)")
         output_fn(f"   (recording up to {action.max_s} s)")
         # Asked, as a webhook's reply is: a message that was always kept hid what a caller
         # hears when it is not (silence, a full disk), e.g. "please call again later" after
         # a failed transfer's message for a call back (--transfer-fails).
-        try:
-            reply = input_fn(
-                "recording (Enter: a message, :silence, :fail or :hangup at the beep)> "
-            ).strip()
-        except EOFError:
-            reply = ""
+        while True:
+            try:
+                reply = input_fn(
+                    "recording (Enter: a message, :silence, :fail, :hangup at the beep, "
+                    "or keys: # ends it)> "
+                ).strip()
+            except EOFError:
+                reply = ""
+            if not _keys(reply) or _ended_by_hash(reply):
+                break
+            output_fn("   (keys do nothing during a recording, but # ends it)")
         if reply == ":hangup":
             output_fn("   (the caller hung up at the beep: no message)")
+        elif _ended_by_hash(reply):
+            output_fn("   (# ends the recording: nothing said before it, no message)")
         return recording_events(reply)
     elif isinstance(action, Store):
         rec = action.record
@@ -599,7 +634,8 @@ def script_call(
     each transfer takes the next answer as its ending (``""``, ``:fail``, ``:unconfirmed``,
     ``:unanswered`` or ``:hangup``). The call's recordings end as ``recordings`` say, in
     turn, as the simulator's recording line does (``""``: a message, kept as ``test.wav``;
-    ``:silence``, ``:fail`` or ``:hangup`` at the beep); those past them keep a message.
+    ``:silence``, ``:fail``, ``:hangup`` at the beep, or keys holding a ``#``: nothing
+    said); those past them keep a message.
     Words at a question that takes no speech go unheard: its timeout, as in the simulator.
     Once the caller has hung up, the actions that need the caller are not carried out (nor
     listed). Stops when the call ends or the answers run out while the engine listens (or a
@@ -607,7 +643,7 @@ def script_call(
     """
     endings = deque(recordings)
     for ending in endings:
-        if ending not in _RECORDING_REPLIES:
+        if ending not in _RECORDING_REPLIES and not _ended_by_hash(ending):
             raise ValueError(f"not a recording ending: {ending!r}")
     state, actions = engine.start(engine.flowset.get(flow_id))
     seen: list[Action] = list(actions)
