@@ -436,18 +436,11 @@ class ClinicLine:
 
     async def _replay_journal(self, journal: CallJournal, lost: list[str]) -> None:
         """Save the records kept on disk to Redis: at start, then every 30 s; and those of
-        the calls an earlier serve was running when it died (``lost``, read at start).
-
-        The kept records first: serve killed while a call's own record was being saved
-        leaves that record written ahead (kept, and the call counted, by ``leftovers`` at
-        this start) and the call's live record both, and the
-        live one (saved only where Redis holds no record of the call) must then not be
-        recorded, nor counted, as a cut call before the call's own record lands over it."""
+        the calls an earlier serve was running when it died (``lost``, read at start), only
+        after the kept records (:meth:`CallJournal.replay_all` says why)."""
         while True:
             try:
-                await journal.replay(self._rt.clock.now())
-                if lost:
-                    lost = await journal.replay_lost(lost, self._rt.clock.now())
+                lost = await journal.replay_all(lost, self._rt.clock.now())
             except Exception:  # the next round tries again: the records stay on disk
                 log.exception("replaying the call records kept on disk failed")
             await asyncio.sleep(REPLAY_EVERY_S)

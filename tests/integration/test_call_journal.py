@@ -126,7 +126,8 @@ async def test_a_record_redis_does_not_take_in_time_is_kept_then_replayed(
         await _session("in-kept", store, journal)._store(RECORD)
     _assert_kept_private(tmp_path / FOLDER, "in-kept", store)
 
-    assert await journal.replay(time.time()) == Replayed(left=1)  # Redis still down: kept
+    kept = Replayed(left=1, stopped=True)
+    assert await journal.replay(time.time()) == kept  # Redis still down: kept
     assert (tmp_path / FOLDER / "in-kept.sealed").exists()
 
     await asyncio.to_thread(redis_server.restart)
@@ -296,7 +297,7 @@ async def test_a_record_a_full_redis_refuses_is_kept_then_replayed(
     async with asyncio.timeout(5):
         await _session("in-full", store, journal)._store(RECORD)
     _assert_kept_private(tmp_path / FOLDER, "in-full", store)
-    assert await journal.replay(time.time()) == Replayed(left=1)  # still full: kept
+    assert await journal.replay(time.time()) == Replayed(left=1, stopped=True)  # still full: kept
 
     await asyncio.to_thread(redis_server.unfill)
     assert await journal.replay(time.time()) == Replayed(saved=1)
@@ -769,3 +770,36 @@ async def test_a_call_redis_took_as_its_save_was_cut_short_counts_once(
     assert not (settings.data_dir / FOLDER / "in-raced.ahead").exists()
     got = await store.get("in-raced")
     assert got is not None and got["outcome"] == "transferred"
+
+
+class _FlappingStore(CallStore):
+    """Redis failing one save, then back at once (a dropped connection, say)."""
+
+    fail_next = True
+
+    async def save_sealed(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail_next:
+            self.fail_next = False
+            raise CallStoreUnavailable("connection dropped")
+        return await super().save_sealed(*args, **kwargs)
+
+
+async def test_a_live_record_waits_for_a_replay_redis_cut_short(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    # serve died while a call's own record was being saved: that record is kept, and its
+    # live record is there too. The replay's save of the kept record fails, and Redis is
+    # back for the next save: the live record must not be saved first, recording the call
+    # as cut (and counting it) under its own record.
+    store = _FlappingStore(mux, SECRET, retention_days=30)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    now = time.time()
+    lost = CallRecord("triage", (), (), None, (), None, None, LOST_OUTCOME)
+    await journal.begin(CallResult("in-flap", CALLER, "700", now - 60, now - 60, lost))
+    await journal.keep(_result("in-flap", now))
+    assert await journal.replay_all(["in-flap"], now) == ["in-flap"]
+    assert await store.get("in-flap") is None, "nothing saved while the kept record waits"
+    assert await journal.replay_all(["in-flap"], now) == []
+    got = await store.get("in-flap")
+    assert got is not None and got["outcome"] == "transferred"
+    assert not (tmp_path / LIVE_FOLDER / "in-flap.sealed").exists()

@@ -99,6 +99,7 @@ class Replayed:
     expired: int = 0
     left: int = 0
     erased: int = 0
+    stopped: bool = False  # Redis failed before every record was tried: some wait for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +296,19 @@ class CallJournal:
         self._on_disk.found_at_start(kept, cut)
         return cut
 
+    async def replay_all(self, call_ids: list[str], now: float) -> list[str]:
+        """:meth:`replay`, then :meth:`replay_lost` of ``call_ids`` (the ids left for the
+        next try), only once the replay tried every kept record. serve killed while a call's
+        own record was being saved leaves that record kept (by :meth:`leftovers`) and the
+        call's live record both; the live one is saved only where Redis holds no record of
+        the call, so it must wait for the kept one to land, or it is recorded, and counted, as
+        a cut call. A replay stopped by Redis leaves kept records untried: Redis back a moment
+        later would take the live record first."""
+        replayed = await self.replay(now)
+        if call_ids and not replayed.stopped:
+            return await self.replay_lost(call_ids, now)
+        return call_ids
+
     async def replay_lost(self, call_ids: list[str], now: float) -> list[str]:
         """Save the records of ``call_ids`` (from :meth:`leftovers`) that Redis does not hold
         yet, never over one it holds (that call's own record got there first), and delete
@@ -349,7 +363,9 @@ class CallJournal:
                     exc,
                     REPLAY_EVERY_S,
                 )
-                return Replayed(saved, expired, left + tally.unreadable_kept(), erased)
+                return Replayed(
+                    saved, expired, left + tally.unreadable_kept(), erased, stopped=True
+                )
             if done is not _Done.UNREADABLE:
                 tally.deleted(call_id)  # its file went (or had gone meanwhile)
             if done is _Done.UNREADABLE:
