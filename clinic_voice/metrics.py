@@ -215,7 +215,7 @@ class Metrics:
         # Fed by serve's SIP pool (clinic_voice/wiring.py), as refused_busy in calls above.
         self.sip_worker_restarts = Counter(
             "clinic_sip_worker_restarts_total",
-            "SIP worker processes restarted after they died (each after its backoff)",
+            "SIP worker processes restarted after they died or froze (each after its backoff)",
         )
         self.sip_kept_for_callers = Counter(
             "clinic_sip_outbound_kept_for_callers_total",

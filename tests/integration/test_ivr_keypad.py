@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -40,6 +41,7 @@ from voice.media.audio_match import rank
 from voice.media.pcm import Pcm, bytes_to_samples, read_wav, resample, samples_to_bytes
 from voice.media.tones import BEEP, RINGBACK
 from voice.media.tts import PromptRenderer
+from voice.sip.pool import WORKER_SILENT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -673,6 +675,57 @@ async def test_a_call_cut_by_a_dying_worker_is_not_recorded_as_the_callers_hang_
     async with asyncio.timeout(20):
         while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
             await asyncio.sleep(0.05)
+
+
+def calls_counted(metrics: str, outcome: str) -> int:
+    """``clinic_calls_total`` for ``outcome`` in a /metrics text (0 when absent)."""
+    m = re.search(rf'^clinic_calls_total{{outcome="{outcome}"}} (\d+)$', metrics, re.M)
+    return int(m.group(1)) if m else 0
+
+
+async def test_a_call_on_a_frozen_worker_is_recorded_once_and_the_next_caller_gets_through(
+    line: ClinicLine,
+) -> None:
+    # A stopped worker (SIGSTOP) keeps its pipes open: no end of file. The pool used to
+    # never notice: the call was not recorded until the 30-minute cap, its slot stayed
+    # taken, and the front went on redirecting callers to the frozen worker.
+    pool = line.app[RUNTIME].sip_pool
+    assert pool is not None
+    before = await line.call_ids()
+    scrape = await line.api.request("GET", "/metrics", key=None)
+    lost_before = calls_counted(scrape.text, "cut_worker_lost")
+    async with phones() as started:
+        caller = await Phone.start("caller", "--call", line.uri("6000"), "--duration", "8")
+        started.append(caller)
+        await caller.wait_for("media", CALL_S)
+        holding = [w.process for w in pool._workers if w.calls]
+        assert len(holding) == 1 and holding[0] is not None, "no worker holds the call"
+        pid = holding[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            record = await line.new_record(before, deadline_s=WORKER_SILENT_S + 10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # the old code: let the module's line go on
+        await caller.finish(CALL_S)
+    assert record["outcome"] == "cut_worker_lost", record
+    assert pool.stats()["calls_in_flight"] == 0, "the lost call still holds its slot"
+    async with asyncio.timeout(20):
+        while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
+            await asyncio.sleep(0.05)
+    assert pid not in pool.worker_pids(), "the frozen worker was not replaced"
+
+    # The next two callers get through (the front picks among both workers, the new one too).
+    for _ in range(2):
+        before = await line.call_ids()
+        async with phones() as started:
+            nxt = await Phone.start("caller", "--call", line.uri("6000"), "--duration", "2")
+            started.append(nxt)
+            await nxt.wait_for("media", CALL_S)
+            await nxt.finish(CALL_S)
+        assert (await line.new_record(before))["outcome"] == "caller_hung_up"
+    scrape = await line.api.request("GET", "/metrics", key=None)
+    assert calls_counted(scrape.text, "cut_worker_lost") == lost_before + 1, "counted once"
 
 
 # 2 prescription; date of birth and patient number typed ahead (the message's prompt follows).

@@ -19,11 +19,12 @@ import pytest
 from clinic_voice.metrics import Metrics
 from clinic_voice.wiring import new_sip_pool
 from sip_config.clock import SystemClock
+from sip_config.settings import HostPort
 from tests.conftest import SIPP_OTHER_SOCKETS, sip_settings
 from voice.sip import message
 from voice.sip.media_thread import IDLE_SLACK_NS
 from voice.sip.outcome import CallOutcome
-from voice.sip.pool import OutboundCall, PoolBusyError, SipPool
+from voice.sip.pool import WORKER_SILENT_S, OutboundCall, PoolBusyError, SipPool
 from voice.sip.protocol import CallEvent, CallState, PlaceCall, WorkerStatus, decode, encode
 
 pytestmark = pytest.mark.integration
@@ -372,6 +373,48 @@ async def test_worker_killed_mid_call(tmp_path: Path) -> None:
             again = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=0.5))
             assert await again.wait_ended(5) is CallOutcome.CANCELLED_AFTER_RING
     finally:
+        await pool.stop()
+
+
+async def test_frozen_workers_are_noticed_killed_and_restarted(tmp_path: Path) -> None:
+    """SIGSTOP, not SIGKILL: a frozen worker keeps its pipes open, so its end of file never
+    comes. One holds a ringing flash call, the other none; the pool must notice both (they
+    answer no Ping), end the call as worker_lost (else it waited for ever, its slot held),
+    stop sending callers to them and restart them."""
+    metrics = Metrics()
+    pool = new_sip_pool(sip_settings(2), metrics, SystemClock())  # as serve makes it
+    await pool.start()
+    frozen = pool.worker_pids()
+    try:
+        async with sipp_uas("sipp_uas_ring.xml", tmp_path, calls=2) as uas:
+            # 30 s of ringing: only the pool can end this call within the test's deadlines.
+            first = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=30))
+            while True:
+                ev = await first.next_event(5)
+                if isinstance(ev, CallEvent) and ev.state is CallState.RINGING:
+                    break
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            assert await first.wait_ended(WORKER_SILENT_S + 5) is CallOutcome.WORKER_LOST
+            assert first.cut == "worker_lost"
+            assert loop.time() - t0 < WORKER_SILENT_S + 2, "noticed too late"
+            async with asyncio.timeout(10):
+                while not (pool.ready() and pool.stats()["restarts"] == 2):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert not set(pool.worker_pids()) & set(frozen), "a frozen worker is still used"
+            assert pool.stats()["calls_in_flight"] == 0, "the lost call still holds its slot"
+            assert "\nclinic_sip_worker_restarts_total 2\n" in metrics.render()
+            ports = {a.port for a in pool.worker_addresses()}
+            target = pool.pick_inbound("after-the-freeze@test")
+            assert isinstance(target, HostPort) and target.port in ports, target
+            again = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=0.5))
+            assert await again.wait_ended(5) is CallOutcome.CANCELLED_AFTER_RING
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # the old code never did; reaped by the pool
         await pool.stop()
 
 

@@ -39,6 +39,7 @@ from voice.sip.protocol import (
     Hangup,
     IncomingCall,
     MessageResult,
+    Ping,
     PlaceCall,
     PlaceFailed,
     Play,
@@ -459,6 +460,9 @@ class Engine:
             return
         if isinstance(cmd, Shutdown):
             self.stopping = True
+            return
+        if isinstance(cmd, Ping):
+            self.emit(self.status())  # from the owner thread: it runs
             return
         call = self._calls.get(cmd.call_id)
         if call is None or call.ended:

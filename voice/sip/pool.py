@@ -5,7 +5,9 @@ spread over ``CLINIC_SIP_WORKERS`` processes (:mod:`voice.sip.worker`), each tal
 over its stdin/stdout (:mod:`voice.sip.protocol`). The pool hands each outbound call to a
 worker with a free slot, routes every event to the :class:`CallHandle` of its call, gives each
 inbound call to the registered handler in its own task, and restarts a worker that dies
-(backoff 0.2 s doubling to 5 s): the calls it held end with ``worker_lost``, never a hang.
+(backoff 0.2 s doubling to 5 s): the calls it held end with ``worker_lost``, never a hang. A
+worker silent for ``PING_EVERY_S`` is pinged and one silent for ``WORKER_SILENT_S`` (frozen:
+its pipes stay open, so no end of file says it) is killed, and then restarted as a dead one.
 An inbound call refused for want of a slot (486) is handed to the ``on_busy`` hook and logged,
 at most once a minute; each worker restart to ``on_restart``, and each outbound call not placed
 because the free slots were the callers' (below) to ``on_kept_for_callers`` (serve counts them
@@ -47,6 +49,7 @@ from voice.sip.protocol import (
     Hangup,
     IncomingCall,
     MessageResult,
+    Ping,
     PlaceCall,
     PlaceFailed,
     Play,
@@ -75,6 +78,15 @@ _HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backof
 _START_TIMEOUT_S = 30.0  # 16 workers on 2 loaded cores took 15 s once
 _START_TIMEOUT_PER_WORKER_S = 0.5  # more workers start in more time: 256 get 128 s
 _ACK_TIMEOUT_S = 5.0
+# A worker that is up but stopped (SIGSTOP, a debugger) or whose owner thread hangs keeps its
+# pipes open: no end of file tells the pool, its calls would never end (their slots held, a
+# flash call's verification waiting for its step's timeout, a caller on a silent line) and
+# the front would go on redirecting callers to it. So each worker silent for PING_EVERY_S is
+# sent a Ping, which its owner thread answers at its next pump (500 ms at most, idle), and
+# one silent for WORKER_SILENT_S (as long as a PlaceCall's acknowledgement may take) is
+# killed: its calls end worker_lost and it is restarted.
+PING_EVERY_S = 1.0
+WORKER_SILENT_S = 5.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
 _REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
@@ -345,6 +357,7 @@ class _Worker:
     # time): without them a burst of INVITEs was all redirected to the same worker.
     reserved: dict[str, float] = field(default_factory=dict)
     started_at: float = 0.0
+    heard_at: float = 0.0  # loop time of the worker's last line (see WORKER_SILENT_S)
     failures: int = 0
     calls: dict[str, CallHandle] = field(default_factory=dict)
     acks: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
@@ -421,6 +434,9 @@ class SipPool:
             async with asyncio.timeout(limit):
                 for w in self._workers:
                     await w.started.wait()
+            watch = asyncio.create_task(self._watch(), name="sip-worker-watch")
+            self._tasks.add(watch)
+            watch.add_done_callback(self._tasks.discard)
         except BaseException as exc:
             # Also cancelled (a stop during serve's start-up): the workers started so far
             # are stopped here, since the caller only stops a pool that started.
@@ -766,13 +782,46 @@ class SipPool:
         if w.process is not None and w.process.returncode is None:
             w.process.kill()
 
+    async def _watch(self) -> None:
+        """Ping the workers that have been silent a while; kill those silent too long (they
+        are frozen: see WORKER_SILENT_S), so their calls end and they are restarted."""
+        # The loop's clock, as the acknowledgement's timeout: a process's silence is real
+        # time, and a test's clock moved ahead must not get the workers killed.
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while self._running:
+            await asyncio.sleep(PING_EVERY_S)
+            now = loop.time()
+            # This loop itself was held up (so were the readers: the workers' lines may be
+            # waiting unread): judge nobody on this round.
+            stalled, last = now - last > 2 * PING_EVERY_S, now
+            for w in self._workers:
+                if not w.up or w.process is None or w.process.returncode is not None:
+                    continue
+                silent = now - w.heard_at
+                if silent >= WORKER_SILENT_S and not stalled:
+                    log.error(
+                        "SIP worker %s (pid %s) answered nothing for %.1f s: frozen, killing "
+                        "it (%s call(s) on it)",
+                        w.index,
+                        w.process.pid,
+                        silent,
+                        len(w.calls),
+                    )
+                    self._kill(w)
+                elif silent >= PING_EVERY_S:
+                    w.send(Ping())
+
     async def _read(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        w.heard_at = loop.time()
         try:
             while True:
                 line = await proc.stdout.readline()
                 if not line:
                     break
+                w.heard_at = loop.time()
                 try:
                     ev = decode(line)
                 except ProtocolError as exc:

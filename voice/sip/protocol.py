@@ -118,6 +118,13 @@ class Shutdown:
     """Hang up everything and exit."""
 
 
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Say you are alive: the worker answers with its :class:`WorkerStatus` from its owner
+    thread. A worker stopped (SIGSTOP), or whose owner thread hangs, keeps its pipes open,
+    so its end of file never comes: only the missing answer tells the pool."""
+
+
 # -- events (worker -> pool) --------------------------------------------------------------
 
 
@@ -240,7 +247,16 @@ class Registered:
 
 
 Command = (
-    PlaceCall | Answer | Play | StopPlay | StartListen | Hangup | Transfer | SendMessage | Shutdown
+    PlaceCall
+    | Answer
+    | Play
+    | StopPlay
+    | StartListen
+    | Hangup
+    | Transfer
+    | SendMessage
+    | Shutdown
+    | Ping
 )
 Event = (
     CallEvent
