@@ -35,6 +35,7 @@ from verification.wire import render_event
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Clinic-Signature"
+_DEFAULT_PORTS: dict[str, int] = {"http": 80, "https": 443}
 POLL_S = 0.25
 LEASE_S = 60.0  # at least: a job's lease outlives its POST (CLINIC_WEBHOOK_TIMEOUT_S + 30 s)
 # Deliveries run side by side, each to its end, and new jobs are leased while others are in
@@ -196,10 +197,13 @@ class WebhookSender:
         return unproven < UNPROVEN_SHARE
 
     def _origin(self, job: dict[str, Any] | None) -> str:
-        """Where a job goes (scheme://host:port), to share the room out; "" when unreadable."""
+        """Where a job goes (scheme://host:port), to share the room out; "" when unreadable.
+        The port a URL leaves out is its scheme's (``http://h/`` and ``http://h:80/`` are one
+        receiver, and share one PER_ORIGIN)."""
         try:
             parts = urlsplit((job or {}).get("callback_url") or self._s.webhook_url)
-            return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+            return f"{parts.scheme}://{parts.hostname}:{port or ''}"
         except (ValueError, AttributeError, TypeError):
             return ""
 

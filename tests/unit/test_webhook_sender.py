@@ -207,6 +207,23 @@ def test_the_shares(
     assert sender._has_room("next", 0.0) is starts
 
 
+@pytest.mark.parametrize(
+    ("url", "origin"),
+    [
+        ("http://h.example/hook", "http://h.example:80"),
+        ("http://H.Example:80/other", "http://h.example:80"),  # one receiver: one share
+        ("HTTP://h.example:8080/", "http://h.example:8080"),
+        ("https://h.example/", "https://h.example:443"),
+        ("https://h.example:443/x?y", "https://h.example:443"),
+        ("http://[::1]/", "http://::1:80"),
+        ("http://h.example:99999/", ""),  # unreadable: the empty origin
+    ],
+)
+def test_an_origin_is_its_scheme_host_and_port(tmp_path: Path, url: str, origin: str) -> None:
+    sender = _sender(tmp_path, FakeQueue(), FakeClient(), FakeClock())
+    assert sender._origin({"callback_url": url}) == origin
+
+
 # -- what each answer comes to ------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("status", "outcome", "logged"),
