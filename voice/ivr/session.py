@@ -259,21 +259,47 @@ class CallSession:
             log.exception("call %s: session failed", self._h.id)
             cut = "error"
         finally:
-            if not self._h.ended:
-                await self._h.hangup()
-            if not self._result_saved and self._state is not None:
-                # Not the caller's doing unless the call's end says so.
-                hangup = eng.HangUp(self._h.cut or cut)
-                state, actions = self._d.engine.handle(self._state, hangup)
-                await self._store_from(actions, state)
-            pump.cancel()
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self._private_wavs:
-                left, self._private_wavs = list(self._private_wavs.values()), {}
-                await asyncio.to_thread(_unlink_all, left)
-            await self._end_live()
+            try:
+                if not self._h.ended:
+                    await self._h.hangup()
+                if not self._result_saved and self._state is not None:
+                    # Not the caller's doing unless the call's end says so.
+                    hangup = eng.HangUp(self._h.cut or cut)
+                    state, actions = self._d.engine.handle(self._state, hangup)
+                    await self._store_from(actions, state)
+            finally:
+                await self._wind_up(pump)
+
+    async def _wind_up(self, pump: asyncio.Task[None]) -> None:
+        """End the call's tasks, delete its private prompts, then its live record.
+
+        Carried out to its end through one cancellation of the call's task: pool.stop's may
+        come while the call is already ending (its record being saved, its live record's last
+        write landing). Cut short, the SIP pump and the call's tasks ran on with nobody to
+        await them, and the live record's delete was left to a task that the process's exit
+        cancels: the file stayed, and the next start took the call for one a dead ``serve``
+        cut (``cut_service_lost``). A second cancellation stops the wait, as it stops
+        ``_store``'s.
+        """
+        pump.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        ending = asyncio.ensure_future(self._wound_up())
+        try:
+            await asyncio.shield(ending)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling() > 1:
+                raise
+            await asyncio.shield(ending)
+            raise
+
+    async def _wound_up(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._private_wavs:
+            left, self._private_wavs = list(self._private_wavs.values()), {}
+            await asyncio.to_thread(_unlink_all, left)
+        await self._end_live()
 
     # -- the live record (voice/ivr/live_record.py) ----------------------------------------------
     def _begin(self, flow_id: str) -> None:
