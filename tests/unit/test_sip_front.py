@@ -450,3 +450,23 @@ def test_a_control_character_in_a_header_is_dropped_not_copied_into_the_answer(
     assert front_module._answer(raw, Picks(), answered, tcp=False, others=others) is None
     tab = invite().replace(b"From: ", b"From:\t")
     assert message.parse(tab, strict=True).get("From"), "HTAB is whitespace, not a control"
+
+
+@pytest.mark.parametrize(
+    ("to", "answered"),
+    [
+        ("<sip:6000@h>;TAG=x", "<sip:6000@h>;TAG=x"),
+        ("<sip:6000@h> ; tag=x", "<sip:6000@h> ; tag=x"),
+        ("sip:6000@h;tag=x", "sip:6000@h;tag=x"),
+        ("<sip:6000@h;tag=u>", "<sip:6000@h;tag=u>;tag=NEW"),
+        ('"a;tag=b" <sip:6000@h>', '"a;tag=b" <sip:6000@h>;tag=NEW'),
+    ],
+    ids=["upper case", "spaces", "addr-spec", "URI parameter", "display name"],
+)
+def test_the_to_tag_is_the_headers_own_parameter(to: str, answered: str) -> None:
+    # Found by tests/unit/test_prop_front.py: the front looked for ";tag=" anywhere in the To.
+    # ";TAG=x" or " ; tag=x" is a tag (7.3.1, 25.1) and got a second one; a tag inside the <>
+    # is a URI parameter (20.10) and the response went out with no To tag (8.2.6.2).
+    raw = invite().replace(b"To: <sip:6000@127.0.0.1:5060>", f"To: {to}".encode())
+    out = message.serialise_response(message.parse(raw), 486, to_tag="NEW")
+    assert message.parse(out).get("To") == answered

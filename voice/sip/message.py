@@ -158,7 +158,7 @@ def serialise_response(
     lines += [f"Via: {v}" for v in request.get_all("Via")]
     lines.append(f"From: {request.get('From') or ''}")
     to = request.get("To") or ""
-    if to_tag and ";tag=" not in to:
+    if to_tag and header_tag(to) is None:  # a To with a tag is copied as it is (8.2.6.2)
         to = f"{to};tag={to_tag}"
     lines.append(f"To: {to}")
     lines.append(f"Call-ID: {request.get('Call-ID') or ''}")
@@ -166,6 +166,22 @@ def serialise_response(
     lines += [f"{n}: {v}" for n, v in extra]
     lines.append("Content-Length: 0")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def header_tag(value: str) -> str | None:
+    """The ``tag`` parameter of a From or To value, None when it has none.
+
+    Only the header's own parameters count: in a name-addr those after the ``>`` (a
+    ``tag`` inside the ``<>`` is a URI parameter, section 20.10). A parameter's name is
+    case-insensitive and a ``;`` may have whitespace around it (sections 7.3.1 and 25.1):
+    ``;TAG=x`` or `` ; tag=x`` is a tag, where the front added a second one.
+    """
+    params = value.rpartition(">")[2] if "<" in value else value
+    for part in params.split(";")[1:]:
+        name, _, tag = part.partition("=")
+        if name.strip().lower() == "tag":
+            return tag.strip()
+    return None
 
 
 _URI_USER = re.compile(r"sips?:([^@;>\s]+)@", re.IGNORECASE)
