@@ -41,7 +41,7 @@ from voice.media.audio_match import rank
 from voice.media.pcm import Pcm, bytes_to_samples, read_wav, resample, samples_to_bytes
 from voice.media.tones import BEEP, RINGBACK
 from voice.media.tts import PromptRenderer
-from voice.sip.pool import WORKER_SILENT_S
+from voice.sip.pool import WORKER_SILENT_S, SipPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -666,15 +666,20 @@ async def test_a_call_cut_by_a_dying_worker_is_not_recorded_as_the_callers_hang_
         caller = await Phone.start("caller", "--call", line.uri("6000"), "--duration", "8")
         started.append(caller)
         await caller.wait_for("media", CALL_S)
-        holding = [w.process for w in pool._workers if w.calls]
-        assert len(holding) == 1 and holding[0] is not None, "no worker holds the call"
-        os.kill(holding[0].pid, signal.SIGKILL)
+        os.kill(_pid_holding_the_call(pool), signal.SIGKILL)
         record = await line.new_record(before)
         await caller.finish(CALL_S)
     assert record["outcome"] == "cut_worker_lost", record
     async with asyncio.timeout(20):
         while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
             await asyncio.sleep(0.05)
+
+
+def _pid_holding_the_call(pool: SipPool) -> int:
+    """The pid of the one worker that holds a call."""
+    holding = [w.process for w in pool._workers if w.calls]
+    assert len(holding) == 1 and holding[0] is not None, "no worker holds the call"
+    return holding[0].pid
 
 
 def calls_counted(metrics: str, outcome: str) -> int:
@@ -698,9 +703,7 @@ async def test_a_call_on_a_frozen_worker_is_recorded_once_and_the_next_caller_ge
         caller = await Phone.start("caller", "--call", line.uri("6000"), "--duration", "8")
         started.append(caller)
         await caller.wait_for("media", CALL_S)
-        holding = [w.process for w in pool._workers if w.calls]
-        assert len(holding) == 1 and holding[0] is not None, "no worker holds the call"
-        pid = holding[0].pid
+        pid = _pid_holding_the_call(pool)
         os.kill(pid, signal.SIGSTOP)
         try:
             record = await line.new_record(before, deadline_s=WORKER_SILENT_S + 10)
