@@ -158,3 +158,44 @@ async def test_a_stopped_agent_refuses_calls_and_ends_those_ringing(
     assert not uac.ready
     with pytest.raises(Exception, match="not running"):
         await uac.place_call(call)
+
+
+async def test_a_fork_answering_after_the_call_ended_gets_its_own_ack_and_bye(
+    uac: FlashUac, peer: Peer
+) -> None:
+    # Found by tests/unit/test_prop_flash_dialog.py: once an answered call had ended, a 2xx
+    # of another fork of its INVITE got the first fork's ACK back (the wrong To tag) and no
+    # BYE (RFC 3261 13.2.2.4), so that phone stayed off hook.
+    handle = await uac.place_call(
+        OutboundCall(
+            target_uri=f"sip:+14155556001@127.0.0.1:{peer.port}",
+            caller_id="+447400123456",
+            flash=True,
+            ring_s=5,
+            answer_timeout_s=5,
+        )
+    )
+    invite, addr = await peer.expect("INVITE")
+
+    def answer(tag: str) -> bytes:
+        contact = ("Contact", f"<sip:{tag}@127.0.0.1:{peer.port}>")
+        return message.serialise_response(invite, 200, to_tag=tag, extra=(contact,))
+
+    peer.send(answer("one"), addr)
+    bye, _ = await peer.expect("BYE")
+    peer.send(message.serialise_response(bye, 200), addr)
+    events = [ev async for ev in handle.events]
+    assert events[-1].outcome is CallOutcome.ANSWERED and uac.live_calls == 0
+    peer.send(answer("two"), addr)
+    ack, _ = await peer.expect("ACK")
+    assert (ack.get("To") or "").endswith(";tag=two")
+    bye, _ = await peer.expect("BYE")
+    assert (bye.get("To") or "").endswith(";tag=two")
+    assert bye.uri == f"sip:two@127.0.0.1:{peer.port}"
+    peer.send(message.serialise_response(bye, 200), addr)
+    await asyncio.sleep(0)
+    peer.send(answer("two"), addr)  # our ACK was lost: an ACK again, no second BYE
+    again, _ = await peer.receive()
+    assert again.method == "ACK" and again.get("To") == ack.get("To")
+    with pytest.raises(TimeoutError):
+        await peer.receive(timeout=0.3)

@@ -365,3 +365,96 @@ def test_a_cseq_of_thousands_of_digits_is_ignored_not_a_value_error() -> None:
     )
     assert events(dialog.on_response(message.parse(raw), 100.1)) == []
     assert dialog.phase is Phase.CALLING
+
+
+def _answer(invite: message.SipMessage, tag: str) -> message.SipMessage:
+    contact = ("Contact", f"<sip:{tag}@127.0.0.1:40000>")
+    return message.parse(message.serialise_response(invite, 200, to_tag=tag, extra=(contact,)))
+
+
+def test_every_fork_that_answers_gets_its_own_ack_and_bye() -> None:
+    # Found by tests/unit/test_prop_flash_dialog.py: a forked INVITE answered by two phones
+    # ACKed the second 2xx and never sent it a BYE (RFC 3261 13.2.2.4): that phone stayed
+    # off hook until its session timer.
+    dialog, step = make()
+    (invite,) = sent(step)
+    _, bye_a = sent(dialog.on_response(_answer(invite, "a"), 100.1))
+    out = dialog.on_response(_answer(invite, "b"), 100.2)
+    ack_b, bye_b = sent(out)
+    assert out.events == []
+    assert ack_b.method == "ACK" and ack_b.uri == "sip:b@127.0.0.1:40000"
+    assert bye_b.method == "BYE" and bye_b.uri == "sip:b@127.0.0.1:40000"
+    assert (bye_b.get("To") or "").endswith(";tag=b") and bye_b.get("Via") != bye_a.get("Via")
+    assert [m.method for m in sent(dialog.on_response(_answer(invite, "b"), 100.3))] == ["ACK"]
+    assert dialog.on_response(reply(bye_a, 200), 100.4).events == [] and not dialog.done
+    again = dialog.on_timer(100.2 + T1_S)  # timer E: only the unanswered BYE again
+    assert again.send == [out.send[1]]
+    out = dialog.on_response(reply(bye_b, 200), 100.9)
+    assert events(out) == [(CallState.ENDED, 200, CallOutcome.ANSWERED)]
+    assert dialog.phase is Phase.DONE
+    # A fork that answers after the end still gets its ACK and BYE, and no event.
+    out = dialog.on_response(_answer(invite, "c"), 101.0)
+    assert [m.method for m in sent(out)] == ["ACK", "BYE"] and out.events == []
+
+
+def test_a_ringing_overtaken_by_the_answer_reports_no_ringing_after_it() -> None:
+    # Found by tests/unit/test_prop_flash_dialog.py: a 180 that UDP delivered after the 200
+    # reported ``ringing`` after ``answered``; the INVITE transaction ended with the 2xx.
+    dialog, step = make()
+    (invite,) = sent(step)
+    out = dialog.on_response(_answer(invite, "a"), 100.1)
+    assert events(out) == [(CallState.ANSWERED, 200, None)]
+    late = dialog.on_response(reply(invite, 180), 100.2)
+    assert late.events == [] and late.send == []
+    assert dialog.phase is Phase.HANGING_UP
+
+
+def test_a_ring_that_ends_while_a_challenged_invite_is_resent_still_ends_the_call() -> None:
+    # Found by tests/unit/test_prop_flash_dialog.py: a 180, then a 401 (the INVITE sent again
+    # with credentials), and the ring time passed before the new INVITE had a provisional
+    # response: no CANCEL could go, and the new INVITE's 180 then left the call with no
+    # timer at all, ringing until the far end gave up.
+    dialog, step = make(user="clinic", password="clinic-local-secret")
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    challenge = ("WWW-Authenticate", 'Digest realm="asterisk", nonce="n1"')
+    _, invite2 = sent(dialog.on_response(reply(invite, 401, challenge), 100.2))
+    out = dialog.on_timer(100.01 + RING_S)
+    assert "CANCEL" not in [m.method for m in sent(out)]  # section 9.1
+    assert events(out) == [(CallState.ENDED, 0, CallOutcome.CANCELLED_AFTER_RING)]
+    out = dialog.on_response(reply(invite2, 180), 102.5)
+    assert [m.method for m in sent(out)] == ["CANCEL"] and out.events == []
+    assert dialog.deadline is not None
+    out = dialog.on_response(reply(invite2, 487), 102.6)
+    assert [m.method for m in sent(out)] == ["ACK"] and dialog.done
+
+
+def _other_branch(response: message.SipMessage) -> message.SipMessage:
+    raw = message.serialise_response(response, response.status)  # a copy, then re-branched
+    return message.parse(raw.replace(b"branch=z9hG4bK", b"branch=z9hG4bKother"))
+
+
+def test_responses_to_another_cancel_or_bye_stop_nothing() -> None:
+    # The CANCEL's and the BYE's responses were taken by method alone: one of another
+    # transaction (a wrong branch) stopped the CANCEL, or ended the call and its BYE.
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    (cancel,) = sent(dialog.on_timer(100.01 + RING_S))
+    dialog.on_response(_other_branch(reply(cancel, 200)), 102.1)
+    assert [m.method for m in sent(dialog.on_timer(102.01 + T1_S))] == ["CANCEL"]
+    dialog, step = make()
+    (invite,) = sent(step)
+    _, bye = sent(dialog.on_response(_answer(invite, "a"), 100.1))
+    assert dialog.on_response(_other_branch(reply(bye, 200)), 100.2).events == []
+    assert not dialog.done
+    assert [m.method for m in sent(dialog.on_timer(100.1 + T1_S))] == ["BYE"]
+
+
+def test_a_final_error_after_the_answer_is_acked_and_the_bye_goes_on() -> None:
+    dialog, step = make()
+    (invite,) = sent(step)
+    dialog.on_response(_answer(invite, "a"), 100.1)
+    out = dialog.on_response(reply(invite, 486), 100.2)
+    assert [m.method for m in sent(out)] == ["ACK"] and out.events == []
+    assert [m.method for m in sent(dialog.on_timer(100.1 + T1_S))] == ["BYE"]

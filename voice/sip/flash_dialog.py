@@ -25,8 +25,10 @@ What it does, and what it deliberately does not:
   still retransmitted until timer B and a late provisional response is cancelled then (no
   CANCEL before a provisional response: section 9.1);
 - an answer (2xx, also one racing the CANCEL) is ACKed and hung up with BYE at once
-  (``answered``); a final error is ACKed and mapped by
-  :func:`~voice.sip.outcome.outcome_for_status`;
+  (``answered``); a forked INVITE answered by several phones gets an ACK and a BYE (each
+  on timer E until answered, timer F) for every To tag, even a 2xx that comes after the call
+  ended, and the call ends when every BYE is answered; a final error is ACKed and mapped by
+  :func:`~voice.sip.outcome.outcome_for_status` (after a 2xx it is only ACKed);
 - one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
   auth user, as the repository's Asterisk does); a second challenge is a final error;
 - 3xx is a final error (a flash call is not redirected), no SDP is ever sent (an answer with an
@@ -83,6 +85,17 @@ class Local:
 
 
 @dataclass(slots=True)
+class _Bye:
+    """The BYE of one answered fork (one To tag), retransmitted on timer E until timer F."""
+
+    raw: bytes
+    branch: str
+    resend_at: float
+    give_up_at: float
+    interval: float = T1_S
+
+
+@dataclass(slots=True)
 class Step:
     """What one input produced: datagrams to send (to the call's next hop) and events."""
 
@@ -104,6 +117,11 @@ def _uri_of(name_addr: str) -> str:
     if not m:
         return ""
     return (m.group(1) or m.group(2) or "").strip()
+
+
+def _tag(name_addr: str) -> str:
+    """The header's own tag (not a URI parameter inside ``<>``); "" when it has none."""
+    return message.header_tag(name_addr) or ""
 
 
 def _top_branch(msg: message.SipMessage) -> str:
@@ -149,6 +167,8 @@ class FlashDialog:
         self._branch = ""
         self._challenged = False
         self._acks: dict[int, bytes] = {}  # CSeq -> the ACK of that INVITE's final error
+        self._answers: set[str] = set()  # the To tags of the 2xx s (a forked INVITE: several)
+        self._byes: dict[str, _Bye] = {}  # To tag -> its BYE, while unanswered
         # Timers, each None when not running.
         self._retransmit_at: float | None = None
         self._interval = T1_S
@@ -188,10 +208,15 @@ class FlashDialog:
                     step.send.append(earlier)  # a final of the challenged INVITE, again
                 return step
             self._on_invite_response(msg, status, now, step)
-        elif method in {"CANCEL", "BYE"} and status >= 200:
-            if method == "BYE" and self.phase is Phase.HANGING_UP:
-                self._finish(step)
-            elif method == "CANCEL" and self.phase is Phase.CANCELLING:
+        elif method == "BYE" and status >= 200:
+            branch = _top_branch(msg)
+            for tag, bye in list(self._byes.items()):
+                if bye.branch == branch:
+                    del self._byes[tag]
+            self._after_bye(step)
+        elif method == "CANCEL" and status >= 200:
+            ours = number == self._cseq and _top_branch(msg) == self._branch
+            if ours and self.phase is Phase.CANCELLING:
                 # The CANCEL is answered: stop sending it; the INVITE's 487 ends the call.
                 self._retransmit_at = None
         self._reschedule()
@@ -203,9 +228,10 @@ class FlashDialog:
         if msg.method == "ACK":
             return None, step
         if msg.method == "BYE" and self._answered:
-            if self.phase is Phase.HANGING_UP:
-                self._finish(step)
-                self._reschedule()
+            # The far end hung up first: its dialog needs no BYE of ours.
+            self._byes.pop(_tag(msg.get("From") or ""), None)
+            self._after_bye(step)
+            self._reschedule()
             return message.serialise_response(msg, SipStatus.OK), step
         return message.serialise_response(msg, SipStatus.CALL_DOES_NOT_EXIST), step
 
@@ -219,7 +245,12 @@ class FlashDialog:
                 self._ring_end = None
                 self._answer_by = None
                 self._cancelled_by_us = True
-                self._cancel(now, step)
+                if self.phase is Phase.PROCEEDING:
+                    self._cancel(now, step)
+                else:
+                    # It rang, then a challenge: the INVITE sent again has no provisional
+                    # response yet, so no CANCEL may go (section 9.1); its late one is.
+                    self._end(0, step)
             if self._answer_by is not None and now >= self._answer_by:
                 self._answer_by = None
                 self._ring_end = None
@@ -230,11 +261,23 @@ class FlashDialog:
                 # is reported now; the INVITE goes on until timer B, and a late provisional
                 # response is cancelled.
                 self._end(0, step)
-            if self._retransmit_at is not None and now >= self._retransmit_at:
-                step.send.append(self._pending_out)
-                cap = T2_S if self.phase in {Phase.CANCELLING, Phase.HANGING_UP} else TIMER_B_S
-                self._interval = min(self._interval * 2, cap)
-                self._retransmit_at = now + self._interval
+            for tag, bye in list(self._byes.items()):
+                if now >= bye.give_up_at:
+                    del self._byes[tag]  # timer F
+                elif now >= bye.resend_at:
+                    step.send.append(bye.raw)
+                    bye.interval = min(bye.interval * 2, T2_S)
+                    bye.resend_at = now + bye.interval
+            self._after_bye(step)
+        if (
+            self.phase is not Phase.DONE
+            and self._retransmit_at is not None
+            and now >= self._retransmit_at
+        ):
+            step.send.append(self._pending_out)
+            cap = T2_S if self.phase is Phase.CANCELLING else TIMER_B_S
+            self._interval = min(self._interval * 2, cap)
+            self._retransmit_at = now + self._interval
         self._reschedule()
         return step
 
@@ -272,6 +315,11 @@ class FlashDialog:
         return step
 
     @property
+    def answered(self) -> bool:
+        """True once a 2xx came (a 2xx of another fork may still come: ACK and BYE it)."""
+        return self._answered
+
+    @property
     def done(self) -> bool:
         """True once nothing more will be sent or reported for this call."""
         return self.phase is Phase.DONE
@@ -282,13 +330,15 @@ class FlashDialog:
         self, msg: message.SipMessage, status: int, now: float, step: Step
     ) -> None:
         if status < 200:
+            if self._answered:
+                return  # overtaken by a 2xx, which ended the INVITE transaction
             if self.phase is Phase.CALLING:
                 self.phase = Phase.PROCEEDING
                 self._retransmit_at = None  # timer A stops on a provisional response
                 self._give_up_at = None
             self._provisional = True
-            if self._timed_out and self.phase is Phase.PROCEEDING:
-                self._cancel(now, step)  # the answer timeout passed before this came
+            if (self._timed_out or self._cancelled_by_us) and self.phase is Phase.PROCEEDING:
+                self._cancel(now, step)  # the call ended before this came
                 return
             if status in (SipStatus.RINGING, SipStatus.SESSION_PROGRESS) and not self._rang:
                 self._rang = True
@@ -307,6 +357,8 @@ class FlashDialog:
         )
         step.send.append(self.ack)
         self._acks[self._cseq] = self.ack
+        if self._answered:
+            return  # the INVITE ended with the 2xx; the BYEs go on
         if (
             status in (401, 407)
             and not self._challenged
@@ -327,7 +379,11 @@ class FlashDialog:
     def _on_answer(
         self, msg: message.SipMessage, to: str, status: int, now: float, step: Step
     ) -> None:
-        """A 2xx: ACK it (a new transaction, to the remote target) and hang up with BYE."""
+        """A 2xx: ACK it (a new transaction, to the remote target) and hang up with BYE.
+
+        Each To tag is a dialog of its own (a forked INVITE, section 13.2.2.4): each gets
+        its ACK and its BYE, also after the call ended."""
+        tag = _tag(to)
         first = not self._answered
         self._answered = True
         self._to_header = to
@@ -338,20 +394,25 @@ class FlashDialog:
             "ACK", contact, self._cseq, self._new_branch(), to=to, extra=route_headers
         )
         step.send.append(self.ack)
-        if not first:
+        if tag in self._answers:
             return  # a retransmitted 2xx: the ACK again, the BYE is already on its way
-        self._ring_end = self._answer_by = None
-        if not self._ended:
-            step.events.append(self._event(CallState.ANSWERED, status, None))
-        self._final_status = status
+        self._answers.add(tag)
+        if first:
+            if not self._ended:
+                step.events.append(self._event(CallState.ANSWERED, status, None))
+            self._final_status = status
+        # The INVITE (or the CANCEL) transaction is over: only the BYEs are waited for.
+        self._ring_end = self._answer_by = self._retransmit_at = self._give_up_at = None
         self.phase = Phase.HANGING_UP
-        self._pending_out = self._request(
-            "BYE", contact, self._cseq + 1, self._new_branch(), to=to, extra=route_headers
-        )
-        step.send.append(self._pending_out)
-        self._interval = T1_S
-        self._retransmit_at = now + T1_S
-        self._give_up_at = now + TIMER_B_S
+        branch = self._new_branch()
+        bye = self._request("BYE", contact, self._cseq + 1, branch, to=to, extra=route_headers)
+        self._byes[tag] = _Bye(bye, branch, now + T1_S, now + TIMER_B_S)
+        step.send.append(bye)
+
+    def _after_bye(self, step: Step) -> None:
+        """Every BYE answered (or given up): the answered call is over."""
+        if self.phase is Phase.HANGING_UP and not self._byes:
+            self._finish(step)
 
     def _cancel(self, now: float, step: Step) -> None:
         """CANCEL the INVITE (same Request-URI, Call-ID, From, CSeq number and branch)."""
@@ -397,6 +458,7 @@ class FlashDialog:
     def _done_with_transactions(self) -> None:
         self.phase = Phase.DONE
         self._retransmit_at = self._give_up_at = self._ring_end = self._answer_by = None
+        self._byes.clear()
 
     def _reschedule(self) -> None:
         times = [
@@ -404,6 +466,7 @@ class FlashDialog:
             for t in (self._retransmit_at, self._give_up_at, self._ring_end, self._answer_by)
             if t is not None
         ]
+        times += [min(b.resend_at, b.give_up_at) for b in self._byes.values()]
         self.deadline = min(times) if times else None
 
     # -- building requests --------------------------------------------------------------------

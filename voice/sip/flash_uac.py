@@ -4,7 +4,9 @@
 The socket is bound to the port after the SIP workers' (``CLINIC_SIP_ADDR`` port + workers +
 1; a free port when ``CLINIC_SIP_ADDR`` has port 0) on the same host, so a PBX that knows the
 service's address range knows this one too. Responses are matched to their call by Call-ID;
-a final response retransmitted after its call ended gets its ACK again for 32 s (timer D).
+a final response retransmitted after its call ended gets its ACK again for 32 s (timer D),
+and an answered call's dialog is kept as long, so that a 2xx of another fork of its INVITE
+still gets its own ACK and BYE (RFC 3261 13.2.2.4).
 Requests are answered statelessly: a BYE inside an answered flash call 200, OPTIONS 200,
 anything else for a call that is not here 481, and a new INVITE 403 (calls to the service go
 to ``CLINIC_SIP_ADDR``).
@@ -88,7 +90,8 @@ class FlashUac(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._local: Local | None = None
         self._live: dict[str, _Live] = {}  # SIP Call-ID -> live call
-        self._finished: dict[str, tuple[bytes, Address]] = {}  # Call-ID -> (ACK, next hop)
+        # Call-ID -> (ACK, next hop, the call if it was answered, until when it is kept)
+        self._finished: dict[str, tuple[bytes, Address, _Live | None, float]] = {}
         self._expiry: deque[tuple[float, str]] = deque()  # (when, Call-ID) of _finished
         self._dns: dict[str, tuple[str, float]] = {}
         self._ids = 0
@@ -227,14 +230,20 @@ class FlashUac(asyncio.DatagramProtocol):
         self._live.pop(call_id, None)
         ack = live.dialog.ack
         if ack is not None:
-            self._finished[call_id] = (ack, live.addr)
-            self._expiry.append((self._clock.monotonic() + TIMER_D_S, call_id))
+            until = self._clock.monotonic() + TIMER_D_S
+            # Only an answered call can be answered again (by another fork): the dialog of
+            # every other call is dropped, its ACK is enough.
+            kept = live if live.dialog.answered else None
+            self._finished[call_id] = (ack, live.addr, kept, until)
+            self._expiry.append((until, call_id))
 
     def _expire(self, now: float) -> None:
         expiry = self._expiry
         while expiry and expiry[0][0] <= now:
             _, call_id = expiry.popleft()
-            self._finished.pop(call_id, None)
+            entry = self._finished.get(call_id)
+            if entry is not None and entry[3] <= now:  # not finished again since
+                del self._finished[call_id]
 
     # -- the socket -------------------------------------------------------------------------------
 
@@ -257,8 +266,16 @@ class FlashUac(asyncio.DatagramProtocol):
             if live is not None:
                 self._apply(live, live.dialog.on_response(msg, now))
             elif msg.status >= 200 and call_id in self._finished:
-                ack, hop = self._finished[call_id]
-                self._send(ack, hop)
+                ack, hop, kept, _ = self._finished[call_id]
+                if kept is None:
+                    self._send(ack, hop)
+                    return
+                # The dialog ACKs a 2xx again, and sends a new fork's 2xx its BYE.
+                step = kept.dialog.on_response(msg, now)
+                if not kept.dialog.done:
+                    del self._finished[call_id]
+                    self._live[call_id] = kept
+                self._apply(kept, step)
             return
         reply: bytes | None
         if live is not None:
