@@ -41,7 +41,8 @@ from voice.media.audio_match import rank
 from voice.media.pcm import Pcm, bytes_to_samples, read_wav, resample, samples_to_bytes
 from voice.media.tones import BEEP, RINGBACK
 from voice.media.tts import PromptRenderer
-from voice.sip.pool import WORKER_SILENT_S, SipPool
+from voice.sip import pool as pool_module
+from voice.sip.pool import SipPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -689,11 +690,12 @@ def calls_counted(metrics: str, outcome: str) -> int:
 
 
 async def test_a_call_on_a_frozen_worker_is_recorded_once_and_the_next_caller_gets_through(
-    line: ClinicLine,
+    line: ClinicLine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A stopped worker (SIGSTOP) keeps its pipes open: no end of file. The pool used to
     # never notice: the call was not recorded until the 30-minute cap, its slot stayed
     # taken, and the front went on redirecting callers to the frozen worker.
+    monkeypatch.setattr(pool_module, "WORKER_SILENT_S", 5.0)  # serve's 30 s, shortened
     pool = line.app[RUNTIME].sip_pool
     assert pool is not None
     before = await line.call_ids()
@@ -706,7 +708,7 @@ async def test_a_call_on_a_frozen_worker_is_recorded_once_and_the_next_caller_ge
         pid = _pid_holding_the_call(pool)
         os.kill(pid, signal.SIGSTOP)
         try:
-            record = await line.new_record(before, deadline_s=WORKER_SILENT_S + 10)
+            record = await line.new_record(before, deadline_s=5.0 + 10)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)  # the old code: let the module's line go on

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,12 +23,23 @@ from sip_config.clock import SystemClock
 from sip_config.settings import HostPort
 from tests.conftest import SIPP_OTHER_SOCKETS, sip_settings
 from voice.sip import message
+from voice.sip import pool as pool_module
 from voice.sip.media_thread import IDLE_SLACK_NS
 from voice.sip.outcome import CallOutcome
-from voice.sip.pool import WORKER_SILENT_S, OutboundCall, PoolBusyError, SipPool
+from voice.sip.pool import PING_EVERY_S, OutboundCall, PoolBusyError, SipPool
 from voice.sip.protocol import CallEvent, CallState, PlaceCall, WorkerStatus, decode, encode
 
 pytestmark = pytest.mark.integration
+
+# The watch's limit in these tests: 5 s, not serve's 30 s (which leaves room for a DNS lookup
+# in a worker's owner thread), so a frozen worker is noticed within the tests' deadlines.
+WORKER_SILENT_S = 5.0
+
+
+@pytest.fixture
+def quick_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "WORKER_SILENT_S", WORKER_SILENT_S)
+
 
 PEERS = Path(__file__).resolve().parents[1] / "peers"
 CALLER = "+447400123456"
@@ -376,7 +388,9 @@ async def test_worker_killed_mid_call(tmp_path: Path) -> None:
         await pool.stop()
 
 
-async def test_frozen_workers_are_noticed_killed_and_restarted(tmp_path: Path) -> None:
+async def test_frozen_workers_are_noticed_killed_and_restarted(
+    tmp_path: Path, quick_watch: None
+) -> None:
     """SIGSTOP, not SIGKILL: a frozen worker keeps its pipes open, so its end of file never
     comes. One holds a ringing flash call, the other none; the pool must notice both (they
     answer no Ping), end the call as worker_lost (else it waited for ever, its slot held),
@@ -540,3 +554,29 @@ async def test_workers_register_with_digest(tmp_path: Path) -> None:
     authed = [r for r in registers if 'username="clinic-bot"' in (r.msg.get("Authorization") or "")]
     contacts = {r.msg.get("Contact") for r in authed}
     assert len(contacts) == 2, f"each worker registers its own contact: {contacts}"
+
+
+async def test_a_worker_gets_its_full_ping_grace_after_the_pools_loop_stalled(
+    quick_watch: None,
+) -> None:
+    """serve's loop held up (a host starved of CPU, a long GC): the watch judges nobody on
+    the round that shows the stall, and pings. A worker pinged then must get what any
+    first Ping gets (WORKER_SILENT_S - PING_EVERY_S, 4 s), not one round: here it answers
+    2.5 s after that Ping (it was starved too, SIGSTOP standing in), and was killed for it,
+    its calls with it, as a frozen one."""
+    pool = new_sip_pool(sip_settings(1), Metrics(), SystemClock())
+    await pool.start()
+    [pid] = pool.worker_pids()
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.sleep(PING_EVERY_S * 1.5)  # the watch's rounds under way
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(3 * PING_EVERY_S)  # noqa: ASYNC251 -- the stall under test
+        loop.call_later(2.5 * PING_EVERY_S, os.kill, pid, signal.SIGCONT)
+        await asyncio.sleep(WORKER_SILENT_S + 1)
+        assert pool.stats()["restarts"] == 0, "a worker that answered its Ping was killed"
+        assert pool.worker_pids() == [pid]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        await pool.stop()

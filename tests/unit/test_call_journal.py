@@ -5,6 +5,8 @@ disk (kept current by writes and deletes, not by listing the folder when it is r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import gc
 import os
 import threading
@@ -229,6 +231,34 @@ async def test_the_copy_written_ahead_is_gone_for_good_before_its_call_is_counte
     seen.clear()
     assert await journal.replay(T0 + 400 * DAY_S) == Replayed(expired=1)  # no Redis asked
     assert seen == [("fsync", [])]
+
+
+async def test_a_call_whose_copy_went_is_counted_when_the_folders_fsync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The unlink done, the folder's fsync fails (EIO on a failing disk, the folder removed
+    # meanwhile): the copy is gone all the same, so the next start finds nothing to count.
+    # Raised out of the step, the count was skipped and the call never counted at all (and
+    # a kept record was logged as lost, there on disk).
+    folder = tmp_path / "unsaved-calls"
+    counted: list[str | None] = []
+    journal = CallJournal(folder, _journal(folder)._store, on_counted=counted.append)
+    await journal.write_ahead(_result("in-taken"))
+    await journal.write_ahead(_result("in-kept"))
+
+    def failing_fsync(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(journal_module, "fsync_folder", failing_fsync)
+    with contextlib.suppress(OSError):
+        await journal.taken(_result("in-taken"))
+    with contextlib.suppress(OSError):
+        await journal.keep(_result("in-kept"))
+    monkeypatch.undo()
+    again = CallJournal(folder, journal._store, on_counted=counted.append)  # the next start
+    await again.leftovers(T0)
+    assert sorted(p.name for p in folder.iterdir()) == ["in-kept.sealed"]
+    assert counted == ["ended", "ended"], "each call counted once, by one of the two"
 
 
 async def test_a_keep_waits_for_its_calls_write_ahead_still_in_its_thread(

@@ -1,7 +1,9 @@
-"""The redirect front's choice of worker spreads a burst of INVITEs over the workers."""
+"""The redirect front's choice of worker spreads a burst of INVITEs over the workers; the
+watch of frozen workers goes on past a failing round."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections import Counter
@@ -11,6 +13,7 @@ import pytest
 from sip_config.clock import FakeClock
 from sip_config.settings import HostPort
 from tests.conftest import sip_settings
+from voice.sip import pool as pool_module
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
 from voice.sip.protocol import IncomingCall
@@ -158,3 +161,29 @@ def test_callers_refused_for_want_of_a_slot_are_counted_and_logged_once_a_minute
     w.free_slots = 1
     assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
     assert len(busy) == 7, "a caller given a slot is not refused"
+
+
+async def test_a_failing_round_of_the_worker_watch_does_not_end_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A round that raises (a pipe closing under a Ping) is logged; the next rounds run, or
+    a frozen worker would go unnoticed for the rest of the process."""
+    monkeypatch.setattr(pool_module, "PING_EVERY_S", 0.01)
+    pool = _pool(1, FakeClock())
+    pool._running = True
+    rounds: list[float] = []
+
+    def round_(now: float, last: float) -> float:
+        rounds.append(now)
+        if len(rounds) == 1:
+            raise RuntimeError("unable to perform operation on a closed transport")
+        return now
+
+    monkeypatch.setattr(pool, "_watch_round", round_)
+    watch = asyncio.create_task(pool._watch())
+    async with asyncio.timeout(5):
+        while len(rounds) < 3:  # noqa: ASYNC110 (rounds the watch appends to)
+            await asyncio.sleep(0.01)
+    pool._running = False
+    await watch
+    assert "SIP worker watch: a round failed" in caplog.text

@@ -21,9 +21,10 @@ one killed after it has counted the call, and left no copy to count again (kille
 the two, the delete's fsync, under a millisecond, the call is not counted). A kept record is
 never counted again (it was counted as it was kept), nor is a dead ``serve``'s live record
 of a call whose own record is in Redis. A copy whose delete failed stays, and is counted at
-the next start, not now. The counter is the process's own: what a ``serve`` counted and no
-scrape read before it died is lost with it (a counter reset to Prometheus), as for every
-call it counted; no call is counted by two processes. The delete is durable before the
+the next start, not now (one deleted whose folder's fsync then failed is counted now: that
+delete alone is not durable). The counter is the process's own: what a ``serve`` counted
+and no scrape read before it died is lost with it (a counter reset to Prometheus), as for
+every call it counted; no call is counted by two processes. The delete is durable before the
 count (its folder fsynced, in the same thread: one fsync more per call end, 0.3 ms on the
 test VM's ext4), so a power cut cannot bring back the copy of a counted call, counted again
 at the next start. A live record's delete is not fsynced (it would be a second fsync per
@@ -550,12 +551,18 @@ def _ids_of(folder: Path, now: float, suffix: str = SUFFIX) -> list[str]:
 
 def _delete(path: Path) -> None:
     """Delete ``path`` durably: its folder fsynced, so a power cut does not bring it back
-    (to be counted or replayed again). Nothing to do when it is not there."""
+    (to be counted or replayed again). Nothing to do when it is not there. An unlink that
+    fails raises (the file stays, for the next start); a folder whose fsync fails once the
+    file is gone (EIO, the folder removed meanwhile) only logs: the file is gone all the
+    same, and the step goes on to its count, or no start would count the call."""
     try:
         path.unlink()
     except FileNotFoundError:
         return
-    fsync_folder(path.parent)
+    try:
+        fsync_folder(path.parent)
+    except OSError as exc:  # a path and a reason, never a record
+        log.warning("the delete of %s is not durable (fsync failed): %s", path, exc)
 
 
 def _read(path: Path) -> str | None:

@@ -83,10 +83,13 @@ _ACK_TIMEOUT_S = 5.0
 # flash call's verification waiting for its step's timeout, a caller on a silent line) and
 # the front would go on redirecting callers to it. So each worker silent for PING_EVERY_S is
 # sent a Ping, which its owner thread answers at its next pump (500 ms at most, idle), and
-# one silent for WORKER_SILENT_S (as long as a PlaceCall's acknowledgement may take) is
-# killed: its calls end worker_lost and it is restarted.
+# one silent for WORKER_SILENT_S is killed: its calls end worker_lost and it is restarted.
+# Not sooner: the owner thread may block in a DNS lookup (pjsua has no resolver of its own
+# here, so a MESSAGE or a call to a host name resolves in that thread), up to 10 s per
+# nameserver when they are down (resolv.conf's 5 s, 2 attempts); killing a worker then would
+# cut the callers on it. 30 s still ends a frozen worker's calls within the first minute.
 PING_EVERY_S = 1.0
-WORKER_SILENT_S = 5.0
+WORKER_SILENT_S = 30.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
 _REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
@@ -791,26 +794,38 @@ class SipPool:
         last = loop.time()
         while self._running:
             await asyncio.sleep(PING_EVERY_S)
-            now = loop.time()
-            # This loop itself was held up (so were the readers: the workers' lines may be
-            # waiting unread): judge nobody on this round.
-            stalled, last = now - last > 2 * PING_EVERY_S, now
-            for w in self._workers:
-                if not w.up or w.process is None or w.process.returncode is not None:
-                    continue
-                silent = now - w.heard_at
-                if silent >= WORKER_SILENT_S and not stalled:
-                    log.error(
-                        "SIP worker %s (pid %s) answered nothing for %.1f s: frozen, killing "
-                        "it (%s call(s) on it)",
-                        w.index,
-                        w.process.pid,
-                        silent,
-                        len(w.calls),
-                    )
-                    self._kill(w)
-                elif silent >= PING_EVERY_S:
-                    w.send(Ping())
+            try:
+                last = self._watch_round(loop.time(), last)
+            except Exception:  # one bad round (a pipe closing under a send) ends no watching
+                log.exception("SIP worker watch: a round failed")
+
+    def _watch_round(self, now: float, last: float) -> float:
+        """One round of :meth:`_watch` at loop time ``now`` (the previous one at ``last``);
+        returns ``now``."""
+        # This loop itself was held up (so were the readers: the workers' lines may be
+        # waiting unread, and nobody was pinged): count the silence from just before this
+        # round, so a worker pinged now has what any first Ping gets (WORKER_SILENT_S -
+        # PING_EVERY_S), not one round.
+        stalled = now - last > 2 * PING_EVERY_S
+        for w in self._workers:
+            if not w.up or w.process is None or w.process.returncode is not None:
+                continue
+            if stalled:
+                w.heard_at = max(w.heard_at, now - PING_EVERY_S)
+            silent = now - w.heard_at
+            if silent >= WORKER_SILENT_S:
+                log.error(
+                    "SIP worker %s (pid %s) answered nothing for %.1f s: frozen, killing "
+                    "it (%s call(s) on it)",
+                    w.index,
+                    w.process.pid,
+                    silent,
+                    len(w.calls),
+                )
+                self._kill(w)
+            elif silent >= PING_EVERY_S:
+                w.send(Ping())
+        return now
 
     async def _read(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
