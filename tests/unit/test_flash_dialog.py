@@ -10,6 +10,7 @@ import pytest
 
 from voice.sip import message
 from voice.sip.flash_dialog import (
+    MAX_FORKS,
     T1_S,
     TIMER_B_S,
     FlashDialog,
@@ -458,3 +459,27 @@ def test_a_final_error_after_the_answer_is_acked_and_the_bye_goes_on() -> None:
     out = dialog.on_response(reply(invite, 486), 100.2)
     assert [m.method for m in sent(out)] == ["ACK"] and out.events == []
     assert [m.method for m in sent(dialog.on_timer(100.1 + T1_S))] == ["BYE"]
+
+
+def test_2xx_of_new_forks_are_hung_up_only_within_64_t1_and_up_to_a_bound() -> None:
+    # RFC 3261 13.2.2.4: the INVITE is over 64*T1 after its first 2xx. Any 2xx with the
+    # INVITE's CSeq and branch and a To tag not seen before got an ACK and a BYE (eleven
+    # copies on timer E) at any time and without limit: a flood of forged To tags was as
+    # many BYE transactions, each a few hundred bytes held for 32 s.
+    dialog, step = make()
+    (invite,) = sent(step)
+    _, bye_a = sent(dialog.on_response(_answer(invite, "a"), 100.1))
+    dialog.on_response(reply(bye_a, 200), 100.2)
+    assert dialog.done
+    late = dialog.on_response(_answer(invite, "late"), 100.1 + TIMER_B_S + 0.1)
+    assert late.send == [] and late.events == [] and dialog.done
+    dialog, step = make()
+    (invite,) = sent(step)
+    dialog.on_response(_answer(invite, "a"), 100.1)
+    byes = [
+        m
+        for i in range(200)
+        for m in sent(dialog.on_response(_answer(invite, f"f{i}"), 100.2))
+        if m.method == "BYE"
+    ]
+    assert 1 <= len(byes) <= MAX_FORKS

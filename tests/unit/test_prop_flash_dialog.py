@@ -6,7 +6,8 @@ challenges, 486, 487, 5xx, 603), responses to the CANCEL and the BYE (or none), 
 response already delivered, responses of another transaction (wrong branch, CSeq number or
 method), and time moving past the dialog's deadlines. Checked after every input: RFC 3261
 17.1.1 (timers A, B), 9.1 (no CANCEL before a provisional response), 13.2.2.4 and 17.1.1.3
-(the ACKs), one final outcome, and that the call ends within 64*T1 of what it waits for.
+(the ACKs; a new To tag's 2xx only within 64*T1 of the first), one final outcome, and that
+the call ends within 64*T1 of what it waits for.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class FlashCallMachine(RuleBasedStateMachine):
         self.acks: list[bytes] = []
         self.events: list[CallEvent] = []
         self.answered_tags: list[str] = []
+        self.first_2xx_at: float | None = None  # new To tags only within 64*T1 of it
         self.hung_up = False
         self.ended_at: float | None = None
         self.last_input = T0
@@ -238,6 +240,10 @@ class FlashCallMachine(RuleBasedStateMachine):
         inv = ours[0]
         if _branch(response) != _branch(inv.msg):
             return  # another transaction's: ignored
+        late = inv is self.current and _to_tag(response) not in self.answered_tags
+        if 200 <= response.status < 300 and late:
+            assert not methods, "a 2xx of a new To tag 64*T1 after the first one is no dialog"
+            return
         acks = [m for _, m in sent if m.method == "ACK"]
         assert len(acks) == 1, f"a {response.status} got {methods}"
         (ack,) = acks
@@ -313,7 +319,10 @@ class FlashCallMachine(RuleBasedStateMachine):
                     inv.final = msg.status
                 if 200 <= msg.status < 300 and inv is self.current:
                     tag = _to_tag(msg)
-                    if tag not in self.answered_tags:
+                    if self.first_2xx_at is None:
+                        self.first_2xx_at = self.now
+                    late = self.now >= self.first_2xx_at + TIMER_B_S  # 13.2.2.4
+                    if tag not in self.answered_tags and not late:
                         self.answered_tags.append(tag)
             cancel = inv.cancel
             if cancel is not None and _branch(msg) == _branch(cancel):

@@ -27,7 +27,9 @@ What it does, and what it deliberately does not:
 - an answer (2xx, also one racing the CANCEL) is ACKed and hung up with BYE at once
   (``answered``); a forked INVITE answered by several phones gets an ACK and a BYE (each
   on timer E until answered, timer F) for every To tag, even a 2xx that comes after the call
-  ended, and the call ends when every BYE is answered; a final error is ACKed and mapped by
+  ended, as long as the INVITE lasts (64*T1 after its first 2xx, section 13.2.2.4) and up to
+  ``MAX_FORKS`` To tags (later ones get nothing), and the call ends when every BYE is
+  answered; a final error is ACKed and mapped by
   :func:`~voice.sip.outcome.outcome_for_status` (after a 2xx it is only ACKed);
 - one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
   auth user, as the repository's Asterisk does); a second challenge is a final error;
@@ -59,6 +61,7 @@ T1_S = 0.5  # RFC 3261 timer T1: the round-trip estimate
 T2_S = 4.0  # the longest retransmission interval of a non-INVITE request
 TIMER_B_S = 64 * T1_S  # INVITE and non-INVITE transaction timeout (timers B and F)
 TIMER_D_S = 32.0  # how long a final response may still be retransmitted to us (UDP)
+MAX_FORKS = 16  # the most answered forks of one INVITE that get an ACK and a BYE
 USER_AGENT = "clinic-voice"
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS"
 
@@ -169,6 +172,7 @@ class FlashDialog:
         self._acks: dict[int, bytes] = {}  # CSeq -> the ACK of that INVITE's final error
         self._answers: set[str] = set()  # the To tags of the 2xx s (a forked INVITE: several)
         self._byes: dict[str, _Bye] = {}  # To tag -> its BYE, while unanswered
+        self._forks_until: float | None = None  # 64*T1 after the first 2xx (13.2.2.4)
         # Timers, each None when not running.
         self._retransmit_at: float | None = None
         self._interval = T1_S
@@ -384,7 +388,18 @@ class FlashDialog:
         Each To tag is a dialog of its own (a forked INVITE, section 13.2.2.4): each gets
         its ACK and its BYE, also after the call ended."""
         tag = _tag(to)
+        over = self._forks_until is not None and (
+            now >= self._forks_until or len(self._answers) >= MAX_FORKS
+        )
+        if over and tag not in self._answers:
+            # The INVITE transaction is over (64*T1 after its first 2xx), or more forks than
+            # any real one: no dialog of ours, so neither an ACK nor a BYE (a flood of To
+            # tags must not become as many BYE transactions).
+            log.debug("flash call %s: ignored a 2xx of To tag %r", self.spec.call_id, tag)
+            return
         first = not self._answered
+        if first:
+            self._forks_until = now + TIMER_B_S
         self._answered = True
         self._to_header = to
         contact = _uri_of(msg.get("Contact") or "") or self.spec.target_uri

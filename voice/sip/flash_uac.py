@@ -272,9 +272,14 @@ class FlashUac(asyncio.DatagramProtocol):
                     return
                 # The dialog ACKs a 2xx again, and sends a new fork's 2xx its BYE.
                 step = kept.dialog.on_response(msg, now)
-                if not kept.dialog.done:
-                    del self._finished[call_id]
-                    self._live[call_id] = kept
+                if kept.dialog.done:
+                    # Nothing new: only what it answers goes, the call is not finished
+                    # again (its 32 s would start over with every response that comes).
+                    for out in step.send:
+                        self._send(out, kept.addr)
+                    return
+                del self._finished[call_id]
+                self._live[call_id] = kept
                 self._apply(kept, step)
             return
         reply: bytes | None

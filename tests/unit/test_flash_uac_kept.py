@@ -1,0 +1,113 @@
+"""The flash-call agent's table of finished calls under responses that come after the end:
+an answered call's dialog is kept for timer D so that another fork's 2xx gets its ACK and BYE
+(RFC 3261 13.2.2.4), and no stream of responses may keep it, or the BYEs, going forever."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sip_config.clock import FakeClock
+from tests.conftest import sip_settings
+from voice.sip import message
+from voice.sip.flash_dialog import TIMER_B_S, TIMER_D_S
+from voice.sip.flash_uac import FlashUac
+from voice.sip.outcome import CallOutcome
+from voice.sip.pool import OutboundCall
+
+PHONE = ("127.0.0.1", 5160)
+
+
+class Recorder(asyncio.DatagramTransport):
+    """Takes the agent's datagrams instead of the socket (the clock is fake: nothing waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[message.SipMessage] = []
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: object = None) -> None:
+        self.sent.append(message.parse(bytes(data)))
+
+    def close(self) -> None:
+        pass
+
+    def take(self) -> list[str]:
+        methods = [m.method for m in self.sent]
+        self.sent.clear()
+        return methods
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[tuple[FlashUac, FakeClock, Recorder]]:
+    clock = FakeClock()
+    uac = FlashUac(sip_settings(1, route="sip:{e164}@127.0.0.1:5060"), clock)
+    await uac.start()
+    real = uac._transport
+    assert real is not None
+    recorder = Recorder()
+    uac.connection_made(recorder)
+    try:
+        yield uac, clock, recorder
+    finally:
+        await uac.stop()
+        real.close()
+
+
+def _answer(invite: message.SipMessage, tag: str) -> bytes:
+    contact = ("Contact", f"<sip:{tag}@127.0.0.1:5160>")
+    return message.serialise_response(invite, 200, to_tag=tag, extra=(contact,))
+
+
+async def _answered_and_ended(
+    uac: FlashUac, recorder: Recorder
+) -> tuple[message.SipMessage, bytes]:
+    call = OutboundCall(f"sip:+14155556001@{PHONE[0]}:{PHONE[1]}", "+447400123456", True)
+    handle = await uac.place_call(call)
+    (invite,) = recorder.sent
+    recorder.take()
+    uac.datagram_received(_answer(invite, "a"), PHONE)
+    _, bye = recorder.sent
+    recorder.take()
+    uac.datagram_received(message.serialise_response(bye, 200), PHONE)
+    events = [ev async for ev in handle.events]
+    assert events[-1].outcome is CallOutcome.ANSWERED and uac.live_calls == 0
+    stray = message.serialise_response(bye, 200).replace(b"branch=z9hG4bK", b"branch=z9hG4bKx")
+    return invite, stray
+
+
+async def test_responses_after_the_end_do_not_keep_an_answered_call_forever(
+    agent: tuple[FlashUac, FakeClock, Recorder],
+) -> None:
+    # Every response with the Call-ID of a kept answered call (a forged one of no transaction
+    # of ours, no branch needed) re-finished it: 32 s more each time, one more entry in the
+    # expiry queue each datagram. One datagram every 30 s kept the dialog, and its BYEs to
+    # any new To tag, for ever.
+    uac, clock, recorder = agent
+    invite, stray = await _answered_and_ended(uac, recorder)
+    for _ in range(1000):
+        uac.datagram_received(stray, PHONE)
+    assert len(uac._expiry) <= 1, "one datagram, one entry in the expiry queue"
+    for _ in range(5):
+        clock.advance(TIMER_D_S - 2)
+        uac.datagram_received(stray, PHONE)
+    assert recorder.take() == []
+    uac.datagram_received(_answer(invite, "late"), PHONE)
+    assert recorder.take() == [], "a 2xx 150 s after the answer is no dialog of ours"
+
+
+async def test_a_fork_answering_within_64_t1_is_still_hung_up_once(
+    agent: tuple[FlashUac, FakeClock, Recorder],
+) -> None:
+    uac, clock, recorder = agent
+    invite, _ = await _answered_and_ended(uac, recorder)
+    clock.advance(TIMER_B_S / 2)
+    uac.datagram_received(_answer(invite, "b"), PHONE)
+    ack, bye = recorder.sent
+    assert (ack.method, bye.method) == ("ACK", "BYE") and uac.live_calls == 1
+    recorder.take()
+    uac.datagram_received(message.serialise_response(bye, 200), PHONE)
+    assert uac.live_calls == 0
+    uac.datagram_received(_answer(invite, "b"), PHONE)  # our ACK was lost
+    assert recorder.take() == ["ACK"]
