@@ -580,3 +580,26 @@ async def test_a_worker_gets_its_full_ping_grace_after_the_pools_loop_stalled(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
         await pool.stop()
+
+
+async def test_a_worker_held_up_placing_a_call_is_not_killed_for_it(tmp_path: Path) -> None:
+    """A worker's owner thread may wait in a DNS lookup as it places a call (pjsua resolves
+    a host name in that thread here): 10 s per nameserver when they are down. The call's
+    acknowledgement then comes late; 5 s of waiting for it killed the worker, and every
+    caller on it. SIGSTOP stands in for the lookup, 7 s long."""
+    pool = new_sip_pool(sip_settings(1), Metrics(), SystemClock())  # serve's limits
+    await pool.start()
+    [pid] = pool.worker_pids()
+    loop = asyncio.get_running_loop()
+    try:
+        async with sipp_uas("sipp_uas_ring.xml", tmp_path, calls=1) as uas:
+            os.kill(pid, signal.SIGSTOP)
+            loop.call_later(7.0, os.kill, pid, signal.SIGCONT)
+            call = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=0.5))
+            assert await call.wait_ended(15) is CallOutcome.CANCELLED_AFTER_RING
+            assert pool.stats()["restarts"] == 0, "the worker was killed while it was held up"
+            assert pool.worker_pids() == [pid]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        await pool.stop()

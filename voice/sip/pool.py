@@ -77,13 +77,13 @@ _BACKOFF_MAX_S = 5.0
 _HEALTHY_AFTER_S = 30.0  # a worker that lived this long restarts without backoff
 _START_TIMEOUT_S = 30.0  # 16 workers on 2 loaded cores took 15 s once
 _START_TIMEOUT_PER_WORKER_S = 0.5  # more workers start in more time: 256 get 128 s
-_ACK_TIMEOUT_S = 5.0
 # A worker that is up but stopped (SIGSTOP, a debugger) or whose owner thread hangs keeps its
 # pipes open: no end of file tells the pool, its calls would never end (their slots held, a
 # flash call's verification waiting for its step's timeout, a caller on a silent line) and
 # the front would go on redirecting callers to it. So each worker silent for PING_EVERY_S is
 # sent a Ping, which its owner thread answers at its next pump (500 ms at most, idle), and
-# one silent for WORKER_SILENT_S is killed: its calls end worker_lost and it is restarted.
+# one silent for WORKER_SILENT_S is killed: its calls end worker_lost and it is restarted (a
+# PlaceCall's acknowledgement waits as long).
 # Not sooner: the owner thread may block in a DNS lookup (pjsua has no resolver of its own
 # here, so a MESSAGE or a call to a host name resolves in that thread), up to 10 s per
 # nameserver when they are down (resolv.conf's 5 s, 2 attempts); killing a worker then would
@@ -704,10 +704,13 @@ class SipPool:
         worker.pending += 1
         worker.send(cmd)
         try:
-            async with asyncio.timeout(_ACK_TIMEOUT_S):
+            # As long as the watch gives a silent worker (and a little more, so the watch
+            # usually acts first): the owner thread may be in a DNS lookup for this very
+            # call, and 5 s, as it was, killed the worker and cut the callers on it.
+            async with asyncio.timeout(WORKER_SILENT_S + 2 * PING_EVERY_S):
                 accepted = await ack
         except TimeoutError:
-            # A worker that does not answer in 5 s is wedged: let it be restarted.
+            # A worker that acknowledges nothing for that long is wedged: restart it.
             log.error("worker %s did not acknowledge call %s", worker.index, cmd.call_id)
             self._kill(worker)
             return await ack
