@@ -603,3 +603,37 @@ async def test_a_worker_held_up_placing_a_call_is_not_killed_for_it(tmp_path: Pa
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
         await pool.stop()
+
+
+async def test_a_restarted_worker_that_never_starts_is_restarted_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker restarted after a death that then hangs in its own start-up (SIGSTOP at
+    once standing in) never reports: it stayed "starting" for good, the pool a worker
+    short. The watch kills it after the start-up limit, and it is restarted again."""
+    monkeypatch.setattr(pool_module, "_START_TIMEOUT_S", 3.0)
+    pool = new_sip_pool(sip_settings(1), Metrics(), SystemClock())
+    await pool.start()
+    [first] = pool.worker_pids()
+    spawn = pool._spawn
+    hung: list[int] = []
+
+    async def spawn_once_hung(w: pool_module._Worker) -> None:
+        await spawn(w)
+        if not hung and w.process is not None:  # the first restart hangs; the next starts
+            hung.append(w.process.pid)
+            os.kill(w.process.pid, signal.SIGSTOP)
+
+    monkeypatch.setattr(pool, "_spawn", spawn_once_hung)
+    try:
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(15):
+            while not (hung and pool.ready()):  # noqa: ASYNC110 (a sync predicate)
+                await asyncio.sleep(0.05)
+        assert pool.stats()["restarts"] == 2
+        assert pool.worker_pids() not in ([first], hung)
+    finally:
+        for pid in hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await pool.stop()

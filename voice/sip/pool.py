@@ -811,11 +811,24 @@ class SipPool:
         # PING_EVERY_S), not one round.
         stalled = now - last > 2 * PING_EVERY_S
         for w in self._workers:
-            if not w.up or w.process is None or w.process.returncode is not None:
+            if w.process is None or w.process.returncode is not None:
                 continue
             if stalled:
                 w.heard_at = max(w.heard_at, now - PING_EVERY_S)
             silent = now - w.heard_at
+            if not w.up:
+                # Restarted, and not up yet: silent since it was started (its reader's
+                # start). One that never reports (hung in its start-up) would leave the pool
+                # a worker short for good: killed, it is restarted after its backoff.
+                if silent >= _START_TIMEOUT_S:
+                    log.error(
+                        "SIP worker %s (pid %s) did not start within %.0f s: killing it",
+                        w.index,
+                        w.process.pid,
+                        silent,
+                    )
+                    self._kill(w)
+                continue
             if silent >= WORKER_SILENT_S:
                 log.error(
                     "SIP worker %s (pid %s) answered nothing for %.1f s: frozen, killing "
