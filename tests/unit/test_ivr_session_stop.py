@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -111,3 +112,17 @@ async def test_a_stop_while_a_cut_call_is_saved_still_winds_the_call_up(
     assert _running(rig) == [], "the call's tasks outlive it"
     assert disk.deleted, "the live record stays after the call"
     rig.call.end()
+
+
+def test_a_private_prompt_that_will_not_go_leaves_the_others_to_be_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # At a call's end its private prompts are deleted, then its live record. One that
+    # raised (a failing disk; a folder stands in) skipped the others and the live record's
+    # delete, and replaced a stop's cancellation with an OSError out of run().
+    stuck, left = tmp_path / "in-1-a.wav", tmp_path / "in-1-b.wav"
+    stuck.mkdir()
+    left.write_bytes(b"RIFF")
+    session_module._unlink_all([stuck, left])
+    assert not left.exists()
+    assert "a private prompt could not be deleted" in caplog.text

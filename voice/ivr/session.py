@@ -946,5 +946,11 @@ _NEEDS_THE_CALLER = (eng.Play, eng.Listen, eng.TransferCall, eng.RecordAudio)
 
 
 def _unlink_all(paths: list[Path]) -> None:
+    """Delete a call's private prompts. One that will not go (a read-only or failing disk)
+    is logged by path and the others still go: raised, it skipped the rest, and at the call's
+    end the live record's delete after them."""
     for path in paths:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # the path names a call id and a hash, never what was said
+            log.error("a private prompt could not be deleted: %s: %s", path, exc)
