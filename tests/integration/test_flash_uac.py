@@ -199,3 +199,43 @@ async def test_a_fork_answering_after_the_call_ended_gets_its_own_ack_and_bye(
     assert again.method == "ACK" and again.get("To") == ack.get("To")
     with pytest.raises(TimeoutError):
         await peer.receive(timeout=0.3)
+
+
+async def test_a_fork_answering_after_the_487_gets_its_own_ack_and_a_bye(
+    uac: FlashUac, peer: Peer
+) -> None:
+    # A forking proxy forwards a 2xx of another fork after the 487 of a cancelled flash call
+    # (RFC 3261 9.1, 13.2.2.4). Only the 487's ACK was kept: that 2xx got it back (the 487's
+    # To tag and the INVITE's branch) and no BYE, so that phone stayed off hook.
+    handle = await uac.place_call(
+        OutboundCall(
+            target_uri=f"sip:+14155556001@127.0.0.1:{peer.port}",
+            caller_id="+447400123456",
+            flash=True,
+            ring_s=0.3,
+            answer_timeout_s=5,
+        )
+    )
+    invite, addr = await peer.expect("INVITE")
+    peer.send(message.serialise_response(invite, 180, to_tag="one"), addr)
+    cancel, _ = await peer.expect("CANCEL")
+    peer.send(message.serialise_response(cancel, 200, to_tag="one"), addr)
+    peer.send(message.serialise_response(invite, 487, to_tag="one"), addr)
+    await peer.expect("ACK")
+    events = [ev async for ev in handle.events]
+    assert events[-1].outcome is CallOutcome.CANCELLED_AFTER_RING and uac.live_calls == 0
+    contact = ("Contact", f"<sip:two@127.0.0.1:{peer.port}>")
+    answer = message.serialise_response(invite, 200, to_tag="two", extra=(contact,))
+    peer.send(answer, addr)
+    ack, _ = await peer.receive()
+    assert ack.method == "ACK" and (ack.get("To") or "").endswith(";tag=two")
+    assert ack.get("Via") != invite.get("Via") and ack.get("CSeq") == "1 ACK"
+    bye, _ = await peer.receive()
+    assert bye.method == "BYE" and (bye.get("To") or "").endswith(";tag=two")
+    assert bye.uri == f"sip:two@127.0.0.1:{peer.port}" and bye.get("CSeq") == "2 BYE"
+    resent, _ = await peer.receive(timeout=2.0)  # unanswered: timer E sends it again
+    assert resent.method == "BYE" and resent.get("Via") == bye.get("Via")
+    peer.send(message.serialise_response(bye, 200), addr)
+    with pytest.raises(TimeoutError):  # answered: no BYE more, and no event after ended
+        await peer.receive(timeout=1.2)
+    assert handle._events.empty()

@@ -14,6 +14,7 @@ from voice.sip.flash_dialog import (
     T1_S,
     TIMER_B_S,
     FlashDialog,
+    LateAnswers,
     Local,
     Phase,
     Step,
@@ -483,3 +484,84 @@ def test_2xx_of_new_forks_are_hung_up_only_within_64_t1_and_up_to_a_bound() -> N
         if m.method == "BYE"
     ]
     assert 1 <= len(byes) <= MAX_FORKS
+
+
+def _cancelled_after_ring() -> tuple[FlashDialog, message.SipMessage]:
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    (cancel,) = sent(dialog.hang_up(100.3))
+    dialog.on_response(reply(cancel, 200), 100.31)
+    out = dialog.on_response(reply(invite, 487), 100.32)
+    assert events(out) == [(CallState.ENDED, 487, CallOutcome.CANCELLED_AFTER_RING)]
+    assert dialog.done and dialog.ack is not None
+    return dialog, invite
+
+
+def test_a_fork_answering_after_the_487_gets_an_ack_and_a_bye_of_its_own() -> None:
+    # A forking proxy forwards a 2xx of another fork after the 487 (RFC 3261 9.1, 13.2.2.4).
+    # Only the 487's ACK was kept: that 2xx got it back (the 487's To tag and the INVITE's
+    # branch, no ACK of its dialog at all) and no BYE, so that phone stayed off hook.
+    dialog, invite = _cancelled_after_ring()
+    assert dialog.ack is not None
+    counter = itertools.count(1)
+    late = LateAnswers(
+        dialog.ack,
+        Local("127.0.0.1", 5999),
+        until=100.32 + TIMER_B_S,
+        token=lambda: f"late{next(counter):012x}",
+    )
+    record_route = (("Record-Route", "<sip:p1;lr>"), ("Record-Route", "<sip:p2;lr>"))
+    answer = message.parse(
+        message.serialise_response(
+            invite,
+            200,
+            to_tag="b",
+            extra=(("Contact", "<sip:b@127.0.0.1:40000>"), *record_route),
+        )
+    )
+    out = late.on_response(answer, 101.0)
+    ack, bye = (message.parse(d) for d in out)
+    for request in (ack, bye):
+        assert request.uri == "sip:b@127.0.0.1:40000"  # the 2xx's Contact (12.2.1.1)
+        assert request.get_all("Route") == ["<sip:p2;lr>", "<sip:p1;lr>"]
+        assert (request.get("To") or "").endswith(";tag=b")
+        assert request.get("From") == invite.get("From")
+        assert request.get("Call-ID") == invite.get("Call-ID")
+        assert request.get("Via") != invite.get("Via")  # a transaction of its own
+    assert (ack.method, ack.get("CSeq"), bye.method, bye.get("CSeq")) == (
+        "ACK",
+        "1 ACK",
+        "BYE",
+        "2 BYE",
+    )
+    assert ack.get("Via") != bye.get("Via")
+    assert late.deadline == pytest.approx(101.0 + T1_S)
+    assert late.on_timer(101.0 + T1_S) == [out[1]]  # timer E
+    again = late.on_response(answer, 101.6)  # our ACK was lost: the ACK again, no new BYE
+    assert [message.parse(d).method for d in again] == ["ACK"]
+    assert late.on_response(reply(bye, 200), 101.7) == [] and late.deadline is None
+    assert dialog.on_response(answer, 101.8).events == []  # the call ended: nothing reported
+
+
+def test_late_answers_take_only_the_invites_2xx_within_64_t1_and_up_to_a_bound() -> None:
+    dialog, invite = _cancelled_after_ring()
+    assert dialog.ack is not None
+    late = LateAnswers(
+        dialog.ack, Local("127.0.0.1", 5999), until=100.32 + TIMER_B_S, token=lambda: "t"
+    )
+    assert late.on_response(reply(invite, 487), 101.0) == []  # the caller ACKs that one
+    assert late.on_response(_other_branch(_answer(invite, "x")), 101.0) == []
+    other_cseq = message.serialise_response(invite, 200, to_tag="y").replace(
+        b"CSeq: 1 INVITE", b"CSeq: 2 INVITE"
+    )
+    assert late.on_response(message.parse(other_cseq), 101.0) == []
+    assert late.on_response(_answer(invite, "z"), 100.32 + TIMER_B_S) == []
+    byes = [
+        d
+        for i in range(200)
+        for d in late.on_response(_answer(invite, f"f{i}"), 101.0)
+        if d.startswith(b"BYE ")
+    ]
+    assert len(byes) == MAX_FORKS
+    assert late.on_timer(101.0 + TIMER_B_S) == [] and late.deadline is None  # timer F

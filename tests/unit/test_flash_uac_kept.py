@@ -1,6 +1,7 @@
 """The flash-call agent's table of finished calls under responses that come after the end:
 an answered call's dialog is kept for timer D so that another fork's 2xx gets its ACK and BYE
-(RFC 3261 13.2.2.4), and no stream of responses may keep it, or the BYEs, going forever."""
+(RFC 3261 13.2.2.4), and no stream of responses may keep it, or the BYEs, going forever; a
+call that ended unanswered keeps its ACK, from which a late fork's 2xx gets the same."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sip_config.clock import FakeClock
 from tests.conftest import sip_settings
 from voice.sip import message
 from voice.sip.flash_dialog import TIMER_B_S, TIMER_D_S
-from voice.sip.flash_uac import FlashUac
+from voice.sip.flash_uac import FlashUac, _Late
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import OutboundCall
 
@@ -111,3 +112,50 @@ async def test_a_fork_answering_within_64_t1_is_still_hung_up_once(
     assert uac.live_calls == 0
     uac.datagram_received(_answer(invite, "b"), PHONE)  # our ACK was lost
     assert recorder.take() == ["ACK"]
+
+
+async def test_a_fork_answering_a_cancelled_call_gets_its_own_ack_and_a_bye(
+    agent: tuple[FlashUac, FakeClock, Recorder],
+) -> None:
+    # A forking proxy forwards a 2xx of another fork after the 487 (RFC 3261 9.1,
+    # 13.2.2.4): the call kept only the 487's ACK, so that 2xx got it back (the 487's To
+    # tag, the INVITE's branch) and no BYE: that phone stayed off hook, connected to nobody.
+    uac, clock, recorder = agent
+    call = OutboundCall(f"sip:+14155556001@{PHONE[0]}:{PHONE[1]}", "+447400123456", True)
+    handle = await uac.place_call(call)
+    (invite,) = recorder.sent
+    recorder.take()
+    uac.datagram_received(message.serialise_response(invite, 180, to_tag="ring"), PHONE)
+    await handle.hangup()
+    (cancel,) = recorder.sent
+    recorder.take()
+    uac.datagram_received(message.serialise_response(cancel, 200, to_tag="ring"), PHONE)
+    uac.datagram_received(message.serialise_response(invite, 487, to_tag="ring"), PHONE)
+    assert recorder.take() == ["ACK"]
+    events = [ev async for ev in handle.events]
+    assert events[-1].outcome is CallOutcome.CANCELLED_AFTER_RING and uac.live_calls == 0
+    clock.advance(1.0)
+    forged = _answer(invite, "forged").replace(b"branch=z9hG4bK", b"branch=z9hG4bKx")
+    uac.datagram_received(forged, PHONE)
+    assert recorder.take() == [], "not our INVITE's branch: no dialog of ours"
+    assert uac._finished[invite.get("Call-ID") or ""][2] is None, "and nothing kept for it"
+    uac.datagram_received(_answer(invite, "late"), PHONE)
+    ack, bye = recorder.sent
+    recorder.take()
+    assert ack.method == "ACK" and (ack.get("To") or "").endswith(";tag=late")
+    assert ack.get("Via") != invite.get("Via"), "a 2xx's ACK is a transaction of its own"
+    assert ack.uri == "sip:late@127.0.0.1:5160" and ack.get("CSeq") == "1 ACK"
+    assert bye.method == "BYE" and (bye.get("To") or "").endswith(";tag=late")
+    assert bye.uri == ack.uri and bye.get("CSeq") == "2 BYE"
+    assert bye.get("From") == invite.get("From") and bye.get("Call-ID") == invite.get("Call-ID")
+    uac.datagram_received(message.serialise_response(invite, 487, to_tag="ring"), PHONE)
+    (again,) = recorder.sent
+    recorder.take()
+    assert (again.get("To") or "").endswith(";tag=ring"), "a 487 again: its own ACK again"
+    uac.datagram_received(message.serialise_response(bye, 200), PHONE)
+    late = uac._finished[invite.get("Call-ID") or ""][2]
+    assert isinstance(late, _Late) and late.timer is None, "the BYE answered: not sent again"
+    assert handle._events.empty(), "no event after ended"
+    clock.advance(TIMER_D_S)
+    uac.datagram_received(_answer(invite, "later"), PHONE)
+    assert recorder.take() == [], "64*T1 after the end the INVITE is over"

@@ -31,6 +31,11 @@ What it does, and what it deliberately does not:
   ``MAX_FORKS`` To tags (later ones get nothing), and the call ends when every BYE is
   answered; a final error is ACKed and mapped by
   :func:`~voice.sip.outcome.outcome_for_status` (after a 2xx it is only ACKed);
+- a 2xx of another fork after an unanswered call ended (after the 487 of its CANCEL, or a
+  final error: a forking proxy still forwards it, sections 9.1 and 13.2.2.4) is no business of
+  this object, which the caller drops at the end: :class:`LateAnswers` gives it its ACK and
+  BYE from the final response's ACK, with the same bounds (``MAX_FORKS`` To tags, 64*T1 after
+  the end) and no event;
 - one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
   auth user, as the repository's Asterisk does); a second challenge is a final error;
 - 3xx is a final error (a flash call is not redirected), no SDP is ever sent (an answer with an
@@ -40,7 +45,8 @@ What it does, and what it deliberately does not:
   the phone it was sent to), without looking up the Contact's host.
 
 ACKs of a finished call outlive it in the caller's table of finished calls (see
-:attr:`FlashDialog.ack`) for timer D, so a retransmitted final response is ACKed again.
+:attr:`FlashDialog.ack`) for timer D, so a retransmitted final response is ACKed again, and a
+late fork's 2xx is answered by a :class:`LateAnswers` made from that ACK.
 """
 
 from __future__ import annotations
@@ -133,7 +139,7 @@ def _top_branch(msg: message.SipMessage) -> str:
     return m.group(1) if m else ""
 
 
-def _cseq(msg: message.SipMessage) -> tuple[int, str]:
+def cseq_of(msg: message.SipMessage) -> tuple[int, str]:
     """CSeq number and method; (-1, "") when unreadable, so the response matches nothing.
 
     RFC 3261 section 8.1.1.5: the number is below 2**31, 10 digits at most; more is no
@@ -143,6 +149,61 @@ def _cseq(msg: message.SipMessage) -> tuple[int, str]:
         log.info("ignored a response with an unreadable CSeq %r", msg.get("CSeq"))
         return -1, ""
     return int(number), method.strip().upper()
+
+
+def _build_request(
+    method: str,
+    uri: str,
+    cseq: int,
+    branch: str,
+    *,
+    local: Local,
+    from_: str,
+    to: str,
+    call_id: str,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    lines = [
+        f"{method} {uri} SIP/2.0",
+        f"Via: SIP/2.0/UDP {local.host}:{local.port};rport;branch={branch}",
+        "Max-Forwards: 70",
+        f"From: {from_}",
+        f"To: {to}",
+        f"Call-ID: {call_id}",
+        f"CSeq: {cseq} {method}",
+    ]
+    lines += [f"{n}: {v}" for n, v in extra]
+    lines.append(f"User-Agent: {USER_AGENT}")
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _resend_byes(byes: dict[str, _Bye], now: float, send: list[bytes]) -> None:
+    """Timer E (each unanswered BYE again, T1 doubling up to T2) and F (given up)."""
+    for tag, bye in list(byes.items()):
+        if now >= bye.give_up_at:
+            del byes[tag]  # timer F
+        elif now >= bye.resend_at:
+            send.append(bye.raw)
+            bye.interval = min(bye.interval * 2, T2_S)
+            bye.resend_at = now + bye.interval
+
+
+def _answered_by(byes: dict[str, _Bye], msg: message.SipMessage) -> None:
+    """A final response to one of ``byes`` (matched by its branch) stops that BYE."""
+    branch = _top_branch(msg)
+    for tag, bye in list(byes.items()):
+        if bye.branch == branch:
+            del byes[tag]
+
+
+def _dialog_of(
+    msg: message.SipMessage, fallback_uri: str
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A 2xx's remote target (its Contact) and route set (its Record-Route reversed), the
+    Request-URI and Route of the ACK and BYE of that dialog (RFC 3261 12.1.2, 12.2.1.1)."""
+    contact = _uri_of(msg.get("Contact") or "") or fallback_uri
+    return contact, tuple(("Route", r) for r in reversed(msg.get_all("Record-Route")))
 
 
 class FlashDialog:
@@ -203,7 +264,7 @@ class FlashDialog:
     def on_response(self, msg: message.SipMessage, now: float) -> Step:
         """A response whose Call-ID is this call's."""
         step = Step()
-        number, method = _cseq(msg)
+        number, method = cseq_of(msg)
         status = msg.status
         if method == "INVITE":
             if number != self._cseq or _top_branch(msg) != self._branch:
@@ -213,10 +274,7 @@ class FlashDialog:
                 return step
             self._on_invite_response(msg, status, now, step)
         elif method == "BYE" and status >= 200:
-            branch = _top_branch(msg)
-            for tag, bye in list(self._byes.items()):
-                if bye.branch == branch:
-                    del self._byes[tag]
+            _answered_by(self._byes, msg)
             self._after_bye(step)
         elif method == "CANCEL" and status >= 200:
             ours = number == self._cseq and _top_branch(msg) == self._branch
@@ -265,13 +323,7 @@ class FlashDialog:
                 # is reported now; the INVITE goes on until timer B, and a late provisional
                 # response is cancelled.
                 self._end(0, step)
-            for tag, bye in list(self._byes.items()):
-                if now >= bye.give_up_at:
-                    del self._byes[tag]  # timer F
-                elif now >= bye.resend_at:
-                    step.send.append(bye.raw)
-                    bye.interval = min(bye.interval * 2, T2_S)
-                    bye.resend_at = now + bye.interval
+            _resend_byes(self._byes, now, step.send)
             self._after_bye(step)
         if (
             self.phase is not Phase.DONE
@@ -402,9 +454,7 @@ class FlashDialog:
             self._forks_until = now + TIMER_B_S
         self._answered = True
         self._to_header = to
-        contact = _uri_of(msg.get("Contact") or "") or self.spec.target_uri
-        routes = [v for v in reversed(msg.get_all("Record-Route"))]
-        route_headers = tuple(("Route", r) for r in routes)
+        contact, route_headers = _dialog_of(msg, self.spec.target_uri)
         self.ack = self._request(
             "ACK", contact, self._cseq, self._new_branch(), to=to, extra=route_headers
         )
@@ -523,20 +573,17 @@ class FlashDialog:
         to: str,
         extra: tuple[tuple[str, str], ...] = (),
     ) -> bytes:
-        local = self.local
-        lines = [
-            f"{method} {uri} SIP/2.0",
-            f"Via: SIP/2.0/UDP {local.host}:{local.port};rport;branch={branch}",
-            "Max-Forwards: 70",
-            f"From: <sip:{self.spec.caller_id}@{local.host}>;tag={self._from_tag}",
-            f"To: {to}",
-            f"Call-ID: {self.sip_call_id}",
-            f"CSeq: {cseq} {method}",
-        ]
-        lines += [f"{n}: {v}" for n, v in extra]
-        lines.append(f"User-Agent: {USER_AGENT}")
-        lines.append("Content-Length: 0")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+        return _build_request(
+            method,
+            uri,
+            cseq,
+            branch,
+            local=self.local,
+            from_=f"<sip:{self.spec.caller_id}@{self.local.host}>;tag={self._from_tag}",
+            to=to,
+            call_id=self.sip_call_id,
+            extra=extra,
+        )
 
     def _new_branch(self) -> str:
         return "z9hG4bK" + self._token()
@@ -566,3 +613,132 @@ class FlashDialog:
 
     def _event(self, state: CallState, status: int, outcome: CallOutcome | None) -> CallEvent:
         return CallEvent(self.spec.call_id, state, status, outcome, self._wall())
+
+
+class LateAnswers:
+    """2xx s of other forks of the INVITE of a call that ended without an answer (cancelled
+    after the ring, no answer, a final error): a forking proxy forwards every fork's 2xx, also
+    one that comes after the 487 (RFC 3261 9.1, 13.2.2.4), and each such phone is off hook
+    until its 2xx gets an ACK and a BYE.
+
+    Built from the ACK of the call's final response, which the caller keeps for timer D
+    anyway: a non-2xx ACK carries the INVITE's Request-URI, our From with its tag, the
+    Call-ID, the INVITE's CSeq number and its branch (section 17.1.1.3), all that a 2xx is
+    matched by and that its ACK and BYE need besides what the 2xx brings (its To tag, its
+    Contact as Request-URI, its Record-Route reversed as Route: sections 12.1.2, 12.2.1.1,
+    13.2.2.4). So a finished call keeps nothing more than before; this object is made only
+    when such a 2xx comes. Each new To tag (at most ``MAX_FORKS``, none at or after
+    ``until``) gets an ACK (CSeq number of the INVITE, a new branch) and a BYE (the next CSeq
+    number), the BYE on timer E until answered or timer F, as :class:`FlashDialog` does for an
+    answered call; a retransmitted 2xx gets its ACK again. It reports no event: the call's
+    outcome was final when it ended.
+    """
+
+    __slots__ = (
+        "_answers",
+        "_branch",
+        "_byes",
+        "_call_id",
+        "_cseq",
+        "_from",
+        "_local",
+        "_token",
+        "_uri",
+        "deadline",
+        "until",
+    )
+
+    def __init__(self, ack: bytes, local: Local, *, until: float, token: Callable[[], str]) -> None:
+        request = message.parse(ack)
+        self._uri = request.uri
+        self._from = request.get("From") or ""
+        self._call_id = request.get("Call-ID") or ""
+        self._cseq = cseq_of(request)[0]
+        self._branch = _top_branch(request)
+        self._local = local
+        self._token = token
+        self.until = until  # no new fork at or after (64*T1 after the call ended)
+        self._answers: set[str] = set()
+        self._byes: dict[str, _Bye] = {}  # To tag -> its BYE, while unanswered
+        self.deadline: float | None = None  # when :meth:`on_timer` is wanted
+
+    @property
+    def answered(self) -> bool:
+        """True once a 2xx of the INVITE got its ACK and BYE here."""
+        return bool(self._answers)
+
+    @property
+    def busy_until(self) -> float | None:
+        """When the last unanswered BYE is given up (timer F); None with none."""
+        return max((b.give_up_at for b in self._byes.values()), default=None)
+
+    def on_response(self, msg: message.SipMessage, now: float) -> list[bytes]:
+        """A response with the call's Call-ID: what to send to the INVITE's next hop."""
+        send: list[bytes] = []
+        number, method = cseq_of(msg)
+        if method == "BYE" and msg.status >= 200:
+            _answered_by(self._byes, msg)
+        elif (
+            method == "INVITE"
+            and 200 <= msg.status < 300
+            and number == self._cseq
+            and _top_branch(msg) == self._branch
+        ):
+            self._on_answer(msg, now, send)
+        self._reschedule()
+        return send
+
+    def on_timer(self, now: float) -> list[bytes]:
+        """The BYEs due again by ``now`` (timer E); those past timer F are dropped."""
+        send: list[bytes] = []
+        _resend_byes(self._byes, now, send)
+        self._reschedule()
+        return send
+
+    def _on_answer(self, msg: message.SipMessage, now: float, send: list[bytes]) -> None:
+        to = msg.get("To") or ""
+        tag = _tag(to)
+        known = tag in self._answers
+        if not known and (now >= self.until or len(self._answers) >= MAX_FORKS):
+            log.debug("flash call %s: ignored a late 2xx of To tag %r", self._call_id, tag)
+            return
+        contact, routes = _dialog_of(msg, self._uri)
+        send.append(
+            self._request(
+                "ACK", contact, self._cseq, "z9hG4bK" + self._token(), to=to, routes=routes
+            )
+        )
+        if known:
+            return  # a retransmitted 2xx: the ACK again, its BYE has gone
+        self._answers.add(tag)
+        branch = "z9hG4bK" + self._token()
+        bye = self._request("BYE", contact, self._cseq + 1, branch, to=to, routes=routes)
+        self._byes[tag] = _Bye(bye, branch, now + T1_S, now + TIMER_B_S)
+        send.append(bye)
+
+    def _request(
+        self,
+        method: str,
+        uri: str,
+        cseq: int,
+        branch: str,
+        *,
+        to: str,
+        routes: tuple[tuple[str, str], ...],
+    ) -> bytes:
+        return _build_request(
+            method,
+            uri,
+            cseq,
+            branch,
+            local=self._local,
+            from_=self._from,
+            to=to,
+            call_id=self._call_id,
+            extra=routes,
+        )
+
+    def _reschedule(self) -> None:
+        self.deadline = min(
+            (min(b.resend_at, b.give_up_at) for b in self._byes.values()), default=None
+        )
