@@ -565,3 +565,60 @@ def test_late_answers_take_only_the_invites_2xx_within_64_t1_and_up_to_a_bound()
     ]
     assert len(byes) == MAX_FORKS
     assert late.on_timer(101.0 + TIMER_B_S) == [] and late.deadline is None  # timer F
+
+
+# From hreview3: a 2xx's Contact with a display name, and Record-Route as a comma list.
+_ODD_CONTACTS = [
+    ("Bob <sip:b@127.0.0.1:40000>", "sip:b@127.0.0.1:40000"),
+    (
+        '"Bob, B" <sip:b@127.0.0.1:40000;transport=udp>;expires=60',
+        "sip:b@127.0.0.1:40000;transport=udp",
+    ),
+    ("sip:b@127.0.0.1:40000;expires=60", "sip:b@127.0.0.1:40000"),
+    ("*", TARGET),
+    ("", TARGET),
+]
+
+
+@pytest.mark.parametrize(("contact", "uri"), _ODD_CONTACTS)
+def test_the_ack_and_bye_go_to_the_contacts_uri_whatever_its_form(contact: str, uri: str) -> None:
+    """RFC 3261 12.1.2: the remote target is the Contact's URI. A display name ('Bob
+    <sip:...>', legal in a Contact, 20.10) was taken for the URI: 'ACK Bob SIP/2.0', the
+    phone never got its ACK nor its BYE."""
+    dialog, step = make()
+    (invite,) = sent(step)
+    extra = (("Contact", contact),) if contact else ()
+    out = sent(dialog.on_response(reply(invite, 200, *extra), 100.1))
+    assert [(r.method, r.uri) for r in out] == [("ACK", uri), ("BYE", uri)]
+    late_dialog, late_invite = _cancelled_after_ring()
+    assert late_dialog.ack is not None
+    late = LateAnswers(
+        late_dialog.ack, Local("127.0.0.1", 5999), until=200.0, token=lambda: "t" * 16
+    )
+    answer = message.serialise_response(late_invite, 200, to_tag="b", extra=extra)
+    got = [message.parse(d) for d in late.on_response(message.parse(answer), 101.0)]
+    assert [(r.method, r.uri) for r in got] == [("ACK", uri), ("BYE", uri)]
+
+
+def test_a_record_route_list_in_one_header_is_reversed_entry_by_entry() -> None:
+    """RFC 3261 12.1.2: the route set is the Record-Route URIs in reverse order, and one
+    header may carry several, comma-separated (7.3.1). Reversing the header lines left
+    '<sip:p1;lr>, <sip:p2;lr>' in that order: the BYE went to p1 first, past its own path."""
+    record_route = (("Record-Route", "<sip:p1;lr>, <sip:p2;lr>"), ("Record-Route", "<sip:p3;lr>"))
+    want = ["<sip:p3;lr>", "<sip:p2;lr>", "<sip:p1;lr>"]
+    dialog, step = make()
+    (invite,) = sent(step)
+    out = sent(dialog.on_response(reply(invite, 200, *record_route), 100.1))
+    for request in out:
+        routes = [r.strip() for v in request.get_all("Route") for r in v.split(",")]
+        assert routes == want, request.method
+    late_dialog, late_invite = _cancelled_after_ring()
+    assert late_dialog.ack is not None
+    late = LateAnswers(
+        late_dialog.ack, Local("127.0.0.1", 5999), until=200.0, token=lambda: "t" * 16
+    )
+    answer = message.serialise_response(late_invite, 200, to_tag="b", extra=record_route)
+    for d in late.on_response(message.parse(answer), 101.0):
+        request = message.parse(d)
+        routes = [r.strip() for v in request.get_all("Route") for r in v.split(",")]
+        assert routes == want, request.method

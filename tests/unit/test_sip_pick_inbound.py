@@ -187,3 +187,75 @@ async def test_a_failing_round_of_the_worker_watch_does_not_end_it(
     pool._running = False
     await watch
     assert "SIP worker watch: a round failed" in caplog.text
+
+
+class _HungProcess:
+    """A worker process that never writes a line (as one hung in its start-up)."""
+
+    pid = 4242
+    returncode: int | None = None
+    stdin = None
+    stdout = None
+
+    def __init__(self) -> None:
+        self.killed = 0
+
+    def kill(self) -> None:
+        self.killed += 1
+
+
+async def test_a_restarted_worker_is_not_judged_by_its_predecessors_silence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From hreview3. The worker's silence was reset only by its reader's first step, a
+    task that runs after _spawn returns: a watch round due in that same loop iteration saw
+    the new process (not up) with the last line of the old one, killed as frozen 30 s or
+    more before, and killed the new worker as 'did not start within 40 s' at once."""
+    pool = SipPool(sip_settings(1), clock=FakeClock())
+    pool._running = True
+    w = pool._workers[0]
+    loop = asyncio.get_running_loop()
+    w.heard_at = loop.time() - 40.0  # the old process's last line
+    proc = _HungProcess()
+
+    async def exec_(*argv: object, **kwargs: object) -> _HungProcess:
+        return proc
+
+    async def reader(w: pool_module._Worker, p: object) -> None:
+        await asyncio.Event().wait()  # its first step has not run yet
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", exec_)
+    monkeypatch.setattr(pool, "_read", reader)
+    await pool._spawn(w)
+    try:
+        now = loop.time()
+        pool._watch_round(now, now)  # a round before the reader's first step
+        assert proc.killed == 0, "a worker killed as it was spawned"
+    finally:
+        assert w.reader is not None
+        w.reader.cancel()
+
+
+async def test_a_worker_killed_before_it_was_ever_up_backs_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From hreview3. A worker that never came up, killed by the watch after the start-up
+    limit (30 s), had 'lived' longer than _HEALTHY_AFTER_S (30 s): its failures were reset
+    and it was restarted at the first backoff (0.2 s) every time, never more."""
+    clock = FakeClock()
+    pool = SipPool(sip_settings(1), clock=clock)
+    pool._running = True
+    w = pool._workers[0]
+    w.failures = 2
+    w.started_at = clock.monotonic()
+    clock.advance(pool_module._START_TIMEOUT_S + 1.0)
+    restarts: list[float] = []
+
+    async def restart(w: pool_module._Worker, delay: float) -> None:
+        restarts.append(delay)
+
+    monkeypatch.setattr(pool, "_restart", restart)
+    pool._on_exit(w, -9)  # killed, never up
+    await asyncio.sleep(0)
+    assert w.failures == 3
+    assert restarts == [min(pool_module._BACKOFF_MAX_S, pool_module._BACKOFF_FIRST_S * 4)]

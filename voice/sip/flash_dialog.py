@@ -72,7 +72,9 @@ USER_AGENT = "clinic-voice"
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS"
 
 _URI_HOSTPORT = re.compile(r"sips?:(?:[^@;>]*@)?(\[[^\]]+\]|[^;:>?]+)(?::(\d+))?", re.IGNORECASE)
-_CONTACT_URI = re.compile(r"<([^>]+)>|^\s*([^;,\s]+)")
+# A name-addr (an optional display name, quoted or tokens, then ``<uri>``) or an addr-spec.
+# Matched at the start of a stripped entry, in linear time (a datagram is 64 KB).
+_CONTACT_URI = re.compile(r'(?:"(?:[^"\\]|\\.)*"\s*|[^"<]*)<([^>]*)>|([^;,\s<>"]+)')
 
 
 class Phase(enum.Enum):
@@ -121,11 +123,41 @@ def target_host_port(uri: str) -> tuple[str, int]:
     return host, int(m.group(2) or 5060)
 
 
+def _name_addrs(value: str) -> list[str]:
+    """The comma-separated entries of a Contact or Record-Route value (section 7.3.1), a
+    comma inside a quoted display name or inside ``<>`` not splitting."""
+    parts: list[str] = []
+    start, quoted, bracket, i = 0, False, False, 0
+    while i < len(value):
+        c = value[i]
+        if quoted:
+            if c == "\\":
+                i += 1  # a quoted pair: the next character is escaped
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            bracket = True
+        elif c == ">":
+            bracket = False
+        elif c == "," and not bracket:
+            parts.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    parts.append(value[start:].strip())
+    return [p for p in parts if p]
+
+
 def _uri_of(name_addr: str) -> str:
-    m = _CONTACT_URI.search(name_addr)
-    if not m:
+    """The URI of the first entry of a Contact value: inside ``<>`` past any display name
+    (quoted or not), else the addr-spec before its header parameters; "" for none or ``*``."""
+    entries = _name_addrs(name_addr)
+    if not entries:
         return ""
-    return (m.group(1) or m.group(2) or "").strip()
+    m = _CONTACT_URI.match(entries[0])
+    uri = (m.group(1) or m.group(2) or "").strip() if m else ""
+    return "" if uri == "*" else uri
 
 
 def _tag(name_addr: str) -> str:
@@ -203,7 +235,9 @@ def _dialog_of(
     """A 2xx's remote target (its Contact) and route set (its Record-Route reversed), the
     Request-URI and Route of the ACK and BYE of that dialog (RFC 3261 12.1.2, 12.2.1.1)."""
     contact = _uri_of(msg.get("Contact") or "") or fallback_uri
-    return contact, tuple(("Route", r) for r in reversed(msg.get_all("Record-Route")))
+    # One Record-Route may carry several entries (7.3.1): reversed entry by entry.
+    entries = [e for v in msg.get_all("Record-Route") for e in _name_addrs(v)]
+    return contact, tuple(("Route", r) for r in reversed(entries))
 
 
 class FlashDialog:

@@ -781,6 +781,10 @@ class SipPool:
             preexec_fn=os.setpgrp,  # uvloop has no process_group=0
         )
         w.started_at = self._clock.monotonic()
+        # Its silence counts from now, not from the last line of the process it replaces
+        # (killed as frozen, 30 s silent or more): a watch round may run before the reader
+        # below takes its first step, and would kill this one as never started.
+        w.heard_at = asyncio.get_running_loop().time()
         w.reader = asyncio.create_task(self._read(w, w.process), name=f"sip-worker-{w.index}")
         log.info("SIP worker %s started (pid %s)", w.index, w.process.pid)
 
@@ -986,7 +990,8 @@ class SipPool:
             len(lost),
         )
         lived = self._clock.monotonic() - w.started_at
-        w.failures = 0 if lived > _HEALTHY_AFTER_S else w.failures + 1
+        # Healthy only if it was up: one killed for never starting lived 30 s too.
+        w.failures = 0 if was_up and lived > _HEALTHY_AFTER_S else w.failures + 1
         delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** max(0, w.failures - 1))
         task = asyncio.create_task(self._restart(w, delay), name=f"sip-restart-{w.index}")
         self._tasks.add(task)
