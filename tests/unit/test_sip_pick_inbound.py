@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -259,3 +261,31 @@ async def test_a_worker_killed_before_it_was_ever_up_backs_off(
     await asyncio.sleep(0)
     assert w.failures == 3
     assert restarts == [min(pool_module._BACKOFF_MAX_S, pool_module._BACKOFF_FIRST_S * 4)]
+
+
+def test_a_quiet_worker_gets_new_calls_only_when_no_other_has_room() -> None:
+    """A worker whose Ping has gone unanswered (quiet: its owner thread blocked, or frozen
+    until the watch kills it) may never answer a caller sent to it: callers and outbound
+    calls go to the others while they have room, and to it rather than a refusal."""
+    clock = FakeClock()
+    pool = _pool(2, clock)
+    quiet, other = pool._workers
+    quiet.quiet, other.free_slots = True, 1  # the quiet one has more room
+    first = pool.pick_inbound(next(_ids))
+    assert isinstance(first, HostPort) and first.port == other.port
+    picked = pool._pick_outbound()
+    assert picked is quiet, "no room left elsewhere: the quiet worker, not a refusal"
+    second = pool.pick_inbound(next(_ids))
+    assert isinstance(second, HostPort) and second.port == quiet.port
+
+
+def test_the_watch_marks_a_worker_quiet_while_its_ping_is_unanswered() -> None:
+    pool = _pool(1, FakeClock())
+    [w] = pool._workers
+    w.process = cast(Any, SimpleNamespace(returncode=None, pid=1, stdin=None))
+    w.heard_at = 100.0
+    pool._watch_round(100.0 + pool_module.QUIET_AFTER_S - 0.5, 100.0 + 1.5)
+    assert not w.quiet
+    pool._watch_round(100.0 + pool_module.QUIET_AFTER_S, 100.0 + 2.5)
+    assert pool._workers[0].quiet  # (not w.quiet: mypy holds it False since the assert)
+    assert pool.pick_inbound(next(_ids)) != BUSY, "its room is still used when it is the only"

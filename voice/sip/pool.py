@@ -90,6 +90,10 @@ _START_TIMEOUT_PER_WORKER_S = 0.5  # more workers start in more time: 256 get 12
 # cut the callers on it. 30 s still ends a frozen worker's calls within the first minute.
 PING_EVERY_S = 1.0
 WORKER_SILENT_S = 30.0
+# Until then, a worker silent this long (its Ping unanswered; an idle one answers within half a
+# second) is "quiet": new calls go to another worker that has room, so callers are not sent
+# to one that may never answer them. Only a preference: with no other room, it is used.
+QUIET_AFTER_S = 3.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
 _REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
@@ -361,6 +365,7 @@ class _Worker:
     reserved: dict[str, float] = field(default_factory=dict)
     started_at: float = 0.0
     heard_at: float = 0.0  # loop time of the worker's last line (see WORKER_SILENT_S)
+    quiet: bool = False  # silent QUIET_AFTER_S: new calls go elsewhere while there is room
     failures: int = 0
     calls: dict[str, CallHandle] = field(default_factory=dict)
     acks: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
@@ -573,7 +578,12 @@ class SipPool:
             w.expire_reservations(now)
             if call_id in w.reserved and w.up:
                 return HostPort(self._settings.addr.host, w.port)
-        best = max(self._workers, key=lambda w: w.available, default=None)
+        # The most room, on a worker that is not quiet if one has room.
+        best = max(
+            self._workers,
+            key=lambda w: (w.available > 0 and not w.quiet, w.available),
+            default=None,
+        )
         if best is None or best.available <= 0:
             self._refused_for_want_of_a_slot()
             return SipStatus.BUSY_HERE
@@ -674,7 +684,8 @@ class SipPool:
         full = self._slots_max
         need = 1 + self._settings.caller_slots  # this call's slot and the callers'
         best: _Worker | None = None
-        best_room = total = 0
+        quiet: _Worker | None = None  # the most room on a quiet worker: if none other has
+        best_room = quiet_room = total = 0
         start = self._cursor
         now = self._clock.monotonic()
         for i in range(n):
@@ -688,13 +699,19 @@ class SipPool:
             if room <= 0:
                 continue
             total += room
+            if w.quiet:
+                if room > quiet_room:
+                    quiet, quiet_room = w, room
+                continue
             if room > best_room:
                 best, best_room = w, room
                 if room >= full:
                     self._cursor = (start + i + 1) % n
             if best_room >= full and total >= need:
                 break
-        return best if total >= need else None
+        if total < need:
+            return None
+        return best if best is not None else quiet
 
     async def _try_place(self, worker: _Worker, handle: CallHandle, cmd: PlaceCall) -> bool:
         loop = asyncio.get_running_loop()
@@ -784,7 +801,7 @@ class SipPool:
         # Its silence counts from now, not from the last line of the process it replaces
         # (killed as frozen, 30 s silent or more): a watch round may run before the reader
         # below takes its first step, and would kill this one as never started.
-        w.heard_at = asyncio.get_running_loop().time()
+        w.heard_at, w.quiet = asyncio.get_running_loop().time(), False
         w.reader = asyncio.create_task(self._read(w, w.process), name=f"sip-worker-{w.index}")
         log.info("SIP worker %s started (pid %s)", w.index, w.process.pid)
 
@@ -820,6 +837,7 @@ class SipPool:
             if stalled:
                 w.heard_at = max(w.heard_at, now - PING_EVERY_S)
             silent = now - w.heard_at
+            w.quiet = silent >= QUIET_AFTER_S
             if not w.up:
                 # Restarted, and not up yet: silent since it was started (its reader's
                 # start). One that never reports (hung in its start-up) would leave the pool
@@ -856,7 +874,7 @@ class SipPool:
                 line = await proc.stdout.readline()
                 if not line:
                     break
-                w.heard_at = loop.time()
+                w.heard_at, w.quiet = loop.time(), False
                 try:
                     ev = decode(line)
                 except ProtocolError as exc:
