@@ -163,6 +163,7 @@ class _Connection(asyncio.Protocol):
         self._body = bytearray()
         self._heard = False  # a byte of the answer to the request in flight came
         self.reusable = False
+        self.sent = 0  # requests sent on it: past the first, it is a kept-alive connection
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -207,6 +208,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = loop.create_future()
         self._state, self._buf, self._body, self.reusable = "head", bytearray(), bytearray(), False
         self._heard = False
+        self.sent += 1
         self.transport.write(request)
         return self._waiter
 
@@ -510,11 +512,14 @@ class HttpClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         conn = self._take_idle(pool)
-        reused = conn is not None
+        resent = False
         while True:
             if conn is None:  # wait for a slot, or connect: both within the deadline
                 async with asyncio.timeout_at(deadline):
                     conn = await self._acquire(pool)
+            # Kept alive whether it came from the idle list or was handed over by the request
+            # before it as this one waited for a slot (the pool full).
+            reused = conn.sent > 0
             # The answer's deadline as one timer on the future (cheaper than a timeout context
             # per request on the hot path): on expiry the future fails with TimeoutError.
             answer_fut = conn.send(request)
@@ -524,13 +529,13 @@ class HttpClient:
             except BaseException as exc:
                 conn.close()
                 self._release(pool, conn)
-                if not (reused and isinstance(exc, NoAnswer) and _idempotent(headers)):
+                if resent or not (reused and isinstance(exc, NoAnswer) and _idempotent(headers)):
                     raise
                 # A kept-alive connection the server closed as the request went out (its
                 # idle timeout ended just then): nothing was answered. A request the server
                 # can tell apart from a second one (its Idempotency-Key) goes once more, on a
                 # new connection, within the same deadline, as Go's net/http does.
-                reused, conn = False, None
+                resent, conn = True, None  # once: a second such close is a failure
                 pool = self._pool(origin)  # released with nothing open, it was forgotten
                 continue
             finally:

@@ -23,7 +23,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from verification.http_client import MAX_BODY, HttpClient, HttpClientError, UnusableUrl
+from verification.http_client import (
+    MAX_BODY,
+    HttpAnswer,
+    HttpClient,
+    HttpClientError,
+    UnusableUrl,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -376,6 +382,37 @@ async def test_a_keyed_post_on_a_connection_closed_unanswered_goes_once_more(
             await client.post(url, b"3", JSON, timeout_s=5)
         assert peer.connections == 2, "a POST without a key is not sent again"
         await asyncio.sleep(0.1)  # the handlers' own close, before the server goes
+
+
+async def test_a_keyed_post_handed_a_kept_alive_connection_closed_unanswered_goes_again() -> None:
+    """The same when the pool is full: a POST waiting for a slot is handed the connection the
+    one before it just finished on, and the server closes it unanswered. It was kept alive as
+    much as one taken from the idle list, and the README says such a send goes once more, on a
+    new connection (an SMS had been undeliverable with CLINIC_SMS_HTTP_RETRIES=0, and had used
+    one of its retries otherwise, whenever 64 were in flight to the gateway)."""
+
+    async def take_the_next_unanswered(reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await read_request(reader)
+
+    peer = AnswersOnce(take_the_next_unanswered)
+    server, url = await raw_server(peer.handler)
+    keyed = {**JSON, "Idempotency-Key": "send-1"}
+    one = HttpClient(max_per_origin=1)
+    try:
+        async with server:
+            # Both start together: one takes the only slot, the other waits and is handed
+            # its connection once it is answered.
+            first, second = await asyncio.gather(
+                one.post(url, b"1", keyed, timeout_s=5),
+                one.post(url, b"2", keyed, timeout_s=5),
+                return_exceptions=True,
+            )
+            assert first == second == HttpAnswer(200, b"ok"), (first, second)
+            assert peer.connections == 2, "sent again on a new connection"
+            await asyncio.sleep(0.1)  # the handlers' own close, before the server goes
+    finally:
+        await one.close()
 
 
 async def test_unasked_bytes_on_an_idle_connection_retire_it(client: HttpClient) -> None:
