@@ -1,7 +1,7 @@
 """SMS through an HTTP gateway: POST ``{"to", "text"}`` with a bearer token.
 
-2xx is delivered (the gateway accepted it); 4xx other than 408/429 is undeliverable at once;
-timeouts, 408, 429 and 5xx are retried with backoff, then undeliverable. A timeout or a 5xx
+2xx is delivered (the gateway accepted it); 4xx other than 408/425/429 is undeliverable at once;
+timeouts, 408, 425, 429 and 5xx are retried with backoff, then undeliverable. A timeout or a 5xx
 does not say the SMS was not taken: every attempt of one send carries the same
 ``Idempotency-Key``, so a gateway that honours it sends a retried SMS once.
 
