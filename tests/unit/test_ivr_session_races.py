@@ -389,3 +389,51 @@ async def test_words_for_a_question_a_key_answered_do_not_answer_the_next_danger
         k == "chest_pain" for k, _ in state.values
     )
     await rig.finish()
+
+
+async def test_a_command_that_fails_on_a_call_already_ended_is_the_callers_hang_up() -> None:
+    """A handle whose commands raise once the call ended (a worker whose pipe is gone): the
+    caller hanging up while the first prompt renders left the play to fail, and the record
+    said the service broke (cut_error), not that the caller hung up."""
+    rig = Rig("appointments")
+
+    async def play(wav: Path, *, loop: bool = False) -> int:
+        raise ConnectionError("play: the call has ended")
+
+    async def render(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+        rig.call.end()  # the caller hangs up as the prompt is rendered
+        rig.call.play = play  # type: ignore[method-assign]
+        return Path("/nonexistent/prompt.wav")
+
+    rig.renderer.render = render  # type: ignore[method-assign]
+    rig.start()
+    assert rig.task is not None
+    async with asyncio.timeout(5):
+        await rig.task
+    (saved,) = rig.saved
+    assert saved.record.outcome != "cut_error", "the caller's hang-up taken for a fault"
+
+
+async def test_a_goodbye_hang_up_that_fails_on_a_call_just_ended_keeps_the_record() -> None:
+    """The service stops: the closing notice plays, and at its end the engine asks for the
+    hang-up, then the record. The caller hangs up just then, and a handle whose commands
+    raise once the call ended fails the hang-up: the Store after it was never carried out,
+    and the engine, the call ended, gives no record again. The call had no record at all."""
+    rig = Rig("triage", speech=False)
+    rig.start()
+    await rig.until(lambda: bool(rig.call.plays()))
+    await rig.settle()
+    rig.session.close()  # the service stops
+    await rig.until(lambda: len(rig.call.plays()) >= 2)
+    notice = rig.call.plays()[-1][0]
+
+    async def hangup(sip_status: int = 0) -> None:
+        rig.call.end()  # the caller hung up first
+        raise ConnectionError("hangup: the call has ended")
+
+    rig.call.hangup = hangup  # type: ignore[method-assign]
+    rig.call.send(_done(notice))
+    assert rig.task is not None
+    async with asyncio.timeout(5):
+        await rig.task
+    assert len(rig.saved) == 1, "the call has no record"

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import heapq
 import itertools
+import os
 import selectors
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -39,7 +42,19 @@ from tests.unit.test_ivr_session_races import LOUD, QUIET, ScriptedCall, Scripte
 from tests.unit.test_prop_engine import FLOW_IDS, FLOWSET, KEYS, TYPED, World, _params
 from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
-from voice.ivr.flow import HUMAN_PHRASES, UNSURE_PHRASES, Ask, Flow, grammar
+from voice.ivr.flow import (
+    HUMAN_PHRASES,
+    UNSURE_PHRASES,
+    Ask,
+    Choice,
+    Flow,
+    Node,
+    Record,
+    Transfer,
+    Webhook,
+    grammar,
+    successors,
+)
 from voice.ivr.session import MAX_CALL_S, CallSession, SessionDeps
 from voice.ivr.triage import Urgency
 from voice.media.asr import AsrError, PartialResult, SpeechResult
@@ -55,8 +70,70 @@ BYE_S = 0.05  # from our BYE to the worker's report of the call's end
 T = TypeVar("T")
 
 
+Place = tuple[str, str]  # (flow, node)
+GOALS: dict[str, type[Node]] = {"webhook": Webhook, "transfer": Transfer, "recording": Record}
+
+
+def _distances(goal: type[Node]) -> dict[Place, int]:
+    """How many steps each node of the shipped flows is from a ``goal`` node (absent: none
+    leads there). A choice that raises the triage to U2 or more costs more: a caller that
+    urgent is put through, never sent on to a request or a message."""
+    into: dict[Place, list[tuple[Place, int]]] = {}
+    goals: list[Place] = []
+    for flow in ROUTED.flows.values():
+        for node in flow.nodes.values():
+            here = (flow.id, node.id)
+            if isinstance(node, goal):
+                goals.append(here)
+            for target, effect, _ in successors(node):
+                there_flow, there = ROUTED.resolve(flow, target)
+                level = effect.urgency if effect is not None else None
+                cost = 8 if level is not None and level <= Urgency.U2 else 1
+                into.setdefault((there_flow.id, there), []).append((here, cost))
+    far: dict[Place, int] = {}
+    heap = [(0, g) for g in goals]
+    while heap:
+        d, place = heapq.heappop(heap)
+        if place in far:
+            continue
+        far[place] = d
+        for before, cost in into.get(place, []):
+            if before not in far:
+                heapq.heappush(heap, (d + cost, before))
+    return far
+
+
+DISTANCE = {kind: _distances(node) for kind, node in GOALS.items()}
+
+
+def _toward(goal: str | None, flow: Flow, ask: Ask) -> list[Choice]:
+    """The choices of ``ask`` nearest to the call's goal (all of them without one)."""
+    if goal is None or not ask.choices:
+        return list(ask.choices)
+    far = DISTANCE[goal]
+
+    def steps(c: Choice) -> int:
+        there_flow, there = ROUTED.resolve(flow, c.goto)
+        return far.get((there_flow.id, there), 1_000)
+
+    best = min(steps(c) for c in ask.choices)
+    return [c for c in ask.choices if steps(c) == best]
+
+
+def _entry(ask: Ask) -> str:
+    """A valid entry for a digits ask (a real date of birth, a patient number)."""
+    assert ask.digits is not None
+    if ask.digits.format is not None:
+        return "01021980" + ask.digits.terminator
+    return "1234567890"[: max(ask.digits.min_digits, 4)] + ask.digits.terminator
+
+
 class Stuck(AssertionError):
-    """Nothing is ready and no timer runs: everything waits forever."""
+    """Nothing is ready and no timer runs: everything waits forever (or something is always
+    ready and time never moves: a task that spins)."""
+
+
+SPIN = 20_000  # loop turns with no time passing: a call takes a few hundred
 
 
 class VirtualLoop(asyncio.SelectorEventLoop):
@@ -68,9 +145,15 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         real: selectors.BaseSelector = self._selector  # type: ignore[has-type]
         loop = self
 
+        spins = 0
+
         class _Selector:
             def select(self, timeout: float | None = None) -> list[Any]:
+                nonlocal spins
                 ready: list[Any] = real.select(0)
+                spins = spins + 1 if timeout == 0 else 0
+                if spins > SPIN:
+                    raise Stuck("a task spins: the loop is always ready, and time stands still")
                 if ready or timeout == 0:
                     return ready
                 if timeout is None:
@@ -110,10 +193,21 @@ class Seen:
     stores: list[eng.CallRecord] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     heard_at: dict[float, tuple[str, str]] = field(default_factory=dict)  # confidence: where
+    reached: set[str] = field(default_factory=set)  # the paths this call took (see STATS)
 
     def most_urgent(self) -> Urgency | None:
         levels = [s.triage.urgency for s in self.states if s.triage is not None]
         return min(levels) if levels else None
+
+
+# The paths a call may take, counted over a run (PROP_SESSION_STATS=file writes the counts):
+# the generator must reach each of them often, or its races there go untried.
+REACHED: dict[type[eng.Action], str] = {
+    eng.PostWebhook: "webhook",
+    eng.TransferCall: "transfer",
+    eng.RecordAudio: "recording",
+}
+STATS: Counter[str] = Counter()
 
 
 class WatchedEngine(eng.Engine):
@@ -136,6 +230,8 @@ class WatchedEngine(eng.Engine):
                     f"speech heard at {where} given at {(state.flow, state.node)}"
                 )
         new, actions = super().handle(state, event)
+        if isinstance(event, eng.SpeechResult):
+            self.seen.reached.add("speech")
         self._after(new, actions)
         return new, actions
 
@@ -143,6 +239,9 @@ class WatchedEngine(eng.Engine):
         self.seen.states.append(state)
         urgent = (self.seen.most_urgent() or Urgency.U5) <= Urgency.U2
         for action in actions:
+            kind = REACHED.get(type(action))
+            if kind is not None:
+                self.seen.reached.add(kind)
             if isinstance(action, eng.Store):
                 self.seen.stores.append(action.record)
             if urgent and isinstance(action, eng.RecordAudio):
@@ -160,8 +259,24 @@ class PropCall(ScriptedCall):
         self.owed: list[int] = []  # PlayDones of plays stopped or replaced, not yet sent
         self.transfers = 0
         self.auto = False  # the worker ends each prompt by itself (listen_only)
+        # A handle whose commands raise once the call ended (a worker whose pipe is gone),
+        # where the pool's own ignores them: the session must not take that for its fault.
+        self.strict = False
+
+    def _alive(self, command: str) -> None:
+        if self.strict and self.ended:
+            raise ConnectionError(f"{command}: the call has ended")
+
+    async def answer(self) -> None:
+        self._alive("answer")
+        await super().answer()
+
+    async def start_listen(self) -> None:
+        self._alive("start_listen")
+        await super().start_listen()
 
     async def play(self, wav: Path, *, loop: bool = False) -> int:
+        self._alive("play")
         play_id = await super().play(wav, loop=loop)
         if self.current is not None:
             self.owed.append(self.current)
@@ -173,6 +288,7 @@ class PropCall(ScriptedCall):
         return play_id
 
     async def stop_play(self) -> None:
+        self._alive("stop_play")
         await super().stop_play()
         if self.current is not None:
             self.owed.append(self.current)
@@ -182,6 +298,7 @@ class PropCall(ScriptedCall):
 
     async def hangup(self, sip_status: int = 0) -> None:
         """The BYE goes to the worker; the call's end comes back from it a little later."""
+        self._alive("hangup")
         self.commands.append(("hangup", None))
         if not self.ended:
             asyncio.get_running_loop().call_later(BYE_S, self.end)
@@ -198,6 +315,7 @@ class PropCall(ScriptedCall):
             asyncio.get_running_loop().call_later(PROMPT_S, self._ends, self.current)
 
     async def transfer(self, uri: str, headers: Mapping[str, str] | None = None) -> None:
+        self._alive("transfer")
         await super().transfer(uri, headers)
         self.transfers += 1
 
@@ -269,7 +387,13 @@ class CallWorld:
         # one of the session's tasks: re-raised by the test, whatever the session made of it.
         self.stop_test: BaseException | None = None
         draw = self.draw
-        self.desk = World(open=draw(st.booleans(), label="open"))
+        # Where the caller heads for (None: anywhere): the keys and words it gives lean
+        # toward the choices nearest a webhook, a transfer or a recording, which random
+        # answers reach too rarely. A request is taken only while the desk is open.
+        goals: list[str | None] = [None, *GOALS, "webhook"]
+        self.goal = draw(st.sampled_from(goals), label="goal")
+        opens = [True, True, True, False] if self.goal == "webhook" else [True, False]
+        self.desk = World(open=draw(st.sampled_from(opens), label="open"))
         speech = draw(st.sampled_from([True, True, False]), label="speech")
         summary = draw(st.sampled_from(["none", "urgency", "full"]), label="summary")
         self.seen = Seen()
@@ -277,6 +401,7 @@ class CallWorld:
         engine.seen = self.seen
         self.engine = engine
         self.call = PropCall(flow_id)
+        self.call.strict = draw(st.booleans(), label="strict handle")
         self.renderer = ScriptedRenderer()
         self.call.renderer = self.renderer
         self.session: CallSession | None = None
@@ -289,7 +414,7 @@ class CallWorld:
         self.live: CallResult | None = None  # the live record on disk
         self.live_gone = False
         self.stopped = False
-        self.cancelled = False
+        self.cancelled = 0  # pool.stop's cancellation, then (say) asyncio.run's
         self.auto = False  # every webhook is answered at once (listen_only)
         self.long = False  # the moves took half of MAX_CALL_S
         self.began = loop.time()
@@ -379,12 +504,25 @@ class CallWorld:
         return self.seen.states[-1] if self.seen.states else None
 
     # -- moves ---------------------------------------------------------------------------------
+    def _ask(self) -> tuple[Flow, Ask | None]:
+        """The flow the call is in and the question it asks (None: none)."""
+        state = self.state()
+        flow = ROUTED.get(state.flow) if state is not None else ROUTED.get("main_menu")
+        node = flow.nodes.get(state.node) if state is not None else None
+        return flow, node if isinstance(node, Ask) else None
+
     def _keys(self) -> str:
         draw = self.draw
-        state = self.state()
-        node = ROUTED.get(state.flow).nodes.get(state.node) if state is not None else None
-        if isinstance(node, Ask) and draw(st.integers(0, 3), label="sensible") > 0:
-            keys: list[str] = [c.key for c in node.choices if c.key] or TYPED[:5]
+        flow, node = self._ask()
+        how = draw(st.integers(0, 7), label="sensible") if node is not None else 0
+        if node is not None and how >= (2 if self.goal is not None else 5):  # toward the goal
+            keys = [c.key for c in _toward(self.goal, flow, node) if c.key]
+            if node.digits is not None:
+                keys += [_entry(node)] * (4 if self.goal is not None else 1)
+            if keys:
+                return draw(st.sampled_from(keys), label="steered")
+        if node is not None and how > 0:
+            keys = [c.key for c in node.choices if c.key] or TYPED[:5]
             if node.danger_sign:
                 keys += [c.key for c in node.choices if c.key and c.effect is None] * 4
             if keys:
@@ -392,28 +530,41 @@ class CallWorld:
         anything: list[str] = [*KEYS, *TYPED]
         return draw(st.sampled_from(anything), label="keys")
 
-    def _words(self) -> str:
+    def _words(self) -> tuple[str, float]:
+        """What the caller says, and how sure the recogniser is of it (around the question's
+        own threshold, so that both sides of it are tried)."""
         draw = self.draw
-        state = self.state()
-        flow = ROUTED.get(state.flow) if state is not None else ROUTED.get("main_menu")
-        node = flow.nodes.get(state.node) if state is not None else None
+        flow, node = self._ask()
         pool = [*HUMAN_PHRASES[flow.language], *UNSURE_PHRASES[flow.language], "uh"]
-        if isinstance(node, Ask) and node.digits is None:
-            pool += list(grammar(node, flow.language)) * 3
-        return draw(st.sampled_from(pool), label="words")
+        sure = [1.0, 0.9, 0.3]
+        if node is not None and node.digits is None:
+            pool += list(grammar(node, flow.language)) * 2
+            # The phrases of the choices toward the call's goal, most of the time.
+            pool += [p for c in _toward(self.goal, flow, node) for p in c.phrases] * 6
+            sure += [min(node.min_confidence + 0.05, 1.0), max(node.min_confidence - 0.05, 0.0)]
+        words = draw(st.sampled_from(pool), label="words")
+        return words, draw(st.sampled_from(sure), label="confidence")
 
-    def speak(self) -> None:
+    async def speak(self) -> None:
         draw = self.draw
         steps: list[tuple[float, str, str, float]] = []
-        if draw(st.booleans(), label="partial first"):
-            steps.append((draw(st.sampled_from(DELAYS)), "partial", "uh", 0.0))
-        kind = draw(st.sampled_from(["final", "final", "final", "error", "none"]), label="result")
-        if kind != "none":
-            confidence = draw(st.sampled_from([1.0, 0.9, 0.6, 0.3]), label="confidence")
-            late = draw(st.sampled_from([*DELAYS, 15.0]), label="late")
-            steps.append((late, kind, self._words(), confidence))
+        armed = self.session is not None and self.session._recogniser is not None
+        # Words with no recogniser listening are noise (a result now and then: one a late
+        # recogniser gives for the next question).
+        if armed or draw(st.integers(0, 3), label="stray result") == 0:
+            if draw(st.booleans(), label="partial first"):
+                steps.append((draw(st.sampled_from(DELAYS)), "partial", "uh", 0.0))
+            kinds = ["final", "final", "final", "final", "error", "none"]
+            kind = draw(st.sampled_from(kinds), label="result")
+            if kind != "none":
+                late = draw(st.sampled_from([*DELAYS, 15.0]), label="late")
+                steps.append((late, kind, *self._words()))
         self.model.script.extend(steps)
         self.call.speak(*[LOUD] * 8, *[QUIET] * draw(st.integers(0, 3)))
+        if draw(st.sampled_from([True, True, False]), label="heard out"):
+            # The caller waits for the recogniser: keys pressed at once would answer the
+            # question first (tried too), and its words be dropped.
+            await asyncio.sleep(sum(step[0] for step in steps) + 0.01)
 
     def answer_webhook(self) -> None:
         draw = self.draw
@@ -459,9 +610,11 @@ class CallWorld:
         if rare < 2:
             # Now and then the caller hangs up, the service stops, or the desk opens or closes.
             options = ["hangup", "desk"]
-            options += ["stop"] if not self.stopped else ["cancel"] if not self.cancelled else []
+            options += ["stop"] if not self.stopped else ["cancel"] if self.cancelled < 2 else []
         else:
             options = ["wait", "wait", "keys", "keys", "keys"]
+            if self.goal is not None and self._ask()[1] is not None:
+                options += ["keys"] * 4  # a caller with a goal answers (by key or voice)
             options += ["end prompt"] * 6 if call.current not in {None, *call.loops} else []
             options += ["owed"] if call.owed else []
             if self.deps.speech is not None:
@@ -472,6 +625,7 @@ class CallWorld:
             options += ["notify"] * 4 if call.transfers else []
             recording = self.session is not None and self.session._recording is not None
             options += ["record"] * 2 if recording else []
+            options += ["cancel"] if self.cancelled == 1 else []  # while the first winds up
         move = draw(st.sampled_from(options), label="move")
         if move == "wait":
             await asyncio.sleep(draw(st.sampled_from([0.0, 0.001, 0.5, 3.0, 7.0, 20.0, 70.0])))
@@ -483,7 +637,7 @@ class CallWorld:
         elif move == "owed":
             call.pay_owed(draw(st.integers(1, len(call.owed))))
         elif move == "speak":
-            self.speak()
+            await self.speak()
         elif move == "webhook":
             self.answer_webhook()
         elif move == "notify":
@@ -504,7 +658,7 @@ class CallWorld:
             assert self.session is not None
             self.session.close()
         elif move == "cancel":
-            self.cancelled = True  # pool.stop: the calls it could not end
+            self.cancelled += 1  # pool.stop: the calls it could not end; then asyncio.run's
             task.cancel()
 
     async def listen_only(self, task: asyncio.Task[None]) -> None:
@@ -546,6 +700,12 @@ async def _one_call(w: CallWorld) -> None:
     for _ in range(5):
         await asyncio.sleep(0)
     me = asyncio.current_task()
+    if w.cancelled > 1:
+        # A second cancellation stops the session's waits, not what they waited for (the
+        # record kept on disk, the live record's last write and delete): those run on.
+        others = {t for t in asyncio.all_tasks() if t is not me}
+        if others:
+            await asyncio.wait(others, timeout=60.0)
     left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
     assert not left, f"tasks left running: {left}"
 
@@ -597,6 +757,17 @@ _NOW = settings().max_examples
 EXAMPLES = _NOW // 5 if _NOW == _UNIT else _NOW
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stats() -> Iterator[None]:
+    """Write how many calls took each path, when PROP_SESSION_STATS names a file."""
+    STATS.clear()
+    yield
+    path = os.environ.get("PROP_SESSION_STATS")
+    if path:
+        lines = [f"{kind} {STATS[kind]}" for kind in ("calls", *REACHED.values(), "speech")]
+        Path(path).write_text("\n".join(lines) + "\n")
+
+
 @pytest.fixture(scope="module")
 def tone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the beep and the ring tone are written (once for all the examples)."""
@@ -612,7 +783,10 @@ def test_any_call_through_the_session_keeps_the_promises(
     loop = VirtualLoop()
     try:
         w = CallWorld(data, loop, flow_id, tone_dir)
-        problems = _run(w, loop)
+        try:
+            problems = _run(w, loop)
+        finally:
+            STATS.update({"calls": 1, **dict.fromkeys(w.seen.reached, 1)})
     finally:
         loop.close()
     _check(w, problems)

@@ -199,6 +199,10 @@ class CallSession:
         self._state: eng.CallState | None = None
         self._started_at = 0.0
         self._result_saved = False
+        # The record the engine asked to store, from the moment it asked: a command before
+        # its Store that fails (the goodbye's hang-up on a call that just ended) must not
+        # lose it, since the engine, the call ended, gives no record again.
+        self._due: eng.CallRecord | None = None
         self._result_in_redis = False  # Redis took the record (kept on disk no more)
         self._listen_timeout = 0.0
         self._hangup_after_record = False
@@ -257,12 +261,20 @@ class CallSession:
             raise  # end, when delivered first, says more: see the finally)
         except Exception:
             log.exception("call %s: session failed", self._h.id)
-            cut = "error"
+            # A command that failed on a call already over (a handle that raises once the
+            # call ended, as the caller hung up mid-render): the call's end says why it
+            # ended, not the failure (the record would blame the service: cut_error).
+            cut = "" if self._h.ended else "error"
         finally:
             try:
                 if not self._h.ended:
-                    await self._h.hangup()
-                if not self._result_saved and self._state is not None:
+                    try:
+                        await self._h.hangup()
+                    except Exception:  # the record goes all the same
+                        log.exception("call %s: the hang-up failed", self._h.id)
+                if not self._result_saved and self._due is not None:
+                    await self._store(self._due)
+                elif not self._result_saved and self._state is not None:
                     # Not the caller's doing unless the call's end says so.
                     hangup = eng.HangUp(self._h.cut or cut)
                     state, actions = self._d.engine.handle(self._state, hangup)
@@ -434,6 +446,9 @@ class CallSession:
 
     # -- actions -------------------------------------------------------------------------------
     async def _carry_out(self, state: eng.CallState, actions: list[eng.Action]) -> None:
+        for action in actions:
+            if isinstance(action, eng.Store):
+                self._due = action.record  # before anything ahead of it can fail
         for action in actions:
             if self._h.ended and isinstance(action, _NEEDS_THE_CALLER):
                 # A result that came after the caller left (a deferred HangUp follows it):
