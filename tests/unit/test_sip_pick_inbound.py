@@ -1,5 +1,6 @@
-"""The redirect front's choice of worker spreads a burst of INVITEs over the workers; the
-watch of frozen workers goes on past a failing round."""
+"""The pool's side of its workers, pure: the choice of worker (a burst of INVITEs spread
+over the workers, a quiet worker passed over), the watch of frozen workers going on past a
+failing round, and a command to a worker whose pipe has closed."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.conftest import sip_settings
 from voice.sip import pool as pool_module
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
-from voice.sip.protocol import IncomingCall
+from voice.sip.protocol import IncomingCall, Ping
 
 _ids = (f"call-{n}@peer" for n in itertools.count())
 BUSY = SipStatus.BUSY_HERE
@@ -289,3 +290,20 @@ def test_the_watch_marks_a_worker_quiet_while_its_ping_is_unanswered() -> None:
     pool._watch_round(100.0 + pool_module.QUIET_AFTER_S, 100.0 + 2.5)
     assert pool._workers[0].quiet  # (not w.quiet: mypy holds it False since the assert)
     assert pool.pick_inbound(next(_ids)) != BUSY, "its room is still used when it is the only"
+
+
+def test_a_command_to_a_worker_whose_pipe_closed_raises_at_no_caller() -> None:
+    """Under uvloop (serve's loop) a write to the stdin of a worker that has just died raises
+    RuntimeError ("unable to perform operation on <WriteUnixTransport closed=True>") until
+    its exit is handled: it went up into the call session, which recorded the call as the
+    service's fault, or lost its record."""
+
+    def write(data: bytes) -> None:
+        raise RuntimeError("unable to perform operation on <WriteUnixTransport closed=True>")
+
+    pool = _pool(1, FakeClock())
+    [w] = pool._workers
+    w.process = cast(
+        Any, SimpleNamespace(returncode=None, pid=1, stdin=SimpleNamespace(write=write))
+    )
+    w.send(Ping())  # no exception

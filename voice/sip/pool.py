@@ -387,7 +387,9 @@ class _Worker:
             return
         try:
             proc.stdin.write(encode(cmd))
-        except (BrokenPipeError, ConnectionResetError) as exc:
+        except (BrokenPipeError, ConnectionResetError, RuntimeError) as exc:
+            # RuntimeError: uvloop's "closed transport", the worker gone before its exit is
+            # handled. Its calls end worker_lost then; a command for them raises at no caller.
             log.warning("worker %s: write failed: %s", self.index, exc)
 
 
