@@ -12,7 +12,7 @@ failed attempts, connection refused included); every body's signature verifies a
 code; and no sender ever had more than PER_ORIGIN POSTs at one receiver or MAX_IN_FLIGHT in
 all, as counted by the receivers. No order is checked: the README promises none.
 
-``WEBHOOK_FUZZ_SEEDS=1,2,3`` runs other seeds.
+``CLINIC_TEST_WEBHOOK_SEEDS=1,2,3`` runs other seeds.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from verification.wire import render_event
 
 pytestmark = pytest.mark.integration
 
-SEEDS = [int(s) for s in os.environ.get("WEBHOOK_FUZZ_SEEDS", "1,2").split(",")]
+SEEDS = [int(s) for s in os.environ.get("CLINIC_TEST_WEBHOOK_SEEDS", "1,2").split(",")]
 CLOCK_SPEED = 20.0  # the lease (60 s) ends after 3 s, the backoffs (1, 2, 4 s) are 50..200 ms
 TIMEOUT_S = 0.5  # CLINIC_WEBHOOK_TIMEOUT_S: real seconds (the HTTP client's deadline)
 RETRIES = 3
