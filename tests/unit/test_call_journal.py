@@ -323,3 +323,46 @@ async def test_a_failed_write_ahead_whose_save_was_cancelled_is_not_left_unretri
     finally:
         loop.set_exception_handler(None)
     assert not unretrieved, unretrieved
+
+
+class _RedisDown:
+    """A Redis client whose every save fails (stopped), for a replay that stops."""
+
+    closed = True  # no retry: the store gives up at once
+
+    async def evalsha(self, *args: object) -> Any:
+        raise ConnectionError("Redis down")
+
+
+async def test_a_record_erased_while_a_replay_lists_the_folder_is_not_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "unsaved-calls"
+    redis: Any = _RedisDown()
+    on_disk = RecordsOnDisk()
+    journal = CallJournal(folder, CallStore(redis, b"s" * 32, retention_days=30), on_disk=on_disk)
+    await journal.keep(_result("in-a"))
+    await journal.keep(_result("in-b"))
+    await journal.leftovers(T0)
+    assert on_disk.now() == OnDisk(kept=2)
+
+    # The replay has listed the folder when an erasure in this process (DELETE
+    # /v1/calls/in-b, the journal's drop) deletes in-b; Redis then fails at in-a, so the
+    # replay stops before it tries in-b (and would find it gone).
+    listed, go_on = threading.Event(), threading.Event()
+    real_ids_of = journal_module._ids_of
+
+    def ids_then_wait(where: Path, now: float, suffix: str = journal_module.SUFFIX) -> list[str]:
+        ids = real_ids_of(where, now, suffix)
+        listed.set()
+        go_on.wait(5)
+        return ids
+
+    monkeypatch.setattr(journal_module, "_ids_of", ids_then_wait)
+    replaying = asyncio.ensure_future(journal.replay(T0))
+    assert await asyncio.to_thread(listed.wait, 5)
+    assert await journal.drop("in-b") == 1
+    go_on.set()
+    assert (await replaying).stopped
+    assert sorted(p.name for p in folder.iterdir()) == ["in-a.sealed"]
+    assert on_disk.now() == OnDisk(kept=1), "an erased record is counted as waiting"

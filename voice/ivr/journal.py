@@ -134,6 +134,9 @@ class RecordsOnDisk:
         self._unreadable: set[str] = set()  # of _kept: do not open (warned about once)
         self._cut: set[str] = set()  # LIVE_FOLDER's, of calls a dead serve cut
         self._cut_unreadable: set[str] = set()  # of those: do not open
+        # The calls erased since a replay began to read FOLDER (:meth:`listing`): its list
+        # may hold their files, read before they went.
+        self._erased_while_listing: set[str] | None = None
 
     def now(self) -> OnDisk | None:
         if not self._counted:
@@ -178,9 +181,18 @@ class RecordsOnDisk:
         self.deleted(call_id)
         self._cut.discard(call_id)
         self._cut_unreadable.discard(call_id)
+        if self._erased_while_listing is not None:
+            self._erased_while_listing.add(call_id)
 
     def kept_ids(self) -> set[str]:
         return set(self._kept)
+
+    def listing(self) -> set[str]:
+        """A replay begins to read FOLDER: the kept records now (:meth:`listed`'s
+        ``before``). A call erased in this process from now until :meth:`listed` is not
+        counted back from the list, which may have seen its file before it went."""
+        self._erased_while_listing = set()
+        return self.kept_ids()
 
     def cut_unreadable_ids(self) -> set[str]:
         return set(self._cut_unreadable)
@@ -189,7 +201,8 @@ class RecordsOnDisk:
         """A replay read FOLDER (``kept``; the count was ``before`` as it began) and found
         ``cut_unreadable`` of the unreadable live records still there: a record another
         process deleted (an erasure) is gone; one kept while the folder was read stays."""
-        listed = set(kept)
+        listed = set(kept) - (self._erased_while_listing or set())
+        self._erased_while_listing = None
         self._kept = (self._kept - (before - listed)) | listed
         self._unreadable &= self._kept
         self._cut_unreadable &= cut_unreadable
@@ -346,7 +359,7 @@ class CallJournal:
         """Save every record of the journal to Redis (one try each); stops at Redis's first
         failure, and the next replay tries again."""
         tally = self._on_disk
-        before, cut_unreadable = tally.kept_ids(), tally.cut_unreadable_ids()
+        before, cut_unreadable = tally.listing(), tally.cut_unreadable_ids()
         listed, still_there = await asyncio.to_thread(
             lambda: (_ids_of(self._folder, now), self._present(cut_unreadable))
         )
