@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -418,3 +419,38 @@ def wrong_code(code: str) -> str:
 def ivr_prompt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One prompt cache for every clinic-line service of the session (see tests/peers/ivr_rig)."""
     return tmp_path_factory.mktemp("ivr-prompts")
+
+
+# -- hypothesis state machines on a real Redis (test_prop_store.py, test_prop_call_records.py)
+def machine_settings(*, examples: int, deep_examples: int, steps: int) -> Any:
+    """The same ``examples`` on every run (derandomized); ``HYPOTHESIS_PROFILE=deep`` searches
+    at random, ``HYPOTHESIS_MAX_EXAMPLES`` of them (``deep_examples`` unless set)."""
+    from hypothesis import HealthCheck, settings
+
+    deep = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
+    return settings(
+        max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", deep_examples))
+        if deep
+        else examples,
+        stateful_step_count=steps,
+        derandomize=not deep,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+def run_machine_on_redis(machine: type[Any], redis_url: str, profile: Any) -> None:
+    """Run a state machine whose steps drive asyncio code: on a loop of its own and one
+    RedisMux to ``redis_url``, set on the class as ``loop`` and ``mux``."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    loop = asyncio.new_event_loop()
+    mux = RedisMux(redis_url)
+    bound = type(f"Bound{machine.__name__}", (machine,), {"loop": loop, "mux": mux})
+    try:
+        run_state_machine_as_test(bound, settings=profile)
+    finally:
+        loop.run_until_complete(mux.aclose())
+        loop.close()

@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sip_config.clock import FakeClock
 from tests.conftest import RedisServer
+from tests.integration.conftest import machine_settings, run_machine_on_redis
 from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, CallRecord
@@ -64,16 +64,7 @@ pytestmark = [pytest.mark.integration]
 
 T = TypeVar("T")
 
-DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
-PROFILE = settings(
-    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "300")) if DEEP else 200,
-    stateful_step_count=50,
-    derandomize=not DEEP,
-    deadline=None,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROFILE = machine_settings(examples=200, deep_examples=300, steps=50)
 
 SECRET = b"s" * 32
 RETENTION_DAYS = 30
@@ -477,23 +468,8 @@ class CallRecordsMachine(RuleBasedStateMachine):
             assert PCM not in raw and PCM not in plain, p.name
 
 
-def _bound(loop: asyncio.AbstractEventLoop, mux: RedisMux) -> type[CallRecordsMachine]:
-    class Bound(CallRecordsMachine):
-        pass
-
-    Bound.loop = loop
-    Bound.mux = mux
-    return Bound
-
-
 def test_call_records_keep_every_promise_under_any_history(redis_server: RedisServer) -> None:
-    from hypothesis.stateful import run_state_machine_as_test
-
-    loop = asyncio.new_event_loop()
-    mux = RedisMux(redis_server.url)
     try:
-        run_state_machine_as_test(_bound(loop, mux), settings=PROFILE)
+        run_machine_on_redis(CallRecordsMachine, redis_server.url, PROFILE)
     finally:
-        loop.run_until_complete(mux.aclose())
-        loop.close()
         print(sorted(seen.items()))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -39,13 +38,14 @@ from typing import Any, ClassVar, TypeVar
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sip_config.clock import FakeClock
 from sip_config.settings import Rate
 from tests.conftest import RedisServer
+from tests.integration.conftest import machine_settings, run_machine_on_redis
 from verification import codes, numbers, rules
 from verification.errors import (
     IdempotencyConflict,
@@ -70,16 +70,7 @@ pytestmark = [pytest.mark.integration]
 
 T = TypeVar("T")
 
-DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
-PROFILE = settings(
-    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "500")) if DEEP else 100,
-    stateful_step_count=25,
-    derandomize=not DEEP,
-    deadline=None,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROFILE = machine_settings(examples=100, deep_examples=500, steps=25)
 
 T0 = 1_800_000_000.0
 SECRET = b"s" * 32
@@ -601,22 +592,5 @@ class StoreMachine(RuleBasedStateMachine):
                 return found
 
 
-def _bound(loop: asyncio.AbstractEventLoop, mux: RedisMux) -> type[StoreMachine]:
-    class Bound(StoreMachine):
-        pass
-
-    Bound.loop = loop
-    Bound.mux = mux
-    return Bound
-
-
 def test_the_store_keeps_every_promise_under_any_history(redis_server: RedisServer) -> None:
-    from hypothesis.stateful import run_state_machine_as_test
-
-    loop = asyncio.new_event_loop()
-    mux = RedisMux(redis_server.url)
-    try:
-        run_state_machine_as_test(_bound(loop, mux), settings=PROFILE)
-    finally:
-        loop.run_until_complete(mux.aclose())
-        loop.close()
+    run_machine_on_redis(StoreMachine, redis_server.url, PROFILE)
