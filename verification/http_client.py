@@ -580,8 +580,14 @@ class HttpClient:
                 elif waiter in pool.waiters:
                     pool.waiters.remove(waiter)
                 raise
-            if handed is not None:
+            if handed is not None and not handed.closed:
                 return handed
+            if handed is not None:
+                # Closed by the server between its hand-over and this task's turn (an idle
+                # timeout): nothing was sent on it, and a send would wait unanswered for the
+                # whole deadline (asyncio) or raise past the request's release (uvloop).
+                # Its slot is this request's: a new connection on it.
+                handed.close()
         else:
             pool.count += 1  # a slot, taken before the first await
         try:
