@@ -248,8 +248,10 @@ def cli_filter(cli_prefix: str, code_length: int, destination: Phone) -> str:
     forms = [rf"(?:(?:{'|'.join(exits)})[ -]?)?{intl}{code}"]
     # Where there is no trunk prefix (IT, ES, DK, NO, PT, GR...) the national form is the bare
     # national number: "06 1234...", not "+39 06 1234...".
+    # A prefix that is a country code alone ("+47") has the code as its whole national
+    # number: a Norwegian phone shows "2123 4567", the code and nothing else.
     trunk = trunk_prefix(destination.region)
-    if cc == destination.country_code and national:
+    if cc == destination.country_code:
         for digits in dict.fromkeys((trunk + national, national)):
             forms.append(rf"{_spaced(digits)}{code}")
     return "^(?:" + "|".join(forms) + ")$"

@@ -282,6 +282,8 @@ ES = parse_phone("+34612345678")
 IT = parse_phone("+393123456789")
 UK_PREFIX, NL_PREFIX, US_PREFIX = "+447400", "+3197010", "+1201555"
 ES_PREFIX, IT_PREFIX = "+34910", "+39061"  # countries without a trunk prefix
+# A prefix that is a country code alone: the code is the whole national number.
+NO, HU = parse_phone("+4721234567"), parse_phone("+3612345678")
 
 # (caller-ID as shown, prefix, code length, destination, expected code)
 MATCHING: list[tuple[str, str, int, Phone, str]] = [
@@ -341,6 +343,11 @@ MATCHING: list[tuple[str, str, int, Phone, str]] = [
     ("061123456", IT_PREFIX, 6, IT, "123456"),
     ("06 1123456", IT_PREFIX, 6, IT, "123456"),
     ("0039061123456", IT_PREFIX, 6, IT, "123456"),
+    # the national forms of a caller-ID whose prefix is its country code alone
+    ("21234567", "+47", 8, NO, "21234567"),
+    ("2123 4567", "+47", 8, NO, "21234567"),
+    ("0612345678", "+36", 8, HU, "12345678"),
+    ("12345678", "+36", 8, HU, "12345678"),
 ]
 
 # (caller-ID, prefix, code length, destination, why it is not ours)
