@@ -160,6 +160,12 @@ NEXT: list[tuple[str, OpeningHours, datetime.datetime, datetime.datetime | None]
         utc(2026, 10, 25, 1, 5),
         utc(2026, 10, 25, 1, 15),
     ),
+    (
+        "fall back: clocks going back into a range open it again at the switch",
+        OpeningHours(parse_week("sun 00:00-02:30"), AMS),
+        utc(2026, 10, 25, 0, 40),
+        utc(2026, 10, 25, 1, 0),
+    ),
     ("after midnight's range", NIGHT, local(2026, 12, 5, 2, 0), local(2026, 12, 11, 22, 0)),
     (
         "over closed dates (Friday and Saturday): Sunday night's range",

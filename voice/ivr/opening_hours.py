@@ -83,12 +83,19 @@ class OpeningHours:
             day = wall.date() + datetime.timedelta(days=offset)
             if day in self.closed_dates:
                 continue
-            for r in self.week[day.weekday()]:
-                for start in _starts(day, r.start, self.zone):
-                    # A range wholly in a spring-forward gap never opens that day: is_open
-                    # says so at its start (the first instant after the gap).
-                    if start > now and self.is_open(start):
-                        return start.astimezone(self.zone)
+            ranges = self.week[day.weekday()]
+            if not ranges:
+                continue
+            # The desk opens where the wall clock enters a range: at its start, or at a
+            # fall-back switch that turns the clock back into it (02:30 CEST closes a range
+            # of 00:00-02:30, and 02:00 CET opens it again).
+            candidates = [s for r in ranges for s in _starts(day, r.start, self.zone)]
+            candidates += _fall_back(day, self.zone)
+            # A range wholly in a spring-forward gap never opens that day: is_open says so at
+            # its start (the first instant after the gap).
+            opened = [c for c in candidates if c > now and self.is_open(c)]
+            if opened:
+                return min(opened).astimezone(self.zone)
         return None
 
     def describe(self, language: str = "en") -> str:
@@ -137,6 +144,25 @@ def _starts(day: datetime.date, minute: int, zone: datetime.tzinfo) -> list[date
             lo, hi = (mid, hi) if wall < naive else (lo, mid)
         return [datetime.datetime.fromtimestamp(hi, datetime.UTC)]
     return sorted({first, second})
+
+
+def _fall_back(day: datetime.date, zone: datetime.tzinfo) -> list[datetime.datetime]:
+    """In UTC, the instant during local ``day`` (its end included) at which the clocks of
+    ``zone`` go back, if they do: the first instant of the second pass."""
+    lo = int(_starts(day, 0, zone)[0].timestamp())
+    hi = int(_starts(day + datetime.timedelta(days=1), 0, zone)[0].timestamp())
+
+    def offset(t: int) -> datetime.timedelta | None:
+        return datetime.datetime.fromtimestamp(t, zone).utcoffset()
+
+    before, after = offset(lo), offset(hi)
+    if before is None or after is None or after >= before:
+        return []
+    # One switch a day at most: the offset is ``before`` up to it and ``after`` from it.
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if offset(mid) == before else (lo, mid)
+    return [datetime.datetime.fromtimestamp(hi, datetime.UTC)]
 
 
 def _clock_en(minute: int) -> str:
