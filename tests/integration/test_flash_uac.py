@@ -17,7 +17,7 @@ from sip_config.clock import SystemClock
 from sip_config.settings import SipSettings
 from tests.conftest import sip_settings
 from voice.sip import message
-from voice.sip.flash_uac import FlashUac
+from voice.sip.flash_uac import FlashHandle, FlashUac
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import OutboundCall
 from voice.sip.protocol import CallEvent, CallState
@@ -76,18 +76,23 @@ async def uac() -> AsyncIterator[FlashUac]:
         await agent.stop()
 
 
-async def test_a_final_response_sent_again_after_the_end_is_acked_again(
-    uac: FlashUac, peer: Peer
-) -> None:
-    handle = await uac.place_call(
+async def _call(uac: FlashUac, peer: Peer, *, ring_s: float) -> FlashHandle:
+    """A flash call from +447400123456 to the peer, answered within 5 s or not at all."""
+    return await uac.place_call(
         OutboundCall(
             target_uri=f"sip:+14155556001@127.0.0.1:{peer.port}",
             caller_id="+447400123456",
             flash=True,
-            ring_s=0.3,
+            ring_s=ring_s,
             answer_timeout_s=5,
         )
     )
+
+
+async def test_a_final_response_sent_again_after_the_end_is_acked_again(
+    uac: FlashUac, peer: Peer
+) -> None:
+    handle = await _call(uac, peer, ring_s=0.3)
     invite, addr = await peer.expect("INVITE")
     assert addr == ("127.0.0.1", uac.address.port)
     ringing = message.serialise_response(invite, 180, to_tag="phone")
@@ -166,15 +171,7 @@ async def test_a_fork_answering_after_the_call_ended_gets_its_own_ack_and_bye(
     # Found by tests/unit/test_prop_flash_dialog.py: once an answered call had ended, a 2xx
     # of another fork of its INVITE got the first fork's ACK back (the wrong To tag) and no
     # BYE (RFC 3261 13.2.2.4), so that phone stayed off hook.
-    handle = await uac.place_call(
-        OutboundCall(
-            target_uri=f"sip:+14155556001@127.0.0.1:{peer.port}",
-            caller_id="+447400123456",
-            flash=True,
-            ring_s=5,
-            answer_timeout_s=5,
-        )
-    )
+    handle = await _call(uac, peer, ring_s=5)
     invite, addr = await peer.expect("INVITE")
 
     def answer(tag: str) -> bytes:
@@ -207,15 +204,7 @@ async def test_a_fork_answering_after_the_487_gets_its_own_ack_and_a_bye(
     # A forking proxy forwards a 2xx of another fork after the 487 of a cancelled flash call
     # (RFC 3261 9.1, 13.2.2.4). Only the 487's ACK was kept: that 2xx got it back (the 487's
     # To tag and the INVITE's branch) and no BYE, so that phone stayed off hook.
-    handle = await uac.place_call(
-        OutboundCall(
-            target_uri=f"sip:+14155556001@127.0.0.1:{peer.port}",
-            caller_id="+447400123456",
-            flash=True,
-            ring_s=0.3,
-            answer_timeout_s=5,
-        )
-    )
+    handle = await _call(uac, peer, ring_s=0.3)
     invite, addr = await peer.expect("INVITE")
     peer.send(message.serialise_response(invite, 180, to_tag="one"), addr)
     cancel, _ = await peer.expect("CANCEL")
