@@ -307,3 +307,28 @@ def test_a_command_to_a_worker_whose_pipe_closed_raises_at_no_caller() -> None:
         Any, SimpleNamespace(returncode=None, pid=1, stdin=SimpleNamespace(write=write))
     )
     w.send(Ping())  # no exception
+
+
+def test_a_worker_gets_its_full_ping_grace_after_the_pools_loop_stalled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """serve's loop held up (a host starved of CPU, a long GC): the round that shows the
+    stall pings. A worker pinged then must get what any first Ping gets (WORKER_SILENT_S -
+    PING_EVERY_S), not one round: counted from its last line before the stall, it was
+    killed at the next round, its calls with it, as a frozen one. The rounds' times are
+    given, as the watch gives them from the loop's clock."""
+    monkeypatch.setattr(pool_module, "WORKER_SILENT_S", 5.0)
+    pool = _pool(1, FakeClock())
+    [w] = pool._workers
+    killed: list[int] = []
+    monkeypatch.setattr(pool, "_kill", lambda worker: killed.append(worker.index))
+    w.process = cast(Any, SimpleNamespace(returncode=None, pid=1, stdin=None))
+    w.heard_at = 100.0  # its last line; then the loop stalls 3 s
+    last = pool._watch_round(100.5, 100.0)  # an ordinary round: not silent yet
+    last = pool._watch_round(103.6, last)  # the stalled one: pinged, judged from now - 1 s
+    last = pool._watch_round(104.6, last)
+    last = pool._watch_round(105.6, last)  # 5.6 s after its last line, 3 s after the Ping
+    assert not killed, "a worker pinged after a stall was killed before its grace"
+    last = pool._watch_round(106.6, last)
+    pool._watch_round(107.7, last)  # answered nothing for 5 s after the stall: frozen
+    assert killed == [0]
