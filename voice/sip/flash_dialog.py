@@ -56,12 +56,15 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from voice.sip import digest, message
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
 from voice.sip.protocol import CallEvent, CallState, PlaceCall
 
 log = logging.getLogger(__name__)
+
+_Headers = tuple[tuple[str, str], ...]  # extra header lines, in order
 
 T1_S = 0.5  # RFC 3261 timer T1: the round-trip estimate
 T2_S = 4.0  # the longest retransmission interval of a non-INVITE request
@@ -229,6 +232,63 @@ def _answered_by(byes: dict[str, _Bye], msg: message.SipMessage) -> None:
             del byes[tag]
 
 
+class _Request(Protocol):
+    """Builds one request of the call (its From, Call-ID and Via are the builder's)."""
+
+    def __call__(
+        self, method: str, uri: str, cseq: int, branch: str, *, to: str, extra: _Headers = ()
+    ) -> bytes: ...
+
+
+class _Forks:
+    """The dialogs the 2xx s of one INVITE open, one per To tag (a forking proxy passes on
+    every phone that answers: RFC 3261 13.2.2.4). Each gets an ACK (the INVITE's CSeq number,
+    a new branch, to its Contact along its Record-Route reversed) and a BYE (the next CSeq
+    number), the BYE on timer E until answered or timer F; a 2xx again gets its ACK again.
+    A new To tag counts before ``until`` (None: no limit yet) and up to ``MAX_FORKS``: a
+    flood of tags must not become as many BYE transactions."""
+
+    __slots__ = ("answers", "byes", "until")
+
+    def __init__(self, until: float | None = None) -> None:
+        self.answers: set[str] = set()  # the To tags answered
+        self.byes: dict[str, _Bye] = {}  # To tag -> its BYE, while unanswered
+        self.until = until
+
+    def answer(
+        self,
+        msg: message.SipMessage,
+        now: float,
+        send: list[bytes],
+        *,
+        cseq: int,
+        fallback_uri: str,
+        new_branch: Callable[[], str],
+        request: _Request,
+    ) -> tuple[bytes, bool] | None:
+        """ACK the 2xx ``msg``, and BYE it when its To tag is new: the ACK and whether it
+        was new; None when it is ignored (a new tag past ``until`` or ``MAX_FORKS``)."""
+        to = msg.get("To") or ""
+        tag = _tag(to)
+        new = tag not in self.answers
+        if new and self.until is not None and (now >= self.until or len(self.answers) >= MAX_FORKS):
+            return None
+        contact, routes = _dialog_of(msg, fallback_uri)
+        ack = request("ACK", contact, cseq, new_branch(), to=to, extra=routes)
+        send.append(ack)
+        if new:
+            self.answers.add(tag)
+            branch = new_branch()
+            bye = request("BYE", contact, cseq + 1, branch, to=to, extra=routes)
+            self.byes[tag] = _Bye(bye, branch, now + T1_S, now + TIMER_B_S)
+            send.append(bye)
+        return ack, new
+
+    def next_time(self) -> float | None:
+        """When a BYE is due again or given up; None with none unanswered."""
+        return min((min(b.resend_at, b.give_up_at) for b in self.byes.values()), default=None)
+
+
 def _dialog_of(
     msg: message.SipMessage, fallback_uri: str
 ) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -265,9 +325,7 @@ class FlashDialog:
         self._branch = ""
         self._challenged = False
         self._acks: dict[int, bytes] = {}  # CSeq -> the ACK of that INVITE's final error
-        self._answers: set[str] = set()  # the To tags of the 2xx s (a forked INVITE: several)
-        self._byes: dict[str, _Bye] = {}  # To tag -> its BYE, while unanswered
-        self._forks_until: float | None = None  # 64*T1 after the first 2xx (13.2.2.4)
+        self._forks = _Forks()  # until: 64*T1 after the first 2xx, the INVITE over (13.2.2.4)
         # Timers, each None when not running.
         self._retransmit_at: float | None = None
         self._interval = T1_S
@@ -308,7 +366,7 @@ class FlashDialog:
                 return step
             self._on_invite_response(msg, status, now, step)
         elif method == "BYE" and status >= 200:
-            _answered_by(self._byes, msg)
+            _answered_by(self._forks.byes, msg)
             self._after_bye(step)
         elif method == "CANCEL" and status >= 200:
             ours = number == self._cseq and _top_branch(msg) == self._branch
@@ -325,7 +383,7 @@ class FlashDialog:
             return None, step
         if msg.method == "BYE" and self._answered:
             # The far end hung up first: its dialog needs no BYE of ours.
-            self._byes.pop(_tag(msg.get("From") or ""), None)
+            self._forks.byes.pop(_tag(msg.get("From") or ""), None)
             self._after_bye(step)
             self._reschedule()
             return message.serialise_response(msg, SipStatus.OK), step
@@ -357,7 +415,7 @@ class FlashDialog:
                 # is reported now; the INVITE goes on until timer B, and a late provisional
                 # response is cancelled.
                 self._end(0, step)
-            _resend_byes(self._byes, now, step.send)
+            _resend_byes(self._forks.byes, now, step.send)
             self._after_bye(step)
         if (
             self.phase is not Phase.DONE
@@ -473,29 +531,26 @@ class FlashDialog:
 
         Each To tag is a dialog of its own (a forked INVITE, section 13.2.2.4): each gets
         its ACK and its BYE, also after the call ended."""
-        tag = _tag(to)
-        over = self._forks_until is not None and (
-            now >= self._forks_until or len(self._answers) >= MAX_FORKS
-        )
-        if over and tag not in self._answers:
-            # The INVITE transaction is over (64*T1 after its first 2xx), or more forks than
-            # any real one: no dialog of ours, so neither an ACK nor a BYE (a flood of To
-            # tags must not become as many BYE transactions).
-            log.debug("flash call %s: ignored a 2xx of To tag %r", self.spec.call_id, tag)
-            return
         first = not self._answered
         if first:
-            self._forks_until = now + TIMER_B_S
+            self._forks.until = now + TIMER_B_S
+        answered = self._forks.answer(
+            msg,
+            now,
+            step.send,
+            cseq=self._cseq,
+            fallback_uri=self.spec.target_uri,
+            new_branch=self._new_branch,
+            request=self._request,
+        )
+        if answered is None:
+            log.debug("flash call %s: ignored a 2xx of To tag %r", self.spec.call_id, _tag(to))
+            return
         self._answered = True
         self._to_header = to
-        contact, route_headers = _dialog_of(msg, self.spec.target_uri)
-        self.ack = self._request(
-            "ACK", contact, self._cseq, self._new_branch(), to=to, extra=route_headers
-        )
-        step.send.append(self.ack)
-        if tag in self._answers:
+        self.ack, new = answered
+        if not new:
             return  # a retransmitted 2xx: the ACK again, the BYE is already on its way
-        self._answers.add(tag)
         if first:
             if not self._ended:
                 step.events.append(self._event(CallState.ANSWERED, status, None))
@@ -503,14 +558,10 @@ class FlashDialog:
         # The INVITE (or the CANCEL) transaction is over: only the BYEs are waited for.
         self._ring_end = self._answer_by = self._retransmit_at = self._give_up_at = None
         self.phase = Phase.HANGING_UP
-        branch = self._new_branch()
-        bye = self._request("BYE", contact, self._cseq + 1, branch, to=to, extra=route_headers)
-        self._byes[tag] = _Bye(bye, branch, now + T1_S, now + TIMER_B_S)
-        step.send.append(bye)
 
     def _after_bye(self, step: Step) -> None:
         """Every BYE answered (or given up): the answered call is over."""
-        if self.phase is Phase.HANGING_UP and not self._byes:
+        if self.phase is Phase.HANGING_UP and not self._forks.byes:
             self._finish(step)
 
     def _cancel(self, now: float, step: Step) -> None:
@@ -557,7 +608,7 @@ class FlashDialog:
     def _done_with_transactions(self) -> None:
         self.phase = Phase.DONE
         self._retransmit_at = self._give_up_at = self._ring_end = self._answer_by = None
-        self._byes.clear()
+        self._forks.byes.clear()
 
     def _reschedule(self) -> None:
         times = [
@@ -565,7 +616,8 @@ class FlashDialog:
             for t in (self._retransmit_at, self._give_up_at, self._ring_end, self._answer_by)
             if t is not None
         ]
-        times += [min(b.resend_at, b.give_up_at) for b in self._byes.values()]
+        byes = self._forks.next_time()
+        times += [byes] if byes is not None else []
         self.deadline = min(times) if times else None
 
     # -- building requests --------------------------------------------------------------------
@@ -605,7 +657,7 @@ class FlashDialog:
         branch: str,
         *,
         to: str,
-        extra: tuple[tuple[str, str], ...] = (),
+        extra: _Headers = (),
     ) -> bytes:
         return _build_request(
             method,
@@ -669,17 +721,15 @@ class LateAnswers:
     """
 
     __slots__ = (
-        "_answers",
         "_branch",
-        "_byes",
         "_call_id",
         "_cseq",
+        "_forks",
         "_from",
         "_local",
         "_token",
         "_uri",
         "deadline",
-        "until",
     )
 
     def __init__(self, ack: bytes, local: Local, *, until: float, token: Callable[[], str]) -> None:
@@ -691,27 +741,25 @@ class LateAnswers:
         self._branch = _top_branch(request)
         self._local = local
         self._token = token
-        self.until = until  # no new fork at or after (64*T1 after the call ended)
-        self._answers: set[str] = set()
-        self._byes: dict[str, _Bye] = {}  # To tag -> its BYE, while unanswered
+        self._forks = _Forks(until)  # no new fork at or after (64*T1 after the call ended)
         self.deadline: float | None = None  # when :meth:`on_timer` is wanted
 
     @property
     def answered(self) -> bool:
         """True once a 2xx of the INVITE got its ACK and BYE here."""
-        return bool(self._answers)
+        return bool(self._forks.answers)
 
     @property
     def busy_until(self) -> float | None:
         """When the last unanswered BYE is given up (timer F); None with none."""
-        return max((b.give_up_at for b in self._byes.values()), default=None)
+        return max((b.give_up_at for b in self._forks.byes.values()), default=None)
 
     def on_response(self, msg: message.SipMessage, now: float) -> list[bytes]:
         """A response with the call's Call-ID: what to send to the INVITE's next hop."""
         send: list[bytes] = []
         number, method = cseq_of(msg)
         if method == "BYE" and msg.status >= 200:
-            _answered_by(self._byes, msg)
+            _answered_by(self._forks.byes, msg)
         elif (
             method == "INVITE"
             and 200 <= msg.status < 300
@@ -725,30 +773,23 @@ class LateAnswers:
     def on_timer(self, now: float) -> list[bytes]:
         """The BYEs due again by ``now`` (timer E); those past timer F are dropped."""
         send: list[bytes] = []
-        _resend_byes(self._byes, now, send)
+        _resend_byes(self._forks.byes, now, send)
         self._reschedule()
         return send
 
     def _on_answer(self, msg: message.SipMessage, now: float, send: list[bytes]) -> None:
-        to = msg.get("To") or ""
-        tag = _tag(to)
-        known = tag in self._answers
-        if not known and (now >= self.until or len(self._answers) >= MAX_FORKS):
-            log.debug("flash call %s: ignored a late 2xx of To tag %r", self._call_id, tag)
-            return
-        contact, routes = _dialog_of(msg, self._uri)
-        send.append(
-            self._request(
-                "ACK", contact, self._cseq, "z9hG4bK" + self._token(), to=to, routes=routes
-            )
+        answered = self._forks.answer(
+            msg,
+            now,
+            send,
+            cseq=self._cseq,
+            fallback_uri=self._uri,
+            new_branch=lambda: "z9hG4bK" + self._token(),
+            request=self._request,
         )
-        if known:
-            return  # a retransmitted 2xx: the ACK again, its BYE has gone
-        self._answers.add(tag)
-        branch = "z9hG4bK" + self._token()
-        bye = self._request("BYE", contact, self._cseq + 1, branch, to=to, routes=routes)
-        self._byes[tag] = _Bye(bye, branch, now + T1_S, now + TIMER_B_S)
-        send.append(bye)
+        if answered is None:
+            tag = _tag(msg.get("To") or "")
+            log.debug("flash call %s: ignored a late 2xx of To tag %r", self._call_id, tag)
 
     def _request(
         self,
@@ -758,7 +799,7 @@ class LateAnswers:
         branch: str,
         *,
         to: str,
-        routes: tuple[tuple[str, str], ...],
+        extra: _Headers = (),
     ) -> bytes:
         return _build_request(
             method,
@@ -769,10 +810,8 @@ class LateAnswers:
             from_=self._from,
             to=to,
             call_id=self._call_id,
-            extra=routes,
+            extra=extra,
         )
 
     def _reschedule(self) -> None:
-        self.deadline = min(
-            (min(b.resend_at, b.give_up_at) for b in self._byes.values()), default=None
-        )
+        self.deadline = self._forks.next_time()
