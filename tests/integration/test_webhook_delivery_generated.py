@@ -34,6 +34,7 @@ from aiohttp import web
 
 from sip_config.settings import Settings
 from tests.conftest import RedisServer
+from tests.peers.loopback_http import serve_on_loopback
 from verification import rules
 from verification.callbacks import reachable
 from verification.codes import code_hash
@@ -111,13 +112,9 @@ class Receiver:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
         # Cancelled when the client goes: a hanging request stops being counted then.
-        self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True
+        self._runner, self.port = await serve_on_loopback(
+            app, shutdown_timeout=0.2, handler_cancellation=True
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self._runner is not None:

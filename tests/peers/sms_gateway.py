@@ -20,6 +20,8 @@ from enum import StrEnum
 
 from aiohttp import web
 
+from tests.peers.loopback_http import serve_on_loopback
+
 
 class GatewayMode(StrEnum):
     """How the gateway answers."""
@@ -63,11 +65,7 @@ class SmsGateway:
         app = web.Application()
         app.router.add_post("/sms", self._handle)
         # shutdown_timeout: a hanging request must not hold the test's teardown.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await serve_on_loopback(app, port=self.port, shutdown_timeout=0.5)
 
     async def stop(self) -> None:
         self._release.set()

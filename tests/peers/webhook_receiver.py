@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.peers.loopback_http import serve_on_loopback
+
 
 @dataclass(frozen=True, slots=True)
 class Hook:
@@ -46,11 +48,7 @@ class WebhookReceiver:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await serve_on_loopback(app, shutdown_timeout=0.5)
 
     async def stop(self) -> None:
         if self._runner is not None:
