@@ -77,7 +77,9 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
         line = ClinicLine.load(settings, rt, flowset)
         pool = new_sip_pool(settings.sip, rt.metrics, SystemClock(), log_level=settings.log_level)
         pool.on_incoming(line.handle)
-        front = RedirectFront(settings.sip.addr, pool.pick_inbound, clock=SystemClock())
+        front = RedirectFront(
+            settings.sip.addr, pool.pick_inbound, clock=SystemClock(), reservations=pool
+        )
         async with contextlib.AsyncExitStack() as stack:
             # Stopped in reverse order, also when a later start fails.
             await line.start()

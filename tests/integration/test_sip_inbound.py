@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sip_config.clock import SystemClock
+from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import HostPort
 from tests.conftest import SIPP_OTHER_SOCKETS, free_port, sip_settings
 from voice.sip import front as front_module
@@ -602,6 +602,80 @@ async def test_a_redirected_call_takes_its_own_reserved_slot() -> None:
             to_worker.sock.close()
     finally:
         peer.sock.close()
+        await front.stop()
+        await pool.stop()
+
+
+async def test_a_caller_whose_302s_were_lost_finds_its_slot_on_the_worker() -> None:
+    """Caller A's 302 to the one worker is lost three times (Timer A: copies at 0.5, 1.5 and
+    3.5 s, each answered with the same 302). Four other callers come just before the last
+    copy, and go to the worker. The slot was held 2 s from A's first 302 only: all four
+    got a 302, filled the worker, and A, following its 302 at last, got 486 Busy Here from
+    the worker (pjsua's "Too many calls"). Now A's slot stays held while the front may
+    repeat A's 302: the fourth caller gets 486 from the front, and A's call is taken."""
+    clock = FakeClock()  # the pool's and the front's: the reservations' time
+    pool = SipPool(sip_settings(1), clock=clock)
+    await pool.start()
+    front = RedirectFront(
+        HostPort("127.0.0.1", 0), pool.pick_inbound, clock=clock, reservations=pool
+    )
+    await front.start()
+    arrived: list[str] = []
+
+    async def handler(call: CallHandle) -> None:
+        arrived.append(call.id)
+        await call.wait_ended()
+
+    pool.on_incoming(handler)
+    loop = asyncio.get_running_loop()
+    peer = _UdpPeer(front.address)
+    to_worker: list[_UdpPeer] = []
+
+    async def follow(answer: message.SipMessage, name: str) -> message.SipMessage | None:
+        """The caller ``name`` sends its INVITE where the 302 says; the worker's answer."""
+        contact = (answer.get("Contact") or "").strip("<>")
+        host, _, port = contact.partition("@")[2].partition(":")
+        callee = _UdpPeer(HostPort(host, int(port)))
+        to_worker.append(callee)
+        invite = callee.request("INVITE", f"{name}-w", f"{name}@probe").replace(
+            b"Max-Forwards:",
+            f"Contact: <sip:{name}@127.0.0.1:{callee.port}>\r\nMax-Forwards:".encode(),
+        )
+        return await loop.run_in_executor(None, callee.exchange, invite)
+
+    try:
+        a = peer.request("INVITE", "a", "a@probe")
+        first = await loop.run_in_executor(None, peer.exchange, a)
+        assert first is not None and first.status == 302, first
+        for gap in (0.5, 1.0, 2.0):
+            if gap == 2.0:
+                clock.advance(gap - 0.1)
+                for n in range(4):
+                    other = _UdpPeer(front.address)
+                    to_worker.append(other)
+                    name = f"other{n}"
+                    moved = await loop.run_in_executor(
+                        None, other.exchange, other.request("INVITE", name, f"{name}@probe")
+                    )
+                    assert moved is not None, f"no answer to {name}"
+                    if moved.status == 302:
+                        answer = await follow(moved, name)
+                        assert answer is not None and answer.status != 486, answer
+                clock.advance(0.1)
+            else:
+                clock.advance(gap)
+            again = await loop.run_in_executor(None, peer.exchange, a)
+            assert again is not None and again.get("Contact") == first.get("Contact"), again
+        answer = await follow(first, "a")
+        assert answer is not None, "the worker did not answer A's INVITE"
+        assert answer.status != 486, f"A found the worker full: {answer.status} {answer.reason}"
+        async with asyncio.timeout(5):
+            while len(arrived) < 4:  # noqa: ASYNC110 (under a deadline)
+                await asyncio.sleep(0.05)
+        assert pool.occupancy().reserved == 0
+    finally:
+        for p in (peer, *to_worker):
+            p.sock.close()
         await front.stop()
         await pool.stop()
 

@@ -3,18 +3,23 @@
 tests/unit/test_prop_sip.py checks one message at a time. Here a hypothesis state machine
 sends the front's datagram handler INVITEs (new, exact copies, same Call-ID on another branch
 or CSeq), CANCELs, ACKs, OPTIONS, BYEs, unknown methods and broken or truncated requests,
-while the pool's free slots change, the service starts stopping and the clock moves past the
-2 s reservation and Timer H/J. The front is given the real :meth:`SipPool.pick_inbound`
-(its workers set up by hand, as in test_sip_pick_inbound.py), so reservations and the count
-of callers refused are the pool's own.
+while redirected callers reach the workers named, other calls (a PBX's) reach them too and
+calls end, the service starts stopping and the clock moves past the 2 s reservation and
+Timer H/J. The front is given the real :meth:`SipPool.pick_inbound` and the pool as its
+reservations (its workers set up by hand, as in test_sip_pick_inbound.py, each with
+``CAPACITY`` slots and the pool told of each call by the worker's messages), so
+reservations and the count of callers refused are the pool's own.
 
 What must hold (RFC 3261 8.2.7, 9.2, 17.2 and the front's docstring): a request that parses,
 with a Via, gets exactly one answer, which parses back with its Via, Call-ID and CSeq; a copy
 of a request whose answer is still remembered gets that answer again (status, To tag,
 Contact) and asks the pool nothing; the pool is asked exactly once per new INVITE
 transaction, so a 302 reserves one slot and a 486 is counted once; no 302 names a worker
-without a free slot (or one held for that Call-ID); a CANCEL gets 200 with the To tag of the
-INVITE it matches, else 481; each memory stays within its bound; nothing raises.
+without a free slot (or one held for that Call-ID); a copy of a redirected INVITE keeps its
+slot held until the 302 is forgotten (Timer H) and 2 s more, a CANCEL of it frees the slot;
+a redirected caller whose slot is held finds room on the worker named, and no worker has
+more slots held and busy than ``CAPACITY``; a CANCEL gets 200 with the To tag of the INVITE it
+matches, else 481; each memory stays within its bound; nothing raises.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from voice.sip import front as front_module
 from voice.sip import message, transaction
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
+from voice.sip.protocol import IncomingCall, WorkerStatus
 
 LIMIT = 6  # a small memory, so that the machine sees answers pushed out
 RESERVE_S = 2.0  # pool._REDIRECT_RESERVE_S
+CAPACITY = 2  # a worker's slots (PJSUA_MAX_CALLS is 4: fewer, so that workers fill up)
 
 _BRANCHES = ["z9hG4bK-a", "z9hG4bK-b", "rfc2543-1"]
 _HOSTS = ["127.0.0.1:5070", "127.0.0.2:5070"]
@@ -145,11 +152,12 @@ class FrontMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock()
         self.pool = SipPool(sip_settings(2), clock=self.clock)
+        self.busy = [1, 1]  # calls on each worker (a PBX's), of CAPACITY
         for i, w in enumerate(self.pool._workers):
-            w.up, w.free_slots, w.port = True, 1, 6000 + i
+            w.up, w.free_slots, w.port = True, CAPACITY - self.busy[i], 6000 + i
         self.picks: list[str] = []
         self.front = front_module.RedirectFront(
-            HostPort("127.0.0.1", 0), self._pick, clock=self.clock
+            HostPort("127.0.0.1", 0), self._pick, clock=self.clock, reservations=self.pool
         )
         self.front._answered = transaction.AnsweredRequests(self.clock, limit=LIMIT)
         self.front._others = transaction.AnsweredRequests(
@@ -159,7 +167,9 @@ class FrontMachine(RuleBasedStateMachine):
         self.others = Memory(transaction.TIMER_J_S)
         self.sent: list[Req] = []
         self.refused = 0  # new INVITE transactions answered 486
-        self.reserved: dict[str, float] = {}  # Call-ID: end of its reservation (the model)
+        # Call-ID: the worker port holding a slot for it and the end of that (the model)
+        self.reserved: dict[str, tuple[int, float]] = {}
+        self.pbx_calls = 0
 
     def _pick(self, call_id: str) -> HostPort | int:
         self.picks.append(call_id)
@@ -184,7 +194,12 @@ class FrontMachine(RuleBasedStateMachine):
         held = {w.port: set(w.reserved) for w in self.pool._workers}
         if tcp:
             out = front_module._answer(
-                raw, self._pick, self.front._answered, tcp=True, others=self.front._others
+                raw,
+                self._pick,
+                self.front._answered,
+                tcp=True,
+                others=self.front._others,
+                reservations=self.pool,
             )
         else:
             out = self.front._answer_udp(raw)
@@ -223,6 +238,16 @@ class FrontMachine(RuleBasedStateMachine):
         # A request with a To tag keeps it (8.2.6.2): the front's own tag is then unseen.
         own_tag = bool(own)  # maybe an empty one, in a truncated copy
         before = memory.get(key, now)
+        call_id = request.get("Call-ID") or ""
+        if before is not None and memory is self.invites and before.contact is not None:
+            # A copy of a redirected INVITE: its 302 was lost, so its slot, if still held
+            # there, is held until the front forgets the 302, and RESERVE_S more.
+            port = int(before.contact.rpartition(":")[2])
+            mine = self._held(call_id)
+            if mine is not None and mine[0] == port:
+                # As the front and the pool reckon it (the same float operations).
+                until = now + (memory.items[key][0] - now) + RESERVE_S
+                self.reserved[call_id] = (port, max(mine[1], until))
         if before is not None:
             assert got.status == before.status, f"a copy of a {request.method}: another status"
             if (raw, tcp) == before.request:
@@ -247,19 +272,23 @@ class FrontMachine(RuleBasedStateMachine):
                 if invite is not None:  # 9.2: 200 with the INVITE's To tag
                     expected = SipStatus.OK
                     assert own_tag or not invite.to_tag or got.to_tag == invite.to_tag
+                    mine = self._held(call_id)
+                    named = invite.contact and int(invite.contact.rpartition(":")[2])
+                    if mine is not None and mine[0] == named:
+                        del self.reserved[call_id]  # the caller hung up: the slot is free
             else:
                 expected = front_module.status_for(request.method)
             assert got.status == expected, (request.method, got.status)
             return
         # A new INVITE transaction: the pool asked exactly once.
         assert self.picks[picks:] == [request.get("Call-ID")]
-        call_id = request.get("Call-ID") or ""
         if got.status == SipStatus.MOVED_TEMPORARILY:
             assert got.contact is not None
             port = int(got.contact.rpartition(":")[2])
             assert (contact or "").endswith(";transport=tcp>") is tcp
             assert avail[port] > 0 or call_id in held[port], "a 302 to a worker without room"
-            self.reserved.setdefault(call_id, now + RESERVE_S)
+            if self._held(call_id) is None:
+                self.reserved[call_id] = (port, now + RESERVE_S)
         elif got.status == SipStatus.BUSY_HERE:
             self.refused += 1
             assert all(a <= 0 for a in avail.values()), "486 with a slot free"
@@ -310,9 +339,51 @@ class FrontMachine(RuleBasedStateMachine):
     def time_passes(self, dt: float) -> None:
         self.clock.advance(dt)
 
-    @rule(worker=st.integers(0, 1), free=st.integers(0, 2))
-    def slots_change(self, worker: int, free: int) -> None:
-        self.pool._workers[worker].free_slots = free
+    def _held(self, call_id: str) -> tuple[int, float] | None:
+        """The model's reservation for ``call_id`` (port, end), if it has not lapsed."""
+        held = self.reserved.get(call_id)
+        return held if held is not None and held[1] > self.now else None
+
+    def _arrives(self, index: int, sip_call_id: str) -> None:
+        """A call reaches worker ``index``, which tells the pool as pjsua does."""
+        self.busy[index] += 1
+        w = self.pool._workers[index]
+        free = CAPACITY - self.busy[index]
+        self.pool._dispatch(w, IncomingCall(f"in-{sip_call_id}", "", "6000", free, (), sip_call_id))
+
+    @precondition(lambda self: any(t > self.now for _, t in self.reserved.values()))
+    @rule(data=st.data())
+    def caller_follows_its_302(self, data: st.DataObject) -> None:
+        """A redirected caller whose slot is held reaches the worker its 302 named."""
+        now = self.now
+        call_id = data.draw(
+            st.sampled_from(sorted(c for c, (_, t) in self.reserved.items() if t > now))
+        )
+        port, _ = self.reserved.pop(call_id)
+        index = port - 6000
+        assert self.busy[index] < CAPACITY, "a caller with its slot held found the worker full"
+        self._arrives(index, call_id)
+
+    @rule(index=st.integers(0, 1))
+    def pbx_call(self, index: int) -> None:
+        """A call the front did not redirect (a PBX's, or under a new Call-ID) reaches a worker
+        with room; one that cannot hold every slot held drops the one nearest to lapsing."""
+        if self.busy[index] >= CAPACITY:
+            return  # pjsua refuses it (486), and the pool hears nothing of it
+        self.pbx_calls += 1
+        self._arrives(index, f"pbx-{self.pbx_calls}@pbx")
+        now = self.now
+        port = 6000 + index
+        here = {c: t for c, (p, t) in self.reserved.items() if p == port and t > now}
+        if len(here) > CAPACITY - self.busy[index]:
+            del self.reserved[min(here, key=here.__getitem__)]
+
+    @rule(index=st.integers(0, 1))
+    def call_ends(self, index: int) -> None:
+        if self.busy[index]:
+            self.busy[index] -= 1
+            w = self.pool._workers[index]
+            self.pool._dispatch(w, WorkerStatus(CAPACITY - self.busy[index], w.port, 0))
 
     @rule(now=st.integers(0, 3))
     def stopping(self, now: int) -> None:
@@ -332,11 +403,23 @@ class FrontMachine(RuleBasedStateMachine):
     @invariant()
     def reservations_held_then_released(self) -> None:
         now = self.now
-        for c in [c for c, t in self.reserved.items() if t <= now]:
+        for c in [c for c, (_, t) in self.reserved.items() if t <= now]:
             del self.reserved[c]
-        held = sorted(c for w in self.pool._workers for c in w.reserved if w.reserved[c] > now)
-        assert held == sorted(self.reserved), "one reservation per redirected Call-ID"
+        held = {(w.port, c, t) for w in self.pool._workers for c, t in w.reserved.items()}
+        held = {(p, c, t) for p, c, t in held if t > now}
+        assert held == {(p, c, t) for c, (p, t) in self.reserved.items()}, "the slots held"
         assert self.pool.occupancy().reserved == len(self.reserved)
+
+    @invariant()
+    def no_worker_holds_more_than_its_slots(self) -> None:
+        """The slots held on a worker, as the pool counts them and as the callers sent there
+        were promised them (the model), and its calls fit in its slots."""
+        now = self.now
+        for i, w in enumerate(self.pool._workers):
+            held = sum(t > now for t in w.reserved.values())
+            promised = sum(p == w.port and t > now for p, t in self.reserved.values())
+            for n in (held, promised):
+                assert n + self.busy[i] <= CAPACITY, f"worker {i}: {n} held, {self.busy[i]} busy"
 
 
 # Longer runs than the default 50 steps: a transaction's copies, its CANCEL and Timer H

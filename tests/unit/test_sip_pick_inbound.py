@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any, cast
@@ -16,9 +17,11 @@ import pytest
 from sip_config.clock import FakeClock
 from sip_config.settings import HostPort
 from tests.conftest import sip_settings
+from voice.sip import message, transaction
 from voice.sip import pool as pool_module
+from voice.sip.front import RedirectFront
 from voice.sip.outcome import SipStatus
-from voice.sip.pool import SipPool
+from voice.sip.pool import CallHandle, SipPool
 from voice.sip.protocol import IncomingCall, Ping
 
 _ids = (f"call-{n}@peer" for n in itertools.count())
@@ -332,3 +335,149 @@ def test_a_worker_gets_its_full_ping_grace_after_the_pools_loop_stalled(
     last = pool._watch_round(106.6, last)
     pool._watch_round(107.7, last)  # answered nothing for 5 s after the stall: frozen
     assert killed == [0]
+
+
+# -- the front's 302s and the slots they hold -------------------------------------------------
+
+
+def _front(pool: SipPool, clock: FakeClock) -> RedirectFront:
+    return RedirectFront(
+        HostPort("127.0.0.1", 0), pool.pick_inbound, clock=clock, reservations=pool
+    )
+
+
+def _request(call_id: str, method: str = "INVITE") -> bytes:
+    """A caller's request to the front: each copy is the same transaction (17.2.3)."""
+    return (
+        f"{method} sip:6000@127.0.0.1:5060 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1;rport\r\n"
+        "From: <sip:+447700900123@127.0.0.1>;tag=abc\r\nTo: <sip:6000@127.0.0.1:5060>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _named(out: bytes | None) -> int:
+    """The worker port a 302 names (0 for another answer)."""
+    assert out is not None
+    answer = message.parse(out)
+    if answer.status != SipStatus.MOVED_TEMPORARILY:
+        return 0
+    return int((answer.get("Contact") or "").rstrip(">").rpartition(":")[2])
+
+
+_TIMER_A = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # an INVITE's copies: 0.5, 1.5, 3.5, ... 31.5 s
+
+
+@pytest.mark.parametrize("lost", range(1, len(_TIMER_A) + 1), ids=lambda n: f"{n} lost")
+def test_a_caller_whose_302s_were_lost_finds_its_slot_on_the_worker_named(lost: int) -> None:
+    """Caller A's 302 (to worker 0, whose one slot it holds) is lost ``lost`` times; each
+    copy of A's INVITE gets the same 302 (17.2.1), the last one gets through. Just before
+    each copy another caller comes. The slot was held for 2 s from the first 302 only: a
+    caller after that was sent to worker 0 too, and A, following its 302 at last, found
+    worker 0 full (pjsua's 486 Busy Here) while worker 1 had room."""
+    clock = FakeClock()
+    pool = _pool(2, clock)
+    for w in pool._workers:
+        w.free_slots = 1
+    front = _front(pool, clock)
+    first = front._answer_udp(_request("a@peer"))
+    assert _named(first) == 6000
+    named = []
+    for n, gap in enumerate(_TIMER_A[:lost]):
+        clock.advance(gap - 0.1)
+        named.append(_named(front._answer_udp(_request(f"other-{n}@peer"))))
+        clock.advance(0.1)
+        assert front._answer_udp(_request("a@peer")) == first, "a copy gets the same 302"
+    assert 6000 not in named, f"A's slot went to another caller: {named}"
+    assert "a@peer" in pool._workers[0].reserved, "A's slot is held while A is on the way"
+    _arrives(pool, "a@peer", free=0)
+    assert "a@peer" not in pool._workers[0].reserved
+
+
+def test_copies_hold_the_slot_no_longer_than_the_302_can_be_repeated() -> None:
+    """However many copies of the INVITE come (a UA's, or forged), the slot is held until
+    the front forgets the 302 (Timer H from the first, 32 s) and 2 s more, then is free."""
+    clock = FakeClock()
+    pool = _pool(1, clock)
+    pool._workers[0].free_slots = 1
+    front = _front(pool, clock)
+    first = front._answer_udp(_request("a@peer"))
+    for _ in range(319):  # a copy every 0.1 s up to 31.9 s
+        clock.advance(0.1)
+        assert front._answer_udp(_request("a@peer")) == first
+    assert pool.pick_inbound(next(_ids)) == BUSY, "held for A"
+    clock.advance(transaction.TIMER_H_S + 2.0 - 31.9 - 0.01)
+    assert pool.occupancy().reserved == 1
+    clock.advance(0.02)
+    assert pool.occupancy().reserved == 0, "held past the 302's Timer H and 2 s"
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
+
+
+def test_a_cancel_of_a_redirected_invite_frees_its_slot_for_good() -> None:
+    """A UAC cancels only before a final answer: its 302 was lost, and the caller who hung
+    up will not follow it. The slot was held for 2 s all the same (the CANCEL got 200);
+    now it is free at once, and a later copy of the INVITE (the UAC goes on sending them
+    until a final answer, 9.1) gets its 302 but holds no slot again."""
+    clock = FakeClock()
+    pool = _pool(1, clock)
+    pool._workers[0].free_slots = 1
+    front = _front(pool, clock)
+    first = front._answer_udp(_request("a@peer"))
+    clock.advance(0.3)
+    cancel = front._answer_udp(_request("a@peer", "CANCEL"))
+    assert cancel is not None and cancel.startswith(b"SIP/2.0 200 OK\r\n")
+    assert pool.occupancy().reserved == 0
+    clock.advance(0.2)
+    assert front._answer_udp(_request("a@peer")) == first
+    assert front._answer_udp(_request("a@peer", "CANCEL")) == cancel
+    assert pool.occupancy().reserved == 0
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort), "the slot is free"
+
+
+def test_a_copy_after_its_call_arrived_or_its_slot_lapsed_holds_no_slot() -> None:
+    """A late copy of an INVITE whose call reached the worker already, or whose slot
+    lapsed (every copy lost for 2 s), is answered with its 302 and takes no slot: the call
+    has one, or the caller finds the worker as it is."""
+    clock = FakeClock()
+    pool = _pool(1, clock)
+    pool._workers[0].free_slots = 2
+    front = _front(pool, clock)
+    arrived = front._answer_udp(_request("a@peer"))
+    _arrives(pool, "a@peer", free=1)
+    lapsed = front._answer_udp(_request("b@peer"))
+    clock.advance(2.5)
+    assert front._answer_udp(_request("a@peer")) == arrived
+    assert front._answer_udp(_request("b@peer")) == lapsed
+    assert pool.occupancy().reserved == 0
+
+
+async def test_a_call_stuck_winding_up_does_not_hold_the_pools_stop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pool.stop cancels the calls' tasks and waited for them without a bound: a call whose
+    record was being kept on disk (shielded, as the call session does) on a disk that hangs
+    held the stop, and so serve's, for as long. Now it waits CALLS_WIND_UP_S, cancels once
+    more (which ends the session's wait for its write) and says so."""
+    monkeypatch.setattr(pool_module, "CALLS_WIND_UP_S", 0.2)
+    monkeypatch.setattr(pool_module, "TASKS_LEFT_S", 0.2)
+    pool = _pool(1, FakeClock())
+    pool._running = True
+    disk = threading.Event()  # the write to a hung disk, until the test ends
+
+    async def handler(call: CallHandle) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:  # the record kept on disk, shielded from the first cancellation
+            await asyncio.shield(asyncio.to_thread(disk.wait, 30))
+
+    pool.on_incoming(handler)
+    _arrives(pool, "a@peer", free=3)
+    await asyncio.sleep(0)  # the call's task begins
+    try:
+        async with asyncio.timeout(5):
+            await pool.stop()
+    finally:
+        disk.set()
+    said = [r.getMessage() for r in caplog.records if r.name == "voice.sip.pool"]
+    assert any("still winding up" in m and "call-in-a@peer" in m for m in said), said
+    assert not pool._tasks

@@ -17,7 +17,11 @@ A retransmitted INVITE (the same transaction: top Via branch and sent-by, Call-I
 see :mod:`voice.sip.transaction`) gets the very answer the first copy got, To tag included,
 for ``transaction.TIMER_H_S`` (32 s): its 486 is not counted again, and it is not sent to a worker
 that freed a slot meanwhile, nor to another one than its 302 named (RFC 3261 17.2.1).
-Without that memory a lost 302 or 486 made the UAC's retransmission a new caller. A
+Without that memory a lost 302 or 486 made the UAC's retransmission a new caller. A copy
+of a redirected INVITE also keeps the worker's slot held for the caller while that 302 may
+be repeated (:meth:`Reservations.renew_inbound`): the pool held it 2 s, and a caller whose
+first three 302s were lost (copies at 0.5, 1.5, 3.5 s) found the worker full. A CANCEL
+that matches a redirected INVITE frees its slot (:meth:`Reservations.release_inbound`). A
 retransmitted OPTIONS, CANCEL or BYE likewise gets its first response again, To tag included,
 for ``transaction.TIMER_J_S`` (32 s; sections 8.2.7 and 17.2.2), from a memory of its own
 (at most ``transaction.MAX_REMEMBERED`` answers each).
@@ -42,7 +46,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from sip_config.clock import Clock
 from sip_config.settings import HostPort
@@ -80,6 +84,20 @@ _DROPPED_LOG_S = 60.0  # at most one line a minute about unparseable messages
 
 # The worker for an INVITE with this Call-ID, or the status that refuses it (486, 503).
 Picker = Callable[[str], HostPort | int]
+
+
+class Reservations(Protocol):
+    """The slots the front's 302s hold on the workers (:class:`voice.sip.pool.SipPool`)."""
+
+    def renew_inbound(self, call_id: str, worker: HostPort, hold_s: float) -> None:
+        """A copy of the INVITE ``call_id`` got its 302 to ``worker`` again, which the front
+        may repeat for ``hold_s`` more: hold its slot (if still held) that long, and the
+        caller's way there."""
+        ...
+
+    def release_inbound(self, call_id: str, worker: HostPort) -> None:
+        """The caller redirected to ``worker`` cancelled: its slot is free again."""
+        ...
 
 
 def respond(
@@ -173,9 +191,10 @@ def _answer(
     *,
     tcp: bool,
     others: transaction.AnsweredRequests,
+    reservations: Reservations | None = None,
 ) -> bytes | None:
     """The answer to ``data``; ``answered`` holds the INVITE answers, ``others`` those of
-    the other requests."""
+    the other requests; ``reservations`` is told of the 302s repeated and cancelled."""
     try:
         request = message.parse(data, strict=True)
     except message.SipParseError as exc:
@@ -191,11 +210,17 @@ def _answer(
     if key is None or not call_id or not all(request.get(name) for name in _REQUIRED):
         return _answer_incomplete(request, others, tcp=tcp)  # 400 (or nothing): no slot
     if request.method != "INVITE":
-        return _answer_other(request, key, answered, others, tcp=tcp)
+        return _answer_other(request, key, answered, others, tcp=tcp, reservations=reservations)
     before = answered.get(key)
     if before is not None:
         # A retransmission (its answer was lost): the same answer, not a second caller.
         log.debug("INVITE %s retransmitted -> %s again", call_id, before.target)
+        if reservations is not None and not isinstance(before.target, int):
+            # The caller follows this 302 when a copy of it gets through, after the
+            # pool's first hold (2 s) maybe: Timer A doubles, the third copy comes at 3.5 s.
+            # So its slot is held as long as the 302 may be repeated (from the first, not
+            # renewed by copies: a flood of forged ones holds no slot longer).
+            reservations.renew_inbound(call_id, before.target, answered.kept_for(key))
         return respond(request, before.target, tcp=tcp, to_tag=before.to_tag)
     target = pick(call_id)
     log.debug("INVITE %s -> %s", call_id, target)
@@ -230,6 +255,7 @@ def _answer_other(
     others: transaction.AnsweredRequests,
     *,
     tcp: bool,
+    reservations: Reservations | None = None,
 ) -> bytes | None:
     """A request other than INVITE and ACK: its first answer again when retransmitted."""
     before = others.get(key)
@@ -243,6 +269,10 @@ def _answer_other(
             # Section 9.2: the INVITE has its final answer already, so the CANCEL has
             # nothing left to do: 200, with the To tag of that answer.
             status, tag = SipStatus.OK, invite.to_tag
+            if reservations is not None and not isinstance(invite.target, int):
+                # A UAC sends a CANCEL only before a final answer: its 302 was lost, and
+                # the caller, who hung up, will not follow it. Its slot is free again.
+                reservations.release_inbound(key.call_id, invite.target)
     others.remember(key, transaction.FinalAnswer(status, tag))
     return respond(request, status, tcp=tcp, to_tag=tag)
 
@@ -280,9 +310,17 @@ class RedirectFront:
     """The redirect server on UDP and TCP; ``pick`` chooses a worker (see SipPool), at most
     once per INVITE transaction (``clock`` times how long its answer is remembered)."""
 
-    def __init__(self, addr: HostPort, pick: Picker, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        addr: HostPort,
+        pick: Picker,
+        *,
+        clock: Clock,
+        reservations: Reservations | None = None,
+    ) -> None:
         self._addr = addr
         self._pick = pick
+        self._reservations = reservations  # None: no slot held beyond what ``pick`` does
         self._answered = transaction.AnsweredRequests(clock)  # INVITEs, for Timer H
         self._others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S)
         self._udp: asyncio.DatagramTransport | None = None
@@ -319,7 +357,14 @@ class RedirectFront:
         log.info("SIP redirect front on %s (UDP and TCP)", self.address)
 
     def _answer_udp(self, data: bytes) -> bytes | None:
-        return _answer(data, self._pick, self._answered, tcp=False, others=self._others)
+        return _answer(
+            data,
+            self._pick,
+            self._answered,
+            tcp=False,
+            others=self._others,
+            reservations=self._reservations,
+        )
 
     async def stop(self) -> None:
         """Close both listeners and open TCP connections."""
@@ -364,7 +409,12 @@ class RedirectFront:
                         break  # its body is not read: the stream cannot be followed
                     body = await reader.readexactly(length) if length else b""
                     reply = _answer(
-                        head + body, self._pick, self._answered, tcp=True, others=self._others
+                        head + body,
+                        self._pick,
+                        self._answered,
+                        tcp=True,
+                        others=self._others,
+                        reservations=self._reservations,
                     )
                     if reply is not None:
                         writer.write(reply)

@@ -96,7 +96,18 @@ WORKER_SILENT_S = 30.0
 QUIET_AFTER_S = 3.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
-_REDIRECT_RESERVE_S = 2.0  # a redirected caller re-sends its INVITE within milliseconds
+# What stop() then gives the calls' tasks, cancelled, to wind up: a call's record waits 2 s
+# for Redis (voice/ivr/session.py STOP_SAVE_S), then is kept on disk in milliseconds. A
+# task still at it (a disk write that hangs: NFS, a failing disk) is cancelled once more,
+# which ends its wait (the write goes on in its thread), and left after TASKS_LEFT_S more:
+# the stop is not held for it without bound.
+CALLS_WIND_UP_S = 5.0
+TASKS_LEFT_S = 1.0
+# A redirected caller re-sends its INVITE to the worker within milliseconds of its 302. When
+# that 302 was lost, the caller's copies of the INVITE get it again from the front (Timer A:
+# at 0.5, 1.5, 3.5, 7.5 ... s), and each copy holds the slot for as long as the front may
+# still repeat the 302 (Timer H from the first, 32 s) and this again (see renew_inbound).
+_REDIRECT_RESERVE_S = 2.0
 # Callers refused for want of a slot: the first is logged at once, then at most one line this
 # often with the count since (a full line refuses every caller: one line each would flood).
 _BUSY_LOG_S = 60.0
@@ -458,7 +469,8 @@ class SipPool:
     async def stop(self) -> None:
         """Shut the workers down (hanging up their calls) and cancel handler tasks. Each
         worker gets WORKER_STOP_S, all of them at once (one after the other, a stop during
-        start-up took 3 s a worker: none was up to be told)."""
+        start-up took 3 s a worker: none was up to be told); the tasks CALLS_WIND_UP_S
+        (and TASKS_LEFT_S after a second cancellation)."""
         self._running = False
         for w in self._workers:
             if w.up:
@@ -471,7 +483,32 @@ class SipPool:
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._tasks_ended()
+
+    async def _tasks_ended(self) -> None:
+        """Wait for the cancelled tasks (calls, restarts, the watch): CALLS_WIND_UP_S, then
+        a second cancellation and TASKS_LEFT_S for those still going; log what is left."""
+        left: set[asyncio.Task[None]] = set(self._tasks)
+        for wait_s, again in ((CALLS_WIND_UP_S, True), (TASKS_LEFT_S, False)):
+            done, left = await asyncio.wait(left, timeout=wait_s)
+            for t in done:  # retrieved, as gather(return_exceptions=True) did
+                if not t.cancelled():
+                    t.exception()
+            if not left:
+                return
+            names = ", ".join(sorted(t.get_name() for t in left))
+            if again:
+                log.warning(
+                    "SIP pool stop: %d task(s) still winding up after %.0f s (a disk write "
+                    "that hangs?), cancelled again: %s",
+                    len(left),
+                    wait_s,
+                    names,
+                )
+                for t in left:
+                    t.cancel()
+            else:
+                log.error("SIP pool stop: %d task(s) left running: %s", len(left), names)
 
     async def _stopped(self, w: _Worker) -> None:
         """Wait for ``w``'s process to end (SIGKILL past WORKER_STOP_S), then for its reader."""
@@ -570,8 +607,9 @@ class SipPool:
         room), or the status that refuses it: 486 when every worker is full, 503 once the
         service is stopping.
 
-        The slot is reserved for a few seconds, until the redirected INVITE arrives there;
-        a retransmitted INVITE (the same Call-ID) goes to the same worker on the same slot.
+        The slot is reserved for a few seconds, until the redirected INVITE arrives there
+        (longer while the front repeats the 302 to copies of the INVITE: renew_inbound); a
+        retransmitted INVITE (the same Call-ID) goes to the same worker on the same slot.
         """
         if self._refusing:
             return SipStatus.SERVICE_UNAVAILABLE
@@ -591,6 +629,36 @@ class SipPool:
             return SipStatus.BUSY_HERE
         best.reserved[call_id] = now + _REDIRECT_RESERVE_S
         return HostPort(self._settings.addr.host, best.port)
+
+    def renew_inbound(self, call_id: str, worker: HostPort, hold_s: float) -> None:
+        """The front gave the caller ``call_id`` its 302 to ``worker`` again (a copy of the
+        INVITE: the 302 was lost), and may for ``hold_s`` more: the slot held for it stays
+        held that long and ``_REDIRECT_RESERVE_S`` more, so the caller finds it when a copy
+        gets through. Only a slot still held: one that lapsed (every copy lost for 2 s), or
+        whose call arrived or was cancelled, is not taken again (the caller then finds the
+        worker as it is: full, pjsua answers 486)."""
+        w = self._holding(call_id, worker)
+        if w is None:
+            log.debug("call %s: its 302 repeated, no slot held for it any more", call_id)
+            return
+        until = self._clock.monotonic() + hold_s + _REDIRECT_RESERVE_S
+        w.reserved[call_id] = max(w.reserved[call_id], until)
+
+    def release_inbound(self, call_id: str, worker: HostPort) -> None:
+        """The caller ``call_id``, redirected to ``worker``, cancelled: its slot is free."""
+        w = self._holding(call_id, worker)
+        if w is not None:
+            del w.reserved[call_id]
+            self._slot_freed.set()
+
+    def _holding(self, call_id: str, worker: HostPort) -> _Worker | None:
+        """The worker at ``worker`` if it is up and holds a slot for ``call_id``."""
+        now = self._clock.monotonic()
+        for w in self._workers:
+            if w.up and w.port == worker.port and worker.host == self._settings.addr.host:
+                w.expire_reservations(now)
+                return w if call_id in w.reserved else None
+        return None
 
     def _refused_for_want_of_a_slot(self) -> None:
         """Count a caller turned away with 486 and say so (never the caller's number)."""
@@ -967,13 +1035,14 @@ class SipPool:
         reservation, or a UA that re-sent the redirected INVITE under a new Call-ID) takes
         none, unless the worker's free slots (reported with the call, this call counted) can
         no longer hold every reservation: then one of them was surely this call's, and the
-        oldest goes (the nearest to lapsing). Taking the oldest always let a third caller
-        have the slot of a redirected caller still on the way: two callers, one slot.
+        one nearest to lapsing goes (the oldest, but for one a copy of its INVITE renewed).
+        Taking the oldest always let a third caller have the slot of a redirected caller
+        still on the way: two callers, one slot.
         """
         if w.reserved.pop(sip_call_id, None) is not None:
             return
         if len(w.reserved) > max(0, w.free_slots - w.pending):
-            del w.reserved[next(iter(w.reserved))]
+            del w.reserved[min(w.reserved, key=w.reserved.__getitem__)]
 
     async def _run_handler(self, handler: IncomingHandler, handle: CallHandle) -> None:
         try:

@@ -147,6 +147,12 @@ class AnsweredRequests:
         entry = self._answers.get(key)
         return entry[1] if entry is not None else None
 
+    def kept_for(self, key: TransactionKey) -> float:
+        """How many seconds more the answer to ``key`` is remembered (0 if it is not)."""
+        self._expire()
+        entry = self._answers.get(key)
+        return max(0.0, entry[0] - self._clock.monotonic()) if entry is not None else 0.0
+
     def remember(self, key: TransactionKey, answer: FinalAnswer) -> None:
         """Remember ``answer`` for ``key`` (the oldest one goes when ``limit`` are kept)."""
         self._expire()
