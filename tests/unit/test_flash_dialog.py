@@ -550,7 +550,8 @@ def test_late_answers_take_only_the_invites_2xx_within_64_t1_and_up_to_a_bound()
     late = LateAnswers(
         dialog.ack, Local("127.0.0.1", 5999), until=100.32 + TIMER_B_S, token=lambda: "t"
     )
-    assert late.on_response(reply(invite, 487), 101.0) == []  # the caller ACKs that one
+    (again,) = late.on_response(reply(invite, 487), 101.0)  # the 487 again: its ACK again
+    assert again == dialog.ack
     assert late.on_response(_other_branch(_answer(invite, "x")), 101.0) == []
     other_cseq = message.serialise_response(invite, 200, to_tag="y").replace(
         b"CSeq: 1 INVITE", b"CSeq: 2 INVITE"
@@ -622,3 +623,119 @@ def test_a_record_route_list_in_one_header_is_reversed_entry_by_entry() -> None:
         request = message.parse(d)
         routes = [r.strip() for v in request.get_all("Route") for r in v.split(",")]
         assert routes == want, request.method
+
+
+def _late_fork(ack: bytes, invite: message.SipMessage, at: float) -> list[message.SipMessage]:
+    """What a fork's 2xx to ``invite`` that comes at ``at``, after the end, gets."""
+    late = LateAnswers(ack, Local("127.0.0.1", 5999), until=at + 1.0, token=lambda: "l" * 16)
+    return [message.parse(d) for d in late.on_response(_answer(invite, "late"), at)]
+
+
+def _check_acked_and_hung_up(out: list[message.SipMessage], invite: message.SipMessage) -> None:
+    number = (invite.get("CSeq") or "").split()[0]
+    assert [(r.method, r.get("CSeq"), r.uri) for r in out] == [
+        ("ACK", f"{number} ACK", "sip:late@127.0.0.1:40000"),
+        ("BYE", f"{int(number) + 1} BYE", "sip:late@127.0.0.1:40000"),
+    ]
+    for request in out:
+        assert (request.get("To") or "").endswith(";tag=late")
+        assert request.get("From") == invite.get("From")
+        assert request.get("Call-ID") == invite.get("Call-ID")
+        assert request.get("Via") != invite.get("Via")  # a transaction of its own
+
+
+def test_a_2xx_after_timer_b_gets_an_ack_and_a_bye() -> None:
+    # RFC 3261 13.2.2.4: every 2xx of the INVITE is ACKed and, unwanted, BYEd. A call that
+    # ended on timer B (no response at all: every one lost, or a slow far end) had sent no
+    # ACK, so it kept nothing: a 2xx after the end got nothing and that phone stayed off hook.
+    dialog, step = make(answer_s=60.0)
+    (invite,) = sent(step)
+    while not dialog.done:
+        assert dialog.deadline is not None
+        out = dialog.on_timer(dialog.deadline)
+    assert events(out) == [(CallState.ENDED, 408, CallOutcome.UNREACHABLE)]
+    assert dialog.ack is not None, "the finished call keeps what a late 2xx needs"
+    _check_acked_and_hung_up(_late_fork(dialog.ack, invite, 100.0 + TIMER_B_S + 1.0), invite)
+
+
+def test_a_2xx_after_the_cancels_timer_f_gets_an_ack_and_a_bye() -> None:
+    # The CANCEL unanswered and no 487 (timer F): the call ends cancelled_after_ring with no
+    # final response, and a 2xx that crossed the CANCEL and was late got nothing.
+    dialog, step = make()
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    dialog.on_timer(100.01 + RING_S)
+    while not dialog.done:
+        assert dialog.deadline is not None
+        out = dialog.on_timer(dialog.deadline)
+    assert events(out) == [(CallState.ENDED, 0, CallOutcome.CANCELLED_AFTER_RING)]
+    assert dialog.ack is not None
+    late = LateAnswers(dialog.ack, Local("127.0.0.1", 5999), until=200.0, token=lambda: "l" * 16)
+    (ack,) = (message.parse(d) for d in late.on_response(reply(invite, 487), 140.0))
+    assert ack.get("Via") == invite.get("Via") and (ack.get("To") or "").endswith(";tag=far")
+    _check_acked_and_hung_up(_late_fork(dialog.ack, invite, 140.0), invite)
+
+
+def test_a_2xx_to_the_challenged_calls_second_invite_after_the_end_is_matched() -> None:
+    # A 401 answered with a second INVITE (CSeq 2, a new branch) that got no final response
+    # (timer B): the call kept the 401's ACK (CSeq 1, the first branch), so a 2xx of the
+    # second INVITE after the end matched nothing and that phone stayed off hook.
+    dialog, step = make(user="clinic", password="clinic-local-secret", answer_s=60.0)
+    (invite,) = sent(step)
+    challenge = ("WWW-Authenticate", 'Digest realm="asterisk", nonce="n1"')
+    _, invite2 = sent(dialog.on_response(reply(invite, 401, challenge), 100.01))
+    while not dialog.done:
+        assert dialog.deadline is not None
+        out = dialog.on_timer(dialog.deadline)
+    assert events(out) == [(CallState.ENDED, 408, CallOutcome.UNREACHABLE)]
+    assert dialog.ack is not None
+    _check_acked_and_hung_up(_late_fork(dialog.ack, invite2, 140.0), invite2)
+    assert _late_fork(dialog.ack, invite, 140.0) == [], "the 401's INVITE had its final"
+
+
+def test_a_2xx_of_the_challenged_invite_gets_a_2xx_ack_and_a_bye_not_the_401s_ack() -> None:
+    # Matched by CSeq number alone, any final of the challenged INVITE got the 401's ACK
+    # again: a 2xx (its phone off hook) got that non-2xx ACK (the 401's To tag, the INVITE's
+    # branch: no ACK of its dialog) and no BYE, and a 486 of another branch got it too.
+    dialog, step = make(user="clinic", password="clinic-local-secret")
+    (invite,) = sent(step)
+    challenge = ("WWW-Authenticate", 'Digest realm="asterisk", nonce="n1"')
+    ack_401, invite2 = sent(dialog.on_response(reply(invite, 401, challenge), 100.01))
+    assert dialog.on_response(_other_branch(reply(invite, 486)), 100.02).send == []
+    out = dialog.on_response(_answer(invite, "b"), 100.03)
+    assert out.events == []
+    ack, bye = sent(out)
+    assert [(r.method, r.get("CSeq"), r.uri) for r in (ack, bye)] == [
+        ("ACK", "1 ACK", "sip:b@127.0.0.1:40000"),
+        ("BYE", "2 BYE", "sip:b@127.0.0.1:40000"),
+    ]
+    assert ack.get("Via") != ack_401.get("Via") and (ack.get("To") or "").endswith(";tag=b")
+    ringing(dialog, invite2, at=100.1)
+    out = dialog.on_timer(100.1 + RING_S)
+    assert [m.method for m in sent(out)] == ["CANCEL", "BYE"]  # the BYE on timer E
+    out = dialog.on_response(reply(invite2, 487), 102.2)
+    assert events(out) == [(CallState.ENDED, 487, CallOutcome.CANCELLED_AFTER_RING)]
+    assert dialog.phase is Phase.HANGING_UP, "its BYE is still unanswered"
+    assert dialog.deadline is not None
+    out = dialog.on_response(reply(bye, 200), 102.3)
+    assert dialog.done and out.events == [] and not dialog.answered
+
+
+def test_the_answer_after_a_2xx_of_the_challenged_invite_with_its_to_tag_ends_the_ring() -> None:
+    # Found by tests/unit/test_prop_flash_dialog.py (while this change was written): the
+    # second INVITE's 2xx with the To tag that a 2xx of the challenged INVITE had opened was
+    # taken for a retransmission: the call was answered, yet it still rang and was CANCELled.
+    dialog, step = make(user="clinic", password="clinic-local-secret")
+    (invite,) = sent(step)
+    challenge = ("WWW-Authenticate", 'Digest realm="asterisk", nonce="n1"')
+    _, invite2 = sent(dialog.on_response(reply(invite, 401, challenge), 100.01))
+    _, bye = sent(dialog.on_response(_answer(invite, "a"), 100.02))
+    dialog.on_response(reply(bye, 200), 100.03)
+    ringing(dialog, invite2, at=100.04)
+    out = dialog.on_response(_answer(invite2, "a"), 100.05)
+    assert [(m.method, m.get("CSeq")) for m in sent(out)] == [("ACK", "2 ACK")]
+    assert events(out) == [
+        (CallState.ANSWERED, 200, None),
+        (CallState.ENDED, 200, CallOutcome.ANSWERED),
+    ]
+    assert dialog.done and dialog.deadline is None

@@ -159,3 +159,52 @@ async def test_a_fork_answering_a_cancelled_call_gets_its_own_ack_and_a_bye(
     clock.advance(TIMER_D_S)
     uac.datagram_received(_answer(invite, "later"), PHONE)
     assert recorder.take() == [], "64*T1 after the end the INVITE is over"
+
+
+async def test_a_2xx_after_timer_b_gets_an_ack_and_a_bye(
+    agent: tuple[FlashUac, FakeClock, Recorder],
+) -> None:
+    # A call that ended on timer B sent no ACK and so was not kept: a 2xx after the end got
+    # nothing (that phone stayed off hook: RFC 3261 13.2.2.4).
+    uac, clock, recorder = agent
+    call = OutboundCall(f"sip:+14155556001@{PHONE[0]}:{PHONE[1]}", "+447400123456", True)
+    handle = await uac.place_call(call)
+    (invite,) = recorder.sent
+    recorder.take()
+    live = uac._live[invite.get("Call-ID") or ""]
+    clock.advance(TIMER_B_S)
+    uac._on_timer(live)
+    events = [ev async for ev in handle.events]
+    assert events[-1].outcome is CallOutcome.UNREACHABLE and uac.live_calls == 0
+    recorder.take()
+    clock.advance(1.0)
+    uac.datagram_received(_answer(invite, "late"), PHONE)
+    ack, bye = recorder.sent
+    recorder.take()
+    assert ack.get("CSeq") == "1 ACK" and bye.get("CSeq") == "2 BYE"
+    assert (bye.get("To") or "").endswith(";tag=late") and bye.uri == "sip:late@127.0.0.1:5160"
+    uac.datagram_received(message.serialise_response(bye, 200), PHONE)
+    assert recorder.take() == [] and handle._events.empty(), "no event after ended"
+
+
+async def test_a_4xx_to_the_cancel_after_the_end_is_not_acked(
+    agent: tuple[FlashUac, FakeClock, Recorder],
+) -> None:
+    # A cancelled call's kept ACK went back for any non-2xx with its Call-ID, also a 481 to
+    # the CANCEL (a non-INVITE's final is never ACKed: RFC 3261 17.1.1).
+    uac, _, recorder = agent
+    call = OutboundCall(f"sip:+14155556001@{PHONE[0]}:{PHONE[1]}", "+447400123456", True)
+    handle = await uac.place_call(call)
+    (invite,) = recorder.sent
+    recorder.take()
+    uac.datagram_received(message.serialise_response(invite, 180, to_tag="ring"), PHONE)
+    await handle.hangup()
+    (cancel,) = recorder.sent
+    recorder.take()
+    uac.datagram_received(message.serialise_response(invite, 487, to_tag="ring"), PHONE)
+    assert recorder.take() == ["ACK"]
+    for status in (481, 408, 200):
+        uac.datagram_received(message.serialise_response(cancel, status, to_tag="r"), PHONE)
+        assert recorder.take() == [], status
+    uac.datagram_received(message.serialise_response(invite, 487, to_tag="ring"), PHONE)
+    assert recorder.take() == ["ACK"], "the 487 again: its ACK again"

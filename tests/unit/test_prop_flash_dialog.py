@@ -2,12 +2,19 @@
 
 A far end that answers whatever the dialog sent: provisional responses (with and without a To
 tag, several tags = forked), finals of every class (2xx with and without SDP, 3xx, 401/407
-challenges, 486, 487, 5xx, 603), responses to the CANCEL and the BYE (or none), copies of any
-response already delivered, responses of another transaction (wrong branch, CSeq number or
-method), and time moving past the dialog's deadlines. Checked after every input: RFC 3261
-17.1.1 (timers A, B), 9.1 (no CANCEL before a provisional response), 13.2.2.4 and 17.1.1.3
-(the ACKs; a new To tag's 2xx only within 64*T1 of the first), one final outcome, and that
-the call ends within 64*T1 of what it waits for.
+challenges, 486, 487, 5xx, 603), responses to the CANCEL and the BYE (2xx or error, or none),
+copies of any response already delivered, responses of another transaction (wrong branch,
+CSeq number or method), 2xx s after the call ended (after a 487 or a final error, after timer
+B or F, after a second, challenged INVITE), and time moving past the dialog's deadlines.
+
+Responses after the end go where :class:`~voice.sip.flash_uac.FlashUac` sends them: an
+answered call's dialog is kept, an unanswered one keeps :attr:`FlashDialog.ack` only, and its
+responses go to a :class:`LateAnswers` made from it, until timer D (or its last BYE's timer F).
+
+Checked after every input: RFC 3261 17.1.1 (timers A, B), 9.1 (no CANCEL before a
+provisional response), 13.2.2.4 and 17.1.1.3 (the ACKs, only for an INVITE's final; every
+2xx of a new To tag ACKed and BYEd within 64*T1 of the first 2xx, or of the end), one final
+outcome, and that the call ends within 64*T1 of what it waits for.
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ from hypothesis.stateful import (
 )
 
 from voice.sip import message
-from voice.sip.flash_dialog import T1_S, TIMER_B_S, FlashDialog, Local, Step
+from voice.sip.flash_dialog import (
+    T1_S,
+    TIMER_B_S,
+    TIMER_D_S,
+    FlashDialog,
+    LateAnswers,
+    Local,
+    Step,
+)
 from voice.sip.outcome import CallOutcome, outcome_for_status
 from voice.sip.protocol import CallEvent, CallState, PlaceCall
 
@@ -108,9 +123,17 @@ class FlashCallMachine(RuleBasedStateMachine):
         self.events: list[CallEvent] = []
         self.answered_tags: list[str] = []
         self.first_2xx_at: float | None = None  # new To tags only within 64*T1 of it
+        self.call_answered = False  # a 2xx of the current INVITE (not of the challenged one)
         self.hung_up = False
         self.ended_at: float | None = None
         self.last_input = T0
+        # After an unanswered end, as the agent keeps it: the ACK, until when, its forks.
+        self.kept_ack: bytes | None = None
+        self.kept_until = 0.0  # the agent's entry expires (timer D, or a late BYE's timer F)
+        self.kept_ack_until = 0.0  # a new To tag's 2xx counts before (timer D from the end)
+        self.late: LateAnswers | None = None
+        self.late_tokens = itertools.count(1)
+        self.done_before = False
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -122,9 +145,10 @@ class FlashCallMachine(RuleBasedStateMachine):
     def place(self, creds: bool, ring_s: float, answer_s: float) -> None:
         counter = itertools.count(1)
         self.ring_s, self.answer_s = ring_s, answer_s
+        self.local = Local("127.0.0.1", 5999, "trunk" if creds else "", "secret" if creds else "")
         self.dialog = FlashDialog(
             PlaceCall("flash-1", TARGET, "+447400123456", True, ring_s, answer_s, True),
-            Local("127.0.0.1", 5999, "trunk" if creds else "", "secret" if creds else ""),
+            self.local,
             token=lambda: f"{next(counter):016x}",
             wall=lambda: 1.8e9,
         )
@@ -141,7 +165,7 @@ class FlashCallMachine(RuleBasedStateMachine):
 
     def feed(self, step: Step, why: str, response: message.SipMessage | None = None) -> None:
         """Check what one input produced, against the RFC and the model."""
-        was_done = self.dialog.done if why != "start" else False
+        was_done = self.done_before  # done before this input (the step is its output)
         sent = [(raw, message.parse(raw)) for raw in step.send]
         methods = [m.method for _, m in sent]
         for raw, req in sent:
@@ -165,8 +189,14 @@ class FlashCallMachine(RuleBasedStateMachine):
         if self.dialog.done:
             assert self.dialog.deadline is None, "a finished call has no timer"
             assert self.ended(), "a call is done only once it reported its end"
+            if not was_done and not self.dialog.answered:
+                # Retired unanswered: the agent keeps this ACK for timer D, nothing else.
+                self.kept_ack = self.dialog.ack
+                assert self.kept_ack is not None, "an ended call keeps what a late 2xx needs"
+                self.kept_until = self.kept_ack_until = self.now + TIMER_D_S
         else:
             assert self.dialog.deadline is not None, "a live call waits for nothing: it hangs"
+        self.done_before = self.dialog.done
 
     def on_invite_sent(
         self,
@@ -220,6 +250,8 @@ class FlashCallMachine(RuleBasedStateMachine):
         self, raw: bytes, req: message.SipMessage, response: message.SipMessage | None
     ) -> None:
         assert response is not None and response.status >= 200, "an ACK for no final response"
+        cseq = (response.get("CSeq") or "").split()
+        assert cseq[1:] == ["INVITE"], f"an ACK for a {response.status} to a {cseq[1:]}"
         self.acks.append(raw)
         if not any(_branch(response) == _branch(i.msg) for i in self.invites):
             # Another transaction's final with a CSeq of a challenged INVITE: its ACK again.
@@ -236,11 +268,17 @@ class FlashCallMachine(RuleBasedStateMachine):
         cseq = (response.get("CSeq") or "").split()
         ours = [i for i in self.invites if i.msg.get("CSeq") == " ".join(cseq)]
         if len(cseq) != 2 or cseq[1] != "INVITE" or not ours:
+            assert "ACK" not in methods, "only an INVITE's final response is ACKed (17.1.1)"
             return
         inv = ours[0]
         if _branch(response) != _branch(inv.msg):
             return  # another transaction's: ignored
-        late = inv is self.current and _to_tag(response) not in self.answered_tags
+        if self.kept_ack is not None and inv is not self.current:
+            # After an unanswered end only the last INVITE's ACK is kept: a challenged
+            # INVITE's final again (it had its ACK) gets nothing.
+            assert not methods, f"a {response.status} of the challenged INVITE got {methods}"
+            return
+        late = _to_tag(response) not in self.answered_tags
         if 200 <= response.status < 300 and late:
             assert not methods, "a 2xx of a new To tag 64*T1 after the first one is no dialog"
             return
@@ -276,7 +314,7 @@ class FlashCallMachine(RuleBasedStateMachine):
 
     def check_outcome(self, ev: CallEvent, response: message.SipMessage | None) -> None:
         assert ev.outcome is not None
-        answered = bool(self.answered_tags)
+        answered = self.call_answered
         cancelled = any(i.cancel is not None for i in self.invites)
         assert ev.outcome == outcome_for_status(
             ev.sip_status,
@@ -309,6 +347,8 @@ class FlashCallMachine(RuleBasedStateMachine):
         self.delivered.append(raw)
         msg = message.parse(raw)
         self.last_input = self.now
+        if self.kept_ack is not None and (msg.status < 200 or self.now >= self.kept_until):
+            return  # the agent has no live call for it, or no longer keeps the finished one
         cseq = (msg.get("CSeq") or "").split()
         for inv in self.invites:
             if cseq == (inv.msg.get("CSeq") or "").split() and _branch(msg) == _branch(inv.msg):
@@ -317,20 +357,37 @@ class FlashCallMachine(RuleBasedStateMachine):
                     inv.provisional = inv.provisional or inv.final == 0
                 elif inv.final == 0:
                     inv.final = msg.status
-                if 200 <= msg.status < 300 and inv is self.current:
+                if 200 <= msg.status < 300 and (inv is self.current or self.kept_ack is None):
                     tag = _to_tag(msg)
-                    if self.first_2xx_at is None:
-                        self.first_2xx_at = self.now
-                    late = self.now >= self.first_2xx_at + TIMER_B_S  # 13.2.2.4
+                    if self.kept_ack is not None:  # after an unanswered end: timer D from it
+                        late = self.now >= self.kept_ack_until
+                    else:
+                        if self.first_2xx_at is None:
+                            self.first_2xx_at = self.now
+                        late = self.now >= self.first_2xx_at + TIMER_B_S  # 13.2.2.4
                     if tag not in self.answered_tags and not late:
                         self.answered_tags.append(tag)
+                        self.call_answered |= inv is self.current
             cancel = inv.cancel
             if cancel is not None and _branch(msg) == _branch(cancel):
                 inv.cancel_answered |= cseq == (cancel.get("CSeq") or "").split()
         for bye in self.byes.values():
             if cseq == (bye.msg.get("CSeq") or "").split() and _branch(msg) == _branch(bye.msg):
                 bye.answered = True
-        self.feed(self.dialog.on_response(msg, self.now), "response", msg)
+        if self.kept_ack is None:
+            self.feed(self.dialog.on_response(msg, self.now), "response", msg)
+            return
+        # As the agent: a LateAnswers from the kept ACK, kept once a 2xx of the INVITE came.
+        answers = self.late or LateAnswers(
+            self.kept_ack,
+            self.local,
+            until=self.kept_ack_until,
+            token=lambda: f"late{next(self.late_tokens):012x}",
+        )
+        self.feed(Step(send=answers.on_response(msg, self.now)), "response", msg)
+        if answers.answered:
+            self.late = answers
+            self.kept_until = max(self.kept_until, answers.busy_until or 0.0)
 
     def invite_open(self) -> bool:
         return bool(self.invites) and self.current.final == 0
@@ -365,15 +422,33 @@ class FlashCallMachine(RuleBasedStateMachine):
             extra.append(("Record-Route", "<sip:proxy;lr>"))
         self.deliver(_response(self.current.msg, status, tag, tuple(extra), sdp))
 
+    @precondition(lambda self: self.dialog.done and not self.dialog.answered)
+    @rule(tag=st.sampled_from(TAGS), rr=st.booleans())
+    def answer_after_the_end(self, tag: str, rr: bool) -> None:
+        """A fork's 2xx after an unanswered end (a 487, a final error, timer B or F, a
+        second INVITE after a challenge): the agent has only the ACK kept for it."""
+        extra = [("Contact", f"<sip:6001@127.0.0.1:4000{TAGS.index(tag)}>")]
+        if rr:
+            extra.append(("Record-Route", "<sip:proxy;lr>"))
+        self.deliver(_response(self.current.msg, 200, tag, tuple(extra)))
+
+    @precondition(lambda self: len(self.invites) == 2)
+    @rule(tag=st.sampled_from(TAGS))
+    def answer_challenged_invite(self, tag: str) -> None:
+        """A 2xx of the first INVITE after its 401 (no proxy should; a phone is off hook)."""
+        extra = (("Contact", f"<sip:6001@127.0.0.1:4000{TAGS.index(tag)}>"),)
+        # Its own To tags: the same tag again would be the same dialog (12).
+        self.deliver(_response(self.invites[0].msg, 200, f"first-{tag}", extra))
+
     @precondition(lambda self: any(i.cancel is not None for i in self.invites))
-    @rule(status=st.sampled_from([200, 481]))
+    @rule(status=st.sampled_from([200, 408, 481, 500]))
     def cancel_answered(self, status: int) -> None:
         cancel = next(i.cancel for i in reversed(self.invites) if i.cancel is not None)
         assert cancel is not None
         self.deliver(_response(cancel, status, "a"))
 
     @precondition(lambda self: bool(self.byes))
-    @rule(data=st.data(), status=st.sampled_from([200, 481]))
+    @rule(data=st.data(), status=st.sampled_from([200, 408, 481, 500]))
     def bye_answered(self, data: st.DataObject, status: int) -> None:
         tag = data.draw(st.sampled_from(sorted(self.byes)))
         self.deliver(_response(self.byes[tag].msg, status))
@@ -409,6 +484,10 @@ class FlashCallMachine(RuleBasedStateMachine):
             f"Call-ID: {inv.get('Call-ID')}\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n"
         )
         self.last_input = self.now
+        if self.kept_ack is not None:
+            # A late fork after an unanswered end: the agent answers a BYE of a finished
+            # call 200 without state; our BYE goes on until the far end answers it.
+            return
         reply, step = self.dialog.on_request(message.parse(raw.encode()), self.now)
         assert reply is not None and message.parse(reply).status == 200
         if tag in self.byes:
@@ -423,21 +502,30 @@ class FlashCallMachine(RuleBasedStateMachine):
 
     # -- time ----------------------------------------------------------------------------------
 
+    def next_time(self) -> float | None:
+        late = self.late.deadline if self.late is not None else None
+        return min((t for t in (self.dialog.deadline, late) if t is not None), default=None)
+
     def run_timers(self, until: float) -> None:
-        while self.dialog.deadline is not None and self.dialog.deadline <= until:
-            self.now = max(self.now, self.dialog.deadline)
-            self.feed(self.dialog.on_timer(self.now), "timer")
+        while (due := self.next_time()) is not None and due <= until:
+            self.now = max(self.now, due)
+            if self.dialog.deadline is not None and self.dialog.deadline <= self.now:
+                self.feed(self.dialog.on_timer(self.now), "timer")
+            late = self.late
+            if late is not None and late.deadline is not None and late.deadline <= self.now:
+                self.feed(Step(send=late.on_timer(self.now)), "timer")
         self.now = max(self.now, until)
 
     @rule(dt=st.sampled_from([0.01, 0.3, 0.5, 1.0, 2.0, 4.0, 10.0, 33.0]))
     def wait(self, dt: float) -> None:
         self.run_timers(self.now + dt)
 
-    @precondition(lambda self: self.dialog.deadline is not None)
+    @precondition(lambda self: self.next_time() is not None)
     @rule(late=st.sampled_from([0.0, 0.05]))
     def next_deadline(self, late: float) -> None:
-        assert self.dialog.deadline is not None
-        self.run_timers(self.dialog.deadline + late)
+        due = self.next_time()
+        assert due is not None
+        self.run_timers(due + late)
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -452,6 +540,7 @@ class FlashCallMachine(RuleBasedStateMachine):
         bound = max(self.now, self.last_input + self.answer_s) + TIMER_B_S + 5 * T1_S
         self.run_timers(bound)
         assert self.dialog.done, f"still {self.dialog.phase} at {self.now - T0:.2f}s"
+        assert self.late is None or self.late.deadline is None, "a late BYE goes on"
         ends = [e for e in self.events if e.state is CallState.ENDED]
         assert len(ends) == 1, self.events
         for tag in self.answered_tags:

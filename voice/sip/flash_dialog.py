@@ -32,21 +32,25 @@ What it does, and what it deliberately does not:
   answered; a final error is ACKed and mapped by
   :func:`~voice.sip.outcome.outcome_for_status` (after a 2xx it is only ACKed);
 - a 2xx of another fork after an unanswered call ended (after the 487 of its CANCEL, or a
-  final error: a forking proxy still forwards it, sections 9.1 and 13.2.2.4) is no business of
-  this object, which the caller drops at the end: :class:`LateAnswers` gives it its ACK and
-  BYE from the final response's ACK, with the same bounds (``MAX_FORKS`` To tags, 64*T1 after
-  the end) and no event;
+  final error: a forking proxy still forwards it, sections 9.1 and 13.2.2.4; or with no final
+  response at all, on timer B or the CANCEL's timer F) is no business of this object, which
+  the caller drops at the end: :class:`LateAnswers` gives it its ACK and BYE from the ACK the
+  call keeps (:attr:`FlashDialog.ack`, of the last INVITE), with the same bounds
+  (``MAX_FORKS`` To tags, 64*T1 after the end) and no event; it ACKs that INVITE's final
+  error sent again, and nothing else (a response to a CANCEL or a BYE is never ACKed);
 - one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
-  auth user, as the repository's Asterisk does); a second challenge is a final error;
+  auth user, as the repository's Asterisk does); a second challenge is a final error; the
+  challenged INVITE's final sent again gets its own ACK again, and a 2xx of it (its CSeq
+  number and branch) an ACK and a BYE of its own, as a fork's, and no event;
 - 3xx is a final error (a flash call is not redirected), no SDP is ever sent (an answer with an
   offer gets the ACK and the BYE and nothing else), no TCP or TLS (the caller picks the pjsua2
   path for those); the ACK and BYE of an answer carry the Contact as Request-URI and the
   Record-Route set as Route, and the caller sends them to the INVITE's next hop (the PBX or
   the phone it was sent to), without looking up the Contact's host.
 
-ACKs of a finished call outlive it in the caller's table of finished calls (see
-:attr:`FlashDialog.ack`) for timer D, so a retransmitted final response is ACKed again, and a
-late fork's 2xx is answered by a :class:`LateAnswers` made from that ACK.
+The ACK of a finished call outlives it in the caller's table of finished calls (see
+:attr:`FlashDialog.ack`) for timer D: a :class:`LateAnswers` made from it ACKs a
+retransmitted final response again and answers a late fork's 2xx.
 """
 
 from __future__ import annotations
@@ -319,12 +323,13 @@ class FlashDialog:
         self.sip_call_id = f"{spec.call_id}-{token()}"
         self.phase = Phase.CALLING
         self.deadline: float | None = None
-        self.ack: bytes | None = None  # the last ACK sent: re-sent for a retransmitted final
+        self._ack: bytes | None = None  # the ACK of the current INVITE's final error
         self._from_tag = token()
         self._cseq = 1  # the current INVITE's CSeq number (its ACK and CANCEL share it)
         self._branch = ""
         self._challenged = False
-        self._acks: dict[int, bytes] = {}  # CSeq -> the ACK of that INVITE's final error
+        # (CSeq, branch) of an INVITE -> the ACK of its final error
+        self._acks: dict[tuple[int, str], bytes] = {}
         self._forks = _Forks()  # until: 64*T1 after the first 2xx, the INVITE over (13.2.2.4)
         # Timers, each None when not running.
         self._retransmit_at: float | None = None
@@ -360,11 +365,9 @@ class FlashDialog:
         status = msg.status
         if method == "INVITE":
             if number != self._cseq or _top_branch(msg) != self._branch:
-                earlier = self._acks.get(number)
-                if status >= 200 and earlier is not None:
-                    step.send.append(earlier)  # a final of the challenged INVITE, again
-                return step
-            self._on_invite_response(msg, status, now, step)
+                self._on_earlier_invite(msg, number, now, step)
+            else:
+                self._on_invite_response(msg, status, now, step)
         elif method == "BYE" and status >= 200:
             _answered_by(self._forks.byes, msg)
             self._after_bye(step)
@@ -381,7 +384,7 @@ class FlashDialog:
         step = Step()
         if msg.method == "ACK":
             return None, step
-        if msg.method == "BYE" and self._answered:
+        if msg.method == "BYE" and self._forks.answers:
             # The far end hung up first: its dialog needs no BYE of ours.
             self._forks.byes.pop(_tag(msg.get("From") or ""), None)
             self._after_bye(step)
@@ -463,6 +466,20 @@ class FlashDialog:
         return step
 
     @property
+    def ack(self) -> bytes | None:
+        """What the finished call keeps (see :class:`LateAnswers`): the last ACK sent for the
+        current INVITE, else, once the call is done, the ACK its final error would get
+        (To without a tag; never sent as it is). None before the end when no final came.
+
+        The INVITE may end with no final response at all (timer B, or timer F of its CANCEL),
+        and a challenged call's first ACK is of another INVITE (its CSeq and branch): a late
+        2xx of the INVITE must still be matched, and ACKed and BYEd (RFC 3261 13.2.2.4)."""
+        if self._ack is None and self.phase is Phase.DONE and self._branch:
+            uri = self.spec.target_uri
+            return self._request("ACK", uri, self._cseq, self._branch, to=f"<{uri}>")
+        return self._ack
+
+    @property
     def answered(self) -> bool:
         """True once a 2xx came (a 2xx of another fork may still come: ACK and BYE it)."""
         return self._answered
@@ -500,11 +517,11 @@ class FlashDialog:
             self._on_answer(msg, to, status, now, step)
             return
         # A final error (or the 487 after our CANCEL): ACK on the INVITE's branch.
-        self.ack = self._request(
+        self._ack = self._request(
             "ACK", self.spec.target_uri, self._cseq, self._branch, to=to, extra=()
         )
-        step.send.append(self.ack)
-        self._acks[self._cseq] = self.ack
+        step.send.append(self._ack)
+        self._acks[self._cseq, self._branch] = self._ack
         if self._answered:
             return  # the INVITE ended with the 2xx; the BYEs go on
         if (
@@ -523,6 +540,34 @@ class FlashDialog:
         self._final_status = status
         self._end(status, step)
         self._done_with_transactions()
+
+    def _on_earlier_invite(
+        self, msg: message.SipMessage, number: int, now: float, step: Step
+    ) -> None:
+        """A response of the challenged INVITE (its CSeq number and branch), or of none of
+        ours (nothing). Its final error again gets its ACK again. A 2xx of it (no proxy
+        should send one after that INVITE's 401, but a phone is off hook) gets an ACK of its
+        own and a BYE, as a fork's, bounded as those are, and no event: the 401's ACK, on the
+        INVITE's branch, is no ACK for a 2xx (section 13.2.2.4)."""
+        earlier = self._acks.get((number, _top_branch(msg)))
+        if earlier is None or msg.status < 200:
+            return
+        if msg.status >= 300:
+            step.send.append(earlier)
+            return
+        if self._forks.until is None:
+            self._forks.until = now + TIMER_B_S  # the first 2xx of the call
+        answered = self._forks.answer(
+            msg,
+            now,
+            step.send,
+            cseq=number,
+            fallback_uri=self.spec.target_uri,
+            new_branch=self._new_branch,
+            request=self._request,
+        )
+        if answered is not None and answered[1] and self.phase is Phase.DONE:
+            self.phase = Phase.HANGING_UP  # a kept call: done again once its BYE is answered
 
     def _on_answer(
         self, msg: message.SipMessage, to: str, status: int, now: float, step: Step
@@ -548,8 +593,8 @@ class FlashDialog:
             return
         self._answered = True
         self._to_header = to
-        self.ack, new = answered
-        if not new:
+        self._ack, new = answered
+        if not new and not first:
             return  # a retransmitted 2xx: the ACK again, the BYE is already on its way
         if first:
             if not self._ended:
@@ -558,6 +603,8 @@ class FlashDialog:
         # The INVITE (or the CANCEL) transaction is over: only the BYEs are waited for.
         self._ring_end = self._answer_by = self._retransmit_at = self._give_up_at = None
         self.phase = Phase.HANGING_UP
+        # A To tag a 2xx of the challenged INVITE opened: that dialog's BYE may be over.
+        self._after_bye(step)
 
     def _after_bye(self, step: Step) -> None:
         """Every BYE answered (or given up): the answered call is over."""
@@ -606,9 +653,9 @@ class FlashDialog:
         step.events.append(self._event(CallState.ENDED, status, outcome))
 
     def _done_with_transactions(self) -> None:
-        self.phase = Phase.DONE
+        # A BYE to a 2xx of the challenged INVITE may still be unanswered: waited for.
+        self.phase = Phase.HANGING_UP if self._forks.byes else Phase.DONE
         self._retransmit_at = self._give_up_at = self._ring_end = self._answer_by = None
-        self._forks.byes.clear()
 
     def _reschedule(self) -> None:
         times = [
@@ -625,6 +672,7 @@ class FlashDialog:
     def _send_invite(self, now: float, step: Step, auth: tuple[str, str] | None) -> None:
         self.phase = Phase.CALLING
         self._branch = self._new_branch()
+        self._ack = None  # the challenge's ACK is the earlier INVITE's (kept in _acks)
         extra: list[tuple[str, str]] = []
         if self.spec.pai:
             extra.append(("P-Asserted-Identity", f"<sip:{self.spec.caller_id}@{self.local.host}>"))
@@ -702,22 +750,24 @@ class FlashDialog:
 
 
 class LateAnswers:
-    """2xx s of other forks of the INVITE of a call that ended without an answer (cancelled
-    after the ring, no answer, a final error): a forking proxy forwards every fork's 2xx, also
-    one that comes after the 487 (RFC 3261 9.1, 13.2.2.4), and each such phone is off hook
-    until its 2xx gets an ACK and a BYE.
+    """The responses that come after a call ended without an answer (cancelled after the
+    ring, no answer, a final error, timer B or F): a final error of its INVITE sent again
+    gets its ACK again, and 2xx s of forks of that INVITE get their ACK and BYE. A forking
+    proxy forwards every fork's 2xx, also one that comes after the 487 (RFC 3261 9.1,
+    13.2.2.4), a 2xx may come after timer B or F gave up on the INVITE or its CANCEL, and
+    each such phone is off hook until its 2xx gets an ACK and a BYE.
 
-    Built from the ACK of the call's final response, which the caller keeps for timer D
-    anyway: a non-2xx ACK carries the INVITE's Request-URI, our From with its tag, the
-    Call-ID, the INVITE's CSeq number and its branch (section 17.1.1.3), all that a 2xx is
-    matched by and that its ACK and BYE need besides what the 2xx brings (its To tag, its
-    Contact as Request-URI, its Record-Route reversed as Route: sections 12.1.2, 12.2.1.1,
-    13.2.2.4). So a finished call keeps nothing more than before; this object is made only
-    when such a 2xx comes. Each new To tag (at most ``MAX_FORKS``, none at or after
-    ``until``) gets an ACK (CSeq number of the INVITE, a new branch) and a BYE (the next CSeq
-    number), the BYE on timer E until answered or timer F, as :class:`FlashDialog` does for an
-    answered call; a retransmitted 2xx gets its ACK again. It reports no event: the call's
-    outcome was final when it ended.
+    Built from :attr:`FlashDialog.ack`, which the caller keeps for timer D anyway: a
+    non-2xx ACK of the last INVITE (the one sent, or one built for it when no final came)
+    carries the INVITE's Request-URI, our From with its tag, the Call-ID, the INVITE's CSeq
+    number and its branch (section 17.1.1.3), all that a response is matched by and that its
+    ACK and BYE need besides what the 2xx brings (its To tag, its Contact as Request-URI, its
+    Record-Route reversed as Route: sections 12.1.2, 12.2.1.1, 13.2.2.4). So a finished call
+    keeps one ACK; this object holds state only once such a 2xx comes. Each new To tag (at
+    most ``MAX_FORKS``, none at or after ``until``) gets an ACK (CSeq number of the INVITE, a
+    new branch) and a BYE (the next CSeq number), the BYE on timer E until answered or timer
+    F, as :class:`FlashDialog` does for an answered call; a retransmitted 2xx gets its ACK
+    again. It reports no event: the call's outcome was final when it ended.
     """
 
     __slots__ = (
@@ -755,18 +805,24 @@ class LateAnswers:
         return max((b.give_up_at for b in self._forks.byes.values()), default=None)
 
     def on_response(self, msg: message.SipMessage, now: float) -> list[bytes]:
-        """A response with the call's Call-ID: what to send to the INVITE's next hop."""
+        """A response with the call's Call-ID: what to send to the INVITE's next hop.
+
+        Only a final response of the INVITE (its CSeq number and branch) gets anything: a
+        2xx its ACK and BYE, a final error (sent again: our ACK was lost, or it came after
+        timer B or F) its ACK on the INVITE's branch with the response's To (17.1.1.3). A
+        response to a CANCEL or a BYE is never ACKed (only an INVITE's final is, 17.1.1),
+        and one of another transaction is no business of ours."""
         send: list[bytes] = []
         number, method = cseq_of(msg)
-        if method == "BYE" and msg.status >= 200:
+        status = msg.status
+        if method == "BYE" and status >= 200:
             _answered_by(self._forks.byes, msg)
-        elif (
-            method == "INVITE"
-            and 200 <= msg.status < 300
-            and number == self._cseq
-            and _top_branch(msg) == self._branch
-        ):
-            self._on_answer(msg, now, send)
+        elif method == "INVITE" and number == self._cseq and _top_branch(msg) == self._branch:
+            if 200 <= status < 300:
+                self._on_answer(msg, now, send)
+            elif status >= 300:
+                to = msg.get("To") or ""
+                send.append(self._request("ACK", self._uri, self._cseq, self._branch, to=to))
         self._reschedule()
         return send
 

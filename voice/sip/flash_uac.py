@@ -7,11 +7,14 @@ service's address range knows this one too. Responses are matched to their call 
 a final response retransmitted after its call ended gets its ACK again for 32 s (timer D),
 and an answered call's dialog is kept as long, so that a 2xx of another fork of its INVITE
 still gets its own ACK and BYE (RFC 3261 13.2.2.4). A call that ended unanswered (cancelled,
-no answer, a final error) keeps only that ACK (~470 bytes a call, measured with tracemalloc
-over 10,000 calls; hundreds end every second), yet a fork's 2xx that comes after the end gets
-its own ACK and BYE too: :class:`~voice.sip.flash_dialog.LateAnswers` builds them from that
-ACK and the 2xx, made only when such a 2xx comes (~1.6 KB while its BYE is unanswered), and
-the call's outcome stays what it was.
+no answer, a final error, timer B or F with no final response) keeps only the ACK of its last
+INVITE (built, not sent, when no final came: :attr:`~voice.sip.flash_dialog.FlashDialog.ack`;
+~780 bytes a call with its table entry, Call-ID and expiry, measured with tracemalloc over
+10,000 calls; hundreds end every second), yet a fork's 2xx that comes after the end gets its
+own ACK and BYE too: :class:`~voice.sip.flash_dialog.LateAnswers` decides what each response
+after the end gets from that ACK (a final error of the INVITE its ACK, a 2xx its ACK and BYE,
+a response to the CANCEL or a BYE nothing), kept only once such a 2xx comes (~1.6 KB while
+its BYE is unanswered), and the call's outcome stays what it was.
 Requests are answered statelessly: a BYE inside an answered flash call 200, OPTIONS 200,
 anything else for a call that is not here 481, and a new INVITE 403 (calls to the service go
 to ``CLINIC_SIP_ADDR``).
@@ -39,7 +42,6 @@ from voice.sip.flash_dialog import (
     LateAnswers,
     Local,
     Step,
-    cseq_of,
     target_host_port,
 )
 from voice.sip.outcome import SipStatus
@@ -260,8 +262,9 @@ class FlashUac(asyncio.DatagramProtocol):
         if ack is not None:
             until = self._clock.monotonic() + TIMER_D_S
             # An answered call keeps its dialog (its forks' BYEs go on there). Every other
-            # call keeps only its ACK: that ACK is all a late fork's 2xx needs besides what it
-            # carries (see LateAnswers), and hundreds of calls end every second.
+            # call keeps only its last INVITE's ACK (also one that ended on timer B or F): it
+            # is all a late fork's 2xx needs besides what it carries (see LateAnswers), and
+            # hundreds of calls end every second.
             kept = live if live.dialog.answered else None
             self._finished[call_id] = (ack, live.addr, kept, until)
             self._expiry.append((until, call_id))
@@ -327,27 +330,24 @@ class FlashUac(asyncio.DatagramProtocol):
     def _after_unanswered(
         self, call_id: str, kept: _Late | None, msg: message.SipMessage, now: float
     ) -> None:
-        """A final response for a call that ended unanswered: a final error sent again gets
-        its ACK again; a 2xx of another fork of the INVITE (and the answer to its BYE) goes
-        to the call's :class:`LateAnswers`, made at the first such 2xx."""
+        """A final response for a call that ended unanswered, to the call's
+        :class:`LateAnswers` (what gets an ACK, what an ACK and a BYE, what nothing is its
+        business): made from the kept ACK for each response until a 2xx of the INVITE
+        comes, then kept with the call (its BYEs go on)."""
         ack, hop, _, until = self._finished[call_id]
-        _, method = cseq_of(msg)
-        answer = 200 <= msg.status < 300
         if kept is None:
-            if not answer:
-                self._send(ack, hop)
+            if self._local is None:
                 return
-            if method != "INVITE" or self._local is None:
-                return  # a CANCEL's 200 sent again: nothing to answer
             # 64*T1 after the end (timer D is as long): the INVITE is over for new forks.
-            kept = _Late(LateAnswers(ack, self._local, until=until, token=_token))
-        elif not answer and method == "INVITE":
-            self._send(ack, hop)
-            return
-        for out in kept.answers.on_response(msg, now):
+            late = LateAnswers(ack, self._local, until=until, token=_token)
+        else:
+            late = kept.answers
+        for out in late.on_response(msg, now):
             self._send(out, hop)
-        if not kept.answers.answered:
-            return  # not the INVITE's 2xx (another CSeq or branch): nothing kept for it
+        if not late.answered:
+            return  # no 2xx of the INVITE (yet): nothing kept beyond the ACK
+        if kept is None:
+            kept = _Late(late)
         self._finished[call_id] = (ack, hop, kept, until)
         busy_until = kept.answers.busy_until
         if busy_until is not None and busy_until > until:
