@@ -112,6 +112,22 @@ def test_rings_then_cancels_after_the_ring_time_and_acks_the_487() -> None:
     assert dialog.done and dialog.ack == step.send[0]
 
 
+def test_a_ring_longer_than_the_wait_for_a_first_ring_is_rung_in_full() -> None:
+    # CLINIC_FLASHCALL_RING_S may be up to 60 s and the channel waits 20 s for a first ring:
+    # a call that rang was cut at 20 s as no_answer (undeliverable, the SMS sent at once)
+    # instead of ringing its ring time and ending cancelled_after_ring (delivered).
+    dialog, step = make(answer_s=RING_S / 2)
+    (invite,) = sent(step)
+    ringing(dialog, invite)
+    assert dialog.deadline == pytest.approx(100.01 + RING_S)
+    out = dialog.on_timer(100.0 + RING_S / 2)
+    assert out.events == [] and out.send == []  # the ring goes on
+    out = dialog.on_timer(100.01 + RING_S)
+    assert [m.method for m in sent(out)] == ["CANCEL"]
+    step = dialog.on_response(reply(invite, 487), 102.1)
+    assert events(step) == [(CallState.ENDED, 487, CallOutcome.CANCELLED_AFTER_RING)]
+
+
 def test_an_unanswered_cancel_is_sent_again_and_the_call_ends_without_a_487() -> None:
     dialog, step = make()
     (invite,) = sent(step)

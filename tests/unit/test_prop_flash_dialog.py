@@ -536,8 +536,10 @@ class FlashCallMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if not hasattr(self, "dialog"):
             return
-        # Nothing more comes: the call ends by 64*T1 after the last thing it waits for.
-        bound = max(self.now, self.last_input + self.answer_s) + TIMER_B_S + 5 * T1_S
+        # Nothing more comes: the call ends by 64*T1 after the last thing it waits for (a
+        # first ring, or the end of the ring, which may be the later).
+        waits = max(self.answer_s, self.ring_s)
+        bound = max(self.now, self.last_input + waits) + TIMER_B_S + 5 * T1_S
         self.run_timers(bound)
         assert self.dialog.done, f"still {self.dialog.phase} at {self.now - T0:.2f}s"
         assert self.late is None or self.late.deadline is None, "a late BYE goes on"

@@ -30,7 +30,8 @@ from voice.sip.protocol import CallEvent, CallState
 
 log = logging.getLogger(__name__)
 
-# A flash call that never rings is given up after this long (no provisional answer).
+# A flash call that never rings is given up after this long (no 180/183); one that rang rings
+# its whole CLINIC_FLASHCALL_RING_S, however long (the SIP side drops this wait at the ring).
 ANSWER_TIMEOUT_S = 20.0
 
 

@@ -2,9 +2,10 @@
 
 With ``CLINIC_VOICE_OTP_KEYPRESS`` on (the default) the callee must first press 1 (RFC 4733):
 a voicemail box that answers never hears the code. Outcomes: ringing, answered, delivered (the
-code was read to the end at least once: a callee who hangs up during the repeat has it),
-undeliverable (busy, no answer, failed, no key pressed, hung up before the code's end, or
-answered with no audio: a call taken on hold, whose prompts never play).
+code was read to the end at least once: a callee who hangs up during the repeat, or puts the
+call on hold then, has it), undeliverable (busy, no answer, failed, no key pressed, hung up
+before the code's end, answered with no audio: a call taken on hold, whose prompts never play,
+or a code the worker could not play: a reading counts only when it reached its end).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ STOPPED_PLAY_S = 2.0  # for the end of a prompt the callee cut short
 
 
 class _NoAudio(Exception):
-    """A prompt did not end within :data:`PLAY_TIMEOUT_S`."""
+    """A prompt did not end within :data:`PLAY_TIMEOUT_S`, or could not start."""
+
+    def __init__(self, reason: str = "") -> None:
+        # PLAY_TIMEOUT_S read when raised, not when defined (tests shorten it).
+        reason = reason or f"nothing could be played in {PLAY_TIMEOUT_S:g} s (on hold?)"
+        super().__init__(reason)
+        self.reason = reason
 
 
 class VoiceCallChannel:
@@ -135,14 +142,18 @@ class VoiceCallChannel:
                         f"call ended before the code: {describe(ended.event)}",
                     )
                 )
-        except _NoAudio:
+        except _NoAudio as no_audio:
             await handle.hangup()
-            await report(
-                DeliveryReport(
-                    DeliveryKind.UNDELIVERABLE,
-                    f"answered, but nothing could be played in {PLAY_TIMEOUT_S:g} s (on hold?)",
+            if read:  # heard in full once: the repeat is what did not play
+                await report(
+                    DeliveryReport(
+                        DeliveryKind.DELIVERED, f"code read once, then {no_audio.reason}"
+                    )
                 )
-            )
+            else:
+                await report(
+                    DeliveryReport(DeliveryKind.UNDELIVERABLE, f"answered, but {no_audio.reason}")
+                )
         finally:
             if not handle.ended:
                 await handle.hangup()
@@ -196,5 +207,7 @@ async def _played(handle: CallHandle, play_id: int, timeout_s: float | None = No
     while (left := deadline - loop.time()) > 0:
         ev = await next_event(handle, left)
         if isinstance(ev, PlayDone) and ev.play_id == play_id:
+            if ev.failed:  # nothing of it was heard: not a reading of the code
+                raise _NoAudio("the code could not be played")
             return
     raise _NoAudio

@@ -21,7 +21,8 @@ What it does, and what it deliberately does not:
 - the first 180/183 is ``ringing``; ``ring_s`` later a CANCEL (retransmitted on timer E until
   answered, timer F); the 487 that ends the INVITE is ACKed and the call ends
   ``cancelled_after_ring``; no 487 within 64*T1 of the CANCEL ends it the same way;
-- nothing at all by ``answer_timeout_s``: the call ends ``no_answer`` at once; the INVITE is
+- no ring by ``answer_timeout_s`` (nothing, or only 100): the call ends ``no_answer`` at once
+  (a call that rang rings its whole ``ring_s``, however long that is); the INVITE is
   still retransmitted until timer B and a late provisional response is cancelled then (no
   CANCEL before a provisional response: section 9.1);
 - an answer (2xx, also one racing the CANCEL) is ACKed and hung up with BYE at once
@@ -511,6 +512,10 @@ class FlashDialog:
                     step.events.append(self._event(CallState.RINGING, status, None))
                 if self.phase is Phase.PROCEEDING:
                     self._ring_end = now + self.spec.ring_s
+                    # The answer timeout waits for a first ring; from the ring on, the ring
+                    # time ends the call (CLINIC_FLASHCALL_RING_S may be up to 60 s, longer
+                    # than that wait: a call that rang was cut as no_answer, undeliverable).
+                    self._answer_by = None
             return
         to = msg.get("To") or self._to_header
         if 200 <= status < 300:

@@ -468,7 +468,7 @@ class Engine:
         if call is None or call.ended:
             log.debug("call %s: %s for a call that is gone", cmd.call_id, type(cmd).__name__)
             if isinstance(cmd, Play):
-                self.emit(PlayDone(cmd.call_id, cmd.play_id))
+                self.emit(PlayDone(cmd.call_id, cmd.play_id, failed=True))
             return
         if call.redial is not None and isinstance(cmd, Hangup):
             # Not dialled yet (waiting for a pjsua slot): the hang-up ends it here.
@@ -500,7 +500,7 @@ class Engine:
         except pj.Error as exc:
             log.warning("call %s: %s failed: %s", call.call_id, type(cmd).__name__, exc.reason)
             if isinstance(cmd, Play):
-                self.emit(PlayDone(cmd.call_id, cmd.play_id))
+                self.emit(PlayDone(cmd.call_id, cmd.play_id, failed=True))
             elif isinstance(cmd, Transfer):
                 # No REFER left: the session must hear of it now, not at its deadline.
                 self.emit(TransferStatus(cmd.call_id, SipStatus.SERVER_INTERNAL_ERROR, True))
@@ -705,6 +705,9 @@ class Engine:
                 self.emit(CallEvent(call.call_id, CallState.RINGING, status, None, time.time()))
                 if call.flash:
                     call.ring_deadline = time.monotonic() + call.ring_s
+                    # From the ring on the ring time ends it, not the wait for a first ring
+                    # (as in flash_dialog: a ring longer than that wait ended no_answer).
+                    call.answer_deadline = None
         elif state == pj.PJSIP_INV_STATE_CONFIRMED and not call.answered:
             call.answered = True
             call.answer_deadline = call.ring_deadline = None
@@ -757,7 +760,7 @@ class Engine:
                 except pj.Error as exc:
                     log.warning("call %s: media: %s", call.call_id, exc.reason)
                     if isinstance(cmd, Play):
-                        self.emit(PlayDone(call.call_id, cmd.play_id))
+                        self.emit(PlayDone(call.call_id, cmd.play_id, failed=True))
 
     def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
         tsx = prm.e.body.tsxState.tsx

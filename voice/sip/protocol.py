@@ -180,7 +180,9 @@ class Digit:
 
 @dataclass(frozen=True, slots=True)
 class PlayDone:
-    """The :class:`Play` with ``play_id`` reached its end, or was stopped or replaced.
+    """The :class:`Play` with ``play_id`` reached its end, or was stopped or replaced, or
+    (``failed``) could not start: pjsua2 could not open the file or send it, or the call was
+    gone, so nothing of it was heard.
 
     Sent once per Play: a prompt that ends on its own just as a :class:`StopPlay` arrives
     must not end the NEXT prompt too, so a receiver matches the id, never just the event.
@@ -188,6 +190,7 @@ class PlayDone:
 
     call_id: str
     play_id: int = 0
+    failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
