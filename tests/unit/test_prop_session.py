@@ -14,6 +14,12 @@ record's save, and a stop at any point interleave at any timing. After every cal
 * the call has exactly one record (in Redis or kept on disk, never both), counted once, at
   the most urgent level the engine reached;
 * no speech result reaches the engine at a question other than the one it was heard for;
+* a speech result at a question that takes speech does what the README says: a plain answer
+  does what its key does (a danger sign's "yes": the urgent outcome); an unclear one (low
+  confidence, nothing heard, "not sure", another question's words) takes no answer and is
+  asked again, counted, until the question's nomatch limit moves the call on; a danger sign
+  answered anything but a plain "no" (or "again") makes the call U2 at least;
+* nothing the caller said is in a log line (health data), DEBUG lines included;
 * the caller is never left in silence: once the caller only listens (and every prompt ends,
   every webhook answers), the call ends well before ``MAX_CALL_S`` (never ``cut_too_long``);
 * a caller at U2 or more is never offered a message.
@@ -25,7 +31,9 @@ import asyncio
 import gc
 import heapq
 import itertools
+import logging
 import os
+import re
 import selectors
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,10 +52,12 @@ from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
 from voice.ivr.flow import (
     HUMAN_PHRASES,
+    REPEAT_PHRASES,
     UNSURE_PHRASES,
     Ask,
     Choice,
     Flow,
+    InputMode,
     Node,
     Record,
     Transfer,
@@ -74,7 +84,12 @@ Place = tuple[str, str]  # (flow, node)
 GOALS: dict[str, type[Node]] = {"webhook": Webhook, "transfer": Transfer, "recording": Record}
 
 
-def _distances(goal: type[Node]) -> dict[Place, int]:
+def _spoken_to(node: Node) -> bool:
+    """Whether ``node`` is a question that takes speech (with a model of its language)."""
+    return isinstance(node, Ask) and node.digits is None and node.mode is not InputMode.KEYPAD
+
+
+def _distances(goal: Callable[[Node], bool]) -> dict[Place, int]:
     """How many steps each node of the shipped flows is from a ``goal`` node (absent: none
     leads there). A choice that raises the triage to U2 or more costs more: a caller that
     urgent is put through, never sent on to a request or a message."""
@@ -83,7 +98,7 @@ def _distances(goal: type[Node]) -> dict[Place, int]:
     for flow in ROUTED.flows.values():
         for node in flow.nodes.values():
             here = (flow.id, node.id)
-            if isinstance(node, goal):
+            if goal(node):
                 goals.append(here)
             for target, effect, _ in successors(node):
                 there_flow, there = ROUTED.resolve(flow, target)
@@ -103,7 +118,32 @@ def _distances(goal: type[Node]) -> dict[Place, int]:
     return far
 
 
-DISTANCE = {kind: _distances(node) for kind, node in GOALS.items()}
+def _is(kind: type[Node]) -> Callable[[Node], bool]:
+    return lambda node: isinstance(node, kind)
+
+
+DISTANCE = {kind: _distances(_is(node)) for kind, node in GOALS.items()}
+# A talker with no other goal heads for a question it can answer by voice (the prescription
+# line has none but the main menu's, one key away).
+DISTANCE["speech"] = _distances(_spoken_to)
+# Every answer a question of the shipped flows takes by voice, by language: what a caller
+# says to the wrong question (a late result, or one heard as the question moved on).
+OTHER_WORDS: dict[str, tuple[str, ...]] = {
+    lang: tuple(
+        sorted(
+            {
+                p
+                for f in ROUTED.flows.values()
+                if f.language == lang
+                for n in f.nodes.values()
+                if isinstance(n, Ask)
+                for c in n.choices
+                for p in c.phrases
+            }
+        )
+    )
+    for lang in {f.language for f in ROUTED.flows.values()}
+}
 
 
 def _toward(goal: str | None, flow: Flow, ask: Ask) -> list[Choice]:
@@ -201,13 +241,55 @@ class Seen:
 
 
 # The paths a call may take, counted over a run (PROP_SESSION_STATS=file writes the counts):
-# the generator must reach each of them often, or its races there go untried.
+# the generator must reach each of them often, or its races there go untried. "speech heard"
+# counts the calls that gave a question listening for speech a recogniser's result ("speech:
+# <kind>" by kind of words, "late: ..." the results that came after a key, a move on, a
+# transfer or the hang-up): about 30% of calls at the unit profile's 6 x 20 examples, 26%
+# of the deep profile's random ones (10% and 3% before the talker).
 REACHED: dict[type[eng.Action], str] = {
     eng.PostWebhook: "webhook",
     eng.TransferCall: "transfer",
     eng.RecordAudio: "recording",
 }
 STATS: Counter[str] = Counter()
+
+
+def _heard_as(flow: Flow, ask: Ask, text: str, confidence: float) -> str:
+    """What kind of answer ``text`` is to ``ask`` (for the statistics)."""
+    lang = flow.language
+    if not text:
+        return "empty"
+    if confidence < ask.min_confidence:
+        return "low confidence"
+    if any(text in c.phrases for c in ask.choices):
+        return "answer"
+    if text in HUMAN_PHRASES[lang]:
+        return "human"
+    if text in UNSURE_PHRASES[lang]:
+        return "unsure"
+    if text in grammar(ask, lang):
+        return "repeat"
+    if text == "uh":
+        return "noise"
+    return "other question"
+
+
+def _essence(state: eng.CallState) -> eng.CallState:
+    """``state`` but for its path (which says how an answer was given)."""
+    return replace(state, path=(), steps=0)
+
+
+def _speech_kind(engine: eng.Engine, state: eng.CallState, event: eng.SpeechResult) -> str:
+    flow = ROUTED.get(state.flow)
+    node = flow.nodes.get(state.node)
+    listening = state.phase is eng.Phase.LISTENING or (
+        state.phase is eng.Phase.PLAYING and state.pending is eng.Pending.LISTEN and state.barge_in
+    )
+    if not (
+        listening and isinstance(node, Ask) and node.digits is None and engine.speech_on(flow, node)
+    ):
+        return "speech ignored"
+    return f"speech: {_heard_as(flow, node, event.text, event.confidence)}"
 
 
 class WatchedEngine(eng.Engine):
@@ -222,6 +304,10 @@ class WatchedEngine(eng.Engine):
 
     def handle(self, state: eng.CallState, event: eng.Event) -> eng.Result:
         if isinstance(event, eng.SpeechResult):
+            kind = _speech_kind(self, state, event)
+            self.seen.reached.add(kind)
+            if kind != "speech ignored":
+                self.seen.reached.add("speech heard")
             where = self.seen.heard_at.get(event.confidence)
             if where is None:
                 self.seen.faults.append(f"speech nobody heard: {event}")
@@ -232,8 +318,62 @@ class WatchedEngine(eng.Engine):
         new, actions = super().handle(state, event)
         if isinstance(event, eng.SpeechResult):
             self.seen.reached.add("speech")
+            if _speech_kind(self, state, event) != "speech ignored":
+                self._check_speech(state, event, new)
         self._after(new, actions)
         return new, actions
+
+    def _check_speech(
+        self, state: eng.CallState, event: eng.SpeechResult, new: eng.CallState
+    ) -> None:
+        """What a speech result at a question that takes speech must have done (README, the
+        triage's safety rules): a plain answer does what its key does; an unclear one takes
+        no answer and is asked again (up to the question's limit, then the call moves on);
+        a danger sign answered anything but a plain "no" (or "again") makes the call U2."""
+        flow = ROUTED.get(state.flow)
+        ask = flow.nodes[state.node]
+        assert isinstance(ask, Ask)
+        lang = flow.language
+        here = f"{state.flow}:{state.node}"
+        sure = event.confidence >= ask.min_confidence
+        matches = [c for c in ask.choices if any(eng.phrase_in(p, event.text) for p in c.phrases)]
+        unsure = any(eng.phrase_in(p, event.text) for p in UNSURE_PHRASES[lang])
+        plain = [
+            c
+            for c in matches
+            if event.unknown_words == 0
+            and any(eng.normalise(p) == eng.normalise(event.text) for p in c.phrases)
+        ]
+        if sure and not unsure and len(matches) == 1 and plain and plain[0].key:
+            # As the key: the same question next, the same triage, the same values.
+            listening = replace(state, phase=eng.Phase.LISTENING)
+            keyed, _ = super().handle(listening, eng.Digit(plain[0].key))
+            if _essence(keyed) != _essence(new):
+                self.seen.faults.append(f"{here}: a spoken answer is not its key's")
+        asks = [*HUMAN_PHRASES[lang], *REPEAT_PHRASES[lang]]  # "repeat prescription"
+        others = (
+            not matches
+            and event.text in OTHER_WORDS[lang]
+            and not any(eng.phrase_in(p, event.text) for p in asks)
+        )
+        unclear = not sure or not event.text or (unsure and not matches) or others
+        if unclear:
+            if ask.save and new.value(ask.save) != state.value(ask.save):
+                self.seen.faults.append(f"{here}: an unclear answer was taken")
+            again = (new.flow, new.node) == (state.flow, state.node) and new.phase in {
+                eng.Phase.PLAYING,
+                eng.Phase.LISTENING,
+            }
+            if again and new.pending is eng.Pending.LISTEN and new.nomatch != state.nomatch + 1:
+                self.seen.faults.append(f"{here}: an unclear answer not counted")
+            if again and new.nomatch >= ask.max_nomatch and new.pending is eng.Pending.LISTEN:
+                self.seen.faults.append(f"{here}: asked again past its nomatch limit")
+        if ask.danger_sign:
+            level = new.triage.urgency if new.triage is not None else None
+            no = any(not eng._escalates(c) for c in plain) and sure and not unsure
+            again = not matches and any(eng.phrase_in(p, event.text) for p in REPEAT_PHRASES[lang])
+            if not no and not again and (level is None or level > Urgency.U2):
+                self.seen.faults.append(f"{here}: a danger sign's unclear answer not U2")
 
     def _after(self, state: eng.CallState, actions: list[eng.Action]) -> None:
         self.seen.states.append(state)
@@ -258,10 +398,15 @@ class PropCall(ScriptedCall):
         self.current: int | None = None  # the play the caller hears now
         self.owed: list[int] = []  # PlayDones of plays stopped or replaced, not yet sent
         self.transfers = 0
+        self.digits = 0  # keys the caller pressed
         self.auto = False  # the worker ends each prompt by itself (listen_only)
         # A handle whose commands raise once the call ended (a worker whose pipe is gone),
         # where the pool's own ignores them: the session must not take that for its fault.
         self.strict = False
+
+    def send(self, *events: Any) -> None:
+        self.digits += sum(isinstance(ev, Digit) for ev in events)
+        super().send(*events)
 
     def _alive(self, command: str) -> None:
         if self.strict and self.ended:
@@ -331,6 +476,19 @@ class PropCall(ScriptedCall):
         del self.owed[:count]
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of what the recogniser makes of the caller's audio, after ``delay`` s (vosk's
+    executor, busy): a ``partial``, a ``final`` result, an ``ended`` utterance (the energy
+    end-pointer's end of speech: the session asks ``finish`` for the result), an ``error``."""
+
+    delay: float
+    kind: str
+    text: str = ""
+    confidence: float = 0.0
+    unknown_words: int = 0  # words heard outside the grammar ("no, he is not breathing")
+
+
 class PropRecogniser:
     """Answers each fed frame with the model's next scripted step (after its delay)."""
 
@@ -339,31 +497,56 @@ class PropRecogniser:
         self.phrases = tuple(phrases)
         self.where = where
         self.end_of_speech = False
+        self._ended: SpeechResult | None = None  # what ``finish`` gives
 
     async def feed(self, pcm: bytes) -> Any:
         if not self.owner.script:
             return None
-        delay, kind, text, confidence = self.owner.script.pop(0)
-        if delay:
-            await asyncio.sleep(delay)  # vosk's executor, busy
-        if kind == "partial":
-            return PartialResult(text)
-        if kind == "error":
+        step = self.owner.script.pop(0)
+        call = self.owner.call
+        keys, transfers = call.digits, call.transfers
+        if step.delay:
+            await asyncio.sleep(step.delay)  # vosk's executor, busy
+        if step.kind in {"final", "ended"}:
+            late = self.owner.seen.reached
+            if call.ended:
+                late.add("late: after hang-up")
+            elif transfers != call.transfers:
+                late.add("late: after transfer")
+            elif keys != call.digits:
+                late.add("late: after key")
+            elif self.owner.where() != self.where:
+                late.add("late: moved on")
+        if step.kind == "partial":
+            return PartialResult(step.text)
+        if step.kind == "error":
             raise AsrError("vosk failed to decode audio")
+        result = self._heard(step)
+        if step.kind == "ended":
+            self.end_of_speech, self._ended = True, result
+            return None
+        return result
+
+    def _heard(self, step: Step) -> SpeechResult:
         # Each result's confidence is its own: the engine's wrapper knows where it was heard.
-        unique = confidence - next(self.owner.tags) * 1e-9
+        tag = next(self.owner.tags) * 1e-9
+        unique = step.confidence - tag if step.confidence > 0.5 else step.confidence + tag
         self.owner.seen.heard_at[unique] = self.where
-        return SpeechResult(text, unique)
+        return SpeechResult(step.text, unique, step.unknown_words)
 
     async def finish(self) -> SpeechResult:
-        return SpeechResult("", 0.0)
+        # As vosk's: the end-pointer starts over for the next answer.
+        result, self._ended = self._ended or SpeechResult("", 0.0), None
+        self.end_of_speech = False
+        return result
 
 
 class PropModel:
-    def __init__(self, seen: Seen, where: Callable[[], tuple[str, str]]) -> None:
+    def __init__(self, seen: Seen, where: Callable[[], tuple[str, str]], call: PropCall) -> None:
         self.seen = seen
+        self.call = call
         self.where = where
-        self.script: list[tuple[float, str, str, float]] = []
+        self.script: list[Step] = []
         self.tags = itertools.count(1)
         self.made: list[PropRecogniser] = []
 
@@ -394,9 +577,19 @@ class CallWorld:
         self.goal = draw(st.sampled_from(goals), label="goal")
         opens = [True, True, True, False] if self.goal == "webhook" else [True, False]
         self.desk = World(open=draw(st.sampled_from(opens), label="open"))
-        speech = draw(st.sampled_from([True, True, False]), label="speech")
+        speech = draw(st.sampled_from([True, True, True, False]), label="speech")
+        self.speech = speech
+        # A caller who answers by voice when a question listens (keys now and then): the
+        # speech half of the triage, its races with prompts, keys and hang-ups.
+        self.talker = speech and draw(
+            st.sampled_from([True, True, True, True, False]), label="talker"
+        )
+        if self.talker and (self.goal is None or draw(st.booleans(), label="talks first")):
+            self.goal = "speech"  # the next question that listens for speech
         summary = draw(st.sampled_from(["none", "urgency", "full"]), label="summary")
         self.seen = Seen()
+        self.spoken: set[str] = set()  # every text the recogniser was scripted to give
+        self.logged = Logged()
         engine = WatchedEngine(ROUTED, _params(self.desk, speech, summary))
         engine.seen = self.seen
         self.engine = engine
@@ -405,7 +598,7 @@ class CallWorld:
         self.renderer = ScriptedRenderer()
         self.call.renderer = self.renderer
         self.session: CallSession | None = None
-        self.model = PropModel(self.seen, self._where)
+        self.model = PropModel(self.seen, self._where, self.call)
         self.webhooks: list[asyncio.Future[Mapping[str, str] | None]] = []
         self.never: set[asyncio.Future[Mapping[str, str] | None]] = set()
         self.in_redis: list[CallResult] = []
@@ -517,7 +710,7 @@ class CallWorld:
         how = draw(st.integers(0, 7), label="sensible") if node is not None else 0
         if node is not None and how >= (2 if self.goal is not None else 5):  # toward the goal
             keys = [c.key for c in _toward(self.goal, flow, node) if c.key]
-            if node.digits is not None:
+            if node.digits is not None and not (keys and self.goal == "speech"):
                 keys += [_entry(node)] * (4 if self.goal is not None else 1)
             if keys:
                 return draw(st.sampled_from(keys), label="steered")
@@ -530,41 +723,88 @@ class CallWorld:
         anything: list[str] = [*KEYS, *TYPED]
         return draw(st.sampled_from(anything), label="keys")
 
-    def _words(self) -> tuple[str, float]:
+    def _listens(self) -> bool:
+        """Whether the call is at a question that takes speech now (its prompt may be talked
+        over, or it listens)."""
+        state = self.state()
+        flow, node = self._ask()
+        if state is None or node is None or node.digits is not None or not self.speech:
+            return False
+        if not self.engine.speech_on(flow, node):
+            return False
+        return state.phase is eng.Phase.LISTENING or (
+            state.phase is eng.Phase.PLAYING
+            and state.pending is eng.Pending.LISTEN
+            and state.barge_in
+        )
+
+    def _words(self) -> Step:
         """What the caller says, and how sure the recogniser is of it (around the question's
-        own threshold, so that both sides of it are tried)."""
+        own threshold, so that both sides of it are tried): an answer of the question (now
+        and then with words around it), a word of another question, a human, "again", "not
+        sure", noise the grammar has no word for (nothing heard)."""
         draw = self.draw
         flow, node = self._ask()
-        pool = [*HUMAN_PHRASES[flow.language], *UNSURE_PHRASES[flow.language], "uh"]
-        sure = [1.0, 0.9, 0.3]
+        lang = flow.language
+        pools: dict[str, Sequence[str]] = {
+            "other question": OTHER_WORDS[lang],  # a late "yes", or one meant for the next
+            "human": HUMAN_PHRASES[lang],
+            "unsure": UNSURE_PHRASES[lang],
+            "noise": ["", "uh"],  # the grammar has no word for it: nothing, or a stray word
+        }
+        sure = [1.0, 1.0, 1.0, 0.9, 0.3]
         if node is not None and node.digits is None:
-            pool += list(grammar(node, flow.language)) * 2
-            # The phrases of the choices toward the call's goal, most of the time.
-            pool += [p for c in _toward(self.goal, flow, node) for p in c.phrases] * 6
+            pools["answer"] = [p for c in node.choices for p in c.phrases]
+            # The phrases of the choices toward the call's goal.
+            pools["goal"] = [p for c in _toward(self.goal, flow, node) for p in c.phrases]
+            pools["grammar"] = grammar(node, lang)  # "again" too
             sure += [min(node.min_confidence + 0.05, 1.0), max(node.min_confidence - 0.05, 0.0)]
-        words = draw(st.sampled_from(pool), label="words")
-        return words, draw(st.sampled_from(sure), label="confidence")
+        kinds = [k for k in ["answer", "goal", "answer", "goal"] if pools.get(k)]
+        kinds += [k for k in pools if k not in kinds]
+        words = draw(st.sampled_from(pools[draw(st.sampled_from(kinds), label="say")]))
+        confidence = draw(st.sampled_from(sure), label="confidence")
+        unknown = draw(st.sampled_from([0, 0, 0, 1, 3]), label="unknown words")
+        return Step(0.0, "final", words, confidence if words else 0.0, unknown)
 
     async def speak(self) -> None:
         draw = self.draw
-        steps: list[tuple[float, str, str, float]] = []
+        steps: list[Step] = []
         armed = self.session is not None and self.session._recogniser is not None
+        if self.talker and self._listens() and not armed:
+            # The caller starts speaking as the question's prompt starts (it is rendered
+            # first), or once it listens.
+            for _ in range(20):
+                await asyncio.sleep(0.5)
+                armed = self.session is not None and self.session._recogniser is not None
+                if armed or not self._listens():
+                    break
         # Words with no recogniser listening are noise (a result now and then: one a late
         # recogniser gives for the next question).
         if armed or draw(st.integers(0, 3), label="stray result") == 0:
             if draw(st.booleans(), label="partial first"):
-                steps.append((draw(st.sampled_from(DELAYS)), "partial", "uh", 0.0))
-            kinds = ["final", "final", "final", "final", "error", "none"]
+                said = self._words()
+                steps.append(Step(draw(st.sampled_from(DELAYS)), "partial", said.text or "uh"))
+            kinds = ["final", "final", "final", "ended", "ended", "error", "none"]
             kind = draw(st.sampled_from(kinds), label="result")
             if kind != "none":
                 late = draw(st.sampled_from([*DELAYS, 15.0]), label="late")
-                steps.append((late, kind, *self._words()))
+                steps.append(replace(self._words(), delay=late, kind=kind))
         self.model.script.extend(steps)
+        self.spoken.update(step.text for step in steps)
         self.call.speak(*[LOUD] * 8, *[QUIET] * draw(st.integers(0, 3)))
-        if draw(st.sampled_from([True, True, False]), label="heard out"):
+        then = draw(
+            st.sampled_from(["heard out"] * 12 + ["on"] * 4 + ["key"] * 3 + ["hang up"]),
+            label="then",
+        )
+        if then == "heard out":
             # The caller waits for the recogniser: keys pressed at once would answer the
             # question first (tried too), and its words be dropped.
-            await asyncio.sleep(sum(step[0] for step in steps) + 0.01)
+            await asyncio.sleep(sum(step.delay for step in steps) + 0.01)
+        elif then == "key":  # a key as the words are said ("no" and 2 at once)
+            for key in self._keys():
+                self.call.send(Digit(self.call.id, key))
+        elif then == "hang up":  # and hangs up before the result comes
+            self.call.end()
 
     def answer_webhook(self) -> None:
         draw = self.draw
@@ -606,20 +846,35 @@ class CallWorld:
     async def move(self, task: asyncio.Task[None]) -> None:
         draw = self.draw
         call = self.call
+        # The rare moves at the top of the range: hypothesis draws 0 (its simplest value, and
+        # where it shrinks to) about twice as often as 58 or 59.
         rare = draw(st.integers(0, 59), label="rare")
-        if rare < 2:
+        if rare >= 58:
             # Now and then the caller hangs up, the service stops, or the desk opens or closes.
             options = ["hangup", "desk"]
             options += ["stop"] if not self.stopped else ["cancel"] if self.cancelled < 2 else []
         else:
-            options = ["wait", "wait", "keys", "keys", "keys"]
-            if self.goal is not None and self._ask()[1] is not None:
+            talks = self.talker and self._listens()
+            state = self.state()
+            asks = (
+                self._ask()[1] is not None
+                and state is not None
+                and state.pending is eng.Pending.LISTEN
+            )
+            if not self.talker:
+                options = ["wait", "wait", "keys", "keys", "keys"]
+            elif talks:  # answers by voice (hypothesis's simplest move), now and then by key
+                options = ["speak", "wait", "wait", "keys"]
+            else:  # keys for a question that takes none by voice; no keys typed ahead
+                options = ["wait", "wait", *(["keys"] * 3 if asks else [])]
+            if self.goal is not None and asks and not talks:
                 options += ["keys"] * 4  # a caller with a goal answers (by key or voice)
             options += ["end prompt"] * 6 if call.current not in {None, *call.loops} else []
             options += ["owed"] if call.owed else []
             if self.deps.speech is not None:
                 armed = self.session is not None and self.session._recogniser is not None
                 options += ["speak"] * (10 if armed else 1)
+                options += ["speak"] * 20 if talks else []
             asked = any(not f.done() and f not in self.never for f in self.webhooks)
             options += ["webhook"] * 4 if asked else []
             options += ["notify"] * 4 if call.transfers else []
@@ -628,7 +883,9 @@ class CallWorld:
             options += ["cancel"] if self.cancelled == 1 else []  # while the first winds up
         move = draw(st.sampled_from(options), label="move")
         if move == "wait":
-            await asyncio.sleep(draw(st.sampled_from([0.0, 0.001, 0.5, 3.0, 7.0, 20.0, 70.0])))
+            # A talker at a question waits for its prompt, not for its timeout.
+            waits = [0.0, 0.001, 0.5, 3.0, *([] if talks else [7.0, 20.0, 70.0])]
+            await asyncio.sleep(draw(st.sampled_from(waits)))
         elif move == "keys":
             for key in self._keys():
                 call.send(Digit(call.id, key))
@@ -680,7 +937,9 @@ async def _one_call(w: CallWorld) -> None:
     task = asyncio.ensure_future(w.session.run())
     await asyncio.sleep(0)  # the call is answered (the pool's handler has begun)
     try:
-        for _ in range(w.data.draw(st.integers(0, MOVES), label="moves")):
+        # A talker's call has the few moves it takes to reach a question and answer it.
+        n = w.data.draw(st.integers(6 if w.talker else 0, MOVES), label="moves")
+        for _ in range(n):
             if task.done():
                 break
             await w.move(task)
@@ -714,6 +973,7 @@ def _check(w: CallWorld, problems: list[dict[str, Any]]) -> None:
     seen = w.seen
     assert not problems, [p.get("message") or repr(p.get("exception")) for p in problems]
     assert not seen.faults, seen.faults
+    assert not _said_in_logs(w), _said_in_logs(w)
     records = [r.record for r in (*w.in_redis, *w.kept)]
     assert len(records) == 1, f"{len(records)} records: {w.in_redis} kept {w.kept}"
     assert w.counted == 1, f"counted {w.counted} times"
@@ -728,11 +988,43 @@ def _check(w: CallWorld, problems: list[dict[str, Any]]) -> None:
         assert record.outcome != "cut_shutdown", record.outcome
 
 
+class Logged(logging.Handler):
+    """Every line the service logs during a call (DEBUG too)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+# What a log line may hold that a caller could also say ("results" is a flow and an answer).
+NAMES = {*ROUTED.flows, *(p.value for p in eng.Phase)}
+
+
+def _said_in_logs(w: CallWorld) -> list[str]:
+    """The log lines that hold something the caller said (health data: never logged)."""
+    said = {t for t in w.spoken if t}
+    found = []
+    for record in w.logged.records:
+        parts = [str(a) for a in (record.args or ()) if str(a) not in NAMES]
+        if record.exc_info and record.exc_info[1] is not None:
+            parts.append(str(record.exc_info[1]))
+        for text in said:
+            if any(re.search(rf"\b{re.escape(text)}\b", part) for part in parts):
+                found.append(f"{record.name}: {record.msg!r} holds {text!r}")
+    return found
+
+
 def _run(w: CallWorld, loop: VirtualLoop) -> list[dict[str, Any]]:
     problems: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: problems.append(context))
+    voice = logging.getLogger("voice")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(asyncio, "to_thread", _inline)
+        mp.setattr(voice, "level", logging.DEBUG)
+        voice.addHandler(w.logged)
         try:
             loop.run_until_complete(_one_call(w))
             gc.collect()  # a task's exception never retrieved is reported when it goes
@@ -745,6 +1037,7 @@ def _run(w: CallWorld, loop: VirtualLoop) -> list[dict[str, Any]]:
             if left:
                 loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
+            voice.removeHandler(w.logged)
     if w.stop_test is not None:
         raise w.stop_test
     return problems
@@ -764,7 +1057,9 @@ def _stats() -> Iterator[None]:
     yield
     path = os.environ.get("PROP_SESSION_STATS")
     if path:
-        lines = [f"{kind} {STATS[kind]}" for kind in ("calls", *REACHED.values(), "speech")]
+        kinds = ("calls", *REACHED.values(), "speech")
+        kinds += tuple(sorted(k for k in STATS if k not in kinds))
+        lines = [f"{kind} {STATS[kind]}" for kind in kinds]
         Path(path).write_text("\n".join(lines) + "\n")
 
 
