@@ -612,7 +612,10 @@ class CallSession:
             self._spawn(self._barge_in_watch(seq))
         if result is None and rec.end_of_speech:
             result = await rec.finish()
-        heard = isinstance(result, HeardSpeech) and (result.text or rec.end_of_speech)
+        # Only words count: an utterance with none of the grammar's (a cough, noise, words
+        # nothing listens for: see voice.media.asr) answers nothing, and the question goes on
+        # listening until its timeout (noinput), so noise alone never re-asks it.
+        heard = isinstance(result, HeardSpeech) and bool(result.text)
         if heard and isinstance(result, HeardSpeech) and rec is self._recogniser:
             where = self._recogniser_for
             self._disarm()
