@@ -334,11 +334,13 @@ def build_middlewares(
 
     @web.middleware
     async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/v1/") or request.match_info.http_exception is not None:
-            # No route (404) or not this method (405): the same answer whatever the key, as
-            # /openapi.json says of paths and methods it does not have. A 401 or a key-kind 403
-            # there broke the document, and tells nothing a client could use.
+        if not request.path.startswith("/v1/"):
             return await handler(request)
+        # No route (404) or not this method (405) under /v1/: the key is asked for first, so
+        # that a caller without a right key learns nothing of which paths and methods exist.
+        # A right key of either kind then gets the router's answer (no key-kind 403: there
+        # is no route whose kind it could be).
+        unrouted = request.match_info.http_exception is not None
         ip = limits.address_subject(client_ip(request, trusted_proxies), ipv6_prefix)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -359,7 +361,7 @@ def build_middlewares(
             return resp
         kid = key_ids[token.strip()]
         calls_route = request.path == "/v1/calls" or request.path.startswith("/v1/calls/")
-        if calls_route != (token.strip() in calls_keys):
+        if not unrouted and calls_route != (token.strip() in calls_keys):
             raise KeyNotAllowed(
                 "call records need a key of CLINIC_CALLS_API_KEYS"
                 if calls_route
@@ -369,7 +371,9 @@ def build_middlewares(
         if request.get(CONTINUE_PENDING):  # no coroutine made for the usual request
             await send_continue(request)
         checks = limits.request_checks(settings, kid, ip)
-        if not is_self_admitted(request.match_info.handler):
+        if unrouted or not is_self_admitted(request.match_info.handler):
+            # Counted as any request with a right key: a locked-out address gets 429 here too,
+            # or a 404 would tell a right key from a wrong one.
             await count(checks)
             answer = await handler(request)
         else:

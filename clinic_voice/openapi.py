@@ -528,6 +528,9 @@ def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any
             "version": "0.1.0",
             "description": (
                 "Phone verification (flash call, SMS, voice) and the clinic line's call records."
+                " Every request under /v1/ needs Authorization: Bearer <key>: without a right"
+                " key it is answered 401, on a path or method listed here or not (404 and 405"
+                " only with a right key)."
             ),
         },
         "servers": [{"url": "/"}],

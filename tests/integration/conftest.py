@@ -85,7 +85,9 @@ class OpenApiCollector:
 
     A response is looked up by (path template, method, status, media type). Paths or methods
     the document does not have (an unknown route, a wrong method) may only be answered 404 or
-    405 with a ``Problem`` body: everything else must be listed under its route.
+    405 with a ``Problem`` body, or under ``/v1/`` 401 (no right key: the key is asked for
+    before the router says what exists, as the document's description says) and 429 (a right
+    key while its address is locked out): everything else must be listed under its route.
     """
 
     doc: dict[str, Any] | None = None
@@ -151,7 +153,8 @@ class OpenApiCollector:
                 problems.append(f"{where}: body is not JSON: {body[:80]!r}")
         if op is None:
             self.seen.add((f"(outside the document) {template or path}", method, status))
-            if status not in (404, 405) or ctype != "application/problem+json":
+            allowed = (401, 404, 405, 429) if path.startswith("/v1/") else (404, 405)
+            if status not in allowed or ctype != "application/problem+json":
                 problems.append(f"{where}: route or method not in the document")
             elif not problems and not head:
                 problems += [

@@ -265,23 +265,44 @@ async def test_unknown_routes_and_wrong_methods_are_problems(
     (await api.request("POST", "/healthz", key=None)).problem(405, "method-not-allowed")
 
 
-async def test_no_route_or_method_is_404_or_405_whatever_the_key(
+async def test_v1_without_a_right_key_is_401_before_404_or_405(
     start_service: StartService,
 ) -> None:
-    """The fuzzer (test_api_fuzz): ``PUT /v1/verifications/`` with a call-records key was
-    403 key-not-allowed, and without a key 401: answers /openapi.json does not allow for a
-    path or method it does not have (404 or 405 only)."""
+    """Every request under ``/v1/`` needs a right key: without one (or with a wrong one), an
+    unknown path and a wrong method were answered 404 and 405 where a route answers 401, so
+    that a caller with no key could map which paths and methods exist. A right key of either
+    kind still gets the router's 404 or 405; the routes still ask for the right kind (403)."""
     api = await start_service()
-    for key in (None, "wrong-key-0123456789abcdef", CALLS_KEY, API_KEY):
-        (await api.request("PUT", f"{CREATE}/", key=key)).problem(404, "not-found")
-        (await api.request("GET", "/v1/nothing-here", key=key)).problem(404, "not-found")
-        (await api.request("PUT", CREATE, key=key)).problem(405, "method-not-allowed")
-        (await api.request("PATCH", "/v1/calls/c-1", key=key)).problem(405, "method-not-allowed")
-    # The routes there are still ask for the right key of the right kind.
-    (await api.request("GET", f"{CREATE}/{'A' * 32}", key=None)).problem(401, "unauthorized")
+    asked = [
+        ("PUT", f"{CREATE}/", 404, "not-found"),
+        ("GET", "/v1/nothing-here", 404, "not-found"),
+        ("GET", "/v1/calls/c-1/nothing-here", 404, "not-found"),
+        ("PUT", CREATE, 405, "method-not-allowed"),
+        ("PATCH", f"{CREATE}/{'A' * 32}", 405, "method-not-allowed"),
+        ("PATCH", "/v1/calls/c-1", 405, "method-not-allowed"),
+    ]
+    for method, path, status, slug in asked:
+        for key in (None, "wrong-key-0123456789abcdef", f"{CALLS_KEY}x"):
+            refused = await api.request(method, path, key=key)
+            refused.problem(401, "unauthorized")
+            assert refused.headers["WWW-Authenticate"].startswith("Bearer "), (method, path)
+            assert "Allow" not in refused.headers, (method, path)
+        for key in (API_KEY, CALLS_KEY):
+            (await api.request(method, path, key=key)).problem(status, slug)
+    # The routes ask for a key as before, of the right kind.
+    for key in (None, "wrong-key-0123456789abcdef"):
+        refused = await api.request("GET", f"{CREATE}/{'A' * 32}", key=key)
+        refused.problem(401, "unauthorized")
+    (await api.request("GET", f"{CREATE}/{'A' * 32}")).problem(404, "not-found")
     (await api.request("GET", f"{CREATE}/{'A' * 32}", key=CALLS_KEY)).problem(
         403, "key-not-allowed"
     )
+    (await api.request("GET", "/v1/calls/c-1", key=API_KEY)).problem(403, "key-not-allowed")
+    # Outside /v1/ nothing asks for a key.
+    (await api.request("GET", "/nothing-here", key=None)).problem(404, "not-found")
+    (await api.request("POST", "/healthz", key=None)).problem(405, "method-not-allowed")
+    for path in ("/healthz", "/openapi.json", "/metrics"):
+        assert (await api.request("GET", path, key=None)).status == 200, path
 
 
 async def test_head_answers_what_get_would_without_a_body(

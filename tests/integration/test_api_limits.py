@@ -207,11 +207,16 @@ async def test_wrong_keys_lock_the_address_out_right_key_and_all(
     assert_limited(
         await api.request("GET", missing, headers=guesser), "wrong API keys from this address", 60
     )
+    # On a path or method that is no route too: a 404 or 405 would tell the right key.
+    for method, path in (("GET", "/v1/nothing-here"), ("PUT", "/v1/verifications")):
+        locked = await api.request(method, path, headers=guesser)
+        assert_limited(locked, "wrong API keys from this address", 60)
     assert (await api.request("GET", missing, headers=neighbour)).status == 404
     health = await api.request("GET", "/healthz", headers=guesser, key=None)
     assert health.status == 200, "probes are not API requests"
     clock.advance(60)  # the window ends
     assert (await api.request("GET", missing, headers=guesser)).status == 404
+    assert (await api.request("GET", "/v1/nothing-here", headers=guesser)).status == 404
 
 
 async def test_an_address_that_used_up_its_wrong_keys_is_refused_by_every_process(

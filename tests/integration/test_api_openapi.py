@@ -50,11 +50,17 @@ async def test_the_collector_refuses_what_the_document_does_not_say(
     vid = "A" * 32
     assert collector.check("GET", f"/v1/verifications/{vid}", 404, PROBLEM, good_problem) == []
     assert collector.check("GET", "/nowhere", 404, PROBLEM, good_problem) == []
+    unauthorized = json.dumps(
+        {"type": "https://clinic-voice.example/problems/unauthorized", "title": "x", "status": 401}
+    ).encode()
+    assert collector.check("GET", "/v1/nowhere", 401, PROBLEM, unauthorized) == []
+    assert collector.check("PUT", "/v1/verifications", 401, PROBLEM, unauthorized) == []
     assert collector.check("DELETE", "/v1/calls/c-1", 204, "application/octet-stream", b"") == []
 
     bad = {
         "a status the route does not list": ("GET", "/healthz", 418, PROBLEM, good_problem),
         "a route the document does not have": ("GET", "/nowhere", 200, "application/json", b"{}"),
+        "a 401 outside /v1/ on no route": ("GET", "/nowhere", 401, PROBLEM, unauthorized),
         "a method the document does not have": ("PUT", "/healthz", 200, "application/json", b"{}"),
         "another media type": ("GET", "/healthz", 200, "text/html", b"<p>ok</p>"),
         "a body that is not JSON": ("GET", "/healthz", 200, "application/json", b"ok"),
