@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from voice.sip.outcome import SipStatus
-from voice.sip.refer import PBX_REACHED_NOBODY, TransferVerdict, verdict
+from voice.sip.refer import PBX_REACHED_NOBODY, TransferVerdict, verdict, wants_more_reports
 
 P, A, F, U = (
     TransferVerdict.PROGRESS,
@@ -56,3 +56,28 @@ def test_verdict(
 
 def test_the_statuses_of_a_pbx_that_reached_nobody_are_named() -> None:
     assert {SipStatus.BUSY_HERE, SipStatus.SERVICE_UNAVAILABLE} == PBX_REACHED_NOBODY
+
+
+@pytest.mark.parametrize(
+    ("status", "final", "more"),
+    [
+        (100, False, True),  # the 202 (pjsua: a non-final 100)
+        (180, False, True),
+        (183, False, True),
+        # Decided while the subscription stays active: its later NOTIFYs are nobody's
+        # answer (they would answer the call's next REFER: tests/unit/test_prop_transfer.py).
+        (200, False, False),
+        (486, False, False),
+        (400, False, False),
+        (200, True, False),
+        (486, True, False),
+        (100, True, False),
+    ],
+)
+def test_reports_are_wanted_only_while_the_transfer_is_in_progress(
+    status: int, final: bool, more: bool
+) -> None:
+    assert wants_more_reports(status, final=final) is more
+    # The same line as the session's: a report that is no progress is the transfer's answer.
+    progress = verdict(status, final=final, accepted=True, behind_pbx=False)
+    assert more is (progress is TransferVerdict.PROGRESS)

@@ -53,6 +53,7 @@ from voice.sip.protocol import (
     TransferStatus,
     WorkerStatus,
 )
+from voice.sip.refer import wants_more_reports
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,10 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.engine.flush()  # run before the pump's wait, not after it (see Engine.flush)
 
     def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:
-        self.engine._on_transfer_status(self, int(prm.statusCode), bool(prm.finalNotify))
-        prm.cont = not prm.finalNotify
+        status, final = int(prm.statusCode), bool(prm.finalNotify)
+        self.engine._on_transfer_status(self, status, final)
+        # Decided: this REFER's later NOTIFYs must not answer the call's next one.
+        prm.cont = wants_more_reports(status, final=final)
 
 
 class Engine:

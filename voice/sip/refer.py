@@ -70,3 +70,18 @@ def verdict(sip_status: int, *, final: bool, accepted: bool, behind_pbx: bool) -
     if behind_pbx and accepted and sip_status in PBX_REACHED_NOBODY:
         return TransferVerdict.UNANSWERED
     return TransferVerdict.FAILED
+
+
+def wants_more_reports(sip_status: int, *, final: bool) -> bool:
+    """Whether the worker asks pjsua for the REFER subscription's later NOTIFYs after this
+    report (pjsua2's ``OnCallTransferStatusParam.cont``): only while it is progress.
+
+    Once a report decides the transfer (a final one, or a status of 200 or more in a NOTIFY
+    that keeps the subscription active), that subscription's later NOTIFYs are nobody's
+    answer. Reported, they would be read as the answer to the call's next REFER, since a
+    :class:`voice.sip.protocol.TransferStatus` names no REFER: a nurse's phone that says
+    ``486`` (active), then ``486`` (terminated) failed the staff transfer tried after it at
+    once. With ``cont`` false pjsua drops the subscription's later reports (and still
+    answers each NOTIFY, 200, as RFC 6665 section 4.1.3 asks).
+    """
+    return not final and sip_status < 200
