@@ -169,6 +169,8 @@ class FrontMachine(RuleBasedStateMachine):
         self.refused = 0  # new INVITE transactions answered 486
         # Call-ID: the worker port holding a slot for it and the end of that (the model)
         self.reserved: dict[str, tuple[int, float]] = {}
+        # Call-ID: the latest its slot may be held to (Timer H and RESERVE_S from its 302)
+        self.limits: dict[str, float] = {}
         self.pbx_calls = 0
 
     def _pick(self, call_id: str) -> HostPort | int:
@@ -247,6 +249,9 @@ class FrontMachine(RuleBasedStateMachine):
             if mine is not None and mine[0] == port:
                 # As the front and the pool reckon it (the same float operations).
                 until = now + (memory.items[key][0] - now) + RESERVE_S
+                # Never past Timer H and RESERVE_S from the 302 that took the slot: a copy
+                # after the front forgot it was sent to the slot still held (a new 302).
+                until = min(until, self.limits.get(call_id, mine[1]))
                 self.reserved[call_id] = (port, max(mine[1], until))
         if before is not None:
             assert got.status == before.status, f"a copy of a {request.method}: another status"
@@ -289,6 +294,7 @@ class FrontMachine(RuleBasedStateMachine):
             assert avail[port] > 0 or call_id in held[port], "a 302 to a worker without room"
             if self._held(call_id) is None:
                 self.reserved[call_id] = (port, now + RESERVE_S)
+                self.limits[call_id] = now + (transaction.TIMER_H_S + RESERVE_S)
         elif got.status == SipStatus.BUSY_HERE:
             self.refused += 1
             assert all(a <= 0 for a in avail.values()), "486 with a slot free"

@@ -413,6 +413,23 @@ def test_copies_hold_the_slot_no_longer_than_the_302_can_be_repeated() -> None:
     assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
 
 
+def test_copies_past_timer_h_do_not_hold_the_slot_for_ever() -> None:
+    """Copies that go on after the front forgot the 302 (a forged stream: a UA stops at
+    timer B) made a new transaction of the same Call-ID, which the pool sent to the slot
+    still held, and the next copy renewed that slot for 34 s more: one datagram a second
+    held a slot for good. A slot is held at most Timer H and 2 s from its 302."""
+    clock = FakeClock()
+    pool = _pool(1, clock)
+    pool._workers[0].free_slots = 1
+    front = _front(pool, clock)
+    front._answer_udp(_request("a@peer"))
+    for _ in range(40):  # a copy every second, past Timer H
+        clock.advance(1.0)
+        front._answer_udp(_request("a@peer"))
+    assert pool.occupancy().reserved == 0, "held 40 s after the 302"
+    assert isinstance(pool.pick_inbound(next(_ids)), HostPort)
+
+
 def test_a_cancel_of_a_redirected_invite_frees_its_slot_for_good() -> None:
     """A UAC cancels only before a final answer: its 302 was lost, and the caller who hung
     up will not follow it. The slot was held for 2 s all the same (the CANCEL got 200);

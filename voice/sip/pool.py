@@ -29,6 +29,7 @@ import os
 import secrets
 import shutil
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -66,6 +67,7 @@ from voice.sip.protocol import (
     decode,
     encode,
 )
+from voice.sip.transaction import TIMER_H_S
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,10 @@ TASKS_LEFT_S = 1.0
 # at 0.5, 1.5, 3.5, 7.5 ... s), and each copy holds the slot for as long as the front may
 # still repeat the 302 (Timer H from the first, 32 s) and this again (see renew_inbound).
 _REDIRECT_RESERVE_S = 2.0
+# The longest a slot is held, from its 302: copies of the INVITE that go on after the front
+# forgot that 302 (a UA stops at timer B; a forged stream need not) are a new transaction of
+# the same Call-ID, sent to the slot still held, and each renewal would hold it 34 s more.
+_REDIRECT_HOLD_MAX_S = TIMER_H_S + _REDIRECT_RESERVE_S
 # Callers refused for want of a slot: the first is logged at once, then at most one line this
 # often with the count since (a full line refuses every caller: one line each would flood).
 _BUSY_LOG_S = 60.0
@@ -426,6 +432,10 @@ class SipPool:
         self._handler: IncomingHandler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
+        # Call-ID -> the latest its slot may be held to (_REDIRECT_HOLD_MAX_S from its 302),
+        # and those times in order, to forget them (at most the picks of 34 s).
+        self._hold_limits: dict[str, float] = {}
+        self._hold_expiry: deque[tuple[float, str]] = deque()
         self._running = False
         self._refusing = False  # the service is stopping: no new inbound call
         self._restarts = 0
@@ -628,20 +638,32 @@ class SipPool:
             self._refused_for_want_of_a_slot()
             return SipStatus.BUSY_HERE
         best.reserved[call_id] = now + _REDIRECT_RESERVE_S
+        expiry = self._hold_expiry
+        while expiry and expiry[0][0] <= now:
+            limit, old = expiry.popleft()
+            if self._hold_limits.get(old) == limit:  # not picked again since
+                del self._hold_limits[old]
+        limit = now + _REDIRECT_HOLD_MAX_S
+        self._hold_limits[call_id] = limit
+        expiry.append((limit, call_id))
         return HostPort(self._settings.addr.host, best.port)
 
     def renew_inbound(self, call_id: str, worker: HostPort, hold_s: float) -> None:
         """The front gave the caller ``call_id`` its 302 to ``worker`` again (a copy of the
         INVITE: the 302 was lost), and may for ``hold_s`` more: the slot held for it stays
-        held that long and ``_REDIRECT_RESERVE_S`` more, so the caller finds it when a copy
-        gets through. Only a slot still held: one that lapsed (every copy lost for 2 s), or
-        whose call arrived or was cancelled, is not taken again (the caller then finds the
-        worker as it is: full, pjsua answers 486)."""
+        held that long and ``_REDIRECT_RESERVE_S`` more (never past ``_REDIRECT_HOLD_MAX_S``
+        from the 302 that took it), so the caller finds it when a copy gets through. Only a
+        slot still held: one that lapsed (every copy lost for 2 s), or whose call arrived or
+        was cancelled, is not taken again (the caller then finds the worker as it is: full,
+        pjsua answers 486)."""
         w = self._holding(call_id, worker)
         if w is None:
             log.debug("call %s: its 302 repeated, no slot held for it any more", call_id)
             return
         until = self._clock.monotonic() + hold_s + _REDIRECT_RESERVE_S
+        # No longer than _REDIRECT_HOLD_MAX_S from the 302 that took the slot, whatever the
+        # front still repeats (a copy after it forgot that 302 is a new 302 to the slot).
+        until = min(until, self._hold_limits.get(call_id, w.reserved[call_id]))
         w.reserved[call_id] = max(w.reserved[call_id], until)
 
     def release_inbound(self, call_id: str, worker: HostPort) -> None:
