@@ -208,3 +208,22 @@ async def test_a_4xx_to_the_cancel_after_the_end_is_not_acked(
         assert recorder.take() == [], status
     uac.datagram_received(message.serialise_response(invite, 487, to_tag="ring"), PHONE)
     assert recorder.take() == ["ACK"], "the 487 again: its ACK again"
+
+
+async def test_calls_to_a_silent_peer_do_not_pile_up_in_the_finished_table(
+    agent: tuple[FlashUac, FakeClock, Recorder],
+) -> None:
+    # A call that ends on timer B is now kept (its built ACK) for timer D, but the table was
+    # only trimmed when a datagram came in: a PBX that answers nothing (down, a firewall)
+    # sends none, so every call placed to it stayed in the table for as long as it was down.
+    uac, clock, recorder = agent
+    call = OutboundCall(f"sip:+14155556001@{PHONE[0]}:{PHONE[1]}", "+447400123456", True)
+    for _ in range(20):
+        handle = await uac.place_call(call)
+        (live,) = uac._live.values()
+        clock.advance(TIMER_B_S)
+        uac._on_timer(live)
+        events = [ev async for ev in handle.events]
+        assert events[-1].outcome is CallOutcome.UNREACHABLE and uac.live_calls == 0
+        recorder.take()
+    assert len(uac._finished) <= 2 and len(uac._expiry) <= 2, len(uac._finished)

@@ -40,9 +40,11 @@ What it does, and what it deliberately does not:
   (``MAX_FORKS`` To tags, 64*T1 after the end) and no event; it ACKs that INVITE's final
   error sent again, and nothing else (a response to a CANCEL or a BYE is never ACKed);
 - one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
-  auth user, as the repository's Asterisk does); a second challenge is a final error; the
-  challenged INVITE's final sent again gets its own ACK again, and a 2xx of it (its CSeq
-  number and branch) an ACK and a BYE of its own, as a fork's, and no event;
+  auth user, as the repository's Asterisk does); a second challenge is a final error; while
+  the call lasts (or is kept, answered), the challenged INVITE's final sent again gets its own
+  ACK again, and a 2xx of it (its CSeq number and branch) an ACK and a BYE of its own, as a
+  fork's, and no event; after an unanswered end they get nothing (:class:`LateAnswers` keeps
+  only the last INVITE's ACK);
 - 3xx is a final error (a flash call is not redirected), no SDP is ever sent (an answer with an
   offer gets the ACK and the BYE and nothing else), no TCP or TLS (the caller picks the pjsua2
   path for those); the ACK and BYE of an answer carry the Contact as Request-URI and the

@@ -260,7 +260,11 @@ class FlashUac(asyncio.DatagramProtocol):
         self._live.pop(call_id, None)
         ack = live.dialog.ack
         if ack is not None:
-            until = self._clock.monotonic() + TIMER_D_S
+            now = self._clock.monotonic()
+            # Trimmed here too, not only when a datagram comes: calls to a peer that answers
+            # nothing (down, a firewall) end on timer B and are kept, yet bring no datagram.
+            self._expire(now)
+            until = now + TIMER_D_S
             # An answered call keeps its dialog (its forks' BYEs go on there). Every other
             # call keeps only its last INVITE's ACK (also one that ended on timer B or F): it
             # is all a late fork's 2xx needs besides what it carries (see LateAnswers), and
