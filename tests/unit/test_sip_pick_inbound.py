@@ -498,3 +498,29 @@ async def test_a_call_stuck_winding_up_does_not_hold_the_pools_stop(
     said = [r.getMessage() for r in caplog.records if r.name == "voice.sip.pool"]
     assert any("still winding up" in m and "call-in-a@peer" in m for m in said), said
     assert not pool._tasks
+
+
+async def test_a_worker_that_died_comes_back_without_the_slots_held_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slots held for callers redirected to a worker that then died are nobody's: the
+    restarted worker (the same entry, the same port) has all its room. Kept, they counted
+    against it until they lapsed, up to 34 s with copies of an INVITE renewing them."""
+    clock = FakeClock()
+    pool = _pool(2, clock)
+    pool._running = True
+    dead, other = pool._workers
+    other.free_slots = 0
+    for _ in range(3):
+        picked = pool.pick_inbound(next(_ids))
+        assert isinstance(picked, HostPort) and picked.port == dead.port
+
+    async def restart(w: pool_module._Worker, delay: float) -> None:
+        return None
+
+    monkeypatch.setattr(pool, "_restart", restart)
+    pool._on_exit(dead, -9)
+    await asyncio.sleep(0)
+    dead.up, dead.free_slots = True, 4  # restarted: it reports its 4 free slots
+    assert pool.occupancy().reserved == 0
+    assert dead.available == 4

@@ -1079,6 +1079,9 @@ class SipPool:
         was_up = w.up
         w.up = w.registered = False
         w.free_slots = w.pending = w.placed = 0
+        # Slots held for callers redirected here are gone with the process: a restarted
+        # worker on the same port has all its room (they lasted up to 34 s, renewed).
+        w.reserved.clear()
         lost = list(w.calls.values())
         w.calls.clear()
         now = self._clock.now()
