@@ -23,7 +23,14 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from clinic_voice import redis_durability, shared_secret
-from clinic_voice.http import METRICS, build_middlewares, edge_routes, problem, problem_net
+from clinic_voice.http import (
+    METRICS,
+    NoRouteUnderV1,
+    build_middlewares,
+    edge_routes,
+    problem,
+    problem_net,
+)
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
@@ -581,6 +588,7 @@ def build_app(
         web.get("/openapi.json", _openapi),
     ]
     app.add_routes(edge_routes(routes))
+    app.router.register_resource(NoRouteUnderV1(app.router))  # last: after every route
     return app
 
 

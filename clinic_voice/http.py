@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_urldispatcher import MatchInfoError
 
 from clinic_voice.metrics import Metrics
 from sip_config.clock import Clock
@@ -143,6 +144,37 @@ def edge_routes(routes: Iterable[web.RouteDef]) -> list[web.RouteDef]:
         )
         for r in routes
     ]
+
+
+class NoRouteUnderV1(web.DynamicResource):
+    """The last resource under ``/v1/``: a path or method no route there takes gets the
+    router's 404 or 405 (with ``Allow``) as before, but its ``Expect`` header is answered by
+    :func:`expect_handler`, as a route's is. aiohttp's own answer for no route sends 100
+    Continue at once, before the key check, where a route waits for the key: a caller
+    without a key could tell which paths and methods exist by which got 100 Continue."""
+
+    def __init__(self, router: web.UrlDispatcher) -> None:
+        super().__init__("/v1/{tail:.*}")
+        self._router = router
+
+    async def resolve(self, request: web.Request) -> tuple[MatchInfoError | None, set[str]]:
+        if not request.path.startswith("/v1/"):  # as auth_mw asks for a key
+            return None, set()
+        # Reached only when no route took the request: the methods the path's routes take
+        # (the router's own walk does not pass them on), for a 405's Allow.
+        allowed: set[str] = set()
+        for resource in self._router.resources():
+            if resource is not self:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            return _NoRoute(web.HTTPMethodNotAllowed(request.method, allowed)), set()
+        return _NoRoute(web.HTTPNotFound()), set()
+
+
+class _NoRoute(MatchInfoError):
+    @property
+    def expect_handler(self) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+        return expect_handler
 
 
 async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:

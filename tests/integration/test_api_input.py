@@ -551,6 +551,38 @@ async def test_100_continue_only_to_a_right_key(
     assert [s.to for s in await sms_gateway.wait_for(1)] == [MOBILE]
 
 
+async def test_no_route_under_v1_asks_for_no_body_before_the_key(
+    start_service: StartService,
+) -> None:
+    """A keyless client that waits for 100 Continue got it at once on a path or method with
+    no route under /v1/ (aiohttp's router answers the Expect header itself there), and not on
+    a route, which waits for the key: which paths and methods exist showed through the 401.
+    Now a path with no route is answered as a route is: no 100 Continue before a right key,
+    413 for a body declared too large."""
+    api = await start_service()
+    body = b"{}"
+    lines = {  # request line: the answer to a right key
+        f"POST {CREATE}": 422,  # a route
+        f"PUT {CREATE}": 405,
+        "POST /v1/nowhere": 404,
+        "DELETE /v1/calls/c-1/nothing-here": 404,
+    }
+    for line, status in lines.items():
+        head = f"{line} HTTP/1.1\nHost: t\nContent-Type: application/json\n"
+        waits = head + f"Content-Length: {len(body)}\nExpect: 100-continue\n"
+        for key in (None, "not-the-key"):
+            refused = await raw_exchange(api, waits, body, key=key, body_on_continue=True)
+            assert refused.interim == (), f"{line}, key {key!r}: told to send its body"
+            assert_problem(refused, 401, "unauthorized")
+            assert refused.headers.get("connection") == "close", "its body will not come"
+        too_large = head + "Content-Length: 999999\nExpect: 100-continue\n"
+        big = await raw_exchange(api, too_large, key=None, documented=False)
+        assert big.interim == (), line
+        assert_problem(big, 413, "body-too-large")
+        made = await raw_exchange(api, waits, body, body_on_continue=True)
+        assert made.interim == (100,) and made.status == status, (line, made)
+
+
 async def test_a_body_declared_too_large_is_413_at_once(start_service: StartService) -> None:
     api = await start_service()
     loop = asyncio.get_running_loop()
