@@ -40,3 +40,17 @@ def test_a_call_put_on_hold_during_the_repeat_has_delivered_the_code(tmp_path: P
         "code read once, then nothing could be played in 30 s (on hold?)",
     )
     assert ledger.v.status is Status.PENDING and ledger.v.step == 0 and not ledger.v.sending
+
+
+def test_a_question_the_worker_could_not_play_is_not_waited_on(tmp_path: Path) -> None:
+    # pjsua2 could not play the "press 1" question (both times): the callee heard nothing,
+    # yet each failed play counted as the question asked, so the call waited 8 s twice for
+    # a 1 nobody was asked for and blamed the callee ("voicemail?").
+    story = CallStory((), ANSWERED, (), 2.0, None, frozenset({1, 2}), None, False)
+    worker, ledger = voice_call_story(tmp_path, "481523", story, keypress=True)
+    last = ledger.reports[-1]
+    assert (last.kind, last.detail) == (
+        DeliveryKind.UNDELIVERABLE,
+        "answered, but the question could not be played",
+    )
+    assert worker.plays == 1 and worker.code_heard == 0 and worker.hangups

@@ -5,7 +5,8 @@ a voicemail box that answers never hears the code. Outcomes: ringing, answered, 
 code was read to the end at least once: a callee who hangs up during the repeat, or puts the
 call on hold then, has it), undeliverable (busy, no answer, failed, no key pressed, hung up
 before the code's end, answered with no audio: a call taken on hold, whose prompts never play,
-or a code the worker could not play: a reading counts only when it reached its end).
+or a question or code the worker could not play: a reading counts only when it reached its
+end, and a question only asks when it played).
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ class VoiceCallChannel:
 
     async def _keypress(self, handle: CallHandle, question: Path) -> bool:
         """Whether 1 was pressed: during the question or :data:`KEYPRESS_WAIT_S` after it,
-        asked :data:`KEYPRESS_TRIES` times. Other keys do not hold the wait open."""
+        asked :data:`KEYPRESS_TRIES` times. Other keys do not hold the wait open. A question
+        that did not end, or could not be played, raises :class:`_NoAudio`."""
         loop = asyncio.get_running_loop()
         for _ in range(KEYPRESS_TRIES):
             asked = await handle.play(question)
@@ -191,6 +193,8 @@ class VoiceCallChannel:
                             await _played(handle, asked, STOPPED_PLAY_S)
                     return True
                 if isinstance(ev, PlayDone) and ev.play_id == asked and not played:
+                    if ev.failed:  # nothing was asked: no 1 can answer it
+                        raise _NoAudio("the question could not be played")
                     played = True
                     deadline = loop.time() + KEYPRESS_WAIT_S
             if not played:

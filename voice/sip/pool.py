@@ -292,7 +292,8 @@ class CallHandle:
         """Start playing a WAV file; returns its play id at once.
 
         Exactly one :class:`PlayDone` with that id follows: at the end of the file, or when
-        it is stopped or replaced by the next play. No PlayDone comes after the call ended.
+        it is stopped or replaced by the next play, or (``failed``) when it could not start.
+        No PlayDone comes after the call ended.
         """
         play_id = next(self._play_ids)
         await self._send(Play(self.id, str(wav), loop, play_id))
