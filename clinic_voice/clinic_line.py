@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from clinic_voice.app import Runtime
 from clinic_voice.metrics import Metrics
 from sip_config.settings import Settings, SettingsError
-from verification.http_client import HttpClientError
+from verification.http_client import HttpClientError, IncompleteAnswer
 from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, Engine
@@ -407,6 +407,19 @@ class ClinicLine:
             # say so. The session records it as such.
             log.warning("webhook %r: no answer within %g s", url_key, timeout_s)
             raise
+        except IncompleteAnswer as exc:
+            if not 200 <= exc.status < 300:
+                log.warning("webhook %r answered %s", url_key, exc.status)
+                return None
+            # The receiver took the request (a booking made) and its body then broke off, was
+            # framed wrongly or was over the client's 1 MiB: a "failed" in the record would
+            # have staff book it again. Success with no values, as a body that is no JSON.
+            log.warning(
+                "webhook %r answered %s with a body that could not be read: no values",
+                url_key,
+                exc.status,
+            )
+            return {}
         except (HttpClientError, ValueError) as exc:
             log.warning("webhook %r failed: %s", url_key, type(exc).__name__)
             return None

@@ -10,7 +10,9 @@ that was a fifth of a core. This client does only what those two callers need:
   system's CA store, SNI), with the caller's headers; no redirects, cookies, proxies,
   compression or ``Expect: 100-continue``;
 - answers with ``Content-Length``, ``Transfer-Encoding: chunked`` or a body up to the close;
-  informational (1xx) answers are skipped; the body is capped (``max_body``);
+  informational (1xx) answers are skipped; the body is capped (``MAX_BODY``); an answer
+  whose head came and whose body did not (cut, malformed, over the cap) fails with
+  :class:`IncompleteAnswer`, which carries the head's status;
 - a pool per origin (scheme, host, port): at most ``max_per_origin`` connections, further
   requests wait for one; an idle connection is closed after ``idle_s`` and is never reused
   once the server has closed it or said ``Connection: close``;
@@ -61,6 +63,16 @@ class HttpClientError(Exception):
 
 class NoAnswer(HttpClientError):
     """The connection closed before a byte of the answer came."""
+
+
+class IncompleteAnswer(HttpClientError):
+    """The answer's status line and headers came, its body did not: cut by a close, framed
+    wrongly (a bad chunk), or over ``MAX_BODY``. ``status`` is the one the head gave: a 2xx
+    says the request arrived, which a caller may need to know (the clinic line's webhook)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UnusableUrl(HttpClientError):
@@ -162,6 +174,7 @@ class _Connection(asyncio.Protocol):
         self._remaining = 0  # body bytes still to come (length) or of this chunk (chunked)
         self._body = bytearray()
         self._heard = False  # a byte of the answer to the request in flight came
+        self._headed = False  # the answer's status line and headers came (not a 1xx)
         self.reusable = False
         self.sent = 0  # requests sent on it: past the first, it is a kept-alive connection
 
@@ -179,7 +192,7 @@ class _Connection(asyncio.Protocol):
         try:
             self._parse()
         except HttpClientError as exc:
-            self._fail(exc)
+            self._fail(IncompleteAnswer(str(exc), self._status) if self._headed else exc)
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost finishes the answer
@@ -197,8 +210,11 @@ class _Connection(asyncio.Protocol):
                 NoAnswer(f"{self.origin.name} closed the connection before answering{why}")
             )
         else:
+            message = f"{self.origin.name} closed the connection mid-answer{why}"
             waiter.set_exception(
-                HttpClientError(f"{self.origin.name} closed the connection mid-answer{why}")
+                IncompleteAnswer(message, self._status)
+                if self._headed
+                else HttpClientError(message)
             )
 
     # -- a request -----------------------------------------------------------------------
@@ -207,7 +223,7 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         self._state, self._buf, self._body, self.reusable = "head", bytearray(), bytearray(), False
-        self._heard = False
+        self._heard = self._headed = False
         self.sent += 1
         self.transport.write(request)
         return self._waiter
@@ -338,6 +354,7 @@ class _Connection(asyncio.Protocol):
                 chunked = True
             elif key == b"connection":
                 connection = value.strip().lower()
+        self._headed = True  # a well-formed head: a failure from here on is the body's
         if version == b"HTTP/1.1":
             self._keep = b"close" not in connection
         else:
