@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from clinic_voice.clinic_line import FINDINGS_SHOWN, VOICEMAIL_SWEEP_S
+from tests.readme_text import folded
 from voice.ivr import engine, erasure, journal, live_record, session, store
 from voice.ivr.api import CALL_UNDER_WAY_RETRY_S
 from voice.ivr.flow import INTER_DIGIT_S, MAX_AGE_YEARS, FlowParams, Webhook, load_flows
@@ -17,15 +18,12 @@ from voice.ivr.simulate import main as simulate
 from voice.media.tones import RINGBACK
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
 SHIPPED = ROOT / "ivr_flows"
 
 
 def clinic_line_section() -> str:
     """The section, its line breaks and indents folded to single spaces."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## The clinic line") : text.index("## Try it with a softphone")]
-    return " ".join(section.split())
+    return folded("The clinic line")
 
 
 # (what the README says, verbatim but for line breaks; the value in the code; the number it

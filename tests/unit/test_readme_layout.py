@@ -16,20 +16,12 @@ from pathlib import Path
 import pytest
 
 from clinic_voice import cli
+from tests.readme_text import README, section
 from voice.ivr.flow import Ask, load_flows
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
 PBX = ROOT / "sip_config" / "asterisk"
 PACKAGES = ("verification", "voice", "clinic_voice", "sip_config", "bench")
-
-
-def section(title: str) -> str:
-    """The text under the ``## title`` heading, up to the next ``## `` heading."""
-    text = README.read_text(encoding="utf-8")
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else len(text)]
 
 
 def opening() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import pytest
 
@@ -30,6 +29,7 @@ from sip_config.settings import (
     SettingsError,
 )
 from tests.conftest import sip_settings
+from tests.readme_text import README, folded
 from verification import dispatcher, webhooks
 from verification.rules import DeliveryKind
 from voice.ivr import session
@@ -38,7 +38,6 @@ from voice.sip import flash_dialog, flash_uac, front, message, pjsua, pool, tran
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 DEFAULTS = Settings.from_env({})
 # How long a verification call waits for a slot, in the pool as serve builds it.
 QUEUE_S = new_sip_pool(sip_settings(1), Metrics(), FakeClock())._queue_timeout_s
@@ -46,9 +45,7 @@ QUEUE_S = new_sip_pool(sip_settings(1), Metrics(), FakeClock())._queue_timeout_s
 
 def sip_section() -> str:
     """The section, its line breaks and indents folded to single spaces."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## SIP, capacity and scaling") : text.index("## Architecture")]
-    return " ".join(section.split())
+    return folded("SIP, capacity and scaling")
 
 
 # (what the README says, verbatim but for line breaks; the value in the code; the number it

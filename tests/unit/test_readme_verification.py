@@ -11,7 +11,6 @@ import hmac
 import inspect
 import json
 import re
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -32,6 +31,7 @@ from sip_config.settings import (
     SettingsError,
     SmsSettings,
 )
+from tests import readme_text
 from verification import (
     api,
     codes,
@@ -55,20 +55,18 @@ from voice.ivr import api as calls_api
 from voice.sip import flash_dialog, pool
 from voice.sip.pool import WorkerState
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 DEFAULTS = Settings.from_env({})
 V = DEFAULTS.verification
 DOC = openapi_document()
 
 
 def raw_section() -> str:
-    text = README.read_text(encoding="utf-8")
-    return text[text.index("## The verification API") : text.index("## The clinic line")]
+    return readme_text.section("The verification API")
 
 
 def section() -> str:
     """The section, its line breaks and indents folded to single spaces."""
-    return " ".join(raw_section().split())
+    return readme_text.folded("The verification API")
 
 
 def _default(function: Any, name: str) -> Any:
