@@ -31,7 +31,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,10 @@ class _Link:
                     await self.conn.send_packed_command(out, check_health=False)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # any failure ends this connection
+        except (RedisError, OSError) as exc:  # the connection failed
+            self.fail(exc)
+        except Exception as exc:  # a defect: it ends this connection too, but is no outage
+            log.exception("Redis connection: sending commands failed")
             self.fail(exc)
 
     async def _read(self) -> None:
@@ -168,7 +171,10 @@ class _Link:
                     fut.set_result(reply)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # any failure ends this connection
+        except (RedisError, OSError) as exc:  # the connection failed
+            self.fail(exc)
+        except Exception as exc:  # a defect: it ends this connection too, but is no outage
+            log.exception("Redis connection: reading answers failed")
             self.fail(exc)
 
     async def _watch(self) -> None:

@@ -176,3 +176,28 @@ async def test_a_closed_client_refuses(redis_server: RedisServer) -> None:
     await client.aclose()
     with pytest.raises(RedisConnectionError):
         await client.execute("PING")
+
+
+async def test_a_defect_reading_answers_is_logged_with_its_traceback(
+    mux: RedisMux, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug (ours or redis-py's parser) is no lost connection: before, it was one WARNING line,
+    # "Redis connection closed", with no traceback, and the link reconnected as after an outage.
+    assert await mux.execute("PING") == "PONG"
+    link = mux._link
+    assert link is not None
+
+    async def broken(**_: object) -> object:
+        raise TypeError("a parser defect")
+
+    monkeypatch.setattr(link.conn, "read_response", broken)  # the reader's next read
+    caplog.set_level("DEBUG", logger="verification.redis_mux")
+    await mux.execute("SET", "k", "v")  # answered by the read already under way
+    # The read fails the link and ends; the link's other tasks are cancelled with it.
+    await asyncio.wait_for(asyncio.gather(*link.tasks, return_exceptions=True), 2)
+    assert link.closed is not None
+    defects = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+    assert defects, [r.getMessage() for r in caplog.records]
+    exc_info = defects[0].exc_info
+    assert exc_info is not None and isinstance(exc_info[1], TypeError)
+    assert await mux.execute("GET", "k") == "v"  # the next command reconnects
