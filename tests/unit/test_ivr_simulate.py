@@ -610,3 +610,26 @@ def test_speech_is_for_the_flows_in_the_models_language(
     assert not [line for line in out if line.startswith("-- keypad only")], out
     assert "   (listening for keys or speech, 6 s)" in out, out
     assert "   transfer to sip:6100@127.0.0.1:5160" in out, out
+
+
+@pytest.mark.parametrize(
+    ("at", "hours", "closed"),
+    [
+        # Amsterdam springs 02:00 -> 03:00 on 2026-03-29: 02:30 is read as 03:30 CEST
+        # (README), so a range the clocks skip stays closed and the hour after opens.
+        ("2026-03-29T02:30", "sun 02:00-03:00", True),
+        ("2026-03-29T02:30", "sun 03:00-04:00", False),
+        ("2026-03-29T02:30+01:00", "sun 03:00-04:00", False),
+        # Falls back 03:00 -> 02:00 on 2026-10-25: 02:30 passes twice, both open.
+        ("2026-10-25T02:30", "sun 02:00-03:00", False),
+        ("2026-10-25T02:30+01:00", "sun 02:00-03:00", False),
+    ],
+)
+def test_at_a_wall_time_the_clocks_skip_is_the_hour_after_it(
+    monkeypatch: pytest.MonkeyPatch, at: str, hours: str, closed: bool
+) -> None:
+    monkeypatch.setenv("CLINIC_TIMEZONE", "Europe/Amsterdam")
+    monkeypatch.setenv("CLINIC_OPENING_HOURS", hours)
+    code, out = run(["main_menu", "--flows-dir", str(SHIPPED), "--at", at], [":hangup"])
+    assert code == 0
+    assert ("-- the practice is closed (opening hours)" in out) is closed, out[:3]

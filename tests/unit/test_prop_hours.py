@@ -370,3 +370,17 @@ def test_a_triage_verdict_reached_before_closing_is_said_after_it(
     assert store.record.urgency in {Urgency.U3, Urgency.U4}
     assert ADVICE[outcome] in said[-1]
     assert "call the out-of-hours GP service on 0 8 8, 1 2 3, 4 5, 6 7" in said[-1]
+
+
+def test_an_instant_given_as_a_skipped_wall_time_is_read_as_the_instant() -> None:
+    """02:30 on Amsterdam's spring-forward night names no wall time; as an aware datetime
+    (zoneinfo: fold 0, the offset before the switch) it is the instant 01:30 UTC, which the
+    clock shows as 03:30 CEST. A range the clocks skip is not open at it, the hour after is."""
+    skipped = datetime.datetime(2026, 3, 29, 2, 30, tzinfo=_AMS)
+    gap = OpeningHours(parse_week("sun 02:00-03:00"), _AMS)
+    after = OpeningHours(parse_week("sun 03:00-04:00"), _AMS)
+    assert gap.local(skipped) == datetime.datetime(2026, 3, 29, 3, 30, tzinfo=_AMS)
+    assert gap.local(skipped).utcoffset() == datetime.timedelta(hours=2)
+    assert not gap.is_open(skipped)
+    assert after.is_open(skipped)
+    assert gap.is_open(skipped) == gap.is_open(skipped.timestamp())

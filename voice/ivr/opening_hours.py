@@ -60,7 +60,10 @@ class OpeningHours:
             return datetime.datetime.fromtimestamp(at, self.zone)
         if at.tzinfo is None:
             raise ValueError("a naive datetime is no instant: give it a zone")
-        return at.astimezone(self.zone)
+        # Through UTC: astimezone to the datetime's own tzinfo changes nothing, so a wall time
+        # the clocks skip (02:30 on a spring-forward night, fold 0: the offset before the
+        # switch) would be read as itself; its instant shows as the hour after it (03:30).
+        return at.astimezone(datetime.UTC).astimezone(self.zone)
 
     def is_open(self, at: datetime.datetime | float) -> bool:
         """Whether the desk is open at the instant ``at``."""
