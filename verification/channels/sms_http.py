@@ -1,7 +1,9 @@
 """SMS through an HTTP gateway: POST ``{"to", "text"}`` with a bearer token.
 
 2xx is delivered (the gateway accepted it); 4xx other than 408/425/429 is undeliverable at once;
-timeouts, 408, 425, 429 and 5xx are retried with backoff, then undeliverable. A timeout or a 5xx
+timeouts, 408, 425, 429 and 5xx are retried with backoff, then undeliverable. The status is
+what counts: an answer whose body breaks off, is framed wrongly or is over the client's 1 MiB
+counts by its status line (the body is not needed). A timeout or a 5xx
 does not say the SMS was not taken: every attempt of one send carries the same
 ``Idempotency-Key``, so a gateway that honours it sends a retried SMS once.
 
@@ -20,7 +22,7 @@ import orjson
 
 from sip_config.settings import SMS_RETRY_JITTER, SmsSettings
 from verification.channels.base import Delivery, DeliveryReport, Report, sms_text
-from verification.http_client import HttpClient, HttpClientError
+from verification.http_client import HttpClient, HttpClientError, IncompleteAnswer
 from verification.model import Channel
 from verification.rules import DeliveryKind
 
@@ -55,21 +57,34 @@ class HttpSmsChannel:
             if attempt:  # exponential backoff with jitter (the settings bound the whole)
                 jitter = random.uniform(1 - SMS_RETRY_JITTER, 1 + SMS_RETRY_JITTER)
                 await asyncio.sleep(self._s.retry_pause_s(attempt) * jitter)
+            status: int | None = None
             try:
                 answer = await self._client.post(
                     self._s.http_url, body, headers, timeout_s=self._s.http_timeout_s
                 )
+                status = answer.status
             except TimeoutError:
                 last = why = f"gateway timed out after {self._s.http_timeout_s:g} s"
+            except IncompleteAnswer as exc:
+                # The status line came and the body did not (cut, badly framed, over 1 MiB):
+                # the status says what the gateway did with the SMS. A 2xx sent again would
+                # send the SMS twice through a gateway that ignores the Idempotency-Key.
+                log.warning(
+                    "verification %s: gateway answered %d, its body unreadable: %s",
+                    delivery.verification_id,
+                    exc.status,
+                    type(exc).__name__,
+                )
+                status = exc.status
             except HttpClientError as exc:
                 last, why = "gateway unreachable", f"gateway unreachable: {exc}"
-            else:
-                if 200 <= answer.status < 300:
+            if status is not None:
+                if 200 <= status < 300:
                     log.info("verification %s: SMS accepted by gateway", delivery.verification_id)
-                    await report(DeliveryReport(DeliveryKind.DELIVERED, f"gateway {answer.status}"))
+                    await report(DeliveryReport(DeliveryKind.DELIVERED, f"gateway {status}"))
                     return
-                last = why = f"gateway answered {answer.status}"
-                if answer.status < 500 and answer.status not in _RETRYABLE:
+                last = why = f"gateway answered {status}"
+                if status < 500 and status not in _RETRYABLE:
                     break
             log.warning(
                 "verification %s: SMS attempt %d failed: %s",
