@@ -11,6 +11,7 @@ import pytest
 
 from voice.ivr.engine import (
     MAX_REPLY_VALUE_CHARS,
+    PROMPT_FAILED,
     SUMMARY_HEADER,
     Action,
     CallRecord,
@@ -29,6 +30,7 @@ from voice.ivr.engine import (
     Play,
     PostWebhook,
     PromptDone,
+    PromptFailed,
     RecordAudio,
     RecordDone,
     SpeechResult,
@@ -1547,3 +1549,77 @@ def test_words_over_a_keypad_entry_prompt_do_not_cut_it(shipped: FlowSet) -> Non
     assert actions == [] and state.phase is Phase.PLAYING and state.node == "dob"
     state, actions = engine.handle(state, PromptDone())
     assert state.phase is Phase.LISTENING and any(isinstance(a, Listen) for a in actions)
+
+
+# -- a prompt the caller did not hear (PromptFailed) -------------------------------------------
+
+FAILED = PromptFailed()
+ON_FAIL_FLOW = """\
+id: f
+language: en
+human: staff
+start: short
+nodes:
+  short:
+    ask:
+      prompt: "Short of breath at rest?"
+      on_fail: careful
+      choices:
+        - {key: "1", phrases: ["yes"], urgency: U2, reason: short of breath, goto: nurse}
+        - {key: "2", phrases: ["no"], goto: bye}
+  careful:
+    transfer: nurse
+    prompt: "Let me put you through."
+  nurse:
+    transfer: nurse
+    prompt: "Connecting you to a nurse."
+  bye:
+    transfer: staff
+    prompt: "Connecting you."
+"""
+
+
+def test_a_message_that_failed_is_skipped(engine: Engine) -> None:
+    state, steps = feed(engine, [FAILED])
+    assert texts(steps[-1]) == ["Pick one. Say apples or press 1. Say pears or press 2."]
+    assert (state.node, state.phase) == ("menu", Phase.PLAYING)
+    assert ("hello", PROMPT_FAILED) in [(s.node, s.input) for s in state.path]
+
+
+def test_a_question_that_failed_is_asked_once_more_then_given_up(engine: Engine) -> None:
+    state, steps = feed(engine, [DONE, FAILED])
+    assert (state.node, state.phase, state.pending) == ("menu", Phase.PLAYING, Pending.LISTEN)
+    assert texts(steps[-1]) == texts(steps[-2])  # the same prompt again
+    state, actions = engine.handle(state, FAILED)
+    assert (state.pending, state.transfer_uri) == (Pending.TRANSFER, STAFF)
+    assert [s.input for s in state.path].count(PROMPT_FAILED) == 2
+    assert not any(isinstance(a, Listen) for a in actions)
+
+
+def test_a_reprompt_that_failed_is_tried_once_more_too(engine: Engine) -> None:
+    # One failure, heard on the second try; later the noinput reprompt fails: tried again.
+    state, _ = feed(engine, [DONE, FAILED, DONE, NoInput()])
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == [
+        "I did not hear you. Pick one. Say apples or press 1. Say pears or press 2."
+    ]
+    assert (state.pending, state.phase) == (Pending.LISTEN, Phase.PLAYING)
+
+
+def test_a_late_prompt_failed_changes_nothing(engine: Engine) -> None:
+    state, _ = feed(engine, [DONE, DONE])  # listening at the menu
+    assert state.phase is Phase.LISTENING
+    assert engine.handle(state, FAILED) == (state, [])
+
+
+def test_an_urgent_question_that_failed_twice_takes_its_on_fail_at_u2(tmp_path: Path) -> None:
+    (tmp_path / "f.yaml").write_text(ON_FAIL_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    state, _ = engine.start(engine.flowset.get("f"))
+    state, _ = engine.handle(state, FAILED)
+    state, actions = engine.handle(state, Digit("2"))  # a no, typed before it was heard
+    assert actions == [] and state.node == "short"
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == ["Let me put you through."]
+    assert state.triage is not None and state.triage.urgency is Urgency.U2
+    assert "unanswered: short" in state.triage.reasons

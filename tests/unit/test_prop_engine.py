@@ -64,6 +64,7 @@ from voice.ivr.engine import (
     Play,
     PostWebhook,
     PromptDone,
+    PromptFailed,
     RecordAudio,
     RecordDone,
     SpeechResult,
@@ -336,6 +337,9 @@ def _check_step(d: Driver, before: CallState, event: Event | None, actions: list
         assert front <= d.danger_asked, f"{after.node} asked before the danger signs"
     if isinstance(event, SpeechResult) and isinstance(_node(before), Ask):
         _check_unsure(before, after, event)
+    if isinstance(event, PromptFailed) and before.phase is Phase.PLAYING:
+        # A question nobody heard is asked again or given up, never listened for.
+        assert not any(isinstance(a, Listen) for a in actions), "listens to an unheard question"
     if _urgent(after) and after.phase is Phase.PLAYING:
         # An urgent caller's last words: only when no human could be reached.
         assert after.pending is not Pending.MESSAGE, "a message offered to an urgent caller"
@@ -479,7 +483,7 @@ def _result(data: st.DataObject, kind: str) -> Event:
 
 def _pay(d: Driver, event: Event) -> None:
     """The session's bookkeeping for ``event`` before the engine has it."""
-    if isinstance(event, PromptDone):
+    if isinstance(event, PromptDone | PromptFailed):
         d.playing = False
     elif isinstance(event, WebhookResult):
         d.owed.remove("webhook")
@@ -531,7 +535,7 @@ def _move(data: st.DataObject, d: Driver, typed: deque[str]) -> None:
         # "late": a listen timeout that fired just as a key came (queued behind it).
         options = ["key", "typed", "late"]
         if d.playing:
-            options += ["done"] * 6
+            options += ["done"] * 6 + ["failed"]  # a prompt nobody heard (PromptFailed)
         if state.phase is Phase.LISTENING:
             options += ["choice"] * 6 + ["speech"] * 3 + ["noinput"] * 2
         if d.speech and state.phase in {Phase.LISTENING, Phase.PLAYING}:
@@ -543,6 +547,8 @@ def _move(data: st.DataObject, d: Driver, typed: deque[str]) -> None:
     move = draw(st.sampled_from(options))
     if move == "done":
         _handle(d, PromptDone())
+    elif move == "failed":
+        _handle(d, PromptFailed())
     elif move == "key":
         _handle(d, Digit(draw(st.sampled_from(KEYS))))
     elif move == "choice":

@@ -11,8 +11,14 @@ HTTP, feeds :class:`Event` s in and carries :class:`Action` s out::
 VoiceXML semantics kept here:
 
 * every prompt is a :class:`Play`; the session answers with :class:`PromptDone` when it has
-  finished (not after a :class:`StopPlay`: the engine has already gone on). An ask's
-  :class:`Listen` comes after its prompt;
+  finished (not after a :class:`StopPlay`: the engine has already gone on), or with
+  :class:`PromptFailed` when none of it was heard (text to speech or the media failed). An
+  ask's :class:`Listen` comes after its prompt;
+* a question whose prompt failed was not heard: it stays unheard (keys then follow the
+  type-ahead rules below) and its prompt is played once more; failed again, the question is
+  given up as one the caller cannot answer (its ``on_fail`` or the flow's human, at U2 at
+  least on an urgent question, path step :data:`PROMPT_FAILED`). Any other prompt that
+  failed (a say, "connecting you", a goodbye) is skipped;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * a webhook reply's fields become values ``<save>.<name>`` only when a flow reads them
@@ -157,6 +163,9 @@ PATH_CUT = "steps_cut"  # a PathStep's input: its value is how many steps were c
 # appointments' "message" is one). A reply of a megabyte of fields would otherwise grow the
 # call's values, its record, its live record and a full transfer summary (a SIP header).
 MAX_REPLY_VALUE_CHARS = 500
+# The path step of a prompt the caller did not hear (PromptFailed), and the reason the triage
+# notes when a question is given up for it.
+PROMPT_FAILED = "prompt_failed"
 SUMMARY_HEADER = "X-Clinic-Summary"
 URGENCY_HEADER = "X-Clinic-Urgency"
 
@@ -195,6 +204,12 @@ class NoInput:
 @dataclass(frozen=True, slots=True)
 class PromptDone:
     """The last :class:`Play` finished or was stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFailed:
+    """The last :class:`Play` could not be played: text to speech failed, or the worker could
+    not open or send its file (``PlayDone.failed``). The caller heard none of it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +269,7 @@ Event = (
     | SpeechResult
     | NoInput
     | PromptDone
+    | PromptFailed
     | WebhookResult
     | TransferResult
     | RecordDone
@@ -434,6 +450,10 @@ class CallState:
     closed_asks: int = 0  # questions asked again after a 0 while the desk was closed
     steps: int = 0  # path steps taken, those the cap (MAX_PATH_STEPS) cut included
     recorded: bool = False  # a message recorded, or tried: kept past the path's cut
+    # The question's prompt under way (its text before rendering), played again should it
+    # fail; and whether the one under way is that second try.
+    asked: str = ""
+    prompt_retried: bool = False
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -619,6 +639,10 @@ class Engine:
                     [],
                 )
             )
+        if isinstance(event, PromptFailed):
+            if state.phase is Phase.PLAYING:
+                return self._prompt_failed(state, flow, node)
+            return state, []
         if isinstance(event, Digit):
             return self._digit(state, flow, node, event.key)
         if isinstance(event, SpeechResult):
@@ -662,6 +686,27 @@ class Engine:
             return state, [self._play(state, flow, text, barge_in=False)]
         why, said = ("no message", "record_silent") if ev.silent else ("not saved", "record_failed")
         return self._to_human(state, flow, why, [], before=flow.texts(said))
+
+    def _prompt_failed(self, state: CallState, flow: Flow, node: Node | None) -> Result:
+        """The prompt under way was not heard at all. A question stays unheard: no key
+        typed before or during it answers it but as type-ahead may (an urgent question's
+        "yes" or 0 only), and it is asked once more; failed again, it is given up as one the
+        caller cannot answer (a question nobody hears cannot be answered by silence either).
+        Any other prompt is skipped: what follows it still reaches the caller."""
+        state = self._step(state, PROMPT_FAILED)
+        if state.pending is not Pending.LISTEN or not isinstance(node, Ask):
+            return self._prompt_done(state, flow, node)
+        if not state.prompt_retried:
+            text = state.asked or flow.ask_prompt(node, self.speech_on(flow, node))
+            new, actions = self._prompt(state, flow, node, text, [])
+            return replace(new, prompt_retried=True), actions
+        # Keys typed while it failed answer nothing after it; a 0 among them asks for what
+        # this does anyway, or (on_fail) for a human at the next question.
+        state = replace(state, typeahead="0" if "0" in state.typeahead else "")
+        state = self._unanswered(state, node)
+        if node.on_fail is None:
+            return self._to_human(state, flow, PROMPT_FAILED, [])
+        return self._enter(state, flow, node.on_fail, [])
 
     def _prompt_done(self, state: CallState, flow: Flow, node: Node | None) -> Result:
         if state.pending is Pending.LISTEN and isinstance(node, Ask):
@@ -891,7 +936,14 @@ class Engine:
     def _prompt(
         self, state: CallState, flow: Flow, ask: Ask, text: str, actions: list[Action]
     ) -> Result:
-        state = replace(state, phase=Phase.PLAYING, pending=Pending.LISTEN, barge_in=ask.barge_in)
+        state = replace(
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.LISTEN,
+            barge_in=ask.barge_in,
+            asked=text,
+            prompt_retried=False,
+        )
         return state, [*actions, self._play(state, flow, text, barge_in=ask.barge_in)]
 
     def _consume_typeahead(

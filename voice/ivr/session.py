@@ -18,7 +18,10 @@ only the end of the prompt the engine waits for becomes a ``PromptDone``; the en
 that was stopped, replaced or is a tone is never taken for the end of the next one. That also
 holds for an end queued just before the engine went on (a key pressed as the prompt ended):
 each end carries the number of the engine's prompt it belongs to, and is dropped on dequeue
-when the engine has played or stopped a prompt since.
+when the engine has played or stopped a prompt since. A prompt the caller heard none of (its
+text to speech failed, or the worker's ``PlayDone`` says ``failed``: the file could not be
+opened or sent) is a ``PromptFailed``, never a ``PromptDone``: the engine decides what an
+unheard question means (voice/ivr/engine.py). The first such failure of a call is logged.
 
 Transfers: the worker reports the REFER's progress (``TransferStatus``), read by
 :func:`voice.sip.refer.verdict`. A final 2xx is a transfer done, a final error a transfer
@@ -191,6 +194,7 @@ class CallSession:
         # count of its Play, and is stale (dropped) when the engine has gone on since.
         self._prompt_seq = 0
         self._play_waiters: dict[int, asyncio.Future[None]] = {}  # tones waited for
+        self._play_failed = False  # a prompt could not be played: logged once a call
         self._private_wavs: dict[int, Path] = {}  # play id: a render of this call's data
         self._listening = False
         self._listen_max_digits = 1
@@ -401,7 +405,7 @@ class CallSession:
                     # queued (a key pressed as it ended): not the end of the one that plays.
                     actions = []  # carried out already: the loop's top must not repeat them
                     continue
-                event = eng.PromptDone()
+                event = eng.PromptFailed() if event.failed else eng.PromptDone()
             if isinstance(event, _Heard):
                 if event.where != (state.flow, state.node):
                     # Words for a question the call has left: a key answered it as they were
@@ -485,9 +489,10 @@ class CallSession:
                 wav = await self._d.renderer.render(
                     action.text, voice=action.language, cache=not action.private
                 )
-        except TtsError:
-            log.exception("call %s: prompt could not be rendered", self._h.id)
-            self._events.put_nowait(_PromptEnd(self._prompt_seq))
+        except TtsError as exc:
+            # The error names espeak-ng's failure, never the text (which may be the caller's).
+            self._failed_play("text to speech failed", exc)
+            self._events.put_nowait(_PromptEnd(self._prompt_seq, failed=True))
             return
         # No await between the play going out and the id being kept: its PlayDone is handled
         # by another task, which cannot run in between.
@@ -503,6 +508,19 @@ class CallSession:
             await self._arm_recogniser(state)
         else:
             self._disarm()  # a prompt nobody may talk over
+
+    def _failed_play(self, why: str, exc: BaseException | None = None) -> None:
+        """Log the first prompt of the call the caller did not hear (a full disk or a broken
+        text to speech fails every one: said once, not at each prompt). Never its text. A
+        fault of ours (``exc``: the text to speech) is an error, with its traceback; the
+        worker has logged its own failure already."""
+        if not self._play_failed:
+            self._play_failed = True
+            level = logging.ERROR if exc is not None else logging.WARNING
+            msg = "call %s: a prompt could not be played (%s)"
+            log.log(level, msg, self._h.id, why, exc_info=exc)
+        else:
+            log.debug("call %s: a prompt could not be played", self._h.id)
 
     async def _stop_prompt(self) -> None:
         """Stop the prompt that plays, once: its PlayDone is then not a PromptDone.
@@ -654,7 +672,9 @@ class CallSession:
                     tone.set_result(None)
                 elif ev.play_id and ev.play_id == self._prompt_play:
                     self._prompt_play = 0
-                    self._events.put_nowait(_PromptEnd(self._prompt_seq))
+                    if ev.failed:
+                        self._failed_play("the worker could not play it")
+                    self._events.put_nowait(_PromptEnd(self._prompt_seq, ev.failed))
                 else:
                     log.debug("call %s: end of play %s ignored", self._h.id, ev.play_id)
             elif isinstance(ev, TransferStatus):
@@ -947,9 +967,11 @@ class CallSession:
 
 @dataclass(frozen=True, slots=True)
 class _PromptEnd:
-    """The end of the engine's prompt ``seq`` (see ``CallSession._prompt_seq``)."""
+    """The end of the engine's prompt ``seq`` (see ``CallSession._prompt_seq``); ``failed``:
+    none of it was heard."""
 
     seq: int
+    failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

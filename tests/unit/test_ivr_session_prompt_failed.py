@@ -1,0 +1,179 @@
+"""A prompt the caller never heard, through the real ``CallSession`` and the shipped flows.
+
+The worker says so with ``PlayDone(failed=True)`` (pjsua2 could not open or send the file, or
+the call was gone); text to speech says so by raising. A question whose prompt failed was not
+heard: keys follow the not-heard rules (on a danger sign only its "yes" or 0 counts), it is
+asked once more, and failed again it goes to the flow's human at U2 at least (README, "Safety
+rules of the triage"). Any other prompt that failed is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_ivr_session_races import Rig, _digit, _done, _to_breathing
+from voice.ivr import engine as eng
+from voice.ivr.flow import FlowParams
+from voice.ivr.triage import Urgency
+from voice.media.tts import TtsError
+from voice.sip.protocol import PlayDone
+
+
+def _failed(play_id: int) -> PlayDone:
+    return PlayDone("call-1", play_id, failed=True)
+
+
+async def _to_chest(rig: Rig) -> int:
+    """Breathing heard in full and answered 2 (no): the chest-pain prompt plays."""
+    breathing = await _to_breathing(rig)
+    rig.call.send(_done(breathing))
+    await rig.until(lambda: rig.session._listening)
+    rig.call.send(_digit("2"))
+    return await rig.until_prompt("chest pain")
+
+
+def _transferred_to(rig: Rig, uri: str) -> bool:
+    return any(c == "transfer" and str(a).startswith(f"<{uri}") for c, a in rig.call.commands)
+
+
+def _outcome(rig: Rig) -> str:
+    state = rig.session._state
+    return "" if state is None else state.outcome
+
+
+def _chest_plays(rig: Rig) -> int:
+    return sum("chest pain" in text for _, text in rig.call.plays())
+
+
+async def test_a_key_after_a_danger_sign_that_failed_to_play_does_not_answer_it() -> None:
+    # A double press of "2" (no to breathing) reaches us just after the chest-pain prompt
+    # failed to play: the caller never heard the question, and the 2 must not say "no" to it.
+    rig = Rig(speech=False)
+    chest = await _to_chest(rig)
+    rig.call.send(_failed(chest), _digit("2"))
+    await rig.settle()
+    state = rig.session._state
+    assert state is not None
+    assert not any(k == "chest_pain" for k, _ in state.values), "answered, never heard"
+    assert state.node == "chest", state.node
+    assert not any("unconscious" in text for _, text in rig.call.plays())
+    await rig.until(lambda: _chest_plays(rig) == 2)  # asked once more
+    # Heard the second time: its own answer counts.
+    rig.call.send(_done(rig.call.last_play()[0]))
+    await rig.until(lambda: rig.session._listening)
+    rig.call.send(_digit("2"))
+    await rig.until_prompt("unconscious")
+    await rig.finish()
+    (saved,) = rig.saved
+    assert ("chest_pain", "no") in saved.record.values
+    assert any(s.input == eng.PROMPT_FAILED and s.node == "chest" for s in saved.record.path)
+
+
+async def test_a_danger_sign_that_fails_twice_goes_to_the_nurse_at_u2() -> None:
+    rig = Rig(speech=False)
+    chest = await _to_chest(rig)
+    rig.call.send(_failed(chest))
+    await rig.settle()
+    assert _chest_plays(rig) == 2, "not asked again: the caller heard nothing"
+    rig.call.send(_digit("2"), _failed(rig.call.last_play()[0]))
+    await rig.settle()
+    state = rig.session._state
+    assert state is not None
+    assert not any(k == "chest_pain" for k, _ in state.values), "answered, never heard"
+    connecting = await rig.until_prompt("Connecting you to a nurse")
+    rig.call.send(_done(connecting))
+    await rig.until(lambda: any(c == "transfer" for c, _ in rig.call.commands))
+    await rig.finish()
+    (saved,) = rig.saved
+    record = saved.record
+    assert record.urgency is not None and record.urgency <= Urgency.U2, record.urgency
+    assert "unanswered: chest" in record.reasons, record.reasons
+    assert eng.PROMPT_FAILED in record.reasons, record.reasons
+    assert not any(k == "chest_pain" for k, _ in record.values)
+
+
+async def test_a_danger_sign_whose_text_to_speech_fails_is_not_answered() -> None:
+    rig = Rig(speech=False)
+    render = rig.renderer.render
+    tries: list[str] = []
+
+    async def failing(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+        if "chest pain" in text:
+            tries.append(text)
+            raise TtsError("espeak-ng failed to synthesise (status 1)")
+        return await render(text, voice=voice, cache=cache)
+
+    rig.renderer.render = failing  # type: ignore[method-assign]
+    breathing = await _to_breathing(rig)
+    rig.call.send(_done(breathing))
+    await rig.until(lambda: rig.session._listening)
+    rig.call.send(_digit("2"))
+    await rig.until(lambda: bool(tries))
+    await rig.settle()
+    rig.call.send(_digit("2"))  # a double press, just after the prompt failed
+    await rig.settle()
+    state = rig.session._state
+    assert state is not None
+    assert not any(k == "chest_pain" for k, _ in state.values), "answered, never heard"
+    connecting = await rig.until_prompt("Connecting you to a nurse")
+    assert len(tries) == 2, tries  # made once more before giving up
+    rig.call.send(_done(connecting))
+    await rig.until(lambda: any(c == "transfer" for c, _ in rig.call.commands))
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.urgency is not None and saved.record.urgency <= Urgency.U2
+    assert "unanswered: chest" in saved.record.reasons
+    assert not any(k == "chest_pain" for k, _ in saved.record.values)
+
+
+async def test_prompts_that_all_fail_reach_a_human_not_noinput_counters(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every play fails (the media is broken): the intro, a message, is skipped; the first
+    # question is tried twice, then the nurse; "connecting you" is skipped, the transfer goes.
+    # Logged once, at WARNING, naming the call.
+    rig = Rig(speech=False)
+    caplog.set_level(logging.DEBUG, logger="voice")
+    rig.start()
+    intro = await rig.until_prompt("I will ask you a few questions")
+    rig.call.send(_failed(intro))
+    who = await rig.until_prompt("Is this call about yourself")
+    rig.call.send(_failed(who))
+    await rig.until(lambda: len(rig.call.plays()) == 3)
+    rig.call.send(_failed(rig.call.last_play()[0]))
+    connecting = await rig.until_prompt("Connecting you to a nurse")
+    rig.call.send(_failed(connecting))
+    await rig.until(lambda: _transferred_to(rig, FlowParams().nurse_uri))
+    await rig.finish()  # hangs up while the transfer rings
+    (saved,) = rig.saved
+    assert saved.record.outcome == "hung_up_before_transfer", saved.record.outcome
+    assert not any(s.input == "noinput" for s in saved.record.path), saved.record.path
+    warned = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "could not be played" in r.getMessage()
+    ]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert "call-1" in warned[0].getMessage()
+
+
+async def test_a_menu_whose_prompt_fails_twice_goes_to_staff() -> None:
+    rig = Rig(called="6000", speech=False)
+    rig.start()
+    welcome = await rig.until_prompt("Welcome")
+    rig.call.send(_done(welcome))
+    menu = await rig.until_prompt("How can I help")
+    rig.call.send(_failed(menu))
+    await rig.until(lambda: sum("How can I help" in t for _, t in rig.call.plays()) == 2)
+    rig.call.send(_failed(rig.call.last_play()[0]))
+    await rig.until(lambda: _outcome(rig) != "")
+    assert _outcome(rig) == "transfer_staff", _outcome(rig)
+    state = rig.session._state
+    assert state is not None
+    assert state.triage is None  # no triage: nothing to raise
+    rig.call.send(_done(rig.call.last_play()[0]))  # "connecting you"
+    await rig.until(lambda: _transferred_to(rig, FlowParams().staff_uri))
+    await rig.finish()
