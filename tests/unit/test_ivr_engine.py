@@ -1623,3 +1623,72 @@ def test_an_urgent_question_that_failed_twice_takes_its_on_fail_at_u2(tmp_path: 
     assert texts(actions) == ["Let me put you through."]
     assert state.triage is not None and state.triage.urgency is Urgency.U2
     assert "unanswered: short" in state.triage.reasons
+
+
+ADVICE_FLOW = """\
+id: g
+language: en
+human: staff
+start: fever
+nodes:
+  fever:
+    ask:
+      prompt: "Is the fever over 39 degrees?"
+      choices:
+        - {key: "1", phrases: ["yes"], urgency: U3, reason: high fever, goto: advice}
+        - {key: "2", phrases: ["no"], goto: bye}
+  advice:
+    hangup: >-
+      You should see a doctor today. The practice is closed, so call the out-of-hours
+      service now. In an emergency, call {emergency_number}. Goodbye.
+    outcome: same_day
+  bye:
+    hangup: "Thank you for calling. Goodbye."
+"""
+ADVICE = (
+    "You should see a doctor today. The practice is closed, so call the out-of-hours service "
+    "now. In an emergency, call 112. Goodbye."
+)
+
+
+def _advice_call(tmp_path: Path, key: str) -> tuple[Engine, CallState]:
+    (tmp_path / "g.yaml").write_text(ADVICE_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    state, _ = engine.start(engine.flowset.get("g"))
+    state, _ = engine.handle(state, DONE)
+    state, _ = engine.handle(state, Digit(key))
+    assert state.pending is Pending.HANGUP
+    return engine, state
+
+
+def test_a_triage_advice_that_failed_is_said_again_then_the_nurse_takes_the_call(
+    tmp_path: Path,
+) -> None:
+    # "See a doctor today, call the out-of-hours service now" unheard: the call must not end
+    # in silence with the advice recorded as given.
+    engine, state = _advice_call(tmp_path, "1")
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == [ADVICE] and state.pending is Pending.HANGUP
+    state, actions = engine.handle(state, FAILED)
+    assert state.phase is not Phase.ENDED
+    assert (state.pending, state.transfer_uri) == (Pending.TRANSFER, NURSE)
+    assert state.triage is not None and PROMPT_FAILED in state.triage.reasons
+    state, actions = engine.handle(state, FAILED)  # "connecting you" unheard: put through
+    assert [type(a) for a in actions] == [TransferCall]
+
+
+def test_a_triage_advice_that_failed_asks_the_nurse_once(tmp_path: Path) -> None:
+    # The nurse could not be reached: the message's thanks that fail end the call, no loop.
+    engine, state = _advice_call(tmp_path, "1")
+    events: list[Event] = [FAILED, FAILED, FAILED, TransferResult(False), DONE]
+    for event in [*events, RecordDone("vm", 5.0)]:
+        state, actions = engine.handle(state, event)
+    assert (state.pending, state.outcome) == (Pending.HANGUP, "message_left")
+    state, actions = engine.handle(state, FAILED)
+    assert state.phase is Phase.ENDED and any(isinstance(a, HangupCall) for a in actions)
+
+
+def test_a_goodbye_that_failed_ends_the_call(tmp_path: Path) -> None:
+    engine, state = _advice_call(tmp_path, "2")
+    state, actions = engine.handle(state, FAILED)
+    assert state.phase is Phase.ENDED and any(isinstance(a, HangupCall) for a in actions)

@@ -17,8 +17,9 @@ VoiceXML semantics kept here:
 * a question whose prompt failed was not heard: it stays unheard (keys then follow the
   type-ahead rules below) and its prompt is played once more; failed again, the question is
   given up as one the caller cannot answer (its ``on_fail`` or the flow's human, at U2 at
-  least on an urgent question, path step :data:`PROMPT_FAILED`). Any other prompt that
-  failed (a say, "connecting you", a goodbye) is skipped;
+  least on an urgent question, path step :data:`PROMPT_FAILED`). A triage's advice (its
+  goodbye's last words) is said once more too, and unheard again the nurse takes the call.
+  Any other prompt that failed (a say, "connecting you", a goodbye) is skipped;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * a webhook reply's fields become values ``<save>.<name>`` only when a flow reads them
@@ -450,8 +451,8 @@ class CallState:
     closed_asks: int = 0  # questions asked again after a 0 while the desk was closed
     steps: int = 0  # path steps taken, those the cap (MAX_PATH_STEPS) cut included
     recorded: bool = False  # a message recorded, or tried: kept past the path's cut
-    # The question's prompt under way (its text before rendering), played again should it
-    # fail; and whether the one under way is that second try.
+    # The question's prompt (or the last words) under way, its text before rendering: played
+    # again should it fail; and whether the one under way is that second try.
     asked: str = ""
     prompt_retried: bool = False
 
@@ -514,6 +515,17 @@ def phrase_in(phrase: str, heard: str) -> bool:
 def _urgent(state: CallState) -> bool:
     """Whether the triage has made the call urgent (U2 or more): the safety rules' line."""
     return state.triage is not None and state.triage.urgency <= Urgency.U2
+
+
+def _advice(state: CallState, node: Node | None) -> bool:
+    """Whether the prompt under way is a triage's advice, the last words of a triage's
+    goodbye (its outcome is a triage action), before any transfer was tried."""
+    return (
+        state.pending is Pending.HANGUP
+        and isinstance(node, Hangup)
+        and state.triage_action is not None
+        and state.transfer_uri is None
+    )
 
 
 def _tellable(state: CallState) -> bool:
@@ -694,6 +706,14 @@ class Engine:
         caller cannot answer (a question nobody hears cannot be answered by silence either).
         Any other prompt is skipped: what follows it still reaches the caller."""
         state = self._step(state, PROMPT_FAILED)
+        if _advice(state, node):
+            # A triage's last words are its advice ("see a doctor today, call the out-of-hours
+            # service now"): said once more; unheard again, the nurse gives it, rather than
+            # the call ending in silence with the advice on record as given.
+            if not state.prompt_retried and state.asked:
+                state = replace(state, prompt_retried=True)
+                return state, [self._play(state, flow, state.asked, barge_in=False)]
+            return self._to_human(state, flow, PROMPT_FAILED, [], text="safety_escalation")
         if state.pending is not Pending.LISTEN or not isinstance(node, Ask):
             return self._prompt_done(state, flow, node)
         if not state.prompt_retried:
@@ -1304,7 +1324,13 @@ class Engine:
         """Play ``text`` (after ``before``), nobody talking over it; the call ends after it.
         ``changes``: other fields of the state to set with it (the outcome, ...)."""
         state = replace(
-            state, phase=Phase.PLAYING, pending=Pending.HANGUP, barge_in=False, **changes
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.HANGUP,
+            barge_in=False,
+            asked=text,
+            prompt_retried=False,
+            **changes,
         )
         return state, [*before, self._play(state, flow, text, barge_in=False)]
 
