@@ -14,7 +14,7 @@ from sip_config.clock import FakeClock
 from tests.conftest import sip_settings
 from voice.sip import message
 from voice.sip.flash_dialog import TIMER_B_S, TIMER_D_S
-from voice.sip.flash_uac import FlashUac, _Late
+from voice.sip.flash_uac import FlashHandle, FlashUac, _Late
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import OutboundCall
 
@@ -114,13 +114,11 @@ async def test_a_fork_answering_within_64_t1_is_still_hung_up_once(
     assert recorder.take() == ["ACK"]
 
 
-async def test_a_fork_answering_a_cancelled_call_gets_its_own_ack_and_a_bye(
-    agent: tuple[FlashUac, FakeClock, Recorder],
-) -> None:
-    # A forking proxy forwards a 2xx of another fork after the 487 (RFC 3261 9.1,
-    # 13.2.2.4): the call kept only the 487's ACK, so that 2xx got it back (the 487's To
-    # tag, the INVITE's branch) and no BYE: that phone stayed off hook, connected to nobody.
-    uac, clock, recorder = agent
+async def _rung_and_cancelled(
+    uac: FlashUac, recorder: Recorder
+) -> tuple[FlashHandle, message.SipMessage, message.SipMessage]:
+    """A flash call placed, ringing (To tag ``ring``) and hung up: its INVITE and CANCEL
+    sent, nothing else yet."""
     call = OutboundCall(f"sip:+14155556001@{PHONE[0]}:{PHONE[1]}", "+447400123456", True)
     handle = await uac.place_call(call)
     (invite,) = recorder.sent
@@ -129,6 +127,17 @@ async def test_a_fork_answering_a_cancelled_call_gets_its_own_ack_and_a_bye(
     await handle.hangup()
     (cancel,) = recorder.sent
     recorder.take()
+    return handle, invite, cancel
+
+
+async def test_a_fork_answering_a_cancelled_call_gets_its_own_ack_and_a_bye(
+    agent: tuple[FlashUac, FakeClock, Recorder],
+) -> None:
+    # A forking proxy forwards a 2xx of another fork after the 487 (RFC 3261 9.1,
+    # 13.2.2.4): the call kept only the 487's ACK, so that 2xx got it back (the 487's To
+    # tag, the INVITE's branch) and no BYE: that phone stayed off hook, connected to nobody.
+    uac, clock, recorder = agent
+    handle, invite, cancel = await _rung_and_cancelled(uac, recorder)
     uac.datagram_received(message.serialise_response(cancel, 200, to_tag="ring"), PHONE)
     uac.datagram_received(message.serialise_response(invite, 487, to_tag="ring"), PHONE)
     assert recorder.take() == ["ACK"]
@@ -193,14 +202,7 @@ async def test_a_4xx_to_the_cancel_after_the_end_is_not_acked(
     # A cancelled call's kept ACK went back for any non-2xx with its Call-ID, also a 481 to
     # the CANCEL (a non-INVITE's final is never ACKed: RFC 3261 17.1.1).
     uac, _, recorder = agent
-    call = OutboundCall(f"sip:+14155556001@{PHONE[0]}:{PHONE[1]}", "+447400123456", True)
-    handle = await uac.place_call(call)
-    (invite,) = recorder.sent
-    recorder.take()
-    uac.datagram_received(message.serialise_response(invite, 180, to_tag="ring"), PHONE)
-    await handle.hangup()
-    (cancel,) = recorder.sent
-    recorder.take()
+    _, invite, cancel = await _rung_and_cancelled(uac, recorder)
     uac.datagram_received(message.serialise_response(invite, 487, to_tag="ring"), PHONE)
     assert recorder.take() == ["ACK"]
     for status in (481, 408, 200):

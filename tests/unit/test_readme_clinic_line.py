@@ -4,17 +4,16 @@ flows post, and the closed desk's outcomes (users and the product owner rely on 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from clinic_voice.clinic_line import FINDINGS_SHOWN, VOICEMAIL_SWEEP_S
 from tests.readme_text import folded
+from tests.unit.test_ivr_simulate import run as run_simulator
 from voice.ivr import engine, erasure, journal, live_record, session, store
 from voice.ivr.api import CALL_UNDER_WAY_RETRY_S
 from voice.ivr.flow import INTER_DIGIT_S, MAX_AGE_YEARS, FlowParams, Webhook, load_flows
-from voice.ivr.simulate import main as simulate
 from voice.media.tones import RINGBACK
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,19 +78,6 @@ def test_the_readme_names_every_request_the_shipped_flows_post() -> None:
     paragraph = paragraph[: paragraph.index("Any 2xx answer is success")]
     missing = sorted(r for r in requests if f'`"{r}"`' not in paragraph)
     assert not missing, f"requests the shipped flows post that the README does not name: {missing}"
-
-
-def run_simulator(argv: list[str], lines: list[str]) -> tuple[int, list[str]]:
-    feed: Iterator[str] = iter(lines)
-    out: list[str] = []
-
-    def read(prompt: str) -> str:
-        try:
-            return next(feed)
-        except StopIteration:
-            raise EOFError from None
-
-    return simulate(argv, input_fn=read, output_fn=out.append), out
 
 
 def test_a_0_with_no_question_left_while_closed_keeps_the_goodbyes_outcome(
