@@ -584,11 +584,7 @@ def _run(coro_fn: Callable[[], Any]) -> None:
             mp.setattr(asyncio, "to_thread", _inline)
             loop.run_until_complete(coro_fn())
             loop.run_until_complete(asyncio.sleep(1.0))  # the worker's last replies
-            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for t in left:
-                t.cancel()
-            if left:
-                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.cancel_left()
     finally:
         loop.close()
     assert not problems, problems

@@ -414,11 +414,7 @@ def _run(rig: Rig, far: Far, path: str) -> list[dict[str, Any]]:
                 gc.collect()
                 loop.run_until_complete(asyncio.sleep(0))
             finally:
-                left = asyncio.all_tasks(loop)
-                for task in left:
-                    task.cancel()
-                if left:
-                    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+                loop.cancel_left()
                 asyncio.set_event_loop(None)
     finally:
         loop.close()
