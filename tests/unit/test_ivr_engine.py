@@ -1678,17 +1678,103 @@ def test_a_triage_advice_that_failed_is_said_again_then_the_nurse_takes_the_call
 
 
 def test_a_triage_advice_that_failed_asks_the_nurse_once(tmp_path: Path) -> None:
-    # The nurse could not be reached: the message's thanks that fail end the call, no loop.
+    # The nurse could not be reached: the message's thanks that fail (twice: last words are
+    # said once more) end the call, no loop.
     engine, state = _advice_call(tmp_path, "1")
     events: list[Event] = [FAILED, FAILED, FAILED, TransferResult(False), DONE]
     for event in [*events, RecordDone("vm", 5.0)]:
         state, actions = engine.handle(state, event)
     assert (state.pending, state.outcome) == (Pending.HANGUP, "message_left")
     state, actions = engine.handle(state, FAILED)
+    assert state.phase is Phase.PLAYING and len(texts(actions)) == 1
+    state, actions = engine.handle(state, FAILED)
     assert state.phase is Phase.ENDED and any(isinstance(a, HangupCall) for a in actions)
 
 
-def test_a_goodbye_that_failed_ends_the_call(tmp_path: Path) -> None:
+def test_a_goodbye_that_failed_twice_ends_the_call(tmp_path: Path) -> None:
     engine, state = _advice_call(tmp_path, "2")
     state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == ["Thank you for calling. Goodbye."]  # last words: once more
+    state, actions = engine.handle(state, FAILED)
+    assert state.phase is Phase.ENDED and any(isinstance(a, HangupCall) for a in actions)
+    assert state.outcome == "completed"
+
+
+# A question's on_fail that leads back to a question: flow check accepts it (each lap waits
+# for the caller), and a caller who cannot answer goes round with the noinput counters.
+ROUND_FLOW = """\
+id: r
+language: en
+human: staff
+start: first
+nodes:
+  first:
+    ask:
+      prompt: "Press 1 for a call back."
+      on_fail: once_more
+      choices:
+        - {key: "1", phrases: ["yes"], goto: bye}
+  once_more:
+    say: "Let us try that once more."
+    next: first
+  bye:
+    hangup: "Goodbye."
+"""
+
+
+def test_prompts_that_keep_failing_round_an_on_fail_loop_reach_the_human(
+    tmp_path: Path,
+) -> None:
+    # Every prompt fails (a broken media path): the question given up takes its on_fail,
+    # which asks it again. Failures come at once, nothing waits for the caller: the call
+    # must reach a human, not go round in silence until MAX_CALL_S.
+    (tmp_path / "r.yaml").write_text(ROUND_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams(open_now=lambda: True))
+    state, _ = engine.start(engine.flowset.get("r"))
+    transfers: list[TransferCall] = []
+    for _ in range(20):
+        state, actions = engine.handle(state, FAILED)
+        transfers += [a for a in actions if isinstance(a, TransferCall)]
+        if transfers:
+            break
+    assert [t.uri for t in transfers] == [STAFF], (state.node, state.pending)
+    given_up = [s for s in state.path if s.input == PROMPT_FAILED]
+    assert len(given_up) <= 6, len(given_up)  # twice, its on_fail's say, twice: the human
+
+
+def test_an_urgent_callers_last_words_that_failed_are_said_once_more(tmp_path: Path) -> None:
+    # Nobody could be reached: "hang up now and call 112" is all an urgent caller has left.
+    # Unheard, it is said once more before the call ends; unheard again, the call ends.
+    (tmp_path / "f.yaml").write_text(ON_FAIL_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    state, _ = engine.start(engine.flowset.get("f"))
+    events: list[Event] = [DONE, Digit("1"), DONE, TransferResult(False), DONE]
+    for event in [*events, TransferResult(False)]:
+        state, actions = engine.handle(state, event)
+    assert state.triage is not None and state.triage.urgency <= Urgency.U2
+    last = texts(actions)
+    assert len(last) == 1 and "call 112" in last[0] and state.pending is Pending.HANGUP
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == last and state.phase is Phase.PLAYING
+    state, actions = engine.handle(state, FAILED)
+    assert state.phase is Phase.ENDED and any(isinstance(a, HangupCall) for a in actions)
+    assert state.outcome == "transfer_failed"
+
+
+def test_a_closed_notice_that_failed_is_said_once_more(engine: Engine) -> None:
+    # Out of hours, a 0 asked three times, then once more: the notice (the out-of-hours and
+    # emergency numbers) and the call ends, as out_of_hours: "the caller was told so".
+    # Unheard, it is said once more; unheard again, the call ends.
+    closed = Engine(engine.flowset, replace(engine.params, open_now=lambda: False))
+    state, _ = closed.start(closed.flowset.get("t"))
+    zero_again: list[Event] = [Digit("0"), DONE]
+    events: list[Event] = [DONE, DONE, *zero_again * 3, Digit("0")]
+    for event in events:
+        state, actions = closed.handle(state, event)
+    notice = texts(actions)
+    assert len(notice) == 1 and "112" in notice[0] and state.pending is Pending.HANGUP
+    assert state.outcome == "out_of_hours"
+    state, actions = closed.handle(state, FAILED)
+    assert texts(actions) == notice and state.phase is Phase.PLAYING
+    state, actions = closed.handle(state, FAILED)
     assert state.phase is Phase.ENDED and any(isinstance(a, HangupCall) for a in actions)

@@ -9,6 +9,7 @@ rules of the triage"). Any other prompt that failed is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -177,3 +178,48 @@ async def test_a_menu_whose_prompt_fails_twice_goes_to_staff() -> None:
     rig.call.send(_done(rig.call.last_play()[0]))  # "connecting you"
     await rig.until(lambda: _transferred_to(rig, FlowParams().staff_uri))
     await rig.finish()
+
+
+ROUND_FLOW = """\
+id: r
+language: en
+human: staff
+start: first
+nodes:
+  first:
+    ask:
+      prompt: "Press 1 for a call back."
+      on_fail: once_more
+      choices:
+        - {key: "1", phrases: ["yes"], goto: bye}
+  once_more:
+    say: "Let us try that once more."
+    next: first
+  bye:
+    hangup: "Goodbye."
+"""
+
+
+async def test_a_broken_text_to_speech_round_an_on_fail_loop_reaches_a_human(
+    tmp_path: Path,
+) -> None:
+    # A question's on_fail that asks it again (flow check accepts it: each lap waits for the
+    # caller). With every render failing nothing waits for the caller: the call must reach
+    # staff, not go round in silence, rewriting its record, until MAX_CALL_S.
+    (tmp_path / "r.yaml").write_text(ROUND_FLOW, encoding="utf-8")
+    (tmp_path / "routes.yaml").write_text("default: r\nroutes: {}\n", encoding="utf-8")
+    rig = Rig(called="r", speech=False, flows=tmp_path)
+    tries: list[str] = []
+
+    async def broken(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+        await asyncio.sleep(0)  # as the speech thread's future: the loop runs in between
+        tries.append(text)
+        raise TtsError("espeak-ng failed to initialise")
+
+    rig.renderer.render = broken  # type: ignore[method-assign]
+    rig.start()
+    await rig.until(lambda: _transferred_to(rig, FlowParams().staff_uri))
+    assert len(tries) <= 6, len(tries)  # twice, its on_fail's say, twice, "connecting you"
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == "hung_up_before_transfer", saved.record.outcome

@@ -17,9 +17,11 @@ VoiceXML semantics kept here:
 * a question whose prompt failed was not heard: it stays unheard (keys then follow the
   type-ahead rules below) and its prompt is played once more; failed again, the question is
   given up as one the caller cannot answer (its ``on_fail`` or the flow's human, at U2 at
-  least on an urgent question, path step :data:`PROMPT_FAILED`). A triage's advice (its
-  goodbye's last words) is said once more too, and unheard again the nurse takes the call.
-  Any other prompt that failed (a say, "connecting you", a goodbye) is skipped;
+  least on an urgent question, path step :data:`PROMPT_FAILED`); after
+  :data:`MAX_UNHEARD_ASKS` such questions, the flow's human, never the ``on_fail``. Last
+  words (a goodbye, a triage's advice, the closed notice, "call 112") are said once more
+  too; unheard again, the call ends, but for a triage's advice: the nurse takes the call.
+  Any other prompt that failed (a say, "connecting you") is skipped;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * a webhook reply's fields become values ``<save>.<name>`` only when a flow reads them
@@ -167,6 +169,12 @@ MAX_REPLY_VALUE_CHARS = 500
 # The path step of a prompt the caller did not hear (PromptFailed), and the reason the triage
 # notes when a question is given up for it.
 PROMPT_FAILED = "prompt_failed"
+# Questions given up unheard (their prompt failed twice) that take their ``on_fail`` in one
+# call; the next goes to the flow's human. Prompts that keep failing are a broken text to
+# speech or media path, and an on_fail that leads back to a question (flow check accepts it:
+# each lap waits for the caller) would go round in silence, a failure needing no caller,
+# until MAX_CALL_S.
+MAX_UNHEARD_ASKS = 1
 SUMMARY_HEADER = "X-Clinic-Summary"
 URGENCY_HEADER = "X-Clinic-Urgency"
 
@@ -455,6 +463,7 @@ class CallState:
     # again should it fail; and whether the one under way is that second try.
     asked: str = ""
     prompt_retried: bool = False
+    unheard_asks: int = 0  # questions given up because their prompt failed twice
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -704,16 +713,21 @@ class Engine:
         typed before or during it answers it but as type-ahead may (an urgent question's
         "yes" or 0 only), and it is asked once more; failed again, it is given up as one the
         caller cannot answer (a question nobody hears cannot be answered by silence either).
-        Any other prompt is skipped: what follows it still reaches the caller."""
+        Last words (a triage's advice, the closed notice, "call 112") are said once more
+        too. Any other prompt is skipped: what follows it still reaches the caller."""
         state = self._step(state, PROMPT_FAILED)
-        if _advice(state, node):
-            # A triage's last words are its advice ("see a doctor today, call the out-of-hours
-            # service now"): said once more; unheard again, the nurse gives it, rather than
-            # the call ending in silence with the advice on record as given.
+        if state.pending is Pending.HANGUP:
+            # Last words are what the caller leaves with: a triage's advice ("see a doctor
+            # today, call the out-of-hours service now"), the closed notice (the numbers to
+            # call; out_of_hours on record says it was told), an urgent caller's "hang up
+            # now and call 112" (nobody could be reached). Said once more; advice unheard
+            # again, the nurse gives it, rather than the call ending in silence with the
+            # advice on record as given; anything else unheard again, the call ends.
             if not state.prompt_retried and state.asked:
                 state = replace(state, prompt_retried=True)
                 return state, [self._play(state, flow, state.asked, barge_in=False)]
-            return self._to_human(state, flow, PROMPT_FAILED, [], text="safety_escalation")
+            if _advice(state, node):
+                return self._to_human(state, flow, PROMPT_FAILED, [], text="safety_escalation")
         if state.pending is not Pending.LISTEN or not isinstance(node, Ask):
             return self._prompt_done(state, flow, node)
         if not state.prompt_retried:
@@ -722,9 +736,13 @@ class Engine:
             return replace(new, prompt_retried=True), actions
         # Keys typed while it failed answer nothing after it; a 0 among them asks for what
         # this does anyway, or (on_fail) for a human at the next question.
-        state = replace(state, typeahead="0" if "0" in state.typeahead else "")
+        state = replace(
+            state,
+            typeahead="0" if "0" in state.typeahead else "",
+            unheard_asks=state.unheard_asks + 1,
+        )
         state = self._unanswered(state, node)
-        if node.on_fail is None:
+        if node.on_fail is None or state.unheard_asks > MAX_UNHEARD_ASKS:
             return self._to_human(state, flow, PROMPT_FAILED, [])
         return self._enter(state, flow, node.on_fail, [])
 
