@@ -45,6 +45,7 @@ from clinic_voice.redis_server import (
 from sip_config.clock import Clock, SystemClock
 from sip_config.private_file import write_private
 from sip_config.settings import Settings, SettingsError
+from sip_config.tasks import watch
 from verification import limits, rules
 from verification.api import VerificationApi
 from verification.callbacks import reachable
@@ -117,6 +118,20 @@ class Runtime:
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)
     # Run at a second SIGTERM or SIGINT (see hurry).
     hurry_hooks: list[Callable[[], None]] = field(default_factory=list)
+    # What failed for good while running (see fail): /readyz fails, serve stops and exits 1.
+    failed: str = ""
+
+    def fail(self, what: str) -> None:
+        """A task the service cannot do without died of a defect (its watch logged the
+        traceback: sip_config/tasks.py): /readyz fails from now on, and the service stops as
+        SIGTERM would, exiting 1, for its service manager to start it afresh. Kept running,
+        it was half-alive: an embedded Redis no longer restarted, timers no longer moved,
+        webhooks no longer sent, all while /readyz said ready."""
+        if self.failed:
+            return
+        self.failed = what
+        log.critical("stopping: %s failed", what)
+        _sigterm_once_handled()
 
     def hurry(self) -> None:
         """The stop was asked for again (serve: a second SIGTERM or SIGINT): what it waits
@@ -389,7 +404,7 @@ def build_app(
         url = settings.redis_url
         if not url:
             embedded = EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
-            url = await embedded.start()
+            url = await embedded.start(on_failure=rt.fail)
             log.info("embedded Redis started (unix socket in %s)", settings.data_dir)
             risk = redis_durability.assess("yes", settings.redis_appendfsync)
             if risk is not None:
@@ -442,6 +457,8 @@ def build_app(
             if embedded is not None
             else None
         )
+        if compacting is not None:
+            watch(compacting, log, "the append-only file's compaction", rt.fail)
         claiming: asyncio.Task[None] | None = None
         try:
             if worker is None:  # a worker has serve's secret: serve claims it
@@ -462,6 +479,7 @@ def build_app(
                     ),
                     name="secret-claim",
                 )
+                watch(claiming, log, "the CLINIC_SECRET claim", rt.fail)
             yield
         finally:
             for task in (durability, claiming, compacting):
@@ -514,8 +532,8 @@ def build_app(
             clock=clock,
             on_outcome=lambda outcome: metrics.webhooks.inc(outcome=outcome),
         )
-        rt.dispatcher.start()
-        sender.start()
+        rt.dispatcher.start(on_failure=rt.fail)
+        sender.start(on_failure=rt.fail)
         try:
             yield
         finally:
@@ -598,6 +616,8 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    if rt.failed:  # stopping on its own: see Runtime.fail
+        return problem(503, "not-ready", "Not ready", f"failed: {rt.failed}")
     if rt.stopping:  # a balancer must send nothing more here
         return problem(503, "not-ready", "Not ready", "stopping")
     checks: dict[str, bool] = {

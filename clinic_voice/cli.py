@@ -72,6 +72,19 @@ async def serve(settings: Settings, flowset: FlowSet) -> None:
         await _run_until_stopped(app, settings, started, signals.stop)
     finally:
         os.close(lock)  # everything it guards is stopped by now
+    _raise_if_failed(app)
+
+
+class ServiceFailed(RuntimeError):
+    """The service stopped on its own: a task it cannot do without died (Runtime.fail)."""
+
+
+def _raise_if_failed(app: web.Application) -> None:
+    from clinic_voice.app import RUNTIME
+
+    failed = app[RUNTIME].failed
+    if failed:
+        raise ServiceFailed(f"{failed} failed (its traceback is in the log)")
 
 
 def _refuse_taken_http_addr(settings: Settings) -> None:
@@ -110,6 +123,7 @@ async def http_worker(settings: Settings, index: int, control: Path) -> None:
         link.listening()
 
     await _run_until_stopped(app, settings, started, stop, also=link.lost)
+    _raise_if_failed(app)  # serve starts it again
 
 
 class _StopSignals:
@@ -315,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except _start_errors() as exc:
             log.error("cannot start: %s", exc)
             print(f"clinic-voice {args.command}: cannot start: {exc}", file=sys.stderr)
+            return 1
+        except ServiceFailed as exc:
+            print(f"clinic-voice {args.command}: stopped: {exc}", file=sys.stderr)
             return 1
         return 0
     try:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from clinic_voice.app import Runtime
 from clinic_voice.metrics import Metrics
 from sip_config.settings import Settings, SettingsError
+from sip_config.tasks import watch
 from verification.http_client import HttpClientError, IncompleteAnswer
 from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
@@ -212,6 +213,8 @@ class ClinicLine:
         self._rt.warming.add("prompts")
         self._prerender = asyncio.create_task(self._prerender_all(renderer, params))
         self._sweep = asyncio.create_task(self._sweep_voicemail())
+        # Without it voicemail outlives its retention: the service stops rather (Runtime.fail).
+        watch(self._sweep, log, "the voicemail sweep", self._rt.fail)
         # Records Redis did not take (a long outage, a stop): saved now and every 30 s.
         journal = self._new_journal()
         self._journal = journal
@@ -220,6 +223,7 @@ class ClinicLine:
         # /metrics shows what waits on disk as it is at each scrape (counted, never listed).
         self._stop_showing = watch_records_on_disk(self._rt.metrics, journal.on_disk)
         self._replay = asyncio.create_task(self._replay_journal(journal, lost))
+        watch(self._replay, log, "the call records' replay", self._rt.fail)
         self._deps = SessionDeps(
             engine=Engine(self._flowset, params),
             flowset=self._flowset,

@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from clinic_voice.metrics import Metrics, Snapshot
+from sip_config.tasks import watch
 from verification.dispatcher import Dispatcher
 from verification.model import Channel
 
@@ -188,6 +189,8 @@ class HttpWorkers:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A worker's keeper dying of a defect left it down for good, with nothing logged.
+        watch(task, log, f"task {name}")
 
     async def _keep_running(self, index: int) -> None:
         loop = asyncio.get_running_loop()

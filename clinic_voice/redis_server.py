@@ -38,6 +38,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from sip_config.tasks import cancel_and_wait, watch
+
 log = logging.getLogger(__name__)
 
 # AF_UNIX sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -175,8 +177,12 @@ class EmbeddedRedis:
         """The last lines ``redis-server`` wrote (for error messages and diagnostics)."""
         return list(self._lines)
 
-    async def start(self) -> str:
-        """Write the config, start ``redis-server``, wait for PING and begin supervising."""
+    async def start(self, on_failure: Callable[[str], None] | None = None) -> str:
+        """Write the config, start ``redis-server``, wait for PING and begin supervising.
+
+        The supervision dying of a defect (not the child exiting: that is restarted) is
+        logged with its traceback and told to ``on_failure``: Redis would no longer be
+        restarted, and a service should not stay half-alive without it."""
         if self._state not in {_State.IDLE, _State.STOPPED}:
             raise EmbeddedRedisError(f"embedded Redis is already {self._state}")
         if len(os.fsencode(self._socket)) > _MAX_SOCKET_PATH:
@@ -201,6 +207,7 @@ class EmbeddedRedis:
             raise
         self._set_state(_State.RUNNING)
         self._supervisor = asyncio.create_task(self._supervise(exe), name="embedded-redis")
+        watch(self._supervisor, log, "embedded Redis's supervision", on_failure)
         return self.url
 
     async def stop(self) -> None:
@@ -209,9 +216,8 @@ class EmbeddedRedis:
             return
         self._set_state(_State.STOPPING)
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            # A supervisor that died was logged by its watch: Redis is stopped all the same.
+            await cancel_and_wait(self._supervisor)
             self._supervisor = None
         proc = self._proc
         if proc is not None and proc.returncode is None:
@@ -335,16 +341,15 @@ class EmbeddedRedis:
         try:
             await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            exited.cancel()
             if not ready.done():
                 ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await exited
+            await cancel_and_wait(exited)
         if ready.done() and not ready.cancelled() and ready.exception() is None:
             log.info("embedded redis-server ready (pid %s) on %s", proc.pid, self._socket)
             return
-        with contextlib.suppress(asyncio.CancelledError, RedisNotReadyError):
-            await ready
+        failed = await cancel_and_wait(ready)
+        if failed is not None and not isinstance(failed, RedisNotReadyError):
+            raise failed
         if proc.returncode is not None:
             await self._reap_reader()
             why = f"exited with code {proc.returncode}"
@@ -369,9 +374,7 @@ class EmbeddedRedis:
             await asyncio.wait_for(self._reader, timeout=1.0)
         except TimeoutError:
             log.warning("embedded redis-server log pipe still open after exit")
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait(self._reader)  # wait_for cancelled it already (3.11)
         self._reader = None
 
     async def _supervise(self, exe: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
+from sip_config.tasks import watch
 from verification import codes, limits, rules
 from verification.channels.base import ChannelAdapter, Delivery, DeliveryReport
 from verification.errors import NotFound, NotPending, StoreUnavailable
@@ -178,8 +179,11 @@ class Dispatcher:
         return local and (fwd is None or all(fwd.ready(c) for c in self._forwarded))
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, on_failure: Callable[[str], None] | None = None) -> None:
+        """Start the timer loop; its death by a defect is logged and told to ``on_failure``
+        (the loop survives a failing round: only a defect in the loop itself ends it)."""
         self._timer_task = asyncio.create_task(self._timer_loop(), name="verification-timers")
+        watch(self._timer_task, log, "the verification timers", on_failure)
 
     async def stop(self) -> None:
         settling = self._settling

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
+from sip_config.tasks import watch
 from verification.errors import StoreUnavailable
 from verification.http_client import HttpClient, HttpClientError
 from verification.model import Event
@@ -124,8 +125,10 @@ class WebhookSender:
         self._per_origin: Counter[str] = Counter()
         self._health = OriginHealth()  # how each origin's last POST went
 
-    def start(self) -> None:
+    def start(self, on_failure: Callable[[str], None] | None = None) -> None:
+        """Start polling; the loop's death by a defect is logged and told to ``on_failure``."""
         self._task = asyncio.create_task(self._loop(), name="webhooks")
+        watch(self._task, log, "the webhook sender", on_failure)
 
     async def stop(self) -> None:
         """Stop polling and cut the POSTs in flight short: their jobs stay leased, and are

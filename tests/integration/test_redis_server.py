@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import signal
 import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
+from clinic_voice import app as app_module
+from clinic_voice.app import RUNTIME, build_app
 from clinic_voice.redis_server import (
     EmbeddedRedis,
     EmbeddedRedisError,
@@ -22,7 +28,9 @@ from clinic_voice.redis_server import (
     first_compaction_in,
     wait_redis,
 )
+from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port, watch_loop_blocking
+from tests.integration.conftest import BASE_ENV
 from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
@@ -457,3 +465,45 @@ async def test_the_append_only_files_are_private_to_the_service(embedded: Embedd
     folder = Path(url.removeprefix("unix://")).parent / "appendonlydir"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert modes and all(m == 0o600 for m in modes.values()), modes
+
+
+async def test_a_supervision_that_dies_of_a_defect_stops_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """serve's app with its embedded Redis: the supervision ending on an exception (a defect,
+    not the child's exit) is logged with its traceback at once, /readyz fails and the service
+    stops (exiting 1: clinic_voice/cli.py). Before, nothing was said, Redis stayed down after
+    its next exit, and /readyz blamed only Redis."""
+    stops: list[None] = []
+    monkeypatch.setattr(app_module, "_sigterm_once_handled", lambda: stops.append(None))
+    caplog.set_level(logging.INFO, logger="clinic_voice")
+    data = tmp_path / "data"
+    app = build_app(Settings.from_env({**BASE_ENV, "CLINIC_DATA_DIR": str(data)}))
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        async with client.get("/readyz") as resp:
+            assert resp.status == 200, await resp.text()
+        redis = aioredis.Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
+        try:
+            pid = int((await redis.info("server"))["process_id"])
+        finally:
+            await redis.aclose()
+
+        async def defect(self: EmbeddedRedis, exe: str) -> None:
+            raise RuntimeError("a defect in the supervision")
+
+        monkeypatch.setattr(EmbeddedRedis, "_spawn", defect)  # the restart after the kill
+        os.kill(pid, signal.SIGKILL)
+        await _eventually(lambda: stops, "the service to be told to stop")
+        assert app[RUNTIME].failed == "embedded Redis's supervision"
+        [record] = [r for r in caplog.records if r.levelno == logging.CRITICAL and r.exc_info]
+        assert record.getMessage() == "embedded Redis's supervision failed: it no longer runs"
+        assert record.exc_info is not None
+        assert str(record.exc_info[1]) == "a defect in the supervision"
+        async with client.get("/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["detail"] == "failed: embedded Redis's supervision"
+    finally:
+        await client.close()  # stops the app, the embedded Redis's stop included
+    assert len(stops) == 1

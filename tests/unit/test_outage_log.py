@@ -61,6 +61,87 @@ def test_a_fault_log_is_an_error_with_the_first_traceback(
     faults.ok()
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.ERROR, "timers: unexpected error: 'doc'"),
-        (logging.ERROR, "timers: working again after 0.0 s"),
+        (logging.ERROR, "timers: working again after 0.0 s (2 attempts failed)"),
     ]
     assert caplog.records[0].exc_info is not None
+
+
+def _defect(kind: type[Exception] = KeyError, what: str = "doc") -> Exception:
+    """An exception raised (with its traceback) from one place: one defect."""
+    try:
+        raise kind(what)
+    except Exception as exc:
+        return exc
+
+
+def _other_defect() -> Exception:
+    try:
+        raise KeyError("doc")  # the same type and message, raised elsewhere
+    except KeyError as exc:
+        return exc
+
+
+def test_a_lasting_defect_is_counted_every_30_s_without_its_traceback_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(start=1_800_000_000.0)  # 08:00:00 UTC
+    faults = OutageLog(log, "webhooks", clock, faults=True)
+    caplog.set_level(logging.WARNING, logger="test.outage")
+    for _ in range(160):  # 32 s of polls every 0.2 s
+        faults.failed(_defect())
+        clock.advance(0.2)
+    faults.ok()
+    first, again, back = caplog.records
+    assert first.getMessage() == "webhooks: unexpected error: 'doc'" and first.exc_info
+    assert again.exc_info is None
+    assert again.getMessage().startswith(
+        "webhooks: unexpected error again, 150 times since 08:00:00 UTC (KeyError at "
+        "test_outage_log.py:"
+    )
+    assert again.getMessage().endswith(", traceback logged at 08:00:00 UTC): 'doc'")
+    assert back.getMessage() == "webhooks: working again after 32.0 s (160 attempts failed)"
+
+
+def test_a_new_defect_in_the_same_streak_gets_its_own_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    faults = OutageLog(log, "timers", clock, faults=True)
+    caplog.set_level(logging.WARNING, logger="test.outage")
+    faults.failed(_defect())
+    clock.advance(0.2)
+    faults.failed(_defect())
+    clock.advance(0.2)
+    faults.failed(_defect(ValueError, "bad step"))
+    clock.advance(0.2)
+    faults.failed(_other_defect())
+    traced = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert traced == [
+        "timers: unexpected error: 'doc'",
+        "timers: unexpected error: bad step",
+        "timers: unexpected error: 'doc'",
+    ]
+    assert len(caplog.records) == 3
+
+
+def test_a_defect_that_comes_and_goes_is_counted_not_logged_at_every_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every other poll fails (a bad record, say): each was a new streak, and logged its
+    traceback and a "working again" line, five times a second."""
+    clock = FakeClock(start=1_800_000_000.0)
+    faults = OutageLog(log, "timers", clock, faults=True)
+    caplog.set_level(logging.WARNING, logger="test.outage")
+    for _ in range(121):  # 60 s: a failed poll, then a good one, 0.25 s apart
+        faults.failed(_defect())
+        clock.advance(0.25)
+        faults.ok()
+        clock.advance(0.25)
+    messages = caplog.messages
+    assert len(messages) == 6, messages
+    assert [r.exc_info is not None for r in caplog.records] == [True] + [False] * 5
+    assert messages[1] == messages[3] == messages[5]
+    assert messages[1] == "timers: working again after 0.2 s (1 attempts failed)"
+    # 30 s after the traceback, the 60 failures since, said once; then the next 60
+    assert messages[2].startswith("timers: unexpected error again, 60 times since 08:00:00 UTC")
+    assert messages[4].startswith("timers: unexpected error again, 60 times since 08:00:30 UTC")

@@ -39,6 +39,7 @@ from typing import TypeVar
 
 from sip_config.clock import Clock
 from sip_config.settings import HostPort, SipSettings
+from sip_config.tasks import wait_ended
 from voice.sip.outcome import CallOutcome, SipStatus
 from voice.sip.protocol import (
     Answer,
@@ -534,8 +535,11 @@ class SipPool:
             proc.kill()
             await proc.wait()
         if w.reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await w.reader
+            # Not `await w.reader` under suppress(CancelledError): that also swallowed a
+            # cancellation of this stop itself.
+            failed = await wait_ended(w.reader)
+            if failed is not None:
+                raise failed
 
     def refuse_new_calls(self) -> None:
         """From now on every new inbound call gets 503 (the service is stopping); the calls
