@@ -625,3 +625,111 @@ def test_hours_that_end_in_p_m_have_one_full_stop_in_the_notice() -> None:
     assert "Our opening hours are Monday to Friday, 8 a.m. to 5 p.m. In an emergency" in notice
     assert ".." not in notice
     assert NOTICE in params(False).values("en")["closed_notice"], "no stop there: kept"
+
+
+# -- a question's closed-hours counterpart (on_closed) ------------------------------------------
+
+
+def test_a_0_at_the_open_menu_after_closing_hears_the_closed_menu() -> None:
+    # Greeted with the open menu ("press 0 ... staff") before 17:00, the caller presses 0
+    # after it: the closed notice, then the closed-hours menu, which offers no desk.
+    is_open = [True]
+    engine = Engine(
+        load_flows(SHIPPED),
+        FlowParams(
+            open_now=lambda: is_open[0], opening_hours=HOURS, out_of_hours_number="088 123 45 67"
+        ),
+    )
+    state, _ = engine.start(engine.flowset.get("main_menu"))
+    state, actions = engine.handle(state, PromptDone())  # the welcome
+    assert "press 0" in plays(actions)[0].lower()  # the open menu
+    state, _ = engine.handle(state, PromptDone())
+    is_open[0] = False  # 17:00 strikes while the caller listens
+    state, actions = engine.handle(state, Digit("0"))
+    assert not transfers(actions)
+    said = plays(actions)
+    assert len(said) == 1
+    assert said[0].startswith(f"{NOTICE} You can still leave a request.")
+    assert "press 0" not in said[0].lower()
+    assert (state.node, state.pending) == ("menu_closed", Pending.LISTEN)
+    steps = [(s.node, s.input) for s in state.path[-3:]]
+    assert steps == [("menu", "digit"), ("menu", "closed"), ("menu_closed", "")]
+    # The closed menu works, and its noinput reprompt offers no desk either.
+    state, _ = engine.handle(state, PromptDone())
+    state, actions = engine.handle(state, NoInput())
+    assert "press 0" not in " ".join(plays(actions)).lower()
+    state, _ = engine.handle(state, PromptDone())
+    state, actions = engine.handle(state, Digit("0"))  # a 0 there: the notice, asked again
+    assert plays(actions)[0].startswith(f"{NOTICE} You can still leave a request.")
+    assert state.node == "menu_closed"
+
+
+def test_on_closed_counts_toward_the_closed_cap(flows: Path) -> None:
+    (flows / "t.yaml").write_text(
+        FLOW.replace(
+            '      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late'
+        )
+        + '  late:\n    ask:\n      prompt: "Late one."\n      choices:\n'
+        + '        - {key: "3", phrases: [bye], label: goodbye, goto: bye}\n',
+        encoding="utf-8",
+    )
+    engine = Engine(load_flows(flows), params(False))
+    actions, store = run(engine, "t", ["0"] * (MAX_CLOSED_ASKS + 1))
+    said = plays(actions)
+    assert said[2].startswith(f"{NOTICE} Late one.")  # the first 0, at "Pick one."
+    assert said[3].startswith(f"{NOTICE} Late one.")  # asked again at "Late one."
+    assert said[-1] == NOTICE
+    assert store.record.outcome == "out_of_hours"
+    assert not [f for f in check_files([flows]) if "on_closed" in f.message]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("on_closed: nowhere", "unknown target 'nowhere'"),
+        ("on_closed: bye", "'on_closed' of 'menu' must name a question in its flow, not 'bye'"),
+        ("on_closed: '@sub'", "'on_closed' of 'menu' must name a question in its flow"),
+        ("on_closed: menu", "'on_closed' of 'menu' must name a question in its flow"),
+    ],
+)
+def test_check_refuses_an_on_closed_that_is_no_other_question(
+    flows: Path, extra: str, message: str
+) -> None:
+    (flows / "t.yaml").write_text(
+        FLOW.replace('      prompt: "Pick one."', f'      prompt: "Pick one."\n      {extra}'),
+        encoding="utf-8",
+    )
+    (flows / "sub.yaml").write_text(SUB, encoding="utf-8")
+    messages = [f.message for f in check_files([flows])]
+    assert any(m.startswith(message) for m in messages), messages
+
+
+def test_check_refuses_on_closed_where_the_human_is_the_nurse(flows: Path) -> None:
+    (flows / "t.yaml").write_text(
+        FLOW.replace("human: staff", "human: nurse").replace(
+            '      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late'
+        )
+        + '  late:\n    ask:\n      prompt: "Late one."\n      choices:\n'
+        + '        - {key: "3", phrases: [goodbye], label: goodbye, goto: bye}\n',
+        encoding="utf-8",
+    )
+    messages = [f.message for f in check_files([flows])]
+    assert "'on_closed' of 'menu' is never taken: the flow's human is nurse, who has no hours" in (
+        messages
+    )
+
+
+def test_check_walks_on_closed_as_closed(flows: Path) -> None:
+    # The question on_closed names is reached only out of hours: a staff transfer after it
+    # is a closed-path finding, though the branch on hours never leads there.
+    (flows / "t.yaml").write_text(
+        FLOW.replace("cases: {open: menu, closed: shut}", "cases: {open: menu, closed: menu}")
+        .replace('      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late')
+        .replace('  shut:\n    say: "Closed."\n    next: menu\n', "")
+        .replace('        - {key: "1", phrases: [desk], label: the desk, goto: desk}\n', "")
+        + '  late:\n    ask:\n      prompt: "Late one."\n      choices:\n'
+        + '        - {key: "1", phrases: [desk], label: the desk, goto: desk}\n',
+        encoding="utf-8",
+    )
+    messages = " ".join(f.message for f in check_files([flows]))
+    assert "'desk' transfers to staff on a path taken while the practice is closed" in messages

@@ -24,7 +24,9 @@ Checks, each reported as ``file:line: message``:
 * opening hours: a ``branch`` on ``hours`` has both cases (or a default), and no path the
   flow takes while the practice is closed ends in a ``transfer: staff`` (the engine would
   say "closed" instead of the transfer the flow promised), also in a sub-flow it goes on to
-  (``@name``) while closed, which inherits the closed state; both cases are explored;
+  (``@name``) while closed, which inherits the closed state; both cases are explored, and
+  an ask's ``on_closed`` (taken only while closed) names another question of its own flow,
+  in a flow whose human is staff;
 * spoken hints: in an ask that takes speech the prompt says "Say {label} or press {key}", so
   each such label must be heard as its own choice (one of its phrases, by the engine's own
   matching) and as no other.
@@ -45,6 +47,7 @@ from voice.ivr.flow import (
     HOURS,
     HOURS_CASES,
     MENU_TARGET,
+    ON_CLOSED,
     PARAM_NAMES,
     ROUTES_FILE,
     Ask,
@@ -56,6 +59,7 @@ from voice.ivr.flow import (
     FlowSet,
     Goto,
     Hangup,
+    Human,
     InputMode,
     Node,
     Record,
@@ -218,6 +222,26 @@ class _Checker:
                     if target == MENU_TARGET:
                         why = f": the routes' default flow {self.flowset.default!r} is missing"
                     self.add(lines.get(target, node.line), f"unknown target {target!r}{why}")
+            if isinstance(node, Ask) and node.on_closed is not None:
+                self.on_closed(node, node.on_closed)
+
+    def on_closed(self, node: Ask, target: str) -> None:
+        """An ask's ``on_closed`` names another question of its own flow: the engine asks it
+        in place of ``node`` after a 0 at the closed desk (anything else would be no question
+        for the caller to answer there, and the engine asks ``node`` again)."""
+        other = None if target.startswith("@") else self.flow.nodes.get(target)
+        if not isinstance(other, Ask) or other is node:
+            if target.startswith("@") or other is not None:  # else: an unknown target
+                self.add(
+                    node.line,
+                    f"'on_closed' of {node.id!r} must name a question in its flow, not {target!r}",
+                )
+        elif self.flow.human is not Human.STAFF:
+            self.add(
+                node.line,
+                f"'on_closed' of {node.id!r} is never taken: the flow's human is "
+                f"{self.flow.human.value}, who has no hours",
+            )
 
     def edges(self, ref: NodeRef) -> list[NodeRef]:
         flow = self.flowset.get(ref[0])
@@ -569,7 +593,12 @@ def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
         ]
     if isinstance(node, Ask) and node.danger_sign:
         ab = replace(ab, asked_danger=True)
-    out = [(ab.apply(effect), target) for target, effect, _ in successors(node)]
+    out = [
+        (ab.apply(effect), target) for target, effect, kind in successors(node) if kind != ON_CLOSED
+    ]
+    if isinstance(node, Ask) and node.on_closed is not None:
+        # Taken only by a 0 while the desk is closed: the question after it is asked closed.
+        out.append((replace(ab, closed=True), node.on_closed))
     if isinstance(node, Ask) and node.danger_sign:
         unclear = ab.unclear()
         out += [(unclear.apply(c.effect), c.goto) for c in node.choices]

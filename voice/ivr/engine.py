@@ -44,7 +44,8 @@ VoiceXML semantics kept here:
 * anywhere, ``*`` repeats the prompt and ``0`` reaches a human (staff, or the nurse in the
   triage). Staff only while the desk is open (``FlowParams.open_now``, the opening hours):
   out of hours a ``0`` at a question hears the closed notice (hours, out-of-hours number,
-  emergency number) and the question again (:data:`MAX_CLOSED_ASKS` times a call; the next
+  emergency number) and the question again, or the question its ``on_closed`` names (one
+  that offers no desk) (:data:`MAX_CLOSED_ASKS` times a call; the next
   ``0`` hears the notice and the call ends), and any other way to staff (a question given
   up, a message not kept, a ``transfer: staff`` step) ends the call after the notice
   (``out_of_hours``). Never for a caller at U2 or more, whom the safety rules put through,
@@ -1423,8 +1424,9 @@ class Engine:
     ) -> Result:
         """Staff asked for, or due, while the desk is closed: the closed notice. After a 0 (or
         "operator") at a question, the question again (the menus that work unattended stay
-        open to the caller), at most :data:`MAX_CLOSED_ASKS` times a call; otherwise the call
-        ends after it."""
+        open to the caller), or the question its ``on_closed`` names (one that offers no
+        desk), at most :data:`MAX_CLOSED_ASKS` times a call; otherwise the call ends after
+        it."""
         node = flow.nodes.get(state.node)
         if why == "caller asked" and isinstance(node, Ask):
             if state.closed_asks < MAX_CLOSED_ASKS:
@@ -1434,6 +1436,14 @@ class Engine:
                     typeahead="",
                     digits="",
                 )
+                instead = flow.nodes.get(node.on_closed or "")
+                if isinstance(instead, Ask) and instead is not node:
+                    # The open menu's "press 0 for staff" is not said again to a caller who
+                    # just heard the desk is closed: its closed-hours counterpart is asked.
+                    node = instead
+                    state = self._step(
+                        replace(state, node=node.id, noinput=0, nomatch=0, pending=Pending.NEXT)
+                    )
                 ask_text = flow.ask_prompt(node, self.speech_on(flow, node))
                 text = f"{before} {{closed_notice}} {ask_text}".strip()
                 return self._prompt(state, flow, node, text, actions)

@@ -69,6 +69,8 @@ HOURS = "hours"
 HOURS_CASES = ("open", "closed")
 NODE_KINDS: tuple[str, ...] = ("say", "ask", "branch", "set", "urgency", "transfer", "record")
 NODE_KINDS += ("webhook", "goto", "hangup")
+# An ask's way on after a 0 while the desk is closed (an edge taken only out of hours).
+ON_CLOSED = "on_closed"
 RESERVED_KEYS = frozenset({"0", "*"})  # 0 reaches a human anywhere, * repeats
 # The target back to the main menu (the routes' default flow, at its start, so the menu
 # branches on the opening hours again); the flow id "menu" is kept free for it.
@@ -498,6 +500,9 @@ class Ask:
     barge_in: bool
     on_fail: str | None  # None: the flow's human
     danger_sign: bool
+    # Out of hours, a 0 (or "operator") here hears the closed notice and then this question
+    # of the same flow (a menu that offers no desk) instead of this one again. None: this one.
+    on_closed: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -628,6 +633,8 @@ def successors(node: Node) -> list[Edge]:
             edges.append((node.next, None, "next"))
         if node.on_fail is not None:
             edges.append((node.on_fail, None, "on_fail"))
+        if node.on_closed is not None:
+            edges.append((node.on_closed, None, ON_CLOSED))
         return edges
     return []
 
@@ -1108,7 +1115,7 @@ class _Parser:
             return None
         allowed = {"prompt", "keypad_prompt", "mode", "choices", "digits", "save", "next"}
         allowed |= {"timeout_s", "noinput", "nomatch", "max_noinput", "max_nomatch"}
-        allowed |= {"min_confidence", "barge_in", "on_fail", "danger_sign"}
+        allowed |= {"min_confidence", "barge_in", "on_fail", "danger_sign", "on_closed"}
         self.known(a, allowed, "ask")
         try:
             mode = InputMode(self.text(a, "mode", "both"))
@@ -1148,6 +1155,7 @@ class _Parser:
             barge_in=self.flag(a, "barge_in", True),
             on_fail=self.opt_text(a, "on_fail"),
             danger_sign=danger,
+            on_closed=self.opt_text(a, "on_closed"),
         )
 
     def choices(self, a: _Map) -> Iterator[Choice]:
