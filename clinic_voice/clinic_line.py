@@ -384,7 +384,7 @@ class ClinicLine:
         self, url_key: str, values: Mapping[str, str], timeout_s: float
     ) -> Mapping[str, str] | None:
         """The reply's fields; None when it surely failed; ``TimeoutError`` when no answer
-        came in ``timeout_s`` (it may have arrived)."""
+        (no status line) came in ``timeout_s`` (it may have arrived)."""
         url = self._webhooks.get(url_key, ("", ""))[1]
         if not url:
             # Warned once at start (warn_unconfigured_webhooks): not once per call.
@@ -416,8 +416,10 @@ class ClinicLine:
                 log.warning("webhook %r answered %s", url_key, exc.status)
                 return None
             # The receiver took the request (a booking made) and its body then broke off, was
-            # framed wrongly or was over the client's 1 MiB: a "failed" in the record would
-            # have staff book it again. Success with no values, as a body that is no JSON.
+            # framed wrongly, was over the client's 1 MiB or had not all come by the step's
+            # timeout (StalledBody: the wait stays the timeout): a "failed" or "timeout" in
+            # the record would have staff book it again, and the caller would hear the system
+            # cannot be reached. Success with no values, as a body that is no JSON.
             log.warning(
                 "webhook %r answered %s with a body that could not be read: no values",
                 url_key,

@@ -11,8 +11,9 @@ that was a fifth of a core. This client does only what those two callers need:
   compression or ``Expect: 100-continue``;
 - answers with ``Content-Length``, ``Transfer-Encoding: chunked`` or a body up to the close;
   informational (1xx) answers are skipped; the body is capped (``MAX_BODY``); an answer
-  whose head came and whose body did not (cut, malformed, over the cap) fails with
-  :class:`IncompleteAnswer`, which carries the head's status;
+  whose head came and whose body did not (cut, malformed, over the cap, or not complete by
+  the deadline: :class:`StalledBody`) fails with :class:`IncompleteAnswer`, which carries
+  the head's status;
 - a pool per origin (scheme, host, port): at most ``max_per_origin`` connections, further
   requests wait for one; an idle connection is closed after ``idle_s`` and is never reused
   once the server has closed it or said ``Connection: close``;
@@ -29,7 +30,8 @@ would otherwise hold every thread of that resolver for the system's full resolve
 after each POST gave up, and every other lookup of the process (the SMS gateway's host, the
 operator's webhook, the SIP route) would wait behind them.
 
-Every failure is an :class:`HttpClientError` (or ``TimeoutError`` for the deadline), so a
+Every failure is an :class:`HttpClientError` (or ``TimeoutError`` for a deadline that came
+before the answer's head; after it, :class:`StalledBody`), so a
 caller maps two exceptions, not a framework's hierarchy. Nothing is retried here, with one
 exception: a POST with an ``Idempotency-Key`` whose kept-alive connection the server closed
 before answering a byte of it (its idle timeout ending as the request went out) goes once more
@@ -73,6 +75,13 @@ class IncompleteAnswer(HttpClientError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StalledBody(IncompleteAnswer):
+    """The head came within the deadline and the body had not all come at it (a receiver
+    that stalls or drips after its status line). Not a ``TimeoutError``: the status says
+    what became of the request, as for a body that broke off; a caller that wants the
+    deadline's own reading (retry as a timeout) catches this class with ``TimeoutError``."""
 
 
 class UnusableUrl(HttpClientError):
@@ -233,6 +242,17 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def expire(self, waiter: asyncio.Future[HttpAnswer]) -> None:
+        """The request's deadline: ``waiter`` (its answer) fails, with :class:`StalledBody`
+        once the head came, else ``TimeoutError``."""
+        if waiter.done():
+            return
+        if self._headed and waiter is self._waiter:
+            message = f"{self.origin.name}: the answer's body was not complete by the deadline"
+            waiter.set_exception(StalledBody(message, self._status))
+        else:
+            waiter.set_exception(TimeoutError())
+
     def _fail(self, exc: HttpClientError) -> None:
         self.close()
         if self._waiter is not None and not self._waiter.done():
@@ -380,11 +400,6 @@ _IDEMPOTENCY_HEADERS = frozenset({"idempotency-key", "x-idempotency-key"})
 def _idempotent(headers: Mapping[str, str]) -> bool:
     """Whether a POST carries a key by which its server can recognise it sent again."""
     return any(name.lower() in _IDEMPOTENCY_HEADERS for name in headers)
-
-
-def _expire(answer: asyncio.Future[HttpAnswer]) -> None:
-    if not answer.done():
-        answer.set_exception(TimeoutError())
 
 
 _Lookup = tuple[str, int, "asyncio.Future[list[str]]", asyncio.AbstractEventLoop]
@@ -538,9 +553,10 @@ class HttpClient:
             # before it as this one waited for a slot (the pool full).
             reused = conn.sent > 0
             # The answer's deadline as one timer on the future (cheaper than a timeout context
-            # per request on the hot path): on expiry the future fails with TimeoutError.
+            # per request on the hot path): on expiry the future fails with TimeoutError, or
+            # StalledBody when the head had come.
             answer_fut = conn.send(request)
-            timer = loop.call_at(deadline, _expire, answer_fut)
+            timer = loop.call_at(deadline, conn.expire, answer_fut)
             try:
                 answer = await answer_fut
             except BaseException as exc:

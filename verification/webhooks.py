@@ -26,7 +26,7 @@ from sip_config.clock import Clock
 from sip_config.settings import VerificationSettings
 from sip_config.tasks import watch
 from verification.errors import StoreUnavailable
-from verification.http_client import HttpClient, HttpClientError
+from verification.http_client import HttpClient, HttpClientError, StalledBody
 from verification.model import Event
 from verification.outage_log import OutageLog
 from verification.store import VerificationStore
@@ -261,7 +261,10 @@ class WebhookSender:
         final = attempt > self._s.webhook_retries  # no retry left after this attempt
         try:
             answer = await client.post(url, body, headers, timeout_s=self._s.webhook_timeout_s)
-        except TimeoutError:
+        except (TimeoutError, StalledBody):
+            # A head and then a body that stalled reads as before, a timeout, retried: unlike
+            # the clinic line's request or an SMS, a repeat costs a receiver nothing (it is
+            # told to treat one as one), and a 2xx whose body broke off is retried too.
             error = "timed out"
         except HttpClientError as exc:
             error = str(exc)

@@ -96,8 +96,9 @@ class Act(StrEnum):
 
 
 ACTS = list(Act)
-# A 2xx whose body then broke off, was framed wrongly or was over the cap: the request
-# arrived all the same (README: "Any 2xx answer is success").
+# A 2xx whose body then broke off, was framed wrongly, was over the cap or had not all come
+# by the step's timeout: the request arrived all the same (README: "Any 2xx answer is
+# success").
 OK_ACTS = {
     Act.JSON,
     Act.NOT_JSON,
@@ -107,8 +108,11 @@ OK_ACTS = {
     Act.HUGE,
     Act.BAD_CHUNK,
     Act.CUT,
+    Act.ENDLESS,
+    Act.DRIP,
+    Act.HEAD_STALL,
 }
-TIMEOUT_ACTS = {Act.ENDLESS, Act.DRIP, Act.HEAD_STALL, Act.HANG}
+TIMEOUT_ACTS = {Act.HANG}  # no status line in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +442,70 @@ def _check(call: Call, posts: list[Seen], story: str) -> list[str]:
         if call.act is Act.JSON and MESSAGE not in call.heard:
             faults.append(f"{story}: the reply's message was not spoken")
     return faults
+
+
+STALLED = {
+    "no body byte": b"Content-Length: 20\r\n\r\n",
+    "part of the body": b'Content-Length: 40\r\n\r\n{"message": ',
+    "a chunk, no end": b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mes\r\n',
+}
+
+
+@pytest.mark.parametrize("stalled", list(STALLED))
+@pytest.mark.parametrize(("status", "want"), [(200, {}), (202, {}), (503, None)])
+async def test_a_2xx_whose_body_stalls_past_the_timeout_is_a_request_that_arrived(
+    tmp_path: Path, client: HttpClient, stalled: str, status: int, want: dict[str, str] | None
+) -> None:
+    # The receiver took the request and said 2xx, then its body stalled past the step's
+    # timeout: the record said "timeout" and the caller heard "cannot be reached", though
+    # the README says any 2xx is success. Success with no values, as a body that broke off;
+    # the wait stays the step's timeout. A 5xx head stays a failure.
+    release = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        request.transport.write(b"HTTP/1.1 %d X\r\n%b" % (status, STALLED[stalled]))
+        await release.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner, port = await serve_on_loopback(app, shutdown_timeout=0.1)
+    loop = asyncio.get_running_loop()
+    try:
+        url = f"http://127.0.0.1:{port}/hook"
+        line = await asyncio.to_thread(_line, tmp_path, FLOWS, client, url)
+        started = loop.time()
+        got = await line._post_webhook("scheduling", {"request": "appointment"}, STEP_TIMEOUT_S)
+        took = loop.time() - started
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert got == want
+    assert STEP_TIMEOUT_S - 0.05 <= took <= STEP_TIMEOUT_S + SLACK_S, took
+
+
+@pytest.mark.parametrize("act", [Act.HEAD_STALL, Act.ENDLESS, Act.DRIP])
+async def test_a_call_whose_request_got_a_2xx_then_a_stalled_body_hears_it_arrived(
+    tmp_path: Path, client: HttpClient, act: Act
+) -> None:
+    # Through the real session and the shipped flows: the record says "ok", the caller hears
+    # the confirmation (not "cannot be reached") within the step's timeout and some slack.
+    receiver = DrawnReceiver([act], seed=1)
+    await receiver.start()
+    flows = _flows(tmp_path)
+    call = Call(0, act, hang_up_early=False)
+    try:
+        line = await asyncio.to_thread(_line, tmp_path, flows, client, receiver.url(0))
+        await _one_call(call, line, flows)
+    finally:
+        await receiver.stop()
+    assert call.webhook_steps == ("ok",)
+    assert CONFIRM in call.heard and UNAVAILABLE not in call.heard
+    assert call.outcome == "appointment_requested"
+    assert call.values == {}
+    assert call.waited_s <= STEP_TIMEOUT_S + SLACK_S, call.waited_s
 
 
 BROKEN = {

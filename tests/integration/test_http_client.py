@@ -28,6 +28,7 @@ from verification.http_client import (
     HttpAnswer,
     HttpClient,
     HttpClientError,
+    IncompleteAnswer,
     UnusableUrl,
 )
 
@@ -227,6 +228,64 @@ async def test_a_hanging_server_times_out_and_its_connection_is_not_reused(
     assert loop.time() - started < 2.0
     assert (await client.post(peer.url("/echo"), b"ok", JSON, timeout_s=5)).body == b"ok"
     assert peer.connections == 2
+
+
+STALLS = {
+    "no body byte": b"HTTP/1.1 202 Accepted\r\nContent-Length: 20\r\n\r\n",
+    "part of the body": b'HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n{"message": ',
+    "a chunk, no end": b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n",
+    "no length, no close": b"HTTP/1.1 503 Busy\r\n\r\n{}",
+    "a 100, then a head": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"
+    ),
+}
+NO_HEAD = {
+    "nothing": b"",
+    "half a head": b"HTTP/1.1 200 OK\r\nContent-",
+    "only a 100": b"HTTP/1.1 100 Continue\r\n\r\n",
+}
+
+
+def _stalling(
+    answer: bytes,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A server that writes ``answer`` and then stalls: it neither ends the body nor closes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    return handler
+
+
+@pytest.mark.parametrize("stall", list(STALLS))
+async def test_a_head_whose_body_stalls_past_the_deadline_is_an_incomplete_answer(
+    client: HttpClient, stall: str
+) -> None:
+    # The head came within the deadline, the body did not: the status is known (a 2xx says
+    # the request arrived), as for a body that broke off. The wait stays the deadline.
+    server, url = await raw_server(_stalling(STALLS[stall]))
+    loop = asyncio.get_running_loop()
+    async with server:
+        started = loop.time()
+        with pytest.raises(IncompleteAnswer) as caught:
+            await client.post(url, b"x", JSON, timeout_s=0.4)
+        took = loop.time() - started
+    assert caught.value.status == int(STALLS[stall].rsplit(b"HTTP/1.1 ", 1)[1][:3])
+    assert 0.35 <= took < 1.5, took
+    assert not isinstance(caught.value, TimeoutError)
+
+
+@pytest.mark.parametrize("stall", list(NO_HEAD))
+async def test_no_head_by_the_deadline_is_a_timeout(client: HttpClient, stall: str) -> None:
+    server, url = await raw_server(_stalling(NO_HEAD[stall]))
+    async with server:
+        with pytest.raises(TimeoutError):
+            await client.post(url, b"x", JSON, timeout_s=0.3)
 
 
 async def test_a_cancelled_waiter_does_not_leak_its_slot(peer: Peer) -> None:

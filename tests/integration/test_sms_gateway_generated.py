@@ -25,6 +25,7 @@ README ("The HTTP SMS gateway gets ..." and the channels table):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,10 @@ from aiohttp import web
 
 from sip_config.settings import SmsSettings
 from tests.integration.conftest import CLINIC_NAME, Api, StartService
+from verification.channels.base import Delivery, DeliveryReport
+from verification.channels.sms_http import HttpSmsChannel
+from verification.http_client import HttpClient
+from verification.model import NumberKind, Phone
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -399,3 +404,48 @@ async def test_refused_connections_are_failed_attempts_and_a_gateway_back_delive
             await drawn_gateway.listen()
         else:
             assert (got, posts) == ([("delivered", "gateway 202")], 1), back
+
+
+@pytest.mark.parametrize(("status", "kind"), [(202, "delivered"), (400, "undeliverable")])
+async def test_a_gateway_whose_body_stalls_after_its_status_line_counts_by_its_status(
+    status: int, kind: str
+) -> None:
+    # As for a body that breaks off (the README: "the status line is what counts"): a 2xx
+    # whose body then stalls past the timeout took the SMS. Counted a timeout, it was sent
+    # again, twice through a gateway that ignores the Idempotency-Key.
+    posts: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                posts.append(await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 30\r\n\r\n{" % status)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/sms"
+    client = HttpClient()
+    reports: list[DeliveryReport] = []
+
+    async def report(r: DeliveryReport) -> None:
+        reports.append(r)
+
+    channel = HttpSmsChannel(SmsSettings("http", url, TOKEN, 0.3, RETRIES), client)
+    phone = Phone("+31612345678", "NL", 31, "612345678", NumberKind.MOBILE)
+    try:
+        async with server:
+            async with asyncio.timeout(5):
+                await channel.send(Delivery("V" * 32, phone, "12345678", "en", "x"), report)
+    finally:
+        await client.close()
+    assert len(posts) == 1, "sent again"
+    assert [(r.kind.value, r.detail) for r in reports] == [
+        (kind, f"gateway {status}") if kind == "delivered" else (kind, f"gateway answered {status}")
+    ]

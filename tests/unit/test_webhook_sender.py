@@ -18,7 +18,7 @@ import pytest
 from sip_config.clock import FakeClock
 from sip_config.settings import Settings
 from verification import webhooks
-from verification.http_client import HttpAnswer, HttpClient
+from verification.http_client import HttpAnswer, HttpClient, StalledBody
 from verification.store import VerificationStore
 from verification.webhook_origins import OriginHealth, OriginState
 from verification.webhooks import WebhookSender
@@ -108,6 +108,8 @@ class FakeClient:
         self, url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float
     ) -> HttpAnswer:
         last = url.rsplit("/", 1)[-1]
+        if last == "stalled":  # a 200 head, then a body that had not all come at the deadline
+            raise StalledBody("the answer's body was not complete by the deadline", 200)
         if last == "ok" or last.isdigit():
             self.answered.append(url)
             return HttpAnswer(204 if last == "ok" else int(last), b"")
@@ -264,3 +266,23 @@ async def test_what_an_answer_comes_to(
         assert lines == []
     else:
         assert len(lines) == 1 and lines[0].endswith(logged), lines
+
+
+async def test_a_2xx_whose_body_stalled_is_retried_as_a_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Unlike the clinic line's request and an SMS (taken as delivered by the status line), a
+    # verification webhook whose 2xx body stalled is retried as a timeout, as it was: a
+    # receiver treats a repeat as one, and a 2xx whose body broke off is retried too.
+    queue, client, clock = FakeQueue(), FakeClient(), FakeClock()
+    outcomes: list[str] = []
+    sender = _sender(tmp_path, queue, client, clock, outcomes.append)
+    queue.add("job", "https://app.example/hooks/stalled", clock.now())
+    try:
+        assert await sender.run_due() == 1
+        await _settle()
+    finally:
+        await sender.stop()
+    assert outcomes == ["retry"] and "job" in queue.jobs
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].endswith("attempt 1 failed: timed out"), lines

@@ -2,8 +2,9 @@
 
 2xx is delivered (the gateway accepted it); 4xx other than 408/425/429 is undeliverable at once;
 timeouts, 408, 425, 429 and 5xx are retried with backoff, then undeliverable. The status is
-what counts: an answer whose body breaks off, is framed wrongly or is over the client's 1 MiB
-counts by its status line (the body is not needed). A timeout or a 5xx
+what counts: an answer whose body breaks off, is framed wrongly, is over the client's 1 MiB
+or has not all come by the timeout counts by its status line (the body is not needed). A
+timeout (no status line in time) or a 5xx
 does not say the SMS was not taken: every attempt of one send carries the same
 ``Idempotency-Key``, so a gateway that honours it sends a retried SMS once.
 
@@ -66,9 +67,10 @@ class HttpSmsChannel:
             except TimeoutError:
                 last = why = f"gateway timed out after {self._s.http_timeout_s:g} s"
             except IncompleteAnswer as exc:
-                # The status line came and the body did not (cut, badly framed, over 1 MiB):
-                # the status says what the gateway did with the SMS. A 2xx sent again would
-                # send the SMS twice through a gateway that ignores the Idempotency-Key.
+                # The status line came and the body did not (cut, badly framed, over 1 MiB, or
+                # not all by the timeout): the status says what the gateway did with the SMS.
+                # A 2xx sent again would send the SMS twice through a gateway that ignores the
+                # Idempotency-Key.
                 log.warning(
                     "verification %s: gateway answered %d, its body unreadable: %s",
                     delivery.verification_id,
