@@ -60,6 +60,15 @@ PROBLEM_TYPE = "application/problem+json"
 
 CLIENT_GONE = 499  # the metrics' status of a request whose client closed the connection
 
+# The methods the request metrics name; any other counts as "other". llhttp parses some 30
+# more (PROPFIND, M-SEARCH, ...), and aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS,
+# PyPy) takes any token, "+31612345678" included: as a label, each made a series of its own,
+# kept for the life of the process, so that a caller without a key could grow the registry
+# (and every scrape) without bound and put what it liked into a label.
+METRIC_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
 # the problem slug and title of each HTTP error aiohttp raises (others: http-error)
 HTTP_SLUGS = {
     400: ("bad-request", "Bad request"),
@@ -186,7 +195,7 @@ async def problem_net(request: web.Request, resp: web.StreamResponse) -> None:
     if request.path.startswith("/v1/"):
         resp.headers["Cache-Control"] = "no-store"
     if not request.get(COUNTED) and METRICS in request.app:
-        method = request.method
+        method = method_label(request)
         route = route_name(request)
         request.app[METRICS].requests.inc(route=route, method=method, status=str(resp.status))
     if request.get(CONTINUE_PENDING) and not request.content.is_eof():
@@ -230,6 +239,12 @@ def refuse_request_line(request: web.Request) -> web.Response:
 def key_id(key: str) -> str:
     """A non-secret name for an API key (for limits and records)."""
     return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def method_label(request: web.BaseRequest) -> str:
+    """The request's method as the metrics name it: one of :data:`METRIC_METHODS`, or
+    ``other``."""
+    return request.method if request.method in METRIC_METHODS else "other"
 
 
 def route_name(request: web.Request) -> str:
@@ -308,7 +323,7 @@ def build_middlewares(
             return resp
         finally:
             route = route_name(request)
-            metrics.requests.inc(route=route, method=request.method, status=str(status))
+            metrics.requests.inc(route=route, method=method_label(request), status=str(status))
             metrics.latency.observe(time.perf_counter() - start, route=route)
 
     @web.middleware
