@@ -10,9 +10,11 @@ dir is the service's.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
+import wave
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,33 @@ async def test_a_voicemail_that_does_not_open_is_a_500_logged_once(
     assert "rash" not in errors[0] and "+31612345678" not in errors[0]
     message.unlink()
     (await api.request("GET", "/v1/calls/er-damaged/voicemail")).problem(404, "not-found")
+
+
+async def test_a_message_the_cut_calls_record_does_not_name_is_played(
+    start_service: StartService,
+) -> None:
+    # serve killed after the message was written, before the call's live record was rewritten
+    # to name it: the next start saved the cut call's record without the name, and staff got
+    # 404 "this call left no voicemail" for a message that was there (test_prop_voicemail.py).
+    api = await _calls_api(start_service)
+    journal = CallJournal(_data(api) / FOLDER, _store(api))
+    await journal.begin(_result("er-cut"))  # the live record, as the recording begins
+    name = await _rt(api).need_voicemails().save("er-cut", PCM)
+    now = time.time()
+    assert await journal.replay_lost(await journal.leftovers(now), now) == []  # the next start
+    doc = (await api.request("GET", "/v1/calls/er-cut")).json
+    assert name not in doc["values"].values(), doc
+    answer = await api.request("GET", "/v1/calls/er-cut/voicemail")
+    assert answer.status == 200 and answer.content_type == "audio/wav", answer.status
+    with wave.open(io.BytesIO(answer.body)) as w:
+        assert w.readframes(w.getnframes()) == PCM
+    # Another call's message, whose id starts with this one's, is not this call's.
+    await _store(api).save(_result("er-none"))
+    await _rt(api).need_voicemails().save("er-none-2", PCM[::-1])
+    (await api.request("GET", "/v1/calls/er-none/voicemail")).problem(404, "not-found")
+    assert (await api.request("DELETE", "/v1/calls/er-cut")).status == 204
+    (await api.request("GET", "/v1/calls/er-cut/voicemail")).problem(404, "not-found")
+    assert not (_data(api) / "voicemail" / name).exists()
 
 
 @pytest.mark.parametrize(

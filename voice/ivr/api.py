@@ -122,6 +122,11 @@ class CallsApi:
         doc = await self._record(request)
         values = doc.get("values") or {}
         names = [v for v in values.values() if isinstance(v, str) and NAME.fullmatch(v)]
+        # Then the call's messages its record does not name: serve killed after a message was
+        # written, before the call's live record was rewritten to name it, leaves a record of
+        # the cut call without its name (voice/ivr/journal.py), and the message stays the
+        # call's (its file name, which its seal is bound to, says so).
+        names += [n for n in await self._voicemails().names(doc["id"]) if n not in names]
         unreadable: VoicemailUnreadable | None = None
         for name in names:
             try:

@@ -3,7 +3,8 @@
 Each message is one file ``<call id>-<8 hex>.sealed`` in ``$CLINIC_DATA_DIR/voicemail``
 (0600, in a 0700 folder), sealed with the call records' key (one sealed before the secret was
 changed opens with a previous secret's, as records do) and bound to its own name, and named
-in its call record's values. It lives as long as call records do
+in its call record's values (``GET`` plays a message of the call its record does not name
+too: serve killed between the write and the record naming it). It lives as long as call records do
 (``CLINIC_CALL_RETENTION_DAYS``): :meth:`Voicemails.sweep` deletes older files,
 :meth:`Voicemails.erase` those of an erased call, and ``GET /v1/calls/{id}/voicemail`` plays
 one back as WAV.
@@ -91,16 +92,27 @@ class Voicemails:
         """Whether a message of ``call_id`` is in the folder."""
         return bool(await asyncio.to_thread(self._names_of, call_id))
 
+    async def names(self, call_id: str) -> list[str]:
+        """The messages of ``call_id`` in the folder, named in its record or not (not a
+        write cut short)."""
+        return await asyncio.to_thread(self._files_of, call_id)
+
     async def erase(self, call_id: str) -> int:
         """Delete every message of ``call_id`` (durably: the folder fsynced), named in its
         record or not; how many files went. Raises ``OSError`` when one could not be."""
         return await asyncio.to_thread(self._erase, call_id)
 
-    def _names_of(self, call_id: str) -> list[str]:
+    def _files_of(self, call_id: str) -> list[str]:
         if not self._folder.is_dir():
             return []
         # "<id>-*" alone would take call "<id>-x"'s messages too: the whole name must match.
-        names = {p.name for p in self._folder.glob(f"{call_id}-*.sealed")}
+        names = (p.name for p in self._folder.glob(f"{call_id}-*.sealed"))
+        return sorted(n for n in names if _of_call(call_id, n))
+
+    def _names_of(self, call_id: str) -> list[str]:
+        if not self._folder.is_dir():
+            return []
+        names = set(self._files_of(call_id))
         # A write cut short (a crash) leaves only its hidden ".<name>.<random>.tmp".
         names |= {
             p.name[1:].rsplit(".", 2)[0] for p in self._folder.glob(f".{call_id}-*.sealed.*.tmp")
