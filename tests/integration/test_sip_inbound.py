@@ -777,3 +777,63 @@ async def test_a_reinvite_without_a_common_codec_gets_488_and_the_call_goes_on(
     last = seen[-1]
     assert isinstance(last, CallEvent) and last.state is CallState.ENDED, seen
     assert last.outcome is CallOutcome.COMPLETED, last
+
+
+async def test_a_prompt_cut_by_the_callers_hold_plays_again_from_its_start_when_back(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """The caller puts the line on hold 1 s into a 3 s prompt (re-INVITE a=sendonly) and
+    takes it off hold 1.5 s later. pjsua gives the call a new stream at each re-INVITE, and
+    the prompt's player and the speech listener stayed on the old one: the prompt stopped for
+    good (no PlayDone: the question's timeout never started, the call sat silent until the
+    caller gave up) and nothing the caller said after the hold reached the recogniser. Now
+    the prompt plays again from its start once the caller is back, and their speech is
+    heard."""
+    pool, _ = line
+    prompt = await make_tone(tmp_path / "prompt.wav", 3.0)
+    result: dict[str, float] = {}
+    spoke: list[float] = []  # when a chunk of the caller's speech arrived
+    loop = asyncio.get_running_loop()
+
+    async def listen(call: CallHandle) -> None:
+        async for chunk in call.audio():
+            if max(abs(s) for (s,) in struct.iter_unpack("<h", chunk)) > 1000:
+                spoke.append(loop.time())
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        answered = loop.time()
+        asked = await call.play(prompt)
+        await call.start_listen()
+        listening = asyncio.create_task(listen(call))
+        try:
+            async with asyncio.timeout(12):
+                while True:
+                    ev = await call.next_event()
+                    if isinstance(ev, PlayDone) and ev.play_id == asked:
+                        result["done_s"] = loop.time() - answered
+                        result["failed"] = float(ev.failed)
+                        break
+            await asyncio.sleep(1.0)  # the caller speaks on
+        except TimeoutError:
+            pass
+        finally:
+            result["spoke_after"] = float(sum(t - answered > 2.6 for t in spoke))
+            await call.hangup()
+            listening.cancel()
+
+    pool.on_incoming(handler)
+    pids = pool.worker_pids()
+    worker = pool.worker_addresses()[0]
+    code, text = await sipp_uac(worker, "sipp_uac_hold.xml", "6000", tmp_path, 25)
+    answers = [ln for ln in text.splitlines() if ln.startswith("SIP/2.0 ")]
+    assert code == 0, f"the hold, unhold or BYE went wrong: {answers}\n{text[-3000:]}"
+    assert "done_s" in result, "the prompt never ended after the caller's hold"
+    # Back at about 2.5 s, then the whole 3 s prompt: not 4 s (resumed where it stopped).
+    assert result["done_s"] >= 2.5 + 3.0 - 0.3 and not result["failed"], result
+    assert result["spoke_after"] > 10, f"the caller's speech after the hold: {result}"
+    assert pool.worker_pids() == pids, "a worker died"
+    end = asyncio.get_running_loop().time() + 5.0
+    while pool.stats()["calls_in_flight"]:  # the slot is free again
+        assert asyncio.get_running_loop().time() < end, pool.stats()
+        await asyncio.sleep(0.05)

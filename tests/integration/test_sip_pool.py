@@ -121,11 +121,25 @@ class Sipp:
             raise AssertionError(f"sipp on {self.port} did not finish in {timeout} s") from None
 
 
+def _injection(tmp_path: Path, port: int, rows: list[tuple[str, ...]]) -> Path:
+    path = tmp_path / f"inject-{port}.csv"
+    path.write_text("SEQUENTIAL\n" + "".join(";".join(row) + "\n" for row in rows))
+    return path
+
+
 @contextlib.asynccontextmanager
 async def sipp_uas(
-    scenario: str, tmp_path: Path, *, calls: int = 1, tcp: bool = False
+    scenario: str,
+    tmp_path: Path,
+    *,
+    calls: int = 1,
+    tcp: bool = False,
+    inject: list[tuple[str, ...]] | None = None,
 ) -> AsyncIterator[Sipp]:
-    """Run ``tests/peers/<scenario>`` as a UAS (over UDP, or TCP); yields once its port is bound."""
+    """Run ``tests/peers/<scenario>`` as a UAS (over UDP, or TCP); yields once its port is bound.
+
+    ``inject``: one row of ``[field0]``, ``[field1]``, ... per call, in the order the calls
+    arrive (sipp's ``-inf``, SEQUENTIAL)."""
     port = free_port()
     trace = tmp_path / f"{scenario}-{port}.log"
     proc = await asyncio.create_subprocess_exec(
@@ -146,6 +160,7 @@ async def sipp_uas(
         "-timeout",
         "60",
         *(("-t", "t1") if tcp else ()),
+        *(("-inf", str(_injection(tmp_path, port, inject))) if inject else ()),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )

@@ -602,8 +602,9 @@ class Engine:
             aud.startTransmit(listener)
             call.listener = listener
 
-    def _stop_play(self, call: _Call) -> None:
-        """Stop the call's player and report its end; nothing at all when none plays.
+    def _stop_play(self, call: _Call, *, failed: bool = False) -> None:
+        """Stop the call's player and report its end (``failed``: it could not play on, and a
+        code it read does not count as read); nothing at all when none plays.
 
         Clearing ``call.player`` is what makes PlayDone exactly-once: an end-of-file queued
         by the media thread for this player no longer matches and is dropped by
@@ -618,7 +619,7 @@ class Engine:
         except pj.Error as exc:
             log.debug("call %s: stopTransmit: %s", call.call_id, exc.reason)
         self._dead.append(player)
-        self.emit(PlayDone(call.call_id, player.play_id))
+        self.emit(PlayDone(call.call_id, player.play_id, failed=failed))
 
     def _play_ended(self, call: _Call, play_id: int) -> None:
         """A player reached its end (queued by the media thread): report it once."""
@@ -750,12 +751,14 @@ class Engine:
             m.type == pj.PJMEDIA_TYPE_AUDIO and m.status == pj.PJSUA_CALL_MEDIA_ACTIVE
             for m in info.media
         )
+        held = call.media_seen and not call.media_active  # coming back from a hold
         call.media_active = active
         if active:
             call.media_seen = True
             call.media_deadline = None
             # Its RTP socket joins the media thread's poll only when the current wait ends.
             self._media_thread.wake()
+            self._reconnect(call, rewind=held)
             pending, call.pending = call.pending, []
             for cmd in pending:
                 try:
@@ -764,6 +767,34 @@ class Engine:
                     log.warning("call %s: media: %s", call.call_id, exc.reason)
                     if isinstance(cmd, Play):
                         self.emit(PlayDone(call.call_id, cmd.play_id, failed=True))
+
+    def _reconnect(self, call: _Call, *, rewind: bool) -> None:
+        """Connect the call's player and listener to its audio again after a re-INVITE.
+
+        A re-INVITE that changes the media (a hold: a=sendonly, a=inactive or c=0.0.0.0, RFC
+        3264 section 8.4; its unhold) makes pjsua replace the call's stream and its
+        conference slot, and what was connected to the old slot is not connected to the new
+        one. The player then stood still (the bridge reads no port that nobody hears) and its
+        end never came: a code being read, or a clinic-line question, went silent for good
+        after the caller's hold, until the prompt's timeout (30 s for a voice code: reported
+        undeliverable) or the 30-minute call limit. Back from a hold, the prompt starts again
+        from its beginning: a callee who was away has not heard the part before the hold.
+        """
+        if call.player is None and call.listener is None:
+            return
+        try:
+            aud = call.getAudioMedia(-1)
+            if call.listener is not None:
+                aud.startTransmit(call.listener)
+            if call.player is not None:
+                if rewind:
+                    call.player.setPos(0)
+                call.player.startTransmit(aud)
+        except pj.Error as exc:
+            log.warning("call %s: media back, not reconnected: %s", call.call_id, exc.reason)
+            # Its end will not come: report it now, as a play that failed (a code cut at the
+            # hold was not read to its end).
+            self._stop_play(call, failed=True)
 
     def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
         tsx = prm.e.body.tsxState.tsx

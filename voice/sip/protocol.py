@@ -182,7 +182,7 @@ class Digit:
 class PlayDone:
     """The :class:`Play` with ``play_id`` reached its end, or was stopped or replaced, or
     (``failed``) could not start: pjsua2 could not open the file or send it, or the call was
-    gone, so nothing of it was heard.
+    gone, so nothing of it was heard; or could not play on after a hold (not heard to its end).
 
     Sent once per Play: a prompt that ends on its own just as a :class:`StopPlay` arrives
     must not end the NEXT prompt too, so a receiver matches the id, never just the event.
