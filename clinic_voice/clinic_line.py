@@ -20,6 +20,7 @@ from voice.ivr.flow import WEBHOOK_URLS, FlowError, FlowParams, FlowSet, load_fl
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
 from voice.ivr.journal import REPLAY_EVERY_S, CallJournal, RecordsOnDisk
 from voice.ivr.session import CallSession, SessionDeps
+from voice.ivr.store import CallStoreUnavailable
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import SpeechModel
 from voice.media.tts import PromptRenderer
@@ -457,9 +458,22 @@ class ClinicLine:
         """Save the records kept on disk to Redis: at start, then every 30 s; and those of
         the calls an earlier serve was running when it died (``lost``, read at start), only
         after the kept records (:meth:`CallJournal.replay_all` says why)."""
+        voicemails = self._rt.need_voicemails()
         while True:
             try:
                 lost = await journal.replay_all(lost, self._rt.clock.now())
             except Exception:  # the next round tries again: the records stay on disk
                 log.exception("replaying the call records kept on disk failed")
+            # Another serve on this Redis that erased a call deleted its own data dir's
+            # files only: this one's messages of the call go now (its journal's copies went
+            # in the replay, which the erasure's mark refused).
+            try:
+                dropped = await voicemails.drop_erased()
+            except CallStoreUnavailable as exc:  # the next round: the mark stays in Redis
+                log.debug("voicemail of erased calls: Redis unavailable: %s", exc)
+            except OSError as exc:
+                log.warning("deleting the voicemail of erased calls failed: %s", exc)
+            else:
+                if dropped:
+                    log.info("deleted %d voicemail file(s) of calls erased elsewhere", dropped)
             await asyncio.sleep(REPLAY_EVERY_S)

@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 
 from clinic_voice.app import RUNTIME, Runtime
+from clinic_voice.clinic_line import ClinicLine
 from tests.conftest import RedisServer
 from tests.integration.conftest import API_KEY, CALLS_KEY, Api, StartService
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.ivr.erasure import LIVE_AT_MOST_S
+from voice.ivr.flow import FlowSet
 from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, Replayed
 from voice.ivr.store import CallStore
 
@@ -257,3 +259,29 @@ async def test_a_bad_query_on_the_call_list_names_its_parameter(
     api = await _calls_api(start_service)
     body = (await api.request("GET", f"/v1/calls?{query}")).problem(422, "invalid-request")
     assert {k: body.get(k) for k in named} == named, body
+
+
+async def test_an_erasure_at_another_serve_takes_this_ones_voicemail_at_its_next_replay(
+    start_service: StartService,
+) -> None:
+    # Two serves on one Redis, each with its own data dir (two hosts). The call was answered
+    # by A (its message is in A's data dir); staff's DELETE reaches B, which can delete only
+    # its own files. A's next replay round (every 30 s) deletes the message, and no other.
+    api_a, api_b = await _calls_api(start_service), await _calls_api(start_service)
+    message = await _saved_with_message(api_a, "er-far")
+    other = await _saved_with_message(api_a, "er-far-x")  # "er-far-" is a prefix of its name
+    assert (await api_b.request("DELETE", "/v1/calls/er-far")).status == 204
+    (await api_a.request("GET", "/v1/calls/er-far/voicemail")).problem(404, "not-found")
+    assert message.exists()  # B could not reach it
+    rt = _rt(api_a)
+    line = ClinicLine(rt.settings, rt, FlowSet(flows={}))
+    replaying = asyncio.create_task(line._replay_journal(line._new_journal(), []))
+    try:
+        async with asyncio.timeout(5):
+            while message.exists():  # noqa: ASYNC110 (a deadline)
+                await asyncio.sleep(0.05)
+    finally:
+        replaying.cancel()
+        await asyncio.gather(replaying, return_exceptions=True)
+    assert other.exists()
+    assert (await api_a.request("GET", "/v1/calls/er-far-x/voicemail")).status == 200

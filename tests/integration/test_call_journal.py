@@ -231,6 +231,7 @@ async def test_a_call_a_dead_serve_cut_counts_once_when_recorded_as_cut(
     rt = Runtime(settings=settings, clock=SystemClock(), metrics=Metrics(), secret=SECRET)
     store = CallStore(mux, SECRET, settings.ivr.call_retention_days)
     rt.call_store = store
+    rt.voicemails = Voicemails(settings.data_dir / "voicemail", store)  # as build_app does
     line = ClinicLine(settings, rt, FlowSet(flows={}))
     journal = line._new_journal()  # as start() makes it
     now = time.time()

@@ -35,6 +35,7 @@ from voice.ivr.flow import FlowSet
 from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal
 from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStore, CallStoreUnavailable
+from voice.ivr.voicemail import Voicemails
 from voice.sip.pool import CallHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
@@ -56,6 +57,7 @@ class _Serve:
         self.rt = Runtime(settings=settings, clock=SystemClock(), metrics=Metrics(), secret=SECRET)
         self.store = CallStore(mux, SECRET, settings.ivr.call_retention_days)
         self.rt.call_store = self.store
+        self.rt.voicemails = Voicemails(data / "voicemail", self.store)  # as build_app does
         self.line = ClinicLine(settings, self.rt, FlowSet(flows={}))
         self.journal: CallJournal = self.line._new_journal()  # as start() makes it
         self.line._journal = self.journal

@@ -384,6 +384,19 @@ class CallStore:
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
 
+    async def erased_among(self, call_ids: Sequence[str], batch: int = 500) -> set[str]:
+        """Those of ``call_ids`` marked erased, ``batch`` marks to an MGET (raises
+        :class:`CallStoreUnavailable`)."""
+        found: set[str] = set()
+        try:
+            for at in range(0, len(call_ids), batch):
+                some = call_ids[at : at + batch]
+                marks = await self._r.execute("MGET", *[_erased_key(i) for i in some])
+                found.update(i for i, m in zip(some, marks, strict=True) if m is not None)
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
+        return found
+
     async def sealed_records(self, batch: int = 500) -> AsyncIterator[list[tuple[str, str]]]:
         """Every record in Redis as it is sealed there, ``(call id, sealed)``, a batch at a
         time (SCAN: Redis is not held up, and a record saved meanwhile may or may not be

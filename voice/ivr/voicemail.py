@@ -6,7 +6,8 @@ changed opens with a previous secret's, as records do) and bound to its own name
 in its call record's values (``GET`` plays a message of the call its record does not name
 too: serve killed between the write and the record naming it). It lives as long as call records do
 (``CLINIC_CALL_RETENTION_DAYS``): :meth:`Voicemails.sweep` deletes older files,
-:meth:`Voicemails.erase` those of an erased call, and ``GET /v1/calls/{id}/voicemail`` plays
+:meth:`Voicemails.erase` those of an erased call (:meth:`Voicemails.drop_erased` those of a
+call another ``serve`` on the same Redis erased), and ``GET /v1/calls/{id}/voicemail`` plays
 one back as WAV.
 """
 
@@ -101,6 +102,25 @@ class Voicemails:
         """Delete every message of ``call_id`` (durably: the folder fsynced), named in its
         record or not; how many files went. Raises ``OSError`` when one could not be."""
         return await asyncio.to_thread(self._erase, call_id)
+
+    async def drop_erased(self) -> int:
+        """Delete the messages of the calls marked erased in Redis: an erasure answered by
+        another ``serve`` on the same Redis (another host, its own data dir) deleted the
+        files of its data dir only. How many files went. Raises
+        :class:`~voice.ivr.store.CallStoreUnavailable` or ``OSError``."""
+        call_ids = await asyncio.to_thread(self._call_ids)
+        removed = 0
+        for call_id in sorted(await self._store.erased_among(call_ids)):
+            removed += await self.erase(call_id)
+        return removed
+
+    def _call_ids(self) -> list[str]:
+        """The calls with a message in the folder (or a write of one cut short)."""
+        if not self._folder.is_dir():
+            return []
+        names = (p.name for p in self._folder.glob("*.sealed"))
+        temps = (p.name[1:].rsplit(".", 2)[0] for p in self._folder.glob(".*.sealed.*.tmp"))
+        return sorted({i for n in (*names, *temps) if (i := call_id_of(n)) is not None})
 
     def _files_of(self, call_id: str) -> list[str]:
         if not self._folder.is_dir():
