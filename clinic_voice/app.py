@@ -130,6 +130,11 @@ class Runtime:
         if self.failed:
             return
         self.failed = what
+        if self.stopping:
+            # The stop is under way (serve exits 1 all the same): a SIGTERM now would be a
+            # second one, which cuts the clinic line's call drain short (see hurry).
+            log.critical("%s failed during the stop", what)
+            return
         log.critical("stopping: %s failed", what)
         _sigterm_once_handled()
 
