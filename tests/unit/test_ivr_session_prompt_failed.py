@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_ivr_engine import ROUND_FLOW
 from tests.unit.test_ivr_session_races import Rig, _digit, _done, _to_breathing
 from voice.ivr import engine as eng
 from voice.ivr.flow import FlowParams
@@ -178,26 +179,6 @@ async def test_a_menu_whose_prompt_fails_twice_goes_to_staff() -> None:
     rig.call.send(_done(rig.call.last_play()[0]))  # "connecting you"
     await rig.until(lambda: _transferred_to(rig, FlowParams().staff_uri))
     await rig.finish()
-
-
-ROUND_FLOW = """\
-id: r
-language: en
-human: staff
-start: first
-nodes:
-  first:
-    ask:
-      prompt: "Press 1 for a call back."
-      on_fail: once_more
-      choices:
-        - {key: "1", phrases: ["yes"], goto: bye}
-  once_more:
-    say: "Let us try that once more."
-    next: first
-  bye:
-    hangup: "Goodbye."
-"""
 
 
 async def test_a_broken_text_to_speech_round_an_on_fail_loop_reaches_a_human(
