@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from pathlib import Path
 
 from sip_config.clock import Clock
@@ -158,8 +157,10 @@ class OutageLog:
 def _raised_at(error: BaseException) -> str:
     """Where ``error`` was raised: its type and innermost frame (file name and line), which
     tell one defect from another when their messages differ (an id in them, say)."""
-    frames = traceback.extract_tb(error.__traceback__)
     name = type(error).__qualname__
-    if not frames:
+    tb = error.__traceback__
+    if tb is None:
         return name
-    return f"{name} at {Path(frames[-1].filename).name}:{frames[-1].lineno}"
+    while tb.tb_next is not None:  # the innermost frame: no source line read (no file I/O)
+        tb = tb.tb_next
+    return f"{name} at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
