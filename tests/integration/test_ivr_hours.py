@@ -22,6 +22,7 @@ from tests.peers.ivr_rig import ClinicLine, Phone, phones, running_clinic_line
 from voice.ivr.flow import Ask, FlowParams, load_flows
 from voice.media.audio_match import rank
 from voice.media.pcm import read_wav, resample, samples_to_bytes
+from voice.media.tts import TtsError
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -107,3 +108,43 @@ async def test_a_call_out_of_hours_hears_the_closed_notice_and_its_0_rings_no_de
     head = wav_pcm(heard)[: 8000 * 2 * 16]
     match = rank(head, references, 8000)
     assert match.key == "closed" and match.score > match.runner_up, match
+
+
+async def test_a_closed_notice_the_caller_could_not_hear_is_not_recorded_as_told(
+    closed_line: ClinicLine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Text to speech fails on every prompt that holds the closed notice. The welcome's is
+    # skipped (a say); a 0 at the closed menu asks for staff: the notice and the question
+    # fail twice (given up: the desk, closed, so the notice alone), and the notice alone
+    # fails twice too. The call ends, and its record must not say the caller was told.
+    line = closed_line
+    renderer = line.app[RUNTIME].renderer
+    assert renderer is not None
+    notice = FlowParams.from_settings(line.settings, speech_enabled=False).values("en")[
+        "closed_notice"
+    ]
+    render = renderer.render
+    failed: list[bool] = []
+
+    async def failing(text: str, **kw: Any) -> Path:
+        if notice in text:
+            failed.append(True)
+            raise TtsError("espeak-ng failed to synthesise (status 1)")
+        return await render(text, **kw)
+
+    monkeypatch.setattr(renderer, "render", failing)
+    before = await line.call_ids()
+    async with phones() as started:
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6000"), "--dtmf", "0@2", "--duration", "20"
+        )
+        started.append(caller)
+        await caller.finish(CALL_S)
+    assert caller.find("dtmf_sent", digit="0") is not None, caller.events
+
+    record = await line.new_record(before)
+    assert record["outcome"] == "out_of_hours_unheard", record
+    assert steps(record, "digit") == [("menu_closed", "0")], record["path"]
+    unheard = [p["node"] for p in record["path"] if p["input"] == "prompt_failed"]
+    assert unheard == ["welcome_closed", *["menu_closed"] * 4], record["path"]
+    assert len(failed) == 5, failed

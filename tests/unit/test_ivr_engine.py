@@ -11,6 +11,7 @@ import pytest
 
 from voice.ivr.engine import (
     MAX_REPLY_VALUE_CHARS,
+    OUT_OF_HOURS_UNHEARD_OUTCOME,
     PROMPT_FAILED,
     SUMMARY_HEADER,
     Action,
@@ -1776,5 +1777,118 @@ def test_a_closed_notice_that_failed_is_said_once_more(engine: Engine) -> None:
     assert state.outcome == "out_of_hours"
     state, actions = closed.handle(state, FAILED)
     assert texts(actions) == notice and state.phase is Phase.PLAYING
+    heard, _ = closed.handle(state, DONE)  # heard the second time: told
+    assert heard.phase is Phase.ENDED and heard.outcome == "out_of_hours"
     state, actions = closed.handle(state, FAILED)
     assert state.phase is Phase.ENDED and any(isinstance(a, HangupCall) for a in actions)
+    # Unheard twice: nobody told the caller the numbers to call; never "out_of_hours".
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert state.outcome == store.record.outcome == OUT_OF_HOURS_UNHEARD_OUTCOME
+
+
+def _to_emergency(shipped: FlowSet, flow_id: str) -> tuple[Engine, CallState, list[str]]:
+    """A shipped triage, its first danger sign answered "yes" (U1): the emergency advice
+    ("hang up and call 112 now") plays."""
+    engine = Engine(shipped, FlowParams())
+    state, _ = engine.start(shipped.get(flow_id))
+    if flow_id == "triage":  # the intro, then "about yourself?": 1
+        events: list[Event] = [DONE, DONE, Digit("1")]
+        for event in events:
+            state, _ = engine.handle(state, event)
+    state, _ = engine.handle(state, DONE)  # the breathing question, heard
+    state, actions = engine.handle(state, Digit("1"))
+    advice = texts(actions)
+    assert len(advice) == 1 and "112" in advice[0]
+    assert state.triage is not None and state.triage.urgency <= Urgency.U1
+    return engine, state, advice
+
+
+@pytest.mark.parametrize("flow_id", ["triage", "triage_ko"])
+def test_the_emergency_advice_that_failed_is_said_once_more(shipped: FlowSet, flow_id: str) -> None:
+    # "Hang up and call 112 now", before the nurse transfer (a say in triage, the transfer's
+    # own prompt in triage_ko): unheard, it is said again, not skipped.
+    engine, state, advice = _to_emergency(shipped, flow_id)
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == advice and not any(isinstance(a, TransferCall) for a in actions)
+    assert [s.input for s in state.path].count(PROMPT_FAILED) == 1
+    state, actions = engine.handle(state, DONE)  # heard the second time: nothing noted
+    while not any(isinstance(a, TransferCall) for a in actions):
+        state, actions = engine.handle(state, DONE)
+    assert state.triage is not None
+    assert not [r for r in state.triage.reasons if r.startswith("unheard")]
+
+
+@pytest.mark.parametrize("flow_id", ["triage", "triage_ko"])
+def test_the_emergency_advice_unheard_twice_goes_to_the_nurse_on_record(
+    shipped: FlowSet, flow_id: str
+) -> None:
+    engine, state, _ = _to_emergency(shipped, flow_id)
+    state, _ = engine.handle(state, FAILED)
+    state, actions = engine.handle(state, FAILED)
+    while not any(isinstance(a, TransferCall) for a in actions):  # "connecting you", heard
+        assert state.phase is Phase.PLAYING, state.phase
+        state, actions = engine.handle(state, DONE)
+    (transfer,) = [a for a in actions if isinstance(a, TransferCall)]
+    assert transfer.uri == NURSE
+    assert state.triage is not None and "unheard: emergency" in state.triage.reasons
+    state, actions = engine.handle(state, TransferResult(True))
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert "unheard: emergency" in store.record.reasons
+    assert store.record.urgency is not None and store.record.urgency <= Urgency.U1
+
+
+def _advice_to_message(tmp_path: Path) -> tuple[Engine, CallState, list[str]]:
+    """A triage's advice unheard twice, the nurse tried for it and not reached (an unstaffed
+    nurse line out of hours): the message offer plays."""
+    engine, state = _advice_call(tmp_path, "1")
+    events: list[Event] = [FAILED, FAILED, DONE, TransferResult(False)]
+    for event in events:
+        state, actions = engine.handle(state, event)
+    assert state.pending is Pending.MESSAGE
+    return engine, state, texts(actions)
+
+
+def test_a_triage_advice_never_heard_is_said_before_the_message(tmp_path: Path) -> None:
+    # "See a doctor today, call the out-of-hours service now": a call back tomorrow comes too
+    # late for it. The message offer says it first; heard then, nothing is noted.
+    engine, state, offer = _advice_to_message(tmp_path)
+    assert offer == [f"{ADVICE} {OFFER}"]
+    state, actions = engine.handle(state, DONE)
+    assert [type(a) for a in actions] == [RecordAudio]
+    state, actions = engine.handle(state, RecordDone("vm", 5.0))
+    state, actions = engine.handle(state, DONE)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "message_left"
+    assert not [r for r in store.record.reasons if r.startswith("unheard")]
+
+
+def test_a_triage_advice_unheard_before_the_message_too_is_on_record(tmp_path: Path) -> None:
+    engine, state, offer = _advice_to_message(tmp_path)
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == offer and state.pending is Pending.MESSAGE  # once more
+    state, actions = engine.handle(state, FAILED)
+    assert [type(a) for a in actions] == [RecordAudio]  # the message is still taken
+    state, actions = engine.handle(state, RecordDone("vm", 5.0))
+    state, actions = engine.handle(state, DONE)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "message_left"
+    assert "unheard: advice" in store.record.reasons, store.record.reasons
+
+
+def test_a_triage_advice_never_heard_is_said_before_the_goodbye(tmp_path: Path) -> None:
+    # No message to take (the call recorded one already, or the line closes): the goodbye
+    # after the failed transfer carries the advice; unheard twice, it is on record.
+    engine, state = _advice_call(tmp_path, "1")
+    state = replace(state, recorded=True)
+    events: list[Event] = [FAILED, FAILED, DONE]
+    for event in events:
+        state, _ = engine.handle(state, event)
+    state, actions = engine.handle(state, TransferResult(False))
+    (said,) = texts(actions)
+    assert said.startswith(ADVICE) and state.pending is Pending.HANGUP
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == [said]
+    state, actions = engine.handle(state, FAILED)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "transfer_failed"
+    assert "unheard: advice" in store.record.reasons

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_ivr_engine import ROUND_FLOW
+from tests.unit.test_ivr_engine import ADVICE, ADVICE_FLOW, ROUND_FLOW
 from tests.unit.test_ivr_session_races import Rig, _digit, _done, _to_breathing
+from tests.unit.test_ivr_session_transfer import _status
 from voice.ivr import engine as eng
 from voice.ivr.flow import FlowParams
 from voice.ivr.triage import Urgency
@@ -44,6 +45,11 @@ def _transferred_to(rig: Rig, uri: str) -> bool:
 def _outcome(rig: Rig) -> str:
     state = rig.session._state
     return "" if state is None else state.outcome
+
+
+def _recording(rig: Rig) -> bool:
+    state = rig.session._state
+    return state is not None and state.phase is eng.Phase.RECORDING
 
 
 def _chest_plays(rig: Rig) -> int:
@@ -204,3 +210,92 @@ async def test_a_broken_text_to_speech_round_an_on_fail_loop_reaches_a_human(
     await rig.finish()
     (saved,) = rig.saved
     assert saved.record.outcome == "hung_up_before_transfer", saved.record.outcome
+
+
+async def test_an_emergency_advice_whose_text_to_speech_fails_is_made_again_and_on_record() -> None:
+    # A U1 caller: "This may be an emergency. Hang up and call 112 now", before the nurse. Its
+    # text to speech fails: it is made once more, not skipped; failed again, the transfer goes
+    # ahead, and the record says the caller never heard it.
+    rig = Rig(speech=False)
+    render = rig.renderer.render
+    tries: list[str] = []
+
+    async def failing(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+        if "This may be an emergency" in text:
+            tries.append(text)
+            raise TtsError("espeak-ng failed to synthesise (status 1)")
+        return await render(text, voice=voice, cache=cache)
+
+    rig.renderer.render = failing  # type: ignore[method-assign]
+    breathing = await _to_breathing(rig)
+    rig.call.send(_done(breathing))
+    await rig.until(lambda: rig.session._listening)
+    rig.call.send(_digit("1"))
+    connecting = await rig.until_prompt("Connecting you to a nurse")
+    assert len(tries) == 2, tries
+    rig.call.send(_done(connecting))
+    await rig.until(lambda: _transferred_to(rig, FlowParams().nurse_uri))
+    await rig.finish()
+    (saved,) = rig.saved
+    assert "unheard: emergency" in saved.record.reasons, saved.record.reasons
+    assert [s.input for s in saved.record.path].count(eng.PROMPT_FAILED) == 2
+
+
+async def test_a_closed_notice_unheard_twice_is_not_out_of_hours() -> None:
+    # Out of hours, a 0 at the closed menu four times: the notice, and the call ends. Its
+    # play fails twice: the record must not say the caller was told (out_of_hours).
+    closed = FlowParams(open_now=lambda: False)
+    rig = Rig(called="6000", speech=False, params=closed)
+    rig.start()
+    welcome = await rig.until_prompt("Welcome to")
+    rig.call.send(_done(welcome))
+
+    def notices() -> int:
+        return sum("practice is closed" in t for _, t in rig.call.plays())
+
+    for n in range(2, 6):  # the welcome's notice, then one a 0
+        menu = await rig.until_prompt("How can I help")
+        rig.call.send(_done(menu))
+        await rig.until(lambda: rig.session._listening)
+        rig.call.send(_digit("0"))
+        await rig.until(lambda: notices() == n)  # noqa: B023 (awaited in this lap)
+    notice = rig.call.last_play()
+    assert "How can I help" not in notice[1], notice
+    rig.call.send(_failed(notice[0]))
+    await rig.until(lambda: sum(t == notice[1] for _, t in rig.call.plays()) == 2)
+    rig.call.send(_failed(rig.call.last_play()[0]))
+    await rig.until(lambda: bool(rig.saved))
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == eng.OUT_OF_HOURS_UNHEARD_OUTCOME, saved.record.outcome
+
+
+async def test_a_triage_advice_never_heard_is_said_before_the_message(tmp_path: Path) -> None:
+    # "See a doctor today, call the out-of-hours service now" fails twice: the nurse, whose
+    # line is not staffed (486). The message offer says the advice first, tried twice too;
+    # unheard, the message is still taken and the record says the advice was never heard.
+    (tmp_path / "g.yaml").write_text(ADVICE_FLOW, encoding="utf-8")
+    (tmp_path / "routes.yaml").write_text("default: g\nroutes: {}\n", encoding="utf-8")
+    rig = Rig(called="g", speech=False, flows=tmp_path)
+    rig.start()
+    fever = await rig.until_prompt("Is the fever over 39")
+    rig.call.send(_done(fever))
+    await rig.until(lambda: rig.session._listening)
+    rig.call.send(_digit("1"))
+    advice = await rig.until_prompt("You should see a doctor today")
+    rig.call.send(_failed(advice))
+    await rig.until(lambda: len(rig.call.plays()) == 3)
+    rig.call.send(_failed(rig.call.last_play()[0]))
+    connecting = await rig.until_prompt("connect you to a nurse")
+    rig.call.send(_done(connecting))
+    await rig.until(lambda: _transferred_to(rig, FlowParams().nurse_uri))
+    rig.call.send(_status(486, True))
+    offer = await rig.until_prompt("nobody can take your call")
+    assert rig.call.texts[offer].startswith(ADVICE), rig.call.texts[offer]
+    rig.call.send(_failed(offer))
+    await rig.until(lambda: sum(ADVICE in t for _, t in rig.call.plays()) == 4)
+    rig.call.send(_failed(rig.call.last_play()[0]))
+    await rig.until(lambda: _recording(rig))
+    await rig.finish()
+    (saved,) = rig.saved
+    assert "unheard: advice" in saved.record.reasons, saved.record.reasons

@@ -170,14 +170,20 @@ class ScriptedModel:
 
 
 class Rig:
-    def __init__(self, called: str = "triage", speech: bool = True, flows: Path = FLOWS) -> None:
+    def __init__(
+        self,
+        called: str = "triage",
+        speech: bool = True,
+        flows: Path = FLOWS,
+        params: FlowParams | None = None,
+    ) -> None:
         self.call = ScriptedCall(called)
         self.renderer = ScriptedRenderer()
         self.call.renderer = self.renderer
         self.model = ScriptedModel()
         self.saved: list[CallResult] = []
         flowset = load_flows(flows)
-        params = FlowParams(speech_enabled=speech)
+        params = params or FlowParams(speech_enabled=speech)
 
         async def post(key: str, values: Mapping[str, str], timeout_s: float) -> Any:
             return {}

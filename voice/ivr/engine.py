@@ -20,8 +20,13 @@ VoiceXML semantics kept here:
   least on an urgent question, path step :data:`PROMPT_FAILED`); after
   :data:`MAX_UNHEARD_ASKS` such questions, the flow's human, never the ``on_fail``. Last
   words (a goodbye, a triage's advice, the closed notice, "call 112") are said once more
-  too; unheard again, the call ends, but for a triage's advice: the nurse takes the call.
-  Any other prompt that failed (a say, "connecting you") is skipped;
+  too; unheard again, the call ends (a closed notice as :data:`OUT_OF_HOURS_UNHEARD_OUTCOME`,
+  never "told"), but for a triage's advice: the nurse takes the call, and should the nurse
+  not answer, the advice comes before the message offer or the goodbye. Any prompt to a
+  caller at U2 or more on the way to a human (the emergency advice, "connecting you") is
+  said once more too; unheard again, the transfer goes ahead. Words that go on unheard so
+  are the triage's reason ``unheard: <node>``. Any other prompt that failed (a say,
+  "connecting you" below U2) is skipped;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * a webhook reply's fields become values ``<save>.<name>`` only when a flow reads them
@@ -176,6 +181,11 @@ PROMPT_FAILED = "prompt_failed"
 # each lap waits for the caller) would go round in silence, a failure needing no caller,
 # until MAX_CALL_S.
 MAX_UNHEARD_ASKS = 1
+# The triage's reason for words the caller never heard (failed twice, the call went on): words
+# to an urgent caller (the emergency advice before the nurse, "call 112" as last words), or a
+# triage's advice ("see a doctor today, call the out-of-hours service now") said again
+# before a message or the goodbye. The node names them: "unheard: emergency".
+UNHEARD_REASON = "unheard: {}"
 SUMMARY_HEADER = "X-Clinic-Summary"
 URGENCY_HEADER = "X-Clinic-Urgency"
 
@@ -429,6 +439,9 @@ UNCONFIRMED_OUTCOME = "transfer_unconfirmed"
 UNANSWERED_OUTCOME = "transfer_unanswered"
 # The desk was closed: the caller was told so, with the out-of-hours and emergency numbers.
 OUT_OF_HOURS_OUTCOME = "out_of_hours"
+# The desk was closed and the caller heard none of the closed notice (it failed twice): nobody
+# told them the numbers to call, so someone should call them back.
+OUT_OF_HOURS_UNHEARD_OUTCOME = "out_of_hours_unheard"
 MESSAGE_MAX_S = 60
 
 
@@ -465,6 +478,9 @@ class CallState:
     asked: str = ""
     prompt_retried: bool = False
     unheard_asks: int = 0  # questions given up because their prompt failed twice
+    # A triage's advice (its last words) that failed twice, the nurse then tried: said again
+    # before a message is taken, or the goodbye, should that transfer fail; "" once heard.
+    unheard_advice: str = ""
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -535,6 +551,21 @@ def _advice(state: CallState, node: Node | None) -> bool:
         and isinstance(node, Hangup)
         and state.triage_action is not None
         and state.transfer_uri is None
+    )
+
+
+def _safety_words(state: CallState, node: Node | None) -> bool:
+    """Whether the prompt under way must be said once more should it fail: last words (the
+    caller leaves with them), any prompt to an urgent caller on the way to a human (a say, or
+    the transfer's own prompt: "this may be an emergency, hang up and call 112 now"), and a
+    message offer that carries a triage's advice the caller has not heard."""
+    if state.pending is Pending.HANGUP:
+        return True
+    if state.pending is Pending.MESSAGE:
+        return bool(state.unheard_advice)
+    return _urgent(state) and (
+        state.pending is Pending.TRANSFER
+        or (state.pending is Pending.NEXT and isinstance(node, Say))
     )
 
 
@@ -714,21 +745,15 @@ class Engine:
         typed before or during it answers it but as type-ahead may (an urgent question's
         "yes" or 0 only), and it is asked once more; failed again, it is given up as one the
         caller cannot answer (a question nobody hears cannot be answered by silence either).
-        Last words (a triage's advice, the closed notice, "call 112") are said once more
-        too. Any other prompt is skipped: what follows it still reaches the caller."""
+        Safety words (:func:`_safety_words`: last words, an urgent caller's "call 112 now")
+        are said once more too (:meth:`_unheard` once failed again). Any other prompt is
+        skipped: what follows it still reaches the caller."""
         state = self._step(state, PROMPT_FAILED)
-        if state.pending is Pending.HANGUP:
-            # Last words are what the caller leaves with: a triage's advice ("see a doctor
-            # today, call the out-of-hours service now"), the closed notice (the numbers to
-            # call; out_of_hours on record says it was told), an urgent caller's "hang up
-            # now and call 112" (nobody could be reached). Said once more; advice unheard
-            # again, the nurse gives it, rather than the call ending in silence with the
-            # advice on record as given; anything else unheard again, the call ends.
-            if not state.prompt_retried and state.asked:
+        if _safety_words(state, node):
+            if not state.prompt_retried:
                 state = replace(state, prompt_retried=True)
-                return state, [self._play(state, flow, state.asked, barge_in=False)]
-            if _advice(state, node):
-                return self._to_human(state, flow, PROMPT_FAILED, [], text="safety_escalation")
+                return state, [self._replay(state, flow, node)]
+            return self._unheard(state, flow, node)
         if state.pending is not Pending.LISTEN or not isinstance(node, Ask):
             return self._prompt_done(state, flow, node)
         if not state.prompt_retried:
@@ -747,7 +772,34 @@ class Engine:
             return self._to_human(state, flow, PROMPT_FAILED, [])
         return self._enter(state, flow, node.on_fail, [])
 
+    def _unheard(self, state: CallState, flow: Flow, node: Node | None) -> Result:
+        """Safety words that failed twice. Last words are what the caller leaves with: a
+        triage's advice ("see a doctor today, call the out-of-hours service now") goes to
+        the nurse, rather than the call ending in silence with the advice on record as
+        given; should the nurse not answer, the advice is said again before the message (or
+        the goodbye). Anything else goes on as if heard (the transfer, the recording, the
+        call's end), with the truth on record: an urgent caller's or a triage's words
+        unheard are the triage's reason ``unheard: <node>``, and a closed notice unheard
+        is not ``out_of_hours`` ("the caller was told") but :data:`OUT_OF_HOURS_UNHEARD_OUTCOME`."""
+        if _advice(state, node):
+            state = replace(state, unheard_advice=state.asked)
+            return self._to_human(state, flow, PROMPT_FAILED, [], text="safety_escalation")
+        if state.triage is not None and (_urgent(state) or state.unheard_advice):
+            reason = UNHEARD_REASON.format(state.node)
+            state = replace(state, triage=state.triage.note(reason), unheard_advice="")
+        if state.pending is Pending.HANGUP and state.outcome == OUT_OF_HOURS_OUTCOME:
+            state = replace(state, outcome=OUT_OF_HOURS_UNHEARD_OUTCOME)
+        return self._prompt_done(state, flow, node)
+
+    def _replay(self, state: CallState, flow: Flow, node: Node | None) -> Play:
+        """The prompt under way, once more (a say's recording, if it has one)."""
+        if state.pending is Pending.NEXT and isinstance(node, Say):
+            return self._say(state, flow, node)
+        return self._play(state, flow, state.asked, barge_in=state.barge_in)
+
     def _prompt_done(self, state: CallState, flow: Flow, node: Node | None) -> Result:
+        if state.unheard_advice and state.pending in {Pending.MESSAGE, Pending.HANGUP}:
+            state = replace(state, unheard_advice="")  # heard, with the offer or goodbye
         if state.pending is Pending.LISTEN and isinstance(node, Ask):
             return self._listen(state, flow, node, [])
         if state.pending is Pending.NEXT and isinstance(node, Say):
@@ -858,13 +910,15 @@ class Engine:
     def _wait_at(self, state: CallState, flow: Flow, node: Node, actions: list[Action]) -> Result:
         if isinstance(node, Say):
             state = replace(
-                state, phase=Phase.PLAYING, pending=Pending.NEXT, barge_in=node.barge_in
+                state,
+                phase=Phase.PLAYING,
+                pending=Pending.NEXT,
+                barge_in=node.barge_in,
+                asked=node.text,
+                prompt_retried=False,
             )
             state = self._step(state)
-            play = self._play(state, flow, node.text, barge_in=node.barge_in)
-            if node.audio is not None:  # a recording: nothing is rendered from the text
-                play = replace(play, audio=node.audio, private=False)
-            return state, [*actions, play]
+            return state, [*actions, self._say(state, flow, node)]
         if isinstance(node, Ask):
             state = self._step(state)
             return self._ask(state, flow, node, actions)
@@ -946,6 +1000,8 @@ class Engine:
             barge_in=False,
             transfer_uri=uri,
             transfer_on_fail=node.on_fail,
+            asked=node.prompt,
+            prompt_retried=False,
         )
         if not node.prompt:
             return replace(state, phase=Phase.TRANSFERRING), [
@@ -1281,24 +1337,31 @@ class Engine:
                     barge_in=False,
                     transfer_uri=left[0],
                     transfer_on_fail=None,
+                    asked=flow.texts("transfer_retry"),
+                    prompt_retried=False,
                 )
                 # The record names who was reached: not the nurse when staff took it.
                 human = Human.NURSE if left[0] == self.params.nurse_uri else Human.STAFF
                 state = replace(state, outcome=f"transfer_{human.value}")
-                text = flow.texts("transfer_retry")
-                return state, [self._play(state, flow, text, barge_in=False)]
+                return state, [self._play(state, flow, state.asked, barge_in=False)]
         if not urgent and state.close is Close.OPEN and not _recorded_before(state):
             # Nobody to take the call: rather than "call again later", which loses what the
             # caller rang about, take a message for a call back (the record says who called).
+            # A triage's advice the caller did not hear (the nurse was tried for it) first:
+            # the clinic's call back may come too late for "see a doctor today".
+            text = f"{state.unheard_advice} {flow.texts('message_offer')}".strip()
             state = replace(
                 state,
                 phase=Phase.PLAYING,
                 pending=Pending.MESSAGE,
                 barge_in=False,
                 outcome="transfer_failed",
+                asked=text,
+                prompt_retried=False,
             )
-            return state, [self._play(state, flow, flow.texts("message_offer"), barge_in=False)]
+            return state, [self._play(state, flow, text, barge_in=False)]
         text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
+        text = f"{state.unheard_advice} {text}".strip()
         return self._last_words(state, flow, text, outcome="transfer_failed")
 
     def _unconfirmed(self, state: CallState, flow: Flow) -> Result:
@@ -1306,6 +1369,7 @@ class Engine:
         the emergency number (an urgent caller: only that), and a call back is promised."""
         state = self._step(state, "transfer", "unconfirmed")
         text = flow.texts("transfer_failed_urgent" if _urgent(state) else "transfer_unconfirmed")
+        text = f"{state.unheard_advice} {text}".strip()
         return self._last_words(
             state, flow, text, transfer_target=state.transfer_uri, outcome=UNCONFIRMED_OUTCOME
         )
@@ -1411,6 +1475,7 @@ class Engine:
         )
         prompt = flow.texts(text) if text else flow.human_prompt()
         prompt = f"{before} {prompt}".strip()
+        state = replace(state, asked=prompt, prompt_retried=False)
         return state, [*actions, self._play(state, flow, prompt, barge_in=False)]
 
     def _desk_closed(self, state: CallState, flow: Flow, human: Human | None = None) -> bool:
@@ -1500,6 +1565,12 @@ class Engine:
         values = dict(state.values)
         values.update(self.params.values(self.flowset.get(state.flow).language))
         return render(text, values)
+
+    def _say(self, state: CallState, flow: Flow, node: Say) -> Play:
+        play = self._play(state, flow, node.text, barge_in=node.barge_in)
+        if node.audio is not None:  # a recording: nothing is rendered from the text
+            play = replace(play, audio=node.audio, private=False)
+        return play
 
     def _play(self, state: CallState, flow: Flow, text: str, barge_in: bool) -> Play:
         private = not placeholders(text) <= PARAM_NAMES
