@@ -24,7 +24,7 @@ from voice.sip.front import RedirectFront
 from voice.sip.outcome import CallOutcome
 from voice.sip.pjsua import NO_MEDIA_S
 from voice.sip.pool import CallHandle, SipPool
-from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
+from voice.sip.protocol import CallEvent, CallState, Digit, Hold, PlayDone
 
 pytestmark = pytest.mark.integration
 
@@ -169,10 +169,17 @@ async def test_sipp_uac_keeps_off_the_default_sip_ports(
 
 
 async def sipp_uac(
-    target: HostPort, scenario: str, user: str, tmp_path: Path, timeout_s: int
+    target: HostPort,
+    scenario: str,
+    user: str,
+    tmp_path: Path,
+    timeout_s: int,
+    *,
+    keys: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """Play ``tests/peers/<scenario>`` once as a UAC calling ``user`` at ``target``; its exit
-    code and the messages it traced.
+    code and the messages it traced. ``keys``: the scenario's ``[name]`` keywords (sipp's
+    ``-key name value``).
 
     From a free port of its own: sipp takes ``-p 0`` for its default, 5060, so two runs at
     once (or anything else on 5060) made it fail to bind. Its media and control ports: see
@@ -182,6 +189,7 @@ async def sipp_uac(
         "sipp", str(target), "-sf", str(PEERS / scenario),
         "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
         "-s", user, "-m", "1", "-nostdin",
+        *(arg for name, value in (keys or {}).items() for arg in ("-key", name, value)),
         "-trace_msg", "-message_file", str(trace), "-timeout", str(timeout_s),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -837,3 +845,56 @@ async def test_a_prompt_cut_by_the_callers_hold_plays_again_from_its_start_when_
     while pool.stats()["calls_in_flight"]:  # the slot is free again
         assert asyncio.get_running_loop().time() < end, pool.stats()
         await asyncio.sleep(0.05)
+
+
+# The ways a far end holds the call (RFC 3264 section 8.4) and takes it back: by re-INVITE,
+# and by UPDATE (RFC 3311), which pjsua handles the same way.
+HOLDS = {
+    "re-INVITE sendonly": ("sipp_uac_hold_listening.xml", "sendonly", "IN IP4 127.0.0.1"),
+    "re-INVITE inactive": ("sipp_uac_hold_listening.xml", "inactive", "IN IP4 127.0.0.1"),
+    "re-INVITE c=0.0.0.0": ("sipp_uac_hold_listening.xml", "sendrecv", "IN IP4 0.0.0.0"),
+    "UPDATE sendonly": ("sipp_uac_hold_update.xml", "sendonly", "IN IP4 127.0.0.1"),
+    "UPDATE inactive": ("sipp_uac_hold_update.xml", "inactive", "IN IP4 127.0.0.1"),
+}
+
+
+@pytest.mark.parametrize("how", list(HOLDS))
+async def test_the_callers_hold_and_its_end_are_reported_once_each(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path, how: str
+) -> None:
+    """4 s after the answer (the prompt has ended) the caller holds the call for 4 s. The
+    worker reports the hold and its end (Hold events), once each, about when they happen:
+    the clinic line's question waits out the hold instead of timing out during it."""
+    pool, _ = line
+    prompt = await make_tone(tmp_path / "prompt.wav", 1.0)
+    seen: list[tuple[float, object]] = []
+    loop = asyncio.get_running_loop()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        answered = loop.time()
+        await call.play(prompt)
+        try:
+            async with asyncio.timeout(12):
+                while True:
+                    ev = await call.next_event()
+                    seen.append((loop.time() - answered, ev))
+                    if isinstance(ev, Hold) and not ev.held:
+                        break
+            await asyncio.sleep(0.5)
+        except TimeoutError:
+            pass  # what was seen is asserted below
+        finally:
+            await call.hangup()
+
+    pool.on_incoming(handler)
+    scenario, direction, c = HOLDS[how]
+    keys = {"hold_dir": direction, "hold_c": c}
+    worker = pool.worker_addresses()[0]
+    code, text = await sipp_uac(worker, scenario, "6000", tmp_path, 25, keys=keys)
+    answers = [ln for ln in text.splitlines() if ln.startswith("SIP/2.0 ")]
+    assert code == 0, f"the hold, unhold or BYE went wrong: {answers}\n{text[-3000:]}"
+    holds = [(round(at, 1), ev.held) for at, ev in seen if isinstance(ev, Hold)]
+    assert [held for _, held in holds] == [True, False], seen
+    (on, _), (off, _) = holds
+    assert 3.5 <= on <= 5.0 and 7.5 <= off <= 9.0, holds

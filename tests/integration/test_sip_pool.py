@@ -85,6 +85,18 @@ class Wire:
     msg: message.SipMessage
 
 
+def trace_wire(text: str) -> list[Wire]:
+    """The messages of a sipp -trace_msg file's ``text``, in order."""
+    out = []
+    parts = re.split(r"^-{10,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\s*$", text, flags=re.M)
+    for stamp, block in zip(parts[1::2], parts[2::2], strict=True):
+        head, _, raw = block.strip("\n").partition("\n")
+        at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        data = raw.strip("\n").replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
+        out.append(Wire(at, "received" in head, message.parse(data.encode())))
+    return out
+
+
 @dataclass
 class Sipp:
     """A sipp process playing one scenario file on a free port."""
@@ -98,15 +110,7 @@ class Sipp:
 
     def wire(self) -> list[Wire]:
         """The messages of the -trace_msg file, in order."""
-        text = self.trace.read_text(errors="replace") if self.trace.exists() else ""
-        out = []
-        parts = re.split(r"^-{10,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\s*$", text, flags=re.M)
-        for stamp, block in zip(parts[1::2], parts[2::2], strict=True):
-            head, _, raw = block.strip("\n").partition("\n")
-            at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            data = raw.strip("\n").replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
-            out.append(Wire(at, "received" in head, message.parse(data.encode())))
-        return out
+        return trace_wire(self.trace.read_text(errors="replace") if self.trace.exists() else "")
 
     def received(self, method: str) -> list[Wire]:
         return [w for w in self.wire() if w.received and w.msg.method == method]

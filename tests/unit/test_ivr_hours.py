@@ -21,6 +21,7 @@ from voice.ivr.check import check_files
 from voice.ivr.engine import (
     MAX_CLOSED_ASKS,
     Action,
+    CallState,
     Digit,
     Engine,
     Listen,
@@ -733,3 +734,100 @@ def test_check_walks_on_closed_as_closed(flows: Path) -> None:
     )
     messages = " ".join(f.message for f in check_files([flows]))
     assert "'desk' transfers to staff on a path taken while the practice is closed" in messages
+
+
+# -- asked again after closing time: a reprompt or a * at a question with on_closed -------------
+
+MENU_CLOSED = (
+    "You can still leave a request. How can I help you? Press 1 for an appointment request."
+)
+
+
+def overtaken(event: Digit | NoInput) -> tuple[list[Action], CallState]:
+    """The open menu heard before 17:00, then ``event`` at it after 17:00."""
+    is_open = [True]
+    engine = Engine(
+        load_flows(SHIPPED),
+        FlowParams(
+            open_now=lambda: is_open[0], opening_hours=HOURS, out_of_hours_number="088 123 45 67"
+        ),
+    )
+    state, _ = engine.start(engine.flowset.get("main_menu"))
+    state, _ = engine.handle(state, PromptDone())  # the welcome
+    state, actions = engine.handle(state, PromptDone())  # the open menu, heard: listening
+    assert any(isinstance(a, Listen) for a in actions)
+    is_open[0] = False  # 17:00 strikes while the caller listens
+    state, actions = engine.handle(state, event)
+    return actions, state
+
+
+@pytest.mark.parametrize(
+    ("event", "before", "cause"),
+    [
+        (NoInput(), "Sorry, I did not hear anything. ", [("menu", "noinput")]),
+        (Digit("7"), "Sorry, I did not understand. ", [("menu", "nomatch")]),
+        (Digit("*"), "", []),
+    ],
+)
+def test_the_open_menu_asked_again_after_closing_is_the_closed_menu(
+    event: Digit | NoInput, before: str, cause: list[tuple[str, str]]
+) -> None:
+    # A caller greeted with the open menu who says nothing after 17:00 (or what it does not
+    # take, or presses *) hears the notice and the closed menu, not "press 0 ... staff".
+    actions, state = overtaken(event)
+    said = plays(actions)
+    assert len(said) == 1
+    assert said[0].startswith(f"{before}{NOTICE} {MENU_CLOSED}"), said
+    assert "press 0" not in said[0].lower()
+    assert not transfers(actions)
+    assert (state.node, state.pending, state.closed_asks) == ("menu_closed", Pending.LISTEN, 1)
+    steps = [(s.node, s.input) for s in state.path[-(len(cause) + 2) :]]
+    assert steps == [*cause, ("menu", "closed"), ("menu_closed", "")]
+
+
+def test_asked_again_counts_toward_the_closed_cap(flows: Path) -> None:
+    # Two questions naming each other in on_closed, and a caller who says nothing: each
+    # reprompt is the notice and the other question, counted with the closed 0s; past the
+    # cap the notice once more and the call ends, never a round in silence for the whole call.
+    (flows / "t.yaml").write_text(
+        FLOW.replace(
+            '      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late'
+        )
+        + '  late:\n    ask:\n      prompt: "Late one."\n      on_closed: menu\n      choices:\n'
+        + '        - {key: "3", phrases: [bye], label: goodbye, goto: bye}\n',
+        encoding="utf-8",
+    )
+    engine = Engine(load_flows(flows), params(False))
+    actions, store = run(engine, "t", [":silence"] * (MAX_CLOSED_ASKS + 1))
+    said = plays(actions)
+    silence = "Sorry, I did not hear anything."
+    assert said[2].startswith(f"{silence} {NOTICE} Late one.")
+    assert said[3].startswith(f"{silence} {NOTICE} Pick one.")
+    assert said[4].startswith(f"{silence} {NOTICE} Late one.")
+    assert said[5:] == [f"{silence} {NOTICE}"]
+    assert store.record.outcome == "out_of_hours"
+    assert [(s.node, s.input) for s in store.record.path][-2:] == [
+        ("late", "noinput"),
+        ("late", "closed"),
+    ]
+
+
+def test_asked_again_while_open_or_with_no_on_closed_is_the_question_again() -> None:
+    # Open, the open menu's reprompt is itself; so is a closed desk's when the question names
+    # no on_closed (the closed menu: its reprompt offers no desk anyway).
+    engine = Engine(load_flows(SHIPPED), params(True))
+    _, actions = script_call(engine, "main_menu", [":silence"])
+    assert plays(actions)[-1].startswith("Sorry, I did not hear anything. How can I help you?")
+    closed = Engine(load_flows(SHIPPED), params(False))
+    state, actions = script_call(closed, "main_menu", [":silence"])
+    assert plays(actions)[-1].startswith(f"Sorry, I did not hear anything. {MENU_CLOSED}")
+    assert state.closed_asks == 0
+
+
+def test_the_closed_menu_after_the_open_one_is_a_static_prompt() -> None:
+    # Said after a silence at the open menu, the commonest way a call meets closing time:
+    # rendered at start-up, not while the caller waits.
+    prompts = load_flows(SHIPPED).get("main_menu").static_prompts(params(False))
+    closed_menu = next(p for p in prompts if p.startswith(MENU_CLOSED))
+    for before in ("", "Sorry, I did not hear anything. ", "Sorry, I did not understand. "):
+        assert f"{before}{NOTICE} {closed_menu}" in prompts

@@ -309,6 +309,7 @@ _MESSAGES: st.SearchStrategy[protocol.Message] = st.one_of(
             protocol.PlaceFailed,
             protocol.Digit,
             protocol.PlayDone,
+            protocol.Hold,
             protocol.TransferStatus,
             protocol.AudioChunk,
             protocol.MessageResult,

@@ -51,7 +51,9 @@ VoiceXML semantics kept here:
   out of hours a ``0`` at a question hears the closed notice (hours, out-of-hours number,
   emergency number) and the question again, or the question its ``on_closed`` names (one
   that offers no desk) (:data:`MAX_CLOSED_ASKS` times a call; the next
-  ``0`` hears the notice and the call ends), and any other way to staff (a question given
+  ``0`` hears the notice and the call ends); a question with ``on_closed`` that would be
+  asked again out of hours (a reprompt, a ``*``) goes the same way (notice, then the
+  ``on_closed`` question; in the same count), and any other way to staff (a question given
   up, a message not kept, a ``transfer: staff`` step) ends the call after the notice
   (``out_of_hours``). Never for a caller at U2 or more, whom the safety rules put through,
   open or closed; the nurse has no hours here (an unstaffed nurse line fails its transfer,
@@ -152,6 +154,11 @@ MAX_MENU_RETURNS = 3
 # notice for the whole call (MAX_CALL_S), holding a call slot and adding two path steps a
 # press to the call's record and live record.
 MAX_CLOSED_ASKS = 3
+# Why a question with ``on_closed`` meets the closed desk without a 0: it was to be asked
+# again (a noinput or nomatch reprompt, a ``*``) while the desk is closed, and it offers staff.
+# The notice and its ``on_closed`` question instead, counted with the 0s above (two questions
+# naming each other would otherwise swap in silence for the whole call).
+ASKED_AGAIN = "asked again"
 # A call's path keeps at most this many steps. A flow may route a choice back to an earlier
 # question ("press 1 to hear this again", a confirmation whose "no" goes back to the entry):
 # flow check accepts such a loop, since it waits for the caller each lap, but a caller going
@@ -1237,7 +1244,16 @@ class Engine:
         return self._enter(state, flow, choice.goto, [])
 
     def _repeat(self, state: CallState, flow: Flow, ask: Ask) -> Result:
+        if self._closed_counterpart(state, flow, ask):
+            return self._closed_desk(state, flow, ASKED_AGAIN, [], before="")
         return self._prompt(state, flow, ask, flow.ask_prompt(ask, self.speech_on(flow, ask)), [])
+
+    def _closed_counterpart(self, state: CallState, flow: Flow, ask: Ask) -> bool:
+        """Whether ``ask``, asked again now, would offer a desk that is closed: it names a
+        question in ``on_closed`` (its closed-hours counterpart) and the desk is out of hours
+        for this caller. The open menu read before closing time is then not read again."""
+        instead = flow.nodes.get(ask.on_closed or "")
+        return isinstance(instead, Ask) and instead is not ask and self._desk_closed(state, flow)
 
     def _noinput(self, state: CallState, flow: Flow, ask: Ask) -> Result:
         if ask.digits is not None and state.digits:
@@ -1269,6 +1285,13 @@ class Engine:
             if ask.on_fail is None:
                 return self._to_human(state, flow, f"{kind} limit", [])
             return self._enter(state, flow, ask.on_fail, [])
+        if self._closed_counterpart(state, flow, ask):
+            # Closing time passed while the caller listened: not "press 0 ... staff" again,
+            # but the notice and the question that offers no desk, as after a 0. The
+            # system's "did not hear" (not the question's own tapered words, which may
+            # speak of the desk).
+            state = replace(state, typeahead="")
+            return self._closed_desk(state, flow, ASKED_AGAIN, [], before=flow.texts(kind))
         text = flow.reprompt(ask, kind, count, self.speech_on(flow, ask))
         return self._prompt(replace(state, typeahead=""), flow, ask, text, [])
 
@@ -1491,9 +1514,10 @@ class Engine:
         "operator") at a question, the question again (the menus that work unattended stay
         open to the caller), or the question its ``on_closed`` names (one that offers no
         desk), at most :data:`MAX_CLOSED_ASKS` times a call; otherwise the call ends after
-        it."""
+        it. A question with ``on_closed`` asked again (:data:`ASKED_AGAIN`: a reprompt, a
+        ``*``) goes the same way, in the same count."""
         node = flow.nodes.get(state.node)
-        if why == "caller asked" and isinstance(node, Ask):
+        if why in {"caller asked", ASKED_AGAIN} and isinstance(node, Ask):
             if state.closed_asks < MAX_CLOSED_ASKS:
                 state = replace(
                     self._step(state, "closed"),

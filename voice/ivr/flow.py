@@ -766,6 +766,13 @@ class Flow:
                     add(f"{self.texts(name)} {self.human_prompt()}")
             elif isinstance(node, Ask):
                 add(self.ask_prompt(node, params.speech_for(self.language)))
+                instead = self.nodes.get(node.on_closed or "")
+                if isinstance(instead, Ask):
+                    # Out of hours, after a 0 or in place of a reprompt (the engine's
+                    # _closed_desk): the notice, then the question that offers no desk.
+                    closed = self.ask_prompt(instead, params.speech_for(self.language))
+                    for before in ("", self.texts("noinput"), self.texts("nomatch")):
+                        add(f"{before} {{closed_notice}} {closed}".strip())
                 for kind, limit in (("noinput", node.max_noinput), ("nomatch", node.max_nomatch)):
                     for count in range(1, limit):
                         add(self.reprompt(node, kind, count, params.speech_for(self.language)))

@@ -23,6 +23,11 @@ text to speech failed, or the worker's ``PlayDone`` says ``failed``: the file co
 opened or sent) is a ``PromptFailed``, never a ``PromptDone``: the engine decides what an
 unheard question means (voice/ivr/engine.py). The first such failure of a call is logged.
 
+Holds: the worker reports the far end's hold and its end (``Hold``). A question that listens
+stops its timeout at the hold and runs it again in full when the caller is back; a prompt
+held stands still, plays again from its start when the call is back (the worker's), and
+only its end starts the timeout.
+
 Transfers: the worker reports the REFER's progress (``TransferStatus``), read by
 :func:`voice.sip.refer.verdict`. A final 2xx is a transfer done, a final error a transfer
 failed at once (the caller hears the failure message, not 15 s of silence); a target that is
@@ -56,7 +61,7 @@ from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_sp
 from voice.media.tones import BEEP, RINGBACK, Tone, tone_wav
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
-from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone, TransferStatus
+from voice.sip.protocol import CallEvent, CallState, Digit, Hold, PlayDone, TransferStatus
 from voice.sip.refer import TransferVerdict, verdict
 
 log = logging.getLogger(__name__)
@@ -183,6 +188,7 @@ class CallSession:
         self._events: asyncio.Queue[eng.Event | _PromptEnd | _Heard] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen_timer: asyncio.Task[None] | None = None
+        self._timer_s: float | None = None  # the running listen timer's length
         self._recogniser: Recogniser | None = None
         self._recogniser_for: tuple[str, str] | None = None  # (flow, node) it listens for
         self._onset = SpeechOnset()
@@ -209,6 +215,10 @@ class CallSession:
         self._due: eng.CallRecord | None = None
         self._result_in_redis = False  # Redis took the record (kept on disk no more)
         self._listen_timeout = 0.0
+        # The far end holds the call (voice.sip.protocol.Hold): a question's timeout does not
+        # run meanwhile; the one it held back (its full length) starts when the call is back.
+        self._held = False
+        self._held_timeout: float | None = None
         self._hangup_after_record = False
         self._record_stop = asyncio.Event()
         # The transfer's result (never PROGRESS); None: the call ended before the caller's
@@ -643,18 +653,47 @@ class CallSession:
     # -- timers and SIP events -----------------------------------------------------------------
     def _start_listen_timer(self, timeout_s: float) -> None:
         self._cancel_listen_timer()
+        if self._held:
+            # Nobody on the line to answer: the timeout starts when the call is back.
+            self._held_timeout = timeout_s
+            return
 
         async def fire() -> None:
             await asyncio.sleep(timeout_s)
             self._listen_timer = None
+            self._timer_s = None
             self._events.put_nowait(eng.NoInput())
 
+        self._timer_s = timeout_s
         self._listen_timer = self._spawn(fire())
 
     def _cancel_listen_timer(self) -> None:
+        self._held_timeout = None
+        self._timer_s = None
         if self._listen_timer is not None:
             self._listen_timer.cancel()
             self._listen_timer = None
+
+    def _on_hold(self, held: bool) -> None:
+        """The far end put the call on hold, or took it off hold. A question listening for
+        the caller stops its timeout at the hold, and runs it again in full when the call is
+        back: not what was left of it, which a hold late in the timeout would leave at next
+        to nothing, the noinput reprompt then cutting in as the caller returns. A hold during
+        the prompt needs nothing here: the prompt stands still and plays again from its
+        start once the call is back (the worker's), and its end starts the timeout."""
+        if held == self._held:
+            return
+        log.debug("call %s: %s", self._h.id, "on hold" if held else "off hold")
+        if held:
+            waiting = self._timer_s if self._listen_timer is not None else None
+            self._cancel_listen_timer()
+            self._held = True
+            self._held_timeout = waiting
+            return
+        self._held = False
+        timeout_s, self._held_timeout = self._held_timeout, None
+        if timeout_s is not None:
+            self._start_listen_timer(timeout_s)
 
     async def _pump_sip(self) -> None:
         async for ev in self._h.events:
@@ -677,6 +716,8 @@ class CallSession:
                     self._events.put_nowait(_PromptEnd(self._prompt_seq, ev.failed))
                 else:
                     log.debug("call %s: end of play %s ignored", self._h.id, ev.play_id)
+            elif isinstance(ev, Hold):
+                self._on_hold(ev.held)
             elif isinstance(ev, TransferStatus):
                 self._on_transfer_status(ev)
             elif isinstance(ev, CallEvent) and ev.state is CallState.ENDED:

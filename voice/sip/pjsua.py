@@ -37,6 +37,7 @@ from voice.sip.protocol import (
     Digit,
     Event,
     Hangup,
+    Hold,
     IncomingCall,
     MessageResult,
     Ping,
@@ -189,6 +190,7 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.listener: _Listener | None = None
         self.pending: list[Command] = []  # Play/StartListen waiting for media
         self.media_seen = False  # audio was active at least once
+        self.on_hold = False  # the far end holds the call (reported as Hold)
         self.media_deadline: float | None = None  # NO_MEDIA_S after the answer
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
 
@@ -753,6 +755,15 @@ class Engine:
         )
         held = call.media_seen and not call.media_active  # coming back from a hold
         call.media_active = active
+        # The far end's hold (its audio stopped after it had begun) and its end, reported
+        # once each: whoever waits for the caller waits out the hold (a question's timeout).
+        # Only in a confirmed call: the media's end at the hang-up is no hold.
+        on_hold = call.media_seen and not active
+        if on_hold != call.on_hold and info.state == pj.PJSIP_INV_STATE_CONFIRMED:
+            call.on_hold = on_hold
+            log.debug("call %s: %s", call.call_id, "on hold" if on_hold else "off hold")
+            if not call.ended:
+                self.emit(Hold(call.call_id, on_hold))
         if active:
             call.media_seen = True
             call.media_deadline = None

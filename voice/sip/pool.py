@@ -49,6 +49,7 @@ from voice.sip.protocol import (
     Command,
     Digit,
     Hangup,
+    Hold,
     IncomingCall,
     MessageResult,
     Ping,
@@ -72,7 +73,7 @@ from voice.sip.transaction import TIMER_H_S
 
 log = logging.getLogger(__name__)
 
-HandleEvent = CallEvent | Digit | PlayDone | TransferStatus
+HandleEvent = CallEvent | Digit | PlayDone | Hold | TransferStatus
 IncomingHandler = Callable[["CallHandle"], Awaitable[None]]
 
 _BACKOFF_FIRST_S = 0.2
@@ -228,10 +229,11 @@ async def until_ended(events: asyncio.Queue[_E]) -> AsyncIterator[_E]:
 class CallHandle:
     """One live call (outbound or inbound), owned by one worker.
 
-    Events (:class:`CallEvent`, :class:`Digit`, :class:`PlayDone`, :class:`TransferStatus`)
-    arrive in order through :meth:`next_event` or :attr:`events`; the last one is a
-    ``CallEvent`` with state ``ended`` and then :attr:`outcome` is set. Commands after the end
-    are ignored. Each :meth:`play` returns an id that its one ``PlayDone`` carries.
+    Events (:class:`CallEvent`, :class:`Digit`, :class:`PlayDone`, :class:`Hold`,
+    :class:`TransferStatus`) arrive in order through :meth:`next_event` or :attr:`events`;
+    the last one is a ``CallEvent`` with state ``ended`` and then :attr:`outcome` is set.
+    Commands after the end are ignored. Each :meth:`play` returns an id that its one
+    ``PlayDone`` carries.
     """
 
     def __init__(
@@ -1007,7 +1009,7 @@ class SipPool:
             handle = w.calls.get(ev.call_id)
             if handle is not None:
                 handle._deliver_audio(ev.pcm)
-        elif isinstance(ev, Digit | PlayDone | TransferStatus):
+        elif isinstance(ev, Digit | PlayDone | Hold | TransferStatus):
             handle = w.calls.get(ev.call_id)
             if handle is not None:
                 handle._deliver(ev)

@@ -194,6 +194,21 @@ class PlayDone:
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """The far end put the call on hold (``held``), or took it off hold: a re-INVITE or
+    UPDATE whose SDP makes the call's audio stop (a=sendonly, a=inactive or c=0.0.0.0, RFC
+    3264 section 8.4), or then start again. Sent on each change only, never after the end.
+
+    While held the call's prompt stands still (it plays again from its start when the call
+    is back, and its :class:`PlayDone` comes then) and the caller hears nothing: a receiver
+    waiting for the caller (a question's listening timeout) waits for the hold's end too.
+    """
+
+    call_id: str
+    held: bool
+
+
+@dataclass(frozen=True, slots=True)
 class TransferStatus:
     """Progress of a :class:`Transfer`: the REFER's answer, then the NOTIFYs (RFC 3515).
 
@@ -267,6 +282,7 @@ Event = (
     | IncomingCall
     | Digit
     | PlayDone
+    | Hold
     | TransferStatus
     | AudioChunk
     | MessageResult

@@ -1,0 +1,93 @@
+"""The clinic line with a caller who puts it on hold while a question listens: the whole
+service (SIP front, pjsua workers, sessions, Redis) and sipp as the caller on loopback.
+
+The flow here asks one keypad question ("Press 1.", 4 s timeout, one noinput ends the call
+at once with a BYE). sipp holds the call 4 s after the answer, when the prompt has ended and
+the question listens, and takes it off hold 4 s later; it says and presses nothing. The
+question's timeout must not run during the hold (the service's BYE then came while the
+caller was away, before the hold's end), and runs in full once the caller is back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from clinic_voice.app import RUNTIME
+from tests.integration.conftest import OpenApiCollector
+from tests.integration.test_sip_inbound import HOLDS, sipp_uac
+from tests.integration.test_sip_pool import trace_wire
+from tests.peers.ivr_rig import ClinicLine, running_clinic_line
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+TIMEOUT_S = 4.0
+FLOW = f"""\
+id: main_menu
+language: en
+human: staff
+start: ask
+nodes:
+  ask:
+    ask:
+      prompt: "Press 1."
+      mode: keypad
+      timeout_s: {TIMEOUT_S:g}
+      max_noinput: 1
+      on_fail: bye
+      choices:
+        - {{key: "1", label: to end the call, goto: bye}}
+  bye:
+    hangup: ""
+    outcome: no_answer
+"""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def line(
+    tmp_path_factory: pytest.TempPathFactory,
+    openapi_responses: OpenApiCollector,
+    ivr_prompt_cache: Path,
+) -> AsyncIterator[ClinicLine]:
+    flows = tmp_path_factory.mktemp("flows")
+    (flows / "main_menu.yaml").write_text(FLOW, encoding="utf-8")
+    async with running_clinic_line(
+        tmp_path_factory.mktemp("clinic"),
+        openapi_responses,
+        {"CLINIC_FLOWS_DIR": str(flows)},
+        prompt_cache=ivr_prompt_cache,
+    ) as svc:
+        yield svc
+
+
+@pytest.mark.parametrize("how", ["re-INVITE sendonly", "re-INVITE inactive", "UPDATE sendonly"])
+async def test_a_hold_while_the_question_listens_does_not_count_against_its_timeout(
+    line: ClinicLine, tmp_path: Path, how: str
+) -> None:
+    pool = line.app[RUNTIME].sip_pool
+    assert pool is not None
+    before = await line.call_ids()
+    scenario, direction, c = HOLDS[how]
+    keys = {"hold_dir": direction, "hold_c": c}
+    worker = pool.worker_addresses()[0]
+    code, text = await sipp_uac(worker, scenario, "6000", tmp_path, 40, keys=keys)
+    wire = trace_wire(text)
+    seen = [(round(w.at - wire[0].at, 1), w.msg.method or w.msg.status) for w in wire]
+    # Before: the timeout ran out during the hold, and the BYE came while the caller was
+    # away (sipp, pausing on hold, took it for an unexpected message and failed).
+    assert code == 0, f"the call went wrong (a BYE during the hold?): {seen}"
+    back = next(  # the 200 to the request that takes the call off hold (CSeq 3)
+        w.at
+        for w in wire
+        if w.received and w.msg.status == 200 and (w.msg.get("CSeq") or "").startswith("3 ")
+    )
+    bye = next(w.at for w in wire if w.received and w.msg.method == "BYE")
+    # The whole timeout after the hold's end: not the part left of it at the hold (the
+    # prompt ends about 2 s after the answer, the hold begins at 4 s: about 2 s left).
+    assert TIMEOUT_S - 0.3 <= bye - back <= TIMEOUT_S + 2.0, seen
+    record = await line.new_record(before)
+    assert record["outcome"] == "no_answer", record
+    assert [s["input"] for s in record["path"] if s["node"] == "ask"] == ["", "noinput"], record
