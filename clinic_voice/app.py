@@ -120,6 +120,13 @@ class Runtime:
     hurry_hooks: list[Callable[[], None]] = field(default_factory=list)
     # What failed for good while running (see fail): /readyz fails, serve stops and exits 1.
     failed: str = ""
+    # A configuration fault found while running (see misconfigure): /readyz fails, serve
+    # stops and exits 2, as a start with that fault does.
+    misconfigured: str = ""
+    # How the service stops itself (fail, misconfigure): serve and an HTTP worker set it
+    # (cli._StopSignals.stop_on_own). None (an app run in-process): this process is sent a
+    # SIGTERM.
+    stop_on_own: Callable[[], None] | None = None
 
     def fail(self, what: str) -> None:
         """A task the service cannot do without died of a defect (its watch logged the
@@ -130,13 +137,35 @@ class Runtime:
         if self.failed:
             return
         self.failed = what
-        if self.stopping:
-            # The stop is under way (serve exits 1 all the same): a SIGTERM now would be a
-            # second one, which cuts the clinic line's call drain short (see hurry).
+        if self.stopping or self.misconfigured:
+            # The stop is under way already (the exit code says so all the same).
             log.critical("%s failed during the stop", what)
             return
         log.critical("stopping: %s failed", what)
-        _sigterm_once_handled()
+        self._stop()
+
+    def misconfigure(self, reason: str) -> None:
+        """A configuration fault found while running (another CLINIC_SECRET claims this
+        Redis: clinic_voice/shared_secret.py): the service stops as SIGTERM would and exits
+        2, the exit of a start with that fault; starting it afresh with the same settings
+        only gets that refusal. ``reason`` is logged CRITICAL and shown by /readyz."""
+        if self.misconfigured:
+            return
+        self.misconfigured = reason
+        if self.stopping or self.failed:
+            log.critical("during the stop: %s", reason)
+            return
+        log.critical("stopping: %s", reason)
+        self._stop()
+
+    def _stop(self) -> None:
+        # Never as a signal: serve counts its signals, and a second one cuts the clinic
+        # line's call drain short (see hurry). A stop of the service's own making (at start,
+        # or during a drain) then made the operator's first SIGTERM a second one.
+        if self.stop_on_own is not None:
+            self.stop_on_own()
+        else:
+            _sigterm_once_handled()
 
     def hurry(self) -> None:
         """The stop was asked for again (serve: a second SIGTERM or SIGINT): what it waits
@@ -309,16 +338,10 @@ def _previous_secrets(settings: Settings, secret: str) -> tuple[bytes, ...]:
     return tuple(p.encode() for p in settings.previous_secrets)
 
 
-def _stop_for_secret(reason: str) -> None:
-    """Another CLINIC_SECRET on this Redis, found after start: stop as SIGTERM would."""
-    log.critical("stopping: %s", reason)
-    _sigterm_once_handled()
-
-
 def _sigterm_once_handled() -> None:
-    # Without a handler (serve installs its own before anything starts; an app run in-process,
-    # by a test say, may have none) a SIGTERM would kill the process outright, its children
-    # and cleanup with it: wait for one.
+    # How an app run in-process (by a test, say) stops on its own (Runtime._stop). Without a
+    # handler (such an app may have none) a SIGTERM would kill the process outright, its
+    # children and cleanup with it: wait for one.
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         asyncio.get_running_loop().call_later(0.2, _sigterm_once_handled)
     else:
@@ -478,7 +501,7 @@ def build_app(
                     shared_secret.hold(
                         mux.execute,
                         rt.secret,
-                        _stop_for_secret,
+                        rt.misconfigure,
                         claimed=claimed,
                         previous=previous,
                     ),
@@ -548,7 +571,7 @@ def build_app(
     async def main_link_ctx(app: web.Application) -> AsyncIterator[None]:
         link = rt.main_link
         assert link is not None
-        await link.start()  # before the dispatcher: it asks which channels serve has
+        await link.start(rt.fail)  # before the dispatcher: it asks which channels serve has
         rt.extra_ready["serve"] = link.main_ready
         try:
             yield
@@ -621,6 +644,8 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    if rt.misconfigured:  # stopping on its own: see Runtime.misconfigure
+        return problem(503, "not-ready", "Not ready", f"misconfigured: {rt.misconfigured}")
     if rt.failed:  # stopping on its own: see Runtime.fail
         return problem(503, "not-ready", "Not ready", f"failed: {rt.failed}")
     if rt.stopping:  # a balancer must send nothing more here

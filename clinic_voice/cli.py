@@ -41,8 +41,10 @@ def _setup_logging(level: str, process: str = "") -> None:
 
 async def serve(settings: Settings, flowset: FlowSet) -> None:
     """Run the service until SIGINT or SIGTERM (a second one during the stop cuts the clinic
-    line's drain short: see Runtime.hurry). The clinic line runs ``flowset``, the flows
-    ``check_clinic_line`` checked: the folder is not read again."""
+    line's drain short: see Runtime.hurry), or until it stops on its own (Runtime.fail,
+    Runtime.misconfigure: raised here as ServiceFailed, ServiceMisconfigured). The clinic
+    line runs ``flowset``, the flows ``check_clinic_line`` checked: the folder is not read
+    again."""
     signals = _StopSignals()
     from clinic_voice.app import RUNTIME, build_app, lock_data_dir
     from clinic_voice.wiring import channel_factories, extra_contexts
@@ -60,6 +62,7 @@ async def serve(settings: Settings, flowset: FlowSet) -> None:
             channel_factories=channel_factories(settings),
         )
         signals.again = app[RUNTIME].hurry
+        app[RUNTIME].stop_on_own = signals.stop_on_own
 
         def started() -> None:
             log.info("clinic-voice listening on http://%s", settings.http_addr)
@@ -76,15 +79,25 @@ async def serve(settings: Settings, flowset: FlowSet) -> None:
 
 
 class ServiceFailed(RuntimeError):
-    """The service stopped on its own: a task it cannot do without died (Runtime.fail)."""
+    """The service stopped on its own: a task it cannot do without died (Runtime.fail).
+    Exit 1."""
+
+
+class ServiceMisconfigured(RuntimeError):
+    """The service stopped on its own: a configuration fault found while running
+    (Runtime.misconfigure). Exit 2, as a start with that fault."""
 
 
 def _raise_if_failed(app: web.Application) -> None:
+    """Raise what made the service stop on its own, if anything did; a configuration fault
+    first (the exit code then says that starting it afresh alone will not help)."""
     from clinic_voice.app import RUNTIME
 
-    failed = app[RUNTIME].failed
-    if failed:
-        raise ServiceFailed(f"{failed} failed (its traceback is in the log)")
+    rt = app[RUNTIME]
+    if rt.misconfigured:
+        raise ServiceMisconfigured(rt.misconfigured)
+    if rt.failed:
+        raise ServiceFailed(f"{rt.failed} failed (its traceback is in the log)")
 
 
 def _refuse_taken_http_addr(settings: Settings) -> None:
@@ -111,10 +124,11 @@ def _refuse_taken_http_addr(settings: Settings) -> None:
 async def http_worker(settings: Settings, index: int, control: Path) -> None:
     """One extra HTTP process of a ``serve`` (started by it; see clinic_voice.http_workers);
     it also stops when ``serve`` goes away."""
-    stop = _StopSignals().stop  # a second signal: nothing to cut short (no calls here)
+    signals = _StopSignals()  # a second signal: nothing to cut short (no calls here)
     from clinic_voice.app import RUNTIME, WorkerRole, build_app
 
     app = build_app(settings, worker=WorkerRole(index, control))
+    app[RUNTIME].stop_on_own = signals.stop_on_own
     link = app[RUNTIME].main_link
     assert link is not None
 
@@ -122,7 +136,7 @@ async def http_worker(settings: Settings, index: int, control: Path) -> None:
         log.info("HTTP worker %d listening on http://%s", index, settings.http_addr)
         link.listening()
 
-    await _run_until_stopped(app, settings, started, stop, also=link.lost)
+    await _run_until_stopped(app, settings, started, signals.stop, also=link.lost)
     _raise_if_failed(app)  # serve starts it again
 
 
@@ -132,7 +146,9 @@ class _StopSignals:
     its children stopped in order (exit 143).
 
     The first sets :attr:`stop`. Each later one calls :attr:`again`: an operator who presses
-    Ctrl-C twice, or a supervisor that signals again, wants the stop sooner."""
+    Ctrl-C twice, or a supervisor that signals again, wants the stop sooner. A stop the
+    service makes on its own (:meth:`stop_on_own`) is no signal: the operator's first
+    signal after it is still the first."""
 
     def __init__(self) -> None:
         self.stop = asyncio.Event()
@@ -141,6 +157,11 @@ class _StopSignals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
+
+    def stop_on_own(self) -> None:
+        """Stop as the first signal would (Runtime.fail, Runtime.misconfigure), without
+        counting as one."""
+        self.stop.set()
 
     def _on_signal(self) -> None:
         if self._received:
@@ -224,12 +245,19 @@ def _start_errors() -> tuple[type[Exception], ...]:
     from clinic_voice.app import DataDirInUse
     from clinic_voice.http_workers import HttpWorkersError
     from clinic_voice.redis_server import EmbeddedRedisError
-    from clinic_voice.shared_secret import SecretMismatch
     from voice.media.asr import AsrError
 
     # OSError: an address in use, a data dir that cannot be written, ...; AsrError: a
     # CLINIC_VOSK_MODEL folder that is not a vosk model.
-    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, SecretMismatch, AsrError, OSError)
+    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, AsrError, OSError)
+
+
+def _start_config_errors() -> tuple[type[Exception], ...]:
+    """Configuration faults found only once start-up reaches them: exit 2, as a
+    SettingsError (and as the same fault found while running: ServiceMisconfigured)."""
+    from clinic_voice.shared_secret import SecretMismatch
+
+    return (SecretMismatch,)
 
 
 def _settle_gc() -> None:
@@ -326,10 +354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if worker
                 else serve(settings, flowset)
             )
+        except _start_config_errors() as exc:
+            log.error("cannot start: %s", exc)
+            print(f"clinic-voice {args.command}: configuration error: {exc}", file=sys.stderr)
+            return 2
         except _start_errors() as exc:
             log.error("cannot start: %s", exc)
             print(f"clinic-voice {args.command}: cannot start: {exc}", file=sys.stderr)
             return 1
+        except ServiceMisconfigured as exc:
+            print(f"clinic-voice {args.command}: configuration error: {exc}", file=sys.stderr)
+            return 2
         except ServiceFailed as exc:
             print(f"clinic-voice {args.command}: stopped: {exc}", file=sys.stderr)
             return 1

@@ -23,7 +23,7 @@ from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStoreUnavailable
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import SpeechModel
-from voice.media.tts import PromptRenderer
+from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,9 @@ class ClinicLine:
         # demand (the renderer de-duplicates), and a later start finds them all cached.
         self._rt.warming.add("prompts")
         self._prerender = asyncio.create_task(self._prerender_all(renderer, params))
+        # Not one the service cannot do without (a prompt not cached is rendered when a call
+        # needs it): a defect is logged with its traceback, and the service goes on.
+        watch(self._prerender, log, "the static prompts' pre-rendering")
         self._sweep = asyncio.create_task(self._sweep_voicemail())
         # Without it voicemail outlives its retention: the service stops rather (Runtime.fail).
         watch(self._sweep, log, "the voicemail sweep", self._rt.fail)
@@ -278,9 +281,21 @@ class ClinicLine:
     async def _prerender_all(self, renderer: PromptRenderer, params: FlowParams) -> None:
         count = 0
         try:
-            for flow in self._flowset.flows.values():
+            for name, flow in self._flowset.flows.items():
                 texts = sorted(flow.static_prompts(params))
-                await renderer.prerender(texts, voice=flow.language, background=True)
+                try:
+                    await renderer.prerender(texts, voice=flow.language, background=True)
+                except TtsError as exc:
+                    # Before, the first failure ended the task unseen: no later flow's
+                    # prompts were cached, and nothing was logged. (The error names
+                    # espeak-ng's failure, never a text.)
+                    log.warning(
+                        "clinic line: pre-rendering flow %s's prompts failed (%s): its calls "
+                        "render them when they play them",
+                        name,
+                        exc,
+                    )
+                    continue
                 count += len(texts)
         finally:
             self._rt.warming.discard("prompts")

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import orjson
 
 from clinic_voice.http_workers import MAX_LINE, encode
 from clinic_voice.metrics import Metrics
+from sip_config.tasks import watch
 from verification.model import Channel
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,13 @@ class MainLink:
         self._stopping = False  # this worker is stopping: serve's going away is expected
         self.lost = asyncio.Event()  # set when serve went away: the worker stops
 
-    async def start(self) -> None:
-        """Connect and wait for ``serve``'s first state (so the channels are known)."""
+    async def start(self, on_failure: Callable[[str], None] | None = None) -> None:
+        """Connect and wait for ``serve``'s first state (so the channels are known).
+        ``on_failure`` is told when a task of the link dies of a defect (Runtime.fail: the
+        worker stops and exits 1, and serve starts it again): the reader's death stopped the
+        worker as if serve had gone (exit 0, nothing logged but "serve closed the control
+        connection"), and the metrics pusher's left serve summing this worker's numbers of
+        then for good."""
         reader, self._writer = await asyncio.open_unix_connection(str(self._path), limit=MAX_LINE)
         self._writer.write(encode({"op": "hello", "index": self._index}))
         first = await asyncio.wait_for(reader.readline(), FIRST_STATE_DEADLINE_S)
@@ -65,6 +72,9 @@ class MainLink:
             asyncio.create_task(self._read(reader), name="main-link-read"),
             asyncio.create_task(self._push_metrics(), name="main-link-metrics"),
         ]
+        reading, pushing = self._tasks
+        watch(reading, log, "the control connection's reader", on_failure)
+        watch(pushing, log, "the metrics pushed to serve", on_failure)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -174,13 +184,17 @@ class MainLink:
             raise ValueError(f"unknown control message {op!r}")
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
+        defect = False
         try:
             while line := await reader.readline():
                 self._handle(orjson.loads(line))
         except (ConnectionError, ValueError, KeyError, orjson.JSONDecodeError) as exc:
             log.error("control connection to serve failed: %s", exc)
+        except Exception:
+            defect = True  # not serve's doing: the watch logs it (see start)
+            raise
         finally:
-            if not self.lost.is_set() and not self._stopping:
+            if not self.lost.is_set() and not self._stopping and not defect:
                 log.warning("serve closed the control connection: this HTTP worker stops")
             self.lost.set()
             for fut in self._renders.values():

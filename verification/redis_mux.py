@@ -179,10 +179,16 @@ class _Link:
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.closed is None:
-            await asyncio.sleep(self.timeout_s / 4)
-            if self.pending and loop.time() - self.pending[0][1] > self.timeout_s:
-                self.fail(RedisTimeoutError(f"Redis did not answer within {self.timeout_s} s"))
+        try:
+            while self.closed is None:
+                await asyncio.sleep(self.timeout_s / 4)
+                if self.pending and loop.time() - self.pending[0][1] > self.timeout_s:
+                    self.fail(RedisTimeoutError(f"Redis did not answer within {self.timeout_s} s"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a defect: without its watchdog a stalled Redis hangs all
+            log.exception("Redis connection: its watchdog failed")
+            self.fail(exc)
 
     def fail(self, exc: BaseException, *, quiet: bool = False) -> None:
         """Close this connection; every waiting command gets ``exc`` (as a Redis error)."""

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from clinic_voice import shared_secret
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import (
     API_KEY,
@@ -889,3 +890,134 @@ async def test_an_http_worker_that_cannot_be_started_is_tried_again(
             return status == 200
 
         await _until("/readyz to pass again", ready, 20.0)
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_another_secret_in_redis_is_a_configuration_error_exit_2(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    openapi_responses: OpenApiCollector,
+) -> None:
+    """Another CLINIC_SECRET's fingerprint found in Redis while serve runs stopped it with
+    exit 0, the exit of a stop that was asked for (systemd's Restart=on-failure left it
+    stopped, as a success), and at start the same fault exited 1, as an outage does. Both
+    are configuration faults now: exit 2, as a bad setting at start, with a CRITICAL line
+    saying why."""
+    env = service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway)
+    async with serve("S", env, tmp_path, openapi_responses) as s:
+        assert s.proc is not None
+        redis = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await redis.set(shared_secret.KEY, shared_secret.fingerprint(b"another secret"))
+        finally:
+            await redis.aclose()
+        try:
+            async with asyncio.timeout(shared_secret.HOLD_S + STOP_DEADLINE_S):
+                code = await s.proc.wait()
+        except TimeoutError:
+            pytest.fail(f"serve ran on with another secret's fingerprint:\n{s.log_tail()}")
+    text = s.log_path.read_text(errors="replace")
+    assert code == 2, text[-3000:]
+    assert " CRITICAL clinic_voice.app: stopping: this Redis holds data made with another" in text
+    assert "clinic-voice serve: configuration error: this Redis holds data made" in text, text
+    assert "drain cut short" not in text, text[-3000:]
+
+    code, text = await _run_to_exit("T", _serve_env(env)[0], tmp_path, START_DEADLINE_S)
+    assert code == 2, text[-3000:]  # the same fault at start: the same exit
+    assert "clinic-voice serve: configuration error: this Redis holds data made" in text, text
+
+
+# Breaks one task of an HTTP worker's control connection to serve, once, when the test
+# creates the mark file: the next state serve sends (every 0.5 s) reaches a reader that fails,
+# or the next metrics push (every 1 s) fails.
+_BREAK_MAIN_LINK = """
+import os, pathlib
+mark = os.environ.get("TEST_BREAK_MAIN_LINK")
+if mark and b"http-worker" in pathlib.Path("/proc/self/cmdline").read_bytes():
+    mark = pathlib.Path(mark)
+    from clinic_voice import main_link, metrics
+
+    def once():
+        try:
+            mark.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    if os.environ["TEST_BREAK_WHAT"] == "reader":
+        handle = main_link.MainLink._handle
+        def broken_handle(self, msg):
+            if once():
+                raise RuntimeError("a defect in the reader")
+            handle(self, msg)
+        main_link.MainLink._handle = broken_handle
+    else:
+        snapshot = metrics.Metrics.snapshot
+        def broken_snapshot(self):
+            if once():
+                raise RuntimeError("a defect in the metrics push")
+            return snapshot(self)
+        metrics.Metrics.snapshot = broken_snapshot
+"""
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+@pytest.mark.parametrize("what", ["reader", "metrics"])
+async def test_an_http_workers_link_to_serve_that_dies_of_a_defect_restarts_it(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    openapi_responses: OpenApiCollector,
+    what: str,
+) -> None:
+    """A defect ending the worker's reader of serve's messages stopped the worker as if
+    serve had gone (a WARNING "serve closed the control connection", exit 0, no traceback);
+    one ending its metrics push left the worker running, its numbers in serve's /metrics
+    frozen, with nothing said. Each is now logged CRITICAL with its traceback, the worker
+    exits 1 and serve starts it again."""
+    task = {"reader": "the control connection's reader", "metrics": "the metrics pushed to serve"}
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_BREAK_MAIN_LINK)
+    mark = tmp_path / "break-main-link"
+    env = service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway) | {
+        "CLINIC_HTTP_WORKERS": "2",
+        "TEST_BREAK_MAIN_LINK": str(mark),
+        "TEST_BREAK_WHAT": what,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+    }
+    async with serve("S", env, tmp_path, openapi_responses) as s:
+        assert s.proc is not None
+        port = int(s.base.rsplit(":", 1)[1])
+        (worker,) = _worker_pids(s.proc.pid)
+        mark.touch()
+
+        async def restarted() -> bool:
+            log = s.log_path.read_text(errors="replace")
+            return f"HTTP worker 1 (pid {worker}) exited with" in log
+
+        await _until("the broken worker to exit", restarted, 20.0)
+        log = s.log_path.read_text(errors="replace")
+        assert f"HTTP worker 1 (pid {worker}) exited with 1 after" in log, log[-3000:]
+        critical = f"http-worker-1 CRITICAL clinic_voice.main_link: {task[what]} failed: it no"
+        assert critical in log, log[-3000:]
+        assert f"RuntimeError: a defect in the {what}" in log, log[-3000:]
+        assert "clinic-voice http-worker: stopped: " in log, log[-3000:]
+        assert "serve closed the control connection" not in log, log[-3000:]
+
+        async def back() -> bool:
+            pids = _worker_pids(s.proc.pid) if s.proc else []
+            return len(pids) == 1 and pids != [worker] and _listeners(port) == 2
+
+        await _until("the worker to be started again", back, 20.0)
+
+        async def ready() -> bool:
+            for _ in range(4):  # fresh connections: serve and its worker answer alike
+                status, _ = await _fresh_connection_request(s, "GET", "/readyz")
+                if status != 200:
+                    return False
+            return True
+
+        await _until("/readyz to pass again", ready, 20.0)
+    assert s.proc.returncode == 0, s.log_tail()  # serve itself stopped as asked

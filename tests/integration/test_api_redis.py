@@ -358,9 +358,10 @@ async def test_a_running_serve_holds_its_secret_claim(
     """The fingerprint was checked only at start: a Redis that lost its data lost it too, and
     a process with another secret could then claim the Redis under a running service."""
     monkeypatch.setattr(shared_secret, "HOLD_S", 0.1)
-    told: list[str] = []
-    monkeypatch.setattr(app_module, "_stop_for_secret", told.append)
+    stops: list[None] = []
+    monkeypatch.setattr(app_module, "_sigterm_once_handled", lambda: stops.append(None))
     api = await start_service()
+    rt = api.app[RUNTIME]
     redis = aioredis.Redis.from_url(redis_server.url)
     try:
         mine = await redis.get(shared_secret.KEY)
@@ -373,17 +374,22 @@ async def test_a_running_serve_holds_its_secret_claim(
             await asyncio.sleep(0.05)
         gone = [r for r in caplog.records if "fingerprint was gone" in r.getMessage()]
         assert len(gone) >= 1 and gone[0].levelname == "WARNING"
-        assert told == []
+        assert stops == [] and not rt.misconfigured
         # Another process's claim under the running one: it stops rather than take right
-        # codes for wrong ones.
+        # codes for wrong ones (a configuration fault: serve exits 2, clinic_voice/cli.py).
         await redis.set(shared_secret.KEY, shared_secret.fingerprint(b"another secret"))
-        while not told:
+        while not stops:
             assert loop.time() < end + 3.0, "the running serve did not see another's claim"
             await asyncio.sleep(0.05)
-        assert "another CLINIC_SECRET" in told[0]
+        assert "another CLINIC_SECRET" in rt.misconfigured
+        assert rt.failed == ""
+        ready = await api.request("GET", "/readyz", key=None)
+        ready.problem(503, "not-ready")
+        assert ready.json["detail"].startswith("misconfigured: this Redis holds data made with")
     finally:
         await redis.aclose()
     assert (await api.request("GET", "/healthz", key=None)).status == 200
+    assert len(stops) == 1
 
 
 async def _create_while_frozen(
@@ -639,3 +645,36 @@ async def test_a_late_secret_mismatch_waits_for_serves_sigterm_handler() -> None
         await asyncio.wait_for(stop.wait(), 2.0)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_a_defect_in_the_redis_links_reader_does_not_stop_the_service(
+    start_service: StartService,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The Redis connection's tasks are not watched as the service's own (sip_config/tasks.py):
+    a defect in one closes that connection with its traceback logged (ERROR), and the next
+    command opens a new one (verification/redis_mux.py), which is all a restart of the
+    service would bring. So it is said, and /readyz passes again at once."""
+    stops: list[None] = []
+    monkeypatch.setattr(app_module, "_sigterm_once_handled", lambda: stops.append(None))
+    caplog.set_level(logging.DEBUG, logger="verification.redis_mux")
+    api = await start_service()
+    rt = api.app[RUNTIME]
+    assert (await api.request("GET", "/readyz", key=None)).status == 200
+    mux = rt.need_store()._r
+    link = mux._link
+    assert link is not None
+
+    async def broken(**_: object) -> object:
+        raise TypeError("a parser defect")
+
+    monkeypatch.setattr(link.conn, "read_response", broken)  # the reader's next read
+    first = await api.request("GET", "/readyz", key=None)  # its answer is the one lost
+    assert first.status in {200, 503}, first.text
+    await asyncio.wait_for(asyncio.gather(*link.tasks, return_exceptions=True), 2)
+    defects = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert [r.getMessage() for r in defects] == ["Redis connection: reading answers failed"]
+    assert (await api.request("GET", "/readyz", key=None)).status == 200
+    assert mux._link is not link
+    assert rt.failed == "" and rt.misconfigured == "" and stops == []

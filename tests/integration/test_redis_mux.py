@@ -201,3 +201,37 @@ async def test_a_defect_reading_answers_is_logged_with_its_traceback(
     exc_info = defects[0].exc_info
     assert exc_info is not None and isinstance(exc_info[1], TypeError)
     assert await mux.execute("GET", "k") == "v"  # the next command reconnects
+
+
+@pytest.mark.parametrize("task", ["write", "watch"])
+async def test_a_defect_in_the_links_other_tasks_closes_it_loudly(
+    mux: RedisMux, caplog: pytest.LogCaptureFixture, task: str
+) -> None:
+    """Each of a link's tasks ending on a defect closes the link with its traceback logged,
+    and the next command opens a new one: nothing is left half-alive. (The watchdog's death
+    went unseen before: the link stayed open without it, and a Redis that stalled then
+    hung every command on it for as long as it stalled.) Nothing here stops the service: a
+    new connection is all a restart would bring."""
+    assert await mux.execute("PING") == "PONG"
+    link = mux._link
+    assert link is not None
+    caplog.set_level("DEBUG", logger="verification.redis_mux")
+    if task == "write":
+
+        async def broken(*_: object, **__: object) -> None:
+            raise TypeError("a defect sending")
+
+        link.conn.send_packed_command = broken  # type: ignore[method-assign]
+        with pytest.raises(RedisConnectionError, match="a defect sending"):
+            await mux.execute("SET", "k", "v")
+    else:
+        link.timeout_s = None  # type: ignore[assignment]  # its next look fails (TypeError)
+    await asyncio.wait_for(asyncio.gather(*link.tasks, return_exceptions=True), 2)
+    assert link.closed is not None
+    defects = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+    assert len(defects) == 1, [r.getMessage() for r in caplog.records]
+    exc_info = defects[0].exc_info
+    assert exc_info is not None and isinstance(exc_info[1], TypeError)
+    assert all(t.done() and (t.cancelled() or t.exception() is None) for t in link.tasks)
+    assert await mux.execute("SET", "k", "w") == "OK"  # the next command reconnects
+    assert mux._link is not link
