@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from voice.sip import message
 from voice.sip.outcome import SipStatus
-from voice.sip.refer import PBX_REACHED_NOBODY, TransferVerdict, verdict, wants_more_reports
+from voice.sip.refer import (
+    PBX_REACHED_NOBODY,
+    TransferVerdict,
+    unreported_end,
+    verdict,
+    wants_more_reports,
+)
 
 P, A, F, U = (
     TransferVerdict.PROGRESS,
@@ -81,3 +88,77 @@ def test_reports_are_wanted_only_while_the_transfer_is_in_progress(
     # The same line as the session's: a report that is no progress is the transfer's answer.
     progress = verdict(status, final=final, accepted=True, behind_pbx=False)
     assert more is (progress is TransferVerdict.PROGRESS)
+
+
+def _notify(
+    state: str, body: bytes, *, kind: str = "message/sipfrag;version=2.0", event: str = "refer"
+) -> message.SipMessage:
+    head = (
+        "NOTIFY sip:clinic@127.0.0.1:5062 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1\r\n"
+        "CSeq: 3 NOTIFY\r\n"
+        f"Event: {event}\r\n"
+        f"Subscription-State: {state}\r\n"
+        + (f"Content-Type: {kind}\r\n" if kind else "")
+        + f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return message.parse(head.encode() + body)
+
+
+DONE = "terminated;reason=noresource"
+
+
+@pytest.mark.parametrize(
+    ("notify", "unreported"),
+    [
+        # pjsua reports these itself (the status, final when terminated).
+        (_notify(DONE, b"SIP/2.0 200 OK\r\n"), False),
+        (_notify(DONE, b"SIP/2.0 486 Busy Here"), False),
+        (_notify(DONE, b"sip/2.0 603 Decline\r\n"), False),
+        (_notify(DONE, b"SIP/2.0 180 Ringing\r\n"), False),
+        # An active subscription: its end is still to come.
+        (_notify("active;expires=60", b"garbage"), False),
+        (_notify("pending", b""), False),
+        # Not the REFER's subscription.
+        (_notify(DONE, b"garbage", event="dialog"), False),
+        # Ended with nothing pjsua reports: a broken sipfrag, no body, another body.
+        (_notify(DONE, b"garbage here"), True),
+        (_notify(DONE, b"SIP/2.0 OK"), True),
+        (_notify("Terminated", b""), True),
+        (_notify(DONE, b"", kind=""), True),
+        (_notify(DONE, b"SIP/2.0 200 OK", kind="text/plain"), True),
+        (
+            message.parse(
+                b"NOTIFY sip:a@b SIP/2.0\r\no: refer\r\nSubscription-State: terminated\r\n\r\n"
+            ),
+            True,
+        ),
+        # Not a NOTIFY.
+        (message.parse(b"SIP/2.0 200 OK\r\nSubscription-State: terminated\r\n\r\n"), False),
+    ],
+)
+def test_a_subscription_ended_with_no_status_pjsua_reports_is_found(
+    notify: message.SipMessage, unreported: bool
+) -> None:
+    assert unreported_end(notify, refer_cseq=None, first_refer=True) is unreported
+
+
+@pytest.mark.parametrize(
+    ("event", "refer_cseq", "first_refer", "unreported"),
+    [
+        # No id: the dialog's first REFER's subscription (RFC 3515 section 2.4.6).
+        ("refer", 7, True, True),
+        ("refer", 7, False, False),  # a late NOTIFY of the first REFER, during the second
+        # An id names the REFER by its CSeq.
+        ("refer;id=7", 7, False, True),
+        ("refer; id = 7", 7, False, True),
+        ("refer;id=6", 7, False, False),
+        ("refer;id=7", None, False, False),  # the REFER's CSeq not seen: left to pjsua
+    ],
+)
+def test_only_the_waiting_refers_subscription_counts(
+    event: str, refer_cseq: int | None, first_refer: bool, unreported: bool
+) -> None:
+    notify = _notify(DONE, b"garbage", event=event)
+    got = unreported_end(notify, refer_cseq=refer_cseq, first_refer=first_refer)
+    assert got is unreported

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from voice.sip.outcome import SipStatus
 
-# RFC 3261 section 7.3.3 (and RFC 3515 / 4028 for r, x).
+# RFC 3261 section 7.3.3 (and RFC 3515 / 4028 / 6665 for r, x, o).
 _COMPACT = {
     "i": "Call-ID",
     "m": "Contact",
@@ -25,6 +25,7 @@ _COMPACT = {
     "v": "Via",
     "r": "Refer-To",
     "x": "Session-Expires",
+    "o": "Event",
 }
 _CANONICAL = {
     n.lower(): n

@@ -13,6 +13,7 @@ thread one pump later (destroying a ``Call`` inside its own callback aborts the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import pjsua2 as pj
 
-from voice.sip import digest, message, sdp
+from voice.sip import digest, message, refer, sdp
 from voice.sip.media_thread import MediaThread
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
 from voice.sip.protocol import (
@@ -192,6 +193,11 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.media_seen = False  # audio was active at least once
         self.on_hold = False  # the far end holds the call (reported as Hold)
         self.media_deadline: float | None = None  # NO_MEDIA_S after the answer
+        # A REFER sent and its answer not yet reported: the dialog's NOTIFYs are read (see
+        # onCallTsxState) for an end of its subscription that pjsua reports nothing of.
+        self.xfer_pending = False
+        self.xfer_count = 0  # REFERs sent on this call
+        self.xfer_cseq: int | None = None  # the CSeq of the last one, once seen sent
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
@@ -201,10 +207,12 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.engine._on_media_state(self)
 
     def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
-        # A no-op, like pjsua2's own (an empty C++ virtual): SWIG calls the Python method for
-        # every state of every transaction of the call (six or so per flash call), and the
-        # inherited one went back into C++ through the wrapper only to do nothing.
-        pass
+        # Nothing to do but while a transfer waits for its answer: SWIG calls the Python
+        # method for every state of every transaction of the call (six or so per flash
+        # call), and the inherited one went back into C++ through the wrapper only to do
+        # nothing.
+        if self.xfer_pending:
+            self.engine._on_transfer_tsx(self, prm.e)
 
     def onCallRxOffer(self, prm: pj.OnCallRxOfferParam) -> None:
         if self.flash:
@@ -501,12 +509,16 @@ class Engine:
             elif isinstance(cmd, Transfer):
                 prm = pj.CallOpParam(True)
                 _add_headers(prm.txOption, cmd.headers)
+                call.xfer_pending = True
+                call.xfer_count += 1
+                call.xfer_cseq = None
                 call.xfer(cmd.uri, prm)
         except pj.Error as exc:
             log.warning("call %s: %s failed: %s", call.call_id, type(cmd).__name__, exc.reason)
             if isinstance(cmd, Play):
                 self.emit(PlayDone(cmd.call_id, cmd.play_id, failed=True))
             elif isinstance(cmd, Transfer):
+                call.xfer_pending = False
                 # No REFER left: the session must hear of it now, not at its deadline.
                 self.emit(TransferStatus(cmd.call_id, SipStatus.SERVER_INTERNAL_ERROR, True))
 
@@ -635,10 +647,42 @@ class Engine:
 
     def _on_transfer_status(self, call: _Call, status: int, final: bool) -> None:
         log.debug("call %s: transfer status %s final=%s", call.call_id, status, final)
+        if not wants_more_reports(status, final=final):
+            call.xfer_pending = False
         if not call.ended:
             self.emit(TransferStatus(call.call_id, status, final))
         if final and 200 <= status < 300:
             self._hangup(call, 0)  # the caller is with the target now: our leg is done
+
+    def _on_transfer_tsx(self, call: _Call, e: pj.SipEvent) -> None:
+        """A transaction of a call whose REFER waits for its answer: a NOTIFY that ends the
+        REFER's subscription with no status pjsua reports (:func:`refer.unreported_end`) is
+        reported here, as a failure (pjsua's 500 for a subscription that ended without one).
+        """
+        if e.type != pj.PJSIP_EVENT_TSX_STATE:
+            return
+        tsx = e.body.tsxState.tsx
+        method, kind = str(tsx.method), e.body.tsxState.type
+        if method == "REFER" and tsx.role == pj.PJSIP_ROLE_UAC and call.xfer_cseq is None:
+            # The REFER's CSeq, which names its subscription in a later REFER's NOTIFYs.
+            with contextlib.suppress(message.SipParseError, ValueError):
+                sent = message.parse(str(tsx.lastTx.wholeMsg).encode())
+                call.xfer_cseq = int((sent.get("CSeq") or "").split()[0])
+            return
+        if kind != pj.PJSIP_EVENT_RX_MSG or tsx.role != pj.PJSIP_ROLE_UAS or method != "NOTIFY":
+            return
+        try:
+            notify = message.parse(str(e.body.tsxState.src.rdata.wholeMsg).encode())
+        except message.SipParseError:
+            return  # pjsip parsed it; nothing here to add
+        if refer.unreported_end(
+            notify, refer_cseq=call.xfer_cseq, first_refer=call.xfer_count == 1
+        ):
+            log.info(
+                "call %s: the REFER's subscription ended with no status: a failed transfer",
+                call.call_id,
+            )
+            self._on_transfer_status(call, SipStatus.SERVER_INTERNAL_ERROR, True)
 
     def _send_message(self, cmd: SendMessage, auth: tuple[str, str] | None = None) -> None:
         assert self._account is not None

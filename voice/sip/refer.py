@@ -38,7 +38,9 @@ a 200 means the PBX holds the caller, not that a human answered.
 from __future__ import annotations
 
 import enum
+import re
 
+from voice.sip.message import SipMessage
 from voice.sip.outcome import SipStatus
 
 
@@ -85,3 +87,44 @@ def wants_more_reports(sip_status: int, *, final: bool) -> bool:
     answers each NOTIFY, 200, as RFC 6665 section 4.1.3 asks).
     """
     return not final and sip_status < 200
+
+
+# pjsua reads a NOTIFY's body as ``pjsip_parse_status_line`` does: a status line first.
+# Looser than pjsip on purpose: a body read here as readable is left to pjsua (as before),
+# so a 2xx pjsua reports is never taken for an unreadable end.
+_SIPFRAG_STATUS = re.compile(rb"\s*SIP/\d+\.\d+[ \t]+\d{3}(?:\s|$)", re.IGNORECASE)
+
+
+def unreported_end(notify: SipMessage, *, refer_cseq: int | None, first_refer: bool) -> bool:
+    """Whether ``notify`` (a NOTIFY received in the call's dialog) ends a REFER's
+    subscription with nothing pjsua reports.
+
+    pjsua (2.15, ``xfer_client_on_evsub_state``) reports a NOTIFY's sipfrag status, but
+    returns without a word for one with no body, a body that is not ``message/sipfrag``, or
+    a sipfrag that is not a status line: when that NOTIFY also ends the subscription
+    (``Subscription-State: terminated``), the session never heard the transfer end, and the
+    caller, still on our line, heard the ring tone until the 180 s wait ran out. Such an end
+    is a subscription that ended with no final status: a failure, as pjsua reports a
+    subscription that ends with no NOTIFY at all (500).
+
+    Only the subscription of the REFER waiting for its answer counts (``refer_cseq``: its
+    CSeq, None if unknown): a NOTIFY names a REFER other than a dialog's first by
+    ``Event: refer;id=<its CSeq>`` (RFC 3515 section 2.4.6), so one with no ``id`` is
+    the first REFER's (``first_refer``), and a late one of an earlier REFER, whose answer
+    was read already, must not fail the next (see :func:`wants_more_reports`).
+    """
+    if notify.method != "NOTIFY":
+        return False
+    event, *params = (p.strip() for p in (notify.get("Event") or "").split(";"))
+    state = (notify.get("Subscription-State") or "").split(";", 1)[0].strip().lower()
+    if event.lower() != "refer" or state != "terminated":
+        return False
+    ids = [v.strip() for k, _, v in (p.partition("=") for p in params) if k.strip() == "id"]
+    if not ids:
+        if not first_refer:
+            return False
+    elif refer_cseq is None or ids[0] != str(refer_cseq):
+        return False
+    kind = (notify.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    readable = kind == "message/sipfrag" and _SIPFRAG_STATUS.match(notify.body) is not None
+    return not readable

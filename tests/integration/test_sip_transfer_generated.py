@@ -1,0 +1,242 @@
+"""Generated transfers: real calls into the clinic line whose caller's side is a sipp
+scenario answering the blind transfer's REFER in each way a phone or a PBX may.
+
+Each call dials a SIP worker, presses 0 during the open main menu's welcome (staff), and
+meets the REFER. Its answer comes from :func:`tests.peers.sipp_refer.scenario`, one per
+:class:`ReferAnswer` below; the call's audio is a socket of the test
+(:mod:`tests.peers.rtp_peer`), so what the caller heard is read off the call. After each call
+the test checks what the README ("transfer") promises: the call's record (outcome, transfer
+target, the transfer step), what the caller heard after a failed transfer (the offer of a
+message, and its beep), every call slot free again and no SIP worker restarted.
+
+The direct mode (no PBX): the caller's side takes the REFER and stays on the line when the
+transfer fails. One service serves the whole module; each test finds its record as the one
+new call id. About 4 minutes on two cores: a failed transfer's offer is ~16 s of speech.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from clinic_voice.app import RUNTIME
+from tests.conftest import SIPP_OTHER_SOCKETS, free_port
+from tests.integration.conftest import OpenApiCollector
+from tests.integration.test_ivr_keypad import tone_runs
+from tests.peers.ivr_rig import ClinicLine, running_clinic_line
+from tests.peers.rtp_peer import rtp_peer
+from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, scenario, sipp_options
+from voice.media.pcm import Pcm
+from voice.media.tones import BEEP, RINGBACK
+from voice.sip.pool import SipPool
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+SIPP_S = 60  # one scenario at most (a REFER never answered: ~32 s, then the BYE)
+OFFER_MS = 18_500  # from a failed transfer to past the offer's beep (~15.6 s of speech)
+GLIMPSE_MS = 4_000  # from a failed transfer to the hang-up, to hear the offer begin
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def line(
+    tmp_path_factory: pytest.TempPathFactory,
+    openapi_responses: OpenApiCollector,
+    ivr_prompt_cache: Path,
+) -> AsyncIterator[ClinicLine]:
+    async with running_clinic_line(
+        tmp_path_factory.mktemp("clinic"), openapi_responses, prompt_cache=ivr_prompt_cache
+    ) as svc:
+        yield svc
+
+
+def pool_of(line: ClinicLine) -> SipPool:
+    pool = line.app[RUNTIME].sip_pool
+    assert pool is not None, "no SIP pool"
+    return pool
+
+
+async def run_sipp(
+    line: ClinicLine, answer: ReferAnswer, tmp_path: Path, rtp_port: int
+) -> tuple[int, str]:
+    """Play ``answer``'s scenario once, calling the main menu (6000) on the first worker;
+    sipp's exit code and the messages it traced."""
+    path = tmp_path / f"{answer.name}.xml"
+    path.write_text(scenario(answer))
+    trace = tmp_path / f"{answer.name}.log"
+    worker = pool_of(line).worker_addresses()[0]
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", str(worker), "-sf", str(path),
+        "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
+        "-key", "rtp_port", str(rtp_port), *sipp_options(answer),
+        "-s", "6000", "-m", "1", "-nostdin",
+        "-trace_msg", "-message_file", str(trace), "-timeout", str(SIPP_S),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(SIPP_S + 5):
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return code, trace.read_text(errors="replace") if trace.exists() else "(no trace)"
+
+
+def steps(record: dict[str, Any], kind: str) -> list[tuple[str, str]]:
+    """(node, value) of the path steps whose input is ``kind``."""
+    return [(p["node"], p["value"]) for p in record["path"] if p["input"] == kind]
+
+
+def speech_after(pcm: Pcm, start_s: float) -> float:
+    """Seconds of loud 20 ms frames from ``start_s`` on that are not the ring tone."""
+    n = pcm.rate_hz // 50
+    ring = tone_runs(pcm, RINGBACK.hz)
+    loud = 0
+    for i in range(int(start_s * pcm.rate_hz), len(pcm.samples) - n + 1, n):
+        t = i / pcm.rate_hz
+        frame = pcm.samples[i : i + n]
+        if sum(abs(x) for x in frame) / n > 300 and not any(a <= t < b for a, b in ring):
+            loud += 1
+    return loud / 50
+
+
+def frag(code: int, reason: str) -> str:
+    return f"SIP/2.0 {code} {reason}"
+
+
+ACTIVE = "active;expires=60"
+DONE = "terminated;reason=noresource"
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """A REFER's answer and what the README promises for it."""
+
+    answer: ReferAnswer
+    transferred: bool  # the record says transfer_staff, else transfer_failed
+    offer: bool = False  # the caller hears the message offer after the failure
+    beep: bool = False  # ... and its beep (the whole offer heard)
+    service_ends: bool = False  # the service hangs up (its BYE)
+
+
+def _failed(name: str, status: int, *notifies: Notify, whole: bool = True) -> Case:
+    answer = ReferAnswer(name, status, notifies, hangup_ms=OFFER_MS if whole else GLIMPSE_MS)
+    return Case(answer, transferred=False, offer=True, beep=whole)
+
+
+def _answered(name: str, *notifies: Notify, headers: tuple[str, ...] = ()) -> Case:
+    answer = ReferAnswer(name, 202, notifies, headers, ending=Ending.SERVICE_BYE)
+    return Case(answer, transferred=True, service_ends=True)
+
+
+TRYING = Notify(frag(100, "Trying"), ACTIVE, 3)
+
+CASES = [
+    # The target answered: the caller is with it, our leg ends at once.
+    _answered(
+        "notify_100_180_200",
+        TRYING,
+        Notify(frag(180, "Ringing"), ACTIVE, 4),
+        Notify(frag(200, "OK"), DONE, 5),
+    ),
+    # A 2xx in a NOTIFY that keeps the subscription active is the answer too.
+    _answered("notify_200_active", Notify(frag(200, "OK"), ACTIVE, 3)),
+    # RFC 4488 Refer-Sub: false (no NOTIFYs to come): pjsua reports it as an answer.
+    _answered("refer_sub_false", headers=("Refer-Sub: false",)),
+    # The caller's side hangs up right after its 202 (a PBX that took the caller).
+    Case(ReferAnswer("bye_after_202", 202, ending=Ending.CALLER_BYE_NOW), transferred=True),
+    # A 202 and no NOTIFY, then the caller hangs up while the ring tone plays: transferred
+    # (README: a hang-up while the target rings is recorded as transferred).
+    Case(ReferAnswer("no_notify_then_bye", 202, hangup_ms=6_000), transferred=True),
+    # The target refused or was not reached: the caller hears the offer of a message.
+    _failed("notify_486", 202, TRYING, Notify(frag(486, "Busy Here"), DONE, 4)),
+    _failed("notify_503", 202, TRYING, Notify(frag(503, "Service Unavailable"), DONE, 4)),
+    _failed("notify_603", 202, Notify(frag(603, "Decline"), DONE, 3), whole=False),
+    # A subscription that ends with no final status (180, terminated) has failed.
+    _failed("notify_180_terminated", 202, Notify(frag(180, "Ringing"), DONE, 3), whole=False),
+    # ... and so has one ended by a NOTIFY whose sipfrag is no status line (pjsua reported
+    # nothing: the caller heard the ring tone until the 180 s wait ran out).
+    _failed("notify_broken_sipfrag_terminated", 202, Notify("garbage, no status", DONE, 3)),
+    # Two NOTIFYs out of order: the later one (486, terminated) first; the stale one gets
+    # the dialog's 500 and changes nothing.
+    _failed(
+        "notify_out_of_order",
+        202,
+        Notify(frag(486, "Busy Here"), DONE, 4),
+        Notify(frag(100, "Trying"), ACTIVE, 3),
+        whole=False,
+    ),
+    # The REFER itself refused.
+    _failed("refer_403", 403, whole=False),
+    _failed("refer_405", 405, whole=False),
+    _failed("refer_501", 501, whole=False),
+    # The REFER never answered: pjsip gives up after 32 s (Timer F) and, as RFC 3261
+    # 12.2.1.2 asks, ends the dialog: the service hangs up, the transfer failed.
+    Case(
+        ReferAnswer("refer_unanswered", None, ending=Ending.SERVICE_BYE), False, service_ends=True
+    ),
+]
+
+
+async def settled(pool: SipPool, deadline_s: float = 10.0) -> None:
+    """Wait until no call holds a slot (the worker reports a call's end after its BYE)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while (occ := pool.occupancy()).in_use or occ.reserved:
+        if loop.time() > end:
+            pytest.fail(f"a call slot is still taken {deadline_s} s after the call: {occ}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.answer.name)
+async def test_a_transfer_answered_this_way_is_recorded_and_heard_as_promised(
+    line: ClinicLine, case: Case, tmp_path: Path
+) -> None:
+    pool = pool_of(line)
+    before = await line.call_ids()
+    pids, restarts = sorted(pool.worker_pids()), pool.stats()["restarts"]
+    free = pool.occupancy().free
+    async with rtp_peer() as rtp:
+        code, trace = await run_sipp(line, case.answer, tmp_path, rtp.port)
+        heard = rtp.pcm()
+    assert code == 0, f"sipp scenario {case.answer.name} failed ({code}): {trace[-4000:]}"
+    assert rtp.packets > 0, "the caller heard nothing at all"
+    record = await line.new_record(before)
+    target = line.settings.ivr.staff_uri
+    assert ("menu", "0") in steps(record, "digit"), record["path"]
+    ring = tone_runs(heard, RINGBACK.hz)
+    beeps = tone_runs(heard, BEEP.hz)
+    if case.transferred:
+        assert record["outcome"] == "transfer_staff", record
+        assert record["transfer_target"] == target, record
+        assert steps(record, "transfer") == [("menu", "ok")], record["path"]
+        assert not beeps, f"a transfer done, yet a message was offered: {beeps}"
+    else:
+        assert record["outcome"] == "transfer_failed", record
+        assert record["transfer_target"] is None, record
+        assert steps(record, "transfer") == [("menu", "failed")], record["path"]
+    if case.offer:
+        # After the ring tone (if it had begun), the offer: speech until the hang-up.
+        since = ring[-1][1] if ring else heard.duration_s - GLIMPSE_MS / 1000
+        assert speech_after(heard, since) >= 1.5, f"no offer after the failure: ring={ring}"
+    if case.beep:
+        assert len(beeps) == 1 and (not ring or beeps[0][0] > ring[-1][1]), (ring, beeps)
+        assert steps(record, "record") == [("menu", "silent")], record["path"]
+    elif case.offer:
+        assert not steps(record, "record"), record["path"]
+    if case.answer.status is None:
+        # Timer F after the REFER (about when the ring tone began), then the BYE: no offer.
+        assert ring and 30.0 <= heard.duration_s - ring[0][0] <= 40.0, (ring, heard.duration_s)
+        assert not beeps and speech_after(heard, ring[0][0]) < 0.5, "an offer, then a BYE?"
+    if case.service_ends:
+        assert "BYE sip:sipp@" in trace, "the service did not hang up"
+    await settled(pool)
+    assert pool.occupancy().free == free, f"slots lost: {pool.occupancy()}"
+    assert sorted(pool.worker_pids()) == pids and pool.stats()["restarts"] == restarts
+    assert pool.stats()["workers_up"] == len(pids), pool.stats()

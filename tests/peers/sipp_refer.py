@@ -1,0 +1,269 @@
+"""sipp scenarios for a caller whose side takes the clinic line's blind transfer (REFER).
+
+The clinic line sends its REFER to the caller's side of the call (the caller's phone, or the
+PBX in front of it: README "transfer"). :func:`scenario` writes a sipp UAC scenario for one
+way of answering it (:class:`ReferAnswer`): the call is placed straight to a SIP worker,
+answered, ``0`` is pressed as an in-dialog INFO (``application/dtmf-relay``, which the worker
+takes as an RFC 4733 key), and the REFER that follows is answered as the plan says: a
+status (or none), NOTIFYs with the sipfrags and subscription states given, in the CSeq order
+given, then either the service's BYE is awaited or the caller hangs up.
+
+The call's audio is not sipp's: the SDP names ``[rtp_port]`` (sipp's ``-key rtp_port``), a
+socket of the test that answers the service's RTP (see :mod:`tests.peers.rtp_peer`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+CALLER_NUMBER = "+447700900123"
+
+
+class Ending(enum.StrEnum):
+    """How the scenario ends once the REFER has been answered."""
+
+    SERVICE_BYE = "service_bye"  # the service hangs up (a transfer done): its BYE, answered
+    CALLER_BYE = "caller_bye"  # the caller hangs up ``hangup_ms`` after the last step
+    CALLER_BYE_NOW = "caller_bye_now"  # the caller hangs up right after the 202 (a PBX)
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """One NOTIFY of the REFER's subscription (RFC 3515 section 2.4.4).
+
+    ``sipfrag``: the body (a status line, ``SIP/2.0 180 Ringing``, or anything for a broken
+    one); ``state``: the Subscription-State; ``cseq``: its place in the dialog's CSeq order
+    (NOTIFYs are sent in list order, so a smaller cseq after a larger one is out of order).
+    """
+
+    sipfrag: str
+    state: str
+    cseq: int
+    pause_ms: int = 200  # before it is sent
+
+
+@dataclass(frozen=True, slots=True)
+class ReferAnswer:
+    """One way of answering the REFER.
+
+    ``status``: the REFER's final response, or None for none at all (its retransmissions
+    are then unexpected messages: run sipp without ``abortunexp``, see :func:`sipp_options`);
+    ``headers``: extra header lines of that response. A NOTIFY sent after one with a higher
+    CSeq gets the dialog's ``500 Invalid CSeq``, which sipp takes for an unexpected message
+    too (its CSeq is below the call's): it is not waited for.
+    """
+
+    name: str
+    status: int | None
+    notifies: tuple[Notify, ...] = ()
+    headers: tuple[str, ...] = ()
+    ending: Ending = Ending.CALLER_BYE
+    hangup_ms: int = 6000
+
+
+_REASONS = {202: "Accepted", 403: "Forbidden", 405: "Method Not Allowed", 501: "Not Implemented"}
+
+_INVITE = """
+  <send retrans="500">
+    <![CDATA[
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=user1 53655765 2353687637 IN IP4 127.0.0.1
+      s=-
+      c=IN IP4 127.0.0.1
+      t=0 0
+      m=audio [rtp_port] RTP/AVP 0 101
+      a=rtpmap:0 PCMU/8000
+      a=rtpmap:101 telephone-event/8000
+      a=fmtp:101 0-15
+      a=sendrecv
+    ]]>
+  </send>
+  <recv response="100" optional="true" />
+  <recv response="180" optional="true" />
+  <recv response="183" optional="true" />
+  <recv response="200" rrs="true">
+    <action>
+      <ereg regexp=";tag=([^;&gt; \\r\\n]+)" search_in="hdr" header="To:" assign_to="svc_to,svc" />
+    </action>
+  </recv>
+  <Reference variables="svc_to" />
+  <send>
+    <![CDATA[
+      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{dialog}
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0
+    ]]>
+  </send>
+  <pause milliseconds="800" />
+  <send retrans="500">
+    <![CDATA[
+      INFO [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{dialog}
+      CSeq: 2 INFO
+      Max-Forwards: 70
+      Content-Type: application/dtmf-relay
+      Content-Length: [len]
+
+      Signal=0
+      Duration=160
+    ]]>
+  </send>
+  <recv response="200" />
+"""
+
+_DIALOG = """\
+      From: sipp <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>;tag=[$svc]
+      Call-ID: [call_id]
+      Contact: sip:sipp@[local_ip]:[local_port]"""
+
+_RESPONSE = """
+  <send>
+    <![CDATA[
+      SIP/2.0 {status} {reason}
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: sip:sipp@[local_ip]:[local_port]
+{headers}      Content-Length: 0
+    ]]>
+  </send>
+"""
+
+_NOTIFY = """
+  <pause milliseconds="{pause}" />
+  <send{retrans}>
+    <![CDATA[
+      NOTIFY [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{dialog}
+      CSeq: {cseq} NOTIFY
+      Max-Forwards: 70
+      Event: refer
+      Subscription-State: {state}
+      Content-Type: message/sipfrag;version=2.0
+      Content-Length: [len]
+
+      {sipfrag}
+    ]]>
+  </send>
+  <recv response="200" />
+"""
+
+_CALLER_BYE = """
+  <pause milliseconds="{pause}" />
+  <send retrans="500">
+    <![CDATA[
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{dialog}
+      CSeq: 20 BYE
+      Max-Forwards: 70
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv response="200" />
+"""
+
+_UNSUBSCRIBE = """
+  <recv request="SUBSCRIBE" />
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Expires: 0
+      Content-Length: 0
+    ]]>
+  </send>
+"""
+
+_SERVICE_BYE = """
+  <recv request="BYE" timeout="{timeout}" />
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+    ]]>
+  </send>
+"""
+
+
+def sipp_options(answer: ReferAnswer) -> tuple[str, ...]:
+    """sipp options the scenario needs: without ``abortunexp`` where an unexpected message
+    is part of the plan (sipp would abort the call and send a BYE of its own)."""
+    stale = any(
+        n.cseq < max(m.cseq for m in answer.notifies[:i])
+        for i, n in enumerate(answer.notifies)
+        if i
+    )
+    lenient = answer.status is None or stale
+    return ("-default_behaviors", "pingreply") if lenient else ()
+
+
+def scenario(answer: ReferAnswer, *, bye_timeout_ms: int = 45000) -> str:
+    """The sipp scenario XML for ``answer``."""
+    dialog = _DIALOG.format(caller=CALLER_NUMBER)
+    parts = [
+        '<?xml version="1.0" encoding="ISO-8859-1" ?>',
+        f'<scenario name="caller answers the REFER: {answer.name}">',
+        _INVITE.format(caller=CALLER_NUMBER, dialog=dialog),
+        '  <recv request="REFER" />',
+    ]
+    if answer.status is not None:
+        headers = "".join(f"      {h}\n" for h in answer.headers)
+        parts.append(
+            _RESPONSE.format(status=answer.status, reason=_REASONS[answer.status], headers=headers)
+        )
+    highest = 0
+    for n in answer.notifies:
+        stale = n.cseq < highest
+        highest = max(highest, n.cseq)
+        notify = _NOTIFY.format(
+            pause=n.pause_ms,
+            dialog=dialog,
+            cseq=n.cseq,
+            state=n.state,
+            sipfrag=n.sipfrag,
+            retrans="" if stale else ' retrans="500"',
+        )
+        parts.append(notify.replace('  <recv response="200" />\n', "") if stale else notify)
+    if any(
+        n.sipfrag.startswith("SIP/2.0 2") and n.state.startswith("active") for n in answer.notifies
+    ):
+        # A 2xx that keeps the subscription active: pjsua ends it (SUBSCRIBE, Expires: 0).
+        parts.append(_UNSUBSCRIBE)
+    if answer.ending is Ending.SERVICE_BYE:
+        parts.append(_SERVICE_BYE.format(timeout=bye_timeout_ms))
+    else:
+        pause = 0 if answer.ending is Ending.CALLER_BYE_NOW else answer.hangup_ms
+        parts.append(_CALLER_BYE.format(pause=pause, dialog=dialog))
+    parts.append("</scenario>\n")
+    return "\n".join(parts)
