@@ -139,11 +139,12 @@ async def sipp_uas(
     calls: int = 1,
     tcp: bool = False,
     inject: list[tuple[str, ...]] | None = None,
+    timeout_s: int = 60,
 ) -> AsyncIterator[Sipp]:
     """Run ``tests/peers/<scenario>`` as a UAS (over UDP, or TCP); yields once its port is bound.
 
     ``inject``: one row of ``[field0]``, ``[field1]``, ... per call, in the order the calls
-    arrive (sipp's ``-inf``, SEQUENTIAL)."""
+    arrive (sipp's ``-inf``, SEQUENTIAL). ``timeout_s``: sipp exits after that long."""
     port = free_port()
     trace = tmp_path / f"{scenario}-{port}.log"
     proc = await asyncio.create_subprocess_exec(
@@ -162,7 +163,7 @@ async def sipp_uas(
         str(trace),
         "-nostdin",
         "-timeout",
-        "60",
+        str(timeout_s),
         *(("-t", "t1") if tcp else ()),
         *(("-inf", str(_injection(tmp_path, port, inject))) if inject else ()),
         stdout=asyncio.subprocess.DEVNULL,
