@@ -451,12 +451,14 @@ class ClinicLine:
         # A 2xx is success whatever its body (the request arrived); JSON members are values.
         return reply_values(answer.body)
 
-    async def _save_recording(self, call_id: str, pcm: bytes) -> str:
-        """Voicemail is health data: sealed like call records, in the data dir."""
-        return await self._rt.need_voicemails().save(call_id, pcm)
+    async def _save_recording(self, call_id: str, started_at: float, pcm: bytes) -> str:
+        """Voicemail is health data: sealed like call records, in the data dir, and kept as
+        long as the call's record (both from the call's start)."""
+        return await self._rt.need_voicemails().save(call_id, pcm, started_at=started_at)
 
     async def _sweep_voicemail(self) -> None:
-        """Delete messages past the call records' retention: at start, then every hour."""
+        """Delete messages past their call's retention (from its start, as its record's): at
+        start, then every hour."""
         keep_s = self._settings.ivr.call_retention_days * 86400
         voicemails = self._rt.need_voicemails()
         while True:

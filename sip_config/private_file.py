@@ -15,8 +15,12 @@ import tempfile
 from pathlib import Path
 
 
-def write_private(path: Path, text: str) -> None:
-    """Put ``text`` at ``path``, mode 0600, durably; the folder is made (0700) if missing."""
+def write_private(path: Path, text: str, *, mtime: float | None = None) -> None:
+    """Put ``text`` at ``path``, mode 0600, durably; the folder is made (0700) if missing.
+    ``mtime``: the file's modification time (what sweeps judge its age by) instead of now,
+    set before the rename and fsynced with the content, so that no crash leaves the file
+    with another age. Keep it within the hour before now: a temporary file older than that
+    is taken for one a crash left (``.*.tmp`` sweeps)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(name)  # mkstemp: created 0600, O_EXCL, close-on-exec
@@ -24,6 +28,8 @@ def write_private(path: Path, text: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
+            if mtime is not None:
+                os.utime(f.fileno(), (mtime, mtime))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

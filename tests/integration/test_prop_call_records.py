@@ -55,9 +55,15 @@ from voice.ivr.journal import (
     LIVE_FOLDER,
     CallJournal,
     RecordsOnDisk,
+)
+from voice.ivr.store import (
+    CallStore,
+    CallStoreUnavailable,
+    Erased,
+    Saved,
+    SealedRecord,
     remaining_ttl_s,
 )
-from voice.ivr.store import CallStore, CallStoreUnavailable, Erased, Saved, SealedRecord
 from voice.ivr.voicemail import Voicemails
 
 pytestmark = [pytest.mark.integration]
@@ -209,7 +215,8 @@ class CallRecordsMachine(RuleBasedStateMachine):
         os.utime(self._live_file(c.id), (self.clock.now(), self.clock.now()))
 
     def _expired(self, c: Call) -> bool:
-        return remaining_ttl_s(c.ended_at, self.clock.now(), self.store.ttl_s) is None
+        # The retention counts from the call's start (voice/ivr/store.py).
+        return remaining_ttl_s(c.started_at, self.clock.now(), self.store.ttl_s) is None
 
     # -- calls ---------------------------------------------------------------------------------
     def _some(self, *phases: Phase) -> bool:
@@ -247,7 +254,7 @@ class CallRecordsMachine(RuleBasedStateMachine):
     def voicemail(self, n: int) -> None:
         c = self._pick(n, Phase.LIVE)
         if c is not None:
-            self._run(self.voicemails.save(c.id, PCM))
+            self._run(self.voicemails.save(c.id, PCM, started_at=c.started_at))
 
     @precondition(lambda self: self._some(Phase.LIVE))
     @rule(
@@ -332,7 +339,7 @@ class CallRecordsMachine(RuleBasedStateMachine):
         if down:
             self.store.saves_left = 0
         try:
-            self._run(self.erasure.erase(i))
+            got = self._run(self.erasure.erase(i))
         except CallUnderWay:
             seen["erase:409"] += 1
             assert young, f"{i}: 409, with no young live record"
@@ -344,6 +351,12 @@ class CallRecordsMachine(RuleBasedStateMachine):
             self.store.saves_left = None
         assert not young, f"{i}: erased with a young live record"
         assert not down
+        if got is None:
+            # 404: nothing of it is known (README), past its retention from its start: its
+            # record expired or dropped by the replay, its message the sweep's.
+            assert self._expired(c), f"{i}: 404 within its retention"
+            seen["erase:404 past retention"] += 1
+            return
         c.erased = True
         seen[f"erase:{c.phase.value}"] += 1
 
@@ -387,6 +400,8 @@ class CallRecordsMachine(RuleBasedStateMachine):
             assert saves is not None
         elif isinstance(erased, BaseException):
             raise erased
+        elif erased is None:
+            assert self._expired(c), f"{c.id}: 404 within its retention"
         else:
             assert not young
             c.erased = True

@@ -58,8 +58,8 @@ from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, CallRecord
 from voice.ivr.erasure import LIVE_AT_MOST_S, CallErasure, CallUnderWay, Erasure
-from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, RecordsOnDisk, remaining_ttl_s
-from voice.ivr.store import ERASED_PREFIX, CallStore, CallStoreUnavailable
+from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, RecordsOnDisk
+from voice.ivr.store import ERASED_PREFIX, CallStore, CallStoreUnavailable, remaining_ttl_s
 from voice.ivr.voicemail import FOLDER as VOICEMAIL_FOLDER
 from voice.ivr.voicemail import Voicemails
 
@@ -191,7 +191,8 @@ class ErasureMachine(RuleBasedStateMachine):
         return any(c.phase in phases for c in self.calls.values())
 
     def _expired(self, c: Call) -> bool:
-        return remaining_ttl_s(c.ended_at, self.clock.now(), RETENTION_DAYS * DAY_S) is None
+        # The retention counts from the call's start (voice/ivr/store.py).
+        return remaining_ttl_s(c.started_at, self.clock.now(), RETENTION_DAYS * DAY_S) is None
 
     def _serves(self) -> list[Host]:
         return [self.hosts[h] for h in SERVES]
@@ -227,7 +228,8 @@ class ErasureMachine(RuleBasedStateMachine):
         c = self._pick(n, Phase.LIVE)
         assert c is not None
         if not c.voicemail:
-            self._run(self.hosts[c.host].voicemails.save(c.id, PCM + c.id.encode()))
+            pcm = PCM + c.id.encode()
+            self._run(self.hosts[c.host].voicemails.save(c.id, pcm, started_at=c.started_at))
             c.voicemail = True
 
     @precondition(lambda self: self._some(Phase.LIVE))
@@ -307,10 +309,7 @@ class ErasureMachine(RuleBasedStateMachine):
         """The retention sweeps: voicemail past it (serve, every hour), and the replay."""
         self.clock.advance(days * DAY_S)
         for h in self._serves():
-            # The messages' files are dated by the real clock: as old as the fake one says.
-            for p in (h.dir / VOICEMAIL_FOLDER).glob("*.sealed"):
-                st_ = p.stat()
-                os.utime(p, (st_.st_atime, st_.st_mtime - days * DAY_S))
+            # The messages' files are dated by their calls' starts on the injected clock.
             h.voicemails.sweep(RETENTION_DAYS * DAY_S, self.clock.now())
             self._replay(h)
 

@@ -26,18 +26,18 @@ from voice.ivr.journal import (
     OnDisk,
     RecordsOnDisk,
     Replayed,
-    remaining_ttl_s,
 )
-from voice.ivr.store import CallStore
+from voice.ivr.store import CallStore, remaining_ttl_s
 
 DAY_S = 86400
 T0 = 1.8e9
 
 
 @pytest.mark.parametrize(
-    ("ended_at", "now", "left"),
+    ("started_at", "now", "left"),
     [
         (T0, T0, 30 * DAY_S),  # replayed at once: the whole retention, as a normal save
+        (T0 + 60, T0, 30 * DAY_S),  # a start ahead of the clock: never past the retention
         (T0, T0 + 7 * DAY_S + 0.5, 23 * DAY_S - 1),  # rounded down, never past the end
         (T0, T0 + 30 * DAY_S - 1, 1),
         (T0, T0 + 30 * DAY_S - 0.5, None),  # less than a second left: not worth a SET
@@ -46,9 +46,9 @@ T0 = 1.8e9
     ],
 )
 def test_a_replayed_record_keeps_the_expiry_of_a_normal_save(
-    ended_at: float, now: float, left: int | None
+    started_at: float, now: float, left: int | None
 ) -> None:
-    assert remaining_ttl_s(ended_at, now, 30 * DAY_S) == left
+    assert remaining_ttl_s(started_at, now, 30 * DAY_S) == left
 
 
 def _journal(folder: Path) -> CallJournal:

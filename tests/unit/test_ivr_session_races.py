@@ -191,7 +191,7 @@ class Rig:
         async def save(result: CallResult) -> None:
             self.saved.append(result)
 
-        async def save_recording(call_id: str, pcm: bytes) -> str:
+        async def save_recording(call_id: str, started_at: float, pcm: bytes) -> str:
             return "rec-1"
 
         self.deps = SessionDeps(

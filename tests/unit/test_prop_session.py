@@ -700,7 +700,7 @@ class CallWorld:
             async with asyncio.timeout(timeout_s):
                 return await answer
 
-        async def save_recording(call_id: str, pcm: bytes) -> str:
+        async def save_recording(call_id: str, started_at: float, pcm: bytes) -> str:
             if self.auto:
                 return "rec-1"
             await asyncio.sleep(draw(st.sampled_from(DELAYS), label="recording save"))

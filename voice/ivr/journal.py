@@ -34,9 +34,10 @@ nor counted (:meth:`CallJournal.replay_lost`, ``only_new``).
 
 ``serve`` replays the journal into Redis at start and every :data:`REPLAY_EVERY_S`
 (:meth:`CallJournal.replay`): each record with the expiry a normal save gives it (its call's
-end plus ``CLINIC_CALL_RETENTION_DAYS``), its file deleted once Redis took it; a record already
-past that is deleted, not saved. Replaying a record twice is harmless (the same SET and ZADD),
-so a file whose delete was lost to a crash is simply replayed again. A record of a call that
+start plus ``CLINIC_CALL_RETENTION_DAYS``, as its voicemail: voice/ivr/store.py), its file
+deleted once Redis took it; a record already past that is deleted, not saved. Replaying a
+record twice is harmless (the same SET and ZADD), so a file whose delete was lost to a crash is
+simply replayed again. A record of a call that
 was erased meanwhile (``DELETE /v1/calls/{id}``) is deleted, not saved: the store refuses it
 (voice/ivr/store.py), so an erasure holds whatever the order of the two. Each replayed file's
 delete is durable all the same (its folder fsynced: one fsync per record replayed, which is
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import re
 from collections.abc import Callable
@@ -65,7 +65,7 @@ from cryptography.exceptions import InvalidTag
 
 from sip_config.private_file import fsync_folder, write_private
 from voice.ivr.call_record import CallResult
-from voice.ivr.store import CallStore, CallStoreUnavailable, Saved
+from voice.ivr.store import CallStore, CallStoreUnavailable, Saved, remaining_ttl_s
 from voice.media.leftovers import remove_file, remove_files
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,6 @@ AHEAD_SUFFIX = ".ahead"  # a copy written ahead: its call not yet counted
 STALE_TEMP_S = 3600.0
 # The call ids of the call records (voice/ivr/api.py): safe as a file name.
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def remaining_ttl_s(ended_at: float, now: float, retention_s: int) -> int | None:
-    """Whole seconds a record of a call that ended at ``ended_at`` has left to live at ``now``,
-    or None when it is past its retention (a normal save starts the retention at the end)."""
-    left = math.floor(ended_at + retention_s - now)
-    return left if left >= 1 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +409,7 @@ class CallJournal:
             record = self._store.reopen(call_id, sealed)
         except (InvalidTag, ValueError, KeyError, TypeError):
             return _Done.UNREADABLE
-        ttl_s = remaining_ttl_s(record.ended_at, now, self._store.ttl_s)
+        ttl_s = remaining_ttl_s(record.started_at, now, self._store.ttl_s)
         done = _Done.EXPIRED
         if ttl_s is not None:
             saved = await self._store.save_sealed(

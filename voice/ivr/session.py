@@ -90,7 +90,7 @@ RECORD_NO_SPEECH_S = 12.0
 FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
 
 WebhookPoster = Callable[[str, Mapping[str, str], float], Awaitable[Mapping[str, str] | None]]
-Recorder = Callable[[str, bytes], Awaitable[str]]
+Recorder = Callable[[str, float, bytes], Awaitable[str]]
 Saver = Callable[[CallResult], Awaitable[None]]
 Forgetter = Callable[[str], Awaitable[None]]
 
@@ -105,7 +105,9 @@ class SessionDeps:
     speech: SpeechModel | None
     # (url key, values, timeout) -> reply fields, None on failure, TimeoutError on no answer
     post_webhook: WebhookPoster
-    save_recording: Recorder  # (call id, pcm) -> a reference for the call record
+    # (call id, the call's start, pcm) -> a reference for the call record; the message's
+    # retention counts from the call's start, as its record's does (voice/ivr/voicemail.py)
+    save_recording: Recorder
     save: Saver  # to Redis, trying again for the store's patience; raises when it could not
     # Writes the record to the journal on disk (voice/ivr/journal.py) when ``save`` did not
     # finish: Redis down past the patience, or the service stopping.
@@ -894,7 +896,7 @@ class CallSession:
         if not await asyncio.to_thread(holds_speech, pcm):
             return eng.RecordDone(duration_s=duration_s, silent=True)
         try:
-            ref = await self._d.save_recording(self._h.id, pcm)
+            ref = await self._d.save_recording(self._h.id, self._started_at, pcm)
         except Exception:
             # The engine puts the caller through to a human, who takes the request.
             log.exception("call %s: the voicemail could not be saved", self._h.id)

@@ -4,9 +4,13 @@ Answers and transcripts are health data. Each record is sealed with AES-256-GCM 
 derived (HKDF-SHA256) from the service secret, with the call id as associated data, so a record
 copied under another id does not open. A record sealed before the secret was changed opens
 with the key of a previous secret (``CLINIC_PREVIOUS_SECRETS``, :meth:`CallStore.open`); every
-record is sealed under the current secret's. Redis expires each record after the retention period;
-the time index is trimmed on every write and every read, and expires a retention after the
-last save (a quiet line keeps no call ids and start times past their records).
+record is sealed under the current secret's. The retention counts from the call's start, for the
+record (Redis expires it ``CLINIC_CALL_RETENTION_DAYS`` after its call began, however late it is
+saved: at the call's end, from the journal after Redis came back, or as the live record of a
+call a kill cut), its index entry, and its voicemail (voice/ivr/voicemail.py): one instant, so
+none outlives another. The time index is trimmed on every write, every read and every erasure,
+and expires a retention after the last save (a quiet line keeps no call ids and start times
+past their records).
 
 A call can be erased (:meth:`CallStore.erase`, ``DELETE /v1/calls/{id}``): its record and index
 entry go, and a mark ``cv:erased:<id>`` stays for the retention period. Every save checks the
@@ -30,6 +34,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -123,10 +128,14 @@ return done
 
 # An erasure: the record and its index entry go, the mark is set (or its time renewed, a retry
 # finishing the files), and a compaction is asked for. Nothing is written for a call nothing
-# is known of (ARGV[3] '0': no copy on disk either), so a mistyped id marks nothing.
-# 0: unknown; 1: marked, no record in Redis (erased before, expired, or only on disk); 2: the
-# record was deleted.
+# is known of (ARGV[3] '0': no copy on disk either), so a mistyped id marks nothing. The index
+# is trimmed first (ARGV[5]: the oldest start within the retention): on a quiet line (no save
+# nor list read since) the entry of a call past its retention is still there, and a ZREM that
+# found it answered 204 for a call the API no longer knows (README: 404).
+# 0: unknown; 1: marked, no record in Redis (erased before, or only on disk); 2: the record
+# was deleted.
 _ERASE = Script("""
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
 local had = redis.call('DEL', KEYS[1])
 local listed = redis.call('ZREM', KEYS[2], ARGV[1])
 local marked = redis.call('EXISTS', KEYS[3])
@@ -148,6 +157,14 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 """)
+
+
+def remaining_ttl_s(started_at: float, now: float, retention_s: int) -> int | None:
+    """Whole seconds a record of a call that began at ``started_at`` has left to live at
+    ``now`` (at most ``retention_s``), or None when it is past its retention: the retention
+    counts from the call's start, for the record, its index entry and its voicemail."""
+    left = min(math.floor(started_at + retention_s - now), retention_s)
+    return left if left >= 1 else None
 
 
 def _scored(reply: list[Any]) -> list[tuple[str, float]]:
@@ -264,6 +281,12 @@ class CallStore:
         """How long Redis keeps a record (``CLINIC_CALL_RETENTION_DAYS``), in seconds."""
         return self._ttl_s
 
+    def ttl_left(self, started_at: float) -> int | None:
+        """Whole seconds a record of a call that began at ``started_at`` has left to live
+        now (the store's clock), at most the retention (a start ahead of the clock counts
+        as now); None when it is past its retention."""
+        return remaining_ttl_s(started_at, self._clock.now(), self._ttl_s)
+
     def seal_result(self, result: CallResult) -> SealedRecord:
         return SealedRecord(
             result.id, self.seal(result.id, result.to_json()), result.started_at, result.ended_at
@@ -290,12 +313,13 @@ class CallStore:
         patience_s: float | None = None,
         only_new: bool = False,
     ) -> Saved:
-        """Write a sealed record, to expire in ``ttl_s`` (default: the retention), trying
+        """Write a sealed record, to expire in ``ttl_s`` (default: what is left of the
+        retention from its call's start, :meth:`ttl_left`, at least a second), trying
         again while Redis fails for ``patience_s`` (default: the store's save patience);
         ``only_new``: not over a record of the same call already there (:attr:`Saved.KEPT`:
         nothing of it written). :attr:`Saved.ERASED` when the call was erased (nothing
         written: the caller drops its copy)."""
-        ttl = self._ttl_s if ttl_s is None else ttl_s
+        ttl = max(1, self.ttl_left(record.started_at) or 0) if ttl_s is None else ttl_s
         keys = (_key(record.call_id), INDEX, _erased_key(record.call_id))
         args = (
             record.sealed,
@@ -358,7 +382,8 @@ class CallStore:
         is on disk (the journal, voicemail), so it is marked even with nothing in Redis. One
         try: raises :class:`CallStoreUnavailable`, nothing changed, when Redis fails."""
         keys = (_key(call_id), INDEX, _erased_key(call_id), COMPACT_ASKED)
-        args = (call_id, self._ttl_s, "1" if on_disk else "0", COMPACT_ASKED_TTL_S)
+        oldest = repr(self._clock.now() - self._ttl_s)
+        args = (call_id, self._ttl_s, "1" if on_disk else "0", COMPACT_ASKED_TTL_S, oldest)
         try:
             done = await self._r.evalsha(_ERASE, keys, args)
         except (RedisError, OSError) as exc:

@@ -4,8 +4,11 @@ Each message is one file ``<call id>-<8 hex>.sealed`` in ``$CLINIC_DATA_DIR/voic
 (0600, in a 0700 folder), sealed with the call records' key (one sealed before the secret was
 changed opens with a previous secret's, as records do) and bound to its own name, and named
 in its call record's values (``GET`` plays a message of the call its record does not name
-too: serve killed between the write and the record naming it). It lives as long as call records do
-(``CLINIC_CALL_RETENTION_DAYS``): :meth:`Voicemails.sweep` deletes older files,
+too: serve killed between the write and the record naming it). It lives as long as its call's
+record does: ``CLINIC_CALL_RETENTION_DAYS`` from the call's start, which both count from (the
+record's expiry, voice/ivr/store.py; the file's modification time, set to the call's start by
+:meth:`Voicemails.save`), so neither outlives the other whatever the call's length or however a
+kill cut it. :meth:`Voicemails.sweep` deletes older files,
 :meth:`Voicemails.erase` those of an erased call (:meth:`Voicemails.drop_erased` those of a
 call another ``serve`` on the same Redis erased), and ``GET /v1/calls/{id}/voicemail`` plays
 one back as WAV.
@@ -17,6 +20,7 @@ import asyncio
 import logging
 import re
 import secrets
+from collections import OrderedDict
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -24,7 +28,7 @@ from cryptography.exceptions import InvalidTag
 from sip_config.private_file import write_private
 from voice.ivr.store import CallStore
 from voice.media.leftovers import remove_file, remove_files
-from voice.media.pcm import Pcm, bytes_to_samples, wav_bytes
+from voice.media.pcm import SAMPLE_WIDTH, Pcm, bytes_to_samples, wav_bytes
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,10 @@ FOLDER = "voicemail"  # in the data dir
 RATE_HZ = 8000
 # A message's file name; the call id part is that of the call records (voice/ivr/api.py).
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
+# The unreadable messages logged (each once) that are remembered: past this many, the oldest is
+# forgotten (logged again if read again), so a process that runs for months with messages
+# sealed under a lost secret does not grow for good. 4096 names: ~0.5 MiB.
+UNREADABLE_REMEMBERED = 4096
 
 
 class VoicemailUnreadable(RuntimeError):
@@ -46,17 +54,33 @@ class Voicemails:
     def __init__(self, folder: Path, store: CallStore) -> None:
         self._folder = folder
         self._store = store
-        self._unreadable: set[str] = set()  # logged once each
+        # Logged once each, the oldest forgotten past the bound (insertion order).
+        self._unreadable: OrderedDict[str, None] = OrderedDict()
+        self._unreadable_max = UNREADABLE_REMEMBERED
 
-    async def save(self, call_id: str, pcm16: bytes) -> str:
-        """Seal and write ``pcm16`` (8 kHz mono) for ``call_id``; return its name."""
+    async def save(self, call_id: str, pcm16: bytes, *, started_at: float | None = None) -> str:
+        """Seal and write ``pcm16`` (8 kHz mono, 16-bit) for ``call_id``, the call that began
+        at ``started_at`` (its retention counts from then; None: from now); return its name.
+
+        A recording of an odd length (a hang-up that cut a frame mid-sample) is saved without
+        its last byte, half a sample (62 us), and logged: 16-bit PCM of an odd length would
+        never open, and the message is kept rather than refused."""
+        if len(pcm16) % SAMPLE_WIDTH:
+            log.warning(
+                "call %s: the message is %d bytes, not whole 16-bit samples (a frame cut "
+                "short?): saved without its last byte",
+                call_id,
+                len(pcm16),
+            )
+            pcm16 = pcm16[: len(pcm16) - len(pcm16) % SAMPLE_WIDTH]
         name = f"{call_id}-{secrets.token_hex(4)}.sealed"
         # Sealing a minute of message (hex, JSON, AES-GCM, base64) takes ~15 ms: off the loop.
-        await asyncio.to_thread(self._seal_and_write, name, pcm16)
+        await asyncio.to_thread(self._seal_and_write, name, pcm16, started_at)
         return name
 
-    def _seal_and_write(self, name: str, pcm16: bytes) -> None:
-        write_private(self._folder / name, self._store.seal(name, {"pcm16_8k": pcm16.hex()}))
+    def _seal_and_write(self, name: str, pcm16: bytes, started_at: float | None) -> None:
+        sealed = self._store.seal(name, {"pcm16_8k": pcm16.hex()})
+        write_private(self._folder / name, sealed, mtime=started_at)
 
     async def wav(self, call_id: str, name: str) -> bytes | None:
         """The message ``name`` of ``call_id`` as a WAV file, or None when it is gone (past
@@ -70,7 +94,9 @@ class Voicemails:
             return await asyncio.to_thread(self._read_wav, name)
         except (OSError, ValueError, KeyError, TypeError, InvalidTag) as exc:
             if name not in self._unreadable:
-                self._unreadable.add(name)
+                self._unreadable[name] = None
+                if len(self._unreadable) > self._unreadable_max:
+                    self._unreadable.popitem(last=False)
                 # The file's name and the error's kind: never its content (health data).
                 log.error(
                     "call %s: voicemail %s does not open (sealed under a CLINIC_SECRET not in "
@@ -87,11 +113,30 @@ class Voicemails:
         except FileNotFoundError:
             return None  # swept, or erased
         pcm = bytes.fromhex(self._store.open(name, sealed)["pcm16_8k"])
+        # One saved before odd lengths were cut at the save: its last half sample dropped.
+        pcm = pcm[: len(pcm) - len(pcm) % SAMPLE_WIDTH]
         return wav_bytes(Pcm(bytes_to_samples(pcm), RATE_HZ))
 
-    async def holds(self, call_id: str) -> bool:
-        """Whether a message of ``call_id`` is in the folder."""
-        return bool(await asyncio.to_thread(self._names_of, call_id))
+    async def holds(self, call_id: str, now: float | None = None) -> bool:
+        """Whether a message of ``call_id`` is in the folder (``now`` given: one within its
+        retention at ``now``; one past it is the sweep's, within the hour)."""
+        names = await asyncio.to_thread(self._names_of, call_id)
+        if now is None or not names:
+            return bool(names)
+        return await asyncio.to_thread(self._any_within_retention, names, now)
+
+    def _any_within_retention(self, names: list[str], now: float) -> bool:
+        for name in names:
+            path = self._folder / name
+            # A write cut short left only its hidden temporary file: its time is the write's.
+            temps = list(self._folder.glob(f".{name}.*.tmp"))
+            for p in (path, *temps):
+                try:
+                    if now - p.stat().st_mtime <= self._store.ttl_s:
+                        return True
+                except FileNotFoundError:
+                    continue
+        return False
 
     async def names(self, call_id: str) -> list[str]:
         """The messages of ``call_id`` in the folder, named in its record or not (not a
@@ -143,7 +188,8 @@ class Voicemails:
         return sum(remove_file(self._folder / name) for name in self._names_of(call_id))
 
     def sweep(self, older_than_s: float, now: float) -> int:
-        """Delete messages older than ``older_than_s`` (blocking: run it in a thread).
+        """Delete messages older than ``older_than_s``: of calls that began longer ago (a
+        message's file time is its call's start; blocking: run it in a thread).
         Returns how many (a write cut short by a crash leaves its hidden temp file: an hour
         on, it goes too, uncounted)."""
         remove_files(self._folder, ".*.tmp", 3600.0, now)
