@@ -29,6 +29,22 @@ def _failed(play_id: int) -> PlayDone:
     return PlayDone("call-1", play_id, failed=True)
 
 
+def _failing_tts(rig: Rig, phrase: str) -> list[str]:
+    """Make the rig's text to speech fail for every text holding ``phrase``; the texts it
+    failed for, in order."""
+    render = rig.renderer.render
+    tries: list[str] = []
+
+    async def failing(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+        if phrase in text:
+            tries.append(text)
+            raise TtsError("espeak-ng failed to synthesise (status 1)")
+        return await render(text, voice=voice, cache=cache)
+
+    rig.renderer.render = failing  # type: ignore[method-assign]
+    return tries
+
+
 async def _to_chest(rig: Rig) -> int:
     """Breathing heard in full and answered 2 (no): the chest-pain prompt plays."""
     breathing = await _to_breathing(rig)
@@ -105,16 +121,7 @@ async def test_a_danger_sign_that_fails_twice_goes_to_the_nurse_at_u2() -> None:
 
 async def test_a_danger_sign_whose_text_to_speech_fails_is_not_answered() -> None:
     rig = Rig(speech=False)
-    render = rig.renderer.render
-    tries: list[str] = []
-
-    async def failing(text: str, *, voice: str = "en", cache: bool = True) -> Path:
-        if "chest pain" in text:
-            tries.append(text)
-            raise TtsError("espeak-ng failed to synthesise (status 1)")
-        return await render(text, voice=voice, cache=cache)
-
-    rig.renderer.render = failing  # type: ignore[method-assign]
+    tries = _failing_tts(rig, "chest pain")
     breathing = await _to_breathing(rig)
     rig.call.send(_done(breathing))
     await rig.until(lambda: rig.session._listening)
@@ -217,16 +224,7 @@ async def test_an_emergency_advice_whose_text_to_speech_fails_is_made_again_and_
     # text to speech fails: it is made once more, not skipped; failed again, the transfer goes
     # ahead, and the record says the caller never heard it.
     rig = Rig(speech=False)
-    render = rig.renderer.render
-    tries: list[str] = []
-
-    async def failing(text: str, *, voice: str = "en", cache: bool = True) -> Path:
-        if "This may be an emergency" in text:
-            tries.append(text)
-            raise TtsError("espeak-ng failed to synthesise (status 1)")
-        return await render(text, voice=voice, cache=cache)
-
-    rig.renderer.render = failing  # type: ignore[method-assign]
+    tries = _failing_tts(rig, "This may be an emergency")
     breathing = await _to_breathing(rig)
     rig.call.send(_done(breathing))
     await rig.until(lambda: rig.session._listening)
