@@ -1892,3 +1892,42 @@ def test_a_triage_advice_never_heard_is_said_before_the_goodbye(tmp_path: Path) 
     (store,) = [a for a in actions if isinstance(a, Store)]
     assert store.record.outcome == "transfer_failed"
     assert "unheard: advice" in store.record.reasons
+
+
+def test_a_stop_during_the_message_offer_still_says_the_unheard_advice(tmp_path: Path) -> None:
+    # The line closes while the offer that carries the advice plays: the closing words cut
+    # it short. Before, they said nothing of the advice and their end counted it as heard:
+    # the caller left without "call the out-of-hours service now", and the record said nothing.
+    engine, state, _ = _advice_to_message(tmp_path)
+    state, actions = engine.handle(state, LineClosing())
+    (said,) = texts(actions)
+    assert said == f"{ADVICE} {CLOSING}"
+    assert state.pending is Pending.HANGUP
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == [said]  # last words: once more
+    state, actions = engine.handle(state, FAILED)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "cut_shutdown"
+    assert "unheard: advice" in store.record.reasons, store.record.reasons
+
+
+def test_the_words_that_carry_an_unheard_advice_are_rendered_at_start(tmp_path: Path) -> None:
+    # Said after the advice failed to play twice and the nurse was not reached: rendered at
+    # start-up as every text that depends only on the settings, not while the caller waits.
+    engine, state, offer = _advice_to_message(tmp_path)
+    said = list(offer)
+    engine, state = _advice_call(tmp_path, "1")
+    state = replace(state, recorded=True)  # no message: the goodbye carries it
+    events: list[Event] = [FAILED, FAILED, DONE, TransferResult(False)]
+    for event in events:
+        state, actions = engine.handle(state, event)
+    said += texts(actions)
+    engine, state = _advice_call(tmp_path, "1")
+    events = [FAILED, FAILED, DONE, TransferResult(False, unconfirmed=True)]
+    for event in events:
+        state, actions = engine.handle(state, event)
+    said += texts(actions)
+    assert len(said) == 3 and all(s.startswith(ADVICE) for s in said), said
+    said.append(f"{ADVICE} {CLOSING}")  # the line closed during the message offer
+    prompts = engine.flowset.get("g").static_prompts(engine.params)
+    assert [s for s in said if s not in prompts] == []

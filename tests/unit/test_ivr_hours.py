@@ -831,3 +831,25 @@ def test_the_closed_menu_after_the_open_one_is_a_static_prompt() -> None:
     closed_menu = next(p for p in prompts if p.startswith(MENU_CLOSED))
     for before in ("", "Sorry, I did not hear anything. ", "Sorry, I did not understand. "):
         assert f"{before}{NOTICE} {closed_menu}" in prompts
+
+
+def test_the_notice_past_the_closed_cap_is_a_static_prompt(flows: Path) -> None:
+    # The last words of a question asked again past the cap ("Sorry, I did not hear
+    # anything." and the notice), as every text of asking again after closing time: rendered
+    # at start-up, not while the caller waits.
+    (flows / "t.yaml").write_text(
+        FLOW.replace(
+            '      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late'
+        )
+        + '  late:\n    ask:\n      prompt: "Late one."\n      on_closed: menu\n      choices:\n'
+        + '        - {key: "3", phrases: [bye], label: goodbye, goto: bye}\n',
+        encoding="utf-8",
+    )
+    engine = Engine(load_flows(flows), params(False))
+    prompts = engine.flowset.get("t").static_prompts(engine.params)
+    for answers in ([":silence"] * (MAX_CLOSED_ASKS + 1), ["7"] * (MAX_CLOSED_ASKS + 1)):
+        actions, store = run(engine, "t", answers)
+        assert store.record.outcome == "out_of_hours"
+        said = plays(actions)
+        assert said[-1].endswith(NOTICE) and said[-1] != NOTICE, said[-1]
+        assert [s for s in said if s not in prompts] == []

@@ -227,8 +227,9 @@ class _Checker:
 
     def on_closed(self, node: Ask, target: str) -> None:
         """An ask's ``on_closed`` names another question of its own flow: the engine asks it
-        in place of ``node`` after a 0 at the closed desk (anything else would be no question
-        for the caller to answer there, and the engine asks ``node`` again)."""
+        in place of ``node`` after a 0 at the closed desk, or in place of asking ``node``
+        again while closed (a reprompt, a ``*``); anything else would be no question for the
+        caller to answer there, and the engine asks ``node`` again."""
         other = None if target.startswith("@") else self.flow.nodes.get(target)
         if not isinstance(other, Ask) or other is node:
             if target.startswith("@") or other is not None:  # else: an unknown target
@@ -597,7 +598,8 @@ def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
         (ab.apply(effect), target) for target, effect, kind in successors(node) if kind != ON_CLOSED
     ]
     if isinstance(node, Ask) and node.on_closed is not None:
-        # Taken only by a 0 while the desk is closed: the question after it is asked closed.
+        # Taken only while the desk is closed (a 0, a reprompt, a *): the question after it is
+        # asked closed.
         out.append((replace(ab, closed=True), node.on_closed))
     if isinstance(node, Ask) and node.danger_sign:
         unclear = ab.unclear()

@@ -1454,10 +1454,13 @@ class Engine:
             return self._to_human(
                 state, flow, "line closing", [*kept, StopPlay()], text="closing_urgent"
             )
+        # A triage's advice the caller has not heard (the message offer that carried it is
+        # cut short by this notice): said first, as before a goodbye after a failed transfer.
+        text = f"{state.unheard_advice} {flow.texts('closing')}".strip()
         return self._last_words(
             state,
             flow,
-            flow.texts("closing"),
+            text,
             [*kept, StopPlay()],
             close=Close.TOLD,
             # What the call achieved before the stop (a request that arrived) stays its

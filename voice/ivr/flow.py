@@ -773,11 +773,18 @@ class Flow:
                     closed = self.ask_prompt(instead, params.speech_for(self.language))
                     for before in ("", self.texts("noinput"), self.texts("nomatch")):
                         add(f"{before} {{closed_notice}} {closed}".strip())
+                        add(f"{before} {{closed_notice}}".strip())  # past MAX_CLOSED_ASKS
                 for kind, limit in (("noinput", node.max_noinput), ("nomatch", node.max_nomatch)):
                     for count in range(1, limit):
                         add(self.reprompt(node, kind, count, params.speech_for(self.language)))
             elif isinstance(node, Transfer | Hangup):
                 add(node.prompt)
+                if isinstance(node, Hangup) and node_outcome(node) is not None:
+                    # A triage's advice that failed twice, the nurse then not reached: said
+                    # before what the call's end brings instead (the engine's unheard_advice).
+                    for name in ("message_offer", "transfer_failed", "transfer_unconfirmed"):
+                        add(f"{node.prompt} {self.texts(name)}")
+                    add(f"{node.prompt} {self.texts('closing')}")  # the line closed meanwhile
         return out
 
 
