@@ -240,6 +240,15 @@ class _Call(pj.Call):  # type: ignore[misc]
         prm.cont = wants_more_reports(status, final=final)
 
 
+def _wire(whole_msg: str) -> bytes:
+    """A message's bytes as pjsip holds them. SWIG hands a ``std::string`` over decoded
+    with ``surrogateescape``: a byte that is not UTF-8 (a PBX's text in Latin-1, say) is a
+    lone surrogate, which a plain ``encode()`` refuses (UnicodeEncodeError). Raised in a
+    pjsua2 callback, SWIG prints it and goes on, and what the callback was for is not done
+    (a REFER's unreadable end went unreported: the caller heard the ring tone for 180 s)."""
+    return str(whole_msg).encode("utf-8", "surrogateescape")
+
+
 class Engine:
     """pjsua2 for one process. Use only from the thread that called :meth:`start`."""
 
@@ -666,13 +675,13 @@ class Engine:
         if method == "REFER" and tsx.role == pj.PJSIP_ROLE_UAC and call.xfer_cseq is None:
             # The REFER's CSeq, which names its subscription in a later REFER's NOTIFYs.
             with contextlib.suppress(message.SipParseError, ValueError):
-                sent = message.parse(str(tsx.lastTx.wholeMsg).encode())
+                sent = message.parse(_wire(tsx.lastTx.wholeMsg))
                 call.xfer_cseq = int((sent.get("CSeq") or "").split()[0])
             return
         if kind != pj.PJSIP_EVENT_RX_MSG or tsx.role != pj.PJSIP_ROLE_UAS or method != "NOTIFY":
             return
         try:
-            notify = message.parse(str(e.body.tsxState.src.rdata.wholeMsg).encode())
+            notify = message.parse(_wire(e.body.tsxState.src.rdata.wholeMsg))
         except message.SipParseError:
             return  # pjsip parsed it; nothing here to add
         if refer.unreported_end(
