@@ -102,14 +102,20 @@ def parse(data: bytes, *, strict: bool = False) -> SipMessage:
     their answers): a control character in the head is a :class:`SipParseError`. Without
     it (what pjsip accepted already) one is kept: RFC 3261 25.1 allows an
     escaped one in a quoted string ("A\\<0x01>B" <sip:...>), and the worker must not lose a
-    caller's Call-ID over a display name."""
+    caller's Call-ID over a display name; a head that is not UTF-8 is read likewise, its
+    other bytes as U+FFFD (strict: a :class:`SipParseError`)."""
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = data.partition(b"\n\n")
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        raise SipParseError("header section is not UTF-8") from None
+        if strict:
+            raise SipParseError("header section is not UTF-8") from None
+        # What pjsip accepted already (RFC 3261 7.3 asks for UTF-8, an older PBX sends a
+        # display name in Latin-1): the caller's number and Call-ID are ASCII, and are read;
+        # a byte that is not UTF-8 becomes U+FFFD.
+        text = head.decode("utf-8", errors="replace")
     text = text.replace("\r\n", "\n")
     if strict and _CONTROL.search(text):
         # RFC 3261 25.1: no control character but HTAB in a message's head. A lone CR or a

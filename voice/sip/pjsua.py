@@ -731,7 +731,7 @@ class Engine:
         caller = called = sip_call_id = ""
         headers: list[tuple[str, str]] = []
         try:
-            msg = message.parse(str(prm.rdata.wholeMsg).encode())
+            msg = message.parse(_wire(prm.rdata.wholeMsg))
             sip_call_id = msg.get("Call-ID") or ""
             caller = message.user_part(msg.get("From") or "")
             called = message.user_part(msg.uri) or message.user_part(msg.get("To") or "")
@@ -863,7 +863,7 @@ class Engine:
     def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
         tsx = prm.e.body.tsxState.tsx
         try:
-            request = message.parse(str(tsx.lastTx.wholeMsg).encode())
+            request = message.parse(_wire(tsx.lastTx.wholeMsg))
         except message.SipParseError as exc:
             log.warning("cannot read back a sent request: %s", exc)
             return
@@ -891,7 +891,7 @@ class Engine:
             else ("Proxy-Authenticate", "Proxy-Authorization")
         )
         try:
-            response = message.parse(str(prm.e.body.tsxState.src.rdata.wholeMsg).encode())
+            response = message.parse(_wire(prm.e.body.tsxState.src.rdata.wholeMsg))
             challenge = digest.parse_challenge(response.get(want) or "")
             # Also refused here: a challenge this client cannot answer (qop="auth-int" only).
             # Raised inside pjsua's callback it was swallowed, and the send waited for nothing.
