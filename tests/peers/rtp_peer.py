@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import cast
 
+from sip_config.tasks import cancel_and_wait
 from voice.media.pcm import Pcm
 
 RATE_HZ = 8000
@@ -92,8 +93,7 @@ async def rtp_peer() -> AsyncIterator[RtpPeer]:
     try:
         yield peer
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        failed = await cancel_and_wait(sender)  # the test's own cancellation is raised
+        assert failed is None, f"the RTP sender failed: {failed!r}"
         if peer.transport is not None:
             peer.transport.close()
