@@ -452,6 +452,22 @@ def test_a_control_character_in_a_header_is_dropped_not_copied_into_the_answer(
     assert message.parse(tab, strict=True).get("From"), "HTAB is whitespace, not a control"
 
 
+def test_a_head_that_is_not_utf8_is_refused_by_the_front_and_read_by_the_worker() -> None:
+    # A display name in Latin-1 (an older PBX's "M\xfcller"): RFC 3261 7.3 asks for UTF-8,
+    # so the front answers 400; the worker reads what pjsip accepted, the caller's number
+    # and Call-ID, the byte that is not UTF-8 as U+FFFD.
+    raw = invite().replace(b"From: ", b'From: "M\xfcller" ')
+    with pytest.raises(message.SipParseError) as err:
+        message.parse(raw, strict=True)
+    assert err.value.status == 400
+    read = message.parse(raw)
+    assert read.get("Call-ID") == "call-1"
+    assert "M\ufffdller" in (read.get("From") or "")
+    assert message.user_part(read.get("From") or "") == message.user_part(
+        message.parse(invite()).get("From") or ""
+    )
+
+
 @pytest.mark.parametrize(
     ("to", "answered"),
     [
