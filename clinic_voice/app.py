@@ -136,13 +136,9 @@ class Runtime:
         webhooks no longer sent, all while /readyz said ready."""
         if self.failed:
             return
+        under_way = self._under_way()
         self.failed = what
-        if self.stopping or self.misconfigured:
-            # The stop is under way already (the exit code says so all the same).
-            log.critical("%s failed during the stop", what)
-            return
-        log.critical("stopping: %s failed", what)
-        self._stop()
+        self._stop(f"{what} failed", under_way)
 
     def misconfigure(self, reason: str) -> None:
         """A configuration fault found while running (another CLINIC_SECRET claims this
@@ -151,14 +147,19 @@ class Runtime:
         only gets that refusal. ``reason`` is logged CRITICAL and shown by /readyz."""
         if self.misconfigured:
             return
+        under_way = self._under_way()
         self.misconfigured = reason
-        if self.stopping or self.failed:
-            log.critical("during the stop: %s", reason)
-            return
-        log.critical("stopping: %s", reason)
-        self._stop()
+        self._stop(reason, under_way)
 
-    def _stop(self) -> None:
+    def _under_way(self) -> bool:
+        return self.stopping or bool(self.failed) or bool(self.misconfigured)
+
+    def _stop(self, why: str, under_way: bool) -> None:
+        if under_way:
+            # The stop is under way already (the exit code says why all the same).
+            log.critical("during the stop: %s", why)
+            return
+        log.critical("stopping: %s", why)
         # Never as a signal: serve counts its signals, and a second one cuts the clinic
         # line's call drain short (see hurry). A stop of the service's own making (at start,
         # or during a drain) then made the operator's first SIGTERM a second one.
