@@ -183,11 +183,17 @@ def header_tag(value: str) -> str | None:
     case-insensitive and a ``;`` may have whitespace around it (sections 7.3.1 and 25.1):
     ``;TAG=x`` or `` ; tag=x`` is a tag, where the front added a second one.
     """
+    return header_param(value, "tag")
+
+
+def header_param(value: str, name: str) -> str | None:
+    """The header parameter ``name`` of a header value (``refer;id=7``, or a name-addr's
+    after its ``>``), None when it has none; names are case-insensitive (section 7.3.1)."""
     params = value.rpartition(">")[2] if "<" in value else value
     for part in params.split(";")[1:]:
-        name, _, tag = part.partition("=")
-        if name.strip().lower() == "tag":
-            return tag.strip()
+        key, _, found = part.partition("=")
+        if key.strip().lower() == name:
+            return found.strip()
     return None
 
 

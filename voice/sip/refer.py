@@ -40,7 +40,7 @@ from __future__ import annotations
 import enum
 import re
 
-from voice.sip.message import SipMessage
+from voice.sip.message import SipMessage, header_param
 from voice.sip.outcome import SipStatus
 
 
@@ -115,15 +115,15 @@ def unreported_end(notify: SipMessage, *, refer_cseq: int | None, first_refer: b
     """
     if notify.method != "NOTIFY":
         return False
-    event, *params = (p.strip() for p in (notify.get("Event") or "").split(";"))
+    event = notify.get("Event") or ""
     state = (notify.get("Subscription-State") or "").split(";", 1)[0].strip().lower()
-    if event.lower() != "refer" or state != "terminated":
+    if event.split(";", 1)[0].strip().lower() != "refer" or state != "terminated":
         return False
-    ids = [v.strip() for k, _, v in (p.partition("=") for p in params) if k.strip() == "id"]
-    if not ids:
+    named = header_param(event, "id")
+    if named is None:
         if not first_refer:
             return False
-    elif refer_cseq is None or ids[0] != str(refer_cseq):
+    elif refer_cseq is None or named != str(refer_cseq):
         return False
     kind = (notify.get("Content-Type") or "").split(";", 1)[0].strip().lower()
     readable = kind == "message/sipfrag" and _SIPFRAG_STATUS.match(notify.body) is not None
