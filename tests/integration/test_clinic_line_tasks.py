@@ -53,7 +53,8 @@ async def test_a_defect_in_the_prompts_pre_rendering_is_said_and_the_service_goe
     flows = Settings.from_env(
         {"CLINIC_DATA_DIR": str(tmp_path / "flows"), "CLINIC_FLOWS_DIR": str(SHIPPED)}
     )
-    line = ClinicLine(rt.settings, rt, check_clinic_line(flows))
+    # The flows' load and check (~0.15 s on a slow machine) off the loop: no_blocking watches it.
+    line = ClinicLine(rt.settings, rt, await asyncio.to_thread(check_clinic_line, flows))
     await line.start()
     try:
         async with asyncio.timeout(DEADLINE_S):
