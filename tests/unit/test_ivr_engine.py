@@ -1931,3 +1931,42 @@ def test_the_words_that_carry_an_unheard_advice_are_rendered_at_start(tmp_path: 
     said.append(f"{ADVICE} {CLOSING}")  # the line closed during the message offer
     prompts = engine.flowset.get("g").static_prompts(engine.params)
     assert [s for s in said if s not in prompts] == []
+
+
+@pytest.mark.parametrize(
+    ("ending", "outcome"),
+    [
+        (TransferResult(False, unanswered=True), "transfer_unanswered"),
+        (HangUp(), "hung_up_before_transfer"),
+        (TransferResult(True), "transfer_nurse"),
+    ],
+)
+def test_a_triage_advice_never_said_again_is_on_record_however_the_call_ends(
+    tmp_path: Path, ending: Event, outcome: str
+) -> None:
+    # The advice failed twice and the nurse was tried for it; the call then ends before the
+    # advice is said again (a PBX that reached nobody, the caller's hang-up, or the transfer
+    # taken). Before, the record said only prompt_failed: nothing told whoever calls back that
+    # the caller never heard "see a doctor today, call the out-of-hours service now".
+    engine, state = _advice_call(tmp_path, "1")
+    for event in (FAILED, FAILED, DONE):
+        state, actions = engine.handle(state, event)
+    assert [type(a) for a in actions] == [TransferCall]
+    state, actions = engine.handle(state, ending)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == outcome
+    assert PROMPT_FAILED in store.record.reasons
+    assert "unheard: advice" in store.record.reasons, store.record.reasons
+
+
+def test_the_nurse_taking_an_unheard_advice_is_told_it_was_unheard(tmp_path: Path) -> None:
+    # With CLINIC_TRANSFER_SUMMARY=full the nurse reads the triage's reasons: that the caller
+    # never heard the advice is what the nurse must say first.
+    (tmp_path / "g.yaml").write_text(ADVICE_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams(transfer_summary="full"))
+    state, _ = engine.start(engine.flowset.get("g"))
+    for event in (DONE, Digit("1"), FAILED, FAILED, DONE):
+        state, actions = engine.handle(state, event)
+    (transfer,) = [a for a in actions if isinstance(a, TransferCall)]
+    summary = dict(transfer.headers)[SUMMARY_HEADER]
+    assert "unheard%3A advice" in summary, summary

@@ -31,8 +31,11 @@ from voice.ivr.engine import (
     Play,
     PostWebhook,
     PromptDone,
+    PromptFailed,
+    RecordDone,
     Store,
     TransferCall,
+    WebhookResult,
 )
 from voice.ivr.flow import FlowError, FlowParams, load_flows
 from voice.ivr.opening_hours import OpeningHours, always_open, parse_week
@@ -853,3 +856,210 @@ def test_the_notice_past_the_closed_cap_is_a_static_prompt(flows: Path) -> None:
         said = plays(actions)
         assert said[-1].endswith(NOTICE) and said[-1] != NOTICE, said[-1]
         assert [s for s in said if s not in prompts] == []
+
+
+# -- closed-desk words: a failed prompt played again, notices, and what the record claims ------
+
+
+def _overtaken_playing(reprompt: bool) -> tuple[Engine, CallState]:
+    """The open menu (or its noinput reprompt) playing before 17:00, and 17:00 striking."""
+    is_open = [True]
+    engine = Engine(
+        load_flows(SHIPPED),
+        FlowParams(
+            open_now=lambda: is_open[0], opening_hours=HOURS, out_of_hours_number="088 123 45 67"
+        ),
+    )
+    state, _ = engine.start(engine.flowset.get("main_menu"))
+    state, actions = engine.handle(state, PromptDone())  # the welcome: the open menu plays
+    if reprompt:
+        state, _ = engine.handle(state, PromptDone())
+        state, actions = engine.handle(state, NoInput())
+    assert "press 0" in plays(actions)[0].lower()
+    assert (state.node, state.pending) == ("menu", Pending.LISTEN)
+    is_open[0] = False
+    return engine, state
+
+
+@pytest.mark.parametrize("reprompt", [False, True], ids=["prompt", "reprompt"])
+def test_a_failed_open_menu_played_again_after_closing_is_the_closed_menu(
+    reprompt: bool,
+) -> None:
+    # Its prompt failed (nothing heard), and closing time passed meanwhile: played again, it
+    # is the notice and the closed menu, as any other asking again after closing time, not
+    # "press 0 ... staff" to a caller who would then hear the closed desk.
+    engine, state = _overtaken_playing(reprompt)
+    state, actions = engine.handle(state, PromptFailed())
+    said = plays(actions)
+    assert len(said) == 1 and said[0].startswith(f"{NOTICE} {MENU_CLOSED}"), said
+    assert "press 0" not in said[0].lower()
+    assert not transfers(actions)
+    assert (state.node, state.pending, state.closed_asks) == ("menu_closed", Pending.LISTEN, 1)
+    steps = [(s.node, s.input) for s in state.path[-3:]]
+    assert steps == [("menu", "prompt_failed"), ("menu", "closed"), ("menu_closed", "")]
+    assert said[0] in engine.flowset.get("main_menu").static_prompts(engine.params)
+    # That was the question's second try: failed again, it is given up (the closed desk's
+    # notice, and the call ends), never a third play in silence.
+    state, actions = engine.handle(state, PromptFailed())
+    assert plays(actions) == [NOTICE]
+    assert state.pending is Pending.HANGUP
+
+
+def _lookup_failed_with_a_0(engine: Engine, flow: str, entries: list[str]) -> list[Action]:
+    """``flow``'s entries typed, a 0 pressed during its lookup, and the lookup failing."""
+    state, _ = engine.start(engine.flowset.get(flow))
+    for entry in entries:
+        state, _ = engine.handle(state, PromptDone())
+        for key in entry:
+            state, actions = engine.handle(state, Digit(key))
+    assert any(isinstance(a, PostWebhook) for a in actions)
+    state, _ = engine.handle(state, Digit("0"))
+    state, actions = engine.handle(state, WebhookResult(False))
+    seen = list(actions)
+    while state.phase is not Phase.ENDED:
+        state, actions = engine.handle(state, PromptDone())
+        seen += actions
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("flow", "entries"),
+    [("appointments", ["1", "01021990#", "1234#"]), ("results", ["01021990#", "1234#"])],
+)
+def test_a_0_before_a_closed_goodbye_that_tells_the_notice_hears_it_once(
+    flow: str, entries: list[str]
+) -> None:
+    # The goodbye names {closed_notice} itself: the 0 typed ahead adds nothing to say.
+    actions = _lookup_failed_with_a_0(Engine(load_flows(SHIPPED), params(False)), flow, entries)
+    last = plays(actions)[-1]
+    assert last.count("The practice is closed.") == 1, last
+    assert last.endswith("Please call again when we are open. Goodbye."), last
+    assert not transfers(actions)
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "out_of_hours"
+    assert ("closed_bye", "closed") in [(s.node, s.input) for s in store.record.path]
+
+
+@pytest.mark.parametrize(
+    ("flow", "entries", "node"),
+    [
+        ("appointments", [], "which"),
+        ("appointments", ["1"], "dob"),
+        ("appointments", ["1", "01021990#"], "patient_no"),
+        ("results", [], "dob"),
+        ("prescription", ["01021990#"], "patient_no"),
+        ("main_menu", [""], "menu_closed"),
+    ],
+)
+def test_the_notice_and_the_question_after_a_closed_0_are_rendered_at_start(
+    flow: str, entries: list[str], node: str
+) -> None:
+    # A 0 (0 then # in an entry) at a question with no on_closed while the desk is closed:
+    # the notice and the question again, one text that depends only on the settings, so
+    # rendered at start-up, not while the caller waits (~10 s of speech for espeak-ng).
+    engine = Engine(load_flows(SHIPPED), params(False))
+    state, _ = engine.start(engine.flowset.get(flow))
+    for entry in entries:
+        state, _ = engine.handle(state, PromptDone())
+        for key in entry:
+            state, _ = engine.handle(state, Digit(key))
+    assert state.node == node
+    state, _ = engine.handle(state, PromptDone())
+    zero = "0#" if engine.flowset.get(flow).nodes[node].digits else "0"  # type: ignore[union-attr]
+    for key in zero:
+        state, actions = engine.handle(state, Digit(key))
+    (said,) = plays(actions)
+    assert said.startswith(NOTICE) and said != NOTICE, said
+    assert state.node == node and state.closed_asks == 1
+    assert said in engine.flowset.get(flow).static_prompts(engine.params)
+
+
+def _results_closed_goodbye(typed_0: bool) -> tuple[Engine, CallState, str]:
+    """The shipped results flow, closed: the status told, its closed goodbye playing."""
+    engine = Engine(load_flows(SHIPPED), params(False))
+    state, _ = engine.start(engine.flowset.get("results"))
+    for entry in ("01021990#", "1234#"):
+        state, _ = engine.handle(state, PromptDone())
+        for key in entry:
+            state, _ = engine.handle(state, Digit(key))
+    if typed_0:
+        state, _ = engine.handle(state, Digit("0"))  # during the lookup: no question left
+    state, _ = engine.handle(state, WebhookResult(True, {"ready": "yes"}))
+    state, actions = engine.handle(state, PromptDone())  # "Your results are ready ..."
+    assert (state.node, state.pending) == ("bye_closed", Pending.HANGUP)
+    (said,) = plays(actions)
+    return engine, state, said
+
+
+@pytest.mark.parametrize("typed_0", [False, True], ids=["goodbye", "0 then goodbye"])
+def test_a_closed_goodbye_that_claims_a_saying_unheard_twice_does_not_claim_it(
+    typed_0: bool,
+) -> None:
+    # results_status_given says the caller was told the status and, closed, to call again
+    # when the practice is open. Its goodbye failed twice (the media path broken, the status
+    # just before it with no answer since to show it was heard): the record must not claim
+    # it, as out_of_hours becomes out_of_hours_unheard; someone calls back.
+    engine, state, said = _results_closed_goodbye(typed_0)
+    assert said.startswith(NOTICE) is typed_0
+    state, actions = engine.handle(state, PromptFailed())
+    assert plays(actions) == [said]  # last words: once more
+    state, actions = engine.handle(state, PromptFailed())
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "results_status_unheard"
+    # Heard, it is what it was.
+    engine, state, said = _results_closed_goodbye(typed_0)
+    state, actions = engine.handle(state, PromptFailed())
+    state, actions = engine.handle(state, PromptDone())
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "results_status_given"
+
+
+@pytest.mark.parametrize(
+    ("endings", "before"),
+    [
+        ([RecordDone(silent=True), RecordDone(silent=True)], "Sorry, I did not hear a message."),
+        ([RecordDone()], "Sorry, your message could not be saved."),
+    ],
+)
+def test_a_message_not_kept_while_closed_ends_with_words_rendered_at_start(
+    endings: list[RecordDone], before: str
+) -> None:
+    # The prescription's message, closed: none kept, so staff would take the request, but
+    # the desk is closed: what went wrong, then the notice, the call's last words. They
+    # depend only on the settings: rendered at start-up, not while the caller waits.
+    engine = Engine(load_flows(SHIPPED), params(False))
+    state, _ = engine.start(engine.flowset.get("prescription"))
+    for entry in ("01021990#", "1234#"):
+        state, _ = engine.handle(state, PromptDone())
+        for key in entry:
+            state, _ = engine.handle(state, Digit(key))
+    assert state.node == "message"
+    for ending in endings:
+        state, _ = engine.handle(state, PromptDone())  # the prompt, then the beep
+        state, actions = engine.handle(state, ending)
+    (said,) = plays(actions)
+    assert said == f"{before} {NOTICE}"
+    assert state.pending is Pending.HANGUP and state.outcome == "out_of_hours"
+    assert said in engine.flowset.get("prescription").static_prompts(engine.params)
+
+
+@pytest.mark.parametrize(
+    ("bye", "message"),
+    [
+        (
+            "  bye:\n    hangup: true\n    outcome: done\n    outcome_unheard: done_unheard\n",
+            "'outcome_unheard' needs a goodbye text",
+        ),
+        (
+            '  bye:\n    hangup: "Goodbye."\n    outcome: done\n    outcome_unheard: self_care\n',
+            "'outcome_unheard' cannot go with or be a triage action",
+        ),
+    ],
+)
+def test_check_refuses_an_outcome_unheard_with_nothing_to_hear_or_a_verdict(
+    flows: Path, bye: str, message: str
+) -> None:
+    (flows / "t.yaml").write_text(
+        FLOW.replace('  bye:\n    hangup: "Goodbye."\n    outcome: done\n', bye), encoding="utf-8"
+    )
+    assert message in [f.message for f in check_files([flows])]

@@ -102,6 +102,25 @@ def test_a_0_with_no_question_left_while_closed_keeps_the_goodbyes_outcome(
     assert "keeps the goodbye's outcome (results: `results_status_given`" in clinic_line_section()
 
 
+def test_a_0_before_a_goodbye_that_tells_the_notice_itself_hears_it_once(
+    elsewhere: Path,
+) -> None:
+    """The shipped appointments flow, closed, its scheduling system failing: a 0 typed
+    during the request hears the closed goodbye, whose words hold the notice, once."""
+    code, out = run_simulator(
+        ["appointments", "--flows-dir", str(SHIPPED), "--closed"],
+        ["1", "01021990#", "1234#0", ":fail"],
+    )
+    assert code == 0
+    said = [line for line in out if "BOT:" in line]
+    assert said[-1].endswith(
+        "BOT: The practice is closed. In an emergency, call 112. Please call again when we "
+        "are open. Goodbye."
+    ), said[-1]
+    assert "   outcome: out_of_hours" in out
+    assert "(as it is, when its words tell the notice themselves)" in clinic_line_section()
+
+
 FLAGGED = """\
 id: flagged
 language: en

@@ -21,11 +21,13 @@ VoiceXML semantics kept here:
   :data:`MAX_UNHEARD_ASKS` such questions, the flow's human, never the ``on_fail``. Last
   words (a goodbye, a triage's advice, the closed notice, "call 112") are said once more
   too; unheard again, the call ends (a closed notice as :data:`OUT_OF_HOURS_UNHEARD_OUTCOME`,
-  never "told"), but for a triage's advice: the nurse takes the call, and should the nurse
-  not answer, the advice comes before the message offer or the goodbye. Any prompt to a
+  never "told"; a goodbye whose outcome says so as its ``outcome_unheard``), but for a
+  triage's advice: the nurse takes the call, and should the nurse not answer, the advice
+  comes before the message offer or the goodbye. Any prompt to a
   caller at U2 or more on the way to a human (the emergency advice, "connecting you") is
   said once more too; unheard again, the transfer goes ahead. Words that go on unheard so
-  are the triage's reason ``unheard: <node>``. Any other prompt that failed (a say,
+  are the triage's reason ``unheard: <node>``, as is a triage's advice the call ends (or is
+  put through) without having said again. Any other prompt that failed (a say,
   "connecting you" below U2) is skipped;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
@@ -52,12 +54,12 @@ VoiceXML semantics kept here:
   emergency number) and the question again, or the question its ``on_closed`` names (one
   that offers no desk) (:data:`MAX_CLOSED_ASKS` times a call; the next
   ``0`` hears the notice and the call ends); a question with ``on_closed`` that would be
-  asked again out of hours (a reprompt, a ``*``) goes the same way (notice, then the
-  ``on_closed`` question; in the same count), and any other way to staff (a question given
-  up, a message not kept, a ``transfer: staff`` step) ends the call after the notice
-  (``out_of_hours``). Never for a caller at U2 or more, whom the safety rules put through,
-  open or closed; the nurse has no hours here (an unstaffed nurse line fails its transfer,
-  which the rules below already handle);
+  asked again out of hours (a reprompt, a ``*``, its failed prompt played again) goes the
+  same way (notice, then the ``on_closed`` question; in the same count), and any other way
+  to staff (a question given up, a message not kept, a ``transfer: staff`` step) ends the
+  call after the notice (``out_of_hours``). Never for a caller at U2 or more, whom the
+  safety rules put through, open or closed; the nurse has no hours here (an unstaffed nurse
+  line fails its transfer, which the rules below already handle);
 * safety: a triage's urgency never goes down (checked on every step), any unclear answer to a
   danger-sign question raises the call to U2 at least, and an outcome less urgent than the
   call's urgency is replaced by a transfer to a nurse. On an urgent question (a danger sign,
@@ -155,9 +157,10 @@ MAX_MENU_RETURNS = 3
 # press to the call's record and live record.
 MAX_CLOSED_ASKS = 3
 # Why a question with ``on_closed`` meets the closed desk without a 0: it was to be asked
-# again (a noinput or nomatch reprompt, a ``*``) while the desk is closed, and it offers staff.
-# The notice and its ``on_closed`` question instead, counted with the 0s above (two questions
-# naming each other would otherwise swap in silence for the whole call).
+# again (a noinput or nomatch reprompt, a ``*``, its prompt again after it failed) while the
+# desk is closed, and it offers staff. The notice and its ``on_closed`` question instead,
+# counted with the 0s above (two questions naming each other would otherwise swap in silence
+# for the whole call).
 ASKED_AGAIN = "asked again"
 # A call's path keeps at most this many steps. A flow may route a choice back to an earlier
 # question ("press 1 to hear this again", a confirmation whose "no" goes back to the entry):
@@ -503,10 +506,22 @@ class CallState:
 Result = tuple[CallState, list[Action]]
 
 
+def _triage_told(state: CallState) -> TriageState | None:
+    """The call's triage as a record or a transfer summary tells it: with a triage's advice
+    that failed twice and has not been said again yet (the nurse tried for it) noted as
+    ``unheard: <node>``. The call may end before it is said again (the nurse's transfer
+    taken, a PBX that reached nobody, a hang-up, the service gone): whoever takes or calls
+    back the call must know the caller never heard it."""
+    tri = state.triage
+    if tri is not None and state.unheard_advice:
+        tri = tri.note(UNHEARD_REASON.format(state.node))
+    return tri
+
+
 def record_of(state: CallState, outcome: str) -> CallRecord:
     """The record of a call at ``state`` that ends with ``outcome``: at its end, and while it
     runs, what stays of it should the service die now (``LOST_OUTCOME``)."""
-    tri = state.triage
+    tri = _triage_told(state)
     return CallRecord(
         flow=state.flow,
         path=state.path,
@@ -764,6 +779,14 @@ class Engine:
         if state.pending is not Pending.LISTEN or not isinstance(node, Ask):
             return self._prompt_done(state, flow, node)
         if not state.prompt_retried:
+            if self._closed_counterpart(state, flow, node):
+                # Closing time passed while it failed: asked again, as after a reprompt or a
+                # *, it is the notice and its on_closed question (its second try), not the
+                # open menu's "press 0 ... staff" once more.
+                new, actions = self._closed_desk(state, flow, ASKED_AGAIN, [], before="")
+                if new.pending is Pending.LISTEN:
+                    new = replace(new, prompt_retried=True)
+                return new, actions
             text = state.asked or flow.ask_prompt(node, self.speech_on(flow, node))
             new, actions = self._prompt(state, flow, node, text, [])
             return replace(new, prompt_retried=True), actions
@@ -787,7 +810,9 @@ class Engine:
         the goodbye). Anything else goes on as if heard (the transfer, the recording, the
         call's end), with the truth on record: an urgent caller's or a triage's words
         unheard are the triage's reason ``unheard: <node>``, and a closed notice unheard
-        is not ``out_of_hours`` ("the caller was told") but :data:`OUT_OF_HOURS_UNHEARD_OUTCOME`."""
+        is not ``out_of_hours`` ("the caller was told") but :data:`OUT_OF_HOURS_UNHEARD_OUTCOME`,
+        nor is a goodbye's outcome that says the caller was told something: the flow names
+        what the call is instead (``outcome_unheard``)."""
         if _advice(state, node):
             state = replace(state, unheard_advice=state.asked)
             return self._to_human(state, flow, PROMPT_FAILED, [], text="safety_escalation")
@@ -796,6 +821,15 @@ class Engine:
             state = replace(state, triage=state.triage.note(reason), unheard_advice="")
         if state.pending is Pending.HANGUP and state.outcome == OUT_OF_HOURS_OUTCOME:
             state = replace(state, outcome=OUT_OF_HOURS_UNHEARD_OUTCOME)
+        elif (
+            state.pending is Pending.HANGUP
+            and isinstance(node, Hangup)
+            and node.outcome_unheard
+            and state.outcome == node.outcome
+        ):
+            # A goodbye whose outcome says the caller was told something (the results'
+            # status): the flow names what the call is when its words were never heard.
+            state = replace(state, outcome=node.outcome_unheard)
         return self._prompt_done(state, flow, node)
 
     def _replay(self, state: CallState, flow: Flow, node: Node | None) -> Play:
@@ -967,16 +1001,18 @@ class Engine:
                 state, flow, "outcome below urgency", actions, text="safety_escalation"
             )
         if isinstance(node, Hangup) and "0" in state.typeahead and self._desk_closed(state, flow):
-            # A 0 with no question left, and nobody at the desk: the notice, then the goodbye.
+            # A 0 with no question left, and nobody at the desk: the notice, then the goodbye
+            # (as it is, when it tells the notice itself: once is enough).
+            text = node.prompt
+            if "closed_notice" not in placeholders(text):
+                text = f"{{closed_notice}} {text}".strip()
             state = replace(
                 self._step(state, "closed"),
                 typeahead="",
                 outcome=node.outcome,
                 triage_action=action,
             )
-            return self._last_words(
-                state, flow, f"{{closed_notice}} {node.prompt}".strip(), actions
-            )
+            return self._last_words(state, flow, text, actions)
         if isinstance(node, Hangup) and "0" in state.typeahead:
             # A 0 pressed while the bot talked or waited on a lookup, with no question left
             # to take it: a human, before the call would end without one. A triage's last
@@ -1518,7 +1554,7 @@ class Engine:
         open to the caller), or the question its ``on_closed`` names (one that offers no
         desk), at most :data:`MAX_CLOSED_ASKS` times a call; otherwise the call ends after
         it. A question with ``on_closed`` asked again (:data:`ASKED_AGAIN`: a reprompt, a
-        ``*``) goes the same way, in the same count."""
+        ``*``, its failed prompt played again) goes the same way, in the same count."""
         node = flow.nodes.get(state.node)
         if why in {"caller asked", ASKED_AGAIN} and isinstance(node, Ask):
             if state.closed_asks < MAX_CLOSED_ASKS:
@@ -1624,7 +1660,7 @@ class Engine:
         SIP, past the caller's side of the call: health data only when asked for."""
         mode = self.params.transfer_summary
         headers: list[tuple[str, str]] = []
-        tri = state.triage
+        tri = _triage_told(state)
         if tri is not None and mode != "none":
             headers.append((URGENCY_HEADER, tri.urgency.name))
         if mode == "full":

@@ -587,12 +587,17 @@ class Goto:
 
 @dataclass(frozen=True, slots=True)
 class Hangup:
-    """Say goodbye (optionally) and end the call with an outcome."""
+    """Say goodbye (optionally) and end the call with an outcome.
+
+    ``outcome_unheard``: the outcome instead when the goodbye's words were never heard (they
+    failed to play twice), for a goodbye whose outcome says the caller was told something
+    ("" none: the outcome stands, as for a request that arrived)."""
 
     id: str
     line: int
     prompt: str
     outcome: str
+    outcome_unheard: str = ""
 
 
 Node = Say | Ask | Branch | SetValues | Assess | Transfer | Record | Webhook | Goto | Hangup
@@ -756,6 +761,8 @@ class Flow:
         add(self.texts("closing_urgent"))
         add(self.texts("closing"))
         add("{closed_notice}")  # a 0, or a question given up, while the desk is closed
+        staff = self.human is Human.STAFF
+        speech = params.speech_for(self.language)
         for node in self.nodes.values():
             if isinstance(node, Say) and node.audio is None:
                 add(node.text)
@@ -764,6 +771,8 @@ class Flow:
                 add(f"{self.texts('record_silent')} {node.prompt}".strip())
                 for name in ("record_silent", "record_failed"):
                     add(f"{self.texts(name)} {self.human_prompt()}")
+                    if staff:  # no message kept, and the desk closed: the notice instead
+                        add(f"{self.texts(name)} {{closed_notice}}")
             elif isinstance(node, Ask):
                 add(self.ask_prompt(node, params.speech_for(self.language)))
                 instead = self.nodes.get(node.on_closed or "")
@@ -774,6 +783,10 @@ class Flow:
                     for before in ("", self.texts("noinput"), self.texts("nomatch")):
                         add(f"{before} {{closed_notice}} {closed}".strip())
                         add(f"{before} {{closed_notice}}".strip())  # past MAX_CLOSED_ASKS
+                elif staff:
+                    # Out of hours, after a 0 at it (0 then # in an entry): the notice, then
+                    # the question again (the engine's _closed_desk).
+                    add(f"{{closed_notice}} {self.ask_prompt(node, speech)}")
                 for kind, limit in (("noinput", node.max_noinput), ("nomatch", node.max_nomatch)):
                     for count in range(1, limit):
                         add(self.reprompt(node, kind, count, params.speech_for(self.language)))
@@ -1362,14 +1375,26 @@ class _Parser:
         return Goto(node_id, m.line, self.text(m, "goto"))
 
     def node_hangup(self, node_id: str, m: _Map) -> Hangup:
-        self.known(m, {"hangup", "outcome"}, "a hangup node")
+        self.known(m, {"hangup", "outcome", "outcome_unheard"}, "a hangup node")
         prompt = m.get("hangup")
         if prompt is True or prompt is None:
             prompt = ""
         elif not isinstance(prompt, str):
             self.error(m.line_of("hangup"), "'hangup' must be true or a goodbye text")
             prompt = ""
-        return Hangup(node_id, m.line, prompt, self.text(m, "outcome", "completed"))
+        outcome = self.text(m, "outcome", "completed")
+        unheard = self.text(m, "outcome_unheard", "")
+        actions = {a.value for a in TriageAction}
+        if unheard and not prompt:
+            self.error(m.line_of("outcome_unheard"), "'outcome_unheard' needs a goodbye text")
+        elif unheard and (outcome in actions or unheard in actions):
+            # A triage's advice unheard goes to the nurse (the engine's rule), and no unheard
+            # goodbye may claim a triage's verdict.
+            self.error(
+                m.line_of("outcome_unheard"),
+                "'outcome_unheard' cannot go with or be a triage action",
+            )
+        return Hangup(node_id, m.line, prompt, outcome, unheard)
 
 
 def parse_flow(path: str | Path) -> tuple[Flow | None, list[Finding]]:
