@@ -42,7 +42,7 @@ from voice.ivr.erasure import CallErasure, CallUnderWay, Erasure
 from voice.ivr.flow import FlowSet
 from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, Replayed
 from voice.ivr.session import CallSession, SessionDeps
-from voice.ivr.store import CallStore, CallStoreUnavailable
+from voice.ivr.store import CallStore, CallStoreUnavailable, Erased
 from voice.ivr.voicemail import Voicemails
 from voice.media.tts import PromptRenderer
 from voice.sip.pool import CallHandle
@@ -886,3 +886,149 @@ async def test_an_erasure_of_a_call_past_its_retention_is_not_found(
         assert await mux.execute("EXISTS", f"cv:erased:{call_id}") == 0, "nothing written"
     assert await mux.execute("ZSCORE", "cv:calls", "in-old") is None, "trimmed"
     assert await erasure.erase("in-new") == Erasure(record=True, files=0)
+
+
+async def _expires_at(mux: RedisMux, key: str, clock: FakeClock) -> float:
+    """When Redis expires ``key``, on ``clock`` (Redis counts the time left on its own)."""
+    left_ms = int(await mux.execute("PTTL", key))
+    assert left_ms > 0, f"{key}: PTTL {left_ms}"
+    return clock.now() + left_ms / 1000
+
+
+async def test_a_record_and_its_message_expire_together_after_the_clock_stepped_back(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    # The wall clock stepped back 600 s during the call, after its message was saved (dated
+    # by the call's start). The record's time left was capped at the retention from its
+    # save ("a start ahead of the clock counts as now"): it expired 580 s before its message,
+    # and the index key (a retention after the save) took the call's entry with it.
+    started = float(int(time.time()))
+    clock = FakeClock(started - 600 + 20)  # stepped back 600 s; the call ends 20 s on
+    store = CallStore(mux, SECRET, retention_days=30, clock=clock)
+    voicemails = Voicemails(tmp_path / "voicemail", store)
+    name = await voicemails.save("in-step", b"\x01\x02" * 800, started_at=started)
+    await store.save(CallResult("in-step", CALLER, "700", started, clock.now(), RECORD))
+    message_ends = (tmp_path / "voicemail" / name).stat().st_mtime + 30 * DAY_S
+    assert message_ends == started + 30 * DAY_S
+    record_ends = await _expires_at(mux, "cv:call:in-step", clock)
+    assert abs(record_ends - message_ends) < 1, record_ends - message_ends
+    assert await _expires_at(mux, "cv:calls", clock) >= record_ends - 1, "the index goes first"
+    # The same for a record replayed from disk after the step.
+    journal = CallJournal(tmp_path / FOLDER, store)
+    await journal.keep(CallResult("in-step-2", CALLER, "700", started, started + 5, RECORD))
+    assert await journal.replay(clock.now()) == Replayed(saved=1)
+    record_ends = await _expires_at(mux, "cv:call:in-step-2", clock)
+    assert abs(record_ends - (started + 30 * DAY_S)) < 1, record_ends - started - 30 * DAY_S
+
+
+async def test_a_record_whose_save_waited_for_redis_expires_a_retention_after_its_start(
+    mux: RedisMux, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The time left was reckoned once, before the first try: a save that landed after Redis
+    # came back kept its record that much past its call's start plus the retention, past its
+    # entry in the list and its message (GET 200 for a call the list no longer showed).
+    clock = FakeClock(float(int(time.time())))
+    store = CallStore(mux, SECRET, retention_days=30, save_patience_s=20, clock=clock)
+    started = clock.now()
+    await mux.execute("PING")
+    await asyncio.to_thread(redis_server.kill9)
+    caplog.set_level(logging.WARNING, "voice.ivr.store")
+    saving = asyncio.create_task(
+        store.save(CallResult("in-wait", CALLER, "700", started, started + 60, RECORD))
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while not any("trying again" in r.getMessage() for r in caplog.records):
+        assert asyncio.get_running_loop().time() < deadline, "no failed try within 10 s"
+        await asyncio.sleep(0.05)
+    clock.advance(600)  # Redis down for 10 minutes, on the store's clock
+    await asyncio.to_thread(redis_server.restart)
+    await asyncio.wait_for(saving, 10)
+    record_ends = await _expires_at(mux, "cv:call:in-wait", clock)
+    assert abs(record_ends - (started + 30 * DAY_S)) < 1, record_ends - started - 30 * DAY_S
+
+
+async def test_an_erasure_of_a_copy_on_disk_past_its_retention_is_not_found(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    # README: past its retention a call is 404 for DELETE, "except a copy of its record kept
+    # on disk, which the next replay deletes": such a copy made the call known (204, and a
+    # mark written) for up to 30 s, while GET and the list already said 404.
+    clock = FakeClock(float(int(time.time())))
+    store = CallStore(mux, SECRET, retention_days=30, clock=clock)
+    journal = CallJournal(tmp_path / FOLDER, store)
+    erasure = CallErasure(store, journal, Voicemails(tmp_path / "voicemail", store), clock)
+    t0 = clock.now()
+    await journal.keep(CallResult("in-kept", CALLER, "700", t0, t0 + 60, RECORD))
+    await journal.begin(CallResult("in-cut", CALLER, "700", t0, t0 + 60, RECORD))  # serve died
+    await journal.keep(CallResult("in-young", CALLER, "700", t0 + DAY_S, t0 + DAY_S, RECORD))
+    clock.advance(30 * DAY_S)  # exactly a retention after the first two began
+    for call_id in ("in-kept", "in-cut"):
+        assert await store.get(call_id) is None
+        assert await erasure.erase(call_id) is None, call_id
+        assert await mux.execute("EXISTS", f"cv:erased:{call_id}") == 0, "nothing written"
+    assert (tmp_path / FOLDER / "in-kept.sealed").exists(), "the replay's to delete"
+    assert await erasure.erase("in-young") == Erasure(record=False, files=1)
+    assert await journal.replay(clock.now()) == Replayed(expired=1)
+
+
+async def test_a_call_at_its_retentions_end_is_gone_for_every_request(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    # At the very instant a retention after the call's start, the list no longer showed the
+    # call (nor GET: its record expired by then), but its message still counted as the
+    # call's (its age "at most" the retention), so DELETE answered 204 and marked the call.
+    clock = FakeClock(float(int(time.time())))
+    store = CallStore(mux, SECRET, retention_days=30, clock=clock)
+    voicemails = Voicemails(tmp_path / "voicemail", store)
+    erasure = CallErasure(store, CallJournal(tmp_path / FOLDER, store), voicemails, clock)
+    t0 = clock.now()
+    await voicemails.save("in-edge", b"\x00\x01" * 160, started_at=t0)
+    await store.save(CallResult("in-edge", CALLER, "700", t0, t0 + 60, RECORD))
+    clock.advance(30 * DAY_S - 1)
+    assert [c["id"] for c in (await store.recent(10, None)).calls] == ["in-edge"]
+    assert await voicemails.holds("in-edge", clock.now())
+    clock.advance(1)
+    await mux.execute("DEL", "cv:call:in-edge")  # as Redis expires it (at the latest now)
+    assert (await store.recent(10, None)).calls == []
+    assert await store.get("in-edge") is None
+    assert not await voicemails.holds("in-edge", clock.now())
+    assert await erasure.erase("in-edge") is None
+    assert await mux.execute("EXISTS", "cv:erased:in-edge") == 0
+
+
+async def test_a_save_after_the_clock_stepped_back_trims_no_call_within_its_retention(
+    mux: RedisMux,
+) -> None:
+    # The index was trimmed at the saved call's start less the retention: a start ahead of
+    # the clock (it stepped back 600 s during the call) took out the entries of calls that
+    # still had up to 600 s to go, whose records Redis still held (GET 200, not listed).
+    clock = FakeClock(float(int(time.time())))
+    store = CallStore(mux, SECRET, retention_days=30, clock=clock)
+    old = clock.now() - 30 * DAY_S + 100  # 100 s left
+    await store.save(CallResult("in-old", CALLER, "700", old, old + 60, RECORD))
+    ahead = clock.now() + 600
+    await store.save(CallResult("in-ahead", CALLER, "700", ahead, ahead + 20, RECORD))
+    assert await store.get("in-old") is not None
+    listed = [c["id"] for c in (await store.recent(10, None)).calls]
+    assert listed == ["in-ahead", "in-old"], listed
+
+
+async def test_the_mark_of_an_erased_call_outlives_a_start_ahead_of_the_clock(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    # The mark lived a retention from the erasure: a call that began ahead of the clock (it
+    # stepped back since) has copies that live until its start plus the retention, and one
+    # replayed after the mark went (another serve's, down meanwhile) brought the call back.
+    clock = FakeClock(float(int(time.time())))
+    store = CallStore(mux, SECRET, retention_days=30, clock=clock)
+    ahead = clock.now() + 600
+    await store.save(CallResult("in-gone", CALLER, "700", ahead, ahead + 20, RECORD))
+    elsewhere = CallJournal(tmp_path / "other" / FOLDER, store)  # another serve's, down
+    await elsewhere.keep(CallResult("in-gone", CALLER, "700", ahead, ahead + 20, RECORD))
+    assert await store.erase("in-gone", on_disk=False) is Erased.RECORD
+    mark_ends = await _expires_at(mux, "cv:erased:in-gone", clock)
+    assert mark_ends > ahead + 30 * DAY_S - 1, mark_ends - ahead - 30 * DAY_S
+    # A repeat (a retry finishing the files) does not cut it back to a retention from now.
+    assert await store.erase("in-gone", on_disk=True) is Erased.MARKED
+    assert await _expires_at(mux, "cv:erased:in-gone", clock) > ahead + 30 * DAY_S - 1
+    assert await elsewhere.replay(clock.now()) == Replayed(erased=1)

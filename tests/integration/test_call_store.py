@@ -6,6 +6,7 @@ an erasure that no later save undoes.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -45,7 +46,9 @@ async def test_a_record_is_sealed_at_rest_and_opens_under_its_id(mux: RedisMux) 
     assert got is not None and got["id"] == "c-1" and got["caller"] == "6001"
     assert await store.get("c-2") is None
     ttl = await mux.execute("TTL", "cv:call:c-1")
-    assert 29 * 86400 < ttl <= 30 * 86400
+    # A retention after the call's start (T0: ahead of the clock; so its message, dated by it).
+    left = T0 + 30 * 86400 - time.time()
+    assert left - 5 < ttl <= left + 1
 
 
 async def test_pages_are_newest_first_and_the_cursor_continues(mux: RedisMux) -> None:
@@ -133,10 +136,12 @@ async def test_an_erased_call_is_gone_and_no_save_writes_it_back(mux: RedisMux) 
     assert await store.get("c-gone") is None
     assert [c["id"] for c in (await store.recent(10, None)).calls] == ["c-kept"]
     assert await mux.execute("ZSCORE", INDEX, "c-gone") is None
-    # The mark outlives any copy of the record on disk: those are of calls ended by now,
-    # and a replay drops them once past their retention.
+    # The mark outlives any copy of the record on disk: a replay drops them once past their
+    # retention, a retention after the call's start (T0: ahead of the clock, so the mark
+    # lives as long as the record would have, more than the retention).
     ttl = await mux.execute("TTL", f"{ERASED_PREFIX}c-gone")
-    assert 30 * 86400 - 60 < ttl <= 30 * 86400
+    left = T0 + 30 * 86400 - time.time()
+    assert left - 60 < ttl <= left + 1
     assert 0 < await mux.execute("TTL", COMPACT_ASKED) <= 86400
     # A save after the erasure (a replay, the end of a call racing it) writes nothing.
     sealed = store.seal_result(_result("c-gone", T0))

@@ -62,7 +62,7 @@ from voice.ivr.store import (
     Erased,
     Saved,
     SealedRecord,
-    remaining_ttl_s,
+    within_retention,
 )
 from voice.ivr.voicemail import Voicemails
 
@@ -216,7 +216,7 @@ class CallRecordsMachine(RuleBasedStateMachine):
 
     def _expired(self, c: Call) -> bool:
         # The retention counts from the call's start (voice/ivr/store.py).
-        return remaining_ttl_s(c.started_at, self.clock.now(), self.store.ttl_s) is None
+        return not within_retention(c.started_at, self.clock.now(), self.store.ttl_s)
 
     # -- calls ---------------------------------------------------------------------------------
     def _some(self, *phases: Phase) -> bool:

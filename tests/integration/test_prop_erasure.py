@@ -59,7 +59,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, CallRecord
 from voice.ivr.erasure import LIVE_AT_MOST_S, CallErasure, CallUnderWay, Erasure
 from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, RecordsOnDisk
-from voice.ivr.store import ERASED_PREFIX, CallStore, CallStoreUnavailable, remaining_ttl_s
+from voice.ivr.store import ERASED_PREFIX, CallStore, CallStoreUnavailable, within_retention
 from voice.ivr.voicemail import FOLDER as VOICEMAIL_FOLDER
 from voice.ivr.voicemail import Voicemails
 
@@ -192,7 +192,7 @@ class ErasureMachine(RuleBasedStateMachine):
 
     def _expired(self, c: Call) -> bool:
         # The retention counts from the call's start (voice/ivr/store.py).
-        return remaining_ttl_s(c.started_at, self.clock.now(), RETENTION_DAYS * DAY_S) is None
+        return not within_retention(c.started_at, self.clock.now(), RETENTION_DAYS * DAY_S)
 
     def _serves(self) -> list[Host]:
         return [self.hosts[h] for h in SERVES]
@@ -354,8 +354,10 @@ class ErasureMachine(RuleBasedStateMachine):
         c.clean.add(via.dir)
 
     def _known(self, c: Call, via: Host) -> bool:
-        """Whether ``via`` can know of ``c``: in Redis, or on its own data dir."""
-        return any(w == "redis" or w.startswith(f"{via.dir}:") for w in self._where(c))
+        """Whether ``via`` can know of ``c``: in Redis, or on its own data dir within its
+        retention (a copy past it, left by a replay Redis stopped, is the next replay's)."""
+        mine = not self._expired(c)
+        return any(w == "redis" or (mine and w.startswith(f"{via.dir}:")) for w in self._where(c))
 
     def _where(self, c: Call) -> list[str]:
         """Where a copy of ``c`` is: Redis, or the files of either host."""

@@ -27,7 +27,7 @@ from voice.ivr.journal import (
     RecordsOnDisk,
     Replayed,
 )
-from voice.ivr.store import CallStore, remaining_ttl_s
+from voice.ivr.store import CallStore, remaining_ttl_ms, within_retention
 
 DAY_S = 86400
 T0 = 1.8e9
@@ -36,19 +36,22 @@ T0 = 1.8e9
 @pytest.mark.parametrize(
     ("started_at", "now", "left"),
     [
-        (T0, T0, 30 * DAY_S),  # replayed at once: the whole retention, as a normal save
-        (T0 + 60, T0, 30 * DAY_S),  # a start ahead of the clock: never past the retention
-        (T0, T0 + 7 * DAY_S + 0.5, 23 * DAY_S - 1),  # rounded down, never past the end
-        (T0, T0 + 30 * DAY_S - 1, 1),
-        (T0, T0 + 30 * DAY_S - 0.5, None),  # less than a second left: not worth a SET
-        (T0, T0 + 30 * DAY_S, None),
+        (T0, T0, 30 * DAY_S * 1000),  # replayed at once: the whole retention, as a normal save
+        # A start ahead of the clock (it stepped back during the call): until the start plus
+        # the retention, when the message dated by the start goes, not a retention from now.
+        (T0 + 60, T0, (30 * DAY_S + 60) * 1000),
+        (T0, T0 + 7 * DAY_S + 0.5, 23 * DAY_S * 1000 - 500),
+        (T0, T0 + 30 * DAY_S - 1, 1000),
+        (T0, T0 + 30 * DAY_S - 0.0005, 1),  # rounded up: never before the list drops it
+        (T0, T0 + 30 * DAY_S, None),  # the index's edge: past (README: 404 from then on)
         (T0, T0 + 400 * DAY_S, None),
     ],
 )
 def test_a_replayed_record_keeps_the_expiry_of_a_normal_save(
     started_at: float, now: float, left: int | None
 ) -> None:
-    assert remaining_ttl_s(started_at, now, 30 * DAY_S) == left
+    assert remaining_ttl_ms(started_at, now, 30 * DAY_S) == left
+    assert within_retention(started_at, now, 30 * DAY_S) is (left is not None)
 
 
 def _journal(folder: Path) -> CallJournal:

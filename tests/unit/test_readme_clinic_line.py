@@ -11,7 +11,7 @@ import pytest
 from clinic_voice.clinic_line import FINDINGS_SHOWN, VOICEMAIL_SWEEP_S
 from tests.readme_text import folded
 from tests.unit.test_ivr_simulate import run as run_simulator
-from voice.ivr import engine, erasure, journal, live_record, session, store, voicemail
+from voice.ivr import engine, erasure, journal, live_record, session, store
 from voice.ivr.api import CALL_UNDER_WAY_RETRY_S
 from voice.ivr.flow import INTER_DIGIT_S, MAX_AGE_YEARS, FlowParams, Webhook, load_flows
 from voice.media.tones import RINGBACK
@@ -47,7 +47,7 @@ NUMBERS = [
     ("30 minutes plus 5, was left by a dead `serve`", erasure.LIVE_AT_MOST_S, 35 * 60),
     ("409 `call-in-progress` with `Retry-After: 60`", CALL_UNDER_WAY_RETRY_S, 60),
     ("(swept at start and every hour)", VOICEMAIL_SWEEP_S, 3600),
-    ("the last 4096 such messages are remembered", voicemail.UNREADABLE_REMEMBERED, 4096),
+    ("the last 4096 such messages are remembered", store.UNREADABLE_REMEMBERED, 4096),
     ("the first 20 and a count of the rest", FINDINGS_SHOWN, 20),
     ("425 Hz, 1 s on, 4 s off", (RINGBACK.hz, RINGBACK.on_ms, RINGBACK.off_ms), (425, 1000, 4000)),
 ]

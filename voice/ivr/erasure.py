@@ -77,9 +77,12 @@ class CallErasure:
         live_since = await self._journal.live_since(call_id)
         if live_since is not None and now - live_since < LIVE_AT_MOST_S:
             raise CallUnderWay(call_id)
-        # A message past its retention (the sweep's, within the hour) makes no call known: the
-        # API answers 404 for it, as for its record (README).
-        on_disk = await self._journal.holds(call_id) or await self._voicemails.holds(call_id, now)
+        # A message past its retention (the sweep's, within the hour) or a copy of the record
+        # past it (the next replay's) makes no call known: the API answers 404 for it, as for
+        # its record (README).
+        on_disk = await self._journal.holds(call_id, now) or await self._voicemails.holds(
+            call_id, now
+        )
         found = await self._store.erase(call_id, on_disk=on_disk)
         if found is Erased.UNKNOWN:
             return None

@@ -35,9 +35,10 @@ nor counted (:meth:`CallJournal.replay_lost`, ``only_new``).
 ``serve`` replays the journal into Redis at start and every :data:`REPLAY_EVERY_S`
 (:meth:`CallJournal.replay`): each record with the expiry a normal save gives it (its call's
 start plus ``CLINIC_CALL_RETENTION_DAYS``, as its voicemail: voice/ivr/store.py), its file
-deleted once Redis took it; a record already past that is deleted, not saved. Replaying a
-record twice is harmless (the same SET and ZADD), so a file whose delete was lost to a crash is
-simply replayed again. A record of a call that
+deleted once Redis took it; a record already past that is deleted, not saved, and makes no
+call known to an erasure meanwhile (:meth:`CallJournal.holds`: 404, as its record would be).
+Replaying a record twice is harmless (the same SET and ZADD), so a file whose delete was lost
+to a crash is simply replayed again. A record of a call that
 was erased meanwhile (``DELETE /v1/calls/{id}``) is deleted, not saved: the store refuses it
 (voice/ivr/store.py), so an erasure holds whatever the order of the two. Each replayed file's
 delete is durable all the same (its folder fsynced: one fsync per record replayed, which is
@@ -65,7 +66,7 @@ from cryptography.exceptions import InvalidTag
 
 from sip_config.private_file import fsync_folder, write_private
 from voice.ivr.call_record import CallResult
-from voice.ivr.store import CallStore, CallStoreUnavailable, Saved, remaining_ttl_s
+from voice.ivr.store import CallStore, CallStoreUnavailable, Saved, within_retention
 from voice.media.leftovers import remove_file, remove_files
 
 log = logging.getLogger(__name__)
@@ -409,12 +410,10 @@ class CallJournal:
             record = self._store.reopen(call_id, sealed)
         except (InvalidTag, ValueError, KeyError, TypeError):
             return _Done.UNREADABLE
-        ttl_s = remaining_ttl_s(record.started_at, now, self._store.ttl_s)
         done = _Done.EXPIRED
-        if ttl_s is not None:
-            saved = await self._store.save_sealed(
-                record, ttl_s=ttl_s, patience_s=0.0, only_new=only_new
-            )
+        if within_retention(record.started_at, now, self._store.ttl_s):
+            # Its expiry reckoned by the store at the save, from the call's start.
+            saved = await self._store.save_sealed(record, patience_s=0.0, only_new=only_new)
             done = _SAVED_AS[saved]
         await asyncio.to_thread(_delete, path)
         return done
@@ -425,10 +424,15 @@ class CallJournal:
         at least every ``LIVE_REFRESH_S``), or None when there is none."""
         return await asyncio.to_thread(_mtime, self._live_path(call_id))
 
-    async def holds(self, call_id: str) -> bool:
-        """Whether a record of ``call_id`` is on disk: kept, written ahead, or live."""
+    async def holds(self, call_id: str, now: float | None = None) -> bool:
+        """Whether a record of ``call_id`` is on disk: kept, written ahead, or live (``now``
+        given: one within its retention at ``now``, as a replay would save it; one past it
+        is the next replay's to delete, and makes no call known). A record that does not
+        open (a secret not in ``CLINIC_PREVIOUS_SECRETS``) counts: its start is not known."""
         paths = (self._path(call_id), self._ahead_path(call_id), self._live_path(call_id))
-        return await asyncio.to_thread(lambda: any(p.exists() for p in paths))
+        # Its start is inside the seal: opened in a thread (~0.1 ms for a record), as the
+        # replay opens it, so the erasure's answer is the replay's.
+        return await asyncio.to_thread(lambda: any(self._held(p, call_id, now) for p in paths))
 
     async def drop(self, call_id: str) -> int:
         """Delete every copy of ``call_id`` on disk, kept, written ahead or live (one a dead
@@ -496,6 +500,22 @@ class CallJournal:
                 self._count(outcome)
             log.info("call %s: its save was cut short by the service's end: kept", call_id)
         fsync_folder(self._folder)  # the renames, through a power cut
+
+    def _held(self, path: Path, call_id: str, now: float | None) -> bool:
+        """Whether ``path`` holds a record of ``call_id`` (within its retention at ``now``)."""
+        if now is None:
+            return path.exists()
+        try:
+            sealed = path.read_text()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # not readable (its mode, a disk error): erasable, as any copy
+        try:
+            started_at = self._store.reopen(call_id, sealed).started_at
+        except (InvalidTag, ValueError, KeyError, TypeError):
+            return True  # does not open: left for the operator, and erasable
+        return within_retention(started_at, now, self._store.ttl_s)
 
     def _present(self, call_ids: set[str]) -> set[str]:
         """Those of ``call_ids`` whose live record is still there."""

@@ -6,11 +6,17 @@ copied under another id does not open. A record sealed before the secret was cha
 with the key of a previous secret (``CLINIC_PREVIOUS_SECRETS``, :meth:`CallStore.open`); every
 record is sealed under the current secret's. The retention counts from the call's start, for the
 record (Redis expires it ``CLINIC_CALL_RETENTION_DAYS`` after its call began, however late it is
-saved: at the call's end, from the journal after Redis came back, or as the live record of a
-call a kill cut), its index entry, and its voicemail (voice/ivr/voicemail.py): one instant, so
-none outlives another. The time index is trimmed on every write, every read and every erasure,
-and expires a retention after the last save (a quiet line keeps no call ids and start times
-past their records).
+saved: at the call's end, after tries while Redis was down, from the journal after Redis came
+back, or as the live record of a call a kill cut), its index entry, and its voicemail
+(voice/ivr/voicemail.py): one instant, ``started_at + retention`` on the service's wall clock,
+so none outlives another (:func:`within_retention`). The time a record has left is reckoned
+at each try, to the millisecond, and never capped: a start ahead of the clock (the wall clock
+stepped back during the call) keeps the record until that instant, as the message file dated
+by the start is kept, rather than a retention from the save, which expired the record up to
+the step before its message. Redis counts the time left on its own clock; the embedded Redis
+shares the service's. The time index is trimmed on every write, every read and every erasure,
+and expires a retention after the last save, or when its newest entry is past its retention if
+that is later (a quiet line keeps no call ids and start times past their records).
 
 A call can be erased (:meth:`CallStore.erase`, ``DELETE /v1/calls/{id}``): its record and index
 entry go, and a mark ``cv:erased:<id>`` stays for the retention period. Every save checks the
@@ -36,6 +42,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,6 +68,11 @@ ERASED_PREFIX = "cv:erased:"  # + call id: the call was erased (kept the retenti
 COMPACT_ASKED = "cv:aof-compact-asked"
 COMPACT_ASKED_TTL_S = 86400
 PAGE_MAX = 100
+# The records (and voicemail messages: voice/ivr/voicemail.py) that do not open, logged once
+# each, that are remembered: past this many, the oldest is forgotten (logged again if read
+# again), so a process that runs for months with records sealed under a lost secret does not
+# grow for good. 4096 names: ~0.5 MiB.
+UNREADABLE_REMEMBERED = 4096
 SAVE_PATIENCE_S = 30.0  # how long a record's save is tried again before it is given up
 _RETRY_FIRST_S = 0.2
 _RETRY_MAX_S = 2.0
@@ -105,24 +117,30 @@ def _erased_key(call_id: str) -> str:
     return f"{ERASED_PREFIX}{call_id}"
 
 
-# A save: the record (ARGV[6] '1', only_new: NX, only when none is there), its index entry,
-# the index trimmed and given the retention as expiry (every entry's time is at most now, so
-# none outlives its own trim by it) -- unless the call was erased. One script, so no save slips
-# in between the check and an erasure: MULTI cannot read a key before it writes.
+# A save: the record (ARGV[2]: the milliseconds it has left; ARGV[6] '1', only_new: NX, only
+# when none is there), its index entry, the index trimmed of the calls past their retention
+# (ARGV[5]: now less the retention, as a read and an erasure trim it; the saved call's start
+# less it trimmed calls still within it when that start was ahead of the clock, a clock that
+# stepped back during the call) and given as expiry the retention (ARGV[7], in ms) or the
+# record's time left if longer (a start ahead of the clock), never less than it had (an entry
+# saved before may start later than this one) -- unless the call was erased. One script, so no
+# save slips in between the check and an erasure: MULTI cannot read a key before it writes.
 # 0: erased, nothing written; 1: the record written; 2: only_new and a record of the call was
 # there: it is kept as it is (its value and expiry; the index entry is written as for 1).
-# A SET NX that sets nothing answers nil, which a script reads as false.
+# A SET NX that sets nothing answers nil, which a script reads as false. PTTL of the index,
+# just written: -1 when it has no expiry yet.
 _SAVE = Script("""
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local done = 1
 if ARGV[6] == '1' then
-  if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then done = 2 end
+  if not redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then done = 2 end
 else
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
+local keep = math.max(tonumber(ARGV[7]), tonumber(ARGV[2]))
+if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 return done
 """)
 
@@ -132,15 +150,24 @@ return done
 # is trimmed first (ARGV[5]: the oldest start within the retention): on a quiet line (no save
 # nor list read since) the entry of a call past its retention is still there, and a ZREM that
 # found it answered 204 for a call the API no longer knows (README: 404).
+# The mark lives the retention (ARGV[2], in ms), or longer if the record, its index entry (its
+# start less ARGV[5]) or a mark already there has longer to live: a call that began ahead of
+# the clock (it stepped back since) has copies that live until its start plus the retention,
+# and the mark must outlive each of them.
 # 0: unknown; 1: marked, no record in Redis (erased before, or only on disk); 2: the record
 # was deleted.
 _ERASE = Script("""
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+local keep = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[3]))
+local started = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if started then
+  keep = math.max(keep, math.ceil((tonumber(started) - tonumber(ARGV[5])) * 1000))
+end
 local had = redis.call('DEL', KEYS[1])
 local listed = redis.call('ZREM', KEYS[2], ARGV[1])
 local marked = redis.call('EXISTS', KEYS[3])
 if had == 0 and listed == 0 and marked == 0 and ARGV[3] == '0' then return 0 end
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+redis.call('SET', KEYS[3], '1', 'PX', keep)
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[4])
 return 1 + had
 """)
@@ -159,12 +186,45 @@ return 1
 """)
 
 
-def remaining_ttl_s(started_at: float, now: float, retention_s: int) -> int | None:
-    """Whole seconds a record of a call that began at ``started_at`` has left to live at
-    ``now`` (at most ``retention_s``), or None when it is past its retention: the retention
-    counts from the call's start, for the record, its index entry and its voicemail."""
-    left = min(math.floor(started_at + retention_s - now), retention_s)
-    return left if left >= 1 else None
+def remaining_ttl_ms(started_at: float, now: float, retention_s: int) -> int | None:
+    """Milliseconds a record of a call that began at ``started_at`` has left to live at
+    ``now`` (rounded up), or None when it is past its retention (:func:`within_retention`).
+    Not capped at the retention: a start ahead of ``now`` (the clock stepped back since)
+    keeps the record until its start plus the retention, when its message goes."""
+    left = math.ceil((started_at + retention_s - now) * 1000)
+    return left if left >= 1 and within_retention(started_at, now, retention_s) else None
+
+
+def within_retention(started_at: float, now: float, retention_s: float) -> bool:
+    """Whether a call that began at ``started_at`` is within its retention at ``now``: one
+    test for its record, its index entry (listed while its start is above ``now`` less the
+    retention), its voicemail and its copies on disk, so that at no instant does the API
+    answer for one of them and not for another."""
+    return started_at > now - retention_s
+
+
+class LoggedOnce:
+    """The names (call ids, message file names) of what was logged once each: the oldest
+    forgotten past :data:`UNREADABLE_REMEMBERED` (insertion order)."""
+
+    def __init__(self) -> None:
+        self._names: OrderedDict[str, None] = OrderedDict()
+        self._max = UNREADABLE_REMEMBERED
+
+    def first(self, name: str) -> bool:
+        """True the first time ``name`` is met (remembered from then on), False after."""
+        if name in self._names:
+            return False
+        self._names[name] = None
+        if len(self._names) > self._max:
+            self._names.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"LoggedOnce({list(self._names)!r})"
 
 
 def _scored(reply: list[Any]) -> list[tuple[str, float]]:
@@ -237,7 +297,7 @@ class CallStore:
         # this change open unchanged, and an older build still reads what this one seals.
         self._openers = (self._aead, *(AESGCM(_records_key(s)) for s in previous_secrets))
         self._ttl_s = retention_days * 86400
-        self._unreadable: set[str] = set()  # logged once each
+        self._unreadable = LoggedOnce()  # the records that do not open, logged once each
 
     def seal(self, call_id: str, doc: dict[str, Any]) -> str:
         return self._seal_plain(call_id, json.dumps(doc).encode())
@@ -281,11 +341,11 @@ class CallStore:
         """How long Redis keeps a record (``CLINIC_CALL_RETENTION_DAYS``), in seconds."""
         return self._ttl_s
 
-    def ttl_left(self, started_at: float) -> int | None:
-        """Whole seconds a record of a call that began at ``started_at`` has left to live
-        now (the store's clock), at most the retention (a start ahead of the clock counts
-        as now); None when it is past its retention."""
-        return remaining_ttl_s(started_at, self._clock.now(), self._ttl_s)
+    def ms_left(self, started_at: float) -> int | None:
+        """Milliseconds a record of a call that began at ``started_at`` has left to live
+        now (the store's clock: :func:`remaining_ttl_ms`); None when it is past its
+        retention."""
+        return remaining_ttl_ms(started_at, self._clock.now(), self._ttl_s)
 
     def seal_result(self, result: CallResult) -> SealedRecord:
         return SealedRecord(
@@ -314,26 +374,28 @@ class CallStore:
         only_new: bool = False,
     ) -> Saved:
         """Write a sealed record, to expire in ``ttl_s`` (default: what is left of the
-        retention from its call's start, :meth:`ttl_left`, at least a second), trying
-        again while Redis fails for ``patience_s`` (default: the store's save patience);
-        ``only_new``: not over a record of the same call already there (:attr:`Saved.KEPT`:
-        nothing of it written). :attr:`Saved.ERASED` when the call was erased (nothing
-        written: the caller drops its copy)."""
-        ttl = max(1, self.ttl_left(record.started_at) or 0) if ttl_s is None else ttl_s
+        retention from its call's start, :meth:`ms_left`, reckoned at each try, at least a
+        millisecond), trying again while Redis fails for ``patience_s`` (default: the
+        store's save patience); ``only_new``: not over a record of the same call already
+        there (:attr:`Saved.KEPT`: nothing of it written). :attr:`Saved.ERASED` when the
+        call was erased (nothing written: the caller drops its copy)."""
         keys = (_key(record.call_id), INDEX, _erased_key(record.call_id))
-        args = (
-            record.sealed,
-            ttl,
-            repr(record.started_at),
-            record.call_id,
-            repr(record.started_at - self._ttl_s),
-            "1" if only_new else "0",
-            self._ttl_s,
-        )
         loop = asyncio.get_running_loop()
         give_up = loop.time() + (self._patience_s if patience_s is None else patience_s)
         pause = _RETRY_FIRST_S
         while True:
+            # Reckoned anew at each try: one reckoned before a wait for Redis kept the record
+            # that much past its index entry and its message.
+            left_ms = ttl_s * 1000 if ttl_s is not None else self.ms_left(record.started_at)
+            args = (
+                record.sealed,
+                max(1, left_ms or 0),
+                repr(record.started_at),
+                record.call_id,
+                repr(self._clock.now() - self._ttl_s),
+                "1" if only_new else "0",
+                self._ttl_s * 1000,
+            )
             try:
                 answer = await self._r.evalsha(_SAVE, keys, args)
             except ResponseError as exc:  # refused (full, WRONGTYPE): trying again won't help
@@ -365,8 +427,7 @@ class CallStore:
         try:
             return self.open(call_id, sealed)
         except (InvalidTag, ValueError, TypeError) as exc:  # binascii.Error is a ValueError
-            if call_id not in self._unreadable:
-                self._unreadable.add(call_id)
+            if self._unreadable.first(call_id):
                 log.error(
                     "call %s: the record in Redis does not open with this service's keys "
                     "(sealed under a CLINIC_SECRET not in CLINIC_PREVIOUS_SECRETS, or "
@@ -378,12 +439,13 @@ class CallStore:
 
     async def erase(self, call_id: str, *, on_disk: bool) -> Erased:
         """Delete the call's record and index entry, and mark the call erased for the
-        retention period (no save writes it back meanwhile). ``on_disk``: a copy of the call
-        is on disk (the journal, voicemail), so it is marked even with nothing in Redis. One
-        try: raises :class:`CallStoreUnavailable`, nothing changed, when Redis fails."""
+        retention period, or as long as its record or entry had left if longer (no save
+        writes it back meanwhile). ``on_disk``: a copy of the call is on disk (the journal,
+        voicemail), so it is marked even with nothing in Redis. One try: raises
+        :class:`CallStoreUnavailable`, nothing changed, when Redis fails."""
         keys = (_key(call_id), INDEX, _erased_key(call_id), COMPACT_ASKED)
         oldest = repr(self._clock.now() - self._ttl_s)
-        args = (call_id, self._ttl_s, "1" if on_disk else "0", COMPACT_ASKED_TTL_S, oldest)
+        args = (call_id, self._ttl_s * 1000, "1" if on_disk else "0", COMPACT_ASKED_TTL_S, oldest)
         try:
             done = await self._r.evalsha(_ERASE, keys, args)
         except (RedisError, OSError) as exc:

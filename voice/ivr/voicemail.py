@@ -20,13 +20,12 @@ import asyncio
 import logging
 import re
 import secrets
-from collections import OrderedDict
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 
 from sip_config.private_file import write_private
-from voice.ivr.store import CallStore
+from voice.ivr.store import CallStore, LoggedOnce, within_retention
 from voice.media.leftovers import remove_file, remove_files
 from voice.media.pcm import SAMPLE_WIDTH, Pcm, bytes_to_samples, wav_bytes
 
@@ -36,10 +35,6 @@ FOLDER = "voicemail"  # in the data dir
 RATE_HZ = 8000
 # A message's file name; the call id part is that of the call records (voice/ivr/api.py).
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
-# The unreadable messages logged (each once) that are remembered: past this many, the oldest is
-# forgotten (logged again if read again), so a process that runs for months with messages
-# sealed under a lost secret does not grow for good. 4096 names: ~0.5 MiB.
-UNREADABLE_REMEMBERED = 4096
 
 
 class VoicemailUnreadable(RuntimeError):
@@ -54,9 +49,8 @@ class Voicemails:
     def __init__(self, folder: Path, store: CallStore) -> None:
         self._folder = folder
         self._store = store
-        # Logged once each, the oldest forgotten past the bound (insertion order).
-        self._unreadable: OrderedDict[str, None] = OrderedDict()
-        self._unreadable_max = UNREADABLE_REMEMBERED
+        # The messages that do not open, logged once each (the last UNREADABLE_REMEMBERED).
+        self._unreadable = LoggedOnce()
 
     async def save(self, call_id: str, pcm16: bytes, *, started_at: float | None = None) -> str:
         """Seal and write ``pcm16`` (8 kHz mono, 16-bit) for ``call_id``, the call that began
@@ -93,10 +87,7 @@ class Voicemails:
         try:
             return await asyncio.to_thread(self._read_wav, name)
         except (OSError, ValueError, KeyError, TypeError, InvalidTag) as exc:
-            if name not in self._unreadable:
-                self._unreadable[name] = None
-                if len(self._unreadable) > self._unreadable_max:
-                    self._unreadable.popitem(last=False)
+            if self._unreadable.first(name):
                 # The file's name and the error's kind: never its content (health data).
                 log.error(
                     "call %s: voicemail %s does not open (sealed under a CLINIC_SECRET not in "
@@ -132,7 +123,7 @@ class Voicemails:
             temps = list(self._folder.glob(f".{name}.*.tmp"))
             for p in (path, *temps):
                 try:
-                    if now - p.stat().st_mtime <= self._store.ttl_s:
+                    if within_retention(p.stat().st_mtime, now, self._store.ttl_s):
                         return True
                 except FileNotFoundError:
                     continue
