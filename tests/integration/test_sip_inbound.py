@@ -924,3 +924,54 @@ async def test_the_callers_hold_and_its_end_are_reported_once_each(
     assert [held for _, held in holds] == [True, False], (seen, waited_out)
     (on, _), (off, _) = holds
     assert 3.5 <= on <= 5.0 and 7.5 <= off <= 9.0, holds
+
+
+async def test_a_play_stopped_while_the_caller_holds_never_starts(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """The caller holds the call 4 s after the answer for 4 s. During the hold a prompt is
+    played (it waits for the audio to come back) and then stopped (a barge-in, a stop of the
+    service). The stop was lost: the worker had no player to stop yet, so no PlayDone came
+    until the play had started at the hold's end and run to its end, and the caller heard a
+    prompt the service had stopped. Now its PlayDone comes at the stop, still on hold, and
+    the play never starts."""
+    pool, _ = line
+    prompt = await make_tone(tmp_path / "prompt.wav", 1.0)
+    seen: list[tuple[float, object]] = []
+    loop = asyncio.get_running_loop()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        try:
+            async with asyncio.timeout(15):
+                while not any(isinstance(ev, Hold) and ev.held for _, ev in seen):
+                    seen.append((loop.time(), await call.next_event()))
+                stopped = await call.play(prompt)
+                await call.stop_play()
+                seen.append((loop.time(), ("stopped", stopped)))
+                while not any(isinstance(ev, Hold) and not ev.held for _, ev in seen):
+                    seen.append((loop.time(), await call.next_event()))
+                # What comes in the 2 s after the hold's end (the 1 s prompt, had it started).
+                async with asyncio.timeout(2.0):
+                    while True:
+                        seen.append((loop.time(), await call.next_event()))
+        except TimeoutError:
+            pass  # what was seen is asserted below
+        finally:
+            await call.hangup()
+
+    pool.on_incoming(handler)
+    scenario, direction, c = HOLDS["re-INVITE sendonly"]
+    keys = {"hold_dir": direction, "hold_c": c}
+    worker = pool.worker_addresses()[0]
+    code, text = await sipp_uac(worker, scenario, "6000", tmp_path, 25, keys=keys)
+    answers = [ln for ln in text.splitlines() if ln.startswith("SIP/2.0 ")]
+    assert code == 0, f"the hold, unhold or BYE went wrong: {answers}\n{text[-3000:]}"
+    stop_at, (_, play_id) = next((at, ev) for at, ev in seen if isinstance(ev, tuple))
+    back_at = next(at for at, ev in seen if isinstance(ev, Hold) and not ev.held)
+    ends = [(at, ev) for at, ev in seen if isinstance(ev, PlayDone) and ev.play_id == play_id]
+    assert len(ends) == 1, f"not one PlayDone for the stopped play: {seen}"
+    ((end_at, end),) = ends
+    # At the stop, on hold still: not after the hold's end, when the play had run its course.
+    assert end_at - stop_at < 1.0 and end_at < back_at, seen
+    assert not end.failed, end

@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.test_sip_pool import Sipp, sipp_uas
 from tests.integration.test_verify_sip_flash import (
+    CLINIC,
     Rig,
     create,
     event_at,
@@ -26,6 +27,10 @@ from tests.integration.test_verify_sip_flash import (
 )
 from tests.integration.test_verify_sip_voice import CODE, one_reading_s, report
 from verification import codes
+from verification.channels import voice_call
+from verification.wording import wording
+from voice.media.pcm import read_wav
+from voice.media.tts import PromptRenderer
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +148,31 @@ async def test_a_callee_on_hold_hears_the_code_when_back(
             assert loop.time() < end, svc.pool.stats()
             await asyncio.sleep(0.05)
         assert svc.pool.stats()["restarts"] == 0 and svc.pool.worker_pids() == pids
+
+
+async def test_a_callee_on_hold_while_1_is_waited_for_can_press_it_when_back(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Asked once (KEYPRESS_TRIES 1: the last try's wait, where no question follows), the
+    # callee holds the call 1.5 s into the 4 s wait for 1, is away 6 s, and presses 1 a
+    # second after coming back. The wait ran on during the hold: it ended while the callee
+    # was away, and the code was never read ("answered, but 1 was not pressed"). Now the
+    # hold stops it, and it runs again in full from the callee's return.
+    monkeypatch.setattr(codes, "new_code", lambda length: CODE[:length])
+    monkeypatch.setattr(voice_call, "KEYPRESS_TRIES", 1)
+    monkeypatch.setattr(voice_call, "KEYPRESS_WAIT_S", 4.0)
+    words = wording("en")
+    question = await PromptRenderer(rig.prompt_cache).render(
+        words.keypress_text(CLINIC), voice=words.language
+    )
+    asked_s = read_wav(question).duration_s
+    hold_at_s, hold_s = asked_s + 1.5, 6.0
+    row = (str(round(hold_at_s * 1000)), str(round(hold_s * 1000)), HERE, "sendonly", "0", "PCMU")
+    async with (
+        sipp_uas("sipp_uas_hold_keypress.xml", tmp_path, inject=[row]) as uas,
+        sip_service(rig, uas.port) as svc,
+    ):
+        vid = await create(svc.api, phone="+31612345671", method="voice", fallback=[])
+        v = await wait_until_settled(svc.api, vid, {"delivered", "failed"}, 60.0)
+        assert report(v) == ("delivered", "code read twice"), v["events"]
+        assert await uas.finish() == 0, "the scenario did not complete (see the trace)"

@@ -8,7 +8,9 @@ caller  ``--call URI [--dtmf "4@0.5,1@0.7"] [--answers 4,1,2] [--play IN.wav] [-
         at the given seconds after the answer, then (``--answers``) each digit once the bot
         has spoken and then been quiet for ``--answer-gap`` seconds (a caller who listens to
         each question: the bot takes no early key for a danger sign), plays a WAV to the far end
-        ``--play-at`` seconds after the answer.
+        ``--play-at`` seconds after the answer. ``--hold-at S --hold-for H``: puts the call
+        on hold (pjsua's re-INVITE, a=sendonly) S seconds after the answer and takes it off
+        hold (a=sendrecv) H seconds later, reported as ``held`` and ``unheld``.
         A REFER is accepted (pjsua's default answer, 202) and reported as
         ``{"event": "transfer_request", "to": URI}``; the new call is the ``xfer`` leg and
         is hung up ``--xfer-hold`` seconds after it is answered. ``--hangup-on-refer``: the
@@ -67,6 +69,8 @@ class State:
     dtmf: list[tuple[float, str]]
     legs: list[Leg] = field(default_factory=list)
     played: bool = False
+    held: bool = False  # --hold-at done
+    unheld: bool = False  # --hold-for done
     keep: list[Any] = field(default_factory=list)  # players, recorders: alive until exit
     answers: list[str] = field(default_factory=list)
     heard: Heard | None = None
@@ -257,6 +261,16 @@ def _pump(ep: pj.Endpoint, state: State, deadline: float) -> int:
                     call.dialDtmf(digit)
                     state.heard.spoke = False
                     say("dtmf_sent", leg=leg.name, digit=digit, at=round(up_for, 3))
+            if args.hold_at and not state.held and up_for >= args.hold_at:
+                state.held = True
+                call.setHold(pj.CallOpParam(True))
+                say("held", leg=leg.name, at=round(up_for, 3))
+            if state.held and not state.unheld and up_for >= args.hold_at + args.hold_for:
+                state.unheld = True
+                prm = pj.CallOpParam(True)
+                prm.opt.flag = pj.PJSUA_CALL_UNHOLD
+                call.reinvite(prm)
+                say("unheld", leg=leg.name, at=round(up_for, 3))
             if args.play and not state.played and up_for >= args.play_at:
                 state.played = True
                 player = pj.AudioMediaPlayer()
@@ -283,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--play", default="")
     parser.add_argument("--play-at", type=float, default=0.0)
     parser.add_argument("--record", default="")
+    parser.add_argument("--hold-at", type=float, default=0.0)
+    parser.add_argument("--hold-for", type=float, default=0.0)
     parser.add_argument("--duration", type=float, default=0.0)
     parser.add_argument("--xfer-hold", type=float, default=0.5)
     parser.add_argument("--hangup-on-refer", action="store_true")

@@ -7,6 +7,12 @@ call on hold then, has it), undeliverable (busy, no answer, failed, no key press
 before the code's end, answered with no audio: a call taken on hold, whose prompts never play,
 or a question or code the worker could not play: a reading counts only when it reached its
 end, and a question only asks when it played).
+
+A hold (``voice.sip.protocol.Hold``) while the callee is waited for after the question stops
+that wait, which runs again in full when they are back (as a clinic-line question's timeout
+does): a callee who put the phone on hold there would otherwise come back to a call that had
+given up. Bounded: holds are waited out only until :data:`PLAY_TIMEOUT_S` after the wait's
+first end, and a callee still on hold then is not reached (nothing can be played to them).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from verification.wording import wording
 from voice.media import spoken_code
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle, OutboundCall, SipError, SipPool
-from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
+from voice.sip.protocol import CallEvent, CallState, Digit, Hold, PlayDone
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +183,27 @@ class VoiceCallChannel:
 
     async def _keypress(self, handle: CallHandle, question: Path) -> bool:
         """Whether 1 was pressed: during the question or :data:`KEYPRESS_WAIT_S` after it,
-        asked :data:`KEYPRESS_TRIES` times. Other keys do not hold the wait open. A question
-        that did not end, or could not be played, raises :class:`_NoAudio`."""
+        asked :data:`KEYPRESS_TRIES` times. Other keys do not hold the wait open; a hold
+        stops it (see the module's docstring). A question that did not end, or could not be
+        played, or a callee still on hold at the holds' bound, raises :class:`_NoAudio`."""
         loop = asyncio.get_running_loop()
+        held = False  # the callee holds the call
         for _ in range(KEYPRESS_TRIES):
             asked = await handle.play(question)
             played = False
+            paused = False  # the wait after the question stands still for a hold
+            latest = 0.0  # holds are waited out until then (once the question was asked)
             deadline = loop.time() + PLAY_TIMEOUT_S
             while (left := deadline - loop.time()) > 0:
                 ev = await next_event(handle, left)
+                if isinstance(ev, Hold):
+                    held = ev.held
+                    if played and held and not paused and loop.time() < latest:
+                        paused, deadline = True, latest
+                    elif played and not held and paused:
+                        # Back: the whole wait again, not what was left of it at the hold.
+                        paused, deadline = False, loop.time() + KEYPRESS_WAIT_S
+                    continue
                 if isinstance(ev, Digit) and ev.key == "1":
                     if not played:  # barge-in: stop the question, let its PlayDone pass
                         await handle.stop_play()
@@ -197,8 +215,14 @@ class VoiceCallChannel:
                         raise _NoAudio("the question could not be played")
                     played = True
                     deadline = loop.time() + KEYPRESS_WAIT_S
+                    latest = deadline + PLAY_TIMEOUT_S
+                    if held:  # the end and a hold crossed: the wait starts when back
+                        paused, deadline = True, latest
             if not played:
                 raise _NoAudio
+            if paused:
+                bound_s = KEYPRESS_WAIT_S + PLAY_TIMEOUT_S
+                raise _NoAudio(f"still on hold {bound_s:g} s after the question")
         return False
 
 

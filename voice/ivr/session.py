@@ -26,7 +26,11 @@ unheard question means (voice/ivr/engine.py). The first such failure of a call i
 Holds: the worker reports the far end's hold and its end (``Hold``). A question that listens
 stops its timeout at the hold and runs it again in full when the caller is back; a prompt
 held stands still, plays again from its start when the call is back (the worker's), and
-only its end starts the timeout.
+only its end starts the timeout. A message being recorded goes on through a hold: its
+no-speech guard (``RECORD_NO_SPEECH_S``) stops at the hold and runs again in full when the
+caller is back, what the line carries meanwhile (music on hold) is not recorded, and the
+message's longest (``max_s``) counts the hold too, so that a hold never keeps it open for
+ever.
 
 Transfers: the worker reports the REFER's progress (``TransferStatus``), read by
 :func:`voice.sip.refer.verdict`. A final 2xx is a transfer done, a final error a transfer
@@ -223,6 +227,10 @@ class CallSession:
         self._held_timeout: float | None = None
         self._hangup_after_record = False
         self._record_stop = asyncio.Event()
+        # Set when the message has no speech RECORD_NO_SPEECH_S after the beep, or after the
+        # caller's return from a hold (the guard's task, stopped during a hold).
+        self._record_mute = asyncio.Event()
+        self._mute_guard: asyncio.Task[None] | None = None
         # The transfer's result (never PROGRESS); None: the call ended before the caller's
         # side took the transfer on (no failure of the target's).
         self._transfer_waiter: asyncio.Future[TransferVerdict | None] | None = None
@@ -609,7 +617,9 @@ class CallSession:
 
     async def _pump_audio(self) -> None:
         async for chunk in self._h.audio():
-            if self._recording is not None:
+            if self._recording is not None and not self._held:
+                # Not while on hold: what the line carries then (music on hold) is nobody's
+                # message, and would be taken for speech (a silent message kept).
                 self._recording.append(chunk)
             rec = self._recogniser
             if rec is None:
@@ -682,7 +692,8 @@ class CallSession:
         back: not what was left of it, which a hold late in the timeout would leave at next
         to nothing, the noinput reprompt then cutting in as the caller returns. A hold during
         the prompt needs nothing here: the prompt stands still and plays again from its
-        start once the call is back (the worker's), and its end starts the timeout."""
+        start once the call is back (the worker's), and its end starts the timeout. A message
+        being recorded stops its no-speech guard in the same way (see :meth:`_record`)."""
         if held == self._held:
             return
         log.debug("call %s: %s", self._h.id, "on hold" if held else "off hold")
@@ -691,11 +702,13 @@ class CallSession:
             self._cancel_listen_timer()
             self._held = True
             self._held_timeout = waiting
+            self._stop_mute_guard()
             return
         self._held = False
         timeout_s, self._held_timeout = self._held_timeout, None
         if timeout_s is not None:
             self._start_listen_timer(timeout_s)
+        self._start_mute_guard()
 
     async def _pump_sip(self) -> None:
         async for ev in self._h.events:
@@ -862,14 +875,20 @@ class CallSession:
             self._record_stop.set()
         # The recording ends with the call, with "#" (what the record prompts tell the
         # caller), after max_s, or when the caller has not begun to speak in
-        # RECORD_NO_SPEECH_S (not a minute of dead air for a caller who says nothing).
+        # RECORD_NO_SPEECH_S (not a minute of dead air for a caller who says nothing). A
+        # hold stops that guard (a caller who holds before speaking, or mid-message, comes
+        # back to finish), and it runs again in full from the caller's return; max_s counts
+        # the hold too: the message never stays open longer, however long the hold.
+        self._record_mute = asyncio.Event()
+        self._start_mute_guard()
         ended = asyncio.ensure_future(self._h.wait_ended())
         hashed = asyncio.ensure_future(self._record_stop.wait())
-        mute = asyncio.ensure_future(self._no_speech_yet(RECORD_NO_SPEECH_S))
+        mute = asyncio.ensure_future(self._record_mute.wait())
         waits = {ended, hashed, mute}
         try:
             await asyncio.wait(waits, timeout=max_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._stop_mute_guard()
             for wait in waits:
                 wait.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
@@ -880,15 +899,28 @@ class CallSession:
         if self._hangup_after_record:
             self._events.put_nowait(eng.HangUp(self._h.cut))
 
+    def _start_mute_guard(self) -> None:
+        """(Re)start the no-speech guard of the message being recorded, in full; not while
+        the call is on hold (the caller's return starts it)."""
+        self._stop_mute_guard()
+        if self._recording is not None and not self._held and not self._record_mute.is_set():
+            self._mute_guard = self._spawn(self._no_speech_yet(RECORD_NO_SPEECH_S))
+
+    def _stop_mute_guard(self) -> None:
+        if self._mute_guard is not None:
+            self._mute_guard.cancel()
+            self._mute_guard = None
+
     async def _no_speech_yet(self, after_s: float) -> None:
-        """Return when, ``after_s`` into the recording, it holds no speech (else never).
+        """Set ``_record_mute`` when, ``after_s`` from now, the recording holds no speech
+        (everything recorded so far counts: what the caller said before a hold included).
 
         Timed by the clock, not by the audio: a phone may send no RTP while the caller is
         quiet."""
         await asyncio.sleep(after_s)
         heard = b"".join(self._recording or [])
-        if await asyncio.to_thread(holds_speech, heard):
-            await asyncio.Event().wait()  # speech began: the message runs its course
+        if not await asyncio.to_thread(holds_speech, heard):
+            self._record_mute.set()
 
     async def _keep(self, pcm: bytes) -> eng.RecordDone:
         """Save a message that holds speech; say why nothing was kept otherwise."""

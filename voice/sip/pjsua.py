@@ -514,6 +514,7 @@ class Engine:
                 else:
                     call.pending.append(cmd)
             elif isinstance(cmd, StopPlay):
+                self._drop_pending_plays(call)
                 self._stop_play(call)
             elif isinstance(cmd, Transfer):
                 prm = pj.CallOpParam(True)
@@ -643,6 +644,18 @@ class Engine:
             log.debug("call %s: stopTransmit: %s", call.call_id, exc.reason)
         self._dead.append(player)
         self.emit(PlayDone(call.call_id, player.play_id, failed=failed))
+
+    def _drop_pending_plays(self, call: _Call) -> None:
+        """Stop the plays that wait for the call's audio (a hold, an answer whose media is
+        not up yet) before they start: each reports its end now (it was stopped, not
+        failed). A stop that found no player was lost, and the play started when the caller
+        came back from the hold: a prompt the service had stopped, its end reported late."""
+        plays = [cmd for cmd in call.pending if isinstance(cmd, Play)]
+        if not plays:
+            return
+        call.pending = [cmd for cmd in call.pending if not isinstance(cmd, Play)]
+        for cmd in plays:
+            self.emit(PlayDone(call.call_id, cmd.play_id))
 
     def _play_ended(self, call: _Call, play_id: int) -> None:
         """A player reached its end (queued by the media thread): report it once."""
