@@ -431,6 +431,50 @@ async def test_a_caller_whose_invite_is_not_utf8_is_answered(
     assert seen == [("+447700900123", "6000")], seen
 
 
+async def test_a_callback_that_raised_leaves_no_call_to_abort_the_worker_at_its_stop(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A keypad INFO whose Signal is no UTF-8 (pjsua2 hands the digit over as a lone
+    surrogate, which the event line cannot carry) made the worker's digit callback raise.
+    SWIG printed it, and kept it in ``sys.last_traceback``, whose frames held the call: freed
+    only at the worker's exit, after ``libDestroy``, its destructor aborted the worker
+    (``pjsua_call_set_user_data: Assertion `call_id>=0 ...``, exit -6; first seen at the end
+    of the transfer tests, after a NOTIFY that was not UTF-8). The callback's error is
+    logged, the next digit still arrives, and the worker stops with 0."""
+    pool = SipPool(sip_settings(1), clock=SystemClock())
+    await pool.start()
+    digits: list[str] = []
+    second = asyncio.Event()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        async for ev in call.events:
+            if isinstance(ev, Digit):
+                digits.append(ev.key)
+                second.set()  # the first INFO, answered before this one, was read
+
+    pool.on_incoming(handler)
+    scenario = (PEERS / "sipp_uac_info_not_utf8.xml").read_text(encoding="ascii")
+    not_utf8 = tmp_path / "sipp_uac_info_not_utf8.xml"
+    not_utf8.write_bytes(scenario.replace("NOT-UTF8", "\xff").encode("latin-1"))
+    procs = [w.process for w in pool._workers]
+    try:
+        sipp = asyncio.create_task(
+            sipp_uac(pool.worker_addresses()[0], str(not_utf8), "6000", tmp_path, 20)
+        )
+        async with asyncio.timeout(15):
+            await second.wait()
+    finally:
+        await pool.stop()  # hangs the call up: sipp gets its BYE
+    code, text = await sipp
+    assert code == 0, f"no BYE came at the stop: {text[-2000:]}"
+    assert digits == ["5"], digits
+    err = capfd.readouterr().err
+    assert [p.returncode for p in procs if p is not None] == [0], err[-3000:]
+    assert "pjsua callback onDtmfDigit failed" in err, err[-3000:]
+    assert "still referenced at stop" not in err, err[-3000:]
+
+
 async def test_a_caller_past_the_last_free_slot_gets_486_at_once_and_is_counted_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,11 +9,16 @@ The engine speaks :mod:`voice.sip.protocol`: commands in (``handle``), events ou
 ``emit`` callable, so camelCase never leaves this file. Every ``Call``, player and port is
 held by a strong reference until pjsua reports DISCONNECTED, then dropped on the owner
 thread one pump later (destroying a ``Call`` inside its own callback aborts the process).
+None may be destroyed after ``libDestroy`` either: its C++ destructor then trips an assertion
+on pjsua's cleared tables and aborts the process at its exit (see :func:`_callback` and
+:meth:`Engine.stop`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import itertools
 import logging
 import math
@@ -23,6 +28,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec
 
 import pjsua2 as pj
 
@@ -102,6 +108,34 @@ class EngineConfig:
     log_level: int = 0  # pjsua log and console level: 0-1 keeps logging off the hot path
 
 
+_P = ParamSpec("_P")
+
+
+def _callback(method: Callable[_P, None]) -> Callable[_P, None]:
+    """A pjsua2 callback that nothing leaves by an exception: one raised is logged here, with
+    its traceback, and goes no further.
+
+    Let through, it reaches SWIG's director, which prints it with ``PyErr_Print``, and that
+    also keeps it as ``sys.last_traceback`` until the next one: its frames hold the
+    callback's object (a ``Call``, a player, a port), which so outlives pjsua's end of it.
+    Freed after ``libDestroy``, at the worker's exit, its C++ destructor failed pjsua's
+    assertion (``pjsua_call_set_user_data: call_id>=0 ...``) and aborted the worker: seen at
+    a test's teardown, after a NOTIFY the transfer check could not read had raised. Freed
+    at run time (when the next exception took its place), a ``Call`` clears the user data
+    of whichever call has taken its id since and hangs that call up (pjsip#3856).
+    """
+
+    @functools.wraps(method)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            call_id = getattr(args[0], "call_id", "-") if args else "-"
+            log.exception("call %s: pjsua callback %s failed", call_id, method.__name__)
+
+    return guarded
+
+
 class EngineError(RuntimeError):
     """pjsua refused something; ``status`` is the pj_status_t."""
 
@@ -115,13 +149,16 @@ class _Account(pj.Account):  # type: ignore[misc]
         super().__init__()
         self._engine = engine
 
+    @_callback
     def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
         self._engine._on_incoming(self, prm)
 
+    @_callback
     def onRegState(self, prm: pj.OnRegStateParam) -> None:
         info = self.getInfo()
         self._engine.emit(Registered(ok=bool(info.regIsActive), sip_status=int(prm.code)))
 
+    @_callback
     def onSendRequest(self, prm: pj.OnSendRequestParam) -> None:
         self._engine._on_request_done(prm)
 
@@ -131,12 +168,13 @@ class _Listener(pj.AudioMediaPort):  # type: ignore[misc]
 
     def __init__(self, call_id: str, sink: queue.SimpleQueue[Event]) -> None:
         super().__init__()
-        self._call_id = call_id
+        self.call_id = call_id
         self._sink = sink
 
+    @_callback
     def onFrameReceived(self, frame: pj.MediaFrame) -> None:
         if frame.size:
-            self._sink.put(AudioChunk(self._call_id, bytes(frame.buf)))
+            self._sink.put(AudioChunk(self.call_id, bytes(frame.buf)))
 
 
 class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
@@ -157,6 +195,7 @@ class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
         self._loop = loop
         self._wake = wake
 
+    @_callback
     def onEof2(self) -> None:
         # Only queued: the owner thread reports it if this player is still the call's
         # (a StopPlay handled meanwhile has already reported it: see Engine._play_ended).
@@ -200,12 +239,15 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.xfer_cseq: int | None = None  # the CSeq of the last one, once seen sent
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
 
+    @_callback
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         self.engine._on_call_state(self)
 
+    @_callback
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.engine._on_media_state(self)
 
+    @_callback
     def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
         # Nothing to do but while a transfer waits for its answer: SWIG calls the Python
         # method for every state of every transaction of the call (six or so per flash
@@ -214,6 +256,7 @@ class _Call(pj.Call):  # type: ignore[misc]
         if self.xfer_pending:
             self.engine._on_transfer_tsx(self, prm.e)
 
+    @_callback
     def onCallRxOffer(self, prm: pj.OnCallRxOfferParam) -> None:
         if self.flash:
             # Placed without audio (see Engine._dial); an answer with an SDP offer needs an
@@ -229,10 +272,12 @@ class _Call(pj.Call):  # type: ignore[misc]
             )
             prm.statusCode = SipStatus.NOT_ACCEPTABLE_HERE
 
+    @_callback
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self.engine.emit(Digit(self.call_id, str(prm.digit)))
         self.engine.flush()  # run before the pump's wait, not after it (see Engine.flush)
 
+    @_callback
     def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:
         status, final = int(prm.statusCode), bool(prm.finalNotify)
         self.engine._on_transfer_status(self, status, final)
@@ -388,11 +433,34 @@ class Engine:
             log.warning("hangup at shutdown failed: %s", exc.info())
         self._calls.clear()
         self._dead.clear()
+        self._disown_leftovers()
         if self._account is not None:
             self._account.shutdown()
             self._account = None
         ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
         self._ep = None
+
+    @staticmethod
+    def _disown_leftovers() -> None:
+        """Keep every call, player and port still alive from being destroyed after
+        ``libDestroy``, which aborts the process (see :func:`_callback`).
+
+        Ours were dropped just now; one only a reference cycle keeps goes in the collection
+        below, while pjsua can still take its end. One still referenced from elsewhere (an
+        exception's traceback: stop runs in ``run``'s ``finally``) is disowned: its C++ side
+        is left to the process's end, which destroys nothing.
+        """
+        gc.collect()
+        left = [o for o in gc.get_objects() if isinstance(o, _Call | _Player | _Listener)]
+        if not left:
+            return
+        log.error(
+            "%d pjsua object(s) still referenced at stop (calls %s): left to the process's end",
+            len(left),
+            ", ".join(sorted({o.call_id for o in left})),
+        )
+        for obj in left:
+            obj.__disown__()
 
     def free_slots(self) -> int:
         """Calls this process can still take."""

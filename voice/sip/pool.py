@@ -1101,7 +1101,11 @@ class SipPool:
             if not fut.done():
                 fut.set_result(SipStatus.SERVICE_UNAVAILABLE)
         if not self._running:
-            log.info("SIP worker %s exited with status %s", w.index, exit_status)
+            # Not 0: the stop went wrong in the worker (pjsua aborts on a lifetime mistake,
+            # -6; its stderr says where), or it was killed for not stopping (-9, warned).
+            # As info, a worker's abort at every stop went unseen.
+            level = logging.INFO if exit_status == 0 else logging.ERROR
+            log.log(level, "SIP worker %s exited with status %s", w.index, exit_status)
             return
         log.error(
             "SIP worker %s died (exit %s, up=%s): %s call(s) lost",
