@@ -258,7 +258,12 @@ VARIABLES: tuple[Variable, ...] = (
         "user for registration and digest auth at the PBX; unset: the workers present "
         "themselves as clinic",
     ),
-    Variable("CLINIC_SIP_PASSWORD", "", "password for digest auth at the PBX"),
+    Variable(
+        "CLINIC_SIP_PASSWORD",
+        "",
+        "password for digest auth at the PBX, and for any challenge to the workers' requests "
+        "in a call (a REFER answered 401 or 407), with or without CLINIC_SIP_REGISTRAR",
+    ),
     Variable(
         "CLINIC_FLASHCALL_PREFIX",
         "",

@@ -11,7 +11,7 @@ message, and its beep), every call slot free again and no SIP worker restarted.
 
 The direct mode (no PBX): the caller's side takes the REFER and stays on the line when the
 transfer fails. One service serves the whole module; each test finds its record as the one
-new call id. About 4 minutes on two cores: a failed transfer's offer is ~16 s of speech.
+new call id. About 6 minutes on two cores: a failed transfer's offer is ~16 s of speech.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ async def line(
     ivr_prompt_cache: Path,
 ) -> AsyncIterator[ClinicLine]:
     async with running_clinic_line(
-        tmp_path_factory.mktemp("clinic"), openapi_responses, prompt_cache=ivr_prompt_cache
+        tmp_path_factory.mktemp("clinic"),
+        openapi_responses,
+        # Credentials with no registrar: a far end that challenges the REFER gets it again.
+        {"CLINIC_SIP_USER": "clinic", "CLINIC_SIP_PASSWORD": "s3cret"},
+        prompt_cache=ivr_prompt_cache,
     ) as svc:
         yield svc
 
@@ -125,8 +129,16 @@ class Case:
     service_ends: bool = False  # the service hangs up (its BYE)
 
 
-def _failed(name: str, status: int, *notifies: Notify, whole: bool = True) -> Case:
-    answer = ReferAnswer(name, status, notifies, hangup_ms=OFFER_MS if whole else GLIMPSE_MS)
+def _failed(
+    name: str, status: int, *notifies: Notify, whole: bool = True, challenge: int | None = None
+) -> Case:
+    answer = ReferAnswer(
+        name,
+        status,
+        notifies,
+        hangup_ms=OFFER_MS if whole else GLIMPSE_MS,
+        challenge=challenge,
+    )
     return Case(answer, transferred=False, offer=True, beep=whole)
 
 
@@ -168,6 +180,20 @@ CASES = [
     # inside pjsua's callback (UnicodeEncodeError, printed and swallowed by SWIG): nothing
     # was reported, and the caller heard the ring tone again.
     _failed("notify_latin1_body_terminated", 202, Notify("\xc9chec du transfert", DONE, 3)),
+    # ... and when it is a status line pjsip's parser refuses: a CRLF before it, another
+    # SIP version (read as status lines by the worker's looser check, which then left them
+    # to pjsua: nobody reported them).
+    _failed("notify_sipfrag_after_crlf_terminated", 202, Notify("\nSIP/2.0 486 Busy", DONE, 3)),
+    _failed("notify_sipfrag_sip3_terminated", 202, Notify("SIP/3.0 486 Busy Here", DONE, 3)),
+    # A REFER challenged (407) and sent again with credentials: its subscription is named
+    # by the CSeq it was sent again with (only the first one's was known: its unreadable
+    # end was nobody's, and the caller heard the ring tone until the 180 s wait ran out).
+    _failed(
+        "refer_407_then_notify_named_broken_terminated",
+        202,
+        Notify("garbage, no status", DONE, 3, named=True),
+        challenge=407,
+    ),
     # Two NOTIFYs out of order: the later one (486, terminated) first; the stale one gets
     # the dialog's 500 and changes nothing.
     _failed(
@@ -245,3 +271,56 @@ async def test_a_transfer_answered_this_way_is_recorded_and_heard_as_promised(
     assert pool.occupancy().free == free, f"slots lost: {pool.occupancy()}"
     assert sorted(pool.worker_pids()) == pids and pool.stats()["restarts"] == restarts
     assert pool.stats()["workers_up"] == len(pids), pool.stats()
+
+
+# Two transfers in one call: an urgent caller (a danger sign, U1) whose nurse transfer
+# fails is put through to the staff desk (README "transfer"). Keys: 4 (the triage) during
+# the welcome, 1 (myself) during its intro, 1 ("yes", difficulty breathing) during that
+# question. The nurse's phone says 100, then 486 and ends its subscription; the staff
+# desk's NOTIFY ends the second subscription with no status pjsua reads, and, as Asterisk
+# and other pjsip peers do, names no REFER (no id). Such a NOTIFY counted only for a call's
+# first REFER: the caller heard the ring tone up to 180 s. Both failed, the caller hears
+# the emergency number and the service hangs up.
+SECOND = [
+    ReferAnswer(
+        "second_transfer_notify_broken_terminated",
+        202,
+        (Notify(frag(100, "Trying"), ACTIVE, 10), Notify(frag(486, "Busy Here"), DONE, 11)),
+        digits="411",
+        second=(Notify("garbage, no status", DONE, 12),),
+        ending=Ending.SERVICE_BYE,
+    ),
+    # The same with the nurse's REFER refused outright (no subscription at all).
+    ReferAnswer(
+        "second_transfer_after_refused_refer_no_body_terminated",
+        403,
+        digits="411",
+        second=(Notify("", DONE, 10),),
+        ending=Ending.SERVICE_BYE,
+    ),
+]
+
+
+@pytest.mark.parametrize("answer", SECOND, ids=lambda a: a.name)
+async def test_a_second_transfer_ended_with_no_status_fails_at_once(
+    line: ClinicLine, answer: ReferAnswer, tmp_path: Path
+) -> None:
+    pool = pool_of(line)
+    before = await line.call_ids()
+    free = pool.occupancy().free
+    async with rtp_peer() as rtp:
+        code, trace = await run_sipp(line, answer, tmp_path, rtp.port)
+        heard = rtp.pcm()
+    assert code == 0, f"sipp scenario {answer.name} failed ({code}): {trace[-4000:]}"
+    assert trace.count("REFER sip:") == 2, "not two REFERs in the call"
+    assert "BYE sip:sipp@" in trace, "the service did not hang up"
+    record = await line.new_record(before)
+    assert record["outcome"] == "transfer_failed", record
+    assert record["transfer_target"] is None, record
+    assert [v for _, v in steps(record, "transfer")] == ["failed", "failed"], record["path"]
+    # After the ring tone of the second transfer: the emergency number, then the BYE.
+    ring = tone_runs(heard, RINGBACK.hz)
+    assert ring and speech_after(heard, ring[-1][1]) >= 1.5, f"nothing said after: {ring}"
+    assert not tone_runs(heard, BEEP.hz), "a message offered to an urgent caller"
+    await settled(pool)
+    assert pool.occupancy().free == free, f"slots lost: {pool.occupancy()}"

@@ -3,10 +3,11 @@
 The clinic line sends its REFER to the caller's side of the call (the caller's phone, or the
 PBX in front of it: README "transfer"). :func:`scenario` writes a sipp UAC scenario for one
 way of answering it (:class:`ReferAnswer`): the call is placed straight to a SIP worker,
-answered, ``0`` is pressed as an in-dialog INFO (``application/dtmf-relay``, which the worker
-takes as an RFC 4733 key), and the REFER that follows is answered as the plan says: a
-status (or none), NOTIFYs with the sipfrags and subscription states given, in the CSeq order
-given, then either the service's BYE is awaited or the caller hangs up.
+answered, keys (``0`` unless told) are pressed as in-dialog INFOs (``application/dtmf-relay``,
+which the worker takes as RFC 4733 keys), and the REFER that follows is answered as the plan
+says: a digest challenge first (or none), a status (or none), NOTIFYs with the sipfrags and
+subscription states given, in the CSeq order given, a second REFER's if planned, then either
+the service's BYE is awaited or the caller hangs up.
 
 The call's audio is not sipp's: the SDP names ``[rtp_port]`` (sipp's ``-key rtp_port``), a
 socket of the test that answers the service's RTP (see :mod:`tests.peers.rtp_peer`).
@@ -41,6 +42,7 @@ class Notify:
     state: str
     cseq: int
     pause_ms: int = 200  # before it is sent
+    named: bool = False  # Event: refer;id=<the CSeq of the REFER it answers>, else no id
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,11 @@ class ReferAnswer:
     ``headers``: extra header lines of that response. A NOTIFY sent after one with a higher
     CSeq gets the dialog's ``500 Invalid CSeq``, which sipp takes for an unexpected message
     too (its CSeq is below the call's): it is not waited for.
+
+    ``digits``: the keys pressed (one INFO each, ``digit_gap_ms`` apart, CSeq 2, 3, ...:
+    NOTIFYs need higher ones); ``challenge``: 401 or 407 to the first REFER (a digest
+    challenge), whose retry (a new CSeq) then gets ``status``; ``second``: the NOTIFYs of a
+    second REFER in the call (answered 202), sent after the first one's.
     """
 
     name: str
@@ -60,9 +67,21 @@ class ReferAnswer:
     headers: tuple[str, ...] = ()
     ending: Ending = Ending.CALLER_BYE
     hangup_ms: int = 6000
+    digits: str = "0"
+    digit_gap_ms: int = 1500
+    challenge: int | None = None
+    second: tuple[Notify, ...] | None = None
 
 
-_REASONS = {202: "Accepted", 403: "Forbidden", 405: "Method Not Allowed", 501: "Not Implemented"}
+_REASONS = {
+    202: "Accepted",
+    401: "Unauthorized",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
+    501: "Not Implemented",
+}
+_CHALLENGE_HEADER = {401: "WWW-Authenticate", 407: "Proxy-Authenticate"}
 
 _INVITE = """
   <send retrans="500">
@@ -109,22 +128,50 @@ _INVITE = """
       Content-Length: 0
     ]]>
   </send>
-  <pause milliseconds="800" />
+"""
+
+_INFO = """
+  <pause milliseconds="{pause}" />
   <send retrans="500">
     <![CDATA[
       INFO [next_url] SIP/2.0
       Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
 {dialog}
-      CSeq: 2 INFO
+      CSeq: {cseq} INFO
       Max-Forwards: 70
       Content-Type: application/dtmf-relay
       Content-Length: [len]
 
-      Signal=0
+      Signal={key}
       Duration=160
     ]]>
   </send>
   <recv response="200" />
+"""
+
+# The REFER's CSeq, for a NOTIFY that names it (Event: refer;id=...).
+_RECV_REFER = """
+  <recv request="REFER">
+    <action>
+      <ereg regexp="([0-9]+)" search_in="hdr" header="CSeq:" assign_to="refer_cseq,rc" />
+    </action>
+  </recv>
+  <Reference variables="refer_cseq,rc" />
+"""
+
+_CHALLENGE = """
+  <send>
+    <![CDATA[
+      SIP/2.0 {status} {reason}
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      {header}: Digest realm="clinic", nonce="[pid]refer[call_number]", algorithm=MD5
+      Content-Length: 0
+    ]]>
+  </send>
 """
 
 _DIALOG = """\
@@ -157,7 +204,7 @@ _NOTIFY = """
 {dialog}
       CSeq: {cseq} NOTIFY
       Max-Forwards: 70
-      Event: refer
+      Event: {event}
       Subscription-State: {state}
       Content-Type: message/sipfrag;version=2.0
       Content-Length: [len]
@@ -235,29 +282,32 @@ def scenario(answer: ReferAnswer, *, bye_timeout_ms: int = 45000) -> str:
         '<?xml version="1.0" encoding="ISO-8859-1" ?>',
         f'<scenario name="caller answers the REFER: {answer.name}">',
         _INVITE.format(caller=CALLER_NUMBER, dialog=dialog),
-        '  <recv request="REFER" />',
     ]
+    for i, key in enumerate(answer.digits):
+        pause = 800 if i == 0 else answer.digit_gap_ms
+        parts.append(_INFO.format(pause=pause, dialog=dialog, cseq=2 + i, key=key))
+    parts.append(_RECV_REFER)
+    if answer.challenge is not None:
+        parts.append(
+            _CHALLENGE.format(
+                status=answer.challenge,
+                reason=_REASONS[answer.challenge],
+                header=_CHALLENGE_HEADER[answer.challenge],
+            )
+        )
+        parts.append(_RECV_REFER)  # sent again, with credentials and the next CSeq
     if answer.status is not None:
         headers = "".join(f"      {h}\n" for h in answer.headers)
         parts.append(
             _RESPONSE.format(status=answer.status, reason=_REASONS[answer.status], headers=headers)
         )
-    highest = 0
-    for n in answer.notifies:
-        stale = n.cseq < highest
-        highest = max(highest, n.cseq)
-        notify = _NOTIFY.format(
-            pause=n.pause_ms,
-            dialog=dialog,
-            cseq=n.cseq,
-            state=n.state,
-            sipfrag=n.sipfrag,
-            retrans="" if stale else ' retrans="500"',
-        )
-        parts.append(notify.replace('  <recv response="200" />\n', "") if stale else notify)
-    if any(
-        n.sipfrag.startswith("SIP/2.0 2") and n.state.startswith("active") for n in answer.notifies
-    ):
+    parts.extend(_notifies(answer.notifies, dialog))
+    if answer.second is not None:
+        parts.append(_RECV_REFER)
+        parts.append(_RESPONSE.format(status=202, reason=_REASONS[202], headers=""))
+        parts.extend(_notifies(answer.second, dialog))
+    notifies = (*answer.notifies, *(answer.second or ()))
+    if any(n.sipfrag.startswith("SIP/2.0 2") and n.state.startswith("active") for n in notifies):
         # A 2xx that keeps the subscription active: pjsua ends it (SUBSCRIBE, Expires: 0).
         parts.append(_UNSUBSCRIBE)
     if answer.ending is Ending.SERVICE_BYE:
@@ -267,3 +317,23 @@ def scenario(answer: ReferAnswer, *, bye_timeout_ms: int = 45000) -> str:
         parts.append(_CALLER_BYE.format(pause=pause, dialog=dialog))
     parts.append("</scenario>\n")
     return "\n".join(parts)
+
+
+def _notifies(notifies: tuple[Notify, ...], dialog: str) -> list[str]:
+    """One REFER's NOTIFYs, in list order (see :class:`Notify`)."""
+    parts = []
+    highest = 0
+    for n in notifies:
+        stale = n.cseq < highest
+        highest = max(highest, n.cseq)
+        notify = _NOTIFY.format(
+            pause=n.pause_ms,
+            dialog=dialog,
+            cseq=n.cseq,
+            event="refer;id=[$rc]" if n.named else "refer",
+            state=n.state,
+            sipfrag=n.sipfrag,
+            retrans="" if stale else ' retrans="500"',
+        )
+        parts.append(notify.replace('  <recv response="200" />\n', "") if stale else notify)
+    return parts

@@ -8,8 +8,8 @@ from voice.sip import message
 from voice.sip.outcome import SipStatus
 from voice.sip.refer import (
     PBX_REACHED_NOBODY,
+    ReferSubscriptions,
     TransferVerdict,
-    unreported_end,
     verdict,
     wants_more_reports,
 )
@@ -106,59 +106,104 @@ def _notify(
 
 
 DONE = "terminated;reason=noresource"
+ACTIVE = "active;expires=60"
+
+
+def _subs(*cseqs: int) -> ReferSubscriptions:
+    """One transfer per CSeq, each REFER sent and accepted (202)."""
+    subs = ReferSubscriptions()
+    for cseq in cseqs:
+        subs.transfer()
+        subs.sent(cseq)
+        subs.answered(cseq, 202)
+    return subs
 
 
 @pytest.mark.parametrize(
-    ("notify", "unreported"),
+    ("notify", "ends"),
     [
-        # pjsua reports these itself (the status, final when terminated).
-        (_notify(DONE, b"SIP/2.0 200 OK\r\n"), False),
-        (_notify(DONE, b"SIP/2.0 486 Busy Here"), False),
-        (_notify(DONE, b"sip/2.0 603 Decline\r\n"), False),
-        (_notify(DONE, b"SIP/2.0 180 Ringing\r\n"), False),
-        # An active subscription: its end is still to come.
-        (_notify("active;expires=60", b"garbage"), False),
-        (_notify("pending", b""), False),
-        # Not the REFER's subscription.
-        (_notify(DONE, b"garbage", event="dialog"), False),
-        # Ended with nothing pjsua reports: a broken sipfrag, no body, another body.
+        # Whatever its body: which ones pjsua reports is left to pjsua (the worker reports
+        # an end only when pjsua said nothing of it).
+        (_notify(DONE, b"SIP/2.0 486 Busy Here"), True),
         (_notify(DONE, b"garbage here"), True),
-        (_notify(DONE, b"SIP/2.0 OK"), True),
-        (_notify("Terminated", b""), True),
+        (_notify(DONE, b"\r\nSIP/2.0 200 OK\r\n"), True),
+        (_notify(DONE, b"SIP/3.0 486 Busy Here\r\n"), True),
         (_notify(DONE, b"", kind=""), True),
-        (_notify(DONE, b"SIP/2.0 200 OK", kind="text/plain"), True),
+        (_notify("Terminated", b""), True),
         (
             message.parse(
                 b"NOTIFY sip:a@b SIP/2.0\r\no: refer\r\nSubscription-State: terminated\r\n\r\n"
             ),
             True,
         ),
-        # Not a NOTIFY.
+        # The subscription goes on: its end is still to come.
+        (_notify(ACTIVE, b"garbage"), False),
+        (_notify("pending", b""), False),
+        # Not a REFER's subscription; not a NOTIFY.
+        (_notify(DONE, b"garbage", event="dialog"), False),
         (message.parse(b"SIP/2.0 200 OK\r\nSubscription-State: terminated\r\n\r\n"), False),
     ],
 )
-def test_a_subscription_ended_with_no_status_pjsua_reports_is_found(
-    notify: message.SipMessage, unreported: bool
+def test_a_notify_that_ends_the_subscription_is_found(
+    notify: message.SipMessage, ends: bool
 ) -> None:
-    assert unreported_end(notify, refer_cseq=None, first_refer=True) is unreported
+    assert _subs(7).ends_newest(notify) is ends
+
+
+def test_a_challenged_refer_is_named_by_the_cseq_it_was_sent_again_with() -> None:
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.sent(7)
+    subs.answered(7, SipStatus.PROXY_AUTHENTICATION_REQUIRED)
+    subs.sent(8)  # sent again, with credentials
+    subs.answered(8, SipStatus.ACCEPTED)
+    assert subs.ends_newest(_notify(DONE, b"garbage", event="refer;id=8"))
+
+
+@pytest.mark.parametrize("event", ["refer;id=7", "refer; id = 7", "refer;ID=7"])
+def test_an_id_names_the_refer_by_its_cseq(event: str) -> None:
+    assert _subs(7).ends_newest(_notify(DONE, b"garbage", event=event))
+
+
+@pytest.mark.parametrize("event", ["refer;id=6", "refer;id=", "refer;id=x"])
+def test_an_id_naming_no_live_refer_is_nobodys(event: str) -> None:
+    assert not _subs(7).ends_newest(_notify(DONE, b"garbage", event=event))
+
+
+def test_an_id_naming_an_earlier_transfer_does_not_end_the_newest() -> None:
+    subs = _subs(3, 7)
+    assert not subs.ends_newest(_notify(DONE, b"garbage", event="refer;id=3"))
+    assert subs.ends_newest(_notify(DONE, b"garbage", event="refer;id=7"))
+
+
+def test_no_id_is_the_oldest_live_subscription() -> None:
+    # The nurse's phone said "486, active" and has not ended its subscription: the next
+    # id-less end is its (as pjsip routes it), not the staff transfer's tried after it.
+    subs = _subs(3, 7)
+    assert not subs.ends_newest(_notify(DONE, b"SIP/2.0 486 Busy Here"))
+    # That one ended, the staff transfer's is the only one live: an id-less end is its.
+    assert subs.ends_newest(_notify(DONE, b"garbage"))
+    # And nothing is left for a later one.
+    assert not subs.ends_newest(_notify(DONE, b"garbage"))
 
 
 @pytest.mark.parametrize(
-    ("event", "refer_cseq", "first_refer", "unreported"),
-    [
-        # No id: the dialog's first REFER's subscription (RFC 3515 section 2.4.6).
-        ("refer", 7, True, True),
-        ("refer", 7, False, False),  # a late NOTIFY of the first REFER, during the second
-        # An id names the REFER by its CSeq.
-        ("refer;id=7", 7, False, True),
-        ("refer; id = 7", 7, False, True),
-        ("refer;id=6", 7, False, False),
-        ("refer;id=7", None, False, False),  # the REFER's CSeq not seen: left to pjsua
-    ],
+    ("status", "refer_sub"),
+    [(SipStatus.FORBIDDEN, True), (SipStatus.REQUEST_TIMEOUT, True), (SipStatus.ACCEPTED, False)],
 )
-def test_only_the_waiting_refers_subscription_counts(
-    event: str, refer_cseq: int | None, first_refer: bool, unreported: bool
+def test_a_refer_with_no_subscription_leaves_no_id_less_notify_to_it(
+    status: int, refer_sub: bool
 ) -> None:
-    notify = _notify(DONE, b"garbage", event=event)
-    got = unreported_end(notify, refer_cseq=refer_cseq, first_refer=first_refer)
-    assert got is unreported
+    # The nurse's REFER refused (or Refer-Sub: false): the staff transfer's subscription is
+    # the only one, and an id-less NOTIFY its, the second transfer of the call though it is.
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.sent(3)
+    subs.answered(3, status, refer_sub=refer_sub)
+    subs.transfer()
+    subs.sent(4)
+    assert subs.ends_newest(_notify(DONE, b"garbage"))
+
+
+def test_nothing_is_ended_before_a_refer_was_sent() -> None:
+    assert not ReferSubscriptions().ends_newest(_notify(DONE, b"garbage"))

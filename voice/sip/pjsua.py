@@ -232,11 +232,11 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.media_seen = False  # audio was active at least once
         self.on_hold = False  # the far end holds the call (reported as Hold)
         self.media_deadline: float | None = None  # NO_MEDIA_S after the answer
-        # A REFER sent and its answer not yet reported: the dialog's NOTIFYs are read (see
-        # onCallTsxState) for an end of its subscription that pjsua reports nothing of.
+        # A REFER sent and its answer not yet reported: an end of its subscription that
+        # pjsua reports nothing of is reported by the worker (see _on_transfer_tsx).
         self.xfer_pending = False
-        self.xfer_count = 0  # REFERs sent on this call
-        self.xfer_cseq: int | None = None  # the CSeq of the last one, once seen sent
+        self.xfer_count = 0  # transfers tried on this call
+        self.refers = refer.ReferSubscriptions()  # their subscriptions, as pjsip keeps them
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
 
     @_callback
@@ -249,11 +249,12 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     @_callback
     def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
-        # Nothing to do but while a transfer waits for its answer: SWIG calls the Python
-        # method for every state of every transaction of the call (six or so per flash
-        # call), and the inherited one went back into C++ through the wrapper only to do
-        # nothing.
-        if self.xfer_pending:
+        # Nothing to do but on a call that tried a transfer: SWIG calls the Python method
+        # for every state of every transaction of the call (six or so per flash call), and
+        # the inherited one went back into C++ through the wrapper only to do nothing. Not
+        # only while a transfer waits for its answer: an earlier one's subscription may end
+        # between two, and an id-less NOTIFY is the next one's only once it has.
+        if self.xfer_count:
             self.engine._on_transfer_tsx(self, prm.e)
 
     @_callback
@@ -322,6 +323,9 @@ class Engine:
         self._ids = itertools.count(1)
         self._requests: dict[str, SendMessage] = {}
         self._challenged: set[str] = set()  # MESSAGEs already answered with digest auth
+        # Calls whose newest transfer's subscription ended in this pump's events: reported
+        # after them unless pjsua reported that end (see _report_unreported_ends).
+        self._ended_refers: list[_Call] = []
         self.port = config.port
         self.stopping = False
         self._placed = 0  # PlaceCalls taken in, accepted or refused (WorkerStatus.placed)
@@ -365,11 +369,15 @@ class Engine:
             acfg.regConfig.timeoutSec = 60  # short: a restarted registrar relearns us soon
             acfg.regConfig.retryIntervalSec = 2
             acfg.regConfig.firstRetryIntervalSec = 1
+        else:
+            acfg.regConfig.registerOnAdd = False
+        if cfg.registrar or cfg.password:
+            # With or without a registrar: a far end that challenges a request in a call's
+            # dialog (a REFER answered 407, RFC 3261 section 22) gets it sent again with
+            # these, as a challenged MESSAGE is (see _on_request_done).
             acfg.sipConfig.authCreds.append(
                 pj.AuthCredInfo("digest", "*", cfg.user, 0, cfg.password)
             )
-        else:
-            acfg.regConfig.registerOnAdd = False
         account = _Account(self)
         account.create(acfg, True)
         self._account = account
@@ -433,6 +441,7 @@ class Engine:
             log.warning("hangup at shutdown failed: %s", exc.info())
         self._calls.clear()
         self._dead.clear()
+        self._ended_refers.clear()
         self._disown_leftovers()
         if self._account is not None:
             self._account.shutdown()
@@ -499,6 +508,7 @@ class Engine:
         assert self._ep is not None
         self._dead.clear()
         self._ep.libHandleEvents(ms)
+        self._report_unreported_ends()
         while True:
             try:
                 ev = self._media_q.get_nowait()
@@ -589,7 +599,7 @@ class Engine:
                 _add_headers(prm.txOption, cmd.headers)
                 call.xfer_pending = True
                 call.xfer_count += 1
-                call.xfer_cseq = None
+                call.refers.transfer()
                 call.xfer(cmd.uri, prm)
         except pj.Error as exc:
             log.warning("call %s: %s failed: %s", call.call_id, type(cmd).__name__, exc.reason)
@@ -745,19 +755,16 @@ class Engine:
             self._hangup(call, 0)  # the caller is with the target now: our leg is done
 
     def _on_transfer_tsx(self, call: _Call, e: pj.SipEvent) -> None:
-        """A transaction of a call whose REFER waits for its answer: a NOTIFY that ends the
-        REFER's subscription with no status pjsua reports (:func:`refer.unreported_end`) is
-        reported here, as a failure (pjsua's 500 for a subscription that ended without one).
-        """
+        """A transaction of a call that tried a transfer: its REFERs and their answers are
+        noted (:class:`refer.ReferSubscriptions`), and a NOTIFY that ends the newest
+        transfer's subscription while it waits for its answer is kept, to be reported by
+        :meth:`_report_unreported_ends` if pjsua reports nothing of it."""
         if e.type != pj.PJSIP_EVENT_TSX_STATE:
             return
         tsx = e.body.tsxState.tsx
         method, kind = str(tsx.method), e.body.tsxState.type
-        if method == "REFER" and tsx.role == pj.PJSIP_ROLE_UAC and call.xfer_cseq is None:
-            # The REFER's CSeq, which names its subscription in a later REFER's NOTIFYs.
-            with contextlib.suppress(message.SipParseError, ValueError):
-                sent = message.parse(_wire(tsx.lastTx.wholeMsg))
-                call.xfer_cseq = int((sent.get("CSeq") or "").split()[0])
+        if method == "REFER" and tsx.role == pj.PJSIP_ROLE_UAC:
+            self._on_refer_tsx(call, tsx, e)
             return
         if kind != pj.PJSIP_EVENT_RX_MSG or tsx.role != pj.PJSIP_ROLE_UAS or method != "NOTIFY":
             return
@@ -765,14 +772,39 @@ class Engine:
             notify = message.parse(_wire(e.body.tsxState.src.rdata.wholeMsg))
         except message.SipParseError:
             return  # pjsip parsed it; nothing here to add
-        if refer.unreported_end(
-            notify, refer_cseq=call.xfer_cseq, first_refer=call.xfer_count == 1
-        ):
-            log.info(
-                "call %s: the REFER's subscription ended with no status: a failed transfer",
-                call.call_id,
-            )
-            self._on_transfer_status(call, SipStatus.SERVER_INTERNAL_ERROR, True)
+        if call.refers.ends_newest(notify) and call.xfer_pending:
+            self._ended_refers.append(call)
+
+    def _on_refer_tsx(self, call: _Call, tsx: pj.SipTransaction, e: pj.SipEvent) -> None:
+        """A REFER of ours: its CSeq when sent (again, after a digest challenge: a new one,
+        which names its subscription in the NOTIFYs), and its final response."""
+        with contextlib.suppress(message.SipParseError, ValueError, IndexError):
+            if tsx.state == pj.PJSIP_TSX_STATE_CALLING:
+                sent = message.parse(_wire(tsx.lastTx.wholeMsg))
+                call.refers.sent(int((sent.get("CSeq") or "").split()[0]))
+            elif e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG and int(tsx.statusCode) >= 200:
+                answer = message.parse(_wire(e.body.tsxState.src.rdata.wholeMsg))
+                call.refers.answered(
+                    int((answer.get("CSeq") or "").split()[0]),
+                    int(tsx.statusCode),
+                    refer_sub=(answer.get("Refer-Sub") or "").strip().lower() != "false",
+                )
+
+    def _report_unreported_ends(self) -> None:
+        """Report, as a failed transfer, each subscription end seen in this pump's events that
+        pjsua said nothing of (:class:`refer.ReferSubscriptions`). pjsua reports a NOTIFY
+        in the same pass as the worker sees it (the transaction's callbacks run one after
+        the other), so a transfer still waiting for its answer after the pass heard nothing
+        from that NOTIFY: no body, another body, or a sipfrag pjsip's parser refused. Its
+        caller, still on our line, heard the ring tone until the 180 s wait ran out."""
+        ended, self._ended_refers = self._ended_refers, []
+        for call in ended:
+            if call.xfer_pending:
+                log.info(
+                    "call %s: the REFER's subscription ended with no status: a failed transfer",
+                    call.call_id,
+                )
+                self._on_transfer_status(call, SipStatus.SERVER_INTERNAL_ERROR, True)
 
     def _send_message(self, cmd: SendMessage, auth: tuple[str, str] | None = None) -> None:
         assert self._account is not None

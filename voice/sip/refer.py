@@ -38,7 +38,7 @@ a 200 means the PBX holds the caller, not that a human answered.
 from __future__ import annotations
 
 import enum
-import re
+from dataclasses import dataclass, field
 
 from voice.sip.message import SipMessage, header_param
 from voice.sip.outcome import SipStatus
@@ -89,42 +89,86 @@ def wants_more_reports(sip_status: int, *, final: bool) -> bool:
     return not final and sip_status < 200
 
 
-# pjsua reads a NOTIFY's body as ``pjsip_parse_status_line`` does: a status line first.
-# Looser than pjsip on purpose: a body read here as readable is left to pjsua (as before),
-# so a 2xx pjsua reports is never taken for an unreadable end.
-_SIPFRAG_STATUS = re.compile(rb"\s*SIP/\d+\.\d+[ \t]+\d{3}(?:\s|$)", re.IGNORECASE)
+# A REFER answered with one of these is sent again with credentials (RFC 3261 section 22).
+_CHALLENGES = frozenset({SipStatus.UNAUTHORIZED, SipStatus.PROXY_AUTHENTICATION_REQUIRED})
 
 
-def unreported_end(notify: SipMessage, *, refer_cseq: int | None, first_refer: bool) -> bool:
-    """Whether ``notify`` (a NOTIFY received in the call's dialog) ends a REFER's
-    subscription with nothing pjsua reports.
+@dataclass(slots=True)
+class _Refer:
+    """One transfer's REFER: the CSeq of each time it was sent (a REFER challenged with 401
+    or 407 goes again with the next CSeq), and whether its subscription may still be live."""
 
-    pjsua (2.15, ``xfer_client_on_evsub_state``) reports a NOTIFY's sipfrag status, but
-    returns without a word for one with no body, a body that is not ``message/sipfrag``, or
-    a sipfrag that is not a status line: when that NOTIFY also ends the subscription
-    (``Subscription-State: terminated``), the session never heard the transfer end, and the
-    caller, still on our line, heard the ring tone until the 180 s wait ran out. Such an end
-    is a subscription that ended with no final status: a failure, as pjsua reports a
-    subscription that ends with no NOTIFY at all (500).
+    cseqs: list[int] = field(default_factory=list)
+    live: bool = True
 
-    Only the subscription of the REFER waiting for its answer counts (``refer_cseq``: its
-    CSeq, None if unknown): a NOTIFY names a REFER other than a dialog's first by
-    ``Event: refer;id=<its CSeq>`` (RFC 3515 section 2.4.6), so one with no ``id`` is
-    the first REFER's (``first_refer``), and a late one of an earlier REFER, whose answer
-    was read already, must not fail the next (see :func:`wants_more_reports`).
+
+class ReferSubscriptions:
+    """The REFER subscriptions of one call's dialog, each as pjsip (2.15) keeps it, so that
+    a NOTIFY that ends one is told apart: the newest transfer's, or an earlier one's.
+
+    pjsua reports a NOTIFY's sipfrag status, but says nothing of one with no body, a body
+    that is not ``message/sipfrag``, or a sipfrag its parser does not take for a status line
+    (a leading CRLF, ``SIP/3.0``, a code out of range, ...). When such a NOTIFY ends the
+    newest transfer's subscription (``Subscription-State: terminated``), the worker must
+    report that end itself: a subscription that ended with no final status, a failure (as
+    pjsua reports one that ends with no NOTIFY at all, 500). Which bodies pjsua reports is
+    pjsip's parser's business: the worker does not guess it, it reports the end when pjsua
+    has reported nothing for that NOTIFY (see ``voice.sip.pjsua``).
+
+    Which subscription a NOTIFY is for (RFC 3515 section 2.4.6, pjsip's ``evsub.c``):
+
+    * one with ``Event: refer;id=<n>`` is for the REFER whose CSeq was ``n``: the one that
+      was accepted, so for a REFER challenged and sent again, the CSeq it was sent again
+      with (any of the transfer's CSeqs is taken);
+    * one with no ``id`` is for the oldest subscription still live. RFC 3515 gives it to
+      the dialog's first REFER, but Asterisk and other pjsip peers never send an ``id``, and
+      pjsip itself hands an ``id``-less NOTIFY to its oldest subscription not yet ended: once
+      the earlier transfers' subscriptions have ended (their REFER refused, or a NOTIFY that
+      said ``terminated``), it is the newest transfer's. While an earlier one is still live,
+      (a phone that said "486, active" and has not ended it yet), it is that earlier one's,
+      whose answer was read already (see :func:`wants_more_reports`): it must not fail the
+      next transfer.
     """
-    if notify.method != "NOTIFY":
-        return False
-    event = notify.get("Event") or ""
-    state = (notify.get("Subscription-State") or "").split(";", 1)[0].strip().lower()
-    if event.split(";", 1)[0].strip().lower() != "refer" or state != "terminated":
-        return False
-    named = header_param(event, "id")
-    if named is None:
-        if not first_refer:
+
+    def __init__(self) -> None:
+        self._refers: list[_Refer] = []
+
+    def transfer(self) -> None:
+        """A new transfer: its REFER is about to be sent."""
+        self._refers.append(_Refer())
+
+    def sent(self, cseq: int) -> None:
+        """A REFER went out with ``cseq``: the newest transfer's, sent first or again after a
+        digest challenge."""
+        if self._refers:
+            self._refers[-1].cseqs.append(cseq)
+
+    def answered(self, cseq: int, status: int, *, refer_sub: bool = True) -> None:
+        """The final response to the REFER sent with ``cseq``. A 401 or 407 leaves the
+        subscription to the REFER sent again; any other failure, or a 2xx with
+        ``Refer-Sub: false`` (RFC 4488), leaves no subscription."""
+        refer = next((r for r in self._refers if cseq in r.cseqs), None)
+        if refer is None or status in _CHALLENGES:
+            return
+        if status >= 300 or not refer_sub:
+            refer.live = False
+
+    def ends_newest(self, notify: SipMessage) -> bool:
+        """Whether ``notify`` (a request received in the call's dialog) ends the newest
+        transfer's subscription; a NOTIFY that ends any REFER subscription is noted."""
+        if notify.method != "NOTIFY":
             return False
-    elif refer_cseq is None or named != str(refer_cseq):
-        return False
-    kind = (notify.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-    readable = kind == "message/sipfrag" and _SIPFRAG_STATUS.match(notify.body) is not None
-    return not readable
+        event = notify.get("Event") or ""
+        if event.split(";", 1)[0].strip().lower() != "refer":
+            return False
+        named = header_param(event, "id")
+        live = [r for r in self._refers if r.live]
+        if named is None:
+            refer = live[0] if live else None
+        else:
+            refer = next((r for r in live if named in (str(c) for c in r.cseqs)), None)
+        state = (notify.get("Subscription-State") or "").split(";", 1)[0].strip().lower()
+        if refer is None or state != "terminated":
+            return False
+        refer.live = False
+        return refer is self._refers[-1]
