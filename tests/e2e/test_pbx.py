@@ -140,6 +140,29 @@ def test_clinic_line_hunts_past_full_workers(phone: PhoneFactory, asterisk: Aste
         caller.send("hangup")
 
 
+def test_a_callers_hold_reaches_the_bot_and_so_does_its_end(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """6001 calls the clinic line and puts the call on hold, then takes it off hold: the
+    bot's leg is held and taken back too (re-INVITEs from Asterisk), so the service can wait
+    for the caller. Asterisk's default instead plays music on hold to the bot's leg and
+    tells it nothing (moh_passthrough=yes on the clinic endpoint, pjsip.conf)."""
+    bot = phone("clinic")
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    caller.expect("call_state", where=state("CONFIRMED", 200), timeout_s=10)
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    bot.expect("media_active", timeout_s=5)
+    asterisk.wait_for_bridge()
+    caller.send("hold")
+    caller.expect("media_held", where=lambda e: e["by"] == "local", timeout_s=5)
+    held = bot.expect("media_held", where=lambda e: e["by"] == "remote", timeout_s=5)
+    caller.send("unhold")
+    bot.expect("media_active", where=lambda e: e["at"] > held["at"], timeout_s=5)
+    caller.send("hangup")
+    bot.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
 def test_transfer_from_the_bot_reaches_the_nurse(
     phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:

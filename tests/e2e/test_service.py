@@ -470,3 +470,80 @@ def test_service_reregisters_after_asterisk_restarts(
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
     caller.send("hangup")
+
+
+# Longer than two of the main menu's timeouts (6 s, the flows' default) and their "did not
+# hear anything" reprompts.
+HOLD_S = 20.0
+
+
+def _wait_logged(log: Path, offset: int, line: str, timeout_s: float) -> None:
+    """Wait until the service logged ``line`` after ``offset``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if line in text:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the service did not log {line!r} in {timeout_s} s: {text[-2000:]}"
+            )
+        threading.Event().wait(0.1)
+
+
+def test_a_caller_who_holds_while_the_menu_listens_comes_back_to_the_same_question(
+    service: Api, phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """6001 dials 700; while the menu question listens, it puts the call on hold (its hold
+    button: a re-INVITE with a=sendonly to Asterisk) for 20 s, then takes it off hold and
+    presses 1 (appointments).
+
+    The caller must come back to the same question: not to its noinput reprompts used up
+    during the hold, nor to a transfer to staff or a hung-up call. The bot is on the other
+    leg of Asterisk's bridge; Asterisk plays music on hold to that leg instead of passing the
+    hold on, unless the service's endpoint has moh_passthrough=yes (pjsip.conf): before it,
+    the bot never saw the hold, and its timeouts ran on while the caller was away."""
+    status, before = service.get("/v1/calls?limit=100")
+    assert status == 200, before
+    known = {c["id"] for c in before["calls"]}
+    log = service.process.logfile
+    offset = log.stat().st_size
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
+    caller.expect("media_active", timeout_s=5)
+    # The welcome and the menu's question have played: it listens (the engine's DEBUG log;
+    # this module's calls come one at a time).
+    _wait_logged(log, offset, "ivr main_menu: playing -> listening", timeout_s=30)
+    caller.send("hold")
+    held = caller.expect("media_held", where=lambda e: e["by"] == "local", timeout_s=5)
+    away = caller.drain(HOLD_S)
+    gone = [e for e in away if e["event"] == "call_state" and e["state"] == "DISCONNECTED"]
+    assert not gone, f"the call ended while the caller was on hold: {gone}"
+    caller.send("unhold")
+    caller.expect("media_active", where=lambda e: e["at"] > held["at"], timeout_s=5)
+    # A moment to reach the keypad: pjsua follows the unhold with an UPDATE that locks the
+    # codec (Asterisk answered with two), and a key sent while that renegotiates was lost.
+    caller.drain(1.5)
+    caller.send("dtmf", digits="1")
+    # The appointments flow's first question: then the caller hangs up, and the call has
+    # its record.
+    threading.Event().wait(3.0)
+    caller.send("hangup")
+    caller.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
+    record = service.wait_call_record(
+        lambda c: c["id"] not in known and "6001" in c["caller"], timeout_s=20
+    )
+    steps = [(p["flow"], p["node"], p["input"], p["value"]) for p in record["path"]]
+    menu = [(i, v) for f, n, i, v in steps if (f, n) == ("main_menu", "menu")]
+    assert ("noinput", "") not in menu and menu[-1] == ("digit", "1"), steps
+    assert any(f == "appointments" for f, *_ in steps), steps
+    with open(log, "rb") as f:
+        f.seek(offset)
+        logged = f.read().decode(errors="replace")
+    # The bot's session saw the hold and its end (the worker's Hold events), once each.
+    for change in ("on hold", "off hold"):
+        said = f"voice.ivr.session: call {record['id']}: {change}"
+        assert logged.count(said) == 1, logged[-3000:]

@@ -6,10 +6,12 @@ prints events to stdout, one JSON object a line:
 
 commands  ``{"cmd": "call", "uri": ..., "from_uri": ..., "headers": {...}, "late_offer": true}``,
           ``{"cmd": "answer"}``, ``{"cmd": "dtmf", "digits": "12"}``, ``{"cmd": "hangup"}``,
-          ``{"cmd": "xfer", "uri": ...}`` (blind REFER), ``{"cmd": "message", "uri": ...,
-          "body": ...}``, ``{"cmd": "quit"}``
+          ``{"cmd": "hold"}`` (a re-INVITE with a=sendonly, as a phone's hold button sends),
+          ``{"cmd": "unhold"}`` (a re-INVITE with a=sendrecv), ``{"cmd": "xfer", "uri": ...}``
+          (blind REFER), ``{"cmd": "message", "uri": ..., "body": ...}``, ``{"cmd": "quit"}``
 events    ``ready``, ``registered``, ``reg_failed``, ``incoming`` (with the INVITE's From,
           P-Asserted-Identity and whether it had SDP), ``call_state``, ``media_active``,
+          ``media_held`` (the far end took our hold: ``local``; or holds us: ``remote``),
           ``dtmf``, ``transfer_status``, ``message``, ``message_status``, ``error``,
           ``recorded`` (with ``--record-dir``: a call's WAV file once its header is complete);
           each has ``at``, the ``time.monotonic()`` of when it happened
@@ -248,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     import pjsua2 as pj
 
     commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    held_by = {pj.PJSUA_CALL_MEDIA_LOCAL_HOLD: "local", pj.PJSUA_CALL_MEDIA_REMOTE_HOLD: "remote"}
     calls: dict[int, Any] = {}
     gone: list[Any] = []  # disconnected calls, dropped from the owner loop, never in callbacks
     recorders: dict[int, tuple[Any, Path]] = {}
@@ -277,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
         def onCallMediaState(self, prm: Any) -> None:
             ci = self.getInfo()
             for i, media in enumerate(ci.media):
+                if media.type == pj.PJMEDIA_TYPE_AUDIO and media.status in held_by:
+                    _emit("media_held", call=ci.id, by=held_by[media.status])
                 if (
                     media.type == pj.PJMEDIA_TYPE_AUDIO
                     and media.status == pj.PJSUA_CALL_MEDIA_ACTIVE
@@ -537,6 +542,14 @@ def _command(
             # 487 while early makes pjsua send CANCEL (RFC 3261 9.1)
             op.statusCode = cmd.get("code", 603)
             call.hangup(op)
+    elif name == "hold":
+        for call in list(calls.values()):
+            call.setHold(pj.CallOpParam(True))
+    elif name == "unhold":
+        for call in list(calls.values()):
+            op = pj.CallOpParam(True)
+            op.opt.flag = pj.PJSUA_CALL_UNHOLD
+            call.reinvite(op)
     elif name == "xfer":
         for call in list(calls.values()):
             call.xfer(cmd["uri"], pj.CallOpParam(True))

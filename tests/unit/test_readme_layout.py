@@ -321,6 +321,14 @@ def test_every_password_the_section_quotes_is_right() -> None:
         assert passwords()[extension] == f"clinic-{extension}"
 
 
+def test_the_service_endpoint_passes_a_callers_hold_on_as_the_readme_says() -> None:
+    """Without moh_passthrough Asterisk plays music on hold to the bot and hides the hold:
+    the bot's questions time out while the caller is away (tests/e2e shows both)."""
+    assert endpoints()["clinic"].get("moh_passthrough") == "yes"
+    text = " ".join(README.read_text().split())
+    assert "only with `moh_passthrough=yes` on the service's endpoint" in text
+
+
 def test_the_common_settings_are_the_phones_settings() -> None:
     text = " ".join(section("Try it with a softphone").split())
     assert "Asterisk listens on **127.0.0.1:5160** (UDP and TCP)" in text
