@@ -118,6 +118,7 @@ class HttpWorkers:
             self._serve, path=str(self._path), limit=MAX_LINE
         )
         os.chmod(self._path, 0o600)
+        self._metrics.http_worker_snapshots_late.inc(0)  # shown from the start, as 0
         for index in range(1, self._count):
             self._spawn_task(self._keep_running(index), f"http-worker-{index}")
         log.info("HTTP: %d worker processes next to this one", self._count - 1)
@@ -167,7 +168,8 @@ class HttpWorkers:
         leave out the requests of the last second, and a scrape reached by another process a
         moment later could then show a counter lower than the one before (which Prometheus
         takes for a restart). A worker that does not answer within SNAPSHOT_DEADLINE_S counts
-        with its last snapshot."""
+        with its last snapshot, and in ``clinic_http_worker_snapshots_late_total`` (this
+        scrape's included): a scrape may then lag the requests that worker answered last."""
         n = next(self._numbers)
         loop = asyncio.get_running_loop()
         asked: dict[tuple[int, int], asyncio.Future[None]] = {}
@@ -178,7 +180,9 @@ class HttpWorkers:
         self._asked.update(asked)
         try:
             if asked:
-                await asyncio.wait(asked.values(), timeout=SNAPSHOT_DEADLINE_S)
+                _, late = await asyncio.wait(asked.values(), timeout=SNAPSHOT_DEADLINE_S)
+                if late:
+                    self._metrics.http_worker_snapshots_late.inc(len(late))
         finally:
             for key in asked:
                 del self._asked[key]

@@ -222,6 +222,12 @@ class Metrics:
             "outbound (verification) calls not placed because the free call slots were kept "
             "for callers (CLINIC_SIP_CALLER_SLOTS); the verification fell back to its next channel",
         )
+        # Fed by serve's HTTP workers' end of the control socket (clinic_voice/http_workers.py).
+        self.http_worker_snapshots_late = Counter(
+            "clinic_http_worker_snapshots_late_total",
+            "HTTP workers that did not send their numbers within 0.5 s of a scrape asking for "
+            "them: that scrape counted the last ones each had sent, and may lag its requests",
+        )
         self._on_render: list[Callable[[], None]] = []
 
     def on_render(self, refresh: Callable[[], None], *gauges: Gauge) -> Callable[[], None]:
@@ -255,6 +261,7 @@ class Metrics:
             self.webhooks,
             self.sip_worker_restarts,
             self.sip_kept_for_callers,
+            self.http_worker_snapshots_late,
         )
 
     def snapshot(self) -> Snapshot:

@@ -56,6 +56,7 @@ from tests.peers.loopback_http import serve_on_loopback
 from tests.unit.test_ivr_session_races import Rig
 from verification.http_client import MAX_BODY, HttpClient
 from verification.webhooks import SIGNATURE_HEADER, verify
+from voice.ivr.flow import FlowSet
 from voice.ivr.session import CallSession
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import Digit, PlayDone
@@ -258,6 +259,26 @@ def _flows(tmp_path: Path) -> Path:
     return flows
 
 
+def _checked(tmp_path: Path, flows: Path) -> FlowSet:
+    settings = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path), "CLINIC_FLOWS_DIR": str(flows)})
+    return check_clinic_line(settings)
+
+
+# The flows loaded and checked by plain fixtures, outside the event loop that no_blocking
+# watches: the load (pure-Python YAML) takes ~0.2 s of CPU, and in a thread it held loop
+# steps up to 62 ms waiting for the GIL (the watch counts that wait; two cores, loaded).
+@pytest.fixture
+def shipped_flows(tmp_path: Path) -> FlowSet:
+    """The shipped flows."""
+    return _checked(tmp_path, FLOWS)
+
+
+@pytest.fixture
+def short_flows(tmp_path: Path) -> FlowSet:
+    """The shipped flows with the appointment request's timeout 1 s (``_flows``)."""
+    return _checked(tmp_path, _flows(tmp_path))
+
+
 @dataclass(slots=True)
 class Call:
     n: int
@@ -271,24 +292,23 @@ class Call:
     error: str = ""
 
 
-def _line(tmp_path: Path, flows: Path, client: HttpClient, url: str) -> ClinicLine:
-    """The clinic line posting to ``url`` on ``client`` (the one ``serve`` shares)."""
+def _line(tmp_path: Path, flows: FlowSet, client: HttpClient, url: str) -> ClinicLine:
+    """The clinic line running ``flows``, posting to ``url`` on ``client`` (the one
+    ``serve`` shares)."""
     settings = Settings.from_env(
         {
             "CLINIC_DATA_DIR": str(tmp_path),
-            "CLINIC_FLOWS_DIR": str(flows),
             "CLINIC_SCHEDULING_WEBHOOK": url,
             "CLINIC_SCHEDULING_WEBHOOK_SECRET": SCHEDULING_KEY,
         }
     )
     rt = SimpleNamespace(http_client=client, clock=SystemClock(), secret=SECRET.encode())
-    return ClinicLine.load(settings, cast(Runtime, rt), check_clinic_line(settings))
+    return ClinicLine.load(settings, cast(Runtime, rt), flows)
 
 
-async def _one_call(call: Call, line: ClinicLine, flows: Path) -> None:
+async def _one_call(call: Call, line: ClinicLine, flows: FlowSet) -> None:
     """Through the main menu to an appointment request, then the next prompt."""
-    # The flows' load and check (~0.2 s) off the loop: the no_blocking fixture watches it.
-    rig = await asyncio.to_thread(Rig, called="6000", speech=False, flows=flows)
+    rig = Rig(called="6000", speech=False, flowset=flows)
     loop = asyncio.get_running_loop()
     asked_at: list[float] = []
 
@@ -346,7 +366,11 @@ async def client() -> AsyncIterator[HttpClient]:
 
 
 async def test_generated_receivers_hold_the_webhook_step_to_the_readme(
-    tmp_path: Path, seed: int, client: HttpClient, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    seed: int,
+    client: HttpClient,
+    caplog: pytest.LogCaptureFixture,
+    short_flows: FlowSet,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     calls_n = int(os.environ.get("CLINIC_TEST_WEBHOOK_CALLS", str(len(ACTS) + 7)))
@@ -354,12 +378,9 @@ async def test_generated_receivers_hold_the_webhook_step_to_the_readme(
     rnd = random.Random(f"{seed}:calls")
     receiver = DrawnReceiver(acts, seed)
     await receiver.start()
-    flows = _flows(tmp_path)
+    flows = short_flows
     refused_url = f"http://127.0.0.1:{free_port()}/hook"
-    by_url = {
-        url: await asyncio.to_thread(_line, tmp_path, flows, client, url)
-        for url in (receiver.url(0), refused_url)
-    }
+    by_url = {url: _line(tmp_path, flows, client, url) for url in (receiver.url(0), refused_url)}
     faults: list[str] = []
     calls: list[Call] = []
     try:
@@ -454,7 +475,13 @@ STALLED = {
 @pytest.mark.parametrize("stalled", list(STALLED))
 @pytest.mark.parametrize(("status", "want"), [(200, {}), (202, {}), (503, None)])
 async def test_a_2xx_whose_body_stalls_past_the_timeout_is_a_request_that_arrived(
-    tmp_path: Path, client: HttpClient, stalled: str, status: int, want: dict[str, str] | None
+    tmp_path: Path,
+    client: HttpClient,
+    stalled: str,
+    status: int,
+    want: dict[str, str] | None,
+    *,
+    shipped_flows: FlowSet,
 ) -> None:
     # The receiver took the request and said 2xx, then its body stalled past the step's
     # timeout: the record said "timeout" and the caller heard "cannot be reached", though
@@ -475,7 +502,7 @@ async def test_a_2xx_whose_body_stalls_past_the_timeout_is_a_request_that_arrive
     loop = asyncio.get_running_loop()
     try:
         url = f"http://127.0.0.1:{port}/hook"
-        line = await asyncio.to_thread(_line, tmp_path, FLOWS, client, url)
+        line = _line(tmp_path, shipped_flows, client, url)
         started = loop.time()
         got = await line._post_webhook("scheduling", {"request": "appointment"}, STEP_TIMEOUT_S)
         took = loop.time() - started
@@ -488,17 +515,16 @@ async def test_a_2xx_whose_body_stalls_past_the_timeout_is_a_request_that_arrive
 
 @pytest.mark.parametrize("act", [Act.HEAD_STALL, Act.ENDLESS, Act.DRIP])
 async def test_a_call_whose_request_got_a_2xx_then_a_stalled_body_hears_it_arrived(
-    tmp_path: Path, client: HttpClient, act: Act
+    tmp_path: Path, client: HttpClient, act: Act, short_flows: FlowSet
 ) -> None:
     # Through the real session and the shipped flows: the record says "ok", the caller hears
     # the confirmation (not "cannot be reached") within the step's timeout and some slack.
     receiver = DrawnReceiver([act], seed=1)
     await receiver.start()
-    flows = _flows(tmp_path)
     call = Call(0, act, hang_up_early=False)
     try:
-        line = await asyncio.to_thread(_line, tmp_path, flows, client, receiver.url(0))
-        await _one_call(call, line, flows)
+        line = _line(tmp_path, short_flows, client, receiver.url(0))
+        await _one_call(call, line, short_flows)
     finally:
         await receiver.stop()
     assert call.webhook_steps == ("ok",)
@@ -518,7 +544,13 @@ BROKEN = {
 @pytest.mark.parametrize("broken", list(BROKEN))
 @pytest.mark.parametrize(("status", "want"), [(200, {}), (202, {}), (503, None)])
 async def test_a_2xx_whose_body_cannot_be_read_is_a_request_that_arrived(
-    tmp_path: Path, client: HttpClient, broken: str, status: int, want: dict[str, str] | None
+    tmp_path: Path,
+    client: HttpClient,
+    broken: str,
+    status: int,
+    want: dict[str, str] | None,
+    *,
+    shipped_flows: FlowSet,
 ) -> None:
     # Found by the generated run: the receiver took the appointment request and said 2xx,
     # then its body broke off. The step took on_fail ("cannot be reached", staff) and the
@@ -536,7 +568,7 @@ async def test_a_2xx_whose_body_cannot_be_read_is_a_request_that_arrived(
     runner, port = await serve_on_loopback(app, shutdown_timeout=0.1)
     try:
         url = f"http://127.0.0.1:{port}/hook"
-        line = await asyncio.to_thread(_line, tmp_path, FLOWS, client, url)
+        line = _line(tmp_path, shipped_flows, client, url)
         assert await line._post_webhook("scheduling", {"request": "appointment"}, 2.0) == want
     finally:
         await runner.cleanup()

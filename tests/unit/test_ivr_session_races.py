@@ -18,7 +18,7 @@ from sip_config.clock import SystemClock
 from voice.ivr import engine as eng
 from voice.ivr import session as session_module
 from voice.ivr.call_record import CallResult
-from voice.ivr.flow import FlowParams, load_flows
+from voice.ivr.flow import FlowParams, FlowSet, load_flows
 from voice.ivr.session import CallSession, SessionDeps
 from voice.media.asr import AsrError, PartialResult, SpeechResult
 from voice.sip.outcome import CallOutcome
@@ -176,13 +176,14 @@ class Rig:
         speech: bool = True,
         flows: Path = FLOWS,
         params: FlowParams | None = None,
+        flowset: FlowSet | None = None,
     ) -> None:
         self.call = ScriptedCall(called)
         self.renderer = ScriptedRenderer()
         self.call.renderer = self.renderer
         self.model = ScriptedModel()
         self.saved: list[CallResult] = []
-        flowset = load_flows(flows)
+        flowset = flowset or load_flows(flows)  # given: loaded before (not on a loop)
         params = params or FlowParams(speech_enabled=speech)
 
         async def post(key: str, values: Mapping[str, str], timeout_s: float) -> Any:
