@@ -80,7 +80,7 @@ NUMBERS = [
     ("a worker that has not answered in 0.5 s", http_workers.SNAPSHOT_DEADLINE_S, 0.5),
     ("its state, every half second", http_workers.STATE_EVERY_S, 0.5),
     ("within the last 2 s", main_link.STATE_STALE_S, 2),
-    ("within the second before", main_link.METRICS_EVERY_S, 1),
+    ("a running worker sends one every second", main_link.METRICS_EVERY_S, 1),
     ("(a timer for 30 s", dispatcher.LEASE_S, 30),
     ("a webhook job for 60 s or more", webhooks.LEASE_S, 60),
     ("their lease (60 s) ends", webhooks.LEASE_S, 60),
