@@ -302,6 +302,12 @@ async def test_loop_watch_catches_a_blocking_step() -> None:
         await asyncio.sleep(0)
     assert blocked, "an 80 ms busy wait in the loop was not reported"
     with watch_loop_blocking(loop, limit_s=0.05) as blocked:
+        await asyncio.sleep(0)
+        time.sleep(0.3)  # noqa: ASYNC251 (a blocking wait past five times the limit: the point)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert blocked, "a 300 ms blocking sleep in the loop was not reported"
+    with watch_loop_blocking(loop, limit_s=0.05) as blocked:
         await asyncio.sleep(0.08)
     assert not blocked, f"a non-blocking sleep was reported: {blocked}"
 
