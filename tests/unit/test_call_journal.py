@@ -369,3 +369,36 @@ async def test_a_record_erased_while_a_replay_lists_the_folder_is_not_counted(
     assert (await replaying).stopped
     assert sorted(p.name for p in folder.iterdir()) == ["in-a.sealed"]
     assert on_disk.now() == OnDisk(kept=1), "an erased record is counted as waiting"
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe damaged \x80", b"not a sealed record"])
+async def test_a_damaged_copy_on_disk_makes_the_call_known_to_an_erasure(
+    tmp_path: Path, content: bytes
+) -> None:
+    # A copy that does not open (damaged on disk: bytes that are not even text) is the
+    # call's, and erasable (README: "a copy that does not open with the service's keys counts
+    # as the call's and is erased"). Before, a copy whose bytes were not UTF-8 raised
+    # UnicodeDecodeError out of holds(): the DELETE failed instead of erasing it.
+    folder = tmp_path / "unsaved-calls"
+    journal = _journal(folder)
+    record = CallRecord("main_menu", (), (), None, (), None, None, "ended")
+    await journal.keep(CallResult("in-damaged", "+31612345678", "700", T0, T0 + 9, record))
+    (folder / "in-damaged.sealed").write_bytes(content)
+    assert await journal.holds("in-damaged", T0 + 60)
+    assert await journal.holds("in-damaged")
+
+
+async def test_a_damaged_copy_on_disk_is_left_for_the_operator_not_a_stop_of_the_replay(
+    tmp_path: Path,
+) -> None:
+    # Bytes that are not even text (a damaged file) are a record that does not open: left
+    # there and counted, as one sealed under a lost secret. Before, UnicodeDecodeError came
+    # out of replay(): every replay stopped at that file, and the records listed after it
+    # never reached Redis.
+    folder = tmp_path / "unsaved-calls"
+    journal = _journal(folder)
+    record = CallRecord("main_menu", (), (), None, (), None, None, "ended")
+    await journal.keep(CallResult("in-damaged", "+31612345678", "700", T0, T0 + 9, record))
+    (folder / "in-damaged.sealed").write_bytes(b"\xff\xfe damaged \x80")
+    assert await journal.replay(T0 + 60) == Replayed(left=1)
+    assert (folder / "in-damaged.sealed").exists()

@@ -1063,3 +1063,12 @@ def test_check_refuses_an_outcome_unheard_with_nothing_to_hear_or_a_verdict(
         FLOW.replace('  bye:\n    hangup: "Goodbye."\n    outcome: done\n', bye), encoding="utf-8"
     )
     assert message in [f.message for f in check_files([flows])]
+
+
+def test_the_notice_before_a_goodbye_after_a_closed_0_is_rendered_at_start() -> None:
+    # A 0 typed during the lookup, no question left, the desk closed: the notice, then the
+    # results' closed goodbye. One text that depends only on the settings (README: static
+    # prompts are rendered at start-up), yet it was rendered while the caller waited.
+    engine, _, said = _results_closed_goodbye(typed_0=True)
+    assert said.startswith(NOTICE) and said != NOTICE, said
+    assert said in engine.flowset.get("results").static_prompts(engine.params)

@@ -152,6 +152,8 @@ def _flow_outcomes(flowset: FlowSet) -> set[str]:
         for node in flow.nodes.values():
             if isinstance(node, Transfer | Hangup) or (isinstance(node, Webhook) and node.outcome):
                 out.add(node.outcome)
+            if isinstance(node, Hangup) and node.outcome_unheard:
+                out.add(node.outcome_unheard)  # its goodbye unheard twice
     return out
 
 
@@ -651,3 +653,22 @@ def test_the_engines_outcomes_are_the_readmes() -> None:
     """The outcomes the properties accept are those "The clinic line" names."""
     readme = (SHIPPED.parent / "README.md").read_text(encoding="utf-8")
     assert [o for o in sorted(ENGINE_OUTCOMES) if f"`{o}`" not in readme] == []
+
+
+def test_a_goodbye_unheard_twice_ends_with_an_outcome_the_properties_accept() -> None:
+    """The results' closed goodbye, after the status, fails to play twice: the call ends as
+    its ``outcome_unheard`` (results_status_unheard), an outcome the flow names, which
+    the properties above must accept (a run that drew this call failed on it)."""
+    d = _start("results", World(open=False), False, "urgency")
+    _handle(d, PromptDone())  # the date of birth's question
+    for key in "01012000#":
+        _handle(d, Digit(key))
+    _handle(d, PromptDone())  # the patient number's question
+    for key in "1234#":
+        _handle(d, Digit(key))
+    _handle(d, WebhookResult(True, {"ready": "yes"}))
+    _handle(d, PromptDone())  # "Your results are ready in the patient portal."
+    _handle(d, PromptFailed())
+    _handle(d, PromptFailed())
+    _check_end(d)
+    assert d.stores[0].outcome == "results_status_unheard"

@@ -792,6 +792,12 @@ class Flow:
                         add(self.reprompt(node, kind, count, params.speech_for(self.language)))
             elif isinstance(node, Transfer | Hangup):
                 add(node.prompt)
+                if isinstance(node, Hangup) and staff:
+                    # Out of hours, after a 0 with no question left to take it (the engine's
+                    # _terminal): the notice, then the goodbye (as it is, when it tells the
+                    # notice itself).
+                    told = "closed_notice" in placeholders(node.prompt)
+                    add(node.prompt if told else f"{{closed_notice}} {node.prompt}".strip())
                 if isinstance(node, Hangup) and node_outcome(node) is not None:
                     # A triage's advice that failed twice, the nurse then not reached: said
                     # before what the call's end brings instead (the engine's unheard_advice).

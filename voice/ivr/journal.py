@@ -509,8 +509,10 @@ class CallJournal:
             sealed = path.read_text()
         except FileNotFoundError:
             return False
-        except OSError:
-            return True  # not readable (its mode, a disk error): erasable, as any copy
+        except (OSError, UnicodeDecodeError):
+            # Not readable (its mode, a disk error) or damaged (bytes that are no text):
+            # erasable, as any copy that does not open.
+            return True
         try:
             started_at = self._store.reopen(call_id, sealed).started_at
         except (InvalidTag, ValueError, KeyError, TypeError):
@@ -593,7 +595,9 @@ def _delete(path: Path) -> None:
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text()
+        # Bytes that are no text (a damaged file) read as a record that does not open (the
+        # replay's UNREADABLE: left for the operator), not an error that stops every replay.
+        return path.read_text(errors="replace")
     except FileNotFoundError:
         return None
 
