@@ -261,8 +261,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_SIP_PASSWORD",
         "",
-        "password for digest auth at the PBX, and for any challenge to the workers' requests "
-        "in a call (a REFER answered 401 or 407), with or without CLINIC_SIP_REGISTRAR",
+        "password for digest auth at the PBX (also to a challenge in a call, a REFER "
+        "answered 401 or 407, behind CLINIC_SIP_REGISTRAR only: in direct mode a call's "
+        "far end may be anyone)",
     ),
     Variable(
         "CLINIC_FLASHCALL_PREFIX",

@@ -52,7 +52,8 @@ async def line(
     async with running_clinic_line(
         tmp_path_factory.mktemp("clinic"),
         openapi_responses,
-        # Credentials with no registrar: a far end that challenges the REFER gets it again.
+        # Credentials with no registrar: a caller's side that challenges a request of the
+        # call gets no digest of the password (see CHALLENGE_407).
         {"CLINIC_SIP_USER": "clinic", "CLINIC_SIP_PASSWORD": "s3cret"},
         prompt_cache=ivr_prompt_cache,
     ) as svc:
@@ -116,6 +117,7 @@ def frag(code: int, reason: str) -> str:
 
 ACTIVE = "active;expires=60"
 DONE = "terminated;reason=noresource"
+CHALLENGE_407 = ('Proxy-Authenticate: Digest realm="clinic", nonce="n0nce", algorithm=MD5',)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,16 +131,8 @@ class Case:
     service_ends: bool = False  # the service hangs up (its BYE)
 
 
-def _failed(
-    name: str, status: int, *notifies: Notify, whole: bool = True, challenge: int | None = None
-) -> Case:
-    answer = ReferAnswer(
-        name,
-        status,
-        notifies,
-        hangup_ms=OFFER_MS if whole else GLIMPSE_MS,
-        challenge=challenge,
-    )
+def _failed(name: str, status: int, *notifies: Notify, whole: bool = True) -> Case:
+    answer = ReferAnswer(name, status, notifies, hangup_ms=OFFER_MS if whole else GLIMPSE_MS)
     return Case(answer, transferred=False, offer=True, beep=whole)
 
 
@@ -185,14 +179,14 @@ CASES = [
     # to pjsua: nobody reported them).
     _failed("notify_sipfrag_after_crlf_terminated", 202, Notify("\nSIP/2.0 486 Busy", DONE, 3)),
     _failed("notify_sipfrag_sip3_terminated", 202, Notify("SIP/3.0 486 Busy Here", DONE, 3)),
-    # A REFER challenged (407) and sent again with credentials: its subscription is named
-    # by the CSeq it was sent again with (only the first one's was known: its unreadable
-    # end was nobody's, and the caller heard the ring tone until the 180 s wait ran out).
-    _failed(
-        "refer_407_then_notify_named_broken_terminated",
-        202,
-        Notify("garbage, no status", DONE, 3, named=True),
-        challenge=407,
+    # A REFER challenged (407) in direct mode: the caller's side, whoever called, gets no
+    # digest of CLINIC_SIP_PASSWORD (for a nonce of its choosing, to guess the password
+    # offline): the REFER is not sent again, the transfer failed. (Behind a PBX it is sent
+    # again with the credentials: tests/unit/test_sip_refer.py.)
+    Case(
+        ReferAnswer("refer_407_in_direct_mode", 407, headers=CHALLENGE_407, hangup_ms=GLIMPSE_MS),
+        transferred=False,
+        offer=True,
     ),
     # Two NOTIFYs out of order: the later one (486, terminated) first; the stale one gets
     # the dialog's 500 and changes nothing.
@@ -236,6 +230,7 @@ async def test_a_transfer_answered_this_way_is_recorded_and_heard_as_promised(
     async with rtp_peer() as rtp:
         code, trace = await run_sipp(line, case.answer, tmp_path, rtp.port)
         heard = rtp.pcm()
+    assert "Authorization:" not in trace, "the caller's side got a digest of the password"
     assert code == 0, f"sipp scenario {case.answer.name} failed ({code}): {trace[-4000:]}"
     assert rtp.packets > 0, "the caller heard nothing at all"
     record = await line.new_record(before)
@@ -290,6 +285,18 @@ SECOND = [
         second=(Notify("garbage, no status", DONE, 12),),
         ending=Ending.SERVICE_BYE,
     ),
+    # The same with the nurse's REFER challenged (407) and not sent again (direct mode):
+    # it has no subscription either. Taken for live (a challenge leaves the subscription
+    # to the REFER sent again, which never came), it owned the id-less end of the staff
+    # desk's transfer, which nobody reported.
+    ReferAnswer(
+        "second_transfer_after_challenged_refer_broken_terminated",
+        407,
+        headers=CHALLENGE_407,
+        digits="411",
+        second=(Notify("garbage, no status", DONE, 10),),
+        ending=Ending.SERVICE_BYE,
+    ),
     # The same with the nurse's REFER refused outright (no subscription at all).
     ReferAnswer(
         "second_transfer_after_refused_refer_no_body_terminated",
@@ -311,6 +318,7 @@ async def test_a_second_transfer_ended_with_no_status_fails_at_once(
     async with rtp_peer() as rtp:
         code, trace = await run_sipp(line, answer, tmp_path, rtp.port)
         heard = rtp.pcm()
+    assert "Authorization:" not in trace, "the caller's side got a digest of the password"
     assert code == 0, f"sipp scenario {answer.name} failed ({code}): {trace[-4000:]}"
     assert trace.count("REFER sip:") == 2, "not two REFERs in the call"
     assert "BYE sip:sipp@" in trace, "the service did not hang up"

@@ -160,6 +160,38 @@ def test_a_challenged_refer_is_named_by_the_cseq_it_was_sent_again_with() -> Non
     assert subs.ends_newest(_notify(DONE, b"garbage", event="refer;id=8"))
 
 
+def test_a_challenged_refer_sent_again_before_its_challenge_is_read_stays_live() -> None:
+    # pjsip may send the REFER again (and the worker see it sent) before the worker reads
+    # the challenge it answers: that challenge ends nothing.
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.sent(7)
+    subs.sent(8)
+    subs.answered(7, SipStatus.UNAUTHORIZED)
+    subs.answered(8, SipStatus.ACCEPTED)
+    assert subs.ends_newest(_notify(DONE, b"garbage"))
+
+
+@pytest.mark.parametrize("resent", [False, True])
+def test_a_challenge_not_answered_leaves_no_subscription(resent: bool) -> None:
+    # The nurse's REFER challenged and not sent again (no credentials in direct mode, or a
+    # second challenge to the REFER sent again with them: pjsip gives up): it failed, with
+    # no subscription, and an id-less NOTIFY is the staff transfer's tried after it. Kept
+    # live, that end was nobody's, and the caller heard the ring tone until the 180 s wait
+    # ran out.
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.sent(3)
+    subs.answered(3, SipStatus.PROXY_AUTHENTICATION_REQUIRED)
+    if resent:
+        subs.sent(4)
+        subs.answered(4, SipStatus.PROXY_AUTHENTICATION_REQUIRED)
+    subs.transfer()
+    subs.sent(5)
+    subs.answered(5, SipStatus.ACCEPTED)
+    assert subs.ends_newest(_notify(DONE, b"garbage"))
+
+
 @pytest.mark.parametrize("event", ["refer;id=7", "refer; id = 7", "refer;ID=7"])
 def test_an_id_names_the_refer_by_its_cseq(event: str) -> None:
     assert _subs(7).ends_newest(_notify(DONE, b"garbage", event=event))

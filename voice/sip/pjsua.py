@@ -369,15 +369,16 @@ class Engine:
             acfg.regConfig.timeoutSec = 60  # short: a restarted registrar relearns us soon
             acfg.regConfig.retryIntervalSec = 2
             acfg.regConfig.firstRetryIntervalSec = 1
-        else:
-            acfg.regConfig.registerOnAdd = False
-        if cfg.registrar or cfg.password:
-            # With or without a registrar: a far end that challenges a request in a call's
-            # dialog (a REFER answered 407, RFC 3261 section 22) gets it sent again with
-            # these, as a challenged MESSAGE is (see _on_request_done).
+            # Behind the PBX only: pjsua answers a challenge to any request in any call's
+            # dialog (a REFER or BYE answered 401/407, RFC 3261 section 22) with these, for
+            # any realm ("*"), and here every dialog is with the PBX. In direct mode an
+            # inbound call's far end is whoever called: answering its challenge hands it a
+            # digest of the password for a nonce of its choosing, to guess offline.
             acfg.sipConfig.authCreds.append(
                 pj.AuthCredInfo("digest", "*", cfg.user, 0, cfg.password)
             )
+        else:
+            acfg.regConfig.registerOnAdd = False
         account = _Account(self)
         account.create(acfg, True)
         self._account = account

@@ -141,14 +141,18 @@ class ReferSubscriptions:
         """A REFER went out with ``cseq``: the newest transfer's, sent first or again after a
         digest challenge."""
         if self._refers:
-            self._refers[-1].cseqs.append(cseq)
+            refer = self._refers[-1]
+            refer.cseqs.append(cseq)
+            refer.live = True  # sent again after a challenge: the subscription goes on
 
     def answered(self, cseq: int, status: int, *, refer_sub: bool = True) -> None:
         """The final response to the REFER sent with ``cseq``. A 401 or 407 leaves the
-        subscription to the REFER sent again; any other failure, or a 2xx with
-        ``Refer-Sub: false`` (RFC 4488), leaves no subscription."""
+        subscription to the REFER sent again, if one is (:meth:`sent`: pjsip may send it
+        before or after the worker reads the challenge); not sent again (no credentials, or
+        a second challenge), it failed. Any other failure, or a 2xx with ``Refer-Sub:
+        false`` (RFC 4488), leaves no subscription."""
         refer = next((r for r in self._refers if cseq in r.cseqs), None)
-        if refer is None or status in _CHALLENGES:
+        if refer is None or (status in _CHALLENGES and cseq != refer.cseqs[-1]):
             return
         if status >= 300 or not refer_sub:
             refer.live = False
