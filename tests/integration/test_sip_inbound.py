@@ -18,6 +18,7 @@ import pytest
 from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import HostPort
 from tests.conftest import SIPP_OTHER_SOCKETS, free_port, sip_settings
+from tests.peers.reused_call_id import SCENARIOS as REUSED_CALL_ID_SCENARIOS
 from voice.sip import front as front_module
 from voice.sip import message
 from voice.sip.front import RedirectFront
@@ -473,6 +474,75 @@ async def test_a_callback_that_raised_leaves_no_call_to_abort_the_worker_at_its_
     assert [p.returncode for p in procs if p is not None] == [0], err[-3000:]
     assert "pjsua callback onDtmfDigit failed" in err, err[-3000:]
     assert "still referenced at stop" not in err, err[-3000:]
+
+
+async def test_a_call_hung_up_by_the_stop_ends_as_it_ended_not_as_worker_lost() -> None:
+    """The worker's stop hangs its calls up, and each one's end (ENDED) was emitted during
+    it but never written: the pool ended them all ``worker_lost``, status 0, at the worker's
+    exit. They end as they did: answered calls completed with the BYE's 200."""
+    pool = SipPool(sip_settings(1), clock=SystemClock())
+    await pool.start()
+    answered = asyncio.Event()
+    handles: list[CallHandle] = []
+
+    async def handler(call: CallHandle) -> None:
+        handles.append(call)
+        await call.answer()
+        async for ev in call.events:
+            if isinstance(ev, CallEvent) and ev.state is CallState.ANSWERED:
+                answered.set()
+
+    pool.on_incoming(handler)
+    try:
+        phone = asyncio.create_task(
+            run_softphone("--call", f"sip:6000@{pool.worker_addresses()[0]}", "--timeout", "20")
+        )
+        async with asyncio.timeout(15):
+            await answered.wait()
+    finally:
+        await pool.stop()  # hangs the call up: the softphone gets its BYE
+    events = await phone
+    assert events[-1]["event"] == "ended", events
+    (call,) = handles
+    assert (call.outcome, call.sip_status, call.cut) == (CallOutcome.COMPLETED, 200, "shutdown")
+
+
+@pytest.mark.parametrize("scenario", REUSED_CALL_ID_SCENARIOS)
+async def test_a_dead_call_freed_after_its_call_id_was_reused_leaves_the_new_call_up(
+    scenario: str,
+) -> None:
+    """pjsua2's ``Call::~Call`` clears the user data of the call id it names and hangs it up,
+    and that id is not reset at DISCONNECTED (pjsip#3856). A dead call freed after pjsua had
+    given its id to a new call (its far end's BYE and the new call in one pump of a full
+    worker, or a reference that outlived it) hung the new call up and cut it off from its
+    callbacks: its end never came, its slot stayed taken. The engine (in a process of its
+    own, calling itself: tests/peers/reused_call_id.py) keeps the new call up, and reports
+    its end."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.peers.reused_call_id",
+        scenario,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"tests.peers.reused_call_id {scenario}: not done in 60 s") from None
+    lines = [x for x in out.decode().splitlines() if x.startswith("{")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}: {out!r} {err[-3000:]!r}"
+    result = json.loads(lines[-1])
+    assert result == {
+        "e_up_after_b_was_freed": True,
+        "e_end_reported": True,
+        "e_inbound_end_reported": True,
+        "free_slots": 2,
+    }, result
 
 
 async def test_a_caller_past_the_last_free_slot_gets_486_at_once_and_is_counted_and_logged(

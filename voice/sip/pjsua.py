@@ -11,7 +11,8 @@ held by a strong reference until pjsua reports DISCONNECTED, then dropped on the
 thread one pump later (destroying a ``Call`` inside its own callback aborts the process).
 None may be destroyed after ``libDestroy`` either: its C++ destructor then trips an assertion
 on pjsua's cleared tables and aborts the process at its exit (see :func:`_callback` and
-:meth:`Engine.stop`).
+:meth:`Engine.stop`). Nor may a dead ``Call`` be destroyed once pjsua has given its call id
+to a new call, which its destructor would hang up (``_Call.__del__`` disowns it instead).
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def _callback(method: Callable[_P, None]) -> Callable[_P, None]:
     Freed after ``libDestroy``, at the worker's exit, its C++ destructor failed pjsua's
     assertion (``pjsua_call_set_user_data: call_id>=0 ...``) and aborted the worker: seen at
     a test's teardown, after a NOTIFY the transfer check could not read had raised. Freed
-    at run time (when the next exception took its place), a ``Call`` clears the user data
-    of whichever call has taken its id since and hangs that call up (pjsip#3856).
+    at run time (when the next exception took its place), a ``Call`` cleared the user data
+    of whichever call had taken its id since and hung that call up (pjsip#3856): such a
+    ``Call`` is now disowned instead (see ``_Call.__del__``).
     """
 
     @functools.wraps(method)
@@ -238,6 +240,38 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.xfer_count = 0  # transfers tried on this call
         self.refers = refer.ReferSubscriptions()  # their subscriptions, as pjsip keeps them
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
+        self.disowned = False  # left to the process's end (see __del__)
+
+    def __del__(self) -> None:
+        # pjsua2's Call::~Call acts on the call id this object was given, which pjsua2 does
+        # not reset at DISCONNECTED: it clears that id's user data and hangs it up if it is
+        # in a call. Once pjsua has given the id to a new call (a far end's BYE and a new
+        # INVITE, or a redial, in one pump on a full worker; a dead call a traceback kept),
+        # that hung up the new call and cut it off from its callbacks: its end never came,
+        # and its slot stayed taken (pjsip#3856). Such a Call is disowned instead: neither
+        # side is freed, a few hundred bytes left to the process's end, only in that race.
+        # Here, not where the engine drops its dead calls: this runs whatever drops the last
+        # reference (a traceback's too). What is still alive at the stop is disowned before
+        # libDestroy (Engine._disown_leftovers).
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return  # __init__ failed before: nothing of ours to mind
+        try:
+            pj_id = self.getId()
+            now = engine._live_call_with_id(pj_id, besides=self) if pj_id >= 0 else None
+            if now is None:
+                return
+            log.info(
+                "call %s: freed after pjsua gave its call id %s to call %s: left to the "
+                "process's end (pjsip#3856)",
+                self.call_id,
+                pj_id,
+                now.call_id,
+            )
+            self.disowned = True
+            self.__disown__()
+        except Exception:  # a finaliser's error is only printed: logged with its traceback
+            log.exception("call %s: freeing it failed", getattr(self, "call_id", "-"))
 
     @_callback
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
@@ -440,8 +474,10 @@ class Engine:
                 ep.libHandleEvents(10)
         except pj.Error as exc:
             log.warning("hangup at shutdown failed: %s", exc.info())
-        self._calls.clear()
+        # The dead first, while the live calls are still known: one whose call id a live
+        # call has taken is disowned, not freed (see _Call.__del__).
         self._dead.clear()
+        self._calls.clear()
         self._ended_refers.clear()
         self._disown_leftovers()
         if self._account is not None:
@@ -461,7 +497,11 @@ class Engine:
         is left to the process's end, which destroys nothing.
         """
         gc.collect()
-        left = [o for o in gc.get_objects() if isinstance(o, _Call | _Player | _Listener)]
+        left = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, _Call | _Player | _Listener) and not getattr(o, "disowned", False)
+        ]
         if not left:
             return
         log.error(
@@ -471,6 +511,13 @@ class Engine:
         )
         for obj in left:
             obj.__disown__()
+
+    def _live_call_with_id(self, pj_id: int, *, besides: _Call) -> _Call | None:
+        """The live call (not ``besides``) that pjsua knows by call id ``pj_id``, if any."""
+        for call in self._calls.values():
+            if call is not besides and call.getId() == pj_id:
+                return call
+        return None
 
     def free_slots(self) -> int:
         """Calls this process can still take."""

@@ -100,6 +100,8 @@ WORKER_SILENT_S = 30.0
 QUIET_AFTER_S = 3.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
+# The line of a worker's exit during stop(): at ERROR when its status is not 0.
+WORKER_EXITED_AT_STOP = "SIP worker %s exited with status %s"
 # What stop() then gives the calls' tasks, cancelled, to wind up: a call's record waits 2 s
 # for Redis (voice/ivr/session.py STOP_SAVE_S), then is kept on disk in milliseconds. A
 # task still at it (a disk write that hangs: NFS, a failing disk) is cancelled once more,
@@ -1105,7 +1107,7 @@ class SipPool:
             # -6; its stderr says where), or it was killed for not stopping (-9, warned).
             # As info, a worker's abort at every stop went unseen.
             level = logging.INFO if exit_status == 0 else logging.ERROR
-            log.log(level, "SIP worker %s exited with status %s", w.index, exit_status)
+            log.log(level, WORKER_EXITED_AT_STOP, w.index, exit_status)
             return
         log.error(
             "SIP worker %s died (exit %s, up=%s): %s call(s) lost",

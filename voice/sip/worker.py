@@ -133,7 +133,19 @@ def run(config: EngineConfig, in_fd: int, out_fd: int) -> int:
     finally:
         engine.stop()
         waker.close()
+        _flush_at_exit(out)
     return 0
+
+
+def _flush_at_exit(out: _Out) -> None:
+    """Send what the stop emitted: the end (ENDED) of each call it hung up. Left unsent, the
+    pool ended those calls as ``worker_lost`` (status 0) at the worker's exit instead of how
+    they ended. When nobody reads any more (the pool is gone: EPIPE), they are dropped:
+    nobody is left to tell."""
+    try:
+        out.flush()
+    except OSError as exc:
+        log.info("the ends of the calls hung up at the stop were not sent: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
