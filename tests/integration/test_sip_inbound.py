@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -1065,12 +1066,12 @@ async def test_a_play_stopped_while_the_caller_holds_never_starts(
                 seen.append((loop.time(), ("stopped", stopped)))
                 while not any(isinstance(ev, Hold) and not ev.held for _, ev in seen):
                     seen.append((loop.time(), await call.next_event()))
-                # What comes in the 2 s after the hold's end (the 1 s prompt, had it started).
+            # What comes in the 2 s after the hold's end (the 1 s prompt, had it started):
+            # only this window's end is expected; the 15 s above running out fails the test.
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     while True:
                         seen.append((loop.time(), await call.next_event()))
-        except TimeoutError:
-            pass  # what was seen is asserted below
         finally:
             await call.hangup()
 
