@@ -1970,3 +1970,60 @@ def test_the_nurse_taking_an_unheard_advice_is_told_it_was_unheard(tmp_path: Pat
     (transfer,) = [a for a in actions if isinstance(a, TransferCall)]
     summary = dict(transfer.headers)[SUMMARY_HEADER]
     assert "unheard%3A advice" in summary, summary
+
+
+# The fever answered, a short say before the advice: a 0 pressed while it plays reaches the
+# advice's goodbye with no question left to take it (as during a lookup): the advice, then
+# "connecting you" to staff, below U2 (U3).
+ADVICE_AFTER_SAY_FLOW = ADVICE_FLOW.replace("goto: advice}", "goto: noted}").replace(
+    "  advice:\n",
+    '  noted:\n    say: "Thank you."\n    next: advice\n  advice:\n',
+)
+
+
+def _advice_before_staff(tmp_path: Path) -> tuple[Engine, CallState, str]:
+    """The advice said before "connecting you", after a 0 below U2: its prompt plays."""
+    (tmp_path / "g.yaml").write_text(ADVICE_AFTER_SAY_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams(transfer_summary="full"))
+    state, _ = engine.start(engine.flowset.get("g"))
+    for event in (DONE, Digit("1")):
+        state, _ = engine.handle(state, event)
+    assert state.node == "noted"
+    state, actions = engine.handle(state, Digit("0"))  # while "Thank you." plays
+    (said,) = texts(actions)
+    assert said.startswith(ADVICE) and state.pending is Pending.TRANSFER, said
+    assert state.triage is not None and state.triage.urgency is Urgency.U3
+    return engine, state, said
+
+
+def test_a_triage_advice_before_a_human_asked_for_below_u2_unheard_is_on_record(
+    tmp_path: Path,
+) -> None:
+    # The caller pressed 0 below U2: the advice is said first, then "connecting you". Its
+    # words failed: before, the prompt was skipped as any say and the transfer went ahead
+    # with nothing in the record or the summary to tell staff the caller never heard "see a
+    # doctor today, call the out-of-hours service now" (the U2+ path said so).
+    engine, state, said = _advice_before_staff(tmp_path)
+    state, actions = engine.handle(state, FAILED)
+    assert texts(actions) == [said], "not said once more"
+    state, actions = engine.handle(state, FAILED)
+    (transfer,) = [a for a in actions if isinstance(a, TransferCall)]
+    assert transfer.uri == FlowParams().staff_uri  # the transfer goes ahead
+    assert "unheard%3A advice" in dict(transfer.headers)[SUMMARY_HEADER]
+    state, actions = engine.handle(state, TransferResult(True))
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "transfer_staff"
+    assert "unheard: advice" in store.record.reasons, store.record.reasons
+    assert [s.input for s in store.record.path].count(PROMPT_FAILED) == 2
+
+
+def test_a_triage_advice_before_a_human_heard_the_second_time_is_not_noted(
+    tmp_path: Path,
+) -> None:
+    engine, state, _ = _advice_before_staff(tmp_path)
+    for event in (FAILED, DONE):
+        state, actions = engine.handle(state, event)
+    assert [type(a) for a in actions] == [TransferCall]
+    state, actions = engine.handle(state, TransferResult(True))
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert not [r for r in store.record.reasons if r.startswith("unheard")]

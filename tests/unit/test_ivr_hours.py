@@ -24,6 +24,7 @@ from voice.ivr.engine import (
     CallState,
     Digit,
     Engine,
+    HangUp,
     Listen,
     NoInput,
     Pending,
@@ -35,9 +36,10 @@ from voice.ivr.engine import (
     RecordDone,
     Store,
     TransferCall,
+    TransferResult,
     WebhookResult,
 )
-from voice.ivr.flow import FlowError, FlowParams, load_flows
+from voice.ivr.flow import FlowError, FlowParams, Say, load_flows
 from voice.ivr.opening_hours import OpeningHours, always_open, parse_week
 from voice.ivr.simulate import main as simulate
 from voice.ivr.simulate import script_call
@@ -1014,6 +1016,106 @@ def test_a_closed_goodbye_that_claims_a_saying_unheard_twice_does_not_claim_it(
     assert store.record.outcome == "results_status_given"
 
 
+def _results_status(ready: str, is_open: bool) -> tuple[Engine, CallState, str]:
+    """The shipped results flow: the lookup answered, its status line playing."""
+    engine = Engine(load_flows(SHIPPED), params(is_open))
+    state, _ = engine.start(engine.flowset.get("results"))
+    for entry in ("01021990#", "1234#"):
+        state, _ = engine.handle(state, PromptDone())
+        for key in entry:
+            state, _ = engine.handle(state, Digit(key))
+    state, actions = engine.handle(state, WebhookResult(True, {"ready": ready}))
+    (status,) = plays(actions)
+    assert state.node == ("ready" if ready == "yes" else "not_ready"), state.node
+    return engine, state, status
+
+
+@pytest.mark.parametrize("ready", ["yes", "no"])
+@pytest.mark.parametrize(
+    ("is_open", "answers", "outcome"),
+    [
+        (False, [], "results_status_unheard"),  # the closed goodbye
+        (True, ["2"], "results_status_unheard"),  # "discuss with staff?" no: the open bye
+        (True, [":hangup"], "caller_hung_up"),
+        (True, ["1"], "transfer_staff"),  # staff can tell the status
+    ],
+    ids=["closed bye", "open bye", "hung up at the question", "staff"],
+)
+def test_a_results_status_unheard_twice_is_not_given(
+    ready: str, is_open: bool, answers: list[str], outcome: str
+) -> None:
+    # "Your results are ready in the patient portal" is what results_status_given claims was
+    # said. Before, it was skipped at its first failure as any say, and both goodbyes after
+    # it recorded results_status_given: the open bye (its "Goodbye." heard, an answer to the
+    # question between) and the closed one (its own words heard). Now it is said once more;
+    # unheard again, the call goes on and does not claim it.
+    engine, state, status = _results_status(ready, is_open)
+    state, actions = engine.handle(state, PromptFailed())
+    assert plays(actions) == [status], "not said once more"
+    state, actions = engine.handle(state, PromptFailed())
+    assert status not in plays(actions)  # goes on: the question, or the goodbye
+    for answer in answers:
+        state, actions = engine.handle(state, PromptDone())
+        state, actions = engine.handle(state, HangUp() if answer == ":hangup" else Digit(answer))
+    while state.phase is not Phase.ENDED:
+        state, actions = engine.handle(
+            state, TransferResult(True) if state.phase is Phase.TRANSFERRING else PromptDone()
+        )
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == outcome
+    assert [s.input for s in store.record.path].count("prompt_failed") == 2
+
+
+@pytest.mark.parametrize("is_open", [False, True], ids=["closed", "open"])
+def test_a_results_status_heard_the_second_time_is_given(is_open: bool) -> None:
+    engine, state, _ = _results_status("yes", is_open)
+    state, _ = engine.handle(state, PromptFailed())
+    state, _ = engine.handle(state, PromptDone())  # heard
+    if is_open:
+        state, _ = engine.handle(state, PromptDone())  # "discuss with staff?"
+        state, _ = engine.handle(state, Digit("2"))
+    state, actions = engine.handle(state, PromptDone())  # the goodbye
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "results_status_given"
+
+
+def test_a_caller_who_hangs_up_at_the_goodbye_after_an_unheard_status_was_not_given_it() -> None:
+    engine, state, _ = _results_status("yes", False)
+    for _ in range(2):
+        state, _ = engine.handle(state, PromptFailed())
+    assert state.node == "bye_closed" and state.outcome == "results_status_given"
+    state, actions = engine.handle(state, HangUp())
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "results_status_unheard"
+
+
+def test_simulate_unheard_walks_a_status_line_that_failed() -> None:
+    # flow simulate --unheard ready: the status line fails each time it plays, as on a
+    # call with a broken text to speech; the tester sees it said twice and the outcome.
+    out: list[str] = []
+    lines = iter(["01021990#", "1234#", "ready=yes", "2"])
+    argv = ["results", "--flows-dir", str(SHIPPED), "--open", "--unheard", "ready"]
+    assert simulate(argv, input_fn=lambda _: next(lines), output_fn=out.append) == 0
+    assert out.count("   (prompt failed: the caller heard none of it)") == 2, out
+    assert "   outcome: results_status_unheard" in out, out
+    # script_call, the simulator's scripted twin, takes the same switch.
+    engine = Engine(load_flows(SHIPPED), params(True))
+    _, actions = script_call(
+        engine,
+        "results",
+        ["01021990#", "1234#", "2"],
+        webhook_data={"ready": "yes"},
+        unheard=frozenset({"ready"}),
+    )
+    assert [a.record.outcome for a in actions if isinstance(a, Store)] == ["results_status_unheard"]
+
+
+def test_simulate_unheard_names_a_node_of_the_flows(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["results", "--flows-dir", str(SHIPPED), "--unheard", "no_such_node"]
+    assert simulate(argv, input_fn=lambda _: "", output_fn=print) == 2
+    assert "--unheard: no node 'no_such_node'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("endings", "before"),
     [
@@ -1063,6 +1165,55 @@ def test_check_refuses_an_outcome_unheard_with_nothing_to_hear_or_a_verdict(
         FLOW.replace('  bye:\n    hangup: "Goodbye."\n    outcome: done\n', bye), encoding="utf-8"
     )
     assert message in [f.message for f in check_files([flows])]
+
+
+SHUT_SAY = '  shut:\n    say: "Closed."\n    next: menu\n'
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ("    outcome_unheard: done_unheard\n", "a say's 'outcome_unheard' needs 'backs_outcome'"),
+        ("    backs_outcome: done\n", "a say's 'backs_outcome' needs 'outcome_unheard'"),
+        (
+            "    backs_outcome: done\n    outcome_unheard: done\n",
+            "'outcome_unheard' must differ from 'backs_outcome'",
+        ),
+        (
+            "    backs_outcome: done\n    outcome_unheard: self_care\n",
+            "a say's 'outcome_unheard' cannot go with or be a triage action",
+        ),
+        (
+            "    backs_outcome: same_day\n    outcome_unheard: same_day_unheard\n",
+            "a say's 'outcome_unheard' cannot go with or be a triage action",
+        ),
+        # No goodbye ends so after it: the desk's transfer is a human, not a goodbye.
+        (
+            "    backs_outcome: transfer_staff\n    outcome_unheard: staff_unheard\n",
+            "say 'shut' backs_outcome 'transfer_staff', but no goodbye with that outcome can "
+            "follow it",
+        ),
+        (
+            "    backs_outcome: told\n    outcome_unheard: told_unheard\n",
+            "say 'shut' backs_outcome 'told', but no goodbye with that outcome can follow it",
+        ),
+    ],
+)
+def test_check_refuses_a_say_outcome_unheard_that_backs_nothing(
+    flows: Path, keys: str, message: str
+) -> None:
+    (flows / "t.yaml").write_text(FLOW.replace(SHUT_SAY, SHUT_SAY + keys), encoding="utf-8")
+    assert message in [f.message for f in check_files([flows])]
+
+
+def test_check_accepts_a_say_that_backs_a_goodbye_after_it(flows: Path) -> None:
+    before = [f.message for f in check_files([flows])]  # the spoken labels' findings
+    keys = "    backs_outcome: done\n    outcome_unheard: done_unheard\n"
+    (flows / "t.yaml").write_text(FLOW.replace(SHUT_SAY, SHUT_SAY + keys), encoding="utf-8")
+    assert [f.message for f in check_files([flows])] == before
+    say = load_flows(flows).get("t").nodes["shut"]
+    assert isinstance(say, Say)
+    assert (say.backs_outcome, say.outcome_unheard) == ("done", "done_unheard")
 
 
 def test_the_notice_before_a_goodbye_after_a_closed_0_is_rendered_at_start() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_ivr_engine import ADVICE, ADVICE_FLOW, ROUND_FLOW
+from tests.unit.test_ivr_engine import ADVICE, ADVICE_AFTER_SAY_FLOW, ADVICE_FLOW, ROUND_FLOW
 from tests.unit.test_ivr_session_races import Rig, _digit, _done, _to_breathing
 from tests.unit.test_ivr_session_transfer import _status
 from voice.ivr import engine as eng
@@ -297,3 +297,68 @@ async def test_a_triage_advice_never_heard_is_said_before_the_message(tmp_path: 
     await rig.finish()
     (saved,) = rig.saved
     assert "unheard: advice" in saved.record.reasons, saved.record.reasons
+
+
+async def test_a_triage_advice_before_staff_asked_for_below_u2_unheard_is_on_record(
+    tmp_path: Path,
+) -> None:
+    # A 0 pressed during "Thank you." (no question left, U3): the advice, then "connecting
+    # you" to staff. Its text to speech fails, both times: the transfer goes ahead, and the
+    # record says the caller never heard the advice (before: skipped at its first failure,
+    # nothing on record).
+    (tmp_path / "g.yaml").write_text(ADVICE_AFTER_SAY_FLOW, encoding="utf-8")
+    (tmp_path / "routes.yaml").write_text("default: g\nroutes: {}\n", encoding="utf-8")
+    rig = Rig(called="g", speech=False, flows=tmp_path)
+    tries = _failing_tts(rig, "You should see a doctor today")
+    rig.start()
+    fever = await rig.until_prompt("Is the fever over 39")
+    rig.call.send(_done(fever))
+    await rig.until(lambda: rig.session._listening)
+    rig.call.send(_digit("1"))
+    await rig.until_prompt("Thank you.")
+    rig.call.send(_digit("0"))
+    await rig.until(lambda: _transferred_to(rig, FlowParams().staff_uri))
+    assert len(tries) == 2, tries  # said once more
+    rig.call.send(_status(200, True))
+    await rig.until(lambda: bool(rig.saved))
+    await rig.finish()
+    (saved,) = rig.saved
+    assert "unheard: advice" in saved.record.reasons, saved.record.reasons
+
+
+BACKED_FLOW = """\
+id: s
+language: en
+human: staff
+start: status
+nodes:
+  status:
+    say: "Your results are ready in the patient portal."
+    next: bye
+    backs_outcome: told
+    outcome_unheard: told_unheard
+  bye:
+    hangup: "Goodbye."
+    outcome: told
+"""
+
+
+async def test_a_line_that_backs_an_outcome_unheard_twice_does_not_claim_it(
+    tmp_path: Path,
+) -> None:
+    # The worker cannot play the status line (PlayDone failed), twice: the goodbye is
+    # heard, yet the call must not end "told".
+    (tmp_path / "s.yaml").write_text(BACKED_FLOW, encoding="utf-8")
+    (tmp_path / "routes.yaml").write_text("default: s\nroutes: {}\n", encoding="utf-8")
+    rig = Rig(called="s", speech=False, flows=tmp_path)
+    rig.start()
+    status = await rig.until_prompt("Your results are ready")
+    rig.call.send(_failed(status))
+    await rig.until(lambda: sum("Your results" in t for _, t in rig.call.plays()) == 2)
+    rig.call.send(_failed(rig.call.last_play()[0]))
+    bye = await rig.until_prompt("Goodbye.")
+    rig.call.send(_done(bye))
+    await rig.until(lambda: bool(rig.saved))
+    await rig.finish()
+    (saved,) = rig.saved
+    assert saved.record.outcome == "told_unheard", saved.record.outcome

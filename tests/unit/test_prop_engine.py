@@ -88,6 +88,7 @@ from voice.ivr.flow import (
     FlowSet,
     Hangup,
     Record,
+    Say,
     Transfer,
     Webhook,
     load_flows,
@@ -152,8 +153,8 @@ def _flow_outcomes(flowset: FlowSet) -> set[str]:
         for node in flow.nodes.values():
             if isinstance(node, Transfer | Hangup) or (isinstance(node, Webhook) and node.outcome):
                 out.add(node.outcome)
-            if isinstance(node, Hangup) and node.outcome_unheard:
-                out.add(node.outcome_unheard)  # its goodbye unheard twice
+            if isinstance(node, Hangup | Say) and node.outcome_unheard:
+                out.add(node.outcome_unheard)  # its goodbye, or the line it backs, unheard
     return out
 
 

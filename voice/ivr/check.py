@@ -27,6 +27,9 @@ Checks, each reported as ``file:line: message``:
   (``@name``) while closed, which inherits the closed state; both cases are explored, and
   an ask's ``on_closed`` (taken only while closed) names another question of its own flow,
   in a flow whose human is staff;
+* a say's ``backs_outcome`` (with its ``outcome_unheard``) is the outcome of a goodbye that
+  can follow it, short of a transfer: otherwise the line backs nothing (the keys' own rules,
+  both or neither, no triage action, are the schema's);
 * spoken hints: in an ask that takes speech the prompt says "Say {label} or press {key}", so
   each such label must be heard as its own choice (one of its phrases, by the engine's own
   matching) and as no other.
@@ -63,6 +66,7 @@ from voice.ivr.flow import (
     InputMode,
     Node,
     Record,
+    Say,
     SetValues,
     Transfer,
     Webhook,
@@ -199,6 +203,7 @@ class _Checker:
         self.dead_ends()
         self.endless()
         self.danger_signs()
+        self.backed_outcomes()
         self.safety_paths()
         self.placeholders()
         self.spoken_labels()
@@ -374,6 +379,33 @@ class _Checker:
                             f"danger-sign ask {node.id!r}: no input or no match can end "
                             f"without a human (hang-up {bad[1]!r})",
                         )
+
+    def backed_outcomes(self) -> None:
+        """A say's ``backs_outcome`` is the outcome of a goodbye that can follow it (not past
+        a transfer: a human takes over there): otherwise its ``outcome_unheard`` could never
+        stand for anything, and the line would only be said twice for nothing."""
+        for node in self.flow.nodes.values():
+            if not isinstance(node, Say) or not node.backs_outcome:
+                continue
+            start = (self.flow.id, node.id)
+            seen = {start}
+            queue = deque([start])
+            found = False
+            while queue and not found:
+                ref = queue.popleft()
+                for nxt in self.edges(ref):
+                    other = self.flowset.get(nxt[0]).nodes[nxt[1]]
+                    if isinstance(other, Hangup) and other.outcome == node.backs_outcome:
+                        found = True
+                    elif nxt not in seen and not isinstance(other, Transfer):
+                        seen.add(nxt)
+                        queue.append(nxt)
+            if not found:
+                self.add(
+                    node.line,
+                    f"say {node.id!r} backs_outcome {node.backs_outcome!r}, but no goodbye "
+                    "with that outcome can follow it",
+                )
 
     def first_hangup(self, start: NodeRef) -> NodeRef | None:
         seen = {start}

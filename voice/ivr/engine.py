@@ -24,11 +24,15 @@ VoiceXML semantics kept here:
   never "told"; a goodbye whose outcome says so as its ``outcome_unheard``), but for a
   triage's advice: the nurse takes the call, and should the nurse not answer, the advice
   comes before the message offer or the goodbye. Any prompt to a
-  caller at U2 or more on the way to a human (the emergency advice, "connecting you") is
-  said once more too; unheard again, the transfer goes ahead. Words that go on unheard so
-  are the triage's reason ``unheard: <node>``, as is a triage's advice the call ends (or is
-  put through) without having said again. Any other prompt that failed (a say,
-  "connecting you" below U2) is skipped;
+  caller at U2 or more on the way to a human (the emergency advice, "connecting you"), and
+  a triage's advice said before "connecting you" after a 0 with no question left, at any
+  urgency, are said once more too; unheard again, the transfer goes ahead. Words that go
+  on unheard so are the triage's reason ``unheard: <node>``, as is a triage's advice the
+  call ends (or is put through) without having said again. A say that backs an outcome
+  (``outcome_unheard``: the results' status) is said once more too; unheard again, the
+  call goes on, and ends with its ``outcome_unheard`` wherever it would have ended with
+  the outcome it backs. Any other prompt that failed (a say, "connecting you" below U2)
+  is skipped;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * a webhook reply's fields become values ``<save>.<name>`` only when a flow reads them
@@ -491,6 +495,9 @@ class CallState:
     # A triage's advice (its last words) that failed twice, the nurse then tried: said again
     # before a message is taken, or the goodbye, should that transfer fail; "" once heard.
     unheard_advice: str = ""
+    # Says whose words back an outcome (``outcome_unheard``) that failed twice: (the outcome
+    # they back, the one the call ends with instead).
+    unheard_outcomes: tuple[tuple[str, str], ...] = ()
 
     def value(self, name: str) -> str | None:
         """A collected value, or ``None``."""
@@ -576,15 +583,38 @@ def _advice(state: CallState, node: Node | None) -> bool:
     )
 
 
+def _advice_to_human(state: CallState, node: Node | None) -> bool:
+    """Whether the prompt under way carries a triage's advice before "connecting you": a 0
+    pressed with no question left (while a say played, or a lookup ran) reached the advice's
+    goodbye, which is said first (:meth:`Engine._terminal`). Unheard, whoever takes the call
+    must know the caller never heard it, below U2 as at U2 or more."""
+    return (
+        state.pending is Pending.TRANSFER
+        and isinstance(node, Hangup)
+        and bool(node.prompt)
+        and state.triage_action is not None
+        and not state.unheard_advice
+    )
+
+
+def _backs_outcome(state: CallState, node: Node | None) -> bool:
+    """Whether the prompt under way is a say whose words back an outcome (its
+    ``outcome_unheard``: the results' status line)."""
+    return state.pending is Pending.NEXT and isinstance(node, Say) and bool(node.outcome_unheard)
+
+
 def _safety_words(state: CallState, node: Node | None) -> bool:
     """Whether the prompt under way must be said once more should it fail: last words (the
     caller leaves with them), any prompt to an urgent caller on the way to a human (a say, or
-    the transfer's own prompt: "this may be an emergency, hang up and call 112 now"), and a
-    message offer that carries a triage's advice the caller has not heard."""
+    the transfer's own prompt: "this may be an emergency, hang up and call 112 now"), a
+    triage's advice said before a human the caller asked for, a say whose words back an
+    outcome, and a message offer that carries a triage's advice the caller has not heard."""
     if state.pending is Pending.HANGUP:
         return True
     if state.pending is Pending.MESSAGE:
         return bool(state.unheard_advice)
+    if _advice_to_human(state, node) or _backs_outcome(state, node):
+        return True
     return _urgent(state) and (
         state.pending is Pending.TRANSFER
         or (state.pending is Pending.NEXT and isinstance(node, Say))
@@ -812,11 +842,13 @@ class Engine:
         unheard are the triage's reason ``unheard: <node>``, and a closed notice unheard
         is not ``out_of_hours`` ("the caller was told") but :data:`OUT_OF_HOURS_UNHEARD_OUTCOME`,
         nor is a goodbye's outcome that says the caller was told something: the flow names
-        what the call is instead (``outcome_unheard``)."""
+        what the call is instead (``outcome_unheard``), as a say does for the outcome its
+        words back (kept in ``unheard_outcomes`` until the call ends)."""
         if _advice(state, node):
             state = replace(state, unheard_advice=state.asked)
             return self._to_human(state, flow, PROMPT_FAILED, [], text="safety_escalation")
-        if state.triage is not None and (_urgent(state) or state.unheard_advice):
+        said_advice = _advice_to_human(state, node)
+        if state.triage is not None and (_urgent(state) or state.unheard_advice or said_advice):
             reason = UNHEARD_REASON.format(state.node)
             state = replace(state, triage=state.triage.note(reason), unheard_advice="")
         if state.pending is Pending.HANGUP and state.outcome == OUT_OF_HOURS_OUTCOME:
@@ -830,6 +862,11 @@ class Engine:
             # A goodbye whose outcome says the caller was told something (the results'
             # status): the flow names what the call is when its words were never heard.
             state = replace(state, outcome=node.outcome_unheard)
+        elif _backs_outcome(state, node) and isinstance(node, Say):
+            # A line an outcome claims was said (the results' status): the call goes on, and
+            # should it end with that outcome, it ends with the line's outcome_unheard.
+            backed = (node.backs_outcome, node.outcome_unheard)
+            state = replace(state, unheard_outcomes=(*state.unheard_outcomes, backed))
         return self._prompt_done(state, flow, node)
 
     def _replay(self, state: CallState, flow: Flow, node: Node | None) -> Play:
@@ -1586,6 +1623,8 @@ class Engine:
     # -- helpers
 
     def _end(self, state: CallState, outcome: str, actions: list[Action], hangup: bool) -> Result:
+        # An outcome that claims words the caller never heard (a say's outcome_unheard).
+        outcome = dict(state.unheard_outcomes).get(outcome, outcome)
         state = replace(state, phase=Phase.ENDED, outcome=outcome)
         record = record_of(state, outcome)
         # The BYE first: the caller is not held on a silent line while the record is saved

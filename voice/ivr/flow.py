@@ -468,7 +468,13 @@ def valid_date_ddmmyyyy(entry: str, today: datetime.date) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Say:
-    """Play a text or an audio file, then go on."""
+    """Play a text or an audio file, then go on.
+
+    ``outcome_unheard``, with ``backs_outcome``: the line backs that outcome (the results'
+    status, before the goodbyes that end ``results_status_given``): said once more should
+    it fail; unheard again, the call goes on, and should it end with ``backs_outcome``, it
+    ends with ``outcome_unheard`` instead ("" both: a line that backs nothing, skipped
+    should it fail)."""
 
     id: str
     line: int
@@ -476,6 +482,8 @@ class Say:
     audio: str | None
     barge_in: bool
     next: str
+    backs_outcome: str = ""
+    outcome_unheard: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1125,7 +1133,7 @@ class _Parser:
         return result
 
     def node_say(self, node_id: str, m: _Map) -> Say:
-        self.known(m, {"say", "next", "barge_in"}, "a say node")
+        self.known(m, {"say", "next", "barge_in", "backs_outcome", "outcome_unheard"}, "a say node")
         body = m["say"]
         text, audio, barge_in = "", None, self.flag(m, "barge_in", True)
         if isinstance(body, _Map):
@@ -1139,7 +1147,33 @@ class _Parser:
                 self.error(body.line, "say needs 'text' or 'audio'")
         else:
             text = self.text(m, "say")
-        return Say(node_id, m.line, text, audio, barge_in, self.next(m, node_id))
+        backs, unheard = self.backed_outcome(m)
+        return Say(node_id, m.line, text, audio, barge_in, self.next(m, node_id), backs, unheard)
+
+    def backed_outcome(self, m: _Map) -> tuple[str, str]:
+        """A say's ``backs_outcome`` and ``outcome_unheard``: both or neither, two different
+        outcomes, neither a triage action (an advice unheard goes to the nurse, and no
+        unheard line may claim a triage's verdict). Whether a goodbye with the outcome it
+        backs can follow it is :mod:`voice.ivr.check`'s."""
+        backs = self.text(m, "backs_outcome", "")
+        unheard = self.text(m, "outcome_unheard", "")
+        actions = {a.value for a in TriageAction}
+        if bool(backs) != bool(unheard):
+            key = "outcome_unheard" if unheard else "backs_outcome"
+            other = "backs_outcome" if unheard else "outcome_unheard"
+            self.error(m.line_of(key), f"a say's {key!r} needs {other!r}")
+        elif backs and backs == unheard:
+            self.error(
+                m.line_of("outcome_unheard"), "'outcome_unheard' must differ from 'backs_outcome'"
+            )
+        elif backs in actions or unheard in actions:
+            self.error(
+                m.line_of("outcome_unheard"),
+                "a say's 'outcome_unheard' cannot go with or be a triage action",
+            )
+        else:
+            return backs, unheard
+        return "", ""
 
     def node_ask(self, node_id: str, m: _Map) -> Ask | None:
         self.known(m, {"ask"}, "an ask node")

@@ -33,6 +33,7 @@ from voice.ivr.engine import (
     Play,
     PostWebhook,
     PromptDone,
+    PromptFailed,
     RecordAudio,
     RecordDone,
     SpeechResult,
@@ -74,7 +75,10 @@ fails (as --transfer-fails), unconfirmed (no answer in time: the clinic will cal
 unanswered (a PBX took the caller and reached nobody), or ask (a line per transfer: Enter,
 ":fail", ":unconfirmed", ":unanswered", or ":hangup": the caller hangs up before the
 transfer is taken on). Prompts and tones are printed as the caller would hear them; none
-once the caller has hung up.
+once the caller has hung up. --unheard NODE makes every prompt played at that node fail (the
+caller hears none of it, as when the text to speech or the media path fails), to walk what
+the engine does then: a question or last words said once more, a say skipped, an outcome
+the line backed recorded as unheard.
 The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
 --closed say; --at is also the day a date of birth is checked against.
 """
@@ -261,6 +265,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=TransferEnding.FAILS.value,
         help="every transfer fails, to walk the paths that follow one (--transfer fails)",
     )
+    parser.add_argument(
+        "--unheard",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="every prompt played at this node fails, unheard (repeatable): what the "
+        "engine does when the text to speech or the media path fails there",
+    )
     hours = parser.add_mutually_exclusive_group()
     hours.add_argument(
         "--at",
@@ -368,6 +380,15 @@ def run(
         # English answers as nothing), and flows in others run keypad-only.
         speech_language=preview.speech_language,
     )
+    unheard = frozenset(args.unheard)
+    unknown = sorted(n for n in unheard if not any(n in f.nodes for f in flowset.flows.values()))
+    if unknown:
+        print(
+            f"clinic-voice flow simulate: --unheard: no node {', '.join(map(repr, unknown))} "
+            f"in the flows of {flow.path.parent}",
+            file=sys.stderr,
+        )
+        return 2
     engine = Engine(flowset, params)
     transfer = TransferEnding(args.transfer or TransferEnding.OK)
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
@@ -391,7 +412,7 @@ def run(
         if state.phase is Phase.ENDED:
             output_fn("-- call ended")
             return 0
-        event = _next_event(engine, state, queue, input_fn, output_fn)
+        event = _next_event(engine, state, queue, input_fn, output_fn, unheard=unheard)
         if event is None:
             return 0
         before = state
@@ -456,12 +477,16 @@ def _next_event(
     queue: deque[Event],
     input_fn: Callable[[str], str],
     output_fn: Callable[[str], None],
+    *,
+    unheard: frozenset[str] = frozenset(),
 ) -> Event | None:
     # Typed events first (type-ahead), then the prompt's end, then ask the tester.
     if queue:
         return queue.popleft()
     if state.phase is Phase.PLAYING:
-        return PromptDone()
+        if state.node in unheard:
+            output_fn("   (prompt failed: the caller heard none of it)")
+        return _prompt_end(state, unheard)
     while True:
         try:
             line = input_fn("> ")
@@ -485,6 +510,11 @@ def _next_event(
             )
             return NoInput()
         return events[0]
+
+
+def _prompt_end(state: CallState, unheard: frozenset[str]) -> Event:
+    """How the prompt under way ends: unheard at a node ``--unheard`` names."""
+    return PromptFailed() if state.node in unheard else PromptDone()
 
 
 def _show_menu_return(
@@ -626,6 +656,7 @@ def script_call(
     webhook_data: dict[str, str] | None = None,
     transfer: TransferEnding = TransferEnding.OK,
     recordings: Sequence[str] = (),
+    unheard: frozenset[str] = frozenset(),
 ) -> tuple[CallState, list[Action]]:
     """Drive a call with typed ``answers`` (as in the simulator); return the state and actions.
 
@@ -635,7 +666,8 @@ def script_call(
     ``:unanswered`` or ``:hangup``). The call's recordings end as ``recordings`` say, in
     turn, as the simulator's recording line does (``""``: a message, kept as ``test.wav``;
     ``:silence``, ``:fail``, ``:hangup`` at the beep, or keys holding a ``#``: nothing
-    said); those past them keep a message.
+    said); those past them keep a message. Prompts played at the nodes ``unheard`` names
+    fail, as with ``flow simulate --unheard``.
     Words at a question that takes no speech go unheard: its timeout, as in the simulator.
     Once the caller has hung up, the actions that need the caller are not carried out (nor
     listed). Stops when the call ends or the answers run out while the engine listens (or a
@@ -674,13 +706,13 @@ def script_call(
         if queue:
             event: Event = queue.popleft()
         elif state.phase is Phase.PLAYING:
-            event = PromptDone()
+            event = _prompt_end(state, unheard)
         elif lines:
             events = parse_line(lines.popleft())
             event = events[0]
             queue.extend(events[1:])
-            unheard = unheard_speech_timeout(engine, state) is not None
-            if isinstance(event, SpeechResult) and unheard:
+            not_listened = unheard_speech_timeout(engine, state) is not None
+            if isinstance(event, SpeechResult) and not_listened:
                 event = NoInput()  # words nothing listens for: the question's timeout
         else:
             break
