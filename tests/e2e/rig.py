@@ -34,10 +34,13 @@ DEFAULT_ROOTFS = Path("/var/cache/clinic-voice/asterisk-sid")
 DEFAULT_PORT = 5160
 APT_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
-# Written last into a finished rootfs: a directory without it is never taken as built.
+# Written last into a finished rootfs: a directory without it is never taken as built. It
+# names the packages the rootfs was built with (see rootfs_ready).
 DONE_MARKER = "etc/clinic-voice-rootfs.done"
-# The sounds package is what Playback(hello-world) and the demo extensions need.
-PACKAGES = ("asterisk", "asterisk-core-sounds-en")
+# The sounds package is what Playback(hello-world) and [transfer-failed] need; the music on
+# hold (musiconhold.conf) adds 1.8 MB to the download. docker/Dockerfile.asterisk installs
+# the same list (tests/unit/test_docker_compose.py).
+PACKAGES = ("asterisk", "asterisk-core-sounds-en", "asterisk-moh-opsound-gsm")
 
 
 class RigError(RuntimeError):
@@ -62,9 +65,23 @@ def debian_mirror(sources: Path = APT_SOURCES) -> str:
     return FALLBACK_MIRROR
 
 
+def marker_packages(text: str) -> set[str]:
+    """The packages a done marker says its rootfs holds (none for a marker without the line)."""
+    m = re.search(r"^packages:(.*)$", text, re.MULTILINE)
+    return set(m.group(1).split()) if m else set()
+
+
 def rootfs_ready(root: Path) -> bool:
-    """True when ``root`` is a completely built rootfs."""
-    return (root / DONE_MARKER).is_file() and (root / "usr/sbin/asterisk").is_file()
+    """True when ``root`` is a completely built rootfs with every package of PACKAGES.
+
+    A rootfs built before a package joined the list (its marker does not name it) is not
+    ready: it is built again, so a cached chroot cannot lack what the configs now load.
+    """
+    try:
+        marker = (root / DONE_MARKER).read_text()
+    except OSError:
+        return False
+    return set(PACKAGES) <= marker_packages(marker) and (root / "usr/sbin/asterisk").is_file()
 
 
 def mounts_under(path: Path) -> list[Path]:
@@ -145,7 +162,16 @@ def build_rootfs(root: Path | None = None, mirror: str | None = None) -> Path:
             log.warning("removing a half-built rootfs %s", stale)
             remove_tree(stale)
         if root.exists():
-            log.warning("%s exists but is incomplete: rebuilding it", root)
+            running = chrooted_pids(root)
+            if running:
+                # Removing it would unmount /proc and /dev under a running Asterisk.
+                raise RigError(
+                    f"{root} must be built again (incomplete, or without "
+                    f"{', '.join(PACKAGES)}) but Asterisk runs in it (pids "
+                    f"{', '.join(map(str, running))}): stop it (make asterisk-stop, or let "
+                    "the tests using it end), then run this again"
+                )
+            log.warning("%s is incomplete or lacks packages: rebuilding it", root)
             remove_tree(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         tmp.chmod(0o755)  # mkdtemp makes 0700; a root directory is 0755
@@ -167,7 +193,7 @@ def build_rootfs(root: Path | None = None, mirror: str | None = None) -> Path:
                 raise RigError(f"debootstrap failed ({proc.returncode}):\n{tail}")
             # Keep Debian's stock configs: each instance starts from them (see _instance_etc).
             shutil.copytree(tmp / "etc/asterisk", tmp / "etc/asterisk.debian")
-            (tmp / DONE_MARKER).write_text(f"built from {mirror}\n")
+            (tmp / DONE_MARKER).write_text(f"built from {mirror}\npackages: {' '.join(PACKAGES)}\n")
             unmount_all(tmp)
             tmp.rename(root)
         except BaseException:
@@ -305,7 +331,10 @@ class AsteriskRig:
     def start(self) -> None:
         """Mount, install the configs and start Asterisk; return when it serves SIP."""
         if not rootfs_ready(self.root):
-            raise RigError(f"no Asterisk rootfs at {self.root}: run python -m tests.e2e.rig rootfs")
+            raise RigError(
+                f"no up-to-date Asterisk rootfs at {self.root} (not built, or built without "
+                f"{', '.join(PACKAGES)}): run python -m tests.e2e.rig rootfs"
+            )
         if self.running_pid() is not None:
             raise RigError(f"{self.name} already runs (pid {self.running_pid()}): stop it first")
         if not port_is_free(self.port):
@@ -813,7 +842,12 @@ def cmd_down(port: int) -> int:
 def cmd_status(port: int) -> int:
     """Print what runs; exit 0 when Asterisk runs."""
     root = rootfs_path()
-    print(f"rootfs {root}: {'ready' if rootfs_ready(root) else 'not built'}")
+    state = "not built"
+    if rootfs_ready(root):
+        state = "ready"
+    elif (root / DONE_MARKER).is_file():
+        state = "out of date (built without a package it now needs)"
+    print(f"rootfs {root}: {state}")
     rig = AsteriskRig(root, port)
     pid = rig.running_pid()
     if pid is None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import PhoneFactory
 from tests.e2e.rig import AsteriskRig
+from tests.peers.pbx_softphone import Event, Softphone
 from tests.peers.pbx_softphone import call_state as state
+from voice.media.pcm import read_wav, rms_dbfs
 
 # The first test may wait for the rootfs build (about a minute) in the session fixture.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -238,3 +242,95 @@ def test_restart_keeps_registrations_and_calls_work(
     a.expect("call_state", where=state("CONFIRMED", 200), timeout_s=10)
     a.send("hangup")
     b.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
+# Music on hold is louder than this over the hold (the opsound track it starts with measured
+# -30 dBFS over its first 3 s), and no half second of it is silent; a pjsua softphone on a
+# null sound device sends digital silence (-inf), which the caller hears before and after.
+MUSIC_DBFS = -45.0
+SILENCE_DBFS = -60.0
+HOLD_FOR_S = 4.0
+
+
+def _loudness(samples: array[int], rate_hz: int, start_s: float, end_s: float) -> float:
+    """rms_dbfs of the recording between ``start_s`` and ``end_s`` (seconds into it)."""
+    return rms_dbfs(samples[max(0, round(start_s * rate_hz)) : round(end_s * rate_hz)])
+
+
+def _hold_and_listen(holder: Softphone, caller: Softphone, recording_from: Event) -> None:
+    """``holder`` holds the call for HOLD_FOR_S, then takes it back; the caller hangs up. The
+    caller's recording (begun at ``recording_from``) must carry music during the hold only."""
+    # What the caller hears before the hold: the holder's silence.
+    threading.Event().wait(1.5)
+    asked = time.monotonic()
+    holder.send("hold")
+    held = holder.expect("media_held", where=lambda e: e["by"] == "local", timeout_s=5)
+    threading.Event().wait(HOLD_FOR_S)
+    unheld_at = time.monotonic()
+    holder.send("unhold")
+    back = holder.expect("media_active", where=lambda e: e["at"] > held["at"], timeout_s=5)
+    threading.Event().wait(1.5)
+    hung_up_at = time.monotonic()
+    caller.send("hangup")
+    caller.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+    recorded = caller.expect("recorded", timeout_s=10)
+    assert recorded["complete"], f"the recording's WAV header was never completed: {recorded}"
+    heard = read_wav(Path(recorded["path"]))
+    t0 = recording_from["at"]
+    # Margins: the re-INVITE's round trip, Asterisk starting or stopping the music, and the
+    # recorder's start a moment after the media_active event.
+    windows = {
+        "before": (asked - 1.2 - t0, asked - 0.2 - t0),
+        "on hold": (held["at"] + 0.5 - t0, unheld_at - 0.2 - t0),
+        "after": (back["at"] + 0.5 - t0, hung_up_at - 0.2 - t0),
+    }
+    loud = {k: _loudness(heard.samples, heard.rate_hz, *w) for k, w in windows.items()}
+    assert loud["on hold"] > MUSIC_DBFS, f"silence on hold (dBFS {loud}, {heard.duration_s} s)"
+    start, end = windows["on hold"]
+    halves = [
+        _loudness(heard.samples, heard.rate_hz, at, at + 0.5)
+        for at in (start + 0.5 * i for i in range(int((end - start) / 0.5)))
+    ]
+    assert min(halves) > SILENCE_DBFS, f"a gap in the music (dBFS per half second {halves})"
+    assert loud["before"] < SILENCE_DBFS and loud["after"] < SILENCE_DBFS, (
+        f"the music is not the hold's alone (dBFS {loud})"
+    )
+
+
+def test_a_caller_the_staff_desk_holds_hears_music(
+    phone: PhoneFactory, asterisk: AsteriskRig, tmp_path: Path
+) -> None:
+    """6001 calls the staff desk (6200), which answers and puts the call on hold: the caller
+    hears music on hold (musiconhold.conf, res_musiconhold in modules.conf), then silence
+    again when the desk takes the call back. Before, the held caller heard silence."""
+    staff = phone("6200")
+    caller = phone("6001", record_dir=tmp_path / "calls")
+    caller.send("call", uri=f"sip:6200@127.0.0.1:{asterisk.port}")
+    caller.expect("call_state", where=state("CONFIRMED", 200), timeout_s=10)
+    recording_from = caller.expect("media_active", timeout_s=5)
+    staff.expect("media_active", timeout_s=5)
+    asterisk.wait_for_bridge()
+    _hold_and_listen(staff, caller, recording_from)
+
+
+def test_a_caller_the_bot_put_through_to_the_nurse_hears_music_when_held(
+    phone: PhoneFactory, asterisk: AsteriskRig, tmp_path: Path
+) -> None:
+    """The bot transfers 6001 to the nurse (a REFER, as for urgent triage); the nurse puts
+    the caller on hold. Music for the caller, although the bot's own endpoint passes holds
+    on (moh_passthrough=yes): that setting is the held leg's, and the caller's is a phone."""
+    bot = phone("clinic")
+    nurse = phone("6100", answer_delay_s=0.5)
+    caller = phone("6001", record_dir=tmp_path / "calls")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    caller.expect("call_state", where=state("CONFIRMED", 200), timeout_s=10)
+    recording_from = caller.expect("media_active", timeout_s=5)
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    asterisk.wait_for_bridge()
+    bot.send("xfer", uri=f"sip:6100@127.0.0.1:{asterisk.port}")
+    nurse.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    bot.expect("transfer_status", where=lambda e: e["final"] and e["code"] == 200)
+    bot.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+    nurse.expect("media_active", timeout_s=5)
+    asterisk.wait_for_bridge()
+    _hold_and_listen(nurse, caller, recording_from)

@@ -287,7 +287,14 @@ def run(args: argparse.Namespace) -> int:
                     and media.status == pj.PJSUA_CALL_MEDIA_ACTIVE
                 ):
                     _emit("media_active", call=ci.id)
-                    if args.record_dir and ci.id not in recorders:
+                    if ci.id in recorders:
+                        # New media (pjsua's UPDATE that locks the codec, an unhold) is a
+                        # new stream in the conference bridge: the recording goes on from it.
+                        try:
+                            self.getAudioMedia(i).startTransmit(recorders[ci.id][0])
+                        except pj.Error as exc:
+                            _emit("error", call=ci.id, message=f"record: {exc.info()}")
+                    elif args.record_dir:
                         path = Path(args.record_dir) / f"call-{ci.id}-{time.monotonic_ns()}.wav"
                         rec = pj.AudioMediaRecorder()
                         try:

@@ -17,7 +17,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker" / "docker-compose.yml"
-PJSIP = REPO / "sip_config" / "asterisk" / "pjsip.conf"
+PBX = REPO / "sip_config" / "asterisk"
+PJSIP = PBX / "pjsip.conf"
 
 
 PASSWORD = "test0password0only"
@@ -148,3 +149,55 @@ def test_the_images_healthcheck_runs_on_its_python() -> None:
         server.shutdown()
         server.server_close()
     assert done.returncode == 0
+
+
+def _image_packages() -> set[str]:
+    """What docker/Dockerfile.asterisk's ``apt-get install`` installs."""
+    dockerfile = (REPO / "docker" / "Dockerfile.asterisk").read_text().replace("\\\n", " ")
+    m = re.search(r"apt-get install -y --no-install-recommends ([^&]+)&&", dockerfile)
+    assert m is not None, "the install line of Dockerfile.asterisk moved: update this test"
+    return set(m.group(1).split())
+
+
+def test_the_asterisk_image_installs_what_the_rig_does() -> None:
+    """The e2e tests run the rig's chroot; users run the image: both must hold the same
+    packages, or a config that works in the tests (music on hold) is silent in Docker."""
+    from tests.e2e.rig import PACKAGES
+
+    assert _image_packages() == set(PACKAGES)
+
+
+def _conf_sections(text: str) -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.split(";", 1)[0].strip()
+        if m := re.fullmatch(r"\[([^\]]+)\](?:\(.*\))?", line):  # [6001](phone): 6001
+            current = sections.setdefault(m.group(1), {})
+        elif "=" in line and not line.startswith("load"):
+            key, _, value = line.partition("=")
+            current[key.strip()] = value.strip()
+    return sections
+
+
+def test_music_on_hold_is_loaded_and_found_where_its_package_puts_it() -> None:
+    """A caller the nurse or the staff desk holds hears music: res_musiconhold is loaded,
+    the default class plays the GSM files of asterisk-moh-opsound-gsm from
+    /usr/share/asterisk/moh (the package's folder; not under /var/lib/asterisk, which the
+    compose file covers with a volume), and GSM can be read and turned into G.711."""
+    from tests.e2e.rig import PACKAGES
+
+    loaded = set(re.findall(r"^load => (\S+)$", (PBX / "modules.conf").read_text(), re.M))
+    assert {"res_musiconhold.so", "format_gsm.so", "codec_gsm.so"} <= loaded
+    default = _conf_sections((PBX / "musiconhold.conf").read_text())["default"]
+    assert default == {"mode": "files", "directory": "/usr/share/asterisk/moh"}
+    assert "asterisk-moh-opsound-gsm" in PACKAGES
+    mounts = [v.split(":")[1] for v in _compose()["services"]["asterisk"]["volumes"]]
+    assert not [m for m in mounts if default["directory"].startswith(m.rstrip("/") + "/")]
+    # The bot's endpoint passes holds on (no music to the bot); the phones' do not.
+    passing = {
+        k: v["moh_passthrough"]
+        for k, v in _conf_sections(PJSIP.read_text()).items()
+        if "moh_passthrough" in v
+    }
+    assert passing == {"clinic": "yes"}
