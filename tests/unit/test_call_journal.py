@@ -320,7 +320,11 @@ async def test_a_failed_write_ahead_whose_save_was_cancelled_is_not_left_unretri
     loop.set_exception_handler(lambda _, context: unretrieved.append(context))
     try:
         go_on.set()
-        await asyncio.sleep(0.2)  # the thread ends, its task fails
+        # The thread ends, its task fails (its done callbacks take it out of _ahead). A fixed
+        # 0.2 s here let a slow thread fail after the check: the test then passed unseen.
+        async with asyncio.timeout(5):
+            while journal._ahead:  # noqa: ASYNC110 (the journal's own record of the write)
+                await asyncio.sleep(0.01)
         gc.collect()
         await asyncio.sleep(0)
     finally:

@@ -5,16 +5,22 @@ the call record says."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import cast
 
 import pytest
 
 from tests.unit.test_ivr_session_races import LOUD, Rig, _digit, _done
-from voice.ivr import session as session_module
+from tests.unit.test_prop_session import VirtualLoop
 from voice.ivr.engine import CallRecord
 from voice.ivr.flow import MESSAGE_VALUE
-from voice.ivr.session import CallSession
+from voice.ivr.session import (
+    RECORD_NO_SPEECH_S,
+    TRANSFER_ANSWER_S,
+    TRANSFER_DEADLINE_S,
+    CallSession,
+)
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import TransferStatus
 
@@ -40,6 +46,19 @@ def _status(sip_status: int, final: bool) -> TransferStatus:
     return TransferStatus("call-1", sip_status, final)
 
 
+def _on_virtual_time(body: Callable[[Rig], Awaitable[None]]) -> None:
+    """Run ``body`` with a call to 6000 on the virtual loop of test_prop_session.py: the
+    session's own deadlines (a transfer's 60 s and 180 s, the message's 12 s no-speech
+    guard) take no wall time, and a loaded machine cannot stretch the test's steps past
+    them. Shortened deadlines on the real clock left the test 0.1 to 0.3 s for its steps."""
+    loop = VirtualLoop()
+    try:
+        loop.run_until_complete(body(Rig(called="6000", speech=False)))
+    finally:
+        loop.cancel_left()
+        loop.close()
+
+
 async def _ended(rig: Rig) -> CallRecord:
     """The caller hangs up (if still on the line); the call's one record."""
     await rig.finish()
@@ -59,40 +78,39 @@ async def test_a_failure_in_a_notify_that_keeps_the_subscription_is_the_answer()
     assert record.transfer_target is None
 
 
-async def test_a_transfer_taken_on_and_ringing_long_still_has_its_failure_told(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_transfer_taken_on_and_ringing_long_still_has_its_failure_told() -> None:
     # The caller's side took the REFER on; the target rings past the first deadline and then
     # refuses (480). The call is still up: the failure goes on as any (here the message).
-    monkeypatch.setattr(session_module, "TRANSFER_DEADLINE_S", 0.2)
-    rig = Rig(called="6000", speech=False)
-    await _transferring(rig)
-    rig.call.send(_status(100, False), _status(180, False))
-    await asyncio.sleep(0.5)
-    assert not rig.call.ended and ("hangup", None) not in rig.call.commands
-    rig.call.send(_status(480, True))
-    await rig.until_prompt("nobody can take your call")
-    record = await _ended(rig)
-    assert record.outcome == "transfer_failed", record
+    async def body(rig: Rig) -> None:
+        await _transferring(rig)
+        rig.call.send(_status(100, False), _status(180, False))
+        await asyncio.sleep(TRANSFER_DEADLINE_S + 10.0)
+        assert not rig.call.ended and ("hangup", None) not in rig.call.commands
+        rig.call.send(_status(480, True))
+        await rig.until_prompt("nobody can take your call")
+        record = await _ended(rig)
+        assert record.outcome == "transfer_failed", record
+
+    _on_virtual_time(body)
 
 
-async def test_a_transfer_taken_on_but_never_answered_asks_for_a_call_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_transfer_taken_on_but_never_answered_asks_for_a_call_back() -> None:
     # No answer at all (the transferee never sends a final NOTIFY): not "transferred", which
     # would tell the clinic someone took the call.
-    monkeypatch.setattr(session_module, "TRANSFER_DEADLINE_S", 0.1)
-    monkeypatch.setattr(session_module, "TRANSFER_ANSWER_S", 0.3)
-    rig = Rig(called="6000", speech=False)
-    await _transferring(rig)
-    rig.call.send(_status(100, False), _status(180, False))
-    said = await rig.until_prompt("The clinic will call you back", within_s=3)
-    rig.call.send(_done(said))
-    await rig.until(lambda: rig.call.ended)
-    record = await _ended(rig)
-    assert record.outcome == "transfer_unconfirmed", record
-    assert record.transfer_target is not None
-    assert [(s.input, s.value) for s in record.path][-1] == ("transfer", "unconfirmed")
+    async def body(rig: Rig) -> None:
+        await _transferring(rig)
+        rig.call.send(_status(100, False), _status(180, False))
+        said = await rig.until_prompt(
+            "The clinic will call you back", within_s=TRANSFER_ANSWER_S + 5.0
+        )
+        rig.call.send(_done(said))
+        await rig.until(lambda: rig.call.ended)
+        record = await _ended(rig)
+        assert record.outcome == "transfer_unconfirmed", record
+        assert record.transfer_target is not None
+        assert [(s.input, s.value) for s in record.path][-1] == ("transfer", "unconfirmed")
+
+    _on_virtual_time(body)
 
 
 async def test_a_stop_that_cuts_a_ringing_transfer_is_no_transfer() -> None:
@@ -150,29 +168,28 @@ async def _recording_a_message(rig: Rig) -> None:
     await rig.settle()
 
 
-async def test_a_caller_who_says_nothing_after_the_beep_is_not_kept_waiting(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(session_module, "RECORD_NO_SPEECH_S", 0.3)
-    rig = Rig(called="6000", speech=False)
-    await _recording_a_message(rig)
-    # Not a minute of dead air: the silence ends the message well before its 60 s.
-    await rig.until_prompt("I did not hear a message", within_s=3)
-    assert (await _ended(rig)).outcome == "transfer_failed"
+def test_a_caller_who_says_nothing_after_the_beep_is_not_kept_waiting() -> None:
+    async def body(rig: Rig) -> None:
+        await _recording_a_message(rig)
+        # Not a minute of dead air: the silence ends the message well before its 60 s.
+        await rig.until_prompt("I did not hear a message", within_s=RECORD_NO_SPEECH_S + 1.0)
+        assert (await _ended(rig)).outcome == "transfer_failed"
+
+    _on_virtual_time(body)
 
 
-async def test_a_caller_who_speaks_is_not_cut_off_by_the_silence_guard(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(session_module, "RECORD_NO_SPEECH_S", 0.3)
-    rig = Rig(called="6000", speech=False)
-    await _recording_a_message(rig)
-    rig.call.speak(*[LOUD] * 20)  # 400 ms of speech
-    await asyncio.sleep(0.6)  # past the guard: still recording
-    assert not any("I did not hear" in text for _, text in rig.call.plays())
-    rig.call.send(_digit("#"))
-    await rig.until_prompt("Your message has been recorded")
-    assert (await _ended(rig)).outcome == "message_left"
+def test_a_caller_who_speaks_is_not_cut_off_by_the_silence_guard() -> None:
+    async def body(rig: Rig) -> None:
+        await _recording_a_message(rig)
+        rig.call.speak(*[LOUD] * 20)  # 400 ms of speech
+        await asyncio.sleep(RECORD_NO_SPEECH_S + 1.0)  # past the guard: still recording
+        assert not any("I did not hear" in text for _, text in rig.call.plays())
+        assert not any("Your message has been" in text for _, text in rig.call.plays())
+        rig.call.send(_digit("#"))
+        await rig.until_prompt("Your message has been recorded")
+        assert (await _ended(rig)).outcome == "message_left"
+
+    _on_virtual_time(body)
 
 
 @pytest.mark.parametrize("sip_status", [486, 503])
