@@ -297,6 +297,21 @@ SECOND = [
         second=(Notify("garbage, no status", DONE, 10),),
         ending=Ending.SERVICE_BYE,
     ),
+    # The same with the nurse's subscription ended by pjsip with no NOTIFY: its phone says
+    # 100 and keeps it active, then refuses pjsip's refresh of it (a SUBSCRIBE 5 s before
+    # the 202's Expires: 6 runs out: 489). pjsua reports nothing of that end: the worker
+    # reports the nurse's transfer failed. And the model no longer holds that subscription
+    # live: it took the staff desk's id-less end (nobody reported it, 180 s of ring tone).
+    ReferAnswer(
+        "second_transfer_after_refresh_refused_broken_terminated",
+        202,
+        (Notify(frag(100, "Trying"), "active", 10),),
+        headers=("Expires: 6",),
+        digits="411",
+        refresh=489,
+        second=(Notify("garbage, no status", DONE, 11),),
+        ending=Ending.SERVICE_BYE,
+    ),
     # The same with the nurse's REFER refused outright (no subscription at all).
     ReferAnswer(
         "second_transfer_after_refused_refer_no_body_terminated",

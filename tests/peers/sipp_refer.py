@@ -58,7 +58,10 @@ class ReferAnswer:
     ``digits``: the keys pressed (one INFO each, ``digit_gap_ms`` apart, CSeq 2, 3, ...:
     NOTIFYs need higher ones); ``challenge``: 401 or 407 to the first REFER (a digest
     challenge), whose retry (a new CSeq) then gets ``status``; ``second``: the NOTIFYs of a
-    second REFER in the call (answered 202), sent after the first one's.
+    second REFER in the call (answered 202), sent after the first one's; ``refresh``: the
+    status the first REFER's refresh is answered with, after its NOTIFYs (pjsip refreshes a
+    subscription with a SUBSCRIBE 5 s before its Expires runs out: give the 202 a short one
+    in ``headers``, and NOTIFYs with no ``expires``).
     """
 
     name: str
@@ -71,6 +74,7 @@ class ReferAnswer:
     digit_gap_ms: int = 1500
     challenge: int | None = None
     second: tuple[Notify, ...] | None = None
+    refresh: int | None = None
 
 
 _REASONS = {
@@ -79,6 +83,7 @@ _REASONS = {
     403: "Forbidden",
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
+    489: "Bad Event",
     501: "Not Implemented",
 }
 _CHALLENGE_HEADER = {401: "WWW-Authenticate", 407: "Proxy-Authenticate"}
@@ -302,6 +307,11 @@ def scenario(answer: ReferAnswer, *, bye_timeout_ms: int = 45000) -> str:
             _RESPONSE.format(status=answer.status, reason=_REASONS[answer.status], headers=headers)
         )
     parts.extend(_notifies(answer.notifies, dialog))
+    if answer.refresh is not None:
+        parts.append('  <recv request="SUBSCRIBE" />')
+        parts.append(
+            _RESPONSE.format(status=answer.refresh, reason=_REASONS[answer.refresh], headers="")
+        )
     if answer.second is not None:
         parts.append(_RECV_REFER)
         parts.append(_RESPONSE.format(status=202, reason=_REASONS[202], headers=""))

@@ -8,6 +8,7 @@ from voice.sip import message
 from voice.sip.outcome import SipStatus
 from voice.sip.refer import (
     PBX_REACHED_NOBODY,
+    Notified,
     ReferSubscriptions,
     TransferVerdict,
     verdict,
@@ -239,3 +240,138 @@ def test_a_refer_with_no_subscription_leaves_no_id_less_notify_to_it(
 
 def test_nothing_is_ended_before_a_refer_was_sent() -> None:
     assert not ReferSubscriptions().ends_newest(_notify(DONE, b"garbage"))
+
+
+# When pjsip 2.15 itself ends a REFER subscription with no NOTIFY (evsub.c, on_tsx_state_uac
+# and on_timer), the model ends it too: kept live, it took the id-less NOTIFY of the next
+# transfer, whose end then went unreported (the caller heard the ring tone for 180 s).
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        SipStatus.REQUEST_TIMEOUT,  # Timer F: pjsip's own 408, no response came
+        SipStatus.SERVICE_UNAVAILABLE,  # a transport error: pjsip's own 503
+    ],
+)
+def test_a_refer_pjsip_failed_itself_leaves_no_subscription(status: int) -> None:
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.sent(3)
+    assert subs.answered(3, status)  # the newest transfer's: its report counts
+    subs.transfer()
+    subs.sent(4)
+    subs.answered(4, SipStatus.ACCEPTED)
+    assert subs.ends_newest(_notify(DONE, b"garbage"))
+
+
+@pytest.mark.parametrize("status", [SipStatus.REQUEST_TIMEOUT, 481, 489, 503])
+def test_a_refresh_that_fails_ends_its_subscription(status: int) -> None:
+    # pjsip refreshes a REFER subscription (SUBSCRIBE) as its Expires runs out; a failure,
+    # the far end's or pjsip's own (Timer F, a transport error), ends it without a NOTIFY.
+    subs = _subs(3)
+    subs.subscribing(4, "refer", 600, now=590.0)
+    assert subs.subscribe_answered(4, status, now=591.0) == Notified(newest=True, ends=True)
+    subs.transfer()
+    subs.sent(5)
+    subs.answered(5, SipStatus.ACCEPTED)
+    assert subs.ends_newest(_notify(DONE, b"garbage"), now=600.0)
+
+
+def test_a_refresh_accepted_keeps_its_subscription() -> None:
+    subs = _subs(3)
+    subs.subscribing(4, "refer", 600, now=590.0)
+    assert subs.subscribe_answered(4, SipStatus.OK, now=591.0) == Notified(True, ends=False)
+    subs.transfer()
+    subs.sent(5)
+    subs.answered(5, SipStatus.ACCEPTED)
+    assert not subs.ends_newest(_notify(DONE, b"garbage"), now=600.0)
+
+
+def test_an_unsubscribe_accepted_ends_its_subscription_if_no_notify_does() -> None:
+    # pjsip waits 5 s (PJSIP_EVSUB_TIME_UAC_TERMINATE) for the NOTIFY that ends a
+    # subscription it unsubscribed from, then ends it itself.
+    subs = _subs(3)
+    subs.subscribing(4, "refer", 0, now=10.0)
+    subs.subscribe_answered(4, SipStatus.OK, now=10.1)
+    subs.transfer()
+    subs.sent(5)
+    subs.answered(5, SipStatus.ACCEPTED)
+    # Within the 5 s an id-less end is still the unsubscribed one's ...
+    assert not subs.ends_newest(_notify(DONE, b"garbage"), now=14.0)
+    subs = _subs(3)
+    subs.subscribing(4, "refer", 0, now=10.0)
+    subs.subscribe_answered(4, SipStatus.OK, now=10.1)
+    subs.transfer()
+    subs.sent(5)
+    subs.answered(5, SipStatus.ACCEPTED)
+    # ... after them, pjsip has ended it: the next transfer's.
+    assert subs.ends_newest(_notify(DONE, b"garbage"), now=15.2)
+
+
+def test_a_challenged_refresh_sent_again_keeps_its_subscription() -> None:
+    subs = _subs(3)
+    subs.subscribing(4, "refer", 600, now=590.0)
+    subs.subscribe_answered(4, SipStatus.PROXY_AUTHENTICATION_REQUIRED, now=590.1)
+    subs.subscribing(5, "refer", 600, now=590.1)  # sent again, with credentials
+    subs.subscribe_answered(5, SipStatus.OK, now=590.2)
+    subs.transfer()
+    subs.sent(6)
+    subs.answered(6, SipStatus.ACCEPTED)
+    assert not subs.ends_newest(_notify(DONE, b"garbage"), now=600.0)
+
+
+def test_a_refresh_names_its_subscription_by_id() -> None:
+    subs = _subs(3, 7)
+    subs.subscribing(8, "refer;id=7", 600, now=590.0)
+    # the newest's, ended: the worker reports that end if pjsua does not
+    assert subs.subscribe_answered(8, 481, now=590.1) == Notified(newest=True, ends=True)
+    assert not subs.ends_newest(_notify(DONE, b"garbage", event="refer;id=7"), now=591.0)
+    assert not subs.ends_newest(_notify(DONE, b"garbage"), now=591.0)  # the earlier one's
+
+
+# A transfer the session gave up on (its 60 s wait) may keep a live subscription in pjsua:
+# its later reports must not answer the next transfer. The model says whose each is.
+
+
+def test_a_late_answer_to_an_abandoned_refer_is_not_the_next_transfers() -> None:
+    # The nurse's REFER, challenged and sent again, still unanswered when the session gave
+    # up and tried staff; its 202 comes after: pjsua's report of it is no progress of staff's.
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.sent(3)
+    subs.answered(3, SipStatus.PROXY_AUTHENTICATION_REQUIRED)
+    subs.sent(4)
+    subs.transfer()
+    subs.sent(5)
+    assert not subs.answered(4, SipStatus.ACCEPTED)
+    assert subs.answered(5, SipStatus.ACCEPTED)
+
+
+def test_the_notifies_of_an_abandoned_subscription_are_not_the_next_transfers() -> None:
+    subs = _subs(3, 7)
+    # id-less: the oldest live subscription's, the abandoned one's
+    assert subs.notified(_notify(ACTIVE, b"SIP/2.0 180 Ringing"), now=1.0) == Notified(
+        newest=False, ends=False
+    )
+    assert subs.notified(_notify(DONE, b"SIP/2.0 200 OK"), now=2.0) == Notified(
+        newest=False, ends=True
+    )
+    # that one ended: the next id-less NOTIFY is the newest transfer's
+    assert subs.notified(_notify(ACTIVE, b"SIP/2.0 180 Ringing"), now=3.0) == Notified(
+        newest=True, ends=False
+    )
+    # named: by the CSeq of its REFER
+    assert not subs.notified(_notify(ACTIVE, b"x", event="refer;id=3"), now=4.0).newest
+    assert subs.notified(_notify(ACTIVE, b"x", event="refer;id=7"), now=4.0).newest
+
+
+def test_a_transfer_whose_refer_was_never_sent_has_no_subscription() -> None:
+    # pjsua refused to send it (pj.Error: reported failed at once): the next transfer's
+    # subscription is the only one, and an id-less NOTIFY its.
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.transfer()
+    subs.sent(4)
+    subs.answered(4, SipStatus.ACCEPTED)
+    assert subs.ends_newest(_notify(DONE, b"garbage"))

@@ -239,6 +239,13 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.xfer_pending = False
         self.xfer_count = 0  # transfers tried on this call
         self.refers = refer.ReferSubscriptions()  # their subscriptions, as pjsip keeps them
+        # Whether pjsua's next transfer report (onCallTransferStatus) is of the newest
+        # transfer's subscription: set by the callback of the transaction that report is
+        # for (a NOTIFY received, the final status of a REFER or SUBSCRIBE of ours), which
+        # pjsip runs first (the call's invite usage, then its subscriptions'). None: no such
+        # transaction seen since the last report (it counts, as ever). Cleared after each
+        # pump: pjsua reports in the same pass as the transaction (Engine._forget_marks).
+        self.report_newest: bool | None = None
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
         self.disowned = False  # left to the process's end (see __del__)
 
@@ -315,9 +322,34 @@ class _Call(pj.Call):  # type: ignore[misc]
     @_callback
     def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:
         status, final = int(prm.statusCode), bool(prm.finalNotify)
+        newest, self.report_newest = self.report_newest, None
+        if newest is False:
+            # An earlier transfer's subscription (the session gave up on it): nobody's
+            # answer, and none of its later reports is wanted either.
+            self.engine._on_stale_transfer_status(self, status, final)
+            prm.cont = False
+            return
         self.engine._on_transfer_status(self, status, final)
         # Decided: this REFER's later NOTIFYs must not answer the call's next one.
         prm.cont = wants_more_reports(status, final=final)
+
+
+def _cseq(msg: message.SipMessage) -> int:
+    """The number of ``msg``'s CSeq (ValueError or IndexError when it has none)."""
+    return int((msg.get("CSeq") or "").split()[0])
+
+
+def _failed_here(e: pj.SipEvent) -> bool:
+    """Whether ``e`` ends a request of ours with a status pjsip made itself, no response
+    having come: 408 when Timer F fires, 503 on a transport error (RFC 3261 section 17.1.2.2,
+    ``sip_transaction.c``)."""
+    state = e.body.tsxState
+    return bool(
+        state.type in (pj.PJSIP_EVENT_TIMER, pj.PJSIP_EVENT_TRANSPORT_ERROR)
+        and state.prevState < pj.PJSIP_TSX_STATE_COMPLETED
+        and state.tsx.state >= pj.PJSIP_TSX_STATE_COMPLETED
+        and int(state.tsx.statusCode) >= 300
+    )
 
 
 def _wire(whole_msg: str) -> bytes:
@@ -360,6 +392,8 @@ class Engine:
         # Calls whose newest transfer's subscription ended in this pump's events: reported
         # after them unless pjsua reported that end (see _report_unreported_ends).
         self._ended_refers: list[_Call] = []
+        # Calls whose report_newest a transaction of this pump set (see _forget_marks).
+        self._marked: list[_Call] = []
         self.port = config.port
         self.stopping = False
         self._placed = 0  # PlaceCalls taken in, accepted or refused (WorkerStatus.placed)
@@ -557,6 +591,7 @@ class Engine:
         self._dead.clear()
         self._ep.libHandleEvents(ms)
         self._report_unreported_ends()
+        self._forget_marks()
         while True:
             try:
                 ev = self._media_q.get_nowait()
@@ -802,41 +837,99 @@ class Engine:
         if final and 200 <= status < 300:
             self._hangup(call, 0)  # the caller is with the target now: our leg is done
 
+    def _on_stale_transfer_status(self, call: _Call, status: int, final: bool) -> None:
+        log.info(
+            "call %s: transfer status %s (final=%s) of an earlier transfer: ignored",
+            call.call_id,
+            status,
+            final,
+        )
+
     def _on_transfer_tsx(self, call: _Call, e: pj.SipEvent) -> None:
-        """A transaction of a call that tried a transfer: its REFERs and their answers are
-        noted (:class:`refer.ReferSubscriptions`), and a NOTIFY that ends the newest
+        """A transaction of a call that tried a transfer: its REFERs, the SUBSCRIBEs of
+        their subscriptions and the answers to both are noted, and so is each NOTIFY
+        (:class:`refer.ReferSubscriptions`): whether pjsua's report that follows is of the
+        newest transfer (:attr:`_Call.report_newest`). A NOTIFY that ends the newest
         transfer's subscription while it waits for its answer is kept, to be reported by
         :meth:`_report_unreported_ends` if pjsua reports nothing of it."""
         if e.type != pj.PJSIP_EVENT_TSX_STATE:
             return
         tsx = e.body.tsxState.tsx
         method, kind = str(tsx.method), e.body.tsxState.type
-        if method == "REFER" and tsx.role == pj.PJSIP_ROLE_UAC:
-            self._on_refer_tsx(call, tsx, e)
+        if tsx.role == pj.PJSIP_ROLE_UAC and method in ("REFER", "SUBSCRIBE"):
+            with contextlib.suppress(message.SipParseError, ValueError, IndexError):
+                if method == "REFER":
+                    self._on_refer_tsx(call, tsx, e)
+                else:
+                    self._on_subscribe_tsx(call, tsx, e)
             return
         if kind != pj.PJSIP_EVENT_RX_MSG or tsx.role != pj.PJSIP_ROLE_UAS or method != "NOTIFY":
             return
+        # pjsua's report of it follows pjsip's 200 to it (that transaction's next state).
+        self._mark(call, None)
         try:
             notify = message.parse(_wire(e.body.tsxState.src.rdata.wholeMsg))
         except message.SipParseError:
             return  # pjsip parsed it; nothing here to add
-        if call.refers.ends_newest(notify) and call.xfer_pending:
+        seen = call.refers.notified(notify, now=time.monotonic())
+        self._mark(call, seen.newest)
+        if seen.newest and seen.ends and call.xfer_pending:
             self._ended_refers.append(call)
 
     def _on_refer_tsx(self, call: _Call, tsx: pj.SipTransaction, e: pj.SipEvent) -> None:
         """A REFER of ours: its CSeq when sent (again, after a digest challenge: a new one,
-        which names its subscription in the NOTIFYs), and its final response."""
-        with contextlib.suppress(message.SipParseError, ValueError, IndexError):
-            if tsx.state == pj.PJSIP_TSX_STATE_CALLING:
-                sent = message.parse(_wire(tsx.lastTx.wholeMsg))
-                call.refers.sent(int((sent.get("CSeq") or "").split()[0]))
-            elif e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG and int(tsx.statusCode) >= 200:
-                answer = message.parse(_wire(e.body.tsxState.src.rdata.wholeMsg))
-                call.refers.answered(
-                    int((answer.get("CSeq") or "").split()[0]),
-                    int(tsx.statusCode),
-                    refer_sub=(answer.get("Refer-Sub") or "").strip().lower() != "false",
-                )
+        which names its subscription in the NOTIFYs), and its final status: a response, or
+        one pjsip made itself (408 at Timer F, 503 on a transport error), which ends its
+        subscription just as well."""
+        if tsx.state == pj.PJSIP_TSX_STATE_CALLING:
+            call.refers.sent(_cseq(message.parse(_wire(tsx.lastTx.wholeMsg))))
+        elif e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG and int(tsx.statusCode) >= 200:
+            answer = message.parse(_wire(e.body.tsxState.src.rdata.wholeMsg))
+            newest = call.refers.answered(
+                _cseq(answer),
+                int(tsx.statusCode),
+                refer_sub=(answer.get("Refer-Sub") or "").strip().lower() != "false",
+            )
+            self._mark(call, newest)
+        elif _failed_here(e):
+            sent = message.parse(_wire(tsx.lastTx.wholeMsg))
+            self._mark(call, call.refers.answered(_cseq(sent), int(tsx.statusCode)))
+
+    def _on_subscribe_tsx(self, call: _Call, tsx: pj.SipTransaction, e: pj.SipEvent) -> None:
+        """A SUBSCRIBE of ours (pjsip's refresh of a REFER subscription, pjsua's end of
+        one): what it was for when sent, and its final status, whoever made it."""
+        sent = message.parse(_wire(tsx.lastTx.wholeMsg))
+        if tsx.state == pj.PJSIP_TSX_STATE_CALLING:
+            event = sent.get("Event") or ""
+            if event.split(";", 1)[0].strip().lower() == "refer":
+                expires = int(sent.get("Expires") or "1")
+                call.refers.subscribing(_cseq(sent), event, expires, now=time.monotonic())
+        elif (
+            e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG and int(tsx.statusCode) >= 200
+        ) or _failed_here(e):
+            seen = call.refers.subscribe_answered(
+                _cseq(sent), int(tsx.statusCode), now=time.monotonic()
+            )
+            self._mark(call, seen.newest)
+            if seen.newest and seen.ends and call.xfer_pending:
+                # pjsua reports a response's status as the end (489, final); should it say
+                # nothing, the transfer must not wait for an answer that cannot come.
+                self._ended_refers.append(call)
+
+    def _mark(self, call: _Call, newest: bool | None) -> None:
+        """Note whether pjsua's next transfer report for ``call`` is of its newest transfer."""
+        call.report_newest = newest
+        self._marked.append(call)
+
+    def _forget_marks(self) -> None:
+        """Clear the marks this pump's transactions set. pjsua reports a transaction's
+        transfer status in the same pass as its callbacks run, or never (a NOTIFY of a
+        subscription whose reports were stopped, a body it does not read): a mark left over
+        would decide a later report that no transaction of its own precedes (a subscription
+        pjsip ends on its own timer), and an earlier transfer's mark would drop the newest's."""
+        for call in self._marked:
+            call.report_newest = None
+        self._marked.clear()
 
     def _report_unreported_ends(self) -> None:
         """Report, as a failed transfer, each subscription end seen in this pump's events that
