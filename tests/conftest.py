@@ -5,6 +5,12 @@
   ``tmp_path``, with ``kill9()`` and ``restart()`` for crash tests.
 - ``no_blocking`` (request it by name, or ``@pytest.mark.usefixtures("no_blocking")``) fails an
   async test if any callback held the event loop for more than 100 ms.
+- Every test fails (at its teardown) when a SIP pool of this process saw one of its workers
+  exit with a status other than 0 during the pool's stop (pjsua aborting at the worker's
+  teardown, a kill for not stopping), in the test or in a fixture's teardown (a module's:
+  at its last test). A test that brings that about on purpose says so with
+  ``@pytest.mark.sip_worker_exit_ok``. A ``serve`` of its own logs such exits to its log:
+  :func:`workers_exited_non_zero` finds them there.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import dataclasses
 import gc
 import logging
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,11 +38,59 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from sip_config.settings import HostPort, SipSettings
+from voice.sip.pool import WORKER_EXITED_AT_STOP
 
 log = logging.getLogger(__name__)
 
 # The budget the house gives one event-loop step (STYLE.md habit 8).
 LOOP_BLOCK_LIMIT_S = 0.1
+
+
+class _WorkerExitsAtStop(logging.Handler):
+    """The pools' lines (voice/sip/pool.py) saying a worker exited with a status other than
+    0 during the pool's stop. Only logged, a worker that aborted at its stop passed every
+    test: pjsua2's assertion on a Call freed after libDestroy (-6) went unseen that way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if record.msg == WORKER_EXITED_AT_STOP and isinstance(args, tuple) and args[-1] != 0:
+            self.lines.append(record.getMessage())
+
+
+_worker_exits = _WorkerExitsAtStop()
+logging.getLogger("voice.sip.pool").addHandler(_worker_exits)
+
+
+def workers_exited_non_zero(log_text: str) -> list[str]:
+    """The lines of a ``serve`` of its own (``log_text``, its log) saying a SIP worker exited
+    non-zero at the stop: that process's pool logged them, not this one's."""
+    line = re.compile(re.escape(WORKER_EXITED_AT_STOP).replace("%s", r"(-?\d+)"))
+    return [m.group(0) for m in line.finditer(log_text) if m.group(2) != "0"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, None, None]:
+    """Fail the test in whose setup, run or teardown (its fixtures', and a module's at the
+    module's last test) a SIP worker exited non-zero at its pool's stop, unless it is marked
+    ``sip_worker_exit_ok``. The worker's stderr (inherited) is in the test's captured
+    output: it says why (pjsua's assertion, Python's fatal error)."""
+    try:
+        yield
+    finally:
+        lines, _worker_exits.lines = _worker_exits.lines, []
+    if lines and item.get_closest_marker("sip_worker_exit_ok") is None:
+        pytest.fail(
+            "a SIP worker exited non-zero at its pool's stop (its stderr is in the captured "
+            "output; mark the test sip_worker_exit_ok if it does so on purpose): "
+            + "; ".join(lines),
+            pytrace=False,
+        )
 
 
 def sip_settings(workers: int = 2, **changes: object) -> SipSettings:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import workers_exited_non_zero
 from tests.e2e.conftest import PhoneFactory, failed
 from tests.e2e.rig import (
     CLINIC_LINE,
@@ -185,6 +186,10 @@ def service(asterisk: AsteriskRig, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         if not proc.stop():
             pytest.fail(f"the service died during the tests; {proc.logfile}:\n{proc.log_tail(40)}")
+        # Its SIP workers' exits at the stop are in its log only: serve exits 0 all the same.
+        exits = workers_exited_non_zero(proc.logfile.read_text(errors="replace"))
+        if exits:
+            pytest.fail(f"{'; '.join(exits)} at the service's stop:\n{proc.log_tail(60)}")
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from clinic_voice import shared_secret
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, workers_exited_non_zero
 from tests.integration.conftest import (
     API_KEY,
     CALLS_KEY,
@@ -165,17 +165,24 @@ async def _wait_healthy(service: Service) -> None:
 
 
 async def _stop(service: Service) -> None:
+    """SIGTERM, unless the test stopped it; fail when serve ignores it, or when one of its SIP
+    workers exited non-zero at the stop (serve's own log says so: serve exits 0 all the
+    same)."""
     proc = service.proc
-    if proc is None or proc.returncode is not None:
+    if proc is None:
         return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        async with asyncio.timeout(STOP_DEADLINE_S):
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_DEADLINE_S):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
             await proc.wait()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail(f"{service.name} ignored SIGTERM for {STOP_DEADLINE_S} s")
+            pytest.fail(f"{service.name} ignored SIGTERM for {STOP_DEADLINE_S} s")
+    exits = workers_exited_non_zero(service.log_path.read_text(errors="replace"))
+    if exits:
+        pytest.fail(f"{service.name}: {'; '.join(exits)} at its stop:\n{service.log_tail(60)}")
 
 
 @pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
