@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -34,7 +33,7 @@ from clinic_voice.http import (
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.main_link import MainLink, MainLinkError
 from clinic_voice.metrics import Metrics
-from clinic_voice.openapi import openapi_document
+from clinic_voice.openapi import served_document
 from clinic_voice.redis_server import (
     AOF_ASKED_POLL_S,
     AOF_COMPACT_S,
@@ -689,7 +688,13 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _openapi(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps(openapi_document()), content_type="application/json")
+    doc = served_document()  # built at the first request of the process, then kept
+    headers = {"ETag": doc.etag}
+    # If-None-Match compares weakly (RFC 9110 13.1.2): a W/ tag of ours matches too.
+    asked = request.if_none_match or ()
+    if any(tag.value == "*" or f'"{tag.value}"' == doc.etag for tag in asked):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=doc.body, content_type="application/json", headers=headers)
 
 
 def describe(app: web.Application) -> dict[str, Any]:

@@ -484,6 +484,11 @@ class _Pool:
         self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
 
 
+def _failed(done: asyncio.Future[ssl.SSLContext]) -> bool:
+    """Whether a finished future ended without a result (its exception then counts as seen)."""
+    return done.cancelled() or done.exception() is not None
+
+
 class HttpClient:
     """Kept-alive HTTP/1.1 POSTs. One per process; :meth:`close` at shutdown."""
 
@@ -521,14 +526,16 @@ class HttpClient:
         which on the loop held every request and call of the service."""
         if self._ssl is not None:
             return self._ssl
-        if self._ssl_loading is None:
-            self._ssl_loading = asyncio.ensure_future(asyncio.to_thread(ssl.create_default_context))
-        try:
-            # Shielded: a connect cancelled meanwhile leaves the load to the others.
-            self._ssl = await asyncio.shield(self._ssl_loading)
-        except Exception:
-            self._ssl_loading = None  # not cached: the next https:// origin tries again
-            raise
+        loading = self._ssl_loading
+        # A load that failed is not kept: the next connect tries again. Decided here, not by
+        # its waiters: when every connect that waited for it was cancelled (their deadline)
+        # no waiter is left to forget it, and the next connect got that old error once.
+        if loading is None or (loading.done() and _failed(loading)):
+            loading = asyncio.ensure_future(asyncio.to_thread(ssl.create_default_context))
+            self._ssl_loading = loading
+        # Shielded: a connect cancelled meanwhile leaves the load to the others. A failure
+        # reaches each connect still waiting for this load.
+        self._ssl = await asyncio.shield(loading)
         return self._ssl
 
     async def post(

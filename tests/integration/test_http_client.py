@@ -606,6 +606,59 @@ async def test_the_system_ca_store_is_read_off_the_loop_once(
         await tls_peer.stop()
 
 
+async def test_a_failed_ca_store_load_is_told_to_its_waiters_and_then_tried_again(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The load runs on in its thread after the connects that wait for it are cancelled (their
+    # deadline). A failure reaches the connects still waiting; one that no connect is left to
+    # see was kept, and the next connect got that old error instead of loading again.
+    gates = [threading.Event(), threading.Event()]  # the first two loads fail when opened
+    loads: list[None] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        n = len(loads)
+        loads.append(None)
+        if n < len(gates):
+            gates[n].wait(10)
+            raise ssl.SSLError(f"the CA store could not be read ({n + 1})")
+        return tls_contexts[1]  # trusts the test's certificate
+
+    async def failed_load(n: int) -> None:
+        """Open load ``n``'s gate and wait until its failure has reached the loop."""
+        loading = default._ssl_loading
+        assert loading is not None
+        gates[n].set()
+        await asyncio.wait({loading}, timeout=5.0)
+        assert loading.done(), "the load did not end"
+
+    monkeypatch.setattr(ssl, "create_default_context", flaky)
+    tls_peer = Peer()
+    await tls_peer.start(ssl_context=tls_contexts[0])
+    default = HttpClient()
+    try:
+        url = tls_peer.url("/echo", "https")
+        # Load 1: one connect gives up meanwhile, the other is still there to be told.
+        live = asyncio.ensure_future(default.post(url, b"x", JSON, timeout_s=5))
+        with pytest.raises(TimeoutError):
+            await default.post(url, b"x", JSON, timeout_s=0.2)
+        await failed_load(0)
+        with pytest.raises(HttpClientError, match=r"could not be read \(1\)"):
+            await live
+        # Load 2: every connect waiting for it gave up before it failed.
+        with pytest.raises(TimeoutError):
+            await default.post(url, b"x", JSON, timeout_s=0.2)
+        await failed_load(1)
+        # The next connect loads again (load 3), and succeeds.
+        answer = await default.post(url, b"y", JSON, timeout_s=5)
+        assert answer.body == b"y"
+        assert len(loads) == 3
+    finally:
+        for gate in gates:
+            gate.set()
+        await default.close()
+        await tls_peer.stop()
+
+
 async def test_an_address_filter_decides_which_resolved_addresses_are_connected(
     peer: Peer,
 ) -> None:
