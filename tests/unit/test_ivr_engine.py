@@ -2027,3 +2027,54 @@ def test_a_triage_advice_before_a_human_heard_the_second_time_is_not_noted(
     state, actions = engine.handle(state, TransferResult(True))
     (store,) = [a for a in actions if isinstance(a, Store)]
     assert not [r for r in store.record.reasons if r.startswith("unheard")]
+
+
+def test_an_advice_before_a_human_unheard_twice_is_said_before_the_message_offer(
+    tmp_path: Path,
+) -> None:
+    # the advice said before "connecting you" after a 0 (below U2) fails twice; the
+    # transfer goes ahead and fails: the message offer (or the goodbye) must carry the advice
+    # the caller never heard, as on the goodbye's own path (unheard_advice).
+    engine, state, _ = _advice_before_staff(tmp_path)
+    for event in (FAILED, FAILED):
+        state, actions = engine.handle(state, event)
+    state, actions = engine.handle(state, TransferResult(False))
+    assert state.pending is Pending.MESSAGE
+    (offer,) = texts(actions)
+    assert offer.startswith(ADVICE), offer
+
+
+REPEAT_STATUS_FLOW = """\
+id: r
+language: en
+human: staff
+start: status
+nodes:
+  status:
+    say: "Your results are ready in the patient portal."
+    next: again
+    backs_outcome: results_status_given
+    outcome_unheard: results_status_unheard
+  again:
+    ask:
+      prompt: "To hear that again, press 1. Otherwise press 2."
+      choices:
+        - {key: "1", phrases: ["again"], label: again, goto: status}
+        - {key: "2", phrases: ["no"], label: no, goto: bye}
+  bye:
+    hangup: "Goodbye."
+    outcome: results_status_given
+"""
+
+
+def test_a_backed_say_heard_on_a_later_pass_backs_its_outcome(tmp_path: Path) -> None:
+    # the status unheard twice, then asked for again and heard in full: the caller
+    # was told, yet the record says results_status_unheard (the pair is never dropped).
+    (tmp_path / "r.yaml").write_text(REPEAT_STATUS_FLOW, encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    state, _ = engine.start(engine.flowset.get("r"))
+    for event in (FAILED, FAILED, DONE, Digit("1"), DONE, DONE, Digit("2")):
+        state, actions = engine.handle(state, event)
+    state, actions = engine.handle(state, DONE)  # "Goodbye." heard
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "results_status_given", store.record.outcome

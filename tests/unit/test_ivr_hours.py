@@ -39,7 +39,14 @@ from voice.ivr.engine import (
     TransferResult,
     WebhookResult,
 )
-from voice.ivr.flow import FlowError, FlowParams, Say, load_flows
+from voice.ivr.flow import (
+    ENGINE_OUTCOME_PREFIXES,
+    ENGINE_OUTCOMES,
+    FlowError,
+    FlowParams,
+    Say,
+    load_flows,
+)
 from voice.ivr.opening_hours import OpeningHours, always_open, parse_week
 from voice.ivr.simulate import main as simulate
 from voice.ivr.simulate import script_call
@@ -1187,15 +1194,23 @@ SHUT_SAY = '  shut:\n    say: "Closed."\n    next: menu\n'
             "    backs_outcome: same_day\n    outcome_unheard: same_day_unheard\n",
             "a say's 'outcome_unheard' cannot go with or be a triage action",
         ),
-        # No goodbye ends so after it: the desk's transfer is a human, not a goodbye.
+        # A transfer's outcome is the engine's: staff can tell the caller.
         (
             "    backs_outcome: transfer_staff\n    outcome_unheard: staff_unheard\n",
-            "say 'shut' backs_outcome 'transfer_staff', but no goodbye with that outcome can "
-            "follow it",
+            "a say cannot back 'transfer_staff': an outcome the engine gives a call itself",
         ),
         (
             "    backs_outcome: told\n    outcome_unheard: told_unheard\n",
             "say 'shut' backs_outcome 'told', but no goodbye with that outcome can follow it",
+        ),
+        # The engine's own endings: a real hang-up would be rewritten.
+        (
+            "    backs_outcome: caller_hung_up\n    outcome_unheard: told_unheard\n",
+            "a say cannot back 'caller_hung_up': an outcome the engine gives a call itself",
+        ),
+        (
+            "    backs_outcome: cut_shutdown\n    outcome_unheard: told_unheard\n",
+            "a say cannot back 'cut_shutdown': an outcome the engine gives a call itself",
         ),
     ],
 )
@@ -1214,6 +1229,29 @@ def test_check_accepts_a_say_that_backs_a_goodbye_after_it(flows: Path) -> None:
     say = load_flows(flows).get("t").nodes["shut"]
     assert isinstance(say, Say)
     assert (say.backs_outcome, say.outcome_unheard) == ("done", "done_unheard")
+
+
+def test_the_engine_outcomes_a_say_cannot_back_are_the_engines() -> None:
+    from voice.ivr import engine as eng
+
+    constants = {v for k, v in vars(eng).items() if k.endswith("_OUTCOME") and isinstance(v, str)}
+    assert constants, "no outcome constants found"
+    for outcome in constants:
+        assert outcome in ENGINE_OUTCOMES or outcome.startswith(ENGINE_OUTCOME_PREFIXES), outcome
+
+
+def test_check_accepts_a_backed_goodbye_after_a_transfers_on_fail(flows: Path) -> None:
+    # Nobody took the call when a transfer's on_fail is taken: the line is still unheard
+    # at the goodbye there, which the engine then records as outcome_unheard.
+    keys = "    backs_outcome: done\n    outcome_unheard: done_unheard\n"
+    flow = FLOW.replace(SHUT_SAY, '  shut:\n    say: "Closed."\n    next: desk\n' + keys)
+    (flows / "t.yaml").write_text(flow, encoding="utf-8")
+    backs = "say 'shut' backs_outcome 'done', but no goodbye with that outcome can follow it"
+    assert backs in [f.message for f in check_files([flows])]  # a human takes the call
+    through = '    prompt: "Putting you through."\n'
+    flow = flow.replace(through, through + "    on_fail: bye\n")
+    (flows / "t.yaml").write_text(flow, encoding="utf-8")
+    assert backs not in [f.message for f in check_files([flows])]
 
 
 def test_the_notice_before_a_goodbye_after_a_closed_0_is_rendered_at_start() -> None:

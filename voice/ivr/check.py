@@ -381,9 +381,10 @@ class _Checker:
                         )
 
     def backed_outcomes(self) -> None:
-        """A say's ``backs_outcome`` is the outcome of a goodbye that can follow it (not past
-        a transfer: a human takes over there): otherwise its ``outcome_unheard`` could never
-        stand for anything, and the line would only be said twice for nothing."""
+        """A say's ``backs_outcome`` is the outcome of a goodbye that can follow it (past a
+        transfer only by its ``on_fail``: a human takes over otherwise): otherwise its
+        ``outcome_unheard`` could never stand for anything, and the line would only be said
+        twice for nothing."""
         for node in self.flow.nodes.values():
             if not isinstance(node, Say) or not node.backs_outcome:
                 continue
@@ -397,7 +398,9 @@ class _Checker:
                     other = self.flowset.get(nxt[0]).nodes[nxt[1]]
                     if isinstance(other, Hangup) and other.outcome == node.backs_outcome:
                         found = True
-                    elif nxt not in seen and not isinstance(other, Transfer):
+                    elif nxt not in seen:
+                        # Past a transfer only by its on_fail (its one edge): nobody took the
+                        # call, which goes on there with the line still unheard.
                         seen.add(nxt)
                         queue.append(nxt)
             if not found:

@@ -603,6 +603,15 @@ def _backs_outcome(state: CallState, node: Node | None) -> bool:
     return state.pending is Pending.NEXT and isinstance(node, Say) and bool(node.outcome_unheard)
 
 
+def _heard(state: CallState, node: Node | None) -> CallState:
+    """``state`` once the prompt under way was heard in full: a say that backs an outcome,
+    unheard on an earlier pass (the caller asked for it again), backs it again."""
+    if _backs_outcome(state, node) and isinstance(node, Say) and state.unheard_outcomes:
+        kept = tuple(p for p in state.unheard_outcomes if p[0] != node.backs_outcome)
+        return replace(state, unheard_outcomes=kept)
+    return state
+
+
 def _safety_words(state: CallState, node: Node | None) -> bool:
     """Whether the prompt under way must be said once more should it fail: last words (the
     caller leaves with them), any prompt to an urgent caller on the way to a human (a say, or
@@ -737,7 +746,7 @@ class Engine:
         node = flow.nodes.get(state.node)
         if isinstance(event, PromptDone):
             return (
-                self._prompt_done(state, flow, node)
+                self._prompt_done(_heard(state, node), flow, node)
                 if state.phase is Phase.PLAYING
                 else (
                     state,
@@ -851,6 +860,10 @@ class Engine:
         if state.triage is not None and (_urgent(state) or state.unheard_advice or said_advice):
             reason = UNHEARD_REASON.format(state.node)
             state = replace(state, triage=state.triage.note(reason), unheard_advice="")
+        if said_advice and isinstance(node, Hangup):
+            # Said again before the message offer or the goodbye, should the transfer fail,
+            # as the advice the nurse was tried for is (_advice).
+            state = replace(state, unheard_advice=node.prompt)
         if state.pending is Pending.HANGUP and state.outcome == OUT_OF_HOURS_OUTCOME:
             state = replace(state, outcome=OUT_OF_HOURS_UNHEARD_OUTCOME)
         elif (

@@ -466,6 +466,21 @@ def valid_date_ddmmyyyy(entry: str, today: datetime.date) -> bool:
     return oldest <= (year, month, day) <= (today.year, today.month, today.day)
 
 
+# Outcomes the engine gives a call itself (voice.ivr.engine), which a say's backs_outcome
+# may not name; tests/unit/test_ivr_hours.py holds the engine's constants to them.
+ENGINE_OUTCOMES = frozenset(
+    {
+        "caller_hung_up",
+        "hung_up_before_transfer",
+        "completed",
+        "message_left",
+        "out_of_hours",
+        "out_of_hours_unheard",
+    }
+)
+ENGINE_OUTCOME_PREFIXES = ("cut_", "transfer_")
+
+
 @dataclass(frozen=True, slots=True)
 class Say:
     """Play a text or an audio file, then go on.
@@ -1170,6 +1185,13 @@ class _Parser:
             self.error(
                 m.line_of("outcome_unheard"),
                 "a say's 'outcome_unheard' cannot go with or be a triage action",
+            )
+        elif backs in ENGINE_OUTCOMES or backs.startswith(ENGINE_OUTCOME_PREFIXES):
+            # The engine's own endings (a caller's hang-up, a failed transfer) would be
+            # rewritten: only a goodbye's outcome can be backed.
+            self.error(
+                m.line_of("backs_outcome"),
+                f"a say cannot back {backs!r}: an outcome the engine gives a call itself",
             )
         else:
             return backs, unheard
