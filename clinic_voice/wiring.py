@@ -51,7 +51,8 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
 
     async def prompts_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
-        rt.renderer = PromptRenderer(settings.data_dir / "prompts")
+        # Fixed prompts are cached in prompts/; a call's own texts go to private/, never cached.
+        rt.renderer = PromptRenderer(settings.data_dir / "prompts", settings.data_dir / "private")
         # A process killed during a voice call leaves its code's file behind: remove it.
         stale = await asyncio.to_thread(
             spoken_code.remove_stale, settings.data_dir / "private", STALE_CODE_FILE_S, time.time()

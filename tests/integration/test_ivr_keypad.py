@@ -397,10 +397,13 @@ async def test_a_prompt_with_the_callers_booking_is_never_kept_on_disk(
     record = await line.new_record(before)
     message = "See you Monday with Doctor Jansen for your diabetes check."
     assert record["values"].get("booking.message") == message, record  # it was said
-    assert list(prompts.glob("once-*.wav")) == [], "the call's own prompt was not deleted"
-    # The name the prompt cache would give that text (same espeak-ng, same key).
+    private = line.settings.data_dir / "private"
+    for folder in (prompts, private):
+        assert list(folder.glob("once-*.wav")) == [], "the call's own prompt was not deleted"
+    # The key the prompt cache would give that text (same espeak-ng, same key).
     cached = await PromptRenderer(tmp_path).render(said, voice="en")
-    assert not (prompts / cached.name).exists(), "the booking was cached by its text"
+    key = cached.name.split(".")[0]
+    assert not list(prompts.glob(f"{key}.*")), "the booking was cached by its text"
 
 
 async def test_a_transfer_accepted_then_hung_up_before_its_final_notify_is_a_transfer(

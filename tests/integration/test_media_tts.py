@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from verification.wording import wording
+from voice.media import spoken_code
 from voice.media.pcm import read_wav, rms_dbfs
 from voice.media.tts import PromptRenderer, TtsError
 
@@ -101,13 +103,15 @@ async def test_prerender_then_every_prompt_is_cached(tmp_path: Path) -> None:
     assert renderer.renders == 3
 
 
-async def test_uncached_render_is_a_private_file(tmp_path: Path) -> None:
-    renderer = PromptRenderer(tmp_path)
-    one = await renderer.render("Your code is 1, 2, 3.", cache=False)
-    two = await renderer.render("Your code is 1, 2, 3.", cache=False)
-    assert one != two
-    assert one.stat().st_mode & 0o077 == 0, "a spoken secret must not be world-readable"
+async def test_a_private_render_is_a_file_of_its_own_and_never_cached(tmp_path: Path) -> None:
+    renderer = PromptRenderer(tmp_path / "prompts", tmp_path / "private")
+    one = await renderer.render_private("Your appointment is on 3 May at 10:00.")
+    two = await renderer.render_private("Your appointment is on 3 May at 10:00.")
+    assert one != two and one.parent == tmp_path / "private"
+    assert one.stat().st_mode & 0o077 == 0, "a caller's prompt must not be world-readable"
     assert read_wav(one).samples
+    assert renderer.renders == 2
+    assert not (tmp_path / "prompts").exists() or not any((tmp_path / "prompts").iterdir())
 
 
 async def test_failures_raise_tts_error_and_the_engine_recovers(tmp_path: Path) -> None:
@@ -161,3 +165,74 @@ async def test_a_callers_prompt_goes_before_background_prerendering(tmp_path: Pa
     path = await renderer.render(again[-1])
     assert path.exists() and not queued.done()
     await queued
+
+
+FLOW_TEXTS = [
+    "Welcome to the clinic.",
+    "Press 1 for appointments, 2 for test results.",
+    "Please hold the line.",
+    "Goodbye.",
+]
+
+
+async def test_a_restart_with_the_same_prompts_renders_nothing(tmp_path: Path) -> None:
+    first = PromptRenderer(tmp_path / "prompts")
+    paths = await first.prerender(FLOW_TEXTS, background=True)
+    assert first.renders == len(FLOW_TEXTS)
+    assert await first.evict_unused() == 0
+    # A restart: a new renderer (and cache) on the same folder.
+    restarted = PromptRenderer(tmp_path / "prompts")
+    started = time.monotonic()
+    assert await restarted.prerender(FLOW_TEXTS, background=True) == paths
+    warm_s = time.monotonic() - started
+    print(f"warm prerender of {len(FLOW_TEXTS)} prompts: {warm_s * 1000:.1f} ms")
+    assert restarted.renders == 0, "a restart rendered cached prompts again"
+    # Asked again in this process: no lookup on disk, no render.
+    assert await restarted.render(FLOW_TEXTS[0]) == paths[0]
+    assert restarted.renders == 0
+
+
+async def test_a_changed_text_and_a_damaged_file_are_the_only_renders(tmp_path: Path) -> None:
+    first = PromptRenderer(tmp_path / "prompts")
+    paths = await first.prerender(FLOW_TEXTS)
+    damaged = paths[1]
+    data = await asyncio.to_thread(damaged.read_bytes)
+    await asyncio.to_thread(damaged.write_bytes, data[: len(data) // 2])  # cut short
+    edited = [*FLOW_TEXTS[:-1], "Goodbye, and get well soon."]
+    restarted = PromptRenderer(tmp_path / "prompts")
+    again = await restarted.prerender(edited)
+    assert restarted.renders == 2, "only the damaged file and the changed text render"
+    assert again[0] == paths[0] and again[2] == paths[2]
+    # Rendered again whole, not played cut short (espeak-ng may differ by a sample or two).
+    assert abs(len(await asyncio.to_thread(again[1].read_bytes)) - len(data)) < len(data) // 100
+    # The old "Goodbye." is unused by this run: it goes once no process used it for a day.
+    assert await restarted.evict_unused(time.time() + 60) == 0
+    assert await restarted.evict_unused(time.time() + 2 * 86400) == 1
+    assert not paths[3].exists()
+    assert all(p.exists() for p in again)
+
+
+async def test_a_voice_codes_rendering_leaves_no_file(tmp_path: Path) -> None:
+    """The code is said from cached pieces (the sentence head, each digit) into a private
+    file that the channel deletes: nothing the cache keeps says the code, and nothing of it
+    is left once the channel is done."""
+    prompts, private = tmp_path / "prompts", tmp_path / "private"
+    renderer = PromptRenderer(prompts, private)
+    words = wording("en")
+    head = words.head_text("Example Clinic")
+    # What serve renders at start (clinic_voice/wiring.py): the head and the ten digits.
+    await renderer.prerender([head, *(str(d) for d in range(10))])
+    before = await asyncio.to_thread(lambda: sorted(p.name for p in prompts.iterdir()))
+    renders = renderer.renders
+    code_wav = await spoken_code.compose(renderer, head, "481523", private)
+    assert renderer.renders == renders, "a code's reading rendered a text"
+    after = await asyncio.to_thread(lambda: sorted(p.name for p in prompts.iterdir()))
+    assert after == before, "the code's reading added a file to the prompt cache"
+    assert code_wav.parent == private and code_wav.stat().st_mode & 0o777 == 0o600
+    await asyncio.to_thread(code_wav.unlink)  # as VoiceCallChannel.send does after the call
+    assert await asyncio.to_thread(lambda: list(private.iterdir())) == []
+    # And a text of one call never reaches the cache.
+    once = await renderer.render_private(f"{head} 4, 8, 1, 5, 2, 3.")
+    assert once.parent == private
+    assert await asyncio.to_thread(lambda: sorted(p.name for p in prompts.iterdir())) == before
+    await asyncio.to_thread(once.unlink)

@@ -15,7 +15,7 @@ import pytest
 from clinic_voice.app import Runtime
 from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from clinic_voice.metrics import Metrics
-from sip_config.clock import SystemClock
+from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import Settings
 from voice.ivr.flow import FlowParams
 from voice.media.tts import PromptRenderer, TtsError
@@ -24,18 +24,26 @@ SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
 
 
 class Renderer:
-    """Fails the first flow's prerender as espeak-ng failing does (TtsError)."""
+    """Fails the first flow's prerender as espeak-ng failing does (TtsError), unless
+    ``fail_first`` is False."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fail_first: bool = True) -> None:
         self.asked: list[int] = []
+        self.fail_first = fail_first
+        self.evicted_at: list[float] = []
 
     async def prerender(
         self, texts: Iterable[str], *, voice: str = "en", background: bool = False
     ) -> list[Path]:
         self.asked.append(len(list(texts)))
-        if len(self.asked) == 1:
+        if self.fail_first and len(self.asked) == 1:
             raise TtsError("espeak-ng failed to synthesise (status -1)")
         return []
+
+    async def evict_unused(self, now: float | None = None) -> int:
+        assert now is not None, "the clinic line's clock gives the time"
+        self.evicted_at.append(now)
+        return 3
 
 
 async def test_a_flow_whose_prompt_fails_to_render_leaves_the_others_rendered(
@@ -65,3 +73,26 @@ async def test_a_flow_whose_prompt_fails_to_render_leaves_the_others_rendered(
     )
     done = f"{sum(renderer.asked[1:])} static prompts of {len(flowset.flows)} flows cached"
     assert any(r.getMessage() == f"clinic line: {done}" for r in caplog.records)
+    # A flow's prompts missing: nothing is evicted (the cache holds what the flows say).
+    assert renderer.evicted_at == []
+
+
+async def test_once_every_prompt_is_in_what_no_flow_says_is_evicted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cache on disk would otherwise keep every prompt every flow ever said."""
+    settings = Settings.from_env(
+        {"CLINIC_DATA_DIR": str(tmp_path), "CLINIC_FLOWS_DIR": str(SHIPPED)}
+    )
+    flowset = check_clinic_line(settings)
+    rt = Runtime(settings=settings, clock=FakeClock(1_800_000_000.0), metrics=Metrics())
+    rt.warming.add("prompts")
+    renderer = Renderer(fail_first=False)
+    caplog.set_level(logging.INFO, logger="clinic_voice.clinic_line")
+    await ClinicLine(settings, rt, flowset)._prerender_all(
+        cast(PromptRenderer, renderer), FlowParams.from_settings(settings, speech_enabled=False)
+    )
+    assert len(renderer.asked) == len(flowset.flows)
+    assert renderer.evicted_at == [1_800_000_000.0]
+    assert rt.warming == set()
+    assert "clinic line: 3 cached prompt(s) no flow says removed" in caplog.messages

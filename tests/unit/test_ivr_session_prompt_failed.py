@@ -35,11 +35,11 @@ def _failing_tts(rig: Rig, phrase: str) -> list[str]:
     render = rig.renderer.render
     tries: list[str] = []
 
-    async def failing(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+    async def failing(text: str, *, voice: str = "en") -> Path:
         if phrase in text:
             tries.append(text)
             raise TtsError("espeak-ng failed to synthesise (status 1)")
-        return await render(text, voice=voice, cache=cache)
+        return await render(text, voice=voice)
 
     rig.renderer.render = failing  # type: ignore[method-assign]
     return tries
@@ -205,7 +205,7 @@ async def test_a_broken_text_to_speech_round_an_on_fail_loop_reaches_a_human(
     rig = Rig(called="r", speech=False, flows=tmp_path)
     tries: list[str] = []
 
-    async def broken(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+    async def broken(text: str, *, voice: str = "en") -> Path:
         await asyncio.sleep(0)  # as the speech thread's future: the loop runs in between
         tries.append(text)
         raise TtsError("espeak-ng failed to initialise")

@@ -718,12 +718,12 @@ class CallWorld:
         renderer = self.renderer
         render = renderer.render
 
-        async def slow_render(text: str, *, voice: str = "en", cache: bool = True) -> Path:
+        async def slow_render(text: str, *, voice: str = "en") -> Path:
             if not self.auto:  # no draws once the caller only listens: the data would run out
                 await asyncio.sleep(draw(st.sampled_from(DELAYS), label="tts"))
                 if draw(st.integers(0, 30), label="tts fails") == 0:
                     raise TtsError("espeak failed")
-            return await render(text, voice=voice, cache=cache)
+            return await render(text, voice=voice)
 
         renderer.render = slow_render  # type: ignore[method-assign]
 

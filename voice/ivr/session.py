@@ -505,10 +505,10 @@ class CallSession:
         try:
             if action.audio:
                 wav = Path(action.audio)
+            elif action.private:  # this call's data: a file of its own, never cached
+                wav = await self._d.renderer.render_private(action.text, voice=action.language)
             else:
-                wav = await self._d.renderer.render(
-                    action.text, voice=action.language, cache=not action.private
-                )
+                wav = await self._d.renderer.render(action.text, voice=action.language)
         except TtsError as exc:
             # The error names espeak-ng's failure, never the text (which may be the caller's).
             self._failed_play("text to speech failed", exc)

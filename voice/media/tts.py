@@ -1,10 +1,16 @@
-"""Spoken prompts: espeak-ng through pyttsx3's driver, on its own thread, cached on disk.
+"""Spoken prompts: espeak-ng through pyttsx3's driver, on its own thread.
 
 espeak-ng can be initialised only once per process and its state is global, so one daemon
 thread per process owns it and every render goes through that thread; the event loop only
 awaits a future. Output is PCM16 mono at the call's rate (resampled in
-:mod:`voice.media.pcm`), written atomically under a name that hashes the text, voice, rate and
-engine version: a file that exists is complete and current.
+:mod:`voice.media.pcm`), made in memory and then written where it belongs, by that thread:
+
+- a fixed text (a flow's prompt, the verification call's sentence head and digits) with
+  :meth:`PromptRenderer.render` into the cache on disk (:mod:`voice.media.prompt_cache`),
+  looked up there first, so a restart with the same flows renders nothing;
+- a text of one call (what the caller said or was told, a webhook's reply) with
+  :meth:`PromptRenderer.render_private` into a private file that the caller deletes after
+  playing it. No path from this call leads into the cache.
 
 Why pyttsx3's espeak-ng *binding* and not its ``Engine``: measured here with pyttsx3 2.99,
 ``save_to_file`` + ``runAndWait`` returns before espeak-ng has finished (its espeak driver
@@ -20,10 +26,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
-import hashlib
 import importlib.metadata
 import itertools
-import json
 import logging
 import os
 import queue
@@ -31,14 +35,16 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from voice.media.leftovers import remove_files
-from voice.media.pcm import Pcm, bytes_to_samples, resample, samples_to_bytes, write_wav
+from voice.media.pcm import Pcm, bytes_to_samples, resample, samples_to_bytes, wav_bytes
+from voice.media.prompt_cache import PromptCache, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +58,13 @@ _ESPEAK_RATE_HZ = 22050
 _SOX = shutil.which("sox")
 
 
-def _sox_resample(samples: array[int], src_hz: int, dst_hz: int, out: Path) -> None:
-    """PCM16 mono at ``src_hz`` -> a WAV file at ``dst_hz`` (sox's high-quality resampler)."""
+def _sox_resample(samples: array[int], src_hz: int, dst_hz: int) -> array[int]:
+    """PCM16 mono at ``src_hz`` -> at ``dst_hz`` (sox's high-quality resampler)."""
+    raw = ["-t", "raw", "-e", "signed-integer", "-b", "16", "-c", "1", "-L"]
     argv = [
-        _SOX or "sox",
-        "-q",
-        "-t", "raw", "-r", str(src_hz), "-e", "signed-integer", "-b", "16", "-c", "1",
-        "-L",  # little-endian input, as samples_to_bytes writes
-        "-",
-        "-t", "wav", "-r", str(dst_hz), "-e", "signed-integer", "-b", "16", "-c", "1",
-        str(out),
+        _SOX or "sox", "-q",
+        *raw, "-r", str(src_hz), "-",  # little-endian input, as samples_to_bytes writes
+        *raw, "-r", str(dst_hz), "-",
         "rate", "-h",
     ]  # fmt: skip
     done = subprocess.run(
@@ -69,6 +72,20 @@ def _sox_resample(samples: array[int], src_hz: int, dst_hz: int, out: Path) -> N
     )
     if done.returncode != 0:
         raise TtsError(f"sox could not resample: {done.stderr.decode(errors='replace')[:200]}")
+    return bytes_to_samples(done.stdout)
+
+
+def _resampler() -> str:
+    """What resamples, for the cache key: sox and its version, or the pure-Python one."""
+    if _SOX is None:
+        return "python-resampler"
+    try:
+        done = subprocess.run(
+            [_SOX, "--version"], capture_output=True, timeout=10, check=False, text=True
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TtsError(f"sox does not run: {exc}") from exc
+    return done.stdout.strip().rsplit(" ", 1)[-1] or "sox"
 
 
 class TtsError(RuntimeError):
@@ -77,11 +94,10 @@ class TtsError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    text: str
-    voice: str
-    rate_hz: int
-    out: Path
-    done: concurrent.futures.Future[Path] = field(default_factory=concurrent.futures.Future)
+    """Work for the speech thread: ``run`` there, its result or TtsError in ``done``."""
+
+    run: Callable[[], Any]
+    done: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
     background: bool = False  # start-up prerendering: yields to anything a caller waits for
 
 
@@ -89,7 +105,7 @@ _URGENT, _BACKGROUND = 0, 1
 
 
 class _SpeechThread:
-    """The one thread that owns espeak-ng in this process."""
+    """The one thread that owns espeak-ng in this process (and the prompt cache's files)."""
 
     _instance: _SpeechThread | None = None
     _instance_lock = threading.Lock()
@@ -128,14 +144,14 @@ class _SpeechThread:
             if not job.done.set_running_or_notify_cancel():
                 continue
             try:
-                self._render(job)
+                result = job.run()
             except TtsError as exc:
                 job.done.set_exception(exc)
             except Exception as exc:  # ctypes and file errors: still the caller's TtsError
                 log.exception("text-to-speech failed")
                 job.done.set_exception(TtsError(f"text-to-speech failed: {exc}"))
             else:
-                job.done.set_result(job.out)
+                job.done.set_result(result)
 
     def _start(self) -> str:
         """Initialise espeak-ng once; return the engine version for the cache key."""
@@ -152,7 +168,9 @@ class _SpeechThread:
         self._espeak = espeak
         info = espeak.Info(None)
         espeak_version = info.decode() if isinstance(info, bytes) else str(info)
-        return f"pyttsx3-{importlib.metadata.version('pyttsx3')}/espeak-ng-{espeak_version}"
+        pyttsx3_version = importlib.metadata.version("pyttsx3")
+        # The resampler is part of the audio too (sox and the Python one differ slightly).
+        return f"pyttsx3-{pyttsx3_version}/espeak-ng-{espeak_version}/{_resampler()}"
 
     def _on_audio(self, wav: Any, numsamples: int, _events: Any) -> int:
         # Called by espeak-ng on this thread, inside Synth: copy the samples and go on.
@@ -175,50 +193,60 @@ class _SpeechThread:
         espeak.Synchronize()
         return bytes_to_samples(b"".join(self._chunks))
 
-    def _render(self, job: _Job) -> None:
+    def speak(self, text: str, voice: str, rate_hz: int) -> bytes:
+        """The bytes of a WAV file of ``text`` (on this thread only)."""
         self.version.result()  # raises TtsError when espeak-ng could not start
-        spoken = self._synth(job.text, job.voice)
+        spoken = self._synth(text, voice)
         if not spoken:
             raise TtsError("espeak-ng produced no audio")
-        fd, tmp_name = tempfile.mkstemp(suffix=".wav.tmp", dir=job.out.parent)
-        os.close(fd)
-        try:
-            if _SOX is not None:
-                # sox resamples in C while this thread waits without the GIL; the pure-Python
-                # resampler held the GIL for ~0.1 s per prompt and stalled the event loop.
-                _sox_resample(spoken, self._rate_hz, job.rate_hz, Path(tmp_name))
-            else:
-                pcm = Pcm(resample(spoken, self._rate_hz, job.rate_hz), job.rate_hz)
-                write_wav(Path(tmp_name), pcm)
-            os.replace(tmp_name, job.out)  # readers never see half a file
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        if _SOX is not None:
+            # sox resamples in C while this thread waits without the GIL; the pure-Python
+            # resampler held the GIL for ~0.1 s per prompt and stalled the event loop.
+            samples = _sox_resample(spoken, self._rate_hz, rate_hz)
+        else:
+            samples = resample(spoken, self._rate_hz, rate_hz)
+        return wav_bytes(Pcm(samples, rate_hz))
 
 
 class PromptRenderer:
-    """Renders prompt text to WAV files for the call's media, once per text.
+    """Renders prompt text to WAV files for the call's media.
 
-    ``cache_dir`` (e.g. ``$CLINIC_DATA_DIR/prompts``) is created if missing. Texts that
-    hold a secret (a spoken code) should be rendered with ``cache=False`` or, better, be
-    composed from cached pieces, because cached files are named by a hash of their text.
+    Two calls, for two kinds of text. :meth:`render` is for fixed texts only (a flow's
+    prompts, made from its text and the settings): they are kept in ``cache_dir`` (e.g.
+    ``$CLINIC_DATA_DIR/prompts``) across restarts, named by a hash of their text.
+    :meth:`render_private` is for everything made for one call (a caller's booking, a
+    webhook's reply): a new 0600 file in ``private_dir`` (default: ``private`` beside
+    ``cache_dir``) that the caller deletes after playing it; never cached. A spoken code is
+    composed from cached pieces instead (:mod:`voice.media.spoken_code`).
+
+    Nothing here touches the disk on the event loop: lookups, writes and evictions run on
+    the speech thread, a cache hit already seen in this process on no thread at all.
     """
 
-    def __init__(self, cache_dir: Path) -> None:
-        self._dir = cache_dir
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._inflight: dict[Path, tuple[asyncio.Future[Path], bool]] = {}
+    def __init__(self, cache_dir: Path, private_dir: Path | None = None) -> None:
+        self._cache = PromptCache(cache_dir)
+        self._private = private_dir if private_dir is not None else cache_dir.parent / "private"
+        self._known: dict[str, Path] = {}  # key -> a file this process found whole or wrote
+        self._inflight: dict[str, tuple[asyncio.Future[Path], bool]] = {}
         self._renders = 0
 
     @property
     def renders(self) -> int:
-        """How many times this renderer actually synthesised (cache misses)."""
+        """How many times this renderer actually synthesised (cache misses and private
+        texts)."""
         return self._renders
 
+    @property
+    def cache_dir(self) -> Path:
+        return self._cache.folder
+
     def remove_leftovers(self) -> int:
-        """Delete the ``cache=False`` files a killed process left (blocking: call it from a
-        thread, before any call). Returns how many."""
-        return remove_files(self._dir, "once-*.wav", None, 0.0)
+        """Delete the :meth:`render_private` files a killed process left (and those older
+        versions left among the cached prompts). Blocking: call it from a thread, before any
+        call. Returns how many."""
+        return remove_files(self._private, "once-*.wav", None, 0.0) + remove_files(
+            self._cache.folder, "once-*.wav", None, 0.0
+        )
 
     async def render(
         self,
@@ -226,61 +254,91 @@ class PromptRenderer:
         *,
         voice: str = "en",
         rate_hz: int = 8000,
-        cache: bool = True,
         background: bool = False,
     ) -> Path:
-        """A WAV file (PCM16 mono at ``rate_hz``) speaking ``text``.
-
-        With ``cache=False`` the file gets a random name and belongs to the caller, who
-        deletes it after playing it. ``background`` renders yield to every other render (for
-        start-up prerendering). Raises :class:`TtsError`.
+        """A WAV file (PCM16 mono at ``rate_hz``) speaking ``text``, a *fixed* text: it is
+        cached on disk. ``background`` renders yield to every other render (for start-up
+        prerendering). Raises :class:`TtsError`.
         """
-        if not text.strip():
-            raise TtsError("nothing to say: empty prompt text")
-        if not 4000 <= rate_hz <= 48000:
-            raise TtsError(f"unsupported sample rate {rate_hz} Hz")
+        _check(text, rate_hz)
         speech = _SpeechThread.get()
         version = await asyncio.wrap_future(speech.version)
-        if not cache:
-            fd, name = tempfile.mkstemp(prefix="once-", suffix=".wav", dir=self._dir)
-            os.close(fd)
-            return await self._synthesise(speech, text, voice, rate_hz, Path(name))
-        path = self._dir / f"{_cache_key(text, voice, rate_hz, version)}.wav"
-        pending = self._inflight.get(path)
+        key = cache_key(text, voice, rate_hz, version)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        pending = self._inflight.get(key)
         if pending is not None and (background or not pending[1]):
             return await asyncio.shield(pending[0])
-        if path.exists():  # one stat of a local file: cheaper than a hop to the thread
-            return path
         # A caller waiting for a text that is queued in the background gets its own urgent
-        # render of it (the same bytes; the file is replaced atomically).
+        # job for it (the cache replaces the file atomically with the same bytes).
         task = asyncio.ensure_future(
-            self._synthesise(speech, text, voice, rate_hz, path, background=background)
+            self._fetch(speech, key, text, voice, rate_hz, background=background)
         )
-        self._inflight[path] = (task, background)
+        self._inflight[key] = (task, background)
 
         def forget(_: object) -> None:
-            if self._inflight.get(path, (None, False))[0] is task:
-                del self._inflight[path]
+            if self._inflight.get(key, (None, False))[0] is task:
+                del self._inflight[key]
 
         task.add_done_callback(forget)
         # shield: one cancelled waiter must not cancel the render the others wait for.
         return await asyncio.shield(task)
 
-    async def _synthesise(
+    async def render_private(self, text: str, *, voice: str = "en", rate_hz: int = 8000) -> Path:
+        """A new private WAV file (0600, in ``private_dir``) speaking ``text``, a text of one
+        call: never looked up in nor written to the cache. The caller deletes it after
+        playing it. Raises :class:`TtsError`."""
+        _check(text, rate_hz)
+        speech = _SpeechThread.get()
+        await asyncio.wrap_future(speech.version)
+        folder = self._private
+
+        def run() -> Path:
+            wav = speech.speak(text, voice, rate_hz)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, name = tempfile.mkstemp(prefix="once-", suffix=".wav", dir=folder)  # 0600
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(wav)
+            except BaseException:
+                Path(name).unlink(missing_ok=True)  # part of a caller's text is still theirs
+                raise
+            return Path(name)
+
+        self._renders += 1
+        log.debug("rendering a prompt of one call: voice=%s rate=%s", voice, rate_hz)
+        job = _Job(run)
+        speech.submit(job)
+        path: Path = await asyncio.wrap_future(job.done)
+        return path
+
+    async def _fetch(
         self,
         speech: _SpeechThread,
+        key: str,
         text: str,
         voice: str,
         rate_hz: int,
-        out: Path,
         *,
-        background: bool = False,
+        background: bool,
     ) -> Path:
-        self._renders += 1
-        log.debug("rendering a prompt: voice=%s rate=%s file=%s", voice, rate_hz, out.name)
-        job = _Job(text=text, voice=voice, rate_hz=rate_hz, out=out, background=background)
+        cache = self._cache
+
+        def run() -> tuple[Path, bool]:
+            hit = cache.lookup(key)
+            if hit is not None:
+                return hit, False
+            return cache.store(key, speech.speak(text, voice, rate_hz)), True
+
+        job = _Job(run, background=background)
         speech.submit(job)
-        return await asyncio.wrap_future(job.done)
+        path, rendered = await asyncio.wrap_future(job.done)
+        if rendered:
+            self._renders += 1
+            log.debug("rendered a prompt: voice=%s rate=%s file=%s", voice, rate_hz, path.name)
+        self._known[key] = path
+        return path  # type: ignore[no-any-return]
 
     async def prerender(
         self,
@@ -290,7 +348,7 @@ class PromptRenderer:
         rate_hz: int = 8000,
         background: bool = False,
     ) -> list[Path]:
-        """Render many texts (static prompts at start-up: ``background=True``)."""
+        """Render many fixed texts (static prompts at start-up: ``background=True``)."""
         return list(
             await asyncio.gather(
                 *(
@@ -300,11 +358,25 @@ class PromptRenderer:
             )
         )
 
+    async def evict_unused(self, now: float | None = None) -> int:
+        """Remove the cached prompts this process has not asked for and no process used for
+        a day (:meth:`voice.media.prompt_cache.PromptCache.evict`), on the speech thread
+        behind the renders queued. Call it once every fixed text is rendered. Returns how
+        many files went."""
+        cache = self._cache
+        at = time.time() if now is None else now
+        job = _Job(lambda: cache.evict(at), background=True)
+        _SpeechThread.get().submit(job)
+        removed: int = await asyncio.wrap_future(job.done)
+        return removed
+
     def render_sync(self, text: str, *, voice: str = "en", rate_hz: int = 8000) -> Path:
         """Blocking :meth:`render` for command-line tools; never call it on an event loop."""
         return asyncio.run(self.render(text, voice=voice, rate_hz=rate_hz))
 
 
-def _cache_key(text: str, voice: str, rate_hz: int, version: str) -> str:
-    blob = json.dumps([text, voice, rate_hz, version], ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
+def _check(text: str, rate_hz: int) -> None:
+    if not text.strip():
+        raise TtsError("nothing to say: empty prompt text")
+    if not 4000 <= rate_hz <= 48000:
+        raise TtsError(f"unsupported sample rate {rate_hz} Hz")
