@@ -330,6 +330,8 @@ class _Call(pj.Call):  # type: ignore[misc]
             prm.cont = False
             return
         self.engine._on_transfer_status(self, status, final)
+        if final:
+            self.refers.end_newest()  # pjsip ended it, seen by the worker or not
         # Decided: this REFER's later NOTIFYs must not answer the call's next one.
         prm.cont = wants_more_reports(status, final=final)
 
@@ -940,7 +942,9 @@ class Engine:
         caller, still on our line, heard the ring tone until the 180 s wait ran out."""
         ended, self._ended_refers = self._ended_refers, []
         for call in ended:
-            if call.xfer_pending:
+            # Not when the end was undone later in the pass (a challenged SUBSCRIBE sent
+            # again with credentials: pjsua reports nothing, and the transfer goes on).
+            if call.xfer_pending and not call.refers.newest_live():
                 log.info(
                     "call %s: the REFER's subscription ended with no status: a failed transfer",
                     call.call_id,

@@ -166,7 +166,8 @@ class ReferSubscriptions:
     def __init__(self) -> None:
         self._refers: list[_Refer] = []
         self._subscribes: dict[int, tuple[_Refer, bool]] = {}  # CSeq: (whose, unsubscribe)
-        self._challenged: _Refer | None = None  # its SUBSCRIBE challenged (401/407) just now
+        # A subscription whose SUBSCRIBE (its CSeq) was challenged (401/407) just now.
+        self._challenged: tuple[_Refer, int] | None = None
 
     def transfer(self) -> None:
         """A new transfer: its REFER is about to be sent. The earlier ones are over for the
@@ -203,10 +204,14 @@ class ReferSubscriptions:
     def subscribing(self, cseq: int, event: str, expires: int, *, now: float) -> None:
         """A SUBSCRIBE of ours went out in the call's dialog with ``cseq``, ``event`` (its
         Event header) and ``expires``: a refresh of a REFER subscription, or (0) its end."""
-        refer: _Refer | None = self._challenged
-        if refer is not None:
-            # pjsip sends a challenged SUBSCRIBE again at once, from the challenge's callback.
-            self._challenged, refer.live = None, True
+        challenged, self._challenged = self._challenged, None
+        refer: _Refer | None
+        if challenged is not None and cseq == challenged[1] + 1:
+            # pjsip sends a challenged SUBSCRIBE again at once, from the challenge's callback,
+            # with the dialog's next CSeq. Any later SUBSCRIBE is not that one: the
+            # challenge went unanswered and ended its subscription.
+            refer = challenged[0]
+            refer.live = True
         else:
             refer = self._named(event, now=now)
         if refer is not None:
@@ -225,7 +230,7 @@ class ReferSubscriptions:
         if status >= 300:
             # A challenge too, unless pjsip sends it again with credentials (next).
             refer.live = False
-            self._challenged = refer if status in _CHALLENGES else None
+            self._challenged = (refer, cseq) if status in _CHALLENGES else None
         elif unsubscribe and refer.ends_at is None:
             refer.ends_at = now + UNSUBSCRIBE_WAIT_S
         return Notified(newest=refer is self._refers[-1], ends=status >= 300)
@@ -248,6 +253,19 @@ class ReferSubscriptions:
         if ends:
             refer.live = False
         return Notified(newest=refer is self._refers[-1], ends=ends)
+
+    def newest_live(self) -> bool:
+        """Whether the newest transfer's subscription may still be live (a challenged
+        SUBSCRIBE sent again in the same pass makes an end seen earlier in it undone)."""
+        return bool(self._refers) and self._refers[-1].live
+
+    def end_newest(self) -> None:
+        """pjsua reported the newest transfer's status as final: pjsip ended its
+        subscription (pjsua's final report is the subscription's end), whether or not a
+        transaction of it reached the worker (pjsua skips the callback of a second
+        challenge, ``auth_retry``)."""
+        if self._refers:
+            self._refers[-1].live = False
 
     def ends_newest(self, notify: SipMessage, *, now: float = 0.0) -> bool:
         """Whether ``notify`` ends the newest transfer's subscription (:meth:`notified`)."""

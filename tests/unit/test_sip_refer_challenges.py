@@ -1,0 +1,95 @@
+"""REFER subscriptions and digest challenges: a refresh challenged and sent again, one not
+sent again, and a REFER challenged twice (pjsua skips the second challenge's callback)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pjsua2 as pj
+
+from tests.unit.test_sip_refer import ACTIVE, DONE, _notify, _subs
+from voice.sip.outcome import SipStatus
+from voice.sip.pjsua import Engine, EngineConfig
+from voice.sip.protocol import TransferStatus
+from voice.sip.refer import ReferSubscriptions
+
+
+def _subscribe(cseq: int, expires: int = 600) -> str:
+    return (
+        "SUBSCRIBE sip:caller@127.0.0.1:5070 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK-s\r\n"
+        f"CSeq: {cseq} SUBSCRIBE\r\nEvent: refer\r\nExpires: {expires}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+
+
+def _response(cseq: int, status: int) -> str:
+    return (
+        f"SIP/2.0 {status} X\r\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK-s\r\n"
+        f"CSeq: {cseq} SUBSCRIBE\r\nContent-Length: 0\r\n\r\n"
+    )
+
+
+def _event(state: int, kind: int, cseq: int, status: int = 0, prev: int = 0) -> NS:
+    tsx = NS(
+        method="SUBSCRIBE",
+        role=pj.PJSIP_ROLE_UAC,
+        state=state,
+        statusCode=status,
+        lastTx=NS(wholeMsg=_subscribe(cseq)),
+    )
+    rdata = NS(wholeMsg=_response(cseq, status) if status else "")
+    body = NS(tsxState=NS(tsx=tsx, type=kind, prevState=prev, src=NS(rdata=rdata)))
+    return NS(type=pj.PJSIP_EVENT_TSX_STATE, body=body)
+
+
+def test_a_challenged_refresh_sent_again_does_not_fail_the_transfer() -> None:
+    # The newest transfer's subscription (202, NOTIFY 100 active) is refreshed; a proxy
+    # challenges the SUBSCRIBE (407) and pjsip sends it again with credentials at once.
+    # pjsua reports nothing (no state change): nothing ended, nothing may be reported.
+    sent: list[object] = []
+    engine = Engine(EngineConfig("127.0.0.1", 0), sent.append)
+    call = NS(call_id="c1", refers=_subs(3), xfer_pending=True, ended=False, report_newest=None)
+    e = _event(pj.PJSIP_TSX_STATE_CALLING, pj.PJSIP_EVENT_TX_MSG, 4)  # the refresh
+    engine._on_subscribe_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    e = _event(
+        pj.PJSIP_TSX_STATE_COMPLETED, pj.PJSIP_EVENT_RX_MSG, 4, 407, pj.PJSIP_TSX_STATE_CALLING
+    )
+    engine._on_subscribe_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    e = _event(pj.PJSIP_TSX_STATE_CALLING, pj.PJSIP_EVENT_TX_MSG, 5)  # sent again
+    engine._on_subscribe_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    engine._report_unreported_ends()
+    assert [ev for ev in sent if isinstance(ev, TransferStatus)] == []
+
+
+def test_a_challenge_not_answered_does_not_bring_a_later_refresh_back_to_it() -> None:
+    # The nurse's refresh is challenged and not sent again (no credentials for that realm):
+    # pjsip ends that subscription. The staff desk's REFER is accepted; its own refresh must
+    # not make the nurse's subscription live again, or staff's id-less NOTIFYs are "stale".
+    subs = _subs(3)
+    subs.subscribing(4, "refer", 600, now=590.0)
+    subs.subscribe_answered(4, SipStatus.UNAUTHORIZED, now=590.1)  # not sent again
+    subs.transfer()
+    subs.sent(5)
+    subs.answered(5, SipStatus.ACCEPTED)
+    subs.subscribing(6, "refer", 600, now=1190.0)  # staff's refresh, much later
+    subs.subscribe_answered(6, SipStatus.OK, now=1190.1)
+    assert subs.notified(_notify(DONE, b"SIP/2.0 486 Busy Here"), now=1200.0).newest
+
+
+def test_a_refer_challenged_twice_does_not_stay_live() -> None:
+    # REFER 3 -> 407, REFER 4 (credentials) -> 407 again: pjsip gives up (pjsua reports 407,
+    # final). pjsua_call_on_tsx_state_changed skips the second 407 (last_tx->auth_retry),
+    # so the adapter never calls answered(4, 407): the model keeps the nurse's REFER live.
+    subs = ReferSubscriptions()
+    subs.transfer()
+    subs.sent(3)
+    subs.answered(3, SipStatus.PROXY_AUTHENTICATION_REQUIRED)
+    subs.sent(4)
+    # No callback for the second 407; pjsua's report of it, final, is counted: the adapter
+    # then ends the newest subscription (onCallTransferStatus).
+    subs.end_newest()
+    subs.transfer()
+    subs.sent(5)
+    subs.answered(5, SipStatus.ACCEPTED)
+    assert subs.notified(_notify(ACTIVE, b"SIP/2.0 180 Ringing"), now=1.0).newest
