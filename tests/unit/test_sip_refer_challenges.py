@@ -93,3 +93,60 @@ def test_a_refer_challenged_twice_does_not_stay_live() -> None:
     subs.sent(5)
     subs.answered(5, SipStatus.ACCEPTED)
     assert subs.notified(_notify(ACTIVE, b"SIP/2.0 180 Ringing"), now=1.0).newest
+
+
+def _refer_event(state: int, kind: int, cseq: int, status: int = 0) -> NS:
+    refer = (
+        "REFER sip:caller@127.0.0.1:5070 SIP/2.0\r\n"
+        f"CSeq: {cseq} REFER\r\nRefer-To: <sip:6200@pbx>\r\nContent-Length: 0\r\n\r\n"
+    )
+    answer = f"SIP/2.0 {status} X\r\nCSeq: {cseq} REFER\r\nContent-Length: 0\r\n\r\n"
+    tsx = NS(
+        method="REFER",
+        role=pj.PJSIP_ROLE_UAC,
+        state=state,
+        statusCode=status,
+        lastTx=NS(wholeMsg=refer),
+    )
+    rdata = NS(wholeMsg=answer if status else "")
+    body = NS(tsxState=NS(tsx=tsx, type=kind, prevState=0, src=NS(rdata=rdata)))
+    return NS(type=pj.PJSIP_EVENT_TSX_STATE, body=body)
+
+
+def test_a_refused_refer_beside_an_earlier_live_subscription_is_reported() -> None:
+    # The nurse's subscription is still live ("486, active", not ended by the phone); the
+    # staff desk's REFER is refused (403). pjsip hands that REFER's transaction to the
+    # nurse's subscription, whose reports were stopped: pjsua says nothing of the 403, and
+    # the worker must report the failure itself rather than leave the caller ringing.
+    sent: list[object] = []
+    engine = Engine(EngineConfig("127.0.0.1", 0), sent.append)
+    subs = _subs(3)
+    subs.transfer()
+    call = NS(call_id="c1", refers=subs, xfer_pending=True, ended=False, report_newest=None)
+    e = _refer_event(pj.PJSIP_TSX_STATE_CALLING, pj.PJSIP_EVENT_TX_MSG, 5)
+    engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    e = _refer_event(pj.PJSIP_TSX_STATE_COMPLETED, pj.PJSIP_EVENT_RX_MSG, 5, 403)
+    engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    engine._report_unreported_ends()
+    statuses = [ev for ev in sent if isinstance(ev, TransferStatus)]
+    assert [(ev.sip_status, ev.final) for ev in statuses] == [
+        (SipStatus.SERVER_INTERNAL_ERROR, True)
+    ]
+
+
+def test_a_refused_refer_pjsua_reports_is_reported_once() -> None:
+    # With no earlier subscription live, pjsua reports the 403 in the same pass: the
+    # transfer is no longer pending, and the worker adds nothing.
+    sent: list[object] = []
+    engine = Engine(EngineConfig("127.0.0.1", 0), sent.append)
+    subs = ReferSubscriptions()
+    subs.transfer()
+    call = NS(call_id="c1", refers=subs, xfer_pending=True, ended=False, report_newest=None)
+    e = _refer_event(pj.PJSIP_TSX_STATE_CALLING, pj.PJSIP_EVENT_TX_MSG, 3)
+    engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    e = _refer_event(pj.PJSIP_TSX_STATE_COMPLETED, pj.PJSIP_EVENT_RX_MSG, 3, 403)
+    engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    engine._on_transfer_status(call, 403, True)  # type: ignore[arg-type]  # pjsua's report
+    engine._report_unreported_ends()
+    statuses = [ev for ev in sent if isinstance(ev, TransferStatus)]
+    assert [(ev.sip_status, ev.final) for ev in statuses] == [(403, True)]

@@ -893,9 +893,22 @@ class Engine:
                 refer_sub=(answer.get("Refer-Sub") or "").strip().lower() != "false",
             )
             self._mark(call, newest)
+            self._failed_unreported(call, newest, int(tsx.statusCode))
         elif _failed_here(e):
             sent = message.parse(_wire(tsx.lastTx.wholeMsg))
-            self._mark(call, call.refers.answered(_cseq(sent), int(tsx.statusCode)))
+            newest = call.refers.answered(_cseq(sent), int(tsx.statusCode))
+            self._mark(call, newest)
+            self._failed_unreported(call, newest, int(tsx.statusCode))
+
+    def _failed_unreported(self, call: _Call, newest: bool, status: int) -> None:
+        """The newest transfer's REFER failed (and was not sent again): should pjsua report
+        nothing of it in this pass, the worker does (:meth:`_report_unreported_ends`).
+        pjsip hands a new REFER's transaction to the oldest live ``id``-less subscription
+        (``on_new_transaction``): with an earlier transfer's still live, the failure is
+        reported as that one's, or not at all once its reports were stopped, and the
+        caller heard the ring tone for the 180 s wait."""
+        if newest and status >= 300 and call.xfer_pending and not call.refers.newest_live():
+            self._ended_refers.append(call)
 
     def _on_subscribe_tsx(self, call: _Call, tsx: pj.SipTransaction, e: pj.SipEvent) -> None:
         """A SUBSCRIBE of ours (pjsip's refresh of a REFER subscription, pjsua's end of
