@@ -309,7 +309,7 @@ class ClinicLine:
             # Every prompt of the flows is in: what the flows no longer say goes (kept a day
             # after its last use: see voice/media/prompt_cache.py). Not after a failure, which
             # would leave prompts the flows still say unused.
-            removed = await renderer.evict_unused(self._rt.clock.now())
+            removed = await renderer.evict_unused()
             if removed:
                 log.info("clinic line: %d cached prompt(s) no flow says removed", removed)
 

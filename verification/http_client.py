@@ -532,6 +532,9 @@ class HttpClient:
         # no waiter is left to forget it, and the next connect got that old error once.
         if loading is None or (loading.done() and _failed(loading)):
             loading = asyncio.ensure_future(asyncio.to_thread(ssl.create_default_context))
+            # Its failure is seen here even when every waiter was cancelled (no "exception
+            # never retrieved" at exit): the next connect tries again.
+            loading.add_done_callback(_failed)
             self._ssl_loading = loading
         # Shielded: a connect cancelled meanwhile leaves the load to the others. A failure
         # reaches each connect still waiting for this load.

@@ -117,6 +117,25 @@ def test_eviction_removes_what_this_run_did_not_use_once_a_day_old(tmp_path: Pat
     assert restarted.lookup(key("Press 1.")) == kept
 
 
+def test_another_render_of_a_used_key_goes_once_a_day_unused(tmp_path: Path) -> None:
+    # Two processes rendered one text cold: renders differ byte for byte, so each wrote its
+    # own <key>.<digest>.wav. The one this run does not use is evicted like any unused entry.
+    ours = PromptCache(tmp_path).store(key("Press 1."), wav())
+    other_data = bytearray(wav())
+    other_data[-2:] = b"\x01\x02"
+    theirs = PromptCache(tmp_path / "elsewhere").store(key("Press 1."), bytes(other_data))
+    theirs = theirs.rename(tmp_path / theirs.name)
+    assert theirs.name != ours.name
+    age(theirs, UNUSED_KEEP_S + 60)
+    age(ours, UNUSED_KEEP_S + 60)
+    run = PromptCache(tmp_path)
+    used = run.lookup(key("Press 1."))
+    assert used is not None
+    age(used, 60)  # the lookup's touch, on this test's clock
+    assert run.evict(NOW) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [used.name]
+
+
 def test_a_lookup_marks_the_entry_used_for_other_processes(tmp_path: Path) -> None:
     stored = PromptCache(tmp_path).store(key("Press 1."), wav())
     age(stored, UNUSED_KEEP_S + 60)

@@ -155,7 +155,14 @@ class PromptCache:
             return 0
         for entry in listing:
             match = _ENTRY.match(entry.name)
-            if match is not None and match["key"] in self._used:
+            # Another render of a key this run used (renders differ byte for byte: two
+            # processes that rendered one text cold each wrote theirs) is unused here: it goes
+            # once no process has looked it up for the margin, as any entry does.
+            if (
+                match is not None
+                and match["key"] in self._used
+                and (self._index is None or self._index.get(match["key"]) == entry.name)
+            ):
                 continue
             if match is not None or _OLD_ENTRY.match(entry.name):
                 keep_s = UNUSED_KEEP_S

@@ -88,6 +88,11 @@ def _resampler() -> str:
     return done.stdout.strip().rsplit(" ", 1)[-1] or "sox"
 
 
+# How long a cached prompt this process found is taken on trust before it is looked up
+# again (a checksum and a touch of its time, on the speech thread): see PromptRenderer.
+KNOWN_RECHECK_S = 600.0
+
+
 class TtsError(RuntimeError):
     """Speech synthesis failed (espeak-ng or pyttsx3 missing, unknown voice, empty output)."""
 
@@ -223,10 +228,21 @@ class PromptRenderer:
     the speech thread, a cache hit already seen in this process on no thread at all.
     """
 
-    def __init__(self, cache_dir: Path, private_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        private_dir: Path | None = None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._cache = PromptCache(cache_dir)
         self._private = private_dir if private_dir is not None else cache_dir.parent / "private"
-        self._known: dict[str, Path] = {}  # key -> a file this process found whole or wrote
+        # key -> a file this process found whole or wrote, and when (``monotonic``): taken
+        # on trust for KNOWN_RECHECK_S, then looked up again on the speech thread (checked,
+        # its use marked), so a file removed meanwhile (an operator, another process's
+        # eviction) is rendered again rather than handed to the SIP worker for good.
+        self._known: dict[str, tuple[Path, float]] = {}
+        self._monotonic = monotonic
         self._inflight: dict[str, tuple[asyncio.Future[Path], bool]] = {}
         self._renders = 0
 
@@ -265,8 +281,8 @@ class PromptRenderer:
         version = await asyncio.wrap_future(speech.version)
         key = cache_key(text, voice, rate_hz, version)
         known = self._known.get(key)
-        if known is not None:
-            return known
+        if known is not None and self._monotonic() - known[1] < KNOWN_RECHECK_S:
+            return known[0]
         pending = self._inflight.get(key)
         if pending is not None and (background or not pending[1]):
             return await asyncio.shield(pending[0])
@@ -310,7 +326,13 @@ class PromptRenderer:
         log.debug("rendering a prompt of one call: voice=%s rate=%s", voice, rate_hz)
         job = _Job(run)
         speech.submit(job)
-        path: Path = await asyncio.wrap_future(job.done)
+        try:
+            path: Path = await asyncio.wrap_future(job.done)
+        except asyncio.CancelledError:
+            # The call's task went (its time limit, a stop) while the thread wrote the file:
+            # nobody would delete it before the next start. The thread's own end does.
+            job.done.add_done_callback(_unlink_result)
+            raise
         return path
 
     async def _fetch(
@@ -337,7 +359,7 @@ class PromptRenderer:
         if rendered:
             self._renders += 1
             log.debug("rendered a prompt: voice=%s rate=%s file=%s", voice, rate_hz, path.name)
-        self._known[key] = path
+        self._known[key] = (path, self._monotonic())
         return path  # type: ignore[no-any-return]
 
     async def prerender(
@@ -373,6 +395,12 @@ class PromptRenderer:
     def render_sync(self, text: str, *, voice: str = "en", rate_hz: int = 8000) -> Path:
         """Blocking :meth:`render` for command-line tools; never call it on an event loop."""
         return asyncio.run(self.render(text, voice=voice, rate_hz=rate_hz))
+
+
+def _unlink_result(done: concurrent.futures.Future[Any]) -> None:
+    """Delete the file a finished private render made, its caller gone."""
+    if not done.cancelled() and done.exception() is None:
+        Path(done.result()).unlink(missing_ok=True)
 
 
 def _check(text: str, rate_hz: int) -> None:

@@ -1,0 +1,98 @@
+"""The renderer's files: a call's private render cancelled while the speech thread writes it
+(MAX_CALL_S timing out the call's task, pool.stop) leaves nothing on disk, and a cached
+prompt this process knows is looked up again in time, so one removed meanwhile (another
+process's eviction, an operator) is rendered again rather than handed to the SIP worker."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from voice.media import tts
+from voice.media.pcm import Pcm, silence, wav_bytes
+
+
+class _SlowSpeech:
+    """Runs each job on a thread of its own; speak() waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.version: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self.version.set_result("fake-engine")
+        self.speaking = threading.Event()
+        self.release = threading.Event()
+
+    def submit(self, job: Any) -> None:
+        def run() -> None:
+            if not job.done.set_running_or_notify_cancel():
+                return
+            try:
+                job.done.set_result(job.run())
+            except BaseException as exc:  # pragma: no cover
+                job.done.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def speak(self, text: str, voice: str, rate_hz: int) -> bytes:
+        self.speaking.set()
+        self.release.wait(10)
+        return wav_bytes(Pcm(silence(0.1, rate_hz), rate_hz))
+
+
+async def test_a_private_render_cancelled_mid_render_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    speech = _SlowSpeech()
+    monkeypatch.setattr(tts._SpeechThread, "get", classmethod(lambda cls: speech))
+    private = tmp_path / "private"
+    renderer = tts.PromptRenderer(tmp_path / "prompts", private)
+    task = asyncio.ensure_future(
+        renderer.render_private("Your appointment with Dr Lee is on Tuesday at 9.")
+    )
+    await asyncio.to_thread(speech.speaking.wait, 5)  # the job runs on the speech thread
+    task.cancel()  # the call's task timed out (MAX_CALL_S) or the service stops
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    speech.release.set()
+    for _ in range(100):  # the thread finishes its write; nobody is left to delete it
+        await asyncio.sleep(0.01)
+    left = sorted(p.name for p in private.glob("once-*.wav")) if private.exists() else []
+    assert left == [], f"a caller's text stays on disk until the next start: {left}"
+
+
+async def test_a_known_prompt_is_not_marked_used_and_another_process_evicts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-running serve finds a prompt once (utime), then serves it from ``_known`` for
+    days without touching it; another process on the same folder (tests link one cache into
+    many data dirs) evicts it after a day, and the first still hands the path to its SIP
+    worker."""
+    import os
+    import time
+
+    from voice.media.prompt_cache import UNUSED_KEEP_S, PromptCache
+
+    speech = _SlowSpeech()
+    speech.release.set()
+    monkeypatch.setattr(tts._SpeechThread, "get", classmethod(lambda cls: speech))
+    clock = [0.0]
+    renderer = tts.PromptRenderer(
+        tmp_path / "prompts", tmp_path / "private", monotonic=lambda: clock[0]
+    )
+    first = await renderer.render("Welcome to the clinic.")
+    two_days_later = time.time() + 2 * UNUSED_KEEP_S
+    for _ in range(3):  # used at every call meanwhile: from what it knows, no lookup
+        assert await renderer.render("Welcome to the clinic.") == first
+    other = PromptCache(tmp_path / "prompts")  # another serve's cache, its flows differ
+    assert other.evict(two_days_later) == 1
+    clock[0] += tts.KNOWN_RECHECK_S  # the process has run on meanwhile
+    again = await renderer.render("Welcome to the clinic.")
+    assert again.exists(), "the path the SIP worker is told to play was evicted"
+    os.utime(again, (two_days_later, two_days_later))  # looked up again: its use marked
+    clock[0] += tts.KNOWN_RECHECK_S
+    assert await renderer.render("Welcome to the clinic.") == again
+    assert again.stat().st_mtime < two_days_later
