@@ -96,3 +96,30 @@ async def test_a_known_prompt_is_not_marked_used_and_another_process_evicts_it(
     clock[0] += tts.KNOWN_RECHECK_S
     assert await renderer.render("Welcome to the clinic.") == again
     assert again.stat().st_mtime < two_days_later
+
+
+def test_a_sox_that_does_not_run_leaves_speech_to_the_python_resampler(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "sox"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    assert tts._resampler(str(broken)) == (None, "python-resampler")
+    assert "sox --version exited 3: prompts are resampled in Python" in caplog.messages
+    assert tts._resampler(str(tmp_path / "missing")) == (None, "python-resampler")
+    assert tts._resampler(None) == (None, "python-resampler")
+
+
+async def test_a_private_folder_made_open_is_tightened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    speech = _SlowSpeech()
+    speech.release.set()
+    monkeypatch.setattr(tts._SpeechThread, "get", classmethod(lambda cls: speech))
+    private = tmp_path / "private"
+    private.mkdir(mode=0o755)
+    private.chmod(0o755)
+    renderer = tts.PromptRenderer(tmp_path / "prompts", private)
+    path = await renderer.render_private("Your appointment is on Tuesday at 9.")
+    assert private.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -58,11 +58,11 @@ _ESPEAK_RATE_HZ = 22050
 _SOX = shutil.which("sox")
 
 
-def _sox_resample(samples: array[int], src_hz: int, dst_hz: int) -> array[int]:
+def _sox_resample(sox: str, samples: array[int], src_hz: int, dst_hz: int) -> array[int]:
     """PCM16 mono at ``src_hz`` -> at ``dst_hz`` (sox's high-quality resampler)."""
     raw = ["-t", "raw", "-e", "signed-integer", "-b", "16", "-c", "1", "-L"]
     argv = [
-        _SOX or "sox", "-q",
+        sox, "-q",
         *raw, "-r", str(src_hz), "-",  # little-endian input, as samples_to_bytes writes
         *raw, "-r", str(dst_hz), "-",
         "rate", "-h",
@@ -75,17 +75,23 @@ def _sox_resample(samples: array[int], src_hz: int, dst_hz: int) -> array[int]:
     return bytes_to_samples(done.stdout)
 
 
-def _resampler() -> str:
-    """What resamples, for the cache key: sox and its version, or the pure-Python one."""
-    if _SOX is None:
-        return "python-resampler"
+def _resampler(sox: str | None) -> tuple[str | None, str]:
+    """The sox to resample with (``None``: the pure-Python resampler) and what resamples,
+    for the cache key: sox and its version, or the Python one. A sox that does not run is
+    logged and left out: speech goes on, resampled in Python (slower: it holds the GIL)."""
+    if sox is None:
+        return None, "python-resampler"
     try:
         done = subprocess.run(
-            [_SOX, "--version"], capture_output=True, timeout=10, check=False, text=True
+            [sox, "--version"], capture_output=True, timeout=10, check=False, text=True
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TtsError(f"sox does not run: {exc}") from exc
-    return done.stdout.strip().rsplit(" ", 1)[-1] or "sox"
+        log.warning("sox does not run (%s): prompts are resampled in Python", exc)
+        return None, "python-resampler"
+    if done.returncode != 0:
+        log.warning("sox --version exited %s: prompts are resampled in Python", done.returncode)
+        return None, "python-resampler"
+    return sox, done.stdout.strip().rsplit(" ", 1)[-1] or "sox"
 
 
 # How long a cached prompt this process found is taken on trust before it is looked up
@@ -123,6 +129,7 @@ class _SpeechThread:
         self._seq = itertools.count()
         self._espeak: Any = None
         self._rate_hz = _ESPEAK_RATE_HZ
+        self._sox: str | None = None  # set by _start: a sox that runs, if any
         self._chunks: list[bytes] = []
         self.version: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name="tts", daemon=True)
@@ -175,7 +182,8 @@ class _SpeechThread:
         espeak_version = info.decode() if isinstance(info, bytes) else str(info)
         pyttsx3_version = importlib.metadata.version("pyttsx3")
         # The resampler is part of the audio too (sox and the Python one differ slightly).
-        return f"pyttsx3-{pyttsx3_version}/espeak-ng-{espeak_version}/{_resampler()}"
+        self._sox, resampler = _resampler(_SOX)
+        return f"pyttsx3-{pyttsx3_version}/espeak-ng-{espeak_version}/{resampler}"
 
     def _on_audio(self, wav: Any, numsamples: int, _events: Any) -> int:
         # Called by espeak-ng on this thread, inside Synth: copy the samples and go on.
@@ -204,10 +212,10 @@ class _SpeechThread:
         spoken = self._synth(text, voice)
         if not spoken:
             raise TtsError("espeak-ng produced no audio")
-        if _SOX is not None:
+        if self._sox is not None:
             # sox resamples in C while this thread waits without the GIL; the pure-Python
             # resampler held the GIL for ~0.1 s per prompt and stalled the event loop.
-            samples = _sox_resample(spoken, self._rate_hz, rate_hz)
+            samples = _sox_resample(self._sox, spoken, self._rate_hz, rate_hz)
         else:
             samples = resample(spoken, self._rate_hz, rate_hz)
         return wav_bytes(Pcm(samples, rate_hz))
@@ -313,6 +321,8 @@ class PromptRenderer:
         def run() -> Path:
             wav = speech.speak(text, voice, rate_hz)
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if folder.stat().st_mode & 0o077:
+                folder.chmod(0o700)  # made by hand, or by an older version: tighten it
             fd, name = tempfile.mkstemp(prefix="once-", suffix=".wav", dir=folder)  # 0600
             try:
                 with os.fdopen(fd, "wb") as f:
