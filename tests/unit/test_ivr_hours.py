@@ -1117,10 +1117,23 @@ def test_simulate_unheard_walks_a_status_line_that_failed() -> None:
     assert [a.record.outcome for a in actions if isinstance(a, Store)] == ["results_status_unheard"]
 
 
-def test_simulate_unheard_names_a_node_of_the_flows(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["results", "--flows-dir", str(SHIPPED), "--unheard", "no_such_node"]
+@pytest.mark.parametrize("name", ["no_such_node", "no_such_flow:ready", "appointments:ready"])
+def test_simulate_unheard_names_a_node_of_the_flows(
+    capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    argv = ["results", "--flows-dir", str(SHIPPED), "--unheard", name]
     assert simulate(argv, input_fn=lambda _: "", output_fn=print) == 2
-    assert "--unheard: no node 'no_such_node'" in capsys.readouterr().err
+    assert f"--unheard: no node {name!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "failed"), [("results:bye", 2), ("appointments:bye", 0)])
+def test_simulate_unheard_takes_one_flows_node(name: str, failed: int) -> None:
+    # bye is in several flows: flow:node fails only that flow's.
+    out: list[str] = []
+    lines = iter(["01021990#", "1234#", "ready=yes", "2"])
+    argv = ["results", "--flows-dir", str(SHIPPED), "--open", "--unheard", name]
+    assert simulate(argv, input_fn=lambda _: next(lines), output_fn=out.append) == 0
+    assert out.count("   (prompt failed: the caller heard none of it)") == failed, out
 
 
 @pytest.mark.parametrize(

@@ -270,7 +270,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NODE",
-        help="every prompt played at this node fails, unheard (repeatable): what the "
+        help="every prompt played at this node (NODE, or FLOW:NODE for one flow's) fails, "
+        "unheard (repeatable): what the "
         "engine does when the text to speech or the media path fails there",
     )
     hours = parser.add_mutually_exclusive_group()
@@ -381,7 +382,7 @@ def run(
         speech_language=preview.speech_language,
     )
     unheard = frozenset(args.unheard)
-    unknown = sorted(n for n in unheard if not any(n in f.nodes for f in flowset.flows.values()))
+    unknown = sorted(n for n in unheard if not _names_a_node(flowset, n))
     if unknown:
         print(
             f"clinic-voice flow simulate: --unheard: no node {', '.join(map(repr, unknown))} "
@@ -484,7 +485,7 @@ def _next_event(
     if queue:
         return queue.popleft()
     if state.phase is Phase.PLAYING:
-        if state.node in unheard:
+        if _unheard_here(state, unheard):
             output_fn("   (prompt failed: the caller heard none of it)")
         return _prompt_end(state, unheard)
     while True:
@@ -514,7 +515,21 @@ def _next_event(
 
 def _prompt_end(state: CallState, unheard: frozenset[str]) -> Event:
     """How the prompt under way ends: unheard at a node ``--unheard`` names."""
-    return PromptFailed() if state.node in unheard else PromptDone()
+    return PromptFailed() if _unheard_here(state, unheard) else PromptDone()
+
+
+def _unheard_here(state: CallState, unheard: frozenset[str]) -> bool:
+    """Whether ``unheard`` names the node under way: as ``flow:node``, or as ``node`` in any
+    flow (``bye`` is in several)."""
+    return state.node in unheard or f"{state.flow}:{state.node}" in unheard
+
+
+def _names_a_node(flowset: FlowSet, name: str) -> bool:
+    """Whether ``name`` (``node`` or ``flow:node``) is a node of the flows."""
+    flow_id, _, node_id = name.rpartition(":")
+    if flow_id:
+        return flow_id in flowset.flows and node_id in flowset.flows[flow_id].nodes
+    return any(node_id in f.nodes for f in flowset.flows.values())
 
 
 def _show_menu_return(
