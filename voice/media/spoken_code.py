@@ -23,6 +23,7 @@ from voice.media.leftovers import remove_files
 from voice.media.pcm import Pcm, read_wav, silence, write_wav
 from voice.media.tts import PromptRenderer
 
+DIGITS = "0123456789"
 DIGIT_GAP_S = 0.25
 REPEAT_GAP_S = 1.0
 TAIL_S = 0.3
@@ -43,7 +44,9 @@ async def compose(
     Cancelled while the file is being written (the thread writing it cannot be stopped), it
     waits for the thread and deletes the file before the cancel goes on: no caller is left to.
     """
-    pieces = [head, *sorted(set(code))]
+    # Every digit, whichever the code holds: a cached piece's lookup touches its file's time,
+    # which would otherwise show which digits this code has to anyone who can list the cache.
+    pieces = [head, *DIGITS]
     paths = await renderer.prerender(pieces, voice=voice, rate_hz=rate_hz)
     by_text = dict(zip(pieces, paths, strict=True))
     writing = asyncio.ensure_future(
