@@ -17,7 +17,6 @@ to a new call, which its destructor would hang up (``_Call.__del__`` disowns it 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import itertools
@@ -859,11 +858,15 @@ class Engine:
         tsx = e.body.tsxState.tsx
         method, kind = str(tsx.method), e.body.tsxState.type
         if tsx.role == pj.PJSIP_ROLE_UAC and method in ("REFER", "SUBSCRIBE"):
-            with contextlib.suppress(message.SipParseError, ValueError, IndexError):
+            try:
                 if method == "REFER":
                     self._on_refer_tsx(call, tsx, e)
                 else:
                     self._on_subscribe_tsx(call, tsx, e)
+            except (message.SipParseError, ValueError, IndexError) as exc:
+                # pjsip built or parsed it; a CSeq or Expires this cannot read leaves the
+                # model without it: said, so a transfer misread later can be traced here.
+                log.warning("call %s: a %s of the transfer not read: %s", call.call_id, method, exc)
             return
         if kind != pj.PJSIP_EVENT_RX_MSG or tsx.role != pj.PJSIP_ROLE_UAS or method != "NOTIFY":
             return
