@@ -383,7 +383,8 @@ class VerificationApi:
                     " with a leading + and spaces or dashes between them",
                     field="cli",
                 )
-            # A caller-ID that is not ours counts as a wrong check (None never matches).
+            # A caller-ID that is not ours counts as a wrong check (None never matches); a
+            # run of separators in it is read as one (numbers.collapse_separators).
             candidate = numbers.code_from_cli(
                 cli, v0.flashcall.cli_prefix, v0.flashcall.code_length, v0.phone
             )

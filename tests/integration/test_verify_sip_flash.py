@@ -260,7 +260,7 @@ def other_code(code: str) -> str:
 
 @pytest.mark.parametrize(
     "how",
-    ["cli-national", "cli-international", "code"],
+    ["cli-national", "cli-international", "cli-runs", "code"],
 )
 async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
     rig: Rig,
@@ -305,6 +305,13 @@ async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
             "POST", f"/v1/verifications/{vid}/check", json_body={"cli": PREFIX + other_code(code)}
         )
         assert wrong.json == {"id": vid, "status": "pending", "attempts_left": 4}, wrong.text
+        # A run of separators is read as one (README): another code so written is a wrong check.
+        spaced = await svc.api.request(
+            "POST",
+            f"/v1/verifications/{vid}/check",
+            json_body={"cli": f"{NATIONAL_PREFIX}  {other_code(code)}"},
+        )
+        assert spaced.json == {"id": vid, "status": "pending", "attempts_left": 3}, spaced.text
         # Brackets and dots are in no form cli_filter matches: 422, and no attempt spent (a
         # review found the right code in "+44 (0)7400 ..." counted as a wrong check).
         for shown in (f"+44 (0)7400 {code}", f"(07400) {code}", f"+44 7400.{code}"):
@@ -315,10 +322,14 @@ async def test_flash_call_rings_is_cancelled_and_its_caller_id_approves(
         body = {
             "cli-national": {"cli": NATIONAL_PREFIX + code},
             "cli-international": {"cli": PREFIX + code},
+            # cli_filter matches one separator; the check reads each run as one.
+            "cli-runs": {"cli": f"+  44 - {PREFIX[3:]}--{code[:3]}  {code[3:]}"},
             "code": {"code": code},
         }[how]
+        if how == "cli-runs":  # the published filter is unchanged: it does not match runs
+            assert not re.fullmatch(created["flashcall"]["cli_filter"], body["cli"])
         right = await svc.api.request("POST", f"/v1/verifications/{vid}/check", json_body=body)
-        assert right.json == {"id": vid, "status": "approved", "attempts_left": 4}, right.text
+        assert right.json == {"id": vid, "status": "approved", "attempts_left": 3}, right.text
         assert event_types(await svc.api.get(vid))[-1] == "approved"
     assert_not_logged(code, caplog, capfd)
 

@@ -7,14 +7,15 @@ Example numbers of the refused types come from phonenumbers' own metadata
 from __future__ import annotations
 
 import re
+import time
 
 import phonenumbers
 import pytest
 from phonenumbers import PhoneNumberType
 
-from verification import numbers
+from verification import codes, numbers, rules
 from verification.errors import InvalidNumber, NumberRefused
-from verification.model import NumberKind, Phone
+from verification.model import Channel, FlashCallInfo, NumberKind, Phone, Policy, Status
 from verification.numbers import (
     REFUSED_KINDS,
     cli_filter,
@@ -374,7 +375,6 @@ NOT_MATCHING: list[tuple[str, str, int, Phone, str]] = [
     ("000447400123456", UK_PREFIX, 6, UK, "three zeros"),
     ("+07400123456", UK_PREFIX, 6, UK, "plus before a national form"),
     ("-447400123456", UK_PREFIX, 6, UK, "a leading dash"),
-    ("+44  7400123456", UK_PREFIX, 6, UK, "two separators"),
     ("+447400123456-", UK_PREFIX, 6, UK, "a trailing dash"),
     ("+44 (0) 7400 123456", UK_PREFIX, 6, UK, "parentheses"),
     ("+44.7400.123456", UK_PREFIX, 6, UK, "dots"),
@@ -400,6 +400,133 @@ def test_code_from_cli_refuses_what_is_not_ours(
 ) -> None:
     assert code_from_cli(cli, prefix, length, dest) is None, why
     assert re.fullmatch(cli_filter(prefix, length, dest), cli.strip()) is None, why
+
+
+# -- a run of separators in a check's caller-ID (product decision 15, option b) -------------------
+
+# (as written, as matched): a run of spaces and dashes between two digits, or between the
+# "+" and a digit, is one separator; anything else is left for cli_filter to judge.
+COLLAPSED: list[tuple[str, str]] = [
+    ("07400  123456", "07400 123456"),  # a run of spaces
+    ("07400" + " " * 9 + "123456", "07400 123456"),
+    ("07400--123456", "07400 123456"),  # a run of dashes
+    ("07400 - 123456", "07400 123456"),  # mixed
+    ("07400- -123456", "07400 123456"),
+    ("0  7400 -- 12--34  56", "0 7400 12 34 56"),  # several runs
+    ("+ 447400123456", "+ 447400123456"),  # a leading + and one space: already one
+    ("+  447400123456", "+ 447400123456"),  # a run between the + and the digits
+    ("+ - 447400123456", "+ 447400123456"),
+    ("+--447400123456", "+ 447400123456"),
+    ("07400 123456", "07400 123456"),  # one separator stays as written
+    ("07400-123456", "07400-123456"),
+    ("07400123456", "07400123456"),
+    ("  07400  123456  ", "  07400 123456  "),  # at the ends: left (code_from_cli strips)
+    ("--07400 123456", "--07400 123456"),
+    ("07400 123456 --", "07400 123456 --"),
+    ("- 07400", "- 07400"),
+    ("  ", "  "),  # only separators
+    ("- -", "- -"),
+    ("+  ", "+  "),
+    ("", ""),
+    ("07400\t\t123456", "07400\t\t123456"),  # a tab is no separator
+]
+
+
+@pytest.mark.parametrize(("cli", "collapsed"), COLLAPSED)
+def test_collapse_separators_reads_a_run_between_digits_as_one(cli: str, collapsed: str) -> None:
+    assert numbers.collapse_separators(cli) == collapsed
+
+
+# (caller-ID as the app sends it, prefix, code length, destination, code read or None)
+RUNS: list[tuple[str, str, int, Phone, str | None]] = [
+    ("07400  123456", UK_PREFIX, 6, UK, "123456"),
+    ("07400 - 123456", UK_PREFIX, 6, UK, "123456"),
+    ("07400--123456", UK_PREFIX, 6, UK, "123456"),
+    ("+44  7400123456", UK_PREFIX, 6, UK, "123456"),
+    ("+  44 7400  123 -- 456", UK_PREFIX, 6, UK, "123456"),
+    ("+ - 447400123456", UK_PREFIX, 6, UK, "123456"),
+    ("00  44 7400 123456", UK_PREFIX, 6, UK, "123456"),
+    ("011 -- 44 7400 123456", UK_PREFIX, 6, US, "123456"),
+    ("201  555 - 1234", US_PREFIX, 4, US, "1234"),
+    ("  07400   000000  ", UK_PREFIX, 6, UK, "000000"),  # ends trimmed as before
+    ("07400  654321", UK_PREFIX, 6, UK, "654321"),  # another code: read as that code
+    # what a run does not make ours
+    ("-  447400123456", UK_PREFIX, 6, UK, None),  # a leading dash, as before
+    ("--07400 123456", UK_PREFIX, 6, UK, None),
+    ("+447400123456--", UK_PREFIX, 6, UK, None),  # a trailing dash, as before
+    ("+447400123456 -", UK_PREFIX, 6, UK, None),
+    ("07400  12345", UK_PREFIX, 6, UK, None),  # code too short
+    ("07401  123456", UK_PREFIX, 6, UK, None),  # wrong prefix
+    ("07400  123456", UK_PREFIX, 6, NL, None),  # UK national form on a Dutch handset
+    ("44+  7400123456", UK_PREFIX, 6, UK, None),  # a + that does not lead
+    ("+ (0)  7400 123456", UK_PREFIX, 6, UK, None),
+    ("      ", UK_PREFIX, 6, UK, None),  # only separators
+    ("- - -", UK_PREFIX, 6, UK, None),
+]
+
+
+@pytest.mark.parametrize(("cli", "prefix", "length", "dest", "code"), RUNS)
+def test_code_from_cli_reads_a_run_of_separators_as_one(
+    cli: str, prefix: str, length: int, dest: Phone, code: str | None
+) -> None:
+    assert code_from_cli(cli, prefix, length, dest) == code
+    # The published filter is unchanged: it is matched against the collapsed form.
+    pattern = cli_filter(prefix, length, dest)
+    assert bool(re.fullmatch(pattern, numbers.collapse_separators(cli.strip()))) is (
+        code is not None
+    )
+
+
+@pytest.mark.parametrize(
+    "cli",
+    [
+        "1" + " " * 100_000,  # a run no digit follows: scanned from each character if quadratic
+        "1" + "- " * 50_000 + "x",
+        "+" + "-" * 100_000,
+        " " * 100_000 + "1",
+        ("1" + "  " * 9) * 5_000 + "1",
+    ],
+)
+def test_collapse_separators_is_linear_in_a_long_run(cli: str) -> None:
+    began = time.perf_counter()
+    numbers.collapse_separators(cli)
+    # About 6 ms here; a regex that retries the run from each of its characters takes
+    # minutes on 100k characters.
+    assert time.perf_counter() - began < 0.5
+    began = time.perf_counter()
+    assert code_from_cli(cli, UK_PREFIX, 6, UK) is None  # the API caps it at 64 anyway
+    assert time.perf_counter() - began < 0.5
+
+
+@pytest.mark.parametrize(
+    ("cli", "status", "attempts_left"),
+    [
+        ("07400  123456", Status.APPROVED, 5),
+        ("+44 - 7400 -- 123456", Status.APPROVED, 5),
+        ("07400  654321", Status.PENDING, 4),  # a wrong code: a wrong check, an attempt spent
+        ("+44 - 7400 -- 123455", Status.PENDING, 4),
+    ],
+)
+def test_a_check_with_a_run_of_separators_approves_the_right_code_only(
+    cli: str, status: Status, attempts_left: int
+) -> None:
+    """As the API's check reads a ``cli``: code_from_cli, codes.matches, rules.check."""
+    secret, vid, now = b"s" * 32, "v" * 32, 1_800_000_000.0
+    flash = FlashCallInfo(UK_PREFIX, 6, cli_filter(UK_PREFIX, 6, UK), 20)
+    created = rules.create(
+        verification_id=vid,
+        phone=UK,
+        plan=(Channel.FLASHCALL,),
+        code_length=6,
+        now=now,
+        policy=Policy(),
+        flashcall=flash,
+    ).verification
+    v = rules.code_sent(created, 0, codes.code_hash(secret, vid, "123456"), now).verification
+    candidate = code_from_cli(cli, UK_PREFIX, 6, UK)
+    matched = candidate is not None and codes.matches(secret, vid, candidate, v.code_hashes)
+    _, answer = rules.check(v, matched, now + 5, Policy())
+    assert (answer.status, answer.attempts_left) == (status, attempts_left)
 
 
 def test_code_from_cli_does_not_read_an_overlong_caller_id() -> None:
