@@ -34,7 +34,6 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import orjson
 
 from clinic_voice.metrics import Metrics, Snapshot
+from sip_config.child_process import spawn_child
 from sip_config.tasks import watch
 from verification.dispatcher import Dispatcher
 from verification.model import Channel
@@ -202,14 +202,11 @@ class HttpWorkers:
         while not self._stop.is_set():
             started = loop.time()
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *self._argv(index),
-                    env=self._env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    # Its own process group, so a Ctrl-C at the terminal is serve's to handle,
-                    # but serve's session: see EmbeddedRedis._spawn for why not a session of
-                    # its own.
-                    preexec_fn=os.setpgrp,  # uvloop has no process_group=0
+                # Its own process group, so a Ctrl-C at the terminal is serve's to handle, in
+                # serve's session; serve killed -9, the kernel sends it SIGTERM (it also stops
+                # when the control connection ends, which covers a missing setpriv).
+                proc = await spawn_child(
+                    self._argv(index), env=self._env, stdin=asyncio.subprocess.DEVNULL
                 )
             except OSError as exc:
                 # fork or exec failed (EAGAIN, ENOMEM, a missing file): as a crash, not the
@@ -230,7 +227,7 @@ class HttpWorkers:
             await asyncio.sleep(backoff)
 
     def _argv(self, index: int) -> list[str]:
-        argv = [
+        return [
             sys.executable,
             "-m",
             "clinic_voice.cli",
@@ -240,12 +237,6 @@ class HttpWorkers:
             "--control",
             str(self._path),
         ]
-        setpriv = shutil.which("setpriv")  # looked up at each start, as EmbeddedRedis does
-        if setpriv is None:
-            return argv
-        # serve killed -9: the kernel sends the worker SIGTERM (it also stops when the control
-        # connection ends, which covers a missing setpriv).
-        return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
     # -- control connections -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import contextlib
 import enum
-import functools
 import logging
 import os
 import shutil
@@ -38,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from sip_config.child_process import RunAs, spawn_child
 from sip_config.tasks import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
@@ -313,26 +313,19 @@ class EmbeddedRedis:
         raise EmbeddedRedisError(f"a redis-server from an earlier run on {self._socket} won't stop")
 
     async def _spawn(self, exe: str) -> None:
-        argv = [exe, str(self._conf)]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # If the service itself is killed -9, the kernel sends Redis SIGTERM, so no orphan
-            # keeps the AOF open.
-            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         self._lines.clear()
-        self._proc = await asyncio.create_subprocess_exec(
-            *argv,
+        # Its own process group in the service's session, ended by the kernel if the service
+        # is killed -9 (no orphan keeps the AOF open): sip_config/child_process.py. A umask
+        # that keeps the files it writes (the append-only file's parts, an RDB) 0600: Redis
+        # makes them 0644, and the 0700 folder protects them only where they are; a backup or
+        # a copy of the folder keeps the mode, and the files hold phone numbers in clear.
+        self._proc = await spawn_child(
+            [exe, str(self._conf)],
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            # Its own process group, so a Ctrl-C at the terminal is the service's to handle.
-            # Not its own session: with the kernel's autogroup scheduling (on by default)
-            # every session is a group that gets an equal share of the CPU, and Redis (with
-            # its AOF rewrite child) and each HTTP worker in sessions of their own starved
-            # one another: an HTTP worker got 5 % of a core for 200 ms while a rewrite ran,
-            # and the API's latency tail reached 100-450 ms (BENCHMARKS.md). uvloop has no
-            # process_group=0.
-            preexec_fn=functools.partial(_redis_child_setup, self._owner),
+            umask=0o077,
+            run_as=None if self._owner is None else RunAs(*self._owner),
         )
         self._reader = asyncio.create_task(self._read_log(self._proc), name="embedded-redis-log")
         proc = self._proc
@@ -470,20 +463,6 @@ def _quote(value: str) -> str:
     if value == '""' or (value and not any(c.isspace() or c in '"\\' for c in value)):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _redis_child_setup(owner: tuple[int, int] | None) -> None:
-    """In the redis-server child before exec: its own process group (see ``_spawn``), and a
-    umask that keeps the files it writes (the append-only file's parts, an RDB) 0600. Redis
-    makes them 0644, and the 0700 folder protects them only where they are: a backup or a
-    copy of the folder keeps the mode, and the files hold phone numbers in clear. With an
-    ``owner`` (uid, gid), it runs as that user, its group alone."""
-    os.setpgrp()
-    os.umask(0o077)
-    if owner is not None:
-        os.setgroups([owner[1]])
-        os.setgid(owner[1])
-        os.setuid(owner[0])
 
 
 def _redact(url: str) -> str:

@@ -20,8 +20,10 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import mmap
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -448,3 +450,39 @@ async def no_blocking() -> AsyncIterator[None]:
             f"the event loop was blocked > {LOOP_BLOCK_LIMIT_S * 1000:.0f} ms:\n  "
             + "\n  ".join(blocked)
         )
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/status`` as field -> value (``Umask``: ``0077``; ``Uid``: real, effective,
+    saved and filesystem ids, tab-separated; ``Groups``: the supplementary groups)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+class TouchedPages:
+    """64 MiB of private memory this process has written, page by page, to tell a child
+    started by ``fork()`` from one started by ``vfork()`` (behaviour, not a spy): fork
+    write-protects every page the parent has touched (copy on write), so the parent's next
+    write to each one faults once, even after the child has exec'd; vfork shares the memory
+    and copies no page table, and the writes fault not at all. Huge pages are off for the
+    mapping, so the count is one a page (THP would fault once per 2 MiB).
+
+    ``faults_on_rewrite()``: this thread's minor faults while it writes every page again
+    (about PAGES after a fork of this process since the last call; a few at most after a
+    vfork). Call it on the thread that spawns (the event loop's)."""
+
+    PAGES = 16384
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, self.PAGES * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
+        self._map.madvise(mmap.MADV_NOHUGEPAGE)
+        self.faults_on_rewrite()
+
+    def faults_on_rewrite(self) -> int:
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        for offset in range(0, self.PAGES * mmap.PAGESIZE, mmap.PAGESIZE):
+            self._map[offset] = (self._map[offset] + 1) % 256
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+    def close(self) -> None:
+        self._map.close()

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from clinic_voice import shared_secret
-from tests.conftest import RedisServer, free_port, workers_exited_non_zero
+from tests.conftest import RedisServer, free_port, proc_status, workers_exited_non_zero
 from tests.integration.conftest import (
     API_KEY,
     CALLS_KEY,
@@ -842,9 +842,13 @@ async def test_ctrl_c_at_the_terminal_is_serves_to_handle(
         assert s.proc is not None
         sip = _worker_pids(s.proc.pid, b"voice.sip.worker")
         assert len(sip) == 1, sip
-        for pid in [*sip, *_worker_pids(s.proc.pid), await _redis_pid(data)]:
+        redis_pid = await _redis_pid(data)
+        for pid in [*sip, *_worker_pids(s.proc.pid), redis_pid]:
             assert os.getpgid(pid) == pid, f"pid {pid} is in serve's process group"
             assert os.getsid(pid) == os.getsid(s.proc.pid)
+            # serve's umask (uvloop's spawn: sip_config/child_process.py), Redis's its own.
+            umask = "0077" if pid == redis_pid else proc_status(s.proc.pid)["Umask"]
+            assert proc_status(pid)["Umask"] == umask, f"pid {pid}"
         os.killpg(s.proc.pid, signal.SIGINT)
         async with asyncio.timeout(STOP_DEADLINE_S):
             assert await s.proc.wait() == 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import stat
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,13 @@ from clinic_voice.redis_server import (
     wait_redis,
 )
 from sip_config.settings import Settings
-from tests.conftest import RedisServer, free_port, watch_loop_blocking
+from tests.conftest import (
+    RedisServer,
+    TouchedPages,
+    free_port,
+    proc_status,
+    watch_loop_blocking,
+)
 from tests.integration.conftest import BASE_ENV
 from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
@@ -107,6 +115,56 @@ async def test_redis_has_its_own_process_group_in_the_service_session(
     assert pid is not None
     assert os.getpgid(pid) == pid
     assert os.getsid(pid) == os.getsid(0)
+    # Its files 0600 (test_the_append_only_files_are_private_to_the_service).
+    assert proc_status(pid)["Umask"] == "0077"
+
+
+async def test_redis_is_started_without_a_fork_of_the_service(embedded: EmbeddedRedis) -> None:
+    # A fork() (which a preexec_fn forces) of a grown test process held one loop step 105 ms
+    # in test_start_serves_on_a_private_unix_socket_only; a vfork does not copy the page
+    # tables (tests/conftest.py's TouchedPages tells the two apart).
+    pages = TouchedPages()
+    try:
+        await embedded.start()
+        faults = pages.faults_on_rewrite()
+    finally:
+        pages.close()
+    assert faults < TouchedPages.PAGES // 4, f"{faults} faults: redis-server was forked"
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A folder in /tmp that every user may pass through (tmp_path's parents are root's,
+    0700), with a short path for the embedded Redis's unix socket."""
+    path = Path(tempfile.mkdtemp(prefix="cv-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+async def test_redis_runs_as_its_owner_that_group_its_only_one(open_tmp: Path) -> None:
+    # Root's `clinic-voice secret reseal` starts it as serve's user (secret_reseal.py).
+    nobody = 65534
+    data = open_tmp / "d"
+    data.mkdir(mode=0o700)
+    os.chown(data, nobody, nobody)
+    server = EmbeddedRedis(data, owner=(nobody, nobody))
+    try:
+        await server.start()
+        pid = server.pid
+        assert pid is not None
+        status = proc_status(pid)
+        assert status["Uid"].split() == [str(nobody)] * 4
+        assert status["Gid"].split() == [str(nobody)] * 4
+        assert status["Groups"].split() == [str(nobody)]
+        assert status["Umask"] == "0077"
+        assert os.getpgid(pid) == pid
+        assert os.getsid(pid) == os.getsid(0)
+    finally:
+        await server.stop()
 
 
 async def test_everysec_is_applied_when_the_operator_asks(tmp_path: Path) -> None:

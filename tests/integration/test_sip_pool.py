@@ -20,7 +20,7 @@ from clinic_voice.metrics import Metrics
 from clinic_voice.wiring import new_sip_pool
 from sip_config.clock import SystemClock
 from sip_config.settings import HostPort
-from tests.conftest import SIPP_OTHER_SOCKETS, sip_settings
+from tests.conftest import SIPP_OTHER_SOCKETS, TouchedPages, proc_status, sip_settings
 from voice.sip import message
 from voice.sip import pool as pool_module
 from voice.sip.media_thread import IDLE_SLACK_NS
@@ -300,6 +300,34 @@ async def test_idle_media_thread_sleeps_with_timer_slack(pool: SipPool) -> None:
     await asyncio.sleep(2.0)
     woke = [wakeups(pid, "media") - b for pid, b in zip(pids, before, strict=True)]
     assert all(0 < n <= 140 for n in woke), f"media thread wake-ups in 2 s: {woke}"
+
+
+async def test_workers_have_groups_of_their_own_in_serves_session_and_its_umask(
+    pool: SipPool,
+) -> None:
+    # A Ctrl-C at the terminal is serve's to handle (an orderly Shutdown), not a
+    # KeyboardInterrupt inside pjsua2; a session of their own would starve them (autogroup).
+    for pid in pool.worker_pids():
+        assert os.getpgid(pid) == pid
+        assert os.getsid(pid) == os.getsid(0)
+        assert proc_status(pid)["Umask"] == proc_status(os.getpid())["Umask"]
+
+
+async def test_a_worker_is_restarted_without_a_fork_of_serve(pool: SipPool) -> None:
+    # A fork() (which a preexec_fn forces) copies serve's page tables on the event loop's
+    # thread; a vfork does not (tests/conftest.py's TouchedPages tells the two apart).
+    first, other = pool.worker_pids()
+    pages = TouchedPages()
+    try:
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while len(pids := pool.worker_pids()) < 2 or first in pids:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        faults = pages.faults_on_rewrite()
+    finally:
+        pages.close()
+    assert other in pids
+    assert faults < TouchedPages.PAGES // 4, f"{faults} faults: the worker was forked"
 
 
 async def test_flash_call_leaves_the_sound_clock_off(pool: SipPool, tmp_path: Path) -> None:

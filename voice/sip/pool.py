@@ -27,7 +27,6 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -37,6 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
 
+from sip_config.child_process import spawn_child
 from sip_config.clock import Clock
 from sip_config.settings import HostPort, SipSettings
 from sip_config.tasks import wait_ended
@@ -883,20 +883,12 @@ class SipPool:
         w.started.clear()  # start() may be waiting on this very event
         w.up = w.registered = False
         w.free_slots = w.pending = w.placed = 0
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # serve killed -9: the kernel sends the worker SIGTERM (its stdin's EOF also ends
-            # it, which covers a missing setpriv), as for Redis and the HTTP workers.
-            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
-        w.process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-            # Its own process group, so a Ctrl-C at the terminal is serve's to handle (an
-            # orderly Shutdown, its calls hung up), not a KeyboardInterrupt inside pjsua2; in
-            # serve's session: see EmbeddedRedis._spawn.
-            preexec_fn=os.setpgrp,  # uvloop has no process_group=0
+        # Its own process group, so a Ctrl-C at the terminal is serve's to handle (an orderly
+        # Shutdown, its calls hung up), not a KeyboardInterrupt inside pjsua2, in serve's
+        # session; serve killed -9, the kernel sends it SIGTERM (its stdin's EOF also ends it,
+        # which covers a missing setpriv): sip_config/child_process.py.
+        w.process = await spawn_child(
+            argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )
         w.started_at = self._clock.monotonic()
         # Its silence counts from now, not from the last line of the process it replaces

@@ -1,0 +1,81 @@
+"""How ``serve`` starts its HTTP worker processes (:mod:`clinic_voice.http_workers`), with a
+real child in the worker's place (``sleep``: a real worker needs a whole service around it;
+``tests/integration/test_api_processes.py`` runs those): what it inherits, and that it is
+started without a ``fork()`` of ``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from clinic_voice.http_workers import HttpWorkers
+from clinic_voice.metrics import Metrics
+from tests.conftest import TouchedPages, proc_status
+from tests.integration.test_http_workers_link import _NoChannels
+from verification.dispatcher import Dispatcher
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
+
+SLEEP_EXE = os.path.realpath("/usr/bin/sleep")
+
+
+@pytest.fixture
+async def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HttpWorkers]:
+    """serve's end with one worker process of its own, ``sleep`` in the worker's place."""
+    monkeypatch.setattr(HttpWorkers, "_argv", lambda self, index: [SLEEP_EXE, "60"])
+    hw = HttpWorkers(
+        count=2,
+        data_dir=tmp_path,
+        env={"CLINIC_TEST_MARK": "worker-env"},
+        dispatcher=cast(Dispatcher, _NoChannels()),
+        checks=dict,
+        warming=list,
+        metrics=Metrics(),
+    )
+    try:
+        yield hw
+    finally:
+        await hw.stop()
+
+
+def _environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+async def _started(hw: HttpWorkers) -> int:
+    """The worker's pid once it runs ``sleep`` (setpriv exec's it in the same process)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    while True:
+        proc = hw._procs.get(1)
+        if proc is not None and os.readlink(f"/proc/{proc.pid}/exe") == SLEEP_EXE:
+            return proc.pid
+        assert loop.time() < end, "the HTTP worker was not started within 5 s"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_worker_has_a_group_of_its_own_in_serves_session_with_its_env(
+    workers: HttpWorkers,
+) -> None:
+    await workers.start()
+    pid = await _started(workers)
+    assert os.getpgid(pid) == pid, "in serve's process group: a Ctrl-C would reach it"
+    assert os.getsid(pid) == os.getsid(0), "a session of its own: autogroup starves it"
+    assert proc_status(pid)["Umask"] == proc_status(os.getpid())["Umask"]  # serve's
+    assert b"CLINIC_TEST_MARK=worker-env" in _environ(pid)
+
+
+async def test_a_worker_is_started_without_a_fork_of_serve(workers: HttpWorkers) -> None:
+    pages = TouchedPages()
+    try:
+        await workers.start()
+        await _started(workers)
+        faults = pages.faults_on_rewrite()
+    finally:
+        pages.close()
+    assert faults < TouchedPages.PAGES // 4, f"{faults} faults: the worker was forked"
