@@ -136,14 +136,14 @@ class ClinicLine:
         are told the practice is closed and the emergency number, but no number for what
         cannot wait until it opens."""
         ivr = self._settings.ivr
-        if ivr.hours_set and ivr.hours.zone is datetime.UTC:
+        if (ivr.hours_set or ivr.nurse_hours_set) and ivr.hours.zone is datetime.UTC:
             # Only sip_config.settings.host_zone's last resort is this object (CLINIC_TIMEZONE
             # =UTC is a ZoneInfo): no zone of the host could be read (TZ unknown or a POSIX
             # string, no /etc/localtime), so the hours are read in UTC, an hour or two off.
             log.warning(
                 "CLINIC_TIMEZONE is not set and the host has no time zone this service can "
-                "read (TZ, /etc/localtime): the opening hours are read in UTC; set "
-                "CLINIC_TIMEZONE (e.g. Europe/Amsterdam)"
+                "read (TZ, /etc/localtime): the opening hours and the nurse's hours are read "
+                "in UTC; set CLINIC_TIMEZONE (e.g. Europe/Amsterdam)"
             )
         if ivr.hours_set and not ivr.out_of_hours_number:
             log.warning(
@@ -205,6 +205,7 @@ class ClinicLine:
             speech_enabled=speech is not None,
             today=self._today,
             open_now=self._open_now,
+            nurse_open=self._nurse_open,
         )
         assert self._rt.renderer is not None and self._rt.call_store is not None
         renderer = self._rt.renderer
@@ -278,6 +279,10 @@ class ClinicLine:
     def _open_now(self) -> bool:
         """Whether the staff desk is open (CLINIC_OPENING_HOURS) by the service's clock."""
         return self._settings.ivr.hours.is_open(self._rt.clock.now())
+
+    def _nurse_open(self) -> bool:
+        """Whether the nurse line is staffed (CLINIC_NURSE_HOURS) by the service's clock."""
+        return self._settings.ivr.nurse_hours.is_open(self._rt.clock.now())
 
     async def _prerender_all(self, renderer: PromptRenderer, params: FlowParams) -> None:
         count = 0

@@ -330,9 +330,19 @@ VARIABLES: tuple[Variable, ...] = (
         "closed all day, whatever CLINIC_OPENING_HOURS says",
     ),
     Variable(
+        "CLINIC_NURSE_HOURS",
+        "",
+        "when the nurse line is staffed, as CLINIC_OPENING_HOURS (the same syntax, read in "
+        "CLINIC_TIMEZONE; CLINIC_CLOSED_DATES does not apply: a nurse line may be staffed on "
+        "holidays); unset: always. Out of them a transfer to the nurse is not rung: it fails "
+        "at once, and the safety rules for a failed nurse transfer act straight away (README: "
+        '"Opening hours")',
+    ),
+    Variable(
         "CLINIC_TIMEZONE",
         "",
-        "IANA time zone (e.g. Europe/Amsterdam) of the opening hours, the closed dates and "
+        "IANA time zone (e.g. Europe/Amsterdam) of the opening hours, the nurse's hours, the "
+        "closed dates and "
         "the date a date of birth is checked against; unset: the host's local zone (TZ, else "
         "/etc/localtime, else UTC)",
     ),
@@ -507,6 +517,9 @@ class IvrSettings:
     hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
     hours_set: bool = False  # CLINIC_OPENING_HOURS or CLINIC_CLOSED_DATES given
     out_of_hours_number: str = ""  # as given ("088 123 45 67"), "" none
+    # CLINIC_NURSE_HOURS in CLINIC_TIMEZONE (no closed dates): when the nurse line is staffed.
+    nurse_hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
+    nurse_hours_set: bool = False  # CLINIC_NURSE_HOURS given
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,6 +576,7 @@ class FlowPreview:
     transfer_summary: str
     hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
     out_of_hours_number: str = ""
+    nurse_hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
     # The speech model's language (CLINIC_VOSK_LANGUAGE): with --speech, flows in another
     # language run keypad-only, as in serve.
     speech_language: str = "en"
@@ -580,6 +594,7 @@ def flow_preview_from_env(env: Mapping[str, str] | None = None) -> FlowPreview:
         transfer_summary=r.parse("CLINIC_TRANSFER_SUMMARY", _transfer_summary),
         hours=_hours(r),
         out_of_hours_number=r.parse("CLINIC_OUT_OF_HOURS_NUMBER", _phone_digits),
+        nurse_hours=_nurse_hours(r),
         speech_language=r.parse("CLINIC_VOSK_LANGUAGE", _language),
     )
 
@@ -590,6 +605,16 @@ def _hours(r: _Reader) -> OpeningHours:
     if not r.raw("CLINIC_OPENING_HOURS"):
         return always_open(zone, closed)
     return OpeningHours(r.parse("CLINIC_OPENING_HOURS", parse_week), zone, closed)
+
+
+def _nurse_hours(r: _Reader) -> OpeningHours:
+    """CLINIC_NURSE_HOURS, parsed as CLINIC_OPENING_HOURS is and read in the same zone. No
+    closed dates: the desk's holidays are not the nurse line's (an on-call nurse may be
+    staffed on Christmas Day), and a line taken for unstaffed fails every urgent transfer."""
+    zone = r.parse("CLINIC_TIMEZONE", _zone)
+    if not r.raw("CLINIC_NURSE_HOURS"):
+        return always_open(zone)
+    return OpeningHours(r.parse("CLINIC_NURSE_HOURS", parse_week), zone)
 
 
 def _zone(value: str) -> datetime.tzinfo:
@@ -938,6 +963,8 @@ def _build(r: _Reader) -> Settings:
         hours=_hours(r),
         hours_set=bool(r.raw("CLINIC_OPENING_HOURS") or r.raw("CLINIC_CLOSED_DATES")),
         out_of_hours_number=r.parse("CLINIC_OUT_OF_HOURS_NUMBER", _phone_digits),
+        nurse_hours=_nurse_hours(r),
+        nurse_hours_set=bool(r.raw("CLINIC_NURSE_HOURS")),
     )
     redis_url = r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://"))
     if redis_url and r.given("CLINIC_REDIS_APPENDFSYNC"):

@@ -727,8 +727,9 @@ def test_check_refuses_on_closed_where_the_human_is_the_nurse(flows: Path) -> No
         encoding="utf-8",
     )
     messages = [f.message for f in check_files([flows])]
-    assert "'on_closed' of 'menu' is never taken: the flow's human is nurse, who has no hours" in (
-        messages
+    assert (
+        "'on_closed' of 'menu' is never taken: the flow's human is nurse, who has no opening "
+        "hours" in messages
     )
 
 

@@ -246,7 +246,7 @@ class _Checker:
             self.add(
                 node.line,
                 f"'on_closed' of {node.id!r} is never taken: the flow's human is "
-                f"{self.flow.human.value}, who has no hours",
+                f"{self.flow.human.value}, who has no opening hours",
             )
 
     def edges(self, ref: NodeRef) -> list[NodeRef]:

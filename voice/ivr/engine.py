@@ -62,8 +62,11 @@ VoiceXML semantics kept here:
   same way (notice, then the ``on_closed`` question; in the same count), and any other way
   to staff (a question given up, a message not kept, a ``transfer: staff`` step) ends the
   call after the notice (``out_of_hours``). Never for a caller at U2 or more, whom the
-  safety rules put through, open or closed; the nurse has no hours here (an unstaffed nurse
-  line fails its transfer, which the rules below already handle);
+  safety rules put through, open or closed. The nurse has hours of its own
+  (``FlowParams.nurse_open``, CLINIC_NURSE_HOURS), asked when a transfer to the nurse would
+  be placed (its prompt said): out of them the nurse is not rung, and the transfer fails at
+  once (path step ``transfer``: ``nurse_closed``), handled by the rules below as any failed
+  transfer, not after a ring-out of an unstaffed line;
 * safety: a triage's urgency never goes down (checked on every step), any unclear answer to a
   danger-sign question raises the call to U2 at least, and an outcome less urgent than the
   call's urgency is replaced by a transfer to a nurse. On an urgent question (a danger sign,
@@ -457,6 +460,8 @@ OUT_OF_HOURS_OUTCOME = "out_of_hours"
 # told them the numbers to call, so someone should call them back.
 OUT_OF_HOURS_UNHEARD_OUTCOME = "out_of_hours_unheard"
 MESSAGE_MAX_S = 60
+# A transfer step's value when the nurse was not rung: out of CLINIC_NURSE_HOURS.
+NURSE_CLOSED = "nurse_closed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -895,10 +900,8 @@ class Engine:
             return self._listen(state, flow, node, [])
         if state.pending is Pending.NEXT and isinstance(node, Say):
             return self._enter(state, flow, node.next, [])
-        uri = state.transfer_uri
-        if state.pending is Pending.TRANSFER and uri is not None:
-            state = replace(state, phase=Phase.TRANSFERRING)
-            return state, [TransferCall(uri, self._summary(state))]
+        if state.pending is Pending.TRANSFER and state.transfer_uri is not None:
+            return self._refer(state, flow, [])
         if state.pending is Pending.RECORD and isinstance(node, Record):
             return replace(state, phase=Phase.RECORDING), [RecordAudio(node.max_s)]
         if state.pending is Pending.MESSAGE:
@@ -1097,10 +1100,7 @@ class Engine:
             prompt_retried=False,
         )
         if not node.prompt:
-            return replace(state, phase=Phase.TRANSFERRING), [
-                *actions,
-                TransferCall(uri, self._summary(state)),
-            ]
+            return self._refer(state, flow, actions)
         return state, [*actions, self._play(state, flow, node.prompt, barge_in=False)]
 
     # -- asks
@@ -1418,8 +1418,24 @@ class Engine:
             state = replace(state, outcome=node.outcome, achieved=node.outcome)
         return self._enter(state, flow, node.next if ev.ok else node.on_fail, [])
 
-    def _transfer_done(self, state: CallState, flow: Flow, ok: bool) -> Result:
-        state = self._step(state, "transfer", "ok" if ok else "failed")
+    def _refer(self, state: CallState, flow: Flow, actions: list[Action]) -> Result:
+        """Place the transfer to ``state.transfer_uri`` (its prompt, if any, said). The nurse
+        out of CLINIC_NURSE_HOURS (``FlowParams.nurse_open``, asked now, at the instant the
+        REFER would go out) is not rung: the transfer fails at once (path step ``transfer``
+        :data:`NURSE_CLOSED`) and goes where a failed one goes, rather than after a ring-out
+        of an unstaffed line (up to 180 s for an urgent caller told to stay on the line)."""
+        uri = state.transfer_uri
+        assert uri is not None
+        state = replace(state, phase=Phase.TRANSFERRING)
+        if uri == self.params.nurse_uri and not self.params.nurse_open():
+            new, more = self._transfer_done(state, flow, ok=False, why=NURSE_CLOSED)
+            return new, [*actions, *more]
+        return state, [*actions, TransferCall(uri, self._summary(state))]
+
+    def _transfer_done(self, state: CallState, flow: Flow, ok: bool, why: str = "") -> Result:
+        """The transfer went through, or failed (``why``: the path step's value, "failed"
+        unless the target was not even rung)."""
+        state = self._step(state, "transfer", "ok" if ok else why or "failed")
         if ok:
             state = replace(state, transfer_target=state.transfer_uri)
             return self._end(state, state.outcome or "transferred", [], hangup=True)

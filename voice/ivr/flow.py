@@ -140,6 +140,10 @@ class FlowParams:
     # injected as ``today`` is; asked at each decision, so a call that runs past closing
     # time meets a closed desk. Default: always open (no opening hours).
     open_now: Callable[[], bool] = lambda: True
+    # Whether the nurse line is staffed now (CLINIC_NURSE_HOURS by the service's clock),
+    # injected as ``open_now`` is; asked when a transfer to the nurse would be placed, so a
+    # call that runs past the nurse's hours meets an unstaffed line. Default: always.
+    nurse_open: Callable[[], bool] = lambda: True
     # The weekly hours read out in the closed notice (None: none to tell).
     opening_hours: OpeningHours | None = None
     out_of_hours_number: str = ""  # CLINIC_OUT_OF_HOURS_NUMBER as given, "" none
@@ -152,15 +156,19 @@ class FlowParams:
         speech_enabled: bool | None = None,
         today: Callable[[], datetime.date] | None = None,
         open_now: Callable[[], bool] | None = None,
+        nurse_open: Callable[[], bool] | None = None,
     ) -> FlowParams:
         """Build from :class:`sip_config.settings.Settings` (speech on when a model is set).
 
-        ``open_now`` defaults to the opening hours at the host's clock."""
+        ``open_now`` and ``nurse_open`` default to the opening hours and the nurse's hours
+        at the host's clock."""
         ivr = settings.ivr
         hours: OpeningHours = ivr.hours
+        nurse_hours: OpeningHours = ivr.nurse_hours
         return cls(
             today=today or datetime.date.today,
             open_now=open_now or (lambda: hours.is_open(time.time())),
+            nurse_open=nurse_open or (lambda: nurse_hours.is_open(time.time())),
             opening_hours=hours,
             out_of_hours_number=ivr.out_of_hours_number,
             staff_uri=ivr.staff_uri,

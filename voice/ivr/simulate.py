@@ -19,6 +19,7 @@ from pathlib import Path
 from sip_config.settings import SettingsError, flow_preview_from_env, flows_dir_from_env
 from voice.ivr.engine import (
     MAX_MENU_RETURNS,
+    NURSE_CLOSED,
     Action,
     CallState,
     Digit,
@@ -80,7 +81,9 @@ caller hears none of it, as when the text to speech or the media path fails), to
 the engine does then: a question or last words said once more, a say skipped, an outcome
 the line backed recorded as unheard.
 The practice is open or closed by CLINIC_OPENING_HOURS now, or at --at, or as --open or
---closed say; --at is also the day a date of birth is checked against.
+--closed say; --at is also the day a date of birth is checked against. The nurse line is
+staffed or not by CLINIC_NURSE_HOURS at the same moment, or as --nurse-open or
+--nurse-closed say.
 """
 
 
@@ -298,6 +301,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="the practice is open",
     )
+    nurse = parser.add_mutually_exclusive_group()
+    nurse.add_argument(
+        "--nurse-closed",
+        dest="nurse_open_as",
+        action="store_const",
+        const=False,
+        default=None,
+        help="the nurse line is not staffed (as out of CLINIC_NURSE_HOURS): a transfer to the "
+        "nurse fails at once, unrung",
+    )
+    nurse.add_argument(
+        "--nurse-open",
+        dest="nurse_open_as",
+        action="store_const",
+        const=True,
+        help="the nurse line is staffed",
+    )
 
 
 def _local_time(text: str) -> datetime.datetime:
@@ -363,12 +383,18 @@ def run(
         is_open = hours.is_open(at)
     else:
         is_open = hours.is_open(time.time())
+    nurse_open_as: bool | None = args.nurse_open_as
+    if nurse_open_as is not None:
+        nurse_open = nurse_open_as
+    else:
+        nurse_open = preview.nurse_hours.is_open(at if at is not None else time.time())
     # --at is the call's moment for the dates too: a date of birth is checked against that
     # day (not in the future), as a call then would check it.
     day = at.astimezone(hours.zone).date() if at is not None else None
     params = FlowParams(
         today=(lambda: day) if day is not None else datetime.date.today,
         open_now=lambda: is_open,
+        nurse_open=lambda: nurse_open,
         opening_hours=hours,
         out_of_hours_number=preview.out_of_hours_number,
         staff_uri=preview.staff_uri,
@@ -395,6 +421,8 @@ def run(
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
     if not is_open:
         output_fn("-- the practice is closed (opening hours)")
+    if not nurse_open:
+        output_fn("-- the nurse line is not staffed (nurse hours): a nurse transfer fails, unrung")
     if args.speech and not params.speech_for(flow.language):
         output_fn(
             f"-- keypad only: the speech model is {preview.speech_language} "
@@ -419,6 +447,7 @@ def run(
         before = state
         state, actions = engine.handle(state, event)
         _show_menu_return(before, state, output_fn)
+        _show_nurse_closed(before, state, output_fn)
 
 
 def _hung_up(queue: deque[Event]) -> bool:
@@ -543,6 +572,15 @@ def _show_menu_return(
         )
     elif any(p.input == "menu" for p in _new_steps(before, after)):
         output_fn(f"-- no more returns to the main menu ({MAX_MENU_RETURNS} made): a human")
+
+
+def _show_nurse_closed(
+    before: CallState, after: CallState, output_fn: Callable[[str], None]
+) -> None:
+    """A line for a transfer to the nurse that failed unrung (out of the nurse's hours): no
+    ``transfer to`` or ``(ringing)`` shows it, and the failure's words follow at once."""
+    if any(p.input == "transfer" and p.value == NURSE_CLOSED for p in _new_steps(before, after)):
+        output_fn("   (the nurse line is not staffed: not rung, the transfer fails)")
 
 
 def _new_steps(before: CallState, after: CallState) -> tuple[PathStep, ...]:
