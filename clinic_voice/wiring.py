@@ -30,6 +30,7 @@ from verification.model import Channel
 from verification.wording import DEFAULT
 from voice.ivr.flow import FlowSet
 from voice.media import spoken_code
+from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 from voice.sip.flash_uac import FlashUac
 from voice.sip.front import RedirectFront
@@ -51,11 +52,13 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
 
     async def prompts_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
-        # Fixed prompts are cached in prompts/; a call's own texts go to private/, never cached.
-        rt.renderer = PromptRenderer(settings.data_dir / "prompts", settings.data_dir / "private")
+        # Fixed prompts are cached in prompts/; a call's own texts go to a private folder (on
+        # tmpfs when there is one, else private/), never cached.
+        private = PrivateFolder(settings.data_dir)
+        rt.renderer = PromptRenderer(settings.data_dir / "prompts", private)
         # A process killed during a voice call leaves its code's file behind: remove it.
         stale = await asyncio.to_thread(
-            spoken_code.remove_stale, settings.data_dir / "private", STALE_CODE_FILE_S, time.time()
+            spoken_code.remove_stale, private, STALE_CODE_FILE_S, time.time()
         )
         if stale:
             log.warning("removed %d voice file(s) with a code, left by an earlier run", stale)
@@ -72,6 +75,8 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
             + [str(d) for d in range(10)]
         )
         yield
+        # After the clinic line and the channels (started later, stopped first).
+        await asyncio.to_thread(private.close)
 
     async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
@@ -183,7 +188,7 @@ def channel_factories(settings: Settings) -> dict[Channel, Factory]:
     def voice(rt: Runtime) -> ChannelAdapter | None:
         if rt.sip_pool is None or rt.renderer is None:
             return None
-        return VoiceCallChannel(sip, rt.sip_pool, rt.renderer, settings.data_dir / "private")
+        return VoiceCallChannel(sip, rt.sip_pool, rt.renderer, rt.renderer.private)
 
     factories: dict[Channel, Factory] = {Channel.FLASHCALL: flash, Channel.VOICE: voice}
     if settings.sms.gateway == "sip":

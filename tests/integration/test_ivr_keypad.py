@@ -397,8 +397,11 @@ async def test_a_prompt_with_the_callers_booking_is_never_kept_on_disk(
     record = await line.new_record(before)
     message = "See you Monday with Doctor Jansen for your diabetes check."
     assert record["values"].get("booking.message") == message, record  # it was said
-    private = line.settings.data_dir / "private"
-    for folder in (prompts, private):
+    renderer = line.app[RUNTIME].renderer
+    assert renderer is not None
+    # Every folder the call's own prompts may go to: tmpfs, the data dir's private/, a temp.
+    private = await asyncio.to_thread(renderer.private.chain)
+    for folder in (prompts, *private):
         assert list(folder.glob("once-*.wav")) == [], "the call's own prompt was not deleted"
     # The key the prompt cache would give that text (same espeak-ng, same key).
     cached = await PromptRenderer(tmp_path).render(said, voice="en")

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 import wave
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from aiohttp import web
 
+from clinic_voice.app import RUNTIME
+from clinic_voice.wiring import extra_contexts
+from sip_config.settings import Settings
 from verification.wording import wording
 from voice.media import spoken_code
 from voice.media.pcm import read_wav, rms_dbfs
+from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer, TtsError
 
 pytestmark = pytest.mark.integration
@@ -104,14 +113,16 @@ async def test_prerender_then_every_prompt_is_cached(tmp_path: Path) -> None:
 
 
 async def test_a_private_render_is_a_file_of_its_own_and_never_cached(tmp_path: Path) -> None:
-    renderer = PromptRenderer(tmp_path / "prompts", tmp_path / "private")
+    private = PrivateFolder(tmp_path)  # as serve's: on tmpfs when there is one
+    renderer = PromptRenderer(tmp_path / "prompts", private)
     one = await renderer.render_private("Your appointment is on 3 May at 10:00.")
     two = await renderer.render_private("Your appointment is on 3 May at 10:00.")
-    assert one != two and one.parent == tmp_path / "private"
+    assert one != two and one.parent == (await asyncio.to_thread(private.chain))[0]
     assert one.stat().st_mode & 0o077 == 0, "a caller's prompt must not be world-readable"
     assert read_wav(one).samples
     assert renderer.renders == 2
     assert not (tmp_path / "prompts").exists() or not any((tmp_path / "prompts").iterdir())
+    await asyncio.to_thread(shutil.rmtree, one.parent, True)  # a folder on /dev/shm
 
 
 async def test_failures_raise_tts_error_and_the_engine_recovers(tmp_path: Path) -> None:
@@ -217,14 +228,14 @@ async def test_a_voice_codes_rendering_leaves_no_file(tmp_path: Path) -> None:
     file that the channel deletes: nothing the cache keeps says the code, and nothing of it
     is left once the channel is done."""
     prompts, private = tmp_path / "prompts", tmp_path / "private"
-    renderer = PromptRenderer(prompts, private)
+    renderer = PromptRenderer(prompts, PrivateFolder(tmp_path, None, temp_root=tmp_path))
     words = wording("en")
     head = words.head_text("Example Clinic")
     # What serve renders at start (clinic_voice/wiring.py): the head and the ten digits.
     await renderer.prerender([head, *(str(d) for d in range(10))])
     before = await asyncio.to_thread(lambda: sorted(p.name for p in prompts.iterdir()))
     renders = renderer.renders
-    code_wav = await spoken_code.compose(renderer, head, "481523", private)
+    code_wav = await spoken_code.compose(renderer, head, "481523", renderer.private)
     assert renderer.renders == renders, "a code's reading rendered a text"
     after = await asyncio.to_thread(lambda: sorted(p.name for p in prompts.iterdir()))
     assert after == before, "the code's reading added a file to the prompt cache"
@@ -236,3 +247,41 @@ async def test_a_voice_codes_rendering_leaves_no_file(tmp_path: Path) -> None:
     assert once.parent == private
     assert await asyncio.to_thread(lambda: sorted(p.name for p in prompts.iterdir())) == before
     await asyncio.to_thread(once.unlink)
+
+
+async def test_serves_start_sweeps_every_private_folder_of_its_chain(tmp_path: Path) -> None:
+    """A serve killed during calls leaves their private files in whichever folder took them
+    (tmpfs, the data dir, the temporary folder): the next start removes them from all, and
+    its own renderer writes to the first (tmpfs here)."""
+    data = tmp_path / "data"
+    settings = Settings.from_env({"CLINIC_DATA_DIR": str(data)})
+    chain = await asyncio.to_thread(PrivateFolder(data).chain)
+    old = time.time() - 3600
+
+    def plant() -> None:
+        for folder in chain:
+            folder.mkdir(mode=0o700, parents=True)
+            for name in ("code-left.wav", "once-left.wav"):
+                (folder / name).write_bytes(b"RIFF a caller's")
+                os.utime(folder / name, (old, old))
+
+    fake = web.Application()
+    rt = cast(Any, SimpleNamespace(renderer=None))
+    fake[RUNTIME] = rt
+    try:
+        await asyncio.to_thread(plant)
+        prompts_ctx = extra_contexts(settings, cast(Any, None))[0]
+        started = prompts_ctx(fake)
+        await started.__anext__()  # serve's start, up to where it serves
+        left = await asyncio.to_thread(lambda: [p for f in chain for p in f.iterdir()])
+        assert left == [], f"a killed run's private files survived the start: {left}"
+        wav = await rt.renderer.render_private("Your appointment is on Tuesday.")
+        assert wav.parent == chain[0]
+        await asyncio.to_thread(wav.unlink)
+        with pytest.raises(StopAsyncIteration):
+            await started.__anext__()  # serve's stop
+        assert not await asyncio.to_thread(chain[0].exists), "the stop left its tmpfs folder"
+    finally:
+        for folder in chain:  # tmpfs and the temporary folder are outside tmp_path
+            if not folder.is_relative_to(tmp_path):
+                await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -46,6 +46,7 @@ from verification.wording import DEFAULT, Wording, wording
 from voice.media import spoken_code
 from voice.media.audio_match import rank
 from voice.media.pcm import read_wav, resample, samples_to_bytes
+from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 
 pytestmark = pytest.mark.integration
@@ -191,8 +192,7 @@ async def test_softphone_hears_the_spoken_code_after_pressing_1(  # noqa: PLR091
         assert kinds[:2] == ["requested", "dispatched"], v
         assert v["events"][-1]["detail"] == "code read twice", v
         # The composed file saying the code is private to the call: gone once it ended.
-        private = svc.app[RUNTIME].settings.data_dir / "private"
-        left = sorted(p.name for p in private.glob("*")) if private.exists() else []
+        left = await private_files(svc.app[RUNTIME].renderer)
         assert not left, f"spoken-code files left behind: {left}"
 
         # What the phone heard, against the service's own renderings.
@@ -299,12 +299,21 @@ async def test_approval_hangs_up_the_voice_call_that_still_rings(
         kinds = event_types(v)
         assert kinds[-1] == "approved" and "undeliverable" not in kinds, kinds
         assert v["status"] == "approved"
-        private = svc.app[RUNTIME].settings.data_dir / "private"
-        left = sorted(p.name for p in private.glob("*")) if private.exists() else []
+        left = await private_files(svc.app[RUNTIME].renderer)
         assert not left, f"spoken-code files left behind: {left}"
 
 
 # -- a callee who hears the code once, answers on hold, or presses the wrong keys -------------
+
+
+async def private_files(renderer: PromptRenderer | None) -> list[Path]:
+    """The files in every folder a call's private audio may go to (tmpfs first)."""
+    assert renderer is not None, "no prompt renderer in the service"
+
+    def listing() -> list[Path]:
+        return sorted(p for f in renderer.private.chain() if f.is_dir() for p in f.iterdir())
+
+    return await asyncio.to_thread(listing)
 
 
 def report(v: dict[str, Any]) -> tuple[str, str]:
@@ -318,8 +327,9 @@ async def one_reading_s(rig: Rig, tmp_path: Path) -> float:
     """Seconds of one reading of the code (the head and the digits), from the service's file."""
     renderer = PromptRenderer(rig.prompt_cache)
     words = wording("en")
+    out = PrivateFolder(tmp_path, None, temp_root=tmp_path)
     path = await spoken_code.compose(
-        renderer, words.head_text(CLINIC), CODE, tmp_path, voice=words.language
+        renderer, words.head_text(CLINIC), CODE, out, voice=words.language
     )
     try:
         return read_wav(path).duration_s  # its pause, the reading, its short tail

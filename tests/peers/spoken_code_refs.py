@@ -7,6 +7,7 @@ from pathlib import Path
 
 from voice.media import spoken_code
 from voice.media.pcm import read_wav, samples_to_bytes, silence
+from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 
 
@@ -20,7 +21,8 @@ async def code_digits(
     so the reference is the digits alone, cut at the lengths of the pieces it was composed
     from.
     """
-    composed = read_wav(await spoken_code.compose(renderer, head_text, code, scratch, voice=voice))
+    out = PrivateFolder(scratch, None, temp_root=scratch)  # a test's folder, not tmpfs
+    composed = read_wav(await spoken_code.compose(renderer, head_text, code, out, voice=voice))
     start = len(silence(spoken_code.REPEAT_GAP_S, 8000))
     start += len(read_wav(await renderer.render(head_text, voice=voice)).samples)
     end = start

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ import pytest
 
 from voice.media import tts
 from voice.media.pcm import Pcm, silence, wav_bytes
+from voice.media.private_folder import PrivateFolder
+
+
+def _on_disk(data_dir: Path) -> PrivateFolder:
+    """``data_dir/private`` first (no RAM folder), the last resort in ``data_dir``."""
+    return PrivateFolder(data_dir, None, temp_root=data_dir)
 
 
 class _SlowSpeech:
@@ -49,7 +56,7 @@ async def test_a_private_render_cancelled_mid_render_leaves_no_file(
     speech = _SlowSpeech()
     monkeypatch.setattr(tts._SpeechThread, "get", classmethod(lambda cls: speech))
     private = tmp_path / "private"
-    renderer = tts.PromptRenderer(tmp_path / "prompts", private)
+    renderer = tts.PromptRenderer(tmp_path / "prompts", _on_disk(tmp_path))
     task = asyncio.ensure_future(
         renderer.render_private("Your appointment with Dr Lee is on Tuesday at 9.")
     )
@@ -81,7 +88,7 @@ async def test_a_known_prompt_is_not_marked_used_and_another_process_evicts_it(
     monkeypatch.setattr(tts._SpeechThread, "get", classmethod(lambda cls: speech))
     clock = [0.0]
     renderer = tts.PromptRenderer(
-        tmp_path / "prompts", tmp_path / "private", monotonic=lambda: clock[0]
+        tmp_path / "prompts", _on_disk(tmp_path), monotonic=lambda: clock[0]
     )
     first = await renderer.render("Welcome to the clinic.")
     two_days_later = time.time() + 2 * UNUSED_KEEP_S
@@ -119,7 +126,52 @@ async def test_a_private_folder_made_open_is_tightened(
     private = tmp_path / "private"
     private.mkdir(mode=0o755)
     private.chmod(0o755)
-    renderer = tts.PromptRenderer(tmp_path / "prompts", private)
+    renderer = tts.PromptRenderer(tmp_path / "prompts", _on_disk(tmp_path))
     path = await renderer.render_private("Your appointment is on Tuesday at 9.")
     assert private.stat().st_mode & 0o777 == 0o700
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.fixture
+def speech(monkeypatch: pytest.MonkeyPatch) -> _SlowSpeech:
+    fake = _SlowSpeech()
+    fake.release.set()
+    monkeypatch.setattr(tts._SpeechThread, "get", classmethod(lambda cls: fake))
+    return fake
+
+
+def _on_tmpfs(path: Path) -> bool:
+    shm = Path("/dev/shm")  # where this machine's tmpfs is
+    return shm in path.parents
+
+
+async def test_a_private_render_goes_to_tmpfs_and_the_next_start_sweeps_it(
+    tmp_path: Path, speech: _SlowSpeech
+) -> None:
+    """serve's renderer (its data dir holding the cache): a call's prompt never touches the
+    data dir's disk when there is a tmpfs, and a start removes what a killed run left there."""
+    data = tmp_path / "data"
+    path = await tts.PromptRenderer(data / "prompts").render_private("Tuesday at 9.")
+    try:
+        assert _on_tmpfs(path), f"a caller's prompt was written to a disk: {path}"
+        assert path.parent.stat().st_mode & 0o777 == 0o700
+        assert not (data / "private").exists()
+        restarted = tts.PromptRenderer(data / "prompts")  # the run was killed before deleting
+        assert await asyncio.to_thread(restarted.remove_leftovers) == 1
+        assert not path.exists()
+    finally:
+        if _on_tmpfs(path):
+            await asyncio.to_thread(shutil.rmtree, path.parent, True)
+
+
+async def test_a_private_render_is_made_when_the_data_dir_cannot_take_it(
+    tmp_path: Path, speech: _SlowSpeech
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "private").write_bytes(b"")  # no folder there: a full or read-only data dir
+    path = await tts.PromptRenderer(data / "prompts").render_private("Tuesday at 9.")
+    try:
+        assert path.exists() and path.stat().st_mode & 0o777 == 0o600
+    finally:
+        await asyncio.to_thread(shutil.rmtree, path.parent, True)

@@ -24,6 +24,7 @@ from verification.model import NumberKind, Phone
 from verification.rules import DeliveryKind
 from voice.media import spoken_code
 from voice.media.pcm import Pcm, silence, write_wav
+from voice.media.private_folder import PrivateFolder
 from voice.media.tts import TtsError
 
 PHONE = Phone("+31612345678", "NL", 31, "612345678", NumberKind.MOBILE)
@@ -51,6 +52,11 @@ class SilentRenderer:
         return (await self.prerender([text], rate_hz=rate_hz))[0]
 
 
+def _folder(data_dir: Path) -> PrivateFolder:
+    """Private files in ``data_dir/private`` (no RAM folder), the last resort in it too."""
+    return PrivateFolder(data_dir, None, temp_root=data_dir)
+
+
 def codes_in(folder: Path) -> list[Path]:
     return sorted(folder.glob("code-*.wav"))
 
@@ -59,13 +65,13 @@ async def test_every_digit_is_asked_for_whatever_the_code_holds(tmp_path: Path) 
     # A cached piece's lookup touches its file: asking for the code's digits only would
     # show them in the cache folder's file times.
     renderer = SilentRenderer(tmp_path)
-    await spoken_code.compose(renderer, "Your code is", "1111", tmp_path / "private")  # type: ignore[arg-type]
+    await spoken_code.compose(renderer, "Your code is", "1111", _folder(tmp_path))  # type: ignore[arg-type]
     assert sorted(renderer.asked) == sorted(["Your code is", *"0123456789"])
 
 
 async def test_compose_writes_a_private_file(tmp_path: Path) -> None:
-    out = tmp_path / "private"
-    path = await spoken_code.compose(SilentRenderer(tmp_path), "Your code is", "481523", out)  # type: ignore[arg-type]
+    out, renderer = tmp_path / "private", SilentRenderer(tmp_path)
+    path = await spoken_code.compose(renderer, "Your code is", "481523", _folder(tmp_path))  # type: ignore[arg-type]
     assert codes_in(out) == [path]
     assert path.stat().st_mode & 0o777 == 0o600
 
@@ -83,8 +89,9 @@ async def test_a_cancel_while_the_file_is_written_leaves_no_file(
         real_write(path, pcm)
 
     monkeypatch.setattr(spoken_code, "write_wav", slow_write)
+    renderer = SilentRenderer(tmp_path)
     task = asyncio.create_task(
-        spoken_code.compose(SilentRenderer(tmp_path), "Your code is", "481523", out)  # type: ignore[arg-type]
+        spoken_code.compose(renderer, "Your code is", "481523", _folder(tmp_path))  # type: ignore[arg-type]
     )
     assert await asyncio.to_thread(started.wait, 5)
     assert len(codes_in(out)) == 1, "the file exists while it is written"
@@ -99,23 +106,23 @@ async def test_a_cancel_while_the_file_is_written_leaves_no_file(
 async def test_a_failed_write_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "private"
-
     def failing_write(path: Path, pcm: Pcm) -> None:
         path.write_bytes(b"RIFF part of a code")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(spoken_code, "write_wav", failing_write)
+    renderer = SilentRenderer(tmp_path)
     with pytest.raises(OSError, match="No space"):
-        await spoken_code.compose(SilentRenderer(tmp_path), "Your code is", "481523", out)  # type: ignore[arg-type]
-    assert codes_in(out) == []
+        await spoken_code.compose(renderer, "Your code is", "481523", _folder(tmp_path))  # type: ignore[arg-type]
+    left = await asyncio.to_thread(lambda: sorted(tmp_path.rglob("code-*.wav")))
+    assert left == [], "nor in a folder of the chain after it"
 
 
 async def test_speech_failing_after_the_code_file_removes_it(tmp_path: Path) -> None:
     out = tmp_path / "private"
     sip = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path / "var")}).sip
     renderer = SilentRenderer(tmp_path, fail_render=True)
-    channel = VoiceCallChannel(sip, None, renderer, out)  # type: ignore[arg-type]
+    channel = VoiceCallChannel(sip, None, renderer, _folder(tmp_path))  # type: ignore[arg-type]
     reports: list[DeliveryReport] = []
 
     async def report(r: DeliveryReport) -> None:
@@ -130,12 +137,14 @@ async def test_speech_failing_after_the_code_file_removes_it(tmp_path: Path) -> 
 
 def test_stale_files_are_removed_and_young_ones_kept(tmp_path: Path) -> None:
     now = time.time()
-    old, young = tmp_path / "code-old.wav", tmp_path / "code-young.wav"
-    other = tmp_path / "notes.txt"
+    out = tmp_path / "private"
+    out.mkdir(mode=0o700)
+    old, young = out / "code-old.wav", out / "code-young.wav"
+    other = out / "notes.txt"
     for path in (old, young, other):
         path.write_bytes(b"x")
         os.utime(path, (now - 1000, now - 1000))
     os.utime(young, (now - 10, now - 10))
-    assert spoken_code.remove_stale(tmp_path, 300, now) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["code-young.wav", "notes.txt"]
-    assert spoken_code.remove_stale(tmp_path / "missing", 300, now) == 0
+    assert spoken_code.remove_stale(_folder(tmp_path), 300, now) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["code-young.wav", "notes.txt"]
+    assert spoken_code.remove_stale(_folder(tmp_path / "missing"), 300, now) == 0

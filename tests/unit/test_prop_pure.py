@@ -35,6 +35,7 @@ from verification.model import Phone
 from voice.ivr import opening_hours
 from voice.ivr.opening_hours import OpeningHours, Range
 from voice.media import g711, pcm, spoken_code
+from voice.media.private_folder import PrivateFolder
 
 _DIGITS = "0123456789"
 
@@ -437,7 +438,7 @@ def test_the_spoken_code_says_the_head_then_each_digit_in_order(code: str, langu
                 _ToneRenderer(Path(folder)),  # type: ignore[arg-type]
                 head,
                 code,
-                Path(folder) / "out",
+                PrivateFolder(Path(folder), None, temp_root=Path(folder)),
                 voice=language,
             )
         )

@@ -53,6 +53,7 @@ from verification.channels.sms_sip import MESSAGE_TIMEOUT_S, SipSmsChannel
 from verification.channels.voice_call import VoiceCallChannel
 from verification.model import Channel, EventKind, NumberKind, Phone, Policy, Status, Verification
 from verification.rules import DeliveryKind
+from voice.media.private_folder import PrivateFolder
 from voice.sip import message
 from voice.sip.flash_dialog import FlashDialog, Local
 from voice.sip.outcome import CallOutcome, outcome_for_status
@@ -604,7 +605,8 @@ def voice_call_story(
         ledger = Ledger(Channel.VOICE, lambda: T0 + loop.time() - 1000.0, final_after)
         renderer = SilentRenderer(code_dir.parent)
         s = replace(_settings(), voice_otp_keypress=keypress)
-        channel = VoiceCallChannel(s, pool, cast(Any, renderer), code_dir)
+        private = PrivateFolder(code_dir.parent, None, temp_root=code_dir.parent)
+        channel = VoiceCallChannel(s, pool, cast(Any, renderer), private)
         await channel.send(Delivery("V" * 32, PHONE, code, "en", "the clinic"), ledger.report)
         state.update(worker=worker, ledger=ledger)
 
@@ -614,7 +616,7 @@ def voice_call_story(
 
 @pytest.fixture(scope="module")
 def code_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("voice-codes")
+    return tmp_path_factory.mktemp("voice-codes") / "private"  # PrivateFolder's, no tmpfs
 
 
 # A voice call is ~10 ms here: three times the unit profile's count (a few seconds).

@@ -31,6 +31,7 @@ from verification.model import Channel
 from verification.rules import DeliveryKind
 from verification.wording import wording
 from voice.media import spoken_code
+from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle, OutboundCall, SipError, SipPool
 from voice.sip.protocol import CallEvent, CallState, Digit, Hold, PlayDone
@@ -61,7 +62,7 @@ class VoiceCallChannel:
     """Reads codes over a call placed through the SIP pool."""
 
     def __init__(
-        self, settings: SipSettings, pool: SipPool, renderer: PromptRenderer, scratch: Path
+        self, settings: SipSettings, pool: SipPool, renderer: PromptRenderer, scratch: PrivateFolder
     ) -> None:
         self._s = settings
         self._pool = pool

@@ -1,6 +1,7 @@
 """Files the service leaves in its data dir for a while, and removes by name and age.
 
-Three kinds: composed spoken codes (``private/code-*.wav``, left by a process killed during a
+Three kinds: composed spoken codes (``code-*.wav`` in a private folder, on tmpfs or in
+``private/``: :mod:`voice.media.private_folder`; left by a process killed during a
 voice call), prompts rendered for one call (``prompts/once-*.wav``, likewise), and voicemail
 past its retention (``voicemail/*.sealed``). And one file by name, durably: an erased call's
 (voice/ivr/erasure.py). Blocking: run it in a thread.

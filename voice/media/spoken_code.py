@@ -7,20 +7,19 @@ as the last digit ends has heard it).
 The words are the caller's (:mod:`verification.wording`, in the verification's language).
 Composed from cached pieces (the sentence head and each digit, rendered once per voice and
 rate by :class:`voice.media.tts.PromptRenderer`), so no file named after a code is ever cached.
-The composed file is private to one call: written 0600 and deleted by the caller after use.
+The composed file is private to one call: written 0600 (in a :class:`PrivateFolder`: on tmpfs
+when there is one) and deleted by the caller after use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import tempfile
 from array import array
 from pathlib import Path
 
-from voice.media.leftovers import remove_files
 from voice.media.pcm import Pcm, read_wav, silence, write_wav
+from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 
 DIGITS = "0123456789"
@@ -33,13 +32,14 @@ async def compose(
     renderer: PromptRenderer,
     head: str,
     code: str,
-    out_dir: Path,
+    out: PrivateFolder,
     *,
     voice: str = "en",
     rate_hz: int = 8000,
 ) -> Path:
     """A private WAV file: :data:`REPEAT_GAP_S` of silence, then ``head`` and the code's
-    digits in ``voice``, then :data:`TAIL_S`; the caller plays it twice, then deletes it.
+    digits in ``voice``, then :data:`TAIL_S`, written in ``out`` (on tmpfs when there is
+    one); the caller plays it twice, then deletes it.
 
     Cancelled while the file is being written (the thread writing it cannot be stopped), it
     waits for the thread and deletes the file before the cancel goes on: no caller is left to.
@@ -49,9 +49,7 @@ async def compose(
     pieces = [head, *DIGITS]
     paths = await renderer.prerender(pieces, voice=voice, rate_hz=rate_hz)
     by_text = dict(zip(pieces, paths, strict=True))
-    writing = asyncio.ensure_future(
-        asyncio.to_thread(_write, by_text, head, code, out_dir, rate_hz)
-    )
+    writing = asyncio.ensure_future(asyncio.to_thread(_write, by_text, head, code, out, rate_hz))
     try:
         return await asyncio.shield(writing)
     except asyncio.CancelledError:
@@ -60,13 +58,15 @@ async def compose(
         raise
 
 
-def remove_stale(out_dir: Path, older_than_s: float, now: float) -> int:
-    """Delete composed files older than ``older_than_s`` (left by a process that was killed
-    during a call). Returns how many."""
-    return remove_files(out_dir, "code-*.wav", older_than_s, now)
+def remove_stale(out: PrivateFolder, older_than_s: float, now: float) -> int:
+    """Delete composed files older than ``older_than_s`` in every folder of ``out`` (left by
+    a process that was killed during a call). Blocking. Returns how many."""
+    return out.sweep("code-*.wav", older_than_s, now)
 
 
-def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_hz: int) -> Path:
+def _write(
+    by_text: dict[str, Path], head: str, code: str, out: PrivateFolder, rate_hz: int
+) -> Path:
     def load(text: str) -> array[int]:
         pcm = read_wav(by_text[text])
         assert pcm.rate_hz == rate_hz
@@ -80,13 +80,5 @@ def _write(by_text: dict[str, Path], head: str, code: str, out_dir: Path, rate_h
     # The tail: the end of a play is its last sample leaving, and the BYE follows the
     # second at once; without it the last digit could be clipped.
     samples = silence(REPEAT_GAP_S, rate_hz) + once + silence(TAIL_S, rate_hz)
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, name = tempfile.mkstemp(prefix="code-", suffix=".wav", dir=out_dir)
-    os.close(fd)
-    os.chmod(name, 0o600)
-    try:
-        write_wav(Path(name), Pcm(samples, rate_hz))
-    except BaseException:
-        Path(name).unlink(missing_ok=True)  # a part of the code is still the code
-        raise
-    return Path(name)
+    # A file cut short is deleted by the folder (a part of the code is still the code).
+    return out.write("code-", lambda path: write_wav(path, Pcm(samples, rate_hz)))

@@ -29,11 +29,9 @@ import ctypes
 import importlib.metadata
 import itertools
 import logging
-import os
 import queue
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from array import array
@@ -44,6 +42,7 @@ from typing import Any
 
 from voice.media.leftovers import remove_files
 from voice.media.pcm import Pcm, bytes_to_samples, resample, samples_to_bytes, wav_bytes
+from voice.media.private_folder import PrivateFolder
 from voice.media.prompt_cache import PromptCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -228,8 +227,9 @@ class PromptRenderer:
     prompts, made from its text and the settings): they are kept in ``cache_dir`` (e.g.
     ``$CLINIC_DATA_DIR/prompts``) across restarts, named by a hash of their text.
     :meth:`render_private` is for everything made for one call (a caller's booking, a
-    webhook's reply): a new 0600 file in ``private_dir`` (default: ``private`` beside
-    ``cache_dir``) that the caller deletes after playing it; never cached. A spoken code is
+    webhook's reply): a new 0600 file in ``private`` (:mod:`voice.media.private_folder`: on
+    tmpfs when there is one, else ``private`` beside ``cache_dir``) that the caller deletes
+    after playing it; never cached. A spoken code is
     composed from cached pieces instead (:mod:`voice.media.spoken_code`).
 
     Nothing here touches the disk on the event loop: lookups, writes and evictions run on
@@ -239,12 +239,13 @@ class PromptRenderer:
     def __init__(
         self,
         cache_dir: Path,
-        private_dir: Path | None = None,
+        private: PrivateFolder | None = None,
         *,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cache = PromptCache(cache_dir)
-        self._private = private_dir if private_dir is not None else cache_dir.parent / "private"
+        # Default: the service's whose data dir holds ``cache_dir``.
+        self._private = private if private is not None else PrivateFolder(cache_dir.parent)
         # key -> a file this process found whole or wrote, and when (``monotonic``): taken
         # on trust for KNOWN_RECHECK_S, then looked up again on the speech thread (checked,
         # its use marked), so a file removed meanwhile (an operator, another process's
@@ -264,11 +265,16 @@ class PromptRenderer:
     def cache_dir(self) -> Path:
         return self._cache.folder
 
+    @property
+    def private(self) -> PrivateFolder:
+        """Where :meth:`render_private` writes (and a voice call's code is composed)."""
+        return self._private
+
     def remove_leftovers(self) -> int:
         """Delete the :meth:`render_private` files a killed process left (and those older
         versions left among the cached prompts). Blocking: call it from a thread, before any
         call. Returns how many."""
-        return remove_files(self._private, "once-*.wav", None, 0.0) + remove_files(
+        return self._private.sweep("once-*.wav", None, 0.0) + remove_files(
             self._cache.folder, "once-*.wav", None, 0.0
         )
 
@@ -310,8 +316,9 @@ class PromptRenderer:
         return await asyncio.shield(task)
 
     async def render_private(self, text: str, *, voice: str = "en", rate_hz: int = 8000) -> Path:
-        """A new private WAV file (0600, in ``private_dir``) speaking ``text``, a text of one
-        call: never looked up in nor written to the cache. The caller deletes it after
+        """A new private WAV file (0600, in the first folder of ``private`` that takes it: on
+        tmpfs when there is one) speaking ``text``, a text of one call: never looked up in nor
+        written to the cache. The caller deletes it after
         playing it. Raises :class:`TtsError`."""
         _check(text, rate_hz)
         speech = _SpeechThread.get()
@@ -320,17 +327,7 @@ class PromptRenderer:
 
         def run() -> Path:
             wav = speech.speak(text, voice, rate_hz)
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if folder.stat().st_mode & 0o077:
-                folder.chmod(0o700)  # made by hand, or by an older version: tighten it
-            fd, name = tempfile.mkstemp(prefix="once-", suffix=".wav", dir=folder)  # 0600
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(wav)
-            except BaseException:
-                Path(name).unlink(missing_ok=True)  # part of a caller's text is still theirs
-                raise
-            return Path(name)
+            return folder.write("once-", lambda path: path.write_bytes(wav))
 
         self._renders += 1
         log.debug("rendering a prompt of one call: voice=%s rate=%s", voice, rate_hz)

@@ -1,0 +1,281 @@
+"""Where a call's own audio goes: prompts that speak its data and a voice call's code.
+
+Such a file lives for seconds (written, played by the SIP worker, deleted), but it holds
+health data or a code, so it is best never written to a disk at all: once deleted from a
+disk its blocks stay until overwritten, and a power cut before the deletion keeps the file.
+The folders tried, in order (:meth:`PrivateFolder.chain`):
+
+1. ``clinic-voice-private-<key>`` on a RAM-backed filesystem (tmpfs or ramfs, read from
+   ``/proc/mounts``; not mounted read-only, per ``os.statvfs``): ``$XDG_RUNTIME_DIR`` when
+   set (already the user's own, 0700), else ``/dev/shm``. ``<key>`` hashes the data dir's
+   real path, so two services on one machine with different data dirs each have their own
+   folder and never sweep each other's files (``serve.lock`` keeps two off one data dir);
+2. ``$CLINIC_DATA_DIR/private``, as before;
+3. ``clinic-voice-private-<key>`` in the system's temporary folder.
+
+A folder is made 0700 by this process. One found there already is used only if it is a real
+folder (not a link) owned by this process's user; if its mode lets others in, it is
+tightened (it is ours). Otherwise, or if it cannot be made, it is passed over for this run.
+A write that fails (full, read-only, no permission) tries the next folder, and the first
+folder again at the next write; each folder's first failure is logged with why, as a
+warning (the file may then reach a disk), and the later ones at DEBUG.
+
+:meth:`PrivateFolder.sweep` at start removes what a killed run left in every folder of the
+chain; :meth:`PrivateFolder.close` at the stop removes this service's folders outside the
+data dir once empty. The SIP worker, a process of the same user, plays a file from its path.
+
+Blocking file I/O throughout: call it from a thread. Thread-safe (the speech thread writes
+prompts, a worker thread composes codes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from voice.media.leftovers import remove_files
+
+log = logging.getLogger(__name__)
+
+# Filesystems held in memory (and swap): their files never reach a disk of their own.
+RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+PREFIX = "clinic-voice-private-"
+MOUNTS = Path("/proc/mounts")
+SHM = Path("/dev/shm")  # noqa: S108 (a folder of our own in it, checked: PrivateFolder)
+
+
+def folder_key(data_dir: Path) -> str:
+    """16 hex digits naming ``data_dir`` by its real path (links resolved)."""
+    real = os.path.realpath(data_dir)
+    return hashlib.sha256(real.encode(errors="surrogateescape")).hexdigest()[:16]
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts writes a space, tab, newline and backslash as \040, \011, \012, \134.
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def filesystem_type(path: Path, mounts: Path = MOUNTS) -> str | None:
+    """The type of the filesystem ``path`` is on (the last mount of the longest mount point
+    holding it, as the kernel sees it), or None when ``mounts`` cannot be read."""
+    real = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = _unescape(fields[1])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):
+            best = (len(point), fields[2])
+    return best[1] if best is not None else None
+
+
+def is_ram_backed(path: Path, mounts: Path = MOUNTS) -> bool:
+    """Whether ``path`` is a writable folder on tmpfs or ramfs."""
+    if not path.is_dir() or filesystem_type(path, mounts) not in RAM_FILESYSTEMS:
+        return False
+    try:
+        return not os.statvfs(path).f_flag & os.ST_RDONLY and os.access(path, os.W_OK | os.X_OK)
+    except OSError:
+        return False
+
+
+def find_ram_root(
+    environ: Mapping[str, str] = os.environ, mounts: Path = MOUNTS, shm: Path = SHM
+) -> Path | None:
+    """The RAM-backed folder to hold private files in: ``$XDG_RUNTIME_DIR`` (the user's own),
+    else ``/dev/shm``, whichever is first on tmpfs; None when neither is."""
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    for candidate in ([Path(runtime)] if runtime.startswith("/") else []) + [shm]:
+        if is_ram_backed(candidate, mounts):
+            return candidate
+    return None
+
+
+class FolderRefused(OSError):
+    """A folder of the chain is not one only this service's user can enter."""
+
+
+class PrivateFolder:
+    """The folders a call's private audio is written to, for the service whose data dir is
+    ``data_dir``; see the module doc.
+
+    ``ram_root``: the RAM-backed folder to make this service's folder in, or a function
+    finding it (called once, at first use), or None for none. ``temp_root``: the last
+    resort's parent (default: the system's temporary folder).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        ram_root: Path | Callable[[], Path | None] | None = find_ram_root,
+        *,
+        temp_root: Path | None = None,
+    ) -> None:
+        self._data_dir = data_dir
+        self._ram_root = ram_root
+        self._temp_root = temp_root
+        self._lock = threading.Lock()
+        self._chain: tuple[Path, ...] | None = None
+        self._refused: set[Path] = set()
+        self._ready: set[Path] = set()  # checked (or made) this run
+        self._failed: set[Path] = set()  # a write failed there: said once
+
+    def chain(self) -> tuple[Path, ...]:
+        """The folders tried, best first (blocking at first call: it looks for tmpfs)."""
+        with self._lock:
+            return self._chain_locked()
+
+    def write(self, prefix: str, fill: Callable[[Path], object]) -> Path:
+        """A new file ``<prefix><random>.wav``, 0600, in the first folder of the chain that
+        takes it, written by ``fill(path)``; its path. A file a failed ``fill`` left is
+        deleted. Raises the last folder's OSError when none takes it."""
+        error: OSError = FolderRefused("no folder for private files")
+        for folder in self.chain():
+            try:
+                self._prepare(folder)
+                fd, name = tempfile.mkstemp(prefix=prefix, suffix=".wav", dir=folder)  # 0600
+            except OSError as exc:
+                self._fail(folder, exc)
+                error = exc
+                continue
+            os.close(fd)
+            path = Path(name)
+            try:
+                fill(path)
+            except OSError as exc:
+                path.unlink(missing_ok=True)  # a part of a caller's text is still theirs
+                self._fail(folder, exc)
+                error = exc
+                continue
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            return path
+        raise error
+
+    def sweep(self, pattern: str, older_than_s: float | None, now: float) -> int:
+        """Delete the files matching ``pattern`` (older than ``older_than_s`` before ``now``;
+        ``None``: whatever their age) in every folder of the chain that is this service's:
+        those a killed process left. Made by nobody here, checked as :meth:`write` does.
+        Returns how many."""
+        removed = 0
+        for folder in self.chain():
+            try:
+                info = folder.lstat()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.debug("private files: %s cannot be looked at: %s", folder, exc)
+                continue
+            if self._why_not(folder, info):
+                continue  # not ours: write() says why when it comes to it
+            try:
+                removed += remove_files(folder, pattern, older_than_s, now)
+            except OSError as exc:
+                log.warning("private files: %s cannot be swept: %s", folder, exc)
+        return removed
+
+    def close(self) -> None:
+        """At the service's stop: remove its folders outside the data dir (on tmpfs, in the
+        temporary folder) if they are empty, so that no run leaves one there. A file still
+        in one (a call ended by the stop, its deletion racing this) keeps it for the next
+        start's sweep."""
+        with self._lock:
+            made = [f for f in self._ready if f.parent != self._data_dir]
+            self._ready.clear()
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError as exc:
+                log.debug("private files: %s stays: %s", folder, exc.strerror or exc)
+
+    # -- the chain ---------------------------------------------------------------------
+
+    def _chain_locked(self) -> tuple[Path, ...]:
+        if self._chain is None:
+            key = folder_key(self._data_dir)
+            root = self._ram_root() if callable(self._ram_root) else self._ram_root
+            temp = self._temp_root or Path(tempfile.gettempdir())
+            folders = [self._data_dir / "private", temp / f"{PREFIX}{key}"]
+            if root is not None:
+                folders.insert(0, root / f"{PREFIX}{key}")
+            elif callable(self._ram_root):  # looked for, not found (None given: on purpose)
+                log.warning(
+                    "private files: no RAM-backed folder (tmpfs at $XDG_RUNTIME_DIR or "
+                    "/dev/shm): a call's own prompts go to %s, on disk",
+                    folders[0],
+                )
+            self._chain = tuple(dict.fromkeys(folders))  # a temp root on tmpfs: once
+        return tuple(f for f in self._chain if f not in self._refused)
+
+    def _prepare(self, folder: Path) -> None:
+        """Make ``folder`` 0700 if missing, else check it is ours and tighten it."""
+        with self._lock:
+            if folder in self._ready:
+                return
+            if folder in self._refused:
+                raise FolderRefused(f"{folder} was refused")
+            try:
+                # The data dir may not exist yet; a RAM or temporary root must.
+                folder.mkdir(mode=0o700, parents=folder.parent == self._data_dir)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise self._refuse(folder, f"it cannot be made: {exc.strerror or exc}") from exc
+            info = folder.lstat()
+            why = self._why_not(folder, info)
+            if why:
+                raise self._refuse(folder, why)
+            if stat.S_IMODE(info.st_mode) & 0o077:
+                # Made by hand or by an older version: ours, so tightened rather than refused.
+                try:
+                    folder.chmod(0o700)
+                except OSError as exc:
+                    why = f"its mode cannot be tightened: {exc.strerror or exc}"
+                    raise self._refuse(folder, why) from exc
+                log.info("private files: %s was open to others: made 0700", folder)
+            self._ready.add(folder)
+
+    def _why_not(self, folder: Path, info: os.stat_result) -> str:
+        """Why ``folder`` (its ``lstat``) is not one to use: "" when it is."""
+        if stat.S_ISLNK(info.st_mode):
+            return "it is a symbolic link"
+        if not stat.S_ISDIR(info.st_mode):
+            return "it is not a folder"
+        if info.st_uid != os.geteuid():
+            return f"it is owned by uid {info.st_uid}, not this service's {os.geteuid()}"
+        return ""
+
+    def _refuse(self, folder: Path, why: str) -> FolderRefused:
+        """Pass ``folder`` over for this run, said once; the error to raise."""
+        self._refused.add(folder)
+        log.warning("private files: %s is not used (%s): the next folder is", folder, why)
+        return FolderRefused(f"{folder}: {why}")
+
+    def _fail(self, folder: Path, exc: OSError) -> None:
+        if isinstance(exc, FolderRefused):
+            return  # said when refused
+        with self._lock:
+            first = folder not in self._failed
+            self._failed.add(folder)
+            self._ready.discard(folder)  # checked (and made again if gone) at the next write
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "private files: a file cannot be written in %s (%s): the next folder is tried",
+            folder,
+            exc.strerror or exc,
+        )
