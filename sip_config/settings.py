@@ -266,6 +266,16 @@ VARIABLES: tuple[Variable, ...] = (
         "far end may be anyone)",
     ),
     Variable(
+        "CLINIC_SIP_REALM",
+        "",
+        "the only digest realm whose 401 or 407 challenges are answered with "
+        "CLINIC_SIP_PASSWORD (flash calls, SIP MESSAGEs, the workers' registration and "
+        'calls), as written between the quotes of realm="..."; a challenge of another '
+        "realm fails as one without credentials does. Unset: any realm is answered. Setting "
+        "it to the PBX's realm is recommended: sip_config/asterisk sets none, so Asterisk "
+        "challenges with its default_realm, `asterisk`",
+    ),
+    Variable(
         "CLINIC_FLASHCALL_PREFIX",
         "",
         "caller-ID prefix of flash calls in E.164 (e.g. +447400); the code digits follow it; "
@@ -498,6 +508,8 @@ class SipSettings:
     voice_otp_from: str
     # Slots a verification call may not take (CLINIC_SIP_CALLER_SLOTS): kept for callers.
     caller_slots: int
+    # The only digest realm answered (CLINIC_SIP_REALM); "": any realm.
+    realm: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -803,6 +815,17 @@ def _sip_uri(value: str) -> str:
     return value
 
 
+def _realm(value: str) -> str:
+    # What goes between the quotes of realm="..." (RFC 3261 section 25.1: qdtext, LWS and
+    # UTF-8 beyond ASCII): no control character (CR or LF would end the header), no quote.
+    # Unset (empty) is any realm.
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("a realm with a control character")
+    if '"' in value:
+        raise ValueError('a realm with a quote ("): give the text between the quotes')
+    return value
+
+
 def _api_keys(value: str) -> tuple[str, ...]:
     keys = tuple(k.strip() for k in value.split(",") if k.strip())
     for k in keys:
@@ -937,6 +960,7 @@ def _build(r: _Reader) -> Settings:
         voice_otp_keypress=r.boolean("CLINIC_VOICE_OTP_KEYPRESS"),
         voice_otp_from=r.parse("CLINIC_VOICE_OTP_FROM", _e164_number),
         caller_slots=_caller_slots(r, workers),
+        realm=r.parse("CLINIC_SIP_REALM", _realm),
     )
     if sip.registrar and not sip.user:
         raise SettingsError("CLINIC_SIP_REGISTRAR is set: CLINIC_SIP_USER is needed too")

@@ -8,6 +8,8 @@ ACK (a final response sent twice after the call ended), and probe the agent's ow
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 
@@ -228,3 +230,59 @@ async def test_a_fork_answering_after_the_487_gets_its_own_ack_and_a_bye(
     with pytest.raises(TimeoutError):  # answered: no BYE more, and no event after ended
         await peer.receive(timeout=1.2)
     assert handle._events.empty()
+
+
+@pytest.mark.parametrize(
+    ("realm", "challenged", "answered"),
+    [
+        ("asterisk", "asterisk", True),
+        ("", "elsewhere", True),  # CLINIC_SIP_REALM unset: any realm, as before
+        ("asterisk", "elsewhere", False),
+    ],
+)
+async def test_a_challenge_is_answered_for_the_configured_realm_only(
+    peer: Peer, caplog: pytest.LogCaptureFixture, realm: str, challenged: str, answered: bool
+) -> None:
+    # Anyone who can send the agent a response can challenge its INVITE: with
+    # CLINIC_SIP_REALM set, only that realm's challenge gets a digest of the password;
+    # another realm's ends the call as a challenge without credentials does (401, rejected).
+    s = dataclasses.replace(settings(), password="clinic-local-secret", realm=realm)
+    agent = FlashUac(s, SystemClock())
+    await agent.start()
+    try:
+        handle = await _call(agent, peer, ring_s=0.3)
+        invite, addr = await peer.expect("INVITE")
+        challenge = ("WWW-Authenticate", f'Digest realm="{challenged}", nonce="n0nce"')
+        with caplog.at_level(logging.WARNING, logger="voice.sip.flash_dialog"):
+            peer.send(
+                message.serialise_response(invite, 401, to_tag="pbx", extra=(challenge,)), addr
+            )
+            ack, _ = await peer.expect("ACK")
+            assert ack.get("CSeq") == "1 ACK"
+            if not answered:
+                events = [ev async for ev in handle.events]
+                assert [(e.state, e.sip_status, e.outcome) for e in events][-1] == (
+                    CallState.ENDED,
+                    401,
+                    CallOutcome.REJECTED,
+                )
+                with pytest.raises(TimeoutError):  # no INVITE with credentials, nothing
+                    await peer.receive(timeout=1.0)
+                (line,) = [r.getMessage() for r in caplog.records]
+                assert "realm 'elsewhere'" in line, line
+                assert "clinic-local-secret" not in line and "n0nce" not in line
+                return
+            again, _ = await peer.expect("INVITE")
+            assert again.get("CSeq") == "2 INVITE"
+            auth = again.get("Authorization") or ""
+            assert f'realm="{challenged}"' in auth and 'username="clinic"' in auth
+            assert not caplog.records
+            peer.send(message.serialise_response(again, 180, to_tag="phone"), addr)
+            cancel, _ = await peer.expect("CANCEL")
+            peer.send(message.serialise_response(cancel, 200, to_tag="phone"), addr)
+            peer.send(message.serialise_response(again, 487, to_tag="phone"), addr)
+            await peer.expect("ACK")
+            events = [ev async for ev in handle.events]
+            assert events[-1].outcome is CallOutcome.CANCELLED_AFTER_RING
+    finally:
+        await agent.stop()

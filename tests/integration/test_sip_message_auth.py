@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,45 @@ async def test_a_challenge_it_cannot_answer_is_a_401_at_once(tmp_path: Path) -> 
     assert status == 401
     assert took < 3.0, f"the refused challenge took {took:.1f} s to answer"
     assert len(uas.received("MESSAGE")) == 1, "a challenge it cannot answer is not retried"
+
+
+@pytest.mark.parametrize(
+    ("realm", "challenged", "expected"),
+    [
+        ("pbx.example", "pbx.example", 202),
+        ("", "elsewhere", 202),  # CLINIC_SIP_REALM unset: any realm, as before
+        ("pbx.example", "elsewhere", 401),
+        ("pbx.example", "PBX.example", 401),  # a quoted-string: compared case-sensitively
+    ],
+)
+async def test_only_a_challenge_of_the_configured_realm_is_answered(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], realm: str, challenged: str, expected: int
+) -> None:
+    # Another realm's challenge is refused as one the worker cannot answer (qop="auth-int"
+    # only, above): the send ends 401 at once, and the worker's log names the realm.
+    settings = dataclasses.replace(_with_credentials("clinic", "s3cret"), realm=realm)
+    pool = SipPool(settings, clock=SystemClock())
+    await pool.start()
+    sends = 2 if expected == 202 else 1
+    try:
+        async with sipp_uas(
+            "sipp_uas_message_auth_realm.xml", tmp_path, calls=sends, inject=[(challenged,)] * 2
+        ) as uas:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            status = await pool.send_message(uas.uri(), "+447400000001", "hello", timeout_s=10)
+            took = loop.time() - started
+    finally:
+        await pool.stop()
+    assert status == expected
+    assert took < 3.0, f"the challenge took {took:.1f} s to settle"
+    sent = uas.received("MESSAGE")
+    assert len(sent) == sends, "a challenge of another realm is not answered"
+    logs = capfd.readouterr().err
+    refused = [line for line in logs.splitlines() if "cannot answer the 401 challenge" in line]
+    if expected == 202:
+        assert f'realm="{challenged}"' in (sent[1].msg.get("Authorization") or "")
+        assert not refused, refused
+    else:
+        assert len(refused) == 1 and f"realm '{challenged}'" in refused[0], logs
+    assert "s3cret" not in logs

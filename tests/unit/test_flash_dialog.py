@@ -30,7 +30,7 @@ ANSWER_S = 20.0
 
 
 def make(
-    *, user: str = "", password: str = "", answer_s: float = ANSWER_S
+    *, user: str = "", password: str = "", answer_s: float = ANSWER_S, realm: str = ""
 ) -> tuple[FlashDialog, Step]:
     counter = itertools.count(1)
     dialog = FlashDialog(
@@ -44,7 +44,7 @@ def make(
             pai=True,
             headers=(("X-Verification", "v1"),),
         ),
-        Local("127.0.0.1", 5999, user, password),
+        Local("127.0.0.1", 5999, user, password, realm),
         token=lambda: f"{next(counter):016x}",
         wall=lambda: 1_800_000_000.0,
     )
@@ -302,6 +302,44 @@ def test_a_digest_challenge_is_answered_once() -> None:
     out = dialog.on_response(reply(invite2, 401, challenge), 100.03)
     assert [m.method for m in sent(out)] == ["ACK"]
     assert events(out) == [(CallState.ENDED, 401, CallOutcome.REJECTED)]
+
+
+@pytest.mark.parametrize("header", ["WWW-Authenticate", "Proxy-Authenticate"])
+@pytest.mark.parametrize(
+    ("realm", "challenged", "answered"),
+    [
+        ("asterisk", "asterisk", True),
+        ("", "elsewhere", True),  # CLINIC_SIP_REALM unset: any realm, as before
+        ("asterisk", "elsewhere", False),
+        ("asterisk", "Asterisk", False),  # a quoted-string: compared case-sensitively
+    ],
+)
+def test_only_a_challenge_of_the_configured_realm_is_answered(
+    header: str, realm: str, challenged: str, answered: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    status = 401 if header == "WWW-Authenticate" else 407
+    challenge = (header, f'Digest realm="{challenged}", nonce="n0nce", qop="auth"')
+    # What a challenge gets without credentials: the outcome another realm's must get.
+    bare, step = make()
+    unanswerable = events(bare.on_response(reply(sent(step)[0], status, challenge), 100.01))
+    assert unanswerable == [(CallState.ENDED, status, CallOutcome.REJECTED)]
+
+    dialog, step = make(user="clinic", password="clinic-local-secret", realm=realm)
+    (invite,) = sent(step)
+    with caplog.at_level("WARNING", logger="voice.sip.flash_dialog"):
+        out = dialog.on_response(reply(invite, status, challenge), 100.01)
+    if answered:
+        ack, invite2 = sent(out)
+        assert ack.method == "ACK" and invite2.method == "INVITE"
+        answer = "Authorization" if status == 401 else "Proxy-Authorization"
+        assert f'realm="{challenged}"' in (invite2.get(answer) or "")
+        assert out.events == [] and not caplog.records
+        return
+    assert [m.method for m in sent(out)] == ["ACK"], "no INVITE with credentials"
+    assert events(out) == unanswerable
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert f"realm '{challenged}'" in line and "flash-1" in line, line
+    assert "clinic-local-secret" not in line and "n0nce" not in line and "response" not in line
 
 
 def test_responses_of_another_transaction_are_ignored() -> None:

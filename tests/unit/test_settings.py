@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
+from clinic_voice import cli
 from sip_config.settings import (
     VARIABLES,
     HostPort,
@@ -193,6 +195,10 @@ def test_every_documented_variable_is_read_and_documented_once() -> None:
         ),
         ({"CLINIC_OUT_OF_HOURS_NUMBER": "+31 88"}, lambda s: s.ivr.out_of_hours_number, "+31 88"),
         ({}, lambda s: s.ivr.out_of_hours_number, ""),
+        ({}, lambda s: s.sip.realm, ""),  # any realm
+        ({"CLINIC_SIP_REALM": "asterisk"}, lambda s: s.sip.realm, "asterisk"),
+        ({"CLINIC_SIP_REALM": " clinic pbx "}, lambda s: s.sip.realm, "clinic pbx"),
+        ({"CLINIC_SIP_REALM": "Zürich\\PBX"}, lambda s: s.sip.realm, "Zürich\\PBX"),
     ],
 )
 def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expected: Any) -> None:
@@ -257,6 +263,12 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_SIP_ROUTE", "sip:fixed@127.0.0.1", "{e164}"),
         ("CLINIC_SIP_ROUTE", "sip:{number}@127.0.0.1", "{e164}"),
         ("CLINIC_SIP_REGISTRAR", "127.0.0.1:5160", "sip:"),
+        ("CLINIC_SIP_REALM", '"asterisk"', "a realm with a quote"),
+        ("CLINIC_SIP_REALM", 'clinic "pbx"', "a realm with a quote"),
+        ("CLINIC_SIP_REALM", "ast\r\nX-Evil: 1", "control character"),
+        ("CLINIC_SIP_REALM", "ast\x00erisk", "control character"),
+        ("CLINIC_SIP_REALM", "ast\terisk", "control character"),
+        ("CLINIC_SIP_REALM", "ast\x7ferisk", "control character"),
         ("CLINIC_FLASHCALL_PREFIX", "447400", "+ and digits"),
         ("CLINIC_FLASHCALL_PREFIX", "+0447400", "+ and digits"),
         ("CLINIC_FLASHCALL_PREFIX", "+44 7400", "+ and digits"),
@@ -436,3 +448,22 @@ def test_settings_are_frozen() -> None:
     s = build()
     with pytest.raises(AttributeError):
         s.log_level = "DEBUG"  # type: ignore[misc]
+
+
+def test_serve_exits_2_on_a_bad_realm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A realm with a quote (here: the header's text copied, quotes and all) is refused at
+    start, exit 2, as any bad setting, before anything starts."""
+    monkeypatch.setenv("CLINIC_SIP_REALM", '"asterisk"')
+    monkeypatch.setenv("CLINIC_DATA_DIR", str(tmp_path / "data"))
+
+    def run(main: Any) -> None:
+        main.close()
+        pytest.fail("serve started with a bad CLINIC_SIP_REALM")
+
+    monkeypatch.setattr(uvloop, "run", run)  # as cli.main calls it
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "CLINIC_SIP_REALM=" in err and "a realm with a quote" in err, err
+    assert not (tmp_path / "data").exists()

@@ -6,7 +6,14 @@ import re
 
 import pytest
 
-from voice.sip.digest import DigestError, authorization, parse_challenge
+from voice.sip.digest import (
+    DigestError,
+    RealmRefused,
+    authorization,
+    check_realm,
+    parse_challenge,
+    realm_of,
+)
 
 
 def _field(header: str, name: str) -> str:
@@ -60,3 +67,67 @@ def test_a_wrong_password_gives_another_response() -> None:
 def test_challenges_it_cannot_answer_are_refused(value: str) -> None:
     with pytest.raises(DigestError):
         parse_challenge(value)
+
+
+# -- CLINIC_SIP_REALM: only the configured realm's challenge is answered ----------------------
+
+
+@pytest.mark.parametrize(
+    ("challenge", "realm", "answered"),
+    [
+        ('Digest realm="asterisk", nonce="n"', "asterisk", True),
+        ('Digest realm="asterisk", nonce="n"', "", True),  # unset: any realm, as before
+        ('Digest realm="elsewhere", nonce="n"', "", True),
+        ('Digest realm="elsewhere", nonce="n"', "asterisk", False),
+        # A quoted-string compares case-sensitively (RFC 3261 section 7.3.1).
+        ('Digest realm="Asterisk", nonce="n"', "asterisk", False),
+        ('Digest realm="asterisk ", nonce="n"', "asterisk", False),
+        ('Digest realm="aster", nonce="n"', "asterisk", False),
+        ('Digest realm="", nonce="n"', "asterisk", False),
+        # Its value: a quoted-pair is the character it escapes (RFC 3261 section 25.1).
+        ('Digest realm="a\\sterisk", nonce="n"', "asterisk", True),
+        ('Digest realm="clinic \\"pbx\\"", nonce="n"', 'clinic "pbx"', True),
+        ("Digest realm=asterisk, nonce=n", "asterisk", True),  # a token, loosely taken
+        ('Digest realm="Zürich PBX", nonce="n"', "Zürich PBX", True),
+    ],
+)
+def test_only_the_configured_realm_is_answered(challenge: str, realm: str, answered: bool) -> None:
+    parsed = parse_challenge(challenge)
+    if answered:
+        check_realm(parsed, realm)
+        header = authorization(
+            parsed,
+            method="MESSAGE",
+            uri="sip:x@h",
+            user="u",
+            password="pw",
+            cnonce="c",
+            realm=realm,
+        )
+        assert header.startswith("Digest ")
+        return
+    with pytest.raises(RealmRefused) as err:
+        authorization(
+            parsed,
+            method="MESSAGE",
+            uri="sip:x@h",
+            user="u",
+            password="pw",
+            cnonce="c",
+            realm=realm,
+        )
+    assert isinstance(err.value, DigestError), "refused as any challenge it cannot answer"
+    assert err.value.realm == realm_of(parsed)
+    assert repr(realm_of(parsed)) in str(err.value)
+
+
+def test_a_refused_realm_is_named_safely_and_nothing_else() -> None:
+    # The far end writes the realm: its control characters go into a log line escaped.
+    parsed = parse_challenge('Digest realm="evil\\\x1b[2J", nonce="n0nce", qop="auth"')
+    with pytest.raises(RealmRefused) as err:
+        authorization(
+            parsed, method="INVITE", uri="sip:x@h", user="u", password="pw", cnonce="c", realm="r"
+        )
+    text = str(err.value)
+    assert "\x1b" not in text and "\\x1b" in text
+    assert "pw" not in text and "n0nce" not in text and "response" not in text

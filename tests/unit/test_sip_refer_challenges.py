@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace as NS
 
 import pjsua2 as pj
+import pytest
 
 from tests.unit.test_sip_refer import ACTIVE, DONE, _notify, _subs
 from voice.sip.outcome import SipStatus
@@ -150,3 +151,41 @@ def test_a_refused_refer_pjsua_reports_is_reported_once() -> None:
     engine._report_unreported_ends()
     statuses = [ev for ev in sent if isinstance(ev, TransferStatus)]
     assert [(ev.sip_status, ev.final) for ev in statuses] == [(403, True)]
+
+
+@pytest.mark.parametrize(
+    ("realm", "challenged", "refused"),
+    [
+        ("clinic", "elsewhere", True),
+        ("clinic", "clinic", False),  # pjsip answered it: a 401 again is a wrong password
+        ("clinic", "CLINIC", False),  # pjsip matches the realm ignoring case: answered too
+        ("", "elsewhere", False),  # CLINIC_SIP_REALM unset: "*", every realm answered
+    ],
+)
+def test_a_refer_challenged_for_another_realm_is_logged_with_that_realm(
+    caplog: pytest.LogCaptureFixture, realm: str, challenged: str, refused: bool
+) -> None:
+    # pjsua answers a REFER's challenge itself, with CLINIC_SIP_REALM's credentials only:
+    # one of another realm fails the REFER (as without credentials), said in one line.
+    sent: list[object] = []
+    engine = Engine(
+        EngineConfig("127.0.0.1", 0, password="pw-never-logged", realm=realm), sent.append
+    )
+    call = NS(call_id="c1", refers=_subs(3), xfer_pending=True, ended=False, report_newest=None)
+    e = _refer_event(pj.PJSIP_TSX_STATE_CALLING, pj.PJSIP_EVENT_TX_MSG, 5)
+    engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    e = _refer_event(pj.PJSIP_TSX_STATE_COMPLETED, pj.PJSIP_EVENT_RX_MSG, 5, 401)
+    e.body.tsxState.src.rdata.wholeMsg = e.body.tsxState.src.rdata.wholeMsg.replace(
+        "Content-Length",
+        f'WWW-Authenticate: Digest realm="{challenged}", nonce="n0nce"\r\nContent-Length',
+    )
+    with caplog.at_level("WARNING", logger="voice.sip.pjsua"):
+        engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records if "challenge" in r.getMessage()]
+    if not refused:
+        assert lines == []
+        return
+    assert lines == [
+        "call c1: REFER: cannot answer the 401 challenge: realm 'elsewhere' is not the "
+        "configured realm (CLINIC_SIP_REALM)"
+    ]

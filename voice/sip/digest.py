@@ -3,6 +3,11 @@
 pjsua answers digest challenges for REGISTER and INVITE itself, but a MESSAGE sent with
 ``Account.sendRequest`` comes back as a final 401/407; the worker answers that challenge once
 with the header built here. Pure: no I/O.
+
+A challenge names its realm, and anyone who can send us a response names any realm: with a
+realm configured (``CLINIC_SIP_REALM``) only a challenge of that realm is answered, so a far
+end that is not the PBX gets no digest of the password for a realm and nonce of its choosing
+(:class:`RealmRefused`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import re
 
 _PARAM = re.compile(r'\s*([A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))\s*,?')
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
 class DigestError(ValueError):
@@ -33,6 +39,31 @@ def parse_challenge(value: str) -> dict[str, str]:
     return params
 
 
+class RealmRefused(DigestError):
+    """A challenge of a realm other than the one configured: not answered."""
+
+    def __init__(self, realm: str) -> None:
+        # repr: the realm is the far end's text, and goes into a log line.
+        super().__init__(f"realm {realm!r} is not the configured realm (CLINIC_SIP_REALM)")
+        self.realm = realm
+
+
+def realm_of(challenge: dict[str, str]) -> str:
+    """The challenge's realm, its quoted-pairs (``\\x``) resolved: the quoted-string's value."""
+    return _QUOTED_PAIR.sub(r"\1", challenge["realm"])
+
+
+def check_realm(challenge: dict[str, str], realm: str) -> None:
+    """Raise :class:`RealmRefused` unless ``challenge`` is of ``realm`` ("": any realm).
+
+    A realm is a quoted-string (RFC 3261 section 25.1, RFC 2617 section 1.2), and a
+    quoted-string compares case-sensitively (RFC 3261 section 7.3.1): "Clinic" is not
+    "clinic". (pjsip, which answers the challenges of calls and registrations, compares
+    realms ignoring case.)"""
+    if realm and realm_of(challenge) != realm:
+        raise RealmRefused(realm_of(challenge))
+
+
 def _md5(text: str) -> str:
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
@@ -46,15 +77,19 @@ def authorization(
     password: str,
     cnonce: str,
     nc: int = 1,
+    realm: str = "",
 ) -> str:
-    """The ``Authorization`` (or ``Proxy-Authorization``) value answering ``challenge``."""
-    realm, nonce = challenge["realm"], challenge["nonce"]
-    ha1 = _md5(f"{user}:{realm}:{password}")
+    """The ``Authorization`` (or ``Proxy-Authorization``) value answering ``challenge``.
+
+    ``realm``: the only realm to answer (:func:`check_realm`); "" answers any."""
+    check_realm(challenge, realm)
+    nonce = challenge["nonce"]
+    ha1 = _md5(f"{user}:{challenge['realm']}:{password}")
     ha2 = _md5(f"{method}:{uri}")
     qops = [q.strip() for q in challenge.get("qop", "").split(",") if q.strip()]
     parts = [
         f'username="{user}"',
-        f'realm="{realm}"',
+        f'realm="{challenge["realm"]}"',
         f'nonce="{nonce}"',
         f'uri="{uri}"',
         "algorithm=MD5",

@@ -40,7 +40,9 @@ What it does, and what it deliberately does not:
   (``MAX_FORKS`` To tags, 64*T1 after the end) and no event; it ACKs that INVITE's final
   error sent again, and nothing else (a response to a CANCEL or a BYE is never ACKed);
 - one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
-  auth user, as the repository's Asterisk does); a second challenge is a final error; while
+  auth user, as the repository's Asterisk does), only if of :attr:`Local.realm` when that is
+  set (another realm's is a final error, as without credentials); a second challenge is a
+  final error; while
   the call lasts (or is kept, answered), the challenged INVITE's final sent again gets its own
   ACK again, and a 2xx of it (its CSeq number and branch) an ACK and a BYE of its own, as a
   fork's, and no event; after an unanswered end they get nothing (:class:`LateAnswers` keeps
@@ -103,6 +105,7 @@ class Local:
     port: int
     auth_user: str = ""
     password: str = ""
+    realm: str = ""  # the only realm whose challenge is answered; "": any (CLINIC_SIP_REALM)
 
 
 @dataclass(slots=True)
@@ -744,6 +747,7 @@ class FlashDialog:
                 user=self.local.auth_user,
                 password=self.local.password,
                 cnonce=self._token(),
+                realm=self.local.realm,
             )
         except digest.DigestError as exc:
             log.warning(

@@ -152,7 +152,8 @@ class FlashUac(asyncio.DatagramProtocol):
         port = int(self._transport.get_extra_info("sockname")[1])
         self.address = HostPort(self._bind.host, port)
         host = f"[{self._bind.host}]" if ":" in self._bind.host else self._bind.host
-        self._local = Local(host, port, self._s.user if self._s.password else "", self._s.password)
+        user = self._s.user if self._s.password else ""
+        self._local = Local(host, port, user, self._s.password, self._s.realm)
         log.info("flash calls leave from %s (UDP)", self.address)
 
     async def stop(self) -> None:

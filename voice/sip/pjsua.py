@@ -94,6 +94,7 @@ _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 # Inbound headers handed to the call handler (besides every X-* header).
 _REQUEST_ID_HEADER = "X-Clinic-Request"
 _KEPT_HEADERS = ("p-asserted-identity", "diversion", "subject")
+_CHALLENGES = (SipStatus.UNAUTHORIZED, SipStatus.PROXY_AUTHENTICATION_REQUIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,7 @@ class EngineConfig:
     user: str = "clinic"
     registrar: str = ""
     password: str = ""
+    realm: str = ""  # the only digest realm answered (CLINIC_SIP_REALM); "": any
     log_level: int = 0  # pjsua log and console level: 0-1 keeps logging off the hot path
 
 
@@ -157,6 +159,8 @@ class _Account(pj.Account):  # type: ignore[misc]
     @_callback
     def onRegState(self, prm: pj.OnRegStateParam) -> None:
         info = self.getInfo()
+        if prm.code in _CHALLENGES:
+            self._engine._note_refused_realm("registration", int(prm.code), prm.rdata.wholeMsg)
         self._engine.emit(Registered(ok=bool(info.regIsActive), sip_status=int(prm.code)))
 
     @_callback
@@ -281,7 +285,7 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     @_callback
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
-        self.engine._on_call_state(self)
+        self.engine._on_call_state(self, prm)
 
     @_callback
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
@@ -442,9 +446,11 @@ class Engine:
             # dialog (a REFER or BYE answered 401/407, RFC 3261 section 22) with these, for
             # any realm ("*"), and here every dialog is with the PBX. In direct mode an
             # inbound call's far end is whoever called: answering its challenge hands it a
-            # digest of the password for a nonce of its choosing, to guess offline.
+            # digest of the password for a nonce of its choosing, to guess offline. With
+            # CLINIC_SIP_REALM, only that realm's (pjsip matches it ignoring case): another
+            # realm's challenge ends the request as one without credentials.
             acfg.sipConfig.authCreds.append(
-                pj.AuthCredInfo("digest", "*", cfg.user, 0, cfg.password)
+                pj.AuthCredInfo("digest", cfg.realm or "*", cfg.user, 0, cfg.password)
             )
         else:
             acfg.regConfig.registerOnAdd = False
@@ -889,7 +895,10 @@ class Engine:
         if tsx.state == pj.PJSIP_TSX_STATE_CALLING:
             call.refers.sent(_cseq(message.parse(_wire(tsx.lastTx.wholeMsg))))
         elif e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG and int(tsx.statusCode) >= 200:
-            answer = message.parse(_wire(e.body.tsxState.src.rdata.wholeMsg))
+            whole = e.body.tsxState.src.rdata.wholeMsg
+            if int(tsx.statusCode) in _CHALLENGES:
+                self._note_refused_realm(f"call {call.call_id}: REFER", int(tsx.statusCode), whole)
+            answer = message.parse(_wire(whole))
             newest = call.refers.answered(
                 _cseq(answer),
                 int(tsx.statusCode),
@@ -1028,10 +1037,16 @@ class Engine:
         except pj.Error as exc:
             log.warning("call %s: 180 failed: %s", call_id, exc.reason)
 
-    def _on_call_state(self, call: _Call) -> None:
+    def _on_call_state(self, call: _Call, prm: pj.OnCallStateParam) -> None:
         info = call.getInfo()
         state = info.state
         status = int(info.lastStatusCode)
+        if state == pj.PJSIP_INV_STATE_DISCONNECTED and status in _CHALLENGES:
+            e = prm.e  # read only here: SWIG builds a proxy for it on every access
+            if e.type == pj.PJSIP_EVENT_TSX_STATE and e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG:
+                self._note_refused_realm(
+                    f"call {call.call_id}", status, e.body.tsxState.src.rdata.wholeMsg
+                )
         if state == pj.PJSIP_INV_STATE_EARLY and status in (180, 183) and not call.rang:
             call.rang = True
             if call.outbound and not call.ended:
@@ -1134,6 +1149,23 @@ class Engine:
             # hold was not read to its end).
             self._stop_play(call, failed=True)
 
+    def _note_refused_realm(self, what: str, status: int, whole_msg: str) -> None:
+        """pjsua answers the challenges of registrations and calls itself, with credentials
+        for CLINIC_SIP_REALM only: a final 401 or 407 of another realm (``whole_msg``) is
+        one it did not answer, and the operator is told which realm that was. Nothing is
+        said of one it answered (a second challenge: a wrong password) or could not read.
+        pjsip matches the realm ignoring case (``pj_stricmp``), and so does this."""
+        if not self._config.realm:
+            return
+        header = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
+        try:
+            challenge = digest.parse_challenge(message.parse(_wire(whole_msg)).get(header) or "")
+        except (message.SipParseError, digest.DigestError):
+            return
+        if challenge["realm"].lower() != self._config.realm.lower():
+            refused = digest.RealmRefused(challenge["realm"])
+            log.warning("%s: cannot answer the %s challenge: %s", what, status, refused)
+
     def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
         tsx = prm.e.body.tsxState.tsx
         try:
@@ -1176,6 +1208,7 @@ class Engine:
                 user=self._config.user,
                 password=self._config.password,
                 cnonce=secrets.token_hex(8),
+                realm=self._config.realm,
             )
         except (message.SipParseError, digest.DigestError) as exc:
             log.warning(

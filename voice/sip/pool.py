@@ -879,6 +879,8 @@ class SipPool:
         ]
         if s.registrar:
             argv += ["--registrar", s.registrar]
+        if s.realm:  # no secret (every challenge names it): on argv as the user is
+            argv.append(f"--realm={s.realm}")  # "=": a realm may start with "-"
         env = worker_env(os.environ, s.password)
         w.started.clear()  # start() may be waiting on this very event
         w.up = w.registered = False

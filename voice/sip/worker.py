@@ -1,8 +1,9 @@
 """One SIP worker process: the pjsua2 owner thread, driven by the pool over stdin/stdout.
 
 Run as ``python -m voice.sip.worker --host 127.0.0.1 --port 5061 [--user U]
-[--registrar sip:pbx]`` (the password comes from ``CLINIC_SIP_PASSWORD`` in the environment,
-never argv). Commands arrive as JSON lines on stdin, events leave as JSON lines on stdout
+[--registrar sip:pbx] [--realm=R]`` (the password comes from ``CLINIC_SIP_PASSWORD`` in the
+environment, never argv; the realm, ``CLINIC_SIP_REALM``, is no secret: every challenge names
+it). Commands arrive as JSON lines on stdin, events leave as JSON lines on stdout
 (:mod:`voice.sip.protocol`); logs go to stderr. The pool starts workers with
 ``asyncio.create_subprocess_exec``: a fresh interpreter, never a fork of a threaded parent.
 
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--user", default="clinic")
     parser.add_argument("--registrar", default="")
+    parser.add_argument("--realm", default="")
     parser.add_argument("--pj-log-level", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         user=args.user,
         registrar=args.registrar,
         password=os.environ.get("CLINIC_SIP_PASSWORD", ""),
+        realm=args.realm,
         log_level=args.pj_log_level,
     )
     # pjlib prints its first log lines to fd 1 before any config applies: keep the protocol
