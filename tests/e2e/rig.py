@@ -653,6 +653,9 @@ def service_env(
         CLINIC_SIP_REGISTRAR=f"sip:{pbx}",
         CLINIC_SIP_USER=SIP_USER,
         CLINIC_SIP_PASSWORD=SIP_PASSWORD,
+        # As docker-compose.yml: Asterisk's default realm (pjsip.conf names none), so every
+        # e2e test also shows that the password goes to Asterisk's challenges.
+        CLINIC_SIP_REALM="asterisk",
         CLINIC_SIP_ROUTE=f"sip:{{e164}}@{pbx}",
         CLINIC_FLASHCALL_PREFIX=FLASHCALL_PREFIX,
         CLINIC_VOICE_OTP_FROM=CLINIC_LINE,
