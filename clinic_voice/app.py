@@ -45,6 +45,7 @@ from sip_config.clock import Clock, SystemClock
 from sip_config.private_file import write_private
 from sip_config.settings import Settings, SettingsError
 from sip_config.tasks import watch
+from sip_config.worker_exit import WorkerExit
 from verification import limits, rules
 from verification.api import VerificationApi
 from verification.callbacks import reachable
@@ -122,6 +123,9 @@ class Runtime:
     # A configuration fault found while running (see misconfigure): /readyz fails, serve
     # stops and exits 2, as a start with that fault does.
     misconfigured: str = ""
+    # serve's SIP and HTTP workers that did not stop as asked at the stop (a defect: serve
+    # exits 1, unless misconfigured makes it 2), filled as each kind is stopped.
+    worker_exits: list[WorkerExit] = field(default_factory=list)
     # How the service stops itself (fail, misconfigure): serve and an HTTP worker set it
     # (cli._StopSignals.stop_on_own). None (an app run in-process): this process is sent a
     # SIGTERM.
@@ -602,7 +606,10 @@ def build_app(
             yield
         finally:
             rt.http_workers = None
-            await workers.stop()
+            try:
+                await workers.stop()
+            finally:
+                rt.worker_exits.extend(workers.exits_at_stop)
 
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(http_client_ctx)

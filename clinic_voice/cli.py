@@ -79,8 +79,8 @@ async def serve(settings: Settings, flowset: FlowSet) -> None:
 
 
 class ServiceFailed(RuntimeError):
-    """The service stopped on its own: a task it cannot do without died (Runtime.fail).
-    Exit 1."""
+    """The service stopped on its own: a task it cannot do without died (Runtime.fail); or
+    a worker of its did not stop as asked at the stop (Runtime.worker_exits). Exit 1."""
 
 
 class ServiceMisconfigured(RuntimeError):
@@ -89,15 +89,19 @@ class ServiceMisconfigured(RuntimeError):
 
 
 def _raise_if_failed(app: web.Application) -> None:
-    """Raise what made the service stop on its own, if anything did; a configuration fault
-    first (the exit code then says that starting it afresh alone will not help)."""
+    """Raise what made the service stop on its own, if anything did, or what went wrong in
+    its stop: a configuration fault first (the exit code then says that starting it afresh
+    alone will not help), then a defect: a task that died, or a SIP or HTTP worker that did
+    not stop as asked (its pool logged it; a worker restarted while running counts not)."""
     from clinic_voice.app import RUNTIME
 
     rt = app[RUNTIME]
     if rt.misconfigured:
         raise ServiceMisconfigured(rt.misconfigured)
-    if rt.failed:
-        raise ServiceFailed(f"{rt.failed} failed (its traceback is in the log)")
+    defects = [f"{rt.failed} failed (its traceback is in the log)"] if rt.failed else []
+    defects += [str(e) for e in rt.worker_exits]
+    if defects:
+        raise ServiceFailed("; ".join(defects))
 
 
 def _refuse_taken_http_addr(settings: Settings) -> None:

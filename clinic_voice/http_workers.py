@@ -34,6 +34,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,6 +45,7 @@ import orjson
 from clinic_voice.metrics import Metrics, Snapshot
 from sip_config.child_process import spawn_child
 from sip_config.tasks import watch
+from sip_config.worker_exit import WorkerExit, as_asked, status_note
 from verification.dispatcher import Dispatcher
 from verification.model import Channel
 
@@ -53,6 +55,9 @@ STATE_EVERY_S = 0.5
 SNAPSHOT_DEADLINE_S = 0.5  # a worker this slow to answer counts with its last snapshot
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_DEADLINE_S = 10.0
+# The line of a worker's exit at the stop: its index, pid, status and what the status says
+# (sip_config/worker_exit.py); at ERROR when it did not stop as asked (serve then exits 1).
+EXITED_AT_STOP = "HTTP worker %s (pid %s) exited with status %s at the stop%s"
 MAX_LINE = 1 << 20  # a metrics snapshot is a few KiB
 MAX_SOCKET_PATH = 107  # AF_UNIX sun_path is 108 bytes on Linux, with its NUL
 
@@ -103,6 +108,11 @@ class HttpWorkers:
         self._retired = Metrics()  # counters of worker runs that ended
         self._stop = asyncio.Event()
         self._stop_began = 0.0  # loop time
+        # The processes the stop asked to end (index -> process): those running when it
+        # began, and any started as it began. Not one that had died before (its keeper was
+        # waiting to restart it): that end was logged as a crash.
+        self._stopping: dict[int, asyncio.subprocess.Process] = {}
+        self._exits_at_stop: list[WorkerExit] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,23 +140,35 @@ class HttpWorkers:
             return
         self._stop.set()
         self._stop_began = asyncio.get_running_loop().time()
-        for proc in self._procs.values():
+        for index, proc in self._procs.items():
+            if proc.returncode is None:
+                self._stopping[index] = proc
             _terminate(proc)
 
     async def stop(self) -> None:
         """Stop the workers (SIGKILL past STOP_DEADLINE_S from :meth:`begin_stop`), then close
-        the control socket: a worker still in its grace may hand ``serve`` a send till then."""
+        the control socket: a worker still in its grace may hand ``serve`` a send till then.
+        Each worker's exit is logged (ERROR when not as asked: :attr:`exits_at_stop`)."""
         self.begin_stop()
-        procs = list(self._procs.values())
+        procs = list(self._procs.items())
+        killed: set[int] = set()
         left_s = self._stop_began + STOP_DEADLINE_S - asyncio.get_running_loop().time()
         try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), max(0.0, left_s))
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for _, p in procs)), max(0.0, left_s))
         except TimeoutError:
-            for p in procs:
+            for index, p in procs:
                 if p.returncode is None:
-                    log.warning("HTTP worker %d did not stop: killed", p.pid)
+                    log.warning(
+                        "HTTP worker %d (pid %d) did not stop in %.0f s: killing it",
+                        index,
+                        p.pid,
+                        STOP_DEADLINE_S,
+                    )
+                    killed.add(p.pid)
                     p.kill()
-            await asyncio.gather(*(p.wait() for p in procs))
+            await asyncio.gather(*(p.wait() for _, p in procs))
+        for index, proc in sorted(self._stopping.items()):
+            self._exited_at_stop(index, proc, killed=proc.pid in killed)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -155,6 +177,27 @@ class HttpWorkers:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
+
+    def _exited_at_stop(
+        self, index: int, proc: asyncio.subprocess.Process, *, killed: bool
+    ) -> None:
+        status = proc.returncode
+        if status is None:  # started as the stop began, after stop() listed the processes
+            return
+        note = status_note(status, killed=killed)
+        if as_asked(status, signal.SIGTERM):
+            log.info(EXITED_AT_STOP, index, proc.pid, status, note)
+            return
+        log.error(EXITED_AT_STOP, index, proc.pid, status, note)
+        exit_ = WorkerExit(f"HTTP worker {index}", proc.pid, status, killed=killed)
+        self._exits_at_stop.append(exit_)
+
+    @property
+    def exits_at_stop(self) -> tuple[WorkerExit, ...]:
+        """The workers that did not stop as asked at :meth:`stop` (exit 0, or the SIGTERM
+        itself while still loading): a defect in the worker's stop, or one killed past
+        STOP_DEADLINE_S. A worker that died while serve ran was restarted, and is not here."""
+        return tuple(self._exits_at_stop)
 
     def ready(self) -> bool:
         """Every worker is running, connected and listening on the HTTP port (it connects
@@ -215,6 +258,7 @@ class HttpWorkers:
             else:
                 self._procs[index] = proc
                 if self._stop.is_set():  # the stop began while it was being started
+                    self._stopping[index] = proc
                     _terminate(proc)
                 code = await proc.wait()
                 if self._stop.is_set():

@@ -90,6 +90,9 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
             # Stopped in reverse order, also when a later start fails.
             await line.start()
             stack.push_async_callback(line.stop)
+            # After the pool's stop (the stack unwinds in reverse), also the one its start
+            # makes when it fails or a stop cuts it short: how its workers ended.
+            stack.callback(lambda: rt.worker_exits.extend(pool.exits_at_stop))
             await pool.start()
             stack.push_async_callback(pool.stop)
             # /metrics shows the pool as it is at each scrape: every scrape is rendered here,

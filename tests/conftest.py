@@ -9,8 +9,8 @@
   exit with a status other than 0 during the pool's stop (pjsua aborting at the worker's
   teardown, a kill for not stopping), in the test or in a fixture's teardown (a module's:
   at its last test). A test that brings that about on purpose says so with
-  ``@pytest.mark.sip_worker_exit_ok``. A ``serve`` of its own logs such exits to its log:
-  :func:`workers_exited_non_zero` finds them there.
+  ``@pytest.mark.sip_worker_exit_ok``. A ``serve`` of its own logs such exits to its log
+  (and exits 1 for them): :func:`workers_exited_non_zero` finds them there.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class _WorkerExitsAtStop(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args
-        if record.msg == WORKER_EXITED_AT_STOP and isinstance(args, tuple) and args[-1] != 0:
+        # (index, pid, status, note)
+        if record.msg == WORKER_EXITED_AT_STOP and isinstance(args, tuple) and args[2] != 0:
             self.lines.append(record.getMessage())
 
 
@@ -70,8 +71,9 @@ logging.getLogger("voice.sip.pool").addHandler(_worker_exits)
 def workers_exited_non_zero(log_text: str) -> list[str]:
     """The lines of a ``serve`` of its own (``log_text``, its log) saying a SIP worker exited
     non-zero at the stop: that process's pool logged them, not this one's."""
-    line = re.compile(re.escape(WORKER_EXITED_AT_STOP).replace("%s", r"(-?\d+)"))
-    return [m.group(0) for m in line.finditer(log_text) if m.group(2) != "0"]
+    numbers = re.escape(WORKER_EXITED_AT_STOP).replace("%s", r"(-?\d+)", 3)
+    line = re.compile(numbers.replace("%s", r"[^\n]*"))  # the note, to the line's end
+    return [m.group(0) for m in line.finditer(log_text) if m.group(3) != "0"]
 
 
 @pytest.hookimpl(wrapper=True)

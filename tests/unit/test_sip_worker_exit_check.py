@@ -34,7 +34,8 @@ def _teardown_with_exit(status: int, *, exit_ok: bool = False) -> None:
 
 def test_a_worker_that_aborted_at_its_pools_stop_fails_the_test() -> None:
     # Its ERROR line alone went unseen: an abort at a transfer test's every stop did.
-    with pytest.raises(pytest.fail.Exception, match="SIP worker 0 exited with status -6"):
+    line = r"SIP worker 0 \(pid 0\) exited with status -6 at the stop \(SIGABRT\)"
+    with pytest.raises(pytest.fail.Exception, match=line):
         _teardown_with_exit(-6)
 
 
@@ -48,11 +49,15 @@ def test_a_test_that_lets_a_worker_exit_non_zero_says_so() -> None:
 
 def test_the_exits_of_a_serve_of_its_own_are_read_from_its_log() -> None:
     log = (
-        "2026-12-07 01:00:00,001 INFO voice.sip.pool: SIP worker 1 exited with status 0\n"
-        "2026-12-07 01:00:00,002 ERROR voice.sip.pool: SIP worker 0 exited with status -6\n"
-        "2026-12-07 01:00:00,003 ERROR voice.sip.pool: SIP worker 2 exited with status 1\n"
+        "2026-12-07 01:00:00,001 INFO voice.sip.pool: SIP worker 1 (pid 41) exited with "
+        "status 0 at the stop\n"
+        "2026-12-07 01:00:00,002 ERROR voice.sip.pool: SIP worker 0 (pid 40) exited with "
+        "status -9 at the stop (SIGKILL: killed, it had not stopped by its deadline)\n"
+        "2026-12-07 01:00:00,003 ERROR voice.sip.pool: SIP worker 2 (pid 42) exited with "
+        "status 1 at the stop\n"
     )
     assert workers_exited_non_zero(log) == [
-        "SIP worker 0 exited with status -6",
-        "SIP worker 2 exited with status 1",
+        "SIP worker 0 (pid 40) exited with status -9 at the stop (SIGKILL: killed, it had not "
+        "stopped by its deadline)",
+        "SIP worker 2 (pid 42) exited with status 1 at the stop",
     ]

@@ -40,6 +40,7 @@ from sip_config.child_process import spawn_child
 from sip_config.clock import Clock
 from sip_config.settings import HostPort, SipSettings
 from sip_config.tasks import wait_ended
+from sip_config.worker_exit import WorkerExit, status_note
 from voice.sip.outcome import CallOutcome, SipStatus
 from voice.sip.protocol import (
     Answer,
@@ -100,8 +101,9 @@ WORKER_SILENT_S = 30.0
 QUIET_AFTER_S = 3.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
-# The line of a worker's exit during stop(): at ERROR when its status is not 0.
-WORKER_EXITED_AT_STOP = "SIP worker %s exited with status %s"
+# The line of a worker's exit during stop(): its index, pid, status and what the status says
+# (sip_config/worker_exit.py); at ERROR when the status is not 0 (serve then exits 1).
+WORKER_EXITED_AT_STOP = "SIP worker %s (pid %s) exited with status %s at the stop%s"
 # What stop() then gives the calls' tasks, cancelled, to wind up: a call's record waits 2 s
 # for Redis (voice/ivr/session.py STOP_SAVE_S), then is kept on disk in milliseconds. A
 # task still at it (a disk write that hangs: NFS, a failing disk) is cancelled once more,
@@ -374,6 +376,8 @@ class _Worker:
     index: int
     port: int = 0
     process: asyncio.subprocess.Process | None = None
+    pid: int = 0  # the process's, kept for the line of its exit
+    killed: bool = False  # by stop(), past WORKER_STOP_S
     reader: asyncio.Task[None] | None = None
     up: bool = False
     registered: bool = False
@@ -458,6 +462,7 @@ class SipPool:
         self._busy_unlogged = 0  # refused for want of a slot since the last log line
         self._busy_log_at = 0.0  # monotonic time from which the next such line may go
         self._kept_for_callers = 0  # outbound calls given up: the free slots were the callers'
+        self._exits_at_stop: list[WorkerExit] = []  # not with status 0 (see exits_at_stop)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -536,6 +541,7 @@ class SipPool:
                 await proc.wait()
         except TimeoutError:
             log.warning("worker %s did not stop: killing pid %s", w.index, proc.pid)
+            w.killed = True
             proc.kill()
             await proc.wait()
         if w.reader is not None:
@@ -551,6 +557,13 @@ class SipPool:
         if not self._refusing:
             self._refusing = True
             log.info("SIP: new inbound calls are refused (503) from now on")
+
+    @property
+    def exits_at_stop(self) -> tuple[WorkerExit, ...]:
+        """The workers that ended during :meth:`stop` with a status other than 0 (each logged
+        at ERROR): pjsua aborting at its teardown, or killed for not stopping. A worker
+        that died while the pool ran was restarted, and is not here."""
+        return tuple(self._exits_at_stop)
 
     @property
     def running(self) -> bool:
@@ -892,6 +905,7 @@ class SipPool:
         w.process = await spawn_child(
             argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )
+        w.pid, w.killed = w.process.pid, False
         w.started_at = self._clock.monotonic()
         # Its silence counts from now, not from the last line of the process it replaces
         # (killed as frozen, 30 s silent or more): a watch round may run before the reader
@@ -1099,9 +1113,15 @@ class SipPool:
         if not self._running:
             # Not 0: the stop went wrong in the worker (pjsua aborts on a lifetime mistake,
             # -6; its stderr says where), or it was killed for not stopping (-9, warned).
-            # As info, a worker's abort at every stop went unseen.
-            level = logging.INFO if exit_status == 0 else logging.ERROR
-            log.log(level, WORKER_EXITED_AT_STOP, w.index, exit_status)
+            # As info, a worker's abort at every stop went unseen; and serve exited 0.
+            note = status_note(exit_status, killed=w.killed)
+            if exit_status == 0:
+                log.info(WORKER_EXITED_AT_STOP, w.index, w.pid, exit_status, note)
+            else:
+                log.error(WORKER_EXITED_AT_STOP, w.index, w.pid, exit_status, note)
+                self._exits_at_stop.append(
+                    WorkerExit(f"SIP worker {w.index}", w.pid, exit_status, killed=w.killed)
+                )
             return
         log.error(
             "SIP worker %s died (exit %s, up=%s): %s call(s) lost",

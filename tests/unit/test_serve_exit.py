@@ -1,0 +1,124 @@
+"""serve's exit after its stop (clinic_voice/cli.py ``_raise_if_failed``): a configuration
+fault is exit 2, a defect (a task that died, a worker that did not stop as asked) exit 1;
+and what a worker's exit at the stop says (sip_config/worker_exit.py)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from aiohttp import web
+
+from clinic_voice.app import RUNTIME, Runtime
+from clinic_voice.cli import ServiceFailed, ServiceMisconfigured, _raise_if_failed
+from clinic_voice.metrics import Metrics
+from sip_config.clock import FakeClock, SystemClock
+from sip_config.settings import Settings
+from sip_config.worker_exit import WorkerExit, as_asked, status_note
+from tests.conftest import sip_settings
+from voice.sip.pool import SipPool
+
+KILLED = WorkerExit("SIP worker 0", 4242, -9, killed=True)
+KILLED_SAYS = (
+    "SIP worker 0 (pid 4242) exited with status -9 at the stop "
+    "(SIGKILL: killed, it had not stopped by its deadline)"
+)
+ABORTED = WorkerExit("HTTP worker 1", 4343, -6)
+ABORTED_SAYS = "HTTP worker 1 (pid 4343) exited with status -6 at the stop (SIGABRT)"
+
+
+def _stopped(
+    *, misconfigured: str = "", failed: str = "", exits: tuple[WorkerExit, ...] = ()
+) -> web.Application:
+    """An app whose runtime ended its stop so."""
+    app = web.Application()
+    rt = Runtime(settings=Settings.from_env({}), clock=SystemClock(), metrics=Metrics())
+    rt.misconfigured, rt.failed = misconfigured, failed
+    rt.worker_exits.extend(exits)
+    app[RUNTIME] = rt
+    return app
+
+
+def test_a_stop_as_asked_raises_nothing() -> None:
+    _raise_if_failed(_stopped())  # exit 0
+
+
+@pytest.mark.parametrize(
+    ("exits", "says"),
+    [
+        ((KILLED,), KILLED_SAYS),
+        ((KILLED, ABORTED), f"{KILLED_SAYS}; {ABORTED_SAYS}"),
+    ],
+)
+def test_a_worker_that_did_not_stop_as_asked_is_a_defect(
+    exits: tuple[WorkerExit, ...], says: str
+) -> None:
+    with pytest.raises(ServiceFailed) as raised:  # exit 1
+        _raise_if_failed(_stopped(exits=exits))
+    assert str(raised.value) == says
+
+
+def test_a_task_that_died_is_named_first() -> None:
+    with pytest.raises(ServiceFailed) as raised:
+        _raise_if_failed(_stopped(failed="the step timers", exits=(KILLED,)))
+    assert str(raised.value) == (
+        f"the step timers failed (its traceback is in the log); {KILLED_SAYS}"
+    )
+
+
+def test_a_configuration_fault_wins_over_a_worker_exit() -> None:
+    with pytest.raises(ServiceMisconfigured, match="another CLINIC_SECRET"):  # exit 2
+        _raise_if_failed(_stopped(misconfigured="another CLINIC_SECRET", exits=(KILLED,)))
+
+
+@pytest.mark.parametrize(
+    ("status", "sent", "asked"),
+    [
+        (0, None, True),
+        (0, signal.SIGTERM, True),
+        (-15, signal.SIGTERM, True),  # an HTTP worker still loading: SIGTERM's default
+        (-15, None, False),  # a SIP worker is stopped by its stdin, never by a signal
+        (-9, signal.SIGTERM, False),  # its supervisor's SIGKILL, past the deadline
+        (-6, signal.SIGTERM, False),  # an abort at the teardown
+        (1, signal.SIGTERM, False),
+        (2, None, False),
+    ],
+)
+def test_a_stop_as_asked_is_0_or_the_signal_sent(
+    status: int, sent: signal.Signals | None, asked: bool
+) -> None:
+    assert as_asked(status, sent) is asked
+
+
+@pytest.mark.parametrize(
+    ("status", "killed", "note"),
+    [
+        (0, False, ""),
+        (1, False, ""),
+        (-6, False, " (SIGABRT)"),
+        (-9, False, " (SIGKILL)"),  # someone else's
+        (-9, True, " (SIGKILL: killed, it had not stopped by its deadline)"),
+        (-99, False, " (signal 99)"),
+    ],
+)
+def test_what_an_exit_status_says(status: int, killed: bool, note: str) -> None:
+    assert status_note(status, killed=killed) == note
+
+
+@pytest.mark.sip_worker_exit_ok  # on purpose, and the suite's own check would fail it
+@pytest.mark.parametrize("status", [0, -6, 1])
+def test_the_pool_keeps_the_exits_at_its_stop_that_were_not_0(status: int) -> None:
+    pool = SipPool(sip_settings(1), clock=FakeClock())  # never started: as in its stop
+    pool._on_exit(pool._workers[0], status)
+    expected = () if status == 0 else (WorkerExit("SIP worker 0", 0, status),)
+    assert pool.exits_at_stop == expected
+
+
+@pytest.mark.sip_worker_exit_ok
+def test_the_pool_says_which_worker_it_killed_for_not_stopping() -> None:
+    pool = SipPool(sip_settings(1), clock=FakeClock())
+    worker = pool._workers[0]
+    worker.pid, worker.killed = 4242, True  # as _stopped() leaves it before its SIGKILL
+    pool._on_exit(worker, -9)
+    assert pool.exits_at_stop == (KILLED,)
+    assert str(pool.exits_at_stop[0]) == KILLED_SAYS
