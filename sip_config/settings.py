@@ -345,7 +345,8 @@ VARIABLES: tuple[Variable, ...] = (
         "when the nurse line is staffed, as CLINIC_OPENING_HOURS (the same syntax, read in "
         "CLINIC_TIMEZONE; CLINIC_CLOSED_DATES does not apply: a nurse line may be staffed on "
         "holidays); unset: always. Out of them a transfer to the nurse is not rung: it fails "
-        "at once, and the safety rules for a failed nurse transfer act straight away (README: "
+        "at once, and the safety rules for a failed nurse transfer act straight away (a "
+        "CLINIC_NURSE_URI that is CLINIC_STAFF_URI is rung as before; README: "
         '"Opening hours")',
     ),
     Variable(

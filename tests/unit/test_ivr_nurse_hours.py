@@ -304,3 +304,80 @@ def test_simulate_sets_the_nurse_line_staffed_or_not(
     assert ("(the nurse line is not staffed: not rung" in text) is not staffed
     if not staffed:
         assert f"   transfer to {STAFF}" in text
+
+
+# -- a line shared by the nurse and the desk; a flow that goes back to the nurse -------------
+
+
+def test_a_line_the_desk_shares_with_the_nurse_is_rung_out_of_the_nurse_hours() -> None:
+    # CLINIC_NURSE_URI = CLINIC_STAFF_URI: one line, which the desk may answer. A U1 caller
+    # out of the nurse's hours is put through to it as before (rung), not told at once to
+    # hang up and call 112 with nobody rung (the desk counted as failed with the nurse).
+    params = FlowParams(nurse_open=lambda: False, nurse_uri=STAFF, staff_uri=STAFF)
+    engine = Engine(load_flows(SHIPPED), params)
+    _, actions = script_call(engine, "triage", U1_CALLER)
+    store = next(a for a in actions if isinstance(a, Store))
+    assert transfers(actions) == [STAFF]
+    assert steps(store, "transfer") == [("emergency_transfer", "ok")]
+    assert store.record.transfer_target == STAFF
+    # A 0 for staff in the main menu, desk open: rung, not failed by the nurse's hours.
+    _, actions = script_call(engine, "main_menu", ["0"])
+    assert transfers(actions) == [STAFF]
+
+
+BACK_TO_THE_NURSE = """\
+id: t
+language: en
+human: staff
+start: q
+nodes:
+  q:
+    ask:
+      prompt: "Press 1 for the nurse."
+      choices:
+        - {key: "1", phrases: [nurse], label: the nurse, goto: nurse%s}
+  nurse:
+    transfer: nurse%s
+    on_fail: again
+    outcome: transfer_nurse
+  again:
+    goto: nurse
+"""
+
+
+@pytest.mark.parametrize("prompt", ["", '\n    prompt: "Putting you through to the nurse."'])
+@pytest.mark.parametrize("urgent", [False, True])
+def test_an_on_fail_back_to_the_nurse_out_of_her_hours_does_not_go_round(
+    tmp_path: Path, prompt: str, urgent: bool
+) -> None:
+    # flow check accepts it (a transfer waits), and a ring-out made each lap take minutes;
+    # unrung, a lap is instant: with no prompt the engine recursed until Python gave up (the
+    # call cut without a word), with one the caller heard it for the whole call. Failed
+    # unrung once already, the nurse's transfer takes the safety rules, not the on_fail.
+    effect = ", urgency: U2, reason: asked" if urgent else ""
+    (tmp_path / "t.yaml").write_text(BACK_TO_THE_NURSE % (effect, prompt), encoding="utf-8")
+    engine = Engine(load_flows(tmp_path), FlowParams(nurse_open=lambda: False))
+    _, actions = script_call(engine, "t", ["1", ""])
+    store = next(a for a in actions if isinstance(a, Store))
+    assert steps(store, "transfer")[:2] == [("nurse", NURSE_CLOSED), ("nurse", NURSE_CLOSED)]
+    said = plays(actions)
+    if urgent:
+        # The other human (the desk), after "I could not connect you yet ... call 112".
+        assert TEXTS["transfer_retry"] in said
+        assert transfers(actions) == [STAFF]
+        assert store.record.outcome == "transfer_staff"
+    else:
+        assert TEXTS["message_offer"] in said
+        assert transfers(actions) == []
+        assert store.record.outcome == "message_left"
+    assert said.count("Putting you through to the nurse.") <= 2
+
+
+def test_simulate_rings_a_line_the_desk_shares_with_the_nurse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CLINIC_NURSE_URI", STAFF)
+    out = _simulate(["triage", "--flows-dir", str(SHIPPED), "--nurse-closed"], U1_CALLER)
+    text = "\n".join(out)
+    assert f"   transfer to {STAFF}" in text, text
+    assert "not staffed" not in text, text

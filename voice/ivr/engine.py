@@ -66,7 +66,8 @@ VoiceXML semantics kept here:
   (``FlowParams.nurse_open``, CLINIC_NURSE_HOURS), asked when a transfer to the nurse would
   be placed (its prompt said): out of them the nurse is not rung, and the transfer fails at
   once (path step ``transfer``: ``nurse_closed``), handled by the rules below as any failed
-  transfer, not after a ring-out of an unstaffed line;
+  transfer, not after a ring-out of an unstaffed line (a step's ``on_fail`` not taken when
+  her transfer failed earlier in the call; a line CLINIC_STAFF_URI shares always rung);
 * safety: a triage's urgency never goes down (checked on every step), any unclear answer to a
   danger-sign question raises the call to U2 at least, and an outcome less urgent than the
   call's urgency is replaced by a transfer to a nurse. On an urgent question (a danger sign,
@@ -1423,22 +1424,31 @@ class Engine:
         out of CLINIC_NURSE_HOURS (``FlowParams.nurse_open``, asked now, at the instant the
         REFER would go out) is not rung: the transfer fails at once (path step ``transfer``
         :data:`NURSE_CLOSED`) and goes where a failed one goes, rather than after a ring-out
-        of an unstaffed line (up to 180 s for an urgent caller told to stay on the line)."""
+        of an unstaffed line (up to 180 s for an urgent caller told to stay on the line).
+        A line the desk shares (CLINIC_STAFF_URI the same) is rung as before: the desk may
+        answer it, and failed unrung it would count as the desk's too, whom an urgent caller
+        would then never reach."""
         uri = state.transfer_uri
         assert uri is not None
         state = replace(state, phase=Phase.TRANSFERRING)
-        if uri == self.params.nurse_uri and not self.params.nurse_open():
+        params = self.params
+        if uri == params.nurse_uri and uri != params.staff_uri and not params.nurse_open():
             new, more = self._transfer_done(state, flow, ok=False, why=NURSE_CLOSED)
             return new, [*actions, *more]
         return state, [*actions, TransferCall(uri, self._summary(state))]
 
     def _transfer_done(self, state: CallState, flow: Flow, ok: bool, why: str = "") -> Result:
         """The transfer went through, or failed (``why``: the path step's value, "failed"
-        unless the target was not even rung)."""
+        unless the target was not even rung). A nurse not rung who had failed this call
+        before does not take the step's ``on_fail`` again, but the rules below: an
+        ``on_fail`` that leads back to her transfer would go round at once, unrung (without
+        a prompt, in a recursion that ends the call without a word)."""
         state = self._step(state, "transfer", "ok" if ok else why or "failed")
         if ok:
             state = replace(state, transfer_target=state.transfer_uri)
             return self._end(state, state.outcome or "transferred", [], hangup=True)
+        if why == NURSE_CLOSED and state.transfer_uri in state.transfers_failed:
+            state = replace(state, transfer_on_fail=None)
         if state.transfer_uri is not None:
             state = replace(state, transfers_failed=(*state.transfers_failed, state.transfer_uri))
         if state.transfer_on_fail is not None:

@@ -421,7 +421,8 @@ def run(
     output_fn(f"-- {flow.id} ({flow.language}); keys, words, :silence, :hangup, :values")
     if not is_open:
         output_fn("-- the practice is closed (opening hours)")
-    if not nurse_open:
+    if not nurse_open and preview.nurse_uri != preview.staff_uri:
+        # (A line the desk shares is rung at any hour, as on a call.)
         output_fn("-- the nurse line is not staffed (nurse hours): a nurse transfer fails, unrung")
     if args.speech and not params.speech_for(flow.language):
         output_fn(
