@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -21,8 +22,8 @@ from voice.media.private_folder import PREFIX, PrivateFolder, find_ram_root, fol
 ROOT = os.geteuid() == 0
 
 
-def _writer(data: bytes) -> Callable[[Path], object]:
-    return lambda path: path.write_bytes(data)
+def _writer(data: bytes) -> Callable[[BinaryIO], object]:
+    return lambda file: file.write(data)
 
 
 def _mode(path: Path) -> int:
@@ -148,18 +149,21 @@ def test_a_failing_write_tries_the_next_folder_and_removes_its_part(
     folder = PrivateFolder(data_dir, ram, temp_root=tmp_path)
     ours = ram / f"{PREFIX}{folder_key(data_dir)}"
 
-    def full_in_ram(path: Path) -> None:
-        path.write_bytes(b"RIFF part of")
-        if path.parent == ours:
+    tries: list[int] = []
+
+    def full_in_ram(file: BinaryIO) -> None:
+        file.write(b"RIFF part of")
+        tries.append(1)
+        if len(tries) == 1:  # the first folder of the chain: the RAM one
             raise OSError(errno.ENOSPC, "No space left on device")
-        path.write_bytes(b"RIFF part of a code")
+        file.write(b" a code")
 
     path = folder.write("code-", full_in_ram)
     assert path.parent == data_dir / "private" and path.read_bytes() == b"RIFF part of a code"
     assert list(ours.iterdir()) == []
 
-    def fails_everywhere(path: Path) -> None:
-        path.write_bytes(b"RIFF part of")
+    def fails_everywhere(file: BinaryIO) -> None:
+        file.write(b"RIFF part of")
         raise OSError(errno.EROFS, "Read-only file system")
 
     with pytest.raises(OSError, match="Read-only"):
@@ -189,30 +193,39 @@ def test_an_open_folder_of_ours_is_tightened(tmp_path: Path, data_dir: Path) -> 
 
 
 @pytest.mark.skipif(not ROOT, reason="giving a folder to another user needs root")
-def test_a_folder_of_another_user_is_refused(
+def test_a_folder_of_another_user_gives_way_to_one_of_ours_beside_it(
     tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The name is known to all (a hash of the data dir's path): a folder planted there
+    must neither get a call's audio nor push it off tmpfs onto a disk."""
     ram = tmp_path / "ram"
+    ram.mkdir()
+    ram.chmod(0o1777)
     theirs = ram / f"{PREFIX}{folder_key(data_dir)}"
-    theirs.mkdir(parents=True, mode=0o700)
+    theirs.mkdir(mode=0o700)
     os.chown(theirs, 65534, 65534)  # made first by someone else, waiting for our files
     (theirs / "once-left.wav").write_bytes(b"theirs")
     folder = PrivateFolder(data_dir, ram, temp_root=tmp_path)
     path = folder.write("once-", _writer(b"x"))
-    assert path.parent == data_dir / "private"
+    assert path.parent.parent == ram and path.parent != theirs, "pushed off the tmpfs"
+    assert path.parent.name.startswith(f"{theirs.name}-") and _mode(path.parent) == 0o700
     assert theirs.stat().st_uid == 65534 and _mode(theirs) == 0o700, "theirs, untouched"
     assert any("owned by uid 65534" in m for m in caplog.messages), caplog.messages
-    assert folder.sweep("once-*.wav", None, 0.0) == 1  # ours only: data_dir/private's
+    restarted = PrivateFolder(data_dir, ram, temp_root=tmp_path)  # a killed run's file
+    assert restarted.sweep("once-*.wav", None, 0.0) == 1 and not path.exists()
     assert (theirs / "once-left.wav").exists(), "a sweep went into a folder not ours"
+    folder.close()
+    assert sorted(ram.iterdir()) == [theirs], "the stop left our folder beside theirs"
 
 
-def test_a_link_in_place_of_the_folder_is_refused(tmp_path: Path, data_dir: Path) -> None:
+def test_a_link_in_place_of_the_folder_is_passed_over(tmp_path: Path, data_dir: Path) -> None:
     ram, elsewhere = tmp_path / "ram", tmp_path / "elsewhere"
     ram.mkdir()
     elsewhere.mkdir(mode=0o700)
     (ram / f"{PREFIX}{folder_key(data_dir)}").symlink_to(elsewhere)
     path = PrivateFolder(data_dir, ram, temp_root=tmp_path).write("once-", _writer(b"x"))
-    assert path.parent == data_dir / "private" and list(elsewhere.iterdir()) == []
+    assert path.parent.parent == ram and not path.parent.is_symlink()
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_the_sweep_covers_every_folder_of_the_chain(tmp_path: Path, data_dir: Path) -> None:
@@ -277,3 +290,72 @@ def test_a_stop_removes_the_services_empty_folders_outside_the_data_dir(
     folder.close()
     assert list(ram.iterdir()) == [], "the tmpfs folder outlived the service"
     assert (data_dir / "private").is_dir(), "the data dir's own folder is kept"
+
+
+def test_a_folder_replaced_under_a_running_service_is_checked_again(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The folder was ours at the first write; one put in its place later (a link here, a
+    folder of another user in /tmp once a cleaner removed ours) must not get the next file."""
+    ram, elsewhere = tmp_path / "ram", tmp_path / "elsewhere"
+    ram.mkdir()
+    elsewhere.mkdir(mode=0o755)
+    folder = PrivateFolder(data_dir, ram, temp_root=tmp_path)
+    first = folder.write("once-", _writer(b"x"))
+    first.unlink()
+    first.parent.rmdir()
+    first.parent.symlink_to(elsewhere)
+    path = folder.write("once-", _writer(b"RIFF a caller's booking"))
+    assert list(elsewhere.iterdir()) == [], "a caller's prompt went through a planted link"
+    assert path.parent == data_dir / "private"
+
+
+@pytest.mark.skipif(not ROOT, reason="giving a folder to another user needs root")
+def test_a_folder_of_another_user_put_in_place_of_ours_gets_nothing(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    ram = tmp_path / "ram"
+    ram.mkdir(mode=0o1777)
+    ram.chmod(0o1777)
+    folder = PrivateFolder(data_dir, ram, temp_root=tmp_path)
+    first = folder.write("once-", _writer(b"x"))
+    first.unlink()
+    first.parent.rmdir()  # gone (a clean-up of old folders), then made by another user
+    first.parent.mkdir()
+    first.parent.chmod(0o777)
+    os.chown(first.parent, 65534, 65534)
+    path = folder.write("once-", _writer(b"RIFF a caller's booking"))
+    assert list(first.parent.iterdir()) == [], "a caller's prompt went to another's folder"
+    assert path.parent != first.parent
+
+
+def test_a_ram_root_others_may_write_in_unsticky_is_not_used(tmp_path: Path) -> None:
+    """In a folder others may write in without the sticky bit, anyone can rename this
+    service's folder away and put theirs (or a link) in its place, between the check and
+    the SIP worker's open: ``$XDG_RUNTIME_DIR`` kept by ``su`` or pointing somewhere odd."""
+    runtime, shm = tmp_path / "runtime", tmp_path / "shm"
+    runtime.mkdir()
+    shm.mkdir()
+    runtime.chmod(0o777)
+    shm.chmod(0o1777)
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"tmpfs {runtime} tmpfs rw 0 0\ntmpfs {shm} tmpfs rw 0 0\n")
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    assert find_ram_root(env, mounts, shm) == shm
+    data_dir = tmp_path / "data"
+    path = PrivateFolder(data_dir, runtime, temp_root=tmp_path).write("once-", _writer(b"x"))
+    assert path.parent == data_dir / "private", "a folder made where others may swap it"
+
+
+@pytest.mark.skipif(not ROOT, reason="giving a folder to another user needs root")
+def test_the_runtime_folder_of_another_user_is_not_used(tmp_path: Path) -> None:
+    """``su`` keeps the user's ``$XDG_RUNTIME_DIR``: serve as root must not make its folder
+    in one that user owns (and may rename entries of)."""
+    runtime, shm = tmp_path / "runtime", tmp_path / "shm"
+    runtime.mkdir(mode=0o700)
+    shm.mkdir()
+    shm.chmod(0o1777)
+    os.chown(runtime, 65534, 65534)
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"tmpfs {runtime} tmpfs rw 0 0\ntmpfs {shm} tmpfs rw 0 0\n")
+    assert find_ram_root({"XDG_RUNTIME_DIR": str(runtime)}, mounts, shm) == shm

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -81,14 +82,14 @@ async def test_a_cancel_while_the_file_is_written_leaves_no_file(
 ) -> None:
     out = tmp_path / "private"
     started, go_on = threading.Event(), threading.Event()
-    real_write = write_wav
+    real_write = spoken_code.write_pcm
 
-    def slow_write(path: Path, pcm: Pcm) -> None:
+    def slow_write(file: BinaryIO, pcm: Pcm) -> None:
         started.set()
         go_on.wait(5)
-        real_write(path, pcm)
+        real_write(file, pcm)
 
-    monkeypatch.setattr(spoken_code, "write_wav", slow_write)
+    monkeypatch.setattr(spoken_code, "write_pcm", slow_write)
     renderer = SilentRenderer(tmp_path)
     task = asyncio.create_task(
         spoken_code.compose(renderer, "Your code is", "481523", _folder(tmp_path))  # type: ignore[arg-type]
@@ -106,11 +107,12 @@ async def test_a_cancel_while_the_file_is_written_leaves_no_file(
 async def test_a_failed_write_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing_write(path: Path, pcm: Pcm) -> None:
-        path.write_bytes(b"RIFF part of a code")
+    def failing_write(file: BinaryIO, pcm: Pcm) -> None:
+        file.write(b"RIFF part of a code")
+        file.flush()
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(spoken_code, "write_wav", failing_write)
+    monkeypatch.setattr(spoken_code, "write_pcm", failing_write)
     renderer = SilentRenderer(tmp_path)
     with pytest.raises(OSError, match="No space"):
         await spoken_code.compose(renderer, "Your code is", "481523", _folder(tmp_path))  # type: ignore[arg-type]

@@ -15,14 +15,22 @@ The folders tried, in order (:meth:`PrivateFolder.chain`):
 
 A folder is made 0700 by this process. One found there already is used only if it is a real
 folder (not a link) owned by this process's user; if its mode lets others in, it is
-tightened (it is ours). Otherwise, or if it cannot be made, it is passed over for this run.
+tightened (it is ours). Outside the data dir its name is known to all: one held by another
+user (or a link) makes this process use a folder of its own beside it
+(``clinic-voice-private-<key>-<random>``), so that nobody pushes a call's audio off tmpfs.
+A root another user could swap entries of (owned by that user, or writable by others
+without the sticky bit: ``su`` keeps the user's ``$XDG_RUNTIME_DIR``) is not used. A folder
+that cannot be made is passed over for this run. Each write opens the folder again
+(``O_NOFOLLOW``), checks it on that descriptor and makes the file in it ``O_EXCL``, written
+through its own descriptor: a folder put in place of ours since gets nothing.
 A write that fails (full, read-only, no permission) tries the next folder, and the first
 folder again at the next write; each folder's first failure is logged with why, as a
 warning (the file may then reach a disk), and the later ones at DEBUG.
 
 :meth:`PrivateFolder.sweep` at start removes what a killed run left in every folder of the
-chain; :meth:`PrivateFolder.close` at the stop removes this service's folders outside the
-data dir once empty. The SIP worker, a process of the same user, plays a file from its path.
+chain (and in those beside it); :meth:`PrivateFolder.close` at the stop removes this
+service's folders outside the data dir once empty. The SIP worker, a process of the same
+user, plays a file from its path.
 
 Blocking file I/O throughout: call it from a thread. Thread-safe (the speech thread writes
 prompts, a worker thread composes codes).
@@ -30,14 +38,17 @@ prompts, a worker thread composes codes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import stat
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from voice.media.leftovers import remove_files
 
@@ -93,20 +104,41 @@ def is_ram_backed(path: Path, mounts: Path = MOUNTS) -> bool:
         return False
 
 
+def unsafe_root(root: Path) -> str:
+    """Why another user could rename this service's folder in ``root`` away and put theirs
+    (or a link) in its place, between a check and a use (the SIP worker opens a file by its
+    path): ``root`` owned by someone else than this user or root, or open to others'
+    writes without the sticky bit. "" when none can."""
+    try:
+        info = root.stat()
+    except OSError as exc:
+        return f"{root} cannot be looked at: {exc.strerror or exc}"
+    if info.st_uid not in (os.geteuid(), 0):
+        return f"{root} is owned by uid {info.st_uid}"
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        return f"others may write in {root}, which is not sticky"
+    return ""
+
+
 def find_ram_root(
     environ: Mapping[str, str] = os.environ, mounts: Path = MOUNTS, shm: Path = SHM
 ) -> Path | None:
     """The RAM-backed folder to hold private files in: ``$XDG_RUNTIME_DIR`` (the user's own),
-    else ``/dev/shm``, whichever is first on tmpfs; None when neither is."""
+    else ``/dev/shm``, whichever is first on tmpfs and safe (:func:`unsafe_root`: ``su``
+    keeps another user's ``$XDG_RUNTIME_DIR``); None when neither is."""
     runtime = environ.get("XDG_RUNTIME_DIR", "")
     for candidate in ([Path(runtime)] if runtime.startswith("/") else []) + [shm]:
-        if is_ram_backed(candidate, mounts):
+        if is_ram_backed(candidate, mounts) and not unsafe_root(candidate):
             return candidate
     return None
 
 
 class FolderRefused(OSError):
     """A folder of the chain is not one only this service's user can enter."""
+
+
+class FolderReplaced(OSError):
+    """A folder of the chain, checked at an earlier write, is another one now."""
 
 
 class PrivateFolder:
@@ -139,32 +171,30 @@ class PrivateFolder:
         with self._lock:
             return self._chain_locked()
 
-    def write(self, prefix: str, fill: Callable[[Path], object]) -> Path:
+    def write(self, prefix: str, fill: Callable[[BinaryIO], object]) -> Path:
         """A new file ``<prefix><random>.wav``, 0600, in the first folder of the chain that
-        takes it, written by ``fill(path)``; its path. A file a failed ``fill`` left is
+        takes it, written by ``fill(file)``; its path. The folder is checked again at each
+        write on the descriptor the file is made in (``O_NOFOLLOW``: one put in place of
+        ours since, or a link, gets nothing), the file made ``O_EXCL`` and written through
+        its own descriptor, never opened again by name. A file a failed ``fill`` left is
         deleted. Raises the last folder's OSError when none takes it."""
         error: OSError = FolderRefused("no folder for private files")
-        for folder in self.chain():
+        for named in self.chain():
+            folder = named  # or one of ours beside it (_prepare)
             try:
-                self._prepare(folder)
-                fd, name = tempfile.mkstemp(prefix=prefix, suffix=".wav", dir=folder)  # 0600
+                folder = self._prepare(named)
+                dir_fd = self._open(folder)
             except OSError as exc:
                 self._fail(folder, exc)
                 error = exc
                 continue
-            os.close(fd)
-            path = Path(name)
             try:
-                fill(path)
+                return folder / _new_file(dir_fd, prefix, fill)
             except OSError as exc:
-                path.unlink(missing_ok=True)  # a part of a caller's text is still theirs
                 self._fail(folder, exc)
                 error = exc
-                continue
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            return path
+            finally:
+                os.close(dir_fd)
         raise error
 
     def sweep(self, pattern: str, older_than_s: float | None, now: float) -> int:
@@ -173,7 +203,9 @@ class PrivateFolder:
         those a killed process left. Made by nobody here, checked as :meth:`write` does.
         Returns how many."""
         removed = 0
-        for folder in self.chain():
+        with self._lock:
+            known = set(self._chain_locked())
+        for folder in self._sweep_targets():
             try:
                 info = folder.lstat()
             except FileNotFoundError:
@@ -187,7 +219,26 @@ class PrivateFolder:
                 removed += remove_files(folder, pattern, older_than_s, now)
             except OSError as exc:
                 log.warning("private files: %s cannot be swept: %s", folder, exc)
+            if folder not in known:  # one of ours beside a taken name, by an earlier run
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # once empty
         return removed
+
+    def _sweep_targets(self) -> list[Path]:
+        """The chain's folders, and beside each one outside the data dir (under a root no
+        other user can swap entries of) those made when another user held its name."""
+        targets: list[Path] = []
+        for folder in self.chain():
+            if folder.parent == self._data_dir:
+                targets.append(folder)
+                continue
+            if unsafe_root(folder.parent):
+                continue  # write() says why when it comes to it
+            base = folder.parent / f"{PREFIX}{folder_key(self._data_dir)}"
+            targets.append(base)
+            with contextlib.suppress(OSError):
+                targets += sorted(base.parent.glob(f"{base.name}-*"))
+        return list(dict.fromkeys(targets))
 
     def close(self) -> None:
         """At the service's stop: remove its folders outside the data dir (on tmpfs, in the
@@ -222,22 +273,57 @@ class PrivateFolder:
             self._chain = tuple(dict.fromkeys(folders))  # a temp root on tmpfs: once
         return tuple(f for f in self._chain if f not in self._refused)
 
-    def _prepare(self, folder: Path) -> None:
-        """Make ``folder`` 0700 if missing, else check it is ours and tighten it."""
+    def _open(self, folder: Path) -> int:
+        """``folder`` opened (not through a link), checked to be ours and closed to others."""
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            why = self._why_not(folder, info)
+            if why:  # put in place of ours since: checked afresh at the next write
+                raise FolderReplaced(f"{folder}: since it was checked, {why}")
+            if stat.S_IMODE(info.st_mode) & 0o077:
+                os.fchmod(fd, 0o700)  # ours: loosened by hand meanwhile
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _prepare(self, folder: Path) -> Path:
+        """Make ``folder`` 0700 if missing, else check it is ours and tighten it; the folder
+        to use: outside the data dir, one of ours beside it when another user (or a link)
+        holds its name, which is known to all."""
         with self._lock:
             if folder in self._ready:
-                return
+                return folder
             if folder in self._refused:
                 raise FolderRefused(f"{folder} was refused")
+            outside = folder.parent != self._data_dir  # on tmpfs, in the temporary folder
+            if outside:
+                unsafe = unsafe_root(folder.parent)
+                if unsafe:
+                    raise self._refuse(folder, unsafe)
             try:
                 # The data dir may not exist yet; a RAM or temporary root must.
-                folder.mkdir(mode=0o700, parents=folder.parent == self._data_dir)
+                folder.mkdir(mode=0o700, parents=not outside)
             except FileExistsError:
                 pass
             except OSError as exc:
                 raise self._refuse(folder, f"it cannot be made: {exc.strerror or exc}") from exc
             info = folder.lstat()
             why = self._why_not(folder, info)
+            if why and outside:
+                # Planted there to push a call's audio off tmpfs (or to make it fail): a
+                # folder of ours with a name nobody can guess, swept by the next start.
+                try:
+                    fresh = Path(tempfile.mkdtemp(prefix=f"{folder.name}-", dir=folder.parent))
+                except OSError as exc:
+                    why += f", and none beside it can be made: {exc.strerror or exc}"
+                    raise self._refuse(folder, why) from exc
+                log.warning("private files: %s is not used (%s): %s is", folder, why, fresh)
+                assert self._chain is not None
+                self._chain = tuple(fresh if f == folder else f for f in self._chain)
+                self._ready.add(fresh)
+                return fresh
             if why:
                 raise self._refuse(folder, why)
             if stat.S_IMODE(info.st_mode) & 0o077:
@@ -249,6 +335,7 @@ class PrivateFolder:
                     raise self._refuse(folder, why) from exc
                 log.info("private files: %s was open to others: made 0700", folder)
             self._ready.add(folder)
+            return folder
 
     def _why_not(self, folder: Path, info: os.stat_result) -> str:
         """Why ``folder`` (its ``lstat``) is not one to use: "" when it is."""
@@ -279,3 +366,27 @@ class PrivateFolder:
             folder,
             exc.strerror or exc,
         )
+
+
+def _new_file(dir_fd: int, prefix: str, fill: Callable[[BinaryIO], object]) -> str:
+    """A new file ``<prefix><random>.wav`` in the folder ``dir_fd``, 0600, written by
+    ``fill`` through its own descriptor; its name. Deleted if ``fill`` fails."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        name = f"{prefix}{secrets.token_hex(8)}.wav"
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(f"no free name for a new {prefix}*.wav file")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            fill(file)
+    except BaseException:
+        # A part of a caller's text (or of a code) is still theirs.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+        raise
+    return name

@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 from array import array
 from pathlib import Path
+from typing import BinaryIO
 
-from voice.media.pcm import Pcm, read_wav, silence, write_wav
+from voice.media.pcm import Pcm, read_wav, silence, wav_bytes
 from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 
@@ -81,4 +82,10 @@ def _write(
     # second at once; without it the last digit could be clipped.
     samples = silence(REPEAT_GAP_S, rate_hz) + once + silence(TAIL_S, rate_hz)
     # A file cut short is deleted by the folder (a part of the code is still the code).
-    return out.write("code-", lambda path: write_wav(path, Pcm(samples, rate_hz)))
+    pcm = Pcm(samples, rate_hz)
+    return out.write("code-", lambda file: write_pcm(file, pcm))
+
+
+def write_pcm(file: BinaryIO, pcm: Pcm) -> None:
+    """``pcm`` as a WAV file into ``file``, a new private file (through its descriptor)."""
+    file.write(wav_bytes(pcm))

@@ -327,7 +327,7 @@ class PromptRenderer:
 
         def run() -> Path:
             wav = speech.speak(text, voice, rate_hz)
-            return folder.write("once-", lambda path: path.write_bytes(wav))
+            return folder.write("once-", lambda file: file.write(wav))
 
         self._renders += 1
         log.debug("rendering a prompt of one call: voice=%s rate=%s", voice, rate_hz)
