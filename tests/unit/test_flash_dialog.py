@@ -793,3 +793,27 @@ def test_the_answer_after_a_2xx_of_the_challenged_invite_with_its_to_tag_ends_th
         (CallState.ENDED, 200, CallOutcome.ANSWERED),
     ]
     assert dialog.done and dialog.deadline is None
+
+
+@pytest.mark.parametrize("header", ["WWW-Authenticate", "Proxy-Authenticate"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        'Digest realm="elsewhere", nonce="other", qop="auth"',  # a proxy's, or a prober's
+        'Digest realm="asterisk", nonce="sha", algorithm=SHA-256, qop="auth"',  # RFC 8760
+    ],
+)
+def test_of_several_challenges_the_one_it_can_answer_is_answered(header: str, first: str) -> None:
+    # A 401 or 407 may carry several challenges (RFC 3261 section 22.3; RFC 8760 offers
+    # one per algorithm): the first must not refuse them all when a later one is of
+    # CLINIC_SIP_REALM, as pjsip answers the workers' (sip_auth_client.c tries each).
+    status = 401 if header == "WWW-Authenticate" else 407
+    dialog, step = make(user="clinic", password="clinic-local-secret", realm="asterisk")
+    (invite,) = sent(step)
+    ours = (header, 'Digest realm="asterisk", nonce="n0nce", qop="auth"')
+    out = dialog.on_response(reply(invite, status, (header, first), ours), 100.01)
+    ack, invite2 = sent(out)
+    assert ack.method == "ACK" and invite2.method == "INVITE"
+    answer = invite2.get("Authorization" if status == 401 else "Proxy-Authorization") or ""
+    assert 'realm="asterisk"' in answer and 'nonce="n0nce"' in answer, answer
+    assert out.events == []

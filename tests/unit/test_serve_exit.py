@@ -4,6 +4,7 @@ and what a worker's exit at the stop says (sip_config/worker_exit.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -122,3 +123,25 @@ def test_the_pool_says_which_worker_it_killed_for_not_stopping() -> None:
     pool._on_exit(worker, -9)
     assert pool.exits_at_stop == (KILLED,)
     assert str(pool.exits_at_stop[0]) == KILLED_SAYS
+
+
+async def test_a_worker_killed_as_frozen_while_running_does_not_count_at_a_stop_right_after() -> (
+    None
+):
+    # The watch kills a frozen worker (SIGKILL) while the pool runs; the stop begins before
+    # the worker's reader has seen it die (a loop step later, or the child watcher's thread
+    # late on a loaded host). That death was the run's, as one a step earlier would have
+    # been (logged, restarted): it is no exit at the stop, and serve must not exit 1 for it.
+    pool = SipPool(sip_settings(1), clock=FakeClock())
+    pool._running = True  # as start() leaves it
+    worker = pool._workers[0]
+    proc = await asyncio.create_subprocess_exec(
+        "sleep", "60", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    worker.process, worker.pid = proc, proc.pid
+    worker.reader = asyncio.create_task(pool._read(worker, proc))
+    await asyncio.sleep(0)  # the reader waits for its line
+    pool._kill(worker)  # the watch round: frozen, killed
+    await pool.stop()
+    assert proc.returncode == -signal.SIGKILL
+    assert pool.exits_at_stop == ()

@@ -9,6 +9,7 @@ import pytest
 from voice.sip.digest import (
     DigestError,
     RealmRefused,
+    answer,
     authorization,
     check_realm,
     parse_challenge,
@@ -131,3 +132,36 @@ def test_a_refused_realm_is_named_safely_and_nothing_else() -> None:
     text = str(err.value)
     assert "\x1b" not in text and "\\x1b" in text
     assert "pw" not in text and "n0nce" not in text and "response" not in text
+
+
+@pytest.mark.parametrize(
+    ("challenges", "error"),
+    [
+        ([], "no Digest challenge"),
+        (['Basic realm="x"', 'Digest realm="elsewhere", nonce="n"'], "realm 'elsewhere'"),
+        (['Digest realm="r", nonce="n", algorithm=SHA-256'], "unsupported digest algorithm"),
+    ],
+)
+def test_of_several_challenges_none_answerable_names_why(challenges: list[str], error: str) -> None:
+    with pytest.raises(DigestError, match=error):
+        answer(
+            challenges, method="MESSAGE", uri="u", user="u", password="pw", cnonce="c", realm="r"
+        )
+
+
+def test_of_several_challenges_the_first_answerable_one_of_the_realm_is_answered() -> None:
+    value = answer(
+        [
+            'Digest realm="r", nonce="sha", algorithm=SHA-256',
+            'Digest realm="elsewhere", nonce="other"',
+            'Digest realm="r", nonce="md5"',
+            'Digest realm="r", nonce="later"',
+        ],
+        method="MESSAGE",
+        uri="u",
+        user="u",
+        password="pw",
+        cnonce="c",
+        realm="r",
+    )
+    assert _field(value, "nonce") == "md5"

@@ -11,7 +11,7 @@ import pytest
 from tests.unit.test_sip_refer import ACTIVE, DONE, _notify, _subs
 from voice.sip.outcome import SipStatus
 from voice.sip.pjsua import Engine, EngineConfig
-from voice.sip.protocol import TransferStatus
+from voice.sip.protocol import SendMessage, TransferStatus
 from voice.sip.refer import ReferSubscriptions
 
 
@@ -189,3 +189,56 @@ def test_a_refer_challenged_for_another_realm_is_logged_with_that_realm(
         "call c1: REFER: cannot answer the 401 challenge: realm 'elsewhere' is not the "
         "configured realm (CLINIC_SIP_REALM)"
     ]
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+def _two_challenges(first: str, second: str) -> NS:
+    e = _refer_event(pj.PJSIP_TSX_STATE_COMPLETED, pj.PJSIP_EVENT_RX_MSG, 5, 401)
+    e.body.tsxState.src.rdata.wholeMsg = e.body.tsxState.src.rdata.wholeMsg.replace(
+        "Content-Length",
+        f'WWW-Authenticate: Digest realm="{first}", nonce="n1"\r\n'
+        f'WWW-Authenticate: Digest realm="{second}", nonce="n2"\r\nContent-Length',
+    )
+    return e
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "refused"),
+    [
+        ("elsewhere", "clinic", False),  # pjsip answered the second: a wrong password
+        ("clinic", "elsewhere", False),
+        ("elsewhere", "other", True),
+    ],
+)
+def test_a_challenge_of_the_realm_among_several_is_not_called_refused(
+    caplog: pytest.LogCaptureFixture, first: str, second: str, refused: bool
+) -> None:
+    # pjsip tries every challenge of a 401 (sip_auth_client.c): a final 401 whose second
+    # challenge is of CLINIC_SIP_REALM was answered, and the first's realm is not why.
+    engine = Engine(EngineConfig("127.0.0.1", 0, password="pw", realm="clinic"), _ignore)
+    call = NS(call_id="c1", refers=_subs(3), xfer_pending=True, ended=False, report_newest=None)
+    e = _refer_event(pj.PJSIP_TSX_STATE_CALLING, pj.PJSIP_EVENT_TX_MSG, 5)
+    engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    e = _two_challenges(first, second)
+    with caplog.at_level("WARNING", logger="voice.sip.pjsua"):
+        engine._on_refer_tsx(call, e.body.tsxState.tsx, e)  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records if "challenge" in r.getMessage()]
+    assert bool(lines) is refused, lines
+
+
+def test_a_message_answers_the_challenge_of_its_realm_among_several() -> None:
+    # The MESSAGE path answers a 401 itself (Engine._answer_challenge): the first challenge
+    # of another realm refused the realm's own, and the SMS was undeliverable.
+    engine = Engine(
+        EngineConfig("127.0.0.1", 0, user="clinic", password="pw", realm="clinic"), _ignore
+    )
+    e = _two_challenges("elsewhere", "clinic")
+    cmd = SendMessage("r1", "sip:+447700900123@pbx", "+441000", "123456")
+    answer = engine._answer_challenge(NS(e=e), cmd, 401)
+    assert answer is not None, "the challenge of CLINIC_SIP_REALM was there"
+    header, value = answer
+    assert header == "Authorization"
+    assert 'realm="clinic"' in value and 'nonce="n2"' in value, value

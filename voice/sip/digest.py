@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
 _PARAM = re.compile(r'\s*([A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))\s*,?')
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
@@ -23,8 +24,9 @@ class DigestError(ValueError):
     """A challenge this module cannot answer (not Digest, or an unsupported algorithm)."""
 
 
-def parse_challenge(value: str) -> dict[str, str]:
-    """``Digest realm="x", nonce="y", qop="auth"`` -> ``{"realm": "x", ...}``."""
+def challenge_params(value: str) -> dict[str, str]:
+    """A Digest challenge's parameters, whatever its algorithm (:func:`parse_challenge`
+    also refuses one this module cannot answer)."""
     scheme, _, rest = value.strip().partition(" ")
     if scheme.lower() != "digest":
         raise DigestError(f"not a Digest challenge: {scheme}")
@@ -33,6 +35,12 @@ def parse_challenge(value: str) -> dict[str, str]:
         params[m.group(1).lower()] = m.group(2) if m.group(2) is not None else m.group(3)
     if "realm" not in params or "nonce" not in params:
         raise DigestError("a Digest challenge needs realm and nonce")
+    return params
+
+
+def parse_challenge(value: str) -> dict[str, str]:
+    """``Digest realm="x", nonce="y", qop="auth"`` -> ``{"realm": "x", ...}``."""
+    params = challenge_params(value)
     algorithm = params.get("algorithm", "MD5").upper()
     if algorithm != "MD5":
         raise DigestError(f"unsupported digest algorithm {algorithm}")
@@ -105,3 +113,41 @@ def authorization(
     if "opaque" in challenge:
         parts.append(f'opaque="{challenge["opaque"]}"')
     return "Digest " + ", ".join(parts)
+
+
+def answer(
+    challenges: Sequence[str],
+    *,
+    method: str,
+    uri: str,
+    user: str,
+    password: str,
+    cnonce: str,
+    realm: str = "",
+) -> str:
+    """The :func:`authorization` answering the first of ``challenges`` (a response's
+    WWW-Authenticate, or Proxy-Authenticate, values in order) that this module can answer
+    and that is of ``realm`` ("": any).
+
+    A 401 or 407 may carry several (RFC 3261 section 22.3: one a proxy; RFC 8760: one an
+    algorithm), and pjsip, which answers the workers' own, tries each: the first alone
+    refused a later one of ``realm``, or an MD5 one after SHA-256's. None answerable: the
+    :class:`RealmRefused` of the first of another realm, else the first one's error."""
+    errors: list[DigestError] = []
+    for value in challenges:
+        try:
+            return authorization(
+                parse_challenge(value),
+                method=method,
+                uri=uri,
+                user=user,
+                password=password,
+                cnonce=cnonce,
+                realm=realm,
+            )
+        except DigestError as exc:
+            errors.append(exc)
+    refused = [e for e in errors if isinstance(e, RealmRefused)]
+    if refused or errors:
+        raise (refused or errors)[0]
+    raise DigestError("no Digest challenge")

@@ -40,9 +40,9 @@ What it does, and what it deliberately does not:
   (``MAX_FORKS`` To tags, 64*T1 after the end) and no event; it ACKs that INVITE's final
   error sent again, and nothing else (a response to a CANCEL or a BYE is never ACKed);
 - one 401/407 is answered with digest credentials (a PBX that identifies the trunk by its
-  auth user, as the repository's Asterisk does), only if of :attr:`Local.realm` when that is
-  set (another realm's is a final error, as without credentials); a second challenge is a
-  final error; while
+  auth user, as the repository's Asterisk does): of its challenges, the first it can answer
+  and, when :attr:`Local.realm` is set, of that realm (none such: a final error, as without
+  credentials); a second challenge is a final error; while
   the call lasts (or is kept, answered), the challenged INVITE's final sent again gets its own
   ACK again, and a 2xx of it (its CSeq number and branch) an ACK and a BYE of its own, as a
   fork's, and no event; after an unanswered end they get nothing (:class:`LateAnswers` keeps
@@ -739,9 +739,8 @@ class FlashDialog:
             else ("Proxy-Authenticate", "Proxy-Authorization")
         )
         try:
-            challenge = digest.parse_challenge(msg.get(want) or "")
-            value = digest.authorization(
-                challenge,
+            value = digest.answer(
+                msg.get_all(want),
                 method="INVITE",
                 uri=self.spec.target_uri,
                 user=self.local.auth_user,

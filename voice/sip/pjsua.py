@@ -17,6 +17,7 @@ to a new call, which its destructor would hang up (``_Call.__del__`` disowns it 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
@@ -1153,17 +1154,22 @@ class Engine:
         """pjsua answers the challenges of registrations and calls itself, with credentials
         for CLINIC_SIP_REALM only: a final 401 or 407 of another realm (``whole_msg``) is
         one it did not answer, and the operator is told which realm that was. Nothing is
-        said of one it answered (a second challenge: a wrong password) or could not read.
+        said of one it answered (a second challenge: a wrong password), also when another
+        challenge of the response was of another realm (pjsip tries each), or could not read.
         pjsip matches the realm ignoring case (``pj_stricmp``), and so does this."""
         if not self._config.realm:
             return
         header = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
         try:
-            challenge = digest.parse_challenge(message.parse(_wire(whole_msg)).get(header) or "")
-        except (message.SipParseError, digest.DigestError):
+            values = message.parse(_wire(whole_msg)).get_all(header)
+        except message.SipParseError:
             return
-        if challenge["realm"].lower() != self._config.realm.lower():
-            refused = digest.RealmRefused(challenge["realm"])
+        realms: list[str] = []
+        for value in values:  # pjsip tries each challenge: one of the realm was answered
+            with contextlib.suppress(digest.DigestError):
+                realms.append(digest.challenge_params(value)["realm"])
+        if realms and all(r.lower() != self._config.realm.lower() for r in realms):
+            refused = digest.RealmRefused(realms[0])
             log.warning("%s: cannot answer the %s challenge: %s", what, status, refused)
 
     def _on_request_done(self, prm: pj.OnSendRequestParam) -> None:
@@ -1198,11 +1204,11 @@ class Engine:
         )
         try:
             response = message.parse(_wire(prm.e.body.tsxState.src.rdata.wholeMsg))
-            challenge = digest.parse_challenge(response.get(want) or "")
             # Also refused here: a challenge this client cannot answer (qop="auth-int" only).
             # Raised inside pjsua's callback it was swallowed, and the send waited for nothing.
-            value = digest.authorization(
-                challenge,
+            # Of several challenges, the first it can answer (of CLINIC_SIP_REALM, if set).
+            value = digest.answer(
+                response.get_all(want),
                 method="MESSAGE",
                 uri=cmd.target_uri,
                 user=self._config.user,

@@ -378,6 +378,9 @@ class _Worker:
     process: asyncio.subprocess.Process | None = None
     pid: int = 0  # the process's, kept for the line of its exit
     killed: bool = False  # by stop(), past WORKER_STOP_S
+    # By the watch while the pool ran (frozen, or never up): a death of the run, also when
+    # its reader sees it only once stop() has begun; no exit at the stop.
+    killed_running: bool = False
     reader: asyncio.Task[None] | None = None
     up: bool = False
     registered: bool = False
@@ -905,7 +908,7 @@ class SipPool:
         w.process = await spawn_child(
             argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )
-        w.pid, w.killed = w.process.pid, False
+        w.pid, w.killed, w.killed_running = w.process.pid, False, False
         w.started_at = self._clock.monotonic()
         # Its silence counts from now, not from the last line of the process it replaces
         # (killed as frozen, 30 s silent or more): a watch round may run before the reader
@@ -916,6 +919,7 @@ class SipPool:
 
     def _kill(self, w: _Worker) -> None:
         if w.process is not None and w.process.returncode is None:
+            w.killed_running = self._running
             w.process.kill()
 
     async def _watch(self) -> None:
@@ -1110,6 +1114,18 @@ class SipPool:
         for fut in w.requests.values():
             if not fut.done():
                 fut.set_result(SipStatus.SERVICE_UNAVAILABLE)
+        if not self._running and w.killed_running:
+            # Killed by the watch while the pool ran; its reader saw it only after stop()
+            # began: the run's death (not restarted now), not the stop's outcome.
+            log.error(
+                "SIP worker %s (pid %s) died (exit %s, killed as it ran) as the stop began: "
+                "%s call(s) lost",
+                w.index,
+                w.pid,
+                exit_status,
+                len(lost),
+            )
+            return
         if not self._running:
             # Not 0: the stop went wrong in the worker (pjsua aborts on a lifetime mistake,
             # -6; its stderr says where), or it was killed for not stopping (-9, warned).
