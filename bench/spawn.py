@@ -16,6 +16,7 @@ Run: ``.venv/bin/python bench/spawn.py [--quick] [--gib 4] [--spawns 30]``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import statistics
@@ -73,8 +74,10 @@ async def _uvloop_run(spawns: int) -> tuple[list[float], list[float]]:
 def _touched(gib: float) -> mmap.mmap:
     size = int(gib * 2**30) // mmap.PAGESIZE * mmap.PAGESIZE
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    # 4 KiB pages, as a heap grown by small objects has them (THP would shrink the tables).
-    memory.madvise(mmap.MADV_NOHUGEPAGE)
+    # 4 KiB pages, as a heap grown by small objects has them (THP would shrink the tables);
+    # a kernel built without THP refuses the advice (EINVAL) and has 4 KiB pages anyway.
+    with contextlib.suppress(OSError):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
     for offset in range(0, size, mmap.PAGESIZE):
         memory[offset] = 1
     return memory

@@ -5,7 +5,9 @@ user, and that asyncio's loop starts it without a ``fork()`` of this process."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import subprocess
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
@@ -99,5 +101,22 @@ async def test_asyncio_starts_a_child_without_a_fork_of_this_process() -> None:
         await proc.wait()
         faults = pages.faults_on_rewrite()
         assert faults < TouchedPages.PAGES // 4, f"{faults} faults: the child was forked"
+    finally:
+        pages.close()
+
+
+def test_touched_pages_tells_a_fork_where_the_kernel_refuses_the_huge_page_advice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A kernel built without THP answers MADV_NOHUGEPAGE with EINVAL, as it answers any advice
+    # it does not know: one it knows nowhere stands in for it here.
+    monkeypatch.setattr(mmap, "MADV_NOHUGEPAGE", 0x7EAD)
+    # The stand-in is refused, as THP's advice is there.
+    with mmap.mmap(-1, mmap.PAGESIZE) as probe, pytest.raises(OSError):
+        probe.madvise(mmap.MADV_NOHUGEPAGE)
+    pages = TouchedPages()
+    try:
+        subprocess.run(["true"], check=True, preexec_fn=os.setpgrp)
+        assert pages.faults_on_rewrite() >= TouchedPages.PAGES
     finally:
         pages.close()
