@@ -178,10 +178,11 @@ async def sipp_uac(
     timeout_s: int,
     *,
     keys: dict[str, str] | None = None,
+    tcp: bool = False,
 ) -> tuple[int, str]:
     """Play ``tests/peers/<scenario>`` once as a UAC calling ``user`` at ``target``; its exit
     code and the messages it traced. ``keys``: the scenario's ``[name]`` keywords (sipp's
-    ``-key name value``).
+    ``-key name value``); ``tcp``: over TCP (one connection) rather than UDP.
 
     From a free port of its own: sipp takes ``-p 0`` for its default, 5060, so two runs at
     once (or anything else on 5060) made it fail to bind. Its media and control ports: see
@@ -190,7 +191,7 @@ async def sipp_uac(
     proc = await asyncio.create_subprocess_exec(
         "sipp", str(target), "-sf", str(PEERS / scenario),
         "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
-        "-s", user, "-m", "1", "-nostdin",
+        "-s", user, "-m", "1", "-nostdin", *(("-t", "t1") if tcp else ()),
         *(arg for name, value in (keys or {}).items() for arg in ("-key", name, value)),
         "-trace_msg", "-message_file", str(trace), "-timeout", str(timeout_s),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

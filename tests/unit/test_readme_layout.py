@@ -436,6 +436,18 @@ def test_an_sms_over_sip_to_a_rig_number_reaches_that_softphone() -> None:
     pytest.fail("no [messages] extension takes +14155556001")
 
 
+def test_a_phones_sip_message_to_the_clinic_line_is_refused_by_asterisk() -> None:
+    """README "SIP, capacity and scaling": a phone's MESSAGE to 700 goes to ``[messages]``,
+    which has no extension (nor include) for it, so Asterisk answers 404 and no worker (whose
+    pjsua would answer 200 and drop it) sees it."""
+    text = " ".join(README.read_text().split())
+    assert "a MESSAGE to the clinic line (700) goes to the `messages` context" in text
+    assert {o.get("message_context") for o in endpoints().values()} == {"messages"}
+    extensions = dialplan()["messages"]
+    assert extensions and not any(p.startswith("include:") for p, _ in extensions)
+    assert not any(matches(pattern, "700") for pattern, _ in extensions), extensions
+
+
 def test_the_clinic_line_menu_is_the_one_the_readme_lists() -> None:
     """700 reaches the default flow (Asterisk calls the workers' contact, not "700")."""
     row = next(reaches for numbers, reaches in dial_rows() if "the clinic line" in reaches)

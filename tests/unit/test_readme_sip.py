@@ -247,6 +247,18 @@ def test_what_the_front_answers_is_what_the_readme_says(
     assert first.startswith(f"SIP/2.0 {status} {reason}"), first
 
 
+def test_a_sip_message_to_the_front_gets_the_refusal_the_readme_names() -> None:
+    """The service takes no inbound MESSAGE: a 200 would tell the sender it was delivered.
+    RFC 3261 8.2.1: 405 with an Allow header listing the methods the front does take."""
+    said = "a MESSAGE gets `405 Method Not Allowed` with `Allow: INVITE, ACK, CANCEL, OPTIONS`"
+    assert said in sip_section()
+    answer = front.respond(_request("MESSAGE"), None, tcp=False)
+    assert answer is not None
+    reply = message.parse(answer)
+    assert (reply.status, reply.reason) == (405, "Method Not Allowed"), reply
+    assert f"`Allow: {reply.get('Allow')}`" in said, reply
+
+
 def test_a_message_too_large_gets_the_status_the_readme_names() -> None:
     said = "`513 Message Too Large`"
     assert said in sip_section()

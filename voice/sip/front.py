@@ -9,9 +9,11 @@ is stopping (a proxy then tries another instance). The ACK for that final respon
 OPTIONS gets 200 (so peers can probe liveness), a CANCEL gets 200 when it matches an INVITE
 answered here (that INVITE already has its final answer; the 200 carries its To tag) and
 481 Call/Transaction Does Not Exist when it matches none (RFC 3261 9.2), BYE gets 481, other
-known methods 405 with ``Allow``, unknown ones 501. An INVITE without the headers every
-request needs gets 400 (RFC 3261 8.1.1) and no slot; its retransmissions get that 400 again,
-To tag included, from the memory of the non-INVITE answers (see below).
+known methods 405 with ``Allow``, unknown ones 501. MESSAGE is one of those 405s: the service
+takes no inbound messages, and a 200 would tell the sender its message was delivered (RFC 3428
+section 7). An INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and
+no slot; its retransmissions get that 400 again, To tag included, from the memory of the
+non-INVITE answers (see below).
 
 A retransmitted INVITE (the same transaction: top Via branch and sent-by, Call-ID, CSeq;
 see :mod:`voice.sip.transaction`) gets the very answer the first copy got, To tag included,

@@ -1,0 +1,153 @@
+"""An inbound SIP MESSAGE (RFC 3428), at every way in: the redirect front, a worker's own port,
+and inside a call's dialog. sipp sends it on loopback; the status each answers is recorded.
+
+The service sends SMS over SIP but takes no inbound messages, and a 2xx to a MESSAGE tells its
+sender the message was delivered (RFC 3428 section 7). The front, Python of ours, refuses it
+with ``405 Method Not Allowed`` and an ``Allow`` header (RFC 3261 sections 8.2.1 and 21.4.6).
+A worker's port is pjsua's: its IM module answers every MESSAGE 200 before any callback runs
+and pjsua2 has no setting or hook to refuse it (README, "SIP, capacity and scaling", names
+the pjsua source lines). Those tests pin that documented limit: a pjsua2 that lets the worker
+refuse makes them fail, and the README's table changes with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sip_config.clock import SystemClock
+from sip_config.settings import HostPort
+from tests.conftest import sip_settings
+from tests.integration.test_sip_inbound import _udp_request, sipp_uac
+from voice.sip import message
+from voice.sip.front import ALLOW, RedirectFront
+from voice.sip.outcome import CallOutcome
+from voice.sip.pool import CallHandle, SipPool
+from voice.sip.protocol import CallEvent, CallState, Digit
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
+    pool = SipPool(sip_settings(2), clock=SystemClock())
+    await pool.start()
+    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound, clock=SystemClock())
+    await front.start()
+    try:
+        yield pool, front
+    finally:
+        await front.stop()
+        await pool.stop()
+
+
+def answers_to(method: str, trace: str) -> list[message.SipMessage]:
+    """The responses to ``method`` in a sipp trace (sipp logs each message once, blank-line
+    separated, under a line naming its direction and time)."""
+    found = []
+    for block in trace.split("\n\n"):
+        start = block.find("SIP/2.0 ")
+        if start < 0:
+            continue
+        try:
+            msg = message.parse(block[start:].encode())
+        except message.SipParseError:
+            continue
+        if not msg.is_request and (msg.get("CSeq") or "").split()[-1:] == [method]:
+            found.append(msg)
+    return found
+
+
+def final_answer(method: str, trace: str) -> message.SipMessage:
+    finals = [m for m in answers_to(method, trace) if m.status >= 200]
+    assert finals, f"no final answer to the {method}:\n{trace[-3000:]}"
+    statuses = {m.status for m in finals}
+    assert len(statuses) == 1, f"the {method}'s copies got different answers: {statuses}"
+    return finals[0]
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+async def test_a_message_to_the_front_is_refused_405_with_allow(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path, tcp: bool
+) -> None:
+    """What a phone, a gateway or a PBX sending to ``CLINIC_SIP_ADDR`` gets: a refusal that
+    says which methods the front takes, never a 200 (the message would be lost unannounced).
+    It takes no slot and reaches no handler."""
+    pool, front = line
+    offered: list[CallHandle] = []
+
+    async def handler(call: CallHandle) -> None:
+        offered.append(call)
+
+    pool.on_incoming(handler)
+    free = pool.stats()["free_slots"]
+    code, text = await sipp_uac(
+        front.address, "sipp_uac_message.xml", "6000", tmp_path, 10, tcp=tcp
+    )
+    assert code == 0, f"sipp got no answer it knows: {text[-3000:]}"
+    answer = final_answer("MESSAGE", text)
+    assert (answer.status, answer.reason) == (405, "Method Not Allowed"), answer
+    allowed = {m.strip() for m in (answer.get("Allow") or "").split(",")}
+    assert allowed == {m.strip() for m in ALLOW.split(",")}, answer
+    assert "MESSAGE" not in allowed
+    assert pool.stats()["free_slots"] == free and not offered
+
+
+async def test_a_message_to_a_workers_port_gets_pjsuas_200_documented(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """Out of any dialog, straight to a worker (direct mode's worker ports take the callers
+    the front redirects; behind a PBX they are the PBX's trunk): pjsua's IM module answers
+    200 itself (``im_on_rx_request``), and the service drops the text. The README says so;
+    this fails when a pjsua2 lets the worker refuse it, for the README to change too."""
+    pool, _ = line
+    worker = pool.worker_addresses()[0]
+    free = pool.stats()["free_slots"]
+    code, text = await sipp_uac(worker, "sipp_uac_message.xml", "6000", tmp_path, 10)
+    assert code == 0, f"sipp got no answer it knows: {text[-3000:]}"
+    answer = final_answer("MESSAGE", text)
+    assert answer.status == 200, answer
+    assert pool.stats()["free_slots"] == free
+    # pjsua even offers it: its OPTIONS answer lists MESSAGE (the README says so).
+    options = await asyncio.get_running_loop().run_in_executor(
+        None, _udp_request, worker, "OPTIONS"
+    )
+    assert options.status == 200, options
+    assert "MESSAGE" in {m.strip() for m in (options.get("Allow") or "").split(",")}, options
+
+
+async def test_a_message_inside_a_call_gets_pjsuas_200_and_the_call_goes_on(
+    line: tuple[SipPool, RedirectFront], tmp_path: Path
+) -> None:
+    """A caller's phone that sends a text during a clinic call: the MESSAGE comes in the
+    call's dialog to its worker, where pjsua answers 200 itself (``pjsua_call.c``, the
+    UAS MESSAGE branch of its transaction callback, after the application's callback) and
+    the text is dropped. Pinned as documented; and the call goes on: a digit after it
+    arrives, and the call ends as the handler ends it."""
+    pool, _ = line
+    seen: list[object] = []
+    ended = asyncio.Event()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        async for ev in call.events:
+            seen.append(ev)
+            if isinstance(ev, Digit):
+                await call.hangup()
+        ended.set()
+
+    pool.on_incoming(handler)
+    worker = pool.worker_addresses()[0]
+    code, text = await sipp_uac(worker, "sipp_uac_message_in_call.xml", "6000", tmp_path, 20)
+    assert code == 0, f"no answer to the MESSAGE, or no BYE after the digit: {text[-3000:]}"
+    answer = final_answer("MESSAGE", text)
+    assert answer.status == 200, answer
+    async with asyncio.timeout(5):
+        await ended.wait()
+    assert [e.key for e in seen if isinstance(e, Digit)] == ["1"], seen
+    last = seen[-1]
+    assert isinstance(last, CallEvent) and last.state is CallState.ENDED, seen
+    assert last.outcome is CallOutcome.COMPLETED, last
