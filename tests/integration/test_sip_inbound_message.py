@@ -13,6 +13,7 @@ refuse makes them fail, and the README's table changes with them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from voice.sip.protocol import CallEvent, CallState, Digit
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
+@contextlib.asynccontextmanager
+async def started_line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
     pool = SipPool(sip_settings(2), clock=SystemClock())
     await pool.start()
     front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound, clock=SystemClock())
@@ -42,6 +43,12 @@ async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
     finally:
         await front.stop()
         await pool.stop()
+
+
+@pytest.fixture
+async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
+    async with started_line() as started:
+        yield started
 
 
 def answers_to(method: str, trace: str) -> list[message.SipMessage]:
@@ -96,58 +103,71 @@ async def test_a_message_to_the_front_is_refused_405_with_allow(
     assert pool.stats()["free_slots"] == free and not offered
 
 
+DROPPED = "inbound SIP MESSAGE(s) (the last {}) answered 200 by pjsua and dropped"
+
+
 async def test_a_message_to_a_workers_port_gets_pjsuas_200_documented(
-    line: tuple[SipPool, RedirectFront], tmp_path: Path
+    capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Out of any dialog, straight to a worker (direct mode's worker ports take the callers
     the front redirects; behind a PBX they are the PBX's trunk): pjsua's IM module answers
     200 itself (``im_on_rx_request``), and the service drops the text. The README says so;
     this fails when a pjsua2 lets the worker refuse it, for the README to change too."""
-    pool, _ = line
-    worker = pool.worker_addresses()[0]
-    free = pool.stats()["free_slots"]
-    code, text = await sipp_uac(worker, "sipp_uac_message.xml", "6000", tmp_path, 10)
-    assert code == 0, f"sipp got no answer it knows: {text[-3000:]}"
-    answer = final_answer("MESSAGE", text)
-    assert answer.status == 200, answer
-    assert pool.stats()["free_slots"] == free
-    # pjsua even offers it: its OPTIONS answer lists MESSAGE (the README says so).
-    options = await asyncio.get_running_loop().run_in_executor(
-        None, _udp_request, worker, "OPTIONS"
-    )
-    assert options.status == 200, options
-    assert "MESSAGE" in {m.strip() for m in (options.get("Allow") or "").split(",")}, options
+    # The pool is started here, not by a fixture: capfd captures only from the test's own
+    # start, and a worker writes its log to the stderr it was started with.
+    async with started_line() as (pool, _):
+        worker = pool.worker_addresses()[0]
+        free = pool.stats()["free_slots"]
+        code, text = await sipp_uac(worker, "sipp_uac_message.xml", "6000", tmp_path, 10)
+        assert code == 0, f"sipp got no answer it knows: {text[-3000:]}"
+        answer = final_answer("MESSAGE", text)
+        assert answer.status == 200, answer
+        assert pool.stats()["free_slots"] == free
+        # The loss is said in the worker's log, without the text.
+        err = capfd.readouterr().err
+        assert "1 " + DROPPED.format("out of a dialog") in err, err[-3000:]
+        assert "appointment" not in err, "a patient's text in the log"
+        # pjsua even offers it: its OPTIONS answer lists MESSAGE (the README says so).
+        options = await asyncio.get_running_loop().run_in_executor(
+            None, _udp_request, worker, "OPTIONS"
+        )
+        assert options.status == 200, options
+        assert "MESSAGE" in {m.strip() for m in (options.get("Allow") or "").split(",")}, options
 
 
 async def test_a_message_inside_a_call_gets_pjsuas_200_and_the_call_goes_on(
-    line: tuple[SipPool, RedirectFront], tmp_path: Path
+    capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """A caller's phone that sends a text during a clinic call: the MESSAGE comes in the
     call's dialog to its worker, where pjsua answers 200 itself (``pjsua_call.c``, the
     UAS MESSAGE branch of its transaction callback, after the application's callback) and
     the text is dropped. Pinned as documented; and the call goes on: a digit after it
     arrives, and the call ends as the handler ends it."""
-    pool, _ = line
-    seen: list[object] = []
-    ended = asyncio.Event()
+    # The pool is started here, not by a fixture: capfd captures only from the test's own
+    # start, and a worker writes its log to the stderr it was started with.
+    async with started_line() as (pool, _):
+        seen: list[object] = []
+        ended = asyncio.Event()
 
-    async def handler(call: CallHandle) -> None:
-        await call.answer()
-        async for ev in call.events:
-            seen.append(ev)
-            if isinstance(ev, Digit):
-                await call.hangup()
-        ended.set()
+        async def handler(call: CallHandle) -> None:
+            await call.answer()
+            async for ev in call.events:
+                seen.append(ev)
+                if isinstance(ev, Digit):
+                    await call.hangup()
+            ended.set()
 
-    pool.on_incoming(handler)
-    worker = pool.worker_addresses()[0]
-    code, text = await sipp_uac(worker, "sipp_uac_message_in_call.xml", "6000", tmp_path, 20)
-    assert code == 0, f"no answer to the MESSAGE, or no BYE after the digit: {text[-3000:]}"
-    answer = final_answer("MESSAGE", text)
-    assert answer.status == 200, answer
-    async with asyncio.timeout(5):
-        await ended.wait()
-    assert [e.key for e in seen if isinstance(e, Digit)] == ["1"], seen
-    last = seen[-1]
-    assert isinstance(last, CallEvent) and last.state is CallState.ENDED, seen
-    assert last.outcome is CallOutcome.COMPLETED, last
+        pool.on_incoming(handler)
+        worker = pool.worker_addresses()[0]
+        code, text = await sipp_uac(worker, "sipp_uac_message_in_call.xml", "6000", tmp_path, 20)
+        assert code == 0, f"no answer to the MESSAGE, or no BYE after the digit: {text[-3000:]}"
+        answer = final_answer("MESSAGE", text)
+        assert answer.status == 200, answer
+        async with asyncio.timeout(5):
+            await ended.wait()
+        assert [e.key for e in seen if isinstance(e, Digit)] == ["1"], seen
+        last = seen[-1]
+        assert isinstance(last, CallEvent) and last.state is CallState.ENDED, seen
+        assert last.outcome is CallOutcome.COMPLETED, last
+        err = capfd.readouterr().err
+        assert "1 " + DROPPED.format("in a call") in err, err[-3000:]

@@ -168,6 +168,10 @@ class _Account(pj.Account):  # type: ignore[misc]
     def onSendRequest(self, prm: pj.OnSendRequestParam) -> None:
         self._engine._on_request_done(prm)
 
+    @_callback
+    def onInstantMessage(self, prm: pj.OnInstantMessageParam) -> None:
+        self._engine._note_inbound_message("out of a dialog")
+
 
 class _Listener(pj.AudioMediaPort):  # type: ignore[misc]
     """Receives the caller's audio on pjmedia's clock thread: copy and return."""
@@ -293,6 +297,10 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.engine._on_media_state(self)
 
     @_callback
+    def onInstantMessage(self, prm: pj.OnInstantMessageParam) -> None:
+        self.engine._note_inbound_message("in a call")
+
+    @_callback
     def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
         # Nothing to do but on a call that tried a transfer: SWIG calls the Python method
         # for every state of every transaction of the call (six or so per flash call), and
@@ -403,6 +411,10 @@ class Engine:
         self.port = config.port
         self.stopping = False
         self._placed = 0  # PlaceCalls taken in, accepted or refused (WorkerStatus.placed)
+        # Inbound MESSAGEs pjsua answered 200 and the service dropped since the last warning
+        # (see _note_inbound_message), and when that warning was logged.
+        self._messages_dropped = 0
+        self._messages_warned_at: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -1149,6 +1161,23 @@ class Engine:
             # Its end will not come: report it now, as a play that failed (a code cut at the
             # hold was not read to its end).
             self._stop_play(call, failed=True)
+
+    def _note_inbound_message(self, where: str) -> None:
+        """pjsua has answered an inbound MESSAGE 200 itself, before this callback, and the
+        service takes none (README, "SIP MESSAGE"): its sender was told it was delivered,
+        and the text is dropped. That loss is said, at most once a minute with a count (a
+        sender could send thousands), and never with its sender or its text."""
+        self._messages_dropped += 1
+        now = time.monotonic()
+        if self._messages_warned_at is not None and now - self._messages_warned_at < 60.0:
+            return
+        log.warning(
+            "%d inbound SIP MESSAGE(s) (the last %s) answered 200 by pjsua and dropped: the"
+            " service takes none; keep MESSAGEs from the SIP workers at the PBX (README)",
+            self._messages_dropped,
+            where,
+        )
+        self._messages_dropped, self._messages_warned_at = 0, now
 
     def _note_refused_realm(self, what: str, status: int, whole_msg: str) -> None:
         """pjsua answers the challenges of registrations and calls itself, with credentials
