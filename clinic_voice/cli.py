@@ -258,10 +258,12 @@ def _start_errors() -> tuple[type[Exception], ...]:
 
 def _start_config_errors() -> tuple[type[Exception], ...]:
     """Configuration faults found only once start-up reaches them: exit 2, as a
-    SettingsError (and as the same fault found while running: ServiceMisconfigured)."""
+    SettingsError (and as the same fault found while running: ServiceMisconfigured). The
+    SettingsErrors among them are those that need the data dir: the generated secret listed
+    in CLINIC_PREVIOUS_SECRETS, a generated key equal to the other kind's."""
     from clinic_voice.shared_secret import SecretMismatch
 
-    return (SecretMismatch,)
+    return (SecretMismatch, SettingsError)
 
 
 def _settle_gc() -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 import pytest
+import uvloop
 from aiohttp import web
 
+from clinic_voice import cli
 from clinic_voice.app import RUNTIME, Runtime
 from clinic_voice.cli import ServiceFailed, ServiceMisconfigured, _raise_if_failed
 from clinic_voice.metrics import Metrics
@@ -145,3 +148,49 @@ async def test_a_worker_killed_as_frozen_while_running_does_not_count_at_a_stop_
     await pool.stop()
     assert proc.returncode == -signal.SIGKILL
     assert pool.exits_at_stop == ()
+
+
+SHIPPED_FLOWS = Path(__file__).resolve().parents[2] / "ivr_flows"
+ROTATED = "n" * 40
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        # README, "Changing the secret", step 2: listing the current secret is refused.
+        (
+            {"CLINIC_SECRET": ROTATED, "CLINIC_PREVIOUS_SECRETS": f"{'o' * 40},{ROTATED}"},
+            "CLINIC_PREVIOUS_SECRETS lists the current secret (CLINIC_SECRET)",
+        ),
+        # A configured key that the generated call records key file also holds (copied).
+        (
+            {"CLINIC_API_KEYS": "k" * 20, "data/calls-api-key": "k" * 20},
+            "the API key and the call records API key must differ",
+        ),
+    ],
+)
+def test_a_setting_refused_once_serve_reads_its_data_dir_is_exit_2(
+    env: dict[str, str],
+    says: str,
+    elsewhere: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before, these SettingsErrors of build_app (they need the data dir's generated secret
+    or keys) escaped cli.main: a traceback and exit 1, which a service manager restarts
+    again and again, where the README's exit table says 2, `configuration error: ...`."""
+    for name, value in env.items():
+        if name.startswith("data/"):
+            (elsewhere / "data").mkdir(mode=0o700, exist_ok=True)
+            (elsewhere / name).write_text(value + "\n")
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CLINIC_FLOWS_DIR", str(SHIPPED_FLOWS))
+    monkeypatch.setenv("CLINIC_DATA_DIR", str(elsewhere / "data"))
+    monkeypatch.setenv("CLINIC_HTTP_ADDR", "127.0.0.1:0")
+    # serve itself, on asyncio's loop: build_app refuses before Redis, SIP or HTTP start.
+    monkeypatch.setattr(uvloop, "run", asyncio.run)  # as cli.main calls it
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clinic-voice serve: configuration error: {says}"), err
+    assert "Traceback" not in err, err
