@@ -595,7 +595,10 @@ def voice_call_story(
     code_dir: Path, code: str, story: CallStory, keypress: bool, final_after: int | None = None
 ) -> tuple[ScriptedWorker, Ledger]:
     """One voice-code send through the real pool to the scripted worker: the worker, and the
-    verification its reports made."""
+    verification its reports made. ``code_dir``: the folder the code's file is written to,
+    ``private`` in a data dir (PrivateFolder's fallback, with no tmpfs): a play from
+    anywhere else is not the code's."""
+    assert code_dir.name == "private", "the worker would take no play for the code's"
     state: dict[str, Any] = {}
 
     async def one() -> None:

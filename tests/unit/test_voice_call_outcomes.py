@@ -17,7 +17,7 @@ def test_a_code_the_worker_could_not_play_is_not_delivered(tmp_path: Path) -> No
     # pjsua2 could not open or send the code's file (each of the two readings): the worker
     # reports each play's end at once, and a plain end counted as the code read twice.
     story = CallStory((), ANSWERED, (), 2.0, None, frozenset({1, 2}), None, False)
-    worker, ledger = voice_call_story(tmp_path, "481523", story, keypress=False)
+    worker, ledger = voice_call_story(tmp_path / "private", "481523", story, keypress=False)
     assert worker.code_heard == 0
     last = ledger.reports[-1]
     assert (last.kind, last.detail) == (
@@ -32,7 +32,7 @@ def test_a_call_put_on_hold_during_the_repeat_has_delivered_the_code(tmp_path: P
     # code was heard in full once, yet this was undeliverable (and the next channel sent a
     # second code at once).
     story = CallStory((), ANSWERED, (), 2.0, 1, frozenset(), None, False)
-    worker, ledger = voice_call_story(tmp_path, "481523", story, keypress=False)
+    worker, ledger = voice_call_story(tmp_path / "private", "481523", story, keypress=False)
     assert worker.code_heard == 1 and worker.hangups
     last = ledger.reports[-1]
     assert (last.kind, last.detail) == (
@@ -47,7 +47,7 @@ def test_a_question_the_worker_could_not_play_is_not_waited_on(tmp_path: Path) -
     # yet each failed play counted as the question asked, so the call waited 8 s twice for
     # a 1 nobody was asked for and blamed the callee ("voicemail?").
     story = CallStory((), ANSWERED, (), 2.0, None, frozenset({1, 2}), None, False)
-    worker, ledger = voice_call_story(tmp_path, "481523", story, keypress=True)
+    worker, ledger = voice_call_story(tmp_path / "private", "481523", story, keypress=True)
     last = ledger.reports[-1]
     assert (last.kind, last.detail) == (
         DeliveryKind.UNDELIVERABLE,
