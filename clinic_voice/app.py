@@ -145,7 +145,8 @@ class Runtime:
 
     def misconfigure(self, reason: str) -> None:
         """A configuration fault found while running (another CLINIC_SECRET claims this
-        Redis: clinic_voice/shared_secret.py): the service stops as SIGTERM would and exits
+        Redis: clinic_voice/shared_secret.py; an HTTP worker exited 2, a configuration error
+        of its own: clinic_voice/http_workers.py): the service stops as SIGTERM would and exits
         2, the exit of a start with that fault; starting it afresh with the same settings
         only gets that refusal. ``reason`` is logged CRITICAL and shown by /readyz."""
         if self.misconfigured:
@@ -597,6 +598,7 @@ def build_app(
             checks=lambda: {name: check() for name, check in serve_checks.items()},
             warming=lambda: sorted(rt.warming),
             metrics=metrics,
+            misconfigure=rt.misconfigure,
             calls_on_disk=rt.calls_on_disk,
         )
         await workers.start()

@@ -249,18 +249,17 @@ def _start_errors() -> tuple[type[Exception], ...]:
     from clinic_voice.app import DataDirInUse
     from clinic_voice.http_workers import HttpWorkersError
     from clinic_voice.redis_server import EmbeddedRedisError
-    from voice.media.asr import AsrError
 
-    # OSError: an address in use, a data dir that cannot be written, ...; AsrError: a
-    # CLINIC_VOSK_MODEL folder that is not a vosk model.
-    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, AsrError, OSError)
+    # OSError: an address in use, a data dir that cannot be written, ...
+    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, OSError)
 
 
 def _start_config_errors() -> tuple[type[Exception], ...]:
     """Configuration faults found only once start-up reaches them: exit 2, as a
     SettingsError (and as the same fault found while running: ServiceMisconfigured). The
-    SettingsErrors among them are those that need the data dir: the generated secret listed
-    in CLINIC_PREVIOUS_SECRETS, a generated key equal to the other kind's."""
+    SettingsErrors among them are those that need the data dir (the generated secret listed
+    in CLINIC_PREVIOUS_SECRETS, a generated key equal to the other kind's) or vosk (a
+    CLINIC_VOSK_MODEL that vosk refuses: clinic_voice/clinic_line.py)."""
     from clinic_voice.shared_secret import SecretMismatch
 
     return (SecretMismatch, SettingsError)
@@ -350,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SettingsError as exc:
             name = "clinic-voice http-worker" if worker else "clinic-voice"
             print(f"{name}: configuration error: {exc}", file=sys.stderr)
+            if worker:
+                _leave_config_error(args.control, args.index, str(exc))
             return 2
         _setup_logging(settings.log_level, f"http-worker-{args.index}" if worker else "")
         # uvloop: the same asyncio API, about twice the request rate of the default loop here
@@ -363,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except _start_config_errors() as exc:
             log.error("cannot start: %s", exc)
             print(f"clinic-voice {args.command}: configuration error: {exc}", file=sys.stderr)
+            if worker:
+                _leave_config_error(args.control, args.index, str(exc))
             return 2
         except _start_errors() as exc:
             log.error("cannot start: %s", exc)
@@ -370,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except ServiceMisconfigured as exc:
             print(f"clinic-voice {args.command}: configuration error: {exc}", file=sys.stderr)
+            if worker:
+                _leave_config_error(args.control, args.index, str(exc))
             return 2
         except ServiceFailed as exc:
             print(f"clinic-voice {args.command}: stopped: {exc}", file=sys.stderr)
@@ -384,6 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout to /dev/null, or Python's flush at exit fails on the same pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _leave_config_error(control: Path, index: int, text: str) -> None:
+    """An HTTP worker's exit 2: its line for ``serve``, which stops with it instead of
+    starting the worker again (clinic_voice/http_workers.py). Best effort: without it serve
+    still stops, pointing at this line in the log."""
+    from clinic_voice.http_workers import config_error_path
+
+    try:
+        config_error_path(control, index).write_text(text)
+    except OSError as exc:
+        log.warning("the configuration error was not left for serve: %s", exc)
 
 
 def _secret_reseal() -> int:

@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from clinic_voice.app import Runtime
 from clinic_voice.metrics import Metrics
@@ -22,7 +23,7 @@ from voice.ivr.journal import REPLAY_EVERY_S, CallJournal, RecordsOnDisk
 from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStoreUnavailable
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
-from voice.media.asr import SpeechModel
+from voice.media.asr import AsrError, SpeechModel, model_folder_fault, read_model_folder
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
 
@@ -72,9 +73,28 @@ def check_clinic_line(settings: Settings) -> FlowSet:
             "`clinic-voice flow check`; fix the flows and run it before the next start:\n"
             + "\n".join(lines)
         )
-    if ivr.vosk_model is not None and not ivr.vosk_model.is_dir():
-        raise SettingsError(f"CLINIC_VOSK_MODEL={str(ivr.vosk_model)!r}: no such directory")
+    if ivr.vosk_model is not None:
+        check_speech_model(ivr.vosk_model)
     return flowset
+
+
+def check_speech_model(path: Path) -> None:
+    """Refuse a CLINIC_VOSK_MODEL that is no vosk model folder (:func:`model_folder_fault`),
+    before vosk sees it: vosk may abort the process on a damaged one instead of refusing it.
+    Raises :class:`SettingsError` naming the variable."""
+    if not path.exists():
+        raise SettingsError(f"CLINIC_VOSK_MODEL={str(path)!r}: no such directory")
+    if not path.is_dir():
+        raise SettingsError(
+            f"CLINIC_VOSK_MODEL={str(path)!r}: a file, not a folder: expected the folder a "
+            "vosk model unpacks to (am/, conf/, graph/)"
+        )
+    try:
+        fault = model_folder_fault(read_model_folder(path))
+    except OSError as exc:
+        fault = f"cannot be read ({exc.strerror or exc})"
+    if fault is not None:
+        raise SettingsError(f"CLINIC_VOSK_MODEL={str(path)!r}: {fault}")
 
 
 def show_records_on_disk(metrics: Metrics, on_disk: RecordsOnDisk) -> None:
@@ -199,7 +219,17 @@ class ClinicLine:
                 )
 
     async def start(self) -> None:
-        speech = await SpeechModel.load(self._settings.ivr.vosk_model)
+        model = self._settings.ivr.vosk_model
+        try:
+            speech = await SpeechModel.load(model)
+        except AsrError as exc:
+            # A folder check_speech_model let through that vosk refuses: damaged files (a
+            # truncated am/final.mdl, Gr.fst, ivector/final.ie, ...). Replacing the model,
+            # not a restart, mends that: a configuration error (exit 2).
+            raise SettingsError(
+                f"CLINIC_VOSK_MODEL={str(model)!r}: vosk refused it ({exc.__cause__ or exc}): "
+                "a damaged vosk model (unpack it again)"
+            ) from exc
         params = FlowParams.from_settings(
             self._settings,
             speech_enabled=speech is not None,

@@ -23,8 +23,11 @@ The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the work
   reached, so that it counts every request answered before it), ``rendered``.
 
 A worker whose control connection ends (``serve`` died) stops; ``serve`` restarts a worker
-that exits, with backoff. A worker's counters survive its restart (``serve`` keeps its last
-snapshot), so /metrics never goes backwards.
+that exits, with backoff, except one that exits 2: a configuration error it found (its
+settings no longer parse: a time zone gone from the host's tzdata, ...), which every start
+with the same settings finds again. ``serve`` then stops as for its own configuration error
+and exits 2 with the worker's line (:func:`config_error_path`). A worker's counters survive
+its restart (``serve`` keeps its last snapshot), so /metrics never goes backwards.
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ STOP_DEADLINE_S = 10.0
 EXITED_AT_STOP = "HTTP worker %s (pid %s) exited with status %s at the stop%s"
 MAX_LINE = 1 << 20  # a metrics snapshot is a few KiB
 MAX_SOCKET_PATH = 107  # AF_UNIX sun_path is 108 bytes on Linux, with its NUL
+CONFIG_ERROR_EXIT = 2  # clinic_voice/cli.py: a configuration error, as serve's own
+MAX_NOTE = 2000  # of a worker's configuration error line, as serve repeats it
+
+
+def config_error_path(control: Path, index: int) -> Path:
+    """Where HTTP worker ``index`` of the ``serve`` at ``control`` leaves its configuration
+    error's line when it exits 2, for ``serve`` to repeat (its stderr is serve's own)."""
+    return control.parent / f"http-worker-{index}.config-error"
 
 
 def control_path(data_dir: Path) -> Path:
@@ -87,9 +98,11 @@ class HttpWorkers:
         checks: Callable[[], dict[str, bool]],
         warming: Callable[[], list[str]],
         metrics: Metrics,
+        misconfigure: Callable[[str], None],
         calls_on_disk: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._count = count
+        self._misconfigure = misconfigure  # Runtime.misconfigure: serve stops, exit 2
         self._calls_on_disk = calls_on_disk
         self._metrics = metrics
         self._path = control_path(data_dir)
@@ -124,6 +137,9 @@ class HttpWorkers:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()  # left by a serve that was killed
+        for index in range(1, self._count):
+            with contextlib.suppress(FileNotFoundError):
+                config_error_path(self._path, index).unlink()  # idem
         self._server = await asyncio.start_unix_server(
             self._serve, path=str(self._path), limit=MAX_LINE
         )
@@ -263,6 +279,15 @@ class HttpWorkers:
                 code = await proc.wait()
                 if self._stop.is_set():
                     return
+                if code == CONFIG_ERROR_EXIT:
+                    # Started again it finds the same fault, every backoff, for ever: serve
+                    # stops instead, exit 2, for its service manager not to start it again.
+                    line = await asyncio.to_thread(_take_note, self._path, index)
+                    self._misconfigure(
+                        f"HTTP worker {index} (pid {proc.pid}) exited with {code}, a "
+                        f"configuration error: {line or 'see its line above in the log'}"
+                    )
+                    return
                 ran_s = loop.time() - started
                 why = f"(pid {proc.pid}) exited with {code} after {ran_s:.1f} s"
             failures = 0 if ran_s > 60 else failures + 1
@@ -360,6 +385,19 @@ class HttpWorkers:
             writer.write(encode(self.state()))
             await writer.drain()
             await asyncio.sleep(STATE_EVERY_S)
+
+
+def _take_note(control: Path, index: int) -> str:
+    """The configuration error line worker ``index`` left (:func:`config_error_path`), or ""
+    (none: argparse's refusal of its arguments, a worker killed while writing it)."""
+    path = config_error_path(control, index)
+    try:
+        with path.open("rb") as f:
+            text = f.read(MAX_NOTE).decode(errors="replace").strip()
+        path.unlink()
+    except OSError:
+        return ""
+    return text
 
 
 def _terminate(proc: asyncio.subprocess.Process) -> None:

@@ -309,7 +309,12 @@ VARIABLES: tuple[Variable, ...] = (
         "folder of the IVR flows and routes.yaml, for `serve` and as the default of `flow "
         "check` and `flow simulate` (a relative path is taken from the working directory)",
     ),
-    Variable("CLINIC_VOSK_MODEL", "", "path of a vosk model; unset: keypad only"),
+    Variable(
+        "CLINIC_VOSK_MODEL",
+        "",
+        "path of the folder a vosk model unpacks to (`am/`, `conf/`, `graph/`); unset: keypad "
+        "only; a path that is no such folder, or a damaged model, refuses the start (exit 2)",
+    ),
     Variable(
         "CLINIC_VOSK_LANGUAGE",
         "en",

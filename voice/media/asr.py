@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,6 +68,78 @@ FILLER_WORDS: dict[str, tuple[str, ...]] = {
 
 class AsrError(RuntimeError):
     """The speech model could not be loaded or the recogniser failed."""
+
+
+# What vosk reads of a model folder (vosk-api src/model.cc): the acoustic model and the
+# feature config (am/, conf/), a decoding graph (graph/: HCLG.fst, or HCLr.fst + Gr.fst, which
+# grammars need), and the i-vector extractor's files when ivector/final.ie is there. The old
+# layout (vosk-model-small-en-us-0.3 and before) keeps the same files at the top.
+_ACOUSTIC = ("am/final.mdl", "conf/mfcc.conf")
+_ACOUSTIC_V1 = ("final.mdl", "mfcc.conf")
+_IVECTOR = tuple(
+    f"ivector/{name}"
+    for name in ("final.ie", "final.mat", "final.dubm", "global_cmvn.stats", "splice.conf")
+)
+# Config files that may be empty (vosk then takes its defaults); any other file vosk reads
+# is damaged when empty: an empty ivector/splice.conf made vosk abort the process (SIGABRT)
+# while loading, an empty graph/HCLr.fst a segfault at the first call's recogniser.
+_MAY_BE_EMPTY = frozenset({"conf/model.conf", "ivector/online_cmvn.conf"})
+_OPENFST_MAGIC = (2125659606).to_bytes(4, "little")  # OpenFst's FstHeader, first 4 bytes
+
+
+def model_folder_fault(files: Mapping[str, bytes]) -> str | None:
+    """What makes a folder no usable vosk model, or ``None``: ``files`` maps each file's path
+    in it ("am/final.mdl") to its first bytes (up to 4: b"" when empty). Cheap and before
+    vosk sees the folder, since vosk does not always refuse a bad one: it may abort the
+    process while loading, or load it and crash at the first recogniser."""
+    v1 = all(f in files for f in _ACOUSTIC_V1) and "am/final.mdl" not in files
+    top = "" if v1 else "graph/"
+    if not v1 and not all(f in files for f in _ACOUSTIC):
+        missing = " and ".join(f for f in _ACOUSTIC if f not in files)
+        return f"no {missing}: not a vosk model folder"
+    if f"{top}HCLG.fst" in files:
+        graph: tuple[str, ...] = (f"{top}HCLG.fst",)
+    else:
+        graph = (f"{top}HCLr.fst", f"{top}Gr.fst", f"{top}disambig_tid.int")
+        missing = " and ".join(f for f in graph if f not in files)
+        if missing:
+            return f"no {top}HCLG.fst, nor {missing}: a vosk model without its graph"
+    ivector = _IVECTOR if "ivector/final.ie" in files else ()
+    missing = " and ".join(f for f in ivector if f not in files)
+    if missing:
+        return f"ivector/final.ie without {missing}: an incomplete vosk model"
+    acoustic = _ACOUSTIC_V1 if v1 else _ACOUSTIC
+    for name in (*acoustic, *graph, *ivector):
+        if files[name] == b"" and name not in _MAY_BE_EMPTY:
+            return f"{name} is empty: a damaged vosk model (unpack it again)"
+    for name in (f"{top}HCLr.fst", f"{top}Gr.fst"):
+        if name in graph and files[name] != _OPENFST_MAGIC:
+            return f"{name} is no OpenFst file: a damaged vosk model (unpack it again)"
+    return None
+
+
+def read_model_folder(path: Path) -> dict[str, bytes]:
+    """The files of the folder ``path`` for :func:`model_folder_fault`: a few ``stat`` and
+    4-byte reads, not the model's hundreds of MB. Raises OSError (``path`` unreadable)."""
+    names = (
+        *_ACOUSTIC,
+        *_ACOUSTIC_V1,
+        "conf/model.conf",
+        *_IVECTOR,
+        "ivector/online_cmvn.conf",
+        *(f"{top}{name}" for top in ("", "graph/") for name in _GRAPH_FILES),
+    )
+    files: dict[str, bytes] = {}
+    for name in names:
+        try:
+            with (path / name).open("rb") as f:
+                files[name] = f.read(4)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            continue
+    return files
+
+
+_GRAPH_FILES = ("HCLG.fst", "HCLr.fst", "Gr.fst", "disambig_tid.int")
 
 
 @dataclass(frozen=True, slots=True)
