@@ -514,7 +514,8 @@ class Engine:
         raise EngineError("no port free for both UDP and TCP", 0)
 
     def stop(self) -> None:
-        """Hang up everything and destroy the endpoint."""
+        """Hang up everything and destroy the endpoint; a MESSAGE that still waits for its
+        final answer is reported 503."""
         ep = self._ep
         if ep is None:
             return
@@ -534,11 +535,41 @@ class Engine:
         self._calls.clear()
         self._ended_refers.clear()
         self._disown_leftovers()
-        if self._account is not None:
-            self._account.shutdown()
-            self._account = None
+        # A MESSAGE still waiting for its final answer (up to Timer F, 32 s) is ended by
+        # libDestroy, which reports it (503) to the account that sent it, and pjsua2 finds
+        # that account with an assertion: deleted first (shutdown), it aborted the worker
+        # (pjsua_acc_get_user_data: Assertion `...valid' failed, exit -6), whether or not
+        # the MESSAGE had been challenged and sent again. So that account outlives
+        # libDestroy, which keeps accounts valid until its transactions are gone; its
+        # destructor then finds pjsua gone and does nothing.
+        account, self._account = self._account, None
+        if account is not None and self._cut_messages():
+            self._unregister(account)
+        elif account is not None:
+            account.shutdown()
         ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
         self._ep = None
+        del account
+
+    def _cut_messages(self) -> bool:
+        """Report each MESSAGE still waiting for its final answer as a 503, as the pool does
+        for a worker gone (it may have arrived: it is never said delivered); True if any."""
+        cut = list(self._requests)
+        for request_id in cut:
+            log.info("MESSAGE %s: no final answer before the stop (reported 503)", request_id)
+            self.emit(MessageResult(request_id, SipStatus.SERVICE_UNAVAILABLE))
+        self._requests.clear()  # pjsua's own report, inside libDestroy, finds none of them
+        self._challenged.clear()
+        return bool(cut)
+
+    def _unregister(self, account: _Account) -> None:
+        """Send the un-REGISTER that deleting the account (``shutdown``) would have sent."""
+        if not self._config.registrar:
+            return
+        try:
+            account.setRegistration(False)
+        except pj.Error as exc:  # never registered (pjsua has no registration to end)
+            log.info("no un-REGISTER at the stop: %s", exc.reason)
 
     @staticmethod
     def _disown_leftovers() -> None:
