@@ -30,6 +30,7 @@ from voice.sip.protocol import (
     SendMessage,
     Shutdown,
     StartListen,
+    Stopping,
     StopPlay,
     Transfer,
     TransferStatus,
@@ -65,6 +66,7 @@ MESSAGES: list[Message] = [
     MessageResult("r1", 202),
     WorkerStatus(3, 5061, 2),
     Registered(ok=True, sip_status=200),
+    Stopping(),
 ]
 
 

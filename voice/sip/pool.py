@@ -63,6 +63,7 @@ from voice.sip.protocol import (
     SendMessage,
     Shutdown,
     StartListen,
+    Stopping,
     StopPlay,
     Transfer,
     TransferStatus,
@@ -355,9 +356,10 @@ class CallHandle:
         if isinstance(ev, CallEvent) and ev.state is CallState.ENDED:
             self.outcome = ev.outcome
             self.sip_status = ev.sip_status
-            if not self._pool.running:
+            if not self._pool.running or self._worker.stopping:
                 # Also a worker's exit at the stop (it may end before reporting its calls'
-                # ends): the service stopped, no worker died.
+                # ends): the service stopped, no worker died. Or a worker stopping on a
+                # SIGTERM of its own (Stopping): it hung the call up, not the far end.
                 self.cut = "shutdown"
             elif ev.outcome is CallOutcome.WORKER_LOST:
                 self.cut = "worker_lost"
@@ -383,6 +385,8 @@ class _Worker:
     killed_running: bool = False
     reader: asyncio.Task[None] | None = None
     up: bool = False
+    # Sent SIGTERM by someone else, it hangs up its calls and exits 0 (Stopping): not up.
+    stopping: bool = False
     registered: bool = False
     free_slots: int = 0
     # PlaceCalls sent that the worker's last WorkerStatus does not count yet: they drop
@@ -899,7 +903,7 @@ class SipPool:
             argv.append(f"--realm={s.realm}")  # "=": a realm may start with "-"
         env = worker_env(os.environ, s.password)
         w.started.clear()  # start() may be waiting on this very event
-        w.up = w.registered = False
+        w.up = w.registered = w.stopping = False
         w.free_slots = w.pending = w.placed = 0
         # Its own process group, so a Ctrl-C at the terminal is serve's to handle (an orderly
         # Shutdown, its calls hung up), not a KeyboardInterrupt inside pjsua2, in serve's
@@ -1009,6 +1013,16 @@ class SipPool:
                 w.up = True
                 w.started.set()
             self._slot_freed.set()
+        elif isinstance(ev, Stopping):
+            log.warning(
+                "SIP worker %s (pid %s) was sent SIGTERM (not by serve): it hangs up its %d "
+                "call(s) and stops; restarted once it has",
+                w.index,
+                w.pid,
+                len(w.calls),
+            )
+            w.stopping = True
+            w.up = w.registered = False  # no new call goes to it
         elif isinstance(ev, CallEvent):
             ack = w.acks.get(ev.call_id)
             if ack is not None and not ack.done():
@@ -1097,7 +1111,7 @@ class SipPool:
             await handle.hangup(SipStatus.SERVER_INTERNAL_ERROR)
 
     def _on_exit(self, w: _Worker, exit_status: int) -> None:
-        was_up = w.up
+        was_up = w.up or w.stopping
         w.up = w.registered = False
         w.free_slots = w.pending = w.placed = 0
         # Slots held for callers redirected here are gone with the process: a restarted
@@ -1139,13 +1153,26 @@ class SipPool:
                     WorkerExit(f"SIP worker {w.index}", w.pid, exit_status, killed=w.killed)
                 )
             return
-        log.error(
-            "SIP worker %s died (exit %s, up=%s): %s call(s) lost",
-            w.index,
-            exit_status,
-            was_up,
-            len(lost),
-        )
+        if exit_status == 0:
+            # Not told to stop (that is stop()'s Shutdown): a SIGTERM from outside serve
+            # (pkill, an operator, systemd's control-group stop without KillMode=mixed), which
+            # a worker takes as a Shutdown: its calls hung up, each reported ended before its
+            # exit (cut "shutdown": Stopping came first). Restarted as a dead one is.
+            log.warning(
+                "SIP worker %s (pid %s) stopped while the service ran (exit 0, on a SIGTERM "
+                "not from serve): %s call(s) lost; restarting it",
+                w.index,
+                w.pid,
+                len(lost),
+            )
+        else:
+            log.error(
+                "SIP worker %s died (exit %s, up=%s): %s call(s) lost",
+                w.index,
+                exit_status,
+                was_up,
+                len(lost),
+            )
         lived = self._clock.monotonic() - w.started_at
         # Healthy only if it was up: one killed for never starting lived 30 s too.
         w.failures = 0 if was_up and lived > _HEALTHY_AFTER_S else w.failures + 1

@@ -257,6 +257,14 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Stopping:
+    """The worker stops of its own accord, sent SIGTERM by someone other than the pool (an
+    operator, ``pkill``, systemd's control-group stop): it takes no more commands, and the
+    calls it ends from now on were hung up by the service, as at the pool's Shutdown, not
+    by their far ends."""
+
+
+@dataclass(frozen=True, slots=True)
 class Registered:
     """The registration state at the registrar changed."""
 
@@ -288,6 +296,7 @@ Event = (
     | MessageResult
     | WorkerStatus
     | Registered
+    | Stopping
 )
 Message = Command | Event
 

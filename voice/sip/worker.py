@@ -18,6 +18,16 @@ a call has media (its keypad digits wait for the next pump), else 500 ms
 Before the wake-up, 64 idle workers polling every 5 ms took 0.7 of a core, and a worker
 with calls polling every 5 ms spent about a third of its CPU doing so
 (bench/asterisk_compare.py). EOF on stdin (the pool is gone) stops the worker.
+
+SIGTERM (systemd's control-group stop, ``pkill``, an operator, or the kernel's parent-death
+signal when ``serve`` is killed -9: sip_config/child_process.py) stops it as the pool's
+Shutdown does: its calls hung up (BYE, or CANCEL while ringing), exit 0. Without a handler it
+died of the signal, its calls dropped with no BYE and ``serve`` counting the exit a defect.
+pjsua2 must not be touched from a signal handler (Python runs it on the main thread, the
+owner, but between any two bytecodes, a pjsua callback's included), so the handler only sets
+a flag; the C-level handler writes the signal's number to a pipe (``signal.set_wakeup_fd``)
+that the reader thread watches with stdin, and the reader queues the stop and wakes the pump
+as it does for a command.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import faulthandler
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import sys
@@ -34,7 +45,7 @@ import threading
 from collections.abc import Callable
 
 from voice.sip.pjsua import Engine, EngineConfig
-from voice.sip.protocol import Event, ProtocolError, decode, encode
+from voice.sip.protocol import Event, ProtocolError, Stopping, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,18 @@ IDLE_PUMP_MS = 500  # the longest wait: commands and play ends wake the pump, pj
 # and our ring deadlines bound it (Engine.pump_ms)
 _KEEPALIVE = b"\r\n\r\n"
 _EOF = object()
+_SIGTERM = object()  # queued by the reader when the wake-up pipe says SIGTERM came
+
+
+class _Terminated:
+    """SIGTERM's Python-level handler: a flag the owner loop reads, nothing more (it may run
+    inside a pjsua callback). The wake-up pipe is what ends the pump's wait at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.set = True
 
 
 class _Out:
@@ -64,10 +87,28 @@ class _Out:
             data = data[n:]
 
 
-def _reader(in_fd: int, commands: queue.SimpleQueue[object], wake: Callable[[], None]) -> None:
-    """Read command lines from the pool (blocking, on its own thread) and wake the owner."""
+def _reader(
+    in_fd: int,
+    commands: queue.SimpleQueue[object],
+    wake: Callable[[], None],
+    signal_fd: int | None = None,
+) -> None:
+    """Read command lines from the pool (blocking, on its own thread) and wake the owner.
+    ``signal_fd``: the read end of the signal wake-up pipe; SIGTERM's byte there queues
+    :data:`_SIGTERM`."""
     pending = b""
+    poller = select.poll()
+    poller.register(in_fd, select.POLLIN)
+    if signal_fd is not None:
+        poller.register(signal_fd, select.POLLIN)
     while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if signal_fd is not None and signal_fd in ready:
+            if _drain_signals(signal_fd):
+                commands.put(_SIGTERM)
+                wake()
+            if in_fd not in ready:
+                continue
         try:
             chunk = os.read(in_fd, 1 << 16)
         except OSError as exc:
@@ -89,8 +130,27 @@ def _reader(in_fd: int, commands: queue.SimpleQueue[object], wake: Callable[[], 
         wake()
 
 
-def run(config: EngineConfig, in_fd: int, out_fd: int) -> int:
-    """Serve commands from ``in_fd`` until Shutdown or EOF; returns the exit status."""
+def _drain_signals(fd: int) -> bool:
+    """Read what the wake-up pipe holds (one byte per signal, its number); whether SIGTERM
+    is among them."""
+    try:
+        data = os.read(fd, 512)
+    except BlockingIOError:
+        return False
+    return signal.SIGTERM in data
+
+
+def run(
+    config: EngineConfig,
+    in_fd: int,
+    out_fd: int,
+    *,
+    terminated: _Terminated | None = None,
+    signal_fd: int | None = None,
+) -> int:
+    """Serve commands from ``in_fd`` until Shutdown, EOF or SIGTERM; returns the exit status.
+    ``terminated``: SIGTERM's handler (its flag); ``signal_fd``: the read end of the signal
+    wake-up pipe (see the module's docstring)."""
     out = _Out(out_fd)
     waker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     target: tuple[str, int] | None = None
@@ -111,9 +171,10 @@ def run(config: EngineConfig, in_fd: int, out_fd: int) -> int:
     commands: queue.SimpleQueue[object] = queue.SimpleQueue()
 
     threading.Thread(
-        target=_reader, args=(in_fd, commands, wake), name="commands", daemon=True
+        target=_reader, args=(in_fd, commands, wake, signal_fd), name="commands", daemon=True
     ).start()
     try:
+        sigterm = False
         while not engine.stopping:
             stop = False
             while True:
@@ -125,7 +186,18 @@ def run(config: EngineConfig, in_fd: int, out_fd: int) -> int:
                     log.info("pool closed the pipe: stopping")
                     stop = True
                     break
+                if cmd is _SIGTERM:
+                    sigterm = True
+                    break
                 engine.handle(cmd)  # type: ignore[arg-type]
+            # The flag alone when the pipe's byte could not be written (or is still on its way).
+            sigterm = sigterm or (terminated is not None and terminated.set)
+            if sigterm and not stop:
+                # As the pool's Shutdown: every call hung up below (engine.stop), exit 0.
+                # The pool hears first that the ends to come are the service's doing.
+                log.warning("SIGTERM: hanging up the calls and stopping, as at Shutdown")
+                out.emit(Stopping())
+                stop = True
             out.flush()
             if stop:
                 break
@@ -164,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     # a background job: with `stty tostop` its first log line to serve's stderr would stop it
     # (SIGTTOU). Ignored, the write goes through.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    terminated = _Terminated()
+    signal.signal(signal.SIGTERM, terminated)
+    # Whichever thread the kernel gives SIGTERM to, Python's C handler writes its number here
+    # at once; the reader thread wakes the owner (see the module's docstring).
+    signal_r, signal_w = os.pipe()
+    os.set_blocking(signal_r, False)
+    os.set_blocking(signal_w, False)
+    signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
     # A crash in pjsip (SIGSEGV, SIGABRT) then leaves every Python thread's stack in the log
     # (stderr): without it the pool sees only "exit -11".
     faulthandler.enable(all_threads=True)
@@ -189,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-    return run(config, sys.stdin.fileno(), events_fd)
+    return run(config, sys.stdin.fileno(), events_fd, terminated=terminated, signal_fd=signal_r)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""sip_config/clinic-voice.service: the README's unit ("Under systemd") as shipped, and lines
+that keep ``serve``'s stop whole: systemd signals ``serve`` alone, waits out every stop
+deadline of the code, and does not restart a configuration error."""
+
+from __future__ import annotations
+
+import configparser
+import inspect
+import re
+import tomllib
+from pathlib import Path
+
+from clinic_voice import cli, clinic_line, http_workers
+from clinic_voice.redis_server import EmbeddedRedis
+from sip_config.settings import Settings
+from tests.readme_text import README
+from verification import dispatcher
+from voice.sip import pool
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "sip_config" / "clinic-voice.service"
+REDIS_SHUTDOWN_ASKED_S = 2.0  # EmbeddedRedis._request_shutdown's client timeout
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def stop_seconds(call_drain_s: float) -> float:
+    """Every deadline of serve's stop, one after the other as if none overlapped."""
+    redis_stop_s = float(inspect.signature(EmbeddedRedis).parameters["stop_deadline_s"].default)
+    return (
+        cli.SHUTDOWN_GRACE_S  # requests in flight
+        + http_workers.STOP_DEADLINE_S
+        + dispatcher.STOP_SETTLE_S
+        + call_drain_s
+        + clinic_line.CLOSE_NOTICE_S
+        + pool.WORKER_STOP_S
+        + pool.CALLS_WIND_UP_S
+        + pool.TASKS_LEFT_S
+        + REDIS_SHUTDOWN_ASKED_S
+        + 3 * redis_stop_s  # SHUTDOWN, SIGTERM, SIGKILL: each waited for
+    )
+
+
+def test_the_readme_shows_the_shipped_unit() -> None:
+    blocks = re.findall(r"```ini\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    assert UNIT.read_text() in blocks, "README's unit is not sip_config/clinic-voice.service"
+
+
+def test_systemd_signals_serve_alone_and_kills_only_what_is_left() -> None:
+    service = unit()["Service"]
+    assert service["KillMode"] == "mixed"
+    assert service.get("KillSignal", "SIGTERM") == "SIGTERM"
+
+
+def test_the_stop_timeout_outlasts_every_deadline_of_the_stop() -> None:
+    drain_s = Settings.from_env({}).ivr.call_drain_s
+    needed = stop_seconds(drain_s)
+    assert needed == drain_s + 64, "the README's sum (CLINIC_CALL_DRAIN_S + 64 s) is stale"
+    timeout_s = float(unit()["Service"]["TimeoutStopSec"])
+    assert timeout_s >= needed + 10, (timeout_s, needed)
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"`TimeoutStopSec={timeout_s:g}`" in text
+    assert f"`CLINIC_CALL_DRAIN_S` + {needed - drain_s:g} s, {needed:g} s with the default" in text
+
+
+def test_a_failure_restarts_it_and_a_configuration_error_does_not() -> None:
+    service = unit()["Service"]
+    assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"].split() == ["2"]
+    assert "1" not in service.get("SuccessExitStatus", "").split()
+
+
+def test_it_runs_the_venvs_serve_from_the_checkout() -> None:
+    service = unit()["Service"]
+    checkout = service["WorkingDirectory"]
+    assert service["ExecStart"] == f"{checkout}/.venv/bin/clinic-voice serve"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["clinic-voice"] == "clinic_voice.cli:main"
+    assert service["EnvironmentFile"].startswith("-/"), "optional: every setting has a default"
+    assert unit()["Install"]["WantedBy"] == "multi-user.target"
