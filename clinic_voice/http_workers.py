@@ -113,6 +113,9 @@ class HttpWorkers:
         self._server: asyncio.AbstractServer | None = None
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The spawns under way (fork and exec): stop() waits for them, so that a worker
+        # started as the stop began is in _stopping, SIGTERMed, before it waits.
+        self._spawning: set[asyncio.Task[asyncio.subprocess.Process]] = set()
         self._live: dict[int, Snapshot] = {}  # worker index -> its latest metrics
         self._links: dict[int, asyncio.StreamWriter] = {}  # worker index -> its connection
         self._asked: dict[tuple[int, int], asyncio.Future[None]] = {}  # (index, n): snapshot
@@ -166,7 +169,12 @@ class HttpWorkers:
         the control socket: a worker still in its grace may hand ``serve`` a send till then.
         Each worker's exit is logged (ERROR when not as asked: :attr:`exits_at_stop`)."""
         self.begin_stop()
-        procs = list(self._procs.items())
+        if self._spawning:
+            # Each puts its process in _stopping and SIGTERMs it (_spawn): before, one that
+            # completed after this listed the processes was not waited for, its exit never
+            # judged.
+            await asyncio.wait(set(self._spawning))
+        procs = list(self._stopping.items())
         killed: set[int] = set()
         left_s = self._stop_began + STOP_DEADLINE_S - asyncio.get_running_loop().time()
         try:
@@ -198,8 +206,7 @@ class HttpWorkers:
         self, index: int, proc: asyncio.subprocess.Process, *, killed: bool
     ) -> None:
         status = proc.returncode
-        if status is None:  # started as the stop began, after stop() listed the processes
-            return
+        assert status is not None  # stop() waited for every process in _stopping
         note = status_note(status, killed=killed)
         if as_asked(status, signal.SIGTERM):
             log.info(EXITED_AT_STOP, index, proc.pid, status, note)
@@ -264,18 +271,15 @@ class HttpWorkers:
                 # Its own process group, so a Ctrl-C at the terminal is serve's to handle, in
                 # serve's session; serve killed -9, the kernel sends it SIGTERM (it also stops
                 # when the control connection ends, which covers a missing setpriv).
-                proc = await spawn_child(
-                    self._argv(index), env=self._env, stdin=asyncio.subprocess.DEVNULL
-                )
+                spawn = asyncio.create_task(self._spawn(index), name=f"http-worker-{index}-spawn")
+                self._spawning.add(spawn)
+                spawn.add_done_callback(self._spawning.discard)
+                proc = await spawn
             except OSError as exc:
                 # fork or exec failed (EAGAIN, ENOMEM, a missing file): as a crash, not the
                 # end of this worker, which would leave /readyz failing and nothing logged.
                 ran_s, why = 0.0, f"could not be started ({exc})"
             else:
-                self._procs[index] = proc
-                if self._stop.is_set():  # the stop began while it was being started
-                    self._stopping[index] = proc
-                    _terminate(proc)
                 code = await proc.wait()
                 if self._stop.is_set():
                     return
@@ -294,6 +298,14 @@ class HttpWorkers:
             backoff = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
             log.error("HTTP worker %d %s: restarting in %.1f s", index, why, backoff)
             await asyncio.sleep(backoff)
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        proc = await spawn_child(self._argv(index), env=self._env, stdin=asyncio.subprocess.DEVNULL)
+        self._procs[index] = proc
+        if self._stop.is_set():  # the stop began while it was being started
+            self._stopping[index] = proc
+            _terminate(proc)
+        return proc
 
     def _argv(self, index: int) -> list[str]:
         return [

@@ -5,7 +5,9 @@ they hang up their calls and exit 0) and the HTTP workers (SIGTERM: they exit 0,
 that very SIGTERM in the first half second, while Python still loads). Any other end at the
 stop is a defect that a clean-looking exit would hide from the service manager: pjsua
 aborting at its teardown (-6), a worker that failed on its own (1), or one that did not stop
-by its deadline and was killed by ``serve`` itself (-9). ``serve`` then exits 1
+by its deadline and was killed by ``serve`` itself (-9). A worker being started as the stop
+began is waited for and then stopped as any other; a SIP worker's restart that could not
+start its process then (fork or exec failed) is a defect too. ``serve`` then exits 1
 (``clinic_voice/cli.py``). A worker that died while the service ran is restarted by its pool
 and counts for nothing here.
 
@@ -23,11 +25,14 @@ class WorkerExit:
     """A worker's exit at the stop that was not the one asked for."""
 
     worker: str  # as the log names it: "SIP worker 0", "HTTP worker 1"
-    pid: int
-    status: int  # the process's return code: -N when signal N ended it
+    pid: int  # 0 when no process was started
+    status: int | None  # the process's return code: -N when signal N ended it; None: no process
     killed: bool = False  # its supervisor's SIGKILL: it had not stopped by its deadline
+    not_started: str = ""  # status None: why its start failed (the OSError's text)
 
     def __str__(self) -> str:
+        if self.status is None:
+            return f"{self.worker} could not be started at the stop: {self.not_started}"
         return (
             f"{self.worker} (pid {self.pid}) exited with status {self.status} at the stop"
             f"{status_note(self.status, killed=self.killed)}"

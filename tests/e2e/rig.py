@@ -734,31 +734,44 @@ class ServiceProcess:
             if http_ok(url) and proc.poll() is None:
                 return
             threading.Event().wait(0.25)
-        self.stop()
+        self.stop(exit_code=None)  # what it did not do is the error, not how it stopped
         raise RigError(
             f"{url} not ready in {timeout_s:.0f} s; see {self.logfile}:\n{self.log_tail()}"
         )
 
-    def stop(self, timeout_s: float = 15) -> bool:
-        """SIGTERM (then SIGKILL); True when a running service was stopped."""
+    def stop(self, timeout_s: float = 15, *, exit_code: int | None = 0) -> bool:
+        """SIGTERM (then SIGKILL); True when a running service was stopped. When this object
+        started it (its exit is known here, not to ``make asterisk-stop``), raise RigError
+        unless it exited ``exit_code``: 0, every worker stopped as asked (one that did not
+        makes serve exit 1, and only an HTTP worker's ERROR line says it); None: any."""
         pid = self.running_pid()
         self.pidfile.unlink(missing_ok=True)
         if pid is None:
             return False
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)  # its own session: workers go too
+        proc = self.proc
+
+        def gone() -> bool:
+            # Ours is reaped by Popen, which keeps its exit (an os.waitpid here left Popen's
+            # wait an ECHILD, which it reads as exit 0); another's: no longer alive.
+            return proc.poll() is not None if proc is not None else not pid_alive(pid)
+
         deadline = time.monotonic() + timeout_s
-        while pid_alive(pid) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+        while not gone() and time.monotonic() < deadline:
             threading.Event().wait(0.1)
-        if pid_alive(pid):
+        if not gone():
             log.warning("the service did not stop in %.0f s: killing it", timeout_s)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(timeout=5)
+        if proc is not None:
+            code = proc.wait(timeout=5)
             self.proc = None
+            if exit_code is not None and code != exit_code:
+                raise RigError(
+                    f"the service exited with {code} at its stop, not {exit_code}; "
+                    f"see {self.logfile}:\n{self.log_tail(60)}"
+                )
         return True
 
     def log_tail(self, lines: int = 30) -> str:

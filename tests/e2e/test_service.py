@@ -27,6 +27,7 @@ from tests.e2e.rig import (
     CLINIC_LINE,
     FLASHCALL_PREFIX,
     AsteriskRig,
+    RigError,
     ServiceProcess,
     service_available,
     service_env,
@@ -184,12 +185,14 @@ def service(asterisk: AsteriskRig, tmp_path_factory: pytest.TempPathFactory) -> 
         _wait_contacts(asterisk, WORKERS, 30)
         yield Api(f"http://{http}", key, pinned, proc)
     finally:
-        if not proc.stop():
+        try:
+            stopped = proc.stop()  # exit 0: every SIP and HTTP worker stopped as asked
+        except RigError as exc:
+            # A SIP worker's exit that made it so is named in its log: say which.
+            exits = workers_exited_non_zero(proc.logfile.read_text(errors="replace"))
+            pytest.fail("; ".join([*exits, str(exc)]))
+        if not stopped:
             pytest.fail(f"the service died during the tests; {proc.logfile}:\n{proc.log_tail(40)}")
-        # Its SIP workers' exits at the stop are in its log only: serve exits 0 all the same.
-        exits = workers_exited_non_zero(proc.logfile.read_text(errors="replace"))
-        if exits:
-            pytest.fail(f"{'; '.join(exits)} at the service's stop:\n{proc.log_tail(60)}")
 
 
 @pytest.fixture(autouse=True)

@@ -94,10 +94,12 @@ async def serve(
     *,
     own_group: bool = False,
     worker_exit_ok: bool = False,
+    exit_code: int | None = 0,
 ) -> AsyncIterator[Service]:
     """Start ``clinic-voice serve`` with ``env`` and wait until /healthz answers
     (``own_group``: as a terminal starts a job, in a process group of its own;
-    ``worker_exit_ok``: a SIP worker of its may exit non-zero at the stop, on purpose)."""
+    ``worker_exit_ok``: a SIP worker of its may exit non-zero at the stop, on purpose;
+    ``exit_code``: serve's exit the stop must see, None for any: see :func:`_stop`)."""
     full, port = _serve_env(env)
     log_path = tmp / f"{name}.log"
     service = Service(name, port, log_path, collector)
@@ -110,9 +112,12 @@ async def serve(
             assert resp.status == 200, await resp.text()
             collector.load(await resp.json())
         yield service
+    except BaseException:
+        exit_code = None  # the test's own failure first: not hidden by its serve's exit
+        raise
     finally:
         await service.session.close()
-        await _stop(service, worker_exit_ok=worker_exit_ok)
+        await _stop(service, worker_exit_ok=worker_exit_ok, exit_code=exit_code)
 
 
 def _serve_env(env: Mapping[str, str]) -> tuple[dict[str, str], int]:
@@ -168,10 +173,14 @@ async def _wait_healthy(service: Service) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _stop(service: Service, *, worker_exit_ok: bool = False) -> None:
-    """SIGTERM, unless the test stopped it; fail when serve ignores it, or when one of its SIP
+async def _stop(
+    service: Service, *, worker_exit_ok: bool = False, exit_code: int | None = 0
+) -> None:
+    """SIGTERM, unless the test stopped it; fail when serve ignores it, when one of its SIP
     workers exited non-zero at the stop (serve's own log says so, and serve exits 1), unless
-    ``worker_exit_ok``."""
+    ``worker_exit_ok``, or when serve exited other than ``exit_code`` (0: as asked; an HTTP
+    worker that did not stop as asked shows only there and in an ERROR line); None: any,
+    the test checks it itself."""
     proc = service.proc
     if proc is None:
         return
@@ -187,6 +196,11 @@ async def _stop(service: Service, *, worker_exit_ok: bool = False) -> None:
     exits = workers_exited_non_zero(service.log_path.read_text(errors="replace"))
     if exits and not worker_exit_ok:
         pytest.fail(f"{service.name}: {'; '.join(exits)} at its stop:\n{service.log_tail(60)}")
+    if exit_code is not None and proc.returncode != exit_code:
+        pytest.fail(
+            f"{service.name} exited with {proc.returncode} at its stop, not {exit_code}:\n"
+            + service.log_tail(60)
+        )
 
 
 @pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
@@ -383,7 +397,7 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
         "CLINIC_FLASHCALL_PREFIX": "+447400",
         "CLINIC_REDIS_APPENDFSYNC": "everysec",
     }
-    async with serve("S", env, tmp_path, openapi_responses) as s:
+    async with serve("S", env, tmp_path, openapi_responses, exit_code=-signal.SIGKILL) as s:
         assert s.proc is not None
         port = int(s.base.rsplit(":", 1)[1])
         assert _listeners(port) == 3
@@ -711,7 +725,7 @@ async def test_a_second_serve_on_the_same_data_dir_refuses_to_start(
     data = _data_dir(tmp_path, "data")
     env = _embedded(service_env("", data, sms_gateway)) | {"CLINIC_HTTP_WORKERS": "2"}
     control = data / "run" / "http-workers.sock"
-    async with serve("A", env, tmp_path, openapi_responses) as a:
+    async with serve("A", env, tmp_path, openapi_responses, exit_code=-signal.SIGKILL) as a:
         assert a.proc is not None
         redis_pid = await _redis_pid(data)
         assert control.is_socket()
@@ -952,7 +966,7 @@ async def test_a_worker_that_does_not_stop_at_the_stop_makes_serve_exit_1(
     env = service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway)
     if kind == "HTTP":
         env["CLINIC_HTTP_WORKERS"] = "2"
-    async with serve("S", env, tmp_path, openapi_responses, worker_exit_ok=True) as s:
+    async with serve("S", env, tmp_path, openapi_responses, worker_exit_ok=True, exit_code=1) as s:
         assert s.proc is not None
         main = s.proc.pid
         if kind == "SIP":
@@ -1044,7 +1058,7 @@ async def test_another_secret_in_redis_is_a_configuration_error_exit_2(
     are configuration faults now: exit 2, as a bad setting at start, with a CRITICAL line
     saying why."""
     env = service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway)
-    async with serve("S", env, tmp_path, openapi_responses) as s:
+    async with serve("S", env, tmp_path, openapi_responses, exit_code=2) as s:
         assert s.proc is not None
         redis = aioredis.Redis.from_url(redis_server.url)
         try:

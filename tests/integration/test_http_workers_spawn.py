@@ -6,15 +6,18 @@ started without a ``fork()`` of ``serve``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
+from clinic_voice import http_workers
 from clinic_voice.http_workers import HttpWorkers
 from clinic_voice.metrics import Metrics
+from sip_config.child_process import spawn_child
 from tests.conftest import TouchedPages, proc_status
 from tests.integration.test_http_workers_link import _NoChannels
 from verification.dispatcher import Dispatcher
@@ -136,3 +139,44 @@ async def test_a_worker_that_exits_2_stops_serve_with_its_line_instead_of_a_rest
         assert not note.exists(), "the line was left behind"
     finally:
         await hw.stop()
+
+
+async def test_a_worker_started_as_the_stop_began_is_waited_for_and_judged(
+    workers: HttpWorkers, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's spawn is under way (held here once its process exists, as a fork and
+    exec slow on a loaded host) when the stop begins. It was SIGTERMed, but the stop had
+    listed the processes before: it was not waited for, its exit never judged. Now the stop
+    waits for the spawn, then for the process, and logs its exit."""
+    real_spawn = spawn_child
+    held, release = asyncio.Event(), asyncio.Event()
+    spawned: list[asyncio.subprocess.Process] = []
+
+    async def spawn_held(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real_spawn(*args, **kwargs)
+        spawned.append(proc)
+        held.set()
+        await release.wait()
+        return proc
+
+    monkeypatch.setattr(http_workers, "spawn_child", spawn_held)
+    caplog.set_level(logging.INFO, "clinic_voice.http_workers")
+    try:
+        await workers.start()
+        async with asyncio.timeout(5):
+            await held.wait()
+        stop = asyncio.create_task(workers.stop())
+        await asyncio.sleep(0.2)  # the stop is under way
+        release.set()
+        async with asyncio.timeout(http_workers.STOP_DEADLINE_S + 5):
+            await stop
+        [proc] = spawned
+        assert proc.returncode is not None, "the worker started as the stop began was left"
+    finally:
+        for proc in spawned:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    said = f"HTTP worker 1 (pid {proc.pid}) exited with status -15 at the stop (SIGTERM)"
+    assert said in caplog.messages
+    assert workers.exits_at_stop == ()

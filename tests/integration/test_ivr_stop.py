@@ -333,7 +333,10 @@ async def test_a_call_cut_by_a_killed_serve_is_saved_with_its_triage_at_the_next
     }
     secret = env["CLINIC_SECRET"].encode()
     loop = asyncio.get_running_loop()
-    async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
+    async with (
+        serve("serve", env, tmp_path, openapi_responses, exit_code=-signal.SIGKILL) as service,
+        phones() as started,
+    ):
         proc = service.proc
         assert proc is not None
         await prompts_warm(service)

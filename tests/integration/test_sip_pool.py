@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -13,11 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from clinic_voice.metrics import Metrics
 from clinic_voice.wiring import new_sip_pool
+from sip_config.child_process import spawn_child
 from sip_config.clock import SystemClock
 from sip_config.settings import HostPort
 from tests.conftest import SIPP_OTHER_SOCKETS, TouchedPages, proc_status, sip_settings
@@ -660,3 +663,48 @@ async def test_a_restarted_worker_that_never_starts_is_restarted_again(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await pool.stop()
+
+
+async def test_a_restart_whose_spawn_completes_during_the_stop_is_stopped_as_any_worker(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker died; its restart's spawn is under way (held here once its process exists,
+    as a fork and exec slow on a loaded host) when the stop begins. The stop went on with
+    the dead process, cancelled the restart, and left the new worker running: never told to
+    stop, never waited for, its exit never judged (it outlived serve till its stdin's end).
+    Now the stop waits for the spawn, then stops that worker as any other."""
+    pool = new_sip_pool(sip_settings(1), Metrics(), SystemClock())
+    await pool.start()
+    [first] = pool.worker_pids()
+    real_spawn = spawn_child
+    held, release = asyncio.Event(), asyncio.Event()
+    spawned: list[asyncio.subprocess.Process] = []
+
+    async def spawn_held(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real_spawn(*args, **kwargs)
+        spawned.append(proc)
+        held.set()
+        await release.wait()
+        return proc
+
+    monkeypatch.setattr(pool_module, "spawn_child", spawn_held)
+    caplog.set_level(logging.INFO, "voice.sip.pool")
+    try:
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await held.wait()
+        stop = asyncio.create_task(pool.stop())
+        await asyncio.sleep(0.2)  # the stop is under way (it was done by now, before)
+        release.set()
+        async with asyncio.timeout(pool_module.WORKER_STOP_S + 10):
+            await stop
+    finally:
+        for proc in spawned:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    [proc] = spawned
+    said = f"SIP worker 0 (pid {proc.pid}) exited with status 0 at the stop"
+    assert said in caplog.messages, "the worker the restart started was not stopped and waited for"
+    assert proc.returncode == 0
+    assert pool.exits_at_stop == ()

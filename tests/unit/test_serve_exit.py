@@ -5,6 +5,7 @@ and what a worker's exit at the stop says (sip_config/worker_exit.py)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import Settings
 from sip_config.worker_exit import WorkerExit, as_asked, status_note
 from tests.conftest import sip_settings
+from voice.sip import pool as pool_module
 from voice.sip.pool import SipPool
 
 KILLED = WorkerExit("SIP worker 0", 4242, -9, killed=True)
@@ -109,6 +111,14 @@ def test_what_an_exit_status_says(status: int, killed: bool, note: str) -> None:
     assert status_note(status, killed=killed) == note
 
 
+def test_a_worker_whose_start_failed_says_why_not_a_status() -> None:
+    failed = WorkerExit("SIP worker 1", 0, None, not_started="[Errno 12] Cannot allocate memory")
+    assert (
+        str(failed)
+        == "SIP worker 1 could not be started at the stop: [Errno 12] Cannot allocate memory"
+    )
+
+
 @pytest.mark.sip_worker_exit_ok  # on purpose, and the suite's own check would fail it
 @pytest.mark.parametrize("status", [0, -6, 1])
 def test_the_pool_keeps_the_exits_at_its_stop_that_were_not_0(status: int) -> None:
@@ -194,3 +204,46 @@ def test_a_setting_refused_once_serve_reads_its_data_dir_is_exit_2(
     err = capsys.readouterr().err
     assert err.startswith(f"clinic-voice serve: configuration error: {says}"), err
     assert "Traceback" not in err, err
+
+
+async def test_a_restart_that_cannot_start_its_process_as_the_stop_begins_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker died while the pool ran; its restart's fork fails (EAGAIN) just as the stop
+    # begins. That -1 was passed as an exit status and read as signal 1: "status -1 at the
+    # stop (SIGHUP)", with the dead process's pid. No process ran: the OSError says why.
+    pool = SipPool(sip_settings(1), clock=FakeClock())
+    pool._running = True  # as start() leaves it
+    worker = pool._workers[0]
+    worker.pid = 4242  # the process that died while the pool ran
+
+    async def fork_fails_as_the_stop_begins(*args: object, **kwargs: object) -> None:
+        pool._running = False  # stop() began while the spawn was under way
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(pool_module, "spawn_child", fork_fails_as_the_stop_begins)
+    await pool._restart(worker, 0.0)
+    says = (
+        "SIP worker 0 could not be started at the stop: [Errno 11] Resource temporarily unavailable"
+    )
+    assert [str(e) for e in pool.exits_at_stop] == [says]
+    assert pool.exits_at_stop[0].status is None
+    assert worker.spawning is None
+
+
+async def test_a_restart_that_cannot_start_its_process_while_running_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = SipPool(sip_settings(1), clock=FakeClock())
+    pool._running = True
+    worker = pool._workers[0]
+    scheduled: list[bool] = []
+
+    async def fork_fails(*args: object, **kwargs: object) -> None:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(pool_module, "spawn_child", fork_fails)
+    monkeypatch.setattr(pool, "_schedule_restart", lambda w, *, was_up: scheduled.append(was_up))
+    await pool._restart(worker, 0.0)
+    assert scheduled == [False]  # after the backoff of one more failure
+    assert pool.exits_at_stop == ()

@@ -105,6 +105,9 @@ WORKER_STOP_S = 3.0
 # The line of a worker's exit during stop(): its index, pid, status and what the status says
 # (sip_config/worker_exit.py); at ERROR when the status is not 0 (serve then exits 1).
 WORKER_EXITED_AT_STOP = "SIP worker %s (pid %s) exited with status %s at the stop%s"
+# The line of a restart under way as stop() began whose process could not be started (fork
+# or exec failed): no exit status to report, the OSError says why (serve then exits 1).
+WORKER_NOT_STARTED_AT_STOP = "SIP worker %s could not be started at the stop: %s"
 # What stop() then gives the calls' tasks, cancelled, to wind up: a call's record waits 2 s
 # for Redis (voice/ivr/session.py STOP_SAVE_S), then is kept on disk in milliseconds. A
 # task still at it (a disk write that hangs: NFS, a failing disk) is cancelled once more,
@@ -384,6 +387,8 @@ class _Worker:
     # its reader sees it only once stop() has begun; no exit at the stop.
     killed_running: bool = False
     reader: asyncio.Task[None] | None = None
+    # The restart whose spawn is under way: stop() waits for it, then stops what it started.
+    spawning: asyncio.Task[None] | None = None
     up: bool = False
     # Sent SIGTERM by someone else, it hangs up its calls and exits 0 (Stopping): not up.
     stopping: bool = False
@@ -500,6 +505,14 @@ class SipPool:
         start-up took 3 s a worker: none was up to be told); the tasks CALLS_WIND_UP_S
         (and TASKS_LEFT_S after a second cancellation)."""
         self._running = False
+        # A restart whose spawn is under way is let finish it, and its process is stopped
+        # below as any worker's (told, waited for, its exit judged): before, a spawn that
+        # completed during the stop left a worker running, never told to stop nor waited
+        # for, until serve's end closed its stdin. A restart still in its backoff starts
+        # nothing now (it looks at _running as it wakes) and is cancelled with the tasks.
+        spawning = {w.spawning for w in self._workers if w.spawning is not None}
+        if spawning:
+            await asyncio.wait(spawning)
         for w in self._workers:
             if w.up:
                 w.send(Shutdown())
@@ -568,8 +581,9 @@ class SipPool:
     @property
     def exits_at_stop(self) -> tuple[WorkerExit, ...]:
         """The workers that ended during :meth:`stop` with a status other than 0 (each logged
-        at ERROR): pjsua aborting at its teardown, or killed for not stopping. A worker
-        that died while the pool ran was restarted, and is not here."""
+        at ERROR): pjsua aborting at its teardown, or killed for not stopping; and a restart
+        under way as the stop began that could not start its process. A worker that died
+        while the pool ran was restarted, and is not here."""
         return tuple(self._exits_at_stop)
 
     @property
@@ -1173,6 +1187,9 @@ class SipPool:
                 was_up,
                 len(lost),
             )
+        self._schedule_restart(w, was_up=was_up)
+
+    def _schedule_restart(self, w: _Worker, *, was_up: bool) -> None:
         lived = self._clock.monotonic() - w.started_at
         # Healthy only if it was up: one killed for never starting lived 30 s too.
         w.failures = 0 if was_up and lived > _HEALTHY_AFTER_S else w.failures + 1
@@ -1188,8 +1205,23 @@ class SipPool:
         self._restarts += 1
         if self._on_restart is not None:
             self._on_restart()
+        w.spawning = asyncio.current_task()  # stop() may begin meanwhile: it waits for this
         try:
             await self._spawn(w)
-        except OSError:
-            log.exception("SIP worker %s could not be restarted", w.index)
-            self._on_exit(w, -1)
+        except OSError as exc:
+            self._spawn_failed(w, exc)
+        finally:
+            w.spawning = None
+
+    def _spawn_failed(self, w: _Worker, exc: OSError) -> None:
+        """A restart of ``w`` could not start its process (fork or exec failed): tried again
+        after the backoff while the pool runs; once stop() began, a worker the stop could not
+        have stopped as asked. No exit status (the -1 passed as one before read as SIGHUP)."""
+        if self._running:
+            log.error("SIP worker %s could not be restarted", w.index, exc_info=exc)
+            self._schedule_restart(w, was_up=False)
+            return
+        log.error(WORKER_NOT_STARTED_AT_STOP, w.index, exc)
+        self._exits_at_stop.append(
+            WorkerExit(f"SIP worker {w.index}", 0, None, not_started=str(exc))
+        )
