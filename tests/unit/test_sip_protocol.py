@@ -14,6 +14,7 @@ from voice.sip.protocol import (
     AudioChunk,
     CallEvent,
     CallState,
+    CannotListen,
     Digit,
     Hangup,
     Hold,
@@ -67,6 +68,7 @@ MESSAGES: list[Message] = [
     WorkerStatus(3, 5061, 2),
     Registered(ok=True, sip_status=200),
     Stopping(),
+    CannotListen("127.0.0.1:5061", "Address already in use"),
 ]
 
 

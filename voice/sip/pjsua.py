@@ -148,6 +148,20 @@ class EngineError(RuntimeError):
         self.status = status
 
 
+class ListenError(EngineError):
+    """A fixed port that UDP or TCP cannot bind: ``reason`` says why (pjsua's words)."""
+
+    def __init__(self, addr: str, reason: str, status: int) -> None:
+        super().__init__(f"cannot listen on {addr}: {reason}", status)
+        self.addr = addr
+        self.reason = reason
+
+
+def _reason(exc: Exception) -> str:
+    """pjsua's reason in a ``pj.Error`` ("Address already in use")."""
+    return str(getattr(exc, "reason", "") or exc)
+
+
 class _Account(pj.Account):  # type: ignore[misc]
     def __init__(self, engine: Engine) -> None:
         super().__init__()
@@ -498,14 +512,17 @@ class Engine:
         tcfg.publicAddress = cfg.host
         for _ in range(20 if cfg.port == 0 else 1):
             tcfg.port = cfg.port
-            udp = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+            try:
+                udp = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+            except pj.Error as exc:
+                raise ListenError(f"{cfg.host}:{cfg.port}", _reason(exc), exc.status) from None
             port = int(str(ep.transportGetInfo(udp).localName).rsplit(":", 1)[1])
             tcfg.port = port
             try:
                 ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
             except pj.Error as exc:
                 if cfg.port != 0:
-                    raise
+                    raise ListenError(f"{cfg.host}:{port}", _reason(exc), exc.status) from None
                 # The free UDP port is taken for TCP (another process, TIME_WAIT): next one.
                 log.debug("TCP port %s busy (%s): trying another", port, exc.reason)
                 ep.transportClose(udp)

@@ -47,6 +47,7 @@ from voice.sip.protocol import (
     AudioChunk,
     CallEvent,
     CallState,
+    CannotListen,
     Command,
     Digit,
     Hangup,
@@ -154,6 +155,11 @@ class SipError(Exception):
     """Base of the SIP pool's errors; ``status`` is the SIP status that fits."""
 
     status: int = SipStatus.SERVER_INTERNAL_ERROR
+
+
+class SipStartError(SipError):
+    """The pool could not start: a worker cannot listen on its port, or the workers did not
+    report in time. ``serve`` exits 1 with its text (``cannot start: ...``)."""
 
 
 class PoolBusyError(SipError):
@@ -410,6 +416,7 @@ class _Worker:
     acks: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
     requests: dict[str, asyncio.Future[int]] = field(default_factory=dict)
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    cannot_listen: str = ""  # its CannotListen, as the line says it
 
     @property
     def available(self) -> int:
@@ -488,6 +495,8 @@ class SipPool:
             async with asyncio.timeout(limit):
                 for w in self._workers:
                     await w.started.wait()
+                    if w.cannot_listen:  # it exits: no restart will bind the port either
+                        raise SipStartError(w.cannot_listen)
             watch = asyncio.create_task(self._watch(), name="sip-worker-watch")
             self._tasks.add(watch)
             watch.add_done_callback(self._tasks.discard)
@@ -496,7 +505,7 @@ class SipPool:
             # are stopped here, since the caller only stops a pool that started.
             await self.stop()
             if isinstance(exc, TimeoutError):
-                raise SipError(f"SIP workers did not start within {limit:g} s") from None
+                raise SipStartError(f"SIP workers did not start within {limit:g} s") from None
             raise
 
     async def stop(self) -> None:
@@ -917,6 +926,7 @@ class SipPool:
             argv.append(f"--realm={s.realm}")  # "=": a realm may start with "-"
         env = worker_env(os.environ, s.password)
         w.started.clear()  # start() may be waiting on this very event
+        w.cannot_listen = ""
         w.up = w.registered = w.stopping = False
         w.free_slots = w.pending = w.placed = 0
         # Its own process group, so a Ctrl-C at the terminal is serve's to handle (an orderly
@@ -1066,6 +1076,10 @@ class SipPool:
             fut = w.requests.get(ev.request_id)
             if fut is not None and not fut.done():
                 fut.set_result(ev.sip_status)
+        elif isinstance(ev, CannotListen):
+            w.cannot_listen = f"SIP worker {w.index} cannot listen on {ev.addr}: {ev.reason}"
+            log.error("%s", w.cannot_listen)
+            w.started.set()  # start() gives up at once (it exits: restarted if running)
         elif isinstance(ev, Registered):
             if ev.ok != w.registered:
                 log.info("worker %s registration: %s (%s)", w.index, ev.ok, ev.sip_status)

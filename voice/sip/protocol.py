@@ -265,6 +265,15 @@ class Stopping:
 
 
 @dataclass(frozen=True, slots=True)
+class CannotListen:
+    """The worker cannot listen on ``addr`` (host:port), for ``reason`` (pjsua's: "Address
+    already in use"), and exits: sent instead of its first :class:`WorkerStatus`."""
+
+    addr: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Registered:
     """The registration state at the registrar changed."""
 
@@ -297,6 +306,7 @@ Event = (
     | WorkerStatus
     | Registered
     | Stopping
+    | CannotListen
 )
 Message = Command | Event
 

@@ -44,8 +44,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-from voice.sip.pjsua import Engine, EngineConfig
-from voice.sip.protocol import Event, ProtocolError, Stopping, decode, encode
+from voice.sip.pjsua import Engine, EngineConfig, ListenError
+from voice.sip.protocol import CannotListen, Event, ProtocolError, Stopping, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class _Out:
         while data:
             n = os.write(self._fd, data)
             data = data[n:]
+
+
+CANNOT_LISTEN_EXIT = 3  # its port cannot be bound: CannotListen said which and why
 
 
 def _reader(
@@ -164,7 +167,15 @@ def run(
             log.debug("wake-up not sent: %s", exc)
 
     engine = Engine(config, out.emit, wake, out.flush)
-    engine.start()
+    try:
+        engine.start()
+    except ListenError as exc:
+        # The pool stops the start at once with this line, rather than restart a worker
+        # whose port another process holds until its 30 s start timeout.
+        log.error("%s", exc)
+        out.emit(CannotListen(exc.addr, exc.reason))
+        out.flush()
+        return CANNOT_LISTEN_EXIT
     target = (config.host, engine.port)
     out.emit(engine.status())
     out.flush()
