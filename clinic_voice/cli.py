@@ -395,8 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _leave_config_error(control: Path, index: int, text: str) -> None:
     """An HTTP worker's exit 2: its line for ``serve``, which stops with it instead of
-    starting the worker again (clinic_voice/http_workers.py). Best effort: without it serve
-    still stops, pointing at this line in the log."""
+    starting the worker again (clinic_voice/http_workers.py). Without it (not written) serve
+    takes the exit 2 for a crash, as argparse's, and starts the worker again after a backoff."""
     from clinic_voice.http_workers import config_error_path
 
     try:

@@ -23,7 +23,8 @@ The control socket carries JSON lines (:mod:`clinic_voice.main_link` is the work
   reached, so that it counts every request answered before it), ``rendered``.
 
 A worker whose control connection ends (``serve`` died) stops; ``serve`` restarts a worker
-that exits, with backoff, except one that exits 2: a configuration error it found (its
+that exits, with backoff, except one that exits 2 leaving its line (:func:`config_error_path`;
+an exit 2 without it, argparse's, is restarted as a crash): a configuration error it found (its
 settings no longer parse: a time zone gone from the host's tzdata, ...), which every start
 with the same settings finds again. ``serve`` then stops as for its own configuration error
 and exits 2 with the worker's line (:func:`config_error_path`). A worker's counters survive
@@ -267,6 +268,10 @@ class HttpWorkers:
         failures = 0
         while not self._stop.is_set():
             started = loop.time()
+            # A line left by an earlier run of this worker (one killed between its line and
+            # its exit 2, say) is not this run's: only a line of this run makes its exit 2 a
+            # configuration error.
+            await asyncio.to_thread(_drop_note, self._path, index)
             try:
                 # Its own process group, so a Ctrl-C at the terminal is serve's to handle, in
                 # serve's session; serve killed -9, the kernel sends it SIGTERM (it also stops
@@ -283,15 +288,20 @@ class HttpWorkers:
                 code = await proc.wait()
                 if self._stop.is_set():
                     return
+                line = None
                 if code == CONFIG_ERROR_EXIT:
+                    line = await asyncio.to_thread(_take_note, self._path, index)
+                if line is not None:
                     # Started again it finds the same fault, every backoff, for ever: serve
                     # stops instead, exit 2, for its service manager not to start it again.
-                    line = await asyncio.to_thread(_take_note, self._path, index)
                     self._misconfigure(
                         f"HTTP worker {index} (pid {proc.pid}) exited with {code}, a "
                         f"configuration error: {line or 'see its line above in the log'}"
                     )
                     return
+                # An exit 2 without its line is no configuration error of the worker's: argparse
+                # refusing the arguments serve built (a package upgraded under a running
+                # serve), which a start of serve anew mends; exit 2 would keep it stopped.
                 ran_s = loop.time() - started
                 why = f"(pid {proc.pid}) exited with {code} after {ran_s:.1f} s"
             failures = 0 if ran_s > 60 else failures + 1
@@ -399,16 +409,23 @@ class HttpWorkers:
             await asyncio.sleep(STATE_EVERY_S)
 
 
-def _take_note(control: Path, index: int) -> str:
-    """The configuration error line worker ``index`` left (:func:`config_error_path`), or ""
-    (none: argparse's refusal of its arguments, a worker killed while writing it)."""
+def _drop_note(control: Path, index: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        config_error_path(control, index).unlink()
+
+
+def _take_note(control: Path, index: int) -> str | None:
+    """The configuration error line worker ``index`` left (:func:`config_error_path`), or
+    None (none: argparse's refusal of its arguments, a line it could not write)."""
     path = config_error_path(control, index)
     try:
         with path.open("rb") as f:
             text = f.read(MAX_NOTE).decode(errors="replace").strip()
         path.unlink()
+    except FileNotFoundError:
+        return None
     except OSError:
-        return ""
+        return ""  # there, but unreadable: its line is in the log
     return text
 
 

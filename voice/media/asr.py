@@ -76,6 +76,9 @@ class AsrError(RuntimeError):
 # layout (vosk-model-small-en-us-0.3 and before) keeps the same files at the top.
 _ACOUSTIC = ("am/final.mdl", "conf/mfcc.conf")
 _ACOUSTIC_V1 = ("final.mdl", "mfcc.conf")
+# The feature config vosk reads in the am/ layout: conf/mfcc.conf, or else conf/fbank.conf
+# (filter-bank models, vosk >= 0.3.32: ReadDataFiles in model.cc). The old layout has MFCC only.
+_FBANK = "conf/fbank.conf"
 _IVECTOR = tuple(
     f"ivector/{name}"
     for name in ("final.ie", "final.mat", "final.dubm", "global_cmvn.stats", "splice.conf")
@@ -94,8 +97,10 @@ def model_folder_fault(files: Mapping[str, bytes]) -> str | None:
     process while loading, or load it and crash at the first recogniser."""
     v1 = all(f in files for f in _ACOUSTIC_V1) and "am/final.mdl" not in files
     top = "" if v1 else "graph/"
-    if not v1 and not all(f in files for f in _ACOUSTIC):
-        missing = " and ".join(f for f in _ACOUSTIC if f not in files)
+    features = "conf/mfcc.conf" if "conf/mfcc.conf" in files or _FBANK not in files else _FBANK
+    acoustic = _ACOUSTIC_V1 if v1 else ("am/final.mdl", features)
+    if not v1 and not all(f in files for f in acoustic):
+        missing = " and ".join(f for f in acoustic if f not in files)
         return f"no {missing}: not a vosk model folder"
     if f"{top}HCLG.fst" in files:
         graph: tuple[str, ...] = (f"{top}HCLG.fst",)
@@ -108,7 +113,6 @@ def model_folder_fault(files: Mapping[str, bytes]) -> str | None:
     missing = " and ".join(f for f in ivector if f not in files)
     if missing:
         return f"ivector/final.ie without {missing}: an incomplete vosk model"
-    acoustic = _ACOUSTIC_V1 if v1 else _ACOUSTIC
     for name in (*acoustic, *graph, *ivector):
         if files[name] == b"" and name not in _MAY_BE_EMPTY:
             return f"{name} is empty: a damaged vosk model (unpack it again)"
@@ -124,6 +128,7 @@ def read_model_folder(path: Path) -> dict[str, bytes]:
     names = (
         *_ACOUSTIC,
         *_ACOUSTIC_V1,
+        _FBANK,
         "conf/model.conf",
         *_IVECTOR,
         "ivector/online_cmvn.conf",

@@ -428,6 +428,7 @@ class Engine:
         # Inbound MESSAGEs pjsua answered 200 and the service dropped since the last warning
         # (see _note_inbound_message), and when that warning was logged.
         self._messages_dropped = 0
+        self._messages_where = ""  # the last one's: "in a call", "out of a dialog"
         self._messages_warned_at: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -537,6 +538,7 @@ class Engine:
         if ep is None:
             return
         self.stopping = True
+        self._say_dropped_messages(at_stop=True)
         try:
             ep.hangupAllCalls()
             # Let the BYEs/CANCELs complete (bounded), then destroy without the network:
@@ -658,6 +660,7 @@ class Engine:
         assert self._ep is not None
         self._dead.clear()
         self._ep.libHandleEvents(ms)
+        self._say_dropped_messages()
         self._report_unreported_ends()
         self._forget_marks()
         while True:
@@ -1216,14 +1219,25 @@ class Engine:
         and the text is dropped. That loss is said, at most once a minute with a count (a
         sender could send thousands), and never with its sender or its text."""
         self._messages_dropped += 1
+        self._messages_where = where
+        self._say_dropped_messages()
+
+    def _say_dropped_messages(self, *, at_stop: bool = False) -> None:
+        """The WARNING of :meth:`_note_inbound_message`, when MESSAGEs were dropped since the
+        last one and that was a minute ago (or now, ``at_stop``). Also asked by each pump: a
+        burst's MESSAGEs after its first were otherwise said only with the next MESSAGE a
+        minute later, if one ever came (a burst of 1000 was "1 inbound SIP MESSAGE(s)")."""
+        if not self._messages_dropped:
+            return
         now = time.monotonic()
-        if self._messages_warned_at is not None and now - self._messages_warned_at < 60.0:
+        warned_at = self._messages_warned_at
+        if not at_stop and warned_at is not None and now - warned_at < 60.0:
             return
         log.warning(
             "%d inbound SIP MESSAGE(s) (the last %s) answered 200 by pjsua and dropped: the"
             " service takes none; keep MESSAGEs from the SIP workers at the PBX (README)",
             self._messages_dropped,
-            where,
+            self._messages_where,
         )
         self._messages_dropped, self._messages_warned_at = 0, now
 
