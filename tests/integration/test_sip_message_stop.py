@@ -76,7 +76,8 @@ async def test_a_stop_with_a_message_unanswered_exits_0_and_says_503(  # noqa: P
         await pool.stop()
     # WORKER_EXITED_AT_STOP's arguments: index, pid, status, note.
     exits = [r.args for r in caplog.records if r.msg == WORKER_EXITED_AT_STOP]
-    assert [(a[0], a[2]) for a in exits] == [(0, 0)], f"the worker's exit at the stop: {exits}"
+    said = [(a[0], a[2]) for a in exits if isinstance(a, tuple)]
+    assert said == [(0, 0)], f"the worker's exit at the stop: {exits}"
     # Cut by the stop: never said delivered (the pool says 503 for a worker gone, too).
     assert status == SipStatus.SERVICE_UNAVAILABLE
 
@@ -116,7 +117,8 @@ async def test_behind_a_registrar_the_stop_still_unregisters(
             await asyncio.sleep(0.02)
     # WORKER_EXITED_AT_STOP's arguments: index, pid, status, note.
     exits = [r.args for r in caplog.records if r.msg == WORKER_EXITED_AT_STOP]
-    assert [(a[0], a[2]) for a in exits] == [(0, 0)], f"the worker's exit at the stop: {exits}"
+    said = [(a[0], a[2]) for a in exits if isinstance(a, tuple)]
+    assert said == [(0, 0)], f"the worker's exit at the stop: {exits}"
     assert status == SipStatus.SERVICE_UNAVAILABLE
     expires = [r.msg.get("Expires") for r in registrar.received("REGISTER")]
     assert expires[2:] == ["0"], f"no un-REGISTER at the stop (the REGISTERs' Expires): {expires}"
