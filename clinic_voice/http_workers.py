@@ -272,6 +272,11 @@ class HttpWorkers:
             # its exit 2, say) is not this run's: only a line of this run makes its exit 2 a
             # configuration error.
             await asyncio.to_thread(_drop_note, self._path, index)
+            if self._stop.is_set():
+                # The stop began during that await: it has looked at _spawning already, so a
+                # spawn made now would be neither waited for nor judged (a SIGTERMed worker
+                # left behind, or stop()'s end meeting a process still running).
+                return
             try:
                 # Its own process group, so a Ctrl-C at the terminal is serve's to handle, in
                 # serve's session; serve killed -9, the kernel sends it SIGTERM (it also stops

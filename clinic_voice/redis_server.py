@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # AF_UNIX sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _LOG_LINES_KEPT = 30
+# The stop's waits besides stop_deadline_s (tests/unit/test_systemd_unit.py adds them up):
+# the SHUTDOWN command's client timeout, and the wait for the log pipe's reader after the exit.
+SHUTDOWN_ASK_S = 2.0
+LOG_PIPE_REAP_S = 1.0
 
 
 # Lines Redis 7.0 marks as warnings ('#') at every start and stop: routine, logged as INFO.
@@ -364,7 +368,7 @@ class EmbeddedRedis:
         if self._reader is None:
             return
         try:
-            await asyncio.wait_for(self._reader, timeout=1.0)
+            await asyncio.wait_for(self._reader, timeout=LOG_PIPE_REAP_S)
         except TimeoutError:
             log.warning("embedded redis-server log pipe still open after exit")
             await cancel_and_wait(self._reader)  # wait_for cancelled it already (3.11)
@@ -410,7 +414,7 @@ class EmbeddedRedis:
             log.warning("embedded redis-server restarted (pid %s)", self.pid)
 
     async def _request_shutdown(self) -> None:
-        client = _probe_client(self.url, 2)
+        client = _probe_client(self.url, SHUTDOWN_ASK_S)
         try:
             await client.shutdown()
         except (RedisError, OSError) as exc:

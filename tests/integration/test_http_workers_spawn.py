@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -232,3 +233,75 @@ async def test_an_exit_2_without_the_workers_line_is_a_crash_not_a_configuration
     assert not reasons, reasons
     assert len(starts.read_text().split()) >= 3, "the worker was not started again"
     assert "invalid int value: 'one'" in capfd.readouterr().err  # argparse's exit 2 it was
+
+
+async def test_a_stop_that_begins_as_a_worker_is_about_to_be_started_leaves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's keeper removes its old configuration-error line in a thread before each
+    spawn. A stop that began during that await had looked at the spawns under way already:
+    the spawn that followed started a worker (SIGTERMed at once) that the stop neither
+    waited for nor judged, still running as the stop returned."""
+    gate = threading.Event()
+    real_drop = http_workers._drop_note
+
+    def drop_held(path: Path, index: int) -> None:
+        if index == 2:  # worker 2's keeper is held here as the stop begins
+            gate.wait(10)
+        real_drop(path, index)
+
+    spawned: list[asyncio.subprocess.Process] = []
+
+    async def spawn_slow(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await spawn_child(*args, **kwargs)
+        spawned.append(proc)
+        if len(spawned) > 1:
+            await asyncio.sleep(2.0)  # a fork and exec slow on a loaded host
+        return proc
+
+    # Worker 1 takes half a second to stop, so the stop is still waiting for it as worker 2's
+    # keeper goes on; worker 2 is `sleep`.
+    slow_stop = "import signal, sys, time; "
+    slow_stop += "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), sys.exit(0))); "
+    slow_stop += "open(sys.argv[1], 'w').close(); time.sleep(60)"
+    ready = tmp_path / "worker-1-ready"
+
+    def argv(self: HttpWorkers, index: int) -> list[str]:
+        if index == 1:
+            return [sys.executable, "-c", slow_stop, str(ready)]
+        return [SLEEP_EXE, "60"]
+
+    monkeypatch.setattr(http_workers, "_drop_note", drop_held)
+    monkeypatch.setattr(http_workers, "spawn_child", spawn_slow)
+    monkeypatch.setattr(HttpWorkers, "_argv", argv)
+    hw = HttpWorkers(
+        count=3,
+        data_dir=tmp_path,
+        env={},
+        dispatcher=cast(Dispatcher, _NoChannels()),
+        checks=dict,
+        warming=list,
+        metrics=Metrics(),
+        misconfigure=lambda reason: None,
+    )
+    try:
+        await hw.start()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while not ready.exists():
+            assert loop.time() < end, "worker 1 was not started within 10 s"
+            await asyncio.sleep(0.02)
+        stop = asyncio.create_task(hw.stop())
+        await asyncio.sleep(0.05)  # the stop has begun, and waits for worker 1
+        gate.set()
+        async with asyncio.timeout(http_workers.STOP_DEADLINE_S + 5):
+            await stop
+        left = [p.pid for p in spawned if p.returncode is None]
+        assert not left, f"worker(s) {left} still running after the stop"
+    finally:
+        gate.set()
+        await asyncio.sleep(2.5)  # a spawn left behind completes (and SIGTERMs its worker)
+        for proc in spawned:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sip_config.child_process import spawn_child
+
 RATE_HZ = 8000  # the calls' rate (SpeechModel.recogniser's default)
 # A small grammar: words of the shipped languages; those the model lacks are left out, as
 # SpeechModel._kaldi_recogniser does, and "[unk]" only if the model knows it.
@@ -43,6 +45,22 @@ BASE_TIMEOUT_S = 60.0
 TIMEOUT_S_PER_GB = 60.0
 # The child's line for a model vosk refuses (a bare Exception: "Failed to create a model").
 _REFUSED = "model_probe: vosk refused it: "
+# The deaths a damaged model causes: vosk (kaldi, OpenFst) crashing on what it read. Any other
+# signal came from outside the probe: SIGKILL from the kernel's OOM killer (the probe holds a
+# second copy of the model next to serve) or an operator, SIGTERM, SIGINT. Those prove
+# nothing about the model, and an exit 2 for them kept the service down for good under the
+# shipped systemd unit (RestartPreventExitStatus=2), telling the operator to unpack it again.
+CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL}
+)
+
+
+class ProbeFailed(OSError):
+    """The probe ended without a verdict on the model: killed from outside (SIGKILL: the OOM
+    killer; SIGTERM), or it could not run (``python -m voice.media.model_probe`` not found,
+    an exit status of neither a pass nor vosk's refusal). A start error (an OSError: exit 1,
+    ``cannot start``, started again by the unit's ``Restart=on-failure``), not a
+    configuration error."""
 
 
 class ProbeTimedOut(TimeoutError):
@@ -69,18 +87,22 @@ def timeout_for(path: Path) -> float:
     return BASE_TIMEOUT_S + TIMEOUT_S_PER_GB * max(0.0, size / 1e9 - 1.0)
 
 
+def _probe_argv(path: Path) -> list[str]:
+    """The child's command line (a test puts a stand-in here)."""
+    return [sys.executable, "-m", "voice.media.model_probe", str(path)]
+
+
 async def model_fault(path: Path, timeout_s: float | None = None) -> str | None:
     """Run the probe on the model at ``path`` in a child process: ``None`` when it went
     through, else what happened ("the probe died of SIGSEGV making a grammar recogniser").
     Raises :class:`ProbeTimedOut` (killing the child) when it took longer than ``timeout_s``
-    (default :func:`timeout_for`)."""
+    (default :func:`timeout_for`), and :class:`ProbeFailed` when it ended with no verdict
+    (killed from outside, or it could not run). Cancelled (a stop during serve's start), it
+    kills the child first; serve killed -9, the kernel sends it SIGTERM (spawn_child)."""
     if timeout_s is None:
         timeout_s = await asyncio.to_thread(timeout_for, path)  # a few dozen stat calls
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "voice.media.model_probe",
-        str(path),
+    proc = await spawn_child(
+        _probe_argv(path),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -88,6 +110,7 @@ async def model_fault(path: Path, timeout_s: float | None = None) -> str | None:
     step = "load"
     errors: list[str] = []
     refused: list[str] = []
+    last: list[str] = []  # its last line on stderr ("No module named ...")
 
     async def steps() -> None:
         nonlocal step
@@ -99,6 +122,8 @@ async def model_fault(path: Path, timeout_s: float | None = None) -> str | None:
         assert proc.stderr is not None
         async for line in proc.stderr:
             text = line.decode(errors="replace").strip()
+            if text:
+                last[:] = [text]
             if text.startswith(_REFUSED):
                 refused.append(text.removeprefix(_REFUSED))
             elif text.startswith("ERROR"):
@@ -109,21 +134,47 @@ async def model_fault(path: Path, timeout_s: float | None = None) -> str | None:
             await asyncio.gather(steps(), stderr())
             code = await proc.wait()
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        await _kill(proc)
         raise ProbeTimedOut(path, timeout_s, step) from None
+    except BaseException:
+        # Cancelled (SIGTERM during serve's start): left running, the child went on loading
+        # the model (seconds, GBs) after serve had stopped, next to a new serve's own probe.
+        await _kill(proc)
+        raise
     if code == 0 and step == "done":
         return None
     if code == 1 and refused:  # refused, as SpeechModel.load would have been: its words
         return f"vosk refused it ({refused[0][:200]})"
     where = STEPS.get(step, step)
     if code < 0:
-        what = f"the probe died of {signal.Signals(-code).name} {where}"
+        what = f"the probe died of {_signal_name(-code)} {where}"
     else:
         what = f"the probe exited with status {code} {where}"
     # vosk's own first complaint, if it made one ("Failed to read ... HCLr.fst").
-    return f"{what} ({errors[0][:200]})" if errors else what
+    said = f"{what} ({errors[0][:200]})" if errors else what
+    if code < 0 and -code in CRASH_SIGNALS:
+        return said
+    if not errors and last:
+        said = f"{what} ({last[0][:200]})"
+    hint = " (the kernel's OOM killer? see dmesg)" if code == -signal.SIGKILL else ""
+    raise ProbeFailed(
+        f"the vosk model {str(path)!r} was not proven: {said}{hint}; no crash of vosk, so "
+        "no proof of a damaged model"
+    )
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the probe and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await asyncio.shield(proc.wait())
 
 
 def _step(name: str) -> None:

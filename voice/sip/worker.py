@@ -209,11 +209,17 @@ def run(
                 log.warning("SIGTERM: hanging up the calls and stopping, as at Shutdown")
                 out.emit(Stopping())
                 stop = True
-            out.flush()
             if stop:
+                # Nobody may read any more: the pool gone (its end of file; serve killed -9,
+                # the parent-death SIGTERM). The stop still hangs the calls up (below) and
+                # exits 0, not 1 with a BrokenPipeError traceback.
+                _flush_at_exit(out)
+                break
+            if not _sent(out):
                 break
             engine.pump(engine.pump_ms(IDLE_PUMP_MS))
-            out.flush()
+            if not _sent(out):
+                break
     finally:
         engine.stop()
         waker.close()
@@ -221,15 +227,28 @@ def run(
     return 0
 
 
+def _sent(out: _Out) -> bool:
+    """Send what was emitted; False when nobody reads any more (EPIPE: the pool is gone,
+    ``serve`` killed -9, before its end of file or the parent-death SIGTERM is seen here,
+    while events flow: a listener's audio every 20 ms). The worker then stops as at that end
+    of file, its calls hung up, rather than die of a BrokenPipeError with them up."""
+    try:
+        out.flush()
+    except BrokenPipeError:
+        log.warning("the pool is gone (nobody reads the events): stopping")
+        return False
+    return True
+
+
 def _flush_at_exit(out: _Out) -> None:
-    """Send what the stop emitted: the end (ENDED) of each call it hung up. Left unsent, the
-    pool ended those calls as ``worker_lost`` (status 0) at the worker's exit instead of how
-    they ended. When nobody reads any more (the pool is gone: EPIPE), they are dropped:
-    nobody is left to tell."""
+    """Send what the stop emitted: :class:`Stopping`, and the end (ENDED) of each call it
+    hung up. Left unsent, the pool ended those calls as ``worker_lost`` (status 0) at the
+    worker's exit instead of how they ended. When nobody reads any more (the pool is gone:
+    EPIPE), they are dropped: nobody is left to tell."""
     try:
         out.flush()
     except OSError as exc:
-        log.info("the ends of the calls hung up at the stop were not sent: %s", exc)
+        log.info("the events of the stop were not sent (the pool is gone?): %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
