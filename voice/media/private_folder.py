@@ -306,7 +306,7 @@ class PrivateFolder:
                 # The data dir may not exist yet; a RAM or temporary root must.
                 folder.mkdir(mode=0o700, parents=not outside)
             except FileExistsError:
-                pass
+                pass  # an earlier run's, or planted: lstat and _why_not below judge it
             except OSError as exc:
                 raise self._refuse(folder, f"it cannot be made: {exc.strerror or exc}") from exc
             info = folder.lstat()
