@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,20 +30,28 @@ SLEEP_EXE = os.path.realpath("/usr/bin/sleep")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-async def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HttpWorkers]:
-    """serve's end with one worker process of its own, ``sleep`` in the worker's place."""
-    monkeypatch.setattr(HttpWorkers, "_argv", lambda self, index: [SLEEP_EXE, "60"])
-    hw = HttpWorkers(
-        count=2,
-        data_dir=tmp_path,
-        env={"CLINIC_TEST_MARK": "worker-env"},
+def _stand_in(
+    data_dir: Path, count: int, env: dict[str, str], misconfigure: Callable[[str], None]
+) -> HttpWorkers:
+    """serve's end of ``count - 1`` worker processes, with no channels and no checks: the
+    tests put a stand-in in the worker's place (``HttpWorkers._argv``)."""
+    return HttpWorkers(
+        count=count,
+        data_dir=data_dir,
+        env=env,
         dispatcher=cast(Dispatcher, _NoChannels()),
         checks=dict,
         warming=list,
         metrics=Metrics(),
-        misconfigure=lambda reason: None,
+        misconfigure=misconfigure,
     )
+
+
+@pytest.fixture
+async def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HttpWorkers]:
+    """serve's end with one worker process of its own, ``sleep`` in the worker's place."""
+    monkeypatch.setattr(HttpWorkers, "_argv", lambda self, index: [SLEEP_EXE, "60"])
+    hw = _stand_in(tmp_path, 2, {"CLINIC_TEST_MARK": "worker-env"}, lambda reason: None)
     try:
         yield hw
     finally:
@@ -111,16 +119,7 @@ async def test_a_worker_that_exits_2_stops_serve_with_its_line_instead_of_a_rest
 
     monkeypatch.setattr(HttpWorkers, "_argv", argv)
     reasons: list[str] = []
-    hw = HttpWorkers(
-        count=2,
-        data_dir=tmp_path,
-        env={},
-        dispatcher=cast(Dispatcher, _NoChannels()),
-        checks=dict,
-        warming=list,
-        metrics=Metrics(),
-        misconfigure=reasons.append,
-    )
+    hw = _stand_in(tmp_path, 2, {}, reasons.append)
     try:
         await hw.start()
         loop = asyncio.get_running_loop()
@@ -210,15 +209,11 @@ async def test_an_exit_2_without_the_workers_line_is_a_crash_not_a_configuration
     argv += [sys.executable, str(tmp_path / "run" / "control.sock")]
     monkeypatch.setattr(HttpWorkers, "_argv", lambda self, index: argv)
     reasons: list[str] = []
-    hw = HttpWorkers(
-        count=2,
-        data_dir=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        dispatcher=cast(Dispatcher, _NoChannels()),
-        checks=dict,
-        warming=list,
-        metrics=Metrics(),
-        misconfigure=reasons.append,
+    hw = _stand_in(
+        tmp_path,
+        2,
+        {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        reasons.append,
     )
     try:
         await hw.start()
@@ -274,16 +269,7 @@ async def test_a_stop_that_begins_as_a_worker_is_about_to_be_started_leaves_none
     monkeypatch.setattr(http_workers, "_drop_note", drop_held)
     monkeypatch.setattr(http_workers, "spawn_child", spawn_slow)
     monkeypatch.setattr(HttpWorkers, "_argv", argv)
-    hw = HttpWorkers(
-        count=3,
-        data_dir=tmp_path,
-        env={},
-        dispatcher=cast(Dispatcher, _NoChannels()),
-        checks=dict,
-        warming=list,
-        metrics=Metrics(),
-        misconfigure=lambda reason: None,
-    )
+    hw = _stand_in(tmp_path, 3, {}, lambda reason: None)
     try:
         await hw.start()
         loop = asyncio.get_running_loop()
