@@ -43,7 +43,13 @@ from clinic_voice.redis_server import (
 )
 from sip_config.clock import Clock, SystemClock
 from sip_config.private_file import write_private
-from sip_config.settings import Settings, SettingsError
+from sip_config.settings import (
+    API_KEY_RULE,
+    MIN_SECRET_CHARS,
+    Settings,
+    SettingsError,
+    is_api_key,
+)
 from sip_config.tasks import watch
 from sip_config.worker_exit import WorkerExit
 from verification import limits, rules
@@ -226,10 +232,15 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
-def _private_file(path: Path, make: Callable[[], str]) -> str:
-    """Read a secret file, creating it (mode 0600) on first start."""
+def _private_file(path: Path, make: Callable[[], str], fault: Callable[[str], str]) -> str:
+    """Read a secret file, creating it (mode 0600) on first start. ``fault`` says what is
+    wrong with a value found there ("" when nothing): the files are the operator's to write
+    (README: "Changing the secret", "Changing the API keys"), and a value that the variable
+    would refuse is refused here too (SettingsError: exit 2), not taken as it is."""
     if path.exists():
         value = path.read_text().strip()
+        if value and (wrong := fault(value)):
+            raise SettingsError(f"{path.resolve()}: {wrong}")
         if value:
             mode = path.stat().st_mode
             if mode & (stat.S_IRGRP | stat.S_IROTH):
@@ -245,6 +256,22 @@ def _private_file(path: Path, make: Callable[[], str]) -> str:
     # refuse the next start: written durably.
     write_private(path, value + "\n")
     return value
+
+
+def _key_file_fault(value: str, what: str) -> str:
+    """What is wrong with a key an operator wrote into a generated key file: one key, by
+    CLINIC_API_KEYS's rule. Taken as it was, "abc" was a 3-character key and "old,new" one
+    key with a comma in it, which no client sends."""
+    if is_api_key(value):
+        return ""
+    variable = "CLINIC_CALLS_API_KEYS" if what.startswith("call records") else "CLINIC_API_KEYS"
+    return f"not one {what} ({API_KEY_RULE}): write one key there, or give several in {variable}"
+
+
+def _secret_file_fault(value: str) -> str:
+    if len(value) >= MIN_SECRET_CHARS:
+        return ""
+    return f"a secret needs at least {MIN_SECRET_CHARS} characters, as CLINIC_SECRET does"
 
 
 class DataDirInUse(RuntimeError):
@@ -298,7 +325,9 @@ def prepare_data_dir(settings: Settings) -> Credentials:
         if configured:
             return configured
         key_file = settings.data_dir / name
-        generated = _private_file(key_file, lambda: secrets.token_urlsafe(32))
+        generated = _private_file(
+            key_file, lambda: secrets.token_urlsafe(32), lambda v: _key_file_fault(v, what)
+        )
         log.info("%s: see %s", what, key_file.resolve())
         return (generated,)
 
@@ -307,7 +336,7 @@ def prepare_data_dir(settings: Settings) -> Credentials:
     if set(api_keys) & set(calls_keys):  # a generated file copied over the other, say
         raise SettingsError("the API key and the call records API key must differ")
     secret = settings.secret or _private_file(
-        settings.data_dir / "secret", lambda: secrets.token_urlsafe(48)
+        settings.data_dir / "secret", lambda: secrets.token_urlsafe(48), _secret_file_fault
     )
     previous = _previous_secrets(settings, secret)
     return Credentials(api_keys, calls_keys, secret.encode(), previous)
@@ -328,6 +357,8 @@ def current_secrets(settings: Settings) -> tuple[bytes, tuple[bytes, ...]]:
             raise SettingsError(
                 f"CLINIC_SECRET is unset and {path.resolve()} holds none: no secret to seal with"
             )
+        if wrong := _secret_file_fault(secret):
+            raise SettingsError(f"{path.resolve()}: {wrong}")
     return secret.encode(), _previous_secrets(settings, secret)
 
 

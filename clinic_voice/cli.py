@@ -29,6 +29,21 @@ DESCRIPTION = (
     "flow simulate, secret reseal; `clinic-voice COMMAND --help` for each."
 )
 
+# What `clinic-voice serve --help` says: an operator's first stop (a supervisor's exit-code
+# settings, RestartPreventExitStatus=2, follow from it). The README's exit table says more;
+# tests/unit/test_readme_layout.py holds the two to the same codes.
+SERVE_DESCRIPTION = (
+    "Run the service: the verification API and the clinic line, with its embedded Redis "
+    "unless CLINIC_REDIS_URL is set. Settings come from CLINIC_* environment variables only "
+    "(README: Configuration); it runs until SIGTERM or SIGINT. Exit 0: stopped by a signal, "
+    "every worker stopping as asked; 1: could not start (an address in use, the data dir in "
+    "use or not writable, Redis or a worker that does not start), a task it cannot do "
+    "without died, or a worker did not stop as asked (starting it again may help); 2: a "
+    "configuration error (a bad CLINIC_* setting, unsafe flows, a CLINIC_VOSK_MODEL that "
+    "is no model, a Redis that another CLINIC_SECRET claims): every start with the same "
+    "settings fails the same way until they are fixed."
+)
+
 
 def _setup_logging(level: str, process: str = "") -> None:
     tag = f"{process} " if process else ""
@@ -292,7 +307,11 @@ def _calls_key_hint(settings: Settings) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinic-voice", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the service (settings from CLINIC_* variables)")
+    sub.add_parser(
+        "serve",
+        help="run the service (settings from CLINIC_* variables)",
+        description=SERVE_DESCRIPTION,
+    )
     worker = sub.add_parser(
         "http-worker", help="internal: one extra HTTP process, started by serve"
     )

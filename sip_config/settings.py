@@ -832,17 +832,27 @@ def _realm(value: str) -> str:
     return value
 
 
+API_KEY_RULE = "16+ characters of A-Z a-z 0-9 . _ ~ + / = -"
+MIN_SECRET_CHARS = 32
+
+
+def is_api_key(key: str) -> bool:
+    """Whether ``key`` is one bearer key as CLINIC_API_KEYS takes them (also the rule for a
+    key an operator writes into the data dir's generated key files)."""
+    return len(key) >= 16 and re.fullmatch(r"[A-Za-z0-9._~+/=-]+", key) is not None
+
+
 def _api_keys(value: str) -> tuple[str, ...]:
     keys = tuple(k.strip() for k in value.split(",") if k.strip())
     for k in keys:
-        if len(k) < 16 or not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", k):
-            raise ValueError("each key needs 16+ characters of A-Z a-z 0-9 . _ ~ + / = -")
+        if not is_api_key(k):
+            raise ValueError(f"each key needs {API_KEY_RULE}")
     return keys
 
 
 def _secret(value: str) -> str:
-    if value and len(value) < 32:
-        raise ValueError("needs at least 32 characters")
+    if value and len(value) < MIN_SECRET_CHARS:
+        raise ValueError(f"needs at least {MIN_SECRET_CHARS} characters")
     return value
 
 

@@ -74,3 +74,45 @@ def test_an_existing_key_readable_by_others_is_kept_with_a_warning(
     assert warnings == [
         f"{(data / 'api-key').resolve()} is readable by other users (mode 640): chmod 600 it"
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "written", "named"),
+    [
+        ("api-key", "abc", "not one API key (16+ characters"),
+        # a rotation's "old,new" was taken as one key with a comma, which no client sends
+        ("api-key", "a" * 20 + "," + "b" * 20, "or give several in CLINIC_API_KEYS"),
+        ("calls-api-key", "short", "or give several in CLINIC_CALLS_API_KEYS"),
+        ("secret", "too-short-for-a-secret", "a secret needs at least 32 characters"),
+    ],
+)
+def test_a_key_or_secret_written_into_its_file_is_held_to_the_variables_rule(
+    tmp_path: Path, name: str, written: str, named: str
+) -> None:
+    """The generated files are the operator's to write (README: "Changing the secret" step
+    2, "Changing the API keys"): a value the variable would refuse stops the start (exit 2,
+    a SettingsError), where it was taken as it was: a 3-character API key."""
+    from sip_config.settings import SettingsError
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / name).write_text(written + "\n")
+    (data / name).chmod(0o600)
+    with pytest.raises(SettingsError) as refused:
+        prepare_data_dir(_settings(data))
+    assert str(refused.value).startswith(f"{(data / name).resolve()}: ")
+    assert named in str(refused.value)
+    assert written not in str(refused.value), "a key or secret quoted in a log line"
+
+
+def test_secret_reseal_holds_the_secret_file_to_the_same_rule(tmp_path: Path) -> None:
+    from clinic_voice.app import current_secrets
+    from sip_config.settings import SettingsError
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "secret").write_text("short\n")
+    with pytest.raises(SettingsError, match="a secret needs at least 32 characters"):
+        current_secrets(_settings(data))
+    (data / "secret").write_text("s" * 32 + "\n")
+    assert current_secrets(_settings(data))[0] == b"s" * 32

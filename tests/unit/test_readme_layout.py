@@ -246,6 +246,33 @@ def test_the_options_the_readme_gives_flow_commands_exist() -> None:
             assert option in out, f"flow {command} has no {option}"
 
 
+def test_serve_help_gives_the_exit_codes_of_the_readme() -> None:
+    """An operator setting up a supervisor reads ``serve --help`` first: it said nothing
+    (no description), so which exit is worth a restart was only in the README."""
+    code, out = cli_help("serve")
+    assert code == 0
+    said = " ".join(out.split())
+    exits = [row[0] for row in table_rows(README.read_text(encoding="utf-8"), "| exit | when |")]
+    assert exits == ["0", "1", "2"]
+    assert "Exit 0: stopped by a signal" in said
+    assert "; 1: could not start" in said
+    assert "; 2: a configuration error" in said
+    assert "CLINIC_REDIS_URL" in said and "SIGTERM" in said
+
+
+def test_flow_check_help_gives_its_exit_codes() -> None:
+    """The README's exits of ``flow check`` (0 clean, 1 findings, 2 nothing checked), which a
+    deploy script tests before a restart, are in its ``--help`` too."""
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "exit 1 with `file:line: message` per finding" in text
+    assert "exit 0 when clean" in text
+    assert "is an error with exit 2: nothing was checked" in text
+    _, out = cli_help("flow", "check")
+    said = " ".join(out.split())
+    assert "Exit 0: no finding; 1: findings" in said
+    assert "2: nothing was checked" in said
+
+
 def test_make_run_prints_where_the_api_keys_are(tmp_path: Path) -> None:
     """What serve prints at start names the two key files the README points to."""
     from sip_config.settings import Settings
@@ -257,6 +284,39 @@ def test_make_run_prints_where_the_api_keys_are(tmp_path: Path) -> None:
     assert cli._key_hint(settings) == str(tmp_path / "var" / "api-key")
     assert cli._calls_key_hint(settings) == str(tmp_path / "var" / "calls-api-key")
     assert Settings.from_env({}).data_dir == Path("var").resolve()  # make run's var/
+
+
+def data_dir_entries() -> set[str]:
+    """What the code keeps directly in the data dir: ``data_dir / "name"`` in the packages,
+    and the call journal's two folders (named by constants)."""
+    from voice.ivr import journal
+
+    root = README.parent
+    names = {journal.FOLDER, journal.LIVE_FOLDER}
+    for package in ("clinic_voice", "voice", "verification", "sip_config"):
+        for source in (root / package).rglob("*.py"):
+            names.update(
+                re.findall(r'data_dir\)?(?:\.absolute\(\))? / "([a-z.-]+)"', source.read_text())
+            )
+    return names
+
+
+def test_the_backup_section_names_everything_in_the_data_dir() -> None:
+    """An operator backs up what "Backups and restore" names, and leaves out what it says is
+    not needed: every entry the code makes in the data dir is one or the other (an entry
+    added later without a word there would be lost to a restore, or copied for nothing)."""
+    text = section("SIP, capacity and scaling")
+    assert "### Backups and restore" in text, "the README says nothing of backups"
+    backups = text[text.index("### Backups and restore") :]
+    backups = " ".join(backups[: backups.index("\n### ", 5)].split())
+    keep = backups[: backups.index("Not needed:")]
+    skip = backups[backups.index("Not needed:") : backups.index("The secret opens")]
+    entries = data_dir_entries()
+    assert {"redis", "voicemail", "unsaved-calls", "live-calls", "secret"} <= entries
+    for name in sorted(entries):
+        shown = "`redis/appendonlydir`" if name == "redis" else f"`{name}`"
+        assert shown in keep or shown in skip, f"the data dir's {name} is not in the backups"
+    assert "`redis/redis.conf`" in skip
 
 
 # -- Try it with a softphone ----------------------------------------------------------------

@@ -703,7 +703,9 @@ def _menu_line(node: Node) -> int:
 
 DESCRIPTION = (
     "Check IVR flows before a caller meets them: schema, targets, reachability, endless "
-    "paths, the triage safety rules and spoken hints. Prints file:line: message per finding."
+    "paths, the triage safety rules and spoken hints. Prints file:line: message per finding. "
+    "Exit 0: no finding; 1: findings (serve refuses to start with them); 2: nothing was "
+    "checked (a path that is not there, a folder without flows)."
 )
 
 
