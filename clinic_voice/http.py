@@ -516,6 +516,10 @@ class ProblemRequestHandler(RequestHandler):
             slug, title = HTTP_SLUGS.get(status, ("http-error", "HTTP error"))
             resp = problem(status, slug, title, detail)
         resp.headers[hdrs.CACHE_CONTROL] = "no-store"  # as every /v1 answer; the path is unread
+        # aiohttp hands a request it could not parse over as an HTTP/1.0 one, and writes the
+        # status line in that version: a server answers in its own (RFC 9110 6.2), and
+        # HTTP/1.1 also says "Connection: close" rather than leave the client to infer it.
+        request._cache["version"] = HttpVersion11
         resp.force_close()
         return resp
 

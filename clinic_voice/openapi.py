@@ -48,8 +48,36 @@ def _json(ref: str, description: str) -> dict[str, Any]:
     }
 
 
+# The header fields an error answer carries (README: "The verification API"), beside 429's.
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "the scheme to authenticate with: Bearer",
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+    405: {
+        "Allow": {
+            "description": "the methods the route takes",
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+    415: {
+        "Accept-Encoding": {
+            "description": "the content codings taken (when the body's coding was refused)",
+            "schema": {"type": "string"},
+        }
+    },
+}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     out = {str(c): _problem_ref() for c in codes}
+    for code, headers in _ERROR_HEADERS.items():
+        if code in codes:
+            out[str(code)]["headers"] = headers
     if 429 in codes:
         out["429"]["headers"] = {
             "Retry-After": {
@@ -163,6 +191,20 @@ SCHEMAS: dict[str, Any] = {
             "expires_at": _ISO,
             "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
             "flashcall": {"$ref": "#/components/schemas/FlashCall"},
+        },
+    },
+    "WebhookEvent": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["verification_id", "status", "channel", "event"],
+        "properties": {
+            "verification_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{20,64}$"},
+            "status": {**_STATUS, "description": "the verification's, right after the event"},
+            "channel": {
+                "anyOf": [_CHANNEL, {"type": "null"}],
+                "description": "the verification's, right after the event",
+            },
+            "event": {"$ref": "#/components/schemas/Event"},
         },
     },
     "CreateVerification": {
@@ -315,7 +357,8 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "Idempotency-Key",
                         "in": "header",
-                        "schema": {"type": "string", "maxLength": 255},
+                        "description": "1 to 255 visible ASCII characters (422 otherwise)",
+                        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
                     }
                 ],
                 "requestBody": {
@@ -524,6 +567,38 @@ def _with_head(paths: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What a verification's callback_url (or CLINIC_WEBHOOK_URL) is sent: one POST per event
+# (verification.webhooks), so that a receiver can be built from the document too.
+_WEBHOOKS = {
+    "verificationEvent": {
+        "post": {
+            "summary": "One event of a verification (at least once, in no set order)",
+            "parameters": [
+                {
+                    "name": "X-Clinic-Signature",
+                    "in": "header",
+                    "required": True,
+                    "description": 'hex HMAC-SHA256(webhook key, "<t>." + body); reject a t'
+                    " older than five minutes",
+                    "schema": {"type": "string", "pattern": "^t=[0-9]+,v1=[0-9a-f]{64}$"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/WebhookEvent"}}
+                },
+            },
+            "responses": {
+                "2XX": {"description": "Delivered"},
+                "410": {"description": "Gone: given up at once, not retried"},
+                "default": {"description": "Failed: retried with backoff"},
+            },
+        }
+    }
+}
+
+
 def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole document."""
     return {
@@ -544,6 +619,7 @@ def openapi_document(extra_paths: dict[str, Any] | None = None) -> dict[str, Any
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": _with_head({**_paths(), **(extra_paths or {})}),
+        "webhooks": _WEBHOOKS,
     }
 
 

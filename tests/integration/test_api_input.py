@@ -771,6 +771,31 @@ async def test_a_coding_aiohttp_cannot_decode_here_is_415_without_its_advice(
     assert sms_gateway.received == []
 
 
+async def test_a_request_the_parser_refuses_is_answered_in_http_1_1(
+    redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path
+) -> None:
+    """The walk-through: a body in br, a bad header, a header too long or an unknown method
+    were answered "HTTP/1.0 415" (431, 400, 501) to an HTTP/1.1 request, with no
+    "Connection: close": aiohttp writes its parser's refusals in HTTP/1.0."""
+    sent = {
+        POST_CREATE.replace("\n", "\r\n").encode()
+        + b"Content-Encoding: br\r\nContent-Length: 2\r\n\r\n{}": b"415",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: \x01\r\n\r\n": b"400",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n": b"431",
+        b"FOO /healthz HTTP/1.1\r\nHost: t\r\n\r\n": b"501",
+    }
+    async with served_as_serve_does(redis_server, sms_gateway, tmp_path) as port:
+        for raw, status in sent.items():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)  # closed after it
+            writer.close()
+            head = answer.partition(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 " + status + b" "), (raw[:40], answer)
+            assert b"\r\nconnection: close" in head, (raw[:40], answer)
+
+
 async def test_a_connection_whose_headers_never_complete_is_closed(
     redis_server: RedisServer,
     sms_gateway: SmsGateway,

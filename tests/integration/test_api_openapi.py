@@ -12,7 +12,10 @@ import pytest
 
 from clinic_voice import openapi
 from clinic_voice.openapi import openapi_document
-from tests.integration.conftest import OpenApiCollector, StartService
+from tests.integration.conftest import SECRET, OpenApiCollector, StartService, read_code
+from tests.peers.sms_gateway import SmsGateway
+from tests.peers.webhook_receiver import WebhookReceiver
+from verification.webhooks import SIGNATURE_HEADER, verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -163,3 +166,59 @@ async def test_the_collector_refuses_what_the_document_does_not_say(
     assert collector.check(*create, headers={"Retry-After": "soon"}), (
         "a Retry-After that is no number"
     )
+
+
+async def test_the_header_fields_an_error_carries_are_in_the_document(
+    start_service: StartService,
+) -> None:
+    """The walk-through: the README promises `WWW-Authenticate` with a 401, `Allow` with a 405
+    and `Accept-Encoding` with a 415 for a coding refused, and the answers carry them, but the
+    document listed none of them: a client generated from it had no way to read them."""
+    api = await start_service()
+    doc = (await api.request("GET", "/openapi.json", key=None)).json
+    vid = "A" * 32
+    sent = [
+        ("GET", "/v1/verifications/{id}", {}, "wrong-key-0123456789", 401, "WWW-Authenticate"),
+        ("PUT", "/v1/verifications", {}, "", 405, "Allow"),
+        ("POST", "/v1/verifications", {"Content-Encoding": "compress"}, "", 415, "Accept-Encoding"),
+    ]
+    for method, template, headers, key, status, name in sent:
+        answer = await api.request(
+            method,
+            template.replace("{id}", vid),
+            data=b"{}",
+            headers={"Content-Type": "application/json", **headers},
+            key=key,
+        )
+        assert answer.status == status, answer.body
+        assert answer.headers.get(name), f"the {status} answer carries no {name}"
+        route = doc["paths"][template]
+        listed = route.get(method.lower(), route.get("post", {}))["responses"][str(status)]
+        assert name in listed.get("headers", {}), f"the document's {status} lists no {name}"
+
+
+async def test_the_webhooks_are_in_the_document_as_they_are_sent(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    """The walk-through: the document said nothing of the webhooks, so a receiver could not be
+    built from it; OpenAPI 3.1 has ``webhooks`` for them."""
+    api = await start_service({"CLINIC_WEBHOOK_URL": webhook_receiver.url()})
+    doc = (await api.request("GET", "/openapi.json", key=None)).json
+    post = doc["webhooks"]["verificationEvent"]["post"]
+    body_schema = post["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator(
+        {**body_schema, "components": doc["components"]}, format_checker=None
+    )
+    (signature,) = [p for p in post["parameters"] if p["in"] == "header"]
+    assert signature["name"] == SIGNATURE_HEADER and signature["required"]
+    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    assert (await api.check(vid, "0" * 6)).json["status"] == "pending"  # a check_failed event
+    assert (await api.check(vid, await read_code(sms_gateway))).json["status"] == "approved"
+    hooks = await webhook_receiver.wait_until("5 events", lambda got: len(got) >= 5)
+    assert {h.json()["event"]["type"] for h in hooks} >= {"requested", "check_failed", "approved"}
+    for hook in hooks:
+        errors = [e.message for e in validator.iter_errors(hook.json())]
+        assert not errors, (hook.body, errors)
+        header = hook.headers[SIGNATURE_HEADER]
+        assert jsonschema.Draft202012Validator(signature["schema"]).is_valid(header), header
+        assert verify(SECRET.encode(), header, hook.body)

@@ -331,6 +331,11 @@ def test_an_idempotency_key_is_1_to_255_visible_ascii_characters() -> None:
     fits = api._IDEMPOTENCY_KEY.fullmatch
     assert fits("signup-42") and fits("x" * 255) and fits("!~")
     assert not any(fits(k) for k in ("", "x" * 256, "has space", "ключ", "tab\t"))
+    # and the document says the same, for clients generated from it
+    (param,) = DOC["paths"]["/v1/verifications"]["post"]["parameters"]
+    documented = _resolve(param["schema"]).is_valid
+    assert documented("signup-42") and documented("x" * 255) and documented("!~")
+    assert not any(documented(k) for k in ("", "x" * 256, "has space", "ключ", "tab\t"))
 
 
 def test_webhook_backoff_is_the_readmes(monkeypatch: pytest.MonkeyPatch) -> None:
