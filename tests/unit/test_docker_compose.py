@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from tests.readme_text import README
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker" / "docker-compose.yml"
 PBX = REPO / "sip_config" / "asterisk"
@@ -93,24 +95,33 @@ def test_service_settings_are_accepted() -> None:
     assert settings.sip.flashcall_prefix == "+447400"
 
 
-def test_the_stop_grace_period_outlasts_the_slowest_stop() -> None:
-    from clinic_voice.cli import SHUTDOWN_GRACE_S
-    from clinic_voice.clinic_line import CLOSE_NOTICE_S
-    from clinic_voice.http_workers import STOP_DEADLINE_S
+def test_the_stop_grace_period_outlasts_every_deadline_of_the_stop() -> None:
+    """As the systemd unit's TimeoutStopSec= (test_systemd_unit.py): the sum of every stop
+    deadline of the code, as if none overlapped, with the unit's margin. Cut short, Docker's
+    SIGKILL ends calls with no BYE and the drain's records unsaved."""
     from sip_config.settings import Settings
-    from voice.sip.pool import WORKER_STOP_S
+    from tests.unit.test_systemd_unit import stop_seconds
 
     service = _compose()["services"]["service"]
     settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
-    # SIGTERM: every HTTP process gets its grace at once (HTTP workers are killed at
-    # STOP_DEADLINE_S) while calls in progress drain and then hear the closing notice; then
-    # the SIP workers get WORKER_STOP_S, all at once.
-    http_s = STOP_DEADLINE_S if settings.http_workers > 1 else SHUTDOWN_GRACE_S
-    calls_s = settings.ivr.call_drain_s + CLOSE_NOTICE_S
-    worst_s = max(http_s, calls_s) + WORKER_STOP_S
+    needed = stop_seconds(settings.ivr.call_drain_s)
     grace = re.fullmatch(r"([0-9]+)s", str(service["stop_grace_period"]))
     assert grace is not None, service["stop_grace_period"]
-    assert int(grace.group(1)) >= worst_s + 5, f"the slowest stop takes {worst_s} s and more"
+    assert int(grace.group(1)) >= needed + 10, f"the stop's deadlines add up to {needed:g} s"
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"`docker/docker-compose.yml` allows {grace.group(1)} s" in text
+
+
+def test_docker_stop_signals_serve_alone() -> None:
+    """SIGTERM reaches serve itself (no shell between: exec-form CMD), through Docker's init,
+    which passes it to serve alone and reaps orphans; serve stops its children in order."""
+    service = _compose()["services"]["service"]
+    assert service["init"] is True
+    assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert "STOPSIGNAL" not in dockerfile
+    assert 'CMD ["clinic-voice", "serve"]' in dockerfile
+    assert "ENTRYPOINT" not in dockerfile
 
 
 def test_vosk_model_is_pinned_by_checksum() -> None:
