@@ -38,8 +38,11 @@ from voice.sip.pool import SipPool
 
 log = logging.getLogger(__name__)
 
-# Older than any call still playing one (answer 45 s, two keypress questions, play 60 s): a
-# margin, since serve.lock keeps any other serve off this data dir (app.lock_data_dir).
+# Older than any call still playing one (answer 45 s, two keypress questions, play 60 s).
+# serve.lock (app.lock_data_dir) keeps a second serve off this data dir, not off its private
+# folder on tmpfs: that is named by the data dir's path, which two containers sharing one
+# /dev/shm (a Kubernetes pod's, --ipc=host) give to two data dirs mounted at the same path,
+# each with a lock of its own. The margin keeps the other one's codes playing.
 STALE_CODE_FILE_S = 300.0
 
 Context = Callable[[web.Application], AsyncIterator[None]]
