@@ -92,6 +92,7 @@ bench: install-test
 	$(PY) bench/api_cpu.py $(BENCH_ARGS)
 	$(PY) bench/api_latency.py $(BENCH_ARGS)
 	$(PY) bench/spawn.py $(BENCH_ARGS)
+	$(PY) bench/model_start.py $(BENCH_ARGS)
 	$(PY) bench/flashcall.py $(BENCH_ARGS)
 	$(PY) bench/ivr.py $(BENCH_ARGS)
 	$(MAKE) --no-print-directory asterisk-rootfs

