@@ -6,7 +6,7 @@ import asyncio
 import datetime
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from clinic_voice.app import Runtime
@@ -131,8 +131,7 @@ class ClinicLine:
         self._replay: asyncio.Task[None] | None = None
         self._stop_showing: Callable[[], None] | None = None  # the journal's gauges
         self._sessions: set[CallSession] = set()  # the calls in progress
-        self._no_calls = asyncio.Event()
-        self._no_calls.set()
+        self._a_call_ended = asyncio.Event()  # set as each session ends (_all_ended waits)
         self._closing: asyncio.Task[None] | None = None  # the stop's drain (begin_close)
         self._drain_cut = asyncio.Event()  # the stop was asked for again (end_drain)
         # A flow's webhook step names a URL key: the setting that gives its URL, and the URL
@@ -378,13 +377,11 @@ class ClinicLine:
         assert self._deps is not None, "clinic line not started"
         session = CallSession(call, self._deps)
         self._sessions.add(session)
-        self._no_calls.clear()
         try:
             await session.run()
         finally:
             self._sessions.discard(session)
-            if not self._sessions:
-                self._no_calls.set()
+            self._a_call_ended.set()
 
     def begin_close(self, drain_s: float) -> None:
         """The service is stopping (new calls are refused by the SIP pool): let the calls in
@@ -406,34 +403,72 @@ class ClinicLine:
         if self._closing is not None:
             await self._closing
 
-    async def _close_calls(self, drain_s: float) -> None:
-        if not self._sessions:
+    async def close_calls_of(self, calls: Sequence[CallHandle]) -> None:
+        """A SIP worker was asked to stop by someone else (a SIGTERM not from serve): its
+        ``calls`` are closed as at the service's stop (:meth:`begin_close`), the others go
+        on. Returns once they ended, or after the drain and the notice's time at most (the
+        pool then sends that worker its Shutdown)."""
+        ids = {call.id for call in calls}
+        await self._close_calls(
+            self._settings.ivr.call_drain_s,
+            lambda session: session.call_id in ids,
+            f"a SIP worker asked to stop: {len(ids)} call(s) on it",
+        )
+
+    async def _close_calls(
+        self,
+        drain_s: float,
+        which: Callable[[CallSession], bool] = lambda session: True,
+        why: str = "stopping",
+    ) -> None:
+        """The drain of the calls ``which`` selects (every one: the service's stop): they go
+        on for ``drain_s`` (less after :meth:`end_drain`), then each caller still on the
+        line is told the line closes, and gets CLOSE_NOTICE_S to hear it."""
+
+        def left() -> list[CallSession]:
+            return [session for session in self._sessions if which(session)]
+
+        if not left():
             return
         log.info(
-            "stopping: %d call(s) in progress may go on for up to %g s (new calls get 503)",
-            len(self._sessions),
+            "%s: %d call(s) in progress may go on for up to %g s (new calls get 503)",
+            why,
+            len(left()),
             drain_s,
         )
-        if await self._all_ended(drain_s, cut=self._drain_cut):
-            log.info("stopping: every call in progress has ended")
+        if await self._all_ended(left, drain_s, cut=self._drain_cut):
+            log.info("%s: every call in progress has ended", why)
             return
         if self._drain_cut.is_set():
             log.warning(
-                "stopping: drain cut short by a second signal: telling %d caller(s) now "
+                "%s: drain cut short by a second signal: telling %d caller(s) now "
                 "that the line closes",
-                len(self._sessions),
+                why,
+                len(left()),
             )
         else:
-            log.warning("stopping: telling %d caller(s) that the line closes", len(self._sessions))
-        for session in list(self._sessions):
+            log.warning("%s: telling %d caller(s) that the line closes", why, len(left()))
+        for session in left():
             session.close()
-        if not await self._all_ended(CLOSE_NOTICE_S):
-            log.warning("stopping: %d call(s) still up after the notice", len(self._sessions))
+        if not await self._all_ended(left, CLOSE_NOTICE_S):
+            log.warning("%s: %d call(s) still up after the notice", why, len(left()))
 
-    async def _all_ended(self, timeout_s: float, *, cut: asyncio.Event | None = None) -> bool:
-        """Whether every call ended within ``timeout_s``; the wait ends sooner when ``cut``
-        is set."""
-        waits = [asyncio.ensure_future(self._no_calls.wait())]
+    async def _all_ended(
+        self,
+        left: Callable[[], list[CallSession]],
+        timeout_s: float,
+        *,
+        cut: asyncio.Event | None = None,
+    ) -> bool:
+        """Whether the calls ``left`` names all ended within ``timeout_s``; the wait ends
+        sooner when ``cut`` is set."""
+
+        async def none_left() -> None:
+            while left():
+                self._a_call_ended.clear()
+                await self._a_call_ended.wait()
+
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(none_left())]
         if cut is not None:
             waits.append(asyncio.ensure_future(cut.wait()))
         try:
@@ -441,7 +476,7 @@ class ClinicLine:
         finally:
             for wait in waits:
                 wait.cancel()
-        return self._no_calls.is_set()
+        return not left()
 
     async def _save(self, result: CallResult) -> None:
         """To Redis; the call counts once its copy written ahead went (journal.taken)."""

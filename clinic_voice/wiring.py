@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from clinic_voice.app import RUNTIME, Runtime
-from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.clinic_line import CLOSE_NOTICE_S, ClinicLine
 from clinic_voice.metrics import Metrics
 from sip_config.clock import Clock, SystemClock
 from sip_config.settings import Settings, SipSettings
@@ -34,7 +34,7 @@ from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 from voice.sip.flash_uac import FlashUac
 from voice.sip.front import RedirectFront
-from voice.sip.pool import SipPool
+from voice.sip.pool import CallsCloser, SipPool
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,15 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
     async def sip_ctx(app: web.Application) -> AsyncIterator[None]:
         rt = app[RUNTIME]
         line = ClinicLine.load(settings, rt, flowset)
-        pool = new_sip_pool(settings.sip, rt.metrics, SystemClock(), log_level=settings.log_level)
+        pool = new_sip_pool(
+            settings.sip,
+            rt.metrics,
+            SystemClock(),
+            log_level=settings.log_level,
+            # A worker sent SIGTERM by someone else: its calls get the stop's drain and notice.
+            close_calls=line.close_calls_of,
+            close_s=settings.ivr.call_drain_s + CLOSE_NOTICE_S,
+        )
         pool.on_incoming(line.handle)
         front = RedirectFront(
             settings.sip.addr, pool.pick_inbound, clock=SystemClock(), reservations=pool
@@ -133,11 +141,19 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
 
 
 def new_sip_pool(
-    settings: SipSettings, metrics: Metrics, clock: Clock, *, log_level: str = "WARNING"
+    settings: SipSettings,
+    metrics: Metrics,
+    clock: Clock,
+    *,
+    log_level: str = "WARNING",
+    close_calls: CallsCloser | None = None,
+    close_s: float = 0.0,
 ) -> SipPool:
     """serve's SIP pool, its events counted in ``metrics``: callers refused with 486
     (``clinic_calls_total{outcome="refused_busy"}``), worker restarts, and outbound calls
-    not placed to keep slots for callers (both from 0, so a rate has a start)."""
+    not placed to keep slots for callers (both from 0, so a rate has a start).
+    ``close_calls`` and ``close_s``: how the calls of a worker sent SIGTERM by someone else
+    are closed, and in how long at most (:class:`SipPool`)."""
     metrics.sip_worker_restarts.inc(0)
     metrics.sip_kept_for_callers.inc(0)
     return SipPool(
@@ -148,6 +164,8 @@ def new_sip_pool(
         on_busy=lambda: metrics.calls.inc(outcome="refused_busy"),
         on_restart=metrics.sip_worker_restarts.inc,
         on_kept_for_callers=metrics.sip_kept_for_callers.inc,
+        close_calls=close_calls,
+        close_s=close_s,
     )
 
 

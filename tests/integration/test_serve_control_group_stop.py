@@ -1,13 +1,14 @@
 """``serve`` stopped as systemd's default ``KillMode=control-group`` stops a unit: SIGTERM to
 every process of it at once, ``serve``, its SIP and HTTP workers and its embedded Redis.
 
-What happens (README, "Under systemd", which is why its unit says ``KillMode=mixed``): the
-SIP worker takes its SIGTERM as a Shutdown and hangs its calls up at once, with a BYE but
-without the closing notice that ``serve``'s drain would have played; ``serve``, still
-draining, restarts it (and the embedded Redis, which stopped cleanly on its SIGTERM) and
-stops them in turn; the call's record is saved, in Redis or on disk and replayed at the next
-start, and ``serve`` exits 0. Before, the worker died of the signal: the caller got no BYE
-(the call hung there), and the record said ``cut_worker_lost``.
+What happens (README, "Under systemd", which is why its unit says ``KillMode=mixed``
+all the same): the SIP worker tells ``serve`` it was asked to stop and waits for its
+Shutdown, so its caller gets ``serve``'s drain and closing notice as at a stop of ``serve``
+alone; ``serve`` restarts the embedded Redis (which stopped cleanly on its SIGTERM) and
+stops it in turn; the call's record is saved, in Redis or on disk and replayed at the next
+start, and ``serve`` exits 0. Before, the worker hung its call up at once (a BYE, no
+notice); before that, it died of the signal: the caller got no BYE (the call hung there),
+and the record said ``cut_worker_lost``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from pathlib import Path
 
 import pytest
 
+from sip_config.settings import Settings
 from tests.conftest import free_port
 from tests.integration.conftest import BASE_ENV, OpenApiCollector
 from tests.integration.test_api_processes import _data_dir, _processes, serve
-from tests.integration.test_ivr_stop import CALL_S, prompts_warm, stored_calls
+from tests.integration.test_ivr_stop import CALL_S, prompts_warm, stored_calls, wav_pcm
 from tests.peers.ivr_rig import NURSE_USER, ROOT, STAFF_USER, Phone, phones
+from voice.ivr.flow import SYSTEM_TEXTS
 from voice.ivr.journal import LIVE_FOLDER
+from voice.media.audio_match import rank
+from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -36,9 +41,10 @@ def _children(parent: int) -> dict[int, list[bytes]]:
 
 
 @pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take a minute
-async def test_sigterm_to_the_whole_control_group_ends_the_call_with_a_bye_and_loses_nothing(
+async def test_sigterm_to_the_whole_control_group_drains_the_call_and_loses_nothing(
     tmp_path: Path, openapi_responses: OpenApiCollector
 ) -> None:
+    heard = tmp_path / "heard.wav"
     data = _data_dir(tmp_path, "data")
     env = {
         **BASE_ENV,  # no CLINIC_REDIS_URL: the embedded Redis, in the unit as systemd sees it
@@ -47,15 +53,26 @@ async def test_sigterm_to_the_whole_control_group_ends_the_call_with_a_bye_and_l
         "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
         "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
         "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
+        "CLINIC_CALL_DRAIN_S": "2",
     }
+    emergency = Settings.from_env(env).ivr.emergency_number
+    closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=emergency)
+    failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(emergency_number=emergency)
+    loop = asyncio.get_running_loop()
     async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
         proc = service.proc
         assert proc is not None
         await prompts_warm(service)
+        renderer = PromptRenderer(data / "prompts")  # serve's cache: no render here
+        references = {
+            "closing": wav_pcm(await renderer.render(closing, voice="en")),
+            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
+        }
         # The main menu, and a caller who says and presses nothing (it repeats itself).
         caller = await Phone.start(
-            "caller", "--call", f"sip:6000@{service.sip_addr}", "--timeout", "120"
-        )
+            "caller", "--call", f"sip:6000@{service.sip_addr}", "--record", str(heard),
+            "--timeout", "120",
+        )  # fmt: skip
         started.append(caller)
         await caller.wait_for("media", CALL_S)
         await asyncio.sleep(1.0)
@@ -70,9 +87,12 @@ async def test_sigterm_to_the_whole_control_group_ends_the_call_with_a_bye_and_l
         try:
             for pid in (proc.pid, *children):  # as systemd's control-group stop: all at once
                 os.kill(pid, signal.SIGTERM)
-            # Hung up now (the worker's own stop), not after the 20 s drain, and with a BYE:
-            # before, the worker died of the signal and the phone was never told.
-            await caller.wait_for("ended", 10, leg="main")
+            signalled = loop.time()
+            # After the drain and the notice (serve's, which the worker waited for), with a
+            # BYE: before, the worker hung up at once, and before that it died of the signal
+            # and the phone was never told.
+            await caller.wait_for("ended", 40, leg="main")
+            told_s = loop.time() - signalled
             await caller.finish(10)
             async with asyncio.timeout(90):
                 code = await proc.wait()
@@ -83,15 +103,21 @@ async def test_sigterm_to_the_whole_control_group_ends_the_call_with_a_bye_and_l
             raise
         log_text = service.log_path.read_text(errors="replace")
     assert code == 0, log_text[-3000:]
-    # The worker's exit 0 is seen during the drain (restarted: "stopped while the service
-    # ran") or, once its call's end ended the drain, at the stop ("as asked"): never a
-    # death by the signal, which the stop would count as a defect.
+    # The worker's exit 0 is at the stop ("as asked": its Shutdown), or at its own Shutdown
+    # once its call was closed (when its StopAsked came before serve's drain began; not
+    # restarted, the service stops): never a death by the signal, nor its own hang-up.
     assert re.search(
-        r"SIP worker 0 \(pid \d+\) (stopped while the service ran|exited with status 0 at "
-        r"the stop)",
+        r"SIP worker 0 \(pid \d+\) (stopped on a SIGTERM not from serve as the service "
+        r"stops \(exit 0\): not restarted|exited with status 0 at the stop)",
         log_text,
     ), log_text[-3000:]
     assert "exited with status -" not in log_text and "died (exit" not in log_text
+    assert "hanging up the calls and stopping" not in log_text, "the worker hung up by itself"
+    # Told after the drain, with the notice (about 9 s) played through: as at serve's stop.
+    assert 2.0 + 5.0 < told_s < 2.0 + 30.0, (told_s, caller.events)
+    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
+    match = rank(tail, references, 8000)
+    assert match.key == "closing" and match.score > match.runner_up, match
     # Nothing recorded was lost: the call's record is in Redis once serve starts again (saved
     # then, or replayed from the disk), and nothing waits on disk any more.
     secret = env["CLINIC_SECRET"].encode()

@@ -29,7 +29,8 @@ DEADLINE_S = 5.0
 class Caller:
     """One call in progress: told (the line asked its session to close), hung up by the test."""
 
-    def __init__(self) -> None:
+    def __init__(self, call_id: str = "c1") -> None:
+        self.id = call_id
         self.told = asyncio.Event()
         self.hung_up = asyncio.Event()
 
@@ -37,6 +38,7 @@ class Caller:
 class FakeSession:
     def __init__(self, call: Caller, deps: SessionDeps) -> None:
         self._call = call
+        self.call_id = call.id
 
     async def run(self) -> None:
         await self._call.hung_up.wait()
@@ -47,16 +49,26 @@ class FakeSession:
 
 @pytest.fixture
 def line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClinicLine:
+    return a_line(tmp_path, monkeypatch)
+
+
+def a_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drain_s: str = "20") -> ClinicLine:
     monkeypatch.setattr(clinic_line, "CallSession", FakeSession)
-    env = {"CLINIC_DATA_DIR": str(tmp_path), "CLINIC_FLOWS_DIR": str(SHIPPED)}
+    env = {
+        "CLINIC_DATA_DIR": str(tmp_path),
+        "CLINIC_FLOWS_DIR": str(SHIPPED),
+        "CLINIC_CALL_DRAIN_S": drain_s,
+    }
     settings = Settings.from_env(env)
     line = ClinicLine.load(settings, cast(Runtime, SimpleNamespace()), check_clinic_line(settings))
     line._deps = cast(SessionDeps, object())  # started, as far as handle() is concerned
     return line
 
 
-async def call_in_progress(line: ClinicLine) -> tuple[Caller, asyncio.Task[None]]:
-    caller = Caller()
+async def call_in_progress(
+    line: ClinicLine, call_id: str = "c1"
+) -> tuple[Caller, asyncio.Task[None]]:
+    caller = Caller(call_id)
     task = asyncio.create_task(line.handle(cast(CallHandle, caller)))
     await asyncio.sleep(0)  # the session is in progress
     return caller, task
@@ -123,3 +135,25 @@ async def test_calls_that_end_during_the_drain_are_not_told(line: ClinicLine) ->
         await line.closed()
     line.end_drain()  # after the stop: nothing to cut
     assert not caller.told.is_set()
+
+
+async def test_a_workers_calls_alone_are_closed_when_it_is_asked_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIP worker sent SIGTERM by someone else: its call gets the drain (here 0 s) and the
+    notice, as at the service's stop; a call on another worker goes on, untold."""
+    line = a_line(tmp_path, monkeypatch, drain_s="0")
+    on_it, its_call = await call_in_progress(line, "on-it")
+    elsewhere, other_call = await call_in_progress(line, "elsewhere")
+    closing = asyncio.create_task(line.close_calls_of([cast(CallHandle, on_it)]))
+    async with asyncio.timeout(DEADLINE_S):
+        await on_it.told.wait()
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # it waits for the call's end (CLOSE_NOTICE_S)
+    on_it.hung_up.set()
+    async with asyncio.timeout(DEADLINE_S):
+        await its_call
+        await closing
+    assert not elsewhere.told.is_set() and not other_call.done()
+    elsewhere.hung_up.set()
+    await other_call

@@ -31,6 +31,7 @@ from voice.sip.protocol import (
     SendMessage,
     Shutdown,
     StartListen,
+    StopAsked,
     Stopping,
     StopPlay,
     Transfer,
@@ -68,6 +69,7 @@ MESSAGES: list[Message] = [
     WorkerStatus(3, 5061, 2),
     Registered(ok=True, sip_status=200),
     Stopping(),
+    StopAsked(25.0),
     CannotListen("127.0.0.1:5061", "Address already in use"),
 ]
 

@@ -8,6 +8,8 @@ traceback."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,7 +17,19 @@ import pytest
 from voice.sip import worker
 from voice.sip.outcome import CallOutcome
 from voice.sip.pjsua import EngineConfig
-from voice.sip.protocol import CallEvent, CallState, Event, Stopping, WorkerStatus, decode
+from voice.sip.protocol import (
+    CallEvent,
+    CallState,
+    Event,
+    Hangup,
+    Message,
+    Shutdown,
+    StopAsked,
+    Stopping,
+    WorkerStatus,
+    decode,
+    encode,
+)
 
 
 class _Engine:
@@ -132,3 +146,95 @@ def test_a_pool_gone_while_events_flow_ends_the_worker_as_its_end_of_file_does(
         os.close(events_w)
     assert status == 0
     assert engine.stopped, "the calls were not hung up"
+
+
+class _Obeying(_Engine):
+    """Carries out the pool's commands as pjsua's Engine does with these two: a Hangup is
+    noted, a Shutdown makes it stop."""
+
+    handled: list[object]
+
+    def handle(self, cmd: object) -> None:
+        type(self).handled.append(cmd)
+        if isinstance(cmd, Shutdown):
+            self.stopping = True
+
+
+@pytest.fixture
+def obeying(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_Obeying]]:
+    class Engine(_Obeying):
+        made: list[_Engine] = []
+        handled: list[object] = []
+
+    monkeypatch.setattr(worker, "Engine", Engine)
+    yield Engine
+
+
+def _run(
+    engine: type[_Engine],
+    pumps: dict[int, Callable[[worker._Terminated, int], None]],
+    stop_wait_s: float,
+    within_s: float = 5.0,
+) -> list[Message]:
+    """run() with SIGTERM's handler and a pool at stdin, as the pool starts a worker:
+    ``pumps[n](handler, stdin)`` happens at the n-th pump (1 ms each); the events sent."""
+    terminated = worker._Terminated()
+    stdin_r, stdin_w = os.pipe()
+    events_r, events_w = os.pipe()
+    count = 0
+    until = time.monotonic() + within_s
+
+    def pump() -> None:
+        nonlocal count
+        count += 1
+        assert time.monotonic() < until, "the worker did not stop"
+        if count in pumps:
+            pumps[count](terminated, stdin_w)
+        time.sleep(0.001)
+
+    engine.on_pump = staticmethod(pump)
+    try:
+        status = worker.run(
+            CONFIG, stdin_r, events_w, terminated=terminated, stop_wait_s=stop_wait_s
+        )
+    finally:
+        os.close(stdin_w)
+        os.close(events_w)
+    assert status == 0
+    with os.fdopen(events_r, "rb") as f:
+        return [decode(line) for line in f.read().splitlines()]
+
+
+def _sigterm(handler: worker._Terminated, stdin: int) -> None:
+    handler(signal.SIGTERM, None)
+
+
+def _close_and_shut_down(handler: worker._Terminated, stdin: int) -> None:
+    """The pool's drain of the call (its notice's end: the Hangup), then its Shutdown."""
+    os.write(stdin, encode(Hangup("c1")) + encode(Shutdown()))
+
+
+def test_a_sigterm_asks_the_pool_and_waits_for_its_shutdown(obeying: type[_Obeying]) -> None:
+    """The first SIGTERM: StopAsked, and the worker goes on carrying out the pool's commands
+    (the closing notice's Hangup) until its Shutdown; no Stopping (its calls end as those
+    commands end them). Before, it hung its calls up at once, told nothing."""
+    events = _run(obeying, {3: _sigterm, 200: _close_and_shut_down}, stop_wait_s=30)
+    assert [type(e) for e in events] == [WorkerStatus, StopAsked, CallEvent], events
+    assert events[1] == StopAsked(30.0)
+    assert obeying.handled == [Hangup("c1"), Shutdown()]
+    assert obeying.stopped
+
+
+def test_a_second_sigterm_hangs_up_at_once(obeying: type[_Obeying]) -> None:
+    events = _run(obeying, {3: _sigterm, 10: _sigterm}, stop_wait_s=30)
+    assert [type(e) for e in events] == [WorkerStatus, StopAsked, Stopping, CallEvent], events
+    assert obeying.handled == [] and obeying.stopped
+
+
+def test_no_shutdown_within_the_wait_hangs_up(obeying: type[_Obeying]) -> None:
+    """serve wedged (or its drain longer than the wait): the worker does not wait forever."""
+    started = time.monotonic()
+    events = _run(obeying, {3: _sigterm}, stop_wait_s=0.3)
+    assert [type(e) for e in events] == [WorkerStatus, StopAsked, Stopping, CallEvent], events
+    assert 0.3 <= time.monotonic() - started < 3.0
+    assert obeying.stopped

@@ -68,6 +68,16 @@ def test_the_stop_timeout_outlasts_every_deadline_of_the_stop() -> None:
     assert f"`CLINIC_CALL_DRAIN_S` + {needed - drain_s:g} s, {needed:g} s with the default" in text
 
 
+def test_a_sip_worker_signalled_with_serve_gives_up_waiting_within_the_stop() -> None:
+    """Under systemd's control-group stop a SIP worker waits for serve's drain and Shutdown
+    (voice/sip/worker.py): its wait, as serve starts it, ends before the unit's timeout."""
+    drain_s = Settings.from_env({}).ivr.call_drain_s
+    extra_s = clinic_line.CLOSE_NOTICE_S + pool.STOP_ASKED_MARGIN_S
+    assert drain_s + extra_s <= stop_seconds(drain_s)
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"waits `CLINIC_CALL_DRAIN_S` + {extra_s:g} s at most" in text
+
+
 def test_a_failure_restarts_it_and_a_configuration_error_does_not() -> None:
     service = unit()["Service"]
     assert service["Restart"] == "on-failure"

@@ -13,6 +13,12 @@ at most once a minute; each worker restart to ``on_restart``, and each outbound 
 because the free slots were the callers' (below) to ``on_kept_for_callers`` (serve counts them
 in /metrics).
 
+A worker sent SIGTERM by someone else (``pkill``, systemd's control-group stop) asks to be
+stopped (:class:`StopAsked`): it takes no new call, its calls are closed by ``close_calls``
+(serve: the clinic line's drain and closing notice for them alone) unless the service is
+stopping already (its own drain does that), then it gets its Shutdown, and is restarted
+while the service runs. It waits ``close_s`` + STOP_ASKED_MARGIN_S for that Shutdown.
+
 Callers come first: an outbound call (each is a verification's: a voice code, a flash call over
 TCP or TLS) takes a slot only when ``caller_slots`` (``CLINIC_SIP_CALLER_SLOTS``) stay free
 after it, counted on the workers that are up; an inbound call may take any free slot. A
@@ -29,7 +35,7 @@ import os
 import secrets
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -64,6 +70,7 @@ from voice.sip.protocol import (
     SendMessage,
     Shutdown,
     StartListen,
+    StopAsked,
     Stopping,
     StopPlay,
     Transfer,
@@ -78,6 +85,9 @@ log = logging.getLogger(__name__)
 
 HandleEvent = CallEvent | Digit | PlayDone | Hold | TransferStatus
 IncomingHandler = Callable[["CallHandle"], Awaitable[None]]
+# Closes the calls of a worker asked to stop by someone else (serve: the clinic line's drain
+# for those calls alone); the pool sends that worker its Shutdown once it returns.
+CallsCloser = Callable[[Sequence["CallHandle"]], Awaitable[None]]
 
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 5.0
@@ -103,6 +113,10 @@ WORKER_SILENT_S = 30.0
 QUIET_AFTER_S = 3.0
 # What stop() gives each worker for its Shutdown (calls hung up), one after the other.
 WORKER_STOP_S = 3.0
+# A worker sent SIGTERM by someone else (StopAsked) waits for its Shutdown the pool's
+# ``close_s`` (the time its calls' closing may take) and this much more: the lines' way
+# there and back, and a loop that is busy. Past it, it hangs its calls up itself.
+STOP_ASKED_MARGIN_S = 5.0
 # The line of a worker's exit during stop(): its index, pid, status and what the status says
 # (sip_config/worker_exit.py); at ERROR when the status is not 0 (serve then exits 1).
 WORKER_EXITED_AT_STOP = "SIP worker %s (pid %s) exited with status %s at the stop%s"
@@ -398,6 +412,9 @@ class _Worker:
     up: bool = False
     # Sent SIGTERM by someone else, it hangs up its calls and exits 0 (Stopping): not up.
     stopping: bool = False
+    # Sent SIGTERM by someone else, it waits for its Shutdown (StopAsked) while its calls
+    # are closed: not up (no new call goes to it), but still told what to do with its calls.
+    leaving: bool = False
     registered: bool = False
     free_slots: int = 0
     # PlaceCalls sent that the worker's last WorkerStatus does not count yet: they drop
@@ -428,7 +445,7 @@ class _Worker:
 
     def send(self, cmd: Command) -> None:
         proc = self.process
-        if proc is None or proc.stdin is None or not self.up:
+        if proc is None or proc.stdin is None or not (self.up or self.leaving):
             log.debug("worker %s down: %s dropped", self.index, type(cmd).__name__)
             return
         try:
@@ -452,8 +469,14 @@ class SipPool:
         on_busy: Callable[[], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         on_kept_for_callers: Callable[[], None] | None = None,
+        close_calls: CallsCloser | None = None,
+        close_s: float = 0.0,
     ) -> None:
         self._settings = settings
+        # A worker asked to stop by someone else: its calls closed by close_calls (in at most
+        # close_s), then its Shutdown. None: the Shutdown at once.
+        self._close_calls = close_calls
+        self._close_s = close_s
         self._clock = clock
         self._queue_timeout_s = queue_timeout_s
         self._log_level = log_level
@@ -523,7 +546,7 @@ class SipPool:
         if spawning:
             await asyncio.wait(spawning)
         for w in self._workers:
-            if w.up:
+            if w.up or w.leaving:
                 w.send(Shutdown())
             elif w.process is not None and w.process.stdin is not None:
                 # Not up yet (starting, or restarting): it takes no commands, but the end of
@@ -919,6 +942,8 @@ class SipPool:
             s.user or "clinic",
             "--log-level",
             self._log_level,
+            "--stop-wait-s",
+            f"{self._close_s + STOP_ASKED_MARGIN_S:g}",
         ]
         if s.registrar:
             argv += ["--registrar", s.registrar]
@@ -927,7 +952,7 @@ class SipPool:
         env = worker_env(os.environ, s.password)
         w.started.clear()  # start() may be waiting on this very event
         w.cannot_listen = ""
-        w.up = w.registered = w.stopping = False
+        w.up = w.registered = w.stopping = w.leaving = False
         w.free_slots = w.pending = w.placed = 0
         # Its own process group, so a Ctrl-C at the terminal is serve's to handle (an orderly
         # Shutdown, its calls hung up), not a KeyboardInterrupt inside pjsua2, in serve's
@@ -979,7 +1004,7 @@ class SipPool:
                 w.heard_at = max(w.heard_at, now - PING_EVERY_S)
             silent = now - w.heard_at
             w.quiet = silent >= QUIET_AFTER_S
-            if not w.up:
+            if not (w.up or w.leaving):
                 # Restarted, and not up yet: silent since it was started (its reader's
                 # start). One that never reports (hung in its start-up) would leave the pool
                 # a worker short for good: killed, it is restarted after its backoff.
@@ -1033,20 +1058,22 @@ class SipPool:
             w.pending -= ev.placed - w.placed  # now in free_slots (or refused)
             w.placed = ev.placed
             self._slots_max = max(self._slots_max, ev.free_slots)
-            if not w.up:
+            if not (w.up or w.leaving or w.stopping):  # a Ping's answer makes neither up
                 w.up = True
                 w.started.set()
             self._slot_freed.set()
         elif isinstance(ev, Stopping):
             log.warning(
                 "SIP worker %s (pid %s) was sent SIGTERM (not by serve): it hangs up its %d "
-                "call(s) and stops; restarted once it has",
+                "call(s) and stops; restarted once it has, unless the service stops",
                 w.index,
                 w.pid,
                 len(w.calls),
             )
             w.stopping = True
-            w.up = w.registered = False  # no new call goes to it
+            w.up = w.registered = w.leaving = False  # no new call goes to it
+        elif isinstance(ev, StopAsked):
+            self._stop_asked(w, ev)
         elif isinstance(ev, CallEvent):
             ack = w.acks.get(ev.call_id)
             if ack is not None and not ack.done():
@@ -1099,7 +1126,7 @@ class SipPool:
         )
         w.calls[ev.call_id] = handle
         handler = self._handler
-        if self._refusing:
+        if self._refusing or w.leaving:
             # Sent here by a PBX (a registrar), or redirected by the front just before.
             log.info("call %s: the service is stopping: 503", ev.call_id)
             w.send(Hangup(ev.call_id, SipStatus.SERVICE_UNAVAILABLE))
@@ -1111,6 +1138,54 @@ class SipPool:
         task = asyncio.create_task(self._run_handler(handler, handle), name=f"call-{ev.call_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _stop_asked(self, w: _Worker, ev: StopAsked) -> None:
+        """``w`` was sent SIGTERM by someone else and waits ``ev.wait_s`` for its Shutdown.
+
+        It takes no new call from now on (a caller redirected to it just before gets 503 as
+        at the stop). While the service runs its calls are closed as at the service's stop
+        (``close_calls``: the clinic line's drain for them), then it is sent its Shutdown and,
+        once it exited, restarted. When the service is stopping already (systemd's
+        control-group stop signals every process at once) the service's own drain closes
+        them, and its Shutdown comes with every worker's."""
+        w.up = w.registered = False
+        w.leaving = True
+        w.reserved.clear()
+        if not self._running or self._refusing:
+            log.warning(
+                "SIP worker %s (pid %s) was sent SIGTERM (not by serve) as the service "
+                "stops: its %d call(s) are closed by the stop's drain",
+                w.index,
+                w.pid,
+                len(w.calls),
+            )
+            return
+        log.warning(
+            "SIP worker %s (pid %s) was sent SIGTERM (not by serve): its %d call(s) are "
+            "closed as at a stop (new calls go to the other workers), then it is stopped and "
+            "started again; it waits up to %g s",
+            w.index,
+            w.pid,
+            len(w.calls),
+            ev.wait_s,
+        )
+        task = asyncio.create_task(self._let_go(w, w.process), name=f"sip-let-go-{w.index}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _let_go(self, w: _Worker, proc: asyncio.subprocess.Process | None) -> None:
+        """Close the calls of ``w`` (asked to stop), then send it its Shutdown."""
+        calls = list(w.calls.values())
+        if calls and self._close_calls is not None:
+            try:
+                await self._close_calls(calls)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # its Shutdown all the same: the worker hangs them up
+                log.exception("SIP worker %s: closing its calls failed", w.index)
+        if w.process is proc and w.leaving:  # not exited (and restarted) meanwhile
+            w.stopping = True  # what it ends from now on, the service ended
+            w.send(Shutdown())
 
     def _arrived(self, w: _Worker, sip_call_id: str) -> None:
         """A call arrived on ``w``: the slot reserved for it (by its INVITE's Call-ID, as the
@@ -1139,8 +1214,9 @@ class SipPool:
             await handle.hangup(SipStatus.SERVER_INTERNAL_ERROR)
 
     def _on_exit(self, w: _Worker, exit_status: int) -> None:
-        was_up = w.up or w.stopping
-        w.up = w.registered = False
+        was_up = w.up or w.stopping or w.leaving
+        asked = w.leaving or w.stopping  # sent SIGTERM by someone else
+        w.up = w.registered = w.leaving = False
         w.free_slots = w.pending = w.placed = 0
         # Slots held for callers redirected here are gone with the process: a restarted
         # worker on the same port has all its room (they lasted up to 34 s, renewed).
@@ -1181,11 +1257,22 @@ class SipPool:
                     WorkerExit(f"SIP worker {w.index}", w.pid, exit_status, killed=w.killed)
                 )
             return
+        if exit_status == 0 and asked and self._refusing:
+            # The service stops (systemd's control-group stop signalled every process): its
+            # stop's drain closed the calls; a worker started now would only be stopped.
+            log.info(
+                "SIP worker %s (pid %s) stopped on a SIGTERM not from serve as the service "
+                "stops (exit 0): not restarted",
+                w.index,
+                w.pid,
+            )
+            return
         if exit_status == 0:
-            # Not told to stop (that is stop()'s Shutdown): a SIGTERM from outside serve
-            # (pkill, an operator, systemd's control-group stop without KillMode=mixed), which
-            # a worker takes as a Shutdown: its calls hung up, each reported ended before its
-            # exit (cut "shutdown": Stopping came first). Restarted as a dead one is.
+            # Told to stop by someone else (a SIGTERM from outside serve: pkill, an operator):
+            # its calls closed as at a stop and its Shutdown sent (StopAsked), or hung up by
+            # itself (Stopping: a second SIGTERM, its wait passed), each reported ended
+            # before its exit (cut "shutdown"). Restarted as a dead one is: whoever sent the
+            # signal stopped no service, and a worker short means callers refused with 486.
             log.warning(
                 "SIP worker %s (pid %s) stopped while the service ran (exit 0, on a SIGTERM "
                 "not from serve): %s call(s) lost; restarting it",

@@ -265,6 +265,18 @@ class Stopping:
 
 
 @dataclass(frozen=True, slots=True)
+class StopAsked:
+    """The worker was sent SIGTERM by someone other than the pool (``pkill``, an operator,
+    systemd's control-group stop) and asks the pool to stop it: it goes on carrying out
+    commands for the calls it has, so that they can be closed as at the service's stop (the
+    closing notice, an urgent caller put through), and waits up to ``wait_s`` for the pool's
+    :class:`Shutdown`. Past that, or at a second SIGTERM, it hangs its calls up itself
+    (:class:`Stopping` first)."""
+
+    wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class CannotListen:
     """The worker cannot listen on ``addr`` (host:port), for ``reason`` (pjsua's: "Address
     already in use"), and exits: sent instead of its first :class:`WorkerStatus`."""
@@ -306,6 +318,7 @@ Event = (
     | WorkerStatus
     | Registered
     | Stopping
+    | StopAsked
     | CannotListen
 )
 Message = Command | Event

@@ -20,9 +20,16 @@ with calls polling every 5 ms spent about a third of its CPU doing so
 (bench/asterisk_compare.py). EOF on stdin (the pool is gone) stops the worker.
 
 SIGTERM (systemd's control-group stop, ``pkill``, an operator, or the kernel's parent-death
-signal when ``serve`` is killed -9: sip_config/child_process.py) stops it as the pool's
-Shutdown does: its calls hung up (BYE, or CANCEL while ringing), exit 0. Without a handler it
-died of the signal, its calls dropped with no BYE and ``serve`` counting the exit a defect.
+signal when ``serve`` is killed -9: sip_config/child_process.py) is a request to stop. With
+``--stop-wait-s`` (the pool passes it) the worker tells the pool (:class:`StopAsked`) and goes
+on carrying out its commands while ``serve`` closes its calls as at its own stop (the drain,
+the closing notice, an urgent caller put through to the nurse), then stops at the pool's
+Shutdown. It stops by itself, as the pool's Shutdown does (:class:`Stopping` first, its calls
+hung up: BYE, or CANCEL while ringing; exit 0), at once when ``serve`` is gone (its parent
+changed: the parent-death signal; or its stdin's end of file), at a second SIGTERM (someone
+means now), or when that wait passes with no Shutdown (``serve`` wedged). Without a handler
+it died of the signal, its calls dropped with no BYE and ``serve`` counting the exit a defect;
+with the handler alone it hung up at once, its callers told nothing.
 pjsua2 must not be touched from a signal handler (Python runs it on the main thread, the
 owner, but between any two bytecodes, a pjsua callback's included), so the handler only sets
 a flag; the C-level handler writes the signal's number to a pipe (``signal.set_wakeup_fd``)
@@ -42,10 +49,19 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from voice.sip.pjsua import Engine, EngineConfig, ListenError
-from voice.sip.protocol import CannotListen, Event, ProtocolError, Stopping, decode, encode
+from voice.sip.protocol import (
+    CannotListen,
+    Event,
+    ProtocolError,
+    StopAsked,
+    Stopping,
+    decode,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +73,14 @@ _SIGTERM = object()  # queued by the reader when the wake-up pipe says SIGTERM c
 
 
 class _Terminated:
-    """SIGTERM's Python-level handler: a flag the owner loop reads, nothing more (it may run
+    """SIGTERM's Python-level handler: a count the owner loop reads, nothing more (it may run
     inside a pjsua callback). The wake-up pipe is what ends the pump's wait at once."""
 
     def __init__(self) -> None:
-        self.set = False
+        self.count = 0
 
     def __call__(self, signum: int, frame: object) -> None:
-        self.set = True
+        self.count += 1
 
 
 class _Out:
@@ -107,9 +123,9 @@ def _reader(
     while True:
         ready = {fd for fd, _ in poller.poll()}
         if signal_fd is not None and signal_fd in ready:
-            if _drain_signals(signal_fd):
+            for _ in range(_drain_signals(signal_fd)):
                 commands.put(_SIGTERM)
-                wake()
+            wake()
             if in_fd not in ready:
                 continue
         try:
@@ -133,14 +149,14 @@ def _reader(
         wake()
 
 
-def _drain_signals(fd: int) -> bool:
-    """Read what the wake-up pipe holds (one byte per signal, its number); whether SIGTERM
-    is among them."""
+def _drain_signals(fd: int) -> int:
+    """Read what the wake-up pipe holds (one byte per signal, its number); how many of them
+    are SIGTERM."""
     try:
         data = os.read(fd, 512)
     except BlockingIOError:
-        return False
-    return signal.SIGTERM in data
+        return 0
+    return data.count(signal.SIGTERM)
 
 
 def run(
@@ -150,11 +166,14 @@ def run(
     *,
     terminated: _Terminated | None = None,
     signal_fd: int | None = None,
+    stop_wait_s: float = 0.0,
 ) -> int:
     """Serve commands from ``in_fd`` until Shutdown, EOF or SIGTERM; returns the exit status.
-    ``terminated``: SIGTERM's handler (its flag); ``signal_fd``: the read end of the signal
-    wake-up pipe (see the module's docstring)."""
+    ``terminated``: SIGTERM's handler (its count); ``signal_fd``: the read end of the signal
+    wake-up pipe; ``stop_wait_s``: how long a SIGTERM waits for the pool's Shutdown (0: it
+    does not, the calls are hung up at once). See the module's docstring."""
     out = _Out(out_fd)
+    parent = os.getppid()  # another one later: serve is gone (the parent-death signal)
     waker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     target: tuple[str, int] | None = None
 
@@ -185,9 +204,11 @@ def run(
         target=_reader, args=(in_fd, commands, wake, signal_fd), name="commands", daemon=True
     ).start()
     try:
-        sigterm = False
+        sigterms = 0  # SIGTERMs seen so far
+        asked_at: float | None = None  # when StopAsked went (monotonic)
         while not engine.stopping:
             stop = False
+            queued = 0
             while True:
                 try:
                     cmd = commands.get_nowait()
@@ -198,17 +219,36 @@ def run(
                     stop = True
                     break
                 if cmd is _SIGTERM:
-                    sigterm = True
-                    break
+                    # Commands after it are still carried out: the closing notice's Play,
+                    # the transfer of an urgent caller, the hang-up that follows.
+                    queued += 1
+                    continue
                 engine.handle(cmd)  # type: ignore[arg-type]
-            # The flag alone when the pipe's byte could not be written (or is still on its way).
-            sigterm = sigterm or (terminated is not None and terminated.set)
-            if sigterm and not stop:
-                # As the pool's Shutdown: every call hung up below (engine.stop), exit 0.
-                # The pool hears first that the ends to come are the service's doing.
-                log.warning("SIGTERM: hanging up the calls and stopping, as at Shutdown")
-                out.emit(Stopping())
-                stop = True
+            # The handler's count is the truth (the pipe's bytes may come before or after
+            # it); a byte alone when the handler has not run yet, or run() has none (tests).
+            counted = terminated.count if terminated is not None else 0
+            sigterms = max(sigterms + (queued if terminated is None else 0), counted)
+            if queued and not sigterms:
+                sigterms = 1
+            if sigterms and not stop:
+                why = _stop_now(sigterms, stop_wait_s, asked_at, parent)
+                if why:
+                    # As the pool's Shutdown: every call hung up below (engine.stop), exit 0.
+                    # The pool hears first that the ends to come are the service's doing.
+                    log.warning(
+                        "SIGTERM: hanging up the calls and stopping, as at Shutdown (%s)", why
+                    )
+                    out.emit(Stopping())
+                    stop = True
+                elif asked_at is None:
+                    asked_at = time.monotonic()
+                    log.warning(
+                        "SIGTERM: asking serve to stop this worker (its calls are closed as at "
+                        "serve's stop); a second SIGTERM, or %g s with no Shutdown, hangs them "
+                        "up at once",
+                        stop_wait_s,
+                    )
+                    out.emit(StopAsked(stop_wait_s))
             if stop:
                 # Nobody may read any more: the pool gone (its end of file; serve killed -9,
                 # the parent-death SIGTERM). The stop still hangs the calls up (below) and
@@ -225,6 +265,20 @@ def run(
         waker.close()
         _flush_at_exit(out)
     return 0
+
+
+def _stop_now(sigterms: int, wait_s: float, asked_at: float | None, parent: int) -> str:
+    """Why a worker sent ``sigterms`` SIGTERMs stops by itself now ("": it waits for the
+    pool's Shutdown, asked for at ``asked_at``, for ``wait_s`` at most)."""
+    if wait_s <= 0:
+        return "no wait for serve"
+    if os.getppid() != parent:
+        return "serve is gone"
+    if sigterms > 1:
+        return "a second SIGTERM"
+    if asked_at is not None and time.monotonic() - asked_at >= wait_s:
+        return f"no Shutdown from serve within {wait_s:g} s"
+    return ""
 
 
 def _sent(out: _Out) -> bool:
@@ -261,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--realm", default="")
     parser.add_argument("--pj-log-level", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
+    # How long a SIGTERM from someone else waits for the pool's Shutdown while serve closes
+    # the calls (0: not at all, hung up at once).
+    parser.add_argument("--stop-wait-s", type=float, default=0.0)
     args = parser.parse_args(argv)
     # The pool starts each worker in a process group of its own, which a terminal treats as
     # a background job: with `stty tostop` its first log line to serve's stderr would stop it
@@ -299,7 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
-    return run(config, sys.stdin.fileno(), events_fd, terminated=terminated, signal_fd=signal_r)
+    return run(
+        config,
+        sys.stdin.fileno(),
+        events_fd,
+        terminated=terminated,
+        signal_fd=signal_r,
+        stop_wait_s=args.stop_wait_s,
+    )
 
 
 if __name__ == "__main__":

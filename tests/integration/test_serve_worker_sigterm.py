@@ -1,0 +1,121 @@
+"""A SIP worker sent SIGTERM on its own (``pkill -f voice.sip.worker``, an operator) while
+``serve`` runs: its callers get what a stop of ``serve`` gives them, not a cut.
+
+The worker tells ``serve`` it was asked to stop (StopAsked) and waits for its Shutdown;
+``serve`` runs the clinic line's drain for that worker's calls alone (``CLINIC_CALL_DRAIN_S``,
+then the closing notice with the emergency number; an urgent caller put through to the
+nurse), then sends it its Shutdown: the worker exits 0 and is started again (a worker short
+refuses callers), and ``serve``'s own stop later exits 0. Before, the worker hung its calls
+up at once with a BYE: the caller heard the line go dead mid-menu, told nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from sip_config.settings import Settings
+from tests.conftest import RedisServer, free_port
+from tests.integration.conftest import BASE_ENV, OpenApiCollector
+from tests.integration.test_api_processes import _data_dir, _processes, serve
+from tests.integration.test_ivr_stop import (
+    CALL_S,
+    logged,
+    prompts_warm,
+    stored_calls,
+    wav_pcm,
+)
+from tests.peers.ivr_rig import NURSE_USER, ROOT, STAFF_USER, Phone, phones
+from voice.ivr.flow import SYSTEM_TEXTS
+from voice.media.audio_match import rank
+from voice.media.tts import PromptRenderer
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+DRAIN_S = 3.0
+
+
+def sip_worker_pids(serve_pid: int) -> list[int]:
+    """The SIP workers ``serve`` runs now."""
+    return [
+        pid
+        for pid, ppid, argv in _processes()
+        if ppid == serve_pid and any(b"voice.sip.worker" in arg for arg in argv)
+    ]
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take a minute
+async def test_a_worker_sent_sigterm_alone_gives_its_caller_the_closing_notice(
+    redis_server: RedisServer, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    heard = tmp_path / "heard.wav"
+    data = _data_dir(tmp_path, "data")
+    env = {
+        **BASE_ENV,
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(data),
+        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
+        "CLINIC_CALL_DRAIN_S": f"{DRAIN_S:g}",
+    }
+    emergency = Settings.from_env(env).ivr.emergency_number
+    closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=emergency)
+    failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(emergency_number=emergency)
+    loop = asyncio.get_running_loop()
+    async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
+        proc = service.proc
+        assert proc is not None
+        await prompts_warm(service)
+        renderer = PromptRenderer(data / "prompts")  # serve's cache: no render here
+        references = {
+            "closing": wav_pcm(await renderer.render(closing, voice="en")),
+            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
+        }
+        # The main menu, and a caller who says and presses nothing (it repeats itself).
+        caller = await Phone.start(
+            "caller", "--call", f"sip:6000@{service.sip_addr}", "--record", str(heard),
+            "--timeout", "120",
+        )  # fmt: skip
+        started.append(caller)
+        await caller.wait_for("media", CALL_S)
+        await asyncio.sleep(1.0)
+        (worker,) = sip_worker_pids(proc.pid)  # CLINIC_SIP_WORKERS=1: the call is on it
+        os.kill(worker, signal.SIGTERM)  # as `pkill -f voice.sip.worker`
+        signalled = loop.time()
+        await logged(service, "was sent SIGTERM (not by serve)", 10.0)
+        await asyncio.sleep(DRAIN_S / 2)
+        assert caller.find("ended", leg="main") is None, (
+            caller.events
+        )  # the drain holds the call up
+        await caller.wait_for("ended", 40, leg="main")
+        told_s = loop.time() - signalled
+        await caller.finish(10)
+        # Stopped by its Shutdown (exit 0) and started again: one worker, a new one.
+        end = loop.time() + 20.0
+        while True:
+            now = sip_worker_pids(proc.pid)
+            text = service.log_path.read_text(errors="replace")
+            if now and worker not in now and "stopped while the service ran" in text:
+                break
+            if loop.time() > end:
+                pytest.fail(f"the worker was not started again:\n{service.log_tail()}")
+            await asyncio.sleep(0.2)
+        log_text = service.log_path.read_text(errors="replace")
+    # serve's own stop then went as asked (serve() checks its exit 0).
+    assert re.search(r"SIP worker 0 \(pid \d+\) stopped while the service ran \(exit 0", log_text)
+    assert "exited with status -" not in log_text and "died (exit" not in log_text
+    assert "hanging up the calls and stopping" not in log_text, "it hung up by itself"
+    # Told after the drain, with the notice (about 9 s) played through: not hung up on at
+    # the signal (before: within a second).
+    assert DRAIN_S + 5.0 < told_s < DRAIN_S + 30.0, (told_s, caller.events)
+    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
+    match = rank(tail, references, 8000)
+    assert match.key == "closing" and match.score > match.runner_up, match
+    (record,) = await stored_calls(redis_server.url, env["CLINIC_SECRET"].encode())
+    assert record["outcome"] == "cut_shutdown", record
