@@ -62,6 +62,11 @@ class ReferAnswer:
     status the first REFER's refresh is answered with, after its NOTIFYs (pjsip refreshes a
     subscription with a SUBSCRIBE 5 s before its Expires runs out: give the 202 a short one
     in ``headers``, and NOTIFYs with no ``expires``).
+
+    ``trying_ms``: the first REFER is answered ``100 Trying`` at once and ``status`` this
+    long after (pjsip's retransmissions of it meanwhile get the 100 again, from sipp);
+    ``late``: NOTIFYs of the first REFER's subscription sent once the second REFER is
+    answered, before the second's own NOTIFYs (an earlier transfer's late report).
     """
 
     name: str
@@ -75,9 +80,12 @@ class ReferAnswer:
     challenge: int | None = None
     second: tuple[Notify, ...] | None = None
     refresh: int | None = None
+    trying_ms: int | None = None
+    late: tuple[Notify, ...] = ()
 
 
 _REASONS = {
+    100: "Trying",
     202: "Accepted",
     401: "Unauthorized",
     403: "Forbidden",
@@ -85,6 +93,7 @@ _REASONS = {
     407: "Proxy Authentication Required",
     489: "Bad Event",
     501: "Not Implemented",
+    503: "Service Unavailable",
 }
 _CHALLENGE_HEADER = {401: "WWW-Authenticate", 407: "Proxy-Authenticate"}
 
@@ -301,6 +310,9 @@ def scenario(answer: ReferAnswer, *, bye_timeout_ms: int = 45000) -> str:
             )
         )
         parts.append(_RECV_REFER)  # sent again, with credentials and the next CSeq
+    if answer.trying_ms is not None:
+        parts.append(_RESPONSE.format(status=100, reason=_REASONS[100], headers=""))
+        parts.append(f'  <pause milliseconds="{answer.trying_ms}" />')
     if answer.status is not None:
         headers = "".join(f"      {h}\n" for h in answer.headers)
         parts.append(
@@ -315,8 +327,9 @@ def scenario(answer: ReferAnswer, *, bye_timeout_ms: int = 45000) -> str:
     if answer.second is not None:
         parts.append(_RECV_REFER)
         parts.append(_RESPONSE.format(status=202, reason=_REASONS[202], headers=""))
+        parts.extend(_notifies(answer.late, dialog))
         parts.extend(_notifies(answer.second, dialog))
-    notifies = (*answer.notifies, *(answer.second or ()))
+    notifies = (*answer.notifies, *answer.late, *(answer.second or ()))
     if any(n.sipfrag.startswith("SIP/2.0 2") and n.state.startswith("active") for n in notifies):
         # A 2xx that keeps the subscription active: pjsua ends it (SUBSCRIBE, Expires: 0).
         parts.append(_UNSUBSCRIBE)
