@@ -56,7 +56,11 @@ def check_clinic_line(settings: Settings) -> FlowSet:
         # folder, which an edit in between could change): ~28 ms of a ~90 ms load.
         flowset, findings = load_flows_checked(ivr.flows_dir)
     except FlowError as exc:
-        raise SettingsError(f"CLINIC_FLOWS_DIR={str(ivr.flows_dir)!r}: {exc}") from exc
+        # A schema error or an unknown target: refused as any other finding, in the same
+        # words and bound (it was one line glued to the first finding, and every one of a
+        # broken file's thousands of findings).
+        found = sorted(set(exc.findings), key=lambda f: (f.file, f.line, f.message))
+        raise _refused(ivr.flows_dir, [str(f) for f in found]) from exc
     if flowset.default not in flowset.flows:
         raise SettingsError(
             f"CLINIC_FLOWS_DIR={str(ivr.flows_dir)!r}: no flow {flowset.default!r}, which "
@@ -65,18 +69,24 @@ def check_clinic_line(settings: Settings) -> FlowSet:
     if findings:
         # Before, serve ran only the schema and targets: a triage edited and restarted
         # without `flow check` put paths such as a U2 caller's goodbye on the phone line.
-        lines = [str(f) for f in findings[:FINDINGS_SHOWN]]
-        if len(findings) > FINDINGS_SHOWN:
-            more = len(findings) - FINDINGS_SHOWN
-            lines.append(f"... and {more} more (`clinic-voice flow check` lists them all)")
-        raise SettingsError(
-            f"CLINIC_FLOWS_DIR={str(ivr.flows_dir)!r}: {len(findings)} finding(s) of "
-            "`clinic-voice flow check`; fix the flows and run it before the next start:\n"
-            + "\n".join(lines)
-        )
+        raise _refused(ivr.flows_dir, [str(f) for f in findings])
     if ivr.vosk_model is not None:
         check_speech_model(ivr.vosk_model)
     return flowset
+
+
+def _refused(flows_dir: Path, findings: list[str]) -> SettingsError:
+    """A start refused for ``findings`` of ``flow check``: the first FINDINGS_SHOWN of them
+    as it prints them, and a count of the rest."""
+    lines = findings[:FINDINGS_SHOWN]
+    if len(findings) > FINDINGS_SHOWN:
+        more = len(findings) - FINDINGS_SHOWN
+        lines.append(f"... and {more} more (`clinic-voice flow check` lists them all)")
+    return SettingsError(
+        f"CLINIC_FLOWS_DIR={str(flows_dir)!r}: {len(findings)} finding(s) of "
+        "`clinic-voice flow check`; fix the flows and run it before the next start:\n"
+        + "\n".join(lines)
+    )
 
 
 def check_speech_model(path: Path) -> None:

@@ -16,7 +16,7 @@ BROKEN = ROOT / "tests" / "data" / "flows"
 
 # Each broken flow and the findings it must produce (line: message), no more, no fewer.
 EXPECTED: dict[str, list[str]] = {
-    "unknown_target.yaml": ["10: unknown target 'nowhere'"],
+    "unknown_target.yaml": ["10: unknown target 'nowhere' in 'menu'"],
     "unreachable.yaml": ["9: unreachable node 'orphan'"],
     "dead_end.yaml": ["14: dead end: branch 'route' on 'answer' has no default"],
     "never_ends.yaml": [
@@ -111,7 +111,7 @@ def test_broken_flow_findings(name: str) -> None:
 def test_main_prints_findings_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     path = BROKEN / "unknown_target.yaml"
     assert main([str(path)]) == 1
-    assert capsys.readouterr().out == f"{path}:10: unknown target 'nowhere'\n"
+    assert capsys.readouterr().out == f"{path}:10: unknown target 'nowhere' in 'menu'\n"
 
 
 def test_main_exits_0_on_the_shipped_flows(capsys: pytest.CaptureFixture[str]) -> None:
@@ -261,8 +261,8 @@ def test_the_way_back_needs_the_routes_default_flow(tmp_path: Path) -> None:
     folder = write_flows(tmp_path, {"forms": FORMS}, "front")
     got = [str(f) for f in check_files([folder])]
     assert got == [
-        f"{folder / 'forms.yaml'}:10: unknown target '@menu': the routes' default flow 'front'"
-        " is missing",
+        f"{folder / 'forms.yaml'}:10: unknown target '@menu' in 'which': the routes' default "
+        "flow 'front' is missing",
         f"{folder / 'routes.yaml'}:1: unknown flow 'front' for route (default)",
     ]
 

@@ -135,6 +135,27 @@ def _serve_refused(
     return err, capsys.readouterr().out.splitlines()
 
 
+def test_a_flow_that_does_not_load_is_refused_as_any_finding(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A schema error or an unknown target (a typo in a step name) was one line glued to the
+    first finding, with no count, and every finding of a broken file after it."""
+    monkeypatch.setattr(clinic_line_module, "FINDINGS_SHOWN", 1, raising=False)
+    shutil.copytree(SHIPPED, elsewhere / "flows")
+    flow = elsewhere / "flows" / "prescription.yaml"
+    text = flow.read_text(encoding="utf-8")
+    flow.write_text(text.replace("next: thanks", "next: thank").replace("8", "eight"), "utf-8")
+    err, checked = _serve_refused(elsewhere, monkeypatch, capsys)
+    assert len(checked) > 2, checked
+    assert err.splitlines() == [
+        f"clinic-voice: configuration error: CLINIC_FLOWS_DIR={str(elsewhere / 'flows')!r}: "
+        f"{len(checked)} finding(s) of `clinic-voice flow check`; fix the flows and run it "
+        "before the next start:",
+        checked[0],
+        f"... and {len(checked) - 1} more (`clinic-voice flow check` lists them all)",
+    ], err
+
+
 def test_serve_refuses_flows_that_fail_flow_check(
     elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

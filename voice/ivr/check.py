@@ -32,12 +32,15 @@ Checks, each reported as ``file:line: message``:
   both or neither, no triage action, are the schema's);
 * spoken hints: in an ask that takes speech the prompt says "Say {label} or press {key}", so
   each such label must be heard as its own choice (one of its phrases, by the engine's own
-  matching) and as no other.
+  matching) and as no other; no phrase holds another choice's (heard as both: no answer);
+* a case of a branch on urgency that no path reaches at its level, whose target no other
+  path reaches: a step the flow counts on that no caller gets to.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -205,6 +208,7 @@ class _Checker:
         self.danger_signs()
         self.backed_outcomes()
         self.safety_paths()
+        self.urgency_cases()
         self.placeholders()
         self.spoken_labels()
         return self.findings
@@ -223,12 +227,37 @@ class _Checker:
             lines = {c.goto: c.line for c in node.choices} if isinstance(node, Ask) else {}
             for target, _, _ in successors(node):
                 if target and self.resolve(target) is None:
-                    why = ""
-                    if target == MENU_TARGET:
-                        why = f": the routes' default flow {self.flowset.default!r} is missing"
-                    self.add(lines.get(target, node.line), f"unknown target {target!r}{why}")
+                    why = self.unknown_why(target)
+                    self.add(
+                        lines.get(target, node.line),
+                        f"unknown target {target!r} in {node.id!r}{why}",
+                    )
             if isinstance(node, Ask) and node.on_closed is not None:
                 self.on_closed(node, node.on_closed)
+
+    def unknown_why(self, target: str) -> str:
+        """What an admin needs to mend an unknown target: the likely meant name, or why the
+        flow it names is not there (its file did not load, or is not a ``.yaml`` file)."""
+        if target == MENU_TARGET:
+            return f": the routes' default flow {self.flowset.default!r} is missing"
+        flow_id = target.removeprefix("@").partition(":")[0]
+        if target.startswith("@") and flow_id not in self.flowset.flows:
+            folder = self.flow.path.parent
+            if (folder / f"{flow_id}.yaml").is_file():
+                ids = [f.id for f in self.flowset.flows.values() if f.path.stem == flow_id]
+                if ids:
+                    return f" ({flow_id}.yaml has the id {ids[0]!r})"
+                return f" ({flow_id}.yaml did not load: see its findings)"
+            for ext in (".yml", ".json"):
+                if (folder / f"{flow_id}{ext}").is_file():
+                    return f" (only *.yaml files are read: rename {flow_id}{ext})"
+            names = [f"@{f}" for f in self.flowset.flows]
+        elif target.startswith("@"):
+            names = [f"@{flow_id}:{n}" for n in self.flowset.flows[flow_id].nodes]
+        else:
+            names = list(self.flow.nodes)
+        close = difflib.get_close_matches(target, names, n=1)
+        return f" (did you mean {close[0]!r}?)" if close else ""
 
     def on_closed(self, node: Ask, target: str) -> None:
         """An ask's ``on_closed`` names another question of its own flow: the engine asks it
@@ -300,38 +329,56 @@ class _Checker:
                     )
 
     def endless(self) -> None:
-        """Loops that never wait, and nodes from which no answer leads to an end."""
+        """Loops that never wait, and nodes from which no answer leads to an end.
+
+        Both are linear in the flow set's nodes and edges, and iterative: a fixpoint over
+        every node took a pass per node of a long chain (a 2000-step flow: 10 s; 20000: over
+        10 minutes, and ``serve`` runs this check at start), and a recursive walk of a chain
+        of steps that never wait ended in a RecursionError past a thousand."""
         flowset = self.flowset
         all_refs = [(f.id, n) for f in flowset.flows.values() for n in f.nodes]
+        edges = {ref: self.edges(ref) for ref in all_refs}
+        before: dict[NodeRef, list[NodeRef]] = {}
+        for ref, outs in edges.items():
+            for nxt in outs:
+                before.setdefault(nxt, []).append(ref)
         can_end: set[NodeRef] = {
             r for r in all_refs if isinstance(flowset.get(r[0]).nodes[r[1]], Transfer | Hangup)
         }
-        changed = True
-        while changed:
-            changed = False
-            for ref in all_refs:
-                if ref not in can_end and any(n in can_end for n in self.edges(ref)):
-                    can_end.add(ref)
-                    changed = True
+        queue = deque(can_end)
+        while queue:
+            for prev in before.get(queue.popleft(), []):
+                if prev not in can_end:
+                    can_end.add(prev)
+                    queue.append(prev)
         for node_id, node in self.flow.nodes.items():
             if (self.flow.id, node_id) not in can_end:
                 self.add(node.line, f"path never ends: no hang-up or transfer after {node_id!r}")
         # A cycle of nodes that never wait for the caller spins for ever.
         instant = (SetValues, Assess, Goto, Branch)
-        state: dict[NodeRef, int] = {}
 
-        def visit(ref: NodeRef) -> NodeRef | None:
-            state[ref] = 1
-            for nxt in self.edges(ref):
-                if not isinstance(flowset.get(nxt[0]).nodes[nxt[1]], instant):
-                    continue
-                if state.get(nxt) == 1:
-                    return nxt
-                if nxt not in state:
-                    found = visit(nxt)
-                    if found is not None:
-                        return found
-            state[ref] = 2
+        def waits(ref: NodeRef) -> bool:
+            return not isinstance(flowset.get(ref[0]).nodes[ref[1]], instant)
+
+        state: dict[NodeRef, int] = {}  # 1: on the current path, 2: done
+
+        def visit(root: NodeRef) -> NodeRef | None:
+            state[root] = 1
+            stack = [(root, iter(edges[root]))]
+            while stack:
+                ref, outs = stack[-1]
+                for nxt in outs:
+                    if waits(nxt):
+                        continue
+                    if state.get(nxt) == 1:
+                        return nxt
+                    if nxt not in state:
+                        state[nxt] = 1
+                        stack.append((nxt, iter(edges[nxt])))
+                        break
+                else:
+                    state[ref] = 2
+                    stack.pop()
             return None
 
         for node_id, node in self.flow.nodes.items():
@@ -456,6 +503,31 @@ class _Checker:
                     self.add(_menu_line(node), f"{problem} (path: {self.trail(parent, item)})")
                 elif self.add_in_other_flow(parent, item, problem):
                     returns_reported.add(ref)
+
+    def urgency_cases(self) -> None:
+        """A case of a branch on urgency that no path reaches at its level, whose target no
+        other path reaches either: a step the flow counts on (a same-day booking, advice)
+        that no caller ever gets to, which the graph alone shows as reachable."""
+        met: dict[NodeRef, set[str]] = {}
+        walked: set[NodeRef] = set()
+        for flow_id in self.flowset.flows:
+            for ref, ab in self.walk_of(flow_id):
+                walked.add(ref)
+                met.setdefault(ref, set()).add((ab.urgency or Urgency.U5).name)
+        for node in self.flow.nodes.values():
+            ref = (self.flow.id, node.id)
+            if not isinstance(node, Branch) or node.on != "urgency" or ref not in walked:
+                continue
+            for level, target in node.cases:
+                if level in met[ref] or self.resolve(target) in walked:
+                    continue
+                levels = ", ".join(sorted(met[ref]))
+                self.add(
+                    node.line,
+                    f"branch {node.id!r}: case {level} is never taken, so {target!r} is never "
+                    f"reached (paths come here at {levels} only: no answer before it gives "
+                    f"{level})",
+                )
 
     def walk_of(self, flow_id: str) -> _Walk:
         """The walk from ``flow_id``'s start, made once per flow set."""
@@ -611,6 +683,24 @@ class _Checker:
                         choice.line,
                         f"label {choice.label!r} is spoken as an answer but also matches {others}",
                     )
+            for choice in node.choices:
+                for phrase in choice.phrases:
+                    # "test results" said for one choice holds "results" of another: heard
+                    # as both, it is asked again every time (the same phrase twice is the
+                    # schema's finding).
+                    also = [
+                        repr(c.label or c.value)
+                        for c in node.choices
+                        if c is not choice
+                        and phrase not in c.phrases
+                        and any(phrase_in(p, phrase) for p in c.phrases)
+                    ]
+                    if also:
+                        self.add(
+                            choice.line,
+                            f"phrase {phrase!r} also matches {', '.join(also)}: a caller who "
+                            "says it is never understood",
+                        )
 
 
 def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:

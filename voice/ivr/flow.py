@@ -86,6 +86,8 @@ DTMF_KEYS = frozenset("0123456789*#")
 # The keys a digits ask's choice may have: 0 alone is a human there too, * repeats, # ends.
 _ENTRY_CHOICE_KEYS = frozenset("123456789")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+# sip:/sips:, an optional user@, a host: no blank, quote or angle bracket (a header's).
+_TRANSFER_URI = re.compile(r"sips?:([^\s@<>\"]+@)?[^\s@<>\"]+")
 _NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -876,6 +878,9 @@ class _Map(dict[str, Any]):
 
     line: int = 1
     key_lines: dict[str, int]
+    # A key YAML read as another text than it was written (``06000`` as the octal 3072,
+    # ``+31201234567`` without its +): its text as written.
+    key_texts: dict[str, str]
 
     def line_of(self, key: str) -> int:
         return self.key_lines.get(key, self.line)
@@ -911,12 +916,31 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_Map
     data = _Map()
     data.line = node.start_mark.line + 1
     data.key_lines = {}
+    data.key_texts = {}
     yield data
+    first: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            line = key_node.start_mark.line + 1
+            if key_node.value in first:
+                # YAML keeps the last: a node pasted and not renamed replaced the first (a
+                # danger-sign question gone), in silence.
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"{key_node.value!r} is given twice (also on line {first[key_node.value]}):"
+                    " the second would replace the first",
+                    key_node.start_mark,
+                )
+            first[key_node.value] = line
     loader.flatten_mapping(node)
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         data[str(key)] = loader.construct_object(value_node, deep=True)
         data.key_lines[str(key)] = key_node.start_mark.line + 1
+        written = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key)
+        if str(key) != written:
+            data.key_texts[str(key)] = written
 
 
 def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Iterator[_Seq]:
@@ -1104,6 +1128,9 @@ class _Parser:
     # -- the document
 
     def flow(self, doc: Any) -> Flow | None:
+        if doc is None:  # an empty file, or one of comments only
+            self.error(1, "empty flow file: a flow needs id, language, start and nodes")
+            return None
         top = self.mapping(doc, 1, "a flow file")
         if top is None:
             return None
@@ -1113,7 +1140,11 @@ class _Parser:
             self.error(top.line_of("id"), f"flow id {flow_id!r} is kept for {MENU_TARGET}")
         language = self.text(top, "language")
         if language and language not in LANGUAGES:
-            self.error(top.line_of("language"), f"unknown language {language!r}")
+            known = ", ".join(sorted(LANGUAGES))
+            self.error(
+                top.line_of("language"),
+                f"unknown language {language!r} (the service has system texts for: {known})",
+            )
             language = "en"
         try:
             human = Human(self.text(top, "human", "staff"))
@@ -1126,7 +1157,7 @@ class _Parser:
         for node_id, raw in (raw_nodes or {}).items():
             line = raw_nodes.line_of(node_id) if raw_nodes is not None else 1
             if not _NODE_ID.fullmatch(node_id):
-                self.error(line, f"bad node id {node_id!r} (letters, digits, _)")
+                self.error(line, f"bad node id {node_id!r} (ASCII letters, digits, _)")
             body = self.mapping(raw, line, f"node {node_id!r}")
             if body is not None:
                 node = self.node(node_id, body)
@@ -1170,6 +1201,9 @@ class _Parser:
                 self.error(body.line, "say needs 'text' or 'audio'")
         else:
             text = self.text(m, "say")
+            if "say" in m and not text.strip() and isinstance(body, str):
+                # Silence where the flow meant words: the call goes on as if they were said.
+                self.error(m.line_of("say"), f"say {node_id!r} has no words: give it a text")
         backs, unheard = self.backed_outcome(m)
         return Say(node_id, m.line, text, audio, barge_in, self.next(m, node_id), backs, unheard)
 
@@ -1230,13 +1264,21 @@ class _Parser:
             self.error(a.line, "a digits ask needs 'next'")
         if digits is None and nxt is not None:
             self.error(a.line_of("next"), "'next' is for digits asks; choices have 'goto'")
+        prompt = self.text(a, "prompt")
+        for key in ("prompt", "keypad_prompt"):
+            if isinstance(a.get(key), str) and not a[key].strip():
+                # The caller would hear only "press 1 for yes ..." (or nothing) and answer a
+                # question never asked: a danger sign's "no" would be taken as said.
+                self.error(
+                    a.line_of(key), f"ask {node_id!r} has an empty {key!r}: write the question"
+                )
         danger = self.flag(a, "danger_sign", False)
         # A danger-sign question gets one retry before a human takes over (safety rule).
         tries = 2 if danger else 3
         return Ask(
             id=node_id,
             line=m.line,
-            prompt=self.text(a, "prompt"),
+            prompt=prompt,
             keypad_prompt=self.opt_text(a, "keypad_prompt"),
             mode=mode,
             choices=choices,
@@ -1261,6 +1303,7 @@ class _Parser:
             self.error(a.line_of("choices"), "'choices' must be a list")
             return
         seen_keys: set[str] = set()
+        seen_phrases: set[str] = set()
         for item in raw:
             c = self.mapping(item, getattr(raw, "line", a.line), "a choice")
             if c is None:
@@ -1277,6 +1320,10 @@ class _Parser:
                     self.error(c.line_of("key"), f"key {key} is used twice")
                 seen_keys.add(key)
             phrases = tuple(p.lower() for p in self.texts(c, "phrases"))
+            for phrase in sorted(set(phrases) & seen_phrases):
+                # Heard as two answers at once: the caller who says it is never understood.
+                self.error(c.line_of("phrases"), f"phrase {phrase!r} is in two choices")
+            seen_phrases.update(phrases)
             if key is None and not phrases:
                 self.error(c.line, "a choice needs a 'key' or 'phrases'")
             value = self.text(c, "value", key or (phrases[0] if phrases else ""))
@@ -1310,11 +1357,15 @@ class _Parser:
             return None
         self.known(d, {"min", "max", "terminator", "format", "inter_digit_s"}, "digits")
         inter_digit_s = self.number(d, "inter_digit_s", INTER_DIGIT_S, 1.0, 30.0)
+        found = len(self.findings)
         lo = int(self.number(d, "min", 1, 1, 32))
         hi = int(self.number(d, "max", lo, 1, 32))
-        if hi < lo:
+        # A bad 'min' or 'max' is its own finding: not also "below", "at least 2" and the
+        # format's size, of a default it was replaced by.
+        sized = len(self.findings) == found
+        if sized and hi < lo:
             self.error(d.line, "digits 'max' is below 'min'")
-        if lo < 2:
+        if sized and lo < 2:
             # "0" alone must stay free to mean "a human", as in every other ask.
             self.error(d.line_of("min"), "digits 'min' must be at least 2 (0 alone is a human)")
         term = self.text(d, "terminator", "#")
@@ -1330,7 +1381,7 @@ class _Parser:
                 self.error(d.line_of("format"), f"unknown digits format {name!r} ({known})")
             else:
                 size = _FORMAT_DIGITS[fmt]
-                if (lo, hi) != (size, size):
+                if sized and (lo, hi) != (size, size):
                     self.error(d.line_of("format"), f"format {name} needs min and max {size}")
         return DigitSpec(lo, hi, term, fmt, inter_digit_s)
 
@@ -1351,11 +1402,16 @@ class _Parser:
                         line, f"a branch on hours has the cases open and closed, not {value!r}"
                     )
         if on == "urgency":
-            for value, _ in cases:
+            named = []
+            for value, target in cases:
                 try:
-                    Urgency.parse(value)
+                    # "u2" as "U2": the engine compares the level's name, and a case the
+                    # schema accepted was never taken (its caller went to the default).
+                    named.append((Urgency.parse(value).name, target))
                 except ValueError as exc:
                     self.error(cases_map.line_of(value) if cases_map else b.line, str(exc))
+                    named.append((value, target))
+            cases = tuple(named)
         return Branch(node_id, m.line, on, cases, self.opt_text(b, "default"))
 
     def node_set(self, node_id: str, m: _Map) -> SetValues | None:
@@ -1380,8 +1436,12 @@ class _Parser:
     def node_transfer(self, node_id: str, m: _Map) -> Transfer:
         self.known(m, {"transfer", "prompt", "outcome", "on_fail"}, "a transfer node")
         to = self.text(m, "transfer")
-        if to not in {"staff", "nurse"} and not to.startswith(("sip:", "sips:")):
-            self.error(m.line_of("transfer"), "transfer to staff, nurse or a sip: URI")
+        if to not in {"staff", "nurse"} and not _TRANSFER_URI.fullmatch(to):
+            # "sip:" alone, or a space in it, was accepted: every call's REFER then failed.
+            self.error(
+                m.line_of("transfer"),
+                f"transfer to staff, nurse or a sip: URI (sip:user@host), not {to!r}",
+            )
         return Transfer(
             node_id,
             m.line,
@@ -1506,6 +1566,12 @@ def parse_routes(path: Path) -> tuple[dict[str, str], str, dict[str, int], list[
     if isinstance(routes_map, _Map):
         routes = {str(k): str(v) for k, v in routes_map.items()}
         lines.update({str(k): routes_map.line_of(str(k)) for k in routes_map})
+        for read, written in routes_map.key_texts.items():
+            # Never matched: its callers reached the default flow.
+            parser.error(
+                routes_map.line_of(read),
+                f'called user {written} is read by YAML as {read}: write it in quotes, "{written}"',
+            )
     else:
         parser.error(top.line_of("routes"), "'routes' must be a mapping")
     return routes, default, lines, parser.findings

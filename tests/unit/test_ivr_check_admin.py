@@ -1,0 +1,302 @@
+"""``flow check`` on the mistakes a clinic's administrator makes editing a copy of the flows:
+each must be a finding that names the file, the line and what to do, and a long flow must
+be checked in time (``serve`` runs the same check at start)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import voice.ivr.check as check_module
+from voice.ivr.check import check_files
+from voice.ivr.flow import Branch, load_flow
+
+# A small triage: one danger sign, then an urgency branch. {prompt}, {cases} and {goodbye}
+# are what each case below changes.
+TRIAGE = """\
+id: tri
+language: en
+human: nurse
+start: breathing
+nodes:
+  breathing:
+    ask:
+      prompt: {prompt}
+      danger_sign: true
+      choices:
+        - {{key: "1", phrases: ["yes"], label: "yes", urgency: U1, reason: breathing, goto: sos}}
+        - {{key: "2", phrases: ["no"], label: "no", goto: after}}
+  after:
+    branch:
+      on: urgency
+      cases: {cases}
+  sos:
+    transfer: nurse
+    prompt: "Call {{emergency_number}} now. Connecting you to a nurse."
+    outcome: call_emergency+transfer_nurse
+  nurse:
+    transfer: nurse
+    prompt: "Connecting you to a nurse."
+    outcome: transfer_nurse
+  bye:
+    hangup: {goodbye}
+{extra}"""
+
+GOOD = {
+    "prompt": '"Is there serious difficulty breathing?"',
+    "cases": "{U0: sos, U1: sos, U2: nurse, U3: nurse, U4: nurse, U5: bye}",
+    "goodbye": '"Goodbye."',
+    "extra": "",
+}
+TODAY = '  today:\n    hangup: "Please see a doctor today."\n    outcome: same_day\n'
+
+
+CASES: dict[str, tuple[dict[str, str], list[str]]] = {
+    # The caller hears "press 1 for yes, press 2 for no" and no question: a "no" to a danger
+    # sign never asked would end the call.
+    "empty prompt": (
+        {"prompt": '""'},
+        ["8: ask 'breathing' has an empty 'prompt': write the question"],
+    ),
+    "blank prompt": (
+        {"prompt": '"  "'},
+        ["8: ask 'breathing' has an empty 'prompt': write the question"],
+    ),
+    # A case for a level no answer gives (U1 goes to the transfer, an unclear answer is
+    # U2): the same-day advice is never reached.
+    "unreachable urgency case": (
+        {"cases": "{U0: sos, U1: sos, U2: nurse, U3: today, U4: nurse, U5: bye}", "extra": TODAY},
+        [
+            "14: branch 'after': case U3 is never taken, so 'today' is never reached (paths "
+            "come here at U2, U5 only: no answer before it gives U3)"
+        ],
+    ),
+    # "u2" is a level the schema reads as U2: the engine must take it as U2, not as a case
+    # that never matches (the unclear answer's U2 caller went to the default: goodbye).
+    "lowercase urgency case": ({"cases": "{u0: sos, u1: sos, u2: nurse, default_: bye}"}, []),
+}
+
+
+def write(tmp_path: Path, **changes: str) -> Path:
+    text = TRIAGE.format(**{**GOOD, **changes})
+    if "default_: bye" in text:
+        text = text.replace(", default_: bye}", "}\n      default: bye")
+    path = tmp_path / "tri.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_good_triage_is_clean(tmp_path: Path) -> None:
+    assert check_files([write(tmp_path)]) == []
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_admin_mistakes(tmp_path: Path, name: str) -> None:
+    changes, expected = CASES[name]
+    path = write(tmp_path, **changes)
+    got = [str(f) for f in check_files([path])]
+    assert got == [f"{path}:{line}" for line in expected]
+
+
+def test_a_lowercase_urgency_case_is_the_level(tmp_path: Path) -> None:
+    flow = load_flow(write(tmp_path, cases="{u0: sos, u1: sos, u2: nurse, default_: bye}"))
+    branch = flow.nodes["after"]
+    assert isinstance(branch, Branch)
+    assert branch.cases == (("U0", "sos"), ("U1", "sos"), ("U2", "nurse"))
+
+
+def test_a_say_with_no_words(tmp_path: Path) -> None:
+    path = tmp_path / "menu.yaml"
+    path.write_text(
+        'id: menu2\nlanguage: en\nstart: hi\nnodes:\n  hi:\n    say: ""\n    next: bye\n'
+        '  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == [
+        f"{path}:6: say 'hi' has no words: give it a text"
+    ]
+
+
+MENU = """\
+id: front
+language: en
+start: pick
+nodes:
+  pick:
+    ask:
+      prompt: "How can I help?"
+      choices:
+        - {key: "1", label: forms, goto: "@forms"}
+        - {key: "2", label: goodbye, goto: byee}
+  bye:
+    hangup: "Goodbye."
+"""
+
+
+def test_unknown_targets_say_what_was_meant(tmp_path: Path) -> None:
+    (tmp_path / "front.yaml").write_text(MENU, encoding="utf-8")
+    # The admin saved the new flow as .yml: flow check used to say only "unknown target".
+    (tmp_path / "forms.yml").write_text("id: forms\n", encoding="utf-8")
+    got = [str(f) for f in check_files([tmp_path])]
+    front = tmp_path / "front.yaml"
+    assert got == [
+        f"{front}:9: unknown target '@forms' in 'pick' (only *.yaml files are read: "
+        "rename forms.yml)",
+        f"{front}:10: unknown target 'byee' in 'pick' (did you mean 'bye'?)",
+    ]
+    (tmp_path / "forms.yml").rename(tmp_path / "forms.yaml")
+    (tmp_path / "forms.yaml").write_text("id: forms\nnodes: [\n", encoding="utf-8")
+    got = [str(f) for f in check_files([tmp_path]) if f.file == str(front)]
+    assert got[0] == (
+        f"{front}:9: unknown target '@forms' in 'pick' (forms.yaml did not load: see its findings)"
+    )
+
+
+def test_an_empty_file_and_an_unknown_language(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("# to do\n", encoding="utf-8")
+    nl = tmp_path / "nl.yaml"
+    nl.write_text(
+        'id: nl\nlanguage: nl\nstart: bye\nnodes:\n  bye:\n    hangup: "Dag."\n',
+        encoding="utf-8",
+    )
+    got = [str(f) for f in check_files([tmp_path / "empty.yaml", nl])]
+    assert got == [
+        f"{tmp_path / 'empty.yaml'}:1: empty flow file: a flow needs id, language, start and nodes",
+        f"{nl}:2: unknown language 'nl' (the service has system texts for: en, ko)",
+    ]
+
+
+def chain(tmp_path: Path, steps: int, kind: str) -> Path:
+    lines = ["id: long", "language: en", "start: n0", "nodes:"]
+    for i in range(steps):
+        body = f'say: "Step {i}."' if kind == "say" else f'set: {{step: "{i}"}}'
+        lines += [f"  n{i}:", f"    {body}", f"    next: n{i + 1}"]
+    lines += [f"  n{steps}:", '    hangup: "Goodbye."']
+    path = tmp_path / "long.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_long_flow_is_checked_in_linear_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 2000-step flow took 10 s and a 20000-step one over 10 minutes (each pass of a
+    # fixpoint over every node went one step further back); serve runs this at start.
+    calls = 0
+    edges = check_module._Checker.edges
+
+    def counted(self: check_module._Checker, ref: tuple[str, str]) -> list[tuple[str, str]]:
+        nonlocal calls
+        calls += 1
+        return edges(self, ref)
+
+    monkeypatch.setattr(check_module._Checker, "edges", counted)
+    steps = 1500
+    assert check_files([chain(tmp_path, steps, "say")]) == []
+    assert calls <= 4 * steps
+
+
+def test_a_long_chain_of_steps_that_never_wait(tmp_path: Path) -> None:
+    # The search for loops that never wait recursed once per step: RecursionError past 1000.
+    assert check_files([chain(tmp_path, 1500, "set")]) == []
+
+
+def test_a_digits_size_of_the_wrong_type_is_one_finding(tmp_path: Path) -> None:
+    # It was three: the type, then "at least 2" and the format's size, of the default 1.
+    path = tmp_path / "dob.yaml"
+    path.write_text(
+        "id: dob\nlanguage: en\nstart: dob\nnodes:\n  dob:\n    ask:\n"
+        '      prompt: "Your date of birth, then hash."\n'
+        '      digits: {min: "8", max: 8, terminator: "#", format: date_ddmmyyyy}\n'
+        '      next: bye\n  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == [f"{path}:8: 'min' must be a number"]
+
+
+@pytest.mark.parametrize(
+    ("target", "found"),
+    [
+        ("staff", False),
+        ("sip:6300@pbx.example", False),
+        ("sips:reception@10.0.0.5:5061", False),
+        ("billing", True),
+        ("sip:", True),
+        ("sip:reception desk@", True),
+    ],
+)
+def test_a_transfer_target(tmp_path: Path, target: str, found: bool) -> None:
+    path = tmp_path / "desk.yaml"
+    path.write_text(
+        f'id: desk\nlanguage: en\nstart: to\nnodes:\n  to:\n    transfer: "{target}"\n',
+        encoding="utf-8",
+    )
+    expected = f"{path}:6: transfer to staff, nurse or a sip: URI (sip:user@host), not {target!r}"
+    assert [str(f) for f in check_files([path])] == ([expected] if found else [])
+
+
+def test_a_phrase_in_two_choices(tmp_path: Path) -> None:
+    # "repeat prescription" heard as both choices: the caller who says it is asked again.
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        '      prompt: "How can I help?"\n      choices:\n'
+        '        - {key: "2", phrases: [prescription, repeat prescription], goto: bye}\n'
+        '        - {key: "3", phrases: [results, repeat prescription, results], goto: bye}\n'
+        '  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == [
+        f"{path}:10: phrase 'repeat prescription' is in two choices"
+    ]
+
+
+def test_a_called_number_yaml_reads_as_another(tmp_path: Path) -> None:
+    # 06000 was the route 3072 (octal) and +31201234567 lost its +: never matched, those
+    # callers reached the default flow, and flow check said ok.
+    (tmp_path / "front.yaml").write_text(
+        'id: front\nlanguage: en\nstart: bye\nnodes:\n  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        'default: front\nroutes:\n  6000: front\n  "07000": front\n  06000: front\n'
+        "  +31201234567: front\n",
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([tmp_path])] == [
+        f'{routes}:5: called user 06000 is read by YAML as 3072: write it in quotes, "06000"',
+        f"{routes}:6: called user +31201234567 is read by YAML as 31201234567: write it in "
+        'quotes, "+31201234567"',
+    ]
+
+
+def test_a_node_given_twice(tmp_path: Path) -> None:
+    # A node pasted and not renamed: YAML kept the second in silence, the first was gone.
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        'id: front\nlanguage: en\nstart: bye\nnodes:\n  bye:\n    hangup: "Goodbye."\n'
+        '  bye:\n    hangup: "Bye now."\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == [
+        f"{path}:7: YAML: 'bye' is given twice (also on line 5): the second would replace the first"
+    ]
+
+
+def test_a_phrase_that_holds_another_choices_phrase(tmp_path: Path) -> None:
+    # "test results" holds "results" of the other choice: heard as both, asked again.
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        '      prompt: "How can I help?"\n      choices:\n'
+        '        - {key: "2", phrases: [results], label: results, goto: bye}\n'
+        '        - {key: "3", phrases: [test results, lab], label: lab, goto: bye}\n'
+        '  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == [
+        f"{path}:10: phrase 'test results' also matches 'results': a caller who says it is "
+        "never understood"
+    ]
