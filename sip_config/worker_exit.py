@@ -8,7 +8,9 @@ aborting at its teardown (-6), a worker that failed on its own (1), or one that 
 by its deadline and was killed by ``serve`` itself (-9). A worker being started as the stop
 began is waited for and then stopped as any other; a SIP worker's restart that could not
 start its process then (fork or exec failed) is a defect too. ``serve`` then exits 1
-(``clinic_voice/cli.py``). A worker that died while the service ran is restarted by its pool
+(``clinic_voice/cli.py``). A SIP worker still starting when its deadline ran out (it never
+reported its port) is killed, and that is no defect: it never had a call to lose, nor would
+it get one at the stop. A worker that died while the service ran is restarted by its pool
 and counts for nothing here.
 
 Shared by every package; nothing here does I/O.

@@ -8,7 +8,8 @@ listening ports; it only copies bytes into a thread-safe queue that the owner dr
 The engine speaks :mod:`voice.sip.protocol`: commands in (``handle``), events out through an
 ``emit`` callable, so camelCase never leaves this file. Every ``Call``, player and port is
 held by a strong reference until pjsua reports DISCONNECTED, then dropped on the owner
-thread one pump later (destroying a ``Call`` inside its own callback aborts the process).
+thread one pump later (destroying a ``Call`` inside its own callback aborts the process); one
+we hung up, once the far end has answered its CANCEL or BYE (see ``STOP_ANSWERS_S``).
 None may be destroyed after ``libDestroy`` either: its C++ destructor then trips an assertion
 on pjsua's cleared tables and aborts the process at its exit (see :func:`_callback` and
 :meth:`Engine.stop`). Nor may a dead ``Call`` be destroyed once pjsua has given its call id
@@ -90,6 +91,17 @@ REDIAL_S = 0.5
 # media, and its slot with them, until the session's 30-minute limit. Audio that stops later
 # (the caller's hold) is not this: the prompts then wait for it to come back.
 NO_MEDIA_S = 10.0
+# At its stop a worker pumps pjsua this long, at most, for the far ends' final answers to what
+# its hang-up sent: the 487 to a ringing call's INVITE after its CANCEL (pjsip's INVITE
+# transaction ACKs it itself, RFC 3261 section 17.1.1.3), the 200 to an answered call's BYE.
+# pjsua reports such a call DISCONNECTED as the CANCEL or BYE leaves, not at the answer, and
+# the stop went on to libDestroy at once: the far end sent its 487 again and again for 32 s
+# (Timer H), never ACKed. 2 s: on loopback or a LAN the answer is back in milliseconds; a
+# CANCEL lost on UDP is sent again after T1 (0.5 s) and 1 s more, a lost 487 likewise, so a
+# loss each way still fits. A far end that never answers (or a call with no provisional
+# response, whose CANCEL pjsip holds back until one comes) is given up then. pool.py's
+# WORKER_STOP_S leaves the worker room for this wait.
+STOP_ANSWERS_S = 2.0
 _PJ_ETOOMANY = 70010
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 # Inbound headers handed to the call handler (besides every X-* header).
@@ -270,6 +282,9 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.report_newest: bool | None = None
         self.redial: tuple[PlaceCall, float] | None = None  # makeCall again next pump, until
         self.disowned = False  # left to the process's end (see __del__)
+        # Its SIP Call-ID, kept while pjsua waits for the answer to our hang-up (see
+        # Engine._drop_answered): pjsua may give the call id to a new call after it.
+        self.sip_call_id = ""
 
     def __del__(self) -> None:
         # pjsua2's Call::~Call acts on the call id this object was given, which pjsua2 does
@@ -413,6 +428,10 @@ class Engine:
         self._account: _Account | None = None
         self._calls: dict[str, _Call] = {}
         self._dead: list[object] = []  # dropped one pump after DISCONNECTED
+        # Calls we hung up that pjsua reported DISCONNECTED as its CANCEL or BYE left, and
+        # whose far end has not given its final answer yet (pjsua's call not over): kept
+        # until it has (see STOP_ANSWERS_S), then dropped as the dead are.
+        self._hanging_up: list[_Call] = []
         self._media_q: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._requests: dict[str, SendMessage] = {}
@@ -532,7 +551,8 @@ class Engine:
         raise EngineError("no port free for both UDP and TCP", 0)
 
     def stop(self) -> None:
-        """Hang up everything and destroy the endpoint; a MESSAGE that still waits for its
+        """Hang up everything, wait (``STOP_ANSWERS_S`` at most) for the far ends' answers to
+        the CANCELs and BYEs, and destroy the endpoint; a MESSAGE that still waits for its
         final answer is reported 503."""
         ep = self._ep
         if ep is None:
@@ -541,16 +561,26 @@ class Engine:
         self._say_dropped_messages(at_stop=True)
         try:
             ep.hangupAllCalls()
-            # Let the BYEs/CANCELs complete (bounded), then destroy without the network:
-            # a plain libDestroy waits up to a second more for stragglers.
-            deadline = time.monotonic() + 0.5
-            while self._calls and time.monotonic() < deadline:
+            # Let the CANCELs and BYEs get their final answers (a 487 ACKed: see
+            # STOP_ANSWERS_S), then destroy without the network: a plain libDestroy waits
+            # up to a second more for stragglers.
+            deadline = time.monotonic() + STOP_ANSWERS_S
+            while self._awaiting_answers() and time.monotonic() < deadline:
                 ep.libHandleEvents(10)
         except pj.Error as exc:
             log.warning("hangup at shutdown failed: %s", exc.info())
+        unanswered = sorted(c.call_id for c in self._hanging_up)
+        if unanswered:
+            log.info(
+                "calls %s: no final answer to the hang-up (CANCEL or BYE) within %g s of the "
+                "stop: ended without it",
+                ", ".join(unanswered),
+                STOP_ANSWERS_S,
+            )
         # The dead first, while the live calls are still known: one whose call id a live
         # call has taken is disowned, not freed (see _Call.__del__).
         self._dead.clear()
+        self._hanging_up.clear()
         self._calls.clear()
         self._ended_refers.clear()
         self._disown_leftovers()
@@ -569,6 +599,28 @@ class Engine:
         ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
         self._ep = None
         del account
+
+    def _awaiting_answers(self) -> bool:
+        """Whether a call still waits for pjsua: one hung up whose far end has not answered
+        its CANCEL or BYE yet, or one not reported DISCONNECTED yet (a call not dialled yet,
+        waiting for a pjsua slot, has nothing on the wire to wait for)."""
+        self._drop_answered()
+        return bool(self._hanging_up) or any(c.redial is None for c in self._calls.values())
+
+    def _drop_answered(self) -> None:
+        """Move the calls whose far end has answered our hang-up from :attr:`_hanging_up` to
+        the dead: pjsua's call is over (its INVITE session gone: ``getInfo`` refuses), or its
+        call id is another call's by now (another SIP Call-ID)."""
+        if not self._hanging_up:
+            return
+        still: list[_Call] = []
+        for call in self._hanging_up:
+            try:
+                over = str(call.getInfo().callIdString) != call.sip_call_id
+            except pj.Error:
+                over = True
+            (self._dead if over else still).append(call)
+        self._hanging_up = still
 
     def _cut_messages(self) -> bool:
         """Report each MESSAGE still waiting for its final answer as a 503, as the pool does
@@ -658,6 +710,7 @@ class Engine:
     def pump(self, ms: int) -> None:
         """Run pjsua for up to ``ms`` milliseconds, then media events, timers and cleanup."""
         assert self._ep is not None
+        self._drop_answered()
         self._dead.clear()
         self._ep.libHandleEvents(ms)
         self._say_dropped_messages()
@@ -1135,7 +1188,13 @@ class Engine:
             # Drop players/ports and the Call itself on the next pump, not inside the callback.
             self._dead.extend(x for x in (call.player, call.listener) if x is not None)
             call.player = call.listener = None
-            self._dead.append(call)
+            if prm.e.type == pj.PJSIP_EVENT_USER:
+                # Reported by our hang-up as its CANCEL or BYE leaves (pjsua's own event):
+                # pjsua's call goes on until the far end answers that (see STOP_ANSWERS_S).
+                call.sip_call_id = str(info.callIdString)
+                self._hanging_up.append(call)
+            else:
+                self._dead.append(call)
             if not self.stopping:
                 self.emit(self.status())
 

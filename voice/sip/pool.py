@@ -111,8 +111,11 @@ WORKER_SILENT_S = 30.0
 # second) is "quiet": new calls go to another worker that has room, so callers are not sent
 # to one that may never answer them. Only a preference: with no other room, it is used.
 QUIET_AFTER_S = 3.0
-# What stop() gives each worker for its Shutdown (calls hung up), one after the other.
-WORKER_STOP_S = 3.0
+# What stop() gives each worker for its Shutdown, all at once: its calls hung up, and up to
+# voice/sip/pjsua.py's STOP_ANSWERS_S (2 s) for the far ends' answers to its CANCELs and
+# BYEs (a 487 ACKed), then pjsua's teardown and the process's exit, which had 3 s before
+# that wait: kept, on top of it.
+WORKER_STOP_S = 5.0
 # A worker sent SIGTERM by someone else (StopAsked) waits for its Shutdown the pool's
 # ``close_s`` (the time its calls' closing may take) and this much more: the lines' way
 # there and back, and a loop that is busy. Past it, it hangs its calls up itself.
@@ -123,6 +126,16 @@ WORKER_EXITED_AT_STOP = "SIP worker %s (pid %s) exited with status %s at the sto
 # The line of a restart under way as stop() began whose process could not be started (fork
 # or exec failed): no exit status to report, the OSError says why (serve then exits 1).
 WORKER_NOT_STARTED_AT_STOP = "SIP worker %s could not be started at the stop: %s"
+# The line of a restart under way as stop() began whose worker was still starting (it had not
+# reported its port) when its WORKER_STOP_S ran out: killed, and no defect of the stop (serve
+# exits 0 for it). It never had a call, nor would it get one (nothing is placed at the stop),
+# so its kill loses nothing; waiting out its start (up to _START_TIMEOUT_S, 30 s, on a loaded
+# host) would only hold the stop. Before, it was killed as a worker that had not stopped by
+# its deadline (-9), and serve exited 1 for a worker that never ran.
+WORKER_KILLED_STARTING_AT_STOP = (
+    "SIP worker %s (pid %s) was still starting at the stop, not up within %g s: killed "
+    "(it never had a call: no defect of the stop)"
+)
 # What stop() then gives the calls' tasks, cancelled, to wind up: a call's record waits 2 s
 # for Redis (voice/ivr/session.py STOP_SAVE_S), then is kept on disk in milliseconds. A
 # task still at it (a disk write that hangs: NFS, a failing disk) is cancelled once more,
@@ -403,6 +416,9 @@ class _Worker:
     process: asyncio.subprocess.Process | None = None
     pid: int = 0  # the process's, kept for the line of its exit
     killed: bool = False  # by stop(), past WORKER_STOP_S
+    # ... before it ever came up (see WORKER_KILLED_STARTING_AT_STOP): no defect.
+    killed_starting: bool = False
+    came_up: bool = False  # this process reported its port (it could take calls)
     # By the watch while the pool ran (frozen, or never up): a death of the run, also when
     # its reader sees it only once stop() has begun; no exit at the stop.
     killed_running: bool = False
@@ -592,7 +608,11 @@ class SipPool:
             async with asyncio.timeout(WORKER_STOP_S):
                 await proc.wait()
         except TimeoutError:
-            log.warning("worker %s did not stop: killing pid %s", w.index, proc.pid)
+            if w.came_up:
+                log.warning("worker %s did not stop: killing pid %s", w.index, proc.pid)
+            else:
+                log.warning(WORKER_KILLED_STARTING_AT_STOP, w.index, proc.pid, WORKER_STOP_S)
+                w.killed_starting = True
             w.killed = True
             proc.kill()
             await proc.wait()
@@ -962,6 +982,7 @@ class SipPool:
             argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )
         w.pid, w.killed, w.killed_running = w.process.pid, False, False
+        w.killed_starting = w.came_up = False
         w.started_at = self._clock.monotonic()
         # Its silence counts from now, not from the last line of the process it replaces
         # (killed as frozen, 30 s silent or more): a watch round may run before the reader
@@ -1059,7 +1080,7 @@ class SipPool:
             w.placed = ev.placed
             self._slots_max = max(self._slots_max, ev.free_slots)
             if not (w.up or w.leaving or w.stopping):  # a Ping's answer makes neither up
-                w.up = True
+                w.up = w.came_up = True
                 w.started.set()
             self._slot_freed.set()
         elif isinstance(ev, Stopping):
@@ -1244,6 +1265,8 @@ class SipPool:
                 len(lost),
             )
             return
+        if not self._running and w.killed_starting:
+            return  # said as it was killed (WORKER_KILLED_STARTING_AT_STOP): no defect
         if not self._running:
             # Not 0: the stop went wrong in the worker (pjsua aborts on a lifetime mistake,
             # -6; its stderr says where), or it was killed for not stopping (-9, warned).

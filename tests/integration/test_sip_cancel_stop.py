@@ -1,0 +1,178 @@
+"""A SIP worker stopped while its outbound call still rings, and a restart still starting at
+the stop.
+
+At the stop a worker hangs up its calls: a ringing outbound call (a flash call, a voice code's
+call) gets a CANCEL, and the far end answers it 200 and its INVITE 487, which pjsip's INVITE
+transaction ACKs. pjsua reports the call DISCONNECTED as the CANCEL leaves, and the worker
+went on to ``libDestroy`` at once: the 487 came to a worker gone, and the far end sent it
+again and again for 32 s (Timer H), never ACKed. Now the stop pumps pjsua until the answer has
+come (``STOP_ANSWERS_S`` at most).
+
+A worker whose restart was under way as the stop began, and which was still starting when its
+``WORKER_STOP_S`` ran out, was killed as a worker that had not stopped (-9), and ``serve``
+exited 1 for a worker that never had a call. Now it is killed and counts for nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clinic_voice.metrics import Metrics
+from clinic_voice.wiring import new_sip_pool
+from sip_config.child_process import spawn_child
+from sip_config.clock import SystemClock
+from tests.conftest import sip_settings
+from tests.integration.test_sip_pool import CALLER, Sipp, sipp_uas
+from voice.sip import pool as pool_module
+from voice.sip.pjsua import STOP_ANSWERS_S
+from voice.sip.pool import (
+    WORKER_EXITED_AT_STOP,
+    WORKER_KILLED_STARTING_AT_STOP,
+    WORKER_STOP_S,
+    CallHandle,
+    OutboundCall,
+    SipPool,
+)
+from voice.sip.protocol import CallEvent, CallState
+
+pytestmark = pytest.mark.integration
+
+
+def _exits(caplog: pytest.LogCaptureFixture) -> list[tuple[object, object]]:
+    """(index, status) of each WORKER_EXITED_AT_STOP line (its arguments: index, pid,
+    status, note)."""
+    args = [r.args for r in caplog.records if r.msg == WORKER_EXITED_AT_STOP]
+    return [(a[0], a[2]) for a in args if isinstance(a, tuple)]
+
+
+async def _ringing(pool: SipPool, uas: Sipp, *, flash: bool) -> CallHandle:
+    """A call placed to ``uas`` that rings (its 180 came), its ring time far away."""
+    handle = await pool.place_call(
+        OutboundCall(target_uri=uas.uri(), caller_id=CALLER, flash=flash, ring_s=60)
+    )
+    async with asyncio.timeout(5):
+        async for ev in handle.events:
+            if isinstance(ev, CallEvent) and ev.state is CallState.RINGING:
+                return handle
+    raise AssertionError("the call ended before it rang")
+
+
+async def _stop_timed(pool: SipPool) -> float:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await pool.stop()
+    return loop.time() - began
+
+
+@pytest.mark.parametrize(
+    ("scenario", "flash"),
+    [
+        ("sipp_uas_ring.xml", True),
+        ("sipp_uas_ring.xml", False),
+        # The 487 1 s after the CANCEL's 200: a PBX passing the CANCEL on to the phone.
+        ("sipp_uas_ring_late_487.xml", True),
+    ],
+    ids=["flash-call", "voice-call", "487-1s-late"],
+)
+async def test_a_stop_while_a_call_rings_acks_the_487_of_its_cancel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, scenario: str, flash: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="voice.sip.pool")
+    pool = SipPool(sip_settings(1), clock=SystemClock())
+    await pool.start()
+    try:
+        async with sipp_uas(scenario, tmp_path) as uas:
+            handle = await _ringing(pool, uas, flash=flash)
+            took = await _stop_timed(pool)
+            # The scenario ends with <recv request="ACK">: sipp exits 0 once the ACK came;
+            # without it, sipp sent its 487 again and again, waiting for it (killed here).
+            try:
+                status: int | None = await uas.finish(timeout=5)
+            except AssertionError:
+                status = None
+            acks = uas.received("ACK")
+    finally:
+        await pool.stop()
+    assert acks, "the 487 to the CANCELled INVITE was never ACKed"
+    assert status == 0, f"sipp's scenario did not complete (exit {status})"
+    assert handle.outcome is not None, "the call's end was not reported"
+    assert _exits(caplog) == [(0, 0)], f"the worker's exit at the stop: {caplog.messages}"
+    assert took < WORKER_STOP_S, f"the stop took {took:.2f} s"
+
+
+async def test_a_far_end_that_never_answers_the_cancel_holds_the_stop_only_so_long(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="voice.sip.pool")
+    pool = SipPool(sip_settings(1), clock=SystemClock())
+    await pool.start()
+    try:
+        async with sipp_uas("sipp_uas_ring_cancel_unanswered.xml", tmp_path) as uas:
+            await _ringing(pool, uas, flash=True)
+            took = await _stop_timed(pool)
+            cancels = uas.received("CANCEL")
+    finally:
+        await pool.stop()
+    assert cancels, "no CANCEL was sent"
+    # It waited for the answer (it may yet come), and no longer than its bound: the worker
+    # ends on its own, well before the pool would kill it.
+    assert STOP_ANSWERS_S <= took < STOP_ANSWERS_S + 1.5, f"the stop took {took:.2f} s"
+    assert took < WORKER_STOP_S
+    assert _exits(caplog) == [(0, 0)], f"the worker's exit at the stop: {caplog.messages}"
+
+
+async def test_a_restart_still_starting_when_its_stop_time_ends_is_killed_as_no_defect(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker died; its restart's process exists but is not up when the stop begins, and
+    its start outlasts WORKER_STOP_S (a SIGSTOP stands in for a start slow on a loaded
+    host). It is killed at that deadline as before, but it never had a call: the stop's
+    result has no defect (serve exits 0), where it had a -9 (serve exited 1)."""
+    monkeypatch.setattr(pool_module, "WORKER_STOP_S", 1.5)  # the test's time; the same logic
+    pool = new_sip_pool(sip_settings(1), Metrics(), SystemClock())
+    await pool.start()
+    [first] = pool.worker_pids()
+    real_spawn = spawn_child
+    held, release = asyncio.Event(), asyncio.Event()
+    spawned: list[asyncio.subprocess.Process] = []
+
+    async def spawn_held(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real_spawn(*args, **kwargs)
+        os.kill(proc.pid, signal.SIGSTOP)  # still starting, for as long as it is held
+        spawned.append(proc)
+        held.set()
+        await release.wait()
+        return proc
+
+    monkeypatch.setattr(pool_module, "spawn_child", spawn_held)
+    caplog.set_level(logging.INFO, "voice.sip.pool")
+    try:
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await held.wait()
+        stop = asyncio.create_task(pool.stop())
+        await asyncio.sleep(0.2)  # the stop waits for the spawn under way
+        release.set()
+        async with asyncio.timeout(pool_module.WORKER_STOP_S + 10):
+            await stop
+    finally:
+        for proc in spawned:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                await proc.wait()
+    [proc] = spawned
+    assert pool.exits_at_stop == (), f"counted as a defect of the stop: {pool.exits_at_stop}"
+    assert proc.returncode == -signal.SIGKILL, "the worker still starting was not killed"
+    killed = [r for r in caplog.records if r.msg == WORKER_KILLED_STARTING_AT_STOP]
+    assert [r.levelno for r in killed] == [logging.WARNING], caplog.messages
+    assert _exits(caplog) == [], "its kill was reported as a worker's exit at the stop"
