@@ -146,3 +146,75 @@ async def test_a_model_behind_a_symbolic_link_is_proven_by_the_files_it_names(
     link.symlink_to(second)
     assert await prove_model(link, proof) is None
     assert probe.count == 2
+
+
+async def test_files_behind_a_link_to_a_folder_inside_the_model_are_proven_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A model whose graph is shared with another (``graph -> ../shared/graph``): vosk reads
+    through the link, so the files behind it are the model's. ``rglob`` did not follow it: a
+    graph damaged there, or the link set to another graph, passed for the one proven."""
+    probe = Probe(monkeypatch, tmp_path)
+    proof = tmp_path / "data" / PROOF_FILE
+    model = _model(tmp_path)
+    shared = tmp_path / "shared" / "graph"
+    shared.parent.mkdir()
+    (model / "graph").rename(shared)
+    (model / "graph").symlink_to(shared)
+    (model / "loop").symlink_to(model)  # a link loop is walked once, not for ever
+    assert await prove_model(model, proof) is None
+    assert await prove_model(model, proof) is None
+    assert probe.count == 1
+
+    (shared / "HCLr.fst").write_bytes(b"gra")  # cut short behind the link
+    assert await prove_model(model, proof) is None
+    assert probe.count == 2, "a file behind a link to a folder changed, and was not probed"
+
+    other = _model(tmp_path / "other") / "graph"  # the link set to another graph
+    (model / "graph").unlink()
+    (model / "graph").symlink_to(other)
+    assert await prove_model(model, proof) is None
+    assert probe.count == 3
+
+
+async def test_a_proof_that_cannot_be_read_means_a_probe_not_a_failed_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The proof only saves a probe: one that is not a file (a folder there; a root-owned
+    0600 file reads the same way for serve's user: an OSError) or holds garbage means the
+    probe, and the start goes on."""
+    probe = Probe(monkeypatch, tmp_path)
+    model, proof = _model(tmp_path), tmp_path / "data" / PROOF_FILE
+    proof.mkdir(parents=True)
+    assert await prove_model(model, proof) is None  # nor can it be written: logged
+    assert probe.count == 1
+    proof.rmdir()
+    proof.write_bytes(b"\xff\x00garbled\n" * 100_000)
+    assert await prove_model(model, proof) is None
+    assert probe.count == 2
+    assert await prove_model(model, proof) is None  # the garbage replaced by the proof
+    assert probe.count == 2
+
+
+async def test_a_proof_serve_did_not_write_itself_proves_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Anyone who can stat the model folder can compute its fingerprint: a proof writable by
+    others (a data dir shared by mistake) or a link planted there could pass a damaged model
+    off as proven. Only serve's own 0600 file (itself, not a link) counts."""
+    probe = Probe(monkeypatch, tmp_path)
+    model, proof = _model(tmp_path), tmp_path / "data" / PROOF_FILE
+    assert await prove_model(model, proof) is None
+    kept = proof.read_text()
+    proof.chmod(0o666)
+    assert await prove_model(model, proof) is None
+    assert probe.count == 2, "a proof anyone could have written was trusted"
+    assert stat.S_IMODE(proof.stat().st_mode) == 0o600 and proof.read_text() == kept
+    planted = tmp_path / "planted"
+    planted.write_text(kept)
+    proof.unlink()
+    proof.symlink_to(planted)
+    assert await prove_model(model, proof) is None
+    assert probe.count == 3, "a link to a file with the fingerprint was trusted"
+    assert await prove_model(model, proof) is None
+    assert probe.count == 3

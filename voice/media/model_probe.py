@@ -24,7 +24,9 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,6 +181,8 @@ async def model_fault(path: Path, timeout_s: float | None = None) -> str | None:
 PROOF_FORMAT = 1
 # In CLINIC_DATA_DIR: the fingerprint of the model folder the last successful probe proved.
 PROOF_FILE = "vosk-model-proven"
+# What is read of it: a fingerprint is 64 hex digits; a file grown huge is no proof.
+_PROOF_MAX = 256
 
 
 def fingerprint(path: Path) -> str:
@@ -186,17 +190,54 @@ def fingerprint(path: Path) -> str:
     vosk's version, and for each file its name, size, modification and change times, device
     and inode. A file written, replaced (an unpacking again, a copy, a rename over it), added
     or removed changes it: the change time moves with every write and cannot be set back, and
-    a symbolic link is followed to the file it names. What it cannot see is damage no write
-    makes (a disk's bad sector), which the probe would not see every time either."""
+    a symbolic link is followed to the file it names, also a link to a folder (vosk reads
+    through it: ``graph -> ../shared/graph``), and what a link says is counted too. What it
+    cannot see is damage no write makes (a disk's bad sector), which the probe would not see
+    every time either. Raises OSError when the folder cannot be read through."""
     root = path.resolve()
     digest = hashlib.sha256(f"{PROOF_FORMAT}\0{_vosk_version()}\0{root}\0".encode())
-    for file in sorted(f for f in root.rglob("*") if f.is_file()):
-        st = file.stat()
+    for name, link, st in _files(root):
         digest.update(
-            f"{file.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+            f"{name}\0{link}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
             f"\0{st.st_dev}\0{st.st_ino}\n".encode(errors="surrogateescape")
         )
     return digest.hexdigest()
+
+
+def _files(root: Path) -> list[tuple[str, str, os.stat_result]]:
+    """Each file under ``root`` by its name there, what the link at that name says ("": no
+    link) and its ``stat`` (links followed), sorted by name. Links to folders are followed
+    (``Path.rglob`` did not: the files behind one went unseen, so a damaged graph behind
+    ``graph -> ...`` passed for the one proven), a folder seen twice (a link loop) once. A
+    dangling link counts by what it says (vosk cannot read it: the probe said so once)."""
+    found: list[tuple[str, str, os.stat_result]] = []
+    folders: set[tuple[int, int]] = set()
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for top, dirs, files in os.walk(root, onerror=fail, followlinks=True):
+        here = Path(top)
+        st = here.stat()
+        if (st.st_dev, st.st_ino) in folders:
+            dirs.clear()  # a loop: its files are counted already
+            continue
+        folders.add((st.st_dev, st.st_ino))
+        for entry in (*files, *dirs):
+            file = here / entry
+            link = os.readlink(file) if file.is_symlink() else ""
+            if entry in dirs:
+                if link:  # the folder it names is walked; the link itself counts
+                    found.append((str(file.relative_to(root)), link, file.lstat()))
+                continue
+            try:
+                st = file.stat()
+            except FileNotFoundError:
+                if not link:
+                    raise  # removed as this ran: the next start looks again
+                st = file.lstat()
+            found.append((str(file.relative_to(root)), link, st))
+    return sorted(found, key=lambda item: item[0])
 
 
 def _vosk_version() -> str:
@@ -207,13 +248,47 @@ def _vosk_version() -> str:
         return "none"
 
 
-def _proven_before(path: Path, proof: Path) -> tuple[str, bool]:
-    """The folder's fingerprint, and whether ``proof`` holds it (blocking: a thread)."""
-    seen = fingerprint(path)
+def _proven_before(path: Path, proof: Path) -> tuple[str | None, bool]:
+    """The folder's fingerprint (None: its files could not be listed), and whether ``proof``
+    holds it (blocking: a thread). The proof saves a probe, no more: a proof that cannot be
+    read (a folder, a file serve's user may not read, an I/O error), that is not serve's own
+    (another owner, writable by others, a link) or that holds anything else means a probe,
+    never a failed start."""
     try:
-        kept = proof.read_text(encoding="ascii", errors="replace").strip()
+        seen = fingerprint(path)
+    except OSError as exc:
+        log.warning("vosk model %s: cannot list its files (%s): probed", path, exc)
+        return None, False
+    try:
+        fd = os.open(proof, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return seen, False
+    except OSError as exc:
+        log.warning("cannot read the vosk model's proof %s (%s): the model is probed", proof, exc)
+        return seen, False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("the vosk model's proof %s is not a file: the model is probed", proof)
+            return seen, False
+        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            # Written by someone else, or writable by others (a shared data dir): anyone
+            # who can stat the model folder can compute its fingerprint, so such a file could
+            # pass a damaged model off as proven. serve writes it itself, 0600.
+            log.warning(
+                "the vosk model's proof %s is not serve's own 0600 file (owner %d, mode %03o): "
+                "the model is probed",
+                proof,
+                st.st_uid,
+                stat.S_IMODE(st.st_mode),
+            )
+            return seen, False
+        kept = os.read(fd, _PROOF_MAX).decode("ascii", errors="replace").strip()
+    except OSError as exc:
+        log.warning("cannot read the vosk model's proof %s (%s): the model is probed", proof, exc)
+        return seen, False
+    finally:
+        os.close(fd)
     return seen, kept == seen
 
 
@@ -230,7 +305,7 @@ async def prove_model(path: Path, proof: Path) -> str | None:
         )
         return None
     fault = await model_fault(path)
-    if fault is None:
+    if fault is None and seen is not None:
         try:
             await asyncio.to_thread(write_private, proof, seen + "\n")
         except OSError as exc:  # no harm but the next start's probe
