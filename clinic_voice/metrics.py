@@ -191,7 +191,8 @@ class Metrics:
             "clinic_sip_workers",
             "SIP worker processes by state: up (takes calls), unregistered (up, but its "
             "registration with CLINIC_SIP_REGISTRAR failed), starting (started or restarted, "
-            "not up yet), down (died, restarted after a backoff)",
+            "not up yet), stopping (sent SIGTERM by someone else: no new call, its calls being "
+            "closed), down (died, restarted after a backoff)",
         )
         self.sip_slots = Gauge(
             "clinic_sip_slots",

@@ -57,6 +57,7 @@ async def test_a_caller_past_the_last_slot_gets_486_and_is_counted(
             ("clinic_sip_workers", "up"): 1,
             ("clinic_sip_workers", "unregistered"): 0,
             ("clinic_sip_workers", "starting"): 0,
+            ("clinic_sip_workers", "stopping"): 0,
             ("clinic_sip_workers", "down"): 0,
             ("clinic_sip_slots", "in_use"): 0,
             ("clinic_sip_slots", "reserved"): 0,

@@ -111,7 +111,11 @@ async def test_sigterm_to_the_whole_control_group_drains_the_call_and_loses_noth
         r"stops \(exit 0\): not restarted|exited with status 0 at the stop)",
         log_text,
     ), log_text[-3000:]
-    assert "exited with status -" not in log_text and "died (exit" not in log_text
+    # A SIP worker's: an HTTP worker that the two SIGTERMs (systemd's, then serve's) end by
+    # the signal exits as asked (http_workers.as_asked: INFO, serve exits 0), and failed this
+    # test now and then ("HTTP worker 1 (pid ...) exited with status -15 at the stop").
+    assert not re.search(r"SIP worker \d+ \(pid \d+\) exited with status -", log_text)
+    assert "died (exit" not in log_text
     assert "hanging up the calls and stopping" not in log_text, "the worker hung up by itself"
     # Told after the drain, with the notice (about 9 s) played through: as at serve's stop.
     assert 2.0 + 5.0 < told_s < 2.0 + 30.0, (told_s, caller.events)

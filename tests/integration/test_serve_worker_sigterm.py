@@ -25,6 +25,7 @@ from tests.integration.conftest import BASE_ENV, OpenApiCollector
 from tests.integration.test_api_processes import _data_dir, _processes, serve
 from tests.integration.test_ivr_stop import (
     CALL_S,
+    live_urgency,
     logged,
     prompts_warm,
     stored_calls,
@@ -32,6 +33,7 @@ from tests.integration.test_ivr_stop import (
 )
 from tests.peers.ivr_rig import NURSE_USER, ROOT, STAFF_USER, Phone, phones
 from voice.ivr.flow import SYSTEM_TEXTS
+from voice.ivr.journal import LIVE_FOLDER
 from voice.media.audio_match import rank
 from voice.media.tts import PromptRenderer
 
@@ -119,3 +121,69 @@ async def test_a_worker_sent_sigterm_alone_gives_its_caller_the_closing_notice(
     assert match.key == "closing" and match.score > match.runner_up, match
     (record,) = await stored_calls(redis_server.url, env["CLINIC_SECRET"].encode())
     assert record["outcome"] == "cut_shutdown", record
+
+
+@pytest.mark.timeout(300)  # a cold prompt cache takes most of this; warm runs take a minute
+async def test_an_urgent_caller_on_a_worker_sent_sigterm_alone_is_put_through_to_the_nurse(
+    redis_server: RedisServer, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """The safety rule at serve's stop holds for the calls of one worker asked to stop: a
+    caller the triage made urgent (U2: no answer to a danger sign) is put through to the
+    nurse at the drain's end, not told to call again later nor hung up on."""
+    data = _data_dir(tmp_path, "data")
+    nurse_port = free_port()
+    env = {
+        **BASE_ENV,
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(data),
+        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{nurse_port}",
+        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
+        "CLINIC_CALL_DRAIN_S": f"{DRAIN_S:g}",
+    }
+    secret = env["CLINIC_SECRET"].encode()
+    loop = asyncio.get_running_loop()
+    async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
+        proc = service.proc
+        assert proc is not None
+        await prompts_warm(service)
+        nurse = await Phone.start("nurse", "--port", str(nurse_port), "--answer", "--duration", "1")
+        started.append(nurse)
+        # The English triage: "yourself" (1), then nothing to the danger sign (serious
+        # difficulty breathing): an unclear answer to it makes the call U2, asked again.
+        caller = await Phone.start(
+            "caller", "--call", f"sip:6001@{service.sip_addr}", "--answers", "1",
+            "--timeout", "90",
+        )  # fmt: skip
+        started.append(caller)
+        await caller.wait_for("media", CALL_S)
+        live = data / LIVE_FOLDER
+        end = loop.time() + CALL_S
+        while True:
+            files = list(live.glob("*.sealed"))
+            urgency = None if len(files) != 1 else await live_urgency(secret, files[0])
+            if urgency == "U2":
+                break
+            if loop.time() > end:
+                pytest.fail(f"no U2 live record in {CALL_S} s: {caller.events}")
+            await asyncio.sleep(0.1)
+        (worker,) = sip_worker_pids(proc.pid)  # CLINIC_SIP_WORKERS=1: the call is on it
+        os.kill(worker, signal.SIGTERM)  # as `pkill -f voice.sip.worker`
+        await logged(service, "was sent SIGTERM (not by serve)", 10.0)
+        incoming = await nurse.wait_for("incoming", 40)
+        await caller.finish(CALL_S)
+        await nurse.finish(10)
+        await logged(service, "stopped while the service ran", 20.0)
+        log_text = service.log_path.read_text(errors="replace")
+    assert "hanging up the calls and stopping" not in log_text, "it hung up by itself"
+    xfer = caller.find("transfer_request")
+    assert xfer is not None, f"no REFER reached the caller: {caller.events}"
+    assert f"sip:{NURSE_USER}@127.0.0.1:{nurse_port}" in xfer["to"]
+    assert caller.find("confirmed", leg="xfer") is not None, "the nurse never answered"
+    assert incoming["headers"].get("X-Clinic-Urgency") == "U2", incoming
+    (record,) = await stored_calls(redis_server.url, secret)
+    assert record["triage"]["urgency"] == "U2", record["triage"]
+    # Put through by the line's closing (not by the question's no-input limit).
+    assert "line closing" in record["triage"]["reasons"], record["triage"]
+    assert record["transfer_target"] == f"sip:{NURSE_USER}@127.0.0.1:{nurse_port}", record
+    assert record["outcome"].endswith("transfer_nurse"), record

@@ -41,7 +41,7 @@ _ids = (f"call-{n}@peer" for n in itertools.count())
 class _Running:
     """A worker's process that has not exited."""
 
-    returncode = None
+    returncode: int | None = None
 
 
 def _pool(workers: int, *, caller_slots: int = 0, registrar: str = "") -> SipPool:
@@ -78,6 +78,7 @@ def test_slots_in_use_reserved_and_free_add_up_to_the_workers_up() -> None:
         ("clinic_sip_workers", "up"): 2,
         ("clinic_sip_workers", "unregistered"): 0,
         ("clinic_sip_workers", "starting"): 0,
+        ("clinic_sip_workers", "stopping"): 0,
         ("clinic_sip_workers", "down"): 0,
         ("clinic_sip_slots", "in_use"): 0,
         ("clinic_sip_slots", "reserved"): 0,
@@ -118,6 +119,7 @@ def test_workers_by_state() -> None:
         WorkerState.UP: 1,
         WorkerState.UNREGISTERED: 1,
         WorkerState.STARTING: 1,
+        WorkerState.STOPPING: 0,
         WorkerState.DOWN: 1,
     }
     assert occupancy.free == 8, "the slots of the workers that are up"
@@ -128,6 +130,27 @@ def test_workers_by_state() -> None:
         1,
         1,
     ]
+
+
+def test_a_worker_asked_to_stop_is_stopping_with_its_calls_until_its_exit() -> None:
+    """Sent SIGTERM by someone else, a worker's calls are closed for up to
+    CLINIC_CALL_DRAIN_S + 20 s: it takes no call, and was shown as "starting" all that time
+    (an alert on workers that do not start fired, none on a worker being stopped)."""
+    pool = _pool(2)
+    w = pool._workers[1]
+    process = _Running()
+    w.process = cast(Any, process)
+    w.calls["in-1"] = CallHandle(pool, w, "in-1")
+    w.up, w.leaving = False, True  # StopAsked
+    now = _gauges(pool)
+    states = ("up", "starting", "stopping", "down")
+    assert [now["clinic_sip_workers", s] for s in states] == [1, 0, 1, 0]
+    assert (now["clinic_sip_slots", "in_use"], now["clinic_sip_slots", "free"]) == (1, 4)
+    w.leaving, w.stopping = False, True  # it hangs up by itself (Stopping)
+    assert _gauges(pool)["clinic_sip_workers", "stopping"] == 1
+    process.returncode = 0  # exited: down until its restart (stopping is kept till then)
+    now = _gauges(pool)
+    assert [now["clinic_sip_workers", s] for s in states] == [1, 0, 0, 1]
 
 
 def test_the_gauges_go_with_the_pool() -> None:

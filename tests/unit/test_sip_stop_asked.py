@@ -12,10 +12,13 @@ from collections.abc import Sequence
 from typing import cast
 
 from sip_config.clock import FakeClock
+from sip_config.settings import HostPort
 from tests.conftest import sip_settings
-from voice.sip.outcome import SipStatus
+from voice.sip.outcome import CallOutcome, SipStatus
 from voice.sip.pool import CallHandle, SipPool, _Worker
 from voice.sip.protocol import (
+    CallEvent,
+    CallState,
     Hangup,
     IncomingCall,
     Message,
@@ -71,12 +74,15 @@ async def test_its_calls_are_closed_then_it_gets_its_shutdown_and_is_restarted()
     w.reserved["redirected"] = 1e9
     pool._dispatch(w, StopAsked(45.0))
     assert not w.up and w.available == 0 and not w.reserved  # no new call goes to it
-    assert pool.pick_inbound("new") == SipStatus.BUSY_HERE
+    # Its only worker: none takes calls, nobody is busy (see the test below).
+    assert pool.pick_inbound("new") == SipStatus.SERVICE_UNAVAILABLE
     await _settled()
     assert closing == [["in-1"]]
     # A caller redirected to it just before: 503, as at a stop (another instance may take it).
     pool._dispatch(w, IncomingCall("in-2", "+4477", "6000", 2))
     assert stdin.sent == [Hangup("in-2", SipStatus.SERVICE_UNAVAILABLE)]
+    pool._dispatch(w, CallEvent("in-2", CallState.ENDED, 503, CallOutcome.REJECTED, 0.0))
+    pool._dispatch(w, CallEvent("in-1", CallState.ENDED, 200, CallOutcome.COMPLETED, 0.0))
     closed.set()  # the notice heard, the call over
     await _settled()
     assert stdin.sent[1:] == [Shutdown()]
@@ -101,3 +107,85 @@ async def test_when_the_service_stops_its_own_drain_closes_the_calls_and_no_rest
     assert not pool._tasks and stdin.sent == []  # its Shutdown comes with the stop's
     pool._on_exit(w, 0)
     assert not pool._tasks, "started again as the service stops"
+
+
+async def test_its_outbound_calls_end_before_its_shutdown_within_the_closing_time() -> None:
+    """A voice code being read (or a flash call ringing) on it is no caller for the line to
+    close: a Shutdown at once cut it mid-code while the service went on. It gets the time
+    the callers get (``close_s``), no more: the worker waits only a margin beyond that."""
+
+    async def close_calls(calls: Sequence[CallHandle]) -> None:
+        return None  # no caller of the line's on it: nothing to close
+
+    pool = SipPool(sip_settings(1), clock=FakeClock(), close_calls=close_calls, close_s=40)
+    pool._running = True
+    w, stdin = _up(pool)
+    del w.calls["in-1"]
+    w.calls["out-1"] = code = CallHandle(pool, w, "out-1")  # a voice code being read
+    pool._dispatch(w, StopAsked(45.0))
+    await _settled()
+    assert stdin.sent == [], "its Shutdown came with a patient's code still being read"
+    pool._dispatch(w, CallEvent("out-1", CallState.ENDED, 200, CallOutcome.COMPLETED, 0.0))
+    await _settled()
+    assert code.cut == "" and stdin.sent == [Shutdown()]
+    for task in list(pool._tasks):
+        task.cancel()
+    await asyncio.gather(*pool._tasks, return_exceptions=True)
+
+
+async def test_an_outbound_call_that_goes_on_is_hung_up_by_its_shutdown_at_the_closing_time() -> (
+    None
+):
+    pool = SipPool(sip_settings(1), clock=FakeClock(), close_s=0.05)
+    pool._running = True
+    w, stdin = _up(pool)
+    w.calls["out-1"] = CallHandle(pool, w, "out-1")
+    pool._dispatch(w, StopAsked(5.05))
+    await _settled()
+    assert stdin.sent == []
+    (let_go,) = (t for t in pool._tasks if t.get_name() == "sip-let-go-0")
+    async with asyncio.timeout(5):  # close_s, and not for ever
+        await let_go
+    assert stdin.sent == [Shutdown()]
+
+
+async def test_with_every_worker_asked_to_stop_a_caller_gets_503_not_a_busy_clinic() -> None:
+    """Two workers sent SIGTERM at once (``pkill -f voice.sip.worker``): for the drain and the
+    notice no worker takes calls. A caller then got 486 and counted as refused_busy, the
+    sign that the clinic needs more slots; nobody was busy: 503, as at a stop."""
+    busy: list[int] = []
+    pool = SipPool(sip_settings(2), clock=FakeClock(), on_busy=lambda: busy.append(1), close_s=40)
+    pool._running = True
+    for w in pool._workers:
+        w.process = cast(asyncio.subprocess.Process, _Process())
+        w.up, w.free_slots, w.port = True, 4, 5062 + w.index
+    first, second = pool._workers
+    pool._dispatch(first, StopAsked(45.0))
+    assert isinstance(pool.pick_inbound("a"), HostPort)  # to the other one
+    second.free_slots = 1  # the other one full: busy indeed
+    assert pool.pick_inbound("b") == SipStatus.BUSY_HERE and busy == [1]
+    second.free_slots = 4
+    pool._dispatch(second, StopAsked(45.0))
+    assert pool.pick_inbound("c") == SipStatus.SERVICE_UNAVAILABLE
+    assert busy == [1] and pool.stats()["refused_busy"] == 1
+    for task in list(pool._tasks):
+        task.cancel()
+    await asyncio.gather(*pool._tasks, return_exceptions=True)
+
+
+async def test_once_the_pool_stops_its_shutdown_is_the_stop_s_not_a_second_one() -> None:
+    closed = asyncio.Event()
+
+    async def close_calls(calls: Sequence[CallHandle]) -> None:
+        await closed.wait()
+
+    pool = SipPool(sip_settings(1), clock=FakeClock(), close_calls=close_calls, close_s=40)
+    pool._running = True
+    w, stdin = _up(pool)
+    pool._dispatch(w, StopAsked(45.0))
+    await _settled()
+    pool._running = False  # stop() began: it sends every worker up or leaving its Shutdown
+    pool._dispatch(w, CallEvent("in-1", CallState.ENDED, 200, CallOutcome.COMPLETED, 0.0))
+    closed.set()
+    await _settled()
+    assert stdin.sent == [], "a second Shutdown, to a worker on its way out"

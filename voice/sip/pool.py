@@ -233,6 +233,9 @@ class WorkerState(StrEnum):
     UP = "up"  # takes calls
     UNREGISTERED = "unregistered"  # up, but not registered with CLINIC_SIP_REGISTRAR
     STARTING = "starting"  # its process runs, and has not said it is up yet
+    # Sent SIGTERM by someone else (StopAsked, Stopping): no new call; its calls are being
+    # closed, then it exits and is started again (it counted as "starting" for all that time).
+    STOPPING = "stopping"
     DOWN = "down"  # not running: died (restarted after its backoff), or stopped
 
 
@@ -241,8 +244,9 @@ class Occupancy:
     """The pool's workers and call slots at one moment (for /metrics).
 
     The slots are those of the workers that are up: ``in_use`` holds the calls up or being
-    placed, ``reserved`` the slots held for callers the front redirected (on their way),
-    ``free`` what a new call may take. They add up to the slots of those workers, except
+    placed (also those of a worker stopping, whose slots are no longer counted),
+    ``reserved`` the slots held for callers the front redirected (on their way), ``free``
+    what a new call may take. They add up to the slots of those workers, except
     for a moment after a call's start or end, until its worker has said how full it is.
     An outbound call takes a free slot only when ``kept_for_callers`` (CLINIC_SIP_CALLER_SLOTS)
     stay free after it.
@@ -686,11 +690,13 @@ class SipPool:
                     WorkerState.UNREGISTERED if need_reg and not w.registered else WorkerState.UP
                 )
             elif w.process is not None and w.process.returncode is None:
-                state = WorkerState.STARTING
+                state = WorkerState.STOPPING if w.leaving or w.stopping else WorkerState.STARTING
             else:
                 state = WorkerState.DOWN
             workers[state] += 1
-            in_use += len(w.calls)  # none on a worker that is not up: its exit ended them
+            # None on a worker that is down (its exit ended them) or starting; a stopping
+            # one's go on while they are closed.
+            in_use += len(w.calls)
         return Occupancy(
             workers=MappingProxyType(workers),
             in_use=in_use,
@@ -730,6 +736,13 @@ class SipPool:
             default=None,
         )
         if best is None or best.available <= 0:
+            if not any(w.up for w in self._workers):
+                # No worker takes calls at all: each was asked to stop (SIGTERMs not from
+                # serve: their calls being closed) or is restarting. Nobody is busy: 503 as
+                # at a stop (a proxy may try another instance), and no refused_busy counted
+                # (the sign to add workers or slots), not 486 ("the clinic is busy").
+                log.info("call %s: no SIP worker takes calls now: 503", call_id)
+                return SipStatus.SERVICE_UNAVAILABLE
             self._refused_for_want_of_a_slot()
             return SipStatus.BUSY_HERE
         best.reserved[call_id] = now + _REDIRECT_RESERVE_S
@@ -1195,7 +1208,9 @@ class SipPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _let_go(self, w: _Worker, proc: asyncio.subprocess.Process | None) -> None:
-        """Close the calls of ``w`` (asked to stop), then send it its Shutdown."""
+        """Close the calls of ``w`` (asked to stop), let what else it carries end, then send
+        it its Shutdown: ``close_s`` at most from now (the worker waits a margin more)."""
+        deadline = asyncio.get_running_loop().time() + self._close_s
         calls = list(w.calls.values())
         if calls and self._close_calls is not None:
             try:
@@ -1204,9 +1219,46 @@ class SipPool:
                 raise
             except Exception:  # its Shutdown all the same: the worker hangs them up
                 log.exception("SIP worker %s: closing its calls failed", w.index)
-        if w.process is proc and w.leaving:  # not exited (and restarted) meanwhile
+        await self._carried_out(w, proc, deadline)
+        # Not exited (and restarted) meanwhile, nor stopped by stop(): its Shutdown went
+        # then, and a second one met a worker on its way out (a failed write, warned).
+        if w.process is proc and w.leaving and self._running:
             w.stopping = True  # what it ends from now on, the service ended
             w.send(Shutdown())
+
+    async def _carried_out(
+        self, w: _Worker, proc: asyncio.subprocess.Process | None, deadline: float
+    ) -> None:
+        """Wait, until loop time ``deadline``, for what ``w`` (asked to stop) still carries
+        to end: its outbound calls (a voice code being read, a flash call ringing), which
+        are no caller's for the line to close, a MESSAGE awaiting its answer, and a call the
+        line's closing did not end. The service goes on: a Shutdown at once cut a patient's
+        code mid-sentence (undelivered), where a stop of the service gives them time too."""
+        while w.process is proc and w.leaving:
+            waits: list[asyncio.Future[object]] = [
+                asyncio.ensure_future(h._ended.wait()) for h in w.calls.values() if not h.ended
+            ]
+            waits += [
+                asyncio.ensure_future(asyncio.shield(f))
+                for f in w.requests.values()
+                if not f.done()
+            ]
+            if not waits:
+                return
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                if remaining <= 0:
+                    log.warning(
+                        "SIP worker %s: %d call(s) or message(s) still on it: hung up by "
+                        "its Shutdown",
+                        w.index,
+                        len(waits),
+                    )
+                    return
+                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     def _arrived(self, w: _Worker, sip_call_id: str) -> None:
         """A call arrived on ``w``: the slot reserved for it (by its INVITE's Call-ID, as the
