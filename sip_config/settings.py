@@ -270,10 +270,12 @@ VARIABLES: tuple[Variable, ...] = (
         "",
         "the only digest realm whose 401 or 407 challenges are answered with "
         "CLINIC_SIP_PASSWORD (flash calls, SIP MESSAGEs, the workers' registration and "
-        'calls), as written between the quotes of realm="..."; a challenge of another '
-        "realm fails as one without credentials does. Unset: any realm is answered. Setting "
-        "it to the PBX's realm is recommended: sip_config/asterisk sets none, so Asterisk "
-        "challenges with its default_realm, `asterisk`",
+        'calls), the text between the quotes of realm="...", compared as pjsip compares '
+        "it: ASCII letters ignoring case (Asterisk matches asterisk), the rest exactly; a "
+        "challenge of another realm fails as one without credentials does. Unset: any "
+        "realm is answered. Setting it to the PBX's realm is recommended: "
+        "sip_config/asterisk sets none, so Asterisk challenges with its default_realm, "
+        "`asterisk`",
     ),
     Variable(
         "CLINIC_FLASHCALL_PREFIX",

@@ -34,7 +34,16 @@ from verification import dispatcher, webhooks
 from verification.rules import DeliveryKind
 from voice.ivr import session
 from voice.ivr.store import COMPACT_ASKED
-from voice.sip import flash_dialog, flash_uac, front, message, pjsua, pool, transaction
+from voice.sip import (
+    flash_dialog,
+    flash_uac,
+    front,
+    message,
+    methods,
+    pjsua,
+    pool,
+    transaction,
+)
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import SipPool
 
@@ -301,3 +310,31 @@ def test_the_limits_a_new_secret_starts_afresh_are_the_readmes_windows() -> None
     ) == (60, 60, 60)
     assert (v.limit_number_verifications.window_s, v.limit_number_sends.window_s) == (600, 600)
     assert v.limit_prefix_sends.window_s == 3600
+
+
+def test_a_workers_answers_out_of_a_call_are_the_ones_the_readme_tables() -> None:
+    """The README's table of a worker port's answers: each row answered by "ours" names the
+    status :func:`methods.worker_unhandled_status` gives each method it lists (the real
+    workers are held to the same rule by tests/integration/test_sip_worker_methods.py)."""
+    text = README.read_text()
+    start = text.index("| request out of a call, to a worker's port | answer | by |")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    ours = [(what, answer) for what, answer, by in rows if by.startswith("ours")]
+    assert len(ours) == 3, rows
+    seen = set()
+    for what, answer in ours:
+        named = re.findall(r"`([A-Z]+)`|\b([A-Z]{3,})\b", what)
+        names = {a or b for a, b in named}
+        assert names, what
+        for method in names:
+            status = methods.worker_unhandled_status(method)
+            assert status is not None, method
+            assert answer.startswith(f"`{int(status)} {status.phrase}`"), (method, answer)
+            seen.add(method)
+    assert seen >= methods.WORKER_IN_CALL_ONLY
+    (ack,) = [answer for what, answer, _ in rows if what == "ACK"]
+    assert ack.startswith("nothing") and methods.worker_unhandled_status("ACK") is None

@@ -14,7 +14,10 @@ from voice.sip.digest import (
     check_realm,
     parse_challenge,
     realm_of,
+    same_realm,
 )
+
+KELVIN = "\u212a"  # the Kelvin sign
 
 
 def _field(header: str, name: str) -> str:
@@ -80,8 +83,16 @@ def test_challenges_it_cannot_answer_are_refused(value: str) -> None:
         ('Digest realm="asterisk", nonce="n"', "", True),  # unset: any realm, as before
         ('Digest realm="elsewhere", nonce="n"', "", True),
         ('Digest realm="elsewhere", nonce="n"', "asterisk", False),
-        # A quoted-string compares case-sensitively (RFC 3261 section 7.3.1).
-        ('Digest realm="Asterisk", nonce="n"', "asterisk", False),
+        # ASCII letters ignoring case, as pjsip's pj_stricmp picks the workers' credentials
+        # (RFC 3261 section 7.3.1 would compare case and all): the two paths never disagree.
+        ('Digest realm="Asterisk", nonce="n"', "asterisk", True),
+        ('Digest realm="asterisk", nonce="n"', "Asterisk", True),
+        ('Digest realm="CLINIC PBX", nonce="n"', "clinic pbx", True),
+        # ... and only ASCII letters: pj_stricmp folds bytes with C's tolower.
+        ('Digest realm="ZÜRICH PBX", nonce="n"', "zürich pbx", False),
+        ('Digest realm="Zürich PBX", nonce="n"', "zürich pbx", True),
+        ('Digest realm="İstanbul", nonce="n"', "istanbul", False),  # İ.lower() is "i̇"
+        ('Digest realm="K", nonce="n"', KELVIN, False),  # "\u212a".lower() is "k"
         ('Digest realm="asterisk ", nonce="n"', "asterisk", False),
         ('Digest realm="aster", nonce="n"', "asterisk", False),
         ('Digest realm="", nonce="n"', "asterisk", False),
@@ -165,3 +176,26 @@ def test_of_several_challenges_the_first_answerable_one_of_the_realm_is_answered
         realm="r",
     )
     assert _field(value, "nonce") == "md5"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("asterisk", "asterisk", True),
+        ("Asterisk", "asterisk", True),
+        ("ASTERISK", "aStErIsK", True),
+        ("asterisk", "asterisk ", False),
+        ("a-b_c.1", "A-B_C.1", True),
+        ("@[`{", "@[`{", True),  # the neighbours of A-Z and a-z fold to nothing
+        ("@", "`", False),
+        ("[", "{", False),
+        ("ÄRZTE", "ärzte", False),  # not ASCII: pjsip's bytes differ, so do these
+        ("straße", "STRASSE", False),
+        ("", "", True),
+    ],
+)
+def test_realms_compare_as_pjsip_compares_them(a: str, b: str, same: bool) -> None:
+    """pj_stricmp: byte by byte, C's tolower (A-Z only). str.lower or casefold would call
+    "ÄRZTE" and "ärzte", or "straße" and "STRASSE", one realm where pjsip sees two."""
+    assert same_realm(a, b) is same
+    assert same_realm(b, a) is same

@@ -61,14 +61,29 @@ def realm_of(challenge: dict[str, str]) -> str:
     return _QUOTED_PAIR.sub(r"\1", challenge["realm"])
 
 
-def check_realm(challenge: dict[str, str], realm: str) -> None:
-    """Raise :class:`RealmRefused` unless ``challenge`` is of ``realm`` ("": any realm).
+# A-Z to a-z and nothing else: what pjsip's pj_stricmp folds (C's tolower, "C" locale, byte
+# by byte), so "Ü" and "ü" stay two realms here as they do there.
+_ASCII_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
-    A realm is a quoted-string (RFC 3261 section 25.1, RFC 2617 section 1.2), and a
-    quoted-string compares case-sensitively (RFC 3261 section 7.3.1): "Clinic" is not
-    "clinic". (pjsip, which answers the challenges of calls and registrations, compares
-    realms ignoring case.)"""
-    if realm and realm_of(challenge) != realm:
+
+def same_realm(a: str, b: str) -> bool:
+    """Whether realms ``a`` and ``b`` are one, as pjsip decides it.
+
+    RFC 2617 section 1.2 calls the realm case-sensitive and RFC 3261 section 7.3.1 compares a
+    quoted-string case and all, but pjsip, which answers the challenges of the workers'
+    registration and calls, picks its credentials by ``pj_stricmp`` (``auth_find_cred`` in
+    ``sip_auth_client.c``): ASCII letters ignoring case. Matched here, so the flash calls and
+    the MESSAGEs answer exactly the challenges the workers answer: with an exact compare,
+    ``CLINIC_SIP_REALM=Asterisk`` against Asterisk's ``asterisk`` kept registration and calls
+    working while every flash call and SMS over SIP was refused."""
+    return a.translate(_ASCII_FOLD) == b.translate(_ASCII_FOLD)
+
+
+def check_realm(challenge: dict[str, str], realm: str) -> None:
+    """Raise :class:`RealmRefused` unless ``challenge`` is of ``realm`` ("": any realm),
+    compared as pjsip compares it (:func:`same_realm`: ASCII letters ignoring case); the
+    challenge's realm is the quoted-string's value (RFC 3261 section 25.1)."""
+    if realm and not same_realm(realm_of(challenge), realm):
         raise RealmRefused(realm_of(challenge))
 
 

@@ -52,30 +52,12 @@ from typing import Protocol, cast
 
 from sip_config.clock import Clock
 from sip_config.settings import HostPort
-from voice.sip import message, transaction
+from voice.sip import message, methods, transaction
 from voice.sip.outcome import SipStatus
 
 log = logging.getLogger(__name__)
 
 ALLOW = "INVITE, ACK, CANCEL, OPTIONS"
-_KNOWN_METHODS = frozenset(
-    {
-        "INVITE",
-        "ACK",
-        "CANCEL",
-        "OPTIONS",
-        "BYE",
-        "REGISTER",
-        "SUBSCRIBE",
-        "NOTIFY",
-        "PUBLISH",
-        "MESSAGE",
-        "INFO",
-        "PRACK",
-        "UPDATE",
-        "REFER",
-    }
-)
 _MAX_MESSAGE = 65536
 _BIND_TRIES = 20  # free UDP ports tried for one also free for TCP (port 0 only)
 TCP_IDLE_S = 30.0  # the longest wait for one whole message on a TCP connection
@@ -156,7 +138,7 @@ def status_for(method: str) -> SipStatus:
         return SipStatus.OK
     if method in ("CANCEL", "BYE"):  # no transaction (CANCEL) or dialog (BYE) of ours
         return SipStatus.CALL_DOES_NOT_EXIST
-    if method in _KNOWN_METHODS:
+    if method in methods.KNOWN:
         return SipStatus.METHOD_NOT_ALLOWED
     return SipStatus.NOT_IMPLEMENTED
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib
 import itertools
 import logging
 import math
@@ -34,7 +35,7 @@ from typing import ParamSpec
 
 import pjsua2 as pj
 
-from voice.sip import digest, message, refer, sdp
+from voice.sip import digest, message, pjsip_fallback, refer, sdp
 from voice.sip.media_thread import MediaThread
 from voice.sip.outcome import CallOutcome, SipStatus, outcome_for_status
 from voice.sip.protocol import (
@@ -108,6 +109,11 @@ _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 _REQUEST_ID_HEADER = "X-Clinic-Request"
 _KEPT_HEADERS = ("p-asserted-identity", "diversion", "subject")
 _CHALLENGES = (SipStatus.UNAUTHORIZED, SipStatus.PROXY_AUTHENTICATION_REQUIRED)
+
+
+def _extension_path() -> str:
+    """The file of pjsua2's extension module, which carries pjsip (for ctypes)."""
+    return str(importlib.import_module("pjsua2._pjsua2").__file__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +478,9 @@ class Engine:
         with self._media_thread.created():  # long sleeps while idle (voice/sip/media_thread.py)
             ep.libInit(ep_cfg)
         self._ep = ep
+        # pjsua answers nothing to a request none of its modules takes (FOO; BYE out of any
+        # call): a last module of our own does (voice/sip/pjsip_fallback.py).
+        pjsip_fallback.install(_extension_path())
         self.port = self._listen(ep)
         ep.libStart()
         ep.audDevManager().setNullDev()
@@ -1306,7 +1315,8 @@ class Engine:
         one it did not answer, and the operator is told which realm that was. Nothing is
         said of one it answered (a second challenge: a wrong password), also when another
         challenge of the response was of another realm (pjsip tries each), or could not read.
-        pjsip matches the realm ignoring case (``pj_stricmp``), and so does this."""
+        pjsip matches the realm ignoring case (``pj_stricmp``), and so does this
+        (:func:`digest.same_realm`)."""
         if not self._config.realm:
             return
         header = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
@@ -1318,7 +1328,7 @@ class Engine:
         for value in values:  # pjsip tries each challenge: one of the realm was answered
             with contextlib.suppress(digest.DigestError):
                 realms.append(digest.challenge_params(value)["realm"])
-        if realms and all(r.lower() != self._config.realm.lower() for r in realms):
+        if realms and not any(digest.same_realm(r, self._config.realm) for r in realms):
             refused = digest.RealmRefused(realms[0])
             log.warning("%s: cannot answer the %s challenge: %s", what, status, refused)
 

@@ -1,0 +1,184 @@
+"""What a SIP worker's own port answers to each request out of any call, over UDP and TCP.
+
+A worker's port is reachable (direct mode redirects callers there; behind a PBX it is the
+trunk), and pjsip drops a request no module takes without a word: ``FOO``, REGISTER, or a BYE
+for no call got nothing, and the sender retransmitted it for 32 s. The worker's last module
+(:mod:`voice.sip.pjsip_fallback`) answers those (RFC 3261 8.2.1); what pjsua answers itself
+(OPTIONS, SUBSCRIBE) is recorded beside them. MESSAGE: ``test_sip_inbound_message.py``. The
+README's table of these answers is held to :func:`voice.sip.methods.worker_unhandled_status`
+by ``tests/unit/test_readme_sip.py``; this holds the workers to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sip_config.clock import SystemClock
+from sip_config.settings import HostPort
+from tests.conftest import sip_settings
+from tests.integration.test_sip_inbound import sipp_uac
+from tests.integration.test_sip_inbound_message import final_answer
+from voice.sip import front, message, methods
+from voice.sip.pool import CallHandle, SipPool
+from voice.sip.protocol import Digit
+
+pytestmark = pytest.mark.integration
+
+# Out of any call: the method, a header it carries, the status the worker answers, whether
+# that answer carries pjsua's Allow, and who answers.
+ANSWERS = [
+    ("FOO", "", 501, True),  # ours: unknown (pjsip's endpoint dropped it)
+    ("REGISTER", "", 405, True),  # ours: no registrar here
+    ("PUBLISH", "", 405, True),  # ours
+    ("BYE", "", 481, False),  # ours: no such call
+    ("CANCEL", "", 481, False),  # ours: no such INVITE transaction
+    ("INFO", "", 481, False),  # ours
+    ("UPDATE", "", 481, False),  # ours
+    ("PRACK", "", 481, False),  # ours
+    ("NOTIFY", "Event: refer", 481, False),  # ours: no subscription
+    ("REFER", "Refer-To: <sip:1@127.0.0.1>", 481, False),  # ours
+    ("OPTIONS", "", 200, True),  # pjsua
+    ("SUBSCRIBE", "Event: presence", 200, False),  # pjsua's presence server accepts it
+    ("SUBSCRIBE", "Event: dialog", 489, False),  # pjsua: Bad Event
+    ("SUBSCRIBE", "", 400, False),  # pjsua: no Event header
+]
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[tuple[SipPool, HostPort]]:
+    pool = SipPool(sip_settings(1), clock=SystemClock())
+    await pool.start()
+    try:
+        yield pool, pool.worker_addresses()[0]
+    finally:
+        await pool.stop()
+
+
+def _request(method: str, header: str, transport: str, here: int, addr: HostPort) -> bytes:
+    # A branch, tag and Call-ID of its own each: pjsip takes a request with a branch it saw as
+    # that transaction's retransmission, and one with the From tag, Call-ID and CSeq of
+    # another but a new branch as a merged request (482, RFC 3261 8.2.2.2).
+    token = secrets.token_hex(6)
+    lines = [
+        f"{method} sip:6000@{addr} SIP/2.0",
+        f"Via: SIP/2.0/{transport} 127.0.0.1:{here};branch=z9hG4bK-{token}",
+        f"From: <sip:probe@127.0.0.1>;tag={token}",
+        f"To: <sip:6000@{addr}>",
+        f"Call-ID: {token}@probe",
+        f"CSeq: 1 {method}",
+        f"Contact: <sip:probe@127.0.0.1:{here}>",
+        "Max-Forwards: 70",
+        *([header] if header else []),
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def ask(addr: HostPort, method: str, header: str, tcp: bool, wait_s: float = 3.0) -> bytes:
+    """Send one request from a socket of its own; the first final answer's bytes, or b""
+    when none came within ``wait_s``."""
+    kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(wait_s)
+        here = s.getsockname()[1]
+        req = _request(method, header, "TCP" if tcp else "UDP", here, addr)
+        try:
+            if tcp:
+                s.connect((addr.host, addr.port))
+                s.sendall(req)
+            else:
+                s.sendto(req, (addr.host, addr.port))
+            data = b""
+            while True:
+                data += s.recv(65536)
+                # A final answer (not 1xx), whole: its headers end, and it has no body.
+                for block in data.split(b"\r\n\r\n")[:-1]:
+                    if block.startswith(b"SIP/2.0 ") and not block.startswith(b"SIP/2.0 1"):
+                        return block + b"\r\n\r\n"
+        except TimeoutError:
+            return b""
+
+
+def allowed(answer: message.SipMessage) -> set[str]:
+    return {m.strip() for m in (answer.get("Allow") or "").split(",") if m.strip()}
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+async def test_a_worker_answers_every_request_out_of_a_call(
+    worker: tuple[SipPool, HostPort], tcp: bool
+) -> None:
+    pool, addr = worker
+    loop = asyncio.get_running_loop()
+    options = message.parse(await loop.run_in_executor(None, ask, addr, "OPTIONS", "", tcp))
+    pjsua_allow = allowed(options)
+    assert {"INVITE", "BYE", "OPTIONS"} <= pjsua_allow, options
+    got = {}
+    for method, header, _, with_allow in ANSWERS:
+        raw = await loop.run_in_executor(None, ask, addr, method, header, tcp)
+        assert raw, f"no answer to {method} ({header or 'no header'})"
+        answer = message.parse(raw)
+        got[(method, header)] = answer.status
+        assert (answer.get("Call-ID") or "").endswith("@probe"), answer
+        if with_allow:  # RFC 3261 8.2.1: a 405 MUST carry Allow; pjsua's, as OPTIONS says
+            assert allowed(answer) == pjsua_allow, answer
+        if answer.status in (405, 501):
+            assert method not in pjsua_allow, f"a {answer.status} to a method Allow offers"
+    assert got == {(m, h): s for m, h, s, _ in ANSWERS}, got
+    # The ours are the pure rule's, and the front agrees where it answers the same method.
+    for method, _, status, _ in ANSWERS:
+        if method not in ("OPTIONS", "SUBSCRIBE"):
+            assert methods.worker_unhandled_status(method) == status, method
+    assert front.status_for("FOO") == got[("FOO", "")] == 501  # as the front answers it
+    # An ACK gets nothing (RFC 3261 17.2.3), and the worker lives on: no restart, still up.
+    assert await loop.run_in_executor(None, ask, addr, "ACK", "", tcp, 1.0) == b""
+    assert pool.stats()["restarts"] == 0 and pool.stats()["workers_up"] == 1
+
+
+async def test_a_flood_of_unknown_requests_is_answered_and_a_call_still_goes_through(
+    worker: tuple[SipPool, HostPort], tmp_path: Path
+) -> None:
+    """200 unknown requests over UDP in quick bursts, each answered 501; then a call to the worker
+    goes as before, a MESSAGE inside it still gets pjsua's own 200 (the module is last:
+    nothing of a call's dialog reaches it) and a digit after it arrives. A ctypes slip in
+    every packet's path would abort the worker, and the pool would count a restart."""
+    pool, addr = worker
+    loop = asyncio.get_running_loop()
+    # In bursts of 20, each answered before the next: 200 at once lost datagrams to a full
+    # socket receive buffer on a loaded machine (each takes 1 KiB or more of it, whatever
+    # its size), which UDP may do and is not what this tests.
+    answers: list[int] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.setblocking(False)
+        here = s.getsockname()[1]
+        for _ in range(10):
+            for _ in range(20):
+                s.sendto(_request("FOO", "", "UDP", here, addr), (addr.host, addr.port))
+            async with asyncio.timeout(10):
+                for _ in range(20):
+                    data = await loop.sock_recv(s, 65536)
+                    answers.append(message.parse(data).status)
+    assert answers == [501] * 200
+    digits: list[str] = []
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        async for ev in call.events:
+            if isinstance(ev, Digit):
+                digits.append(ev.key)
+                await call.hangup()
+
+    pool.on_incoming(handler)
+    code, text = await sipp_uac(addr, "sipp_uac_message_in_call.xml", "6000", tmp_path, 20)
+    assert code == 0, f"the call did not go as before: {text[-3000:]}"
+    assert final_answer("MESSAGE", text).status == 200
+    assert digits == ["1"]
+    assert pool.stats()["restarts"] == 0 and pool.stats()["workers_up"] == 1
