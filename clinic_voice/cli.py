@@ -18,6 +18,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from sip_config.core_dumps import forbid_core_dumps
 from sip_config.settings import Settings, SettingsError
 from voice.ivr.flow import FlowSet
 
@@ -347,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=secret_reseal.DESCRIPTION,
     )
     args = parser.parse_args(argv)
+    if args.command in {"serve", "http-worker", "secret"}:
+        # Before anything is read or started: the processes hold health data and secrets,
+        # and what they start (redis-server, the workers) inherits the limit.
+        forbid_core_dumps()
 
     if args.command == "secret":
         return _secret_reseal()

@@ -58,6 +58,23 @@ def test_parse_rejects_garbage(raw: bytes) -> None:
     assert err.value.status == 400
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # A BYE to a flash call's Contact (the caller-ID: prefix and code) in a SIP it
+        # cannot read, and an INVITE with a header line of a number and no colon.
+        b"BYE sip:+447400583920@127.0.0.1:5071 SIP/2.1\r\nCall-ID: x\r\n\r\n",
+        b"INVITE sip:6000@h SIP/2.0\r\nP-Caller +447400583920\r\n\r\n",
+    ],
+)
+def test_a_parse_error_never_quotes_the_message(raw: bytes) -> None:
+    # The front, the flash-call agent and the worker log it: a number or a code in it
+    # would reach the log.
+    with pytest.raises(message.SipParseError) as err:
+        message.parse(raw)
+    assert "583920" not in str(err.value) and "447400" not in str(err.value), err.value
+
+
 def test_invite_is_redirected_to_the_worker() -> None:
     out = respond(request("INVITE"), HostPort("127.0.0.1", 5062), tcp=False)
     assert out is not None

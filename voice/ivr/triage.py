@@ -171,5 +171,7 @@ def ensure_not_lowered(before: TriageState | None, after: TriageState | None) ->
     if before is None:
         return
     if after is None or after.urgency > before.urgency:
-        got = "nothing" if after is None else after.urgency.name
-        raise UrgencyLoweredError(f"urgency went down from {before.urgency.name} to {got}")
+        # Not the levels: the session logs this defect with the call's id, and a caller's
+        # urgency is health data (README: "What the logs and the disk hold").
+        lost = "was dropped" if after is None else "went down"
+        raise UrgencyLoweredError(f"a call's urgency {lost}: a defect of the engine or a flow")

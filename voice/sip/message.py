@@ -136,14 +136,17 @@ def parse(data: bytes, *, strict: bool = False) -> SipMessage:
             continue
         name, colon, value = line.partition(":")
         if not colon or not name.strip():
-            raise SipParseError(f"bad header line {line[:40]!r}")
+            # Never quoted: a line may hold a caller's number, a flash call's code (its
+            # Contact) or a transfer's summary, and this message is logged.
+            raise SipParseError(f"bad header line ({len(line)} characters, no name and colon)")
         headers.append((_canonical(name), value.strip()))
     m = re.fullmatch(r"SIP/2\.0 ([1-6][0-9]{2}) ?(.*)", start)
     if m:
         return SipMessage("", "", int(m.group(1)), m.group(2), tuple(headers), body)
     m = re.fullmatch(r"([A-Za-z!%*_+`'~.-]+) (\S+) SIP/2\.0", start)
     if not m:
-        raise SipParseError(f"bad start line {start[:40]!r}")
+        # Nor this one: a Request-URI names the callee (a number; a flash call's code).
+        raise SipParseError(f"bad start line ({len(start)} characters)")
     return SipMessage(m.group(1).upper(), m.group(2), 0, "", tuple(headers), body)
 
 

@@ -52,6 +52,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from sip_config.core_dumps import forbid_core_dumps
 from voice.sip.pjsua import Engine, EngineConfig, ListenError
 from voice.sip.protocol import (
     CannotListen,
@@ -334,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     # A crash in pjsip (SIGSEGV, SIGABRT) then leaves every Python thread's stack in the log
     # (stderr): without it the pool sees only "exit -11".
     faulthandler.enable(all_threads=True)
+    # ...and no core dump: its memory holds the calls' audio, numbers and SIP messages.
+    forbid_core_dumps()
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
