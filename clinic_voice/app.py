@@ -271,7 +271,11 @@ def _key_file_fault(value: str, what: str) -> str:
 def _secret_file_fault(value: str) -> str:
     if len(value) >= MIN_SECRET_CHARS:
         return ""
-    return f"a secret needs at least {MIN_SECRET_CHARS} characters, as CLINIC_SECRET does"
+    return (
+        f"a secret needs at least {MIN_SECRET_CHARS} characters, as CLINIC_SECRET does: write "
+        "a new one there and list this one in CLINIC_PREVIOUS_SECRETS, so that what it sealed "
+        'still opens (README: "Changing the secret")'
+    )
 
 
 class DataDirInUse(RuntimeError):

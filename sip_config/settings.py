@@ -99,8 +99,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_PREVIOUS_SECRETS",
         "",
-        f"comma-separated secrets that CLINIC_SECRET replaced, newest first (each as "
-        f"CLINIC_SECRET; at most {MAX_PREVIOUS_SECRETS}; one with a comma cannot be listed): "
+        f"comma-separated secrets that CLINIC_SECRET replaced, newest first (of any length, "
+        f"as a secret in use may be; at most {MAX_PREVIOUS_SECRETS}; one with a comma cannot "
+        "be listed): "
         "pending verifications' codes still check, and call records, voicemail and records "
         "kept on disk sealed under one still open; nothing new is hashed or sealed with them. "
         "Keep them until clinic-voice secret reseal has run and the verifications pending "
@@ -859,15 +860,13 @@ def _secret(value: str) -> str:
 
 
 def _previous_secrets(value: str) -> tuple[str, ...]:
-    # Split as the API keys are; each is then what CLINIC_SECRET would be (stripped, 32+).
+    # Split as the API keys are (stripped). Not held to CLINIC_SECRET's 32 characters: a
+    # previous secret only opens what it sealed, and one shorter was in use where an operator
+    # wrote it into the data dir's secret file before that file was checked. Refused here, it
+    # could not be listed, and its records never moved to a secret the start takes.
     found = tuple(part.strip() for part in value.split(",") if part.strip())
     if len(found) > MAX_PREVIOUS_SECRETS:
         raise ValueError(f"at most {MAX_PREVIOUS_SECRETS} secrets")
-    for i, part in enumerate(found, 1):
-        try:
-            _secret(part)
-        except ValueError as exc:
-            raise ValueError(f"secret {i} of {len(found)} {exc}") from None
     return found
 
 

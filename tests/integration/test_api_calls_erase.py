@@ -13,6 +13,7 @@ import asyncio
 import io
 import logging
 import os
+import textwrap
 import time
 import wave
 from pathlib import Path
@@ -23,12 +24,14 @@ from clinic_voice.app import RUNTIME, Runtime
 from clinic_voice.clinic_line import ClinicLine
 from tests.conftest import RedisServer
 from tests.integration.conftest import API_KEY, CALLS_KEY, Api, StartService
+from tests.readme_text import README
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.ivr.erasure import LIVE_AT_MOST_S
 from voice.ivr.flow import FlowSet
 from voice.ivr.journal import FOLDER, LIVE_FOLDER, CallJournal, Replayed
 from voice.ivr.store import CallStore
+from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -285,3 +288,72 @@ async def test_an_erasure_at_another_serve_takes_this_ones_voicemail_at_its_next
         await asyncio.gather(replaying, return_exceptions=True)
     assert other.exists()
     assert (await api_a.request("GET", "/v1/calls/er-far-x/voicemail")).status == 200
+
+
+def _erasure_search_loop() -> str:
+    """The README's loop that finds a patient's calls by number, as an operator pastes it."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("```sh\n", text.index("A patient asks by phone number")) + len("```sh\n")
+    return textwrap.dedent(text[start : text.index("```", start)])
+
+
+async def _run_search(api: Api, cwd: Path) -> tuple[str, str]:
+    base = str(api.client.make_url("")).rstrip("/")
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        _erasure_search_loop(),
+        cwd=cwd,
+        env={**os.environ, "API": base, "K": CALLS_KEY},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode(), err.decode()
+
+
+async def test_the_readmes_search_by_number_finds_every_call_or_says_it_did_not(
+    start_service: StartService, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The README's paging loop for a GDPR request, run as given: it finds the patient's calls
+    on every page, whatever form of the number the PBX sent. It printed nothing of what it
+    could not see: a record waiting on disk is in no page, and a 503 (Redis down) ended the
+    loop as if the last page had come, with a KeyError, so a search of part of the calls
+    read as a search of all of them."""
+    api = await _calls_api(start_service)
+    now = time.time()
+    callers = {5: "+31612345678", 101: "0612345678", 102: "0031 6 1234 5678"}
+    record = CallRecord("triage", (), (), None, (), None, None, "message_left")
+    for i in range(104):  # two pages of 100
+        caller = callers.get(i, f"+3120{i:07d}")
+        await _store(api).save(
+            CallResult(f"gdpr-{i}", caller, "700", now - 4000 + i, now - 3990 + i, record)
+        )
+    out, err = await _run_search(api, tmp_path)
+    assert sorted(line.split()[0] for line in out.splitlines()) == [
+        "gdpr-101",
+        "gdpr-102",
+        "gdpr-5",
+    ], (out, err)
+    assert err == "", err
+
+    rt = _rt(api)
+    rt.renderer = PromptRenderer(rt.settings.data_dir / "prompts")
+    line = ClinicLine(rt.settings, rt, FlowSet(flows={}))
+    await line.start()  # counts the records on disk (replays every 30 s: not in this test)
+    try:
+        assert line._journal is not None
+        kept = CallResult("gdpr-disk", "+31612345678", "700", now - 50, now - 40, record)
+        await line._journal.keep(kept)  # as when Redis refused its save
+        assert (await api.request("GET", "/v1/calls?limit=1")).json["waiting_on_disk"] == 1
+        out, err = await _run_search(api, tmp_path)
+    finally:
+        await line.stop()
+    assert len(out.splitlines()) == 3, out
+    assert "1 records wait on disk, not in the list" in err, (out, err)
+
+    await asyncio.to_thread(redis_server.kill9)
+    out, err = await _run_search(api, tmp_path)
+    assert out == "", out
+    assert "the list did not answer: not searched to the end" in err, err
+    assert not (tmp_path / "page.json").exists()

@@ -116,3 +116,32 @@ def test_secret_reseal_holds_the_secret_file_to_the_same_rule(tmp_path: Path) ->
         current_secrets(_settings(data))
     (data / "secret").write_text("s" * 32 + "\n")
     assert current_secrets(_settings(data))[0] == b"s" * 32
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_a_short_secret_an_older_version_took_from_its_file_has_a_way_out(
+    tmp_path: Path, ending: str
+) -> None:
+    """Before the secret file was checked, a secret under 32 characters written there by hand
+    was taken, and sealed the records. Refused at start now, the way out the refusal names
+    (a new secret there, the old one in CLINIC_PREVIOUS_SECRETS) must start, and reseal:
+    CLINIC_PREVIOUS_SECRETS refused the old one too (32 characters), so nothing sealed under
+    it could be kept but by staying on the old version."""
+    from clinic_voice.app import current_secrets
+    from sip_config.settings import SettingsError
+
+    old, new = "written-by-hand-2019", "n" * 43
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "secret").write_text(old + ending)
+    (data / "secret").chmod(0o600)
+    with pytest.raises(SettingsError) as refused:
+        prepare_data_dir(_settings(data))
+    assert "list this one in CLINIC_PREVIOUS_SECRETS" in str(refused.value)
+    assert old not in str(refused.value)
+
+    (data / "secret").write_text(new + ending)
+    env = {"CLINIC_DATA_DIR": str(data), "CLINIC_PREVIOUS_SECRETS": old}
+    got = prepare_data_dir(Settings.from_env(env))
+    assert (got.secret, got.previous_secrets) == (new.encode(), (old.encode(),))
+    assert current_secrets(Settings.from_env(env)) == (new.encode(), (old.encode(),))

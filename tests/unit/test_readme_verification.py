@@ -44,7 +44,7 @@ from verification import (
     webhooks,
 )
 from verification.api import parse_create
-from verification.channels import flash_call, sms_http, voice_call
+from verification.channels import flash_call, sms_http, sms_sip, voice_call
 from verification.http_client import HttpClient
 from verification.model import CHANNEL_ORDER, Channel, EventKind, Status
 from verification.numbers import REFUSED_KINDS, cli_code_lengths, parse_phone
@@ -410,3 +410,38 @@ def test_the_metrics_label_values_are_the_codes() -> None:
         assert f"`{state.value}`" in row["clinic_sip_workers"], state
     assert "restarted after a backoff of up to 5 s" in row["clinic_sip_workers"]
     assert pool._BACKOFF_MAX_S == 5
+
+
+def _events_table() -> dict[str, tuple[str, str]]:
+    """The README's events table: type -> (channel, detail)."""
+    text = readme_text.README.read_text(encoding="utf-8")
+    head = text.index("| type | `channel` | `detail` |")
+    rows = {}
+    for line in text[head:].splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        kind, channel, detail = (cell.strip() for cell in line.strip("|").split(" | ", 2))
+        rows[kind.strip("`")] = (channel, detail)
+    return rows
+
+
+def test_the_events_table_says_every_detail_a_channel_reports() -> None:
+    """The table of events' channel and detail has a row per event type, in the model's
+    order, and every fixed wording a channel reports (``DeliveryReport(kind, "...")``) is in
+    its type's row: the row of ``undeliverable`` lacked SMS over SIP's refusals, the voice
+    call's "no answer", "call ended before the code" and "speech failed", and a channel not
+    available. A check and an approval after the plan was used up (its codes still check)
+    have no channel: their rows said "the current one"."""
+    rows = _events_table()
+    assert list(rows) == [k.value for k in EventKind]
+    sources = [flash_call, sms_http, sms_sip, voice_call, dispatcher]
+    said = re.compile(r'DeliveryReport\(\s*DeliveryKind\.(\w+),\s*(f?)"([^"]*)"', re.S)
+    missing = []
+    for module in sources:
+        for kind, is_f, literal in said.findall(inspect.getsource(module)):
+            parts = re.split(r"\{[^}]*\}", literal) if is_f else [literal]
+            row = rows[DeliveryKind[kind].value][1]
+            missing += [p.strip() for p in parts if len(p.strip()) > 3 and p.strip() not in row]
+    assert missing == []
+    for kind in ("check_failed", "approved"):
+        assert "`null`" in rows[kind][0], f"{kind}: no word of its null channel"
