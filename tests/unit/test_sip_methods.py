@@ -3,11 +3,14 @@ that the answer's method is read from."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from voice.sip import front, methods
+from voice.sip import front, methods, pjsip_fallback
 from voice.sip.outcome import SipStatus
-from voice.sip.pjsip_fallback import method_of
+from voice.sip.pjsip_fallback import method_of, verified
+from voice.sip.pjsua import _extension_path
 
 
 @pytest.mark.parametrize(
@@ -58,7 +61,8 @@ def test_the_worker_and_the_front_agree_on_what_is_a_method(method: str) -> None
         ("Request msg FOO/cseq=1 (rdata0x7f3a1c003e28)", "FOO"),
         ("Request msg BYE/cseq=4711 (rdata0x1)", "BYE"),
         ("Request msg X-A.B!~*'/cseq=2 (rdata0x1)", "X-A.B!~*'"),  # any token (RFC 3261 25.1)
-        ("rdata0x7f3a1c003e28", ""),  # pjsip's text past 127 characters: the object's name
+        ("MSG TOO LONG", ""),  # pjsip 2.15's text past 127 characters (a method of 80 or more)
+        ("rdata0x7f3a1c003e28", ""),  # an older pjsip's: the object's name
         ("Response msg 200/OPTIONS/cseq=1 (rdata0x1)", ""),
         ("Request msg FOO", ""),
         ("", ""),
@@ -66,3 +70,32 @@ def test_the_worker_and_the_front_agree_on_what_is_a_method(method: str) -> None
 )
 def test_the_method_is_read_from_pjsips_text(info: str, method: str) -> None:
     assert method_of(info) == method
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [
+        ("2.15.1", True),  # the wheel's, checked against 2.15's headers and texts
+        ("2.15", True),
+        ("2.15-dev", True),
+        ("2.16.0", False),  # a struct or a text may have changed: not installed
+        ("2.14.1", False),
+        ("3.15.1", False),
+        ("2.1", False),
+        ("", False),
+        ("garbage", False),
+    ],
+)
+def test_only_a_verified_pjsip_release_gets_the_module(version: str, ok: bool) -> None:
+    assert verified(version) is ok
+
+
+def test_an_unverified_pjsip_gets_no_module_and_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real extension's pjsip, taken as one not checked: install refuses before it
+    touches pjsip's endpoint, and says which release it saw and which it knows."""
+    monkeypatch.setattr(pjsip_fallback, "VERIFIED", frozenset({(9, 9)}), raising=False)
+    with caplog.at_level(logging.WARNING, logger=pjsip_fallback.__name__):
+        assert pjsip_fallback.install(_extension_path()) is False
+    assert "pjsip 2.15" in caplog.text and "(9.9)" in caplog.text, caplog.text

@@ -35,9 +35,17 @@ from voice.sip.outcome import SipStatus
 
 log = logging.getLogger(__name__)
 
-_PRIORITY = 32 + 99  # PJSIP_MOD_PRIORITY_APPLICATION + 99, as pjsua_app.c's default handler
+# PJSIP_MOD_PRIORITY_APPLICATION (64 in 2.15's sip_module.h; 32 is UA_PROXY_LAYER, the
+# dialog layer's) + 99, as pjsua_app.c's default handler: after every module of pjsua's.
+_PRIORITY = 64 + 99
 _H_ALLOW = 4  # pjsip_hdr_e PJSIP_H_ALLOW ("DO NOT CHANGE THE VALUE/ORDER OF THE HEADER IDs")
 _INFO_PREFIX = "Request msg "  # pjsip_rx_data_get_info: "Request msg FOO/cseq=1 (rdata0x..)"
+# The (major, minor) of the pjsip releases whose pjsip_module, pjsip_rx_data's first field,
+# info text and function signatures this was checked against (pjsip 2.15.1, the wheel's).
+# On another release a changed struct would make pjsip call through a wrong pointer and
+# abort the worker with its live calls: the module is not installed there, with a warning,
+# until someone checks that release's sip_module.h, sip_types.h and sip_transport.c.
+VERIFIED = frozenset({(2, 15)})
 
 
 class _PjStr(ctypes.Structure):
@@ -79,10 +87,20 @@ class _ListHead(ctypes.Structure):
 _KEPT: list[_Fallback] = []
 
 
+def verified(version: str) -> bool:
+    """Whether ``pj_get_version()``'s text (``2.15.1``, ``2.15-dev``) is of a release in
+    :data:`VERIFIED`."""
+    parts = version.split(".", 2)
+    if len(parts) < 2 or not parts[0].isdigit():
+        return False
+    minor = parts[1].split("-", 1)[0]
+    return minor.isdigit() and (int(parts[0]), int(minor)) in VERIFIED
+
+
 def method_of(info: str) -> str:
     """The method in a ``pjsip_rx_data_get_info`` text of a request; "" when it has none
-    (pjsip gives the bare object name when the text would pass 127 characters: a method that
-    long is no method anyone knows)."""
+    (pjsip 2.15 gives ``MSG TOO LONG`` when the text would pass 127 characters, older ones
+    the object's name: a method that long is no method anyone knows)."""
     if not info.startswith(_INFO_PREFIX):
         return ""
     method, slash, _ = info[len(_INFO_PREFIX) :].partition("/")
@@ -142,6 +160,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     """Prototypes of the pjsip functions used (a missing one raises AttributeError)."""
     vp, i = ctypes.c_void_p, ctypes.c_int
     signatures: dict[str, tuple[Any, list[Any]]] = {
+        "pj_get_version": (ctypes.c_char_p, []),
         "pjsua_get_pjsip_endpt": (vp, []),
         "pjsip_endpt_register_module": (i, [vp, vp]),
         "pjsip_rx_data_get_info": (ctypes.c_char_p, [vp]),
@@ -160,10 +179,20 @@ def install(library: str) -> bool:
     """Register the module on the running pjsua's endpoint; ``library`` is the path of the
     extension that carries pjsip (pjsua2's ``_pjsua2``: loaded already, so this opens the same
     copy). Call on the owner thread, after ``libInit``. False (and a warning) when it could
-    not: the worker then runs as before, silent to such requests."""
+    not, or when the pjsip is not of a release in :data:`VERIFIED`: the worker then runs as
+    before, silent to such requests."""
     try:
         lib = ctypes.CDLL(library)
         _bind(lib)
+        version = (lib.pj_get_version() or b"").decode("ascii", "replace")
+        if not verified(version):
+            log.warning(
+                "pjsip %s is not a release this module was checked against (%s): "
+                "requests no pjsua module takes stay unanswered",
+                version or "of unknown version",
+                ", ".join(f"{major}.{minor}" for major, minor in sorted(VERIFIED)),
+            )
+            return False
         endpt = lib.pjsua_get_pjsip_endpt()
         if not endpt:
             log.warning("no pjsip endpoint: requests no module takes stay unanswered")
