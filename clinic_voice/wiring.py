@@ -119,7 +119,7 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
                 rt.flash_uac = uac
                 rt.extra_ready["flash_calls"] = lambda: uac.ready
             rt.sip_pool = pool
-            rt.extra_ready["sip_workers"] = pool.ready
+            rt.extra_ready["sip_workers"] = pool.serving  # one worker restarting: still ready
 
             def begin_close() -> None:
                 pool.refuse_new_calls()

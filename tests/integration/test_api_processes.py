@@ -95,12 +95,14 @@ async def serve(
     own_group: bool = False,
     worker_exit_ok: bool = False,
     exit_code: int | None = 0,
+    sip_workers: int = 1,
 ) -> AsyncIterator[Service]:
     """Start ``clinic-voice serve`` with ``env`` and wait until /healthz answers
     (``own_group``: as a terminal starts a job, in a process group of its own;
     ``worker_exit_ok``: a SIP worker of its may exit non-zero at the stop, on purpose;
-    ``exit_code``: serve's exit the stop must see, None for any: see :func:`_stop`)."""
-    full, port = _serve_env(env)
+    ``exit_code``: serve's exit the stop must see, None for any: see :func:`_stop`;
+    ``sip_workers``: its CLINIC_SIP_WORKERS)."""
+    full, port = _serve_env(env, sip_workers)
     log_path = tmp / f"{name}.log"
     service = Service(name, port, log_path, collector)
     service.sip_addr = full["CLINIC_SIP_ADDR"]
@@ -120,15 +122,15 @@ async def serve(
         await _stop(service, worker_exit_ok=worker_exit_ok, exit_code=exit_code)
 
 
-def _serve_env(env: Mapping[str, str]) -> tuple[dict[str, str], int]:
+def _serve_env(env: Mapping[str, str], sip_workers: int = 1) -> tuple[dict[str, str], int]:
     """The whole environment of a ``serve`` with ``env`` on free ports, and its HTTP port."""
     port = free_port()
-    sip_port = free_port(count=3)  # the front, one worker, the flash-call agent
+    sip_port = free_port(count=2 + sip_workers)  # the front, the workers, the flash-call agent
     full = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
     full.update(env)
     full["CLINIC_HTTP_ADDR"] = f"127.0.0.1:{port}"
     full["CLINIC_SIP_ADDR"] = f"127.0.0.1:{sip_port}"
-    full["CLINIC_SIP_WORKERS"] = "1"
+    full["CLINIC_SIP_WORKERS"] = str(sip_workers)
     full["CLINIC_LOG_LEVEL"] = "INFO"
     return full, port
 

@@ -22,7 +22,7 @@ import pytest
 from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import BASE_ENV, OpenApiCollector
-from tests.integration.test_api_processes import _data_dir, _processes, serve
+from tests.integration.test_api_processes import Service, _data_dir, _processes, serve
 from tests.integration.test_ivr_stop import (
     CALL_S,
     live_urgency,
@@ -187,3 +187,59 @@ async def test_an_urgent_caller_on_a_worker_sent_sigterm_alone_is_put_through_to
     assert "line closing" in record["triage"]["reasons"], record["triage"]
     assert record["transfer_target"] == f"sip:{NURSE_USER}@127.0.0.1:{nurse_port}", record
     assert record["outcome"].endswith("transfer_nurse"), record
+
+
+async def _readyz(service: Service) -> tuple[int, dict[str, bool]]:
+    assert service.session is not None
+    async with service.session.get(service.base + "/readyz") as resp:
+        body = await resp.json(content_type=None)
+        return resp.status, dict(body.get("checks") or {})
+
+
+@pytest.mark.timeout(120)
+async def test_readyz_stays_ready_while_one_of_two_workers_restarts(
+    redis_server: RedisServer, tmp_path: Path, openapi_responses: OpenApiCollector
+) -> None:
+    """One SIP worker sent SIGTERM (its drain, its exit, its restart: up to
+    ``CLINIC_CALL_DRAIN_S`` + 20 s) leaves the other taking calls: /readyz stays 200, so a
+    balancer keeps the verification API. With both leaving, nothing takes a call: 503
+    (``sip_workers`` false), then 200 again once they are back. Before, one worker's
+    restart made /readyz 503 for all of it."""
+    env = {
+        **BASE_ENV,
+        "CLINIC_REDIS_URL": redis_server.url,
+        "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
+        "CLINIC_CALL_DRAIN_S": f"{DRAIN_S:g}",
+    }
+    loop = asyncio.get_running_loop()
+    async with serve("serve", env, tmp_path, openapi_responses, sip_workers=2) as service:
+        proc = service.proc
+        assert proc is not None
+        assert (await _readyz(service))[0] == 200
+        first = sorted(sip_worker_pids(proc.pid))
+        assert len(first) == 2, first
+
+        async def watch_until_restarted(gone: list[int]) -> list[tuple[int, dict[str, bool]]]:
+            """Every /readyz answer until ``gone`` were all replaced and both take calls."""
+            answers = []
+            end = loop.time() + 40.0
+            while True:
+                answers.append(await _readyz(service))
+                now = sip_worker_pids(proc.pid)
+                back = len(now) == 2 and not set(gone) & set(now)
+                if back and answers[-1][0] == 200:
+                    return answers
+                if loop.time() > end:
+                    pytest.fail(f"not restarted: {now} {answers[-3:]}\n{service.log_tail()}")
+                await asyncio.sleep(0.05)
+
+        os.kill(first[0], signal.SIGTERM)  # as an operator's kill of one worker
+        answers = await watch_until_restarted(first[:1])
+        not_ready = [a for a in answers if a[0] != 200]
+        assert not not_ready, (not_ready[:3], len(answers))
+        second = sorted(sip_worker_pids(proc.pid))
+        for pid in second:
+            os.kill(pid, signal.SIGTERM)  # `pkill -f voice.sip.worker`: none left
+        answers = await watch_until_restarted(second)
+        gap = [c for s, c in answers if s == 503]
+        assert gap and all(c.get("sip_workers") is False for c in gap), answers[:5]

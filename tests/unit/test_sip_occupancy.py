@@ -31,6 +31,7 @@ from voice.sip.protocol import (
     IncomingCall,
     PlaceCall,
     PlaceFailed,
+    Registered,
     WorkerStatus,
     decode,
 )
@@ -276,3 +277,32 @@ def test_an_inbound_call_takes_one_slot_at_every_step(
     takers = [pool.pick_inbound(next(_ids)) for _ in range(free + 1)]
     assert all(isinstance(t, HostPort) for t in takers[:free]), "every free slot is given"
     assert takers[free] == SipStatus.BUSY_HERE, "and not one more"
+
+
+@pytest.mark.parametrize("registrar", ["", "sip:pbx.example"])
+def test_serving_wants_every_worker_at_start_then_one(registrar: str) -> None:
+    """serve's /readyz ``sip_workers`` (``SipPool.serving``): not ready until every worker
+    has come up (and registered, with a registrar); then one worker restarting (asked to
+    stop, or dead) leaves it ready while another takes calls, and none up is not ready.
+    Before, it was ``ready()``: every worker, always, so one worker's restart (up to
+    CLINIC_CALL_DRAIN_S + 20 s) pulled the whole API from a balancer."""
+    pool = SipPool(sip_settings(2, registrar=registrar), clock=FakeClock(), queue_timeout_s=0)
+    pool._running = True
+    first, second = pool._workers
+
+    def comes_up(w: Any) -> None:
+        pool._dispatch(w, WorkerStatus(port=6000 + w.index, free_slots=4, placed=0))
+        if registrar:
+            assert not pool.serving(), "up, not registered yet"
+            pool._dispatch(w, Registered(ok=True, sip_status=200))
+
+    comes_up(first)
+    assert not pool.serving(), "one of two workers up at start"
+    comes_up(second)
+    assert pool.serving() and pool.ready()
+    first.up = first.registered = False  # asked to stop, or dead: restarted later
+    assert pool.serving() and not pool.ready()
+    second.up = second.registered = False
+    assert not pool.serving(), "no worker takes calls"
+    comes_up(first)
+    assert pool.serving()

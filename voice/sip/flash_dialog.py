@@ -131,7 +131,9 @@ def target_host_port(uri: str) -> tuple[str, int]:
     """The host and port a Request-URI sends to (no DNS SRV: port 5060 when absent)."""
     m = _URI_HOSTPORT.match(uri.strip())
     if not m:
-        raise ValueError(f"not a SIP URI: {uri!r}")
+        # Not quoted: a call's target URI holds the number called (README: "What the logs
+        # and the disk hold"); this text is logged and kept as the send's failure.
+        raise ValueError(f"not a SIP URI ({len(uri)} characters): check CLINIC_SIP_ROUTE")
     host = m.group(1).strip("[]")
     return host, int(m.group(2) or 5060)
 
@@ -191,7 +193,8 @@ def cseq_of(msg: message.SipMessage) -> tuple[int, str]:
     CSeq of ours (and int() refuses over 4,300 digits)."""
     number, _, method = (msg.get("CSeq") or "").strip().partition(" ")
     if not (number.isascii() and number.isdigit() and len(number) <= 10):
-        log.info("ignored a response with an unreadable CSeq %r", msg.get("CSeq"))
+        # Not quoted: text off the network, as a parse error says none (see message.parse).
+        log.info("ignored a response with an unreadable CSeq (%d characters)", len(number))
         return -1, ""
     return int(number), method.strip().upper()
 

@@ -94,10 +94,10 @@ def respond(
     """The response of the redirect server to ``request`` (None: send nothing).
 
     ``target`` is, for an INVITE, a worker with a free slot or the status that refuses the
-    call (486 when all are full, 503 when the service is stopping). For another request it
-    is the status to answer with, or None for the method's own (:func:`status_for`; a
-    CANCEL's is 481, 200 only when it matched an INVITE). ``to_tag`` is the To tag to answer
-    with (a new one when empty).
+    call (486 when all are full, 503 when the service is stopping or no worker is up). For
+    another request it is the status to answer with, or None for the method's own
+    (:func:`status_for`; a CANCEL's is 481, 200 only when it matched an INVITE). ``to_tag`` is
+    the To tag to answer with (a new one when empty).
     """
     if not request.is_request or request.method == "ACK":
         return None

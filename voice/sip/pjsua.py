@@ -384,8 +384,14 @@ class _Call(pj.Call):  # type: ignore[misc]
 
 
 def _cseq(msg: message.SipMessage) -> int:
-    """The number of ``msg``'s CSeq (ValueError or IndexError when it has none)."""
-    return int((msg.get("CSeq") or "").split()[0])
+    """The number of ``msg``'s CSeq (ValueError when it has none or it is no number).
+
+    The error does not quote the header, as ``int()``'s own would: it is logged, and a
+    parse error quotes no SIP text (see message.parse)."""
+    number = (msg.get("CSeq") or "").split(maxsplit=1)[:1]
+    if not number or not (number[0].isascii() and number[0].isdigit() and len(number[0]) <= 10):
+        raise ValueError("no CSeq number")
+    return int(number[0])
 
 
 def _failed_here(e: pj.SipEvent) -> bool:

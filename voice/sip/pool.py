@@ -510,6 +510,9 @@ class SipPool:
         self._hold_expiry: deque[tuple[float, str]] = deque()
         self._running = False
         self._refusing = False  # the service is stopping: no new inbound call
+        # Every worker was ready at once since start(): from then on one ready is enough
+        # for /readyz (see serving()).
+        self._all_ready_once = False
         self._restarts = 0
         self._ids = itertools.count(1)
         # Call and request ids: unique per pool (a random prefix and a counter), without a
@@ -531,6 +534,7 @@ class SipPool:
     async def start(self) -> None:
         """Start every worker and wait until each reports its port."""
         self._running = True
+        self._all_ready_once = False
         limit = max(_START_TIMEOUT_S, _START_TIMEOUT_PER_WORKER_S * len(self._workers))
         try:
             for w in self._workers:
@@ -649,8 +653,29 @@ class SipPool:
 
     def ready(self) -> bool:
         """True when every worker is up (and registered, when a registrar is configured)."""
-        need_reg = bool(self._settings.registrar)
-        return self._running and all(w.up and (w.registered or not need_reg) for w in self._workers)
+        return self._running and all(self._worker_ready(w) for w in self._workers)
+
+    def serving(self) -> bool:
+        """serve's /readyz ``sip_workers``: at start, True once every worker is up (as
+        :meth:`ready`); from then on while at least one is.
+
+        One worker restarting (a crash, or a SIGTERM's drain of ``CLINIC_CALL_DRAIN_S`` + 20 s)
+        must not make a balancer pull the whole verification API: the other workers take
+        its calls. With none left, nothing can: not ready."""
+        if not self._running:
+            return False
+        if self._all_ready_once:
+            return any(self._worker_ready(w) for w in self._workers)
+        return self._note_all_ready()
+
+    def _worker_ready(self, w: _Worker) -> bool:
+        return w.up and (w.registered or not self._settings.registrar)
+
+    def _note_all_ready(self) -> bool:
+        """Whether every worker is ready now; the first time they are, remembered."""
+        if all(self._worker_ready(w) for w in self._workers):
+            self._all_ready_once = True
+        return self._all_ready_once
 
     def any_worker_up(self) -> bool:
         """Whether at least one worker can take a call (stops at the first: asked per send)."""
@@ -716,7 +741,7 @@ class SipPool:
     def pick_inbound(self, call_id: str) -> HostPort | SipStatus:
         """A worker with a free slot for the inbound call ``call_id`` (the one with most
         room), or the status that refuses it: 486 when every worker is full, 503 once the
-        service is stopping.
+        service is stopping or while no worker is up at all.
 
         The slot is reserved for a few seconds, until the redirected INVITE arrives there
         (longer while the front repeats the 302 to copies of the INVITE: renew_inbound); a
@@ -1095,6 +1120,7 @@ class SipPool:
             if not (w.up or w.leaving or w.stopping):  # a Ping's answer makes neither up
                 w.up = w.came_up = True
                 w.started.set()
+                self._note_all_ready()
             self._slot_freed.set()
         elif isinstance(ev, Stopping):
             log.warning(
@@ -1145,6 +1171,7 @@ class SipPool:
             if ev.ok != w.registered:
                 log.info("worker %s registration: %s (%s)", w.index, ev.ok, ev.sip_status)
             w.registered = ev.ok
+            self._note_all_ready()
         else:
             log.error("worker %s sent an unexpected %s", w.index, type(ev).__name__)
 
