@@ -31,6 +31,7 @@ from sip_config.child_process import spawn_child
 from sip_config.clock import SystemClock
 from tests.conftest import sip_settings
 from tests.integration.test_sip_pool import CALLER, Sipp, sipp_uas
+from voice.sip import message
 from voice.sip import pool as pool_module
 from voice.sip.pjsua import STOP_ANSWERS_S
 from voice.sip.pool import (
@@ -176,3 +177,101 @@ async def test_a_restart_still_starting_when_its_stop_time_ends_is_killed_as_no_
     killed = [r for r in caplog.records if r.msg == WORKER_KILLED_STARTING_AT_STOP]
     assert [r.levelno for r in killed] == [logging.WARNING], caplog.messages
     assert _exits(caplog) == [], "its kill was reported as a worker's exit at the stop"
+
+
+class _Udp(asyncio.DatagramProtocol):
+    """A UDP socket whose datagrams land in a queue."""
+
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.got.put_nowait(data)
+
+
+async def _invite_answers(port: int, within: float) -> list[int]:
+    """Send an INVITE to 127.0.0.1:``port`` from a socket of its own: the statuses of the
+    answers, up to the first final one (ACKed) or ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    transport, udp = await loop.create_datagram_endpoint(_Udp, local_addr=("127.0.0.1", 0))
+    here = transport.get_extra_info("sockname")[1]
+    head = (
+        f"Via: SIP/2.0/UDP 127.0.0.1:{here};branch=z9hG4bK-stop-{here};rport\r\n"
+        f"From: <sip:{CALLER}@127.0.0.1:{here}>;tag=stop{here}\r\n"
+        f"To: <sip:6000@127.0.0.1:{port}>\r\n"
+        f"Call-ID: during-the-stop-{here}@127.0.0.1\r\n"
+    )
+    invite = (
+        f"INVITE sip:6000@127.0.0.1:{port} SIP/2.0\r\n{head}CSeq: 1 INVITE\r\n"
+        f"Contact: <sip:{CALLER}@127.0.0.1:{here}>\r\nMax-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+    statuses: list[int] = []
+    try:
+        transport.sendto(invite.encode(), ("127.0.0.1", port))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while not statuses or statuses[-1] < 200:
+                    answer = message.parse(await udp.got.get())
+                    statuses.append(answer.status)
+                    if answer.status >= 200:  # RFC 3261 section 17.1.1.3: its ACK
+                        to = answer.get("To") or ""
+                        ack = head.replace(f"To: <sip:6000@127.0.0.1:{port}>", f"To: {to}")
+                        transport.sendto(
+                            f"ACK sip:6000@127.0.0.1:{port} SIP/2.0\r\n{ack}CSeq: 1 ACK\r\n"
+                            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n".encode(),
+                            ("127.0.0.1", port),
+                        )
+    finally:
+        transport.close()
+    return statuses
+
+
+async def test_an_invite_during_the_stops_wait_for_answers_gets_503(tmp_path: Path) -> None:
+    """The stop waits up to STOP_ANSWERS_S for a far end's answer to a CANCEL; an INVITE that
+    comes meanwhile (a PBX, a caller redirected just before) is refused 503 at once. It was
+    rung (180), held the wait to its end, and was then declined by libDestroy's hang-up (603:
+    a PBX tries no other server after it)."""
+    pool = SipPool(sip_settings(1), clock=SystemClock())
+    await pool.start()
+    [worker] = pool.worker_addresses()
+    try:
+        async with sipp_uas("sipp_uas_ring_cancel_unanswered.xml", tmp_path) as uas:
+            await _ringing(pool, uas, flash=True)
+            stop = asyncio.create_task(pool.stop())
+            for _ in range(50):  # its CANCEL gone (within 1 s): the worker is in the wait
+                if uas.received("CANCEL"):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("no CANCEL within 1 s of the stop")
+            statuses = await _invite_answers(worker.port, within=STOP_ANSWERS_S + 1)
+            await stop
+    finally:
+        await pool.stop()
+    assert statuses and statuses[-1] == 503, f"the INVITE's answers: {statuses}"
+    assert 180 not in statuses, f"rung at the stop: {statuses}"
+
+
+async def test_an_inbound_call_still_ringing_at_the_stop_gets_503() -> None:
+    """A caller whose INVITE the handler has not answered yet when the stop comes: 503 (a
+    PBX tries another server), as every caller the stop refuses; it was declined (603)."""
+    arrived = asyncio.Event()
+
+    async def never_answers(call: CallHandle) -> None:
+        arrived.set()
+        await asyncio.Event().wait()  # cancelled at the stop
+
+    pool = SipPool(sip_settings(1), clock=SystemClock())
+    pool.on_incoming(never_answers)
+    await pool.start()
+    [worker] = pool.worker_addresses()
+    try:
+        answers = asyncio.create_task(_invite_answers(worker.port, within=WORKER_STOP_S + 2))
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        await pool.stop()
+        statuses = await answers
+    finally:
+        await pool.stop()
+    assert statuses and statuses[-1] == 503, f"the INVITE's answers: {statuses}"

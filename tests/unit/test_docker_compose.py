@@ -110,6 +110,12 @@ def test_the_stop_grace_period_outlasts_every_deadline_of_the_stop() -> None:
     assert int(grace.group(1)) >= needed + 10, f"the stop's deadlines add up to {needed:g} s"
     text = " ".join(README.read_text(encoding="utf-8").split())
     assert f"`docker/docker-compose.yml` allows {grace.group(1)} s" in text
+    # The file's own comment says the sum too: it went stale when a deadline grew.
+    drain_s = settings.ivr.call_drain_s
+    said = " ".join(ln.strip().lstrip("#") for ln in COMPOSE.read_text().splitlines())
+    assert f"CLINIC_CALL_DRAIN_S + {needed - drain_s:g} s, {needed:g} s with the default" in (
+        " ".join(said.split())
+    ), "docker-compose.yml's comment on stop_grace_period gives a stale sum"
 
 
 def test_docker_stop_signals_serve_alone() -> None:

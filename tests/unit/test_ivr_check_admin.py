@@ -75,6 +75,11 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     # "u2" is a level the schema reads as U2: the engine must take it as U2, not as a case
     # that never matches (the unclear answer's U2 caller went to the default: goodbye).
     "lowercase urgency case": ({"cases": "{u0: sos, u1: sos, u2: nurse, default_: bye}"}, []),
+    # Two keys to YAML, one level: the engine takes the first, the check judged the second.
+    "urgency case twice": (
+        {"cases": "{U0: sos, U1: sos, U2: nurse, u2: bye, default_: bye}"},
+        ["16: case 'u2' is U2, given already as 'U2'"],
+    ),
 }
 
 

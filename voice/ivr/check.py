@@ -707,7 +707,8 @@ def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
     """The states and targets a step at ``node`` in state ``ab`` goes on to."""
     if isinstance(node, Branch) and node.on == "urgency":
         level = (ab.urgency or Urgency.U5).name
-        target = dict(node.cases).get(level, node.default)
+        # The first case of that level, as the engine takes it (a dict kept the last).
+        target = next((t for value, t in node.cases if value == level), node.default)
         return [] if target is None else [(ab, target)]
     if isinstance(node, Branch) and node.on == HOURS:
         # Both: a call may come at any hour.

@@ -1403,11 +1403,21 @@ class _Parser:
                     )
         if on == "urgency":
             named = []
+            given: dict[str, str] = {}
             for value, target in cases:
                 try:
                     # "u2" as "U2": the engine compares the level's name, and a case the
                     # schema accepted was never taken (its caller went to the default).
-                    named.append((Urgency.parse(value).name, target))
+                    level = Urgency.parse(value).name
+                    if level in given:
+                        # "U2" and "u2", not the same key to YAML: the engine takes the
+                        # first, and flow check's walk would judge the second.
+                        self.error(
+                            cases_map.line_of(value) if cases_map else b.line,
+                            f"case {value!r} is {level}, given already as {given[level]!r}",
+                        )
+                    given.setdefault(level, value)
+                    named.append((level, target))
                 except ValueError as exc:
                     self.error(cases_map.line_of(value) if cases_map else b.line, str(exc))
                     named.append((value, target))

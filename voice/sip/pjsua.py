@@ -444,6 +444,7 @@ class Engine:
         # whose far end has not given its final answer yet (pjsua's call not over): kept
         # until it has (see STOP_ANSWERS_S), then dropped as the dead are.
         self._hanging_up: list[_Call] = []
+        self._to_refuse: list[_Call] = []  # INVITEs come while stopping: 503 after the pass
         self._media_q: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._requests: dict[str, SendMessage] = {}
@@ -575,6 +576,10 @@ class Engine:
         self.stopping = True
         self._say_dropped_messages(at_stop=True)
         try:
+            self._to_refuse += [
+                c for c in self._calls.values() if not c.outbound and not c.answered
+            ]
+            self._refuse_at_stop()
             ep.hangupAllCalls()
             # Let the CANCELs and BYEs get their final answers (a 487 ACKed: see
             # STOP_ANSWERS_S), then destroy without the network: a plain libDestroy waits
@@ -596,6 +601,7 @@ class Engine:
         # call has taken is disowned, not freed (see _Call.__del__).
         self._dead.clear()
         self._hanging_up.clear()
+        self._to_refuse.clear()
         self._calls.clear()
         self._ended_refers.clear()
         self._disown_leftovers()
@@ -619,8 +625,19 @@ class Engine:
         """Whether a call still waits for pjsua: one hung up whose far end has not answered
         its CANCEL or BYE yet, or one not reported DISCONNECTED yet (a call not dialled yet,
         waiting for a pjsua slot, has nothing on the wire to wait for)."""
+        self._refuse_at_stop()
         self._drop_answered()
         return bool(self._hanging_up) or any(c.redial is None for c in self._calls.values())
+
+    def _refuse_at_stop(self) -> None:
+        """Answer 503 to the INVITEs that came while stopping (see :meth:`_on_incoming`), and
+        at the stop to the inbound calls still ringing: as the pool answers a caller at the
+        stop (a PBX tries elsewhere), where hangupAllCalls declined them (603: try no other).
+        In a method of its own: a loop's variable in :meth:`stop` held the last call past
+        its ``_disown_leftovers`` (an ERROR, and its C++ side left to the process's end)."""
+        refused, self._to_refuse = self._to_refuse, []
+        for call in refused:
+            self._hangup(call, SipStatus.SERVICE_UNAVAILABLE)
 
     def _drop_answered(self) -> None:
         """Move the calls whose far end has answered our hang-up from :attr:`_hanging_up` to
@@ -728,6 +745,7 @@ class Engine:
         self._drop_answered()
         self._dead.clear()
         self._ep.libHandleEvents(ms)
+        self._refuse_at_stop()
         self._say_dropped_messages()
         self._report_unreported_ends()
         self._forget_marks()
@@ -1143,6 +1161,18 @@ class Engine:
         call_id = f"in-{secrets.token_urlsafe(16)}"
         call = _Call(self, call_id, account, prm.callId, flash=False)
         self._calls[call_id] = call
+        if self.stopping:
+            # An INVITE during the stop's wait for the far ends' answers (STOP_ANSWERS_S):
+            # 503 at once, as the pool answers a caller at the stop. Rung (180) as any other,
+            # it held that wait to its end (2 s) and was then declined by libDestroy's
+            # hang-up (603 Decline: "try nowhere else", where a PBX tries another worker or
+            # server on a 503). Nobody is told of it (the pool takes no call now), and the
+            # 503 goes after this callback: a final answer inside pjsua's onIncomingCall
+            # frees the INVITE twice (an assertion: -6).
+            log.info("call %s: the worker is stopping: 503", call_id)
+            call.ended = True
+            self._to_refuse.append(call)
+            return
         caller = called = sip_call_id = ""
         headers: list[tuple[str, str]] = []
         try:
