@@ -27,8 +27,9 @@ def over_udp(template: str) -> bool:
 def can_send(pool: SipPool) -> bool:
     """Whether a SIP channel can send now: at least one worker is up.
 
-    Not :meth:`SipPool.ready`, which wants every worker up (right for /readyz): while one
-    worker restarts after a crash the others still place calls, and a channel that said "not
-    available" then would fail the very verifications the crash already hit.
+    Not :meth:`SipPool.ready`, which wants every worker up: while one worker restarts after a
+    crash the others still place calls, and a channel that said "not available" then would
+    fail the very verifications the crash already hit. (/readyz asks
+    :meth:`SipPool.serving`: every worker at start, then one.)
     """
     return pool.any_worker_up()  # not a count over every worker: this is asked per send

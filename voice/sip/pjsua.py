@@ -576,8 +576,10 @@ class Engine:
         self.stopping = True
         self._say_dropped_messages(at_stop=True)
         try:
+            # Not a call queued already (an INVITE come while stopping is ended at once):
+            # twice in the list, it was hung up again after pjsua had ended it.
             self._to_refuse += [
-                c for c in self._calls.values() if not c.outbound and not c.answered
+                c for c in self._calls.values() if not (c.outbound or c.answered or c.ended)
             ]
             self._refuse_at_stop()
             ep.hangupAllCalls()
@@ -637,7 +639,11 @@ class Engine:
         its ``_disown_leftovers`` (an ERROR, and its C++ side left to the process's end)."""
         refused, self._to_refuse = self._to_refuse, []
         for call in refused:
-            self._hangup(call, SipStatus.SERVICE_UNAVAILABLE)
+            # Only a call pjsua has not ended: one whose caller's CANCEL came in the same pass
+            # is over (DISCONNECTED, out of _calls), and pjsua2's Call::hangup acts on the call
+            # id alone (call.cpp), which pjsua gives to the next call once this one is over.
+            if self._calls.get(call.call_id) is call:
+                self._hangup(call, SipStatus.SERVICE_UNAVAILABLE)
 
     def _drop_answered(self) -> None:
         """Move the calls whose far end has answered our hang-up from :attr:`_hanging_up` to

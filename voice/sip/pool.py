@@ -652,7 +652,8 @@ class SipPool:
         return self._running
 
     def ready(self) -> bool:
-        """True when every worker is up (and registered, when a registrar is configured)."""
+        """True when every worker is up (and registered, when a registrar is configured);
+        /readyz asks :meth:`serving`, which wants that at start only."""
         return self._running and all(self._worker_ready(w) for w in self._workers)
 
     def serving(self) -> bool:
