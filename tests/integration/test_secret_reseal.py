@@ -392,7 +392,9 @@ def _env(data: Path, **more: str) -> dict[str, str]:
 
 
 async def test_the_command_exits_2_on_bad_settings(tmp_path: Path) -> None:
-    code, out, err = await _command(_env(tmp_path, CLINIC_PREVIOUS_SECRETS="short"))
+    # More previous secrets than the setting takes (a short one is no fault: any length is).
+    too_many = ",".join(f"previous-secret-{n:02d}" for n in range(17))
+    code, out, err = await _command(_env(tmp_path, CLINIC_PREVIOUS_SECRETS=too_many))
     assert (code, out) == (2, ""), err
     assert "configuration error: CLINIC_PREVIOUS_SECRETS=<hidden>" in err
     code, out, err = await _command({"CLINIC_DATA_DIR": str(tmp_path / "none")})
