@@ -241,16 +241,26 @@ def test_a_transfer_target(tmp_path: Path, target: str, found: bool) -> None:
     assert [str(f) for f in check_files([path])] == ([expected] if found else [])
 
 
-def test_a_phrase_in_two_choices(tmp_path: Path) -> None:
-    # "repeat prescription" heard as both choices: the caller who says it is asked again.
+def two_choices(tmp_path: Path, first: str, second: str) -> Path:
+    """A front flow whose question has the two choices ``first`` and ``second`` (flow
+    mappings, on lines 9 and 10)."""
     path = tmp_path / "front.yaml"
     path.write_text(
         "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
         '      prompt: "How can I help?"\n      choices:\n'
-        '        - {key: "2", phrases: [prescription, repeat prescription], goto: bye}\n'
-        '        - {key: "3", phrases: [results, repeat prescription, results], goto: bye}\n'
+        f"        - {first}\n        - {second}\n"
         '  bye:\n    hangup: "Goodbye."\n',
         encoding="utf-8",
+    )
+    return path
+
+
+def test_a_phrase_in_two_choices(tmp_path: Path) -> None:
+    # "repeat prescription" heard as both choices: the caller who says it is asked again.
+    path = two_choices(
+        tmp_path,
+        '{key: "2", phrases: [prescription, repeat prescription], goto: bye}',
+        '{key: "3", phrases: [results, repeat prescription, results], goto: bye}',
     )
     assert [str(f) for f in check_files([path])] == [
         f"{path}:10: phrase 'repeat prescription' is in two choices"
@@ -292,14 +302,10 @@ def test_a_node_given_twice(tmp_path: Path) -> None:
 
 def test_a_phrase_that_holds_another_choices_phrase(tmp_path: Path) -> None:
     # "test results" holds "results" of the other choice: heard as both, asked again.
-    path = tmp_path / "front.yaml"
-    path.write_text(
-        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
-        '      prompt: "How can I help?"\n      choices:\n'
-        '        - {key: "2", phrases: [results], label: results, goto: bye}\n'
-        '        - {key: "3", phrases: [test results, lab], label: lab, goto: bye}\n'
-        '  bye:\n    hangup: "Goodbye."\n',
-        encoding="utf-8",
+    path = two_choices(
+        tmp_path,
+        '{key: "2", phrases: [results], label: results, goto: bye}',
+        '{key: "3", phrases: [test results, lab], label: lab, goto: bye}',
     )
     assert [str(f) for f in check_files([path])] == [
         f"{path}:10: phrase 'test results' also matches 'results': a caller who says it is "
