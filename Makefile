@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 # and what only its tests and benches need (SIP peers, the Asterisk chroot, captures, load).
 APT_RUN := redis-server espeak-ng libespeak-ng1 sox ca-certificates curl python3-venv python3-dev gcc tzdata
 APT_TEST := sip-tester baresip debootstrap tshark docker-compose wrk
-PYTEST_ARGS ?=
+# The slowest tests are listed at the end of each run: the suite must stay well inside CI's
+# 90 minutes on 2 cores, and the list shows where its time goes.
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: help install install-test apt apt-test venv venv-dev run test lint unit integration e2e bench bench-quick asterisk asterisk-stop asterisk-rootfs clean
 
