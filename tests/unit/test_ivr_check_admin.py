@@ -10,7 +10,8 @@ import pytest
 
 import voice.ivr.check as check_module
 from voice.ivr.check import check_files
-from voice.ivr.flow import Branch, load_flow
+from voice.ivr.engine import Engine, Listen, PromptDone
+from voice.ivr.flow import Ask, Branch, FlowParams, hears_speech, load_flow, load_flows
 
 # A small triage: one danger sign, then an urgency branch. {prompt}, {cases} and {goodbye}
 # are what each case below changes.
@@ -311,3 +312,184 @@ def test_a_phrase_that_holds_another_choices_phrase(tmp_path: Path) -> None:
         f"{path}:10: phrase 'test results' also matches 'results': a caller who says it is "
         "never understood"
     ]
+
+
+# -- phrases are checked only where a call can hear them ------------------------------------
+
+ENTRY = '{min: 4, max: 10, terminator: "#"}'
+ASK_KINDS = {
+    # mode, digits ("" none): what the ask is
+    "keypad question": ("keypad", ""),
+    "speech question": ("speech", ""),
+    "keypad and speech question": ("both", ""),
+    "keypad entry": ("both", ENTRY),
+    "keypad entry, keypad mode": ("keypad", ENTRY),
+}
+
+
+def one_ask(tmp_path: Path, mode: str, choices: list[str], digits: str = "") -> Path:
+    """A flow whose one question (in ``mode``, ``digits`` when given) has ``choices``, each on
+    its own line from line 11."""
+    path = tmp_path / "front.yaml"
+    entry = f"      digits: {digits}\n      next: bye\n" if digits else ""
+    listed = "".join(f"        - {c}\n" for c in choices)
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        f'      mode: {mode}\n      prompt: "How can I help?"\n{entry}'
+        + (f"      choices:\n{listed}" if choices else "")
+        + '  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize(("mode", "heard"), [("keypad", False), ("both", True), ("speech", True)])
+def test_a_phrase_twice_is_a_finding_only_where_speech_is_heard(
+    tmp_path: Path, mode: str, heard: bool
+) -> None:
+    # A keypad question never listens for words (Engine.speech_on): its phrases are never
+    # heard, so two choices sharing one, or one holding another's, confuse no caller. Its
+    # refusal stopped serve, and with it the clinic line, at start.
+    path = one_ask(
+        tmp_path,
+        mode,
+        [
+            '{key: "1", phrases: [results, my results], label: results, goto: bye}',
+            '{key: "2", phrases: [prescription, my results], label: prescription, goto: bye}',
+            '{key: "3", phrases: [test results], goto: bye}',
+        ],
+    )
+    never = "a caller who says it is never understood"
+    expected = [
+        f"{path}:11: phrase 'my results' is in two choices",
+        f"{path}:12: phrase 'test results' also matches 'results': {never}",
+    ]
+    assert [str(f) for f in check_files([path])] == (expected if heard else [])
+
+
+def test_a_keypad_entry_speaks_no_label(tmp_path: Path) -> None:
+    # A keypad entry hears no speech: its hint says "press 9, then hash", never "say the
+    # main menu", so its label is no spoken answer (the way back of the README's entries).
+    digits = '{min: 8, max: 8, terminator: "#", format: date_ddmmyyyy}'
+    path = one_ask(tmp_path, "both", ['{key: "9", label: the main menu, goto: bye}'], digits)
+    assert [str(f) for f in check_files([path])] == []
+
+
+@pytest.mark.parametrize("kind", sorted(ASK_KINDS))
+def test_hears_speech_is_the_engines_listening(tmp_path: Path, kind: str) -> None:
+    # The checker's "can a call hear it" is the engine's: with speech on for the flow's
+    # language, the Listen of each kind of question takes speech exactly when hears_speech.
+    mode, digits = ASK_KINDS[kind]
+    choices = [] if digits else ['{key: "1", phrases: [one], label: one, goto: bye}']
+    one_ask(tmp_path, mode, choices, digits)
+    flowset = load_flows(tmp_path)
+    ask = flowset.get("front").nodes["pick"]
+    assert isinstance(ask, Ask)
+    engine = Engine(flowset, FlowParams(speech_enabled=True, speech_language="en"))
+    state, _ = engine.start(flowset.get("front"))
+    state, actions = engine.handle(state, PromptDone())
+    listens = [a for a in actions if isinstance(a, Listen)]
+    assert len(listens) == 1, actions
+    assert listens[0].speech is hears_speech(ask) is (mode != "keypad" and not digits)
+
+
+# -- keys that are one key once read, prompts a step needs ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("1", '"1"'),  # an int and a text: the loader turns both into "1"
+        ("01", '"1"'),  # YAML 1.1 reads 01 as the octal 1
+        ("0x1", "1"),
+        ("true", "True"),
+    ],
+)
+def test_keys_that_are_one_key_once_read(tmp_path: Path, first: str, second: str) -> None:
+    # The branch's second case replaced its first in silence: the caller who typed 1 went
+    # where the flow never said.
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        '      mode: keypad\n      prompt: "Your choice?"\n      save: choice\n'
+        '      choices:\n        - {key: "1", label: one, goto: route}\n'
+        f"  route:\n    branch:\n      on: choice\n      cases:\n"
+        f"        {first}: bye\n        {second}: desk\n      default: bye\n"
+        '  bye:\n    hangup: "Goodbye."\n  desk:\n    transfer: staff\n',
+        encoding="utf-8",
+    )
+    read = "True" if first == "true" else "1"
+    assert [str(f) for f in check_files([path])] == [
+        f"{path}:17: YAML: {read!r} is given twice in step 'route' ({first} on line 16, "
+        f"{second} here: one key once read): the second would replace the first"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ask", "finding"),
+    [
+        # Left out, or "prompt:" with nothing after it: as an empty one, no question.
+        ("", "7: ask 'pick' has no 'prompt': write the question"),
+        ("      prompt:\n", "7: ask 'pick' has no 'prompt': write the question"),
+        (
+            '      keypad_prompt: "Press 1 for one."\n',
+            "7: ask 'pick' has no 'prompt': write the question",
+        ),
+        ('      prompt: "Your choice?"\n', ""),
+    ],
+)
+def test_an_ask_without_a_prompt(tmp_path: Path, ask: str, finding: str) -> None:
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        f"id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n{ask}"
+        '      choices:\n        - {key: "1", phrases: [one], label: one, goto: bye}\n'
+        '  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == ([f"{path}:{finding}"] if finding else [])
+
+
+@pytest.mark.parametrize(
+    ("record", "finding"),
+    [
+        # The engine records at once: the caller hears the beep and no word of what to say.
+        ("{max_s: 60, save: message}", "record 'message' has no 'prompt'"),
+        ('{prompt: "", max_s: 60, save: message}', "record 'message' has no 'prompt'"),
+        ('{prompt: "  ", max_s: 60, save: message}', "record 'message' has no 'prompt'"),
+        ("{prompt: , max_s: 60, save: message}", "record 'message' has no 'prompt'"),
+        ('{prompt: "After the tone, say your name.", save: message}', ""),
+    ],
+)
+def test_a_record_step_says_what_to_record(tmp_path: Path, record: str, finding: str) -> None:
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: message\nnodes:\n  message:\n"
+        f"    record: {record}\n    next: bye\n"
+        '  bye:\n    hangup: "Thank you."\n',
+        encoding="utf-8",
+    )
+    expected = [f"{path}:6: {finding}: say what to record before the beep"] if finding else []
+    assert [str(f) for f in check_files([path])] == expected
+
+
+@pytest.mark.parametrize(
+    ("step", "found"),
+    [
+        # A say's words, as a mapping: blank is as empty (the plain form's rule).
+        ('say: {text: "  "}\n    next: bye', True),
+        ('say: {text: "Hello."}\n    next: bye', False),
+        # Optional words: a transfer refers at once, a hang-up ends at once.
+        ("transfer: staff", False),
+        ('transfer: staff\n    prompt: ""', False),
+        ("hangup: true", False),
+    ],
+)
+def test_steps_whose_words_are_optional_stay_so(tmp_path: Path, step: str, found: bool) -> None:
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        f"id: front\nlanguage: en\nstart: hi\nnodes:\n  hi:\n    {step}\n"
+        '  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    got = [str(f) for f in check_files([path]) if "unreachable" not in f.message]
+    assert got == ([f"{path}:6: say 'hi' has no words: give it a text"] if found else [])

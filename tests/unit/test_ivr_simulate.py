@@ -633,3 +633,38 @@ def test_at_a_wall_time_the_clocks_skip_is_the_hour_after_it(
     code, out = run(["main_menu", "--flows-dir", str(SHIPPED), "--at", at], [":hangup"])
     assert code == 0
     assert ("-- the practice is closed (opening hours)" in out) is closed, out[:3]
+
+
+DOB = (
+    "BOT: Please enter the patient's date of birth as eight digits: two for the day, two for"
+    " the month and four for the year, then press hash."
+)
+PATIENT_NO = "BOT: Please enter the patient number, then press hash."
+
+
+@pytest.mark.parametrize(
+    ("lines", "shown"),
+    [
+        # The whole entry and its # on one line: the caller waits for nothing after the
+        # first digit (its 4 s inter-digit wait is cut by the rest), so none is shown. It
+        # was: "(listening for keys, 4 s)" after the complete entry, before the next question.
+        (["1", "01012000#"], [DOB, "   (listening for keys, 8 s)", PATIENT_NO]),
+        # A pause after "0101": the entry waits 4 s after its last digit, as on a call.
+        (
+            ["1", "0101", "2000#"],
+            [DOB, "   (listening for keys, 8 s)", "   (listening for keys, 4 s)", PATIENT_NO],
+        ),
+        # Typed ahead into the entry's prompt, one digit short: the nomatch follows at once.
+        (
+            ["12345678#"],
+            [DOB, "   (prompt cut short)", "BOT: Sorry, I did not understand. " + DOB[5:]],
+        ),
+    ],
+)
+def test_a_keypad_entry_shows_only_the_waits_a_caller_meets(
+    lines: list[str], shown: list[str]
+) -> None:
+    code, out = run(["appointments", "--flows-dir", str(SHIPPED)], lines)
+    assert code == 0
+    start = out.index(DOB)
+    assert out[start : start + len(shown)] == shown, out

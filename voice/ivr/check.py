@@ -32,7 +32,10 @@ Checks, each reported as ``file:line: message``:
   both or neither, no triage action, are the schema's);
 * spoken hints: in an ask that takes speech the prompt says "Say {label} or press {key}", so
   each such label must be heard as its own choice (one of its phrases, by the engine's own
-  matching) and as no other; no phrase holds another choice's (heard as both: no answer);
+  matching) and as no other; no phrase holds another choice's (heard as both: no answer).
+  An ask takes speech on a call with a speech model in its flow's language unless it is a
+  keypad question or a keypad entry (:func:`voice.ivr.flow.hears_speech`): the settings are
+  not read, so a flow that passes here passes with any;
 * a case of a branch on urgency that no path reaches at its level, whose target no other
   path reaches: a step the flow counts on that no caller gets to.
 """
@@ -66,7 +69,6 @@ from voice.ivr.flow import (
     Goto,
     Hangup,
     Human,
-    InputMode,
     Node,
     Record,
     Say,
@@ -74,6 +76,7 @@ from voice.ivr.flow import (
     Transfer,
     Webhook,
     flows_folder_problem,
+    hears_speech,
     node_outcome,
     node_texts,
     parse_flow,
@@ -663,8 +666,8 @@ class _Checker:
     def spoken_labels(self) -> None:
         """A caller who says what the hint told them to say must get that choice."""
         for node in self.flow.nodes.values():
-            if not isinstance(node, Ask) or node.mode is InputMode.KEYPAD:
-                continue
+            if not isinstance(node, Ask) or not hears_speech(node):
+                continue  # no "Say ..." hint, and no phrase is heard
             for choice in node.choices:
                 if not (choice.label and choice.key):
                     continue  # no "Say ... or press ..." hint for it

@@ -538,6 +538,14 @@ class Ask:
     on_closed: str | None = None
 
 
+def hears_speech(ask: Ask) -> bool:
+    """Whether ``ask`` listens for speech on a call that takes speech (a speech model in its
+    flow's language: :meth:`FlowParams.speech_for`), as the engine listens: never in a
+    keypad question (``mode: keypad``) nor in a keypad entry (``digits``), whose phrases no
+    caller can say and whose hint says "press", never "say"."""
+    return ask.mode is not InputMode.KEYPAD and ask.digits is None
+
+
 @dataclass(frozen=True, slots=True)
 class Branch:
     """Go on by a collected value (or ``urgency``): ``cases`` value -> target."""
@@ -897,6 +905,12 @@ class _LineLoader(yaml.SafeLoader):
     ``on:`` and the answers ``yes``/``no`` as booleans.
     """
 
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # The keys of the mappings being read, outermost first (``nodes``, a node id, ...):
+        # a key given twice is reported in its step.
+        self.key_path: list[str] = []
+
 
 _LineLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
@@ -918,29 +932,53 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_Map
     data.key_lines = {}
     data.key_texts = {}
     yield data
-    first: dict[str, int] = {}
+    # Each key as read, with its line and its text as written: ``1`` and ``"1"``, ``01`` and
+    # ``"1"`` (YAML 1.1's octal) or ``true`` and ``True`` are one key once read, as is a
+    # node pasted and not renamed. YAML keeps the last: the first was replaced (a
+    # danger-sign question gone, a branch case that is never taken), in silence.
+    first: dict[str, tuple[int, str]] = {}
     for key_node, _ in node.value:
         if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-            line = key_node.start_mark.line + 1
-            if key_node.value in first:
-                # YAML keeps the last: a node pasted and not renamed replaced the first (a
-                # danger-sign question gone), in silence.
+            key = str(loader.construct_object(key_node))
+            written = _written(key_node)
+            if key in first:
+                line, before = first[key]
+                where = f"also on line {line}"
+                if before != written:
+                    where = f"{before} on line {line}, {written} here: one key once read"
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
-                    f"{key_node.value!r} is given twice (also on line {first[key_node.value]}):"
-                    " the second would replace the first",
+                    f"{key!r} is given twice{_in_step(loader.key_path)} ({where}): the second"
+                    " would replace the first",
                     key_node.start_mark,
                 )
-            first[key_node.value] = line
+            first[key] = (key_node.start_mark.line + 1, written)
     loader.flatten_mapping(node)
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        data[str(key)] = loader.construct_object(value_node, deep=True)
+        loader.key_path.append(str(key))
+        try:
+            data[str(key)] = loader.construct_object(value_node, deep=True)
+        finally:
+            loader.key_path.pop()
         data.key_lines[str(key)] = key_node.start_mark.line + 1
         written = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key)
         if str(key) != written:
             data.key_texts[str(key)] = written
+
+
+def _written(key_node: yaml.ScalarNode) -> str:
+    """A key as the file writes it, its quotes included (``"1"``, ``01``)."""
+    quote = key_node.style if key_node.style in {'"', "'"} else ""
+    return f"{quote}{key_node.value}{quote}"
+
+
+def _in_step(key_path: list[str]) -> str:
+    """`` in step 'x'`` for a mapping inside the node ``x`` of a flow's ``nodes``, else ""."""
+    if len(key_path) >= 2 and key_path[0] == "nodes":
+        return f" in step {key_path[1]!r}"
+    return ""
 
 
 def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Iterator[_Seq]:
@@ -1199,6 +1237,8 @@ class _Parser:
             barge_in = self.flag(body, "barge_in", barge_in)
             if not text and not audio:
                 self.error(body.line, "say needs 'text' or 'audio'")
+            elif not text.strip() and not audio:  # "  ": as the plain form's, below
+                self.error(body.line_of("text"), f"say {node_id!r} has no words: give it a text")
         else:
             text = self.text(m, "say")
             if "say" in m and not text.strip() and isinstance(body, str):
@@ -1253,7 +1293,10 @@ class _Parser:
         except ValueError:
             self.error(a.line_of("mode"), "'mode' must be keypad, speech or both")
             mode = InputMode.BOTH
-        choices = tuple(self.choices(a))
+        # Phrases are heard only where the engine listens for speech (speech_for and
+        # Engine._listen): not in a keypad question, nor in a keypad entry (whose phrases
+        # are a finding of their own).
+        choices = tuple(self.choices(a, speech=mode is not InputMode.KEYPAD and "digits" not in a))
         digits = self.digits(a)
         if digits is None and not choices:
             self.error(a.line, "ask needs 'choices' or 'digits'")
@@ -1264,7 +1307,12 @@ class _Parser:
             self.error(a.line, "a digits ask needs 'next'")
         if digits is None and nxt is not None:
             self.error(a.line_of("next"), "'next' is for digits asks; choices have 'goto'")
-        prompt = self.text(a, "prompt")
+        prompt = ""
+        if a.get("prompt") is None:  # left out, or "prompt:" with nothing after it
+            # As an empty one (below): "press 1 for yes ..." and no question.
+            self.error(a.line_of("prompt"), f"ask {node_id!r} has no 'prompt': write the question")
+        else:
+            prompt = self.text(a, "prompt")
         for key in ("prompt", "keypad_prompt"):
             if isinstance(a.get(key), str) and not a[key].strip():
                 # The caller would hear only "press 1 for yes ..." (or nothing) and answer a
@@ -1297,7 +1345,8 @@ class _Parser:
             on_closed=self.opt_text(a, "on_closed"),
         )
 
-    def choices(self, a: _Map) -> Iterator[Choice]:
+    def choices(self, a: _Map, *, speech: bool) -> Iterator[Choice]:
+        """An ask's choices; ``speech``: whether the ask can hear its phrases on a call."""
         raw = a.get("choices", [])
         if not isinstance(raw, list):
             self.error(a.line_of("choices"), "'choices' must be a list")
@@ -1320,8 +1369,10 @@ class _Parser:
                     self.error(c.line_of("key"), f"key {key} is used twice")
                 seen_keys.add(key)
             phrases = tuple(p.lower() for p in self.texts(c, "phrases"))
-            for phrase in sorted(set(phrases) & seen_phrases):
+            for phrase in sorted(set(phrases) & seen_phrases if speech else ()):
                 # Heard as two answers at once: the caller who says it is never understood.
+                # Not where no phrase is heard (a keypad question): a refusal there stopped
+                # the clinic line at start for words no caller can say.
                 self.error(c.line_of("phrases"), f"phrase {phrase!r} is in two choices")
             seen_phrases.update(phrases)
             if key is None and not phrases:
@@ -1467,10 +1518,19 @@ class _Parser:
         if r is None:
             return None
         self.known(r, {"prompt", "max_s", "save"}, "record")
+        raw = r.get("prompt")
+        prompt = "" if raw is None else self.text(r, "prompt")
+        if isinstance(raw, str | None) and not prompt.strip():  # (else: "must be text")
+            # The engine records at once: the caller hears the beep and no word of what to
+            # say (a name? the medicines?), nor that a recording is under way.
+            self.error(
+                r.line_of("prompt"),
+                f"record {node_id!r} has no 'prompt': say what to record before the beep",
+            )
         return Record(
             node_id,
             m.line,
-            self.text(r, "prompt", ""),
+            prompt,
             int(self.number(r, "max_s", 60, 5, 300)),
             self.save_name(r, "recording") or "recording",
             self.next(m, node_id),

@@ -431,14 +431,27 @@ def run(
         )
     state, actions = engine.start(flow)
     queue: deque[Event] = deque()
+    # A wait the keys typed on the same line cut short (an entry's first digit starts its
+    # inter-digit wait, and the rest of "01012000#" follows at once): shown only if the
+    # question still waits once those keys are in, as a caller who paused there would.
+    held: tuple[Listen, str, str] | None = None
     while True:
         for action in actions:
             if not _hung_up(queue):
+                if isinstance(action, Listen) and queue and isinstance(queue[0], Digit):
+                    held = (action, state.flow, state.node)
+                    continue
+                held = None
                 queue.extend(_show(action, output_fn, input_fn, transfer))
             elif not isinstance(action, _NEEDS_THE_CALLER):
                 # The caller has gone and the engine is told next: a webhook still runs (the
                 # session holds the hang-up for its result), nothing else is carried out.
                 queue.extendleft(reversed(_show(action, output_fn, input_fn, transfer)))
+        if held is not None and not queue:
+            listen, flow_id, node_id = held
+            held = None
+            if state.phase is Phase.LISTENING and (state.flow, state.node) == (flow_id, node_id):
+                _show(listen, output_fn, input_fn, transfer)
         if state.phase is Phase.ENDED:
             output_fn("-- call ended")
             return 0
