@@ -31,7 +31,14 @@ import redis.asyncio as aioredis
 
 from clinic_voice.app import RUNTIME
 from tests.integration.conftest import API_KEY, CALLS_KEY, MOBILE, SECRET, OpenApiCollector
-from tests.peers.ivr_rig import NURSE_USER, ClinicLine, Phone, phones, running_clinic_line
+from tests.peers.ivr_rig import (
+    NURSE_USER,
+    ClinicLine,
+    Phone,
+    phones,
+    put_through_to_nurse,
+    running_clinic_line,
+)
 from tests.peers.webhook_receiver import WebhookReceiver
 from verification.webhooks import SIGNATURE_HEADER, verify
 from voice.ivr.call_record import CallResult
@@ -86,21 +93,12 @@ def steps(record: dict[str, Any], kind: str) -> list[tuple[str, str]]:
 
 async def test_danger_sign_ends_in_u1_and_a_transfer_to_the_nurse(line: ClinicLine) -> None:
     before = await line.call_ids()
-    async with phones() as started:
-        nurse = await Phone.start(
-            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
-        )
-        started.append(nurse)
-        # 4 (triage) while the welcome plays, 1 (yourself) during the triage intro: each key
-        # cuts its prompt short. A danger sign takes no early key: 1 (yes, difficulty
-        # breathing) once the question was heard.
-        caller = await Phone.start(
-            "caller", "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6", "--answers", "1"
-        )
-        started.append(caller)
-        incoming = await nurse.wait_for("incoming", CALL_S)
-        await caller.finish(CALL_S)
-        await nurse.finish(10)
+    # 4 (triage) while the welcome plays, 1 (yourself) during the triage intro: each key
+    # cuts its prompt short. A danger sign takes no early key: 1 (yes, difficulty
+    # breathing) once the question was heard.
+    caller, incoming = await put_through_to_nurse(
+        line, "--call", line.uri("6000"), "--dtmf", "4@0.8,1@1.6", "--answers", "1"
+    )
 
     assert caller.find("redirected") is not None, "the front's 302 was not followed"
     xfer = caller.find("transfer_request")
@@ -125,19 +123,11 @@ async def test_danger_sign_ends_in_u1_and_a_transfer_to_the_nurse(line: ClinicLi
 
 async def test_silence_on_a_danger_sign_question_ends_with_the_nurse(line: ClinicLine) -> None:
     before = await line.call_ids()
-    async with phones() as started:
-        nurse = await Phone.start(
-            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
-        )
-        started.append(nurse)
-        # 1 (yourself) cuts the triage intro short; then the breathing question gets silence.
-        caller = await Phone.start(
-            "caller", "--call", line.uri("6001"), "--dtmf", "1@0.5", "--timeout", "90"
-        )
-        started.append(caller)
-        incoming = await nurse.wait_for("incoming", 90)
-        await caller.finish(30)
-        await nurse.finish(10)
+    # 1 (yourself) cuts the triage intro short; then the breathing question gets silence.
+    caller, incoming = await put_through_to_nurse(
+        line, "--call", line.uri("6001"), "--dtmf", "1@0.5", "--timeout", "90",
+        incoming_s=90, finish_s=30,
+    )  # fmt: skip
 
     assert caller.find("confirmed", leg="xfer") is not None, f"no transfer: {caller.events}"
     assert "unclear answer" in incoming["headers"].get("X-Clinic-Summary", ""), incoming
@@ -936,6 +926,19 @@ def tone_runs(pcm: Pcm, hz: int, min_s: float = 0.15) -> list[tuple[float, float
     if start is not None and len(pcm.samples) / pcm.rate_hz - start >= min_s:
         runs.append((start, len(pcm.samples) / pcm.rate_hz))
     return runs
+
+
+def speech_after(pcm: Pcm, start_s: float) -> float:
+    """Seconds of loud 20 ms frames from ``start_s`` on that are not the ring tone."""
+    n = pcm.rate_hz // 50
+    ring = tone_runs(pcm, RINGBACK.hz)
+    loud = 0
+    for i in range(int(start_s * pcm.rate_hz), len(pcm.samples) - n + 1, n):
+        t = i / pcm.rate_hz
+        frame = pcm.samples[i : i + n]
+        if sum(abs(x) for x in frame) / n > 300 and not any(a <= t < b for a, b in ring):
+            loud += 1
+    return loud / 50
 
 
 async def sox(*argv: str) -> None:

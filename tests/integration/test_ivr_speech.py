@@ -19,7 +19,14 @@ import pytest
 import pytest_asyncio
 
 from tests.integration.conftest import OpenApiCollector
-from tests.peers.ivr_rig import NURSE_USER, ClinicLine, Phone, phones, running_clinic_line
+from tests.peers.ivr_rig import (
+    NURSE_USER,
+    ClinicLine,
+    Phone,
+    phones,
+    put_through_to_nurse,
+    running_clinic_line,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -84,16 +91,9 @@ async def test_spoken_yes_to_breathing_difficulty_is_u1_and_a_nurse(
 ) -> None:
     answer = await spoken(tmp_path, "예", "yes")
     before = await line.call_ids()
-    async with phones() as started:
-        nurse = await Phone.start(
-            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
-        )
-        started.append(nurse)
-        caller = await Phone.start("caller", "--call", line.uri("ko"), "--play", str(answer))
-        started.append(caller)
-        incoming = await nurse.wait_for("incoming", CALL_S)
-        await caller.finish(CALL_S)
-        await nurse.finish(10)
+    caller, incoming = await put_through_to_nurse(
+        line, "--call", line.uri("ko"), "--play", str(answer)
+    )
 
     assert caller.find("confirmed", leg="xfer") is not None, f"no transfer: {caller.events}"
     assert incoming["headers"].get("X-Clinic-Urgency") == "U1", incoming
@@ -136,16 +136,7 @@ async def test_speaking_over_the_question_stops_it_and_is_heard(
     # "예" 2 s into the 7 s question: speech barge-in.
     answer = await spoken(tmp_path, "예", "yes-early", lead_s=2.0)
     before = await line.call_ids()
-    async with phones() as started:
-        nurse = await Phone.start(
-            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
-        )
-        started.append(nurse)
-        caller = await Phone.start("caller", "--call", line.uri("ko"), "--play", str(answer))
-        started.append(caller)
-        await nurse.wait_for("incoming", CALL_S)
-        await caller.finish(CALL_S)
-        await nurse.finish(10)
+    await put_through_to_nurse(line, "--call", line.uri("ko"), "--play", str(answer))
     record = await line.new_record(before)
     heard = speech_steps(record)
     assert [(p["node"], p["value"]) for p in heard] == [("breathing", "예")], record["path"]
@@ -161,19 +152,10 @@ async def test_speech_after_a_key_answer_does_not_stop_the_prompt_that_follows(
     # or its end never comes and the caller waits in silence instead of reaching the nurse.
     answer = await spoken(tmp_path, "예", "yes-late", lead_s=0.0)
     before = await line.call_ids()
-    async with phones() as started:
-        nurse = await Phone.start(
-            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
-        )
-        started.append(nurse)
-        caller = await Phone.start(
-            "caller", "--call", line.uri("ko"), "--dtmf", f"1@{LEAD_S}",
-            "--play", str(answer), "--play-at", str(LEAD_S + 1.5),
-        )  # fmt: skip
-        started.append(caller)
-        await nurse.wait_for("incoming", CALL_S)
-        await caller.finish(CALL_S)
-        await nurse.finish(10)
+    await put_through_to_nurse(
+        line, "--call", line.uri("ko"), "--dtmf", f"1@{LEAD_S}",
+        "--play", str(answer), "--play-at", str(LEAD_S + 1.5),
+    )  # fmt: skip
     record = await line.new_record(before)
     assert ("breathing", "digit", "1") in [
         (p["node"], p["input"], p["value"]) for p in record["path"]

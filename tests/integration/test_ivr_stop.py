@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +112,60 @@ def wav_pcm(path: Path) -> bytes:
     return samples_to_bytes(samples)
 
 
+async def notices(renderer: PromptRenderer, emergency_number: str) -> dict[str, bytes]:
+    """The English closing and transfer_failed notices as ``renderer`` renders them (8 kHz
+    PCM): what the end of a recorded call is ranked against."""
+    return {
+        key: wav_pcm(
+            await renderer.render(
+                SYSTEM_TEXTS["en"][key].format(emergency_number=emergency_number), voice="en"
+            )
+        )
+        for key in ("closing", "transfer_failed")
+    }
+
+
+def assert_heard_closing(heard: Path, references: Mapping[str, bytes]) -> None:
+    """The last 14 s of what the caller heard (``heard``) are the closing notice."""
+    tail = wav_pcm(heard)[-8000 * 2 * 14 :]
+    match = rank(tail, references, 8000)
+    assert match.key == "closing" and match.score > match.runner_up, match
+
+
+def serve_env(data: Path, extra: Mapping[str, str], *, nurse_port: int = 0) -> dict[str, str]:
+    """``serve``'s environment for the clinic line's flows in ``data``: the nurse (at
+    ``nurse_port``, else a free port) and the staff desk on ports nobody answers unless the
+    test starts a phone there; ``extra`` on top."""
+    return {
+        **BASE_ENV,
+        "CLINIC_DATA_DIR": str(data),
+        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{nurse_port or free_port()}",
+        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
+        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
+        **extra,
+    }
+
+
+async def caller_in_main_menu(
+    service: Service, env: Mapping[str, str], started: list[Phone], heard: Path
+) -> tuple[Phone, dict[str, bytes]]:
+    """Once ``serve`` (started with ``env``) has its prompts cached: a caller in the main
+    menu who says and presses nothing (it repeats itself), recorded into ``heard``, a second
+    into the call; and the notices (:func:`notices`) from serve's own cache (no render here).
+    """
+    await prompts_warm(service)
+    renderer = PromptRenderer(Path(env["CLINIC_DATA_DIR"]) / "prompts")
+    references = await notices(renderer, Settings.from_env(env).ivr.emergency_number)
+    caller = await Phone.start(
+        "caller", "--call", f"sip:6000@{service.sip_addr}", "--record", str(heard),
+        "--timeout", "120",
+    )  # fmt: skip
+    started.append(caller)
+    await caller.wait_for("media", CALL_S)
+    await asyncio.sleep(1.0)
+    return caller, references
+
+
 async def test_a_call_in_progress_may_finish_and_a_new_one_gets_503(
     tmp_path: Path, openapi_responses: OpenApiCollector, ivr_prompt_cache: Path
 ) -> None:
@@ -145,15 +199,7 @@ async def test_a_caller_still_on_the_line_when_the_drain_ends_hears_why_it_ends(
     async with line_with(tmp_path, openapi_responses, ivr_prompt_cache, drain_s=2) as line:
         renderer = line.app[RUNTIME].renderer
         assert renderer is not None
-        params = line.settings.ivr
-        closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=params.emergency_number)
-        failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(
-            emergency_number=params.emergency_number
-        )
-        references = {
-            "closing": wav_pcm(await renderer.render(closing, voice="en")),
-            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
-        }
+        references = await notices(renderer, line.settings.ivr.emergency_number)
         async with phones() as started:
             # The main menu, and a caller who says and presses nothing (it repeats itself).
             caller = await Phone.start(
@@ -170,9 +216,7 @@ async def test_a_caller_still_on_the_line_when_the_drain_ends_hears_why_it_ends(
     media_at = caller.find("media", leg="main")
     assert media_at is not None
     assert ended["t"] - media_at["t"] > 1.0 + 2.0 + 5.0, caller.events
-    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
-    match = rank(tail, references, 8000)
-    assert match.key == "closing" and match.score > match.runner_up, match
+    assert_heard_closing(heard, references)
 
 
 async def test_a_message_being_recorded_ends_at_the_close_and_is_kept(
@@ -236,36 +280,12 @@ async def test_a_second_sigterm_ends_the_drain_at_once(
     the drain's end, and the stop goes on from there (serve exits 0)."""
     heard = tmp_path / "heard.wav"
     data = _data_dir(tmp_path, "data")
-    env = {
-        **BASE_ENV,
-        "CLINIC_REDIS_URL": redis_server.url,
-        "CLINIC_DATA_DIR": str(data),
-        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
-        "CLINIC_CALL_DRAIN_S": "600",
-    }
-    emergency = Settings.from_env(env).ivr.emergency_number
-    closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=emergency)
-    failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(emergency_number=emergency)
+    env = serve_env(data, {"CLINIC_REDIS_URL": redis_server.url, "CLINIC_CALL_DRAIN_S": "600"})
     loop = asyncio.get_running_loop()
     async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
         proc = service.proc
         assert proc is not None
-        await prompts_warm(service)
-        renderer = PromptRenderer(data / "prompts")  # serve's cache: no render here
-        references = {
-            "closing": wav_pcm(await renderer.render(closing, voice="en")),
-            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
-        }
-        # The main menu, and a caller who says and presses nothing (it repeats itself).
-        caller = await Phone.start(
-            "caller", "--call", f"sip:6000@{service.sip_addr}", "--record", str(heard),
-            "--timeout", "120",
-        )  # fmt: skip
-        started.append(caller)
-        await caller.wait_for("media", CALL_S)
-        await asyncio.sleep(1.0)
+        caller, references = await caller_in_main_menu(service, env, started, heard)
         try:
             proc.send_signal(signal.SIGTERM)
             await logged(service, "may go on for up to 600 s", 10.0)
@@ -293,9 +313,7 @@ async def test_a_second_sigterm_ends_the_drain_at_once(
     # Told now, with the notice (about 9 s) played through: not hung up on at the signal,
     # and not after the 600 s drain.
     assert 5.0 < told_s < 30.0, (told_s, caller.events)
-    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
-    match = rank(tail, references, 8000)
-    assert match.key == "closing" and match.score > match.runner_up, match
+    assert_heard_closing(heard, references)
     (record,) = await stored_calls(redis_server.url, env["CLINIC_SECRET"].encode())
     assert record["outcome"] == "cut_shutdown", record
 
@@ -323,14 +341,7 @@ async def test_a_call_cut_by_a_killed_serve_is_saved_with_its_triage_at_the_next
     clinic_calls_total{outcome="cut_service_lost"}, in every scrape whichever HTTP process
     answers it (it was not counted at all)."""
     data = _data_dir(tmp_path, "data")
-    env = {
-        **BASE_ENV,
-        "CLINIC_REDIS_URL": redis_server.url,
-        "CLINIC_DATA_DIR": str(data),
-        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
-    }
+    env = serve_env(data, {"CLINIC_REDIS_URL": redis_server.url})
     secret = env["CLINIC_SECRET"].encode()
     loop = asyncio.get_running_loop()
     async with (

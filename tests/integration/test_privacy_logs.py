@@ -23,7 +23,7 @@ import pytest
 
 from clinic_voice.app import RUNTIME
 from tests.integration.conftest import OpenApiCollector
-from tests.peers.ivr_rig import Phone, phones, running_clinic_line
+from tests.peers.ivr_rig import Phone, phones, put_through_to_nurse, running_clinic_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -92,24 +92,13 @@ async def test_calls_at_debug_leave_no_number_answer_or_summary_in_logs_or_files
     async with running_clinic_line(
         clinic, openapi_responses, env, prompt_cache=ivr_prompt_cache
     ) as line:
-        pool = line.app[RUNTIME].sip_pool
-        assert pool is not None
-        pids = [w.pid for w in pool._workers]  # the workers' processes
+        pids = [w.pid for w in line.pool._workers]  # the workers' processes
         assert pids and all(pids), pids
         before = await line.call_ids()
-        async with phones() as started:
-            nurse = await Phone.start(
-                "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
-            )
-            started.append(nurse)
-            caller = await Phone.start(
-                "caller", "--call", line.uri("6000"), "--from-user", NUMBER,
-                "--dtmf", "4@0.8,1@1.6", "--answers", "1",
-            )  # fmt: skip
-            started.append(caller)
-            incoming = await nurse.wait_for("incoming", CALL_S)
-            await caller.finish(CALL_S)
-            await nurse.finish(10)
+        _, incoming = await put_through_to_nurse(
+            line, "--call", line.uri("6000"), "--from-user", NUMBER,
+            "--dtmf", "4@0.8,1@1.6", "--answers", "1",
+        )  # fmt: skip
         triage = await line.new_record(before)
         before = await line.call_ids()
         async with phones() as started:

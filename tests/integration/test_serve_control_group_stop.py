@@ -22,16 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from sip_config.settings import Settings
-from tests.conftest import free_port
-from tests.integration.conftest import BASE_ENV, OpenApiCollector
+from tests.integration.conftest import OpenApiCollector
 from tests.integration.test_api_processes import _data_dir, _processes, serve
-from tests.integration.test_ivr_stop import CALL_S, prompts_warm, stored_calls, wav_pcm
-from tests.peers.ivr_rig import NURSE_USER, ROOT, STAFF_USER, Phone, phones
-from voice.ivr.flow import SYSTEM_TEXTS
+from tests.integration.test_ivr_stop import (
+    assert_heard_closing,
+    caller_in_main_menu,
+    serve_env,
+    stored_calls,
+)
+from tests.peers.ivr_rig import phones
 from voice.ivr.journal import LIVE_FOLDER
-from voice.media.audio_match import rank
-from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -46,36 +46,13 @@ async def test_sigterm_to_the_whole_control_group_drains_the_call_and_loses_noth
 ) -> None:
     heard = tmp_path / "heard.wav"
     data = _data_dir(tmp_path, "data")
-    env = {
-        **BASE_ENV,  # no CLINIC_REDIS_URL: the embedded Redis, in the unit as systemd sees it
-        "CLINIC_DATA_DIR": str(data),
-        "CLINIC_HTTP_WORKERS": "2",
-        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
-        "CLINIC_CALL_DRAIN_S": "2",
-    }
-    emergency = Settings.from_env(env).ivr.emergency_number
-    closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=emergency)
-    failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(emergency_number=emergency)
+    # No CLINIC_REDIS_URL: the embedded Redis, in the unit as systemd sees it.
+    env = serve_env(data, {"CLINIC_HTTP_WORKERS": "2", "CLINIC_CALL_DRAIN_S": "2"})
     loop = asyncio.get_running_loop()
     async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
         proc = service.proc
         assert proc is not None
-        await prompts_warm(service)
-        renderer = PromptRenderer(data / "prompts")  # serve's cache: no render here
-        references = {
-            "closing": wav_pcm(await renderer.render(closing, voice="en")),
-            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
-        }
-        # The main menu, and a caller who says and presses nothing (it repeats itself).
-        caller = await Phone.start(
-            "caller", "--call", f"sip:6000@{service.sip_addr}", "--record", str(heard),
-            "--timeout", "120",
-        )  # fmt: skip
-        started.append(caller)
-        await caller.wait_for("media", CALL_S)
-        await asyncio.sleep(1.0)
+        caller, references = await caller_in_main_menu(service, env, started, heard)
         children = _children(proc.pid)
         kinds = {
             kind
@@ -119,9 +96,7 @@ async def test_sigterm_to_the_whole_control_group_drains_the_call_and_loses_noth
     assert "hanging up the calls and stopping" not in log_text, "the worker hung up by itself"
     # Told after the drain, with the notice (about 9 s) played through: as at serve's stop.
     assert 2.0 + 5.0 < told_s < 2.0 + 30.0, (told_s, caller.events)
-    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
-    match = rank(tail, references, 8000)
-    assert match.key == "closing" and match.score > match.runner_up, match
+    assert_heard_closing(heard, references)
     # Nothing recorded was lost: the call's record is in Redis once serve starts again (saved
     # then, or replayed from the disk), and nothing waits on disk any more.
     secret = env["CLINIC_SECRET"].encode()

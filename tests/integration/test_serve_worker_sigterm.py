@@ -19,27 +19,30 @@ from pathlib import Path
 
 import pytest
 
-from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import BASE_ENV, OpenApiCollector
 from tests.integration.test_api_processes import Service, _data_dir, _processes, serve
 from tests.integration.test_ivr_stop import (
     CALL_S,
+    assert_heard_closing,
+    caller_in_main_menu,
     live_urgency,
     logged,
     prompts_warm,
+    serve_env,
     stored_calls,
-    wav_pcm,
 )
-from tests.peers.ivr_rig import NURSE_USER, ROOT, STAFF_USER, Phone, phones
-from voice.ivr.flow import SYSTEM_TEXTS
+from tests.peers.ivr_rig import NURSE_USER, Phone, phones
 from voice.ivr.journal import LIVE_FOLDER
-from voice.media.audio_match import rank
-from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 DRAIN_S = 3.0
+
+
+def drained(redis_server: RedisServer) -> dict[str, str]:
+    """The service's Redis, and the drain of this module."""
+    return {"CLINIC_REDIS_URL": redis_server.url, "CLINIC_CALL_DRAIN_S": f"{DRAIN_S:g}"}
 
 
 def sip_worker_pids(serve_pid: int) -> list[int]:
@@ -56,37 +59,12 @@ async def test_a_worker_sent_sigterm_alone_gives_its_caller_the_closing_notice(
     redis_server: RedisServer, tmp_path: Path, openapi_responses: OpenApiCollector
 ) -> None:
     heard = tmp_path / "heard.wav"
-    data = _data_dir(tmp_path, "data")
-    env = {
-        **BASE_ENV,
-        "CLINIC_REDIS_URL": redis_server.url,
-        "CLINIC_DATA_DIR": str(data),
-        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
-        "CLINIC_CALL_DRAIN_S": f"{DRAIN_S:g}",
-    }
-    emergency = Settings.from_env(env).ivr.emergency_number
-    closing = SYSTEM_TEXTS["en"]["closing"].format(emergency_number=emergency)
-    failed = SYSTEM_TEXTS["en"]["transfer_failed"].format(emergency_number=emergency)
+    env = serve_env(_data_dir(tmp_path, "data"), drained(redis_server))
     loop = asyncio.get_running_loop()
     async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:
         proc = service.proc
         assert proc is not None
-        await prompts_warm(service)
-        renderer = PromptRenderer(data / "prompts")  # serve's cache: no render here
-        references = {
-            "closing": wav_pcm(await renderer.render(closing, voice="en")),
-            "transfer_failed": wav_pcm(await renderer.render(failed, voice="en")),
-        }
-        # The main menu, and a caller who says and presses nothing (it repeats itself).
-        caller = await Phone.start(
-            "caller", "--call", f"sip:6000@{service.sip_addr}", "--record", str(heard),
-            "--timeout", "120",
-        )  # fmt: skip
-        started.append(caller)
-        await caller.wait_for("media", CALL_S)
-        await asyncio.sleep(1.0)
+        caller, references = await caller_in_main_menu(service, env, started, heard)
         (worker,) = sip_worker_pids(proc.pid)  # CLINIC_SIP_WORKERS=1: the call is on it
         os.kill(worker, signal.SIGTERM)  # as `pkill -f voice.sip.worker`
         signalled = loop.time()
@@ -116,9 +94,7 @@ async def test_a_worker_sent_sigterm_alone_gives_its_caller_the_closing_notice(
     # Told after the drain, with the notice (about 9 s) played through: not hung up on at
     # the signal (before: within a second).
     assert DRAIN_S + 5.0 < told_s < DRAIN_S + 30.0, (told_s, caller.events)
-    tail = wav_pcm(heard)[-8000 * 2 * 14 :]  # the last 14 s of what the caller heard
-    match = rank(tail, references, 8000)
-    assert match.key == "closing" and match.score > match.runner_up, match
+    assert_heard_closing(heard, references)
     (record,) = await stored_calls(redis_server.url, env["CLINIC_SECRET"].encode())
     assert record["outcome"] == "cut_shutdown", record
 
@@ -132,15 +108,7 @@ async def test_an_urgent_caller_on_a_worker_sent_sigterm_alone_is_put_through_to
     nurse at the drain's end, not told to call again later nor hung up on."""
     data = _data_dir(tmp_path, "data")
     nurse_port = free_port()
-    env = {
-        **BASE_ENV,
-        "CLINIC_REDIS_URL": redis_server.url,
-        "CLINIC_DATA_DIR": str(data),
-        "CLINIC_NURSE_URI": f"sip:{NURSE_USER}@127.0.0.1:{nurse_port}",
-        "CLINIC_STAFF_URI": f"sip:{STAFF_USER}@127.0.0.1:{free_port()}",
-        "CLINIC_FLOWS_DIR": str(ROOT / "ivr_flows"),
-        "CLINIC_CALL_DRAIN_S": f"{DRAIN_S:g}",
-    }
+    env = serve_env(data, drained(redis_server), nurse_port=nurse_port)
     secret = env["CLINIC_SECRET"].encode()
     loop = asyncio.get_running_loop()
     async with serve("serve", env, tmp_path, openapi_responses) as service, phones() as started:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,14 @@ import pytest
 
 from clinic_voice.metrics import Metrics
 from clinic_voice.wiring import new_sip_pool
-from sip_config.child_process import spawn_child
 from sip_config.clock import SystemClock
 from tests.conftest import sip_settings
-from tests.integration.test_sip_pool import CALLER, Sipp, sipp_uas
+from tests.integration.test_sip_pool import (
+    CALLER,
+    Sipp,
+    sipp_uas,
+    stop_during_a_held_restart,
+)
 from voice.sip import message
 from voice.sip import pool as pool_module
 from voice.sip.pjsua import STOP_ANSWERS_S
@@ -140,38 +143,8 @@ async def test_a_restart_still_starting_when_its_stop_time_ends_is_killed_as_no_
     monkeypatch.setattr(pool_module, "WORKER_STOP_S", 1.5)  # the test's time; the same logic
     pool = new_sip_pool(sip_settings(1), Metrics(), SystemClock())
     await pool.start()
-    [first] = pool.worker_pids()
-    real_spawn = spawn_child
-    held, release = asyncio.Event(), asyncio.Event()
-    spawned: list[asyncio.subprocess.Process] = []
-
-    async def spawn_held(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        proc = await real_spawn(*args, **kwargs)
-        os.kill(proc.pid, signal.SIGSTOP)  # still starting, for as long as it is held
-        spawned.append(proc)
-        held.set()
-        await release.wait()
-        return proc
-
-    monkeypatch.setattr(pool_module, "spawn_child", spawn_held)
     caplog.set_level(logging.INFO, "voice.sip.pool")
-    try:
-        os.kill(first, signal.SIGKILL)
-        async with asyncio.timeout(10):
-            await held.wait()
-        stop = asyncio.create_task(pool.stop())
-        await asyncio.sleep(0.2)  # the stop waits for the spawn under way
-        release.set()
-        async with asyncio.timeout(pool_module.WORKER_STOP_S + 10):
-            await stop
-    finally:
-        for proc in spawned:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGCONT)
-                proc.kill()
-                await proc.wait()
-    [proc] = spawned
+    proc = await stop_during_a_held_restart(pool, monkeypatch, still_starting=True)
     assert pool.exits_at_stop == (), f"counted as a defect of the stop: {pool.exits_at_stop}"
     assert proc.returncode == -signal.SIGKILL, "the worker still starting was not killed"
     killed = [r for r in caplog.records if r.msg == WORKER_KILLED_STARTING_AT_STOP]

@@ -665,6 +665,50 @@ async def test_a_restarted_worker_that_never_starts_is_restarted_again(
         await pool.stop()
 
 
+async def stop_during_a_held_restart(
+    pool: SipPool, monkeypatch: pytest.MonkeyPatch, *, still_starting: bool = False
+) -> asyncio.subprocess.Process:
+    """Kill ``pool``'s one worker and hold its restart's spawn once the new process exists
+    (as a fork and exec slow on a loaded host; with ``still_starting`` the process is
+    SIGSTOPped too, a start slow as well); begin the stop meanwhile, then let the spawn go
+    on and wait for the stop. The restart's process (killed if it still runs)."""
+    [first] = pool.worker_pids()
+    real_spawn = spawn_child
+    held, release = asyncio.Event(), asyncio.Event()
+    spawned: list[asyncio.subprocess.Process] = []
+
+    async def spawn_held(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real_spawn(*args, **kwargs)
+        if still_starting:
+            os.kill(proc.pid, signal.SIGSTOP)  # still starting, for as long as it is held
+        spawned.append(proc)
+        held.set()
+        await release.wait()
+        return proc
+
+    monkeypatch.setattr(pool_module, "spawn_child", spawn_held)
+    try:
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await held.wait()
+        stop = asyncio.create_task(pool.stop())
+        # The stop is under way (it was done by now, before) and waits for the spawn.
+        await asyncio.sleep(0.2)
+        release.set()
+        async with asyncio.timeout(pool_module.WORKER_STOP_S + 10):
+            await stop
+    finally:
+        for proc in spawned:
+            if proc.returncode is None:
+                if still_starting:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                await proc.wait()
+    [proc] = spawned
+    return proc
+
+
 async def test_a_restart_whose_spawn_completes_during_the_stop_is_stopped_as_any_worker(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -675,35 +719,8 @@ async def test_a_restart_whose_spawn_completes_during_the_stop_is_stopped_as_any
     Now the stop waits for the spawn, then stops that worker as any other."""
     pool = new_sip_pool(sip_settings(1), Metrics(), SystemClock())
     await pool.start()
-    [first] = pool.worker_pids()
-    real_spawn = spawn_child
-    held, release = asyncio.Event(), asyncio.Event()
-    spawned: list[asyncio.subprocess.Process] = []
-
-    async def spawn_held(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        proc = await real_spawn(*args, **kwargs)
-        spawned.append(proc)
-        held.set()
-        await release.wait()
-        return proc
-
-    monkeypatch.setattr(pool_module, "spawn_child", spawn_held)
     caplog.set_level(logging.INFO, "voice.sip.pool")
-    try:
-        os.kill(first, signal.SIGKILL)
-        async with asyncio.timeout(10):
-            await held.wait()
-        stop = asyncio.create_task(pool.stop())
-        await asyncio.sleep(0.2)  # the stop is under way (it was done by now, before)
-        release.set()
-        async with asyncio.timeout(pool_module.WORKER_STOP_S + 10):
-            await stop
-    finally:
-        for proc in spawned:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    [proc] = spawned
+    proc = await stop_during_a_held_restart(pool, monkeypatch)
     said = f"SIP worker 0 (pid {proc.pid}) exited with status 0 at the stop"
     assert said in caplog.messages, "the worker the restart started was not stopped and waited for"
     assert proc.returncode == 0

@@ -25,14 +25,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from clinic_voice.app import RUNTIME
-from tests.conftest import SIPP_OTHER_SOCKETS, free_port
 from tests.integration.conftest import OpenApiCollector
-from tests.integration.test_ivr_keypad import tone_runs
+from tests.integration.test_ivr_keypad import speech_after, tone_runs
 from tests.peers.ivr_rig import ClinicLine, running_clinic_line
 from tests.peers.rtp_peer import rtp_peer
-from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, scenario, sipp_options
-from voice.media.pcm import Pcm
+from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, play
 from voice.media.tones import BEEP, RINGBACK
 from voice.sip.pool import SipPool
 
@@ -60,55 +57,18 @@ async def line(
         yield svc
 
 
-def pool_of(line: ClinicLine) -> SipPool:
-    pool = line.app[RUNTIME].sip_pool
-    assert pool is not None, "no SIP pool"
-    return pool
-
-
 async def run_sipp(
     line: ClinicLine, answer: ReferAnswer, tmp_path: Path, rtp_port: int
 ) -> tuple[int, str]:
     """Play ``answer``'s scenario once, calling the main menu (6000) on the first worker;
     sipp's exit code and the messages it traced."""
-    path = tmp_path / f"{answer.name}.xml"
-    path.write_text(scenario(answer), encoding="latin-1")  # as its XML declaration says
-    trace = tmp_path / f"{answer.name}.log"
-    worker = pool_of(line).worker_addresses()[0]
-    proc = await asyncio.create_subprocess_exec(
-        "sipp", str(worker), "-sf", str(path),
-        "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
-        "-key", "rtp_port", str(rtp_port), *sipp_options(answer),
-        "-s", "6000", "-m", "1", "-nostdin",
-        "-trace_msg", "-message_file", str(trace), "-timeout", str(SIPP_S),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(SIPP_S + 5):
-            code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return code, trace.read_text(errors="replace") if trace.exists() else "(no trace)"
+    worker = line.pool.worker_addresses()[0]
+    return await play(answer, str(worker), tmp_path, rtp_port, timeout_s=SIPP_S)
 
 
 def steps(record: dict[str, Any], kind: str) -> list[tuple[str, str]]:
     """(node, value) of the path steps whose input is ``kind``."""
     return [(p["node"], p["value"]) for p in record["path"] if p["input"] == kind]
-
-
-def speech_after(pcm: Pcm, start_s: float) -> float:
-    """Seconds of loud 20 ms frames from ``start_s`` on that are not the ring tone."""
-    n = pcm.rate_hz // 50
-    ring = tone_runs(pcm, RINGBACK.hz)
-    loud = 0
-    for i in range(int(start_s * pcm.rate_hz), len(pcm.samples) - n + 1, n):
-        t = i / pcm.rate_hz
-        frame = pcm.samples[i : i + n]
-        if sum(abs(x) for x in frame) / n > 300 and not any(a <= t < b for a, b in ring):
-            loud += 1
-    return loud / 50
 
 
 def frag(code: int, reason: str) -> str:
@@ -223,7 +183,7 @@ async def settled(pool: SipPool, deadline_s: float = 10.0) -> None:
 async def test_a_transfer_answered_this_way_is_recorded_and_heard_as_promised(
     line: ClinicLine, case: Case, tmp_path: Path
 ) -> None:
-    pool = pool_of(line)
+    pool = line.pool
     before = await line.call_ids()
     pids, restarts = sorted(pool.worker_pids()), pool.stats()["restarts"]
     free = pool.occupancy().free
@@ -327,7 +287,7 @@ SECOND = [
 async def test_a_second_transfer_ended_with_no_status_fails_at_once(
     line: ClinicLine, answer: ReferAnswer, tmp_path: Path
 ) -> None:
-    pool = pool_of(line)
+    pool = line.pool
     before = await line.call_ids()
     free = pool.occupancy().free
     async with rtp_peer() as rtp:

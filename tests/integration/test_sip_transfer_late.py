@@ -38,17 +38,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from clinic_voice.app import RUNTIME
-from tests.conftest import SIPP_OTHER_SOCKETS, free_port
 from tests.integration.conftest import OpenApiCollector
-from tests.integration.test_ivr_keypad import tone_runs
+from tests.integration.test_ivr_keypad import speech_after, tone_runs
 from tests.peers.ivr_rig import ClinicLine, running_clinic_line
 from tests.peers.rtp_peer import rtp_peer
-from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, scenario
+from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, play
 from voice.ivr import session
 from voice.media.pcm import Pcm
 from voice.media.tones import BEEP, RINGBACK
-from voice.sip.pool import SipPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -161,40 +158,19 @@ class Call:
     staff_uri: str
 
 
-def pool_of(line: ClinicLine) -> SipPool:
-    pool = line.app[RUNTIME].sip_pool
-    assert pool is not None, "no SIP pool"
-    return pool
-
-
 async def place(line: ClinicLine, answer: ReferAnswer, tmp: Path, worker: int) -> Call:
     """Play ``answer``'s scenario once against SIP worker ``worker``; the call as it went,
     its record found by the ``X-Clinic-Call`` its REFERs carry."""
-    path = tmp / f"{answer.name}.xml"
-    path.write_text(scenario(answer, bye_timeout_ms=(SIPP_S - 20) * 1000), encoding="latin-1")
-    trace = tmp / f"{answer.name}.log"
-    address = pool_of(line).worker_addresses()[worker]
+    address = str(line.pool.worker_addresses()[worker])
     async with rtp_peer() as rtp:
-        proc = await asyncio.create_subprocess_exec(
-            "sipp", str(address), "-sf", str(path),
-            "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
-            "-key", "rtp_port", str(rtp.port),
+        code, text = await play(
+            answer, address, tmp, rtp.port, timeout_s=SIPP_S,
+            bye_timeout_ms=(SIPP_S - 20) * 1000,
             # Not aborted by a message out of the plan: pjsip's refresh left unanswered,
             # retransmissions of a REFER answered late.
-            "-default_behaviors", "pingreply",
-            "-s", "6000", "-m", "1", "-nostdin",
-            "-trace_msg", "-message_file", str(trace), "-timeout", str(SIPP_S),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            options=("-default_behaviors", "pingreply"),
         )  # fmt: skip
-        try:
-            async with asyncio.timeout(SIPP_S + 5):
-                code = await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         heard, packets = rtp.pcm(), rtp.packets
-    text = trace.read_text(errors="replace") if trace.exists() else "(no trace)"
     ids = {
         line.split(":", 1)[1].strip()
         for line in text.splitlines()
@@ -234,26 +210,13 @@ async def calls(
         async with running_clinic_line(
             tmp_path_factory.mktemp("clinic"), openapi_responses, prompt_cache=ivr_prompt_cache
         ) as line:
-            pool = pool_of(line)
+            pool = line.pool
             workers = len(pool.worker_addresses())
             done = await asyncio.gather(
                 *(place(line, c.answer, tmp, i % workers) for i, c in enumerate(CASES)),
                 return_exceptions=True,
             )
             yield {c.answer.name: d for c, d in zip(CASES, done, strict=True)}
-
-
-def speech_after(pcm: Pcm, start_s: float) -> float:
-    """Seconds of loud 20 ms frames from ``start_s`` on that are not the ring tone."""
-    n = pcm.rate_hz // 50
-    ring = tone_runs(pcm, RINGBACK.hz)
-    loud = 0
-    for i in range(int(start_s * pcm.rate_hz), len(pcm.samples) - n + 1, n):
-        t = i / pcm.rate_hz
-        frame = pcm.samples[i : i + n]
-        if sum(abs(x) for x in frame) / n > 300 and not any(a <= t < b for a, b in ring):
-            loud += 1
-    return loud / 50
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.answer.name)

@@ -41,12 +41,11 @@ import pytest
 import pytest_asyncio
 
 from clinic_voice.app import RUNTIME
-from tests.conftest import SIPP_OTHER_SOCKETS, free_port
 from tests.integration.conftest import OpenApiCollector
 from tests.integration.test_ivr_keypad import pcm_8k, tone_runs
 from tests.peers.ivr_rig import ClinicLine, running_clinic_line
 from tests.peers.rtp_peer import rtp_peer
-from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, scenario, sipp_options
+from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, play
 from voice.ivr.flow import SYSTEM_TEXTS, FlowParams, render
 from voice.media.audio_match import rank
 from voice.media.pcm import Pcm, read_wav
@@ -128,38 +127,16 @@ class Call:
     packets: int
 
 
-def pool_of(line: ClinicLine) -> SipPool:
-    pool = line.app[RUNTIME].sip_pool
-    assert pool is not None, "no SIP pool"
-    return pool
-
-
 async def place_call(line: ClinicLine, challenge: int, worker: int, tmp: Path) -> Call:
     """Play :func:`answer_for` ``challenge`` once, calling the main menu (6000) on SIP worker
     number ``worker``."""
     answer = answer_for(challenge)
-    path = tmp / f"{answer.name}.xml"
-    path.write_text(scenario(answer, bye_timeout_ms=BYE_WAIT_MS), encoding="latin-1")
-    trace = tmp / f"{answer.name}.log"
-    address = pool_of(line).worker_addresses()[worker]
+    address = str(line.pool.worker_addresses()[worker])
     async with rtp_peer() as rtp:
-        proc = await asyncio.create_subprocess_exec(
-            "sipp", str(address), "-sf", str(path),
-            "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
-            "-key", "rtp_port", str(rtp.port), *sipp_options(answer),
-            "-s", "6000", "-m", "1", "-nostdin",
-            "-trace_msg", "-message_file", str(trace), "-timeout", str(SIPP_S),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            async with asyncio.timeout(SIPP_S + 5):
-                code = await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        code, text = await play(
+            answer, address, tmp, rtp.port, timeout_s=SIPP_S, bye_timeout_ms=BYE_WAIT_MS
+        )
         heard, packets = rtp.pcm(), rtp.packets
-    text = trace.read_text(errors="replace") if trace.exists() else "(no trace)"
     return Call(code, text, heard, packets)
 
 
@@ -282,6 +259,6 @@ async def test_an_urgent_caller_whose_transfers_fail_is_told_to_call_the_emergen
     match = rank(after, last_words, 8000)
     assert match.key == "transfer_failed_urgent" and match.score > match.runner_up, match
 
-    pool = pool_of(line)
+    pool = line.pool
     await settled(pool)
     assert pool.stats()["restarts"] == 0, pool.stats()

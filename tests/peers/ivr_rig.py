@@ -34,6 +34,7 @@ from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import BASE_ENV, CALLS_KEY, Answer, Api, OpenApiCollector
 from voice.ivr.flow import FlowParams, load_flows
+from voice.sip.pool import SipPool
 
 ROOT = Path(__file__).resolve().parents[2]
 NURSE_USER = "6100"
@@ -54,6 +55,13 @@ class ClinicLine:
     staff_port: int
     redis: RedisServer
     app: web.Application
+
+    @property
+    def pool(self) -> SipPool:
+        """The service's SIP workers."""
+        pool = self.app[RUNTIME].sip_pool
+        assert pool is not None, "no SIP pool"
+        return pool
 
     def uri(self, user: str) -> str:
         """The URI a caller dials to reach the clinic line as ``user`` (a route)."""
@@ -320,3 +328,23 @@ async def phones() -> AsyncIterator[list[Phone]]:
     finally:
         for phone in started:
             await phone.stop()
+
+
+async def put_through_to_nurse(
+    line: ClinicLine, *caller_args: str, incoming_s: float = 60.0, finish_s: float = 60.0
+) -> tuple[Phone, Event]:
+    """One call the clinic line puts through to the nurse: the nurse's phone answers (for a
+    second) at ``line.nurse_port``, and a caller starts with ``caller_args`` (its ``--call``
+    and what it does). Waits ``incoming_s`` for the nurse's INVITE and ``finish_s`` for the
+    caller's end; the caller's phone and the INVITE the nurse got, once both are done."""
+    async with phones() as started:
+        nurse = await Phone.start(
+            "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
+        )
+        started.append(nurse)
+        caller = await Phone.start("caller", *caller_args)
+        started.append(caller)
+        incoming = await nurse.wait_for("incoming", incoming_s)
+        await caller.finish(finish_s)
+        await nurse.finish(10)
+    return caller, incoming

@@ -7,7 +7,7 @@ answered, keys (``0`` unless told) are pressed as in-dialog INFOs (``application
 which the worker takes as RFC 4733 keys), and the REFER that follows is answered as the plan
 says: a digest challenge first (or none), a status (or none), NOTIFYs with the sipfrags and
 subscription states given, in the CSeq order given, a second REFER's if planned, then either
-the service's BYE is awaited or the caller hangs up.
+the service's BYE is awaited or the caller hangs up. :func:`play` runs it once with sipp.
 
 The call's audio is not sipp's: the SDP names ``[rtp_port]`` (sipp's ``-key rtp_port``), a
 socket of the test that answers the service's RTP (see :mod:`tests.peers.rtp_peer`).
@@ -15,8 +15,12 @@ socket of the test that answers the service's RTP (see :mod:`tests.peers.rtp_pee
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import SIPP_OTHER_SOCKETS, free_port
 
 CALLER_NUMBER = "+447700900123"
 
@@ -360,3 +364,42 @@ def _notifies(notifies: tuple[Notify, ...], dialog: str) -> list[str]:
         )
         parts.append(notify.replace('  <recv response="200" />\n', "") if stale else notify)
     return parts
+
+
+async def play(
+    answer: ReferAnswer,
+    address: str,
+    tmp: Path,
+    rtp_port: int,
+    *,
+    timeout_s: int,
+    bye_timeout_ms: int = 45000,
+    options: tuple[str, ...] | None = None,
+) -> tuple[int, str]:
+    """Play ``answer``'s scenario once from sipp, calling the main menu (6000) at ``address``
+    (a SIP worker's) with its audio at the test's socket ``rtp_port``; sipp's exit code and
+    the messages it traced (``-trace_msg``). The scenario and the trace are written in
+    ``tmp``, named after the answer. ``options``: sipp's own (:func:`sipp_options` unless
+    given); ``timeout_s``: the whole scenario's bound (sipp's ``-timeout``; it is killed 5 s
+    after)."""
+    path = tmp / f"{answer.name}.xml"
+    # latin-1, as its XML declaration says
+    path.write_text(scenario(answer, bye_timeout_ms=bye_timeout_ms), encoding="latin-1")
+    trace = tmp / f"{answer.name}.log"
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", address, "-sf", str(path),
+        "-i", "127.0.0.1", "-p", str(free_port()), *SIPP_OTHER_SOCKETS,
+        "-key", "rtp_port", str(rtp_port),
+        *(sipp_options(answer) if options is None else options),
+        "-s", "6000", "-m", "1", "-nostdin",
+        "-trace_msg", "-message_file", str(trace), "-timeout", str(timeout_s),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(timeout_s + 5):
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return code, trace.read_text(errors="replace") if trace.exists() else "(no trace)"
