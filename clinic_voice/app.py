@@ -22,6 +22,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from clinic_voice import redis_durability, shared_secret
+from clinic_voice.disk_space import show_free_space
 from clinic_voice.http import (
     METRICS,
     NoRouteUnderV1,
@@ -50,7 +51,7 @@ from sip_config.settings import (
     SettingsError,
     is_api_key,
 )
-from sip_config.tasks import watch
+from sip_config.tasks import cancel_and_wait, watch
 from sip_config.worker_exit import WorkerExit
 from verification import limits, rules
 from verification.api import VerificationApi
@@ -471,7 +472,14 @@ def build_app(
         embedded: EmbeddedRedis | None = None
         url = settings.redis_url
         if not url:
-            embedded = EmbeddedRedis(settings.data_dir, appendfsync=settings.redis_appendfsync)
+            # Restarts are counted from 0 (a rate has a start); with CLINIC_REDIS_URL there is
+            # no sample: that Redis is the operator's to watch, not this service's to restart.
+            metrics.redis_restarts.inc(0)
+            embedded = EmbeddedRedis(
+                settings.data_dir,
+                appendfsync=settings.redis_appendfsync,
+                on_restart=metrics.redis_restarts.inc,
+            )
             url = await embedded.start(on_failure=rt.fail)
             log.info("embedded Redis started (unix socket in %s)", settings.data_dir)
             risk = redis_durability.assess("yes", settings.redis_appendfsync)
@@ -557,6 +565,19 @@ def build_app(
             await mux.aclose()
             if embedded is not None:
                 await embedded.stop()
+
+    async def disk_space_ctx(app: web.Application) -> AsyncIterator[None]:
+        # serve's alone: it renders every scrape's gauges, whichever process answers it.
+        reading = asyncio.create_task(
+            show_free_space(metrics.data_dir_free_bytes, settings.data_dir),
+            name="data-dir-free-space",
+        )
+        watch(reading, log, "the data dir's free space reading", rt.fail)
+        try:
+            yield
+        finally:
+            await cancel_and_wait(reading)
+            metrics.data_dir_free_bytes.clear()
 
     async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
         rt.http_client = HttpClient()
@@ -649,6 +670,8 @@ def build_app(
                 rt.worker_exits.extend(workers.exits_at_stop)
 
     app.cleanup_ctx.append(redis_ctx)
+    if worker is None:
+        app.cleanup_ctx.append(disk_space_ctx)
     app.cleanup_ctx.append(http_client_ctx)
     if rt.main_link is not None:
         app.cleanup_ctx.append(main_link_ctx)

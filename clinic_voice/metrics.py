@@ -229,6 +229,18 @@ class Metrics:
             "HTTP workers that did not send their numbers within 0.5 s of a scrape asking for "
             "them: that scrape counted the last ones each had sent, and may lag its requests",
         )
+        # serve's embedded Redis (clinic_voice/app.py): no sample with CLINIC_REDIS_URL set.
+        self.redis_restarts = Counter(
+            "clinic_redis_restarts_total",
+            "embedded redis-server processes restarted by serve after they died (each after "
+            "its backoff); no sample when CLINIC_REDIS_URL names a Redis of the operator's",
+        )
+        # Read by serve every few seconds (clinic_voice/disk_space.py), never at a scrape.
+        self.data_dir_free_bytes = Gauge(
+            "clinic_data_dir_free_bytes",
+            "bytes free for serve's user on the file system of CLINIC_DATA_DIR (the embedded "
+            "Redis's append-only file, call records kept on disk, voicemail), read every 5 s",
+        )
         self._on_render: list[Callable[[], None]] = []
 
     def on_render(self, refresh: Callable[[], None], *gauges: Gauge) -> Callable[[], None]:
@@ -250,6 +262,7 @@ class Metrics:
             self.sip_slots,
             self.sip_slots_kept_for_callers,
             self.call_records_on_disk,
+            self.data_dir_free_bytes,
         )
 
     def _all(self) -> tuple[Counter | Histogram, ...]:
@@ -263,6 +276,7 @@ class Metrics:
             self.sip_worker_restarts,
             self.sip_kept_for_callers,
             self.http_worker_snapshots_late,
+            self.redis_restarts,
         )
 
     def snapshot(self) -> Snapshot:

@@ -123,6 +123,7 @@ class EmbeddedRedis:
     while running it is restarted with exponential backoff (0.1 s doubling to 5 s, reset after
     30 s of uptime); the same append-only file is loaded again, so acknowledged writes survive.
     ``await stop()`` asks for SHUTDOWN, then SIGTERM, then SIGKILL, each with a deadline.
+    ``on_restart`` is called after each such restart (``clinic_redis_restarts_total``).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class EmbeddedRedis:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
         owner: tuple[int, int] | None = None,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self._dir = Path(data_dir).absolute() / "redis"  # redis-server chdirs into it
         # (uid, gid) that redis-server runs as and its folder and config belong to; None: this
@@ -159,6 +161,7 @@ class EmbeddedRedis:
         self._lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES_KEPT)
         self._state = _State.IDLE
         self._restarts = 0
+        self._on_restart = on_restart
 
     @property
     def url(self) -> str:
@@ -412,6 +415,8 @@ class EmbeddedRedis:
             started = loop.time()
             self._set_state(_State.RUNNING)
             log.warning("embedded redis-server restarted (pid %s)", self.pid)
+            if self._on_restart is not None:
+                self._on_restart()
 
     async def _request_shutdown(self) -> None:
         client = _probe_client(self.url, SHUTDOWN_ASK_S)

@@ -130,6 +130,18 @@ def test_docker_stop_signals_serve_alone() -> None:
     assert "ENTRYPOINT" not in dockerfile
 
 
+def test_no_container_dumps_core() -> None:
+    """The service's processes forbid core dumps themselves (sip_config/core_dumps.py), once
+    Python has started; the compose file sets the limit from each container's first process,
+    on Redis (phone numbers) and Asterisk (calls' audio) too."""
+    services = _compose()["services"]
+    assert {name: s.get("ulimits") for name, s in services.items()} == {
+        name: {"core": 0} for name in services
+    }
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "the compose file (`ulimits: core: 0`, on Redis and Asterisk too)" in text
+
+
 def test_vosk_model_is_pinned_by_checksum() -> None:
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert "ARG VOSK_MODEL=vosk-model-small-en-us-0.15" in dockerfile

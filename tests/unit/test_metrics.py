@@ -177,6 +177,8 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
     m.sip_slots_kept_for_callers.set(1)
     m.sip_worker_restarts.inc()
     m.sip_kept_for_callers.inc()
+    m.redis_restarts.inc()
+    m.data_dir_free_bytes.set(52_613_349_376)
     text = m.render()
     samples = parse(text)
     names = {s[0] for s in samples}
@@ -192,7 +194,10 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
         "clinic_sip_slots_kept_for_callers",
         "clinic_sip_worker_restarts_total",
         "clinic_sip_outbound_kept_for_callers_total",
+        "clinic_redis_restarts_total",
+        "clinic_data_dir_free_bytes",
     } <= names
+    assert ("clinic_data_dir_free_bytes", {}, 52_613_349_376) in samples
     for metric, kind in (
         ("clinic_http_requests_total", "counter"),
         ("clinic_http_request_duration_seconds", "histogram"),
@@ -204,6 +209,8 @@ def test_service_metrics_render_as_one_valid_exposition() -> None:
         ("clinic_sip_slots_kept_for_callers", "gauge"),
         ("clinic_sip_worker_restarts_total", "counter"),
         ("clinic_sip_outbound_kept_for_callers_total", "counter"),
+        ("clinic_redis_restarts_total", "counter"),
+        ("clinic_data_dir_free_bytes", "gauge"),
     ):
         assert f"# HELP {metric} " in text
         assert f"# TYPE {metric} {kind}\n" in text

@@ -1,6 +1,7 @@
 """sip_config/clinic-voice.service: the README's unit ("Under systemd") as shipped, and lines
 that keep ``serve``'s stop whole: systemd signals ``serve`` alone, waits out every stop
-deadline of the code, and does not restart a configuration error."""
+deadline of the code, and does not restart a configuration error; and no core dump from its
+first instruction on."""
 
 from __future__ import annotations
 
@@ -100,3 +101,13 @@ def test_it_runs_the_venvs_serve_from_the_checkout() -> None:
     assert scripts["clinic-voice"] == "clinic_voice.cli:main"
     assert service["EnvironmentFile"].startswith("-/"), "optional: every setting has a default"
     assert unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_no_core_dump_even_before_serve_forbids_them_itself() -> None:
+    """serve sets RLIMIT_CORE to 0 (sip_config/core_dumps.py) once Python has started: a
+    crash before that (the interpreter, a native import) would dump under the host's limit."""
+    service = unit()["Service"]
+    assert service["LimitCORE"] == "0", "soft and hard: one number sets both"
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "- `LimitCORE=0`: no core dump, soft and hard limit" in text
+    assert "the systemd unit (`LimitCORE=0`)" in text
