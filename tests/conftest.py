@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from sip_config.settings import HostPort, SipSettings
-from voice.sip.pool import WORKER_EXITED_AT_STOP
+from voice.sip.pool import WORKER_EXITED_AT_STOP, WORKER_NOT_STARTED_AT_STOP
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,20 @@ LOOP_BLOCK_LIMIT_S = 0.1
 
 class _WorkerExitsAtStop(logging.Handler):
     """The pools' lines (voice/sip/pool.py) saying a worker exited with a status other than
-    0 during the pool's stop. Only logged, a worker that aborted at its stop passed every
-    test: pjsua2's assertion on a Call freed after libDestroy (-6) went unseen that way."""
+    0 during the pool's stop, or that a restart could not be started at it: both make
+    ``serve`` exit 1. Only logged, a worker that aborted at its stop passed every test:
+    pjsua2's assertion on a Call freed after libDestroy (-6) went unseen that way."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        args = record.args
-        # (index, pid, status, note)
-        if record.msg == WORKER_EXITED_AT_STOP and isinstance(args, tuple) and args[2] != 0:
+        args = record.args  # (index, pid, status, note) of an exit
+        exited_non_zero = (
+            record.msg == WORKER_EXITED_AT_STOP and isinstance(args, tuple) and args[2] != 0
+        )
+        if exited_non_zero or record.msg == WORKER_NOT_STARTED_AT_STOP:
             self.lines.append(record.getMessage())
 
 
@@ -70,10 +73,14 @@ logging.getLogger("voice.sip.pool").addHandler(_worker_exits)
 
 def workers_exited_non_zero(log_text: str) -> list[str]:
     """The lines of a ``serve`` of its own (``log_text``, its log) saying a SIP worker exited
-    non-zero at the stop: that process's pool logged them, not this one's."""
+    non-zero at the stop, or could not be restarted at it: that process's pool logged them,
+    not this one's."""
     numbers = re.escape(WORKER_EXITED_AT_STOP).replace("%s", r"(-?\d+)", 3)
     line = re.compile(numbers.replace("%s", r"[^\n]*"))  # the note, to the line's end
-    return [m.group(0) for m in line.finditer(log_text) if m.group(3) != "0"]
+    exited = [m.group(0) for m in line.finditer(log_text) if m.group(3) != "0"]
+    # A restart that could not be started at the stop: serve exits 1 for it too.
+    not_started = re.compile(re.escape(WORKER_NOT_STARTED_AT_STOP).replace("%s", r"[^\n]*"))
+    return exited + [m.group(0) for m in not_started.finditer(log_text)]
 
 
 @pytest.hookimpl(wrapper=True)

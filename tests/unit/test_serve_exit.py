@@ -206,6 +206,7 @@ def test_a_setting_refused_once_serve_reads_its_data_dir_is_exit_2(
     assert "Traceback" not in err, err
 
 
+@pytest.mark.sip_worker_exit_ok  # on purpose, and the suite's own check would fail it
 async def test_a_restart_that_cannot_start_its_process_as_the_stop_begins_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

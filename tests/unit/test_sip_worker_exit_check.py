@@ -39,6 +39,18 @@ def test_a_worker_that_aborted_at_its_pools_stop_fails_the_test() -> None:
         _teardown_with_exit(-6)
 
 
+def test_a_restart_that_could_not_start_at_the_stop_fails_the_test() -> None:
+    # serve exits 1 for it, as for a worker that exited non-zero; the check read only those.
+    item = _Item(exit_ok=False)
+    teardown = conftest.pytest_runtest_teardown(item, None)  # type: ignore[arg-type]
+    next(teardown)
+    pool = SipPool(sip_settings(1), clock=FakeClock())  # never started: as in its stop
+    pool._spawn_failed(pool._workers[0], BlockingIOError(11, "Resource temporarily unavailable"))
+    line = r"SIP worker 0 could not be started at the stop: \[Errno 11\]"
+    with pytest.raises(pytest.fail.Exception, match=line):
+        teardown.send(None)
+
+
 def test_a_worker_that_stopped_cleanly_fails_nothing() -> None:
     _teardown_with_exit(0)
 
@@ -55,9 +67,13 @@ def test_the_exits_of_a_serve_of_its_own_are_read_from_its_log() -> None:
         "status -9 at the stop (SIGKILL: killed, it had not stopped by its deadline)\n"
         "2026-12-07 01:00:00,003 ERROR voice.sip.pool: SIP worker 2 (pid 42) exited with "
         "status 1 at the stop\n"
+        "2026-12-07 01:00:00,004 ERROR voice.sip.pool: SIP worker 3 could not be started at "
+        "the stop: [Errno 11] Resource temporarily unavailable\n"
     )
     assert workers_exited_non_zero(log) == [
         "SIP worker 0 (pid 40) exited with status -9 at the stop (SIGKILL: killed, it had not "
         "stopped by its deadline)",
         "SIP worker 2 (pid 42) exited with status 1 at the stop",
+        "SIP worker 3 could not be started at the stop: [Errno 11] Resource temporarily "
+        "unavailable",
     ]
