@@ -22,8 +22,6 @@ from tests.integration.conftest import OpenApiCollector
 from tests.peers.ivr_rig import (
     NURSE_USER,
     ClinicLine,
-    Phone,
-    phones,
     put_through_to_nurse,
     running_clinic_line,
 )
@@ -112,22 +110,25 @@ async def test_spoken_yes_to_breathing_difficulty_is_u1_and_a_nurse(
     assert record["outcome"] == "call_emergency+transfer_nurse"
 
 
-async def test_spoken_no_ends_the_call_without_u1(line: ClinicLine, tmp_path: Path) -> None:
+async def test_spoken_no_is_not_u1_and_reaches_the_nurse(line: ClinicLine, tmp_path: Path) -> None:
+    # One danger sign of five asked: "no" is no finished triage, so the nurse, not goodbye.
     answer = await spoken(tmp_path, "아니요", "no")
     before = await line.call_ids()
-    async with phones() as started:
-        caller = await Phone.start("caller", "--call", line.uri("7001"), "--play", str(answer))
-        started.append(caller)
-        await caller.finish(CALL_S)
+    caller, incoming = await put_through_to_nurse(
+        line, "--call", line.uri("7001"), "--play", str(answer)
+    )
 
-    assert caller.find("transfer_request") is None, f"'no' was transferred: {caller.events}"
+    assert caller.find("confirmed", leg="xfer") is not None, f"no transfer: {caller.events}"
+    # U2, as for a danger sign left unanswered: the nurse must not read U5 (all clear).
+    assert incoming["headers"].get("X-Clinic-Urgency") == "U2", incoming
     record = await line.new_record(before)
     heard = speech_steps(record)
     assert [(p["node"], p["value"]) for p in heard] == [("breathing", "아니요")], record["path"]
     assert heard[0]["confidence"] is not None and heard[0]["confidence"] >= 0.6, heard
     assert record["values"]["breathing"] == "no"
-    assert record["triage"] is None or record["triage"]["urgency"] not in {"U0", "U1"}
-    assert record["outcome"] == "completed"
+    assert record["triage"]["urgency"] == "U2", record["triage"]
+    assert record["transfer_target"] == f"sip:{NURSE_USER}@127.0.0.1:{line.nurse_port}"
+    assert record["outcome"] == "transfer_nurse"
 
 
 async def test_speaking_over_the_question_stops_it_and_is_heard(

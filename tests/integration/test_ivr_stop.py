@@ -172,7 +172,11 @@ async def test_a_call_in_progress_may_finish_and_a_new_one_gets_503(
     async with line_with(tmp_path, openapi_responses, ivr_prompt_cache, drain_s=30) as line:
         async with phones() as started:
             # The Korean danger-sign question (about 7 s), answered "no" by key once asked:
-            # then goodbye, and the service hangs up ("completed").
+            # then the nurse (one danger sign of five is no finished triage), who answers.
+            nurse = await Phone.start(
+                "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"
+            )
+            started.append(nurse)
             caller = await Phone.start("caller", "--call", line.uri("7001"), "--answers", "2")
             started.append(caller)
             await caller.wait_for("media", CALL_S)
@@ -182,13 +186,15 @@ async def test_a_call_in_progress_may_finish_and_a_new_one_gets_503(
             started.append(late)
             refused = await late.wait_for("ended", 10, leg="main")
             await caller.finish(CALL_S)
+            await nurse.finish(10)
             async with asyncio.timeout(CALL_S):
                 await stopping
         assert refused["status"] == 503, late.events
         assert late.find("media") is None and late.find("confirmed") is None, late.events
         assert caller.find("dtmf_sent", digit="2") is not None, caller.events
+        assert caller.find("confirmed", leg="xfer") is not None, caller.events
         (record,) = await records(line)
-        assert record["outcome"] == "completed", record
+        assert record["outcome"] == "transfer_nurse", record
         assert record["values"]["breathing"] == "no", record
 
 

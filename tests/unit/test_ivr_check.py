@@ -455,3 +455,89 @@ def test_what_yaml_cannot_read_is_a_finding_not_a_traceback(
     path.write_bytes(data)
     assert main([str(tmp_path)]) == 1
     assert f"{path}:{finding}\n" in capsys.readouterr().out
+
+
+# An unconscious caller (U0) asked one more graded question, then told "see a doctor today";
+# a "no" goes to the nurse, so the U0 path is the only one that goes down.
+U0_THEN_GRADED = """\
+id: t
+language: en
+human: nurse
+start: conscious
+nodes:
+  conscious:
+    ask:
+      prompt: "Is the patient unconscious?"
+      danger_sign: true
+      choices:
+        - {key: "1", phrases: ["yes"], label: "yes", urgency: U0, reason: unconscious, goto: pain}
+        - {key: "2", phrases: ["no"], label: "no", goto: nurse}
+  pain:
+    ask:
+      prompt: "Is the pain severe?"
+      choices:
+        - {key: "1", phrases: ["yes"], label: "yes", urgency: U3, reason: severe pain, goto: today}
+        - {key: "2", phrases: ["no"], label: "no", urgency: U4, reason: mild pain, goto: today}
+  today:
+    hangup: "See a doctor today. Goodbye."
+    outcome: same_day
+  nurse:
+    transfer: nurse
+    prompt: "Connecting you to a nurse."
+    outcome: transfer_nurse
+"""
+# A U0 answer sent through a branch on urgency, whose U0 case is the emergency.
+U0_THROUGH_BRANCH = """\
+id: t
+language: en
+human: nurse
+start: conscious
+nodes:
+  conscious:
+    ask:
+      prompt: "Is the patient unconscious?"
+      danger_sign: true
+      choices:
+        - {key: "1", phrases: ["yes"], label: "yes", urgency: U0, reason: coma, goto: outcome}
+        - {key: "2", phrases: ["no"], label: "no", goto: outcome}
+  outcome:
+    branch:
+      on: urgency
+      cases: {U0: emergency, U5: advice}
+      default: nurse
+  emergency:
+    transfer: nurse
+    prompt: "Call 112 now. Connecting you to a nurse."
+    outcome: call_emergency+transfer_nurse
+  nurse:
+    transfer: nurse
+    prompt: "Connecting you to a nurse."
+    outcome: transfer_nurse
+  advice:
+    hangup: "Rest. Goodbye."
+    outcome: self_care
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # U0 is an IntEnum 0: read as false, the replay took it for "no urgency yet" (U5),
+        # let the next answer set U3 and passed "same day" for an unconscious patient.
+        (
+            U0_THEN_GRADED,
+            [
+                "20: urgency would go down: outcome same_day reached at U0 (path: conscious > "
+                "pain > today)"
+            ],
+        ),
+        # ... and followed a branch on urgency to its U5 case, self-care, finding a fault
+        # the flow does not have (and missing that its U0 case is reached).
+        (U0_THROUGH_BRANCH, []),
+    ],
+    ids=["missed", "false_finding"],
+)
+def test_the_replay_keeps_u0(tmp_path: Path, text: str, expected: list[str]) -> None:
+    (tmp_path / "t.yaml").write_text(text, encoding="utf-8")
+    got = [str(f) for f in check_files([tmp_path / "t.yaml"])]
+    assert got == [f"{tmp_path / 't.yaml'}:{line}" for line in expected]

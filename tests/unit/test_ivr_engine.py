@@ -566,12 +566,23 @@ def test_korean_flow_yes_transfers_to_the_nurse(shipped: FlowSet) -> None:
     assert plays[0].language == "ko" and plays[0].text.startswith("숨쉬기가 힘드세요?")
 
 
-def test_korean_flow_no_says_goodbye(shipped: FlowSet) -> None:
-    engine = Engine(shipped, FlowParams(speech_enabled=True))
-    state, actions = script_call(engine, "triage_ko", ["아니요"])
-    assert texts(actions)[-1] == "감사합니다. 안녕히 계세요."
-    assert [type(a) for a in actions[-2:]] == [HangupCall, Store]
+@pytest.mark.parametrize("open_now", [True, False], ids=["open", "closed"])
+@pytest.mark.parametrize("answer", ["아니요", "2"])
+def test_korean_flow_no_reaches_the_nurse(shipped: FlowSet, answer: str, open_now: bool) -> None:
+    # The Korean flow asks one danger sign of five: its "no" is no finished triage, so it
+    # is never "thank you, goodbye" (a U5 end with chest pain, consciousness, bleeding and
+    # stroke signs unasked), but U2 and the nurse; out of hours, the out-of-hours service
+    # first.
+    engine = Engine(shipped, FlowParams(speech_enabled=True, open_now=lambda: open_now))
+    state, actions = script_call(engine, "triage_ko", [answer])
     assert state.phase is Phase.ENDED
+    store = next(a for a in actions if isinstance(a, Store))
+    assert (store.record.outcome, store.record.transfer_target) == ("transfer_nurse", NURSE)
+    # U2, as for a danger sign left unanswered: the nurse must not read U5 (all clear).
+    assert store.record.urgency is Urgency.U2
+    said = " ".join(texts(actions))
+    assert "안녕히 계세요" not in said
+    assert ("진료 시간이 아닙니다" in said) is not open_now
 
 
 def test_main_menu_4_enters_the_triage(shipped: FlowSet) -> None:

@@ -23,7 +23,7 @@ from voice.ivr.engine import (
     TransferResult,
     WebhookResult,
 )
-from voice.ivr.flow import FlowParams, FlowSet, load_flows
+from voice.ivr.flow import MENU_TARGET, Ask, FlowParams, FlowSet, load_flows
 from voice.ivr.simulate import script_call
 from voice.ivr.triage import (
     ACTION_FOR,
@@ -271,3 +271,59 @@ def test_a_goodbye_below_the_urgency_reached_becomes_a_nurse(tmp_path: Path) -> 
     assert record.urgency is Urgency.U3
     assert record.outcome == "transfer_nurse", record
     assert any(isinstance(a, TransferCall) for a in actions)
+
+
+# -- every keypad path of every shipped triage: the danger signs before any end without one
+
+# The danger signs the triage asks every caller first ("Danger signs come first"), by the
+# value each saves: any triage, in any language, asks them all before a call may end without
+# a clinician (a booking, self-care, a goodbye). A flow in another language that asks fewer
+# gives its callers a weaker triage.
+FIRST_DANGER_SIGNS = ("breathing", "chest_pain", "unconscious", "bleeding", "stroke")
+_HUMAN = frozenset({EMERGENCY.value, NURSE.value})
+
+
+def keypad_paths(engine: Engine, flow_id: str) -> list[tuple[list[str], CallRecord]]:
+    """Every call through ``flow_id`` answered by keys, each answer one of its choices (not
+    the way back to the menu), with the record it ends with."""
+    done: list[tuple[list[str], CallRecord]] = []
+    todo: list[list[str]] = [[]]
+    while todo:
+        keys = todo.pop()
+        state, actions = script_call(engine, flow_id, keys)
+        if state.phase is Phase.ENDED:
+            done.append((keys, record_of(actions)))
+            continue
+        assert state.flow == flow_id, f"{keys}: left {flow_id} for {state.flow}"
+        ask = engine.flowset.get(flow_id).nodes[state.node]
+        assert isinstance(ask, Ask), f"{keys}: stuck at {state.node}"
+        todo += [[*keys, c.key] for c in ask.choices if c.key and c.goto != MENU_TARGET]
+    return done
+
+
+def test_no_shipped_triage_ends_without_a_clinician_before_every_danger_sign_is_no(
+    flowset: FlowSet,
+) -> None:
+    triages = [
+        f.id
+        for f in flowset.flows.values()
+        if any(isinstance(n, Ask) and n.danger_sign for n in f.nodes.values())
+    ]
+    assert {"triage", "triage_ko"} <= set(triages)
+    for open_now in (True, False):
+        hours = (lambda: True) if open_now else (lambda: False)
+        engine = Engine(flowset, FlowParams(open_now=hours))
+        for flow_id in triages:
+            paths = keypad_paths(engine, flow_id)
+            assert len(paths) > 1
+            for keys, rec in paths:
+                reached_human = rec.action is not None and rec.action.value in _HUMAN
+                if rec.transfer_target == FlowParams().nurse_uri or reached_human:
+                    continue
+                values = dict(rec.values)
+                unasked = [v for v in FIRST_DANGER_SIGNS if values.get(v) != "no"]
+                assert not unasked, (
+                    f"{flow_id} {' '.join(keys)} ends {rec.outcome} at "
+                    f"{rec.urgency.name if rec.urgency is not None else '-'} with "
+                    f"{', '.join(unasked)} not answered no"
+                )

@@ -139,10 +139,16 @@ class _Abstract:
     # Whether the path went through the "closed" case of a branch on hours.
     closed: bool = False
 
+    @property
+    def level(self) -> Urgency:
+        """The urgency reached, U5 before any: as the engine's empty triage. Not
+        ``urgency or U5``: U0 is an ``IntEnum`` 0, false, and would be read as U5."""
+        return Urgency.U5 if self.urgency is None else self.urgency
+
     def apply(self, effect: Effect | None) -> _Abstract:
         if effect is None:
             return self
-        tri = TriageState(self.urgency or Urgency.U5, (), self.risks)
+        tri = TriageState(self.level, (), self.risks)
         if effect.risk is not None:
             tri = tri.add_risk(effect.risk)
         if effect.urgency is not None:
@@ -152,9 +158,8 @@ class _Abstract:
     def unclear(self) -> _Abstract:
         # The engine raises an unclear danger-sign answer, and an urgent question given up
         # unanswered, to U2 (risk groups do not step U2).
-        base = self.urgency or Urgency.U5
         return _Abstract(
-            base.at_least(with_risk(Urgency.U2, self.risks)),
+            self.level.at_least(with_risk(Urgency.U2, self.risks)),
             self.risks,
             self.asked_danger,
             self.closed,
@@ -516,7 +521,7 @@ class _Checker:
         for flow_id in self.flowset.flows:
             for ref, ab in self.walk_of(flow_id):
                 walked.add(ref)
-                met.setdefault(ref, set()).add((ab.urgency or Urgency.U5).name)
+                met.setdefault(ref, set()).add(ab.level.name)
         for node in self.flow.nodes.values():
             ref = (self.flow.id, node.id)
             if not isinstance(node, Branch) or node.on != "urgency" or ref not in walked:
@@ -709,7 +714,7 @@ class _Checker:
 def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:
     """The states and targets a step at ``node`` in state ``ab`` goes on to."""
     if isinstance(node, Branch) and node.on == "urgency":
-        level = (ab.urgency or Urgency.U5).name
+        level = ab.level.name
         # The first case of that level, as the engine takes it (a dict kept the last).
         target = next((t for value, t in node.cases if value == level), node.default)
         return [] if target is None else [(ab, target)]
