@@ -329,7 +329,7 @@ ASK_KINDS = {
 
 def one_ask(tmp_path: Path, mode: str, choices: list[str], digits: str = "") -> Path:
     """A flow whose one question (in ``mode``, ``digits`` when given) has ``choices``, each on
-    its own line from line 11."""
+    its own line from line 10."""
     path = tmp_path / "front.yaml"
     entry = f"      digits: {digits}\n      next: bye\n" if digits else ""
     listed = "".join(f"        - {c}\n" for c in choices)
@@ -365,6 +365,19 @@ def test_a_phrase_twice_is_a_finding_only_where_speech_is_heard(
         f"{path}:12: phrase 'test results' also matches 'results': {never}",
     ]
     assert [str(f) for f in check_files([path])] == (expected if heard else [])
+
+
+@pytest.mark.parametrize(("mode", "found"), [("keypad", True), ("both", False), ("speech", False)])
+def test_a_keypad_questions_choice_needs_a_key(tmp_path: Path, mode: str, found: bool) -> None:
+    # Phrases alone, in a question that never listens for speech: no caller can take the
+    # choice (a danger sign's "yes" never given), and nothing said so.
+    path = one_ask(
+        tmp_path,
+        mode,
+        ['{key: "1", phrases: [no], goto: bye}', "{phrases: [yes], goto: bye}"],
+    )
+    expected = [f"{path}:11: a keypad question hears no speech: give it a 'key'"]
+    assert [str(f) for f in check_files([path])] == (expected if found else [])
 
 
 def test_a_keypad_entry_speaks_no_label(tmp_path: Path) -> None:
@@ -468,8 +481,48 @@ def test_a_record_step_says_what_to_record(tmp_path: Path, record: str, finding:
         '  bye:\n    hangup: "Thank you."\n',
         encoding="utf-8",
     )
-    expected = [f"{path}:6: {finding}: say what to record before the beep"] if finding else []
+    expected = [f"{path}:6: {finding}: {BEFORE_THE_BEEP}"] if finding else []
     assert [str(f) for f in check_files([path])] == expected
+
+
+BEFORE_THE_BEEP = (
+    "say what to record before the beep (in it, or in a say that every way into it passes "
+    "just before)"
+)
+
+
+@pytest.mark.parametrize(
+    ("ways_in", "found"),
+    [
+        # "After the tone, ..." said by the step before, the record with no prompt of its
+        # own: the caller knows what to say. Refused, it stopped the clinic line at start.
+        (("say", "say"), False),
+        # A question's answer leads straight to the beep: no word of what to record.
+        (("ask", "ask"), True),
+        # One way in passes the say, the other does not: that caller hears only the beep.
+        (("say", "ask"), True),
+    ],
+)
+def test_a_record_without_a_prompt_after_a_say(
+    tmp_path: Path, ways_in: tuple[str, str], found: bool
+) -> None:
+    # The question's choice 1 goes on by the first way, its choice 2 by the second: through
+    # the say, or straight from the question to the record.
+    one, two = ("say" if w == "say" else "message" for w in ways_in)
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        '      mode: keypad\n      prompt: "A message?"\n      choices:\n'
+        f'        - {{key: "1", label: one, goto: {one}}}\n'
+        f'        - {{key: "2", label: two, goto: {two}}}\n'
+        '  say:\n    say: "After the tone, say your name."\n    next: message\n'
+        "  message:\n    record: {max_s: 60, save: message}\n    next: bye\n"
+        '  bye:\n    hangup: "Thank you."\n',
+        encoding="utf-8",
+    )
+    got = [str(f) for f in check_files([path]) if "unreachable" not in f.message]
+    expected = [f"{path}:16: record 'message' has no 'prompt': {BEFORE_THE_BEEP}"]
+    assert got == (expected if found else [])
 
 
 @pytest.mark.parametrize(

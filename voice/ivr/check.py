@@ -36,6 +36,8 @@ Checks, each reported as ``file:line: message``:
   An ask takes speech on a call with a speech model in its flow's language unless it is a
   keypad question or a keypad entry (:func:`voice.ivr.flow.hears_speech`): the settings are
   not read, so a flow that passes here passes with any;
+* a record step with no prompt is reached only through a say (that says what to record
+  before the beep), and is no flow's start;
 * a case of a branch on urgency that no path reaches at its level, whose target no other
   path reaches: a step the flow counts on that no caller gets to.
 """
@@ -219,6 +221,7 @@ class _Checker:
         self.urgency_cases()
         self.placeholders()
         self.spoken_labels()
+        self.record_prompts()
         return self.findings
 
     # -- structure
@@ -709,6 +712,31 @@ class _Checker:
                             f"phrase {phrase!r} also matches {', '.join(also)}: a caller who "
                             "says it is never understood",
                         )
+
+    def record_prompts(self) -> None:
+        """A caller about to be recorded is told what to say: by the record's own prompt, or
+        by the say that every way into it plays just before ("After the tone, please leave
+        your message.", then a record with no prompt: the engine beeps at once). Else the
+        caller hears the beep and no word of what to say (a name? the medicines?), nor that
+        a recording is under way."""
+        for node in self.flow.nodes.values():
+            if not isinstance(node, Record) or node.prompt.strip():
+                continue
+            ref = (self.flow.id, node.id)
+            ways_in = [
+                other.nodes[node_id]
+                for other in self.flowset.flows.values()
+                for node_id in other.nodes
+                if ref in self.edges((other.id, node_id))
+            ]
+            if node.id != self.flow.start and not ways_in:
+                continue  # unreachable: that finding says so
+            if node.id == self.flow.start or not all(isinstance(n, Say) for n in ways_in):
+                self.add(
+                    node.line,
+                    f"record {node.id!r} has no 'prompt': say what to record before the beep"
+                    " (in it, or in a say that every way into it passes just before)",
+                )
 
 
 def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:

@@ -1300,6 +1300,12 @@ class _Parser:
         digits = self.digits(a)
         if digits is None and not choices:
             self.error(a.line, "ask needs 'choices' or 'digits'")
+        if digits is None and mode is InputMode.KEYPAD:
+            for choice in choices:
+                if choice.key is None and choice.phrases:
+                    # Its phrases are never heard, and it has no key: no caller can take it
+                    # (a danger sign's "yes" so is never given).
+                    self.error(choice.line, "a keypad question hears no speech: give it a 'key'")
         if digits is not None:
             self.entry_choices(choices)
         nxt = self.opt_text(a, "next")
@@ -1518,15 +1524,10 @@ class _Parser:
         if r is None:
             return None
         self.known(r, {"prompt", "max_s", "save"}, "record")
-        raw = r.get("prompt")
-        prompt = "" if raw is None else self.text(r, "prompt")
-        if isinstance(raw, str | None) and not prompt.strip():  # (else: "must be text")
-            # The engine records at once: the caller hears the beep and no word of what to
-            # say (a name? the medicines?), nor that a recording is under way.
-            self.error(
-                r.line_of("prompt"),
-                f"record {node_id!r} has no 'prompt': say what to record before the beep",
-            )
+        # Left out, or "prompt:" with nothing after it: none (the engine records at once).
+        # Whether the caller is told what to record then is flow check's (record_prompts):
+        # a say just before may tell it.
+        prompt = "" if r.get("prompt") is None else self.text(r, "prompt")
         return Record(
             node_id,
             m.line,
