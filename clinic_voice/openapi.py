@@ -151,8 +151,12 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "type": {"type": "string", "enum": _EVENT_TYPES},
             "at": _ISO,
-            "channel": {"anyOf": [_CHANNEL, {"type": "null"}]},
-            "detail": {"type": "string"},
+            "channel": {
+                "anyOf": [_CHANNEL, {"type": "null"}],
+                "description": "the channel the event concerns (README, events table): for "
+                "requested the one tried first, null when the number can take none of the plan",
+            },
+            "detail": {"type": "string", "description": "for people, not for parsing"},
         },
     },
     "FlashCall": {
@@ -184,7 +188,11 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{20,64}$"},
             "phone": {"type": "string", "pattern": "^\\+[1-9][0-9]{1,14}$"},
             "status": _STATUS,
-            "channel": {"anyOf": [_CHANNEL, {"type": "null"}]},
+            "channel": {
+                "anyOf": [_CHANNEL, {"type": "null"}],
+                "description": "the current step's; null once the plan is used up (nothing "
+                "more is sent; the codes sent still check until expires_at)",
+            },
             "channels": {"type": "array", "items": _CHANNEL, "minItems": 1},
             "attempts_left": {"type": "integer", "minimum": 0},
             "created_at": _ISO,

@@ -9,7 +9,10 @@ Rules (NIST SP 800-63B, Twilio/Vonage practice):
   a fallback or a resend never resets them;
 - a code is single use: the first right check approves, every later check finds it not pending;
 - each channel step has a timeout after which the next channel is tried by itself;
-- a channel that reports "undeliverable" moves on at once, without waiting for the timeout.
+- a channel that reports "undeliverable" moves on at once, without waiting for the timeout;
+- a send a limit refused keeps its step's timer (the limits count sends to the number on
+  every channel, so the next channel at once would meet the same limit); with no channel
+  left to follow, the plan is used up at once.
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ def create(
         created_at=now,
         expires_at=now + policy.ttl_s,
         step_deadline=None,
-        events=(Event(EventKind.REQUESTED, now, plan[0], "via " + ", ".join(plan)),),
+        # The channel tried first: a channel the number cannot take is skipped at once, and
+        # None when every one is (the verification then fails with nothing sent).
+        events=(
+            Event(EventKind.REQUESTED, now, _first_served(plan, phone), "via " + ", ".join(plan)),
+        ),
         locale=locale,
         callback_url=callback_url,
         client=client,
@@ -129,10 +136,7 @@ def _enter_step(
         )
         step += 1
     if step >= len(v.channels):
-        v = v.changed(step=len(v.channels), step_deadline=None, sending=False)
-        if exhausted_fails:
-            return Transition(_failed_undelivered(v, now))
-        return Transition(v)  # wait for a check until the verification expires
+        return _used_up(v, now, fails=exhausted_fails)
     channel = v.channels[step]
     if v.sends >= policy.max_sends:
         v = v.with_events(
@@ -150,9 +154,22 @@ def _enter_step(
     return Transition(v, send=channel)
 
 
+def _used_up(v: Verification, now: float, *, fails: bool) -> Transition:
+    """Past the plan's last step: fail (``fails``), or wait for a check until expiry."""
+    v = v.changed(step=len(v.channels), step_deadline=None, sending=False)
+    if fails:
+        return Transition(_failed_undelivered(v, now))
+    return Transition(v)  # wait for a check until the verification expires
+
+
 def _can_serve(channel: Channel, phone: Phone) -> bool:
     # A flash call is read from a handset's call log; a landline has none.
     return channel is not Channel.FLASHCALL or phone.kind.can_be_mobile
+
+
+def _first_served(channels: tuple[Channel, ...], phone: Phone) -> Channel | None:
+    """The first of ``channels`` that can serve ``phone`` (the others are skipped)."""
+    return next((c for c in channels if _can_serve(c, phone)), None)
 
 
 def _fallback(
@@ -191,16 +208,25 @@ def code_sent(v: Verification, step: int, code_hash: str, now: float) -> Transit
 
 
 def send_refused(v: Verification, step: int, reason: str, now: float) -> Transition:
-    """A rate limit (per number or prefix) stopped the send of ``step``."""
+    """A rate limit (per number or prefix) stopped the send of ``step``.
+
+    The plan moves on by itself as after any step that got no code through, but not at once:
+    the limits count sends to the number on every channel, so the next channel now would be
+    refused by the same limit (and the plan used up for nothing). The step keeps its timer,
+    and at its timeout the next channel is tried, when the limit (a sliding window) may have
+    let go; a ``/fallback`` may try it sooner. With no channel left that can serve the number,
+    waiting would end in the same place: the plan is used up at once, and the verification
+    fails when no code sent before may still arrive (nothing could ever be typed in), as
+    when the last code comes back undeliverable.
+    """
     if v.status is not Status.PENDING or v.step != step:
         return Transition(v)
-    return Transition(
-        v.with_events(
-            Event(EventKind.SEND_REFUSED, now, v.channels[step], reason),
-            sending=False,
-            step_deadline=None,
-        )
-    )
+    channel = v.channels[step]
+    v = v.with_events(Event(EventKind.SEND_REFUSED, now, channel, reason), sending=False)
+    if _first_served(v.channels[step + 1 :], v.phone) is not None:
+        return Transition(v)  # the step's timer moves on to the next channel
+    v = v.with_events(Event(EventKind.FALLBACK, now, None, f"{channel}: {reason}"))
+    return _used_up(v, now, fails=not _code_may_be_out(v))
 
 
 def delivery(

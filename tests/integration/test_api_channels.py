@@ -521,6 +521,61 @@ async def test_a_last_send_with_no_outcome_by_its_step_timeout_is_sent_again(
     assert len(sms_gateway.received) == 2
 
 
+async def test_a_last_send_a_limit_refuses_ends_the_plan_at_once_and_tells_the_client(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    # The send again of a last step whose first send never reported meets the number's send
+    # limit: it left the verification on its step (`channel` "sms", no timer) with no word
+    # that nothing more would come, until it expired. Nothing can follow it: the plan is used
+    # up at once (`channel` null, as the README tells the app to read), and the code that
+    # left still checks.
+    sms_gateway.mode = GatewayMode.HANG
+    clock = FakeClock()
+    api = await start_service(
+        {
+            "CLINIC_STEP_TIMEOUT_SMS_S": "130",
+            "CLINIC_SMS_HTTP_TIMEOUT_S": "60",
+            "CLINIC_LIMIT_NUMBER_SENDS": "1/600",
+            "CLINIC_WEBHOOK_URL": webhook_receiver.url(),
+        },
+        clock=clock,
+    )
+    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    code = await read_code(sms_gateway)
+    clock.advance(131)
+    v = await api.wait_for_event(vid, "send_refused", deadline_s=3.0)
+    refused = [e for e in v["events"] if e["type"] == "send_refused"]
+    assert [(e["channel"], e["detail"]) for e in refused] == [
+        ("sms", "too many sends to this number (limit 1 per 600 s)")
+    ]
+    assert v["events"][-1]["type"] == "fallback", [e["type"] for e in v["events"]]
+    assert (v["events"][-1]["channel"], v["events"][-1]["detail"]) == (
+        None,
+        "sms: too many sends to this number (limit 1 per 600 s)",
+    )
+    assert (v["status"], v["channel"]) == ("pending", None)
+    # The client hears it at once: each event's webhook, with the verification's channel
+    # right after it (null once the plan is used up).
+    hooks = await webhook_receiver.wait_until(
+        "the fallback's webhook",
+        lambda got: any(h.json()["event"]["type"] == "fallback" for h in got),
+        deadline_s=5.0,
+    )
+    # (The first fallback, to "sms" again, is the send again that was refused.)
+    told = {(h.json()["event"]["type"], h.json()["event"]["channel"]): h for h in hooks}
+    assert told["send_refused", "sms"].json()["status"] == "pending"
+    moved = told["fallback", None].json()
+    assert (moved["status"], moved["channel"]) == ("pending", None)
+    _assert_hooks_match(
+        [told["send_refused", "sms"], told["fallback", None]],
+        vid,
+        v["events"][-2:],
+    )
+    (await api.request("POST", f"/v1/verifications/{vid}/fallback")).problem(409, "no-channel-left")
+    assert len(sms_gateway.received) == 1, "the refused send left all the same"
+    assert (await api.check(vid, code)).json["status"] == "approved"
+
+
 async def test_check_after_ttl_expires_even_before_the_timer(
     start_service: StartService, sms_gateway: SmsGateway
 ) -> None:

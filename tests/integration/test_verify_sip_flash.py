@@ -531,7 +531,17 @@ async def test_a_flash_call_a_landline_cannot_take_counts_no_send(rig: Rig, tmp_
         assert skipped.status == 201, skipped.text
         assert skipped.json["status"] == "failed", skipped.json
         assert "dispatched" not in event_types(skipped.json)
-        vid = await create(svc.api, phone=landline, method="sms", fallback=[])
+        # `requested` names the channel tried first: none here, the SMS below (it named the
+        # skipped flash call).
+        requested = skipped.json["events"][0]
+        assert (requested["type"], requested["channel"]) == ("requested", None), requested
+        assert requested["detail"] == "via flashcall"
+        made = await svc.api.create(phone=landline, method="flashcall", fallback=["sms"])
+        assert made.status == 201, made.text
+        vid = made.json["id"]
+        seen = [(e["type"], e["channel"]) for e in made.json["events"]]
+        assert seen[:2] == [("requested", "sms"), ("skipped", "flashcall")], seen
+        assert made.json["channel"] == "sms"
         sms = await wire_request(uas, "MESSAGE")
         right = await svc.api.check(vid, code_from_message(sms))
         assert right.json["status"] == "approved", right.text

@@ -17,6 +17,7 @@ from verification import rules
 from verification.errors import NoChannelLeft, NotPending
 from verification.model import (
     Channel,
+    Event,
     EventKind,
     FlashCallInfo,
     NumberKind,
@@ -108,9 +109,10 @@ def failed_by_checks() -> Verification:
     [
         (ALL, MOBILE, 0, F, [(EventKind.REQUESTED, F)]),
         (ALL, US_EITHER, 0, F, [(EventKind.REQUESTED, F)]),
-        (ALL, LANDLINE, 1, S, [(EventKind.REQUESTED, F), (EventKind.SKIPPED, F)]),
-        (ALL, TOLL_FREE, 1, S, [(EventKind.REQUESTED, F), (EventKind.SKIPPED, F)]),
-        ((F, V), LANDLINE, 1, V, [(EventKind.REQUESTED, F), (EventKind.SKIPPED, F)]),
+        # ``requested`` names the channel tried first, not a skipped one.
+        (ALL, LANDLINE, 1, S, [(EventKind.REQUESTED, S), (EventKind.SKIPPED, F)]),
+        (ALL, TOLL_FREE, 1, S, [(EventKind.REQUESTED, S), (EventKind.SKIPPED, F)]),
+        ((F, V), LANDLINE, 1, V, [(EventKind.REQUESTED, V), (EventKind.SKIPPED, F)]),
         ((S, F, V), LANDLINE, 0, S, [(EventKind.REQUESTED, S)]),
         ((V,), LANDLINE, 0, V, [(EventKind.REQUESTED, V)]),
         ((S,), MOBILE, 0, S, [(EventKind.REQUESTED, S)]),
@@ -155,7 +157,7 @@ def test_create_with_only_a_flash_call_to_a_landline_fails(phone: Phone) -> None
     assert t.send is None
     assert (v.status, v.step, v.channel, v.step_deadline) == (Status.FAILED, 1, None, None)
     assert kinds(v) == [
-        (EventKind.REQUESTED, F),
+        (EventKind.REQUESTED, None),  # no channel was tried: the only one was skipped
         (EventKind.SKIPPED, F),
         (EventKind.FAILED, None),
     ]
@@ -781,15 +783,114 @@ def test_sends_are_counted_across_channels() -> None:
 # -- send_refused (a rate limit) -------------------------------------------------------------
 
 
-def test_send_refused_on_the_current_step_stops_its_timer() -> None:
-    v = start().verification
-    t = rules.send_refused(v, 0, "too many sends to this number", T0 + 1)
+def test_send_refused_with_a_channel_to_follow_keeps_its_steps_timer() -> None:
+    # It stopped the timer: nothing followed by itself, and the verification waited out its
+    # lifetime though later channels could reach the person once the limit let go. Not at
+    # once either: the limits count sends to the number on every channel.
+    v = rules.tick(delivered(started(), T0 + 1), T0 + 33, POLICY).verification  # now SMS
+    assert (v.step, v.step_deadline) == (1, T0 + 33 + 120)
+    t = rules.send_refused(v, 1, "too many sends to this number", T0 + 34)
     nv = t.verification
     assert t.send is None
-    assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (Status.PENDING, 0, None, False)
-    assert nv.events[-1].kind is EventKind.SEND_REFUSED
-    assert nv.events[-1].detail == "too many sends to this number"
+    assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (
+        Status.PENDING,
+        1,
+        T0 + 33 + 120,
+        False,
+    )
+    assert nv.events[-1] == Event(
+        EventKind.SEND_REFUSED, T0 + 34, S, "too many sends to this number"
+    )
+    assert rules.due_at(nv) == T0 + 33 + 120
+    assert rules.tick(nv, T0 + 100, POLICY) == Transition(nv)  # not before its timeout
+    moved = rules.tick(nv, T0 + 33 + 120, POLICY)
+    assert moved.send is V
+    assert kinds(moved.verification)[-1] == (EventKind.FALLBACK, V)
+    assert moved.verification.events[-1].detail == "step timed out without approval"
+
+
+def test_send_refused_on_the_first_step_waits_for_its_timeout_too() -> None:
+    t = rules.send_refused(start().verification, 0, "too many sends to this number", T0 + 1)
+    assert (t.send, t.verification.step, t.verification.step_deadline) == (None, 0, T0 + 33)
+    assert rules.tick(t.verification, T0 + 33, POLICY).send is S
+
+
+def _sent_again() -> Verification:
+    """SMS only: its send never reported, and the step sends again (the send refused)."""
+    v = rules.tick(started((S,)), T0 + 120, POLICY).verification
+    assert (kinds(v)[-1], v.step, v.sending) == ((EventKind.FALLBACK, S), 0, True)
+    return v
+
+
+def _flash_timed_out() -> Verification:
+    """Flash call then SMS: the flash step timed out (its caller-ID may have shown)."""
+    v = rules.tick(started((F, S)), T0 + 33, POLICY).verification
+    assert (v.step, v.sending) == (1, True)
+    return v
+
+
+@pytest.mark.parametrize("make", [_sent_again, _flash_timed_out])
+def test_send_refused_with_nothing_to_follow_and_a_code_out_uses_up_the_plan(
+    make: object,
+) -> None:
+    # Waiting for the last step's timeout would only move past the plan: done at once, so
+    # the client sees `channel` null (nothing more is sent; the codes sent still check).
+    assert callable(make)
+    v: Verification = make()
+    step, channel = v.step, v.channels[v.step]
+    t = rules.send_refused(v, step, "too many sends to this number", T0 + 200)
+    nv = t.verification
+    assert t.send is None
+    assert (nv.status, nv.step, nv.channel, nv.step_deadline, nv.sending) == (
+        Status.PENDING,
+        len(v.channels),
+        None,
+        None,
+        False,
+    )
+    assert nv.events[-2:] == (
+        Event(EventKind.SEND_REFUSED, T0 + 200, channel, "too many sends to this number"),
+        Event(EventKind.FALLBACK, T0 + 200, None, f"{channel}: too many sends to this number"),
+    )
     assert rules.due_at(nv) == nv.expires_at
+    assert rules.check(nv, True, T0 + 201, POLICY)[1].status is Status.APPROVED
+    # The code that left coming back now fails it: nothing more can be typed in.
+    late = rules.delivery(nv, 0, DeliveryKind.UNDELIVERABLE, "gone", now=T0 + 202, policy=POLICY)
+    assert late.verification.status is Status.FAILED
+
+
+def _flash_undeliverable() -> Verification:
+    """Flash call then SMS: the flash call came back undeliverable."""
+    v = rules.delivery(
+        started((F, S)), 0, DeliveryKind.UNDELIVERABLE, "busy (486)", now=T0 + 2, policy=POLICY
+    ).verification
+    assert (v.step, v.sending) == (1, True)
+    return v
+
+
+def _landline_sms_then_flash() -> Verification:
+    """SMS then flash call to a landline: nothing sent yet, and the flash call would be
+    skipped, so nothing follows the SMS."""
+    return start((S, F), LANDLINE).verification
+
+
+@pytest.mark.parametrize("make", [_flash_undeliverable, _landline_sms_then_flash])
+def test_send_refused_with_nothing_to_follow_and_no_code_out_fails_at_once(make: object) -> None:
+    # The flash call failed, the SMS it fell back to was refused: no code ever left and
+    # none can (a /fallback answers 409 no-channel-left). It sat pending until it expired.
+    assert callable(make)
+    v: Verification = make()
+    t = rules.send_refused(v, v.step, "too many sends to this number (limit 1 per 600 s)", T0 + 3)
+    nv = t.verification
+    assert t.send is None
+    assert (nv.status, nv.step, nv.channel, nv.step_deadline) == (Status.FAILED, 2, None, None)
+    assert kinds(nv)[-3:] == [
+        (EventKind.SEND_REFUSED, S),
+        (EventKind.FALLBACK, None),
+        (EventKind.FAILED, None),
+    ]
+    assert nv.events[-1].detail == "no channel could deliver"
+    assert rules.due_at(nv) is None
 
 
 @pytest.mark.parametrize(
