@@ -358,7 +358,7 @@ def build_middlewares(
                 raise
             slug, title = HTTP_SLUGS.get(exc.status, ("http-error", exc.reason))
             resp = problem(exc.status, slug, title)
-            for h in ("Allow", "WWW-Authenticate"):
+            for h in ("Allow", "WWW-Authenticate", "Accept"):
                 if h in exc.headers:
                     resp.headers[h] = exc.headers[h]
             if exc.status == 413:  # no keep-alive after a body refused for its size

@@ -13,6 +13,8 @@ from typing import Any
 
 _ISO = {"type": "string", "format": "date-time"}
 _CHANNEL = {"type": "string", "enum": ["flashcall", "sms", "voice"]}
+# GET /v1/calls's cursor (voice/ivr/cursor.py): a start, and the id of the call listed last
+_CURSOR = "^[0-9]{1,12}(\\.[0-9]{1,17})?(~[A-Za-z0-9_-]{1,64})?$"
 _STATUS = {"type": "string", "enum": ["pending", "approved", "failed", "expired", "canceled"]}
 _EVENT_TYPES = [
     "requested",
@@ -65,10 +67,15 @@ _ERROR_HEADERS: dict[int, dict[str, Any]] = {
         }
     },
     415: {
+        "Accept": {
+            "description": "the media types taken (when the body's Content-Type was refused): "
+            "application/json, application/merge-patch+json",
+            "schema": {"type": "string"},
+        },
         "Accept-Encoding": {
             "description": "the content codings taken (when the body's coding was refused)",
             "schema": {"type": "string"},
-        }
+        },
     },
 }
 
@@ -130,6 +137,11 @@ SCHEMAS: dict[str, Any] = {
                 "type": "array",
                 "items": _CHANNEL,
                 "description": "channel-unavailable: the channels configured here",
+            },
+            "channel": {
+                "anyOf": [_CHANNEL, {"type": "null"}],
+                "description": "not-on-channel: the verification's current channel (null: its "
+                "plan is used up)",
             },
             "verification_status": {
                 **_STATUS,
@@ -248,6 +260,16 @@ SCHEMAS: dict[str, Any] = {
             "cli": {"type": "string", "maxLength": 64, "pattern": "^[+0-9 -]+$"},
         },
     },
+    "Fallback": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "from": {
+                **_CHANNEL,
+                "description": "the channel the client saw the verification on",
+            },
+        },
+    },
     "CheckResult": {
         "type": "object",
         "additionalProperties": False,
@@ -273,7 +295,11 @@ SCHEMAS: dict[str, Any] = {
         "required": ["calls"],
         "properties": {
             "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
-            "next": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "next": {
+                "anyOf": [{"type": "string", "pattern": _CURSOR}, {"type": "null"}],
+                "description": "the cursor of the next page: the start and id of this page's "
+                "last call",
+            },
             "waiting_on_disk": {
                 "type": "integer",
                 "minimum": 0,
@@ -441,9 +467,28 @@ def _paths() -> dict[str, Any]:
         "/v1/verifications/{id}/fallback": {
             "post": {
                 "summary": "Move to the next channel now",
+                "description": "With a body naming the channel the client saw (`from`), only "
+                "from that channel: when the verification is on another (it moved on since "
+                "the client read it), 409 not-on-channel naming the current one, and nothing "
+                "changes; of concurrent requests with one `from`, one moves it. Without a "
+                "body, from whatever channel it is on.",
                 "security": _BEARER,
                 "parameters": vid,
-                "responses": {"200": _json("Verification", "Moved on"), **_errors(409, *_COMMON)},
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Fallback"}}
+                    },
+                },
+                "responses": {
+                    "200": _json("Verification", "Moved on"),
+                    **_errors(*_COMMON),
+                    "409": {
+                        **_problem_ref(),
+                        "description": "not-pending; no-channel-left; not-on-channel: the "
+                        "verification is not on `from` (`channel` names the one it is on)",
+                    },
+                },
             }
         },
         "/v1/calls": {
@@ -459,8 +504,13 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "cursor",
                         "in": "query",
-                        "description": "the 'next' of the previous page",
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,12}(\\.[0-9]{1,9})?$"},
+                        "description": "the 'next' of the previous page: the start and id "
+                        "of its last call (a start alone, as given out before, is still taken: "
+                        "that page repeats the calls of that start rather than skip one)",
+                        "schema": {
+                            "type": "string",
+                            "pattern": _CURSOR,
+                        },
                     },
                 ],
                 "responses": {"200": _json("CallList", "A page of calls"), **_errors(*_COMMON)},

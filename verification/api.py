@@ -32,6 +32,7 @@ from verification.model import CHANNEL_ORDER, Channel, FlashCallInfo, Policy, Ve
 from verification.request import (
     KEY_ID,
     read_json_object,
+    read_optional_json_object,
     self_admitted,
     take_request_checks,
     takes_body,
@@ -90,6 +91,17 @@ def _channel(value: object, name: str) -> Channel:
         return Channel(value)
     except ValueError:
         raise InvalidRequest(f"'{name}' must be one of flashcall, sms, voice", field=name) from None
+
+
+def parse_fallback(body: dict[str, Any] | None) -> Channel | None:
+    """The channel a ``/fallback``'s optional body says the client saw (``from``), or None:
+    no body, or none named (a move from wherever the verification is, as before)."""
+    if body is None:
+        return None
+    unknown = sorted(set(body) - {"from"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}", fields=unknown)
+    return _channel(body["from"], "from") if "from" in body else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,16 +415,26 @@ class VerificationApi:
         )
 
     @self_admitted
+    @takes_body
     async def fallback(self, request: web.Request) -> web.Response:
+        self._vid(request)
+        moving_from = parse_fallback(await read_optional_json_object(request))
         stored = await self._admit_and_get(request)
         vid = stored.verification.id
         now = self._clock.now()
         seen = stored.verification.step
         # The send is counted with the move, and only if this request moves it: a request
-        # that lost the race to the step timer (or answers 409) counts nothing.
+        # that lost the race to the step timer (or answers 409) counts nothing. ``from`` is
+        # checked in the change, on the record the write is made against (a compare-and-set
+        # on its version): a check on the read above could pass for two requests at once.
         transition, _, written = await self._store().update_stored(
             vid,
-            lambda v: (rules.request_fallback(v, self._clock.now(), self._policy, seen), None),
+            lambda v: (
+                rules.request_fallback(
+                    v, self._clock.now(), self._policy, seen, moving_from=moving_from
+                ),
+                None,
+            ),
             known=stored,
             checks=limits.send_checks(self._vs, stored.verification.phone),
             now=now,

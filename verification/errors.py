@@ -119,6 +119,19 @@ class NotPending(VerificationError):
             super().__init__(detail)
 
 
+class NotOnChannel(VerificationError):
+    """A ``/fallback`` whose ``from`` is not the verification's current channel: the client
+    acted on an old read (the service moved on since, or another request did). ``channel``
+    names the current one (None once the plan is used up)."""
+
+    status = 409
+    slug = "not-on-channel"
+    title = "The verification is not on that channel"
+
+    def __init__(self, detail: str, *, channel: str | None) -> None:
+        super().__init__(detail, channel=channel)
+
+
 class NoChannelLeft(VerificationError):
     status = 409
     slug = "no-channel-left"

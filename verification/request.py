@@ -83,6 +83,8 @@ MAX_BODY = 64 * 1024  # the app's client_max_size: 413 past it
 BODY_READ_S = 10.0  # a body (at most 64 KiB) still arriving after this is a slow client
 
 
+# The media types a body is read as JSON in (merge-patch: a JSON object, read as any other).
+ACCEPTED_TYPES = ("application/json", "application/merge-patch+json")
 # Content codings aiohttp decodes (brotli and zstd only with libraries this service lacks).
 ACCEPTED_CODINGS = ("identity", "gzip", "deflate")
 
@@ -94,9 +96,10 @@ async def read_body(request: web.Request) -> bytes:
     when it does not decode. A body refused unread is given up (:func:`read_no_more`)."""
     if not request.can_read_body:
         return b""
-    if request.content_type not in ("application/json", "application/merge-patch+json"):
+    if request.content_type not in ACCEPTED_TYPES:
         read_no_more(request)
-        raise web.HTTPUnsupportedMediaType()
+        # RFC 9110 15.5.16: a 415 for the media type says which ones are taken (Accept)
+        raise web.HTTPUnsupportedMediaType(headers={hdrs.ACCEPT: ", ".join(ACCEPTED_TYPES)})
     coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
     if coding not in ACCEPTED_CODINGS:  # aiohttp would hand it over undecoded, as if plain
         read_no_more(request)
@@ -123,9 +126,18 @@ async def read_body(request: web.Request) -> bytes:
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx problem (:func:`read_body`, then 422)."""
+    body = await read_optional_json_object(request)
+    if body is None:
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+async def read_optional_json_object(request: web.Request) -> dict[str, Any] | None:
+    """The body as a JSON object, None when there is none (no body, or an empty one), or a
+    4xx problem as :func:`read_json_object`'s."""
     raw = await read_body(request)
     if not raw:
-        raise InvalidRequest("the body must be a JSON object")
+        return None
     # orjson takes RFC 8259 JSON only: UTF-8 (a leading byte-order mark is skipped, as the RFC
     # allows), no NaN or Infinity, no lone surrogates (text that could be neither stored nor
     # sent on), integers within 64 bits. It is also about five times faster than json.loads.

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 
-from verification.errors import NoChannelLeft, NotPending
+from verification.errors import NoChannelLeft, NotOnChannel, NotPending
 from verification.model import (
     Channel,
     Event,
@@ -428,19 +428,39 @@ def attempts_left(v: Verification, policy: Policy) -> int:
 
 
 def request_fallback(
-    v: Verification, now: float, policy: Policy, seen_step: int | None = None
+    v: Verification,
+    now: float,
+    policy: Policy,
+    seen_step: int | None = None,
+    *,
+    moving_from: Channel | None = None,
 ) -> Transition:
     """The user did not get it: move to the next channel now.
 
-    ``seen_step``: the step the client's request found. When the verification has moved on
-    since (its step timer, or another request, won the race), that move was the one asked
-    for: nothing changes, rather than a second move that would drop the send just started.
+    ``moving_from``: the channel the client says it saw (the request's ``from``). When the
+    verification is no longer on it, :class:`NotOnChannel` and nothing changes: the client
+    learns that it acted on an old read. Applied to the record the write is made against
+    (the store's compare-and-set), so of two requests with one ``from`` one moves it.
+
+    ``seen_step`` (without ``moving_from``): the step the client's request found. When the
+    verification has moved on since (its step timer, or another request, won the race), that
+    move was the one asked for: nothing changes, rather than a second move that would drop the
+    send just started.
     """
     if v.status is Status.PENDING and now >= v.expires_at:
         raise NotPending("the verification has expired", status=Status.EXPIRED.value)
     if v.status is not Status.PENDING:
         raise NotPending(f"the verification is {v.status}", status=v.status.value)
-    if seen_step is not None and v.step != seen_step:
+    if moving_from is not None:
+        current = v.channel
+        if current is not moving_from:
+            now_on = current.value if current is not None else None
+            raise NotOnChannel(
+                f"the verification is on {now_on or 'no channel (its plan is used up)'},"
+                f" not {moving_from.value}: read it again",
+                channel=now_on,
+            )
+    elif seen_step is not None and v.step != seen_step:
         return Transition(v)
     if v.step + 1 >= len(v.channels):
         raise NoChannelLeft("no channel is left in the plan")

@@ -312,6 +312,60 @@ async def _run_search(api: Api, cwd: Path) -> tuple[str, str]:
     return out.decode(), err.decode()
 
 
+async def test_the_readmes_search_finds_calls_of_one_start_on_both_sides_of_a_page_edge(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """The cursor was the start of a page's last call alone, and the next page began below it:
+    the calls of that start not yet listed were skipped, so a search missed the patient's
+    calls (records replayed from the journal keep a start to the millisecond: calls of one
+    start are not rare on a busy line)."""
+    api = await _calls_api(start_service)
+    at = round(time.time() - 4000, 3)
+    record = CallRecord("triage", (), (), None, (), None, None, "message_left")
+    patient = {129: "+31612345678", 10: "0612345678", 0: "0031 6 1234 5678"}
+    for i in range(130):  # listed by id, descending: 129 on the first page, 10 and 0 after
+        caller = patient.get(i, f"+3120{i:07d}")
+        await _store(api).save(CallResult(f"same-{i:03d}", caller, "700", at, at + 10, record))
+    out, err = await _run_search(api, tmp_path)
+    assert sorted(line.split()[0] for line in out.splitlines()) == [
+        "same-000",
+        "same-010",
+        "same-129",
+    ], (out, err)
+    assert err == "", err
+
+
+async def _page_through(api: Api, limit: int, cursor: str | None = None) -> list[str]:
+    """Every call id the list shows, page by page, the cursor sent as the README's loop
+    sends it (as given, not encoded)."""
+    listed: list[str] = []
+    for _ in range(200):
+        query = f"limit={limit}" + (f"&cursor={cursor}" if cursor is not None else "")
+        answer = await api.request("GET", f"/v1/calls?{query}")
+        assert answer.status == 200, answer.text
+        listed += [c["id"] for c in answer.json["calls"]]
+        cursor = answer.json["next"]
+        if cursor is None:
+            return listed
+    pytest.fail(f"the list did not end: {listed}")
+
+
+async def test_pages_list_every_call_of_one_start_exactly_once(start_service: StartService) -> None:
+    api = await _calls_api(start_service)
+    at = round(time.time() - 600, 3)
+    record = CallRecord("triage", (), (), None, (), None, None, "message_left")
+    starts = {f"one-{i:02d}": at for i in range(23)} | {"new-0": at + 1, "old-0": at - 1}
+    for call_id, start in starts.items():
+        await _store(api).save(CallResult(call_id, "6001", "700", start, start + 5, record))
+    newest_first = sorted(starts, key=lambda i: (starts[i], i.encode()), reverse=True)
+    for limit in (1, 2, 4, 7, 22, 23, 24, 100):
+        assert await _page_through(api, limit) == newest_first, limit
+    # A cursor of before (the start alone) is still taken: its page lists the calls of that
+    # start again rather than skip one.
+    again = await _page_through(api, 5, repr(at))
+    assert again == newest_first[1:], again
+
+
 async def test_the_readmes_search_by_number_finds_every_call_or_says_it_did_not(
     start_service: StartService, redis_server: RedisServer, tmp_path: Path
 ) -> None:

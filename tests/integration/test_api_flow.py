@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from clinic_voice.app import RUNTIME
 from clinic_voice.http import key_id
 from tests.conftest import RedisServer
 from tests.integration.conftest import (
     API_KEY,
     MOBILE,
+    Api,
     StartService,
     read_code,
     wrong_code,
 )
 from tests.peers.sms_gateway import SmsGateway
+from verification import entropy, rules
+from verification.model import Channel, Policy
+from verification.numbers import parse_phone
 from verification.store import body_hash
 
 pytestmark = pytest.mark.integration
@@ -86,6 +92,103 @@ async def test_fallback_without_a_channel_left_is_409(
     answer = await api.request("POST", f"/v1/verifications/{vid}/fallback")
     answer.problem(409, "no-channel-left")
     assert len(sms_gateway.received) == 1, "a refused fallback must not send"
+
+
+async def _stored_on(api: Api, plan: tuple[Channel, ...], *, moved: int = 0) -> str:
+    """A verification of ``plan`` written to the service's Redis as a create writes it (no
+    send started: the test decides what happens), moved on ``moved`` times as the step
+    timer moves it; its id."""
+    store = api.app[RUNTIME].need_store()
+    vid = entropy.token_urlsafe(24)
+    made = rules.create(
+        verification_id=vid,
+        phone=parse_phone(MOBILE),
+        plan=plan,
+        code_length=6,
+        now=time.time(),
+        policy=Policy(),
+    )
+    await store.create(made)
+    for _ in range(moved):
+        await store.update(vid, lambda v: (rules.request_fallback(v, time.time(), Policy()), None))
+    return vid
+
+
+@loop_watched
+async def test_a_fallback_from_a_channel_the_verification_has_left_is_409_and_moves_nothing(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    """The app read the verification on the flash call and asks to move on from it, but the
+    service moved it to the voice call meanwhile: without ``from`` that request moved it on
+    once more, past the call just placed."""
+    api = await start_service()
+    vid = await _stored_on(api, (Channel.FLASHCALL, Channel.VOICE, Channel.SMS), moved=1)
+    before = await api.get(vid)
+    assert before["channel"] == "voice"
+    path = f"/v1/verifications/{vid}/fallback"
+    refused = (await api.request("POST", path, json_body={"from": "flashcall"})).problem(
+        409, "not-on-channel"
+    )
+    assert refused["channel"] == "voice", refused
+    assert "voice" in refused["detail"], refused
+    assert await api.get(vid) == before, "a refused fallback changes nothing"
+    moved = await api.request("POST", path, json_body={"from": "voice"})
+    assert moved.status == 200, moved.text
+    assert moved.json["channel"] == "sms"
+    assert [e["detail"] for e in moved.json["events"] if e["type"] == "fallback"] == [
+        "requested by the client",
+        "requested by the client",
+    ]
+    await read_code(sms_gateway)
+    # Without a body (or with one that names no channel), as before: from wherever it is.
+    (await api.request("POST", path)).problem(409, "no-channel-left")
+    (await api.request("POST", path, json_body={})).problem(409, "no-channel-left")
+    assert len(sms_gateway.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"from": "fax"}, {"field": "from"}),
+        ({"from": None}, {"field": "from"}),
+        ({"from": ["sms"]}, {"field": "from"}),
+        ({"from": "sms", "to": "voice"}, {"fields": ["to"]}),
+        (["sms"], {}),
+    ],
+)
+async def test_a_fallback_body_that_names_no_channel_rightly_is_422(
+    start_service: StartService, body: object, named: dict[str, object]
+) -> None:
+    api = await start_service()
+    vid = await _stored_on(api, (Channel.VOICE, Channel.SMS))
+    answer = await api.request("POST", f"/v1/verifications/{vid}/fallback", json_body=body)
+    problem = answer.problem(422, "invalid-request")
+    assert {k: problem.get(k) for k in named} == named, problem
+    assert (await api.get(vid))["channel"] == "voice", "nothing moved"
+
+
+@loop_watched
+async def test_two_fallbacks_from_one_channel_at_once_move_it_once(
+    start_service: StartService, sms_gateway: SmsGateway
+) -> None:
+    """Both requests read the verification on the voice call; one moves it to SMS, and the
+    other, written against the record as the first left it, is told it is on SMS now."""
+    api = await start_service()
+    for round_ in range(5):
+        vid = await _stored_on(api, (Channel.VOICE, Channel.SMS))
+        path = f"/v1/verifications/{vid}/fallback"
+        answers = await asyncio.gather(
+            *(api.request("POST", path, json_body={"from": "voice"}) for _ in range(2))
+        )
+        statuses = sorted(a.status for a in answers)
+        assert statuses == [200, 409], [a.text for a in answers]
+        [moved] = [a for a in answers if a.status == 200]
+        [lost] = [a for a in answers if a.status == 409]
+        assert moved.json["channel"] == "sms"
+        assert lost.problem(409, "not-on-channel")["channel"] == "sms"
+        v = await api.get(vid)
+        assert [e["type"] for e in v["events"]].count("fallback") == 1, v["events"]
+        assert len(await sms_gateway.wait_for(round_ + 1)) == round_ + 1, "one SMS a move"
 
 
 @loop_watched

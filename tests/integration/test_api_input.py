@@ -641,6 +641,8 @@ async def test_a_route_that_takes_no_body_holds_one_sent_anyway_to_the_rules(
         b"hi",
     )
     assert_problem(text, 415, "unsupported-media-type")
+    # RFC 9110 15.5.16: what it would have taken
+    assert text.headers["accept"] == "application/json, application/merge-patch+json", text
     record = (await api.request("GET", path)).json
     assert record["status"] == "pending", "a refused request must not have cancelled"
     assert "fallback" not in [e["type"] for e in record["events"]], "nor moved on"

@@ -171,9 +171,10 @@ async def test_the_collector_refuses_what_the_document_does_not_say(
 async def test_the_header_fields_an_error_carries_are_in_the_document(
     start_service: StartService,
 ) -> None:
-    """The walk-through: the README promises `WWW-Authenticate` with a 401, `Allow` with a 405
-    and `Accept-Encoding` with a 415 for a coding refused, and the answers carry them, but the
-    document listed none of them: a client generated from it had no way to read them."""
+    """The walk-through: the README promises `WWW-Authenticate` with a 401, `Allow` with a 405,
+    `Accept-Encoding` with a 415 for a coding refused and `Accept` with one for a media type
+    refused, and the answers carry them, but the document listed none of them: a client
+    generated from it had no way to read them."""
     api = await start_service()
     doc = (await api.request("GET", "/openapi.json", key=None)).json
     vid = "A" * 32
@@ -181,6 +182,7 @@ async def test_the_header_fields_an_error_carries_are_in_the_document(
         ("GET", "/v1/verifications/{id}", {}, "wrong-key-0123456789", 401, "WWW-Authenticate"),
         ("PUT", "/v1/verifications", {}, "", 405, "Allow"),
         ("POST", "/v1/verifications", {"Content-Encoding": "compress"}, "", 415, "Accept-Encoding"),
+        ("POST", "/v1/verifications", {"Content-Type": "text/plain"}, "", 415, "Accept"),
     ]
     for method, template, headers, key, status, name in sent:
         answer = await api.request(

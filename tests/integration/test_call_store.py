@@ -14,6 +14,7 @@ from sip_config.clock import FakeClock
 from tests.conftest import RedisServer
 from verification.redis_mux import RedisMux
 from voice.ivr.call_record import CallResult
+from voice.ivr.cursor import Cursor
 from voice.ivr.engine import CallRecord
 from voice.ivr.store import (
     COMPACT_ASKED,
@@ -57,9 +58,28 @@ async def test_pages_are_newest_first_and_the_cursor_continues(mux: RedisMux) ->
     first = await store.recent(2, None)
     assert [c["id"] for c in first.calls] == ["c-4", "c-3"]
     assert first.next_cursor is not None
-    second = await store.recent(10, float(first.next_cursor))
+    second = await store.recent(10, first.next_cursor)
     assert [c["id"] for c in second.calls] == ["c-2", "c-1", "c-0"]
     assert second.next_cursor is None
+
+
+async def test_a_page_after_a_call_erased_since_begins_after_it_all_the_same(
+    mux: RedisMux,
+) -> None:
+    # The cursor's own call gone from the index (staff erase what a search found while
+    # paging): the next page still begins right after it, among the calls of its start.
+    store = CallStore(mux, SECRET, retention_days=30)
+    await asyncio.gather(*(store.save(_result(f"c-{i}", T0)) for i in range(6)))
+    first = await store.recent(2, None)
+    assert [c["id"] for c in first.calls] == ["c-5", "c-4"]
+    assert first.next_cursor == Cursor(T0, "c-4")
+    assert await store.erase("c-4", on_disk=False) is Erased.RECORD
+    await store.save(_result("c-9", T0))  # after the page was read: it sorts before the cursor
+    second = await store.recent(3, first.next_cursor)
+    assert [c["id"] for c in second.calls] == ["c-3", "c-2", "c-1"]
+    assert second.next_cursor == Cursor(T0, "c-1")
+    third = await store.recent(3, second.next_cursor)
+    assert [c["id"] for c in third.calls] == ["c-0"] and third.next_cursor is None
 
 
 async def test_a_save_while_redis_is_down_lands_when_it_is_back(

@@ -14,7 +14,7 @@ from sip_config.settings import Rate
 from tests.conftest import RedisServer
 from tests.integration.conftest import MOBILE
 from verification import rules
-from verification.errors import RateLimited
+from verification.errors import NotOnChannel, RateLimited
 from verification.limits import LimitCheck, LimitName
 from verification.model import Channel, EventKind, Policy, Verification
 from verification.numbers import parse_phone
@@ -89,6 +89,32 @@ async def test_a_fallback_that_lost_the_race_at_the_limit_is_not_refused(
     assert (await store.hit_limits([ONE_SEND], time.time())).allowed  # the timer's send
     _, _, written = await _counted_fallback(store, stale)
     assert written.verification.step == 1
+
+
+async def test_a_fallback_from_a_channel_left_since_its_read_is_refused_at_the_write(
+    store: VerificationStore,
+) -> None:
+    # The request's read found SMS (its ``from``), and passed on it; another writer moved the
+    # verification before the request's write. The write is made against the record as read
+    # (compare-and-set): it fails, and the change, applied again to the record as it is now,
+    # refuses. A check on the read alone moved it twice.
+    stale = await _made(store, "f" * 32)
+    vid = stale.verification.id
+    await store.update(vid, _client_fallback(None))
+    with pytest.raises(NotOnChannel) as err:
+        await store.update_stored(
+            vid,
+            lambda v: (
+                rules.request_fallback(v, time.time(), POLICY, 0, moving_from=Channel.SMS),
+                None,
+            ),
+            known=stale,
+            checks=[ONE_SEND],
+            now=time.time(),
+        )
+    assert err.value.extra == {"channel": "voice"}
+    assert (await store.get(vid)).verification.step == 1, "one move, not two"
+    assert (await store.hit_limits([ONE_SEND], time.time())).allowed, "nothing counted"
 
 
 async def test_a_fallback_that_moves_counts_its_send_once(store: VerificationStore) -> None:

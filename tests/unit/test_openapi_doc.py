@@ -297,9 +297,13 @@ def _error_classes() -> list[type[errors.VerificationError]]:
 
 @pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
 def test_problem_documents_validate(cls: type[errors.VerificationError]) -> None:
-    exc = cls("slow down", 3) if issubclass(cls, errors.RetryLater) else cls("detail")
-    if cls is errors.NotPending:
+    exc: errors.VerificationError
+    if cls is errors.NotOnChannel:
+        exc = errors.NotOnChannel("it is on sms", channel="sms")
+    elif cls is errors.NotPending:
         exc = errors.NotPending("it is approved", status="approved")
+    else:
+        exc = cls("slow down", 3) if issubclass(cls, errors.RetryLater) else cls("detail")
     resp = problem(exc.status, exc.slug, exc.title, exc.detail, **exc.extra)
     assert resp.text is not None
     body = json.loads(resp.text)

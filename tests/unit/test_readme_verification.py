@@ -43,7 +43,7 @@ from verification import (
     webhook_origins,
     webhooks,
 )
-from verification.api import parse_create
+from verification.api import parse_create, parse_fallback
 from verification.channels import flash_call, sms_http, sms_sip, voice_call
 from verification.http_client import HttpClient
 from verification.model import CHANNEL_ORDER, Channel, EventKind, Status
@@ -262,14 +262,20 @@ def _example_bodies() -> list[dict[str, Any]]:
 
 
 def test_the_curl_examples_bodies_are_requests_the_api_takes() -> None:
-    for body in _example_bodies():
-        name = "CreateVerification" if "phone" in body else "Check"
+    bodies = _example_bodies()
+    for body in bodies:
+        name = (
+            "CreateVerification" if "phone" in body else "Fallback" if "from" in body else "Check"
+        )
         errs = list(_resolve(SCHEMAS[name]).iter_errors(body))
         assert not errs, f"{body}: {errs[0].message}"
         if name == "CreateVerification":
             # and the API's own parser takes it, with every channel and +447400 configured
             req = parse_create(body, CHANNEL_ORDER, flash_code_lengths=(6,))
             assert req.code_length == 6
+        if name == "Fallback":
+            assert parse_fallback(body) is Channel(body["from"])
+    assert any("from" in b for b in bodies), "the fallback's example lost its body"
 
 
 def test_the_curl_examples_paths_and_headers_are_routes() -> None:

@@ -14,7 +14,7 @@ import pytest
 from sip_config.clock import FakeClock
 from sip_config.settings import VOICE_CALL_S
 from verification import rules
-from verification.errors import NoChannelLeft, NotPending
+from verification.errors import NoChannelLeft, NotOnChannel, NotPending
 from verification.model import (
     Channel,
     Event,
@@ -1085,6 +1085,51 @@ def test_request_fallback_after_the_timer_moved_on_moves_no_further() -> None:
     assert (t.verification, t.send) == (timed_out, None)
     moved = rules.request_fallback(timed_out, T0 + 34, POLICY, timed_out.step)
     assert moved.verification.step == seen + 2, "a request that saw step 1 moves from it"
+
+
+def test_request_fallback_from_the_channel_it_is_on_moves() -> None:
+    v = started()
+    t = rules.request_fallback(v, T0 + 3, POLICY, v.step, moving_from=F)
+    assert (t.verification.step, t.send) == (1, S)
+
+
+@pytest.mark.parametrize("seen", [None, 0, 1])
+def test_request_fallback_from_a_channel_it_has_left_is_refused(seen: int | None) -> None:
+    """A client that read the verification on the flash call asks to move on from it; the
+    step timer moved it to SMS meanwhile: 409 naming SMS, and nothing changes. Without
+    ``from`` a request that read it on SMS moved it on a second time, past the SMS just sent
+    (whatever step its own read found: ``from`` is what the client saw)."""
+    timed_out = rules.tick(started(), T0 + 33, POLICY).verification
+    assert timed_out.channel is S
+    with pytest.raises(NotOnChannel) as err:
+        rules.request_fallback(timed_out, T0 + 34, POLICY, seen, moving_from=F)
+    assert (err.value.status, err.value.slug) == (409, "not-on-channel")
+    assert err.value.extra == {"channel": "sms"}
+    assert "on sms, not flashcall" in err.value.detail
+
+
+def test_request_fallback_from_a_channel_it_has_not_reached_is_refused() -> None:
+    with pytest.raises(NotOnChannel) as err:
+        rules.request_fallback(started(), T0 + 3, POLICY, moving_from=V)
+    assert err.value.extra == {"channel": "flashcall"}
+
+
+def test_request_fallback_from_a_channel_after_the_plan_is_used_up_names_none() -> None:
+    v = rules.tick(delivered(started((S,)), T0 + 1), T0 + 120, POLICY).verification
+    assert v.channel is None and v.status is Status.PENDING
+    with pytest.raises(NotOnChannel) as err:
+        rules.request_fallback(v, T0 + 121, POLICY, moving_from=S)
+    assert err.value.extra == {"channel": None}
+
+
+def test_request_fallback_from_the_last_channel_has_no_channel_left() -> None:
+    with pytest.raises(NoChannelLeft):
+        rules.request_fallback(started((S,)), T0 + 2, POLICY, moving_from=S)
+
+
+def test_request_fallback_from_a_channel_of_an_ended_verification_is_not_pending() -> None:
+    with pytest.raises(NotPending):
+        rules.request_fallback(approved(), T0 + 6, POLICY, moving_from=V)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from verification.errors import (
     StoreUnavailable,
     VerificationError,
 )
+from voice.ivr.cursor import Cursor, CursorInvalid
 from voice.ivr.erasure import CallErasure, CallUnderWay, ErasureIncomplete
 from voice.ivr.store import CallRecordUnreadable, CallStore, CallStoreUnavailable
 from voice.ivr.voicemail import NAME, Voicemails, VoicemailUnreadable
@@ -98,17 +99,20 @@ class CallsApi:
         limit_raw = q.get("limit", "20")
         if not re.fullmatch(r"[0-9]{1,3}", limit_raw) or not 1 <= int(limit_raw) <= 100:
             raise InvalidRequest("'limit' must be 1..100", field="limit")
-        cursor = q.get("cursor")
-        before: float | None = None
-        if cursor is not None:
-            if not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", cursor):
-                raise InvalidRequest("'cursor' is not one this API gave out", field="cursor")
-            before = float(cursor)
+        after: Cursor | None = None
+        if "cursor" in q:
+            try:
+                after = Cursor.parse(q["cursor"])
+            except CursorInvalid:
+                raise InvalidRequest(
+                    "'cursor' is not one this API gave out", field="cursor"
+                ) from None
         try:
-            page = await self._store().recent(int(limit_raw), before)
+            page = await self._store().recent(int(limit_raw), after)
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
-        answer: dict[str, Any] = {"calls": page.calls, "next": page.next_cursor}
+        following = None if page.next_cursor is None else str(page.next_cursor)
+        answer: dict[str, Any] = {"calls": page.calls, "next": following}
         waiting = self._on_disk()
         if waiting is not None:  # staff must know the list is incomplete
             answer["waiting_on_disk"] = waiting

@@ -57,6 +57,7 @@ from sip_config.clock import Clock, SystemClock
 from verification import keys
 from verification.redis_mux import Script
 from voice.ivr.call_record import CallResult
+from voice.ivr.cursor import Cursor
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class SealedRecord:
 @dataclass(frozen=True, slots=True)
 class Page:
     calls: list[dict[str, Any]]
-    next_cursor: str | None
+    next_cursor: Cursor | None  # where the next page begins; None after the last
 
 
 class Saved(Enum):
@@ -510,23 +511,58 @@ class CallStore:
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
 
-    async def recent(self, limit: int, before: float | None) -> Page:
-        """Newest first; ``before`` is the cursor (a start time) of the previous page. Calls
-        past the retention are not listed, and the index is trimmed of them (on a quiet line,
-        no save trims it): best effort, so that a Redis refusing writes (a full disk, a
-        read-only replica) still lets staff read the list."""
+    async def recent(self, limit: int, after: Cursor | None) -> Page:
+        """Newest first, and by id among calls of one start; ``after`` is the cursor of the
+        previous page (voice/ivr/cursor.py). Calls past the retention are not listed, and the
+        index is trimmed of them (on a quiet line, no save trims it): best effort, so that a
+        Redis refusing writes (a full disk, a read-only replica) still lets staff read the
+        list."""
         limit = max(1, min(limit, PAGE_MAX))
-        top = f"({before!r}" if before is not None else "+inf"
-        oldest = repr(self._clock.now() - self._ttl_s)
+        now = self._clock.now()
+        oldest = repr(now - self._ttl_s)
         try:
             try:
                 await self._r.execute("ZREMRANGEBYSCORE", INDEX, "-inf", oldest)
             except ResponseError as exc:  # writes refused: the read below still answers
                 log.debug("the calls index could not be trimmed: %s", exc)
-            flat = await self._r.execute(
-                "ZREVRANGEBYSCORE", INDEX, top, f"({oldest}", "WITHSCORES", "LIMIT", 0, limit + 1
-            )
-            rows = _scored(flat)
+            if after is None:
+                flat = await self._r.execute(
+                    "ZREVRANGEBYSCORE",
+                    INDEX,
+                    "+inf",
+                    f"({oldest}",
+                    "WITHSCORES",
+                    "LIMIT",
+                    0,
+                    limit + 1,
+                )
+                rows = _scored(flat)
+            else:
+                # The calls of the cursor's start (all of them: Redis cannot range by score
+                # and id at once; one start holds a few calls at most), then those below it,
+                # in one transaction: a save between the two reads could not shift the page.
+                at = repr(after.started_at)
+                same, below = await self._r.transaction(
+                    [
+                        ("ZREVRANGEBYSCORE", INDEX, at, at),
+                        (
+                            "ZREVRANGEBYSCORE",
+                            INDEX,
+                            f"({at}",
+                            f"({oldest}",
+                            "WITHSCORES",
+                            "LIMIT",
+                            0,
+                            limit + 1,
+                        ),
+                    ]
+                )
+                kept = (
+                    after.after(str(m) for m in same)
+                    if within_retention(after.started_at, now, self._ttl_s)
+                    else []
+                )
+                rows = [(m, after.started_at) for m in kept] + _scored(below)
             ids = [r[0] for r in rows[:limit]]
             sealed = await self._r.execute("MGET", *[_key(i) for i in ids]) if ids else []
         except (RedisError, OSError) as exc:
@@ -540,4 +576,5 @@ class CallStore:
             except CallRecordUnreadable:
                 continue  # one unreadable record must not hide every other call
         more = len(rows) > limit
-        return Page(calls, repr(float(rows[limit - 1][1])) if more and rows else None)
+        last = Cursor(rows[limit - 1][1], rows[limit - 1][0]) if more else None
+        return Page(calls, last)
