@@ -5,14 +5,20 @@ append, and the call records wait on the same disk (README, "A full or read-only
 reads the space every :data:`EVERY_S` seconds in a thread, never at a scrape: ``statvfs`` takes
 microseconds on a local disk, but blocks for as long as a network file system that stopped
 answering, and a scrape must not wait for that (nor start a thread that hangs per scrape:
-one read is under way at a time, and the gauge keeps its last value meanwhile).
+one read is under way at a time). A read that has not answered within :data:`READ_LIMIT_S`
+leaves the gauge with no sample, as one that failed: the last value would read as the disk's
+state. The thread is a daemon of its own, not the loop's executor: asyncio.run and the
+interpreter wait for the executor's threads at exit, and a ``statvfs`` that never returns
+would hold serve's exit until systemd's SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 from clinic_voice.metrics import Gauge
@@ -21,32 +27,85 @@ log = logging.getLogger(__name__)
 
 # Prometheus scrapes every 15 s to 1 min: each scrape sees a value at most this old.
 EVERY_S = 5.0
+# A local disk answers in microseconds: one this slow is not answering (a network file system).
+READ_LIMIT_S = 5.0
 
 
-def free_bytes(path: Path) -> int:
-    """Bytes free on ``path``'s file system for a user that is not root (``df``'s Avail):
-    serve's, and its Redis's. Blocks: call it in a thread."""
-    st = os.statvfs(path)
+def available(st: os.statvfs_result) -> int:
+    """Bytes a write by a user that is not root can still take (``df``'s Avail: under root,
+    serve and its Redis may write the blocks kept for root too, so this warns earlier than
+    their writes fail, never later); 0 on a file system mounted read-only (ext4 remounts so
+    after an I/O error with ``errors=remount-ro``): every write fails there, as on a full one."""
+    if st.f_flag & os.ST_RDONLY:
+        return 0
     return st.f_bavail * st.f_frsize
 
 
-async def show_free_space(gauge: Gauge, path: Path, every_s: float = EVERY_S) -> None:
-    """Set ``gauge`` to :func:`free_bytes` of ``path`` now and every ``every_s`` seconds,
-    until cancelled. A read that fails (the data dir gone, an I/O error) leaves the gauge with
-    no sample, rather than an old value read as the disk's state, and logs a WARNING (once,
-    until a read succeeds again)."""
-    failing = False
-    while True:
+def free_bytes(path: Path) -> int:
+    """:func:`available` of ``path``'s file system. Blocks: call it in a thread."""
+    return available(os.statvfs(path))
+
+
+def _read_in_own_thread(path: Path) -> asyncio.Future[int]:
+    """:func:`free_bytes` of ``path`` in a daemon thread of its own (see the module's
+    docstring), its result or exception handed to the loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+
+    def settle(free: int | None, exc: Exception | None) -> None:
+        if done.done():  # cancelled meanwhile
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            assert free is not None
+            done.set_result(free)
+
+    def run() -> None:
+        free, failure = None, None
         try:
-            free = await asyncio.to_thread(free_bytes, path)
+            free = free_bytes(path)
+        except Exception as exc:  # handed to the loop: raised by the await
+            failure = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, free, failure)
+
+    threading.Thread(target=run, name="data-dir-free-space", daemon=True).start()
+    return done
+
+
+async def show_free_space(
+    gauge: Gauge, path: Path, every_s: float = EVERY_S, limit_s: float | None = None
+) -> None:
+    """Set ``gauge`` to :func:`free_bytes` of ``path`` now and every ``every_s`` seconds,
+    until cancelled. A read that fails (the data dir gone, an I/O error) or has not answered
+    within ``limit_s`` (:data:`READ_LIMIT_S`) leaves the gauge with no sample, rather than an
+    old value read as the disk's state, and logs a WARNING (once, until a read succeeds
+    again); a read that hangs is waited for, never a second one started beside it."""
+    failing = False
+
+    def failed(why: object) -> None:
+        nonlocal failing
+        gauge.clear()
+        if not failing:
+            log.warning("cannot read the free space of the data dir %s: %s", path, why)
+        failing = True
+
+    while True:
+        reading = _read_in_own_thread(path)
+        try:
+            limit = READ_LIMIT_S if limit_s is None else limit_s
+            done, _ = await asyncio.wait({reading}, timeout=limit)
+            if not done:
+                failed(f"no answer within {limit:g} s")
+            free = await reading
         except OSError as exc:
-            gauge.clear()
-            if not failing:
-                log.warning("cannot read the free space of the data dir %s: %s", path, exc)
-            failing = True
+            failed(exc)
         else:
             gauge.set(free)
             if failing:
                 log.info("the free space of the data dir %s reads again", path)
             failing = False
+        finally:
+            reading.cancel()  # cancelled while waiting: the thread's answer is dropped
         await asyncio.sleep(every_s)

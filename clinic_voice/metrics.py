@@ -232,14 +232,16 @@ class Metrics:
         # serve's embedded Redis (clinic_voice/app.py): no sample with CLINIC_REDIS_URL set.
         self.redis_restarts = Counter(
             "clinic_redis_restarts_total",
-            "embedded redis-server processes restarted by serve after they died (each after "
-            "its backoff); no sample when CLINIC_REDIS_URL names a Redis of the operator's",
+            "restarts of the embedded redis-server tried by serve after it died (each after "
+            "its backoff, counted whether or not it comes up: rising while Redis stays down); "
+            "no sample when CLINIC_REDIS_URL names a Redis of the operator's",
         )
         # Read by serve every few seconds (clinic_voice/disk_space.py), never at a scrape.
         self.data_dir_free_bytes = Gauge(
             "clinic_data_dir_free_bytes",
-            "bytes free for serve's user on the file system of CLINIC_DATA_DIR (the embedded "
-            "Redis's append-only file, call records kept on disk, voicemail), read every 5 s",
+            "bytes free for a user other than root (df's Avail; 0 if mounted read-only) on the "
+            "file system of CLINIC_DATA_DIR (the embedded Redis's append-only file, call "
+            "records kept on disk, voicemail), read every 5 s; no sample while unreadable",
         )
         self._on_render: list[Callable[[], None]] = []
 

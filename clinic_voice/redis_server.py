@@ -123,7 +123,10 @@ class EmbeddedRedis:
     while running it is restarted with exponential backoff (0.1 s doubling to 5 s, reset after
     30 s of uptime); the same append-only file is loaded again, so acknowledged writes survive.
     ``await stop()`` asks for SHUTDOWN, then SIGTERM, then SIGKILL, each with a deadline.
-    ``on_restart`` is called after each such restart (``clinic_redis_restarts_total``).
+    ``on_restart`` is called as each restart is tried, before its spawn, whether or not it
+    comes up (``clinic_redis_restarts_total``, as the SIP pool counts its workers' restarts):
+    a Redis that cannot start again (a read-only data dir, a damaged append-only file) is
+    counted at every try, not never.
     """
 
     def __init__(
@@ -400,6 +403,8 @@ class EmbeddedRedis:
             while True:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff_max_s)
+                if self._on_restart is not None:
+                    self._on_restart()
                 try:
                     await self._spawn(exe)
                 except (EmbeddedRedisError, OSError) as exc:
@@ -415,8 +420,6 @@ class EmbeddedRedis:
             started = loop.time()
             self._set_state(_State.RUNNING)
             log.warning("embedded redis-server restarted (pid %s)", self.pid)
-            if self._on_restart is not None:
-                self._on_restart()
 
     async def _request_shutdown(self) -> None:
         client = _probe_client(self.url, SHUTDOWN_ASK_S)

@@ -266,6 +266,38 @@ async def test_a_restart_that_cannot_spawn_is_logged_and_tried_again(
         await client.aclose()
 
 
+async def test_restarts_are_counted_as_tried_so_a_redis_that_stays_down_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``on_restart`` (``clinic_redis_restarts_total``) is called at each restart tried, as
+    the SIP pool counts its workers': counted only once one came up, a Redis that could not
+    start again (a read-only data dir) never moved the counter, and the README's alert on
+    its increase stayed silent for as long as the API answered 503."""
+    tried: list[None] = []
+    server = EmbeddedRedis(
+        tmp_path / "data", backoff_initial_s=0.05, on_restart=lambda: tried.append(None)
+    )
+    try:
+        await server.start()
+        first = server.pid
+        assert first is not None
+        setpriv = _unrunnable_setpriv(tmp_path / "bin")
+        monkeypatch.setenv("PATH", f"{setpriv.parent}{os.pathsep}{os.environ['PATH']}")
+        os.kill(first, 9)
+        await _eventually(
+            lambda: sum("restart failed" in r.getMessage() for r in caplog.records) >= 2,
+            "two failed restarts to be logged",
+        )
+        assert server.restarts == 0 and server.pid is None
+        assert len(tried) >= 2, "a Redis that does not come back was not counted"
+        setpriv.unlink()
+        await _eventually(lambda: server.restarts == 1, "the restart that comes up")
+        failed = sum("restart failed" in r.getMessage() for r in caplog.records)
+        assert len(tried) == failed + 1
+    finally:
+        await server.stop()
+
+
 async def test_a_server_that_fails_to_start_reports_its_last_lines(tmp_path: Path) -> None:
     fake = tmp_path / "fake-redis-server"
     fake.write_text("#!/bin/sh\necho 'FATAL CONFIG FILE ERROR: something is off'\nexit 1\n")

@@ -8,11 +8,15 @@ import asyncio
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from clinic_voice import disk_space
 from clinic_voice.disk_space import free_bytes, show_free_space
 from clinic_voice.metrics import Gauge
 from sip_config.tasks import cancel_and_wait
@@ -72,3 +76,89 @@ async def test_the_gauge_follows_the_data_dir_and_has_no_sample_while_unreadable
         assert any("reads again" in r.getMessage() for r in caplog.records)
     finally:
         await cancel_and_wait(reading)
+
+
+def test_a_file_system_mounted_read_only_has_no_byte_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ext4 remounts read-only after an I/O error (errors=remount-ro): statvfs still shows
+    # its free blocks, yet every write fails, as on a full disk ("A full or read-only disk").
+    real = os.statvfs(tmp_path)
+    fields = list(real)
+    fields[8] = real.f_flag | os.ST_RDONLY  # f_flag
+    read_only = os.statvfs_result(fields)
+    assert read_only.f_bavail * read_only.f_frsize > 0
+    monkeypatch.setattr(os, "statvfs", lambda path: read_only)
+    assert free_bytes(tmp_path) == 0
+
+
+async def test_a_read_that_does_not_answer_leaves_no_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A statvfs that hangs (a network file system gone): the gauge kept the last value,
+    read as the disk's state for as long as the disk did not answer."""
+    caplog.set_level(logging.INFO, logger="clinic_voice.disk_space")
+    answer = threading.Event()
+    reads: list[Path] = []
+
+    def hangs_after_the_first(path: Path) -> int:
+        reads.append(path)
+        if len(reads) > 1:
+            answer.wait(30)
+        return 12345
+
+    monkeypatch.setattr(disk_space, "free_bytes", hangs_after_the_first)
+    monkeypatch.setattr(disk_space, "READ_LIMIT_S", 0.1, raising=False)
+    gauge = Gauge("clinic_data_dir_free_bytes", "free")
+    reading = asyncio.create_task(show_free_space(gauge, tmp_path, every_s=0.01))
+    try:
+        await _until("a first reading", lambda: gauge.value() == 12345)
+        await _until("the gauge to lose its sample", lambda: gauge.value() is None)
+        assert len(reads) == 2, "one read at a time"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [
+            f"cannot read the free space of the data dir {tmp_path}: no answer within 0.1 s"
+        ]
+        answer.set()
+        await _until("a reading again", lambda: gauge.value() == 12345)
+    finally:
+        answer.set()
+        await cancel_and_wait(reading)
+
+
+_HUNG_AT_EXIT = """
+import asyncio, threading
+from pathlib import Path
+from clinic_voice import disk_space
+from clinic_voice.metrics import Gauge
+
+disk_space.free_bytes = lambda path: threading.Event().wait() or 0  # never answers
+
+async def main() -> None:
+    gauge = Gauge("clinic_data_dir_free_bytes", "free")
+    task = asyncio.create_task(disk_space.show_free_space(gauge, Path("."), every_s=0.01))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+asyncio.run(main())
+print("exited")
+"""
+
+
+def test_a_read_that_never_answers_does_not_hold_the_exit() -> None:
+    """asyncio.run (and the interpreter) wait for the loop's executor threads at exit: a
+    statvfs hung there held serve's exit until systemd's SIGKILL."""
+    env = os.environ | {"PYTHONPATH": str(Path(disk_space.__file__).parents[1])}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _HUNG_AT_EXIT],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 20 s of its reading being cancelled")
+    assert done.returncode == 0 and done.stdout == "exited\n", done.stderr
