@@ -95,7 +95,11 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
         )
         pool.on_incoming(line.handle)
         front = RedirectFront(
-            settings.sip.addr, pool.pick_inbound, clock=SystemClock(), reservations=pool
+            settings.sip.addr,
+            pool.pick_inbound,
+            clock=SystemClock(),
+            reservations=pool,
+            retry_after=pool.retry_after_s,
         )
         async with contextlib.AsyncExitStack() as stack:
             # Stopped in reverse order, also when a later start fails.

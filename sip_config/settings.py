@@ -324,7 +324,13 @@ VARIABLES: tuple[Variable, ...] = (
         "language of that model (en, ko, ...): flows in other languages run keypad-only, in "
         "`serve` and in `flow simulate --speech`",
     ),
-    Variable("CLINIC_STAFF_URI", "sip:6200@127.0.0.1:5160", "where 0 (staff) transfers to"),
+    Variable(
+        "CLINIC_STAFF_URI",
+        "sip:6200@127.0.0.1:5160",
+        "where 0 (staff) transfers to; a sip: or sips: URI with a host (one without, such as "
+        "sip: or sip:6200@, refuses the start: exit 2, as for CLINIC_NURSE_URI and "
+        "CLINIC_SIP_REGISTRAR)",
+    ),
     Variable("CLINIC_NURSE_URI", "sip:6100@127.0.0.1:5160", "where urgent triage transfers to"),
     Variable(
         "CLINIC_EMERGENCY_NUMBER",
@@ -819,8 +825,20 @@ def _route(value: str) -> str:
 
 
 def _sip_uri(value: str) -> str:
-    if value and not value.startswith(("sip:", "sips:")):
+    """A SIP URI (RFC 3261 section 19.1.1: ``sip:[user@]host[:port][;params][?headers]``),
+    or "" (unset). One without a host (``sip:``, ``sip:6200@``) passed, and every call or
+    registration to it failed at run time: a transfer to staff only when a caller pressed 0."""
+    if not value:
+        return value
+    if not value.startswith(("sip:", "sips:")):
         raise ValueError("expected a sip: URI")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("a SIP URI with a space or a control character")
+    rest = value.split(":", 1)[1]
+    user, at, hostpart = rest.rpartition("@")
+    hostport = hostpart.split(";", 1)[0].split("?", 1)[0]
+    if (at and not user) or not hostport or hostport.startswith(":"):
+        raise ValueError("expected a sip: URI with a host, e.g. sip:6200@pbx.example:5060")
     return value
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from voice.sip import message
 from voice.sip import pool as pool_module
 from voice.sip.pjsua import STOP_ANSWERS_S
 from voice.sip.pool import (
+    STOP_TAIL_S,
     WORKER_EXITED_AT_STOP,
     WORKER_KILLED_STARTING_AT_STOP,
     WORKER_STOP_S,
@@ -162,9 +164,9 @@ class _Udp(asyncio.DatagramProtocol):
         self.got.put_nowait(data)
 
 
-async def _invite_answers(port: int, within: float) -> list[int]:
-    """Send an INVITE to 127.0.0.1:``port`` from a socket of its own: the statuses of the
-    answers, up to the first final one (ACKed) or ``within`` seconds."""
+async def invite_answers(port: int, within: float) -> list[message.SipMessage]:
+    """Send an INVITE to 127.0.0.1:``port`` from a socket of its own: the answers, up to
+    the first final one (ACKed) or ``within`` seconds."""
     loop = asyncio.get_running_loop()
     transport, udp = await loop.create_datagram_endpoint(_Udp, local_addr=("127.0.0.1", 0))
     here = transport.get_extra_info("sockname")[1]
@@ -179,14 +181,14 @@ async def _invite_answers(port: int, within: float) -> list[int]:
         f"Contact: <sip:{CALLER}@127.0.0.1:{here}>\r\nMax-Forwards: 70\r\n"
         "Content-Length: 0\r\n\r\n"
     )
-    statuses: list[int] = []
+    answers: list[message.SipMessage] = []
     try:
         transport.sendto(invite.encode(), ("127.0.0.1", port))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
-                while not statuses or statuses[-1] < 200:
+                while not answers or answers[-1].status < 200:
                     answer = message.parse(await udp.got.get())
-                    statuses.append(answer.status)
+                    answers.append(answer)
                     if answer.status >= 200:  # RFC 3261 section 17.1.1.3: its ACK
                         to = answer.get("To") or ""
                         ack = head.replace(f"To: <sip:6000@127.0.0.1:{port}>", f"To: {to}")
@@ -197,7 +199,7 @@ async def _invite_answers(port: int, within: float) -> list[int]:
                         )
     finally:
         transport.close()
-    return statuses
+    return answers
 
 
 async def test_an_invite_during_the_stops_wait_for_answers_gets_503(tmp_path: Path) -> None:
@@ -218,12 +220,15 @@ async def test_an_invite_during_the_stops_wait_for_answers_gets_503(tmp_path: Pa
                 await asyncio.sleep(0.02)
             else:
                 raise AssertionError("no CANCEL within 1 s of the stop")
-            statuses = await _invite_answers(worker.port, within=STOP_ANSWERS_S + 1)
+            answers = await invite_answers(worker.port, within=STOP_ANSWERS_S + 1)
             await stop
     finally:
         await pool.stop()
+    statuses = [a.status for a in answers]
     assert statuses and statuses[-1] == 503, f"the INVITE's answers: {statuses}"
     assert 180 not in statuses, f"rung at the stop: {statuses}"
+    # When to try again (RFC 3261 21.5.4): the rest of a stop after the workers' Shutdown.
+    assert answers[-1].get("Retry-After") == str(math.ceil(STOP_TAIL_S)), answers[-1]
 
 
 async def test_an_inbound_call_still_ringing_at_the_stop_gets_503() -> None:
@@ -240,11 +245,13 @@ async def test_an_inbound_call_still_ringing_at_the_stop_gets_503() -> None:
     await pool.start()
     [worker] = pool.worker_addresses()
     try:
-        answers = asyncio.create_task(_invite_answers(worker.port, within=WORKER_STOP_S + 2))
+        answers = asyncio.create_task(invite_answers(worker.port, within=WORKER_STOP_S + 2))
         async with asyncio.timeout(5):
             await arrived.wait()
         await pool.stop()
-        statuses = await answers
+        got = await answers
     finally:
         await pool.stop()
+    statuses = [a.status for a in got]
     assert statuses and statuses[-1] == 503, f"the INVITE's answers: {statuses}"
+    assert got[-1].get("Retry-After") == str(math.ceil(STOP_TAIL_S)), got[-1]

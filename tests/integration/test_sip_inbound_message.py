@@ -4,10 +4,11 @@ and inside a call's dialog. sipp sends it on loopback; the status each answers i
 The service sends SMS over SIP but takes no inbound messages, and a 2xx to a MESSAGE tells its
 sender the message was delivered (RFC 3428 section 7). The front, Python of ours, refuses it
 with ``405 Method Not Allowed`` and an ``Allow`` header (RFC 3261 sections 8.2.1 and 21.4.6).
-A worker's port is pjsua's: its IM module answers every MESSAGE 200 before any callback runs
+A worker's port is pjsua's: its IM module answered every MESSAGE 200 before any callback ran,
 and pjsua2 has no setting or hook to refuse it (README, "SIP, capacity and scaling", names
-the pjsua source lines). Those tests pin that documented limit: a pjsua2 that lets the worker
-refuse makes them fail, and the README's table changes with them.
+the pjsua source lines). A pjsip module of the worker's own (:mod:`voice.sip.pjsip_fallback`,
+before the dialog layer and pjsua's modules) now refuses it 405, in a call or out of one, with
+pjsua's ``Allow`` less MESSAGE (its OPTIONS answer no longer offers it either).
 """
 
 from __future__ import annotations
@@ -106,13 +107,17 @@ async def test_a_message_to_the_front_is_refused_405_with_allow(
 DROPPED = "inbound SIP MESSAGE(s) (the last {}) answered 200 by pjsua and dropped"
 
 
-async def test_a_message_to_a_workers_port_gets_pjsuas_200_documented(
+def _allow(answer: message.SipMessage) -> set[str]:
+    return {m.strip() for m in (answer.get("Allow") or "").split(",") if m.strip()}
+
+
+async def test_a_message_to_a_workers_port_is_refused_405_with_allow(
     capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Out of any dialog, straight to a worker (direct mode's worker ports take the callers
-    the front redirects; behind a PBX they are the PBX's trunk): pjsua's IM module answers
-    200 itself (``im_on_rx_request``), and the service drops the text. The README says so;
-    this fails when a pjsua2 lets the worker refuse it, for the README to change too."""
+    the front redirects; behind a PBX they are the PBX's trunk): 405 with pjsua's Allow less
+    MESSAGE, never pjsua's 200 (``im_on_rx_request``: the sender told it was delivered, the
+    text dropped). OPTIONS no longer offers MESSAGE either, and nothing is dropped."""
     # The pool is started here, not by a fixture: capfd captures only from the test's own
     # start, and a worker writes its log to the stderr it was started with.
     async with started_line() as (pool, _):
@@ -121,28 +126,28 @@ async def test_a_message_to_a_workers_port_gets_pjsuas_200_documented(
         code, text = await sipp_uac(worker, "sipp_uac_message.xml", "6000", tmp_path, 10)
         assert code == 0, f"sipp got no answer it knows: {text[-3000:]}"
         answer = final_answer("MESSAGE", text)
-        assert answer.status == 200, answer
+        assert (answer.status, answer.reason) == (405, "Method Not Allowed"), answer
         assert pool.stats()["free_slots"] == free
-        # The loss is said in the worker's log, without the text.
-        err = capfd.readouterr().err
-        assert "1 " + DROPPED.format("out of a dialog") in err, err[-3000:]
-        assert "appointment" not in err, "a patient's text in the log"
-        # pjsua even offers it: its OPTIONS answer lists MESSAGE (the README says so).
         options = await asyncio.get_running_loop().run_in_executor(
             None, _udp_request, worker, "OPTIONS"
         )
         assert options.status == 200, options
-        assert "MESSAGE" in {m.strip() for m in (options.get("Allow") or "").split(",")}, options
+        # RFC 3261 8.2.1: the 405's Allow is the worker's (as OPTIONS says), without MESSAGE.
+        assert _allow(answer) == _allow(options), (answer, options)
+        assert "MESSAGE" not in _allow(options) and "INVITE" in _allow(options), options
+        err = capfd.readouterr().err
+        assert DROPPED.format("out of a dialog") not in err, err[-3000:]
+        assert "appointment" not in err, "a patient's text in the log"
 
 
-async def test_a_message_inside_a_call_gets_pjsuas_200_and_the_call_goes_on(
+async def test_a_message_inside_a_call_is_refused_405_and_the_call_goes_on(
     capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """A caller's phone that sends a text during a clinic call: the MESSAGE comes in the
-    call's dialog to its worker, where pjsua answers 200 itself (``pjsua_call.c``, the
-    UAS MESSAGE branch of its transaction callback, after the application's callback) and
-    the text is dropped. Pinned as documented; and the call goes on: a digit after it
-    arrives, and the call ends as the handler ends it."""
+    call's dialog to its worker, where pjsua answered 200 itself (``pjsua_call.c``, the
+    UAS MESSAGE branch of its transaction callback) and the text was dropped. Now 405, before
+    the dialog layer; and the call goes on: a digit after it arrives, and the call ends as
+    the handler ends it."""
     # The pool is started here, not by a fixture: capfd captures only from the test's own
     # start, and a worker writes its log to the stderr it was started with.
     async with started_line() as (pool, _):
@@ -162,7 +167,8 @@ async def test_a_message_inside_a_call_gets_pjsuas_200_and_the_call_goes_on(
         code, text = await sipp_uac(worker, "sipp_uac_message_in_call.xml", "6000", tmp_path, 20)
         assert code == 0, f"no answer to the MESSAGE, or no BYE after the digit: {text[-3000:]}"
         answer = final_answer("MESSAGE", text)
-        assert answer.status == 200, answer
+        assert answer.status == 405 and "MESSAGE" not in _allow(answer), answer
+        assert "INVITE" in _allow(answer), answer
         async with asyncio.timeout(5):
             await ended.wait()
         assert [e.key for e in seen if isinstance(e, Digit)] == ["1"], seen
@@ -170,4 +176,4 @@ async def test_a_message_inside_a_call_gets_pjsuas_200_and_the_call_goes_on(
         assert isinstance(last, CallEvent) and last.state is CallState.ENDED, seen
         assert last.outcome is CallOutcome.COMPLETED, last
         err = capfd.readouterr().err
-        assert "1 " + DROPPED.format("in a call") in err, err[-3000:]
+        assert DROPPED.format("in a call") not in err, err[-3000:]

@@ -1,19 +1,23 @@
 """What a SIP worker's own port answers to each request out of any call, over UDP and TCP.
 
 A worker's port is reachable (direct mode redirects callers there; behind a PBX it is the
-trunk), and pjsip drops a request no module takes without a word: ``FOO``, REGISTER, or a BYE
-for no call got nothing, and the sender retransmitted it for 32 s. The worker's last module
-(:mod:`voice.sip.pjsip_fallback`) answers those (RFC 3261 8.2.1); what pjsua answers itself
-(OPTIONS, SUBSCRIBE) is recorded beside them. MESSAGE: ``test_sip_inbound_message.py``. The
-README's table of these answers is held to :func:`voice.sip.methods.worker_unhandled_status`
-by ``tests/unit/test_readme_sip.py``; this holds the workers to it.
+trunk), and pjsip drops a request no module takes without a word: ``FOO``, REGISTER, or a
+BYE for no call got nothing, and the sender retransmitted it for 32 s. The worker's last
+module (:mod:`voice.sip.pjsip_fallback`) answers those (RFC 3261 8.2.1); what pjsua answers
+itself (OPTIONS, SUBSCRIBE) is recorded beside them, but for a presence SUBSCRIBE, which
+pjsua's presence server took (200, then NOTIFYs) and the worker refuses (489 Bad Event, RFC
+6665). MESSAGE: ``test_sip_inbound_message.py``. The README's table of these answers is held
+to :func:`voice.sip.methods.worker_unhandled_status` by ``tests/unit/test_readme_sip.py``;
+this holds the workers to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -44,7 +48,8 @@ ANSWERS = [
     ("NOTIFY", "Event: refer", 481, False),  # ours: no subscription
     ("REFER", "Refer-To: <sip:1@127.0.0.1>", 481, False),  # ours
     ("OPTIONS", "", 200, True),  # pjsua
-    ("SUBSCRIBE", "Event: presence", 200, False),  # pjsua's presence server accepts it
+    ("MESSAGE", "", 405, True),  # ours, before pjsua's IM module (which answered 200)
+    ("SUBSCRIBE", "Event: presence", 489, False),  # ours: no presence (pjsua took it: 200)
     ("SUBSCRIBE", "Event: dialog", 489, False),  # pjsua: Bad Event
     ("SUBSCRIBE", "", 400, False),  # pjsua: no Event header
 ]
@@ -148,8 +153,8 @@ async def test_a_flood_of_unknown_requests_is_answered_and_a_call_still_goes_thr
     worker: tuple[SipPool, HostPort], tmp_path: Path
 ) -> None:
     """200 unknown requests over UDP in quick bursts, each answered 501; then a call to the worker
-    goes as before, a MESSAGE inside it still gets pjsua's own 200 (the module is last:
-    nothing of a call's dialog reaches it) and a digit after it arrives. A ctypes slip in
+    goes as before, a MESSAGE inside it gets 405 (the early module's: before the call's
+    dialog) and a digit after it arrives. A ctypes slip in
     every packet's path would abort the worker, and the pool would count a restart."""
     pool, addr = worker
     loop = asyncio.get_running_loop()
@@ -182,6 +187,51 @@ async def test_a_flood_of_unknown_requests_is_answered_and_a_call_still_goes_thr
     pool.on_incoming(handler)
     code, text = await sipp_uac(addr, "sipp_uac_message_in_call.xml", "6000", tmp_path, 20)
     assert code == 0, f"the call did not go as before: {text[-3000:]}"
-    assert final_answer("MESSAGE", text).status == 200
+    assert final_answer("MESSAGE", text).status == 405
     assert digits == ["1"]
     assert pool.stats()["restarts"] == 0 and pool.stats()["workers_up"] == 1
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+async def test_a_presence_subscribe_gets_489_and_no_notify(
+    worker: tuple[SipPool, HostPort], tcp: bool
+) -> None:
+    """The service offers no presence: a SUBSCRIBE with Event: presence gets 489 Bad Event
+    (RFC 6665 4.2.1.1), and no NOTIFY follows (pjsua's presence server answered 200 and sent
+    its first NOTIFY at once, then one at each refresh: a subscription kept for nothing)."""
+    _, addr = worker
+    loop = asyncio.get_running_loop()
+    received = await loop.run_in_executor(None, _subscribe_and_listen, addr, tcp, 3.0)
+    finals = [m for m in received if not m.is_request and m.status >= 200]
+    notifies = [m for m in received if m.is_request and m.method == "NOTIFY"]
+    got = ([m.status for m in finals], len(notifies))
+    assert got == ([489], 0), f"answers and NOTIFYs: {got}"
+    assert finals[0].reason == "Bad Event", finals[0]
+    assert finals[0].get("Allow-Events") is None, finals[0]  # none taken by SUBSCRIBE
+
+
+def _subscribe_and_listen(addr: HostPort, tcp: bool, listen_s: float) -> list[message.SipMessage]:
+    """Send one SUBSCRIBE (Event: presence), then read whatever comes for ``listen_s``."""
+    kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+    received: list[message.SipMessage] = []
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        here = s.getsockname()[1]
+        req = _request("SUBSCRIBE", "Event: presence", "TCP" if tcp else "UDP", here, addr)
+        if tcp:
+            s.connect((addr.host, addr.port))
+            s.sendall(req)
+        else:
+            s.sendto(req, (addr.host, addr.port))
+        deadline = time.monotonic() + listen_s
+        data = b""
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                data += s.recv(65536)
+            except TimeoutError:
+                break
+        for block in data.split(b"\r\n\r\n"):  # a NOTIFY's body is a block of its own
+            with contextlib.suppress(message.SipParseError):
+                received.append(message.parse(block + b"\r\n\r\n"))
+    return received

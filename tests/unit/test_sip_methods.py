@@ -45,6 +45,17 @@ def test_a_405_or_501_never_names_a_method_pjsua_offers() -> None:
         assert methods.worker_unhandled_status(method) is SipStatus.CALL_DOES_NOT_EXIST
 
 
+@pytest.mark.parametrize("method", sorted(methods.KNOWN | {"FOO", "", "message"}))
+def test_only_message_is_refused_before_pjsuas_modules(method: str) -> None:
+    """MESSAGE is refused 405 before pjsua (its IM module answered 200: "delivered", RFC 3428
+    section 7), as the front refuses it; everything else is left to pjsua and the last module
+    (an INVITE, a call's BYE or REFER must reach their dialogs)."""
+    want = SipStatus.METHOD_NOT_ALLOWED if method == "MESSAGE" else None
+    assert methods.worker_refused_status(method) == want
+    if want is not None:
+        assert front.status_for(method) == want
+
+
 @pytest.mark.parametrize("method", sorted(methods.KNOWN | {"FOO", "X-CLINIC"}))
 def test_the_worker_and_the_front_agree_on_what_is_a_method(method: str) -> None:
     """Both read KNOWN: a method one of them calls unknown (501) the other does too."""

@@ -5,15 +5,16 @@ stays out of the call after one response, so the workers keep their own dialogs 
 and this process never relays a byte of a call. Each INVITE gets ``302 Moved Temporarily``
 with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_port>``),
 ``486 Busy Here`` when every worker is full, or ``503 Service Unavailable`` once the service
-is stopping (a proxy then tries another instance). The ACK for that final response is absorbed,
-OPTIONS gets 200 (so peers can probe liveness), a CANCEL gets 200 when it matches an INVITE
-answered here (that INVITE already has its final answer; the 200 carries its To tag) and
-481 Call/Transaction Does Not Exist when it matches none (RFC 3261 9.2), BYE gets 481, other
-known methods 405 with ``Allow``, unknown ones 501. MESSAGE is one of those 405s: the service
-takes no inbound messages, and a 200 would tell the sender its message was delivered (RFC 3428
-section 7). An INVITE without the headers every request needs gets 400 (RFC 3261 8.1.1) and
-no slot; its retransmissions get that 400 again, To tag included, from the memory of the
-non-INVITE answers (see below).
+is stopping or while no worker is up (a proxy then tries another instance), with a
+``Retry-After`` (RFC 3261 section 20.33) the pool chooses (``voice.sip.pool.STOP_TAIL_S``).
+The ACK for that final response is absorbed, OPTIONS gets 200 (so peers can probe liveness),
+a CANCEL gets 200 when it matches an INVITE answered here (that INVITE already has its final
+answer; the 200 carries its To tag) and 481 Call/Transaction Does Not Exist when it matches
+none (RFC 3261 9.2), BYE gets 481, other known methods 405 with ``Allow``, unknown ones 501.
+MESSAGE is one of those 405s: the service takes no inbound messages, and a 200 would tell
+the sender its message was delivered (RFC 3428 section 7). An INVITE without the headers
+every request needs gets 400 (RFC 3261 8.1.1) and no slot; its retransmissions get that 400
+again, To tag included, from the memory of the non-INVITE answers (see below).
 
 A retransmitted INVITE (the same transaction: top Via branch and sent-by, Call-ID, CSeq;
 see :mod:`voice.sip.transaction`) gets the very answer the first copy got, To tag included,
@@ -68,6 +69,8 @@ _DROPPED_LOG_S = 60.0  # at most one line a minute about unparseable messages
 
 # The worker for an INVITE with this Call-ID, or the status that refuses it (486, 503).
 Picker = Callable[[str], HostPort | int]
+# The Retry-After of a 503 to an INVITE now, in seconds (0: none): SipPool.retry_after_s.
+RetryAfter = Callable[[], int]
 
 
 class Reservations(Protocol):
@@ -90,6 +93,7 @@ def respond(
     *,
     tcp: bool,
     to_tag: str = "",
+    retry_after_s: int = 0,
 ) -> bytes | None:
     """The response of the redirect server to ``request`` (None: send nothing).
 
@@ -97,7 +101,8 @@ def respond(
     call (486 when all are full, 503 when the service is stopping or no worker is up). For
     another request it is the status to answer with, or None for the method's own
     (:func:`status_for`; a CANCEL's is 481, 200 only when it matched an INVITE). ``to_tag`` is
-    the To tag to answer with (a new one when empty).
+    the To tag to answer with (a new one when empty); ``retry_after_s`` the ``Retry-After``
+    of a 503 to an INVITE (0: none).
     """
     if not request.is_request or request.method == "ACK":
         return None
@@ -114,7 +119,12 @@ def respond(
         if target is None:  # not picked: no slot for it
             target = SipStatus.BUSY_HERE
         if isinstance(target, int):
-            return message.serialise_response(request, target, to_tag=tag)
+            retry = (
+                (("Retry-After", str(retry_after_s)),)
+                if retry_after_s > 0 and target == SipStatus.SERVICE_UNAVAILABLE
+                else ()
+            )
+            return message.serialise_response(request, target, to_tag=tag, extra=retry)
         user = message.user_part(request.uri)
         userinfo = f"{user}@" if user else ""
         params = ";transport=tcp" if tcp else ""
@@ -176,9 +186,11 @@ def _answer(
     tcp: bool,
     others: transaction.AnsweredRequests,
     reservations: Reservations | None = None,
+    retry_after: RetryAfter = lambda: 0,
 ) -> bytes | None:
     """The answer to ``data``; ``answered`` holds the INVITE answers, ``others`` those of
-    the other requests; ``reservations`` is told of the 302s repeated and cancelled."""
+    the other requests; ``reservations`` is told of the 302s repeated and cancelled;
+    ``retry_after`` gives the Retry-After of a 503 to an INVITE."""
     try:
         request = message.parse(data, strict=True)
     except message.SipParseError as exc:
@@ -205,12 +217,14 @@ def _answer(
             # So its slot is held as long as the 302 may be repeated (from the first, not
             # renewed by copies: a flood of forged ones holds no slot longer).
             reservations.renew_inbound(call_id, before.target, answered.kept_for(key))
-        return respond(request, before.target, tcp=tcp, to_tag=before.to_tag)
+        return respond(
+            request, before.target, tcp=tcp, to_tag=before.to_tag, retry_after_s=retry_after()
+        )
     target = pick(call_id)
     log.debug("INVITE %s -> %s", call_id, target)
     tag = new_tag()
     answered.remember(key, transaction.FinalAnswer(target, tag))
-    return respond(request, target, tcp=tcp, to_tag=tag)
+    return respond(request, target, tcp=tcp, to_tag=tag, retry_after_s=retry_after())
 
 
 def _answer_incomplete(
@@ -292,7 +306,8 @@ class _Udp(asyncio.DatagramProtocol):
 
 class RedirectFront:
     """The redirect server on UDP and TCP; ``pick`` chooses a worker (see SipPool), at most
-    once per INVITE transaction (``clock`` times how long its answer is remembered)."""
+    once per INVITE transaction (``clock`` times how long its answer is remembered);
+    ``retry_after`` says a 503's Retry-After (SipPool.retry_after_s)."""
 
     def __init__(
         self,
@@ -301,9 +316,11 @@ class RedirectFront:
         *,
         clock: Clock,
         reservations: Reservations | None = None,
+        retry_after: RetryAfter = lambda: 0,
     ) -> None:
         self._addr = addr
         self._pick = pick
+        self._retry_after = retry_after
         self._reservations = reservations  # None: no slot held beyond what ``pick`` does
         self._answered = transaction.AnsweredRequests(clock)  # INVITEs, for Timer H
         self._others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S)
@@ -348,6 +365,7 @@ class RedirectFront:
             tcp=False,
             others=self._others,
             reservations=self._reservations,
+            retry_after=self._retry_after,
         )
 
     async def stop(self) -> None:
@@ -399,6 +417,7 @@ class RedirectFront:
                         tcp=True,
                         others=self._others,
                         reservations=self._reservations,
+                        retry_after=self._retry_after,
                     )
                     if reply is not None:
                         writer.write(reply)

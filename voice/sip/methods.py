@@ -43,6 +43,19 @@ KNOWN = frozenset(
 WORKER_IN_CALL_ONLY = frozenset({"BYE", "CANCEL", "INFO", "UPDATE", "PRACK", "NOTIFY", "REFER"})
 
 
+# The methods a worker refuses before any module of pjsua's sees them, in a call or out of
+# one: pjsua's IM module answered each MESSAGE 200 (delivered, RFC 3428 section 7) and the
+# service reads none (README, "SIP MESSAGE"). The worker sends MESSAGEs (SMS over SIP): their
+# responses are no requests, and are not touched.
+WORKER_REFUSED = frozenset({"MESSAGE"})
+
+
+def worker_refused_status(method: str) -> SipStatus | None:
+    """A SIP worker's answer to a request before pjsua's modules (None: leave it to them):
+    405 with an ``Allow`` that no longer offers it, for a method of :data:`WORKER_REFUSED`."""
+    return SipStatus.METHOD_NOT_ALLOWED if method in WORKER_REFUSED else None
+
+
 def worker_unhandled_status(method: str) -> SipStatus | None:
     """A SIP worker's answer to a request that no pjsua module took (None: send nothing).
 

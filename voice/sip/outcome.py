@@ -32,6 +32,7 @@ class SipStatus(enum.IntEnum):
     BUSY_HERE = 486
     REQUEST_TERMINATED = 487
     NOT_ACCEPTABLE_HERE = 488
+    BAD_EVENT = 489  # RFC 6665 section 8.3.2: an event package the notifier does not take
     SERVER_INTERNAL_ERROR = 500
     NOT_IMPLEMENTED = 501
     SERVICE_UNAVAILABLE = 503

@@ -22,15 +22,23 @@ callback are kept for the life of the process (pjsip's endpoint reads the struct
 ``pjsip_rx_data_get_info``; it answers only a request with no transaction (what
 ``pjsip_endpt_respond_stateless`` asserts) and never an ACK; and any failure, at install or
 in the callback, leaves the request to pjsip as before (dropped) with a log line.
+
+A second module, at priority 31 (before the dialog layer and every module of pjsua's),
+refuses each MESSAGE (:data:`voice.sip.methods.WORKER_REFUSED`) with 405, in a call or out
+of one: pjsua's IM module answered it 200 ("delivered", RFC 3428 section 7) and the service
+reads none. MESSAGE is first taken out of pjsip's ``Allow`` capability (a ``pjsip_allow_hdr``
+read as 2.15 lays it out, checked: its type, its name, short method names), which the 405,
+the OPTIONS answer and the calls' messages copy; when it cannot be, nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from voice.sip.methods import worker_unhandled_status
+from voice.sip.methods import WORKER_REFUSED, worker_refused_status, worker_unhandled_status
 from voice.sip.outcome import SipStatus
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,12 @@ log = logging.getLogger(__name__)
 # PJSIP_MOD_PRIORITY_APPLICATION (64 in 2.15's sip_module.h; 32 is UA_PROXY_LAYER, the
 # dialog layer's) + 99, as pjsua_app.c's default handler: after every module of pjsua's.
 _PRIORITY = 64 + 99
+# PJSIP_MOD_PRIORITY_UA_PROXY_LAYER (32, the dialog layer's) - 1: after the transaction layer
+# (16, which takes only retransmissions of its transactions), before the dialog layer, which
+# hands a request of a call to the call (pjsua answers a MESSAGE there), and before pjsua's
+# IM module (64, the MESSAGEs out of any dialog).
+_EARLY_PRIORITY = 32 - 1
+_MAX_ARRAY = 32  # PJSIP_GENERIC_ARRAY_MAX_COUNT (sip_config.h): the most values an Allow has
 _H_ALLOW = 4  # pjsip_hdr_e PJSIP_H_ALLOW ("DO NOT CHANGE THE VALUE/ORDER OF THE HEADER IDs")
 _INFO_PREFIX = "Request msg "  # pjsip_rx_data_get_info: "Request msg FOO/cseq=1 (rdata0x..)"
 # The (major, minor) of the pjsip releases whose pjsip_module, pjsip_rx_data's first field,
@@ -76,6 +90,22 @@ class _Module(ctypes.Structure):
     )
 
 
+class _AllowHdr(ctypes.Structure):
+    """``pjsip_allow_hdr`` (``pjsip_generic_array_hdr``, ``sip_msg.h``): the header's list
+    links, type, name, short name and virtual table, then ``count`` and ``values``."""
+
+    _fields_ = (
+        ("prev", ctypes.c_void_p),
+        ("next", ctypes.c_void_p),
+        ("type", ctypes.c_int),
+        ("name", _PjStr),
+        ("sname", _PjStr),
+        ("vptr", ctypes.c_void_p),
+        ("count", ctypes.c_uint),
+        ("values", _PjStr * _MAX_ARRAY),
+    )
+
+
 class _ListHead(ctypes.Structure):
     """The head of a ``pjsip_hdr`` list: pjsip reads only its ``prev`` and ``next``."""
 
@@ -107,15 +137,30 @@ def method_of(info: str) -> str:
     return method if slash else ""
 
 
+def _last_resort(method: str) -> SipStatus | None:
+    return worker_unhandled_status(method) if method else SipStatus.NOT_IMPLEMENTED
+
+
 class _Fallback:
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    """One pjsip module that answers, statelessly, the requests ``decide`` gives a status
+    (None: left to the modules after it)."""
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        *,
+        name: bytes = b"clinic-voice-unhandled",
+        priority: int = _PRIORITY,
+        decide: Callable[[str], SipStatus | None] = _last_resort,
+    ) -> None:
         self._lib = lib
-        self._name = ctypes.create_string_buffer(b"clinic-voice-unhandled")
+        self._decide = decide
+        self._name = ctypes.create_string_buffer(name)
         self._callback = _OnRxRequest(self._on_rx_request)
         self.module = _Module()
         self.module.name = _PjStr(ctypes.cast(self._name, ctypes.c_char_p), len(self._name.value))
         self.module.id = -1
-        self.module.priority = _PRIORITY
+        self.module.priority = priority
         self.module.on_rx_request = self._callback
 
     def _on_rx_request(self, rdata: int | None) -> int:
@@ -130,7 +175,7 @@ class _Fallback:
         lib = self._lib
         info = lib.pjsip_rx_data_get_info(rdata)
         method = method_of(info.decode("ascii", "replace") if info else "")
-        status = worker_unhandled_status(method) if method else SipStatus.NOT_IMPLEMENTED
+        status = self._decide(method)
         if status is None or lib.pjsip_rdata_get_tsx(rdata):
             return False  # an ACK; or one with a transaction, that is not ours to answer
         endpt = lib.pjsua_get_pjsip_endpt()
@@ -148,12 +193,50 @@ class _Fallback:
             endpt, rdata, int(status), None, ctypes.addressof(head), None
         )
         if rc != 0:  # DEBUG: a flood of such requests must not flood the log
-            log.debug(
-                "could not answer %d to a %r out of any call: pj status %d", status, method, rc
-            )
+            log.debug("could not answer %d to a %r: pj status %d", status, method, rc)
             return False
-        log.debug("answered %d to a %r out of any call", status, method)
+        log.debug("answered %d to a %r", status, method)
         return True
+
+
+def _drop_from_allow(lib: ctypes.CDLL, endpt: int, methods: frozenset[str]) -> bool:
+    """Take ``methods`` out of the endpoint's ``Allow`` (which pjsua's OPTIONS answer, its
+    calls' INVITEs and 200s, and the 405s here copy); False, and nothing changed, when the
+    header is not laid out as expected (a ``pjsip_allow_hdr`` named Allow, at most
+    ``_MAX_ARRAY`` short values)."""
+    address = lib.pjsip_endpt_get_capability(endpt, _H_ALLOW, None)
+    if not address:
+        return False
+    allow = _AllowHdr.from_address(address)
+    count = int(allow.count)
+    if allow.type != _H_ALLOW or _text(address + _AllowHdr.name.offset) != "Allow":
+        return False
+    if count > _MAX_ARRAY:
+        return False
+    # By address, not through ctypes' fields: a c_char_p field reads as a bytes copy, and
+    # one written back would point into that copy (freed: garbage in every Allow, seen).
+    size = ctypes.sizeof(_PjStr)
+    slots = [address + _AllowHdr.values.offset + i * size for i in range(count)]
+    names = [_text(slot) for slot in slots]
+    if any(not name for name in names):
+        return False
+    kept = [slot for slot, name in zip(slots, names, strict=True) if name not in methods]
+    for i, slot in enumerate(kept):  # each pj_str_t moved down over the ones taken out
+        if slots[i] != slot:
+            ctypes.memmove(slots[i], slot, size)
+    allow.count = len(kept)
+    return True
+
+
+def _text(pj_str: int) -> str:
+    """The text of the ``pj_str_t`` at address ``pj_str`` ("" when it has none, or is no
+    short ASCII token: not a method name, nor Allow)."""
+    ptr = ctypes.c_void_p.from_address(pj_str).value
+    slen = ctypes.c_ssize_t.from_address(pj_str + ctypes.sizeof(ctypes.c_void_p)).value
+    if not ptr or not 0 < slen <= 32:
+        return ""
+    raw = ctypes.string_at(ptr, slen)
+    return raw.decode("ascii") if raw.isascii() and raw.isalpha() else ""
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -206,4 +289,28 @@ def install(library: str) -> bool:
     if rc != 0:
         log.warning("cannot answer requests no pjsua module takes: pj status %d", rc)
         return False
+    _refuse_early(lib, endpt)
     return True
+
+
+def _refuse_early(lib: ctypes.CDLL, endpt: int) -> None:
+    """Refuse the methods of :data:`WORKER_REFUSED` (MESSAGE) before pjsua's modules, in a
+    call or out of one, and take them out of the ``Allow`` first (a 405 whose Allow offers
+    the method contradicts itself, RFC 3261 8.2.1). When the Allow cannot be changed, or the
+    module not registered, pjsua answers them as before (200), with a warning."""
+    if not _drop_from_allow(lib, endpt, WORKER_REFUSED):
+        log.warning(
+            "pjsip's Allow header is not as expected: inbound MESSAGEs stay answered 200 by "
+            "pjsua (and dropped)"
+        )
+        return
+    early = _Fallback(
+        lib,
+        name=b"clinic-voice-refused",
+        priority=_EARLY_PRIORITY,
+        decide=worker_refused_status,
+    )
+    _KEPT.append(early)
+    rc = lib.pjsip_endpt_register_module(endpt, ctypes.addressof(early.module))
+    if rc != 0:
+        log.warning("cannot refuse inbound MESSAGEs (pj status %d): pjsua answers them 200", rc)

@@ -127,6 +127,9 @@ class EngineConfig:
     password: str = ""
     realm: str = ""  # the only digest realm answered (CLINIC_SIP_REALM); "": any
     log_level: int = 0  # pjsua log and console level: 0-1 keeps logging off the hot path
+    # The Retry-After of the 503s this worker sends itself at its stop (see _refuse_at_stop;
+    # the pool's --retry-after-s): 0, none.
+    retry_after_s: int = 0
 
 
 _P = ParamSpec("_P")
@@ -203,6 +206,18 @@ class _Account(pj.Account):  # type: ignore[misc]
     @_callback
     def onInstantMessage(self, prm: pj.OnInstantMessageParam) -> None:
         self._engine._note_inbound_message("out of a dialog")
+
+    @_callback
+    def onIncomingSubscribe(self, prm: pj.OnIncomingSubscribeParam) -> None:
+        # pjsua's presence server calls this for a SUBSCRIBE with Event: presence, and took
+        # it (200, then NOTIFYs for the subscription's life) since pjsua2's default sets no
+        # status. The service has no presence to offer: 489 Bad Event (RFC 6665 section
+        # 4.2.1.1), and pjsua ends the subscription it had made for it, before any NOTIFY.
+        # No Allow-Events: no event package is taken by SUBSCRIBE here (pjsua's own 489 to
+        # the others carries none either), and the header must list one at least.
+        prm.code = SipStatus.BAD_EVENT
+        prm.reason = SipStatus.BAD_EVENT.phrase
+        log.debug("a presence SUBSCRIBE: 489 (the service offers no presence)")
 
 
 class _Listener(pj.AudioMediaPort):  # type: ignore[misc]
@@ -486,7 +501,8 @@ class Engine:
             ep.libInit(ep_cfg)
         self._ep = ep
         # pjsua answers nothing to a request none of its modules takes (FOO; BYE out of any
-        # call): a last module of our own does (voice/sip/pjsip_fallback.py).
+        # call): a last module of our own does (voice/sip/pjsip_fallback.py), and one before
+        # pjsua's refuses MESSAGE, which pjsua answered 200 (delivered) and nobody read.
         pjsip_fallback.install(_extension_path())
         self.port = self._listen(ep)
         ep.libStart()
@@ -643,7 +659,7 @@ class Engine:
             # is over (DISCONNECTED, out of _calls), and pjsua2's Call::hangup acts on the call
             # id alone (call.cpp), which pjsua gives to the next call once this one is over.
             if self._calls.get(call.call_id) is call:
-                self._hangup(call, SipStatus.SERVICE_UNAVAILABLE)
+                self._hangup(call, SipStatus.SERVICE_UNAVAILABLE, self._config.retry_after_s)
 
     def _drop_answered(self) -> None:
         """Move the calls whose far end has answered our hang-up from :attr:`_hanging_up` to
@@ -831,7 +847,7 @@ class Engine:
                 prm.statusCode = SipStatus.OK
                 call.answer(prm)
             elif isinstance(cmd, Hangup):
-                self._hangup(call, cmd.sip_status)
+                self._hangup(call, cmd.sip_status, cmd.retry_after_s)
             elif isinstance(cmd, Play | StartListen):
                 if call.media_active:
                     self._media_command(call, cmd)
@@ -919,10 +935,17 @@ class Engine:
                 )
             self.emit(self.status())
 
-    def _hangup(self, call: _Call, status: int) -> None:
+    def _hangup(self, call: _Call, status: int, retry_after_s: int = 0) -> None:
+        """Hang ``call`` up: with ``status`` as its final answer while it rings (0: pjsua's
+        default), a 503 with ``Retry-After: retry_after_s`` when that is not 0 (RFC 3261
+        section 21.5.4: when the caller, or the PBX, may try this server again)."""
         prm = pj.CallOpParam(True)
         if status:
             prm.statusCode = status
+        if retry_after_s and status == SipStatus.SERVICE_UNAVAILABLE:
+            # pjsua adds these to the final response of a call not answered yet, and to
+            # nothing else (a BYE or CANCEL carries no Retry-After).
+            _add_headers(prm.txOption, (("Retry-After", str(retry_after_s)),))
         try:
             call.hangup(prm)
         except pj.Error as exc:
@@ -1326,8 +1349,10 @@ class Engine:
     def _note_inbound_message(self, where: str) -> None:
         """pjsua has answered an inbound MESSAGE 200 itself, before this callback, and the
         service takes none (README, "SIP MESSAGE"): its sender was told it was delivered,
-        and the text is dropped. That loss is said, at most once a minute with a count (a
-        sender could send thousands), and never with its sender or its text."""
+        and the text is dropped. Only where pjsip_fallback's early module, which refuses
+        them 405 before pjsua sees them, is not registered (an unchecked pjsip release).
+        That loss is said, at most once a minute with a count (a sender could send
+        thousands), and never with its sender or its text."""
         self._messages_dropped += 1
         self._messages_where = where
         self._say_dropped_messages()

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import secrets
 import sys
@@ -143,6 +144,20 @@ WORKER_KILLED_STARTING_AT_STOP = (
 # the stop is not held for it without bound.
 CALLS_WIND_UP_S = 5.0
 TASKS_LEFT_S = 1.0
+# The Retry-After of a 503 (RFC 3261 sections 20.33 and 21.5.4): when the caller may try
+# again, and how long a proxy or PBX that got it SHOULD send this server nothing new. Whole
+# seconds, rounded up: a retry sooner only meets another 503.
+# - Once the service is stopping (and for a caller sent to a worker asked to stop): the rest
+#   of the stop, at most ``close_s`` (the drain and the closing notice) and the workers', the
+#   calls' and the tasks' ends after it (WORKER_STOP_S + CALLS_WIND_UP_S + TASKS_LEFT_S).
+#   Restarted, the service takes calls again no sooner; a proxy with another instance goes
+#   there at once anyway. With the defaults (CLINIC_CALL_DRAIN_S 20, the notice 20 s), 51 s.
+# - While no worker is up but one restarts: the longest restart backoff (5 s); a worker up
+#   again takes calls at once, and a longer one would keep a PBX from a line that works.
+# - From a worker at its own stop (``--retry-after-s``, a call still ringing at its
+#   Shutdown): the part of the stop after the Shutdown (11 s), or a restart's time for a
+#   worker asked to stop while the service runs.
+STOP_TAIL_S = WORKER_STOP_S + CALLS_WIND_UP_S + TASKS_LEFT_S
 # A redirected caller re-sends its INVITE to the worker within milliseconds of its 302. When
 # that 302 was lost, the caller's copies of the INVITE get it again from the front (Timer A:
 # at 0.5, 1.5, 3.5, 7.5 ... s), and each copy holds the slot for as long as the front may
@@ -497,6 +512,7 @@ class SipPool:
         # close_s), then its Shutdown. None: the Shutdown at once.
         self._close_calls = close_calls
         self._close_s = close_s
+        self._stop_retry_after_s = math.ceil(close_s + STOP_TAIL_S)  # see STOP_TAIL_S
         self._clock = clock
         self._queue_timeout_s = queue_timeout_s
         self._log_level = log_level
@@ -637,6 +653,14 @@ class SipPool:
         if not self._refusing:
             self._refusing = True
             log.info("SIP: new inbound calls are refused (503) from now on")
+
+    def retry_after_s(self) -> int:
+        """The Retry-After of a 503 to a caller now (see STOP_TAIL_S): the rest of the stop
+        once the service is stopping, or while every worker is asked to stop; the longest
+        restart backoff while no worker is up and one restarts."""
+        if not self._refusing and any(not w.leaving for w in self._workers):
+            return math.ceil(_BACKOFF_MAX_S)
+        return self._stop_retry_after_s
 
     @property
     def exits_at_stop(self) -> tuple[WorkerExit, ...]:
@@ -1003,6 +1027,8 @@ class SipPool:
             self._log_level,
             "--stop-wait-s",
             f"{self._close_s + STOP_ASKED_MARGIN_S:g}",
+            "--retry-after-s",
+            str(math.ceil(STOP_TAIL_S)),
         ]
         if s.registrar:
             argv += ["--registrar", s.registrar]
@@ -1191,7 +1217,7 @@ class SipPool:
         if self._refusing or w.leaving:
             # Sent here by a PBX (a registrar), or redirected by the front just before.
             log.info("call %s: the service is stopping: 503", ev.call_id)
-            w.send(Hangup(ev.call_id, SipStatus.SERVICE_UNAVAILABLE))
+            w.send(Hangup(ev.call_id, SipStatus.SERVICE_UNAVAILABLE, self._stop_retry_after_s))
             return
         if handler is None:
             log.warning("call %s: no inbound handler: 480", ev.call_id)

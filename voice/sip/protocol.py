@@ -88,10 +88,12 @@ class StartListen:
 
 @dataclass(frozen=True, slots=True)
 class Hangup:
-    """End the call: BYE, CANCEL, or a final response (``sip_status``, 0: pjsua's default)."""
+    """End the call: BYE, CANCEL, or a final response (``sip_status``, 0: pjsua's default);
+    ``retry_after_s``: a 503's ``Retry-After`` (RFC 3261 section 20.33; 0: none)."""
 
     call_id: str
     sip_status: int = 0
+    retry_after_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)

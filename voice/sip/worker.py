@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     # How long a SIGTERM from someone else waits for the pool's Shutdown while serve closes
     # the calls (0: not at all, hung up at once).
     parser.add_argument("--stop-wait-s", type=float, default=0.0)
+    # The Retry-After of the 503s the worker sends itself at its stop (the pool's choice).
+    parser.add_argument("--retry-after-s", type=int, default=0)
     args = parser.parse_args(argv)
     # The pool starts each worker in a process group of its own, which a terminal treats as
     # a background job: with `stty tostop` its first log line to serve's stderr would stop it
@@ -350,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         password=os.environ.get("CLINIC_SIP_PASSWORD", ""),
         realm=args.realm,
         log_level=args.pj_log_level,
+        retry_after_s=max(0, args.retry_after_s),
     )
     # pjlib prints its first log lines to fd 1 before any config applies: keep the protocol
     # on a private copy of stdout and point fd 1 at /dev/null, so only events reach the
