@@ -795,8 +795,28 @@ def http_ok(url: str, timeout_s: float = 2) -> bool:
 VAR = REPO / "var"
 
 
+def local_addr(name: str, default: str) -> str:
+    """127.0.0.1 and the port of ``$name`` when it is set, else ``default``.
+
+    ``make asterisk`` keeps the service on loopback (Asterisk's configs point there), but a
+    port already taken (8080 is a common one) must not leave a tester without a way round.
+    """
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    _, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RigError(f"{name}={value!r} is not HOST:PORT (make asterisk keeps the port only)")
+    return f"127.0.0.1:{int(port)}"
+
+
 def _local_service(port: int) -> ServiceProcess:
-    return ServiceProcess(service_env(port), VAR / "clinic-voice.pid", VAR / "clinic-voice.log")
+    env = service_env(
+        port,
+        http_addr=local_addr("CLINIC_HTTP_ADDR", "127.0.0.1:8080"),
+        sip_addr=local_addr("CLINIC_SIP_ADDR", "127.0.0.1:5060"),
+    )
+    return ServiceProcess(env, VAR / "clinic-voice.pid", VAR / "clinic-voice.log")
 
 
 def cmd_up(port: int) -> int:
@@ -824,7 +844,12 @@ def cmd_up(port: int) -> int:
             print(f"the service runs: http://{service.http_addr} (log: {service.logfile})")
         except RigError as exc:
             print(f"error: the service did not start: {exc}", file=sys.stderr)
-            print("Asterisk stays up; make asterisk-stop stops it.", file=sys.stderr)
+            print(
+                "Asterisk stays up; make asterisk-stop stops it. Another port for the "
+                "service: CLINIC_HTTP_ADDR=127.0.0.1:PORT make asterisk (CLINIC_SIP_ADDR "
+                "likewise).",
+                file=sys.stderr,
+            )
             status = 1
     print(
         f"""
@@ -832,7 +857,8 @@ Register a softphone to 127.0.0.1:{port} (UDP), user 6001 password clinic-6001
 (also 6002, 6003; nurse 6100, staff 6200; passwords clinic-<ext>). Then:
   dial 700 (or {CLINIC_LINE})  the clinic line (the bot)
   dial 6002                    another softphone
-  a verification to +14155556001 rings or messages 6001; API key in var/api-key
+  a verification to +14155556001 rings or messages 6001: POST http://{service.http_addr}/v1/verifications
+  with the API key in var/api-key
 Stop everything with: make asterisk-stop"""
     )
     return status
@@ -844,7 +870,10 @@ def cmd_down(port: int) -> int:
     # A stop with a tester still on a call drains it (CLINIC_CALL_DRAIN_S, 20 s), tells the
     # caller the line closes and waits for the last transfers: up to about 45 s. Killed at
     # 15 s, the tester was cut off without the closing notice.
-    if _local_service(port).stop(timeout_s=60):
+    # Found by its pid file alone: a CLINIC_HTTP_ADDR set wrong since the start must not keep
+    # the service from stopping.
+    service = ServiceProcess({}, VAR / "clinic-voice.pid", VAR / "clinic-voice.log")
+    if service.stop(timeout_s=60):
         stopped.append("the service")
     rig = AsteriskRig(rootfs_path(), port)
     if rig.running_pid() is not None:

@@ -117,6 +117,23 @@ def test_clinic_line_is_congested_without_the_service(
     assert ended["code"] >= 400, ended
 
 
+def test_a_phone_that_is_not_registered_is_unavailable_not_unknown(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """A test phone that is not registered answers 480, not the 404 of a number that does
+    not exist: the service reads 404 as not_found and 480 as unreachable."""
+    caller = phone("6001")
+    service = phone("clinic", register=False)
+    for who, uri in (
+        (caller, f"sip:6002@127.0.0.1:{asterisk.port}"),
+        (service, f"sip:+14155556002@127.0.0.1:{asterisk.port}"),
+        (caller, f"sip:701@127.0.0.1:{asterisk.port}"),
+    ):
+        who.send("call", uri=uri)
+        ended = who.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+        assert ended["code"] == (404 if "701" in uri else 480), (uri, ended)
+
+
 def test_clinic_line_hunts_past_full_workers(phone: PhoneFactory, asterisk: AsteriskRig) -> None:
     # Two "workers" registered as the service, each holding at most 4 calls (486 beyond),
     # like the service's SIP worker processes. Six calls to 700 must all be answered.
