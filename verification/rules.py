@@ -221,6 +221,15 @@ def send_refused(v: Verification, step: int, reason: str, now: float) -> Transit
     """
     if v.status is not Status.PENDING or v.step != step:
         return Transition(v)
+    if now >= v.expires_at:
+        # As a report that finds the lifetime over: expired, not failed for want of a code
+        # (the timer may not have run yet), and nothing more is recorded.
+        return Transition(_set_status(v, Status.EXPIRED, Event(EventKind.EXPIRED, now)))
+    if not v.sending or _sent_since_entered(v):
+        # A stale refusal: the step's send was refused already, or left (a send asked for
+        # twice, as code_sent guards: a stalled process's, after its step was sent again).
+        # It held back no code, and must not use up a plan whose last code is on its way.
+        return Transition(v)
     channel = v.channels[step]
     v = v.with_events(Event(EventKind.SEND_REFUSED, now, channel, reason), sending=False)
     if _first_served(v.channels[step + 1 :], v.phone) is not None:

@@ -290,10 +290,21 @@ class VerificationMachine(RuleBasedStateMachine):
             self.apply(
                 rules.send_refused(old, send.step, "too many sends to this number", self.now)
             )
-            if old.status is Status.PENDING and old.step == send.step:
-                assert not self.ver.sending and self.ver.step_deadline is None
-            else:
-                assert self.ver == old
+            v = self.ver
+            if old.status is not Status.PENDING or old.step != send.step:
+                assert v == old
+            elif self.now >= old.expires_at:
+                assert v.status is Status.EXPIRED, "a refusal past the lifetime expires it"
+            elif not old.sending or sent_since_entered(old):
+                assert v == old, "a stale refusal (its step's send left, or was refused)"
+            elif v.step == old.step:
+                # A channel follows: the step keeps its timer, which moves on at its timeout.
+                assert (v.status, v.sending) == (Status.PENDING, False)
+                assert v.step_deadline == old.step_deadline is not None
+                assert v.events[-1].kind is EventKind.SEND_REFUSED
+            else:  # nothing follows: the plan is used up at once
+                assert (v.step, v.step_deadline, v.sending) == (len(v.channels), None, False)
+                assert v.status in (Status.PENDING, Status.FAILED)
             return
         code = f"{seed % 10**old.code_length:0{old.code_length}d}"
         try:

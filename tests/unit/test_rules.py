@@ -905,6 +905,32 @@ def test_send_refused_for_another_step_or_a_final_state_changes_nothing(
     assert rules.send_refused(v, step, "limit", T0 + 1) == Transition(v)
 
 
+@pytest.mark.parametrize("plan", [(S,), (F, S, V)])
+def test_send_refused_after_the_lifetime_expires_it(plan: tuple[Channel, ...]) -> None:
+    # A refusal (a slow limit check) that lands after expires_at, before the timer ran: on
+    # the last step with no code out it failed the verification ("no channel could
+    # deliver") that had expired, as a report then expires it (and records nothing more).
+    v = start(plan).verification
+    t = rules.send_refused(v, v.step, "too many sends to this number", v.expires_at + 1)
+    nv = t.verification
+    assert (t.send, nv.status) == (None, Status.EXPIRED), kinds(nv)
+    assert kinds(nv)[-1] == (EventKind.EXPIRED, None)
+    assert EventKind.SEND_REFUSED not in {e.kind for e in nv.events}
+
+
+def test_a_stale_refusal_after_the_resend_left_changes_nothing() -> None:
+    # The last step's send never reported (its process stalled) and was sent again; the
+    # stalled send then met the number's limit (the resend was counted). It held back no
+    # code: the plan was used up (`fallback` to null, `channel` null) with the resend's
+    # code on its way, and events that said none left on that step.
+    v = rules.tick(started((S,)), T0 + 120, POLICY).verification  # sent again
+    v = sent(v, T0 + 121)  # the resend left
+    assert rules.send_refused(v, 0, "too many sends to this number", T0 + 122) == Transition(v)
+    # Nor a second refusal of a step whose send was refused already (a duplicate event).
+    w = rules.send_refused(start().verification, 0, "limit", T0 + 1).verification
+    assert rules.send_refused(w, 0, "limit", T0 + 2) == Transition(w)
+
+
 # -- check ------------------------------------------------------------------------------------
 
 
