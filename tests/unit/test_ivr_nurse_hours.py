@@ -182,6 +182,109 @@ def test_a_0_below_u2_out_of_nurse_hours_rings_nobody_and_offers_a_message() -> 
     assert store.record.outcome == "message_left"
 
 
+# The shipped triage, a U3 caller (1 myself, no to every danger sign, 2 pain, 3 severe, no,
+# no) who presses 0 at the risk-group question, before the triage's closed advice.
+U3_CALLER_0 = ["1", "2", "2", "2", "2", "2", "2", "3", "2", "2", "0"]
+OOH_NUMBER = "088 1234"
+
+
+def closed_call(
+    answers: list[str],
+    number: str = OOH_NUMBER,
+    transfer: TransferEnding = TransferEnding.OK,
+    *,
+    open_now: bool = False,
+) -> tuple[list[Action], Store, Engine]:
+    """The shipped triage with the practice closed (or ``open_now``) and the nurse not
+    staffed, CLINIC_OUT_OF_HOURS_NUMBER ``number``."""
+    params = FlowParams(
+        open_now=lambda: open_now, nurse_open=lambda: False, out_of_hours_number=number
+    )
+    engine = Engine(load_flows(SHIPPED), params)
+    _, actions = script_call(engine, "triage", answers, transfer=transfer)
+    stores = [a for a in actions if isinstance(a, Store)]
+    assert stores, "the call did not end"
+    return actions, stores[-1], engine
+
+
+def test_out_of_hours_a_u3_caller_whose_nurse_transfer_fails_hears_the_out_of_hours_service() -> (
+    None
+):
+    # The clinical-safety finding: a U3 caller ("see a doctor today") out of hours, the
+    # nurse not reached, was offered a message ("the clinic will call you back") and never
+    # told the out-of-hours GP service: nobody calls back until the practice opens.
+    actions, store, engine = closed_call([*U3_CALLER_0, ""])
+    said = plays(actions)
+    offer = said[said.index(TEXTS["to_nurse"]) + 1]
+    notice = engine.params.values()["closed_notice"]
+    assert "the out-of-hours GP service on 0 8 8, 1 2 3 4" in notice
+    assert offer == f"{notice} {TEXTS['message_offer']}", offer
+    # Rendered at start-up with the other prompts, not by the text to speech mid-call.
+    assert offer in engine.flowset.get("triage").static_prompts(engine.params)
+    record = store.record
+    assert record.outcome == "message_left"
+    assert record.urgency is not None and record.urgency.name == "U3"
+    assert steps(store, "transfer") == [("risk_adult", NURSE_CLOSED)]
+
+
+def test_out_of_hours_without_an_out_of_hours_number_the_notice_says_no_empty_number() -> None:
+    actions, store, engine = closed_call([*U3_CALLER_0, ""], number="")
+    said = plays(actions)
+    offer = said[said.index(TEXTS["to_nurse"]) + 1]
+    notice = engine.params.values()["closed_notice"]
+    assert notice == "The practice is closed. In an emergency, call 112."
+    assert offer == f"{notice} {TEXTS['message_offer']}", offer
+    assert "GP service on" not in offer and " ." not in offer
+    assert store.record.outcome == "message_left"
+
+
+def test_out_of_hours_a_transfer_unconfirmed_below_u2_tells_the_notice_before_the_call_back() -> (
+    None
+):
+    params = FlowParams(open_now=lambda: False, out_of_hours_number=OOH_NUMBER)
+    engine = Engine(load_flows(SHIPPED), params)
+    _, actions = script_call(engine, "triage", U3_CALLER_0, transfer=TransferEnding.UNCONFIRMED)
+    last = plays(actions)[-1]
+    notice = params.values()["closed_notice"]
+    assert last == f"{notice} {TEXTS['transfer_unconfirmed']}", last
+    assert last in engine.flowset.get("triage").static_prompts(params)
+
+
+def test_out_of_hours_an_unheard_advice_that_names_the_service_is_not_followed_by_the_notice() -> (
+    None
+):
+    # The triage's closed advice ("call the out-of-hours GP service on ... now") failed twice,
+    # the nurse not staffed: the advice before the message offer, and no notice after it.
+    params = FlowParams(
+        open_now=lambda: False, nurse_open=lambda: False, out_of_hours_number=OOH_NUMBER
+    )
+    engine = Engine(load_flows(SHIPPED), params)
+    answers = [*U3_CALLER_0[:-1], "5", ""]
+    _, actions = script_call(engine, "triage", answers, unheard=frozenset({"same_day_closed"}))
+    said = plays(actions)
+    # (Played twice: the --unheard node fails every prompt there, the offer too.)
+    (offer,) = {t for t in said if t.endswith(TEXTS["message_offer"])}
+    assert offer.startswith("You should see a doctor today."), offer
+    assert offer.count("out-of-hours GP service on 0 8 8, 1 2 3 4") == 1, offer
+    assert params.values()["closed_notice"] not in offer
+    assert offer in engine.flowset.get("triage").static_prompts(params)
+
+
+def test_while_the_practice_is_open_a_failed_nurse_transfer_offers_the_message_alone() -> None:
+    actions, store, _ = closed_call([*U3_CALLER_0, ""], open_now=True)
+    said = plays(actions)
+    assert said[said.index(TEXTS["to_nurse"]) + 1] == TEXTS["message_offer"], said
+    assert store.record.outcome == "message_left"
+
+
+def test_out_of_hours_an_urgent_caller_keeps_the_other_human_then_112() -> None:
+    # U2 and more: the safety rules' fallback (decision 12), not the notice: "call 112".
+    actions, store, _ = closed_call(U1_CALLER, transfer=TransferEnding.FAILS)
+    said = plays(actions)
+    assert said[-1] == TEXTS["transfer_failed_urgent"], said
+    assert store.record.outcome == "transfer_failed"
+
+
 FLOW = """\
 id: t
 language: en

@@ -82,7 +82,9 @@ VoiceXML semantics kept here:
   later;
 * a caller below U2 whose transfer fails (and whose flow names no ``on_fail`` for it) may
   leave a message for a call back instead of being told to call again later
-  (``message_left``); not during a stop, and not twice in one call;
+  (``message_left``); not during a stop, and not twice in one call. Out of opening hours
+  the closed notice (the out-of-hours GP service) comes first, there and before the
+  goodbye of a transfer failed or unconfirmed: the call back waits until the practice opens;
 * a caller who hangs up before a transfer went through is recorded so
   (``hung_up_before_transfer``), not as transferred; a transfer the caller's side took on
   but never answered for is ``transfer_unconfirmed`` (someone calls back); one a PBX took
@@ -109,6 +111,7 @@ from typing import Any
 from urllib.parse import quote
 
 from voice.ivr.flow import (
+    CLOSED_WORDS,
     HOURS,
     HUMAN_PHRASES,
     MENU_TARGET,
@@ -1479,12 +1482,15 @@ class Engine:
                 human = Human.NURSE if left[0] == self.params.nurse_uri else Human.STAFF
                 state = replace(state, outcome=f"transfer_{human.value}")
                 return state, [self._play(state, flow, state.asked, barge_in=False)]
+        # Out of hours the clinic's call back comes when it opens: the closed notice first
+        # (the out-of-hours GP service), or "see a doctor today" would be lost overnight.
+        before = f"{state.unheard_advice} {self._closed_words(state)}".strip()
         if not urgent and state.close is Close.OPEN and not _recorded_before(state):
             # Nobody to take the call: rather than "call again later", which loses what the
             # caller rang about, take a message for a call back (the record says who called).
             # A triage's advice the caller did not hear (the nurse was tried for it) first:
             # the clinic's call back may come too late for "see a doctor today".
-            text = f"{state.unheard_advice} {flow.texts('message_offer')}".strip()
+            text = f"{before} {flow.texts('message_offer')}".strip()
             state = replace(
                 state,
                 phase=Phase.PLAYING,
@@ -1496,15 +1502,29 @@ class Engine:
             )
             return state, [self._play(state, flow, text, barge_in=False)]
         text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
-        text = f"{state.unheard_advice} {text}".strip()
+        text = f"{before} {text}".strip()
         return self._last_words(state, flow, text, outcome="transfer_failed")
+
+    def _closed_words(self, state: CallState) -> str:
+        """``{closed_notice}`` when the practice is closed now, for a caller below U2 whose
+        transfer failed: told "the clinic will call you back" or "call again later", a U3
+        caller ("see a doctor today") would wait until it opens. The notice names the
+        out-of-hours GP service only with CLINIC_OUT_OF_HOURS_NUMBER set (never an empty
+        number). "" when open, for an urgent caller (the other human, then "call 112"), and
+        after an unheard advice that tells the out-of-hours service itself."""
+        if _urgent(state) or self.params.open_now():
+            return ""
+        if placeholders(state.unheard_advice) & CLOSED_WORDS:
+            return ""
+        return "{closed_notice}"
 
     def _unconfirmed(self, state: CallState, flow: Flow) -> Result:
         """A transfer the caller's side took on and never answered for: the call ends, with
         the emergency number (an urgent caller: only that), and a call back is promised."""
         state = self._step(state, "transfer", "unconfirmed")
         text = flow.texts("transfer_failed_urgent" if _urgent(state) else "transfer_unconfirmed")
-        text = f"{state.unheard_advice} {text}".strip()
+        before = f"{state.unheard_advice} {self._closed_words(state)}".strip()
+        text = f"{before} {text}".strip()
         return self._last_words(
             state, flow, text, transfer_target=state.transfer_uri, outcome=UNCONFIRMED_OUTCOME
         )

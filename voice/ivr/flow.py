@@ -63,6 +63,9 @@ PARAM_NAMES = frozenset(
         "out_of_hours_service",
     }
 )
+# Placeholders that tell the caller the out-of-hours GP service: a triage's advice naming one
+# needs no closed notice after it (the engine's failed transfer out of hours).
+CLOSED_WORDS = frozenset({"closed_notice", "out_of_hours_service", "out_of_hours_number"})
 # ``branch: {on: hours, cases: {open: ..., closed: ...}}`` reads the opening hours (the
 # injected FlowParams.open_now), not a collected value.
 HOURS = "hours"
@@ -796,6 +799,10 @@ class Flow:
             "message_kept",
         ):
             add(self.texts(name))
+        for name in ("transfer_failed", "message_offer", "transfer_unconfirmed"):
+            # Out of hours, a failed transfer below U2: the notice first (the engine's
+            # _closed_words).
+            add(f"{{closed_notice}} {self.texts(name)}")
         for name in ("record_silent", "record_failed"):
             add(f"{self.texts(name)} {self.texts('call_later')}")
         add(self.texts("safety_escalation"))
@@ -844,6 +851,8 @@ class Flow:
                     # before what the call's end brings instead (the engine's unheard_advice).
                     for name in ("message_offer", "transfer_failed", "transfer_unconfirmed"):
                         add(f"{node.prompt} {self.texts(name)}")
+                        if not placeholders(node.prompt) & CLOSED_WORDS:  # out of hours
+                            add(f"{node.prompt} {{closed_notice}} {self.texts(name)}")
                     add(f"{node.prompt} {self.texts('closing')}")  # the line closed meanwhile
         return out
 
