@@ -503,3 +503,24 @@ def test_the_to_tag_is_the_headers_own_parameter(to: str, answered: str) -> None
     raw = invite().replace(b"To: <sip:6000@127.0.0.1:5060>", f"To: {to}".encode())
     out = message.serialise_response(message.parse(raw), 486, to_tag="NEW")
     assert message.parse(out).get("To") == answered
+
+
+def test_a_retransmitted_503_keeps_its_retry_after() -> None:
+    """RFC 3261 17.2.1: a copy of the INVITE gets the very 503 the first one got. Its
+    Retry-After was read anew for each copy: a 503 while a worker restarted ("5") became,
+    once the stop began, "51" to the same transaction."""
+    clock = FakeClock()
+    answered = transaction.AnsweredRequests(clock)
+    others = transaction.AnsweredRequests(clock)
+    pick = Picks(SipStatus.SERVICE_UNAVAILABLE)
+    retry = iter((5, 51, 51))
+    out = front_module._answer(
+        invite(), pick, answered, tcp=False, others=others, retry_after=lambda: next(retry)
+    )
+    assert out is not None and b"\r\nRetry-After: 5\r\n" in out, out
+    clock.advance(0.5)
+    again = front_module._answer(
+        invite(), pick, answered, tcp=False, others=others, retry_after=lambda: next(retry)
+    )
+    assert again == out
+    assert pick.calls == ["call-1"]

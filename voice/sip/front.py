@@ -218,13 +218,20 @@ def _answer(
             # renewed by copies: a flood of forged ones holds no slot longer).
             reservations.renew_inbound(call_id, before.target, answered.kept_for(key))
         return respond(
-            request, before.target, tcp=tcp, to_tag=before.to_tag, retry_after_s=retry_after()
+            request,
+            before.target,
+            tcp=tcp,
+            to_tag=before.to_tag,
+            retry_after_s=before.retry_after_s,
         )
     target = pick(call_id)
     log.debug("INVITE %s -> %s", call_id, target)
     tag = new_tag()
-    answered.remember(key, transaction.FinalAnswer(target, tag))
-    return respond(request, target, tcp=tcp, to_tag=tag, retry_after_s=retry_after())
+    # Read once, with the pick: its copies get this 503 again as it was (a stop beginning
+    # meanwhile changed "5" into "51" for the same transaction).
+    retry = retry_after() if target == SipStatus.SERVICE_UNAVAILABLE else 0
+    answered.remember(key, transaction.FinalAnswer(target, tag, retry))
+    return respond(request, target, tcp=tcp, to_tag=tag, retry_after_s=retry)
 
 
 def _answer_incomplete(

@@ -58,11 +58,13 @@ class TransactionKey:
 @dataclass(frozen=True, slots=True)
 class FinalAnswer:
     """The front's answer to a request: for an INVITE the worker it was sent to, or the
-    status that refused it (486, 503); for another request its status; and the To tag of
-    that response."""
+    status that refused it (486, 503); for another request its status; the To tag of that
+    response; and a 503's Retry-After (0: none), so that a copy of the request gets the very
+    same response (RFC 3261 section 17.2.1), not one read from the pool's state by then."""
 
     target: HostPort | int
     to_tag: str
+    retry_after_s: int = 0
 
 
 def _params(value: str) -> dict[str, str]:
