@@ -8,6 +8,7 @@ test_sip_worker_sigterm_run.py, real processes in tests/integration/test_serve_w
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -15,7 +16,7 @@ from sip_config.clock import FakeClock
 from sip_config.settings import HostPort
 from tests.conftest import sip_settings
 from voice.sip.outcome import CallOutcome, SipStatus
-from voice.sip.pool import CallHandle, SipPool, _Worker
+from voice.sip.pool import STOP_TAIL_S, CallHandle, SipPool, _Worker
 from voice.sip.protocol import (
     CallEvent,
     CallState,
@@ -80,7 +81,9 @@ async def test_its_calls_are_closed_then_it_gets_its_shutdown_and_is_restarted()
     assert closing == [["in-1"]]
     # A caller redirected to it just before: 503, as at a stop (another instance may take it).
     pool._dispatch(w, IncomingCall("in-2", "+4477", "6000", 2))
-    assert stdin.sent == [Hangup("in-2", SipStatus.SERVICE_UNAVAILABLE)]
+    # Retry-After: the worker's calls' closing time (close_s) and the stop's tail after it.
+    retry_after_s = math.ceil(40 + STOP_TAIL_S)
+    assert stdin.sent == [Hangup("in-2", SipStatus.SERVICE_UNAVAILABLE, retry_after_s)]
     pool._dispatch(w, CallEvent("in-2", CallState.ENDED, 503, CallOutcome.REJECTED, 0.0))
     pool._dispatch(w, CallEvent("in-1", CallState.ENDED, 200, CallOutcome.COMPLETED, 0.0))
     closed.set()  # the notice heard, the call over
