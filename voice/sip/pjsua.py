@@ -377,6 +377,33 @@ class _Call(pj.Call):  # type: ignore[misc]
             prm.statusCode = SipStatus.NOT_ACCEPTABLE_HERE
 
     @_callback
+    def onCallTransferRequest(self, prm: pj.OnCallTransferRequestParam) -> None:
+        # A far end's REFER in a call. pjsua's default accepts it (202) and dials the
+        # Refer-To target itself, from this worker's account (registered to the clinic's
+        # trunk, with its credentials, when one is set): anyone who called the clinic line
+        # could have the service call premium numbers (seen: the INVITE left at once). The
+        # service transfers callers with REFERs of its own, never on a far end's word. RFC
+        # 3515 section 2.4.2 lets a UA decline a REFER; 403 Forbidden (RFC 3261 section
+        # 21.4.4: understood, refused by policy), not 405, as our Allow offers REFER (we send
+        # them). Set first: a callback that raised keeps pjsua's 202 (see _callback). The
+        # target is not logged: it is a phone number.
+        prm.statusCode = SipStatus.FORBIDDEN
+        log.warning(
+            "call %s: the far end's REFER refused (403): the service dials no one", self.call_id
+        )
+
+    @_callback
+    def onCallReplaceRequest(self, prm: pj.OnCallReplaceRequestParam) -> None:
+        # An INVITE with Replaces (RFC 3891) matching this call: pjsua's default answers it
+        # and hangs this call up, the new one in its place without a slot of the pool's nor a
+        # session (pjsua2 reuses this Call for both; the worker then died at its stop). The
+        # service neither takes a call over nor lets one be: 403, as for any request refused
+        # by policy (RFC 3261 section 21.4.4; RFC 3891 section 3 asks the UA to authorise a
+        # Replaces). This call goes on.
+        prm.statusCode = SipStatus.FORBIDDEN
+        log.warning("call %s: an INVITE with Replaces for it refused (403)", self.call_id)
+
+    @_callback
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self.engine.emit(Digit(self.call_id, str(prm.digit)))
         self.engine.flush()  # run before the pump's wait, not after it (see Engine.flush)
