@@ -1,6 +1,7 @@
 """The far end's hold while a question listens (``voice.sip.protocol.Hold``): the question's
 timeout waits out the hold and runs in full once the call is back. The same for a message
-being recorded: its no-speech guard waits out the hold, its longest does not.
+being recorded: its no-speech guard waits out the hold, its longest does not. A hold past its
+limits (voice/ivr/hold_limit.py) ends the call, recorded as ``cut_held_too_long``.
 
 The session is the real ``CallSession`` with the scripted call of test_ivr_session_races.py,
 on the virtual loop of test_prop_session.py: the 6 s timeouts and a 30 s hold take no wall
@@ -14,10 +15,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import cast
 
+import pytest
+
+from sip_config.clock import Clock
 from tests.unit.test_ivr_session_races import LOUD, Rig, _digit, _done
-from tests.unit.test_ivr_session_transfer import _ended, _recording_a_message
-from tests.unit.test_prop_session import VirtualLoop
+from tests.unit.test_ivr_session_transfer import (
+    _ended,
+    _recording_a_message,
+    _status,
+    _transferring,
+)
+from tests.unit.test_prop_session import LoopClock, VirtualLoop
+from voice.ivr import hold_limit
+from voice.ivr.hold_limit import HOLD_MAX_S, HOLD_TOTAL_S, HOLDS_MAX
 from voice.ivr.session import RECORD_NO_SPEECH_S, CallSession
+from voice.ivr.triage import Urgency
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import Hold
 
@@ -30,10 +42,15 @@ def held(on: bool) -> Hold:
     return Hold("call-1", on)
 
 
-def run(body: Callable[[Rig, asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
+def run(
+    body: Callable[[Rig, asyncio.AbstractEventLoop], Awaitable[None]], called: str = "main"
+) -> None:
     loop = VirtualLoop()
     try:
-        rig = Rig(called="main", speech=False)
+        rig = Rig(called=called, speech=False)
+        # Hold lengths on the virtual loop's clock, as the session's timers are.
+        rig.deps = replace(rig.deps, clock=cast(Clock, LoopClock(loop)))
+        rig.session = CallSession(cast(CallHandle, rig.call), rig.deps)
         loop.run_until_complete(body(rig, loop))
     finally:
         loop.cancel_left()
@@ -191,5 +208,179 @@ def test_music_on_hold_is_no_message() -> None:
         await rig.until(lambda: said(rig, SILENT), within_s=RECORD_NO_SPEECH_S + 1.0)
         assert not kept
         await rig.finish()
+
+    run(body)
+
+
+# -- the hold's limits (voice/ivr/hold_limit.py) ----------------------------------------------
+def hung_up(rig: Rig) -> bool:
+    return ("hangup", None) in rig.call.commands
+
+
+async def cut_by_hold(rig: Rig) -> None:
+    """The service hung up; the call's one record is saved."""
+    assert rig.task is not None
+    async with asyncio.timeout(5):
+        await rig.task
+    assert hung_up(rig), rig.call.commands
+    assert len(rig.saved) == 1, rig.saved
+
+
+def test_a_hold_past_its_limit_ends_the_call_as_cut_by_the_service() -> None:
+    # A caller who holds the menu and never comes back. Before, only the 30-minute call
+    # limit ended it (cut_too_long): 16 such calls took every slot of 4 workers.
+    async def body(rig: Rig, loop: asyncio.AbstractEventLoop) -> None:
+        await listening(rig)
+        rig.call.send(held(True))
+        await rig.settle()
+        since = loop.time()
+        await rig.until(lambda: hung_up(rig), within_s=HOLD_MAX_S + 1.0)
+        assert HOLD_MAX_S - 0.1 <= loop.time() - since <= HOLD_MAX_S + 0.5, loop.time() - since
+        await cut_by_hold(rig)
+        record = rig.saved[0].record
+        assert record.outcome == "cut_held_too_long", record
+        assert [s.node for s in record.path][-1] == "menu", record.path
+        assert reprompts(rig) == 0, rig.call.plays()  # no words to a caller who is away
+
+    run(body)
+
+
+def test_a_hold_shorter_than_the_limit_goes_on_as_before() -> None:
+    async def body(rig: Rig, loop: asyncio.AbstractEventLoop) -> None:
+        await listening(rig)
+        rig.call.send(held(True))
+        await asyncio.sleep(HOLD_MAX_S - 5.0)
+        rig.call.send(held(False))
+        back = loop.time()
+        await rig.until(lambda: reprompts(rig) == 1, within_s=TIMEOUT_S + 1.0)
+        assert loop.time() - back >= TIMEOUT_S - 0.1
+        await asyncio.sleep(HOLD_MAX_S)  # the limit's task ended with the hold
+        assert not hung_up(rig), rig.call.commands
+        await rig.finish()
+        assert rig.saved[0].record.outcome != "cut_held_too_long"
+
+    run(body)
+
+
+def test_holds_add_up_to_the_limit_of_all_holds() -> None:
+    # Holds of 4 minutes with a few seconds back between them (each less than the
+    # question's timeout, so nothing is asked) would keep the call 30 minutes: they add
+    # up, and the call ends when they reach HOLD_TOTAL_S.
+    async def body(rig: Rig, loop: asyncio.AbstractEventLoop) -> None:
+        await listening(rig)
+        for _ in range(2):
+            rig.call.send(held(True))
+            await asyncio.sleep(240.0)
+            rig.call.send(held(False))
+            await asyncio.sleep(TIMEOUT_S - 2.0)
+        assert not hung_up(rig)
+        rig.call.send(held(True))
+        await rig.settle()
+        since = loop.time()
+        await rig.until(lambda: hung_up(rig), within_s=HOLD_MAX_S)
+        left = HOLD_TOTAL_S - 2 * 240.0  # 120 s
+        assert left - 0.1 <= loop.time() - since <= left + 0.5, loop.time() - since
+        await cut_by_hold(rig)
+        assert rig.saved[0].record.outcome == "cut_held_too_long"
+
+    run(body)
+
+
+def test_the_hold_after_the_tenth_ends_the_call_at_once() -> None:
+    # Each return runs the question's timeout again in full: a hold of a second every few
+    # seconds would keep the call for 30 minutes with almost no time on hold.
+    async def body(rig: Rig, loop: asyncio.AbstractEventLoop) -> None:
+        await listening(rig)
+        for _ in range(HOLDS_MAX):
+            rig.call.send(held(True))
+            await asyncio.sleep(1.0)
+            rig.call.send(held(False))
+            await asyncio.sleep(TIMEOUT_S - 1.0)
+        assert not hung_up(rig) and reprompts(rig) == 0, rig.call.commands
+        rig.call.send(held(True))
+        await rig.until(lambda: hung_up(rig), within_s=0.5)
+        await cut_by_hold(rig)
+        assert rig.saved[0].record.outcome == "cut_held_too_long"
+
+    run(body)
+
+
+async def _answer(rig: Rig, prompt: str, key: str) -> None:
+    rig.call.send(_done(await rig.until_prompt(prompt)))
+    await rig.settle()
+    rig.call.send(_digit(key))
+
+
+def test_an_urgent_caller_cut_by_the_limit_keeps_the_triage_reached() -> None:
+    # U2 (very ill with fever), then a hold at the next question that never ends: the same
+    # limit as any caller's, and the record says how urgent the caller is (a call back first).
+    async def body(rig: Rig, loop: asyncio.AbstractEventLoop) -> None:
+        rig.start()
+        rig.call.send(_done(await rig.until_prompt("I will ask you a few questions")))
+        await _answer(rig, "Is this call about yourself", "1")
+        for prompt in ("breathing", "chest pain", "unconscious", "severe bleeding", "drooping"):
+            await _answer(rig, prompt, "2")
+        await _answer(rig, "What is the main problem", "1")
+        await _answer(rig, "above 40 degrees", "1")
+        rig.call.send(_done(await rig.until_prompt("stiff neck")))
+        await rig.settle()
+        rig.call.send(held(True))
+        await rig.settle()
+        since = loop.time()
+        await rig.until(lambda: hung_up(rig), within_s=HOLD_MAX_S + 1.0)
+        assert loop.time() - since >= HOLD_MAX_S - 0.1
+        await cut_by_hold(rig)
+        record = rig.saved[0].record
+        assert record.outcome == "cut_held_too_long", record
+        assert record.urgency is Urgency.U2 and record.reasons == ("very ill with fever",)
+        assert ("fever_very_ill", "yes") in record.values, record.values
+        assert record.path[-1].node == "fever_rash", record.path
+
+    run(body, called="triage")
+
+
+def test_a_hold_during_a_transfer_waits_for_the_transfers_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A phone that takes a REFER holds our leg while it calls the target (RFC 5589): the
+    # transfer's own deadlines bound that, and the limit does not cut a ringing nurse off.
+    # Past the limit by the transfer's end (here a failure), the call ends then, keeping the
+    # outcome the failure gave it (as every cut by the service keeps one reached before).
+    monkeypatch.setattr(hold_limit, "HOLD_MAX_S", 20.0)
+
+    async def body(rig: Rig, loop: asyncio.AbstractEventLoop) -> None:
+        await _transferring(rig)
+        rig.call.send(_status(100, False), held(True), _status(180, False))
+        await asyncio.sleep(100.0)
+        assert not hung_up(rig), rig.call.commands
+        rig.call.send(_status(480, True))
+        await rig.until(lambda: hung_up(rig), within_s=0.5)
+        await cut_by_hold(rig)
+        assert rig.saved[0].record.outcome == "transfer_failed", rig.saved[0].record
+
+    run(body, called="6000")
+
+
+def test_a_hold_during_a_message_waits_for_its_end_and_the_message_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The caller speaks, then holds and never comes back: the message runs to its longest
+    # (the hold counted, as before) and is kept; the limit, passed meanwhile, ends the call
+    # then, not mid-message (what was said would be lost with the RecordDone).
+    monkeypatch.setattr(hold_limit, "HOLD_MAX_S", 20.0)
+
+    async def body(rig: Rig, loop: asyncio.AbstractEventLoop) -> None:
+        kept = keeping(rig)
+        await _recording_a_message(rig)
+        began = loop.time()
+        rig.call.speak(*[LOUD] * 25)
+        await asyncio.sleep(2.0)
+        rig.call.send(held(True))
+        await rig.until(lambda: hung_up(rig), within_s=MESSAGE_MAX_S + 1.0)
+        assert loop.time() - began >= MESSAGE_MAX_S - 0.1, loop.time() - began
+        await cut_by_hold(rig)
+        (pcm,) = kept
+        assert LOUD in pcm
+        assert rig.saved[0].record.outcome == "message_left", rig.saved[0].record
 
     run(body)

@@ -138,9 +138,10 @@ ENGINE_OUTCOMES = {
     "cut_worker_lost",
     "cut_shutdown",
     "cut_too_long",
+    "cut_held_too_long",
     "cut_error",
 }
-CUTS = ["worker_lost", "shutdown", "too_long", "error"]
+CUTS = ["worker_lost", "shutdown", "too_long", "held_too_long", "error"]
 CALL_LATER = {
     lang: texts["call_later"].split(". ")[-1].rstrip(".") for lang, texts in SYSTEM_TEXTS.items()
 }

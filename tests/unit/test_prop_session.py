@@ -265,6 +265,9 @@ class LoopClock:
     def now(self) -> float:
         return self._loop.time()
 
+    def monotonic(self) -> float:  # a hold's length (voice/ivr/hold_limit.py)
+        return self._loop.time()
+
 
 async def _inline(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """``asyncio.to_thread`` run in place: a generated example's interleaving must not depend

@@ -32,7 +32,7 @@ from tests.conftest import sip_settings
 from tests.readme_text import README, folded
 from verification import dispatcher, webhooks
 from verification.rules import DeliveryKind
-from voice.ivr import session
+from voice.ivr import hold_limit, session
 from voice.ivr.store import COMPACT_ASKED
 from voice.sip import (
     flash_dialog,
@@ -60,6 +60,9 @@ def sip_section() -> str:
 # (what the README says, verbatim but for line breaks; the value in the code; the number it
 # states). A changed constant fails here until the README says the new number.
 NUMBERS = [
+    ("one hold lasts at most 5 minutes", hold_limit.HOLD_MAX_S, 5 * 60),
+    ("a call's holds at most 10 minutes together", hold_limit.HOLD_TOTAL_S, 10 * 60),
+    ("the hold after a call's tenth ends it at once", hold_limit.HOLDS_MAX, 10),
     ("The pjsua2 wheel allows 4 calls per process", pjsua.MAX_CALLS, 4),
     ("allows 4 calls per process", SIP_CALLS_PER_WORKER, 4),
     ("has not heard from for 1 s", pool.PING_EVERY_S, 1),

@@ -295,7 +295,8 @@ class RecordDone:
 @dataclass(frozen=True, slots=True)
 class HangUp:
     """The call ended: the caller hung up, or ``cut`` says why the service ended it
-    (``"worker_lost"``, ``"shutdown"``), so the record does not blame the caller."""
+    (``"worker_lost"``, ``"shutdown"``, ``"held_too_long"``: voice/ivr/hold_limit.py), so the
+    record does not blame the caller."""
 
     cut: str = ""
 

@@ -30,7 +30,10 @@ only its end starts the timeout. A message being recorded goes on through a hold
 no-speech guard (``RECORD_NO_SPEECH_S``) stops at the hold and runs again in full when the
 caller is back, what the line carries meanwhile (music on hold) is not recorded, and the
 message's longest (``max_s``) counts the hold too, so that a hold never keeps it open for
-ever.
+ever. A hold is bounded (voice/ivr/hold_limit.py: 5 minutes, 10 in all, 10 holds a call): past
+that the call ends as cut by the service (``cut_held_too_long``), with the record it has
+reached; not during a transfer or a message, which their own deadlines bound (a phone that
+takes a REFER holds our leg while it calls the target, RFC 5589): at their end, then.
 
 Transfers: the worker reports the REFER's progress (``TransferStatus``), read by
 :func:`voice.sip.refer.verdict`. A final 2xx is a transfer done, a final error a transfer
@@ -58,6 +61,7 @@ from sip_config.clock import Clock
 from voice.ivr import engine as eng
 from voice.ivr.call_record import CallResult
 from voice.ivr.flow import Ask, FlowSet, grammar
+from voice.ivr.hold_limit import HOLD_CUT, Holds
 from voice.ivr.live_record import LIVE_REFRESH_S, Delete, LiveWrites, Write
 from voice.media.asr import FILLER_WORDS, PartialResult, Recogniser, SpeechModel
 from voice.media.asr import SpeechResult as HeardSpeech
@@ -225,6 +229,11 @@ class CallSession:
         # run meanwhile; the one it held back (its full length) starts when the call is back.
         self._held = False
         self._held_timeout: float | None = None
+        # The far end's holds so far, and the task that ends the call when the current one
+        # runs past its limit (voice/ivr/hold_limit.py).
+        self._holds = Holds()
+        self._hold_limit: asyncio.Task[None] | None = None
+        self._held_out = False  # the limit ended the call (its HangUp is queued)
         self._hangup_after_record = False
         self._record_stop = asyncio.Event()
         # Set when the message has no speech RECORD_NO_SPEECH_S after the beep, or after the
@@ -697,18 +706,59 @@ class CallSession:
         if held == self._held:
             return
         log.debug("call %s: %s", self._h.id, "on hold" if held else "off hold")
+        now = self._d.clock.monotonic()
         if held:
             waiting = self._timer_s if self._listen_timer is not None else None
             self._cancel_listen_timer()
             self._held = True
             self._held_timeout = waiting
             self._stop_mute_guard()
+            self._holds = self._holds.begin(now)
+            self._arm_hold_limit()
             return
         self._held = False
+        self._holds = self._holds.end(now)
+        self._cancel_hold_limit()
         timeout_s, self._held_timeout = self._held_timeout, None
         if timeout_s is not None:
             self._start_listen_timer(timeout_s)
         self._start_mute_guard()
+
+    def _arm_hold_limit(self) -> None:
+        """End the call when the current hold reaches its limit (at once when it has)."""
+        self._cancel_hold_limit()
+        due = self._holds.deadline()
+        if due is None or self._held_out:
+            return
+        at, limit = due
+
+        async def fire() -> None:
+            await asyncio.sleep(max(0.0, at - self._d.clock.monotonic()))
+            self._hold_limit = None
+            if self._transferring or self._record_open or self._h.ended:
+                # Bounded by their own deadlines; their end arms this again.
+                return
+            self._held_out = True
+            log.warning(
+                "call %s: on hold past the limit (%s, hold %d of the call): hanging up",
+                self._h.id,
+                limit,
+                self._holds.count,
+            )
+            self._events.put_nowait(eng.HangUp(HOLD_CUT))
+
+        self._hold_limit = self._spawn(fire())
+
+    def _cancel_hold_limit(self) -> None:
+        if self._hold_limit is not None:
+            self._hold_limit.cancel()
+            self._hold_limit = None
+
+    def _rearm_hold_limit(self) -> None:
+        """A transfer or a message has ended: a hold that ran past its limit meanwhile
+        ends the call now."""
+        if self._held and self._hold_limit is None:
+            self._arm_hold_limit()
 
     async def _pump_sip(self) -> None:
         async for ev in self._h.events:
@@ -831,6 +881,7 @@ class CallSession:
         self._events.put_nowait(eng.TransferResult(ok, unconfirmed, unanswered))
         if self._hangup_after_transfer:
             self._events.put_nowait(eng.HangUp(self._h.cut))
+        self._rearm_hold_limit()
 
     async def _tone(self, tone: Tone) -> Path | None:
         """``tone``'s WAV (written once, off the loop); None, logged, when it cannot be."""
@@ -898,6 +949,7 @@ class CallSession:
         self._record_open = False
         if self._hangup_after_record:
             self._events.put_nowait(eng.HangUp(self._h.cut))
+        self._rearm_hold_limit()
 
     def _start_mute_guard(self) -> None:
         """(Re)start the no-speech guard of the message being recorded, in full; not while
