@@ -201,6 +201,25 @@ async def sipp_uac(
     return code, trace.read_text(errors="replace") if trace.exists() else "(no trace)"
 
 
+def hang_up_at_first_key(pool: SipPool) -> tuple[list[object], asyncio.Event]:
+    """Answer the pool's next calls and hang each up at its first keypad digit: the events
+    each call saw, and an event set once a call has ended (a call that goes on after a
+    request it refused shows it by the digit still arriving)."""
+    seen: list[object] = []
+    ended = asyncio.Event()
+
+    async def handler(call: CallHandle) -> None:
+        await call.answer()
+        async for ev in call.events:
+            seen.append(ev)
+            if isinstance(ev, Digit):
+                await call.hangup()
+        ended.set()
+
+    pool.on_incoming(handler)
+    return seen, ended
+
+
 def _udp_request(addr: HostPort, method: str) -> message.SipMessage:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -903,18 +922,7 @@ async def test_a_reinvite_without_a_common_codec_gets_488_and_the_call_goes_on(
     Here, and the call goes on with its media: a keypad digit sent after it still arrives,
     and the call ends when the handler hangs up on it."""
     pool, _ = line
-    seen: list[object] = []
-    ended = asyncio.Event()
-
-    async def handler(call: CallHandle) -> None:
-        await call.answer()
-        async for ev in call.events:
-            seen.append(ev)
-            if isinstance(ev, Digit):
-                await call.hangup()
-        ended.set()
-
-    pool.on_incoming(handler)
+    seen, ended = hang_up_at_first_key(pool)
     worker = pool.worker_addresses()[0]
     code, text = await sipp_uac(worker, "sipp_uac_reinvite_no_codec.xml", "6000", tmp_path, 20)
     answers = [ln for ln in text.splitlines() if ln.startswith("SIP/2.0 ")]

@@ -23,7 +23,7 @@ import pytest
 from sip_config.clock import SystemClock
 from sip_config.settings import HostPort
 from tests.conftest import sip_settings
-from tests.integration.test_sip_inbound import _udp_request, sipp_uac
+from tests.integration.test_sip_inbound import _udp_request, hang_up_at_first_key, sipp_uac
 from voice.sip import message
 from voice.sip.front import ALLOW, RedirectFront
 from voice.sip.outcome import CallOutcome
@@ -151,18 +151,7 @@ async def test_a_message_inside_a_call_is_refused_405_and_the_call_goes_on(
     # The pool is started here, not by a fixture: capfd captures only from the test's own
     # start, and a worker writes its log to the stderr it was started with.
     async with started_line() as (pool, _):
-        seen: list[object] = []
-        ended = asyncio.Event()
-
-        async def handler(call: CallHandle) -> None:
-            await call.answer()
-            async for ev in call.events:
-                seen.append(ev)
-                if isinstance(ev, Digit):
-                    await call.hangup()
-            ended.set()
-
-        pool.on_incoming(handler)
+        seen, ended = hang_up_at_first_key(pool)
         worker = pool.worker_addresses()[0]
         code, text = await sipp_uac(worker, "sipp_uac_message_in_call.xml", "6000", tmp_path, 20)
         assert code == 0, f"no answer to the MESSAGE, or no BYE after the digit: {text[-3000:]}"

@@ -18,10 +18,10 @@ import pytest
 
 from sip_config.clock import SystemClock
 from tests.conftest import sip_settings
-from tests.integration.test_sip_inbound import sipp_uac
+from tests.integration.test_sip_inbound import hang_up_at_first_key, sipp_uac
 from tests.integration.test_sip_pool import CALLER, sipp_uas
 from voice.sip.outcome import CallOutcome
-from voice.sip.pool import CallHandle, OutboundCall, SipPool
+from voice.sip.pool import OutboundCall, SipPool
 from voice.sip.protocol import CallEvent, CallState, Digit
 
 pytestmark = pytest.mark.integration
@@ -52,18 +52,7 @@ async def test_a_callers_refer_and_replaces_get_403_nothing_is_dialled_and_the_c
     await pool.start()
     loop = asyncio.get_running_loop()
     premium, target = await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0))
-    seen: list[object] = []
-    ended = asyncio.Event()
-
-    async def handler(call: CallHandle) -> None:
-        await call.answer()
-        async for ev in call.events:
-            seen.append(ev)
-            if isinstance(ev, Digit):
-                await call.hangup()
-        ended.set()
-
-    pool.on_incoming(handler)
+    seen, ended = hang_up_at_first_key(pool)
     try:
         port = premium.get_extra_info("sockname")[1]
         code, text = await sipp_uac(
