@@ -10,7 +10,7 @@ import pytest
 
 import voice.ivr.check as check_module
 from voice.ivr.check import check_files
-from voice.ivr.engine import Engine, Listen, PromptDone
+from voice.ivr.engine import Engine, Listen, Play, PromptDone
 from voice.ivr.flow import Ask, Branch, FlowParams, hears_speech, load_flow, load_flows
 
 # A small triage: one danger sign, then an urgency branch. {prompt}, {cases} and {goodbye}
@@ -438,16 +438,24 @@ def test_keys_that_are_one_key_once_read(tmp_path: Path, first: str, second: str
     ]
 
 
+SPEECH_LINE_PROMPT = (
+    "ask 'pick' has no 'prompt': a line with a speech model says the 'prompt' ('keypad_prompt' "
+    "only without one): write the question as 'prompt', or make it 'mode: keypad'"
+)
+
+
 @pytest.mark.parametrize(
     ("ask", "finding"),
     [
         # Left out, or "prompt:" with nothing after it: as an empty one, no question.
         ("", "7: ask 'pick' has no 'prompt': write the question"),
         ("      prompt:\n", "7: ask 'pick' has no 'prompt': write the question"),
-        (
-            '      keypad_prompt: "Press 1 for one."\n',
-            "7: ask 'pick' has no 'prompt': write the question",
-        ),
+        # A keypad prompt alone: a line with a speech model says the prompt (Flow.ask_prompt),
+        # and the caller would hear "Say one or press 1." and no question.
+        ('      keypad_prompt: "Press 1 for one."\n', f"7: {SPEECH_LINE_PROMPT}"),
+        ('      mode: both\n      keypad_prompt: "Press 1 for one."\n', f"7: {SPEECH_LINE_PROMPT}"),
+        # A keypad question never says its prompt: its keypad prompt alone is sound.
+        ('      mode: keypad\n      keypad_prompt: "Press 1 for one."\n', ""),
         ('      prompt: "Your choice?"\n', ""),
     ],
 )
@@ -460,6 +468,144 @@ def test_an_ask_without_a_prompt(tmp_path: Path, ask: str, finding: str) -> None
         encoding="utf-8",
     )
     assert [str(f) for f in check_files([path])] == ([f"{path}:{finding}"] if finding else [])
+
+
+@pytest.mark.parametrize("mode", ["keypad", "both"])
+@pytest.mark.parametrize("speech", [False, True])
+def test_a_keypad_entry_with_only_a_keypad_prompt_says_it_on_any_line(
+    tmp_path: Path, mode: str, speech: bool
+) -> None:
+    # A keypad entry hears no speech on any line, so it never says its prompt: flow check
+    # passes it, and the engine says its keypad prompt with a speech model too. It said the
+    # empty prompt there: silence, then a wait for digits nobody asked for.
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        f'      mode: {mode}\n      keypad_prompt: "Enter the patient number, then hash."\n'
+        "      digits: {min: 4, max: 10}\n      next: bye\n"
+        '  bye:\n    hangup: "Goodbye."\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == []
+    flowset = load_flows(tmp_path)
+    engine = Engine(flowset, FlowParams(speech_enabled=speech))
+    _, actions = engine.start(flowset.get("front"))
+    assert [a.text for a in actions if isinstance(a, Play)] == [
+        "Enter the patient number, then hash."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("step", "finding"),
+    [
+        # Blank words where the flow meant some: silence (or nothing), then the transfer or
+        # the hang-up. Left out, the transfer or the hang-up comes at once, by design.
+        ('transfer: staff\n    prompt: ""', "transfer 'hi' has an empty 'prompt'"),
+        ('transfer: staff\n    prompt: "  "', "transfer 'hi' has an empty 'prompt'"),
+        ("transfer: staff\n    prompt:", "transfer 'hi' has an empty 'prompt'"),
+        ('hangup: "   "', "hangup 'hi' has a blank goodbye"),
+        ("transfer: staff", ""),
+        ('transfer: staff\n    prompt: "Connecting you."', ""),
+        ("hangup: true", ""),
+        ("hangup:", ""),
+        ('hangup: ""', ""),  # no goodbye, as "hangup: true": the engine hangs up at once
+        ('hangup: "Goodbye."', ""),
+    ],
+)
+def test_a_blank_prompt_on_a_transfer_or_a_hangup(tmp_path: Path, step: str, finding: str) -> None:
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        f"id: front\nlanguage: en\nstart: hi\nnodes:\n  hi:\n    {step}\n", encoding="utf-8"
+    )
+    line = 7 if "prompt" in step else 6
+    what = {
+        "transfer": "write what the caller hears before the transfer, or leave 'prompt' out to "
+        "transfer at once",
+        "hangup": "write it, or write 'hangup: true' to hang up at once",
+    }
+    expected = (
+        [f"{path}:{line}: {finding}: {what[finding.split(maxsplit=1)[0]]}"] if finding else []
+    )
+    assert [str(f) for f in check_files([path])] == expected
+
+
+@pytest.mark.parametrize(
+    ("cases", "finding"),
+    [
+        # The engine compares the saved text exactly: these cases were never taken.
+        (
+            '"Yes": desk',
+            "case 'Yes' of branch 'route' is never taken: 'choice' is only ever "
+            "'01', 'yes' (did you mean 'yes'? the engine compares the text exactly)",
+        ),
+        # YAML reads 01 as the octal 1: never the answer's "01".
+        (
+            "01: desk",
+            "case '01' of branch 'route' is never taken: 'choice' is only ever '01', "
+            "'yes' (YAML reads 01 as '1': write it in quotes, \"01\")",
+        ),
+        (
+            '"1": desk',
+            "case '1' of branch 'route' is never taken: 'choice' is only ever '01', "
+            "'yes' (did you mean '01'? the engine compares the text exactly)",
+        ),
+        (
+            "true: desk",
+            "case 'true' of branch 'route' is never taken: 'choice' is only ever "
+            "'01', 'yes' (YAML reads true as 'True')",
+        ),
+        (
+            '"3": desk',
+            "case '3' of branch 'route' is never taken: 'choice' is only ever '01', 'yes'",
+        ),
+        ('"yes": desk', ""),
+        ('"01": desk', ""),
+    ],
+)
+def test_a_branch_case_no_answer_equals(tmp_path: Path, cases: str, finding: str) -> None:
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        '      mode: keypad\n      prompt: "Your choice?"\n      save: choice\n'
+        '      choices:\n        - {key: "1", label: one, value: "01", goto: route}\n'
+        '        - {key: "2", label: two, value: "yes", goto: route}\n'
+        "  route:\n    branch:\n      on: choice\n      cases:\n"
+        f"        {cases}\n      default: bye\n"
+        '  bye:\n    hangup: "Goodbye."\n  desk:\n    transfer: staff\n',
+        encoding="utf-8",
+    )
+    expected = [f"{path}:17: {finding}"] if finding else []
+    assert [str(f) for f in check_files([path])] == expected
+
+
+@pytest.mark.parametrize(
+    ("cases", "finding"),
+    [
+        # A keypad entry may hold any digits: "0042" is a case it can meet, but YAML reads
+        # 0042 as the octal 34, which no entry of 0042 equals.
+        (
+            "0042: desk",
+            "case '0042' of branch 'route': YAML reads 0042 as '34': write it in quotes, \"0042\"",
+        ),
+        ('"0042": desk', ""),
+        ("1234: desk", ""),
+    ],
+)
+def test_a_branch_case_on_an_entry_as_yaml_reads_it(
+    tmp_path: Path, cases: str, finding: str
+) -> None:
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: pick\nnodes:\n  pick:\n    ask:\n"
+        '      mode: keypad\n      prompt: "Your number?"\n      save: number\n'
+        "      digits: {min: 4, max: 4}\n      next: route\n"
+        "  route:\n    branch:\n      on: number\n      cases:\n"
+        f"        {cases}\n      default: bye\n"
+        '  bye:\n    hangup: "Goodbye."\n  desk:\n    transfer: staff\n',
+        encoding="utf-8",
+    )
+    expected = [f"{path}:16: {finding}"] if finding else []
+    assert [str(f) for f in check_files([path])] == expected
 
 
 @pytest.mark.parametrize(
@@ -533,7 +679,6 @@ def test_a_record_without_a_prompt_after_a_say(
         ('say: {text: "Hello."}\n    next: bye', False),
         # Optional words: a transfer refers at once, a hang-up ends at once.
         ("transfer: staff", False),
-        ('transfer: staff\n    prompt: ""', False),
         ("hangup: true", False),
     ],
 )

@@ -39,7 +39,11 @@ Checks, each reported as ``file:line: message``:
 * a record step with no prompt is reached only through a say (that says what to record
   before the beep), and is no flow's start;
 * a case of a branch on urgency that no path reaches at its level, whose target no other
-  path reaches: a step the flow counts on that no caller gets to.
+  path reaches: a step the flow counts on that no caller gets to;
+* a case of a branch on a collected value that no value it can hold equals (the engine
+  compares the text exactly: ``Yes`` for an answer saved as ``yes``, ``01:`` that YAML
+  reads as ``1``), and on a value that may hold any text (an entry, a reply), a case YAML
+  reads as another text than written.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from voice.ivr.flow import (
     HOURS,
     HOURS_CASES,
     MENU_TARGET,
+    MESSAGE_VALUE,
     ON_CLOSED,
     PARAM_NAMES,
     ROUTES_FILE,
@@ -222,6 +227,7 @@ class _Checker:
         self.placeholders()
         self.spoken_labels()
         self.record_prompts()
+        self.branch_cases()
         return self.findings
 
     # -- structure
@@ -737,6 +743,97 @@ class _Checker:
                     f"record {node.id!r} has no 'prompt': say what to record before the beep"
                     " (in it, or in a say that every way into it passes just before)",
                 )
+
+    def branch_cases(self) -> None:
+        """A case of a branch on a collected value is a value the call can hold: the engine
+        compares the text exactly, so ``Yes:`` for an answer saved as ``yes``, or ``01:``
+        (YAML's octal 1, read as ``1``) for one saved as ``01``, was never taken, and its
+        callers went to the default in silence."""
+        saved = _saved_values(self.flowset)
+        for node in self.flow.nodes.values():
+            if not isinstance(node, Branch) or node.on in {"urgency", HOURS}:
+                continue
+            reply = _from_reply(self.flowset, node.on)
+            if node.on not in saved and not reply:
+                continue  # nothing collects it: that finding says so
+            values, open_ = saved.get(node.on, (frozenset(), True))
+            open_ = open_ or reply
+            written_as = node.written or tuple((case, node.line) for case, _ in node.cases)
+            for (case, _), (written, line) in zip(node.cases, written_as, strict=True):
+                if case in values:
+                    continue
+                misread = f"YAML reads {written} as {case!r}"
+                if open_:
+                    # An entry, a reply or a text of the call's own may hold anything; but a
+                    # key YAML reads as another text is never the text the flow wrote.
+                    if written != case:
+                        self.add(
+                            line,
+                            f"case {written!r} of branch {node.id!r}: {misread}: write it in "
+                            f'quotes, "{written}"',
+                        )
+                    continue
+                if written != case and written in values:
+                    hint = f'{misread}: write it in quotes, "{written}"'
+                else:
+                    near = sorted(v for v in values if _one_once_read(v, case))
+                    hint = misread if written != case else ""
+                    if near:
+                        said = f"did you mean {near[0]!r}? the engine compares the text exactly"
+                        hint = f"{hint}; {said}" if hint else said
+                listed = ", ".join(repr(v) for v in sorted(values)[:_LISTED])
+                more = f" (and {len(values) - _LISTED} more)" if len(values) > _LISTED else ""
+                self.add(
+                    line,
+                    f"case {written!r} of branch {node.id!r} is never taken: {node.on!r} is only "
+                    f"ever {listed}{more}" + (f" ({hint})" if hint else ""),
+                )
+
+
+_LISTED = 6  # values named in a finding, at most
+
+
+def _saved_values(flowset: FlowSet) -> dict[str, tuple[frozenset[str], bool]]:
+    """For each value name a step of ``flowset`` saves: the texts it may hold, and whether
+    it may hold others too (a keypad entry, a recording's reference, a text with
+    placeholders, the engine's own message). A call's values travel across flows."""
+    texts: dict[str, set[str]] = {}
+    open_: set[str] = {MESSAGE_VALUE}
+    for flow in flowset.flows.values():
+        for node in flow.nodes.values():
+            if isinstance(node, Ask) and node.save:
+                texts.setdefault(node.save, set())
+                if node.digits is not None:
+                    open_.add(node.save)
+                else:
+                    # The way back to the menu saves nothing (Engine._choose).
+                    texts[node.save].update(c.value for c in node.choices if c.goto != MENU_TARGET)
+            elif isinstance(node, SetValues):
+                for name, text in node.values:
+                    texts.setdefault(name, set()).add(text)
+                    if placeholders(text):
+                        open_.add(name)
+            elif isinstance(node, Record):
+                texts.setdefault(node.save, set())
+                open_.add(node.save)
+    return {name: (frozenset(v), name in open_) for name, v in texts.items()}
+
+
+def _from_reply(flowset: FlowSet, name: str) -> bool:
+    """Whether ``name`` is a field of a webhook's reply (``booking.ready``): any text."""
+    return any(
+        isinstance(n, Webhook) and name.startswith(n.save + ".")
+        for f in flowset.flows.values()
+        for n in f.nodes.values()
+    )
+
+
+def _one_once_read(value: str, case: str) -> bool:
+    """Whether ``value`` and ``case`` differ only as YAML or a person might not see: in
+    letter case (``Yes`` and ``yes``), or in leading zeros (``01`` and ``1``)."""
+    if value.casefold() == case.casefold():
+        return True
+    return value.isdigit() and case.isdigit() and int(value) == int(case)
 
 
 def _moves(node: Node, ab: _Abstract) -> list[tuple[_Abstract, str]]:

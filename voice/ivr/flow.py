@@ -551,13 +551,17 @@ def hears_speech(ask: Ask) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Branch:
-    """Go on by a collected value (or ``urgency``): ``cases`` value -> target."""
+    """Go on by a collected value (or ``urgency``): ``cases`` value -> target.
+
+    ``written``: each case's key as the file writes it, and its line (``01``, read by YAML
+    as ``1``), for ``flow check``'s findings."""
 
     id: str
     line: int
     on: str
     cases: tuple[tuple[str, str], ...]
     default: str | None
+    written: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -754,10 +758,13 @@ class Flow:
     def ask_prompt(self, ask: Ask, speech: bool) -> str:
         """The full prompt of ``ask``: question plus a generated hint from choice labels.
 
-        Without speech (no model, or a keypad ask) the hint says "press 1 for yes"; with
-        speech it says "say yes or press 1".
+        Without speech (no model, or an ask that hears none: :func:`hears_speech`) the hint
+        says "press 1 for yes", and a ``keypad_prompt`` is said instead of the whole; with
+        speech it says "say yes or press 1". A keypad entry hears no speech whatever the
+        line: its ``keypad_prompt`` is said on a line with a speech model too (it was the
+        empty ``prompt`` of an entry written with a keypad prompt only: no question).
         """
-        speech = speech and ask.mode is not InputMode.KEYPAD
+        speech = speech and hears_speech(ask)
         if not speech and ask.keypad_prompt is not None:
             return ask.keypad_prompt
         if ask.digits is not None:
@@ -1323,11 +1330,22 @@ class _Parser:
         if digits is None and nxt is not None:
             self.error(a.line_of("next"), "'next' is for digits asks; choices have 'goto'")
         prompt = ""
-        if a.get("prompt") is None:  # left out, or "prompt:" with nothing after it
+        if a.get("prompt") is not None:
+            prompt = self.text(a, "prompt")
+        elif a.get("keypad_prompt") is None:  # left out, or "prompt:" with nothing after it
             # As an empty one (below): "press 1 for yes ..." and no question.
             self.error(a.line_of("prompt"), f"ask {node_id!r} has no 'prompt': write the question")
-        else:
-            prompt = self.text(a, "prompt")
+        elif mode is not InputMode.KEYPAD and digits is None:
+            # Flow.ask_prompt: the keypad prompt is said only where no speech is heard; on a
+            # line with a speech model this question says its prompt, and the caller would
+            # hear "say yes or press 1" and no question. A keypad question or entry never
+            # says it: its keypad prompt alone is sound.
+            self.error(
+                a.line_of("prompt"),
+                f"ask {node_id!r} has no 'prompt': a line with a speech model says the "
+                "'prompt' ('keypad_prompt' only without one): write the question as "
+                "'prompt', or make it 'mode: keypad'",
+            )
         for key in ("prompt", "keypad_prompt"):
             if isinstance(a.get(key), str) and not a[key].strip():
                 # The caller would hear only "press 1 for yes ..." (or nothing) and answer a
@@ -1459,6 +1477,11 @@ class _Parser:
         self.known(b, {"on", "cases", "default"}, "branch")
         cases_map = self.mapping(b.get("cases"), b.line_of("cases"), "'cases'")
         cases = tuple((str(k), str(v)) for k, v in (cases_map or {}).items())
+        written: tuple[tuple[str, int], ...] = ()
+        if cases_map is not None:
+            written = tuple(
+                (cases_map.key_texts.get(k, k), cases_map.line_of(k)) for k in cases_map
+            )
         on = self.text(b, "on")
         if on == HOURS:
             for value, _ in cases:
@@ -1488,7 +1511,7 @@ class _Parser:
                     self.error(cases_map.line_of(value) if cases_map else b.line, str(exc))
                     named.append((value, target))
             cases = tuple(named)
-        return Branch(node_id, m.line, on, cases, self.opt_text(b, "default"))
+        return Branch(node_id, m.line, on, cases, self.opt_text(b, "default"), written)
 
     def node_set(self, node_id: str, m: _Map) -> SetValues | None:
         self.known(m, {"set", "next"}, "a set node")
@@ -1518,11 +1541,25 @@ class _Parser:
                 m.line_of("transfer"),
                 f"transfer to staff, nurse or a sip: URI (sip:user@host), not {to!r}",
             )
+        prompt = ""
+        if "prompt" in m:
+            raw = m["prompt"]
+            prompt = "" if raw is None else self.text(m, "prompt")
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                # Left out, the engine transfers at once; given blank ("", "  ", "prompt:"
+                # with nothing after it) it meant words that are not there: the caller would
+                # be moved (or hear silence, then be moved) with no word of it.
+                self.error(
+                    m.line_of("prompt"),
+                    f"transfer {node_id!r} has an empty 'prompt': write what the caller hears "
+                    "before the transfer, or leave 'prompt' out to transfer at once",
+                )
+                prompt = ""
         return Transfer(
             node_id,
             m.line,
             to,
-            self.text(m, "prompt", ""),
+            prompt,
             self.text(m, "outcome", f"transfer_{to}" if to in {"staff", "nurse"} else "transfer"),
             self.opt_text(m, "on_fail"),
         )
@@ -1591,6 +1628,15 @@ class _Parser:
             prompt = ""
         elif not isinstance(prompt, str):
             self.error(m.line_of("hangup"), "'hangup' must be true or a goodbye text")
+            prompt = ""
+        elif prompt and not prompt.strip():
+            # "  ": the engine plays it (only "" is no goodbye, as "hangup: true" is), and the
+            # caller hears silence before the hang-up, where a goodbye was meant.
+            self.error(
+                m.line_of("hangup"),
+                f"hangup {node_id!r} has a blank goodbye: write it, or write 'hangup: true' "
+                "to hang up at once",
+            )
             prompt = ""
         outcome = self.text(m, "outcome", "completed")
         unheard = self.text(m, "outcome_unheard", "")
