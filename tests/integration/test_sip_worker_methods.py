@@ -4,11 +4,12 @@ A worker's port is reachable (direct mode redirects callers there; behind a PBX 
 trunk), and pjsip drops a request no module takes without a word: ``FOO``, REGISTER, or a
 BYE for no call got nothing, and the sender retransmitted it for 32 s. The worker's last
 module (:mod:`voice.sip.pjsip_fallback`) answers those (RFC 3261 8.2.1); what pjsua answers
-itself (OPTIONS, SUBSCRIBE) is recorded beside them, but for a presence SUBSCRIBE, which
-pjsua's presence server took (200, then NOTIFYs) and the worker refuses (489 Bad Event, RFC
-6665). MESSAGE: ``test_sip_inbound_message.py``. The README's table of these answers is held
-to :func:`voice.sip.methods.worker_unhandled_status` by ``tests/unit/test_readme_sip.py``;
-this holds the workers to it.
+itself (SUBSCRIBE) is recorded beside them, but for a presence SUBSCRIBE, which pjsua's
+presence server took (200, then NOTIFYs) and the worker refuses (489 Bad Event, RFC 6665).
+OPTIONS gets a 200 of the worker's own that offers only what it serves (pjsua's offered
+presence and MESSAGE bodies). MESSAGE: ``test_sip_inbound_message.py``. The README's table
+of these answers is held to :func:`voice.sip.methods.worker_unhandled_status` by
+``tests/unit/test_readme_sip.py``; this holds the workers to it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ ANSWERS = [
     ("UPDATE", "", 481, False),  # ours
     ("PRACK", "", 481, False),  # ours
     ("NOTIFY", "Event: refer", 481, False),  # ours: no subscription
+    ("NOTIFY", "Event: message-summary", 481, False),  # ours (pjsua's unsolicited MWI: 200)
     ("REFER", "Refer-To: <sip:1@127.0.0.1>", 481, False),  # ours
-    ("OPTIONS", "", 200, True),  # pjsua
+    ("OPTIONS", "", 200, True),  # ours, before pjsua's OPTIONS module
     ("MESSAGE", "", 405, True),  # ours, before pjsua's IM module (which answered 200)
     ("SUBSCRIBE", "Event: presence", 489, False),  # ours: no presence (pjsua took it: 200)
     ("SUBSCRIBE", "Event: dialog", 489, False),  # pjsua: Bad Event
@@ -115,6 +117,20 @@ def allowed(answer: message.SipMessage) -> set[str]:
     return {m.strip() for m in (answer.get("Allow") or "").split(",") if m.strip()}
 
 
+def assert_offers_only_what_is_served(options: message.SipMessage) -> None:
+    """An answer to OPTIONS offers nothing the worker refuses: no event package (every
+    SUBSCRIBE gets 489, and RFC 6665 4.4.4 makes ``Allow-Events`` the packages a UA takes
+    SUBSCRIBEs for), no MESSAGE (405) nor its bodies, no presence documents. pjsua's answer
+    had ``Allow-Events: presence, dialog, message-summary, refer`` and an ``Accept`` with
+    ``text/plain``, ``application/pidf+xml`` and five more."""
+    assert options.status == 200, options
+    assert options.get("Allow-Events") is None, options
+    assert "MESSAGE" not in allowed(options), options
+    accept = {t.strip() for t in (options.get("Accept") or "").split(",") if t.strip()}
+    assert accept == set(methods.WORKER_ACCEPT), options
+    assert options.get("User-Agent") == "clinic-voice", options
+
+
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
 async def test_a_worker_answers_every_request_out_of_a_call(
     worker: tuple[SipPool, HostPort], tcp: bool
@@ -124,6 +140,7 @@ async def test_a_worker_answers_every_request_out_of_a_call(
     options = message.parse(await loop.run_in_executor(None, ask, addr, "OPTIONS", "", tcp))
     pjsua_allow = allowed(options)
     assert {"INVITE", "BYE", "OPTIONS"} <= pjsua_allow, options
+    assert_offers_only_what_is_served(options)
     got = {}
     for method, header, _, with_allow in ANSWERS:
         raw = await loop.run_in_executor(None, ask, addr, method, header, tcp)

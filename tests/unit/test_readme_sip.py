@@ -262,6 +262,23 @@ def test_what_the_front_answers_is_what_the_readme_says(
     assert first.startswith(f"SIP/2.0 {status} {reason}"), first
 
 
+def test_the_options_answers_offer_what_the_readme_says() -> None:
+    """A worker's ``Accept`` is :data:`methods.WORKER_ACCEPT`, as the README's table names it;
+    the front's answer to OPTIONS has the ``Allow`` and ``Accept`` the README quotes and, as a
+    worker's, no ``Allow-Events`` (it takes no SUBSCRIBE)."""
+    text = " ".join(README.read_text().split())
+    assert f"`Accept: {', '.join(methods.WORKER_ACCEPT)}` and no `Allow-Events`" in text
+    quoted = "The front's answer to OPTIONS (`Allow: INVITE, ACK, CANCEL, OPTIONS`, `Accept:"
+    assert f"{quoted} application/sdp`)" in text
+    answer = front.respond(_request("OPTIONS"), None, tcp=False)
+    assert answer is not None
+    parsed = message.parse(answer)
+    assert parsed.status == 200, answer
+    assert parsed.get("Allow") == "INVITE, ACK, CANCEL, OPTIONS", answer
+    assert parsed.get("Accept") == "application/sdp", answer
+    assert parsed.get("Allow-Events") is None, answer
+
+
 def test_a_sip_message_to_the_front_gets_the_refusal_the_readme_names() -> None:
     """The service takes no inbound MESSAGE: a 200 would tell the sender it was delivered.
     RFC 3261 8.2.1: 405 with an Allow header listing the methods the front does take."""

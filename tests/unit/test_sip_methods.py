@@ -110,3 +110,22 @@ def test_an_unverified_pjsip_gets_no_module_and_a_warning(
     with caplog.at_level(logging.WARNING, logger=pjsip_fallback.__name__):
         assert pjsip_fallback.install(_extension_path()) is False
     assert "pjsip 2.15" in caplog.text and "(9.9)" in caplog.text, caplog.text
+
+
+def test_a_worker_answers_options_itself_and_accepts_no_body_it_refuses() -> None:
+    """Only OPTIONS is answered by the worker's OPTIONS module; its ``Accept`` names no body
+    of a method the worker refuses (MESSAGE's text/plain, is-composing) nor a presence or
+    other event document (every SUBSCRIBE gets 489)."""
+    assert methods.worker_options_status("OPTIONS") == SipStatus.OK
+    for method in [*sorted(methods.KNOWN - {"OPTIONS"}), "FOO", ""]:
+        assert methods.worker_options_status(method) is None, method
+    refused = {
+        "text/plain",
+        "application/im-iscomposing+xml",
+        "application/pidf+xml",
+        "application/xpidf+xml",
+        "application/dialog-info+xml",
+        "application/simple-message-summary",
+    }
+    assert "application/sdp" in methods.WORKER_ACCEPT
+    assert not refused & set(methods.WORKER_ACCEPT)

@@ -50,6 +50,22 @@ WORKER_IN_CALL_ONLY = frozenset({"BYE", "CANCEL", "INFO", "UPDATE", "PRACK", "NO
 WORKER_REFUSED = frozenset({"MESSAGE"})
 
 
+# The bodies a worker reads in a request, the ``Accept`` of its answer to OPTIONS (RFC 3261
+# 11.2, 20.1): SDP (its calls' offers), a key sent as INFO (``application/dtmf-relay``,
+# README "SIP, capacity and scaling") and the NOTIFYs of its own transfers (RFC 3515 2.4.5).
+# pjsua's answer listed every body a module of pjsua's had registered: presence documents
+# (SUBSCRIBE is refused 489), ``text/plain`` and is-composing (MESSAGE is refused 405),
+# dialog-info and message-summary (subscriptions the service never makes).
+WORKER_ACCEPT = ("application/sdp", "application/dtmf-relay", "message/sipfrag;version=2.0")
+
+
+def worker_options_status(method: str) -> SipStatus | None:
+    """A SIP worker's answer to a request out of any call before pjsua's OPTIONS module
+    (None: leave it to pjsua): 200 to OPTIONS, which the worker builds itself so that it
+    offers only what is served (``Accept`` :data:`WORKER_ACCEPT`, no ``Allow-Events``)."""
+    return SipStatus.OK if method == "OPTIONS" else None
+
+
 def worker_refused_status(method: str) -> SipStatus | None:
     """A SIP worker's answer to a request before pjsua's modules (None: leave it to them):
     405 with an ``Allow`` that no longer offers it, for a method of :data:`WORKER_REFUSED`."""

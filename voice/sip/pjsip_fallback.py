@@ -29,6 +29,16 @@ of one: pjsua's IM module answered it 200 ("delivered", RFC 3428 section 7) and 
 reads none. MESSAGE is first taken out of pjsip's ``Allow`` capability (a ``pjsip_allow_hdr``
 read as 2.15 lays it out, checked: its type, its name, short method names), which the 405,
 the OPTIONS answer and the calls' messages copy; when it cannot be, nothing changes.
+
+A third module, at priority 63 (after the dialog layer, so an OPTIONS inside a call still
+goes to its dialog; before pjsua's OPTIONS module, 64), answers an OPTIONS out of any call
+200 with what the worker serves: pjsip's ``Allow`` and ``Supported``, ``Accept``
+:data:`voice.sip.methods.WORKER_ACCEPT` and no ``Allow-Events``. pjsua's answer copied every
+capability its modules had registered: ``Allow-Events: presence, dialog, message-summary,
+refer`` (RFC 6665 4.4.4: packages the UA takes SUBSCRIBEs for, where every SUBSCRIBE gets
+489) and an ``Accept`` with ``text/plain`` and presence documents (MESSAGE gets 405). Those
+capabilities are not changed in place: pjsip's event module copies its ``Allow-Events`` into
+the REFERs the worker sends, and an empty one would be a malformed header there.
 """
 
 from __future__ import annotations
@@ -38,7 +48,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from voice.sip.methods import WORKER_REFUSED, worker_refused_status, worker_unhandled_status
+from voice.sip.methods import (
+    WORKER_ACCEPT,
+    WORKER_REFUSED,
+    worker_options_status,
+    worker_refused_status,
+    worker_unhandled_status,
+)
 from voice.sip.outcome import SipStatus
 
 log = logging.getLogger(__name__)
@@ -51,8 +67,12 @@ _PRIORITY = 64 + 99
 # hands a request of a call to the call (pjsua answers a MESSAGE there), and before pjsua's
 # IM module (64, the MESSAGEs out of any dialog).
 _EARLY_PRIORITY = 32 - 1
+# PJSIP_MOD_PRIORITY_APPLICATION - 1: after the dialog layer (32) and its usages (48), which
+# take a request of a call, before pjsua's OPTIONS module (64).
+_OPTIONS_PRIORITY = 64 - 1
 _MAX_ARRAY = 32  # PJSIP_GENERIC_ARRAY_MAX_COUNT (sip_config.h): the most values an Allow has
 _H_ALLOW = 4  # pjsip_hdr_e PJSIP_H_ALLOW ("DO NOT CHANGE THE VALUE/ORDER OF THE HEADER IDs")
+_H_SUPPORTED = 36  # pjsip_hdr_e PJSIP_H_SUPPORTED (pjsua2.PJSIP_H_SUPPORTED in the wheel)
 _INFO_PREFIX = "Request msg "  # pjsip_rx_data_get_info: "Request msg FOO/cseq=1 (rdata0x..)"
 # The (major, minor) of the pjsip releases whose pjsip_module, pjsip_rx_data's first field,
 # info text and function signatures this was checked against (pjsip 2.15.1, the wheel's).
@@ -152,9 +172,11 @@ class _Fallback:
         name: bytes = b"clinic-voice-unhandled",
         priority: int = _PRIORITY,
         decide: Callable[[str], SipStatus | None] = _last_resort,
+        user_agent: str = "",
     ) -> None:
         self._lib = lib
         self._decide = decide
+        self._user_agent = user_agent
         self._name = ctypes.create_string_buffer(name)
         self._callback = _OnRxRequest(self._on_rx_request)
         self.module = _Module()
@@ -183,12 +205,14 @@ class _Fallback:
             return False
         head = _ListHead()
         head.prev = head.next = ctypes.addressof(head)
-        if status is not SipStatus.CALL_DOES_NOT_EXIST:
-            allow = lib.pjsip_endpt_get_capability(endpt, _H_ALLOW, None)
-            pool = ctypes.c_void_p.from_address(rdata).value  # rdata->tp_info.pool
-            copy = lib.pjsip_hdr_clone(pool, allow) if allow and pool else None
-            if copy:
-                lib.pj_list_insert_before(ctypes.addressof(head), copy)
+        pool = ctypes.c_void_p.from_address(rdata).value  # rdata->tp_info.pool
+        if status is not SipStatus.CALL_DOES_NOT_EXIST and pool:
+            self._add_capability(head, pool, endpt, _H_ALLOW, "Allow")
+        if status is SipStatus.OK and pool:  # an OPTIONS (RFC 3261 11.2)
+            self._add_capability(head, pool, endpt, _H_SUPPORTED, "Supported")
+            self._add_text(head, pool, "Accept", ", ".join(WORKER_ACCEPT))
+            if self._user_agent:
+                self._add_text(head, pool, "User-Agent", self._user_agent)
         rc = lib.pjsip_endpt_respond_stateless(
             endpt, rdata, int(status), None, ctypes.addressof(head), None
         )
@@ -197,6 +221,36 @@ class _Fallback:
             return False
         log.debug("answered %d to a %r", status, method)
         return True
+
+    def _add_capability(
+        self, head: _ListHead, pool: int, endpt: int, htype: int, name: str
+    ) -> None:
+        """Add a copy of the endpoint's capability header ``htype`` to ``head``, when it is
+        the header ``name`` (a pjsip of another layout adds nothing)."""
+        lib = self._lib
+        header = lib.pjsip_endpt_get_capability(endpt, htype, None)
+        if not header or not _is_header(header, htype, name):
+            return
+        copy = lib.pjsip_hdr_clone(pool, header)
+        if copy:
+            lib.pj_list_insert_before(ctypes.addressof(head), copy)
+
+    def _add_text(self, head: _ListHead, pool: int, name: str, value: str) -> None:
+        """Add the header ``name: value`` to ``head`` (pjsip copies both into ``pool``)."""
+        raw_name, raw_value = name.encode("ascii"), value.encode("ascii")
+        header = self._lib.pjsip_generic_string_hdr_create(
+            pool,
+            ctypes.byref(_PjStr(raw_name, len(raw_name))),
+            ctypes.byref(_PjStr(raw_value, len(raw_value))),
+        )
+        if header:
+            self._lib.pj_list_insert_before(ctypes.addressof(head), header)
+
+
+def _is_header(address: int, htype: int, name: str) -> bool:
+    """Whether the ``pjsip_hdr`` at ``address`` is of type ``htype`` and named ``name``."""
+    header = _AllowHdr.from_address(address)  # its first fields are every header's
+    return bool(header.type == htype and _text(address + _AllowHdr.name.offset) == name)
 
 
 def _drop_from_allow(lib: ctypes.CDLL, endpt: int, methods: frozenset[str]) -> bool:
@@ -252,18 +306,20 @@ def _bind(lib: ctypes.CDLL) -> None:
         "pjsip_hdr_clone": (vp, [vp, vp]),
         "pj_list_insert_before": (None, [vp, vp]),
         "pjsip_endpt_respond_stateless": (i, [vp, vp, i, vp, vp, vp]),
+        "pjsip_generic_string_hdr_create": (vp, [vp, vp, vp]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
 
 
-def install(library: str) -> bool:
+def install(library: str, user_agent: str = "") -> bool:
     """Register the module on the running pjsua's endpoint; ``library`` is the path of the
     extension that carries pjsip (pjsua2's ``_pjsua2``: loaded already, so this opens the same
     copy). Call on the owner thread, after ``libInit``. False (and a warning) when it could
     not, or when the pjsip is not of a release in :data:`VERIFIED`: the worker then runs as
-    before, silent to such requests."""
+    before, silent to such requests. ``user_agent`` goes in the answers to OPTIONS, as in
+    pjsua's."""
     try:
         lib = ctypes.CDLL(library)
         _bind(lib)
@@ -290,7 +346,28 @@ def install(library: str) -> bool:
         log.warning("cannot answer requests no pjsua module takes: pj status %d", rc)
         return False
     _refuse_early(lib, endpt)
+    _answer_options(lib, endpt, user_agent)
     return True
+
+
+def _answer_options(lib: ctypes.CDLL, endpt: int, user_agent: str) -> None:
+    """Answer OPTIONS out of any call before pjsua's module does (see the module's doc);
+    when this module is not registered, pjsua answers them as before, with a warning."""
+    options = _Fallback(
+        lib,
+        name=b"clinic-voice-options",
+        priority=_OPTIONS_PRIORITY,
+        decide=worker_options_status,
+        user_agent=user_agent,
+    )
+    _KEPT.append(options)
+    rc = lib.pjsip_endpt_register_module(endpt, ctypes.addressof(options.module))
+    if rc != 0:
+        log.warning(
+            "cannot answer OPTIONS (pj status %d): pjsua's answer offers presence and "
+            "MESSAGE bodies the worker refuses",
+            rc,
+        )
 
 
 def _refuse_early(lib: ctypes.CDLL, endpt: int) -> None:

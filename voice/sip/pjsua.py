@@ -517,6 +517,10 @@ class Engine:
         ep_cfg.uaConfig.mainThreadOnly = True
         ep_cfg.uaConfig.maxCalls = MAX_CALLS
         ep_cfg.uaConfig.userAgent = "clinic-voice"
+        # No unsolicited message-waiting NOTIFYs (pjsua's default answers them 200 and reads
+        # nothing): the service has no mailbox to show; they get 481 as any NOTIFY out of
+        # a subscription (voice/sip/pjsip_fallback.py).
+        ep_cfg.uaConfig.mwiUnsolicitedEnabled = False
         ep_cfg.logConfig.level = cfg.log_level
         ep_cfg.logConfig.consoleLevel = cfg.log_level
         ep_cfg.medConfig.clockRate = 8000
@@ -529,8 +533,9 @@ class Engine:
         self._ep = ep
         # pjsua answers nothing to a request none of its modules takes (FOO; BYE out of any
         # call): a last module of our own does (voice/sip/pjsip_fallback.py), and one before
-        # pjsua's refuses MESSAGE, which pjsua answered 200 (delivered) and nobody read.
-        pjsip_fallback.install(_extension_path())
+        # pjsua's refuses MESSAGE, which pjsua answered 200 (delivered) and nobody read; a
+        # third answers OPTIONS with only what is served (no presence, no MESSAGE bodies).
+        pjsip_fallback.install(_extension_path(), user_agent=ep_cfg.uaConfig.userAgent)
         self.port = self._listen(ep)
         ep.libStart()
         ep.audDevManager().setNullDev()

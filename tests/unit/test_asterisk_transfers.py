@@ -1,0 +1,59 @@
+"""Who may reach the nurse (6100) and the staff desk (6200) on the shipped Asterisk.
+
+In direct mode the REFER's ``Refer-To`` shows every transferred caller CLINIC_NURSE_URI and
+CLINIC_STAFF_URI (README, "The clinic line"); behind the shipped Asterisk the REFER goes to
+the PBX, which looks it up in ``[clinic-transfers]`` alone, and the people it reaches take
+calls from authenticated endpoints only. These read the shipped configuration, as Asterisk
+does, so a change that opens the nurse's extension to strangers fails here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tests.readme_text import README
+from tests.unit.test_readme_layout import PBX, dialplan, endpoints, matches, pjsip_sections
+
+NURSE, STAFF = "6100", "6200"
+
+
+def test_no_stranger_reaches_an_extension_without_a_password() -> None:
+    """Every endpoint authenticates (``auth``), and none takes the calls nobody is identified
+    for: ``anonymous`` in ``endpoint_identifier_order`` finds no ``[anonymous]`` endpoint,
+    so an INVITE from a stranger to sip:6100@ is challenged and refused."""
+    found = endpoints()
+    assert {NURSE, STAFF} <= set(found)
+    for name, options in found.items():
+        assert options.get("auth"), f"endpoint {name} takes calls without a password"
+    assert "anonymous" not in found
+    (general,) = [o for _, o in pjsip_sections() if o.get("type") == "global"]
+    order = general.get("endpoint_identifier_order", "")
+    assert "ip" not in order.split(","), order  # an address says nothing here (pjsip.conf)
+
+
+def test_a_refer_from_the_service_reaches_the_nurse_and_the_staff_desk_only() -> None:
+    """The bot's REFERs are looked up in the context ``[clinic-line]`` hands its channel
+    (``TRANSFER_CONTEXT``): it holds 6100 and 6200 and includes nothing, so a REFER cannot
+    ring another extension or leave the PBX."""
+    plan = dialplan()
+    text = (PBX / "extensions.conf").read_text().splitlines()
+    sets = [line for line in text if "TRANSFER_CONTEXT=" in line.split(";", 1)[0]]
+    assert len(sets) == 1 and "__TRANSFER_CONTEXT=clinic-transfers" in sets[0], sets
+    transfers = plan["clinic-transfers"]
+    assert not [p for p, _ in transfers if p.startswith("include:")], transfers
+    assert sorted(p for p, _ in transfers) == [NURSE, STAFF], transfers
+    for number in ("6001", "+14155556001", "0044123456789", "700"):
+        assert not any(matches(p, number) for p, _ in transfers), number
+    assert endpoints()["clinic"]["context"] == "from-clinic"  # the service's own calls
+
+
+def test_the_readme_says_who_learns_the_transfer_addresses_in_direct_mode() -> None:
+    text = " ".join(README.read_text().split())
+    assert re.search(
+        r"In direct mode every transferred caller learns the nurse's and the staff's SIP "
+        r"addresses\.\*\* Without `CLINIC_SIP_REGISTRAR` the REFER goes to the caller's own "
+        r"phone, and its `Refer-To` is `CLINIC_NURSE_URI` or `CLINIC_STAFF_URI`",
+        text,
+    )
+    assert "run the service behind the PBX (`CLINIC_SIP_REGISTRAR`" in text
+    assert "`[clinic-transfers]` alone (the `TRANSFER_CONTEXT` that `[clinic-line]` sets)" in text
