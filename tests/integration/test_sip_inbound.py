@@ -628,20 +628,23 @@ async def test_a_caller_past_the_last_free_slot_gets_486_at_once_and_is_counted_
 
 
 class _UdpPeer:
-    """A bare UDP SIP peer on one port, so a retransmission comes from the same sent-by."""
+    """A bare UDP SIP peer on one port, so a retransmission comes from the same sent-by;
+    on ``host``, a loopback address (another one is another caller's address to the front,
+    which holds at most redirect_source.MAX_UNFOLLOWED slots for one address's 302s)."""
 
-    def __init__(self, front: HostPort) -> None:
+    def __init__(self, front: HostPort, host: str = "127.0.0.1") -> None:
         self.front = front
+        self.host = host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
 
     def request(self, method: str, branch: str, call_id: str, to_tag: str = "") -> bytes:
         to = f"<sip:6000@{self.front}>" + (f";tag={to_tag}" if to_tag else "")
         return (
             f"{method} sip:6000@{self.front} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK-{branch}\r\n"
-            f"From: <sip:{CALLER_NUMBER}@127.0.0.1>;tag=1\r\nTo: {to}\r\n"
+            f"Via: SIP/2.0/UDP {self.host}:{self.port};branch=z9hG4bK-{branch}\r\n"
+            f"From: <sip:{CALLER_NUMBER}@{self.host}>;tag=1\r\nTo: {to}\r\n"
             f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nMax-Forwards: 70\r\n"
             "Content-Length: 0\r\n\r\n"
         ).encode()
@@ -780,7 +783,10 @@ async def test_a_caller_whose_302s_were_lost_finds_its_slot_on_the_worker() -> N
     copy, and go to the worker. The slot was held 2 s from A's first 302 only: all four
     got a 302, filled the worker, and A, following its 302 at last, got 486 Busy Here from
     the worker (pjsua's "Too many calls"). Now A's slot stays held while the front may
-    repeat A's 302: the fourth caller gets 486 from the front, and A's call is taken."""
+    repeat A's 302: the fourth caller gets 486 from the front, and A's call is taken.
+    Each caller calls from an address of its own (127.0.0.2 ...): from A's, A and the
+    others on their way would count against one address's cap of 302s not followed
+    (redirect_source.MAX_UNFOLLOWED), and the last might get 503 from the front."""
     clock = FakeClock()  # the pool's and the front's: the reservations' time
     pool = SipPool(sip_settings(1), clock=clock)
     await pool.start()
@@ -819,7 +825,7 @@ async def test_a_caller_whose_302s_were_lost_finds_its_slot_on_the_worker() -> N
             if gap == 2.0:
                 clock.advance(gap - 0.1)
                 for n in range(4):
-                    other = _UdpPeer(front.address)
+                    other = _UdpPeer(front.address, f"127.0.0.{n + 2}")
                     to_worker.append(other)
                     name = f"other{n}"
                     moved = await loop.run_in_executor(

@@ -42,6 +42,7 @@ from voice.sip import (
     methods,
     pjsua,
     pool,
+    redirect_source,
     transaction,
 )
 from voice.sip.outcome import SipStatus
@@ -77,6 +78,35 @@ NUMBERS = [
     ("Each 302 holds its worker's slot for 2 s", pool._REDIRECT_RESERVE_S, 2),
     ("that 302 (32 s after the first) and 2 s more", transaction.TIMER_H_S, 32),
     ("(34 s from the 302 that took it", pool._REDIRECT_HOLD_MAX_S, 34),
+    ("holds at most 4 slots for 302s it has not followed", redirect_source.MAX_UNFOLLOWED, 4),
+    ("and 4 new callers of one trunk within one round trip", redirect_source.MAX_UNFOLLOWED, 4),
+    (
+        "takes at most 4 of the 16 slots of the default settings",
+        (redirect_source.MAX_UNFOLLOWED, DEFAULTS.sip.workers * SIP_CALLS_PER_WORKER),
+        (4, 16),
+    ),
+    (
+        "(`CLINIC_SIP_WORKERS` 4, 4 calls each)",
+        (DEFAULTS.sip.workers, SIP_CALLS_PER_WORKER),
+        (4, 4),
+    ),
+    ("16 forged INVITEs from one address", DEFAULTS.sip.workers * SIP_CALLS_PER_WORKER, 16),
+    ("as do 4 within one round trip; a fifth one then", redirect_source.MAX_UNFOLLOWED, 4),
+    ("a fifth one then (five callers", redirect_source.MAX_UNFOLLOWED + 1, 5),
+    ("as soon as one of the four arrived", redirect_source.MAX_UNFOLLOWED, 4),
+    ("an IPv6 address by its /64", redirect_source._IPV6_SOURCE_PREFIX, 64),
+    ("with `Retry-After: 2` (the time a 302 not followed", redirect_source.RETRY_AFTER_S, 2),
+    ("with `Retry-After: 2` (the time a 302 not followed", pool._REDIRECT_RESERVE_S, 2),
+    ("at most one line a minute, with their count", redirect_source._LOG_EVERY_S, 60),
+    ("a flood from many addresses, 4 slots each", redirect_source.MAX_UNFOLLOWED, 4),
+    (
+        "(4 addresses for the default 16 slots)",
+        (
+            -(-DEFAULTS.sip.workers * SIP_CALLS_PER_WORKER // redirect_source.MAX_UNFOLLOWED),
+            DEFAULTS.sip.workers * SIP_CALLS_PER_WORKER,
+        ),
+        (4, 16),
+    ),
     ("does not take its answer) for 30 s", front.TCP_IDLE_S, 30),
     ("would take it over 64 KiB with `513 Message Too Large`", front._MAX_MESSAGE, 64 << 10),
     ("most 1024 connections open", front.MAX_TCP_CONNECTIONS, 1024),
@@ -204,6 +234,29 @@ def test_the_busy_warning_is_the_line_the_readme_quotes(caplog: pytest.LogCaptur
     assert "4 inbound call(s) refused" in lines[1].getMessage()  # 3 unlogged and the late one
     assert not any("+44" in r.getMessage() for r in caplog.records)
     assert metrics.calls.value(outcome="refused_busy") == 5
+
+
+def test_the_unfollowed_302s_warning_is_the_line_the_readme_quotes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A source at its cap of 302s not followed: the WARNING begins as the README quotes it
+    and names the source; the refusals within the minute go into the next line."""
+    quoted = "SIP front: N INVITE(s) refused with 503 since the previous line of this kind"
+    assert f"(`{quoted}`)" in sip_section()
+    caplog.set_level(logging.INFO, logger=redirect_source.__name__)
+    clock = FakeClock()
+    seen = redirect_source.UnfollowedRedirects(lambda call_id, worker: True, clock)
+    for n in range(redirect_source.MAX_UNFOLLOWED):
+        seen.redirected("198.51.100.7", f"c{n}", HostPort("127.0.0.1", 5062))
+    assert not seen.admits("198.51.100.7", "x") and not seen.admits("198.51.100.7", "y")
+    clock.advance(redirect_source._LOG_EVERY_S)
+    assert not seen.admits("198.51.100.7", "z")
+    lines = [r for r in caplog.records if r.name == redirect_source.__name__]
+    assert [r.levelno for r in lines] == [logging.WARNING, logging.WARNING]
+    said = [r.getMessage() for r in lines]
+    assert said[0].startswith(quoted.replace("N", "1", 1)), said
+    assert said[1].startswith(quoted.replace("N", "2", 1)), said
+    assert all("198.51.100.7" in line for line in said), said
 
 
 def test_the_no_slot_details_are_the_readmes() -> None:

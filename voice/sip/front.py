@@ -7,6 +7,11 @@ with the Contact of a worker that has a free slot (``sip:<user>@<host>:<worker_p
 ``486 Busy Here`` when every worker is full, or ``503 Service Unavailable`` once the service
 is stopping or while no worker is up (a proxy then tries another instance), with a
 ``Retry-After`` (RFC 3261 section 20.33) the pool chooses (``voice.sip.pool.STOP_TAIL_S``).
+An INVITE from a source address that holds ``redirect_source.MAX_UNFOLLOWED`` slots for 302s
+it has not followed gets ``503`` with ``Retry-After`` ``redirect_source.RETRY_AFTER_S`` and no
+slot: a forged flood never follows its 302s, and held every slot
+(:mod:`voice.sip.redirect_source`); only copies from the address a 302 went to keep its slot
+held, and only a CANCEL from there frees it (below).
 The ACK for that final response is absorbed, OPTIONS gets 200 (so peers can probe liveness),
 a CANCEL gets 200 when it matches an INVITE answered here (that INVITE already has its final
 answer; the 200 carries its To tag) and 481 Call/Transaction Does Not Exist when it matches
@@ -24,7 +29,8 @@ Without that memory a lost 302 or 486 made the UAC's retransmission a new caller
 of a redirected INVITE also keeps the worker's slot held for the caller while that 302 may
 be repeated (:meth:`Reservations.renew_inbound`): the pool held it 2 s, and a caller whose
 first three 302s were lost (copies at 0.5, 1.5, 3.5 s) found the worker full. A CANCEL
-that matches a redirected INVITE frees its slot (:meth:`Reservations.release_inbound`). A
+that matches a redirected INVITE frees its slot (:meth:`Reservations.release_inbound`), when
+it comes from where the 302 went (:mod:`voice.sip.redirect_source`). A
 retransmitted OPTIONS, CANCEL or BYE likewise gets its first response again, To tag included,
 for ``transaction.TIMER_J_S`` (32 s; sections 8.2.7 and 17.2.2), from a memory of its own
 (at most ``transaction.MAX_REMEMBERED`` answers each).
@@ -53,7 +59,7 @@ from typing import Protocol, cast
 
 from sip_config.clock import Clock
 from sip_config.settings import HostPort
-from voice.sip import message, methods, transaction
+from voice.sip import message, methods, redirect_source, transaction
 from voice.sip.outcome import SipStatus
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,11 @@ class Reservations(Protocol):
 
     def release_inbound(self, call_id: str, worker: HostPort) -> None:
         """The caller redirected to ``worker`` cancelled: its slot is free again."""
+        ...
+
+    def holds_inbound(self, call_id: str, worker: HostPort) -> bool:
+        """Whether the slot of the 302 for ``call_id`` to ``worker`` is still held: its
+        caller has not arrived there (nor cancelled), and it has not lapsed."""
         ...
 
 
@@ -187,10 +198,14 @@ def _answer(
     others: transaction.AnsweredRequests,
     reservations: Reservations | None = None,
     retry_after: RetryAfter = lambda: 0,
+    source: str | None = None,
+    unfollowed: redirect_source.UnfollowedRedirects | None = None,
 ) -> bytes | None:
     """The answer to ``data``; ``answered`` holds the INVITE answers, ``others`` those of
     the other requests; ``reservations`` is told of the 302s repeated and cancelled;
-    ``retry_after`` gives the Retry-After of a 503 to an INVITE."""
+    ``retry_after`` gives the Retry-After of a 503 to an INVITE. ``source`` is where ``data``
+    came from (:func:`redirect_source.source_of`; None: not known), ``unfollowed`` the 302s
+    each source has not followed yet (None: not counted)."""
     try:
         request = message.parse(data, strict=True)
     except message.SipParseError as exc:
@@ -206,16 +221,33 @@ def _answer(
     if key is None or not call_id or not all(request.get(name) for name in _REQUIRED):
         return _answer_incomplete(request, others, tcp=tcp)  # 400 (or nothing): no slot
     if request.method != "INVITE":
-        return _answer_other(request, key, answered, others, tcp=tcp, reservations=reservations)
+        return _answer_other(
+            request,
+            key,
+            answered,
+            others,
+            tcp=tcp,
+            reservations=reservations,
+            source=source,
+            unfollowed=unfollowed,
+        )
     before = answered.get(key)
     if before is not None:
         # A retransmission (its answer was lost): the same answer, not a second caller.
         log.debug("INVITE %s retransmitted -> %s again", call_id, before.target)
-        if reservations is not None and not isinstance(before.target, int):
+        if (
+            reservations is not None
+            and not isinstance(before.target, int)
+            and (
+                unfollowed is None or source is None or unfollowed.from_its_source(source, call_id)
+            )
+        ):
             # The caller follows this 302 when a copy of it gets through, after the
             # pool's first hold (2 s) maybe: Timer A doubles, the third copy comes at 3.5 s.
             # So its slot is held as long as the 302 may be repeated (from the first, not
-            # renewed by copies: a flood of forged ones holds no slot longer).
+            # renewed by copies: a flood of forged ones holds no slot longer). Only a copy
+            # from where the 302 went: the caller's copies come from there, and another
+            # source sending them (a forger who saw or guessed the Call-ID) holds nothing.
             reservations.renew_inbound(call_id, before.target, answered.kept_for(key))
         return respond(
             request,
@@ -224,9 +256,23 @@ def _answer(
             to_tag=before.to_tag,
             retry_after_s=before.retry_after_s,
         )
+    tag = new_tag()
+    if unfollowed is not None and source is not None and not unfollowed.admits(source, call_id):
+        # Its source holds slots for 302s it has not followed (a flood never follows): 503,
+        # not 486 (the line is not busy; a trunk whose burst met the cap, its callers behind
+        # one address, retries or tries another server), and no slot; its copies get it too.
+        log.debug("INVITE %s: its source is at its cap of unfollowed 302s: 503", call_id)
+        refusal = transaction.FinalAnswer(
+            SipStatus.SERVICE_UNAVAILABLE, tag, redirect_source.RETRY_AFTER_S
+        )
+        answered.remember(key, refusal)
+        return respond(
+            request, refusal.target, tcp=tcp, to_tag=tag, retry_after_s=refusal.retry_after_s
+        )
     target = pick(call_id)
     log.debug("INVITE %s -> %s", call_id, target)
-    tag = new_tag()
+    if unfollowed is not None and source is not None and isinstance(target, HostPort):
+        unfollowed.redirected(source, call_id, target)
     # Read once, with the pick: its copies get this 503 again as it was (a stop beginning
     # meanwhile changed "5" into "51" for the same transaction).
     retry = retry_after() if target == SipStatus.SERVICE_UNAVAILABLE else 0
@@ -261,23 +307,41 @@ def _answer_other(
     *,
     tcp: bool,
     reservations: Reservations | None = None,
+    source: str | None = None,
+    unfollowed: redirect_source.UnfollowedRedirects | None = None,
 ) -> bytes | None:
-    """A request other than INVITE and ACK: its first answer again when retransmitted."""
+    """A request other than INVITE and ACK: its first answer again when retransmitted. A
+    CANCEL of a redirected INVITE frees its slot when it comes from ``source``, where the
+    302 went (see :func:`_answer`)."""
+    invite = None
+    if request.method == "CANCEL":
+        invite = answered.get(transaction.invite_key(key))
+        if (
+            invite is not None
+            and reservations is not None
+            and not isinstance(invite.target, int)
+            and (
+                unfollowed is None
+                or source is None
+                or unfollowed.from_its_source(source, key.call_id)
+            )
+        ):
+            # A UAC sends a CANCEL only before a final answer: its 302 was lost, and the
+            # caller, who hung up, will not follow it. Its slot is free again. Not for a
+            # CANCEL from elsewhere (a forger who saw or guessed the Call-ID and branch
+            # would free a caller's slot on its way, the caller then finding the worker
+            # full): that one gets its 200 and frees nothing. Its copies too (a copy from
+            # the caller after a forged one is a retransmission of it, and frees the slot).
+            reservations.release_inbound(key.call_id, invite.target)
     before = others.get(key)
     if before is not None:
         return respond(request, before.target, tcp=tcp, to_tag=before.to_tag)
     status = status_for(request.method)
     tag = new_tag()
-    if request.method == "CANCEL":
-        invite = answered.get(transaction.invite_key(key))
-        if invite is not None:
-            # Section 9.2: the INVITE has its final answer already, so the CANCEL has
-            # nothing left to do: 200, with the To tag of that answer.
-            status, tag = SipStatus.OK, invite.to_tag
-            if reservations is not None and not isinstance(invite.target, int):
-                # A UAC sends a CANCEL only before a final answer: its 302 was lost, and
-                # the caller, who hung up, will not follow it. Its slot is free again.
-                reservations.release_inbound(key.call_id, invite.target)
+    if invite is not None:
+        # Section 9.2: the INVITE has its final answer already, so the CANCEL has nothing
+        # left to do: 200, with the To tag of that answer.
+        status, tag = SipStatus.OK, invite.to_tag
     others.remember(key, transaction.FinalAnswer(status, tag))
     return respond(request, status, tcp=tcp, to_tag=tag)
 
@@ -295,7 +359,7 @@ def _too_large(head: bytes) -> bytes | None:
 
 
 class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+    def __init__(self, answer: Callable[[bytes, str], bytes | None]) -> None:
         self._answer = answer
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -303,7 +367,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, int]) -> None:
-        reply = self._answer(data)
+        reply = self._answer(data, str(addr[0]))
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -329,6 +393,13 @@ class RedirectFront:
         self._pick = pick
         self._retry_after = retry_after
         self._reservations = reservations  # None: no slot held beyond what ``pick`` does
+        # The 302s each source address has not followed yet, at most MAX_UNFOLLOWED each
+        # (None without reservations: nothing tells when a caller arrived).
+        self._unfollowed = (
+            redirect_source.UnfollowedRedirects(reservations.holds_inbound, clock)
+            if reservations is not None
+            else None
+        )
         self._answered = transaction.AnsweredRequests(clock)  # INVITEs, for Timer H
         self._others = transaction.AnsweredRequests(clock, keep_s=transaction.TIMER_J_S)
         self._udp: asyncio.DatagramTransport | None = None
@@ -364,7 +435,8 @@ class RedirectFront:
             break
         log.info("SIP redirect front on %s (UDP and TCP)", self.address)
 
-    def _answer_udp(self, data: bytes) -> bytes | None:
+    def _answer_udp(self, data: bytes, host: str | None = None) -> bytes | None:
+        """The answer to a datagram from ``host`` (None: not known, its 302s not counted)."""
         return _answer(
             data,
             self._pick,
@@ -373,6 +445,8 @@ class RedirectFront:
             others=self._others,
             reservations=self._reservations,
             retry_after=self._retry_after,
+            source=None if host is None else redirect_source.source_of(host),
+            unfollowed=self._unfollowed,
         )
 
     async def stop(self) -> None:
@@ -405,6 +479,7 @@ class RedirectFront:
             return
         self._conns.add(task)
         self._per_address[address] = from_there + 1
+        source = redirect_source.source_of(address)
         try:
             while True:
                 async with asyncio.timeout(TCP_IDLE_S):
@@ -425,6 +500,8 @@ class RedirectFront:
                         others=self._others,
                         reservations=self._reservations,
                         retry_after=self._retry_after,
+                        source=source,
+                        unfollowed=self._unfollowed,
                     )
                     if reply is not None:
                         writer.write(reply)

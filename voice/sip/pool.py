@@ -831,6 +831,12 @@ class SipPool:
             del w.reserved[call_id]
             self._slot_freed.set()
 
+    def holds_inbound(self, call_id: str, worker: HostPort) -> bool:
+        """Whether the slot of the 302 for ``call_id`` to ``worker`` is still held: the
+        caller has not arrived there, nor cancelled, and the slot has not lapsed (the
+        front's count of 302s not followed, per source: voice.sip.redirect_source)."""
+        return self._holding(call_id, worker) is not None
+
     def _holding(self, call_id: str, worker: HostPort) -> _Worker | None:
         """The worker at ``worker`` if it is up and holds a slot for ``call_id``."""
         now = self._clock.monotonic()
