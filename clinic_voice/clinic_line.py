@@ -499,7 +499,7 @@ class ClinicLine:
         await self._journal.keep(result)
 
     async def _post_webhook(
-        self, url_key: str, values: Mapping[str, str], timeout_s: float
+        self, url_key: str, values: Mapping[str, str | bool], timeout_s: float
     ) -> Mapping[str, str] | None:
         """The reply's fields; None when it surely failed; ``TimeoutError`` when no answer
         (no status line) came in ``timeout_s`` (it may have arrived)."""

@@ -330,6 +330,13 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"},
             "caller": {"type": "string"},
+            "caller_verified": {
+                "type": "boolean",
+                "description": "true: a trusted PBX or trunk (CLINIC_SIP_TRUSTED_PEERS) "
+                "asserted caller in P-Asserted-Identity; false: caller is the From the caller "
+                "wrote, which anyone can forge (direct mode). Absent from records saved before "
+                "the field existed.",
+            },
             "called": {"type": "string"},
             "started_at": _ISO,
             "ended_at": _ISO,

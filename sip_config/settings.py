@@ -22,6 +22,7 @@ import phonenumbers
 
 from verification.numbers import cli_code_lengths
 from voice.ivr.opening_hours import OpeningHours, always_open, parse_closed_dates, parse_week
+from voice.sip.caller_identity import IpNetwork, parse_trusted_peers
 
 T = TypeVar("T")
 
@@ -252,6 +253,16 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "CLINIC_SIP_REGISTRAR", "", "a PBX to register the workers to, e.g. sip:127.0.0.1:5160"
+    ),
+    Variable(
+        "CLINIC_SIP_TRUSTED_PEERS",
+        "",
+        "comma-separated addresses or networks (10.0.0.5, 10.0.0.0/24) of the PBX or trunk "
+        "whose P-Asserted-Identity is believed: a clinic-line call from one of them that "
+        "carries that header has its number asserted (caller_verified true in the call "
+        "record and the scheduling webhook); every other caller's number, the From the "
+        "caller wrote, is only claimed (false). Unset: no number is verified, as in direct "
+        "mode, where a caller can write any From",
     ),
     Variable(
         "CLINIC_SIP_USER",
@@ -525,6 +536,8 @@ class SipSettings:
     caller_slots: int
     # The only digest realm answered (CLINIC_SIP_REALM); "": any realm.
     realm: str = ""
+    # CLINIC_SIP_TRUSTED_PEERS: where an INVITE's P-Asserted-Identity is believed.
+    trusted_peers: tuple[IpNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -996,6 +1009,7 @@ def _build(r: _Reader) -> Settings:
         voice_otp_from=r.parse("CLINIC_VOICE_OTP_FROM", _e164_number),
         caller_slots=_caller_slots(r, workers),
         realm=r.parse("CLINIC_SIP_REALM", _realm),
+        trusted_peers=r.parse("CLINIC_SIP_TRUSTED_PEERS", parse_trusted_peers),
     )
     if sip.registrar and not sip.user:
         raise SettingsError("CLINIC_SIP_REGISTRAR is set: CLINIC_SIP_USER is needed too")

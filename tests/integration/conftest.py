@@ -36,6 +36,7 @@ from tests.conftest import RedisServer
 from tests.peers.sms_gateway import SmsGateway
 from tests.peers.webhook_receiver import WebhookReceiver
 from verification.redis_mux import RedisMux
+from voice.sip.caller_identity import CallerIdentity
 
 API_KEY = "test-key-0123456789abcdef"
 OTHER_KEY = "other-key-0123456789abcdef"
@@ -73,6 +74,7 @@ class StoredCall:
     (the tests of the store step need no SIP)."""
 
     caller = "+31612345678"
+    caller_identity = CallerIdentity.CLAIMED
     called = "700"
 
     def __init__(self, call_id: str) -> None:

@@ -45,6 +45,7 @@ from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStore, CallStoreUnavailable, Erased
 from voice.ivr.voicemail import Voicemails
 from voice.media.tts import PromptRenderer
+from voice.sip.caller_identity import CallerIdentity
 from voice.sip.pool import CallHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
@@ -63,6 +64,7 @@ class _Call:
     def __init__(self, call_id: str) -> None:
         self.id = call_id
         self.caller = CALLER
+        self.caller_identity = CallerIdentity.CLAIMED
         self.called = "700"
 
 

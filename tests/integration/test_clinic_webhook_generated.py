@@ -69,7 +69,9 @@ SLACK_S = 1.0  # a shared 2-core machine
 SCHEDULING_KEY = "s" * 40
 DOB, PATIENT = "01011980", "4321987"
 MESSAGE = "See you Monday at nine."
-SENT_KEYS = {"appt_action", "dob", "patient_number", "request", "call_id", "caller"}
+SENT_KEYS = {
+    "appt_action", "dob", "patient_number", "request", "call_id", "caller", "caller_verified"
+}  # fmt: skip
 CONFIRM = "Your request to book an appointment has been received"
 UNAVAILABLE = "the appointment system cannot be reached"
 
@@ -439,6 +441,7 @@ def _check(call: Call, posts: list[Seen], story: str) -> list[str]:
             "request": "appointment",
             "call_id": "call-1",
             "caller": "+31612345678",
+            "caller_verified": False,  # the scripted call's own From: only claimed
         }
         if {k: body.get(k) for k in want} != want:
             faults.append(f"{story}: POST values differ from what the caller entered")

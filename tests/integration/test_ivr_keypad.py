@@ -54,6 +54,9 @@ from voice.sip.pool import SipPool
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 CALL_S = 60.0  # one call, from dialling to the record, at most
+TRUSTED_PEER = "127.0.0.2"  # CLINIC_SIP_TRUSTED_PEERS: a PBX that asserts its callers
+# A number the caller would like the clinic to call: forged, from an untrusted address.
+FORGED_PAI = "P-Asserted-Identity: <sip:+31687654321@127.0.0.1>"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -79,6 +82,9 @@ async def line(
     env = {
         "CLINIC_SCHEDULING_WEBHOOK": scheduling.url("/schedule"),
         "CLINIC_TRANSFER_SUMMARY": "full",
+        # The PBX whose P-Asserted-Identity is believed: a phone bound to this address
+        # stands in for it (every other phone here is on 127.0.0.1, direct mode).
+        "CLINIC_SIP_TRUSTED_PEERS": TRUSTED_PEER,
     }
     async with running_clinic_line(
         tmp_path_factory.mktemp("clinic"), openapi_responses, env, prompt_cache=ivr_prompt_cache
@@ -196,7 +202,11 @@ async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
     posted = len(scheduling.received)
     before = await line.call_ids()
     async with phones() as started:
-        caller = await Phone.start("caller", "--call", line.uri("6001"), *answered(FEVER_KEYS))
+        # Direct mode: the phone writes its own From, and a P-Asserted-Identity that nobody
+        # trusted vouches for (RFC 3325 9.1: ignored).
+        caller = await Phone.start(
+            "caller", "--call", line.uri("6001"), "--header", FORGED_PAI, *answered(FEVER_KEYS)
+        )
         started.append(caller)
         hooks = await scheduling.wait_until(
             "the same-day request", lambda got: len(got) > posted, deadline_s=TRIAGE_S
@@ -210,8 +220,10 @@ async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
     assert verify(SECRET.encode(), signature, hook.body), hook.headers
     assert not verify(SECRET.encode(), signature, hook.body + b" "), "verify() must be able to fail"
     record = await line.new_record(before)
-    # The clinic promised to call back: the request says whom, and which record to read.
-    assert record["caller"], record
+    # The clinic promised to call back: the request says whom, and which record to read,
+    # and that the number is only what the caller claimed (its own From, not the forged PAI).
+    assert record["caller"] == "patient", record
+    assert record["caller_verified"] is False, record
     assert hook.json() == {
         "who": "self",
         "complaint": "fever",
@@ -219,10 +231,46 @@ async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
         "urgency": "U3",
         "call_id": record["id"],
         "caller": record["caller"],
+        "caller_verified": False,
     }
     assert record["triage"]["urgency"] == "U3", record["triage"]
     assert record["outcome"] == "same_day"
     assert steps(record, "webhook") == [("same_day", "ok")], record["path"]
+
+
+# 1 appointments, typed ahead into the welcome; 1 book; a date of birth; a patient number.
+APPOINTMENT_DTMF = "1@0.8,1@1.6"
+APPOINTMENT_ANSWERS = "01011980#,1234567#"
+
+
+@pytest.mark.timeout(CALL_S + 60)
+async def test_a_number_the_trusted_pbx_asserts_goes_to_the_scheduling_webhook_as_verified(
+    line: ClinicLine, scheduling: WebhookReceiver
+) -> None:
+    scheduling.fail_first = 0
+    posted = len(scheduling.received)
+    before = await line.call_ids()
+    async with phones() as started:
+        # The call comes from the trusted peer's address, with the number it asserts.
+        caller = await Phone.start(
+            "caller", "--bind", TRUSTED_PEER, "--from-user", "6001",
+            "--call", line.uri("6000"),
+            "--header", "P-Asserted-Identity: <sip:+31612345678@127.0.0.2;user=phone>",
+            "--dtmf", APPOINTMENT_DTMF, "--answers", APPOINTMENT_ANSWERS, "--timeout", "60",
+        )  # fmt: skip
+        started.append(caller)
+        hooks = await scheduling.wait_until(
+            "the appointment request", lambda got: len(got) > posted, deadline_s=CALL_S
+        )
+        await caller.finish(CALL_S)
+    hook = hooks[posted].json()
+    record = await line.new_record(before)
+    assert record["flow"] == "appointments", record
+    # The asserted number, not the From (an extension of the PBX), is the one to call back.
+    assert (record["caller"], record["caller_verified"]) == ("+31612345678", True), record
+    assert hook["request"] == "appointment", hook
+    assert (hook["caller"], hook["caller_verified"]) == ("+31612345678", True), hook
+    assert hook["call_id"] == record["id"]
 
 
 @pytest.mark.timeout(TRIAGE_S + 60)

@@ -4,8 +4,9 @@ Two roles, both printing one JSON object a line on stdout (flushed), each with t
 is about (``main``: the call placed or answered; ``xfer``: the call a REFER made us place):
 
 caller  ``--call URI [--dtmf "4@0.5,1@0.7"] [--answers 4,1,2] [--play IN.wav] [--play-at S]
-        [--record OUT.wav]`` places the call (follows the front's 302), sends RFC 4733 digits
-        at the given seconds after the answer, then (``--answers``) each digit once the bot
+        [--record OUT.wav] [--header "Name: value"]`` places the call (follows the front's
+        302; each ``--header`` goes on its INVITE: a P-Asserted-Identity, say), sends RFC 4733
+        digits at the given seconds after the answer, then (``--answers``) each digit once the bot
         has spoken and then been quiet for ``--answer-gap`` seconds (a caller who listens to
         each question: the bot takes no early key for a danger sign), plays a WAV to the far end
         ``--play-at`` seconds after the answer. ``--hold-at S --hold-for H``: puts the call
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--call", default="")
     parser.add_argument("--from-user", default="patient")
+    parser.add_argument("--header", action="append", default=[])
     parser.add_argument("--answer", action="store_true")
     parser.add_argument("--answer-after", type=float, default=0.0)
     parser.add_argument("--dtmf", default="")
@@ -327,7 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.call:
             leg = Leg("main")
             state.legs.append(leg)
-            Call(acc, state, leg).makeCall(args.call, pj.CallOpParam(True))
+            prm = pj.CallOpParam(True)
+            for line in args.header:  # "Name: value", on the INVITE (and its redirect)
+                name, _, value = line.partition(":")
+                header = pj.SipHeader()
+                header.hName, header.hValue = name.strip(), value.strip()
+                prm.txOption.headers.append(header)
+            Call(acc, state, leg).makeCall(args.call, prm)
         status = _pump(ep, state, time.monotonic() + args.timeout)
         for leg in state.legs:
             if leg.call is not None and not leg.ended:

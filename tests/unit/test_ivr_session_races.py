@@ -21,6 +21,7 @@ from voice.ivr.call_record import CallResult
 from voice.ivr.flow import FlowParams, FlowSet, load_flows
 from voice.ivr.session import CallSession, SessionDeps
 from voice.media.asr import AsrError, PartialResult, SpeechResult
+from voice.sip.caller_identity import CallerIdentity
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import CallEvent, CallState, Digit, PlayDone
@@ -36,6 +37,7 @@ class ScriptedCall:
     def __init__(self, called: str = "triage") -> None:
         self.id = "call-1"
         self.caller = "+31612345678"
+        self.caller_identity = CallerIdentity.CLAIMED  # its own From, as in direct mode
         self.called = called
         self.cut = ""
         self.commands: list[tuple[str, Any]] = []
@@ -190,7 +192,7 @@ class Rig:
         flowset = flowset or load_flows(flows)  # given: loaded before (not on a loop)
         params = params or FlowParams(speech_enabled=speech)
 
-        async def post(key: str, values: Mapping[str, str], timeout_s: float) -> Any:
+        async def post(key: str, values: Mapping[str, str | bool], timeout_s: float) -> Any:
             return {}
 
         async def save(result: CallResult) -> None:

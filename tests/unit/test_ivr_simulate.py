@@ -463,7 +463,8 @@ def test_a_webhook_after_a_webhook_the_caller_hung_up_during_still_runs(tmp_path
     code, out = run([str(tmp_path / "two.yaml")], [":hangup", "", ""])
     assert code == 0, out
     assert [line for line in out if line.startswith("   webhook scheduling")] == [
-        "   webhook scheduling: {'call_id': 'simulated', 'caller': 'simulated'}"
+        "   webhook scheduling: {'call_id': 'simulated', 'caller': 'simulated', "
+        "'caller_verified': False}"
     ] * 2
     assert "   outcome: booked" in out, out
     assert not [line for line in out if line.startswith("BOT: ")], out

@@ -730,7 +730,7 @@ class CallWorld:
 
         renderer.render = slow_render  # type: ignore[method-assign]
 
-        async def post(key: str, values: Mapping[str, str], timeout_s: float) -> Any:
+        async def post(key: str, values: Mapping[str, str | bool], timeout_s: float) -> Any:
             # As clinic_line's poster: a TimeoutError when no answer came in time.
             if self.auto:
                 return {}

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from voice.ivr.engine import CallRecord
+from voice.sip.caller_identity import CallerIdentity
 
 
 def _iso(ts: float) -> str:
@@ -15,7 +16,8 @@ def _iso(ts: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """One finished call: who, when, and what the engine recorded."""
+    """One finished call: who (and whether anyone vouches for the number), when, and what the
+    engine recorded."""
 
     id: str
     caller: str
@@ -23,12 +25,16 @@ class CallResult:
     started_at: float
     ended_at: float
     record: CallRecord
+    # Whether a trusted hop asserted ``caller`` or the caller only claimed it (its own From):
+    # a call back to a claimed number may reach a stranger.
+    caller_identity: CallerIdentity = CallerIdentity.CLAIMED
 
     def to_json(self) -> dict[str, Any]:
         r = self.record
         return {
             "id": self.id,
             "caller": self.caller,
+            "caller_verified": self.caller_identity is CallerIdentity.ASSERTED,
             "called": self.called,
             "started_at": _iso(self.started_at),
             "ended_at": _iso(self.ended_at),

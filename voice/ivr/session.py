@@ -68,6 +68,7 @@ from voice.media.asr import SpeechResult as HeardSpeech
 from voice.media.endpoint import EndOfSpeech, Endpoint, EndpointConfig, holds_speech
 from voice.media.tones import BEEP, RINGBACK, Tone, tone_wav
 from voice.media.tts import PromptRenderer, TtsError
+from voice.sip.caller_identity import CallerIdentity
 from voice.sip.pool import CallHandle
 from voice.sip.protocol import CallEvent, CallState, Digit, Hold, PlayDone, TransferStatus
 from voice.sip.refer import TransferVerdict, verdict
@@ -97,7 +98,9 @@ RECORD_TERMINATOR = "#"  # ends a voicemail early
 RECORD_NO_SPEECH_S = 12.0
 FRAME_MS = 20  # the pool's audio chunks: 20 ms of PCM16 at 8 kHz
 
-WebhookPoster = Callable[[str, Mapping[str, str], float], Awaitable[Mapping[str, str] | None]]
+# A webhook's values: the step's texts, and caller_verified (a JSON boolean).
+WebhookValues = Mapping[str, str | bool]
+WebhookPoster = Callable[[str, WebhookValues, float], Awaitable[Mapping[str, str] | None]]
 Recorder = Callable[[str, float, bytes], Awaitable[str]]
 Saver = Callable[[CallResult], Awaitable[None]]
 Forgetter = Callable[[str], Awaitable[None]]
@@ -373,7 +376,11 @@ class CallSession:
         now = self._d.clock.now()
         h = self._h
         self._carry_out_live(
-            self._live.write(CallResult(h.id, h.caller, h.called, self._started_at, now, record))
+            self._live.write(
+                CallResult(
+                    h.id, h.caller, h.called, self._started_at, now, record, h.caller_identity
+                )
+            )
         )
 
     async def _refresh_live(self) -> None:
@@ -989,8 +996,15 @@ class CallSession:
 
     async def _webhook(self, action: eng.PostWebhook) -> None:
         # The receiver is told who called and which record to read: "the clinic will call you
-        # back" needs a number to call, and staff the answers behind the request.
-        values = {**action.values, "call_id": self._h.id, "caller": self._h.caller}
+        # back" needs a number to call, and staff the answers behind the request. And whether
+        # that number is only the caller's own From (direct mode: anyone can write any):
+        # calling it back with a health matter may reach a stranger.
+        values: dict[str, str | bool] = {
+            **action.values,
+            "call_id": self._h.id,
+            "caller": self._h.caller,
+            "caller_verified": self._h.caller_identity is CallerIdentity.ASSERTED,
+        }
         unknown = False
         try:
             reply = await self._d.post_webhook(action.url_key, values, action.timeout_s)
@@ -1026,6 +1040,7 @@ class CallSession:
             started_at=self._started_at,
             ended_at=self._d.clock.now(),
             record=record,
+            caller_identity=self._h.caller_identity,
         )
         # The save runs in its own task, shielded: the call's task can be cancelled (pool.stop
         # cancels call tasks at SIGTERM) while it waits for Redis. A cancelled or failed save

@@ -143,7 +143,12 @@ def transfer_events(ending: TransferEnding | None) -> list[Event]:
 # none said, one not saved, a hang-up at the beep; and keys that hold a "#" (_ended_by_hash).
 _RECORDING_REPLIES = frozenset({"", ":silence", ":fail", ":hangup"})
 # What a real call adds to a webhook's values (voice/ivr/session.py), as the simulator shows.
-SIMULATED_CALL_VALUES = {"call_id": "simulated", "caller": "simulated"}
+# A simulated caller's number is nobody's assertion (voice/sip/caller_identity.py).
+SIMULATED_CALL_VALUES: dict[str, str | bool] = {
+    "call_id": "simulated",
+    "caller": "simulated",
+    "caller_verified": False,
+}
 
 
 def _keys(text: str) -> bool:
@@ -620,7 +625,8 @@ def _show(
         output_fn(f"   (listening for {what}, {action.timeout_s:g} s)")
     elif isinstance(action, PostWebhook):
         # As voice/ivr/session.py posts them: the call's id and caller over the flow's own.
-        output_fn(f"   webhook {action.url_key}: {dict(action.values) | SIMULATED_CALL_VALUES}")
+        posted = {**action.values, **SIMULATED_CALL_VALUES}
+        output_fn(f"   webhook {action.url_key}: {posted}")
         return _ask_webhook(input_fn, output_fn)
     elif isinstance(action, TransferCall):
         output_fn(f"   transfer to {action.uri}")

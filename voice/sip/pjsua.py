@@ -1234,9 +1234,11 @@ class Engine:
             call.ended = True
             self._to_refuse.append(call)
             return
-        caller = called = sip_call_id = ""
+        caller = called = sip_call_id = source = ""
         headers: list[tuple[str, str]] = []
         try:
+            # The packet's own source, not a Via or Contact the sender writes.
+            source = str(prm.rdata.srcAddress)
             msg = message.parse(_wire(prm.rdata.wholeMsg))
             sip_call_id = msg.get("Call-ID") or ""
             caller = message.user_part(msg.get("From") or "")
@@ -1251,7 +1253,9 @@ class Engine:
         # No WorkerStatus before it: the IncomingCall carries the free slots, so the pool
         # moves the slot from reserved to in use in one step (see IncomingCall).
         self.emit(
-            IncomingCall(call_id, caller, called, self.free_slots(), tuple(headers), sip_call_id)
+            IncomingCall(
+                call_id, caller, called, self.free_slots(), tuple(headers), sip_call_id, source
+            )
         )
         ring = pj.CallOpParam(True)
         ring.statusCode = SipStatus.RINGING

@@ -48,6 +48,7 @@ from sip_config.clock import Clock
 from sip_config.settings import HostPort, SipSettings
 from sip_config.tasks import wait_ended
 from sip_config.worker_exit import WorkerExit, status_note
+from voice.sip.caller_identity import CallerIdentity, identify
 from voice.sip.outcome import CallOutcome, SipStatus
 from voice.sip.protocol import (
     Answer,
@@ -305,9 +306,12 @@ class CallHandle:
         caller: str = "",
         called: str = "",
         headers: Mapping[str, str] | None = None,
+        caller_identity: CallerIdentity = CallerIdentity.CLAIMED,
     ) -> None:
         self.id = call_id
         self.caller = caller
+        # Whether a trusted hop asserted ``caller`` (voice/sip/caller_identity.py).
+        self.caller_identity = caller_identity
         self.called = called
         self.headers: Mapping[str, str] = MappingProxyType(dict(headers or {}))
         self.outcome: CallOutcome | None = None
@@ -1215,8 +1219,17 @@ class SipPool:
         w.free_slots = ev.free_slots
         if w.reserved:
             self._arrived(w, ev.sip_call_id)
+        # The number a trusted peer asserted (P-Asserted-Identity), or the From the caller
+        # wrote, only claimed (CLINIC_SIP_TRUSTED_PEERS).
+        who = identify(ev.caller, ev.headers, ev.source, self._settings.trusted_peers)
         handle = CallHandle(
-            self, w, ev.call_id, caller=ev.caller, called=ev.called, headers=dict(ev.headers)
+            self,
+            w,
+            ev.call_id,
+            caller=who.number,
+            called=ev.called,
+            headers=dict(ev.headers),
+            caller_identity=who.identity,
         )
         w.calls[ev.call_id] = handle
         handler = self._handler

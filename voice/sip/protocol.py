@@ -170,6 +170,9 @@ class IncomingCall:
     free_slots: int
     headers: Headers = ()
     sip_call_id: str = ""
+    # Where the INVITE came from, as pjsip saw the packet ("127.0.0.1:5060", "[::1]:5060"):
+    # whether its P-Asserted-Identity is believed (voice/sip/caller_identity.py); "" unknown.
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
