@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import logging
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from clinic_voice.app import Runtime
+from clinic_voice.disk_space import read_free_bytes
 from clinic_voice.metrics import Metrics
 from sip_config.settings import Settings, SettingsError
 from sip_config.tasks import watch
@@ -22,6 +25,7 @@ from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
 from voice.ivr.journal import REPLAY_EVERY_S, CallJournal, RecordsOnDisk
 from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStoreUnavailable
+from voice.ivr.voicemail_budget import MB, Budget, Refusal, VoicemailBudget, sealed_size
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import AsrError, SpeechModel, model_folder_fault, read_model_folder
 from voice.media.model_probe import PROOF_FILE, prove_model
@@ -144,6 +148,14 @@ class ClinicLine:
         self._a_call_ended = asyncio.Event()  # set as each session ends (_all_ended waits)
         self._closing: asyncio.Task[None] | None = None  # the stop's drain (begin_close)
         self._drain_cut = asyncio.Event()  # the stop was asked for again (end_drain)
+        ivr = settings.ivr
+        budget = Budget(
+            ivr.voicemail_min_free_bytes, ivr.voicemail_max_bytes, ivr.voicemail_per_caller_day
+        )
+        self._budget = VoicemailBudget(budget, rt.clock)
+        # The budget names callers by a keyed digest: no number held in clear in memory. The
+        # key is this process's (the counts are too).
+        self._caller_key = secrets.token_bytes(32)
         # A flow's webhook step names a URL key: the setting that gives its URL, and the URL
         # ("" when not set).
         self._webhooks = {
@@ -288,6 +300,8 @@ class ClinicLine:
             speech=speech,
             post_webhook=self._post_webhook,
             save_recording=self._save_recording,
+            admit_message=self._admit_message,
+            message_done=self._budget.release,
             save=self._save,
             keep=self._keep,
             clock=self._rt.clock,
@@ -557,6 +571,51 @@ class ClinicLine:
         """Voicemail is health data: sealed like call records, in the data dir, and kept as
         long as the call's record (both from the call's start)."""
         return await self._rt.need_voicemails().save(call_id, pcm, started_at=started_at)
+
+    async def _admit_message(self, call_id: str, caller: str, max_s: int) -> str:
+        """Why no message may be recorded for ``call_id`` now ("" when one may): the
+        voicemail's budget (voice/ivr/voicemail_budget.py), from the data dir's free space
+        (read in a thread of its own) and the messages' bytes (in a thread). Logged once per
+        change of the line's state, never per call, and never with the caller's number."""
+        free = await read_free_bytes(self._settings.data_dir)
+        used = await self._rt.need_voicemails().used_bytes()
+        name = hashlib.blake2b(caller.encode(), key=self._caller_key, digest_size=16).hexdigest()
+        decision = self._budget.admit(call_id, name, max_s, free=free, used=used)
+        refusal = decision.refusal
+        budget = self._budget.budget
+        if decision.changed:
+            if refusal is Refusal.DISK_LOW:
+                log.warning(
+                    "call %s: voicemail: no new message is recorded, the data dir keeps "
+                    "too little free (free: %s, CLINIC_VOICEMAIL_MIN_FREE_MB=%d, a message "
+                    "takes up to %d MiB): callers are put through to a human",
+                    call_id,
+                    "unreadable" if free is None else f"{free // MB} MiB",
+                    budget.min_free_bytes // MB,
+                    -(-sealed_size(max_s) // MB),
+                )
+            elif refusal is Refusal.FULL:
+                log.warning(
+                    "call %s: voicemail: no new message is recorded, the messages take %d MiB "
+                    "of CLINIC_VOICEMAIL_MAX_MB=%d: callers are put through to a human",
+                    call_id,
+                    (used + self._budget.reserved_bytes) // MB,
+                    budget.max_bytes // MB,
+                )
+            else:
+                log.warning("call %s: voicemail: messages are recorded again", call_id)
+        if decision.first_for_caller:
+            log.warning(
+                "call %s: voicemail: its calling number left %d messages in 24 h "
+                "(CLINIC_VOICEMAIL_PER_CALLER_DAY): no more recorded for it for now; put "
+                "through to a human",
+                call_id,
+                budget.per_caller_day,
+            )
+        if refusal is None:
+            return ""
+        self._rt.metrics.voicemail_refused.inc(reason=refusal.value)
+        return refusal.value
 
     async def _sweep_voicemail(self) -> None:
         """Delete messages past their call's retention (from its start, as its record's): at

@@ -74,6 +74,22 @@ def _read_in_own_thread(path: Path) -> asyncio.Future[int]:
     return done
 
 
+async def read_free_bytes(path: Path, limit_s: float = READ_LIMIT_S) -> int | None:
+    """:func:`free_bytes` of ``path`` now, read in a daemon thread of its own (never on the
+    loop, never holding the exit); None when the read fails or has not answered within
+    ``limit_s`` (the caller decides what an unreadable disk means)."""
+    reading = _read_in_own_thread(path)
+    try:
+        done, _ = await asyncio.wait({reading}, timeout=limit_s)
+        if not done:
+            return None
+        return reading.result()
+    except OSError:
+        return None
+    finally:
+        reading.cancel()
+
+
 async def show_free_space(
     gauge: Gauge, path: Path, every_s: float = EVERY_S, limit_s: float | None = None
 ) -> None:

@@ -180,6 +180,14 @@ class Metrics:
             "clinic_deliveries_total", "channel delivery reports by channel and outcome"
         )
         self.calls = Counter("clinic_calls_total", "clinic-line calls by outcome")
+        # The voicemail's budget (voice/ivr/voicemail_budget.py), fed by serve's clinic line.
+        self.voicemail_refused = Counter(
+            "clinic_voicemail_refused_total",
+            "voicemail messages not recorded for the voicemail's budget, by reason: disk_low "
+            "(CLINIC_VOICEMAIL_MIN_FREE_MB), voicemail_full (CLINIC_VOICEMAIL_MAX_MB), "
+            "caller_limit (CLINIC_VOICEMAIL_PER_CALLER_DAY); the caller was put through to a "
+            "human",
+        )
         self.webhooks = Counter(
             "clinic_webhooks_total",
             "webhook POSTs by outcome: delivered, retry (failed, tried again later), given_up "
@@ -274,6 +282,7 @@ class Metrics:
             self.verifications,
             self.deliveries,
             self.calls,
+            self.voicemail_refused,
             self.webhooks,
             self.sip_worker_restarts,
             self.sip_kept_for_callers,

@@ -404,6 +404,28 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("CLINIC_CALL_RETENTION_DAYS", "30", "days call records are kept (1..3650)"),
     Variable(
+        "CLINIC_VOICEMAIL_MIN_FREE_MB",
+        "1024",
+        "MiB the data dir keeps free of voicemail (0..1048576): a message is recorded only "
+        "when, written at its longest, at least this much stays free for the embedded Redis "
+        'and the call records (a full disk stops them: README "A full or read-only disk"); '
+        "else the caller is put through to a human, as for a message that could not be saved",
+    ),
+    Variable(
+        "CLINIC_VOICEMAIL_MAX_MB",
+        "4096",
+        "MiB all voicemail messages may take together (1..1048576; a minute of message takes "
+        "2.5 MiB sealed); past it, no new message is recorded until the retention sweep or "
+        "erasures free room",
+    ),
+    Variable(
+        "CLINIC_VOICEMAIL_PER_CALLER_DAY",
+        "5",
+        "messages one calling number may leave in 24 hours (0..1000; 0: no limit); callers "
+        "that withhold their number count as one number; counted by each `serve` since its "
+        "start",
+    ),
+    Variable(
         "CLINIC_CALL_DRAIN_S",
         "20",
         "on a stop (SIGTERM), how long calls in progress may go on (0..3600 s; new calls get "
@@ -560,6 +582,10 @@ class IvrSettings:
     # CLINIC_NURSE_HOURS in CLINIC_TIMEZONE (no closed dates): when the nurse line is staffed.
     nurse_hours: OpeningHours = field(default_factory=lambda: always_open(datetime.UTC))
     nurse_hours_set: bool = False  # CLINIC_NURSE_HOURS given
+    # CLINIC_VOICEMAIL_*: the voicemail's budget (voice/ivr/voicemail_budget.py), in bytes.
+    voicemail_min_free_bytes: int = 1024 * 1024 * 1024
+    voicemail_max_bytes: int = 4096 * 1024 * 1024
+    voicemail_per_caller_day: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -1038,6 +1064,9 @@ def _build(r: _Reader) -> Settings:
         out_of_hours_number=r.parse("CLINIC_OUT_OF_HOURS_NUMBER", _phone_digits),
         nurse_hours=_nurse_hours(r),
         nurse_hours_set=bool(r.raw("CLINIC_NURSE_HOURS")),
+        voicemail_min_free_bytes=r.integer("CLINIC_VOICEMAIL_MIN_FREE_MB", 0, 1 << 20) << 20,
+        voicemail_max_bytes=r.integer("CLINIC_VOICEMAIL_MAX_MB", 1, 1 << 20) << 20,
+        voicemail_per_caller_day=r.integer("CLINIC_VOICEMAIL_PER_CALLER_DAY", 0, 1000),
     )
     redis_url = r.url("CLINIC_REDIS_URL", ("redis://", "rediss://", "unix://"))
     if redis_url and r.given("CLINIC_REDIS_APPENDFSYNC"):

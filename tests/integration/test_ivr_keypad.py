@@ -946,6 +946,49 @@ async def test_a_message_that_cannot_be_saved_goes_to_staff(
     assert record["transfer_target"] == line.settings.ivr.staff_uri, record
 
 
+async def test_no_message_is_recorded_past_the_voicemail_cap_and_staff_take_it(
+    line: ClinicLine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages at CLINIC_VOICEMAIL_MAX_MB (voice/ivr/voicemail_budget.py): no new one is
+    recorded, the caller is put through to staff as for one that could not be saved, the
+    record says why, /metrics counts it, and one WARNING (no caller number) tells why."""
+    message = await tone_message(tmp_path)
+    folder = line.settings.data_dir / "voicemail"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    # The messages already there take the whole cap: a sparse file, no disk used.
+    filler = folder / "in-budget-filler-0badf00d.sealed"
+    with filler.open("wb") as f:
+        f.truncate(line.settings.ivr.voicemail_max_bytes)
+    metrics = line.app[RUNTIME].metrics
+    refused = metrics.voicemail_refused.value(reason="voicemail_full")
+    caplog.set_level(logging.INFO)
+    before = await line.call_ids()
+    try:
+        async with phones() as started:
+            caller = await Phone.start(
+                "caller", "--call", line.uri("6000"), "--dtmf", f"{PRESCRIPTION_KEYS},#@15.0",
+                "--play", str(message), "--duration", "22",
+            )  # fmt: skip
+            started.append(caller)
+            await caller.finish(CALL_S)
+        record = await line.new_record(before)
+    finally:
+        filler.unlink()
+    assert steps(record, "record") == [("message", "voicemail_full")], record["path"]
+    assert "prescription_message" not in record["values"], record["values"]
+    assert record["outcome"] in {"transfer_staff", "transfer_failed"}, record
+    assert record["transfer_target"] == line.settings.ivr.staff_uri, record
+    assert not [p.name for p in folder.glob(f"{record['id']}-*")], "a message was written"
+    assert metrics.voicemail_refused.value(reason="voicemail_full") == refused + 1
+    told = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "CLINIC_VOICEMAIL_MAX_MB" in r.getMessage()
+    ]
+    assert len(told) == 1 and record["id"] in told[0].getMessage(), told
+    assert record["caller"] not in (told[0].args or ()), told[0].getMessage()
+
+
 def tone_runs(pcm: Pcm, hz: int, min_s: float = 0.15) -> list[tuple[float, float]]:
     """(start, end) seconds of the runs of 20 ms frames that are a pure ``hz`` tone.
 

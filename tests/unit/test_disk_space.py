@@ -162,3 +162,27 @@ def test_a_read_that_never_answers_does_not_hold_the_exit() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not exit within 20 s of its reading being cancelled")
     assert done.returncode == 0 and done.stdout == "exited\n", done.stderr
+
+
+async def test_read_free_bytes_reads_now_and_none_when_it_cannot(tmp_path: Path) -> None:
+    """The voicemail's budget reads the free space per message: a number, or None (never an
+    exception, never a wait past its limit)."""
+    free = await disk_space.read_free_bytes(tmp_path)
+    assert free is not None and abs(free - _avail(tmp_path)) < SLACK
+    assert await disk_space.read_free_bytes(tmp_path / "gone") is None
+
+
+async def test_read_free_bytes_gives_up_on_a_disk_that_does_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+
+    def hang(path: Path) -> int:
+        release.wait(10)
+        return 1
+
+    monkeypatch.setattr(disk_space, "free_bytes", hang)
+    try:
+        assert await disk_space.read_free_bytes(tmp_path, limit_s=0.05) is None
+    finally:
+        release.set()

@@ -966,6 +966,21 @@ def test_a_prompt_with_the_calls_values_is_private(engine: Engine) -> None:
     assert (plays[0].text, plays[0].private) == ("Hello from Oak.", False)
 
 
+@pytest.mark.parametrize("refused", ["disk_low", "voicemail_full", "caller_limit"])
+def test_a_message_refused_by_the_budget_goes_to_staff_and_says_why(
+    engine: Engine, refused: str
+) -> None:
+    """No message recorded (voice/ivr/voicemail_budget.py): as one that could not be saved
+    (the caller is told and put through to staff), the record's path naming why."""
+    state, steps = feed(engine, [Digit("2"), DONE, RecordDone(refused=refused)])
+    assert texts(steps[-1])[0].startswith("Sorry, your message could not be saved.")
+    for event in (DONE, TransferResult(True)):
+        state, _ = engine.handle(state, event)
+    assert state.value("message") is None
+    assert [s.value for s in state.path if s.input == "record"] == [refused]
+    assert state.outcome == "transfer_staff"
+
+
 @pytest.mark.parametrize("silent", [True, False])
 def test_a_message_not_kept_is_never_recorded_as_one(engine: Engine, silent: bool) -> None:
     events: list[Event] = [Digit("2"), DONE, RecordDone(silent=silent)]
@@ -1366,6 +1381,7 @@ def test_a_message_left_when_nobody_answers_is_kept_for_a_call_back(engine: Engi
     [
         (RecordDone(duration_s=20, silent=True), "Sorry, I did not hear a message.", "silent"),
         (RecordDone(duration_s=9), "Sorry, your message could not be saved.", "not_saved"),
+        (RecordDone(refused="disk_low"), "Sorry, your message could not be saved.", "disk_low"),
     ],
 )
 def test_no_message_kept_after_a_failed_transfer_ends_as_before(

@@ -250,3 +250,64 @@ async def test_a_caller_who_hangs_up_at_the_beep_of_the_message_leaves_none() ->
     assert [(s.input, s.value) for s in record.path][-1] == ("record", "silent")
     assert MESSAGE_VALUE not in dict(record.values)
     assert not any("call again later" in text for _, text in rig.call.plays())
+
+
+# -- the voicemail's budget (voice/ivr/voicemail_budget.py) ----------------------------------
+
+
+def _budgeted(rig: Rig, refusal: str) -> tuple[list[tuple[str, str, int]], list[bool], list[bytes]]:
+    """``rig``'s session with a budget answering ``refusal`` ("": admitted): the admissions
+    asked, the ends told, the messages saved."""
+    asked: list[tuple[str, str, int]] = []
+    ended: list[bool] = []
+    saved: list[bytes] = []
+
+    async def admit(call_id: str, caller: str, max_s: int) -> str:
+        asked.append((call_id, caller, max_s))
+        return refusal
+
+    async def save_recording(call_id: str, started_at: float, pcm: bytes) -> str:
+        saved.append(pcm)
+        return "rec-1"
+
+    rig.deps = replace(
+        rig.deps,
+        admit_message=admit,
+        message_done=lambda call_id, kept: ended.append(kept),
+        save_recording=save_recording,
+    )
+    rig.session = CallSession(cast(CallHandle, rig.call), rig.deps)
+    return asked, ended, saved
+
+
+def test_a_message_the_budget_refuses_is_not_recorded_and_the_record_says_why() -> None:
+    async def body(rig: Rig) -> None:
+        asked, ended, saved = _budgeted(rig, "voicemail_full")
+        await _transferring(rig)
+        rig.call.send(_status(486, True))
+        rig.call.send(_done(await rig.until_prompt("nobody can take your call")))
+        await rig.until_prompt("could not be saved")
+        assert not any("beep" in text for _, text in rig.call.plays()), rig.call.plays()
+        record = await _ended(rig)
+        assert asked == [(rig.call.id, rig.call.caller, 60)]
+        assert saved == [] and ended == []  # nothing recorded, nothing reserved
+        assert [s.value for s in record.path if s.input == "record"] == ["voicemail_full"]
+        assert MESSAGE_VALUE not in dict(record.values)
+
+    _on_virtual_time(body)
+
+
+@pytest.mark.parametrize("speaks", [True, False])
+def test_a_message_admitted_is_released_kept_or_not(speaks: bool) -> None:
+    async def body(rig: Rig) -> None:
+        asked, ended, saved = _budgeted(rig, "")
+        await _recording_a_message(rig)
+        if speaks:
+            rig.call.speak(*[LOUD] * 25)
+        rig.call.send(_digit("#"))
+        await rig.until_prompt("Your message has been recorded" if speaks else "did not hear")
+        await _ended(rig)
+        assert len(asked) == 1 and len(saved) == int(speaks)
+        assert ended == [speaks]
+
+    _on_virtual_time(body)

@@ -52,6 +52,7 @@ from verification.outage_log import OutageLog
 from verification.rules import DeliveryKind
 from verification.wording import WORDINGS
 from voice.ivr import api as calls_api
+from voice.ivr.voicemail_budget import Refusal
 from voice.sip import flash_dialog, pool
 from voice.sip.pool import WorkerState
 
@@ -414,6 +415,8 @@ def test_the_metrics_label_values_are_the_codes() -> None:
         assert f"`{status.value}`" in row["clinic_verifications_total"], status
     for state in WorkerState:
         assert f"`{state.value}`" in row["clinic_sip_workers"], state
+    for refusal in Refusal:
+        assert f"`{refusal.value}`" in row["clinic_voicemail_refused_total"], refusal
     assert "restarted after a backoff of up to 5 s" in row["clinic_sip_workers"]
     assert pool._BACKOFF_MAX_S == 5
 

@@ -188,3 +188,15 @@ async def test_a_message_is_dated_by_its_calls_start(tmp_path: Path) -> None:
     assert not await vm.holds("in-1", started + 30 * 86400)
     assert vm.sweep(30 * 86400, started + 30 * 86400) == 0
     assert vm.sweep(30 * 86400, started + 30 * 86400 + 1) == 1
+
+
+async def test_the_messages_used_bytes_count_sealed_files_and_cut_writes(tmp_path: Path) -> None:
+    """What the voicemail's budget counts (voice/ivr/voicemail_budget.py): every message's
+    file, a write cut short included, and nothing else in the folder."""
+    folder = tmp_path / "voicemail"
+    vm = _voicemails(folder)
+    assert await vm.used_bytes() == 0  # no folder yet
+    name = await vm.save("in-1-2", PCM)
+    (folder / f".{name[:-7]}x.sealed.abc.tmp").write_bytes(b"x" * 100)
+    (folder / "notes.txt").write_bytes(b"y" * 1000)
+    assert await vm.used_bytes() == (folder / name).stat().st_size + 100

@@ -284,12 +284,21 @@ class RecordDone:
     """A recording ended; ``ref`` names it for the call record (a file name, not audio).
 
     No ``ref``: nothing was kept, because the caller said nothing (``silent``: asked once
-    more, then a human) or because it could not be saved (a human takes the request).
+    more, then a human) or because it could not be saved (a human takes the request);
+    ``refused`` names why no message was recorded at all (the voicemail's budget:
+    voice/ivr/voicemail_budget.py), taken as one that could not be saved, and the record's
+    path says it in place of ``not_saved``.
     """
 
     ref: str = ""
     duration_s: float = 0.0
     silent: bool = False
+    refused: str = ""
+
+    @property
+    def why_not_kept(self) -> str:
+        """The record's path step for a message not kept."""
+        return "silent" if self.silent else self.refused or "not_saved"
 
 
 @dataclass(frozen=True, slots=True)
@@ -801,7 +810,7 @@ class Engine:
             state = self._step(state, "record", f"{ev.duration_s:.0f}s")
             return self._enter(state, flow, node.next, [])
         # Nothing kept: never "your request has been recorded" for a message nobody can hear.
-        state = self._step(state, "record", "silent" if ev.silent else "not_saved")
+        state = self._step(state, "record", ev.why_not_kept)
         if ev.silent and state.noinput == 0:
             state = replace(
                 state, noinput=1, phase=Phase.PLAYING, pending=Pending.RECORD, barge_in=False
@@ -1549,7 +1558,7 @@ class Engine:
             return self._last_words(
                 state, flow, flow.texts("message_kept"), outcome=MESSAGE_OUTCOME
             )
-        state = self._step(state, "record", "silent" if ev.silent else "not_saved")
+        state = self._step(state, "record", ev.why_not_kept)
         if state.close is not Close.OPEN:
             # The stop ended the recording (during the beep, or before a word): not the
             # caller's silence. The closing notice, and a call back (cut_shutdown).

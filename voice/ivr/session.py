@@ -104,6 +104,7 @@ WebhookPoster = Callable[[str, WebhookValues, float], Awaitable[Mapping[str, str
 Recorder = Callable[[str, float, bytes], Awaitable[str]]
 Saver = Callable[[CallResult], Awaitable[None]]
 Forgetter = Callable[[str], Awaitable[None]]
+Admitter = Callable[[str, str, int], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,12 @@ class SessionDeps:
     # during it (voice/ivr/journal.py, voice/ivr/live_record.py).
     begin: Saver | None = None
     end: Forgetter | None = None
+    # (call id, caller, max_s) -> why no message may be recorded now ("" when one may: it
+    # is then reserved until ``message_done``): the voicemail's budget
+    # (voice/ivr/voicemail_budget.py). None: no budget.
+    admit_message: Admitter | None = None
+    # (call id, kept): the message admitted ended, saved or not.
+    message_done: Callable[[str, bool], None] | None = None
     # The calls come through a PBX (CLINIC_SIP_REGISTRAR set), which takes the caller from
     # our line when it accepts a REFER: a failure it reports after that reached nobody, and
     # nothing here can reach the caller again (voice/sip/refer.py). False: the caller's own
@@ -921,6 +928,40 @@ class CallSession:
             log.warning("call %s: no end of the beep within %s s", self._h.id, BEEP_WAIT_S)
 
     async def _record(self, max_s: int) -> None:
+        refused = await self._admit(max_s)
+        if refused:
+            # No beep, nothing recorded: the engine takes it as a message that could not be
+            # saved (a human takes the request), its path naming why.
+            self._recorded(eng.RecordDone(refused=refused))
+            return
+        done: eng.RecordDone | None = None
+        try:
+            done = await self._record_message(max_s)
+        finally:
+            if self._d.message_done is not None:  # even cancelled: the reservation goes
+                self._d.message_done(self._h.id, done is not None and bool(done.ref))
+        self._recorded(done)
+
+    async def _admit(self, max_s: int) -> str:
+        """Why no message may be recorded now (the voicemail's budget), "" when one may."""
+        if self._d.admit_message is None:
+            return ""
+        try:
+            return await self._d.admit_message(self._h.id, self._h.caller, max_s)
+        except Exception:
+            # A defect in the budget must not cost the caller the message: the save's own
+            # failure still puts them through to a human.
+            log.exception("call %s: the voicemail's budget could not be checked", self._h.id)
+            return ""
+
+    def _recorded(self, done: eng.RecordDone) -> None:
+        self._events.put_nowait(done)
+        self._record_open = False
+        if self._hangup_after_record:
+            self._events.put_nowait(eng.HangUp(self._h.cut))
+        self._rearm_hold_limit()
+
+    async def _record_message(self, max_s: int) -> eng.RecordDone:
         if not self._audio_on:
             self._audio_on = True
             await self._h.start_listen()
@@ -952,11 +993,7 @@ class CallSession:
             await asyncio.gather(*waits, return_exceptions=True)
         chunks, self._recording = self._recording, None
         pcm = b"".join(chunks or [])
-        self._events.put_nowait(await self._keep(pcm))
-        self._record_open = False
-        if self._hangup_after_record:
-            self._events.put_nowait(eng.HangUp(self._h.cut))
-        self._rearm_hold_limit()
+        return await self._keep(pcm)
 
     def _start_mute_guard(self) -> None:
         """(Re)start the no-speech guard of the message being recorded, in full; not while

@@ -17,6 +17,7 @@ one back as WAV.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -177,6 +178,22 @@ class Voicemails:
 
     def _erase(self, call_id: str) -> int:
         return sum(remove_file(self._folder / name) for name in self._names_of(call_id))
+
+    async def used_bytes(self) -> int:
+        """Bytes the folder's messages take (writes under way and cut short included), for
+        the voicemail's budget (voice/ivr/voicemail_budget.py). A stat per file, in a
+        thread: ~2 ms for a thousand messages."""
+        return await asyncio.to_thread(self._used_bytes)
+
+    def _used_bytes(self) -> int:
+        if not self._folder.is_dir():
+            return 0
+        total = 0
+        for pattern in ("*.sealed", ".*.tmp"):
+            for path in self._folder.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):  # swept or erased meanwhile
+                    total += path.stat().st_size
+        return total
 
     def sweep(self, older_than_s: float, now: float) -> int:
         """Delete messages older than ``older_than_s``: of calls that began longer ago (a
