@@ -58,7 +58,11 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
         # Fixed prompts are cached in prompts/; a call's own texts go to a private folder (on
         # tmpfs when there is one, else private/), never cached.
         private = PrivateFolder(settings.data_dir)
-        rt.renderer = PromptRenderer(settings.data_dir / "prompts", private)
+        rt.renderer = PromptRenderer(
+            settings.data_dir / "prompts",
+            private,
+            words_per_minute=settings.tts_words_per_minute,
+        )
         # A process killed during a voice call leaves its code's file behind: remove it.
         stale = await asyncio.to_thread(
             spoken_code.remove_stale, private, STALE_CODE_FILE_S, time.time()

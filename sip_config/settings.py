@@ -336,6 +336,13 @@ VARIABLES: tuple[Variable, ...] = (
         "`serve` and in `flow simulate --speech`",
     ),
     Variable(
+        "CLINIC_TTS_WORDS_PER_MINUTE",
+        "175",
+        "how fast the spoken prompts and voice codes are said, 80..300 words a minute "
+        "(espeak-ng's own speed is 175; 140-160 suits older and hard-of-hearing callers "
+        "better, and makes every prompt longer); a change renders every prompt anew",
+    ),
+    Variable(
         "CLINIC_STAFF_URI",
         "sip:6200@127.0.0.1:5160",
         "where 0 (staff) transfers to; a sip: or sips: URI with a host (one without, such as "
@@ -346,7 +353,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CLINIC_EMERGENCY_NUMBER",
         "112",
-        "the emergency number the bot tells callers (2..15 digits)",
+        "the emergency number the bot tells callers (2..15 digits), read out digit by digit",
     ),
     Variable(
         "CLINIC_OPENING_HOURS",
@@ -607,6 +614,8 @@ class Settings:
     sms: SmsSettings
     sip: SipSettings
     ivr: IvrSettings
+    # CLINIC_TTS_WORDS_PER_MINUTE: how fast every prompt is spoken (voice.media.tts).
+    tts_words_per_minute: int = 175
     # CLINIC_PREVIOUS_SECRETS, in the order given: tried after the secret, never used to make
     previous_secrets: tuple[str, ...] = ()
 
@@ -1099,6 +1108,7 @@ def _build(r: _Reader) -> Settings:
         sms=sms,
         sip=sip,
         ivr=ivr,
+        tts_words_per_minute=r.integer("CLINIC_TTS_WORDS_PER_MINUTE", 80, 300),
     )
 
 

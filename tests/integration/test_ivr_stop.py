@@ -55,7 +55,7 @@ from tests.peers.ivr_rig import (
 )
 from verification.redis_mux import RedisMux
 from voice.ivr.engine import LOST_OUTCOME
-from voice.ivr.flow import SYSTEM_TEXTS
+from voice.ivr.flow import SYSTEM_TEXTS, spoken_number
 from voice.ivr.journal import LIVE_FOLDER
 from voice.ivr.store import CallStore
 from voice.media.audio_match import rank
@@ -114,11 +114,13 @@ def wav_pcm(path: Path) -> bytes:
 
 async def notices(renderer: PromptRenderer, emergency_number: str) -> dict[str, bytes]:
     """The English closing and transfer_failed notices as ``renderer`` renders them (8 kHz
-    PCM): what the end of a recorded call is ranked against."""
+    PCM): what the end of a recorded call is ranked against. The number is read out digit
+    by digit, as the engine has it said."""
+    spoken = spoken_number(emergency_number)
     return {
         key: wav_pcm(
             await renderer.render(
-                SYSTEM_TEXTS["en"][key].format(emergency_number=emergency_number), voice="en"
+                SYSTEM_TEXTS["en"][key].format(emergency_number=spoken), voice="en"
             )
         )
         for key in ("closing", "transfer_failed")

@@ -155,6 +155,28 @@ async def test_long_prompt_is_as_long_as_espeak_ng_says_it(tmp_path: Path) -> No
     assert abs(ours - expected) < 0.01 * expected, f"ours {ours:.2f} s, espeak-ng {expected:.2f} s"
 
 
+async def test_the_speed_setting_slows_the_prompts_as_espeak_ng_does(tmp_path: Path) -> None:
+    # CLINIC_TTS_WORDS_PER_MINUTE: 140 words a minute for older callers is as espeak-ng -s 140
+    # says it, a quarter longer than its own 175.
+    text = "Is there chest pain or pressure on the chest? Press 1 for yes. Press 2 for no."
+    cli = tmp_path / "cli.wav"
+    proc = await asyncio.create_subprocess_exec(
+        "espeak-ng", "-v", "en", "-s", "140", "-w", str(cli), text
+    )
+    assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+    expected = read_wav(cli).duration_s
+    prompts = tmp_path / "p"
+    slow = PromptRenderer(prompts, words_per_minute=140)
+    brisk = PromptRenderer(prompts)
+    slow_s = read_wav(await slow.render(text, rate_hz=8000)).duration_s
+    brisk_s = read_wav(await brisk.render(text, rate_hz=8000)).duration_s
+    assert abs(slow_s - expected) < 0.01 * expected, f"ours {slow_s:.2f} s, cli {expected:.2f} s"
+    assert slow_s > 1.15 * brisk_s, f"140 wpm: {slow_s:.2f} s, 175 wpm: {brisk_s:.2f} s"
+    # The speed stays with the renderer: the next one at 175 is not slowed by the last.
+    again_s = read_wav(await brisk.render(text + " ", rate_hz=8000)).duration_s
+    assert abs(again_s - brisk_s) < 0.05 * brisk_s
+
+
 async def test_a_callers_prompt_goes_before_background_prerendering(tmp_path: Path) -> None:
     renderer = PromptRenderer(tmp_path)
     many = [f"Background prompt number {n}, to fill the queue." for n in range(40)]
@@ -254,7 +276,9 @@ async def test_serves_start_sweeps_every_private_folder_of_its_chain(tmp_path: P
     (tmpfs, the data dir, the temporary folder): the next start removes them from all, and
     its own renderer writes to the first (tmpfs here)."""
     data = tmp_path / "data"
-    settings = Settings.from_env({"CLINIC_DATA_DIR": str(data)})
+    settings = Settings.from_env(
+        {"CLINIC_DATA_DIR": str(data), "CLINIC_TTS_WORDS_PER_MINUTE": "150"}
+    )
     chain = await asyncio.to_thread(PrivateFolder(data).chain)
     old = time.time() - 3600
 
@@ -275,6 +299,7 @@ async def test_serves_start_sweeps_every_private_folder_of_its_chain(tmp_path: P
         await started.__anext__()  # serve's start, up to where it serves
         left = await asyncio.to_thread(lambda: [p for f in chain for p in f.iterdir()])
         assert left == [], f"a killed run's private files survived the start: {left}"
+        assert rt.renderer.words_per_minute == 150  # CLINIC_TTS_WORDS_PER_MINUTE reaches it
         wav = await rt.renderer.render_private("Your appointment is on Tuesday.")
         assert wav.parent == chain[0]
         await asyncio.to_thread(wav.unlink)

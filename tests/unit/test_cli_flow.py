@@ -61,7 +61,7 @@ def test_simulate_options_reach_the_simulator(
     assert main([*argv, "--transfer-fails", "--emergency-number", "999"]) == 0
     out = capsys.readouterr().out
     assert "(listening for keys or speech" in out
-    assert "hang up and call 999." in out
+    assert "hang up and call 9 9 9." in out
     assert "   outcome: message_left" in out  # the transfer to staff failed
 
 

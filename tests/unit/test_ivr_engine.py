@@ -120,7 +120,7 @@ def texts(actions: list[Action]) -> list[str]:
 
 DONE = PromptDone()
 OFFER = (
-    "Sorry, nobody can take your call right now. If this is an emergency, hang up and call 112 "
+    "Sorry, nobody can take your call right now. If this is an emergency, hang up and call 1 1 2 "
     "now. Otherwise, after the tone, please say your name, your date of birth and why you are "
     "calling, and the clinic will call you back. Press hash when you are done."
 )
@@ -643,7 +643,7 @@ def test_an_urgent_caller_whose_nurse_transfer_fails_is_put_through_to_staff(
     assert [a.uri for a in actions if isinstance(a, TransferCall)] == [NURSE, STAFF]
     said = " ".join(texts(actions))
     assert "I am trying someone else at the clinic" in said
-    assert "Please hang up now and call 112." in said
+    assert "Please hang up now and call 1 1 2." in said
     assert "call again later" not in said  # never to a caller at U1
     store = record_of(actions)
     assert (store.record.urgency, store.record.outcome) == (Urgency.U1, "transfer_failed")
@@ -678,7 +678,7 @@ def test_an_urgent_caller_nobody_reached_is_never_asked_for_a_message(
     _, actions = script_call(engine, "triage", answers, transfer=TransferEnding.FAILS)
     assert not any(isinstance(a, RecordAudio) for a in actions)
     assert texts(actions)[-1] == (
-        "Sorry, I could not reach anyone at the clinic. Please hang up now and call 112."
+        "Sorry, I could not reach anyone at the clinic. Please hang up now and call 1 1 2."
     )
     assert record_of(actions).record.outcome == "transfer_failed"
 
@@ -1216,7 +1216,7 @@ def _triage_to_same_day(shipped: FlowSet) -> tuple[Engine, CallState]:
 def test_a_zero_during_a_triage_request_hears_the_advice_before_the_nurse(
     shipped: FlowSet,
 ) -> None:
-    # The advice ("see a doctor today; if it gets worse, call 112") is the triage's last
+    # The advice ("see a doctor today; if it gets worse, call 1 1 2") is the triage's last
     # word: a 0 must not skip it, and the record keeps what was advised.
     engine, state = _triage_to_same_day(shipped)
     state, _ = engine.handle(state, Digit("0"))
@@ -1224,7 +1224,7 @@ def test_a_zero_during_a_triage_request_hears_the_advice_before_the_nurse(
     while state.pending is not Pending.TRANSFER:
         state, actions = engine.handle(state, DONE)
     (said,) = texts(actions)
-    assert "112" in said and said.endswith("Connecting you to a nurse."), said
+    assert "1 1 2" in said and said.endswith("Connecting you to a nurse."), said
     assert state.triage_action is not None and state.outcome == "transfer_nurse"
 
 
@@ -1245,7 +1245,7 @@ def test_a_stop_does_not_cut_a_booking_s_confirmation_nor_undo_its_outcome(
 
 CLOSING = (
     "Sorry, this line has to close for a few minutes. If this is an emergency, hang up and "
-    "call 112 now. Otherwise please call again later."
+    "call 1 1 2 now. Otherwise please call again later."
 )
 NOTICE = [("StopPlay", ""), ("Play", CLOSING)]
 
@@ -1318,7 +1318,7 @@ def test_a_stop_then_a_failed_transfer_says_why_it_ends(engine: Engine) -> None:
     state, _ = feed(engine, [DONE, Digit("0"), LineClosing(), DONE])
     state, actions = engine.handle(state, TransferResult(False))
     assert texts(actions) == [
-        "Sorry, I could not connect you. If this is an emergency, hang up and call 112 now. "
+        "Sorry, I could not connect you. If this is an emergency, hang up and call 1 1 2 now. "
         "Otherwise please call again later."
     ]
     state, actions = engine.handle(state, DONE)
@@ -1328,7 +1328,7 @@ def test_a_stop_then_a_failed_transfer_says_why_it_ends(engine: Engine) -> None:
 def test_the_closing_notice_is_rendered_at_start(shipped: FlowSet) -> None:
     params = FlowParams(emergency_number="911")
     for flow in shipped.flows.values():
-        notice = flow.texts("closing").replace("{emergency_number}", "911")
+        notice = flow.texts("closing").replace("{emergency_number}", "9 1 1")
         assert notice in flow.static_prompts(params), flow.id
 
 
@@ -1390,7 +1390,7 @@ def test_no_message_kept_after_a_failed_transfer_ends_as_before(
     state, _ = feed(engine, [*STAFF_FAILED, DONE])
     state, actions = engine.handle(state, done)
     assert texts(actions) == [
-        f"{said} If this is an emergency, hang up and call 112 now. Otherwise please call "
+        f"{said} If this is an emergency, hang up and call 1 1 2 now. Otherwise please call "
         "again later."
     ]
     state, actions = engine.handle(state, DONE)
@@ -1413,7 +1413,7 @@ def test_a_call_that_recorded_already_is_not_asked_for_a_message_again(engine: E
     assert [type(a).__name__ for a in steps[-1]] == ["TransferCall"]
     state, actions = engine.handle(state, TransferResult(False))
     assert texts(actions) == [
-        "Sorry, I could not connect you. If this is an emergency, hang up and call 112 now. "
+        "Sorry, I could not connect you. If this is an emergency, hang up and call 1 1 2 now. "
         "Otherwise please call again later."
     ]
 
@@ -1454,7 +1454,7 @@ def _triage_at_the_advice(engine: Engine) -> tuple[CallState, list[Action]]:
     for event in (DONE, DONE, Digit("1"), DONE, Digit("1")):
         state, actions = engine.handle(state, event)
     assert state.triage is not None and state.triage.urgency is Urgency.U1
-    assert "call 112 now" in texts(actions)[0]
+    assert "call 1 1 2 now" in texts(actions)[0]
     return state, actions
 
 
@@ -1496,7 +1496,7 @@ def test_a_stop_at_an_urgent_question_gives_the_emergency_number(shipped: FlowSe
         state, _ = engine.handle(state, event)
     state, actions = engine.handle(state, LineClosing())
     assert texts(actions) == [
-        "If this is an emergency, hang up and call 112 now. Otherwise stay on the line: to be "
+        "If this is an emergency, hang up and call 1 1 2 now. Otherwise stay on the line: to be "
         "safe, I will connect you to a nurse."
     ]
     assert state.transfer_uri == NURSE
@@ -1520,7 +1520,7 @@ def test_a_transfer_never_answered_ends_with_a_word_and_a_call_back(engine: Engi
     state, actions = engine.handle(state, TransferResult(True, unconfirmed=True))
     assert texts(actions) == [
         "Sorry, nobody has answered. The clinic will call you back. If this is an emergency, "
-        "hang up and call 112 now. Goodbye."
+        "hang up and call 1 1 2 now. Goodbye."
     ]
     state, actions = engine.handle(state, HangUp())  # the caller hangs up during it
     record = record_of(actions).record
@@ -1537,7 +1537,7 @@ def test_an_urgent_transfer_never_answered_ends_with_the_emergency_number(
         state, _ = engine.handle(state, event)
     state, actions = engine.handle(state, TransferResult(True, unconfirmed=True))
     assert texts(actions) == [
-        "Sorry, I could not reach anyone at the clinic. Please hang up now and call 112."
+        "Sorry, I could not reach anyone at the clinic. Please hang up now and call 1 1 2."
     ]
     _, actions = engine.handle(state, DONE)
     assert isinstance(actions[0], HangupCall)
@@ -1675,7 +1675,7 @@ nodes:
 """
 ADVICE = (
     "You should see a doctor today. The practice is closed, so call the out-of-hours service "
-    "now. In an emergency, call 112. Goodbye."
+    "now. In an emergency, call 1 1 2. Goodbye."
 )
 
 
@@ -1771,7 +1771,7 @@ def test_prompts_that_keep_failing_round_an_on_fail_loop_reach_the_human(
 
 
 def test_an_urgent_callers_last_words_that_failed_are_said_once_more(tmp_path: Path) -> None:
-    # Nobody could be reached: "hang up now and call 112" is all an urgent caller has left.
+    # Nobody could be reached: "hang up now and call 1 1 2" is all an urgent caller has left.
     # Unheard, it is said once more before the call ends; unheard again, the call ends.
     (tmp_path / "f.yaml").write_text(ON_FAIL_FLOW, encoding="utf-8")
     engine = Engine(load_flows(tmp_path), FlowParams())
@@ -1781,7 +1781,7 @@ def test_an_urgent_callers_last_words_that_failed_are_said_once_more(tmp_path: P
         state, actions = engine.handle(state, event)
     assert state.triage is not None and state.triage.urgency <= Urgency.U2
     last = texts(actions)
-    assert len(last) == 1 and "call 112" in last[0] and state.pending is Pending.HANGUP
+    assert len(last) == 1 and "call 1 1 2" in last[0] and state.pending is Pending.HANGUP
     state, actions = engine.handle(state, FAILED)
     assert texts(actions) == last and state.phase is Phase.PLAYING
     state, actions = engine.handle(state, FAILED)
@@ -1800,7 +1800,7 @@ def test_a_closed_notice_that_failed_is_said_once_more(engine: Engine) -> None:
     for event in events:
         state, actions = closed.handle(state, event)
     notice = texts(actions)
-    assert len(notice) == 1 and "112" in notice[0] and state.pending is Pending.HANGUP
+    assert len(notice) == 1 and "1 1 2" in notice[0] and state.pending is Pending.HANGUP
     assert state.outcome == "out_of_hours"
     state, actions = closed.handle(state, FAILED)
     assert texts(actions) == notice and state.phase is Phase.PLAYING
@@ -1815,7 +1815,7 @@ def test_a_closed_notice_that_failed_is_said_once_more(engine: Engine) -> None:
 
 def _to_emergency(shipped: FlowSet, flow_id: str) -> tuple[Engine, CallState, list[str]]:
     """A shipped triage, its first danger sign answered "yes" (U1): the emergency advice
-    ("hang up and call 112 now") plays."""
+    ("hang up and call 1 1 2 now") plays."""
     engine = Engine(shipped, FlowParams())
     state, _ = engine.start(shipped.get(flow_id))
     if flow_id == "triage":  # the intro, then "about yourself?": 1
@@ -1825,14 +1825,14 @@ def _to_emergency(shipped: FlowSet, flow_id: str) -> tuple[Engine, CallState, li
     state, _ = engine.handle(state, DONE)  # the breathing question, heard
     state, actions = engine.handle(state, Digit("1"))
     advice = texts(actions)
-    assert len(advice) == 1 and "112" in advice[0]
+    assert len(advice) == 1 and "1 1 2" in advice[0]
     assert state.triage is not None and state.triage.urgency <= Urgency.U1
     return engine, state, advice
 
 
 @pytest.mark.parametrize("flow_id", ["triage", "triage_ko"])
 def test_the_emergency_advice_that_failed_is_said_once_more(shipped: FlowSet, flow_id: str) -> None:
-    # "Hang up and call 112 now", before the nurse transfer (a say in triage, the transfer's
+    # "Hang up and call 1 1 2 now", before the nurse transfer (a say in triage, the transfer's
     # own prompt in triage_ko): unheard, it is said again, not skipped.
     engine, state, advice = _to_emergency(shipped, flow_id)
     state, actions = engine.handle(state, FAILED)

@@ -54,7 +54,7 @@ def test_static_prompts_resolve_parameters_and_follow_the_mode() -> None:
     keypad = flow.static_prompts(FlowParams(emergency_number="999", speech_enabled=False))
     speech = flow.static_prompts(FlowParams(emergency_number="999", speech_enabled=True))
     assert not any("{" in t for t in keypad | speech)
-    assert any("hang up and call 999 now" in t for t in keypad)
+    assert any("hang up and call 9 9 9 now" in t for t in keypad)
     breathing = (
         "Is there serious difficulty breathing, such as gasping, or being unable to speak "
         "in full sentences?"
@@ -62,6 +62,25 @@ def test_static_prompts_resolve_parameters_and_follow_the_mode() -> None:
     assert f"{breathing} Press 1 for yes. Press 2 for no." in keypad
     assert f"{breathing} Say yes or press 1. Say no or press 2." in speech
     assert "Connecting you to a nurse." in keypad
+
+
+@pytest.mark.parametrize(
+    ("number", "spoken"), [("112", "1 1 2"), ("999", "9 9 9"), ("911", "9 1 1")]
+)
+def test_the_emergency_number_is_read_digit_by_digit(number: str, spoken: str) -> None:
+    # espeak-ng reads "call 112" as "call one hundred and twelve" (999: "nine hundred and
+    # ninety-nine"), not the keys a caller must press; the out-of-hours number was read
+    # digit by digit already, the one number that matters most was not.
+    params = FlowParams(emergency_number=number)
+    assert params.values()["emergency_number"] == spoken
+    menu = load_flow(SHIPPED / "main_menu.yaml")
+    assert (
+        f"Welcome to the clinic. If this is an emergency, hang up and call {spoken}."
+        in menu.static_prompts(params)
+    )
+    ko = load_flow(SHIPPED / "triage_ko.yaml")
+    assert any(f"{spoken}번" in t for t in ko.static_prompts(params))
+    assert not any(number in t for t in menu.static_prompts(params) | ko.static_prompts(params))
 
 
 def test_dynamic_texts_are_not_static() -> None:

@@ -16,6 +16,7 @@ import pytest
 from clinic_voice.app import Runtime
 from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from sip_config import settings as settings_module
+from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from voice.ivr.check import check_files
 from voice.ivr.engine import (
@@ -61,7 +62,7 @@ HOURS = OpeningHours(
 NOTICE = (
     "The practice is closed. Our opening hours are Monday to Friday, 8 a.m. to 5 p.m.; "
     "Saturday, 9 a.m. to noon. If it cannot wait until then, call the out-of-hours GP service "
-    "on 0 8 8, 1 2 3, 4 5, 6 7. In an emergency, call 112."
+    "on 0 8 8, 1 2 3, 4 5, 6 7. In an emergency, call 1 1 2."
 )
 
 
@@ -225,7 +226,7 @@ def test_the_desk_closing_during_a_call_is_met_at_the_0(flows: Path) -> None:
     is_open[0] = False  # 17:00 strikes while the caller listens
     state, actions = engine.handle(state, Digit("0"))
     assert not transfers(actions)
-    assert plays(actions)[0].startswith("The practice is closed. In an emergency, call 112.")
+    assert plays(actions)[0].startswith("The practice is closed. In an emergency, call 1 1 2.")
 
 
 def test_a_question_given_up_while_closed_ends_with_the_notice(flows: Path) -> None:
@@ -313,7 +314,7 @@ def test_the_main_menu_out_of_hours_without_an_out_of_hours_number() -> None:
     engine = Engine(load_flows(SHIPPED), FlowParams(open_now=lambda: False))
     actions, _ = run(engine, "main_menu", [":hangup"])
     assert plays(actions)[0] == (
-        "Welcome to the clinic. The practice is closed. In an emergency, call 112."
+        "Welcome to the clinic. The practice is closed. In an emergency, call 1 1 2."
     )
 
 
@@ -321,7 +322,7 @@ def test_the_main_menu_open_is_as_before() -> None:
     engine = Engine(load_flows(SHIPPED), params(True))
     actions, _ = run(engine, "main_menu", ["0"])
     assert plays(actions)[0] == (
-        "Welcome to the clinic. If this is an emergency, hang up and call 112."
+        "Welcome to the clinic. If this is an emergency, hang up and call 1 1 2."
     )
     assert transfers(actions) == [STAFF]
 
@@ -358,7 +359,7 @@ def test_triage_u2_out_of_hours_hears_the_out_of_hours_service_before_the_nurse(
     assert transfers(actions) == [NURSE]
     before = plays(actions[:i])[-1]
     assert "call the out-of-hours GP service on 0 8 8, 1 2 3, 4 5, 6 7 now" in before
-    assert "call 112" in before
+    assert "call 1 1 2" in before
     assert store.record.outcome == "transfer_nurse"
 
 
@@ -385,7 +386,7 @@ def test_triage_u1_out_of_hours_is_unchanged(shipped_closed: Engine) -> None:
     actions, store = run(shipped_closed, "triage", ["1", "1"])
     assert store.record.outcome == "call_emergency+transfer_nurse"
     assert transfers(actions) == [NURSE]
-    assert plays(actions)[-2].startswith("This may be an emergency. Hang up and call 112 now.")
+    assert plays(actions)[-2].startswith("This may be an emergency. Hang up and call 1 1 2 now.")
 
 
 def test_the_closed_notice_is_a_static_prompt() -> None:
@@ -620,7 +621,7 @@ def test_hours_read_in_utc_for_want_of_a_host_zone_are_warned_at_start(
     }
     caplog.set_level(logging.WARNING, logger="clinic_voice.clinic_line")
     settings = Settings.from_env(env)
-    rt = cast(Runtime, SimpleNamespace(http_client=None))
+    rt = cast(Runtime, SimpleNamespace(http_client=None, clock=SystemClock()))
     ClinicLine.load(settings, rt, check_clinic_line(settings))
     warned = [r.getMessage() for r in caplog.records if "read in UTC" in r.getMessage()]
     assert len(warned) == (1 if zone == "unreadable" else 0)
@@ -752,7 +753,8 @@ def test_check_walks_on_closed_as_closed(flows: Path) -> None:
 # -- asked again after closing time: a reprompt or a * at a question with on_closed -------------
 
 MENU_CLOSED = (
-    "You can still leave a request. How can I help you? Press 1 for an appointment request."
+    "You can still leave a request. How can I help you? At any time, press star to hear a "
+    "question again. Press 1 for an appointment request."
 )
 
 

@@ -40,7 +40,8 @@ HOURS = OpeningHours(parse_week("mon-fri 08:00-17:00"), ZONE)
 # Monday 5 January 2026, 16:59 in Amsterdam: open for one more minute.
 MONDAY_1659 = datetime.datetime(2026, 1, 5, 16, 59, tzinfo=ZONE).timestamp()
 MENU_PROMPT = (
-    "How can I help you? You can press 0 at any time to speak to a member of staff. Press 1 "
+    "How can I help you? You can press 0 at any time to speak to a member of staff, or star "
+    "to hear a question again. Press 1 "
     "for appointments. Press 2 for a prescription renewal. Press 3 for test results. Press 4 "
     "for advice on whether you need to see a doctor."
 )

@@ -38,7 +38,7 @@ NURSE = FlowParams().nurse_uri
 STAFF = FlowParams().staff_uri
 AMS = zoneinfo.ZoneInfo("Europe/Amsterdam")
 NURSE_HOURS = OpeningHours(parse_week("mon-fri 08:00-17:00"), AMS)
-TEXTS = {k: render(v, {"emergency_number": "112"}) for k, v in SYSTEM_TEXTS["en"].items()}
+TEXTS = {k: render(v, {"emergency_number": "1 1 2"}) for k, v in SYSTEM_TEXTS["en"].items()}
 # The shipped triage, a U1 caller: 1 (myself), 1 (yes: difficulty breathing).
 U1_CALLER = ["1", "1"]
 
@@ -143,7 +143,7 @@ def test_a_u1_caller_out_of_nurse_hours_is_not_put_through_to_the_nurse() -> Non
     said = plays(actions)
     connecting = said.index("Connecting you to a nurse now.")
     assert said[connecting + 1] == TEXTS["transfer_retry"], said
-    assert "hang up and call 112" in said[connecting + 1]
+    assert "hang up and call 1 1 2" in said[connecting + 1]
     assert steps(store, "transfer") == [
         ("emergency_transfer", NURSE_CLOSED),
         ("emergency_transfer", "ok"),
@@ -232,7 +232,7 @@ def test_out_of_hours_without_an_out_of_hours_number_the_notice_says_no_empty_nu
     said = plays(actions)
     offer = said[said.index(TEXTS["to_nurse"]) + 1]
     notice = engine.params.values()["closed_notice"]
-    assert notice == "The practice is closed. In an emergency, call 112."
+    assert notice == "The practice is closed. In an emergency, call 1 1 2."
     assert offer == f"{notice} {TEXTS['message_offer']}", offer
     assert "GP service on" not in offer and " ." not in offer
     assert store.record.outcome == "message_left"
@@ -278,7 +278,7 @@ def test_while_the_practice_is_open_a_failed_nurse_transfer_offers_the_message_a
 
 
 def test_out_of_hours_an_urgent_caller_keeps_the_other_human_then_112() -> None:
-    # U2 and more: the safety rules' fallback (decision 12), not the notice: "call 112".
+    # U2 and more: the safety rules' fallback (decision 12), not the notice: "call 1 1 2".
     actions, store, _ = closed_call(U1_CALLER, transfer=TransferEnding.FAILS)
     said = plays(actions)
     assert said[-1] == TEXTS["transfer_failed_urgent"], said
@@ -415,7 +415,7 @@ def test_simulate_sets_the_nurse_line_staffed_or_not(
 def test_a_line_the_desk_shares_with_the_nurse_is_rung_out_of_the_nurse_hours() -> None:
     # CLINIC_NURSE_URI = CLINIC_STAFF_URI: one line, which the desk may answer. A U1 caller
     # out of the nurse's hours is put through to it as before (rung), not told at once to
-    # hang up and call 112 with nobody rung (the desk counted as failed with the nurse).
+    # hang up and call 1 1 2 with nobody rung (the desk counted as failed with the nurse).
     params = FlowParams(nurse_open=lambda: False, nurse_uri=STAFF, staff_uri=STAFF)
     engine = Engine(load_flows(SHIPPED), params)
     _, actions = script_call(engine, "triage", U1_CALLER)
@@ -465,7 +465,7 @@ def test_an_on_fail_back_to_the_nurse_out_of_her_hours_does_not_go_round(
     assert steps(store, "transfer")[:2] == [("nurse", NURSE_CLOSED), ("nurse", NURSE_CLOSED)]
     said = plays(actions)
     if urgent:
-        # The other human (the desk), after "I could not connect you yet ... call 112".
+        # The other human (the desk), after "I could not connect you yet ... call 1 1 2".
         assert TEXTS["transfer_retry"] in said
         assert transfers(actions) == [STAFF]
         assert store.record.outcome == "transfer_staff"

@@ -220,7 +220,7 @@ async def test_a_broken_text_to_speech_round_an_on_fail_loop_reaches_a_human(
 
 
 async def test_an_emergency_advice_whose_text_to_speech_fails_is_made_again_and_on_record() -> None:
-    # A U1 caller: "This may be an emergency. Hang up and call 112 now", before the nurse. Its
+    # A U1 caller: "This may be an emergency. Hang up and call 1 1 2 now", before the nurse. Its
     # text to speech fails: it is made once more, not skipped; failed again, the transfer goes
     # ahead, and the record says the caller never heard it.
     rig = Rig(speech=False)

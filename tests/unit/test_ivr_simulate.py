@@ -181,12 +181,12 @@ def test_the_nurse_and_the_emergency_number_are_the_services(
     assert code == 0
     text = "\n".join(out)
     assert "   transfer to sip:nurse@pbx.example" in text
-    assert "911" in text and "112" not in text
+    assert "9 1 1" in text and "1 1 2" not in text
     # The option still wins.
     code, out = run(
         ["ko", "--flows-dir", str(SHIPPED), "--speech", "--emergency-number", "999"], ["예"]
     )
-    assert code == 0 and "999" in "\n".join(out)
+    assert code == 0 and "9 9 9" in "\n".join(out)
 
 
 def test_a_bad_service_setting_is_named(
@@ -243,7 +243,7 @@ TRANSFER_ENDINGS = [
         "unconfirmed",
         f"   (transfer unconfirmed: no answer {TRANSFER_ANSWER_S:g} s after the REFER)",
         "BOT: Sorry, nobody has answered. The clinic will call you back. If this is an"
-        " emergency, hang up and call 112 now. Goodbye.",
+        " emergency, hang up and call 1 1 2 now. Goodbye.",
         "transfer_unconfirmed",
     ),
     (
@@ -286,7 +286,7 @@ def test_an_urgent_caller_whose_transfer_is_unconfirmed_is_told_to_call_the_numb
     )
     assert code == 0
     assert (
-        "BOT: 죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 끊고 112번으로 전화하세요."
+        "BOT: 죄송합니다. 아무에게도 연결하지 못했습니다. 지금 전화를 끊고 1 1 2번으로 전화하세요."
         in out
     )
     assert "   outcome: transfer_unconfirmed" in out
@@ -323,7 +323,7 @@ def test_a_transfer_ending_can_be_typed_for_each_transfer() -> None:
     assert "   transfer to sip:6200@127.0.0.1:5160" in out  # staff, after the nurse
     # An urgent caller is told to call the emergency number, not promised a call back.
     assert (
-        "BOT: Sorry, I could not reach anyone at the clinic. Please hang up now and call 112."
+        "BOT: Sorry, I could not reach anyone at the clinic. Please hang up now and call 1 1 2."
         in out
     )
     assert "   outcome: transfer_unconfirmed" in out
@@ -432,7 +432,7 @@ def test_script_call_unconfirmed_and_unanswered_transfers() -> None:
     said = [a.text for a in after if isinstance(a, Play)]
     assert said == [
         "Sorry, nobody has answered. The clinic will call you back. If this is an emergency,"
-        " hang up and call 112 now. Goodbye."
+        " hang up and call 1 1 2 now. Goodbye."
     ]
     assert [type(a) for a in after[-2:]] == [HangupCall, Store]
     assert isinstance(after[-1], Store) and after[-1].record.outcome == "transfer_unconfirmed"

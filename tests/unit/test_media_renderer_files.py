@@ -32,6 +32,7 @@ class _SlowSpeech:
         self.version.set_result("fake-engine")
         self.speaking = threading.Event()
         self.release = threading.Event()
+        self.speeds: list[int] = []
 
     def submit(self, job: Any) -> None:
         def run() -> None:
@@ -44,7 +45,8 @@ class _SlowSpeech:
 
         threading.Thread(target=run, daemon=True).start()
 
-    def speak(self, text: str, voice: str, rate_hz: int) -> bytes:
+    def speak(self, text: str, voice: str, rate_hz: int, words_per_minute: int = 175) -> bytes:
+        self.speeds.append(words_per_minute)
         self.speaking.set()
         self.release.wait(10)
         return wav_bytes(Pcm(silence(0.1, rate_hz), rate_hz))
@@ -175,3 +177,26 @@ async def test_a_private_render_is_made_when_the_data_dir_cannot_take_it(
         assert path.exists() and path.stat().st_mode & 0o777 == 0o600
     finally:
         await asyncio.to_thread(shutil.rmtree, path.parent, True)
+
+
+async def test_every_render_is_spoken_at_the_renderers_speed(
+    tmp_path: Path, speech: _SlowSpeech
+) -> None:
+    # CLINIC_TTS_WORDS_PER_MINUTE: the speed reaches espeak-ng for cached and private texts,
+    # and a cached prompt of another speed is not reused (the key holds the speed).
+    slow = tts.PromptRenderer(tmp_path / "prompts", _on_disk(tmp_path), words_per_minute=140)
+    brisk = tts.PromptRenderer(tmp_path / "prompts", _on_disk(tmp_path))
+    assert (slow.words_per_minute, brisk.words_per_minute) == (140, 175)
+    slow_file = await slow.render("Press 1 for yes.")
+    brisk_file = await brisk.render("Press 1 for yes.")
+    once = await slow.render_private("Your appointment is on Tuesday at 9.")
+    assert slow_file != brisk_file
+    assert speech.speeds == [140, 175, 140]
+    assert await slow.render("Press 1 for yes.") == slow_file and len(speech.speeds) == 3
+    await asyncio.to_thread(once.unlink)
+
+
+@pytest.mark.parametrize("words_per_minute", [79, 301])
+def test_a_speed_espeak_cannot_say_is_refused(tmp_path: Path, words_per_minute: int) -> None:
+    with pytest.raises(tts.TtsError, match=r"80\.\.300"):
+        tts.PromptRenderer(tmp_path, words_per_minute=words_per_minute)

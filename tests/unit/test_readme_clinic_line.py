@@ -94,7 +94,7 @@ def test_a_0_with_no_question_left_while_closed_keeps_the_goodbyes_outcome(
     assert code == 0
     said = [line for line in out if "BOT:" in line]
     assert said[-1].endswith(
-        "BOT: The practice is closed. In an emergency, call 112. To discuss your results with "
+        "BOT: The practice is closed. In an emergency, call 1 1 2. To discuss your results with "
         "a member of staff, please call again when we are open. Goodbye."
     )
     assert "   outcome: results_status_given" in out
@@ -114,7 +114,7 @@ def test_a_0_before_a_goodbye_that_tells_the_notice_itself_hears_it_once(
     assert code == 0
     said = [line for line in out if "BOT:" in line]
     assert said[-1].endswith(
-        "BOT: The practice is closed. In an emergency, call 112. Please call again when we "
+        "BOT: The practice is closed. In an emergency, call 1 1 2. Please call again when we "
         "are open. Goodbye."
     ), said[-1]
     assert "   outcome: out_of_hours" in out

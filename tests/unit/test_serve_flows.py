@@ -22,6 +22,7 @@ from clinic_voice import clinic_line as clinic_line_module
 from clinic_voice.app import RUNTIME, Runtime
 from clinic_voice.clinic_line import ClinicLine
 from clinic_voice.metrics import Metrics
+from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from voice.ivr.flow import FlowSet, Say
 
@@ -84,7 +85,7 @@ def test_the_flows_serve_checked_are_the_flows_it_runs(
 
     async def clinic_line_starts() -> FlowSet:
         fake = web.Application()
-        fake[RUNTIME] = cast(Runtime, SimpleNamespace(metrics=Metrics()))
+        fake[RUNTIME] = cast(Runtime, SimpleNamespace(metrics=Metrics(), clock=SystemClock()))
         sip = contexts[-1](fake)  # wiring.extra_contexts: prompts, then the SIP part
         with pytest.raises(_Started) as started:
             await sip.__anext__()

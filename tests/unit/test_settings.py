@@ -55,6 +55,14 @@ def test_defaults() -> None:
     assert s.sip.voice_otp_keypress is True
     assert s.ivr.vosk_model is None
     assert s.log_level == "INFO"
+    assert s.tts_words_per_minute == 175  # espeak-ng's own speed, as before it was a setting
+
+
+def test_the_speech_rate_is_a_setting() -> None:
+    # The prompts' speed could not be changed at all: an elderly or hard-of-hearing caller
+    # got espeak-ng's 175 words a minute whatever the clinic wanted.
+    assert build(CLINIC_TTS_WORDS_PER_MINUTE="150").tts_words_per_minute == 150
+    assert build(CLINIC_TTS_WORDS_PER_MINUTE=" 80 ").tts_words_per_minute == 80
 
 
 def test_rule_defaults_agree_with_the_policy_defaults() -> None:
@@ -295,6 +303,9 @@ def test_good_values(env: dict[str, str], get: Callable[[Settings], Any], expect
         ("CLINIC_SIP_REGISTRAR", "sip:", "with a host"),
         ("CLINIC_SIP_REGISTRAR", "sip:\r\n127.0.0.1", "control character"),
         ("CLINIC_NURSE_URI", "http://nurse", "sip:"),
+        ("CLINIC_TTS_WORDS_PER_MINUTE", "79", "80..300"),
+        ("CLINIC_TTS_WORDS_PER_MINUTE", "301", "80..300"),
+        ("CLINIC_TTS_WORDS_PER_MINUTE", "slow", "whole number"),
         ("CLINIC_EMERGENCY_NUMBER", "1", "2..15 digits"),
         ("CLINIC_EMERGENCY_NUMBER", "11a", "2..15 digits"),
         ("CLINIC_OPENING_HOURS", "mon-fri 8-17", "is not a time HH:MM"),

@@ -207,7 +207,7 @@ def test_emergency_tells_the_caller_the_emergency_number(flowset: FlowSet) -> No
     engine = Engine(flowset, FlowParams(emergency_number="911"))
     _, actions = script_call(engine, "triage", ["1", "1"])
     spoken = " ".join(getattr(a, "text", "") for a in actions)
-    assert "call 911 now" in spoken
+    assert "call 9 1 1 now" in spoken
 
 
 def test_failed_booking_goes_to_staff_keeping_the_outcome(flowset: FlowSet) -> None:

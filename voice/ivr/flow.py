@@ -195,7 +195,10 @@ class FlowParams:
         """The parameters a text may name, the sentences among them in ``language``."""
         hours = self.opening_hours.describe(language) if self.opening_hours else ""
         out = {
-            "emergency_number": self.emergency_number,
+            # Digit by digit, as the out-of-hours number: espeak-ng reads "call 112" as "one
+            # hundred and twelve" (and 999 "nine hundred and ninety-nine"), not the number a
+            # caller dials; a frightened or hard-of-hearing caller must hear the keys.
+            "emergency_number": spoken_number(self.emergency_number),
             "clinic_name": self.clinic_name,
             "opening_hours": hours,
             "out_of_hours_number": spoken_number(self.out_of_hours_number),

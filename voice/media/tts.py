@@ -53,6 +53,13 @@ VOICES: dict[str, str] = {"en": "en", "ko": "ko"}
 # espeak-ng's own output rate for its formant voices (pyttsx3's driver assumes it too).
 _ESPEAK_RATE_HZ = 22050
 
+# How fast the prompts are spoken, in words per minute (CLINIC_TTS_WORDS_PER_MINUTE).
+# espeak-ng's own default is 175, brisk over an 8 kHz line for an elderly or hard-of-hearing
+# caller; plain-language telephone guidance puts prompts at 140-160. Set on every render (a
+# pyttsx3 Engine elsewhere in the process could change it) and part of the cache key.
+DEFAULT_WORDS_PER_MINUTE = 175
+MIN_WORDS_PER_MINUTE, MAX_WORDS_PER_MINUTE = 80, 300
+
 
 _SOX = shutil.which("sox")
 
@@ -190,11 +197,14 @@ class _SpeechThread:
             self._chunks.append(ctypes.string_at(wav, numsamples * 2))
         return 0
 
-    def _synth(self, text: str, voice: str) -> array[int]:
+    def _synth(self, text: str, voice: str, words_per_minute: int) -> array[int]:
         espeak = self._espeak
         status = espeak.SetVoiceByName(VOICES.get(voice, voice).encode())
         if status != espeak.EE_OK:
             raise TtsError(f"espeak-ng has no voice {voice!r} (status {status})")
+        status = espeak.SetParameter(espeak.RATE, words_per_minute, 0)
+        if status != espeak.EE_OK:
+            raise TtsError(f"espeak-ng refused {words_per_minute} words a minute ({status})")
         self._chunks = []
         # Set on every render: a pyttsx3 Engine elsewhere in the process would replace it.
         espeak.SetSynthCallback(self._on_audio)
@@ -205,10 +215,16 @@ class _SpeechThread:
         espeak.Synchronize()
         return bytes_to_samples(b"".join(self._chunks))
 
-    def speak(self, text: str, voice: str, rate_hz: int) -> bytes:
+    def speak(
+        self,
+        text: str,
+        voice: str,
+        rate_hz: int,
+        words_per_minute: int = DEFAULT_WORDS_PER_MINUTE,
+    ) -> bytes:
         """The bytes of a WAV file of ``text`` (on this thread only)."""
         self.version.result()  # raises TtsError when espeak-ng could not start
-        spoken = self._synth(text, voice)
+        spoken = self._synth(text, voice, words_per_minute)
         if not spoken:
             raise TtsError("espeak-ng produced no audio")
         if self._sox is not None:
@@ -242,7 +258,14 @@ class PromptRenderer:
         private: PrivateFolder | None = None,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        words_per_minute: int = DEFAULT_WORDS_PER_MINUTE,
     ) -> None:
+        if not MIN_WORDS_PER_MINUTE <= words_per_minute <= MAX_WORDS_PER_MINUTE:
+            raise TtsError(
+                f"{words_per_minute} words a minute: not in "
+                f"{MIN_WORDS_PER_MINUTE}..{MAX_WORDS_PER_MINUTE}"
+            )
+        self._words_per_minute = words_per_minute
         self._cache = PromptCache(cache_dir)
         # Default: the service's whose data dir holds ``cache_dir``.
         self._private = private if private is not None else PrivateFolder(cache_dir.parent)
@@ -260,6 +283,11 @@ class PromptRenderer:
         """How many times this renderer actually synthesised (cache misses and private
         texts)."""
         return self._renders
+
+    @property
+    def words_per_minute(self) -> int:
+        """How fast this renderer's prompts are spoken."""
+        return self._words_per_minute
 
     @property
     def cache_dir(self) -> Path:
@@ -293,7 +321,8 @@ class PromptRenderer:
         _check(text, rate_hz)
         speech = _SpeechThread.get()
         version = await asyncio.wrap_future(speech.version)
-        key = cache_key(text, voice, rate_hz, version)
+        # The speed is part of the audio: a changed setting renders every prompt anew.
+        key = cache_key(text, voice, rate_hz, f"{version}/{self._words_per_minute}wpm")
         known = self._known.get(key)
         if known is not None and self._monotonic() - known[1] < KNOWN_RECHECK_S:
             return known[0]
@@ -324,9 +353,10 @@ class PromptRenderer:
         speech = _SpeechThread.get()
         await asyncio.wrap_future(speech.version)
         folder = self._private
+        wpm = self._words_per_minute
 
         def run() -> Path:
-            wav = speech.speak(text, voice, rate_hz)
+            wav = speech.speak(text, voice, rate_hz, wpm)
             return folder.write("once-", lambda file: file.write(wav))
 
         self._renders += 1
@@ -353,12 +383,13 @@ class PromptRenderer:
         background: bool,
     ) -> Path:
         cache = self._cache
+        wpm = self._words_per_minute
 
         def run() -> tuple[Path, bool]:
             hit = cache.lookup(key)
             if hit is not None:
                 return hit, False
-            return cache.store(key, speech.speak(text, voice, rate_hz)), True
+            return cache.store(key, speech.speak(text, voice, rate_hz, wpm)), True
 
         job = _Job(run, background=background)
         speech.submit(job)
