@@ -4,7 +4,9 @@ and the test reads the result from ``GET /v1/calls/{id}``. Transfers are real bl
 the caller's phone follows them and a second phone, the nurse, rings and answers.
 
 One service serves the whole module (prompts render at start-up); each test takes the set of
-call ids before its call and finds its own record as the one new id.
+call ids before its call and finds its own record as the one new id. The three whole triages
+(some 90 s of prompts each) are placed at once by one fixture, each with a caller of its own
+by which its record is found; a test each checks one of them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import signal
 import time
 import wave
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,13 @@ from tests.integration.conftest import API_KEY, CALLS_KEY, MOBILE, SECRET, OpenA
 from tests.peers.ivr_rig import (
     NURSE_USER,
     ClinicLine,
+    Event,
     Phone,
     phones,
     put_through_to_nurse,
     running_clinic_line,
 )
-from tests.peers.webhook_receiver import WebhookReceiver
+from tests.peers.webhook_receiver import Hook, WebhookReceiver
 from verification.webhooks import SIGNATURE_HEADER, verify
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
@@ -151,7 +155,15 @@ async def test_silence_on_a_danger_sign_question_ends_with_the_nurse(line: Clini
 # 1 yourself; no to the five danger signs; 8 something else; 2 not limiting daily life;
 # 5 no risk group: nothing raises the urgency, so the triage ends in self-care (U5).
 NON_URGENT_KEYS = "1", "2", "2", "2", "2", "2", "8", "2", "5"
+# 1 yourself; no to the danger signs; 1 fever; not very ill; no stiff neck or rash; 1 yes,
+# more than three days (U3); 5 no risk group. U3 asks the scheduling webhook for a same-day
+# appointment.
+FEVER_KEYS = "1", "2", "2", "2", "2", "2", "1", "2", "2", "1", "5"
 TRIAGE_S = 180.0  # a whole triage answered question by question (each heard in full)
+# The callers of the module's three whole triages (each call's record and scheduling
+# request name its caller): self-care; a same-day request the scheduler takes; one it
+# refuses (500), so the caller is put through to staff.
+SELF_CARE, SAME_DAY, TO_STAFF = "triage-self-care", "triage-same-day", "triage-to-staff"
 
 
 def answered(keys: tuple[str, ...]) -> list[str]:
@@ -160,20 +172,135 @@ def answered(keys: tuple[str, ...]) -> list[str]:
     return ["--dtmf", f"{keys[0]}@0.5", "--answers", ",".join(keys[1:]), "--timeout", "200"]
 
 
-@pytest.mark.timeout(TRIAGE_S + 60)
-async def test_a_full_non_urgent_triage_answered_key_by_key(line: ClinicLine) -> None:
-    before = await line.call_ids()
+@dataclass(frozen=True, slots=True)
+class TriageCall:
+    """One of the module's whole triages: the caller's phone (ended), the call's record, the
+    scheduling requests that named it, and the INVITE staff got for it (if any)."""
+
+    caller: Phone
+    record: dict[str, Any]
+    hooks: list[Hook]
+    incoming: Event | None = None
+
+
+class _Logged(logging.Handler):
+    """Every log record of this process while the triages ran (DEBUG and up)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@dataclass(frozen=True, slots=True)
+class Triages:
+    """The module's three whole triages, by caller (or what went wrong with each), and the
+    log records of the time they ran."""
+
+    calls: dict[str, TriageCall | BaseException]
+    logged: list[logging.LogRecord]
+
+    def __getitem__(self, caller: str) -> TriageCall:
+        call = self.calls[caller]
+        if isinstance(call, BaseException):
+            raise call
+        return call
+
+
+async def record_of(line: ClinicLine, before: set[str], caller: str) -> dict[str, Any]:
+    """The call record stored since ``before`` (ids) whose caller is ``caller``: the one new
+    record of that caller, whatever other calls left theirs meanwhile."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 15.0
+    seen: dict[str, dict[str, Any]] = {}
+    while True:
+        for call_id in await line.call_ids() - before - seen.keys():
+            got = await line.get(f"/v1/calls/{call_id}")
+            assert got.status == 200, got.text
+            seen[call_id] = got.json
+        mine = [r for r in seen.values() if r["caller"] == caller]
+        if mine:
+            assert len(mine) == 1, f"{len(mine)} new records of {caller}: {mine}"
+            return mine[0]
+        if loop.time() > end:
+            pytest.fail(f"no new call record of {caller} in GET /v1/calls within 15 s")
+        await asyncio.sleep(0.1)
+
+
+async def _triage(
+    line: ClinicLine, scheduling: WebhookReceiver, before: set[str], caller: str, *argv: str
+) -> TriageCall:
     async with phones() as started:
+        phone = await Phone.start(caller, "--from-user", caller, *argv)
+        started.append(phone)
+        await phone.finish(TRIAGE_S)
+    record = await record_of(line, before, caller)
+    hooks = [h for h in scheduling.received if h.json().get("call_id") == record["id"]]
+    return TriageCall(phone, record, hooks)
+
+
+async def _triage_to_staff(
+    line: ClinicLine, scheduling: WebhookReceiver, before: set[str]
+) -> TriageCall:
+    async with phones() as started:
+        staff = await Phone.start(
+            "staff", "--port", str(line.staff_port), "--answer", "--duration", "1",
+            "--timeout", "200",
+        )  # fmt: skip
+        started.append(staff)
         caller = await Phone.start(
-            "caller", "--call", line.uri("triage"), *answered(NON_URGENT_KEYS)
+            "caller", "--from-user", TO_STAFF, "--call", line.uri("6001"), *answered(FEVER_KEYS)
         )
         started.append(caller)
-        await caller.finish(TRIAGE_S)
+        incoming = await staff.wait_for("incoming", TRIAGE_S)
+        await caller.finish(CALL_S)
+        await staff.finish(10)
+    record = await record_of(line, before, TO_STAFF)
+    hooks = [h for h in scheduling.received if h.json().get("call_id") == record["id"]]
+    return TriageCall(caller, record, hooks, incoming)
 
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def triages(line: ClinicLine, scheduling: WebhookReceiver) -> Triages:
+    """Three whole triages, each answered question by question as a caller who listens to
+    every question in full: some 90 s of prompts each, with the line idle meanwhile. Placed
+    at once they take the time of the longest (one after another: 5 minutes). The tests
+    below each check one; every log line of the three is checked for triage answers."""
+    scheduling.fail_first, scheduling.fail_callers = 0, {TO_STAFF}
+    logged = _Logged()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(logged)
+    before = await line.call_ids()
+    try:
+        done = await asyncio.gather(
+            _triage(line, scheduling, before, SELF_CARE,
+                    "--call", line.uri("triage"), *answered(NON_URGENT_KEYS)),
+            # Direct mode: the phone writes its own From, and a P-Asserted-Identity that
+            # nobody trusted vouches for (RFC 3325 9.1: ignored).
+            _triage(line, scheduling, before, SAME_DAY,
+                    "--call", line.uri("6001"), "--header", FORGED_PAI, *answered(FEVER_KEYS)),
+            _triage_to_staff(line, scheduling, before),
+            return_exceptions=True,
+        )  # fmt: skip
+    finally:
+        root.removeHandler(logged)
+        root.setLevel(level)
+        scheduling.fail_callers = set()
+    return Triages(dict(zip((SELF_CARE, SAME_DAY, TO_STAFF), done, strict=True)), logged.records)
+
+
+@pytest.mark.timeout(TRIAGE_S + 60)
+async def test_a_full_non_urgent_triage_answered_key_by_key(triages: Triages) -> None:
+    call = triages[SELF_CARE]
+    caller = call.caller
     assert caller.find("transfer_request") is None, "a self-care call is not transferred"
     ended = caller.find("ended", leg="main")
     assert ended is not None
-    record = await line.new_record(before)
+    record = call.record
     assert record["flow"] == "triage"
     assert record["triage"]["urgency"] in {"U4", "U5"}, record["triage"]
     assert record["outcome"] == "self_care"
@@ -188,41 +315,22 @@ async def test_a_full_non_urgent_triage_answered_key_by_key(line: ClinicLine) ->
     assert record["values"]["who"] == "self" and record["values"]["risk_group"] == "none"
 
 
-# 1 yourself; no to the danger signs; 1 fever; not very ill; no stiff neck or rash; 1 yes,
-# more than three days (U3); 5 no risk group. U3 asks the scheduling webhook for a same-day
-# appointment.
-FEVER_KEYS = "1", "2", "2", "2", "2", "2", "1", "2", "2", "1", "5"
-
-
 @pytest.mark.timeout(TRIAGE_S + 60)
 async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
-    line: ClinicLine, scheduling: WebhookReceiver
+    triages: Triages,
 ) -> None:
-    scheduling.fail_first = 0
-    posted = len(scheduling.received)
-    before = await line.call_ids()
-    async with phones() as started:
-        # Direct mode: the phone writes its own From, and a P-Asserted-Identity that nobody
-        # trusted vouches for (RFC 3325 9.1: ignored).
-        caller = await Phone.start(
-            "caller", "--call", line.uri("6001"), "--header", FORGED_PAI, *answered(FEVER_KEYS)
-        )
-        started.append(caller)
-        hooks = await scheduling.wait_until(
-            "the same-day request", lambda got: len(got) > posted, deadline_s=TRIAGE_S
-        )
-        await caller.finish(CALL_S)
-    assert caller.find("transfer_request") is None, "a booked call is not transferred"
-    hook = hooks[posted]
+    call = triages[SAME_DAY]
+    assert call.caller.find("transfer_request") is None, "a booked call is not transferred"
+    record = call.record
+    (hook,) = call.hooks  # one request, not two
     assert hook.path == "/schedule" and hook.answered == 204
     # Signed as the verification webhooks are, so the scheduling system can refuse forgeries.
     signature = hook.headers.get(SIGNATURE_HEADER, "")
     assert verify(SECRET.encode(), signature, hook.body), hook.headers
     assert not verify(SECRET.encode(), signature, hook.body + b" "), "verify() must be able to fail"
-    record = await line.new_record(before)
     # The clinic promised to call back: the request says whom, and which record to read,
     # and that the number is only what the caller claimed (its own From, not the forged PAI).
-    assert record["caller"] == "patient", record
+    assert record["caller"] == SAME_DAY, record
     assert record["caller_verified"] is False, record
     assert hook.json() == {
         "who": "self",
@@ -275,34 +383,25 @@ async def test_a_number_the_trusted_pbx_asserts_goes_to_the_scheduling_webhook_a
 
 @pytest.mark.timeout(TRIAGE_S + 60)
 async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_record(
-    line: ClinicLine, caplog: pytest.LogCaptureFixture, scheduling: WebhookReceiver
+    line: ClinicLine, triages: Triages
 ) -> None:
-    # The scheduling system fails this time: the triage puts the caller through to staff.
-    scheduling.fail_first = len(scheduling.received) + 1
-    caplog.set_level(logging.DEBUG)
-    before = await line.call_ids()
-    async with phones() as started:
-        staff = await Phone.start(
-            "staff", "--port", str(line.staff_port), "--answer", "--duration", "1",
-            "--timeout", "200",
-        )  # fmt: skip
-        started.append(staff)
-        caller = await Phone.start("caller", "--call", line.uri("6001"), *answered(FEVER_KEYS))
-        started.append(caller)
-        incoming = await staff.wait_for("incoming", TRIAGE_S)
-        await caller.finish(CALL_S)
-        await staff.finish(10)
-    record = await line.new_record(before)
+    # The scheduling system failed this one: the triage put the caller through to staff.
+    call = triages[TO_STAFF]
+    record, incoming = call.record, call.incoming
+    assert incoming is not None
 
     # The call did what the test says it did, or the log check below proves nothing.
     assert record["triage"]["urgency"] == "U3", record["triage"]
     assert record["values"]["complaint"] == "fever" and record["values"]["fever_days"] == "yes"
     assert record["transfer_target"] == line.settings.ivr.staff_uri
     assert steps(record, "webhook") == [("same_day", "failed")], record["path"]
+    assert [h.answered for h in call.hooks] == [500], call.hooks
+    assert incoming["headers"].get("X-Clinic-Call") == record["id"], incoming
     summary = incoming["headers"].get("X-Clinic-Summary", "")
     assert "complaint=fever" in summary, incoming
 
-    lines = [r.getMessage() for r in caplog.records]
+    # Every line logged while the module's triages ran: this call's, and the other two's.
+    lines = [r.getMessage() for r in triages.logged]
     assert any(record["id"] in m for m in lines), "the call's own log lines were not captured"
     private = {"fever more than three days", summary, *record["triage"]["reasons"]}
     private |= {f"{k}={v}" for k, v in record["values"].items()}
@@ -314,7 +413,7 @@ async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_r
         word = re.compile(rf"(?<![\w]){re.escape(value)}(?![\w])")
         hits = [m for m in lines if word.search(m)]
         assert not hits, f"the answer {value!r} appears in the logs: {hits}"
-    for r in caplog.records:
+    for r in triages.logged:
         if r.args:
             assert not any(str(a) in private for a in r.args), r.getMessage()
 
@@ -928,12 +1027,20 @@ async def test_a_message_that_cannot_be_saved_goes_to_staff(
     before = await line.call_ids()
     try:
         async with phones() as started:
+            # Staff's phone answers: with nobody there, the caller's phone (it follows the
+            # REFER) tried staff for pjsip's 32 s INVITE timeout before it could end.
+            staff = await Phone.start(
+                "staff", "--port", str(line.staff_port), "--answer", "--duration", "1"
+            )
+            started.append(staff)
             caller = await Phone.start(
                 "caller", "--call", line.uri("6000"), "--dtmf", f"{PRESCRIPTION_KEYS},#@15.0",
                 "--play", str(message), "--duration", "22",
             )  # fmt: skip
             started.append(caller)
+            incoming = await staff.wait_for("incoming", CALL_S)
             await caller.finish(CALL_S)
+            await staff.finish(20)
         record = await line.new_record(before)
     finally:
         folder.unlink()
@@ -944,6 +1051,7 @@ async def test_a_message_that_cannot_be_saved_goes_to_staff(
     assert "prescription_message" not in record["values"], record["values"]
     assert record["outcome"] in {"transfer_staff", "transfer_failed"}, record
     assert record["transfer_target"] == line.settings.ivr.staff_uri, record
+    assert incoming["headers"].get("X-Clinic-Call") == record["id"], incoming
 
 
 async def test_no_message_is_recorded_past_the_voicemail_cap_and_staff_take_it(

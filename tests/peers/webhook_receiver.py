@@ -1,5 +1,7 @@
 """A real webhook receiver for the tests: an aiohttp server on 127.0.0.1 that records every POST
-(raw body and headers) and answers 500 to the first ``fail_first`` of them, 204 afterwards.
+(raw body and headers) and answers 500 to the first ``fail_first`` of them, 204 afterwards;
+500 also to any whose JSON ``caller`` is one of ``fail_callers`` (calls placed at once, each
+with a caller of its own, get the answer each is about whatever order their requests take).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class WebhookReceiver:
         self.fail_first = fail_first
         self.reply: dict[str, str] | None = None  # set: 200 with this JSON instead of 204
         self.delay_s = 0.0  # how long each answer waits (a slow receiver)
+        self.fail_callers: set[str] = set()
         self.received: list[Hook] = []
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -74,7 +77,8 @@ class WebhookReceiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        status = 500 if len(self.received) < self.fail_first else 204
+        failing = len(self.received) < self.fail_first or self._from_failing_caller(body)
+        status = 500 if failing else 204
         reply = self.reply if status == 204 else None
         if reply is not None:
             status = 200
@@ -85,3 +89,12 @@ class WebhookReceiver:
         if reply is not None:
             return web.json_response(reply)
         return web.Response(status=status)
+
+    def _from_failing_caller(self, body: bytes) -> bool:
+        if not self.fail_callers:
+            return False
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return False
+        return isinstance(data, dict) and data.get("caller") in self.fail_callers

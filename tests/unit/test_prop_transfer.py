@@ -28,7 +28,7 @@ checked for every call:
   BYE, ``hung_up_before_transfer``, ``transfer_failed``, ``transfer_unconfirmed``,
   ``transfer_unanswered``).
 
-The unit profile runs 100 examples a path (some 8 s); ``HYPOTHESIS_PROFILE=deep``
+The unit profile runs 100 examples a path (some 2 s); ``HYPOTHESIS_PROFILE=deep``
 (tests/unit/conftest.py) searches further, at random.
 """
 
@@ -48,7 +48,12 @@ from hypothesis import strategies as st
 from sip_config.clock import Clock
 from tests.unit import test_ivr_session_races as races
 from tests.unit.test_ivr_session_races import Rig, _digit, _done, _to_breathing
-from tests.unit.test_prop_session import LoopClock, VirtualLoop, _inline
+from tests.unit.test_prop_session import (
+    LoopClock,
+    VirtualLoop,
+    _inline,
+    only_new_objects_collected,
+)
 from voice.ivr import engine as eng
 from voice.ivr.flow import FlowSet, load_flows
 from voice.ivr.session import TRANSFER_ANSWER_S, TRANSFER_DEADLINE_S, CallSession
@@ -61,7 +66,7 @@ from voice.sip.refer import TransferVerdict, verdict, wants_more_reports
 # REFER's own status (405, 501), one never answered (pjsip's 408 after 32 s).
 STATUSES = [100, 180, 183, 200, 202, 400, 403, 404, 405, 408, 480, 486, 487, 500, 501, 503, 603]
 WAITS = [0.0, 0.2, 3.0, 31.0, 33.0, 65.0, 200.0]
-# The unit profile's 100 examples for each path, some 15 s in all; HYPOTHESIS_PROFILE=deep
+# The unit profile's 100 examples for each path, some 3 s in all; HYPOTHESIS_PROFILE=deep
 # (tests/unit/conftest.py) runs its own number.
 EXAMPLES = settings().max_examples
 UNCONFIRMED = "unconfirmed"  # the model's answer for a transfer taken on, never answered
@@ -404,7 +409,7 @@ def _run(rig: Rig, far: Far, path: str) -> list[dict[str, Any]]:
     problems: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: problems.append(context))
     try:
-        with pytest.MonkeyPatch.context() as mp:
+        with pytest.MonkeyPatch.context() as mp, only_new_objects_collected():
             mp.setattr(asyncio, "to_thread", _inline)
             rig.deps = replace(rig.deps, clock=cast(Clock, LoopClock(loop)))
             rig.session = CallSession(cast(CallHandle, rig.call), rig.deps)
