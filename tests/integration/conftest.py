@@ -16,6 +16,8 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +420,18 @@ def wrong_code(code: str) -> str:
 
 
 # -- the clinic line (issue 4) ------------------------------------------------------------
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A folder in /tmp that every user may pass through (tmp_path's parents are root's,
+    0700), with a short path for the embedded Redis's unix socket."""
+    path = Path(tempfile.mkdtemp(prefix="cv-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

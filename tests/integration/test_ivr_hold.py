@@ -12,17 +12,13 @@ short here), recorded as ``cut_held_too_long``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from clinic_voice.app import RUNTIME
-from tests.integration.conftest import OpenApiCollector
 from tests.integration.test_sip_inbound import HOLDS, sipp_uac
 from tests.integration.test_sip_pool import trace_wire
-from tests.peers.ivr_rig import ClinicLine, running_clinic_line
+from tests.peers.ivr_rig import ClinicLine, clinic_line_fixture
 from voice.ivr import hold_limit
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -49,33 +45,17 @@ nodes:
 """
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def line(
-    tmp_path_factory: pytest.TempPathFactory,
-    openapi_responses: OpenApiCollector,
-    ivr_prompt_cache: Path,
-) -> AsyncIterator[ClinicLine]:
-    flows = tmp_path_factory.mktemp("flows")
-    (flows / "main_menu.yaml").write_text(FLOW, encoding="utf-8")
-    async with running_clinic_line(
-        tmp_path_factory.mktemp("clinic"),
-        openapi_responses,
-        {"CLINIC_FLOWS_DIR": str(flows)},
-        prompt_cache=ivr_prompt_cache,
-    ) as svc:
-        yield svc
+line = clinic_line_fixture(main_menu=FLOW)
 
 
 @pytest.mark.parametrize("how", ["re-INVITE sendonly", "re-INVITE inactive", "UPDATE sendonly"])
 async def test_a_hold_while_the_question_listens_does_not_count_against_its_timeout(
     line: ClinicLine, tmp_path: Path, how: str
 ) -> None:
-    pool = line.app[RUNTIME].sip_pool
-    assert pool is not None
     before = await line.call_ids()
     scenario, direction, c = HOLDS[how]
     keys = {"hold_dir": direction, "hold_c": c}
-    worker = pool.worker_addresses()[0]
+    worker = line.pool.worker_addresses()[0]
     code, text = await sipp_uac(worker, scenario, "6000", tmp_path, 40, keys=keys)
     wire = trace_wire(text)
     seen = [(round(w.at - wire[0].at, 1), w.msg.method or w.msg.status) for w in wire]
@@ -106,12 +86,10 @@ async def test_a_caller_who_holds_and_never_comes_back_is_hung_up_at_the_limit(
     # Before, nothing limited a hold: the call kept its slot until the 30-minute call
     # limit, and sipp's wait for the BYE ran out (exit 1).
     monkeypatch.setattr(hold_limit, "HOLD_MAX_S", HOLD_MAX_S)
-    pool = line.app[RUNTIME].sip_pool
-    assert pool is not None
     before = await line.call_ids()
     _, direction, c = HOLDS[how]
     keys = {"hold_dir": direction, "hold_c": c}
-    worker = pool.worker_addresses()[0]
+    worker = line.pool.worker_addresses()[0]
     code, text = await sipp_uac(
         worker, "sipp_uac_hold_forever.xml", "6000", tmp_path, 40, keys=keys
     )

@@ -11,15 +11,12 @@ said after coming back was not the message. Now the guard waits out the hold.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from tests.integration.conftest import OpenApiCollector
 from tests.integration.test_ivr_speech import run
-from tests.peers.ivr_rig import ClinicLine, Phone, phones, running_clinic_line
+from tests.peers.ivr_rig import ClinicLine, Phone, clinic_line_fixture, phones
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -44,21 +41,7 @@ nodes:
 """
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def line(
-    tmp_path_factory: pytest.TempPathFactory,
-    openapi_responses: OpenApiCollector,
-    ivr_prompt_cache: Path,
-) -> AsyncIterator[ClinicLine]:
-    flows = tmp_path_factory.mktemp("flows")
-    (flows / "main_menu.yaml").write_text(FLOW, encoding="utf-8")
-    async with running_clinic_line(
-        tmp_path_factory.mktemp("clinic"),
-        openapi_responses,
-        {"CLINIC_FLOWS_DIR": str(flows)},
-        prompt_cache=ivr_prompt_cache,
-    ) as svc:
-        yield svc
+line = clinic_line_fixture(main_menu=FLOW)
 
 
 async def test_a_caller_who_holds_before_speaking_leaves_the_message_when_back(

@@ -18,10 +18,10 @@ import pytest_asyncio
 
 from clinic_voice.app import RUNTIME
 from tests.integration.conftest import OpenApiCollector
-from tests.peers.ivr_rig import ClinicLine, Phone, phones, running_clinic_line
+from tests.peers.ivr_rig import ClinicLine, Phone, pcm_8k, phones, running_clinic_line, steps
 from voice.ivr.flow import Ask, FlowParams, load_flows
 from voice.media.audio_match import rank
-from voice.media.pcm import read_wav, resample, samples_to_bytes
+from voice.media.pcm import read_wav
 from voice.media.tts import TtsError
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -49,16 +49,6 @@ async def closed_line(
         yield svc
 
 
-def wav_pcm(path: Path) -> bytes:
-    pcm = read_wav(path)
-    samples = pcm.samples if pcm.rate_hz == 8000 else resample(pcm.samples, pcm.rate_hz, 8000)
-    return samples_to_bytes(samples)
-
-
-def steps(record: dict[str, Any], kind: str) -> list[tuple[str, str]]:
-    return [(p["node"], p["value"]) for p in record["path"] if p["input"] == kind]
-
-
 async def test_a_call_out_of_hours_hears_the_closed_notice_and_its_0_rings_no_desk(
     closed_line: ClinicLine, tmp_path: Path
 ) -> None:
@@ -72,7 +62,7 @@ async def test_a_call_out_of_hours_hears_the_closed_notice_and_its_0_rings_no_de
     menu = flows.get("main_menu").nodes["menu"]
     assert isinstance(menu, Ask)
     references = {
-        key: wav_pcm(await renderer.render(text, voice="en"))
+        key: pcm_8k(read_wav(await renderer.render(text, voice="en")))
         for key, text in {
             "closed": notice,
             "open_menu": flows.get("main_menu").ask_prompt(menu, speech=False),
@@ -105,7 +95,7 @@ async def test_a_call_out_of_hours_hears_the_closed_notice_and_its_0_rings_no_de
     assert record["outcome"] == "caller_hung_up", record
 
     # What the caller heard after the 0: the notice (then the menu again), by its sound.
-    head = wav_pcm(heard)[: 8000 * 2 * 16]
+    head = pcm_8k(read_wav(heard))[: 8000 * 2 * 16]
     match = rank(head, references, 8000)
     assert match.key == "closed" and match.score > match.runner_up, match
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -26,14 +25,16 @@ from tests.peers.ivr_rig import (
     STAFF_USER,
     ClinicLine,
     Phone,
+    pcm_8k,
     phones,
     running_clinic_line,
+    steps,
 )
 from voice.ivr.engine import NURSE_CLOSED
 from voice.ivr.flow import SYSTEM_TEXTS, FlowParams, Say, Transfer, load_flows, render
 from voice.ivr.opening_hours import DAYS
 from voice.media.audio_match import rank
-from voice.media.pcm import Pcm, read_wav, resample, samples_to_bytes
+from voice.media.pcm import Pcm, read_wav
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -55,15 +56,6 @@ async def nurse_away(
         tmp_path_factory.mktemp("nurse-away"), openapi_responses, env, prompt_cache=ivr_prompt_cache
     ) as svc:
         yield svc
-
-
-def pcm_8k(pcm: Pcm) -> bytes:
-    samples = pcm.samples if pcm.rate_hz == 8000 else resample(pcm.samples, pcm.rate_hz, 8000)
-    return samples_to_bytes(samples)
-
-
-def steps(record: dict[str, Any], kind: str) -> list[tuple[str, str]]:
-    return [(p["node"], p["value"]) for p in record["path"] if p["input"] == kind]
 
 
 async def test_a_u1_caller_out_of_nurse_hours_hears_the_safety_words_and_no_nurse_is_rung(

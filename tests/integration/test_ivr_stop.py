@@ -50,6 +50,7 @@ from tests.peers.ivr_rig import (
     STAFF_USER,
     ClinicLine,
     Phone,
+    pcm_8k,
     phones,
     running_clinic_line,
 )
@@ -59,7 +60,7 @@ from voice.ivr.flow import SYSTEM_TEXTS, spoken_number
 from voice.ivr.journal import LIVE_FOLDER
 from voice.ivr.store import CallStore
 from voice.media.audio_match import rank
-from voice.media.pcm import read_wav, resample, samples_to_bytes
+from voice.media.pcm import read_wav
 from voice.media.tts import PromptRenderer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -106,30 +107,24 @@ async def stored_calls(redis_url: str, secret: bytes) -> list[dict[str, Any]]:
         await mux.aclose()
 
 
-def wav_pcm(path: Path) -> bytes:
-    pcm = read_wav(path)
-    samples = pcm.samples if pcm.rate_hz == 8000 else resample(pcm.samples, pcm.rate_hz, 8000)
-    return samples_to_bytes(samples)
-
-
 async def notices(renderer: PromptRenderer, emergency_number: str) -> dict[str, bytes]:
     """The English closing and transfer_failed notices as ``renderer`` renders them (8 kHz
     PCM): what the end of a recorded call is ranked against. The number is read out digit
     by digit, as the engine has it said."""
     spoken = spoken_number(emergency_number)
-    return {
-        key: wav_pcm(
-            await renderer.render(
-                SYSTEM_TEXTS["en"][key].format(emergency_number=spoken), voice="en"
-            )
-        )
+    texts = {
+        key: SYSTEM_TEXTS["en"][key].format(emergency_number=spoken)
         for key in ("closing", "transfer_failed")
+    }
+    return {
+        key: pcm_8k(read_wav(await renderer.render(text, voice="en")))
+        for key, text in texts.items()
     }
 
 
 def assert_heard_closing(heard: Path, references: Mapping[str, bytes]) -> None:
     """The last 14 s of what the caller heard (``heard``) are the closing notice."""
-    tail = wav_pcm(heard)[-8000 * 2 * 14 :]
+    tail = pcm_8k(read_wav(heard))[-8000 * 2 * 14 :]
     match = rank(tail, references, 8000)
     assert match.key == "closing" and match.score > match.runner_up, match
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import stat
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -130,18 +128,6 @@ async def test_redis_is_started_without_a_fork_of_the_service(embedded: Embedded
     finally:
         pages.close()
     assert faults < TouchedPages.PAGES // 4, f"{faults} faults: redis-server was forked"
-
-
-@pytest.fixture
-def open_tmp() -> Iterator[Path]:
-    """A folder in /tmp that every user may pass through (tmp_path's parents are root's,
-    0700), with a short path for the embedded Redis's unix socket."""
-    path = Path(tempfile.mkdtemp(prefix="cv-", dir="/tmp"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

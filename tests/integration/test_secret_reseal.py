@@ -13,9 +13,8 @@ import io
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -478,18 +477,6 @@ NOBODY = 65534  # serve's user here: a data dir root does not own
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
 )
-
-
-@pytest.fixture
-def open_tmp() -> Iterator[Path]:
-    """A folder in /tmp that every user may pass through (tmp_path's parents are root's,
-    0700), with a short path for the embedded Redis's unix socket."""
-    path = Path(tempfile.mkdtemp(prefix="cv-", dir="/tmp"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _owners(data: Path) -> dict[str, tuple[int, int]]:

@@ -35,8 +35,9 @@ PEERS = ROOT / "tests" / "peers"
 CALLER_NUMBER = "+447700900123"
 
 
-@pytest.fixture
-async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
+@contextlib.asynccontextmanager
+async def started_line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
+    """Two SIP workers and the redirect front before them, on free ports."""
     pool = SipPool(sip_settings(2), clock=SystemClock())
     await pool.start()
     front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound, clock=SystemClock())
@@ -46,6 +47,12 @@ async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
     finally:
         await front.stop()
         await pool.stop()
+
+
+@pytest.fixture
+async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
+    async with started_line() as started:
+        yield started
 
 
 async def make_tone(path: Path, seconds: float = 1.0) -> Path:

@@ -14,16 +14,17 @@ pjsua's ``Allow`` less MESSAGE (its OPTIONS answer no longer offers it either).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from sip_config.clock import SystemClock
-from sip_config.settings import HostPort
-from tests.conftest import sip_settings
-from tests.integration.test_sip_inbound import _udp_request, hang_up_at_first_key, sipp_uac
+from tests.integration.test_sip_inbound import (
+    _udp_request,
+    hang_up_at_first_key,
+    sipp_uac,
+    started_line,
+)
 from voice.sip import message
 from voice.sip.front import ALLOW, RedirectFront
 from voice.sip.outcome import CallOutcome
@@ -31,19 +32,6 @@ from voice.sip.pool import CallHandle, SipPool
 from voice.sip.protocol import CallEvent, CallState, Digit
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.asynccontextmanager
-async def started_line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
-    pool = SipPool(sip_settings(2), clock=SystemClock())
-    await pool.start()
-    front = RedirectFront(HostPort("127.0.0.1", 0), pool.pick_inbound, clock=SystemClock())
-    await front.start()
-    try:
-        yield pool, front
-    finally:
-        await front.stop()
-        await pool.stop()
 
 
 @pytest.fixture

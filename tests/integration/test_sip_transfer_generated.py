@@ -16,22 +16,16 @@ new call id. About 6 minutes on two cores: a failed transfer's offer is ~16 s of
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import pytest_asyncio
 
-from tests.integration.conftest import OpenApiCollector
 from tests.integration.test_ivr_keypad import speech_after, tone_runs
-from tests.peers.ivr_rig import ClinicLine, running_clinic_line
+from tests.peers.ivr_rig import ClinicLine, clinic_line_fixture, steps
 from tests.peers.rtp_peer import rtp_peer
 from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, play
 from voice.media.tones import BEEP, RINGBACK
-from voice.sip.pool import SipPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -40,21 +34,9 @@ OFFER_MS = 18_500  # from a failed transfer to past the offer's beep (~15.6 s of
 GLIMPSE_MS = 4_000  # from a failed transfer to the hang-up, to hear the offer begin
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def line(
-    tmp_path_factory: pytest.TempPathFactory,
-    openapi_responses: OpenApiCollector,
-    ivr_prompt_cache: Path,
-) -> AsyncIterator[ClinicLine]:
-    async with running_clinic_line(
-        tmp_path_factory.mktemp("clinic"),
-        openapi_responses,
-        # Credentials with no registrar: a caller's side that challenges a request of the
-        # call gets no digest of the password (see CHALLENGE_407).
-        {"CLINIC_SIP_USER": "clinic", "CLINIC_SIP_PASSWORD": "s3cret"},
-        prompt_cache=ivr_prompt_cache,
-    ) as svc:
-        yield svc
+# Credentials with no registrar: a caller's side that challenges a request of the call gets
+# no digest of the password (see CHALLENGE_407).
+line = clinic_line_fixture({"CLINIC_SIP_USER": "clinic", "CLINIC_SIP_PASSWORD": "s3cret"})
 
 
 async def run_sipp(
@@ -64,11 +46,6 @@ async def run_sipp(
     sipp's exit code and the messages it traced."""
     worker = line.pool.worker_addresses()[0]
     return await play(answer, str(worker), tmp_path, rtp_port, timeout_s=SIPP_S)
-
-
-def steps(record: dict[str, Any], kind: str) -> list[tuple[str, str]]:
-    """(node, value) of the path steps whose input is ``kind``."""
-    return [(p["node"], p["value"]) for p in record["path"] if p["input"] == kind]
 
 
 def frag(code: int, reason: str) -> str:
@@ -169,16 +146,6 @@ CASES = [
 ]
 
 
-async def settled(pool: SipPool, deadline_s: float = 10.0) -> None:
-    """Wait until no call holds a slot (the worker reports a call's end after its BYE)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while (occ := pool.occupancy()).in_use or occ.reserved:
-        if loop.time() > end:
-            pytest.fail(f"a call slot is still taken {deadline_s} s after the call: {occ}")
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.answer.name)
 async def test_a_transfer_answered_this_way_is_recorded_and_heard_as_promised(
     line: ClinicLine, case: Case, tmp_path: Path
@@ -222,7 +189,7 @@ async def test_a_transfer_answered_this_way_is_recorded_and_heard_as_promised(
         assert not beeps and speech_after(heard, ring[0][0]) < 0.5, "an offer, then a BYE?"
     if case.service_ends:
         assert "BYE sip:sipp@" in trace, "the service did not hang up"
-    await settled(pool)
+    await line.settled()
     assert pool.occupancy().free == free, f"slots lost: {pool.occupancy()}"
     assert sorted(pool.worker_pids()) == pids and pool.stats()["restarts"] == restarts
     assert pool.stats()["workers_up"] == len(pids), pool.stats()
@@ -305,5 +272,5 @@ async def test_a_second_transfer_ended_with_no_status_fails_at_once(
     ring = tone_runs(heard, RINGBACK.hz)
     assert ring and speech_after(heard, ring[-1][1]) >= 1.5, f"nothing said after: {ring}"
     assert not tone_runs(heard, BEEP.hz), "a message offered to an urgent caller"
-    await settled(pool)
+    await line.settled()
     assert pool.occupancy().free == free, f"slots lost: {pool.occupancy()}"

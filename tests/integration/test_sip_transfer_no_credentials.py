@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,8 @@ import pytest
 import pytest_asyncio
 
 from clinic_voice.app import RUNTIME
-from tests.integration.conftest import OpenApiCollector
-from tests.integration.test_ivr_keypad import pcm_8k, tone_runs
-from tests.peers.ivr_rig import ClinicLine, running_clinic_line
+from tests.integration.test_ivr_keypad import tone_runs
+from tests.peers.ivr_rig import ClinicLine, clinic_line_fixture, pcm_8k, steps
 from tests.peers.rtp_peer import rtp_peer
 from tests.peers.sipp_refer import Ending, Notify, ReferAnswer, play
 from voice.ivr.flow import SYSTEM_TEXTS, FlowParams, render
@@ -51,7 +49,6 @@ from voice.media.audio_match import rank
 from voice.media.pcm import Pcm, read_wav
 from voice.media.tones import BEEP, RINGBACK
 from voice.sip.message import SipMessage, parse
-from voice.sip.pool import SipPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -140,21 +137,9 @@ async def place_call(line: ClinicLine, challenge: int, worker: int, tmp: Path) -
     return Call(code, text, heard, packets)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def line(
-    tmp_path_factory: pytest.TempPathFactory,
-    openapi_responses: OpenApiCollector,
-    ivr_prompt_cache: Path,
-) -> AsyncIterator[ClinicLine]:
-    async with running_clinic_line(
-        tmp_path_factory.mktemp("clinic"),
-        openapi_responses,
-        # Credentials and no registrar (direct mode): the workers must not answer a
-        # challenge in a call with them (commit d98fa23).
-        {"CLINIC_SIP_USER": "clinic", "CLINIC_SIP_PASSWORD": "s3cret"},
-        prompt_cache=ivr_prompt_cache,
-    ) as svc:
-        yield svc
+# Credentials and no registrar (direct mode): the workers must not answer a challenge in a
+# call with them (commit d98fa23).
+line = clinic_line_fixture({"CLINIC_SIP_USER": "clinic", "CLINIC_SIP_PASSWORD": "s3cret"})
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -177,25 +162,10 @@ async def last_words(line: ClinicLine) -> dict[str, bytes]:
     }
 
 
-def steps(record: dict[str, Any], kind: str) -> list[tuple[str, str]]:
-    """(node, value) of the path steps whose input is ``kind``."""
-    return [(p["node"], p["value"]) for p in record["path"] if p["input"] == kind]
-
-
 def target(refer: SipMessage) -> str:
     """The URI a REFER sends the caller to, without its headers."""
     refer_to = refer.get("Refer-To") or ""
     return refer_to.strip("<>").split("?", 1)[0]
-
-
-async def settled(pool: SipPool, deadline_s: float = 10.0) -> None:
-    """Wait until no call holds a slot (the worker reports a call's end after its BYE)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while (occ := pool.occupancy()).in_use or occ.reserved:
-        if loop.time() > end:
-            pytest.fail(f"a call slot is still taken {deadline_s} s after the calls: {occ}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("challenge", CHALLENGES)
@@ -260,5 +230,5 @@ async def test_an_urgent_caller_whose_transfers_fail_is_told_to_call_the_emergen
     assert match.key == "transfer_failed_urgent" and match.score > match.runner_up, match
 
     pool = line.pool
-    await settled(pool)
+    await line.settled()
     assert pool.stats()["restarts"] == 0, pool.stats()

@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -34,6 +35,7 @@ from sip_config.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import BASE_ENV, CALLS_KEY, Answer, Api, OpenApiCollector
 from voice.ivr.flow import FlowParams, load_flows
+from voice.media.pcm import Pcm, resample, samples_to_bytes
 from voice.sip.pool import SipPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +64,16 @@ class ClinicLine:
         pool = self.app[RUNTIME].sip_pool
         assert pool is not None, "no SIP pool"
         return pool
+
+    async def settled(self, deadline_s: float = 10.0) -> None:
+        """Wait until no call holds a slot of the pool (a worker reports a call's end after
+        its BYE)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while (occ := self.pool.occupancy()).in_use or occ.reserved:
+            if loop.time() > end:
+                pytest.fail(f"a call slot is still taken {deadline_s} s after the calls: {occ}")
+            await asyncio.sleep(0.1)
 
     def uri(self, user: str) -> str:
         """The URI a caller dials to reach the clinic line as ``user`` (a route)."""
@@ -122,6 +134,17 @@ class ClinicLine:
             if loop.time() > end:
                 pytest.fail(f"no new call record in GET /v1/calls within {deadline_s} s")
             await asyncio.sleep(0.1)
+
+
+def steps(record: Mapping[str, Any], kind: str) -> list[tuple[str, str]]:
+    """(node, value) of a call record's path steps whose input is ``kind``."""
+    return [(p["node"], p["value"]) for p in record["path"] if p["input"] == kind]
+
+
+def pcm_8k(pcm: Pcm) -> bytes:
+    """``pcm`` as 8 kHz PCM16 bytes, for :func:`voice.media.audio_match.rank`."""
+    samples = pcm.samples if pcm.rate_hz == 8000 else resample(pcm.samples, pcm.rate_hz, 8000)
+    return samples_to_bytes(samples)
 
 
 PROMPTS_WARM_S = 240.0  # ~170 prompts on two busy cores with an empty cache took ~40 s
@@ -221,6 +244,39 @@ async def running_clinic_line(
         if client is not None:
             await client.close()
         await asyncio.to_thread(redis.stop)
+
+
+LineFixture = Callable[[pytest.TempPathFactory, OpenApiCollector, Path], AsyncIterator[ClinicLine]]
+
+
+def clinic_line_fixture(
+    env: Mapping[str, str] | None = None, *, main_menu: str | None = None
+) -> LineFixture:
+    """A module's ``line`` fixture (``line = clinic_line_fixture(...)``): one service for all
+    the module's tests, started by :func:`running_clinic_line` with ``env`` on the session's
+    prompt cache. ``main_menu``: the YAML of the only flow the service runs (``main_menu``),
+    instead of the shipped ones."""
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def line(
+        tmp_path_factory: pytest.TempPathFactory,
+        openapi_responses: OpenApiCollector,
+        ivr_prompt_cache: Path,
+    ) -> AsyncIterator[ClinicLine]:
+        line_env = dict(env or {})
+        if main_menu is not None:
+            flows = tmp_path_factory.mktemp("flows")
+            (flows / "main_menu.yaml").write_text(main_menu, encoding="utf-8")
+            line_env["CLINIC_FLOWS_DIR"] = str(flows)
+        async with running_clinic_line(
+            tmp_path_factory.mktemp("clinic"),
+            openapi_responses,
+            line_env,
+            prompt_cache=ivr_prompt_cache,
+        ) as svc:
+            yield svc
+
+    return line
 
 
 class Phone:

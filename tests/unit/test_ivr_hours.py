@@ -800,18 +800,19 @@ def test_the_open_menu_asked_again_after_closing_is_the_closed_menu(
     assert steps == [*cause, ("menu", "closed"), ("menu_closed", "")]
 
 
+# FLOW with a second question: the menu and it name each other in on_closed.
+ON_CLOSED_EACH_OTHER = (
+    FLOW.replace('      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late')
+    + '  late:\n    ask:\n      prompt: "Late one."\n      on_closed: menu\n      choices:\n'
+    + '        - {key: "3", phrases: [bye], label: goodbye, goto: bye}\n'
+)
+
+
 def test_asked_again_counts_toward_the_closed_cap(flows: Path) -> None:
     # Two questions naming each other in on_closed, and a caller who says nothing: each
     # reprompt is the notice and the other question, counted with the closed 0s; past the
     # cap the notice once more and the call ends, never a round in silence for the whole call.
-    (flows / "t.yaml").write_text(
-        FLOW.replace(
-            '      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late'
-        )
-        + '  late:\n    ask:\n      prompt: "Late one."\n      on_closed: menu\n      choices:\n'
-        + '        - {key: "3", phrases: [bye], label: goodbye, goto: bye}\n',
-        encoding="utf-8",
-    )
+    (flows / "t.yaml").write_text(ON_CLOSED_EACH_OTHER, encoding="utf-8")
     engine = Engine(load_flows(flows), params(False))
     actions, store = run(engine, "t", [":silence"] * (MAX_CLOSED_ASKS + 1))
     said = plays(actions)
@@ -852,14 +853,7 @@ def test_the_notice_past_the_closed_cap_is_a_static_prompt(flows: Path) -> None:
     # The last words of a question asked again past the cap ("Sorry, I did not hear
     # anything." and the notice), as every text of asking again after closing time: rendered
     # at start-up, not while the caller waits.
-    (flows / "t.yaml").write_text(
-        FLOW.replace(
-            '      prompt: "Pick one."', '      prompt: "Pick one."\n      on_closed: late'
-        )
-        + '  late:\n    ask:\n      prompt: "Late one."\n      on_closed: menu\n      choices:\n'
-        + '        - {key: "3", phrases: [bye], label: goodbye, goto: bye}\n',
-        encoding="utf-8",
-    )
+    (flows / "t.yaml").write_text(ON_CLOSED_EACH_OTHER, encoding="utf-8")
     engine = Engine(load_flows(flows), params(False))
     prompts = engine.flowset.get("t").static_prompts(engine.params)
     for answers in ([":silence"] * (MAX_CLOSED_ASKS + 1), ["7"] * (MAX_CLOSED_ASKS + 1)):
