@@ -17,6 +17,7 @@ import pytest
 from clinic_voice import clinic_line
 from clinic_voice.app import Runtime
 from clinic_voice.clinic_line import ClinicLine, check_clinic_line
+from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from voice.ivr.session import SessionDeps
 from voice.sip.pool import CallHandle
@@ -60,7 +61,9 @@ def a_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drain_s: str = "20")
         "CLINIC_CALL_DRAIN_S": drain_s,
     }
     settings = Settings.from_env(env)
-    line = ClinicLine.load(settings, cast(Runtime, SimpleNamespace()), check_clinic_line(settings))
+    line = ClinicLine.load(
+        settings, cast(Runtime, SimpleNamespace(clock=SystemClock())), check_clinic_line(settings)
+    )
     line._deps = cast(SessionDeps, object())  # started, as far as handle() is concerned
     return line
 

@@ -13,6 +13,7 @@ import pytest
 
 from clinic_voice.app import Runtime
 from clinic_voice.clinic_line import ClinicLine, check_clinic_line
+from sip_config.clock import SystemClock
 from sip_config.settings import Settings
 from voice.ivr.flow import load_flows
 from voice.ivr.webhook import in_clear, unconfigured
@@ -36,7 +37,7 @@ def _line(tmp_path: Path, url: str) -> ClinicLine:
         # A key of its own (else a warning at start: tests/integration/test_webhook_keys.py).
         "CLINIC_SCHEDULING_WEBHOOK_SECRET": "s" * 40,
     }
-    rt = cast(Runtime, SimpleNamespace(http_client=None))
+    rt = cast(Runtime, SimpleNamespace(http_client=None, clock=SystemClock()))
     settings = Settings.from_env(env)
     return ClinicLine.load(settings, rt, check_clinic_line(settings))
 
