@@ -608,6 +608,31 @@ def test_a_branch_case_on_an_entry_as_yaml_reads_it(
     assert [str(f) for f in check_files([path])] == expected
 
 
+def test_a_branch_case_for_a_value_not_collected_yet(tmp_path: Path) -> None:
+    # The engine reads a value not collected yet as "" (Engine._branch): a case "" is taken
+    # by every caller who has not answered yet (here, the first time through). Refused as a
+    # case "no answer equals", flow check stopped serve with this working flow.
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        "id: front\nlanguage: en\nstart: route\nnodes:\n"
+        "  route:\n    branch:\n      on: choice\n      cases:\n"
+        '        "": pick\n        "yes": desk\n      default: bye\n'
+        "  pick:\n    ask:\n"
+        '      mode: keypad\n      prompt: "Your choice?"\n      save: choice\n'
+        '      choices:\n        - {key: "1", label: one, value: "yes", goto: route}\n'
+        '        - {key: "2", label: two, value: "no", goto: route}\n'
+        '  bye:\n    hangup: "Goodbye."\n  desk:\n    transfer: staff\n',
+        encoding="utf-8",
+    )
+    assert [str(f) for f in check_files([path])] == []
+    flowset = load_flows(tmp_path)
+    engine = Engine(flowset, FlowParams())
+    _, actions = engine.start(flowset.get("front"))
+    assert [a.text for a in actions if isinstance(a, Play)] == [
+        "Your choice? Press 1 for one. Press 2 for two."
+    ]
+
+
 @pytest.mark.parametrize(
     ("record", "finding"),
     [

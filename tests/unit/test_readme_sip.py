@@ -99,6 +99,9 @@ NUMBERS = [
     ("with `Retry-After: 2` (the time a 302 not followed", pool._REDIRECT_RESERVE_S, 2),
     ("at most one line a minute, with their count", redirect_source._LOG_EVERY_S, 60),
     ("a flood from many addresses, 4 slots each", redirect_source.MAX_UNFOLLOWED, 4),
+    ("fills that address's 4 slots with a few", redirect_source.MAX_UNFOLLOWED, 4),
+    ("(a new one each 2 s,", pool._REDIRECT_RESERVE_S, 2),
+    ("fewer forged INVITEs than the 16", DEFAULTS.sip.workers * SIP_CALLS_PER_WORKER, 16),
     (
         "(4 addresses for the default 16 slots)",
         (

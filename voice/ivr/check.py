@@ -748,7 +748,7 @@ class _Checker:
         """A case of a branch on a collected value is a value the call can hold: the engine
         compares the text exactly, so ``Yes:`` for an answer saved as ``yes``, or ``01:``
         (YAML's octal 1, read as ``1``) for one saved as ``01``, was never taken, and its
-        callers went to the default in silence."""
+        callers went to the default in silence. A case ``""`` is a value not collected yet."""
         saved = _saved_values(self.flowset)
         for node in self.flow.nodes.values():
             if not isinstance(node, Branch) or node.on in {"urgency", HOURS}:
@@ -760,7 +760,9 @@ class _Checker:
             open_ = open_ or reply
             written_as = node.written or tuple((case, node.line) for case, _ in node.cases)
             for (case, _), (written, line) in zip(node.cases, written_as, strict=True):
-                if case in values:
+                if case in values or not case:
+                    # "": the engine reads a value not collected yet as "" (Engine._branch),
+                    # so that case is taken by every caller who has not answered yet.
                     continue
                 misread = f"YAML reads {written} as {case!r}"
                 if open_:
