@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from voice.ivr.engine import Engine, Play
+from voice.ivr.engine import Engine, Play, PostWebhook
 from voice.ivr.flow import FlowParams, load_flows
 from voice.ivr.simulate import script_call
 from voice.ivr.webhook import reply_values
@@ -68,3 +68,45 @@ def test_a_boolean_ready_reaches_the_results_branch(body: bytes, said: str) -> N
     # "True" matched no case of the branch: every caller went to staff.
     assert (state.flow, state.node) == ("results", "more")
     assert any(isinstance(a, Play) and a.text.startswith(said) for a in actions)
+
+
+# A flow that hands the clinic's numbers to the scheduling system and keeps one in the record.
+NUMBERS_FLOW = """\
+id: numbers
+language: en
+human: staff
+start: keep
+nodes:
+  keep:
+    set: {told: "{emergency_number}", service: "{out_of_hours_number}"}
+    next: post
+  post:
+    webhook:
+      url: scheduling
+      values: [told]
+      extra: {emergency: "{emergency_number}", out_of_hours: "{out_of_hours_number}"}
+      save: booking
+    next: bye
+    on_fail: bye
+  bye:
+    hangup: "In an emergency, call {emergency_number}. Goodbye."
+"""
+
+
+def test_webhooks_and_records_carry_the_numbers_as_set_not_as_read_out(tmp_path: Path) -> None:
+    # The spoken prompts read the numbers digit by digit ("1 1 2": text to speech said "one
+    # hundred and twelve"); a webhook's body and a call's values are data for a machine and a
+    # person reading the record: the number itself, as CLINIC_EMERGENCY_NUMBER has it.
+    (tmp_path / "numbers.yaml").write_text(NUMBERS_FLOW, encoding="utf-8")
+    params = FlowParams(emergency_number="112", out_of_hours_number="088 123-45")
+    state, actions = script_call(Engine(load_flows(tmp_path), params), "numbers", [])
+    (post,) = [a for a in actions if isinstance(a, PostWebhook)]
+    assert dict(post.values) == {
+        "told": "112",
+        "emergency": "112",
+        "out_of_hours": "088 123-45",
+    }
+    assert state.value("told") == "112" and state.value("service") == "088 123-45"
+    # What the caller hears is read out as before.
+    said = [a.text for a in actions if isinstance(a, Play)]
+    assert said == ["In an emergency, call 1 1 2. Goodbye."]

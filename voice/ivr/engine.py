@@ -996,7 +996,7 @@ class Engine:
             )
             if isinstance(node, SetValues):
                 for name, text in node.values:
-                    state = state.with_value(name, self._render(state, text))
+                    state = state.with_value(name, self._render(state, text, spoken=False))
                 state = self._step(state)
                 target = node.next
             elif isinstance(node, Assess):
@@ -1032,7 +1032,7 @@ class Engine:
             return self._ask(state, flow, node, actions)
         if isinstance(node, Webhook):
             values = {name: state.value(name) or "" for name in node.values}
-            values.update({k: self._render(state, v) for k, v in node.extra})
+            values.update({k: self._render(state, v, spoken=False) for k, v in node.extra})
             if state.triage is not None:
                 values.setdefault("urgency", state.triage.urgency.name)
             state = self._step(replace(state, phase=Phase.WEBHOOK))
@@ -1732,9 +1732,12 @@ class Engine:
         """Whether ``ask`` takes speech in ``flow`` (speech on for its language, not keypad)."""
         return self.params.speech_for(flow.language) and ask.mode.value != "keypad"
 
-    def _render(self, state: CallState, text: str) -> str:
+    def _render(self, state: CallState, text: str, *, spoken: bool = True) -> str:
+        """``text`` filled in; ``spoken=False`` for values kept or sent, not said: the numbers
+        as set (``112``), not as read out (``1 1 2``), in the record and a webhook's body."""
         values = dict(state.values)
-        values.update(self.params.values(self.flowset.get(state.flow).language))
+        language = self.flowset.get(state.flow).language
+        values.update(self.params.values(language, spoken=spoken))
         return render(text, values)
 
     def _say(self, state: CallState, flow: Flow, node: Say) -> Play:

@@ -191,8 +191,12 @@ class FlowParams:
         """Whether a flow in ``language`` takes speech."""
         return self.speech_enabled and self.speech_language in (None, language)
 
-    def values(self, language: str = "en") -> dict[str, str]:
-        """The parameters a text may name, the sentences among them in ``language``."""
+    def values(self, language: str = "en", *, spoken: bool = True) -> dict[str, str]:
+        """The parameters a text may name, the sentences among them in ``language``.
+
+        ``spoken``: the numbers as text to speech should read them (digit by digit); else
+        as set (``112``), for what is not said but kept or sent: a ``set``'s values (the
+        call record) and a webhook's ``extra``. The sentences are always the spoken ones."""
         hours = self.opening_hours.describe(language) if self.opening_hours else ""
         out = {
             # Digit by digit, as the out-of-hours number: espeak-ng reads "call 112" as "one
@@ -215,6 +219,9 @@ class FlowParams:
         out["closed_notice"] = render(" ".join(notice), out)
         service = "out_of_hours_service" if self.out_of_hours_number else "out_of_hours_unset"
         out["out_of_hours_service"] = render(texts[service], out)
+        if not spoken:
+            out["emergency_number"] = self.emergency_number
+            out["out_of_hours_number"] = self.out_of_hours_number
         return out
 
     def human_uri(self, human: str) -> str:
