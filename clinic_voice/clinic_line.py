@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -578,8 +579,17 @@ class ClinicLine:
         (read in a thread of its own) and the messages' bytes (in a thread). Logged once per
         change of the line's state, never per call, and never with the caller's number."""
         free = await read_free_bytes(self._settings.data_dir)
-        used = await self._rt.need_voicemails().used_bytes()
-        name = hashlib.blake2b(caller.encode(), key=self._caller_key, digest_size=16).hexdigest()
+        # A data dir that does not answer is refused as too full (below) without the scan of
+        # its messages: a stat per file on a file system gone (NFS) never returns, and would
+        # hold the caller in silence, and a thread of the loop's executor, for good.
+        used = 0 if free is None else await self._rt.need_voicemails().used_bytes()
+        # A caller with no digit in its number withheld it ("anonymous", RFC 3323; "", an
+        # "unknown" or "restricted" of a carrier): no number to count it under ("").
+        name = (
+            hashlib.blake2b(caller.encode(), key=self._caller_key, digest_size=16).hexdigest()
+            if re.search("[0-9]", caller)
+            else ""
+        )
         decision = self._budget.admit(call_id, name, max_s, free=free, used=used)
         refusal = decision.refusal
         budget = self._budget.budget

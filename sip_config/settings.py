@@ -429,8 +429,9 @@ VARIABLES: tuple[Variable, ...] = (
         "CLINIC_VOICEMAIL_PER_CALLER_DAY",
         "5",
         "messages one calling number may leave in 24 hours (0..1000; 0: no limit); callers "
-        "that withhold their number count as one number; counted by each `serve` since its "
-        "start",
+        "that withhold their number (no digit in it: anonymous) are not counted, as nothing "
+        "tells them apart (CLINIC_VOICEMAIL_MAX_MB holds them); counted by each `serve` since "
+        "its start",
     ),
     Variable(
         "CLINIC_CALL_DRAIN_S",

@@ -12,6 +12,7 @@ import pytest
 from sip_config.clock import FakeClock
 from sip_config.settings import Settings, SettingsError
 from tests.conftest import sip_settings
+from tests.unit.test_readme_layout import endpoints
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.sip.caller_identity import (
@@ -90,6 +91,29 @@ def test_the_number_a_pai_holds(value: str, number: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        '"sip:+31600000000@x" <sip:anonymous@anonymous.invalid>',
+        '"tel:+31600000000 x" <sip:anonymous@pbx>',
+        '"a, <tel:+31600000000>" <sip:anonymous@pbx>',
+        '"a \\" <tel:+31600000000>" <sip:anonymous@pbx>',  # an escaped quote inside
+        '"sip:+31600000000@x <sip:anonymous@pbx>',  # a quote never closed
+    ],
+)
+def test_a_number_in_the_display_name_asserts_nothing(value: str) -> None:
+    """A PBX passes the caller's own display name on in its PAI (Asterisk's caller ID name is
+    the From's display name): a caller who writes a number there is not asserted."""
+    assert asserted_number(value) == ""
+    got = identify("anonymous", ((PAI, value),), "10.0.0.5:5060", PBX)
+    assert got == Caller("anonymous", CLAIMED)
+
+
+def test_the_pbx_number_wins_over_a_display_name_that_holds_another() -> None:
+    value = '"sip:+31600000000@x" <sip:+31612345678@pbx>'
+    assert asserted_number(value) == "+31612345678"
+
+
+@pytest.mark.parametrize(
     ("address", "host"),
     [("127.0.0.1:5060", "127.0.0.1"), ("[::1]:5060", "::1"), ("::1", "::1"), ("x:1", None)],
 )
@@ -149,3 +173,25 @@ def test_the_call_record_says_whether_the_number_was_verified() -> None:
     assert claimed.to_json()["caller_verified"] is False
     asserted = CallResult("in-1", "+3161", "700", 0.0, 1.0, record, caller_identity=ASSERTED)
     assert asserted.to_json()["caller_verified"] is True
+
+
+def test_the_shipped_asterisk_asserts_only_the_number_it_has_for_a_phone() -> None:
+    """README: behind the shipped Asterisk, CLINIC_SIP_TRUSTED_PEERS may name it. Its PAI is
+    then believed, so it must be the extension's own callerid: a phone whose PAI it trusted
+    (trust_id_inbound) could have any number of its choice asserted to the clinic line."""
+    phones = {n: o for n, o in endpoints().items() if o.get("context") == "from-phones"}
+    assert phones
+    for name, options in phones.items():
+        assert options.get("trust_id_inbound", "no") == "no", f"{name} asserts its own number"
+        assert options.get("callerid", "").endswith(f"<{name}>"), (name, options)
+        assert options.get("send_pai") == "yes", name
+
+
+@pytest.mark.parametrize("source", ["10.0.0.5:5060", "[::ffff:10.0.0.5]:5060"])
+def test_a_peer_given_as_an_ipv4_mapped_address_is_trusted(source: str) -> None:
+    """Before, ::ffff:10.0.0.5 (as a dual-stack socket writes an IPv4 peer) never matched:
+    the source is read as IPv4, the setting stayed IPv6, and the PBX asserted nothing."""
+    peers = parse_trusted_peers("::ffff:10.0.0.5, ::ffff:192.168.0.0/120")
+    assert [str(n) for n in peers] == ["10.0.0.5/32", "192.168.0.0/24"]
+    pai = ((PAI, "<sip:+31612345678@pbx>"),)
+    assert identify("6001", pai, source, peers) == Caller("+31612345678", ASSERTED)

@@ -77,6 +77,17 @@ def test_the_disk_floor_counts_the_message_being_reserved() -> None:
     assert budget.reserved_bytes == 0  # a refusal reserves nothing
 
 
+def test_messages_being_recorded_take_from_the_disk_floor_too() -> None:
+    """Callers at once cannot all pass a disk floor only one of them fits: the free space
+    read for each still holds the messages being recorded, not written yet."""
+    budget = VoicemailBudget(Budget(10 * MB, PLENTY, 0), FakeClock())
+    free = 10 * MB + NEED  # room for one message above the floor
+    assert budget.admit("a", "x", 60, free=free, used=0).refusal is None
+    assert budget.admit("b", "y", 60, free=free, used=0).refusal is Refusal.DISK_LOW
+    budget.release("a", kept=False)
+    assert budget.admit("b", "y", 60, free=free, used=0).refusal is None
+
+
 def test_a_number_leaves_per_caller_day_messages_in_any_24_hours() -> None:
     clock = FakeClock()
     budget = VoicemailBudget(BUDGET, clock)
@@ -113,6 +124,38 @@ def test_messages_being_recorded_count_for_their_caller() -> None:
     assert budget.admit("a", "x", 60, free=PLENTY, used=0).refusal is None
     assert budget.admit("b", "x", 60, free=PLENTY, used=0).refusal is None
     assert budget.admit("c", "x", 60, free=PLENTY, used=0).refusal is Refusal.CALLER_LIMIT
+
+
+def test_a_number_refused_on_its_messages_being_recorded_is_told_of_again_later() -> None:
+    """Refused while its only other message was being recorded, then not kept: the number
+    has no 24 hours whose end forgets the warning; before, its refusals days later were never
+    told again (and each such number stayed in memory for good)."""
+    clock = FakeClock()
+    budget = VoicemailBudget(Budget(0, PLENTY, 1), clock)
+    assert budget.admit("a", "x", 60, free=PLENTY, used=0).refusal is None
+    assert budget.admit("b", "x", 60, free=PLENTY, used=0).first_for_caller
+    budget.release("a", kept=False)
+    clock.advance(2 * DAY_S)
+    assert budget.admit("c", "x", 60, free=PLENTY, used=0).refusal is None
+    budget.release("c", kept=True)
+    refused = budget.admit("d", "x", 60, free=PLENTY, used=0)
+    assert refused.refusal is Refusal.CALLER_LIMIT and refused.first_for_caller
+
+
+def test_callers_with_no_number_are_not_held_to_one_shared_count() -> None:
+    """An empty name is no number (withheld): before, every such caller shared one count, so a
+    handful of them in a day (or one abuser) refused all others their message for 24 h.
+    The cap still holds them."""
+    budget = VoicemailBudget(Budget(0, 3 * NEED, 1), FakeClock())
+    for call in ("a", "b"):
+        assert budget.admit(call, "", 60, free=PLENTY, used=0).refusal is None
+        budget.release(call, kept=True)
+    assert budget.admit("c", "", 60, free=PLENTY, used=2 * NEED).refusal is None
+    assert budget.admit("d", "", 60, free=PLENTY, used=2 * NEED).refusal is Refusal.FULL
+    # A number is still held to its count.
+    assert budget.admit("e", "x", 60, free=PLENTY, used=0).refusal is None
+    budget.release("e", kept=True)
+    assert budget.admit("f", "x", 60, free=PLENTY, used=0).refusal is Refusal.CALLER_LIMIT
 
 
 def test_the_line_state_changes_are_reported_once_each() -> None:

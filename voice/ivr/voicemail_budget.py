@@ -96,7 +96,10 @@ class VoicemailBudget:
     number's messages in the last 24 hours, and the line-wide state last found.
 
     ``caller`` is whatever names the calling number (the service passes a keyed digest,
-    never the number); callers that withhold their number share one name, and one count.
+    never the number); "" names no number (withheld): such callers are not held to
+    ``per_caller_day``, since nothing tells one of them from another, and one shared count
+    let a handful of them (or one abuser) refuse every other for 24 hours; the byte cap and
+    the disk floor hold them as any caller.
     Counts are this process's, since it started: a restart forgets them (the byte cap and
     the disk floor still hold, read from the disk).
     """
@@ -126,14 +129,16 @@ class VoicemailBudget:
         bytes free on the data dir and ``used`` bytes of messages on it. Admitted, it is
         reserved until :meth:`release`."""
         need = sealed_size(max_s)
-        # A reservation already written counts in ``used`` too: at worst it counts twice for
-        # a moment (refusing early, never late).
+        # Messages being recorded are not on the disk yet: they take from its free space as
+        # from the cap. A reservation already written counts in ``free`` and ``used`` too: at
+        # worst it counts twice for a moment (refusing early, never late).
+        reserved = self.reserved_bytes
         refusal = decide(
             self.budget,
             need=need,
-            free=free,
-            used=used + self.reserved_bytes,
-            caller_count=self.count(caller),
+            free=None if free is None else free - reserved,
+            used=used + reserved,
+            caller_count=self.count(caller) if caller else 0,
         )
         line_wide = refusal if refusal is not Refusal.CALLER_LIMIT else None
         # A caller refused alone says nothing of the line: its state stays what it was.
@@ -151,7 +156,16 @@ class VoicemailBudget:
     def release(self, call_id: str, kept: bool) -> None:
         """The message of ``call_id`` ended: ``kept`` (saved), it counts for its caller."""
         reservation = self._reserved.pop(call_id, None)
-        if reservation is None or not kept:
+        if reservation is None:
+            return
+        if not kept:
+            if not self.count(reservation.caller):
+                # Refused on its messages being recorded alone, a number kept nothing: no
+                # 24 hours of its own end to forget that it was told (the memory, and the
+                # next refusal's warning, would be lost for good).
+                self._told.discard(reservation.caller)
+            return
+        if not reservation.caller:  # no number: nothing to count it for
             return
         times = self._recent(reservation.caller)
         times.append(self._clock.now())

@@ -23,8 +23,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from voice.sip.message import user_part
-
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PAI = "p-asserted-identity"
@@ -32,7 +30,14 @@ PAI = "p-asserted-identity"
 # RFC 3966 section 5.1.1: visual separators a tel: or sip: number may carry.
 _SEPARATORS = re.compile(r"[-.() ]")
 _NUMBER = re.compile(r"\+?[0-9]{2,20}")
-_TEL = re.compile(r"<?\s*tel:([^;>,\s]+)", re.IGNORECASE)
+# A quoted display name (RFC 3261 section 25.1, quoted-string; one never closed runs to the
+# end): a PBX passes the caller's own name on in it (Asterisk's caller ID name is the From's
+# display name, whoever wrote it), so a "sip:" or "tel:" in it asserts nothing.
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"?')
+_BRACKETED = re.compile(r"<([^>]*)>")
+# A URI's number, read from the URI's start only (never from a parameter).
+_SIP_USER = re.compile(r"\s*sips?:([^@;>\s]+)@", re.IGNORECASE)
+_TEL = re.compile(r"\s*tel:([^;>,\s]+)", re.IGNORECASE)
 
 
 class CallerIdentity(enum.StrEnum):
@@ -68,9 +73,15 @@ def parse_trusted_peers(value: str) -> tuple[IpNetwork, ...]:
         if not text:
             continue
         try:
-            out.append(ipaddress.ip_network(text, strict=False))
+            net: IpNetwork = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ValueError(f"{text!r} is no IP address or network") from None
+        mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+        if mapped is not None and net.prefixlen >= 96:
+            # An IPv4 peer as a dual-stack socket shows it (::ffff:10.0.0.5): the source is
+            # read as IPv4 (source_host), so the peer is too, or it never matched.
+            net = ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
+        out.append(net)
     return tuple(out)
 
 
@@ -101,8 +112,12 @@ def asserted_number(value: str) -> str:
     """The phone number a P-Asserted-Identity value holds (``<sip:+316...@pbx>``,
     ``<tel:+31-6-...>``, either of two split by a comma); "" when it holds none
     (``anonymous``, an empty user)."""
-    for candidate in (user_part(value), *(m.group(1) for m in _TEL.finditer(value))):
-        number = _SEPARATORS.sub("", candidate)
+    text = _QUOTED.sub("", value)
+    # name-addr (``<...>``, the only form a display name may precede) or bare addr-specs.
+    uris = [m.group(1) for m in _BRACKETED.finditer(text)] if "<" in text else text.split(",")
+    for uri in uris:
+        m = _SIP_USER.match(uri) or _TEL.match(uri)
+        number = _SEPARATORS.sub("", m.group(1)) if m else ""
         if _NUMBER.fullmatch(number):
             return number
     return ""
