@@ -49,6 +49,26 @@ async def started_line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
         await pool.stop()
 
 
+@contextlib.asynccontextmanager
+async def front_as_serve_wires(pool: SipPool) -> AsyncIterator[RedirectFront]:
+    """``pool`` started, and the redirect front before it as serve wires it: its 302s hold
+    their slots, and its 503s say when to come back."""
+    await pool.start()
+    front = RedirectFront(
+        HostPort("127.0.0.1", 0),
+        pool.pick_inbound,
+        clock=SystemClock(),
+        reservations=pool,
+        retry_after=pool.retry_after_s,
+    )
+    await front.start()
+    try:
+        yield front
+    finally:
+        await front.stop()
+        await pool.stop()
+
+
 @pytest.fixture
 async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
     async with started_line() as started:

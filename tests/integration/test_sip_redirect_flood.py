@@ -21,7 +21,7 @@ import pytest
 from sip_config.clock import FakeClock, SystemClock
 from sip_config.settings import SIP_CALLS_PER_WORKER, HostPort
 from tests.conftest import SIPP_OTHER_SOCKETS, free_port, sip_settings
-from tests.integration.test_sip_inbound import PEERS, run_softphone
+from tests.integration.test_sip_inbound import PEERS, front_as_serve_wires, run_softphone
 from voice.sip import message, redirect_source
 from voice.sip.front import RedirectFront
 from voice.sip.pool import CallHandle, SipPool
@@ -40,20 +40,8 @@ async def line() -> AsyncIterator[tuple[SipPool, RedirectFront]]:
     """WORKERS workers (more slots than one address's cap) behind a front that holds its
     302s' slots, as serve wires it."""
     pool = SipPool(sip_settings(WORKERS), clock=SystemClock())
-    await pool.start()
-    front = RedirectFront(
-        HostPort("127.0.0.1", 0),
-        pool.pick_inbound,
-        clock=SystemClock(),
-        reservations=pool,
-        retry_after=pool.retry_after_s,
-    )
-    await front.start()
-    try:
+    async with front_as_serve_wires(pool) as front:
         yield pool, front
-    finally:
-        await front.stop()
-        await pool.stop()
 
 
 def _invite_from(host: str, front: HostPort, call_id: str) -> message.SipMessage:

@@ -14,38 +14,19 @@ import asyncio
 import math
 import os
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
 
 from sip_config.clock import SystemClock
-from sip_config.settings import HostPort
 from tests.conftest import sip_settings
 from tests.integration.test_sip_cancel_stop import invite_answers
+from tests.integration.test_sip_inbound import front_as_serve_wires
 from voice.sip import message
-from voice.sip.front import RedirectFront
 from voice.sip.pool import STOP_TAIL_S, SipPool
 
 pytestmark = pytest.mark.integration
 
 CLOSE_S = 30.0  # serve's: CLINIC_CALL_DRAIN_S and the closing notice
-
-
-async def _started(pool: SipPool) -> AsyncIterator[RedirectFront]:
-    await pool.start()
-    front = RedirectFront(
-        HostPort("127.0.0.1", 0),
-        pool.pick_inbound,
-        clock=SystemClock(),
-        reservations=pool,
-        retry_after=pool.retry_after_s,
-    )
-    await front.start()
-    try:
-        yield front
-    finally:
-        await front.stop()
-        await pool.stop()
 
 
 def _final(answers: list[message.SipMessage]) -> tuple[int, str | None]:
@@ -55,7 +36,7 @@ def _final(answers: list[message.SipMessage]) -> tuple[int, str | None]:
 
 async def test_at_the_stop_the_front_and_a_worker_say_retry_after_the_stop() -> None:
     pool = SipPool(sip_settings(1), clock=SystemClock(), close_s=CLOSE_S)
-    async for front in _started(pool):
+    async with front_as_serve_wires(pool) as front:
         pool.refuse_new_calls()  # the stop's first moment (serve's begin_close)
         at_front = await invite_answers(front.address.port, within=3)
         # Straight to the worker (a PBX's trunk, a caller redirected just before): the pool
@@ -69,7 +50,7 @@ async def test_at_the_stop_the_front_and_a_worker_say_retry_after_the_stop() -> 
 
 async def test_while_no_worker_is_up_the_front_says_retry_after_a_restart() -> None:
     pool = SipPool(sip_settings(1), clock=SystemClock(), close_s=CLOSE_S)
-    async for front in _started(pool):
+    async with front_as_serve_wires(pool) as front:
         [pid] = pool.worker_pids()
         os.kill(pid, signal.SIGKILL)  # restarted after a backoff (0.2 s), up a second later
         for _ in range(500):  # its exit seen (end of file): down until its restart is up
