@@ -108,7 +108,10 @@ def _step(draw: st.DrawFn, later: list[str]) -> dict[str, Any]:
     kind = draw(st.sampled_from(kinds))
     kind = draw(st.sampled_from([kind, kind, kind, "transfer", "hangup", "goto"]))
     if kind == "say":
-        return {"say": draw(st.sampled_from(["Hello.", "Hello.", "", " "])), "next": draw(target)}
+        # A lookup's reply field alone: a reply without it (WebhookResult(True) has none)
+        # is silence.
+        said = ["Hello.", "Hello.", "", " ", "{booking.message}", "Booked. {booking.message}"]
+        return {"say": draw(st.sampled_from(said)), "next": draw(target)}
     if kind == "ask":
         return {"ask": draw(_ask(later))}
     if kind == "branch":

@@ -36,6 +36,13 @@ Checks, each reported as ``file:line: message``:
   An ask takes speech on a call with a speech model in its flow's language unless it is a
   keypad question or a keypad entry (:func:`voice.ivr.flow.hears_speech`): the settings are
   not read, so a flow that passes here passes with any;
+* what a caller with only a keypad can reach: a choice of a question that takes speech
+  with phrases and no key is out of reach on a line without a speech model in the flow's
+  language, unless a choice with a key goes the same way;
+* what a caller hears: a prompt made of a webhook reply's field alone (a reply without it
+  is silence), and a goodbye that ends with a triage's advice (``same_day``) but says none;
+* a branch on a setting (``clinic_name``: spoken, never a value of the call) or on what
+  nothing saves, naming what a branch can read;
 * a record step with no prompt is reached only through a say (that says what to record
   before the beep), and is no flow's start;
 * a case of a branch on urgency that no path reaches at its level, whose target no other
@@ -89,6 +96,7 @@ from voice.ivr.flow import (
     parse_flow,
     parse_flowset,
     placeholders,
+    render,
     successors,
 )
 from voice.ivr.triage import (
@@ -226,6 +234,8 @@ class _Checker:
         self.urgency_cases()
         self.placeholders()
         self.spoken_labels()
+        self.keypad_reach()
+        self.advice_goodbyes()
         self.record_prompts()
         self.branch_cases()
         return self.findings
@@ -674,8 +684,28 @@ class _Checker:
                 for name in placeholders(text):
                     if unknown(name):
                         self.add(node.line, f"unknown placeholder {{{name}}}")
-            if isinstance(node, Branch) and node.on not in {"urgency", HOURS} and unknown(node.on):
-                self.add(node.line, f"branch on {node.on!r}, which nothing collects")
+            if isinstance(node, Branch) and node.on not in {"urgency", HOURS}:
+                if node.on in PARAM_NAMES:
+                    # A setting is spoken ({clinic_name}), never a value of the call: the
+                    # engine reads the call's values, so every caller took the default.
+                    self.add(
+                        node.line,
+                        f"branch {node.id!r} on {node.on!r}, a setting, not a value the call "
+                        f"collects: every call takes its default ({_readable(known, prefixes)})",
+                    )
+                elif unknown(node.on):
+                    self.add(
+                        node.line,
+                        f"branch on {node.on!r}, which nothing collects "
+                        f"({_readable(known, prefixes)})",
+                    )
+            for text in _reply_only(node, prefixes):
+                self.add(
+                    node.line,
+                    f"{_kind(node)} {node.id!r} says only {text.strip()!r}, a webhook reply's "
+                    "field: a reply without it would be silence; add words of your own "
+                    f'("Thank you. {{{_reply_names(text, prefixes)[0]}}}")',
+                )
 
     def spoken_labels(self) -> None:
         """A caller who says what the hint told them to say must get that choice."""
@@ -719,6 +749,55 @@ class _Checker:
                             "says it is never understood",
                         )
 
+    def advice_goodbyes(self) -> None:
+        """A goodbye whose outcome is a triage's advice (``same_day``, ``within_24h``,
+        ``self_care``) says it in its own words. Else the caller is hung up on with no
+        advice, and the record says it was given (the nurse reads "same day" and calls
+        nobody back). Not in a say before it: the engine says a goodbye's advice once more
+        should it fail, then puts the caller through to the nurse; a say that fails is
+        skipped."""
+        for node in self.flow.nodes.values():
+            if not isinstance(node, Hangup) or any(ch.isalnum() for ch in node.prompt):
+                continue
+            action = node_outcome(node)
+            if action is None or action in _HUMAN_ACTIONS:
+                continue  # no advice (a claim of a human is the schema's finding)
+            self.add(
+                node.line,
+                f"hang-up {node.id!r} ends with the advice {action.value!r} but says none: "
+                'write the advice in its goodbye (hangup: "You should see a doctor today. '
+                '... Goodbye.")',
+            )
+
+    def ways_in(self, ref: NodeRef) -> list[Node]:
+        """The steps of any flow with an edge to ``ref``."""
+        return [
+            other.nodes[node_id]
+            for other in self.flowset.flows.values()
+            for node_id in other.nodes
+            if ref in self.edges((other.id, node_id))
+        ]
+
+    def keypad_reach(self) -> None:
+        """Every choice can be taken on the keypad: a line without a speech model in the
+        flow's language (none installed, or ``CLINIC_VOSK_LANGUAGE`` another language) hears
+        no word, and the check reads no settings. A choice with phrases and no key is taken
+        only by speech, unless a choice of the same question with a key goes the same way."""
+        for node in self.flow.nodes.values():
+            if not isinstance(node, Ask) or not hears_speech(node):
+                continue  # a keypad question's phrase-only choice is the schema's finding
+            keyed = {(c.goto, c.value, c.effect) for c in node.choices if c.key}
+            for choice in node.choices:
+                if choice.key or (choice.goto, choice.value, choice.effect) in keyed:
+                    continue
+                name = choice.label or choice.value or choice.phrases[0]
+                self.add(
+                    choice.line,
+                    f"choice {name!r} of ask {node.id!r} has phrases and no 'key': a caller "
+                    "on a line without speech (no speech model in the flow's language) "
+                    "cannot take it; give it a 'key'",
+                )
+
     def record_prompts(self) -> None:
         """A caller about to be recorded is told what to say: by the record's own prompt, or
         by the say that every way into it plays just before ("After the tone, please leave
@@ -729,12 +808,7 @@ class _Checker:
             if not isinstance(node, Record) or node.prompt.strip():
                 continue
             ref = (self.flow.id, node.id)
-            ways_in = [
-                other.nodes[node_id]
-                for other in self.flowset.flows.values()
-                for node_id in other.nodes
-                if ref in self.edges((other.id, node_id))
-            ]
+            ways_in = self.ways_in(ref)
             if node.id != self.flow.start and not ways_in:
                 continue  # unreachable: that finding says so
             if node.id == self.flow.start or not all(isinstance(n, Say) for n in ways_in):
@@ -793,6 +867,49 @@ class _Checker:
 
 
 _LISTED = 6  # values named in a finding, at most
+
+
+def _readable(known: set[str], prefixes: set[str]) -> str:
+    """What a branch can read, for a finding: ``urgency``, ``hours`` and the values that
+    the flows' steps save (a webhook's reply as ``<save>.<field>``)."""
+    names = sorted(known - PARAM_NAMES) + sorted(p + "<field>" for p in prefixes)
+    listed = ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
+    if names:
+        return f"a branch reads urgency, hours or a value a step saves: {listed}"
+    return "a branch reads urgency, hours or a value a step saves: none is saved"
+
+
+def _kind(node: Node) -> str:
+    return type(node).__name__.lower()
+
+
+def _reply_names(text: str, prefixes: set[str]) -> list[str]:
+    """The webhook reply fields ``text`` names (``booking.message``), sorted."""
+    return sorted(n for n in placeholders(text) if any(n.startswith(p) for p in prefixes))
+
+
+def _reply_only(node: Node, prefixes: set[str]) -> list[str]:
+    """The texts of ``node`` the caller hears that hold a webhook reply's field and no word
+    besides: the reply may lack it, or hold "" (it is any text), and the caller would hear
+    nothing (before a goodbye, or a question's listening) where the flow meant words."""
+    if isinstance(node, Say) and node.audio is None:
+        texts = [node.text]
+    elif isinstance(node, Ask):
+        texts = [node.prompt, node.keypad_prompt or ""]
+    elif isinstance(node, Transfer | Record | Hangup):
+        texts = [node.prompt]
+    else:
+        return []
+    out: list[str] = []
+    for text in texts:
+        names = placeholders(text)
+        if not _reply_names(text, prefixes):
+            continue
+        # A setting or a collected value has words; a reply's field may be empty.
+        words = render(text, {n: "" if n in _reply_names(text, prefixes) else "x" for n in names})
+        if not any(ch.isalnum() for ch in words):
+            out.append(text)
+    return out
 
 
 def _saved_values(flowset: FlowSet) -> dict[str, tuple[frozenset[str], bool]]:
