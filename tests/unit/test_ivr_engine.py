@@ -2105,3 +2105,48 @@ def test_a_backed_say_heard_on_a_later_pass_backs_its_outcome(tmp_path: Path) ->
     state, actions = engine.handle(state, DONE)  # "Goodbye." heard
     (store,) = [a for a in actions if isinstance(a, Store)]
     assert store.record.outcome == "results_status_given", store.record.outcome
+
+
+RECORD_FLOW = """\
+id: r
+language: en
+human: staff
+start: tell
+nodes:
+  tell:
+    say: "After the tone, say the name of each medicine you need."
+    next: message
+  message:
+    record: {max_s: 60, save: note}
+    next: thanks
+  asked:
+    record: {prompt: "After the tone, say your name.", max_s: 30, save: note}
+    next: thanks
+  thanks:
+    hangup: "Thank you. Goodbye."
+    outcome: prescription_requested
+"""
+
+
+@pytest.mark.parametrize("start", ["tell", "asked"])
+def test_what_to_record_unheard_twice_reaches_a_human_not_a_bare_beep(
+    tmp_path: Path, start: str
+) -> None:
+    # The words before the beep (a say just before a record with no prompt, or the
+    # record's own prompt) failed: said once more; failed again, the caller heard only the
+    # beep and left a message nobody asked for, or hung up at it. A human, as for a
+    # question nobody heard.
+    (tmp_path / "r.yaml").write_text(RECORD_FLOW.replace("start: tell", f"start: {start}"))
+    engine = Engine(load_flows(tmp_path), FlowParams())
+    state, first = engine.start(engine.flowset.get("r"))
+    state, again = engine.handle(state, FAILED)
+    assert texts(again) == texts(first) and not any(isinstance(a, RecordAudio) for a in again)
+    state, actions = engine.handle(state, FAILED)
+    assert not any(isinstance(a, RecordAudio) for a in actions)
+    assert (state.pending, state.transfer_uri) == (Pending.TRANSFER, STAFF)
+    assert [s.input for s in state.path].count(PROMPT_FAILED) == 2
+    # Heard on its second try: the recording goes ahead.
+    state, _ = engine.start(engine.flowset.get("r"))
+    state, _ = engine.handle(state, FAILED)
+    state, actions = engine.handle(state, DONE)
+    assert actions == [RecordAudio(60 if start == "tell" else 30)]

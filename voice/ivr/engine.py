@@ -31,8 +31,10 @@ VoiceXML semantics kept here:
   call ends (or is put through) without having said again. A say that backs an outcome
   (``outcome_unheard``: the results' status) is said once more too; unheard again, the
   call goes on, and ends with its ``outcome_unheard`` wherever it would have ended with
-  the outcome it backs. Any other prompt that failed (a say, "connecting you" below U2)
-  is skipped;
+  the outcome it backs. What to record (a record's prompt, or the say just before a record
+  with none) is said once more too; unheard again, the caller goes to the flow's human, as
+  for a question given up unheard, never to a beep nobody explained. Any other prompt that
+  failed (a say, "connecting you" below U2) is skipped;
   during a ``barge_in`` prompt the session may deliver :class:`Digit` or :class:`SpeechResult`
   at once, the engine then answers :class:`StopPlay` and goes on;
 * a webhook reply's fields become values ``<save>.<name>`` only when a flow reads them
@@ -816,6 +818,7 @@ class Engine:
                 state, noinput=1, phase=Phase.PLAYING, pending=Pending.RECORD, barge_in=False
             )
             text = f"{flow.texts('record_silent')} {node.prompt}".strip()
+            state = replace(state, asked=text, prompt_retried=False)
             return state, [self._play(state, flow, text, barge_in=False)]
         why, said = ("no message", "record_silent") if ev.silent else ("not saved", "record_failed")
         return self._to_human(state, flow, why, [], before=flow.texts(said))
@@ -829,6 +832,16 @@ class Engine:
         are said once more too (:meth:`_unheard` once failed again). Any other prompt is
         skipped: what follows it still reaches the caller."""
         state = self._step(state, PROMPT_FAILED)
+        if self._record_words(state, flow, node):
+            # What to record (a record's prompt, or the say just before one with none):
+            # unheard twice, the caller would hear only the beep, and a message nobody knew
+            # to leave (the medicines? a name?), or a hang-up at a beep nobody explained. As
+            # for a question given up unheard: the flow's human (out of hours with staff,
+            # the closed notice), never a recording blind.
+            if not state.prompt_retried:
+                state = replace(state, prompt_retried=True)
+                return state, [self._replay(state, flow, node)]
+            return self._to_human(state, flow, PROMPT_FAILED, [])
         if _safety_words(state, node):
             if not state.prompt_retried:
                 state = replace(state, prompt_retried=True)
@@ -859,6 +872,20 @@ class Engine:
         if node.on_fail is None or state.unheard_asks > MAX_UNHEARD_ASKS:
             return self._to_human(state, flow, PROMPT_FAILED, [])
         return self._enter(state, flow, node.on_fail, [])
+
+    def _record_words(self, state: CallState, flow: Flow, node: Node | None) -> bool:
+        """Whether the prompt under way tells the caller what to record: a record's own
+        prompt, or a say whose next step is a record with none (it beeps at once)."""
+        if state.pending is Pending.RECORD and isinstance(node, Record):
+            return bool(state.asked.strip())
+        if state.pending is not Pending.NEXT or not isinstance(node, Say):
+            return False
+        try:
+            other, node_id = self.flowset.resolve(flow, node.next)
+        except KeyError:
+            return False
+        after = other.nodes.get(node_id)
+        return isinstance(after, Record) and not after.prompt.strip()
 
     def _unheard(self, state: CallState, flow: Flow, node: Node | None) -> Result:
         """Safety words that failed twice. Last words are what the caller leaves with: a
@@ -1038,7 +1065,14 @@ class Engine:
             state = self._step(replace(state, phase=Phase.WEBHOOK))
             return state, [*actions, PostWebhook(node.url, values, node.timeout_s)]
         if isinstance(node, Record):
-            state = replace(state, phase=Phase.PLAYING, pending=Pending.RECORD, barge_in=False)
+            state = replace(
+                state,
+                phase=Phase.PLAYING,
+                pending=Pending.RECORD,
+                barge_in=False,
+                asked=node.prompt,
+                prompt_retried=False,
+            )
             state = self._step(state)
             if not node.prompt:
                 return replace(state, phase=Phase.RECORDING), [*actions, RecordAudio(node.max_s)]
