@@ -47,9 +47,13 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "bad_yaml.yaml": ["5: YAML: expected ',' or ']', but got '<stream end>'"],
     "unspoken_label.yaml": [
+        # What the caller is told to say, and what to write: the phrases to pick from.
         "12: label 'moving an appointment' is spoken as an answer but none of its phrases"
-        " matches it",
-        "14: label 'something else' is spoken as an answer but none of its phrases matches it",
+        ' matches it: the hint says "Say moving an appointment or press 2"; add \'moving an'
+        " appointment' to its phrases (move, change), or make the label one of them",
+        "14: label 'something else' is spoken as an answer but none of its phrases matches it:"
+        " the hint says \"Say something else or press 4\"; add 'something else' to its phrases"
+        " (it has none), or make the label one of them",
         "15: label 'other than book' is spoken as an answer but also matches 'book'",
     ],
     "audio_files.yaml": [
@@ -60,7 +64,8 @@ EXPECTED: dict[str, list[str]] = {
         "14: unknown placeholder {patient_name}",
         "14: webhook posts 'clinic_name', which nothing collects",
         "14: webhook posts 'date_of_birth', which nothing collects",
-        "15: unknown webhook url 'schedulng' (the service has: scheduling)",
+        "15: unknown webhook url 'schedulng': write 'url: scheduling' (the service has:"
+        " scheduling); its address is set by CLINIC_SCHEDULING_WEBHOOK",
         "20: a webhook's outcome cannot be the triage action 'self_care'",
     ],
     "no_danger_first.yaml": [

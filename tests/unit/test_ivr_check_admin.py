@@ -169,7 +169,10 @@ def test_an_empty_file_and_an_unknown_language(tmp_path: Path) -> None:
     got = [str(f) for f in check_files([tmp_path / "empty.yaml", nl])]
     assert got == [
         f"{tmp_path / 'empty.yaml'}:1: empty flow file: a flow needs id, language, start and nodes",
-        f"{nl}:2: unknown language 'nl' (the service has system texts for: en, ko)",
+        # What to write instead, and why another language is not a flow edit.
+        f"{nl}:2: unknown language 'nl': write one the service has its own texts for (en, ko);"
+        " another language needs those texts translated first (its sorry, connecting and"
+        " closed sentences: SYSTEM_TEXTS in voice/ivr/flow.py)",
     ]
 
 

@@ -157,6 +157,22 @@ def test_a_flow_that_does_not_load_is_refused_as_any_finding(
     ], err
 
 
+def test_a_schema_error_is_refused_with_every_other_finding(
+    elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A schema error hid the check's other findings from serve (flow check listed them):
+    the practice manager fixed what serve named, restarted, and was refused again."""
+    shutil.copytree(SHIPPED, elsewhere / "flows")
+    flow = elsewhere / "flows" / "appointments.yaml"
+    text = flow.read_text(encoding="utf-8")
+    text = text.replace("url: scheduling", "url: https://example.org/book")  # a schema error
+    text = text.replace("label: book, goto", "label: make a booking, goto")  # a label unheard
+    flow.write_text(text, "utf-8")
+    err, checked = _serve_refused(elsewhere, monkeypatch, capsys)
+    assert len(checked) == 2, checked
+    assert err.splitlines()[1:] == checked, err
+
+
 def test_serve_refuses_flows_that_fail_flow_check(
     elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

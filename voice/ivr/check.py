@@ -719,10 +719,15 @@ class _Checker:
                     c for c in node.choices if any(phrase_in(p, choice.label) for p in c.phrases)
                 ]
                 if choice not in heard:
+                    # The hint says "Say {label} or press {key}": a caller who says it must
+                    # be understood. Name the phrases the practice manager can pick from.
+                    own = ", ".join(choice.phrases) or "it has none"
                     self.add(
                         choice.line,
                         f"label {choice.label!r} is spoken as an answer but none of its "
-                        "phrases matches it",
+                        f'phrases matches it: the hint says "Say {choice.label} or press '
+                        f'{choice.key}"; add {choice.label!r} to its phrases ({own}), or make'
+                        " the label one of them",
                     )
                 elif len(heard) > 1:
                     others = ", ".join(repr(c.label or c.value) for c in heard if c is not choice)

@@ -1207,7 +1207,9 @@ class _Parser:
             known = ", ".join(sorted(LANGUAGES))
             self.error(
                 top.line_of("language"),
-                f"unknown language {language!r} (the service has system texts for: {known})",
+                f"unknown language {language!r}: write one the service has its own texts for"
+                f" ({known}); another language needs those texts translated first (its"
+                " sorry, connecting and closed sentences: SYSTEM_TEXTS in voice/ivr/flow.py)",
             )
             language = "en"
         try:
@@ -1602,7 +1604,12 @@ class _Parser:
         url = self.text(w, "url")
         if url not in WEBHOOK_URLS:  # every call would take on_fail
             known = ", ".join(WEBHOOK_URLS)
-            self.error(w.line_of("url"), f"unknown webhook url {url!r} (the service has: {known})")
+            # The flow names the service's webhook; its address is a setting, never in a flow.
+            self.error(
+                w.line_of("url"),
+                f"unknown webhook url {url!r}: write 'url: scheduling' (the service has: "
+                f"{known}); its address is set by CLINIC_SCHEDULING_WEBHOOK",
+            )
         outcome = self.text(m, "outcome", "")
         if outcome in {a.value for a in TriageAction}:
             # A triage's verdict is a terminal node's, under the safety rule; a caller who
@@ -1719,22 +1726,31 @@ def load_flows(directory: str | Path) -> FlowSet:
     Raises :class:`FlowError` on a schema problem, a duplicate id, a route to a missing flow
     or a target that names a missing flow or node (the deeper checks are ``flow check``'s).
     """
-    return load_flows_checked(directory)[0]
+    return _load(directory, every=False)[0]
 
 
 def load_flows_checked(directory: str | Path) -> tuple[FlowSet, list[Finding]]:
-    """:func:`load_flows` (raising as it does), with ``flow check``'s other findings for the
-    flows loaded (the graph and safety rules; none when they pass), sorted as it prints them.
+    """:func:`load_flows`, with ``flow check``'s other findings for the flows loaded (the
+    graph and safety rules; none when they pass), sorted as it prints them. Should it
+    raise, its :class:`FlowError` holds every finding, as ``flow check`` prints them: with
+    the schema's alone, a practice manager who fixed them was refused again at the next
+    start for the rest.
 
     One run of the checker serves both (~28 ms on the shipped flows, a third of the load):
     ``serve`` refuses to start on any finding (clinic_voice/clinic_line.py).
     """
+    return _load(directory, every=True)
+
+
+def _load(directory: str | Path, *, every: bool) -> tuple[FlowSet, list[Finding]]:
     from voice.ivr.check import check_flowset
 
     flowset, findings = parse_flowset(directory)
     checked = check_flowset(flowset)
     findings += [f for f in checked if f.message.startswith("unknown")]
     if findings:
+        if every:
+            findings = sorted(set(findings + checked), key=lambda f: (f.file, f.line, f.message))
         raise FlowError(findings)
     return flowset, sorted(set(checked), key=lambda f: (f.file, f.line, f.message))
 
