@@ -17,6 +17,8 @@ from tests.e2e.conftest import PhoneFactory
 from tests.e2e.rig import AsteriskRig
 from tests.peers.pbx_softphone import Event, Softphone
 from tests.peers.pbx_softphone import call_state as state
+from voice.ivr.engine import SUMMARY_HEADER, URGENCY_HEADER
+from voice.ivr.session import CALL_HEADER, refer_to
 from voice.media.pcm import read_wav, rms_dbfs
 
 # The first test may wait for the rootfs build (about a minute) in the session fixture.
@@ -208,6 +210,36 @@ def test_transfer_from_the_bot_reaches_the_nurse(
     assert nurse.expect("dtmf", timeout_s=5)["digit"] == "5"
     caller.send("hangup")
     nurse.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
+# What the service's transfer carries (voice/ivr/session.py): the same headers on the REFER
+# and embedded in its Refer-To URI.
+TRANSFER_HEADERS = {CALL_HEADER: "c-7f3a9b2e41d04c5f", URGENCY_HEADER: "U1"}
+
+
+@pytest.mark.parametrize("reached", ["6100", "6200"])
+def test_a_transfer_from_the_bot_shows_the_call_and_its_urgency_to_the_phone(
+    phone: PhoneFactory, asterisk: AsteriskRig, reached: str
+) -> None:
+    """The nurse (or, when the nurse is not registered, the staff desk) gets X-Clinic-Call
+    and X-Clinic-Urgency on Asterisk's INVITE, as the README promises staff phones; the
+    summary stays behind (only the two short headers are copied)."""
+    bot = phone("clinic")
+    target = phone(reached, answer="ring")
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    asterisk.wait_for_bridge()
+    sent = {**TRANSFER_HEADERS, SUMMARY_HEADER: "breathing difficulty"}
+    uri = refer_to(f"sip:6100@127.0.0.1:{asterisk.port}", sent.items())
+    bot.send("xfer", uri=uri, headers=sent)
+    rung = target.expect("incoming", timeout_s=10)
+    assert rung["from_user"] == "6001", rung
+    assert {k: v for k, v in rung["x_headers"].items() if k.startswith("X-Clinic-")} == (
+        TRANSFER_HEADERS
+    ), rung
+    caller.send("hangup")
+    target.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
 
 
 def test_a_transfer_nobody_takes_is_reported_busy_before_the_message(

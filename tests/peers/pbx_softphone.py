@@ -7,13 +7,15 @@ prints events to stdout, one JSON object a line:
 commands  ``{"cmd": "call", "uri": ..., "from_uri": ..., "headers": {...}, "late_offer": true}``,
           ``{"cmd": "answer"}``, ``{"cmd": "dtmf", "digits": "12"}``, ``{"cmd": "hangup"}``,
           ``{"cmd": "hold"}`` (a re-INVITE with a=sendonly, as a phone's hold button sends),
-          ``{"cmd": "unhold"}`` (a re-INVITE with a=sendrecv), ``{"cmd": "xfer", "uri": ...}``
-          (blind REFER), ``{"cmd": "message", "uri": ..., "body": ...}``, ``{"cmd": "quit"}``
+          ``{"cmd": "unhold"}`` (a re-INVITE with a=sendrecv), ``{"cmd": "xfer", "uri": ...,
+          "headers": {...}}`` (blind REFER; the headers go on the REFER itself),
+          ``{"cmd": "message", "uri": ..., "body": ...}``, ``{"cmd": "quit"}``
 events    ``ready``, ``registered``, ``reg_failed``, ``incoming`` (with the INVITE's From,
-          P-Asserted-Identity and whether it had SDP), ``call_state``, ``media_active``,
-          ``media_held`` (the far end took our hold: ``local``; or holds us: ``remote``),
-          ``dtmf``, ``transfer_status``, ``message``, ``message_status``, ``error``,
-          ``recorded`` (with ``--record-dir``: a call's WAV file once its header is complete);
+          P-Asserted-Identity, its ``X-`` headers and whether it had SDP), ``call_state``,
+          ``media_active``, ``media_held`` (the far end took our hold: ``local``; or holds
+          us: ``remote``), ``dtmf``, ``transfer_status``, ``message``, ``message_status``,
+          ``error``, ``recorded`` (with ``--record-dir``: a call's WAV file once its header
+          is complete);
           each has ``at``, the ``time.monotonic()`` of when it happened
 
 :class:`Softphone` is the test side: it starts the process and waits for events with
@@ -224,6 +226,15 @@ def header(message: str, name: str) -> str:
     return m.group(1).strip() if m else ""
 
 
+def x_headers(message: str) -> dict[str, str]:
+    """The extension headers (``X-...``) of a SIP message, by name (the first of each)."""
+    found: dict[str, str] = {}
+    head = re.split(r"\r?\n\r?\n", message, maxsplit=1)[0]
+    for m in re.finditer(r"^(X-[A-Za-z0-9-]+)\s*:\s*(.*?)\r?$", head, re.MULTILINE):
+        found.setdefault(m.group(1), m.group(2).strip())
+    return found
+
+
 def uri_user(value: str) -> str:
     """The user part of the SIP URI in a header value (``"x" <sip:+4474@h>`` -> ``+4474``)."""
     m = re.search(r"sips?:([^@;>]+)@", value)
@@ -340,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
                 pai=pai,
                 pai_user=uri_user(pai),
                 has_sdp=has_sdp,
+                x_headers=x_headers(msg),
             )
             op = pj.CallOpParam()
             # Like a service worker: at most --capacity calls, then 486 Busy Here.
@@ -559,7 +571,13 @@ def _command(
             call.reinvite(op)
     elif name == "xfer":
         for call in list(calls.values()):
-            call.xfer(cmd["uri"], pj.CallOpParam(True))
+            op = pj.CallOpParam(True)
+            for hname, hvalue in cmd.get("headers", {}).items():  # on the REFER itself
+                h = pj.SipHeader()
+                h.hName = hname
+                h.hValue = hvalue
+                op.txOption.headers.append(h)
+            call.xfer(cmd["uri"], op)
     elif name == "message":
         bcfg = pj.BuddyConfig()
         bcfg.uri = cmd["uri"]
