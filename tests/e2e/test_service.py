@@ -234,6 +234,40 @@ def test_flash_call_rings_with_the_code_and_the_caller_id_approves(
     assert status == 200 and checked["status"] == "approved", checked
 
 
+# Two staff phones share the three methods: each number takes 5 sends in 10 minutes, and a
+# voice code falls back to a flash call and an SMS.
+@pytest.mark.parametrize(
+    ("method", "staff"), [("flashcall", "6100"), ("voice", "6200"), ("sms", "6100")]
+)
+def test_a_verification_to_the_staff_is_refused_and_reported_undeliverable(
+    service: Api, phone: PhoneFactory, method: str, staff: str
+) -> None:
+    """Whoever holds an API key picks the number: a code aimed at the nurse's (6100) or the
+    staff desk's (6200) extension must not reach that phone, by any channel the fallback
+    tries. Asterisk refuses the calls with 403 Forbidden ([from-clinic]) and the MESSAGE
+    with 404 (no extension in [messages-from-clinic]), and the verification says so:
+    undeliverable, then failed."""
+    target = phone(staff, answer="ring")
+    status, started = service.post(
+        "/v1/verifications", {"phone": f"+1415555{staff}", "method": method}
+    )
+    assert status in {200, 201, 202}, started
+    deadline = time.monotonic() + 20
+    v: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status, v = service.get(f"/v1/verifications/{started['id']}")
+        assert status == 200, v
+        if v["status"] != "pending":
+            break
+        threading.Event().wait(0.25)
+    assert v["status"] == "failed", v
+    undeliverable = {e["channel"]: e["detail"] for e in v["events"] if e["type"] == "undeliverable"}
+    assert undeliverable[method] in {"rejected (403)", "MESSAGE answered 404"}, v["events"]
+    assert set(undeliverable.values()) <= {"rejected (403)", "MESSAGE answered 404"}, v["events"]
+    reached = [e for e in target.drain(0.5) if e["event"] in {"incoming", "message"}]
+    assert not reached, reached
+
+
 def test_sms_by_sip_message_reaches_the_softphone(service: Api, phone: PhoneFactory) -> None:
     target = phone("6001")
     status, started = service.post("/v1/verifications", {"phone": "+14155556001", "method": "sms"})

@@ -433,12 +433,15 @@ def matches(pattern: str, number: str) -> bool:
 
 
 def dial(number: str, context: str = "from-phones") -> tuple[str, str]:
-    """Where ``number`` dialled in ``context`` goes: (context, extension) of its Goto."""
+    """Where ``number`` dialled in ``context`` goes: (context, extension) of its Goto, or
+    ("Hangup", cause) where it is refused."""
     for name, rest in dialplan()[context]:
         if name.startswith("include:"):
             with contextlib.suppress(LookupError):
                 return dial(number, name.removeprefix("include:"))
         elif matches(name, number):
+            if refused := re.fullmatch(r"1,Hangup\((\d+)\)", rest.strip()):
+                return "Hangup", refused.group(1)
             goto = re.fullmatch(r"1,Goto\(([\w-]+),([^,]+),1\)", rest.strip())
             assert goto is not None, f"{context} {name}: {rest}"
             target = goto.group(2)
@@ -476,9 +479,14 @@ def test_every_number_to_dial_reaches_what_the_readme_says() -> None:
             for extension in ("6001", "6100"):
                 number = template.replace("XXXX", extension)
                 assert dial(number) == ("ring-phone", extension), number
-                # what the service sends there: flash calls, voice codes
-                assert dial(number, "from-clinic") == ("ring-phone", extension)
                 checked += 1
+            # what the service sends there (flash calls, voice codes): a test phone rings,
+            # the nurse's and the staff desk's are refused (403: cause 21, call rejected)
+            for extension in ("6001", "6003"):
+                number = template.replace("XXXX", extension)
+                assert dial(number, "from-clinic") == ("ring-phone", extension), number
+            for number in ("+14155556100", "+14155556200", "6100", "6200", "700", "+4420"):
+                assert dial(number, "from-clinic") == ("Hangup", "21"), number
     assert checked >= 9
     (ring,) = dialplan()["ring-phone"]
     assert ring == ("_6XXX", "1,Dial(PJSIP/${EXTEN},${RING_S})")
@@ -486,14 +494,23 @@ def test_every_number_to_dial_reaches_what_the_readme_says() -> None:
 
 def test_an_sms_over_sip_to_a_rig_number_reaches_that_softphone() -> None:
     """ "method": "sms" in the rig: the service's MESSAGE to +14155556001 reaches 6001."""
-    assert endpoints()["clinic"]["message_context"] == "messages"
-    for pattern, rest in dialplan()["messages"]:
+    assert endpoints()["clinic"]["message_context"] == "messages-from-clinic"
+    for pattern, rest in dialplan()["messages-from-clinic"]:
         if matches(pattern, "+14155556001"):
             send = re.fullmatch(r"1,MessageSend\(pjsip:\$\{EXTEN:(\d+)\},.*\)", rest)
             assert send is not None, rest
             assert "+14155556001"[int(send.group(1)) :] == "6001"
             return
-    pytest.fail("no [messages] extension takes +14155556001")
+    pytest.fail("no [messages-from-clinic] extension takes +14155556001")
+
+
+def test_the_services_sms_reaches_no_staff_phone() -> None:
+    """A MESSAGE from the service to the nurse or the staff desk finds no extension in
+    ``[messages-from-clinic]`` (Asterisk answers 404): an API user cannot reach them."""
+    extensions = dialplan()["messages-from-clinic"]
+    assert not any(p.startswith("include:") for p, _ in extensions), extensions
+    for number in ("+14155556100", "14155556200", "6100", "6200", "700"):
+        assert not any(matches(p, number) for p, _ in extensions), number
 
 
 def test_a_phones_sip_message_to_the_clinic_line_is_refused_by_asterisk() -> None:
@@ -502,7 +519,8 @@ def test_a_phones_sip_message_to_the_clinic_line_is_refused_by_asterisk() -> Non
     pjsua would answer 200 and drop it) sees it."""
     text = " ".join(README.read_text().split())
     assert "a MESSAGE to the clinic line (700) goes to the `messages` context" in text
-    assert {o.get("message_context") for o in endpoints().values()} == {"messages"}
+    phones = [o for name, o in endpoints().items() if name != "clinic"]
+    assert {o.get("message_context") for o in phones} == {"messages"}
     extensions = dialplan()["messages"]
     assert extensions and not any(p.startswith("include:") for p, _ in extensions)
     assert not any(matches(pattern, "700") for pattern, _ in extensions), extensions
