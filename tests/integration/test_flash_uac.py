@@ -133,6 +133,8 @@ async def test_its_port_answers_options_and_refuses_calls_and_strangers(
         answer, _ = await peer.receive()
         assert answer.status == status, (method, answer.status)
         assert answer.get("Call-ID") == f"probe-{method}"
+        if method == "OPTIONS":  # RFC 3261 11.2: what the port takes, as its INVITEs say
+            assert answer.get("Allow") == "INVITE, ACK, CANCEL, BYE, OPTIONS", answer
     # Garbage is dropped; the socket still answers afterwards.
     peer.send(b"\x00\xffnot sip", there)
     peer.send(request("OPTIONS", "after-garbage"), there)

@@ -15,9 +15,9 @@ own ACK and BYE too: :class:`~voice.sip.flash_dialog.LateAnswers` decides what e
 after the end gets from that ACK (a final error of the INVITE its ACK, a 2xx its ACK and BYE,
 a response to the CANCEL or a BYE nothing), kept only once such a 2xx comes (~1.6 KB while
 its BYE is unanswered), and the call's outcome stays what it was.
-Requests are answered statelessly: a BYE inside an answered flash call 200, OPTIONS 200,
-anything else for a call that is not here 481, and a new INVITE 403 (calls to the service go
-to ``CLINIC_SIP_ADDR``).
+Requests are answered statelessly: a BYE inside an answered flash call 200, OPTIONS 200 (with
+its Allow), anything else for a call that is not here 481, and a new INVITE 403 (calls to the
+service go to ``CLINIC_SIP_ADDR``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from sip_config.clock import Clock
 from sip_config.settings import HostPort, SipSettings
 from voice.sip import message
 from voice.sip.flash_dialog import (
+    ALLOW,
     TIMER_D_S,
     FlashDialog,
     LateAnswers,
@@ -383,7 +384,11 @@ class FlashUac(asyncio.DatagramProtocol):
         if msg.method == "ACK":
             return None
         if msg.method == "OPTIONS":
-            return message.serialise_response(msg, SipStatus.OK, to_tag=tag)
+            # RFC 3261 11.2: the methods this port takes, the Allow its INVITEs carry (a new
+            # INVITE is understood, and refused by policy: 403).
+            return message.serialise_response(
+                msg, SipStatus.OK, to_tag=tag, extra=(("Allow", ALLOW),)
+            )
         if msg.method == "INVITE":
             return message.serialise_response(
                 msg, SipStatus.FORBIDDEN, reason="Flash Calls Only", to_tag=tag
