@@ -30,7 +30,7 @@ from tests.conftest import sip_settings
 from tests.integration.test_sip_inbound import sipp_uac
 from tests.integration.test_sip_inbound_message import final_answer
 from voice.sip import front, message, methods
-from voice.sip.pool import CallHandle, SipPool
+from voice.sip.pool import CallHandle, OutboundCall, SipPool
 from voice.sip.protocol import Digit
 
 pytestmark = pytest.mark.integration
@@ -129,6 +129,9 @@ def assert_offers_only_what_is_served(options: message.SipMessage) -> None:
     accept = {t.strip() for t in (options.get("Accept") or "").split(",") if t.strip()}
     assert accept == set(methods.WORKER_ACCEPT), options
     assert options.get("User-Agent") == "clinic-voice", options
+    # Every INVITE with Replaces gets 403 (RFC 3891) and ICE is off: neither is offered.
+    supported = {t.strip() for t in (options.get("Supported") or "").split(",") if t.strip()}
+    assert not {"replaces", "trickle-ice"} & supported, options
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
@@ -252,3 +255,40 @@ def _subscribe_and_listen(addr: HostPort, tcp: bool, listen_s: float) -> list[me
             with contextlib.suppress(message.SipParseError):
                 received.append(message.parse(block + b"\r\n\r\n"))
     return received
+
+
+async def test_a_workers_invite_offers_neither_replaces_nor_trickle_ice(
+    worker: tuple[SipPool, HostPort],
+) -> None:
+    """A call the worker places says, in its INVITE's ``Supported``, only what it serves: no
+    ``replaces`` (an INVITE with Replaces gets 403, ``test_sip_toll_fraud.py``) and no
+    ``trickle-ice`` (ICE is off). The far end is a bare UDP socket that never answers."""
+    pool, _ = worker
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Far(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str | int, int]) -> None:
+            got.put_nowait(data)
+
+    far, _ = await loop.create_datagram_endpoint(Far, local_addr=("127.0.0.1", 0))
+    try:
+        port = far.get_extra_info("sockname")[1]
+        handle = await pool.place_call(
+            OutboundCall(
+                target_uri=f"sip:+14155556001@127.0.0.1:{port}",
+                caller_id="+447400123456",
+                flash=False,
+                ring_s=1.0,
+                answer_timeout_s=1.0,
+            )
+        )
+        async with asyncio.timeout(5):
+            invite = message.parse(await got.get())
+        assert invite.method == "INVITE", invite
+        supported = {t.strip() for t in (invite.get("Supported") or "").split(",")}
+        assert "timer" in supported, invite  # the header is there, with what is served
+        assert not {"replaces", "trickle-ice"} & supported, invite
+        await handle.wait_ended(10)
+    finally:
+        far.close()

@@ -58,6 +58,12 @@ WORKER_REFUSED = frozenset({"MESSAGE"})
 # dialog-info and message-summary (subscriptions the service never makes).
 WORKER_ACCEPT = ("application/sdp", "application/dtmf-relay", "message/sipfrag;version=2.0")
 
+# Option tags pjsua puts in a worker's ``Supported`` (its OPTIONS answer, the INVITEs and 200s
+# of its calls) that the worker does not serve: ``replaces`` (RFC 3891; every INVITE with
+# Replaces gets 403, voice/sip/pjsua.py) and ``trickle-ice`` (RFC 8840; ICE is off). A peer
+# that believes them tries what is refused. Taken out at start (voice/sip/pjsip_fallback.py).
+WORKER_UNSUPPORTED = frozenset({"replaces", "trickle-ice"})
+
 
 def worker_options_status(method: str) -> SipStatus | None:
     """A SIP worker's answer to a request out of any call before pjsua's OPTIONS module

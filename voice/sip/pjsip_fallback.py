@@ -30,6 +30,11 @@ reads none. MESSAGE is first taken out of pjsip's ``Allow`` capability (a ``pjsi
 read as 2.15 lays it out, checked: its type, its name, short method names), which the 405,
 the OPTIONS answer and the calls' messages copy; when it cannot be, nothing changes.
 
+The endpoint's ``Supported`` loses :data:`voice.sip.methods.WORKER_UNSUPPORTED` the same
+way (``replaces``, refused 403, and ``trickle-ice``, with ICE off): pjsua registers both
+unconditionally, and no pjsua2 setting takes them out of the OPTIONS answer and the calls'
+INVITEs and 200s.
+
 A third module, at priority 63 (after the dialog layer, so an OPTIONS inside a call still
 goes to its dialog; before pjsua's OPTIONS module, 64), answers an OPTIONS out of any call
 200 with what the worker serves: pjsip's ``Allow`` and ``Supported``, ``Accept``
@@ -45,12 +50,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from voice.sip.methods import (
     WORKER_ACCEPT,
     WORKER_REFUSED,
+    WORKER_UNSUPPORTED,
     worker_options_status,
     worker_refused_status,
     worker_unhandled_status,
@@ -73,6 +80,8 @@ _OPTIONS_PRIORITY = 64 - 1
 _MAX_ARRAY = 32  # PJSIP_GENERIC_ARRAY_MAX_COUNT (sip_config.h): the most values an Allow has
 _H_ALLOW = 4  # pjsip_hdr_e PJSIP_H_ALLOW ("DO NOT CHANGE THE VALUE/ORDER OF THE HEADER IDs")
 _H_SUPPORTED = 36  # pjsip_hdr_e PJSIP_H_SUPPORTED (pjsua2.PJSIP_H_SUPPORTED in the wheel)
+# RFC 3261 25.1 token: what a method name and an option tag are made of.
+_TOKEN = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+")
 _INFO_PREFIX = "Request msg "  # pjsip_rx_data_get_info: "Request msg FOO/cseq=1 (rdata0x..)"
 # The (major, minor) of the pjsip releases whose pjsip_module, pjsip_rx_data's first field,
 # info text and function signatures this was checked against (pjsip 2.15.1, the wheel's).
@@ -258,12 +267,21 @@ def _drop_from_allow(lib: ctypes.CDLL, endpt: int, methods: frozenset[str]) -> b
     calls' INVITEs and 200s, and the 405s here copy); False, and nothing changed, when the
     header is not laid out as expected (a ``pjsip_allow_hdr`` named Allow, at most
     ``_MAX_ARRAY`` short values)."""
-    address = lib.pjsip_endpt_get_capability(endpt, _H_ALLOW, None)
+    return _drop_from_capability(lib, endpt, _H_ALLOW, "Allow", methods)
+
+
+def _drop_from_capability(
+    lib: ctypes.CDLL, endpt: int, htype: int, name: str, values: frozenset[str]
+) -> bool:
+    """Take ``values`` out of the endpoint's capability header ``htype`` (``Allow`` or
+    ``Supported``: both a ``pjsip_generic_array_hdr``, laid out as :class:`_AllowHdr`);
+    False, and nothing changed, when it is not the header ``name`` or not laid out so."""
+    address = lib.pjsip_endpt_get_capability(endpt, htype, None)
     if not address:
         return False
     allow = _AllowHdr.from_address(address)
     count = int(allow.count)
-    if allow.type != _H_ALLOW or _text(address + _AllowHdr.name.offset) != "Allow":
+    if allow.type != htype or _text(address + _AllowHdr.name.offset) != name:
         return False
     if count > _MAX_ARRAY:
         return False
@@ -274,7 +292,7 @@ def _drop_from_allow(lib: ctypes.CDLL, endpt: int, methods: frozenset[str]) -> b
     names = [_text(slot) for slot in slots]
     if any(not name for name in names):
         return False
-    kept = [slot for slot, name in zip(slots, names, strict=True) if name not in methods]
+    kept = [slot for slot, text in zip(slots, names, strict=True) if text not in values]
     for i, slot in enumerate(kept):  # each pj_str_t moved down over the ones taken out
         if slots[i] != slot:
             ctypes.memmove(slots[i], slot, size)
@@ -284,13 +302,13 @@ def _drop_from_allow(lib: ctypes.CDLL, endpt: int, methods: frozenset[str]) -> b
 
 def _text(pj_str: int) -> str:
     """The text of the ``pj_str_t`` at address ``pj_str`` ("" when it has none, or is no
-    short ASCII token: not a method name, nor Allow)."""
+    short token: not a method name, an option tag such as ``100rel``, nor Allow)."""
     ptr = ctypes.c_void_p.from_address(pj_str).value
     slen = ctypes.c_ssize_t.from_address(pj_str + ctypes.sizeof(ctypes.c_void_p)).value
     if not ptr or not 0 < slen <= 32:
         return ""
     raw = ctypes.string_at(ptr, slen)
-    return raw.decode("ascii") if raw.isascii() and raw.isalpha() else ""
+    return raw.decode("ascii") if _TOKEN.fullmatch(raw) else ""
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -347,6 +365,11 @@ def install(library: str, user_agent: str = "") -> bool:
         return False
     _refuse_early(lib, endpt)
     _answer_options(lib, endpt, user_agent)
+    if not _drop_from_capability(lib, endpt, _H_SUPPORTED, "Supported", WORKER_UNSUPPORTED):
+        log.warning(
+            "pjsip's Supported header is not as expected: the worker still offers %s",
+            ", ".join(sorted(WORKER_UNSUPPORTED)),
+        )
     return True
 
 
