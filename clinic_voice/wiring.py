@@ -32,6 +32,7 @@ from voice.ivr.flow import FlowSet
 from voice.media import spoken_code
 from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
+from voice.sip.caller_identity import too_broad
 from voice.sip.flash_uac import FlashUac
 from voice.sip.front import RedirectFront
 from voice.sip.pool import CallsCloser, SipPool
@@ -135,6 +136,13 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
 
             rt.stop_hooks.append(begin_close)
             rt.hurry_hooks.append(line.end_drain)
+            if broad := too_broad(sip.trusted_peers):
+                log.warning(
+                    "CLINIC_SIP_TRUSTED_PEERS trusts %s: any sender there may assert any "
+                    "caller's number (P-Asserted-Identity, caller_verified); name the PBX or "
+                    "trunk's own addresses",
+                    ", ".join(str(n) for n in broad),
+                )
             log.info(
                 "SIP: front %s redirects to %d workers at %s",
                 settings.sip.addr,

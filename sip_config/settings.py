@@ -262,7 +262,9 @@ VARIABLES: tuple[Variable, ...] = (
         "carries that header has its number asserted (caller_verified true in the call "
         "record and the scheduling webhook); every other caller's number, the From the "
         "caller wrote, is only claimed (false). Unset: no number is verified, as in direct "
-        "mode, where a caller can write any From",
+        "mode, where a caller can write any From. A network wider than an IPv4 /8 or an "
+        "IPv6 /32 (`0.0.0.0/0`, `::/0`) is accepted, and logged as a WARNING at start naming "
+        "this setting: every sender there could assert any number",
     ),
     Variable(
         "CLINIC_SIP_USER",

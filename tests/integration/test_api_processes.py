@@ -389,7 +389,8 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
     shows serve's SIP pool whichever process answers it), and the
     workers stop when serve is killed. The embedded Redis runs with
     CLINIC_REDIS_APPENDFSYNC=everysec: serve applies it and warns, and the workers, which
-    use serve's Redis, start all the same."""
+    use serve's Redis, start all the same. CLINIC_SIP_TRUSTED_PEERS names 0.0.0.0/0: serve
+    warns once (not each HTTP worker)."""
     data = _data_dir(tmp_path, "data")
     env = _embedded(service_env("", data, sms_gateway))  # serve hands its socket to the workers
     env |= {
@@ -398,6 +399,8 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
         "CLINIC_SIP_ROUTE": f"sip:{{e164}}@127.0.0.1:{free_port()}",
         "CLINIC_FLASHCALL_PREFIX": "+447400",
         "CLINIC_REDIS_APPENDFSYNC": "everysec",
+        # Every sender's P-Asserted-Identity believed: serve says so, once.
+        "CLINIC_SIP_TRUSTED_PEERS": "10.0.0.5, 0.0.0.0/0",
     }
     async with serve("S", env, tmp_path, openapi_responses, exit_code=-signal.SIGKILL) as s:
         assert s.proc is not None
@@ -414,7 +417,11 @@ async def test_http_workers_share_the_port_forward_sip_sends_and_sum_metrics(
         finally:
             await redis.aclose()
         warned = "embedded Redis (CLINIC_REDIS_APPENDFSYNC): appendfsync is everysec"
-        assert warned in s.log_path.read_text(errors="replace")
+        logged = s.log_path.read_text(errors="replace")
+        assert warned in logged
+        trusts = [ln for ln in logged.splitlines() if "CLINIC_SIP_TRUSTED_PEERS trusts" in ln]
+        assert len(trusts) == 1 and "WARNING" in trusts[0], trusts
+        assert "0.0.0.0/0" in trusts[0] and "10.0.0.5" not in trusts[0], trusts
 
         made = 0
         for i in range(12):

@@ -22,6 +22,7 @@ from voice.sip.caller_identity import (
     identify,
     parse_trusted_peers,
     source_host,
+    too_broad,
 )
 from voice.sip.pool import CallHandle, SipPool
 from voice.sip.protocol import IncomingCall
@@ -131,6 +132,24 @@ def test_the_setting_is_parsed_and_checked() -> None:
     assert Settings.from_env({}).sip.trusted_peers == ()
     with pytest.raises(SettingsError, match=re.escape("CLINIC_SIP_TRUSTED_PEERS='pbx.example': ")):
         Settings.from_env({"CLINIC_SIP_TRUSTED_PEERS": "pbx.example"})
+
+
+@pytest.mark.parametrize(
+    ("value", "broad"),
+    [
+        ("0.0.0.0/0", ["0.0.0.0/0"]),
+        ("::/0", ["::/0"]),
+        ("10.0.0.5, 10.0.0.0/7, 192.168.0.0/16", ["10.0.0.0/7"]),
+        ("10.0.0.0/8, 172.16.0.0/12, 2001:db8::/32, ::1", []),
+        ("2000::/3, 2001:db8::/31", ["2000::/3", "2001:db8::/31"]),
+        ("::ffff:0.0.0.0/96", ["0.0.0.0/0"]),  # every IPv4 sender, as a dual stack shows it
+        ("", []),
+    ],
+)
+def test_a_network_wider_than_one_operators_is_too_broad(value: str, broad: list[str]) -> None:
+    """Trusting 0.0.0.0/0 believes every sender's P-Asserted-Identity: serve warns at start
+    about the networks wider than an IPv4 /8 or an IPv6 /32."""
+    assert [str(n) for n in too_broad(parse_trusted_peers(value))] == broad
 
 
 async def _handle_for(pool: SipPool, ev: IncomingCall) -> CallHandle:

@@ -85,6 +85,18 @@ def parse_trusted_peers(value: str) -> tuple[IpNetwork, ...]:
     return tuple(out)
 
 
+# The widest networks CLINIC_SIP_TRUSTED_PEERS names without a warning at start: an IPv4 /8
+# (16.7 million addresses), and an IPv6 /32 (the smallest block a registry allocates to one
+# provider). Anything wider (0.0.0.0/0, ::/0, 10.0.0.0/7) is many operators' networks, and
+# every sender there may assert any caller's number.
+WIDEST_TRUSTED_PREFIX = {4: 8, 6: 32}
+
+
+def too_broad(trusted: Iterable[IpNetwork]) -> tuple[IpNetwork, ...]:
+    """The networks of ``trusted`` wider than :data:`WIDEST_TRUSTED_PREFIX` allows."""
+    return tuple(n for n in trusted if n.prefixlen < WIDEST_TRUSTED_PREFIX[n.version])
+
+
 def source_host(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address of a transport address as pjsip writes it (``127.0.0.1:5060``,
     ``[::1]:5060``), an IPv4 address an IPv6 one maps read as IPv4; None when unreadable."""
