@@ -344,9 +344,10 @@ def _into_the_triage(caller: Softphone, asterisk: AsteriskRig) -> None:
 
 def _breathing_difficulty_reaches(
     caller: Softphone, human: Softphone, asterisk: AsteriskRig, who: str, *, key: str
-) -> None:
+) -> dict[str, Any]:
     """6001 dials 700 and answers 4 (triage), 1 (for yourself), 1 (yes, difficulty breathing);
-    ``human`` rings with the caller's number, answers, and hears the caller's ``key``."""
+    ``human`` rings with the caller's number, answers, and hears the caller's ``key``. The
+    ``incoming`` event of that ring is returned."""
     _into_the_triage(caller, asterisk)
     # A danger sign takes no key while it is asked (a double press must not answer it): 1
     # every 2 s, as a caller would press again, until one lands after the question (its
@@ -361,6 +362,7 @@ def _breathing_difficulty_reaches(
     human.expect("media_active", timeout_s=5)
     caller.send("dtmf", digits=key)
     assert human.expect("dtmf", timeout_s=5)["digit"] == key, f"the caller is not with {who}"
+    return rung
 
 
 def test_triage_breathing_difficulty_transfers_to_the_nurse(
@@ -372,12 +374,15 @@ def test_triage_breathing_difficulty_transfers_to_the_nurse(
     """
     nurse = phone("6100", answer_delay_s=1.0)
     caller = phone("6001")
-    _breathing_difficulty_reaches(caller, nurse, asterisk, "the nurse", key="5")
+    rung = _breathing_difficulty_reaches(caller, nurse, asterisk, "the nurse", key="5")
     record = service.wait_call_record(
         lambda c: "6001" in c["caller"] and bool(c["transfer_target"]), timeout_s=20
     )
     assert record["transfer_target"].startswith("sip:6100@"), record
     assert record["triage"]["urgency"] == "U1", record["triage"]
+    # The nurse's phone shows the call record and its urgency (README), through Asterisk.
+    clinic = {k: v for k, v in rung["x_headers"].items() if k.startswith("X-Clinic-")}
+    assert clinic == {"X-Clinic-Call": record["id"], "X-Clinic-Urgency": "U1"}, rung
     caller.send("hangup")
     nurse.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
 
@@ -395,12 +400,14 @@ def test_a_transfer_to_a_nurse_who_is_not_registered_reaches_the_staff_desk(
     known = {c["id"] for c in before["calls"]}
     staff = phone("6200", answer_delay_s=1.0)
     caller = phone("6001")
-    _breathing_difficulty_reaches(caller, staff, asterisk, "the staff desk", key="7")
+    rung = _breathing_difficulty_reaches(caller, staff, asterisk, "the staff desk", key="7")
     # The bot handed the caller to the nurse (its record says so); Asterisk did the rest.
     record = service.wait_call_record(
         lambda c: c["id"] not in known and "6001" in c["caller"], timeout_s=20
     )
     assert (record["transfer_target"] or "").startswith("sip:6100@"), record
+    assert rung["x_headers"].get("X-Clinic-Call") == record["id"], rung
+    assert rung["x_headers"].get("X-Clinic-Urgency") == "U1", rung
     caller.send("hangup")
     staff.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
 
