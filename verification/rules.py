@@ -119,12 +119,10 @@ def create(
             else None
         ),
     )
-    return _enter_step(v, 0, now, policy, exhausted_fails=True)
+    return _enter_step(v, 0, now, policy)
 
 
-def _enter_step(
-    v: Verification, step: int, now: float, policy: Policy, *, exhausted_fails: bool
-) -> Transition:
+def _enter_step(v: Verification, step: int, now: float, policy: Policy) -> Transition:
     while step < len(v.channels) and not _can_serve(v.channels[step], v.phone):
         v = v.with_events(
             Event(
@@ -136,7 +134,7 @@ def _enter_step(
         )
         step += 1
     if step >= len(v.channels):
-        return _used_up(v, now, fails=exhausted_fails)
+        return _used_up(v, now)
     channel = v.channels[step]
     if v.sends >= policy.max_sends:
         v = v.with_events(
@@ -154,10 +152,16 @@ def _enter_step(
     return Transition(v, send=channel)
 
 
-def _used_up(v: Verification, now: float, *, fails: bool) -> Transition:
-    """Past the plan's last step: fail (``fails``), or wait for a check until expiry."""
+def _used_up(v: Verification, now: float) -> Transition:
+    """Past the plan's last step: wait for a check until expiry while a code that left may
+    still arrive, else fail at once (nothing could ever be typed in).
+
+    Whatever moved it there (a create, a report, a refusal, the step timer, a ``/fallback``):
+    a step timeout whose send never left (its process stopped first), followed only by
+    channels the number cannot take, once waited out the lifetime with no code out.
+    """
     v = v.changed(step=len(v.channels), step_deadline=None, sending=False)
-    if fails:
+    if not _code_may_be_out(v):
         return Transition(_failed_undelivered(v, now))
     return Transition(v)  # wait for a check until the verification expires
 
@@ -172,13 +176,11 @@ def _first_served(channels: tuple[Channel, ...], phone: Phone) -> Channel | None
     return next((c for c in channels if _can_serve(c, phone)), None)
 
 
-def _fallback(
-    v: Verification, now: float, policy: Policy, reason: str, *, fails: bool
-) -> Transition:
+def _fallback(v: Verification, now: float, policy: Policy, reason: str) -> Transition:
     nxt = v.step + 1
     target = v.channels[nxt] if nxt < len(v.channels) else None
     v = v.with_events(Event(EventKind.FALLBACK, now, target, reason), sending=False)
-    return _enter_step(v, nxt, now, policy, exhausted_fails=fails)
+    return _enter_step(v, nxt, now, policy)
 
 
 def code_sent(v: Verification, step: int, code_hash: str, now: float) -> Transition:
@@ -235,7 +237,7 @@ def send_refused(v: Verification, step: int, reason: str, now: float) -> Transit
     if _first_served(v.channels[step + 1 :], v.phone) is not None:
         return Transition(v)  # the step's timer moves on to the next channel
     v = v.with_events(Event(EventKind.FALLBACK, now, None, f"{channel}: {reason}"))
-    return _used_up(v, now, fails=not _code_may_be_out(v))
+    return _used_up(v, now)
 
 
 def delivery(
@@ -277,9 +279,8 @@ def delivery(
         v = v.with_events(event)
         # Exhaustion fails only when every code that left came back undeliverable: one sent
         # on an earlier step (that timed out) may still be typed in, so then the verification
-        # waits for a check until it expires, as after a step timeout.
-        fails = not _code_may_be_out(v)
-        return _fallback(v, now, policy, f"{channel}: {detail}", fails=fails)
+        # waits for a check until it expires (_used_up).
+        return _fallback(v, now, policy, f"{channel}: {detail}")
     if kind is DeliveryKind.DELIVERED:
         return Transition(v.with_events(event, sending=False))
     return Transition(v.with_events(event))
@@ -360,10 +361,8 @@ def tick(v: Verification, now: float, policy: Policy) -> Transition:
                 "no outcome reported before the step timed out (the sending process "
                 "stopped?): sent again",
             )
-            return _enter_step(
-                v.with_events(again, sending=False), v.step, now, policy, exhausted_fails=False
-            )
-        return _fallback(v, now, policy, "step timed out without approval", fails=False)
+            return _enter_step(v.with_events(again, sending=False), v.step, now, policy)
+        return _fallback(v, now, policy, "step timed out without approval")
     return Transition(v)
 
 
@@ -473,7 +472,7 @@ def request_fallback(
         return Transition(v)
     if v.step + 1 >= len(v.channels):
         raise NoChannelLeft("no channel is left in the plan")
-    return _fallback(v, now, policy, "requested by the client", fails=False)
+    return _fallback(v, now, policy, "requested by the client")
 
 
 def cancel(v: Verification, now: float, detail: str = "") -> Transition:

@@ -1,5 +1,6 @@
 """Step timers in a real Redis: a lease that found a record not due puts its timer back, but
-never over the timer a newer write of the record has set since.
+never over the timer a newer write of the record has set since; and a timer that moves a
+verification past its plan with no code out ends it, with its event and webhook.
 
 The race it guards against: a process leases a verification's timer, reads the record and finds
 it not due yet (its clock ran ahead of the writer's), and meanwhile a client's ``/fallback``
@@ -9,18 +10,23 @@ the lease's time written back regardless, the new step's timeout would fire at t
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from sip_config.clock import FakeClock
+from sip_config.settings import Settings
 from tests.conftest import RedisServer
 from tests.integration.conftest import MOBILE
 from verification import rules
-from verification.model import Channel, Policy
+from verification.dispatcher import Dispatcher
+from verification.model import Channel, EventKind, Policy, Status
 from verification.numbers import parse_phone
 from verification.redis_mux import RedisMux
-from verification.store import DUE, Stored, VerificationStore
+from verification.store import DUE, WEBHOOK_JOBS, Stored, VerificationStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -98,3 +104,45 @@ async def test_a_lease_drops_the_timer_of_a_record_gone_meanwhile(
     await mux.execute("DEL", f"cv:v:{VID}")  # expired from Redis meanwhile
     await store.reschedule(read)
     assert await _due(mux) is None
+
+
+async def test_a_timer_past_the_plan_with_no_code_out_fails_it(
+    mux: RedisMux, tmp_path: Path
+) -> None:
+    """An SMS whose send never left (its process stopped first), then a flash call the
+    landline cannot take: the step timer moved it past the plan and left it pending, its
+    timer set to the expiry, though no code could ever be typed in."""
+    clock = FakeClock(time.time())
+    store = VerificationStore(mux, global_webhook=True, limit_key=b"k" * 32)
+    made = rules.create(
+        verification_id=VID,
+        phone=parse_phone("+31101234567"),  # a fixed line in Rotterdam
+        plan=(Channel.SMS, Channel.FLASHCALL),
+        code_length=6,
+        now=clock.now(),
+        policy=POLICY,
+    )
+    await store.create(made)  # its send is never started: the process stopped here
+    dispatcher = Dispatcher(
+        store=store,
+        channels={},
+        settings=Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path)}).verification,
+        policy=POLICY,
+        secret=b"s" * 32,
+        clinic_name="the clinic",
+        clock=clock,
+    )
+    try:
+        clock.advance(POLICY.step_timeout_s[Channel.SMS])
+        assert await dispatcher.run_due() == 1
+    finally:
+        await dispatcher.stop()
+    v = (await store.get(VID)).verification
+    assert (v.status, v.channel, v.sends) == (Status.FAILED, None, 0)
+    assert v.events[-1].kind is EventKind.FAILED
+    assert await _due(mux) is None, "a final verification has no timer"
+    jobs = [json.loads(p) for p in (await mux.execute("HGETALL", WEBHOOK_JOBS)).values()]
+    failed = [j for j in jobs if j["event"]["kind"] == "failed"]
+    assert [(j["status"], j["channel"], j["event"]["detail"]) for j in failed] == [
+        ("failed", None, "no channel could deliver")
+    ]

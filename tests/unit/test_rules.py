@@ -682,6 +682,39 @@ def test_no_channel_left_after_a_timeout_stays_pending_until_expiry() -> None:
     assert kinds(t.verification)[-1] == (EventKind.EXPIRED, None)
 
 
+@pytest.mark.parametrize("how", ["timeout", "request"])
+def test_a_move_past_the_plan_with_no_code_out_fails_at_once(how: str) -> None:
+    """The SMS's send never left (its process stopped first, or a /fallback answered 503
+    whose write landed), and the flash call that follows is skipped (a landline): past the
+    plan with no code out. The step timer (or a /fallback) left it pending until it expired,
+    the app waiting for a code that could never come."""
+    v = start((S, F), LANDLINE).verification
+    assert (v.step, v.sending, v.sends) == (0, True, 0)
+    if how == "timeout":
+        # Past the first step's send, so not the last channel's "sent again" (F follows).
+        t = rules.tick(v, T0 + 120, POLICY)
+    else:
+        t = rules.request_fallback(v, T0 + 10, POLICY, moving_from=S)
+    nv = t.verification
+    assert t.send is None
+    assert (nv.status, nv.channel, nv.step_deadline) == (Status.FAILED, None, None)
+    assert kinds(nv)[-3:] == [
+        (EventKind.FALLBACK, F),
+        (EventKind.SKIPPED, F),
+        (EventKind.FAILED, None),
+    ]
+    assert nv.events[-1].detail == "no channel could deliver"
+    assert rules.due_at(nv) is None
+
+
+def test_a_move_past_the_plan_waits_while_an_earlier_code_may_arrive() -> None:
+    """As above, but the SMS left (no report yet): it may still be typed in."""
+    v = started((S, F), LANDLINE)
+    nv = rules.tick(v, T0 + 120, POLICY).verification
+    assert (nv.status, nv.channel) == (Status.PENDING, None)
+    assert rules.due_at(nv) == nv.expires_at
+
+
 def test_whole_chain_of_timeouts_ends_pending_then_expires() -> None:
     v = delivered(started(), T0)
     now = T0
