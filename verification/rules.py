@@ -137,17 +137,17 @@ def _enter_step(v: Verification, step: int, now: float, policy: Policy) -> Trans
         return _used_up(v, now)
     channel = v.channels[step]
     if v.sends >= policy.max_sends:
+        # No send may leave any more, on this step or a later one: the plan is used up, as
+        # after a number's limit on its last step. Left on this step (no timer, its channel
+        # shown), it told the app a code was coming there, and a /fallback only moved it to
+        # the next step's refusal. It waits for the codes sent before, or fails at once when
+        # every one came back undeliverable (_used_up).
+        refused = "send limit of this verification reached"
         v = v.with_events(
-            Event(EventKind.SEND_REFUSED, now, channel, "send limit of this verification reached"),
-            step=step,
-            step_deadline=None,
-            sending=False,
+            Event(EventKind.SEND_REFUSED, now, channel, refused),
+            Event(EventKind.FALLBACK, now, None, f"{channel}: {refused}"),
         )
-        if not _code_may_be_out(v):
-            # No send may leave any more (every step refuses one), and every code that left
-            # came back undeliverable: nothing can be typed in, as when the plan is used up.
-            return Transition(_failed_undelivered(v, now))
-        return Transition(v)
+        return _used_up(v, now)
     v = v.changed(step=step, step_deadline=now + policy.step_timeout_s[channel], sending=True)
     return Transition(v, send=channel)
 
@@ -269,7 +269,8 @@ def delivery(
             and (v.step >= len(v.channels) or v.sends >= policy.max_sends)
             and not _code_may_be_out(v)
         ):
-            # The plan was used up (or the send limit reached: no step may send again) while
+            # The plan was used up (or the send limit reached: no step may send again; a
+            # record written before that used up the plan too stays on its step) while
             # this earlier code might still arrive: it has come back now, so every code that
             # left did, and nothing is left to send or type in. Failed now, as when the last
             # report comes on time, not pending till expiry.
@@ -497,11 +498,18 @@ def state(v: Verification) -> State:
     """
     if v.step < len(v.channels):
         return v.status, v.channels[v.step]
-    skipped = {e.channel for e in v.events if e.kind is EventKind.SKIPPED}
-    for channel in reversed(v.channels):
-        if channel not in skipped:
-            return v.status, channel
-    return v.status, None
+    # Replay the moves: each enters the first channel from its target on that the number can
+    # take (as _enter_step does); a move to null (past the plan) enters none. Not merely the
+    # plan's last channel: a send limit, or channels the number cannot take, may use the plan
+    # up from an earlier step.
+    entered: Channel | None = None
+    for e in v.events:
+        if e.kind is EventKind.REQUESTED:
+            entered = _first_served(v.channels, v.phone) or entered
+        elif e.kind is EventKind.FALLBACK and e.channel is not None:
+            start = v.channels.index(e.channel)
+            entered = _first_served(v.channels[start:], v.phone) or entered
+    return v.status, entered
 
 
 def state_change(old: Verification | None, new: Verification) -> State | None:

@@ -556,9 +556,13 @@ async def test_a_last_send_a_limit_refuses_ends_the_plan_at_once_and_tells_the_c
     assert (v["status"], v["channel"]) == ("pending", None)
     # The client hears it at once: each event's webhook, with the verification's channel
     # right after it (null once the plan is used up).
+    # Both webhooks, which arrive in no set order (each is sent on its own).
     hooks = await webhook_receiver.wait_until(
-        "the fallback's webhook",
-        lambda got: any(h.json()["event"]["type"] == "fallback" for h in got),
+        "the send_refused's and the fallback's webhooks",
+        lambda got: (
+            {("send_refused", "sms"), ("fallback", None)}
+            <= {(h.json()["event"]["type"], h.json()["event"]["channel"]) for h in got}
+        ),
         deadline_s=5.0,
     )
     # (The first fallback, to "sms" again, is the send again that was refused.)
@@ -573,6 +577,48 @@ async def test_a_last_send_a_limit_refuses_ends_the_plan_at_once_and_tells_the_c
     )
     (await api.request("POST", f"/v1/verifications/{vid}/fallback")).problem(409, "no-channel-left")
     assert len(sms_gateway.received) == 1, "the refused send left all the same"
+    assert (await api.check(vid, code)).json["status"] == "approved"
+
+
+async def test_a_last_send_past_the_send_limit_ends_the_plan_at_once(
+    start_service: StartService, sms_gateway: SmsGateway, webhook_receiver: WebhookReceiver
+) -> None:
+    # As above with the verification's own limit (CLINIC_MAX_SENDS) in place of the number's:
+    # the send again was refused and the verification stayed on its step, `channel` "sms"
+    # and no timer, though nothing more could be sent (OpenAPI: null once the plan is used up).
+    sms_gateway.mode = GatewayMode.HANG
+    clock = FakeClock()
+    api = await start_service(
+        {
+            "CLINIC_STEP_TIMEOUT_SMS_S": "130",
+            "CLINIC_SMS_HTTP_TIMEOUT_S": "60",
+            "CLINIC_MAX_SENDS": "1",
+            "CLINIC_WEBHOOK_URL": webhook_receiver.url(),
+        },
+        clock=clock,
+    )
+    vid = (await api.create(method="sms", fallback=[])).json["id"]
+    code = await read_code(sms_gateway)
+    clock.advance(131)
+    v = await api.wait_for_event(vid, "send_refused", deadline_s=3.0)
+    assert [(e["type"], e["channel"], e["detail"]) for e in v["events"][-2:]] == [
+        ("send_refused", "sms", "send limit of this verification reached"),
+        ("fallback", None, "sms: send limit of this verification reached"),
+    ]
+    assert (v["status"], v["channel"]) == ("pending", None)
+    hooks = await webhook_receiver.wait_until(
+        "the fallback's webhook",
+        lambda got: any(
+            (h.json()["event"]["type"], h.json()["event"]["channel"]) == ("fallback", None)
+            for h in got
+        ),
+        deadline_s=5.0,
+    )
+    told = {(h.json()["event"]["type"], h.json()["event"]["channel"]): h for h in hooks}
+    moved = told["fallback", None].json()
+    assert (moved["status"], moved["channel"]) == ("pending", None)
+    (await api.request("POST", f"/v1/verifications/{vid}/fallback")).problem(409, "no-channel-left")
+    assert len(sms_gateway.received) == 1
     assert (await api.check(vid, code)).json["status"] == "approved"
 
 

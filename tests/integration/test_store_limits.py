@@ -139,8 +139,12 @@ async def test_a_fallback_that_sends_nothing_counts_no_send(store: VerificationS
         checks=[ONE_SEND],
         now=time.time(),
     )
-    assert transition.send is None and written.verification.step == 1
-    assert written.verification.events[-1].kind is EventKind.SEND_REFUSED
+    # It moves past the plan (no step may send again: channel null), and records why.
+    assert transition.send is None and written.verification.channel is None
+    assert [e.kind for e in written.verification.events[-2:]] == [
+        EventKind.SEND_REFUSED,
+        EventKind.FALLBACK,
+    ]
     assert (await store.hit_limits([ONE_SEND], time.time())).allowed, "nothing was sent"
 
 

@@ -639,12 +639,25 @@ def test_a_send_that_never_reported_on_an_earlier_step_falls_back_as_before() ->
 
 
 def test_no_resend_past_the_send_limit() -> None:
+    """The last step's resend refused by CLINIC_MAX_SENDS used the plan up: its channel, not
+    null, was shown while nothing more could be sent (README: null once the plan is used up)."""
     policy = Policy(max_sends=1)
     v = started((S,), policy=policy)
     t = rules.tick(v, T0 + 120, policy)
+    nv = t.verification
     assert t.send is None
-    assert kinds(t.verification)[-2:] == [(EventKind.FALLBACK, S), (EventKind.SEND_REFUSED, S)]
-    assert t.verification.status is Status.PENDING, "the code that left may still be typed"
+    assert kinds(nv)[-3:] == [
+        (EventKind.FALLBACK, S),
+        (EventKind.SEND_REFUSED, S),
+        (EventKind.FALLBACK, None),
+    ]
+    assert nv.events[-1].detail == "sms: send limit of this verification reached"
+    assert nv.status is Status.PENDING, "the code that left may still be typed"
+    assert (nv.channel, nv.step, nv.step_deadline, nv.sending) == (None, 1, None, False)
+    assert rules.state(nv) == (Status.PENDING, S)
+    assert rules.state_change(v, nv) is None, "no channel entered: no state change to count"
+    with pytest.raises(NoChannelLeft):
+        rules.request_fallback(nv, T0 + 121, policy)
 
 
 def test_custom_step_timeouts_are_used() -> None:
@@ -767,17 +780,26 @@ def test_max_sends_reached_refuses_the_next_send(how: str) -> None:
         # The one code that left came back, and no send may leave: nothing to wait for.
         assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (
             Status.FAILED,
-            1,
+            3,
             None,
             False,
         )
-        assert kinds(nv)[-2:] == [(EventKind.SEND_REFUSED, S), (EventKind.FAILED, None)]
-        assert "limit" in nv.events[-2].detail
+        assert kinds(nv)[-3:] == [
+            (EventKind.SEND_REFUSED, S),
+            (EventKind.FALLBACK, None),
+            (EventKind.FAILED, None),
+        ]
+        assert "limit" in nv.events[-3].detail
         return
-    assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (Status.PENDING, 1, None, False)
-    assert kinds(nv)[-1] == (EventKind.SEND_REFUSED, S)
-    assert "limit" in nv.events[-1].detail
+    # No step may send again: the plan is used up from the middle step (channel null), not
+    # left on a step that shows a channel and has no timer.
+    assert (nv.status, nv.step, nv.step_deadline, nv.sending) == (Status.PENDING, 3, None, False)
+    assert kinds(nv)[-2:] == [(EventKind.SEND_REFUSED, S), (EventKind.FALLBACK, None)]
+    assert "limit" in nv.events[-2].detail
     assert rules.due_at(nv) == nv.expires_at
+    # The metric's channel: the SMS step was entered (its send refused there), as before.
+    assert rules.state(nv) == (Status.PENDING, S)
+    assert rules.state_change(v, nv) == (Status.PENDING, S)
 
 
 def test_the_last_code_coming_back_once_the_send_limit_is_reached_fails_it() -> None:
@@ -787,7 +809,10 @@ def test_the_last_code_coming_back_once_the_send_limit_is_reached_fails_it() -> 
     one = Policy(max_sends=1)
     v = started((S, V), policy=one)
     v = rules.tick(v, T0 + 120, one).verification  # the SMS step timed out; voice refused
-    assert (v.status, kinds(v)[-1]) == (Status.PENDING, (EventKind.SEND_REFUSED, V))
+    assert (v.status, kinds(v)[-2:]) == (
+        Status.PENDING,
+        [(EventKind.SEND_REFUSED, V), (EventKind.FALLBACK, None)],
+    )
     late = rules.delivery(v, 0, DeliveryKind.UNDELIVERABLE, "gone", now=T0 + 130, policy=one)
     assert late.verification.status is Status.FAILED
     assert kinds(late.verification)[-2:] == [(EventKind.UNDELIVERABLE, S), (EventKind.FAILED, None)]
@@ -803,6 +828,23 @@ def test_the_last_code_coming_back_once_the_send_limit_is_reached_fails_it() -> 
     assert still.verification.status is Status.PENDING
 
 
+def test_the_metric_names_the_channel_entered_last_once_the_plan_is_used_up() -> None:
+    """clinic_verifications_total's channel once the plan is used up is the last one entered
+    (README): a plan used up from its SMS step, the flash call after it one the landline
+    cannot take (never entered, no `skipped` event), was counted under flashcall."""
+    v = start((S, F), LANDLINE).verification
+    nv = rules.send_refused(v, 0, "too many sends to this number", T0 + 1).verification
+    assert (nv.status, nv.channel) == (Status.FAILED, None)
+    assert rules.state(nv) == (Status.FAILED, S)
+    # Every channel skipped: none was entered.
+    none = start((F,), LANDLINE).verification
+    assert rules.state(none) == (Status.FAILED, None)
+    # The whole plan walked: the last one.
+    walked = rules.tick(delivered(started((F, S)), T0), T0 + 33, POLICY).verification
+    walked = rules.tick(delivered(sent(walked, T0 + 33), T0 + 34), T0 + 153, POLICY).verification
+    assert (walked.channel, rules.state(walked)) == (None, (Status.PENDING, S))
+
+
 def test_sends_are_counted_across_channels() -> None:
     policy = Policy(max_sends=2)
     v = started(policy=policy)
@@ -810,7 +852,7 @@ def test_sends_are_counted_across_channels() -> None:
     assert v.sends == 2
     t = rules.tick(v, T0 + 33 + 120, policy)
     assert t.send is None
-    assert kinds(t.verification)[-1] == (EventKind.SEND_REFUSED, V)
+    assert kinds(t.verification)[-2:] == [(EventKind.SEND_REFUSED, V), (EventKind.FALLBACK, None)]
 
 
 # -- send_refused (a rate limit) -------------------------------------------------------------
