@@ -68,8 +68,8 @@ _ERROR_HEADERS: dict[int, dict[str, Any]] = {
     },
     415: {
         "Accept": {
-            "description": "the media types taken (when the body's Content-Type was refused): "
-            "application/json, application/merge-patch+json",
+            "description": "the media type to send (when the body's Content-Type was "
+            "refused): application/json",
             "schema": {"type": "string"},
         },
         "Accept-Encoding": {

@@ -85,6 +85,11 @@ BODY_READ_S = 10.0  # a body (at most 64 KiB) still arriving after this is a slo
 
 # The media types a body is read as JSON in (merge-patch: a JSON object, read as any other).
 ACCEPTED_TYPES = ("application/json", "application/merge-patch+json")
+# What a 415 offers in Accept (RFC 9110 15.5.16): the type the routes' bodies are. Every route
+# that reads a body is a POST or a DELETE; merge-patch (RFC 7396) is a PATCH document, which
+# no route takes: offered here it told a client to send its create as a patch. Still read,
+# for a client that sends it already.
+OFFERED_TYPE = "application/json"
 # Content codings aiohttp decodes (brotli and zstd only with libraries this service lacks).
 ACCEPTED_CODINGS = ("identity", "gzip", "deflate")
 
@@ -99,7 +104,7 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_type not in ACCEPTED_TYPES:
         read_no_more(request)
         # RFC 9110 15.5.16: a 415 for the media type says which ones are taken (Accept)
-        raise web.HTTPUnsupportedMediaType(headers={hdrs.ACCEPT: ", ".join(ACCEPTED_TYPES)})
+        raise web.HTTPUnsupportedMediaType(headers={hdrs.ACCEPT: OFFERED_TYPE})
     coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
     if coding not in ACCEPTED_CODINGS:  # aiohttp would hand it over undecoded, as if plain
         read_no_more(request)
