@@ -73,6 +73,28 @@ def test_message_to_e164_reaches_the_softphone(phone: PhoneFactory, asterisk: As
     assert got["content_type"] == "text/plain"
 
 
+def test_message_to_a_phone_not_registered_is_accepted_and_dropped(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """Why the service's event for a 202 says "delivery not confirmed" (README, "Numbers to
+    dial"): Asterisk answers 202 Accepted before its dialplan's MessageSend tries the phone
+    (res_pjsip_messaging), so a phone that is not registered never gets the text and the
+    sender hears nothing more. No dialplan can answer an error instead: only a MESSAGE whose
+    number has no extension in the ``messages`` context is refused (404)."""
+    service = phone("clinic", register=False)
+    service.send(
+        "message", uri=f"sip:+14155556002@127.0.0.1:{asterisk.port}", body="Your code: 271828"
+    )
+    assert service.expect("message_status")["code"] == 202
+    # The phone registers after: the MESSAGE is gone, not held for it.
+    late = phone("6002")
+    with pytest.raises(AssertionError):
+        late.expect("message", timeout_s=3)
+    # The clinic line (700) has no extension in [messages]: refused at once.
+    service.send("message", uri=f"sip:700@127.0.0.1:{asterisk.port}", body="Your code: 271828")
+    assert service.expect("message_status")["code"] == 404
+
+
 def test_late_offer_flash_call_shows_the_caller_id_and_cancel_propagates(
     phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:

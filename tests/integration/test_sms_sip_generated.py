@@ -8,7 +8,8 @@ CSeq method followed by the right answer. The sends of one run go at once, on on
 
 Every verification is held to the README (the channels table, "SMS over SIP"):
 
-- its events: ``delivered`` (``MESSAGE answered N``) iff the MESSAGE got a 2xx, else
+- its events: ``delivered`` (``MESSAGE answered N``; a 202 ``MESSAGE accepted (202): delivery
+  not confirmed``) iff the MESSAGE got a 2xx, else
   ``undeliverable`` (``MESSAGE answered N``, or ``no final answer to the MESSAGE (408)`` after
   32 to 35 s), then at once ``fallback`` to the next channel (a flash call, which sipp refuses)
   or ``failed`` when there is none; nothing after a late or a repeated answer;
@@ -84,6 +85,7 @@ class Act(StrEnum):
 # The statuses the scenario has a send for (sipp reads a status when it loads the file).
 FINAL = (200, 202, 301, 302, 403, 404, 480, 486, 488, 500, 503, 603)
 RETRY_AFTER = (480, 486, 500, 503)
+ACCEPTED = "MESSAGE accepted (202): delivery not confirmed"  # README, the events table
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +107,13 @@ class Case:
             case Act.NO_ANSWER | Act.TRYING | Act.LATE:
                 return unanswered
             case Act.CHALLENGE:
-                return ("delivered", "MESSAGE answered 202", 2)
+                return ("delivered", ACCEPTED, 2)
             case Act.CHALLENGE_AGAIN:
                 return ("undeliverable", f"MESSAGE answered {self.status}", 2)
             case Act.WRONG_METHOD:  # not this MESSAGE's answer: the right one (480) counts
                 return ("undeliverable", "MESSAGE answered 480", 1)
+            case _ if self.status == 202:  # a relay took it: not a phone's word (README)
+                return ("delivered", ACCEPTED, 1)
             case _:
                 kind = "delivered" if 200 <= self.status < 300 else "undeliverable"
                 return (kind, f"MESSAGE answered {self.status}", 1)
