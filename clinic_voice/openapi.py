@@ -326,6 +326,7 @@ SCHEMAS: dict[str, Any] = {
             "triage",
             "transfer_target",
             "outcome",
+            "call_back",
         ],
         "properties": {
             "id": {"type": "string"},
@@ -366,12 +367,23 @@ SCHEMAS: dict[str, Any] = {
                             "urgency": {"enum": ["U0", "U1", "U2", "U3", "U4", "U5"]},
                             "reasons": {"type": "array", "items": {"type": "string"}},
                             "action": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                            "urgency_meaning": {
+                                "type": "string",
+                                "description": "the urgency in words, e.g. U2: 'urgent: a "
+                                "nurse or doctor now'",
+                            },
                         },
                     },
                 ]
             },
             "transfer_target": {"anyOf": [{"type": "string"}, {"type": "null"}]},
             "outcome": {"type": "string"},
+            "call_back": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "description": "why the clinic should call this caller back, in words (an "
+                "urgent caller no human took, a message left, a transfer nobody answered, a "
+                "call cut off, ...); null when a human or the flow took care of the call",
+            },
         },
     },
 }

@@ -50,6 +50,7 @@ CALL: dict[str, Any] = {
     "triage": {"urgency": "U1", "reasons": ["difficulty breathing"], "action": "transfer_nurse"},
     "transfer_target": "sip:6100@127.0.0.1:5160",
     "outcome": "call_emergency+transfer_nurse",
+    "call_back": None,
 }
 
 
@@ -241,8 +242,10 @@ def test_rendered_verifications_validate(v: Verification) -> None:
 
 
 def test_a_stored_call_record_matches_the_call_schema() -> None:
+    """As the API shows it: the record stored, with what is derived for staff."""
     from voice.ivr.call_record import CallResult
     from voice.ivr.engine import CallRecord, PathStep
+    from voice.ivr.follow_up import for_staff
     from voice.ivr.triage import TriageAction, Urgency
 
     record = CallRecord(
@@ -255,7 +258,7 @@ def test_a_stored_call_record_matches_the_call_schema() -> None:
         transfer_target="sip:6100@pbx",
         outcome="call_emergency+transfer_nurse",
     )
-    doc = CallResult("c1", "6001", "700", 1.8e9, 1.8e9 + 60, record).to_json()
+    doc = for_staff(CallResult("c1", "6001", "700", 1.8e9, 1.8e9 + 60, record).to_json())
     assert validator("Call").is_valid(doc), doc
 
 

@@ -19,6 +19,7 @@ from verification.errors import (
 )
 from voice.ivr.cursor import Cursor, CursorInvalid
 from voice.ivr.erasure import CallErasure, CallUnderWay, ErasureIncomplete
+from voice.ivr.follow_up import for_staff
 from voice.ivr.store import CallRecordUnreadable, CallStore, CallStoreUnavailable
 from voice.ivr.voicemail import NAME, Voicemails, VoicemailUnreadable
 
@@ -112,14 +113,17 @@ class CallsApi:
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
         following = None if page.next_cursor is None else str(page.next_cursor)
-        answer: dict[str, Any] = {"calls": page.calls, "next": following}
+        answer: dict[str, Any] = {
+            "calls": [for_staff(c) for c in page.calls],
+            "next": following,
+        }
         waiting = self._on_disk()
         if waiting is not None:  # staff must know the list is incomplete
             answer["waiting_on_disk"] = waiting
         return web.json_response(answer)
 
     async def get(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._record(request))
+        return web.json_response(for_staff(await self._record(request)))
 
     async def voicemail(self, request: web.Request) -> web.Response:
         """The call's recorded message as WAV (8 kHz, 16-bit mono)."""

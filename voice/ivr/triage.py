@@ -46,6 +46,17 @@ class TriageAction(enum.StrEnum):
     SELF_CARE = "self_care"
 
 
+# Each level in the words staff read in a call record (README: "The clinic line"), as this
+# service uses it: U3 and U4 are "today" and "within 24 hours" here, the actions above.
+URGENCY_MEANING: dict[Urgency, str] = {
+    Urgency.U0: "life-threatening: resuscitation, emergency services now",
+    Urgency.U1: "emergency: the emergency number now",
+    Urgency.U2: "urgent: a nurse or doctor now",
+    Urgency.U3: "see a doctor today",
+    Urgency.U4: "see a doctor within 24 hours",
+    Urgency.U5: "self-care advice, no appointment needed",
+}
+
 ACTION_FOR: dict[Urgency, TriageAction] = {
     Urgency.U0: TriageAction.CALL_EMERGENCY,
     Urgency.U1: TriageAction.CALL_EMERGENCY,

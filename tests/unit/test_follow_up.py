@@ -1,0 +1,67 @@
+"""What a call record tells the practice staff who work through the calls: the urgency in
+words, and whether (and why) the clinic owes the caller a call back (voice/ivr/follow_up.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from voice.ivr.follow_up import call_back, for_staff
+from voice.ivr.triage import URGENCY_MEANING, Urgency
+
+
+def _record(outcome: str, urgency: str | None = None, target: str | None = None) -> dict[str, Any]:
+    triage: dict[str, Any] | None = (
+        None if urgency is None else {"urgency": urgency, "reasons": [], "action": None}
+    )
+    return {"id": "c1", "outcome": outcome, "triage": triage, "transfer_target": target}
+
+
+def test_every_urgency_has_its_meaning_in_words() -> None:
+    assert set(URGENCY_MEANING) == set(Urgency)
+    shown = for_staff(_record("transfer_failed", "U1"))
+    assert shown["triage"]["urgency_meaning"] == "emergency: the emergency number now"
+    assert shown["triage"]["urgency"] == "U1", "the level itself stays as it was"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "urgency", "target", "needed"),
+    [
+        # An urgent caller nobody took, whatever the outcome says.
+        ("transfer_failed", "U1", None, "urgent (U1) and no human took the call"),
+        ("caller_hung_up", "U2", None, "urgent (U2) and no human took the call"),
+        ("call_emergency+transfer_nurse", "U1", "sip:6100@pbx", None),
+        # The outcomes the engine gives a call nobody took care of.
+        ("message_left", "U4", None, "left a message for a call back: play it"),
+        ("message_left", None, None, "left a message for a call back: play it"),
+        ("transfer_unanswered", "U3", None, "the PBX reached nobody for the transfer"),
+        ("transfer_unconfirmed", None, None, "no answer to the transfer"),
+        ("hung_up_before_transfer", None, None, "hung up before the transfer went through"),
+        ("out_of_hours_unheard", None, None, "heard none of the closed notice"),
+        ("results_status_unheard", None, None, "may not have heard the results status"),
+        ("cut_worker_lost", None, None, "the call was cut off (cut_worker_lost)"),
+        ("cut_service_lost", "U5", None, "the call was cut off (cut_service_lost)"),
+        # Taken care of: by a human, the scheduling system, or the caller was told.
+        ("transfer_staff", None, "sip:6200@pbx", None),
+        ("appointment_requested", None, None, None),
+        ("same_day", "U3", None, None),
+        ("self_care", "U5", None, None),
+        ("results_status_given", None, None, None),
+        ("out_of_hours", None, None, None),
+        ("completed", None, None, None),
+    ],
+)
+def test_a_call_back_is_owed_only_to_a_caller_nobody_took_care_of(
+    outcome: str, urgency: str | None, target: str | None, needed: str | None
+) -> None:
+    why = call_back(_record(outcome, urgency, target))
+    if needed is None:
+        assert why is None
+    else:
+        assert why is not None and needed in why, why
+
+
+def test_an_urgent_message_says_both_reasons_urgent_first() -> None:
+    why = call_back(_record("transfer_failed", "U2"))
+    assert why is not None and why.startswith("urgent (U2)") and "nobody could take" in why
