@@ -327,6 +327,7 @@ SCHEMAS: dict[str, Any] = {
             "transfer_target",
             "outcome",
             "call_back",
+            "handled_at",
         ],
         "properties": {
             "id": {"type": "string"},
@@ -383,6 +384,11 @@ SCHEMAS: dict[str, Any] = {
                 "description": "why the clinic should call this caller back, in words (an "
                 "urgent caller no human took, a message left, a transfer nobody answered, a "
                 "call cut off, ...); null when a human or the flow took care of the call",
+            },
+            "handled_at": {
+                "anyOf": [_ISO, {"type": "null"}],
+                "description": "when staff marked the call handled (PUT "
+                "/v1/calls/{id}/handled); null while it is not",
             },
         },
     },
@@ -566,6 +572,23 @@ def _paths() -> dict[str, Any]:
                         },
                     },
                 },
+            },
+        },
+        "/v1/calls/{id}/handled": {
+            "put": {
+                "summary": "Mark a call handled (its call back made, its message dealt with)",
+                "description": "Sets handled_at to now, or keeps the time of an earlier mark. "
+                "The mark lives as long as the record and goes with an erasure. 404: no record "
+                "of the call (never was, past its retention, erased, or still under way).",
+                "security": _BEARER,
+                "parameters": call_id,
+                "responses": {"200": _json("Call", "The call, marked"), **_errors(*_COMMON)},
+            },
+            "delete": {
+                "summary": "Mark a call not handled after all",
+                "security": _BEARER,
+                "parameters": call_id,
+                "responses": {"200": _json("Call", "The call, unmarked"), **_errors(*_COMMON)},
             },
         },
         "/v1/calls/{id}/voicemail": {

@@ -7,9 +7,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis.asyncio as aioredis
 
 from clinic_voice.app import RUNTIME, Runtime
-from tests.integration.conftest import CALLS_KEY, StartService
+from tests.conftest import RedisServer
+from tests.integration.conftest import API_KEY, CALLS_KEY, StartService
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
 from voice.ivr.triage import TriageAction, Urgency
@@ -51,3 +53,48 @@ async def test_the_list_says_the_urgency_in_words_and_who_needs_a_call_back(
     assert calls["fu-message"]["triage"] is None
     one = await api.request("GET", "/v1/calls/fu-urgent")
     assert one.status == 200 and one.json == urgent, one.text
+
+
+async def test_staff_mark_a_call_handled_and_the_mark_goes_with_the_record(
+    start_service: StartService,
+    redis_server: RedisServer,
+) -> None:
+    api = await start_service()
+    api.key = CALLS_KEY
+    rt: Runtime = api.app[RUNTIME]
+    store = rt.need_call_store()
+    await store.save(_result("fu-h1", "message_left", None, None, 300))
+    await store.save(_result("fu-h2", "transfer_unanswered", Urgency.U3, None, 200))
+
+    first = await api.request("GET", "/v1/calls/fu-h1")
+    assert first.status == 200 and first.json["handled_at"] is None, first.text
+    marked = await api.request("PUT", "/v1/calls/fu-h1/handled")
+    assert marked.status == 200, marked.text
+    at = marked.json["handled_at"]
+    assert at is not None and at.endswith("Z"), marked.json
+    assert marked.json["call_back"] is not None, "why it needed a call back stays readable"
+    # Again (a double click): the first time stays.
+    again = await api.request("PUT", "/v1/calls/fu-h1/handled")
+    assert again.status == 200 and again.json["handled_at"] == at, again.text
+    listed = await api.request("GET", "/v1/calls?limit=10")
+    shown = {c["id"]: c["handled_at"] for c in listed.json["calls"]}
+    assert shown == {"fu-h1": at, "fu-h2": None}, shown
+    # The mark expires with the record (no mark outlives its call).
+    client = aioredis.from_url(redis_server.url)
+    record_ms = int(await client.pttl("cv:call:fu-h1"))
+    mark_ms = int(await client.pttl("cv:handled:fu-h1"))
+    assert 0 < mark_ms <= record_ms, (mark_ms, record_ms)
+
+    undone = await api.request("DELETE", "/v1/calls/fu-h1/handled")
+    assert undone.status == 200 and undone.json["handled_at"] is None, undone.text
+    (await api.request("PUT", "/v1/calls/fu-never/handled")).problem(404, "not-found")
+    (await api.request("PUT", "/v1/calls/fu-h2/handled", key=API_KEY)).problem(
+        403, "key-not-allowed"
+    )
+
+    # An erasure takes the mark with the record, and a call erased cannot be marked.
+    assert (await api.request("PUT", "/v1/calls/fu-h2/handled")).status == 200
+    assert (await api.request("DELETE", "/v1/calls/fu-h2")).status == 204
+    assert await client.exists("cv:handled:fu-h2") == 0
+    (await api.request("PUT", "/v1/calls/fu-h2/handled")).problem(404, "not-found")
+    await client.aclose()

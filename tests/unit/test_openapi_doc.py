@@ -51,6 +51,7 @@ CALL: dict[str, Any] = {
     "transfer_target": "sip:6100@127.0.0.1:5160",
     "outcome": "call_emergency+transfer_nurse",
     "call_back": None,
+    "handled_at": None,
 }
 
 

@@ -90,6 +90,8 @@ class CallsApi:
             web.get("/v1/calls/{id}", self.get),
             web.delete("/v1/calls/{id}", self.erase),
             web.get("/v1/calls/{id}/voicemail", self.voicemail),
+            web.put("/v1/calls/{id}/handled", self.handled),
+            web.delete("/v1/calls/{id}/handled", self.handled),
         ]
 
     async def list(self, request: web.Request) -> web.Response:
@@ -113,8 +115,12 @@ class CallsApi:
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
         following = None if page.next_cursor is None else str(page.next_cursor)
+        try:
+            handled = await self._store().handled_at([c["id"] for c in page.calls])
+        except CallStoreUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
         answer: dict[str, Any] = {
-            "calls": [for_staff(c) for c in page.calls],
+            "calls": [for_staff(c, handled.get(c["id"])) for c in page.calls],
             "next": following,
         }
         waiting = self._on_disk()
@@ -123,7 +129,27 @@ class CallsApi:
         return web.json_response(answer)
 
     async def get(self, request: web.Request) -> web.Response:
-        return web.json_response(for_staff(await self._record(request)))
+        return web.json_response(await self._shown(await self._record(request)))
+
+    async def handled(self, request: web.Request) -> web.Response:
+        """PUT: staff mark the call handled (its call back made, its message dealt with);
+        DELETE: not handled after all. The record as shown, with ``handled_at``."""
+        call_id = _call_id(request)
+        try:
+            found = await self._store().mark_handled(call_id, request.method == "PUT")
+        except CallStoreUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if not found:
+            raise NotFound("no such call (or it is still under way)")
+        return web.json_response(await self._shown(await self._record(request)))
+
+    async def _shown(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A record as staff read it: :func:`for_staff`, with when it was marked handled."""
+        try:
+            handled = await self._store().handled_at([doc["id"]])
+        except CallStoreUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return for_staff(doc, handled.get(doc["id"]))
 
     async def voicemail(self, request: web.Request) -> web.Response:
         """The call's recorded message as WAV (8 kHz, 16-bit mono)."""

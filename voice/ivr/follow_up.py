@@ -57,15 +57,16 @@ def call_back(record: dict[str, Any]) -> str | None:
     return "; ".join(reasons) or None
 
 
-def for_staff(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as ``GET /v1/calls`` shows it: the urgency's meaning in the triage, and
-    ``call_back``."""
+def for_staff(record: dict[str, Any], handled_at: str | None = None) -> dict[str, Any]:
+    """The record as ``GET /v1/calls`` shows it: the urgency's meaning in the triage,
+    ``call_back``, and ``handled_at`` (when staff marked it handled, or None)."""
     shown = dict(record)
     triage = record.get("triage")
     urgency = _urgency(triage)
     if isinstance(triage, dict) and urgency is not None:
         shown["triage"] = {**triage, "urgency_meaning": URGENCY_MEANING[urgency]}
     shown["call_back"] = call_back(record)
+    shown["handled_at"] = handled_at
     return shown
 
 

@@ -45,7 +45,7 @@ import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
 
@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 INDEX = "cv:calls"
 ERASED_PREFIX = "cv:erased:"  # + call id: the call was erased (kept the retention period)
+# + call id: when staff marked the call handled (PUT /v1/calls/{id}/handled), an ISO time; it
+# lives as long as the call's record, and an erasure deletes it. No health data: a time.
+HANDLED_PREFIX = "cv:handled:"
 # Set by an erasure: the embedded Redis's append-only file is rewritten soon after (serve's
 # compaction, clinic_voice/redis_server.py), not only at the daily one. It expires after a
 # day, by which the daily rewrite has run: a Redis nobody compacts keeps no flag for good.
@@ -118,6 +121,10 @@ def _erased_key(call_id: str) -> str:
     return f"{ERASED_PREFIX}{call_id}"
 
 
+def _handled_key(call_id: str) -> str:
+    return f"{HANDLED_PREFIX}{call_id}"
+
+
 # A save: the record (ARGV[2]: the milliseconds it has left; ARGV[6] '1', only_new: NX, only
 # when none is there), its index entry, the index trimmed of the calls past their retention
 # (ARGV[5]: now less the retention, as a read and an erasure trim it; the saved call's start
@@ -145,9 +152,10 @@ if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) 
 return done
 """)
 
-# An erasure: the record and its index entry go, the mark is set (or its time renewed, a retry
-# finishing the files), and a compaction is asked for. Nothing is written for a call nothing
-# is known of (ARGV[3] '0': no copy on disk either), so a mistyped id marks nothing. The index
+# An erasure: the record, its index entry and staff's handled mark (KEYS[5]) go, the mark is
+# set (or its time renewed, a retry finishing the files), and a compaction is asked for.
+# Nothing is written for a call nothing is known of (ARGV[3] '0': no copy on disk either), so
+# a mistyped id marks nothing. The index
 # is trimmed first (ARGV[5]: the oldest start within the retention): on a quiet line (no save
 # nor list read since) the entry of a call past its retention is still there, and a ZREM that
 # found it answered 204 for a call the API no longer knows (README: 404).
@@ -165,12 +173,29 @@ if started then
   keep = math.max(keep, math.ceil((tonumber(started) - tonumber(ARGV[5])) * 1000))
 end
 local had = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[5])
 local listed = redis.call('ZREM', KEYS[2], ARGV[1])
 local marked = redis.call('EXISTS', KEYS[3])
 if had == 0 and listed == 0 and marked == 0 and ARGV[3] == '0' then return 0 end
 redis.call('SET', KEYS[3], '1', 'PX', keep)
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[4])
 return 1 + had
+""")
+
+
+# Staff mark a call handled (ARGV[1]: the time, kept if the call is marked already) or not
+# (ARGV[1] ''): only a call whose record Redis holds, and the mark expires with the record
+# (PTTL: -1 none, as a record saved without expiry; -2 no record). One script: a record
+# expiring or erased between a check and a SET would leave a mark of no call.
+# 0: no record, nothing written; 1: done.
+_HANDLE = Script("""
+local left = redis.call('PTTL', KEYS[1])
+if left == -2 then return 0 end
+if ARGV[1] == '' then redis.call('DEL', KEYS[2]) return 1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+if left == -1 then redis.call('SET', KEYS[2], ARGV[1]) else
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', left) end
+return 1
 """)
 
 
@@ -185,6 +210,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 """)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def remaining_ttl_ms(started_at: float, now: float, retention_s: int) -> int | None:
@@ -444,7 +473,7 @@ class CallStore:
         writes it back meanwhile). ``on_disk``: a copy of the call is on disk (the journal,
         voicemail), so it is marked even with nothing in Redis. One try: raises
         :class:`CallStoreUnavailable`, nothing changed, when Redis fails."""
-        keys = (_key(call_id), INDEX, _erased_key(call_id), COMPACT_ASKED)
+        keys = (_key(call_id), INDEX, _erased_key(call_id), COMPACT_ASKED, _handled_key(call_id))
         oldest = repr(self._clock.now() - self._ttl_s)
         args = (call_id, self._ttl_s * 1000, "1" if on_disk else "0", COMPACT_ASKED_TTL_S, oldest)
         try:
@@ -452,6 +481,29 @@ class CallStore:
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
         return Erased(int(done))
+
+    async def mark_handled(self, call_id: str, handled: bool) -> bool:
+        """Mark the call handled by staff (now, by the store's clock; a call marked already
+        keeps its first time) or not; False when Redis holds no record of it (never was, past
+        its retention, erased, or still under way). Raises :class:`CallStoreUnavailable`."""
+        at = _iso(self._clock.now()) if handled else ""
+        keys = (_key(call_id), _handled_key(call_id))
+        try:
+            done = await self._r.evalsha(_HANDLE, keys, (at,))
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
+        return bool(int(done))
+
+    async def handled_at(self, call_ids: Sequence[str]) -> dict[str, str]:
+        """When staff marked each of ``call_ids`` handled, for those marked (raises
+        :class:`CallStoreUnavailable`)."""
+        if not call_ids:
+            return {}
+        try:
+            marks = await self._r.execute("MGET", *[_handled_key(i) for i in call_ids])
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
+        return {i: str(m) for i, m in zip(call_ids, marks, strict=True) if m is not None}
 
     async def replace_sealed(self, call_id: str, read: str, resealed: str) -> Replaced:
         """Put ``resealed`` (:meth:`reseal` of ``read``) in place of the record of ``call_id``
