@@ -616,6 +616,9 @@ async def test_when_staff_are_busy_the_caller_leaves_a_message_for_a_call_back(
     assert max(abs(int.from_bytes(pcm[i : i + 2], "little", signed=True))
                for i in range(0, len(pcm), 2)) > 5000, "the tone is not in the message"  # fmt: skip
     assert record["values"]["callback_message"].startswith(record["id"]), record["values"]
+    # The desk working through the calls sees that this caller waits for a call back.
+    assert record["call_back"] == "left a message for a call back: play it", record
+    assert record["handled_at"] is None, record
 
 
 async def test_a_nurse_who_rings_long_is_not_a_failed_transfer(
