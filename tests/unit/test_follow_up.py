@@ -65,3 +65,10 @@ def test_a_call_back_is_owed_only_to_a_caller_nobody_took_care_of(
 def test_an_urgent_message_says_both_reasons_urgent_first() -> None:
     why = call_back(_record("transfer_failed", "U2"))
     assert why is not None and why.startswith("urgent (U2)") and "nobody could take" in why
+
+
+def test_the_handled_mark_is_shown_beside_the_reason() -> None:
+    shown = for_staff(_record("message_left"), "2027-01-15T08:00:00.000Z")
+    assert shown["handled_at"] == "2027-01-15T08:00:00.000Z"
+    assert shown["call_back"] is not None, "marking a call handled keeps why it needed one"
+    assert for_staff(_record("message_left"))["handled_at"] is None
