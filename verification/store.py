@@ -61,8 +61,9 @@ UNSURE_MAX = 4096
 # The compare-and-set write of a record, as a Lua function reading KEYS/ARGV from offsets
 # (so one script can hold it after other keys and arguments without copying tables).
 # k[ko+]: record, due, webhook due, webhook jobs, [idempotency key]
-# a[ao+]: expected version ("" = must not exist), new version, doc, pexpireat ms,
-#    due score ("" = no timer), id, now, n webhook jobs, (job id, payload)*, [idem value, ttl s]
+# a[ao+]: expected version ("" = must not exist), new version, doc, pexpireat ms ("" = as
+#    it is: HSET keeps a key's expiry), due score ("" = no timer), id, now, n webhook jobs,
+#    (job id, payload)*, [idem value, ttl s]
 _CAS_FN = """
 local function current(k, a, ko, ao)
   local cur = redis.call('HGET', k[ko + 1], 'ver')
@@ -72,7 +73,7 @@ end
 local function write(k, a, ko, ao)
   local rec = k[ko + 1]
   redis.call('HSET', rec, 'ver', a[ao + 2], 'doc', a[ao + 3])
-  redis.call('PEXPIREAT', rec, a[ao + 4])
+  if a[ao + 4] ~= '' then redis.call('PEXPIREAT', rec, a[ao + 4]) end
   if a[ao + 5] == '' then
     redis.call('ZREM', k[ko + 2], a[ao + 6])
   else
@@ -346,7 +347,12 @@ class VerificationStore:
             old.version if old else "",
             version,
             orjson.dumps(new.to_json()),
-            int((new.expires_at + KEEP_AFTER_EXPIRY_S) * 1000),
+            # Set by the create and the same on every later write (a verification's lifetime
+            # never changes): setting it again cost Redis a command and the AOF a record on
+            # every report and check (BENCHMARKS.md).
+            ""
+            if old is not None and old.verification.expires_at == new.expires_at
+            else int((new.expires_at + KEEP_AFTER_EXPIRY_S) * 1000),
             repr(due) if due is not None else "",
             new.id,
             repr(new.events[-1].at if new.events else new.created_at),

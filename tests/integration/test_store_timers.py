@@ -23,10 +23,17 @@ from tests.conftest import RedisServer
 from tests.integration.conftest import MOBILE
 from verification import rules
 from verification.dispatcher import Dispatcher
-from verification.model import Channel, EventKind, Policy, Status
+from verification.model import Channel, EventKind, Policy, Status, Verification
 from verification.numbers import parse_phone
 from verification.redis_mux import RedisMux
-from verification.store import DUE, WEBHOOK_JOBS, Stored, VerificationStore
+from verification.store import (
+    DUE,
+    KEEP_AFTER_EXPIRY_S,
+    PREFIX,
+    WEBHOOK_JOBS,
+    Stored,
+    VerificationStore,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
 
@@ -146,3 +153,28 @@ async def test_a_timer_past_the_plan_with_no_code_out_fails_it(
     assert [(j["status"], j["channel"], j["event"]["detail"]) for j in failed] == [
         ("failed", None, "no channel could deliver")
     ]
+
+
+async def test_a_record_keeps_the_expiry_its_create_set_without_setting_it_again(
+    store: VerificationStore, mux: RedisMux
+) -> None:
+    """A verification's lifetime never changes after its create, and Redis's HSET keeps a
+    key's expiry: the writes after the create (reports, checks) leave it as it is instead of
+    costing Redis a PEXPIREAT and the AOF a record each, and the record still goes a day after
+    the verification expires."""
+    made = await _made(store)
+    record = f"{PREFIX}v:{VID}"
+    ends_ms = int((made.verification.expires_at + KEEP_AFTER_EXPIRY_S) * 1000)
+    assert int(await mux.execute("PEXPIRETIME", record)) == ends_ms
+    await mux.execute("CONFIG", "RESETSTAT")
+
+    def delivered(v: Verification) -> tuple[rules.Transition, None]:
+        kind = rules.DeliveryKind.DELIVERED
+        return rules.delivery(v, 0, kind, "", now=time.time(), policy=POLICY), None
+
+    transition, _ = await store.update(VID, delivered, known=made)
+    assert transition.verification != made.verification  # a write was made
+    stats = await mux.execute("INFO", "commandstats")
+    text = stats.decode() if isinstance(stats, bytes) else str(stats)
+    assert "cmdstat_pexpireat:" not in text, text
+    assert int(await mux.execute("PEXPIRETIME", record)) == ends_ms
