@@ -260,19 +260,25 @@ TABLE: list[tuple[str, list[Event], list[tuple[str, str]], Phase]] = [
     (
         "a digit more is refused, not cut off",
         [Digit("1"), DONE, DONE, *[Digit(k) for k in "1234567#"]],
-        [("Play", "Sorry, I did not understand. Enter your number then hash.")],
+        [("Play", "Sorry, that entry had too many digits. Enter your number then hash.")],
         Phase.PLAYING,
     ),
     (
         "also when the timeout ends it",
         [Digit("1"), DONE, DONE, *[Digit(k) for k in "123456"], NoInput()],
-        [("Play", "Sorry, I did not understand. Enter your number then hash.")],
+        [("Play", "Sorry, that entry had too many digits. Enter your number then hash.")],
         Phase.PLAYING,
     ),
     (
-        "too few digits is a nomatch",
-        [Digit("1"), DONE, DONE, Digit("1"), Digit("#")],
-        [("Play", "Sorry, I did not understand. Enter your number then hash.")],
+        "too few digits is a nomatch, and the caller is told so",
+        [Digit("1"), DONE, DONE, Digit("1"), Digit("2"), Digit("#")],
+        [
+            (
+                "Play",
+                "Sorry, that entry was not complete. It needs at least 3 digits. "
+                "Enter your number then hash.",
+            )
+        ],
         Phase.PLAYING,
     ),
     (
@@ -1092,9 +1098,9 @@ def test_a_date_of_birth_must_be_a_real_past_date(
     if taken:
         assert (state.node, state.value("dob")) == ("patient_no", entry)
     else:
-        # A nomatch like a short entry: asked again, nothing saved.
+        # A nomatch like a short entry: asked again, nothing saved, the caller told why.
         assert (state.node, state.nomatch, state.value("dob")) == ("dob", 1, None)
-        assert texts(actions)[-1].startswith("Sorry, I did not understand.")
+        assert texts(actions)[-1].startswith("Sorry, that is not a valid date of birth.")
 
 
 def test_three_impossible_dates_of_birth_reach_staff(shipped: FlowSet) -> None:
@@ -1110,9 +1116,31 @@ def test_a_date_ends_at_its_hash_or_after_the_inter_digit_wait(shipped: FlowSet)
     state, actions = script_call(engine, "results", ["01021990"])
     assert (state.node, state.digits) == ("dob", "01021990")  # waits: a digit more may come
     listens = [a for a in actions if isinstance(a, Listen)]
-    assert listens[-1].timeout_s == 4.0, listens  # after the first digit: the inter-digit wait
+    assert listens[-1].timeout_s == 6.0, listens  # after the first digit: the inter-digit wait
     state, _ = engine.handle(state, NoInput())
     assert (state.node, state.value("dob")) == ("patient_no", "01021990")
+
+
+def test_a_date_of_birth_cut_short_by_a_pause_is_told_as_incomplete(shipped: FlowSet) -> None:
+    # A slow typist finding the year on a landline keypad: the pause ended the entry, and
+    # "Sorry, I did not understand" left the caller to guess that the digits were dropped.
+    # The wait between digits is 6 s (was 4), and the caller hears what happened and how
+    # many digits the entry needs, then the question again; nothing is saved.
+    engine = Engine(shipped, FlowParams(today=lambda: TODAY))
+    state, actions = script_call(engine, "results", ["0102"])
+    assert [a for a in actions if isinstance(a, Listen)][-1].timeout_s == 6.0
+    state, actions = engine.handle(state, NoInput())
+    assert (state.node, state.nomatch, state.value("dob")) == ("dob", 1, None)
+    assert texts(actions)[-1].startswith(
+        "Sorry, that entry was not complete. It needs 8 digits. For test results, please enter"
+    )
+    # The patient number (4 to 10 digits) says its least.
+    state, actions = script_call(engine, "results", ["01021990#", "12"])
+    state, actions = engine.handle(state, NoInput())
+    assert texts(actions)[-1] == (
+        "Sorry, that entry was not complete. It needs at least 4 digits. "
+        "Please enter the patient number, then press hash."
+    )
 
 
 def test_a_ninth_digit_of_a_date_is_refused_not_typed_into_the_patient_number(

@@ -560,7 +560,8 @@ def test_simulate_at_checks_dates_of_birth_against_that_day(
     code, out = simulate_lines(argv, ["01022021#", ":hangup"])
     assert code == 0
     assert ("   values: {'dob': '01022021'}" in out) is taken, out
-    assert any(line.startswith("BOT: Sorry, I did not understand.") for line in out) is not taken
+    refused = "BOT: Sorry, that is not a valid date of birth."
+    assert any(line.startswith(refused) for line in out) is not taken
 
 
 def test_simulate_refuses_a_bad_time(capsys: pytest.CaptureFixture[str]) -> None:

@@ -133,7 +133,9 @@ def test_a_date_of_birth_beginning_with_9_is_still_an_entry(clock: FakeClock) ->
     engine = Engine(load_flows(SHIPPED), clocked(clock))
     state, actions = script_call(engine, "main_menu", ["2", "91#"])
     assert (state.flow, state.node) == ("prescription", "dob")
-    assert plays(actions)[-1].startswith("Sorry, I did not understand. For a prescription")
+    assert plays(actions)[-1].startswith(
+        "Sorry, that entry was not complete. It needs 8 digits. For a prescription"
+    )
     assert state.menu_returns == 0
 
 

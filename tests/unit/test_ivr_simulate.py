@@ -481,7 +481,7 @@ UNHEARD = "   (speech is not listened for here: the caller hears nothing until t
         # A digits entry takes no speech, with a model or without.
         (["results", "--speech"], [], "the first of february", "8"),
         # Part of an entry typed: the inter-digit time runs.
-        (["results", "--speech"], ["0102"], "nineteen ninety", "4"),
+        (["results", "--speech"], ["0102"], "nineteen ninety", "6"),
     ],
 )
 def test_words_at_a_question_that_takes_no_speech_are_its_timeout(
@@ -641,24 +641,25 @@ DOB = (
     " the month and four for the year, then press hash."
 )
 PATIENT_NO = "BOT: Please enter the patient number, then press hash."
+INCOMPLETE = "Sorry, that entry was not complete. It needs 8 digits. "
 
 
 @pytest.mark.parametrize(
     ("lines", "shown"),
     [
         # The whole entry and its # on one line: the caller waits for nothing after the
-        # first digit (its 4 s inter-digit wait is cut by the rest), so none is shown. It
+        # first digit (its 6 s inter-digit wait is cut by the rest), so none is shown. It
         # was: "(listening for keys, 4 s)" after the complete entry, before the next question.
         (["1", "01012000#"], [DOB, "   (listening for keys, 8 s)", PATIENT_NO]),
-        # A pause after "0101": the entry waits 4 s after its last digit, as on a call.
+        # A pause after "0101": the entry waits 6 s after its last digit, as on a call.
         (
             ["1", "0101", "2000#"],
-            [DOB, "   (listening for keys, 8 s)", "   (listening for keys, 4 s)", PATIENT_NO],
+            [DOB, "   (listening for keys, 8 s)", "   (listening for keys, 6 s)", PATIENT_NO],
         ),
         # Typed ahead into the entry's prompt, one digit short: the nomatch follows at once.
         (
             ["12345678#"],
-            [DOB, "   (prompt cut short)", "BOT: Sorry, I did not understand. " + DOB[5:]],
+            [DOB, "   (prompt cut short)", "BOT: " + INCOMPLETE + DOB[5:]],
         ),
     ],
 )

@@ -126,6 +126,7 @@ from voice.ivr.flow import (
     Branch,
     Choice,
     Effect,
+    EntryRefusal,
     Flow,
     FlowParams,
     FlowSet,
@@ -1291,10 +1292,12 @@ class Engine:
         chosen = self._keyed(state, flow, ask, entry)
         if chosen is not None:
             return chosen
-        if not spec.min_digits <= len(entry) <= spec.max_digits or not spec.accepts(
-            entry, self.params.today()
-        ):
-            return self._nomatch(self._step(state, "nomatch", entry), flow, ask, False)
+        refused = spec.refusal(entry, self.params.today())
+        if refused is not None:
+            # Said why ("that entry was not complete. It needs 8 digits."), not "did not
+            # understand": a slow typist cut off by the pause learns the digits were dropped.
+            state = self._step(state, "nomatch", entry)
+            return self._nomatch(state, flow, ask, low_confidence=False, refused=refused)
         if ask.save:
             state = state.with_value(ask.save, entry)
         state = self._step(state, "digits", entry)
@@ -1396,11 +1399,21 @@ class Engine:
         state = self._step(state, "noinput")
         return self._count(replace(state, noinput=state.noinput + 1), flow, ask, "noinput")
 
-    def _nomatch(self, state: CallState, flow: Flow, ask: Ask, low_confidence: bool) -> Result:
+    def _nomatch(
+        self,
+        state: CallState,
+        flow: Flow,
+        ask: Ask,
+        low_confidence: bool,
+        refused: EntryRefusal | None = None,
+    ) -> Result:
         del low_confidence  # a low-confidence result is a nomatch (recorded in the path)
-        return self._count(replace(state, nomatch=state.nomatch + 1), flow, ask, "nomatch")
+        state = replace(state, nomatch=state.nomatch + 1)
+        return self._count(state, flow, ask, "nomatch", refused)
 
-    def _count(self, state: CallState, flow: Flow, ask: Ask, kind: str) -> Result:
+    def _count(
+        self, state: CallState, flow: Flow, ask: Ask, kind: str, refused: EntryRefusal | None = None
+    ) -> Result:
         count, limit = (
             (state.noinput, ask.max_noinput)
             if kind == "noinput"
@@ -1426,7 +1439,7 @@ class Engine:
             # speak of the desk).
             state = replace(state, typeahead="")
             return self._closed_desk(state, flow, ASKED_AGAIN, [], before=flow.texts(kind))
-        text = flow.reprompt(ask, kind, count, self.speech_on(flow, ask))
+        text = flow.reprompt(ask, kind, count, self.speech_on(flow, ask), refused)
         return self._prompt(replace(state, typeahead=""), flow, ask, text, [])
 
     # -- webhooks and transfers

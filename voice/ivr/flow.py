@@ -81,8 +81,10 @@ MENU_TARGET = "@menu"
 # The value the engine saves itself: the message for a call back after a failed transfer.
 MESSAGE_VALUE = "callback_message"
 # A keypad entry under way ends this long after its last digit (the first waits the ask's
-# timeout_s): a caller who typed the whole number and no # is not held in silence for long.
-INTER_DIGIT_S = 4.0
+# timeout_s): a caller who typed the whole number and no # is not held in silence for long,
+# and one who types slowly (an older caller finding the month on a landline keypad, reading
+# a patient number off a letter) is not cut off between two digits: 4 s did that.
+INTER_DIGIT_S = 6.0
 # The webhook URLs a flow may name: the service maps each to a setting (clinic_line.py).
 WEBHOOK_URLS = ("scheduling",)
 DTMF_KEYS = frozenset("0123456789*#")
@@ -301,6 +303,12 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "speech_hint": "Say {label} or press {key}.",
         # A choice of a keypad entry (its key is the whole entry, ended by the hash).
         "entry_key_hint": "For {label}, press {key} then hash.",
+        # A keypad entry refused (EntryRefusal), said before its question again in place of
+        # "did not understand": the caller hears why the digits typed were not taken.
+        "entry_short": "Sorry, that entry was not complete. It needs {count} digits.",
+        "entry_short_min": "Sorry, that entry was not complete. It needs at least {count} digits.",
+        "entry_long": "Sorry, that entry had too many digits.",
+        "entry_date": "Sorry, that is not a valid date of birth.",
         "repeat_hint": "",
         # Out of opening hours: {closed_notice} is made of these (FlowParams.values), the
         # hours and out-of-hours sentences only when there is something to tell.
@@ -349,6 +357,10 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "key_hint": "{label}: {key}번을 누르세요.",
         "speech_hint": "{label}라고 말하거나 {key}번을 누르세요.",
         "entry_key_hint": "{label}: {key}번을 누르고 우물 정자를 누르세요.",
+        "entry_short": "죄송합니다. 입력이 끝나지 않았습니다. {count}자리를 입력해 주세요.",
+        "entry_short_min": "죄송합니다. 입력이 끝나지 않았습니다. {count}자리 이상 입력해 주세요.",
+        "entry_long": "죄송합니다. 숫자가 너무 많습니다.",
+        "entry_date": "죄송합니다. 올바른 생년월일이 아닙니다.",
         "repeat_hint": "",
         "practice_closed": "지금은 진료 시간이 아닙니다.",
         "practice_hours": "진료 시간은 {opening_hours}입니다.",
@@ -450,6 +462,15 @@ MAX_AGE_YEARS = 130
 _FORMAT_DIGITS = {DigitFormat.DATE_DDMMYYYY: 8}
 
 
+class EntryRefusal(enum.StrEnum):
+    """Why a keypad entry was not taken; each is the system text said before the question
+    again ("that entry was not complete", not "I did not understand")."""
+
+    SHORT = "entry_short"  # fewer than min digits: a pause or a # came too soon
+    LONG = "entry_long"
+    FORMAT = "entry_date"  # the only format: a date of birth that is no real past date
+
+
 @dataclass(frozen=True, slots=True)
 class DigitSpec:
     """A keypad entry of several digits (date of birth, patient number)."""
@@ -474,6 +495,18 @@ class DigitSpec:
         if self.format is DigitFormat.DATE_DDMMYYYY:
             return valid_date_ddmmyyyy(entry, today)
         return True
+
+    def refusal(self, entry: str, today: datetime.date) -> EntryRefusal | None:
+        """Why ``entry`` (digits) is not taken; None when it is."""
+        if len(entry) < self.min_digits:
+            return EntryRefusal.SHORT
+        if len(entry) > self.max_digits:
+            return EntryRefusal.LONG
+        return None if self.accepts(entry, today) else EntryRefusal.FORMAT
+
+    def refusals(self) -> tuple[EntryRefusal, ...]:
+        """The refusals an entry of this spec can meet."""
+        return tuple(r for r in EntryRefusal if r is not EntryRefusal.FORMAT or self.format)
 
 
 def valid_date_ddmmyyyy(entry: str, today: datetime.date) -> bool:
@@ -787,11 +820,33 @@ class Flow:
         ]
         return " ".join([ask.prompt, *hints]).strip()
 
-    def reprompt(self, ask: Ask, kind: str, count: int, speech: bool) -> str:
+    def reprompt(
+        self,
+        ask: Ask,
+        kind: str,
+        count: int,
+        speech: bool,
+        refused: EntryRefusal | None = None,
+    ) -> str:
         """Tapered reprompt: the ``count``-th noinput/nomatch message, then the prompt."""
-        messages = ask.noinput if kind == "noinput" else ask.nomatch
-        message = messages[min(count, len(messages)) - 1] if messages else self.texts(kind)
+        message = self.reprompt_message(ask, kind, count, refused)
         return f"{message} {self.ask_prompt(ask, speech)}".strip()
+
+    def reprompt_message(
+        self, ask: Ask, kind: str, count: int, refused: EntryRefusal | None = None
+    ) -> str:
+        """What a reprompt says before the question: the ask's own ``count``-th message, else
+        why a keypad entry was ``refused`` (its length said), else the system's words."""
+        messages = ask.noinput if kind == "noinput" else ask.nomatch
+        if messages:
+            return messages[min(count, len(messages)) - 1]
+        if refused is not None and ask.digits is not None:
+            spec = ask.digits
+            name = refused.value
+            if refused is EntryRefusal.SHORT and spec.min_digits != spec.max_digits:
+                name = "entry_short_min"
+            return self.texts(name).format(count=spec.min_digits)
+        return self.texts(kind)
 
     def static_prompts(self, params: FlowParams) -> set[str]:
         """Every text this flow can speak that depends only on ``params``, rendered.
@@ -855,6 +910,10 @@ class Flow:
                 for kind, limit in (("noinput", node.max_noinput), ("nomatch", node.max_nomatch)):
                     for count in range(1, limit):
                         add(self.reprompt(node, kind, count, params.speech_for(self.language)))
+                refusals = node.digits.refusals() if node.digits is not None else ()
+                for refused in refusals:  # an entry refused, its reason said
+                    for count in range(1, node.max_nomatch):
+                        add(self.reprompt(node, "nomatch", count, speech, refused))
             elif isinstance(node, Transfer | Hangup):
                 add(node.prompt)
                 if isinstance(node, Hangup) and staff:
