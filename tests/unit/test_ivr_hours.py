@@ -43,10 +43,12 @@ from voice.ivr.engine import (
 from voice.ivr.flow import (
     ENGINE_OUTCOME_PREFIXES,
     ENGINE_OUTCOMES,
+    SYSTEM_TEXTS,
     FlowError,
     FlowParams,
     Say,
     load_flows,
+    render,
 )
 from voice.ivr.opening_hours import OpeningHours, always_open, parse_week
 from voice.ivr.simulate import main as simulate
@@ -229,13 +231,37 @@ def test_the_desk_closing_during_a_call_is_met_at_the_0(flows: Path) -> None:
     assert plays(actions)[0].startswith("The practice is closed. In an emergency, call 1 1 2.")
 
 
-def test_a_question_given_up_while_closed_ends_with_the_notice(flows: Path) -> None:
-    actions, store = run(
-        Engine(load_flows(flows), params(False)), "t", [":silence", ":silence", ":silence"]
-    )
+OFFER = render(SYSTEM_TEXTS["en"]["message_offer"], {"emergency_number": "1 1 2"})
+
+
+def test_a_question_given_up_while_closed_hears_the_notice_and_a_message_offer(
+    flows: Path,
+) -> None:
+    # Three silences out of hours were the notice and a hang-up; open, staff would have
+    # taken the call (and a message, had they not answered). Now the notice, then the same
+    # message offer: a message kept is a call back, none is out_of_hours as before.
+    engine = Engine(load_flows(flows), params(False))
+    silences = [":silence", ":silence", ":silence"]
+    actions, store = run(engine, "t", silences)
     assert not transfers(actions)
-    assert plays(actions)[-1] == NOTICE
+    assert f"{NOTICE} {OFFER}" in plays(actions)
+    assert store.record.outcome == "message_left"
+    assert "closed" in [s.input for s in store.record.path]
+    _, actions = script_call(engine, "t", silences, recordings=[":silence"])
+    store = next(a for a in actions if isinstance(a, Store))
+    assert plays(actions)[-1].startswith("Sorry, I did not hear a message.")
     assert store.record.outcome == "out_of_hours"
+
+
+def test_the_closed_main_menu_offers_a_message_after_three_silences() -> None:
+    # The walk-through: a caller who says nothing to the closed menu three times was hung
+    # up on after the notice. Now the offer follows it, and the offer is a static prompt.
+    engine = Engine(load_flows(SHIPPED), params(False))
+    actions, store = run(engine, "main_menu", [":silence", ":silence", ":silence"])
+    assert plays(actions)[-2] == f"{NOTICE} {OFFER}"
+    assert store.record.outcome == "message_left"
+    flow = load_flows(SHIPPED).get("main_menu")
+    assert plays(actions)[-2] in flow.static_prompts(params(False))
 
 
 def test_a_staff_transfer_step_while_closed_is_the_notice(flows: Path) -> None:

@@ -93,6 +93,7 @@ from voice.ivr.flow import (
     Webhook,
     load_flows,
     read_values,
+    render,
     successors,
 )
 from voice.ivr.triage import Urgency
@@ -620,7 +621,8 @@ def test_a_caller_who_gives_no_answer_is_ended_and_reaches_a_human(
     flow_id: str, data: st.DataObject
 ) -> None:
     """Silence, or "I don't know", to every question: the call ends in a bounded number of
-    events (no reprompt loop), with a human or the closed notice, never a plain goodbye."""
+    events (no reprompt loop), with a human or the closed notice, never a plain goodbye;
+    closed, after the notice, with the offer of a message for a call back."""
     draw = data.draw
     world = World(open=draw(st.booleans(), label="open"))
     d = _start(flow_id, world, draw(st.booleans(), label="speech"), "urgency")
@@ -648,7 +650,11 @@ def test_a_caller_who_gives_no_answer_is_ended_and_reaches_a_human(
             raise AssertionError(f"stuck at {d.state.node} ({d.state.phase})")
     _check_end(d)
     record = d.stores[0]
-    assert d.transfers or record.outcome == OUT_OF_HOURS_OUTCOME, (record.outcome, record.path)
+    if d.transfers:
+        return
+    assert record.outcome in {OUT_OF_HOURS_OUTCOME, MESSAGE_OUTCOME}, (record.outcome, record.path)
+    offer = render(SYSTEM_TEXTS[lang]["message_offer"], d.engine.params.values(lang))
+    assert any(p.text.endswith(offer) for p in d.plays), "closed, given up: no message offer"
 
 
 def test_the_engines_outcomes_are_the_readmes() -> None:

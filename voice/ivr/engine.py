@@ -473,6 +473,9 @@ UNCONFIRMED_OUTCOME = "transfer_unconfirmed"
 UNANSWERED_OUTCOME = "transfer_unanswered"
 # The desk was closed: the caller was told so, with the out-of-hours and emergency numbers.
 OUT_OF_HOURS_OUTCOME = "out_of_hours"
+# Why a question was given up by its counters (Engine._count): out of hours, the notice
+# and a message offer, not a hang-up.
+GIVEN_UP = frozenset({"noinput limit", "nomatch limit"})
 # The desk was closed and the caller heard none of the closed notice (it failed twice): nobody
 # told them the numbers to call, so someone should call them back.
 OUT_OF_HOURS_UNHEARD_OUTCOME = "out_of_hours_unheard"
@@ -1734,6 +1737,25 @@ class Engine:
             state = self._step(state, "closed")
         text = f"{before} {{closed_notice}}".strip()
         outcome = state.achieved or OUT_OF_HOURS_OUTCOME
+        if why in GIVEN_UP and state.close is Close.OPEN and not _recorded_before(state):
+            # A question given up (silence after silence at the closed menu, a date of birth
+            # refused three times): while open, staff would take the call, and a message if
+            # they did not answer. Closed, the notice, then the same message offer, rather
+            # than a hang-up on a caller who may not manage the keypad at all. Kept, the
+            # call is message_left (the clinic calls back when it opens); not, out_of_hours.
+            text = f"{text} {flow.texts('message_offer')}"
+            state = replace(
+                state,
+                phase=Phase.PLAYING,
+                pending=Pending.MESSAGE,
+                barge_in=False,
+                outcome=outcome,
+                asked=text,
+                prompt_retried=False,
+                typeahead="",
+                digits="",
+            )
+            return state, [*actions, self._play(state, flow, text, barge_in=False)]
         return self._last_words(state, flow, text, actions, outcome=outcome)
 
     # -- helpers
