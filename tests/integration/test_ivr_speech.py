@@ -29,10 +29,12 @@ from tests.peers.ivr_rig import (
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 CALL_S = 60.0
-# The question with its spoken hints lasts about 7.2 s in espeak-ng's Korean voice; the
-# answer starts after it (leading silence), and trailing silence lets the end-pointer close
-# the utterance.
-LEAD_S = 8.5
+# The flow's opening (one question, the emergency number, 0 and *) lasts about 12.6 s in
+# espeak-ng's Korean voice, and nothing hears speech over it; the question after it, with
+# its spoken hints, about 7.2 s. The answer starts after both (leading silence), and
+# trailing silence lets the end-pointer close the utterance.
+INTRO_S = 13.0
+LEAD_S = INTRO_S + 8.5
 TRAIL_S = 1.5
 
 
@@ -134,8 +136,8 @@ async def test_spoken_no_is_not_u1_and_reaches_the_nurse(line: ClinicLine, tmp_p
 async def test_speaking_over_the_question_stops_it_and_is_heard(
     line: ClinicLine, tmp_path: Path
 ) -> None:
-    # "예" 2 s into the 7 s question: speech barge-in.
-    answer = await spoken(tmp_path, "예", "yes-early", lead_s=2.0)
+    # "예" 2 s into the 7 s question (after the opening): speech barge-in.
+    answer = await spoken(tmp_path, "예", "yes-early", lead_s=INTRO_S + 2.0)
     before = await line.call_ids()
     await put_through_to_nurse(line, "--call", line.uri("ko"), "--play", str(answer))
     record = await line.new_record(before)

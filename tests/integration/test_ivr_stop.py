@@ -168,7 +168,8 @@ async def test_a_call_in_progress_may_finish_and_a_new_one_gets_503(
 ) -> None:
     async with line_with(tmp_path, openapi_responses, ivr_prompt_cache, drain_s=30) as line:
         async with phones() as started:
-            # The Korean danger-sign question (about 7 s), answered "no" by key once asked:
+            # The Korean opening (about 13 s) and danger-sign question (about 6 s), answered
+            # "no" by key once asked (the call ends well inside the 30 s drain):
             # then the nurse (one danger sign of five is no finished triage), who answers.
             nurse = await Phone.start(
                 "nurse", "--port", str(line.nurse_port), "--answer", "--duration", "1"

@@ -569,7 +569,20 @@ def test_korean_flow_yes_transfers_to_the_nurse(shipped: FlowSet) -> None:
     store = next(a for a in actions if isinstance(a, Store))
     assert (store.record.urgency, store.record.transfer_target) == (Urgency.U1, NURSE)
     plays = [a for a in actions if isinstance(a, Play)]
-    assert plays[0].language == "ko" and plays[0].text.startswith("숨쉬기가 힘드세요?")
+    assert plays[1].language == "ko" and plays[1].text.startswith("숨쉬기가 힘드세요?")
+
+
+def test_korean_flow_opens_with_the_emergency_number_and_the_keys(shipped: FlowSet) -> None:
+    # The walk-through: the Korean line began at the breathing question, with no emergency
+    # advice and no word of 0 (the nurse) or * (again), which the English triage's opening
+    # tells. Its opening now says them first, in Korean.
+    engine = Engine(shipped, FlowParams(speech_enabled=True))
+    _, actions = engine.start(shipped.get("triage_ko"))
+    (opening,) = [a for a in actions if isinstance(a, Play)]
+    assert opening.language == "ko"
+    assert "응급 상황이면 전화를 끊고 1 1 2번으로 전화하세요." in opening.text
+    assert "간호사와 통화하려면 0번" in opening.text and "별표" in opening.text
+    assert not opening.text.startswith("숨쉬기가 힘드세요?")
 
 
 @pytest.mark.parametrize("open_now", [True, False], ids=["open", "closed"])
