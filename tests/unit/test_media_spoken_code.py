@@ -24,7 +24,7 @@ from verification.channels.voice_call import VoiceCallChannel
 from verification.model import NumberKind, Phone
 from verification.rules import DeliveryKind
 from voice.media import spoken_code
-from voice.media.pcm import Pcm, silence, write_wav
+from voice.media.pcm import Pcm, read_wav, silence, write_wav
 from voice.media.private_folder import PrivateFolder
 from voice.media.tts import TtsError
 
@@ -68,6 +68,42 @@ async def test_every_digit_is_asked_for_whatever_the_code_holds(tmp_path: Path) 
     renderer = SilentRenderer(tmp_path)
     await spoken_code.compose(renderer, "Your code is", "1111", _folder(tmp_path))  # type: ignore[arg-type]
     assert sorted(renderer.asked) == sorted(["Your code is", *"0123456789"])
+
+
+class ToneRenderer(SilentRenderer):
+    """Every text is 0.2 s of a loud constant: the silences between pieces can be measured."""
+
+    async def prerender(
+        self, texts: Sequence[str], *, voice: str = "en", rate_hz: int = 8000
+    ) -> list[Path]:
+        self.asked.extend(texts)
+        path = self._folder / "tone.wav"
+        loud = silence(0.2, rate_hz)
+        for i in range(len(loud)):
+            loud[i] = 8000
+        write_wav(path, Pcm(loud, rate_hz))
+        return [path for _ in texts]
+
+
+async def test_the_digits_are_far_enough_apart_to_be_written_down(tmp_path: Path) -> None:
+    # 0.25 s between digits ran them together for an older listener writing the code down;
+    # each gap is now at least 0.6 s of silence (0.7 s), between the head and the first
+    # digit too.
+    renderer = ToneRenderer(tmp_path)
+    path = await spoken_code.compose(renderer, "Your code is", "481523", _folder(tmp_path))  # type: ignore[arg-type]
+    pcm = read_wav(path)
+    gaps: list[float] = []
+    run, sounded = 0, False
+    for sample in pcm.samples:
+        if sample:
+            if sounded and run:
+                gaps.append(run / pcm.rate_hz)
+            run, sounded = 0, True
+        else:
+            run += 1
+    assert len(gaps) == 6, gaps  # head, then 6 digits
+    assert min(gaps) >= 0.6, gaps
+    assert max(gaps) <= 1.0, gaps  # not so slow that the listener loses the thread
 
 
 async def test_compose_writes_a_private_file(tmp_path: Path) -> None:

@@ -24,7 +24,12 @@ from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 
 DIGITS = "0123456789"
-DIGIT_GAP_S = 0.25
+# Silence between two digits of the code: time to write one down before the next. 0.25 s
+# ran the digits together for an older listener ("4, 8, 1" as one word); 0.7 s is about a
+# spoken comma and a half. A reading of 8 digits is then about 14 s (espeak-ng's English,
+# its pause and tail included), well inside PLAY_TIMEOUT_S, and a voice step that reads
+# twice after ringing 45 s and asking for 1 twice fits CLINIC_STEP_TIMEOUT_VOICE_S's 120.
+DIGIT_GAP_S = 0.7
 REPEAT_GAP_S = 1.0
 TAIL_S = 0.3
 
