@@ -13,16 +13,16 @@ from voice.ivr.flow import FlowParams, load_flows
 from voice.ivr.simulate import script_call
 
 SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
-REPEAT = "star to hear a question again"
+REPEAT = "to hear a question again, press star"
 
 
 @pytest.mark.parametrize(
     ("flow_id", "open_now", "human"),
     [
-        ("main_menu", True, "press 0 at any time to speak to a member of staff"),
+        ("main_menu", True, "to speak to a member of staff at any time, press 0"),
         ("main_menu", False, None),  # closed: no desk to offer, but * still works
-        ("triage", True, "press 0 at any time to speak to a nurse"),
-        ("triage", False, "press 0 at any time to speak to a nurse"),  # the nurse, not the desk
+        ("triage", True, "to speak to a nurse at any time, press 0"),
+        ("triage", False, "to speak to a nurse at any time, press 0"),  # the nurse, not the desk
     ],
 )
 def test_the_keys_that_work_everywhere_are_told_before_the_first_choice(

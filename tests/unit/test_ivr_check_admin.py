@@ -54,7 +54,7 @@ TODAY = '  today:\n    hangup: "Please see a doctor today."\n    outcome: same_d
 
 
 CASES: dict[str, tuple[dict[str, str], list[str]]] = {
-    # The caller hears "press 1 for yes, press 2 for no" and no question: a "no" to a danger
+    # The caller hears "for yes, press 1, for no, press 2" and no question: a "no" to a danger
     # sign never asked would end the call.
     "empty prompt": (
         {"prompt": '""'},
@@ -646,7 +646,7 @@ def test_a_branch_case_for_a_value_not_collected_yet(tmp_path: Path) -> None:
     engine = Engine(flowset, FlowParams())
     _, actions = engine.start(flowset.get("front"))
     assert [a.text for a in actions if isinstance(a, Play)] == [
-        "Your choice? Press 1 for one. Press 2 for two."
+        "Your choice? For one, press 1. For two, press 2."
     ]
 
 

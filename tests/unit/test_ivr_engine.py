@@ -454,13 +454,13 @@ nodes:
 
 
 def test_a_webhook_field_spoken_in_a_choice_label_is_kept(tmp_path: Path) -> None:
-    # The hint "Press 1 for {offer.first}" is spoken (Flow.ask_prompt): a read, as a prompt's
-    # placeholder is. Left out, the caller heard "Press 1 for ." with a clean flow check.
+    # The hint "For {offer.first}, press 1" is spoken (Flow.ask_prompt): a read, as a prompt's
+    # placeholder is. Left out, the caller heard "For , press 1." with a clean flow check.
     (tmp_path / "t.yaml").write_text(OFFER_FLOW, encoding="utf-8")
     engine = Engine(load_flows(tmp_path), FlowParams())
     _, actions = script_call(engine, "t", ["1"], webhook_data={"first": "Monday at nine"})
     said = [a.text for a in actions if isinstance(a, Play)]
-    assert said[0] == "The first free time is: Press 1 for Monday at nine."
+    assert said[0] == "The first free time is: For Monday at nine, press 1."
 
 
 def test_an_over_long_webhook_field_is_left_out_and_counted(
@@ -521,11 +521,13 @@ def test_after_the_end_nothing_happens(engine: Engine) -> None:
 # -- shipped flows ----------------------------------------------------------------------------
 
 
-def test_keypad_only_prompts_say_press_1_for_yes(shipped: FlowSet) -> None:
+def test_keypad_only_prompts_name_the_answer_before_its_key(shipped: FlowSet) -> None:
+    # "For yes, press 1": the listener knows what the key is for before the number to
+    # remember (it was "Press 1 for yes": the key first, its meaning after).
     engine = Engine(shipped, FlowParams(speech_enabled=False))
     state, actions = script_call(engine, "triage", ["1"])
     assert state.node == "breathing"
-    assert texts(actions)[-1].endswith("Press 1 for yes. Press 2 for no.")
+    assert texts(actions)[-1].endswith("For yes, press 1. For no, press 2.")
     listen = actions[-1]
     assert isinstance(listen, Listen) and not listen.speech and listen.phrases == ()
 
@@ -890,7 +892,7 @@ def test_keys_typed_before_a_danger_sign_do_not_answer_it(tmp_path: Path) -> Non
     assert state.typeahead == "2"
     state, actions = engine.handle(state, PromptDone())
     assert (state.node, state.phase, state.typeahead) == ("breathing", Phase.PLAYING, "")
-    assert texts(actions) == ["Trouble breathing? Press 1 for yes. Press 2 for no."]
+    assert texts(actions) == ["Trouble breathing? For yes, press 1. For no, press 2."]
     assert any(s.input == "typeahead_dropped" and s.value == "2" for s in state.path)
 
 
@@ -912,7 +914,7 @@ def test_zero_during_a_danger_sign_prompt_still_reaches_a_human(shipped: FlowSet
 
 
 def test_a_yes_pressed_while_a_danger_sign_plays_is_taken(shipped: FlowSet) -> None:
-    # "... Press 1 for yes." and the caller presses 1 before the prompt has ended.
+    # "... For yes, press 1." and the caller presses 1 before the prompt has ended.
     engine = Engine(shipped, FlowParams())
     state, actions = engine.handle(_breathing_asked_again(engine), Digit("1"))
     assert isinstance(actions[0], StopPlay) and state.node == "emergency"

@@ -59,7 +59,7 @@ def test_static_prompts_resolve_parameters_and_follow_the_mode() -> None:
         "Is there serious difficulty breathing, such as gasping, or being unable to speak "
         "in full sentences?"
     )
-    assert f"{breathing} Press 1 for yes. Press 2 for no." in keypad
+    assert f"{breathing} For yes, press 1. For no, press 2." in keypad
     assert f"{breathing} Say yes or press 1. Say no or press 2." in speech
     assert "Connecting you to a nurse." in keypad
 

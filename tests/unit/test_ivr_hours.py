@@ -156,7 +156,7 @@ def test_a_0_while_closed_tells_the_notice_and_asks_again(flows: Path) -> None:
     state, actions = engine.handle(state, Digit("0"))
     assert not transfers(actions)
     assert plays(actions) == [
-        f"{NOTICE} Pick one. Press 1 for the desk. Press 2 for triage. Press 3 for goodbye."
+        f"{NOTICE} Pick one. For the desk, press 1. For triage, press 2. For goodbye, press 3."
     ]
     assert (state.phase, state.pending, state.node) == (Phase.PLAYING, Pending.LISTEN, "menu")
     assert [s.input for s in state.path[-2:]] == ["digit", "closed"]
@@ -780,8 +780,8 @@ def test_check_walks_on_closed_as_closed(flows: Path) -> None:
 # -- asked again after closing time: a reprompt or a * at a question with on_closed -------------
 
 MENU_CLOSED = (
-    "You can still leave a request. How can I help you? At any time, press star to hear a "
-    "question again. Press 1 for an appointment request."
+    "You can still leave a request. How can I help you? At any time, to hear a question "
+    "again, press star. For an appointment request, press 1."
 )
 
 

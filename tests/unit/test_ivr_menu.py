@@ -40,10 +40,10 @@ HOURS = OpeningHours(parse_week("mon-fri 08:00-17:00"), ZONE)
 # Monday 5 January 2026, 16:59 in Amsterdam: open for one more minute.
 MONDAY_1659 = datetime.datetime(2026, 1, 5, 16, 59, tzinfo=ZONE).timestamp()
 MENU_PROMPT = (
-    "How can I help you? You can press 0 at any time to speak to a member of staff, or star "
-    "to hear a question again. Press 1 "
-    "for appointments. Press 2 for a prescription renewal. Press 3 for test results. Press 4 "
-    "for advice on whether you need to see a doctor."
+    "How can I help you? To speak to a member of staff at any time, press 0. To hear a "
+    "question again, press star. For appointments, press 1. For a prescription renewal, "
+    "press 2. For test results, press 3. For advice on whether you need to see a doctor, "
+    "press 4."
 )
 CLOSED_MENU_PROMPT = "You can still leave a request. How can I help you?"
 
@@ -108,7 +108,7 @@ def test_the_way_back_is_announced_at_each_first_question(clock: FakeClock) -> N
         ("1", "To cancel an appointment, press 3. For the main menu, press 9."),
         ("2", "then press hash. For the main menu, press 9 then hash."),
         ("3", "then press hash. For the main menu, press 9 then hash."),
-        ("4", "Press 3 for someone else. Press 9 for the main menu."),
+        ("4", "For someone else, press 3. For the main menu, press 9."),
     ]:
         _, actions = script_call(engine, "main_menu", [key])
         assert plays(actions)[-1].endswith(said), plays(actions)[-1]

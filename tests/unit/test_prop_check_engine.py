@@ -12,7 +12,7 @@ closed, and requires what ``serve`` counts on once a flow passes:
   meant a question, a goodbye or "connecting you", on one of the two kinds of line;
 * every question is asked: what the engine says for an ask on either kind of line holds
   the question it picks there (its ``prompt``, or its ``keypad_prompt`` where no speech is
-  heard), never the generated hints alone ("press 1 for yes" and no question).
+  heard), never the generated hints alone ("for yes, press 1" and no question).
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def test_keys_typed_before_an_urgent_question_are_dropped_its_yes_too(
     state, actions = eng.handle(state, engine.PromptDone())
     assert (state.node, state.phase, state.typeahead) == ("rest", engine.Phase.PLAYING, "")
     assert [a.text for a in actions if isinstance(a, engine.Play)] == [
-        "Short of breath at rest? Press 1 for yes. Press 2 for no."
+        "Short of breath at rest? For yes, press 1. For no, press 2."
     ]
     assert state.triage is None
     assert [(s.input, s.value) for s in state.path][-1] == ("typeahead_dropped", key)

@@ -299,7 +299,9 @@ SYSTEM_TEXTS: dict[str, dict[str, str]] = {
         "later.",
         "record_silent": "Sorry, I did not hear a message.",
         "record_failed": "Sorry, your message could not be saved.",
-        "key_hint": "Press {key} for {label}.",
+        # Label first, as is common practice: the listener knows what a key is for before
+        # the number to remember ("For yes, press 1", not "Press 1 for yes").
+        "key_hint": "For {label}, press {key}.",
         "speech_hint": "Say {label} or press {key}.",
         # A choice of a keypad entry (its key is the whole entry, ended by the hash).
         "entry_key_hint": "For {label}, press {key} then hash.",
@@ -739,7 +741,7 @@ def node_texts(node: Node) -> list[str]:
     """The texts ``node`` holds that may name ``{placeholders}`` (a webhook's ``extra`` aside).
 
     An ask's choice labels are among them: :meth:`Flow.ask_prompt` speaks each in its hint
-    ("press 1 for {offer.first}"), and the prompt is rendered whole.
+    ("for {offer.first}, press 1"), and the prompt is rendered whole.
     """
     if isinstance(node, Say):
         return [node.text]
@@ -802,7 +804,7 @@ class Flow:
         """The full prompt of ``ask``: question plus a generated hint from choice labels.
 
         Without speech (no model, or an ask that hears none: :func:`hears_speech`) the hint
-        says "press 1 for yes", and a ``keypad_prompt`` is said instead of the whole; with
+        says "for yes, press 1", and a ``keypad_prompt`` is said instead of the whole; with
         speech it says "say yes or press 1". A keypad entry hears no speech whatever the
         line: its ``keypad_prompt`` is said on a line with a speech model too (it was the
         empty ``prompt`` of an entry written with a keypad prompt only: no question).
@@ -1404,7 +1406,7 @@ class _Parser:
         if a.get("prompt") is not None:
             prompt = self.text(a, "prompt")
         elif a.get("keypad_prompt") is None:  # left out, or "prompt:" with nothing after it
-            # As an empty one (below): "press 1 for yes ..." and no question.
+            # As an empty one (below): "for yes, press 1 ..." and no question.
             self.error(a.line_of("prompt"), f"ask {node_id!r} has no 'prompt': write the question")
         elif mode is not InputMode.KEYPAD and digits is None:
             # Flow.ask_prompt: the keypad prompt is said only where no speech is heard; on a
@@ -1419,7 +1421,7 @@ class _Parser:
             )
         for key in ("prompt", "keypad_prompt"):
             if isinstance(a.get(key), str) and not a[key].strip():
-                # The caller would hear only "press 1 for yes ..." (or nothing) and answer a
+                # The caller would hear only "for yes, press 1 ..." (or nothing) and answer a
                 # question never asked: a danger sign's "no" would be taken as said.
                 self.error(
                     a.line_of(key), f"ask {node_id!r} has an empty {key!r}: write the question"
