@@ -4,7 +4,7 @@ One sipp UAS (``tests/peers/sipp_uas_hold.xml``) takes several calls at once, ea
 by its own line: it answers, presses 1 with an in-dialog INFO (application/dtmf-relay), sends
 an in-dialog OPTIONS, then re-INVITEs: on hold in each of the three ways phones do it, or
 with an offer of no codec of ours, and later off hold again. The calls run side by side so
-the test takes one call's time (about 30 s): a reading of the code is about 10 s.
+the test takes one call's time (about 35 s): a reading of the code is about 12 s.
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ class Far:
         return 1.0 + self.hold_at_s + self.hold_s
 
 
-# 1 is pressed (INFO) 1 s after the answer: the first reading runs from about 1 s to 11 s,
-# the repeat to 21 s.
+# 1 is pressed (INFO) 1 s after the answer: the first reading runs from about 1 s to 13 s
+# (11.8 s, 0.7 s between digits), the repeat to 25 s.
 DURING_FIRST = 5.0  # on hold at 6 s, 5 s into the first reading; back at 7 s
 FARS = [
     Far("sendonly", "+31612345671", DURING_FIRST, 1.0),
     Far("inactive", "+31612345672", DURING_FIRST, 1.0, direction="inactive"),
     Far("c=0.0.0.0", "+31612345673", DURING_FIRST, 1.0, c="IN IP4 0.0.0.0", direction="sendrecv"),
-    Far("repeat", "+31612345674", 12.0, 1.0),  # on hold at 13 s, 2 s into the repeat
+    Far("repeat", "+31612345674", 14.0, 1.0),  # on hold at 15 s, 2 s into the repeat
     Far(
         "G729 only",
         "+31612345675",
