@@ -1156,6 +1156,8 @@ def test_a_date_of_birth_cut_short_by_a_pause_is_told_as_incomplete(shipped: Flo
         "Sorry, that entry was not complete. It needs at least 4 digits. "
         "Please enter the patient number, then press hash."
     )
+    # Rendered at start-up with the other prompts, not while the caller waits.
+    assert texts(actions)[-1] in shipped.get("results").static_prompts(FlowParams())
 
 
 def test_a_ninth_digit_of_a_date_is_refused_not_typed_into_the_patient_number(
