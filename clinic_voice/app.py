@@ -66,12 +66,14 @@ from verification.request import MAX_BODY
 from verification.rules import DeliveryKind
 from verification.store import VerificationStore
 from verification.webhooks import WebhookSender
+from voice.ivr import voicemail_callers
 from voice.ivr.api import CallsApi
 from voice.ivr.erasure import CallErasure
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
 from voice.ivr.journal import CallJournal, RecordsOnDisk
 from voice.ivr.store import COMPACT_ASKED, CallStore
 from voice.ivr.voicemail import Voicemails
+from voice.ivr.voicemail_callers import CallerCounts
 from voice.media.tts import PromptRenderer
 from voice.sip.flash_uac import FlashUac
 from voice.sip.pool import SipPool
@@ -107,6 +109,8 @@ class Runtime:
     flash_uac: FlashUac | None = None  # flash calls over UDP (the pool places them otherwise)
     call_store: CallStore | None = None
     voicemails: Voicemails | None = None
+    # each number's voicemail messages of the last 24 hours, shared by every serve on Redis
+    voicemail_callers: CallerCounts | None = None
     call_erasure: CallErasure | None = None
     # The call records waiting on disk, counted by this process's journals (serve's clinic
     # line keeps it current; an HTTP worker learns serve's count: MainLink.calls_on_disk).
@@ -497,6 +501,7 @@ def build_app(
             clock=rt.clock,
         )
         rt.voicemails = Voicemails(settings.data_dir / "voicemail", rt.call_store)
+        rt.voicemail_callers = CallerCounts(mux, voicemail_callers.digest_key(rt.secret), rt.clock)
         # Its own view of the journal's folders (the clinic line replays them): an HTTP
         # worker erases too, and shares the data dir.
         journal = CallJournal(

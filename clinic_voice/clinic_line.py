@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import json
 import logging
-import re
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from voice.ivr.journal import REPLAY_EVERY_S, CallJournal, RecordsOnDisk
 from voice.ivr.session import CallSession, SessionDeps
 from voice.ivr.store import CallStoreUnavailable
 from voice.ivr.voicemail_budget import MB, Budget, Refusal, VoicemailBudget, sealed_size
+from voice.ivr.voicemail_callers import CallerCounts, CallerCountsUnavailable
 from voice.ivr.webhook import in_clear, reply_values, unconfigured
 from voice.media.asr import AsrError, SpeechModel, model_folder_fault, read_model_folder
 from voice.media.model_probe import PROOF_FILE, prove_model
@@ -36,6 +34,8 @@ from voice.sip.pool import CallHandle
 log = logging.getLogger(__name__)
 
 VOICEMAIL_SWEEP_S = 3600.0
+# At a stop: the Redis link gives up on a command after 2 s.
+GIVE_BACK_WAIT_S = 3.0
 # At a stop, after CLINIC_CALL_DRAIN_S: a step under way (a booking request, a message's
 # save), the closing notice (9 s in English, 13 s in Korean) and the call's end, at most; the
 # SIP workers then hang up whatever is left.
@@ -154,9 +154,11 @@ class ClinicLine:
             ivr.voicemail_min_free_bytes, ivr.voicemail_max_bytes, ivr.voicemail_per_caller_day
         )
         self._budget = VoicemailBudget(budget, rt.clock)
-        # The budget names callers by a keyed digest: no number held in clear in memory. The
-        # key is this process's (the counts are too).
-        self._caller_key = secrets.token_bytes(32)
+        # The place each message being recorded took in its number's count (Redis), by call
+        # id: given back when the message is not kept.
+        self._places: dict[str, tuple[str, str]] = {}
+        self._counts_down = False  # Redis did not answer the last count (logged once)
+        self._giving_back: set[asyncio.Task[None]] = set()
         # A flow's webhook step names a URL key: the setting that gives its URL, and the URL
         # ("" when not set).
         self._webhooks = {
@@ -302,7 +304,7 @@ class ClinicLine:
             post_webhook=self._post_webhook,
             save_recording=self._save_recording,
             admit_message=self._admit_message,
-            message_done=self._budget.release,
+            message_done=self._message_done,
             save=self._save,
             keep=self._keep,
             clock=self._rt.clock,
@@ -386,10 +388,14 @@ class ClinicLine:
 
     async def stop(self) -> None:
         """Stop the background prompt rendering (if still going), the voicemail sweep, the
-        journal's replay and a drain still going on."""
+        journal's replay and a drain still going on. The places of messages not kept are
+        given back first (each within the Redis link's 2 s timeout)."""
+        if self._giving_back:
+            await asyncio.wait(set(self._giving_back), timeout=GIVE_BACK_WAIT_S)
         tasks = [
             t for t in (self._prerender, self._sweep, self._replay, self._closing) if t is not None
         ]
+        tasks.extend(self._giving_back)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -583,14 +589,17 @@ class ClinicLine:
         # its messages: a stat per file on a file system gone (NFS) never returns, and would
         # hold the caller in silence, and a thread of the loop's executor, for good.
         used = 0 if free is None else await self._rt.need_voicemails().used_bytes()
-        # A caller with no digit in its number withheld it ("anonymous", RFC 3323; "", an
-        # "unknown" or "restricted" of a carrier): no number to count it under ("").
-        name = (
-            hashlib.blake2b(caller.encode(), key=self._caller_key, digest_size=16).hexdigest()
-            if re.search("[0-9]", caller)
-            else ""
+        counts = self._rt.voicemail_callers
+        name = "" if counts is None else counts.name(caller)
+        count, place = await self._take_place(call_id, name)
+        decision = self._budget.admit(
+            call_id, name, max_s, free=free, used=used, caller_count=count
         )
-        decision = self._budget.admit(call_id, name, max_s, free=free, used=used)
+        if place is not None:
+            if decision.refusal is None:
+                self._places[call_id] = (name, place)
+            else:  # refused for the disk or the cap after all: the place is not used
+                self._give_back(name, place)
         refusal = decision.refusal
         budget = self._budget.budget
         if decision.changed:
@@ -626,6 +635,58 @@ class ClinicLine:
             return ""
         self._rt.metrics.voicemail_refused.inc(reason=refusal.value)
         return refusal.value
+
+    async def _take_place(self, call_id: str, name: str) -> tuple[int, str | None]:
+        """The messages of the number ``name`` in the last 24 hours (in Redis, shared by
+        every serve on it), and the place this message took when there was room (None:
+        none). No number, or no limit: nothing counted. Redis down: the limit is not
+        applied until it answers again (logged once): a patient's message is refused for
+        the disk or the cap only, never because the count cannot be read; those hold."""
+        limit = self._budget.budget.per_caller_day
+        counts = self._rt.voicemail_callers
+        if not name or not limit or counts is None:
+            return 0, None
+        try:
+            count, place = await counts.take(name, limit)
+        except CallerCountsUnavailable as exc:
+            if not self._counts_down:
+                log.warning(
+                    "call %s: voicemail: Redis unavailable (%s): CLINIC_VOICEMAIL_PER_CALLER_DAY "
+                    "is not applied until it answers again",
+                    call_id,
+                    exc,
+                )
+            self._counts_down = True
+            return 0, None
+        if self._counts_down:
+            log.warning(
+                "call %s: voicemail: CLINIC_VOICEMAIL_PER_CALLER_DAY applies again", call_id
+            )
+            self._counts_down = False
+        return count, place
+
+    def _message_done(self, call_id: str, kept: bool) -> None:
+        """The message of ``call_id`` ended: its reservation goes, and, not kept, its place
+        in its number's count (in the background: the session's end does not wait on
+        Redis)."""
+        self._budget.release(call_id)
+        taken = self._places.pop(call_id, None)
+        if taken is not None and not kept:
+            self._give_back(*taken)
+
+    def _give_back(self, name: str, place: str) -> None:
+        counts = self._rt.voicemail_callers
+        assert counts is not None
+        task = asyncio.create_task(self._giving_back_one(counts, name, place))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    @staticmethod
+    async def _giving_back_one(counts: CallerCounts, name: str, place: str) -> None:
+        try:
+            await counts.give_back(name, place)
+        except CallerCountsUnavailable as exc:  # it counts until its 24 hours end
+            log.debug("voicemail: a place not used not given back: Redis unavailable: %s", exc)
 
     async def _sweep_voicemail(self) -> None:
         """Delete messages past their call's retention (from its start, as its record's): at

@@ -432,8 +432,9 @@ VARIABLES: tuple[Variable, ...] = (
         "5",
         "messages one calling number may leave in 24 hours (0..1000; 0: no limit); callers "
         "that withhold their number (no digit in it: anonymous) are not counted, as nothing "
-        "tells them apart (CLINIC_VOICEMAIL_MAX_MB holds them); counted by each `serve` since "
-        "its start",
+        "tells them apart (CLINIC_VOICEMAIL_MAX_MB holds them); counted in Redis, by every "
+        "`serve` on it together, across restarts (under a keyed digest of the number, never "
+        "the number); not applied while Redis is down",
     ),
     Variable(
         "CLINIC_CALL_DRAIN_S",

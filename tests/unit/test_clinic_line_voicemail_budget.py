@@ -58,35 +58,3 @@ async def test_a_data_dir_that_does_not_answer_is_refused_without_the_scan(
         pytest.fail(f"the admission waited on the messages' scan ({disk.scans} begun)")
     assert (refused, disk.scans) == ("disk_low", 0)
     assert "free: unreadable" in caplog.text
-
-
-class EmptyFolder:
-    """Voicemails that hold no message yet."""
-
-    async def used_bytes(self) -> int:
-        return 0
-
-
-async def test_callers_who_withhold_their_number_do_not_share_one_count(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Before, "anonymous" (RFC 3323) was one number: its first message of the day left
-    every other caller who withholds theirs with none (CLINIC_VOICEMAIL_PER_CALLER_DAY=1)."""
-    settings = Settings.from_env(
-        {"CLINIC_DATA_DIR": str(tmp_path), "CLINIC_VOICEMAIL_PER_CALLER_DAY": "1"}
-    )
-    rt = Runtime(settings=settings, clock=FakeClock(), metrics=Metrics())
-    rt.voicemails = cast(Voicemails, EmptyFolder())
-
-    async def plenty(path: Path) -> int | None:
-        return 1 << 40
-
-    monkeypatch.setattr(clinic_line, "read_free_bytes", plenty)
-    line = ClinicLine(settings, rt, FlowSet(flows={}))
-    for call_id, caller in (("in-1", "anonymous"), ("in-2", "anonymous"), ("in-3", "")):
-        assert await line._admit_message(call_id, caller, 60) == "", call_id
-        line._budget.release(call_id, True)
-    # A number is still held to its count.
-    assert await line._admit_message("in-4", "+31612345678", 60) == ""
-    line._budget.release("in-4", True)
-    assert await line._admit_message("in-5", "+31612345678", 60) == "caller_limit"

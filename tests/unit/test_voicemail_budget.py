@@ -65,7 +65,7 @@ def test_messages_being_recorded_count_at_their_longest() -> None:
     assert budget.admit("a", "x", 60, free=PLENTY, used=0).refusal is None
     assert budget.admit("b", "y", 60, free=PLENTY, used=0).refusal is None
     assert budget.admit("c", "z", 60, free=PLENTY, used=0).refusal is Refusal.FULL
-    budget.release("a", kept=False)  # not saved: its room is free again
+    budget.release("a")  # not saved: its room is free again
     assert budget.admit("c", "z", 60, free=PLENTY, used=0).refusal is None
     assert budget.reserved_bytes == 2 * NEED
 
@@ -84,62 +84,28 @@ def test_messages_being_recorded_take_from_the_disk_floor_too() -> None:
     free = 10 * MB + NEED  # room for one message above the floor
     assert budget.admit("a", "x", 60, free=free, used=0).refusal is None
     assert budget.admit("b", "y", 60, free=free, used=0).refusal is Refusal.DISK_LOW
-    budget.release("a", kept=False)
+    budget.release("a")
     assert budget.admit("b", "y", 60, free=free, used=0).refusal is None
 
 
-def test_a_number_leaves_per_caller_day_messages_in_any_24_hours() -> None:
+def test_a_number_at_its_count_is_refused_and_told_once_a_day() -> None:
+    """The count comes from outside (Redis: every serve's messages, tests/integration/
+    test_voicemail_callers.py); the budget refuses at it and tells each number once in 24 h."""
     clock = FakeClock()
     budget = VoicemailBudget(BUDGET, clock)
-    for call in ("a", "b"):
-        assert budget.admit(call, "x", 60, free=PLENTY, used=0).refusal is None
-        budget.release(call, kept=True)
-        clock.advance(3600)
-    refused = budget.admit("c", "x", 60, free=PLENTY, used=0)
+    assert budget.admit("a", "x", 60, free=PLENTY, used=0, caller_count=1).refusal is None
+    refused = budget.admit("b", "x", 60, free=PLENTY, used=0, caller_count=2)
     assert refused.refusal is Refusal.CALLER_LIMIT
     assert refused.first_for_caller and not refused.changed
+    assert budget.reserved_bytes == NEED  # a refusal reserves nothing
     # Told once per number, not per call; another number is not refused.
-    assert not budget.admit("d", "x", 60, free=PLENTY, used=0).first_for_caller
-    assert budget.admit("e", "y", 60, free=PLENTY, used=0).refusal is None
-    # A second before 24 h after its first message, none; at 24 h, one more.
-    clock.advance(DAY_S - 2 * 3600 - 1)
-    assert budget.admit("f", "x", 60, free=PLENTY, used=0).refusal is Refusal.CALLER_LIMIT
+    assert not budget.admit("c", "x", 60, free=PLENTY, used=0, caller_count=2).first_for_caller
+    assert budget.admit("d", "y", 60, free=PLENTY, used=0, caller_count=0).refusal is None
+    # Told again once 24 hours have gone since it was told.
+    clock.advance(DAY_S - 1)
+    assert not budget.admit("e", "x", 60, free=PLENTY, used=0, caller_count=5).first_for_caller
     clock.advance(1)
-    assert budget.admit("g", "x", 60, free=PLENTY, used=0).refusal is None
-    assert budget.admit("h", "x", 60, free=PLENTY, used=0).refusal is Refusal.CALLER_LIMIT
-
-
-def test_a_message_not_kept_does_not_count_for_its_caller() -> None:
-    """Silence, or a save that failed: the caller may try again."""
-    budget = VoicemailBudget(BUDGET, FakeClock())
-    for call in ("a", "b", "c"):
-        assert budget.admit(call, "x", 60, free=PLENTY, used=0).refusal is None
-        budget.release(call, kept=False)
-    assert budget.count("x") == 0
-
-
-def test_messages_being_recorded_count_for_their_caller() -> None:
-    """One number on many lines at once is held to its count too."""
-    budget = VoicemailBudget(BUDGET, FakeClock())
-    assert budget.admit("a", "x", 60, free=PLENTY, used=0).refusal is None
-    assert budget.admit("b", "x", 60, free=PLENTY, used=0).refusal is None
-    assert budget.admit("c", "x", 60, free=PLENTY, used=0).refusal is Refusal.CALLER_LIMIT
-
-
-def test_a_number_refused_on_its_messages_being_recorded_is_told_of_again_later() -> None:
-    """Refused while its only other message was being recorded, then not kept: the number
-    has no 24 hours whose end forgets the warning; before, its refusals days later were never
-    told again (and each such number stayed in memory for good)."""
-    clock = FakeClock()
-    budget = VoicemailBudget(Budget(0, PLENTY, 1), clock)
-    assert budget.admit("a", "x", 60, free=PLENTY, used=0).refusal is None
-    assert budget.admit("b", "x", 60, free=PLENTY, used=0).first_for_caller
-    budget.release("a", kept=False)
-    clock.advance(2 * DAY_S)
-    assert budget.admit("c", "x", 60, free=PLENTY, used=0).refusal is None
-    budget.release("c", kept=True)
-    refused = budget.admit("d", "x", 60, free=PLENTY, used=0)
-    assert refused.refusal is Refusal.CALLER_LIMIT and refused.first_for_caller
+    assert budget.admit("f", "x", 60, free=PLENTY, used=0, caller_count=5).first_for_caller
 
 
 def test_callers_with_no_number_are_not_held_to_one_shared_count() -> None:
@@ -147,33 +113,30 @@ def test_callers_with_no_number_are_not_held_to_one_shared_count() -> None:
     handful of them in a day (or one abuser) refused all others their message for 24 h.
     The cap still holds them."""
     budget = VoicemailBudget(Budget(0, 3 * NEED, 1), FakeClock())
-    for call in ("a", "b"):
-        assert budget.admit(call, "", 60, free=PLENTY, used=0).refusal is None
-        budget.release(call, kept=True)
-    assert budget.admit("c", "", 60, free=PLENTY, used=2 * NEED).refusal is None
+    assert budget.admit("c", "", 60, free=PLENTY, used=2 * NEED, caller_count=9).refusal is None
     assert budget.admit("d", "", 60, free=PLENTY, used=2 * NEED).refusal is Refusal.FULL
     # A number is still held to its count.
-    assert budget.admit("e", "x", 60, free=PLENTY, used=0).refusal is None
-    budget.release("e", kept=True)
-    assert budget.admit("f", "x", 60, free=PLENTY, used=0).refusal is Refusal.CALLER_LIMIT
+    assert budget.admit("f", "x", 60, free=PLENTY, used=0, caller_count=1).refusal is (
+        Refusal.CALLER_LIMIT
+    )
 
 
 def test_the_line_state_changes_are_reported_once_each() -> None:
     budget = VoicemailBudget(Budget(10 * MB, 20 * MB, 1), FakeClock())
     seen: list[tuple[Refusal | None, bool]] = []
-    for free, used, caller in [
-        (PLENTY, 0, "a"),  # taken: the state it starts in, no change
-        (0, 0, "b"),  # disk low: a change
-        (0, 0, "c"),  # still: none
-        (PLENTY, 20 * MB, "d"),  # full: a change
-        (PLENTY, 20 * MB, "e"),
-        (PLENTY, 0, "f"),  # taken again: a change
-        (PLENTY, 0, "f"),  # f's limit: no change of the line's state
-        (PLENTY, 0, "g"),
+    for free, used, caller, count in [
+        (PLENTY, 0, "a", 0),  # taken: the state it starts in, no change
+        (0, 0, "b", 0),  # disk low: a change
+        (0, 0, "c", 0),  # still: none
+        (PLENTY, 20 * MB, "d", 0),  # full: a change
+        (PLENTY, 20 * MB, "e", 0),
+        (PLENTY, 0, "f", 0),  # taken again: a change
+        (PLENTY, 0, "f", 1),  # f's limit: no change of the line's state
+        (PLENTY, 0, "g", 0),
     ]:
-        d = budget.admit(caller + str(len(seen)), caller, 60, free=free, used=used)
-        if d.refusal is None:
-            budget.release(caller + str(len(seen)), kept=True)
+        call_id = caller + str(len(seen))
+        d = budget.admit(call_id, caller, 60, free=free, used=used, caller_count=count)
+        budget.release(call_id)
         seen.append((d.refusal, d.changed))
     assert seen == [
         (None, False),
@@ -187,16 +150,22 @@ def test_the_line_state_changes_are_reported_once_each() -> None:
     ]
 
 
-def test_the_callers_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_callers_told_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CALLERS_REMEMBERED, the number told longest ago is forgotten (told again)."""
     monkeypatch.setattr(vb, "CALLERS_REMEMBERED", 3)
     budget = VoicemailBudget(Budget(0, PLENTY, 1), FakeClock())
     for n in range(5):
-        budget.admit(str(n), f"caller{n}", 1, free=PLENTY, used=0)
-        budget.release(str(n), kept=True)
-    assert [budget.count(f"caller{n}") for n in range(5)] == [0, 0, 1, 1, 1]
+        assert budget.admit(
+            str(n), f"c{n}", 1, free=PLENTY, used=0, caller_count=1
+        ).first_for_caller
+    told = [
+        budget.admit(f"again{n}", f"c{n}", 1, free=PLENTY, used=0, caller_count=1).first_for_caller
+        for n in (4, 3, 2, 0)
+    ]
+    assert told == [False, False, False, True]
 
 
 def test_a_release_of_a_call_never_admitted_is_nothing() -> None:
     budget = VoicemailBudget(BUDGET, FakeClock())
-    budget.release("never", kept=True)
-    assert budget.reserved_bytes == 0 and budget.count("") == 0
+    budget.release("never")
+    assert budget.reserved_bytes == 0

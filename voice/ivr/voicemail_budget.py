@@ -17,7 +17,6 @@ fits. A refused caller is put through to a human as for a message that could not
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -30,8 +29,8 @@ DAY_S = 86400.0
 # around it; 43 000 keeps a margin. The nonce, tag and JSON add well under FILE_OVERHEAD.
 SEALED_BYTES_PER_S = 43_000
 FILE_OVERHEAD = 4096
-# The callers remembered at most (24 h of calls from distinct numbers on a busy line is a few
-# thousand): past it the oldest is forgotten, so memory stays bounded whatever dials in.
+# The numbers whose refusal was told remembered at most: past it the oldest is forgotten
+# (told again at its next refusal), so memory stays bounded whatever dials in.
 CALLERS_REMEMBERED = 100_000
 
 
@@ -92,42 +91,46 @@ class _Reservation:
 
 
 class VoicemailBudget:
-    """The budget's state: messages being recorded (reserved at their longest), each
-    number's messages in the last 24 hours, and the line-wide state last found.
+    """The budget's state: messages being recorded (reserved at their longest), the numbers
+    whose refusal was told, and the line-wide state last found.
 
     ``caller`` is whatever names the calling number (the service passes a keyed digest,
     never the number); "" names no number (withheld): such callers are not held to
     ``per_caller_day``, since nothing tells one of them from another, and one shared count
     let a handful of them (or one abuser) refuse every other for 24 hours; the byte cap and
     the disk floor hold them as any caller.
-    Counts are this process's, since it started: a restart forgets them (the byte cap and
-    the disk floor still hold, read from the disk).
+    Each number's messages of the last 24 hours are counted outside (in Redis, by every
+    ``serve`` on it: voice/ivr/voicemail_callers.py) and given to :meth:`admit`: a count
+    kept here was this process's alone, so N ``serve`` processes allowed N times the limit,
+    and a restart forgot it.
     """
 
     def __init__(self, budget: Budget, clock: Clock) -> None:
         self.budget = budget
         self._clock = clock
         self._reserved: dict[str, _Reservation] = {}  # by call id
-        self._kept: dict[str, deque[float]] = {}  # caller -> times of messages kept
-        self._told: set[str] = set()  # callers whose refusal was logged in their 24 h
+        # callers whose refusal was logged -> when (told again after 24 h); oldest first
+        self._told: dict[str, float] = {}
         self._state: Refusal | None = None  # the line-wide state: None, DISK_LOW or FULL
 
     @property
     def reserved_bytes(self) -> int:
         return sum(r.size for r in self._reserved.values())
 
-    def count(self, caller: str) -> int:
-        """Messages kept for ``caller`` in the last 24 hours, and being recorded."""
-        return len(self._recent(caller)) + sum(
-            1 for r in self._reserved.values() if r.caller == caller
-        )
-
     def admit(
-        self, call_id: str, caller: str, max_s: float, *, free: int | None, used: int
+        self,
+        call_id: str,
+        caller: str,
+        max_s: float,
+        *,
+        free: int | None,
+        used: int,
+        caller_count: int = 0,
     ) -> Decision:
         """Decide for a message of ``call_id`` of at most ``max_s`` seconds, with ``free``
-        bytes free on the data dir and ``used`` bytes of messages on it. Admitted, it is
-        reserved until :meth:`release`."""
+        bytes free on the data dir, ``used`` bytes of messages on it, and ``caller_count``
+        messages of ``caller`` in the last 24 hours (kept, or being recorded) before this
+        one. Admitted, it is reserved until :meth:`release`."""
         need = sealed_size(max_s)
         # Messages being recorded are not on the disk yet: they take from its free space as
         # from the cap. A reservation already written counts in ``free`` and ``used`` too: at
@@ -138,7 +141,7 @@ class VoicemailBudget:
             need=need,
             free=None if free is None else free - reserved,
             used=used + reserved,
-            caller_count=self.count(caller) if caller else 0,
+            caller_count=caller_count if caller else 0,
         )
         line_wide = refusal if refusal is not Refusal.CALLER_LIMIT else None
         # A caller refused alone says nothing of the line: its state stays what it was.
@@ -146,46 +149,20 @@ class VoicemailBudget:
         if changed:
             self._state = line_wide
         first = False
-        if refusal is Refusal.CALLER_LIMIT and caller not in self._told:
-            self._told.add(caller)
-            first = True
+        if refusal is Refusal.CALLER_LIMIT:
+            now = self._clock.now()
+            told = self._told.pop(caller, None)
+            if told is None or told <= now - DAY_S:
+                first = True
+                told = now
+            # Re-inserted: the dict's order is the time told, oldest first.
+            self._told[caller] = told
+            while len(self._told) > CALLERS_REMEMBERED:
+                del self._told[next(iter(self._told))]
         if refusal is None:
             self._reserved[call_id] = _Reservation(caller, need)
         return Decision(refusal, changed, first)
 
-    def release(self, call_id: str, kept: bool) -> None:
-        """The message of ``call_id`` ended: ``kept`` (saved), it counts for its caller."""
-        reservation = self._reserved.pop(call_id, None)
-        if reservation is None:
-            return
-        if not kept:
-            if not self.count(reservation.caller):
-                # Refused on its messages being recorded alone, a number kept nothing: no
-                # 24 hours of its own end to forget that it was told (the memory, and the
-                # next refusal's warning, would be lost for good).
-                self._told.discard(reservation.caller)
-            return
-        if not reservation.caller:  # no number: nothing to count it for
-            return
-        times = self._recent(reservation.caller)
-        times.append(self._clock.now())
-        # Re-inserted: the dict's order is the callers' last message, oldest first.
-        self._kept.pop(reservation.caller, None)
-        self._kept[reservation.caller] = times
-        while len(self._kept) > CALLERS_REMEMBERED:
-            oldest = next(iter(self._kept))
-            del self._kept[oldest]
-            self._told.discard(oldest)
-
-    def _recent(self, caller: str) -> deque[float]:
-        """``caller``'s message times within 24 hours (older ones forgotten now)."""
-        times = self._kept.get(caller)
-        if times is None:
-            return deque()
-        since = self._clock.now() - DAY_S
-        while times and times[0] <= since:
-            times.popleft()
-        if not times:
-            del self._kept[caller]
-            self._told.discard(caller)
-        return times
+    def release(self, call_id: str) -> None:
+        """The message of ``call_id`` ended (kept or not): its reservation goes."""
+        self._reserved.pop(call_id, None)
