@@ -582,7 +582,7 @@ class ClinicLine:
     async def _admit_message(self, call_id: str, caller: str, max_s: int) -> str:
         """Why no message may be recorded for ``call_id`` now ("" when one may): the
         voicemail's budget (voice/ivr/voicemail_budget.py), from the data dir's free space
-        (read in a thread of its own) and the messages' bytes (in a thread). Logged once per
+        (read in a thread of its own) and the messages' bytes (kept as they change). Logged once per
         change of the line's state, never per call, and never with the caller's number."""
         free = await read_free_bytes(self._settings.data_dir)
         # A data dir that does not answer is refused as too full (below) without the scan of
@@ -689,8 +689,8 @@ class ClinicLine:
             log.debug("voicemail: a place not used not given back: Redis unavailable: %s", exc)
 
     async def _sweep_voicemail(self) -> None:
-        """Delete messages past their call's retention (from its start, as its record's): at
-        start, then every hour."""
+        """Delete messages past their call's retention (from its start, as its record's), and
+        count the bytes of those left afresh: at start, then every hour."""
         keep_s = self._settings.ivr.call_retention_days * 86400
         voicemails = self._rt.need_voicemails()
         while True:
@@ -701,6 +701,12 @@ class ClinicLine:
             else:
                 if removed:
                     log.info("deleted %d voicemail message(s) past their retention", removed)
+            # The budget's count of the messages' bytes, afresh: the sweep deleted files
+            # unnamed, and an erasure another process answered is counted only so.
+            try:
+                await voicemails.rescan()
+            except OSError as exc:
+                log.warning("voicemail: counting the messages' bytes failed: %s", exc)
             await asyncio.sleep(VOICEMAIL_SWEEP_S)
 
     async def _replay_journal(self, journal: CallJournal, lost: list[str]) -> None:
