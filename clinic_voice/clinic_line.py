@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from clinic_voice.app import Runtime
-from clinic_voice.disk_space import read_free_bytes
+from clinic_voice.disk_space import FreeSpaceProbe
 from clinic_voice.metrics import Metrics
 from sip_config.settings import Settings, SettingsError
 from sip_config.tasks import watch
@@ -154,6 +154,8 @@ class ClinicLine:
             ivr.voicemail_min_free_bytes, ivr.voicemail_max_bytes, ivr.voicemail_per_caller_day
         )
         self._budget = VoicemailBudget(budget, rt.clock)
+        # The data dir's free space for each message: one read at a time, whatever the calls.
+        self._free_space = FreeSpaceProbe(settings.data_dir)
         # The place each message being recorded took in its number's count (Redis), by call
         # id: given back when the message is not kept.
         self._places: dict[str, tuple[str, str]] = {}
@@ -584,7 +586,7 @@ class ClinicLine:
         voicemail's budget (voice/ivr/voicemail_budget.py), from the data dir's free space
         (read in a thread of its own) and the messages' bytes (kept as they change). Logged once per
         change of the line's state, never per call, and never with the caller's number."""
-        free = await read_free_bytes(self._settings.data_dir)
+        free = await self._free_space.read()
         # A data dir that does not answer is refused as too full (below) without the scan of
         # its messages: a stat per file on a file system gone (NFS) never returns, and would
         # hold the caller in silence, and a thread of the loop's executor, for good.

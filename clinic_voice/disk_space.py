@@ -74,20 +74,43 @@ def _read_in_own_thread(path: Path) -> asyncio.Future[int]:
     return done
 
 
-async def read_free_bytes(path: Path, limit_s: float = READ_LIMIT_S) -> int | None:
-    """:func:`free_bytes` of ``path`` now, read in a daemon thread of its own (never on the
-    loop, never holding the exit); None when the read fails or has not answered within
-    ``limit_s`` (the caller decides what an unreadable disk means)."""
-    reading = _read_in_own_thread(path)
-    try:
-        done, _ = await asyncio.wait({reading}, timeout=limit_s)
-        if not done:
+def _retrieved(reading: asyncio.Future[int]) -> None:
+    """Mark a read's failure seen: a read nobody waited for to the end is no error to log."""
+    if not reading.cancelled():
+        reading.exception()
+
+
+class FreeSpaceProbe:
+    """:func:`free_bytes` of ``path`` for callers at any rate, with at most one read
+    outstanding: a caller that finds one under way waits for its answer rather than start
+    another. On a file system that stopped answering, a read per caller left a thread behind
+    per caller (each ``statvfs`` blocked for good), as many as calls came in.
+
+    :meth:`read` answers None when the read fails, or has not answered within ``limit_s`` of
+    this caller's wait (:data:`READ_LIMIT_S` when None, read at each wait); the read goes on
+    meanwhile, and the next caller after it answered starts a fresh one.
+    """
+
+    def __init__(self, path: Path, limit_s: float | None = None) -> None:
+        self._path = path
+        self._limit_s = limit_s
+        self._reading: asyncio.Future[int] | None = None
+
+    async def read(self) -> int | None:
+        reading = self._reading
+        if reading is None or reading.done():
+            reading = _read_in_own_thread(self._path)
+            reading.add_done_callback(_retrieved)
+            self._reading = reading
+        limit = READ_LIMIT_S if self._limit_s is None else self._limit_s
+        # Never cancelled here: other callers may be waiting for the same read.
+        done, _ = await asyncio.wait({reading}, timeout=limit)
+        if not done or reading.cancelled():
             return None
-        return reading.result()
-    except OSError:
-        return None
-    finally:
-        reading.cancel()
+        try:
+            return reading.result()
+        except OSError:
+            return None
 
 
 async def show_free_space(

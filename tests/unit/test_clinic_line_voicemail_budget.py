@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import cast
 
 import pytest
 
-from clinic_voice import clinic_line
+from clinic_voice import disk_space
 from clinic_voice.app import Runtime
 from clinic_voice.clinic_line import ClinicLine
 from clinic_voice.metrics import Metrics
@@ -45,10 +46,10 @@ async def test_a_data_dir_that_does_not_answer_is_refused_without_the_scan(
     disk = HungDisk()
     rt.voicemails = cast(Voicemails, disk)
 
-    async def unreadable(path: Path) -> int | None:
-        return None
+    def unreadable(path: Path) -> int:
+        raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(clinic_line, "read_free_bytes", unreadable)
+    monkeypatch.setattr(disk_space, "free_bytes", unreadable)
     line = ClinicLine(settings, rt, FlowSet(flows={}))
     caplog.set_level(logging.WARNING, logger="clinic_voice.clinic_line")
     try:
@@ -58,3 +59,33 @@ async def test_a_data_dir_that_does_not_answer_is_refused_without_the_scan(
         pytest.fail(f"the admission waited on the messages' scan ({disk.scans} begun)")
     assert (refused, disk.scans) == ("disk_low", 0)
     assert "free: unreadable" in caplog.text
+
+
+async def test_a_hung_data_dir_leaves_one_thread_behind_not_one_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, each call's admission started a statvfs of its own: on a file system gone,
+    each left a thread blocked for good. Now calls at once, and calls after, wait for the one
+    read under way, and count as disk_low after its limit."""
+    settings = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path)})
+    rt = Runtime(settings=settings, clock=FakeClock(), metrics=Metrics())
+    rt.voicemails = cast(Voicemails, HungDisk())
+    release = threading.Event()
+    reads: list[Path] = []
+
+    def hang(path: Path) -> int:
+        reads.append(path)
+        release.wait(60)
+        return 1 << 40
+
+    monkeypatch.setattr(disk_space, "free_bytes", hang)
+    monkeypatch.setattr(disk_space, "READ_LIMIT_S", 0.1)
+    line = ClinicLine(settings, rt, FlowSet(flows={}))
+    try:
+        calls = [line._admit_message(f"in-{n}", "+31612345678", 60) for n in range(3)]
+        assert await asyncio.gather(*calls) == ["disk_low"] * 3
+        for n in (3, 4):
+            assert await line._admit_message(f"in-{n}", "+31612345678", 60) == "disk_low"
+        assert len(reads) == 1, f"{len(reads)} reads of the free space began"
+    finally:
+        release.set()

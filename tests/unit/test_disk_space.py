@@ -11,13 +11,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from clinic_voice import disk_space
-from clinic_voice.disk_space import free_bytes, show_free_space
+from clinic_voice.disk_space import FreeSpaceProbe, free_bytes, show_free_space
 from clinic_voice.metrics import Gauge
 from sip_config.tasks import cancel_and_wait
 
@@ -164,25 +165,40 @@ def test_a_read_that_never_answers_does_not_hold_the_exit() -> None:
     assert done.returncode == 0 and done.stdout == "exited\n", done.stderr
 
 
-async def test_read_free_bytes_reads_now_and_none_when_it_cannot(tmp_path: Path) -> None:
+async def test_the_probe_reads_now_and_none_when_it_cannot(tmp_path: Path) -> None:
     """The voicemail's budget reads the free space per message: a number, or None (never an
     exception, never a wait past its limit)."""
-    free = await disk_space.read_free_bytes(tmp_path)
+    free = await FreeSpaceProbe(tmp_path).read()
     assert free is not None and abs(free - _avail(tmp_path)) < SLACK
-    assert await disk_space.read_free_bytes(tmp_path / "gone") is None
+    assert await FreeSpaceProbe(tmp_path / "gone").read() is None
 
 
-async def test_read_free_bytes_gives_up_on_a_disk_that_does_not_answer(
+async def test_the_probe_keeps_one_read_outstanding_on_a_disk_that_does_not_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Callers at once, and one after another, while a read hangs: one thread, each caller
+    None after its limit; once the read answers, the next caller starts a fresh one."""
     release = threading.Event()
+    reads: list[float] = []
 
     def hang(path: Path) -> int:
+        reads.append(time.monotonic())
         release.wait(10)
-        return 1
+        return 1234
 
     monkeypatch.setattr(disk_space, "free_bytes", hang)
+    probe = FreeSpaceProbe(tmp_path, limit_s=0.05)
     try:
-        assert await disk_space.read_free_bytes(tmp_path, limit_s=0.05) is None
+        assert await asyncio.gather(*(probe.read() for _ in range(5))) == [None] * 5
+        assert await probe.read() is None
+        assert len(reads) == 1
+        release.set()
+        # A caller waiting when the read answers takes its answer.
+        assert await FreeSpaceProbe(tmp_path, limit_s=5).read() == 1234
+        deadline = time.monotonic() + 5
+        while (free := await probe.read()) is None:
+            assert time.monotonic() < deadline, "the hung read's answer never came"
+            await asyncio.sleep(0.01)
+        assert free == 1234
     finally:
         release.set()
