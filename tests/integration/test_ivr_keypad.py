@@ -1070,6 +1070,9 @@ async def test_no_message_is_recorded_past_the_voicemail_cap_and_staff_take_it(
     filler = folder / "in-budget-filler-0badf00d.sealed"
     with filler.open("wb") as f:
         f.truncate(line.settings.ivr.voicemail_max_bytes)
+    # A file no save wrote is counted at the next listing (the hourly sweep's): now.
+    voicemails = line.app[RUNTIME].need_voicemails()
+    await voicemails.rescan()
     metrics = line.app[RUNTIME].metrics
     refused = metrics.voicemail_refused.value(reason="voicemail_full")
     caplog.set_level(logging.INFO)
@@ -1085,6 +1088,7 @@ async def test_no_message_is_recorded_past_the_voicemail_cap_and_staff_take_it(
         record = await line.new_record(before)
     finally:
         filler.unlink()
+        await voicemails.rescan()
     assert steps(record, "record") == [("message", "voicemail_full")], record["path"]
     assert "prescription_message" not in record["values"], record["values"]
     assert record["outcome"] in {"transfer_staff", "transfer_failed"}, record
