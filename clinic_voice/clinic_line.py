@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from clinic_voice.app import Runtime
-from clinic_voice.disk_space import FreeSpaceProbe
+from clinic_voice.disk_space import FreeSpaceProbe, read_size_bytes
 from clinic_voice.metrics import Metrics
 from sip_config.settings import Settings, SettingsError
 from sip_config.tasks import watch
@@ -18,7 +18,14 @@ from verification.http_client import HttpClientError, IncompleteAnswer
 from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import LOST_OUTCOME, Engine
-from voice.ivr.flow import WEBHOOK_URLS, FlowError, FlowParams, FlowSet, load_flows_checked
+from voice.ivr.flow import (
+    WEBHOOK_URLS,
+    FlowError,
+    FlowParams,
+    FlowSet,
+    Record,
+    load_flows_checked,
+)
 from voice.ivr.journal import FOLDER as JOURNAL_FOLDER
 from voice.ivr.journal import REPLAY_EVERY_S, CallJournal, RecordsOnDisk
 from voice.ivr.session import CallSession, SessionDeps
@@ -75,9 +82,41 @@ def check_clinic_line(settings: Settings) -> FlowSet:
         # Before, serve ran only the schema and targets: a triage edited and restarted
         # without `flow check` put paths such as a U2 caller's goodbye on the phone line.
         raise _refused(ivr.flows_dir, [str(f) for f in findings])
+    check_voicemail_cap(settings, flowset)
     if ivr.vosk_model is not None:
         check_speech_model(ivr.vosk_model)
     return flowset
+
+
+def longest_message(flowset: FlowSet) -> tuple[int, str] | None:
+    """The longest message a record step of ``flowset`` takes (``max_s``), and where that
+    step is (``file:line``); None when no flow records one."""
+    steps = [
+        (node.max_s, f"{flow.path.name}:{node.line}")
+        for flow in flowset.flows.values()
+        for node in flow.nodes.values()
+        if isinstance(node, Record)
+    ]
+    return max(steps, key=lambda step: step[0], default=None)
+
+
+def check_voicemail_cap(settings: Settings, flowset: FlowSet) -> None:
+    """Refuse a ``CLINIC_VOICEMAIL_MAX_MB`` below one message of the longest record step:
+    every message would be refused (``voicemail_full``), and every caller who wants to leave
+    one put through to a human, with nothing but the metric to say why. Raises
+    :class:`SettingsError` naming the variable."""
+    longest = longest_message(flowset)
+    if longest is None:
+        return
+    max_s, where = longest
+    need_mb = -(-sealed_size(max_s) // MB)
+    if sealed_size(max_s) > settings.ivr.voicemail_max_bytes:
+        raise SettingsError(
+            f"CLINIC_VOICEMAIL_MAX_MB={settings.ivr.voicemail_max_bytes // MB}: below one "
+            f"message of the flows' longest record step ({max_s} s at {where}: up to "
+            f"{need_mb} MiB sealed), so every message would be refused; set it to at least "
+            f"{need_mb}"
+        )
 
 
 def _refused(flows_dir: Path, findings: list[str]) -> SettingsError:
@@ -245,6 +284,30 @@ class ClinicLine:
                     host,
                 )
 
+    async def warn_small_volume(self) -> None:
+        """Once at start: a data dir whose whole file system is smaller than
+        ``CLINIC_VOICEMAIL_MIN_FREE_MB`` and one message of the longest record step refuses
+        every message (``disk_low``), whatever is freed. Allowed (the operator may mean it:
+        no voicemail on a small disk), but said. A size that cannot be read says nothing
+        (each message's admission reads the free space, and says so)."""
+        longest = longest_message(self._flowset)
+        if longest is None:
+            return
+        size = await read_size_bytes(self._settings.data_dir)
+        floor = self._budget.budget.min_free_bytes
+        need = floor + sealed_size(longest[0])
+        if size is not None and size < need:
+            log.warning(
+                "CLINIC_VOICEMAIL_MIN_FREE_MB=%d: the data dir's file system (%s) is %d MiB in "
+                "all, less than that and one message (%d MiB): every voicemail message will be "
+                "refused (disk_low), its caller put through to a human; lower the setting, or "
+                "give the data dir a larger file system",
+                floor // MB,
+                self._settings.data_dir,
+                size // MB,
+                -(-need // MB),
+            )
+
     async def start(self) -> None:
         model = self._settings.ivr.vosk_model
         if model is not None:
@@ -258,6 +321,7 @@ class ClinicLine:
                     f"CLINIC_VOSK_MODEL={str(model)!r}: {fault}: a damaged vosk model "
                     "(unpack it again)"
                 )
+        await self.warn_small_volume()
         try:
             speech = await SpeechModel.load(model)
         except AsrError as exc:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from clinic_voice.metrics import Gauge
@@ -46,9 +47,18 @@ def free_bytes(path: Path) -> int:
     return available(os.statvfs(path))
 
 
-def _read_in_own_thread(path: Path) -> asyncio.Future[int]:
-    """:func:`free_bytes` of ``path`` in a daemon thread of its own (see the module's
-    docstring), its result or exception handed to the loop."""
+def size_bytes(path: Path) -> int:
+    """The whole size of ``path``'s file system (``df``'s Size). Blocks: call it in a
+    thread."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+def _read_in_own_thread(
+    path: Path, read: Callable[[Path], int] | None = None
+) -> asyncio.Future[int]:
+    """``read`` (:func:`free_bytes` when None) of ``path`` in a daemon thread of its own (see
+    the module's docstring), its result or exception handed to the loop."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int] = loop.create_future()
 
@@ -64,7 +74,7 @@ def _read_in_own_thread(path: Path) -> asyncio.Future[int]:
     def run() -> None:
         free, failure = None, None
         try:
-            free = free_bytes(path)
+            free = (free_bytes if read is None else read)(path)
         except Exception as exc:  # handed to the loop: raised by the await
             failure = exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -72,6 +82,17 @@ def _read_in_own_thread(path: Path) -> asyncio.Future[int]:
 
     threading.Thread(target=run, name="data-dir-free-space", daemon=True).start()
     return done
+
+
+async def read_size_bytes(path: Path, limit_s: float = READ_LIMIT_S) -> int | None:
+    """:func:`size_bytes` of ``path``, read in a daemon thread of its own; None when the read
+    fails or has not answered within ``limit_s`` (read once, at start)."""
+    reading = _read_in_own_thread(path, size_bytes)
+    reading.add_done_callback(_retrieved)
+    done, _ = await asyncio.wait({reading}, timeout=limit_s)
+    if not done or reading.cancelled() or reading.exception() is not None:
+        return None
+    return reading.result()
 
 
 def _retrieved(reading: asyncio.Future[int]) -> None:

@@ -418,14 +418,17 @@ VARIABLES: tuple[Variable, ...] = (
         "MiB the data dir keeps free of voicemail (0..1048576): a message is recorded only "
         "when, written at its longest, at least this much stays free for the embedded Redis "
         'and the call records (a full disk stops them: README "A full or read-only disk"); '
-        "else the caller is put through to a human, as for a message that could not be saved",
+        "else the caller is put through to a human, as for a message that could not be saved. "
+        "A data dir whose whole file system is smaller than this and one message is warned of "
+        "at start (every message would be refused)",
     ),
     Variable(
         "CLINIC_VOICEMAIL_MAX_MB",
         "4096",
         "MiB all voicemail messages may take together (1..1048576; a minute of message takes "
         "2.5 MiB sealed); past it, no new message is recorded until the retention sweep or "
-        "erasures free room",
+        "erasures free room. Below one message of the flows' longest record step (3 for the "
+        "shipped 60 s) serve refuses to start (exit 2)",
     ),
     Variable(
         "CLINIC_VOICEMAIL_PER_CALLER_DAY",

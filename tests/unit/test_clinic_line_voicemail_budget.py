@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
+import uvloop
 
-from clinic_voice import disk_space
+from clinic_voice import cli, disk_space
 from clinic_voice.app import Runtime
-from clinic_voice.clinic_line import ClinicLine
+from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from clinic_voice.metrics import Metrics
 from sip_config.clock import FakeClock
 from sip_config.settings import Settings
@@ -89,3 +91,57 @@ async def test_a_hung_data_dir_leaves_one_thread_behind_not_one_per_call(
         assert len(reads) == 1, f"{len(reads)} reads of the free space began"
     finally:
         release.set()
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "ivr_flows"
+
+
+def test_serve_exits_2_when_the_voicemail_cap_is_below_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, CLINIC_VOICEMAIL_MAX_MB=2 started: the shipped prescription flow's 60 s message
+    (up to 3 MiB sealed) was refused at every call, unexplained but by the metric."""
+    monkeypatch.setenv("CLINIC_VOICEMAIL_MAX_MB", "2")
+    monkeypatch.setenv("CLINIC_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CLINIC_FLOWS_DIR", str(SHIPPED))
+
+    def run(main: Coroutine[Any, Any, None]) -> None:
+        main.close()
+        pytest.fail("serve started with a CLINIC_VOICEMAIL_MAX_MB below one message")
+
+    monkeypatch.setattr(uvloop, "run", run)
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clinic-voice: configuration error: CLINIC_VOICEMAIL_MAX_MB=2: "), err
+    assert "(60 s at prescription.yaml:" in err and "set it to at least 3" in err, err
+
+
+def test_a_cap_of_one_message_is_taken(tmp_path: Path) -> None:
+    settings = Settings.from_env({"CLINIC_FLOWS_DIR": str(SHIPPED), "CLINIC_VOICEMAIL_MAX_MB": "3"})
+    assert check_clinic_line(settings).flows
+
+
+@pytest.mark.parametrize(("min_free_mb", "warned"), [("1048576", True), ("0", False)])
+async def test_a_data_dir_too_small_for_one_message_is_warned_of_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, min_free_mb: str, warned: bool
+) -> None:
+    """Every message would be refused (disk_low) on a file system smaller than the floor and
+    one message (the test's, real, is well under 1 TiB): said once at start."""
+    settings = Settings.from_env(
+        {
+            "CLINIC_DATA_DIR": str(tmp_path),
+            "CLINIC_FLOWS_DIR": str(SHIPPED),
+            "CLINIC_VOICEMAIL_MIN_FREE_MB": min_free_mb,
+        }
+    )
+    rt = Runtime(settings=settings, clock=FakeClock(), metrics=Metrics())
+    line = ClinicLine(settings, rt, check_clinic_line(settings))
+    caplog.set_level(logging.WARNING, logger="clinic_voice.clinic_line")
+    await line.warn_small_volume()
+    lines = [r.getMessage() for r in caplog.records]
+    if warned:
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("CLINIC_VOICEMAIL_MIN_FREE_MB=1048576: the data dir's ")
+        assert "every voicemail message will be refused (disk_low)" in lines[0]
+    else:
+        assert lines == []
