@@ -84,12 +84,6 @@ def decide(
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class _Reservation:
-    caller: str
-    size: int
-
-
 class VoicemailBudget:
     """The budget's state: messages being recorded (reserved at their longest), the numbers
     whose refusal was told, and the line-wide state last found.
@@ -108,14 +102,14 @@ class VoicemailBudget:
     def __init__(self, budget: Budget, clock: Clock) -> None:
         self.budget = budget
         self._clock = clock
-        self._reserved: dict[str, _Reservation] = {}  # by call id
+        self._reserved: dict[str, int] = {}  # bytes reserved, by call id
         # callers whose refusal was logged -> when (told again after 24 h); oldest first
         self._told: dict[str, float] = {}
         self._state: Refusal | None = None  # the line-wide state: None, DISK_LOW or FULL
 
     @property
     def reserved_bytes(self) -> int:
-        return sum(r.size for r in self._reserved.values())
+        return sum(self._reserved.values())
 
     def admit(
         self,
@@ -160,7 +154,7 @@ class VoicemailBudget:
             while len(self._told) > CALLERS_REMEMBERED:
                 del self._told[next(iter(self._told))]
         if refusal is None:
-            self._reserved[call_id] = _Reservation(caller, need)
+            self._reserved[call_id] = need
         return Decision(refusal, changed, first)
 
     def release(self, call_id: str) -> None:
