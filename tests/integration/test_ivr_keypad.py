@@ -46,7 +46,7 @@ from tests.peers.ivr_rig import (
 from tests.peers.webhook_receiver import Hook, WebhookReceiver
 from verification.webhooks import SIGNATURE_HEADER, verify
 from voice.ivr.call_record import CallResult
-from voice.ivr.engine import CallRecord
+from voice.ivr.engine import CallRecord, urgent_question
 from voice.ivr.flow import Ask, load_flows
 from voice.media.audio_match import rank
 from voice.media.pcm import Pcm, bytes_to_samples, read_wav, resample, samples_to_bytes
@@ -155,21 +155,48 @@ async def test_silence_on_a_danger_sign_question_ends_with_the_nurse(line: Clini
 # 1 yourself; no to the five danger signs; 8 something else; 2 not limiting daily life;
 # 5 no risk group: nothing raises the urgency, so the triage ends in self-care (U5).
 NON_URGENT_KEYS = "1", "2", "2", "2", "2", "2", "8", "2", "5"
+DANGER_SIGNS = "breathing", "chest", "conscious", "bleeding", "stroke"
+NON_URGENT_NODES = "for_whom", *DANGER_SIGNS, "complaint", "other_daily", "risk_adult"
 # 1 yourself; no to the danger signs; 1 fever; not very ill; no stiff neck or rash; 1 yes,
 # more than three days (U3); 5 no risk group. U3 asks the scheduling webhook for a same-day
 # appointment.
 FEVER_KEYS = "1", "2", "2", "2", "2", "2", "1", "2", "2", "1", "5"
-TRIAGE_S = 180.0  # a whole triage answered question by question (each heard in full)
+FEVER_NODES = (
+    "for_whom",
+    *DANGER_SIGNS,
+    "complaint",
+    "fever_ill",
+    "fever_rash",
+    "fever_days",
+    "risk_adult",
+)
+TRIAGE_S = 180.0  # a whole triage answered question by question (urgent ones heard in full)
+# The module's three triages at once, from the first phone's start to the last record: the
+# longest call's TRIAGE_S, and the caller put through to staff (CALL_S) on top.
+TRIAGES_S = TRIAGE_S + CALL_S
+# A test's timeout (pytest-timeout) counts its fixtures' set-up: the first test to use
+# ``triages`` waits for all three calls, and the fixture's own deadline must come first.
+TRIAGES_TIMEOUT_S = TRIAGES_S + 60
+TYPED_AHEAD_S = 0.5  # a key typed into a question's prompt, after the key before it
 # The callers of the module's three whole triages (each call's record and scheduling
 # request name its caller): self-care; a same-day request the scheduler takes; one it
 # refuses (500), so the caller is put through to staff.
 SELF_CARE, SAME_DAY, TO_STAFF = "triage-self-care", "triage-same-day", "triage-to-staff"
 
 
-def answered(keys: tuple[str, ...]) -> list[str]:
-    """The caller's arguments for ``keys``: the first typed ahead during the intro (which
-    takes it), every other one once its question was heard (danger signs take no other)."""
-    return ["--dtmf", f"{keys[0]}@0.5", "--answers", ",".join(keys[1:]), "--timeout", "200"]
+def answered(line: ClinicLine, keys: tuple[str, ...], nodes: tuple[str, ...]) -> list[str]:
+    """The caller's arguments for ``keys``, the answers to the triage's ``nodes``: the first
+    typed ahead during the intro (which takes it); one to an urgent question (a danger sign,
+    or one whose answer can make the call U2 or more: the bot takes no early "no" there)
+    once its question was heard in full; one to any other question typed into its prompt,
+    as a caller who knows the menu (some 20 s less of prompts per question)."""
+    flow = load_flows(line.settings.ivr.flows_dir).get("triage")
+    answers = []
+    for key, node_id in zip(keys[1:], nodes[1:], strict=True):
+        ask = flow.nodes[node_id]
+        assert isinstance(ask, Ask), node_id
+        answers.append(key if urgent_question(ask) else f"{key}@{TYPED_AHEAD_S}")
+    return ["--dtmf", f"{keys[0]}@0.5", "--answers", ",".join(answers), "--timeout", "200"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,11 +257,17 @@ async def record_of(line: ClinicLine, before: set[str], caller: str) -> dict[str
 
 
 async def _triage(
-    line: ClinicLine, scheduling: WebhookReceiver, before: set[str], caller: str, *argv: str
+    line: ClinicLine,
+    scheduling: WebhookReceiver,
+    before: set[str],
+    watched: list[Phone],
+    caller: str,
+    *argv: str,
 ) -> TriageCall:
     async with phones() as started:
         phone = await Phone.start(caller, "--from-user", caller, *argv)
         started.append(phone)
+        watched.append(phone)
         await phone.finish(TRIAGE_S)
     record = await record_of(line, before, caller)
     hooks = [h for h in scheduling.received if h.json().get("call_id") == record["id"]]
@@ -242,7 +275,7 @@ async def _triage(
 
 
 async def _triage_to_staff(
-    line: ClinicLine, scheduling: WebhookReceiver, before: set[str]
+    line: ClinicLine, scheduling: WebhookReceiver, before: set[str], watched: list[Phone]
 ) -> TriageCall:
     async with phones() as started:
         staff = await Phone.start(
@@ -250,10 +283,17 @@ async def _triage_to_staff(
             "--timeout", "200",
         )  # fmt: skip
         started.append(staff)
+        watched.append(staff)
         caller = await Phone.start(
-            "caller", "--from-user", TO_STAFF, "--call", line.uri("6001"), *answered(FEVER_KEYS)
+            "caller",
+            "--from-user",
+            TO_STAFF,
+            "--call",
+            line.uri("6001"),
+            *answered(line, FEVER_KEYS, FEVER_NODES),
         )
         started.append(caller)
+        watched.append(caller)
         incoming = await staff.wait_for("incoming", TRIAGE_S)
         await caller.finish(CALL_S)
         await staff.finish(10)
@@ -265,9 +305,11 @@ async def _triage_to_staff(
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def triages(line: ClinicLine, scheduling: WebhookReceiver) -> Triages:
     """Three whole triages, each answered question by question as a caller who listens to
-    every question in full: some 90 s of prompts each, with the line idle meanwhile. Placed
-    at once they take the time of the longest (one after another: 5 minutes). The tests
-    below each check one; every log line of the three is checked for triage answers."""
+    every urgent question in full (and types the other answers into their prompts): about a
+    minute of prompts each, with the line idle meanwhile. Placed at once they take the time
+    of the longest. The tests below each check one; every log line of the three is checked
+    for triage answers. All three must end within ``TRIAGES_S``, or the fixture fails with
+    what each phone did (before the first test's timeout, which counts this set-up)."""
     scheduling.fail_first, scheduling.fail_callers = 0, {TO_STAFF}
     logged = _Logged()
     root = logging.getLogger()
@@ -275,17 +317,24 @@ async def triages(line: ClinicLine, scheduling: WebhookReceiver) -> Triages:
     root.setLevel(logging.DEBUG)
     root.addHandler(logged)
     before = await line.call_ids()
+    watched: list[Phone] = []
+    self_care = answered(line, NON_URGENT_KEYS, NON_URGENT_NODES)
+    same_day = answered(line, FEVER_KEYS, FEVER_NODES)
     try:
-        done = await asyncio.gather(
-            _triage(line, scheduling, before, SELF_CARE,
-                    "--call", line.uri("triage"), *answered(NON_URGENT_KEYS)),
-            # Direct mode: the phone writes its own From, and a P-Asserted-Identity that
-            # nobody trusted vouches for (RFC 3325 9.1: ignored).
-            _triage(line, scheduling, before, SAME_DAY,
-                    "--call", line.uri("6001"), "--header", FORGED_PAI, *answered(FEVER_KEYS)),
-            _triage_to_staff(line, scheduling, before),
-            return_exceptions=True,
-        )  # fmt: skip
+        async with asyncio.timeout(TRIAGES_S):
+            done = await asyncio.gather(
+                _triage(line, scheduling, before, watched, SELF_CARE,
+                        "--call", line.uri("triage"), *self_care),
+                # Direct mode: the phone writes its own From, and a P-Asserted-Identity that
+                # nobody trusted vouches for (RFC 3325 9.1: ignored).
+                _triage(line, scheduling, before, watched, SAME_DAY,
+                        "--call", line.uri("6001"), "--header", FORGED_PAI, *same_day),
+                _triage_to_staff(line, scheduling, before, watched),
+                return_exceptions=True,
+            )  # fmt: skip
+    except TimeoutError:
+        seen = "\n".join(f"{p.name}: {p.report()}" for p in watched)
+        pytest.fail(f"the module's three triages did not end within {TRIAGES_S} s:\n{seen}")
     finally:
         root.removeHandler(logged)
         root.setLevel(level)
@@ -293,7 +342,7 @@ async def triages(line: ClinicLine, scheduling: WebhookReceiver) -> Triages:
     return Triages(dict(zip((SELF_CARE, SAME_DAY, TO_STAFF), done, strict=True)), logged.records)
 
 
-@pytest.mark.timeout(TRIAGE_S + 60)
+@pytest.mark.timeout(TRIAGES_TIMEOUT_S)
 async def test_a_full_non_urgent_triage_answered_key_by_key(triages: Triages) -> None:
     call = triages[SELF_CARE]
     caller = call.caller
@@ -315,7 +364,7 @@ async def test_a_full_non_urgent_triage_answered_key_by_key(triages: Triages) ->
     assert record["values"]["who"] == "self" and record["values"]["risk_group"] == "none"
 
 
-@pytest.mark.timeout(TRIAGE_S + 60)
+@pytest.mark.timeout(TRIAGES_TIMEOUT_S)
 async def test_a_same_day_triage_posts_the_request_to_the_scheduling_webhook(
     triages: Triages,
 ) -> None:
@@ -381,7 +430,7 @@ async def test_a_number_the_trusted_pbx_asserts_goes_to_the_scheduling_webhook_a
     assert hook["call_id"] == record["id"]
 
 
-@pytest.mark.timeout(TRIAGE_S + 60)
+@pytest.mark.timeout(TRIAGES_TIMEOUT_S)
 async def test_a_triage_call_leaves_no_answer_in_any_log_line_and_an_encrypted_record(
     line: ClinicLine, triages: Triages
 ) -> None:
@@ -703,10 +752,13 @@ async def test_9_in_the_appointments_menu_brings_the_main_menu_back(
     before = await line.call_ids()
     async with phones() as started:
         # 1 (appointments) cuts the welcome short; 9 once the appointments question was
-        # heard in full; then the welcome and the main menu play, and the caller hangs up.
+        # heard in full; then the welcome and the main menu play (some 21 s), and the caller
+        # hangs up once the bot has been quiet for 2.5 s after them (it waits for a key:
+        # espeak-ng's pauses between sentences are under 1 s), or at 40 s at the latest.
         caller = await Phone.start(
             "caller", "--call", line.uri("6000"), "--dtmf", "1@0.5", "--answers", "9",
-            "--record", str(heard), "--duration", "40", "--timeout", "70",
+            "--hangup-when-quiet", "2.5", "--record", str(heard), "--duration", "40",
+            "--timeout", "70",
         )  # fmt: skip
         started.append(caller)
         await caller.finish(CALL_S + 10)
@@ -1079,12 +1131,20 @@ async def test_no_message_is_recorded_past_the_voicemail_cap_and_staff_take_it(
     before = await line.call_ids()
     try:
         async with phones() as started:
+            # Staff's phone answers: with nobody there, the caller's phone (it follows the
+            # REFER) tried staff for pjsip's 32 s INVITE timeout before it could end.
+            staff = await Phone.start(
+                "staff", "--port", str(line.staff_port), "--answer", "--duration", "1"
+            )
+            started.append(staff)
             caller = await Phone.start(
                 "caller", "--call", line.uri("6000"), "--dtmf", f"{PRESCRIPTION_KEYS},#@15.0",
                 "--play", str(message), "--duration", "22",
             )  # fmt: skip
             started.append(caller)
+            incoming = await staff.wait_for("incoming", CALL_S)
             await caller.finish(CALL_S)
+            await staff.finish(20)
         record = await line.new_record(before)
     finally:
         filler.unlink()
@@ -1094,6 +1154,11 @@ async def test_no_message_is_recorded_past_the_voicemail_cap_and_staff_take_it(
     assert record["outcome"] in {"transfer_staff", "transfer_failed"}, record
     assert record["transfer_target"] == line.settings.ivr.staff_uri, record
     assert not [p.name for p in folder.glob(f"{record['id']}-*")], "a message was written"
+    # Put through to staff: the INVITE staff got is this call's.
+    assert incoming["headers"].get("X-Clinic-Call") == record["id"], incoming
+    assert caller.find("confirmed", leg="xfer") is not None, (
+        f"staff never answered: {caller.events}"
+    )
     assert metrics.voicemail_refused.value(reason="voicemail_full") == refused + 1
     told = [
         r

@@ -8,10 +8,15 @@ caller  ``--call URI [--dtmf "4@0.5,1@0.7"] [--answers 4,1,2] [--play IN.wav] [-
         302; each ``--header`` goes on its INVITE: a P-Asserted-Identity, say), sends RFC 4733
         digits at the given seconds after the answer, then (``--answers``) each digit once the bot
         has spoken and then been quiet for ``--answer-gap`` seconds (a caller who listens to
-        each question: the bot takes no early key for a danger sign), plays a WAV to the far end
-        ``--play-at`` seconds after the answer. ``--hold-at S --hold-for H``: puts the call
-        on hold (pjsua's re-INVITE, a=sendonly) S seconds after the answer and takes it off
-        hold (a=sendrecv) H seconds later, reported as ``held`` and ``unheld``.
+        each question: the bot takes no early key for a danger sign); an answer written
+        ``KEY@S`` is typed ahead instead, S seconds after the key before it (into the next
+        question's prompt: for a question that takes early keys), plays a WAV to the far end
+        ``--play-at`` seconds after the answer. ``--hangup-when-quiet Q``: once every
+        ``--answers`` key is sent, hangs up when the bot has spoken and then been quiet for
+        ``Q`` seconds (it has said what follows the last key, and waits), reported as
+        ``hung_up_when_quiet``. ``--hold-at S --hold-for H``: puts the call on hold (pjsua's
+        re-INVITE, a=sendonly) S seconds after the answer and takes it off hold (a=sendrecv)
+        H seconds later, reported as ``held`` and ``unheld``.
         A REFER is accepted (pjsua's default answer, 202) and reported as
         ``{"event": "transfer_request", "to": URI}``; the new call is the ``xfer`` leg and
         is hung up ``--xfer-hold`` seconds after it is answered. ``--hangup-on-refer``: the
@@ -73,7 +78,8 @@ class State:
     held: bool = False  # --hold-at done
     unheld: bool = False  # --hold-for done
     keep: list[Any] = field(default_factory=list)  # players, recorders: alive until exit
-    answers: list[str] = field(default_factory=list)
+    answers: list[tuple[str, float | None]] = field(default_factory=list)  # key, typed after
+    last_key_at: float = 0.0  # seconds after the answer the last key was sent
     heard: Heard | None = None
 
 
@@ -91,6 +97,8 @@ class Heard:
         self.rate = 0
         self.quiet = 0  # samples of quiet since the last speech
         self.spoke = False  # speech since the last key
+        self.read = 0  # samples read so far (the recording starts with the call's media)
+        self.skip_to = 0  # samples before this one are past (said before the last key)
         self._rest = b""
 
     def poll(self) -> None:
@@ -114,10 +122,23 @@ class Heard:
             samples = array("h", data[i : i + frame])
             if sys.byteorder != "little":
                 samples.byteswap()
+            self.read += len(samples)
+            if self.read <= self.skip_to:
+                continue
             if sum(abs(x) for x in samples) / len(samples) > self.LOUD:
                 self.quiet, self.spoke = 0, True
             else:
                 self.quiet += len(samples)
+
+    def key_sent(self, at_s: float) -> None:
+        """A key went out ``at_s`` seconds into the call: what was said before it is past.
+
+        A key typed into a prompt cuts it short, and the file still holds the words before
+        the key for a block or so: they must not count as the next question's."""
+        self.poll()
+        self.spoke, self.quiet = False, 0
+        if self.rate:
+            self.skip_to = max(self.skip_to, round(at_s * self.rate))
 
     def done_speaking(self, gap_s: float) -> bool:
         return self.spoke and self.rate > 0 and self.quiet >= gap_s * self.rate
@@ -252,16 +273,31 @@ def _pump(ep: pj.Endpoint, state: State, deadline: float) -> int:
                 _, digit = state.dtmf.pop(0)
                 call.dialDtmf(digit)
                 say("dtmf_sent", leg=leg.name, digit=digit, at=round(up_for, 3))
+                state.last_key_at = up_for
                 if not state.dtmf and state.heard is not None:
-                    state.heard.spoke = False  # what was said before the last key is past
+                    state.heard.key_sent(up_for)  # what was said before the last key is past
             if state.answers and state.heard is not None and not state.dtmf:
-                # After the timed keys (type-ahead into the menus), the ones that listen.
-                state.heard.poll()
-                if state.heard.done_speaking(args.answer_gap):
-                    digit = state.answers.pop(0)
+                # After the timed keys (type-ahead into the menus), the ones that listen, or
+                # are typed ahead into a question's prompt.
+                digit, after = state.answers[0]
+                if after is None:
+                    state.heard.poll()
+                    due = state.heard.done_speaking(args.answer_gap)
+                else:
+                    due = up_for >= state.last_key_at + after
+                if due:
+                    state.answers.pop(0)
                     call.dialDtmf(digit)
-                    state.heard.spoke = False
+                    state.last_key_at = up_for
+                    state.heard.key_sent(up_for)
                     say("dtmf_sent", leg=leg.name, digit=digit, at=round(up_for, 3))
+            elif args.hangup_when_quiet and state.heard is not None and not state.dtmf:
+                # Every key sent: what follows the last one was said once the bot is quiet.
+                state.heard.poll()
+                if state.heard.done_speaking(args.hangup_when_quiet) and not leg.hung_up:
+                    leg.hung_up = True
+                    call.hangup(pj.CallOpParam(True))
+                    say("hung_up_when_quiet", leg=leg.name, at=round(up_for, 3))
             if args.hold_at and not state.held and up_for >= args.hold_at:
                 state.held = True
                 call.setHold(pj.CallOpParam(True))
@@ -296,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtmf", default="")
     parser.add_argument("--answers", default="")
     parser.add_argument("--answer-gap", type=float, default=0.8)
+    parser.add_argument("--hangup-when-quiet", type=float, default=0.0)
     parser.add_argument("--play", default="")
     parser.add_argument("--play-at", type=float, default=0.0)
     parser.add_argument("--record", default="")
@@ -311,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     state = State(args, parse_dtmf(args.dtmf))
     scratch = ""
     if args.answers:
-        state.answers = [a.strip() for a in args.answers.split(",") if a.strip()]
+        for answer in filter(None, (a.strip() for a in args.answers.split(","))):
+            key, at, after = answer.partition("@")
+            state.answers.append((key, float(after) if at else None))
         if not args.record:
             fd, scratch = tempfile.mkstemp(prefix="ivr-phone-", suffix=".wav")
             os.close(fd)
