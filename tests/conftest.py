@@ -373,7 +373,9 @@ class RedisServer:
                     self._proc.kill()
                     self._proc.wait(timeout=self.STOP_DEADLINE_S)
                     raise _StartFailed(f"no PING answer in {self.START_DEADLINE_S} s")
-                pause.wait(0.01)
+                # It answers within a few ms of its start: a 10 ms pause here made each of
+                # test_prop_erasure.py's ~750 restarts wait 14 ms (10.8 s of a 75 s run).
+                pause.wait(0.002)
         finally:
             client.close()
 
