@@ -6,6 +6,7 @@ its credentials (``clinic``), the way its workers will.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from array import array
@@ -245,7 +246,8 @@ def test_a_transfer_from_the_bot_shows_the_call_and_its_urgency_to_the_phone(
 ) -> None:
     """The nurse (or, when the nurse is not registered, the staff desk) gets X-Clinic-Call
     and X-Clinic-Urgency on Asterisk's INVITE, as the README promises staff phones; the
-    summary stays behind (only the two short headers are copied)."""
+    summary stays behind (only the two short headers are copied). The urgency also leads
+    the name in From, which a desk phone that shows no X- header does show."""
     bot = phone("clinic")
     target = phone(reached, answer="ring")
     caller = phone("6001")
@@ -260,8 +262,45 @@ def test_a_transfer_from_the_bot_shows_the_call_and_its_urgency_to_the_phone(
     assert {k: v for k, v in rung["x_headers"].items() if k.startswith("X-Clinic-")} == (
         TRANSFER_HEADERS
     ), rung
+    assert display_name(rung["from_header"]) == "U1 Tester 6001", rung
     caller.send("hangup")
     target.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        {CALL_HEADER: "c-7f3a9b2e41d04c5f"},
+        {CALL_HEADER: "c-7f3a9b2e41d04c5f", URGENCY_HEADER: "chest pain"},
+    ],
+    ids=["no-urgency", "not-a-level"],
+)
+def test_a_transfer_with_no_urgency_shows_the_caller_as_they_are(
+    phone: PhoneFactory, asterisk: AsteriskRig, sent: dict[str, str]
+) -> None:
+    """CLINIC_TRANSFER_SUMMARY=none sends no X-Clinic-Urgency, and a value that is no level
+    U0-U5 is not shown: the nurse's phone shows the caller's own name, nothing before it."""
+    bot = phone("clinic")
+    target = phone("6100", answer="ring")
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    asterisk.wait_for_bridge()
+    uri = refer_to(f"sip:6100@127.0.0.1:{asterisk.port}", sent.items())
+    bot.send("xfer", uri=uri, headers=sent)
+    rung = target.expect("incoming", timeout_s=10)
+    assert display_name(rung["from_header"]) == "Tester 6001", rung
+    caller.send("hangup")
+    target.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
+def display_name(value: str) -> str:
+    """The display name of a From header's value (``"U1 Ann" <sip:6001@h>;tag=x`` ->
+    ``U1 Ann``), "" when it has none."""
+    m = re.match(r'\s*"((?:[^"\\]|\\.)*)"|\s*([^<"]*?)\s*<', value)
+    if m is None:
+        return ""
+    return m.group(1) if m.group(1) is not None else m.group(2)
 
 
 def test_a_transfer_nobody_takes_is_reported_busy_before_the_message(
