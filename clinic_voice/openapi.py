@@ -297,8 +297,9 @@ SCHEMAS: dict[str, Any] = {
             "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
             "next": {
                 "anyOf": [{"type": "string", "pattern": _CURSOR}, {"type": "null"}],
-                "description": "the cursor of the next page: the start and id of this page's "
-                "last call",
+                "description": "the cursor of the next page: the start and id of the last "
+                "call read for this page (its last call, unless needs_call_back=true left "
+                "calls out); null when no call is left",
             },
             "waiting_on_disk": {
                 "type": "integer",
@@ -536,6 +537,16 @@ def _paths() -> dict[str, Any]:
                             "type": "string",
                             "pattern": _CURSOR,
                         },
+                    },
+                    {
+                        "name": "needs_call_back",
+                        "in": "query",
+                        "description": "true: only the calls the clinic still owes a call "
+                        "back (call_back set, handled_at null), up to 'limit' of them among "
+                        "at most 500 calls read for the page: a page may hold "
+                        "fewer, even none, with a 'next' that goes on after the last call "
+                        "read; follow 'next' until it is null. Keep it on every page.",
+                        "schema": {"type": "string", "enum": ["true", "false"], "default": "false"},
                     },
                 ],
                 "responses": {"200": _json("CallList", "A page of calls"), **_errors(*_COMMON)},

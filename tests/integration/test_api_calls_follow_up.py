@@ -14,6 +14,7 @@ from tests.conftest import RedisServer
 from tests.integration.conftest import API_KEY, CALLS_KEY, StartService
 from voice.ivr.call_record import CallResult
 from voice.ivr.engine import CallRecord
+from voice.ivr.store import EXAMINED_MAX
 from voice.ivr.triage import TriageAction, Urgency
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_blocking")]
@@ -98,3 +99,72 @@ async def test_staff_mark_a_call_handled_and_the_mark_goes_with_the_record(
     assert await client.exists("cv:handled:fu-h2") == 0
     (await api.request("PUT", "/v1/calls/fu-h2/handled")).problem(404, "not-found")
     await client.aclose()
+
+
+async def test_staff_list_only_the_calls_that_still_need_a_call_back(
+    start_service: StartService,
+) -> None:
+    api = await start_service()
+    api.key = CALLS_KEY
+    store = api.app[RUNTIME].need_call_store()
+    # Newest first: owed (a message), taken by the nurse, owed but handled, owed (urgent, nobody
+    # took it), a completed call, owed (transfer unanswered), owed and handled.
+    calls = [
+        ("nc-message", "message_left", None, None),
+        ("nc-taken", "call_emergency+transfer_nurse", Urgency.U1, "sip:6100@127.0.0.1"),
+        ("nc-done", "message_left", None, None),
+        ("nc-urgent", "transfer_failed", Urgency.U1, None),
+        ("nc-fine", "completed", None, None),
+        ("nc-unanswered", "transfer_unanswered", Urgency.U3, None),
+        ("nc-done-too", "hung_up_before_transfer", None, None),
+    ]
+    for n, (call_id, outcome, urgency, target) in enumerate(calls):
+        await store.save(_result(call_id, outcome, urgency, target, 100 + 10 * n))
+    for call_id in ("nc-done", "nc-done-too"):
+        assert (await api.request("PUT", f"/v1/calls/{call_id}/handled")).status == 200
+
+    pages: list[list[str]] = []
+    cursor = ""
+    for _ in range(10):
+        got = await api.request("GET", f"/v1/calls?needs_call_back=true&limit=2{cursor}")
+        assert got.status == 200, got.text
+        pages.append([c["id"] for c in got.json["calls"]])
+        assert all(c["call_back"] and c["handled_at"] is None for c in got.json["calls"])
+        if got.json["next"] is None:
+            break
+        cursor = f"&cursor={got.json['next']}"
+    assert pages == [["nc-message", "nc-urgent"], ["nc-unanswered"]], pages
+    # false, or no parameter: every call, handled or not.
+    every = await api.request("GET", "/v1/calls?needs_call_back=false&limit=10")
+    assert [c["id"] for c in every.json["calls"]] == [c[0] for c in calls], every.text
+    # Once handled, a call leaves the list; unmarked, it is back.
+    assert (await api.request("PUT", "/v1/calls/nc-urgent/handled")).status == 200
+    assert (await api.request("DELETE", "/v1/calls/nc-done/handled")).status == 200
+    owed = await api.request("GET", "/v1/calls?needs_call_back=true")
+    assert [c["id"] for c in owed.json["calls"]] == ["nc-message", "nc-done", "nc-unanswered"]
+    assert owed.json["next"] is None
+
+    for bad in ("yes", "1", "True", ""):
+        problem = (await api.request("GET", f"/v1/calls?needs_call_back={bad}")).problem(
+            422, "invalid-request"
+        )
+        assert problem["field"] == "needs_call_back", problem
+
+
+async def test_a_page_of_calls_that_need_a_call_back_reads_a_bounded_number(
+    start_service: StartService,
+) -> None:
+    # More calls none of which needs a call back than a page reads: the page comes back
+    # empty with a cursor, and the next finds the one below them.
+    api = await start_service()
+    api.key = CALLS_KEY
+    store = api.app[RUNTIME].need_call_store()
+    await store.save(_result("nb-owed", "message_left", None, None, 5000))
+    for n in range(EXAMINED_MAX):
+        await store.save(_result(f"nb-{n}", "completed", None, None, 1000 + n))
+    first = await api.request("GET", "/v1/calls?needs_call_back=true")
+    assert first.status == 200, first.text
+    assert first.json["calls"] == [] and first.json["next"] is not None, first.json
+    second = await api.request("GET", f"/v1/calls?needs_call_back=true&cursor={first.json['next']}")
+    assert [c["id"] for c in second.json["calls"]] == ["nb-owed"], second.text
+    assert second.json["next"] is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -61,6 +62,41 @@ async def test_pages_are_newest_first_and_the_cursor_continues(mux: RedisMux) ->
     second = await store.recent(10, first.next_cursor)
     assert [c["id"] for c in second.calls] == ["c-2", "c-1", "c-0"]
     assert second.next_cursor is None
+
+
+async def test_a_page_of_some_calls_reads_a_bounded_number_and_goes_on_after_the_last(
+    mux: RedisMux,
+) -> None:
+    # Calls c-0 .. c-11, c-11 newest; those kept: c-10 and c-9 (of one start), c-2; c-9 is
+    # marked handled, and the filter is given the mark. At most 4 calls read for a page.
+    store = CallStore(mux, SECRET, retention_days=30)
+    starts = {i: T0 + (9 if i == 10 else i) for i in range(12)}
+    await asyncio.gather(*(store.save(_result(f"c-{i}", s)) for i, s in starts.items()))
+    assert await store.mark_handled("c-9", True)
+    wanted = {"c-10", "c-9", "c-2"}
+    seen: list[tuple[str, str | None]] = []
+
+    def keep(doc: dict[str, Any], handled_at: str | None) -> bool:
+        seen.append((doc["id"], handled_at))
+        return doc["id"] in wanted
+
+    pages: list[list[str]] = []
+    handled: dict[str, str] = {}
+    cursor: Cursor | None = None
+    for _ in range(10):
+        page = await store.recent(2, cursor, keep, examine=4)
+        pages.append([c["id"] for c in page.calls])
+        handled.update(page.handled)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    # The list's order: c-11, then the start of c-9 and c-10 ("c-9" > "c-10" bytewise), then
+    # c-8 .. c-0. Full at c-10 (3 read); c-8 .. c-5 read, none kept: an empty page that goes
+    # on; c-4 .. c-1 read, c-2 kept; c-0 read, the index ends.
+    assert pages == [["c-9", "c-10"], [], ["c-2"], []], pages
+    assert [i for i, _ in seen] == [f"c-{i}" for i in (11, 9, 10, 8, 7, 6, 5, 4, 3, 2, 1, 0)]
+    assert dict(seen)["c-9"] is not None and dict(seen)["c-2"] is None, seen
+    assert list(handled) == ["c-9"], handled
 
 
 async def test_a_page_after_a_call_erased_since_begins_after_it_all_the_same(

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from voice.ivr.follow_up import call_back, for_staff
+from voice.ivr.follow_up import call_back, for_staff, needs_call_back
 from voice.ivr.triage import URGENCY_MEANING, Urgency
 
 
@@ -72,3 +72,10 @@ def test_the_handled_mark_is_shown_beside_the_reason() -> None:
     assert shown["handled_at"] == "2027-01-15T08:00:00.000Z"
     assert shown["call_back"] is not None, "marking a call handled keeps why it needed one"
     assert for_staff(_record("message_left"))["handled_at"] is None
+
+
+def test_a_call_needs_a_call_back_until_it_is_marked_handled() -> None:
+    owed = _record("message_left")
+    assert needs_call_back(owed, None)
+    assert not needs_call_back(owed, "2026-12-07T08:00:00.000Z")
+    assert not needs_call_back(_record("call_emergency+transfer_nurse", "U1", "sip:6100"), None)

@@ -31,6 +31,7 @@ from verification.model import (
 )
 from verification.numbers import cli_filter
 from voice.ivr import api as calls_api
+from voice.ivr.store import EXAMINED_MAX
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -333,3 +334,12 @@ def test_every_problem_type_is_in_the_readme_table() -> None:
     text = README.read_text()
     missing = sorted(s for s in slugs if f"| `{s}` |" not in text)
     assert not missing, f"problem types without a README row: {missing}"
+
+
+def test_the_call_list_documents_its_filter_and_how_many_calls_a_page_reads() -> None:
+    params = {p["name"]: p for p in DOC["paths"]["/v1/calls"]["get"]["parameters"]}
+    assert set(params) == {"limit", "cursor", calls_api.NEEDS_CALL_BACK}, set(params)
+    owed = params[calls_api.NEEDS_CALL_BACK]
+    assert owed["schema"]["enum"] == ["true", "false"], owed
+    assert f"at most {EXAMINED_MAX} calls read" in owed["description"], owed
+    assert f"at most {EXAMINED_MAX} calls" in README.read_text(encoding="utf-8")

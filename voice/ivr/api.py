@@ -19,11 +19,14 @@ from verification.errors import (
 )
 from voice.ivr.cursor import Cursor, CursorInvalid
 from voice.ivr.erasure import CallErasure, CallUnderWay, ErasureIncomplete
-from voice.ivr.follow_up import for_staff
+from voice.ivr.follow_up import for_staff, needs_call_back
 from voice.ivr.store import CallRecordUnreadable, CallStore, CallStoreUnavailable
 from voice.ivr.voicemail import NAME, Voicemails, VoicemailUnreadable
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# GET /v1/calls?needs_call_back=true: only the calls the clinic still owes a call back
+# (voice/ivr/follow_up.py), at most EXAMINED_MAX read for a page (voice/ivr/store.py).
+NEEDS_CALL_BACK = "needs_call_back"
 # How long staff are asked to wait before erasing a call still under way: most calls take a
 # few minutes, and a retry costs nothing.
 CALL_UNDER_WAY_RETRY_S = 60
@@ -96,7 +99,7 @@ class CallsApi:
 
     async def list(self, request: web.Request) -> web.Response:
         q = request.query
-        unknown = sorted(set(q) - {"limit", "cursor"})
+        unknown = sorted(set(q) - {"limit", "cursor", NEEDS_CALL_BACK})
         if unknown:
             raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}", fields=unknown)
         limit_raw = q.get("limit", "20")
@@ -110,17 +113,19 @@ class CallsApi:
                 raise InvalidRequest(
                     "'cursor' is not one this API gave out", field="cursor"
                 ) from None
+        only_owed = q.get(NEEDS_CALL_BACK, "false")
+        if only_owed not in {"true", "false"}:
+            raise InvalidRequest(
+                f"'{NEEDS_CALL_BACK}' must be true or false", field=NEEDS_CALL_BACK
+            )
+        keep = needs_call_back if only_owed == "true" else None
         try:
-            page = await self._store().recent(int(limit_raw), after)
+            page = await self._store().recent(int(limit_raw), after, keep)
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
         following = None if page.next_cursor is None else str(page.next_cursor)
-        try:
-            handled = await self._store().handled_at([c["id"] for c in page.calls])
-        except CallStoreUnavailable as exc:
-            raise StoreUnavailable(str(exc)) from exc
         answer: dict[str, Any] = {
-            "calls": [for_staff(c, handled.get(c["id"])) for c in page.calls],
+            "calls": [for_staff(c, page.handled.get(c["id"])) for c in page.calls],
             "next": following,
         }
         waiting = self._on_disk()

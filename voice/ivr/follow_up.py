@@ -57,6 +57,12 @@ def call_back(record: dict[str, Any]) -> str | None:
     return "; ".join(reasons) or None
 
 
+def needs_call_back(record: dict[str, Any], handled_at: str | None) -> bool:
+    """Whether the clinic still owes this caller a call back: a reason (:func:`call_back`)
+    and staff have not marked the call handled (``GET /v1/calls?needs_call_back=true``)."""
+    return handled_at is None and call_back(record) is not None
+
+
 def for_staff(record: dict[str, Any], handled_at: str | None = None) -> dict[str, Any]:
     """The record as ``GET /v1/calls`` shows it: the urgency's meaning in the triage,
     ``call_back``, and ``handled_at`` (when staff marked it handled, or None)."""

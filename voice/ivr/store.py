@@ -43,8 +43,8 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
@@ -72,6 +72,12 @@ HANDLED_PREFIX = "cv:handled:"
 COMPACT_ASKED = "cv:aof-compact-asked"
 COMPACT_ASKED_TTL_S = 86400
 PAGE_MAX = 100
+# How many calls a page read examines at most when it lists only some of them
+# (``GET /v1/calls?needs_call_back=true``): five reads of PAGE_MAX records, each the work of
+# an unfiltered page of 100 (an MGET, then opening each record between two awaits), so a line
+# with a few calls to return among thousands answers within a bounded time; the page then
+# holds what matched among them, even none, and its cursor goes on from the last one read.
+EXAMINED_MAX = 500
 # The records (and voicemail messages: voice/ivr/voicemail.py) that do not open, logged once
 # each, that are remembered: past this many, the oldest is forgotten (logged again if read
 # again), so a process that runs for months with records sealed under a lost secret does not
@@ -278,6 +284,13 @@ class SealedRecord:
 class Page:
     calls: list[dict[str, Any]]
     next_cursor: Cursor | None  # where the next page begins; None after the last
+    # When staff marked each call of the page handled, for those marked (read with them).
+    handled: dict[str, str] = field(default_factory=dict)
+
+
+# Which calls a page lists (:meth:`CallStore.recent`): given a record and when staff marked
+# it handled (None: not marked).
+Keep = Callable[[dict[str, Any], str | None], bool]
 
 
 class Saved(Enum):
@@ -563,70 +576,118 @@ class CallStore:
         except (RedisError, OSError) as exc:
             raise CallStoreUnavailable(str(exc)) from exc
 
-    async def recent(self, limit: int, after: Cursor | None) -> Page:
+    async def recent(
+        self,
+        limit: int,
+        after: Cursor | None,
+        keep: Keep | None = None,
+        *,
+        examine: int = EXAMINED_MAX,
+    ) -> Page:
         """Newest first, and by id among calls of one start; ``after`` is the cursor of the
         previous page (voice/ivr/cursor.py). Calls past the retention are not listed, and the
         index is trimmed of them (on a quiet line, no save trims it): best effort, so that a
         Redis refusing writes (a full disk, a read-only replica) still lets staff read the
-        list."""
+        list.
+
+        ``keep``: only the calls it keeps (given the record and the call's handled mark),
+        up to ``limit`` of them, out of at most ``examine`` calls (at least ``limit``) read
+        :data:`PAGE_MAX` at a time; the cursor is then that of the last call read, kept or
+        not, so the next page goes on from there: no call skipped or listed twice, and a
+        page of few matches (none, even) still comes back with a cursor while calls are
+        left to read."""
         limit = max(1, min(limit, PAGE_MAX))
+        bound = limit if keep is None else max(limit, examine)
         now = self._clock.now()
         oldest = repr(now - self._ttl_s)
+        calls: list[dict[str, Any]] = []
+        handled: dict[str, str] = {}
+        position = after
+        examined = 0
         try:
             try:
                 await self._r.execute("ZREMRANGEBYSCORE", INDEX, "-inf", oldest)
             except ResponseError as exc:  # writes refused: the read below still answers
                 log.debug("the calls index could not be trimmed: %s", exc)
-            if after is None:
-                flat = await self._r.execute(
+            while True:
+                want = min(PAGE_MAX, bound - examined)
+                rows = await self._index_rows(position, want, now, oldest)  # want + 1 at most
+                ids = [r[0] for r in rows[:want]]
+                # The records and their handled marks in one read: a mark is the same
+                # instant's as its record.
+                got = (
+                    await self._r.execute(
+                        "MGET", *[_key(i) for i in ids], *[_handled_key(i) for i in ids]
+                    )
+                    if ids
+                    else []
+                )
+                full_at: int | None = None
+                for k, (i, sealed, mark) in enumerate(
+                    zip(ids, got[: len(ids)], got[len(ids) :], strict=True)
+                ):
+                    examined += 1
+                    position = Cursor(rows[k][1], i)
+                    if sealed is None:
+                        continue
+                    try:
+                        doc = self._open_stored(i, str(sealed))
+                    except CallRecordUnreadable:
+                        continue  # one unreadable record must not hide every other call
+                    at = None if mark is None else str(mark)
+                    if keep is not None and not keep(doc, at):
+                        continue
+                    calls.append(doc)
+                    if at is not None:
+                        handled[i] = at
+                    if len(calls) == limit:
+                        full_at = k
+                        break
+                if full_at is not None:
+                    more = full_at < len(rows) - 1
+                    break
+                if len(rows) <= want:  # the index ends here
+                    more = False
+                    break
+                if examined >= bound:
+                    more = True
+                    break
+        except (RedisError, OSError) as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
+        return Page(calls, position if more else None, handled)
+
+    async def _index_rows(
+        self, after: Cursor | None, count: int, now: float, oldest: str
+    ) -> list[tuple[str, float]]:
+        """Up to ``count`` + 1 calls of the index (id, start) after ``after``, newest first
+        (the one more tells whether any are left)."""
+        if after is None:
+            flat = await self._r.execute(
+                "ZREVRANGEBYSCORE", INDEX, "+inf", f"({oldest}", "WITHSCORES", "LIMIT", 0, count + 1
+            )
+            return _scored(flat)
+        # The calls of the cursor's start (all of them: Redis cannot range by score and id at
+        # once; one start holds a few calls at most), then those below it, in one
+        # transaction: a save between the two reads could not shift the page.
+        at = repr(after.started_at)
+        same, below = await self._r.transaction(
+            [
+                ("ZREVRANGEBYSCORE", INDEX, at, at),
+                (
                     "ZREVRANGEBYSCORE",
                     INDEX,
-                    "+inf",
+                    f"({at}",
                     f"({oldest}",
                     "WITHSCORES",
                     "LIMIT",
                     0,
-                    limit + 1,
-                )
-                rows = _scored(flat)
-            else:
-                # The calls of the cursor's start (all of them: Redis cannot range by score
-                # and id at once; one start holds a few calls at most), then those below it,
-                # in one transaction: a save between the two reads could not shift the page.
-                at = repr(after.started_at)
-                same, below = await self._r.transaction(
-                    [
-                        ("ZREVRANGEBYSCORE", INDEX, at, at),
-                        (
-                            "ZREVRANGEBYSCORE",
-                            INDEX,
-                            f"({at}",
-                            f"({oldest}",
-                            "WITHSCORES",
-                            "LIMIT",
-                            0,
-                            limit + 1,
-                        ),
-                    ]
-                )
-                kept = (
-                    after.after(str(m) for m in same)
-                    if within_retention(after.started_at, now, self._ttl_s)
-                    else []
-                )
-                rows = [(m, after.started_at) for m in kept] + _scored(below)
-            ids = [r[0] for r in rows[:limit]]
-            sealed = await self._r.execute("MGET", *[_key(i) for i in ids]) if ids else []
-        except (RedisError, OSError) as exc:
-            raise CallStoreUnavailable(str(exc)) from exc
-        calls = []
-        for i, s in zip(ids, sealed, strict=True):
-            if s is None:
-                continue
-            try:
-                calls.append(self._open_stored(i, str(s)))
-            except CallRecordUnreadable:
-                continue  # one unreadable record must not hide every other call
-        more = len(rows) > limit
-        last = Cursor(rows[limit - 1][1], rows[limit - 1][0]) if more else None
-        return Page(calls, last)
+                    count + 1,
+                ),
+            ]
+        )
+        kept = (
+            after.after(str(m) for m in same)
+            if within_retention(after.started_at, now, self._ttl_s)
+            else []
+        )
+        return [(m, after.started_at) for m in kept] + _scored(below)
