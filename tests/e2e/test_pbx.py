@@ -263,6 +263,7 @@ def test_a_transfer_from_the_bot_shows_the_call_and_its_urgency_to_the_phone(
         TRANSFER_HEADERS
     ), rung
     assert display_name(rung["from_header"]) == "U1 Tester 6001", rung
+    assert display_name(rung["pai"]) == "U1 Tester 6001", rung
     caller.send("hangup")
     target.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
 
@@ -290,6 +291,7 @@ def test_a_transfer_with_no_urgency_shows_the_caller_as_they_are(
     bot.send("xfer", uri=uri, headers=sent)
     rung = target.expect("incoming", timeout_s=10)
     assert display_name(rung["from_header"]) == "Tester 6001", rung
+    assert display_name(rung["pai"]) == "Tester 6001", rung
     caller.send("hangup")
     target.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
 
