@@ -6,7 +6,6 @@ its credentials (``clinic``), the way its workers will.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from array import array
@@ -16,7 +15,7 @@ import pytest
 
 from tests.e2e.conftest import PhoneFactory
 from tests.e2e.rig import AsteriskRig
-from tests.peers.pbx_softphone import Event, Softphone
+from tests.peers.pbx_softphone import Event, Softphone, display_name
 from tests.peers.pbx_softphone import call_state as state
 from voice.ivr.engine import SUMMARY_HEADER, URGENCY_HEADER
 from voice.ivr.session import CALL_HEADER, refer_to
@@ -294,15 +293,6 @@ def test_a_transfer_with_no_urgency_shows_the_caller_as_they_are(
     assert display_name(rung["pai"]) == "Tester 6001", rung
     caller.send("hangup")
     target.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
-
-
-def display_name(value: str) -> str:
-    """The display name of a From header's value (``"U1 Ann" <sip:6001@h>;tag=x`` ->
-    ``U1 Ann``), "" when it has none."""
-    m = re.match(r'\s*"((?:[^"\\]|\\.)*)"|\s*([^<"]*?)\s*<', value)
-    if m is None:
-        return ""
-    return m.group(1) if m.group(1) is not None else m.group(2)
 
 
 def test_a_transfer_nobody_takes_is_reported_busy_before_the_message(

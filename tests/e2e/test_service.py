@@ -33,7 +33,7 @@ from tests.e2e.rig import (
     service_env,
 )
 from tests.peers.pbx_service import PINNED_CODE_ENV
-from tests.peers.pbx_softphone import Softphone, call_state
+from tests.peers.pbx_softphone import Softphone, call_state, display_name
 from tests.peers.spoken_code_refs import code_digits
 from verification.wording import DEFAULT
 from voice.media.audio_match import rank
@@ -383,6 +383,8 @@ def test_triage_breathing_difficulty_transfers_to_the_nurse(
     # The nurse's phone shows the call record and its urgency (README), through Asterisk.
     clinic = {k: v for k, v in rung["x_headers"].items() if k.startswith("X-Clinic-")}
     assert clinic == {"X-Clinic-Call": record["id"], "X-Clinic-Urgency": "U1"}, rung
+    # And on its screen, which shows no X- header: the urgency before the caller's name.
+    assert display_name(rung["from_header"]) == "U1 Tester 6001", rung
     caller.send("hangup")
     nurse.expect("call_state", where=call_state("DISCONNECTED"), timeout_s=10)
 

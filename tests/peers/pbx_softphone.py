@@ -235,6 +235,15 @@ def x_headers(message: str) -> dict[str, str]:
     return found
 
 
+def display_name(value: str) -> str:
+    """The display name of a From header's value (``"U1 Ann" <sip:6001@h>;tag=x`` ->
+    ``U1 Ann``), "" when it has none."""
+    m = re.match(r'\s*"((?:[^"\\]|\\.)*)"|\s*([^<"]*?)\s*<', value)
+    if m is None:
+        return ""
+    return m.group(1) if m.group(1) is not None else m.group(2)
+
+
 def uri_user(value: str) -> str:
     """The user part of the SIP URI in a header value (``"x" <sip:+4474@h>`` -> ``+4474``)."""
     m = re.search(r"sips?:([^@;>]+)@", value)
