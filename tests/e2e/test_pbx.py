@@ -295,6 +295,59 @@ def test_a_transfer_with_no_urgency_shows_the_caller_as_they_are(
     target.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
 
 
+def test_a_caller_cannot_transfer_the_bot_to_the_nurse(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """Only the bot's REFER may use [clinic-transfers]. A caller's own phone that sends a
+    blind REFER on its call to the clinic line must not move the bot's leg to the nurse,
+    let alone with X-Clinic-* headers of its own making (a forged call id and urgency on
+    the nurse's screen): Asterisk refuses it (404), the nurse's phone does not ring, and
+    the caller stays with the bot."""
+    bot = phone("clinic")
+    nurse = phone("6100", answer="ring")
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    bot.expect("media_active", timeout_s=5)
+    asterisk.wait_for_bridge()
+    forged = {CALL_HEADER: "c-forged", URGENCY_HEADER: "U1"}
+    uri = refer_to(f"sip:6100@127.0.0.1:{asterisk.port}", forged.items())
+    caller.send("xfer", uri=uri, headers=forged)
+    refused = caller.expect("transfer_status", where=lambda e: e["final"], timeout_s=5)
+    assert not [e for e in nurse.drain(1.0) if e["event"] == "incoming"], nurse.story()
+    assert refused["code"] == 404, refused
+    # Nothing else changed: the caller's keys still reach the bot.
+    threading.Event().wait(0.5)  # strictrtp learns the source first (see the DTMF test)
+    caller.send("dtmf", digits="5")
+    assert bot.expect("dtmf", timeout_s=5)["digit"] == "5"
+    caller.send("hangup")
+    bot.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
+def test_the_nurse_can_hand_a_transferred_caller_to_the_staff_desk(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """What the caller may not do, the nurse who took them from the bot still may: her
+    REFER is looked up in [clinic-transfers], so the staff desk rings for the caller."""
+    bot = phone("clinic")
+    nurse = phone("6100")
+    staff = phone("6200", answer="ring")
+    caller = phone("6001")
+    caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
+    bot.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    asterisk.wait_for_bridge()
+    uri = refer_to(f"sip:6100@127.0.0.1:{asterisk.port}", TRANSFER_HEADERS.items())
+    bot.send("xfer", uri=uri, headers=TRANSFER_HEADERS)
+    nurse.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    bot.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+    asterisk.wait_for_bridge()
+    nurse.send("xfer", uri=f"sip:6200@127.0.0.1:{asterisk.port}")
+    rung = staff.expect("incoming", timeout_s=10)
+    assert rung["from_user"] == "6001", rung
+    caller.send("hangup")
+    staff.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
 def test_a_transfer_nobody_takes_is_reported_busy_before_the_message(
     phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:

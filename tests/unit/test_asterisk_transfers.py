@@ -34,11 +34,21 @@ def test_no_stranger_reaches_an_extension_without_a_password() -> None:
 def test_a_refer_from_the_service_reaches_the_nurse_and_the_staff_desk_only() -> None:
     """The bot's REFERs are looked up in the context ``[clinic-line]`` hands its channel
     (``TRANSFER_CONTEXT``): it holds 6100 and 6200 and includes nothing, so a REFER cannot
-    ring another extension or leave the PBX."""
+    ring another extension or leave the PBX. The caller's own channel gets a context with
+    nothing in it, and none of it is inherited (``__``): a caller's REFER is refused
+    (``tests/e2e/test_pbx.py``), not looked up where the bot's is."""
     plan = dialplan()
     text = (PBX / "extensions.conf").read_text().splitlines()
     sets = [line for line in text if "TRANSFER_CONTEXT=" in line.split(";", 1)[0]]
-    assert len(sets) == 1 and "__TRANSFER_CONTEXT=clinic-transfers" in sets[0], sets
+    assert sets and not [line for line in sets if "_TRANSFER_CONTEXT=" in line], sets
+    named = {re.sub(r"\).*", "", line.split("TRANSFER_CONTEXT=", 1)[1]) for line in sets}
+    assert named == {"clinic-transfers", "caller-transfers"}, sets
+    assert plan["caller-transfers"] == [], plan["caller-transfers"]
+    line = text.index("[clinic-line]")
+    section = text[line : text.index("", line)]  # up to its first blank line
+    assert any("Set(TRANSFER_CONTEXT=caller-transfers)" in x for x in section), section
+    assert any("Dial(${WORKER},20,b(bot-leg^s^1))" in x for x in section), section
+    assert plan["bot-leg"][0] == ("s", "1,Set(TRANSFER_CONTEXT=clinic-transfers)")
     transfers = plan["clinic-transfers"]
     assert not [p for p, _ in transfers if p.startswith("include:")], transfers
     assert sorted(p for p, _ in transfers) == [NURSE, STAFF], transfers
