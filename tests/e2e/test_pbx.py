@@ -324,6 +324,28 @@ def test_a_caller_cannot_transfer_the_bot_to_the_nurse(
     bot.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
 
 
+def test_the_phone_a_voice_code_call_reaches_cannot_transfer_it(
+    phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """The service's calls reach the patients' phones only ([from-clinic]): the phone that
+    answers a voice-code call must not hand it on with a REFER either, to the nurse (who
+    would hear the code read out) or anywhere else. Asterisk refuses it (404)."""
+    bot = phone("clinic")
+    nurse = phone("6100", answer="ring")
+    callee = phone("6001")
+    bot.send("call", uri=f"sip:+14155556001@127.0.0.1:{asterisk.port}")
+    callee.expect("incoming", timeout_s=10)
+    callee.send("answer")
+    callee.expect("call_state", where=state("CONFIRMED"), timeout_s=10)
+    asterisk.wait_for_bridge()
+    callee.send("xfer", uri=f"sip:6100@127.0.0.1:{asterisk.port}")
+    refused = callee.expect("transfer_status", where=lambda e: e["final"], timeout_s=5)
+    assert not [e for e in nurse.drain(1.0) if e["event"] == "incoming"], nurse.story()
+    assert refused["code"] == 404, refused
+    callee.send("hangup")
+    bot.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+
+
 def test_the_nurse_can_hand_a_transferred_caller_to_the_staff_desk(
     phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:

@@ -55,6 +55,8 @@ def test_a_refer_from_the_service_reaches_the_nurse_and_the_staff_desk_only() ->
     for number in ("6001", "+14155556001", "0044123456789", "700"):
         assert not any(matches(p, number) for p, _ in transfers), number
     assert endpoints()["clinic"]["context"] == "from-clinic"  # the service's own calls
+    # ... whose far end (a voice-code call's phone) cannot hand them on either.
+    assert endpoints()["clinic"].get("set_var") == "__TRANSFER_CONTEXT=caller-transfers"
 
 
 def test_the_readme_says_who_learns_the_transfer_addresses_in_direct_mode() -> None:
