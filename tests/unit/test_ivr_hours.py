@@ -264,6 +264,42 @@ def test_the_closed_main_menu_offers_a_message_after_three_silences() -> None:
     assert plays(actions)[-2] in flow.static_prompts(params(False))
 
 
+def _closed_offer(engine: Engine) -> tuple[CallState, list[str]]:
+    """The test flow out of hours, its menu given up by three silences: the notice and the
+    message offer under way."""
+    state, actions = engine.start(engine.flowset.get("t"))
+    for _ in range(20):
+        if state.pending is Pending.MESSAGE:
+            return state, plays(actions)
+        event = NoInput() if state.phase is Phase.LISTENING else PromptDone()
+        state, actions = engine.handle(state, event)
+    raise AssertionError(f"no message offer: {state}")
+
+
+def test_a_closed_notice_with_the_message_offer_unheard_is_said_once_more(flows: Path) -> None:
+    # The closed notice (the out-of-hours GP's number, 112) with the message offer after it.
+    # Alone before the goodbye it is said again should it fail, and unheard twice the call is
+    # out_of_hours_unheard: someone calls back. Carrying the offer, it was skipped at once to
+    # the beep, and the record still said out_of_hours: "the caller was told the numbers".
+    engine = Engine(load_flows(flows), params(False))
+    state, said = _closed_offer(engine)
+    assert said == [f"{NOTICE} {OFFER}"]
+    state, actions = engine.handle(state, PromptFailed())
+    assert plays(actions) == said, actions  # once more, not the beep
+    heard, actions = engine.handle(state, PromptDone())
+    assert heard.phase is Phase.RECORDING
+    heard, actions = engine.handle(heard, RecordDone(ref="", duration_s=0, silent=True))
+    heard, actions = engine.handle(heard, PromptDone())
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "out_of_hours"  # heard the second time: told
+    state, actions = engine.handle(state, PromptFailed())
+    assert state.phase is Phase.RECORDING  # the message may still be left
+    state, actions = engine.handle(state, RecordDone(ref="", duration_s=0, silent=True))
+    state, actions = engine.handle(state, PromptDone())
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.record.outcome == "out_of_hours_unheard"
+
+
 def test_a_staff_transfer_step_while_closed_is_the_notice(flows: Path) -> None:
     actions, store = run(Engine(load_flows(flows), params(False)), "t", ["1"])
     assert not transfers(actions)

@@ -642,17 +642,25 @@ def _safety_words(state: CallState, node: Node | None) -> bool:
     caller leaves with them), any prompt to an urgent caller on the way to a human (a say, or
     the transfer's own prompt: "this may be an emergency, hang up and call 112 now"), a
     triage's advice said before a human the caller asked for, a say whose words back an
-    outcome, and a message offer that carries a triage's advice the caller has not heard."""
+    outcome, and a message offer that carries a triage's advice the caller has not heard or
+    the closed notice."""
     if state.pending is Pending.HANGUP:
         return True
     if state.pending is Pending.MESSAGE:
-        return bool(state.unheard_advice)
+        # The closed notice before the offer (the out-of-hours service, the emergency
+        # number) is what the caller leaves with, as it is before a goodbye.
+        return bool(state.unheard_advice) or _tells_closed(state)
     if _advice_to_human(state, node) or _backs_outcome(state, node):
         return True
     return _urgent(state) and (
         state.pending is Pending.TRANSFER
         or (state.pending is Pending.NEXT and isinstance(node, Say))
     )
+
+
+def _tells_closed(state: CallState) -> bool:
+    """Whether the prompt under way says the closed notice (``{closed_notice}``)."""
+    return bool(placeholders(state.asked) & CLOSED_WORDS)
 
 
 def _tellable(state: CallState) -> bool:
@@ -914,7 +922,12 @@ class Engine:
             # Said again before the message offer or the goodbye, should the transfer fail,
             # as the advice the nurse was tried for is (_advice).
             state = replace(state, unheard_advice=node.prompt)
-        if state.pending is Pending.HANGUP and state.outcome == OUT_OF_HOURS_OUTCOME:
+        if (
+            state.pending in {Pending.HANGUP, Pending.MESSAGE}
+            and state.outcome == OUT_OF_HOURS_OUTCOME
+        ):
+            # The notice unheard (before a goodbye, or before the message offer out of
+            # hours): nobody told the caller the numbers to call.
             state = replace(state, outcome=OUT_OF_HOURS_UNHEARD_OUTCOME)
         elif (
             state.pending is Pending.HANGUP
