@@ -292,6 +292,23 @@ def test_a_stop_removes_the_services_empty_folders_outside_the_data_dir(
     assert (data_dir / "private").is_dir(), "the data dir's own folder is kept"
 
 
+def test_a_stop_after_a_sweep_removes_the_folder_a_killed_run_left(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    # serve killed during a call leaves its tmpfs folder with the code's file in it; the next
+    # start sweeps the file. A run that then takes no call wrote nothing there, and its stop
+    # left the empty clinic-voice-private-* folder in /dev/shm for good.
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    killed = PrivateFolder(data_dir, ram, temp_root=tmp_path)
+    left = killed.write("code-", _writer(b"x"))  # no close: SIGKILL
+    restarted = PrivateFolder(data_dir, ram, temp_root=tmp_path)
+    assert restarted.sweep("code-*.wav", None, 0.0) == 1 and not left.exists()
+    restarted.close()
+    assert list(ram.iterdir()) == [], "the swept tmpfs folder outlived the service"
+    assert not (data_dir / "private").exists()
+
+
 def test_a_folder_replaced_under_a_running_service_is_checked_again(
     tmp_path: Path, data_dir: Path
 ) -> None:

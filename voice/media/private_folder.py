@@ -164,6 +164,7 @@ class PrivateFolder:
         self._chain: tuple[Path, ...] | None = None
         self._refused: set[Path] = set()
         self._ready: set[Path] = set()  # checked (or made) this run
+        self._swept: set[Path] = set()  # ours outside the data dir, found by a sweep
         self._failed: set[Path] = set()  # a write failed there: said once
 
     def chain(self) -> tuple[Path, ...]:
@@ -219,6 +220,9 @@ class PrivateFolder:
                 removed += remove_files(folder, pattern, older_than_s, now)
             except OSError as exc:
                 log.warning("private files: %s cannot be swept: %s", folder, exc)
+            if folder.parent != self._data_dir:
+                with self._lock:  # a killed run's: this run's stop removes it once empty
+                    self._swept.add(folder)
             if folder not in known:  # one of ours beside a taken name, by an earlier run
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # once empty
@@ -244,10 +248,12 @@ class PrivateFolder:
         """At the service's stop: remove its folders outside the data dir (on tmpfs, in the
         temporary folder) if they are empty, so that no run leaves one there. A file still
         in one (a call ended by the stop, its deletion racing this) keeps it for the next
-        start's sweep."""
+        start's sweep. Those a killed run left, which this run's sweep emptied, go too: a
+        run that wrote nothing there would otherwise leave them for good."""
         with self._lock:
-            made = [f for f in self._ready if f.parent != self._data_dir]
+            made = [f for f in self._ready | self._swept if f.parent != self._data_dir]
             self._ready.clear()
+            self._swept.clear()
         for folder in made:
             try:
                 folder.rmdir()
