@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -25,11 +27,13 @@ from verification.channels.base import ChannelAdapter
 from verification.channels.flash_call import FlashCallChannel
 from verification.channels.sip_route import can_send, over_udp
 from verification.channels.sms_sip import SipSmsChannel
-from verification.channels.voice_call import VoiceCallChannel
+from verification.channels.voice_call import VoiceCallChannel, longest_call_s
+from verification.codes import MAX_LENGTH
 from verification.model import Channel
 from verification.wording import DEFAULT
 from voice.ivr.flow import FlowSet
 from voice.media import spoken_code
+from voice.media.pcm import read_wav
 from voice.media.private_folder import PrivateFolder
 from voice.media.tts import PromptRenderer
 from voice.sip.caller_identity import too_broad
@@ -48,6 +52,29 @@ STALE_CODE_FILE_S = 300.0
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 Factory = Callable[[Runtime], ChannelAdapter | None]
+
+
+def voice_step_too_short(settings: Settings, rendered: Sequence[Path]) -> str:
+    """Why CLINIC_STEP_TIMEOUT_VOICE_S cannot hold the longest voice call, measured on the
+    English prompts as rendered (``rendered``: the keypress question, the code's head, the
+    digits 0 to 9), or "". The settings' floor (VOICE_CALL_S) is an estimate at the default
+    speech rate: a slower CLINIC_TTS_WORDS_PER_MINUTE, a long CLINIC_NAME and an 8-digit
+    code need more. Blocking (reads the files)."""
+    question_s, head_s, *digit_s = (read_wav(p).duration_s for p in rendered)
+    longest = longest_call_s(
+        question_s,
+        spoken_code.reading_s(head_s, digit_s, MAX_LENGTH),
+        settings.sip.voice_otp_keypress,
+    )
+    step_s = settings.verification.step_timeout_voice_s
+    if step_s >= longest:
+        return ""
+    return (
+        f"CLINIC_STEP_TIMEOUT_VOICE_S is {step_s} s, and a voice call can take "
+        f"{longest:.0f} s (ringing, the question twice, a code of {MAX_LENGTH} digits read "
+        f"twice at {settings.tts_words_per_minute} words a minute): the step would move on "
+        f"while the code is read, and call again; set it to {math.ceil(longest) + 5} or more"
+    )
 
 
 def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
@@ -74,7 +101,7 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
         if once:
             log.warning("removed %d prompt file(s) of a caller, left by an earlier run", once)
         # Static prompts now, so the first caller does not wait for a render.
-        await rt.renderer.prerender(
+        rendered = await rt.renderer.prerender(
             [
                 # English, the default; another language's are rendered on first use.
                 DEFAULT.keypress_text(settings.clinic_name),
@@ -82,6 +109,12 @@ def extra_contexts(settings: Settings, flowset: FlowSet) -> list[Context]:
             ]
             + [str(d) for d in range(10)]
         )
+        try:
+            short = await asyncio.to_thread(voice_step_too_short, settings, rendered)
+        except (OSError, ValueError) as exc:  # a word of warning never stops the start
+            short = f"the voice-call step could not be measured against the prompts: {exc}"
+        if short:
+            log.warning("%s", short)
         yield
         # After the clinic line and the channels (started later, stopped first).
         await asyncio.to_thread(private.close)

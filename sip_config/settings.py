@@ -186,8 +186,10 @@ VARIABLES: tuple[Variable, ...] = (
         "CLINIC_STEP_TIMEOUT_VOICE_S",
         "120",
         "seconds a voice-call step waits before falling back (100..900: a call may ring 45 s,"
-        " ask for 1 twice with 8 s waits and read the code twice, about 95 s; a shorter step"
-        " would move on, and hang up, while the code is read)",
+        " ask for 1 twice with 8 s waits and read the code twice, about 95 to 105 s; a shorter"
+        " step would move on, and hang up, while the code is read; serve warns at its start"
+        " when the prompts it rendered need more: a long CLINIC_NAME, a slower"
+        " CLINIC_TTS_WORDS_PER_MINUTE)",
     ),
     Variable(
         "CLINIC_WEBHOOK_URL",
@@ -520,8 +522,11 @@ class VerificationSettings:
 
 
 # The shortest voice-call step: a call may ring 45 s, ask for 1 twice (a question of about
-# 6 s, then 8 s) and read the code twice (about 10 s each): about 95 s. A move to the next
-# step hangs the call up (verification/dispatcher.py), so the step must outlast it.
+# 5 s, then 8 s) and read the code twice (12 to 16 s each with 0.7 s between its digits, at
+# the default speech rate): about 95 to 105 s. A move to the next step hangs the call up
+# (verification/dispatcher.py), so the step must outlast it: serve measures the prompts it
+# renders at start and warns when it does not (clinic_voice.wiring.voice_step_too_short).
+# Not raised with the digits' gap: a setting that started serve must not stop it.
 VOICE_CALL_S = 100
 # Calls one SIP worker holds: PJSUA_MAX_CALLS of the pjsua2 wheel, voice.sip.pjsua.MAX_CALLS
 # (a test keeps the two equal: a worker does not import this module, which loads phonenumbers).

@@ -310,3 +310,39 @@ async def test_serves_start_sweeps_every_private_folder_of_its_chain(tmp_path: P
         for folder in chain:  # tmpfs and the temporary folder are outside tmp_path
             if not folder.is_relative_to(tmp_path):
                 await asyncio.to_thread(shutil.rmtree, folder, True)
+
+
+LONG_NAME = "Saint Bartholomew Family Health Practice"  # CLINIC_NAME's longest: 40 characters
+
+
+@pytest.mark.parametrize(("step_s", "warned"), [("100", True), ("150", False)])
+async def test_serve_warns_of_a_voice_step_too_short_for_the_code_read_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, step_s: str, warned: bool
+) -> None:
+    """CLINIC_STEP_TIMEOUT_VOICE_S may be 100 (VOICE_CALL_S, "about 95 s" of ringing, the
+    question twice and the code read twice). With 0.7 s between the code's digits an 8-digit
+    code read twice after a long clinic name takes longer: the step moved on during the
+    repeat, and the last channel's rules place the call again. serve says so at its start,
+    measured on the prompts it rendered."""
+    assert len(LONG_NAME) == 40
+    settings = Settings.from_env(
+        {
+            "CLINIC_DATA_DIR": str(tmp_path / "data"),
+            "CLINIC_NAME": LONG_NAME,
+            "CLINIC_STEP_TIMEOUT_VOICE_S": step_s,
+        }
+    )
+    fake = web.Application()
+    fake[RUNTIME] = cast(Any, SimpleNamespace(renderer=None))
+    started = extra_contexts(settings, cast(Any, None))[0](fake)
+    await started.__anext__()  # serve's start, up to where it serves
+    with pytest.raises(StopAsyncIteration):
+        await started.__anext__()
+    said = [
+        r.getMessage() for r in caplog.records if "CLINIC_STEP_TIMEOUT_VOICE_S" in r.getMessage()
+    ]
+    assert bool(said) is warned, said
+    if warned:
+        assert said[0].startswith("CLINIC_STEP_TIMEOUT_VOICE_S is 100 s, and a voice call can"), (
+            said
+        )

@@ -48,6 +48,16 @@ READINGS = 2
 STOPPED_PLAY_S = 2.0  # for the end of a prompt the callee cut short
 
 
+def longest_call_s(question_s: float, reading_s: float, keypress: bool) -> float:
+    """The longest a voice call takes to read its code twice: rung until
+    :data:`ANSWER_TIMEOUT_S`, the question (``question_s``) asked :data:`KEYPRESS_TRIES`
+    times with its :data:`KEYPRESS_WAIT_S` each (``keypress``), then :data:`READINGS`
+    readings of ``reading_s``. A voice step shorter than this moves on (the rules place
+    the last channel's call again) while the code is read."""
+    asked = KEYPRESS_TRIES * (question_s + KEYPRESS_WAIT_S) if keypress else 0.0
+    return ANSWER_TIMEOUT_S + asked + READINGS * reading_s
+
+
 class _NoAudio(Exception):
     """A prompt did not end within :data:`PLAY_TIMEOUT_S`, or could not start."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from array import array
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +33,12 @@ DIGITS = "0123456789"
 DIGIT_GAP_S = 0.7
 REPEAT_GAP_S = 1.0
 TAIL_S = 0.3
+
+
+def reading_s(head_s: float, digit_s: Sequence[float], length: int) -> float:
+    """How long one reading of a ``length``-digit code can last, its pause and tail
+    included: ``head_s`` the rendered head sentence, ``digit_s`` each rendered digit."""
+    return REPEAT_GAP_S + head_s + length * (DIGIT_GAP_S + max(digit_s)) + TAIL_S
 
 
 async def compose(
