@@ -650,14 +650,23 @@ class ClinicLine:
         voicemail's budget (voice/ivr/voicemail_budget.py), from the data dir's free space
         (read in a thread of its own) and the messages' bytes (kept as they change). Logged once per
         change of the line's state, never per call, and never with the caller's number."""
+        voicemails = self._rt.need_voicemails()
+        counted = voicemails.known_bytes  # before the free-space read (None: not counted yet)
         free = await self._free_space.read()
-        # A data dir that does not answer is refused as too full (below) without the scan of
-        # its messages: a stat per file on a file system gone (NFS) never returns, and would
-        # hold the caller in silence, and a thread of the loop's executor, for good.
-        used = 0 if free is None else await self._rt.need_voicemails().used_bytes()
         counts = self._rt.voicemail_callers
         name = "" if counts is None else counts.name(caller)
         count, place = await self._take_place(call_id, name)
+        # The messages' bytes are read after the last wait above, with nothing awaited between
+        # them and the budget's reservations: a message saved meanwhile (and its reservation
+        # released) was in neither when read before, and the next was admitted past the cap.
+        # A data dir that does not answer is refused as too full (below) without the scan of
+        # its messages: a stat per file on a file system gone (NFS) never returns, and would
+        # hold the caller in silence, and a thread of the loop's executor, for good.
+        used = 0 if free is None else await voicemails.used_bytes()
+        if free is not None and counted is not None:
+            # Written since the free space was read, perhaps not in it: taken off (a file
+            # the read saw already is counted twice: refusing early, never late).
+            free -= max(0, used - counted)
         decision = self._budget.admit(
             call_id, name, max_s, free=free, used=used, caller_count=count
         )

@@ -23,11 +23,15 @@ from clinic_voice.metrics import Metrics
 from sip_config.clock import FakeClock
 from sip_config.settings import Settings
 from voice.ivr.flow import FlowSet
+from voice.ivr.store import CallStore
 from voice.ivr.voicemail import Voicemails
+from voice.ivr.voicemail_callers import CallerCounts
 
 
 class HungDisk:
     """Voicemails whose scan of the messages' sizes never returns."""
+
+    known_bytes = None  # never counted
 
     def __init__(self) -> None:
         self.scans = 0
@@ -145,3 +149,64 @@ async def test_a_data_dir_too_small_for_one_message_is_warned_of_at_start(
         assert "every voicemail message will be refused (disk_low)" in lines[0]
     else:
         assert lines == []
+
+
+class SlowCounts:
+    """The numbers' counts in Redis, answering once ``answer`` is set (a round trip under
+    load), as voice/ivr/voicemail_callers.CallerCounts does."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    def name(self, caller: str) -> str:
+        return "digest"
+
+    async def take(self, name: str, limit: int) -> tuple[int, str | None]:
+        self.asked.set()
+        await self.answer.wait()
+        return 0, "place"
+
+    async def give_back(self, name: str, place: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("env", "free", "refusal"),
+    [
+        # A 4 MiB cap holds one 60 s message, not two.
+        ({"CLINIC_VOICEMAIL_MAX_MB": "4"}, 1 << 40, "voicemail_full"),
+        # 4 MiB free over a 1 MiB floor holds one, not two: the free space read before the
+        # first was written does not count it.
+        (
+            {"CLINIC_VOICEMAIL_MIN_FREE_MB": "1", "CLINIC_VOICEMAIL_MAX_MB": "100"},
+            4 << 20,
+            "disk_low",
+        ),
+    ],
+)
+async def test_a_message_saved_while_another_is_admitted_counts_against_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], free: int, refusal: str
+) -> None:
+    """Before, the messages' bytes and the free space were read before the number's count in
+    Redis was awaited: a message saved (and its reservation released) meanwhile was in
+    neither, and the next one was admitted past CLINIC_VOICEMAIL_MAX_MB or the disk floor."""
+    settings = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path), **env})
+    rt = Runtime(settings=settings, clock=FakeClock(), metrics=Metrics())
+    voicemails = Voicemails(tmp_path / "voicemail", CallStore(cast(Any, None), b"s" * 32, 30))
+    rt.voicemails = voicemails
+    counts = SlowCounts()
+    rt.voicemail_callers = cast(CallerCounts, counts)
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: free)  # as read, unchanged
+    line = ClinicLine(settings, rt, FlowSet(flows={}))
+    counts.answer.set()
+    assert await line._admit_message("in-a", "+31612345678", 60) == ""
+    counts.answer.clear()
+    counts.asked.clear()
+    second = asyncio.create_task(line._admit_message("in-b", "+31687654321", 60))
+    await counts.asked.wait()
+    # The first message ends while the second's count is read: written, then released.
+    await voicemails.save("in-a", bytes(2 * 8000 * 60))
+    line._message_done("in-a", kept=True)
+    counts.answer.set()
+    assert await second == refusal

@@ -188,6 +188,11 @@ class Voicemails:
         removed = {name: remove_file(self._folder / name) for name in self._names_of(call_id)}
         return {name: n for name, n in removed.items() if n}
 
+    @property
+    def known_bytes(self) -> int | None:
+        """:meth:`used_bytes` as kept now, without waiting; None before the first count."""
+        return self._stored.total
+
     async def used_bytes(self) -> int:
         """Bytes the folder's messages take (writes cut short included), for the voicemail's
         budget (voice/ivr/voicemail_budget.py): kept as messages are written and erased,
