@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from clinic_voice.app import Runtime
 from clinic_voice.disk_space import FreeSpaceProbe, read_size_bytes
@@ -199,7 +200,9 @@ class ClinicLine:
         # id: given back when the message is not kept.
         self._places: dict[str, tuple[str, str]] = {}
         self._counts_down = False  # Redis did not answer the last count (logged once)
-        self._giving_back: set[asyncio.Task[None]] = set()
+        # Places being given back, and takes of places whose call ended before Redis answered
+        # (given back once it does): waited for at stop.
+        self._giving_back: set[asyncio.Future[Any]] = set()
         # A flow's webhook step names a URL key: the setting that gives its URL, and the URL
         # ("" when not set).
         self._webhooks = {
@@ -456,9 +459,14 @@ class ClinicLine:
         """Stop the background prompt rendering (if still going), the voicemail sweep, the
         journal's replay and a drain still going on. The places of messages not kept are
         given back first (each within the Redis link's 2 s timeout)."""
-        if self._giving_back:
-            await asyncio.wait(set(self._giving_back), timeout=GIVE_BACK_WAIT_S)
-        tasks = [
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GIVE_BACK_WAIT_S
+        # Again while any is left: a take that Redis answers now starts its give-back.
+        while (pending := {t for t in self._giving_back if not t.done()}) and (
+            left := deadline - loop.time()
+        ) > 0:
+            await asyncio.wait(pending, timeout=left)
+        tasks: list[asyncio.Future[Any]] = [
             t for t in (self._prerender, self._sweep, self._replay, self._closing) if t is not None
         ]
         tasks.extend(self._giving_back)
@@ -721,8 +729,16 @@ class ClinicLine:
         counts = self._rt.voicemail_callers
         if not name or not limit or counts is None:
             return 0, None
+        taking = asyncio.ensure_future(counts.take(name, limit))
         try:
-            count, place = await counts.take(name, limit)
+            count, place = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # The call ended (its tasks cancelled) while Redis took the place: the script runs
+            # all the same, and a place nobody gives back counts for 24 hours against a
+            # patient who left no message. Given back once Redis answers.
+            self._giving_back.add(taking)
+            taking.add_done_callback(lambda done: self._taken_for_nobody(name, done))
+            raise
         except CallerCountsUnavailable as exc:
             if not self._counts_down:
                 log.warning(
@@ -748,6 +764,18 @@ class ClinicLine:
         taken = self._places.pop(call_id, None)
         if taken is not None and not kept:
             self._give_back(*taken)
+
+    def _taken_for_nobody(self, name: str, taking: asyncio.Future[tuple[int, str | None]]) -> None:
+        """A take whose call ended before Redis answered it: its place, if any, goes back."""
+        self._giving_back.discard(taking)
+        if taking.cancelled():
+            return
+        if (exc := taking.exception()) is not None:
+            log.debug("voicemail: a place taken for an ended call: Redis unavailable: %s", exc)
+            return
+        place = taking.result()[1]
+        if place is not None:
+            self._give_back(name, place)
 
     def _give_back(self, name: str, place: str) -> None:
         counts = self._rt.voicemail_callers

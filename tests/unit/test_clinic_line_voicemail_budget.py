@@ -158,6 +158,7 @@ class SlowCounts:
     def __init__(self) -> None:
         self.asked = asyncio.Event()
         self.answer = asyncio.Event()
+        self.given_back: list[str] = []
 
     def name(self, caller: str) -> str:
         return "digest"
@@ -168,7 +169,7 @@ class SlowCounts:
         return 0, "place"
 
     async def give_back(self, name: str, place: str) -> None:
-        return None
+        self.given_back.append(place)
 
 
 @pytest.mark.parametrize(
@@ -210,3 +211,26 @@ async def test_a_message_saved_while_another_is_admitted_counts_against_the_budg
     line._message_done("in-a", kept=True)
     counts.answer.set()
     assert await second == refusal
+
+
+async def test_a_caller_who_hangs_up_while_the_count_is_read_gives_the_place_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a call that ended (its tasks cancelled) while Redis took the number's place
+    left that place taken for 24 hours: the script ran, and nobody knew its token to give
+    it back, so a patient could be refused a message for a message never recorded."""
+    settings = Settings.from_env({"CLINIC_DATA_DIR": str(tmp_path)})
+    rt = Runtime(settings=settings, clock=FakeClock(), metrics=Metrics())
+    rt.voicemails = Voicemails(tmp_path / "voicemail", CallStore(cast(Any, None), b"s" * 32, 30))
+    counts = SlowCounts()
+    rt.voicemail_callers = cast(CallerCounts, counts)
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: 1 << 40)
+    line = ClinicLine(settings, rt, FlowSet(flows={}))
+    admitting = asyncio.create_task(line._admit_message("in-a", "+31612345678", 60))
+    await counts.asked.wait()
+    admitting.cancel()  # the caller hung up: the session cancels its tasks
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    counts.answer.set()  # Redis answers after all: the place was taken
+    await line.stop()
+    assert counts.given_back == ["place"]
