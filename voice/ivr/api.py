@@ -102,6 +102,11 @@ class CallsApi:
         unknown = sorted(set(q) - {"limit", "cursor", NEEDS_CALL_BACK})
         if unknown:
             raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}", fields=unknown)
+        for name in ("limit", "cursor", NEEDS_CALL_BACK):
+            # Which of two counts differs between readers (a proxy, a log, this service): a
+            # 'needs_call_back=true' read as false lists every call as owed none.
+            if len(q.getall(name, ())) > 1:
+                raise InvalidRequest(f"'{name}' is given more than once", field=name)
         limit_raw = q.get("limit", "20")
         if not re.fullmatch(r"[0-9]{1,3}", limit_raw) or not 1 <= int(limit_raw) <= 100:
             raise InvalidRequest("'limit' must be 1..100", field="limit")
