@@ -384,7 +384,8 @@ SCHEMAS: dict[str, Any] = {
                 "anyOf": [{"type": "string"}, {"type": "null"}],
                 "description": "why the clinic should call this caller back, in words (an "
                 "urgent caller no human took, a message left, a transfer nobody answered, a "
-                "call cut off, ...); null when a human or the flow took care of the call",
+                "call cut off, a message a flow recorded such as a prescription renewal, ...); "
+                "null when a human or the flow took care of the call",
             },
             "handled_at": {
                 "anyOf": [_ISO, {"type": "null"}],

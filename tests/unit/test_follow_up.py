@@ -79,3 +79,22 @@ def test_a_call_needs_a_call_back_until_it_is_marked_handled() -> None:
     assert needs_call_back(owed, None)
     assert not needs_call_back(owed, "2026-12-07T08:00:00.000Z")
     assert not needs_call_back(_record("call_emergency+transfer_nurse", "U1", "sip:6100"), None)
+
+
+def test_a_message_a_flow_recorded_is_work_for_staff_whatever_the_outcome() -> None:
+    """A prescription renewal is a message left in the flow's own recording (outcome
+    prescription_requested): no system receives it, only this service holds it. Before, it
+    had no call_back, so ``GET /v1/calls?needs_call_back=true`` (the staff's list) never
+    showed it, and the request waited for nobody."""
+    record = {
+        **_record("prescription_requested"),
+        "values": {"dob": "01021960", "prescription_message": "c1-0123abcd.sealed"},
+    }
+    why = call_back(record)
+    assert why == "left a recorded message (prescription_message): play it", why
+    assert needs_call_back(record, None) and not needs_call_back(record, "2026-12-08T00:00Z")
+    # A flow's recording that kept nothing (silence, a hang-up at the tone) leaves no work.
+    assert call_back({**record, "values": {"dob": "01021960"}}) is None
+    # A message after a failed transfer says so once, as message_left.
+    left = {**_record("message_left"), "values": {"message": "c1-0123abcd.sealed"}}
+    assert call_back(left) == "left a message for a call back: play it"

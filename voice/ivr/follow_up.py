@@ -9,6 +9,7 @@ without touching a sealed record.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from voice.ivr.engine import (
@@ -39,6 +40,11 @@ CUT_REASON = "the call was cut off ({})"
 # back whatever the outcome: the safety rules promise an urgent caller a human.
 URGENT = Urgency.U2
 URGENT_REASON = "urgent ({}) and no human took the call"
+# A message a flow's own record step kept (a prescription renewal): nothing but this service
+# holds it, so whatever the flow's outcome, staff have it to play and act on. A value is
+# one when it is a voicemail file's name (voice/ivr/voicemail.py: NAME, the same form).
+MESSAGE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
+RECORDED_REASON = "left a recorded message ({}): play it"
 
 
 def call_back(record: dict[str, Any]) -> str | None:
@@ -54,6 +60,11 @@ def call_back(record: dict[str, Any]) -> str | None:
         reasons.append(CALL_BACK_FOR[outcome])
     elif outcome.startswith(CUT_PREFIX):
         reasons.append(CUT_REASON.format(outcome))
+    if outcome != MESSAGE_OUTCOME:
+        values = record.get("values")
+        for key, value in values.items() if isinstance(values, dict) else ():
+            if isinstance(value, str) and MESSAGE_NAME.fullmatch(value):
+                reasons.append(RECORDED_REASON.format(key))
     return "; ".join(reasons) or None
 
 

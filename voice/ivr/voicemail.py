@@ -26,6 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 
 from sip_config.private_file import write_private
+from voice.ivr.follow_up import MESSAGE_NAME
 from voice.ivr.store import CallStore, LoggedOnce, within_retention
 from voice.ivr.voicemail_usage import StoredBytes
 from voice.media.leftovers import remove_file, remove_files
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 FOLDER = "voicemail"  # in the data dir
 RATE_HZ = 8000
 # A message's file name; the call id part is that of the call records (voice/ivr/api.py).
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}\.sealed")
+NAME = MESSAGE_NAME  # what a message file is named: <call id>-<8 hex>.sealed
 
 
 class VoicemailUnreadable(RuntimeError):
