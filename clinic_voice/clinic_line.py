@@ -18,7 +18,7 @@ from sip_config.tasks import watch
 from verification.http_client import HttpClientError, IncompleteAnswer
 from verification.webhooks import SIGNATURE_HEADER, sign
 from voice.ivr.call_record import CallResult
-from voice.ivr.engine import LOST_OUTCOME, Engine
+from voice.ivr.engine import LOST_OUTCOME, MESSAGE_MAX_S, Engine
 from voice.ivr.flow import (
     WEBHOOK_URLS,
     FlowError,
@@ -89,20 +89,29 @@ def check_clinic_line(settings: Settings) -> FlowSet:
     return flowset
 
 
+# The message the engine itself records, in any flow, for a caller nobody could take (a
+# failed transfer: README, "The clinic line"): weighed with the flows' record steps.
+AFTER_FAILED_TRANSFER = "of the message after a failed transfer"
+
+
 def longest_message(flowset: FlowSet) -> tuple[int, str] | None:
-    """The longest message a record step of ``flowset`` takes (``max_s``), and where that
-    step is (``file:line``); None when no flow records one."""
+    """The longest message a call of ``flowset`` may record (``max_s``), and where: a record
+    step's ``at file:line``, or the message after a failed transfer (engine.MESSAGE_MAX_S,
+    offered in every flow; a record step as long wins); None when there are no flows."""
+    if not flowset.flows:
+        return None
     steps = [
-        (node.max_s, f"{flow.path.name}:{node.line}")
+        (node.max_s, f"at {flow.path.name}:{node.line}")
         for flow in flowset.flows.values()
         for node in flow.nodes.values()
         if isinstance(node, Record)
     ]
-    return max(steps, key=lambda step: step[0], default=None)
+    steps.append((MESSAGE_MAX_S, AFTER_FAILED_TRANSFER))
+    return max(steps, key=lambda step: step[0])
 
 
 def check_voicemail_cap(settings: Settings, flowset: FlowSet) -> None:
-    """Refuse a ``CLINIC_VOICEMAIL_MAX_MB`` below one message of the longest record step:
+    """Refuse a ``CLINIC_VOICEMAIL_MAX_MB`` below one message of the longest a call may record:
     every message would be refused (``voicemail_full``), and every caller who wants to leave
     one put through to a human, with nothing but the metric to say why. Raises
     :class:`SettingsError` naming the variable."""
@@ -114,7 +123,7 @@ def check_voicemail_cap(settings: Settings, flowset: FlowSet) -> None:
     if sealed_size(max_s) > settings.ivr.voicemail_max_bytes:
         raise SettingsError(
             f"CLINIC_VOICEMAIL_MAX_MB={settings.ivr.voicemail_max_bytes // MB}: below one "
-            f"message of the flows' longest record step ({max_s} s at {where}: up to "
+            f"message of the longest a call may record ({max_s} s {where}: up to "
             f"{need_mb} MiB sealed), so every message would be refused; set it to at least "
             f"{need_mb}"
         )
@@ -289,7 +298,7 @@ class ClinicLine:
 
     async def warn_small_volume(self) -> None:
         """Once at start: a data dir whose whole file system is smaller than
-        ``CLINIC_VOICEMAIL_MIN_FREE_MB`` and one message of the longest record step refuses
+        ``CLINIC_VOICEMAIL_MIN_FREE_MB`` and one message of the longest a call may record refuses
         every message (``disk_low``), whatever is freed. Allowed (the operator may mean it:
         no voicemail on a small disk), but said. A size that cannot be read says nothing
         (each message's admission reads the free space, and says so)."""

@@ -429,8 +429,9 @@ VARIABLES: tuple[Variable, ...] = (
         "4096",
         "MiB all voicemail messages may take together (1..1048576; a minute of message takes "
         "2.5 MiB sealed); past it, no new message is recorded until the retention sweep or "
-        "erasures free room. Below one message of the flows' longest record step (3 for the "
-        "shipped 60 s) serve refuses to start (exit 2)",
+        "erasures free room. Below one message of the longest a call may record (a flow's "
+        "record step, or the 60 s message after a failed transfer: 3) serve refuses to start "
+        "(exit 2)",
     ),
     Variable(
         "CLINIC_VOICEMAIL_PER_CALLER_DAY",

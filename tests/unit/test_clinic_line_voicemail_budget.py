@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -21,7 +22,7 @@ from clinic_voice.app import Runtime
 from clinic_voice.clinic_line import ClinicLine, check_clinic_line
 from clinic_voice.metrics import Metrics
 from sip_config.clock import FakeClock
-from sip_config.settings import Settings
+from sip_config.settings import Settings, SettingsError
 from voice.ivr.flow import FlowSet
 from voice.ivr.store import CallStore
 from voice.ivr.voicemail import Voicemails
@@ -118,6 +119,23 @@ def test_serve_exits_2_when_the_voicemail_cap_is_below_one_message(
     err = capsys.readouterr().err
     assert err.startswith("clinic-voice: configuration error: CLINIC_VOICEMAIL_MAX_MB=2: "), err
     assert "(60 s at prescription.yaml:" in err and "set it to at least 3" in err, err
+
+
+def test_the_message_after_a_failed_transfer_counts_as_a_record_step(tmp_path: Path) -> None:
+    """Before, only the flows' own record steps were weighed: with the prescription message cut
+    to 20 s (or no record step at all), CLINIC_VOICEMAIL_MAX_MB=1 started, and every message
+    after a failed transfer (60 s: engine.MESSAGE_MAX_S, the message a caller nobody took
+    leaves) was refused as voicemail_full."""
+    flows = tmp_path / "flows"
+    shutil.copytree(SHIPPED, flows)
+    prescription = flows / "prescription.yaml"
+    text = prescription.read_text()
+    assert "max_s: 60" in text
+    prescription.write_text(text.replace("max_s: 60", "max_s: 20"))
+    settings = Settings.from_env({"CLINIC_FLOWS_DIR": str(flows), "CLINIC_VOICEMAIL_MAX_MB": "1"})
+    with pytest.raises(SettingsError) as refused:
+        check_clinic_line(settings)
+    assert "(60 s of the message after a failed transfer: up to 3 MiB" in str(refused.value)
 
 
 def test_a_cap_of_one_message_is_taken(tmp_path: Path) -> None:
