@@ -7,6 +7,7 @@ import asyncio
 import io
 import logging
 import os
+import threading
 import time
 import wave
 from pathlib import Path
@@ -253,3 +254,35 @@ async def test_the_count_holds_when_saves_and_erasures_race_a_listing(tmp_path: 
             vm.rescan(),
         )
         assert await vm.used_bytes() == _on_disk(folder)
+
+
+async def test_a_save_cancelled_while_its_file_is_written_still_counts_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a save cancelled while its thread wrote the file (the call's tasks cancelled
+    at its end) left the file on disk and out of the messages' bytes until the hourly
+    listing: the cap admitted that much more meanwhile."""
+    voicemails = _voicemails(tmp_path)
+    assert await voicemails.used_bytes() == 0  # counted from here on
+    go_on, done = threading.Event(), threading.Event()
+    write = Voicemails._seal_and_write
+
+    def slow(self: Voicemails, name: str, pcm16: bytes, started_at: float | None) -> int:
+        go_on.wait(10)
+        try:
+            return write(self, name, pcm16, started_at)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(Voicemails, "_seal_and_write", slow)
+    saving = asyncio.create_task(voicemails.save("c1", PCM))
+    await asyncio.sleep(0.05)  # in its thread
+    saving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await saving
+    go_on.set()
+    assert await asyncio.to_thread(done.wait, 10)
+    await asyncio.sleep(0.05)  # the loop hears of the write's end
+    sizes = await asyncio.to_thread(lambda: [p.stat().st_size for p in tmp_path.glob("*.sealed")])
+    assert len(sizes) == 1
+    assert voicemails.known_bytes == sizes[0]

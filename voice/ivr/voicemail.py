@@ -74,9 +74,23 @@ class Voicemails:
             pcm16 = pcm16[: len(pcm16) - len(pcm16) % SAMPLE_WIDTH]
         name = f"{call_id}-{secrets.token_hex(4)}.sealed"
         # Sealing a minute of message (hex, JSON, AES-GCM, base64) takes ~15 ms: off the loop.
-        size = await asyncio.to_thread(self._seal_and_write, name, pcm16, started_at)
+        writing = asyncio.ensure_future(
+            asyncio.to_thread(self._seal_and_write, name, pcm16, started_at)
+        )
+        try:
+            size = await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            # The thread writes the file all the same (the call's tasks cancelled at its
+            # end): counted once written, or the cap admitted that much more until the
+            # hourly listing.
+            writing.add_done_callback(lambda done: self._written_late(name, done))
+            raise
         self._stored.written(name, size)
         return name
+
+    def _written_late(self, name: str, writing: asyncio.Future[int]) -> None:
+        if not writing.cancelled() and writing.exception() is None:
+            self._stored.written(name, writing.result())
 
     def _seal_and_write(self, name: str, pcm16: bytes, started_at: float | None) -> int:
         sealed = self._store.seal(name, {"pcm16_8k": pcm16.hex()})
