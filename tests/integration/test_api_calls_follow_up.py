@@ -173,3 +173,32 @@ async def test_a_page_of_calls_that_need_a_call_back_reads_a_bounded_number(
     second = await api.request("GET", f"/v1/calls?needs_call_back=true&cursor={first.json['next']}")
     assert [c["id"] for c in second.json["calls"]] == ["nb-owed"], second.text
     assert second.json["next"] is None
+
+
+async def test_a_record_that_does_not_open_is_not_marked_and_answers_as_a_read(
+    start_service: StartService,
+    redis_server: RedisServer,
+) -> None:
+    api = await start_service()
+    api.key = CALLS_KEY
+    store = api.app[RUNTIME].need_call_store()
+    client = aioredis.from_url(redis_server.url)
+    # One sealed record with a byte flipped (its tag no longer checks), one not a seal at all.
+    for call_id in ("fu-damaged", "fu-garbage"):
+        await store.save(_result(call_id, "message_left", None, None, 300))
+    raw = await client.get("cv:call:fu-damaged")
+    assert isinstance(raw, bytes), raw
+    sealed = raw.decode("ascii")
+    flipped = sealed[:-3] + ("A" if sealed[-3] != "A" else "B") + sealed[-2:]
+    await client.set("cv:call:fu-damaged", flipped, keepttl=True)
+    await client.set("cv:call:fu-garbage", "not a sealed record", keepttl=True)
+
+    for call_id in ("fu-damaged", "fu-garbage"):
+        read = (await api.request("GET", f"/v1/calls/{call_id}")).problem(500, "internal")
+        for method in ("PUT", "DELETE"):
+            answer = await api.request(method, f"/v1/calls/{call_id}/handled")
+            got = answer.problem(500, "internal")
+            assert got["detail"] == read["detail"], (got, read)
+            # A failed request leaves no mark of a call nobody could read.
+            assert await client.exists(f"cv:handled:{call_id}") == 0, method
+    await client.aclose()

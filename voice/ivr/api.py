@@ -144,14 +144,17 @@ class CallsApi:
     async def handled(self, request: web.Request) -> web.Response:
         """PUT: staff mark the call handled (its call back made, its message dealt with);
         DELETE: not handled after all. The record as shown, with ``handled_at``."""
-        call_id = _call_id(request)
+        # The record is opened before the mark is written: one that does not open answers as
+        # GET /v1/calls/{id} does (500, logged once per call) and changes nothing, where a
+        # mark written first stayed behind a failed request.
+        doc = await self._record(request, missing="no such call (or it is still under way)")
         try:
-            found = await self._store().mark_handled(call_id, request.method == "PUT")
+            found = await self._store().mark_handled(doc["id"], request.method == "PUT")
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
-        if not found:
+        if not found:  # expired or erased since it was read
             raise NotFound("no such call (or it is still under way)")
-        return web.json_response(await self._shown(await self._record(request)))
+        return web.json_response(await self._shown(doc))
 
     async def _shown(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A record as staff read it: :func:`for_staff`, with when it was marked handled."""
@@ -211,7 +214,10 @@ class CallsApi:
             raise NotFound("no such call")
         return web.Response(status=204)
 
-    async def _record(self, request: web.Request) -> dict[str, Any]:
+    async def _record(
+        self, request: web.Request, *, missing: str = "no such call"
+    ) -> dict[str, Any]:
+        """The call's record, opened; 404 with ``missing`` when Redis holds none."""
         call_id = _call_id(request)
         try:
             doc = await self._store().get(call_id)
@@ -223,7 +229,7 @@ class CallsApi:
                 "CLINIC_SECRET not in CLINIC_PREVIOUS_SECRETS?)"
             ) from exc
         if doc is None:
-            raise NotFound("no such call")
+            raise NotFound(missing)
         return doc
 
 
