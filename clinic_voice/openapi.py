@@ -591,7 +591,8 @@ def _paths() -> dict[str, Any]:
                 "summary": "Mark a call handled (its call back made, its message dealt with)",
                 "description": "Sets handled_at to now, or keeps the time of an earlier mark. "
                 "The mark lives as long as the record and goes with an erasure. 404: no record "
-                "of the call (never was, past its retention, erased, or still under way). 500 "
+                "of the call in Redis (never was, past its retention, erased, still under way, "
+                "or its record waits on disk until Redis takes it: waiting_on_disk). 500 "
                 "internal, as to GET /v1/calls/{id}: the record does not open with the "
                 "service's keys; nothing is marked.",
                 "security": _BEARER,

@@ -88,7 +88,12 @@ async def test_staff_mark_a_call_handled_and_the_mark_goes_with_the_record(
 
     undone = await api.request("DELETE", "/v1/calls/fu-h1/handled")
     assert undone.status == 200 and undone.json["handled_at"] is None, undone.text
-    (await api.request("PUT", "/v1/calls/fu-never/handled")).problem(404, "not-found")
+    # 404 says what it can mean (README): not only "still under way".
+    missing = (await api.request("PUT", "/v1/calls/fu-never/handled")).problem(404, "not-found")
+    for meaning in ("never", "retention", "erased", "under way", "on disk", "waiting_on_disk"):
+        assert meaning in missing["detail"], (meaning, missing)
+    undo = await api.request("DELETE", "/v1/calls/fu-never/handled")
+    assert undo.problem(404, "not-found")["detail"] == missing["detail"], undo.text
     (await api.request("PUT", "/v1/calls/fu-h2/handled", key=API_KEY)).problem(
         403, "key-not-allowed"
     )

@@ -30,6 +30,13 @@ NEEDS_CALL_BACK = "needs_call_back"
 # How long staff are asked to wait before erasing a call still under way: most calls take a
 # few minutes, and a retry costs nothing.
 CALL_UNDER_WAY_RETRY_S = 60
+# PUT/DELETE /v1/calls/{id}/handled for a call Redis holds no record of: each thing that can
+# mean (README, "The clinic line"); a call not saved yet can be marked once Redis holds it.
+NOT_IN_REDIS = (
+    "Redis holds no record of this call: there never was one, it is past its retention, it "
+    "was erased, or it is not saved yet (still under way, or its record waits on disk until "
+    "Redis takes it: waiting_on_disk in GET /v1/calls)"
+)
 
 
 class RecordUnreadable(VerificationError):
@@ -147,13 +154,13 @@ class CallsApi:
         # The record is opened before the mark is written: one that does not open answers as
         # GET /v1/calls/{id} does (500, logged once per call) and changes nothing, where a
         # mark written first stayed behind a failed request.
-        doc = await self._record(request, missing="no such call (or it is still under way)")
+        doc = await self._record(request, missing=NOT_IN_REDIS)
         try:
             found = await self._store().mark_handled(doc["id"], request.method == "PUT")
         except CallStoreUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
         if not found:  # expired or erased since it was read
-            raise NotFound("no such call (or it is still under way)")
+            raise NotFound(NOT_IN_REDIS)
         return web.json_response(await self._shown(doc))
 
     async def _shown(self, doc: dict[str, Any]) -> dict[str, Any]:

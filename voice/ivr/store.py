@@ -498,7 +498,8 @@ class CallStore:
     async def mark_handled(self, call_id: str, handled: bool) -> bool:
         """Mark the call handled by staff (now, by the store's clock; a call marked already
         keeps its first time) or not; False when Redis holds no record of it (never was, past
-        its retention, erased, or still under way). Raises :class:`CallStoreUnavailable`."""
+        its retention, erased, still under way, or its record waits on disk until Redis takes
+        it). Raises :class:`CallStoreUnavailable`."""
         at = _iso(self._clock.now()) if handled else ""
         keys = (_key(call_id), _handled_key(call_id))
         try:
