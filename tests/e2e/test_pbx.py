@@ -95,6 +95,29 @@ def test_message_to_a_phone_not_registered_is_accepted_and_dropped(
     assert service.expect("message_status")["code"] == 404
 
 
+def test_the_service_reaches_6001_to_6099_only(phone: PhoneFactory, asterisk: AsteriskRig) -> None:
+    """Asterisk's own pattern matching of [from-clinic] and [messages-from-clinic]: the ends
+    of the test phones' range ring (480: not registered), and 6000 next to it, the nurse and
+    6100 are refused: a call 403 (cause 21), a MESSAGE 404."""
+    service = phone("clinic", register=False)
+    at = f"@127.0.0.1:{asterisk.port}"
+    for number, code in (
+        ("+14155556001", 480),
+        ("+14155556010", 480),
+        ("+14155556099", 480),
+        ("+14155556000", 403),
+        ("6000", 403),
+        ("14155556000", 403),
+        ("+14155556100", 403),
+    ):
+        service.send("call", uri=f"sip:{number}{at}")
+        ended = service.expect("call_state", where=state("DISCONNECTED"), timeout_s=10)
+        assert ended["code"] == code, (number, ended)
+    for number, code in (("+14155556099", 202), ("+14155556000", 404), ("6000", 404)):
+        service.send("message", uri=f"sip:{number}{at}", body="Your code: 271828")
+        assert service.expect("message_status")["code"] == code, number
+
+
 def test_late_offer_flash_call_shows_the_caller_id_and_cancel_propagates(
     phone: PhoneFactory, asterisk: AsteriskRig
 ) -> None:

@@ -12,7 +12,14 @@ from __future__ import annotations
 import re
 
 from tests.readme_text import README
-from tests.unit.test_readme_layout import PBX, dialplan, endpoints, matches, pjsip_sections
+from tests.unit.test_readme_layout import (
+    PBX,
+    dial,
+    dialplan,
+    endpoints,
+    matches,
+    pjsip_sections,
+)
 
 NURSE, STAFF = "6100", "6200"
 
@@ -69,3 +76,27 @@ def test_the_readme_says_who_learns_the_transfer_addresses_in_direct_mode() -> N
     )
     assert "run the service behind the PBX (`CLINIC_SIP_REGISTRAR`" in text
     assert "`[clinic-transfers]` alone (the `TRANSFER_CONTEXT` that `[clinic-line]` sets)" in text
+
+
+def test_the_service_reaches_the_test_phones_6001_to_6099_and_nothing_next_to_them() -> None:
+    """Whoever holds an API key chooses the number a flash call, voice-code call or SMS over
+    SIP goes to: ``[from-clinic]`` and ``[messages-from-clinic]`` take exactly the range the
+    README gives, in each of its three forms. 6000 is not in it (``_60XX`` let it ring), nor
+    are the nurse, the staff desk or the numbers around the range."""
+    text = " ".join(README.read_text().split())
+    first, last = re.findall(
+        r"the test softphones only, `\+1415555(\d{4})` … `\+1415555(\d{4})`", text
+    )[0]
+    assert (first, last) == ("6001", "6099")
+    messages = dialplan()["messages-from-clinic"]
+    for extension in range(5990, 6210):
+        reached = 6001 <= extension <= 6099
+        for number in (f"{extension}", f"+1415555{extension}", f"1415555{extension}"):
+            went = dial(number, "from-clinic")
+            assert went == (("ring-phone", str(extension)) if reached else ("Hangup", "21")), number
+            sends = [rest for pattern, rest in messages if matches(pattern, number)]
+            assert len(sends) == (1 if reached else 0), (number, sends)
+            for rest in sends:
+                strip = re.fullmatch(r"1,MessageSend\(pjsip:\$\{EXTEN(?::(\d+))?\},.*\)", rest)
+                assert strip is not None, rest
+                assert number[int(strip.group(1) or 0) :] == str(extension), (number, rest)
