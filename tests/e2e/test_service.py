@@ -6,33 +6,29 @@ Skipped while the service's HTTP app or SIP pool does not import yet (being writ
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import secrets
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import workers_exited_non_zero
-from tests.e2e.conftest import PhoneFactory, failed
+from tests.e2e.clinic_service import (
+    Api,
+    running_service,
+    service_log_on_failure,
+    wait_contacts,
+)
+from tests.e2e.conftest import PhoneFactory
 from tests.e2e.rig import (
     CLINIC_LINE,
     FLASHCALL_PREFIX,
     AsteriskRig,
-    RigError,
-    ServiceProcess,
     service_available,
-    service_env,
 )
-from tests.peers.pbx_service import PINNED_CODE_ENV
 from tests.peers.pbx_softphone import Softphone, call_state, display_name
 from tests.peers.spoken_code_refs import code_digits
 from verification.wording import DEFAULT
@@ -57,87 +53,6 @@ VOICE_CODE = "583920"
 MATCH_MARGIN = 1.25
 
 
-class Api:
-    """A tiny client for the verification API (bearer key, JSON in and out)."""
-
-    def __init__(
-        self, base: str, key: str, pinned_code_file: Path, process: ServiceProcess
-    ) -> None:
-        self.base = base
-        self.key = key
-        self.calls_key = key + "-calls"
-        self.pinned_code_file = pinned_code_file
-        self.process = process
-
-    def pin_next_code(self, code: str) -> None:
-        """The service's next code will be ``code`` (see ``tests/peers/pbx_service.py``)."""
-        self.pinned_code_file.write_text(code)
-
-    def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        # Call records answer only the call records' key (CLINIC_CALLS_API_KEYS).
-        key = self.calls_key if path.startswith("/v1/calls") else self.key
-        req = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
-            self.base + path, headers={"Authorization": f"Bearer {key}"}
-        )
-        return self._send(req)
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
-            self.base + path,
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
-        )
-        return self._send(req)
-
-    def wait_call_record(
-        self, match: Callable[[dict[str, Any]], bool], timeout_s: float
-    ) -> dict[str, Any]:
-        """The newest clinic-line call record that ``match``es, once the service stored it."""
-        deadline = time.monotonic() + timeout_s
-        seen: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            status, page = self.get("/v1/calls?limit=10")
-            assert status == 200, page
-            seen = page["calls"]
-            for call in seen:
-                if match(call):
-                    return call
-            threading.Event().wait(0.25)
-        raise AssertionError(f"no matching call record within {timeout_s} s; newest: {seen[:3]}")
-
-    @staticmethod
-    def _send(req: urllib.request.Request) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
-                return int(resp.status), json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
-
-
-def _free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _contacts(asterisk: AsteriskRig) -> int:
-    return asterisk.cli("pjsip show aor clinic").count("Contact:  clinic/")
-
-
-def _wait_contacts(asterisk: AsteriskRig, n: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _contacts(asterisk) < n:
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{n} service workers not registered in {timeout_s} s: "
-                f"{asterisk.cli('pjsip show aor clinic')}"
-            )
-        threading.Event().wait(0.25)
-
-
 def distance(score: float) -> float:
     """audio_match's score is ``1 / (1 + d)``: back to ``d``, the mean distance per frame."""
     return 1.0 / score - 1.0
@@ -160,56 +75,18 @@ async def code_references(cache: Path, scratch: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def service(asterisk: AsteriskRig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    """The service registered to the rig's Asterisk with its own ports and data dir."""
+    """The service registered to the rig's Asterisk, as shipped: CLINIC_SIP_TRUSTED_PEERS
+    unset (tests/e2e/test_caller_verified.py runs one that trusts Asterisk)."""
+    env = {"CLINIC_FLASHCALL_RING_S": str(FLASH_RING_S)}
     data = tmp_path_factory.mktemp("service")
-    http = f"127.0.0.1:{_free_tcp_port()}"
-    key = secrets.token_urlsafe(24)
-    env = service_env(asterisk.port, http_addr=http, sip_addr="127.0.0.1:0", data_dir=data)
-    env.update(
-        CLINIC_API_KEYS=key,
-        CLINIC_CALLS_API_KEYS=key + "-calls",
-        CLINIC_SIP_WORKERS=str(WORKERS),
-        CLINIC_LOG_LEVEL="DEBUG",
-        CLINIC_FLASHCALL_RING_S=str(FLASH_RING_S),
-    )
-    pinned = data / "pinned-code"
-    env[PINNED_CODE_ENV] = str(pinned)
-    proc = ServiceProcess(
-        env,
-        data / "service.pid",
-        data / "service.log",
-        argv=[sys.executable, "-m", "tests.peers.pbx_service"],
-    )
-    proc.start(timeout_s=60)
-    try:
-        _wait_contacts(asterisk, WORKERS, 30)
-        yield Api(f"http://{http}", key, pinned, proc)
-    finally:
-        try:
-            stopped = proc.stop()  # exit 0: every SIP and HTTP worker stopped as asked
-        except RigError as exc:
-            # A SIP worker's exit that made it so is named in its log: say which.
-            exits = workers_exited_non_zero(proc.logfile.read_text(errors="replace"))
-            pytest.fail("; ".join([*exits, str(exc)]))
-        if not stopped:
-            pytest.fail(f"the service died during the tests; {proc.logfile}:\n{proc.log_tail(40)}")
+    with running_service(asterisk, data, workers=WORKERS, env=env) as api:
+        yield api
 
 
 @pytest.fixture(autouse=True)
-def service_log_on_failure(request: pytest.FixtureRequest, service: Api) -> Iterator[None]:
-    """When a test fails, show what the service logged meanwhile (prompt renders left out);
-    after every test, drop a pinned code the service did not use."""
-    log = service.process.logfile
-    offset = log.stat().st_size if log.exists() else 0
-    yield
-    # A test that failed before the service drew its pinned code must not leave it behind.
-    service.pinned_code_file.unlink(missing_ok=True)
-    if failed(request):
-        with open(log, "rb") as f:
-            f.seek(offset)
-            lines = f.read().decode(errors="replace").splitlines()
-        print(f"--- the service ({log}) during the test ---")
-        print("\n".join([line for line in lines if "rendering a prompt" not in line][-60:]))
+def service_log(request: pytest.FixtureRequest, service: Api) -> Iterator[None]:
+    with service_log_on_failure(request, service):
+        yield
 
 
 def test_flash_call_rings_with_the_code_and_the_caller_id_approves(
@@ -516,7 +393,7 @@ def test_service_reregisters_after_asterisk_restarts(
     asterisk.restart(clear_registrations=True)
     # astdb was deleted before Asterisk started again, so every contact seen from now on
     # is a fresh REGISTER (none is awaited as "gone" first: a refresh may land at once).
-    _wait_contacts(asterisk, WORKERS, 45)
+    wait_contacts(asterisk, WORKERS, 45)
     caller = phone("6001")
     caller.send("call", uri=f"sip:700@127.0.0.1:{asterisk.port}")
     caller.expect("call_state", where=call_state("CONFIRMED", 200), timeout_s=15)
