@@ -20,6 +20,7 @@ from tests.e2e.clinic_service import (
     Api,
     running_service,
     service_log_on_failure,
+    short_clinic_call,
     wait_contacts,
 )
 from tests.e2e.conftest import PhoneFactory
@@ -383,6 +384,16 @@ def test_six_calls_at_once_are_all_answered(
         threading.Event().wait(0.25)
     assert len(new) == 6, f"{len(new)} call records for the six calls: {new}"
     assert sorted(c["caller"][-4:] for c in new) == ["6001"] * 3 + ["6002"] * 3, new
+
+
+def test_without_trusted_peers_the_number_asterisk_asserts_is_not_verified(
+    service: Api, phone: PhoneFactory, asterisk: AsteriskRig
+) -> None:
+    """Asterisk sends 6001's callerid as P-Asserted-Identity (pjsip.conf), but this service
+    names no CLINIC_SIP_TRUSTED_PEERS: the number is only claimed (the other side of
+    tests/e2e/test_caller_verified.py)."""
+    record = short_clinic_call(service, phone("6001"), asterisk)
+    assert (record["caller"], record["caller_verified"]) == ("6001", False), record
 
 
 def test_service_reregisters_after_asterisk_restarts(
