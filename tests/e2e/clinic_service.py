@@ -110,21 +110,21 @@ def wait_contacts(asterisk: AsteriskRig, n: int, timeout_s: float) -> None:
         threading.Event().wait(0.25)
 
 
-def wait_contacts_unavailable(asterisk: AsteriskRig, timeout_s: float) -> None:
-    """Wait until Asterisk offers the clinic line no worker of a service that has stopped.
+def wait_contacts_gone(asterisk: AsteriskRig, timeout_s: float) -> None:
+    """Wait until Asterisk holds no contact of a service's workers (after its stop).
 
-    A worker's un-REGISTER at the stop goes out once, Asterisk challenges it (401) and the
-    worker is gone before it could answer, so its contact stays until qualify finds it dead
-    (qualify_frequency 10 s, qualify_timeout 3 s in pjsip.conf) or it expires (30 s).
-    Until then the clinic line hunts into it first, and a call waits Dial's 20 s there: the
-    next module's service would inherit that."""
+    A contact left behind looks reachable until qualify finds it dead (qualify_frequency
+    10 s, qualify_timeout 3 s in pjsip.conf): the clinic line hunts into it first, a call
+    waits Dial's 20 s there, and the next module's service would inherit that. So a stop
+    must take them out (the workers' un-REGISTER, with the credentials Asterisk asks for)."""
     deadline = time.monotonic() + timeout_s
-    while " Avail " in (aor := asterisk.cli("pjsip show aor clinic")):
+    while contacts(asterisk):
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"a stopped worker still looks reachable after {timeout_s} s: {aor}"
+                f"the stopped service's workers are still registered after {timeout_s} s: "
+                f"{asterisk.cli('pjsip show aor clinic')}"
             )
-        threading.Event().wait(0.5)
+        threading.Event().wait(0.1)
 
 
 @contextlib.contextmanager
@@ -165,7 +165,7 @@ def running_service(
             pytest.fail("; ".join([*exits, str(exc)]))
         if not stopped:
             pytest.fail(f"the service died during the tests; {proc.logfile}:\n{proc.log_tail(40)}")
-        wait_contacts_unavailable(asterisk, timeout_s=30)
+        wait_contacts_gone(asterisk, timeout_s=3)
 
 
 @contextlib.contextmanager

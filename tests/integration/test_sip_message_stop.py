@@ -86,10 +86,10 @@ async def test_behind_a_registrar_the_stop_still_unregisters(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Deleting the account sent the un-REGISTER; with a MESSAGE unanswered the account lives
-    # through libDestroy, and the worker sends it itself.
+    # through libDestroy, and the worker sends it itself, and answers its challenge.
     caplog.set_level(logging.INFO, logger="voice.sip.pool")
     async with (
-        sipp_uas("sipp_uas_register.xml", tmp_path, calls=2) as registrar,
+        sipp_uas("sipp_uas_register_unregister.xml", tmp_path) as registrar,
         sipp_uas("sipp_uas_message_drawn.xml", tmp_path) as uas,
     ):
         settings = sip_settings(
@@ -113,12 +113,17 @@ async def test_behind_a_registrar_the_stop_still_unregisters(
             await pool.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 3  # on loopback it is on the wire as the worker ends
-        while len(registrar.received("REGISTER")) < 3 and loop.time() < deadline:  # noqa: ASYNC110
+        while len(registrar.received("REGISTER")) < 4 and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
     # WORKER_EXITED_AT_STOP's arguments: index, pid, status, note.
     exits = [r.args for r in caplog.records if r.msg == WORKER_EXITED_AT_STOP]
     said = [(a[0], a[2]) for a in exits if isinstance(a, tuple)]
     assert said == [(0, 0)], f"the worker's exit at the stop: {exits}"
     assert status == SipStatus.SERVICE_UNAVAILABLE
-    expires = [r.msg.get("Expires") for r in registrar.received("REGISTER")]
-    assert expires[2:] == ["0"], f"no un-REGISTER at the stop (the REGISTERs' Expires): {expires}"
+    registers = registrar.received("REGISTER")
+    expires = [r.msg.get("Expires") for r in registers]
+    # Challenged, then sent again with credentials.
+    assert expires[2:] == ["0", "0"], (
+        f"no un-REGISTER at the stop (the REGISTERs' Expires): {expires}"
+    )
+    assert registers[-1].msg.get("Authorization"), "the un-REGISTER's challenge is unanswered"

@@ -608,6 +608,34 @@ async def test_workers_register_with_digest(tmp_path: Path) -> None:
     assert len(contacts) == 2, f"each worker registers its own contact: {contacts}"
 
 
+async def test_the_stop_unregisters_with_the_credentials_the_registrar_asks_for(
+    tmp_path: Path,
+) -> None:
+    """A registrar challenges the un-REGISTER as any REGISTER (Asterisk does): the stopping
+    worker answers the challenge. Sent once without credentials as the account was deleted,
+    the un-REGISTER was refused, the worker's contact stayed, and Asterisk went on handing
+    clinic-line calls to a worker that was gone (each caller waited out Dial's timeout)."""
+    async with sipp_uas("sipp_uas_register_unregister.xml", tmp_path) as registrar:
+        settings = sip_settings(
+            1, registrar=f"sip:127.0.0.1:{registrar.port}", user="clinic-bot", password="s3cret"
+        )
+        pool = SipPool(settings, clock=SystemClock())
+        await pool.start()
+        try:
+            async with asyncio.timeout(5):
+                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
+                    await asyncio.sleep(0.05)
+        finally:
+            await pool.stop()
+        assert await registrar.finish(timeout=5) == 0, "the un-REGISTER's challenge is unanswered"
+    unregisters = [
+        r.msg.get("Authorization") or ""
+        for r in registrar.received("REGISTER")
+        if r.msg.get("Expires") == "0"
+    ]
+    assert any('username="clinic-bot"' in a for a in unregisters), unregisters
+
+
 async def test_a_worker_held_up_placing_a_call_is_not_killed_for_it(tmp_path: Path) -> None:
     """A worker's owner thread may wait in a DNS lookup as it places a call (pjsua resolves
     a host name in that thread here): 10 s per nameserver when they are down. The call's

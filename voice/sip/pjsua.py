@@ -103,6 +103,14 @@ NO_MEDIA_S = 10.0
 # response, whose CANCEL pjsip holds back until one comes) is given up then. pool.py's
 # WORKER_STOP_S leaves the worker room for this wait.
 STOP_ANSWERS_S = 2.0
+# The stop's un-REGISTER (RFC 3261 section 10.2.2, Expires 0), waited for after the calls'
+# answers: a registrar challenges it as any REGISTER (Asterisk does), and pjsua sends it
+# again with credentials only while the account lives. Sent as the account was deleted, it
+# was refused (401) and the worker's contact stayed, reachable-looking until qualify found
+# it gone: the PBX handed clinic-line calls to a worker that was not there. On loopback or a
+# LAN both exchanges take milliseconds; a registrar that does not answer is given up then.
+# Within the 3 s pool.py's WORKER_STOP_S leaves after STOP_ANSWERS_S.
+UNREGISTER_S = 1.0
 _PJ_ETOOMANY = 70010
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
 # Inbound headers handed to the call handler (besides every X-* header).
@@ -198,6 +206,8 @@ class _Account(pj.Account):  # type: ignore[misc]
         if prm.code in _CHALLENGES:
             self._engine._note_refused_realm("registration", int(prm.code), prm.rdata.wholeMsg)
         self._engine.emit(Registered(ok=bool(info.regIsActive), sip_status=int(prm.code)))
+        if self._engine.stopping:
+            self._engine._unregistered = True
 
     @_callback
     def onSendRequest(self, prm: pj.OnSendRequestParam) -> None:
@@ -498,6 +508,7 @@ class Engine:
         self._marked: list[_Call] = []
         self.port = config.port
         self.stopping = False
+        self._unregistered = False  # the stop's un-REGISTER had its final answer
         self._placed = 0  # PlaceCalls taken in, accepted or refused (WorkerStatus.placed)
         # Inbound MESSAGEs pjsua answered 200 and the service dropped since the last warning
         # (see _note_inbound_message), and when that warning was logged.
@@ -637,6 +648,13 @@ class Engine:
             deadline = time.monotonic() + STOP_ANSWERS_S
             while self._awaiting_answers() and time.monotonic() < deadline:
                 ep.libHandleEvents(10)
+            # With the account alive, so that its challenge is answered (UNREGISTER_S). A
+            # refresh answered during the wait above is not the un-REGISTER's answer.
+            self._unregistered = False
+            if self._account is not None and self._unregister(self._account):
+                deadline = time.monotonic() + UNREGISTER_S
+                while not self._unregistered and time.monotonic() < deadline:
+                    ep.libHandleEvents(10)
         except pj.Error as exc:
             log.warning("hangup at shutdown failed: %s", exc.info())
         unanswered = sorted(c.call_id for c in self._hanging_up)
@@ -664,7 +682,8 @@ class Engine:
         # destructor then finds pjsua gone and does nothing.
         account, self._account = self._account, None
         if account is not None and self._cut_messages():
-            self._unregister(account)
+            if not self._unregistered:
+                self._unregister(account)
         elif account is not None:
             account.shutdown()
         ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
@@ -719,14 +738,17 @@ class Engine:
         self._challenged.clear()
         return bool(cut)
 
-    def _unregister(self, account: _Account) -> None:
-        """Send the un-REGISTER that deleting the account (``shutdown``) would have sent."""
+    def _unregister(self, account: _Account) -> bool:
+        """Send the un-REGISTER that deleting the account (``shutdown``) would have sent;
+        True when it went out."""
         if not self._config.registrar:
-            return
+            return False
         try:
             account.setRegistration(False)
         except pj.Error as exc:  # never registered (pjsua has no registration to end)
             log.info("no un-REGISTER at the stop: %s", exc.reason)
+            return False
+        return True
 
     @staticmethod
     def _disown_leftovers() -> None:
