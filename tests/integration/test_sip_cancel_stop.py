@@ -28,6 +28,7 @@ import pytest
 from clinic_voice.metrics import Metrics
 from clinic_voice.wiring import new_sip_pool
 from sip_config.clock import SystemClock
+from sip_config.settings import SipSettings
 from tests.conftest import sip_settings
 from tests.integration.test_sip_pool import (
     CALLER,
@@ -37,7 +38,7 @@ from tests.integration.test_sip_pool import (
 )
 from voice.sip import message
 from voice.sip import pool as pool_module
-from voice.sip.pjsua import STOP_ANSWERS_S
+from voice.sip.pjsua import STOP_ANSWERS_S, UNREGISTER_S
 from voice.sip.pool import (
     STOP_TAIL_S,
     WORKER_EXITED_AT_STOP,
@@ -255,3 +256,70 @@ async def test_an_inbound_call_still_ringing_at_the_stop_gets_503() -> None:
     statuses = [a.status for a in got]
     assert statuses and statuses[-1] == 503, f"the INVITE's answers: {statuses}"
     assert got[-1].get("Retry-After") == str(math.ceil(STOP_TAIL_S)), got[-1]
+
+
+def _registered_settings(registrar: Sipp) -> SipSettings:
+    return sip_settings(
+        1, registrar=f"sip:127.0.0.1:{registrar.port}", user="clinic-bot", password="s3cret"
+    )
+
+
+async def _until_registered(pool: SipPool) -> None:
+    async with asyncio.timeout(5):
+        while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
+            await asyncio.sleep(0.05)
+
+
+async def test_an_invite_during_the_stops_unregister_gets_503(tmp_path: Path) -> None:
+    """Behind a registrar the stop waits up to UNREGISTER_S for the un-REGISTER's answer; an
+    INVITE that comes meanwhile (the PBX still holds the contact: it is what the un-REGISTER
+    takes out) is refused 503, as during the wait for the calls' answers. That wait came
+    after the calls' and answered nothing: the INVITE's Call was freed by the stop, whose
+    pjsua2 destructor declined it (603: a PBX tries no other server after it)."""
+    async with sipp_uas("sipp_uas_register_unregister_unanswered.xml", tmp_path) as registrar:
+        pool = SipPool(_registered_settings(registrar), clock=SystemClock())
+        await pool.start()
+        [worker] = pool.worker_addresses()
+        try:
+            await _until_registered(pool)
+            stop = asyncio.create_task(pool.stop())
+            for _ in range(50):  # the un-REGISTER out (within 1 s): the worker is in the wait
+                if [r for r in registrar.received("REGISTER") if r.msg.get("Expires") == "0"]:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("no un-REGISTER within 1 s of the stop")
+            answers = await invite_answers(worker.port, within=UNREGISTER_S + 1)
+            await stop
+        finally:
+            await pool.stop()
+    statuses = [a.status for a in answers]
+    assert statuses and statuses[-1] == 503, f"the INVITE's answers: {statuses}"
+    assert answers[-1].get("Retry-After") == str(math.ceil(STOP_TAIL_S)), answers[-1]
+
+
+async def test_an_unanswered_unregister_adds_nothing_to_the_wait_for_a_cancels_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registrar that never answers the un-REGISTER and a far end that never answers the
+    CANCEL: the stop waits STOP_ANSWERS_S for both, not that and UNREGISTER_S more. One
+    after the other they took 3 s of the worker's WORKER_STOP_S (5 s), and left pjsua's
+    teardown and the exit 2 s, where a loaded host needed the 3 s they had
+    (tests/unit/test_systemd_unit.py): a worker killed -9 as it stopped, serve exiting 1."""
+    caplog.set_level(logging.INFO, logger="voice.sip.pool")
+    async with sipp_uas("sipp_uas_register_unregister_unanswered.xml", tmp_path) as registrar:
+        pool = SipPool(_registered_settings(registrar), clock=SystemClock())
+        await pool.start()
+        try:
+            await _until_registered(pool)
+            async with sipp_uas("sipp_uas_ring_cancel_unanswered.xml", tmp_path) as uas:
+                await _ringing(pool, uas, flash=True)
+                took = await _stop_timed(pool)
+                cancels = uas.received("CANCEL")
+        finally:
+            await pool.stop()
+        unregisters = [r for r in registrar.received("REGISTER") if r.msg.get("Expires") == "0"]
+    assert cancels, "no CANCEL was sent"
+    assert unregisters, "no un-REGISTER was sent"
+    assert STOP_ANSWERS_S <= took < STOP_ANSWERS_S + UNREGISTER_S, f"the stop took {took:.2f} s"
+    assert _exits(caplog) == [(0, 0)], f"the worker's exit at the stop: {caplog.messages}"

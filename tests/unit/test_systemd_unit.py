@@ -84,6 +84,8 @@ def test_a_sip_workers_stop_deadline_leaves_room_for_its_wait_for_answers() -> N
     # 487 ACKed), then tears pjsua down and exits, which had 3 s before that wait: a deadline
     # with less kills a worker that is stopping as asked (-9, serve exits 1).
     assert pool.WORKER_STOP_S >= pjsua.STOP_ANSWERS_S + 3.0
+    # The stop's un-REGISTER is waited for inside that wait, not after it (pjsua.stop).
+    assert pjsua.UNREGISTER_S <= pjsua.STOP_ANSWERS_S
 
 
 def test_a_failure_restarts_it_and_a_configuration_error_does_not() -> None:

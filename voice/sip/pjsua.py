@@ -103,13 +103,14 @@ NO_MEDIA_S = 10.0
 # response, whose CANCEL pjsip holds back until one comes) is given up then. pool.py's
 # WORKER_STOP_S leaves the worker room for this wait.
 STOP_ANSWERS_S = 2.0
-# The stop's un-REGISTER (RFC 3261 section 10.2.2, Expires 0), waited for after the calls'
-# answers: a registrar challenges it as any REGISTER (Asterisk does), and pjsua sends it
-# again with credentials only while the account lives. Sent as the account was deleted, it
-# was refused (401) and the worker's contact stayed, reachable-looking until qualify found
-# it gone: the PBX handed clinic-line calls to a worker that was not there. On loopback or a
-# LAN both exchanges take milliseconds; a registrar that does not answer is given up then.
-# Within the 3 s pool.py's WORKER_STOP_S leaves after STOP_ANSWERS_S.
+# The stop's un-REGISTER (RFC 3261 section 10.2.2, Expires 0), sent with the hang-ups and
+# waited for with their answers: a registrar challenges it as any REGISTER (Asterisk does),
+# and pjsua sends it again with credentials only while the account lives. Sent as the
+# account was deleted, it was refused (401) and the worker's contact stayed,
+# reachable-looking until qualify found it gone: the PBX handed clinic-line calls to a
+# worker that was not there. On loopback or a LAN both exchanges take milliseconds; a
+# registrar that does not answer is given up then. Inside STOP_ANSWERS_S, not after it: the
+# 3 s pool.py's WORKER_STOP_S leaves after that wait are pjsua's teardown's.
 UNREGISTER_S = 1.0
 _PJ_ETOOMANY = 70010
 _KEEP_CODECS = ("PCMU/8000", "PCMA/8000")
@@ -509,6 +510,7 @@ class Engine:
         self.port = config.port
         self.stopping = False
         self._unregistered = False  # the stop's un-REGISTER had its final answer
+        self._unregister_sent = False  # the stop's un-REGISTER went out
         self._placed = 0  # PlaceCalls taken in, accepted or refused (WorkerStatus.placed)
         # Inbound MESSAGEs pjsua answered 200 and the service dropped since the last warning
         # (see _note_inbound_message), and when that warning was logged.
@@ -626,9 +628,10 @@ class Engine:
         raise EngineError("no port free for both UDP and TCP", 0)
 
     def stop(self) -> None:
-        """Hang up everything, wait (``STOP_ANSWERS_S`` at most) for the far ends' answers to
-        the CANCELs and BYEs, and destroy the endpoint; a MESSAGE that still waits for its
-        final answer is reported 503."""
+        """Hang up everything and send the un-REGISTER, wait (``STOP_ANSWERS_S`` at most) for
+        the far ends' answers to the CANCELs and BYEs and the registrar's to the un-REGISTER
+        (``UNREGISTER_S`` at most), and destroy the endpoint; a MESSAGE that still waits for
+        its final answer is reported 503."""
         ep = self._ep
         if ep is None:
             return
@@ -642,21 +645,39 @@ class Engine:
             ]
             self._refuse_at_stop()
             ep.hangupAllCalls()
+            # The un-REGISTER goes with the hang-ups, its account alive so that its challenge
+            # is answered, and is waited for in the same wait as their answers: the PBX stops
+            # sending this worker calls at once, and the stop waits no longer than it did.
+            # After that wait, it made the worst case 3 s, which left pjsua's teardown 2 s of
+            # WORKER_STOP_S, not 3; and an INVITE that came during the 1 s it waited alone
+            # was answered 603 (its Call freed by the stop), not 503.
+            self._unregistered = False
+            unregistering = self._account is not None and self._unregister(self._account)
+            self._unregister_sent = unregistering
+            now = time.monotonic()
+            deadline = now + STOP_ANSWERS_S
+            unregister_deadline = now + UNREGISTER_S
             # Let the CANCELs and BYEs get their final answers (a 487 ACKed: see
             # STOP_ANSWERS_S), then destroy without the network: a plain libDestroy waits
-            # up to a second more for stragglers.
-            deadline = time.monotonic() + STOP_ANSWERS_S
-            while self._awaiting_answers() and time.monotonic() < deadline:
+            # up to a second more for stragglers. _awaiting_answers, asked first each time,
+            # also answers 503 to an INVITE that came during the wait.
+            while (
+                self._awaiting_answers()
+                or (
+                    unregistering
+                    and not self._unregistered
+                    and time.monotonic() < unregister_deadline
+                )
+            ) and time.monotonic() < deadline:
                 ep.libHandleEvents(10)
-            # With the account alive, so that its challenge is answered (UNREGISTER_S). A
-            # refresh answered during the wait above is not the un-REGISTER's answer.
-            self._unregistered = False
-            if self._account is not None and self._unregister(self._account):
-                deadline = time.monotonic() + UNREGISTER_S
-                while not self._unregistered and time.monotonic() < deadline:
-                    ep.libHandleEvents(10)
         except pj.Error as exc:
             log.warning("hangup at shutdown failed: %s", exc.info())
+        if self._unregister_sent and not self._unregistered:
+            log.info(
+                "no answer to the un-REGISTER within %g s of the stop: the registrar may keep "
+                "this worker's contact until it expires",
+                UNREGISTER_S,
+            )
         unanswered = sorted(c.call_id for c in self._hanging_up)
         if unanswered:
             log.info(
@@ -682,7 +703,7 @@ class Engine:
         # destructor then finds pjsua gone and does nothing.
         account, self._account = self._account, None
         if account is not None and self._cut_messages():
-            if not self._unregistered:
+            if not self._unregister_sent:
                 self._unregister(account)
         elif account is not None:
             account.shutdown()

@@ -115,8 +115,8 @@ WORKER_SILENT_S = 30.0
 QUIET_AFTER_S = 3.0
 # What stop() gives each worker for its Shutdown, all at once: its calls hung up, and up to
 # voice/sip/pjsua.py's STOP_ANSWERS_S (2 s) for the far ends' answers to its CANCELs and
-# BYEs (a 487 ACKed), then pjsua's teardown and the process's exit, which had 3 s before
-# that wait: kept, on top of it.
+# BYEs (a 487 ACKed) and the registrar's to its un-REGISTER (in the same wait), then
+# pjsua's teardown and the process's exit, which had 3 s before that wait: kept, on top of it.
 WORKER_STOP_S = 5.0
 # A worker sent SIGTERM by someone else (StopAsked) waits for its Shutdown the pool's
 # ``close_s`` (the time its calls' closing may take) and this much more: the lines' way
