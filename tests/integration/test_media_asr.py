@@ -175,7 +175,9 @@ def breathing_ko() -> tuple[eng.Engine, eng.CallState, Ask]:
     flowset = load_flows(FLOWS)
     engine = eng.Engine(flowset, FlowParams(speech_enabled=True, speech_language="ko"))
     state, _ = engine.start(flowset.get("triage_ko"))
-    state, _ = engine.handle(state, eng.PromptDone())
+    state, _ = engine.handle(state, eng.PromptDone())  # the opening (emergency number, 0, *)
+    assert (state.node, state.phase) == ("breathing", eng.Phase.PLAYING)
+    state, _ = engine.handle(state, eng.PromptDone())  # the question itself
     assert state.phase is eng.Phase.LISTENING and state.node == "breathing"
     ask = flowset.get("triage_ko").nodes["breathing"]
     assert isinstance(ask, Ask)
