@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 
 from clinic_voice.app import RUNTIME
 from tests.integration.conftest import API_KEY, CALLS_KEY, MOBILE, SECRET, OpenApiCollector
+from tests.integration.test_sip_pool import until_ready
 from tests.peers.ivr_rig import (
     NURSE_USER,
     ClinicLine,
@@ -869,9 +870,7 @@ async def test_a_call_cut_by_a_dying_worker_is_not_recorded_as_the_callers_hang_
         record = await line.new_record(before)
         await caller.finish(CALL_S)
     assert record["outcome"] == "cut_worker_lost", record
-    async with asyncio.timeout(20):
-        while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-            await asyncio.sleep(0.05)
+    await until_ready(pool, within_s=20)
 
 
 def _pid_holding_the_call(pool: SipPool) -> int:
@@ -913,9 +912,7 @@ async def test_a_call_on_a_frozen_worker_is_recorded_once_and_the_next_caller_ge
         await caller.finish(CALL_S)
     assert record["outcome"] == "cut_worker_lost", record
     assert pool.stats()["calls_in_flight"] == 0, "the lost call still holds its slot"
-    async with asyncio.timeout(20):
-        while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-            await asyncio.sleep(0.05)
+    await until_ready(pool, within_s=20)
     assert pid not in pool.worker_pids(), "the frozen worker was not replaced"
 
     # The next two callers get through (the front picks among both workers, the new one too).

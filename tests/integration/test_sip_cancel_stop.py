@@ -35,6 +35,7 @@ from tests.integration.test_sip_pool import (
     Sipp,
     sipp_uas,
     stop_during_a_held_restart,
+    until_ready,
 )
 from voice.sip import message
 from voice.sip import pool as pool_module
@@ -264,12 +265,6 @@ def _registered_settings(registrar: Sipp) -> SipSettings:
     )
 
 
-async def _until_registered(pool: SipPool) -> None:
-    async with asyncio.timeout(5):
-        while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-            await asyncio.sleep(0.05)
-
-
 async def test_an_invite_during_the_stops_unregister_gets_503(tmp_path: Path) -> None:
     """Behind a registrar the stop waits up to UNREGISTER_S for the un-REGISTER's answer; an
     INVITE that comes meanwhile (the PBX still holds the contact: it is what the un-REGISTER
@@ -281,7 +276,7 @@ async def test_an_invite_during_the_stops_unregister_gets_503(tmp_path: Path) ->
         await pool.start()
         [worker] = pool.worker_addresses()
         try:
-            await _until_registered(pool)
+            await until_ready(pool)
             stop = asyncio.create_task(pool.stop())
             for _ in range(50):  # the un-REGISTER out (within 1 s): the worker is in the wait
                 if [r for r in registrar.received("REGISTER") if r.msg.get("Expires") == "0"]:
@@ -311,7 +306,7 @@ async def test_an_unanswered_unregister_adds_nothing_to_the_wait_for_a_cancels_a
         pool = SipPool(_registered_settings(registrar), clock=SystemClock())
         await pool.start()
         try:
-            await _until_registered(pool)
+            await until_ready(pool)
             async with sipp_uas("sipp_uas_ring_cancel_unanswered.xml", tmp_path) as uas:
                 await _ringing(pool, uas, flash=True)
                 took = await _stop_timed(pool)

@@ -18,7 +18,7 @@ import pytest
 
 from sip_config.clock import SystemClock
 from tests.conftest import sip_settings
-from tests.integration.test_sip_pool import Sipp, sipp_uas
+from tests.integration.test_sip_pool import Sipp, sipp_uas, until_ready
 from voice.sip.outcome import SipStatus
 from voice.sip.pool import WORKER_EXITED_AT_STOP, SipPool
 
@@ -98,9 +98,7 @@ async def test_behind_a_registrar_the_stop_still_unregisters(
         pool = SipPool(settings, clock=SystemClock())
         await pool.start()
         try:
-            async with asyncio.timeout(5):
-                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-                    await asyncio.sleep(0.05)
+            await until_ready(pool)
             send = asyncio.create_task(
                 pool.send_message(uas.uri("+4477123020200"), "+447400000001", "hi", timeout_s=30)
             )

@@ -222,6 +222,13 @@ async def test_a_tests_sipp_keeps_its_sockets_on_loopback(tmp_path: Path) -> Non
     assert all(a.startswith("0100007F:") for a in addresses), addresses
 
 
+async def until_ready(pool: SipPool, within_s: float = 5) -> None:
+    """Wait until every worker of ``pool`` is up (and registered, behind a registrar)."""
+    async with asyncio.timeout(within_s):
+        while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
+            await asyncio.sleep(0.05)
+
+
 async def events_until_end(handle_events: AsyncIterator[object], within: float) -> list[object]:
     out: list[object] = []
     async with asyncio.timeout(within):
@@ -430,9 +437,7 @@ async def test_worker_killed_mid_call(tmp_path: Path) -> None:
             assert await first.wait_ended(3) is CallOutcome.WORKER_LOST
             if other._worker.process is not victim:
                 assert await other.wait_ended(5) is CallOutcome.CANCELLED_AFTER_RING
-            async with asyncio.timeout(10):
-                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-                    await asyncio.sleep(0.05)
+            await until_ready(pool, within_s=10)
             assert pool.stats()["restarts"] == 1
             assert "\nclinic_sip_worker_restarts_total 1\n" in metrics.render()
             again = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=True, ring_s=0.5))
@@ -599,9 +604,7 @@ async def test_workers_register_with_digest(tmp_path: Path) -> None:
         pool = SipPool(settings, clock=SystemClock())
         await pool.start()
         try:
-            async with asyncio.timeout(5):
-                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-                    await asyncio.sleep(0.05)
+            await until_ready(pool)
             assert await registrar.finish() == 0, "registrar scenario did not complete"
         finally:
             await pool.stop()
@@ -625,9 +628,7 @@ async def test_the_stop_unregisters_with_the_credentials_the_registrar_asks_for(
         pool = SipPool(settings, clock=SystemClock())
         await pool.start()
         try:
-            async with asyncio.timeout(5):
-                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-                    await asyncio.sleep(0.05)
+            await until_ready(pool)
         finally:
             await pool.stop()
         assert await registrar.finish(timeout=5) == 0, "the un-REGISTER's challenge is unanswered"

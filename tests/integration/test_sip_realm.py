@@ -14,7 +14,7 @@ import pytest
 
 from sip_config.clock import SystemClock
 from tests.conftest import sip_settings
-from tests.integration.test_sip_pool import CALLER, sipp_uas
+from tests.integration.test_sip_pool import CALLER, sipp_uas, until_ready
 from voice.sip.outcome import CallOutcome
 from voice.sip.pool import OutboundCall, SipPool
 
@@ -97,9 +97,7 @@ async def test_a_calls_challenge_is_answered_for_the_configured_realm_only(
         pool = SipPool(settings, clock=SystemClock())
         await pool.start()
         try:
-            async with asyncio.timeout(5):
-                while not pool.ready():  # noqa: ASYNC110 (a sync predicate, under a deadline)
-                    await asyncio.sleep(0.05)
+            await until_ready(pool)
             call = await pool.place_call(OutboundCall(uas.uri(), CALLER, flash=False))
             outcome = await call.wait_ended(10)
         finally:
