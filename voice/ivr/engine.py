@@ -1564,16 +1564,7 @@ class Engine:
             # A triage's advice the caller did not hear (the nurse was tried for it) first:
             # the clinic's call back may come too late for "see a doctor today".
             text = f"{before} {flow.texts('message_offer')}".strip()
-            state = replace(
-                state,
-                phase=Phase.PLAYING,
-                pending=Pending.MESSAGE,
-                barge_in=False,
-                outcome="transfer_failed",
-                asked=text,
-                prompt_retried=False,
-            )
-            return state, [self._play(state, flow, text, barge_in=False)]
+            return self._offer_message(state, flow, text, outcome="transfer_failed")
         text = flow.texts("transfer_failed_urgent" if urgent else "transfer_failed")
         text = f"{before} {text}".strip()
         return self._last_words(state, flow, text, outcome="transfer_failed")
@@ -1628,6 +1619,23 @@ class Engine:
             return self._close(state, [])
         said = flow.texts("record_silent" if ev.silent else "record_failed")
         return self._last_words(state, flow, f"{said} {flow.texts('call_later')}")
+
+    def _offer_message(
+        self, state: CallState, flow: Flow, text: str, before: Sequence[Action] = (), **changes: Any
+    ) -> Result:
+        """Play ``text``, which ends with the message offer (after ``before``), nobody talking
+        over it; the beep and the recording follow it. ``changes``: other fields of the state
+        to set with it (the outcome, ...)."""
+        state = replace(
+            state,
+            phase=Phase.PLAYING,
+            pending=Pending.MESSAGE,
+            barge_in=False,
+            asked=text,
+            prompt_retried=False,
+            **changes,
+        )
+        return state, [*before, self._play(state, flow, text, barge_in=False)]
 
     def _last_words(
         self, state: CallState, flow: Flow, text: str, before: Sequence[Action] = (), **changes: Any
@@ -1757,18 +1765,9 @@ class Engine:
             # than a hang-up on a caller who may not manage the keypad at all. Kept, the
             # call is message_left (the clinic calls back when it opens); not, out_of_hours.
             text = f"{text} {flow.texts('message_offer')}"
-            state = replace(
-                state,
-                phase=Phase.PLAYING,
-                pending=Pending.MESSAGE,
-                barge_in=False,
-                outcome=outcome,
-                asked=text,
-                prompt_retried=False,
-                typeahead="",
-                digits="",
+            return self._offer_message(
+                state, flow, text, actions, outcome=outcome, typeahead="", digits=""
             )
-            return state, [*actions, self._play(state, flow, text, barge_in=False)]
         return self._last_words(state, flow, text, actions, outcome=outcome)
 
     # -- helpers
